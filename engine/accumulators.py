@@ -1,0 +1,303 @@
+"""Streaming accumulators: ``init / update / merge / finalize`` over row chunks.
+
+Everything that reduces over rows (tokens, pairs) is an accumulator: a small pytree of running
+statistics that is updated chunk by chunk inside `jax.jit`, merged across devices (inside a
+`jax.shard_map` over the ``data`` axis) and across hosts, checkpointed mid-stream with orbax,
+and finalised on the host. CCA, CKA, activation correlation and feature statistics all build on
+`CrossMoments`.
+
+Numerics (the reason for the ``shift`` fields): sums of products of raw values cancel
+catastrophically when the mean is large against the spread (float32 keeps ~7 digits). Each
+state keeps a fixed reference point ``shift`` (the first chunk's mean); every chunk is
+centred twice (on the shift, then on its own mean, refined by a second pass) and merged with
+Chan et al.'s pairwise update ``C = Ca + Cb + dx dy^T na nb / n``. All stored quantities are
+then of the order of the spread, so float32 agrees with a float64 reference to ~1e-6.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from engine import checks
+from engine import mesh as mesh_lib
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Accumulator(Protocol):
+    """The protocol every streaming statistic follows (all methods are jit-able but finalize).
+
+    ``update`` receives the row-aligned arrays of one chunk and per-row ``weights`` ([rows],
+    0 for padding rows, 1 for real rows, or any non-negative row weight).
+    """
+
+    def init(self) -> Any: ...
+
+    def update(self, state: Any, arrays: tuple, weights: jax.Array) -> Any: ...
+
+    def merge(self, a: Any, b: Any) -> Any: ...
+
+    def finalize(self, state: Any) -> Any: ...
+
+
+def merge_across(acc: Accumulator, state: Any, axis_name: str) -> Any:
+    """Merges per-device states over a mesh axis (call inside `shard_map`).
+
+    Uses ``acc.merge_across`` when the accumulator has an exact collective form, else gathers
+    all device states and folds them with ``acc.merge`` in device order (deterministic).
+    """
+    if hasattr(acc, "merge_across"):
+        return acc.merge_across(state, axis_name)
+    gathered = jax.tree.map(lambda x: jax.lax.all_gather(x, axis_name), state)
+    n = jax.tree.leaves(gathered)[0].shape[0]
+    out = jax.tree.map(lambda x: x[0], gathered)
+    for i in range(1, n):
+        out = acc.merge(out, jax.tree.map(lambda x, i=i: x[i], gathered))
+    return out
+
+
+def make_sharded_update(acc: Accumulator, mesh, num_arrays: int):
+    """Returns ``step(state, arrays, weights) -> state`` jitted over the mesh.
+
+    Each device folds its rows into a fresh local state, the local states are merged over
+    ``data``, and the result is merged into the (replicated) running state. The answer does
+    not depend on the number of devices beyond float rounding.
+    """
+    data_spec = P(mesh_lib.DATA)
+
+    def local(state, arrays, weights):
+        part = acc.update(acc.init(), arrays, weights)
+        part = merge_across(acc, part, mesh_lib.DATA)
+        return acc.merge(state, part)
+
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(), tuple(data_spec for _ in range(num_arrays)), data_spec),
+        out_specs=P(), check_vma=False)
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
+               checkpointer=None, save_every: int = 0, progress: bool = False) -> Any:
+    """Folds every chunk of a `ChunkStream` into ``state`` on the mesh.
+
+    Args:
+      acc: the accumulator.
+      stream: a `engine.streaming.ChunkStream`; its chunk size must divide over ``data``.
+      mesh: the device mesh.
+      state: a running state to continue (default ``acc.init()``).
+      checkpointer: optional `engine.checkpoint.Checkpointer`; with it the state and the
+        stream position are saved every ``save_every`` chunks and at the end, and a previous
+        checkpoint is resumed (the stream seeks to the saved position).
+      progress: show a tqdm bar (rows).
+
+    Returns:
+      The final (replicated) state; call ``acc.finalize`` on it.
+    """
+    from engine import streaming  # local import keeps this module light
+    mesh_lib.check_divisible(mesh, stream.chunk_size, f"{stream.name} chunk_size")
+    state = acc.init() if state is None else state
+    state = mesh_lib.replicate(mesh, state, copy=True)
+    step_count = 0
+    if checkpointer is not None:
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            step_count, state, meta = restored
+            stream.seek(int(meta["position"]))
+    step = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=stream.num_rows, initial=stream.position, unit="rows",
+                   desc=stream.name)
+    any_chunk = False
+    for chunk in streaming.prefetch_to_device(stream, mesh):
+        any_chunk = True
+        if step is None:
+            step = make_sharded_update(acc, mesh, len(chunk.arrays))
+        state = step(state, chunk.arrays, chunk.mask.astype(jnp.float32))
+        step_count += 1
+        if bar is not None:
+            bar.update(int(chunk.mask.shape[0]))
+        if checkpointer is not None and save_every and step_count % save_every == 0:
+            checkpointer.save(step_count, state, {"position": stream.position})
+    if bar is not None:
+        bar.close()
+    if checkpointer is not None and any_chunk:
+        checkpointer.save(step_count, state, {"position": stream.position})
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Running moments of two row-aligned streams.
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class MomentsState:
+    """Running weighted moments of X [*, d1] and Y [*, d2] (Y optional: d2 = 0)."""
+
+    count: jax.Array      # sum of row weights
+    shift_x: jax.Array    # [d1] fixed reference point
+    shift_y: jax.Array    # [d2]
+    mean_x: jax.Array     # [d1] mean of (x - shift_x)
+    mean_y: jax.Array     # [d2]
+    sxx: jax.Array        # [d1, d1] centred sum of weighted products
+    syy: jax.Array        # [d2, d2]
+    sxy: jax.Array        # [d1, d2]
+
+
+@flax.struct.dataclass
+class Moments:
+    """Finalised moments (host numpy, float64). Covariances are population (divide by n)."""
+
+    count: Any
+    mean_x: Any
+    mean_y: Any
+    cov_xx: Any
+    cov_yy: Any
+    cov_xy: Any
+
+
+def _chunk_moments(x, y, w, shift_x, shift_y):
+    """Weighted moments of one chunk, relative to the given shifts (two-pass mean)."""
+    n = jnp.sum(w)
+    safe_n = jnp.where(n > 0, n, 1.0)
+    xs = x - shift_x
+    ys = y - shift_y
+    mx = jnp.einsum("r,rd->d", w, xs, precision=HIGHEST) / safe_n
+    my = jnp.einsum("r,rd->d", w, ys, precision=HIGHEST) / safe_n
+    # Second pass: corrects the rounding of the first mean (matters when the chunk mean is
+    # far from the shift, e.g. on the very first chunk).
+    mx = mx + jnp.einsum("r,rd->d", w, xs - mx, precision=HIGHEST) / safe_n
+    my = my + jnp.einsum("r,rd->d", w, ys - my, precision=HIGHEST) / safe_n
+    xc = (xs - mx) * w[:, None]
+    yc = ys - my
+    xc_raw = xs - mx
+    sxx = jnp.einsum("ri,rj->ij", xc, xc_raw, precision=HIGHEST)
+    syy = jnp.einsum("ri,rj->ij", yc * w[:, None], yc, precision=HIGHEST)
+    sxy = jnp.einsum("ri,rj->ij", xc, yc, precision=HIGHEST)
+    return n, mx, my, sxx, syy, sxy
+
+
+def _chan_merge(na, ma_x, ma_y, sa, nb, mb_x, mb_y, sb):
+    """Chan et al. merge of (count, means, centred sums) given on the same shift."""
+    n = na + nb
+    safe_n = jnp.where(n > 0, n, 1.0)
+    dx = mb_x - ma_x
+    dy = mb_y - ma_y
+    frac = nb / safe_n
+    coef = na * nb / safe_n
+    mx = ma_x + dx * frac
+    my = ma_y + dy * frac
+    sxx = sa[0] + sb[0] + coef * jnp.outer(dx, dx)
+    syy = sa[1] + sb[1] + coef * jnp.outer(dy, dy)
+    sxy = sa[2] + sb[2] + coef * jnp.outer(dx, dy)
+    return n, mx, my, (sxx, syy, sxy)
+
+
+class CrossMoments:
+    """Running count, means, XtX, YtY and XtY (centred) of two row-aligned streams.
+
+    ``update(state, (x,), w)`` accumulates X alone (d2 must be 0); ``update(state, (x, y), w)``
+    accumulates both. This is the base of CCA, CKA and Pearson correlation.
+
+    Args:
+      d1: columns of X.
+      d2: columns of Y (0 for a single stream).
+      dtype: accumulation dtype (float32; float64 when ``jax_enable_x64`` is on).
+    """
+
+    def __init__(self, d1: int, d2: int = 0, dtype=jnp.float32):
+        self.d1 = checks.check_positive_int("CrossMoments d1", d1)
+        self.d2 = checks.check_positive_int("CrossMoments d2", d2, minimum=0)
+        self.dtype = dtype
+
+    def init(self) -> MomentsState:
+        z = lambda *s: jnp.zeros(s, self.dtype)
+        return MomentsState(count=z(), shift_x=z(self.d1), shift_y=z(self.d2),
+                            mean_x=z(self.d1), mean_y=z(self.d2), sxx=z(self.d1, self.d1),
+                            syy=z(self.d2, self.d2), sxy=z(self.d1, self.d2))
+
+    def _split(self, arrays):
+        x = jnp.asarray(arrays[0], self.dtype)
+        if len(arrays) > 1:
+            y = jnp.asarray(arrays[1], self.dtype)
+        else:
+            y = jnp.zeros((x.shape[0], self.d2), self.dtype)
+        if x.shape[1:] != (self.d1,) or y.shape[1:] != (self.d2,):
+            raise checks.InputError(
+                f"CrossMoments: expected chunks X [rows, {self.d1}] and Y [rows, {self.d2}], "
+                f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        return x, y
+
+    def update(self, state: MomentsState, arrays, weights) -> MomentsState:
+        x, y = self._split(arrays)
+        w = jnp.asarray(weights, self.dtype)
+        # The first rows ever seen fix the shift (their weighted mean).
+        first = state.count == 0
+        n0 = jnp.maximum(jnp.sum(w), 1e-30)
+        shift_x = jnp.where(first, jnp.einsum("r,rd->d", w, x, precision=HIGHEST) / n0,
+                            state.shift_x)
+        shift_y = jnp.where(first, jnp.einsum("r,rd->d", w, y, precision=HIGHEST) / n0,
+                            state.shift_y)
+        nb, mbx, mby, *sb = _chunk_moments(x, y, w, shift_x, shift_y)
+        n, mx, my, (sxx, syy, sxy) = _chan_merge(
+            state.count, state.mean_x, state.mean_y, (state.sxx, state.syy, state.sxy),
+            nb, mbx, mby, sb)
+        return MomentsState(count=n, shift_x=shift_x, shift_y=shift_y, mean_x=mx, mean_y=my,
+                            sxx=sxx, syy=syy, sxy=sxy)
+
+    def merge(self, a: MomentsState, b: MomentsState) -> MomentsState:
+        # Express b relative to a's shift (or take b's shift when a is empty).
+        a_empty = a.count == 0
+        shift_x = jnp.where(a_empty, b.shift_x, a.shift_x)
+        shift_y = jnp.where(a_empty, b.shift_y, a.shift_y)
+        mbx = b.mean_x + (b.shift_x - shift_x)
+        mby = b.mean_y + (b.shift_y - shift_y)
+        n, mx, my, (sxx, syy, sxy) = _chan_merge(
+            a.count, a.mean_x, a.mean_y, (a.sxx, a.syy, a.sxy),
+            b.count, mbx, mby, (b.sxx, b.syy, b.sxy))
+        return MomentsState(count=n, shift_x=shift_x, shift_y=shift_y, mean_x=mx, mean_y=my,
+                            sxx=sxx, syy=syy, sxy=sxy)
+
+    def merge_across(self, state: MomentsState, axis_name: str) -> MomentsState:
+        """Exact k-way merge by collectives: centre every part on the pooled mean."""
+        # A common shift: the first non-empty device's shift (all shifts are close to the
+        # data, so differences of shifts are small and exact in float).
+        idx = jax.lax.axis_index(axis_name)
+        nonempty = state.count > 0
+        big = jnp.iinfo(jnp.int32).max
+        leader = jax.lax.pmin(jnp.where(nonempty, idx, big), axis_name)
+        is_leader = (idx == leader).astype(self.dtype)
+        shift_x = jax.lax.psum(state.shift_x * is_leader, axis_name)
+        shift_y = jax.lax.psum(state.shift_y * is_leader, axis_name)
+        mx_i = state.mean_x + (state.shift_x - shift_x)
+        my_i = state.mean_y + (state.shift_y - shift_y)
+        n = jax.lax.psum(state.count, axis_name)
+        safe_n = jnp.where(n > 0, n, 1.0)
+        mx = jax.lax.psum(state.count * mx_i, axis_name) / safe_n
+        my = jax.lax.psum(state.count * my_i, axis_name) / safe_n
+        dx = mx_i - mx
+        dy = my_i - my
+        c = state.count
+        sxx = jax.lax.psum(state.sxx + c * jnp.outer(dx, dx), axis_name)
+        syy = jax.lax.psum(state.syy + c * jnp.outer(dy, dy), axis_name)
+        sxy = jax.lax.psum(state.sxy + c * jnp.outer(dx, dy), axis_name)
+        return MomentsState(count=n, shift_x=shift_x, shift_y=shift_y, mean_x=mx, mean_y=my,
+                            sxx=sxx, syy=syy, sxy=sxy)
+
+    def finalize(self, state: MomentsState) -> Moments:
+        s = jax.tree.map(lambda v: np.asarray(jax.device_get(v), np.float64), state)
+        n = float(s.count)
+        if n <= 0:
+            raise checks.InputError("CrossMoments: no rows were accumulated (empty stream or "
+                                    "all rows masked)")
+        return Moments(count=n, mean_x=s.shift_x + s.mean_x, mean_y=s.shift_y + s.mean_y,
+                       cov_xx=s.sxx / n, cov_yy=s.syy / n, cov_xy=s.sxy / n)

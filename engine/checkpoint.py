@@ -1,0 +1,70 @@
+"""Orbax checkpoints of a pytree plus a small JSON record (stream position, progress).
+
+One mechanism for everything long-running: training state, streaming accumulators mid-stream,
+pipeline steps. A checkpoint is ``{"state": <pytree>, "meta": <json dict>}`` saved with
+`ocp.args.StandardSave` / `ocp.args.JsonSave` under ``directory/<step>/``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves and restores ``(step, state pytree, meta dict)``.
+
+    Args:
+      directory: where checkpoints live (created if missing).
+      max_to_keep: how many recent checkpoints to keep.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_names=("state", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict | None = None, *,
+             wait: bool = True) -> None:
+        """Saves ``state`` (any pytree of arrays) and ``meta`` (JSON-serialisable) at ``step``."""
+        self._manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(dict(meta or {}))), force=True)
+        if wait:
+            self._manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, step: int | None = None
+                ) -> tuple[int, Any, dict] | None:
+        """Restores the latest (or given) checkpoint, or returns None when there is none.
+
+        Args:
+          abstract_state: a pytree with the target structure, shapes, dtypes and shardings
+            (concrete arrays or `jax.ShapeDtypeStruct`s).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        target = jax.tree.map(_abstract, abstract_state)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return int(step), restored["state"], dict(restored["meta"] or {})
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _abstract(x):
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x

@@ -1,0 +1,78 @@
+"""Early, one-line input checks shared by every primitive.
+
+Bad input must fail here, naming the input and what was expected, never as a silent NaN or a
+deep XLA trace. The checks run on host values (numpy) or on concrete jax arrays; they are not
+meant to be called inside `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad input to an engine primitive (one-line message naming the input)."""
+
+
+def check_finite(name: str, x) -> None:
+    """Raises `InputError` when ``x`` holds NaN or Inf, with the count and first index."""
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"{name}: {int(bad.sum())} non-finite value(s) (NaN/Inf), first at "
+                         f"index {first}; expected finite numbers")
+
+
+def check_rank(name: str, x, ndim: int) -> None:
+    """Raises when ``x`` does not have ``ndim`` dimensions."""
+    shape = np.shape(x)
+    if len(shape) != ndim:
+        raise InputError(f"{name}: expected a {ndim}-D array, got shape {tuple(shape)}")
+
+
+def check_shape(name: str, x, expected: Sequence[int | None]) -> None:
+    """Raises when ``x.shape`` does not match ``expected`` (None matches any size)."""
+    shape = tuple(np.shape(x))
+    if len(shape) != len(expected) or any(e is not None and e != s
+                                           for s, e in zip(shape, expected)):
+        want = tuple("*" if e is None else e for e in expected)
+        raise InputError(f"{name}: expected shape {want}, got {shape}")
+
+
+def check_rows_match(name_a: str, a, name_b: str, b) -> None:
+    """Raises when two row-aligned arrays have different row counts."""
+    na, nb = np.shape(a)[0], np.shape(b)[0]
+    if na != nb:
+        raise InputError(f"{name_a} has {na} rows but {name_b} has {nb}; the two must be "
+                         f"row-aligned (same tokens / same pairs)")
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    """Returns ``int(value)`` or raises when it is not an integer >= ``minimum``."""
+    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_non_negative(name: str, value) -> None:
+    """Raises when any entry of ``value`` is negative (or NaN)."""
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.all(arr >= 0):
+        raise InputError(f"{name} must be >= 0, got {value!r}")
+
+
+def as_float_matrix(name: str, x, min_rows: int = 1) -> np.ndarray:
+    """Validates a 2-D finite float array with at least ``min_rows`` rows, returns numpy."""
+    arr = np.asarray(x)
+    check_rank(name, arr, 2)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"{name}: expected a float array, got dtype {arr.dtype}")
+    if arr.shape[0] < min_rows:
+        raise InputError(f"{name}: expected at least {min_rows} rows, got {arr.shape[0]}")
+    check_finite(name, arr)
+    return arr

@@ -1,0 +1,142 @@
+"""Device mesh, batch sharding and multi-host start-up.
+
+Every primitive in `engine/` runs on a `jax.sharding.Mesh` with two named axes:
+
+* ``data``: rows of a stream (tokens, training examples) are split along it; results are
+  reduced over it (psum / centred merges), so they do not depend on its size.
+* ``feature``: large dictionaries (SAE features, rows of a decoder) are split along it by the
+  pairwise-similarity primitives.
+
+The mesh uses ``AxisType.Auto`` so that `jax.jit` with `NamedSharding` in/out shardings
+behaves as classic GSPMD (the JAX 0.10 default of Explicit axes would make every intermediate
+sharding part of the type).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+FEATURE = "feature"
+
+_distributed_started = False
+
+
+def make_mesh(data: int = -1, feature: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a ``(data, feature)`` mesh.
+
+    Args:
+      data: size of the data axis; -1 takes every device not used by ``feature``.
+      feature: size of the feature axis.
+      devices: devices to use (default: all of ``jax.devices()``). Pass ``jax.devices()[:1]``
+        to run the same program on one device.
+
+    Returns:
+      A `Mesh` with axis names ``("data", "feature")`` and Auto axis types.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if feature < 1:
+        raise ValueError(f"mesh feature axis must be >= 1, got {feature}")
+    if data == -1:
+        if len(devices) % feature:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by feature={feature}")
+        data = len(devices) // feature
+    if data < 1 or data * feature > len(devices):
+        raise ValueError(f"mesh data={data} x feature={feature} needs {data * feature} devices, "
+                         f"{len(devices)} available")
+    grid = np.asarray(devices[: data * feature], dtype=object).reshape(data, feature)
+    auto = jax.sharding.AxisType.Auto
+    return Mesh(grid, (DATA, FEATURE), axis_types=(auto, auto))
+
+
+def mesh_from_config(cfg: Any) -> Mesh:
+    """Builds a mesh from a config with optional ``mesh_data`` / ``mesh_feature`` fields."""
+    return make_mesh(data=int(getattr(cfg, "mesh_data", -1)),
+                     feature=int(getattr(cfg, "mesh_feature", 1)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Sharding that splits the leading axis over ``data`` and replicates the rest."""
+    return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
+
+
+def check_divisible(mesh: Mesh, rows: int, what: str = "batch") -> None:
+    """Raises a one-line error when ``rows`` cannot be split evenly over the data axis."""
+    n = mesh.shape[DATA]
+    if rows % n:
+        raise ValueError(f"{what} of {rows} rows is not divisible by the mesh data axis ({n} "
+                         f"devices); choose a multiple of {n}")
+
+
+def shard_batch(mesh: Mesh, tree: Any) -> Any:
+    """Puts a pytree of host arrays on the mesh, split along the leading (row) axis.
+
+    Single-process: a plain `jax.device_put`. Multi-process: each process passes its own
+    rows and the global array is assembled with `jax.make_array_from_process_local_data`.
+    """
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0:
+            return jax.device_put(x, replicated(mesh))
+        sharding = data_sharding(mesh, x.ndim)
+        if jax.process_count() == 1:
+            check_divisible(mesh, x.shape[0])
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.tree.map(put, tree)
+
+
+def replicate(mesh: Mesh, tree: Any, copy: bool = False) -> Any:
+    """Puts a pytree on every device of the mesh.
+
+    With ``copy=True`` the result never aliases the caller's buffers (use it before passing
+    the tree to a jitted function that donates its arguments).
+    """
+    if copy:
+        # `may_alias=False` is not honoured when the source lives on one device of the mesh
+        # (JAX 0.10 reuses that buffer for the device-0 shard), so copy explicitly.
+        tree = jax.tree.map(lambda x: jax.numpy.array(x, copy=True), tree)
+    return jax.device_put(tree, replicated(mesh))
+
+
+def gather(tree: Any) -> Any:
+    """Brings a (possibly sharded, possibly multi-host) pytree back to host numpy arrays."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """Calls `jax.distributed.initialize` once, only when asked.
+
+    Single-host runs and tests never call it. With all arguments None, JAX auto-detects the
+    cluster (SLURM, TPU pods, Open MPI).
+
+    Returns:
+      True when the distributed runtime was started by this call or earlier.
+    """
+    global _distributed_started
+    if not enabled:
+        return False
+    if not _distributed_started:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+        _distributed_started = True
+        logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                     jax.process_index(), jax.process_count(), jax.local_device_count(),
+                     jax.device_count())
+    return True

@@ -1,0 +1,71 @@
+"""Append-only JSON-lines metric log (``metrics.jsonl``) and JSON helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def to_jsonable(x: Any) -> Any:
+    """Converts numpy / jax scalars and arrays (recursively) to plain JSON values.
+
+    Non-finite floats become the strings "nan", "inf", "-inf" so the file stays valid JSON.
+    """
+    if isinstance(x, Mapping):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+        arr = np.asarray(x)
+        return to_jsonable(arr.item() if arr.ndim == 0 else arr.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return to_jsonable(float(x))
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    return x
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON atomically (write then rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(to_jsonable(obj), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricWriter:
+    """Appends one JSON object per line: ``{"step": s, **metrics}``.
+
+    On resume, lines with ``step`` beyond the restored step are dropped first, so a run killed
+    after logging but before checkpointing does not leave duplicate steps.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        rows = [r for r in read_jsonl(self.path) if int(r.get("step", -1)) <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), **to_jsonable(dict(metrics))}) + "\n")

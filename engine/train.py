@@ -1,0 +1,237 @@
+"""The one train loop: jitted, data-parallel, checkpointed, exactly resumable, NaN-guarded.
+
+Sections of `train` (in order): restore or start -> loop { fetch batch -> jitted step ->
+keep metrics on device -> every ``log_every``: flush (NaN/Inf guard, metrics.jsonl, progress)
+-> every ``checkpoint_every``: flush then save (state + data position) } -> final save.
+
+What a run needs to resume bit-identically is in the checkpoint: params, optimizer state, step,
+rng key and the data stream position. The step function derives its randomness from
+``fold_in(rng, step)`` so that it does not depend on how often the process was restarted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from engine import checkpoint as ckpt_lib
+from engine import mesh as mesh_lib
+from engine import metrics_io
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation,
+                       rng: jax.Array) -> TrainState:
+    """A fresh state at step 0. ``rng`` is a raw uint32 key (`jax.random.PRNGKey`)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=rng)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
+                    post_update: Callable[[Any], Any] | None = None,
+                    state_sharding: Any = None, batch_sharding: Any = None,
+                    grad_transform: Callable[[Any, Any], Any] | None = None):
+    """Builds ``step(state, batch) -> (state, metrics)``, jitted with donated state.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, rng) -> (loss, metrics)``; metrics are scalars.
+      tx: the optax optimiser.
+      mesh: the device mesh; by default params are replicated and every batch leaf is split
+        along its leading axis over ``data`` (XLA inserts the gradient all-reduce).
+      post_update: applied to the params after each update (e.g. renormalise decoder rows).
+      state_sharding / batch_sharding: explicit shardings overriding the defaults.
+      grad_transform: ``grad_transform(grads, params) -> grads`` before the optimiser (e.g.
+        remove the gradient component parallel to unit-norm decoder rows).
+    """
+    repl = mesh_lib.replicated(mesh)
+    state_sharding = repl if state_sharding is None else state_sharding
+
+    def step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, rng)
+        if grad_transform is not None:
+            grads = grad_transform(grads, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if post_update is not None:
+            params = post_update(params)
+        metrics = dict(metrics)
+        metrics["loss"] = loss
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    if batch_sharding is None:
+        def batch_sharding_for(batch):
+            return jax.tree.map(lambda x: mesh_lib.data_sharding(mesh, np.ndim(x)), batch)
+    else:
+        def batch_sharding_for(batch):
+            return batch_sharding
+
+    compiled = {}
+
+    def run(state, batch):
+        key = jax.tree.structure(batch)
+        if key not in compiled:
+            compiled[key] = jax.jit(step, in_shardings=(state_sharding, batch_sharding_for(batch)),
+                                    out_shardings=(state_sharding, repl), donate_argnums=0)
+        return compiled[key](state, batch)
+
+    return run
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    """How long to train and how often to log and save."""
+
+    num_steps: int
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    max_to_keep: int = 2
+    progress: bool = True
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by the NaN/Inf guard (names the step and the metric)."""
+
+
+class _BatchSource:
+    """Adapts a callable ``batch_fn(step)`` or a `ChunkStream` to ``next / position / seek``."""
+
+    def __init__(self, data):
+        self._fn = data if callable(data) and not hasattr(data, "seek") else None
+        self._stream = None if self._fn is not None else data
+
+    def next(self, step: int):
+        if self._fn is not None:
+            return self._fn(step)
+        try:
+            chunk = next(self._stream)
+        except StopIteration:
+            raise ValueError(f"training data stream ran out at step {step}; use a repeating "
+                             "stream (repeat=True) or fewer num_steps") from None
+        if not chunk.mask.all():
+            raise ValueError(f"training data stream ran out at step {step} (ragged final "
+                             "chunk); use repeat=True or drop_remainder=True")
+        return chunk.arrays
+
+    @property
+    def position(self) -> int:
+        return 0 if self._stream is None else int(self._stream.position)
+
+    def seek(self, position: int) -> None:
+        if self._stream is not None:
+            self._stream.seek(position)
+
+
+def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str | None,
+          mesh, on_log: Callable[[int, dict], None] | None = None) -> TrainState:
+    """Runs (or resumes) training to ``config.num_steps``.
+
+    Args:
+      state: the initial state (used as the restore template when a checkpoint exists).
+      step_fn: from `make_train_step`.
+      data: ``batch_fn(step) -> batch`` (deterministic in the step) or a `ChunkStream` of
+        full chunks whose position is checkpointed.
+      config: step counts and intervals.
+      workdir: run directory; ``metrics.jsonl`` and ``checkpoints/`` go there. None: no I/O.
+      mesh: the device mesh.
+      on_log: called with ``(step, metrics)`` after each flush.
+
+    Returns:
+      The final state.
+
+    Raises:
+      NonFiniteError: when a metric (loss included) becomes NaN/Inf; nothing is saved after
+        the last finite step.
+    """
+    source = _BatchSource(data)
+    ckpt = writer = None
+    if workdir is not None:
+        ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_to_keep)
+        writer = metrics_io.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
+    state = mesh_lib.replicate(mesh, state, copy=True)
+    if ckpt is not None:
+        restored = ckpt.restore(state)
+        if restored is not None:
+            _, state, meta = restored
+            source.seek(int(meta.get("position", 0)))
+            writer.truncate_after(int(state.step))
+            logging.info("resumed from step %d (data position %d)", int(state.step),
+                         source.position)
+    start = int(state.step)
+
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.num_steps, initial=start, unit="step", desc="train",
+                   dynamic_ncols=True)
+    pending: list[tuple[int, dict]] = []
+    t_last, step_last = time.perf_counter(), start
+
+    def flush(step: int) -> None:
+        nonlocal t_last, step_last
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, host):
+            for name, value in m.items():
+                if not np.all(np.isfinite(np.asarray(value))):
+                    raise NonFiniteError(f"non-finite {name}={np.asarray(value)} at step {s}; "
+                                         f"last checkpoint is before it (run stopped)")
+        avg = {k: float(np.mean([np.asarray(m[k]) for m in host])) for k in host[-1]}
+        now = time.perf_counter()
+        avg["steps_per_sec"] = (step - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        pending.clear()
+        if writer is not None:
+            writer.write(step, avg)
+        if on_log is not None:
+            on_log(step, avg)
+        if bar is not None:
+            bar.set_postfix(loss=f"{avg['loss']:.4g}")
+        else:
+            eta = (config.num_steps - step) / max(avg["steps_per_sec"], 1e-9)
+            logging.info("step %d/%d loss %.5g (%.1f steps/s, ETA %.0fs)", step,
+                         config.num_steps, avg["loss"], avg["steps_per_sec"], eta)
+
+    for step in range(start, config.num_steps):
+        batch = mesh_lib.shard_batch(mesh, source.next(step))
+        state, metrics = step_fn(state, batch)
+        pending.append((step, metrics))
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+        if done % config.log_every == 0 or done == config.num_steps:
+            flush(done)
+        if ckpt is not None and (done % config.checkpoint_every == 0 or done == config.num_steps):
+            flush(done)
+            ckpt.save(done, state, {"position": source.position})
+    flush(config.num_steps)
+    if bar is not None:
+        bar.close()
+    if ckpt is not None:
+        ckpt.close()
+    return state
+

@@ -1,0 +1,44 @@
+"""Test set-up: 4 simulated CPU devices (set before JAX starts) and mesh fixtures.
+
+Every sharded primitive is checked on a 1-device mesh and on a 4-device mesh (``mesh1`` /
+``mesh4``); both come from the same process, so results can be compared directly.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from engine import mesh as mesh_lib  # noqa: E402
+
+NUM_DEVICES = 4
+
+
+@pytest.fixture(scope="session")
+def mesh1():
+    return mesh_lib.make_mesh(devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def mesh4():
+    assert len(jax.devices()) >= NUM_DEVICES, "conftest must run before JAX initialises"
+    return mesh_lib.make_mesh(devices=jax.devices()[:NUM_DEVICES])
+
+
+@pytest.fixture(params=[1, NUM_DEVICES], ids=["1dev", f"{NUM_DEVICES}dev"])
+def mesh(request):
+    """Parametrised: runs a test once on 1 device and once on 4."""
+    return mesh_lib.make_mesh(devices=jax.devices()[:request.param])
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
