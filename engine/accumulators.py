@@ -129,7 +129,7 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
             checkpointer.save(step_count, state, {"position": stream.position})
     if bar is not None:
         bar.close()
-    if checkpointer is not None and any_chunk:
+    if checkpointer is not None and any_chunk and checkpointer.latest_step() != step_count:
         checkpointer.save(step_count, state, {"position": stream.position})
     return state
 

@@ -40,7 +40,7 @@ def check_shape(name: str, x, expected: Sequence[int | None]) -> None:
     shape = tuple(np.shape(x))
     if len(shape) != len(expected) or any(e is not None and e != s
                                            for s, e in zip(shape, expected)):
-        want = tuple("*" if e is None else e for e in expected)
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise InputError(f"{name}: expected shape {want}, got {shape}")
 
 

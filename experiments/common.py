@@ -108,7 +108,7 @@ def start(flag_values_: flags.FlagValues, config: dict | None = None) -> Run:
     from engine import mesh as mesh_lib  # after configure_jax: it imports jax
     mesh_lib.maybe_initialize_distributed(flag_values_.distributed)
     logging.get_absl_handler().use_absl_log_file("log", workdir)
-    logging.set_stderrthreshold("info")
+    logging.set_stderrthreshold("warning")
     pylogging.getLogger("absl").setLevel(pylogging.INFO)
     cfg = dict(flag_values(flag_values_))
     if config:
