@@ -82,18 +82,23 @@ def check_divisible(mesh: Mesh, rows: int, what: str = "batch") -> None:
 def shard_batch(mesh: Mesh, tree: Any) -> Any:
     """Puts a pytree of host arrays on the mesh, split along the leading (row) axis.
 
-    Single-process: a plain `jax.device_put`. Multi-process: each process passes its own
-    rows and the global array is assembled with `jax.make_array_from_process_local_data`.
+    Every process passes the same GLOBAL rows (all processes run the same deterministic
+    stream); in a multi-process run each keeps only its contiguous slice and the global array
+    is assembled with `jax.make_array_from_process_local_data`. This costs redundant host
+    reads but needs no per-process stream bookkeeping, so resume stays exact.
     """
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if x.ndim == 0:
             return jax.device_put(x, replicated(mesh))
         sharding = data_sharding(mesh, x.ndim)
+        check_divisible(mesh, x.shape[0])
         if jax.process_count() == 1:
-            check_divisible(mesh, x.shape[0])
             return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        per = x.shape[0] // jax.process_count()
+        lo = jax.process_index() * per
+        return jax.make_array_from_process_local_data(
+            sharding, np.asarray(x[lo:lo + per]), global_shape=x.shape)
     return jax.tree.map(put, tree)
 
 
