@@ -1,0 +1,160 @@
+"""Summary table and plots of a universality run (pure formatting: no computation).
+
+Inputs are the JSON-ready dicts the pipeline writes to ``results.json``:
+a comparison is ``{"name", "n_pairs", "filters": {...}, "pairing": {...},
+"metrics": {metric: {"score", "null_mean", "null_std", "p", "z", "excess", ...}}}``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+ALPHA = 0.01
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def verdict(comparison: dict, alpha: float = ALPHA) -> str:
+    """One sentence saying whether the comparison shows shared structure."""
+    metrics = comparison.get("metrics", {})
+    if not metrics:
+        return f"{comparison['name']}: no metrics (too few pairs survived the filters)."
+    sig = [m for m, r in metrics.items() if r["p"] < alpha and r["excess"] > 0]
+    n = len(metrics)
+    if len(sig) == n:
+        return (f"{comparison['name']}: every metric ({n}) is above its random-pairing null "
+                f"at p < {alpha}: the paired features share geometry.")
+    if not sig:
+        return (f"{comparison['name']}: no metric is significant at p < {alpha}: no evidence "
+                f"of shared feature geometry beyond chance.")
+    return (f"{comparison['name']}: {len(sig)} of {n} metrics significant at p < {alpha} "
+            f"({', '.join(sig)}); mixed evidence.")
+
+
+def summary_table(comparisons: Sequence[dict]) -> str:
+    """A terminal table: one block per comparison, one row per metric."""
+    lines = []
+    for comp in comparisons:
+        head = f"== {comp['name']}  ({comp.get('n_pairs', 0)} pairs"
+        pairing = comp.get("pairing", {})
+        if "mean_best_corr_ab" in pairing:
+            head += f", mean best corr A->B {pairing['mean_best_corr_ab']:.3f}"
+        lines.append(head + ")")
+        filters = comp.get("filters")
+        if filters:
+            lines.append("   filters: " + " -> ".join(f"{k} {v}" for k, v in filters.items()))
+        metrics = comp.get("metrics", {})
+        if metrics:
+            lines.append(f"   {'metric':<12}{'score':>9}{'null':>9}{'± std':>8}{'excess':>9}"
+                         f"{'z':>8}{'p':>9}{'kept':>7}{'n/d':>7}")
+        for name, r in metrics.items():
+            kept = r.get("components", "")
+            nd = r.get("n_over_d")
+            lines.append(f"   {name:<12}{r['score']:>9.3f}{r['null_mean']:>9.3f}"
+                         f"{r['null_std']:>8.3f}{r['excess']:>9.3f}{r['z']:>8.1f}"
+                         f"{r['p']:>9.4f}{str(kept):>7}"
+                         f"{(f'{nd:.1f}' if isinstance(nd, (int, float)) else ''):>7}")
+        lines.append("   " + verdict(comp))
+    return "\n".join(lines)
+
+
+def plot_nulls(comparison: dict, path: str) -> None:
+    """Histogram of each metric's null distribution with the observed score."""
+    metrics = {k: v for k, v in comparison.get("metrics", {}).items() if "null" in v}
+    if not metrics:
+        return
+    plt = _plt()
+    cols = min(3, len(metrics))
+    rows = int(np.ceil(len(metrics) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, (name, r) in zip(axes.flat, metrics.items()):
+        ax.hist(r["null"], bins=40, color="0.7", label="shuffled pairs")
+        ax.axvline(r["score"], color="C3", lw=2, label=f"paired {r['score']:.3f}")
+        ax.set_title(f"{name}: p={r['p']:.3g}, z={r['z']:.1f}", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"{comparison['name']}: score vs random-pairing null", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_matched_correlations(comparisons: Sequence[dict], path: str) -> None:
+    """Histogram of each feature's best activation correlation, per comparison."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for comp in comparisons:
+        vals = comp.get("pairing", {}).get("best_corr_ab")
+        if vals:
+            ax.hist(vals, bins=40, range=(-0.2, 1.0), histtype="step", lw=1.5,
+                    label=comp["name"])
+    ax.set_xlabel("best activation correlation (A feature -> any B feature)")
+    ax.set_ylabel("features")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reference_bars(comparisons: Sequence[dict], path: str) -> None:
+    """Excess over the null per metric for every comparison (floor / score / ceiling)."""
+    names = [c["name"] for c in comparisons if c.get("metrics")]
+    if not names:
+        return
+    metrics = sorted({m for c in comparisons for m in c.get("metrics", {})})
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.4 * len(metrics) * max(1, len(names)) / 2 + 3, 3.6))
+    width = 0.8 / len(names)
+    for i, comp in enumerate(c for c in comparisons if c.get("metrics")):
+        ys = [comp["metrics"].get(m, {}).get("excess", np.nan) for m in metrics]
+        ax.bar(np.arange(len(metrics)) + i * width, ys, width, label=comp["name"])
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2)
+    ax.set_xticklabels(metrics)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("score - null mean")
+    ax.set_title("excess over the random-pairing null (floor, comparisons, ceiling)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_layer_heatmaps(grid: dict, plots_dir: str) -> list[str]:
+    """One annotated heatmap per metric: rows = layers of A, columns = layers of B.
+
+    ``grid = {"layers_a": [...], "layers_b": [...], "cells": {metric: [[value]]}}`` where
+    value is the excess over the null (NaN when the cell had too few pairs).
+    """
+    plt = _plt()
+    paths = []
+    for metric, values in grid["cells"].items():
+        v = np.asarray(values, dtype=float)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.8 * v.shape[1], 1.0 + 0.7 * v.shape[0]))
+        im = ax.imshow(v, cmap="viridis", aspect="auto")
+        for i in range(v.shape[0]):
+            for j in range(v.shape[1]):
+                ax.text(j, i, "-" if np.isnan(v[i, j]) else f"{v[i, j]:.2f}", ha="center",
+                        va="center", color="w", fontsize=8)
+        ax.set_xticks(range(v.shape[1]))
+        ax.set_xticklabels(grid["layers_b"], rotation=45, fontsize=8)
+        ax.set_yticks(range(v.shape[0]))
+        ax.set_yticklabels(grid["layers_a"], fontsize=8)
+        ax.set_xlabel("model B hookpoint")
+        ax.set_ylabel("model A hookpoint")
+        ax.set_title(f"{metric}: excess over null", fontsize=10)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = os.path.join(plots_dir, f"layers_{metric}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
