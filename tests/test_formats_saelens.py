@@ -175,6 +175,16 @@ def test_pre6_topk_config(tmp_path, rng, x):
     _check(sae, x, *saelens_reference(x, w, "topk", k=2))
 
 
+def test_versionless_config_with_metadata_reads_as_v6(tmp_path, rng, x):
+    w = _weights(rng)
+    cfg = _v6_cfg("topk", k=2)
+    del cfg["metadata"]["sae_lens_version"]
+    sae = load_saelens(_write(tmp_path / "nv", cfg, w))
+    assert sae.config.meta["saelens_config_version"] == "6"
+    assert sae.config.meta["hookpoint"] == "blocks.3.hook_resid_post"
+    _check(sae, x, *saelens_reference(x, w, "topk", k=2))
+
+
 def test_pre6_finetuning_scaling_factor_folded(tmp_path, rng, x):
     w = _weights(rng)
     w["scaling_factor"] = rng.uniform(0.5, 2.0, size=D_SAE).astype(np.float32)

@@ -67,7 +67,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def read_safetensors(path: PathLike, what: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Reads every tensor of a safetensors file as numpy (memory-mapped where possible).
+    """Reads every tensor of a safetensors file as numpy arrays.
 
     Returns ``(tensors, header_metadata)``. BF16 is converted to float32 exactly. Raises
     InputError for a missing, truncated or malformed file, naming what is wrong.
@@ -113,11 +113,10 @@ def read_safetensors(path: PathLike, what: str) -> tuple[dict[str, np.ndarray], 
         if end > data_size:
             raise InputError(f"{what}: {path} is truncated: tensor {name!r} needs bytes up to "
                              f"{data_start + end}, the file has {size}")
-        if count == 0:
-            arr = np.zeros(shape, dtype)
-        else:
-            arr = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin,
-                            shape=tuple(shape))
+        # Read into memory (not a memmap): arrays handed to JAX must not alias a file that a
+        # later save could rewrite in place.
+        arr = np.fromfile(path, dtype=dtype, count=count,
+                          offset=data_start + begin).reshape(shape)
         if dtype_name == "BF16":
             arr = (np.asarray(arr).astype(np.uint32) << 16).view(np.float32)
         out[name] = arr

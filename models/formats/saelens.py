@@ -86,7 +86,9 @@ def _normalise_cfg(raw: dict, what: str) -> dict:
     """One dict for v6 and pre-6.0 configs: architecture, k, flags, model/hook metadata."""
     meta_in = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
     version = raw.get("sae_lens_version") or meta_in.get("sae_lens_version")
-    pre6 = not version or _version_tuple(version) < (6,)
+    # SAELens's own rule is "no version or < 6.0 -> pre-6.0"; a versionless config that has
+    # a metadata object (third-party v6-style writers) is read as v6.
+    pre6 = _version_tuple(version) < (6,) if version else not meta_in
     cfg = {_PRE6_RENAMES.get(k, k): v for k, v in raw.items()} if pre6 else dict(raw)
     arch = cfg.get("architecture") or "standard"
     k = cfg.get("k")
@@ -271,6 +273,9 @@ def load_saelens(path: C.PathLike, *, norm_scaling_factor: float | None = None,
         extra_meta["folded_decoder_norm"] = True
     if transposed:
         extra_meta["transposed_on_load"] = transposed
+    if cfg.get("reshape_activations") not in (None, "none"):
+        # e.g. hook_z: inputs are [..., n_heads, d_head] flattened to d_in by the caller
+        extra_meta["reshape_activations"] = cfg["reshape_activations"]
 
     meta = info["meta"]
     sae_cfg = C.make_config(what, d_in=d_in, d_sae=d_sae, activation=activation, k=k,
