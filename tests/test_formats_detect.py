@@ -9,7 +9,6 @@ from safetensors.numpy import save_file
 
 from engine.checks import InputError
 from models import sae as sae_lib
-from models import sae_io_native
 from models.formats import (FORMATS, canonical_hookpoint, detect_format, load_sae, load_saelens,
                             save_saelens)
 
@@ -72,6 +71,8 @@ def test_canonical_hookpoints(name, canonical):
 
 def test_native_and_saelens_round_trips_agree(tmp_path, rng):
     """SAELens -> native (models/sae_io_native.py) -> SAELens keeps every bit and the config."""
+    from models import sae_io_native
+
     cfg = sae_lib.SAEConfig(5, 9, "topk", 2, True, 0.5).with_metadata(model_name="m", seed=3)
     sae = sae_lib.from_arrays(cfg, rng.normal(size=(5, 9)), rng.normal(size=9),
                               rng.normal(size=(9, 5)), rng.normal(size=5))
