@@ -149,14 +149,12 @@ def test_batchtopk_training_checkpoint_is_thresholded(tmp_path, rng, x):
     cfg = _v6_cfg("batchtopk", k=4.0)
     sae = load_saelens(_write(tmp_path / "sae", cfg, w))
     assert sae.config.activation == "batchtopk" and sae.config.k == 4
-    ref_w = dict(w, threshold=np.full(D_SAE, 1.2))
     norms = np.linalg.norm(w["W_dec"].astype(np.float64), axis=1)
     pre = ((x - w["b_dec"]) @ w["W_enc"].astype(np.float64) + w["b_enc"]) * norms
     acts_ref = np.maximum(pre, 0) * (pre > 1.2)
     recon_ref = (acts_ref / norms) @ w["W_dec"].astype(np.float64) + w["b_dec"]
     assert 0 < (acts_ref > 0).mean() < 1
     _check(sae, x, acts_ref, recon_ref)
-    del ref_w
 
 
 def test_pre6_topk_config(tmp_path, rng, x):
