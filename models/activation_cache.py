@@ -1,0 +1,611 @@
+"""On-disk activation caches: harvest once (resumable, bounded memory), read back as a source.
+
+`harvest` runs a `models.lm.LanguageModel` over token contexts and streams the activations of
+one or more hookpoints to disk in shards; `ActivationCache` reads a cache back, and its
+`ActivationCache.source` is an activation source (`models.activation_source`) whose
+``open_at(start_row)`` plugs into `engine.streaming.ChunkStream`.
+
+Layout of a cache directory::
+
+    metadata.json          format, version, model (name, revision, type, depth, width, compute
+                           dtype), tokenizer fingerprint, hookpoints (+ SAELens / sparsify
+                           names), widths, context_length, storage dtype, shard_contexts,
+                           text source, special-token ids, complete flag, token counts, shards
+    progress.json          the shards finished so far: the resume point
+    tokens/00000.npy       [contexts, context_length] int32: the token ids of shard 0
+    mask/00000.npy         [contexts, context_length] bool: False on padding
+    <hookpoint>/00000.npy  [contexts, context_length, d]: float32 | float16 | uint16 holding
+                           bfloat16 bits (numpy has no bfloat16; the metadata says which)
+
+Plain ``.npy`` files so that reads are memory-mapped, need no library, and run at the speed
+of the disk (experiments/bench_harvest.py compares against raw ``np.load``).
+
+Resumability: a shard is written to ``*.npy.tmp`` files through memory maps (memory stays at
+one batch: the page cache, not the process, holds the shard), flushed, renamed into place,
+and only then recorded in ``progress.json`` (written atomically). A run killed at any point
+(SIGKILL included) leaves a cache whose recorded shards are complete; rerunning `harvest` with
+the same settings checks that the text gives the same tokens for the recorded shards, then
+continues after them. Different settings into the same directory are refused.
+
+Rows of a source are tokens: the real (unmasked) tokens of each context, context after
+context, optionally without special tokens (``exclude_special``, BOS/EOS/PAD/CLS/SEP...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from engine import checks
+from engine import metrics_io
+from models import activation_source as src_lib
+from models import lm as lm_lib
+from models import text
+
+FORMAT = "sae-universality-activation-cache"
+VERSION = 1
+STORAGE_DTYPES = lm_lib.STORAGE_DTYPES
+OUT_DTYPES = STORAGE_DTYPES + ("native",)
+DEFAULT_SHARD_BYTES = 128 << 20   # per hookpoint and shard
+_FILE_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _shard_file(root: str, kind: str, index: int) -> str:
+    return os.path.join(root, kind, f"{index:05d}.npy")
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise checks.InputError(f"{path}: not valid JSON ({e.msg}); the file is damaged") from None
+
+
+def _check_npy(path: str, shape: tuple, dtype) -> None:
+    """Raises unless ``path`` is a complete .npy of ``shape`` / ``dtype`` (header + size)."""
+    if not os.path.exists(path):
+        raise checks.InputError(f"activation cache file {path} is missing")
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                got_shape, _, got_dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                got_shape, _, got_dtype = np.lib.format.read_array_header_2_0(f)
+        except ValueError as e:
+            raise checks.InputError(f"activation cache file {path}: not a .npy file ({e})"
+                                    ) from None
+        offset = f.tell()
+    if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != np.dtype(dtype):
+        raise checks.InputError(f"activation cache file {path}: expected shape {tuple(shape)} "
+                                f"{np.dtype(dtype)}, found {tuple(got_shape)} {got_dtype}")
+    need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    size = os.path.getsize(path)
+    if size < need:
+        raise checks.InputError(f"activation cache file {path} is truncated ({size} bytes, "
+                                f"expected {need})")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+class _Puller:
+    """Takes exactly ``k`` contexts at a time from a stream of `text.Contexts` blocks."""
+
+    def __init__(self, blocks: Iterator[text.Contexts]):
+        self._it = iter(blocks)
+        self._buf: text.Contexts | None = None
+
+    def take(self, k: int) -> text.Contexts | None:
+        parts, have = [], 0
+        while have < k:
+            if self._buf is None or len(self._buf) == 0:
+                self._buf = next(self._it, None)
+                if self._buf is None:
+                    break
+                continue
+            part = self._buf[:k - have]
+            self._buf = self._buf[k - have:]
+            parts.append(part)
+            have += len(part)
+        return text.Contexts.concat(parts) if parts else None
+
+
+def _settings_diff(a: dict, b: dict, prefix: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _settings_diff(va, vb, f"{prefix}{key}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{key}: cache has {va!r}, this run has {vb!r}"
+    return None
+
+
+def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Callable,
+            hookpoints: str | Sequence[str], cache_dir: str, *, dtype: str = "float32",
+            batch_size: int = 8, shard_contexts: int | None = None,
+            max_contexts: int | None = None, num_contexts: int | None = None,
+            text_info: Any = None, progress: bool = True,
+            on_batch: Callable[[int, int], None] | None = None) -> "ActivationCache":
+    """Runs ``lm`` over ``contexts`` and writes the hookpoints' activations to ``cache_dir``.
+
+    Rerunning with the same arguments resumes a killed run, or returns the finished cache.
+
+    Args:
+      lm: the language model.
+      contexts: `text.Contexts`, an ``[n, seq]`` id array, or ``open_at(start_context) ->
+        iterator of text.Contexts`` (streamed corpora; must be deterministic).
+      hookpoints: names (`models.lm.parse_hookpoint`), all captured in one pass per batch.
+      cache_dir: output directory (created).
+      dtype: storage dtype float32 | float16 | bfloat16.
+      batch_size: contexts per forward pass.
+      shard_contexts: contexts per shard (default: about 128 MiB per hookpoint and shard).
+      max_contexts: stop after this many contexts.
+      num_contexts: total contexts, for the progress bar of streamed sources.
+      text_info: JSON-able description of the text (recorded; part of the resume check).
+      progress: show a tqdm bar in tokens (its rate is tokens/s).
+      on_batch: called as ``on_batch(contexts_done, tokens_done)`` after each batch.
+
+    Returns:
+      The finished `ActivationCache`.
+
+    Raises:
+      InputError: bad hookpoints / dtype, no contexts, a directory holding a cache made with
+        other settings, or a resumed text that no longer gives the recorded tokens.
+    """
+    hps = lm.parse(hookpoints)
+    names = [h.name for h in hps]
+    if dtype not in STORAGE_DTYPES:
+        raise checks.InputError(f"dtype: expected one of {STORAGE_DTYPES}, got {dtype!r}")
+    batch_size = checks.check_positive_int("batch_size", batch_size)
+    open_at = text.context_factory(contexts)
+    if num_contexts is None and not callable(contexts):
+        num_contexts = len(contexts)
+    if max_contexts is not None:
+        max_contexts = checks.check_positive_int("max_contexts", max_contexts)
+        num_contexts = max_contexts if num_contexts is None else min(num_contexts, max_contexts)
+    first = next(iter(open_at(0)), None)
+    if first is None or len(first) == 0:
+        raise checks.InputError("harvest: no contexts to run (empty text?)")
+    ctx_len = first.context_length
+    if shard_contexts is None:
+        shard_contexts = max(1, DEFAULT_SHARD_BYTES // (ctx_len * lm.d_model * _ITEMSIZE[dtype]))
+    shard_contexts = checks.check_positive_int("shard_contexts", shard_contexts)
+
+    desc = lm.describe()
+    tok = desc.pop("tokenizer")
+    settings = metrics_io.to_jsonable({
+        "format": FORMAT, "version": VERSION, "model": desc, "tokenizer": tok,
+        "hookpoints": names, "widths": {n: lm.d_model for n in names},
+        "context_length": ctx_len, "dtype": dtype, "shard_contexts": shard_contexts,
+        "max_contexts": max_contexts, "text": text_info})
+    os.makedirs(cache_dir, exist_ok=True)
+    meta_path = os.path.join(cache_dir, "metadata.json")
+    prog_path = os.path.join(cache_dir, "progress.json")
+    if os.path.exists(meta_path):
+        old = _read_json(meta_path)
+        diff = _settings_diff({k: old.get(k) for k in settings}, settings)
+        if diff:
+            raise checks.InputError(f"cache {cache_dir} was made with other settings ({diff}); "
+                                    "use another directory or the same settings")
+        if old.get("complete"):
+            return ActivationCache(cache_dir)
+    else:
+        meta = dict(settings)
+        meta.update({"complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "hookpoint_aliases": {h.name: {"saelens": h.saelens_name,
+                                                    "sparsify": _sparsify_or_none(h)}
+                                           for h in hps},
+                     "special_ids": (tok or {}).get("special_ids", []),
+                     "layout": "tokens/NNNNN.npy [contexts, context_length] int32; "
+                               "mask/NNNNN.npy bool; <hookpoint>/NNNNN.npy "
+                               "[contexts, context_length, d] (bfloat16 stored as uint16 bits)"})
+        metrics_io.write_json(meta_path, meta)
+    shards = _read_json(prog_path)["shards"] if os.path.exists(prog_path) else []
+    for kind in ["tokens", "mask"] + names:  # stale temporaries of a killed run
+        folder = os.path.join(cache_dir, kind)
+        os.makedirs(folder, exist_ok=True)
+        for f in os.listdir(folder):
+            if f.endswith(".tmp"):
+                os.remove(os.path.join(folder, f))
+
+    puller = _Puller(open_at(0))
+    for i, shard in enumerate(shards):  # same text must give the same tokens
+        part = puller.take(shard["contexts"])
+        stored = np.load(_shard_file(cache_dir, "tokens", i))
+        if part is None or not np.array_equal(part.token_ids, stored):
+            raise checks.InputError(f"cache {cache_dir}: the text now gives other tokens than "
+                                    f"the {len(shards)} shard(s) already written (shard {i} "
+                                    "differs); resume with the same text or use a new directory")
+    done_ctx = sum(s["contexts"] for s in shards)
+    done_tok = sum(s["tokens"] for s in shards)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        total = None if num_contexts is None else num_contexts * ctx_len
+        bar = tqdm(total=total, initial=done_tok, unit="tok", unit_scale=True,
+                   desc=f"harvest {os.path.basename(os.path.normpath(cache_dir))}")
+    file_dtype = _FILE_DTYPE[dtype]
+    index = len(shards)
+    while True:
+        target = shard_contexts if max_contexts is None else min(shard_contexts,
+                                                                 max_contexts - done_ctx)
+        if target <= 0:
+            break
+        files: dict[str, tuple[str, np.memmap]] = {}
+        filled = tokens = non_special = 0
+        while filled < target:
+            part = puller.take(min(batch_size, target - filled))
+            if part is None:
+                break
+            out = lm.forward_batch(part.token_ids, names, attention_mask=part.mask,
+                                   out_dtype=dtype)
+            if not files:
+                files = _open_shard(cache_dir, index, names, target, ctx_len, lm.d_model,
+                                    file_dtype)
+            sl = slice(filled, filled + len(part))
+            files["tokens"][1][sl] = part.token_ids
+            files["mask"][1][sl] = part.mask
+            for n in names:
+                files[n][1][sl] = out.acts[n].view(file_dtype) if dtype == "bfloat16" else (
+                    out.acts[n])
+            filled += len(part)
+            tokens += part.num_tokens
+            non_special += int((part.mask & ~out.special).sum())
+            done_ctx += len(part)
+            done_tok += part.num_tokens
+            if bar is not None:
+                bar.update(part.num_tokens)
+            if on_batch is not None:
+                on_batch(done_ctx, done_tok)
+        if filled == 0:
+            break
+        _commit_shard(cache_dir, index, files, filled)
+        shards.append({"contexts": filled, "tokens": tokens, "tokens_non_special": non_special})
+        metrics_io.write_json(prog_path, {"shards": shards})
+        index += 1
+        if filled < target:
+            break
+    if bar is not None:
+        bar.close()
+    if not shards:
+        raise checks.InputError("harvest: no contexts to run (empty text?)")
+    meta = _read_json(meta_path)
+    meta.update({"complete": True, "shards": shards,
+                 "num_contexts": sum(s["contexts"] for s in shards),
+                 "token_count": sum(s["tokens"] for s in shards),
+                 "token_count_non_special": sum(s["tokens_non_special"] for s in shards),
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    metrics_io.write_json(meta_path, meta)
+    return ActivationCache(cache_dir)
+
+
+def _sparsify_or_none(h: lm_lib.Hookpoint) -> str | None:
+    try:
+        return h.sparsify_name
+    except checks.InputError:
+        return None
+
+
+def _open_shard(root: str, index: int, names: list[str], n: int, ctx: int, d: int,
+                file_dtype) -> dict[str, tuple[str, np.memmap]]:
+    out = {}
+    specs = {"tokens": ((n, ctx), np.int32), "mask": ((n, ctx), np.bool_)}
+    specs.update({name: ((n, ctx, d), file_dtype) for name in names})
+    for kind, (shape, dt) in specs.items():
+        tmp = _shard_file(root, kind, index) + ".tmp"
+        out[kind] = (tmp, np.lib.format.open_memmap(tmp, mode="w+", dtype=dt, shape=shape))
+    return out
+
+
+def _commit_shard(root: str, index: int, files: dict[str, tuple[str, np.memmap]],
+                  filled: int) -> None:
+    """Flushes, truncates a short last shard, and renames into place (tokens last)."""
+    order = [k for k in files if k not in ("tokens",)] + ["tokens"]
+    for kind in order:
+        tmp, mm = files[kind]
+        if mm.shape[0] != filled:  # short final shard: copy the filled rows to a right-sized file
+            short = tmp + ".short"
+            dst = np.lib.format.open_memmap(short, mode="w+", dtype=mm.dtype,
+                                            shape=(filled,) + mm.shape[1:])
+            step = max(1, (64 << 20) // max(1, int(np.prod(mm.shape[1:])) * mm.dtype.itemsize))
+            for lo in range(0, filled, step):
+                dst[lo:min(filled, lo + step)] = mm[lo:min(filled, lo + step)]
+            dst.flush()
+            del dst, mm
+            os.replace(short, tmp)
+        else:
+            mm.flush()
+            del mm
+        os.replace(tmp, _shard_file(root, kind, index))
+    files.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _to_out(raw: np.ndarray, storage: str, out_dtype: str) -> np.ndarray:
+    if storage == "bfloat16":
+        if out_dtype == "float32":  # exact: bfloat16 is the top half of a float32
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        import ml_dtypes
+        bf = np.ascontiguousarray(raw).view(ml_dtypes.bfloat16)
+        return bf if out_dtype in ("native", "bfloat16") else bf.astype(out_dtype)
+    if out_dtype in ("native", storage):
+        return np.ascontiguousarray(raw)
+    if out_dtype == "bfloat16":
+        import ml_dtypes
+        return raw.astype(ml_dtypes.bfloat16)
+    return raw.astype(out_dtype)
+
+
+class ActivationCache:
+    """A harvested cache on disk (see the module docstring for the layout).
+
+    Args:
+      path: the cache directory.
+      allow_partial: open a cache whose harvest has not finished (its finished shards only).
+
+    Raises:
+      InputError: not a cache, an unknown format version, an unfinished cache (unless
+        ``allow_partial``), or a missing / truncated / mis-shaped shard file.
+    """
+
+    def __init__(self, path: str, *, allow_partial: bool = False):
+        self.path = path
+        meta_path = os.path.join(path, "metadata.json")
+        if not os.path.exists(meta_path):
+            raise checks.InputError(f"{path} is not an activation cache (no metadata.json)")
+        meta = _read_json(meta_path)
+        if meta.get("format") != FORMAT:
+            raise checks.InputError(f"{meta_path}: format {meta.get('format')!r}, expected "
+                                    f"{FORMAT!r}")
+        if int(meta.get("version", 0)) > VERSION:
+            raise checks.InputError(f"{meta_path}: cache version {meta.get('version')} is newer "
+                                    f"than this code reads ({VERSION})")
+        self.metadata = meta
+        if meta.get("complete"):
+            shards = meta["shards"]
+        else:
+            if not allow_partial:
+                raise checks.InputError(
+                    f"activation cache {path} is unfinished; rerun the harvest with the same "
+                    "settings to resume it, or open it with allow_partial=True")
+            prog = os.path.join(path, "progress.json")
+            shards = _read_json(prog)["shards"] if os.path.exists(prog) else []
+        self.shards: list[dict] = list(shards)
+        self.hookpoints: tuple[str, ...] = tuple(meta["hookpoints"])
+        self.widths: dict[str, int] = {k: int(v) for k, v in meta["widths"].items()}
+        self.context_length = int(meta["context_length"])
+        self.dtype: str = meta["dtype"]
+        self.special_ids = np.asarray(meta.get("special_ids", []), np.int64)
+        for i, s in enumerate(self.shards):
+            shape = (int(s["contexts"]), self.context_length)
+            _check_npy(_shard_file(path, "tokens", i), shape, np.int32)
+            _check_npy(_shard_file(path, "mask", i), shape, np.bool_)
+            for hp in self.hookpoints:
+                _check_npy(_shard_file(path, hp, i), shape + (self.widths[hp],),
+                           _FILE_DTYPE[self.dtype])
+        self._maps: dict[tuple[str, int], np.ndarray] = {}
+
+    # -- facts ------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> dict:
+        return self.metadata["model"]
+
+    @property
+    def tokenizer(self) -> dict | None:
+        return self.metadata.get("tokenizer")
+
+    @property
+    def num_contexts(self) -> int:
+        return sum(int(s["contexts"]) for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unmasked) tokens, special tokens included."""
+        return sum(int(s["tokens"]) for s in self.shards)
+
+    def __repr__(self) -> str:
+        return (f"ActivationCache({self.path!r}, model={self.model.get('name')!r}, "
+                f"hookpoints={list(self.hookpoints)}, tokens={self.num_tokens}, "
+                f"dtype={self.dtype})")
+
+    # -- raw access -------------------------------------------------------------------------
+
+    def memmap(self, kind: str, shard: int) -> np.ndarray:
+        """Read-only memory map of ``kind`` (tokens | mask | a hookpoint) of one shard."""
+        key = (kind, shard)
+        if key not in self._maps:
+            if kind not in ("tokens", "mask") and kind not in self.hookpoints:
+                raise checks.InputError(f"hookpoint {kind!r} is not in the cache at {self.path}"
+                                        f" (it has {list(self.hookpoints)})")
+            self._maps[key] = np.load(_shard_file(self.path, kind, shard), mmap_mode="r")
+        return self._maps[key]
+
+    def token_ids(self) -> np.ndarray:
+        """All token ids ``[contexts, context_length]`` int32."""
+        return np.concatenate([np.asarray(self.memmap("tokens", i))
+                               for i in range(len(self.shards))])
+
+    def mask(self) -> np.ndarray:
+        """``[contexts, context_length]`` bool, False on padding."""
+        return np.concatenate([np.asarray(self.memmap("mask", i))
+                               for i in range(len(self.shards))])
+
+    def check_hookpoints(self, hookpoints: str | Sequence[str] | None) -> list[str]:
+        """Normalises names (aliases like ``blocks.3.hook_resid_post`` accepted)."""
+        if hookpoints is None:
+            return list(self.hookpoints)
+        names = [hookpoints] if isinstance(hookpoints, str) else list(hookpoints)
+        out = []
+        n_layers = self.model.get("n_layers")
+        for n in names:
+            name = lm_lib.parse_hookpoint(n, n_layers).name if n not in self.hookpoints else n
+            if name not in self.hookpoints:
+                raise checks.InputError(f"hookpoint {n!r} is not in the cache at {self.path} "
+                                        f"(it has {list(self.hookpoints)})")
+            out.append(name)
+        return out
+
+    # -- sources ----------------------------------------------------------------------------
+
+    def source(self, hookpoints: str | Sequence[str] | None = None, *,
+               exclude_special: bool = False, out_dtype: str = "float32",
+               block_rows: int = 8192, repeat: bool = False, shuffle_seed: int | None = None,
+               shuffle_buffer: int = 1 << 16, shuffle_block: int = 1024):
+        """An activation source over this cache (rows = tokens).
+
+        Args:
+          hookpoints: one name or several (default: all), yielded in that order after the
+            token ids.
+          exclude_special: drop special tokens (BOS/EOS/PAD/CLS/SEP...).
+          out_dtype: float32 (default) | float16 | bfloat16 | native (the storage dtype).
+          block_rows: rows per yielded block (unshuffled).
+          repeat: loop forever (training).
+          shuffle_seed: shuffle with `activation_source.ShuffledSource` (bounded buffer of
+            ``shuffle_buffer`` rows read in blocks of ``shuffle_block`` rows).
+        """
+        base = CacheSource(self, hookpoints, exclude_special=exclude_special,
+                           out_dtype=out_dtype, block_rows=block_rows,
+                           repeat=repeat and shuffle_seed is None)
+        if shuffle_seed is None:
+            return base
+        return src_lib.ShuffledSource(base, shuffle_seed, buffer_rows=shuffle_buffer,
+                                      block_rows=shuffle_block, repeat=repeat)
+
+    def read(self, hookpoint: str, *, exclude_special: bool = False,
+             out_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+        """``(token_ids [rows], acts [rows, d])`` of one hookpoint, all in memory."""
+        s = CacheSource(self, hookpoint, exclude_special=exclude_special, out_dtype=out_dtype)
+        return s.read_rows(0, s.num_rows)
+
+
+class CacheSource(src_lib.RowSource):
+    """Random-access activation source over an `ActivationCache` (see `ActivationCache.source`)."""
+
+    def __init__(self, cache: ActivationCache, hookpoints=None, *, exclude_special: bool = False,
+                 out_dtype: str = "float32", block_rows: int = 8192, repeat: bool = False):
+        if out_dtype not in OUT_DTYPES:
+            raise checks.InputError(f"out_dtype: expected one of {OUT_DTYPES}, got "
+                                    f"{out_dtype!r}")
+        if not cache.shards:
+            raise checks.InputError(f"activation cache {cache.path} holds no shards yet")
+        self.cache = cache
+        self.hookpoints = tuple(cache.check_hookpoints(hookpoints))
+        self.widths = tuple(cache.widths[h] for h in self.hookpoints)
+        self.exclude_special = exclude_special
+        self.out_dtype = out_dtype
+        self.block_rows = checks.check_positive_int("block_rows", block_rows)
+        self.repeat = repeat
+        key = "tokens_non_special" if exclude_special else "tokens"
+        self._counts = np.asarray([int(s[key]) for s in cache.shards], np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(self._counts)])
+        self._full = [int(s[key]) == int(s["contexts"]) * cache.context_length
+                      for s in cache.shards]
+        self._sel: dict[int, np.ndarray] = {}
+        if self.num_rows == 0:
+            raise checks.InputError(f"activation cache {cache.path}: no rows selected")
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._offsets[-1])
+
+    def describe(self) -> dict:
+        return {"kind": "cache", "path": os.path.abspath(self.cache.path),
+                "model": self.cache.model, "hookpoints": list(self.hookpoints),
+                "exclude_special": self.exclude_special, "num_rows": self.num_rows,
+                "dtype": self.cache.dtype}
+
+    def _selection(self, shard: int) -> np.ndarray:
+        if shard not in self._sel:
+            if len(self._sel) >= 4:  # bounded: a few shards' indices
+                self._sel.pop(next(iter(self._sel)))
+            sel = np.asarray(self.cache.memmap("mask", shard)).reshape(-1)
+            if self.exclude_special:
+                tokens = np.asarray(self.cache.memmap("tokens", shard)).reshape(-1)
+                sel = sel & ~np.isin(tokens, self.cache.special_ids)
+            idx = np.flatnonzero(sel)
+            if idx.shape[0] != self._counts[shard]:
+                raise checks.InputError(f"activation cache {self.cache.path}: shard {shard} has "
+                                        f"{idx.shape[0]} selected tokens but the metadata says "
+                                        f"{self._counts[shard]}; the cache is damaged")
+            self._sel[shard] = idx
+        return self._sel[shard]
+
+    def read_rows(self, lo: int, hi: int) -> src_lib.Rows:
+        self._check_range(lo, hi)
+        pieces: list[list[np.ndarray]] = []
+        s = int(np.searchsorted(self._offsets, lo, side="right")) - 1
+        pos = lo
+        while pos < hi:
+            a = pos - int(self._offsets[s])
+            b = min(hi, int(self._offsets[s + 1])) - int(self._offsets[s])
+            if b > a:
+                flat_tok = self.cache.memmap("tokens", s).reshape(-1)
+                rows = slice(a, b) if self._full[s] else self._selection(s)[a:b]
+                part = [np.asarray(flat_tok[rows])]
+                for hp in self.hookpoints:
+                    mm = self.cache.memmap(hp, s)
+                    part.append(_to_out(mm.reshape(-1, mm.shape[-1])[rows], self.cache.dtype,
+                                        self.out_dtype))
+                pieces.append(part)
+                pos += b - a
+            s += 1
+        if not pieces:
+            d = [np.zeros((0, w), np.float32) for w in self.widths]
+            return (np.zeros((0,), np.int32), *d)
+        if len(pieces) == 1:
+            return tuple(pieces[0])
+        return tuple(np.concatenate([p[i] for p in pieces]) for i in range(len(pieces[0])))
+
+
+def paired_source(cache_a: ActivationCache, hookpoint_a: str, cache_b: ActivationCache,
+                  hookpoint_b: str, *, exclude_special: bool = False,
+                  out_dtype: str = "float32", block_rows: int = 8192, repeat: bool = False,
+                  shuffle_seed: int | None = None, shuffle_buffer: int = 1 << 16,
+                  shuffle_block: int = 1024, names: tuple[str, str] = ("a", "b")):
+    """``(token_ids, acts_a, acts_b)`` rows of two caches over the same tokens (two models).
+
+    Refuses (one-line `InputError` / `text.TokenizerMismatchError`) caches whose tokenizers,
+    context lengths or token ids differ: the rows would not be the same tokens.
+    """
+    ta, tb = cache_a.tokenizer or {}, cache_b.tokenizer or {}
+    if ta.get("vocab_sha256") != tb.get("vocab_sha256") or (
+            ta.get("special_ids") != tb.get("special_ids")):
+        raise text.TokenizerMismatchError(
+            f"caches {cache_a.path} and {cache_b.path} were made with different tokenizers "
+            f"({ta.get('name_or_path')!r}, {tb.get('name_or_path')!r}); cross-tokenizer "
+            "alignment is not supported")
+    if cache_a.context_length != cache_b.context_length or (
+            cache_a.num_contexts != cache_b.num_contexts):
+        raise checks.InputError(
+            f"caches {cache_a.path} and {cache_b.path} hold different contexts "
+            f"({cache_a.num_contexts}x{cache_a.context_length} vs "
+            f"{cache_b.num_contexts}x{cache_b.context_length}); harvest both from the same text")
+    if not (np.array_equal(cache_a.token_ids(), cache_b.token_ids())
+            and np.array_equal(cache_a.mask(), cache_b.mask())):
+        raise checks.InputError(f"caches {cache_a.path} and {cache_b.path} hold different token "
+                                "ids; harvest both from the same text and contexts")
+    kw = dict(exclude_special=exclude_special, out_dtype=out_dtype, block_rows=block_rows)
+    zipped = src_lib.ZipSource([CacheSource(cache_a, hookpoint_a, **kw),
+                                CacheSource(cache_b, hookpoint_b, **kw)], names=names,
+                               repeat=repeat and shuffle_seed is None)
+    if shuffle_seed is None:
+        return zipped
+    return src_lib.ShuffledSource(zipped, shuffle_seed, buffer_rows=shuffle_buffer,
+                                  block_rows=shuffle_block, repeat=repeat)
