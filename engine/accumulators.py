@@ -16,7 +16,7 @@ then of the order of the spread, so float32 agrees with a float64 reference to ~
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import flax.struct
 import jax
@@ -62,29 +62,43 @@ def merge_across(acc: Accumulator, state: Any, axis_name: str) -> Any:
     return out
 
 
-def make_sharded_update(acc: Accumulator, mesh, num_arrays: int):
-    """Returns ``step(state, arrays, weights) -> state`` jitted over the mesh.
+def make_sharded_update(acc: Accumulator, mesh, num_arrays: int,
+                        transform: Callable | None = None):
+    """Returns ``step(state, arrays, weights, params=None) -> state`` jitted over the mesh.
 
     Each device folds its rows into a fresh local state, the local states are merged over
     ``data``, and the result is merged into the (replicated) running state. The answer does
     not depend on the number of devices beyond float rounding.
+
+    Args:
+      transform: optional ``transform(params, *arrays) -> arrays`` applied on device to each
+        device's rows before the update (e.g. encode activations with two SAEs, whose
+        parameters travel as the replicated ``params`` argument rather than as constants).
     """
     data_spec = P(mesh_lib.DATA)
 
-    def local(state, arrays, weights):
+    def local(state, arrays, weights, params):
+        if transform is not None:
+            arrays = tuple(transform(params, *arrays))
         part = acc.update(acc.init(), arrays, weights)
         part = merge_across(acc, part, mesh_lib.DATA)
         return acc.merge(state, part)
 
     sharded = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(P(), tuple(data_spec for _ in range(num_arrays)), data_spec),
+        in_specs=(P(), tuple(data_spec for _ in range(num_arrays)), data_spec, P()),
         out_specs=P(), check_vma=False)
-    return jax.jit(sharded, donate_argnums=0)
+    jitted = jax.jit(sharded, donate_argnums=0)
+
+    def step(state, arrays, weights, params=None):
+        return jitted(state, arrays, weights, params)
+
+    return step
 
 
 def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
-               checkpointer=None, save_every: int = 0, progress: bool = False) -> Any:
+               checkpointer=None, save_every: int = 0, progress: bool = False,
+               transform: Callable | None = None, params: Any = None) -> Any:
     """Folds every chunk of a `ChunkStream` into ``state`` on the mesh.
 
     Args:
@@ -96,6 +110,7 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
         stream position are saved every ``save_every`` chunks and at the end, and a previous
         checkpoint is resumed (the stream seeks to the saved position).
       progress: show a tqdm bar (rows).
+      transform / params: see `make_sharded_update` (on-device featurisation of each chunk).
 
     Returns:
       The final (replicated) state; call ``acc.finalize`` on it.
@@ -104,6 +119,7 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
     mesh_lib.check_divisible(mesh, stream.chunk_size, f"{stream.name} chunk_size")
     state = acc.init() if state is None else state
     state = mesh_lib.replicate(mesh, state, copy=True)
+    params = mesh_lib.replicate(mesh, params)
     step_count = 0
     if checkpointer is not None:
         restored = checkpointer.restore(state)
@@ -120,8 +136,8 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
     for chunk in streaming.prefetch_to_device(stream, mesh):
         any_chunk = True
         if step is None:
-            step = make_sharded_update(acc, mesh, len(chunk.arrays))
-        state = step(state, chunk.arrays, chunk.mask.astype(jnp.float32))
+            step = make_sharded_update(acc, mesh, len(chunk.arrays), transform)
+        state = step(state, chunk.arrays, chunk.mask.astype(jnp.float32), params)
         step_count += 1
         if bar is not None:
             bar.update(int(chunk.mask.shape[0]))
@@ -301,3 +317,37 @@ class CrossMoments:
                                     "all rows masked)")
         return Moments(count=n, mean_x=s.shift_x + s.mean_x, mean_y=s.shift_y + s.mean_y,
                        cov_xx=s.sxx / n, cov_yy=s.syy / n, cov_xy=s.sxy / n)
+
+
+# --------------------------------------------------------------------------------------------
+# Several accumulators over one stream.
+# --------------------------------------------------------------------------------------------
+
+
+class Combined:
+    """Runs several accumulators on one pass; each reads a subset of the chunk's arrays.
+
+    Args:
+      parts: ``{name: (accumulator, (array indices...))}``; state and result are dicts.
+    """
+
+    def __init__(self, parts: dict[str, tuple[Any, tuple[int, ...]]]):
+        if not parts:
+            raise checks.InputError("Combined: no accumulators given")
+        self.parts = dict(parts)
+
+    def init(self) -> dict:
+        return {k: acc.init() for k, (acc, _) in self.parts.items()}
+
+    def update(self, state: dict, arrays, weights) -> dict:
+        return {k: acc.update(state[k], tuple(arrays[i] for i in idx), weights)
+                for k, (acc, idx) in self.parts.items()}
+
+    def merge(self, a: dict, b: dict) -> dict:
+        return {k: acc.merge(a[k], b[k]) for k, (acc, _) in self.parts.items()}
+
+    def merge_across(self, state: dict, axis_name: str) -> dict:
+        return {k: merge_across(acc, state[k], axis_name) for k, (acc, _) in self.parts.items()}
+
+    def finalize(self, state: dict) -> dict:
+        return {k: acc.finalize(state[k]) for k, (acc, _) in self.parts.items()}

@@ -155,3 +155,20 @@ def test_bad_inputs(rng):
         acc.finalize(acc.init())
     with pytest.raises(checks.InputError, match="d1"):
         accumulators.CrossMoments(0, 3)
+
+
+def test_transform_and_combined_accumulators(rng, mesh):
+    """On-device featurisation (params as an argument) feeding two accumulators at once."""
+    x, y = data(rng, 200)
+    w = rng.normal(size=(5, 4)).astype(np.float32)
+    acc = accumulators.Combined({"xy": (accumulators.CrossMoments(5, 3), (0, 1)),
+                                 "hy": (accumulators.CrossMoments(4, 3), (2, 1))})
+
+    def transform(params, xb, yb):
+        return xb, yb, jnp.tanh(xb @ params)
+
+    out = acc.finalize(accumulators.accumulate(acc, streaming.ChunkStream((x, y), 40), mesh,
+                                               transform=transform, params=w))
+    assert_close(out["xy"], reference(x, y))
+    h = np.tanh(x.astype(np.float64) @ w.astype(np.float64))
+    assert_close(out["hy"], reference(h, y), rtol=1e-4)

@@ -1,0 +1,61 @@
+"""Completed pipeline steps saved in the workdir, so that a killed run resumes after them.
+
+A step's result is a flat dict of numpy arrays and JSON values. It is written atomically
+(``<name>.npz`` + ``<name>.json``, then a ``<name>.done`` marker) when the step finishes; a
+rerun with the same workdir loads it instead of recomputing. Long steps inside (SAE training,
+token streams) checkpoint themselves with orbax; this cache records what finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+from absl import logging
+
+from engine import metrics_io
+
+
+class StepCache:
+    """Get-or-compute of named steps under ``directory``."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+
+    def _path(self, name: str, ext: str) -> str:
+        return os.path.join(self.directory, f"{name}.{ext}")
+
+    def done(self, name: str) -> bool:
+        return os.path.exists(self._path(name, "done"))
+
+    def load(self, name: str) -> dict:
+        out: dict[str, Any] = {}
+        with open(self._path(name, "json"), encoding="utf-8") as f:
+            out.update(json.load(f))
+        if os.path.exists(self._path(name, "npz")):
+            with np.load(self._path(name, "npz"), allow_pickle=False) as z:
+                out.update({k: z[k] for k in z.files})
+        return out
+
+    def save(self, name: str, result: dict) -> None:
+        arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
+        rest = {k: v for k, v in result.items() if k not in arrays}
+        if arrays:
+            tmp = self._path(name, "tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, self._path(name, "npz"))
+        metrics_io.write_json(self._path(name, "json"), rest)
+        with open(self._path(name, "done"), "w", encoding="utf-8") as f:
+            f.write("ok\n")
+
+    def get(self, name: str, compute: Callable[[], dict]) -> dict:
+        """Loads step ``name`` if it finished before, else computes and saves it."""
+        if self.done(name):
+            logging.info("step %s: loaded from %s", name, self.directory)
+            return self.load(name)
+        result = compute()
+        self.save(name, result)
+        return self.load(name)
