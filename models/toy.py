@@ -417,6 +417,46 @@ def _pad_instances(instances: ToyInstances, multiple: int) -> tuple[ToyInstances
     return _take(instances, index), count
 
 
+class Sweep:
+    """A compiled many-instance training program: state on the mesh, `advance` runs steps.
+
+    The instance axis is split over the mesh ``data`` axis (padded with copies of the last
+    instance to a multiple of its size; the copies are dropped from every output). `train`
+    drives it with logging and checkpoints; benchmarks call `advance` directly.
+
+    Args:
+      config: the shared static settings.
+      instances: per-instance settings (`make_instances`).
+      mesh: engine mesh (default: every device on ``data``).
+    """
+
+    def __init__(self, config: ToyConfig, instances: ToyInstances, mesh=None):
+        _check_instances(config, instances)
+        self.config = config
+        self.mesh = mesh_lib.make_mesh() if mesh is None else mesh
+        padded, self.count = _pad_instances(instances, self.mesh.shape[mesh_lib.DATA])
+        self.n_padded = padded.n_instances
+        self.instances = jax.device_put(padded, _shardings(self.mesh, padded, self.n_padded))
+        self.state: train_lib.TrainState = _init_fn(config, self.mesh,
+                                                    self.n_padded)(self.instances)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    def advance(self, n_steps: int) -> jax.Array:
+        """Runs ``n_steps`` steps in one jitted scan; returns the padded ``[I']`` mean losses
+        over them (on device, asynchronous; ``[:count]`` are the real instances)."""
+        fn = _chunk_fn(self.config, self.mesh, int(n_steps), self.n_padded)
+        self.state, mean_loss, _ = fn(self.state, self.instances)
+        return mean_loss
+
+    def params(self) -> ToyParams:
+        """Current parameters of the real instances as host numpy arrays."""
+        return jax.tree.map(lambda x: np.asarray(x)[:self.count],
+                            mesh_lib.gather(self.state.params))
+
+
 @dataclasses.dataclass
 class ToyResult:
     """What a sweep returns (host numpy, instance axis first, padding removed).
@@ -446,7 +486,7 @@ def train(config: ToyConfig, instances: ToyInstances, *, steps: int, mesh=None,
       instances: per-instance importance, sparsity and seeds (`make_instances`).
       steps: total steps (a resumed run continues up to it).
       mesh: engine mesh (default: every device on ``data``); instances are split over its
-        ``data`` axis (padded with copies of the last instance to a multiple of its size).
+        ``data`` axis (see `Sweep`).
       workdir: writes ``metrics.jsonl`` (mean / min / max loss over instances per log
         interval) and ``checkpoints/`` there and resumes from the latest checkpoint. None: no I/O.
       log_every: steps per jitted scan call (and per metrics line / NaN check).
@@ -468,11 +508,8 @@ def train(config: ToyConfig, instances: ToyInstances, *, steps: int, mesh=None,
         if checkpoint_every % log_every:
             raise checks.InputError(f"checkpoint_every={checkpoint_every} must be a multiple "
                                     f"of log_every={log_every}")
-    mesh = mesh_lib.make_mesh() if mesh is None else mesh
-    padded, count = _pad_instances(instances, mesh.shape[mesh_lib.DATA])
-    n_pad = padded.n_instances
-    padded = jax.device_put(padded, _shardings(mesh, padded, n_pad))
-    state = _init_fn(config, mesh, n_pad)(padded)
+    sweep = Sweep(config, instances, mesh)
+    count = sweep.count
 
     ckpt = writer = None
     hist_steps: list[int] = []
@@ -481,34 +518,31 @@ def train(config: ToyConfig, instances: ToyInstances, *, steps: int, mesh=None,
         os.makedirs(workdir, exist_ok=True)
         ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep)
         writer = metrics_io.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
-        restored = ckpt.restore(state)
+        restored = ckpt.restore(sweep.state)
         if restored is not None:
             _, state, meta = restored
             if int(meta.get("n_instances", count)) != count:
                 raise checks.InputError(f"{workdir}: checkpoint holds {meta.get('n_instances')} "
                                         f"instances, this sweep has {count}")
+            sweep.state = state
             hist_steps = list(meta.get("history_steps", []))
             hist_loss = [np.asarray(r, np.float64) for r in meta.get("history_loss", [])]
-            writer.truncate_after(int(state.step))
-            logging.info("toy: resumed %s from step %d", workdir, int(state.step))
-    start = int(state.step)
+            writer.truncate_after(sweep.step)
+            logging.info("toy: resumed %s from step %d", workdir, sweep.step)
+    step = sweep.step
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=start, unit="step", desc="toy", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=step, unit="step", desc="toy", dynamic_ncols=True)
 
-    step = start
-    last_loss = None
     while step < steps:
         n = min(log_every - step % log_every, steps - step)
-        state, mean_loss, last = _chunk_fn(config, mesh, n, n_pad)(state, padded)
+        mean_loss = np.asarray(mesh_lib.gather(sweep.advance(n)))[:count]
         step += n
-        mean_loss = np.asarray(mesh_lib.gather(mean_loss))[:count]
         if not np.all(np.isfinite(mean_loss)):
             bad = int(np.argmax(~np.isfinite(mean_loss)))
             raise train_lib.NonFiniteError(f"non-finite loss of instance {bad} in steps "
                                            f"{step - n}..{step}; last checkpoint is before it")
-        last_loss = mean_loss
         hist_steps.append(step)
         hist_loss.append(mean_loss)
         if writer is not None:
@@ -520,19 +554,17 @@ def train(config: ToyConfig, instances: ToyInstances, *, steps: int, mesh=None,
             bar.set_postfix(loss=f"{np.mean(mean_loss):.4g}")
         if ckpt is not None and ((checkpoint_every and step % checkpoint_every == 0)
                                  or step == steps):
-            ckpt.save(step, state, {"n_instances": count, "history_steps": hist_steps,
-                                    "history_loss": [r.tolist() for r in hist_loss]})
+            ckpt.save(step, sweep.state, {"n_instances": count, "history_steps": hist_steps,
+                                          "history_loss": [r.tolist() for r in hist_loss]})
     if bar is not None:
         bar.close()
     if ckpt is not None:
         ckpt.close()
-    params = jax.tree.map(lambda x: np.asarray(x)[:count], mesh_lib.gather(state.params))
-    if last_loss is None:  # restored at (or past) the final step
-        last_loss = hist_loss[-1] if hist_loss else np.full(count, np.nan)
-    return ToyResult(params=params, loss=np.asarray(last_loss),
-                     history_steps=np.asarray(hist_steps, np.int64),
-                     history_loss=np.asarray(hist_loss).reshape(len(hist_loss), count),
-                     steps=int(state.step))
+    history = np.asarray(hist_loss, np.float64).reshape(len(hist_loss), count)
+    last = history[-1] if len(history) else np.full(count, np.nan)
+    return ToyResult(params=sweep.params(), loss=last,
+                     history_steps=np.asarray(hist_steps, np.int64), history_loss=history,
+                     steps=sweep.step)
 
 
 # ----------------------------------------------------------------------------------------------
