@@ -291,6 +291,30 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
     return ActivationCache(cache_dir)
 
 
+def harvest_models(models: Sequence[lm_lib.LanguageModel], contexts, hookpoints,
+                   cache_dirs: Sequence[str], **kwargs) -> list["ActivationCache"]:
+    """Harvests several models over the SAME contexts, after checking their tokenizers agree.
+
+    ``hookpoints`` is one list for all models or one list per model. The caches can then be
+    zipped with `paired_source`. Raises `text.TokenizerMismatchError` before any forward pass
+    when two tokenizers differ (cross-tokenizer alignment is not supported).
+    """
+    models = list(models)
+    if len(cache_dirs) != len(models):
+        raise checks.InputError(f"cache_dirs: {len(cache_dirs)} directories for {len(models)} "
+                                "models")
+    if any(m.tokenizer is None for m in models):
+        raise checks.InputError("harvest_models: every model needs its tokenizer loaded to "
+                                "check that they agree")
+    for m in models[1:]:
+        text.check_same_tokenizer(models[0].tokenizer, m.tokenizer, names=(models[0].name,
+                                                                           m.name))
+    per_model = (hookpoints if hookpoints and not isinstance(hookpoints, str) and
+                 not isinstance(hookpoints[0], str) else [hookpoints] * len(models))
+    return [harvest(m, contexts, hps, d, **kwargs)
+            for m, hps, d in zip(models, per_model, cache_dirs)]
+
+
 def _sparsify_or_none(h: lm_lib.Hookpoint) -> str | None:
     try:
         return h.sparsify_name
@@ -339,8 +363,9 @@ def _commit_shard(root: str, index: int, files: dict[str, tuple[str, np.memmap]]
 
 def _to_out(raw: np.ndarray, storage: str, out_dtype: str) -> np.ndarray:
     if storage == "bfloat16":
-        if out_dtype == "float32":  # exact: bfloat16 is the top half of a float32
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+        # bfloat16 is the top half of a float32, so the widening is exact; ml_dtypes' cast
+        # measured fastest of the numpy ways (shift, strided copy) on this machine. Consumers
+        # that can take bfloat16 (JAX) should ask for "native" and skip it.
         import ml_dtypes
         bf = np.ascontiguousarray(raw).view(ml_dtypes.bfloat16)
         return bf if out_dtype in ("native", "bfloat16") else bf.astype(out_dtype)

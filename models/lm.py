@@ -290,7 +290,7 @@ class LanguageModel:
         self.config = _text_config(model.config)
         self.name = name or str(getattr(model.config, "_name_or_path", "") or
                                 type(model).__name__)
-        self.revision = revision
+        self.revision = revision or getattr(model.config, "_commit_hash", None)
         self.n_layers = int(self.config.num_hidden_layers)
         self.d_model = int(self.config.hidden_size)
         self.model_type = str(getattr(self.config, "model_type", ""))

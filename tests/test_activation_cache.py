@@ -418,3 +418,19 @@ def test_harvest_experiment(tmp_path):
     tok, a = cache.read("resid_post.0")
     _, b = cache.read("resid_pre.1")
     np.testing.assert_array_equal(a, b)  # the same residual stream, named twice
+
+
+def test_harvest_models_checks_tokenizers_first(pair, model_a, contexts, tmp_path):
+    m_b = lm.LanguageModel.load(pair.path_b)
+    caches = ac.harvest_models([model_a, m_b], contexts[:20], ["resid_post.1"],
+                               [str(tmp_path / "a"), str(tmp_path / "b")], progress=False)
+    z = ac.paired_source(caches[0], "resid_post.1", caches[1], "resid_post.1")
+    assert z.num_rows == contexts[:20].num_tokens and z.widths == (16, 16)
+    assert model_a.revision is None  # local directories have no hub revision
+    tok_d = text.build_word_tokenizer(vocab_size=250)
+    lm_d = lm.LanguageModel(lm_tiny.build_tiny_model("llama", tok_d, seed=0, n_layers=2,
+                                                      d_model=16), tok_d, name="other")
+    with pytest.raises(text.TokenizerMismatchError, match="other"):
+        ac.harvest_models([model_a, lm_d], contexts[:20], [["resid_post.1"], ["resid_post.0"]],
+                          [str(tmp_path / "c"), str(tmp_path / "d")], progress=False)
+    assert not os.path.exists(tmp_path / "c")  # refused before any work
