@@ -420,7 +420,9 @@ def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
             exhausted = True
         if not batch:
             break
-        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        # verbose=False: whole documents are longer than the model's window by design
+        # (they are cut into contexts next), so the length warning would be noise.
+        encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         for ids in encoded:
             for lo in range(0, len(ids), body):
                 piece = list(ids[lo:lo + body])
