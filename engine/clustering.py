@@ -18,28 +18,20 @@ SAE, one per feature):
   and the eigenvectors come from ARPACK (``scipy.sparse.linalg.eigsh``).
 
 Top-k neighbours come from `engine.pairwise.max_cosine` (streamed in tiles over the mesh, exact
-float64 ranking, ties to the lower index) with each row removed from its own list; a small
-tiled fallback here (query tiles sharded over the mesh ``data`` axis, keys replicated, float32
-values, ties to the lower index) covers checkouts without engine/pairwise.py.
+float64 ranking, ties to the lower index) with each row removed from its own list.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import jax
-import jax.numpy as jnp
+
 import numpy as np
 import scipy.linalg
 import scipy.sparse
 import scipy.sparse.csgraph
 import scipy.sparse.linalg
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from engine import checks
-from engine import mesh as mesh_lib
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from engine import checks, pairwise
 
 #: Up to this many features `spectral_clusters` builds the dense angular affinity (n^2 floats).
 DENSE_LIMIT = 4096
@@ -107,60 +99,13 @@ def check_dictionary(name: str, W, min_rows: int = 2) -> np.ndarray:
     return arr
 
 
-def _normalise(W: np.ndarray) -> np.ndarray:
-    W = np.asarray(W, np.float32)
-    return W / np.linalg.norm(W.astype(np.float64), axis=1, keepdims=True).astype(np.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def _tile_topk(queries, keys, query_ids, k):
-    sims = jnp.einsum("qd,nd->qn", queries, keys, precision=HIGHEST)
-    self_hit = query_ids[:, None] == jnp.arange(keys.shape[0])[None, :]
-    sims = jnp.where(self_hit, -jnp.inf, sims)
-    return jax.lax.top_k(sims, k)
-
-
-def _tiled_topk_neighbours(W: np.ndarray, k: int, mesh=None, tile: int = 1024
-                           ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` cosine neighbours of every row of ``W`` (self excluded), tile by tile.
-
-    Holds one ``[tile, n]`` block of cosines at a time. Query tiles are split over the mesh
-    ``data`` axis, the normalised keys are replicated.
-
-    Returns:
-      ``(values [n, k] float32, indices [n, k] int)``, values descending.
-    """
-    Wn = _normalise(W)
-    n = Wn.shape[0]
-    mesh = mesh if mesh is not None else mesh_lib.make_mesh(devices=jax.devices()[:1])
-    n_dev = mesh.shape[mesh_lib.DATA]
-    tile = max(n_dev, min(int(tile), n))
-    tile = -(-tile // n_dev) * n_dev
-    keys = jax.device_put(jnp.asarray(Wn), mesh_lib.replicated(mesh))
-    q_sharding = NamedSharding(mesh, P(mesh_lib.DATA, None))
-    id_sharding = NamedSharding(mesh, P(mesh_lib.DATA))
-    values = np.empty((n, k), np.float32)
-    indices = np.empty((n, k), np.int64)
-    for lo in range(0, n, tile):
-        hi = min(lo + tile, n)
-        q = np.zeros((tile, Wn.shape[1]), np.float32)
-        q[: hi - lo] = Wn[lo:hi]
-        ids = np.full((tile,), -1, np.int32)
-        ids[: hi - lo] = np.arange(lo, hi)
-        v, i = _tile_topk(jax.device_put(q, q_sharding), keys,
-                          jax.device_put(ids, id_sharding), k)
-        values[lo:hi] = np.asarray(v)[: hi - lo]
-        indices[lo:hi] = np.asarray(i)[: hi - lo]
-    return values, indices
-
-
 def topk_neighbours(W, k: int, *, mesh=None, tile: int = 1024,
                     name: str = "W") -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` cosine neighbours of every row of ``W`` among the other rows.
 
     Uses ``engine.pairwise.max_cosine(W, W, k=k+1)`` (the project's one streamed, exact
-    cosine engine) and removes each row itself from its list; the tiled fallback of this
-    module runs only where engine/pairwise.py is absent.
+    cosine engine: tiles over the mesh, float64-certified ranking) and removes each row
+    itself from its list.
 
     Args:
       W: ``[n, d]`` rows (decoder vectors), finite, no zero rows.
@@ -177,16 +122,10 @@ def topk_neighbours(W, k: int, *, mesh=None, tile: int = 1024,
     if k >= n:
         raise checks.InputError(f"topk_neighbours: k={k} must be < the number of rows of "
                                 f"{name} ({n})")
-    try:
-        from engine import pairwise  # the project's streamed cosine engine
-    except ImportError:  # pragma: no cover - only before engine/pairwise.py exists
-        pairwise = None
-    if pairwise is not None and hasattr(pairwise, "max_cosine"):
-        return _pairwise_self_topk(pairwise, W, k, mesh=mesh, tile=tile)
-    return _tiled_topk_neighbours(W, k, mesh=mesh, tile=tile)
+    return _pairwise_self_topk(W, k, mesh=mesh, tile=tile)
 
 
-def _pairwise_self_topk(pairwise, W: np.ndarray, k: int, *, mesh, tile: int
+def _pairwise_self_topk(W: np.ndarray, k: int, *, mesh, tile: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Self-excluded top-k from ``pairwise.max_cosine(W, W, k + 1)``.
 

@@ -56,14 +56,17 @@ def test_topk_neighbours_match_float64(mesh, rng):
     assert not np.any(idx == np.arange(len(W))[:, None])          # self excluded
 
 
-def test_tiled_fallback_matches_float64(mesh, rng):
-    # The module's own tiled search (used where engine/pairwise.py is absent): ragged last
-    # tile, query rows split over the mesh.
-    W = rng.normal(size=(157, 16)).astype(np.float32)
-    vals, idx = clustering._tiled_topk_neighbours(W, 2, mesh=mesh, tile=40)
-    ref_v, ref_i = _ref_topk(W, 2)
-    np.testing.assert_array_equal(idx, ref_i)
-    np.testing.assert_allclose(vals, ref_v, atol=1e-5)
+def test_topk_neighbours_exact_duplicates(rng):
+    # Rows 0, 1, 2 identical: ties go to the lower index and a row never lists itself.
+    W = rng.normal(size=(12, 6))
+    W[1] = W[0]
+    W[2] = W[0]
+    for k in (1, 2, 3):
+        vals, idx = clustering.topk_neighbours(W, k)
+        _, ref_i = _ref_topk(W, k)
+        np.testing.assert_array_equal(idx[:3], ref_i[:3])
+        assert not np.any(idx == np.arange(12)[:, None])
+    assert clustering.topk_neighbours(W, 1)[1][:3, 0].tolist() == [1, 0, 0]
 
 
 def test_cosine_graph_equals_union_find_reference(mesh, rng):
