@@ -370,7 +370,7 @@ def _to_out(raw: np.ndarray, storage: str, out_dtype: str) -> np.ndarray:
         bf = np.ascontiguousarray(raw).view(ml_dtypes.bfloat16)
         return bf if out_dtype in ("native", "bfloat16") else bf.astype(out_dtype)
     if out_dtype in ("native", storage):
-        return np.ascontiguousarray(raw)
+        return raw
     if out_dtype == "bfloat16":
         import ml_dtypes
         return raw.astype(ml_dtypes.bfloat16)
@@ -572,7 +572,11 @@ class CacheSource(src_lib.RowSource):
             self._sel[shard] = idx
         return self._sel[shard]
 
-    def read_rows(self, lo: int, hi: int) -> src_lib.Rows:
+    def finish_rows(self, rows: src_lib.Rows) -> src_lib.Rows:
+        return (rows[0],) + tuple(_to_out(a, self.cache.dtype, self.out_dtype)
+                                  for a in rows[1:])
+
+    def read_rows_stored(self, lo: int, hi: int) -> src_lib.Rows:
         self._check_range(lo, hi)
         pieces: list[list[np.ndarray]] = []
         s = int(np.searchsorted(self._offsets, lo, side="right")) - 1
@@ -583,16 +587,19 @@ class CacheSource(src_lib.RowSource):
             if b > a:
                 flat_tok = self.cache.memmap("tokens", s).reshape(-1)
                 rows = slice(a, b) if self._full[s] else self._selection(s)[a:b]
-                part = [np.asarray(flat_tok[rows])]
+                # np.array copies: blocks own their memory (a slice of a memmap would be a
+                # view of the file); fancy indexing copies anyway.
+                part = [np.array(flat_tok[rows])]
                 for hp in self.hookpoints:
                     mm = self.cache.memmap(hp, s)
-                    part.append(_to_out(mm.reshape(-1, mm.shape[-1])[rows], self.cache.dtype,
-                                        self.out_dtype))
+                    part.append(_to_out(np.array(mm.reshape(-1, mm.shape[-1])[rows]),
+                                        self.cache.dtype, "native"))
                 pieces.append(part)
                 pos += b - a
             s += 1
         if not pieces:
-            d = [np.zeros((0, w), np.float32) for w in self.widths]
+            d = [_to_out(np.zeros((0, w), _FILE_DTYPE[self.cache.dtype]), self.cache.dtype,
+                         "native") for w in self.widths]
             return (np.zeros((0,), np.int32), *d)
         if len(pieces) == 1:
             return tuple(pieces[0])

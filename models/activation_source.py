@@ -91,7 +91,19 @@ class RowSource:
 
     def read_rows(self, lo: int, hi: int) -> Rows:
         """Rows ``[lo, hi)`` (0 <= lo <= hi <= num_rows) as ``(token_ids, acts...)``."""
+        return self.finish_rows(self.read_rows_stored(lo, hi))
+
+    def read_rows_stored(self, lo: int, hi: int) -> Rows:
+        """Rows as stored (e.g. bfloat16); `finish_rows` turns them into `read_rows` output.
+
+        Shuffling moves stored rows and converts only what it yields, so narrow storage
+        dtypes are permuted at their own width. Subclasses override one of the two readers.
+        """
         raise NotImplementedError
+
+    def finish_rows(self, rows: Rows) -> Rows:
+        """Stored rows -> output rows (dtype conversion); identity by default."""
+        return rows
 
     def describe(self) -> dict:
         return {"hookpoints": list(self.hookpoints), "num_rows": self.num_rows}
@@ -142,7 +154,7 @@ class ArraySource(RowSource):
     def num_rows(self) -> int:
         return int(self.token_ids.shape[0])
 
-    def read_rows(self, lo: int, hi: int) -> Rows:
+    def read_rows_stored(self, lo: int, hi: int) -> Rows:
         self._check_range(lo, hi)
         return (self.token_ids[lo:hi],) + tuple(a[lo:hi] for a in self.acts)
 
@@ -179,8 +191,8 @@ class ZipSource(RowSource):
     def num_rows(self) -> int:
         return self.sources[0].num_rows
 
-    def read_rows(self, lo: int, hi: int) -> Rows:
-        parts = [s.read_rows(lo, hi) for s in self.sources]
+    def read_rows_stored(self, lo: int, hi: int) -> Rows:
+        parts = [s.read_rows_stored(lo, hi) for s in self.sources]
         tokens = parts[0][0]
         for i, p in enumerate(parts[1:], 1):
             if not np.array_equal(p[0], tokens):
@@ -190,6 +202,14 @@ class ZipSource(RowSource):
                     f"{int(tokens[bad])}, {self.names[i]}: {int(p[0][bad])}); the sources must "
                     "be built from the same text and tokenizer")
         return (tokens,) + tuple(a for p in parts for a in p[1:])
+
+    def finish_rows(self, rows: Rows) -> Rows:
+        out, i = [rows[0]], 1
+        for s in self.sources:
+            k = len(s.hookpoints)
+            out.extend(s.finish_rows((rows[0],) + tuple(rows[i:i + k]))[1:])
+            i += k
+        return tuple(out)
 
     def describe(self) -> dict:
         return {"kind": "zip", "sources": {nm: s.describe()
@@ -239,8 +259,9 @@ class ShuffledSource:
 
     def _window_rows(self, epoch: int, w: int, blocks: np.ndarray) -> Rows:
         n = self.source.num_rows
-        parts = [self.source.read_rows(int(b) * self.block_rows,
-                                       min((int(b) + 1) * self.block_rows, n)) for b in blocks]
+        parts = [self.source.read_rows_stored(int(b) * self.block_rows,
+                                              min((int(b) + 1) * self.block_rows, n))
+                 for b in blocks]
         rows = tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
         order = np.random.default_rng([self.seed, epoch, w]).permutation(rows[0].shape[0])
         return tuple(r[order] for r in rows)
@@ -258,7 +279,8 @@ class ShuffledSource:
                 rows = self._window_rows(epoch, w, windows[w])
                 skip = r - int(offsets[w]) if w == w0 else 0
                 for lo in range(skip, rows[0].shape[0], self.block_rows):
-                    yield tuple(x[lo:lo + self.block_rows] for x in rows)
+                    yield self.source.finish_rows(tuple(x[lo:lo + self.block_rows]
+                                                        for x in rows))
             if not self.repeat:
                 return
             epoch, r = epoch + 1, 0
