@@ -100,7 +100,6 @@ def main(argv):
     del argv
     from engine import bench
     budget = bench.set_thread_budget(FLAGS.threads)
-    import jax
     import numpy as np
     import torch
     torch.set_num_threads(FLAGS.threads)

@@ -44,7 +44,10 @@ common.define_common_flags()
 flags.DEFINE_integer("steps", 10_000, "AdamW steps per sweep (the paper: 10k).")
 flags.DEFINE_integer("batch_size", 1024, "Samples per instance per step (the paper: 1024).")
 flags.DEFINE_float("lr", 1e-3, "AdamW learning rate (the paper: 1e-3).")
-flags.DEFINE_integer("seeds", 3, "Seeds per setting (figures show the lowest-loss one).")
+flags.DEFINE_integer("seeds", 3, "Seeds per phase-diagram point (figures show the lowest-loss "
+                     "one).")
+flags.DEFINE_integer("pentagon_seeds", 6, "Seeds per sparsity of the 5 -> 2 sweep (local minima "
+                     "such as a square are common; the lowest-loss seed is shown).")
 flags.DEFINE_integer("log_every", 500, "Steps per jitted scan call / metrics line.")
 flags.DEFINE_integer("checkpoint_every", 2500, "Checkpoint interval in steps.")
 flags.DEFINE_list("pentagon_sparsity", ["0", "0.5", "0.7", "0.8", "0.85", "0.9", "0.95",
@@ -52,6 +55,7 @@ flags.DEFINE_list("pentagon_sparsity", ["0", "0.5", "0.7", "0.8", "0.85", "0.9",
 flags.DEFINE_integer("dim_features", 100, "n of the dimensionality sweep (paper: 400).")
 flags.DEFINE_integer("dim_hidden", 10, "m of the dimensionality sweep (paper: 30).")
 flags.DEFINE_integer("dim_points", 24, "Sparsity values of the dimensionality sweep.")
+flags.DEFINE_integer("dim_seeds", 1, "Seeds per sparsity of the dimensionality sweep.")
 flags.DEFINE_float("dim_max_inverse_density", 100.0, "Largest 1/(1-S) of that sweep.")
 flags.DEFINE_integer("phase_points", 10, "Grid points per axis of the phase diagram.")
 flags.DEFINE_string("sweeps", "pentagon,dimensionality,phase", "Which sweeps to run.")
@@ -87,7 +91,7 @@ def _best_seed(loss: np.ndarray, n_settings: int, n_seeds: int) -> np.ndarray:
 def pentagon_sweep(run: common.Run, settings: dict) -> dict:
     """5 features in 2 dims across sparsity (Elhage et al. 2022, the introduction figure)."""
     from models import toy
-    n, m, n_seeds = 5, 2, settings["seeds"]
+    n, m, n_seeds = 5, 2, settings["pentagon_seeds"]
     sparsities = np.asarray(settings["pentagon_sparsity"], np.float64)
     importance = 0.9 ** np.arange(n)
     config = toy.ToyConfig(n, m, batch_size=settings["batch_size"], lr=settings["lr"])
@@ -115,7 +119,7 @@ def pentagon_sweep(run: common.Run, settings: dict) -> dict:
 def dimensionality_sweep(run: common.Run, settings: dict) -> dict:
     """Dimensions per feature vs 1/(1-S), uniform importance (the paper's n=400 -> m=30)."""
     from models import toy
-    n, m, n_seeds = settings["dim_features"], settings["dim_hidden"], settings["seeds"]
+    n, m, n_seeds = settings["dim_features"], settings["dim_hidden"], settings["dim_seeds"]
     inv_density = np.geomspace(1.0, settings["dim_max_inverse_density"], settings["dim_points"])
     sparsities = 1.0 - 1.0 / inv_density
     config = toy.ToyConfig(n, m, batch_size=settings["batch_size"], lr=settings["lr"])
@@ -281,7 +285,8 @@ def run_toy_superposition(run: common.Run, settings: dict) -> dict:
                          "dimensionality, phase")
     results: dict[str, Any] = {"devices": int(run.mesh.size),
                                "training": {k: settings[k] for k in
-                                            ("steps", "batch_size", "lr", "seeds")}}
+                                            ("steps", "batch_size", "lr", "seeds",
+                                             "pentagon_seeds", "dim_seeds")}}
     if "pentagon" in sweeps:
         results["pentagon"] = pentagon_sweep(run, settings)
     if "dimensionality" in sweeps:
@@ -312,7 +317,8 @@ def _summary(results: dict) -> dict:
             inst = p["instances"][k]
             rows.append({"sparsity": inst["sparsity"], "n_represented": inst["n_represented"],
                          "angle_gaps_deg": inst["angle_gaps_deg"],
-                         "mean_dimensionality": float(np.mean(inst["dimensionality"]))})
+                         "norms": np.round(inst["norms"], 3),
+                         "dimensionality": np.round(inst["dimensionality"], 3)})
         out["pentagon"] = rows
     if "dimensionality" in results:
         d = results["dimensionality"]
@@ -327,11 +333,12 @@ def _summary(results: dict) -> dict:
 
 def settings_from_flags() -> dict:
     return {"steps": FLAGS.steps, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
-            "seeds": FLAGS.seeds, "log_every": FLAGS.log_every,
+            "seeds": FLAGS.seeds, "pentagon_seeds": FLAGS.pentagon_seeds,
+            "log_every": FLAGS.log_every,
             "checkpoint_every": FLAGS.checkpoint_every,
             "pentagon_sparsity": [float(s) for s in FLAGS.pentagon_sparsity],
             "dim_features": FLAGS.dim_features, "dim_hidden": FLAGS.dim_hidden,
-            "dim_points": FLAGS.dim_points,
+            "dim_points": FLAGS.dim_points, "dim_seeds": FLAGS.dim_seeds,
             "dim_max_inverse_density": FLAGS.dim_max_inverse_density,
             "phase_points": FLAGS.phase_points, "sweeps": FLAGS.sweeps,
             "progress": FLAGS.progress}

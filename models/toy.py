@@ -367,14 +367,14 @@ def _shardings(mesh, tree: Any, n_instances: int) -> Any:
 
 @functools.lru_cache(maxsize=32)
 def _chunk_fn(config: ToyConfig, mesh, n_steps: int, n_instances: int):
-    """Jitted ``(state, instances) -> (state, mean loss [I] over the chunk, last loss [I])``."""
+    """Jitted ``(state, instances) -> (state, mean loss [I] over the chunk's steps)``."""
     tx = config.optimizer()
 
     def run(state, instances):
         def body(carry, _):
             return _step(config, tx, instances, carry)
         state, losses = jax.lax.scan(body, state, None, length=n_steps)
-        return state, jnp.mean(losses, axis=0), losses[-1]
+        return state, jnp.mean(losses, axis=0)
 
     abstract_state = jax.eval_shape(lambda: _fresh_state(config, _dummy_instances(
         config, n_instances)))
@@ -382,7 +382,7 @@ def _chunk_fn(config: ToyConfig, mesh, n_steps: int, n_instances: int):
     inst_sh = _shardings(mesh, _dummy_instances(config, n_instances), n_instances)
     loss_sh = NamedSharding(mesh, P(mesh_lib.DATA))
     return jax.jit(run, in_shardings=(state_sh, inst_sh),
-                   out_shardings=(state_sh, loss_sh, loss_sh), donate_argnums=0)
+                   out_shardings=(state_sh, loss_sh), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -448,7 +448,7 @@ class Sweep:
         """Runs ``n_steps`` steps in one jitted scan; returns the padded ``[I']`` mean losses
         over them (on device, asynchronous; ``[:count]`` are the real instances)."""
         fn = _chunk_fn(self.config, self.mesh, int(n_steps), self.n_padded)
-        self.state, mean_loss, _ = fn(self.state, self.instances)
+        self.state, mean_loss = fn(self.state, self.instances)
         return mean_loss
 
     def params(self) -> ToyParams:

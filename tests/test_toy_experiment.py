@@ -8,9 +8,10 @@ import numpy as np
 from experiments import common
 from experiments import toy_superposition as exp
 
-TINY = {"steps": 400, "batch_size": 128, "lr": 1e-2, "seeds": 1, "log_every": 200,
-        "checkpoint_every": 200, "pentagon_sparsity": [0.0, 0.95], "dim_features": 12,
-        "dim_hidden": 3, "dim_points": 3, "dim_max_inverse_density": 20.0, "phase_points": 3,
+TINY = {"steps": 400, "batch_size": 128, "lr": 1e-2, "seeds": 1, "pentagon_seeds": 1,
+        "log_every": 200, "checkpoint_every": 200, "pentagon_sparsity": [0.0, 0.95],
+        "dim_features": 12, "dim_hidden": 3, "dim_points": 3, "dim_seeds": 1,
+        "dim_max_inverse_density": 20.0, "phase_points": 3,
         "sweeps": "pentagon,dimensionality,phase", "progress": False}
 
 
