@@ -6,14 +6,16 @@ Pythia, Llama / Gemma families, ...) and encoders (BERT family). Only the base m
 
 Hookpoints (REFERENCES.md "Layers and hookpoints"), ``L`` counts blocks from 0:
 
-==================  ===========================================  ==============================  =============
-ours                what it is                                   SAELens / TransformerLens       sparsify
-==================  ===========================================  ==============================  =============
-``resid_pre.L``     input of block L = HF ``hidden_states[L]``   ``blocks.L.hook_resid_pre``     ``layers.{L-1}``
-``resid_post.L``    output of block L = HF ``hidden_states[L+1]``  ``blocks.L.hook_resid_post``  ``layers.L``
-``attn_out.L``      attention sub-layer output (before the add)  ``blocks.L.hook_attn_out``      ``layers.L.self_attn``
-``mlp_out.L``       MLP sub-layer output (before the add)        ``blocks.L.hook_mlp_out``       ``layers.L.mlp``
-==================  ===========================================  ==============================  =============
+* ``resid_pre.L``: input of block L = HF ``hidden_states[L]``; SAELens
+  ``blocks.L.hook_resid_pre``; sparsify ``layers.{L-1}`` (none for L = 0).
+* ``resid_post.L``: output of block L = HF ``hidden_states[L+1]`` (except the last block, see
+  below); SAELens ``blocks.L.hook_resid_post``; sparsify ``layers.L``.
+* ``attn_out.L``: the attention sub-layer's output, before the residual add; SAELens
+  ``blocks.L.hook_attn_out``; sparsify ``layers.L.self_attn``.
+* ``mlp_out.L``: the MLP sub-layer's output, before the residual add; SAELens
+  ``blocks.L.hook_mlp_out``; sparsify ``layers.L.mlp``.
+
+`parse_hookpoint` accepts all these spellings (and negative L, counted from the end).
 
 HF ``output_hidden_states`` returns ``n_layers + 1`` tensors and is off by one against the
 SAELens / sparsify names: ``blocks.L.hook_resid_post`` == sparsify ``layers.L`` ==
