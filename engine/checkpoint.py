@@ -37,6 +37,10 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict | None = None, *,
              wait: bool = True) -> None:
         """Saves ``state`` (any pytree of arrays) and ``meta`` (JSON-serialisable) at ``step``."""
+        # Orbax refuses zero-size arrays (e.g. an empty feature subset); they carry no data, so
+        # a 1-element placeholder is written and `restore` rebuilds them from the template.
+        state = jax.tree.map(lambda x: jax.numpy.zeros((1,), x.dtype)
+                             if hasattr(x, "size") and x.size == 0 else x, state)
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(dict(meta or {}))), force=True)
@@ -55,9 +59,14 @@ class Checkpointer:
         if step is None:
             return None
         target = jax.tree.map(_abstract, abstract_state)
+        empty = jax.tree.map(lambda x: hasattr(x, "size") and x.size == 0, abstract_state)
+        target = jax.tree.map(lambda t, e: jax.ShapeDtypeStruct((1,), t.dtype) if e else t,
+                              target, empty)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return int(step), restored["state"], dict(restored["meta"] or {})
+        state = jax.tree.map(lambda r, t, e: jax.numpy.zeros(t.shape, t.dtype) if e else r,
+                             restored["state"], abstract_state, empty)
+        return int(step), state, dict(restored["meta"] or {})
 
     def close(self) -> None:
         self._manager.wait_until_finished()

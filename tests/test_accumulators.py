@@ -172,3 +172,14 @@ def test_transform_and_combined_accumulators(rng, mesh):
     assert_close(out["xy"], reference(x, y))
     h = np.tanh(x.astype(np.float64) @ w.astype(np.float64))
     assert_close(out["hy"], reference(h, y), rtol=1e-4)
+
+
+def test_checkpointer_round_trips_zero_size_leaves(tmp_path):
+    from engine import checkpoint
+    state = {"a": jnp.arange(3.0), "empty": jnp.zeros((0,), jnp.int32)}
+    ck = checkpoint.Checkpointer(str(tmp_path / "c"))
+    ck.save(1, state, {"position": 7})
+    step, restored, meta = ck.restore(state)
+    assert step == 1 and meta == {"position": 7}
+    np.testing.assert_array_equal(restored["a"], [0, 1, 2])
+    assert restored["empty"].shape == (0,) and restored["empty"].dtype == jnp.int32

@@ -24,44 +24,66 @@ def _plt():
 
 def verdict(comparison: dict, alpha: float = ALPHA) -> str:
     """One sentence saying whether the comparison shows shared structure."""
+    name = comparison["name"]
     metrics = comparison.get("metrics", {})
     if not metrics:
-        return f"{comparison['name']}: no metrics (too few pairs survived the filters)."
+        before = comparison.get("metrics_before_threshold", {})
+        sig = [m for m, r in before.items() if r["p"] < alpha and r["excess"] > 0]
+        what = (f"no pair passed the correlation threshold ({comparison.get('n_pairs', 0)} "
+                f"pairs): no shared features")
+        if before:
+            what += (f"; before the threshold {len(sig)} of {len(before)} metrics are "
+                     f"significant at p < {alpha}")
+        return f"{name}: {what}."
     sig = [m for m, r in metrics.items() if r["p"] < alpha and r["excess"] > 0]
     n = len(metrics)
     if len(sig) == n:
-        return (f"{comparison['name']}: every metric ({n}) is above its random-pairing null "
-                f"at p < {alpha}: the paired features share geometry.")
+        return (f"{name}: every metric ({n}) is above its random-pairing null at p < {alpha}: "
+                f"the paired features share geometry.")
     if not sig:
-        return (f"{comparison['name']}: no metric is significant at p < {alpha}: no evidence "
-                f"of shared feature geometry beyond chance.")
-    return (f"{comparison['name']}: {len(sig)} of {n} metrics significant at p < {alpha} "
+        return (f"{name}: no metric is significant at p < {alpha}: no evidence of shared "
+                f"feature geometry beyond chance.")
+    return (f"{name}: {len(sig)} of {n} metrics significant at p < {alpha} "
             f"({', '.join(sig)}); mixed evidence.")
+
+
+def _metric_rows(metrics: dict) -> list[str]:
+    lines = [f"   {'metric':<13}{'score':>8}{'null':>8}{'± std':>8}{'excess':>8}{'z':>7}"
+             f"{'p':>8}  {'kept':<9}{'n/d':>5}"]
+    for name, r in metrics.items():
+        kept = r.get("components")
+        kept = "" if kept is None else "/".join(str(k) for k in np.ravel(kept))
+        nd = r.get("n_over_d")
+        nd = f"{nd:.1f}" if isinstance(nd, (int, float)) else ""
+        z = "-" if r.get("z") is None else f"{r['z']:.1f}"
+        lines.append(f"   {name:<13}{r['score']:>8.3f}{r['null_mean']:>8.3f}"
+                     f"{r['null_std']:>8.3f}{r['excess']:>8.3f}{z:>7}{r['p']:>8.4f}  "
+                     f"{kept:<9}{nd:>5}")
+    return lines
 
 
 def summary_table(comparisons: Sequence[dict]) -> str:
     """A terminal table: one block per comparison, one row per metric."""
     lines = []
     for comp in comparisons:
-        head = f"== {comp['name']}  ({comp.get('n_pairs', 0)} pairs"
+        head = f"== {comp['name']}: {comp.get('label', '')}  ({comp.get('n_pairs', 0)} pairs"
         pairing = comp.get("pairing", {})
         if "mean_best_corr_ab" in pairing:
             head += f", mean best corr A->B {pairing['mean_best_corr_ab']:.3f}"
+        truth = comp.get("truth")
+        if truth and truth.get("n_true_pairs"):
+            head += (f", true pairs recovered "
+                     f"{truth['fraction_true_pairs_recovered']:.0%}")
         lines.append(head + ")")
         filters = comp.get("filters")
         if filters:
             lines.append("   filters: " + " -> ".join(f"{k} {v}" for k, v in filters.items()))
-        metrics = comp.get("metrics", {})
-        if metrics:
-            lines.append(f"   {'metric':<12}{'score':>9}{'null':>9}{'± std':>8}{'excess':>9}"
-                         f"{'z':>8}{'p':>9}{'kept':>7}{'n/d':>7}")
-        for name, r in metrics.items():
-            kept = r.get("components", "")
-            nd = r.get("n_over_d")
-            lines.append(f"   {name:<12}{r['score']:>9.3f}{r['null_mean']:>9.3f}"
-                         f"{r['null_std']:>8.3f}{r['excess']:>9.3f}{r['z']:>8.1f}"
-                         f"{r['p']:>9.4f}{str(kept):>7}"
-                         f"{(f'{nd:.1f}' if isinstance(nd, (int, float)) else ''):>7}")
+        if comp.get("metrics"):
+            lines.extend(_metric_rows(comp["metrics"]))
+        elif comp.get("metrics_before_threshold"):
+            lines.append(f"   {comp.get('note', '')}; metrics on the "
+                         f"{comp['n_pairs_before_threshold']} pairs before the threshold:")
+            lines.extend(_metric_rows(comp["metrics_before_threshold"]))
         lines.append("   " + verdict(comp))
     return "\n".join(lines)
 

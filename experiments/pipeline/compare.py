@@ -1,0 +1,196 @@
+"""One comparison of two SAEs: features -> pairing -> filters -> metrics with nulls.
+
+Steps 1-4 of the universality pipeline for one (SAE A, SAE B) pair on the same tokens, each
+step saved in the run's `StepCache` so that a killed run resumes after its last finished step:
+
+1. `features.feature_pass`: feature statistics and activation correlations (streamed);
+2. pairing: activation correlation (each feature's best partner, both directions) or decoder
+   cosine (one-to-one matching, `engine.matching`);
+3. `filters.apply_filters` (dead/constant, non-concept, best-pair one-to-one, threshold);
+4. metrics on the paired decoder rows with random-pairing nulls (`engine.similarity`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from engine import matching, similarity
+from experiments.pipeline import features, filters
+from experiments.pipeline.stepcache import StepCache
+from models import sae as sae_lib
+
+DEFAULT_METRICS = ("svcca", "pwcca", "cka", "rsa_spearman", "procrustes", "mutual_knn")
+
+
+class PipelineError(ValueError):
+    """A condition the user must fix (one line, shown without a traceback)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    pairing: str = "correlation"            # or "decoder"
+    filters: filters.FilterConfig = filters.FilterConfig()
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    num_permutations: int = 1000
+    top_n: int = 10
+    min_pairs: int = 3
+    seed: int = 0
+    metric_options: tuple = ()              # ((metric, {option: value}), ...)
+
+
+def _pass_arrays(fp: features.FeaturePass) -> dict:
+    out = {}
+    for side, st in (("a", fp.stats_a), ("b", fp.stats_b)):
+        for field in ("density", "mean", "std", "max", "top_values", "top_rows", "dead",
+                      "constant"):
+            out[f"{side}_{field}"] = np.asarray(getattr(st, field))
+    m = fp.matches
+    for field in ("a_match", "a_value", "b_match", "b_value", "a_dead", "a_constant",
+                  "b_dead", "b_constant"):
+        out[f"m_{field}"] = np.asarray(getattr(m, field))
+    out["mean_best_a"] = float(m.mean_best_a)
+    out["mean_best_b"] = float(m.mean_best_b)
+    out["rows"] = int(m.rows)
+    if fp.corr is not None:
+        out["corr"] = np.asarray(fp.corr, np.float32)
+    return out
+
+
+def candidate_pairs(step: dict, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, method: str,
+                    mesh) -> filters.Pairs:
+    """Candidate pairs before filtering."""
+    if method == "correlation":
+        a_ids = np.flatnonzero(step["m_a_match"] >= 0)
+        b_ids = np.flatnonzero(step["m_b_match"] >= 0)
+        a = np.concatenate([a_ids, step["m_b_match"][b_ids]]).astype(np.int64)
+        b = np.concatenate([step["m_a_match"][a_ids], b_ids]).astype(np.int64)
+        v = np.concatenate([step["m_a_value"][a_ids], step["m_b_value"][b_ids]])
+        # Each direction proposes its best partner; keep one copy of pairs found twice.
+        _, first = np.unique(np.stack([a, b]), axis=1, return_index=True)
+        first = np.sort(first)
+        return filters.Pairs(a[first], b[first], v[first].astype(np.float64))
+    if method == "decoder":
+        if sae_a.config.d_in != sae_b.config.d_in:
+            raise PipelineError(f"decoder-cosine pairing needs SAEs of the same width, got "
+                                f"d_in {sae_a.config.d_in} and {sae_b.config.d_in}; use "
+                                "--pairing=correlation")
+        m = matching.match(a=np.asarray(sae_a.W_dec), b=np.asarray(sae_b.W_dec), mesh=mesh)
+        return filters.Pairs(np.asarray(m.rows, np.int64), np.asarray(m.cols, np.int64),
+                             np.asarray(m.values, np.float64))
+    raise PipelineError(f"unknown pairing method {method!r}; expected 'correlation' or "
+                        "'decoder'")
+
+
+def top_tokens(top_rows: np.ndarray, token_text: Callable[[np.ndarray], Sequence[str]],
+               n: int) -> list[list[str]]:
+    """Token strings of each feature's top-activating rows (rows < 0 are empty slots)."""
+    rows = top_rows[:, :n]
+    flat = token_text(np.maximum(rows.reshape(-1), 0))
+    out = []
+    for f in range(rows.shape[0]):
+        out.append([flat[f * rows.shape[1] + j] for j in range(rows.shape[1])
+                    if rows[f, j] >= 0])
+    return out
+
+
+def truth_scores(pairs: filters.Pairs, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
+                 truth: dict) -> dict:
+    """Toy ground truth: which kept pairs join the SAE features of the same true feature.
+
+    An SAE feature is assigned the true feature whose direction has the largest cosine with
+    its decoder row (when that cosine >= ``truth["min_cos"]``). A pair is correct when both
+    sides are assigned and ``true_match[assigned_a] == assigned_b``.
+    """
+    def assign(w_dec, true_dirs):
+        w = np.asarray(w_dec, np.float64)
+        t = np.asarray(true_dirs, np.float64)
+        cos = (w / np.linalg.norm(w, axis=1, keepdims=True)) @ (
+            t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)).T
+        best = cos.argmax(1)
+        return np.where(cos.max(1) >= truth["min_cos"], best, -1)
+
+    ta = assign(sae_a.W_dec, truth["features_a"])
+    tb = assign(sae_b.W_dec, truth["features_b"])
+    true_match = np.asarray(truth["true_match"])
+    pa, pb = ta[pairs.a], tb[pairs.b]
+    correct = (pa >= 0) & (pb >= 0) & (true_match[np.maximum(pa, 0)] == pb)
+    recoverable = np.asarray(truth["recoverable"], bool)
+    found = set(pa[correct].tolist())
+    n_true = int(recoverable.sum())
+    return {"n_true_pairs": n_true,
+            "n_kept_pairs_correct": int(correct.sum()),
+            "fraction_kept_pairs_correct": float(correct.mean()) if len(pairs) else 0.0,
+            "fraction_true_pairs_recovered": (len(found & set(np.flatnonzero(recoverable)))
+                                              / n_true) if n_true else 0.0}
+
+
+def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_lib.SAE,
+                   sae_b: sae_lib.SAE, token_text: Callable[[np.ndarray], Sequence[str]],
+                   mesh, cfg: CompareConfig, cache: StepCache, *, ckpt_root: str,
+                   truth: dict | None = None, progress: bool = False,
+                   labels: dict | None = None) -> dict:
+    """Runs steps 1-4 for one pair of SAEs and returns its JSON-ready result."""
+    step = cache.get(f"{name}.features", lambda: _pass_arrays(features.feature_pass(
+        stream_factory(), sae_a, sae_b, mesh, top_n=cfg.top_n,
+        checkpoint_dir=features.checkpoint_path(ckpt_root, name), progress=progress)))
+    cand = candidate_pairs(step, sae_a, sae_b, cfg.pairing, mesh)
+    invalid_a = step["a_dead"] | step["a_constant"] | step["m_a_dead"] | step["m_a_constant"]
+    invalid_b = step["b_dead"] | step["b_constant"] | step["m_b_dead"] | step["m_b_constant"]
+    tokens_a = top_tokens(step["a_top_rows"], token_text, cfg.filters.top_tokens)
+    tokens_b = top_tokens(step["b_top_rows"], token_text, cfg.filters.top_tokens)
+    pairs, counts = filters.apply_filters(cand, cfg.filters, invalid_a=invalid_a,
+                                          invalid_b=invalid_b, top_tokens_a=tokens_a,
+                                          top_tokens_b=tokens_b)
+    result = {
+        "name": name, **(labels or {}),
+        "n_features": {"a": int(sae_a.config.d_sae), "b": int(sae_b.config.d_sae)},
+        "tokens": int(step["rows"]),
+        "pairing": {"method": cfg.pairing, "mean_best_corr_ab": float(step["mean_best_a"]),
+                    "mean_best_corr_ba": float(step["mean_best_b"]),
+                    "best_corr_ab": step["m_a_value"][step["m_a_match"] >= 0].tolist(),
+                    "dead_a": int(step["a_dead"].sum()), "dead_b": int(step["b_dead"].sum()),
+                    "invalid_a": int(invalid_a.sum()), "invalid_b": int(invalid_b.sum())},
+        "filters": counts,
+        "n_pairs": len(pairs),
+        "pairs": {"a": pairs.a.tolist(), "b": pairs.b.tolist(), "value": pairs.value.tolist()},
+        "top_pairs": [{"a": int(a), "b": int(b), "value": float(v), "tokens_a": tokens_a[a],
+                       "tokens_b": tokens_b[b],
+                       "same_top_token": bool(tokens_a[a][:1] and tokens_a[a][:1] ==
+                                              tokens_b[b][:1])}
+                      for a, b, v in sorted(zip(pairs.a, pairs.b, pairs.value),
+                                            key=lambda t: -t[2])[:20]],
+        "metrics": {},
+    }
+    if len(pairs):
+        same = [bool(tokens_a[a][:1] and tokens_a[a][:1] == tokens_b[b][:1])
+                for a, b in zip(pairs.a, pairs.b)]
+        result["fraction_same_top_token"] = float(np.mean(same))
+    if truth is not None:
+        result["truth"] = truth_scores(pairs, sae_a, sae_b, truth)
+    def score(kept: filters.Pairs, key: str) -> dict:
+        x = np.asarray(sae_a.W_dec, np.float64)[kept.a]
+        y = np.asarray(sae_b.W_dec, np.float64)[kept.b]
+        return cache.get(key, lambda: similarity.evaluate(
+            x, y, cfg.metrics, num_permutations=cfg.num_permutations, seed=cfg.seed,
+            mesh=mesh, options=dict(cfg.metric_options), progress=progress))
+
+    if len(pairs) >= cfg.min_pairs:
+        scored = score(pairs, f"{name}.metrics")
+        result["metrics"] = scored["metrics"]
+        result["d"] = scored["d"]
+        return result
+    result["note"] = (f"{len(pairs)} pair(s) survived the filters, fewer than the "
+                      f"{cfg.min_pairs} needed for the metrics")
+    # Show the chance-level geometry anyway: the same pairs without the threshold step.
+    no_threshold = dataclasses.replace(cfg.filters, threshold=None)
+    loose, _ = filters.apply_filters(cand, no_threshold, invalid_a=invalid_a,
+                                     invalid_b=invalid_b, top_tokens_a=tokens_a,
+                                     top_tokens_b=tokens_b)
+    if len(loose) >= cfg.min_pairs:
+        scored = score(loose, f"{name}.metrics_before_threshold")
+        result["metrics_before_threshold"] = scored["metrics"]
+        result["n_pairs_before_threshold"] = len(loose)
+    return result

@@ -1,0 +1,124 @@
+"""Two toy "language models" whose feature GEOMETRY is shared: the pipeline's embedded default.
+
+Why not two trained toy models of superposition (`models.toy_pair`)? Measured here: two ReLU
+toy models (32 features in 16 dims, S = 0.95) trained from different seeds share feature
+identity but not feature geometry: which features end up superposed together depends on the
+seed, so SVCCA / CKA / RSA of their true feature directions are at the random-pairing null
+(p 0.2-0.7). They are the right test of PAIRING (correlation finds the identity) but a null
+case for GEOMETRY. The universality question needs a known positive and a known negative for
+both, so the default pair is built from a shared ground-truth dictionary (Sharkey et al. 2022
+setting, `models.synthetic`):
+
+* codes ``[N, n]``: sparse non-negative activity of ``n`` true features per token (``k``
+  active on average, magnitudes uniform [0, 1]);
+* side A: ``acts_a = codes @ D_a`` with ``D_a [n, d_a]`` random unit directions;
+* side B (shared): ``D_b = normalise((D_a + eps * E) @ M)``: A's directions perturbed by
+  ``eps`` (independent Gaussian ``E``) and mapped by a random orthogonal matrix (``d_b ==
+  d_a``) or a random full-rank linear map (``d_b != d_a``); ``acts_b = codes @ D_b`` on the
+  SAME codes. Shared: per-token feature activity and the feature geometry up to the map and
+  the perturbation. Feature i of A is feature i of B.
+* control (``shared=False``): independent codes (same statistics) and an independent random
+  dictionary: nothing is shared.
+* random-init floor (``random_init=True``): the SAME codes through an independent random
+  dictionary (what a randomly initialised network does to the same text: it still has
+  "features", which an SAE finds and correlation pairs, but their geometry is unrelated).
+
+Tokens as in `models.toy_pair`: ``token_ids = 1 + dominant active feature`` (0 = "<none>").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine import checks
+from models import toy_pair
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _codes(rng: np.random.Generator, n_tokens: int, n: int, k: float) -> np.ndarray:
+    on = rng.random((n_tokens, n)) < k / n
+    return np.where(on, rng.random((n_tokens, n)), 0.0).astype(np.float32)
+
+
+def make_dictionary_pair(seed: int, *, n_features: int = 96, d_a: int = 32, d_b: int = 32,
+                         n_tokens: int = 20_000, k: float = 3.0, perturbation: float = 0.15,
+                         shared: bool = True, random_init: bool = False,
+                         noise_std: float = 0.0) -> toy_pair.ToyPair:
+    """Builds the shared-geometry pair, its control, or the random-init floor (see module).
+
+    Args:
+      seed: everything derives from it; the same seed gives the same side A (codes and
+        ``D_a``) in all three variants, so one SAE of side A serves every comparison.
+      n_features: true features n.
+      d_a / d_b: widths of the two sides.
+      n_tokens: rows.
+      k: mean active features per token.
+      perturbation: eps, how far B's directions are from a linear image of A's.
+      shared / random_init: which variant (``random_init`` needs ``shared=True``: the same
+        codes, an unrelated dictionary).
+      noise_std: i.i.d. Gaussian noise added to both sides' activations.
+    """
+    n = checks.check_positive_int("make_dictionary_pair n_features", n_features)
+    d_a = checks.check_positive_int("make_dictionary_pair d_a", d_a)
+    d_b = checks.check_positive_int("make_dictionary_pair d_b", d_b)
+    n_tokens = checks.check_positive_int("make_dictionary_pair n_tokens", n_tokens)
+    if not 0 < k <= n:
+        raise checks.InputError(f"make_dictionary_pair k={k} must be in (0, n_features={n}]")
+    if not (np.isfinite(perturbation) and perturbation >= 0):
+        raise checks.InputError(f"make_dictionary_pair perturbation must be >= 0, got "
+                                f"{perturbation}")
+    if random_init and not shared:
+        raise checks.InputError("make_dictionary_pair: random_init=True needs shared=True")
+    words = np.random.SeedSequence(seed).generate_state(6)
+    rng_a = np.random.default_rng(words[0])
+    codes_a = _codes(np.random.default_rng(words[1]), n_tokens, n, k)
+    dict_a = _unit_rows(rng_a.normal(size=(n, d_a)))
+    rng_b = np.random.default_rng(words[2] + (1 if random_init else 0) + (2 if not shared
+                                                                           else 0))
+    if shared and not random_init:
+        mixed = dict_a + perturbation * rng_b.normal(size=dict_a.shape) / np.sqrt(d_a)
+        if d_a == d_b:
+            q, r = np.linalg.qr(rng_b.normal(size=(d_a, d_a)))
+            mapping = q * np.sign(np.diag(r))
+        else:
+            mapping = rng_b.normal(size=(d_a, d_b)) / np.sqrt(d_a)
+        dict_b = _unit_rows(mixed @ mapping)
+        codes_b = codes_a
+        true_match = np.arange(n)
+    else:
+        dict_b = _unit_rows(rng_b.normal(size=(n, d_b)))
+        codes_b = codes_a if random_init else _codes(np.random.default_rng(words[3]),
+                                                      n_tokens, n, k)
+        true_match = np.arange(n) if random_init else np.full(n, -1)
+    rng_noise = np.random.default_rng(words[4])
+    acts_a = codes_a.astype(np.float64) @ dict_a
+    acts_b = codes_b.astype(np.float64) @ dict_b
+    if noise_std > 0:
+        acts_a += noise_std * rng_noise.normal(size=acts_a.shape)
+        acts_b += noise_std * rng_noise.normal(size=acts_b.shape)
+    active = codes_a > 0
+    token_ids = np.where(active.any(1), 1 + np.argmax(codes_a, 1), 0).astype(np.int32)
+    vocab = (toy_pair.NONE_TOKEN,) + tuple(f"feat{i}" for i in range(n))
+    kind = ("random-init floor" if random_init else "shared-geometry pair") if shared else \
+        "control pair"
+    description = {
+        "kind": f"dictionary toy {kind}", "seed": seed, "n_features": n, "d_a": d_a,
+        "d_b": d_b, "n_tokens": n_tokens, "k": k, "perturbation": perturbation,
+        "noise_std": noise_std,
+        "what_is_shared": {
+            "shared-geometry pair": "per-token codes and the dictionary geometry up to a "
+                                    "random linear map and a perturbation",
+            "control pair": "nothing (independent codes and dictionary)",
+            "random-init floor": "per-token codes only (independent random dictionary)"}[kind],
+        "mean_active_features_per_token": float(active.sum(1).mean()),
+    }
+    everything = np.ones(n, bool)
+    return toy_pair.ToyPair(
+        acts_a=acts_a.astype(np.float32), acts_b=acts_b.astype(np.float32),
+        token_ids=token_ids, vocab=vocab, features_a=dict_a.astype(np.float32),
+        features_b=dict_b.astype(np.float32), codes_a=codes_a, codes_b=codes_b,
+        represented_a=everything, represented_b=everything, true_match=true_match,
+        rotation_b=np.eye(d_b, dtype=np.float32), description=description)
