@@ -1,0 +1,359 @@
+"""Train SAEs (one or a sweep) on synthetic ground-truth data or an in-memory .npy array.
+
+Every combination of ``--activation x --d_sae (or --d_sae_mult) x {--k | --l1_coeff |
+--l0_coeff} x --seeds`` is one SAE; SAEs that differ only in seed / k / coefficient run
+together in ONE jitted program (models/sae_train.py), widths and activations as separate
+programs under this one command. Rerunning with the same workdir resumes.
+
+Ground-truth sweep (Sharkey et al. data: 512 true features in 128 dims, ~5 active; widths
+0.5x..4x, k around the truth, two seeds)::
+
+    python -m experiments.train_sae --workdir=runs/sae_gt --source=synthetic \\
+        --n_true=512 --d=128 --k_true=5 --d_sae_mult=0.5,1,2,4 --k=3,5,8 --seeds=0,1 \\
+        --steps=1500 --batch_size=1024 --lr=0.01 --dead_tokens=20000
+
+ReLU-L1 sweep on the same data::
+
+    python -m experiments.train_sae --workdir=runs/sae_gt_relu --source=synthetic \\
+        --activation=relu --d_sae_mult=1,2 --l1_coeff=0.3,1,3 --seeds=0,1 --steps=1500 \\
+        --lr=0.003
+
+Any activations saved as a 2-D .npy array (rows = tokens)::
+
+    python -m experiments.train_sae --workdir=runs/sae_npy --source=npy --npy_path=acts.npy \\
+        --d_sae=4096 --k=32 --steps=5000
+
+Outputs: ``config.json``; ``metrics.jsonl`` (every program's training log: MSE, FVU, L0,
+dead fraction, mean/max feature density, per SAE under ``sae<i>/``; one ``group`` field per
+line); ``g<i>_*/`` (each program's checkpoints and own metrics.jsonl); ``saes/<label>/``
+(native format, models/sae_io_native.py); ``results.json`` (held-out metrics per SAE, MMCS
+and splitting statistics against the true dictionary for synthetic data, fraction of features
+matched one-to-one at decoder cosine >= ``--match_threshold`` between seeds); ``plots/``
+(log10 feature-density histograms; MMCS / L0 / FVU against width for a synthetic sweep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+
+from absl import app, flags, logging
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+common.define_common_flags()
+flags.DEFINE_enum("source", "synthetic", ["synthetic", "npy"], "Training data.")
+flags.DEFINE_string("npy_path", None, "2-D float .npy array [rows, d_in] (--source=npy).")
+flags.DEFINE_float("eval_frac", 0.1, "Fraction of .npy rows held out for evaluation.")
+flags.DEFINE_integer("n_true", 512, "Synthetic: number of ground-truth features.")
+flags.DEFINE_integer("d", 128, "Synthetic: ambient dimension.")
+flags.DEFINE_float("k_true", 5.0, "Synthetic: mean number of active true features per row.")
+flags.DEFINE_float("correlation", 0.0, "Synthetic: latent correlation within blocks.")
+flags.DEFINE_integer("n_blocks", 1, "Synthetic: correlation blocks.")
+flags.DEFINE_integer("dict_seed", 1, "Synthetic: dictionary seed.")
+flags.DEFINE_list("activation", ["topk"], "relu | topk | batchtopk | jumprelu (list).")
+flags.DEFINE_list("d_sae", [], "SAE widths (list of ints).")
+flags.DEFINE_list("d_sae_mult", [], "Widths as multiples of n_true (synthetic) or d_in.")
+flags.DEFINE_list("k", ["5"], "k for topk / batchtopk (list).")
+flags.DEFINE_list("l1_coeff", ["1.0"], "L1 coefficients for relu (list).")
+flags.DEFINE_list("l0_coeff", ["0.01"], "L0 coefficients for jumprelu (list).")
+flags.DEFINE_list("seeds", ["0"], "Initialisation seeds (list).")
+flags.DEFINE_integer("data_seed", 0, "Data order / synthetic sample stream.")
+flags.DEFINE_integer("steps", 1000, "Optimisation steps per program.")
+flags.DEFINE_integer("batch_size", 1024, "Rows per step.")
+flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
+flags.DEFINE_float("lr_decay_frac", 0.3, "Linear learning-rate decay over this final fraction.")
+flags.DEFINE_integer("dead_tokens", 1_000_000, "Tokens without firing before a latent is dead.")
+flags.DEFINE_integer("k_aux", -1, "AuxK latents (-1: d_in // 2; 0: off).")
+flags.DEFINE_enum("decode", "auto", ["auto", "sparse", "dense"], "TopK decoder path.")
+flags.DEFINE_enum("b_dec_init", "geometric_median", ["geometric_median", "mean", "zeros"],
+                  "b_dec initialisation.")
+flags.DEFINE_integer("eval_rows", 16384, "Held-out rows for evaluation (synthetic: fresh).")
+flags.DEFINE_float("match_threshold", 0.7, "Decoder cosine for a seed-vs-seed match.")
+flags.DEFINE_integer("log_every", 100, "Steps between metrics lines.")
+flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
+
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in values]
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+def build_configs(*, activations, widths, ks, l1s, l0s, seeds, base: dict) -> list:
+    """The cartesian product of the sweep as `TrainConfig`s (seed varies fastest)."""
+    from models import sae_train
+    out = []
+    for act, width in itertools.product(activations, widths):
+        if act in ("topk", "batchtopk"):
+            knobs = [{"k": k} for k in ks]
+        elif act == "relu":
+            knobs = [{"l1_coeff": c} for c in l1s]
+        else:
+            knobs = [{"l0_coeff": c} for c in l0s]
+        for knob in knobs:
+            for seed in seeds:
+                out.append(sae_train.TrainConfig(d_sae=int(width), activation=act, seed=seed,
+                                                 **knob, **base).validate())
+    return out
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+def evaluate(sae, x, batch_size: int = 4096) -> dict:
+    """Held-out MSE (normalised space), FVU, L0, dead fraction, densities of one SAE."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    @jax.jit
+    def chunk(xb):
+        f = sae.encode(xb)
+        xh = sae.decode(f)
+        s = sae.config.input_scale
+        return (jnp.sum(((xb - xh) * s) ** 2), jnp.sum(f > 0, axis=0), jnp.sum(xb, 0),
+                jnp.sum(xb.astype(jnp.float32) ** 2, 0))
+
+    sq, counts, sums, sumsq = 0.0, np.zeros(sae.config.d_sae), 0.0, 0.0
+    for lo in range(0, x.shape[0], batch_size):
+        a, c, s1, s2 = jax.device_get(chunk(jnp.asarray(x[lo:lo + batch_size])))
+        sq += float(a)
+        counts = counts + c
+        sums = sums + np.asarray(s1, np.float64)
+        sumsq = sumsq + np.asarray(s2, np.float64)
+    n = x.shape[0]
+    var = float(np.sum(sumsq - sums ** 2 / n)) * sae.config.input_scale ** 2
+    density = counts / n
+    return {"mse": sq / (n * x.shape[1]), "fvu": sq / max(var, 1e-30),
+            "l0": float(np.sum(counts) / n), "dead_frac": float(np.mean(counts == 0)),
+            "density_mean": float(np.mean(density)), "density_max": float(np.max(density)),
+            "density": density}
+
+
+def unit_rows(w):
+    import numpy as np
+    w = np.asarray(w, np.float64)
+    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+
+
+def ground_truth_scores(true_atoms, w_dec, split_cos: float = 0.5,
+                        recovered_cos: float = 0.9) -> dict:
+    """MMCS (Sharkey et al. 2022) and splitting statistics of a learned dictionary.
+
+    Returns:
+      mmcs: mean over true atoms of the best cosine to a learned atom.
+      recovered_frac: true atoms with a learned atom at cosine >= ``recovered_cos``.
+      learned_match_mean: mean over learned atoms of their best cosine to a true atom.
+      latents_per_true: mean number of learned atoms whose best true atom is a given
+        recovered atom, at cosine >= ``split_cos`` (1 = no splitting; > 1 = splitting or
+        duplicates as d_sae grows past n_true).
+    """
+    import numpy as np
+    t, l = unit_rows(true_atoms), unit_rows(w_dec)
+    cos = l @ t.T                                       # [learned, true]
+    best_true = cos.max(axis=0)
+    owner = cos.argmax(axis=1)
+    close = cos.max(axis=1) >= split_cos
+    per_true = np.bincount(owner[close], minlength=t.shape[0])
+    rec = best_true >= recovered_cos
+    return {"mmcs": float(best_true.mean()), "recovered_frac": float(rec.mean()),
+            "learned_match_mean": float(cos.max(axis=1).mean()),
+            "latents_per_true": float(per_true[rec].mean()) if rec.any() else 0.0}
+
+
+def seed_match_fraction(w_a, w_b, threshold: float) -> dict:
+    """Fraction of features matched one-to-one (Hungarian on decoder cosine) at >= threshold.
+
+    Uses `scipy.optimize.linear_sum_assignment` on the full cosine matrix (Paulo & Belrose
+    2025 report 30-53 % on real models); the fraction is over the smaller dictionary.
+    """
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+    cos = unit_rows(w_a) @ unit_rows(w_b).T
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    matched = cos[rows, cols]
+    n = min(cos.shape)
+    return {"matched_frac": float(np.sum(matched >= threshold) / n),
+            "mean_assigned_cos": float(matched.mean()), "threshold": threshold}
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+
+def plot_density_histograms(path: str, labels, densities) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bins = np.linspace(-7, 0, 57)
+    for label, d in zip(labels, densities):
+        ax.hist(np.log10(np.asarray(d) + 1e-10), bins=bins, histtype="step", label=label)
+    ax.set_xlabel("log10 feature density (fraction of held-out rows on which it fires)")
+    ax.set_ylabel("features")
+    ax.set_title("Feature density (dead features at -10 are off the left edge)")
+    if len(labels) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(path: str, rows: list[dict], n_true: int) -> None:
+    """MMCS, recovered fraction, L0, FVU and latents-per-true against width, one line per
+    (activation, k / coefficient), averaged over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    series: dict = {}
+    for r in rows:
+        knob = r["knob"]
+        series.setdefault(knob, {}).setdefault(r["d_sae"], []).append(r)
+    panels = [("mmcs", "MMCS"), ("recovered_frac", "true atoms recovered (cos >= 0.9)"),
+              ("latents_per_true", "latents per recovered atom"), ("l0", "L0"),
+              ("fvu", "FVU (held out)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for knob, by_width in sorted(series.items()):
+            widths = sorted(by_width)
+            mult = [w / n_true for w in widths]
+            vals = [np.mean([r[key] for r in by_width[w]]) for w in widths]
+            ax.plot(mult, vals, marker="o", label=knob)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d_sae / n_true")
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def knob_label(cfg) -> str:
+    if cfg.uses_k:
+        return f"{cfg.activation} k={cfg.k}"
+    if cfg.activation == "relu":
+        return f"relu l1={cfg.l1_coeff:g}"
+    return f"jumprelu l0={cfg.l0_coeff:g}"
+
+
+def run_train_sae(run: common.Run, opts: dict) -> dict:
+    """The experiment's logic (importable for tests); returns the results dict."""
+    import jax
+    import numpy as np
+
+    from engine import metrics_io
+    from models import sae_train, synthetic
+
+    o = dict(opts)
+    dictionary = None
+    if o["source"] == "synthetic":
+        dictionary = synthetic.make_dictionary(
+            jax.random.PRNGKey(o["dict_seed"]), o["n_true"], o["d"], k=o["k_true"],
+            correlation=o["correlation"], n_blocks=o["n_blocks"])
+        gen_key = jax.random.PRNGKey(o["data_seed"])
+        batch = o["batch_size"]
+        draw = jax.jit(lambda s: synthetic.dictionary_data(
+            jax.random.fold_in(gen_key, s), dictionary, batch)[0])
+        acts = lambda step: np.asarray(draw(step))  # noqa: E731
+        eval_key = jax.random.fold_in(jax.random.PRNGKey(o["data_seed"]), 2**30)
+        eval_x = np.asarray(synthetic.dictionary_data(eval_key, dictionary, o["eval_rows"])[0])
+        d_in, unit = o["d"], o["n_true"]
+    else:
+        if not o.get("npy_path"):
+            raise SystemExit("--npy_path is required with --source=npy")
+        # allow_pickle=False: never unpickle.
+        data = np.load(o["npy_path"], allow_pickle=False, mmap_mode="r")
+        data = np.asarray(data, np.float32)
+        n_eval = min(o["eval_rows"], int(o["eval_frac"] * data.shape[0])) if data.ndim == 2 \
+            else 0
+        perm = np.random.default_rng(o["data_seed"]).permutation(len(data))
+        eval_x = data[np.sort(perm[:n_eval])] if n_eval else data[: min(len(data), 4096)]
+        acts = data[np.sort(perm[n_eval:])] if n_eval else data
+        d_in = unit = int(data.shape[-1])
+    widths = _ints(o["d_sae"]) + [int(round(float(m) * unit)) for m in o["d_sae_mult"]]
+    if not widths:
+        raise SystemExit("give --d_sae or --d_sae_mult")
+    base = dict(lr=o["lr"], lr_decay_frac=o["lr_decay_frac"], dead_tokens=o["dead_tokens"],
+                k_aux=None if o["k_aux"] < 0 else o["k_aux"], decode=o["decode"],
+                b_dec_init=o["b_dec_init"])
+    configs = build_configs(activations=o["activation"], widths=widths, ks=_ints(o["k"]),
+                            l1s=_floats(o["l1_coeff"]), l0s=_floats(o["l0_coeff"]),
+                            seeds=_ints(o["seeds"]), base=base)
+    logging.info("%d SAE(s) in %d program(s)", len(configs),
+                 len(sae_train.group_configs(configs)))
+    meta = {"source": o["source"], "data": o.get("npy_path") or
+            f"sharkey n_true={o['n_true']} d={o['d']} k={o['k_true']}"}
+    saes = sae_train.train_saes(acts, configs, steps=o["steps"], batch_size=o["batch_size"],
+                                mesh=run.mesh, workdir=run.workdir, data_seed=o["data_seed"],
+                                log_every=o["log_every"],
+                                checkpoint_every=o["checkpoint_every"],
+                                progress=o["progress"], metadata=meta)
+    # One metrics.jsonl for the whole command: every program's lines, tagged with its group.
+    lines = []
+    for g, members in enumerate(sae_train.group_configs(configs)):
+        name = sae_train.group_name(g, [configs[i] for i in members])
+        for r in metrics_io.read_jsonl(run.path(name, "metrics.jsonl")):
+            lines.append({"group": name, **r})
+    with open(run.metrics_path, "w", encoding="utf-8") as f:
+        for r in lines:
+            f.write(json.dumps(r) + "\n")
+
+    labels = sae_train.unique_labels(configs)
+    rows, densities = [], []
+    for label, cfg, sae in zip(labels, configs, saes):
+        ev = evaluate(sae, eval_x)
+        densities.append(ev.pop("density"))
+        row = {"label": label, "activation": cfg.activation, "d_sae": cfg.d_sae,
+               "k": cfg.k if cfg.uses_k else None, "l1_coeff": cfg.l1_coeff,
+               "l0_coeff": cfg.l0_coeff, "seed": cfg.seed, "knob": knob_label(cfg),
+               "input_scale": sae.config.input_scale, **ev}
+        if dictionary is not None:
+            row.update(ground_truth_scores(np.asarray(dictionary.atoms), np.asarray(sae.W_dec)))
+        rows.append(row)
+    # Seed-vs-seed: same config but the seed.
+    pairs = []
+    by_key: dict = {}
+    for i, cfg in enumerate(configs):
+        by_key.setdefault(dataclasses.replace(cfg, seed=0), []).append(i)
+    for members in by_key.values():
+        for i, j in itertools.combinations(members, 2):
+            m = seed_match_fraction(saes[i].W_dec, saes[j].W_dec, o["match_threshold"])
+            pairs.append({"a": labels[i], "b": labels[j], **m})
+    plot_density_histograms(os.path.join(run.plots_dir, "feature_density.png"), labels,
+                            densities)
+    if dictionary is not None and len({r["d_sae"] for r in rows}) > 1:
+        plot_sweep(os.path.join(run.plots_dir, "ground_truth_sweep.png"), rows, o["n_true"])
+    results = {"saes": rows, "seed_pairs": pairs, "n_eval_rows": int(eval_x.shape[0]),
+               "d_in": d_in}
+    if pairs:
+        results["seed_matched_frac_mean"] = float(np.mean([p["matched_frac"] for p in pairs]))
+    run.write_results(results)
+    return results
+
+
+def main(argv):
+    del argv
+    run = common.start(FLAGS)
+    opts = {name: FLAGS[name].value for name in FLAGS}
+    results = run_train_sae(run, opts)
+    for r in results["saes"]:
+        extra = f" mmcs={r['mmcs']:.4f}" if "mmcs" in r else ""
+        logging.info("%s: fvu=%.4f l0=%.2f dead=%.3f%s", r["label"], r["fvu"], r["l0"],
+                     r["dead_frac"], extra)
+    for p in results["seed_pairs"]:
+        logging.info("seeds %s vs %s: %.3f matched at cos >= %.2f", p["a"], p["b"],
+                     p["matched_frac"], p["threshold"])
+
+
+if __name__ == "__main__":
+    app.run(main)
