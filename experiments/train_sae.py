@@ -26,7 +26,8 @@ Any activations saved as a 2-D .npy array (rows = tokens)::
 Outputs: ``config.json``; ``metrics.jsonl`` (every program's training log: MSE, FVU, L0,
 dead fraction, mean/max feature density, per SAE under ``sae<i>/``; one ``group`` field per
 line); ``g<i>_*/`` (each program's checkpoints and own metrics.jsonl); ``saes/<label>/``
-(native format, models/sae_io_native.py); ``results.json`` (held-out metrics per SAE, MMCS
+(native format, models/sae_io_native.py, with a SAELens copy and its held-out log10
+densities in ``saes/<label>/saelens/``); ``results.json`` (held-out metrics per SAE, MMCS
 and splitting statistics against the true dictionary for synthetic data, fraction of features
 matched one-to-one at decoder cosine >= ``--match_threshold`` between seeds); ``plots/``
 (log10 feature-density histograms; MMCS / L0 / FVU against width for a synthetic sweep).
@@ -329,6 +330,11 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         for i, j in itertools.combinations(members, 2):
             m = seed_match_fraction(saes[i].W_dec, saes[j].W_dec, o["match_threshold"])
             pairs.append({"a": labels[i], "b": labels[j], **m})
+    # The SAELens copies get the held-out log10 densities (SAELens's sparsity.safetensors).
+    from models.formats import saelens
+    for label, sae, dens in zip(labels, saes, densities):
+        saelens.save_saelens(run.path("saes", label, sae_train.SAELENS_DIR), sae,
+                             sparsity=np.log10(dens + 1e-10))
     plot_density_histograms(os.path.join(run.plots_dir, "feature_density.png"), labels,
                             densities)
     if dictionary is not None and len({r["d_sae"] for r in rows}) > 1:

@@ -60,6 +60,7 @@ B_DEC_INITS = ("geometric_median", "mean", "zeros")
 DECODE_MODES = ("auto", "sparse", "dense")
 SWEEP_AXES = ("auto", "vmap", "map")
 _NEVER = np.iinfo(np.int32).max // 2  # saturation value of the tokens-since-fired counters
+SAELENS_DIR = "saelens"  # SAELens copy inside each saved SAE's directory
 _STEP_CACHE: dict = {}  # compiled steps by program shape (see SweepProgram.step_fn)
 _STEP_CACHE_SIZE = 32
 
@@ -682,7 +683,8 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int,
       mesh: device mesh (default: all devices on ``data``).
       workdir: when given, each program checkpoints under ``workdir/<group>/`` (metrics.jsonl,
         checkpoints/; rerunning resumes) and the SAEs are saved natively under
-        ``workdir/saes/<label>/`` (unless ``save=False``).
+        ``workdir/saes/<label>/`` with a SAELens copy in ``workdir/saes/<label>/saelens/``
+        (models/formats/saelens.py), unless ``save=False``.
       data_seed: data order for array sources (shared by all programs of this call).
       init_sample: rows for the input scale and b_dec init (default: up to 8192 rows of
         ``acts``, or batches 0.. of ``batch_fn``).
@@ -757,8 +759,11 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int,
             result[i] = sae
     if workdir is not None and save:
         from models import sae_io_native
+        from models.formats import saelens
         for label, sae in zip(unique_labels(configs), result):
-            sae_io_native.save_sae(os.path.join(workdir, "saes", label), sae)
+            folder = os.path.join(workdir, "saes", label)
+            sae_io_native.save_sae(folder, sae)
+            saelens.save_saelens(os.path.join(folder, SAELENS_DIR), sae)
     return result  # type: ignore[return-value]
 
 

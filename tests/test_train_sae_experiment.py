@@ -60,6 +60,14 @@ def test_experiment_synthetic_sweep(tmp_path, mesh4):
     for key in ("mse", "fvu", "l0", "dead_frac", "density_mean", "density_max"):
         assert key in lines[-1]
     assert len(os.listdir(tmp_path / "saes")) == 4
+    from models import formats
+    label = res["saes"][3]["label"]
+    native = formats.load_sae(str(tmp_path / "saes" / label))
+    copy = formats.load_sae(str(tmp_path / "saes" / label / "saelens"))
+    np.testing.assert_array_equal(np.asarray(native.W_dec), np.asarray(copy.W_dec))
+    assert copy.config.k == 2 and copy.config.input_scale == native.config.input_scale
+    sparsity = formats.saelens.read_saelens_sparsity(str(tmp_path / "saes" / label / "saelens"))
+    assert sparsity.shape == (32,) and np.all(sparsity <= 0)
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["seed_pairs"][0]["threshold"] == 0.7
 
