@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engine import matching, similarity
+from engine import checks, matching, similarity
 from experiments.pipeline import features, filters
 from experiments.pipeline.stepcache import StepCache
 from models import sae as sae_lib
@@ -173,13 +173,28 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
     def score(kept: filters.Pairs, key: str) -> dict:
         x = np.asarray(sae_a.W_dec, np.float64)[kept.a]
         y = np.asarray(sae_b.W_dec, np.float64)[kept.b]
-        return cache.get(key, lambda: similarity.evaluate(
-            x, y, cfg.metrics, num_permutations=cfg.num_permutations, seed=cfg.seed,
-            mesh=mesh, options=dict(cfg.metric_options), progress=progress))
+
+        def compute():
+            # Metric by metric: one that does not apply to these pairs (e.g. CCA with fewer
+            # pairs than dimensions) is reported as skipped, not fatal to the others.
+            out = {"metrics": {}, "skipped": {}, "d": [int(x.shape[1]), int(y.shape[1])]}
+            for metric in cfg.metrics:
+                try:
+                    out["metrics"].update(similarity.evaluate(
+                        x, y, (metric,), num_permutations=cfg.num_permutations,
+                        seed=cfg.seed, mesh=mesh, options={
+                            k: v for k, v in dict(cfg.metric_options).items() if k == metric},
+                        progress=progress)["metrics"])
+                except checks.InputError as e:
+                    out["skipped"][metric] = str(e)
+            return out
+
+        return cache.get(key, compute)
 
     if len(pairs) >= cfg.min_pairs:
         scored = score(pairs, f"{name}.metrics")
         result["metrics"] = scored["metrics"]
+        result["metrics_skipped"] = scored["skipped"]
         result["d"] = scored["d"]
         return result
     result["note"] = (f"{len(pairs)} pair(s) survived the filters, fewer than the "

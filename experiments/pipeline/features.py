@@ -17,7 +17,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from engine import accumulators, checkpoint, correlation, feature_stats
+from engine import accumulators, checkpoint, checks, correlation, feature_stats
 from models import sae as sae_lib
 
 
@@ -85,8 +85,8 @@ def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n:
 def check_widths(sae: sae_lib.SAE, width: int, what: str) -> None:
     """One-line error when an SAE does not fit the hookpoint it is applied to."""
     if sae.config.d_in != width:
-        raise ValueError(f"{what}: SAE d_in={sae.config.d_in} does not match the activation "
-                         f"width {width} of its hookpoint")
+        raise checks.InputError(f"{what}: SAE d_in={sae.config.d_in} does not match the "
+                                f"activation width {width} of its hookpoint")
 
 
 def checkpoint_path(root: str, name: str) -> str:

@@ -84,6 +84,8 @@ def summary_table(comparisons: Sequence[dict]) -> str:
             lines.append(f"   {comp.get('note', '')}; metrics on the "
                          f"{comp['n_pairs_before_threshold']} pairs before the threshold:")
             lines.extend(_metric_rows(comp["metrics_before_threshold"]))
+        for metric, why in comp.get("metrics_skipped", {}).items():
+            lines.append(f"   {metric}: skipped ({why})")
         lines.append("   " + verdict(comp))
     return "\n".join(lines)
 
@@ -160,7 +162,7 @@ def plot_layer_heatmaps(grid: dict, plots_dir: str) -> list[str]:
     paths = []
     for metric, values in grid["cells"].items():
         v = np.asarray(values, dtype=float)
-        fig, ax = plt.subplots(figsize=(1.0 + 0.8 * v.shape[1], 1.0 + 0.7 * v.shape[0]))
+        fig, ax = plt.subplots(figsize=(2.5 + 1.0 * v.shape[1], 2.0 + 0.8 * v.shape[0]))
         im = ax.imshow(v, cmap="viridis", aspect="auto")
         for i in range(v.shape[0]):
             for j in range(v.shape[1]):

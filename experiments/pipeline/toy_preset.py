@@ -20,7 +20,8 @@ import os
 import numpy as np
 
 from engine import streaming
-from models import dictionary_pair, sae_io_native, sae_train
+from experiments.pipeline import saes as saes_lib
+from models import dictionary_pair, sae_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +49,12 @@ class ToySide:
 def _train_one(acts: np.ndarray, settings: ToySettings, seed: int, data_seed: int,
                directory: str, mesh, progress: bool, description: dict):
     """Trains (or resumes / loads) one TopK SAE on ``acts``."""
-    done = os.path.join(directory, "final")
-    if os.path.exists(os.path.join(done, "sae_config.json")):
-        return sae_io_native.load_sae(done)
     cfg = sae_train.TrainConfig(d_sae=settings.d_sae, activation="topk", k=settings.k,
                                 lr=settings.lr, seed=seed)
-    sae = sae_train.train_saes(acts, cfg, steps=settings.steps, batch_size=settings.batch_size,
-                               mesh=mesh, workdir=directory, data_seed=data_seed,
-                               progress=progress, metadata=description, save=False)[0]
-    sae_io_native.save_sae(done, sae)
-    return sae
+    return saes_lib.train_or_load(acts, cfg, steps=settings.steps,
+                                  batch_size=settings.batch_size, data_seed=data_seed,
+                                  directory=directory, mesh=mesh, progress=progress,
+                                  metadata=description)
 
 
 def build(settings: ToySettings, workdir: str, mesh, progress: bool = False) -> dict:
