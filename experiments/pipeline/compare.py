@@ -13,11 +13,12 @@ step saved in the run's `StepCache` so that a killed run resumes after its last 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Sequence
 
 import numpy as np
 
-from engine import checks, matching, similarity
+from engine import checks, matching, metrics_io, similarity
 from experiments.pipeline import features, filters
 from experiments.pipeline.stepcache import StepCache
 from models import sae as sae_lib
@@ -127,12 +128,36 @@ def truth_scores(pairs: filters.Pairs, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
                                               / n_true) if n_true else 0.0}
 
 
+def _write_feature_table(path: str, step: dict, tokens_a, tokens_b, context_text) -> None:
+    def side(prefix, tokens):
+        rows = []
+        for f in range(len(tokens)):
+            top = int(step[f"{prefix}_top_rows"][f, 0])
+            rows.append({"feature": f, "density": float(step[f"{prefix}_density"][f]),
+                         "mean": float(step[f"{prefix}_mean"][f]),
+                         "max": float(step[f"{prefix}_max"][f]),
+                         "dead": bool(step[f"{prefix}_dead"][f]), "top_tokens": tokens[f],
+                         "top_context": (context_text(top) if context_text and top >= 0
+                                         else None)})
+        return rows
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    metrics_io.write_json(path, {"a": side("a", tokens_a), "b": side("b", tokens_b)})
+
+
 def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_lib.SAE,
                    sae_b: sae_lib.SAE, token_text: Callable[[np.ndarray], Sequence[str]],
                    mesh, cfg: CompareConfig, cache: StepCache, *, ckpt_root: str,
                    truth: dict | None = None, progress: bool = False,
-                   labels: dict | None = None) -> dict:
-    """Runs steps 1-4 for one pair of SAEs and returns its JSON-ready result."""
+                   labels: dict | None = None,
+                   context_text: Callable[[int], str] | None = None,
+                   features_dir: str | None = None) -> dict:
+    """Runs steps 1-4 for one pair of SAEs and returns its JSON-ready result.
+
+    With ``features_dir``, every feature's statistics (density, mean, max, top-activating
+    tokens, and the context of its top token when ``context_text`` is given) are written to
+    ``features_dir/<name>.json`` for inspection.
+    """
     step = cache.get(f"{name}.features", lambda: _pass_arrays(features.feature_pass(
         stream_factory(), sae_a, sae_b, mesh, top_n=cfg.top_n,
         checkpoint_dir=features.checkpoint_path(ckpt_root, name), progress=progress)))
@@ -144,6 +169,9 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
     pairs, counts = filters.apply_filters(cand, cfg.filters, invalid_a=invalid_a,
                                           invalid_b=invalid_b, top_tokens_a=tokens_a,
                                           top_tokens_b=tokens_b)
+    if features_dir is not None:
+        _write_feature_table(os.path.join(features_dir, f"{name}.json"), step, tokens_a,
+                             tokens_b, context_text)
     result = {
         "name": name, **(labels or {}),
         "n_features": {"a": int(sae_a.config.d_sae), "b": int(sae_b.config.d_sae)},

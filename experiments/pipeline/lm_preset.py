@@ -135,6 +135,13 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     def token_text(rows):
         return [str(vocab[int(token_ids[r])]) for r in rows]
 
+    def context_text(row, before=8):
+        lo = max(0, row - before)
+        return lm_a.tokenizer.decode(token_ids[lo:row].tolist()) + " [[" + \
+            lm_a.tokenizer.decode([int(token_ids[row])]) + "]]"
+
+    extra = {"context_text": context_text, "features_dir": run.path("features")}
+
     def sae_config(d_model, seed):
         return sae_train.TrainConfig(d_sae=flags_.sae_expansion * d_model, activation="topk",
                                      k=min(flags_.sae_k, flags_.sae_expansion * d_model),
@@ -171,7 +178,7 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
                 saes_b[hb], token_text, run.mesh, cfg, cache, ckpt_root=run.path("checkpoints"),
                 progress=flags_.progress,
                 labels={"kind": "cross" if (i, j) == (0, 0) else "grid", "hookpoint_a": ha,
-                        "hookpoint_b": hb, "label": f"A {ha} vs B {hb}"})
+                        "hookpoint_b": hb, "label": f"A {ha} vs B {hb}"}, **extra)
             for metric, r in comp.get("metrics", {}).items():
                 cells[metric][i, j] = r["excess"]
             comps.append(comp)
@@ -184,7 +191,7 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         comps.append(compare.run_comparison(
             "ceiling", stream_factory(xa, xa), saes_a[ha], ceiling_sae, token_text, run.mesh,
             cfg, cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
-            labels={"kind": "ceiling", "label": f"A {ha} vs A {ha}, other SAE seed"}))
+            labels={"kind": "ceiling", "label": f"A {ha} vs A {ha}, other SAE seed"}, **extra))
     if flags_.random_init_floor:
         def floor_acts():
             rnd = lm.random_init_copy(lm_b, seed=flags_.seed + 1000)
@@ -198,7 +205,7 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         comps.append(compare.run_comparison(
             "floor", stream_factory(xa, xr), saes_a[ha], floor_sae, token_text, run.mesh, cfg,
             cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
-            labels={"kind": "floor", "label": f"A {ha} vs random-init B {hb}"}))
+            labels={"kind": "floor", "label": f"A {ha} vs random-init B {hb}"}, **extra))
     return {"preset": "lm", "models": {"a": paths[0], "b": paths[1]},
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
             "contexts": len(contexts), "text": flags_.text,

@@ -80,7 +80,8 @@ def run_toy(run, flags_, cfg: compare.CompareConfig, cache: StepCache) -> dict:
                                                      flags_.chunk_size),
             spec["sae_a"], spec["sae_b"], token_text, run.mesh, cfg, cache,
             ckpt_root=run.path("checkpoints"), truth=spec["truth"], progress=flags_.progress,
-            labels={"kind": spec["kind"], "label": spec["label"]}))
+            labels={"kind": spec["kind"], "label": spec["label"]},
+            features_dir=run.path("features")))
     return {"preset": "toy", "toy": dataclasses.asdict(settings),
             "data": {k: p.description for k, p in built["pairs"].items()},
             "comparisons": comps}
