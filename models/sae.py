@@ -200,7 +200,7 @@ class SAE:
 def topk_dense(acts: jax.Array, k: int) -> jax.Array:
     """Keeps the k largest entries of each row (others 0); dense output."""
     values, indices = jax.lax.top_k(acts, k)
-    return _scatter_rows(values, indices, acts.shape[-1])
+    return scatter_rows(values, indices, acts.shape[-1])
 
 
 def batch_topk(acts: jax.Array, k: int) -> jax.Array:
@@ -211,7 +211,7 @@ def batch_topk(acts: jax.Array, k: int) -> jax.Array:
     return jnp.zeros_like(flat).at[indices].set(values).reshape(acts.shape)
 
 
-def _scatter_rows(values: jax.Array, indices: jax.Array, width: int) -> jax.Array:
+def scatter_rows(values: jax.Array, indices: jax.Array, width: int) -> jax.Array:
     """Dense ``[..., width]`` rows holding ``values`` at ``indices`` (zeros elsewhere)."""
     k = values.shape[-1]
     v2 = values.reshape(-1, k)

@@ -1,0 +1,211 @@
+"""Benchmark: TopK SAE training tokens/s, JAX (this project) against PyTorch, same machine, same run.
+
+Three interleaved comparisons (engine.bench: same thread budget, warm-up excluded, medians):
+
+1. ``train_step``: one TopK SAE optimisation step (d_in 512, d_sae 16384, k 32, batch 4096 by
+   default) -- models/sae_train.py (sparse TopK encoder backward and decoder, Adam, decoder
+   gradient projection and renormalisation, dead-latent counters) against a plain PyTorch
+   implementation of the same SAE and optimiser (dense autograd, as SAELens' TopK trainer
+   does; SAELens itself is not installed here). Goal: >= 1.5x tokens/s.
+2. ``sparse_vs_dense_step``: the same JAX step with the sparse TopK path against the dense one
+   (``decode="dense"``). Goal: >= 2x at d_sae >= 16k.
+3. ``decode_fwd_bwd``: the decoder alone, forward + backward: `models.sae.gather_combine`
+   against scatter-to-dense + matmul.
+
+Before timing, one step of each implementation from the same initial weights is compared
+(max |difference| of the updated parameters is written to the JSON) so the baseline is the
+same computation. AuxK runs only when a latent is dead (10M tokens by default, as Gao et al.),
+so neither side pays for it in these few steps.
+
+Run (writes JSON, prints ratios)::
+
+    python -m experiments.bench_sae --out=runs/bench_sae/bench.json --threads=2
+
+``--scale=0.25`` divides batch and d_sae by 4 for a quick check (recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/bench_sae/bench.json")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--d_in", type=int, default=512)
+    p.add_argument("--d_sae", type=int, default=16384)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply batch and d_sae by this (quick runs)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps_per_call", type=int, default=2)
+    p.add_argument("--skip", default="", help="comma list of comparisons to skip")
+    return p.parse_args(argv)
+
+
+def torch_topk_sae(torch, w_dec, b_dec, k, lr, eps):
+    """The plain PyTorch TopK SAE + Adam step (the baseline); returns ``(params, step)``."""
+    W_dec = torch.nn.Parameter(torch.tensor(w_dec))
+    W_enc = torch.nn.Parameter(torch.tensor(w_dec.T.copy()))
+    b_enc = torch.nn.Parameter(torch.zeros(w_dec.shape[0]))
+    b_dec_p = torch.nn.Parameter(torch.tensor(b_dec))
+    params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec_p}
+    opt = torch.optim.Adam(list(params.values()), lr=lr, eps=eps)
+    since_fired = torch.zeros(w_dec.shape[0], dtype=torch.int64)
+
+    def step(x):
+        pre = (x - b_dec_p) @ W_enc + b_enc
+        vals, idx = torch.topk(pre, k, dim=-1)
+        vals = torch.relu(vals)
+        f = torch.zeros_like(pre).scatter(-1, idx, vals)
+        x_hat = f @ W_dec + b_dec_p
+        loss = (x - x_hat).pow(2).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            # Unit-norm decoder rows: remove the gradient along each row, renormalise after.
+            g = W_dec.grad
+            g -= (g * W_dec).sum(-1, keepdim=True) * W_dec
+        opt.step()
+        with torch.no_grad():
+            W_dec.div_(W_dec.norm(dim=-1, keepdim=True))
+            fired = torch.zeros_like(since_fired, dtype=torch.bool)
+            fired[idx.reshape(-1)[vals.reshape(-1) > 0]] = True
+            since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+        return loss.detach()
+    return params, step
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from engine import bench
+    budget = bench.set_thread_budget(args.threads)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    torch.set_num_threads(args.threads)
+
+    from engine import mesh as mesh_lib
+    from models import sae as sae_lib
+    from models import sae_train
+
+    d_in, k = args.d_in, args.k
+    d_sae = int(round(args.d_sae * args.scale))
+    batch = int(round(args.batch * args.scale))
+    mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    # Activation-like data: a few strong directions plus noise, already at norm ~sqrt(d_in).
+    x = (rng.normal(size=(batch, d_in)) + rng.normal(size=(batch, 8)) @
+         rng.normal(size=(8, d_in))).astype(np.float32)
+    x *= np.sqrt(d_in) / np.mean(np.linalg.norm(x, axis=1))
+    skip = set(filter(None, args.skip.split(",")))
+
+    def jax_program(decode):
+        cfg = sae_train.TrainConfig(d_sae=d_sae, activation="topk", k=k, lr=1e-4,
+                                    decode=decode, normalize_input=False, b_dec_init="mean")
+        program = sae_train.SweepProgram([cfg], d_in, 10**6, mesh)
+        state = mesh_lib.replicate(mesh, program.init_state(x[:2048]), copy=True)
+        return program, state
+
+    def runner(program, state):
+        fn = program.step_fn()
+        xb = mesh_lib.shard_batch(mesh, x)
+        holder = {"state": state}
+
+        def call():
+            s = holder["state"]
+            for _ in range(args.steps_per_call):
+                s, m = fn(s, xb)
+            holder["state"] = s
+            return m["loss"]
+        return call, holder
+
+    results = []
+    meta = {"d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "scale": args.scale,
+            "steps_per_call": args.steps_per_call, "thread_budget": budget,
+            "sparse_auto": sae_lib.prefer_sparse(d_sae, k)}
+    tokens = batch * args.steps_per_call
+
+    sparse_prog, sparse_state = jax_program("sparse")
+    # -- same computation check: one step of JAX (sparse) vs torch from the same weights ----
+    p0 = jax.device_get(jax.tree.map(lambda a: a[0], sparse_state.params["sae"]))
+    tparams, tstep = torch_topk_sae(torch, np.asarray(p0["W_dec"]), np.asarray(p0["b_dec"]),
+                                    k, 1e-4, 6.25e-10)
+    xt = torch.from_numpy(x)
+    check_state = mesh_lib.replicate(mesh, sparse_state, copy=True)
+    check_state, _ = sparse_prog.step_fn()(check_state, mesh_lib.shard_batch(mesh, x))
+    tstep(xt)
+    p1 = jax.device_get(jax.tree.map(lambda a: a[0], check_state.params["sae"]))
+    diffs = {name: float(np.max(np.abs(np.asarray(p1[name]) - tparams[name].detach().numpy())))
+             for name in tparams}
+    meta["one_step_max_abs_diff_jax_vs_torch"] = diffs
+    print("one step, max |JAX - torch| per parameter:", diffs)
+    del check_state
+
+    if "train_step" not in skip:
+        jax_call, _ = runner(sparse_prog, sparse_state)
+
+        def torch_call():
+            with torch.enable_grad():
+                for _ in range(args.steps_per_call):
+                    loss = tstep(xt)
+            return loss
+        r = bench.compare(jax_call, torch_call, repeats=args.repeats, warmup=1,
+                          name="train_step jax(sparse) vs torch", work=tokens,
+                          work_unit="tokens")
+        r["goal"] = 1.5
+        results.append(r)
+        del tparams, tstep
+
+    if "sparse_vs_dense_step" not in skip:
+        dense_prog, dense_state = jax_program("dense")
+        sp_prog2, sp_state2 = jax_program("sparse")
+        sparse_call, _ = runner(sp_prog2, sp_state2)
+        dense_call, _ = runner(dense_prog, dense_state)
+        r = bench.compare(sparse_call, dense_call, repeats=args.repeats, warmup=1,
+                          name="train_step jax sparse vs dense", work=tokens,
+                          work_unit="tokens")
+        r["goal"] = 2.0
+        results.append(r)
+        del dense_state, sp_state2
+
+    if "decode_fwd_bwd" not in skip:
+        w_dec = jnp.asarray(rng.normal(size=(d_sae, d_in)).astype(np.float32))
+        vals, idx = jax.lax.top_k(jnp.asarray(rng.normal(size=(batch, d_sae)),
+                                              jnp.float32), k)
+        target = jnp.asarray(x)
+
+        def sparse_loss(w, v):
+            return jnp.sum((sae_lib.gather_combine(w, v, idx) - target) ** 2)
+
+        def dense_loss(w, v):
+            return jnp.sum((sae_lib.scatter_rows(v, idx, d_sae) @ w - target) ** 2)
+        gs = jax.jit(jax.grad(sparse_loss, argnums=(0, 1)))
+        gd = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))
+        r = bench.compare(lambda: gs(w_dec, vals), lambda: gd(w_dec, vals),
+                          repeats=args.repeats + 2, warmup=1,
+                          name="decode fwd+bwd sparse vs dense", work=batch,
+                          work_unit="tokens")
+        r["goal"] = 2.0
+        results.append(r)
+
+    doc = bench.report(results, None)
+    doc["config"] = meta
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    from engine import metrics_io
+    metrics_io.write_json(args.out, doc)
+    print(f"wrote {args.out}")
+    for r in results:
+        print(f"{r['name']}: {r['speedup']:.2f}x (goal {r['goal']}x)")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
