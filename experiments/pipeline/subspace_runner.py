@@ -1,0 +1,273 @@
+"""Orchestration of the semantic-subspace experiment (`experiments/semantic_subspaces.py`).
+
+One preset gives three sides on the same tokens (model A, model B, a random-init model), an
+SAE per side and the token strings and documents of the rows; then:
+
+1. ``main``: A vs B on all tokens (`subspaces.analyse_groups`: membership, in-group pairing,
+   metrics with shuffle nulls, random-subset baseline);
+2. ``random_init``: A vs the random-init model's SAE on the same tokens (same groups);
+3. ``topic``: A vs B on the one-topic subset (rows of the documents that contain a keyword of
+   the topic group, e.g. Food), compared with ``main`` group by group.
+
+Presets: ``toy`` (`subspaces_toy`: planted groups, some shared; SAEs trained on the fly or the
+ground-truth dictionary) and ``lm`` (two local transformers models, tiny ones built under the
+workdir by default, on the shipped text sample; SAEs loaded or trained on the fly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from engine import checks, streaming
+from experiments.pipeline import compare, concepts, subspaces, subspaces_toy
+from experiments.pipeline.stepcache import StepCache
+from models import sae as sae_lib
+
+
+class SubspaceError(compare.PipelineError):
+    """A condition the user must fix (printed as one line)."""
+
+
+@dataclasses.dataclass
+class Sides:
+    """What every preset hands to `analyse`: three sides on the same rows (tokens)."""
+
+    acts_a: np.ndarray
+    acts_b: np.ndarray
+    acts_r: np.ndarray
+    sae_a: sae_lib.SAE
+    sae_b: sae_lib.SAE
+    sae_r: sae_lib.SAE
+    tokens: list            # token string of every row
+    doc_ids: np.ndarray     # document (passage) of every row
+    description: dict
+
+
+def topic_rows(doc_ids: np.ndarray, tokens: Sequence[str], keywords: frozenset) -> np.ndarray:
+    """Rows of the documents in which some token matches the topic keywords."""
+    hit = np.fromiter((concepts.token_matches(t, keywords) for t in tokens), bool,
+                      count=len(tokens))
+    docs = np.unique(np.asarray(doc_ids)[hit])
+    return np.isin(doc_ids, docs)
+
+
+# -- SAEs ------------------------------------------------------------------------------------
+
+
+def train_sae(acts: np.ndarray, directory: str, *, d_sae: int, k: int, steps: int,
+              batch_size: int, lr: float, seed: int, mesh, progress: bool,
+              description: dict) -> sae_lib.SAE:
+    """A TopK SAE trained on ``acts`` (resumes; a finished one is loaded)."""
+    from models import sae_io_native, sae_train
+    done = os.path.join(directory, "final")
+    if os.path.exists(os.path.join(done, sae_io_native.CONFIG_FILE)):
+        return sae_io_native.load_sae(done)
+    cfg = sae_train.TrainConfig(d_sae=d_sae, activation="topk", k=k, lr=lr, seed=seed)
+    sae = sae_train.train_saes(acts, cfg, steps=steps, batch_size=batch_size, mesh=mesh,
+                               workdir=directory, data_seed=seed, progress=progress,
+                               metadata=description, save=False)[0]
+    sae_io_native.save_sae(done, sae)
+    return sae
+
+
+def toy_sides(run, flags_) -> Sides:
+    toy = subspaces_toy.make_concept_toy(flags_.seed, d=flags_.toy_d,
+                                         n_tokens=flags_.toy_n_tokens,
+                                         group_size=flags_.toy_group_size)
+    if flags_.toy_dictionary == "truth":
+        saes = [subspaces_toy.truth_sae(a, k=flags_.sae_k, name=n) for a, n in
+                ((toy.atoms_a, "A"), (toy.atoms_b, "B"), (toy.atoms_r, "random init"))]
+    else:
+        d_sae = flags_.sae_width or toy.codes.shape[1]
+        saes = [train_sae(acts, run.path("saes", name), d_sae=d_sae, k=flags_.sae_k,
+                          steps=flags_.sae_steps, batch_size=flags_.sae_batch,
+                          lr=flags_.sae_lr, seed=flags_.seed, mesh=run.mesh,
+                          progress=flags_.progress, description={"source": f"toy {name}"})
+                for acts, name in ((toy.acts_a, "a"), (toy.acts_b, "b"),
+                                   (toy.acts_r, "random_init"))]
+    tokens = [toy.vocab[int(t)] for t in toy.token_ids]
+    return Sides(toy.acts_a, toy.acts_b, toy.acts_r, *saes, tokens=tokens,
+                 doc_ids=toy.doc_ids, description={
+                     "preset": "toy", "dictionary": flags_.toy_dictionary,
+                     **toy.description,
+                     "planted_groups": {g: v.tolist() for g, v in toy.groups.items()}})
+
+
+def lm_sides(run, flags_) -> Sides:
+    from models import lm as lm_lib
+    from models import lm_tiny, text
+    if bool(flags_.model_a) != bool(flags_.model_b):
+        raise SubspaceError("give both --model_a and --model_b (or neither for the tiny pair)")
+    if flags_.model_a:
+        path_a, path_b = flags_.model_a, flags_.model_b
+    else:
+        pair = lm_tiny.make_tiny_model_pair(run.path("models"), train_steps=flags_.lm_train_steps,
+                                            seeds=(flags_.seed, flags_.seed + 1))
+        path_a, path_b = pair.path_a, pair.path_b
+    lm_a, lm_b = lm_lib.LanguageModel.load(path_a), lm_lib.LanguageModel.load(path_b)
+    if lm_a.tokenizer is None or lm_b.tokenizer is None:
+        raise SubspaceError("both models need a tokenizer (token strings define the groups)")
+    docs = text.read_documents(flags_.text, max_documents=flags_.max_documents or None)
+    docs = list(docs)
+    text.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer, docs)
+    contexts = text.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
+                                  max_contexts=flags_.max_contexts or None)
+    lm_r = lm_lib.random_init_copy(lm_b, seed=flags_.seed + 1000)
+    hp_a = flags_.hookpoint_a
+    hp_b = flags_.hookpoint_b or hp_a
+    keep = contexts.mask & ~lm_a.special_mask(contexts.token_ids)
+
+    def acts(lm, hp):
+        out = lm.run(contexts, [hp], batch_size=16)
+        return np.asarray(out.acts[lm.parse(hp)[0].name], np.float32)[keep]
+
+    acts_a, acts_b, acts_r = acts(lm_a, hp_a), acts(lm_b, hp_b), acts(lm_r, hp_b)
+    ids = contexts.token_ids[keep]
+    tokens = lm_a.tokenizer.convert_ids_to_tokens(ids.tolist())
+    doc_ids = np.broadcast_to(np.arange(len(contexts))[:, None], keep.shape)[keep]
+
+    def sae_for(given, acts_x, name, hp):
+        if given:
+            from models import formats
+            sae = formats.load_sae(given)
+            if sae.config.d_in != acts_x.shape[1]:
+                raise SubspaceError(f"SAE {given!r}: d_in={sae.config.d_in} does not match "
+                                    f"the width {acts_x.shape[1]} of {hp}")
+            return sae
+        return train_sae(acts_x, run.path("saes", name), d_sae=flags_.sae_width or
+                         4 * acts_x.shape[1], k=flags_.sae_k, steps=flags_.sae_steps,
+                         batch_size=flags_.sae_batch, lr=flags_.sae_lr, seed=flags_.seed,
+                         mesh=run.mesh, progress=flags_.progress,
+                         description={"source": name, "hookpoint": hp})
+
+    saes = (sae_for(flags_.sae_a, acts_a, "a", hp_a), sae_for(flags_.sae_b, acts_b, "b", hp_b),
+            sae_for(None, acts_r, "random_init", hp_b))
+    return Sides(acts_a, acts_b, acts_r, *saes, tokens=list(tokens), doc_ids=doc_ids,
+                 description={"preset": "lm", "model_a": lm_a.describe()["name"],
+                              "model_b": lm_b.describe()["name"],
+                              "random_init": lm_r.name, "hookpoint_a": hp_a,
+                              "hookpoint_b": hp_b, "text": text.describe_source(flags_.text),
+                              "contexts": len(contexts),
+                              "context_length": contexts.context_length,
+                              "tokens": int(keep.sum())})
+
+
+# -- analysis --------------------------------------------------------------------------------
+
+
+def _stream(acts_a: np.ndarray, acts_b: np.ndarray, chunk: int) -> Callable[[], object]:
+    rows = np.arange(acts_a.shape[0], dtype=np.int32)
+    return lambda: streaming.ChunkStream((rows, acts_a, acts_b), chunk, name="tokens")
+
+
+def analyse(sides: Sides, groups: dict, topic: str, topic_words: frozenset,
+            cfg: subspaces.SubspaceConfig, mesh, cache: StepCache, *, ckpt_root: str,
+            chunk_size: int = 1024, progress: bool = False) -> dict:
+    """Main, random-init and topic-restricted analyses, combined (module docstring)."""
+    tokens = sides.tokens
+
+    def one(name, acts_a, acts_b, sae_b, rows, c):
+        tok = [tokens[r] for r in rows] if rows is not None else tokens
+        step = subspaces.feature_step(name, _stream(acts_a, acts_b, chunk_size), sides.sae_a,
+                                      sae_b, mesh, c, cache, ckpt_root=ckpt_root,
+                                      progress=progress)
+        return subspaces.analyse_groups(name, step, sides.sae_a, sae_b,
+                                        lambda r: [tok[int(i)] for i in r], groups, c, mesh,
+                                        cache, progress=progress)
+
+    main = one("main", sides.acts_a, sides.acts_b, sides.sae_b, None, cfg)
+    no_draws = dataclasses.replace(cfg, random_draws=0)
+    ri = one("random_init", sides.acts_a, sides.acts_r, sides.sae_r, None, no_draws)
+    subspaces.attach_baseline(main, ri)
+    sel = topic_rows(sides.doc_ids, tokens, topic_words)
+    idx = np.flatnonzero(sel)
+    if idx.size < 2:
+        main["topic_control"] = {"topic": topic, "tokens_topic": int(idx.size),
+                                 "note": "no document of the text mentions the topic"}
+    else:
+        t = one(f"topic_{concepts._name_key(topic)}", sides.acts_a[idx], sides.acts_b[idx],
+                sides.sae_b, idx, no_draws)
+        subspaces.attach_topic_control(main, t, topic)
+        main["topic_control"]["documents_topic"] = int(np.unique(sides.doc_ids[idx]).size)
+        main["topic_control"]["documents_full"] = int(np.unique(sides.doc_ids).size)
+    return main
+
+
+def summary_lines(result: dict, alpha: float) -> list[str]:
+    lines = [f"{'group':<14} {'nA':>4} {'nB':>4} {'pairs':>5}  status / metric: score "
+             "(null, p) [random subsets, random init]"]
+    for g, e in result["groups"].items():
+        head = f"{g:<14} {e['n_features_a']:>4} {e['n_features_b']:>4} {e['n_pairs']:>5}  "
+        if e["status"] != "scored":
+            lines.append(head + f"skipped: {e['skip_reason']}")
+            continue
+        parts = []
+        for m, r in e["metrics"].items():
+            rs = e.get("random_subsets", {}).get("metrics", {}).get(m, {}).get("mean")
+            ri = ((e.get("random_init") or {}).get("metrics") or {}).get(m, {}).get("score")
+            star = "*" if r.get("p", 1) < alpha else ""
+            parts.append(f"{m} {r['score']:.3f}{star} ({r.get('null_mean', float('nan')):.3f}, "
+                         f"p={r.get('p', float('nan')):.3g}) [{_f(rs)}, {_f(ri)}]")
+        lines.append(head + "; ".join(parts))
+    return lines
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def main(run, flags_) -> dict:
+    groups = concepts.resolve_groups(flags_.concepts or None, flags_.concepts_file)
+    topic_groups = dict(groups)
+    topic_name = flags_.topic
+    if topic_name not in topic_groups:
+        try:
+            topic_name = concepts.canonical_name(topic_name)
+            topic_groups[topic_name] = concepts.make_group(topic_name,
+                                                           concepts.BUILTIN[topic_name])
+        except concepts.ConceptError:
+            raise concepts.ConceptError(f"--topic {flags_.topic!r}: not a built-in group nor "
+                                        "one of the selected groups") from None
+    cfg = subspaces.SubspaceConfig(
+        metrics=tuple(flags_.metrics), num_permutations=flags_.num_permutations,
+        min_pairs=flags_.min_pairs, threshold=None if flags_.threshold < 0 else
+        flags_.threshold, member_top_n=flags_.member_top_n, random_draws=flags_.random_draws,
+        knn_k=flags_.knn_k, seed=flags_.seed)
+    checks.check_positive_int("min_pairs", cfg.min_pairs, minimum=3)
+    sides = toy_sides(run, flags_) if flags_.preset == "toy" else lm_sides(run, flags_)
+    cache = StepCache(run.path("steps"))
+    result = analyse(sides, groups, topic_name, topic_groups[topic_name], cfg, run.mesh,
+                     cache, ckpt_root=run.path("checkpoints"), chunk_size=flags_.chunk_size,
+                     progress=flags_.progress)
+    alpha = flags_.alpha
+    result.update({
+        "preset": flags_.preset, "data": sides.description,
+        "config": dataclasses.asdict(cfg), "alpha": alpha,
+        "keywords": {g: sorted(w) for g, w in groups.items()},
+        "matching_rule": "case-insensitive; whitespace and sub-word markers (Ġ ▁ Ċ, leading "
+                         "##) stripped; whole-token equality; a feature joins a group when "
+                         f"one of its top {cfg.member_top_n} activating tokens matches",
+        "significant": {m: subspaces.significant_groups(result, m, alpha)
+                        for m in cfg.metrics},
+        "skipped": {g: e["skip_reason"] for g, e in result["groups"].items()
+                    if e["status"] != "scored"},
+    })
+    subspaces.plot_groups(result, os.path.join(run.plots_dir, "groups_vs_null.png"))
+    run.write_results(result)
+    import json
+    from engine import metrics_io
+    with open(run.metrics_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics_io.to_jsonable({
+            "scored": result["counts"]["scored"], "skipped": result["counts"]["skipped"],
+            **{f"significant_{m}": len(v) for m, v in result["significant"].items()}})) + "\n")
+    print("\n".join(summary_lines(result, alpha)))
+    print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}")
+    if result["counts"]["scored"] == 0:
+        raise SubspaceError("no concept group could be scored (see 'skipped' in "
+                            "results.json); add keywords with --concepts_file or lower "
+                            "--min_pairs")
+    return result
