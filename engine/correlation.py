@@ -548,23 +548,59 @@ class CorrelationAccumulator:
             corr=np.asarray(jax.device_get(corr)) if corr is not None else None)
 
 
+BLOCKED_FINALIZE_MIN = 1 << 22   # blocks of at least this many entries use the strip kernel
+FINALIZE_ROWS = 256               # rows per step of the blocked finalize (multiple of 32)
+
+
+def _corr_rows(cross, n, ma, mb, sda, sdb, valid_a, valid_b):
+    """Correlations of a row block (0 where undefined) and the same with -inf there."""
+    cov = cross / n - jnp.outer(ma, mb)
+    both = valid_a[:, None] & valid_b[None, :]
+    corr = jnp.where(both, jnp.clip(cov / jnp.outer(sda, sdb), -1.0, 1.0), 0.0)
+    return corr, jnp.where(both, corr, -jnp.inf)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _finalize_device(keep: bool, cross, n, ma, mb, sda, sdb, valid_a, valid_b):
     """Correlation of a block and its best matches in both directions (float32, on device).
 
     Invalid (dead/constant) features get correlation 0 and never win an argmax; argmax ties
-    go to the lowest index. Without ``keep`` the matrix is not returned, so XLA fuses it into
-    the two reductions (no second ``n_a x n_b`` buffer).
+    go to the lowest index. Large blocks without ``keep`` are scanned in row blocks with the
+    hierarchical strip max/argmax of `engine.pairwise` (XLA's variadic argmax over a
+    16384^2 matrix took ~5 s of CPU; this is about one pass over memory).
     """
-    cov = cross / n - jnp.outer(ma, mb)
-    both = valid_a[:, None] & valid_b[None, :]
-    corr = jnp.where(both, jnp.clip(cov / jnp.outer(sda, sdb), -1.0, 1.0), 0.0)
-    masked = jnp.where(both, corr, -jnp.inf)
-    a_pos = jnp.argmax(masked, axis=1)
-    b_pos = jnp.argmax(masked, axis=0)
-    a_val = jnp.max(masked, axis=1)
-    b_val = jnp.max(masked, axis=0)
-    return (corr if keep else None), a_pos, a_val, b_pos, b_val
+    fa, fb = cross.shape
+    if keep or fa * fb < BLOCKED_FINALIZE_MIN or fa < FINALIZE_ROWS:
+        corr, masked = _corr_rows(cross, n, ma, mb, sda, sdb, valid_a, valid_b)
+        a_pos = jnp.argmax(masked, axis=1)
+        b_pos = jnp.argmax(masked, axis=0)
+        return ((corr if keep else None), a_pos, jnp.max(masked, axis=1), b_pos,
+                jnp.max(masked, axis=0))
+    from engine import pairwise
+    r = FINALIZE_ROWS
+    fb_pad = -(-fb // pairwise.STRIP_ROWS) * pairwise.STRIP_ROWS
+    n_blocks = -(-fa // r)
+
+    def body(carry, i):
+        bv, bi = carry
+        # The last block is shifted back to stay inside the matrix: rows it repeats give
+        # the same values and indices, so they change nothing.
+        r0 = jnp.minimum(i * r, fa - r)
+        blk = jax.lax.dynamic_slice_in_dim(cross, r0, r)
+        sl = lambda v: jax.lax.dynamic_slice_in_dim(v, r0, r)
+        _, masked = _corr_rows(blk, n, sl(ma), mb, sl(sda), sdb, sl(valid_a), valid_b)
+        masked = jnp.pad(masked, ((0, 0), (0, fb_pad - fb)), constant_values=-jnp.inf)
+        rv, rc = pairwise.tile_topk_rows(masked, 1)
+        cv, cr = pairwise.tile_topk_cols(masked, 1)
+        bv, bi = pairwise.merge_topk(bv, bi, cv, cr + r0, 1)
+        return (bv, bi), (r0, rv[:, 0], rc[:, 0])
+
+    init = (jnp.full((fb_pad, 1), -jnp.inf, jnp.float32), jnp.zeros((fb_pad, 1), jnp.int32))
+    (bv, bi), (starts, rv, rc) = jax.lax.scan(body, init, jnp.arange(n_blocks))
+    rows = (starts[:, None] + jnp.arange(r)[None, :]).reshape(-1)
+    a_val = jnp.zeros((fa,), jnp.float32).at[rows].set(rv.reshape(-1))
+    a_pos = jnp.zeros((fa,), jnp.int32).at[rows].set(rc.reshape(-1))
+    return None, a_pos, a_val, bi[:fb, 0], bv[:fb, 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,9 +660,14 @@ def _inplace_fns(acc: CorrelationAccumulator, mesh):
         return accumulators.merge_across(acc, jax.tree.map(lambda x: x[0], state),
                                          mesh_lib.DATA)
 
-    merge = jax.jit(jax.shard_map(local_merge, mesh=mesh, in_specs=(spec,), out_specs=P(),
-                                  check_vma=False))
     n_data = mesh.shape[mesh_lib.DATA]
+    if n_data == 1:
+        # Nothing to merge: drop the device axis in place (a 1 GiB psum copy otherwise).
+        merge = jax.jit(lambda st: jax.tree.map(lambda x: x.reshape(x.shape[1:]), st),
+                        out_shardings=NamedSharding(mesh, P()), donate_argnums=0)
+    else:
+        merge = jax.jit(jax.shard_map(local_merge, mesh=mesh, in_specs=(spec,),
+                                      out_specs=P(), check_vma=False))
     zeros = jax.jit(lambda: jax.tree.map(lambda x: jnp.broadcast_to(x, (n_data,) + x.shape),
                                          acc.zeros()),
                     out_shardings=NamedSharding(mesh, spec))

@@ -146,11 +146,16 @@ def _row_norms(name: str, x: np.ndarray, block: int = 8192) -> np.ndarray:
 
 def _normalised_f32(x: np.ndarray, norms: np.ndarray, rows: int, block: int = 8192
                     ) -> np.ndarray:
-    """Unit rows in float32, zero-padded to ``rows`` rows (computed in float64 blocks)."""
+    """Unit rows in float32, zero-padded to ``rows`` rows.
+
+    Computed in float32 from the float64 norms: rounding the input, the norm and the quotient
+    gives a relative error <= 3u per entry, the ``3u`` of `cosine_tolerance`.
+    """
     out = np.zeros((rows, x.shape[1]), np.float32)
+    inv = norms.astype(np.float32)
     for lo in range(0, x.shape[0], block):
-        blk = np.asarray(x[lo:lo + block], np.float64)
-        out[lo:lo + blk.shape[0]] = blk / norms[lo:lo + blk.shape[0], None]
+        blk = np.asarray(x[lo:lo + block], np.float32)
+        np.divide(blk, inv[lo:lo + blk.shape[0], None], out=out[lo:lo + blk.shape[0]])
     return out
 
 
@@ -228,6 +233,12 @@ def _merge_topk(vals_old, idx_old, vals_new, idx_new, k: int):
     i = jnp.concatenate([idx_old, idx_new], axis=1)
     top, pos = jax.lax.top_k(v, k)
     return top, jnp.take_along_axis(i, pos, axis=1)
+
+
+# Public names of the tile primitives (used by engine.correlation for its best matches).
+tile_topk_rows = _tile_topk_rows
+tile_topk_cols = _tile_topk_cols
+merge_topk = _merge_topk
 
 
 def _counts(s: jax.Array, thresholds: tuple[float, ...], axis: int) -> jax.Array:
@@ -345,12 +356,23 @@ def _refine(q: np.ndarray, q_norm: np.ndarray, r: np.ndarray, r_norm: np.ndarray
             uncertain[lo:hi] = (n_valid < k) | (cv[:, kk - 1] >= kth - 2.0 * tol)
         else:
             uncertain[lo:hi] = n_valid < k
+        # Rows whose first k+1 float32 values are more than 2 tol apart: their float32 order
+        # is the exact order, so only the k kept values need float64 (most rows).
+        clean = valid[:, :k].all(axis=1)
+        if kk > k:
+            clean &= (-np.diff(cv[:, :k + 1], axis=1) > 2.0 * tol).all(axis=1)
         if rescore:
-            safe = np.where(valid, ci, 0)
             qb = np.asarray(q[lo:hi], np.float64) / q_norm[lo:hi, None]
-            rb = np.asarray(r[safe.ravel()], np.float64).reshape(hi - lo, kk, -1)
-            rb /= r_norm[safe][:, :, None]
-            v = np.einsum("nd,nkd->nk", qb, rb)
+            v = np.full(ci.shape, -np.inf)
+            for sel, cols in ((clean, slice(0, k)), (~clean, slice(0, kk))):
+                rows_b = np.flatnonzero(sel)
+                if rows_b.size:
+                    c = ci[rows_b, cols]
+                    safe = np.where(valid[rows_b, cols], c, 0)
+                    rb = np.asarray(r[safe.ravel()], np.float64).reshape(rows_b.size,
+                                                                        c.shape[1], -1)
+                    v[rows_b, cols] = np.einsum("nd,nkd->nk", qb[rows_b], rb) / (
+                        r_norm[safe])
         else:
             v = cv.astype(np.float64)
         v[~valid] = -np.inf

@@ -197,6 +197,34 @@ def test_dead_and_constant_features_are_reported_not_nan(mesh1, rng):
         assert m.summary()["dead_a"] == 1 and m.summary()["constant_b"] == 1
 
 
+def test_blocked_finalize_equals_dense_argmax(mesh1, rng, monkeypatch):
+    # Large blocks find their best matches with the strip kernel in row blocks; force it on
+    # a small block (odd sizes: a shifted last row block, padded columns) and compare with
+    # numpy's argmax of the kept matrix.
+    n_a, n_b = 300, 250
+    va, ia = rng.random((CHUNK, 7)).astype(np.float32), _distinct(rng, CHUNK, n_a, 7)
+    vb, ib = rng.random((CHUNK, 5)).astype(np.float32), _distinct(rng, CHUNK, n_b, 5)
+    vb[:, 0] = va[:, 0]
+    ib[:, 0] = ia[:, 0] % n_b
+    ib[:, 1:] = np.where(ib[:, 1:] == ib[:, :1], (ib[:, 1:] + 1) % n_b, ib[:, 1:])
+    keep = corr_lib.CorrelationAccumulator(n_a, n_b, sparse=True, keep_matrix=True)
+    state = corr_lib.accumulate_inplace(keep, _stream(va, ia, vb, ib), mesh1)
+    ref = keep.finalize(state)
+    monkeypatch.setattr(corr_lib, "BLOCKED_FINALIZE_MIN", 0)
+    monkeypatch.setattr(corr_lib, "FINALIZE_ROWS", 64)
+    blocked = corr_lib.CorrelationAccumulator(n_a, n_b, sparse=True, keep_matrix=False)
+    res = blocked.finalize(state)
+    masked = np.where(ref.valid_a[:, None] & ref.valid_b[None, :], ref.corr, -np.inf)
+    has_a = np.isfinite(masked).any(axis=1)
+    has_b = np.isfinite(masked).any(axis=0)
+    np.testing.assert_array_equal(res.a_best[has_a], np.argmax(masked, axis=1)[has_a])
+    np.testing.assert_array_equal(res.b_best[has_b], np.argmax(masked, axis=0)[has_b])
+    # (values may differ in the last bit: the block is fused in another order)
+    np.testing.assert_allclose(res.a_best_value[has_a], masked.max(axis=1)[has_a], atol=1e-6)
+    np.testing.assert_allclose(res.b_best_value[has_b], masked.max(axis=0)[has_b], atol=1e-6)
+    assert (res.a_best[~has_a] == -1).all() and (res.b_best[~has_b] == -1).all()
+
+
 def test_planted_pairs_are_recovered(mesh1, rng):
     va, ia, vb, ib = _codes(rng, 3000)
     # Automatic near-square tiling (blocks of <= 480 entries).

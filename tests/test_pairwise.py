@@ -95,6 +95,21 @@ def test_near_ties_resolved_in_float64(mesh, rng):
     np.testing.assert_array_equal(res.b_argmax, s.argmax(axis=0))
 
 
+def test_close_pairs_rescored_without_fallback(mesh1, rng):
+    # Pairs of near-duplicate rows in B (1e-9 apart): the float32 order of the top two is
+    # unreliable, but the remaining candidates are far, so the float64 rescoring of the
+    # candidate list decides without a full-row fallback.
+    d = 32
+    b = rng.standard_normal((60, d))
+    b[50:55] = b[:5] + 1e-9 * rng.standard_normal((5, d))
+    a = b[:5] + 1e-3 * rng.standard_normal((5, d))
+    s = _ref(a, b)
+    res = pairwise.max_cosine(a, b, mesh1, k=1)
+    np.testing.assert_array_equal(res.a_argmax, s.argmax(axis=1))
+    np.testing.assert_allclose(res.a_max, s.max(axis=1), atol=1e-15)
+    assert res.n_fallback_a == 0
+
+
 def test_all_negative_cosines_ignore_padding(mesh, rng):
     # Every cosine is negative: the zero-padded rows (cosine exactly 0) must never win.
     b = np.abs(rng.standard_normal((5, 16))) + 0.1
