@@ -1,0 +1,117 @@
+"""Orthogonal Procrustes and mutual kNN (engine/geometry.py) against scipy / numpy float64."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy.stats import ortho_group
+
+import similarity_refs as ref
+from engine import checks, geometry, paired_stats, streaming
+
+N, D1, D2 = 80, 6, 5
+
+
+def structured(seed, n=N, d1=D1, d2=D2):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d1)) * rng.uniform(0.5, 2.0, d1) + 20.0
+    y = (x[:, :4] - 20.0) @ rng.normal(size=(4, d2)) + 0.8 * rng.normal(size=(n, d2))
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def random_pair(seed, n=N, d1=D1, d2=D2):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d1)).astype(np.float32),
+            rng.normal(size=(n, d2)).astype(np.float32))
+
+
+INPUTS = {"random": random_pair(0), "structured": structured(1)}
+
+
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+def test_procrustes_matches_scipy(kind, mesh):
+    x, y = INPUTS[kind]
+    got = geometry.procrustes(x, y, mesh=mesh, chunk_size=32)
+    want = ref.procrustes_distance(x, y)         # zero-padded to a common width
+    np.testing.assert_allclose(got.distance, want, rtol=1e-5)
+    np.testing.assert_allclose(got.score, 1.0 - want ** 2 / 2.0, rtol=1e-5)
+    same_width = geometry.procrustes(x[:, :D2], y, mesh=mesh)
+    np.testing.assert_allclose(same_width.distance, ref.procrustes_distance(x[:, :D2], y),
+                               rtol=1e-5)
+
+
+def test_procrustes_streamed_and_weighted():
+    x, y = INPUTS["structured"]
+    whole = geometry.procrustes(x, y)
+    streamed = geometry.from_stream(streaming.ChunkStream((x, y), 24),
+                                    paired_stats.default_mesh())
+    np.testing.assert_allclose(streamed.score, whole.score, rtol=2e-6)
+    w = np.random.default_rng(2).integers(0, 3, N)
+    rep = np.repeat(np.arange(N), w)
+    got = geometry.procrustes(x, y, w.astype(np.float32))
+    np.testing.assert_allclose(got.distance, ref.procrustes_distance(x[rep], y[rep]),
+                               rtol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.01, 100.0))
+def test_procrustes_is_one_up_to_rotation_translation_and_scale(seed, scale):
+    x, y = structured(seed)
+    q = ortho_group.rvs(D1, random_state=seed)
+    moved = (x @ q * scale - 3.0).astype(np.float32)
+    np.testing.assert_allclose(geometry.procrustes(x, moved).score, 1.0, atol=2e-6)
+    np.testing.assert_allclose(geometry.procrustes(x, y).score,
+                               geometry.procrustes(moved, y).score, rtol=2e-5)
+    np.testing.assert_allclose(geometry.procrustes(x, y).score,
+                               geometry.procrustes(y, x).score, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+def test_mutual_knn_matches_numpy(kind, mesh):
+    x, y = INPUTS[kind]
+    for k, tile, normalize in ((5, 32, False), (3, 1024, True)):
+        got = geometry.mutual_knn(x, y, k=k, mesh=mesh, tile=tile, normalize=normalize)
+        assert got.score == pytest.approx(ref.mutual_knn(x, y, k, normalize=normalize),
+                                          abs=1e-12)
+    np.testing.assert_array_equal(geometry.knn_indices(x, 4, mesh=mesh, tile=16),
+                                  ref.knn(x, 4))
+
+
+def test_mutual_knn_ties_go_to_the_lower_index():
+    # Integer rows: inner products are exact in float32 and tie often.
+    rng = np.random.default_rng(5)
+    x = rng.integers(-2, 3, size=(N, 3)).astype(np.float32)
+    y = rng.integers(-2, 3, size=(N, 3)).astype(np.float32)
+    np.testing.assert_array_equal(geometry.knn_indices(x, 6), ref.knn(x, 6))
+    assert geometry.mutual_knn(x, y, k=6).score == pytest.approx(ref.mutual_knn(x, y, 6),
+                                                                 abs=1e-12)
+
+
+def test_mutual_knn_weights_average_over_query_rows():
+    x, y = INPUTS["structured"]
+    w = np.random.default_rng(6).uniform(0, 1, N)
+    got = geometry.mutual_knn(x, y, w, k=5)
+    assert got.score == pytest.approx(ref.mutual_knn(x, y, 5, w=w), rel=1e-9)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 10))
+def test_mutual_knn_one_on_identical_and_symmetric(seed, k):
+    x, y = structured(seed)
+    assert geometry.mutual_knn(x, x, k=k).score == 1.0
+    assert geometry.mutual_knn(x, y, k=k).score == geometry.mutual_knn(y, x, k=k).score
+
+
+def test_bad_inputs():
+    x, y = INPUTS["random"]
+    with pytest.raises(checks.InputError, match="smaller than"):
+        geometry.mutual_knn(x, y, k=N)
+    with pytest.raises(checks.InputError, match="k must be"):
+        geometry.mutual_knn(x, y, k=0)
+    with pytest.raises(checks.InputError, match="zero"):
+        geometry.mutual_knn(np.zeros_like(x), y, k=3, normalize=True)
+    with pytest.raises(checks.InputError, match="constant"):
+        geometry.procrustes(np.ones_like(x), y)
+    with pytest.raises(checks.InputError, match="rows"):
+        geometry.procrustes(x, y[:5])
+    with pytest.raises(checks.InputError, match="dtype"):
+        geometry.mutual_knn(x, y.astype(np.float64), k=3)

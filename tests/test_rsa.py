@@ -1,0 +1,96 @@
+"""RSA (engine/rsa.py) against np.corrcoef + scipy.stats on the upper triangles."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import similarity_refs as ref
+from engine import checks, rsa
+
+N, D1, D2 = 60, 6, 5
+
+
+def structured(seed, n=N, d1=D1, d2=D2):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d1)) + rng.normal(size=(n, 1)) * 3.0   # row offsets: centring
+    y = x[:, :4] @ rng.normal(size=(4, d2)) + 0.8 * rng.normal(size=(n, d2))
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def random_pair(seed, n=N, d1=D1, d2=D2):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d1)).astype(np.float32),
+            rng.normal(size=(n, d2)).astype(np.float32))
+
+
+INPUTS = {"random": random_pair(0), "structured": structured(1)}
+
+
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+def test_exact_spearman_and_pearson_match_scipy(kind, mesh):
+    x, y = INPUTS[kind]
+    got = rsa.rsa(x, y, mesh=mesh)
+    assert got.exact and got.pairs == N * (N - 1) // 2
+    np.testing.assert_allclose(got.score, ref.rsa(x, y, "spearman"), rtol=1e-5, atol=1e-6)
+    for tile in (7, N):
+        p = rsa.rsa(x, y, method="pearson", mesh=mesh, tile=tile)
+        np.testing.assert_allclose(p.score, ref.rsa(x, y, "pearson"), rtol=1e-5, atol=1e-6)
+
+
+def test_ties_get_average_ranks():
+    x, y = INPUTS["structured"]
+    # Duplicated rows give exactly tied correlations on both sides.
+    x = np.concatenate([x, x[:10]])
+    y = np.concatenate([y, y[:10]])
+    np.testing.assert_allclose(rsa.rsa(x, y).score, ref.rsa(x, y, "spearman"), rtol=1e-5)
+    v = np.array([3.0, 1.0, 3.0, 2.0, 3.0])
+    np.testing.assert_array_equal(rsa.rankdata(v), [4.0, 1.0, 4.0, 2.0, 4.0])
+
+
+def test_weighted_pearson_uses_pair_weights(mesh):
+    x, y = INPUTS["structured"]
+    w = np.random.default_rng(3).uniform(0.0, 2.0, N)
+    got = rsa.rsa(x, y, w, method="pearson", mesh=mesh, tile=16)
+    np.testing.assert_allclose(got.score, ref.rsa_weighted_pearson(x, y, w), rtol=1e-5)
+
+
+def test_sampled_spearman_within_its_standard_error():
+    x, y = structured(4, n=200)
+    exact = rsa.rsa(x, y).score
+    estimates, errors = [], []
+    for seed in range(6):
+        got = rsa.rsa(x, y, max_exact_n=100, num_samples=5000, seed=seed)
+        assert not got.exact and got.num_samples == 5000
+        assert abs(got.score - exact) < 4 * got.standard_error
+        estimates.append(got.score)
+        errors.append(got.standard_error)
+    ratio = np.std(estimates, ddof=1) / np.mean(errors)
+    assert 0.3 < ratio < 2.5, ratio
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_identical_inputs_give_one_and_symmetry(seed):
+    x, y = structured(seed)
+    for method in ("spearman", "pearson"):
+        np.testing.assert_allclose(rsa.rsa(x, x, method=method).score, 1.0, atol=1e-6)
+        np.testing.assert_allclose(rsa.rsa(x, y, method=method).score,
+                                   rsa.rsa(y, x, method=method).score, atol=1e-6)
+
+
+def test_bad_inputs():
+    x, y = INPUTS["random"]
+    x_const = x.copy()
+    x_const[7] = 1.5
+    with pytest.raises(checks.InputError, match="row 7"):
+        rsa.rsa(x_const, y)
+    with pytest.raises(checks.InputError, match="no row weights"):
+        rsa.rsa(x, y, np.ones(N))
+    with pytest.raises(checks.InputError, match="at least 3 rows"):
+        rsa.rsa(x[:2], y[:2])
+    with pytest.raises(checks.InputError, match="2 columns"):
+        rsa.rsa(x[:, :1], y)
+    with pytest.raises(checks.InputError, match="method"):
+        rsa.rsa(x, y, method="kendall")
+    with pytest.raises(checks.InputError, match="rows"):
+        rsa.rsa(x, y[:-1])
