@@ -136,7 +136,7 @@ def plot_reference_bars(comparisons: Sequence[dict], path: str) -> None:
         return
     metrics = sorted({m for c in comparisons for m in c.get("metrics", {})})
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.4 * len(metrics) * max(1, len(names)) / 2 + 3, 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(metrics) * len(names) + 2), 3.6))
     width = 0.8 / len(names)
     for i, comp in enumerate(c for c in comparisons if c.get("metrics")):
         ys = [comp["metrics"].get(m, {}).get("excess", np.nan) for m in metrics]

@@ -124,7 +124,11 @@ def main(run, flags_) -> dict:
 def _plots(run, results: dict) -> None:
     comps = results["comparisons"]
     for c in comps:
-        report.plot_nulls(c, os.path.join(run.plots_dir, f"null_{c['name']}.png"))
+        if not c.get("metrics") and c.get("metrics_before_threshold"):
+            c = {**c, "name": f"{c['name']} (before threshold)",
+                 "metrics": c["metrics_before_threshold"]}
+        report.plot_nulls(c, os.path.join(run.plots_dir,
+                                          f"null_{c['name'].split()[0]}.png"))
     report.plot_matched_correlations(comps, os.path.join(run.plots_dir,
                                                          "matched_correlations.png"))
     report.plot_reference_bars(comps, os.path.join(run.plots_dir, "reference_bars.png"))
