@@ -10,8 +10,9 @@ further sections, e.g. SVCCA and nulls, register themselves in the same dict):
   (HIGHEST precision, the kernel's precision), called once per tile of the full problem, in
   the same process, interleaved (engine.bench.compare). Reported: GFLOP/s of the streamed
   kernel (device part) and of the full call (with the float64 refinement on the host) as a
-  fraction of the GEMM's (goal >= 80 %), peak RSS growth, the analytic working set, and the
-  exactness of the argmax against float64 numpy on sampled rows.
+  fraction of the GEMM's (goal >= 80 %), by wall time and by CPU time (the machine is shared:
+  wall time also counts waiting for a core), peak RSS growth of one call, the analytic
+  working set, and the exactness of the argmax against float64 numpy on sampled rows.
 * ``correlation``: activation correlation of two TopK SAEs (k = 32) with ``--corr_features``
   features each (issue: 16384) over ``--corr_tokens`` tokens (issue: 1M). Sparse path
   (`engine.correlation`, in-place scatter of k^2 products per token) on all tokens; dense
@@ -20,8 +21,8 @@ further sections, e.g. SVCCA and nulls, register themselves in the same dict):
   one ``chunk x F`` by ``chunk x F`` GEMM per chunk; per-chunk constant costs make the scaled
   number slightly pessimistic for dense, i.e. favourable to the baseline). Both are timed
   end to end through the same driver (`correlation.accumulate_inplace` + `finalize`) after a
-  warm-up that compiles. Goal: >= 1000x at 1M tokens and 1M tokens in < 60 s. The two paths
-  are also checked to agree on the slice.
+  warm-up that compiles, by wall and by CPU time. Goal: >= 1000x at 1M tokens and 1M tokens
+  in < 60 s. The two paths are also checked to agree on the slice (best matches up to ties).
 * ``matching``: Hungarian (scipy) vs dense greedy vs `greedy_streamed` (top-8 cosine
   candidate rounds): time, quality gap (total score ratio, pair agreement) and recovery of
   planted pairs, on dictionaries where half of B are noisy copies of A's atoms, and on i.i.d.
@@ -320,7 +321,8 @@ def bench_correlation(ctx: dict) -> list[dict]:
            "planted_partner_recovered_fraction": planted,
            "mean_best_a": float(np.mean(res_sparse.a_best_value)),
            "features": f, "k": k, "tokens": n_tok, "sparse_chunk": FLAGS.corr_chunk,
-           "dense_chunk": FLAGS.corr_dense_chunk, "peak_rss_growth_mib": rss1 - rss0,
+           "dense_chunk": FLAGS.corr_dense_chunk,
+           "peak_rss_growth_mib_after_warmups": rss1 - rss0,
            "state_mib": f * f * 4 / 2 ** 20, "devices": int(mesh.size)}
     print(f"correlation: sparse {n_tok} tokens in {t_sparse:.1f} s (goal < 60 s); dense "
           f"{t_dense:.1f} s on {slice_tok} tokens -> {dense_scaled:.0f} s scaled; ratio "
