@@ -141,12 +141,15 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
         step_count += 1
         if bar is not None:
             bar.update(int(chunk.mask.shape[0]))
+        # The prefetch reads ahead, so the stream's own position is past the chunks folded
+        # in so far; the resume point is the end of THIS chunk.
+        position = chunk.start + stream.chunk_size
         if checkpointer is not None and save_every and step_count % save_every == 0:
-            checkpointer.save(step_count, state, {"position": stream.position})
+            checkpointer.save(step_count, state, {"position": position})
     if bar is not None:
         bar.close()
     if checkpointer is not None and any_chunk and checkpointer.latest_step() != step_count:
-        checkpointer.save(step_count, state, {"position": stream.position})
+        checkpointer.save(step_count, state, {"position": position})
     return state
 
 

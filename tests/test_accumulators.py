@@ -146,6 +146,35 @@ def test_checkpointed_accumulation_resumes(rng, mesh4, tmp_path):
     assert_close(acc.finalize(state), reference(x, y))
 
 
+def test_resume_after_a_crash_mid_stream(rng, mesh4, tmp_path):
+    """A run that dies after some chunks (prefetch already read ahead) resumes exactly."""
+    from engine import checkpoint
+    x, y = data(rng, 640)
+    acc = accumulators.CrossMoments(5, 3)
+
+    class Crash(Exception):
+        pass
+
+    def dying(start):
+        for lo in range(start, 640, 64):
+            if lo >= 384:
+                raise Crash()
+            yield x[lo:lo + 64], y[lo:lo + 64]
+
+    ck = checkpoint.Checkpointer(str(tmp_path / "acc"))
+    with pytest.raises(Crash):
+        accumulators.accumulate(acc, streaming.ChunkStream(dying, 64), mesh4, checkpointer=ck,
+                                save_every=2)
+    ck.close()
+    ck = checkpoint.Checkpointer(str(tmp_path / "acc"))
+    whole = lambda start: ((x[lo:lo + 64], y[lo:lo + 64]) for lo in range(start, 640, 64))
+    state = accumulators.accumulate(acc, streaming.ChunkStream(whole, 64), mesh4,
+                                    checkpointer=ck, save_every=2)
+    m = acc.finalize(state)
+    assert m.count == 640
+    assert_close(m, reference(x, y))
+
+
 def test_bad_inputs(rng):
     acc = accumulators.CrossMoments(5, 3)
     x, y = data(rng, 10)
