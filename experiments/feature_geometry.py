@@ -52,7 +52,7 @@ flags.DEFINE_list("variants", ["planted", "unplanted"],
                   "directions, shared by rotation: geometry agrees but is not circular).")
 flags.DEFINE_string("concept", "days", "Concept family: days (7 items) or months (12).")
 flags.DEFINE_integer("seed", 0, "Seed of the data (and SAE initialisation).")
-flags.DEFINE_integer("d", 64, "Width of the toy models' activations.")
+flags.DEFINE_integer("width", 64, "Width of the toy models' activations.")
 flags.DEFINE_integer("n_tokens", 8192, "Tokens (rows).")
 flags.DEFINE_integer("n_groups", 6, "Planted non-circular concept groups.")
 flags.DEFINE_integer("group_size", 4, "Features per planted group.")
@@ -525,7 +525,7 @@ CONFIG_KEYS = ("variants", "concept", "seed", "d", "n_tokens", "n_groups", "grou
 def main(argv):
     del argv
     run = common.start(FLAGS)
-    cfg = {k: FLAGS[k].value for k in CONFIG_KEYS}
+    cfg = {k: FLAGS["width" if k == "d" else k].value for k in CONFIG_KEYS}
     results = run_feature_geometry(run, **cfg)
     run.write_results(results)
     print(f"feature_geometry: all acceptance checks passed = {results['all_passed']}")

@@ -25,7 +25,7 @@ instance. Run (paper training settings: AdamW lr 1e-3, batch 1024, 10k steps)::
 
     python -m experiments.toy_superposition --workdir=runs/toy_superposition/default
 
-A quick smoke run: add ``--steps=1000 --lr=1e-2 --batch_size=256``. Rerunning the same command
+A quick smoke run: add ``--sweep_steps=1000 --sweep_lr=1e-2 --sweep_batch_size=256``. Rerunning the same command
 resumes each sweep from its checkpoint (a finished sweep is not retrained).
 """
 
@@ -41,15 +41,15 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
-flags.DEFINE_integer("steps", 10_000, "AdamW steps per sweep (the paper: 10k).")
-flags.DEFINE_integer("batch_size", 1024, "Samples per instance per step (the paper: 1024).")
-flags.DEFINE_float("lr", 1e-3, "AdamW learning rate (the paper: 1e-3).")
-flags.DEFINE_integer("seeds", 3, "Seeds per phase-diagram point (figures show the lowest-loss "
+flags.DEFINE_integer("sweep_steps", 10_000, "AdamW steps per sweep (the paper: 10k).")
+flags.DEFINE_integer("sweep_batch_size", 1024, "Samples per instance per step (the paper: 1024).")
+flags.DEFINE_float("sweep_lr", 1e-3, "AdamW learning rate (the paper: 1e-3).")
+flags.DEFINE_integer("sweep_seeds", 3, "Seeds per phase-diagram point (figures show the lowest-loss "
                      "one).")
 flags.DEFINE_integer("pentagon_seeds", 6, "Seeds per sparsity of the 5 -> 2 sweep (local minima "
                      "such as a square are common; the lowest-loss seed is shown).")
-flags.DEFINE_integer("log_every", 500, "Steps per jitted scan call / metrics line.")
-flags.DEFINE_integer("checkpoint_every", 2500, "Checkpoint interval in steps.")
+flags.DEFINE_integer("sweep_log_every", 500, "Steps per jitted scan call / metrics line.")
+flags.DEFINE_integer("sweep_checkpoint_every", 2500, "Checkpoint interval in steps.")
 flags.DEFINE_list("pentagon_sparsity", ["0", "0.5", "0.7", "0.8", "0.85", "0.9", "0.95",
                                         "0.98"], "Sparsities of the 5 -> 2 sweep.")
 flags.DEFINE_integer("dim_features", 100, "n of the dimensionality sweep (paper: 400).")
@@ -332,10 +332,10 @@ def _summary(results: dict) -> dict:
 
 
 def settings_from_flags() -> dict:
-    return {"steps": FLAGS.steps, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
-            "seeds": FLAGS.seeds, "pentagon_seeds": FLAGS.pentagon_seeds,
-            "log_every": FLAGS.log_every,
-            "checkpoint_every": FLAGS.checkpoint_every,
+    return {"steps": FLAGS.sweep_steps, "batch_size": FLAGS.sweep_batch_size, "lr": FLAGS.sweep_lr,
+            "seeds": FLAGS.sweep_seeds, "pentagon_seeds": FLAGS.pentagon_seeds,
+            "log_every": FLAGS.sweep_log_every,
+            "checkpoint_every": FLAGS.sweep_checkpoint_every,
             "pentagon_sparsity": [float(s) for s in FLAGS.pentagon_sparsity],
             "dim_features": FLAGS.dim_features, "dim_hidden": FLAGS.dim_hidden,
             "dim_points": FLAGS.dim_points, "dim_seeds": FLAGS.dim_seeds,
