@@ -116,9 +116,14 @@ def one_line_error(proc):
     return lines[0]
 
 
-def test_zero_pairs_surviving_is_a_clear_error(tmp_path):
-    proc = universality(tmp_path, *TOY, "--threshold=1.5", check=False)
+def test_zero_pairs_surviving_is_a_clear_error(toy_run):
+    # Same workdir: the SAEs and feature passes are reused (cached steps are keyed by what
+    # they depend on), only the filters change.
+    workdir, _, _ = toy_run
+    proc = universality(workdir, *TOY, "--threshold=1.5", check=False)
     assert "no pair survived the filters" in one_line_error(proc)
+    with open(workdir / "results.json") as f:
+        assert by_name(json.load(f))["cross"]["filters"]["after_threshold"] == 0
 
 
 def test_absent_preset_weights_are_a_clear_error(tmp_path):

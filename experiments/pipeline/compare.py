@@ -13,6 +13,7 @@ step saved in the run's `StepCache` so that a killed run resumes after its last 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Callable, Sequence
 
@@ -145,6 +146,20 @@ def _write_feature_table(path: str, step: dict, tokens_a, tokens_b, context_text
     metrics_io.write_json(path, {"a": side("a", tokens_a), "b": side("b", tokens_b)})
 
 
+def _fingerprint(*parts) -> str:
+    """Short hash of what a cached step depends on (reruns with other inputs recompute)."""
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray)
+                 else repr(part).encode())
+    return h.hexdigest()[:12]
+
+
+def _sae_fingerprint(sae: sae_lib.SAE) -> str:
+    w = np.asarray(sae.W_dec[:64], np.float32)
+    return _fingerprint(w, np.asarray(sae.b_enc[:64], np.float32), sae.config)
+
+
 def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_lib.SAE,
                    sae_b: sae_lib.SAE, token_text: Callable[[np.ndarray], Sequence[str]],
                    mesh, cfg: CompareConfig, cache: StepCache, *, ckpt_root: str,
@@ -158,9 +173,11 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
     tokens, and the context of its top token when ``context_text`` is given) are written to
     ``features_dir/<name>.json`` for inspection.
     """
-    step = cache.get(f"{name}.features", lambda: _pass_arrays(features.feature_pass(
+    key = _fingerprint(_sae_fingerprint(sae_a), _sae_fingerprint(sae_b), cfg.top_n)
+    step = cache.get(f"{name}.features.{key}", lambda: _pass_arrays(features.feature_pass(
         stream_factory(), sae_a, sae_b, mesh, top_n=cfg.top_n,
-        checkpoint_dir=features.checkpoint_path(ckpt_root, name), progress=progress)))
+        checkpoint_dir=features.checkpoint_path(ckpt_root, f"{name}.{key}"),
+        progress=progress)))
     cand = candidate_pairs(step, sae_a, sae_b, cfg.pairing, mesh)
     invalid_a = step["a_dead"] | step["a_constant"] | step["m_a_dead"] | step["m_a_constant"]
     invalid_b = step["b_dead"] | step["b_constant"] | step["m_b_dead"] | step["m_b_constant"]
@@ -217,7 +234,9 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
                     out["skipped"][metric] = str(e)
             return out
 
-        return cache.get(key, compute)
+        depends = _fingerprint(kept.a, kept.b, cfg.metrics, cfg.metric_options,
+                               cfg.num_permutations, cfg.seed)
+        return cache.get(f"{key}.{depends}", compute)
 
     if len(pairs) >= cfg.min_pairs:
         scored = score(pairs, f"{name}.metrics")
