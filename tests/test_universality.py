@@ -154,3 +154,28 @@ def test_sae_width_mismatch_is_refused(tmp_path):
                         check=False)
     line = one_line_error(proc)
     assert "d_in=7" in line and "resid_post.0" in line
+
+
+def test_activation_caches_as_sources(tmp_path):
+    """Both sides read from activation caches (harvested once) instead of forward passes."""
+    from models import activation_cache, lm, lm_tiny
+    from models import text as text_lib
+    pair = lm_tiny.make_tiny_model_pair(str(tmp_path / "models"))
+    with lm.quiet_transformers():
+        models = [lm.LanguageModel.load(p) for p in (pair.path_a, pair.path_b)]
+    contexts = text_lib.make_contexts(text_lib.sample_documents(), models[0].tokenizer, 32,
+                                      max_contexts=24)
+    dirs = [str(tmp_path / "cache_a"), str(tmp_path / "cache_b")]
+    activation_cache.harvest_models(models, contexts, ["resid_post.0"], dirs)
+    proc = universality(tmp_path / "run", "--preset=lm", f"--model_a={pair.path_a}",
+                        f"--model_b={pair.path_b}", f"--cache_a={dirs[0]}",
+                        f"--cache_b={dirs[1]}", "--hookpoints_a=resid_post.0",
+                        "--hookpoints_b=resid_post.0", "--num_permutations=50",
+                        "--sae_steps=100", "--sae_expansion=4", "--sae_k=8",
+                        "--sae_batch_size=128", "--norandom_init_floor")
+    with open(tmp_path / "run" / "results.json") as f:
+        results = json.load(f)
+    assert results["activations"].startswith("caches")
+    assert results["tokens"] == int(contexts.mask.sum())
+    assert by_name(results)["A.resid_post.0~B.resid_post.0"]["n_pairs"] > 0
+    assert "results:" in proc.stdout

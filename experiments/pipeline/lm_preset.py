@@ -54,6 +54,10 @@ flags.DEFINE_integer("sae_k", 16, "On-the-fly SAEs: TopK k.")
 flags.DEFINE_integer("sae_steps", 1000, "On-the-fly SAEs: training steps.")
 flags.DEFINE_integer("sae_batch_size", 512, "On-the-fly SAEs: rows per step.")
 flags.DEFINE_bool("random_init_floor", True, "Compute the floor from a random-init copy of B.")
+flags.DEFINE_string("cache_a", None, "Activation cache of model A (experiments.harvest); with "
+                    "--cache_b, activations are read from the caches instead of running the "
+                    "models (the models are still used for token strings and the floor).")
+flags.DEFINE_string("cache_b", None, "Activation cache of model B (see --cache_a).")
 
 SETUPS = {
     "pythia": {"model_a": "pythia-70m", "model_b": "pythia-160m",
@@ -108,6 +112,28 @@ def _harvest(lm_model, contexts, hookpoints, batch_size) -> dict:
     return res
 
 
+def _read_caches(flags_, setup) -> tuple[dict, dict, list[str], list[str], object]:
+    """Activations of both sides from two activation caches over the same contexts."""
+    from models import activation_cache, text as text_lib
+    if not (flags_.cache_a and flags_.cache_b):
+        raise compare.PipelineError("--cache_a and --cache_b must be given together")
+    caches = [activation_cache.ActivationCache(p) for p in (flags_.cache_a, flags_.cache_b)]
+    hps = [c.check_hookpoints(setup[k]) for c, k in zip(caches, ("hookpoints_a",
+                                                                  "hookpoints_b"))]
+    sides = []
+    for c, names in zip(caches, hps):
+        side = {}
+        for hp in names:
+            ids, acts = c.read(hp)
+            side[f"acts/{hp}"] = np.asarray(acts, np.float32)
+            side["token_ids"] = np.asarray(ids, np.int32)
+        sides.append(side)
+    ids = caches[0].token_ids()
+    contexts = text_lib.Contexts(token_ids=ids, mask=caches[0].mask(),
+                                 doc_index=np.zeros(len(ids), np.int64))
+    return sides[0], sides[1], hps[0], hps[1], contexts
+
+
 def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     from models import lm
     from models import sae_train
@@ -116,15 +142,18 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     setup = _resolve(flags_)
     (lm_a, lm_b), paths = _load_models(run, setup, flags_.seed)
     text_lib.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
-    hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
-    hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
-    docs = text_lib.read_documents(flags_.text)
-    contexts = text_lib.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
-                                      max_contexts=flags_.max_contexts)
-    acts_a = cache.get("lm_acts_a", lambda: _harvest(lm_a, contexts, hps_a,
-                                                     flags_.lm_batch_size))
-    acts_b = cache.get("lm_acts_b", lambda: _harvest(lm_b, contexts, hps_b,
-                                                     flags_.lm_batch_size))
+    if flags_.cache_a or flags_.cache_b:
+        acts_a, acts_b, hps_a, hps_b, contexts = _read_caches(flags_, setup)
+    else:
+        hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
+        hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
+        docs = text_lib.read_documents(flags_.text)
+        contexts = text_lib.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
+                                          max_contexts=flags_.max_contexts)
+        acts_a = cache.get("lm_acts_a", lambda: _harvest(lm_a, contexts, hps_a,
+                                                         flags_.lm_batch_size))
+        acts_b = cache.get("lm_acts_b", lambda: _harvest(lm_b, contexts, hps_b,
+                                                         flags_.lm_batch_size))
     if not np.array_equal(acts_a["token_ids"], acts_b["token_ids"]):
         raise compare.PipelineError("models A and B saw different tokens; the tokenizers or "
                                     "contexts disagree")
@@ -208,6 +237,8 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
             labels={"kind": "floor", "label": f"A {ha} vs random-init B {hb}"}, **extra))
     return {"preset": "lm", "models": {"a": paths[0], "b": paths[1]},
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
+            "activations": ("caches " + f"{flags_.cache_a}, {flags_.cache_b}"
+                            if flags_.cache_a else "forward passes in this run"),
             "contexts": len(contexts), "text": flags_.text,
             "grid": {"layers_a": hps_a, "layers_b": hps_b,
                      "cells": {m: v.tolist() for m, v in cells.items()}},
