@@ -98,7 +98,8 @@ def make_sharded_update(acc: Accumulator, mesh, num_arrays: int,
 
 def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
                checkpointer=None, save_every: int = 0, progress: bool = False,
-               transform: Callable | None = None, params: Any = None) -> Any:
+               transform: Callable | None = None, params: Any = None,
+               step: Callable | None = None) -> Any:
     """Folds every chunk of a `ChunkStream` into ``state`` on the mesh.
 
     Args:
@@ -111,6 +112,8 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
         checkpoint is resumed (the stream seeks to the saved position).
       progress: show a tqdm bar (rows).
       transform / params: see `make_sharded_update` (on-device featurisation of each chunk).
+      step: a step from `make_sharded_update` to reuse (callers that fold many streams of one
+        shape keep it to compile once); built here by default.
 
     Returns:
       The final (replicated) state; call ``acc.finalize`` on it.
@@ -126,7 +129,6 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
         if restored is not None:
             step_count, state, meta = restored
             stream.seek(int(meta["position"]))
-    step = None
     bar = None
     if progress:
         from tqdm.auto import tqdm
