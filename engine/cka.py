@@ -8,7 +8,8 @@ Definitions (Kornblith et al. 2019, arXiv 1905.00414; ../shared/REFERENCES.md):
   frequency weights (weighted centring and sums).
 * **Debiased CKA** replaces HSIC by the unbiased estimator of Song et al. 2012 with the linear
   kernel ``K = X X^T`` (diagonal removed: ``K~``):
-  ``HSIC_u(K, L) = [tr(K~ L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n(n-3))``.
+  ``HSIC_u(K, L) = [tr(K~ L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2))
+  - 2/(n-2) 1^T K~ L~ 1] / (n(n-3))``.
   For centred rows with ``a_i = |x_i|^2``, ``b_i = |y_i|^2`` (HSIC_u is invariant to
   centring): ``tr(K~ L~) = ||X^T Y||_F^2 - sum a b``, ``1^T K~ 1 = -sum a``,
   ``1^T K~ L~ 1 = sum a b``. These row sums are exactly what PairMoments streams; n is the

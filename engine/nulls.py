@@ -94,7 +94,10 @@ def _perm(key, r, n):
 
 
 def permutations(n: int, num: int, seed: int = 0, start: int = 0) -> np.ndarray:
-    """``[num, n]`` int32 host copy of permutations ``start .. start+num-1`` of `permutation_null`."""
+    """``[num, n]`` int32 host copy of permutations ``start .. start+num-1``.
+
+    They are exactly the permutations `permutation_null` draws on the devices.
+    """
     key = jax.random.PRNGKey(seed)
     ids = jnp.arange(start, start + num)
     return np.asarray(jax.jit(jax.vmap(lambda r: _perm(key, r, n)))(ids))
@@ -128,7 +131,8 @@ def permutation_null(kernel: NullKernel, num_permutations: int = 1000, *, seed: 
       seed: permutation r is drawn from ``fold_in(PRNGKey(seed), r)``.
       mesh: permutations are split over the ``data`` axis (default: one device).
       batch_size: permutations per vmap batch per device (default from ``row_bytes``).
-      rounds: split the work into this many jitted calls (a progress bar ticks per round).
+      rounds: split the work into this many jitted calls (a progress bar ticks per round;
+        with ``progress`` at least 10). The values do not depend on it.
 
     Returns:
       ``[R]`` float64 null values, in permutation order.
@@ -137,6 +141,7 @@ def permutation_null(kernel: NullKernel, num_permutations: int = 1000, *, seed: 
     if mesh is None:
         mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     ndev = mesh.shape[mesh_lib.DATA]
+    rounds = max(int(rounds), 10 if progress else 1)
     if batch_size is None:
         batch_size = int(np.clip(BATCH_BYTES // max(kernel.row_bytes, 1), 1, 64))
     per_dev = -(-num // (ndev * rounds))

@@ -72,7 +72,8 @@ class PairStats:
       rows: rows with a non-zero weight.
       mean_x, mean_y: weighted means.
       cov_xx, cov_yy, cov_xy: weighted population covariances (centred sums / count).
-      q_xx, q_yy, q_xy: ``sum w |x-m_x|^2 |x-m_x|^2``, ``... |y-m_y|^4``, ``... |x-m_x|^2|y-m_y|^2``.
+      q_xx, q_yy, q_xy: ``sum w |x-m_x|^4``, ``sum w |y-m_y|^4``,
+        ``sum w |x-m_x|^2 |y-m_y|^2``.
     """
 
     count: float
@@ -261,14 +262,50 @@ def chunk_rows(mesh, rows: int, chunk_size: int | None) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _accumulator(d1: int, d2: int) -> PairMoments:
-    return PairMoments(d1, d2)
+def _accumulator(d1: int, d2: int, dtype=jnp.float32) -> PairMoments:
+    return PairMoments(d1, d2, dtype)
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_step(d1: int, d2: int, mesh, num_arrays: int):
+def _sharded_step(d1: int, d2: int, mesh, num_arrays: int, dtype=jnp.float32):
     # Cached so that repeated calls on same-shaped inputs (bootstrap, loop nulls) compile once.
-    return accumulators.make_sharded_update(_accumulator(d1, d2), mesh, num_arrays)
+    return accumulators.make_sharded_update(_accumulator(d1, d2, dtype), mesh, num_arrays)
+
+
+def _fold(acc: PairMoments, stream: streaming.ChunkStream, mesh, num_arrays: int, *,
+          checkpointer=None, save_every: int = 0, progress: bool = False) -> PairState:
+    """`engine.accumulators.accumulate` with the cached compiled step (same checkpointing:
+    state and stream position saved every ``save_every`` chunks and at the end, resumed from
+    the latest checkpoint)."""
+    mesh_lib.check_divisible(mesh, stream.chunk_size, f"{stream.name} chunk_size")
+    step = _sharded_step(acc.d1, acc.d2, mesh, num_arrays, acc.dtype)
+    state = mesh_lib.replicate(mesh, acc.init(), copy=True)
+    count = 0
+    if checkpointer is not None:
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            count, state, meta = restored
+            stream.seek(int(meta["position"]))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=stream.num_rows, initial=stream.position, unit="rows",
+                   desc=stream.name)
+    any_chunk = False
+    for chunk in streaming.prefetch_to_device(stream, mesh):
+        any_chunk = True
+        state = step(state, chunk.arrays, chunk.mask.astype(acc.dtype))
+        count += 1
+        if bar is not None:
+            bar.update(int(chunk.mask.shape[0]))
+        if checkpointer is not None and save_every and count % save_every == 0:
+            checkpointer.save(count, state, {"position": stream.position})
+    if bar is not None:
+        bar.close()
+    saved_last = bool(save_every) and count % save_every == 0
+    if checkpointer is not None and any_chunk and not saved_last:
+        checkpointer.save(count, state, {"position": stream.position})
+    return state
 
 
 def pair_stats(x, y, weights=None, *, mesh=None, chunk_size: int | None = None,
@@ -279,7 +316,7 @@ def pair_stats(x, y, weights=None, *, mesh=None, chunk_size: int | None = None,
       x, y: ``[n, d1]``, ``[n, d2]`` float arrays of the same dtype.
       weights: optional ``[n]`` non-negative frequency weights.
       mesh: device mesh (default: one device); rows are split over ``data``.
-      chunk_size: rows per chunk (default min(n, 65536), rounded up to the data axis).
+      chunk_size: rows per chunk (default: next power of two >= n, at most 65536).
       name: used in error messages.
       min_rows: rows (with a positive weight) required.
     """
@@ -289,11 +326,7 @@ def pair_stats(x, y, weights=None, *, mesh=None, chunk_size: int | None = None,
     stream = streaming.ChunkStream(arrays, chunk_rows(mesh, x.shape[0], chunk_size),
                                    check_finite=False, name=name)
     acc = _accumulator(x.shape[1], y.shape[1])
-    step = _sharded_step(x.shape[1], y.shape[1], mesh, len(arrays))
-    state = mesh_lib.replicate(mesh, acc.init(), copy=True)
-    for chunk in streaming.prefetch_to_device(stream, mesh):
-        state = step(state, chunk.arrays, chunk.mask.astype(jnp.float32))
-    return acc.finalize(state)
+    return acc.finalize(_fold(acc, stream, mesh, len(arrays)))
 
 
 def _peek_dims(stream: streaming.ChunkStream) -> tuple[int, int, int]:
@@ -312,7 +345,7 @@ def _peek_dims(stream: streaming.ChunkStream) -> tuple[int, int, int]:
 
 
 def stream_stats(stream: streaming.ChunkStream, mesh, *, checkpointer=None,
-                 save_every: int = 0, progress: bool = False) -> PairStats:
+                 save_every: int = 0, progress: bool = False, dtype=jnp.float32) -> PairStats:
     """One pass of `PairMoments` over a stream of ``(x, y)`` or ``(x, y, w)`` chunks.
 
     Args:
@@ -320,11 +353,13 @@ def stream_stats(stream: streaming.ChunkStream, mesh, *, checkpointer=None,
       mesh: the device mesh (rows are split over ``data``; the result does not depend on it).
       checkpointer / save_every: resume mid-stream (see `engine.accumulators.accumulate`).
       progress: tqdm bar over rows.
+      dtype: accumulation dtype; float64 needs ``jax_enable_x64`` (about 2x slower on CPU,
+        for inputs whose covariances are too ill-conditioned for float32's ~1e-6).
     """
-    d1, d2, _ = _peek_dims(stream)
-    acc = PairMoments(d1, d2)
-    return acc.finalize(accumulators.accumulate(acc, stream, mesh, checkpointer=checkpointer,
-                                                save_every=save_every, progress=progress))
+    d1, d2, num_arrays = _peek_dims(stream)
+    acc = _accumulator(d1, d2, dtype)
+    return acc.finalize(_fold(acc, stream, mesh, num_arrays, checkpointer=checkpointer,
+                              save_every=save_every, progress=progress))
 
 
 def stats_from_numpy(x, y, weights=None) -> PairStats:

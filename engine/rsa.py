@@ -133,6 +133,13 @@ def row_similarity(z: np.ndarray, mesh) -> np.ndarray:
     return np.asarray(jax.device_get(out), np.float64)[:n]
 
 
+def row_correlation(x, *, mesh=None) -> np.ndarray:
+    """``[n, n]`` Pearson correlations between the rows of ``x`` (float32 on the mesh)."""
+    x = checks.as_float_matrix("row_correlation x", x, min_rows=1)
+    mesh = paired_stats.default_mesh() if mesh is None else mesh
+    return row_similarity(standardize_rows("row_correlation x", x), mesh)
+
+
 def upper_triangle(r: np.ndarray) -> np.ndarray:
     """The entries i < j of a square matrix, row-major."""
     return r[np.triu(np.ones(r.shape, bool), 1)]
@@ -329,14 +336,26 @@ def rsa_matrix_stat(consts: dict, perm: jax.Array, tile: int = 64) -> jax.Array:
     return total / (n * (n - 1))   # the full matrix counts every pair twice
 
 
-def rsa_sampled_stat(consts: dict, perm: jax.Array) -> jax.Array:
-    """Sampled Spearman of fixed pairs: X ranks fixed, Y similarities recomputed at perm."""
+def rsa_sampled_stat(consts: dict, perm: jax.Array, m: int, block: int = 1 << 16
+                     ) -> jax.Array:
+    """Sampled Spearman of fixed pairs: X ranks fixed, Y similarities recomputed at perm.
+
+    ``consts["i"]``, ``["j"]`` hold the M pairs padded to a multiple of ``block`` (padding
+    pairs carry ``rank_x = 0`` and rank last, so they add nothing); the gathered rows are
+    bounded to ``block x d`` at a time. Ties rank in index order (continuous data has none).
+    """
     zy, i, j, rank_x = consts["zy"], consts["i"], consts["j"], consts["rank_x"]
-    sims = jnp.sum(zy[perm[i]] * zy[perm[j]], axis=1)
-    m = sims.shape[0]
+
+    def sims_block(ij):
+        bi, bj = ij
+        return jnp.sum(zy[perm[bi]] * zy[perm[bj]], axis=1)
+
+    sims = jax.lax.map(sims_block, (i.reshape(-1, block), j.reshape(-1, block))).reshape(-1)
+    valid = jnp.arange(sims.shape[0]) < m
+    sims = jnp.where(valid, sims, jnp.inf)
     ranks = jnp.argsort(jnp.argsort(sims)).astype(jnp.float32)
-    ranks = (ranks - (m - 1) / 2.0) / jnp.sqrt((m * m - 1) / 12.0)
-    return jnp.mean(rank_x * ranks)
+    ranks = jnp.where(valid, (ranks - (m - 1) / 2.0) / jnp.sqrt((m * m - 1) / 12.0), 0.0)
+    return jnp.sum(rank_x * ranks) / m
 
 
 def null_kernel(x, y, result: RSAResult, *, mesh=None, max_exact_n: int = DEFAULT_MAX_EXACT_N,
@@ -366,6 +385,11 @@ def null_kernel(x, y, result: RSAResult, *, mesh=None, max_exact_n: int = DEFAUL
     rank_x = rankdata(_sampled_sims(zx, i, j))
     m = len(rank_x)
     rank_x = (rank_x - (m + 1) / 2.0) / np.sqrt((m * m - 1) / 12.0)
-    consts = {"zy": jnp.asarray(zy, jnp.float32), "i": jnp.asarray(i, jnp.int32),
-              "j": jnp.asarray(j, jnp.int32), "rank_x": jnp.asarray(rank_x, jnp.float32)}
-    return nulls.NullKernel(rsa_sampled_stat, consts, n, row_bytes=4 * m * (2 * zy.shape[1] + 4))
+    block = int(min(1 << 16, m))
+    pad = (-m) % block
+    consts = {"zy": jnp.asarray(zy, jnp.float32),
+              "i": jnp.asarray(np.concatenate([i, np.zeros(pad, i.dtype)]), jnp.int32),
+              "j": jnp.asarray(np.concatenate([j, np.zeros(pad, j.dtype)]), jnp.int32),
+              "rank_x": jnp.asarray(np.concatenate([rank_x, np.zeros(pad)]), jnp.float32)}
+    return nulls.NullKernel(rsa_sampled_stat, consts, n, static=(("m", m), ("block", block)),
+                            row_bytes=4 * (m + pad) * 8 + 8 * block * zy.shape[1])

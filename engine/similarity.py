@@ -16,7 +16,7 @@ chance level of SVCCA/CCA rises as n shrinks relative to the components kept
 | cka | linear CKA, Kornblith et al. 2019 (engine/cka.py) | frequency | unweighted |
 | cka_debiased | unbiased-HSIC linear CKA | frequency | unweighted |
 | cka_minibatch | Nguyen et al. 2021 (batch_size option) | frequency | loop only |
-| procrustes | ``||X^T Y||_*`` after centring + unit norm (engine/geometry.py) | frequency | unweighted |
+| procrustes | ``||X^T Y||_*``, centred, unit norm (engine/geometry.py) | frequency | unweighted |
 | rsa_spearman | Spearman of row-correlation upper triangles (engine/rsa.py) | none | yes |
 | rsa_pearson | Pearson of the same | pair ``w_i w_j`` | unweighted |
 | mutual_knn | Huh et al. 2024, k option | query rows | yes (weighted too) |
@@ -215,8 +215,9 @@ def evaluate(x, y, metrics: Sequence[str] = DEFAULT_METRICS, *, weights=None,
     Returns:
       ``{"n": rows, "d": [d1, d2], "num_permutations": R, "seed": seed, "metrics": {name: {
       "score", "null_mean", "null_std", "null_quantiles", "null" (the R values), "p", "z",
-      "excess", "components", "n", "rows", "n_over_d", ... , "bootstrap": {...}}}}``. ``observed`` is the statistic
-      recomputed by the null's own code path (what ``p`` compares against).
+      "excess", "components", "n", "rows", "n_over_d", ... , "bootstrap": {...}}}}``.
+      ``observed`` is the statistic recomputed by the null's own code path (what ``p``
+      compares against; it equals ``score`` up to float32 rounding).
     """
     x, y, weights = paired_stats.check_pair(x, y, weights, name="similarity")
     options = dict(options or {})

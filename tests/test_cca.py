@@ -8,7 +8,7 @@ from scipy.stats import ortho_group
 import similarity_refs as ref
 from engine import cca, checks, paired_stats, streaming
 
-N, D1, D2 = 240, 6, 5
+N, D1, D2 = 200, 6, 5  # shared with test_cka / test_geometry: compiled steps are reused
 
 
 def well_conditioned(rng, d, lo=0.5, hi=2.0):
@@ -40,7 +40,7 @@ INPUTS = {"random": random_pair(0), "structured": structured(1)}
 def test_cca_svcca_pwcca_match_float64_references(kind, mesh):
     x, y = INPUTS[kind]
     want = ref.cca_qr(x, y)[0]
-    got = cca.cca(x, y, mesh=mesh, chunk_size=64)
+    got = cca.cca(x, y, mesh=mesh, chunk_size=48)
     np.testing.assert_allclose(got.coefficients, want, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(got.score, want.mean(), rtol=1e-5)
     assert (got.components_x, got.components_y, got.rows) == (D1, D2, N)
@@ -82,18 +82,30 @@ def test_svcca_threshold_keeps_the_right_number_of_components():
 
 def test_streamed_equals_all_at_once_and_generator_source(mesh):
     x, y = INPUTS["structured"]
-    whole = cca.svcca(x, y, mesh=mesh, chunk_size=N)
-    chunked = cca.svcca(x, y, mesh=mesh, chunk_size=36)   # ragged last chunk
+    whole = cca.svcca(x, y, mesh=mesh, chunk_size=256)  # one chunk
+    chunked = cca.svcca(x, y, mesh=mesh, chunk_size=48)   # ragged last chunk
 
     def open_at(start):
         for lo in range(start, N, 50):
             yield x[lo:lo + 50], y[lo:lo + 50]
 
-    streamed = cca.from_stream("svcca", streaming.ChunkStream(open_at, 40), mesh)
+    streamed = cca.from_stream("svcca", streaming.ChunkStream(open_at, 48), mesh)
     for other in (chunked, streamed):
         np.testing.assert_allclose(other.coefficients, whole.coefficients, rtol=2e-6,
                                    atol=2e-6)
         assert other.components_x == whole.components_x
+
+
+def test_plain_crossmoments_accumulator_works_too(mesh):
+    from engine import accumulators
+    x, y = INPUTS["structured"]
+    acc = accumulators.CrossMoments(D1, D2)
+    moments = acc.finalize(accumulators.accumulate(acc, streaming.ChunkStream((x, y), 48), mesh))
+    for method in ("cca", "svcca", "pwcca"):
+        got = cca.from_stats(method, moments)
+        want = cca.METHODS[method](paired_stats.pair_stats(x, y, mesh=mesh, chunk_size=48))
+        np.testing.assert_allclose(got.score, want.score, rtol=2e-6)
+        assert got.rows == N
 
 
 def test_frequency_weights_equal_repeated_rows():

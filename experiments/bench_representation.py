@@ -1,0 +1,244 @@
+"""Benchmarks of the representation-similarity engine (issue 5, second half).
+
+Sections (``--only=svcca_stream,null_svcca,null_rsa``):
+
+* ``svcca_stream``: SVCCA of X, Y [n, d] streamed through `engine.paired_stats.PairMoments`
+  (one pass, memory O(d^2 + chunk * d)) vs a straightforward in-memory numpy SVCCA the way
+  google/svcca does it (float64 SVD of the centred data, keep 99 % of the variance, project,
+  CCA). Same value to 1e-6 is checked. Goal >= 5x at n = 1e6, d = 512.
+* ``null_svcca`` / ``null_rsa``: a 1000-permutation random-pairing null at n = 5000 pairs,
+  batched (`engine.nulls.permutation_null`) vs a Python loop over permutations. Two loops are
+  timed: the engine's own metric called once per permutation (same code, not batched) and a
+  plain numpy/scipy recomputation. Loops are timed on ``--loop_perms`` permutations and scaled
+  linearly to 1000 (each iteration does the same work, so the loop is linear in R). Goal >=
+  10x.
+
+Both sides get the same thread budget (``--threads``, recorded), candidates are warmed up
+(compilation excluded), and the JSON records every raw time. Run::
+
+    python -m experiments.bench_representation --out=runs/bench/representation.json
+
+On the 2-core development machine the SVCCA section is scaled down (``--rows``): the numpy
+baseline needs float64 copies and an n x d SVD workspace (~30 GB at n = 1e6, d = 512).
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("only", ["svcca_stream", "null_svcca", "null_rsa"], "Sections to run.")
+flags.DEFINE_integer("rows", 1_000_000, "svcca_stream: rows of X and Y.")
+flags.DEFINE_integer("dim", 512, "svcca_stream: columns of X and Y.")
+flags.DEFINE_integer("latent", 64, "svcca_stream / nulls: shared latent dimensions.")
+flags.DEFINE_integer("chunk", 16384, "svcca_stream: rows per streamed chunk.")
+flags.DEFINE_bool("x64", False, "svcca_stream: also run float64 accumulation (jax_enable_x64).")
+flags.DEFINE_integer("pairs", 5000, "nulls: rows (paired features).")
+flags.DEFINE_integer("null_dim", 128, "null_svcca / null_rsa: columns of X and Y.")
+flags.DEFINE_integer("permutations", 1000, "nulls: R.")
+flags.DEFINE_integer("loop_perms", 20, "nulls: permutations timed in the loops (scaled to R).")
+flags.DEFINE_integer("threads", 2, "Thread budget for XLA and BLAS (both sides).")
+flags.DEFINE_integer("repeats", 3, "svcca_stream: timed repetitions per side.")
+flags.DEFINE_string("out", "runs/bench/representation.json", "JSON output path.")
+
+
+def _data(rows, dim, latent, seed, dtype="float32"):
+    """X, Y sharing a ``latent``-dim subspace, with decaying spectra and noise."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(rows, latent)).astype(dtype)
+    scale = (1.0 / np.arange(1, latent + 1) ** 0.5).astype(dtype)
+    mix_x = rng.normal(size=(latent, dim)).astype(dtype) / np.sqrt(latent)
+    mix_y = rng.normal(size=(latent, dim)).astype(dtype) / np.sqrt(latent)
+    x = (z * scale) @ mix_x + 0.05 * rng.normal(size=(rows, dim)).astype(dtype) + 1.0
+    y = (z * scale) @ mix_y + 0.05 * rng.normal(size=(rows, dim)).astype(dtype) - 2.0
+    return x.astype(dtype), y.astype(dtype)
+
+
+def numpy_svcca(x, y, threshold=0.99):
+    """google/svcca style: float64 SVD of centred data, 99 % variance, project, CCA."""
+    import numpy as np
+
+    def reduce(a):
+        a = np.asarray(a, np.float64)
+        a = a - a.mean(axis=0)
+        _, s, vt = np.linalg.svd(a, full_matrices=False)
+        frac = np.cumsum(s ** 2) / np.sum(s ** 2)
+        k = int(np.argmax(frac >= threshold)) + 1
+        return a @ vt[:k].T
+
+    xr, yr = reduce(x), reduce(y)
+    n = len(xr)
+    sxx, syy, sxy = xr.T @ xr / n, yr.T @ yr / n, xr.T @ yr / n
+
+    def inv_sqrt(c):
+        e, v = np.linalg.eigh(c)
+        return (v / np.sqrt(e)) @ v.T
+
+    coefs = np.linalg.svd(inv_sqrt(sxx) @ sxy @ inv_sqrt(syy), compute_uv=False)
+    return float(np.mean(np.clip(coefs, 0, 1))), xr.shape[1], yr.shape[1]
+
+
+def svcca_stream_section(bench) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from engine import cca, paired_stats, streaming
+    from engine import mesh as mesh_lib
+
+    x, y = _data(FLAGS.rows, FLAGS.dim, FLAGS.latent, seed=0)
+    mesh = mesh_lib.make_mesh()
+    chunk = paired_stats.chunk_rows(mesh, FLAGS.rows, FLAGS.chunk)
+
+    def candidate(dtype=jnp.float32):
+        stream = streaming.ChunkStream((x, y), chunk, check_finite=False, name="svcca")
+        return cca.svcca_from_stats(paired_stats.stream_stats(stream, mesh, dtype=dtype))
+
+    def baseline():
+        return numpy_svcca(x, y)
+
+    res = bench.compare(lambda: candidate().score, baseline, repeats=FLAGS.repeats,
+                        name=f"SVCCA {FLAGS.rows}x{FLAGS.dim} streamed f32 vs numpy SVD f64",
+                        work=FLAGS.rows, work_unit="rows")
+    got = candidate()
+    want, kx, ky = baseline()
+    res.update(value=got.score, value_numpy=want, abs_diff=abs(got.score - want),
+               components=[got.components_x, got.components_y], components_numpy=[kx, ky],
+               goal_speedup=5.0, goal_abs_diff=1e-6, rows=FLAGS.rows, dim=FLAGS.dim,
+               chunk=chunk)
+    d = FLAGS.dim
+    res["candidate_state_bytes"] = int(4 * (3 * d * d + 8 * d))          # O(d^2), any n
+    res["candidate_chunk_bytes"] = int(4 * chunk * 2 * d * 3)            # chunk + 2 prefetched
+    res["baseline_bytes_estimate"] = int(8 * FLAGS.rows * d * 3)         # f64 copy, U, proj.
+    if FLAGS.x64:
+        jax.config.update("jax_enable_x64", True)
+        t0 = time.perf_counter()
+        got64 = candidate(jnp.float64)
+        res["x64_seconds"] = time.perf_counter() - t0
+        res["x64_value"] = got64.score
+        res["x64_abs_diff"] = abs(got64.score - want)
+        jax.config.update("jax_enable_x64", False)
+    del np
+    return res
+
+
+def _null_compare(bench, name, batched, loop, loop_perms):
+    """Times the batched null (all R) and a loop (loop_perms), reports the scaled ratio.
+
+    Both were called once before (compilation, caches), so no warm-up here.
+    """
+    res = bench.compare(batched, loop, repeats=1, warmup=0, name=name)
+    scale = FLAGS.permutations / loop_perms
+    res.update(loop_perms=loop_perms, permutations=FLAGS.permutations,
+               baseline_scaled_s=res["baseline_median_s"] * scale,
+               speedup_scaled=res["baseline_median_s"] * scale / res["candidate_median_s"],
+               goal_speedup=10.0)
+    return res
+
+
+def null_svcca_section(bench) -> list[dict]:
+    import numpy as np
+
+    from engine import nulls, similarity
+    from engine import mesh as mesh_lib
+
+    x, y = _data(FLAGS.pairs, FLAGS.null_dim, FLAGS.latent, seed=1)
+    mesh = mesh_lib.make_mesh()
+    metric = similarity.get("svcca")
+    result, make_kernel = metric.prepare(x, y, None, mesh)
+    kernel = make_kernel()
+    r = FLAGS.permutations
+
+    def batched():
+        return nulls.permutation_null(kernel, r, seed=0, mesh=mesh)
+
+    def loop_engine():
+        return nulls.loop_null(lambda a, b, w: metric(a, b, w, mesh=mesh), x, y,
+                               num_permutations=FLAGS.loop_perms, seed=0)
+
+    def loop_numpy():
+        perms = nulls.permutations(FLAGS.pairs, FLAGS.loop_perms, seed=0)
+        return np.array([numpy_svcca(x, y[p])[0] for p in perms])
+
+    out = []
+    b = batched()[:FLAGS.loop_perms]
+    for label, loop in (("engine metric per permutation", loop_engine),
+                        ("numpy SVD SVCCA per permutation", loop_numpy)):
+        diff = float(np.max(np.abs(b - loop())))
+        res = _null_compare(bench, f"SVCCA null R={r} n={FLAGS.pairs} d={FLAGS.null_dim}: "
+                            f"batched vs loop ({label})", batched, loop, FLAGS.loop_perms)
+        res["max_abs_diff_vs_loop"] = diff
+        res["components"] = [result.components_x, result.components_y]
+        out.append(res)
+    return out
+
+
+def null_rsa_section(bench) -> list[dict]:
+    import numpy as np
+    import scipy.stats
+
+    from engine import nulls, similarity
+    from engine import mesh as mesh_lib
+
+    x, y = _data(FLAGS.pairs, FLAGS.null_dim, FLAGS.latent, seed=2)
+    mesh = mesh_lib.make_mesh()
+    metric = similarity.get("rsa_spearman")
+    _, make_kernel = metric.prepare(x, y, None, mesh)
+    kernel = make_kernel()
+    r = FLAGS.permutations
+    loop_perms = max(1, FLAGS.loop_perms // 10)   # each numpy RSA sorts 12.5M pairs twice
+
+    def batched():
+        return nulls.permutation_null(kernel, r, seed=0, mesh=mesh)
+
+    def loop_engine():
+        return nulls.loop_null(lambda a, b, w: metric(a, b, w, mesh=mesh), x, y,
+                               num_permutations=loop_perms, seed=0)
+
+    iu = np.triu_indices(FLAGS.pairs, 1)
+    rx = np.corrcoef(x.astype(np.float64))[iu]
+
+    def loop_numpy():
+        perms = nulls.permutations(FLAGS.pairs, loop_perms, seed=0)
+        return np.array([scipy.stats.spearmanr(rx, np.corrcoef(y[p].astype(np.float64))[iu])
+                         .statistic for p in perms])
+
+    out = []
+    b = batched()[:loop_perms]
+    for label, loop in (("engine metric per permutation", loop_engine),
+                        ("numpy corrcoef + scipy spearmanr per permutation", loop_numpy)):
+        diff = float(np.max(np.abs(b - loop())))
+        res = _null_compare(bench, f"RSA null R={r} n={FLAGS.pairs} d={FLAGS.null_dim}: "
+                            f"batched vs loop ({label})", batched, loop, loop_perms)
+        res["max_abs_diff_vs_loop"] = diff
+        out.append(res)
+    return out
+
+
+def main(argv):
+    del argv
+    from engine import bench
+    budget = bench.set_thread_budget(FLAGS.threads)
+    results = []
+    if "svcca_stream" in FLAGS.only:
+        results.append(svcca_stream_section(bench))
+        r = results[-1]
+        print(f"SVCCA value {r['value']:.9f} vs numpy {r['value_numpy']:.9f} "
+              f"(|diff| {r['abs_diff']:.1e}, goal 1e-6); speedup {r['speedup']:.2f}x (goal 5x)")
+    if "null_svcca" in FLAGS.only:
+        results.extend(null_svcca_section(bench))
+    if "null_rsa" in FLAGS.only:
+        results.extend(null_rsa_section(bench))
+    for r in results:
+        r["threads"] = budget
+        if "speedup_scaled" in r:
+            print(f"{r['name']}: {r['speedup_scaled']:.1f}x scaled to R={r['permutations']} "
+                  f"(goal {r['goal_speedup']:.0f}x)")
+    bench.report(results, FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)
