@@ -274,38 +274,12 @@ def _sharded_step(d1: int, d2: int, mesh, num_arrays: int, dtype=jnp.float32):
 
 def _fold(acc: PairMoments, stream: streaming.ChunkStream, mesh, num_arrays: int, *,
           checkpointer=None, save_every: int = 0, progress: bool = False) -> PairState:
-    """`engine.accumulators.accumulate` with the cached compiled step (same checkpointing:
-    state and stream position saved every ``save_every`` chunks and at the end, resumed from
-    the latest checkpoint)."""
-    mesh_lib.check_divisible(mesh, stream.chunk_size, f"{stream.name} chunk_size")
+    """`engine.accumulators.accumulate` with the cached compiled step (state and resume
+    position saved every ``save_every`` chunks and at the end, resumed from the latest
+    checkpoint)."""
     step = _sharded_step(acc.d1, acc.d2, mesh, num_arrays, acc.dtype)
-    state = mesh_lib.replicate(mesh, acc.init(), copy=True)
-    count = 0
-    if checkpointer is not None:
-        restored = checkpointer.restore(state)
-        if restored is not None:
-            count, state, meta = restored
-            stream.seek(int(meta["position"]))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=stream.num_rows, initial=stream.position, unit="rows",
-                   desc=stream.name)
-    any_chunk = False
-    for chunk in streaming.prefetch_to_device(stream, mesh):
-        any_chunk = True
-        state = step(state, chunk.arrays, chunk.mask.astype(acc.dtype))
-        count += 1
-        if bar is not None:
-            bar.update(int(chunk.mask.shape[0]))
-        if checkpointer is not None and save_every and count % save_every == 0:
-            checkpointer.save(count, state, {"position": stream.position})
-    if bar is not None:
-        bar.close()
-    saved_last = bool(save_every) and count % save_every == 0
-    if checkpointer is not None and any_chunk and not saved_last:
-        checkpointer.save(count, state, {"position": stream.position})
-    return state
+    return accumulators.accumulate(acc, stream, mesh, checkpointer=checkpointer,
+                                   save_every=save_every, progress=progress, step=step)
 
 
 def pair_stats(x, y, weights=None, *, mesh=None, chunk_size: int | None = None,
