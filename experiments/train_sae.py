@@ -143,7 +143,7 @@ def unit_rows(w):
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
 
 
-def ground_truth_scores(true_atoms, w_dec, split_cos: float = 0.5,
+def ground_truth_scores(true_atoms, w_dec, alive=None, split_cos: float = 0.5,
                         recovered_cos: float = 0.9) -> dict:
     """MMCS (Sharkey et al. 2022) and splitting statistics of a learned dictionary.
 
@@ -151,16 +151,17 @@ def ground_truth_scores(true_atoms, w_dec, split_cos: float = 0.5,
       mmcs: mean over true atoms of the best cosine to a learned atom.
       recovered_frac: true atoms with a learned atom at cosine >= ``recovered_cos``.
       learned_match_mean: mean over learned atoms of their best cosine to a true atom.
-      latents_per_true: mean number of learned atoms whose best true atom is a given
-        recovered atom, at cosine >= ``split_cos`` (1 = no splitting; > 1 = splitting or
-        duplicates as d_sae grows past n_true).
+      latents_per_true: mean number of live learned atoms (``alive``, default all) whose
+        best true atom is a given recovered atom, at cosine >= ``split_cos`` (1 = no
+        splitting; > 1 = splitting or duplicates as d_sae grows past n_true).
     """
     import numpy as np
     t, l = unit_rows(true_atoms), unit_rows(w_dec)
     cos = l @ t.T                                       # [learned, true]
     best_true = cos.max(axis=0)
     owner = cos.argmax(axis=1)
-    close = cos.max(axis=1) >= split_cos
+    alive = np.ones(l.shape[0], bool) if alive is None else np.asarray(alive, bool)
+    close = (cos.max(axis=1) >= split_cos) & alive
     per_true = np.bincount(owner[close], minlength=t.shape[0])
     rec = best_true >= recovered_cos
     return {"mmcs": float(best_true.mean()), "recovered_frac": float(rec.mean()),
@@ -188,48 +189,68 @@ def seed_match_fraction(w_a, w_b, threshold: float) -> dict:
 
 
 def plot_density_histograms(path: str, labels, densities) -> None:
+    """One small log10 feature-density histogram per SAE (dead features in the -10 bin)."""
+    import math
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    bins = np.linspace(-7, 0, 57)
-    for label, d in zip(labels, densities):
-        ax.hist(np.log10(np.asarray(d) + 1e-10), bins=bins, histtype="step", label=label)
-    ax.set_xlabel("log10 feature density (fraction of held-out rows on which it fires)")
-    ax.set_ylabel("features")
-    ax.set_title("Feature density (dead features at -10 are off the left edge)")
-    if len(labels) <= 12:
-        ax.legend(fontsize=7)
+    n = len(labels)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False,
+                             sharex=True)
+    bins = np.linspace(-10.25, 0.25, 43)
+    for ax, label, d in zip(axes.flat, labels, densities):
+        d = np.asarray(d)
+        ax.hist(np.log10(d + 1e-10), bins=bins, color="tab:blue")
+        ax.set_title(f"{label}\ndead {np.mean(d == 0):.1%}", fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("log10 density (-10 = dead)", fontsize=7)
+    fig.suptitle("Feature density on held-out rows", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_sweep(path: str, rows: list[dict], n_true: int) -> None:
-    """MMCS, recovered fraction, L0, FVU and latents-per-true against width, one line per
-    (activation, k / coefficient), averaged over seeds."""
+def plot_sweep(path: str, rows: list[dict], n_true: int, pairs: list[dict] = ()) -> None:
+    """MMCS, recovered fraction, latents-per-true, L0, FVU and the seed-vs-seed matched
+    fraction against width, one line per (activation, k / coefficient), mean over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     series: dict = {}
+    by_label = {r["label"]: r for r in rows}
     for r in rows:
-        knob = r["knob"]
-        series.setdefault(knob, {}).setdefault(r["d_sae"], []).append(r)
+        series.setdefault(r["knob"], {}).setdefault(r["d_sae"], []).append(dict(r))
+    for p in pairs:   # the pair's matched fraction, attached to its first SAE's point
+        a = by_label[p["a"]]
+        for r in series[a["knob"]][a["d_sae"]]:
+            if r["label"] == p["a"]:
+                r["seed_matched"] = p["matched_frac"]
     panels = [("mmcs", "MMCS"), ("recovered_frac", "true atoms recovered (cos >= 0.9)"),
-              ("latents_per_true", "latents per recovered atom"), ("l0", "L0"),
+              ("latents_per_true", "live latents per recovered atom"), ("l0", "L0"),
               ("fvu", "FVU (held out)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    if pairs:
+        panels.append(("seed_matched", "seed vs seed: matched 1-1 at cos >= 0.7"))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    axes = list(axes.flat)
     for ax, (key, title) in zip(axes, panels):
         for knob, by_width in sorted(series.items()):
-            widths = sorted(by_width)
+            widths = [w for w in sorted(by_width) if any(key in r for r in by_width[w])]
             mult = [w / n_true for w in widths]
-            vals = [np.mean([r[key] for r in by_width[w]]) for w in widths]
+            vals = [np.mean([r[key] for r in by_width[w] if key in r]) for w in widths]
             ax.plot(mult, vals, marker="o", label=knob)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_sae / n_true")
         ax.set_title(title, fontsize=9)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -319,7 +340,8 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
                "l0_coeff": cfg.l0_coeff, "seed": cfg.seed, "knob": knob_label(cfg),
                "input_scale": sae.config.input_scale, **ev}
         if dictionary is not None:
-            row.update(ground_truth_scores(np.asarray(dictionary.atoms), np.asarray(sae.W_dec)))
+            row.update(ground_truth_scores(np.asarray(dictionary.atoms), np.asarray(sae.W_dec),
+                                           alive=densities[-1] > 0))
         rows.append(row)
     # Seed-vs-seed: same config but the seed.
     pairs = []
@@ -338,7 +360,8 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
     plot_density_histograms(os.path.join(run.plots_dir, "feature_density.png"), labels,
                             densities)
     if dictionary is not None and len({r["d_sae"] for r in rows}) > 1:
-        plot_sweep(os.path.join(run.plots_dir, "ground_truth_sweep.png"), rows, o["n_true"])
+        plot_sweep(os.path.join(run.plots_dir, "ground_truth_sweep.png"), rows, o["n_true"],
+                   pairs)
     results = {"saes": rows, "seed_pairs": pairs, "n_eval_rows": int(eval_x.shape[0]),
                "d_in": d_in}
     if pairs:

@@ -191,7 +191,7 @@ def test_auxk_gradient_finite_differences(mesh1):
                 return program._aux_loss(pp, xd - pp["b_dec"], pre, resid, jnp.asarray(dead))
             auto, fd = _directional_fd(fn, p, ("W_enc", "b_enc", "W_dec", "b_dec"), 7)
             np.testing.assert_allclose(auto, fd, rtol=1e-6)
-            grads.append(jax.grad(fn)(p))
+            grads.append(jax.jit(jax.grad(fn))(p))
     for k in grads[0]:
         np.testing.assert_allclose(np.asarray(grads[0][k]), np.asarray(grads[1][k]),
                                    atol=1e-10)

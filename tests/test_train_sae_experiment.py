@@ -24,6 +24,8 @@ def test_ground_truth_scores_known_values():
     assert s["latents_per_true"] == 1.0
     doubled = np.concatenate([atoms, atoms + 1e-3 * rng.normal(size=atoms.shape)])
     assert train_sae.ground_truth_scores(atoms, doubled)["latents_per_true"] == 2.0
+    alive = np.arange(40) < 30  # the last 10 duplicates are dead: they do not count
+    assert train_sae.ground_truth_scores(atoms, doubled, alive=alive)["latents_per_true"] == 1.5
     half = train_sae.ground_truth_scores(atoms, atoms[:10])
     assert half["recovered_frac"] == 0.5
 
