@@ -145,3 +145,10 @@ def mutual_knn(x, y, k, w=None, normalize=False):
     frac = np.array([len(set(a[i]) & set(b[i])) / k for i in range(len(a))])
     w = np.ones(len(frac)) if w is None else np.asarray(w, np.float64)
     return float(w @ frac / w.sum())
+
+
+def random_pair(seed, n, d1, d2):
+    """Independent Gaussian X [n, d1], Y [n, d2] (float32): the no-shared-structure input."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d1)).astype(np.float32),
+            rng.normal(size=(n, d2)).astype(np.float32))

@@ -28,9 +28,7 @@ def structured(seed, n=N, d1=D1, d2=D2, noise=0.7, offset=50.0):
 
 
 def random_pair(seed, n=N, d1=D1, d2=D2):
-    rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, d1)).astype(np.float32),
-            rng.normal(size=(n, d2)).astype(np.float32))
+    return ref.random_pair(seed, n, d1, d2)
 
 
 INPUTS = {"random": random_pair(0), "structured": structured(1)}
