@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("rows", 1_000_000, "Rows of X and Y.")
-flags.DEFINE_integer("d1", 64, "Columns of X.")
-flags.DEFINE_integer("d2", 64, "Columns of Y.")
-flags.DEFINE_integer("chunk", 65536, "Rows per streamed chunk.")
-flags.DEFINE_integer("threads", 2, "Thread budget for XLA and BLAS (both sides).")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions per side.")
-flags.DEFINE_string("out", "runs/bench/accumulator.json", "JSON output path.")
+flags.DEFINE_integer("acc_rows", 1_000_000, "Rows of X and Y.")
+flags.DEFINE_integer("acc_d1", 64, "Columns of X.")
+flags.DEFINE_integer("acc_d2", 64, "Columns of Y.")
+flags.DEFINE_integer("acc_chunk", 65536, "Rows per streamed chunk.")
+common.define_bench_flags()
 
 
 def main(argv):
@@ -31,14 +31,14 @@ def main(argv):
     from engine import mesh as mesh_lib
 
     rng = np.random.default_rng(0)
-    x = (rng.normal(size=(FLAGS.rows, FLAGS.d1)) + 100.0).astype(np.float32)
-    y = (x[:, :FLAGS.d2] * 0.5 + rng.normal(size=(FLAGS.rows, FLAGS.d2))).astype(np.float32)
+    x = (rng.normal(size=(FLAGS.acc_rows, FLAGS.acc_d1)) + 100.0).astype(np.float32)
+    y = (x[:, :FLAGS.acc_d2] * 0.5 + rng.normal(size=(FLAGS.acc_rows, FLAGS.acc_d2))).astype(np.float32)
     mesh = mesh_lib.make_mesh()
-    acc = accumulators.CrossMoments(FLAGS.d1, FLAGS.d2)
+    acc = accumulators.CrossMoments(FLAGS.acc_d1, FLAGS.acc_d2)
 
     def candidate():
         state = accumulators.accumulate(
-            acc, streaming.ChunkStream((x, y), FLAGS.chunk, check_finite=False), mesh)
+            acc, streaming.ChunkStream((x, y), FLAGS.acc_chunk, check_finite=False), mesh)
         return state.sxy
 
     def baseline():
@@ -47,15 +47,15 @@ def main(argv):
         return xc.T @ yc / len(xd)
 
     result = bench.compare(candidate, baseline, repeats=FLAGS.repeats, name="CrossMoments "
-                           f"{FLAGS.rows}x({FLAGS.d1},{FLAGS.d2}) streamed f32 vs numpy f64",
-                           work=FLAGS.rows, work_unit="rows")
+                           f"{FLAGS.acc_rows}x({FLAGS.acc_d1},{FLAGS.acc_d2}) streamed f32 vs numpy f64",
+                           work=FLAGS.acc_rows, work_unit="rows")
     ref = baseline()
     got = acc.finalize(accumulators.accumulate(
-        acc, streaming.ChunkStream((x, y), FLAGS.chunk, check_finite=False), mesh)).cov_xy
+        acc, streaming.ChunkStream((x, y), FLAGS.acc_chunk, check_finite=False), mesh)).cov_xy
     result["max_rel_err_vs_float64"] = float(np.abs(got - ref).max() / np.abs(ref).max())
     result["threads"] = FLAGS.threads
     result["peak_host_bytes_baseline_estimate"] = int(x.nbytes * 2 + y.nbytes * 2)
-    bench.report([result], FLAGS.out)
+    bench.report([result], common.bench_out("accumulator"))
     print(f"max relative error vs float64: {result['max_rel_err_vs_float64']:.2e}")
 
 

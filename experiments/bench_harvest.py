@@ -11,11 +11,11 @@ Harvest (per model size, per hookpoint depth):
 
 Models are built from configs with random weights (speed does not depend on the weights):
 ``tiny`` (GPT-NeoX, d 64, 2 blocks), ``small`` (GPT-NeoX with Pythia-14m's shape: d 128,
-6 blocks, 4 heads, MLP 512) and, without ``--quick``, ``medium`` (Pythia-70m's shape: d 512,
+6 blocks, 4 heads, MLP 512) and, without ``--hv_quick``, ``medium`` (Pythia-70m's shape: d 512,
 6 blocks, 8 heads, MLP 2048). Vocabulary 2000 (the LM head is never run, so its size does not
-matter here). Batches of ``--batch_size`` contexts of ``--context_length`` tokens.
+matter here). Batches of ``--hv_batch_size`` contexts of ``--hv_context_length`` tokens.
 
-Cache reads: a float32 and a bfloat16 cache of ``--read_mb`` MB (the embedding output of a
+Cache reads: a float32 and a bfloat16 cache of ``--hv_read_mb`` MB (the embedding output of a
 d-1024 model, cheap to harvest) read through `CacheSource.open_at` (float32 out) against
 ``np.load`` of the same shard files (raw bytes, no conversion). Both run warm, from the page
 cache (the first warm-up pass loads it), so this measures the reader's overhead over raw file
@@ -35,16 +35,16 @@ import tempfile
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("threads", 2, "Thread budget for torch, BLAS and XLA (both sides).")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions per side (interleaved).")
-flags.DEFINE_integer("batch_size", 8, "Contexts per forward pass.")
-flags.DEFINE_integer("context_length", 128, "Tokens per context.")
-flags.DEFINE_integer("batches", 4, "Forward passes per timed repetition.")
-flags.DEFINE_integer("read_mb", 128, "Size of the cache read in the read benchmark (MB).")
-flags.DEFINE_bool("quick", False, "Skip the medium model (smoke run).")
-flags.DEFINE_string("device", None, "torch device (default cuda if available).")
-flags.DEFINE_string("out", "runs/bench/harvest.json", "JSON output path.")
+flags.DEFINE_integer("hv_batch_size", 8, "Contexts per forward pass.")
+flags.DEFINE_integer("hv_context_length", 128, "Tokens per context.")
+flags.DEFINE_integer("hv_batches", 4, "Forward passes per timed repetition.")
+flags.DEFINE_integer("hv_read_mb", 128, "Size of the cache read in the read benchmark (MB).")
+flags.DEFINE_bool("hv_quick", False, "Skip the medium model (smoke run).")
+flags.DEFINE_string("hv_device", None, "torch device (default cuda if available).")
+common.define_bench_flags()
 
 SIZES = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_mlp=256),
@@ -57,7 +57,7 @@ def _model(size: str, tok, max_len: int):
     from models import lm, lm_tiny
     cfg = dict(SIZES[size])
     raw = lm_tiny.build_tiny_model("gpt_neox", tok, seed=0, max_len=max_len, **cfg)
-    return lm.LanguageModel(raw.base_model, tok, name=f"gpt_neox-{size}", device=FLAGS.device)
+    return lm.LanguageModel(raw.base_model, tok, name=f"gpt_neox-{size}", device=FLAGS.hv_device)
 
 
 def _harvest_results(bench, tok, contexts) -> list[dict]:
@@ -65,27 +65,27 @@ def _harvest_results(bench, tok, contexts) -> list[dict]:
     import torch
     from models import activation_cache
     results = []
-    sizes = ["tiny", "small"] + ([] if FLAGS.quick else ["medium"])
-    n_ctx = FLAGS.batch_size * FLAGS.batches
+    sizes = ["tiny", "small"] + ([] if FLAGS.hv_quick else ["medium"])
+    n_ctx = FLAGS.hv_batch_size * FLAGS.hv_batches
     ctxs = contexts[:n_ctx]
     tokens = ctxs.num_tokens
     for size in sizes:
-        model = _model(size, tok, FLAGS.context_length)
+        model = _model(size, tok, FLAGS.hv_context_length)
         # an early hookpoint (the forward stops there) and the last block (no early stop)
         for layer in sorted({min(1, model.n_layers - 2), model.n_layers - 1}):
             hp = f"resid_post.{layer}"
 
             def candidate(model=model, hp=hp):
                 out = None
-                for lo in range(0, n_ctx, FLAGS.batch_size):
-                    part = ctxs[lo:lo + FLAGS.batch_size]
+                for lo in range(0, n_ctx, FLAGS.hv_batch_size):
+                    part = ctxs[lo:lo + FLAGS.hv_batch_size]
                     out = model.forward_batch(part.token_ids, [hp], attention_mask=part.mask)
                 return out.acts[hp]
 
             def baseline(model=model, layer=layer):
                 out = None
-                for lo in range(0, n_ctx, FLAGS.batch_size):
-                    part = ctxs[lo:lo + FLAGS.batch_size]
+                for lo in range(0, n_ctx, FLAGS.hv_batch_size):
+                    part = ctxs[lo:lo + FLAGS.hv_batch_size]
                     with torch.inference_mode():
                         hs = model.model(
                             input_ids=torch.as_tensor(part.token_ids, device=model.device).long(),
@@ -104,7 +104,7 @@ def _harvest_results(bench, tok, contexts) -> list[dict]:
                               work=tokens, work_unit="tokens")
             r.update({"kind": "harvest", "size": size, "hookpoint": hp, **SIZES[size],
                       "baseline": "hf_hidden_states", "tokens_per_repeat": tokens,
-                      "batch_size": FLAGS.batch_size, "context_length": FLAGS.context_length,
+                      "batch_size": FLAGS.hv_batch_size, "context_length": FLAGS.hv_context_length,
                       "max_abs_diff_vs_baseline": diff})
             results.append(r)
         tmp = tempfile.mkdtemp(prefix="bench_harvest_")
@@ -113,11 +113,11 @@ def _harvest_results(bench, tok, contexts) -> list[dict]:
         def to_disk(model=model, hp=hp, tmp=tmp):
             path = os.path.join(tmp, "cache")
             shutil.rmtree(path, ignore_errors=True)
-            return activation_cache.harvest(model, ctxs, [hp], path, batch_size=FLAGS.batch_size,
+            return activation_cache.harvest(model, ctxs, [hp], path, batch_size=FLAGS.hv_batch_size,
                                             progress=False).num_tokens
 
         def in_memory(model=model, hp=hp):
-            return model.run(ctxs, [hp], batch_size=FLAGS.batch_size).acts[hp]
+            return model.run(ctxs, [hp], batch_size=FLAGS.hv_batch_size).acts[hp]
 
         r = bench.compare(to_disk, in_memory, repeats=FLAGS.repeats, warmup=1,
                           name=f"harvest {size} {hp}: to disk vs in memory", work=tokens,
@@ -134,15 +134,15 @@ def _read_results(bench, tok, contexts) -> list[dict]:
     from models import activation_cache, lm, lm_tiny
     d = 1024
     raw = lm_tiny.build_tiny_model("gpt_neox", tok, seed=0, d_model=d, n_layers=1, n_heads=8,
-                                   d_mlp=64, max_len=FLAGS.context_length)
+                                   d_mlp=64, max_len=FLAGS.hv_context_length)
     model = lm.LanguageModel(raw.base_model, tok, name="gpt_neox-d1024-embeddings",
                              device="cpu")
     results = []
     tmp = tempfile.mkdtemp(prefix="bench_read_")
     try:
         for dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
-            n_tokens = FLAGS.read_mb * 2**20 // (d * itemsize)
-            n_ctx = min(len(contexts), max(1, n_tokens // FLAGS.context_length))
+            n_tokens = FLAGS.hv_read_mb * 2**20 // (d * itemsize)
+            n_ctx = min(len(contexts), max(1, n_tokens // FLAGS.hv_context_length))
             path = os.path.join(tmp, dtype)
             cache = activation_cache.harvest(model, contexts[:n_ctx], ["resid_pre.0"], path,
                                              dtype=dtype, batch_size=64, progress=False,
@@ -207,12 +207,12 @@ def main(argv):
 
     tok = text.build_word_tokenizer(vocab_size=2000)
     docs = text.sample_documents()
-    contexts = text.make_contexts(docs, tok, FLAGS.context_length)
+    contexts = text.make_contexts(docs, tok, FLAGS.hv_context_length)
     results = _harvest_results(bench, tok, contexts)
     # the read benchmark needs more contexts than the sample has at long context lengths:
     # repeat the sample's contexts (content does not matter for read speed)
     import numpy as np
-    reps = -(-(FLAGS.read_mb * 2**20 // 2048) // max(1, contexts.num_tokens)) + 1
+    reps = -(-(FLAGS.hv_read_mb * 2**20 // 2048) // max(1, contexts.num_tokens)) + 1
     many = text.Contexts.concat([contexts] * reps)
     many = text.Contexts(many.token_ids, many.mask, np.arange(len(many)))
     results += _read_results(bench, tok, many)
@@ -224,7 +224,7 @@ def main(argv):
         else:
             print(f"{r['name']}: {r['candidate_GB_file_per_s']:.2f} vs "
                   f"{r['baseline_GB_file_per_s']:.2f} GB/s ({r['speedup']:.2f}x)")
-    bench.report(results, FLAGS.out)
+    bench.report(results, common.bench_out("harvest"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Sections (``--only=svcca_stream,null_svcca,null_rsa``):
 * ``null_svcca`` / ``null_rsa``: a 1000-permutation random-pairing null at n = 5000 pairs,
   batched (`engine.nulls.permutation_null`) vs a Python loop over permutations. Two loops are
   timed: the engine's own metric called once per permutation (same code, not batched) and a
-  plain numpy/scipy recomputation. Loops are timed on ``--loop_perms`` permutations and scaled
+  plain numpy/scipy recomputation. Loops are timed on ``--rep_loop_perms`` permutations and scaled
   linearly to 1000 (each iteration does the same work, so the loop is linear in R). Goal >=
   10x.
 
@@ -18,7 +18,7 @@ Both sides get the same thread budget (``--threads``, recorded), candidates are 
 
     python -m experiments.bench_representation --out=runs/bench/representation.json
 
-On the 2-core development machine the SVCCA section is scaled down (``--rows``): the numpy
+On the 2-core development machine the SVCCA section is scaled down (``--rep_rows``): the numpy
 baseline needs float64 copies and an n x d SVD workspace (~30 GB at n = 1e6, d = 512).
 """
 
@@ -28,20 +28,19 @@ import time
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
-flags.DEFINE_list("only", ["svcca_stream", "null_svcca", "null_rsa"], "Sections to run.")
-flags.DEFINE_integer("rows", 1_000_000, "svcca_stream: rows of X and Y.")
-flags.DEFINE_integer("dim", 512, "svcca_stream: columns of X and Y.")
-flags.DEFINE_integer("latent", 64, "svcca_stream / nulls: shared latent dimensions.")
-flags.DEFINE_integer("chunk", 16384, "svcca_stream: rows per streamed chunk.")
-flags.DEFINE_bool("x64", False, "svcca_stream: also run float64 accumulation (jax_enable_x64).")
-flags.DEFINE_integer("pairs", 5000, "nulls: rows (paired features).")
-flags.DEFINE_integer("null_dim", 128, "null_svcca / null_rsa: columns of X and Y.")
-flags.DEFINE_integer("permutations", 1000, "nulls: R.")
-flags.DEFINE_integer("loop_perms", 20, "nulls: permutations timed in the loops (scaled to R).")
-flags.DEFINE_integer("threads", 2, "Thread budget for XLA and BLAS (both sides).")
-flags.DEFINE_integer("repeats", 3, "svcca_stream: timed repetitions per side.")
-flags.DEFINE_string("out", "runs/bench/representation.json", "JSON output path.")
+flags.DEFINE_integer("rep_rows", 1_000_000, "svcca_stream: rows of X and Y.")
+flags.DEFINE_integer("rep_dim", 512, "svcca_stream: columns of X and Y.")
+flags.DEFINE_integer("rep_latent", 64, "svcca_stream / nulls: shared latent dimensions.")
+flags.DEFINE_integer("rep_chunk", 16384, "svcca_stream: rows per streamed chunk.")
+flags.DEFINE_bool("rep_x64", False, "svcca_stream: also run float64 accumulation (jax_enable_x64).")
+flags.DEFINE_integer("rep_pairs", 5000, "nulls: rows (paired features).")
+flags.DEFINE_integer("rep_null_dim", 128, "null_svcca / null_rsa: columns of X and Y.")
+flags.DEFINE_integer("rep_permutations", 1000, "nulls: R.")
+flags.DEFINE_integer("rep_loop_perms", 20, "nulls: permutations timed in the loops (scaled to R).")
+common.define_bench_flags()
 
 
 def _data(rows, dim, latent, seed, dtype="float32"):
@@ -89,9 +88,9 @@ def svcca_stream_section(bench) -> dict:
     from engine import cca, paired_stats, streaming
     from engine import mesh as mesh_lib
 
-    x, y = _data(FLAGS.rows, FLAGS.dim, FLAGS.latent, seed=0)
+    x, y = _data(FLAGS.rep_rows, FLAGS.rep_dim, FLAGS.rep_latent, seed=0)
     mesh = mesh_lib.make_mesh()
-    chunk = paired_stats.chunk_rows(mesh, FLAGS.rows, FLAGS.chunk)
+    chunk = paired_stats.chunk_rows(mesh, FLAGS.rep_rows, FLAGS.rep_chunk)
 
     def candidate(dtype=jnp.float32):
         stream = streaming.ChunkStream((x, y), chunk, check_finite=False, name="svcca")
@@ -101,19 +100,19 @@ def svcca_stream_section(bench) -> dict:
         return numpy_svcca(x, y)
 
     res = bench.compare(lambda: candidate().score, baseline, repeats=FLAGS.repeats,
-                        name=f"SVCCA {FLAGS.rows}x{FLAGS.dim} streamed f32 vs numpy SVD f64",
-                        work=FLAGS.rows, work_unit="rows")
+                        name=f"SVCCA {FLAGS.rep_rows}x{FLAGS.rep_dim} streamed f32 vs numpy SVD f64",
+                        work=FLAGS.rep_rows, work_unit="rows")
     got = candidate()
     want, kx, ky = baseline()
     res.update(value=got.score, value_numpy=want, abs_diff=abs(got.score - want),
                components=[got.components_x, got.components_y], components_numpy=[kx, ky],
-               goal_speedup=5.0, goal_abs_diff=1e-6, rows=FLAGS.rows, dim=FLAGS.dim,
+               goal_speedup=5.0, goal_abs_diff=1e-6, rows=FLAGS.rep_rows, dim=FLAGS.rep_dim,
                chunk=chunk)
-    d = FLAGS.dim
+    d = FLAGS.rep_dim
     res["candidate_state_bytes"] = int(4 * (3 * d * d + 8 * d))          # O(d^2), any n
     res["candidate_chunk_bytes"] = int(4 * chunk * 2 * d * 3)            # chunk + 2 prefetched
-    res["baseline_bytes_estimate"] = int(8 * FLAGS.rows * d * 3)         # f64 copy, U, proj.
-    if FLAGS.x64:
+    res["baseline_bytes_estimate"] = int(8 * FLAGS.rep_rows * d * 3)         # f64 copy, U, proj.
+    if FLAGS.rep_x64:
         jax.config.update("jax_enable_x64", True)
         t0 = time.perf_counter()
         got64 = candidate(jnp.float64)
@@ -131,8 +130,8 @@ def _null_compare(bench, name, batched, loop, loop_perms):
     Both were called once before (compilation, caches), so no warm-up here.
     """
     res = bench.compare(batched, loop, repeats=1, warmup=0, name=name)
-    scale = FLAGS.permutations / loop_perms
-    res.update(loop_perms=loop_perms, permutations=FLAGS.permutations,
+    scale = FLAGS.rep_permutations / loop_perms
+    res.update(loop_perms=loop_perms, permutations=FLAGS.rep_permutations,
                baseline_scaled_s=res["baseline_median_s"] * scale,
                speedup_scaled=res["baseline_median_s"] * scale / res["candidate_median_s"],
                goal_speedup=10.0)
@@ -145,31 +144,31 @@ def null_svcca_section(bench) -> list[dict]:
     from engine import nulls, similarity
     from engine import mesh as mesh_lib
 
-    x, y = _data(FLAGS.pairs, FLAGS.null_dim, FLAGS.latent, seed=1)
+    x, y = _data(FLAGS.rep_pairs, FLAGS.rep_null_dim, FLAGS.rep_latent, seed=1)
     mesh = mesh_lib.make_mesh()
     metric = similarity.get("svcca")
     result, make_kernel = metric.prepare(x, y, None, mesh)
     kernel = make_kernel()
-    r = FLAGS.permutations
+    r = FLAGS.rep_permutations
 
     def batched():
         return nulls.permutation_null(kernel, r, seed=0, mesh=mesh)
 
     def loop_engine():
         return nulls.loop_null(lambda a, b, w: metric(a, b, w, mesh=mesh), x, y,
-                               num_permutations=FLAGS.loop_perms, seed=0)
+                               num_permutations=FLAGS.rep_loop_perms, seed=0)
 
     def loop_numpy():
-        perms = nulls.permutations(FLAGS.pairs, FLAGS.loop_perms, seed=0)
+        perms = nulls.permutations(FLAGS.rep_pairs, FLAGS.rep_loop_perms, seed=0)
         return np.array([numpy_svcca(x, y[p])[0] for p in perms])
 
     out = []
-    b = batched()[:FLAGS.loop_perms]
+    b = batched()[:FLAGS.rep_loop_perms]
     for label, loop in (("engine metric per permutation", loop_engine),
                         ("numpy SVD SVCCA per permutation", loop_numpy)):
         diff = float(np.max(np.abs(b - loop())))
-        res = _null_compare(bench, f"SVCCA null R={r} n={FLAGS.pairs} d={FLAGS.null_dim}: "
-                            f"batched vs loop ({label})", batched, loop, FLAGS.loop_perms)
+        res = _null_compare(bench, f"SVCCA null R={r} n={FLAGS.rep_pairs} d={FLAGS.rep_null_dim}: "
+                            f"batched vs loop ({label})", batched, loop, FLAGS.rep_loop_perms)
         res["max_abs_diff_vs_loop"] = diff
         res["components"] = [result.components_x, result.components_y]
         out.append(res)
@@ -183,13 +182,13 @@ def null_rsa_section(bench) -> list[dict]:
     from engine import nulls, similarity
     from engine import mesh as mesh_lib
 
-    x, y = _data(FLAGS.pairs, FLAGS.null_dim, FLAGS.latent, seed=2)
+    x, y = _data(FLAGS.rep_pairs, FLAGS.rep_null_dim, FLAGS.rep_latent, seed=2)
     mesh = mesh_lib.make_mesh()
     metric = similarity.get("rsa_spearman")
     _, make_kernel = metric.prepare(x, y, None, mesh)
     kernel = make_kernel()
-    r = FLAGS.permutations
-    loop_perms = max(1, FLAGS.loop_perms // 10)   # each numpy RSA sorts 12.5M pairs twice
+    r = FLAGS.rep_permutations
+    loop_perms = max(1, FLAGS.rep_loop_perms // 10)   # each numpy RSA sorts 12.5M pairs twice
 
     def batched():
         return nulls.permutation_null(kernel, r, seed=0, mesh=mesh)
@@ -198,11 +197,11 @@ def null_rsa_section(bench) -> list[dict]:
         return nulls.loop_null(lambda a, b, w: metric(a, b, w, mesh=mesh), x, y,
                                num_permutations=loop_perms, seed=0)
 
-    iu = np.triu_indices(FLAGS.pairs, 1)
+    iu = np.triu_indices(FLAGS.rep_pairs, 1)
     rx = np.corrcoef(x.astype(np.float64))[iu]
 
     def loop_numpy():
-        perms = nulls.permutations(FLAGS.pairs, loop_perms, seed=0)
+        perms = nulls.permutations(FLAGS.rep_pairs, loop_perms, seed=0)
         return np.array([scipy.stats.spearmanr(rx, np.corrcoef(y[p].astype(np.float64))[iu])
                          .statistic for p in perms])
 
@@ -211,7 +210,7 @@ def null_rsa_section(bench) -> list[dict]:
     for label, loop in (("engine metric per permutation", loop_engine),
                         ("numpy corrcoef + scipy spearmanr per permutation", loop_numpy)):
         diff = float(np.max(np.abs(b - loop())))
-        res = _null_compare(bench, f"RSA null R={r} n={FLAGS.pairs} d={FLAGS.null_dim}: "
+        res = _null_compare(bench, f"RSA null R={r} n={FLAGS.rep_pairs} d={FLAGS.rep_null_dim}: "
                             f"batched vs loop ({label})", batched, loop, loop_perms)
         res["max_abs_diff_vs_loop"] = diff
         out.append(res)
@@ -222,22 +221,23 @@ def main(argv):
     del argv
     from engine import bench
     budget = bench.set_thread_budget(FLAGS.threads)
+    only = common.bench_sections(("svcca_stream", "null_svcca", "null_rsa"))
     results = []
-    if "svcca_stream" in FLAGS.only:
+    if "svcca_stream" in only:
         results.append(svcca_stream_section(bench))
         r = results[-1]
         print(f"SVCCA value {r['value']:.9f} vs numpy {r['value_numpy']:.9f} "
               f"(|diff| {r['abs_diff']:.1e}, goal 1e-6); speedup {r['speedup']:.2f}x (goal 5x)")
-    if "null_svcca" in FLAGS.only:
+    if "null_svcca" in only:
         results.extend(null_svcca_section(bench))
-    if "null_rsa" in FLAGS.only:
+    if "null_rsa" in only:
         results.extend(null_rsa_section(bench))
     for r in results:
         r["threads"] = budget
         if "speedup_scaled" in r:
             print(f"{r['name']}: {r['speedup_scaled']:.1f}x scaled to R={r['permutations']} "
                   f"(goal {r['goal_speedup']:.0f}x)")
-    bench.report(results, FLAGS.out)
+    bench.report(results, common.bench_out("representation"))
 
 
 if __name__ == "__main__":

@@ -43,11 +43,10 @@ from typing import Callable
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
-flags.DEFINE_list("only", [], "Sections to run (default: all). Known: see SECTIONS.")
-flags.DEFINE_integer("threads", 2, "Thread budget for XLA and BLAS (both sides, recorded).")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions per side (interleaved).")
-flags.DEFINE_string("out", "runs/bench/similarity.json", "JSON output path.")
+common.define_bench_flags()
 # pairwise
 flags.DEFINE_integer("pw_n", 16384, "Rows of each dictionary (issue: 65536).")
 flags.DEFINE_integer("pw_d", 1024, "Dimension of the dictionaries.")
@@ -398,13 +397,11 @@ def main(argv):
     del argv
     from engine import bench
     budget = bench.set_thread_budget(FLAGS.threads)
-    unknown = [s for s in FLAGS.only if s not in SECTIONS]
-    if unknown:
-        raise SystemExit(f"--only: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+    sections = common.bench_sections(SECTIONS)
     from engine import mesh as mesh_lib
     ctx = {"mesh": mesh_lib.make_mesh()}
     results = []
-    for name in (FLAGS.only or list(SECTIONS)):
+    for name in sections:
         t = time.perf_counter()
         rows = SECTIONS[name](ctx)
         for r in rows:
@@ -412,7 +409,7 @@ def main(argv):
             r["thread_budget"] = budget
         results.extend(rows)
         print(f"section {name} done in {time.perf_counter() - t:.0f} s")
-    bench.report(results, FLAGS.out)
+    bench.report(results, common.bench_out("similarity"))
 
 
 if __name__ == "__main__":

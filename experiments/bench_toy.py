@@ -2,16 +2,16 @@
 
 Shapes of the issue: 1000 instances, 20 -> 5, batch 1024 (ReLU model, importance 0.9^i,
 sparsity spread over the instances). The paper trains 10k steps; each timed repetition here
-runs ``--steps`` steps (default 20, i.e. the 10k-step run scaled down 500x; the steps/s and
+runs ``--bt_steps`` steps (default 20, i.e. the 10k-step run scaled down 500x; the steps/s and
 the ratio are what is compared, and the projected 10k-step times are reported).
 
-* candidate: `models.toy` (one jitted `lax.scan` of ``--steps`` AdamW steps over all
+* candidate: `models.toy` (one jitted `lax.scan` of ``--bt_steps`` AdamW steps over all
   instances, the instance axis sharded over the mesh, hashed one-uniform data).
 * baseline ``torch_arena``: PyTorch with the instance dimension inside the weight tensors
   (``W [I, n, m]``, ``b [I, n]``), data drawn the way the notebook and ARENA do it (one
   ``torch.rand`` for values, one for the on/off mask), einsum forward, ``torch.optim.AdamW``
   (lr 1e-3).
-* baseline ``torch_one_uniform`` (``--torch_one_uniform``): the same PyTorch code with this
+* baseline ``torch_one_uniform`` (``--bt_torch_one_uniform``): the same PyTorch code with this
   project's one-uniform data trick, to show how much of the speed-up is the data generator and
   how much is XLA's fused program.
 
@@ -26,16 +26,16 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("instances", 1000, "Toy-model instances trained together.")
-flags.DEFINE_integer("n_features", 20, "n.")
-flags.DEFINE_integer("n_hidden", 5, "m.")
-flags.DEFINE_integer("batch_size", 1024, "Samples per instance per step.")
-flags.DEFINE_integer("steps", 20, "Training steps per timed repetition (10k scaled down).")
-flags.DEFINE_integer("threads", 2, "Thread budget for XLA, BLAS and torch (both sides).")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions per side (interleaved).")
-flags.DEFINE_bool("torch_one_uniform", True, "Also time the one-uniform PyTorch variant.")
-flags.DEFINE_string("out", "runs/bench/toy.json", "JSON output path.")
+flags.DEFINE_integer("bt_instances", 1000, "Toy-model instances trained together.")
+flags.DEFINE_integer("bt_n_features", 20, "n.")
+flags.DEFINE_integer("bt_n_hidden", 5, "m.")
+flags.DEFINE_integer("bt_batch_size", 1024, "Samples per instance per step.")
+flags.DEFINE_integer("bt_steps", 20, "Training steps per timed repetition (10k scaled down).")
+flags.DEFINE_bool("bt_torch_one_uniform", True, "Also time the one-uniform PyTorch variant.")
+common.define_bench_flags()
 
 
 def _torch_trainer(instances: int, n: int, m: int, batch: int, importance, sparsity,
@@ -107,8 +107,8 @@ def main(argv):
     from engine import mesh as mesh_lib
     from models import toy
 
-    I, n, m, B, K = (FLAGS.instances, FLAGS.n_features, FLAGS.n_hidden, FLAGS.batch_size,
-                     FLAGS.steps)
+    I, n, m, B, K = (FLAGS.bt_instances, FLAGS.bt_n_features, FLAGS.bt_n_hidden, FLAGS.bt_batch_size,
+                     FLAGS.bt_steps)
     importance = np.broadcast_to(0.9 ** np.arange(n), (I, n)).astype(np.float32)
     sparsity = np.broadcast_to(np.linspace(0.0, 0.99, I)[:, None], (I, n)).astype(np.float32)
     config = toy.ToyConfig(n, m, batch_size=B, lr=1e-3)
@@ -122,7 +122,7 @@ def main(argv):
     diff = _same_model_check(importance, n, m)
     results = []
     variants = [("torch_arena", False)] + ([("torch_one_uniform", True)]
-                                           if FLAGS.torch_one_uniform else [])
+                                           if FLAGS.bt_torch_one_uniform else [])
     for name, one_uniform in variants:
         trainer = _torch_trainer(I, n, m, B, importance, sparsity, one_uniform)
         r = bench.compare(candidate, lambda: trainer(K), repeats=FLAGS.repeats, warmup=1,
@@ -138,7 +138,7 @@ def main(argv):
         print(f"{name}: jax {r['candidate_steps_per_s']:.2f} steps/s, torch "
               f"{r['baseline_steps_per_s']:.2f} steps/s, speedup {r['speedup']:.2f}x "
               f"(goal >= 3x)")
-    bench.report(results, FLAGS.out)
+    bench.report(results, common.bench_out("toy"))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,37 @@ def define_common_flags() -> None:
     flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
+def define_bench_flags() -> None:
+    """Flags every benchmark shares (defined once, so all bench modules import together).
+
+    ``--threads`` is the thread budget given to both sides (XLA, BLAS, torch) and recorded in
+    the JSON; ``--repeats`` the interleaved timed repetitions per side; ``--out`` the JSON path
+    (default ``runs/bench/<bench name>.json``, see `bench_out`); ``--only`` the sections to run
+    (empty: all of the benchmark's sections).
+    """
+    if "threads" in flags.FLAGS:
+        return
+    flags.DEFINE_integer("threads", 2, "Thread budget for XLA, BLAS and torch (both sides; "
+                         "recorded in the JSON).")
+    flags.DEFINE_integer("repeats", 3, "Timed repetitions per side (interleaved).")
+    flags.DEFINE_string("out", None, "JSON output path (default runs/bench/<bench>.json).")
+    flags.DEFINE_list("only", [], "Sections to run (default: all of this benchmark's).")
+
+
+def bench_out(name: str) -> str:
+    """``--out`` or the default ``runs/bench/<name>.json``."""
+    return flags.FLAGS.out or os.path.join("runs", "bench", f"{name}.json")
+
+
+def bench_sections(known) -> list[str]:
+    """``--only`` checked against the benchmark's ``known`` sections (empty: all of them)."""
+    only = list(flags.FLAGS.only) or list(known)
+    unknown = [s for s in only if s not in known]
+    if unknown:
+        raise SystemExit(f"--only: unknown section(s) {unknown}; expected some of {list(known)}")
+    return only
+
+
 @dataclasses.dataclass
 class Run:
     """Paths of one run and helpers to write its outputs."""
