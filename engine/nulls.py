@@ -1,10 +1,12 @@
 """Random-pairing nulls (batched over permutations, sharded over the mesh) and bootstrap CIs.
 
-Random-pairing null (Lan et al. 2024; ../shared/REFERENCES.md "Nulls"): the metric is
+Random-pairing null (Lan et al. 2024; docs/references.md "Nulls"): the metric is
 recomputed on R random row permutations of Y, which breaks the pairing but keeps both sets of
-rows. We report the null mean, std, quantiles, ``z = (observed - mean) / std``, the excess
-``observed - mean``, and ``p = (1 + #{null >= observed}) / (1 + R)`` (Lan et al.'s
-``mean(null >= observed)`` can be 0, which no finite test supports).
+rows. Every null in the engine is summarised by `summarize_null` into a `NullSummary`: null
+mean, sample std, quantiles, ``z = (observed - mean) / std``, the excess ``observed - mean``,
+and ``p = (1 + #{null >= observed}) / (1 + R)`` (Lan et al.'s ``mean(null >= observed)`` can
+be 0, which no finite test supports); an exact null that enumerates every permutation of a few
+items (`item_permutation_test`) has ``p = #{null >= observed} / R``.
 
 Batching: a metric supplies a `NullKernel`: a module-level ``stat(consts, perm, **static)``
 that is pure JAX, plus the permutation-invariant work done once (whitened or standardised rows,
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import math
 from typing import Any, Callable
 
 import jax
@@ -188,26 +192,141 @@ def loop_null(metric: Callable[..., float], x, y, weights=None, *, num_permutati
     return out
 
 
-def summarize(observed: float, null: np.ndarray, quantiles=QUANTILES) -> dict:
-    """Null mean/std/quantiles, z, excess and ``p = (1 + #{null >= observed}) / (1 + R)``.
+@dataclasses.dataclass(frozen=True)
+class NullSummary:
+    """An observed statistic against its permutation null: the one result type of every null.
 
-    Returns a JSON-ready dict (a zero null std gives ``z = None``, never NaN/Inf).
+    Attributes:
+      observed: the statistic on the real pairing.
+      null_mean / null_std: mean and sample standard deviation (ddof=1) of the null values.
+      null_quantiles: ``{"0.05": ..., ...}`` at `QUANTILES`.
+      null_min / null_max: range of the null values.
+      p: ``(1 + #{null >= observed}) / (1 + R)`` for R random permutations; for an exact test
+        (every permutation enumerated, the identity among them) ``#{null >= observed} / R``.
+      num_permutations: R (the number of null values).
+      num_null_at_or_above: ``#{null >= observed}`` (ties within ``tie_tol`` count).
+      exact: whether the null enumerated every permutation.
+      null: the null values (kept out of `to_json`).
+    """
+
+    observed: float
+    null_mean: float
+    null_std: float
+    null_quantiles: dict
+    null_min: float
+    null_max: float
+    p: float
+    num_permutations: int
+    num_null_at_or_above: int
+    exact: bool = False
+    null: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def z(self) -> float | None:
+        """``(observed - null_mean) / null_std``; None when the null has no spread."""
+        return (self.observed - self.null_mean) / self.null_std if self.null_std > 0 else None
+
+    @property
+    def excess(self) -> float:
+        """``observed - null_mean``: the score above chance, comparable across comparisons."""
+        return self.observed - self.null_mean
+
+    @property
+    def min_p(self) -> float:
+        """The smallest p this null could have produced."""
+        r = self.num_permutations
+        return 1.0 / r if self.exact else 1.0 / (1 + r)
+
+    def to_json(self) -> dict:
+        return {"observed": self.observed, "null_mean": self.null_mean,
+                "null_std": self.null_std, "null_quantiles": dict(self.null_quantiles),
+                "null_min": self.null_min, "null_max": self.null_max, "z": self.z,
+                "excess": self.excess, "p": self.p, "num_permutations": self.num_permutations,
+                "num_null_at_or_above": self.num_null_at_or_above, "exact": self.exact,
+                "min_p": self.min_p}
+
+
+def summarize_null(observed: float, null, *, exact: bool = False, tie_tol: float = 0.0,
+                   quantiles=QUANTILES) -> NullSummary:
+    """The one p-value / spread convention of the engine (docs/references.md, "Nulls").
+
+    Args:
+      observed: the statistic on the real pairing.
+      null: ``[R]`` null values (R >= 2, finite).
+      exact: the null enumerated every permutation (identity included): ``p = # / R``.
+        Otherwise ``p = (1 + #) / (1 + R)`` (Lan et al.'s ``mean(null >= observed)`` can be 0,
+        which no finite random test supports).
+      tie_tol: null values within this of ``observed`` count as ``>=`` (float round-off of
+        exact ties, e.g. the rotations of a perfect circle).
     """
     null = np.asarray(null, np.float64)
     if null.ndim != 1 or len(null) < 2:
         raise checks.InputError(f"null: expected at least 2 null values, got shape {null.shape}")
     checks.check_finite("null values", null)
+    if not np.isfinite(observed):
+        raise checks.InputError(f"observed statistic: expected a finite value, got {observed}")
     r = len(null)
-    mean = float(null.mean())
-    std = float(null.std(ddof=1))
-    exceed = int(np.sum(null >= observed))
-    return {"observed": float(observed), "null_mean": mean, "null_std": std,
-            "null_quantiles": {f"{q:g}": float(np.quantile(null, q)) for q in quantiles},
-            "null_min": float(null.min()), "null_max": float(null.max()),
-            "z": (float(observed) - mean) / std if std > 0 else None,
-            "excess": float(observed) - mean,
-            "p": (1.0 + exceed) / (1.0 + r), "num_permutations": r,
-            "num_null_at_or_above": exceed}
+    exceed = int(np.sum(null >= float(observed) - tie_tol))
+    return NullSummary(
+        observed=float(observed), null_mean=float(null.mean()), null_std=float(null.std(ddof=1)),
+        null_quantiles={f"{q:g}": float(np.quantile(null, q)) for q in quantiles},
+        null_min=float(null.min()), null_max=float(null.max()),
+        p=exceed / r if exact else (1.0 + exceed) / (1.0 + r), num_permutations=r,
+        num_null_at_or_above=exceed, exact=bool(exact), null=null)
+
+
+def summarize(observed: float, null: np.ndarray, quantiles=QUANTILES) -> dict:
+    """`summarize_null` of a random-permutation null, as a JSON-ready dict."""
+    return summarize_null(observed, null, quantiles=quantiles).to_json()
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side permutation tests over few items (concept geometry: 7 days, 12 months, G groups).
+# --------------------------------------------------------------------------------------------
+
+#: Enumerate all permutations (exact p-value) up to this many (8! = 40320).
+EXACT_LIMIT = 40320
+#: Null values within this of the observed value count as ">=" (float round-off of ties).
+TIE_TOL = 1e-9
+
+
+def item_permutations(m: int, num: int, seed: int = 0, exact_limit: int = EXACT_LIMIT
+                      ) -> tuple[np.ndarray, bool]:
+    """All ``m!`` permutations of m items when that is <= ``exact_limit``, else ``num`` random.
+
+    Returns:
+      ``(perms [R, m] int, exact)``.
+    """
+    m = checks.check_positive_int("number of items", m)
+    if math.factorial(m) <= exact_limit:
+        return np.asarray(list(itertools.permutations(range(m))), np.int64), True
+    num = checks.check_positive_int("number of null permutations", num)
+    rng = np.random.default_rng(seed)
+    return np.argsort(rng.random((num, m)), axis=1), False
+
+
+def item_permutation_test(statistic: Callable[[np.ndarray], np.ndarray], m: int, *,
+                          num_permutations: int = 1000, seed: int = 0,
+                          exact_limit: int = EXACT_LIMIT, batch: int = 4096) -> NullSummary:
+    """Tests ``statistic(identity)`` against ``statistic(perm)`` over permutations of m items.
+
+    For statistics over a handful of items (a Mantel test, a circle's order) the permutation
+    space is small enough to enumerate, giving an exact p; `permutation_null` is the batched,
+    sharded mechanism for the row-pairing nulls of thousands of features.
+
+    Args:
+      statistic: maps ``perms [R, m]`` to ``[R]`` values (vectorised over permutations).
+      m: number of items.
+      num_permutations: random permutations when enumeration is too large.
+      seed: seed of the random permutations.
+      exact_limit: enumerate all ``m!`` permutations up to this count (exact p).
+      batch: permutations per call of ``statistic``.
+    """
+    observed = float(np.asarray(statistic(np.arange(m)[None, :]))[0])
+    perms, exact = item_permutations(m, num_permutations, seed, exact_limit)
+    null = np.concatenate([np.asarray(statistic(perms[i:i + batch]), np.float64)
+                           for i in range(0, len(perms), batch)])
+    return summarize_null(observed, null, exact=exact, tie_tol=TIE_TOL)
 
 
 def bootstrap(metric: Callable[..., float], x, y, weights=None, *, num_samples: int = 200,

@@ -5,7 +5,7 @@ Given two dictionaries ``A [n_a, d]`` and ``B [n_b, d]`` (e.g. SAE decoder rows 
 the same pass, the most similar rows of A for every row of B; it also counts the partners above
 given thresholds and derives mutual nearest neighbours. This is the decoder-cosine pairing of
 Paulo & Belrose 2025 (arXiv 2501.16615) and the MMCS of Sharkey et al. 2022 (see
-../shared/REFERENCES.md, "Feature pairing across two SAEs"): a 131072 x 131072 float32 cosine
+docs/references.md, "Feature pairing across two SAEs"): a 131072 x 131072 float32 cosine
 matrix is 64 GiB, so it is never materialised beyond one ``tile_a x tile_b`` tile.
 
 Algorithm (per device):
@@ -505,17 +505,27 @@ def _build_matrix(mesh, precision_name: str):
 
 
 def cosine_matrix(a, b, mesh=None, *, max_elements: int = DEFAULT_MAX_FULL,
-                  precision: str = "HIGHEST") -> np.ndarray:
-    """The full ``[n_a, n_b]`` float32 cosine matrix (opt-in, small inputs only).
+                  precision: str = "HIGHEST", exact: bool = False) -> np.ndarray:
+    """The full ``[n_a, n_b]`` cosine matrix (opt-in, small inputs only): the one helper.
 
-    Raises `InputError` when ``n_a * n_b > max_elements`` (default 64M entries, 256 MiB):
-    use `max_cosine` for large dictionaries.
+    Args:
+      a / b: ``[n_a, d]`` and ``[n_b, d]`` rows (zero rows rejected: cosine undefined).
+      mesh: devices of the float32 product (default: all).
+      max_elements: the largest matrix allowed; `InputError` beyond it (default 64M entries,
+        256 MiB): use `max_cosine` for large dictionaries.
+      precision: matmul precision of the float32 path.
+      exact: float64 on the host, clipped to [-1, 1] (concept items, group distances: a few
+        hundred rows whose exact ties matter for rank statistics).
     """
     a, b = _validate_pair(a, b)
     n_a, n_b = a.shape[0], b.shape[0]
     if n_a * n_b > max_elements:
         raise checks.InputError(f"cosine_matrix: n_a*n_b={n_a * n_b} exceeds max_elements="
                                 f"{max_elements}; use max_cosine (streamed) instead")
+    if exact:
+        an = np.asarray(a, np.float64) / _row_norms("A", a)[:, None]
+        bn = an if b is a else np.asarray(b, np.float64) / _row_norms("B", b)[:, None]
+        return np.clip(an @ bn.T, -1.0, 1.0)
     mesh = mesh_lib.make_mesh() if mesh is None else mesh
     ndev = int(np.prod([mesh.shape[x] for x in _device_axes(mesh)]))
     na_pad = _round_up(n_a, ndev)

@@ -1,6 +1,6 @@
 """RSA: compare the within-space row-similarity structure of X [n, d1] and Y [n, d2].
 
-Definition (Lan et al. 2024, ../shared/REFERENCES.md): in each space the similarity of two rows
+Definition (Lan et al. 2024, docs/references.md, "Similarity of two paired matrices"): in each space the similarity of two rows
 is their Pearson correlation over the columns (centre each row, then cosine); the score is the
 Spearman (default) or Pearson correlation of the two upper triangles (pairs i < j).
 
@@ -88,15 +88,28 @@ def standardize_rows(name: str, x) -> np.ndarray:
     return xc / norms[:, None]
 
 
-def rankdata(v: np.ndarray) -> np.ndarray:
-    """Ranks 1..N with ties given their average rank (float64)."""
+def rankdata(v: np.ndarray, rel_tol: float = 0.0) -> np.ndarray:
+    """Ranks 1..N with ties given their average rank (float64), as ``scipy.stats.rankdata``.
+
+    Args:
+      v: ``[N]`` values.
+      rel_tol: consecutive sorted values closer than ``rel_tol * max(1, max|v|)`` form one tie
+        group. Exact ties of an underlying geometry (the circulant cosine matrix of a perfect
+        circle) come out of floating-point arithmetic a few ulps apart; ranking them as distinct
+        would make the Spearman RSA of two identical geometries depend on round-off. 0 ranks
+        exactly equal values as ties only.
+    """
     v = np.asarray(v)
     order = np.argsort(v, kind="stable")
     sv = v[order]
-    # Start index of each run of equal values, and the run's average rank.
+    # Start index of each run of tied values, and the run's average rank.
     new = np.empty(len(sv), bool)
     new[0] = True
-    np.not_equal(sv[1:], sv[:-1], out=new[1:])
+    if rel_tol > 0 and len(sv):
+        tol = rel_tol * max(1.0, float(np.abs(sv).max()))
+        np.greater(np.diff(np.asarray(sv, np.float64)), tol, out=new[1:])
+    else:
+        np.not_equal(sv[1:], sv[:-1], out=new[1:])
     starts = np.flatnonzero(new)
     ends = np.append(starts[1:], len(sv))
     avg = (starts + ends + 1) / 2.0
@@ -393,3 +406,58 @@ def null_kernel(x, y, result: RSAResult, *, mesh=None, max_exact_n: int = DEFAUL
               "rank_x": jnp.asarray(np.concatenate([rank_x, np.zeros(pad)]), jnp.float32)}
     return nulls.NullKernel(rsa_sampled_stat, consts, n, static=(("m", m), ("block", block)),
                             row_bytes=4 * (m + pad) * 8 + 8 * block * zy.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# RSA of two similarity matrices over the same few items (Mantel test).
+# --------------------------------------------------------------------------------------------
+
+#: (Dis)similarities closer than this (relative) are ties when ranked for the Mantel RSA.
+RANK_TIE_TOL = 1e-6
+
+
+def _upper_ranks(S: np.ndarray, name: str) -> np.ndarray:
+    """Symmetric matrix of the average ranks of the strict upper triangle of ``S``."""
+    m = S.shape[0]
+    iu = np.triu_indices(m, 1)
+    vals = S[iu]
+    if np.ptp(vals) <= 1e-12 * max(1.0, np.abs(vals).max()):
+        raise checks.InputError(f"{name}: all off-diagonal entries are equal; the rank "
+                                f"correlation (RSA) is undefined")
+    R = np.zeros((m, m))
+    R[iu] = rankdata(vals, rel_tol=RANK_TIE_TOL)
+    return R + R.T
+
+
+def mantel(S_a, S_b, *, num_permutations: int = 1000, seed: int = 0,
+           exact_limit: int = nulls.EXACT_LIMIT, names=("A", "B")) -> nulls.NullSummary:
+    """Spearman RSA of two ``[m, m]`` symmetric (dis)similarity matrices over the same items.
+
+    The same score as `rsa` (Spearman of the strict upper triangles, average ranks for ties,
+    values within `RANK_TIE_TOL` counted as tied), for callers that already hold the two
+    matrices (concept items, group distances), against a Mantel null that permutes the items of
+    ``S_b`` (rows and columns together); exact by enumeration for few items
+    (`nulls.item_permutation_test`).
+    """
+    S_a = np.asarray(S_a, np.float64)
+    S_b = np.asarray(S_b, np.float64)
+    if S_a.ndim != 2 or S_a.shape[0] != S_a.shape[1] or S_a.shape != S_b.shape:
+        raise checks.InputError(f"mantel RSA: expected two square matrices of the same size, "
+                                f"got {S_a.shape} and {S_b.shape}")
+    checks.check_finite(f"{names[0]} similarity matrix", S_a)
+    checks.check_finite(f"{names[1]} similarity matrix", S_b)
+    m = S_a.shape[0]
+    if m < 3:
+        raise checks.InputError(f"mantel RSA: {m} item(s); need at least 3 (3 pairs)")
+    iu = np.triu_indices(m, 1)
+    ra = _upper_ranks(S_a, f"{names[0]} similarity matrix")[iu]
+    ra = (ra - ra.mean()) / np.linalg.norm(ra - ra.mean())
+    RB = _upper_ranks(S_b, f"{names[1]} similarity matrix")
+
+    def stat(perms):
+        rb = RB[perms[:, iu[0]], perms[:, iu[1]]]                  # [R, pairs]
+        rb = rb - rb.mean(1, keepdims=True)
+        return rb @ ra / np.linalg.norm(rb, axis=1)
+
+    return nulls.item_permutation_test(stat, m, num_permutations=num_permutations, seed=seed,
+                                       exact_limit=exact_limit)
