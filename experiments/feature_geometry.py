@@ -12,7 +12,7 @@ control (random concept directions, independent in the two models), this experim
 3. clusters the decoder rows (engine/clustering.py: the Engels et al. cosine graph, top-2
    neighbours with cosine > 0.5, and spectral clustering on the angular affinity) and finds
    the cluster that holds the concept items' features;
-4. scores circularity (engine/circular.py) of the items' decoder vectors in the top-2 PCs of
+4. scores circularity (engine/circular.py, engine/pca.py) of the items' decoder vectors in the top-2 PCs of
    the cluster and of the reconstructions (from the cluster's features only) of the tokens that
    activate it, with exact permutation nulls;
 5. compares the two models: RSA of the items' within-set cosine matrices and the angle-ordering
@@ -180,7 +180,7 @@ def concept_features(top_token: np.ndarray, stats, item_tokens: np.ndarray) -> n
 def analyse_model(run, W: np.ndarray, codes: np.ndarray, token_ids: np.ndarray,
                   item_tokens: np.ndarray, period: int, cfg: dict, name: str) -> dict:
     """Clusters one dictionary, finds the concept family and scores its circularity."""
-    from engine import accumulators, circular, clustering, streaming
+    from engine import accumulators, circular, clustering, pca, streaming
     top_token, stats = feature_names(codes, token_ids, cfg["vocab_size"],
                                      cfg["min_token_count"], cfg["chunk_size"])
     live = np.flatnonzero(~stats.dead & (np.linalg.norm(W, axis=1) > 0))
@@ -225,7 +225,7 @@ def analyse_model(run, W: np.ndarray, codes: np.ndarray, token_ids: np.ndarray,
     # themselves when no cluster holds them).
     fit = W[fam_members] if found and fam_members.size >= 3 else None
     circ, pc = circular.decoder_circularity(W[items[found_items]], found_items, period,
-                                            fit_rows=fit, n_null=cfg["n_null"],
+                                            fit_rows=fit, num_permutations=cfg["n_null"],
                                             seed=cfg["seed"])
     out["circularity"] = circ.to_json()
     detail["circ"], detail["pca"] = circ, pc
@@ -233,18 +233,18 @@ def analyse_model(run, W: np.ndarray, codes: np.ndarray, token_ids: np.ndarray,
     # Reconstructions (from the cluster's features only) of the tokens that activate it.
     feats = fam_members if found and fam_members.size >= 3 else items[found_items]
     sub = codes[:, feats]
-    acc = circular.ActiveRowMoments(len(feats))
+    acc = pca.ActiveRowMoments(len(feats))
     moments = acc.finalize(accumulators.accumulate(
         acc, streaming.ChunkStream((sub,), cfg["chunk_size"], name=f"{name} cluster codes"),
         run.mesh))
-    rpca = circular.reconstruction_pca(W[feats], moments=moments)
+    rpca = pca.reconstruction_pca(W[feats], moments=moments)
     order_of_token = {int(t): i for i, t in enumerate(item_tokens)}
     is_item = np.isin(token_ids, item_tokens) & np.any(sub > 0, axis=1)
     rows = np.flatnonzero(is_item)
     order = np.asarray([order_of_token[int(t)] for t in token_ids[rows]], np.int64)
     if np.unique(order).size >= 3:
         pts = rpca.project(sub[rows].astype(np.float64) @ W[feats])
-        rcirc = circular.circularity(pts, order, period, n_null=cfg["n_null"],
+        rcirc = circular.circularity(pts, order, period, num_permutations=cfg["n_null"],
                                      seed=cfg["seed"] + 7)
         rcirc.plane_fraction = float(rpca.explained_variance_ratio.sum())
         out["reconstruction_circularity"] = rcirc.to_json()
@@ -261,7 +261,7 @@ def analyse_model(run, W: np.ndarray, codes: np.ndarray, token_ids: np.ndarray,
 
 def run_variant(run, variant: str, cfg: dict) -> dict:
     """Runs the whole analysis on one data variant and writes its plots."""
-    from engine import checks, circular
+    from engine import checks, circular, group_geometry
     from models import planted
     if variant not in VARIANTS:
         raise checks.InputError(f"variant: unknown {variant!r}; expected one of "
@@ -296,7 +296,7 @@ def run_variant(run, variant: str, cfg: dict) -> dict:
     res["items_in_both"] = int(both.size)
     if both.size >= 4:
         res["cross_model"] = circular.compare_geometry(
-            dicts[0][0][ia[both]], dicts[1][0][ib[both]], n_null=cfg["n_null"],
+            dicts[0][0][ia[both]], dicts[1][0][ib[both]], num_permutations=cfg["n_null"],
             seed=cfg["seed"]).to_json()
     else:
         res["cross_model"] = None
@@ -314,7 +314,7 @@ def run_variant(run, variant: str, cfg: dict) -> dict:
     res["group_distances"] = None
     gres = None
     if len(groups_a) >= 3:
-        gres = circular.group_distance_rsa(groups_a, groups_b, n_null=cfg["n_null"],
+        gres = group_geometry.group_distance_rsa(groups_a, groups_b, num_permutations=cfg["n_null"],
                                            seed=cfg["seed"])
         res["group_distances"] = gres.to_json()
     res["groups_skipped"] = skipped
@@ -335,10 +335,10 @@ def acceptance(res: dict, variant: str, alpha: float) -> dict:
         return 1.0 if x is None else float(x)
 
     found = [res[f"model_{s}"]["family"]["found"] for s in "ab"]
-    circ_p = [p(res[f"model_{s}"], "circularity", "p_value") for s in "ab"]
+    circ_p = [p(res[f"model_{s}"], "circularity", "p") for s in "ab"]
     circ_s = [p(res[f"model_{s}"], "circularity", "score") for s in "ab"]
-    ord_p = p(res, "cross_model", "ordering_agreement", "p_value")
-    rsa_p = p(res, "cross_model", "rsa", "p_value")
+    ord_p = p(res, "cross_model", "ordering_agreement", "p")
+    rsa_p = p(res, "cross_model", "rsa", "p")
     out = {"family_found": found, "circularity_p": circ_p, "circularity_score": circ_s,
            "ordering_p": ord_p, "rsa_p": rsa_p, "alpha": alpha}
     if variant == "planted":
@@ -387,7 +387,7 @@ def _plot_circles(run, variant: str, pair, details: dict, cfg: dict) -> None:
                 ax.annotate(pair.concept_items[o], (x, y), textcoords="offset points",
                             xytext=(4, 4), fontsize=8)
             ax.set_title(f"model {side.upper()}: item decoder vectors, top-2 PCs\n"
-                         f"circularity {circ.score:.3f} (p={circ.p_value:.2g}), "
+                         f"circularity {circ.score:.3f} (p={circ.p:.2g}), "
                          f"plane {circ.plane_fraction:.0%}", fontsize=9)
         else:
             ax.set_title(f"model {side.upper()}: too few items", fontsize=9)
@@ -406,7 +406,7 @@ def _plot_circles(run, variant: str, pair, details: dict, cfg: dict) -> None:
                             bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7))
             ax.set_title(f"model {side.upper()}: reconstructions of concept tokens "
                          f"(cluster features only)\ncircularity {rc.score:.3f} "
-                         f"(p={rc.p_value:.2g}), plane {rc.plane_fraction:.0%}", fontsize=9)
+                         f"(p={rc.p:.2g}), plane {rc.plane_fraction:.0%}", fontsize=9)
         else:
             ax.set_title(f"model {side.upper()}: no reconstructions", fontsize=9)
         ax.set_xlabel("PC1")
@@ -467,14 +467,14 @@ def _plot_scores(run, variant: str, res: dict) -> None:
     x = np.arange(len(entries))
     ax.bar(x - 0.2, [e[1] for e in entries], 0.4, label="observed", color="tab:blue")
     nm = np.asarray([e[2]["null_mean"] for e in entries])
-    lo = nm - np.asarray([e[2]["null_quantiles"]["q05"] for e in entries])
-    hi = np.asarray([e[2]["null_quantiles"]["q95"] for e in entries]) - nm
+    lo = nm - np.asarray([e[2]["null_quantiles"]["0.05"] for e in entries])
+    hi = np.asarray([e[2]["null_quantiles"]["0.95"] for e in entries]) - nm
     ax.bar(x + 0.2, nm, 0.4, yerr=[lo, hi], capsize=3, label="null mean (5-95 %)",
            color="tab:gray")
-    ax.scatter(x + 0.2, [e[2]["null_quantiles"]["q99"] for e in entries], marker="_",
+    ax.scatter(x + 0.2, [e[2]["null_quantiles"]["0.99"] for e in entries], marker="_",
                s=200, color="k", label="null 99 %", zorder=3)
     for xi, e in zip(x, entries):
-        ax.annotate(f"p={e[2]['p_value']:.2g}", (xi - 0.2, e[1]), ha="center",
+        ax.annotate(f"p={e[2]['p']:.2g}", (xi - 0.2, e[1]), ha="center",
                     va="bottom", fontsize=7)
     ax.set_xticks(x)
     ax.set_xticklabels([e[0] for e in entries], rotation=30, ha="right", fontsize=8)

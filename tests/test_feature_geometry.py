@@ -106,18 +106,18 @@ def test_experiment_acceptance_planted_vs_unplanted(tmp_path, mesh4):
         fam = pl[f"model_{side}"]["family"]
         assert fam["found"] and fam["recall"] == 1.0 and fam["precision"] == 1.0
         assert pl[f"model_{side}"]["circularity"]["score"] > 0.99
-        assert pl[f"model_{side}"]["circularity"]["p_value"] < 0.01
-        assert pl[f"model_{side}"]["reconstruction_circularity"]["p_value"] < 0.01
+        assert pl[f"model_{side}"]["circularity"]["p"] < 0.01
+        assert pl[f"model_{side}"]["reconstruction_circularity"]["p"] < 0.01
         assert pl[f"item_recovery_{side}"] == pytest.approx([1.0] * 7, abs=1e-5)
-    assert pl["cross_model"]["ordering_agreement"]["p_value"] < 0.01
-    assert pl["cross_model"]["rsa"]["p_value"] < 0.01
-    assert pl["group_distances"]["rsa"]["p_value"] < 0.01
+    assert pl["cross_model"]["ordering_agreement"]["p"] < 0.01
+    assert pl["cross_model"]["rsa"]["p"] < 0.01
+    assert pl["group_distances"]["rsa"]["p"] < 0.01
     assert pl["acceptance"]["passed"]
     # Unplanted: nothing found, nothing significant.
     for side in "ab":
         assert not un[f"model_{side}"]["family"]["found"]
-        assert un[f"model_{side}"]["circularity"]["p_value"] > 0.01
-    assert un["cross_model"]["ordering_agreement"]["p_value"] > 0.01
+        assert un[f"model_{side}"]["circularity"]["p"] > 0.01
+    assert un["cross_model"]["ordering_agreement"]["p"] > 0.01
     assert un["acceptance"]["passed"] and results["all_passed"]
     # Outputs.
     for name in ("circle", "cluster_sizes", "scores_vs_null"):
@@ -134,7 +134,7 @@ def test_experiment_shared_random_control(tmp_path, mesh1):
     run = common.Run(workdir=str(tmp_path), mesh=mesh1)
     res = fg.run_variant(run, "shared_random", _cfg(n_tokens=1024, plots=False))
     assert res["acceptance"]["passed"]
-    assert res["cross_model"]["rsa"]["p_value"] < 0.01
+    assert res["cross_model"]["rsa"]["p"] < 0.01
     assert min(res["acceptance"]["circularity_p"]) >= 0.01
     with pytest.raises(checks.InputError, match="unknown 'nope'"):
         fg.run_variant(run, "nope", _cfg())
