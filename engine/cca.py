@@ -37,7 +37,9 @@ Definitions (../shared/REFERENCES.md, "Similarity of two paired matrices"):
 Reported with every score: components kept per side, the weighted row count n, the rows with a
 non-zero weight, n/d, and ``saturated`` = ``max(0, k_x + k_y - (rows - 1))``: the number of
 coefficients that are 1 for any data because the two centred column spaces must intersect in
-R^(rows-1) (Kornblith et al. 2019: CCA saturates when n is not >> d). Plain CCA/PWCCA with
+R^(rows-1) (Kornblith et al. 2019: CCA saturates when n is not >> d). A result with
+``saturated > 0`` has ``informative = False`` and an ``uninformative_reason`` (e.g. SVCCA of 20
+unrelated pairs keeping 19 components per side scores 1.0, and so does every null draw). Plain CCA/PWCCA with
 ``eps = 0`` and ``max(d1, d2) >= rows`` raise `InputError` (pass ``epsilon > 0`` for the
 documented ridge-regularised behaviour, or use SVCCA, which reduces d first).
 
@@ -105,15 +107,34 @@ class CCAResult:
     threshold: float | None = None
     weight_side: str | None = None
 
+    @property
+    def informative(self) -> bool:
+        """False when some coefficients are 1 for ANY data (too few rows for the components
+        kept: the score says nothing about the pairing; see ``uninformative_reason``)."""
+        return self.saturated == 0
+
+    @property
+    def uninformative_reason(self) -> str | None:
+        if self.informative:
+            return None
+        m = len(self.coefficients)
+        return (f"{self.rows} rows for {self.components_x}+{self.components_y} components "
+                f"(n/d = {self.rows / max(self.d1, self.d2):.2f}): {self.saturated} of {m} "
+                f"canonical correlations are 1 for any data (k_x + k_y > rows - 1), so the "
+                f"score is not evidence of shared structure")
+
     def to_dict(self) -> dict:
         """JSON-ready summary (no directions)."""
         out = {"method": self.method, "score": float(self.score),
+               "informative": bool(self.informative),
                "components": [int(self.components_x), int(self.components_y)],
                "n": float(self.n), "rows": int(self.rows), "d": [self.d1, self.d2],
                "n_over_d": self.rows / max(self.d1, self.d2),
                "n_over_components": self.rows / max(self.components_x, self.components_y, 1),
                "saturated": int(self.saturated), "epsilon": float(self.epsilon),
                "coefficients_head": [float(c) for c in self.coefficients[:10]]}
+        if not self.informative:
+            out["uninformative_reason"] = self.uninformative_reason
         if self.threshold is not None:
             out["threshold"] = float(self.threshold)
         if self.weight_side is not None:

@@ -286,3 +286,16 @@ def test_duplicated_and_constant_columns_are_still_dropped(mesh):
         got = cca.cca_from_stats(stats)
         assert got.components_x == D1
         np.testing.assert_allclose(got.coefficients, ref.cca_qr(x, y)[0], atol=2e-5)
+
+
+def test_svcca_with_fewer_rows_than_components_is_flagged_uninformative():
+    # Unrelated data, 20 pairs, 64 columns: SVCCA keeps ~19 components per side, so every
+    # coefficient is 1 for ANY data (the centred column spaces must intersect in R^19).
+    x, y = ref.random_pair(11, 20, 64, 64)
+    got = cca.svcca(x, y)
+    assert got.score > 0.99          # the number itself is meaningless ...
+    d = got.to_dict()
+    assert d["informative"] is False  # ... and says so
+    assert "n/d" in d["uninformative_reason"] and "20" in d["uninformative_reason"]
+    ok = cca.svcca(*INPUTS["random"]).to_dict()
+    assert ok["informative"] is True and "uninformative_reason" not in ok
