@@ -184,6 +184,9 @@ class Moments:
     cov_xx: Any
     cov_yy: Any
     cov_xy: Any
+    # Relative precision of the accumulation (machine epsilon of its dtype): rank decisions
+    # downstream (engine/cca.py) compare eigenvalues with this noise level, not with the scale.
+    precision: float = float(np.finfo(np.float32).eps)
 
 
 def _chunk_moments(x, y, w, shift_x, shift_y):
@@ -321,7 +324,8 @@ class CrossMoments:
             raise checks.InputError("CrossMoments: no rows were accumulated (empty stream or "
                                     "all rows masked)")
         return Moments(count=n, mean_x=s.shift_x + s.mean_x, mean_y=s.shift_y + s.mean_y,
-                       cov_xx=s.sxx / n, cov_yy=s.syy / n, cov_xy=s.sxy / n)
+                       cov_xx=s.sxx / n, cov_yy=s.syy / n, cov_xy=s.sxy / n,
+                       precision=float(np.finfo(state.sxx.dtype).eps))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,9 +9,14 @@ Definitions (../shared/REFERENCES.md, "Similarity of two paired matrices"):
 
 * **CCA** (google/svcca ``cca_core.py``; Hotelling 1936): with whiteners ``Wx`` such that
   ``Wx^T (Cxx + eps I) Wx = I`` the canonical correlations are the singular values of
-  ``Wx^T Cxy Wy``. Rank-aware: with ``eps = 0`` only eigen-directions of Cxx with eigenvalue
-  > ``rank_rtol * max`` are whitened (zero-variance or duplicated columns are dropped, not
-  inverted), so there are ``min(rank_x, rank_y)`` coefficients. ``eps > 0`` is ridge-
+  ``Wx^T Cxy Wy``. Rank-aware: with ``eps = 0`` each side is whitened per column first (the
+  correlation matrix), and only its eigen-directions above the statistics' NOISE level are
+  kept (zero-variance or duplicated columns are dropped, not inverted; see
+  ``RANK_NOISE_MULTIPLE``), so there are ``min(rank_x, rank_y)`` coefficients and the result
+  is invariant to per-column scaling and to invertible linear maps (within the precision of
+  the statistics: float32 accumulators resolve directions down to ~1e-6 of a column's
+  variance; pass ``dtype=jnp.float64`` to `paired_stats.stream_stats`, or use
+  `paired_stats.stats_from_numpy`, for worse-conditioned data). ``eps > 0`` is ridge-
   regularised CCA (all directions kept; coefficients shrink below 1).
 * **SVCCA** (Raghu et al. 2017): each side is first reduced to its top principal directions
   explaining ``threshold`` (default 99 %) of its variance, i.e. the SMALLEST k with
@@ -32,7 +37,9 @@ Definitions (../shared/REFERENCES.md, "Similarity of two paired matrices"):
 Reported with every score: components kept per side, the weighted row count n, the rows with a
 non-zero weight, n/d, and ``saturated`` = ``max(0, k_x + k_y - (rows - 1))``: the number of
 coefficients that are 1 for any data because the two centred column spaces must intersect in
-R^(rows-1) (Kornblith et al. 2019: CCA saturates when n is not >> d). Plain CCA/PWCCA with
+R^(rows-1) (Kornblith et al. 2019: CCA saturates when n is not >> d). A result with
+``saturated > 0`` has ``informative = False`` and an ``uninformative_reason`` (e.g. SVCCA of 20
+unrelated pairs keeping 19 components per side scores 1.0, and so does every null draw). Plain CCA/PWCCA with
 ``eps = 0`` and ``max(d1, d2) >= rows`` raise `InputError` (pass ``epsilon > 0`` for the
 documented ridge-regularised behaviour, or use SVCCA, which reduces d first).
 
@@ -50,9 +57,18 @@ from engine import checks, nulls, paired_stats
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# Covariances come from float32 accumulators (~1e-7 relative error per entry): eigen-directions
-# below this fraction of the largest eigenvalue are numerical noise and are not whitened.
-DEFAULT_RANK_RTOL = 1e-6
+# Rank decisions are made against the NOISE of the statistics, never against their scale
+# (a column measured in other units is the same information). Each side is first whitened per
+# column (the correlation matrix R = D C D, D = diag(C)^-1/2: invariant to per-column scaling),
+# then eigen-directions of R with eigenvalue <= RANK_NOISE_MULTIPLE * sqrt(d) * precision are
+# dropped, ``precision`` being the machine epsilon of the accumulation (float32: 1.2e-7;
+# float64 statistics from `paired_stats.stats_from_numpy`: 2.2e-16). Measured: the spectral
+# norm of the float32-accumulated R's error is ~2 eps for d = 16..256, n up to 1e5 and large
+# means. A column is constant (dropped) when its spread is below the precision of its own
+# values: ``std_j <= COLUMN_NOISE_MULTIPLE * precision * |mean_j|`` (or exactly 0).
+RANK_NOISE_MULTIPLE = 8.0
+COLUMN_NOISE_MULTIPLE = 16.0
+FLOAT32_PRECISION = float(np.finfo(np.float32).eps)
 DEFAULT_THRESHOLD = 0.99
 WEIGHT_SIDES = ("x", "y", "smaller")
 
@@ -91,15 +107,34 @@ class CCAResult:
     threshold: float | None = None
     weight_side: str | None = None
 
+    @property
+    def informative(self) -> bool:
+        """False when some coefficients are 1 for ANY data (too few rows for the components
+        kept: the score says nothing about the pairing; see ``uninformative_reason``)."""
+        return self.saturated == 0
+
+    @property
+    def uninformative_reason(self) -> str | None:
+        if self.informative:
+            return None
+        m = len(self.coefficients)
+        return (f"{self.rows} rows for {self.components_x}+{self.components_y} components "
+                f"(n/d = {self.rows / max(self.d1, self.d2):.2f}): {self.saturated} of {m} "
+                f"canonical correlations are 1 for any data (k_x + k_y > rows - 1), so the "
+                f"score is not evidence of shared structure")
+
     def to_dict(self) -> dict:
         """JSON-ready summary (no directions)."""
         out = {"method": self.method, "score": float(self.score),
+               "informative": bool(self.informative),
                "components": [int(self.components_x), int(self.components_y)],
                "n": float(self.n), "rows": int(self.rows), "d": [self.d1, self.d2],
                "n_over_d": self.rows / max(self.d1, self.d2),
                "n_over_components": self.rows / max(self.components_x, self.components_y, 1),
                "saturated": int(self.saturated), "epsilon": float(self.epsilon),
                "coefficients_head": [float(c) for c in self.coefficients[:10]]}
+        if not self.informative:
+            out["uninformative_reason"] = self.uninformative_reason
         if self.threshold is not None:
             out["threshold"] = float(self.threshold)
         if self.weight_side is not None:
@@ -109,47 +144,110 @@ class CCAResult:
 
 @dataclasses.dataclass(frozen=True)
 class Whitener:
-    """``matrix [d, k]`` with ``matrix^T (C + eps I) matrix = I`` on the kept directions."""
+    """``matrix [d, k]`` with ``matrix^T (C + eps I) matrix = I`` on the kept directions.
+
+    ``eigenvalues``: the spectrum the rank decision was made on, descending (the correlation
+    matrix's for plain CCA, the covariance's for ridge CCA and SVCCA); ``tolerance``: the noise
+    level it was compared with.
+    """
 
     matrix: np.ndarray
     components: int
-    eigenvalues: np.ndarray    # all eigenvalues of C, descending
+    eigenvalues: np.ndarray
+    tolerance: float = 0.0
+
+
+def column_scales(cov: np.ndarray, mean=None, precision: float = FLOAT32_PRECISION
+                  ) -> np.ndarray:
+    """Per-column ``1 / std`` (0 for columns that are constant at the statistics' precision)."""
+    var = np.clip(np.diag(cov), 0.0, None)
+    std = np.sqrt(var)
+    floor = 0.0 if mean is None else COLUMN_NOISE_MULTIPLE * precision * np.abs(
+        np.asarray(mean, np.float64))
+    live = (std > floor) & (var > np.finfo(np.float64).tiny)
+    return np.where(live, 1.0 / np.where(live, std, 1.0), 0.0)
+
+
+def noise_rank(cov: np.ndarray, mean=None, precision: float = FLOAT32_PRECISION,
+               rank_tol: float | None = None):
+    """Eigen-decomposition of the correlation matrix with the noise-relative rank.
+
+    Returns ``(scales, evals, evecs, keep, tol)`` with evals descending; the first ``keep``
+    eigen-directions of ``R = D C D`` (``D = diag(scales)``) are above the noise level ``tol``.
+    """
+    scales = column_scales(cov, mean, precision)
+    corr = cov * scales[:, None] * scales[None, :]
+    evals, evecs = np.linalg.eigh((corr + corr.T) / 2)
+    evals, evecs = evals[::-1], evecs[:, ::-1]
+    tol = (RANK_NOISE_MULTIPLE * np.sqrt(cov.shape[0]) * precision if rank_tol is None
+           else float(rank_tol))
+    keep = int(np.count_nonzero(evals > tol))
+    return scales, evals, evecs, keep, tol
 
 
 def whitener(cov: np.ndarray, *, name: str, epsilon: float = 0.0,
-             rank_rtol: float = DEFAULT_RANK_RTOL, threshold: float | None = None,
-             num_components: int | None = None) -> Whitener:
+             rank_tol: float | None = None, threshold: float | None = None,
+             num_components: int | None = None, mean=None,
+             precision: float = FLOAT32_PRECISION) -> Whitener:
     """Rank-aware (optionally PCA-truncated) inverse square root of a covariance.
 
     Args:
       cov: ``[d, d]`` covariance.
       name: the side ("X" / "Y") for error messages.
-      epsilon: ridge added to the eigenvalues; > 0 keeps every direction.
-      rank_rtol: with ``epsilon == 0``, eigenvalues <= ``rank_rtol * max`` are dropped.
-      threshold: keep the smallest k whose top eigenvalues reach this fraction of the total
-        variance (SVCCA).
+      epsilon: ridge added to the covariance's eigenvalues; > 0 keeps every direction (ridge
+        CCA is scale-dependent by definition).
+      rank_tol: with ``epsilon == 0``, eigenvalues of the correlation matrix at or below this
+        are noise (default ``RANK_NOISE_MULTIPLE * sqrt(d) * precision``).
+      threshold: keep the smallest k whose top covariance eigenvalues reach this fraction of
+        the total variance (SVCCA; PCA is scale-dependent by definition), at most the
+        noise-relative rank.
       num_components: keep at most this many directions.
+      mean: the columns' means (a column whose spread is below its values' precision is
+        constant).
+      precision: relative precision of the statistics (machine epsilon of the accumulation).
     """
     cov = np.asarray(cov, np.float64)
-    evals, evecs = np.linalg.eigh((cov + cov.T) / 2)
-    evals, evecs = evals[::-1], evecs[:, ::-1]
-    if not evals[0] > 0:
+    cov = (cov + cov.T) / 2
+    if not np.max(np.diag(cov), initial=0.0) > 0:
         raise checks.InputError(f"{name}: every column is constant (zero variance); CCA is "
                                 "undefined")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise checks.InputError(f"SVCCA threshold must be in (0, 1], got {threshold}")
+    if num_components is not None:
+        num_components = checks.check_positive_int("num_components", num_components)
+    if epsilon == 0 and threshold is None and num_components is None:
+        # Plain CCA: whiten per column, then the correlation matrix (scale-free).
+        scales, evals, evecs, keep, tol = noise_rank(cov, mean, precision, rank_tol)
+        if keep == 0:
+            raise checks.InputError(f"{name}: every column is constant at the statistics' "
+                                    "precision; CCA is undefined")
+        matrix = (evecs[:, :keep] / np.sqrt(evals[:keep])) * scales[:, None]
+        return Whitener(matrix=matrix, components=keep, eigenvalues=evals, tolerance=tol)
+    evals, evecs = np.linalg.eigh(cov)
+    evals, evecs = evals[::-1], evecs[:, ::-1]
+    tol = 0.0
     if epsilon > 0:
         keep = len(evals)
     else:
-        keep = int(np.count_nonzero(evals > rank_rtol * evals[0]))
+        keep, tol = noise_rank(cov, mean, precision, rank_tol)[3:]
     if threshold is not None:
-        if not 0 < threshold <= 1:
-            raise checks.InputError(f"SVCCA threshold must be in (0, 1], got {threshold}")
         pos = np.clip(evals, 0, None)
         frac = np.cumsum(pos) / pos.sum()
         keep = min(keep, int(np.searchsorted(frac, threshold, side="left")) + 1)
     if num_components is not None:
-        keep = min(keep, checks.check_positive_int("num_components", num_components))
+        keep = min(keep, num_components)
     scale = 1.0 / np.sqrt(np.clip(evals[:keep], 0, None) + epsilon)
-    return Whitener(matrix=evecs[:, :keep] * scale, components=keep, eigenvalues=evals)
+    return Whitener(matrix=evecs[:, :keep] * scale, components=keep, eigenvalues=evals,
+                    tolerance=tol)
+
+
+def side_whiteners(stats, method: str, **options) -> tuple[Whitener, Whitener]:
+    """The X and Y whiteners of ``stats`` (means and precision taken from the statistics)."""
+    precision = float(getattr(stats, "precision", FLOAT32_PRECISION))
+    return tuple(whitener(cov, name=f"{method} {side}", mean=mean, precision=precision,
+                          **options)
+                 for side, cov, mean in (("X", stats.cov_xx, stats.mean_x),
+                                         ("Y", stats.cov_yy, stats.mean_y)))
 
 
 def _rows(stats) -> int:
@@ -184,21 +282,20 @@ def _cca_core(method: str, stats, wx: Whitener, wy: Whitener, epsilon: float, **
                      epsilon=float(epsilon), **extra)
 
 
-def cca_from_stats(stats, *, epsilon: float = 0.0, rank_rtol: float = DEFAULT_RANK_RTOL
+def cca_from_stats(stats, *, epsilon: float = 0.0, rank_tol: float | None = None
                    ) -> CCAResult:
     """CCA coefficients from moments (`PairStats` or `accumulators.Moments`).
 
     Raises `InputError` when ``epsilon == 0`` and ``max(d1, d2) >= rows``.
     """
     _check_n(stats, "cca", epsilon)
-    wx = whitener(stats.cov_xx, name="cca X", epsilon=epsilon, rank_rtol=rank_rtol)
-    wy = whitener(stats.cov_yy, name="cca Y", epsilon=epsilon, rank_rtol=rank_rtol)
+    wx, wy = side_whiteners(stats, "cca", epsilon=epsilon, rank_tol=rank_tol)
     return _cca_core("cca", stats, wx, wy, epsilon)
 
 
 def svcca_from_stats(stats, *, threshold: float = DEFAULT_THRESHOLD,
                      num_components: int | None = None, epsilon: float = 0.0,
-                     rank_rtol: float = DEFAULT_RANK_RTOL) -> CCAResult:
+                     rank_tol: float | None = None) -> CCAResult:
     """SVCCA (Raghu et al. 2017) from moments: PCA to ``threshold`` variance, then mean CCA.
 
     Args:
@@ -207,10 +304,8 @@ def svcca_from_stats(stats, *, threshold: float = DEFAULT_THRESHOLD,
     """
     if _rows(stats) < 2:
         raise checks.InputError(f"svcca: needs at least 2 rows, got {_rows(stats)}")
-    wx = whitener(stats.cov_xx, name="svcca X", epsilon=epsilon, rank_rtol=rank_rtol,
-                  threshold=threshold, num_components=num_components)
-    wy = whitener(stats.cov_yy, name="svcca Y", epsilon=epsilon, rank_rtol=rank_rtol,
-                  threshold=threshold, num_components=num_components)
+    wx, wy = side_whiteners(stats, "svcca", epsilon=epsilon, rank_tol=rank_tol,
+                            threshold=threshold, num_components=num_components)
     return _cca_core("svcca", stats, wx, wy, epsilon, threshold=float(threshold))
 
 
@@ -234,7 +329,7 @@ def pwcca_weights(cov: np.ndarray, directions: np.ndarray) -> np.ndarray:
 
 
 def pwcca_from_stats(stats, *, weight_side: str = "x", epsilon: float = 0.0,
-                     rank_rtol: float = DEFAULT_RANK_RTOL) -> CCAResult:
+                     rank_tol: float | None = None) -> CCAResult:
     """PWCCA (Morcos et al. 2018) from moments.
 
     Args:
@@ -242,7 +337,7 @@ def pwcca_from_stats(stats, *, weight_side: str = "x", epsilon: float = 0.0,
         (the side with fewer columns; ties pick x).
     """
     side = _pwcca_side(stats, weight_side)
-    base = cca_from_stats(stats, epsilon=epsilon, rank_rtol=rank_rtol)
+    base = cca_from_stats(stats, epsilon=epsilon, rank_tol=rank_tol)
     if side == "x":
         alpha = pwcca_weights(stats.cov_xx, base.x_directions)
     else:
@@ -333,7 +428,7 @@ def pwcca_finish(consts: dict, t: jax.Array) -> jax.Array:
 
 
 def null_kernel(method: str, x, y, stats, result: CCAResult, *, epsilon: float = 0.0,
-                rank_rtol: float = DEFAULT_RANK_RTOL, threshold: float = DEFAULT_THRESHOLD,
+                rank_tol: float | None = None, threshold: float = DEFAULT_THRESHOLD,
                 num_components: int | None = None, weight_side: str = "x"
                 ) -> nulls.NullKernel:
     """The `NullKernel` for the batched random-pairing null of unweighted rows.
@@ -343,11 +438,10 @@ def null_kernel(method: str, x, y, stats, result: CCAResult, *, epsilon: float =
     permutation costs one ``[k_x, n] x [n, k_y]`` product (batched) and a small SVD (one
     permutation at a time, see `engine.nulls.NullKernel.finish`).
     """
-    kw = dict(epsilon=epsilon, rank_rtol=rank_rtol)
+    kw = dict(epsilon=epsilon, rank_tol=rank_tol)
     if method == "svcca":
         kw.update(threshold=threshold, num_components=num_components)
-    wx = whitener(stats.cov_xx, name=f"{method} X", **kw)
-    wy = whitener(stats.cov_yy, name=f"{method} Y", **kw)
+    wx, wy = side_whiteners(stats, method, **kw)
     xc = np.asarray(x, np.float64) - stats.mean_x
     yc = np.asarray(y, np.float64) - stats.mean_y
     consts = {"a": jnp.asarray(xc @ wx.matrix, jnp.float32),

@@ -14,8 +14,9 @@ Definitions (../shared/REFERENCES.md):
   neighbours of row i by INNER PRODUCT within each space, itself excluded; the score is the
   mean over rows of ``|kNN_X(i) ∩ kNN_Y(i)| / k``. Huh et al. l2-normalise the rows first
   (``normalize=True``; off by default, the plain inner product). Computed in row tiles on the
-  mesh (rows split over ``data``), memory O(tile * n). Ties in the k-th place go to the lower
-  row index (`jax.lax.top_k` order). Row weights weight the average over query rows;
+  mesh (rows split over ``data``), memory O(tile * n), ranked exactly as in float64 (a large
+  common offset, e.g. offset / std = 1e4, does not break the ranking; see `knn_indices`).
+  Ties in the k-th place go to the lower row index. Row weights weight the average over query rows;
   neighbours are taken among all rows.
 """
 
@@ -129,17 +130,45 @@ def _knn_fn(mesh, k: int):
     rows1 = mesh_lib.data_sharding(mesh, 1)
     rep = mesh_lib.replicated(mesh)
 
-    def f(block, ids, full):
-        sims = jnp.dot(block, full.T, precision=HIGHEST)
+    def f(block, ids, full, offset):
+        sims = jnp.dot(block, full.T, precision=HIGHEST) + offset[None, :]
         sims = jnp.where(ids[:, None] == jnp.arange(full.shape[0])[None, :], -jnp.inf, sims)
         return jax.lax.top_k(sims, k)[1].astype(jnp.int32)
 
-    return jax.jit(f, in_shardings=(rows, rows1, rep), out_shardings=rows)
+    return jax.jit(f, in_shardings=(rows, rows1, rep, rep), out_shardings=rows)
+
+
+def _ranking_keys(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Float32-safe ranking keys of the inner products ``u_i . u_j`` (float64 rows).
+
+    With the rows' mean ``c`` and ``e_i = u_i - c``: ``u_i . u_j = |c|^2 + c.e_i + e_i.e_j +
+    c.e_j``; for a fixed query i only ``e_i.e_j + c.e_j`` varies with j. Both terms are
+    computed from the small residuals (for l2-normalised rows ``c.e_j = (1 - |c|^2 - |e_j|^2)
+    / 2`` is second order in e), so a large common offset no longer swamps the differences
+    that decide the ranking. Returns ``(e / s, (e @ c) / s^2, bound)`` with ``s`` the rms
+    residual norm and ``bound`` a float32 error bound of a key in units of ``u_i . u_j``.
+    """
+    c = u.mean(axis=0)
+    e = u - c
+    scale = float(np.sqrt(np.mean(np.einsum("ij,ij->i", e, e))))
+    scale = scale if scale > 0 else 1.0
+    e = e / scale
+    a = (e @ c) / scale
+    eps = float(np.finfo(np.float32).eps)
+    bound = eps * ((2 * np.sqrt(u.shape[1]) + 4) * float(np.max(np.sum(e * e, axis=1)))
+                   + 4 * float(np.max(np.abs(a))))
+    return e, a, bound * scale ** 2
 
 
 def knn_indices(x, k: int, *, mesh=None, tile: int = 1024, normalize: bool = False
                 ) -> np.ndarray:
     """``[n, k]`` indices of each row's k largest inner products with other rows.
+
+    Exact against float64: candidates (k plus a margin) are ranked on the mesh in float32
+    with offset-safe keys (`_ranking_keys`), then re-ranked on the host in float64 (ties to
+    the lower row index); a query whose k-th candidate is not separated from the margin by
+    more than the float32 error bound (near-ties at the boundary) is ranked over all rows in
+    float64.
 
     Args:
       x: ``[n, d]`` rows.
@@ -160,19 +189,36 @@ def knn_indices(x, k: int, *, mesh=None, tile: int = 1024, normalize: bool = Fal
             raise checks.InputError(f"mutual_knn: row {int(np.argmin(norms))} is zero and "
                                     "cannot be normalised")
         x = x / norms[:, None]
+    e, a, bound = _ranking_keys(x)
+    kk = min(n - 1, k + max(8, k))          # candidates: k plus a margin
     mesh = paired_stats.default_mesh() if mesh is None else mesh
     ndev = mesh.shape[mesh_lib.DATA]
     tile = max(ndev, -(-min(int(tile), n) // ndev) * ndev)
-    full = jnp.asarray(x, jnp.float32)
-    fn = _knn_fn(mesh, k)
+    full = jnp.asarray(e, jnp.float32)
+    offset = jnp.asarray(a, jnp.float32)
+    fn = _knn_fn(mesh, kk)
     out = []
     for start in range(0, n, tile):
         ids = np.arange(start, start + tile)
-        block = x[start:start + tile]
+        block = e[start:start + tile]
         if block.shape[0] < tile:
             block = np.concatenate([block, np.zeros((tile - block.shape[0], x.shape[1]))])
-        got = np.asarray(fn(jnp.asarray(block, jnp.float32), jnp.asarray(ids, jnp.int32), full))
-        out.append(got[: min(tile, n - start)])
+        cand = np.asarray(fn(jnp.asarray(block, jnp.float32), jnp.asarray(ids, jnp.int32),
+                             full, offset))[: min(tile, n - start)]
+        q = np.arange(start, start + cand.shape[0])
+        # Float64 inner products themselves (exact ties stay ties, as in the reference).
+        sims = np.einsum("id,ikd->ik", x[q], x[cand])
+        order = np.lexsort((cand, -sims), axis=-1)
+        sims = np.take_along_axis(sims, order, axis=1)
+        cand = np.take_along_axis(cand, order, axis=1)
+        slack = 2 * bound + 1e-12 * np.abs(sims[:, :1])
+        unsafe = ((sims[:, k - 1:k] - sims[:, -1:] <= slack)[:, 0] if kk < n - 1
+                  else np.zeros(len(q), bool))
+        for r in np.flatnonzero(unsafe):     # near-ties at the boundary: all rows, float64
+            row = x @ x[q[r]]
+            row[q[r]] = -np.inf
+            cand[r, :k] = np.argsort(-row, kind="stable")[:k]
+        out.append(cand[:, :k].astype(np.int32))
     return np.concatenate(out)
 
 

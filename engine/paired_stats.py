@@ -86,6 +86,9 @@ class PairStats:
     q_xx: float
     q_yy: float
     q_xy: float
+    # Relative precision of the accumulation (machine epsilon of its dtype; float64 for
+    # `stats_from_numpy`): CCA's rank decisions are made against this noise level.
+    precision: float = float(np.finfo(np.float32).eps)
 
     @property
     def d1(self) -> int:
@@ -208,7 +211,8 @@ class PairMoments:
         s = jax.tree.map(lambda t: np.asarray(jax.device_get(t), np.float64), state)
         return PairStats(count=float(m.count), rows=int(s.rows), mean_x=m.mean_x,
                          mean_y=m.mean_y, cov_xx=m.cov_xx, cov_yy=m.cov_yy, cov_xy=m.cov_xy,
-                         q_xx=float(s.q_xx), q_yy=float(s.q_yy), q_xy=float(s.q_xy))
+                         q_xx=float(s.q_xx), q_yy=float(s.q_yy), q_xy=float(s.q_xy),
+                         precision=m.precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +355,8 @@ def stats_from_numpy(x, y, weights=None) -> PairStats:
     return PairStats(count=n, rows=int(np.count_nonzero(w)), mean_x=mx, mean_y=my,
                      cov_xx=(xc * w[:, None]).T @ xc / n, cov_yy=(yc * w[:, None]).T @ yc / n,
                      cov_xy=(xc * w[:, None]).T @ yc / n, q_xx=float(w @ (a * a)),
-                     q_yy=float(w @ (b * b)), q_xy=float(w @ (a * b)))
+                     q_yy=float(w @ (b * b)), q_xy=float(w @ (a * b)),
+                     precision=float(np.finfo(np.float64).eps))
 
 
 def require_variance(name: str, stats: PairStats) -> None:

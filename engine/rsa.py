@@ -10,7 +10,8 @@ Exactness and cost (N = n (n - 1) / 2 pairs):
   of ``tile`` rows on the mesh (rows split over the ``data`` axis) and reduced to weighted
   sums in two passes (means, then centred second moments), so memory is O(tile * n) and compute
   O(n^2 (d1 + d2)). Row weights enter as pair weights ``w_i w_j``.
-* ``method="spearman"``: exact (average ranks for ties, float64 on the host) for
+* ``method="spearman"``: exact (similarities and average ranks for ties in float64 on the
+  host, exact ties kept as ties as in ``scipy.stats.spearmanr``, see ``TIE_ATOL``) for
   ``n <= max_exact_n`` (default 8192: two N-vectors of float64 plus their sort, about
   ``48 N`` bytes, ~1.6 GB at the default). Beyond it the **sampled estimator** draws
   ``num_samples`` pairs uniformly with replacement (seeded), computes both similarities of
@@ -88,16 +89,16 @@ def standardize_rows(name: str, x) -> np.ndarray:
     return xc / norms[:, None]
 
 
-def rankdata(v: np.ndarray, rel_tol: float = 0.0) -> np.ndarray:
+def rankdata(v: np.ndarray, atol: float = 0.0, rel_tol: float = 0.0) -> np.ndarray:
     """Ranks 1..N with ties given their average rank (float64), as ``scipy.stats.rankdata``.
 
     Args:
       v: ``[N]`` values.
-      rel_tol: consecutive sorted values closer than ``rel_tol * max(1, max|v|)`` form one tie
-        group. Exact ties of an underlying geometry (the circulant cosine matrix of a perfect
-        circle) come out of floating-point arithmetic a few ulps apart; ranking them as distinct
-        would make the Spearman RSA of two identical geometries depend on round-off. 0 ranks
-        exactly equal values as ties only.
+      atol / rel_tol: sorted neighbours closer than ``max(atol, rel_tol * max(1, max|v|))``
+        form one tie group. Values equal in exact arithmetic but computed along different
+        float paths differ in the last bits (the circulant cosine matrix of a perfect circle);
+        ranking them as distinct would make the Spearman RSA of two identical geometries depend
+        on round-off. Both 0: exactly equal values are ties, nothing else.
     """
     v = np.asarray(v)
     order = np.argsort(v, kind="stable")
@@ -105,8 +106,8 @@ def rankdata(v: np.ndarray, rel_tol: float = 0.0) -> np.ndarray:
     # Start index of each run of tied values, and the run's average rank.
     new = np.empty(len(sv), bool)
     new[0] = True
-    if rel_tol > 0 and len(sv):
-        tol = rel_tol * max(1.0, float(np.abs(sv).max()))
+    tol = max(float(atol), float(rel_tol) * max(1.0, float(np.abs(sv).max(initial=0.0))))
+    if tol > 0:
         np.greater(np.diff(np.asarray(sv, np.float64)), tol, out=new[1:])
     else:
         np.not_equal(sv[1:], sv[:-1], out=new[1:])
@@ -151,6 +152,20 @@ def row_correlation(x, *, mesh=None) -> np.ndarray:
     x = checks.as_float_matrix("row_correlation x", x, min_rows=1)
     mesh = paired_stats.default_mesh() if mesh is None else mesh
     return row_similarity(standardize_rows("row_correlation x", x), mesh)
+
+
+# Spearman needs exact ties (binary or integer features give correlations with few distinct
+# values and large tie groups): its similarities are computed in float64 on the host, and
+# values within TIE_ATOL of each other (float64 error of a unit-norm dot product is ~d * 1e-16)
+# share their average rank. Float32 similarities split tie groups arbitrarily (measured: 5.7e-4
+# to 1.3e-3 off on binary data).
+TIE_ATOL = 1e-12
+
+
+def row_similarity_float64(z: np.ndarray, block: int = 2048) -> np.ndarray:
+    """``z z^T`` in float64 on the host (row blocks; the exact-ties path of Spearman)."""
+    z = np.asarray(z, np.float64)
+    return np.concatenate([z[s:s + block] @ z.T for s in range(0, z.shape[0], block)])
 
 
 def upper_triangle(r: np.ndarray) -> np.ndarray:
@@ -243,17 +258,12 @@ def sample_pairs(n: int, num_samples: int, seed: int) -> tuple[np.ndarray, np.nd
     return np.minimum(i, j), np.maximum(i, j)
 
 
-@jax.jit
-def _pair_sims(z, i, j):
-    return jnp.sum(z[i] * z[j], axis=1)
-
-
-def _sampled_sims(z: np.ndarray, i: np.ndarray, j: np.ndarray, block: int = 1 << 18
+def _sampled_sims(z: np.ndarray, i: np.ndarray, j: np.ndarray, block: int = 1 << 16
                   ) -> np.ndarray:
-    zj = jnp.asarray(z, jnp.float32)
-    out = [np.asarray(_pair_sims(zj, jnp.asarray(i[s:s + block]), jnp.asarray(j[s:s + block])),
-                      np.float64) for s in range(0, len(i), block)]
-    return np.concatenate(out)
+    """Similarities of the sampled pairs, float64 on the host (exact ties, see TIE_ATOL)."""
+    z = np.asarray(z, np.float64)
+    return np.concatenate([np.einsum("ij,ij->i", z[i[s:s + block]], z[j[s:s + block]])
+                           for s in range(0, len(i), block)])
 
 
 def spearman_standard_error(rho: float, num_samples: int) -> float:
@@ -294,14 +304,14 @@ def rsa(x, y, weights=None, *, method: str = "spearman", mesh=None,
     if method == "pearson":
         return RSAResult(score=pearson_tiled(zx, zy, weights, mesh, tile), exact=True, **base)
     if n <= max_exact_n:
-        rx = upper_triangle(row_similarity(zx, mesh))
-        ry = upper_triangle(row_similarity(zy, mesh))
-        score = _pearson(rankdata(rx), rankdata(ry), "rsa_spearman")
+        rx = upper_triangle(row_similarity_float64(zx))
+        ry = upper_triangle(row_similarity_float64(zy))
+        score = _pearson(rankdata(rx, TIE_ATOL), rankdata(ry, TIE_ATOL), "rsa_spearman")
         return RSAResult(score=score, exact=True, **base)
     m = checks.check_positive_int("rsa num_samples", num_samples, minimum=4)
     i, j = sample_pairs(n, m, seed)
-    score = _pearson(rankdata(_sampled_sims(zx, i, j)), rankdata(_sampled_sims(zy, i, j)),
-                     "rsa_spearman (sampled)")
+    score = _pearson(rankdata(_sampled_sims(zx, i, j), TIE_ATOL),
+                     rankdata(_sampled_sims(zy, i, j), TIE_ATOL), "rsa_spearman (sampled)")
     return RSAResult(score=score, exact=False, num_samples=m,
                      standard_error=spearman_standard_error(score, m), **base)
 
@@ -355,7 +365,9 @@ def rsa_sampled_stat(consts: dict, perm: jax.Array, m: int, block: int = 1 << 16
 
     ``consts["i"]``, ``["j"]`` hold the M pairs padded to a multiple of ``block`` (padding
     pairs carry ``rank_x = 0`` and rank last, so they add nothing); the gathered rows are
-    bounded to ``block x d`` at a time. Ties rank in index order (continuous data has none).
+    bounded to ``block x d`` at a time. Y's ties rank in index order (float32 on the device;
+    continuous data has none): with heavily tied features (binary), prefer the exact path
+    (raise ``max_exact_n``), whose null ranks are computed once in float64 with average ranks.
     """
     zy, i, j, rank_x = consts["zy"], consts["i"], consts["j"], consts["rank_x"]
 
@@ -385,17 +397,19 @@ def null_kernel(x, y, result: RSAResult, *, mesh=None, max_exact_n: int = DEFAUL
     zy = standardize_rows("rsa Y", y)
     n = zx.shape[0]
     if result.exact:
-        rx = upper_triangle(row_similarity(zx, mesh))
-        ry = upper_triangle(row_similarity(zy, mesh))
         if result.method == "spearman":
-            rx, ry = rankdata(rx), rankdata(ry)
+            rx = rankdata(upper_triangle(row_similarity_float64(zx)), TIE_ATOL)
+            ry = rankdata(upper_triangle(row_similarity_float64(zy)), TIE_ATOL)
+        else:
+            rx = upper_triangle(row_similarity(zx, mesh))
+            ry = upper_triangle(row_similarity(zy, mesh))
         sx = _standardize_matrix(_matrix_from_upper(rx, n))
         sy = _standardize_matrix(_matrix_from_upper(ry, n))
         tile = max(1, min(int(tile), n))
         return nulls.NullKernel(rsa_matrix_stat, {"sx": jnp.asarray(sx), "sy": jnp.asarray(sy)},
                                 n, static=(("tile", tile),), row_bytes=8 * tile * n)
     i, j = sample_pairs(n, result.num_samples, seed)
-    rank_x = rankdata(_sampled_sims(zx, i, j))
+    rank_x = rankdata(_sampled_sims(zx, i, j), TIE_ATOL)
     m = len(rank_x)
     rank_x = (rank_x - (m + 1) / 2.0) / np.sqrt((m * m - 1) / 12.0)
     block = int(min(1 << 16, m))

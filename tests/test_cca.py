@@ -216,3 +216,86 @@ def test_bad_options():
         cca.cca(x, y, -np.ones(N))
     with pytest.raises(checks.InputError, match="unknown CCA method"):
         cca.from_stats("kcca", _stats(x, y))
+
+
+# --------------------------------------------------------------------------------------------
+# Rank decisions relative to noise, not to scale (issue 12).
+# --------------------------------------------------------------------------------------------
+
+
+def _scaled_columns(x, factors):
+    return (np.asarray(x, np.float64) * np.asarray(factors, np.float64)).astype(x.dtype)
+
+
+@pytest.mark.parametrize("factor", [3e-4, 1e-6, 1e4])
+def test_cca_invariant_to_scaling_one_column_from_exact_statistics(factor):
+    # Float64 statistics of the data: nothing is noise, so no direction may be dropped. A
+    # rank cut relative to the largest covariance eigenvalue dropped the scaled column.
+    x, y = structured(5)
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    f = np.ones(D1)
+    f[2] = factor
+    xs = x * f
+    base = cca.cca_from_stats(_stats(x, y))
+    got = cca.cca_from_stats(_stats(xs, y))
+    assert got.components_x == D1
+    np.testing.assert_allclose(got.coefficients, base.coefficients, atol=1e-6)
+    np.testing.assert_allclose(got.coefficients, ref.cca_qr(xs, y)[0], atol=1e-6)
+    np.testing.assert_allclose(cca.pwcca_from_stats(_stats(xs, y)).score,
+                               ref.pwcca_morcos(xs, y), atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [3e-4, 1e4])
+def test_cca_invariant_to_scaling_one_column_from_float32_accumulators(factor, mesh):
+    x, y = structured(6)
+    f = np.ones(D1)
+    f[1] = factor
+    base = cca.cca(x, y, mesh=mesh, chunk_size=48)
+    got = cca.cca(_scaled_columns(x, f), y, mesh=mesh, chunk_size=48)
+    assert got.components_x == D1
+    np.testing.assert_allclose(got.coefficients, base.coefficients, atol=1e-6)
+    np.testing.assert_allclose(got.coefficients, ref.cca_qr(x * f, y)[0], atol=2e-6)
+
+
+def test_cca_invariant_to_ill_conditioned_invertible_map_from_exact_statistics():
+    # A map with singular values 1 .. 1e-4 (covariance eigenvalue ratio 1e-8): invertible, so
+    # CCA must not change; float64 statistics resolve it exactly.
+    x, y = structured(7)
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    rng = np.random.default_rng(8)
+    q1, q2 = ortho_group.rvs(D1, random_state=rng), ortho_group.rvs(D1, random_state=rng)
+    a = q1 @ np.diag(np.logspace(0, -4, D1)) @ q2
+    base = cca.cca_from_stats(_stats(x, y))
+    got = cca.cca_from_stats(_stats(x @ a + 3.0, y))
+    assert got.components_x == D1
+    np.testing.assert_allclose(got.coefficients, base.coefficients, atol=1e-6)
+
+
+def test_duplicated_and_constant_columns_are_still_dropped(mesh):
+    # Columns that are linear combinations of others (up to the data's own rounding) and a
+    # constant column: their directions are at the statistics' noise level and are dropped.
+    x, y = structured(9)
+    r = np.random.default_rng(10).normal(size=D1)
+
+    def with_extra(a):
+        return np.column_stack([a, a[:, 0] * 2.5, np.full(N, 0.1, a.dtype), a @ r.astype(a.dtype)])
+
+    x64 = x.astype(np.float64)
+    for stats in (paired_stats.pair_stats(with_extra(x), y, mesh=mesh, chunk_size=48),
+                  _stats(with_extra(x64), y)):
+        got = cca.cca_from_stats(stats)
+        assert got.components_x == D1
+        np.testing.assert_allclose(got.coefficients, ref.cca_qr(x, y)[0], atol=2e-5)
+
+
+def test_svcca_with_fewer_rows_than_components_is_flagged_uninformative():
+    # Unrelated data, 20 pairs, 64 columns: SVCCA keeps ~19 components per side, so every
+    # coefficient is 1 for ANY data (the centred column spaces must intersect in R^19).
+    x, y = ref.random_pair(11, 20, 64, 64)
+    got = cca.svcca(x, y)
+    assert got.score > 0.99          # the number itself is meaningless ...
+    d = got.to_dict()
+    assert d["informative"] is False  # ... and says so
+    assert "n/d" in d["uninformative_reason"] and "20" in d["uninformative_reason"]
+    ok = cca.svcca(*INPUTS["random"]).to_dict()
+    assert ok["informative"] is True and "uninformative_reason" not in ok

@@ -113,3 +113,30 @@ def test_bad_inputs():
         geometry.procrustes(x, y[:5])
     with pytest.raises(checks.InputError, match="dtype"):
         geometry.mutual_knn(x, y.astype(np.float64), k=3)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_mutual_knn_with_a_large_common_offset_matches_float64(normalize, mesh):
+    # offset / std = 1e4: every cosine is 1 - O(1e-8), below float32's resolution if the
+    # cosines themselves are ranked in float32 (the score was 0.09 against 0.26).
+    rng = np.random.default_rng(12)
+    z = rng.normal(size=(N, 4))
+    x = z @ rng.normal(size=(4, 8)) + 1e4 * rng.normal(size=8)
+    y = z @ rng.normal(size=(4, 6)) + 0.5 * rng.normal(size=(N, 6)) + 1e4 * rng.normal(size=6)
+    want = ref.mutual_knn(x, y, 5, normalize=normalize)
+    assert want > 0.15 or not normalize  # plain inner products: the offset dominates
+    got = geometry.mutual_knn(x, y, k=5, mesh=mesh, tile=64, normalize=normalize)
+    assert got.score == pytest.approx(want, abs=1e-12)
+    np.testing.assert_array_equal(geometry.knn_indices(x, 5, mesh=mesh, normalize=normalize),
+                                  ref.knn(x, 5, normalize=normalize))
+
+
+def test_mutual_knn_normalized_ties_go_to_the_lower_index():
+    # Integer rows, many of them parallel: exact cosine ties after normalisation.
+    rng = np.random.default_rng(13)
+    x = rng.integers(-1, 2, size=(N, 3)).astype(np.float64)
+    x[np.all(x == 0, axis=1)] = 1.0
+    y = rng.integers(1, 3, size=(N, 2)).astype(np.float64)
+    for a in (x, y):
+        np.testing.assert_array_equal(geometry.knn_indices(a, 7, normalize=True),
+                                      ref.knn(a, 7, normalize=True))

@@ -92,3 +92,36 @@ def test_bad_inputs():
         rsa.rsa(x, y, method="kendall")
     with pytest.raises(checks.InputError, match="rows"):
         rsa.rsa(x, y[:-1])
+
+
+def _spearman_exact_ties(x, y):
+    """float64 row correlations, rounded to 12 digits so that values equal in exact
+    arithmetic (binary rows with the same counts) are exactly tied, then scipy's Spearman
+    (average ranks for ties)."""
+    import scipy.stats
+    iu = np.triu_indices(len(x), 1)
+    rx = np.round(np.corrcoef(np.asarray(x, np.float64))[iu], 12)
+    ry = np.round(np.corrcoef(np.asarray(y, np.float64))[iu], 12)
+    return float(scipy.stats.spearmanr(rx, ry).statistic)
+
+
+@pytest.mark.parametrize("n,d", [(60, 8), (90, 16)])
+def test_spearman_on_binary_data_gives_ties_average_ranks(n, d, mesh):
+    # Binary rows: the row correlations take few distinct values with huge exact-tie groups;
+    # float32 similarities split them (5.7e-4 off) instead of giving them average ranks.
+    rng = np.random.default_rng(n)
+    x = (rng.uniform(size=(n, d)) < 0.4).astype(np.float32)
+    y = np.where(rng.uniform(size=(n, d)) < 0.2, 1 - x, x).astype(np.float32)
+    for a in (x, y):
+        a[a.sum(1) == 0, 0] = 1.0
+        a[a.sum(1) == d, 0] = 0.0
+    want = _spearman_exact_ties(x, y)
+    np.testing.assert_allclose(rsa.rsa(x, y, mesh=mesh).score, want, rtol=0, atol=1e-9)
+    # The sampled estimator ranks its samples with the same exact ties.
+    i, j = rsa.sample_pairs(n, 4000, 0)
+    r = np.corrcoef(x.astype(np.float64))
+    s = np.corrcoef(y.astype(np.float64))
+    import scipy.stats
+    want_sampled = scipy.stats.spearmanr(np.round(r[i, j], 12), np.round(s[i, j], 12)).statistic
+    got = rsa.rsa(x, y, mesh=mesh, max_exact_n=10, num_samples=4000, seed=0)
+    np.testing.assert_allclose(got.score, want_sampled, rtol=0, atol=1e-9)

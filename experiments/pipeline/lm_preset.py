@@ -209,7 +209,8 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
                 labels={"kind": "cross" if (i, j) == (0, 0) else "grid", "hookpoint_a": ha,
                         "hookpoint_b": hb, "label": f"A {ha} vs B {hb}"}, **extra)
             for metric, r in comp.get("metrics", {}).items():
-                cells[metric][i, j] = r["excess"]
+                if r.get("informative", True):  # uninformative (too few pairs): shown "-"
+                    cells[metric][i, j] = r["excess"]
             comps.append(comp)
 
     # Reference points on the first cell.

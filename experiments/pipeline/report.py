@@ -35,6 +35,16 @@ def verdict(comparison: dict, alpha: float = ALPHA) -> str:
             what += (f"; before the threshold {len(sig)} of {len(before)} metrics are "
                      f"significant at p < {alpha}")
         return f"{name}: {what}."
+    flagged = [m for m, r in metrics.items() if r.get("informative") is False]
+    metrics = {m: r for m, r in metrics.items() if m not in flagged}
+    tail = (f" ({', '.join(flagged)}: uninformative, too few pairs for the components kept)"
+            if flagged else "")
+    if not metrics:
+        return f"{name}: every metric is uninformative{tail}."
+    return _verdict_of(name, metrics, alpha)[:-1] + tail + "."
+
+
+def _verdict_of(name: str, metrics: dict, alpha: float) -> str:
     sig = [m for m, r in metrics.items() if r["p"] < alpha and r["excess"] > 0]
     n = len(metrics)
     if len(sig) == n:
@@ -56,9 +66,10 @@ def _metric_rows(metrics: dict) -> list[str]:
         nd = r.get("n_over_d")
         nd = f"{nd:.1f}" if isinstance(nd, (int, float)) else ""
         z = "-" if r.get("z") is None else f"{r['z']:.1f}"
+        flag = "  UNINFORMATIVE (too few pairs)" if r.get("informative") is False else ""
         lines.append(f"   {name:<13}{r['score']:>8.3f}{r['null_mean']:>8.3f}"
                      f"{r['null_std']:>8.3f}{r['excess']:>8.3f}{z:>7}{r['p']:>8.4f}  "
-                     f"{kept:<9}{nd:>5}")
+                     f"{kept:<9}{nd:>5}{flag}")
     return lines
 
 
@@ -102,7 +113,9 @@ def plot_nulls(comparison: dict, path: str) -> None:
     for ax, (name, r) in zip(axes.flat, metrics.items()):
         ax.hist(r["null"], bins=40, color="0.7", label="shuffled pairs")
         ax.axvline(r["score"], color="C3", lw=2, label=f"paired {r['score']:.3f}")
-        ax.set_title(f"{name}: p={r['p']:.3g}, z={r['z']:.1f}", fontsize=9)
+        z = "-" if r.get("z") is None else f"{r['z']:.1f}"
+        flag = " UNINFORMATIVE" if r.get("informative") is False else ""
+        ax.set_title(f"{name}: p={r['p']:.3g}, z={z}{flag}", fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")

@@ -8,6 +8,7 @@ import os
 import platform
 
 import numpy as np
+from absl import logging
 
 from engine import checks
 from experiments.pipeline import compare, filters, report, toy_preset
@@ -37,12 +38,14 @@ def reference_points(by_kind: dict) -> dict:
         return {}
     out = {}
     for metric, r in cross["metrics"].items():
-        entry = {"cross": r["score"], "cross_excess": r["excess"]}
+        entry = {"cross": r["score"], "cross_excess": r["excess"],
+                 "informative": r.get("informative", True)}
         for name, comp in (("floor", floor), ("ceiling", ceiling)):
             m = (comp or {}).get("metrics", {}).get(metric)
             if m:
                 entry[name] = m["score"]
                 entry[f"{name}_excess"] = m["excess"]
+                entry["informative"] &= m.get("informative", True)
         for key, suffix in (("fraction_floor_to_ceiling", ""),
                             ("fraction_floor_to_ceiling_excess", "_excess")):
             lo, hi = entry.get("floor" + suffix), entry.get("ceiling" + suffix)
@@ -106,8 +109,12 @@ def main(run, flags_) -> dict:
         raise compare.PipelineError(
             "no pair survived the filters for the main comparison (see results.json "
             "'filters' counts); lower --threshold or relax --filter_non_concept")
-    _plots(run, results)
+    # results.json first: a plot can never lose a finished run.
     run.write_results(results)
+    plot_errors = _plots(run, results)
+    if plot_errors:
+        results["plot_errors"] = plot_errors
+        run.write_results(results)
     print(report.summary_table(comps))
     rp = results["reference_points"]
     if rp:
@@ -121,16 +128,27 @@ def main(run, flags_) -> dict:
     return results
 
 
-def _plots(run, results: dict) -> None:
+def _plots(run, results: dict) -> list[str]:
+    """Draws every plot; returns one line per plot that failed (logged, not fatal)."""
     comps = results["comparisons"]
+    jobs = []
     for c in comps:
         if not c.get("metrics") and c.get("metrics_before_threshold"):
             c = {**c, "name": f"{c['name']} (before threshold)",
                  "metrics": c["metrics_before_threshold"]}
-        report.plot_nulls(c, os.path.join(run.plots_dir,
-                                          f"null_{c['name'].split()[0]}.png"))
-    report.plot_matched_correlations(comps, os.path.join(run.plots_dir,
-                                                         "matched_correlations.png"))
-    report.plot_reference_bars(comps, os.path.join(run.plots_dir, "reference_bars.png"))
+        jobs.append((report.plot_nulls, c, os.path.join(
+            run.plots_dir, f"null_{c['name'].split()[0]}.png")))
+    jobs.append((report.plot_matched_correlations, comps,
+                 os.path.join(run.plots_dir, "matched_correlations.png")))
+    jobs.append((report.plot_reference_bars, comps,
+                 os.path.join(run.plots_dir, "reference_bars.png")))
     if "grid" in results:
-        report.plot_layer_heatmaps(results["grid"], run.plots_dir)
+        jobs.append((report.plot_layer_heatmaps, results["grid"], run.plots_dir))
+    errors = []
+    for fn, data, path in jobs:
+        try:
+            fn(data, path)
+        except Exception as e:  # noqa: BLE001 -- a plot must not lose the run's results
+            errors.append(f"{fn.__name__} -> {path}: {type(e).__name__}: {e}")
+            logging.error("plot failed (results.json is written): %s", errors[-1])
+    return errors

@@ -1,0 +1,80 @@
+"""Report and runner on comparisons whose metrics are uninformative (issue 12): the summary
+flags them, plots never crash, and results.json is written before any plot."""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+
+import similarity_refs as ref
+from engine import similarity
+from experiments.pipeline import report, runner
+
+
+def _comparison(name, x, y, kind):
+    ev = similarity.evaluate(x, y, ("svcca", "cka"), num_permutations=20)
+    return {"name": name, "kind": kind, "label": kind, "n_pairs": x.shape[0],
+            "filters": {"candidates": x.shape[0]}, "pairing": {"best_corr_ab": [0.1, 0.5]},
+            "metrics": ev["metrics"]}
+
+
+@pytest.fixture(scope="module")
+def comps():
+    few = ref.random_pair(0, 12, 40, 40)      # 12 pairs, 40 dims: SVCCA saturates
+    many = ref.random_pair(1, 200, 6, 5)
+    return [_comparison("cross", *few, "cross"), _comparison("ceiling", *many, "ceiling")]
+
+
+def test_uninformative_metric_is_flagged_in_table_and_verdict(comps):
+    sv = comps[0]["metrics"]["svcca"]
+    assert sv["informative"] is False and sv["z"] is None
+    table = report.summary_table(comps)
+    line = next(l for l in table.splitlines() if l.strip().startswith("svcca"))
+    assert "UNINFORMATIVE" in line and "0.3" in line      # n/d = 12/40 shown
+    assert "uninformative" in report.verdict(comps[0])
+    assert "UNINFORMATIVE" not in next(
+        l for l in table.splitlines()[table.splitlines().index(
+            next(l for l in table.splitlines() if l.startswith("== ceiling"))):]
+        if l.strip().startswith("svcca"))
+
+
+def test_plots_of_uninformative_metrics_do_not_crash(comps, tmp_path):
+    report.plot_nulls(comps[0], str(tmp_path / "null.png"))
+    report.plot_reference_bars(comps, str(tmp_path / "bars.png"))
+    assert os.path.getsize(tmp_path / "null.png") > 0
+
+
+def test_results_written_before_plots(comps, tmp_path, monkeypatch):
+    written = {}
+
+    class FakeRun:
+        workdir = str(tmp_path)
+        plots_dir = str(tmp_path / "plots")
+        mesh = None
+
+        def path(self, *parts):
+            return os.path.join(str(tmp_path), *parts)
+
+        def write_results(self, results):
+            written["results"] = json.loads(json.dumps(results))
+            with open(self.path("results.json"), "w") as f:
+                json.dump(results, f)
+
+    def broken_plot(*a, **k):
+        assert "results" in written, "a plot was drawn before results.json was written"
+        raise RuntimeError("plot failed")
+
+    os.makedirs(tmp_path / "plots")
+    monkeypatch.setattr(runner, "run_toy", lambda *a: {"preset": "toy",
+                                                       "comparisons": [dict(c) for c in comps]})
+    monkeypatch.setattr(report, "plot_nulls", broken_plot)
+    flags_ = types.SimpleNamespace(
+        pairing="correlation", filter_dead=True, filter_non_concept=False, max_bad_fraction=0.5,
+        require_shared_token=False, one_to_one=True, threshold=-1.0, metrics=["svcca", "cka"],
+        num_permutations=20, top_n=5, min_pairs=3, seed=0, preset="toy")
+    results = runner.main(FakeRun(), flags_)
+    assert os.path.exists(tmp_path / "results.json")
+    assert written["results"]["comparisons"][0]["metrics"]["svcca"]["informative"] is False
+    assert "plot failed" in results.get("plot_errors", [""])[0]
