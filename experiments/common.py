@@ -235,6 +235,23 @@ class Check:
 
 
 @dataclasses.dataclass(frozen=True)
+class Probe:
+    """A check done by a function of the project that raises a one-line error on bad input
+    (``fn(values)``, e.g. resolving concept-group names): the error's text is the problem."""
+
+    names: tuple[str, ...]
+    fn: Callable[[Mapping[str, Any]], Any]
+    after_others = True   # runs only when the simple rules found nothing (no duplicates)
+
+    def problems(self, values: Mapping[str, Any]) -> list[str]:
+        try:
+            self.fn(values)
+        except (ValueError, OSError, KeyError) as e:
+            return [" ".join(str(e).split())]
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
 class Hookpoints:
     """Each value of ``names`` is a hookpoint name `models.lm.parse_hookpoint` accepts (the
     layer is checked against the model's depth once it is loaded)."""
@@ -276,8 +293,13 @@ def workdir_problems(workdir: str | None) -> list[str]:
 def validate(values: Mapping[str, Any], rules: Iterable) -> None:
     """Raises `ConfigError` with every problem the rules find, in one line."""
     problems = workdir_problems(values.get("workdir"))
+    rules = list(rules)
     for rule in rules:
-        problems.extend(rule.problems(values))
+        if not getattr(rule, "after_others", False):
+            problems.extend(rule.problems(values))
+    for rule in rules:
+        if getattr(rule, "after_others", False) and not problems:
+            problems.extend(rule.problems(values))
     if problems:
         raise ConfigError("; ".join(problems))
 
