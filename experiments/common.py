@@ -63,6 +63,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXCLUDED = {
     "workdir": "the run directory itself",
     "overwrite": "what to do with an old run, not how to compute",
+    "dry_run": "checks only",
     "progress": "progress bars",
     "log_every": "metrics.jsonl frequency (the train loop's randomness is fold_in(step))",
     "checkpoint_every": "checkpoint frequency (resume is exact)",
@@ -95,6 +96,8 @@ def define_common_flags() -> None:
     flags.DEFINE_integer("mesh_feature", 1, "Size of the mesh feature axis.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
     flags.DEFINE_bool("progress", True, "Show progress bars.")
+    flags.DEFINE_bool("dry_run", False, "Check the settings and the workdir, say what a run "
+                      "would do (new / resume / refused / nothing to do), and exit.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +552,25 @@ def start(flag_values_: flags.FlagValues, config: dict | None = None,
     return Run(workdir=workdir, mesh=mesh)
 
 
+def dry_run(flag_values_: flags.FlagValues, config: dict | None = None,
+            data: Mapping[str, str | None] | None = None, exclude: Iterable[str] = ()) -> str:
+    """What `start` would do with this workdir, without touching it (one line)."""
+    workdir = os.path.abspath(flag_values_.workdir)
+    values = dict(flag_values(flag_values_))
+    values.update(config or {})
+    fingerprint = make_fingerprint(values, data, exclude)
+    if not os.path.isdir(workdir):
+        return f"dry run: settings OK; would start a new run in {workdir}"
+    try:
+        state = check_workdir(workdir, fingerprint, overwrite=False)
+    except NothingToDo as e:
+        return f"dry run: settings OK; {e}"
+    except ConfigError as e:
+        action = "would clear it (--overwrite)" if flag_values_.overwrite else "would refuse"
+        return f"dry run: settings OK; {action}: {e}"
+    return f"dry run: settings OK; would {'start' if state == 'new' else state} in {workdir}"
+
+
 def load_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -608,6 +630,10 @@ def entry(name: str, body: Callable[[Run, flags.FlagValues], Any], rules: Iterab
         try:
             validate(flag_values(flags.FLAGS), rules)
             kinds = user_errors() + (errors() if errors else ())
+            if flags.FLAGS.dry_run:
+                print(dry_run(flags.FLAGS, config=config(flags.FLAGS) if config else None,
+                              data=data(flags.FLAGS) if data else None, exclude=exclude))
+                return
             run = start(flags.FLAGS, config=config(flags.FLAGS) if config else None,
                         data=data(flags.FLAGS) if data else None, exclude=exclude)
             body(run, flags.FLAGS)

@@ -22,6 +22,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_integer("num_steps", 400, "Training steps.")
 flags.DEFINE_integer("batch_size", 256, "Rows per step (divisible by the mesh data axis).")
 flags.DEFINE_integer("d", 16, "Input width.")

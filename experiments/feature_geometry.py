@@ -47,6 +47,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_list("variants", ["planted", "unplanted"],
                   "Data variants: planted (circle, shared by rotation), unplanted (random "
                   "concept directions, independent models), shared_random (random concept "

@@ -34,6 +34,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_string("model", "tiny:gpt_neox",
                     "Local model directory, hub name, or tiny:ARCH (a tiny random model of "
                     "gpt_neox | gpt2 | llama | bert | gemma2 built in WORKDIR/tiny_model).")

@@ -35,6 +35,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_enum("preset", "toy", ["toy", "lm"], "toy: planted groups; lm: language models.")
 flags.DEFINE_list("concepts", [], "Built-in groups to analyse (default: all, or only the "
                   "file's groups when --concepts_file is given).")

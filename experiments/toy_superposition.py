@@ -42,6 +42,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_integer("sweep_steps", 10_000, "AdamW steps per sweep (the paper: 10k).")
 flags.DEFINE_integer("sweep_batch_size", 1024, "Samples per instance per step (the paper: 1024).")
 flags.DEFINE_float("sweep_lr", 1e-3, "AdamW learning rate (the paper: 1e-3).")

@@ -47,6 +47,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_enum("source", "synthetic", ["synthetic", "npy"], "Training data.")
 flags.DEFINE_string("npy_path", None, "2-D float .npy array [rows, d_in] (--source=npy).")
 flags.DEFINE_float("eval_frac", 0.1, "Fraction of .npy rows held out for evaluation.")
@@ -392,16 +393,16 @@ def widths_of(values) -> list[int]:
 
 
 def _k_fits(values) -> None:
+    widths = widths_of(values)
+    if min(widths) < 1:
+        raise common.ConfigError(f"SAE width {min(widths)}: expected >= 1 (--d_sae_mult too "
+                                 "small)")
     if not set(values["activation"]) & {"topk", "batchtopk"}:
         return
-    widths = widths_of(values)
     k = max(int(x) for x in values["k"])
     if k > min(widths):
         raise common.ConfigError(f"--k={k}: expected <= the smallest SAE width "
                                  f"(d_sae {min(widths)})")
-    if min(widths) < 1:
-        raise common.ConfigError(f"SAE width {min(widths)}: expected >= 1 (--d_sae_mult too "
-                                 "small)")
 
 
 RULES = (

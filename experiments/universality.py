@@ -16,7 +16,11 @@ hookpoint of B; SAEs loaded from any supported format, or trained on the fly)::
         --hookpoints_a=resid_post.2,resid_post.3 --hookpoints_b=resid_post.3,resid_post.5 \\
         --saes_a=/saes/pythia-70m --saes_b=/saes/pythia-160m --text=/data/text.jsonl
 
-Rerunning with the same workdir resumes after the last finished step.
+Rerunning the same command resumes after the last finished step, or prints "nothing to do:
+results from <time>" when the run finished. Other settings (or other data files, or other
+code) in the same workdir are refused before any work, naming the differing keys: use a new
+workdir or ``--overwrite``. ``--dry_run`` checks the settings and says what a run would do.
+Progress: stage lines on stdout (``[3/10] ceiling: feature pass ...``) and labelled tqdm bars.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_enum("preset", "toy", ["toy", "lm"], "toy: embedded default; lm: language models "
                   "from local paths (see --model_a/--model_b).")
 # Pairing, filters, metrics.
@@ -57,6 +62,7 @@ flags.DEFINE_integer("toy_steps", 1500, "Toy: SAE training steps.")
 flags.DEFINE_float("toy_perturbation", 0.15, "Toy: how far B's geometry is from A's image.")
 # Language-model preset (flags defined in experiments/pipeline/lm_preset.py).
 from experiments.pipeline import lm_preset  # noqa: E402,F401  (defines its flags)
+flags.adopt_module_key_flags(lm_preset)   # listed by --help
 
 
 def _metric_names():
