@@ -443,4 +443,5 @@ def body(run, flags_):
 
 if __name__ == "__main__":
     common.entry("train_sae", body, RULES, data=lambda f: {
-        "npy_path": f.npy_path if f.source == "npy" else None})
+        "npy_path": f.npy_path if f.source == "npy" else None},
+        config=lambda f: {"widths_used": widths_of(common.flag_values(f))})
