@@ -3,10 +3,17 @@
 One mechanism for everything long-running: training state, streaming accumulators mid-stream,
 pipeline steps. A checkpoint is ``{"state": <pytree>, "meta": <json dict>}`` saved with
 `ocp.args.StandardSave` / `ocp.args.JsonSave` under ``directory/<step>/``.
+
+A damaged checkpoint (truncated data files, a missing item, garbled item metadata: anything
+that cannot be read back even without a target structure) is reported in one warning line,
+moved to ``directory/damaged/<step>-<n>/`` (kept for inspection, out of the way of new saves)
+and the newest intact checkpoint is restored instead. A checkpoint that is intact but does not
+fit the requested structure is an error, not damage (nothing is moved).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -49,24 +56,69 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, step: int | None = None
                 ) -> tuple[int, Any, dict] | None:
-        """Restores the latest (or given) checkpoint, or returns None when there is none.
+        """Restores the latest intact (or the given) checkpoint, or returns None when there is
+        none.
 
         Args:
           abstract_state: a pytree with the target structure, shapes, dtypes and shardings
             (concrete arrays or `jax.ShapeDtypeStruct`s).
+          step: a specific step (no fallback: its errors are raised).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
+        if step is not None:
+            return self._restore_step(abstract_state, int(step))
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for i, s in enumerate(steps):
+            try:
+                return self._restore_step(abstract_state, s)
+            except Exception as e:  # noqa: BLE001  (re-raised unless the files are damaged)
+                damage = self._damage(s)
+                if damage is None:
+                    raise
+                older = steps[i + 1] if i + 1 < len(steps) else None
+                moved = self._set_aside(s)
+                logging.warning(
+                    "checkpoint %s/%d is damaged (%s); moved to %s; %s", self.directory, s,
+                    damage or " ".join(str(e).split())[:160], moved,
+                    f"falling back to step {older}" if older is not None
+                    else "no intact checkpoint left: starting from scratch")
+        return None
+
+    def _restore_step(self, abstract_state: Any, step: int) -> tuple[int, Any, dict]:
         target = jax.tree.map(_abstract, abstract_state)
         empty = jax.tree.map(lambda x: hasattr(x, "size") and x.size == 0, abstract_state)
         target = jax.tree.map(lambda t, e: jax.ShapeDtypeStruct((1,), t.dtype) if e else t,
                               target, empty)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        meta = restored["meta"]
+        if not isinstance(meta, dict):
+            raise ValueError(f"checkpoint meta is {type(meta).__name__}, expected a dict")
         state = jax.tree.map(lambda r, t, e: jax.numpy.zeros(t.shape, t.dtype) if e else r,
                              restored["state"], abstract_state, empty)
-        return int(step), state, dict(restored["meta"] or {})
+        return int(step), state, dict(meta)
+
+    def _damage(self, step: int) -> str | None:
+        """Why checkpoint ``step`` cannot be read at all (None: it reads back fine without a
+        target, so a failure to restore it is a mismatch with the requested structure)."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001  (any failure to read the files is damage)
+            return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        if not isinstance(restored["meta"], dict):
+            return f"meta item is {type(restored['meta']).__name__}, expected a dict"
+        return None
+
+    def _set_aside(self, step: int) -> str:
+        root = os.path.join(self.directory, "damaged")
+        os.makedirs(root, exist_ok=True)
+        n = 0
+        while os.path.exists(os.path.join(root, f"{step}-{n}")):
+            n += 1
+        dest = os.path.join(root, f"{step}-{n}")
+        os.replace(os.path.join(self.directory, str(step)), dest)
+        self._manager.reload()
+        return dest
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -723,6 +723,7 @@ def accumulate_inplace(acc: CorrelationAccumulator, stream, mesh, *, checkpointe
             count, sums, meta = restored
             state = state.replace(**sums)
             stream.seek(int(meta["position"]))
+            saved = count   # already on disk: a rerun of a finished block saves nothing
     bar = None
     if progress:
         from tqdm.auto import tqdm

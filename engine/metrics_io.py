@@ -61,7 +61,18 @@ class MetricWriter:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
-        rows = [r for r in read_jsonl(self.path) if int(r.get("step", -1)) <= step]
+        """Keeps only lines with ``step <= step`` (a half-written last line of a killed run
+        is dropped too)."""
+        rows = []
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(r, dict) and int(r.get("step", -1)) <= step:
+                        rows.append(r)
         with open(self.path, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")

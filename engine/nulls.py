@@ -137,6 +137,7 @@ def permutation_null(kernel: NullKernel, num_permutations: int = 1000, *, seed: 
       batch_size: permutations per vmap batch per device (default from ``row_bytes``).
       rounds: split the work into this many jitted calls (a progress bar ticks per round;
         with ``progress`` at least 10). The values do not depend on it.
+      progress: a tqdm bar; a string is its label (e.g. which comparison and metric).
 
     Returns:
       ``[R]`` float64 null values, in permutation order.
@@ -159,7 +160,8 @@ def permutation_null(kernel: NullKernel, num_permutations: int = 1000, *, seed: 
     it = range(0, num, per_round)
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc="null permutations", unit="round")
+        it = tqdm(it, desc=progress if isinstance(progress, str) else "null permutations",
+                  unit="round")
     for start in it:
         ids = jax.device_put(np.arange(start, start + per_round, dtype=np.int32),
                              mesh_lib.data_sharding(mesh, 1))
@@ -179,7 +181,8 @@ def loop_null(metric: Callable[..., float], x, y, weights=None, *, num_permutati
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=num, desc="null permutations (loop)")
+        bar = tqdm(total=num, desc=progress if isinstance(progress, str)
+                   else "null permutations (loop)")
     block = 256
     for start in range(0, num, block):
         perms = permutations(y.shape[0], min(block, num - start), seed, start)
@@ -354,7 +357,8 @@ def bootstrap(metric: Callable[..., float], x, y, weights=None, *, num_samples: 
     it = range(num)
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc="bootstrap")
+        it = tqdm(it, desc=f"{progress} bootstrap" if isinstance(progress, str)
+                  else "bootstrap")
     for b in it:
         idx = rng.integers(0, n, n)
         if by_weights:

@@ -173,13 +173,15 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
         writer = metrics_io.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
     state = mesh_lib.replicate(mesh, state, copy=True)
     if ckpt is not None:
-        restored = ckpt.restore(state)
+        restored = ckpt.restore(state)   # the newest intact checkpoint (damaged ones skipped)
         if restored is not None:
             _, state, meta = restored
             source.seek(int(meta.get("position", 0)))
-            writer.truncate_after(int(state.step))
             logging.info("resumed from step %d (data position %d)", int(state.step),
                          source.position)
+        # Lines logged after the restored step (or, starting from scratch, every line) belong
+        # to a killed run whose state is lost: drop them so no step appears twice.
+        writer.truncate_after(int(state.step))
     start = int(state.step)
 
     bar = None

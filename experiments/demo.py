@@ -7,20 +7,22 @@ reference. Run (4 simulated CPU devices)::
 
     python -m experiments.demo --workdir=runs/demo --num_cpu_devices=4
 
-Rerunning the same command resumes from the last checkpoint (or does nothing if finished);
-``--num_steps`` larger than before continues training.
+Rerunning the same command resumes from the last checkpoint (or prints "nothing to do" when
+finished); other settings (e.g. another ``--num_steps``) in the same workdir are refused before
+any work: use a new workdir or ``--overwrite`` (experiments/common.py).
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags
 
 from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_integer("num_steps", 400, "Training steps.")
 flags.DEFINE_integer("batch_size", 256, "Rows per step (divisible by the mesh data axis).")
 flags.DEFINE_integer("d", 16, "Input width.")
@@ -125,20 +127,29 @@ def _plot_loss(run: common.Run) -> None:
     plt.close(fig)
 
 
-def main(argv):
-    del argv
-    run = common.start(FLAGS)
-    results = run_demo(run, num_steps=FLAGS.num_steps, batch_size=FLAGS.batch_size, d=FLAGS.d,
-                       latent=FLAGS.latent, n_rows=FLAGS.n_rows, lr=FLAGS.lr,
-                       log_every=FLAGS.log_every, checkpoint_every=FLAGS.checkpoint_every,
-                       seed=FLAGS.seed, progress=FLAGS.progress)
+RULES = (
+    common.Num(("num_steps", "batch_size", "d", "latent", "n_rows", "log_every",
+                "checkpoint_every"), lo=1, integer=True),
+    common.Num(("seed",), lo=0, integer=True),
+    common.Num(("lr",), lo=0.0, lo_open=True),
+    common.Check(("latent", "d"), lambda v: v["latent"] <= v["d"],
+                 "--latent={latent}: expected <= --d={d}"),
+    common.Check(("batch_size", "n_rows"), lambda v: v["batch_size"] <= v["n_rows"],
+                 "--batch_size={batch_size}: expected <= --n_rows={n_rows}"),
+)
+
+
+def body(run, flags_):
+    results = run_demo(run, num_steps=flags_.num_steps, batch_size=flags_.batch_size, d=flags_.d,
+                       latent=flags_.latent, n_rows=flags_.n_rows, lr=flags_.lr,
+                       log_every=flags_.log_every, checkpoint_every=flags_.checkpoint_every,
+                       seed=flags_.seed, progress=flags_.progress)
     run.write_results(results)
     print(f"demo: step {results['final_step']} on {results['devices']} device(s), variance "
           f"explained {results['fraction_variance_explained']:.4f}, moments vs float64 "
           f"rel. err {results['moments']['max_rel_err_cov_xy_vs_float64']:.2e}")
     print(f"results: {run.path('results.json')}  plots: {run.plots_dir}")
-    logging.flush()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.entry("demo", body, RULES)

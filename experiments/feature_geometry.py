@@ -22,7 +22,8 @@ Run (defaults: both the planted data and the unplanted control, ground-truth dic
 
     python -m experiments.feature_geometry --workdir=runs/feature_geometry
 
-With SAEs (slower; rerunning the same workdir resumes their training)::
+With SAEs (slower; rerunning the same command resumes their training; other settings in the
+same workdir are refused, see `experiments/common.py`)::
 
     python -m experiments.feature_geometry --workdir=runs/feature_geometry_sae \\
         --dictionary=sae --sae_steps=3000
@@ -40,12 +41,13 @@ import dataclasses
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_list("variants", ["planted", "unplanted"],
                   "Data variants: planted (circle, shared by rotation), unplanted (random "
                   "concept directions, independent models), shared_random (random concept "
@@ -522,14 +524,36 @@ CONFIG_KEYS = ("variants", "concept", "seed", "d", "n_tokens", "n_groups", "grou
                "plot_tokens", "plots", "progress")
 
 
-def main(argv):
-    del argv
-    run = common.start(FLAGS)
-    cfg = {k: FLAGS["width" if k == "d" else k].value for k in CONFIG_KEYS}
+RULES = (
+    common.Choice(("variants",), tuple(VARIANTS), nonempty=True),
+    common.Choice(("concept",), ("days", "months")),
+    common.Num(("width", "n_tokens", "group_size", "sae_k", "sae_steps", "sae_batch",
+                "sae_dead_tokens", "graph_k", "n_null", "chunk_size", "min_token_count"), lo=1,
+               integer=True),
+    common.Num(("seed", "n_groups", "n_other", "sae_width", "max_size", "spectral_clusters",
+                "plot_tokens"), lo=0, integer=True),
+    common.Num(("min_size",), lo=1, integer=True),
+    common.Num(("noise",), lo=0.0),
+    common.Num(("circle_offset",), lo=0.0, hi=1.0, hi_open=True),
+    common.Num(("sae_lr",), lo=0.0, lo_open=True),
+    common.Num(("graph_threshold",), lo=-1.0, hi=1.0),
+    common.Num(("family_recall",), lo=0.0, hi=1.0, lo_open=True),
+    common.Num(("alpha",), lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+    common.Check(("max_size", "min_size"), lambda v: not v["max_size"] or
+                 v["max_size"] >= v["min_size"],
+                 "--max_size={max_size}: expected 0 (no limit) or >= --min_size={min_size}"),
+    common.Check(("sae_k", "sae_width"), lambda v: not v["sae_width"] or
+                 v["sae_k"] <= v["sae_width"],
+                 "--sae_k={sae_k}: expected <= --sae_width={sae_width}"),
+)
+
+
+def body(run, flags_):
+    cfg = {k: flags_["width" if k == "d" else k].value for k in CONFIG_KEYS}
     results = run_feature_geometry(run, **cfg)
     run.write_results(results)
     print(f"feature_geometry: all acceptance checks passed = {results['all_passed']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.entry("feature_geometry", body, RULES)

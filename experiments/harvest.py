@@ -28,12 +28,13 @@ import math
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_string("model", "tiny:gpt_neox",
                     "Local model directory, hub name, or tiny:ARCH (a tiny random model of "
                     "gpt_neox | gpt2 | llama | bert | gemma2 built in WORKDIR/tiny_model).")
@@ -107,9 +108,42 @@ def _plot_norms(cache, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv):
-    del argv
-    run = common.start(FLAGS)
+def _is_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.isdir(name)
+
+
+RULES = (
+    common.Hookpoints(("hookpoints",)),
+    common.Check(("hookpoints",), lambda v: bool(v["hookpoints"]),
+                 "--hookpoints: expected at least one hookpoint"),
+    common.Num(("context_length",), lo=2, integer=True),
+    common.Num(("batch_size",), lo=1, integer=True),
+    common.Num(("max_tokens", "shard_contexts", "seed"), lo=0, integer=True),
+    common.Check(("model",), lambda v: not v["model"].startswith("tiny:") or
+                 v["model"].split(":", 1)[1] in ("gpt_neox", "gpt2", "llama", "bert", "gemma2"),
+                 "--model={model}: tiny:ARCH takes ARCH in gpt_neox, gpt2, llama, bert, gemma2"),
+    common.Check(("model",), lambda v: v["model"].startswith("tiny:") or
+                 not _is_local(v["model"]) or os.path.isdir(os.path.expanduser(v["model"])),
+                 "--model={model}: no such local model directory"),
+    common.Check(("text",), lambda v: bool(v["text"]), "--text: expected at least one source"),
+    common.Path(("text",), kind="any", special=("sample",), prefixes=("hf:",)),
+    common.Check(("cache_dir",), lambda v: not v["cache_dir"] or not os.path.isfile(
+        v["cache_dir"]), "--cache_dir={cache_dir}: is a file, expected a directory"),
+)
+
+
+def _data(flags_) -> dict:
+    out = {f"text.{i}": t for i, t in enumerate(flags_.text)
+           if t != "sample" and not t.startswith("hf:")}
+    if _is_local(flags_.model):
+        out["model"] = flags_.model
+    if flags_.tokenizer and os.path.isdir(flags_.tokenizer):
+        out["tokenizer"] = flags_.tokenizer
+    return out
+
+
+def body(run, flags_):
+    del flags_
     from engine import metrics_io
     from models import activation_cache, lm, text
 
@@ -117,7 +151,7 @@ def main(argv):
     model = lm.LanguageModel.load(model_path, revision=FLAGS.revision, dtype=FLAGS.model_dtype,
                                   device=FLAGS.device, tokenizer=FLAGS.tokenizer)
     if model.tokenizer is None:
-        raise SystemExit(f"--model {model_path} has no tokenizer; pass --tokenizer")
+        raise common.ConfigError(f"--model {model_path} has no tokenizer; pass --tokenizer")
     ctx_len = FLAGS.context_length
     max_contexts = math.ceil(FLAGS.max_tokens / ctx_len) if FLAGS.max_tokens else None
     sources = list(FLAGS.text)
@@ -167,4 +201,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.entry("harvest", body, RULES, data=_data)

@@ -23,19 +23,19 @@ workdir when --model_a/--model_b are not given; SAEs trained on the fly unless -
 
 Outputs: config.json, metrics.jsonl, results.json (per group: feature counts, pairs, skip
 reason, scores with null mean / p / z / excess, random-subset and random-init baselines, topic
-control differences), plots/groups_vs_null.png. Rerunning the same workdir resumes.
+control differences), plots/groups_vs_null.png. Rerunning the same command resumes (or says
+"nothing to do"); other settings in the same workdir are refused (`experiments/common.py`).
 """
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_enum("preset", "toy", ["toy", "lm"], "toy: planted groups; lm: language models.")
 flags.DEFINE_list("concepts", [], "Built-in groups to analyse (default: all, or only the "
                   "file's groups when --concepts_file is given).")
@@ -79,19 +79,66 @@ flags.DEFINE_integer("context_length", 64, "Tokens per context.")
 flags.DEFINE_integer("lm_train_steps", 200, "Training steps of the default tiny model pair.")
 
 
-def main(argv):
-    del argv
-    run = common.start(FLAGS)
+def _metric_names():
+    from engine import similarity
+    return sorted(similarity.METRICS)
+
+
+def _groups(values):
+    """Resolves --concepts / --concepts_file / --topic as the run will (raises on a bad one)."""
+    from experiments.pipeline import concepts
+    groups = concepts.resolve_groups(values["concepts"] or None, values["concepts_file"])
+    if values["topic"] not in groups:
+        try:
+            concepts.canonical_name(values["topic"])
+        except concepts.ConceptError:
+            raise concepts.ConceptError(f"--topic {values['topic']!r}: not a built-in group "
+                                        "nor one of the selected groups") from None
+
+
+RULES = (
+    common.Choice(("metrics",), _metric_names, nonempty=True),
+    common.Num(("num_permutations", "member_top_n", "random_draws", "knn_k", "chunk_size",
+                "sae_k", "sae_steps", "sae_batch", "toy_d", "toy_n_tokens", "toy_group_size"),
+               lo=1, integer=True),
+    common.Num(("min_pairs",), lo=3, integer=True),
+    common.Num(("threshold",), hi=1.0, what="a correlation; negative: all pairs"),
+    common.Num(("alpha",), lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+    common.Num(("sae_lr",), lo=0.0, lo_open=True),
+    common.Num(("seed", "sae_width", "max_documents", "max_contexts", "lm_train_steps"), lo=0,
+               integer=True),
+    common.Num(("context_length",), lo=2, integer=True),
+    common.Check(("sae_k", "sae_width"), lambda v: not v["sae_width"] or
+                 v["sae_k"] <= v["sae_width"],
+                 "--sae_k={sae_k}: expected <= --sae_width={sae_width}"),
+    common.Check(("model_a", "model_b"), lambda v: bool(v["model_a"]) == bool(v["model_b"]),
+                 "give both --model_a and --model_b (or neither for the tiny pair)"),
+    common.Path(("concepts_file",), kind="file"),
+    common.Path(("model_a", "model_b"), kind="dir", what="a local transformers directory"),
+    common.Path(("sae_a", "sae_b"), kind="any"),
+    common.Path(("text",), kind="any", special=("sample",), prefixes=("hf:",)),
+    common.Hookpoints(("hookpoint_a", "hookpoint_b")),
+    common.Probe(("concepts", "concepts_file", "topic"), _groups),
+)
+
+
+def _data(flags_) -> dict:
+    return {"concepts_file": flags_.concepts_file, "sae_a": flags_.sae_a, "sae_b": flags_.sae_b,
+            **({"model_a": flags_.model_a, "model_b": flags_.model_b,
+                "text": None if flags_.text == "sample" else flags_.text}
+               if flags_.preset == "lm" else {})}
+
+
+def _errors():
     from experiments.pipeline import subspace_runner
     from models import text
-    from engine import checks
-    try:
-        subspace_runner.main(run, FLAGS)
-    except (subspace_runner.SubspaceError, checks.InputError, text.TokenizerMismatchError,
-            FileNotFoundError) as e:
-        print(f"semantic_subspaces: {e}", file=sys.stderr)
-        sys.exit(2)
+    return (subspace_runner.SubspaceError, text.TokenizerMismatchError)
+
+
+def body(run, flags_):
+    from experiments.pipeline import subspace_runner
+    subspace_runner.main(run, flags_)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.entry("semantic_subspaces", body, RULES, data=_data, errors=_errors)

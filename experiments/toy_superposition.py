@@ -26,7 +26,8 @@ instance. Run (paper training settings: AdamW lr 1e-3, batch 1024, 10k steps)::
     python -m experiments.toy_superposition --workdir=runs/toy_superposition/default
 
 A quick smoke run: add ``--sweep_steps=1000 --sweep_lr=1e-2 --sweep_batch_size=256``. Rerunning the same command
-resumes each sweep from its checkpoint (a finished sweep is not retrained).
+resumes each sweep from its checkpoint (a finished run says "nothing to do"); other settings in
+the same workdir are refused before any work (`experiments/common.py`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ import os
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_integer("sweep_steps", 10_000, "AdamW steps per sweep (the paper: 10k).")
 flags.DEFINE_integer("sweep_batch_size", 1024, "Samples per instance per step (the paper: 1024).")
 flags.DEFINE_float("sweep_lr", 1e-3, "AdamW learning rate (the paper: 1e-3).")
@@ -344,16 +346,30 @@ def settings_from_flags() -> dict:
             "progress": FLAGS.progress}
 
 
-def main(argv):
-    del argv
-    run = common.start(FLAGS)
+RULES = (
+    common.Num(("sweep_steps", "sweep_batch_size", "sweep_seeds", "pentagon_seeds",
+                "sweep_log_every", "sweep_checkpoint_every", "dim_features", "dim_hidden",
+                "dim_seeds", "phase_points"), lo=1, integer=True),
+    common.Num(("dim_points",), lo=2, integer=True),
+    common.Num(("sweep_lr",), lo=0.0, lo_open=True),
+    common.Num(("pentagon_sparsity",), lo=0.0, hi=1.0, hi_open=True),
+    common.Num(("dim_max_inverse_density",), lo=1.0, lo_open=True),
+    common.Check(("dim_hidden", "dim_features"), lambda v: v["dim_hidden"] < v["dim_features"],
+                 "--dim_hidden={dim_hidden}: expected < --dim_features={dim_features} "
+                 "(superposition needs fewer dimensions than features)"),
+    common.Choice(("sweeps",), ("pentagon", "dimensionality", "phase"), split_commas=True,
+                  nonempty=True),
+)
+
+
+def body(run, flags_):
+    del flags_
     results = run_toy_superposition(run, settings_from_flags())
     run.write_results(results)
     for key, value in results["summary"].items():
         print(f"{key}: {value}")
     print(f"results: {run.path('results.json')}  plots: {run.plots_dir}")
-    logging.flush()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.entry("toy_superposition", body, RULES)

@@ -3,7 +3,8 @@
 Every combination of ``--activation x --d_sae (or --d_sae_mult) x {--k | --l1_coeff |
 --l0_coeff} x --seeds`` is one SAE; SAEs that differ only in seed / k / coefficient run
 together in ONE jitted program (models/sae_train.py), widths and activations as separate
-programs under this one command. Rerunning with the same workdir resumes.
+programs under this one command. Rerunning the same command resumes (or says "nothing to do"); other settings in the same
+workdir are refused before any work (`experiments/common.py`).
 
 Ground-truth sweep (Sharkey et al. data: 512 true features in 128 dims, ~5 active; widths
 0.5x..4x, k around the truth, two seeds)::
@@ -40,12 +41,13 @@ import itertools
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_enum("source", "synthetic", ["synthetic", "npy"], "Training data.")
 flags.DEFINE_string("npy_path", None, "2-D float .npy array [rows, d_in] (--source=npy).")
 flags.DEFINE_float("eval_frac", 0.1, "Fraction of .npy rows held out for evaluation.")
@@ -57,7 +59,8 @@ flags.DEFINE_integer("n_blocks", 1, "Synthetic: correlation blocks.")
 flags.DEFINE_integer("dict_seed", 1, "Synthetic: dictionary seed.")
 flags.DEFINE_list("activation", ["topk"], "relu | topk | batchtopk | jumprelu (list).")
 flags.DEFINE_list("d_sae", [], "SAE widths (list of ints).")
-flags.DEFINE_list("d_sae_mult", [], "Widths as multiples of n_true (synthetic) or d_in.")
+flags.DEFINE_list("d_sae_mult", [], "Widths as multiples of n_true (synthetic) or d_in "
+                  "(with neither flag: one width, 1 x n_true or d_in).")
 flags.DEFINE_list("k", ["5"], "k for topk / batchtopk (list).")
 flags.DEFINE_list("l1_coeff", ["1.0"], "L1 coefficients for relu (list).")
 flags.DEFINE_list("l0_coeff", ["1.0"], "L0 coefficients for jumprelu (list).")
@@ -292,7 +295,7 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         d_in, unit = o["d"], o["n_true"]
     else:
         if not o.get("npy_path"):
-            raise SystemExit("--npy_path is required with --source=npy")
+            raise common.ConfigError("--npy_path is required with --source=npy")
         # allow_pickle=False: never unpickle.
         data = np.load(o["npy_path"], allow_pickle=False, mmap_mode="r")
         data = np.asarray(data, np.float32)
@@ -303,8 +306,8 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         acts = data[np.sort(perm[n_eval:])] if n_eval else data
         d_in = unit = int(data.shape[-1])
     widths = _ints(o["d_sae"]) + [int(round(float(m) * unit)) for m in o["d_sae_mult"]]
-    if not widths:
-        raise SystemExit("give --d_sae or --d_sae_mult")
+    if not widths:   # neither --d_sae nor --d_sae_mult: one width, 1 x the unit
+        widths = [unit]
     base = dict(lr=o["lr"], lr_decay_frac=o["lr_decay_frac"], dead_tokens=o["dead_tokens"],
                 k_aux=None if o["k_aux"] < 0 else o["k_aux"], decode=o["decode"],
                 b_dec_init=o["b_dec_init"])
@@ -370,10 +373,63 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
     return results
 
 
-def main(argv):
-    del argv
-    run = common.start(FLAGS)
-    opts = {name: FLAGS[name].value for name in FLAGS}
+def _npy_width(path: str) -> int:
+    """d_in of a .npy file from its header (no data read)."""
+    import numpy as np
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.ndim != 2:
+        raise common.ConfigError(f"--npy_path={path}: expected a 2-D array [rows, d_in], got "
+                                 f"shape {arr.shape}")
+    return int(arr.shape[1])
+
+
+def widths_of(values) -> list[int]:
+    """The SAE widths the run will train (as `run_train_sae` computes them)."""
+    unit = values["n_true"] if values["source"] == "synthetic" else \
+        _npy_width(values["npy_path"])
+    widths = [int(w) for w in values["d_sae"]] + [int(round(float(m) * unit))
+                                                  for m in values["d_sae_mult"]]
+    return widths or [unit]
+
+
+def _k_fits(values) -> None:
+    widths = widths_of(values)
+    if min(widths) < 1:
+        raise common.ConfigError(f"SAE width {min(widths)}: expected >= 1 (--d_sae_mult too "
+                                 "small)")
+    if not set(values["activation"]) & {"topk", "batchtopk"}:
+        return
+    k = max(int(x) for x in values["k"])
+    if k > min(widths):
+        raise common.ConfigError(f"--k={k}: expected <= the smallest SAE width "
+                                 f"(d_sae {min(widths)})")
+
+
+RULES = (
+    common.Choice(("activation",), ("relu", "topk", "batchtopk", "jumprelu"), nonempty=True),
+    common.Check(("npy_path",), lambda v: v["source"] != "npy" or bool(v["npy_path"]),
+                 "--npy_path is required with --source=npy"),
+    common.Path(("npy_path",), kind="file"),
+    common.Num(("eval_frac",), lo=0.0, hi=1.0, hi_open=True),
+    common.Num(("n_true", "d", "n_blocks", "steps", "batch_size", "dead_tokens", "eval_rows",
+                "log_every", "checkpoint_every", "d_sae", "k"), lo=1, integer=True),
+    common.Num(("dict_seed", "data_seed", "seeds"), lo=0, integer=True),
+    common.Num(("k_true",), lo=0.0, lo_open=True),
+    common.Num(("correlation",), lo=0.0, hi=1.0, hi_open=True),
+    common.Num(("d_sae_mult", "lr"), lo=0.0, lo_open=True),
+    common.Num(("l1_coeff", "l0_coeff"), lo=0.0),
+    common.Num(("lr_decay_frac",), lo=0.0, hi=1.0),
+    common.Num(("k_aux",), lo=-1, integer=True, what="-1: d_in // 2; 0: off"),
+    common.Num(("match_threshold",), lo=-1.0, hi=1.0),
+    common.Check(("k_true", "n_true"), lambda v: v["source"] != "synthetic" or
+                 v["k_true"] <= v["n_true"],
+                 "--k_true={k_true}: expected <= --n_true={n_true}"),
+    common.Probe(("k", "d_sae", "d_sae_mult"), _k_fits),
+)
+
+
+def body(run, flags_):
+    opts = {name: flags_[name].value for name in flags_}
     results = run_train_sae(run, opts)
     for r in results["saes"]:
         extra = f" mmcs={r['mmcs']:.4f}" if "mmcs" in r else ""
@@ -382,7 +438,10 @@ def main(argv):
     for p in results["seed_pairs"]:
         logging.info("seeds %s vs %s: %.3f matched at cos >= %.2f", p["a"], p["b"],
                      p["matched_frac"], p["threshold"])
+    print(f"train_sae: {len(results['saes'])} SAE(s); results: {run.path('results.json')}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.entry("train_sae", body, RULES, data=lambda f: {
+        "npy_path": f.npy_path if f.source == "npy" else None},
+        config=lambda f: {"widths_used": widths_of(common.flag_values(f))})

@@ -16,19 +16,24 @@ hookpoint of B; SAEs loaded from any supported format, or trained on the fly)::
         --hookpoints_a=resid_post.2,resid_post.3 --hookpoints_b=resid_post.3,resid_post.5 \\
         --saes_a=/saes/pythia-70m --saes_b=/saes/pythia-160m --text=/data/text.jsonl
 
-Rerunning with the same workdir resumes after the last finished step.
+Rerunning the same command resumes after the last finished step, or prints "nothing to do:
+results from <time>" when the run finished. Other settings (or other data files, or other
+code) in the same workdir are refused before any work, naming the differing keys: use a new
+workdir or ``--overwrite``. ``--dry_run`` checks the settings and says what a run would do.
+Progress: stage lines on stdout (``[3/10] ceiling: feature pass ...``) and labelled tqdm bars.
 """
 
 from __future__ import annotations
 
-import sys
+import os
 
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
+flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_enum("preset", "toy", ["toy", "lm"], "toy: embedded default; lm: language models "
                   "from local paths (see --model_a/--model_b).")
 # Pairing, filters, metrics.
@@ -57,18 +62,71 @@ flags.DEFINE_integer("toy_steps", 1500, "Toy: SAE training steps.")
 flags.DEFINE_float("toy_perturbation", 0.15, "Toy: how far B's geometry is from A's image.")
 # Language-model preset (flags defined in experiments/pipeline/lm_preset.py).
 from experiments.pipeline import lm_preset  # noqa: E402,F401  (defines its flags)
+flags.adopt_module_key_flags(lm_preset)   # listed by --help
 
 
-def main(argv):
-    del argv
-    run = common.start(FLAGS)
+def _metric_names():
+    from engine import similarity
+    return sorted(similarity.METRICS)
+
+
+RULES = (
+    common.Choice(("metrics",), _metric_names, nonempty=True),
+    common.Num(("threshold",), hi=1.0, what="a correlation; negative: no threshold"),
+    common.Num(("max_bad_fraction",), lo=0.0, hi=1.0),
+    common.Num(("num_permutations", "top_n", "chunk_size", "toy_n_tokens", "toy_n_features",
+                "toy_d", "toy_steps", "context_length", "max_contexts", "lm_batch_size",
+                "sae_expansion", "sae_k", "sae_steps", "sae_batch_size"), lo=1, integer=True),
+    common.Num(("min_pairs",), lo=3, integer=True, what="the metrics need 3 pairs"),
+    common.Num(("seed",), lo=0, integer=True),
+    common.Num(("toy_perturbation",), lo=0.0),
+    common.Check(("toy_n_features",), lambda v: v["toy_n_features"] >= 4,
+                 "--toy_n_features={toy_n_features}: the toy SAEs have TopK k=4 and d_sae = "
+                 "toy_n_features; expected >= 4"),
+    common.Check(("toy_n_tokens",), lambda v: v["preset"] != "toy" or v["toy_n_tokens"] >= 256,
+                 "--toy_n_tokens={toy_n_tokens}: expected >= 256 (one SAE batch)"),
+    common.Check(("cache_a", "cache_b"), lambda v: bool(v["cache_a"]) == bool(v["cache_b"]),
+                 "--cache_a and --cache_b must be given together"),
+    common.Path(("model_a", "model_b"), kind="dir", special=("tiny",),
+                what="a local transformers directory, or 'tiny'"),
+    common.Path(("saes_a", "saes_b"), kind="any"),
+    common.Path(("cache_a", "cache_b"), kind="dir", what="an activation cache"),
+    common.Path(("text",), kind="any", special=("sample",)),
+    common.Hookpoints(("hookpoints_a", "hookpoints_b")),
+)
+
+
+def _data(flags_) -> dict:
+    """Data whose identity enters the run fingerprint (language-model preset)."""
+    if flags_.preset != "lm":
+        return {}
+    out = {"text": None if flags_.text == "sample" else flags_.text,
+           "saes_a": flags_.saes_a, "saes_b": flags_.saes_b}
+    for side in ("a", "b"):
+        cache = getattr(flags_, f"cache_{side}")
+        if cache:
+            out[f"cache_{side}"] = os.path.join(cache, "metadata.json")
+            out[f"cache_{side}_progress"] = os.path.join(cache, "progress.json")
+    if flags_.lm_setup == "custom":
+        for side in ("a", "b"):
+            path = getattr(flags_, f"model_{side}")
+            out[f"model_{side}"] = None if path == "tiny" else path
+    else:
+        setup = lm_preset.SETUPS[flags_.lm_setup]
+        for key in ("model_a", "model_b", "saes_a", "saes_b"):
+            out[key] = os.path.join(flags_.weights_dir, setup[key])
+    return out
+
+
+def _errors():
     from experiments.pipeline import runner
-    try:
-        runner.main(run, FLAGS)
-    except runner.USER_ERRORS as e:
-        print(f"universality: {e}", file=sys.stderr)
-        sys.exit(2)
+    return runner.USER_ERRORS
+
+
+def body(run, flags_):
+    from experiments.pipeline import runner
+    runner.main(run, flags_)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.entry("universality", body, RULES, data=_data, errors=_errors)

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from engine import checks
+from engine import fingerprint
 from engine import metrics_io
 from models import activation_source as src_lib
 from models import lm as lm_lib
@@ -119,16 +120,12 @@ class _Puller:
         return text.Contexts.concat(parts) if parts else None
 
 
-def _settings_diff(a: dict, b: dict, prefix: str = "") -> str | None:
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            d = _settings_diff(va, vb, f"{prefix}{key}.")
-            if d:
-                return d
-        elif va != vb:
-            return f"{prefix}{key}: cache has {va!r}, this run has {vb!r}"
-    return None
+def _settings_diff(a: dict, b: dict) -> str | None:
+    """The differing settings in one phrase (`engine.fingerprint.diff`, the same mechanism
+    that guards experiment workdirs), or None."""
+    changes = fingerprint.diff(a, b)
+    return "; ".join(f"{k}: cache has {x!r}, this run has {y!r}"
+                     for k, x, y in changes[:3]) if changes else None
 
 
 def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Callable,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -82,13 +83,27 @@ def test_outputs_and_resume(toy_run):
         assert (workdir / "plots" / plot).stat().st_size > 1000, plot
     assert {"config", "versions", "summary", "reference_points"} <= set(results)
     assert (workdir / "config.json").exists()
-    # A rerun loads every finished step (no SAE retraining) and reproduces the numbers.
+    # Stage lines on stdout, numbered against the expected total.
+    stages = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert stages[0] == "[1/10] toy data and 5 SAEs (train or load) ..."
+    assert "[4/10] control: feature pass ..." in stages and stages[-1].startswith("[10/10]")
+    # The log file holds the project's messages, not orbax's.
+    with open(workdir / "log.INFO") as f:
+        log = f.read()
+    assert "[1/10] toy data" in log and "orbax" not in log.lower()
+    # A rerun of the finished run has nothing to do (and says so in one line).
+    again = universality(workdir, *TOY)
+    assert again.stdout.strip().startswith("nothing to do: results from ")
+    # Without results.json the rerun loads every finished step (no SAE retraining) and
+    # reproduces the numbers.
+    os.rename(workdir / "results.json", workdir / "results.first.json")
     again = universality(workdir, *TOY)
     with open(workdir / "results.json") as f:
         rerun = json.load(f)
     for a, b in zip(results["comparisons"], rerun["comparisons"]):
         assert a["pairs"] == b["pairs"] and a["metrics"] == b["metrics"]
-    assert again.stdout.splitlines()[:3] == proc.stdout.splitlines()[:3]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("==")]
+    assert summary == [line for line in again.stdout.splitlines() if line.startswith("==")]
 
 
 def test_layer_grid_on_tiny_transformers_pair(tmp_path):
@@ -116,14 +131,36 @@ def one_line_error(proc):
     return lines[0]
 
 
-def test_zero_pairs_surviving_is_a_clear_error(toy_run):
-    # Same workdir: the SAEs and feature passes are reused (cached steps are keyed by what
-    # they depend on), only the filters change.
+def test_zero_pairs_surviving_is_a_clear_error(toy_run, tmp_path):
+    # A copy of the finished run without its fingerprint: the SAEs and feature passes are
+    # reused (cached steps are keyed by what they depend on), only the filters change.
     workdir, _, _ = toy_run
-    proc = universality(workdir, *TOY, "--threshold=1.5", check=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    for name in ("fingerprint.json", "config.json", "results.json"):
+        os.remove(copy / name)
+    proc = universality(copy, *TOY, "--threshold=0.9999", check=False)
     assert "no pair survived the filters" in one_line_error(proc)
-    with open(workdir / "results.json") as f:
+    with open(copy / "results.json") as f:
         assert by_name(json.load(f))["cross"]["filters"]["after_threshold"] == 0
+
+
+def test_changed_settings_are_refused_before_any_work(toy_run):
+    workdir, _, results = toy_run
+    before = sorted(os.listdir(workdir))
+    proc = universality(workdir, *TOY, "--threshold=0.2", "--num_permutations=100",
+                        check=False)
+    line = one_line_error(proc)
+    assert "settings.threshold (recorded 0.1, now 0.2)" in line
+    assert "settings.num_permutations (recorded 200, now 100)" in line
+    assert "--overwrite" in line
+    assert sorted(os.listdir(workdir)) == before
+
+
+def test_out_of_range_threshold_is_refused_before_any_work(tmp_path):
+    proc = universality(tmp_path / "run", *TOY, "--threshold=2.0", check=False)
+    assert "--threshold: expected a number <= 1" in one_line_error(proc)
+    assert not (tmp_path / "run").exists()
 
 
 def test_absent_preset_weights_are_a_clear_error(tmp_path):

@@ -166,16 +166,26 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
                    truth: dict | None = None, progress: bool = False,
                    labels: dict | None = None,
                    context_text: Callable[[int], str] | None = None,
-                   features_dir: str | None = None) -> dict:
+                   features_dir: str | None = None,
+                   stage: Callable[[str], None] | None = None) -> dict:
     """Runs steps 1-4 for one pair of SAEs and returns its JSON-ready result.
 
     With ``features_dir``, every feature's statistics (density, mean, max, top-activating
     tokens, and the context of its top token when ``context_text`` is given) are written to
-    ``features_dir/<name>.json`` for inspection.
+    ``features_dir/<name>.json`` for inspection. ``stage(label)`` is called as each long
+    part starts (the runner prints ``[k/N] label ...`` lines).
     """
+    stage = stage or (lambda label: None)
+
+    def labelled_stream():
+        stream = stream_factory()
+        stream.name = f"{name}: feature pass"   # the progress bar's label
+        return stream
+
+    stage(f"{name}: feature pass")
     key = _fingerprint(_sae_fingerprint(sae_a), _sae_fingerprint(sae_b), cfg.top_n)
     step = cache.get(f"{name}.features.{key}", lambda: _pass_arrays(features.feature_pass(
-        stream_factory(), sae_a, sae_b, mesh, top_n=cfg.top_n,
+        labelled_stream(), sae_a, sae_b, mesh, top_n=cfg.top_n,
         checkpoint_dir=features.checkpoint_path(ckpt_root, f"{name}.{key}"),
         progress=progress)))
     cand = candidate_pairs(step, sae_a, sae_b, cfg.pairing, mesh)
@@ -238,6 +248,7 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
                                cfg.num_permutations, cfg.seed)
         return cache.get(f"{key}.{depends}", compute)
 
+    stage(f"{name}: metrics on {len(pairs)} pairs")
     if len(pairs) >= cfg.min_pairs:
         scored = score(pairs, f"{name}.metrics")
         result["metrics"] = scored["metrics"]

@@ -29,9 +29,14 @@ import os
 import numpy as np
 from absl import flags
 
-from engine import streaming
-from experiments.pipeline import compare, features
-from experiments.pipeline import saes as saes_lib
+from experiments import common
+
+# Imported on first use: the entry point imports this module for its flags, and --help and
+# the settings checks must not wait for JAX.
+streaming = common.lazy_module("engine.streaming")
+compare = common.lazy_module("experiments.pipeline.compare")
+features = common.lazy_module("experiments.pipeline.features")
+saes_lib = common.lazy_module("experiments.pipeline.saes")
 
 flags.DEFINE_string("model_a", "tiny", "Model A: local transformers directory, or 'tiny' (a "
                     "tiny random model pair built in the workdir, offline).")
@@ -169,7 +174,8 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         return lm_a.tokenizer.decode(token_ids[lo:row].tolist()) + " [[" + \
             lm_a.tokenizer.decode([int(token_ids[row])]) + "]]"
 
-    extra = {"context_text": context_text, "features_dir": run.path("features")}
+    extra = {"context_text": context_text, "features_dir": run.path("features"),
+             "stage": getattr(run, "stage", None)}
 
     def sae_config(d_model, seed):
         return sae_train.TrainConfig(d_sae=flags_.sae_expansion * d_model, activation="topk",

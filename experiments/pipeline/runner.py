@@ -69,6 +69,7 @@ def run_toy(run, flags_, cfg: compare.CompareConfig, cache: StepCache) -> dict:
         seed=flags_.seed, n_features=flags_.toy_n_features, d_a=flags_.toy_d, d_b=flags_.toy_d,
         n_tokens=flags_.toy_n_tokens, perturbation=flags_.toy_perturbation,
         d_sae=flags_.toy_n_features, steps=flags_.toy_steps)
+    _stage(run, "toy data and 5 SAEs (train or load)")
     built = toy_preset.build(settings, run.workdir, run.mesh, progress=flags_.progress)
     vocab = built["pairs"]["cross"].vocab
     token_ids = built["pairs"]["cross"].token_ids
@@ -84,20 +85,46 @@ def run_toy(run, flags_, cfg: compare.CompareConfig, cache: StepCache) -> dict:
             spec["sae_a"], spec["sae_b"], token_text, run.mesh, cfg, cache,
             ckpt_root=run.path("checkpoints"), truth=spec["truth"], progress=flags_.progress,
             labels={"kind": spec["kind"], "label": spec["label"]},
-            features_dir=run.path("features")))
+            features_dir=run.path("features"), stage=getattr(run, "stage", None)))
     return {"preset": "toy", "toy": dataclasses.asdict(settings),
             "data": {k: p.description for k, p in built["pairs"].items()},
             "comparisons": comps}
 
 
+def _stage(run, label: str) -> None:
+    if hasattr(run, "stage"):
+        run.stage(label)
+
+
+def expected_stages(flags_) -> int:
+    """Stage lines the run will print: set-up, two per comparison (feature pass, metrics),
+    results. A later count that grows (e.g. more reference comparisons) just raises N."""
+    if flags_.preset == "toy":
+        return 1 + 2 * 4 + 1
+    from experiments.pipeline import lm_preset
+    if flags_.lm_setup == "custom":
+        hps = (flags_.hookpoints_a, flags_.hookpoints_b)
+        has_saes_a = bool(flags_.saes_a)
+    else:
+        setup = lm_preset.SETUPS[flags_.lm_setup]
+        hps = (setup["hookpoints_a"], setup["hookpoints_b"])
+        has_saes_a = True
+    comps = len(hps[0]) * len(hps[1]) + (not has_saes_a) + bool(flags_.random_init_floor)
+    return 1 + 2 * comps + 1
+
+
 def main(run, flags_) -> dict:
     cfg = compare_config(flags_)
     cache = StepCache(run.path("steps"))
+    if hasattr(run, "stages_total"):
+        run.stages_total = expected_stages(flags_)
     if flags_.preset == "toy":
         results = run_toy(run, flags_, cfg, cache)
     else:
         from experiments.pipeline import lm_preset
+        _stage(run, "language models: load, activations, SAEs (train or load)")
         results = lm_preset.run_lm(run, flags_, cfg, cache)
+    _stage(run, "results.json, summary and plots")
     comps = results["comparisons"]
     by_kind = {c.get("kind"): c for c in comps}
     results["reference_points"] = reference_points(by_kind)
