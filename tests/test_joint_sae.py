@@ -100,7 +100,7 @@ def test_loss_and_gradient_match_float64_numpy(cfg):
     rng = np.random.default_rng(1)
     xs = [rng.normal(size=(10, d)) for d in d_ins]
     p = _random_params(cfg, d_ins)
-    with jax.experimental.enable_x64():
+    with jax.enable_x64(True):
         pj = jax.tree.map(jnp.asarray, p)
         xj = [jnp.asarray(x) for x in xs]
         loss, _ = js.joint_loss(pj, xj, cfg, jax.random.PRNGKey(0))
@@ -129,7 +129,7 @@ def test_universal_sampled_source_is_one_of_the_sources():
     p = _random_params(cfg, d_ins, 3)
     per_source = [np_loss(p, xs, cfg, source=s) for s in range(2)]
     seen = set()
-    with jax.experimental.enable_x64():
+    with jax.enable_x64(True):
         for key in range(12):
             loss, _ = js.joint_loss(jax.tree.map(jnp.asarray, p), [jnp.asarray(x) for x in xs],
                                     cfg, jax.random.PRNGKey(key))
