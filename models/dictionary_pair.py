@@ -122,3 +122,82 @@ def make_dictionary_pair(seed: int, *, n_features: int = 96, d_a: int = 32, d_b:
         features_b=dict_b.astype(np.float32), codes_a=codes_a, codes_b=codes_b,
         represented_a=everything, represented_b=everything, true_match=true_match,
         rotation_b=np.eye(d_b, dtype=np.float32), description=description)
+
+
+def make_partial_pair(seed: int, *, n_shared: int = 32, n_exclusive_a: int = 16,
+                      n_exclusive_b: int = 16, d_a: int = 32, d_b: int = 32,
+                      n_tokens: int = 20_000, k: float = 3.0, perturbation: float = 0.15,
+                      noise_std: float = 0.0) -> toy_pair.ToyPair:
+    """Two sides with a KNOWN set of shared and exclusive features (joint-SAE validation).
+
+    A world of ``n_shared + n_exclusive_a + n_exclusive_b`` independent sparse features
+    (codes as in `make_dictionary_pair`, ``k`` active per token on average over the world).
+    Side A sees the shared features and A's exclusive ones, side B the shared ones and B's
+    exclusive ones, on the SAME tokens (row-aligned codes). Shared feature i has direction
+    ``D_a[i]`` in A and ``D_b[i] = normalise((D_a[i] + eps E_i) M)`` in B (as the shared
+    pair); exclusive features get independent random unit directions in their own side.
+
+    Rows of ``features_a`` / ``codes_a``: the shared features (``0 .. n_shared-1``) then A's
+    exclusive ones; likewise for B. ``true_match[i] = i`` for shared features of A, -1 for
+    A's exclusive ones. ``n_shared=0`` is the nothing-shared control: the two sides' codes are
+    independent columns of the world and the dictionaries independent.
+    """
+    n_s = checks.check_positive_int("make_partial_pair n_shared", n_shared, 0)
+    n_ea = checks.check_positive_int("make_partial_pair n_exclusive_a", n_exclusive_a, 0)
+    n_eb = checks.check_positive_int("make_partial_pair n_exclusive_b", n_exclusive_b, 0)
+    if n_s + n_ea == 0 or n_s + n_eb == 0:
+        raise checks.InputError("make_partial_pair: each side needs at least one feature "
+                                f"(n_shared={n_s}, n_exclusive_a={n_ea}, n_exclusive_b={n_eb})")
+    d_a = checks.check_positive_int("make_partial_pair d_a", d_a)
+    d_b = checks.check_positive_int("make_partial_pair d_b", d_b)
+    n_tokens = checks.check_positive_int("make_partial_pair n_tokens", n_tokens)
+    n_world = n_s + n_ea + n_eb
+    if not 0 < k <= n_world:
+        raise checks.InputError(f"make_partial_pair k={k} must be in (0, {n_world}]")
+    if not (np.isfinite(perturbation) and perturbation >= 0):
+        raise checks.InputError(f"make_partial_pair perturbation must be >= 0, got "
+                                f"{perturbation}")
+    words = np.random.SeedSequence([seed, 15]).generate_state(6)
+    world = _codes(np.random.default_rng(words[0]), n_tokens, n_world, k)
+    cols_a = np.r_[0:n_s, n_s:n_s + n_ea]
+    cols_b = np.r_[0:n_s, n_s + n_ea:n_world]
+    codes_a, codes_b = world[:, cols_a], world[:, cols_b]
+    rng_a, rng_b = np.random.default_rng(words[1]), np.random.default_rng(words[2])
+    dict_a = _unit_rows(rng_a.normal(size=(n_s + n_ea, d_a)))
+    shared_a = dict_a[:n_s]
+    mixed = shared_a + perturbation * rng_b.normal(size=shared_a.shape) / np.sqrt(d_a)
+    if d_a == d_b:
+        q, r = np.linalg.qr(rng_b.normal(size=(d_a, d_a)))
+        mapping = q * np.sign(np.diag(r))
+    else:
+        mapping = rng_b.normal(size=(d_a, d_b)) / np.sqrt(d_a)
+    excl_b = rng_b.normal(size=(n_eb, d_b))
+    dict_b = _unit_rows(np.concatenate([mixed @ mapping, excl_b]) if n_s else excl_b)
+    acts_a = codes_a.astype(np.float64) @ dict_a
+    acts_b = codes_b.astype(np.float64) @ dict_b
+    if noise_std > 0:
+        rng_noise = np.random.default_rng(words[3])
+        acts_a += noise_std * rng_noise.normal(size=acts_a.shape)
+        acts_b += noise_std * rng_noise.normal(size=acts_b.shape)
+    active = world > 0
+    token_ids = np.where(active.any(1), 1 + np.argmax(world, 1), 0).astype(np.int32)
+    vocab = (toy_pair.NONE_TOKEN,) + tuple(f"feat{i}" for i in range(n_world))
+    true_match = np.r_[np.arange(n_s), np.full(n_ea, -1)].astype(np.int64)
+    description = {
+        "kind": "dictionary toy partial pair" if n_s else "dictionary toy nothing-shared "
+                                                          "control",
+        "seed": seed, "n_shared": n_s, "n_exclusive_a": n_ea, "n_exclusive_b": n_eb,
+        "d_a": d_a, "d_b": d_b, "n_tokens": n_tokens, "k": k, "perturbation": perturbation,
+        "noise_std": noise_std,
+        "what_is_shared": (f"{n_s} features (codes on the same tokens and directions up to a "
+                           "random linear map and a perturbation)") if n_s else "nothing",
+        "mean_active_features_per_token": {"a": float((codes_a > 0).sum(1).mean()),
+                                           "b": float((codes_b > 0).sum(1).mean())},
+    }
+    return toy_pair.ToyPair(
+        acts_a=acts_a.astype(np.float32), acts_b=acts_b.astype(np.float32),
+        token_ids=token_ids, vocab=vocab, features_a=dict_a.astype(np.float32),
+        features_b=dict_b.astype(np.float32), codes_a=codes_a, codes_b=codes_b,
+        represented_a=np.ones(n_s + n_ea, bool), represented_b=np.ones(n_s + n_eb, bool),
+        true_match=true_match, rotation_b=np.eye(d_b, dtype=np.float32),
+        description=description)

@@ -1,0 +1,411 @@
+"""Joint cross-model SAEs (models/joint_sae.py, experiments/pipeline/joint_metrics.py).
+
+References are independent: float64 numpy re-implementations of each design's loss, central
+finite differences of that numpy loss for gradients, per-latent `np.linalg.lstsq` for latent
+scaling, hand-built decoders for the sharing calls, a known-truth toy for recovery.
+"""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine import checks
+from experiments.pipeline import joint_metrics as jm
+from models import dictionary_pair
+from models import joint_sae as js
+from models import sae_io_native
+
+# -- float64 numpy references ------------------------------------------------------------------
+
+
+def _np_act(pre, cfg, weights):
+    f = np.maximum(pre, 0.0)
+    if cfg.activation == "relu":
+        return f
+    score = f * weights
+    out = np.zeros_like(f)
+    if cfg.activation == "topk":
+        idx = np.argsort(-score, axis=1)[:, :cfg.k]
+        np.put_along_axis(out, idx, np.take_along_axis(f, idx, 1), 1)
+        return out
+    flat = score.reshape(-1)
+    keep = np.argsort(-flat)[:cfg.k * pre.shape[0]]
+    mask = np.zeros(flat.shape, bool)
+    mask[keep] = True
+    return np.where(mask.reshape(f.shape) & (f > 0), f, 0.0)
+
+
+def np_loss(p, xs, cfg, source=None):
+    """The designs' losses as written in the module docstring, float64."""
+    M = len(xs)
+    dec = [np.asarray(w, np.float64) for w in p["W_dec"]]
+    enc = [np.asarray(w, np.float64) for w in p["W_enc"]]
+    be = [np.asarray(b, np.float64) for b in p["b_enc"]]
+    bd = [np.asarray(b, np.float64) for b in p["b_dec"]]
+    norms = sum(np.linalg.norm(w, axis=1) for w in dec)
+    weights = norms if cfg.design == "crosscoder" else np.ones(cfg.d_sae)
+
+    def recon(x, xh):
+        return np.mean(np.sum((x - xh) ** 2, axis=1))
+
+    if cfg.design == "crosscoder":
+        z = _np_act(be[0] + sum(x @ w for x, w in zip(xs, enc)), cfg, weights)
+        loss = sum(recon(x, z @ dec[m] + bd[m]) for m, x in enumerate(xs))
+        code = z
+    elif cfg.design == "universal":
+        def one(s):
+            z = _np_act((xs[s] - bd[s]) @ enc[s] + be[s], cfg, weights)
+            return sum(recon(x, z @ dec[n] + bd[n]) for n, x in enumerate(xs)), z
+        if source is None:
+            loss = np.mean([one(s)[0] for s in range(M)])
+            code = one(0)[1]
+        else:
+            loss, code = one(source)
+    else:
+        zs = [_np_act((x - bd[m]) @ enc[m] + be[m], cfg, weights) for m, x in enumerate(xs)]
+        loss = sum(recon(x, zs[m] @ dec[m] + bd[m]) for m, x in enumerate(xs))
+        pairs = [(a, b) for a in range(M) for b in range(a + 1, M)]
+        loss += cfg.align_coeff * np.mean([recon(zs[a], zs[b]) for a, b in pairs])
+        code = zs[0]
+    if cfg.activation == "relu":
+        loss += cfg.l1_coeff * np.mean(np.sum(code * norms, axis=1))
+    return loss
+
+
+def _random_params(cfg, d_ins, seed=0):
+    rng = np.random.default_rng(seed)
+    p = js.init_params(cfg, d_ins, [rng.normal(size=d) * 0.1 for d in d_ins])
+    # Perturb away from W_enc = W_dec^T and zero biases so every term is exercised.
+    return jax.tree.map(lambda a: np.asarray(a, np.float64)
+                        + 0.05 * rng.normal(size=np.shape(a)), p)
+
+
+DESIGN_CASES = [
+    js.JointConfig("crosscoder", 12, "relu", l1_coeff=0.7),
+    js.JointConfig("crosscoder", 12, "topk", k=3),
+    js.JointConfig("crosscoder", 12, "batchtopk", k=3),
+    js.JointConfig("universal", 12, "topk", k=3, source="all"),
+    js.JointConfig("universal", 12, "relu", l1_coeff=0.3, source="all"),
+    js.JointConfig("aligned", 12, "topk", k=3, align_coeff=0.8),
+]
+
+
+@pytest.mark.parametrize("cfg", DESIGN_CASES, ids=lambda c: c.label())
+def test_loss_and_gradient_match_float64_numpy(cfg):
+    d_ins = (5, 7, 6)                        # three models of different widths
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(10, d)) for d in d_ins]
+    p = _random_params(cfg, d_ins)
+    with jax.enable_x64(True):
+        pj = jax.tree.map(jnp.asarray, p)
+        xj = [jnp.asarray(x) for x in xs]
+        loss, _ = js.joint_loss(pj, xj, cfg, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(float(loss), np_loss(p, xs, cfg), rtol=1e-10)
+        grads = jax.grad(lambda q: js.joint_loss(q, xj, cfg, jax.random.PRNGKey(0))[0])(pj)
+    # Central differences of the numpy loss on random coordinates of every leaf.
+    eps = 1e-6
+    for field in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for m, leaf in enumerate(p[field]):
+            for _ in range(4):
+                idx = tuple(rng.integers(0, s) for s in leaf.shape)
+                plus = jax.tree.map(np.copy, p)
+                minus = jax.tree.map(np.copy, p)
+                plus[field][m][idx] += eps
+                minus[field][m][idx] -= eps
+                fd = (np_loss(plus, xs, cfg) - np_loss(minus, xs, cfg)) / (2 * eps)
+                got = float(np.asarray(grads[field][m])[idx])
+                assert abs(got - fd) <= 1e-5 * max(1.0, abs(fd)), (field, m, idx, got, fd)
+
+
+def test_universal_sampled_source_is_one_of_the_sources():
+    cfg = js.JointConfig("universal", 10, "topk", k=2, source="sample")
+    d_ins = (4, 6)
+    rng = np.random.default_rng(2)
+    xs = [rng.normal(size=(8, d)) for d in d_ins]
+    p = _random_params(cfg, d_ins, 3)
+    per_source = [np_loss(p, xs, cfg, source=s) for s in range(2)]
+    seen = set()
+    with jax.enable_x64(True):
+        for key in range(12):
+            loss, _ = js.joint_loss(jax.tree.map(jnp.asarray, p), [jnp.asarray(x) for x in xs],
+                                    cfg, jax.random.PRNGKey(key))
+            hits = [s for s in range(2) if abs(float(loss) - per_source[s]) < 1e-9]
+            assert len(hits) == 1
+            seen.add(hits[0])
+    assert seen == {0, 1}
+
+
+# -- slices, format ------------------------------------------------------------------------------
+
+
+def _tiny_pair(n=2048, seed=0):
+    return dictionary_pair.make_partial_pair(seed, n_shared=6, n_exclusive_a=3,
+                                             n_exclusive_b=3, d_a=8, d_b=10, n_tokens=n,
+                                             k=2.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mesh4):
+    pair = _tiny_pair()
+    xs = [pair.acts_a, pair.acts_b]
+    out = {}
+    for cfg in (js.JointConfig("universal", 16, "topk", k=2),
+                js.JointConfig("crosscoder", 16, "relu", l1_coeff=1.0),
+                js.JointConfig("crosscoder", 16, "batchtopk", k=3),
+                js.JointConfig("aligned", 16, "topk", k=2, align_coeff=1.0)):
+        out[cfg.label()] = js.train_joint(xs, cfg, steps=30, batch_size=64, mesh=mesh4,
+                                          log_every=10)
+    return xs, out
+
+
+def test_slices_are_ordinary_saes_with_the_joint_forward(trained):
+    xs, models = trained
+    for label, joint in models.items():
+        cfg = joint.spec.config
+        xns = joint.normalise(xs)
+        for m in range(2):
+            sl = joint.slice(m)
+            assert sl.config.d_in == xs[m].shape[1] and sl.config.d_sae == cfg.d_sae
+            z = (joint.encode_joint(xns) if cfg.shared_code else joint.encode_from(m, xns[m]))
+            # Decode is exact for every design (original units).
+            np.testing.assert_allclose(np.asarray(sl.decode(z)),
+                                       np.asarray(joint.decode_to(m, z)) / sl.config.input_scale,
+                                       rtol=1e-5, atol=1e-5, err_msg=label)
+            if cfg.shared_code:
+                # The slice's pre-activation is model m's share of the crosscoder's.
+                w = [np.asarray(a, np.float64) for a in joint.params["W_enc"]]
+                expect = np.asarray(xns[m], np.float64) @ w[m] + np.asarray(
+                    joint.params["b_enc"][0], np.float64)
+                np.testing.assert_allclose(np.asarray(sl.pre_activations(xs[m])), expect,
+                                           rtol=1e-4, atol=1e-4)
+            else:
+                np.testing.assert_allclose(np.asarray(sl.encode(xs[m])), np.asarray(z),
+                                           rtol=1e-5, atol=1e-5, err_msg=label)
+
+
+def test_crosscoder_batchtopk_slices_reproduce_the_joint_code_from_full_pre(trained):
+    """The slice thresholds (thr / weight_i) gate the crosscoder's full pre-activation exactly
+    like the joint inference rule (score > thr)."""
+    xs, models = trained
+    joint = next(j for j in models.values() if j.spec.config.activation == "batchtopk")
+    xns = joint.normalise(xs)
+    pre = joint.params["b_enc"][0] + sum(x @ w for x, w in zip(xns, joint.params["W_enc"]))
+    sl = joint.slice(0)
+    assert float(joint.threshold[0]) > 0
+    np.testing.assert_allclose(np.asarray(sl.activate(pre)),
+                               np.asarray(joint.encode_joint(xns)), rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    xs, models = trained
+    for label, joint in models.items():
+        path = js.save_joint(str(tmp_path / label), joint)
+        back = js.load_joint(path)
+        assert back.spec == joint.spec
+        for field in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert len(back.params[field]) == len(joint.params[field])
+            for a, b in zip(back.params[field], joint.params[field]):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(back.threshold), np.asarray(joint.threshold))
+        # Every model's part is an ordinary native SAE directory naming its model.
+        for m, name in enumerate(joint.spec.model_names):
+            sae = sae_io_native.load_sae(os.path.join(path, "models", f"{m}_{name}"))
+            assert sae.config.meta["joint_model_index"] == m
+            assert sae.config.meta["joint_design"] == joint.spec.config.design
+            np.testing.assert_array_equal(np.asarray(sae.W_dec),
+                                          np.asarray(joint.params["W_dec"][m]))
+
+
+def test_load_refuses_mismatched_crosscoder_slices(trained, tmp_path):
+    _, models = trained
+    joint = next(j for j in models.values() if j.spec.config.design == "crosscoder")
+    path = js.save_joint(str(tmp_path / "cc"), joint)
+    other = js.save_joint(str(tmp_path / "cc2"), joint.replace(params={
+        **joint.params, "b_enc": [joint.params["b_enc"][0] + 1.0]}))
+    shutil.rmtree(os.path.join(path, "models", "1_model1"))
+    shutil.copytree(os.path.join(other, "models", "1_model1"),
+                    os.path.join(path, "models", "1_model1"))
+    with pytest.raises(checks.InputError, match="shared b_enc"):
+        js.load_joint(path)
+    with pytest.raises(checks.InputError, match="joint_config.json"):
+        js.load_joint(str(tmp_path))
+
+
+# -- training: devices, resume ----------------------------------------------------------------
+
+
+def test_one_and_four_devices_agree(mesh1, mesh4):
+    pair = _tiny_pair(512, seed=3)
+    xs = [pair.acts_a, pair.acts_b]
+    cfg = js.JointConfig("universal", 12, "topk", k=2, seed=1)
+    a = js.train_joint(xs, cfg, steps=15, batch_size=64, mesh=mesh1, log_every=5)
+    b = js.train_joint(xs, cfg, steps=15, batch_size=64, mesh=mesh4, log_every=5)
+    for field in ("W_enc", "W_dec", "b_dec"):
+        for u, v in zip(a.params[field], b.params[field]):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-4, atol=2e-5)
+
+
+def test_killed_run_resumes_exactly(tmp_path, mesh4):
+    pair = _tiny_pair(512, seed=4)
+    xs = [pair.acts_a, pair.acts_b]
+    # relu: the L1 ramp travels with the data position, so resume must restore it too.
+    cfg = js.JointConfig("crosscoder", 12, "relu", l1_coeff=0.5, l1_warmup_frac=0.5)
+    full = js.train_joint(xs, cfg, steps=20, batch_size=64, mesh=mesh4, log_every=5,
+                          workdir=str(tmp_path / "full"), checkpoint_every=10)
+    wd = str(tmp_path / "killed")
+    js.train_joint(xs, cfg, steps=20, batch_size=64, mesh=mesh4, log_every=5, workdir=wd,
+                   checkpoint_every=10)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "20"))      # as if killed after step 10
+    resumed = js.train_joint(xs, cfg, steps=20, batch_size=64, mesh=mesh4, log_every=5,
+                             workdir=wd, checkpoint_every=10)
+    for field in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for u, v in zip(full.params[field], resumed.params[field]):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert os.path.isfile(os.path.join(wd, "joint", js.CONFIG_FILE))
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(checks.InputError, match="design"):
+        js.JointConfig("bogus", 8).validate()
+    with pytest.raises(checks.InputError, match="aligned"):
+        js.JointConfig("aligned", 8, "relu").validate()
+    with pytest.raises(checks.InputError, match="k=9"):
+        js.JointConfig("crosscoder", 8, "topk", k=9).validate()
+    with pytest.raises(checks.InputError, match=">= 2 models"):
+        js.check_aligned([np.zeros((4, 3))])
+    with pytest.raises(checks.InputError):
+        js.check_aligned([np.zeros((4, 3)), np.zeros((5, 3))])
+    with pytest.raises(checks.InputError, match="finite"):
+        js.check_aligned([np.zeros((4, 3)), np.full((4, 3), np.nan)])
+
+
+# -- the known-truth generator ---------------------------------------------------------------------
+
+
+def test_partial_pair_truth():
+    p = dictionary_pair.make_partial_pair(0, n_shared=5, n_exclusive_a=3, n_exclusive_b=4,
+                                          d_a=12, d_b=9, n_tokens=4000)
+    assert p.features_a.shape == (8, 12) and p.features_b.shape == (9, 9)
+    np.testing.assert_array_equal(p.codes_a[:, :5], p.codes_b[:, :5])     # shared codes
+    # Exclusive codes are different world columns (independent of the other side's).
+    c = np.corrcoef(np.c_[p.codes_a[:, 5:], p.codes_b[:, 5:]].T)[:3, 3:]
+    assert np.abs(c).max() < 0.1
+    np.testing.assert_allclose(p.acts_a, p.codes_a @ p.features_a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(p.true_match, [0, 1, 2, 3, 4, -1, -1, -1])
+    control = dictionary_pair.make_partial_pair(0, n_shared=0, n_exclusive_a=8,
+                                                n_exclusive_b=9, n_tokens=4000)
+    assert (control.true_match == -1).all()
+    c = np.corrcoef(np.c_[control.codes_a, control.codes_b].T)[:8, 8:]
+    assert np.abs(c).max() < 0.1
+
+
+# -- sharing calls, truth scores, latent scaling ------------------------------------------------
+
+
+def test_sharing_by_norm_and_truth_scores_on_a_hand_built_decoder():
+    rng = np.random.default_rng(0)
+    fa = np.linalg.qr(rng.normal(size=(6, 6)))[0][:4]      # 2 shared (0, 1) + 2 exclusive A
+    fb = np.linalg.qr(rng.normal(size=(6, 6)))[0][:4]      # 2 shared + 2 exclusive B
+    # Latents: 0,1 shared (both sides), 2 exclusive A, 3 exclusive B, 4 a wrong "shared"
+    # latent (A's shared 0 with B's exclusive 2), 5 dead.
+    wa = np.stack([fa[0], fa[1], fa[2], 0.01 * fa[3], fa[0], fa[3]])
+    wb = np.stack([fb[0], fb[1], 0.01 * fb[0], fb[2], fb[2], fb[3]])
+    na, nb = np.linalg.norm(wa, axis=1), np.linalg.norm(wb, axis=1)
+    r = nb / (na + nb)
+    live = np.array([1, 1, 1, 1, 1, 0], bool)
+    call = jm.sharing_by_norm(r, live)
+    np.testing.assert_array_equal(call.shared_a, [0, 1, 4])
+    np.testing.assert_array_equal(call.exclusive_a, [2])
+    np.testing.assert_array_equal(call.exclusive_b, [3])
+    assert call.summary()["fraction_shared"] == pytest.approx(3 / 5)
+    t = jm.truth_scores(call, wa, wb, fa, fb, 2, live, live)
+    assert t["shared_precision"] == pytest.approx(2 / 3)
+    assert t["shared_recall"] == pytest.approx(1.0)
+    assert t["exclusive_a_precision"] == 1.0 and t["exclusive_a_recall"] == 0.5
+    assert t["exclusive_b_precision"] == 1.0 and t["exclusive_b_recall"] == 0.5
+    # Latents carrying B's exclusive feature 2 (3 and 4): one of them was called shared.
+    assert t["exclusive_b_called_shared"] == pytest.approx(0.5)
+
+
+def test_activation_sharing_same_index_vs_best_partner(mesh):
+    rng = np.random.default_rng(1)
+    base = np.maximum(rng.normal(size=(3000, 6)), 0)
+    za = base
+    zb = base[:, [1, 0, 2, 3, 4, 5]].copy()               # 0 and 1 swapped
+    zb[:, 5] = np.maximum(rng.normal(size=3000), 0)        # latent 5: independent
+    same, _ = jm.sharing_by_activation(za, zb, mesh, pairing="same_index")
+    best, stats = jm.sharing_by_activation(za, zb, mesh, pairing="best_partner")
+    np.testing.assert_array_equal(same.shared_a, [2, 3, 4])
+    np.testing.assert_array_equal(best.shared_a, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(best.shared_b, [1, 0, 2, 3, 4])
+    np.testing.assert_array_equal(best.exclusive_a, [5])
+    assert stats["mean_best_partner_corr"] > stats["mean_same_index_corr"]
+
+
+def test_latent_scaling_matches_per_latent_lstsq():
+    rng = np.random.default_rng(2)
+    N, F, da, db = 800, 5, 6, 4
+    f = np.maximum(rng.normal(size=(N, F)), 0) * (rng.random((N, F)) < 0.3)
+    wa, wb = rng.normal(size=(F, da)), rng.normal(size=(F, db))
+    wb[0] *= 0.01                                          # latent 0 "exclusive" to A
+    xa = f @ wa + 0.1 * rng.normal(size=(N, da))
+    v = rng.normal(size=db)
+    xb = f @ wb + np.outer(f[:, 0], v) + 0.1 * rng.normal(size=(N, db))   # B misses 0's part
+    ra, rb = f @ wa, f @ wb
+    sc = js.latent_scaling([f, f], [xa, xb], [ra, rb], [wa, wb])
+
+    def lstsq_norm(fj, target):
+        design = np.c_[fj, np.ones(N)]
+        coef = np.linalg.lstsq(design, target, rcond=None)[0]
+        return np.linalg.norm(coef[0])
+
+    for j in range(F):
+        owner = int(sc.owner[j])
+        other = 1 - owner
+        xs, recs, ws = [xa, xb], [ra, rb], [wa, wb]
+        own = lstsq_norm(f[:, j], recs[owner])
+        err = lstsq_norm(f[:, j], xs[other] - recs[other] + np.outer(f[:, j], ws[other][j]))
+        rec = lstsq_norm(f[:, j], recs[other] - np.outer(f[:, j], ws[other][j]))
+        np.testing.assert_allclose(sc.beta_own[j], own, rtol=1e-8)
+        np.testing.assert_allclose(sc.nu_error[other, j], err / own, rtol=1e-8)
+        np.testing.assert_allclose(sc.nu_recon[other, j], rec / own, rtol=1e-8)
+    assert sc.owner[0] == 0
+    # B's error holds f_0 * v: latent 0 explains B too (a sparsity artifact), nu ~ |v|/|w_a0|.
+    assert sc.nu_error[1, 0] == pytest.approx(np.linalg.norm(v) / np.linalg.norm(wa[0]),
+                                              rel=0.1)
+    summary = jm.artifact_summary(sc, np.array([0]), np.array([], int))
+    assert summary["exclusive_a"]["flagged"] == [0]
+
+
+# -- recovery of known truth ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_crosscoder_recovers_known_shared_and_exclusive_features(mesh4):
+    """Crosscoder TopK on a partial pair: the shared call finds the shared features, the
+    exclusive features stay exclusive, and on the nothing-shared control almost nothing is
+    called shared."""
+    kw = dict(d_a=16, d_b=16, n_tokens=8192, k=2.0)
+    real = dictionary_pair.make_partial_pair(0, n_shared=12, n_exclusive_a=6,
+                                             n_exclusive_b=6, **kw)
+    control = dictionary_pair.make_partial_pair(0, n_shared=0, n_exclusive_a=18,
+                                                n_exclusive_b=18, **kw)
+    cfg = js.JointConfig("crosscoder", 40, "topk", k=3, lr=3e-3)
+    out = {}
+    for name, pair in (("real", real), ("control", control)):
+        joint = js.train_joint([pair.acts_a, pair.acts_b], cfg, steps=800, batch_size=256,
+                               mesh=mesh4, log_every=200)
+        out[name] = jm.analyze_joint(joint, (pair.acts_a, pair.acts_b), mesh4, truth=pair,
+                                     num_permutations=20)
+    truth = out["real"]["sharing"]["decoder_norm"]["truth"]
+    assert truth["shared_recall"] >= 0.8
+    assert truth["shared_precision"] >= 0.8
+    assert truth["exclusive_a_recall"] >= 0.6 and truth["exclusive_b_recall"] >= 0.6
+    assert truth["exclusive_a_called_shared"] <= 0.1
+    assert truth["exclusive_b_called_shared"] <= 0.1
+    assert out["control"]["fraction_shared"] <= 0.1
+    assert out["real"]["fraction_shared"] - out["control"]["fraction_shared"] >= 0.2
