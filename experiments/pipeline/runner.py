@@ -10,7 +10,7 @@ import platform
 import numpy as np
 
 from engine import checks
-from experiments.pipeline import compare, filters, report, toy_preset
+from experiments.pipeline import compare, filters, html_report, report, toy_preset
 from experiments.pipeline.stepcache import StepCache
 from models import text as text_lib
 
@@ -108,6 +108,7 @@ def main(run, flags_) -> dict:
             "'filters' counts); lower --threshold or relax --filter_non_concept")
     _plots(run, results)
     run.write_results(results)
+    report_path = html_report.write_report(run.workdir)
     print(report.summary_table(comps))
     rp = results["reference_points"]
     if rp:
@@ -117,7 +118,8 @@ def main(run, flags_) -> dict:
             print(f"   {metric:<12} {e.get('floor_excess', float('nan')):7.3f} -> "
                   f"{e['cross_excess']:7.3f} -> {e.get('ceiling_excess', float('nan')):7.3f}"
                   + (f"   ({frac:.0%} of the way)" if frac is not None else ""))
-    print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}")
+    print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}\n"
+          f"report:  {report_path}")
     return results
 
 
