@@ -17,7 +17,8 @@ batch-<k>.json``) and writes ``workdir/report/``:
 * ``data/comp-<i>.js``: the pair and feature tables of comparison ``i`` (loaded when that
   comparison is first shown); ``data/comp-<i>-<side>-<k>.js``: the per-feature pages of
   features ``[k * per_batch, (k + 1) * per_batch)`` (loaded when one of them is opened). Data
-  files are JavaScript (``SAEU.put(key, {...})``) because browsers refuse to fetch JSON from
+  files are JavaScript (``SAEU.put(key, {...})``; a page batch is the export's batch file
+  wrapped as is) because browsers refuse to fetch JSON from
   ``file://``; lazy loading keeps a 32k-feature run's page fast to open.
 * ``plots/``: copies of the run's PNGs (the report folder can be moved or zipped alone).
 
@@ -166,11 +167,16 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
             data["has_pages"][side] = {"per_batch": index["per_batch"],
                                        "n_batches": len(index["batches"])}
             for b in index["batches"]:
-                batch = _load(os.path.join(os.path.dirname(index_path), b["file"]))
-                feats = [{k: v for k, v in f.items() if k != "universality"}
-                         for f in batch["features"]]
-                _write_js(os.path.join(data_dir, f"comp-{i}-{side}-{b['batch']}.js"),
-                          f"comp-{i}-{side}-{b['batch']}", _clean(feats))
+                # The export file is JSON, hence a JS literal: wrap its text unparsed (fast
+                # for 32k-feature runs). Only "</" needs no escaping: this is no inline script.
+                key = f"comp-{i}-{side}-{b['batch']}"
+                with open(os.path.join(os.path.dirname(index_path), b["file"]),
+                          encoding="utf-8") as fh:
+                    text = fh.read()
+                out = os.path.join(data_dir, f"{key}.js")
+                with open(out + ".tmp", "w", encoding="utf-8") as fh:
+                    fh.write(f"SAEU.put({json.dumps(key)},{text});\n")
+                os.replace(out + ".tmp", out)
         _write_js(os.path.join(data_dir, f"comp-{i}.js"), f"comp-{i}", data)
         overview["comparisons"][i]["has_pages"] = data["has_pages"]
         overview["comparisons"][i]["has_table"] = table is not None

@@ -28,6 +28,8 @@ var SAEU = (function () {
 
 (function () {
   var O = SAEU_OVERVIEW, ALPHA = O.alpha, PAGE = 50;
+  // Milliseconds since navigation start at each milestone (read by tests and bench_report).
+  var T = window.SAEU_TIMING = {};
   var $ = function (id) { return document.getElementById(id); };
 
   function el(tag, attrs, children) {
@@ -301,7 +303,10 @@ var SAEU = (function () {
 
   function contextRow(act, maxAct) {
     var div = el("div", { cls: "context" });
+    // Word-level vocabularies carry no space markers: separate their tokens by a space.
+    var spaced = act.tokens.some(function (t) { return /^[\u0120\u2581 ]|^##/.test(t); });
     act.tokens.forEach(function (t, j) {
+      if (!spaced && j > 0) div.appendChild(document.createTextNode(" "));
       var v = act.values[j], a = maxAct > 0 ? Math.max(0, Math.min(1, v / maxAct)) : 0;
       var span = el("span", { cls: "tok" + (j === act.qualifying_token_index ? " qual" : ""),
         title: tokText(t) + ": " + fmt(v), style: v > 0 ? "background: rgba(255,140,0," + (0.15 + 0.85 * a).toFixed(2) + ")" : "" });
@@ -339,7 +344,7 @@ var SAEU = (function () {
     if (!pages) { body.textContent = "no per-feature pages in this run"; return box; }
     var k = Math.floor(f / pages.per_batch), key = "comp-" + ci + "-" + side + "-" + k;
     SAEU.load(key).then(function (batch) {
-      var page = batch[f - k * pages.per_batch];
+      var page = batch.features[f - k * pages.per_batch];
       body.className = ""; body.textContent = "";
       var h = histogram(page.freq_hist_data_bar_heights, page.freq_hist_data_bar_values, "activation histogram (non-zero activations, frac nonzero " + fmt(page.frac_nonzero, 5) + ")");
       if (h) body.appendChild(h);
@@ -351,6 +356,8 @@ var SAEU = (function () {
       page.activations.forEach(function (a) { ctx.appendChild(contextRow(a, page.maxActApprox)); });
       if (!page.activations.length) ctx.appendChild(el("div", { cls: "muted", text: "never fired" }));
       body.appendChild(ctx);
+      box.setAttribute("data-loaded", "1");
+      T.lastFeature = performance.now();
     }, function (err) { body.textContent = String(err); });
     return box;
   }
@@ -413,6 +420,7 @@ var SAEU = (function () {
         { key: "tb", label: "top tokens B", cls: "toks", get: function (i) { return topOf(d.features.b, d.pairs.b[i]).map(tokText).join(" | "); }, fmt: String });
       $("pairs-note").textContent = d.pairs.a.length ? "click a pair to see both features side by side" : "no kept pairs in this comparison" + (c.note ? ": " + c.note : "");
       pairTable.reset(cols, ["value", -1]);
+      if (T.pairs === undefined) T.pairs = performance.now();
     }, function (err) { $("pairs-note").textContent = String(err); });
   }
 
@@ -474,6 +482,7 @@ var SAEU = (function () {
   // ---- start -----------------------------------------------------------------------------
   runHead();
   overview();
+  T.overview = performance.now();
   compOptions($("pairs-comp"));
   compOptions($("feat-comp"));
   $("pairs-comp").addEventListener("change", loadPairs);
