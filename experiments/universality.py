@@ -16,7 +16,10 @@ hookpoint of B; SAEs loaded from any supported format, or trained on the fly)::
         --hookpoints_a=resid_post.2,resid_post.3 --hookpoints_b=resid_post.3,resid_post.5 \\
         --saes_a=/saes/pythia-70m --saes_b=/saes/pythia-160m --text=/data/text.jsonl
 
-Rerunning with the same workdir resumes after the last finished step.
+Rerunning with the same workdir resumes after the last finished step. Every run ends by
+writing ``WORKDIR/report/index.html``, a static paired-feature browser
+(`experiments.pipeline.html_report`; rebuild it with ``python -m experiments.report
+--workdir=WORKDIR``).
 """
 
 from __future__ import annotations

@@ -210,9 +210,14 @@ def test_grid_importance_and_paging_in_browser(browser, tmp_path):
                                                                    "#pairs-table tbody tr")]
     assert shown == pytest.approx(imp[:50], abs=1e-3)
     # Search by token text matches pairs whose top tokens contain it.
-    browser.find_element(By.ID, "pairs-search").send_keys("tok1999")
+    query = table["a"][cross["pairs"]["a"][0]]["top_tokens"][0].replace("\u0120", "")
+    expect = sum(any(query in t for t in table["a"][a]["top_tokens"] + table["b"][b]["top_tokens"])
+                 for a, b in zip(cross["pairs"]["a"], cross["pairs"]["b"]))
+    browser.find_element(By.ID, "pairs-search").send_keys(query)
     rows = browser.find_elements(By.CSS_SELECTOR, "#pairs-table tbody tr")
-    assert all("tok1999" in (_cells(r)[-1] + _cells(r)[-2]) for r in rows)
+    assert browser.find_element(By.ID, "pairs-count").text == f"{expect} of {n} rows"
+    assert 1 <= len(rows) == min(expect, 50)
+    assert all(query in (_cells(r)[-1] + _cells(r)[-2]) for r in rows)
     browser.save_screenshot(str(tmp_path / "grid.png"))
     assert _errors(browser) == []
 
