@@ -171,6 +171,17 @@ def test_toy_report_in_browser(toy_run, browser, tmp_path):
              for r in browser.find_elements(By.CSS_SELECTOR, "#feat-table tbody tr")}
     assert shown == {r["feature"]: r["reason"] for r in dropped[:50]}
     browser.save_screenshot(str(tmp_path / "features.png"))
+
+    # The control comparison (few or no kept pairs; an empty table says so).
+    control = next(c for c in results["comparisons"] if c["name"] == "control")
+    browser.find_element(By.ID, "tab-pairs").click()
+    browser.find_element(By.ID, "pairs-search").clear()
+    Select(browser.find_element(By.ID, "pairs-comp")).select_by_value(
+        str(results["comparisons"].index(control)))
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(
+        By.ID, "pairs-count").text == f"{control['n_pairs']} of {control['n_pairs']} rows")
+    if control["n_pairs"] == 0:
+        assert "no kept pairs" in browser.find_element(By.ID, "pairs-note").text
     assert _errors(browser) == []
 
 

@@ -101,14 +101,17 @@ def main(run, flags_) -> dict:
     results["summary"] = [report.verdict(c) for c in comps]
     results["config"] = {"compare": dataclasses.asdict(cfg)}
     results["versions"] = _versions()
-    if "cross" in by_kind and by_kind["cross"]["n_pairs"] == 0:
-        run.write_results(results)
+    no_pairs = "cross" in by_kind and by_kind["cross"]["n_pairs"] == 0
+    if not no_pairs:
+        _plots(run, results)
+    run.write_results(results)
+    # The browser also shows a run whose main comparison kept no pair (why, per feature).
+    report_path = html_report.write_report(run.workdir)
+    if no_pairs:
         raise compare.PipelineError(
             "no pair survived the filters for the main comparison (see results.json "
-            "'filters' counts); lower --threshold or relax --filter_non_concept")
-    _plots(run, results)
-    run.write_results(results)
-    report_path = html_report.write_report(run.workdir)
+            "'filters' counts, or the report's Features tab); lower --threshold or relax "
+            "--filter_non_concept")
     print(report.summary_table(comps))
     rp = results["reference_points"]
     if rp:
