@@ -179,7 +179,7 @@ def _write_pages(features_dir: str, name: str, step: dict, stream_factory, sae_a
         feature_pages.write_export(
             os.path.join(features_dir, name), name, side,
             feature_pages.export_features(side, step, arrays, pages, full[side]),
-            {**meta, "model": meta.get(f"model_{side}"), "layer": meta.get(f"layer_{side}")})
+            {**meta, "layer": meta.get(f"hookpoint_{side}")})
 
 
 def _decoder_cosines(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, pairs: filters.Pairs) -> dict:

@@ -75,7 +75,7 @@ def _metric_summary(metrics: dict) -> dict:
 
 
 def _overview(results: dict, plots: list[str]) -> dict:
-    comps = []
+    comps, summary = [], results.get("summary") or []
     for i, c in enumerate(results.get("comparisons", [])):
         comps.append({
             "id": i, "name": c.get("name"), "kind": c.get("kind"), "label": c.get("label"),
@@ -89,8 +89,7 @@ def _overview(results: dict, plots: list[str]) -> dict:
             "n_pairs_before_threshold": c.get("n_pairs_before_threshold"),
             "metrics_skipped": c.get("metrics_skipped", {}), "note": c.get("note"),
             "truth": c.get("truth"), "fraction_same_top_token": c.get("fraction_same_top_token"),
-            "verdict": (results.get("summary") or [None] * (i + 1))[i]
-            if i < len(results.get("summary") or []) else None})
+            "verdict": summary[i] if i < len(summary) else None})
     head = {k: results.get(k) for k in ("preset", "models", "hookpoints", "tokens", "contexts",
                                          "text", "data", "toy", "versions", "config")}
     return _clean({"head": head, "comparisons": comps, "alpha": ALPHA,
