@@ -79,6 +79,7 @@ def _all_pair_rows(driver):
         driver.find_element(By.ID, "pairs-next").click()
 
 
+@pytest.mark.slow   # the toy run behind it: about a minute on 2 free cores
 def test_toy_report_in_browser(toy_run, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -233,6 +234,7 @@ def test_grid_importance_and_paging_in_browser(browser, tmp_path):
     assert _errors(browser) == []
 
 
+@pytest.mark.slow
 def test_rebuild_command(toy_run, tmp_path):
     workdir, _ = toy_run
     first = (workdir / "report" / "index.html").read_text()
