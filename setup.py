@@ -14,7 +14,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["engine", "engine.*", "models", "models.*",
                                     "experiments", "experiments.*"]),
-    package_data={"models": ["data/*.txt"], "experiments": ["configs/*.py"]},
+    package_data={"models": ["data/*.txt"],
+                  "experiments": ["configs/*.py", "pipeline/html_report_assets/*"]},
     # Lower bounds are the versions this was tested with (2026-11).
     install_requires=[
         "jax>=0.10.2",
@@ -39,6 +40,8 @@ setup(
             "hypothesis>=6.170",
             "chex>=0.1.92",
             "torch==2.13.0",
+            # Report tests drive Debian's chromium + chromedriver (apt; see .ci/run).
+            "selenium>=4.50",
         ],
     },
 )

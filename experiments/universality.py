@@ -21,6 +21,9 @@ results from <time>" when the run finished. Other settings (or other data files,
 code) in the same workdir are refused before any work, naming the differing keys: use a new
 workdir or ``--overwrite``. ``--dry_run`` checks the settings and says what a run would do.
 Progress: stage lines on stdout (``[3/10] ceiling: feature pass ...``) and labelled tqdm bars.
+Every run ends by writing ``WORKDIR/report/index.html``, a static paired-feature browser
+(`experiments.pipeline.html_report`; rebuild it with ``python -m experiments.report
+--workdir=WORKDIR``).
 """
 
 from __future__ import annotations

@@ -121,6 +121,28 @@ def test_layer_grid_on_tiny_transformers_pair(tmp_path):
     for metric in ("svcca", "cka", "rsa_spearman"):
         assert (tmp_path / "plots" / f"layers_{metric}.png").stat().st_size > 1000
     assert "results:" in proc.stdout
+    # The report and the per-feature export: multi-token contexts that stay inside their
+    # context, the top token's activation = the feature's top activation, promoted tokens.
+    assert (tmp_path / "report" / "index.html").exists()
+    name = "A.resid_post.0~B.resid_post.0"
+    table = json.loads((tmp_path / "features" / f"{name}.json").read_text())
+    batch = json.loads((tmp_path / "features" / name / "a" / "batch-0.json").read_text())
+    assert batch["layout"].startswith("saedashboard-neuronpedia-batch")
+    lengths = []
+    for feat in batch["features"]:
+        row = table["a"][feat["feature_index"]]
+        assert feat["universality"]["status"] == row["status"]
+        if not feat["activations"]:
+            continue
+        top = feat["activations"][0]
+        q = top["qualifying_token_index"]
+        assert top["values"][q] == pytest.approx(row["max"], rel=1e-3, abs=1e-3)
+        assert top["tokens"][q] == row["top_tokens"][0]
+        assert max(top["values"]) <= row["max"] + 1e-3
+        lengths.append(len(top["tokens"]))
+        assert len(feat["pos_str"]) == 10 and feat["pos_values"] == sorted(
+            feat["pos_values"], reverse=True)
+    assert max(lengths) > 1 and max(lengths) <= 8 + 1 + 4
 
 
 def one_line_error(proc):

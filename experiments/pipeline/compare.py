@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from engine import checks, matching, metrics_io, similarity
-from experiments.pipeline import features, filters
+from experiments.pipeline import feature_pages, features, filters
 from experiments.pipeline.stepcache import StepCache
 from models import sae as sae_lib
 
@@ -129,7 +129,10 @@ def truth_scores(pairs: filters.Pairs, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
                                               / n_true) if n_true else 0.0}
 
 
-def _write_feature_table(path: str, step: dict, tokens_a, tokens_b, context_text) -> None:
+def _write_feature_table(path: str, step: dict, tokens_a, tokens_b, context_text,
+                         extra: dict | None = None) -> dict:
+    """Writes and returns ``{"a": [row per feature], "b": [...]}``; ``extra[side][f]`` dicts
+    are merged into the rows."""
     def side(prefix, tokens):
         rows = []
         for f in range(len(tokens)):
@@ -139,11 +142,59 @@ def _write_feature_table(path: str, step: dict, tokens_a, tokens_b, context_text
                          "max": float(step[f"{prefix}_max"][f]),
                          "dead": bool(step[f"{prefix}_dead"][f]), "top_tokens": tokens[f],
                          "top_context": (context_text(top) if context_text and top >= 0
-                                         else None)})
+                                         else None),
+                         **((extra or {}).get(prefix) or [{}] * len(tokens))[f]})
         return rows
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    metrics_io.write_json(path, {"a": side("a", tokens_a), "b": side("b", tokens_b)})
+    table = {"a": side("a", tokens_a), "b": side("b", tokens_b)}
+    metrics_io.write_json(path, table)
+    return table
+
+
+def _write_pages(features_dir: str, name: str, step: dict, stream_factory, sae_a, sae_b,
+                 cand: filters.Pairs, dropped_by: np.ndarray, invalid: dict, cfg,
+                 tokens: dict, context_text, pages: feature_pages.PageSource, cache: StepCache,
+                 key: str, progress: bool, meta: dict) -> None:
+    """Feature table ``features/<name>.json`` and the per-feature export
+    ``features/<name>/<side>/batch-<k>.json`` (`feature_pages`)."""
+    depends = _fingerprint(key, pages.before, pages.after, pages.bins, pages.n_logits,
+                           pages.segments is None, pages.unembed_a is None,
+                           pages.unembed_b is None)
+    arrays = cache.get(f"{name}.pages.{depends}", lambda: feature_pages.compute(
+        stream_factory(), sae_a, sae_b, step, pages, progress=progress))
+    tables = {}
+    for side in "ab":
+        nc = (filters.non_concept_features(tokens[side], cfg.filters)
+              if cfg.filters.non_concept else None)
+        tables[side] = feature_pages.drop_reasons(
+            len(tokens[side]), side, cand, dropped_by, invalid[side], step[f"{side}_dead"], nc,
+            cfg.filters.threshold)
+        for f, row in enumerate(tables[side]):
+            row["non_concept"] = bool(nc[f]) if nc is not None else False
+            row["constant"] = bool(step[f"{side}_constant"][f])
+    full = _write_feature_table(os.path.join(features_dir, f"{name}.json"), step, tokens["a"],
+                                tokens["b"], context_text, tables)
+    for side in "ab":
+        feature_pages.write_export(
+            os.path.join(features_dir, name), name, side,
+            feature_pages.export_features(side, step, arrays, pages, full[side]),
+            {**meta, "layer": meta.get(f"hookpoint_{side}")})
+
+
+def _decoder_cosines(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, pairs: filters.Pairs) -> dict:
+    """``{"decoder_cos": [...]}`` of the kept pairs when both SAEs have the same width, else {}.
+
+    Only meaningful when both SAEs read the same activation space (ceiling, decoder pairing):
+    across two models the residual bases are unrelated.
+    """
+    if sae_a.config.d_in != sae_b.config.d_in:
+        return {}
+    wa = np.asarray(sae_a.W_dec, np.float64)[pairs.a]
+    wb = np.asarray(sae_b.W_dec, np.float64)[pairs.b]
+    cos = np.sum(wa * wb, 1) / np.maximum(
+        np.linalg.norm(wa, axis=1) * np.linalg.norm(wb, axis=1), 1e-12)
+    return {"decoder_cos": cos.tolist()}
 
 
 def _fingerprint(*parts) -> str:
@@ -167,13 +218,18 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
                    labels: dict | None = None,
                    context_text: Callable[[int], str] | None = None,
                    features_dir: str | None = None,
-                   stage: Callable[[str], None] | None = None) -> dict:
+                   stage: Callable[[str], None] | None = None,
+                   pages: feature_pages.PageSource | None = None) -> dict:
     """Runs steps 1-4 for one pair of SAEs and returns its JSON-ready result.
 
     With ``features_dir``, every feature's statistics (density, mean, max, top-activating
     tokens, and the context of its top token when ``context_text`` is given) are written to
-    ``features_dir/<name>.json`` for inspection. ``stage(label)`` is called as each long
-    part starts (the runner prints ``[k/N] label ...`` lines).
+    ``features_dir/<name>.json`` for inspection, with each feature's pair status and drop
+    reason, and the per-feature pages (top contexts with per-token activations, activation
+    histograms, promoted tokens when ``pages`` has unembeddings) are exported under
+    ``features_dir/<name>/<side>/`` (`feature_pages`; default ``pages``: single-token
+    contexts, as for independent toy rows). ``stage(label)`` is called as each long part
+    starts (the runner prints ``[k/N] label ...`` lines).
     """
     stage = stage or (lambda label: None)
 
@@ -193,12 +249,15 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
     invalid_b = step["b_dead"] | step["b_constant"] | step["m_b_dead"] | step["m_b_constant"]
     tokens_a = top_tokens(step["a_top_rows"], token_text, cfg.filters.top_tokens)
     tokens_b = top_tokens(step["b_top_rows"], token_text, cfg.filters.top_tokens)
-    pairs, counts = filters.apply_filters(cand, cfg.filters, invalid_a=invalid_a,
-                                          invalid_b=invalid_b, top_tokens_a=tokens_a,
-                                          top_tokens_b=tokens_b)
+    pairs, counts, dropped_by = filters.trace_filters(
+        cand, cfg.filters, invalid_a=invalid_a, invalid_b=invalid_b, top_tokens_a=tokens_a,
+        top_tokens_b=tokens_b)
     if features_dir is not None:
-        _write_feature_table(os.path.join(features_dir, f"{name}.json"), step, tokens_a,
-                             tokens_b, context_text)
+        _write_pages(features_dir, name, step, stream_factory, sae_a, sae_b, cand, dropped_by,
+                     {"a": invalid_a, "b": invalid_b}, cfg, {"a": tokens_a, "b": tokens_b},
+                     context_text, pages or feature_pages.PageSource(token_text=token_text),
+                     cache, key, progress, {k: v for k, v in (labels or {}).items()
+                                            if isinstance(v, str)})
     result = {
         "name": name, **(labels or {}),
         "n_features": {"a": int(sae_a.config.d_sae), "b": int(sae_b.config.d_sae)},
@@ -210,7 +269,8 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
                     "invalid_a": int(invalid_a.sum()), "invalid_b": int(invalid_b.sum())},
         "filters": counts,
         "n_pairs": len(pairs),
-        "pairs": {"a": pairs.a.tolist(), "b": pairs.b.tolist(), "value": pairs.value.tolist()},
+        "pairs": {"a": pairs.a.tolist(), "b": pairs.b.tolist(), "value": pairs.value.tolist(),
+                  **_decoder_cosines(sae_a, sae_b, pairs)},
         "top_pairs": [{"a": int(a), "b": int(b), "value": float(v), "tokens_a": tokens_a[a],
                        "tokens_b": tokens_b[b],
                        "same_top_token": bool(tokens_a[a][:1] and tokens_a[a][:1] ==

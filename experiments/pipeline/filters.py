@@ -76,12 +76,8 @@ def non_concept_features(top_tokens: Sequence[Sequence[str]], cfg: FilterConfig)
     return out
 
 
-def one_to_one_best(pairs: Pairs) -> Pairs:
-    """Keeps, greedily by descending value, pairs whose two features are both still free.
-
-    Every feature ends in at most one pair, and a pair is dropped only for a better one
-    (ties broken by lower A then B index, deterministic).
-    """
+def one_to_one_mask(pairs: Pairs) -> np.ndarray:
+    """Bool per pair: kept by `one_to_one_best`."""
     order = np.lexsort((pairs.b, pairs.a, -pairs.value))
     used_a, used_b, keep = set(), set(), np.zeros(len(pairs), bool)
     for i in order:
@@ -91,7 +87,16 @@ def one_to_one_best(pairs: Pairs) -> Pairs:
         used_a.add(a)
         used_b.add(b)
         keep[i] = True
-    return pairs.keep(keep)
+    return keep
+
+
+def one_to_one_best(pairs: Pairs) -> Pairs:
+    """Keeps, greedily by descending value, pairs whose two features are both still free.
+
+    Every feature ends in at most one pair, and a pair is dropped only for a better one
+    (ties broken by lower A then B index, deterministic).
+    """
+    return pairs.keep(one_to_one_mask(pairs))
 
 
 def apply_filters(pairs: Pairs, cfg: FilterConfig, *, invalid_a: np.ndarray,
@@ -104,10 +109,34 @@ def apply_filters(pairs: Pairs, cfg: FilterConfig, *, invalid_a: np.ndarray,
       top_tokens_a / top_tokens_b: per-feature top-activating token strings (None disables
         the non-concept filter, e.g. when no token strings exist).
     """
+    kept, counts, _ = trace_filters(pairs, cfg, invalid_a=invalid_a, invalid_b=invalid_b,
+                                    top_tokens_a=top_tokens_a, top_tokens_b=top_tokens_b)
+    return kept, counts
+
+
+def trace_filters(pairs: Pairs, cfg: FilterConfig, *, invalid_a: np.ndarray,
+                  invalid_b: np.ndarray, top_tokens_a: Sequence[Sequence[str]] | None,
+                  top_tokens_b: Sequence[Sequence[str]] | None
+                  ) -> tuple[Pairs, dict, np.ndarray]:
+    """`apply_filters` that also says, per candidate pair, which filter dropped it.
+
+    Returns ``(kept, counts, dropped_by)``: ``dropped_by[i]`` is the name of the step that
+    removed candidate ``i`` (``"dead_constant"``, ``"non_concept"``, ``"one_to_one"``,
+    ``"threshold"``), or ``""`` when it was kept; the step names are the ``counts`` keys
+    without their ``after_`` prefix.
+    """
     counts = {"candidates": len(pairs)}
+    dropped_by = np.full(len(pairs), "", dtype=object)
+    alive = np.arange(len(pairs))
+
+    def step(name: str, keep: np.ndarray) -> None:
+        nonlocal pairs, alive
+        dropped_by[alive[~keep]] = name
+        pairs, alive = pairs.keep(keep), alive[keep]
+        counts[f"after_{name}"] = len(pairs)
+
     if cfg.drop_dead:
-        pairs = pairs.keep(~invalid_a[pairs.a] & ~invalid_b[pairs.b])
-        counts["after_dead_constant"] = len(pairs)
+        step("dead_constant", ~invalid_a[pairs.a] & ~invalid_b[pairs.b])
     if cfg.non_concept and top_tokens_a is not None and top_tokens_b is not None:
         bad_a = non_concept_features(top_tokens_a, cfg)
         bad_b = non_concept_features(top_tokens_b, cfg)
@@ -117,12 +146,9 @@ def apply_filters(pairs: Pairs, cfg: FilterConfig, *, invalid_a: np.ndarray,
                                     & set(top_tokens_b[b][: cfg.top_tokens]))
                                for a, b in zip(pairs.a, pairs.b)], bool)
             keep &= shared if len(shared) else keep
-        pairs = pairs.keep(keep)
-        counts["after_non_concept"] = len(pairs)
+        step("non_concept", keep)
     if cfg.one_to_one:
-        pairs = one_to_one_best(pairs)
-        counts["after_one_to_one"] = len(pairs)
+        step("one_to_one", one_to_one_mask(pairs))
     if cfg.threshold is not None:
-        pairs = pairs.keep(pairs.value >= cfg.threshold)
-        counts["after_threshold"] = len(pairs)
-    return pairs, counts
+        step("threshold", pairs.value >= cfg.threshold)
+    return pairs, counts, dropped_by

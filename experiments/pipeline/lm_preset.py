@@ -24,6 +24,7 @@ Published setups (run when the weights are on disk: see WORKSPACE.md):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -35,6 +36,7 @@ from experiments import common
 # the settings checks must not wait for JAX.
 streaming = common.lazy_module("engine.streaming")
 compare = common.lazy_module("experiments.pipeline.compare")
+feature_pages = common.lazy_module("experiments.pipeline.feature_pages")
 features = common.lazy_module("experiments.pipeline.features")
 saes_lib = common.lazy_module("experiments.pipeline.saes")
 
@@ -107,6 +109,25 @@ def _load_models(run, setup: dict, seed: int):
         return [lm.LanguageModel.load(p) for p in paths], paths
 
 
+def _unembedding(lm_model, path: str) -> np.ndarray | None:
+    """``[vocab, d_model]`` unembedding W_U of a local model (None when not found).
+
+    The base model (no head) is what `models.lm` loads: a tied head is the input embedding;
+    an untied one (e.g. GPT-NeoX ``embed_out``, ``lm_head``) is read from the safetensors.
+    """
+    cfg = lm_model.model.config
+    if getattr(cfg, "tie_word_embeddings", False):
+        return lm_model.model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    import glob
+    from safetensors import safe_open
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(file, "np") as st:
+            for key in st.keys():
+                if key.endswith(("embed_out.weight", "lm_head.weight")):
+                    return np.asarray(st.get_tensor(key), np.float32)
+    return None
+
+
 def _harvest(lm_model, contexts, hookpoints, batch_size) -> dict:
     out = lm_model.run(contexts, hookpoints, batch_size=batch_size)
     keep = out.mask.reshape(-1)
@@ -174,8 +195,16 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         return lm_a.tokenizer.decode(token_ids[lo:row].tolist()) + " [[" + \
             lm_a.tokenizer.decode([int(token_ids[row])]) + "]]"
 
+    n_vocab = len(lm_a.tokenizer)
+    segments = np.repeat(np.arange(len(contexts.mask)), np.asarray(contexts.mask).sum(1))
+    if len(segments) != len(token_ids):
+        segments = None    # rows are not the flattened contexts: show single tokens
+    pages = feature_pages.PageSource(
+        token_text=token_text, segments=segments, unembed_a=_unembedding(lm_a, paths[0]),
+        unembed_b=_unembedding(lm_b, paths[1]),
+        vocab=[str(t) for t in lm_a.tokenizer.convert_ids_to_tokens(list(range(n_vocab)))])
     extra = {"context_text": context_text, "features_dir": run.path("features"),
-             "stage": getattr(run, "stage", None)}
+             "stage": getattr(run, "stage", None), "pages": pages}
 
     def sae_config(d_model, seed):
         return sae_train.TrainConfig(d_sae=flags_.sae_expansion * d_model, activation="topk",
@@ -227,7 +256,8 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         comps.append(compare.run_comparison(
             "ceiling", stream_factory(xa, xa), saes_a[ha], ceiling_sae, token_text, run.mesh,
             cfg, cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
-            labels={"kind": "ceiling", "label": f"A {ha} vs A {ha}, other SAE seed"}, **extra))
+            labels={"kind": "ceiling", "label": f"A {ha} vs A {ha}, other SAE seed"},
+            **{**extra, "pages": dataclasses.replace(pages, unembed_b=pages.unembed_a)}))
     if flags_.random_init_floor:
         def floor_acts():
             rnd = lm.random_init_copy(lm_b, seed=flags_.seed + 1000)
@@ -241,7 +271,8 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         comps.append(compare.run_comparison(
             "floor", stream_factory(xa, xr), saes_a[ha], floor_sae, token_text, run.mesh, cfg,
             cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
-            labels={"kind": "floor", "label": f"A {ha} vs random-init B {hb}"}, **extra))
+            labels={"kind": "floor", "label": f"A {ha} vs random-init B {hb}"},
+            **{**extra, "pages": dataclasses.replace(pages, unembed_b=None)}))
     return {"preset": "lm", "models": {"a": paths[0], "b": paths[1]},
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
             "activations": ("caches " + f"{flags_.cache_a}, {flags_.cache_b}"

@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 
 from engine import checks
-from experiments.pipeline import compare, filters, report, toy_preset
+from experiments.pipeline import compare, filters, html_report, report, toy_preset
 from experiments.pipeline.stepcache import StepCache
 from models import text as text_lib
 
@@ -131,17 +131,21 @@ def main(run, flags_) -> dict:
     results["summary"] = [report.verdict(c) for c in comps]
     results["config"] = {"compare": dataclasses.asdict(cfg)}
     results["versions"] = _versions()
-    if "cross" in by_kind and by_kind["cross"]["n_pairs"] == 0:
-        run.write_results(results)
-        raise compare.PipelineError(
-            "no pair survived the filters for the main comparison (see results.json "
-            "'filters' counts); lower --threshold or relax --filter_non_concept")
+    no_pairs = "cross" in by_kind and by_kind["cross"]["n_pairs"] == 0
     # results.json first: a plot can never lose a finished run.
     run.write_results(results)
-    plot_errors = _plots(run, results)
-    if plot_errors:
-        results["plot_errors"] = plot_errors
-        run.write_results(results)
+    if not no_pairs:
+        plot_errors = _plots(run, results)
+        if plot_errors:
+            results["plot_errors"] = plot_errors
+            run.write_results(results)
+    # The browser also shows a run whose main comparison kept no pair (why, per feature).
+    report_path = html_report.write_report(run.workdir)
+    if no_pairs:
+        raise compare.PipelineError(
+            "no pair survived the filters for the main comparison (see results.json "
+            "'filters' counts, or the report's Features tab); lower --threshold or relax "
+            "--filter_non_concept")
     print(report.summary_table(comps))
     rp = results["reference_points"]
     if rp:
@@ -151,7 +155,8 @@ def main(run, flags_) -> dict:
             print(f"   {metric:<12} {e.get('floor_excess', float('nan')):7.3f} -> "
                   f"{e['cross_excess']:7.3f} -> {e.get('ceiling_excess', float('nan')):7.3f}"
                   + (f"   ({frac:.0%} of the way)" if frac is not None else ""))
-    print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}")
+    print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}\n"
+          f"report:  {report_path}")
     return results
 
 
