@@ -55,6 +55,20 @@ flags.DEFINE_integer("toy_n_features", 96, "Toy: ground-truth features.")
 flags.DEFINE_integer("toy_d", 32, "Toy: hidden width of both sides.")
 flags.DEFINE_integer("toy_steps", 1500, "Toy: SAE training steps.")
 flags.DEFINE_float("toy_perturbation", 0.15, "Toy: how far B's geometry is from A's image.")
+# Reference points, replicates, sweeps (experiments/pipeline/references.py).
+flags.DEFINE_integer("replicates", 1, "SAEs per side (distinct seeds and data orders): all "
+                     "cross pairs and all within-side pairs are compared, and the cross score "
+                     "is reported as a distribution beside the within-side (seed) one.")
+flags.DEFINE_enum("replicate_data", "order", ["order", "subset"], "How replicates differ "
+                  "besides their init seed: 'order' (own data order) or 'subset' (disjoint "
+                  "folds of the rows, one per replicate).")
+flags.DEFINE_list("ceiling_sides", ["a", "b"], "Sides that get a seed-vs-seed ceiling (a "
+                  "second SAE when --replicates=1).")
+flags.DEFINE_string("sweep", None, "Conditions sweep NAME=v1,v2,... with NAME one of d_sae, "
+                    "expansion, k, l1_coeff, subset: every value gets its own SAEs, null, "
+                    "ceiling and floor (table in results.json 'sweep', plot plots/sweep.png).")
+flags.DEFINE_integer("replicate_permutations", 2000, "Permutations of the cross < within "
+                     "test (all splits when fewer).")
 # Language-model preset (flags defined in experiments/pipeline/lm_preset.py).
 from experiments.pipeline import lm_preset  # noqa: E402,F401  (defines its flags)
 
