@@ -327,6 +327,28 @@ class Planner:
         return [s.record() for s in self.saes.values()]
 
 
+def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, **extra
+              ) -> list[dict]:
+    """Runs every planned comparison through `compare.run_comparison` (JSON-ready results,
+    each labelled with its kind, cell, condition, SAE roles and seeds)."""
+    from engine import streaming
+    from experiments.pipeline import compare
+
+    comps = []
+    for spec in specs:
+        rows = np.arange(spec.acts_a.shape[0], dtype=np.int32)
+        factory = (lambda xa=spec.acts_a, xb=spec.acts_b, r=rows: streaming.ChunkStream(
+            (r, xa, xb), flags_.chunk_size, name="tokens"))
+        comps.append(compare.run_comparison(
+            spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg,
+            cache, ckpt_root=run.path("checkpoints"), truth=spec.truth,
+            progress=flags_.progress,
+            labels={"kind": spec.kind, "label": spec.label, **spec.labels,
+                    "saes": [spec.sae_a.role.key, spec.sae_b.role.key],
+                    "seeds": [spec.sae_a.seed, spec.sae_b.seed]}, **extra))
+    return comps
+
+
 # -- summaries -------------------------------------------------------------------------------
 
 def _metric_values(comp: dict) -> dict:

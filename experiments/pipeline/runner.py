@@ -58,22 +58,6 @@ def _versions() -> dict:
             "numpy": np.__version__}
 
 
-def run_specs(specs, run, flags_, cfg: compare.CompareConfig, cache: StepCache,
-              token_text, **extra) -> list[dict]:
-    """Runs every planned comparison (`references.Spec`) through `compare.run_comparison`."""
-    comps = []
-    for spec in specs:
-        comp = compare.run_comparison(
-            spec.name, toy_preset.stream_factory(spec.acts_a, spec.acts_b, flags_.chunk_size),
-            spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg, cache,
-            ckpt_root=run.path("checkpoints"), truth=spec.truth, progress=flags_.progress,
-            labels={"kind": spec.kind, "label": spec.label, **spec.labels,
-                    "saes": [spec.sae_a.role.key, spec.sae_b.role.key],
-                    "seeds": [spec.sae_a.seed, spec.sae_b.seed]}, **extra)
-        comps.append(comp)
-    return comps
-
-
 def run_toy(run, flags_, cfg: compare.CompareConfig, cache: StepCache) -> dict:
     settings = toy_preset.ToySettings(
         seed=flags_.seed, n_features=flags_.toy_n_features, d_a=flags_.toy_d, d_b=flags_.toy_d,
@@ -89,7 +73,7 @@ def run_toy(run, flags_, cfg: compare.CompareConfig, cache: StepCache) -> dict:
     def token_text(rows):
         return [vocab[int(token_ids[r])] for r in rows]
 
-    comps = run_specs(built["specs"], run, flags_, cfg, cache, token_text,
+    comps = references.run_specs(built["specs"], run, flags_, cfg, cache, token_text,
                       features_dir=run.path("features"))
     return {"preset": "toy", "toy": dataclasses.asdict(settings),
             "references": dataclasses.asdict(refs),
