@@ -16,6 +16,20 @@ hookpoint of B; SAEs loaded from any supported format, or trained on the fly)::
         --hookpoints_a=resid_post.2,resid_post.3 --hookpoints_b=resid_post.3,resid_post.5 \\
         --saes_a=/saes/pythia-70m --saes_b=/saes/pythia-160m --text=/data/text.jsonl
 
+Reference points for every cell (`experiments/pipeline/references.py`): a seed-vs-seed ceiling
+per side and hookpoint and a random-init floor per cell; the "fraction of the way" from floor
+to ceiling is printed only when the two are separated by more than twice their spread. Every
+SAE's seed and data order derive from its role (side, hookpoint, kind, replicate, condition)
+and are recorded in results.json ``saes``. Several SAEs per side and conditions sweeps::
+
+    python -m experiments.universality --workdir=runs/universality/rep3 --replicates=3
+    python -m experiments.universality --workdir=runs/universality/sweep_k --sweep=k=2,4,8
+
+The classic trio (seed ceiling, adjacent layer, random-init floor at the same layer)::
+
+    python -m experiments.universality --workdir=runs/trio --preset=lm --trio \\
+        --model_a=/models/pythia-70m --hookpoints_a=resid_post.3
+
 Rerunning with the same workdir resumes after the last finished step.
 """
 
