@@ -16,6 +16,20 @@ hookpoint of B; SAEs loaded from any supported format, or trained on the fly)::
         --hookpoints_a=resid_post.2,resid_post.3 --hookpoints_b=resid_post.3,resid_post.5 \\
         --saes_a=/saes/pythia-70m --saes_b=/saes/pythia-160m --text=/data/text.jsonl
 
+Reference points for every cell (`experiments/pipeline/references.py`): a seed-vs-seed ceiling
+per side and hookpoint and a random-init floor per cell; the "fraction of the way" from floor
+to ceiling is printed only when the two are separated by more than twice their spread. Every
+SAE's seed and data order derive from its role (side, hookpoint, kind, replicate, condition)
+and are recorded in results.json ``saes``. Several SAEs per side and conditions sweeps::
+
+    python -m experiments.universality --workdir=runs/universality/rep3 --replicates=3
+    python -m experiments.universality --workdir=runs/universality/sweep_k --sweep=k=2,4,8
+
+The classic trio (seed ceiling, adjacent layer, random-init floor at the same layer)::
+
+    python -m experiments.universality --workdir=runs/trio --preset=lm --trio \\
+        --model_a=/models/pythia-70m --hookpoints_a=resid_post.3
+
 Rerunning the same command resumes after the last finished step, or prints "nothing to do:
 results from <time>" when the run finished. Other settings (or other data files, or other
 code) in the same workdir are refused before any work, naming the differing keys: use a new
@@ -63,6 +77,20 @@ flags.DEFINE_integer("toy_n_features", 96, "Toy: ground-truth features.")
 flags.DEFINE_integer("toy_d", 32, "Toy: hidden width of both sides.")
 flags.DEFINE_integer("toy_steps", 1500, "Toy: SAE training steps.")
 flags.DEFINE_float("toy_perturbation", 0.15, "Toy: how far B's geometry is from A's image.")
+# Reference points, replicates, sweeps (experiments/pipeline/references.py).
+flags.DEFINE_integer("replicates", 1, "SAEs per side (distinct seeds and data orders): all "
+                     "cross pairs and all within-side pairs are compared, and the cross score "
+                     "is reported as a distribution beside the within-side (seed) one.")
+flags.DEFINE_enum("replicate_data", "order", ["order", "subset"], "How replicates differ "
+                  "besides their init seed: 'order' (own data order) or 'subset' (disjoint "
+                  "folds of the rows, one per replicate).")
+flags.DEFINE_list("ceiling_sides", ["a", "b"], "Sides that get a seed-vs-seed ceiling (a "
+                  "second SAE when --replicates=1).")
+flags.DEFINE_string("sweep", None, "Conditions sweep NAME=v1,v2,... with NAME one of d_sae, "
+                    "expansion, k, l1_coeff, subset: every value gets its own SAEs, null, "
+                    "ceiling and floor (table in results.json 'sweep', plot plots/sweep.png).")
+flags.DEFINE_integer("replicate_permutations", 2000, "Permutations of the cross < within "
+                     "test (all splits when fewer).")
 # Language-model preset (flags defined in experiments/pipeline/lm_preset.py).
 from experiments.pipeline import lm_preset  # noqa: E402,F401  (defines its flags)
 flags.adopt_module_key_flags(lm_preset)   # listed by --help
@@ -79,7 +107,8 @@ RULES = (
     common.Num(("max_bad_fraction",), lo=0.0, hi=1.0),
     common.Num(("num_permutations", "top_n", "chunk_size", "toy_n_tokens", "toy_n_features",
                 "toy_d", "toy_steps", "context_length", "max_contexts", "lm_batch_size",
-                "sae_expansion", "sae_k", "sae_steps", "sae_batch_size"), lo=1, integer=True),
+                "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "replicates",
+                "replicate_permutations"), lo=1, integer=True),
     common.Num(("min_pairs",), lo=3, integer=True, what="the metrics need 3 pairs"),
     common.Num(("seed",), lo=0, integer=True),
     common.Num(("toy_perturbation",), lo=0.0),
@@ -92,7 +121,7 @@ RULES = (
                  "--cache_a and --cache_b must be given together"),
     common.Path(("model_a", "model_b"), kind="dir", special=("tiny",),
                 what="a local transformers directory, or 'tiny'"),
-    common.Path(("saes_a", "saes_b"), kind="any"),
+    common.Path(("saes_a", "saes_b", "saes_a_ceiling", "saes_b_ceiling"), kind="any"),
     common.Path(("cache_a", "cache_b"), kind="dir", what="an activation cache"),
     common.Path(("text",), kind="any", special=("sample",)),
     common.Hookpoints(("hookpoints_a", "hookpoints_b")),
@@ -104,7 +133,8 @@ def _data(flags_) -> dict:
     if flags_.preset != "lm":
         return {}
     out = {"text": None if flags_.text == "sample" else flags_.text,
-           "saes_a": flags_.saes_a, "saes_b": flags_.saes_b}
+           "saes_a": flags_.saes_a, "saes_b": flags_.saes_b,
+           "saes_a_ceiling": flags_.saes_a_ceiling, "saes_b_ceiling": flags_.saes_b_ceiling}
     for side in ("a", "b"):
         cache = getattr(flags_, f"cache_{side}")
         if cache:

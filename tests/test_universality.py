@@ -9,6 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from experiments.pipeline import references
+from experiments.pipeline import saes as saes_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHA = 0.01
 
@@ -71,10 +74,34 @@ def test_ceiling_at_least_cross_and_floor_below(toy_run):
     _, _, results = toy_run
     comps = by_name(results)
     for metric, cross in comps["cross"]["metrics"].items():
-        assert comps["ceiling"]["metrics"][metric]["score"] >= cross["score"], metric
+        # Seed-vs-seed on either side is at least as alike as A vs B (within null noise).
+        for side in ("ceiling_a", "ceiling_b"):
+            ceil = comps[side]["metrics"][metric]
+            assert ceil["score"] >= cross["score"] - 2 * ceil["null_std"], (side, metric)
         assert comps["floor"]["metrics"][metric]["excess"] < cross["excess"], metric
     rp = results["reference_points"]
-    assert all(0.5 < rp[m]["fraction_floor_to_ceiling_excess"] <= 1.0 for m in rp)
+    for m, e in rp.items():
+        # Separated reference points, and the cross score most of the way up (a little
+        # above 1 is noise: the ceiling is the mean of two seed pairs).
+        sep = e["separation_excess"]
+        assert sep["ceiling_minus_floor"] > references.SEPARATION_Z * sep["spread"], m
+        assert 0.5 < e["fraction_floor_to_ceiling_excess"] <= 1.0 + 2 * sep["spread"] / \
+            sep["ceiling_minus_floor"], m
+
+
+def test_every_sae_has_its_own_seeds_recorded(toy_run):
+    _, _, results = toy_run
+    saes = results["saes"]
+    assert {s["key"] for s in saes} == {"a/toy/main0", "a/toy/ceiling0", "b/toy/main0",
+                                         "b/toy/ceiling0", "b_random/toy/floor0",
+                                         "control/toy/main0"}
+    assert len({s["seed"] for s in saes}) == len(saes)
+    assert len({s["data_seed"] for s in saes}) == len(saes)
+    for s in saes:
+        assert s["recipe"]["config"]["seed"] == s["seed"]
+        assert s["seed"] == saes_lib.role_seeds(0, saes_lib.Role(**s["role"]))[0]
+    for c in results["comparisons"]:
+        assert c["seeds"][0] != c["seeds"][1], c["name"]
 
 
 def test_outputs_and_resume(toy_run):
@@ -109,15 +136,29 @@ def test_outputs_and_resume(toy_run):
 def test_layer_grid_on_tiny_transformers_pair(tmp_path):
     proc = universality(tmp_path, "--preset=lm", "--num_permutations=50", "--sae_steps=150",
                         "--max_contexts=24", "--context_length=32", "--sae_expansion=4",
-                        "--sae_k=8", "--sae_batch_size=128")
+                        "--sae_k=8", "--sae_batch_size=128",
+                        "--metrics=svcca,cka,rsa_spearman")
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
     grid = results["grid"]
     assert grid["layers_a"] == ["resid_post.0", "resid_post.1"]
     assert np.asarray(grid["cells"]["cka"]).shape == (2, 2)
     kinds = [c["kind"] for c in results["comparisons"]]
-    assert kinds.count("cross") == 1 and kinds.count("grid") == 3
-    assert "ceiling" in kinds and "floor" in kinds
+    # Every cell has its own floor; every hookpoint of each side its own seed ceiling.
+    assert kinds.count("cross") == 4 and kinds.count("floor") == 4
+    assert kinds.count("ceiling") == 4
+    cells = results["cells"]
+    assert len(cells) == 4
+    for cell in cells:
+        ha, hb = cell["hookpoint_a"], cell["hookpoint_b"]
+        assert cell["comparisons"]["ceiling_a"] == [f"ceiling_a:A.{ha}"]
+        assert cell["comparisons"]["ceiling_b"] == [f"ceiling_b:B.{hb}"]
+        assert cell["comparisons"]["floor"] == [f"floor:A.{ha}~B.{hb}"]
+        for metric, e in cell["metrics"].items():
+            assert {"floor", "ceiling_a", "ceiling_b", "cross"} <= set(e), metric
+            assert ("fraction_floor_to_ceiling_excess" in e), metric
+    seeds = [s["seed"] for s in results["saes"]]
+    assert len(seeds) == 10 and len(set(seeds)) == 10   # 4 main, 4 ceiling, 2 floor
     for metric in ("svcca", "cka", "rsa_spearman"):
         assert (tmp_path / "plots" / f"layers_{metric}.png").stat().st_size > 1000
     assert "results:" in proc.stdout
@@ -236,5 +277,5 @@ def test_activation_caches_as_sources(tmp_path):
         results = json.load(f)
     assert results["activations"].startswith("caches")
     assert results["tokens"] == int(contexts.mask.sum())
-    assert by_name(results)["A.resid_post.0~B.resid_post.0"]["n_pairs"] > 0
+    assert by_name(results)["cross"]["n_pairs"] > 0
     assert "results:" in proc.stdout

@@ -7,10 +7,25 @@ activations of real (non-padding) tokens are kept in memory and saved in the ste
 rerun does not recompute them. SAEs come from ``--saes_a`` / ``--saes_b`` (any supported
 format, one sub-directory per hookpoint) or are trained on the fly (TopK).
 
-Reference points, for the first cell (A's first hookpoint vs B's first hookpoint):
-ceiling = a second SAE of A's first hookpoint (other seed and data order; trained here);
-floor = an SAE of a randomly initialised copy of model B (same architecture) at B's first
-hookpoint, compared with A.
+Reference points for EVERY cell (`experiments.pipeline.references`): a seed-vs-seed ceiling of
+each side at each hookpoint (a second SAE of the same recipe, or, for loaded SAEs, of the same
+architecture, width and sparsity trained here, or a second published seed given with
+``--saes_a_ceiling`` / ``--saes_b_ceiling``), and a floor per cell: A's SAE against an SAE of
+the same architecture and width as B's, trained on a randomly initialised copy of model B at
+B's hookpoint (``--floor_at=a``: of model A at A's hookpoint). Every SAE has its own seed and
+data order derived from its role (`experiments.pipeline.saes.role_seeds`), recorded in
+results.json ``saes``. ``--replicates=N`` trains N SAEs per side; ``--sweep=k=8,16,32`` runs
+every condition with its own null, ceiling and floor.
+
+The classic trio in one command (``--trio``): seed ceiling, adjacent layer and random-init
+floor at the same layer, for model A at its first hookpoint L::
+
+    python -m experiments.universality --workdir=runs/trio --preset=lm --trio \
+        --model_a=/models/pythia-70m --hookpoints_a=resid_post.3
+
+compares A.L with a second seed of A.L (ceiling), with A.(L+1) (L-1 at the last layer;
+the adjacent layer), and with a random-init copy of A at L (floor); the adjacent layer's SAE
+is loaded from ``--saes_a`` when given, else trained here like A.L's.
 
 Published setups (run when the weights are on disk: see WORKSPACE.md):
 
@@ -38,6 +53,7 @@ streaming = common.lazy_module("engine.streaming")
 compare = common.lazy_module("experiments.pipeline.compare")
 feature_pages = common.lazy_module("experiments.pipeline.feature_pages")
 features = common.lazy_module("experiments.pipeline.features")
+references = common.lazy_module("experiments.pipeline.references")
 saes_lib = common.lazy_module("experiments.pipeline.saes")
 
 flags.DEFINE_string("model_a", "tiny", "Model A: local transformers directory, or 'tiny' (a "
@@ -60,7 +76,18 @@ flags.DEFINE_integer("sae_expansion", 4, "On-the-fly SAEs: d_sae = expansion * d
 flags.DEFINE_integer("sae_k", 16, "On-the-fly SAEs: TopK k.")
 flags.DEFINE_integer("sae_steps", 1000, "On-the-fly SAEs: training steps.")
 flags.DEFINE_integer("sae_batch_size", 512, "On-the-fly SAEs: rows per step.")
-flags.DEFINE_bool("random_init_floor", True, "Compute the floor from a random-init copy of B.")
+flags.DEFINE_bool("random_init_floor", True, "Compute a floor per cell from a random-init "
+                  "copy of a model (see --floor_at).")
+flags.DEFINE_enum("floor_at", "b", ["a", "b"], "Floor of cell (A.ha, B.hb): A's SAE against "
+                  "an SAE of a random-init copy of B at hb ('b') or of A at ha ('a').")
+flags.DEFINE_string("saes_a_ceiling", None, "Second published seed of --saes_a (same layout): "
+                    "the ceiling of side A; default: an SAE of the same architecture, width and "
+                    "sparsity trained here.")
+flags.DEFINE_string("saes_b_ceiling", None, "Second published seed of --saes_b (see "
+                    "--saes_a_ceiling).")
+flags.DEFINE_bool("trio", False, "Classic trio at model A's first hookpoint L: seed ceiling, "
+                  "adjacent layer (L+1, or L-1 at the last layer) and random-init floor at L; "
+                  "sets model B = model A, --floor_at=a, --ceiling_sides=a.")
 flags.DEFINE_string("cache_a", None, "Activation cache of model A (experiments.harvest); with "
                     "--cache_b, activations are read from the caches instead of running the "
                     "models (the models are still used for token strings and the floor).")
@@ -77,20 +104,61 @@ SETUPS = {
 
 
 def _resolve(flags_) -> dict:
+    keys = ("model_a", "model_b", "saes_a", "saes_b", "hookpoints_a", "hookpoints_b")
     if flags_.lm_setup == "custom":
-        return {k: getattr(flags_, k) for k in ("model_a", "model_b", "saes_a", "saes_b",
-                                                 "hookpoints_a", "hookpoints_b")}
-    setup = dict(SETUPS[flags_.lm_setup])
-    missing = []
-    for key in ("model_a", "model_b", "saes_a", "saes_b"):
-        setup[key] = os.path.join(flags_.weights_dir, setup[key])
-        if not os.path.isdir(setup[key]):
-            missing.append(setup[key])
-    if missing:
-        raise compare.PipelineError(
-            f"--lm_setup={flags_.lm_setup}: weights absent: {', '.join(missing)}; download them "
-            f"into --weights_dir={flags_.weights_dir} (see WORKSPACE.md, 'Published setups')")
+        setup = {k: getattr(flags_, k) for k in keys}
+    else:
+        setup = dict(SETUPS[flags_.lm_setup])
+        missing = []
+        for key in ("model_a", "model_b", "saes_a", "saes_b"):
+            setup[key] = os.path.join(flags_.weights_dir, setup[key])
+            if not os.path.isdir(setup[key]):
+                missing.append(setup[key])
+        if missing:
+            raise compare.PipelineError(
+                f"--lm_setup={flags_.lm_setup}: weights absent: {', '.join(missing)}; download "
+                f"them into --weights_dir={flags_.weights_dir} (see WORKSPACE.md, 'Published "
+                "setups')")
+    setup["saes_a_ceiling"] = flags_.saes_a_ceiling
+    setup["saes_b_ceiling"] = flags_.saes_b_ceiling
+    for flag in ("saes_a", "saes_b", "saes_a_ceiling", "saes_b_ceiling"):
+        if setup[flag] and not os.path.exists(setup[flag]):
+            raise compare.PipelineError(f"--{flag}={setup[flag]}: no such file or directory")
+    if flags_.trio:
+        if flags_.cache_a or flags_.cache_b:
+            raise compare.PipelineError("--trio runs model A itself; drop --cache_a/--cache_b")
+        setup["model_b"] = setup["model_a"]
+        setup["saes_b"] = setup["saes_a"]
+        setup["saes_b_ceiling"] = None
+        setup["hookpoints_a"] = list(setup["hookpoints_a"])[:1]
+    for side in ("a", "b"):
+        if setup[f"saes_{side}_ceiling"] and not setup[f"saes_{side}"]:
+            raise compare.PipelineError(f"--saes_{side}_ceiling needs --saes_{side} (the "
+                                        "published SAEs it is a second seed of)")
+        if setup[f"saes_{side}"] and (flags_.replicates > 1 or flags_.sweep):
+            raise compare.PipelineError(f"--saes_{side}: loaded SAEs cannot be replicated or "
+                                        "swept; --replicates > 1 and --sweep need SAEs trained "
+                                        "here")
     return setup
+
+
+def ref_settings(flags_):
+    """`references.RefSettings` of the run (--trio forces the floor at A and A's ceiling)."""
+    from experiments.pipeline import runner
+    refs = runner.ref_settings(flags_)
+    if flags_.trio:
+        refs = dataclasses.replace(refs, floor_at="a", ceiling_sides=("a",))
+    return refs
+
+
+def _trio_hookpoints(lm_model, setup: dict) -> None:
+    """Sets B's hookpoint to the layer adjacent to A's first one (same kind)."""
+    from models import lm
+    hp = lm.parse_hookpoint(setup["hookpoints_a"][0], lm_model.n_layers)
+    if lm_model.n_layers < 2:
+        raise compare.PipelineError("--trio needs a model with at least 2 layers")
+    layer = hp.layer + 1 if hp.layer + 1 < lm_model.n_layers else hp.layer - 1
+    setup["hookpoints_b"] = [lm.Hookpoint(layer, hp.kind).name]
 
 
 def _load_models(run, setup: dict, seed: int):
@@ -106,7 +174,10 @@ def _load_models(run, setup: dict, seed: int):
             raise compare.PipelineError(f"{flag}={path}: no such local model directory (this "
                                         "pipeline never downloads weights at run time)")
     with lm.quiet_transformers():
-        return [lm.LanguageModel.load(p) for p in paths], paths
+        model_a = lm.LanguageModel.load(paths[0])
+        # The same directory on both sides (--trio, same-model grids) is loaded once.
+        model_b = model_a if paths[1] == paths[0] else lm.LanguageModel.load(paths[1])
+        return [model_a, model_b], paths
 
 
 def _unembedding(lm_model, path: str) -> np.ndarray | None:
@@ -160,13 +231,30 @@ def _read_caches(flags_, setup) -> tuple[dict, dict, list[str], list[str], objec
     return sides[0], sides[1], hps[0], hps[1], contexts
 
 
+def _load_side(root: str | None, hps: list[str], acts: dict, side: str) -> dict | None:
+    """hookpoint -> (path, SAE) of published SAEs under ``root`` (width-checked)."""
+    if not root:
+        return None
+    out = {}
+    for hp in hps:
+        sae = saes_lib.load_for_hookpoint(root, hp, len(hps))
+        features.check_widths(sae, acts[f"acts/{hp}"].shape[1],
+                              f"SAE of model {side.upper()} at {hp} ({root})")
+        out[hp] = (root, sae)
+    return out
+
+
 def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     from models import lm
     from models import sae_train
     from models import text as text_lib
 
     setup = _resolve(flags_)
+    refs = ref_settings(flags_)
+    conditions = references.parse_sweep(flags_.sweep)
     (lm_a, lm_b), paths = _load_models(run, setup, flags_.seed)
+    if flags_.trio:
+        _trio_hookpoints(lm_a, setup)
     text_lib.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
     if flags_.cache_a or flags_.cache_b:
         acts_a, acts_b, hps_a, hps_b, contexts = _read_caches(flags_, setup)
@@ -176,10 +264,15 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         docs = text_lib.read_documents(flags_.text)
         contexts = text_lib.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
                                           max_contexts=flags_.max_contexts)
-        acts_a = cache.get("lm_acts_a", lambda: _harvest(lm_a, contexts, hps_a,
-                                                         flags_.lm_batch_size))
-        acts_b = cache.get("lm_acts_b", lambda: _harvest(lm_b, contexts, hps_b,
-                                                         flags_.lm_batch_size))
+        if lm_b is lm_a:   # one forward pass for both sides' hookpoints
+            union = list(dict.fromkeys(hps_a + hps_b))
+            acts_a = acts_b = cache.get("lm_acts_a." + "+".join(union), lambda: _harvest(
+                lm_a, contexts, union, flags_.lm_batch_size))
+        else:
+            acts_a = cache.get("lm_acts_a." + "+".join(hps_a), lambda: _harvest(
+                lm_a, contexts, hps_a, flags_.lm_batch_size))
+            acts_b = cache.get("lm_acts_b." + "+".join(hps_b), lambda: _harvest(
+                lm_b, contexts, hps_b, flags_.lm_batch_size))
     if not np.array_equal(acts_a["token_ids"], acts_b["token_ids"]):
         raise compare.PipelineError("models A and B saw different tokens; the tokenizers or "
                                     "contexts disagree")
@@ -199,85 +292,79 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     segments = np.repeat(np.arange(len(contexts.mask)), np.asarray(contexts.mask).sum(1))
     if len(segments) != len(token_ids):
         segments = None    # rows are not the flattened contexts: show single tokens
+    # Promoted tokens per side; a random-init copy's unembedding says nothing: none shown.
+    unembed = {"a": _unembedding(lm_a, paths[0]), "b": _unembedding(lm_b, paths[1])}
     pages = feature_pages.PageSource(
-        token_text=token_text, segments=segments, unembed_a=_unembedding(lm_a, paths[0]),
-        unembed_b=_unembedding(lm_b, paths[1]),
+        token_text=token_text, segments=segments, unembed_a=unembed["a"],
+        unembed_b=unembed["b"],
         vocab=[str(t) for t in lm_a.tokenizer.convert_ids_to_tokens(list(range(n_vocab)))])
+
+    def pages_for(spec):
+        return dataclasses.replace(pages, unembed_a=unembed.get(spec.sae_a.role.side),
+                                   unembed_b=unembed.get(spec.sae_b.role.side))
+
     extra = {"context_text": context_text, "features_dir": run.path("features"),
-             "stage": getattr(run, "stage", None), "pages": pages}
+             "stage": getattr(run, "stage", None)}
 
-    def sae_config(d_model, seed):
-        return sae_train.TrainConfig(d_sae=flags_.sae_expansion * d_model, activation="topk",
-                                     k=min(flags_.sae_k, flags_.sae_expansion * d_model),
-                                     lr=1e-3, seed=seed)
+    def recipe(side, hp, d_in):
+        d_sae = flags_.sae_expansion * d_in
+        return sae_train.TrainConfig(d_sae=d_sae, activation="topk",
+                                     k=min(flags_.sae_k, d_sae), lr=1e-3)
 
-    def side_sae(side, hp, acts, seed=flags_.seed, root=None, tag=""):
-        if root:
-            sae = saes_lib.load_for_hookpoint(root, hp, 1 if tag else len(
-                hps_a if side == "a" else hps_b))
-        else:
-            sae = saes_lib.train_or_load(
-                acts, sae_config(acts.shape[1], seed), steps=flags_.sae_steps,
-                batch_size=flags_.sae_batch_size, data_seed=seed,
-                directory=run.path("saes", f"{side}{tag}", hp), mesh=run.mesh,
-                progress=flags_.progress, metadata={"model": paths[0 if side == "a" else 1],
-                                                    "hookpoint": hp})
-        features.check_widths(sae, acts.shape[1], f"SAE of model {side.upper()} at {hp}")
-        return sae
+    models = {"a": (lm_a, paths[0]), "b": (lm_b, paths[1])}
+    training = references.Training(
+        recipe=recipe, steps=flags_.sae_steps, batch_size=flags_.sae_batch_size,
+        root=run.path("saes"), mesh=run.mesh, user_seed=flags_.seed, progress=flags_.progress,
+        metadata=lambda side, hp: {"model": (f"random-init copy of {models[side[0]][1]}"
+                                             if "random" in side else models[side[0]][1]),
+                                   "hookpoint": hp})
+    side_a = references.SideSpec(
+        "a", {hp: acts_a[f"acts/{hp}"] for hp in hps_a},
+        loaded=_load_side(setup["saes_a"], hps_a, acts_a, "a"),
+        loaded_ceiling=_load_side(setup["saes_a_ceiling"], hps_a, acts_a, "a"),
+        description=paths[0])
+    side_b = references.SideSpec(
+        "b", {hp: acts_b[f"acts/{hp}"] for hp in hps_b},
+        loaded=_load_side(setup["saes_b"], hps_b, acts_b, "b"),
+        loaded_ceiling=_load_side(setup["saes_b_ceiling"], hps_b, acts_b, "b"),
+        description=paths[1])
+    floor_hps = {"a": hps_a, "b": hps_b}
 
-    saes_a = {hp: side_sae("a", hp, acts_a[f"acts/{hp}"], root=setup["saes_a"]) for hp in hps_a}
-    saes_b = {hp: side_sae("b", hp, acts_b[f"acts/{hp}"], root=setup["saes_b"]) for hp in hps_b}
+    def floor_acts(side, hp):
+        def harvest():
+            rnd = lm.random_init_copy(models[side][0], seed=flags_.seed + (
+                1000 if side == "b" else 2000))
+            return _harvest(rnd, contexts, floor_hps[side], flags_.lm_batch_size)
+        return cache.get(f"lm_acts_floor_{side}." + "+".join(floor_hps[side]),
+                         harvest)[f"acts/{hp}"]
 
-    def stream_factory(xa, xb):
-        rows = np.arange(xa.shape[0], dtype=np.int32)
-        return lambda: streaming.ChunkStream((rows, xa, xb), flags_.chunk_size, name="tokens")
-
-    comps = []
+    planner = references.Planner(refs, training, multi_cell=len(hps_a) * len(hps_b) > 1)
+    for cond in conditions:
+        for ha in hps_a:
+            for hb in hps_b:
+                planner.cell(side_a, ha, side_b, hb, cond,
+                             floor_acts=floor_acts if refs.floor else None)
+    specs = planner.specs()
+    comps = references.run_specs(specs, run, flags_, cfg, cache, token_text,
+                                 pages_for=pages_for, **extra)
     cells = {m: np.full((len(hps_a), len(hps_b)), np.nan) for m in cfg.metrics}
+    base = conditions[0].label
     for i, ha in enumerate(hps_a):
         for j, hb in enumerate(hps_b):
-            name = f"A.{ha}~B.{hb}"
-            comp = compare.run_comparison(
-                name, stream_factory(acts_a[f"acts/{ha}"], acts_b[f"acts/{hb}"]), saes_a[ha],
-                saes_b[hb], token_text, run.mesh, cfg, cache, ckpt_root=run.path("checkpoints"),
-                progress=flags_.progress,
-                labels={"kind": "cross" if (i, j) == (0, 0) else "grid", "hookpoint_a": ha,
-                        "hookpoint_b": hb, "label": f"A {ha} vs B {hb}"}, **extra)
-            for metric, r in comp.get("metrics", {}).items():
-                if r.get("informative", True):  # uninformative (too few pairs): shown "-"
-                    cells[metric][i, j] = r["excess"]
-            comps.append(comp)
-
-    # Reference points on the first cell.
-    ha, hb = hps_a[0], hps_b[0]
-    xa = acts_a[f"acts/{ha}"]
-    if not setup["saes_a"]:
-        ceiling_sae = side_sae("a", ha, xa, seed=flags_.seed + 1, tag="_ceiling")
-        comps.append(compare.run_comparison(
-            "ceiling", stream_factory(xa, xa), saes_a[ha], ceiling_sae, token_text, run.mesh,
-            cfg, cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
-            labels={"kind": "ceiling", "label": f"A {ha} vs A {ha}, other SAE seed"},
-            **{**extra, "pages": dataclasses.replace(pages, unembed_b=pages.unembed_a)}))
-    if flags_.random_init_floor:
-        def floor_acts():
-            rnd = lm.random_init_copy(lm_b, seed=flags_.seed + 1000)
-            return _harvest(rnd, contexts, [hb], flags_.lm_batch_size)
-        xr = cache.get("lm_acts_floor", floor_acts)[f"acts/{hb}"]
-        floor_sae = saes_lib.train_or_load(
-            xr, sae_config(xr.shape[1], flags_.seed), steps=flags_.sae_steps,
-            batch_size=flags_.sae_batch_size, data_seed=flags_.seed,
-            directory=run.path("saes", "floor", hb), mesh=run.mesh, progress=flags_.progress,
-            metadata={"model": f"random-init copy of {paths[1]}", "hookpoint": hb})
-        comps.append(compare.run_comparison(
-            "floor", stream_factory(xa, xr), saes_a[ha], floor_sae, token_text, run.mesh, cfg,
-            cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
-            labels={"kind": "floor", "label": f"A {ha} vs random-init B {hb}"},
-            **{**extra, "pages": dataclasses.replace(pages, unembed_b=None)}))
+            for metric in cfg.metrics:
+                vals = [c["metrics"][metric]["excess"] for c in comps
+                        if c.get("kind") == "cross" and c.get("hookpoint_a") == ha and
+                        c.get("hookpoint_b") == hb and c.get("condition", "") == base and
+                        metric in c.get("metrics", {}) and
+                        c["metrics"][metric].get("informative", True)]
+                if vals:
+                    cells[metric][i, j] = float(np.mean(vals))
     return {"preset": "lm", "models": {"a": paths[0], "b": paths[1]},
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
             "activations": ("caches " + f"{flags_.cache_a}, {flags_.cache_b}"
                             if flags_.cache_a else "forward passes in this run"),
-            "contexts": len(contexts), "text": flags_.text,
+            "contexts": len(contexts), "text": flags_.text, "trio": bool(flags_.trio),
+            "references": dataclasses.asdict(refs), "saes": planner.sae_records(),
             "grid": {"layers_a": hps_a, "layers_b": hps_b,
                      "cells": {m: v.tolist() for m, v in cells.items()}},
             "comparisons": comps}

@@ -195,3 +195,85 @@ def plot_layer_heatmaps(grid: dict, plots_dir: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_replicates(cell: dict, path: str) -> bool:
+    """Cross-model vs within-side (seed) distributions of one cell, one panel per metric.
+
+    ``cell`` is one entry of ``results["cells"]`` (`experiments.pipeline.references`). Drawn
+    only when the cross scores form a distribution (``--replicates`` >= 2).
+    """
+    metrics = {m: e for m, e in cell["metrics"].items()
+               if e["cross_distribution"]["n"] >= 2}
+    if not metrics:
+        return False
+    plt = _plt()
+    cols = min(3, len(metrics))
+    rows = int(np.ceil(len(metrics) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, (name, e) in zip(axes.flat, metrics.items()):
+        groups = [("cross", e["cross_distribution"]["values"], "C0"),
+                  ("within", (e.get("within_distribution") or {}).get("values", []), "C2")]
+        for x, (label, vals, color) in enumerate(groups):
+            if not vals:
+                continue
+            ax.scatter(x + rng.uniform(-0.12, 0.12, len(vals)), vals, s=14, color=color,
+                       alpha=0.8)
+            ax.errorbar(x + 0.25, np.mean(vals), yerr=np.std(vals), fmt="o", color="k",
+                        capsize=3)
+        if e.get("floor_excess") is not None:
+            ax.axhline(e["floor_excess"], color="C3", ls="--", lw=1, label="floor")
+        ax.axhline(0, color="0.5", lw=0.6)
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels(["cross", "within (seed)"])
+        p = (e.get("test_cross_below_within") or {}).get("mann_whitney_p")
+        ax.set_title(f"{name}" + (f": p(cross<within)={p:.3g}" if p is not None else ""),
+                     fontsize=9)
+        ax.set_ylabel("excess over null", fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"{cell['cell']} {cell.get('condition', '')}: replicates", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_sweep(cells: Sequence[dict], path: str) -> bool:
+    """Score vs sweep condition, one panel per metric: cross mean ± std with the condition's
+    own ceiling and floor (excess over each comparison's own null)."""
+    by_cell: dict = {}
+    for g in cells:
+        if g.get("condition"):
+            by_cell.setdefault(g["cell"], []).append(g)
+    if not by_cell:
+        return False
+    metrics = sorted({m for gs in by_cell.values() for g in gs for m in g["metrics"]})
+    plt = _plt()
+    cols = min(3, len(metrics))
+    rows = int(np.ceil(len(metrics) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for c, (cell, gs) in enumerate(by_cell.items()):
+            xs = [float(g["condition"].split("=", 1)[1]) for g in gs]
+            es = [g["metrics"].get(metric, {}) for g in gs]
+            get = lambda key: [np.nan if e.get(key) is None else e[key] for e in es]  # noqa
+            std = [e["cross_distribution"]["std"] if e else np.nan for e in es]
+            ax.errorbar(xs, get("cross_excess"), yerr=std, fmt="o-", color=f"C{c}",
+                        capsize=3, label=f"cross {cell}" if len(by_cell) > 1 else "cross")
+            ax.plot(xs, get("ceiling_excess"), "^--", color=f"C{c}", alpha=0.6,
+                    label="ceiling (seed)")
+            ax.plot(xs, get("floor_excess"), "v:", color=f"C{c}", alpha=0.6,
+                    label="floor (random init)")
+        ax.axhline(0, color="0.5", lw=0.6)
+        ax.set_xlabel(cells[0]["condition"].split("=", 1)[0] if cells else "")
+        ax.set_ylabel("excess over null", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

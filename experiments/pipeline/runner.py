@@ -11,7 +11,8 @@ import numpy as np
 from absl import logging
 
 from engine import checks
-from experiments.pipeline import compare, filters, html_report, report, toy_preset
+from experiments.pipeline import (compare, filters, html_report, references, report,
+                                  toy_preset)
 from experiments.pipeline.stepcache import StepCache
 from models import text as text_lib
 
@@ -31,28 +32,23 @@ def compare_config(flags_) -> compare.CompareConfig:
         top_n=flags_.top_n, min_pairs=flags_.min_pairs, seed=flags_.seed)
 
 
-def reference_points(by_kind: dict) -> dict:
-    """Each metric's cross score placed between floor and ceiling (raw and excess)."""
-    cross, floor, ceiling = by_kind.get("cross"), by_kind.get("floor"), by_kind.get("ceiling")
-    if not cross or not cross.get("metrics"):
-        return {}
-    out = {}
-    for metric, r in cross["metrics"].items():
-        entry = {"cross": r["score"], "cross_excess": r["excess"],
-                 "informative": r.get("informative", True)}
-        for name, comp in (("floor", floor), ("ceiling", ceiling)):
-            m = (comp or {}).get("metrics", {}).get(metric)
-            if m:
-                entry[name] = m["score"]
-                entry[f"{name}_excess"] = m["excess"]
-                entry["informative"] &= m.get("informative", True)
-        for key, suffix in (("fraction_floor_to_ceiling", ""),
-                            ("fraction_floor_to_ceiling_excess", "_excess")):
-            lo, hi = entry.get("floor" + suffix), entry.get("ceiling" + suffix)
-            if lo is not None and hi is not None and abs(hi - lo) > 1e-12:
-                entry[key] = (entry["cross" + suffix] - lo) / (hi - lo)
-        out[metric] = entry
-    return out
+def ref_settings(flags_) -> references.RefSettings:
+    """Replicates, ceilings and floor of the run (validated before any work)."""
+    return references.RefSettings(
+        replicates=flags_.replicates, replicate_data=flags_.replicate_data,
+        ceiling_sides=tuple(flags_.ceiling_sides),
+        floor=getattr(flags_, "random_init_floor", True),
+        floor_at=getattr(flags_, "floor_at", "b"), permutations=flags_.replicate_permutations,
+    ).validate()
+
+
+def reference_points(cells: list[dict]) -> dict:
+    """Each metric's cross score placed between floor and ceiling, for the first cell.
+
+    Every cell's own reference points are in ``results["cells"]`` (`references.summarise`);
+    this is the main cell's, kept at the top level of results.json for a quick look.
+    """
+    return cells[0]["metrics"] if cells else {}
 
 
 def _versions() -> dict:
@@ -69,26 +65,24 @@ def run_toy(run, flags_, cfg: compare.CompareConfig, cache: StepCache) -> dict:
         seed=flags_.seed, n_features=flags_.toy_n_features, d_a=flags_.toy_d, d_b=flags_.toy_d,
         n_tokens=flags_.toy_n_tokens, perturbation=flags_.toy_perturbation,
         d_sae=flags_.toy_n_features, steps=flags_.toy_steps)
-    _stage(run, "toy data and 5 SAEs (train or load)")
-    built = toy_preset.build(settings, run.workdir, run.mesh, progress=flags_.progress)
+    _stage(run, "toy data and SAEs (train or load)")
+    refs = ref_settings(flags_)
+    conditions = tuple(references.parse_sweep(flags_.sweep))
+    built = toy_preset.build(settings, run.workdir, run.mesh, progress=flags_.progress,
+                             refs=refs, conditions=conditions)
     vocab = built["pairs"]["cross"].vocab
     token_ids = built["pairs"]["cross"].token_ids
 
     def token_text(rows):
         return [vocab[int(token_ids[r])] for r in rows]
 
-    comps = []
-    for spec in toy_preset.comparisons(built):
-        comps.append(compare.run_comparison(
-            spec["name"], toy_preset.stream_factory(spec["acts_a"], spec["acts_b"],
-                                                     flags_.chunk_size),
-            spec["sae_a"], spec["sae_b"], token_text, run.mesh, cfg, cache,
-            ckpt_root=run.path("checkpoints"), truth=spec["truth"], progress=flags_.progress,
-            labels={"kind": spec["kind"], "label": spec["label"]},
-            features_dir=run.path("features"), stage=getattr(run, "stage", None)))
+    comps = references.run_specs(built["specs"], run, flags_, cfg, cache, token_text,
+                                 features_dir=run.path("features"),
+                                 stage=getattr(run, "stage", None))
     return {"preset": "toy", "toy": dataclasses.asdict(settings),
+            "references": dataclasses.asdict(refs),
             "data": {k: p.description for k, p in built["pairs"].items()},
-            "comparisons": comps}
+            "saes": built["saes"], "comparisons": comps}
 
 
 def _stage(run, label: str) -> None:
@@ -115,6 +109,8 @@ def expected_stages(flags_) -> int:
 
 def main(run, flags_) -> dict:
     cfg = compare_config(flags_)
+    ref_settings(flags_)                      # bad replicate / ceiling / sweep flags: fail now
+    references.parse_sweep(flags_.sweep)
     cache = StepCache(run.path("steps"))
     if hasattr(run, "stages_total"):
         run.stages_total = expected_stages(flags_)
@@ -126,8 +122,15 @@ def main(run, flags_) -> dict:
         results = lm_preset.run_lm(run, flags_, cfg, cache)
     _stage(run, "results.json, summary and plots")
     comps = results["comparisons"]
-    by_kind = {c.get("kind"): c for c in comps}
-    results["reference_points"] = reference_points(by_kind)
+    cells = references.summarise(comps, permutations=flags_.replicate_permutations,
+                                 seed=flags_.seed)
+    results["cells"] = cells
+    results["reference_points"] = reference_points(cells)
+    if flags_.sweep:
+        results["sweep"] = {"flag": flags_.sweep, "table": references.sweep_table(cells)}
+    by_kind = {}
+    for c in comps:
+        by_kind.setdefault(c.get("kind"), c)
     results["summary"] = [report.verdict(c) for c in comps]
     results["config"] = {"compare": dataclasses.asdict(cfg)}
     results["versions"] = _versions()
@@ -147,14 +150,9 @@ def main(run, flags_) -> dict:
             "'filters' counts, or the report's Features tab); lower --threshold or relax "
             "--filter_non_concept")
     print(report.summary_table(comps))
-    rp = results["reference_points"]
-    if rp:
-        print("reference points (excess over null: floor -> cross -> ceiling):")
-        for metric, e in rp.items():
-            frac = e.get("fraction_floor_to_ceiling_excess")
-            print(f"   {metric:<12} {e.get('floor_excess', float('nan')):7.3f} -> "
-                  f"{e['cross_excess']:7.3f} -> {e.get('ceiling_excess', float('nan')):7.3f}"
-                  + (f"   ({frac:.0%} of the way)" if frac is not None else ""))
+    if cells:
+        print("reference points per cell (excess over null: floor -> cross -> ceiling):")
+        print(references.format_table(cells))
     print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}\n"
           f"report:  {report_path}")
     return results
@@ -176,6 +174,12 @@ def _plots(run, results: dict) -> list[str]:
                  os.path.join(run.plots_dir, "reference_bars.png")))
     if "grid" in results:
         jobs.append((report.plot_layer_heatmaps, results["grid"], run.plots_dir))
+    for i, cell in enumerate(results.get("cells", [])):
+        jobs.append((report.plot_replicates, cell,
+                     os.path.join(run.plots_dir, f"replicates_{i}.png")))
+    if "sweep" in results:
+        jobs.append((report.plot_sweep, results["cells"],
+                     os.path.join(run.plots_dir, "sweep.png")))
     errors = []
     for fn, data, path in jobs:
         try:

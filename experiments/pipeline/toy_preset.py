@@ -1,15 +1,20 @@
 """The embedded default: toy model pairs with known ground truth, SAEs trained on the fly.
 
-Four comparisons, all on the same tokens and all against SAE A0 (trained on side A):
+Comparisons, all on the same tokens (`experiments.pipeline.references` plans them):
 
-* ``cross``: SAE of side B of the shared-geometry pair (`models.dictionary_pair`);
-* ``control``: SAE of a side that shares nothing with A (independent codes and dictionary);
-* ``ceiling``: a second SAE of side A with another seed AND another data order;
-* ``floor``: SAE of a "random-init model" of side B's architecture (the same codes through an
-  unrelated random dictionary).
+* ``cross``: SAEs of side A against SAEs of side B of the shared-geometry pair
+  (`models.dictionary_pair`); N x N with ``--replicates=N``;
+* ``control``: A's first SAE against the SAE of a side that shares nothing with A
+  (independent codes and dictionary);
+* ``ceiling_a`` / ``ceiling_b``: seed-vs-seed on the same side (other seed AND other data
+  order): a second SAE when N = 1, all pairs of replicates otherwise;
+* ``floor``: A's first SAE against the SAE of a "random-init model" of side B's architecture
+  (the same codes through an unrelated random dictionary), same recipe as B's SAE.
 
-SAEs are trained with `models.sae_train.train_saes` under ``workdir/saes/`` (checkpointed,
-resumable; a finished SAE is loaded, not retrained).
+Every SAE's seeds come from its role (`experiments.pipeline.saes.role_seeds`); SAEs are
+trained with `models.sae_train.train_saes` under ``workdir/saes/<role>`` (checkpointed,
+resumable; a finished SAE is loaded, not retrained). With ``--sweep`` every condition gets
+its own cross, ceilings and floor.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import numpy as np
 
 from engine import streaming
+from experiments.pipeline import references
 from experiments.pipeline import saes as saes_lib
 from models import dictionary_pair, sae_train
 
@@ -40,25 +46,28 @@ class ToySettings:
     lr: float = 3e-3
 
 
-@dataclasses.dataclass
-class ToySide:
-    name: str
-    acts: np.ndarray
+HOOKPOINT = "toy"
 
 
-def _train_one(acts: np.ndarray, settings: ToySettings, seed: int, data_seed: int,
-               directory: str, mesh, progress: bool, description: dict):
-    """Trains (or resumes / loads) one TopK SAE on ``acts``."""
-    cfg = sae_train.TrainConfig(d_sae=settings.d_sae, activation="topk", k=settings.k,
-                                lr=settings.lr, seed=seed)
-    return saes_lib.train_or_load(acts, cfg, steps=settings.steps,
-                                  batch_size=settings.batch_size, data_seed=data_seed,
-                                  directory=directory, mesh=mesh, progress=progress,
-                                  metadata=description)
+def recipe(settings: ToySettings) -> sae_train.TrainConfig:
+    """The TopK recipe of every toy SAE (the seed is set per role)."""
+    return sae_train.TrainConfig(d_sae=settings.d_sae, activation="topk", k=settings.k,
+                                 lr=settings.lr)
 
 
-def build(settings: ToySettings, workdir: str, mesh, progress: bool = False) -> dict:
-    """Generates the toy sides, trains their SAEs, returns everything the comparisons need."""
+def _truth(pair) -> dict:
+    recoverable = pair.true_match >= 0
+    return {"features_a": pair.features_a, "features_b": pair.features_b,
+            "true_match": pair.true_match, "recoverable": recoverable, "min_cos": 0.9}
+
+
+def build(settings: ToySettings, workdir: str, mesh, progress: bool = False,
+          refs: references.RefSettings = references.RefSettings(),
+          conditions: tuple = (references.Condition(),)) -> dict:
+    """Generates the toy sides, trains their SAEs, returns the comparisons to run.
+
+    Returns ``{"pairs": {...}, "specs": [references.Spec], "saes": [records]}``.
+    """
     s = settings
     common = dict(n_features=s.n_features, d_a=s.d_a, d_b=s.d_b, n_tokens=s.n_tokens,
                   k=s.k_true, perturbation=s.perturbation)
@@ -67,45 +76,38 @@ def build(settings: ToySettings, workdir: str, mesh, progress: bool = False) -> 
     floor = dictionary_pair.make_dictionary_pair(s.seed, random_init=True, **common)
     assert np.array_equal(control.acts_a, shared.acts_a) and np.array_equal(floor.acts_a,
                                                                             shared.acts_a)
-    root = os.path.join(workdir, "saes")
-    train = lambda acts, name, seed, data_seed, desc: _train_one(  # noqa: E731
-        acts, s, seed, data_seed, os.path.join(root, name), mesh, progress,
-        {"source": desc, "side": name})
-    saes = {
-        "a0": train(shared.acts_a, "a0", s.seed, s.seed, "toy side A"),
-        "a1": train(shared.acts_a, "a1", s.seed + 1, s.seed + 1, "toy side A (ceiling)"),
-        "b": train(shared.acts_b, "b", s.seed, s.seed, "toy side B (shared geometry)"),
-        "control": train(control.acts_b, "control", s.seed, s.seed, "toy control side"),
-        "floor": train(floor.acts_b, "floor", s.seed, s.seed, "toy random-init side"),
-    }
-    return {"pairs": {"cross": shared, "control": control, "floor": floor}, "saes": saes}
-
-
-def comparisons(built: dict) -> list[dict]:
-    """Specs of the four comparisons: name, kind, activations, SAEs, ground truth."""
-    shared = built["pairs"]["cross"]
-    saes = built["saes"]
-
-    def truth(pair):
-        recoverable = pair.true_match >= 0
-        return {"features_a": pair.features_a, "features_b": pair.features_b,
-                "true_match": pair.true_match, "recoverable": recoverable, "min_cos": 0.9}
-
-    return [
-        {"name": "cross", "kind": "cross", "acts_a": shared.acts_a, "acts_b": shared.acts_b,
-         "sae_a": saes["a0"], "sae_b": saes["b"], "truth": truth(shared),
-         "label": "A vs B (shared ground truth)"},
-        {"name": "control", "kind": "control", "acts_a": shared.acts_a,
-         "acts_b": built["pairs"]["control"].acts_b, "sae_a": saes["a0"],
-         "sae_b": saes["control"], "truth": truth(built["pairs"]["control"]),
-         "label": "A vs control (nothing shared)"},
-        {"name": "ceiling", "kind": "ceiling", "acts_a": shared.acts_a, "acts_b": shared.acts_a,
-         "sae_a": saes["a0"], "sae_b": saes["a1"], "truth": None,
-         "label": "A vs A, other SAE seed and data order"},
-        {"name": "floor", "kind": "floor", "acts_a": shared.acts_a,
-         "acts_b": built["pairs"]["floor"].acts_b, "sae_a": saes["a0"], "sae_b": saes["floor"],
-         "truth": None, "label": "A vs random-init model"},
-    ]
+    training = references.Training(
+        recipe=lambda side, hp, d_in: recipe(s), steps=s.steps, batch_size=s.batch_size,
+        root=os.path.join(workdir, "saes"), mesh=mesh, user_seed=s.seed, progress=progress,
+        metadata=lambda side, hp: {"source": f"toy side {side}"})
+    planner = references.Planner(refs, training, multi_cell=False)
+    side_a = references.SideSpec("a", {HOOKPOINT: shared.acts_a}, description="toy side A")
+    side_b = references.SideSpec("b", {HOOKPOINT: shared.acts_b},
+                                 description="toy side B (shared geometry)")
+    side_c = references.SideSpec("control", {HOOKPOINT: control.acts_b},
+                                 description="toy control side (nothing shared)")
+    for cond in conditions:
+        planner.cell(side_a, HOOKPOINT, side_b, HOOKPOINT, cond,
+                     floor_acts=lambda side, hp: floor.acts_b)
+    specs = planner.specs()
+    for spec in specs:
+        if spec.kind == "cross":
+            spec.truth = _truth(shared)
+            spec.label = spec.label.replace(f"A {HOOKPOINT} vs B {HOOKPOINT}",
+                                            "A vs B (shared ground truth)")
+        elif spec.kind == "floor":
+            spec.label = "A vs random-init model"
+    for cond in conditions:
+        a0 = planner.replicates(side_a, HOOKPOINT, cond)[0]
+        ctl = planner.single(side_c, HOOKPOINT, cond)
+        specs.append(references.Spec(
+            "control" + (f":{cond.label}" if cond.label else ""), "control",
+            f"control@{cond.label}", a0, ctl, shared.acts_a, control.acts_b,
+            "A vs control (nothing shared)", {"condition": cond.label},
+            truth=_truth(control)))
+    saes_lib.check_distinct_seeds(list(planner.saes.values()))
+    return {"pairs": {"cross": shared, "control": control, "floor": floor}, "specs": specs,
+            "saes": planner.sae_records()}
 
 
 def stream_factory(acts_a: np.ndarray, acts_b: np.ndarray, chunk_size: int):
