@@ -162,6 +162,33 @@ class ArraySource(RowSource):
         return {"kind": "arrays", **super().describe(), **self.metadata}
 
 
+class RowRange(RowSource):
+    """Rows ``[lo, hi)`` of a random-access source (e.g. held-out vs training rows)."""
+
+    def __init__(self, source: RowSource, lo: int, hi: int, *, repeat: bool = False):
+        n = source.num_rows
+        if not 0 <= lo < hi <= n:
+            raise checks.InputError(f"RowRange [{lo}, {hi}): expected 0 <= lo < hi <= {n}")
+        self.source, self.lo, self.hi = source, int(lo), int(hi)
+        self.hookpoints, self.widths = source.hookpoints, source.widths
+        self.block_rows = source.block_rows
+        self.repeat = repeat
+
+    @property
+    def num_rows(self) -> int:
+        return self.hi - self.lo
+
+    def read_rows_stored(self, lo: int, hi: int) -> Rows:
+        self._check_range(lo, hi)
+        return self.source.read_rows_stored(self.lo + lo, self.lo + hi)
+
+    def finish_rows(self, rows: Rows) -> Rows:
+        return self.source.finish_rows(rows)
+
+    def describe(self) -> dict:
+        return {"kind": "rows", "lo": self.lo, "hi": self.hi, "source": self.source.describe()}
+
+
 class ZipSource(RowSource):
     """Several random-access sources over the same tokens, zipped row by row.
 

@@ -61,6 +61,7 @@ TUNABLE = ("seed", "k", "l1_coeff", "l0_coeff", "aux_coeff", "lr")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 DECODE_MODES = ("auto", "sparse", "dense")
 SWEEP_AXES = ("auto", "vmap", "map")
+LR_DECAYS = ("linear", "cosine")
 _NEVER = np.iinfo(np.int32).max // 2  # saturation value of the tokens-since-fired counters
 SAELENS_DIR = "saelens"  # SAELens copy inside each saved SAE's directory
 _STEP_CACHE: dict = {}  # compiled steps by program shape (see SweepProgram.step_fn)
@@ -89,7 +90,8 @@ class TrainConfig:
       dead_tokens: a latent is dead after this many tokens without firing (Gao: 10M).
       lr: Adam learning rate.
       lr_warmup_steps: linear learning-rate warm-up.
-      lr_decay_frac: linear decay to 0 over this final fraction of the run.
+      lr_decay_frac: decay to 0 over this final fraction of the run.
+      lr_decay: shape of that decay, ``linear`` or ``cosine`` (`lr_schedule`).
       adam_b1, adam_b2, adam_eps: Adam (Gao et al.: eps 6.25e-10).
       grad_clip: clip each SAE's gradient global norm (0 = off).
       unit_norm_decoder: keep decoder rows unit-norm; None = all activations but relu.
@@ -119,6 +121,7 @@ class TrainConfig:
     lr: float = 1e-4
     lr_warmup_steps: int = 0
     lr_decay_frac: float = 0.0
+    lr_decay: str = "linear"
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 6.25e-10
@@ -167,6 +170,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (np.isfinite(value) and value > 0):
                 raise checks.InputError(f"TrainConfig.{name} must be > 0, got {value!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise checks.InputError(f"TrainConfig.lr_decay: unknown {self.lr_decay!r}; "
+                                    f"expected one of {LR_DECAYS}")
         if not 0 <= self.lr_decay_frac <= 1:
             raise checks.InputError(f"TrainConfig.lr_decay_frac must be in [0, 1], got "
                                     f"{self.lr_decay_frac}")
@@ -487,15 +493,7 @@ class SweepProgram:
     # -- the step ---------------------------------------------------------------------------
 
     def _lr_factor(self, step: jax.Array) -> jax.Array:
-        base = self.base
-        s = step.astype(jnp.float32)
-        factor = jnp.ones((), jnp.float32)
-        if base.lr_warmup_steps > 0:
-            factor = jnp.minimum(factor, (s + 1) / base.lr_warmup_steps)
-        if base.lr_decay_frac > 0:
-            decay_steps = max(1.0, base.lr_decay_frac * self.num_steps)
-            factor = jnp.minimum(factor, (self.num_steps - s) / decay_steps)
-        return factor
+        return lr_schedule(self.base, self.num_steps)(step)
 
     def step(self, state: train_lib.TrainState, batch, hyper: dict | None = None
              ) -> tuple[train_lib.TrainState, dict]:
@@ -620,6 +618,39 @@ class SweepProgram:
                                            p["W_dec"][i], p["b_dec"][i], threshold,
                                            name=f"trained SAE {cfg.label()}"))
         return out
+
+
+def lr_schedule(cfg: TrainConfig, num_steps: int) -> optax.Schedule:
+    """The learning-rate multiplier of step ``s`` (0-based) as an optax schedule.
+
+    ``min(warm-up, decay)``: the warm-up is ``optax.linear_schedule`` from ``1/w`` to 1 over
+    ``w = lr_warmup_steps`` steps (``(s + 1) / w``, so step 0 already moves); the decay spans the
+    final ``d = lr_decay_frac * num_steps`` steps, ``(num_steps - s) / d`` when linear
+    (reaching ``1/d`` at the last step) and ``optax.cosine_decay_schedule`` (Loshchilov &
+    Hutter 2017, arXiv 1608.03983) over the same steps when cosine. Taking the minimum keeps
+    both meaningful when they overlap in a short run.
+    """
+    w = int(cfg.lr_warmup_steps)
+    d = max(1.0, cfg.lr_decay_frac * num_steps) if cfg.lr_decay_frac > 0 else 0.0
+    warm = optax.linear_schedule(1.0 / w, 1.0, max(w - 1, 1)) if w > 1 else None
+    start = num_steps - d
+    if d and cfg.lr_decay == "cosine":
+        cos = optax.cosine_decay_schedule(1.0, max(int(round(d)), 1))
+        decay = lambda s: cos(jnp.maximum(s - start, 0.0))  # noqa: E731
+    elif d:
+        decay = lambda s: jnp.clip((num_steps - s) / d, None, 1.0)  # noqa: E731
+    else:
+        decay = None
+
+    def factor(step):
+        s = jnp.asarray(step).astype(jnp.float32)
+        out = jnp.ones((), jnp.float32)
+        if warm is not None:
+            out = jnp.minimum(out, warm(s))
+        if decay is not None:
+            out = jnp.minimum(out, decay(s))
+        return out
+    return factor
 
 
 def _batch_topk_masked(acts: jax.Array, k_max: int, k: jax.Array) -> jax.Array:

@@ -214,3 +214,50 @@ def test_epochs_and_short_run_warning(cache, mesh1, caplog):
         st.train_saes(source, CFG, steps=3, epochs=1.0, batch_size=32, mesh=mesh1)
     with pytest.raises(InputError, match="column"):
         st.train_saes(source, CFG, steps=3, batch_size=32, mesh=mesh1, column=2)
+
+
+@pytest.mark.parametrize("warm,frac,shape", [(0, 0.0, "linear"), (5, 0.0, "linear"),
+                                             (0, 0.3, "linear"), (4, 0.5, "linear"),
+                                             (3, 0.4, "cosine"), (60, 0.5, "linear")])
+def test_lr_schedule_closed_form(warm, frac, shape):
+    n = 50
+    cfg = st.TrainConfig(d_sae=8, lr_warmup_steps=warm, lr_decay_frac=frac, lr_decay=shape)
+    sched = st.lr_schedule(cfg, n)
+    s = np.arange(n, dtype=np.float64)
+    ref = np.ones(n)
+    if warm:
+        ref = np.minimum(ref, (s + 1) / warm)
+    if frac:
+        d = max(1.0, frac * n)
+        if shape == "linear":
+            ref = np.minimum(ref, (n - s) / d)
+        else:
+            t = np.clip(s - (n - d), 0, d) / round(d)
+            ref = np.minimum(ref, 0.5 * (1 + np.cos(np.pi * t)))
+    got = np.asarray([float(sched(i)) for i in range(n)])
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    with pytest.raises(InputError, match="lr_decay"):
+        st.TrainConfig(d_sae=8, k=2, lr_decay="step").validate()
+
+
+@pytest.mark.slow
+def test_train_sae_experiment_from_cache_records_the_data(cache, tmp_path, mesh1):
+    import json
+
+    from experiments import common
+    from experiments import train_sae
+    opts = {name: train_sae.FLAGS[name].default for name in train_sae.FLAGS}
+    opts.update(progress=False, source="cache", cache_path=cache.path, d_sae=["32"],
+                k=["4"], epochs=1.5, batch_size=32, shuffle_buffer=128, shuffle_block=16,
+                eval_frac=0.2, eval_rows=100, exclude_special=True, log_every=5,
+                lr_warmup_steps=2)
+    run = common.Run(workdir=str(tmp_path), mesh=mesh1)
+    res = train_sae.run_train_sae(run, opts)
+    data = json.load(open(tmp_path / "data.json"))
+    n = cache.source(HOOK, exclude_special=True).num_rows
+    assert data["exclude_special"] is True and data["eval_rows"] == 100
+    assert data["train_rows"] == n - 100 and data["hookpoint"] == HOOK
+    assert res["n_eval_rows"] == 100 and res["saes"][0]["fvu"] < 1.0
+    meta = json.loads(res and open(tmp_path / "saes" / res["saes"][0]["label"] /
+                                   "sae_config.json").read())
+    assert meta  # saved natively
