@@ -145,3 +145,25 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None 
                      jax.process_index(), jax.process_count(), jax.local_device_count(),
                      jax.device_count())
     return True
+
+
+def machine_memory_bytes(mesh: Mesh | None = None) -> int:
+    """Memory of the machine the arrays live on: the smallest device's ``bytes_limit`` on
+    accelerators, physical RAM (``/proc/meminfo``-equivalent ``sysconf``) on CPU."""
+    devices = list(np.asarray(mesh.devices).flat) if mesh is not None else jax.devices()
+    if devices and devices[0].platform != "cpu":
+        limits = []
+        for d in devices:
+            stats = d.memory_stats() or {}
+            if "bytes_limit" in stats:
+                limits.append(int(stats["bytes_limit"]))
+        if limits:
+            return min(limits)
+    import os
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def default_memory_budget(mesh: Mesh | None = None, fraction: float = 0.5) -> int:
+    """Bytes a big pass may use by default: ``fraction`` of `machine_memory_bytes` (half
+    leaves room for the process, the page cache of the data and other jobs)."""
+    return int(fraction * machine_memory_bytes(mesh))

@@ -48,8 +48,25 @@ from experiments import common
 FLAGS = flags.FLAGS
 common.define_common_flags()
 flags.adopt_module_key_flags(common)   # --help lists the common flags too
-flags.DEFINE_enum("source", "synthetic", ["synthetic", "npy"], "Training data.")
+flags.DEFINE_enum("source", "synthetic", ["synthetic", "npy", "cache", "lm"],
+                  "Training data: synthetic, an in-memory .npy, an activation cache "
+                  "(experiments.harvest; streamed, never loaded) or a live model (streamed).")
 flags.DEFINE_string("npy_path", None, "2-D float .npy array [rows, d_in] (--source=npy).")
+flags.DEFINE_string("cache_path", None, "Activation cache directory (--source=cache).")
+flags.DEFINE_string("hookpoint", None, "Hookpoint to train on (--source=cache: default the "
+                    "cache's first; --source=lm: required, e.g. resid_post.3).")
+flags.DEFINE_string("model_path", None, "Local transformers model directory (--source=lm).")
+flags.DEFINE_list("text", ["sample"], "Text for --source=lm (models/text.py sources).")
+flags.DEFINE_integer("context_length", 128, "Tokens per context (--source=lm).")
+flags.DEFINE_integer("max_contexts", 1024, "Contexts read from --text (--source=lm).")
+flags.DEFINE_integer("lm_batch_size", 8, "Contexts per forward pass (--source=lm).")
+flags.DEFINE_bool("exclude_special", False, "Leave special tokens (BOS/EOS/PAD/CLS/SEP) out "
+                  "of training (--source=cache|lm).")
+flags.DEFINE_float("epochs", 0.0, "Passes over the data (overrides --steps when > 0; "
+                   "npy/cache/lm). A run covering less than one epoch logs a warning.")
+flags.DEFINE_integer("shuffle_buffer", 1 << 16, "Rows held in the shuffle buffer when "
+                     "streaming (--source=cache|lm).")
+flags.DEFINE_integer("shuffle_block", 1024, "Consecutive rows read together by the shuffle.")
 flags.DEFINE_float("eval_frac", 0.1, "Fraction of .npy rows held out for evaluation.")
 flags.DEFINE_integer("n_true", 512, "Synthetic: number of ground-truth features.")
 flags.DEFINE_integer("d", 128, "Synthetic: ambient dimension.")
@@ -69,7 +86,9 @@ flags.DEFINE_integer("data_seed", 0, "Data order / synthetic sample stream.")
 flags.DEFINE_integer("steps", 1000, "Optimisation steps per program.")
 flags.DEFINE_integer("batch_size", 1024, "Rows per step.")
 flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
-flags.DEFINE_float("lr_decay_frac", 0.3, "Linear learning-rate decay over this final fraction.")
+flags.DEFINE_float("lr_decay_frac", 0.3, "Learning-rate decay to 0 over this final fraction.")
+flags.DEFINE_integer("lr_warmup_steps", 0, "Linear learning-rate warm-up steps.")
+flags.DEFINE_enum("lr_decay", "linear", ["linear", "cosine"], "Shape of the decay.")
 flags.DEFINE_integer("dead_tokens", 1_000_000, "Tokens without firing before a latent is dead.")
 flags.DEFINE_integer("k_aux", -1, "AuxK latents (-1: d_in // 2; 0: off).")
 flags.DEFINE_enum("decode", "auto", ["auto", "sparse", "dense"], "TopK decoder path.")
@@ -271,6 +290,57 @@ def knob_label(cfg) -> str:
     return f"jumprelu l0={cfg.l0_coeff:g}"
 
 
+def _streamed_source(o: dict):
+    """``(source, eval rows, d_in, provenance)`` for --source=cache | lm.
+
+    The first ``eval_rows`` rows (at most ``eval_frac`` of the data) are held out for
+    evaluation and read into memory; the rest is streamed to the trainer through its bounded
+    shuffle buffer (models/sae_train.py `source_stream`).
+    """
+    import numpy as np
+
+    from models import activation_source as asrc
+    if o["source"] == "cache":
+        from models import activation_cache
+        if not o.get("cache_path"):
+            raise SystemExit("--cache_path is required with --source=cache")
+        cache = activation_cache.ActivationCache(o["cache_path"])
+        hp = o.get("hookpoint") or cache.hookpoints[0]
+        full = cache.source(hp, exclude_special=o.get("exclude_special", False))
+        n = full.num_rows
+        n_eval = min(o["eval_rows"], int(o["eval_frac"] * n))
+        eval_x = full.read_rows(0, max(n_eval, 1))[1] if n_eval else full.read_rows(
+            0, min(n, 4096))[1]
+        train = asrc.RowRange(full, n_eval, n) if n_eval else full
+        meta = {"kind": "cache", "path": os.path.abspath(o["cache_path"]), "hookpoint": hp,
+                "model": cache.model, "text": cache.metadata.get("text"),
+                "exclude_special": bool(o.get("exclude_special", False)),
+                "special_ids": cache.metadata.get("special_ids"),
+                "train_rows": train.num_rows, "eval_rows": int(n_eval)}
+        return train, np.asarray(eval_x, np.float32), full.widths[0], meta
+    from models import lm as lm_lib
+    from models import text as text_lib
+    if not (o.get("model_path") and o.get("hookpoint")):
+        raise SystemExit("--model_path and --hookpoint are required with --source=lm")
+    with lm_lib.quiet_transformers():
+        model = lm_lib.LanguageModel.load(o["model_path"])
+    docs = text_lib.read_documents(o["text"])
+    contexts = text_lib.make_contexts(docs, model.tokenizer, o["context_length"],
+                                      max_contexts=o["max_contexts"], pad_tail=True)
+    n_ctx = len(contexts)
+    n_eval_ctx = max(1, min(n_ctx // 10, -(-o["eval_rows"] // o["context_length"])))
+    kw = dict(batch_size=o["lm_batch_size"], exclude_special=o.get("exclude_special", False))
+    held = asrc.LMSource(model, contexts[:n_eval_ctx], o["hookpoint"], **kw)
+    train = asrc.LMSource(model, contexts[n_eval_ctx:], o["hookpoint"], **kw)
+    eval_x = np.concatenate([b[1] for b in held.open_at(0)]).astype(np.float32)
+    meta = {"kind": "lm", "model": model.describe(), "hookpoint": train.hookpoints[0],
+            "text": text_lib.describe_source(o["text"]), "contexts": n_ctx,
+            "context_length": o["context_length"], "eval_contexts": n_eval_ctx,
+            "exclude_special": bool(o.get("exclude_special", False)),
+            "train_rows": train.num_rows, "eval_rows": int(eval_x.shape[0])}
+    return train, eval_x, train.widths[0], meta
+
+
 def run_train_sae(run: common.Run, opts: dict) -> dict:
     """The experiment's logic (importable for tests); returns the results dict."""
     import jax
@@ -293,6 +363,9 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         eval_key = jax.random.fold_in(jax.random.PRNGKey(o["data_seed"]), 2**30)
         eval_x = np.asarray(synthetic.dictionary_data(eval_key, dictionary, o["eval_rows"])[0])
         d_in, unit = o["d"], o["n_true"]
+    elif o["source"] in ("cache", "lm"):
+        acts, eval_x, d_in, source_meta = _streamed_source(o)
+        unit = d_in
     else:
         if not o.get("npy_path"):
             raise common.ConfigError("--npy_path is required with --source=npy")
@@ -309,6 +382,8 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
     if not widths:   # neither --d_sae nor --d_sae_mult: one width, 1 x the unit
         widths = [unit]
     base = dict(lr=o["lr"], lr_decay_frac=o["lr_decay_frac"], dead_tokens=o["dead_tokens"],
+                lr_warmup_steps=o.get("lr_warmup_steps", 0),
+                lr_decay=o.get("lr_decay", "linear"),
                 k_aux=None if o["k_aux"] < 0 else o["k_aux"], decode=o["decode"],
                 b_dec_init=o["b_dec_init"])
     configs = build_configs(activations=o["activation"], widths=widths, ks=_ints(o["k"]),
@@ -318,7 +393,16 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
                  len(sae_train.group_configs(configs)))
     meta = {"source": o["source"], "data": o.get("npy_path") or
             f"sharkey n_true={o['n_true']} d={o['d']} k={o['k_true']}"}
-    saes = sae_train.train_saes(acts, configs, steps=o["steps"], batch_size=o["batch_size"],
+    epochs = o.get("epochs") or 0.0
+    if o["source"] in ("cache", "lm"):
+        meta["data"] = json.dumps(source_meta, sort_keys=True)
+        # What was actually used, next to the flags in config.json.
+        metrics_io.write_json(run.path("data.json"), source_meta)
+    saes = sae_train.train_saes(acts, configs, steps=None if epochs > 0 else o["steps"],
+                                epochs=epochs if epochs > 0 else None,
+                                shuffle_buffer=o.get("shuffle_buffer", 1 << 16),
+                                shuffle_block=o.get("shuffle_block", 1024),
+                                batch_size=o["batch_size"],
                                 mesh=run.mesh, workdir=run.workdir, data_seed=o["data_seed"],
                                 log_every=o["log_every"],
                                 checkpoint_every=o["checkpoint_every"],
@@ -410,6 +494,17 @@ RULES = (
     common.Check(("npy_path",), lambda v: v["source"] != "npy" or bool(v["npy_path"]),
                  "--npy_path is required with --source=npy"),
     common.Path(("npy_path",), kind="file"),
+    common.Check(("cache_path",), lambda v: v["source"] != "cache" or bool(v["cache_path"]),
+                 "--cache_path is required with --source=cache"),
+    common.Check(("model_path", "hookpoint"), lambda v: v["source"] != "lm" or bool(
+        v["model_path"] and v["hookpoint"]),
+                 "--model_path and --hookpoint are required with --source=lm"),
+    common.Path(("cache_path", "model_path"), kind="dir"),
+    common.Path(("text",), kind="any", special=("sample",)),
+    common.Num(("epochs",), lo=0.0),
+    common.Num(("context_length", "max_contexts", "lm_batch_size", "shuffle_buffer",
+                "shuffle_block"), lo=1, integer=True),
+    common.Num(("lr_warmup_steps",), lo=0, integer=True),
     common.Num(("eval_frac",), lo=0.0, hi=1.0, hi_open=True),
     common.Num(("n_true", "d", "n_blocks", "steps", "batch_size", "dead_tokens", "eval_rows",
                 "log_every", "checkpoint_every", "d_sae", "k"), lo=1, integer=True),
@@ -443,5 +538,11 @@ def body(run, flags_):
 
 if __name__ == "__main__":
     common.entry("train_sae", body, RULES, data=lambda f: {
-        "npy_path": f.npy_path if f.source == "npy" else None},
+        "npy_path": f.npy_path if f.source == "npy" else None,
+        # A cache's identity is its metadata (model, hookpoints, text hash, shards written).
+        "cache": (os.path.join(f.cache_path, "metadata.json") if f.source == "cache" and
+                  f.cache_path else None),
+        "model_path": f.model_path if f.source == "lm" else None,
+        **{f"text_{i}": t for i, t in enumerate(f.text)
+           if f.source == "lm" and t != "sample"}},
         config=lambda f: {"widths_used": widths_of(common.flag_values(f))})

@@ -162,6 +162,33 @@ class ArraySource(RowSource):
         return {"kind": "arrays", **super().describe(), **self.metadata}
 
 
+class RowRange(RowSource):
+    """Rows ``[lo, hi)`` of a random-access source (e.g. held-out vs training rows)."""
+
+    def __init__(self, source: RowSource, lo: int, hi: int, *, repeat: bool = False):
+        n = source.num_rows
+        if not 0 <= lo < hi <= n:
+            raise checks.InputError(f"RowRange [{lo}, {hi}): expected 0 <= lo < hi <= {n}")
+        self.source, self.lo, self.hi = source, int(lo), int(hi)
+        self.hookpoints, self.widths = source.hookpoints, source.widths
+        self.block_rows = source.block_rows
+        self.repeat = repeat
+
+    @property
+    def num_rows(self) -> int:
+        return self.hi - self.lo
+
+    def read_rows_stored(self, lo: int, hi: int) -> Rows:
+        self._check_range(lo, hi)
+        return self.source.read_rows_stored(self.lo + lo, self.lo + hi)
+
+    def finish_rows(self, rows: Rows) -> Rows:
+        return self.source.finish_rows(rows)
+
+    def describe(self) -> dict:
+        return {"kind": "rows", "lo": self.lo, "hi": self.hi, "source": self.source.describe()}
+
+
 class ZipSource(RowSource):
     """Several random-access sources over the same tokens, zipped row by row.
 
@@ -337,3 +364,90 @@ class LMSource:
                 rows = tuple(r[skip:] for r in rows)
                 skip = 0
             yield rows
+
+
+class WindowShuffledSource:
+    """Deterministic, resumable, bounded-memory shuffle of a SEQUENTIAL source (live models).
+
+    A source without random access (`LMSource`: a forward pass, context after context) cannot
+    be block-shuffled like `ShuffledSource`; here each run of ``buffer_rows`` consecutive rows
+    (a window) is read, permuted with a generator seeded by ``(seed, epoch, window)`` and
+    emitted. Mixing is therefore local (within a window), memory is one window, and
+    ``open_at(start_row)`` re-opens the inner source at the start of the window holding
+    ``start_row`` (its rows are a pure function of the seed), so a resumed run sees exactly
+    the same rows.
+
+    Args:
+      source: anything with ``open_at(start_row)``, ``num_rows`` (not None), ``hookpoints``,
+        ``widths``.
+      seed: shuffle seed.
+      buffer_rows: rows per window (held in memory at once).
+      block_rows: rows per yielded block.
+      repeat: go on over epochs (training); ``num_rows`` is then None.
+    """
+
+    def __init__(self, source, seed: int = 0, *, buffer_rows: int = 1 << 16,
+                 block_rows: int = 1024, repeat: bool = False):
+        if getattr(source, "num_rows", None) is None:
+            raise checks.InputError("WindowShuffledSource: the source must know its num_rows "
+                                    "(an epoch)")
+        self.source = source
+        self.seed = int(seed)
+        self.buffer_rows = checks.check_positive_int("buffer_rows", buffer_rows)
+        self.block_rows = checks.check_positive_int("block_rows", block_rows)
+        self.repeat = repeat
+        self.hookpoints = source.hookpoints
+        self.widths = source.widths
+
+    @property
+    def num_rows(self) -> int | None:
+        return None if self.repeat else int(self.source.num_rows)
+
+    def describe(self) -> dict:
+        return {"kind": "window_shuffled", "seed": self.seed, "buffer_rows": self.buffer_rows,
+                "repeat": self.repeat, "source": self.source.describe()}
+
+    def _window(self, epoch: int, w: int) -> Rows:
+        n = int(self.source.num_rows)
+        lo = w * self.buffer_rows
+        want = min(self.buffer_rows, n - lo)
+        parts, have = [], 0
+        for block in self.source.open_at(lo):
+            block = tuple(np.asarray(a) for a in block)
+            parts.append(tuple(a[:want - have] for a in block))
+            have += parts[-1][0].shape[0]
+            if have >= want:
+                break
+        rows = tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
+        order = np.random.default_rng([self.seed, epoch, w]).permutation(rows[0].shape[0])
+        return tuple(r[order] for r in rows)
+
+    def open_at(self, start_row: int) -> Iterator[Rows]:
+        n = int(self.source.num_rows)
+        start = checks.check_positive_int("start_row", start_row, minimum=0)
+        epoch, r = divmod(start, n)
+        if epoch and not self.repeat:
+            return
+        n_windows = -(-n // self.buffer_rows)
+        while True:
+            w0 = r // self.buffer_rows
+            for w in range(w0, n_windows):
+                rows = self._window(epoch, w)
+                skip = r - w0 * self.buffer_rows if w == w0 else 0
+                for lo in range(skip, rows[0].shape[0], self.block_rows):
+                    yield tuple(x[lo:lo + self.block_rows] for x in rows)
+            if not self.repeat:
+                return
+            epoch, r = epoch + 1, 0
+
+
+def shuffled(source, seed: int, *, buffer_rows: int = 1 << 16, block_rows: int = 1024,
+             repeat: bool = False):
+    """The bounded-buffer shuffle that fits ``source``: `ShuffledSource` (block permutation
+    across the whole epoch) for random-access `RowSource`s, `WindowShuffledSource` (windows of
+    consecutive rows) for sequential ones such as `LMSource`."""
+    if isinstance(source, RowSource):
+        return ShuffledSource(source, seed, buffer_rows=buffer_rows, block_rows=block_rows,
+                              repeat=repeat)
+    return WindowShuffledSource(source, seed, buffer_rows=buffer_rows, block_rows=block_rows,
+                                repeat=repeat)

@@ -38,6 +38,7 @@ per-SAE mask.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -60,6 +61,7 @@ TUNABLE = ("seed", "k", "l1_coeff", "l0_coeff", "aux_coeff", "lr")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 DECODE_MODES = ("auto", "sparse", "dense")
 SWEEP_AXES = ("auto", "vmap", "map")
+LR_DECAYS = ("linear", "cosine")
 _NEVER = np.iinfo(np.int32).max // 2  # saturation value of the tokens-since-fired counters
 SAELENS_DIR = "saelens"  # SAELens copy inside each saved SAE's directory
 _STEP_CACHE: dict = {}  # compiled steps by program shape (see SweepProgram.step_fn)
@@ -88,7 +90,8 @@ class TrainConfig:
       dead_tokens: a latent is dead after this many tokens without firing (Gao: 10M).
       lr: Adam learning rate.
       lr_warmup_steps: linear learning-rate warm-up.
-      lr_decay_frac: linear decay to 0 over this final fraction of the run.
+      lr_decay_frac: decay to 0 over this final fraction of the run.
+      lr_decay: shape of that decay, ``linear`` or ``cosine`` (`lr_schedule`).
       adam_b1, adam_b2, adam_eps: Adam (Gao et al.: eps 6.25e-10).
       grad_clip: clip each SAE's gradient global norm (0 = off).
       unit_norm_decoder: keep decoder rows unit-norm; None = all activations but relu.
@@ -118,6 +121,7 @@ class TrainConfig:
     lr: float = 1e-4
     lr_warmup_steps: int = 0
     lr_decay_frac: float = 0.0
+    lr_decay: str = "linear"
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 6.25e-10
@@ -166,6 +170,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (np.isfinite(value) and value > 0):
                 raise checks.InputError(f"TrainConfig.{name} must be > 0, got {value!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise checks.InputError(f"TrainConfig.lr_decay: unknown {self.lr_decay!r}; "
+                                    f"expected one of {LR_DECAYS}")
         if not 0 <= self.lr_decay_frac <= 1:
             raise checks.InputError(f"TrainConfig.lr_decay_frac must be in [0, 1], got "
                                     f"{self.lr_decay_frac}")
@@ -486,15 +493,7 @@ class SweepProgram:
     # -- the step ---------------------------------------------------------------------------
 
     def _lr_factor(self, step: jax.Array) -> jax.Array:
-        base = self.base
-        s = step.astype(jnp.float32)
-        factor = jnp.ones((), jnp.float32)
-        if base.lr_warmup_steps > 0:
-            factor = jnp.minimum(factor, (s + 1) / base.lr_warmup_steps)
-        if base.lr_decay_frac > 0:
-            decay_steps = max(1.0, base.lr_decay_frac * self.num_steps)
-            factor = jnp.minimum(factor, (self.num_steps - s) / decay_steps)
-        return factor
+        return lr_schedule(self.base, self.num_steps)(step)
 
     def step(self, state: train_lib.TrainState, batch, hyper: dict | None = None
              ) -> tuple[train_lib.TrainState, dict]:
@@ -621,6 +620,39 @@ class SweepProgram:
         return out
 
 
+def lr_schedule(cfg: TrainConfig, num_steps: int) -> optax.Schedule:
+    """The learning-rate multiplier of step ``s`` (0-based) as an optax schedule.
+
+    ``min(warm-up, decay)``: the warm-up is ``optax.linear_schedule`` from ``1/w`` to 1 over
+    ``w = lr_warmup_steps`` steps (``(s + 1) / w``, so step 0 already moves); the decay spans the
+    final ``d = lr_decay_frac * num_steps`` steps, ``(num_steps - s) / d`` when linear
+    (reaching ``1/d`` at the last step) and ``optax.cosine_decay_schedule`` (Loshchilov &
+    Hutter 2017, arXiv 1608.03983) over the same steps when cosine. Taking the minimum keeps
+    both meaningful when they overlap in a short run.
+    """
+    w = int(cfg.lr_warmup_steps)
+    d = max(1.0, cfg.lr_decay_frac * num_steps) if cfg.lr_decay_frac > 0 else 0.0
+    warm = optax.linear_schedule(1.0 / w, 1.0, max(w - 1, 1)) if w > 1 else None
+    start = num_steps - d
+    if d and cfg.lr_decay == "cosine":
+        cos = optax.cosine_decay_schedule(1.0, max(int(round(d)), 1))
+        decay = lambda s: cos(jnp.maximum(s - start, 0.0))  # noqa: E731
+    elif d:
+        decay = lambda s: jnp.clip((num_steps - s) / d, None, 1.0)  # noqa: E731
+    else:
+        decay = None
+
+    def factor(step):
+        s = jnp.asarray(step).astype(jnp.float32)
+        out = jnp.ones((), jnp.float32)
+        if warm is not None:
+            out = jnp.minimum(out, warm(s))
+        if decay is not None:
+            out = jnp.minimum(out, decay(s))
+        return out
+    return factor
+
+
 def _batch_topk_masked(acts: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
     """BatchTopK with a traced k: the top ``k * rows`` entries of the batch (``k <= k_max``)."""
     rows = acts.shape[0]
@@ -671,19 +703,89 @@ def _check_acts(acts) -> np.ndarray:
     return arr
 
 
-def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int,
+def is_source(acts) -> bool:
+    """True for an activation source (`models.activation_source`: has ``open_at``)."""
+    return hasattr(acts, "open_at") and not isinstance(acts, np.ndarray)
+
+
+def rows_per_epoch(acts) -> int | None:
+    """Rows of one epoch of ``acts`` (array or source), None for a ``batch_fn``."""
+    if is_source(acts):
+        n = getattr(acts, "num_rows", None)
+        return None if n is None else int(n)
+    if callable(acts):
+        return None
+    return int(np.shape(acts)[0])
+
+
+def steps_for_epochs(epochs: float, num_rows: int, batch_size: int) -> int:
+    """Optimisation steps that cover ``epochs`` passes over ``num_rows`` rows (rounded up)."""
+    if not (np.isfinite(epochs) and epochs > 0):
+        raise checks.InputError(f"epochs must be > 0, got {epochs!r}")
+    return max(1, int(np.ceil(float(epochs) * num_rows / batch_size)))
+
+
+def source_stream(source, batch_size: int, *, column: int = 1, shuffle_seed: int | None = 0,
+                  buffer_rows: int = 1 << 16, block_rows: int = 1024,
+                  name: str = "train_saes source") -> streaming.ChunkStream:
+    """A repeating, resumable `ChunkStream` of ``[batch_size, d_in]`` training batches.
+
+    ``source`` is an activation source (rows ``(token_ids, acts_1, ...)``; ``column`` picks the
+    activations, 1 = the first hookpoint). Rows are shuffled within a bounded buffer of
+    ``buffer_rows`` rows (`models.activation_source.shuffled`: block permutation for caches
+    and arrays, windows of consecutive rows for live models) with a new permutation each
+    epoch; ``shuffle_seed=None`` keeps the source's order. The cache is never loaded into
+    memory: at most one buffer of rows is held, and the stream's position (rows handed out)
+    is what `engine.train.train` checkpoints, so a resumed run continues mid-epoch exactly.
+    """
+    from models import activation_source as src_lib
+    checks.check_positive_int("train_saes column", column)
+    widths = tuple(getattr(source, "widths", ()))
+    if widths and column > len(widths):
+        raise checks.InputError(f"train_saes column={column}: the source has "
+                                f"{len(widths)} activation array(s) ({list(source.hookpoints)})")
+    if shuffle_seed is None:
+        inner = source
+        if isinstance(source, src_lib.RowSource):
+            inner = copy.copy(source)   # a repeating view; the caller's source is unchanged
+            inner.repeat = True
+    else:
+        inner = src_lib.shuffled(source, shuffle_seed, buffer_rows=buffer_rows,
+                                 block_rows=block_rows, repeat=True)
+
+    def open_at(start: int):
+        n = rows_per_epoch(source)
+        if shuffle_seed is None and n is not None and not isinstance(source,
+                                                                     src_lib.RowSource):
+            # A sequential source without shuffling: loop over epochs by re-opening it.
+            epoch, r = divmod(start, n)
+            while True:
+                for block in source.open_at(r):
+                    yield np.asarray(block[column])
+                r = 0
+        for block in inner.open_at(start):
+            yield np.asarray(block[column])
+    return streaming.ChunkStream(open_at, batch_size, check_finite=True, name=name)
+
+
+def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int | None = None,
                batch_size: int, mesh=None, workdir: str | None = None, data_seed: int = 0,
                init_sample: np.ndarray | None = None, log_every: int = 100,
                checkpoint_every: int = 1000, progress: bool = False,
                metadata: dict | None = None, on_log: Callable | None = None,
-               save: bool = True) -> list[sae_lib.SAE]:
+               save: bool = True, epochs: float | None = None, column: int = 1,
+               shuffle_buffer: int = 1 << 16, shuffle_block: int = 1024
+               ) -> list[sae_lib.SAE]:
     """Trains one SAE per config (grouped into vmapped programs) and returns them in order.
 
     Args:
       acts: ``[rows, d_in]`` in-memory activations (sampled in shuffled epochs, order from
-        ``data_seed``), or ``batch_fn(step) -> [batch_size, d_in]`` (deterministic in step).
+        ``data_seed``), ``batch_fn(step) -> [batch_size, d_in]`` (deterministic in step), or
+        an activation source (`models.activation_source`: an activation cache's
+        `CacheSource`, a live `LMSource`, ...) streamed with a bounded shuffle buffer
+        (`source_stream`; never loaded into memory, resumable mid-epoch).
       configs: a `TrainConfig` or a list of them (see `with_seeds`).
-      steps: optimisation steps per program.
+      steps: optimisation steps per program (or give ``epochs``).
       batch_size: rows per step (divisible by the mesh ``data`` axis).
       mesh: device mesh (default: all devices on ``data``).
       workdir: when given, each program checkpoints under ``workdir/<group>/`` (metrics.jsonl,
@@ -698,17 +800,50 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int,
       metadata: provenance recorded in every SAE (source, hookpoint, data).
       on_log: ``on_log(group_index, step, metrics)`` after every flush.
       save: save the trained SAEs natively under ``workdir/saes`` (needs ``workdir``).
+      epochs: passes over the data instead of ``steps`` (arrays and sources of known size).
+        A run that sees less than one epoch logs a warning.
+      column: for a source, which activation array of its rows to train on (1 = first).
+      shuffle_buffer / shuffle_block: a source's shuffle buffer (rows held in memory) and the
+        rows read together (see `source_stream`).
 
     Returns:
       ``list[SAE]`` aligned with ``configs``.
     """
     configs = _as_configs(configs)
-    checks.check_positive_int("train_saes steps", steps)
     checks.check_positive_int("train_saes batch_size", batch_size)
+    n_rows = rows_per_epoch(acts)
+    if epochs is not None:
+        if steps is not None:
+            raise checks.InputError("train_saes: give steps or epochs, not both")
+        if n_rows is None:
+            raise checks.InputError("train_saes epochs: the data has no known size (a batch_fn"
+                                    " or a source without num_rows); give steps")
+        steps = steps_for_epochs(epochs, n_rows, batch_size)
+    if steps is None:
+        raise checks.InputError("train_saes: give steps or epochs")
+    checks.check_positive_int("train_saes steps", steps)
+    if n_rows is not None and steps * batch_size < n_rows:
+        logging.warning("train_saes: %d steps x %d rows = %.3g of one epoch of %d rows; the "
+                        "SAEs see less than one epoch of the data", steps, batch_size,
+                        steps * batch_size / n_rows, n_rows)
     if mesh is None:
         mesh = mesh_lib.make_mesh()
     mesh_lib.check_divisible(mesh, batch_size, "train_saes batch_size")
-    if callable(acts):
+    source = None
+    if is_source(acts):
+        source = acts
+        if init_sample is None:
+            blocks, have = [], 0
+            for block in source_stream(source, batch_size, column=column,
+                                       shuffle_seed=data_seed, buffer_rows=shuffle_buffer,
+                                       block_rows=shuffle_block).__iter__():
+                blocks.append(np.asarray(block.arrays[0], np.float32))
+                have += blocks[-1].shape[0]
+                if have >= (min(8192, n_rows) if n_rows else min(8192, 4 * batch_size)):
+                    break
+            init_sample = np.concatenate(blocks)[:8192]
+        arr = batch_fn = None
+    elif callable(acts):
         batch_fn = acts
         if init_sample is None:
             blocks, have = [], 0
@@ -740,7 +875,10 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int,
         scale = scale_normalised if group[0].normalize_input else 1.0
         program = SweepProgram(group, d_in, steps, mesh, input_scale=scale)
         state = program.init_state(init_sample)
-        if batch_fn is not None:
+        if source is not None:
+            data = source_stream(source, batch_size, column=column, shuffle_seed=data_seed,
+                                 buffer_rows=shuffle_buffer, block_rows=shuffle_block)
+        elif batch_fn is not None:
             data = _checked_batch_fn(batch_fn, batch_size, d_in)
         else:
             data = streaming.ChunkStream(arr, batch_size, repeat=True, shuffle_seed=data_seed,

@@ -7,17 +7,35 @@ each side (`engine.feature_stats`: density, mean, std, max, top-activating rows)
 activation correlation of every feature of A with every feature of B
 (`engine.correlation.CorrelationAccumulator`; the sparse TopK path when both SAEs are TopK,
 cost O(tokens * k_a * k_b)). The pass checkpoints with orbax and resumes mid-stream.
+
+Bounded memory (``memory_budget``, bytes; default half the machine's memory,
+`engine.mesh.default_memory_budget`): when the single-pass correlation state (``n_a x n_b``
+float32 per device, `engine.correlation.state_copies`) does not fit, the pass is tiled:
+
+1. one pass for the per-feature statistics (as above, without the correlation);
+2. TopK SAEs: one pass that encodes both sides to ``(values, indices)`` codes, kept in memory
+   when they take under a quarter of the budget, else written to ``<checkpoint_dir>/codes``
+   (memory-mapped), so the token stream is encoded once;
+3. `engine.correlation.correlate` over the codes with blocks of features sized by
+   `engine.correlation.tiles_for_budget` (one pass over the codes per block, each block
+   checkpointed). Non-TopK SAEs are re-encoded on the fly for every block.
+
+The tiled result equals the single-pass one up to float32 summation order (tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from engine import accumulators, checkpoint, checks, correlation, feature_stats
+from engine import mesh as mesh_lib
+from engine import streaming
 from models import sae as sae_lib
 
 
@@ -33,9 +51,58 @@ def _use_sparse(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE) -> bool:
     return sae_a.config.activation == "topk" and sae_b.config.activation == "topk"
 
 
+@dataclasses.dataclass(frozen=True)
+class PassPlan:
+    """How the correlation of one SAE pair is computed under a memory budget.
+
+    Attributes:
+      budget: bytes allowed.
+      tiled: False = one pass with the full ``n_a x n_b`` state; True = blocks.
+      tile_a / tile_b: features per block (``n_a`` / ``n_b`` when not tiled).
+      blocks: number of blocks (passes over the codes).
+      state_bytes: bytes of correlation state alive at once.
+      codes_on_disk: TopK codes written to disk instead of memory.
+    """
+
+    budget: int
+    tiled: bool
+    tile_a: int
+    tile_b: int
+    blocks: int
+    state_bytes: int
+    codes_on_disk: bool = False
+
+
+def plan_pass(n_a: int, n_b: int, *, n_data: int, memory_budget: int | None = None,
+              sparse: bool = True, chunk_rows: int = 1024, rows: int | None = None,
+              k_a: int = 0, k_b: int = 0, keep_matrix: bool = False, mesh=None) -> PassPlan:
+    """The `PassPlan` for ``n_a x n_b`` features on a mesh with ``n_data`` data devices.
+
+    ``rows`` (tokens, when known) and ``k_a`` / ``k_b`` size the TopK codes of the tiled path;
+    ``chunk_rows`` sizes the per-chunk dense activations (``chunk_rows x (n_a + n_b)``).
+    """
+    budget = mesh_lib.default_memory_budget(mesh) if memory_budget is None else int(
+        memory_budget)
+    checks.check_positive_int("memory_budget", budget)
+    chunk_bytes = 4 * chunk_rows * (n_a + n_b) * 3
+    single = 4 * n_a * n_b * (correlation.state_copies(n_data, inplace=False)
+                              + (2 if keep_matrix else 0))
+    if single + chunk_bytes <= budget:
+        return PassPlan(budget, False, n_a, n_b, 1, single)
+    codes = 0 if rows is None else 8 * rows * (k_a + k_b)
+    on_disk = sparse and (rows is None or codes > budget // 4)
+    reserved = chunk_bytes + (0 if on_disk else codes)
+    ta, tb = correlation.tiles_for_budget(n_a, n_b, budget, n_data=n_data, sparse=sparse,
+                                          reserved_bytes=reserved)
+    blocks = -(-n_a // ta) * -(-n_b // tb)
+    return PassPlan(budget, True, ta, tb, blocks,
+                    4 * ta * tb * correlation.state_copies(n_data), on_disk)
+
+
 def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n: int = 10,
                  checkpoint_dir: str | None = None, progress: bool = False,
-                 sparse: bool | None = None) -> FeaturePass:
+                 sparse: bool | None = None, memory_budget: int | None = None
+                 ) -> FeaturePass:
     """Runs both SAEs over a paired stream and accumulates statistics and correlations.
 
     Args:
@@ -46,9 +113,21 @@ def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n:
       checkpoint_dir: resume the pass from here after a kill.
       sparse: force the sparse (TopK values/indices) correlation path; default: when both
         SAEs are TopK.
+      memory_budget: bytes the pass may use (default: `engine.mesh.default_memory_budget`);
+        above it the correlation is tiled (module docstring).
     """
     fa, fb = sae_a.config.d_sae, sae_b.config.d_sae
     sparse = _use_sparse(sae_a, sae_b) if sparse is None else sparse
+    plan = plan_pass(fa, fb, n_data=mesh.shape[mesh_lib.DATA], memory_budget=memory_budget,
+                     sparse=sparse, chunk_rows=stream.chunk_size, rows=stream.num_rows,
+                     k_a=sae_a.config.k, k_b=sae_b.config.k, mesh=mesh,
+                     keep_matrix=fa * fb <= correlation.DEFAULT_KEEP_MATRIX)
+    if plan.tiled:
+        logging.info("feature pass %d x %d: tiled %d x %d (%d blocks, %.2f GB of state, "
+                     "budget %.2f GB)", fa, fb, plan.tile_a, plan.tile_b, plan.blocks,
+                     plan.state_bytes / 1e9, plan.budget / 1e9)
+        return _tiled_pass(stream, sae_a, sae_b, mesh, plan, top_n=top_n, sparse=sparse,
+                           checkpoint_dir=checkpoint_dir, progress=progress)
     parts = {"stats_a": (feature_stats.FeatureStatsAccumulator(fa, top_n), (1, 0)),
              "stats_b": (feature_stats.FeatureStatsAccumulator(fb, top_n), (2, 0))}
     if sparse:
@@ -58,20 +137,9 @@ def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n:
         corr_acc = correlation.CorrelationAccumulator(fa, fb)
         parts["corr"] = (corr_acc, (1, 2))
     acc = accumulators.Combined(parts)
-
-    def transform(params, row_ids, xa, xb):
-        a, b = params
-        za, zb = a.encode(xa), b.encode(xb)
-        out = (row_ids, za, zb)
-        if sparse:
-            va, ia = a.encode_sparse(xa)
-            vb, ib = b.encode_sparse(xb)
-            out = out + (va, ia.astype(jnp.int32), vb, ib.astype(jnp.int32))
-        return out
-
     ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir)
     state = accumulators.accumulate(acc, stream, mesh, checkpointer=ckpt, save_every=50,
-                                    progress=progress, transform=transform,
+                                    progress=progress, transform=_transform(sparse),
                                     params=(sae_a, sae_b))
     if ckpt is not None:
         ckpt.close()
@@ -80,6 +148,128 @@ def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n:
     matches = correlation.correlation_matches(result, n_a=fa, n_b=fb)
     return FeaturePass(stats_a=out["stats_a"], stats_b=out["stats_b"], matches=matches,
                        corr=result.corr)
+
+
+def _transform(sparse: bool, stats_only: bool = False):
+    """On-device featurisation of a chunk ``(row_ids, xa, xb)`` for `accumulate`."""
+    def transform(params, row_ids, xa, xb):
+        a, b = params
+        za, zb = a.encode(xa), b.encode(xb)
+        out = (row_ids, za, zb)
+        if sparse and not stats_only:
+            va, ia = a.encode_sparse(xa)
+            vb, ib = b.encode_sparse(xb)
+            out = out + (va, ia.astype(jnp.int32), vb, ib.astype(jnp.int32))
+        return out
+    return transform
+
+
+def _sub(root: str | None, name: str) -> str | None:
+    return None if root is None else os.path.join(root, name)
+
+
+def _tiled_pass(stream, sae_a, sae_b, mesh, plan: PassPlan, *, top_n: int, sparse: bool,
+                checkpoint_dir: str | None, progress: bool) -> FeaturePass:
+    fa, fb = sae_a.config.d_sae, sae_b.config.d_sae
+    acc = accumulators.Combined({
+        "stats_a": (feature_stats.FeatureStatsAccumulator(fa, top_n), (1, 0)),
+        "stats_b": (feature_stats.FeatureStatsAccumulator(fb, top_n), (2, 0))})
+    ckpt_dir = _sub(checkpoint_dir, "stats")
+    ckpt = None if ckpt_dir is None else checkpoint.Checkpointer(ckpt_dir)
+    stream.seek(0)
+    state = accumulators.accumulate(acc, stream, mesh, checkpointer=ckpt, save_every=50,
+                                    progress=progress, transform=_transform(sparse, True),
+                                    params=(sae_a, sae_b))
+    if ckpt is not None:
+        ckpt.close()
+    stats = acc.finalize(state)
+    del state
+    if sparse:
+        codes = encode_codes(stream, sae_a, sae_b, directory=_sub(checkpoint_dir, "codes")
+                             if plan.codes_on_disk else None, progress=progress)
+        corr_source = streaming.ChunkStream(codes, stream.chunk_size, name="codes",
+                                            check_finite=False)
+    else:
+        corr_source = _encoded_stream(stream, sae_a, sae_b)
+    matches = correlation.correlate(
+        corr_source, fa, fb, mesh, sparse=sparse, tile_a=plan.tile_a, tile_b=plan.tile_b,
+        progress=progress, checkpoint_dir=_sub(checkpoint_dir, "blocks"))
+    return FeaturePass(stats_a=stats["stats_a"], stats_b=stats["stats_b"], matches=matches,
+                       corr=None)
+
+
+@jax.jit
+def _encode_pair(sae_a, sae_b, xa, xb):
+    va, ia = sae_a.encode_sparse(xa)
+    vb, ib = sae_b.encode_sparse(xb)
+    return va, ia.astype(jnp.int32), vb, ib.astype(jnp.int32)
+
+
+@jax.jit
+def _encode_dense_pair(sae_a, sae_b, xa, xb):
+    return sae_a.encode(xa), sae_b.encode(xb)
+
+
+def encode_codes(stream, sae_a, sae_b, *, directory: str | None = None,
+                 progress: bool = False) -> tuple[np.ndarray, ...]:
+    """Both SAEs' TopK codes ``(vals_a, idx_a, vals_b, idx_b)`` over the whole stream.
+
+    Kept in memory, or (``directory``) appended to raw files and returned memory-mapped, so
+    that memory stays at one chunk; a finished directory (``done`` marker) is reused.
+    """
+    ka, kb = sae_a.config.k, sae_b.config.k
+    specs = (("vals_a", np.float32, ka), ("idx_a", np.int32, ka), ("vals_b", np.float32, kb),
+             ("idx_b", np.int32, kb))
+    if directory is not None and os.path.exists(os.path.join(directory, "done")):
+        rows = int(open(os.path.join(directory, "done")).read())
+        return tuple(np.memmap(os.path.join(directory, f"{n}.bin"), dt, "r", shape=(rows, k))
+                     for n, dt, k in specs)
+    parts: list[list[np.ndarray]] = [[] for _ in specs]
+    files = None
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+        files = [open(os.path.join(directory, f"{n}.bin"), "wb") for n, _, _ in specs]
+    rows = 0
+    stream.seek(0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=stream.num_rows, unit="rows", desc="encode")
+    for chunk in stream:
+        n = chunk.num_valid
+        out = jax.device_get(_encode_pair(sae_a, sae_b, jnp.asarray(chunk.arrays[1][:n]),
+                                          jnp.asarray(chunk.arrays[2][:n])))
+        for i, a in enumerate(out):
+            a = np.ascontiguousarray(a, specs[i][1])
+            if files is not None:
+                files[i].write(a.tobytes())
+            else:
+                parts[i].append(a)
+        rows += n
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    if files is None:
+        return tuple(np.concatenate(p) for p in parts)
+    for f in files:
+        f.close()
+    with open(os.path.join(directory, "done"), "w") as f:
+        f.write(str(rows))
+    return encode_codes(stream, sae_a, sae_b, directory=directory)
+
+
+def _encoded_stream(stream, sae_a, sae_b) -> streaming.ChunkStream:
+    """Dense feature activations ``(za, zb)`` encoded on the fly (re-read per block)."""
+    def open_at(start):
+        stream.seek(start)
+        for chunk in stream:
+            n = chunk.num_valid
+            yield jax.device_get(_encode_dense_pair(sae_a, sae_b,
+                                                    jnp.asarray(chunk.arrays[1][:n]),
+                                                    jnp.asarray(chunk.arrays[2][:n])))
+    return streaming.ChunkStream(open_at, stream.chunk_size, name="encoded",
+                                 check_finite=False)
 
 
 def check_widths(sae: sae_lib.SAE, width: int, what: str) -> None:
