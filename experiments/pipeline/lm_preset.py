@@ -31,6 +31,7 @@ from absl import flags
 
 from engine import streaming
 from experiments.pipeline import compare, features
+from experiments.pipeline import importance as importance_lib  # defines its flags
 from experiments.pipeline import saes as saes_lib
 
 flags.DEFINE_string("model_a", "tiny", "Model A: local transformers directory, or 'tiny' (a "
@@ -215,6 +216,7 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     # Reference points on the first cell.
     ha, hb = hps_a[0], hps_b[0]
     xa = acts_a[f"acts/{ha}"]
+    ceiling_sae = floor_sae = None
     if not setup["saes_a"]:
         ceiling_sae = side_sae("a", ha, xa, seed=flags_.seed + 1, tag="_ceiling")
         comps.append(compare.run_comparison(
@@ -235,7 +237,11 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
             "floor", stream_factory(xa, xr), saes_a[ha], floor_sae, token_text, run.mesh, cfg,
             cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
             labels={"kind": "floor", "label": f"A {ha} vs random-init B {hb}"}, **extra))
-    return {"preset": "lm", "models": {"a": paths[0], "b": paths[1]},
+    extras = importance_lib.lm_extras(
+        run, flags_, paths=paths, contexts=contexts, saes_a=saes_a, saes_b=saes_b, comps=comps,
+        ceiling=(ha, ceiling_sae) if ceiling_sae is not None else None,
+        floor=(hb, floor_sae) if floor_sae is not None else None, cache=cache)
+    return {**extras, "preset": "lm", "models": {"a": paths[0], "b": paths[1]},
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
             "activations": ("caches " + f"{flags_.cache_a}, {flags_.cache_b}"
                             if flags_.cache_a else "forward passes in this run"),

@@ -117,6 +117,10 @@ def main(run, flags_) -> dict:
             print(f"   {metric:<12} {e.get('floor_excess', float('nan')):7.3f} -> "
                   f"{e['cross_excess']:7.3f} -> {e.get('ceiling_excess', float('nan')):7.3f}"
                   + (f"   ({frac:.0%} of the way)" if frac is not None else ""))
+    from experiments.pipeline import importance as importance_lib
+    for line in (importance_lib.splice_lines(results.get("splice", []))
+                 + importance_lib.importance_lines(results.get("importance", {}))):
+        print(line)
     print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}")
     return results
 
