@@ -94,11 +94,18 @@ def load_with_head(path: str, *, dtype: str = "float32", device: str | None = No
     cls = AutoModelForMaskedLM if encoder else AutoModelForCausalLM
     try:
         with lm_lib.quiet_transformers():
-            model = cls.from_pretrained(path, dtype=lm_lib._torch_dtype(dtype),
-                                        local_files_only=True)
+            model, info = cls.from_pretrained(path, dtype=lm_lib._torch_dtype(dtype),
+                                              local_files_only=True, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise checks.InputError(f"model {path!r}: could not load it with an LM head "
                                 f"({str(e).splitlines()[0]})") from None
+    # A base-model checkpoint would get a randomly initialised head: every loss meaningless.
+    base = getattr(model, "base_model_prefix", "") + "."
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(base)]
+    if missing:
+        raise checks.InputError(f"model {path!r}: the checkpoint has no LM-head weights "
+                                f"({', '.join(sorted(missing)[:3])} missing); spliced losses "
+                                "need the model with its head")
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

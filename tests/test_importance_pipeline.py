@@ -38,6 +38,7 @@ CFG = pimp.ImportanceCompareConfig(top_k=80, bins=4, metrics=("cka", "rsa_pearso
                                    num_permutations=50, seed=0)
 
 
+@pytest.mark.slow
 def test_restriction_and_weighting_find_the_planted_difference(mesh1):
     w_a, w_b, a, b, ia, ib, important = _planted()
     out = pimp.restricted_comparisons(w_a, w_b, a, b, ia, ib, CFG, mesh1)
@@ -139,6 +140,7 @@ def test_plot_and_lines(tmp_path, mesh1):
     assert len(warnings) == 1 and "A resid_post.0" in warnings[0]
 
 
+@pytest.mark.slow
 def test_importance_entry_point_offline(tmp_path, mesh1):
     """experiments/importance.py end to end on a tiny model with a freshly trained SAE."""
     import json

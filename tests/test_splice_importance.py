@@ -264,6 +264,24 @@ def test_resume_after_interruption(toks, tmp_path, monkeypatch):
                               checkpoint_dir=str(tmp_path))
 
 
+def test_load_with_head(toks, tmp_path):
+    from transformers import AutoModel
+    lm = _model("gpt_neox", toks, dtype=torch.float32)
+    lm.model.save_pretrained(tmp_path / "full")
+    lm.tokenizer.save_pretrained(tmp_path / "full")
+    back = splice.load_with_head(str(tmp_path / "full"))
+    ids = torch.as_tensor(_contexts(lm).token_ids, dtype=torch.long)
+    with torch.no_grad():
+        np.testing.assert_allclose(back.model(input_ids=ids).logits.numpy(),
+                                   lm.model(input_ids=ids).logits.numpy(), rtol=1e-5, atol=1e-6)
+    base = AutoModel.from_config(lm.model.config)
+    base.save_pretrained(tmp_path / "base")  # no head weights
+    with pytest.raises(checks.InputError, match="no LM-head weights"):
+        splice.load_with_head(str(tmp_path / "base"))
+    with pytest.raises(checks.InputError, match="no such local directory"):
+        splice.load_with_head(str(tmp_path / "nothing"))
+
+
 def test_bad_inputs(toks):
     lm = _model("gpt2", toks)
     ctx = _contexts(lm)

@@ -264,11 +264,16 @@ def splice_lines(records: list[dict]) -> list[str]:
     lines = ["SAEs spliced into their model (CE loss recovered vs zero / mean ablation, "
              "delta loss, KL; nats):"]
     for r in records:
+        if "error" in r:
+            lines.append(f"   {r['label']:<28} not spliced: {r['error']}")
+            continue
         lines.append(f"   {r['label']:<28} recovered {r['ce_loss_recovered']:6.3f} / "
                      f"{r['ce_loss_recovered_mean']:6.3f}   delta {r['delta_loss']:7.4f}   "
                      f"KL {r['kl_div']:7.4f}   clean CE {r['ce_clean']:.3f}  "
                      f"({r['n_positions']} {r['objective']} predictions)")
     for r in records:
+        if "error" in r:
+            continue
         if not np.isfinite(r["ce_loss_recovered"]) or \
                 r["ce_loss_recovered"] < splice.POOR_CE_RECOVERED:
             lines.append(f"   WARNING: {r['label']} recovers {r['ce_loss_recovered']:.2f} of the "
@@ -350,7 +355,11 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
     if not (flags_.splice_eval or flags_.importance):
         return out
     ctx = contexts[:flags_.splice_contexts]
-    lms = {"a": splice.load_with_head(paths[0]), "b": splice.load_with_head(paths[1])}
+    try:
+        lms = {"a": splice.load_with_head(paths[0]), "b": splice.load_with_head(paths[1])}
+    except checks.InputError as e:  # e.g. a base-model checkpoint: no head, no losses
+        out["splice"] = [{"label": "models", "error": str(e)}]
+        return out
     saes = [("a", hp, s, f"A {hp}") for hp, s in saes_a.items()]
     saes += [("b", hp, s, f"B {hp}") for hp, s in saes_b.items()]
     if ceiling is not None:
