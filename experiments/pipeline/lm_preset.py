@@ -46,6 +46,7 @@ import numpy as np
 from absl import flags
 
 from experiments import common
+from experiments.pipeline import importance as importance_lib  # defines its flags (light)
 
 # Imported on first use: the entry point imports this module for its flags, and --help and
 # the settings checks must not wait for JAX.
@@ -359,7 +360,23 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
                         c["metrics"][metric].get("informative", True)]
                 if vals:
                     cells[metric][i, j] = float(np.mean(vals))
-    return {"preset": "lm", "models": {"a": paths[0], "b": paths[1]},
+    # The SAEs of the base condition by role, for the spliced metrics and importance.
+    by_role = {}
+    for spec in specs:
+        for s in (spec.sae_a, spec.sae_b):
+            if s.role.condition == base and s.role.replicate == 0:
+                by_role.setdefault((s.role.side, s.role.kind, s.role.hookpoint), s.sae)
+    ceil_a = [(hp, sae) for (side, kind, hp), sae in by_role.items()
+              if side == "a" and kind == "ceiling"]
+    floor_b = [(hp, sae) for (side, kind, hp), sae in by_role.items()
+               if side.endswith("random") and kind == "floor"]
+    extras = importance_lib.lm_extras(
+        run, flags_, paths=paths, contexts=contexts,
+        saes_a={hp: by_role[("a", "main", hp)] for hp in hps_a if ("a", "main", hp) in by_role},
+        saes_b={hp: by_role[("b", "main", hp)] for hp in hps_b if ("b", "main", hp) in by_role},
+        comps=comps, ceiling=ceil_a[0] if ceil_a else None,
+        floor=floor_b[0] if floor_b else None, cache=cache)
+    return {**extras, "preset": "lm", "models": {"a": paths[0], "b": paths[1]},
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
             "activations": ("caches " + f"{flags_.cache_a}, {flags_.cache_b}"
                             if flags_.cache_a else "forward passes in this run"),

@@ -153,6 +153,10 @@ def main(run, flags_) -> dict:
     if cells:
         print("reference points per cell (excess over null: floor -> cross -> ceiling):")
         print(references.format_table(cells))
+    from experiments.pipeline import importance as importance_lib
+    for line in (importance_lib.splice_lines(results.get("splice", []))
+                 + importance_lib.importance_lines(results.get("importance", {}))):
+        print(line)
     print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}\n"
           f"report:  {report_path}")
     return results
