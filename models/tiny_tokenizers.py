@@ -70,3 +70,38 @@ def build_tokenizer(kind: str, vocab_size: int = 500, documents: Iterable[str] |
                                                        special_tokens=[("<s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>")
+
+
+def make_tiny_model(out_dir: str, kind: str, *, arch: str = "gpt_neox", seed: int = 0,
+                    vocab_size: int = 500, train_steps: int = 0, context_length: int = 32,
+                    **config_kw) -> str:
+    """A tiny model of ``arch`` on a ``kind`` tokenizer, saved to ``out_dir`` (returned).
+
+    With ``train_steps`` it is trained briefly on the shipped sample in its own tokens
+    (`models.lm_tiny.train_tiny_model`). Reuses an existing directory built the same way.
+    """
+    import json
+    import os
+
+    from models import lm as lm_lib
+    from models import lm_tiny, text
+    recipe = {"kind": kind, "arch": arch, "seed": int(seed), "vocab_size": int(vocab_size),
+              "train_steps": int(train_steps), "context_length": int(context_length),
+              "config": {k: v for k, v in sorted(config_kw.items())}}
+    recipe_path = os.path.join(out_dir, "tiny_recipe.json")
+    if os.path.exists(recipe_path):
+        with open(recipe_path, encoding="utf-8") as f:
+            if json.load(f) == recipe:
+                return out_dir
+    tok = build_tokenizer(kind, vocab_size)
+    model = lm_tiny.build_tiny_model(arch, tok, seed, **config_kw)
+    if train_steps:
+        ids = text.make_contexts(text.sample_documents(), tok, context_length).token_ids
+        lm_tiny.train_tiny_model(model, ids, steps=train_steps, seed=seed,
+                                 masked=arch == "bert", mask_id=tok.unk_token_id or 0)
+    with lm_lib.quiet_transformers():
+        model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    with open(recipe_path, "w", encoding="utf-8") as f:
+        json.dump(recipe, f)
+    return out_dir

@@ -1,10 +1,11 @@
 """Language-model sides of the universality pipeline, with the layer grid.
 
-Two transformers models over the same text (tokenizers must agree), every requested hookpoint
+Two transformers models over the same text, every requested hookpoint
 of A against every requested hookpoint of B. Each model's forward runs once per batch for all
 its hookpoints (`models.lm.LanguageModel.run` stops at the deepest requested block); the
 activations of real (non-padding) tokens are kept in memory and saved in the step cache, so a
-rerun does not recompute them. SAEs come from ``--saes_a`` / ``--saes_b`` (any supported
+rerun does not recompute them. Models with different tokenizers are compared on aligned units
+of text (``--alignment``, `experiments.pipeline.aligned`). SAEs come from ``--saes_a`` / ``--saes_b`` (any supported
 format, one sub-directory per hookpoint) or are trained on the fly (TopK).
 
 Reference points, for the first cell (A's first hookpoint vs B's first hookpoint):
@@ -30,7 +31,7 @@ import numpy as np
 from absl import flags
 
 from engine import streaming
-from experiments.pipeline import compare, features
+from experiments.pipeline import aligned, compare, features
 from experiments.pipeline import saes as saes_lib
 
 flags.DEFINE_string("model_a", "tiny", "Model A: local transformers directory, or 'tiny' (a "
@@ -141,20 +142,27 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
 
     setup = _resolve(flags_)
     (lm_a, lm_b), paths = _load_models(run, setup, flags_.seed)
-    text_lib.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
+    # Different tokenizers: each model reads its own contexts; rows pair through the text.
+    view = aligned.prepare(run, flags_, lm_a, lm_b, cache_paths=(
+        (flags_.cache_a, flags_.cache_b) if flags_.cache_a and flags_.cache_b else None))
+    if view is None:
+        text_lib.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
     if flags_.cache_a or flags_.cache_b:
         acts_a, acts_b, hps_a, hps_b, contexts = _read_caches(flags_, setup)
+        contexts_b = contexts if view is None else view.contexts_b
     else:
         hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
         hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
         docs = text_lib.read_documents(flags_.text)
         contexts = text_lib.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
-                                          max_contexts=flags_.max_contexts)
+                                          max_contexts=flags_.max_contexts) if (
+            view is None) else view.contexts_a
+        contexts_b = contexts if view is None else view.contexts_b
         acts_a = cache.get("lm_acts_a", lambda: _harvest(lm_a, contexts, hps_a,
                                                          flags_.lm_batch_size))
-        acts_b = cache.get("lm_acts_b", lambda: _harvest(lm_b, contexts, hps_b,
+        acts_b = cache.get("lm_acts_b", lambda: _harvest(lm_b, contexts_b, hps_b,
                                                          flags_.lm_batch_size))
-    if not np.array_equal(acts_a["token_ids"], acts_b["token_ids"]):
+    if view is None and not np.array_equal(acts_a["token_ids"], acts_b["token_ids"]):
         raise compare.PipelineError("models A and B saw different tokens; the tokenizers or "
                                     "contexts disagree")
     token_ids = acts_a["token_ids"]
@@ -169,6 +177,9 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         return lm_a.tokenizer.decode(token_ids[lo:row].tolist()) + " [[" + \
             lm_a.tokenizer.decode([int(token_ids[row])]) + "]]"
 
+    if view is not None:  # rows are aligned units: their text stands for token strings
+        token_text, context_text = view.token_text, view.context_text
+    pool_a, pool_b = aligned.poolers(view)
     extra = {"context_text": context_text, "features_dir": run.path("features")}
 
     def sae_config(d_model, seed):
@@ -203,11 +214,14 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         for j, hb in enumerate(hps_b):
             name = f"A.{ha}~B.{hb}"
             comp = compare.run_comparison(
-                name, stream_factory(acts_a[f"acts/{ha}"], acts_b[f"acts/{hb}"]), saes_a[ha],
+                name, stream_factory(pool_a(acts_a[f"acts/{ha}"]),
+                                     pool_b(acts_b[f"acts/{hb}"])), saes_a[ha],
                 saes_b[hb], token_text, run.mesh, cfg, cache, ckpt_root=run.path("checkpoints"),
                 progress=flags_.progress,
                 labels={"kind": "cross" if (i, j) == (0, 0) else "grid", "hookpoint_a": ha,
                         "hookpoint_b": hb, "label": f"A {ha} vs B {hb}"}, **extra)
+            aligned.after_comparison(view, comp, run, saes_a[ha], saes_b[hb],
+                                     acts_a[f"acts/{ha}"], acts_b[f"acts/{hb}"], flags_)
             for metric, r in comp.get("metrics", {}).items():
                 cells[metric][i, j] = r["excess"]
             comps.append(comp)
@@ -218,13 +232,13 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     if not setup["saes_a"]:
         ceiling_sae = side_sae("a", ha, xa, seed=flags_.seed + 1, tag="_ceiling")
         comps.append(compare.run_comparison(
-            "ceiling", stream_factory(xa, xa), saes_a[ha], ceiling_sae, token_text, run.mesh,
-            cfg, cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
+            "ceiling", stream_factory(pool_a(xa), pool_a(xa)), saes_a[ha], ceiling_sae,
+            token_text, run.mesh, cfg, cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
             labels={"kind": "ceiling", "label": f"A {ha} vs A {ha}, other SAE seed"}, **extra))
     if flags_.random_init_floor:
         def floor_acts():
             rnd = lm.random_init_copy(lm_b, seed=flags_.seed + 1000)
-            return _harvest(rnd, contexts, [hb], flags_.lm_batch_size)
+            return _harvest(rnd, contexts_b, [hb], flags_.lm_batch_size)
         xr = cache.get("lm_acts_floor", floor_acts)[f"acts/{hb}"]
         floor_sae = saes_lib.train_or_load(
             xr, sae_config(xr.shape[1], flags_.seed), steps=flags_.sae_steps,
@@ -232,14 +246,15 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
             directory=run.path("saes", "floor", hb), mesh=run.mesh, progress=flags_.progress,
             metadata={"model": f"random-init copy of {paths[1]}", "hookpoint": hb})
         comps.append(compare.run_comparison(
-            "floor", stream_factory(xa, xr), saes_a[ha], floor_sae, token_text, run.mesh, cfg,
-            cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
+            "floor", stream_factory(pool_a(xa), pool_b(xr)), saes_a[ha], floor_sae, token_text,
+            run.mesh, cfg, cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
             labels={"kind": "floor", "label": f"A {ha} vs random-init B {hb}"}, **extra))
     return {"preset": "lm", "models": {"a": paths[0], "b": paths[1]},
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
             "activations": ("caches " + f"{flags_.cache_a}, {flags_.cache_b}"
                             if flags_.cache_a else "forward passes in this run"),
             "contexts": len(contexts), "text": flags_.text,
+            "alignment": aligned.describe(view),
             "grid": {"layers_a": hps_a, "layers_b": hps_b,
                      "cells": {m: v.tolist() for m, v in cells.items()}},
             "comparisons": comps}
