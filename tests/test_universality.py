@@ -237,8 +237,10 @@ def test_mismatched_tokenizers_are_refused(tmp_path):
     from models import lm_tiny
     a = lm_tiny.make_tiny_model_pair(str(tmp_path / "p1"), vocab_size=400)
     b = lm_tiny.make_tiny_model_pair(str(tmp_path / "p2"), vocab_size=300)
+    # Different tokenizers are compared on aligned text (tests/test_alignment_pipeline.py);
+    # asking for token-by-token rows is refused.
     proc = universality(tmp_path / "run", "--preset=lm", f"--model_a={a.path_a}",
-                        f"--model_b={b.path_b}", check=False)
+                        f"--model_b={b.path_b}", "--alignment=tokens", check=False)
     assert "token" in one_line_error(proc).lower()
 
 

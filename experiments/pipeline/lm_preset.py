@@ -1,10 +1,11 @@
 """Language-model sides of the universality pipeline, with the layer grid.
 
-Two transformers models over the same text (tokenizers must agree), every requested hookpoint
+Two transformers models over the same text, every requested hookpoint
 of A against every requested hookpoint of B. Each model's forward runs once per batch for all
 its hookpoints (`models.lm.LanguageModel.run` stops at the deepest requested block); the
 activations of real (non-padding) tokens are kept in memory and saved in the step cache, so a
-rerun does not recompute them. SAEs come from ``--saes_a`` / ``--saes_b`` (any supported
+rerun does not recompute them. Models with different tokenizers are compared on aligned units
+of text (``--alignment``, `experiments.pipeline.aligned`). SAEs come from ``--saes_a`` / ``--saes_b`` (any supported
 format, one sub-directory per hookpoint) or are trained on the fly (TopK).
 
 Reference points for EVERY cell (`experiments.pipeline.references`): a seed-vs-seed ceiling of
@@ -51,6 +52,7 @@ from experiments.pipeline import importance as importance_lib  # defines its fla
 # Imported on first use: the entry point imports this module for its flags, and --help and
 # the settings checks must not wait for JAX.
 streaming = common.lazy_module("engine.streaming")
+aligned = common.lazy_module("experiments.pipeline.aligned")
 compare = common.lazy_module("experiments.pipeline.compare")
 feature_pages = common.lazy_module("experiments.pipeline.feature_pages")
 features = common.lazy_module("experiments.pipeline.features")
@@ -256,15 +258,22 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     (lm_a, lm_b), paths = _load_models(run, setup, flags_.seed)
     if flags_.trio:
         _trio_hookpoints(lm_a, setup)
-    text_lib.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
+    # Different tokenizers: each model reads its own contexts; rows pair through the text.
+    view = aligned.prepare(run, flags_, lm_a, lm_b, cache_paths=(
+        (flags_.cache_a, flags_.cache_b) if flags_.cache_a and flags_.cache_b else None))
+    if view is None:
+        text_lib.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
     if flags_.cache_a or flags_.cache_b:
         acts_a, acts_b, hps_a, hps_b, contexts = _read_caches(flags_, setup)
+        contexts_b = contexts if view is None else view.contexts_b
     else:
         hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
         hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
         docs = text_lib.read_documents(flags_.text)
         contexts = text_lib.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
-                                          max_contexts=flags_.max_contexts)
+                                          max_contexts=flags_.max_contexts) if (
+            view is None) else view.contexts_a
+        contexts_b = contexts if view is None else view.contexts_b
         if lm_b is lm_a:   # one forward pass for both sides' hookpoints
             union = list(dict.fromkeys(hps_a + hps_b))
             acts_a = acts_b = cache.get("lm_acts_a." + "+".join(union), lambda: _harvest(
@@ -273,8 +282,8 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
             acts_a = cache.get("lm_acts_a." + "+".join(hps_a), lambda: _harvest(
                 lm_a, contexts, hps_a, flags_.lm_batch_size))
             acts_b = cache.get("lm_acts_b." + "+".join(hps_b), lambda: _harvest(
-                lm_b, contexts, hps_b, flags_.lm_batch_size))
-    if not np.array_equal(acts_a["token_ids"], acts_b["token_ids"]):
+                lm_b, contexts_b, hps_b, flags_.lm_batch_size))
+    if view is None and not np.array_equal(acts_a["token_ids"], acts_b["token_ids"]):
         raise compare.PipelineError("models A and B saw different tokens; the tokenizers or "
                                     "contexts disagree")
     token_ids = acts_a["token_ids"]
@@ -289,12 +298,17 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         return lm_a.tokenizer.decode(token_ids[lo:row].tolist()) + " [[" + \
             lm_a.tokenizer.decode([int(token_ids[row])]) + "]]"
 
+    if view is not None:  # rows are aligned units: their text stands for token strings
+        token_text, context_text = view.token_text, view.context_text
+    pool_a, pool_b = aligned.poolers(view)
     n_vocab = len(lm_a.tokenizer)
     segments = np.repeat(np.arange(len(contexts.mask)), np.asarray(contexts.mask).sum(1))
-    if len(segments) != len(token_ids):
-        segments = None    # rows are not the flattened contexts: show single tokens
-    # Promoted tokens per side; a random-init copy's unembedding says nothing: none shown.
-    unembed = {"a": _unembedding(lm_a, paths[0]), "b": _unembedding(lm_b, paths[1])}
+    if view is not None or len(segments) != len(token_ids):
+        segments = None    # rows are not the flattened contexts: show single rows
+    # Promoted tokens per side; a random-init copy's unembedding says nothing, and with other
+    # tokenizers B's unembedding indexes another vocabulary: none shown for them.
+    unembed = {"a": _unembedding(lm_a, paths[0]),
+               "b": _unembedding(lm_b, paths[1]) if view is None else None}
     pages = feature_pages.PageSource(
         token_text=token_text, segments=segments, unembed_a=unembed["a"],
         unembed_b=unembed["b"],
@@ -335,7 +349,8 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         def harvest():
             rnd = lm.random_init_copy(models[side][0], seed=flags_.seed + (
                 1000 if side == "b" else 2000))
-            return _harvest(rnd, contexts, floor_hps[side], flags_.lm_batch_size)
+            return _harvest(rnd, contexts if side == "a" else contexts_b, floor_hps[side],
+                            flags_.lm_batch_size)
         return cache.get(f"lm_acts_floor_{side}." + "+".join(floor_hps[side]),
                          harvest)[f"acts/{hp}"]
 
@@ -346,8 +361,14 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
                 planner.cell(side_a, ha, side_b, hb, cond,
                              floor_acts=floor_acts if refs.floor else None)
     specs = planner.specs()
+    pool = {"a": pool_a, "b": pool_b}   # own-token rows -> the comparison's rows, per model
     comps = references.run_specs(specs, run, flags_, cfg, cache, token_text,
-                                 pages_for=pages_for, **extra)
+                                 pages_for=pages_for,
+                                 pool_for=lambda role_side: pool[role_side[0]], **extra)
+    for spec, comp in zip(specs, comps):
+        if spec.kind == "cross":   # per own token next to per aligned unit
+            aligned.after_comparison(view, comp, run, spec.sae_a.sae, spec.sae_b.sae,
+                                     spec.acts_a, spec.acts_b, flags_)
     cells = {m: np.full((len(hps_a), len(hps_b)), np.nan) for m in cfg.metrics}
     base = conditions[0].label
     for i, ha in enumerate(hps_a):
@@ -382,6 +403,7 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
                             if flags_.cache_a else "forward passes in this run"),
             "contexts": len(contexts), "text": flags_.text, "trio": bool(flags_.trio),
             "references": dataclasses.asdict(refs), "saes": planner.sae_records(),
+            "alignment": aligned.describe(view),
             "grid": {"layers_a": hps_a, "layers_b": hps_b,
                      "cells": {m: v.tolist() for m, v in cells.items()}},
             "comparisons": comps}

@@ -328,19 +328,26 @@ class Planner:
 
 
 def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
-              pages_for: Callable[[Spec], object] | None = None, **extra) -> list[dict]:
+              pages_for: Callable[[Spec], object] | None = None,
+              pool_for: Callable[[str], Callable] | None = None, **extra) -> list[dict]:
     """Runs every planned comparison through `compare.run_comparison` (JSON-ready results,
     each labelled with its kind, cell, condition, SAE roles and seeds).
 
     ``pages_for(spec)``: the `feature_pages.PageSource` of that comparison (which unembedding
-    each side's feature pages use); ``extra``: further `run_comparison` keywords."""
+    each side's feature pages use); ``pool_for(role_side)``: maps a model's own-token rows to
+    the comparison's rows (aligned units when the two tokenizers differ; SAEs are trained on
+    own tokens); ``extra``: further `run_comparison` keywords."""
     from engine import streaming
     from experiments.pipeline import compare
 
     comps = []
     for spec in specs:
-        rows = np.arange(spec.acts_a.shape[0], dtype=np.int32)
-        factory = (lambda xa=spec.acts_a, xb=spec.acts_b, r=rows: streaming.ChunkStream(
+        xa, xb = spec.acts_a, spec.acts_b
+        if pool_for is not None:
+            xa = pool_for(spec.sae_a.role.side)(xa)
+            xb = pool_for(spec.sae_b.role.side)(xb)
+        rows = np.arange(xa.shape[0], dtype=np.int32)
+        factory = (lambda xa=xa, xb=xb, r=rows: streaming.ChunkStream(
             (r, xa, xb), flags_.chunk_size, name="tokens"))
         comps.append(compare.run_comparison(
             spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg,
