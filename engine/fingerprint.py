@@ -54,6 +54,22 @@ def describe_diff(changes: list[tuple[str, Any, Any]], old_name: str = "recorded
     return ", ".join(parts)
 
 
+def digest(*parts: Any, size: int = 16) -> str:
+    """BLAKE2b of in-memory values: arrays by their full bytes (plus dtype and shape), anything
+    else by its ``repr``. The one key of cached pipeline steps, spliced metrics and SAEs (an
+    SAE's key covers every weight, never a sample of rows)."""
+    h = hashlib.blake2b(digest_size=size)
+    for part in parts:
+        if hasattr(part, "__array__") and hasattr(part, "dtype"):
+            import numpy as np   # only when arrays are hashed: keeps start-up standard-library
+            a = np.ascontiguousarray(part)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(memoryview(a).cast("B"))
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
 def hash_file(path: str, chunk: int = 1 << 22) -> str:
     """BLAKE2b-128 of a file's full contents."""
     h = hashlib.blake2b(digest_size=16)

@@ -196,6 +196,13 @@ class SAE:
         return {f: np.asarray(getattr(self, f)) for f in
                 ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
 
+    def fingerprint(self) -> str:
+        """Hash of every weight and the config (`engine.fingerprint.digest`): the key under
+        which results computed from this SAE are cached."""
+        from engine import fingerprint as fp_lib
+        p = self.to_numpy()
+        return fp_lib.digest(*(p[k] for k in sorted(p)), self.config)
+
 
 def topk_dense(acts: jax.Array, k: int) -> jax.Array:
     """Keeps the k largest entries of each row (others 0); dense output."""

@@ -61,13 +61,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from engine import checks
+from engine import fingerprint as fp_lib
 from models import lm as lm_lib
 from models import sae as sae_lib
 
@@ -354,16 +354,11 @@ class RunningSums:
 
 
 def fingerprint(*parts) -> str:
-    h = hashlib.sha1()
-    for part in parts:
-        h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray)
-                 else repr(part).encode())
-    return h.hexdigest()[:16]
+    return fp_lib.digest(*parts, size=8)
 
 
 def sae_fingerprint(sae: sae_lib.SAE) -> str:
-    p = sae.to_numpy()
-    return fingerprint(*(np.asarray(p[k], np.float32) for k in sorted(p)), sae.config)
+    return sae.fingerprint()
 
 
 def has_checkpoint(checkpoint_dir: str | None) -> bool:

@@ -13,13 +13,13 @@ step saved in the run's `StepCache` so that a killed run resumes after its last 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Callable, Sequence
 
 import numpy as np
 
 from engine import checks, matching, metrics_io, similarity
+from engine import fingerprint as fp_lib
 from experiments.pipeline import feature_pages, features, filters
 from experiments.pipeline.stepcache import StepCache
 from models import sae as sae_lib
@@ -199,16 +199,7 @@ def _decoder_cosines(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, pairs: filters.Pair
 
 def _fingerprint(*parts) -> str:
     """Short hash of what a cached step depends on (reruns with other inputs recompute)."""
-    h = hashlib.sha1()
-    for part in parts:
-        h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray)
-                 else repr(part).encode())
-    return h.hexdigest()[:12]
-
-
-def _sae_fingerprint(sae: sae_lib.SAE) -> str:
-    w = np.asarray(sae.W_dec[:64], np.float32)
-    return _fingerprint(w, np.asarray(sae.b_enc[:64], np.float32), sae.config)
+    return fp_lib.digest(*parts, size=8)
 
 
 def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_lib.SAE,
@@ -219,7 +210,8 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
                    context_text: Callable[[int], str] | None = None,
                    features_dir: str | None = None,
                    stage: Callable[[str], None] | None = None,
-                   pages: feature_pages.PageSource | None = None) -> dict:
+                   pages: feature_pages.PageSource | None = None,
+                   data_key: str = "") -> dict:
     """Runs steps 1-4 for one pair of SAEs and returns its JSON-ready result.
 
     With ``features_dir``, every feature's statistics (density, mean, max, top-activating
@@ -229,7 +221,9 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
     histograms, promoted tokens when ``pages`` has unembeddings) are exported under
     ``features_dir/<name>/<side>/`` (`feature_pages`; default ``pages``: single-token
     contexts, as for independent toy rows). ``stage(label)`` is called as each long part
-    starts (the runner prints ``[k/N] label ...`` lines).
+    starts (the runner prints ``[k/N] label ...`` lines). ``data_key``: a digest of the rows
+    the stream yields (`engine.fingerprint.digest`), part of the cached steps' keys with every
+    weight of both SAEs, so a rerun on other activations recomputes.
     """
     stage = stage or (lambda label: None)
 
@@ -239,7 +233,7 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
         return stream
 
     stage(f"{name}: feature pass")
-    key = _fingerprint(_sae_fingerprint(sae_a), _sae_fingerprint(sae_b), cfg.top_n)
+    key = _fingerprint(sae_a.fingerprint(), sae_b.fingerprint(), cfg.top_n, data_key)
     step = cache.get(f"{name}.features.{key}", lambda: _pass_arrays(features.feature_pass(
         labelled_stream(), sae_a, sae_b, mesh, top_n=cfg.top_n,
         checkpoint_dir=features.checkpoint_path(ckpt_root, f"{name}.{key}"),

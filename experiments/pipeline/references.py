@@ -337,16 +337,23 @@ def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
     each side's feature pages use); ``pool_for(role_side)``: maps a model's own-token rows to
     the comparison's rows (aligned units when the two tokenizers differ; SAEs are trained on
     own tokens); ``extra``: further `run_comparison` keywords."""
+    from engine import fingerprint as fp_lib
     from engine import streaming
     from experiments.pipeline import compare
 
     comps = []
+    digests: dict[int, tuple] = {}   # id -> (array kept alive, digest)
     for spec in specs:
         xa, xb = spec.acts_a, spec.acts_b
         if pool_for is not None:
             xa = pool_for(spec.sae_a.role.side)(xa)
             xb = pool_for(spec.sae_b.role.side)(xb)
         rows = np.arange(xa.shape[0], dtype=np.int32)
+        # Each array is hashed once however many comparisons read it (a grid reuses sides).
+        for x in (xa, xb):
+            if id(x) not in digests:
+                digests[id(x)] = (x, fp_lib.digest(x))
+        data_key = fp_lib.digest(digests[id(xa)][1], digests[id(xb)][1])
         factory = (lambda xa=xa, xb=xb, r=rows: streaming.ChunkStream(
             (r, xa, xb), flags_.chunk_size, name="tokens"))
         comps.append(compare.run_comparison(
@@ -356,7 +363,7 @@ def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
             labels={"kind": spec.kind, "label": spec.label, **spec.labels,
                     "saes": [spec.sae_a.role.key, spec.sae_b.role.key],
                     "seeds": [spec.sae_a.seed, spec.sae_b.seed]},
-            **({"pages": pages_for(spec)} if pages_for else {}), **extra))
+            data_key=data_key, **({"pages": pages_for(spec)} if pages_for else {}), **extra))
     return comps
 
 
