@@ -103,13 +103,27 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
 
 @dataclasses.dataclass
 class LoopConfig:
-    """How long to train and how often to log and save."""
+    """How long to train and how often to log and save.
+
+    Attributes:
+      num_steps: total steps (a resumed run continues up to it).
+      log_every / checkpoint_every: intervals in steps.
+      max_to_keep: checkpoints kept.
+      progress: tqdm bar (else absl log lines with rate and ETA).
+      progress_desc: the bar's label.
+      steps_per_call: > 1 when ``step_fn(state, batch, n)`` runs ``n`` steps in one call (a
+        jitted ``lax.scan``, e.g. many toy-model instances whose data are generated on
+        device); the loop cuts calls at log and checkpoint boundaries, so ``n <=
+        steps_per_call``.
+    """
 
     num_steps: int
     log_every: int = 100
     checkpoint_every: int = 1000
     max_to_keep: int = 2
     progress: bool = True
+    progress_desc: str = "train"
+    steps_per_call: int = 1
 
 
 class NonFiniteError(FloatingPointError):
@@ -125,7 +139,7 @@ class _BatchSource:
 
     def next(self, step: int):
         if self._fn is not None:
-            return self._fn(step)
+            return self._fn(step)          # None: the step function makes its own data
         try:
             chunk = next(self._stream)
         except StopIteration:
@@ -145,19 +159,39 @@ class _BatchSource:
             self._stream.seek(position)
 
 
+def _summaries(name: str, value: np.ndarray) -> dict[str, float]:
+    """Scalars written to metrics.jsonl: the value, or mean/min/max of a vector metric
+    (one entry per toy-model instance or sweep member)."""
+    if value.ndim == 0:
+        return {name: float(value)}
+    return {f"{name}_mean": float(value.mean()), f"{name}_min": float(value.min()),
+            f"{name}_max": float(value.max())}
+
+
 def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str | None,
-          mesh, on_log: Callable[[int, dict], None] | None = None) -> TrainState:
+          mesh, on_log: Callable[[int, dict], None] | None = None,
+          state_sharding: Any = None, meta_fn: Callable[[], dict] | None = None,
+          on_restore: Callable[[dict], None] | None = None) -> TrainState:
     """Runs (or resumes) training to ``config.num_steps``.
 
     Args:
       state: the initial state (used as the restore template when a checkpoint exists).
-      step_fn: from `make_train_step`.
-      data: ``batch_fn(step) -> batch`` (deterministic in the step) or a `ChunkStream` of
-        full chunks whose position is checkpointed.
+      step_fn: from `make_train_step` (``step_fn(state, batch) -> (state, metrics)``), or with
+        ``config.steps_per_call > 1`` ``step_fn(state, batch, n)`` running ``n`` steps.
+        Metrics are scalars or vectors (one value per instance / sweep member); a vector is
+        written to metrics.jsonl as ``<name>_mean/_min/_max``.
+      data: ``batch_fn(step) -> batch`` (deterministic in the step; None when the step
+        function makes its own data) or a `ChunkStream` of full chunks whose position is
+        checkpointed.
       config: step counts and intervals.
       workdir: run directory; ``metrics.jsonl`` and ``checkpoints/`` go there. None: no I/O.
       mesh: the device mesh.
-      on_log: called with ``(step, metrics)`` after each flush.
+      on_log: called with ``(step, metrics)`` after each flush (vector metrics as arrays,
+        averaged over the steps since the last flush).
+      state_sharding: where the state lives (default: replicated on the mesh), e.g. an
+        instance axis split over ``data``.
+      meta_fn: extra JSON saved with every checkpoint (e.g. a loss history).
+      on_restore: called with the restored checkpoint's meta before training resumes.
 
     Returns:
       The final state.
@@ -167,16 +201,24 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
         the last finite step.
     """
     source = _BatchSource(data)
+    spc = int(config.steps_per_call)
+    if spc < 1:
+        raise ValueError(f"LoopConfig.steps_per_call must be >= 1, got {spc}")
     ckpt = writer = None
     if workdir is not None:
         ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_to_keep)
         writer = metrics_io.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
-    state = mesh_lib.replicate(mesh, state, copy=True)
+    if state_sharding is None:
+        state = mesh_lib.replicate(mesh, state, copy=True)
+    else:
+        state = jax.device_put(state, state_sharding)
     if ckpt is not None:
         restored = ckpt.restore(state)   # the newest intact checkpoint (damaged ones skipped)
         if restored is not None:
             _, state, meta = restored
             source.seek(int(meta.get("position", 0)))
+            if on_restore is not None:
+                on_restore(meta)
             logging.info("resumed from step %d (data position %d)", int(state.step),
                          source.position)
         # Lines logged after the restored step (or, starting from scratch, every line) belong
@@ -187,53 +229,82 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.num_steps, initial=start, unit="step", desc="train",
-                   dynamic_ncols=True)
-    pending: list[tuple[int, dict]] = []
+        bar = tqdm(total=config.num_steps, initial=start, unit="step",
+                   desc=config.progress_desc, dynamic_ncols=True)
+    pending: list[tuple[int, int, dict]] = []
     t_last, step_last = time.perf_counter(), start
 
     def flush(step: int) -> None:
         nonlocal t_last, step_last
         if not pending:
             return
-        host = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, host):
+        host = jax.device_get([m for _, _, m in pending])
+        for (s, n, _), m in zip(pending, host):
             for name, value in m.items():
-                if not np.all(np.isfinite(np.asarray(value))):
-                    raise NonFiniteError(f"non-finite {name}={np.asarray(value)} at step {s}; "
-                                         f"last checkpoint is before it (run stopped)")
-        avg = {k: float(np.mean([np.asarray(m[k]) for m in host])) for k in host[-1]}
+                v = np.asarray(value)
+                if not np.all(np.isfinite(v)):
+                    bad = ~np.isfinite(v.reshape(-1))
+                    where = "" if v.ndim == 0 else f" (instance {int(np.argmax(bad))})"
+                    steps = f"step {s}" if n == 1 else f"steps {s}..{s + n}"
+                    shown = v if v.ndim == 0 else v.reshape(-1)[bad][0]
+                    raise NonFiniteError(f"non-finite {name}={shown}{where} at {steps}; last "
+                                         f"checkpoint is before it (run stopped)")
+        weights = np.asarray([n for _, n, _ in pending], np.float64)
+        avg = {k: np.tensordot(weights / weights.sum(),
+                               np.stack([np.asarray(m[k], np.float64) for m in host]), 1)
+               for k in host[-1]}
         now = time.perf_counter()
-        avg["steps_per_sec"] = (step - step_last) / max(now - t_last, 1e-9)
+        rate = (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
         pending.clear()
+        row = {}
+        for k, v in avg.items():
+            row.update(_summaries(k, v))
+        row["steps_per_sec"] = rate
         if writer is not None:
-            writer.write(step, avg)
+            writer.write(step, row)
         if on_log is not None:
-            on_log(step, avg)
+            on_log(step, {**{k: (float(v) if v.ndim == 0 else v) for k, v in avg.items()},
+                          "steps_per_sec": rate})
+        loss = float(np.mean(avg["loss"])) if "loss" in avg else float("nan")
         if bar is not None:
-            bar.set_postfix(loss=f"{avg['loss']:.4g}")
+            bar.set_postfix(loss=f"{loss:.4g}")
         else:
-            eta = (config.num_steps - step) / max(avg["steps_per_sec"], 1e-9)
+            eta = (config.num_steps - step) / max(rate, 1e-9)
             logging.info("step %d/%d loss %.5g (%.1f steps/s, ETA %.0fs)", step,
-                         config.num_steps, avg["loss"], avg["steps_per_sec"], eta)
+                         config.num_steps, loss, rate, eta)
 
-    for step in range(start, config.num_steps):
-        batch = mesh_lib.shard_batch(mesh, source.next(step))
-        state, metrics = step_fn(state, batch)
-        pending.append((step, metrics))
-        done = step + 1
+    def save(step: int) -> None:
+        meta = {"position": source.position}
+        if meta_fn is not None:
+            meta.update(meta_fn())
+        ckpt.save(step, state, meta)
+
+    step = start
+    while step < config.num_steps:
+        n = 1
+        if spc > 1:
+            bounds = [spc, config.num_steps - step, config.log_every - step % config.log_every]
+            if ckpt is not None:
+                bounds.append(config.checkpoint_every - step % config.checkpoint_every)
+            n = min(bounds)
+        batch = source.next(step)
+        if batch is not None:
+            batch = mesh_lib.shard_batch(mesh, batch)
+        state, metrics = step_fn(state, batch) if spc == 1 else step_fn(state, batch, n)
+        pending.append((step, n, metrics))
+        step += n
         if bar is not None:
-            bar.update(1)
-        if done % config.log_every == 0 or done == config.num_steps:
-            flush(done)
-        if ckpt is not None and (done % config.checkpoint_every == 0 or done == config.num_steps):
-            flush(done)
-            ckpt.save(done, state, {"position": source.position})
+            bar.update(n)
+        if step % config.log_every == 0 or step == config.num_steps:
+            flush(step)
+        if ckpt is not None and (step % config.checkpoint_every == 0
+                                 or step == config.num_steps):
+            flush(step)
+            save(step)
     flush(config.num_steps)
     if bar is not None:
         bar.close()
     if ckpt is not None:
         ckpt.close()
     return state
-

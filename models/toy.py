@@ -21,8 +21,9 @@ continues bit-identically.
 
 Training is a `jax.lax.scan` of the train step over ``log_every`` steps per jitted call (one
 dispatch per log interval instead of per step: small toy models are otherwise dominated by
-Python overhead), with the engine's `TrainState`, orbax `Checkpointer`, ``metrics.jsonl`` and
-the NaN guard of `engine.train`. The optimiser is AdamW as in the original notebook (lr 1e-3,
+Python overhead), driven by the engine's one train loop (`engine.train.train` with
+``steps_per_call``: its checkpoints, ``metrics.jsonl``, progress bar, exact resume and NaN
+guard, with the instance axis split over the mesh). The optimiser is AdamW as in the original notebook (lr 1e-3,
 PyTorch defaults: betas (0.9, 0.999), eps 1e-8, weight decay 0.01). AdamW is element-wise, so
 stacking the instances' parameters in one optimiser state keeps them independent.
 
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 from typing import Any, Sequence
 
@@ -54,9 +54,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine import checks
-from engine import checkpoint as ckpt_lib
 from engine import mesh as mesh_lib
-from engine import metrics_io
 from engine import train as train_lib
 
 ACTIVATIONS = ("relu", "linear")
@@ -510,56 +508,42 @@ def train(config: ToyConfig, instances: ToyInstances, *, steps: int, mesh=None,
                                     f"of log_every={log_every}")
     sweep = Sweep(config, instances, mesh)
     count = sweep.count
-
-    ckpt = writer = None
     hist_steps: list[int] = []
     hist_loss: list[np.ndarray] = []
+
+    # The one train loop (`engine.train.train`): log_every steps per jitted scan call, the
+    # instance axis split over the mesh, the loss history saved with each checkpoint.
+    def step_fn(state, batch, n):
+        del batch                      # every instance samples its own data on device
+        fn = _chunk_fn(config, sweep.mesh, int(n), sweep.n_padded)
+        state, mean_loss = fn(state, sweep.instances)
+        return state, {"loss": mean_loss[:count]}    # padded copies dropped
+
+    def on_log(step, metrics):
+        hist_steps.append(int(step))
+        hist_loss.append(np.asarray(metrics["loss"], np.float64))
+
+    def meta_fn():
+        return {"n_instances": count, "history_steps": hist_steps,
+                "history_loss": [r.tolist() for r in hist_loss]}
+
+    def on_restore(meta):
+        if int(meta.get("n_instances", count)) != count:
+            raise checks.InputError(f"{workdir}: checkpoint holds {meta.get('n_instances')} "
+                                    f"instances, this sweep has {count}")
+        hist_steps[:] = [int(s) for s in meta.get("history_steps", [])]
+        hist_loss[:] = [np.asarray(r, np.float64) for r in meta.get("history_loss", [])]
+
     if workdir is not None:
         os.makedirs(workdir, exist_ok=True)
-        ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep)
-        writer = metrics_io.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
-        restored = ckpt.restore(sweep.state)
-        if restored is not None:
-            _, state, meta = restored
-            if int(meta.get("n_instances", count)) != count:
-                raise checks.InputError(f"{workdir}: checkpoint holds {meta.get('n_instances')} "
-                                        f"instances, this sweep has {count}")
-            sweep.state = state
-            hist_steps = list(meta.get("history_steps", []))
-            hist_loss = [np.asarray(r, np.float64) for r in meta.get("history_loss", [])]
-            writer.truncate_after(sweep.step)
-            logging.info("toy: resumed %s from step %d", workdir, sweep.step)
-    step = sweep.step
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=step, unit="step", desc="toy", dynamic_ncols=True)
-
-    while step < steps:
-        n = min(log_every - step % log_every, steps - step)
-        mean_loss = np.asarray(mesh_lib.gather(sweep.advance(n)))[:count]
-        step += n
-        if not np.all(np.isfinite(mean_loss)):
-            bad = int(np.argmax(~np.isfinite(mean_loss)))
-            raise train_lib.NonFiniteError(f"non-finite loss of instance {bad} in steps "
-                                           f"{step - n}..{step}; last checkpoint is before it")
-        hist_steps.append(step)
-        hist_loss.append(mean_loss)
-        if writer is not None:
-            writer.write(step, {"loss_mean": float(np.mean(mean_loss)),
-                                "loss_min": float(np.min(mean_loss)),
-                                "loss_max": float(np.max(mean_loss))})
-        if bar is not None:
-            bar.update(n)
-            bar.set_postfix(loss=f"{np.mean(mean_loss):.4g}")
-        if ckpt is not None and ((checkpoint_every and step % checkpoint_every == 0)
-                                 or step == steps):
-            ckpt.save(step, sweep.state, {"n_instances": count, "history_steps": hist_steps,
-                                          "history_loss": [r.tolist() for r in hist_loss]})
-    if bar is not None:
-        bar.close()
-    if ckpt is not None:
-        ckpt.close()
+    loop = train_lib.LoopConfig(num_steps=steps, log_every=log_every,
+                                checkpoint_every=checkpoint_every or steps,
+                                max_to_keep=max_to_keep, progress=progress,
+                                progress_desc="toy", steps_per_call=log_every)
+    sweep.state = train_lib.train(
+        sweep.state, step_fn, lambda step: None, loop, workdir=workdir, mesh=sweep.mesh,
+        on_log=on_log, state_sharding=_shardings(sweep.mesh, sweep.state, sweep.n_padded),
+        meta_fn=meta_fn, on_restore=on_restore)
     history = np.asarray(hist_loss, np.float64).reshape(len(hist_loss), count)
     last = history[-1] if len(history) else np.full(count, np.nan)
     return ToyResult(params=sweep.params(), loss=last,
