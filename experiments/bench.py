@@ -63,8 +63,8 @@ BENCHMARKS = (
                "small": ["--bt_instances=200"], "issue": []}),
     Benchmark("sae",
               "plain PyTorch TopK SAE step with Adam (dense encoder/decoder, torch.topk)",
-              {"smoke": ["--d_in=32", "--d_sae=256", "--k=4", "--batch=64"],
-               "small": ["--scale=0.25"], "issue": []}),
+              {"smoke": ["--bs_d_in=32", "--bs_d_sae=256", "--bs_k=4", "--bs_batch=64"],
+               "small": ["--bs_scale=0.25"], "issue": []}),
     Benchmark("similarity",
               "pairwise: the jitted float32 GEMM of one tile (NumPy's GEMM is faster on 2 CPU "
               "cores and is the stronger peer still to add); correlation: the dense z-scored "

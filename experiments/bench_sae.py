@@ -21,32 +21,30 @@ so neither side pays for it in these few steps.
 
 Run (writes JSON, prints ratios)::
 
-    python -m experiments.bench_sae --out=runs/bench_sae/bench.json --threads=2
+    python -m experiments.bench_sae --out=runs/bench/sae.json --threads=2
 
-``--scale=0.25`` divides batch and d_sae by 4 for a quick check (recorded in the JSON).
+``--bs_scale=0.25`` divides batch and d_sae by 4 for a quick check (recorded in the JSON).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from absl import app, flags
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/bench_sae/bench.json")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--d_in", type=int, default=512)
-    p.add_argument("--d_sae", type=int, default=16384)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply batch and d_sae by this (quick runs)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps_per_call", type=int, default=2)
-    p.add_argument("--skip", default="", help="comma list of comparisons to skip")
-    return p.parse_args(argv)
+from experiments import common
+
+FLAGS = flags.FLAGS
+common.define_bench_flags()
+flags.DEFINE_integer("bs_d_in", 512, "SAE input width.")
+flags.DEFINE_integer("bs_d_sae", 16384, "SAE latents.")
+flags.DEFINE_integer("bs_k", 32, "TopK k.")
+flags.DEFINE_integer("bs_batch", 4096, "Rows per step.")
+flags.DEFINE_float("bs_scale", 1.0, "Multiply batch and d_sae by this (quick runs).")
+flags.DEFINE_integer("bs_steps_per_call", 2, "Steps timed per call (both sides).")
+flags.DEFINE_list("bs_skip", [], "Comparisons to skip (train_step, dense_vs_torch, "
+                  "sparse_vs_dense_step, decode_fwd_bwd).")
 
 
 def torch_topk_sae(torch, w_dec, b_dec, k, lr, eps):
@@ -83,7 +81,8 @@ def torch_topk_sae(torch, w_dec, b_dec, k, lr, eps):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    del argv
+    args = FLAGS
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from engine import bench
     budget = bench.set_thread_budget(args.threads)
@@ -98,16 +97,16 @@ def main(argv=None) -> dict:
     from models import sae as sae_lib
     from models import sae_train
 
-    d_in, k = args.d_in, args.k
-    d_sae = int(round(args.d_sae * args.scale))
-    batch = int(round(args.batch * args.scale))
+    d_in, k = args.bs_d_in, args.bs_k
+    d_sae = int(round(args.bs_d_sae * args.bs_scale))
+    batch = int(round(args.bs_batch * args.bs_scale))
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
     # Activation-like data: a few strong directions plus noise, already at norm ~sqrt(d_in).
     x = (rng.normal(size=(batch, d_in)) + rng.normal(size=(batch, 8)) @
          rng.normal(size=(8, d_in))).astype(np.float32)
     x *= np.sqrt(d_in) / np.mean(np.linalg.norm(x, axis=1))
-    skip = set(filter(None, args.skip.split(",")))
+    skip = set(args.bs_skip)
 
     def jax_program(decode):
         cfg = sae_train.TrainConfig(d_sae=d_sae, activation="topk", k=k, lr=1e-4,
@@ -123,17 +122,17 @@ def main(argv=None) -> dict:
 
         def call():
             s = holder["state"]
-            for _ in range(args.steps_per_call):
+            for _ in range(args.bs_steps_per_call):
                 s, m = fn(s, xb)
             holder["state"] = s
             return m["loss"]
         return call, holder
 
     results = []
-    meta = {"d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "scale": args.scale,
-            "steps_per_call": args.steps_per_call, "thread_budget": budget,
+    meta = {"d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "scale": args.bs_scale,
+            "steps_per_call": args.bs_steps_per_call, "thread_budget": budget,
             "sparse_auto": sae_lib.prefer_sparse(d_sae, k)}
-    tokens = batch * args.steps_per_call
+    tokens = batch * args.bs_steps_per_call
 
     sparse_prog, sparse_state = jax_program("sparse")
     # -- same computation check: one step of JAX (sparse) vs torch from the same weights ----
@@ -165,7 +164,7 @@ def main(argv=None) -> dict:
 
         def torch_call():
             with torch.enable_grad():
-                for _ in range(args.steps_per_call):
+                for _ in range(args.bs_steps_per_call):
                     loss = tstep(xt)
             return loss
         r = bench.compare(jax_call, torch_call, repeats=args.repeats, warmup=1,
@@ -220,10 +219,11 @@ def main(argv=None) -> dict:
 
     doc = bench.report(results, None)
     doc["config"] = meta
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    out = common.bench_out("sae")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     from engine import metrics_io
-    metrics_io.write_json(args.out, doc)
-    print(f"wrote {args.out}")
+    metrics_io.write_json(out, doc)
+    print(f"wrote {out}")
     for r in results:
         goal = f" (goal {r['goal']}x)" if r["goal"] else ""
         print(f"{r['name']}: {r['speedup']:.2f}x{goal}")
@@ -231,4 +231,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
