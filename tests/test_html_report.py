@@ -190,10 +190,18 @@ def test_grid_importance_and_paging_in_browser(browser, tmp_path):
     from selenium.webdriver.common.by import By
     results = bench_report.synthetic_workdir(str(tmp_path / "run"), 300, n_small=20,
                                              n_contexts=3)
+    # Labels and tokens are text, never markup (even one that closes the inline script).
+    evil = "</script><b id='injected'>x</b>"
+    path = tmp_path / "run" / "results.json"
+    raw = json.loads(path.read_text())
+    raw["comparisons"][0]["label"] = evil
+    path.write_text(json.dumps(raw))
     from experiments.pipeline import html_report
     index = html_report.write_report(str(tmp_path / "run"))
     _open(browser, index)
     assert _errors(browser) == []
+    assert not browser.find_elements(By.ID, "injected")
+    assert evil in browser.find_element(By.ID, "overview").text
     # Layer grid: one heatmap per metric; significant cells (p < alpha, excess > 0) marked.
     by_cell = {(c["hookpoint_a"], c["hookpoint_b"]): c for c in results["comparisons"]
                if c["hookpoint_a"]}
