@@ -46,6 +46,7 @@ Standalone importance of one SAE: ``python -m experiments.importance`` (experime
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -336,6 +337,25 @@ def plot_deciles(curves: dict[str, list], metric: str, path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def annotate_feature_table(path: str, scores: dict) -> bool:
+    """Adds each feature's importance (attribution) to the comparison's feature table, where
+    the report's pair table and feature pages show it. Returns False when there is no table."""
+    if not os.path.exists(path):
+        return False
+    from engine import metrics_io
+    with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+    for side, values in scores.items():
+        rows = table.get(side) or []
+        if len(rows) != len(values):
+            raise checks.InputError(f"{path}: {len(rows)} features on side {side}, importance "
+                                    f"has {len(values)}")
+        for row, v in zip(rows, np.asarray(values, np.float64)):
+            row["importance"] = float(v)
+    metrics_io.write_json(path, table)
+    return True
+
+
 def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: dict,
               comps: list[dict], ceiling: tuple | None = None, floor: tuple | None = None,
               cache=None) -> dict:
@@ -413,6 +433,8 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
         return out
     ha, hb = cross["hookpoint_a"], cross["hookpoint_b"]
     ia, ib = imps[f"A {ha}"], imps[f"B {hb}"]
+    annotate_feature_table(run.path("features", f"{cross['name']}.json"),
+                           {"a": ia.attribution, "b": ib.attribution})
     a, b = np.asarray(cross["pairs"]["a"]), np.asarray(cross["pairs"]["b"])
     section["restricted"] = restricted_comparisons(
         saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, ia.attribution, ib.attribution, cfg,
