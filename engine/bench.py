@@ -88,7 +88,7 @@ def compare(candidate: Callable[[], Any], baseline: Callable[[], Any], *, repeat
 
 def environment() -> dict:
     """Machine and library facts recorded with every benchmark."""
-    info = {"python": sys.version.split()[0], "platform": platform.platform(),
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     if "jax" in sys.modules:

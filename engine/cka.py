@@ -166,7 +166,8 @@ def minibatch_cka_stream(stream: streaming.ChunkStream, mesh, *, progress: bool 
         bar.close()
     if batches == 0:
         raise checks.InputError(f"minibatch CKA: no chunk of {stream.name} had >= 4 valid rows")
-    score = _ratio(*(sums / batches), "minibatch CKA")
+    hxy, hxx, hyy = (float(v) for v in sums / batches)
+    score = _ratio(hxy, hxx, hyy, "minibatch CKA")
     return CKAResult("cka_minibatch", score, total, rows, d1, d2, batches=batches)
 
 

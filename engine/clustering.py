@@ -271,6 +271,7 @@ def kmeans(X, n_clusters: int, *, seed: int = 0, n_init: int = 10, max_iter: int
         inertia = float(np.sum((X - C[labels]) ** 2))
         if inertia < best[1]:
             best = (labels, inertia)
+    assert best[0] is not None
     return best[0], best[1]
 
 

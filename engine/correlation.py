@@ -62,7 +62,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -108,6 +108,9 @@ class CorrState:
     sel_b: jax.Array
     lut_a: jax.Array
     lut_b: jax.Array
+
+    if TYPE_CHECKING:   # flax.struct adds `replace` at run time; declared for the type checker
+        def replace(self, **changes: Any) -> "CorrState": ...
 
 
 @dataclasses.dataclass

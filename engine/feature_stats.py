@@ -13,6 +13,8 @@ broken by lower row id (deterministic).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -28,8 +30,13 @@ class FeatureStatsState:
     mean: jax.Array         # [F]
     m2: jax.Array           # [F] centred sum of squares
     max: jax.Array          # [F]
-    top_values: jax.Array   # [F, N] descending
-    top_rows: jax.Array     # [F, N] global row ids (-1 = empty slot)
+    # [F, N] descending / global row ids (-1 = empty slot); None only inside `update`, between
+    # the moments of a chunk and its top-k.
+    top_values: jax.Array | None
+    top_rows: jax.Array | None
+
+    if TYPE_CHECKING:   # flax.struct adds `replace` at run time; declared for the type checker
+        def replace(self, **changes: Any) -> "FeatureStatsState": ...
 
 
 @flax.struct.dataclass

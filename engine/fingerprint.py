@@ -64,7 +64,7 @@ def digest(*parts: Any, size: int = 16) -> str:
             import numpy as np   # only when arrays are hashed: keeps start-up standard-library
             a = np.ascontiguousarray(part)
             h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(memoryview(a).cast("B"))
+            h.update(a.data)
         else:
             h.update(repr(part).encode())
     return h.hexdigest()

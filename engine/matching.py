@@ -125,7 +125,8 @@ def greedy(scores, *, maximize: bool = True) -> Matching:
     n_a, n_b = s.shape
     free_r = np.ones(n_a, bool)
     free_c = np.ones(n_b, bool)
-    rows, cols = [], []
+    row_parts: list[np.ndarray] = []
+    col_parts: list[np.ndarray] = []
     work = s
     while free_r.any() and free_c.any():
         r_idx = np.flatnonzero(free_r)
@@ -135,8 +136,8 @@ def greedy(scores, *, maximize: bool = True) -> Matching:
         best_r = np.argmax(sub, axis=0)                    # first max: lowest row
         mutual = best_r[best_c] == np.arange(r_idx.size)
         got = np.flatnonzero(mutual)
-        rows.append(r_idx[got])
-        cols.append(c_idx[best_c[got]])
+        row_parts.append(r_idx[got])
+        col_parts.append(c_idx[best_c[got]])
         free_r[r_idx[got]] = False
         free_c[c_idx[best_c[got]]] = False
         remaining = min(free_r.sum(), free_c.sum())
@@ -146,11 +147,11 @@ def greedy(scores, *, maximize: bool = True) -> Matching:
             c_idx = np.flatnonzero(free_c)
             rr, cc = np.meshgrid(r_idx, c_idx, indexing="ij")
             m = _greedy_sorted(rr.ravel(), cc.ravel(), work[rr, cc].ravel())
-            rows.append(m[0])
-            cols.append(m[1])
+            row_parts.append(m[0])
+            col_parts.append(m[1])
             break
-    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
+    cols = np.concatenate(col_parts) if col_parts else np.zeros(0, np.int64)
     return _sorted(rows, cols, np.asarray(scores, np.float64)[rows, cols], "greedy")
 
 
@@ -194,7 +195,7 @@ def greedy_edges(rows, cols, values, *, maximize: bool = True) -> Matching:
     r, c = _greedy_sorted(rows.astype(np.int64), cols.astype(np.int64), v)
     if r.size:
         # Score of each chosen pair: the best (greedy took the best copy first).
-        best = {}
+        best: dict[tuple[int, int], float] = {}
         for rr, cc, vv in zip(rows.tolist(), cols.tolist(), v.tolist()):
             key = (rr, cc)
             if key not in best or vv > best[key]:
@@ -246,7 +247,8 @@ def greedy_streamed(a, b, mesh=None, *, k: int = 8, max_dense: int = 1 << 22,
     k = checks.check_positive_int("greedy_streamed k", k)
     left_a = np.arange(a.shape[0])
     left_b = np.arange(b.shape[0])
-    rows, cols = [], []
+    row_parts: list[np.ndarray] = []
+    col_parts: list[np.ndarray] = []
     for _ in range(max_rounds):
         if not (left_a.size and left_b.size):
             break
@@ -258,12 +260,12 @@ def greedy_streamed(a, b, mesh=None, *, k: int = 8, max_dense: int = 1 << 22,
             res = pairwise.max_cosine(a[left_a], b[left_b], mesh,
                                       k=min(k, left_a.size, left_b.size))
             m = greedy_edges(*candidate_edges(res))
-        rows.append(left_a[m.rows])
-        cols.append(left_b[m.cols])
+        row_parts.append(left_a[m.rows])
+        col_parts.append(left_b[m.cols])
         left_a = np.setdiff1d(left_a, left_a[m.rows], assume_unique=True)
         left_b = np.setdiff1d(left_b, left_b[m.cols], assume_unique=True)
-    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
+    cols = np.concatenate(col_parts) if col_parts else np.zeros(0, np.int64)
     an = np.asarray(a[rows], np.float64)
     bn = np.asarray(b[cols], np.float64)
     vals = np.einsum("nd,nd->n", an, bn) / (np.linalg.norm(an, axis=1) *

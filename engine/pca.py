@@ -132,6 +132,7 @@ def reconstruction_pca(W_cluster, codes=None, *, moments: accumulators.Moments |
         mu = C[active].mean(0)
         cov = np.cov(C[active].T, bias=True).reshape(m, m)
     else:
+        assert moments is not None
         mu = np.asarray(moments.mean_x, np.float64)
         cov = np.asarray(moments.cov_xx, np.float64)
         if mu.shape != (m,):

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import flax.struct
 import jax
@@ -38,6 +38,9 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+
+    if TYPE_CHECKING:   # flax.struct adds `replace` at run time; declared for the type checker
+        def replace(self, **changes: Any) -> "TrainState": ...
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation,
@@ -223,6 +226,7 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
                          source.position)
         # Lines logged after the restored step (or, starting from scratch, every line) belong
         # to a killed run whose state is lost: drop them so no step appears twice.
+        assert writer is not None
         writer.truncate_after(int(state.step))
     start = int(state.step)
 
@@ -275,6 +279,7 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
                          config.num_steps, loss, rate, eta)
 
     def save(step: int) -> None:
+        assert ckpt is not None
         meta = {"position": source.position}
         if meta_fn is not None:
             meta.update(meta_fn())

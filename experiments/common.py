@@ -488,6 +488,10 @@ class Run:
         print(line, flush=True)
         logging.info("%s", line)
 
+    def plan_stages(self, remaining: int) -> None:
+        """Sets the stage total once the run knows its plan: ``remaining`` more stages."""
+        self.stages_total = self._stage + int(remaining)
+
     def finish(self) -> None:
         """Marks the run finished in its fingerprint (a rerun then has nothing to do)."""
         path = self.path(FINGERPRINT)

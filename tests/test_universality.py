@@ -112,12 +112,13 @@ def test_outputs_and_resume(toy_run):
     assert (workdir / "config.json").exists()
     # Stage lines on stdout, numbered against the expected total.
     stages = [line for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert stages[0] == "[1/10] toy data and 5 SAEs (train or load) ..."
-    assert "[4/10] control: feature pass ..." in stages and stages[-1].startswith("[10/10]")
+    assert stages[0] == "[1/12] toy data and SAEs (train or load) ..."
+    assert "[10/12] control: feature pass ..." in stages and stages[-1].startswith("[12/12]")
+    assert all(s.split("]")[0].endswith("/12") for s in stages), stages
     # The log file holds the project's messages, not orbax's.
     with open(workdir / "log.INFO") as f:
         log = f.read()
-    assert "[1/10] toy data" in log and "orbax" not in log.lower()
+    assert "[1/12] toy data" in log and "orbax" not in log.lower()
     # A rerun of the finished run has nothing to do (and says so in one line).
     again = universality(workdir, *TOY)
     assert again.stdout.strip().startswith("nothing to do: results from ")

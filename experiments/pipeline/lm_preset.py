@@ -361,6 +361,8 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
                 planner.cell(side_a, ha, side_b, hb, cond,
                              floor_acts=floor_acts if refs.floor else None)
     specs = planner.specs()
+    if hasattr(run, "plan_stages"):   # two stages per comparison, then the results
+        run.plan_stages(2 * len(specs) + 1)
     pool = {"a": pool_a, "b": pool_b}   # own-token rows -> the comparison's rows, per model
     comps = references.run_specs(specs, run, flags_, cfg, cache, token_text,
                                  pages_for=pages_for,

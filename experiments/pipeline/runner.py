@@ -76,6 +76,8 @@ def run_toy(run, flags_, cfg: compare.CompareConfig, cache: StepCache) -> dict:
     def token_text(rows):
         return [vocab[int(token_ids[r])] for r in rows]
 
+    if hasattr(run, "plan_stages"):   # two stages per comparison, then the results
+        run.plan_stages(2 * len(built["specs"]) + 1)
     comps = references.run_specs(built["specs"], run, flags_, cfg, cache, token_text,
                                  features_dir=run.path("features"),
                                  stage=getattr(run, "stage", None))
@@ -93,8 +95,9 @@ def _stage(run, label: str) -> None:
 def expected_stages(flags_) -> int:
     """Stage lines the run will print: set-up, two per comparison (feature pass, metrics),
     results. A later count that grows (e.g. more reference comparisons) just raises N."""
-    if flags_.preset == "toy":
-        return 1 + 2 * 4 + 1
+    refs_per_cell = len(flags_.ceiling_sides) + bool(getattr(flags_, "random_init_floor", True))
+    if flags_.preset == "toy":       # cross, ceilings, floor, control (corrected once planned)
+        return 1 + 2 * (2 + refs_per_cell) + 1
     from experiments.pipeline import lm_preset
     if flags_.lm_setup == "custom":
         hps = (flags_.hookpoints_a, flags_.hookpoints_b)
