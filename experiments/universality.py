@@ -34,7 +34,7 @@ Rerunning the same command resumes after the last finished step, or prints "noth
 results from <time>" when the run finished. Other settings (or other data files, or other
 code) in the same workdir are refused before any work, naming the differing keys: use a new
 workdir or ``--overwrite``. ``--dry_run`` checks the settings and says what a run would do.
-Progress: stage lines on stdout (``[3/10] ceiling: feature pass ...``) and labelled tqdm bars.
+Progress: stage lines on stdout (``[4/12] ceiling_a: feature pass ...``) and labelled tqdm bars.
 Every run ends by writing ``WORKDIR/report/index.html``, a static paired-feature browser
 (`experiments.pipeline.html_report`; rebuild it with ``python -m experiments.report
 --workdir=WORKDIR``).
