@@ -282,9 +282,12 @@ def activate(pre: jax.Array, cfg: JointConfig, weights: jax.Array, training: boo
         return f
     score = f * weights
     if cfg.activation == "topk":
-        _, idx = jax.lax.top_k(score, cfg.k)
-        keep = sae_lib.scatter_rows(jnp.ones(idx.shape, f.dtype), idx, cfg.d_sae)
-        return f * keep
+        # Keep entries at least as large as the row's k-th largest score: elementwise, so the
+        # row-sharded batch needs no scatter (a scatter made XLA all-gather the rows, which
+        # deadlocked the simulated multi-device CPU runtime). Ties at the k-th value keep
+        # more than k only for exactly equal scores; zero scores are dropped by ``f``.
+        kth = jax.lax.top_k(score, cfg.k)[0][..., -1:]
+        return jnp.where(score >= kth, f, 0.0)
     if training:
         keep = sae_lib.batch_topk(score, cfg.k) > 0
     else:
