@@ -27,8 +27,8 @@ of two models A and B:
 * geometry of the shared latents: their paired decoder rows through the universality
   pipeline's metrics with random-pairing nulls (`engine.similarity.evaluate`,
   `experiments.pipeline.compare.DEFAULT_METRICS`);
-* latent scaling (Minder et al. 2025, arXiv 2504.02922; `models.joint_sae.latent_scaling`):
-  norm-exclusive latents whose ``nu`` in the other model is ``>= 0.5`` (`ARTIFACT_NU`) are
+* latent scaling (Minder et al. 2025, arXiv 2504.02922; `models.joint_sae.latent_scaling`;
+  crosscoders only, as it needs one code for all models): norm-exclusive latents whose ``nu`` in the other model is ``>= 0.5`` (`ARTIFACT_NU`) are
   flagged as exclusive only through a sparsity artifact.
 """
 
@@ -265,9 +265,12 @@ def analyze_joint(joint: js.JointSAE, xs: Sequence[np.ndarray], mesh, *, truth=N
         calls["decoder_norm"] = sharing_by_norm(r_b, live)
         out["r"] = r_b.tolist()
         out["r_histogram"] = {"bins": R_BINS.tolist(), "counts": r_histogram(r_b, live)}
-        scaling = js.latent_scaling(codes.codes, codes.xns, codes.recons, w)
-        out["latent_scaling"] = artifact_summary(scaling, calls["decoder_norm"].exclusive_a,
-                                                 calls["decoder_norm"].exclusive_b)
+        if cfg.shared_code:
+            # Minder et al.'s check needs one code for every model (crosscoders); a universal
+            # SAE's code differs per source model.
+            scaling = js.latent_scaling(codes.codes, codes.xns, codes.recons, w)
+            out["latent_scaling"] = artifact_summary(
+                scaling, calls["decoder_norm"].exclusive_a, calls["decoder_norm"].exclusive_b)
     if cfg.design in ("universal", "aligned"):
         for pairing in ("same_index", "best_partner"):
             call, stats = sharing_by_activation(codes.codes[0], codes.codes[1], mesh,
