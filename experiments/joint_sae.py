@@ -219,6 +219,13 @@ def summarise(real: list[dict], floor: list[dict]) -> list[dict]:
             row["latent_scaling_flagged"] = [ls["exclusive_a"]["n_flagged"],
                                              ls["exclusive_b"]["n_flagged"]]
             row["latent_scaling_exclusive"] = [ls["exclusive_a"]["n"], ls["exclusive_b"]["n"]]
+            if "n_carrying_true_shared" in ls["exclusive_a"]:
+                # Known truth: norm-exclusive latents that carry a truly shared feature (real
+                # artifacts) and how many of them the check flags.
+                row["latent_scaling_true_artifacts"] = [
+                    ls[f"exclusive_{s}"].get("n_carrying_true_shared", 0) for s in "ab"]
+                row["latent_scaling_flagged_true_artifacts"] = [
+                    ls[f"exclusive_{s}"].get("n_flagged_carrying_true_shared", 0) for s in "ab"]
         rows.append(row)
     return rows
 
@@ -246,6 +253,14 @@ def print_summary(rows: list[dict]) -> None:
               f"{_fmt(r.get('shared_recall')):>5s} {_fmt(ex_sh):>5s} "
               f"{_fmt(sv.get('score')):>6s} {_fmt(sv.get('p')):>5s} "
               f"{_fmt(fsv.get('score')):>8s}")
+    for r in rows:
+        if "latent_scaling_flagged" in r:
+            line = (f"latent scaling {r['label']}: flagged {r['latent_scaling_flagged']} of "
+                    f"{r['latent_scaling_exclusive']} norm-exclusive latents (A, B)")
+            if "latent_scaling_true_artifacts" in r:
+                line += (f"; truly shared among them {r['latent_scaling_true_artifacts']}, "
+                         f"of which flagged {r['latent_scaling_flagged_true_artifacts']}")
+            print(line)
     print("shared: fraction of live latents called shared (criterion per design; thresholds in "
           "experiments/pipeline/joint_metrics.py); floor: the same on the nothing-shared pair; "
           "P_sh/R_sh: precision/recall of the shared call vs the known truth; exSh: fraction "

@@ -221,18 +221,31 @@ def geometry(x: np.ndarray, y: np.ndarray, mesh, *, num_permutations: int = 200,
 
 
 def artifact_summary(scaling: js.LatentScaling, exclusive_a: np.ndarray,
-                     exclusive_b: np.ndarray) -> dict:
-    """Minder et al.'s check on the norm-exclusive latents of two models."""
+                     exclusive_b: np.ndarray, w_decs=None, truth=None) -> dict:
+    """Minder et al.'s check on the norm-exclusive latents of two models.
+
+    With ``w_decs`` (the two decoders) and a known-truth ``truth`` pair, also: how many
+    norm-exclusive latents carry a truly SHARED feature in their owner model (decoder cosine
+    >= `TRUTH_MIN_COS`), i.e. are real artifacts, and how many of those the check flags.
+    """
     out = {"threshold_nu": ARTIFACT_NU}
-    for name, ids, other in (("a", exclusive_a, 1), ("b", exclusive_b, 0)):
+    for side, (name, ids, other) in enumerate((("a", exclusive_a, 1), ("b", exclusive_b, 0))):
         ne = scaling.nu_error[other, ids]
         nr = scaling.nu_recon[other, ids]
         flag = (np.nan_to_num(ne) >= ARTIFACT_NU) | (np.nan_to_num(nr) >= ARTIFACT_NU)
-        out[f"exclusive_{name}"] = {
+        entry = {
             "n": int(ids.size), "n_flagged": int(flag.sum()),
             "flagged": ids[flag].tolist(),
             "nu_error_median": float(np.nanmedian(ne)) if ids.size else None,
             "nu_recon_median": float(np.nanmedian(nr)) if ids.size else None}
+        if truth is not None and w_decs is not None and ids.size:
+            feats = truth.features_a if side == 0 else truth.features_b
+            n_shared = int(np.sum(np.asarray(truth.true_match) >= 0))
+            f, c = _match_truth(np.asarray(w_decs[side])[ids], feats)
+            carries_shared = (c >= TRUTH_MIN_COS) & (f < n_shared)
+            entry["n_carrying_true_shared"] = int(carries_shared.sum())
+            entry["n_flagged_carrying_true_shared"] = int((carries_shared & flag).sum())
+        out[f"exclusive_{name}"] = entry
     return out
 
 
@@ -270,7 +283,8 @@ def analyze_joint(joint: js.JointSAE, xs: Sequence[np.ndarray], mesh, *, truth=N
             # SAE's code differs per source model.
             scaling = js.latent_scaling(codes.codes, codes.xns, codes.recons, w)
             out["latent_scaling"] = artifact_summary(
-                scaling, calls["decoder_norm"].exclusive_a, calls["decoder_norm"].exclusive_b)
+                scaling, calls["decoder_norm"].exclusive_a, calls["decoder_norm"].exclusive_b,
+                w, truth)
     if cfg.design in ("universal", "aligned"):
         for pairing in ("same_index", "best_partner"):
             call, stats = sharing_by_activation(codes.codes[0], codes.codes[1], mesh,
