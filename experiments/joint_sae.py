@@ -327,12 +327,12 @@ def main(argv):
         _fail(f"--seeds / --l1_coeffs / --align_coeffs: {e}")
     for s in seeds:
         joint_configs(s)
-    from engine import similarity
+    from engine import checks, similarity
     for name in FLAGS.metrics:
         try:
             similarity.get(name)
-        except Exception as e:  # the registry's one-line error
-            _fail(f"--metrics: {str(e).splitlines()[0]}")
+        except checks.InputError as e:
+            _fail(f"--metrics: {e}")
     if FLAGS.batch_size % run.mesh.shape["data"]:
         _fail(f"--batch_size={FLAGS.batch_size} is not divisible by the mesh data axis "
               f"({run.mesh.shape['data']})")
