@@ -66,9 +66,13 @@ flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
 flags.DEFINE_list("designs", ["crosscoder_l1", "crosscoder_topk", "universal", "aligned",
                               "independent"], "Which designs to run.")
 flags.DEFINE_list("l1_coeffs", ["1", "3"], "Crosscoder L1 coefficients.")
-flags.DEFINE_list("align_coeffs", ["0.3", "3", "30"], "Alignment coefficients alpha.")
+flags.DEFINE_list("align_coeffs", ["1", "3", "10"], "Alignment coefficients alpha.")
 flags.DEFINE_list("seeds", ["0"], "Initialisation seeds (each run also gets its data order).")
 flags.DEFINE_integer("num_permutations", 200, "Random-pairing null size of the geometry.")
+flags.DEFINE_list("metrics", ["svcca", "cka", "rsa_spearman"],
+                  "Geometry metrics (engine.similarity registry names; the pipeline's full set "
+                  "is svcca,pwcca,cka,rsa_spearman,procrustes,mutual_knn, each costs a compile "
+                  "per pair count on CPU).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +160,8 @@ def run_pair(run, pair: Pair, seed: int) -> list[dict]:
                                data_seed=1000 + seed, model_names=("a", "b"),
                                progress=FLAGS.progress)
         res = jm.analyze_joint(joint, pair.xs, run.mesh, truth=pair.truth,
-                               num_permutations=FLAGS.num_permutations, seed=seed)
+                               num_permutations=FLAGS.num_permutations, seed=seed,
+                               metrics=tuple(FLAGS.metrics))
         res.update(pair=pair.name, seed=seed)
         results.append(res)
     if "independent" in FLAGS.designs:
@@ -170,7 +175,8 @@ def run_pair(run, pair: Pair, seed: int) -> list[dict]:
                 workdir=run.path("runs", pair.name, f"independent_{'ab'[side]}_s{seed}"),
                 data_seed=2000 + 2 * seed + side, progress=FLAGS.progress)[0])
         res = jm.analyze_independent(saes[0], saes[1], pair.xs, run.mesh, truth=pair.truth,
-                                     num_permutations=FLAGS.num_permutations, seed=seed)
+                                     num_permutations=FLAGS.num_permutations, seed=seed,
+                                     metrics=tuple(FLAGS.metrics))
         res.update(pair=pair.name, seed=seed)
         results.append(res)
     return results
@@ -196,10 +202,10 @@ def summarise(real: list[dict], floor: list[dict]) -> list[dict]:
                "dead": [p["dead_fraction"] for p in r["reconstruction"]["per_model"]]}
         truth = r["sharing"][prim].get("truth")
         if truth:
-            row.update({k: truth[k] for k in ("shared_precision", "shared_recall",
-                                              "exclusive_a_recall", "exclusive_b_recall",
-                                              "exclusive_a_called_shared",
-                                              "exclusive_b_called_shared")})
+            row.update({k: truth.get(k) for k in (
+                "shared_precision", "shared_recall", "shared_precision_frequent",
+                "exclusive_a_recall", "exclusive_b_recall", "exclusive_a_called_shared",
+                "exclusive_b_called_shared")})
         for name, res in (("geometry", r), ("floor_geometry", f)):
             g = _primary_geometry(res)
             if g and "metrics" in g:
@@ -213,6 +219,13 @@ def summarise(real: list[dict], floor: list[dict]) -> list[dict]:
             row["latent_scaling_flagged"] = [ls["exclusive_a"]["n_flagged"],
                                              ls["exclusive_b"]["n_flagged"]]
             row["latent_scaling_exclusive"] = [ls["exclusive_a"]["n"], ls["exclusive_b"]["n"]]
+            if "n_carrying_true_shared" in ls["exclusive_a"]:
+                # Known truth: norm-exclusive latents that carry a truly shared feature (real
+                # artifacts) and how many of them the check flags.
+                row["latent_scaling_true_artifacts"] = [
+                    ls[f"exclusive_{s}"].get("n_carrying_true_shared", 0) for s in "ab"]
+                row["latent_scaling_flagged_true_artifacts"] = [
+                    ls[f"exclusive_{s}"].get("n_flagged_carrying_true_shared", 0) for s in "ab"]
         rows.append(row)
     return rows
 
@@ -223,7 +236,7 @@ def _fmt(v) -> str:
 
 def print_summary(rows: list[dict]) -> None:
     print(f"{'design / coefficient':44s} {'crit':22s} {'shared':>6s} {'floor':>6s} "
-          f"{'excess':>6s} {'FVU':>6s} {'P_sh':>5s} {'R_sh':>5s} {'exSh':>5s} "
+          f"{'excess':>6s} {'FVU':>6s} {'P_sh':>5s} {'P_fr':>5s} {'R_sh':>5s} {'exSh':>5s} "
           f"{'svcca':>6s} {'p':>5s} {'fl.svcca':>8s}")
     for r in rows:
         g, fg = r.get("geometry") or {}, r.get("floor_geometry") or {}
@@ -236,13 +249,23 @@ def print_summary(rows: list[dict]) -> None:
         print(f"{r['label']:44s} {r['criterion']:22s} {r['fraction_shared']:6.2f} "
               f"{r['floor_fraction_shared']:6.2f} {r['excess_over_floor']:+6.2f} "
               f"{r['mean_fvu']:6.3f} {_fmt(r.get('shared_precision')):>5s} "
+              f"{_fmt(r.get('shared_precision_frequent')):>5s} "
               f"{_fmt(r.get('shared_recall')):>5s} {_fmt(ex_sh):>5s} "
               f"{_fmt(sv.get('score')):>6s} {_fmt(sv.get('p')):>5s} "
               f"{_fmt(fsv.get('score')):>8s}")
+    for r in rows:
+        if "latent_scaling_flagged" in r:
+            line = (f"latent scaling {r['label']}: flagged {r['latent_scaling_flagged']} of "
+                    f"{r['latent_scaling_exclusive']} norm-exclusive latents (A, B)")
+            if "latent_scaling_true_artifacts" in r:
+                line += (f"; truly shared among them {r['latent_scaling_true_artifacts']}, "
+                         f"of which flagged {r['latent_scaling_flagged_true_artifacts']}")
+            print(line)
     print("shared: fraction of live latents called shared (criterion per design; thresholds in "
           "experiments/pipeline/joint_metrics.py); floor: the same on the nothing-shared pair; "
           "P_sh/R_sh: precision/recall of the shared call vs the known truth; exSh: fraction "
-          "of latents carrying a truly exclusive feature that were called shared; svcca/p: "
+          "of latents carrying a truly exclusive feature that were called shared; P_fr: "
+          "shared precision among latents firing on >= 1% of rows; svcca/p: "
           "geometry of the shared latents' decoder rows vs the random-pairing null.")
 
 
@@ -304,6 +327,12 @@ def main(argv):
         _fail(f"--seeds / --l1_coeffs / --align_coeffs: {e}")
     for s in seeds:
         joint_configs(s)
+    from engine import checks, similarity
+    for name in FLAGS.metrics:
+        try:
+            similarity.get(name)
+        except checks.InputError as e:
+            _fail(f"--metrics: {e}")
     if FLAGS.batch_size % run.mesh.shape["data"]:
         _fail(f"--batch_size={FLAGS.batch_size} is not divisible by the mesh data axis "
               f"({run.mesh.shape['data']})")

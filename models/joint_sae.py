@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from typing import Sequence
@@ -274,6 +273,23 @@ def selection_weights(params: dict, cfg: JointConfig) -> jax.Array:
     return jax.lax.stop_gradient(sum(jnp.linalg.norm(w, axis=-1) for w in params["W_dec"]))
 
 
+def kth_largest(score: jax.Array, k: int) -> jax.Array:
+    """``[..., 1]``: each row's k-th largest distinct value, by k masked row maxima.
+
+    Why not `jax.lax.top_k`: XLA's SPMD partitioner all-gathers a row-sharded batch for
+    top_k, and on the simulated multi-device CPU runtime that all-gather intermittently
+    deadlocked (rendezvous timeout, abort) in long runs; row maxima partition locally.
+    Equal to top_k's k-th value when the row's k largest values are distinct; with ties
+    above it, ``score >= kth`` keeps the tied entries and more than k (measure zero for
+    continuous scores; zero scores are dropped by the relu anyway).
+    """
+    s = jax.lax.stop_gradient(score)
+
+    def body(_, prev):
+        return jnp.max(jnp.where(s < prev, s, -jnp.inf), axis=-1, keepdims=True)
+    return jax.lax.fori_loop(0, k, body, jnp.full(s.shape[:-1] + (1,), jnp.inf, s.dtype))
+
+
 def activate(pre: jax.Array, cfg: JointConfig, weights: jax.Array, training: bool,
              threshold: jax.Array | None = None) -> jax.Array:
     """Sparse code from pre-activations: relu, TopK or BatchTopK on ``relu(pre) * weights``."""
@@ -282,9 +298,7 @@ def activate(pre: jax.Array, cfg: JointConfig, weights: jax.Array, training: boo
         return f
     score = f * weights
     if cfg.activation == "topk":
-        _, idx = jax.lax.top_k(score, cfg.k)
-        keep = sae_lib.scatter_rows(jnp.ones(idx.shape, f.dtype), idx, cfg.d_sae)
-        return f * keep
+        return jnp.where(score >= kth_largest(score, cfg.k), f, 0.0)
     if training:
         keep = sae_lib.batch_topk(score, cfg.k) > 0
     else:

@@ -19,12 +19,16 @@ of two models A and B:
   matches a true feature when its decoder row has cosine ``>= 0.8`` (`TRUTH_MIN_COS`) with
   that feature's direction; precision / recall of the predicted-shared pairs against the
   true shared features and of the predicted-exclusive latents against each side's exclusive
-  features, and how many latents matching an exclusive feature were called shared;
+  features, and how many latents matching an exclusive feature were called shared. Also the
+  shared precision among latents firing on >= 1 % of rows (`FREQUENT_DENSITY`): on the toy,
+  the wrong "shared" calls are rare latents that barely trained and kept the r = 0.5 of the
+  initialisation (equal decoder norms per model), a bias of the decoder-norm criterion that
+  the floor pair also shows;
 * geometry of the shared latents: their paired decoder rows through the universality
   pipeline's metrics with random-pairing nulls (`engine.similarity.evaluate`,
   `experiments.pipeline.compare.DEFAULT_METRICS`);
-* latent scaling (Minder et al. 2025, arXiv 2504.02922; `models.joint_sae.latent_scaling`):
-  norm-exclusive latents whose ``nu`` in the other model is ``>= 0.5`` (`ARTIFACT_NU`) are
+* latent scaling (Minder et al. 2025, arXiv 2504.02922; `models.joint_sae.latent_scaling`;
+  crosscoders only, as it needs one code for all models): norm-exclusive latents whose ``nu`` in the other model is ``>= 0.5`` (`ARTIFACT_NU`) are
   flagged as exclusive only through a sparsity artifact.
 """
 
@@ -46,6 +50,7 @@ SHARED_CORR = 0.5
 EXCLUSIVE_CORR = 0.2
 TRUTH_MIN_COS = 0.8
 ARTIFACT_NU = 0.5
+FREQUENT_DENSITY = 0.01     # diagnostic: shared-call precision among latents this frequent
 GEOMETRY_MIN_PAIRS = 5
 R_BINS = np.linspace(0.0, 1.0, 21)
 
@@ -155,7 +160,8 @@ def _match_truth(w_dec: np.ndarray, true_dirs: np.ndarray) -> tuple[np.ndarray, 
 
 def truth_scores(call: Sharing, w_dec_a: np.ndarray, w_dec_b: np.ndarray,
                  features_a: np.ndarray, features_b: np.ndarray, n_shared: int,
-                 live_a: np.ndarray, live_b: np.ndarray) -> dict:
+                 live_a: np.ndarray, live_b: np.ndarray,
+                 density_a: np.ndarray | None = None) -> dict:
     """Precision / recall of a sharing call against a partial pair's known truth.
 
     True features ``0 .. n_shared-1`` of each side are the shared ones (same index on both
@@ -173,6 +179,11 @@ def truth_scores(call: Sharing, w_dec_a: np.ndarray, w_dec_b: np.ndarray,
            "n_true_exclusive_b": int(n_eb),
            "shared_precision": float(good.mean()) if call.shared_a.size else None,
            "shared_recall": len(found) / n_shared if n_shared else None}
+    if density_a is not None:
+        frequent = np.asarray(density_a)[call.shared_a] >= FREQUENT_DENSITY
+        out["shared_precision_frequent"] = (float(good[frequent].mean()) if frequent.any()
+                                            else None)
+        out["n_shared_frequent"] = int(frequent.sum())
 
     def excl(side_ids, f, ok, live, n_excl, name):
         hit = ok[side_ids] & (f[side_ids] >= n_shared)
@@ -210,18 +221,31 @@ def geometry(x: np.ndarray, y: np.ndarray, mesh, *, num_permutations: int = 200,
 
 
 def artifact_summary(scaling: js.LatentScaling, exclusive_a: np.ndarray,
-                     exclusive_b: np.ndarray) -> dict:
-    """Minder et al.'s check on the norm-exclusive latents of two models."""
+                     exclusive_b: np.ndarray, w_decs=None, truth=None) -> dict:
+    """Minder et al.'s check on the norm-exclusive latents of two models.
+
+    With ``w_decs`` (the two decoders) and a known-truth ``truth`` pair, also: how many
+    norm-exclusive latents carry a truly SHARED feature in their owner model (decoder cosine
+    >= `TRUTH_MIN_COS`), i.e. are real artifacts, and how many of those the check flags.
+    """
     out = {"threshold_nu": ARTIFACT_NU}
-    for name, ids, other in (("a", exclusive_a, 1), ("b", exclusive_b, 0)):
+    for side, (name, ids, other) in enumerate((("a", exclusive_a, 1), ("b", exclusive_b, 0))):
         ne = scaling.nu_error[other, ids]
         nr = scaling.nu_recon[other, ids]
         flag = (np.nan_to_num(ne) >= ARTIFACT_NU) | (np.nan_to_num(nr) >= ARTIFACT_NU)
-        out[f"exclusive_{name}"] = {
+        entry = {
             "n": int(ids.size), "n_flagged": int(flag.sum()),
             "flagged": ids[flag].tolist(),
             "nu_error_median": float(np.nanmedian(ne)) if ids.size else None,
             "nu_recon_median": float(np.nanmedian(nr)) if ids.size else None}
+        if truth is not None and w_decs is not None and ids.size:
+            feats = truth.features_a if side == 0 else truth.features_b
+            n_shared = int(np.sum(np.asarray(truth.true_match) >= 0))
+            f, c = _match_truth(np.asarray(w_decs[side])[ids], feats)
+            carries_shared = (c >= TRUTH_MIN_COS) & (f < n_shared)
+            entry["n_carrying_true_shared"] = int(carries_shared.sum())
+            entry["n_flagged_carrying_true_shared"] = int((carries_shared & flag).sum())
+        out[f"exclusive_{name}"] = entry
     return out
 
 
@@ -230,7 +254,8 @@ def r_histogram(r_b: np.ndarray, live: np.ndarray) -> list[int]:
 
 
 def analyze_joint(joint: js.JointSAE, xs: Sequence[np.ndarray], mesh, *, truth=None,
-                  num_permutations: int = 200, seed: int = 0) -> dict:
+                  num_permutations: int = 200, seed: int = 0,
+                  metrics: Sequence[str] = compare.DEFAULT_METRICS) -> dict:
     """Every measurement of one joint model on two models' row-aligned activations.
 
     ``truth``: a `models.toy_pair.ToyPair` from `make_partial_pair` (``features_a``,
@@ -253,9 +278,13 @@ def analyze_joint(joint: js.JointSAE, xs: Sequence[np.ndarray], mesh, *, truth=N
         calls["decoder_norm"] = sharing_by_norm(r_b, live)
         out["r"] = r_b.tolist()
         out["r_histogram"] = {"bins": R_BINS.tolist(), "counts": r_histogram(r_b, live)}
-        scaling = js.latent_scaling(codes.codes, codes.xns, codes.recons, w)
-        out["latent_scaling"] = artifact_summary(scaling, calls["decoder_norm"].exclusive_a,
-                                                 calls["decoder_norm"].exclusive_b)
+        if cfg.shared_code:
+            # Minder et al.'s check needs one code for every model (crosscoders); a universal
+            # SAE's code differs per source model.
+            scaling = js.latent_scaling(codes.codes, codes.xns, codes.recons, w)
+            out["latent_scaling"] = artifact_summary(
+                scaling, calls["decoder_norm"].exclusive_a, calls["decoder_norm"].exclusive_b,
+                w, truth)
     if cfg.design in ("universal", "aligned"):
         for pairing in ("same_index", "best_partner"):
             call, stats = sharing_by_activation(codes.codes[0], codes.codes[1], mesh,
@@ -265,13 +294,14 @@ def analyze_joint(joint: js.JointSAE, xs: Sequence[np.ndarray], mesh, *, truth=N
     primary = {"crosscoder": "decoder_norm", "universal": "decoder_norm",
                "aligned": "activation_same_index"}[cfg.design]
     out.update(_report_calls(calls, primary, w[0], w[1], live_a, live_b, truth, mesh,
-                             num_permutations, seed))
+                             num_permutations, seed, metrics,
+                             (codes.codes[0] > 0).mean(0)))
     return out
 
 
 def analyze_independent(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, xs: Sequence[np.ndarray],
-                        mesh, *, truth=None, num_permutations: int = 200, seed: int = 0
-                        ) -> dict:
+                        mesh, *, truth=None, num_permutations: int = 200, seed: int = 0,
+                        metrics: Sequence[str] = compare.DEFAULT_METRICS) -> dict:
     """The same numbers for two independently trained SAEs (best-partner pairing)."""
     z = [np.asarray(s.encode(np.asarray(x, np.float32)), np.float64)
          for s, x in zip((sae_a, sae_b), xs)]
@@ -289,22 +319,25 @@ def analyze_independent(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, xs: Sequence[np.
         out[f"activation_{pairing}_stats"] = stats
     w = [np.asarray(s.W_dec, np.float64) for s in (sae_a, sae_b)]
     out.update(_report_calls(calls, "activation_best_partner", w[0], w[1], live_a, live_b,
-                             truth, mesh, num_permutations, seed))
+                             truth, mesh, num_permutations, seed, metrics,
+                             (z[0] > 0).mean(0)))
     return out
 
 
 def _report_calls(calls: dict, primary: str, w_a, w_b, live_a, live_b, truth, mesh,
-                  num_permutations: int, seed: int) -> dict:
+                  num_permutations: int, seed: int, metrics: Sequence[str],
+                  density_a: np.ndarray) -> dict:
     out = {"primary_criterion": primary, "sharing": {}}
     for name, call in calls.items():
         entry = call.summary()
         if truth is not None:
             n_shared = int(np.sum(np.asarray(truth.true_match) >= 0))
             entry["truth"] = truth_scores(call, w_a, w_b, truth.features_a, truth.features_b,
-                                          n_shared, live_a, live_b)
+                                          n_shared, live_a, live_b, density_a)
         if name == primary:
             entry["geometry"] = geometry(w_a[call.shared_a], w_b[call.shared_b], mesh,
-                                         num_permutations=num_permutations, seed=seed)
+                                         num_permutations=num_permutations, seed=seed,
+                                         metrics=metrics)
         out["sharing"][name] = entry
     out["fraction_shared"] = out["sharing"][primary]["fraction_shared"]
     return out
