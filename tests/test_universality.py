@@ -134,6 +134,7 @@ def test_outputs_and_resume(toy_run):
     assert summary == [line for line in again.stdout.splitlines() if line.startswith("==")]
 
 
+@pytest.mark.slow
 def test_layer_grid_on_tiny_transformers_pair(tmp_path):
     proc = universality(tmp_path, "--preset=lm", "--num_permutations=50", "--sae_steps=150",
                         "--max_contexts=24", "--context_length=32", "--sae_expansion=4",

@@ -224,6 +224,7 @@ def plot_replicates(cell: dict, path: str) -> bool:
                         capsize=3)
         if e.get("floor_excess") is not None:
             ax.axhline(e["floor_excess"], color="C3", ls="--", lw=1, label="floor")
+            ax.legend(fontsize=7)
         ax.axhline(0, color="0.5", lw=0.6)
         ax.set_xticks([0, 1])
         ax.set_xticklabels(["cross", "within (seed)"])
