@@ -256,8 +256,13 @@ def both_fire_table(a, b, by_class_a: np.ndarray, by_class_b: np.ndarray,
 # --------------------------------------------------------------------------------------------
 
 
+ILL_CONDITIONED_GAP = 0.05  # nats; below, CE recovered divides noise by noise
+
+
 def splice_lines(records: list[dict]) -> list[str]:
-    """Printed lines for the spliced metrics (plus WARNING lines for poor SAEs)."""
+    """Printed lines for the spliced metrics, WARNING lines for SAEs recovering less than
+    0.5 of the CE loss, and a note where zero ablation barely moves the loss (the ratio is
+    then ill-conditioned, e.g. on a random model)."""
     from models import splice
     if not records:
         return []
@@ -273,6 +278,11 @@ def splice_lines(records: list[dict]) -> list[str]:
                      f"({r['n_positions']} {r['objective']} predictions)")
     for r in records:
         if "error" in r:
+            continue
+        gap = r["ce_zero"] - r["ce_clean"]
+        if gap < ILL_CONDITIONED_GAP:
+            lines.append(f"   note: zeroing {r['label']} changes the loss by only {gap:.4f} nats "
+                         "(an untrained model?): its CE-recovered ratio is ill-conditioned")
             continue
         if not np.isfinite(r["ce_loss_recovered"]) or \
                 r["ce_loss_recovered"] < splice.POOR_CE_RECOVERED:
@@ -301,29 +311,29 @@ def importance_lines(section: dict) -> list[str]:
 
 
 def plot_deciles(curves: dict[str, list], metric: str, path: str) -> None:
-    """Excess over the null per importance bin, one line per comparison kind."""
+    """Excess over the random-pairing null per importance bin (error bars: 2 null sd), one
+    line per comparison kind (cross, ceiling, floor)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     any_line = False
-    for kind, curve in curves.items():
+    for i, (kind, curve) in enumerate(curves.items()):
         pts = [(c["bin"], c["metrics"][metric]) for c in curve if metric in c["metrics"]]
         if not pts:
             continue
-        xs = [p[0] for p in pts]
-        ax.plot(xs, [p[1]["score"] for p in pts], "o-", label=f"{kind} score")
-        ax.fill_between(xs, [p[1]["null_mean"] - 2 * p[1]["null_std"] for p in pts],
-                        [p[1]["null_mean"] + 2 * p[1]["null_std"] for p in pts], alpha=0.15,
-                        label=f"{kind} null +-2sd")
+        xs = np.array([p[0] for p in pts], float) + 0.08 * (i - 1)
+        ax.errorbar(xs, [p[1]["excess"] for p in pts],
+                    yerr=[2 * p[1]["null_std"] for p in pts], fmt="o-", capsize=2, label=kind)
         any_line = True
     if not any_line:
         plt.close(fig)
         return
+    ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel("A-side feature importance bin (0 = least important)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} of paired decoder rows per importance bin")
-    ax.legend(fontsize=7)
+    ax.set_ylabel(f"{metric}: score - null mean")
+    ax.set_title(f"{metric} excess over random pairing per importance bin")
+    ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
