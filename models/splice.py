@@ -125,6 +125,14 @@ def wrap(model, tokenizer, *, name: str | None = None, device: str | None = None
     return lm
 
 
+def sae_dtype(lm: lm_lib.LanguageModel):
+    """The SAE's compute dtype: the model's, but float32 for half-precision models (the
+    reconstruction is cast back to the model's dtype where it is substituted)."""
+    import torch
+    dtype = next(lm.model.parameters()).dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def vocab_size(lm: lm_lib.LanguageModel) -> int:
     return int(lm.model.get_output_embeddings().weight.shape[0])
 
@@ -594,17 +602,17 @@ def splice_metrics(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, c
             else np.asarray(mean, np.float64)
         checks.check_shape("mean", mu, (lm.d_model,))
         state["mean"] = mu.copy()
-    model_dtype = next(lm.model.parameters()).dtype
-    tsae = TorchSAE(sae, lm.device, model_dtype)
+    tsae = TorchSAE(sae, lm.device, sae_dtype(lm))
 
     def step(lo, part, st):
         batch = prepare_batch(lm, part.token_ids, part.mask, cfg=cfg, start=lo)
         _, _, splice, loss_pos, targets = _tensors(lm, batch)
         tgt = targets[loss_pos]
-        mu_t = torch.as_tensor(st["mean"], device=lm.device).to(model_dtype)
+        mu_t = torch.as_tensor(st["mean"], device=lm.device).to(tsae.W_enc.dtype)
         rec: dict[str, float] = {}
 
         def sae_replacement(x):
+            x = x.to(tsae.W_enc.dtype)
             x_hat = tsae(x)
             rec["sse"] = float(((x - x_hat)[splice].double() ** 2).sum())
             rec["sst"] = float(((x - mu_t)[splice].double() ** 2).sum())

@@ -440,3 +440,20 @@ def test_importance_save_load(toks, tmp_path):
     again = importance.feature_importance(lm, _sae(7), "resid_post.1", ctx, icfg,
                                           checkpoint_dir=str(tmp_path / "ck"))
     np.testing.assert_array_equal(again.attr_abs_sum, imp.attr_abs_sum)
+
+
+def test_half_precision_model_runs_the_sae_in_float32(toks):
+    lm32 = _model("llama", toks, dtype=torch.float32)
+    lm16 = splice.wrap(lm_tiny.build_tiny_model("llama", toks["bos"], seed=0, n_layers=2,
+                                                d_model=D, n_heads=2).to(torch.bfloat16),
+                       toks["bos"], device="cpu")
+    assert splice.sae_dtype(lm16) == torch.float32
+    ctx = _contexts(lm32)
+    m32 = splice.splice_metrics(lm32, _sae(), "resid_post.0", ctx)
+    m16 = splice.splice_metrics(lm16, _sae(), "resid_post.0", ctx)
+    for field in ("ce_clean", "ce_sae", "ce_zero"):
+        assert abs(getattr(m16, field) - getattr(m32, field)) < 0.05
+    imp = importance.feature_importance(
+        lm16, _sae(), "resid_post.0", ctx,
+        importance.ImportanceConfig(n_classes=3, n_ablate=2, ablate_contexts=2))
+    assert imp.attr_abs_sum.dtype == np.float64 and np.isfinite(imp.attr_abs_sum).all()
