@@ -61,6 +61,10 @@ flags.DEFINE_integer("splice_contexts", 64, "Contexts used for the spliced metri
 flags.DEFINE_bool("importance", False, "lm preset: per-feature importance and the importance-"
                   "restricted / weighted / decile comparisons (experiments/pipeline/"
                   "importance.py).")
+flags.DEFINE_enum("importance_score", "attribution", ["attribution", "dle", "activation"],
+                  "Per-feature importance used by the comparisons: mean |attribution| per "
+                  "token, the direct-logit-effect norm (causal models), or the mean activation "
+                  "(a baseline that ignores the model's use of the feature).")
 flags.DEFINE_integer("importance_top_k", 0, "Top-k most important features per side for the "
                      "restricted comparison (0: a quarter of the paired features).")
 flags.DEFINE_integer("importance_bins", 10, "Importance bins (deciles) for the headline plot.")
@@ -295,7 +299,8 @@ def splice_lines(records: list[dict]) -> list[str]:
 def importance_lines(section: dict) -> list[str]:
     if not section:
         return []
-    lines = ["importance (A-side attribution; excess over the random-pairing null):"]
+    lines = [f"importance ({section.get('score', 'attribution')}; excess over the "
+             "random-pairing null):"]
     rc = section.get("restricted", {})
     for name in ("all", "top_k", "bottom_k", "weighted"):
         entry = rc.get(name, {})
@@ -423,20 +428,27 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
     ha, hb = cross["hookpoint_a"], cross["hookpoint_b"]
     ia, ib = imps[f"A {ha}"], imps[f"B {hb}"]
     a, b = np.asarray(cross["pairs"]["a"]), np.asarray(cross["pairs"]["b"])
+
+    def score(side, sae, imp):
+        if flags_.importance_score == "dle":
+            return imp_lib.direct_logit_effect(lms[side], sae, imp.norm_scale, top_n=1).norm
+        return imp.score(flags_.importance_score)
+
+    score_a, score_b = score("a", saes_a[ha], ia), score("b", saes_b[hb], ib)
+    section["score"] = flags_.importance_score
     section["restricted"] = restricted_comparisons(
-        saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, ia.attribution, ib.attribution, cfg,
-        run.mesh)
-    curves = {"cross": decile_curve(saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, ia.attribution,
+        saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, score_a, score_b, cfg, run.mesh)
+    curves = {"cross": decile_curve(saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, score_a,
                                     cfg, run.mesh)}
     if "ceiling" in by_kind and ceiling is not None and by_kind["ceiling"]["pairs"]["a"]:
         c = by_kind["ceiling"]
         curves["ceiling"] = decile_curve(saes_a[ha].W_dec, ceiling[1].W_dec,
-                                         c["pairs"]["a"], c["pairs"]["b"], ia.attribution, cfg,
+                                         c["pairs"]["a"], c["pairs"]["b"], score_a, cfg,
                                          run.mesh)
     if "floor" in by_kind and floor is not None and by_kind["floor"]["pairs"]["a"]:
         f = by_kind["floor"]
         curves["floor"] = decile_curve(saes_a[ha].W_dec, floor[1].W_dec, f["pairs"]["a"],
-                                       f["pairs"]["b"], ia.attribution, cfg, run.mesh)
+                                       f["pairs"]["b"], score_a, cfg, run.mesh)
     section["deciles"] = curves
     tok = lms["a"].tokenizer
     if np.array_equal(ia.class_ids, ib.class_ids):
