@@ -72,6 +72,7 @@ from models import lm as lm_lib
 from models import sae as sae_lib
 
 POOR_CE_RECOVERED = 0.5  # below this an SAE is a poor stand-in for the model (see `warning`)
+ILL_CONDITIONED_GAP = 0.05  # nats: CE_zero - CE_clean below this makes CE recovered noise/noise
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,10 +543,16 @@ class SpliceMetrics:
     def warning(self, threshold: float = POOR_CE_RECOVERED) -> str | None:
         """One line when the SAE recovers less than ``threshold`` of the CE loss.
 
-        Below 0.5 the reconstruction loses more than half of what the hookpoint contributes
-        to the loss; features of such an SAE describe a different computation than the
+        Also a note when zero ablation barely raises the loss (``CE_zero - CE_clean <
+        ILL_CONDITIONED_GAP``): the ratio then divides noise by noise. Below 0.5 the
+        reconstruction loses more than half of what the hookpoint contributes to the loss; features of such an SAE describe a different computation than the
         model's, so a universality claim built on them is weak.
         """
+        gap = self.ce_zero - self.ce_clean
+        if gap < ILL_CONDITIONED_GAP:
+            return (f"note: zeroing {self.hookpoint} changes the loss by only {gap:.4f} nats "
+                    "(an untrained or barely trained model?): CE loss recovered is "
+                    "ill-conditioned there, read delta loss and KL instead")
         r = self.ce_loss_recovered
         if np.isfinite(r) and r >= threshold:
             return None

@@ -260,9 +260,6 @@ def both_fire_table(a, b, by_class_a: np.ndarray, by_class_b: np.ndarray,
 # --------------------------------------------------------------------------------------------
 
 
-ILL_CONDITIONED_GAP = 0.05  # nats; below, CE recovered divides noise by noise
-
-
 def splice_lines(records: list[dict]) -> list[str]:
     """Printed lines for the spliced metrics, WARNING lines for SAEs recovering less than
     0.5 of the CE loss, and a note where zero ablation barely moves the loss (the ratio is
@@ -284,7 +281,7 @@ def splice_lines(records: list[dict]) -> list[str]:
         if "error" in r:
             continue
         gap = r["ce_zero"] - r["ce_clean"]
-        if gap < ILL_CONDITIONED_GAP:
+        if gap < splice.ILL_CONDITIONED_GAP:
             lines.append(f"   note: zeroing {r['label']} changes the loss by only {gap:.4f} nats "
                          "(an untrained model?): its CE-recovered ratio is ill-conditioned")
             continue
