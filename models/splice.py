@@ -545,8 +545,9 @@ class SpliceMetrics:
 
         Also a note when zero ablation barely raises the loss (``CE_zero - CE_clean <
         ILL_CONDITIONED_GAP``): the ratio then divides noise by noise. Below 0.5 the
-        reconstruction loses more than half of what the hookpoint contributes to the loss; features of such an SAE describe a different computation than the
-        model's, so a universality claim built on them is weak.
+        reconstruction loses more than half of what the hookpoint contributes to the loss;
+        features of such an SAE describe a different computation than the model's, so a
+        universality claim built on them is weak.
         """
         gap = self.ce_zero - self.ce_clean
         if gap < ILL_CONDITIONED_GAP:
