@@ -315,6 +315,7 @@ def attribution_batch(lm: lm_lib.LanguageModel, tsae: splice.TorchSAE, hookpoint
     rec: dict[str, Any] = {}
 
     def repl(x):
+        x = x.to(tsae.W_enc.dtype)
         f = tsae.encode(x).detach().requires_grad_(True)
         rec["f"] = f
         x_hat = tsae.decode(f)
@@ -371,8 +372,7 @@ def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: st
         raise checks.InputError(f"SAE d_in={sae.config.d_in} does not match the width "
                                 f"{lm.d_model} of {hp.name} in {lm.name}")
     d_sae = sae.config.d_sae
-    model_dtype = next(lm.model.parameters()).dtype
-    tsae = splice.TorchSAE(sae, lm.device, model_dtype)
+    tsae = splice.TorchSAE(sae, lm.device, splice.sae_dtype(lm))
     classes = token_classes(contexts, lm, cfg.n_classes)
     sample = _ablation_sample(lm, tsae, hp.name, contexts, cfg)
     n_cls, m = len(classes), len(sample)
@@ -427,6 +427,7 @@ def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: st
                 direction = tsae.feature_direction(int(j))
 
                 def remove(x, j=int(j), direction=direction):
+                    x = x.to(tsae.W_enc.dtype)
                     return x - tsae.encode(x)[..., j:j + 1] * direction
                 with torch.inference_mode():
                     lp = splice.log_probs(lm, batch, hp.name,

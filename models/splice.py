@@ -72,6 +72,7 @@ from models import lm as lm_lib
 from models import sae as sae_lib
 
 POOR_CE_RECOVERED = 0.5  # below this an SAE is a poor stand-in for the model (see `warning`)
+ILL_CONDITIONED_GAP = 0.05  # nats: CE_zero - CE_clean below this makes CE recovered noise/noise
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +124,14 @@ def wrap(model, tokenizer, *, name: str | None = None, device: str | None = None
     lm = lm_lib.LanguageModel(model, tokenizer, name=name, device=device)
     lm.model.requires_grad_(False)  # attribution differentiates w.r.t. SAE features only
     return lm
+
+
+def sae_dtype(lm: lm_lib.LanguageModel):
+    """The SAE's compute dtype: the model's, but float32 for half-precision models (the
+    reconstruction is cast back to the model's dtype where it is substituted)."""
+    import torch
+    dtype = next(lm.model.parameters()).dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def vocab_size(lm: lm_lib.LanguageModel) -> int:
@@ -529,10 +538,17 @@ class SpliceMetrics:
     def warning(self, threshold: float = POOR_CE_RECOVERED) -> str | None:
         """One line when the SAE recovers less than ``threshold`` of the CE loss.
 
-        Below 0.5 the reconstruction loses more than half of what the hookpoint contributes
-        to the loss; features of such an SAE describe a different computation than the
-        model's, so a universality claim built on them is weak.
+        Also a note when zero ablation barely raises the loss (``CE_zero - CE_clean <
+        ILL_CONDITIONED_GAP``): the ratio then divides noise by noise. Below 0.5 the
+        reconstruction loses more than half of what the hookpoint contributes to the loss;
+        features of such an SAE describe a different computation than the model's, so a
+        universality claim built on them is weak.
         """
+        gap = self.ce_zero - self.ce_clean
+        if gap < ILL_CONDITIONED_GAP:
+            return (f"note: zeroing {self.hookpoint} changes the loss by only {gap:.4f} nats "
+                    "(an untrained or barely trained model?): CE loss recovered is "
+                    "ill-conditioned there, read delta loss and KL instead")
         r = self.ce_loss_recovered
         if np.isfinite(r) and r >= threshold:
             return None
@@ -589,17 +605,17 @@ def splice_metrics(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, c
             else np.asarray(mean, np.float64)
         checks.check_shape("mean", mu, (lm.d_model,))
         state["mean"] = mu.copy()
-    model_dtype = next(lm.model.parameters()).dtype
-    tsae = TorchSAE(sae, lm.device, model_dtype)
+    tsae = TorchSAE(sae, lm.device, sae_dtype(lm))
 
     def step(lo, part, st):
         batch = prepare_batch(lm, part.token_ids, part.mask, cfg=cfg, start=lo)
         _, _, splice, loss_pos, targets = _tensors(lm, batch)
         tgt = targets[loss_pos]
-        mu_t = torch.as_tensor(st["mean"], device=lm.device).to(model_dtype)
+        mu_t = torch.as_tensor(st["mean"], device=lm.device).to(tsae.W_enc.dtype)
         rec: dict[str, float] = {}
 
         def sae_replacement(x):
+            x = x.to(tsae.W_enc.dtype)
             x_hat = tsae(x)
             rec["sse"] = float(((x - x_hat)[splice].double() ** 2).sum())
             rec["sst"] = float(((x - mu_t)[splice].double() ** 2).sum())

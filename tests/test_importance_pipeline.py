@@ -131,13 +131,18 @@ def test_plot_and_lines(tmp_path, mesh1):
     assert path.stat().st_size > 1000
     lines = pimp.splice_lines([
         {"label": "A resid_post.0", "ce_loss_recovered": 0.3, "ce_loss_recovered_mean": 0.2,
-         "delta_loss": 1.0, "kl_div": 0.5, "ce_clean": 3.0, "n_positions": 10,
+         "delta_loss": 1.0, "kl_div": 0.5, "ce_clean": 3.0, "ce_zero": 4.0, "n_positions": 10,
          "objective": "next-token"},
         {"label": "B resid_post.0", "ce_loss_recovered": 0.9, "ce_loss_recovered_mean": 0.8,
-         "delta_loss": 0.1, "kl_div": 0.05, "ce_clean": 3.0, "n_positions": 10,
-         "objective": "next-token"}])
+         "delta_loss": 0.1, "kl_div": 0.05, "ce_clean": 3.0, "ce_zero": 4.0, "n_positions": 10,
+         "objective": "next-token"},
+        {"label": "B resid_post.1", "ce_loss_recovered": 0.1, "ce_loss_recovered_mean": 0.8,
+         "delta_loss": 0.001, "kl_div": 0.05, "ce_clean": 3.0, "ce_zero": 3.001,
+         "n_positions": 10, "objective": "next-token"}])
     warnings = [ln for ln in lines if "WARNING" in ln]
     assert len(warnings) == 1 and "A resid_post.0" in warnings[0]
+    notes = [ln for ln in lines if "ill-conditioned" in ln]
+    assert len(notes) == 1 and "B resid_post.1" in notes[0]
 
 
 @pytest.mark.slow

@@ -163,6 +163,12 @@ def test_layer_grid_on_tiny_transformers_pair(tmp_path):
     assert len(seeds) == 10 and len(set(seeds)) == 10   # 4 main, 4 ceiling, 2 floor
     for metric in ("svcca", "cka", "rsa_spearman"):
         assert (tmp_path / "plots" / f"layers_{metric}.png").stat().st_size > 1000
+    # every SAE (2 + 2 hookpoints, the ceiling's) spliced into its model (issue 16)
+    assert [r["label"] for r in results["splice"]] == [
+        "A resid_post.0", "A resid_post.1", "B resid_post.0", "B resid_post.1",
+        "A resid_post.0 (ceiling)"]
+    assert all(r["n_positions"] > 0 and np.isfinite(r["ce_clean"]) for r in results["splice"])
+    assert "SAEs spliced into their model" in proc.stdout
     assert "results:" in proc.stdout
     # The report and the per-feature export: multi-token contexts that stay inside their
     # context, the top token's activation = the feature's top activation, promoted tokens.

@@ -62,6 +62,10 @@ flags.DEFINE_integer("splice_contexts", 64, "Contexts used for the spliced metri
 flags.DEFINE_bool("importance", False, "lm preset: per-feature importance and the importance-"
                   "restricted / weighted / decile comparisons (experiments/pipeline/"
                   "importance.py).")
+flags.DEFINE_enum("importance_score", "attribution", ["attribution", "dle", "activation"],
+                  "Per-feature importance used by the comparisons: mean |attribution| per "
+                  "token, the direct-logit-effect norm (causal models), or the mean activation "
+                  "(a baseline that ignores the model's use of the feature).")
 flags.DEFINE_integer("importance_top_k", 0, "Top-k most important features per side for the "
                      "restricted comparison (0: a quarter of the paired features).")
 flags.DEFINE_integer("importance_bins", 10, "Importance bins (deciles) for the headline plot.")
@@ -259,7 +263,9 @@ def both_fire_table(a, b, by_class_a: np.ndarray, by_class_b: np.ndarray,
 
 
 def splice_lines(records: list[dict]) -> list[str]:
-    """Printed lines for the spliced metrics (plus WARNING lines for poor SAEs)."""
+    """Printed lines for the spliced metrics, WARNING lines for SAEs recovering less than
+    0.5 of the CE loss, and a note where zero ablation barely moves the loss (the ratio is
+    then ill-conditioned, e.g. on a random model)."""
     from models import splice
     if not records:
         return []
@@ -276,6 +282,11 @@ def splice_lines(records: list[dict]) -> list[str]:
     for r in records:
         if "error" in r:
             continue
+        gap = r["ce_zero"] - r["ce_clean"]
+        if gap < splice.ILL_CONDITIONED_GAP:
+            lines.append(f"   note: zeroing {r['label']} changes the loss by only {gap:.4f} nats "
+                         "(an untrained model?): its CE-recovered ratio is ill-conditioned")
+            continue
         if not np.isfinite(r["ce_loss_recovered"]) or \
                 r["ce_loss_recovered"] < splice.POOR_CE_RECOVERED:
             lines.append(f"   WARNING: {r['label']} recovers {r['ce_loss_recovered']:.2f} of the "
@@ -287,7 +298,8 @@ def splice_lines(records: list[dict]) -> list[str]:
 def importance_lines(section: dict) -> list[str]:
     if not section:
         return []
-    lines = ["importance (A-side attribution; excess over the random-pairing null):"]
+    lines = [f"importance ({section.get('score', 'attribution')}; excess over the "
+             "random-pairing null):"]
     rc = section.get("restricted", {})
     for name in ("all", "top_k", "bottom_k", "weighted"):
         entry = rc.get(name, {})
@@ -303,29 +315,29 @@ def importance_lines(section: dict) -> list[str]:
 
 
 def plot_deciles(curves: dict[str, list], metric: str, path: str) -> None:
-    """Excess over the null per importance bin, one line per comparison kind."""
+    """Excess over the random-pairing null per importance bin (error bars: 2 null sd), one
+    line per comparison kind (cross, ceiling, floor)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     any_line = False
-    for kind, curve in curves.items():
+    for i, (kind, curve) in enumerate(curves.items()):
         pts = [(c["bin"], c["metrics"][metric]) for c in curve if metric in c["metrics"]]
         if not pts:
             continue
-        xs = [p[0] for p in pts]
-        ax.plot(xs, [p[1]["score"] for p in pts], "o-", label=f"{kind} score")
-        ax.fill_between(xs, [p[1]["null_mean"] - 2 * p[1]["null_std"] for p in pts],
-                        [p[1]["null_mean"] + 2 * p[1]["null_std"] for p in pts], alpha=0.15,
-                        label=f"{kind} null +-2sd")
+        xs = np.array([p[0] for p in pts], float) + 0.08 * (i - 1)
+        ax.errorbar(xs, [p[1]["excess"] for p in pts],
+                    yerr=[2 * p[1]["null_std"] for p in pts], fmt="o-", capsize=2, label=kind)
         any_line = True
     if not any_line:
         plt.close(fig)
         return
+    ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel("A-side feature importance bin (0 = least important)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} of paired decoder rows per importance bin")
-    ax.legend(fontsize=7)
+    ax.set_ylabel(f"{metric}: score - null mean")
+    ax.set_title(f"{metric} excess over random pairing per importance bin")
+    ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -436,20 +448,27 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
     annotate_feature_table(run.path("features", f"{cross['name']}.json"),
                            {"a": ia.attribution, "b": ib.attribution})
     a, b = np.asarray(cross["pairs"]["a"]), np.asarray(cross["pairs"]["b"])
+
+    def score(side, sae, imp):
+        if flags_.importance_score == "dle":
+            return imp_lib.direct_logit_effect(lms[side], sae, imp.norm_scale, top_n=1).norm
+        return imp.score(flags_.importance_score)
+
+    score_a, score_b = score("a", saes_a[ha], ia), score("b", saes_b[hb], ib)
+    section["score"] = flags_.importance_score
     section["restricted"] = restricted_comparisons(
-        saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, ia.attribution, ib.attribution, cfg,
-        run.mesh)
-    curves = {"cross": decile_curve(saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, ia.attribution,
+        saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, score_a, score_b, cfg, run.mesh)
+    curves = {"cross": decile_curve(saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, score_a,
                                     cfg, run.mesh)}
     if "ceiling" in by_kind and ceiling is not None and by_kind["ceiling"]["pairs"]["a"]:
         c = by_kind["ceiling"]
         curves["ceiling"] = decile_curve(saes_a[ha].W_dec, ceiling[1].W_dec,
-                                         c["pairs"]["a"], c["pairs"]["b"], ia.attribution, cfg,
+                                         c["pairs"]["a"], c["pairs"]["b"], score_a, cfg,
                                          run.mesh)
     if "floor" in by_kind and floor is not None and by_kind["floor"]["pairs"]["a"]:
         f = by_kind["floor"]
         curves["floor"] = decile_curve(saes_a[ha].W_dec, floor[1].W_dec, f["pairs"]["a"],
-                                       f["pairs"]["b"], ia.attribution, cfg, run.mesh)
+                                       f["pairs"]["b"], score_a, cfg, run.mesh)
     section["deciles"] = curves
     tok = lms["a"].tokenizer
     if np.array_equal(ia.class_ids, ib.class_ids):
