@@ -401,6 +401,25 @@ def corpus_tokens(documents: Sequence[str], tokenizer, contexts: text_lib.Contex
                         text_lib.tokenizer_fingerprint(tokenizer))
 
 
+SPANS_FILE = "token_spans.npy"
+
+
+def save_token_spans(cache_dir: str, corpus: CorpusTokens, documents: Sequence[str]) -> str:
+    """Writes ``token_spans.npy`` ([contexts, context_length, 3] int64: document, char start,
+    char end; -1 on special tokens and padding) and ``token_spans.json`` (document count and
+    sha256) beside an activation cache, so its rows can be shown and aligned as text later.
+    """
+    from engine import metrics_io
+    path = os.path.join(cache_dir, SPANS_FILE)
+    np.save(path, corpus.span_grid(), allow_pickle=False)
+    metrics_io.write_json(os.path.join(cache_dir, "token_spans.json"), {
+        "format": FORMAT + "-token-spans", "version": VERSION, "documents": len(documents),
+        "documents_sha256": documents_sha256(documents),
+        "layout": "[contexts, context_length, 3] int64: document, char start, char end "
+                  "(-1: special token or padding)"})
+    return path
+
+
 def documents_sha256(documents: Sequence[str]) -> str:
     h = hashlib.sha256()
     for d in documents:
