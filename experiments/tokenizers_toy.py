@@ -197,6 +197,10 @@ def run(run_) -> dict:
         comps.append(one(f"cross.{unit}.{pooling}", "cross", view.pool("a", acts["a"]),
                          view.pool("b", acts["b"]), saes["b"], view.token_text,
                          view.context_text, truth(feats_b), {"alignment": align.report}))
+        # density / mean per own token next to the per-unit values of the feature pass
+        comps[-1]["feature_density"] = view.annotate_features(
+            os.path.join(run_.path("features"), f"{comps[-1]['name']}.json"), saes["a"],
+            saes["b"], acts["a"], acts["b"], run_.mesh, FLAGS.chunk_size)
     view = views[specs[0]]
     xa = view.pool("a", acts["a"])
     comps.append(one("control", "control", xa, view.pool("b", acts["control"]),
