@@ -167,8 +167,8 @@ def test_worked_example(toks):
     assert sb.spans[0, 0] == 0
 
 
-_ALPHABET = st.sampled_from(list("abcdefghij ABC") + [" ", "  ", "\t", "\n", "\n\n", "   "]
-                            + list("é東京😀ß∑ﬁ") + list(".,'!?-–“”") + ["\u0301", "\x00"])
+_ALPHABET = st.sampled_from(list("abcdefghij ABC") + [" ", "  ", "\t", "\n", "\n\n"]
+                            + ["   "] + list("é東京😀ß∑ﬁ") + list(".,'!?-–“”") + ["\u0301", "\x00"])
 _TEXT = st.one_of(st.lists(_ALPHABET, max_size=40).map("".join),
                   st.text(st.characters(blacklist_categories=("Cs",)), max_size=40))
 

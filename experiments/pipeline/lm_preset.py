@@ -1,12 +1,13 @@
 """Language-model sides of the universality pipeline, with the layer grid.
 
-Two transformers models over the same text, every requested hookpoint
-of A against every requested hookpoint of B. Each model's forward runs once per batch for all
+Two transformers models over the same text, every requested hookpoint of A against every
+requested hookpoint of B. Each model's forward runs once per batch for all
 its hookpoints (`models.lm.LanguageModel.run` stops at the deepest requested block); the
 activations of real (non-padding) tokens are kept in memory and saved in the step cache, so a
 rerun does not recompute them. Models with different tokenizers are compared on aligned units
-of text (``--alignment``, `experiments.pipeline.aligned`). SAEs come from ``--saes_a`` / ``--saes_b`` (any supported
-format, one sub-directory per hookpoint) or are trained on the fly (TopK).
+of text (``--alignment``, `experiments.pipeline.aligned`). SAEs come from ``--saes_a`` /
+``--saes_b`` (any supported format, one sub-directory per hookpoint) or are trained on the fly
+(TopK), always on each model's own tokens.
 
 Reference points, for the first cell (A's first hookpoint vs B's first hookpoint):
 ceiling = a second SAE of A's first hookpoint (other seed and data order; trained here);
@@ -233,7 +234,8 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         ceiling_sae = side_sae("a", ha, xa, seed=flags_.seed + 1, tag="_ceiling")
         comps.append(compare.run_comparison(
             "ceiling", stream_factory(pool_a(xa), pool_a(xa)), saes_a[ha], ceiling_sae,
-            token_text, run.mesh, cfg, cache, ckpt_root=run.path("checkpoints"), progress=flags_.progress,
+            token_text, run.mesh, cfg, cache, ckpt_root=run.path("checkpoints"),
+            progress=flags_.progress,
             labels={"kind": "ceiling", "label": f"A {ha} vs A {ha}, other SAE seed"}, **extra))
     if flags_.random_init_floor:
         def floor_acts():
