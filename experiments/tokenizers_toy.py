@@ -88,7 +88,8 @@ def _plot(comps: list[dict], path: str) -> None:
             if s:
                 axes[1].text(b.get_x() + b.get_width() / 2, b.get_height(), "*", ha="center")
     axes[1].axhline(0, color="k", lw=0.8)
-    axes[1].set_ylabel("metric excess over random-pairing null (* p < 0.01)")
+    axes[1].set_ylabel("excess over random-pairing null")
+    axes[1].set_title("* p < 0.01", fontsize=9)
     axes[1].legend(fontsize=8)
     for ax in axes:
         ax.set_xticks(range(len(names)))
