@@ -92,3 +92,17 @@ def test_cache_of_other_text_is_refused(harvested, tmp_path, monkeypatch):
     monkeypatch.setattr(text, "read_documents", lambda *a, **k: iter(docs[::-1]))
     with pytest.raises(checks.InputError, match="cache_a"):
         aligned.prepare(_Run(tmp_path), _flags(), ma, mb, cache_paths=(ca.path, cb.path))
+
+
+def test_own_token_stats_match_a_direct_encode(mesh):
+    """Per-own-token density / mean (streamed, sharded, ragged last chunk) vs one encode."""
+    import jax
+    from experiments.pipeline import aligned
+    from models import sae as sae_lib
+    sae = sae_lib.init(jax.random.PRNGKey(0), sae_lib.SAEConfig(d_in=6, d_sae=10,
+                                                                activation="relu"))
+    x = np.random.default_rng(0).normal(size=(301, 6)).astype(np.float32)
+    st = aligned.own_token_stats(sae, x, mesh, chunk_size=64)
+    z = np.asarray(sae.encode(x), np.float64)
+    np.testing.assert_allclose(st.density, (z > 0).mean(0), atol=1e-6)
+    np.testing.assert_allclose(st.mean, z.mean(0), rtol=1e-4, atol=1e-6)
