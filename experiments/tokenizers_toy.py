@@ -70,7 +70,7 @@ flags.DEFINE_integer("seed", 0, "Seed.")
 
 def _plot(comps: list[dict], path: str) -> None:
     from experiments.pipeline import report
-    plt = report._plt()  # noqa: SLF001  (the pipeline's headless matplotlib)
+    plt = report._plt()
     names = [c["name"] for c in comps]
     rec = [c.get("truth", {}).get("fraction_true_pairs_recovered", np.nan) for c in comps]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -132,7 +132,7 @@ def run(run_) -> dict:
     feats_a = dictionary @ word_toy.orthogonal(FLAGS.d, [seed, 2])
     feats_b = dictionary @ word_toy.orthogonal(FLAGS.d, [seed, 3])
     feats_ctrl = word_toy.unit_rows(FLAGS.n_features, FLAGS.d, [seed, 4])
-    gen = lambda side, c, f, s: word_toy.side_activations(  # noqa: E731
+    gen = lambda side, c, f, s: word_toy.side_activations(
         docs, corpus[side], ctx[side], c, f, noise=FLAGS.noise, seed=[seed, s],
         causal=FLAGS.causal, jitter_seed=None if FLAGS.jitter <= 0 else [seed, 20 + (
             c is codes_ctrl)], jitter_spread=FLAGS.jitter)
@@ -162,7 +162,7 @@ def run(run_) -> dict:
                                 num_permutations=FLAGS.num_permutations, seed=seed)
     cache = StepCache(run_.path("steps"))
     ident = np.arange(FLAGS.n_features)
-    truth = lambda fb: {"features_a": feats_a, "features_b": fb, "true_match": ident,  # noqa
+    truth = lambda fb: {"features_a": feats_a, "features_b": fb, "true_match": ident,
                         "recoverable": np.ones(FLAGS.n_features, bool), "min_cos": 0.9}
 
     def stream(xa, xb):

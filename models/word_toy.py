@@ -22,7 +22,7 @@ id through a random embedding table (what a randomly initialised model's early l
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -95,7 +95,7 @@ def token_codes(document: str, doc_tokens: al.DocTokens, codes: WordCodes, *,
     w_start = np.asarray([w[0] for w in words])
     w_end = np.asarray([w[1] for w in words])
     real = doc_tokens.ends > doc_tokens.starts
-    cs, ce = al._core_spans(document, doc_tokens.starts, doc_tokens.ends)  # noqa: SLF001
+    cs, ce = al._core_spans(document, doc_tokens.starts, doc_tokens.ends)
     for t in np.flatnonzero(real & (ce > cs)):
         w = int(np.searchsorted(w_start, ce[t] - 1, side="right")) - 1
         if w < 0 or ce[t] - 1 >= w_end[w]:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from engine import checks
-from models import activation_cache, alignment as al, lm, text, tiny_tokenizers
+from models import activation_cache, lm, text, tiny_tokenizers
+from models import alignment as al
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,8 @@ def harvested(tmp_path_factory):
 
 
 def _flags(**kw):
-    base = dict(alignment="auto", alignment_pooling="last", alignment_dir=None,
-                text="sample", context_length=32, max_contexts=None)
+    base = {"alignment": "auto", "alignment_pooling": "last", "alignment_dir": None,
+                "text": "sample", "context_length": 32, "max_contexts": None}
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -50,8 +51,8 @@ class _Run:
 @pytest.mark.parametrize("unit,pooling", [("shared_boundaries", "last"), ("words", "max")])
 def test_caches_pair_through_the_alignment(harvested, tmp_path, unit, pooling, monkeypatch):
     from experiments.pipeline import aligned
-    root, docs, caches = harvested
-    (ma, ca, xa), (mb, cb, xb) = caches
+    _root, docs, caches = harvested
+    (ma, ca, _xa), (mb, cb, _xb) = caches
     # the pipeline reads --text; here the two chapters harvested above
     monkeypatch.setattr(text, "read_documents", lambda *a, **k: iter(docs))
     view = aligned.prepare(_Run(tmp_path), _flags(alignment=unit, alignment_pooling=pooling),
@@ -59,8 +60,8 @@ def test_caches_pair_through_the_alignment(harvested, tmp_path, unit, pooling, m
     assert view.alignment.unit == unit and len(view.alignment) > 50
     np.testing.assert_array_equal(view.contexts_b.token_ids, cb.token_ids())
     # pooled rows from in-memory own-token rows == rows read from the caches' memmaps
-    ids_a, acts_a = ca.read("resid_post.0")
-    ids_b, acts_b = cb.read("resid_post.0")
+    _ids_a, acts_a = ca.read("resid_post.0")
+    _ids_b, acts_b = cb.read("resid_post.0")
     src = al.AlignedSource(view.alignment, al.cache_gather(ca, "resid_post.0"),
                            al.cache_gather(cb, "resid_post.0"), (ma.d_model, mb.d_model),
                            block_rows=40)
@@ -87,7 +88,7 @@ def test_caches_pair_through_the_alignment(harvested, tmp_path, unit, pooling, m
 
 def test_cache_of_other_text_is_refused(harvested, tmp_path, monkeypatch):
     from experiments.pipeline import aligned
-    root, docs, caches = harvested
+    _root, docs, caches = harvested
     (ma, ca, _), (mb, cb, _) = caches
     monkeypatch.setattr(text, "read_documents", lambda *a, **k: iter(docs[::-1]))
     with pytest.raises(checks.InputError, match="cache_a"):
@@ -97,6 +98,7 @@ def test_cache_of_other_text_is_refused(harvested, tmp_path, monkeypatch):
 def test_own_token_stats_match_a_direct_encode(mesh):
     """Per-own-token density / mean (streamed, sharded, ragged last chunk) vs one encode."""
     import jax
+
     from experiments.pipeline import aligned
     from models import sae as sae_lib
     sae = sae_lib.init(jax.random.PRNGKey(0), sae_lib.SAEConfig(d_in=6, d_sae=10,

@@ -31,7 +31,7 @@ def test_noise_free_sides_agree_exactly_on_aligned_units(setup, kb, unit):
     maps = {"a": word_toy.orthogonal(d, 2), "b": word_toy.orthogonal(d, 3)}
     acts = {}
     for s, k in (("a", "bpe"), ("b", kb)):
-        tok, ctx, corpus = sides[k]
+        _tok, ctx, corpus = sides[k]
         acts[s] = word_toy.side_activations(docs, corpus, ctx, codes, dic @ maps[s],
                                             noise=0.0, seed=0, jitter_seed=5)
     align = al.align_corpus(docs, sides["bpe"][2], sides[kb][2], unit=unit, pooling="last")
@@ -45,7 +45,7 @@ def test_noise_free_sides_agree_exactly_on_aligned_units(setup, kb, unit):
 
 
 def test_token_codes_scale_with_the_share_of_the_word_read(setup):
-    docs, sides, codes = setup
+    _docs, sides, codes = setup
     s = "In the beginning God created"
     tok = sides["wordpiece"][0]
     dt = al.token_spans(tok, s)
@@ -60,7 +60,7 @@ def test_token_codes_scale_with_the_share_of_the_word_read(setup):
 
 
 def test_random_token_embeddings_depend_only_on_the_token(setup):
-    docs, sides, codes = setup
+    _docs, sides, _codes = setup
     tok, ctx, _ = sides["bpe"]
     x = word_toy.random_token_embeddings(ctx, len(tok.get_vocab()), 8, scale=1.0, noise=0.0,
                                          seed=0)
