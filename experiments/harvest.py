@@ -18,7 +18,9 @@ Real model::
         --dtype=float16 --batch_size=32
 
 Writes ``config.json``, ``metrics.jsonl`` (tokens, seconds, tokens/s), ``results.json``
-(cache path and metadata summary) and ``plots/norm_by_position.png`` (mean activation norm per
+(cache path and metadata summary), ``token_spans.npy`` beside the cache (document and character
+span of every position, for aligning models with different tokenizers; ``--norecord_spans``
+skips it) and ``plots/norm_by_position.png`` (mean activation norm per
 context position and hookpoint: BOS / attention-sink outliers show up at position 0).
 """
 
@@ -62,6 +64,10 @@ flags.DEFINE_integer("shard_contexts", 0, "Contexts per shard (0: about 128 MiB 
                      "hookpoint and shard).")
 flags.DEFINE_string("cache_dir", None, "Cache directory (default WORKDIR/cache).")
 flags.DEFINE_integer("seed", 0, "Seed of the tiny model (tiny:ARCH only).")
+flags.DEFINE_bool("record_spans", True, "Also write token_spans.npy beside the cache: the "
+                  "document and character span of every position (models/alignment.py), "
+                  "needed to pair caches of models with different tokenizers. Holds the "
+                  "documents in memory while it runs; turn off for corpora larger than RAM.")
 
 
 def _model_path(run) -> str:
@@ -186,6 +192,16 @@ def body(run, flags_):
         batch_size=FLAGS.batch_size, shard_contexts=FLAGS.shard_contexts or None,
         max_contexts=max_contexts, num_contexts=max_contexts, text_info=text_info,
         progress=FLAGS.progress, on_batch=on_batch)
+    if FLAGS.record_spans:
+        from models import alignment
+        docs = list(text.read_documents(sources, text_field=FLAGS.text_field,
+                                        txt_split=FLAGS.txt_split))
+        ctxs = text.make_contexts(docs, model.tokenizer, ctx_len,
+                                  special_tokens=FLAGS.special_tokens, pad_tail=FLAGS.pad_tail,
+                                  max_contexts=cache.num_contexts)
+        used = docs[:int(ctxs.doc_index.max()) + 1]
+        alignment.save_token_spans(cache_dir, alignment.corpus_tokens(
+            used, model.tokenizer, ctxs, special_tokens=FLAGS.special_tokens), used)
     seconds = time.perf_counter() - t0
     tokens = cache.num_tokens
     new_tokens = tokens - (state["start_tokens"] or tokens)

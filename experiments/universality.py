@@ -16,6 +16,14 @@ hookpoint of B; SAEs loaded from any supported format, or trained on the fly)::
         --hookpoints_a=resid_post.2,resid_post.3 --hookpoints_b=resid_post.3,resid_post.5 \\
         --saes_a=/saes/pythia-70m --saes_b=/saes/pythia-160m --text=/data/text.jsonl
 
+Models with different tokenizers (GPT-2 vs Pythia, Llama-2 vs Llama-3) are compared on aligned
+units of the text: ``--alignment=shared_boundaries`` (the default when the tokenizers differ),
+``--alignment=words --alignment_pooling=last|mean|max``, or ``tokens`` (identical tokenizers;
+see models/alignment.py and experiments/pipeline/aligned.py)::
+
+    python -m experiments.universality --workdir=runs/universality/gpt2_pythia --preset=lm \\
+        --model_a=weights/gpt2 --model_b=weights/pythia-160m --alignment=shared_boundaries
+
 Reference points for every cell (`experiments/pipeline/references.py`): a seed-vs-seed ceiling
 per side and hookpoint and a random-init floor per cell; the "fraction of the way" from floor
 to ceiling is printed only when the two are separated by more than twice their spread. Every

@@ -294,7 +294,8 @@ def harvest_models(models: Sequence[lm_lib.LanguageModel], contexts, hookpoints,
 
     ``hookpoints`` is one list for all models or one list per model. The caches can then be
     zipped with `paired_source`. Raises `text.TokenizerMismatchError` before any forward pass
-    when two tokenizers differ (cross-tokenizer alignment is not supported).
+    when two tokenizers differ (harvest each model on its own contexts instead and pair the
+    caches with `models.alignment`).
     """
     models = list(models)
     if len(cache_dirs) != len(models):
@@ -619,7 +620,7 @@ def paired_source(cache_a: ActivationCache, hookpoint_a: str, cache_b: Activatio
         raise text.TokenizerMismatchError(
             f"caches {cache_a.path} and {cache_b.path} were made with different tokenizers "
             f"({ta.get('name_or_path')!r}, {tb.get('name_or_path')!r}); cross-tokenizer "
-            "alignment is not supported")
+            "rows pair through models.alignment (AlignedSource), not token by token")
     if cache_a.context_length != cache_b.context_length or (
             cache_a.num_contexts != cache_b.num_contexts):
         raise checks.InputError(

@@ -67,7 +67,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -142,7 +142,7 @@ def decode_spans(tokenizer, text: str, ids: Sequence[int]) -> tuple[np.ndarray, 
     n = len(ids)
     starts = np.zeros(n, np.int64)
     ends = np.zeros(n, np.int64)
-    kw = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    kw = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
     pos = 0                 # characters consumed by the tokens so far
     anchor = -1             # -1: decode from the first token
     anchor_text = ""
@@ -401,6 +401,25 @@ def corpus_tokens(documents: Sequence[str], tokenizer, contexts: text_lib.Contex
                         text_lib.tokenizer_fingerprint(tokenizer))
 
 
+SPANS_FILE = "token_spans.npy"
+
+
+def save_token_spans(cache_dir: str, corpus: CorpusTokens, documents: Sequence[str]) -> str:
+    """Writes ``token_spans.npy`` ([contexts, context_length, 3] int64: document, char start,
+    char end; -1 on special tokens and padding) and ``token_spans.json`` (document count and
+    sha256) beside an activation cache, so its rows can be shown and aligned as text later.
+    """
+    from engine import metrics_io
+    path = os.path.join(cache_dir, SPANS_FILE)
+    np.save(path, corpus.span_grid(), allow_pickle=False)
+    metrics_io.write_json(os.path.join(cache_dir, "token_spans.json"), {
+        "format": FORMAT + "-token-spans", "version": VERSION, "documents": len(documents),
+        "documents_sha256": documents_sha256(documents),
+        "layout": "[contexts, context_length, 3] int64: document, char start, char end "
+                  "(-1: special token or padding)"})
+    return path
+
+
 def documents_sha256(documents: Sequence[str]) -> str:
     h = hashlib.sha256()
     for d in documents:
@@ -441,7 +460,7 @@ class Alignment:
             "num_units": len(self), "report": self.report, **self.meta})
 
     @staticmethod
-    def load(directory: str) -> "Alignment":
+    def load(directory: str) -> Alignment:
         path = os.path.join(directory, "alignment.json")
         if not os.path.exists(path):
             raise checks.InputError(f"{directory} is not an alignment (no alignment.json)")
@@ -462,7 +481,7 @@ class Alignment:
             raise checks.InputError(f"{directory}: alignment arrays disagree in length")
         return al
 
-    def with_pooling(self, pooling: str) -> "Alignment":
+    def with_pooling(self, pooling: str) -> Alignment:
         check_pooling(pooling)
         return dataclasses.replace(self, pooling=pooling)
 
@@ -522,7 +541,7 @@ def align_corpus(documents: Sequence[str], side_a: CorpusTokens, side_b: CorpusT
             ptrs_b.append(ptrs_b[-1] + len(rb))
             per_doc[d] += 1
             covered += int(cum_ns[hi] - cum_ns[lo])
-    cat = lambda p: np.concatenate(p).astype(np.int64) if p else np.zeros(0, np.int64)  # noqa
+    cat = lambda p: np.concatenate(p).astype(np.int64) if p else np.zeros(0, np.int64)
     rows_a, rows_b = cat(parts_a), cat(parts_b)
 
     def tokens_in_grid(side):

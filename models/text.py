@@ -21,8 +21,9 @@ nothing about either). Each document is tokenised without special tokens, cut in
 habit for GPT-2), or none (``"none"``). A final piece shorter than a context is dropped unless
 ``pad_tail=True`` (then padded with the pad token and masked out).
 
-Two models over the same text must tokenise it identically (`check_same_tokenizer`); aligning
-different tokenizers is out of scope, so a mismatch is refused with a clear error.
+Two models compared token by token must tokenise the text identically
+(`check_same_tokenizer` refuses anything else with a clear error); models with different
+tokenizers are paired through the text instead (`models.alignment`).
 """
 
 from __future__ import annotations
@@ -279,8 +280,9 @@ def check_same_tokenizer(tokenizer_a, tokenizer_b, texts: Iterable[str] | None =
 
     Compares the special-token conventions, the vocabularies, then the ids of a few probe
     strings and of up to ``max_texts`` of ``texts`` (the text actually used; default the
-    shipped sample) with and without special tokens. Cross-tokenizer alignment is not
-    supported (a later issue), so any difference is an error naming the first one found.
+    shipped sample) with and without special tokens. Rows of the two models are
+    compared token by token, so any difference is an error naming the first one found (pair
+    such models through the text with `models.alignment`).
     """
     na, nb = names
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -292,7 +294,7 @@ def check_same_tokenizer(tokenizer_a, tokenizer_b, texts: Iterable[str] | None =
     if len(va) != len(vb):
         raise TokenizerMismatchError(f"tokenizers differ: vocabulary of {len(va)} tokens for "
                                      f"{na} but {len(vb)} for {nb}; both models must share one "
-                                     "tokenizer (cross-tokenizer alignment is not supported)")
+                                     "tokenizer for token-by-token rows (use an alignment unit)")
     if va != vb:
         tok = next(t for t in sorted(va) if vb.get(t) != va[t])
         raise TokenizerMismatchError(f"tokenizers differ: token {tok!r} has id {va[tok]} for "

@@ -17,7 +17,7 @@ vocabulary sizes.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from engine import checks
 
@@ -26,8 +26,15 @@ KINDS = ("bpe", "wordpiece", "unigram", "word")
 
 def build_tokenizer(kind: str, vocab_size: int = 500, documents: Iterable[str] | None = None):
     """A `transformers.PreTrainedTokenizerFast` of ``kind`` (one of `KINDS`) trained locally."""
-    from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers,
-                            processors, trainers)
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     from models import text

@@ -22,7 +22,7 @@ id through a random embedding table (what a randomly initialised model's early l
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -70,9 +70,23 @@ def orthogonal(d: int, seed) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
+def occurrence_jitter(n_words: int, n_features: int, seed, spread: float) -> np.ndarray:
+    """``[n_words, n_features]`` magnitudes in ``[1 - spread, 1 + spread]`` per occurrence.
+
+    Drawn from the word occurrence (document seed, position), so both sides see the same
+    value: the truth is "this occurrence of the word carries feature f this strongly". It
+    decorrelates the features of frequent words, which an SAE would otherwise learn as one
+    combined direction (feature absorption), without breaking the word-level sharing.
+    """
+    return np.random.default_rng(seed).uniform(1 - spread, 1 + spread, (n_words, n_features))
+
+
 def token_codes(document: str, doc_tokens: al.DocTokens, codes: WordCodes, *,
-                causal: bool = True) -> np.ndarray:
-    """``[n_tokens, n_features]``: the code each token of one document carries."""
+                causal: bool = True, jitter: np.ndarray | None = None) -> np.ndarray:
+    """``[n_tokens, n_features]``: the code each token of one document carries.
+
+    ``jitter``: optional ``[n_words, n_features]`` per-occurrence magnitudes (multiplied in).
+    """
     n_f = codes.codes.shape[1]
     out = np.zeros((len(doc_tokens), n_f))
     words = [(m.start(), m.end(), m.group()) for m in al.WORD_PATTERN.finditer(document)]
@@ -81,27 +95,36 @@ def token_codes(document: str, doc_tokens: al.DocTokens, codes: WordCodes, *,
     w_start = np.asarray([w[0] for w in words])
     w_end = np.asarray([w[1] for w in words])
     real = doc_tokens.ends > doc_tokens.starts
-    cs, ce = al._core_spans(document, doc_tokens.starts, doc_tokens.ends)  # noqa: SLF001
+    cs, ce = al._core_spans(document, doc_tokens.starts, doc_tokens.ends)
     for t in np.flatnonzero(real & (ce > cs)):
         w = int(np.searchsorted(w_start, ce[t] - 1, side="right")) - 1
         if w < 0 or ce[t] - 1 >= w_end[w]:
             continue  # the token's last character is in no word (cannot happen: \S is a word)
         scale = (ce[t] - w_start[w]) / (w_end[w] - w_start[w]) if causal else 1.0
-        out[t] = scale * codes.code(words[w][2])
+        out[t] = scale * codes.code(words[w][2]) * (1.0 if jitter is None else jitter[w])
     return out
 
 
 def side_activations(documents: Sequence[str], corpus: al.CorpusTokens,
                      contexts: text_lib.Contexts, codes: WordCodes, features: np.ndarray, *,
-                     noise: float, seed, causal: bool = True) -> np.ndarray:
+                     noise: float, seed, causal: bool = True, jitter_seed=None,
+                     jitter_spread: float = 0.8) -> np.ndarray:
     """Activations of one side at its own unmasked context positions, in grid order.
 
-    Returns ``[mask.sum(), d]`` float32 rows (the layout `models.alignment.grid_gather` reads).
+    ``jitter_seed``: per-occurrence magnitudes (`occurrence_jitter`, seeded by
+    ``(jitter_seed, document)``; give both sides the same seed). Returns ``[mask.sum(), d]``
+    float32 rows (the layout `models.alignment.grid_gather` reads).
     """
     d = features.shape[1]
+    n_f = codes.codes.shape[1]
     grid = np.zeros((corpus.num_contexts * corpus.context_length, d))
-    for doc, dt, g in zip(documents, corpus.docs, corpus.grid):
-        tc = token_codes(doc, dt, codes, causal=causal)
+    for i, (doc, dt, g) in enumerate(zip(documents, corpus.docs, corpus.grid)):
+        jit = None
+        if jitter_seed is not None:
+            n_words = sum(1 for _ in al.WORD_PATTERN.finditer(doc))
+            jit = occurrence_jitter(n_words, n_f, [*np.atleast_1d(jitter_seed).tolist(), i],
+                                    jitter_spread)
+        tc = token_codes(doc, dt, codes, causal=causal, jitter=jit)
         ok = g >= 0
         grid[g[ok]] = tc[ok] @ features
     grid += noise * np.random.default_rng(seed).normal(size=grid.shape)

@@ -412,6 +412,9 @@ def test_harvest_experiment(tmp_path):
     assert res["tokens"] == 32 * 32 and res["hookpoints"] == ["resid_post.0", "resid_pre.1"]
     cache = ac.ActivationCache(res["cache_dir"])
     assert cache.num_contexts == 32 and len(cache.shards) == 4
+    spans = np.load(os.path.join(res["cache_dir"], "token_spans.npy"))  # --record_spans
+    assert spans.shape == (32, 32, 3) and (spans[:, 0] == -1).all()       # BOS: no text
+    assert (spans[:, 1:, 2] > spans[:, 1:, 1]).all()
     assert os.path.getsize(os.path.join(workdir, "plots", "norm_by_position.png")) > 1000
     for name in ("config.json", "metrics.jsonl"):
         assert os.path.exists(os.path.join(workdir, name))

@@ -6,7 +6,6 @@ of the vectorised implementation (all-pairs scans over tokens and characters), i
 hypothesis property tests on random strings with unicode and whitespace runs.
 """
 
-import itertools
 import os
 import re
 
@@ -167,8 +166,8 @@ def test_worked_example(toks):
     assert sb.spans[0, 0] == 0
 
 
-_ALPHABET = st.sampled_from(list("abcdefghij ABC") + [" ", "  ", "\t", "\n", "\n\n", "   "]
-                            + list("é東京😀ß∑ﬁ") + list(".,'!?-–“”") + ["\u0301", "\x00"])
+_ALPHABET = st.sampled_from(list("abcdefghij ABC") + [" ", "  ", "\t", "\n", "\n\n"]
+                            + ["   "] + list("é東京😀ß∑ﬁ") + list(".,'!?-–“”") + ["\u0301", "\x00"])
 _TEXT = st.one_of(st.lists(_ALPHABET, max_size=40).map("".join),
                   st.text(st.characters(blacklist_categories=("Cs",)), max_size=40))
 
@@ -248,7 +247,7 @@ def test_corpus_rows_point_at_the_units_tokens(toks, unit, pooling):
 
 
 def test_tokens_unit_over_a_corpus_is_every_text_token(toks):
-    docs, ((ca, sa), (cb, sb)) = _corpus(toks, "bpe", "bpe")
+    docs, ((ca, sa), (_cb, sb)) = _corpus(toks, "bpe", "bpe")
     align = al.align_corpus(docs, sa, sb, unit="tokens")
     flat_ids = ca.token_ids.reshape(-1)
     expect = np.flatnonzero(ca.mask.reshape(-1) & ~np.isin(
@@ -302,7 +301,7 @@ def test_save_load_roundtrip_and_pooling_reference(toks, tmp_path):
 
 
 def test_unit_text_and_context(toks):
-    docs, ((ca, sa), (cb, sb)) = _corpus(toks, "bpe", "unigram", n_docs=2)
+    docs, ((_ca, sa), (_cb, sb)) = _corpus(toks, "bpe", "unigram", n_docs=2)
     align = al.align_corpus(docs, sa, sb, unit="words")
     words = al.unit_text(docs, align.units)(np.arange(10))
     assert all(re.fullmatch(r"\w+|[^\w\s]+", w) for w in words)

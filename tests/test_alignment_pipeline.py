@@ -3,7 +3,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 from tests.test_universality import by_name, one_line_error, universality
@@ -51,7 +50,7 @@ def test_different_tokenizers_run_on_aligned_units(models, tmp_path, alignment):
     assert spans and all(s in doc for s in spans)
     if unit == "words":
         assert all(s.isalnum() or not any(c.isalnum() for c in s) for s in spans)
-    table = json.load(open(tmp_path / "features" / "A.resid_post.1~B.resid_post.1.json"))
+    table = json.loads((tmp_path / "features" / "A.resid_post.1~B.resid_post.1.json").read_text())
     row = table["b"][0]
     assert {"density_per_unit", "density_own_token", "mean_own_token"} <= set(row)
     assert row["top_context"] is None or "[[" in row["top_context"]

@@ -28,6 +28,7 @@ import numpy as np
 from absl import flags, logging
 
 from engine import accumulators, feature_stats, metrics_io, streaming
+from experiments import common
 from models import alignment as al
 from models import text as text_lib
 
@@ -85,7 +86,7 @@ class AlignedView:
         own = {"a": own_token_stats(sae_a, acts_a, mesh, chunk_size),
                "b": own_token_stats(sae_b, acts_b, mesh, chunk_size)}
         summary = {}
-        table = metrics_io_read(path) if os.path.exists(path) else None
+        table = common.load_json(path) if os.path.exists(path) else None
         for side, st in own.items():
             if table is not None:
                 for row in table[side]:
@@ -102,12 +103,6 @@ class AlignedView:
                 [r["density"] for r in table["b"]]))
             metrics_io.write_json(path, table)
         return summary
-
-
-def metrics_io_read(path: str):
-    import json
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def own_token_stats(sae, acts: np.ndarray, mesh, chunk_size: int) -> feature_stats.FeatureStats:

@@ -1,12 +1,13 @@
 """Language-model sides of the universality pipeline, with the layer grid.
 
-Two transformers models over the same text, every requested hookpoint
-of A against every requested hookpoint of B. Each model's forward runs once per batch for all
+Two transformers models over the same text, every requested hookpoint of A against every
+requested hookpoint of B. Each model's forward runs once per batch for all
 its hookpoints (`models.lm.LanguageModel.run` stops at the deepest requested block); the
 activations of real (non-padding) tokens are kept in memory and saved in the step cache, so a
 rerun does not recompute them. Models with different tokenizers are compared on aligned units
-of text (``--alignment``, `experiments.pipeline.aligned`). SAEs come from ``--saes_a`` / ``--saes_b`` (any supported
-format, one sub-directory per hookpoint) or are trained on the fly (TopK).
+of text (``--alignment``, `experiments.pipeline.aligned`). SAEs come from ``--saes_a`` /
+``--saes_b`` (any supported format, one sub-directory per hookpoint) or are trained on the fly
+(TopK), always on each model's own tokens.
 
 Reference points for EVERY cell (`experiments.pipeline.references`): a seed-vs-seed ceiling of
 each side at each hookpoint (a second SAE of the same recipe, or, for loaded SAEs, of the same
