@@ -115,3 +115,35 @@ def test_cache_with_garbage_shard_or_metadata_is_named(tmp_path):
     shard.write_bytes(os.urandom(500))
     with pytest.raises(checks.InputError, match="activation cache file .*not a .npy file"):
         activation_cache._check_npy(str(shard), (2, 3), np.int32)
+
+
+def test_sae_format_loaders_name_garbage_files(tmp_path):
+    """Each SAE file format with its files replaced by random bytes: one line naming the file
+    and what it is not (never 'pickled data' for a file that is just garbage)."""
+    import json
+    from models import formats
+    garbage = os.urandom(400)
+    cases = []
+    sl = tmp_path / "saelens"
+    sl.mkdir()
+    (sl / "cfg.json").write_bytes(garbage)
+    (sl / "sae_weights.safetensors").write_bytes(garbage)
+    cases.append((sl, {}, "cfg.json is not valid JSON"))
+    sl2 = tmp_path / "saelens2"
+    sl2.mkdir()
+    (sl2 / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 4,
+                                              "d_sae": 8}))
+    (sl2 / "sae_weights.safetensors").write_bytes(garbage)
+    cases.append((sl2, {}, "not a safetensors file"))
+    (tmp_path / "params.npz").write_bytes(garbage)
+    cases.append((tmp_path / "params.npz", {"format": "gemma_scope"}, "not an .npz archive"))
+    (tmp_path / "ae.pt").write_bytes(garbage)
+    cases.append((tmp_path / "ae.pt", {"format": "dictionary_learning"}, "torch.load"))
+    nat = tmp_path / "native"
+    nat.mkdir()
+    (nat / "sae_config.json").write_bytes(garbage + b"\xff")
+    cases.append((nat, {"format": "native"}, "sae_config.json is not"))
+    for path, kw, match in cases:
+        with pytest.raises(checks.InputError, match=match) as e:
+            formats.load_sae(str(path), **kw)
+        assert str(path) in _one_line(e) and "pickled" not in str(e.value)
