@@ -23,11 +23,18 @@ Any activations saved as a 2-D .npy array (rows = tokens)::
     python -m experiments.train_sae --workdir=runs/sae_npy --source=npy --npy_path=acts.npy \\
         --d_sae=4096 --k=32 --steps=5000
 
+Held-out metrics use ``min(--eval_rows, --eval_frac * rows)`` rows of the .npy that training
+never sees; fewer than ``MIN_EVAL_ROWS`` (32) is refused, unless ``--eval_on_train`` asks for
+metrics on training rows (``results.json`` then says ``"eval_rows_held_out": false``). A file
+that is not a plain 2-D numeric .npy (garbage, text, .npz, pickled, truncated) is refused in
+one line.
+
 Outputs: ``config.json``; ``metrics.jsonl`` (every program's training log: MSE, FVU, L0,
 dead fraction, mean/max feature density, per SAE under ``sae<i>/``; one ``group`` field per
 line); ``g<i>_*/`` (each program's checkpoints and own metrics.jsonl); ``saes/<label>/``
 (native format, models/sae_io_native.py, with a SAELens copy and its held-out log10
-densities in ``saes/<label>/saelens/``); ``results.json`` (held-out metrics per SAE, MMCS
+densities in ``saes/<label>/saelens/``; the input scale is folded into the copy's weights,
+since SAELens does not apply it at inference); ``results.json`` (held-out metrics per SAE, MMCS
 and splitting statistics against the true dictionary for synthetic data, fraction of features
 matched one-to-one at decoder cosine >= ``--match_threshold`` between seeds); ``plots/``
 (log10 feature-density histograms; MMCS / L0 / FVU against width for a synthetic sweep).
