@@ -123,7 +123,9 @@ def main(run, flags_) -> dict:
             frac = e.get("fraction_floor_to_ceiling_excess")
             print(f"   {metric:<12} {e.get('floor_excess', float('nan')):7.3f} -> "
                   f"{e['cross_excess']:7.3f} -> {e.get('ceiling_excess', float('nan')):7.3f}"
-                  + (f"   ({frac:.0%} of the way)" if frac is not None else ""))
+                  + (f"   ({frac:.0%} of the way)" if frac is not None else "")
+                  + ("   UNINFORMATIVE (too few pairs)" if not e.get("informative", True)
+                     else ""))
     print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}")
     return results
 
