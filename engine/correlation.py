@@ -393,13 +393,24 @@ class CorrelationAccumulator:
             x = jnp.take(x, state.sel_a, axis=1)
         if self.b_sel is not None:
             y = jnp.take(y, state.sel_b, axis=1)
-        # The first rows ever seen fix the shift (their weighted mean), as in CrossMoments.
+        # The first rows ever seen fix the shift (their weighted mean, refined by a second
+        # pass), as in CrossMoments, except that a feature whose values in those rows are all equal is shifted by that
+        # value exactly: a float32 mean of n rows is off by up to ~n eps |mean|, which left a
+        # feature that is constant and non-zero with a spurious variance above constant_tol
+        # when many rows came in one chunk (the result depended on the chunk size).
         first = state.count + state.count_c == 0
         n0 = jnp.maximum(jnp.sum(w), 1e-30)
-        shift_a = jnp.where(first, jnp.einsum("r,rf->f", w, x, precision=HIGHEST) / n0,
-                            state.shift_a)
-        shift_b = jnp.where(first, jnp.einsum("r,rf->f", w, y, precision=HIGHEST) / n0,
-                            state.shift_b)
+        live = (w > 0)[:, None]
+
+        def first_shift(v):
+            hi = jnp.max(jnp.where(live, v, -jnp.inf), axis=0)
+            lo = jnp.min(jnp.where(live, v, jnp.inf), axis=0)
+            mean = jnp.einsum("r,rf->f", w, v, precision=HIGHEST) / n0
+            mean = mean + jnp.einsum("r,rf->f", w, v - mean, precision=HIGHEST) / n0
+            return jnp.where(hi == lo, hi, mean)
+
+        shift_a = jnp.where(first, first_shift(x), state.shift_a)
+        shift_b = jnp.where(first, first_shift(y), state.shift_b)
         xs = x - shift_a
         ys = y - shift_b
         wx = xs * w[:, None]

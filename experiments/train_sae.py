@@ -24,11 +24,18 @@ Any activations saved as a 2-D .npy array (rows = tokens)::
     python -m experiments.train_sae --workdir=runs/sae_npy --source=npy --npy_path=acts.npy \\
         --d_sae=4096 --k=32 --steps=5000
 
+Held-out metrics use ``min(--eval_rows, --eval_frac * rows)`` rows of the .npy that training
+never sees; fewer than ``MIN_EVAL_ROWS`` (32) is refused, unless ``--eval_on_train`` asks for
+metrics on training rows (``results.json`` then says ``"eval_rows_held_out": false``). A file
+that is not a plain 2-D numeric .npy (garbage, text, .npz, pickled, truncated) is refused in
+one line.
+
 Outputs: ``config.json``; ``metrics.jsonl`` (every program's training log: MSE, FVU, L0,
 dead fraction, mean/max feature density, per SAE under ``sae<i>/``; one ``group`` field per
 line); ``g<i>_*/`` (each program's checkpoints and own metrics.jsonl); ``saes/<label>/``
 (native format, models/sae_io_native.py, with a SAELens copy and its held-out log10
-densities in ``saes/<label>/saelens/``); ``results.json`` (held-out metrics per SAE, MMCS
+densities in ``saes/<label>/saelens/``; the input scale is folded into the copy's weights,
+since SAELens does not apply it at inference); ``results.json`` (held-out metrics per SAE, MMCS
 and splitting statistics against the true dictionary for synthetic data, fraction of features
 matched one-to-one at decoder cosine >= ``--match_threshold`` between seeds); ``plots/``
 (log10 feature-density histograms; MMCS / L0 / FVU against width for a synthetic sweep).
@@ -46,6 +53,9 @@ from absl import flags, logging
 from experiments import common
 
 FLAGS = flags.FLAGS
+# Fewest held-out .npy rows for the evaluation metrics (fvu, l0, densities); with fewer the run
+# is refused unless --eval_on_train (metrics never silently fall back to training rows).
+MIN_EVAL_ROWS = 32
 common.define_common_flags()
 flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_enum("source", "synthetic", ["synthetic", "npy", "cache", "lm"],
@@ -95,6 +105,9 @@ flags.DEFINE_enum("decode", "auto", ["auto", "sparse", "dense"], "TopK decoder p
 flags.DEFINE_enum("b_dec_init", "geometric_median", ["geometric_median", "mean", "zeros"],
                   "b_dec initialisation.")
 flags.DEFINE_integer("eval_rows", 16384, "Held-out rows for evaluation (synthetic: fresh).")
+flags.DEFINE_bool("eval_on_train", False,
+                  "npy: when fewer than MIN_EVAL_ROWS rows would be held out, measure the "
+                  "metrics on training rows instead of refusing (recorded in results.json).")
 flags.DEFINE_float("match_threshold", 0.7, "Decoder cosine for a seed-vs-seed match.")
 flags.DEFINE_integer("log_every", 100, "Steps between metrics lines.")
 flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
@@ -351,6 +364,7 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
 
     o = dict(opts)
     dictionary = None
+    held_out = True    # synthetic: fresh rows from the generator
     if o["source"] == "synthetic":
         dictionary = synthetic.make_dictionary(
             jax.random.PRNGKey(o["dict_seed"]), o["n_true"], o["d"], k=o["k_true"],
@@ -369,14 +383,33 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
     else:
         if not o.get("npy_path"):
             raise common.ConfigError("--npy_path is required with --source=npy")
-        # allow_pickle=False: never unpickle.
-        data = np.load(o["npy_path"], allow_pickle=False, mmap_mode="r")
+        from engine import checks
+        from models import activation_cache
+        # One-line errors for a missing, garbage, pickled or truncated file; never unpickles.
+        data = activation_cache.load_npy(o["npy_path"], "--npy_path")
+        if data.ndim != 2 or not (np.issubdtype(data.dtype, np.floating)
+                                  or np.issubdtype(data.dtype, np.integer)):
+            raise checks.InputError(f"--npy_path {o['npy_path']}: expected a 2-D numeric "
+                                    f"array [rows, d_in], got shape {data.shape} {data.dtype}")
         data = np.asarray(data, np.float32)
-        n_eval = min(o["eval_rows"], int(o["eval_frac"] * data.shape[0])) if data.ndim == 2 \
-            else 0
+        n_eval = min(o["eval_rows"], int(o["eval_frac"] * data.shape[0]))
         perm = np.random.default_rng(o["data_seed"]).permutation(len(data))
-        eval_x = data[np.sort(perm[:n_eval])] if n_eval else data[: min(len(data), 4096)]
-        acts = data[np.sort(perm[n_eval:])] if n_eval else data
+        held_out = n_eval >= MIN_EVAL_ROWS
+        if held_out:
+            eval_x = data[np.sort(perm[:n_eval])]
+            acts = data[np.sort(perm[n_eval:])]
+        elif o.get("eval_on_train"):
+            # The explicit choice: metrics on training rows, reported as such.
+            logging.warning("--eval_on_train: %d held-out rows are too few; metrics are "
+                            "measured on training rows (optimistic)", n_eval)
+            eval_x = data[: min(len(data), 4096)]
+            acts = data
+        else:
+            raise checks.InputError(
+                f"--npy_path {o['npy_path']}: {data.shape[0]} rows leave {n_eval} held-out rows "
+                f"(--eval_frac={o['eval_frac']}, --eval_rows={o['eval_rows']}); held-out metrics "
+                f"need at least {MIN_EVAL_ROWS}: raise --eval_frac or give more rows, or pass "
+                "--eval_on_train to measure on training rows (reported as such)")
         d_in = unit = int(data.shape[-1])
     widths = _ints(o["d_sae"]) + [int(round(float(m) * unit)) for m in o["d_sae_mult"]]
     if not widths:   # neither --d_sae nor --d_sae_mult: one width, 1 x the unit
@@ -450,6 +483,7 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         plot_sweep(os.path.join(run.plots_dir, "ground_truth_sweep.png"), rows, o["n_true"],
                    pairs)
     results = {"saes": rows, "seed_pairs": pairs, "n_eval_rows": int(eval_x.shape[0]),
+               "eval_rows_held_out": bool(held_out),
                "d_in": d_in}
     if pairs:
         results["seed_matched_frac_mean"] = float(np.mean([p["matched_frac"] for p in pairs]))

@@ -66,23 +66,61 @@ def _read_json(path: str) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise checks.InputError(f"{path}: not valid JSON ({e.msg}); the file is damaged") from None
+    except UnicodeDecodeError:
+        raise checks.InputError(f"{path}: not UTF-8 JSON text (a binary file?); the file is "
+                                "damaged") from None
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_header(path: str, what: str) -> tuple[tuple, np.dtype, int]:
+    """``(shape, dtype, data offset)`` of a .npy file, with one-line errors for a missing
+    file, a file that is not .npy at all (garbage, text, .npz, pickle), a damaged header, or
+    object (pickled) arrays. Never unpickles."""
+    if not os.path.isfile(path):
+        raise checks.InputError(f"{what} {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+        if head != NPY_MAGIC:
+            kind = ("an .npz archive" if head[:2] == b"PK" else "empty" if not head
+                    else "not a .npy file (no NUMPY header: garbage, text or a pickle?)")
+            raise checks.InputError(f"{what} {path}: {kind}; expected a .npy array written by "
+                                    "numpy.save")
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        except (ValueError, EOFError, SyntaxError) as e:
+            raise checks.InputError(f"{what} {path}: damaged .npy header "
+                                    f"({str(e).splitlines()[0][:80]})") from None
+        offset = f.tell()
+    if np.dtype(dtype).hasobject:
+        raise checks.InputError(f"{what} {path}: holds object (pickled) arrays; refused (only "
+                                "plain numeric arrays are read, never pickles)")
+    return tuple(shape), np.dtype(dtype), offset
+
+
+def load_npy(path: str, what: str, *, mmap_mode: str | None = "r") -> np.ndarray:
+    """A plain numeric .npy (memory-mapped by default), checked first by `npy_header` and
+    for truncation: every problem is one line naming ``what`` and the file."""
+    shape, dtype, offset = npy_header(path, what)
+    need = offset + int(np.prod(shape)) * dtype.itemsize
+    size = os.path.getsize(path)
+    if size < need:
+        raise checks.InputError(f"{what} {path} is truncated ({size} bytes, expected {need} "
+                                f"for {shape} {dtype})")
+    return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
 
 
 def _check_npy(path: str, shape: tuple, dtype) -> None:
     """Raises unless ``path`` is a complete .npy of ``shape`` / ``dtype`` (header + size)."""
     if not os.path.exists(path):
         raise checks.InputError(f"activation cache file {path} is missing")
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                got_shape, _, got_dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                got_shape, _, got_dtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as e:
-            raise checks.InputError(f"activation cache file {path}: not a .npy file ({e})"
-                                    ) from None
-        offset = f.tell()
+    got_shape, got_dtype, offset = npy_header(path, "activation cache file")
     if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != np.dtype(dtype):
         raise checks.InputError(f"activation cache file {path}: expected shape {tuple(shape)} "
                                 f"{np.dtype(dtype)}, found {tuple(got_shape)} {got_dtype}")
@@ -219,7 +257,8 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
     puller = _Puller(open_at(0))
     for i, shard in enumerate(shards):  # same text must give the same tokens
         part = puller.take(shard["contexts"])
-        stored = np.load(_shard_file(cache_dir, "tokens", i))
+        stored = load_npy(_shard_file(cache_dir, "tokens", i), "activation cache file",
+                          mmap_mode=None)
         if part is None or not np.array_equal(part.token_ids, stored):
             raise checks.InputError(f"cache {cache_dir}: the text now gives other tokens than "
                                     f"the {len(shards)} shard(s) already written (shard {i} "
@@ -457,7 +496,8 @@ class ActivationCache:
             if kind not in ("tokens", "mask") and kind not in self.hookpoints:
                 raise checks.InputError(f"hookpoint {kind!r} is not in the cache at {self.path}"
                                         f" (it has {list(self.hookpoints)})")
-            self._maps[key] = np.load(_shard_file(self.path, kind, shard), mmap_mode="r")
+            self._maps[key] = load_npy(_shard_file(self.path, kind, shard),
+                                       "activation cache file")
         return self._maps[key]
 
     def token_ids(self) -> np.ndarray:

@@ -119,6 +119,22 @@ class SAE:
 
     # -- forward ----------------------------------------------------------------------------
 
+    def describe(self) -> str:
+        """``SAE(d_in=.., d_sae=.., activation[, model, hookpoint, label])`` for messages."""
+        c = self.config
+        meta = c.meta
+        extra = [str(meta[key]) for key in ("model_name", "hookpoint", "label")
+                 if meta.get(key) not in (None, "")]
+        return (f"SAE(d_in={c.d_in}, d_sae={c.d_sae}, {c.activation}"
+                + "".join(f", {e}" for e in extra) + ")")
+
+    def _check_width(self, what: str, x, width: int, axis: str) -> None:
+        """One-line error (static shapes: also inside jit / vmap) on a wrong last dimension."""
+        shape = tuple(np.shape(x))
+        if not shape or shape[-1] != width:
+            raise checks.InputError(f"{self.describe()}.{what}: got shape {shape}, expected "
+                                    f"[..., {width}] ({axis})")
+
     def pre_activations(self, x: jax.Array) -> jax.Array:
         return self.centred_input(x) @ self.W_enc + self.b_enc
 
@@ -153,11 +169,14 @@ class SAE:
 
     def centred_input(self, x: jax.Array) -> jax.Array:
         """``x * input_scale - b_dec`` (or without ``b_dec``): what ``W_enc`` multiplies."""
+        self._check_width("encode", x, self.config.d_in, "the input width d_in")
         x = x * self.config.input_scale
         return x - self.b_dec if self.config.apply_b_dec_to_input else x
 
     def decode(self, acts: jax.Array) -> jax.Array:
         """Reconstruction in the input's (un-normalised) space."""
+        self._check_width("decode", acts, self.config.d_sae, "one activation per feature, "
+                          "d_sae")
         return (acts @ self.W_dec + self.b_dec) / self.config.input_scale
 
     def decode_sparse(self, values: jax.Array, indices: jax.Array) -> jax.Array:
@@ -165,6 +184,11 @@ class SAE:
 
         Forward and backward are O(rows * k * d_in) (`gather_combine`).
         """
+        if np.shape(values) != np.shape(indices):
+            raise checks.InputError(f"{self.describe()}.decode_sparse: values "
+                                    f"{tuple(np.shape(values))} and indices "
+                                    f"{tuple(np.shape(indices))} must have the same shape "
+                                    "[..., k]")
         out = gather_combine(self.W_dec, values, indices) + self.b_dec
         return out / self.config.input_scale
 

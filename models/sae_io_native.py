@@ -105,6 +105,9 @@ def read_config(path: str) -> sae_lib.SAEConfig:
             doc = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise checks.InputError(f"load_sae: {cfg_path} is not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise checks.InputError(f"load_sae: {cfg_path} is not UTF-8 JSON text (a binary "
+                                "file?); the SAE folder is damaged") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise checks.InputError(f"load_sae: {cfg_path} has format "
                                 f"{doc.get('format') if isinstance(doc, dict) else None!r}; "

@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -60,48 +61,68 @@ def _open_text(path: str) -> io.TextIOBase:
     return open(path, encoding="utf-8")
 
 
+def _text_lines(path: str) -> Iterator[str]:
+    """Lines of a UTF-8 text file (optionally gzipped), with one-line errors for a file that
+    is not text: invalid UTF-8 or NUL bytes (a binary file: .npy, image, archive, ...), or a
+    damaged / non-gzip ``.gz``."""
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if "\x00" in line:
+                    raise checks.InputError(f"text file {path!r}: NUL byte on line {lineno}: a "
+                                            "binary file, not text; expected UTF-8 "
+                                            ".txt/.jsonl")
+                yield line
+    except UnicodeDecodeError:
+        raise checks.InputError(f"text file {path!r}: not UTF-8 text (a binary file?); "
+                                "expected UTF-8 .txt/.jsonl") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise checks.InputError(f"text file {path!r}: not a valid gzip file "
+                                f"({type(e).__name__}); expected gzipped UTF-8 text") from None
+
+
 def _txt_documents(path: str, txt_split: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        if txt_split == "file":
-            text = f.read()
-            if text.strip():
-                yield text
-            return
-        if txt_split == "line":
-            for line in f:
-                if line.strip():
-                    yield line.rstrip("\n")
-            return
-        para: list[str] = []
-        for line in f:
+    lines = _text_lines(path)
+    if txt_split == "file":
+        text = "".join(lines)
+        if text.strip():
+            yield text
+        return
+    if txt_split == "line":
+        for line in lines:
             if line.strip():
-                para.append(line.rstrip("\n"))
-            elif para:
-                yield "\n".join(para)
-                para = []
-        if para:
+                yield line.rstrip("\n")
+        return
+    para: list[str] = []
+    for line in lines:
+        if line.strip():
+            para.append(line.rstrip("\n"))
+        elif para:
             yield "\n".join(para)
+            para = []
+    if para:
+        yield "\n".join(para)
 
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise checks.InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected "
-                                        "one JSON object per line") from None
-            if not isinstance(obj, dict) or text_field not in obj:
-                raise checks.InputError(f"{path}:{lineno}: expected a JSON object with a "
-                                        f"{text_field!r} field (set text_field)")
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise checks.InputError(f"{path}:{lineno}: field {text_field!r} is "
-                                        f"{type(text).__name__}, expected a string")
-            if text.strip():
-                yield text
+    # The same reader as .txt: binary files are named as such.
+    for lineno, line in enumerate(_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise checks.InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected "
+                                    "one JSON object per line") from None
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise checks.InputError(f"{path}:{lineno}: expected a JSON object with a "
+                                    f"{text_field!r} field (set text_field)")
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise checks.InputError(f"{path}:{lineno}: field {text_field!r} is "
+                                    f"{type(text).__name__}, expected a string")
+        if text.strip():
+            yield text
 
 
 def _file_kind(path: str) -> str:

@@ -328,3 +328,23 @@ def test_bad_configuration(kwargs, match):
     args = {"n_a": N_A, "n_b": N_B, **kwargs}
     with pytest.raises(checks.InputError, match=match):
         corr_lib.CorrelationAccumulator(args.pop("n_a"), args.pop("n_b"), **args)
+
+
+@pytest.mark.parametrize("chunk", [256, 4096])
+def test_constant_nonzero_dense_feature_found_whatever_the_chunk_size(mesh, chunk):
+    # 3000 rows in ONE chunk (4096) or in 12 chunks: a feature that is the same non-zero value
+    # on every row is constant either way (the float64 reference has std exactly 0). The
+    # first chunk's float32 mean was off by up to ~n * eps, which left a spurious variance.
+    rng = np.random.default_rng(21)
+    t = 3000
+    x = np.maximum(rng.standard_normal((t, 6)), 0).astype(np.float32)
+    y = rng.standard_normal((t, 3)).astype(np.float32)
+    consts = [0.9670734, 0.30601633, 1.7362214, 2.7492054, 20.379341, 1.3545433]
+    for c in consts:
+        x[:, 2] = np.float32(c)
+        res = corr_lib.correlate((x, y), 6, 3, mesh, chunk_size=chunk)
+        assert np.flatnonzero(res.a_constant).tolist() == [2], c
+        assert res.a_match[2] == -1
+        ref = _ref(x, y)
+        ok = np.isfinite(ref).all(axis=1)
+        np.testing.assert_array_equal(res.a_match[ok], np.argmax(ref[ok], axis=1))

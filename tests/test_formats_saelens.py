@@ -296,22 +296,40 @@ def test_round_trip_is_exact(tmp_path, rng, activation, input_scale):
     assert sorted(p.name for p in folder.iterdir()) == [
         "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
     back = load_saelens(folder, record_provenance=False)
-    assert back.config == sae.config
-    for key, value in sae.to_numpy().items():
-        np.testing.assert_array_equal(np.asarray(getattr(back, key)), value)
     np.testing.assert_array_equal(read_saelens_sparsity(folder), sparsity)
     with_prov = load_saelens(folder).config.meta
     assert with_prov.pop("format") == "saelens" and with_prov.pop("source_path")
-    assert with_prov == sae.config.meta
+    if input_scale == 1.0:
+        assert back.config == sae.config
+        for key, value in sae.to_numpy().items():
+            np.testing.assert_array_equal(np.asarray(getattr(back, key)), value)
+        assert with_prov == sae.config.meta
+        return
+    # An input scale is folded into the weights (SAELens ignores it at inference): the
+    # folded SAE is the same function.
+    import dataclasses
+    assert back.config == dataclasses.replace(sae.config, input_scale=1.0).with_metadata(
+        folded_input_scale=input_scale)
+    assert with_prov == {**sae.config.meta, "folded_input_scale": input_scale}
+    x = np.random.default_rng(1).normal(size=(9, D_IN)).astype(np.float32) / input_scale
+    np.testing.assert_allclose(np.asarray(back.encode(x)), np.asarray(sae.encode(x)),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(back(x)) * input_scale,
+                               np.asarray(sae(x)) * input_scale, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(back.threshold), np.asarray(sae.threshold))
 
 
 @pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu", "batchtopk"])
-def test_saved_files_are_plain_saelens(tmp_path, rng, x, activation):
+@pytest.mark.parametrize("input_scale", [1.0, 0.37, 3.0])
+def test_saved_files_are_plain_saelens(tmp_path, rng, x, activation, input_scale):
     """Without the exact-config block the file is an ordinary SAELens v6 SAE whose forward
-    (by SAELens's rules, the float64 reference) is the original SAE's."""
-    sae = _random_sae(rng, activation)
+    (by SAELens's rules, the float64 reference, which applies NO input normalisation at
+    inference) is the original SAE's: an input scale must be folded into the weights."""
+    sae = _random_sae(rng, activation, input_scale)
+    x = x * np.float32(4.0 / input_scale)   # inputs on the scale the SAE was trained for
     folder = save_saelens(tmp_path / "plain", sae)
     cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == "none"
     expected_arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
                      "batchtopk": "jumprelu"}[activation]
     assert cfg["architecture"] == expected_arch and cfg["metadata"]["hook_name"] == "layers.4"
@@ -321,19 +339,21 @@ def test_saved_files_are_plain_saelens(tmp_path, rng, x, activation):
     want |= {"threshold"} if expected_arch == "jumprelu" else set()
     assert set(stored) == want
     acts_ref, recon_ref = saelens_reference(x, stored, expected_arch, k=cfg.get("k"))
-    _check(sae, x, acts_ref, recon_ref)
+    tol = 2e-5 * max(1.0, float(np.abs(recon_ref).max()))
+    _check(sae, x, acts_ref, recon_ref, tol)
     del cfg["sae_universality"]
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    _check(load_saelens(folder), x, acts_ref, recon_ref)
+    _check(load_saelens(folder), x, acts_ref, recon_ref, tol)
 
 
-def test_fold_input_scale_gives_plain_saelens_forward(tmp_path, rng, x):
+def test_input_scale_is_always_folded(tmp_path, rng, x):
     sae = _random_sae(rng, "relu", input_scale=3.0)
-    folder = save_saelens(tmp_path / "fold", sae, fold_input_scale=True)
+    folder = save_saelens(tmp_path / "fold", sae)
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["normalize_activations"] == "none"
+    assert "norm_scaling_factor" not in cfg["metadata"]
     back = load_saelens(folder)
-    assert back.config.input_scale == 1.0
+    assert back.config.input_scale == 1.0 and back.config.meta["folded_input_scale"] == 3.0
     np.testing.assert_allclose(np.asarray(back(x)), np.asarray(sae(x)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(back.encode(x)), np.asarray(sae.encode(x)),
                                rtol=1e-5, atol=1e-5)

@@ -78,3 +78,41 @@ def test_results_written_before_plots(comps, tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "results.json")
     assert written["results"]["comparisons"][0]["metrics"]["svcca"]["informative"] is False
     assert "plot failed" in results.get("plot_errors", [""])[0]
+
+
+def _binom_tail(k, n, p):
+    """P(X >= k), X ~ Binomial(n, p), by summing the pmf exactly (independent of scipy)."""
+    from math import comb
+    return float(sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+def test_same_index_fraction_and_chance_warning(caplog):
+    from experiments.pipeline import compare
+    rng = np.random.default_rng(0)
+    # 45 % of 200 kept pairs are feature i with feature i (the shared-seed symptom).
+    a = rng.choice(512, 200, replace=False)
+    b = rng.permutation(a)
+    same = rng.random(200) < 0.45
+    b[same] = a[same]
+    rep = compare.same_index_report(a, b, 512, 1024)
+    k = int(np.sum(a == b))
+    assert rep["count"] == k and rep["fraction"] == pytest.approx(k / 200)
+    assert rep["chance_fraction"] == pytest.approx(1 / 512)
+    assert rep["p_value"] == pytest.approx(_binom_tail(k, 200, 1 / 512), rel=1e-6)
+    assert rep["above_chance"] is True
+    # Independent pairings: at chance, no warning.
+    a2 = rng.integers(0, 512, 300)
+    b2 = rng.integers(0, 512, 300)
+    rep2 = compare.same_index_report(a2, b2, 512, 512)
+    k2 = int(np.sum(a2 == b2))
+    assert rep2["p_value"] == pytest.approx(_binom_tail(k2, 300, 1 / 512), rel=1e-6)
+    assert rep2["above_chance"] is False
+    empty = compare.same_index_report(np.zeros(0, int), np.zeros(0, int), 8, 8)
+    assert empty["count"] == 0 and empty["above_chance"] is False
+
+
+def test_summary_table_shows_same_index_warning(comps):
+    c = dict(comps[1], same_index={"count": 90, "fraction": 0.45, "chance_fraction": 0.002,
+                                   "p_value": 1e-90, "above_chance": True})
+    table = report.summary_table([c])
+    assert "same feature index" in table and "45%" in table

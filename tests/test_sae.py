@@ -197,3 +197,26 @@ def test_bad_input_errors():
     with pytest.raises(InputError, match="W_dec"):
         sae_lib.from_arrays(sae.config, np.zeros((D_IN, D_SAE)), np.zeros(D_SAE),
                             np.zeros((D_IN, D_SAE)), np.zeros(D_IN))
+
+
+@pytest.mark.parametrize("activation,k", [("relu", 0), ("topk", 3), ("jumprelu", 0)])
+def test_wrong_width_names_the_sae_and_both_shapes(activation, k):
+    sae, _ = _random_sae(activation, k=k)
+    sae = sae.replace(config=sae.config.with_metadata(hookpoint="resid_post.3",
+                                                      model_name="tiny"))
+    cases = [(sae.encode, jnp.zeros((4, D_IN + 1)), r"\(4, 13\).*\[\.\.\., 12\]"),
+             (sae.pre_activations, jnp.zeros((D_IN - 1,)), r"\(11,\).*\[\.\.\., 12\]"),
+             (sae, jnp.zeros((2, 3, 7)), r"\(2, 3, 7\).*\[\.\.\., 12\]"),
+             (sae.decode, jnp.zeros((4, D_IN)), r"\(4, 12\).*\[\.\.\., 40\]"),
+             (lambda a: sae.encode_sparse(a, k=2), jnp.zeros((5, 3)), r"\(5, 3\)")]
+    for fn, arg, shapes in cases:
+        with pytest.raises(InputError, match=shapes) as e:
+            fn(arg)
+        msg = str(e.value)
+        assert "\n" not in msg and "resid_post.3" in msg and f"d_in={D_IN}" in msg, msg
+        assert f"d_sae={D_SAE}" in msg
+    # Inside jit and vmap the shapes are static: the same one-line error at trace time.
+    with pytest.raises(InputError, match=r"\(4, 13\)"):
+        jax.jit(sae.encode)(jnp.zeros((4, D_IN + 1)))
+    with pytest.raises(InputError, match=r"values \(4, 2\) and indices \(4, 3\)"):
+        sae.decode_sparse(jnp.zeros((4, 2)), jnp.zeros((4, 3), jnp.int32))

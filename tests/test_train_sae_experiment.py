@@ -66,8 +66,10 @@ def test_experiment_synthetic_sweep(tmp_path, mesh4):
     label = res["saes"][3]["label"]
     native = formats.load_sae(str(tmp_path / "saes" / label))
     copy = formats.load_sae(str(tmp_path / "saes" / label / "saelens"))
-    np.testing.assert_array_equal(np.asarray(native.W_dec), np.asarray(copy.W_dec))
-    assert copy.config.k == 2 and copy.config.input_scale == native.config.input_scale
+    assert copy.config.k == 2 and copy.config.input_scale == 1.0
+    # The SAELens copy, read with SAELens's own inference forward (float64, from the files:
+    # no input normalisation applied), gives this SAE's activations and reconstructions.
+    _check_saelens_copy(native, tmp_path / "saes" / label / "saelens")
     sparsity = formats.saelens.read_saelens_sparsity(str(tmp_path / "saes" / label / "saelens"))
     assert sparsity.shape == (32,) and np.all(sparsity <= 0)
     saved = json.load(open(tmp_path / "results.json"))
@@ -87,3 +89,27 @@ def test_experiment_npy_source(tmp_path, mesh1):
     assert [r["activation"] for r in res["saes"]] == ["relu", "jumprelu"]
     assert res["n_eval_rows"] == 60 and "mmcs" not in res["saes"][0]
     assert res["saes"][0]["fvu"] < 1.0
+
+
+def _check_saelens_copy(native, folder):
+    """SAELens v6 inference forward written from its documented formula, in float64, on the
+    exported files: sae_in = x - b_dec * apply_b_dec_to_input; pre = sae_in W_enc + b_enc;
+    topk: the k largest of pre, ReLU'd; x_hat = acts W_dec + b_dec."""
+    from models.formats._common import read_safetensors
+    cfg = json.load(open(folder / "cfg.json"))
+    assert cfg["normalize_activations"] == "none" and cfg["architecture"] == "topk"
+    assert cfg.get("rescale_acts_by_decoder_norm") is False
+    w, _ = read_safetensors(folder / "sae_weights.safetensors", "test")
+    w = {k: np.asarray(v, np.float64) for k, v in w.items()}
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(16, native.config.d_in)) / native.config.input_scale
+    pre = (x - w["b_dec"] * float(cfg["apply_b_dec_to_input"])) @ w["W_enc"] + w["b_enc"]
+    idx = np.argsort(-pre, axis=1)[:, :cfg["k"]]
+    acts = np.zeros_like(pre)
+    rows = np.arange(len(x))[:, None]
+    acts[rows, idx] = np.maximum(pre[rows, idx], 0)
+    recon = acts @ w["W_dec"] + w["b_dec"]
+    xf = x.astype(np.float32)
+    scale = max(1.0, float(np.abs(recon).max()))
+    np.testing.assert_allclose(np.asarray(native.encode(xf)), acts, atol=1e-4 * scale)
+    np.testing.assert_allclose(np.asarray(native(xf)), recon, atol=1e-4 * scale)

@@ -536,14 +536,19 @@ def format_table(cells: Sequence[dict]) -> str:
         for metric, e in g["metrics"].items():
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
             frac = e.get("fraction_floor_to_ceiling_excess")
-            way = "n/s" if frac is None and "fraction_floor_to_ceiling_excess_note" in e \
-                else ("-" if frac is None else f"{frac:.0%}")
+            if not e.get("informative", True):
+                way = "n/i"
+            elif frac is None and "fraction_floor_to_ceiling_excess_note" in e:
+                way = "n/s"
+            else:
+                way = "-" if frac is None else f"{frac:.0%}"
             p = e.get("test_cross_below_within", {}).get("mann_whitney_p")
             lines.append(f"   {where:<34}{metric:<13}{fmt(e.get('floor_excess')):>8}"
                          f"{e['cross_excess']:>8.3f}{fmt(e['cross_distribution']['std']):>7}"
                          f"{fmt(e.get('ceiling_excess')):>9}{way:>7}"
                          f"{('-' if p is None else f'{p:.3g}'):>9}")
     lines.append(f"   (excess over the null; 'way' = fraction floor -> ceiling, n/s = ceiling and "
-                 f"floor not separated by {SEPARATION_Z:g}x their spread; p(c<w) = one-sided "
-                 "Mann-Whitney of cross < within-side replicates)")
+                 f"floor not separated by {SEPARATION_Z:g}x their spread, n/i = uninformative: "
+                 "too few pairs for the kept dimensions; p(c<w) = one-sided Mann-Whitney of "
+                 "cross < within-side replicates)")
     return "\n".join(lines)

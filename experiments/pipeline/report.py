@@ -89,6 +89,11 @@ def summary_table(comparisons: Sequence[dict]) -> str:
         filters = comp.get("filters")
         if filters:
             lines.append("   filters: " + " -> ".join(f"{k} {v}" for k, v in filters.items()))
+        same = comp.get("same_index")
+        if same and same.get("above_chance"):
+            lines.append(f"   WARNING: {same['fraction']:.0%} of the kept pairs have the same "
+                         f"feature index on both sides (chance {same['chance_fraction']:.2%}, "
+                         f"p={same['p_value']:.2g}): shared seed or data order?")
         if comp.get("metrics"):
             lines.extend(_metric_rows(comp["metrics"]))
         elif comp.get("metrics_before_threshold"):

@@ -48,7 +48,8 @@ Conventions the loaders apply (details in each module's docstring):
 * sparsify ``num_latents = 0`` means ``d_in * expansion_factor``.
 
 Writing: `save_saelens` (SAELens v6 layout that SAELens can load, plus an exact-config block;
-``load_saelens(save_saelens(path, sae))`` is bit-identical). The project's native orbax format
+``load_saelens(save_saelens(path, sae))`` is bit-identical; an ``input_scale`` is folded into
+the written weights, because SAELens does not apply it at inference). The project's native orbax format
 (``sae_config.json`` + ``params/``) is written and read by ``models/sae_io_native.py``;
 ``load_sae`` recognises it too (format ``native``).
 

@@ -39,6 +39,12 @@ _KEYS = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec",
 
 def _read_npz(path: pathlib.Path, what: str) -> dict[str, np.ndarray]:
     C.require_file(path, what)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK":   # every .npz is a zip archive; np.load would call garbage "pickled"
+        raise InputError(f"{what}: {path} is not an .npz archive ("
+                         + ("empty file" if not head else "no zip header: garbage, text or a "
+                            "single .npy?") + ")")
     try:
         with np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):
