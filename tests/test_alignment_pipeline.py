@@ -65,3 +65,11 @@ def test_tokens_alignment_with_different_tokenizers_is_refused(models, tmp_path)
     proc = universality(tmp_path, "--preset=lm", f"--model_a={models[0]}",
                         f"--model_b={models[1]}", "--alignment=tokens", *FAST, check=False)
     assert "tokenizers differ" in one_line_error(proc)
+
+
+def test_alignment_pooling_flag_choices_match_the_library():
+    """The --alignment_pooling choices (defined where --help sees them, without JAX) are the
+    library's poolings."""
+    from experiments.pipeline import lm_preset
+    from models import alignment
+    assert tuple(lm_preset.ALIGNMENT_POOLINGS) == tuple(alignment.POOLINGS)

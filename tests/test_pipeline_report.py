@@ -16,6 +16,7 @@ from experiments.pipeline import report, runner
 def _comparison(name, x, y, kind):
     ev = similarity.evaluate(x, y, ("svcca", "cka"), num_permutations=20)
     return {"name": name, "kind": kind, "label": kind, "n_pairs": x.shape[0],
+            "cell": "A.toy~B.toy", "hookpoint_a": "toy", "hookpoint_b": "toy",
             "filters": {"candidates": x.shape[0]}, "pairing": {"best_corr_ab": [0.1, 0.5]},
             "metrics": ev["metrics"]}
 
@@ -73,7 +74,9 @@ def test_results_written_before_plots(comps, tmp_path, monkeypatch):
     flags_ = types.SimpleNamespace(
         pairing="correlation", filter_dead=True, filter_non_concept=False, max_bad_fraction=0.5,
         require_shared_token=False, one_to_one=True, threshold=-1.0, metrics=["svcca", "cka"],
-        num_permutations=20, top_n=5, min_pairs=3, seed=0, preset="toy")
+        num_permutations=20, top_n=5, min_pairs=3, seed=0, preset="toy", replicates=1,
+        replicate_data="order", ceiling_sides=["a", "b"], random_init_floor=True, floor_at="b",
+        replicate_permutations=100, sweep=None)
     results = runner.main(FakeRun(), flags_)
     assert os.path.exists(tmp_path / "results.json")
     assert written["results"]["comparisons"][0]["metrics"]["svcca"]["informative"] is False

@@ -41,3 +41,4 @@ def test_importance_length_mismatch_is_one_line(tmp_path):
     with pytest.raises(checks.InputError, match="4 features on side a, importance has 3"):
         importance_lib.annotate_feature_table(str(path), {"a": np.ones(3)})
     assert not importance_lib.annotate_feature_table(str(tmp_path / "none.json"), {})
+

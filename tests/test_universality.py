@@ -173,7 +173,8 @@ def test_layer_grid_on_tiny_transformers_pair(tmp_path):
     # The report and the per-feature export: multi-token contexts that stay inside their
     # context, the top token's activation = the feature's top activation, promoted tokens.
     assert (tmp_path / "report" / "index.html").exists()
-    name = "A.resid_post.0~B.resid_post.0"
+    name = next(c["name"] for c in results["comparisons"] if c["kind"] == "cross"
+                and c["hookpoint_a"] == "resid_post.0" and c["hookpoint_b"] == "resid_post.0")
     table = json.loads((tmp_path / "features" / f"{name}.json").read_text())
     batch = json.loads((tmp_path / "features" / name / "a" / "batch-0.json").read_text())
     assert batch["layout"].startswith("saedashboard-neuronpedia-batch")

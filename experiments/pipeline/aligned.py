@@ -25,22 +25,16 @@ import dataclasses
 import os
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
 from engine import accumulators, feature_stats, metrics_io, streaming
 from experiments import common
 from models import alignment as al
 from models import text as text_lib
 
-flags.DEFINE_enum("alignment", "auto", ["auto", "tokens", "shared_boundaries", "words"],
-                  "How rows of two models are paired: identical tokens (same tokenizer), "
-                  "shared token boundaries, or words (models/alignment.py). auto: tokens when "
-                  "the tokenizers are identical, else shared_boundaries.")
-flags.DEFINE_enum("alignment_pooling", "last", list(al.POOLINGS),
-                  "Row of a unit on each side: its last (closing) token, or the mean / max "
-                  "over its tokens.")
-flags.DEFINE_string("alignment_dir", None, "Where the alignment is stored / reused (default "
-                    "WORKDIR/alignment/<unit>).")
+# Its flags (--alignment, --alignment_pooling, --alignment_dir) are defined in
+# `experiments.pipeline.lm_preset`, which the entry point imports before parsing: this module
+# starts JAX, so it is imported only when a run needs it.
 
 
 def choose_unit(requested: str, tokenizer_a, tokenizer_b) -> str:

@@ -60,6 +60,17 @@ features = common.lazy_module("experiments.pipeline.features")
 references = common.lazy_module("experiments.pipeline.references")
 saes_lib = common.lazy_module("experiments.pipeline.saes")
 
+# Alignment of two models' rows (experiments/pipeline/aligned.py, models/alignment.py).
+ALIGNMENT_POOLINGS = ("last", "mean", "max")   # models.alignment.POOLINGS (a test checks)
+flags.DEFINE_enum("alignment", "auto", ["auto", "tokens", "shared_boundaries", "words"],
+                  "How rows of two models are paired: identical tokens (same tokenizer), "
+                  "shared token boundaries, or words (models/alignment.py). auto: tokens when "
+                  "the tokenizers are identical, else shared_boundaries.")
+flags.DEFINE_enum("alignment_pooling", "last", list(ALIGNMENT_POOLINGS),
+                  "Row of a unit on each side: its last (closing) token, or the mean / max "
+                  "over its tokens.")
+flags.DEFINE_string("alignment_dir", None, "Where the alignment is stored / reused (default "
+                    "WORKDIR/alignment/<unit>).")
 flags.DEFINE_string("model_a", "tiny", "Model A: local transformers directory, or 'tiny' (a "
                     "tiny random model pair built in the workdir, offline).")
 flags.DEFINE_string("model_b", "tiny", "Model B (see --model_a).")
