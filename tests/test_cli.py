@@ -339,8 +339,8 @@ def test_documented_commands_parse_and_validate(tmp_path):
             assert proc.stdout.strip().startswith("dry run: settings OK"), proc.stdout
             continue
         line = assert_one_line_exit_2(proc, module)
-        assert re.search(r"no such (local model |file or )?director", line), (module, args,
-                                                                              line)
+        assert re.search(r"no such (local model |file or )?(file|director)", line), (
+            module, args, line)
 
 
 def test_train_sae_documented_row_runs(tmp_path):
