@@ -497,7 +497,11 @@ class _ProjectOnly(pylogging.Filter):
     def filter(self, record: pylogging.LogRecord) -> bool:
         if record.levelno >= pylogging.WARNING:
             return True
-        return os.path.abspath(record.pathname).startswith(ROOT + os.sep)
+        return os.path.abspath(record.pathname).startswith(_PROJECT_DIRS)
+
+
+# The project's packages (also right when installed into site-packages, next to orbax).
+_PROJECT_DIRS = tuple(os.path.join(ROOT, d) + os.sep for d in ("engine", "models", "experiments"))
 
 
 def start(flag_values_: flags.FlagValues, config: dict | None = None,
