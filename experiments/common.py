@@ -387,8 +387,10 @@ def check_workdir(workdir: str, fingerprint: dict, overwrite: bool) -> str:
     changes = fp_lib.diff(_comparable(old), _comparable(fingerprint))
     if changes:
         if not overwrite:
+            what = ("made by other code (the sources changed since)" if
+                    all(k.startswith("code.") for k, _, _ in changes) else "with other settings")
             raise ConfigError(
-                f"--workdir={workdir} holds a run with other settings: "
+                f"--workdir={workdir} holds a run {what}: "
                 f"{fp_lib.describe_diff(changes, 'recorded', 'now')}; use a new --workdir, "
                 "or --overwrite to clear the old run")
         clear_workdir(workdir)
@@ -530,7 +532,11 @@ class _ProjectOnly(pylogging.Filter):
     def filter(self, record: pylogging.LogRecord) -> bool:
         if record.levelno >= pylogging.WARNING:
             return True
-        return os.path.abspath(record.pathname).startswith(ROOT + os.sep)
+        return os.path.abspath(record.pathname).startswith(_PROJECT_DIRS)
+
+
+# The project's packages (also right when installed into site-packages, next to orbax).
+_PROJECT_DIRS = tuple(os.path.join(ROOT, d) + os.sep for d in ("engine", "models", "experiments"))
 
 
 def start(flag_values_: flags.FlagValues, config: dict | None = None,

@@ -159,6 +159,16 @@ def _data(flags_) -> dict:
     return out
 
 
+def _config(flags_) -> dict:
+    """What a published --lm_setup resolves to (recorded in config.json: what was used)."""
+    if flags_.preset != "lm" or flags_.lm_setup == "custom":
+        return {}
+    setup = dict(lm_preset.SETUPS[flags_.lm_setup])
+    for key in ("model_a", "model_b", "saes_a", "saes_b"):
+        setup[key] = os.path.join(flags_.weights_dir, setup[key])
+    return {"lm_setup_resolved": setup}
+
+
 def _errors():
     from experiments.pipeline import runner
     return runner.USER_ERRORS
@@ -170,4 +180,4 @@ def body(run, flags_):
 
 
 if __name__ == "__main__":
-    common.entry("universality", body, RULES, data=_data, errors=_errors)
+    common.entry("universality", body, RULES, data=_data, config=_config, errors=_errors)

@@ -290,21 +290,31 @@ def test_help_lists_documented_flags_fast_and_without_jax():
 
 # -- documented commands -----------------------------------------------------------------------
 
-def documented_commands() -> list[tuple[str, list[str]]]:
+def documented_commands(with_docstrings: bool = False) -> list[tuple[str, list[str]]]:
     """Every ``python -m experiments.X ...`` command in README.md and WORKSPACE.md (and the
     experiments' module docstrings), as (module, args)."""
+    import ast
     out = []
     texts = []
     for doc in ("README.md", "WORKSPACE.md"):
         with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
             texts.append(f.read())
+    if with_docstrings:
+        for name in ENTRY_POINTS:
+            with open(os.path.join(ROOT, "experiments", f"{name}.py"), encoding="utf-8") as f:
+                texts.append(ast.get_docstring(ast.parse(f.read())))
     for text in texts:
-        text = text.replace("\\\n", " ")
+        text = re.sub(r"\\\s*\n\s*", " ", text)
         for m in re.finditer(r"python -m experiments\.(\w+)([^`\n|&]*)", text):
-            if m.group(1).startswith("bench_") or m.group(1) == "bench":
+            if m.group(1).startswith("bench"):
                 continue
-            out.append((m.group(1), shlex.split(m.group(2))))
+            args = [a.strip("[]") for a in shlex.split(m.group(2))]   # [optional flags]
+            out.append((m.group(1), args))
     return out
+
+
+ENTRY_POINTS = ("universality", "train_sae", "toy_superposition", "harvest",
+                "feature_geometry", "semantic_subspaces", "demo")
 
 
 def documented_flags(module: str) -> set[str]:
@@ -319,8 +329,8 @@ def documented_flags(module: str) -> set[str]:
 def test_documented_commands_parse_and_validate(tmp_path):
     """Each documented command passes flag parsing and the settings checks (`--dry_run`);
     placeholders (DIR_A, SAES_A, corpus.jsonl, weights) may only fail as missing paths."""
-    cmds = documented_commands()
-    assert len(cmds) >= 12
+    cmds = documented_commands(with_docstrings=True)
+    assert len(cmds) >= 20
     for i, (module, args) in enumerate(cmds):
         args = [f"--workdir={tmp_path / str(i)}" if a.startswith("--workdir=") else a
                 for a in args]
@@ -329,7 +339,8 @@ def test_documented_commands_parse_and_validate(tmp_path):
             assert proc.stdout.strip().startswith("dry run: settings OK"), proc.stdout
             continue
         line = assert_one_line_exit_2(proc, module)
-        assert re.search(r"no such (file or )?directory", line), (module, args, line)
+        assert re.search(r"no such (local model |file or )?(file|director)", line), (
+            module, args, line)
 
 
 def test_train_sae_documented_row_runs(tmp_path):

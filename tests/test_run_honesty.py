@@ -276,3 +276,17 @@ def test_demo_rerun_refuse_nothing_to_do_and_overwrite(tmp_path):
     assert cfg["lr"] == 0.02 and cfg["num_steps"] == 30 and cfg["workdir_state"] == "overwritten"
     steps = [r["step"] for r in metrics_io.read_jsonl(str(wd / "metrics.jsonl"))]
     assert steps == sorted(set(steps)) and steps[-1] == 30
+
+
+def test_log_file_keeps_project_messages_and_warnings_only():
+    import orbax.checkpoint as ocp
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "m", None, None)
+
+    keep = common._ProjectOnly()
+    orbax_file = os.path.join(os.path.dirname(ocp.__file__), "checkpoint_manager.py")
+    assert not keep.filter(record(orbax_file, logging.INFO))
+    assert keep.filter(record(orbax_file, logging.WARNING))
+    assert keep.filter(record(checkpoint.__file__, logging.INFO))
+    assert keep.filter(record(common.__file__, logging.INFO))
