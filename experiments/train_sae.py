@@ -492,19 +492,26 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
 
 
 def _npy_width(path: str) -> int:
-    """d_in of a .npy file from its header (no data read)."""
-    import numpy as np
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    if arr.ndim != 2:
+    """d_in of a .npy file from its header (no data read; a garbage, pickled or non-.npy file
+    is one line naming it)."""
+    from models import activation_cache
+    shape, _, _ = activation_cache.npy_header(path, "--npy_path")
+    if len(shape) != 2:
         raise common.ConfigError(f"--npy_path={path}: expected a 2-D array [rows, d_in], got "
-                                 f"shape {arr.shape}")
-    return int(arr.shape[1])
+                                 f"shape {tuple(shape)}")
+    return int(shape[1])
 
 
 def widths_of(values) -> list[int]:
-    """The SAE widths the run will train (as `run_train_sae` computes them)."""
-    unit = values["n_true"] if values["source"] == "synthetic" else \
-        _npy_width(values["npy_path"])
+    """The SAE widths the run will train (as `run_train_sae` computes them). With a cache or a
+    live model, d_in is known only once the source opens: widths from --d_sae_mult (and the
+    1 x d_in default) are left out here."""
+    if values["source"] == "synthetic":
+        unit = values["n_true"]
+    elif values["source"] == "npy":
+        unit = _npy_width(values["npy_path"])
+    else:
+        return [int(w) for w in values["d_sae"]]
     widths = [int(w) for w in values["d_sae"]] + [int(round(float(m) * unit))
                                                   for m in values["d_sae_mult"]]
     return widths or [unit]
@@ -512,6 +519,8 @@ def widths_of(values) -> list[int]:
 
 def _k_fits(values) -> None:
     widths = widths_of(values)
+    if not widths:          # a cache / live model without --d_sae: checked once d_in is known
+        return
     if min(widths) < 1:
         raise common.ConfigError(f"SAE width {min(widths)}: expected >= 1 (--d_sae_mult too "
                                  "small)")

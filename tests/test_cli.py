@@ -100,6 +100,13 @@ BAD = {
         ({"source": "npy", "npy_path": "/nonexistent.npy"}, "--npy_path=/nonexistent.npy"),
         ({"source": "npy", "npy_path": "{npy1d}"}, "expected a 2-D array"),
         ({"source": "npy", "npy_path": "{npy2d}", "k": ["9"]}, "--k=9: expected <="),
+        ({"source": "npy", "npy_path": "{garbage_npy}"}, "not a .npy file"),
+        ({"source": "npy", "npy_path": "{pickle_npy}"}, "pickled"),
+        ({"source": "cache"}, "--cache_path is required"),
+        ({"source": "cache", "cache_path": "{file}"}, "not a directory"),
+        ({"source": "lm", "model_path": "{dir}"}, "--hookpoint are required"),
+        ({"epochs": -1.0}, "--epochs"),
+        ({"shuffle_buffer": 0}, "--shuffle_buffer"),
         ({"eval_frac": 1.0}, "--eval_frac"), ({"eval_frac": -0.1}, "--eval_frac"),
         ({"n_true": 0}, "--n_true"), ({"d": 0}, "--d:"), ({"k_true": 0.0}, "--k_true"),
         ({"k_true": 600.0}, "--k_true=600.0: expected <= --n_true=512"),
@@ -173,9 +180,12 @@ def files(tmp_path_factory):
     (d / "empty.txt").write_text("\n")
     np.save(d / "one_d.npy", np.zeros(5, np.float32))
     np.save(d / "two_d.npy", np.zeros((10, 4), np.float32))
+    (d / "garbage.npy").write_bytes(b"garbage, not an array")
+    np.save(d / "pickle.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (d / "dir").mkdir()
     return {"file": str(d / "a_file"), "empty": str(d / "empty.txt"), "dir": str(d / "dir"),
-            "npy1d": str(d / "one_d.npy"), "npy2d": str(d / "two_d.npy")}
+            "npy1d": str(d / "one_d.npy"), "npy2d": str(d / "two_d.npy"),
+            "garbage_npy": str(d / "garbage.npy"), "pickle_npy": str(d / "pickle.npy")}
 
 
 def _fill(value, files):
