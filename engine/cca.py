@@ -5,7 +5,7 @@ pass of `engine.paired_stats.PairMoments` (built on `engine.accumulators.CrossMo
 over a `ChunkStream` of any length; memory is O(d^2). The finishing linear algebra runs in
 float64 numpy on the host (d x d eigen-decompositions).
 
-Definitions (../shared/REFERENCES.md, "Similarity of two paired matrices"):
+Definitions (docs/references.md, "Similarity of two paired matrices"):
 
 * **CCA** (google/svcca ``cca_core.py``; Hotelling 1936): with whiteners ``Wx`` such that
   ``Wx^T (Cxx + eps I) Wx = I`` the canonical correlations are the singular values of

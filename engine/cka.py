@@ -1,6 +1,6 @@
 """Linear CKA (biased and debiased) streamed exactly, and minibatch CKA (Nguyen et al. 2021).
 
-Definitions (Kornblith et al. 2019, arXiv 1905.00414; ../shared/REFERENCES.md):
+Definitions (Kornblith et al. 2019, arXiv 1905.00414; docs/references.md):
 
 * **Linear CKA** on centred X [n, d1], Y [n, d2]:
   ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` = ``||Cxy||_F^2 / (||Cxx||_F ||Cyy||_F)``, so it

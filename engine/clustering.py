@@ -1,5 +1,5 @@
 """Clusters of one dictionary's decoder vectors (Engels et al. 2024, "Not All Language Model
-Features Are Linear"; see ../shared/REFERENCES.md, "Concept features and geometry").
+Features Are Linear"; see docs/references.md, "Concept features and geometry").
 
 Two methods, both on the cosine similarity of the rows of ``W [n, d]`` (decoder rows of an
 SAE, one per feature):

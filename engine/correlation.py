@@ -2,7 +2,7 @@
 
 Pearson correlation of every feature of A with every feature of B over tokens, then each
 feature's best match in the other SAE and the mean best correlation (Lan et al. 2024, arXiv
-2410.06981; "Towards Monosemanticity" 2023; see ../shared/REFERENCES.md, "Feature pairing
+2410.06981; "Towards Monosemanticity" 2023; see docs/references.md, "Feature pairing
 across two SAEs"). Lan et al. z-score dense activations of <= 30k tokens in memory; here the
 sums are accumulated over token chunks by a `CorrelationAccumulator` (the engine's
 ``init / update / merge / finalize`` protocol, usable with `engine.accumulators.accumulate`),

@@ -1,6 +1,6 @@
 """Orthogonal Procrustes similarity/distance and mutual k-nearest-neighbour alignment.
 
-Definitions (../shared/REFERENCES.md):
+Definitions (docs/references.md):
 
 * **Orthogonal Procrustes** (Schönemann 1966; used as a shape metric by Ding et al. 2021 and
   Williams et al. 2021): centre X and Y, scale each to unit Frobenius norm; then

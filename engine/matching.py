@@ -2,7 +2,7 @@
 
 Paulo & Belrose 2025 (arXiv 2501.16615) pair the latents of two SAEs with the Hungarian
 algorithm on decoder cosine similarity; Lan et al. 2024 keep one pair per feature after
-activation-correlation matching (see ../shared/REFERENCES.md, "Feature pairing across two
+activation-correlation matching (see docs/references.md, "Feature pairing across two
 SAEs"). This module provides:
 
 * `hungarian`: the optimal assignment (maximum total score) by

@@ -3,7 +3,7 @@
 `PairMoments` is an engine accumulator (``init / update / merge / finalize``, see
 engine/accumulators.py) that extends `engine.accumulators.CrossMoments` (count, means, centred
 XtX, YtY, XtY) with the few extra row sums that the UNBIASED HSIC needs (debiased CKA,
-Kornblith et al. 2019 / Song et al. 2012, see ../shared/REFERENCES.md), and with the number of
+Kornblith et al. 2019 / Song et al. 2012, see docs/references.md), and with the number of
 rows that carry a non-zero weight (the rank bound of CCA). From one pass over a `ChunkStream`
 of ``(x, y)`` or ``(x, y, w)`` chunks it gives CCA, SVCCA, PWCCA (engine/cca.py), biased and
 debiased linear CKA (engine/cka.py) and the Procrustes similarity (engine/geometry.py), so n can

@@ -5,7 +5,7 @@ X [n, d1], Y [n, d2] (rows = paired SAE features, decoder directions or tokens).
 computes a chosen set with their random-pairing nulls (batched, engine/nulls.py) and optional
 bootstrap intervals, and returns a JSON-ready dict. Always read a score beside its null: the
 chance level of SVCCA/CCA rises as n shrinks relative to the components kept
-(../shared/REFERENCES.md, "Effects measured on a real encoder model"), so rank comparisons by
+(docs/references.md, "Effects measured with independent checks"), so rank comparisons by
 ``excess`` (score - null mean) or z, never by the raw score.
 
 | name | definition | weights | batched null |

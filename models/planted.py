@@ -1,6 +1,6 @@
 """Toy data with a planted circular feature family, for two "models" (ground truth returned).
 
-The setting of Engels et al. 2024 in miniature (../shared/REFERENCES.md, "Concept features and
+The setting of Engels et al. 2024 in miniature (docs/references.md, "Concept features and
 geometry"): a dictionary of unit feature directions in ``d`` dims in which one family of
 ``m`` concept features (the days of the week, m = 7, or the months, m = 12) lies on a circle
 in a 2-D plane, in cyclic order, lifted off the origin along a shared offset direction::

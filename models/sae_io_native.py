@@ -1,4 +1,5 @@
-"""The project's native SAE format: orbax arrays plus a JSON config (see ../shared/DESIGN.md).
+"""The project's native SAE format: orbax arrays plus a JSON config (the one SAE type of
+`models.sae`, stored as it is).
 
 A saved SAE is a directory::
 

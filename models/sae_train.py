@@ -1,7 +1,7 @@
 """SAE training: the four activations' losses and sweeps vmapped into one jitted program.
 
 Losses (``x`` is the normalised input, ``x_hat`` the reconstruction, both ``[rows, d_in]``;
-``recon = mean_rows ||x - x_hat||^2``; see ../shared/REFERENCES.md "SAE training"):
+``recon = mean_rows ||x - x_hat||^2``; see docs/references.md "SAE training"):
 
 * ``relu``: ``recon + l1_t * mean_rows sum_i f_i ||W_dec_i||`` (Anthropic, "Circuits
   Updates, April 2024": the L1 is weighted by decoder row norms and the decoder is left

@@ -1,6 +1,6 @@
 """Concept groups from keyword lists, and the rule that puts SAE features into them.
 
-Lan et al.'s semantic subspaces (../shared/REFERENCES.md, "Concept features and geometry"): a
+Lan et al.'s semantic subspaces (docs/references.md, "Concept features and geometry"): a
 concept group is a list of keywords; an SAE feature belongs to a group when one of its top
 activating tokens is a keyword. Built-in lists: `BUILTIN` (Time, Calendar, Months, Days of
 week, Emotions, Countries, Nature, People/Roles, Biology, Food, Numbers); user lists come from a

@@ -1,6 +1,6 @@
 """Semantic subspaces: do two SAEs arrange the features of one concept group alike?
 
-Lan et al.'s semantic-subspace analysis (../shared/REFERENCES.md, "Concept features and
+Lan et al.'s semantic-subspace analysis (docs/references.md, "Concept features and
 geometry") on the universality pipeline's feature pass (`experiments.pipeline.features`):
 
 1. membership: each SAE's features join concept groups by their top-activating tokens
