@@ -21,7 +21,7 @@ Definitions (docs/references.md, "Similarity of two paired matrices"):
 * **SVCCA** (Raghu et al. 2017): each side is first reduced to its top principal directions
   explaining ``threshold`` (default 99 %) of its variance, i.e. the SMALLEST k with
   ``sum(top-k eigenvalues) >= threshold * sum(all eigenvalues)``; the score is the mean CCA
-  coefficient of the reduced sides. This is the correct form of the pitfall in REFERENCES.md
+  coefficient of the reduced sides. This is the correct form of the pitfall in docs/references.md
   (Lan et al.'s and mklabunde/resi's ``top_k_pca_comps`` compares a normalised cumulative sum
   with ``threshold * total_variance`` and so keeps one component).
 * **PWCCA** (Morcos et al. 2018): the CCA coefficients weighted by how much of the original

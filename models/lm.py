@@ -4,7 +4,7 @@ Any transformers model that runs as a stack of blocks works: causal LMs (GPT-2, 
 Pythia, Llama / Gemma families, ...) and encoders (BERT family). Only the base model is loaded
 (`transformers.AutoModel`, no LM head). torch lives in `models/` only; outputs are numpy.
 
-Hookpoints (REFERENCES.md "Layers and hookpoints"), ``L`` counts blocks from 0:
+Hookpoints (docs/references.md "Layers and hookpoints"), ``L`` counts blocks from 0:
 
 * ``resid_pre.L``: input of block L = HF ``hidden_states[L]``; SAELens
   ``blocks.L.hook_resid_pre``; sparsify ``layers.{L-1}`` (none for L = 0).

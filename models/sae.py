@@ -18,7 +18,7 @@ pre); batchtopk: at inference a threshold (``pre > threshold``) like JumpReLU, d
 the top ``k * rows`` over the whole batch (`batch_topk`); jumprelu: ``pre * (pre > threshold)``
 and ``pre > 0`` (Gemma Scope: ``(pre > threshold) * relu(pre)``).
 
-Sparse TopK path (Gao et al. 2024, openai/sparse_autoencoder; REFERENCES.md "SAE training"):
+Sparse TopK path (Gao et al. 2024, openai/sparse_autoencoder; docs/references.md "SAE training"):
 `gather_combine` (decode: a weighted sum of k gathered decoder rows) and `gather_dot` (encode at
 k chosen features) have custom VJPs whose backward passes are a scatter-add of ``rows * k``
 outer products and a gather, O(rows * k * d_in) instead of O(rows * d_sae * d_in). Neither

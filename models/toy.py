@@ -1,6 +1,6 @@
 """Toy models of superposition (Elhage et al. 2022), many instances in one jitted program.
 
-The model (REFERENCES.md, "Toy models of superposition"): for one instance with ``W [m, n]``
+The model (docs/references.md, "Toy models of superposition"): for one instance with ``W [m, n]``
 (``n`` features squeezed into ``m`` hidden dimensions) and bias ``b [n]``::
 
     h  = W x                      # hidden activations [m]  (what an SAE would be trained on)

@@ -57,7 +57,7 @@ def test_cca_svcca_pwcca_match_float64_references(kind, mesh):
 def test_svcca_threshold_keeps_the_right_number_of_components():
     # Known spectrum: variances 8, 4, 2, 1, 0.5, 0.3, 0.01 (sum 15.81). 99 % needs the first
     # 6 (15.80 / 15.81 = 0.9994 >= 0.99 > 15.50 / 15.81 = 0.980); 90 % needs 4 (15 / 15.81 =
-    # 0.949 >= 0.9 > 14 / 15.81). The REFERENCES.md pitfall (normalised cumsum compared with
+    # 0.949 >= 0.9 > 14 / 15.81). The docs/references.md pitfall (normalised cumsum compared with
     # threshold * total variance) would keep one.
     rng = np.random.default_rng(3)
     var = np.array([8, 4, 2, 1, 0.5, 0.3, 0.01])

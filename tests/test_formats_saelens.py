@@ -208,7 +208,7 @@ def test_square_sae_uses_saelens_orientation(tmp_path, rng):
 
 
 def test_transposed_decoder_is_detected_from_the_config(tmp_path, rng, x):
-    """SAELens 6.54's sparsify converter stores W_dec as [d_in, d_sae] (REFERENCES.md)."""
+    """SAELens 6.54's sparsify converter stores W_dec as [d_in, d_sae] (docs/references.md)."""
     w = _weights(rng)
     stored = dict(w, W_dec=np.ascontiguousarray(w["W_dec"].T))
     folder = _write(tmp_path / "t", _v6_cfg("standard"), stored)

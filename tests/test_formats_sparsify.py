@@ -131,7 +131,7 @@ def test_num_latents_from_expansion_factor(tmp_path, rng):
 
 def test_b_dec_subtracted_whatever_normalize_decoder_says(tmp_path, rng):
     """SAELens's converter sets apply_b_dec_to_input from normalize_decoder; sparsify always
-    subtracts b_dec for autoencoders (REFERENCES.md pitfall)."""
+    subtracts b_dec for autoencoders (docs/references.md pitfall)."""
     t = _write_coder(tmp_path / "h", rng, d_in=6, num_latents_cfg=10, k=3,
                      normalize_decoder=False)
     sae = load_sparsify(tmp_path / "h")

@@ -7,7 +7,7 @@ config (orientation is decided by shape against the config, never by the tensor'
 architectures and files that need unpickling, and records provenance in
 ``SAEConfig.metadata``: ``format``, ``source_path``, ``hookpoint`` (the library's own name),
 ``canonical_hookpoint`` (``resid_post.L`` etc. when derivable), ``model_name``, plus
-format details. Sources: /work/shared/REFERENCES.md ("SAE file formats" and "Layers and
+format details. Sources: docs/references.md ("SAE file formats" and "Layers and
 hookpoints").
 
 Formats (stored layouts; ``d`` = d_in = d_model, ``n`` = d_sae = num_latents = dict_size):

@@ -2,7 +2,7 @@
 provenance metadata and the hand-off to `models.sae.from_arrays`.
 
 Everything here raises `engine.checks.InputError` with a one-line message that names the file
-and what was expected (see /work/shared/REFERENCES.md, "SAE file formats": check shapes against
+and what was expected (see docs/references.md, "SAE file formats": check shapes against
 the config, do not trust tensor names for orientation).
 """
 
@@ -165,7 +165,7 @@ def matrix(tensors: Mapping[str, np.ndarray], key: str, rows: int, cols: int, wh
     Orientation is decided by the shape against the config, not by the tensor's name: when the
     file holds the transpose and ``rows != cols`` the transpose is taken (and recorded in
     ``transposed``; a converter that stored the other orientation, e.g. SAELens 6.54's sparsify
-    converter, REFERENCES.md). Pass ``transposed=None`` to refuse transposes. When ``rows ==
+    converter, docs/references.md). Pass ``transposed=None`` to refuse transposes. When ``rows ==
     cols`` the shape cannot tell, and the format's documented orientation is used.
     """
     arr = tensors[key]
@@ -227,7 +227,7 @@ def canonical_hookpoint(name: str | None) -> str | None:
     """Maps a library's hookpoint name to this project's explicit name, or None.
 
     SAELens ``blocks.L.hook_resid_post`` and sparsify ``layers.L`` are both the OUTPUT of block
-    L = ``resid_post.L`` = HF ``hidden_states[L + 1]`` (REFERENCES.md, "Layers and
+    L = ``resid_post.L`` = HF ``hidden_states[L + 1]`` (docs/references.md, "Layers and
     hookpoints": HF hidden_states is off by one against both libraries).
     """
     if not name:

@@ -4,7 +4,7 @@
 
 ``ae.pt`` is read with ``torch.load(weights_only=True)`` only: a file that needs arbitrary
 unpickling is refused, never executed. Classes and their forward passes
-(``dictionary.py`` / ``trainers/*.py``; REFERENCES.md "SAE file formats"):
+(``dictionary.py`` / ``trainers/*.py``; docs/references.md "SAE file formats"):
 
 ============================  =========================================================  ====
 class                         state dict -> forward                                      type
@@ -30,7 +30,7 @@ MatryoshkaBatchTopKSAE        ``W_enc [d, dict]``, ``b_enc``, ``W_dec``, ``b_dec
 JumpReLU's decoder-norm scaling is folded into the weights (``W_enc``, ``b_enc``, threshold
 times the norms, ``W_dec`` rows divided), which reproduces ``encode`` and ``decode`` exactly
 in math. Weights are used as saved: this loader never renormalises the decoder (the
-library's ``from_pretrained`` did in some versions, which rescales latents, REFERENCES.md).
+library's ``from_pretrained`` did in some versions, which rescales latents, docs/references.md).
 Orientation comes from ``activation_dim`` / ``dict_size`` in config.json (or, without it,
 from the 1-D biases); for ``activation_dim == dict_size`` the class's documented layout
 (``nn.Linear`` weights are ``[out, in]``) decides. GatedAutoEncoder and crosscoders are

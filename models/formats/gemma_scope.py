@@ -1,7 +1,7 @@
 """Gemma Scope format: ``params.npz`` in folders such as
 ``gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82/`` (no config file).
 
-Arrays (REFERENCES.md "SAE file formats"): ``W_enc [d_model, d_sae]``, ``W_dec [d_sae,
+Arrays (docs/references.md "SAE file formats"): ``W_enc [d_model, d_sae]``, ``W_dec [d_sae,
 d_model]``, ``b_enc [d_sae]``, ``b_dec [d_model]``, ``threshold [d_sae]`` (some copies spell
 the matrices ``w_enc`` / ``w_dec``). Forward (the Gemma Scope tutorial's JumpReLU SAE):
 ``pre = x @ W_enc + b_enc`` (b_dec is NOT subtracted), ``acts = (pre > threshold) *

@@ -1,6 +1,6 @@
 """SAELens format: ``cfg.json`` + ``sae_weights.safetensors`` (+ optional ``sparsity.safetensors``).
 
-Read (REFERENCES.md "SAE file formats"; SAELens ``sae_lens/saes/*.py`` and
+Read (docs/references.md "SAE file formats"; SAELens ``sae_lens/saes/*.py`` and
 ``loading/pretrained_sae_loaders.py``):
 
 * v6 configs: ``d_in``, ``d_sae``, ``architecture``, ``apply_b_dec_to_input``,

@@ -2,7 +2,7 @@
 ``cfg.json`` + ``sae.safetensors``; the run folder may hold a ``config.json`` (training config,
 ``model`` = model name).
 
-Tensors (``SparseCoder`` state dict, REFERENCES.md "SAE file formats"):
+Tensors (``SparseCoder`` state dict, docs/references.md "SAE file formats"):
 ``encoder.weight [num_latents, d_in]`` (an ``nn.Linear``, so ``W_enc = encoder.weight.T``),
 ``encoder.bias [num_latents]``, ``W_dec [num_latents, d_in]`` (already our orientation),
 ``b_dec [d_in]``; optional ``W_skip [d_in, d_in]``.
