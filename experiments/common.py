@@ -102,12 +102,15 @@ def start(flag_values_: flags.FlagValues, config: dict | None = None) -> Run:
     """Creates the workdir, configures JAX and logging, dumps config.json, builds the mesh."""
     if not flag_values_.workdir:
         raise SystemExit("--workdir is required (the run directory; rerun it to resume)")
-    workdir = os.path.abspath(flag_values_.workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = metrics_io.resolve_dir(flag_values_.workdir)   # gs:// passes through
+    if not metrics_io.is_remote(workdir):
+        os.makedirs(workdir, exist_ok=True)
     configure_jax(flag_values_.num_cpu_devices)
     from engine import mesh as mesh_lib  # after configure_jax: it imports jax
     mesh_lib.maybe_initialize_distributed(flag_values_.distributed)
-    logging.get_absl_handler().use_absl_log_file("log", workdir)
+    if mesh_lib.is_primary() and not metrics_io.is_remote(workdir):
+        # Only process 0 writes the log file; the others log to stderr.
+        logging.get_absl_handler().use_absl_log_file("log", workdir)
     logging.set_stderrthreshold("warning")
     pylogging.getLogger("absl").setLevel(pylogging.INFO)
     cfg = dict(flag_values(flag_values_))
