@@ -17,10 +17,14 @@ HOOK = "resid_post.0"
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
-    pair = lm_tiny.make_tiny_model_pair(str(root), arch="llama", vocab_size=300, n_layers=1,
+    return lm_tiny.make_tiny_model_pair(str(root), arch="llama", vocab_size=300, n_layers=1,
                                         d_model=16)
+
+
+@pytest.fixture(scope="module")
+def model(pair):
     return lm.LanguageModel.load(pair.path_a)
 
 
@@ -261,3 +265,27 @@ def test_train_sae_experiment_from_cache_records_the_data(cache, tmp_path, mesh1
     meta = json.loads(res and open(tmp_path / "saes" / res["saes"][0]["label"] /
                                    "sae_config.json").read())
     assert meta  # saved natively
+
+
+@pytest.mark.slow
+def test_train_sae_experiment_from_a_live_model(pair, tmp_path, mesh1):
+    import json
+
+    from experiments import common
+    from experiments import train_sae
+    (tmp_path / "a.txt").write_text("\n".join(f"line {i} of the first corpus"
+                                              for i in range(80)))
+    (tmp_path / "b.txt").write_text("\n".join(f"record {i} here" for i in range(80)))
+    opts = {name: train_sae.FLAGS[name].default for name in train_sae.FLAGS}
+    opts.update(progress=False, source="lm", model_path=pair.path_a, hookpoint=HOOK,
+                lm_text=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+                lm_text_weights=["3", "1"], lm_context_length=16, lm_max_contexts=40,
+                d_sae=["32"], k=["4"], steps=6, batch_size=32, shuffle_buffer=128,
+                shuffle_block=16, eval_rows=64, log_every=3, exclude_special=True)
+    (tmp_path / "run").mkdir()
+    run = common.Run(workdir=str(tmp_path / "run"), mesh=mesh1)
+    res = train_sae.run_train_sae(run, opts)
+    data = json.load(open(tmp_path / "run" / "data.json"))
+    assert data["kind"] == "lm" and data["text"]["weights"] == [3.0, 1.0]
+    assert data["text"]["pack"] is True and data["exclude_special"] is True
+    assert data["contexts"] == 40 and res["saes"][0]["l0"] > 0
