@@ -44,6 +44,12 @@ def define_common_flags() -> None:
     flags.DEFINE_integer("mesh_data", -1, "Size of the mesh data axis (-1: all devices).")
     flags.DEFINE_integer("mesh_feature", 1, "Size of the mesh feature axis.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+    flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0 "
+                        "(default: auto-detected on SLURM / TPU pods / Open MPI).")
+    flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
+    flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
+    flags.DEFINE_string("cpu_collectives", "gloo", "--distributed on CPU hosts: collectives "
+                        "implementation across processes (gloo | mpi | none).")
     flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
@@ -107,7 +113,14 @@ def start(flag_values_: flags.FlagValues, config: dict | None = None) -> Run:
         os.makedirs(workdir, exist_ok=True)
     configure_jax(flag_values_.num_cpu_devices)
     from engine import mesh as mesh_lib  # after configure_jax: it imports jax
-    mesh_lib.maybe_initialize_distributed(flag_values_.distributed)
+    if flag_values_.distributed and flag_values_.cpu_collectives != "none":
+        import jax
+        # Cross-process collectives between CPU devices need an implementation (GPUs and
+        # TPUs bring their own; the setting is ignored there).
+        jax.config.update("jax_cpu_collectives_implementation", flag_values_.cpu_collectives)
+    mesh_lib.maybe_initialize_distributed(
+        flag_values_.distributed, coordinator_address=flag_values_.coordinator_address,
+        num_processes=flag_values_.num_processes, process_id=flag_values_.process_id)
     if mesh_lib.is_primary() and not metrics_io.is_remote(workdir):
         # Only process 0 writes the log file; the others log to stderr.
         logging.get_absl_handler().use_absl_log_file("log", workdir)

@@ -421,7 +421,8 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         name = sae_train.group_name(g, [configs[i] for i in members])
         for r in metrics_io.read_jsonl(run.path(name, "metrics.jsonl")):
             lines.append({"group": name, **r})
-    with open(run.metrics_path, "w", encoding="utf-8") as f:
+    with open(run.metrics_path if jax.process_index() == 0 else os.devnull, "w",
+              encoding="utf-8") as f:
         for r in lines:
             f.write(json.dumps(r) + "\n")
 
@@ -447,6 +448,12 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         for i, j in itertools.combinations(members, 2):
             m = seed_match_fraction(saes[i].W_dec, saes[j].W_dec, o["match_threshold"])
             pairs.append({"a": labels[i], "b": labels[j], **m})
+    results = {"saes": rows, "seed_pairs": pairs, "n_eval_rows": int(eval_x.shape[0]),
+               "d_in": d_in}
+    if pairs:
+        results["seed_matched_frac_mean"] = float(np.mean([p["matched_frac"] for p in pairs]))
+    if jax.process_index() != 0:   # multi-process: only process 0 writes files and plots
+        return results
     # The SAELens copies get the held-out log10 densities (SAELens's sparsity.safetensors).
     from models.formats import saelens
     for label, sae, dens in zip(labels, saes, densities):
@@ -457,10 +464,6 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
     if dictionary is not None and len({r["d_sae"] for r in rows}) > 1:
         plot_sweep(os.path.join(run.plots_dir, "ground_truth_sweep.png"), rows, o["n_true"],
                    pairs)
-    results = {"saes": rows, "seed_pairs": pairs, "n_eval_rows": int(eval_x.shape[0]),
-               "d_in": d_in}
-    if pairs:
-        results["seed_matched_frac_mean"] = float(np.mean([p["matched_frac"] for p in pairs]))
     run.write_results(results)
     return results
 

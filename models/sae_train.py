@@ -900,7 +900,7 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int |
                                 on_log=hook)
         for i, sae in zip(members, program.to_saes(state, metadata)):
             result[i] = sae
-    if workdir is not None and save:
+    if workdir is not None and save and mesh_lib.is_primary():   # process 0 writes files
         from models import sae_io_native
         from models.formats import saelens
         for label, sae in zip(unique_labels(configs), result):

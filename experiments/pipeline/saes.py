@@ -20,7 +20,9 @@ def train_or_load(acts: np.ndarray, cfg: sae_train.TrainConfig, *, steps: int,
     sae = sae_train.train_saes(acts, cfg, steps=steps, batch_size=batch_size, mesh=mesh,
                                workdir=directory, data_seed=data_seed, progress=progress,
                                metadata=metadata, save=False)[0]
-    sae_io_native.save_sae(done, sae)
+    from engine import mesh as mesh_lib
+    if mesh_lib.is_primary():   # only process 0 writes files in a multi-process run
+        sae_io_native.save_sae(done, sae)
     return sae
 
 
