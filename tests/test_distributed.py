@@ -51,3 +51,20 @@ def test_two_processes_equal_one(tmp_path):
             np.testing.assert_allclose(got[key], want, rtol=2e-5, atol=2e-6, err_msg=key)
         else:
             np.testing.assert_array_equal(got[key], want, err_msg=key)
+
+
+def test_remote_workdir_is_passed_through_to_orbax(monkeypatch, tmp_path):
+    from engine import checkpoint, metrics_io
+    assert metrics_io.resolve_dir("gs://bucket/run") == "gs://bucket/run"
+    assert metrics_io.resolve_dir("runs/x") == os.path.abspath("runs/x")
+    seen = {}
+
+    class FakeManager:
+        def __init__(self, directory, **kw):
+            seen["dir"] = directory
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", FakeManager)
+    monkeypatch.chdir(tmp_path)
+    ck = checkpoint.Checkpointer("gs://bucket/run/checkpoints")
+    assert seen["dir"] == "gs://bucket/run/checkpoints" == ck.directory
+    assert not os.path.exists(tmp_path / "gs:")      # no local folder was made

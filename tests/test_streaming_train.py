@@ -289,3 +289,28 @@ def test_train_sae_experiment_from_a_live_model(pair, tmp_path, mesh1):
     assert data["kind"] == "lm" and data["text"]["weights"] == [3.0, 1.0]
     assert data["text"]["pack"] is True and data["exclude_special"] is True
     assert data["contexts"] == 40 and res["saes"][0]["l0"] > 0
+
+
+def test_pipeline_streams_caches_without_loading_them(cache, tmp_path, mesh1):
+    """experiments/pipeline: an SAE trained from a cache source and a feature pass fed by
+    `cache_pair_stream` (chunks read from disk) equal their in-memory counterparts."""
+    from engine import streaming
+    from experiments.pipeline import features
+    from experiments.pipeline import saes as saes_lib
+    cfg = st.TrainConfig(d_sae=32, activation="topk", k=4, lr=3e-3)
+    sae = saes_lib.train_or_load(cache.source(HOOK), cfg, steps=5, batch_size=32,
+                                 data_seed=0, directory=str(tmp_path / "s"), mesh=mesh1,
+                                 shuffle_buffer=128)
+    again = saes_lib.train_or_load(cache.source(HOOK), cfg, steps=5, batch_size=32,
+                                   data_seed=0, directory=str(tmp_path / "s"), mesh=mesh1)
+    np.testing.assert_array_equal(np.asarray(sae.W_dec), np.asarray(again.W_dec))
+    streamed = features.feature_pass(
+        features.cache_pair_stream(cache, HOOK, cache, HOOK, 64), sae, sae, mesh1,
+        memory_budget=1 << 30)
+    _, x = cache.read(HOOK)
+    rows = np.arange(x.shape[0], dtype=np.int32)
+    ref = features.feature_pass(streaming.ChunkStream((rows, x, x), 64), sae, sae, mesh1,
+                                memory_budget=1 << 30)
+    np.testing.assert_array_equal(streamed.matches.a_match, ref.matches.a_match)
+    np.testing.assert_allclose(streamed.matches.a_value, ref.matches.a_value, atol=1e-6)
+    np.testing.assert_array_equal(streamed.stats_a.top_rows, ref.stats_a.top_rows)

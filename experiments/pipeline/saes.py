@@ -9,17 +9,28 @@ import numpy as np
 from models import formats, sae_io_native, sae_train
 
 
-def train_or_load(acts: np.ndarray, cfg: sae_train.TrainConfig, *, steps: int,
+def train_or_load(acts, cfg: sae_train.TrainConfig, *, steps: int | None,
                   batch_size: int, data_seed: int, directory: str, mesh,
-                  progress: bool = False, metadata: dict | None = None):
-    """Trains one SAE on ``acts`` under ``directory`` (resumes), or loads the finished one."""
+                  progress: bool = False, metadata: dict | None = None,
+                  epochs: float | None = None, column: int = 1,
+                  shuffle_buffer: int = 1 << 16):
+    """Trains one SAE on ``acts`` under ``directory`` (resumes), or loads the finished one.
+
+    ``acts`` is an in-memory ``[rows, d]`` array or an activation source (e.g.
+    ``ActivationCache.source(hookpoint)``), which is streamed through a bounded shuffle
+    buffer of ``shuffle_buffer`` rows (``column`` picks its activation array) and never
+    loaded into memory (`models.sae_train.source_stream`).
+    """
     done = os.path.join(directory, "final")
     if os.path.exists(os.path.join(done, "sae_config.json")):
         return sae_io_native.load_sae(done)
-    batch_size = min(batch_size, acts.shape[0] - acts.shape[0] % mesh.shape["data"])
-    sae = sae_train.train_saes(acts, cfg, steps=steps, batch_size=batch_size, mesh=mesh,
-                               workdir=directory, data_seed=data_seed, progress=progress,
-                               metadata=metadata, save=False)[0]
+    rows = sae_train.rows_per_epoch(acts)
+    if rows is not None:
+        batch_size = min(batch_size, rows - rows % mesh.shape["data"])
+    sae = sae_train.train_saes(acts, cfg, steps=steps, epochs=epochs, batch_size=batch_size,
+                               mesh=mesh, workdir=directory, data_seed=data_seed,
+                               progress=progress, metadata=metadata, save=False,
+                               column=column, shuffle_buffer=shuffle_buffer)[0]
     from engine import mesh as mesh_lib
     if mesh_lib.is_primary():   # only process 0 writes files in a multi-process run
         sae_io_native.save_sae(done, sae)
