@@ -900,13 +900,14 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int |
                                 on_log=hook)
         for i, sae in zip(members, program.to_saes(state, metadata)):
             result[i] = sae
-    if workdir is not None and save and mesh_lib.is_primary():   # process 0 writes files
+    if workdir is not None and save:
         from models import sae_io_native
         from models.formats import saelens
         for label, sae in zip(unique_labels(configs), result):
             folder = os.path.join(workdir, "saes", label)
-            sae_io_native.save_sae(folder, sae)
-            saelens.save_saelens(os.path.join(folder, SAELENS_DIR), sae)
+            sae_io_native.save_sae(folder, sae)        # all processes: orbax coordinates
+            if mesh_lib.is_primary():                  # plain files: process 0 only
+                saelens.save_saelens(os.path.join(folder, SAELENS_DIR), sae)
     return result  # type: ignore[return-value]
 
 

@@ -31,9 +31,7 @@ def train_or_load(acts, cfg: sae_train.TrainConfig, *, steps: int | None,
                                mesh=mesh, workdir=directory, data_seed=data_seed,
                                progress=progress, metadata=metadata, save=False,
                                column=column, shuffle_buffer=shuffle_buffer)[0]
-    from engine import mesh as mesh_lib
-    if mesh_lib.is_primary():   # only process 0 writes files in a multi-process run
-        sae_io_native.save_sae(done, sae)
+    sae_io_native.save_sae(done, sae)   # multi-process: orbax-coordinated
     return sae
 
 
