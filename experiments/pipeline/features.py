@@ -84,8 +84,12 @@ def plan_pass(n_a: int, n_b: int, *, n_data: int, memory_budget: int | None = No
     budget = mesh_lib.default_memory_budget(mesh) if memory_budget is None else int(
         memory_budget)
     checks.check_positive_int("memory_budget", budget)
+    # CPU devices share the host's RAM; accelerators each have their own memory (the budget
+    # is then per device, as `default_memory_budget` reports it).
+    shared = mesh is None or np.asarray(mesh.devices).flat[0].platform == "cpu"
     chunk_bytes = 4 * chunk_rows * (n_a + n_b) * 3
-    single = 4 * n_a * n_b * (correlation.state_copies(n_data, inplace=False)
+    single = 4 * n_a * n_b * (correlation.state_copies(n_data, inplace=False,
+                                                       shared_memory=shared)
                               + (2 if keep_matrix else 0))
     if single + chunk_bytes <= budget:
         return PassPlan(budget, False, n_a, n_b, 1, single)
@@ -93,10 +97,11 @@ def plan_pass(n_a: int, n_b: int, *, n_data: int, memory_budget: int | None = No
     on_disk = sparse and (rows is None or codes > budget // 4)
     reserved = chunk_bytes + (0 if on_disk else codes)
     ta, tb = correlation.tiles_for_budget(n_a, n_b, budget, n_data=n_data, sparse=sparse,
-                                          reserved_bytes=reserved)
+                                          reserved_bytes=reserved, shared_memory=shared)
     blocks = -(-n_a // ta) * -(-n_b // tb)
     return PassPlan(budget, True, ta, tb, blocks,
-                    4 * ta * tb * correlation.state_copies(n_data), on_disk)
+                    4 * ta * tb * correlation.state_copies(n_data, shared_memory=shared),
+                    on_disk)
 
 
 def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n: int = 10,
