@@ -1,7 +1,6 @@
 """Streaming SAE training (models/sae_train.py `source_stream`): from an activation cache and a
 live model, with a bounded shuffle buffer, epochs, exact mid-epoch resume, bounded memory."""
 
-import os
 import tracemalloc
 
 import numpy as np

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 
 from models import formats, sae_io_native, sae_train
 
