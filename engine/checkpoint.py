@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -30,8 +31,12 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, max_to_keep: int = 2):
-        self.directory = os.path.abspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
+        from engine import metrics_io
+        # gs:// (and other remote) directories go to orbax as they are: orbax writes them
+        # itself and coordinates the processes of a multi-process run.
+        self.directory = metrics_io.resolve_dir(directory)
+        if not metrics_io.is_remote(self.directory):
+            os.makedirs(self.directory, exist_ok=True)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -46,7 +51,9 @@ class Checkpointer:
         """Saves ``state`` (any pytree of arrays) and ``meta`` (JSON-serialisable) at ``step``."""
         # Orbax refuses zero-size arrays (e.g. an empty feature subset); they carry no data, so
         # a 1-element placeholder is written and `restore` rebuilds them from the template.
-        state = jax.tree.map(lambda x: jax.numpy.zeros((1,), x.dtype)
+        # The placeholder is a host numpy array: a single-device jax array would not be
+        # serialisable in a multi-process run.
+        state = jax.tree.map(lambda x: np.zeros((1,), x.dtype)
                              if hasattr(x, "size") and x.size == 0 else x, state)
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -86,7 +93,7 @@ class Checkpointer:
     def _restore_step(self, abstract_state: Any, step: int) -> tuple[int, Any, dict]:
         target = jax.tree.map(_abstract, abstract_state)
         empty = jax.tree.map(lambda x: hasattr(x, "size") and x.size == 0, abstract_state)
-        target = jax.tree.map(lambda t, e: jax.ShapeDtypeStruct((1,), t.dtype) if e else t,
+        target = jax.tree.map(lambda t, e: np.zeros((1,), t.dtype) if e else t,
                               target, empty)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))

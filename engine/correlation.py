@@ -796,21 +796,27 @@ def _check_chunk(acc: CorrelationAccumulator, name: str, chunk) -> None:
         check_sparse_chunk(f"{where} (B)", arrays[2], arrays[3], acc.n_b, chunk.mask)
 
 
-def state_copies(n_data: int, inplace: bool = True) -> int:
-    """``n_a x n_b`` float32 matrices alive at once per block, on the whole mesh.
+def state_copies(n_data: int, inplace: bool = True, shared_memory: bool = True) -> int:
+    """``n_a x n_b`` float32 matrices alive at once per block in one memory.
 
     `accumulate_inplace` keeps one state per device of the ``data`` axis plus one merged
     copy (none when ``n_data == 1``: the device axis is dropped in place); the generic
     `engine.accumulators.accumulate` path also builds a fresh per-device state per chunk, a
-    collective sum and the merged result (``n_data + 3``).
+    collective sum and the merged result. ``shared_memory``: the devices share one memory
+    (simulated CPU devices: all copies count); False (GPUs/TPUs): each device's own memory
+    holds its state and a replica of the merged one.
     """
+    merged = 0 if n_data == 1 else 1
+    if not shared_memory:
+        return 1 + merged if inplace else 4
     if inplace:
-        return n_data + (0 if n_data == 1 else 1)
+        return n_data + merged
     return n_data + 3
 
 
 def tiles_for_budget(n_a: int, n_b: int, budget_bytes: int, *, n_data: int = 1,
-                     sparse: bool = False, reserved_bytes: int = 0) -> tuple[int, int]:
+                     sparse: bool = False, reserved_bytes: int = 0,
+                     shared_memory: bool = True) -> tuple[int, int]:
     """Block sizes ``(tile_a, tile_b)`` whose cross sums fit ``budget_bytes`` (see
     `state_copies`), near-square (fewest passes over the tokens), at most ``n_a x n_b``.
 
@@ -818,7 +824,7 @@ def tiles_for_budget(n_a: int, n_b: int, budget_bytes: int, *, n_data: int = 1,
       InputError: when not even a 1 x 1 block fits (the budget is below ``reserved_bytes``).
     """
     free = int(budget_bytes) - int(reserved_bytes)
-    elements = free // (4 * state_copies(n_data))
+    elements = free // (4 * state_copies(n_data, shared_memory=shared_memory))
     if elements < 1:
         raise checks.InputError(f"memory budget {budget_bytes} bytes leaves no room for a "
                                 f"correlation block (reserved {reserved_bytes} bytes for "

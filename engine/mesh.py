@@ -115,6 +115,12 @@ def replicate(mesh: Mesh, tree: Any, copy: bool = False) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
+def is_primary() -> bool:
+    """True in process 0: the only process that writes results, logs, plots and files
+    other than orbax checkpoints (which orbax coordinates across processes itself)."""
+    return jax.process_index() == 0
+
+
 def gather(tree: Any) -> Any:
     """Brings a (possibly sharded, possibly multi-host) pytree back to host numpy arrays."""
     if jax.process_count() > 1:

@@ -33,8 +33,31 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
+def is_remote(path: str) -> bool:
+    """True for object-store paths (``gs://...``, ``s3://...``): never made local/absolute."""
+    return "://" in str(path)
+
+
+def resolve_dir(path: str) -> str:
+    """A run directory as given: local paths made absolute, remote ones passed through."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def _primary() -> bool:
+    import sys
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON atomically (write then rename)."""
+    """Writes ``obj`` as indented JSON atomically (write then rename); only in process 0 of
+    a multi-process run, and through `etils.epath` for remote paths."""
+    if not _primary():
+        return
+    if is_remote(path):
+        from etils import epath
+        epath.Path(path).write_text(json.dumps(to_jsonable(obj), indent=2) + "\n")
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(to_jsonable(obj), f, indent=2, sort_keys=False)
@@ -43,10 +66,19 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a metrics file; a half-written line (a killed run) is skipped."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict):
+                rows.append(r)
+    return rows
 
 
 class MetricWriter:
@@ -58,25 +90,30 @@ class MetricWriter:
 
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # Only process 0 of a multi-process run writes (the others hold the same metrics).
+        self.enabled = _primary()
+        if self.enabled and not is_remote(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
         """Keeps only lines with ``step <= step`` (a half-written last line of a killed run
         is dropped too)."""
-        rows = []
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(r, dict) and int(r.get("step", -1)) <= step:
-                        rows.append(r)
+        if not self.enabled or is_remote(self.path):
+            return
+        rows = [r for r in read_jsonl(self.path) if int(r.get("step", -1)) <= step]
         with open(self.path, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if is_remote(self.path):   # object stores cannot append: rewrite the file
+            from etils import epath
+            p = epath.Path(self.path)
+            old = p.read_text() if p.exists() else ""
+            p.write_text(old + json.dumps({"step": int(step),
+                                           **to_jsonable(dict(metrics))}) + "\n")
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": int(step), **to_jsonable(dict(metrics))}) + "\n")

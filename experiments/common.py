@@ -95,6 +95,12 @@ def define_common_flags() -> None:
     flags.DEFINE_integer("mesh_data", -1, "Size of the mesh data axis (-1: all devices).")
     flags.DEFINE_integer("mesh_feature", 1, "Size of the mesh feature axis.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+    flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0 "
+                        "(default: auto-detected on SLURM / TPU pods / Open MPI).")
+    flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
+    flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
+    flags.DEFINE_string("cpu_collectives", "gloo", "--distributed on CPU hosts: collectives "
+                        "implementation across processes (gloo | mpi | none).")
     flags.DEFINE_bool("progress", True, "Show progress bars.")
     flags.DEFINE_bool("dry_run", False, "Check the settings and the workdir, say what a run "
                       "would do (new / resume / refused / nothing to do), and exit.")
@@ -553,33 +559,53 @@ def start(flag_values_: flags.FlagValues, config: dict | None = None,
     Raises:
       ConfigError / NothingToDo: see `check_workdir`.
     """
-    problems = workdir_problems(flag_values_.workdir)
-    if problems:
-        raise ConfigError(problems[0])
-    workdir = os.path.abspath(flag_values_.workdir)
-    values = dict(flag_values(flag_values_))
-    values.update(config or {})
-    previous = None
-    try:
-        with open(os.path.join(workdir, FINGERPRINT), encoding="utf-8") as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
-        pass
-    fingerprint = make_fingerprint(values, data, exclude, previous)
-    os.makedirs(workdir, exist_ok=True)
-    state = check_workdir(workdir, fingerprint, bool(getattr(flag_values_, "overwrite", False)))
-    fingerprint["created"] = (previous or {}).get("created") if state == "resume" else None
-    fingerprint["created"] = fingerprint["created"] or time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                                     time.gmtime())
-    fingerprint["excluded"] = sorted(set(EXCLUDED) | set(exclude))
-    metrics_io.write_json(os.path.join(workdir, FINGERPRINT), fingerprint)
+    remote = metrics_io.is_remote(flag_values_.workdir)
+    if remote:
+        # gs:// and other remote workdirs pass through to orbax; the fingerprint files are
+        # local-only (a remote rerun is not checked: say so).
+        workdir = metrics_io.resolve_dir(flag_values_.workdir)
+        values = dict(flag_values(flag_values_))
+        values.update(config or {})
+        state = "remote (fingerprint not checked)"
+        logging.warning("workdir %s is remote: the rerun fingerprint check is skipped", workdir)
+    else:
+        problems = workdir_problems(flag_values_.workdir)
+        if problems:
+            raise ConfigError(problems[0])
+        workdir = os.path.abspath(flag_values_.workdir)
+        values = dict(flag_values(flag_values_))
+        values.update(config or {})
+        previous = None
+        try:
+            with open(os.path.join(workdir, FINGERPRINT), encoding="utf-8") as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            pass
+        fingerprint = make_fingerprint(values, data, exclude, previous)
+        os.makedirs(workdir, exist_ok=True)
+        state = check_workdir(workdir, fingerprint,
+                              bool(getattr(flag_values_, "overwrite", False)))
+        fingerprint["created"] = (previous or {}).get("created") if state == "resume" else None
+        fingerprint["created"] = fingerprint["created"] or time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        fingerprint["excluded"] = sorted(set(EXCLUDED) | set(exclude))
+        metrics_io.write_json(os.path.join(workdir, FINGERPRINT), fingerprint)
     configure_jax(flag_values_.num_cpu_devices)
     from engine import mesh as mesh_lib  # after configure_jax: it imports jax
-    mesh_lib.maybe_initialize_distributed(flag_values_.distributed)
-    handler = logging.get_absl_handler()
-    handler.use_absl_log_file("log", workdir)
-    if not any(isinstance(f, _ProjectOnly) for f in handler.filters):
-        handler.addFilter(_ProjectOnly())
+    if flag_values_.distributed and flag_values_.cpu_collectives != "none":
+        import jax
+        # Cross-process collectives between CPU devices need an implementation (GPUs and
+        # TPUs bring their own; the setting is ignored there).
+        jax.config.update("jax_cpu_collectives_implementation", flag_values_.cpu_collectives)
+    mesh_lib.maybe_initialize_distributed(
+        flag_values_.distributed, coordinator_address=flag_values_.coordinator_address,
+        num_processes=flag_values_.num_processes, process_id=flag_values_.process_id)
+    if mesh_lib.is_primary() and not remote:
+        # Only process 0 writes the log file; the others log to stderr.
+        handler = logging.get_absl_handler()
+        handler.use_absl_log_file("log", workdir)
+        if not any(isinstance(f, _ProjectOnly) for f in handler.filters):
+            handler.addFilter(_ProjectOnly())
     logging.set_stderrthreshold("warning")
     pylogging.getLogger("absl").setLevel(pylogging.INFO)
     cfg = dict(values)

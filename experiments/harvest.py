@@ -54,6 +54,10 @@ flags.DEFINE_integer("context_length", 128, "Tokens per context (special tokens 
 flags.DEFINE_enum("special_tokens", "auto", ["auto", "bos", "none"],
                   "Special tokens per context: the tokenizer's own, BOS only, or none.")
 flags.DEFINE_bool("pad_tail", False, "Keep each document's short last piece (padded, masked).")
+flags.DEFINE_bool("pack", False, "Pack documents (and last pieces) shorter than a context "
+                  "together, EOS-separated, instead of dropping them.")
+flags.DEFINE_list("text_weights", [], "With several --text corpora: interleave them in this "
+                  "ratio (by documents), e.g. 0.7,0.3.")
 flags.DEFINE_integer("max_tokens", 0, "Stop after about this many tokens (0: all the text).")
 flags.DEFINE_integer("batch_size", 8, "Contexts per forward pass.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "Storage dtype.")
@@ -161,19 +165,21 @@ def body(run, flags_):
     ctx_len = FLAGS.context_length
     max_contexts = math.ceil(FLAGS.max_tokens / ctx_len) if FLAGS.max_tokens else None
     sources = list(FLAGS.text)
+    weights = [float(w) for w in FLAGS.text_weights] or None
 
     def open_at(start: int):
-        docs = text.read_documents(sources, text_field=FLAGS.text_field,
-                                   txt_split=FLAGS.txt_split)
+        docs = text.read_mixture(sources, weights, text_field=FLAGS.text_field,
+                                 txt_split=FLAGS.txt_split)
         blocks = text.iter_contexts(docs, model.tokenizer, ctx_len,
                                     special_tokens=FLAGS.special_tokens,
-                                    pad_tail=FLAGS.pad_tail, max_contexts=max_contexts)
+                                    pad_tail=FLAGS.pad_tail, pack=FLAGS.pack,
+                                    max_contexts=max_contexts)
         return text.skip_contexts(blocks, start)
 
     cache_dir = FLAGS.cache_dir or run.path("cache")
     text_info = {"sources": text.describe_source(sources), "text_field": FLAGS.text_field,
                  "txt_split": FLAGS.txt_split, "special_tokens": FLAGS.special_tokens,
-                 "pad_tail": FLAGS.pad_tail}
+                 "pad_tail": FLAGS.pad_tail, "pack": FLAGS.pack, "weights": weights}
     writer = metrics_io.MetricWriter(run.metrics_path)
     t0 = time.perf_counter()
     state = {"last": t0, "start_tokens": None}

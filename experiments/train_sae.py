@@ -66,10 +66,15 @@ flags.DEFINE_string("cache_path", None, "Activation cache directory (--source=ca
 flags.DEFINE_string("hookpoint", None, "Hookpoint to train on (--source=cache: default the "
                     "cache's first; --source=lm: required, e.g. resid_post.3).")
 flags.DEFINE_string("model_path", None, "Local transformers model directory (--source=lm).")
-flags.DEFINE_list("text", ["sample"], "Text for --source=lm (models/text.py sources).")
-flags.DEFINE_integer("context_length", 128, "Tokens per context (--source=lm).")
-flags.DEFINE_integer("max_contexts", 1024, "Contexts read from --text (--source=lm).")
-flags.DEFINE_integer("lm_batch_size", 8, "Contexts per forward pass (--source=lm).")
+flags.DEFINE_list("lm_text", ["sample"], "Text for --source=lm (models/text.py sources; with "
+                  "--lm_text_weights each entry is one corpus).")
+flags.DEFINE_list("lm_text_weights", [], "Interleave the --lm_text corpora in this ratio.")
+flags.DEFINE_enum("lm_txt_split", "line", ["file", "paragraph", "line"],
+                  "How .txt files split into documents (--source=lm).")
+flags.DEFINE_bool("lm_pack", True, "Pack short documents into shared contexts (--source=lm).")
+flags.DEFINE_integer("lm_context_length", 128, "Tokens per context (--source=lm).")
+flags.DEFINE_integer("lm_max_contexts", 1024, "Contexts read from --lm_text (--source=lm).")
+flags.DEFINE_integer("lm_forward_batch", 8, "Contexts per forward pass (--source=lm).")
 flags.DEFINE_bool("exclude_special", False, "Leave special tokens (BOS/EOS/PAD/CLS/SEP) out "
                   "of training (--source=cache|lm).")
 flags.DEFINE_float("epochs", 0.0, "Passes over the data (overrides --steps when > 0; "
@@ -337,18 +342,24 @@ def _streamed_source(o: dict):
         raise SystemExit("--model_path and --hookpoint are required with --source=lm")
     with lm_lib.quiet_transformers():
         model = lm_lib.LanguageModel.load(o["model_path"])
-    docs = text_lib.read_documents(o["text"])
-    contexts = text_lib.make_contexts(docs, model.tokenizer, o["context_length"],
-                                      max_contexts=o["max_contexts"], pad_tail=True)
+    weights = [float(w) for w in o.get("lm_text_weights") or []] or None
+    docs = text_lib.read_mixture(list(o["lm_text"]), weights,
+                                 txt_split=o.get("lm_txt_split", "line"))
+    pack = bool(o.get("lm_pack", True))
+    contexts = text_lib.make_contexts(docs, model.tokenizer, o["lm_context_length"],
+                                      max_contexts=o["lm_max_contexts"], pack=pack,
+                                      pad_tail=not pack)
     n_ctx = len(contexts)
-    n_eval_ctx = max(1, min(n_ctx // 10, -(-o["eval_rows"] // o["context_length"])))
-    kw = dict(batch_size=o["lm_batch_size"], exclude_special=o.get("exclude_special", False))
+    n_eval_ctx = max(1, min(n_ctx // 10, -(-o["eval_rows"] // o["lm_context_length"])))
+    kw = dict(batch_size=o["lm_forward_batch"], exclude_special=o.get("exclude_special", False))
     held = asrc.LMSource(model, contexts[:n_eval_ctx], o["hookpoint"], **kw)
     train = asrc.LMSource(model, contexts[n_eval_ctx:], o["hookpoint"], **kw)
     eval_x = np.concatenate([b[1] for b in held.open_at(0)]).astype(np.float32)
     meta = {"kind": "lm", "model": model.describe(), "hookpoint": train.hookpoints[0],
-            "text": text_lib.describe_source(o["text"]), "contexts": n_ctx,
-            "context_length": o["context_length"], "eval_contexts": n_eval_ctx,
+            "text": {"sources": text_lib.describe_source(list(o["lm_text"])),
+                     "weights": weights, "txt_split": o.get("lm_txt_split", "line"),
+                     "pack": pack}, "contexts": n_ctx,
+            "context_length": o["lm_context_length"], "eval_contexts": n_eval_ctx,
             "exclude_special": bool(o.get("exclude_special", False)),
             "train_rows": train.num_rows, "eval_rows": int(eval_x.shape[0])}
     return train, eval_x, train.widths[0], meta
@@ -379,6 +390,7 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         d_in, unit = o["d"], o["n_true"]
     elif o["source"] in ("cache", "lm"):
         acts, eval_x, d_in, source_meta = _streamed_source(o)
+        held_out = True    # evaluation rows are a held-out row range / contexts
         unit = d_in
     else:
         if not o.get("npy_path"):
@@ -446,7 +458,8 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         name = sae_train.group_name(g, [configs[i] for i in members])
         for r in metrics_io.read_jsonl(run.path(name, "metrics.jsonl")):
             lines.append({"group": name, **r})
-    with open(run.metrics_path, "w", encoding="utf-8") as f:
+    with open(run.metrics_path if jax.process_index() == 0 else os.devnull, "w",
+              encoding="utf-8") as f:
         for r in lines:
             f.write(json.dumps(r) + "\n")
 
@@ -472,6 +485,12 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         for i, j in itertools.combinations(members, 2):
             m = seed_match_fraction(saes[i].W_dec, saes[j].W_dec, o["match_threshold"])
             pairs.append({"a": labels[i], "b": labels[j], **m})
+    results = {"saes": rows, "seed_pairs": pairs, "n_eval_rows": int(eval_x.shape[0]),
+               "eval_rows_held_out": bool(held_out), "d_in": d_in}
+    if pairs:
+        results["seed_matched_frac_mean"] = float(np.mean([p["matched_frac"] for p in pairs]))
+    if jax.process_index() != 0:   # multi-process: only process 0 writes files and plots
+        return results
     # The SAELens copies get the held-out log10 densities (SAELens's sparsity.safetensors).
     from models.formats import saelens
     for label, sae, dens in zip(labels, saes, densities):
@@ -482,11 +501,6 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
     if dictionary is not None and len({r["d_sae"] for r in rows}) > 1:
         plot_sweep(os.path.join(run.plots_dir, "ground_truth_sweep.png"), rows, o["n_true"],
                    pairs)
-    results = {"saes": rows, "seed_pairs": pairs, "n_eval_rows": int(eval_x.shape[0]),
-               "eval_rows_held_out": bool(held_out),
-               "d_in": d_in}
-    if pairs:
-        results["seed_matched_frac_mean"] = float(np.mean([p["matched_frac"] for p in pairs]))
     run.write_results(results)
     return results
 

@@ -78,6 +78,8 @@ flags.DEFINE_bool("one_to_one", True, "Keep only each feature's best pair.")
 flags.DEFINE_integer("top_n", 10, "Top-activating tokens kept per feature.")
 flags.DEFINE_integer("min_pairs", 3, "Fewest pairs for which metrics are computed.")
 flags.DEFINE_integer("chunk_size", 1024, "Tokens per streamed chunk.")
+flags.DEFINE_float("memory_budget", 0.0, "GiB the feature pass may use (0: half the machine's "
+                   "memory); above it the feature-by-feature correlation is tiled.")
 flags.DEFINE_integer("seed", 0, "Seed (data, SAEs, permutations).")
 # Toy preset.
 flags.DEFINE_integer("toy_n_tokens", 20_000, "Toy: tokens.")

@@ -76,14 +76,22 @@ def config_from_json(doc: dict, name: str = "sae_config.json") -> sae_lib.SAECon
 
 
 def save_sae(path: str, sae: sae_lib.SAE, overwrite: bool = True) -> str:
-    """Saves ``sae`` under directory ``path`` (created); returns the absolute path."""
+    """Saves ``sae`` under directory ``path`` (created); returns the absolute path.
+
+    In a multi-process run every process calls it (orbax coordinates the array write);
+    process 0 alone clears the directory and writes the config.
+    """
     sae.validate("save_sae")
     path = os.path.abspath(path)
-    if os.path.exists(path):
-        if not overwrite:
-            raise checks.InputError(f"save_sae: {path} exists (pass overwrite=True)")
-        shutil.rmtree(path)
-    os.makedirs(path)
+    if os.path.exists(path) and not overwrite:
+        raise checks.InputError(f"save_sae: {path} exists (pass overwrite=True)")
+    if jax.process_index() == 0:
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.makedirs(path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"save_sae {path}")
     arrays = {f: np.asarray(jax.device_get(getattr(sae, f))) for f in FIELDS}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, PARAMS_DIR), arrays)

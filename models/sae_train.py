@@ -905,8 +905,9 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int |
         from models.formats import saelens
         for label, sae in zip(unique_labels(configs), result):
             folder = os.path.join(workdir, "saes", label)
-            sae_io_native.save_sae(folder, sae)
-            saelens.save_saelens(os.path.join(folder, SAELENS_DIR), sae)
+            sae_io_native.save_sae(folder, sae)        # all processes: orbax coordinates
+            if mesh_lib.is_primary():                  # plain files: process 0 only
+                saelens.save_saelens(os.path.join(folder, SAELENS_DIR), sae)
     return result  # type: ignore[return-value]
 
 

@@ -19,7 +19,10 @@ nothing about either). Each document is tokenised without special tokens, cut in
 (``special_tokens="auto"``: Llama/Gemma-style tokenizers add BOS, BERT-style ones add
 [CLS] ... [SEP], GPT-2/Pythia-style ones add nothing), or BOS only (``"bos"``, the SAELens
 habit for GPT-2), or none (``"none"``). A final piece shorter than a context is dropped unless
-``pad_tail=True`` (then padded with the pad token and masked out).
+``pad_tail=True`` (then padded with the pad token and masked out) or ``pack=True`` (short
+pieces -- whole short documents such as line-per-record text -- are packed together,
+EOS-separated, so no text is lost; only those packed contexts span documents).
+Several corpora mix in a set ratio with `interleave_documents` / `read_mixture`.
 
 Two models compared token by token must tokenise the text identically
 (`check_same_tokenizer` refuses anything else with a clear error); models with different
@@ -204,6 +207,50 @@ def read_documents(source: str | Sequence[str], *, text_field: str = "text",
             return
         count += 1
         yield doc
+
+
+def interleave_documents(sources: Sequence[Iterable[str]], weights: Sequence[float]
+                         ) -> Iterator[str]:
+    """Documents of several corpora interleaved in the ratio ``weights`` (by documents).
+
+    Deterministic smooth weighted round robin: every turn each corpus earns its weight and
+    the corpus with the most credit gives the next document (pays the total weight), so any
+    prefix of the output holds the corpora within one document of the exact ratio, and the
+    same inputs always give the same order (resumable by skipping). Stops when the corpus
+    whose turn it is runs out, so the ratio holds to the end.
+
+    Args:
+      sources: iterables of documents (e.g. `read_documents` of each corpus).
+      weights: positive shares, one per source (normalised here).
+    """
+    its = [iter(src) for src in sources]
+    w = np.asarray([float(x) for x in weights], np.float64)
+    if len(its) < 1 or w.shape != (len(its),) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise checks.InputError(f"interleave weights: expected {len(its)} positive numbers, "
+                                f"got {list(weights)}")
+    w = w / w.sum()
+    credit = np.zeros_like(w)
+    while True:
+        credit += w
+        i = int(np.argmax(credit))   # ties: the first corpus
+        credit[i] -= 1.0
+        doc = next(its[i], None)
+        if doc is None:
+            return
+        yield doc
+
+
+def read_mixture(sources: Sequence[str | Sequence[str]], weights: Sequence[float] | None,
+                 **kwargs) -> Iterator[str]:
+    """`read_documents` of each corpus (a path or a list of paths), interleaved by
+    ``weights`` (`interleave_documents`); one corpus or no weights: read in sequence."""
+    if not weights or len(sources) == 1:
+        return read_documents([p for s in sources for p in ([s] if isinstance(s, str)
+                                                             else list(s))], **kwargs)
+    if len(weights) != len(sources):
+        raise checks.InputError(f"text weights: {len(weights)} weights for {len(sources)} "
+                                "corpora")
+    return interleave_documents([read_documents(s, **kwargs) for s in sources], weights)
 
 
 def sample_documents(max_documents: int | None = None) -> list[str]:
@@ -395,8 +442,9 @@ class Contexts:
 
 def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
                   special_tokens: str = "auto", pad_tail: bool = False,
-                  max_contexts: int | None = None, block_contexts: int = 1024,
-                  docs_per_batch: int = 256) -> Iterator[Contexts]:
+                  pack: bool = False, max_contexts: int | None = None,
+                  block_contexts: int = 1024, docs_per_batch: int = 256
+                  ) -> Iterator[Contexts]:
     """Tokenises documents into contexts, yielding blocks of up to ``block_contexts``.
 
     Memory is bounded by one block plus one batch of documents, so corpora larger than RAM
@@ -409,6 +457,11 @@ def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
       context_length: tokens per context, special tokens included.
       special_tokens: ``auto`` | ``bos`` | ``none`` (module docstring).
       pad_tail: keep each document's short last piece, padded and masked.
+      pack: pack pieces shorter than a context (short documents and documents' last
+        pieces) together, separated by the tokenizer's EOS token when it has one, instead of
+        dropping (or padding) them; full-length pieces stay inside one document. A packed
+        context's ``doc_index`` is its first document. The final, partly filled packed
+        context is padded and masked.
       max_contexts: stop after this many contexts.
     """
     ctx = checks.check_positive_int("context_length", context_length)
@@ -418,6 +471,10 @@ def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
         raise checks.InputError(f"context_length={ctx} leaves no room for text after the "
                                 f"{len(prefix) + len(suffix)} special token(s)")
     pad = pad_id(tokenizer)
+    sep = [] if getattr(tokenizer, "eos_token_id", None) is None else [
+        int(tokenizer.eos_token_id)]
+    packed: list[int] = []       # tokens of short pieces waiting to fill a context
+    packed_doc = [-1]
     produced = 0
     rows: list[np.ndarray] = []
     masks: list[np.ndarray] = []
@@ -428,6 +485,18 @@ def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
                          np.asarray(docs, np.int64))
         rows.clear(), masks.clear(), docs.clear()
         return block
+
+    def emit(piece: list[int], doc: int) -> None:
+        nonlocal produced
+        row = prefix + list(piece) + suffix
+        n_real = len(row)
+        rows.append(np.asarray(row + [pad] * (ctx - n_real), np.int64))
+        masks.append(np.arange(ctx) < n_real)
+        docs.append(doc)
+        produced += 1
+
+    def done() -> bool:
+        return max_contexts is not None and produced >= max_contexts
 
     doc_id = 0
     batch: list[str] = []
@@ -449,21 +518,31 @@ def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
         for ids in encoded:
             for lo in range(0, len(ids), body):
                 piece = list(ids[lo:lo + body])
+                if len(piece) < body and pack:
+                    if packed_doc[0] < 0:
+                        packed_doc[0] = doc_id
+                    packed.extend((sep if packed else []) + piece)
+                    while len(packed) >= body:
+                        emit(packed[:body], packed_doc[0])
+                        del packed[:body]
+                        packed_doc[0] = doc_id if packed else -1
+                        if done():
+                            yield flush()
+                            return
+                        if len(rows) >= block_contexts:
+                            yield flush()
+                    break
                 if len(piece) < body and not pad_tail:
                     break
-                row = prefix + piece + suffix
-                n_real = len(row)
-                row = row + [pad] * (ctx - n_real)
-                rows.append(np.asarray(row, np.int64))
-                masks.append(np.arange(ctx) < n_real)
-                docs.append(doc_id)
-                produced += 1
-                if max_contexts is not None and produced >= max_contexts:
+                emit(piece, doc_id)
+                if done():
                     yield flush()
                     return
                 if len(rows) >= block_contexts:
                     yield flush()
             doc_id += 1
+    if packed:
+        emit(packed, packed_doc[0])
     if rows:
         yield flush()
 

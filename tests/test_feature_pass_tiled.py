@@ -114,3 +114,14 @@ def test_plan_and_budget_errors():
     assert big.tiled and big.state_bytes <= 70 << 30
     with pytest.raises(InputError, match="memory budget"):
         features.plan_pass(1000, 1000, n_data=1, memory_budget=1000, chunk_rows=64)
+
+
+def test_state_copies_per_memory():
+    # simulated CPU devices share RAM: every device's state counts; GPUs hold their own
+    assert correlation.state_copies(1) == 1 and correlation.state_copies(4) == 5
+    assert correlation.state_copies(8, shared_memory=False) == 2
+    shared = correlation.tiles_for_budget(131072, 131072, 40 << 30, n_data=8, sparse=True)
+    own = correlation.tiles_for_budget(131072, 131072, 40 << 30, n_data=8, sparse=True,
+                                       shared_memory=False)
+    assert shared[0] * shared[1] * 4 * 9 <= 40 << 30
+    assert own[0] * own[1] < 2 ** 31 - 1 and own[0] * own[1] > shared[0] * shared[1]

@@ -1,7 +1,6 @@
 """Streaming SAE training (models/sae_train.py `source_stream`): from an activation cache and a
 live model, with a bounded shuffle buffer, epochs, exact mid-epoch resume, bounded memory."""
 
-import os
 import tracemalloc
 
 import numpy as np
@@ -17,10 +16,14 @@ HOOK = "resid_post.0"
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
-    pair = lm_tiny.make_tiny_model_pair(str(root), arch="llama", vocab_size=300, n_layers=1,
+    return lm_tiny.make_tiny_model_pair(str(root), arch="llama", vocab_size=300, n_layers=1,
                                         d_model=16)
+
+
+@pytest.fixture(scope="module")
+def model(pair):
     return lm.LanguageModel.load(pair.path_a)
 
 
@@ -261,3 +264,52 @@ def test_train_sae_experiment_from_cache_records_the_data(cache, tmp_path, mesh1
     meta = json.loads(res and open(tmp_path / "saes" / res["saes"][0]["label"] /
                                    "sae_config.json").read())
     assert meta  # saved natively
+
+
+@pytest.mark.slow
+def test_train_sae_experiment_from_a_live_model(pair, tmp_path, mesh1):
+    import json
+
+    from experiments import common
+    from experiments import train_sae
+    (tmp_path / "a.txt").write_text("\n".join(f"line {i} of the first corpus"
+                                              for i in range(80)))
+    (tmp_path / "b.txt").write_text("\n".join(f"record {i} here" for i in range(80)))
+    opts = {name: train_sae.FLAGS[name].default for name in train_sae.FLAGS}
+    opts.update(progress=False, source="lm", model_path=pair.path_a, hookpoint=HOOK,
+                lm_text=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+                lm_text_weights=["3", "1"], lm_context_length=16, lm_max_contexts=40,
+                d_sae=["32"], k=["4"], steps=6, batch_size=32, shuffle_buffer=128,
+                shuffle_block=16, eval_rows=64, log_every=3, exclude_special=True)
+    (tmp_path / "run").mkdir()
+    run = common.Run(workdir=str(tmp_path / "run"), mesh=mesh1)
+    res = train_sae.run_train_sae(run, opts)
+    data = json.load(open(tmp_path / "run" / "data.json"))
+    assert data["kind"] == "lm" and data["text"]["weights"] == [3.0, 1.0]
+    assert data["text"]["pack"] is True and data["exclude_special"] is True
+    assert data["contexts"] == 40 and res["saes"][0]["l0"] > 0
+
+
+def test_pipeline_streams_caches_without_loading_them(cache, tmp_path, mesh1):
+    """experiments/pipeline: an SAE trained from a cache source and a feature pass fed by
+    `cache_pair_stream` (chunks read from disk) equal their in-memory counterparts."""
+    from engine import streaming
+    from experiments.pipeline import features
+    from experiments.pipeline import saes as saes_lib
+    cfg = st.TrainConfig(d_sae=32, activation="topk", k=4, lr=3e-3)
+    sae = saes_lib.train_or_load(cache.source(HOOK), cfg, steps=5, batch_size=32,
+                                 data_seed=0, directory=str(tmp_path / "s"), mesh=mesh1,
+                                 shuffle_buffer=128)
+    again = saes_lib.train_or_load(cache.source(HOOK), cfg, steps=5, batch_size=32,
+                                   data_seed=0, directory=str(tmp_path / "s"), mesh=mesh1)
+    np.testing.assert_array_equal(np.asarray(sae.W_dec), np.asarray(again.W_dec))
+    streamed = features.feature_pass(
+        features.cache_pair_stream(cache, HOOK, cache, HOOK, 64), sae, sae, mesh1,
+        memory_budget=1 << 30)
+    _, x = cache.read(HOOK)
+    rows = np.arange(x.shape[0], dtype=np.int32)
+    ref = features.feature_pass(streaming.ChunkStream((rows, x, x), 64), sae, sae, mesh1,
+                                memory_budget=1 << 30)
+    np.testing.assert_array_equal(streamed.matches.a_match, ref.matches.a_match)
+    np.testing.assert_allclose(streamed.matches.a_value, ref.matches.a_value, atol=1e-6)
+    np.testing.assert_array_equal(streamed.stats_a.top_rows, ref.stats_a.top_rows)

@@ -42,6 +42,7 @@ class CompareConfig:
     min_pairs: int = 3
     seed: int = 0
     metric_options: tuple = ()              # ((metric, {option: value}), ...)
+    memory_budget: int | None = None        # bytes for the feature pass (None: half the RAM)
 
 
 def _pass_arrays(fp: features.FeaturePass) -> dict:
@@ -261,7 +262,7 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
     step = cache.get(f"{name}.features.{key}", lambda: _pass_arrays(features.feature_pass(
         labelled_stream(), sae_a, sae_b, mesh, top_n=cfg.top_n,
         checkpoint_dir=features.checkpoint_path(ckpt_root, f"{name}.{key}"),
-        progress=progress)))
+        progress=progress, memory_budget=cfg.memory_budget)))
     cand = candidate_pairs(step, sae_a, sae_b, cfg.pairing, mesh)
     invalid_a = step["a_dead"] | step["a_constant"] | step["m_a_dead"] | step["m_a_constant"]
     invalid_b = step["b_dead"] | step["b_constant"] | step["m_b_dead"] | step["m_b_constant"]

@@ -84,8 +84,12 @@ def plan_pass(n_a: int, n_b: int, *, n_data: int, memory_budget: int | None = No
     budget = mesh_lib.default_memory_budget(mesh) if memory_budget is None else int(
         memory_budget)
     checks.check_positive_int("memory_budget", budget)
+    # CPU devices share the host's RAM; accelerators each have their own memory (the budget
+    # is then per device, as `default_memory_budget` reports it).
+    shared = mesh is None or np.asarray(mesh.devices).flat[0].platform == "cpu"
     chunk_bytes = 4 * chunk_rows * (n_a + n_b) * 3
-    single = 4 * n_a * n_b * (correlation.state_copies(n_data, inplace=False)
+    single = 4 * n_a * n_b * (correlation.state_copies(n_data, inplace=False,
+                                                       shared_memory=shared)
                               + (2 if keep_matrix else 0))
     if single + chunk_bytes <= budget:
         return PassPlan(budget, False, n_a, n_b, 1, single)
@@ -93,10 +97,11 @@ def plan_pass(n_a: int, n_b: int, *, n_data: int, memory_budget: int | None = No
     on_disk = sparse and (rows is None or codes > budget // 4)
     reserved = chunk_bytes + (0 if on_disk else codes)
     ta, tb = correlation.tiles_for_budget(n_a, n_b, budget, n_data=n_data, sparse=sparse,
-                                          reserved_bytes=reserved)
+                                          reserved_bytes=reserved, shared_memory=shared)
     blocks = -(-n_a // ta) * -(-n_b // tb)
     return PassPlan(budget, True, ta, tb, blocks,
-                    4 * ta * tb * correlation.state_copies(n_data), on_disk)
+                    4 * ta * tb * correlation.state_copies(n_data, shared_memory=shared),
+                    on_disk)
 
 
 def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n: int = 10,
@@ -119,7 +124,8 @@ def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n:
     fa, fb = sae_a.config.d_sae, sae_b.config.d_sae
     sparse = _use_sparse(sae_a, sae_b) if sparse is None else sparse
     plan = plan_pass(fa, fb, n_data=mesh.shape[mesh_lib.DATA], memory_budget=memory_budget,
-                     sparse=sparse, chunk_rows=stream.chunk_size, rows=stream.num_rows,
+                     sparse=sparse, chunk_rows=stream.chunk_size,
+                     rows=stream.num_rows or getattr(stream, "num_rows_hint", None),
                      k_a=sae_a.config.k, k_b=sae_b.config.k, mesh=mesh,
                      keep_matrix=fa * fb <= correlation.DEFAULT_KEEP_MATRIX)
     if plan.tiled:
@@ -270,6 +276,28 @@ def _encoded_stream(stream, sae_a, sae_b) -> streaming.ChunkStream:
                                                     jnp.asarray(chunk.arrays[2][:n])))
     return streaming.ChunkStream(open_at, stream.chunk_size, name="encoded",
                                  check_finite=False)
+
+
+def cache_pair_stream(cache_a, hookpoint_a: str, cache_b, hookpoint_b: str,
+                      chunk_size: int, *, exclude_special: bool = False
+                      ) -> streaming.ChunkStream:
+    """``(row_ids, acts_a, acts_b)`` chunks of two activation caches over the same tokens,
+    read from disk chunk by chunk (the streaming input of `feature_pass`; row ids are token
+    positions among the selected rows, as `top_rows` expects)."""
+    from models import activation_cache
+    paired = activation_cache.paired_source(cache_a, hookpoint_a, cache_b, hookpoint_b,
+                                            exclude_special=exclude_special,
+                                            block_rows=chunk_size)
+
+    def open_at(start: int):
+        pos = start
+        for tokens, xa, xb in paired.open_at(start):
+            n = tokens.shape[0]
+            yield np.arange(pos, pos + n, dtype=np.int32), xa, xb
+            pos += n
+    stream = streaming.ChunkStream(open_at, chunk_size, name="cache pair")
+    stream.num_rows_hint = paired.num_rows
+    return stream
 
 
 def check_widths(sae: sae_lib.SAE, width: int, what: str) -> None:

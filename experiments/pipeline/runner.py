@@ -29,7 +29,9 @@ def compare_config(flags_) -> compare.CompareConfig:
             require_shared_token=flags_.require_shared_token, one_to_one=flags_.one_to_one,
             threshold=None if flags_.threshold < 0 else flags_.threshold),
         metrics=tuple(flags_.metrics), num_permutations=flags_.num_permutations,
-        top_n=flags_.top_n, min_pairs=flags_.min_pairs, seed=flags_.seed)
+        top_n=flags_.top_n, min_pairs=flags_.min_pairs, seed=flags_.seed,
+        memory_budget=(int(flags_.memory_budget * (1 << 30))
+                       if getattr(flags_, "memory_budget", 0) > 0 else None))
 
 
 def ref_settings(flags_) -> references.RefSettings:

@@ -23,9 +23,9 @@ import json
 import os
 from typing import Sequence
 
-import numpy as np
 
 from engine import checks
+from engine import mesh as mesh_lib
 from models import formats, sae_io_native, sae_train
 from models import sae as sae_lib
 
@@ -189,14 +189,19 @@ def obtain(role: Role, acts: np.ndarray | None, *, user_seed: int,
                    recipe=record, note=note)
 
 
-def train_or_load(acts: np.ndarray, cfg: sae_train.TrainConfig, *, steps: int,
+def train_or_load(acts, cfg: sae_train.TrainConfig, *, steps: int | None,
                   batch_size: int, data_seed: int, directory: str, mesh,
                   progress: bool = False, metadata: dict | None = None,
-                  recipe: dict | None = None):
+                  recipe: dict | None = None, epochs: float | None = None, column: int = 1,
+                  shuffle_buffer: int = 1 << 16):
     """Trains one SAE on ``acts`` under ``directory`` (resumes), or loads the finished one.
 
-    With ``recipe``, a finished SAE is reused only when the recipe recorded beside it
-    (``recipe.json``) is equal; otherwise it is retrained in a fresh ``final``.
+    ``acts`` is an in-memory ``[rows, d]`` array or an activation source (e.g.
+    ``ActivationCache.source(hookpoint)``), which is streamed through a bounded shuffle
+    buffer of ``shuffle_buffer`` rows (``column`` picks its activation array) and never
+    loaded into memory (`models.sae_train.source_stream`). With ``recipe``, a finished SAE is
+    reused only when the recipe recorded beside it (``recipe.json``) is equal; otherwise the
+    run is refused.
     """
     done = os.path.join(directory, "final")
     recipe_path = os.path.join(directory, "recipe.json")
@@ -205,12 +210,15 @@ def train_or_load(acts: np.ndarray, cfg: sae_train.TrainConfig, *, steps: int,
             return sae_io_native.load_sae(done)
         raise checks.InputError(f"{directory}: holds an SAE trained with another recipe "
                                 "(seed, data order, width or sparsity); use a new --workdir")
-    batch_size = min(batch_size, acts.shape[0] - acts.shape[0] % mesh.shape["data"])
-    sae = sae_train.train_saes(acts, cfg, steps=steps, batch_size=batch_size, mesh=mesh,
-                               workdir=directory, data_seed=data_seed, progress=progress,
-                               metadata=metadata, save=False)[0]
-    sae_io_native.save_sae(done, sae)
-    if recipe is not None:
+    rows = sae_train.rows_per_epoch(acts)
+    if rows is not None:
+        batch_size = min(batch_size, rows - rows % mesh.shape["data"])
+    sae = sae_train.train_saes(acts, cfg, steps=steps, epochs=epochs, batch_size=batch_size,
+                               mesh=mesh, workdir=directory, data_seed=data_seed,
+                               progress=progress, metadata=metadata, save=False,
+                               column=column, shuffle_buffer=shuffle_buffer)[0]
+    sae_io_native.save_sae(done, sae)   # multi-process: orbax-coordinated
+    if recipe is not None and mesh_lib.is_primary():
         os.makedirs(directory, exist_ok=True)
         with open(recipe_path, "w", encoding="utf-8") as f:
             json.dump(recipe, f, indent=1, sort_keys=True)
