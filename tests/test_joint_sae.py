@@ -398,10 +398,12 @@ def test_latent_scaling_matches_per_latent_lstsq():
 
 
 @pytest.mark.slow
-def test_crosscoder_recovers_known_shared_and_exclusive_features(mesh4):
+def test_crosscoder_recovers_known_shared_and_exclusive_features(mesh1):
     """Crosscoder TopK on a partial pair: the shared call finds the shared features, the
     exclusive features stay exclusive, and on the nothing-shared control almost nothing is
-    called shared."""
+    called shared. One device: 1 vs 4 devices agree (`test_one_and_four_devices_agree`), and
+    800 steps of cross-device top-k on 4 simulated CPU devices of a loaded 2-core machine can
+    exceed XLA's collective rendezvous timeout, which aborts the process."""
     kw = dict(d_a=16, d_b=16, n_tokens=8192, k=2.0)
     real = dictionary_pair.make_partial_pair(0, n_shared=12, n_exclusive_a=6,
                                              n_exclusive_b=6, **kw)
@@ -411,8 +413,8 @@ def test_crosscoder_recovers_known_shared_and_exclusive_features(mesh4):
     out = {}
     for name, pair in (("real", real), ("control", control)):
         joint = js.train_joint([pair.acts_a, pair.acts_b], cfg, steps=800, batch_size=256,
-                               mesh=mesh4, log_every=200)
-        out[name] = jm.analyze_joint(joint, (pair.acts_a, pair.acts_b), mesh4, truth=pair,
+                               mesh=mesh1, log_every=200)
+        out[name] = jm.analyze_joint(joint, (pair.acts_a, pair.acts_b), mesh1, truth=pair,
                                      num_permutations=20)
     truth = out["real"]["sharing"]["decoder_norm"]["truth"]
     assert truth["shared_recall"] >= 0.8
