@@ -16,7 +16,8 @@ then of the order of the spread, so float32 agrees with a float64 reference to ~
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import flax.struct
 import jax

@@ -17,7 +17,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def set_thread_budget(threads: int) -> dict:

@@ -49,6 +49,7 @@ Row weights are frequency weights (weighted means and covariances).
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -7,7 +7,7 @@ meant to be called inside `jax.jit`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

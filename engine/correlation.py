@@ -68,7 +68,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from engine import checks
 from engine import mesh as mesh_lib
@@ -110,7 +111,7 @@ class CorrState:
     lut_b: jax.Array
 
     if TYPE_CHECKING:   # flax.struct adds `replace` at run time; declared for the type checker
-        def replace(self, **changes: Any) -> "CorrState": ...
+        def replace(self, **changes: Any) -> CorrState: ...
 
 
 @dataclasses.dataclass
@@ -912,6 +913,7 @@ def correlate(source, n_a: int, n_b: int, mesh=None, *, sparse: bool = False,
             ckpt = None
             if checkpoint_dir is not None:
                 import os
+
                 from engine import checkpoint
                 ckpt = checkpoint.Checkpointer(os.path.join(checkpoint_dir,
                                                             f"block_{ia}_{ib}"))

@@ -36,7 +36,7 @@ class FeatureStatsState:
     top_rows: jax.Array | None
 
     if TYPE_CHECKING:   # flax.struct adds `replace` at run time; declared for the type checker
-        def replace(self, **changes: Any) -> "FeatureStatsState": ...
+        def replace(self, **changes: Any) -> FeatureStatsState: ...
 
 
 @flax.struct.dataclass

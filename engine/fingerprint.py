@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 _MISSING = "<absent>"
 
@@ -61,7 +62,7 @@ def digest(*parts: Any, size: int = 16) -> str:
     h = hashlib.blake2b(digest_size=size)
     for part in parts:
         if hasattr(part, "__array__") and hasattr(part, "dtype"):
-            import numpy as np   # only when arrays are hashed: keeps start-up standard-library
+            import numpy as np  # only when arrays are hashed: keeps start-up standard-library
             a = np.ascontiguousarray(part)
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(a.data)

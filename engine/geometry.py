@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine import checks
+from engine import checks, nulls, paired_stats
 from engine import mesh as mesh_lib
-from engine import nulls, paired_stats
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -9,7 +9,7 @@ permutation null over B's group labels.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

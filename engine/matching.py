@@ -69,7 +69,7 @@ class Matching:
     def mean(self) -> float:
         return float(np.mean(self.values)) if self.size else 0.0
 
-    def threshold(self, min_value: float) -> "Matching":
+    def threshold(self, min_value: float) -> Matching:
         """Only the pairs with score >= ``min_value``."""
         keep = self.values >= min_value
         return Matching(self.rows[keep], self.cols[keep], self.values[keep], self.method)

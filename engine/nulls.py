@@ -32,7 +32,8 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -35,9 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from engine import checks
+from engine import checks, nulls, paired_stats
 from engine import mesh as mesh_lib
-from engine import nulls, paired_stats
 
 HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_MAX_EXACT_N = 8192

@@ -28,14 +28,14 @@ over the same permutations (`engine.nulls.loop_null`), with the weights staying 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from engine import cca as cca_lib
-from engine import checks, nulls, paired_stats
+from engine import checks, geometry, nulls, paired_stats, rsa
 from engine import cka as cka_lib
-from engine import geometry, rsa
 
 DEFAULT_METRICS = ("svcca", "pwcca", "cka", "cka_debiased", "procrustes", "rsa_spearman",
                    "mutual_knn")

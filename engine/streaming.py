@@ -19,7 +19,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class ChunkStream:
 
     # -- iteration --------------------------------------------------------------------------
 
-    def __iter__(self) -> "ChunkStream":
+    def __iter__(self) -> ChunkStream:
         return self
 
     def __next__(self) -> Chunk:

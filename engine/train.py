@@ -15,7 +15,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -40,7 +41,7 @@ class TrainState:
     rng: jax.Array
 
     if TYPE_CHECKING:   # flax.struct adds `replace` at run time; declared for the type checker
-        def replace(self, **changes: Any) -> "TrainState": ...
+        def replace(self, **changes: Any) -> TrainState: ...
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation,

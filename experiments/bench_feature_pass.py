@@ -81,9 +81,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from engine import accumulators, correlation, feature_stats
+    from engine import accumulators, correlation, feature_stats, streaming
     from engine import mesh as mesh_lib
-    from engine import streaming
     from experiments.pipeline import features
 
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])

@@ -63,6 +63,7 @@ def _model(size: str, tok, max_len: int):
 def _harvest_results(bench, tok, contexts) -> list[dict]:
     import numpy as np
     import torch
+
     from models import activation_cache
     results = []
     sizes = ["tiny", "small"] + ([] if FLAGS.hv_quick else ["medium"])
@@ -131,6 +132,7 @@ def _harvest_results(bench, tok, contexts) -> list[dict]:
 
 def _read_results(bench, tok, contexts) -> list[dict]:
     import numpy as np
+
     from models import activation_cache, lm, lm_tiny
     d = 1024
     raw = lm_tiny.build_tiny_model("gpt_neox", tok, seed=0, d_model=d, n_layers=1, n_heads=8,

@@ -167,8 +167,8 @@ def _null_compare(bench, name, batched, loop, loop_perms):
 def null_svcca_section(bench) -> list[dict]:
     import numpy as np
 
-    from engine import nulls, similarity
     from engine import mesh as mesh_lib
+    from engine import nulls, similarity
 
     x, y = _data(FLAGS.rep_pairs, FLAGS.rep_null_dim, FLAGS.rep_latent, seed=1)
     mesh = mesh_lib.make_mesh()
@@ -215,8 +215,8 @@ def null_rsa_section(bench) -> list[dict]:
     import numpy as np
     import scipy.stats
 
-    from engine import nulls, similarity
     from engine import mesh as mesh_lib
+    from engine import nulls, similarity
 
     x, y = _data(FLAGS.rep_pairs, FLAGS.rep_null_dim, FLAGS.rep_latent, seed=2)
     mesh = mesh_lib.make_mesh()

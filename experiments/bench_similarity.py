@@ -39,7 +39,7 @@ from __future__ import annotations
 import gc
 import resource
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags
 
@@ -96,7 +96,8 @@ def bench_pairwise(ctx: dict) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from engine import bench, pairwise
     mesh = ctx["mesh"]
@@ -223,7 +224,6 @@ def _topk_pair(rng, tokens: int, f: int, k: int):
 
 
 def bench_correlation(ctx: dict) -> list[dict]:
-    import jax
     import numpy as np
 
     from engine import correlation, streaming

@@ -49,7 +49,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from absl import app, flags, logging
 

@@ -103,6 +103,7 @@ flags.DEFINE_integer("replicate_permutations", 2000, "Permutations of the cross 
                      "test (all splits when fewer).")
 # Language-model preset (flags defined in experiments/pipeline/lm_preset.py).
 from experiments.pipeline import lm_preset  # noqa: E402,F401  (defines its flags)
+
 flags.adopt_module_key_flags(lm_preset)   # listed by --help
 
 

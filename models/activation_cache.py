@@ -36,13 +36,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from engine import checks
-from engine import fingerprint
-from engine import metrics_io
+from engine import checks, fingerprint, metrics_io
 from models import activation_source as src_lib
 from models import lm as lm_lib
 from models import text
@@ -171,7 +170,7 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
             batch_size: int = 8, shard_contexts: int | None = None,
             max_contexts: int | None = None, num_contexts: int | None = None,
             text_info: Any = None, progress: bool = True,
-            on_batch: Callable[[int, int], None] | None = None) -> "ActivationCache":
+            on_batch: Callable[[int, int], None] | None = None) -> ActivationCache:
     """Runs ``lm`` over ``contexts`` and writes the hookpoints' activations to ``cache_dir``.
 
     Rerunning with the same arguments resumes a killed run, or returns the finished cache.
@@ -328,7 +327,7 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
 
 
 def harvest_models(models: Sequence[lm_lib.LanguageModel], contexts, hookpoints,
-                   cache_dirs: Sequence[str], **kwargs) -> list["ActivationCache"]:
+                   cache_dirs: Sequence[str], **kwargs) -> list[ActivationCache]:
     """Harvests several models over the SAME contexts, after checking their tokenizers agree.
 
     ``hookpoints`` is one list for all models or one list per model. The caches can then be

@@ -29,12 +29,12 @@ reads are whole blocks (sequential on disk).
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from engine import checks
-from engine import streaming
+from engine import checks, streaming
 
 Rows = tuple[np.ndarray, ...]
 

@@ -285,7 +285,7 @@ class FeatureImportance:
                           for f in dataclasses.fields(self)})
 
     @classmethod
-    def load(cls, path: str) -> "FeatureImportance":
+    def load(cls, path: str) -> FeatureImportance:
         with np.load(path, allow_pickle=False) as z:
             kw = {}
             for f in dataclasses.fields(cls):

@@ -70,7 +70,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -78,14 +78,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from engine import checks
+from engine import checks, metrics_io, streaming
 from engine import mesh as mesh_lib
-from engine import metrics_io
-from engine import streaming
 from engine import train as train_lib
 from models import sae as sae_lib
-from models import sae_io_native
-from models import sae_train
+from models import sae_io_native, sae_train
 
 DESIGNS = ("universal", "crosscoder", "aligned")
 JOINT_ACTIVATIONS = ("topk", "batchtopk", "relu")
@@ -125,7 +122,7 @@ class JointConfig:
     l1_warmup_frac: float = 0.05
     seed: int = 0
 
-    def validate(self) -> "JointConfig":
+    def validate(self) -> JointConfig:
         if self.design not in DESIGNS:
             raise checks.InputError(f"JointConfig.design: unknown {self.design!r}; expected "
                                     f"one of {DESIGNS}")

@@ -44,7 +44,8 @@ import contextlib
 import dataclasses
 import os
 import re
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -309,7 +310,7 @@ class LanguageModel:
     @classmethod
     def load(cls, name_or_path: str, *, revision: str | None = None, dtype: str = "float32",
              device: str | None = None, tokenizer: Any = None,
-             trust_remote_code: bool = False) -> "LanguageModel":
+             trust_remote_code: bool = False) -> LanguageModel:
         """Loads the base model and tokenizer from a local directory or a hub name.
 
         A local directory never touches the network. ``dtype`` is the compute dtype

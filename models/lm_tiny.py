@@ -28,8 +28,7 @@ def tiny_config(arch: str, vocab_size: int, *, d_model: int = 32, n_layers: int 
                 n_heads: int = 4, d_mlp: int | None = None, max_len: int = 128,
                 bos_token_id: int = 2, eos_token_id: int = 3, pad_token_id: int = 0):
     """A transformers config of ``arch`` (one of `ARCHS`) at toy size."""
-    from transformers import (BertConfig, Gemma2Config, GPT2Config, GPTNeoXConfig,
-                              LlamaConfig)
+    from transformers import BertConfig, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig
     d_mlp = d_mlp or 4 * d_model
     special = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                    pad_token_id=pad_token_id)

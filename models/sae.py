@@ -87,7 +87,7 @@ class SAEConfig:
     def meta(self) -> dict:
         return dict(self.metadata)
 
-    def with_metadata(self, **kw) -> "SAEConfig":
+    def with_metadata(self, **kw) -> SAEConfig:
         merged = dict(self.metadata)
         merged.update(kw)
         return dataclasses.replace(self, metadata=tuple(sorted(
@@ -197,7 +197,7 @@ class SAE:
 
     # -- checks -----------------------------------------------------------------------------
 
-    def validate(self, name: str = "SAE") -> "SAE":
+    def validate(self, name: str = "SAE") -> SAE:
         """Checks every shape against the config and that weights are finite."""
         c = self.config
         expected = {"W_enc": (c.d_in, c.d_sae), "b_enc": (c.d_sae,), "W_dec": (c.d_sae, c.d_in),

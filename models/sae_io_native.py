@@ -20,14 +20,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from engine import checks
-from engine import metrics_io
+from engine import checks, metrics_io
 from models import sae as sae_lib
 
 FORMAT = "sae-universality-native"

@@ -43,17 +43,16 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from engine import checks
+from engine import checks, metrics_io, streaming
 from engine import mesh as mesh_lib
-from engine import metrics_io
-from engine import streaming
 from engine import train as train_lib
 from models import sae as sae_lib
 
@@ -150,7 +149,7 @@ class TrainConfig:
         k_aux = d_in // 2 if self.k_aux is None else int(self.k_aux)
         return min(max(k_aux, 0), self.d_sae)
 
-    def validate(self, d_in: int | None = None) -> "TrainConfig":
+    def validate(self, d_in: int | None = None) -> TrainConfig:
         """Raises `InputError` on a bad recipe (names the field and what was expected)."""
         checks.check_positive_int("TrainConfig.d_sae", self.d_sae)
         if self.activation not in sae_lib.ACTIVATIONS:
@@ -203,7 +202,7 @@ class TrainConfig:
             checks.check_positive_int("d_in", d_in)
         return self
 
-    def group_key(self) -> "TrainConfig":
+    def group_key(self) -> TrainConfig:
         """The config with `TUNABLE` fields blanked: equal keys share one program."""
         return dataclasses.replace(self, seed=0, k=0, l1_coeff=0.0, l0_coeff=0.0,
                                    aux_coeff=0.0, lr=1.0)

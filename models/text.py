@@ -38,7 +38,8 @@ import io
 import json
 import os
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -419,12 +420,12 @@ class Contexts:
         """Real (unmasked) tokens."""
         return int(self.mask.sum())
 
-    def __getitem__(self, idx) -> "Contexts":
+    def __getitem__(self, idx) -> Contexts:
         idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
         return Contexts(self.token_ids[idx], self.mask[idx], self.doc_index[idx])
 
     @staticmethod
-    def from_array(token_ids) -> "Contexts":
+    def from_array(token_ids) -> Contexts:
         """Wraps an ``[n, t]`` id array (no padding, one document per row)."""
         ids = np.asarray(token_ids)
         checks.check_rank("token_ids", ids, 2)
@@ -434,7 +435,7 @@ class Contexts:
                         np.arange(ids.shape[0], dtype=np.int64))
 
     @staticmethod
-    def concat(parts: Sequence["Contexts"]) -> "Contexts":
+    def concat(parts: Sequence[Contexts]) -> Contexts:
         return Contexts(np.concatenate([p.token_ids for p in parts]),
                         np.concatenate([p.mask for p in parts]),
                         np.concatenate([p.doc_index for p in parts]))
@@ -598,8 +599,15 @@ def build_word_tokenizer(documents: Iterable[str] | None = None, vocab_size: int
     Returns:
       a `transformers.PreTrainedTokenizerFast` (save it with ``save_pretrained``).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     docs = sample_documents() if documents is None else list(documents)

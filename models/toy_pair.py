@@ -48,8 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import checks
-from engine import streaming
+from engine import checks, streaming
 from models import toy
 
 NONE_TOKEN = "<none>"

@@ -11,8 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from engine import accumulators, checks
-from engine import streaming
+from engine import accumulators, checks, streaming
 from models import activation_cache as ac
 from models import activation_source as asrc
 from models import lm, lm_tiny, text

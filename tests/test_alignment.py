@@ -290,7 +290,7 @@ def test_save_load_roundtrip_and_pooling_reference(toks, tmp_path):
         xa = np.concatenate([b[1] for b in blocks])
         xb = np.concatenate([b[2] for b in blocks])
         np.testing.assert_array_equal(ids, np.arange(len(back)))
-        for u, (d, lo, hi, ra, rb) in enumerate(al.iter_units(back)):
+        for u, (_d, _lo, _hi, ra, rb) in enumerate(al.iter_units(back)):
             for x, rows, s in ((xa, ra, "a"), (xb, rb, "b")):
                 vals = grids[s].reshape(-1, 5)[rows].astype(np.float64)
                 ref = {"last": vals[-1], "mean": vals.mean(0), "max": vals.max(0)}[pooling]

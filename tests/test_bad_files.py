@@ -66,7 +66,7 @@ def test_train_sae_npy_path_garbage_and_shape(npy_files, tmp_path, mesh1):
         o.update(progress=False, source="npy", d_sae=["8"], steps=2, batch_size=16, **kw)
         return o
 
-    for name, (path, match) in bad.items():
+    for _name, (path, match) in bad.items():
         with pytest.raises(checks.InputError, match=match) as e:
             train_sae.run_train_sae(run, opts(npy_path=path))
         assert "--npy_path" in _one_line(e)
@@ -121,6 +121,7 @@ def test_sae_format_loaders_name_garbage_files(tmp_path):
     """Each SAE file format with its files replaced by random bytes: one line naming the file
     and what it is not (never 'pickled data' for a file that is just garbage)."""
     import json
+
     from models import formats
     garbage = os.urandom(400)
     cases = []

@@ -3,10 +3,11 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+import similarity_refs as ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.stats import ortho_group
 
-import similarity_refs as ref
 from engine import checks, cka, paired_stats, streaming
 
 N, D1, D2 = 200, 6, 5  # shared with test_cca / test_geometry: compiled steps are reused

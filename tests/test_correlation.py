@@ -4,11 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from engine import accumulators
-from engine import checkpoint
-from engine import checks
+from engine import accumulators, checkpoint, checks, streaming
 from engine import correlation as corr_lib
-from engine import streaming
 
 N_A, N_B, K_A, K_B = 48, 40, 6, 5
 CHUNK = 128     # one chunk size everywhere: the compiled programs are shared between tests

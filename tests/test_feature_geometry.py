@@ -11,7 +11,6 @@ from experiments import common
 from experiments import feature_geometry as fg
 from models import planted
 
-
 # -- the planted pair -----------------------------------------------------------------------
 
 

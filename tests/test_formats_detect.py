@@ -9,8 +9,14 @@ from safetensors.numpy import save_file
 
 from engine.checks import InputError
 from models import sae as sae_lib
-from models.formats import (FORMATS, canonical_hookpoint, detect_format, load_sae, load_saelens,
-                            save_saelens)
+from models.formats import (
+    FORMATS,
+    canonical_hookpoint,
+    detect_format,
+    load_sae,
+    load_saelens,
+    save_saelens,
+)
 
 
 def test_detects_each_format_from_folder_or_file(tmp_path):

@@ -20,8 +20,14 @@ import pytest
 import torch
 
 from engine.checks import InputError
-from models.formats import (detect_format, load_dictionary_learning, load_gemma_scope, load_sae,
-                            load_saelens, save_saelens)
+from models.formats import (
+    detect_format,
+    load_dictionary_learning,
+    load_gemma_scope,
+    load_sae,
+    load_saelens,
+    save_saelens,
+)
 
 D, N = 6, 10
 

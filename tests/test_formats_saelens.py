@@ -19,8 +19,13 @@ from safetensors.numpy import save_file
 
 from engine.checks import InputError
 from models import sae as sae_lib
-from models.formats import (detect_format, load_sae, load_saelens, read_saelens_sparsity,
-                            save_saelens)
+from models.formats import (
+    detect_format,
+    load_sae,
+    load_saelens,
+    read_saelens_sparsity,
+    save_saelens,
+)
 
 D_IN, D_SAE = 6, 10
 

@@ -16,8 +16,14 @@ import pytest
 from safetensors.numpy import save_file
 
 from engine.checks import InputError
-from models.formats import (detect_format, load_sae, load_saelens, load_sparsify, save_saelens,
-                            sparsify_hookpoints)
+from models.formats import (
+    detect_format,
+    load_sae,
+    load_saelens,
+    load_sparsify,
+    save_saelens,
+    sparsify_hookpoints,
+)
 
 
 def _write_coder(folder: pathlib.Path, rng, d_in, num_latents_cfg, k, expansion_factor=32,

@@ -150,6 +150,7 @@ def test_importance_entry_point_offline(tmp_path, mesh1):
     """experiments/importance.py end to end on a tiny model with a freshly trained SAE."""
     import json
     import os
+
     from experiments import importance as entry
     s = entry.Settings(tiny_train_steps=20, max_contexts=12, context_length=16, batch_size=4,
                        sae_steps=40, n_classes=8, n_ablate=5, ablate_contexts=4,

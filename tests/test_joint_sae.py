@@ -16,9 +16,8 @@ import pytest
 
 from engine import checks
 from experiments.pipeline import joint_metrics as jm
-from models import dictionary_pair
+from models import dictionary_pair, sae_io_native
 from models import joint_sae as js
-from models import sae_io_native
 
 # -- float64 numpy references ------------------------------------------------------------------
 

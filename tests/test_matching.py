@@ -5,9 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from engine import checks
-from engine import matching
-from engine import pairwise
+from engine import checks, matching, pairwise
 
 
 def _brute_force_best(s):
@@ -26,7 +24,7 @@ def _brute_force_best(s):
 def _sequential_greedy(s):
     """Textbook greedy: scan pairs by (score desc, row, col), take those with both free."""
     n_a, n_b = s.shape
-    order = sorted(((-s[i, j], i, j) for i in range(n_a) for j in range(n_b)))
+    order = sorted((-s[i, j], i, j) for i in range(n_a) for j in range(n_b))
     used_r, used_c, pairs = set(), set(), []
     for _, i, j in order:
         if i not in used_r and j not in used_c:

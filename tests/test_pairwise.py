@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from engine import checks
+from engine import checks, pairwise
 from engine import mesh as mesh_lib
-from engine import pairwise
 
 
 def _ref(a, b):

@@ -7,8 +7,8 @@ import types
 
 import numpy as np
 import pytest
-
 import similarity_refs as ref
+
 from engine import similarity
 from experiments.pipeline import report, runner
 

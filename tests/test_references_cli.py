@@ -8,10 +8,10 @@ import json
 
 import jax
 import pytest
+from test_universality import by_name, one_line_error, universality
 
 from models import formats, lm_tiny
 from models import sae as sae_lib
-from test_universality import by_name, one_line_error, universality
 
 TINY_TOY = ("--toy_n_tokens=3000", "--toy_steps=150", "--num_permutations=30",
             "--metrics=cka,svcca", "--threshold=-1")

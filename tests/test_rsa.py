@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 import similarity_refs as ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from engine import checks, rsa
 
 N, D1, D2 = 60, 6, 5

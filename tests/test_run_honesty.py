@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from engine import checkpoint, correlation as corr_lib, fingerprint, metrics_io, streaming, train
+from engine import checkpoint, fingerprint, metrics_io, streaming, train
+from engine import correlation as corr_lib
 from experiments import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

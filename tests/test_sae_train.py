@@ -3,7 +3,6 @@ sweeps == separate runs, 1 vs 4 devices, exact resume, statistics, bad input, gr
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +11,8 @@ import pytest
 
 from engine import mesh as mesh_lib
 from engine.checks import InputError
-from models import sae_io_native
+from models import sae_io_native, synthetic
 from models import sae_train as st
-from models import synthetic
 
 D_IN, D_SAE, ROWS = 10, 24, 32
 

@@ -13,7 +13,7 @@ import pytest
 
 from engine import checks
 from experiments import common
-from experiments.pipeline import concepts, subspace_runner, subspaces, subspaces_toy
+from experiments.pipeline import concepts, subspace_runner, subspaces
 
 # -- keyword matching ------------------------------------------------------------------------
 
@@ -121,7 +121,7 @@ def _reference_group_pairs(corr, ma, mb):
         a = max(ma, key=lambda i: (corr[i, b], -i))
         props[(a, b)] = corr[a, b]
     kept, used_a, used_b = [], set(), set()
-    for (a, b), v in sorted(props.items(), key=lambda t: (-t[1], t[0][0], t[0][1])):
+    for (a, b), _v in sorted(props.items(), key=lambda t: (-t[1], t[0][0], t[0][1])):
         if a not in used_a and b not in used_b:
             kept.append((a, b))
             used_a.add(a)
@@ -225,7 +225,7 @@ def test_tiny_lm_pair_end_to_end(tmp_path, mesh1):
     assert res["data"]["tokens"] == 64 * 31            # BOS removed from each context
     assert res["tokens"] == res["data"]["tokens"]
     ps = []
-    for name, e in g.items():
+    for _name, e in g.items():
         assert e["n_features_a"] <= 96 and e["n_pairs"] <= min(e["n_features_a"],
                                                                 e["n_features_b"])
         if e["status"] == "scored":

@@ -119,7 +119,7 @@ def test_spliced_ce_equals_hand_written_forward(arch, hookpoint, toks):
     labels = _labels(lm, batch)
     hp = lm.parse(hookpoint)[0]
     block = lm.blocks[hp.layer]
-    module = block if hp.kind in ("resid_post", "resid_pre") else getattr(block, "mlp")
+    module = block if hp.kind in ("resid_post", "resid_pre") else block.mlp
     spl = torch.as_tensor(batch.splice)[..., None]
 
     def with_sae(x):

@@ -247,8 +247,7 @@ def test_lr_schedule_closed_form(warm, frac, shape):
 def test_train_sae_experiment_from_cache_records_the_data(cache, tmp_path, mesh1):
     import json
 
-    from experiments import common
-    from experiments import train_sae
+    from experiments import common, train_sae
     opts = {name: train_sae.FLAGS[name].default for name in train_sae.FLAGS}
     opts.update(progress=False, source="cache", cache_path=cache.path, d_sae=["32"],
                 k=["4"], epochs=1.5, batch_size=32, shuffle_buffer=128, shuffle_block=16,
@@ -270,8 +269,7 @@ def test_train_sae_experiment_from_cache_records_the_data(cache, tmp_path, mesh1
 def test_train_sae_experiment_from_a_live_model(pair, tmp_path, mesh1):
     import json
 
-    from experiments import common
-    from experiments import train_sae
+    from experiments import common, train_sae
     (tmp_path / "a.txt").write_text("\n".join(f"line {i} of the first corpus"
                                               for i in range(80)))
     (tmp_path / "b.txt").write_text("\n".join(f"record {i} here" for i in range(80)))

@@ -6,8 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import common
-from experiments import train_sae
+from experiments import common, train_sae
 
 
 def _opts(**kw):

@@ -255,7 +255,9 @@ def test_mismatched_tokenizers_are_refused(tmp_path):
 
 def test_sae_width_mismatch_is_refused(tmp_path):
     import jax
-    from models import formats, sae as sae_lib
+
+    from models import formats
+    from models import sae as sae_lib
     saes = tmp_path / "saes"
     bad = sae_lib.init(jax.random.PRNGKey(0), sae_lib.SAEConfig(d_in=7, d_sae=16,
                                                                 activation="topk", k=2))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 

@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine import accumulators, checkpoint, checks, correlation, feature_stats
+from engine import accumulators, checkpoint, checks, correlation, feature_stats, streaming
 from engine import mesh as mesh_lib
-from engine import streaming
 from models import sae as sae_lib
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import unicodedata
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Pairs:
     def __len__(self) -> int:
         return int(len(self.a))
 
-    def keep(self, mask: np.ndarray) -> "Pairs":
+    def keep(self, mask: np.ndarray) -> Pairs:
         return Pairs(self.a[mask], self.b[mask], self.value[mask])
 
 

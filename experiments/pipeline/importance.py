@@ -93,7 +93,7 @@ class ImportanceCompareConfig:
     n_shuffles: int = 1000
 
     @classmethod
-    def from_flags(cls, flags_) -> "ImportanceCompareConfig":
+    def from_flags(cls, flags_) -> ImportanceCompareConfig:
         return cls(top_k=flags_.importance_top_k, bins=flags_.importance_bins,
                    metrics=tuple(flags_.importance_metrics),
                    num_permutations=flags_.importance_permutations, seed=flags_.seed,
@@ -135,7 +135,7 @@ def score_pairs(x: np.ndarray, y: np.ndarray, cfg: ImportanceCompareConfig, mesh
     if x.shape[0] < cfg.min_pairs:
         out["note"] = f"{x.shape[0]} pairs, fewer than {cfg.min_pairs}"
         return out
-    from engine import similarity   # here: importing this module must not start JAX
+    from engine import similarity  # here: importing this module must not start JAX
     for metric in cfg.metrics:
         if weights is not None and similarity.get(metric).weights == "none":
             out["skipped"][metric] = "takes no row weights"

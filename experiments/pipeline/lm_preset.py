@@ -177,8 +177,7 @@ def _trio_hookpoints(lm_model, setup: dict) -> None:
 
 
 def _load_models(run, setup: dict, seed: int):
-    from models import lm
-    from models import lm_tiny
+    from models import lm, lm_tiny
     paths = [setup["model_a"], setup["model_b"]]
     if "tiny" in paths:
         pair = lm_tiny.make_tiny_model_pair(run.path("tiny_models"), seeds=(seed, seed + 1))
@@ -205,6 +204,7 @@ def _unembedding(lm_model, path: str) -> np.ndarray | None:
     if getattr(cfg, "tie_word_embeddings", False):
         return lm_model.model.get_input_embeddings().weight.detach().float().cpu().numpy()
     import glob
+
     from safetensors import safe_open
     for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         with safe_open(file, "np") as st:
@@ -226,7 +226,8 @@ def _harvest(lm_model, contexts, hookpoints, batch_size) -> dict:
 
 def _read_caches(flags_, setup) -> tuple[dict, dict, list[str], list[str], object]:
     """Activations of both sides from two activation caches over the same contexts."""
-    from models import activation_cache, text as text_lib
+    from models import activation_cache
+    from models import text as text_lib
     if not (flags_.cache_a and flags_.cache_b):
         raise compare.PipelineError("--cache_a and --cache_b must be given together")
     caches = [activation_cache.ActivationCache(p) for p in (flags_.cache_a, flags_.cache_b)]
@@ -260,8 +261,7 @@ def _load_side(root: str | None, hps: list[str], acts: dict, side: str) -> dict 
 
 
 def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
-    from models import lm
-    from models import sae_train
+    from models import lm, sae_train
     from models import text as text_lib
 
     setup = _resolve(flags_)

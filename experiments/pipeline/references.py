@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class RefSettings:
     floor_at: str = "b"                    # random-init copy of B at hb, or of A at ha
     permutations: int = 2000               # permutation test of cross < within
 
-    def validate(self) -> "RefSettings":
+    def validate(self) -> RefSettings:
         checks.check_positive_int("--replicates", self.replicates)
         if self.replicate_data not in REPLICATE_DATA:
             raise checks.InputError(f"--replicate_data: unknown {self.replicate_data!r}; "

@@ -8,7 +8,7 @@ a comparison is ``{"name", "n_pairs", "filters": {...}, "pairing": {...},
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -220,7 +220,7 @@ def plot_replicates(cell: dict, path: str) -> bool:
     for ax, (name, e) in zip(axes.flat, metrics.items()):
         groups = [("cross", e["cross_distribution"]["values"], "C0"),
                   ("within", (e.get("within_distribution") or {}).get("values", []), "C2")]
-        for x, (label, vals, color) in enumerate(groups):
+        for x, (_label, vals, color) in enumerate(groups):
             if not vals:
                 continue
             ax.scatter(x + rng.uniform(-0.12, 0.12, len(vals)), vals, s=14, color=color,

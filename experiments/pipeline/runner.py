@@ -11,8 +11,7 @@ import numpy as np
 from absl import logging
 
 from engine import checks
-from experiments.pipeline import (compare, filters, html_report, references, report,
-                                  toy_preset)
+from experiments.pipeline import compare, filters, html_report, references, report, toy_preset
 from experiments.pipeline.stepcache import StepCache
 from models import text as text_lib
 
@@ -54,8 +53,8 @@ def reference_points(cells: list[dict]) -> dict:
 
 
 def _versions() -> dict:
-    import jax
     import flax
+    import jax
     import optax
     return {"python": platform.python_version(), "jax": jax.__version__,
             "flax": flax.__version__, "optax": optax.__version__,

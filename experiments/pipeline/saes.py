@@ -21,8 +21,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
+import numpy as np
 
 from engine import checks
 from engine import mesh as mesh_lib

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -259,6 +259,7 @@ def main(run, flags_) -> dict:
     subspaces.plot_groups(result, os.path.join(run.plots_dir, "groups_vs_null.png"))
     run.write_results(result)
     import json
+
     from engine import metrics_io
     with open(run.metrics_path, "a", encoding="utf-8") as f:
         f.write(json.dumps(metrics_io.to_jsonable({

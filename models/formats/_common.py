@@ -15,7 +15,8 @@ import os
 import pathlib
 import re
 import struct
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
