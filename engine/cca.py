@@ -39,7 +39,8 @@ non-zero weight, n/d, and ``saturated`` = ``max(0, k_x + k_y - (rows - 1))``: th
 coefficients that are 1 for any data because the two centred column spaces must intersect in
 R^(rows-1) (Kornblith et al. 2019: CCA saturates when n is not >> d). A result with
 ``saturated > 0`` has ``informative = False`` and an ``uninformative_reason`` (e.g. SVCCA of 20
-unrelated pairs keeping 19 components per side scores 1.0, and so does every null draw). Plain CCA/PWCCA with
+unrelated pairs keeping 19 components per side scores 1.0, and so does every null draw). Plain
+CCA/PWCCA with
 ``eps = 0`` and ``max(d1, d2) >= rows`` raise `InputError` (pass ``epsilon > 0`` for the
 documented ridge-regularised behaviour, or use SVCCA, which reduces d first).
 
@@ -245,10 +246,11 @@ def whitener(cov: np.ndarray, *, name: str, epsilon: float = 0.0,
 def side_whiteners(stats, method: str, **options) -> tuple[Whitener, Whitener]:
     """The X and Y whiteners of ``stats`` (means and precision taken from the statistics)."""
     precision = float(getattr(stats, "precision", FLOAT32_PRECISION))
-    return tuple(whitener(cov, name=f"{method} {side}", mean=mean, precision=precision,
-                          **options)
-                 for side, cov, mean in (("X", stats.cov_xx, stats.mean_x),
-                                         ("Y", stats.cov_yy, stats.mean_y)))
+    wx, wy = (whitener(cov, name=f"{method} {side}", mean=mean, precision=precision,
+                       **options)
+              for side, cov, mean in (("X", stats.cov_xx, stats.mean_x),
+                                      ("Y", stats.cov_yy, stats.mean_y)))
+    return wx, wy
 
 
 def _rows(stats) -> int:

@@ -395,7 +395,8 @@ class CorrelationAccumulator:
         if self.b_sel is not None:
             y = jnp.take(y, state.sel_b, axis=1)
         # The first rows ever seen fix the shift (their weighted mean, refined by a second
-        # pass), as in CrossMoments, except that a feature whose values in those rows are all equal is shifted by that
+        # pass), as in CrossMoments, except that a feature whose values in those rows are all equal
+        # is shifted by that
         # value exactly: a float32 mean of n rows is off by up to ~n eps |mean|, which left a
         # feature that is constant and non-zero with a spurious variance above constant_tol
         # when many rows came in one chunk (the result depended on the chunk size).

@@ -1,6 +1,7 @@
 """RSA: compare the within-space row-similarity structure of X [n, d1] and Y [n, d2].
 
-Definition (Lan et al. 2024, docs/references.md, "Similarity of two paired matrices"): in each space the similarity of two rows
+Definition (Lan et al. 2024, docs/references.md, "Similarity of two paired matrices"): in each
+space the similarity of two rows
 is their Pearson correlation over the columns (centre each row, then cosine); the score is the
 Spearman (default) or Pearson correlation of the two upper triangles (pairs i < j).
 
@@ -64,7 +65,8 @@ class RSAResult:
                "n_over_d": self.n / max(self.d1, self.d2), "exact": self.exact}
         if self.num_samples is not None:
             out["num_samples"] = int(self.num_samples)
-            out["standard_error"] = float(self.standard_error)
+            out["standard_error"] = (None if self.standard_error is None
+                                     else float(self.standard_error))
         return out
 
 
@@ -407,6 +409,7 @@ def null_kernel(x, y, result: RSAResult, *, mesh=None, max_exact_n: int = DEFAUL
         tile = max(1, min(int(tile), n))
         return nulls.NullKernel(rsa_matrix_stat, {"sx": jnp.asarray(sx), "sy": jnp.asarray(sy)},
                                 n, static=(("tile", tile),), row_bytes=8 * tile * n)
+    assert result.num_samples is not None   # the sampled estimator recorded its sample size
     i, j = sample_pairs(n, result.num_samples, seed)
     rank_x = rankdata(_sampled_sims(zx, i, j), TIE_ATOL)
     m = len(rank_x)

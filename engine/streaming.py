@@ -135,7 +135,9 @@ class ChunkStream:
             for block in self._open_at(start):
                 yield tuple(np.asarray(a) for a in _as_tuple(block))
             return
-        n = self.num_rows
+        # Array sources: open_at sources returned above.
+        assert self.num_rows is not None and self._arrays is not None
+        n = int(self.num_rows)
         epoch, offset = divmod(start, n)
         if not self.repeat and epoch > 0:
             return

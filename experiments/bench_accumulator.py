@@ -32,7 +32,8 @@ def main(argv):
 
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(FLAGS.acc_rows, FLAGS.acc_d1)) + 100.0).astype(np.float32)
-    y = (x[:, :FLAGS.acc_d2] * 0.5 + rng.normal(size=(FLAGS.acc_rows, FLAGS.acc_d2))).astype(np.float32)
+    noise = rng.normal(size=(FLAGS.acc_rows, FLAGS.acc_d2))
+    y = (x[:, :FLAGS.acc_d2] * 0.5 + noise).astype(np.float32)
     mesh = mesh_lib.make_mesh()
     acc = accumulators.CrossMoments(FLAGS.acc_d1, FLAGS.acc_d2)
 
@@ -46,8 +47,9 @@ def main(argv):
         xc, yc = xd - xd.mean(0), yd - yd.mean(0)
         return xc.T @ yc / len(xd)
 
-    result = bench.compare(candidate, baseline, repeats=FLAGS.repeats, name="CrossMoments "
-                           f"{FLAGS.acc_rows}x({FLAGS.acc_d1},{FLAGS.acc_d2}) streamed f32 vs numpy f64",
+    shape = f"{FLAGS.acc_rows}x({FLAGS.acc_d1},{FLAGS.acc_d2})"
+    result = bench.compare(candidate, baseline, repeats=FLAGS.repeats,
+                           name=f"CrossMoments {shape} streamed f32 vs numpy f64",
                            work=FLAGS.acc_rows, work_unit="rows")
     ref = baseline()
     got = acc.finalize(accumulators.accumulate(

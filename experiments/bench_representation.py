@@ -126,7 +126,8 @@ def svcca_stream_section(bench) -> dict:
         return numpy_svcca(x, y)
 
     res = bench.compare(lambda: candidate().score, baseline, repeats=FLAGS.repeats,
-                        name=f"SVCCA {FLAGS.rep_rows}x{FLAGS.rep_dim} streamed f32 vs numpy SVD f64",
+                        name=f"SVCCA {FLAGS.rep_rows}x{FLAGS.rep_dim} streamed f32 vs numpy "
+                             "SVD f64",
                         work=FLAGS.rep_rows, work_unit="rows")
     got = candidate()
     want, kx, ky = baseline()

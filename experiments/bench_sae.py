@@ -1,4 +1,4 @@
-"""Benchmark: TopK SAE training tokens/s, JAX (this project) against PyTorch, same machine, same run.
+"""Benchmark: TopK SAE training tokens/s, JAX (this project) against PyTorch, same machine, run.
 
 Four interleaved comparisons (engine.bench: same thread budget, warm-up excluded, medians):
 

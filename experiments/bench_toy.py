@@ -107,8 +107,8 @@ def main(argv):
     from engine import mesh as mesh_lib
     from models import toy
 
-    I, n, m, B, K = (FLAGS.bt_instances, FLAGS.bt_n_features, FLAGS.bt_n_hidden, FLAGS.bt_batch_size,
-                     FLAGS.bt_steps)
+    I, n, m, B, K = (FLAGS.bt_instances, FLAGS.bt_n_features, FLAGS.bt_n_hidden,
+                     FLAGS.bt_batch_size, FLAGS.bt_steps)
     importance = np.broadcast_to(0.9 ** np.arange(n), (I, n)).astype(np.float32)
     sparsity = np.broadcast_to(np.linspace(0.0, 0.99, I)[:, None], (I, n)).astype(np.float32)
     config = toy.ToyConfig(n, m, batch_size=B, lr=1e-3)

@@ -12,7 +12,8 @@ control (random concept directions, independent in the two models), this experim
 3. clusters the decoder rows (engine/clustering.py: the Engels et al. cosine graph, top-2
    neighbours with cosine > 0.5, and spectral clustering on the angular affinity) and finds
    the cluster that holds the concept items' features;
-4. scores circularity (engine/circular.py, engine/pca.py) of the items' decoder vectors in the top-2 PCs of
+4. scores circularity (engine/circular.py, engine/pca.py) of the items' decoder vectors in the
+top-2 PCs of
    the cluster and of the reconstructions (from the cluster's features only) of the tokens that
    activate it, with exact permutation nulls;
 5. compares the two models: RSA of the items' within-set cosine matrices and the angle-ordering
@@ -518,10 +519,11 @@ def run_feature_geometry(run, **cfg) -> dict:
 
 
 CONFIG_KEYS = ("variants", "concept", "seed", "d", "n_tokens", "n_groups", "group_size",
-               "n_other", "noise", "circle_offset", "dictionary", "sae_width", "sae_k", "sae_steps",
-               "sae_batch", "sae_lr", "sae_dead_tokens", "graph_k", "graph_threshold", "min_size", "max_size",
-               "spectral_clusters", "family_recall", "n_null", "alpha", "chunk_size", "min_token_count",
-               "plot_tokens", "plots", "progress")
+               "n_other", "noise", "circle_offset", "dictionary", "sae_width", "sae_k",
+               "sae_steps", "sae_batch", "sae_lr", "sae_dead_tokens", "graph_k",
+               "graph_threshold", "min_size", "max_size", "spectral_clusters", "family_recall",
+               "n_null", "alpha", "chunk_size", "min_token_count", "plot_tokens", "plots",
+               "progress")
 
 
 RULES = (

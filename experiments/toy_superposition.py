@@ -25,7 +25,8 @@ instance. Run (paper training settings: AdamW lr 1e-3, batch 1024, 10k steps)::
 
     python -m experiments.toy_superposition --workdir=runs/toy_superposition/default
 
-A quick smoke run: add ``--sweep_steps=1000 --sweep_lr=1e-2 --sweep_batch_size=256``. Rerunning the same command
+A quick smoke run: add ``--sweep_steps=1000 --sweep_lr=1e-2 --sweep_batch_size=256``. Rerunning the
+same command
 resumes each sweep from its checkpoint (a finished run says "nothing to do"); other settings in
 the same workdir are refused before any work (`experiments/common.py`).
 """
@@ -46,8 +47,8 @@ flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_integer("sweep_steps", 10_000, "AdamW steps per sweep (the paper: 10k).")
 flags.DEFINE_integer("sweep_batch_size", 1024, "Samples per instance per step (the paper: 1024).")
 flags.DEFINE_float("sweep_lr", 1e-3, "AdamW learning rate (the paper: 1e-3).")
-flags.DEFINE_integer("sweep_seeds", 3, "Seeds per phase-diagram point (figures show the lowest-loss "
-                     "one).")
+flags.DEFINE_integer("sweep_seeds", 3, "Seeds per phase-diagram point (figures show the "
+                     "lowest-loss one).")
 flags.DEFINE_integer("pentagon_seeds", 6, "Seeds per sparsity of the 5 -> 2 sweep (local minima "
                      "such as a square are common; the lowest-loss seed is shown).")
 flags.DEFINE_integer("sweep_log_every", 500, "Steps per jitted scan call / metrics line.")

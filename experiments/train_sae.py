@@ -3,7 +3,8 @@
 Every combination of ``--activation x --d_sae (or --d_sae_mult) x {--k | --l1_coeff |
 --l0_coeff} x --seeds`` is one SAE; SAEs that differ only in seed / k / coefficient run
 together in ONE jitted program (models/sae_train.py), widths and activations as separate
-programs under this one command. Rerunning the same command resumes (or says "nothing to do"); other settings in the same
+programs under this one command. Rerunning the same command resumes (or says "nothing to do");
+other settings in the same
 workdir are refused before any work (`experiments/common.py`).
 
 Ground-truth sweep (Sharkey et al. data: 512 true features in 128 dims, ~5 active; widths

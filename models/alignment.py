@@ -298,14 +298,14 @@ def align_document(text: str, a: DocTokens, b: DocTokens, unit: str) -> DocUnits
     spans, ranges_a, ranges_b = [], [], []
     for ws, we in words:
         ok = True
-        for real, cs, ce, opens, closes, _cov in per_side:
+        for _real, _cs, _ce, opens, closes, _cov in per_side:
             if ws not in opens or we not in closes:
                 ok = False
         if not ok:
             dropped["token_straddles_word"] += 1
             continue
         rngs = []
-        for real, cs, ce, opens, closes, _cov in per_side:
+        for _real, cs, ce, _opens, _closes, _cov in per_side:
             lo = int(np.searchsorted(cs, ws, side="left"))
             hi = int(np.searchsorted(ce, we, side="right"))
             rngs.append((lo, hi))

@@ -416,7 +416,8 @@ def check_aligned(xs: Sequence, name: str = "joint activations", min_rows: int =
     """Row-aligned float matrices for >= 2 models (one-line errors otherwise)."""
     if not isinstance(xs, (list, tuple)) or len(xs) < 2:
         raise checks.InputError(f"{name}: expected a list of >= 2 models' activations, got "
-                                f"{type(xs).__name__} of length {len(xs) if hasattr(xs, '__len__') else '?'}")
+                                f"{type(xs).__name__} of length "
+                                f"{len(xs) if hasattr(xs, '__len__') else '?'}")
     out = []
     for m, x in enumerate(xs):
         arr = checks.as_float_matrix(f"{name}[{m}]", x, min_rows=min_rows)

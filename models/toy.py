@@ -23,7 +23,8 @@ Training is a `jax.lax.scan` of the train step over ``log_every`` steps per jitt
 dispatch per log interval instead of per step: small toy models are otherwise dominated by
 Python overhead), driven by the engine's one train loop (`engine.train.train` with
 ``steps_per_call``: its checkpoints, ``metrics.jsonl``, progress bar, exact resume and NaN
-guard, with the instance axis split over the mesh). The optimiser is AdamW as in the original notebook (lr 1e-3,
+guard, with the instance axis split over the mesh). The optimiser is AdamW as in the original
+notebook (lr 1e-3,
 PyTorch defaults: betas (0.9, 0.999), eps 1e-8, weight decay 0.01). AdamW is element-wise, so
 stacking the instances' parameters in one optimiser state keeps them independent.
 

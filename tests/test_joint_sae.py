@@ -393,7 +393,7 @@ def test_latent_scaling_matches_per_latent_lstsq():
     assert summary["exclusive_a"]["n_flagged_carrying_true_shared"] == 1
 
 
-# -- recovery of known truth ------------------------------------------------------------------------
+# -- recovery of known truth ---------------------------------------------------------------------
 
 
 @pytest.mark.slow

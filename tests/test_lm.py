@@ -209,7 +209,8 @@ def test_random_init_copy(model_dirs, batch, tmp_path):
     assert not torch.equal(sa[w], c.model.state_dict()[w])
     assert not torch.equal(sa[w], ss[w])
     # the architecture's own initialiser: std matches the config's initializer_range
-    assert abs(float(sa[w].std()) - src.config.initializer_range) < 0.3 * src.config.initializer_range
+    init_range = src.config.initializer_range
+    assert abs(float(sa[w].std()) - init_range) < 0.3 * init_range
     reloaded = lm.LanguageModel.load(str(tmp_path / "rand"))
     x = reloaded.forward_batch(batch.token_ids, ["resid_post.1"]).acts["resid_post.1"]
     y = a.forward_batch(batch.token_ids, ["resid_post.1"]).acts["resid_post.1"]
@@ -252,6 +253,7 @@ def test_loading_a_base_model_checkpoint(model_dirs, tmp_path, batch):
     base.save_pretrained(str(tmp_path / "base"))
     m = lm.LanguageModel.load(str(tmp_path / "base"), tokenizer=model_dirs["gpt2"])
     ref = lm.LanguageModel.load(model_dirs["gpt2"])
-    np.testing.assert_array_equal(m.forward_batch(batch.token_ids, ["mlp_out.2"]).acts["mlp_out.2"],
-                                  ref.forward_batch(batch.token_ids, ["mlp_out.2"]).acts["mlp_out.2"])
+    np.testing.assert_array_equal(
+        m.forward_batch(batch.token_ids, ["mlp_out.2"]).acts["mlp_out.2"],
+        ref.forward_batch(batch.token_ids, ["mlp_out.2"]).acts["mlp_out.2"])
     assert m.tokenizer is not None

@@ -28,8 +28,9 @@ of two models A and B:
   pipeline's metrics with random-pairing nulls (`engine.similarity.evaluate`,
   `experiments.pipeline.compare.DEFAULT_METRICS`);
 * latent scaling (Minder et al. 2025, arXiv 2504.02922; `models.joint_sae.latent_scaling`;
-  crosscoders only, as it needs one code for all models): norm-exclusive latents whose ``nu`` in the other model is ``>= 0.5`` (`ARTIFACT_NU`) are
-  flagged as exclusive only through a sparsity artifact.
+  crosscoders only, as it needs one code for all models): norm-exclusive latents whose ``nu`` in
+  the other model is ``>= 0.5`` (`ARTIFACT_NU`) are flagged as exclusive only through a
+  sparsity artifact.
 """
 
 from __future__ import annotations

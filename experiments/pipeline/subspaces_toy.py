@@ -100,7 +100,8 @@ def make_concept_toy(seed: int = 0, *, d: int = 64, group_size: int = 12, n_othe
                      n_tokens: int = 16384, k_active: float = 3.0, concept_rate: float = 0.2,
                      group_spread: float = 1.0, noise: float = 0.01,
                      shared: tuple[str, ...] = DEFAULT_SHARED, doc_len: int = 64,
-                     token_boost: float = 2.0, topic: str = "Food", topic_fraction: float = 0.5) -> ConceptToy:
+                     token_boost: float = 2.0, topic: str = "Food",
+                     topic_fraction: float = 0.5) -> ConceptToy:
     """Builds the toy (module docstring); everything is a function of ``seed``."""
     group_size = checks.check_positive_int("group_size", group_size, minimum=3)
     doc_len = checks.check_positive_int("doc_len", doc_len)
@@ -165,7 +166,8 @@ def make_concept_toy(seed: int = 0, *, d: int = 64, group_size: int = 12, n_othe
         "groups": {g: len(v) for g, v in groups.items()}, "shared_geometry": list(shared),
         "not_shared": [g for g in groups if g not in shared],
         "random_init": "same codes through independent random unit atoms",
-        "token_boost": token_boost, "topic": topic, "topic_fraction_rows": float(topic_rows.mean()), "doc_len": doc_len,
+        "token_boost": token_boost, "topic": topic,
+        "topic_fraction_rows": float(topic_rows.mean()), "doc_len": doc_len,
         "n_features": int(codes.shape[1]), "d": d, "n_tokens": n_tokens,
     }
     return ConceptToy(acts_a=acts(atoms_a, 0), acts_b=acts(atoms_b, 1), acts_r=acts(atoms_r, 2),

@@ -62,7 +62,7 @@ def _truth(pair) -> dict:
 
 
 def build(settings: ToySettings, workdir: str, mesh, progress: bool = False,
-          refs: references.RefSettings = references.RefSettings(),
+          refs: references.RefSettings = references.RefSettings(),  # noqa: B008 (frozen)
           conditions: tuple = (references.Condition(),)) -> dict:
     """Generates the toy sides, trains their SAEs, returns the comparisons to run.
 

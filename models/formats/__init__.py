@@ -49,7 +49,8 @@ Conventions the loaders apply (details in each module's docstring):
 
 Writing: `save_saelens` (SAELens v6 layout that SAELens can load, plus an exact-config block;
 ``load_saelens(save_saelens(path, sae))`` is bit-identical; an ``input_scale`` is folded into
-the written weights, because SAELens does not apply it at inference). The project's native orbax format
+the written weights, because SAELens does not apply it at inference). The project's native orbax
+format
 (``sae_config.json`` + ``params/``) is written and read by ``models/sae_io_native.py``;
 ``load_sae`` recognises it too (format ``native``).
 
