@@ -58,17 +58,24 @@ def _data(rows, dim, latent, seed, dtype="float32"):
     return x.astype(dtype), y.astype(dtype)
 
 
+def _svd_reduce(a, threshold=0.99):
+    """SVCCA's reduction (float64 SVD of the centred data, top directions holding 99 % of the
+    variance), shared by the baseline and the hoisted null loop."""
+    import numpy as np
+    a = np.asarray(a, np.float64)
+    a = a - a.mean(axis=0)
+    _, s, vt = np.linalg.svd(a, full_matrices=False)
+    frac = np.cumsum(s ** 2) / np.sum(s ** 2)
+    k = int(np.argmax(frac >= threshold)) + 1
+    return a @ vt[:k].T
+
+
 def numpy_svcca(x, y, threshold=0.99):
     """google/svcca style: float64 SVD of centred data, 99 % variance, project, CCA."""
     import numpy as np
 
     def reduce(a):
-        a = np.asarray(a, np.float64)
-        a = a - a.mean(axis=0)
-        _, s, vt = np.linalg.svd(a, full_matrices=False)
-        frac = np.cumsum(s ** 2) / np.sum(s ** 2)
-        k = int(np.argmax(frac >= threshold)) + 1
-        return a @ vt[:k].T
+        return _svd_reduce(a, threshold)
 
     xr, yr = reduce(x), reduce(y)
     n = len(xr)
@@ -94,12 +101,7 @@ def hoisted_svcca_whitened(x, y, threshold=0.99):
     import numpy as np
 
     def reduce_whiten(a):
-        a = np.asarray(a, np.float64)
-        a = a - a.mean(axis=0)
-        _, s, vt = np.linalg.svd(a, full_matrices=False)
-        frac = np.cumsum(s ** 2) / np.sum(s ** 2)
-        k = int(np.argmax(frac >= threshold)) + 1
-        r = a @ vt[:k].T
+        r = _svd_reduce(a, threshold)
         e, v = np.linalg.eigh(r.T @ r / len(r))
         return r @ ((v / np.sqrt(e)) @ v.T)
 
