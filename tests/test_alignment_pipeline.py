@@ -40,8 +40,9 @@ def test_different_tokenizers_run_on_aligned_units(models, tmp_path, alignment):
                                                                   "shared_boundaries" else 0.5)
     assert f"alignment {unit}" in proc.stdout
     comps = by_name(results)
-    assert {"A.resid_post.1~B.resid_post.1", "ceiling", "floor"} <= set(comps)
-    cross = comps["A.resid_post.1~B.resid_post.1"]
+    # One cell: the planner names its comparisons by kind (experiments/pipeline/references.py).
+    assert {"cross", "ceiling_a", "ceiling_b", "floor"} <= set(comps)
+    cross = comps["cross"]
     assert cross["tokens"] == rep["units"]           # the feature pass ran on aligned units
     assert cross["n_pairs"] > 0
     # top-activating "tokens" are text spans of the corpus (B read the same text as A)
@@ -50,7 +51,7 @@ def test_different_tokenizers_run_on_aligned_units(models, tmp_path, alignment):
     assert spans and all(s in doc for s in spans)
     if unit == "words":
         assert all(s.isalnum() or not any(c.isalnum() for c in s) for s in spans)
-    table = json.loads((tmp_path / "features" / "A.resid_post.1~B.resid_post.1.json").read_text())
+    table = json.loads((tmp_path / "features" / "cross.json").read_text())
     row = table["b"][0]
     assert {"density_per_unit", "density_own_token", "mean_own_token"} <= set(row)
     assert row["top_context"] is None or "[[" in row["top_context"]
