@@ -136,7 +136,32 @@ RULES = (
     common.Path(("cache_a", "cache_b"), kind="dir", what="an activation cache"),
     common.Path(("text",), kind="any", special=("sample",)),
     common.Hookpoints(("hookpoints_a", "hookpoints_b")),
+    common.Check(("saes_a_ceiling", "saes_a"), lambda v: not v["saes_a_ceiling"] or
+                 bool(v["saes_a"]), "--saes_a_ceiling needs --saes_a (the published SAEs it "
+                 "is a second seed of)"),
+    common.Check(("saes_b_ceiling", "saes_b"), lambda v: not v["saes_b_ceiling"] or
+                 bool(v["saes_b"]), "--saes_b_ceiling needs --saes_b (the published SAEs it "
+                 "is a second seed of)"),
+    common.Check(("saes_a", "saes_b", "replicates", "sweep"), lambda v: v["preset"] != "lm" or
+                 not (v["saes_a"] or v["saes_b"]) or (v["replicates"] <= 1 and not v["sweep"]),
+                 "loaded SAEs (--saes_a/--saes_b) cannot be replicated or swept; --replicates "
+                 "> 1 and --sweep need SAEs trained here"),
+    common.Probe(("replicates", "replicate_data", "ceiling_sides", "sweep"),
+                 lambda v: _check_references(v)),
 )
+
+
+def _check_references(values) -> None:
+    """Replicate, ceiling and sweep settings (`references.RefSettings.validate`,
+    `references.parse_sweep`), refused before the workdir is touched."""
+    from experiments.pipeline import references
+    references.RefSettings(
+        replicates=int(values["replicates"]), replicate_data=values["replicate_data"],
+        ceiling_sides=tuple(values["ceiling_sides"]),
+        floor=bool(values.get("random_init_floor", True)),
+        floor_at=values.get("floor_at", "b"),
+        permutations=int(values["replicate_permutations"])).validate()
+    references.parse_sweep(values["sweep"])
 
 
 def _data(flags_) -> dict:
