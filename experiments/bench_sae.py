@@ -80,8 +80,14 @@ def torch_topk_sae(torch, w_dec, b_dec, k, lr, eps):
     return params, step
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
+    """absl entry: runs the benchmark (its exit code must not be the JSON document)."""
     del argv
+    run_bench()
+
+
+def run_bench() -> dict:
+    """Runs every comparison; returns the JSON document it writes."""
     args = FLAGS
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from engine import bench

@@ -19,6 +19,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a finished universality run.")
 flags.DEFINE_string("out", None, "Report folder (default: WORKDIR/report).")
+flags.DEFINE_bool("dry_run", False, "Check the workdir and say where the report would go.")
 
 
 def main(argv):
@@ -27,6 +28,18 @@ def main(argv):
     if not FLAGS.workdir:
         print("report: --workdir is required (a universality run directory)", file=sys.stderr)
         sys.exit(2)
+    if FLAGS.dry_run:
+        import os
+        if not os.path.isdir(FLAGS.workdir):
+            print(f"report: --workdir={FLAGS.workdir}: no such directory", file=sys.stderr)
+            sys.exit(2)
+        if not os.path.isfile(os.path.join(FLAGS.workdir, "results.json")):
+            print(f"report: {FLAGS.workdir}: no results.json (expected a finished universality "
+                  "run)", file=sys.stderr)
+            sys.exit(2)
+        out = FLAGS.out or os.path.join(FLAGS.workdir, "report")
+        print(f"dry run: settings OK; would write {os.path.join(out, 'index.html')}")
+        return
     try:
         path = html_report.write_report(FLAGS.workdir, FLAGS.out)
     except html_report.ReportError as e:

@@ -558,9 +558,9 @@ RULES = (
         v["model_path"] and v["hookpoint"]),
                  "--model_path and --hookpoint are required with --source=lm"),
     common.Path(("cache_path", "model_path"), kind="dir"),
-    common.Path(("text",), kind="any", special=("sample",)),
+    common.Path(("lm_text",), kind="any", special=("sample",)),
     common.Num(("epochs",), lo=0.0),
-    common.Num(("context_length", "max_contexts", "lm_batch_size", "shuffle_buffer",
+    common.Num(("lm_context_length", "lm_max_contexts", "lm_forward_batch", "shuffle_buffer",
                 "shuffle_block"), lo=1, integer=True),
     common.Num(("lr_warmup_steps",), lo=0, integer=True),
     common.Num(("eval_frac",), lo=0.0, hi=1.0, hi_open=True),
@@ -601,6 +601,6 @@ if __name__ == "__main__":
         "cache": (os.path.join(f.cache_path, "metadata.json") if f.source == "cache" and
                   f.cache_path else None),
         "model_path": f.model_path if f.source == "lm" else None,
-        **{f"text_{i}": t for i, t in enumerate(f.text)
+        **{f"text_{i}": t for i, t in enumerate(f.lm_text)
            if f.source == "lm" and t != "sample"}},
         config=lambda f: {"widths_used": widths_of(common.flag_values(f))})

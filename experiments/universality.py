@@ -102,9 +102,11 @@ flags.DEFINE_string("sweep", None, "Conditions sweep NAME=v1,v2,... with NAME on
 flags.DEFINE_integer("replicate_permutations", 2000, "Permutations of the cross < within "
                      "test (all splits when fewer).")
 # Language-model preset (flags defined in experiments/pipeline/lm_preset.py).
+from experiments.pipeline import importance as importance_flags  # noqa: E402  (its flags)
 from experiments.pipeline import lm_preset  # noqa: E402,F401  (defines its flags)
 
 flags.adopt_module_key_flags(lm_preset)   # listed by --help
+flags.adopt_module_key_flags(importance_flags)
 
 
 def _metric_names():

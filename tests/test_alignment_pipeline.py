@@ -70,7 +70,12 @@ def test_tokens_alignment_with_different_tokenizers_is_refused(models, tmp_path)
 
 def test_alignment_pooling_flag_choices_match_the_library():
     """The --alignment_pooling choices (defined where --help sees them, without JAX) are the
-    library's poolings."""
-    from experiments.pipeline import lm_preset
-    from models import alignment
-    assert tuple(lm_preset.ALIGNMENT_POOLINGS) == tuple(alignment.POOLINGS)
+    library's poolings. In a subprocess: experiment modules' flags are per entry point."""
+    import subprocess
+    import sys
+    code = ("from experiments.pipeline import lm_preset; from models import alignment; "
+            "assert tuple(lm_preset.ALIGNMENT_POOLINGS) == tuple(alignment.POOLINGS), "
+            "(lm_preset.ALIGNMENT_POOLINGS, alignment.POOLINGS)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
