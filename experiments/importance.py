@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
@@ -247,16 +246,10 @@ def _plots(workdir: str, imp, dle) -> None:
         plt.close(fig)
 
 
-def main(argv):
-    del argv
-    runner = common.start(FLAGS)
-    s = Settings(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Settings)})
-    from engine import checks
-    try:
-        results = run(s, runner.workdir, runner.mesh)
-    except (UserError, checks.InputError, FileNotFoundError) as e:
-        print(f"importance: {e}", file=sys.stderr)
-        sys.exit(2)
+def body(run_, flags_) -> None:
+    """The experiment behind `common.entry` (settings checked, workdir fingerprinted)."""
+    s = Settings(**{f.name: getattr(flags_, f.name) for f in dataclasses.fields(Settings)})
+    results = run(s, run_.workdir, run_.mesh)
     m = results["splice"]
     print(f"{results['model']} {results['hookpoint']} ({m['objective']}, {m['n_positions']} "
           f"predictions): CE clean {m['ce_clean']:.4f}  SAE {m['ce_sae']:.4f}  zero "
@@ -273,10 +266,29 @@ def main(argv):
         extra = f" promotes {row['promoted'][:3]}" if "promoted" in row else ""
         print(f"  feature {row['feature']}: attribution {row['attribution']:.3g}, important "
               f"for {row['important_for']}{extra}")
-    print(f"results: {os.path.join(runner.workdir, 'results.json')}")
+    print(f"results: {os.path.join(run_.workdir, 'results.json')}")
+
+
+RULES = (
+    common.Path(("model",), kind="dir", special=("tiny",),
+                what="a local transformers directory, or 'tiny'"),
+    common.Path(("sae",), kind="any", special=("train",)),
+    common.Path(("text",), kind="any", special=("sample",)),
+    common.Num(("tiny_train_steps", "context_length", "max_contexts", "batch_size",
+                "sae_expansion", "sae_k", "sae_steps", "n_classes", "n_ablate",
+                "ablate_contexts", "top_n"), lo=1, integer=True),
+    common.Num(("seed",), lo=0, integer=True),
+)
+
+
+def _data(flags_) -> dict:
+    """Data whose identity enters the run fingerprint."""
+    return {"model": None if flags_.model == "tiny" else flags_.model,
+            "sae": None if flags_.sae == "train" else flags_.sae,
+            "text": None if flags_.text == "sample" else flags_.text}
 
 
 if __name__ == "__main__":
     common.define_common_flags()
     define_flags()
-    app.run(main)
+    common.entry("importance", body, RULES, data=_data, errors=lambda: (UserError,))

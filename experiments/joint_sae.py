@@ -41,7 +41,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
 
@@ -317,9 +317,9 @@ def plots(run, real: list[dict], floor: list[dict]) -> list[str]:
     return paths
 
 
-def main(argv):
-    del argv
-    run = common.start(FLAGS)
+def body(run, flags_) -> None:
+    """The experiment behind `common.entry` (settings checked, workdir fingerprinted)."""
+    del flags_   # the functions below read FLAGS
     try:
         seeds = [int(s) for s in FLAGS.seeds]
         [float(c) for c in FLAGS.l1_coeffs + FLAGS.align_coeffs]
@@ -356,5 +356,32 @@ def main(argv):
     logging.flush()
 
 
+def _metric_names():
+    from engine import similarity
+    return sorted(similarity.METRICS)
+
+
+RULES = (
+    common.Choice(("metrics",), _metric_names, nonempty=True),
+    common.Path(("cache_a", "cache_b", "floor_cache_b"), kind="dir", what="an activation cache"),
+    common.Check(("source", "cache_a", "cache_b"), lambda v: v["source"] != "caches" or bool(
+        v["cache_a"] and v["cache_b"] and v["floor_cache_b"]),
+                 "--source=caches needs --cache_a, --cache_b and --floor_cache_b"),
+    common.Num(("max_rows", "n_tokens", "steps", "batch_size", "d_sae", "d_sae_single", "k",
+                "num_permutations"), lo=1, integer=True),
+    common.Num(("lr",), lo=0.0, lo_open=True),
+    common.Num(("l1_coeffs", "align_coeffs"), lo=0.0),
+    common.Num(("seeds", "toy_seed"), lo=0, integer=True),
+)
+
+
+def _data(flags_) -> dict:
+    """Activation caches whose identity enters the run fingerprint."""
+    if flags_.source != "caches":
+        return {}
+    return {name: os.path.join(getattr(flags_, name), "metadata.json")
+            for name in ("cache_a", "cache_b", "floor_cache_b") if getattr(flags_, name)}
+
+
 if __name__ == "__main__":
-    app.run(main)
+    common.entry("joint_sae", body, RULES, data=_data)

@@ -34,10 +34,9 @@ Rerunning with the same workdir reuses trained SAEs and finished steps.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
@@ -258,16 +257,32 @@ def run(run_) -> dict:
     return results
 
 
-def main(argv):
-    del argv
-    run_ = common.start(FLAGS)
+def body(run_, flags_) -> None:
+    """The experiment behind `common.entry` (settings checked, workdir fingerprinted)."""
+    del flags_   # run() reads FLAGS
+    run(run_)
+
+
+def _metric_names():
+    from engine import similarity
+    return sorted(similarity.METRICS)
+
+
+RULES = (
+    common.Choice(("metrics",), _metric_names, nonempty=True),
+    common.Num(("threshold",), hi=1.0, what="a correlation"),
+    common.Num(("noise", "jitter"), lo=0.0),
+    common.Num(("vocab_size", "max_documents", "context_length", "n_features", "d", "k_word",
+                "sae_steps", "sae_k", "sae_batch_size", "num_permutations", "chunk_size"),
+               lo=1, integer=True),
+    common.Num(("seed",), lo=0, integer=True),
+)
+
+
+def _errors():
     from experiments.pipeline import runner
-    try:
-        run(run_)
-    except runner.USER_ERRORS as e:
-        print(f"tokenizers_toy: {e}", file=sys.stderr)
-        sys.exit(2)
+    return runner.USER_ERRORS
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.entry("tokenizers_toy", body, RULES, errors=_errors)

@@ -44,8 +44,9 @@ code) in the same workdir are refused before any work, naming the differing keys
 workdir or ``--overwrite``. ``--dry_run`` checks the settings and says what a run would do.
 Progress: stage lines on stdout (``[4/12] ceiling_a: feature pass ...``) and labelled tqdm bars.
 Every run ends by writing ``WORKDIR/report/index.html``, a static paired-feature browser
-(`experiments.pipeline.html_report`; rebuild it with ``python -m experiments.report
---workdir=WORKDIR``).
+(`experiments.pipeline.html_report`), rebuilt from an existing workdir by::
+
+    python -m experiments.report --workdir=WORKDIR
 """
 
 from __future__ import annotations
