@@ -45,8 +45,17 @@ class TrainState:
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation,
-                       rng: jax.Array) -> TrainState:
-    """A fresh state at step 0. ``rng`` is a raw uint32 key (`jax.random.PRNGKey`)."""
+                       rng: jax.Array, stats: Any = None) -> TrainState:
+    """A fresh state at step 0. ``rng`` is a raw uint32 key (`jax.random.PRNGKey`).
+
+    ``stats``: state carried from step to step that is not trained (e.g. dead-latent
+    counters); the state's params are then ``{"params": params, "stats": stats}`` and the
+    optimiser covers ``params`` only (see `make_train_step`'s ``stats_update``).
+    """
+    if stats is not None:
+        return TrainState(step=jnp.zeros((), jnp.int32),
+                          params={"params": params, "stats": stats},
+                          opt_state=tx.init(params), rng=rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=rng)
 
@@ -54,7 +63,8 @@ def create_train_state(params: Any, tx: optax.GradientTransformation,
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
                     post_update: Callable[[Any], Any] | None = None,
                     state_sharding: Any = None, batch_sharding: Any = None,
-                    grad_transform: Callable[[Any, Any], Any] | None = None):
+                    grad_transform: Callable[[Any, Any], Any] | None = None,
+                    stats_update: Callable[[Any, dict], tuple[Any, dict]] | None = None):
     """Builds ``step(state, batch) -> (state, metrics)``, jitted with donated state.
 
     Args:
@@ -66,21 +76,38 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
       state_sharding / batch_sharding: explicit shardings overriding the defaults.
       grad_transform: ``grad_transform(grads, params) -> grads`` before the optimiser (e.g.
         remove the gradient component parallel to unit-norm decoder rows).
+      stats_update: for states made with ``create_train_state(..., stats=...)``: the loss
+        sees ``loss_fn({"params": params, "stats": stats}, batch, rng)`` and is
+        differentiated in ``params`` only (grad_transform, the optimiser and post_update see
+        ``params`` only); then ``stats_update(stats, metrics) -> (stats, metrics)`` computes
+        the next stats from the loss's metrics (which may carry arrays for it, e.g. per-latent
+        firing counts, that it removes before logging).
     """
     repl = mesh_lib.replicated(mesh)
     state_sharding = repl if state_sharding is None else state_sharding
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, rng)
+        if stats_update is None:
+            trainable, stats = state.params, None
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                trainable, batch, rng)
+        else:
+            trainable, stats = state.params["params"], state.params["stats"]
+            (loss, metrics), grads = jax.value_and_grad(
+                lambda p: loss_fn({"params": p, "stats": stats}, batch, rng), has_aux=True)(
+                trainable)
         if grad_transform is not None:
-            grads = grad_transform(grads, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+            grads = grad_transform(grads, trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        params = optax.apply_updates(trainable, updates)
         if post_update is not None:
             params = post_update(params)
         metrics = dict(metrics)
+        if stats_update is not None:
+            stats, metrics = stats_update(stats, metrics)
+            params = {"params": params, "stats": stats}
+            metrics = dict(metrics)
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.tree.norm(grads)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

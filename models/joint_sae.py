@@ -90,6 +90,10 @@ SOURCES = ("sample", "all")
 FORMAT = "sae-universality-joint"
 VERSION = 1
 CONFIG_FILE = "joint_config.json"
+# Fields that may differ inside one sweep program (the rest shape the program). aux_coeff may
+# vary among positive values (0 removes the AuxK term from the program).
+TUNABLE = ("seed", "l1_coeff", "align_coeff", "aux_coeff", "lr")
+_NEVER = np.iinfo(np.int32).max // 2  # saturation of the rows-since-fired counters
 MODELS_DIR = "models"
 
 
@@ -107,6 +111,14 @@ class JointConfig:
       source: universal's source choice per step: ``sample`` | ``all``.
       lr: Adam learning rate.
       l1_warmup_frac: fraction of the run over which relu's L1 ramps in linearly.
+      k_aux: AuxK latents (topk / batchtopk); None = ``max_m d_m // 2`` (Gao et al.: half
+        the model width), capped at ``d_sae``; 0 disables AuxK.
+      aux_coeff: AuxK coefficient (Gao et al.: 1/32; 0 disables AuxK).
+      dead_tokens: a latent is dead after this many training rows without firing (Gao: 10M).
+      sweep_axis: how one program runs a sweep's members (`train_joint_sweep`): ``vmap``
+        (batched), ``map`` (`jax.lax.map`, one member after another inside the jitted step)
+        or ``auto`` (map on CPU, where XLA's batched matmuls are slower, vmap elsewhere),
+        as `models.sae_train.TrainConfig.sweep_axis`.
       seed: initialisation seed (model m of ``aligned`` uses ``seed + 1000 m``); the data
         order is separate (`train_joint`'s ``data_seed``).
     """
@@ -120,6 +132,10 @@ class JointConfig:
     source: str = "sample"
     lr: float = 1e-3
     l1_warmup_frac: float = 0.05
+    k_aux: int | None = None
+    aux_coeff: float = 1.0 / 32
+    dead_tokens: int = 10_000_000
+    sweep_axis: str = "auto"
     seed: int = 0
 
     def validate(self) -> JointConfig:
@@ -137,7 +153,7 @@ class JointConfig:
             checks.check_positive_int(f"JointConfig.k ({self.activation})", self.k)
             if self.k > self.d_sae:
                 raise checks.InputError(f"JointConfig.k={self.k} exceeds d_sae={self.d_sae}")
-        for name in ("l1_coeff", "align_coeff"):
+        for name in ("l1_coeff", "align_coeff", "aux_coeff"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise checks.InputError(f"JointConfig.{name} must be finite and >= 0, got "
@@ -151,7 +167,25 @@ class JointConfig:
             raise checks.InputError(f"JointConfig.source: unknown {self.source!r}; expected "
                                     f"one of {SOURCES}")
         checks.check_positive_int("JointConfig.seed", self.seed, 0)
+        checks.check_positive_int("JointConfig.dead_tokens", self.dead_tokens)
+        if self.k_aux is not None:
+            checks.check_positive_int("JointConfig.k_aux", self.k_aux, 0)
+        if self.sweep_axis not in sae_train.SWEEP_AXES:
+            raise checks.InputError(f"JointConfig.sweep_axis: unknown {self.sweep_axis!r}; "
+                                    f"expected one of {sae_train.SWEEP_AXES}")
         return self
+
+    def resolved_k_aux(self, d_ins: Sequence[int]) -> int:
+        """AuxK latents for models of widths ``d_ins`` (0: no AuxK term)."""
+        if self.activation == "relu" or self.aux_coeff == 0:
+            return 0
+        k = max(d_ins) // 2 if self.k_aux is None else int(self.k_aux)
+        return min(max(k, 0), self.d_sae)
+
+    def group_key(self) -> JointConfig:
+        """The config with `TUNABLE` fields blanked: equal keys train in one program."""
+        return dataclasses.replace(self, seed=0, l1_coeff=0.0, align_coeff=0.0,
+                                   aux_coeff=1.0 if self.aux_coeff > 0 else 0.0, lr=1.0)
 
     @property
     def unit_norm(self) -> bool:
@@ -303,19 +337,29 @@ def activate(pre: jax.Array, cfg: JointConfig, weights: jax.Array, training: boo
     return jnp.where(keep, f, 0.0)
 
 
+def source_pre(params: dict, source: int, xn: jax.Array) -> jax.Array:
+    """Universal / aligned pre-activations of model ``source``."""
+    return (xn - params["b_dec"][source]) @ params["W_enc"][source] + params["b_enc"][source]
+
+
+def crosscoder_pre(params: dict, xns: Sequence) -> jax.Array:
+    """The crosscoder's pre-activations ``sum_m x^m W_enc^m + b_enc``."""
+    return params["b_enc"][0] + sum(x @ w for x, w in zip(xns, params["W_enc"]))
+
+
 def encode_from(params: dict, cfg: JointConfig, source: int, xn: jax.Array,
                 threshold: jax.Array | None = None, training: bool = False) -> jax.Array:
     """Code of universal / aligned model ``source`` from its normalised activations."""
-    pre = (xn - params["b_dec"][source]) @ params["W_enc"][source] + params["b_enc"][source]
-    return activate(pre, cfg, selection_weights(params, cfg), training, threshold)
+    return activate(source_pre(params, source, xn), cfg, selection_weights(params, cfg),
+                    training, threshold)
 
 
 def crosscoder_encode(params: dict, cfg: JointConfig, xns: Sequence,
                       threshold: jax.Array | None = None, training: bool = False
                       ) -> jax.Array:
     """``act(sum_m x^m W_enc^m + b_enc)`` (Lindsey et al. 2024)."""
-    pre = params["b_enc"][0] + sum(x @ w for x, w in zip(xns, params["W_enc"]))
-    return activate(pre, cfg, selection_weights(params, cfg), training, threshold)
+    return activate(crosscoder_pre(params, xns), cfg, selection_weights(params, cfg),
+                    training, threshold)
 
 
 def _recon(x: jax.Array, x_hat: jax.Array) -> jax.Array:
@@ -327,63 +371,127 @@ def _fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     return jnp.sum((x - x_hat) ** 2) / jnp.maximum(jnp.sum(centred ** 2), 1e-30)
 
 
+def aux_k_loss(pre: jax.Array, dead: jax.Array, k_aux: int, resids: Sequence,
+               decs: Sequence) -> jax.Array:
+    """Gao et al. (2024)'s AuxK on a joint code.
+
+    Among the ``dead`` latents, each row's ``k_aux`` largest pre-activations (chosen without
+    gradient) give ``a = relu(pre)`` on those latents; ``e_hat^m = a W_dec^m`` (no ``b_dec``)
+    reconstructs each target's residual ``resids[m]`` (already stop-gradient), and the loss is
+    ``min(n_dead / k_aux, 1) * sum_m mean_rows ||e_hat^m - resid^m||^2`` (SAELens' scale, as
+    `models.sae_train`). The sum over targets mirrors the joint reconstruction loss.
+    """
+    masked = jnp.where(dead, jax.lax.stop_gradient(pre), -jnp.inf)
+    gate = dead & (masked >= kth_largest(masked, k_aux))
+    a = jnp.where(gate, jax.nn.relu(pre), 0.0)
+    scale = jnp.minimum(jnp.sum(dead).astype(pre.dtype) / k_aux, 1.0)
+    return scale * sum(_recon(r, a @ w) for r, w in zip(resids, decs))
+
+
+def _fired(z: jax.Array) -> jax.Array:
+    return jnp.sum(z > 0, axis=0, dtype=jnp.int32)
+
+
 def joint_loss(params: dict, xns: Sequence, cfg: JointConfig, rng: jax.Array,
-               l1_scale: jax.Array | float = 1.0) -> tuple[jax.Array, dict]:
+               l1_scale: jax.Array | float = 1.0, *, hyper: dict | None = None,
+               dead: jax.Array | None = None, any_dead: jax.Array | None = None
+               ) -> tuple[jax.Array, dict]:
     """The design's loss on normalised, row-aligned batches ``xns`` (one per model).
 
-    Returns ``(loss, metrics)`` with per-model ``fvu/m``, ``recon/m`` and the code's ``l0``.
-    ``l1_scale`` multiplies relu's L1 coefficient (the warm-up ramp).
+    Returns ``(loss, metrics)`` with per-model ``fvu/m``, ``recon/m``, the code's ``l0``,
+    ``aux_loss`` and ``_fired`` (``[C, F]`` int32: rows in which each latent fired, the
+    input of the dead-latent counters; ``C`` = M codes for ``aligned``, 1 otherwise).
+    ``l1_scale`` multiplies relu's L1 coefficient (the warm-up ramp). ``hyper``: traced
+    per-member coefficients ``{"l1", "align", "aux"}`` replacing the config's (sweeps).
+    ``dead``: ``[C, F]`` dead-latent mask; with it (topk / batchtopk, ``k_aux > 0``) the loss
+    adds ``aux * AuxK`` per code (`aux_k_loss`); ``any_dead`` (default ``any(dead)``) skips
+    the AuxK computation while nothing is dead.
     """
     M = len(xns)
     dec = params["W_dec"]
+    bd = params["b_dec"]
+    h = ({"l1": cfg.l1_coeff, "align": cfg.align_coeff, "aux": cfg.aux_coeff}
+         if hyper is None else hyper)
+    k_aux = cfg.resolved_k_aux([x.shape[-1] for x in xns]) if dead is not None else 0
+    dtype = xns[0].dtype
+    weights = selection_weights(params, cfg)
+
+    def aux_term(pre, dead_row, resids, decs):
+        if not k_aux:
+            return jnp.zeros((), dtype)
+        pred = jnp.any(dead) if any_dead is None else any_dead
+        return jax.lax.cond(pred, lambda: aux_k_loss(pre, dead_row, k_aux, resids, decs),
+                            lambda: jnp.zeros((), dtype))
+
     metrics = {}
     if cfg.design == "crosscoder":
-        z = crosscoder_encode(params, cfg, xns, training=True)
-        recons = [_recon(x, z @ dec[m] + params["b_dec"][m]) for m, x in enumerate(xns)]
+        pre = crosscoder_pre(params, xns)
+        z = activate(pre, cfg, weights, True)
+        outs = [z @ dec[m] + bd[m] for m in range(M)]
+        recons = [_recon(x, o) for x, o in zip(xns, outs)]
         loss = sum(recons)
-        fvus = [_fvu(x, z @ dec[m] + params["b_dec"][m]) for m, x in enumerate(xns)]
+        fvus = [_fvu(x, o) for x, o in zip(xns, outs)]
         l0 = jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32))
+        aux = aux_term(pre, None if dead is None else dead[0],
+                       [jax.lax.stop_gradient(x - o) for x, o in zip(xns, outs)], dec)
+        fired = _fired(z)[None]
         codes = [z]
     elif cfg.design == "universal":
         def from_source(s):
-            z = encode_from(params, cfg, s, xns[s], training=True)
-            outs = [z @ dec[n] + params["b_dec"][n] for n in range(M)]
+            pre = source_pre(params, s, xns[s])
+            z = activate(pre, cfg, weights, True)
+            outs = [z @ dec[n] + bd[n] for n in range(M)]
+            aux_s = aux_term(pre, None if dead is None else dead[0],
+                             [jax.lax.stop_gradient(x - o) for x, o in zip(xns, outs)], dec)
             return (sum(_recon(x, o) for x, o in zip(xns, outs)),
-                    jnp.stack([_fvu(x, o) for x, o in zip(xns, outs)]), z)
+                    jnp.stack([_fvu(x, o) for x, o in zip(xns, outs)]), z, aux_s, _fired(z))
         if cfg.source == "sample":
             s = jax.random.randint(rng, (), 0, M)
-            loss, fvu_vec, z = jax.lax.switch(s, [lambda i=i: from_source(i) for i in range(M)])
+            loss, fvu_vec, z, aux, fired1 = jax.lax.switch(
+                s, [lambda i=i: from_source(i) for i in range(M)])
         else:
             per = [from_source(i) for i in range(M)]
             loss = sum(p[0] for p in per) / M
             fvu_vec = sum(p[1] for p in per) / M
             z = per[0][2]
+            aux = sum(p[3] for p in per) / M
+            fired1 = sum(p[4] for p in per)
+        fired = fired1[None]
         recons = None
         fvus = [fvu_vec[m] for m in range(M)]
         l0 = jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32))
         codes = [z]
-    else:  # aligned
-        codes = [encode_from(params, cfg, m, x, training=True) for m, x in enumerate(xns)]
-        outs = [c @ dec[m] + params["b_dec"][m] for m, c in enumerate(codes)]
+    else:  # aligned: M ordinary SAEs, each with its own dead latents
+        pres = [source_pre(params, m, x) for m, x in enumerate(xns)]
+        codes = [activate(pre, cfg, weights, True) for pre in pres]
+        outs = [c @ dec[m] + bd[m] for m, c in enumerate(codes)]
         recons = [_recon(x, o) for x, o in zip(xns, outs)]
         fvus = [_fvu(x, o) for x, o in zip(xns, outs)]
         loss = sum(recons)
         pairs = [(a, b) for a in range(M) for b in range(a + 1, M)]
         align = sum(_recon(codes[a], codes[b]) for a, b in pairs) / len(pairs)
-        loss = loss + cfg.align_coeff * align
+        loss = loss + h["align"] * align
         metrics["align"] = align
+        aux = sum(aux_term(pres[m], None if dead is None else dead[m],
+                           [jax.lax.stop_gradient(xns[m] - outs[m])], [dec[m]])
+                  for m in range(M))
+        fired = jnp.stack([_fired(c) for c in codes])
         l0 = jnp.mean(jnp.stack([jnp.mean(jnp.sum(c > 0, axis=-1).astype(jnp.float32))
                                  for c in codes]))
     if cfg.activation == "relu":
         norms = sum(jnp.linalg.norm(w, axis=-1) for w in dec)
-        sparsity = cfg.l1_coeff * l1_scale * jnp.mean(jnp.sum(codes[0] * norms, axis=-1))
+        sparsity = h["l1"] * l1_scale * jnp.mean(jnp.sum(codes[0] * norms, axis=-1))
         loss = loss + sparsity
         metrics["sparsity_loss"] = sparsity
+    if k_aux:
+        loss = loss + h["aux"] * aux
+    metrics["aux_loss"] = aux
     for m in range(M):
         metrics[f"fvu/m{m}"] = fvus[m]
         if recons is not None:
             metrics[f"recon/m{m}"] = recons[m]
     metrics["l0"] = l0
+    metrics["_fired"] = fired
     return loss, metrics
 
 
@@ -465,18 +573,171 @@ def calibrate_threshold(params: dict, cfg: JointConfig, xns_batches) -> np.ndarr
     return np.asarray([np.mean(mins) if mins else 0.0], np.float32)
 
 
-def train_joint(xs: Sequence[np.ndarray], cfg: JointConfig, *, steps: int, batch_size: int,
-                mesh=None, workdir: str | None = None, data_seed: int = 0,
-                model_names: Sequence[str] | None = None, log_every: int = 100,
-                checkpoint_every: int = 500, progress: bool = False) -> JointSAE:
-    """Trains one joint model on row-aligned activations ``xs`` (one ``[rows, d_m]`` each).
+def _scale_by_member(factors: jax.Array) -> optax.GradientTransformation:
+    """Multiplies each leaf's member ``i`` (leading axis) by ``factors[i]``: per-member
+    learning rates of a stacked sweep (``scale_by_adam`` then this is ``optax.adam(lr_i)``)."""
+    def init(params):
+        del params
+        return optax.EmptyState()
 
-    Runs `engine.train.train` (data-parallel over the mesh's ``data`` axis; with ``workdir``
-    it writes ``metrics.jsonl`` and orbax checkpoints there and a rerun resumes exactly) and,
-    with ``workdir``, saves the result natively under ``workdir/joint`` (`save_joint`).
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: u * factors.reshape((-1,) + (1,) * (u.ndim - 1)).astype(
+            u.dtype), updates), state
+    return optax.GradientTransformation(init, update)
+
+
+def group_joint_configs(configs: Sequence[JointConfig]) -> list[list[int]]:
+    """Indices of ``configs`` grouped by `JointConfig.group_key` (first-seen order)."""
+    groups: dict[JointConfig, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        groups.setdefault(cfg.group_key(), []).append(i)
+    return list(groups.values())
+
+
+def group_dir_name(index: int, group: Sequence[JointConfig]) -> str:
+    base = group[0]
+    return f"g{index}_{base.design}_{base.activation}_F{base.d_sae}"
+
+
+class _WithRamp:
+    """A stream plus the relu L1 ramp factor of the step each batch serves (a per-row column,
+    sharded like the rows); resumable because the factor follows the stream position."""
+
+    def __init__(self, stream: streaming.ChunkStream, batch_size: int, warm: float):
+        self.stream, self.batch_size, self.warm = stream, batch_size, warm
+
+    def seek(self, position):
+        self.stream.seek(position)
+
+    @property
+    def position(self):
+        return self.stream.position
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        chunk = next(self.stream)
+        step = self.stream.position // self.batch_size - 1
+        ramp = np.full((self.batch_size,), min(1.0, (step + 1) / self.warm), np.float32)
+        return dataclasses.replace(chunk, arrays=tuple(chunk.arrays) + (ramp,))
+
+
+def _sweep_loss_and_stats(group: Sequence[JointConfig], scales: tuple, d_ins: tuple,
+                          batch_size: int, sweep_axis: str):
+    """``loss_fn`` and ``stats_update`` of one stacked sweep program (`engine.train`).
+
+    Every member sees the same batch; member ``i``'s randomness is
+    ``fold_in(fold_in(rng, step), seed_i)``, so a member trained alone (a program of one)
+    draws the same keys. ``lax.map`` / ``vmap`` over the members, or no axis for one.
     """
+    base = group[0]
+    n, M = len(group), len(d_ins)
+    hyper = {"l1": jnp.asarray([c.l1_coeff for c in group], jnp.float32),
+             "align": jnp.asarray([c.align_coeff for c in group], jnp.float32),
+             "aux": jnp.asarray([c.aux_coeff for c in group], jnp.float32),
+             "seed": jnp.asarray([c.seed for c in group], jnp.uint32)}
+    use_aux = base.resolved_k_aux(d_ins) > 0
+
+    def loss_fn(full, batch, key):
+        acts = batch[:M]
+        ramp = jnp.mean(batch[M]) if base.activation == "relu" else 1.0
+        xns = [b.astype(jnp.float32) * s for b, s in zip(acts, scales)]
+        since = full["stats"]["since_fired"]
+        any_dead = jnp.any(since >= base.dead_tokens) if use_aux else None
+
+        def member(args):
+            p, h, since_i = args
+            return joint_loss(p, xns, base, jax.random.fold_in(key, h["seed"]), ramp,
+                              hyper=h, dead=(since_i >= base.dead_tokens) if use_aux else None,
+                              any_dead=any_dead)
+        args = (full["params"], hyper, since)
+        if n == 1:
+            loss, metrics = member(jax.tree.map(lambda a: a[0], args))
+            metrics["_fired"] = metrics["_fired"][None]
+            return loss, metrics
+        losses, metrics = (jax.vmap(member) if sweep_axis == "vmap"
+                           else lambda a: jax.lax.map(member, a))(args)
+        metrics["member_loss"] = losses
+        return jnp.sum(losses), metrics
+
+    def stats_update(stats, metrics):
+        metrics = dict(metrics)
+        fired = metrics.pop("_fired")
+        since = jnp.where(fired > 0, 0, jnp.minimum(stats["since_fired"] + batch_size, _NEVER))
+        dead = (since >= base.dead_tokens).astype(jnp.float32)
+        frac = jnp.mean(dead.reshape(n, -1), axis=-1)
+        metrics["dead_frac"] = frac[0] if n == 1 else frac
+        return {"since_fired": since}, metrics
+    return loss_fn, stats_update
+
+
+def _train_group(xs: list, group: Sequence[JointConfig], *, scales: tuple, b_decs: list,
+                 names: tuple, steps: int, batch_size: int, mesh, gdir: str | None,
+                 data_seed: int, log_every: int, checkpoint_every: int, progress: bool
+                 ) -> list[JointSAE]:
+    """One program: the group's members stacked on a leading axis, one jitted step."""
+    base = group[0]
+    d_ins = tuple(int(x.shape[1]) for x in xs)
+    n = len(group)
+    sweep_axis = base.sweep_axis
+    if sweep_axis == "auto":
+        platform = np.asarray(mesh.devices).flat[0].platform
+        sweep_axis = "map" if platform == "cpu" else "vmap"
+    per = [init_params(c, d_ins, b_decs) for c in group]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *per)
+    # optax.adam(lr) is scale_by_adam then scale(-lr): elementwise, so a stacked member's
+    # moments are exactly those of a member trained alone.
+    tx = optax.chain(optax.scale_by_adam(),
+                     _scale_by_member(-jnp.asarray([c.lr for c in group], jnp.float32)))
+    n_codes = len(d_ins) if base.design == "aligned" else 1
+    stats = {"since_fired": jnp.zeros((n, n_codes, base.d_sae), jnp.int32)}
+    loss_fn, stats_update = _sweep_loss_and_stats(group, scales, d_ins, batch_size, sweep_axis)
+    grad_transform, post_update = _project_and_normalise(base)
+    step_fn = train_lib.make_train_step(loss_fn, tx, mesh, grad_transform=grad_transform,
+                                        post_update=post_update, stats_update=stats_update)
+    state = train_lib.create_train_state(params, tx, jax.random.PRNGKey(0), stats=stats)
+    stream = streaming.ChunkStream(tuple(xs), batch_size, repeat=True, shuffle_seed=data_seed,
+                                   check_finite=False, name="train_joint xs")
+    data = stream
+    if base.activation == "relu":
+        data = _WithRamp(stream, batch_size, max(1.0, base.l1_warmup_frac * steps))
+    if gdir is not None:
+        os.makedirs(gdir, exist_ok=True)
+        metrics_io.write_json(os.path.join(gdir, "joint_run.json"),
+                              {"configs": [c.to_dict() for c in group],
+                               "labels": [c.label() for c in group], "d_ins": list(d_ins),
+                               "input_scales": list(scales), "model_names": list(names),
+                               "steps": steps, "batch_size": batch_size,
+                               "data_seed": data_seed, "sweep_axis": sweep_axis})
+    loop = train_lib.LoopConfig(num_steps=steps, log_every=log_every,
+                                checkpoint_every=checkpoint_every, progress=progress)
+    state = train_lib.train(state, step_fn, data, loop, workdir=gdir, mesh=mesh)
+    host = jax.device_get(state.params)
+    out = []
+    for i, cfg in enumerate(group):
+        p = jax.tree.map(lambda a, i=i: jnp.asarray(a[i]), host["params"])
+        threshold = np.zeros((1,), np.float32)
+        if cfg.activation == "batchtopk":
+            idx = np.random.default_rng(data_seed + 1).permutation(xs[0].shape[0])
+            batches = [[jnp.asarray(x[idx[lo:lo + batch_size]], jnp.float32) * s
+                        for x, s in zip(xs, scales)]
+                       for lo in range(0, min(len(idx), 16 * batch_size) - batch_size + 1,
+                                       batch_size)]
+            threshold = calibrate_threshold(p, cfg, batches)
+        out.append(JointSAE(params=p, threshold=jnp.asarray(threshold),
+                            spec=JointSpec(config=cfg, d_ins=d_ins, input_scales=scales,
+                                           model_names=names)))
+    return out
+
+
+def _prepare(xs, configs, steps: int, batch_size: int, mesh, model_names, data_seed: int):
+    """Checked inputs, mesh, model names, input scales and ``b_dec`` inits (from a sample
+    drawn with ``data_seed``: the same for every program of a sweep)."""
     xs = check_aligned(xs, "train_joint xs")
-    cfg.validate()
+    for cfg in configs:
+        cfg.validate()
     checks.check_positive_int("train_joint steps", steps)
     checks.check_positive_int("train_joint batch_size", batch_size)
     mesh = mesh_lib.make_mesh() if mesh is None else mesh
@@ -489,75 +750,71 @@ def train_joint(xs: Sequence[np.ndarray], cfg: JointConfig, *, steps: int, batch
     sample_rows = np.sort(rng.permutation(xs[0].shape[0])[:8192])
     scales = tuple(sae_lib.expected_norm_scale(x[sample_rows]) for x in xs)
     b_decs = [(x[sample_rows].astype(np.float64) * s).mean(axis=0) for x, s in zip(xs, scales)]
-    d_ins = tuple(int(x.shape[1]) for x in xs)
-    params = init_params(cfg, d_ins, b_decs)
-    tx = optax.adam(cfg.lr)
-    warm = max(1.0, cfg.l1_warmup_frac * steps)
+    return xs, mesh, names, scales, b_decs
 
-    def loss_fn(p, batch, key):
-        xns = [b.astype(jnp.float32) * s for b, s in zip(batch, scales)]
-        return joint_loss(p, xns, cfg, key)
 
-    if cfg.activation == "relu":
-        # The L1 ramp needs the step; the engine's loss_fn sees (params, batch, rng), so
-        # the ramp factor travels in the batch as a per-row column (sharded like the rows).
-        def loss_fn(p, batch, key):  # noqa: F811
-            *acts, ramp = batch
-            xns = [b.astype(jnp.float32) * s for b, s in zip(acts, scales)]
-            return joint_loss(p, xns, cfg, key, l1_scale=jnp.mean(ramp))
+def train_joint_sweep(xs: Sequence[np.ndarray], configs: Sequence[JointConfig], *, steps: int,
+                      batch_size: int, mesh=None, workdir: str | None = None,
+                      data_seed: int = 0, model_names: Sequence[str] | None = None,
+                      log_every: int = 100, checkpoint_every: int = 500,
+                      progress: bool = False) -> list[JointSAE]:
+    """Trains one joint model per config, batched: configs that differ only in `TUNABLE`
+    fields (seeds, coefficients, lr) run as ONE program whose step maps over the stacked
+    members (``JointConfig.sweep_axis``), every member seeing the same batches (order from
+    ``data_seed``), as `models.sae_train.train_saes` does for the SAE family; other
+    differences (design, width, k...) are separate programs, run one after another. Each
+    member equals the same config trained alone with the same ``data_seed``.
 
-    grad_transform, post_update = _project_and_normalise(cfg)
-    step_fn = train_lib.make_train_step(loss_fn, tx, mesh, grad_transform=grad_transform,
-                                        post_update=post_update)
-    state = train_lib.create_train_state(params, tx, jax.random.PRNGKey(cfg.seed))
-    stream = streaming.ChunkStream(tuple(xs), batch_size, repeat=True, shuffle_seed=data_seed,
-                                   check_finite=False, name="train_joint xs")
-    data = stream
-    if cfg.activation == "relu":
-        class _WithRamp:
-            """The stream plus the L1 ramp factor of the step it serves (resumable)."""
+    With ``workdir``: program ``g`` checkpoints under ``workdir/g<g>_<design>_<act>_F<F>/``
+    (metrics.jsonl, orbax checkpoints; a rerun resumes exactly) and member ``i`` is saved
+    natively under ``workdir/<label>/joint`` (`save_joint`; labels made unique as
+    `models.sae_train.unique_labels`). Returns the models aligned with ``configs``.
+    """
+    if isinstance(configs, JointConfig) or not configs or not all(
+            isinstance(c, JointConfig) for c in configs):
+        raise checks.InputError("train_joint_sweep configs: expected a non-empty list of "
+                                "JointConfig")
+    xs, mesh, names, scales, b_decs = _prepare(xs, configs, steps, batch_size, mesh,
+                                               model_names, data_seed)
+    result: list[JointSAE | None] = [None] * len(configs)
+    groups = group_joint_configs(configs)
+    labels = sae_train.unique_labels(configs)
+    for g, members in enumerate(groups):
+        group = [configs[i] for i in members]
+        gdir = None if workdir is None else os.path.join(os.path.abspath(workdir),
+                                                         group_dir_name(g, group))
+        trained = _train_group(xs, group, scales=scales, b_decs=b_decs, names=names,
+                               steps=steps, batch_size=batch_size, mesh=mesh, gdir=gdir,
+                               data_seed=data_seed, log_every=log_every,
+                               checkpoint_every=checkpoint_every, progress=progress)
+        for i, joint in zip(members, trained):
+            result[i] = joint
+            if workdir is not None:
+                save_joint(os.path.join(os.path.abspath(workdir), labels[i], "joint"), joint)
+    return result  # type: ignore[return-value]
 
-            def seek(self, position):
-                stream.seek(position)
 
-            @property
-            def position(self):
-                return stream.position
+def train_joint(xs: Sequence[np.ndarray], cfg: JointConfig, *, steps: int, batch_size: int,
+                mesh=None, workdir: str | None = None, data_seed: int = 0,
+                model_names: Sequence[str] | None = None, log_every: int = 100,
+                checkpoint_every: int = 500, progress: bool = False) -> JointSAE:
+    """Trains one joint model on row-aligned activations ``xs`` (one ``[rows, d_m]`` each):
+    a sweep program of one member (`train_joint_sweep`).
 
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                chunk = next(stream)
-                step = stream.position // batch_size - 1
-                ramp = np.full((batch_size,), min(1.0, (step + 1) / warm), np.float32)
-                return dataclasses.replace(chunk, arrays=tuple(chunk.arrays) + (ramp,))
-        data = _WithRamp()
-    gdir = None
-    if workdir is not None:
-        gdir = os.path.abspath(workdir)
-        os.makedirs(gdir, exist_ok=True)
-        metrics_io.write_json(os.path.join(gdir, "joint_run.json"),
-                              {"config": cfg.to_dict(), "d_ins": list(d_ins),
-                               "input_scales": list(scales), "model_names": list(names),
-                               "steps": steps, "batch_size": batch_size,
-                               "data_seed": data_seed})
-    loop = train_lib.LoopConfig(num_steps=steps, log_every=log_every,
-                                checkpoint_every=checkpoint_every, progress=progress)
-    state = train_lib.train(state, step_fn, data, loop, workdir=gdir, mesh=mesh)
-    params = jax.device_get(state.params)
-    params = jax.tree.map(lambda a: jnp.asarray(a), params)
-    threshold = np.zeros((1,), np.float32)
-    if cfg.activation == "batchtopk":
-        idx = np.random.default_rng(data_seed + 1).permutation(xs[0].shape[0])
-        batches = [[jnp.asarray(x[idx[lo:lo + batch_size]], jnp.float32) * s
-                    for x, s in zip(xs, scales)]
-                   for lo in range(0, min(len(idx), 16 * batch_size) - batch_size + 1,
-                                   batch_size)]
-        threshold = calibrate_threshold(params, cfg, batches)
-    joint = JointSAE(params=params, threshold=jnp.asarray(threshold),
-                     spec=JointSpec(config=cfg, d_ins=d_ins, input_scales=scales,
-                                    model_names=names))
+    Runs `engine.train.train` (data-parallel over the mesh's ``data`` axis; with ``workdir``
+    it writes ``metrics.jsonl`` and orbax checkpoints there and a rerun resumes exactly) and,
+    with ``workdir``, saves the result natively under ``workdir/joint`` (`save_joint`).
+    """
+    if not isinstance(cfg, JointConfig):
+        raise checks.InputError(f"train_joint cfg: expected a JointConfig, got "
+                                f"{type(cfg).__name__}")
+    xs, mesh, names, scales, b_decs = _prepare(xs, [cfg], steps, batch_size, mesh,
+                                               model_names, data_seed)
+    gdir = None if workdir is None else os.path.abspath(workdir)
+    joint = _train_group(xs, [cfg], scales=scales, b_decs=b_decs, names=names, steps=steps,
+                         batch_size=batch_size, mesh=mesh, gdir=gdir, data_seed=data_seed,
+                         log_every=log_every, checkpoint_every=checkpoint_every,
+                         progress=progress)[0]
     if gdir is not None:
         save_joint(os.path.join(gdir, "joint"), joint)
     return joint
