@@ -5,6 +5,7 @@ finite differences of that numpy loss for gradients, per-latent `np.linalg.lstsq
 scaling, hand-built decoders for the sharing calls, a known-truth toy for recovery.
 """
 
+import dataclasses
 import os
 import shutil
 import types
@@ -137,6 +138,196 @@ def test_universal_sampled_source_is_one_of_the_sources():
             assert len(hits) == 1
             seen.add(hits[0])
     assert seen == {0, 1}
+
+
+# -- AuxK and the dead-latent counters ---------------------------------------------------------
+
+
+def _np_pre_outs(p, xs, cfg, source):
+    """Pre-activations and reconstructions per code, float64: [(pre, dead_row_index,
+    targets, outs)] with targets the model indices that code reconstructs."""
+    M = len(xs)
+    dec = [np.asarray(w, np.float64) for w in p["W_dec"]]
+    enc = [np.asarray(w, np.float64) for w in p["W_enc"]]
+    be = [np.asarray(b, np.float64) for b in p["b_enc"]]
+    bd = [np.asarray(b, np.float64) for b in p["b_dec"]]
+    norms = sum(np.linalg.norm(w, axis=1) for w in dec)
+    weights = norms if cfg.design == "crosscoder" else np.ones(cfg.d_sae)
+    out = []
+    if cfg.design == "crosscoder":
+        pre = be[0] + sum(x @ w for x, w in zip(xs, enc))
+        z = _np_act(pre, cfg, weights)
+        out.append((pre, 0, list(range(M)), [z @ dec[m] + bd[m] for m in range(M)]))
+    elif cfg.design == "universal":
+        pre = (xs[source] - bd[source]) @ enc[source] + be[source]
+        z = _np_act(pre, cfg, weights)
+        out.append((pre, 0, list(range(M)), [z @ dec[m] + bd[m] for m in range(M)]))
+    else:
+        for m, x in enumerate(xs):
+            pre = (x - bd[m]) @ enc[m] + be[m]
+            z = _np_act(pre, cfg, weights)
+            out.append((pre, m, [m], [z @ dec[m] + bd[m]]))
+    return out
+
+
+def np_aux(p, xs, cfg, dead, k_aux, resid_params):
+    """AuxK as written in `aux_k_loss`, float64; the residuals come from ``resid_params``
+    (held fixed: the loss stops their gradient)."""
+    dec = [np.asarray(w, np.float64) for w in p["W_dec"]]
+    sources = range(len(xs)) if cfg.design == "universal" else [None]
+    total = 0.0
+    for s in sources:
+        fixed = _np_pre_outs(resid_params, xs, cfg, s)
+        for (pre, row, targets, _), (_, _, _, outs0) in zip(_np_pre_outs(p, xs, cfg, s), fixed):
+            d = dead[row]
+            masked = np.where(d, pre, -np.inf)
+            idx = np.argsort(-masked, axis=1)[:, :k_aux]
+            gate = np.zeros(pre.shape, bool)
+            np.put_along_axis(gate, idx, True, 1)
+            a = np.where(gate & d, np.maximum(pre, 0.0), 0.0)
+            scale = min(d.sum() / k_aux, 1.0)
+            total += scale * sum(np.mean(np.sum((xs[t] - o0 - a @ dec[t]) ** 2, axis=1))
+                                 for t, o0 in zip(targets, outs0))
+    return total / (len(xs) if cfg.design == "universal" else 1)
+
+
+AUX_CASES = [
+    js.JointConfig("crosscoder", 12, "topk", k=3, k_aux=4, aux_coeff=0.7),
+    js.JointConfig("universal", 12, "topk", k=3, k_aux=4, aux_coeff=0.7, source="all"),
+    js.JointConfig("aligned", 12, "batchtopk", k=3, k_aux=4, aux_coeff=0.7, align_coeff=0.3),
+]
+
+
+@pytest.mark.parametrize("cfg", AUX_CASES, ids=lambda c: c.label())
+def test_auxk_loss_and_gradient_match_float64_numpy(cfg):
+    d_ins = (5, 7, 6)
+    M = len(d_ins)
+    rng = np.random.default_rng(11)
+    xs = [rng.normal(size=(10, d)) for d in d_ins]
+    p = _random_params(cfg, d_ins, 5)
+    n_codes = M if cfg.design == "aligned" else 1
+    # Code 0: 6 dead latents (scale 1); others: 2 dead latents (scale 2 / k_aux).
+    dead = np.zeros((n_codes, cfg.d_sae), bool)
+    dead[0, rng.permutation(cfg.d_sae)[:6]] = True
+    for c in range(1, n_codes):
+        dead[c, rng.permutation(cfg.d_sae)[:2]] = True
+    expect = np_loss(p, xs, cfg) + cfg.aux_coeff * np_aux(p, xs, cfg, dead, 4, p)
+    with jax.enable_x64(True):
+        pj = jax.tree.map(jnp.asarray, p)
+        xj = [jnp.asarray(x) for x in xs]
+
+        def f(q):
+            return js.joint_loss(q, xj, cfg, jax.random.PRNGKey(0), dead=jnp.asarray(dead))
+        loss, metrics = f(pj)
+        np.testing.assert_allclose(float(loss), expect, rtol=1e-10)
+        assert float(metrics["aux_loss"]) > 0
+        grads = jax.grad(lambda q: f(q)[0])(pj)
+        # Nothing dead: no AuxK term at all.
+        none = js.joint_loss(pj, xj, cfg, jax.random.PRNGKey(0),
+                             dead=jnp.zeros_like(jnp.asarray(dead)))[0]
+        np.testing.assert_allclose(float(none), np_loss(p, xs, cfg), rtol=1e-10)
+    eps = 1e-6
+    for field in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for m, leaf in enumerate(p[field]):
+            for _ in range(4):
+                idx = tuple(rng.integers(0, s) for s in leaf.shape)
+                plus = jax.tree.map(np.copy, p)
+                minus = jax.tree.map(np.copy, p)
+                plus[field][m][idx] += eps
+                minus[field][m][idx] -= eps
+                fd = ((np_loss(plus, xs, cfg) + cfg.aux_coeff * np_aux(plus, xs, cfg, dead, 4, p))
+                      - (np_loss(minus, xs, cfg)
+                         + cfg.aux_coeff * np_aux(minus, xs, cfg, dead, 4, p))) / (2 * eps)
+                got = float(np.asarray(grads[field][m])[idx])
+                assert abs(got - fd) <= 1e-5 * max(1.0, abs(fd)), (field, m, idx, got, fd)
+
+
+@pytest.mark.parametrize("cfg", [js.JointConfig("crosscoder", 12, "topk", k=2, dead_tokens=70),
+                                 js.JointConfig("aligned", 12, "topk", k=2, dead_tokens=70)],
+                         ids=lambda c: c.design)
+def test_dead_counters_follow_the_firing_latents(cfg, mesh1):
+    """One step of the engine's train step: a latent that fired in the batch (numpy forward
+    of the pre-step parameters) resets to 0, any other adds the batch's rows (saturating)."""
+    import optax
+
+    from engine import train as train_lib
+    d_ins = (5, 6)
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(size=(8, d)).astype(np.float32) for d in d_ins]
+    p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _random_params(cfg, d_ins, 2))
+    n_codes = 2 if cfg.design == "aligned" else 1
+    since0 = rng.integers(0, 100, size=(1, n_codes, cfg.d_sae)).astype(np.int32)
+    since0[0, 0, 0] = js._NEVER
+    loss_fn, stats_update = js._sweep_loss_and_stats([cfg], (1.0, 1.0), d_ins, 8, "map")
+    tx = optax.adam(1e-3)
+    step = train_lib.make_train_step(loss_fn, tx, mesh1, stats_update=stats_update)
+    state = train_lib.create_train_state(jax.tree.map(lambda a: a[None], p), tx,
+                                         jax.random.PRNGKey(0),
+                                         stats={"since_fired": jnp.asarray(since0)})
+    new, metrics = step(state, tuple(jnp.asarray(x) for x in xs))
+    pn = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    fired = np.stack([np.any(_np_act(pre, cfg, np.ones(cfg.d_sae)
+                                     if cfg.design != "crosscoder" else
+                                     sum(np.linalg.norm(w, axis=1) for w in pn["W_dec"])) > 0,
+                                     axis=0)
+                      for pre, _, _, _ in _np_pre_outs(pn, [x.astype(np.float64) for x in xs],
+                                                       cfg, None)])
+    expect = np.where(fired[None], 0, np.minimum(since0.astype(np.int64) + 8, js._NEVER))
+    got = np.asarray(new.params["stats"]["since_fired"])
+    np.testing.assert_array_equal(got, expect)
+    assert 0 < fired.sum() < fired.size
+    assert float(metrics["dead_frac"]) == pytest.approx(np.mean(expect >= 70))
+    assert "_fired" not in metrics
+
+
+@pytest.mark.slow
+def test_auxk_revives_dead_latents(mesh1):
+    """An over-wide crosscoder TopK leaves many latents dead; with AuxK (same seed, same
+    data) far fewer are dead at the end."""
+    pair = _tiny_pair(4096, seed=5)
+    xs = [pair.acts_a, pair.acts_b]
+    dead = {}
+    for coeff in (0.0, 1.0):
+        cfg = js.JointConfig("crosscoder", 64, "topk", k=2, lr=3e-3, aux_coeff=coeff,
+                             dead_tokens=1024)
+        joint = js.train_joint(xs, cfg, steps=300, batch_size=64, mesh=mesh1, log_every=100)
+        z = js.run_codes(joint, xs).codes[0]
+        dead[coeff] = float(np.mean(~(z > 0).any(0)))
+    assert dead[0.0] >= 0.3, dead
+    assert dead[1.0] <= 0.5 * dead[0.0], dead
+
+
+# -- batched sweeps ---------------------------------------------------------------------------
+
+
+def test_batched_sweep_equals_separate_runs(mesh1):
+    """One stacked program over seeds, learning rates and coefficients (lax.map and vmap)
+    gives each member what the same config trained alone gives."""
+    pair = _tiny_pair(1024, seed=6)
+    xs = [pair.acts_a, pair.acts_b]
+    uni = js.JointConfig("universal", 12, "topk", k=2, source="sample", dead_tokens=128)
+    configs = [dataclasses.replace(uni, seed=0, lr=1e-3),
+               dataclasses.replace(uni, seed=1, lr=3e-3, aux_coeff=0.2),
+               js.JointConfig("aligned", 12, "topk", k=2, align_coeff=0.5, seed=2),
+               js.JointConfig("aligned", 12, "topk", k=2, align_coeff=2.0, seed=2)]
+    kw = dict(steps=12, batch_size=64, mesh=mesh1, log_every=6, data_seed=7)
+    alone = [js.train_joint(xs, c, **kw) for c in configs]
+    mapped = js.train_joint_sweep(xs, [dataclasses.replace(c, sweep_axis="map")
+                                       for c in configs], **kw)
+    vmapped = js.train_joint_sweep(xs, [dataclasses.replace(c, sweep_axis="vmap")
+                                        for c in configs[:2]], **kw)
+    assert len(js.group_joint_configs(configs)) == 2
+    for got_list in (mapped, vmapped):
+        for a, b in zip(alone, got_list):
+            for field in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                for u, v in zip(a.params[field], b.params[field]):
+                    np.testing.assert_allclose(np.asarray(v), np.asarray(u), rtol=1e-4,
+                                               atol=1e-5)
+    # The members really differ (the comparison is not between copies of one model).
+    assert not np.allclose(np.asarray(alone[0].params["W_dec"][0]),
+                           np.asarray(alone[1].params["W_dec"][0]), atol=1e-3)
+    assert not np.allclose(np.asarray(alone[2].params["W_dec"][0]),
+                           np.asarray(alone[3].params["W_dec"][0]), atol=1e-4)
 
 
 # -- slices, format ------------------------------------------------------------------------------
