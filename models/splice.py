@@ -130,6 +130,41 @@ def wrap(model, tokenizer, *, name: str | None = None, device: str | None = None
     return lm
 
 
+def with_random_head(base: lm_lib.LanguageModel, seed: int) -> lm_lib.LanguageModel:
+    """A base model (e.g. the random-init floor copy of `models.lm.random_init_copy`, which
+    has no head) inside its architecture's LM-head model.
+
+    The body's weights are ``base``'s, copied exactly; the head is the architecture's own
+    initialisation under ``torch.manual_seed(seed)`` (tied to the input embeddings where the
+    config ties them), so for a random-init body the result IS a random-init language model
+    of that family, and the floor SAE can be spliced into its own model. Its losses are those
+    of an untrained model (CE near ``log(vocab)``; zeroing a hookpoint barely moves them), so
+    CE recovered is ill-conditioned there: `SpliceMetrics.warning` and the pipeline's summary
+    say so, and delta loss and KL are the numbers to read.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    cls = AutoModelForMaskedLM if base.is_encoder else AutoModelForCausalLM
+    dtype = next(base.model.parameters()).dtype
+    torch.manual_seed(int(seed))
+    with lm_lib.quiet_transformers():
+        model = cls.from_config(base.model.config, dtype=dtype)
+    body = getattr(model, model.base_model_prefix)
+    result = body.load_state_dict(base.model.state_dict(), strict=False)
+    # Every body weight must come from ``base``; only parts the LM head model drops (BERT's
+    # pooler) may be left over.
+    extra = [k for k in result.unexpected_keys if not k.startswith("pooler.")]
+    if result.missing_keys or extra:
+        raise checks.InputError(f"model {base.name}: its weights do not fit the "
+                                f"{cls.__name__} body (missing {result.missing_keys[:3]}, "
+                                f"unexpected {extra[:3]})")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return wrap(model, base.tokenizer, name=f"{base.name} (with a random-init LM head)",
+                device=base.device)
+
+
 def sae_dtype(lm: lm_lib.LanguageModel):
     """The SAE's compute dtype: the model's, but float32 for half-precision models (the
     reconstruction is cast back to the model's dtype where it is substituted)."""

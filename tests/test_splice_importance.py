@@ -548,3 +548,36 @@ def test_splice_and_importance_on_1_and_4_devices(toks, mesh1, mesh4):
     np.testing.assert_array_equal(i4.fire_count, i1.fire_count)
     np.testing.assert_array_equal(i4.class_count, i1.class_count)
     assert i4.n_positions == i1.n_positions
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "bert"])
+def test_floor_model_gets_a_random_head_and_keeps_its_body(arch, toks):
+    """The random-init floor copy (a base model, no head) inside its LM-head model: the body's
+    activations are exactly the copy's, so the floor SAE is spliced where it was trained."""
+    from models import lm as lm_lib
+    tok = toks["cls_sep" if arch == "bert" else "bos"]
+    src = lm_lib.LanguageModel(lm_tiny.build_tiny_model(arch, tok, seed=0, n_layers=2,
+                                                         d_model=D, n_heads=2), tok,
+                               device="cpu")
+    rnd = lm_lib.random_init_copy(src, seed=1000)
+    assert getattr(rnd.model, "get_output_embeddings", lambda: None)() is None
+    full = splice.with_random_head(rnd, seed=0)
+    ctx = _contexts(full)
+    for hp in ("resid_post.0", "resid_post.1"):
+        want = rnd.forward_batch(ctx.token_ids, [hp], attention_mask=ctx.mask).acts[hp]
+        got = full.forward_batch(ctx.token_ids, [hp], attention_mask=ctx.mask).acts[hp]
+        np.testing.assert_array_equal(got, want)
+    m = splice.splice_metrics(full, _sae(), "resid_post.0", ctx, splice.SpliceConfig(batch_size=3))
+    assert np.isfinite(m.ce_clean) and m.n_positions > 0
+    # an untrained model: zero ablation barely moves the loss, and the warning says so
+    if m.ce_zero - m.ce_clean < splice.ILL_CONDITIONED_GAP:
+        assert "ill-conditioned" in m.warning()
+
+
+def test_sae_labels():
+    from experiments.pipeline import importance as pimp
+    assert pimp.sae_label("a", "resid_post.0") == "A resid_post.0"
+    assert pimp.sae_label("a", "resid_post.0", "ceiling") == "A resid_post.0 (ceiling)"
+    assert pimp.sae_label("b~random", "resid_post.1", "floor") == \
+        "B resid_post.1 (floor, random init)"
+    assert pimp.sae_label("a", "h", "main", 2, "k=8") == "A h (r2, k=8)"
