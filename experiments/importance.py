@@ -147,13 +147,13 @@ def run(s: Settings, workdir: str, mesh) -> dict:
     scfg = splice.SpliceConfig(batch_size=s.batch_size, seed=s.seed)
     ck = os.path.join(workdir, "checkpoints")
     metrics = splice.splice_metrics(lm, sae, hp, contexts, scfg,
-                                    checkpoint_dir=os.path.join(ck, "splice"),
+                                    checkpoint_dir=os.path.join(ck, "splice"), mesh=mesh,
                                     progress=s.progress)
     icfg = imp_lib.ImportanceConfig(splice=scfg, n_classes=s.n_classes, n_ablate=s.n_ablate,
                                     ablate_contexts=s.ablate_contexts, seed=s.seed)
     imp = imp_lib.feature_importance(lm, sae, hp, contexts, icfg,
                                      checkpoint_dir=os.path.join(ck, "importance"),
-                                     progress=s.progress)
+                                     mesh=mesh, progress=s.progress)
     imp.save(os.path.join(workdir, "importance.npz"))
     dle = None
     if not lm.is_encoder and np.isfinite(imp.norm_scale):

@@ -35,7 +35,9 @@
    positions (a first-order Taylor expansion of the same change). Their agreement checks (2).
 
 Positions (which are spliced, which predictions count, masked-LM masking) follow
-`models.splice` exactly. Streaming, float64 running sums and orbax checkpoints: `splice.streamed`.
+`models.splice` exactly. Streaming: one row per token position, reduced on the device mesh by
+the engine's accumulators (`engine.accumulators.Sums`, float32 with compensated sums across
+chunks) with orbax checkpoints of the running state (`splice.streamed`).
 Per-feature arrays are saved with `FeatureImportance.save` (``.npz``).
 
 Example::
@@ -357,13 +359,25 @@ def _ablation_sample(lm, tsae, hookpoint, contexts, cfg: ImportanceConfig) -> np
     return np.sort(pick).astype(np.int64)
 
 
+IMPORTANCE_COLUMNS = ("n_positions", "n_predictions", "norm_sum", "norm_count",
+                      "ablate_predictions")
+
+
 def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, contexts,
                        cfg: ImportanceConfig = ImportanceConfig(), *,
-                       checkpoint_dir: str | None = None,
+                       checkpoint_dir: str | None = None, mesh=None,
                        progress: bool = False) -> FeatureImportance:
     """Attribution sums (overall and per predicted-token class), the final-norm scale and the
-    exact ablation sample, streamed over ``contexts`` (resumable with ``checkpoint_dir``)."""
+    exact ablation sample, streamed over ``contexts`` (resumable with ``checkpoint_dir``).
+
+    Every token position is one row (activations and attributions ``[d_sae]``, its predicted
+    token's class, the per-token ablation changes), reduced on the mesh by
+    `engine.accumulators.Sums` (rows split over the ``data`` axis; ``|attr|``, firing
+    indicators and the per-class segment sums are formed on the devices).
+    """
     import torch
+
+    from engine import accumulators
     contexts = splice.as_contexts(contexts)
     if len(contexts) == 0:
         raise checks.InputError("contexts: empty corpus")
@@ -376,20 +390,32 @@ def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: st
     classes = token_classes(contexts, lm, cfg.n_classes)
     sample = _ablation_sample(lm, tsae, hp.name, contexts, cfg)
     n_cls, m = len(classes), len(sample)
+    m_cols = max(m, 1)  # the sums keep one (zero) column when there is no sample
     class_index = np.full(splice.vocab_size(lm), -1, np.int64)
     class_index[classes] = np.arange(n_cls)
-    class_index_t = torch.as_tensor(class_index, device=lm.device)
     norm = None if lm.is_encoder else final_norm(lm)
-    acc = splice.RunningSums({
-        "n_positions": (), "n_predictions": (), "attr_abs_sum": (d_sae,), "attr_sum": (d_sae,),
-        "act_sum": (d_sae,), "fire_count": (d_sae,), "class_count": (n_cls,),
-        "attr_abs_by_class": (n_cls, d_sae), "norm_sum": (), "norm_count": (),
-        "ablate_exact": (max(m, 1),), "ablate_linear": (max(m, 1),),
-        "ablate_predictions": ()})
+    col = {name: i for i, name in enumerate(IMPORTANCE_COLUMNS)}
+    ncol = len(IMPORTANCE_COLUMNS)
+    # rows: (columns, attr, act, class, ablation) -> on device: (columns, |attr|, attr, act,
+    # fires, class, ablation); the class column is -1 where no counted class is predicted.
+    acc = accumulators.Sums(
+        {"columns": (0, None, 0), "attr_abs_sum": (1, None, 0), "attr_sum": (2, None, 0),
+         "act_sum": (3, None, 0), "fire_count": (4, None, 0),
+         "attr_abs_by_class": (1, 5, n_cls), "class_columns": (0, 5, n_cls),
+         "ablate": (6, None, 0)},
+        {"columns": (ncol,), "attr_abs_sum": (d_sae,), "attr_sum": (d_sae,),
+         "act_sum": (d_sae,), "fire_count": (d_sae,), "attr_abs_by_class": (d_sae,),
+         "class_columns": (ncol,), "ablate": (2 * m_cols,)})
+    dt = splice.host_dtype(acc)
+
+    def on_device(params, columns, attr, act, cls, ablate):
+        import jax.numpy as jnp
+        return (columns, jnp.abs(attr), attr, act, (act > 0).astype(act.dtype), cls, ablate)
+
     key = splice.fingerprint("importance", splice.sae_fingerprint(sae), hp.name,
                              contexts.token_ids, contexts.mask, dataclasses.astuple(cfg))
 
-    def step(lo, part, _):
+    def rows(lo, part):
         batch = splice.prepare_batch(lm, part.token_ids, part.mask, cfg=cfg.splice, start=lo)
         _, _, splice_mask, loss_pos, targets = splice._tensors(lm, batch)
         rec: dict[str, Any] = {}
@@ -403,26 +429,20 @@ def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: st
         finally:
             if handle is not None:
                 handle.remove()
-        attr64 = attr.double()
-        abs_attr = attr64.abs()
-        cls = class_index_t[targets]
-        sel = loss_pos & (cls >= 0)
-        by_class = torch.zeros((n_cls, d_sae), dtype=torch.float64, device=lm.device)
-        by_class.index_add_(0, cls[sel], abs_attr[sel])
-        out = {"n_positions": float(batch.splice.sum()), "n_predictions": float(loss_pos.sum()),
-               "attr_abs_sum": abs_attr.sum((0, 1)).cpu().numpy(),
-               "attr_sum": attr64.sum((0, 1)).cpu().numpy(),
-               "act_sum": f.double().sum((0, 1)).cpu().numpy(),
-               "fire_count": (f > 0).double().sum((0, 1)).cpu().numpy(),
-               "class_count": torch.bincount(cls[sel], minlength=n_cls).double().cpu().numpy(),
-               "attr_abs_by_class": by_class.cpu().numpy()}
+        n_rows = batch.loss_pos.size
+        counted = batch.loss_pos.reshape(-1)
+        columns = np.zeros((n_rows, ncol))
+        columns[:, col["n_positions"]] = batch.splice.reshape(-1)
+        columns[:, col["n_predictions"]] = counted
         if "sigma" in rec:
-            out["norm_sum"] = float(rec["sigma"].sum())
-            out["norm_count"] = float(rec["sigma"].numel())
+            columns[counted, col["norm_sum"]] = rec["sigma"].double().cpu().numpy()
+            columns[counted, col["norm_count"]] = 1.0
+        cls = np.where(counted, class_index[batch.targets.reshape(-1)], -1).astype(np.int32)
+        ablate = np.zeros((n_rows, 2 * m_cols))
         if m and lo < cfg.ablate_contexts:
             tgt = targets[loss_pos][:, None]
-            base = lp_clean.gather(-1, tgt).double().sum()
-            exact = np.zeros(m)
+            base = lp_clean.gather(-1, tgt)[:, 0].double()
+            exact = np.zeros((int(counted.sum()), m))
             for i, j in enumerate(sample):
                 direction = tsae.feature_direction(int(j))
 
@@ -432,24 +452,27 @@ def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: st
                 with torch.inference_mode():
                     lp = splice.log_probs(lm, batch, hp.name,
                                           splice.spliced_fn(splice_mask, remove))
-                exact[i] = float(lp.gather(-1, tgt).double().sum() - base)
-            out["ablate_exact"] = exact
-            out["ablate_linear"] = -attr64[..., torch.as_tensor(sample, device=lm.device)
-                                           ].sum((0, 1)).cpu().numpy()
-            out["ablate_predictions"] = float(loss_pos.sum())
-        return out
+                exact[:, i] = (lp.gather(-1, tgt)[:, 0].double() - base).cpu().numpy()
+            ablate[counted, :m] = exact
+            ablate[:, m_cols:m_cols + m] = -attr.double().reshape(n_rows, d_sae)[
+                :, torch.as_tensor(sample, device=lm.device)].cpu().numpy()
+            columns[:, col["ablate_predictions"]] = counted
+        return (columns.astype(dt), attr.double().reshape(n_rows, d_sae).cpu().numpy().astype(dt),
+                f.double().reshape(n_rows, d_sae).cpu().numpy().astype(dt), cls,
+                ablate.astype(dt))
 
-    s = acc.finalize(splice.streamed(acc, contexts, cfg.splice.batch_size, step,
-                                     checkpoint_dir=checkpoint_dir,
-                                     save_every=cfg.splice.save_every, key=key,
-                                     progress=progress, desc=f"importance {hp.name}"))
+    s = splice.streamed(acc, contexts, cfg.splice.batch_size, rows, mesh=mesh,
+                        checkpoint_dir=checkpoint_dir, save_every=cfg.splice.save_every,
+                        key=key, progress=progress, transform=on_device)
+    c = {name: float(s["columns"][i]) for name, i in col.items()}
     return FeatureImportance(
-        hookpoint=hp.name, n_positions=int(s["n_positions"]),
-        n_predictions=int(s["n_predictions"]), attr_abs_sum=s["attr_abs_sum"],
-        attr_sum=s["attr_sum"], act_sum=s["act_sum"], fire_count=s["fire_count"],
-        class_ids=classes, class_count=s["class_count"],
+        hookpoint=hp.name, n_positions=int(round(c["n_positions"])),
+        n_predictions=int(round(c["n_predictions"])), attr_abs_sum=s["attr_abs_sum"],
+        attr_sum=s["attr_sum"], act_sum=s["act_sum"], fire_count=np.round(s["fire_count"]),
+        class_ids=classes, class_count=np.round(s["class_columns"][:, col["n_predictions"]]),
         attr_abs_by_class=np.ascontiguousarray(s["attr_abs_by_class"].T),
-        norm_scale=(s["norm_sum"] / s["norm_count"] if s["norm_count"] > 0
+        norm_scale=(c["norm_sum"] / c["norm_count"] if c["norm_count"] > 0
                     else float("nan")),
-        ablate_features=sample, ablate_exact=s["ablate_exact"][:m],
-        ablate_linear=s["ablate_linear"][:m], ablate_predictions=int(s["ablate_predictions"]))
+        ablate_features=sample, ablate_exact=s["ablate"][:m],
+        ablate_linear=s["ablate"][m_cols:m_cols + m],
+        ablate_predictions=int(round(c["ablate_predictions"])))

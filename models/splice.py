@@ -38,10 +38,13 @@ Which positions count (documented rule, `prepare_batch`):
   same tokens. The mask token is the tokenizer's ``mask_token_id`` (its UNK when it has none, as
   in the tiny masked models of `models.lm_tiny`).
 
-Streaming: contexts are processed in batches; the running sums (`RunningSums`, float64 on the
-host, the engine's accumulator protocol with an exact merge) and the number of contexts done are
-checkpointed with orbax (`engine.checkpoint.Checkpointer`) every ``save_every`` batches, and a
-rerun with the same ``checkpoint_dir`` resumes.
+Streaming: every token position of the corpus is one row (`token_stream`); the per-token
+quantities computed by the torch forward (losses, KLs, reconstruction errors; attributions in
+`models.importance`) are reduced on the JAX device mesh by the engine's accumulators
+(`engine.accumulators.Sums` through `engine.accumulators.accumulate`: rows split over the
+``data`` axis, merged across devices, compensated sums across chunks), and the running state
+and stream position are checkpointed with orbax every ``save_every`` batches; a rerun with the
+same ``checkpoint_dir`` resumes there.
 
 The model must have its LM head: load it with `load_with_head` (``AutoModelForCausalLM`` or
 ``AutoModelForMaskedLM``); hookpoints are those of `models.lm` (``resid_pre.L``,
@@ -62,7 +65,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -125,6 +128,41 @@ def wrap(model, tokenizer, *, name: str | None = None, device: str | None = None
     lm = lm_lib.LanguageModel(model, tokenizer, name=name, device=device)
     lm.model.requires_grad_(False)  # attribution differentiates w.r.t. SAE features only
     return lm
+
+
+def with_random_head(base: lm_lib.LanguageModel, seed: int) -> lm_lib.LanguageModel:
+    """A base model (e.g. the random-init floor copy of `models.lm.random_init_copy`, which
+    has no head) inside its architecture's LM-head model.
+
+    The body's weights are ``base``'s, copied exactly; the head is the architecture's own
+    initialisation under ``torch.manual_seed(seed)`` (tied to the input embeddings where the
+    config ties them), so for a random-init body the result IS a random-init language model
+    of that family, and the floor SAE can be spliced into its own model. Its losses are those
+    of an untrained model (CE near ``log(vocab)``; zeroing a hookpoint barely moves them), so
+    CE recovered is ill-conditioned there: `SpliceMetrics.warning` and the pipeline's summary
+    say so, and delta loss and KL are the numbers to read.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    cls = AutoModelForMaskedLM if base.is_encoder else AutoModelForCausalLM
+    dtype = next(base.model.parameters()).dtype
+    torch.manual_seed(int(seed))
+    with lm_lib.quiet_transformers():
+        model = cls.from_config(base.model.config, dtype=dtype)
+    body = getattr(model, model.base_model_prefix)
+    result = body.load_state_dict(base.model.state_dict(), strict=False)
+    # Every body weight must come from ``base``; only parts the LM head model drops (BERT's
+    # pooler) may be left over.
+    extra = [k for k in result.unexpected_keys if not k.startswith("pooler.")]
+    if result.missing_keys or extra:
+        raise checks.InputError(f"model {base.name}: its weights do not fit the "
+                                f"{cls.__name__} body (missing {result.missing_keys[:3]}, "
+                                f"unexpected {extra[:3]})")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return wrap(model, base.tokenizer, name=f"{base.name} (with a random-init LM head)",
+                device=base.device)
 
 
 def sae_dtype(lm: lm_lib.LanguageModel):
@@ -319,11 +357,6 @@ def prepare_batch(lm: lm_lib.LanguageModel, token_ids: np.ndarray, mask: np.ndar
     return Batch(inputs, mask, splice, pick, np.where(pick, ids, 0))
 
 
-def _batches(contexts, batch_size: int, start: int) -> Iterator[tuple[int, Any]]:
-    for lo in range(start, len(contexts), batch_size):
-        yield lo, contexts[lo:lo + batch_size]
-
-
 def as_contexts(contexts):
     from models import text
     return contexts if isinstance(contexts, text.Contexts) else text.Contexts.from_array(
@@ -331,36 +364,8 @@ def as_contexts(contexts):
 
 
 # --------------------------------------------------------------------------------------------
-# Running sums (the accumulator protocol, on the host in float64)
+# Streaming over tokens with the engine's accumulators
 # --------------------------------------------------------------------------------------------
-
-
-class RunningSums:
-    """Named float64 sums: the engine's accumulator protocol for per-batch partial sums.
-
-    ``update(state, partial)`` adds a dict of partial sums computed by the torch forward;
-    ``merge`` adds two states (exact up to float64 rounding, so the order of batches does not
-    matter); ``finalize`` returns the dict. States are numpy, checkpointed with orbax.
-    """
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
-        self.shapes = {k: tuple(v) for k, v in shapes.items()}
-
-    def init(self) -> dict:
-        return {k: np.zeros(s if s else (1,), np.float64) for k, s in self.shapes.items()}
-
-    def update(self, state: dict, partial: dict, weights=None) -> dict:
-        out = dict(state)
-        for k, v in partial.items():
-            out[k] = state[k] + np.asarray(v, np.float64).reshape(state[k].shape)
-        return out
-
-    def merge(self, a: dict, b: dict) -> dict:
-        return {k: a[k] + b[k] for k in a}
-
-    def finalize(self, state: dict) -> dict:
-        return {k: (float(v[0]) if not self.shapes[k] else np.asarray(v))
-                for k, v in state.items()}
 
 
 def fingerprint(*parts) -> str:
@@ -371,58 +376,95 @@ def sae_fingerprint(sae: sae_lib.SAE) -> str:
     return sae.fingerprint()
 
 
-def has_checkpoint(checkpoint_dir: str | None) -> bool:
-    if checkpoint_dir is None or not os.path.isdir(checkpoint_dir):
-        return False
-    return any(name.isdigit() for name in os.listdir(checkpoint_dir))
+def default_mesh():
+    """One device: the torch forward is the cost here, the sums are cheap."""
+    import jax
+
+    from engine import mesh as mesh_lib
+    return mesh_lib.make_mesh(devices=jax.devices()[:1])
 
 
-def streamed(acc: RunningSums, contexts, batch_size: int, step: Callable, *,
-             checkpoint_dir: str | None, save_every: int, key: str, progress: bool = False,
-             desc: str = "contexts", state: dict | None = None) -> dict:
-    """Folds ``step(start, batch, state) -> partial sums`` over the contexts; resumable.
+def host_dtype(acc) -> Any:
+    """numpy dtype of the rows handed to ``acc`` (its accumulation dtype: no silent cast)."""
+    return np.dtype(np.float64) if np.dtype(acc.dtype) == np.float64 else np.dtype(np.float32)
 
-    With ``checkpoint_dir`` the state and the number of contexts done are saved every
-    ``save_every`` batches and at the end (orbax); a later call with the same directory and
-    ``key`` resumes there (a different ``key`` is refused: the directory belongs to another
-    run).
+
+def token_stream(contexts, batch_size: int, rows_fn: Callable, mesh, *, name: str):
+    """A `engine.streaming.ChunkStream` whose rows are the corpus's token positions.
+
+    Row ``r`` is token ``r % seq`` of context ``r // seq`` (every context gives ``seq`` rows,
+    padding included: ``rows_fn`` zeroes the rows that count nowhere). ``rows_fn(lo, part)``
+    runs the model on the batch of contexts starting at ``lo`` (batches always start at
+    multiples of ``batch_size``, so a seeded masking draw is the same on resume) and returns
+    row-aligned arrays ``[len(part) * seq, ...]``. Re-opened at any row (a resumed
+    `accumulate` seeks mid-batch), the batch holding that row is recomputed and cut.
     """
-    state = acc.init() if state is None else state
-    start = 0
+    from engine import mesh as mesh_lib
+    from engine import streaming
+    seq = int(np.asarray(contexts.token_ids).shape[1])
+    n_data = mesh.shape[mesh_lib.DATA]
+    chunk = -(-batch_size * seq // n_data) * n_data
+
+    def open_at(start_row: int):
+        first = (start_row // seq) // batch_size * batch_size
+        skip = start_row - first * seq
+        for lo in range(first, len(contexts), batch_size):
+            arrays = tuple(rows_fn(lo, contexts[lo:lo + batch_size]))
+            if skip:
+                arrays, skip = tuple(a[skip:] for a in arrays), 0
+            yield arrays
+    return streaming.ChunkStream(open_at, chunk, name=name)
+
+
+def streamed(acc, contexts, batch_size: int, rows_fn: Callable, *, mesh=None,
+             checkpoint_dir: str | None, save_every: int, key: str, progress: bool = False,
+             transform: Callable | None = None) -> dict:
+    """``acc.finalize`` of `engine.accumulators.accumulate` over `token_stream` rows.
+
+    The rows of each batch are split over the mesh's ``data`` axis, reduced on the devices
+    and merged across them (``acc`` is an engine accumulator, e.g. `accumulators.Sums`).
+    With ``checkpoint_dir`` the running state and the stream position are saved (orbax,
+    ``checkpoint_dir/state``) every ``save_every`` chunks (a chunk is one batch of contexts)
+    and at the end; a later call with the same directory and ``key`` resumes there (a
+    different ``key`` is refused in one line: the directory belongs to another run).
+    """
+    from engine import accumulators, checkpoint
+    mesh = default_mesh() if mesh is None else mesh
     ckpt = None
     if checkpoint_dir is not None:
-        from engine import checkpoint
-        ckpt = checkpoint.Checkpointer(checkpoint_dir)
-        restored = ckpt.restore(state)
-        if restored is not None:
-            _, saved, meta = restored
-            if meta.get("key") != key:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        key_path = os.path.join(checkpoint_dir, "key.txt")
+        if os.path.exists(key_path):
+            with open(key_path, encoding="utf-8") as f:
+                saved = f.read().strip()
+            if saved != key:
                 raise checks.InputError(f"checkpoint {checkpoint_dir}: holds another run "
-                                        f"(key {meta.get('key')!r}, expected {key!r}); use a "
-                                        "fresh directory")
-            state = {k: np.asarray(v, np.float64) for k, v in saved.items()}
-            start = int(meta["position"])
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(contexts), initial=start, unit="ctx", desc=desc)
-    n_batches = 0
-    position = start
-    for lo, part in _batches(contexts, batch_size, start):
-        state = acc.update(state, step(lo, part, state))
-        position = lo + len(part)
-        n_batches += 1
-        if bar is not None:
-            bar.update(len(part))
-        if ckpt is not None and n_batches % save_every == 0:
-            ckpt.save(position, state, {"position": position, "key": key})
-    if bar is not None:
-        bar.close()
-    if ckpt is not None:
-        if n_batches and ckpt.latest_step() != position:
-            ckpt.save(position, state, {"position": position, "key": key})
-        ckpt.close()
-    return state
+                                        f"(key {saved!r}, expected {key!r}); use a fresh "
+                                        "directory")
+        else:
+            with open(key_path, "w", encoding="utf-8") as f:
+                f.write(key + "\n")
+        ckpt = checkpoint.Checkpointer(os.path.join(checkpoint_dir, "state"))
+    stream = token_stream(contexts, batch_size, rows_fn, mesh, name=f"{key} rows")
+    try:
+        state = accumulators.accumulate(acc, stream, mesh, checkpointer=ckpt,
+                                        save_every=save_every, progress=progress,
+                                        transform=transform)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return acc.finalize(state)
+
+
+def scatter_rows(mask: np.ndarray, values, width: int | None = None,
+                 dtype=np.float64) -> np.ndarray:
+    """``[mask.size(, width)]`` rows: ``values`` (given in ``mask``'s True order) at the True
+    positions of the flattened ``mask``, zeros elsewhere."""
+    flat = np.asarray(mask, bool).reshape(-1)
+    shape = (flat.size,) if width is None else (flat.size, width)
+    out = np.zeros(shape, dtype)
+    out[flat] = np.asarray(values, np.float64).reshape((int(flat.sum()),) + shape[1:])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,23 +507,33 @@ def spliced_fn(splice_mask, replacement: Callable):
 
 
 def hookpoint_mean(lm: lm_lib.LanguageModel, hookpoint: str, contexts,
-                   cfg: SpliceConfig = SpliceConfig(), *, progress: bool = False) -> np.ndarray:
-    """Mean activation at ``hookpoint`` over the spliced positions of the corpus (float64)."""
+                   cfg: SpliceConfig = SpliceConfig(), *, mesh=None,
+                   checkpoint_dir: str | None = None, progress: bool = False) -> np.ndarray:
+    """Mean activation at ``hookpoint`` over the spliced positions of the corpus (float64;
+    summed on the mesh with `engine.accumulators.Sums`, resumable with ``checkpoint_dir``)."""
+    from engine import accumulators
     contexts = as_contexts(contexts)
-    acc = RunningSums({"sum": (lm.d_model,), "count": ()})
+    hp = lm.parse(hookpoint)[0]
+    acc = accumulators.Sums({"sum": (0, None, 0), "count": (1, None, 0)},
+                            {"sum": (lm.d_model,), "count": ()})
+    dt = host_dtype(acc)
 
-    def step(lo, part, _):
+    def rows(lo, part):
         batch = prepare_batch(lm, part.token_ids, part.mask, cfg=cfg, start=lo)
-        out = lm.forward_batch(batch.input_ids, [hookpoint], attention_mask=batch.attention_mask)
-        x = out.acts[lm.parse(hookpoint)[0].name].astype(np.float64)
-        return {"sum": x[batch.splice].sum(0), "count": batch.splice.sum()}
+        out = lm.forward_batch(batch.input_ids, [hp.name], attention_mask=batch.attention_mask)
+        x = out.acts[hp.name].astype(np.float64)
+        keep = batch.splice.reshape(-1)
+        return (scatter_rows(keep, x.reshape(-1, lm.d_model)[keep], lm.d_model, dt),
+                keep.astype(dt))
 
-    sums = acc.finalize(streamed(acc, contexts, cfg.batch_size, step, checkpoint_dir=None,
-                                 save_every=cfg.save_every, key="mean", progress=progress,
-                                 desc=f"mean {hookpoint}"))
+    key = fingerprint("mean", hp.name, contexts.token_ids, contexts.mask, cfg.mask_rate,
+                      cfg.seed, cfg.splice_special)
+    sums = streamed(acc, contexts, cfg.batch_size, rows, mesh=mesh,
+                    checkpoint_dir=checkpoint_dir, save_every=cfg.save_every, key=key,
+                    progress=progress)
     if sums["count"] <= 0:
         raise checks.InputError("contexts: no real, non-special token to average over")
-    return sums["sum"] / sums["count"]
+    return sums["sum"] / float(sums["count"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,26 +622,37 @@ def _recovered(ablate: float, sae: float, clean: float) -> float:
     return (ablate - sae) / denom if abs(denom) > 1e-12 else float("nan")
 
 
-SPLICE_KEYS = ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "kl_zero", "kl_mean",
-               "count", "n_spliced", "sse", "sst")
+# Per-token columns of the spliced pass. CE of the patched runs is stored as the difference
+# to the clean CE (computed per token in float64 before the rows are cast to the
+# accumulation dtype), so delta loss and CE recovered are exact relative to their own size:
+# an identity SAE gives exactly 0 and 1, whatever the accumulation precision.
+SPLICE_COLUMNS = ("count", "ce_clean", "dce_sae", "dce_zero", "dce_mean", "kl_sae", "kl_zero",
+                  "kl_mean", "n_spliced", "sse", "sst")
 
 
 def splice_metrics(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, contexts,
                    cfg: SpliceConfig = SpliceConfig(), *, checkpoint_dir: str | None = None,
-                   mean: np.ndarray | None = None, progress: bool = False) -> SpliceMetrics:
+                   mean: np.ndarray | None = None, mesh=None,
+                   progress: bool = False) -> SpliceMetrics:
     """CE clean / SAE / zero / mean ablation, KLs and FVU, streamed over ``contexts``.
+
+    Every token position is one row of per-token losses (`SPLICE_COLUMNS`), summed on the
+    mesh with `engine.accumulators.Sums` (rows split over the ``data`` axis).
 
     Args:
       lm: a model with its LM head (`load_with_head` / `wrap`).
       sae: the SAE of ``hookpoint`` (``d_in`` must equal the hookpoint's width).
       contexts: `models.text.Contexts` or an ``[n, seq]`` id array.
       cfg: batching, masking rule (masked models), special-token rule.
-      checkpoint_dir: resumable running sums (orbax); None = in memory only.
-      mean: the hookpoint's mean activation (default: streamed first with `hookpoint_mean`;
-        stored in the checkpoint so a resumed run reuses it).
+      checkpoint_dir: resumable running sums (orbax; the mean pass under ``mean/``, the
+        spliced pass under ``sums/``); None = in memory only.
+      mean: the hookpoint's mean activation (default: streamed first with `hookpoint_mean`).
+      mesh: device mesh of the sums (default: one device).
       progress: tqdm bars.
     """
     import torch
+
+    from engine import accumulators
     contexts = as_contexts(contexts)
     if len(contexts) == 0:
         raise checks.InputError("contexts: empty corpus")
@@ -599,27 +662,32 @@ def splice_metrics(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, c
                                 f"{lm.d_model} of {hp.name} in {lm.name}")
     key = fingerprint("splice", sae_fingerprint(sae), hp.name, contexts.token_ids,
                       contexts.mask, cfg.mask_rate, cfg.seed, cfg.splice_special)
-    acc = RunningSums({k: () for k in SPLICE_KEYS} | {"mean": (lm.d_model,)})
-    state = acc.init()
-    if not has_checkpoint(checkpoint_dir):  # a resumed run restores the mean with the sums
-        mu = hookpoint_mean(lm, hp.name, contexts, cfg, progress=progress) if mean is None \
-            else np.asarray(mean, np.float64)
-        checks.check_shape("mean", mu, (lm.d_model,))
-        state["mean"] = mu.copy()
+    sub = (lambda name: None) if checkpoint_dir is None else (
+        lambda name: os.path.join(checkpoint_dir, name))
+    if mean is None:
+        mu = hookpoint_mean(lm, hp.name, contexts, cfg, mesh=mesh,
+                            checkpoint_dir=sub("mean"), progress=progress)
+    else:
+        mu = np.asarray(mean, np.float64)
+    checks.check_shape("mean", mu, (lm.d_model,))
+    ncol = len(SPLICE_COLUMNS)
+    col = {name: i for i, name in enumerate(SPLICE_COLUMNS)}
+    acc = accumulators.Sums({"sums": (0, None, 0)}, {"sums": (ncol,)})
+    dt = host_dtype(acc)
     tsae = TorchSAE(sae, lm.device, sae_dtype(lm))
+    mu_t = torch.as_tensor(mu, device=lm.device).to(tsae.W_enc.dtype)
 
-    def step(lo, part, st):
+    def rows(lo, part):
         batch = prepare_batch(lm, part.token_ids, part.mask, cfg=cfg, start=lo)
         _, _, splice, loss_pos, targets = _tensors(lm, batch)
         tgt = targets[loss_pos]
-        mu_t = torch.as_tensor(st["mean"], device=lm.device).to(tsae.W_enc.dtype)
-        rec: dict[str, float] = {}
+        rec: dict[str, Any] = {}
 
         def sae_replacement(x):
             x = x.to(tsae.W_enc.dtype)
             x_hat = tsae(x)
-            rec["sse"] = float(((x - x_hat)[splice].double() ** 2).sum())
-            rec["sst"] = float(((x - mu_t)[splice].double() ** 2).sum())
+            rec["sse"] = ((x - x_hat)[splice].double() ** 2).sum(-1)
+            rec["sst"] = ((x - mu_t)[splice].double() ** 2).sum(-1)
             return x_hat
 
         with torch.inference_mode():
@@ -628,27 +696,35 @@ def splice_metrics(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, c
                                ("zero", lambda x: torch.zeros_like(x)),
                                ("mean", lambda x: mu_t.expand_as(x))):
                 lp[name] = log_probs(lm, batch, hp.name, spliced_fn(splice, repl))
+        ce = {name: -v.gather(-1, tgt[:, None])[:, 0].double() for name, v in lp.items()}
         p_clean = lp["clean"].exp()
-        out = {"count": float(tgt.numel()), "n_spliced": float(batch.splice.sum()),
-               "sse": rec["sse"], "sst": rec["sst"]}
-        for name, v in lp.items():
-            out[f"ce_{name}"] = float(-v.gather(-1, tgt[:, None]).double().sum())
-            if name != "clean":
-                out[f"kl_{name}"] = float((p_clean * (lp["clean"] - v)).double().sum())
-        return out
+        counted = np.zeros((int(batch.loss_pos.sum()), ncol))
+        counted[:, col["count"]] = 1.0
+        counted[:, col["ce_clean"]] = ce["clean"].cpu().numpy()
+        for name in ("sae", "zero", "mean"):
+            counted[:, col[f"dce_{name}"]] = (ce[name] - ce["clean"]).cpu().numpy()
+            counted[:, col[f"kl_{name}"]] = (p_clean * (lp["clean"] - lp[name])).double(
+                ).sum(-1).cpu().numpy()
+        spliced = np.zeros((int(batch.splice.sum()), ncol))
+        spliced[:, col["n_spliced"]] = 1.0
+        spliced[:, col["sse"]] = rec["sse"].cpu().numpy()
+        spliced[:, col["sst"]] = rec["sst"].cpu().numpy()
+        out = scatter_rows(batch.loss_pos, counted, ncol) + scatter_rows(batch.splice, spliced,
+                                                                         ncol)
+        return (out.astype(dt),)
 
-    sums = acc.finalize(streamed(acc, contexts, cfg.batch_size, step,
-                                 checkpoint_dir=checkpoint_dir, save_every=cfg.save_every,
-                                 key=key, progress=progress, desc=f"splice {hp.name}",
-                                 state=state))
+    s = streamed(acc, contexts, cfg.batch_size, rows, mesh=mesh, checkpoint_dir=sub("sums"),
+                 save_every=cfg.save_every, key=key, progress=progress)["sums"]
+    sums = {name: float(s[i]) for name, i in col.items()}
     n = sums["count"]
     if n <= 0:
         raise checks.InputError("contexts: no position to predict (too short, or all "
                                 "special/padding, or no masked token drawn)")
+    ce_clean = sums["ce_clean"] / n
     return SpliceMetrics(
         hookpoint=hp.name, objective="masked-token" if lm.is_encoder else "next-token",
-        n_positions=int(n), n_spliced=int(sums["n_spliced"]),
-        ce_clean=sums["ce_clean"] / n, ce_sae=sums["ce_sae"] / n, ce_zero=sums["ce_zero"] / n,
-        ce_mean=sums["ce_mean"] / n, kl_sae=sums["kl_sae"] / n, kl_zero=sums["kl_zero"] / n,
-        kl_mean=sums["kl_mean"] / n,
+        n_positions=int(round(n)), n_spliced=int(round(sums["n_spliced"])),
+        ce_clean=ce_clean, ce_sae=ce_clean + sums["dce_sae"] / n,
+        ce_zero=ce_clean + sums["dce_zero"] / n, ce_mean=ce_clean + sums["dce_mean"] / n,
+        kl_sae=sums["kl_sae"] / n, kl_zero=sums["kl_zero"] / n, kl_mean=sums["kl_mean"] / n,
         fvu=sums["sse"] / sums["sst"] if sums["sst"] > 0 else float("nan"))

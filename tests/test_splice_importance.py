@@ -135,9 +135,11 @@ def test_spliced_ce_equals_hand_written_forward(arch, hookpoint, toks):
     assert m.n_positions == int((labels != -100).sum())
     # HF's own loss casts logits to float32 (logits.float()), hence rtol 1e-6 against it
     np.testing.assert_allclose(m.ce_clean, hf_clean, rtol=1e-6)
-    np.testing.assert_allclose(m.ce_clean, clean, rtol=1e-10)
+    # per-token losses are float64 here, summed on the device in float32 (engine Sums): the
+    # sums agree with a float64 reference to float32 rounding (~1e-7 relative)
+    np.testing.assert_allclose(m.ce_clean, clean, rtol=1e-6)
     np.testing.assert_allclose(m.ce_sae, with_rec, rtol=1e-6)  # the numpy SAE is float32-fed
-    np.testing.assert_allclose(m.ce_zero, zero, rtol=1e-10)
+    np.testing.assert_allclose(m.ce_zero, zero, rtol=1e-6)
     np.testing.assert_allclose(m.delta_loss, with_rec - clean, atol=1e-6)
     np.testing.assert_allclose(m.ce_loss_recovered, (zero - with_rec) / (zero - clean),
                                rtol=1e-6, atol=1e-6)
@@ -156,12 +158,12 @@ def test_spliced_ce_equals_hand_written_forward(arch, hookpoint, toks):
     acts = lm.forward_batch(batch.input_ids, [hp.name],
                             attention_mask=batch.attention_mask).acts[hp.name]
     mu = acts[batch.splice].astype(np.float64).mean(0)
-    np.testing.assert_allclose(splice.hookpoint_mean(lm, hp.name, ctx, cfg), mu, rtol=1e-9,
-                               atol=1e-12)
+    np.testing.assert_allclose(splice.hookpoint_mean(lm, hp.name, ctx, cfg), mu, rtol=1e-6,
+                               atol=1e-6 * np.abs(mu).max())
     _, logits_mean = _hand_loss(lm, batch, labels, module,
                                 lambda x: torch.where(spl, torch.as_tensor(mu).expand_as(x), x),
                                 pre=hp.kind == "resid_pre")
-    np.testing.assert_allclose(m.ce_mean, _ce64(logits_mean, labels, lm.is_encoder), rtol=1e-9)
+    np.testing.assert_allclose(m.ce_mean, _ce64(logits_mean, labels, lm.is_encoder), rtol=1e-6)
     x = acts[batch.splice].astype(np.float64)
     fvu = ((x - _numpy_sae(sae, x)[1]) ** 2).sum() / ((x - mu) ** 2).sum()
     np.testing.assert_allclose(m.fvu, fvu, rtol=1e-5)
@@ -175,7 +177,7 @@ def test_batches_sum_like_one_pass(toks):
     one = splice.splice_metrics(lm, sae, "resid_post.1", ctx, splice.SpliceConfig(batch_size=7))
     many = splice.splice_metrics(lm, sae, "resid_post.1", ctx, splice.SpliceConfig(batch_size=2))
     for field in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "fvu"):
-        np.testing.assert_allclose(getattr(many, field), getattr(one, field), rtol=1e-9)
+        np.testing.assert_allclose(getattr(many, field), getattr(one, field), rtol=1e-6)
 
 
 def _identity_sae(shift=100.0):
@@ -265,7 +267,9 @@ def test_resume_after_interruption(toks, tmp_path, monkeypatch):
     monkeypatch.setattr(splice, "log_probs", counting)
     resumed = splice.splice_metrics(lm, sae, "resid_post.0", ctx, cfg,
                                     checkpoint_dir=str(tmp_path))
-    assert counted["n"] == 4 * 2  # only the two remaining batches ran
+    # resumed, not restarted: the checkpoint holds at least the first batch (the stream
+    # prefetches one batch ahead, so the batch after it may be recomputed)
+    assert counted["n"] in (4 * 2, 4 * 3)
     for field in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "fvu", "n_positions"):
         np.testing.assert_allclose(getattr(resumed, field), getattr(fresh, field), rtol=1e-12)
     with pytest.raises(checks.InputError, match="another run"):
@@ -386,10 +390,13 @@ def test_importance_sums_ablation_and_dle(toks):
                              attention_mask=batch.attention_mask).acts["resid_post.1"]
         h = h[batch.loss_pos].astype(np.float64)
         sigmas.append(np.sqrt(h.var(-1) + lm.model.transformer.ln_f.eps))
-    np.testing.assert_allclose(imp.attr_abs_sum, want_abs, rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(imp.attr_sum, want_sum, rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(imp.attr_abs_by_class, per_class, rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(imp.ablate_exact, exact, rtol=1e-6, atol=1e-12)
+    # float64 reference vs the device's float32 sums (engine Sums): float32 rounding
+    tol = dict(rtol=2e-6, atol=1e-6 * np.abs(want_abs).max())
+    np.testing.assert_allclose(imp.attr_abs_sum, want_abs, **tol)
+    np.testing.assert_allclose(imp.attr_sum, want_sum, **tol)
+    np.testing.assert_allclose(imp.attr_abs_by_class, per_class, **tol)
+    np.testing.assert_allclose(imp.ablate_exact, exact, rtol=2e-6,
+                               atol=1e-6 * np.abs(exact).max())
     # forward_batch returns float32 activations, hence 1e-6
     np.testing.assert_allclose(imp.norm_scale, np.concatenate(sigmas).mean(), rtol=1e-6)
     # the linear estimate tracks the exact ablation (small single-feature effects)
@@ -466,3 +473,111 @@ def test_half_precision_model_runs_the_sae_in_float32(toks):
         lm16, _sae(), "resid_post.0", ctx,
         importance.ImportanceConfig(n_classes=3, n_ablate=2, ablate_contexts=2))
     assert imp.attr_abs_sum.dtype == np.float64 and np.isfinite(imp.attr_abs_sum).all()
+
+
+# -- streaming on the device mesh (engine accumulators) ----------------------------------------
+
+
+def test_sums_accumulator_matches_float64_on_1_and_4_devices(mesh1, mesh4):
+    from engine import accumulators, streaming
+    rng = np.random.default_rng(0)
+    n = 37
+    x = 1e3 + rng.normal(size=(n, 5))          # a large offset: float32 sums lose digits
+    seg = rng.integers(-1, 3, n).astype(np.int32)
+    w = rng.random(n)
+    acc = accumulators.Sums({"s": (0, None, 0), "by": (0, 1, 3), "dup": (2, None, 0)},
+                            {"s": (5,), "by": (5,), "dup": (2,)})
+    twin = np.stack([x[:, 0], x[:, 0]], 1)      # two identical columns
+    want_s = (w[:, None] * x).sum(0)
+    want_by = np.stack([(w[seg == c, None] * x[seg == c]).sum(0) for c in range(3)])
+    out = {}
+    for name, mesh in (("1", mesh1), ("4", mesh4)):
+        # the weights ride in the stream's rows: accumulate passes the chunk mask, so fold
+        # them into the values (a weight is a scale of the row)
+        stream = streaming.ChunkStream((x * w[:, None], seg, twin * w[:, None]), 8)
+        out[name] = acc.finalize(accumulators.accumulate(acc, stream, mesh))
+        np.testing.assert_allclose(out[name]["s"], want_s, rtol=1e-6)
+        np.testing.assert_allclose(out[name]["by"], want_by, rtol=1e-6)
+        assert out[name]["dup"][0] == out[name]["dup"][1]
+    np.testing.assert_allclose(out["4"]["s"], out["1"]["s"], rtol=1e-6)
+    # weights through update, and merge == sum of the parts
+    a = acc.update(acc.init(), (x[:20], seg[:20], twin[:20]), w[:20])
+    b = acc.update(acc.init(), (x[20:], seg[20:], twin[20:]), w[20:])
+    np.testing.assert_allclose(acc.finalize(acc.merge(a, b))["s"], want_s, rtol=1e-6)
+    with pytest.raises(checks.InputError, match="expected rows of shape"):
+        acc.update(acc.init(), (x[:, :4], seg, twin), w)
+
+
+def test_compensated_sum_does_not_drift_over_chunks():
+    """Chunks whose own sums are exact in float32 (few mantissa bits) but whose running total
+    outgrows their low bits: a plain float32 running sum drifts, the compensated one is
+    exact."""
+    from engine import accumulators
+    acc = accumulators.Sums({"s": (0, None, 0)}, {"s": ()})
+    state = acc.init()
+    vals = 1.0 + (np.arange(4000) % 7).reshape(400, 10) * 2.0 ** -16
+    plain = np.float32(0.0)
+    update = jax.jit(acc.update)
+    for chunk in vals:
+        state = update(state, (chunk.astype(np.float32),), np.ones(10, np.float32))
+        plain = np.float32(plain + np.float32(chunk.astype(np.float32).sum()))
+    want = vals.astype(np.float32).astype(np.float64).sum()
+    got = acc.finalize(state)["s"]
+    assert got == want
+    assert abs(float(plain) - want) > 1e-5
+
+
+def test_splice_and_importance_on_1_and_4_devices(toks, mesh1, mesh4):
+    lm = _model("gpt2", toks)
+    ctx = _contexts(lm, n=6)
+    sae = _sae(8)
+    cfg = splice.SpliceConfig(batch_size=3)   # 3 x 12 = 36 rows per chunk: 9 per device
+    one = splice.splice_metrics(lm, sae, "resid_post.0", ctx, cfg, mesh=mesh1)
+    four = splice.splice_metrics(lm, sae, "resid_post.0", ctx, cfg, mesh=mesh4)
+    for field in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "kl_zero", "fvu"):
+        np.testing.assert_allclose(getattr(four, field), getattr(one, field), rtol=1e-6)
+    assert four.n_positions == one.n_positions and four.n_spliced == one.n_spliced
+    icfg = importance.ImportanceConfig(splice=cfg, n_classes=4, n_ablate=3, ablate_contexts=3)
+    i1 = importance.feature_importance(lm, sae, "resid_post.0", ctx, icfg, mesh=mesh1)
+    i4 = importance.feature_importance(lm, sae, "resid_post.0", ctx, icfg, mesh=mesh4)
+    scale = np.abs(i1.attr_abs_sum).max()
+    for field in ("attr_abs_sum", "attr_sum", "attr_abs_by_class", "ablate_exact",
+                  "ablate_linear"):
+        np.testing.assert_allclose(getattr(i4, field), getattr(i1, field), rtol=1e-5,
+                                   atol=1e-6 * scale)
+    np.testing.assert_array_equal(i4.fire_count, i1.fire_count)
+    np.testing.assert_array_equal(i4.class_count, i1.class_count)
+    assert i4.n_positions == i1.n_positions
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "bert"])
+def test_floor_model_gets_a_random_head_and_keeps_its_body(arch, toks):
+    """The random-init floor copy (a base model, no head) inside its LM-head model: the body's
+    activations are exactly the copy's, so the floor SAE is spliced where it was trained."""
+    from models import lm as lm_lib
+    tok = toks["cls_sep" if arch == "bert" else "bos"]
+    src = lm_lib.LanguageModel(lm_tiny.build_tiny_model(arch, tok, seed=0, n_layers=2,
+                                                         d_model=D, n_heads=2), tok,
+                               device="cpu")
+    rnd = lm_lib.random_init_copy(src, seed=1000)
+    assert getattr(rnd.model, "get_output_embeddings", lambda: None)() is None
+    full = splice.with_random_head(rnd, seed=0)
+    ctx = _contexts(full)
+    for hp in ("resid_post.0", "resid_post.1"):
+        want = rnd.forward_batch(ctx.token_ids, [hp], attention_mask=ctx.mask).acts[hp]
+        got = full.forward_batch(ctx.token_ids, [hp], attention_mask=ctx.mask).acts[hp]
+        np.testing.assert_array_equal(got, want)
+    m = splice.splice_metrics(full, _sae(), "resid_post.0", ctx, splice.SpliceConfig(batch_size=3))
+    assert np.isfinite(m.ce_clean) and m.n_positions > 0
+    # an untrained model: zero ablation barely moves the loss, and the warning says so
+    if m.ce_zero - m.ce_clean < splice.ILL_CONDITIONED_GAP:
+        assert "ill-conditioned" in m.warning()
+
+
+def test_sae_labels():
+    from experiments.pipeline import importance as pimp
+    assert pimp.sae_label("a", "resid_post.0") == "A resid_post.0"
+    assert pimp.sae_label("a", "resid_post.0", "ceiling") == "A resid_post.0 (ceiling)"
+    assert pimp.sae_label("b~random", "resid_post.1", "floor") == \
+        "B resid_post.1 (floor, random init)"
+    assert pimp.sae_label("a", "h", "main", 2, "k=8") == "A h (r2, k=8)"

@@ -163,11 +163,13 @@ def test_layer_grid_on_tiny_transformers_pair(tmp_path):
     assert len(seeds) == 10 and len(set(seeds)) == 10   # 4 main, 4 ceiling, 2 floor
     for metric in ("svcca", "cka", "rsa_spearman"):
         assert (tmp_path / "plots" / f"layers_{metric}.png").stat().st_size > 1000
-    # every SAE (2 + 2 hookpoints, the ceiling's) spliced into its model (issue 16)
-    assert [r["label"] for r in results["splice"]] == [
-        "A resid_post.0", "A resid_post.1", "B resid_post.0", "B resid_post.1",
-        "A resid_post.0 (ceiling)"]
+    # every SAE the run trained (4 main, 4 ceiling, 2 floor) spliced into its own model
+    # (issue 16); the floor's into its random-init model, given a random-init LM head
+    assert sorted(r["label"] for r in results["splice"]) == sorted(
+        [f"{s} resid_post.{i}{k}" for s in "AB" for i in (0, 1) for k in ("", " (ceiling)")]
+        + [f"B resid_post.{i} (floor, random init)" for i in (0, 1)])
     assert all(r["n_positions"] > 0 and np.isfinite(r["ce_clean"]) for r in results["splice"])
+    assert "B resid_post.0 (floor, random init)" in proc.stdout
     assert "SAEs spliced into their model" in proc.stdout
     assert "results:" in proc.stdout
     # The report and the per-feature export: multi-token contexts that stay inside their

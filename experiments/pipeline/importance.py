@@ -11,8 +11,12 @@ loss as SAELens / SAEBench define them, Karvonen et al. 2025, arXiv:2503.09532).
   ``--splice_contexts`` contexts): recorded in results.json ``splice`` and printed; an SAE
   recovering less than `models.splice.POOR_CE_RECOVERED` (0.5) of the CE loss gets a WARNING
   line: its features are a poor stand-in for the model's computation, so universality claims
-  built on them are weak. (The floor's SAE sits in a random-init base model without a head and
-  is not spliced.)
+  built on them are weak. Every SAE the run trains or loads is spliced: main SAEs, replicates,
+  sweep conditions, ceilings, and the floor's SAE, which goes into its own random-init model
+  (the random-init body whose activations trained it, with the architecture's random-init LM
+  head, `models.splice.with_random_head`). On an untrained model zeroing the hookpoint barely
+  moves the loss, so the floor's CE recovered is ill-conditioned: the summary prints it with
+  a note saying so, and its delta loss and KL are the numbers to read.
 * **Restriction** (``--importance``): the main comparison's kept pairs restricted to pairs
   whose two features are both among their side's ``--importance_top_k`` most important
   (``top_k``), and, for contrast, both among the ``k`` least important of the paired features
@@ -368,19 +372,40 @@ def annotate_feature_table(path: str, scores: dict) -> bool:
     return True
 
 
+def sae_label(side: str, hookpoint: str, kind: str = "main", replicate: int = 0,
+              condition: str = "") -> str:
+    """Summary label of an SAE: ``A resid_post.0``, ``A resid_post.0 (ceiling)``,
+    ``B resid_post.1 (floor, random init)``, ``A resid_post.0 (r1, k=8)``."""
+    base, random = side.split("~")[0], "~random" in side
+    extra = [kind] if kind != "main" else []
+    extra += ["random init"] if random else []
+    extra += [f"r{replicate}"] if replicate else []
+    extra += [condition] if condition else []
+    return f"{base.upper()} {hookpoint}" + (f" ({', '.join(extra)})" if extra else "")
+
+
 def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: dict,
               comps: list[dict], ceiling: tuple | None = None, floor: tuple | None = None,
-              cache=None) -> dict:
+              cache=None, contexts_b=None, every_sae: list | None = None,
+              random_model=None) -> dict:
     """Spliced metrics of every SAE and (``--importance``) the importance comparisons.
 
     Args:
       paths: model A and B directories (loaded again WITH their LM heads).
-      contexts: the run's contexts (the first ``--splice_contexts`` are used).
-      saes_a / saes_b: hookpoint -> SAE per side.
+      contexts: the run's contexts of model A (the first ``--splice_contexts`` are used).
+      contexts_b: model B's contexts when its tokenizer differs (default: ``contexts``).
+      saes_a / saes_b: hookpoint -> SAE per side (the importance comparisons use these).
       comps: the run's comparison results (their ``pairs``, ``kind``, ``hookpoint_a/b``).
-      ceiling: ``(hookpoint, SAE)``, the ceiling's second SAE of model A (spliced too).
-      floor: ``(hookpoint, SAE)``, the floor's SAE (random-init B; decile curve only).
+      ceiling: ``(hookpoint, SAE)``, the ceiling's second SAE of model A.
+      floor: ``(hookpoint, SAE)``, the floor's SAE (random-init B; decile curve).
       cache: the run's `StepCache` (spliced metrics and importances are saved as steps).
+      every_sae: ``[(saes.Role, SAE)]``, every SAE the run trained or loaded (main,
+        replicates, ceilings, floors, sweep conditions): each is spliced into its own model
+        (default: ``saes_a``, ``saes_b``, ``ceiling`` and ``floor``).
+      random_model: ``side -> LanguageModel``, the random-init base copy of model ``side``
+        whose activations trained the floor SAEs of ``side~random``; it gets a random-init
+        LM head (`models.splice.with_random_head`) so the floor SAE is spliced into its own
+        (untrained) model.
     """
     from models import importance as imp_lib
     from models import splice
@@ -388,6 +413,8 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
     if not (flags_.splice_eval or flags_.importance):
         return out
     ctx = contexts[:flags_.splice_contexts]
+    ctx_of = {"a": ctx, "b": (contexts if contexts_b is None else contexts_b)[
+        :flags_.splice_contexts]}
     try:
         lms = {"a": splice.load_with_head(paths[0]), "b": splice.load_with_head(paths[1])}
     except checks.InputError as e:  # e.g. a base-model checkpoint: no head, no losses
@@ -397,23 +424,54 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
     saes += [("b", hp, s, f"B {hp}") for hp, s in saes_b.items()]
     if ceiling is not None:
         saes.append(("a", ceiling[0], ceiling[1], f"A {ceiling[0]} (ceiling)"))
+    if every_sae is None:
+        spliced = list(saes)
+        if floor is not None:
+            side = next((c.get("random_init") for c in comps if c.get("kind") == "floor"), "b")
+            spliced.append((f"{side}~random", floor[0], floor[1],
+                            sae_label(f"{side}~random", floor[0], "floor")))
+    else:
+        spliced, seen = [], set()
+        for role, s in every_sae:
+            if id(s) in seen:
+                continue
+            seen.add(id(s))
+            spliced.append((role.side, role.hookpoint, s, sae_label(
+                role.side, role.hookpoint, role.kind, role.replicate, role.condition)))
     scfg = splice.SpliceConfig(batch_size=flags_.lm_batch_size, seed=flags_.seed)
 
     def key(label, sae):
         return "".join(ch if ch.isalnum() else "_" for ch in label) + "." + \
             splice.sae_fingerprint(sae)[:10]
 
+    def model_of(side: str):
+        if side in lms:
+            return lms[side]
+        base = side.split("~")[0]
+        if "~random" not in side or base not in lms:
+            raise checks.InputError(f"SAE side {side!r}: no model to splice it into")
+        if random_model is None:
+            raise checks.InputError(f"SAE side {side!r}: the random-init model is not "
+                                    "available here")
+        lms[side] = splice.with_random_head(random_model(base), seed=flags_.seed)
+        return lms[side]
+
     if flags_.splice_eval:
         records = []
-        for side, hp, s, label in saes:
+        for side, hp, s, label in spliced:
             k = key(label, s)
 
             def compute(side=side, hp=hp, s=s, k=k):
-                m = splice.splice_metrics(lms[side], s, hp, ctx, scfg,
+                m = splice.splice_metrics(model_of(side), s, hp, ctx_of[side.split("~")[0]],
+                                          scfg,
                                           checkpoint_dir=run.path("checkpoints", "splice", k),
-                                          progress=flags_.progress)
+                                          mesh=run.mesh, progress=flags_.progress)
                 return {kk: v for kk, v in m.to_dict().items()}
-            rec = cache.get(f"splice.{k}", compute) if cache is not None else compute()
+            try:
+                rec = cache.get(f"splice.{k}", compute) if cache is not None else compute()
+            except checks.InputError as e:
+                records.append({"label": label, "side": side, "error": str(e)})
+                continue
             records.append({"label": label, "side": side, **{
                 kk: (v.item() if hasattr(v, "item") else v) for kk, v in rec.items()}})
         out["splice"] = records
@@ -428,9 +486,9 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
         path = run.path("importance", f"{k}.npz")
         if not os.path.exists(path):
             imp_lib.feature_importance(
-                lms[side], s, hp, ctx, icfg,
+                lms[side], s, hp, ctx_of[side], icfg,
                 checkpoint_dir=run.path("checkpoints", "importance", k),
-                progress=flags_.progress).save(path)
+                mesh=run.mesh, progress=flags_.progress).save(path)
         imps[label] = imp_lib.FeatureImportance.load(path)
     cfg = ImportanceCompareConfig.from_flags(flags_)
     by_kind = {c.get("kind"): c for c in comps}

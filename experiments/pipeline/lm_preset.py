@@ -357,10 +357,13 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         description=paths[1])
     floor_hps = {"a": hps_a, "b": hps_b}
 
+    def random_model(side):   # the random-init copy behind side's floor (deterministic)
+        return lm.random_init_copy(models[side][0], seed=flags_.seed + (
+            1000 if side == "b" else 2000))
+
     def floor_acts(side, hp):
         def harvest():
-            rnd = lm.random_init_copy(models[side][0], seed=flags_.seed + (
-                1000 if side == "b" else 2000))
+            rnd = random_model(side)
             return _harvest(rnd, contexts if side == "a" else contexts_b, floor_hps[side],
                             flags_.lm_batch_size)
         return cache.get(f"lm_acts_floor_{side}." + "+".join(floor_hps[side]),
@@ -410,7 +413,9 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         saes_a={hp: by_role[("a", "main", hp)] for hp in hps_a if ("a", "main", hp) in by_role},
         saes_b={hp: by_role[("b", "main", hp)] for hp in hps_b if ("b", "main", hp) in by_role},
         comps=comps, ceiling=ceil_a[0] if ceil_a else None,
-        floor=floor_b[0] if floor_b else None, cache=cache)
+        floor=floor_b[0] if floor_b else None, cache=cache, contexts_b=contexts_b,
+        every_sae=[(s.role, s.sae) for spec in specs for s in (spec.sae_a, spec.sae_b)],
+        random_model=random_model)
     return {**extras, "preset": "lm", "models": {"a": paths[0], "b": paths[1]},
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
             "activations": ("caches " + f"{flags_.cache_a}, {flags_.cache_b}"
