@@ -35,7 +35,9 @@ class Checkpointer:
         # gs:// (and other remote) directories go to orbax as they are: orbax writes them
         # itself and coordinates the processes of a multi-process run.
         self.directory = metrics_io.resolve_dir(directory)
-        if not metrics_io.is_remote(self.directory):
+        if not metrics_io.is_remote(self.directory) and jax.process_index() == 0:
+            # several processes: orbax's CheckpointManager (create=True) makes the folder
+            # on process 0 and syncs the others.
             os.makedirs(self.directory, exist_ok=True)
         self._manager = ocp.CheckpointManager(
             self.directory,

@@ -202,8 +202,9 @@ def knn_indices(x, k: int, *, mesh=None, tile: int = 1024, normalize: bool = Fal
         block = e[start:start + tile]
         if block.shape[0] < tile:
             block = np.concatenate([block, np.zeros((tile - block.shape[0], x.shape[1]))])
-        cand = np.asarray(fn(jnp.asarray(block, jnp.float32), jnp.asarray(ids, jnp.int32),
-                             full, offset))[: min(tile, n - start)]
+        cand = np.asarray(mesh_lib.gather(fn(   # gather: several processes hold the rows
+            jnp.asarray(block, jnp.float32), jnp.asarray(ids, jnp.int32), full,
+            offset)))[: min(tile, n - start)]
         q = np.arange(start, start + cand.shape[0])
         # Float64 inner products themselves (exact ties stay ties, as in the reference).
         sims = np.einsum("id,ikd->ik", x[q], x[cand])

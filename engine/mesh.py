@@ -123,6 +123,28 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def agree(value: bool) -> bool:
+    """Process 0's answer to a host-side question (does this file exist? is this step done?),
+    on every process.
+
+    Every process must take the same branch whenever the branch runs collectives (a sharded
+    jit over the global mesh), or the processes wait on each other forever; answers read from
+    a shared filesystem can differ between processes while process 0 is writing.
+    """
+    if jax.process_count() == 1:
+        return bool(value)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(value))))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (no-op in one process): used
+    after process 0 writes a file that the others then read."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def gather(tree: Any) -> Any:
     """Brings a (possibly sharded, possibly multi-host) pytree back to host numpy arrays."""
     if jax.process_count() > 1:

@@ -166,7 +166,8 @@ def permutation_null(kernel: NullKernel, num_permutations: int = 1000, *, seed: 
     for start in it:
         ids = jax.device_put(np.arange(start, start + per_round, dtype=np.int32),
                              mesh_lib.data_sharding(mesh, 1))
-        out.append(np.asarray(jax.device_get(fn(consts, key, ids)), np.float64))
+        # gather, not device_get: with several processes the rows live on other hosts too
+        out.append(np.asarray(mesh_lib.gather(fn(consts, key, ids)), np.float64))
     return np.concatenate(out)[:num]
 
 

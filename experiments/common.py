@@ -469,7 +469,8 @@ class Run:
     @property
     def plots_dir(self) -> str:
         path = os.path.join(self.workdir, "plots")
-        os.makedirs(path, exist_ok=True)
+        if metrics_io._primary():          # several processes: process 0 alone writes
+            os.makedirs(path, exist_ok=True)
         return path
 
     @property
@@ -546,6 +547,49 @@ class _ProjectOnly(pylogging.Filter):
 _PROJECT_DIRS = tuple(os.path.join(ROOT, d) + os.sep for d in ("engine", "models", "experiments"))
 
 
+def _claim_workdir(workdir: str, values: dict, data: Mapping[str, str | None] | None,
+                   exclude: Iterable[str], overwrite: bool) -> str:
+    """Process 0: checks the workdir against this run's fingerprint and records it."""
+    previous = None
+    try:
+        with open(os.path.join(workdir, FINGERPRINT), encoding="utf-8") as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        pass
+    fingerprint = make_fingerprint(values, data, exclude, previous)
+    os.makedirs(workdir, exist_ok=True)
+    state = check_workdir(workdir, fingerprint, overwrite)
+    fingerprint["created"] = (previous or {}).get("created") if state == "resume" else None
+    fingerprint["created"] = fingerprint["created"] or time.strftime(
+        "%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    fingerprint["excluded"] = sorted(set(EXCLUDED) | set(exclude))
+    metrics_io.write_json(os.path.join(workdir, FINGERPRINT), fingerprint)
+    return state
+
+
+# What process 0 decided about the workdir, as broadcast to the other processes.
+_OUTCOMES: tuple[Any, ...] = ("new", "resume", "overwritten", NothingToDo, ConfigError)
+
+
+def _follow_primary(outcome: BaseException | str) -> str:
+    """The workdir state decided by process 0, on every process (one broadcast when there
+    are several); process 0's refusal is raised everywhere so that every process stops."""
+    import jax
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        code = next(i for i, o in enumerate(_OUTCOMES)
+                    if o == outcome or (isinstance(o, type) and isinstance(outcome, o)))
+        code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+        if jax.process_index() != 0:
+            kind = _OUTCOMES[code]
+            outcome = (kind(f"process 0 stopped the run ({kind.__name__}; its output says "
+                            "why)") if isinstance(kind, type) else kind)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
 def start(flag_values_: flags.FlagValues, config: dict | None = None,
           data: Mapping[str, str | None] | None = None, exclude: Iterable[str] = ()) -> Run:
     """Checks the workdir against this run's fingerprint, creates it, configures JAX and
@@ -560,37 +604,8 @@ def start(flag_values_: flags.FlagValues, config: dict | None = None,
     Raises:
       ConfigError / NothingToDo: see `check_workdir`.
     """
-    remote = metrics_io.is_remote(flag_values_.workdir)
-    if remote:
-        # gs:// and other remote workdirs pass through to orbax; the fingerprint files are
-        # local-only (a remote rerun is not checked: say so).
-        workdir = metrics_io.resolve_dir(flag_values_.workdir)
-        values = dict(flag_values(flag_values_))
-        values.update(config or {})
-        state = "remote (fingerprint not checked)"
-        logging.warning("workdir %s is remote: the rerun fingerprint check is skipped", workdir)
-    else:
-        problems = workdir_problems(flag_values_.workdir)
-        if problems:
-            raise ConfigError(problems[0])
-        workdir = os.path.abspath(flag_values_.workdir)
-        values = dict(flag_values(flag_values_))
-        values.update(config or {})
-        previous = None
-        try:
-            with open(os.path.join(workdir, FINGERPRINT), encoding="utf-8") as f:
-                previous = json.load(f)
-        except (OSError, ValueError):
-            pass
-        fingerprint = make_fingerprint(values, data, exclude, previous)
-        os.makedirs(workdir, exist_ok=True)
-        state = check_workdir(workdir, fingerprint,
-                              bool(getattr(flag_values_, "overwrite", False)))
-        fingerprint["created"] = (previous or {}).get("created") if state == "resume" else None
-        fingerprint["created"] = fingerprint["created"] or time.strftime(
-            "%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        fingerprint["excluded"] = sorted(set(EXCLUDED) | set(exclude))
-        metrics_io.write_json(os.path.join(workdir, FINGERPRINT), fingerprint)
+    # JAX first: the device count and the multi-process runtime must be set before any JAX
+    # call (writing a file asks `jax.process_index()`, which starts the backends).
     configure_jax(flag_values_.num_cpu_devices)
     from engine import mesh as mesh_lib  # after configure_jax: it imports jax
     if flag_values_.distributed and flag_values_.cpu_collectives != "none":
@@ -601,6 +616,30 @@ def start(flag_values_: flags.FlagValues, config: dict | None = None,
     mesh_lib.maybe_initialize_distributed(
         flag_values_.distributed, coordinator_address=flag_values_.coordinator_address,
         num_processes=flag_values_.num_processes, process_id=flag_values_.process_id)
+    remote = metrics_io.is_remote(flag_values_.workdir)
+    values = dict(flag_values(flag_values_))
+    values.update(config or {})
+    if remote:
+        # gs:// and other remote workdirs pass through to orbax; the fingerprint files are
+        # local-only (a remote rerun is not checked: say so).
+        workdir = metrics_io.resolve_dir(flag_values_.workdir)
+        state = "remote (fingerprint not checked)"
+        logging.warning("workdir %s is remote: the rerun fingerprint check is skipped", workdir)
+    else:
+        problems = workdir_problems(flag_values_.workdir)
+        if problems:
+            raise ConfigError(problems[0])
+        workdir = os.path.abspath(flag_values_.workdir)
+        # Process 0 alone reads, checks (and with --overwrite clears) the shared workdir; the
+        # others follow its decision, so no two processes race on the same files.
+        outcome: BaseException | str = "new"
+        if mesh_lib.is_primary():
+            try:
+                outcome = _claim_workdir(workdir, values, data, exclude,
+                                         bool(getattr(flag_values_, "overwrite", False)))
+            except (ConfigError, NothingToDo) as e:
+                outcome = e
+        state = _follow_primary(outcome)
     if mesh_lib.is_primary() and not remote:
         # Only process 0 writes the log file; the others log to stderr.
         handler = logging.get_absl_handler()

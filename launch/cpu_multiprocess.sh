@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 port=$(python -c "import socket; s=socket.socket(); s.bind(('localhost', 0)); print(s.getsockname()[1])")
 pids=()
 for ((i = 0; i < nproc; i++)); do
-  python -m "$module" --distributed --coordinator_address="localhost:$port" \
+  ${PYTHON:-python} -m "$module" --distributed --coordinator_address="localhost:$port" \
     --num_processes="$nproc" --process_id="$i" --num_cpu_devices="$ndev" "$@" &
   pids+=($!)
 done

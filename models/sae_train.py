@@ -884,7 +884,8 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int |
                                          check_finite=False, name="train_saes acts")
         gdir = None if workdir is None else os.path.join(workdir, group_name(g, group))
         if gdir is not None:
-            os.makedirs(gdir, exist_ok=True)
+            if mesh_lib.is_primary():                  # orbax makes its own folders
+                os.makedirs(gdir, exist_ok=True)
             metrics_io.write_json(os.path.join(gdir, "group.json"),
                                   {"configs": [c.to_dict() for c in group],
                                    "labels": [c.label() for c in group],

@@ -21,6 +21,7 @@ from absl import logging
 
 from engine import checks, matching, metrics_io, similarity
 from engine import fingerprint as fp_lib
+from engine import mesh as mesh_lib
 from experiments.pipeline import feature_pages, features, filters
 from experiments.pipeline.stepcache import StepCache
 from models import sae as sae_lib
@@ -171,7 +172,8 @@ def _write_feature_table(path: str, step: dict, tokens_a, tokens_b, context_text
                          **((extra or {}).get(prefix) or [{}] * len(tokens))[f]})
         return rows
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if mesh_lib.is_primary():           # several processes: process 0 alone writes
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     table = {"a": side("a", tokens_a), "b": side("b", tokens_b)}
     metrics_io.write_json(path, table)
     return table

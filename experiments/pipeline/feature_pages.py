@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from engine import mesh as mesh_lib
 from experiments.pipeline import filters as filters_lib
 from models import sae as sae_lib
 
@@ -315,6 +316,9 @@ def write_export(directory: str, comparison: str, side: str, features: list[dict
     feature range of each.
     """
     root = os.path.join(directory, side)
+    if not mesh_lib.is_primary():       # several processes: process 0 alone writes
+        return [os.path.join(root, f"batch-{k}.json")
+                for k in range(-(-len(features) // per_batch))]
     os.makedirs(root, exist_ok=True)
     paths, index = [], []
     for k, s in enumerate(range(0, len(features), per_batch)):

@@ -225,13 +225,20 @@ def encode_codes(stream, sae_a, sae_b, *, directory: str | None = None,
     ka, kb = sae_a.config.k, sae_b.config.k
     specs = (("vals_a", np.float32, ka), ("idx_a", np.int32, ka), ("vals_b", np.float32, kb),
              ("idx_b", np.int32, kb))
-    if directory is not None and os.path.exists(os.path.join(directory, "done")):
+    def mapped():
         rows = int(open(os.path.join(directory, "done")).read())
         return tuple(np.memmap(os.path.join(directory, f"{n}.bin"), dt, "r", shape=(rows, k))
                      for n, dt, k in specs)
+
+    # Several processes: whether the codes are on disk is process 0's answer (the encoding
+    # below runs on the global mesh, so all processes must take the same branch); process 0
+    # alone writes them, the others keep theirs in memory.
+    if directory is not None and mesh_lib.agree(os.path.exists(os.path.join(directory,
+                                                                             "done"))):
+        return mapped()
     parts: list[list[np.ndarray]] = [[] for _ in specs]
     files = None
-    if directory is not None:
+    if directory is not None and mesh_lib.is_primary():
         os.makedirs(directory, exist_ok=True)
         files = [open(os.path.join(directory, f"{n}.bin"), "wb") for n, _, _ in specs]
     rows = 0
@@ -261,7 +268,7 @@ def encode_codes(stream, sae_a, sae_b, *, directory: str | None = None,
         f.close()
     with open(os.path.join(directory, "done"), "w") as f:
         f.write(str(rows))
-    return encode_codes(stream, sae_a, sae_b, directory=directory)
+    return mapped()
 
 
 def _encoded_stream(stream, sae_a, sae_b) -> streaming.ChunkStream:

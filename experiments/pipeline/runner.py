@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 
 from engine import checks
+from engine import mesh as mesh_lib
 from experiments.pipeline import compare, filters, html_report, references, report, toy_preset
 from experiments.pipeline.stepcache import StepCache
 from models import text as text_lib
@@ -141,13 +142,14 @@ def main(run, flags_) -> dict:
     no_pairs = "cross" in by_kind and by_kind["cross"]["n_pairs"] == 0
     # results.json first: a plot can never lose a finished run.
     run.write_results(results)
-    if not no_pairs:
+    primary = mesh_lib.is_primary()     # several processes: process 0 alone writes
+    if not no_pairs and primary:
         plot_errors = _plots(run, results)
         if plot_errors:
             results["plot_errors"] = plot_errors
             run.write_results(results)
     # The browser also shows a run whose main comparison kept no pair (why, per feature).
-    report_path = html_report.write_report(run.workdir)
+    report_path = html_report.write_report(run.workdir) if primary else "(process 0)"
     if no_pairs:
         raise compare.PipelineError(
             "no pair survived the filters for the main comparison (see results.json "

@@ -206,7 +206,9 @@ def train_or_load(acts, cfg: sae_train.TrainConfig, *, steps: int | None,
     """
     done = os.path.join(directory, "final")
     recipe_path = os.path.join(directory, "recipe.json")
-    if os.path.exists(os.path.join(done, "sae_config.json")):
+    # Process 0's answer on every process: training runs collectives, so all processes must
+    # take the same branch.
+    if mesh_lib.agree(os.path.exists(os.path.join(done, "sae_config.json"))):
         if recipe is None or _read_json(recipe_path) == json.loads(json.dumps(recipe)):
             return sae_io_native.load_sae(done)
         raise checks.InputError(f"{directory}: holds an SAE trained with another recipe "

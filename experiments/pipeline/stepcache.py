@@ -4,6 +4,11 @@ A step's result is a flat dict of numpy arrays and JSON values. It is written at
 (``<name>.npz`` + ``<name>.json``, then a ``<name>.done`` marker) when the step finishes; a
 rerun with the same workdir loads it instead of recomputing. Long steps inside (SAE training,
 token streams) checkpoint themselves with orbax; this cache records what finished.
+
+Several processes (`jax.distributed`): every process computes the step (it runs collectives),
+process 0 alone writes it, and every process then reads process 0's files (a shared
+filesystem, as for orbax checkpoints), so all continue with the same values; whether a step
+is done is process 0's answer (`engine.mesh.agree`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from engine import mesh as mesh_lib
 from engine import metrics_io
 
 
@@ -24,13 +30,14 @@ class StepCache:
 
     def __init__(self, directory: str):
         self.directory = directory
-        os.makedirs(directory, exist_ok=True)
+        if mesh_lib.is_primary():
+            os.makedirs(directory, exist_ok=True)
 
     def _path(self, name: str, ext: str) -> str:
         return os.path.join(self.directory, f"{name}.{ext}")
 
     def done(self, name: str) -> bool:
-        return os.path.exists(self._path(name, "done"))
+        return mesh_lib.agree(os.path.exists(self._path(name, "done")))
 
     def load(self, name: str) -> dict:
         out: dict[str, Any] = {}
@@ -42,6 +49,8 @@ class StepCache:
         return out
 
     def save(self, name: str, result: dict) -> None:
+        if not mesh_lib.is_primary():
+            return
         arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
         rest = {k: v for k, v in result.items() if k not in arrays}
         if arrays:
@@ -59,4 +68,5 @@ class StepCache:
             return self.load(name)
         result = compute()
         self.save(name, result)
+        mesh_lib.barrier(f"step {name}")     # the others read what process 0 wrote
         return self.load(name)
