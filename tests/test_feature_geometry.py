@@ -8,7 +8,8 @@ import pytest
 
 from engine import checks
 from experiments import common
-from experiments import feature_geometry as fg
+from experiments.pipeline import concept_geometry as cg
+from experiments.pipeline import geometry_toy as fg
 from models import planted
 
 # -- the planted pair -----------------------------------------------------------------------
@@ -147,7 +148,7 @@ def test_feature_names_by_mean_activation():
     codes[:10, 0] = 1.0
     codes[:3, 1] = 0.95
     codes[10:, 1] = 0.8
-    top, stats = fg.feature_names(codes, tok, 5, 5, 8)
+    top, stats = cg.feature_names(codes, tok, 5, 5, 8)
     assert top.tolist() == [2, 3, -1] and stats.dead.tolist() == [False, False, True]
-    assert fg.concept_features(top, stats, np.array([3, 4])).tolist() == [1, -1]
+    assert cg.concept_features(top, stats, np.array([3, 4])).tolist() == [1, -1]
 
