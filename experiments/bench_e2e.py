@@ -190,8 +190,8 @@ def _role_main() -> None:
     if FLAGS.e2e_role == "pipeline":
         from engine import compile_cache
         compile_cache.enable(FLAGS.e2e_cache_dir or None)
-    import numpy as np
     # Libraries both sides use, imported before the clock starts (imports are not the work).
+    import numpy as np
     import scipy.linalg  # noqa: F401
     import scipy.sparse  # noqa: F401
     import scipy.stats  # noqa: F401
