@@ -407,13 +407,28 @@ def _full_rows(q, q_norm, r, r_norm, rows, k, out_v, out_i, block_rows: int = 64
 # --------------------------------------------------------------------------------------------
 
 
-def cosine_tolerance(d: int) -> float:
-    """Rigorous bound on |float32 cosine - exact cosine| for unit rows of dimension d.
+# Unit roundoff of the GEMM's INPUTS at each matmul precision (products are accumulated in
+# float32 in every case). HIGHEST: float32. HIGH: TF32 on NVIDIA GPUs (10-bit mantissa),
+# bf16_3x on TPUs (more accurate than TF32). DEFAULT: TF32 on NVIDIA, one bf16 pass on TPUs
+# (7-bit mantissa; the bound takes the worse). The aliases name the hardware formats
+# (`experiments/bench_precision.py` measures them against float64 on the CPU).
+INPUT_ROUNDOFF = {"HIGHEST": 0.0, "HIGH": 2.0 ** -11, "DEFAULT": 2.0 ** -8,
+                  "float32": 0.0, "tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
+
+
+def cosine_tolerance(d: int, precision: str = "HIGHEST") -> float:
+    """Rigorous bound on |computed cosine - exact cosine| for unit rows of dimension d.
 
     ``gamma_d = d u`` for the float32 dot product of unit vectors (Cauchy-Schwarz bounds the
-    sum of |products| by 1) plus ``~3u`` for rounding the normalised inputs.
+    sum of |products| by 1) plus ``~3u`` for rounding the normalised inputs; a GEMM that
+    rounds its inputs to ``u_in`` (`INPUT_ROUNDOFF`) adds ``2 u_in + u_in^2`` (each product
+    ``a_i (1 + e) b_i (1 + e')``, summed under Cauchy-Schwarz).
     """
-    return float((d + 3) * U32 * 1.01)
+    if precision not in INPUT_ROUNDOFF:
+        raise checks.InputError(f"matmul precision {precision!r}: expected one of "
+                                f"{sorted(INPUT_ROUNDOFF)}")
+    u_in = INPUT_ROUNDOFF[precision]
+    return float(((d + 3) * U32 + 2 * u_in + u_in * u_in) * 1.01)
 
 
 def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
@@ -434,7 +449,11 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
       margin: extra float32 candidates kept per row for the refinement.
       full: also return the full ``[n_a, n_b]`` float32 matrix (needs n_a * n_b <= max_full).
       max_full: the largest full matrix allowed (entries).
-      precision: matmul precision name; keep HIGHEST (float32) for the error bound to hold.
+      precision: matmul precision name (HIGHEST: float32; HIGH / DEFAULT: TF32 or bf16 inputs
+        on accelerators, faster). The refinement's error bound follows it
+        (`cosine_tolerance`), so ``exact=True`` stays exact at any precision; lower precision
+        only leaves more rows uncertified (recomputed on the host; raise ``margin``).
+        docs/precision.md has the measured cost and the default.
 
     Returns:
       A `PairwiseResult`.
@@ -449,6 +468,9 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
         if not -1.0 <= t <= 1.0:
             raise checks.InputError(f"max_cosine thresholds must lie in [-1, 1], got {t}")
     margin = checks.check_positive_int("max_cosine margin", margin, minimum=0)
+    if precision not in ("HIGHEST", "HIGH", "DEFAULT"):
+        raise checks.InputError(f"max_cosine precision {precision!r}: expected HIGHEST, HIGH "
+                                "or DEFAULT (jax.lax.Precision names)")
     tile_a = checks.check_positive_int("max_cosine tile_a", tile_a)
     tile_b = checks.check_positive_int("max_cosine tile_b", tile_b)
     if full and n_a * n_b > max_full:
@@ -484,7 +506,7 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
     ac = ac - nonpos[None, :] * (nb_pad - n_b)
     bc = bc - nonpos[None, :] * (na_pad - n_a)
 
-    tol = cosine_tolerance(d)
+    tol = cosine_tolerance(d, precision)
     a_vals, a_idx, n_fa = _refine(a, norm_a, b, norm_b, av, ai, k, tol, rescore=exact)
     b_vals, b_idx, n_fb = _refine(b, norm_b, a, norm_a, bv, bi, k, tol, rescore=exact)
     out = PairwiseResult(a_topk_values=a_vals, a_topk_indices=a_idx, b_topk_values=b_vals,

@@ -66,9 +66,10 @@ BENCHMARKS = (
               {"smoke": ["--bs_d_in=32", "--bs_d_sae=256", "--bs_k=4", "--bs_batch=64"],
                "small": ["--bs_scale=0.25"], "issue": []}),
     Benchmark("similarity",
-              "pairwise: the jitted float32 GEMM of one tile (NumPy's GEMM is faster on 2 CPU "
-              "cores and is the stronger peer still to add); correlation: the dense z-scored "
-              "GEMM path; matching: scipy linear_sum_assignment",
+              "pairwise: NumPy's float32 GEMM (OpenBLAS) of the same tiles, the strongest "
+              "simple peer (faster than XLA's GEMM on CPU; the jitted tile GEMM and a NumPy "
+              "max/argmax script are reported too); correlation: scipy.sparse CSR A.T @ B "
+              "(and the dense z-scored GEMM path); matching: scipy linear_sum_assignment",
               {"smoke": ["--pw_n=256", "--pw_d=32", "--pw_tile_a=128", "--pw_tile_b=128",
                          "--pw_check_rows=16", "--corr_features=256", "--corr_k=4",
                          "--corr_tokens=4096", "--corr_dense_slice=512", "--corr_chunk=1024",
@@ -77,14 +78,31 @@ BENCHMARKS = (
                          "--match_sizes=512,1024"],
                "issue": ["--pw_n=65536", "--corr_features=16384", "--corr_tokens=1048576"]}),
     Benchmark("representation",
-              "in-memory float64 NumPy SVCCA; nulls: Python loops recomputing the metric per "
-              "permutation (the stronger peer, a NumPy loop that hoists the SVD reduction or "
-              "rank transform out of the loop, is still to add)",
+              "in-memory float64 NumPy SVCCA; nulls: a NumPy loop that hoists the "
+              "permutation-invariant work (SVD reduction and whitening; rank transform) out "
+              "of the loop, the strongest simple peer (loops recomputing everything are "
+              "reported too)",
               {"smoke": ["--rep_rows=4096", "--rep_dim=16", "--rep_latent=4",
                          "--rep_chunk=1024", "--rep_pairs=200", "--rep_null_dim=8",
                          "--rep_permutations=16", "--rep_loop_perms=4"],
                "small": ["--rep_rows=100000", "--rep_dim=128", "--rep_pairs=2000"],
                "issue": ["--rep_rows=200000", "--rep_pairs=5000"]}),
+    Benchmark("e2e",
+              "a NumPy/scipy/torch script doing the same comparison (GEMM encode + torch.topk, "
+              "scipy CSR A.T @ B, argmax pairs, hoisted null loops); pipeline timed in fresh "
+              "processes with compilation, cold and warm persistent compile cache",
+              {"smoke": ["--e2e_tokens=4096", "--e2e_features=128", "--e2e_k=8",
+                         "--e2e_d_in=32", "--e2e_perms=10", "--e2e_chunk=1024"],
+               "small": ["--e2e_tokens=50000", "--e2e_features=768", "--e2e_perms=100"],
+               "issue": []}),
+    Benchmark("gpu",
+              "the raw jnp.dot of the same precision (the roof); fractions of the device's "
+              "dense peak where known (not on CPU)",
+              {"smoke": ["--gpu_n=512", "--gpu_d=64", "--gpu_corr_features=256",
+                         "--gpu_corr_chunk=256", "--gpu_cca_rows=4096", "--gpu_cca_dim=32"],
+               "small": ["--gpu_n=4096", "--gpu_d=256", "--gpu_corr_features=2048",
+                         "--gpu_corr_chunk=2048", "--gpu_cca_rows=65536",
+                         "--gpu_cca_dim=256"], "issue": []}),
     Benchmark("harvest",
               "transformers forward with output_hidden_states=True; raw np.load for reads",
               {"smoke": ["--hv_quick", "--hv_batch_size=2", "--hv_batches=1",

@@ -42,6 +42,8 @@ flags.DEFINE_integer("rep_pairs", 5000, "nulls: rows (paired features).")
 flags.DEFINE_integer("rep_null_dim", 128, "null_svcca / null_rsa: columns of X and Y.")
 flags.DEFINE_integer("rep_permutations", 1000, "nulls: R.")
 flags.DEFINE_integer("rep_loop_perms", 20, "nulls: permutations timed in the loops (scaled to R).")
+flags.DEFINE_bool("rep_hoisted_only", False, "nulls: time only the hoisted loop (the goal's "
+                  "peer), skipping the slow recompute-everything loops.")
 common.define_bench_flags()
 
 
@@ -201,10 +203,11 @@ def null_svcca_section(bench) -> list[dict]:
 
     out = []
     b = batched()[:FLAGS.rep_loop_perms]
-    for label, loop in (("engine metric per permutation", loop_engine),
-                        ("numpy SVD SVCCA per permutation", loop_numpy),
-                        (HOISTED + ": whitened reductions once, one k x k SVD per permutation",
-                         loop_hoisted)):
+    loops = (("engine metric per permutation", loop_engine),
+             ("numpy SVD SVCCA per permutation", loop_numpy),
+             (HOISTED + ": whitened reductions once, one k x k SVD per permutation",
+              loop_hoisted))
+    for label, loop in loops[-1:] if FLAGS.rep_hoisted_only else loops:
         diff = float(np.max(np.abs(b - loop())))
         res = _null_compare(bench, f"SVCCA null R={r} n={FLAGS.rep_pairs} d={FLAGS.rep_null_dim}: "
                             f"batched vs loop ({label})", batched, loop, FLAGS.rep_loop_perms)
@@ -264,11 +267,11 @@ def null_rsa_section(bench) -> list[dict]:
 
     out = []
     b = batched()[:FLAGS.rep_loop_perms]
-    for label, loop, perms_timed in (
-            ("engine metric per permutation", loop_engine, loop_perms),
-            ("numpy corrcoef + scipy spearmanr per permutation", loop_numpy, loop_perms),
-            (HOISTED + ": ranks once, one gather + dot per permutation", loop_hoisted,
-             FLAGS.rep_loop_perms)):
+    loops = (("engine metric per permutation", loop_engine, loop_perms),
+             ("numpy corrcoef + scipy spearmanr per permutation", loop_numpy, loop_perms),
+             (HOISTED + ": ranks once, one gather + dot per permutation", loop_hoisted,
+              FLAGS.rep_loop_perms))
+    for label, loop, perms_timed in loops[-1:] if FLAGS.rep_hoisted_only else loops:
         vals = loop()
         diff = float(np.max(np.abs(b[:len(vals)] - vals)))
         res = _null_compare(bench, f"RSA null R={r} n={FLAGS.rep_pairs} d={FLAGS.rep_null_dim}: "

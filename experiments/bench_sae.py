@@ -43,19 +43,21 @@ flags.DEFINE_integer("bs_k", 32, "TopK k.")
 flags.DEFINE_integer("bs_batch", 4096, "Rows per step.")
 flags.DEFINE_float("bs_scale", 1.0, "Multiply batch and d_sae by this (quick runs).")
 flags.DEFINE_integer("bs_steps_per_call", 2, "Steps timed per call (both sides).")
+flags.DEFINE_string("bs_torch_device", "cpu", "Device of the PyTorch baseline (cuda on GPU "
+                    "machines: the plain PyTorch CUDA step, issue 18).")
 flags.DEFINE_list("bs_skip", [], "Comparisons to skip (train_step, dense_vs_torch, "
                   "sparse_vs_dense_step, decode_fwd_bwd).")
 
 
-def torch_topk_sae(torch, w_dec, b_dec, k, lr, eps):
+def torch_topk_sae(torch, w_dec, b_dec, k, lr, eps, device="cpu"):
     """The plain PyTorch TopK SAE + Adam step (the baseline); returns ``(params, step)``."""
-    W_dec = torch.nn.Parameter(torch.tensor(w_dec))
-    W_enc = torch.nn.Parameter(torch.tensor(w_dec.T.copy()))
-    b_enc = torch.nn.Parameter(torch.zeros(w_dec.shape[0]))
-    b_dec_p = torch.nn.Parameter(torch.tensor(b_dec))
+    W_dec = torch.nn.Parameter(torch.tensor(w_dec, device=device))
+    W_enc = torch.nn.Parameter(torch.tensor(w_dec.T.copy(), device=device))
+    b_enc = torch.nn.Parameter(torch.zeros(w_dec.shape[0], device=device))
+    b_dec_p = torch.nn.Parameter(torch.tensor(b_dec, device=device))
     params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec_p}
     opt = torch.optim.Adam(list(params.values()), lr=lr, eps=eps)
-    since_fired = torch.zeros(w_dec.shape[0], dtype=torch.int64)
+    since_fired = torch.zeros(w_dec.shape[0], dtype=torch.int64, device=device)
 
     def step(x):
         pre = (x - b_dec_p) @ W_enc + b_enc
@@ -143,9 +145,11 @@ def run_bench() -> dict:
     sparse_prog, sparse_state = jax_program("sparse")
     # -- same computation check: one step of JAX (sparse) vs torch from the same weights ----
     p0 = jax.device_get(jax.tree.map(lambda a: a[0], sparse_state.params["sae"]))
+    tdev = args.bs_torch_device
     tparams, tstep = torch_topk_sae(torch, np.asarray(p0["W_dec"]), np.asarray(p0["b_dec"]),
-                                    k, 1e-4, 6.25e-10)
-    xt = torch.from_numpy(x)
+                                    k, 1e-4, 6.25e-10, device=tdev)
+    xt = torch.from_numpy(x).to(tdev)
+    meta["torch_device"] = tdev
     check_state = mesh_lib.replicate(mesh, sparse_state, copy=True)
     check_state, m = sparse_prog.step_fn()(check_state, mesh_lib.shard_batch(mesh, x))
     t_loss = float(tstep(xt))
@@ -156,7 +160,7 @@ def run_bench() -> dict:
     check = {"loss_jax": float(m["loss"]), "loss_torch": t_loss}
     for name in tparams:
         a = np.asarray(p1[name], np.float64)
-        b = tparams[name].detach().numpy().astype(np.float64)
+        b = tparams[name].detach().cpu().numpy().astype(np.float64)
         start = np.asarray(p0[name], np.float64)
         check[name] = {"max_abs_diff": float(np.max(np.abs(a - b))),
                        "update_rel_diff": float(np.linalg.norm(a - b) /
@@ -172,6 +176,8 @@ def run_bench() -> dict:
             with torch.enable_grad():
                 for _ in range(args.bs_steps_per_call):
                     loss = tstep(xt)
+            if tdev != "cpu":
+                torch.cuda.synchronize()    # CUDA is asynchronous, like JAX's dispatch
             return loss
         r = bench.compare(jax_call, torch_call, repeats=args.repeats, warmup=1,
                           name="train_step jax(sparse) vs torch", work=tokens,

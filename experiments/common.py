@@ -514,10 +514,18 @@ class Run:
 
 
 def configure_jax(num_cpu_devices: int = 0) -> None:
-    """Applies device-count settings; must run before JAX initialises its backends."""
+    """Applies device-count settings; must run before JAX initialises its backends.
+
+    Also turns on JAX's persistent compilation cache (`engine.compile_cache`: each program
+    compiled once per shape, reused by later comparisons, grid cells and runs;
+    ``SAE_JAX_CACHE_DIR=off`` disables it).
+    """
     import jax
+
+    from engine import compile_cache
     if num_cpu_devices:
         jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
+    compile_cache.enable()
 
 
 def flag_values(flag_values: flags.FlagValues, module_names: tuple[str, ...] = ()) -> dict:
