@@ -9,6 +9,11 @@ fire) and constant features (zero variance) are flagged at finalize, never turne
 Chunks are ``(acts [rows, F], row_ids [rows] int32)``; ``row_ids`` are stream positions so
 that results do not depend on chunking or device count. Ties among equal activations are
 broken by lower row id (deterministic).
+
+`SparseFeatureStatsAccumulator` computes the same statistics from TopK codes ``(values [rows,
+k], indices [rows, k], row_ids)``: O(rows * k) work and memory per chunk instead of the dense
+accumulator's O(rows * F) (a ``[F, rows]`` transpose and top-k per chunk, which dominated the
+feature pass at 16k-32k features: experiments/bench_feature_pass.py).
 """
 
 from __future__ import annotations
@@ -136,3 +141,58 @@ class FeatureStatsAccumulator:
                             max=np.asarray(s.max, np.float64), top_values=top_v,
                             top_rows=top_r, dead=fired == 0,
                             constant=var <= 1e-12 * np.maximum(1.0, np.abs(s.mean) ** 2))
+
+
+class SparseFeatureStatsAccumulator(FeatureStatsAccumulator):
+    """`FeatureStatsAccumulator` over sparse codes ``(values [rows, k], indices [rows, k],
+    row_ids [rows])``: row r has activation ``values[r, j]`` at feature ``indices[r, j]`` and 0
+    at every other feature (TopK SAEs; indices distinct within a row).
+
+    Per chunk: segment sums over the ``rows * k`` entries give the weighted count, firing
+    count, mean and centred sum of squares (the rows where a feature is absent contribute
+    ``(0 - mean)^2`` each, added in closed form); the maximum is the largest entry, or 0 when
+    some real row does not select the feature; the top rows come from one sort of the entries
+    by (feature, value desc, row asc). Finalised results equal the dense accumulator's on the
+    densified codes (tests/test_feature_stats.py).
+    """
+
+    def update(self, state: FeatureStatsState, arrays, weights) -> FeatureStatsState:
+        vals, idx, row_ids = arrays
+        f, n_top = self.num_features, self.top_n
+        v = jnp.asarray(vals, jnp.float32)
+        i = jnp.asarray(idx, jnp.int32)
+        if v.ndim != 2 or i.shape != v.shape:
+            raise checks.InputError(f"SparseFeatureStats: expected values and indices [rows, "
+                                    f"k] of one shape, got {tuple(v.shape)} and "
+                                    f"{tuple(i.shape)}")
+        rows, k = v.shape
+        w = jnp.asarray(weights, jnp.float32)
+        n_b = jnp.sum(w)
+        safe = jnp.where(n_b > 0, n_b, 1.0)
+        fi = i.reshape(-1)
+        fv = v.reshape(-1)
+        fw = jnp.broadcast_to(w[:, None], (rows, k)).reshape(-1)
+        cnt = jax.ops.segment_sum(fw, fi, f)                # weighted entries per feature
+        mean_b = jax.ops.segment_sum(fw * fv, fi, f) / safe
+        m2_b = (jax.ops.segment_sum(fw * (fv - mean_b[fi]) ** 2, fi, f)
+                + jnp.maximum(n_b - cnt, 0.0) * mean_b ** 2)
+        fired = jax.ops.segment_sum(fw * (fv > 0), fi, f)
+        real = fw > 0
+        mx = jax.ops.segment_max(jnp.where(real, fv, -jnp.inf), fi, f)
+        n_real = jnp.sum(w > 0)
+        real_cnt = jax.ops.segment_sum(real.astype(jnp.int32), fi, f)
+        mx = jnp.where(real_cnt < n_real, jnp.maximum(mx, 0.0), mx)
+        # Top rows: only positive entries of real rows can be top-activating (finalize drops
+        # the rest); sort entries by feature, value desc, row asc and keep each run's first n.
+        rid = jnp.broadcast_to(jnp.asarray(row_ids, jnp.int32)[:, None], (rows, k)).reshape(-1)
+        cand = real & (fv > 0)
+        key_f = jnp.where(cand, fi, f)
+        order = jnp.lexsort((rid, -fv, key_f))
+        sf, sv, sr = key_f[order], fv[order], rid[order]
+        rank = jnp.arange(sf.shape[0]) - jnp.searchsorted(sf, sf, side="left")
+        slot = jnp.minimum(rank, n_top)
+        tv = jnp.full((f + 1, n_top + 1), -jnp.inf).at[sf, slot].set(sv)[:f, :n_top]
+        tr = jnp.full((f + 1, n_top + 1), -1, jnp.int32).at[sf, slot].set(sr)[:f, :n_top]
+        part = FeatureStatsState(count=n_b, fired=fired, mean=mean_b, m2=m2_b, max=mx,
+                                 top_values=tv, top_rows=tr)
+        return self.merge(state, part)

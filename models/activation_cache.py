@@ -643,6 +643,55 @@ class CacheSource(src_lib.RowSource):
         return tuple(np.concatenate([p[i] for p in pieces]) for i in range(len(pieces[0])))
 
 
+class CachedActs:
+    """One hookpoint's ``[rows, d]`` activations left on disk, with an array's ``shape``.
+
+    What the universality pipeline passes where it would hold an in-memory activation matrix
+    (`experiments.pipeline.lm_preset`, streaming mode): SAE training reads `source`
+    through a bounded shuffle buffer, the feature pass pairs two of them chunk by chunk
+    (`experiments.pipeline.features.cache_pair_stream`), and only a slice ``x[lo:hi]``
+    (e.g. a sample for initialisation) is ever read into memory. There is deliberately no
+    ``__array__``: ``np.asarray`` on it fails instead of loading the whole cache.
+    """
+
+    def __init__(self, cache: ActivationCache, hookpoint: str, *,
+                 exclude_special: bool = False):
+        self.cache = cache
+        self.hookpoint = cache.check_hookpoints(hookpoint)[0]
+        self.exclude_special = bool(exclude_special)
+        self.source = CacheSource(cache, self.hookpoint, exclude_special=self.exclude_special)
+        self.shape = (self.source.num_rows, int(cache.widths[self.hookpoint]))
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, *args, **kwargs):
+        raise checks.InputError(f"{self!r}: the activations stay on disk; read a slice "
+                                "x[lo:hi] or stream the cache source")
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise checks.InputError("CachedActs: only contiguous row slices x[lo:hi] are read "
+                                    "(the activations stay on disk)")
+        lo, hi, _ = key.indices(self.shape[0])
+        return self.source.read_rows(lo, max(lo, hi))[1]
+
+    def key(self) -> str:
+        """Identity of the rows (cache metadata, hookpoint, special-token filter), for
+        step-cache keys: a finished cache never changes."""
+        meta = {k: self.cache.metadata.get(k) for k in ("model", "tokenizer", "text",
+                                                        "context_length", "dtype", "shards",
+                                                        "finished", "created")}
+        return fingerprint.digest(os.path.abspath(self.cache.path), self.hookpoint,
+                                  self.exclude_special, json.dumps(meta, sort_keys=True,
+                                                                   default=str))
+
+    def __repr__(self) -> str:
+        return (f"CachedActs({self.cache.path!r}, {self.hookpoint!r}, rows={self.shape[0]}, "
+                f"d={self.shape[1]})")
+
+
 def paired_source(cache_a: ActivationCache, hookpoint_a: str, cache_b: ActivationCache,
                   hookpoint_b: str, *, exclude_special: bool = False,
                   out_dtype: str = "float32", block_rows: int = 8192, repeat: bool = False,

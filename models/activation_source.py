@@ -13,6 +13,7 @@ Implementations:
 * `ArraySource`: in-memory arrays (toy models, tests).
 * `models.activation_cache.CacheSource`: an on-disk activation cache (random access).
 * `LMSource`: a live transformers forward pass over token contexts (no disk).
+* `RowRange` / `RowSubset`: a contiguous range / a sorted subset of a source's rows.
 * `ZipSource`: several random-access sources over the SAME tokens (two models, or two
   hookpoints) yielding ``(token_ids, acts_1, acts_2, ...)``; token ids are checked per block.
 * `ShuffledSource`: a deterministic, resumable shuffle of any random-access source with a
@@ -187,6 +188,46 @@ class RowRange(RowSource):
 
     def describe(self) -> dict:
         return {"kind": "rows", "lo": self.lo, "hi": self.hi, "source": self.source.describe()}
+
+
+class RowSubset(RowSource):
+    """The rows ``rows`` (sorted, distinct) of a random-access source, in that order.
+
+    A training subset or fold read straight from the source (e.g. a cache on disk): a block
+    of output rows is one read of the stored span from its first to its last row, then a
+    gather, so memory stays at one span (``hi - lo`` output rows of a fraction ``f`` of the
+    source span about ``(hi - lo) / f`` stored rows).
+    """
+
+    def __init__(self, source: RowSource, rows, *, repeat: bool = False):
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        n = source.num_rows
+        if rows.size == 0 or rows[0] < 0 or rows[-1] >= n or np.any(np.diff(rows) <= 0):
+            raise checks.InputError(f"RowSubset: expected sorted distinct row ids in [0, {n}), "
+                                    f"got {rows.size} ids")
+        self.source, self.rows = source, rows
+        self.hookpoints, self.widths = source.hookpoints, source.widths
+        self.block_rows = source.block_rows
+        self.repeat = repeat
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.rows.shape[0])
+
+    def read_rows_stored(self, lo: int, hi: int) -> Rows:
+        self._check_range(lo, hi)
+        idx = self.rows[lo:hi]
+        if idx.size == 0:
+            return tuple(p[:0] for p in self.source.read_rows_stored(0, 0))
+        start = int(idx[0])
+        span = self.source.read_rows_stored(start, int(idx[-1]) + 1)
+        return tuple(np.asarray(p)[idx - start] for p in span)
+
+    def finish_rows(self, rows: Rows) -> Rows:
+        return self.source.finish_rows(rows)
+
+    def describe(self) -> dict:
+        return {"kind": "subset", "rows": self.num_rows, "source": self.source.describe()}
 
 
 class ZipSource(RowSource):

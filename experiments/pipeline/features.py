@@ -12,7 +12,8 @@ Bounded memory (``memory_budget``, bytes; default half the machine's memory,
 `engine.mesh.default_memory_budget`): when the single-pass correlation state (``n_a x n_b``
 float32 per device, `engine.correlation.state_copies`) does not fit, the pass is tiled:
 
-1. one pass for the per-feature statistics (as above, without the correlation);
+1. one pass for the per-feature statistics (as above, without the correlation; from the
+   TopK codes when both SAEs are TopK, so no ``[rows, F]`` array is formed);
 2. TopK SAEs: one pass that encodes both sides to ``(values, indices)`` codes, kept in memory
    when they take under a quarter of the budget, else written to ``<checkpoint_dir>/codes``
    (memory-mapped), so the token stream is encoded once;
@@ -133,11 +134,10 @@ def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n:
                      plan.state_bytes / 1e9, plan.budget / 1e9)
         return _tiled_pass(stream, sae_a, sae_b, mesh, plan, top_n=top_n, sparse=sparse,
                            checkpoint_dir=checkpoint_dir, progress=progress)
-    parts = {"stats_a": (feature_stats.FeatureStatsAccumulator(fa, top_n), (1, 0)),
-             "stats_b": (feature_stats.FeatureStatsAccumulator(fb, top_n), (2, 0))}
+    parts = _stats_parts(fa, fb, top_n, sparse)
     if sparse:
         corr_acc = correlation.CorrelationAccumulator(fa, fb, sparse=True)
-        parts["corr"] = (corr_acc, (3, 4, 5, 6))
+        parts["corr"] = (corr_acc, (1, 2, 3, 4))
     else:
         corr_acc = correlation.CorrelationAccumulator(fa, fb)
         parts["corr"] = (corr_acc, (1, 2))
@@ -155,17 +155,28 @@ def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n:
                        corr=result.corr)
 
 
-def _transform(sparse: bool, stats_only: bool = False):
-    """On-device featurisation of a chunk ``(row_ids, xa, xb)`` for `accumulate`."""
+def _stats_parts(fa: int, fb: int, top_n: int, sparse: bool) -> dict:
+    """Per-feature statistics of both sides: from the TopK codes ``(values, indices)`` when
+    ``sparse`` (O(rows * k) per chunk, `feature_stats.SparseFeatureStatsAccumulator`), else
+    from the dense activations (O(rows * F)). Indices refer to `_transform`'s outputs."""
+    if sparse:
+        return {"stats_a": (feature_stats.SparseFeatureStatsAccumulator(fa, top_n), (1, 2, 0)),
+                "stats_b": (feature_stats.SparseFeatureStatsAccumulator(fb, top_n), (3, 4, 0))}
+    return {"stats_a": (feature_stats.FeatureStatsAccumulator(fa, top_n), (1, 0)),
+            "stats_b": (feature_stats.FeatureStatsAccumulator(fb, top_n), (2, 0))}
+
+
+def _transform(sparse: bool):
+    """On-device featurisation of a chunk ``(row_ids, xa, xb)`` for `accumulate`: ``(row_ids,
+    va, ia, vb, ib)`` TopK codes when ``sparse`` (the dense ``[rows, F]`` activations are
+    never formed), else ``(row_ids, za, zb)``."""
     def transform(params, row_ids, xa, xb):
         a, b = params
-        za, zb = a.encode(xa), b.encode(xb)
-        out = (row_ids, za, zb)
-        if sparse and not stats_only:
+        if sparse:
             va, ia = a.encode_sparse(xa)
             vb, ib = b.encode_sparse(xb)
-            out = out + (va, ia.astype(jnp.int32), vb, ib.astype(jnp.int32))
-        return out
+            return row_ids, va, ia.astype(jnp.int32), vb, ib.astype(jnp.int32)
+        return row_ids, a.encode(xa), b.encode(xb)
     return transform
 
 
@@ -176,14 +187,12 @@ def _sub(root: str | None, name: str) -> str | None:
 def _tiled_pass(stream, sae_a, sae_b, mesh, plan: PassPlan, *, top_n: int, sparse: bool,
                 checkpoint_dir: str | None, progress: bool) -> FeaturePass:
     fa, fb = sae_a.config.d_sae, sae_b.config.d_sae
-    acc = accumulators.Combined({
-        "stats_a": (feature_stats.FeatureStatsAccumulator(fa, top_n), (1, 0)),
-        "stats_b": (feature_stats.FeatureStatsAccumulator(fb, top_n), (2, 0))})
+    acc = accumulators.Combined(_stats_parts(fa, fb, top_n, sparse))
     ckpt_dir = _sub(checkpoint_dir, "stats")
     ckpt = None if ckpt_dir is None else checkpoint.Checkpointer(ckpt_dir)
     stream.seek(0)
     state = accumulators.accumulate(acc, stream, mesh, checkpointer=ckpt, save_every=50,
-                                    progress=progress, transform=_transform(sparse, True),
+                                    progress=progress, transform=_transform(sparse),
                                     params=(sae_a, sae_b))
     if ckpt is not None:
         ckpt.close()

@@ -29,6 +29,21 @@ compares A.L with a second seed of A.L (ceiling), with A.(L+1) (L-1 at the last 
 the adjacent layer), and with a random-init copy of A at L (floor); the adjacent layer's SAE
 is loaded from ``--saes_a`` when given, else trained here like A.L's.
 
+Where the activations live (``--lm_activations``): ``memory`` keeps every hookpoint's
+``[tokens, d]`` float32 array in RAM (and in the step cache), fine for small runs; ``stream``
+writes them once to activation caches (`models.activation_cache`, under
+``WORKDIR/activations/{a,b,floor_a,floor_b}``, resumable; or reads ``--cache_a/--cache_b``)
+and never holds them: SAEs train from the cache through a bounded shuffle buffer
+(`saes.obtain` with `models.activation_cache.CachedActs`), and each comparison's feature
+pass reads both caches chunk by chunk (`features.cache_pair_stream`, tiled under
+``--memory_budget``). ``auto`` (default) streams when caches are given, or when the
+activations of both sides and the floor, ``4 * tokens * sum(d over hookpoints)`` bytes with
+``tokens = max_contexts * context_length``, exceed a quarter of the memory budget
+(``--memory_budget``, default half the machine's RAM). In both modes SAEs are trained through
+the same shuffled source (`models.activation_source.ShuffledSource`), so the same settings
+give the same SAEs and the same comparisons in memory and streamed (tests/test_lm_stream.py).
+Models with different tokenizers pool rows over aligned units in memory: memory mode only.
+
 Published setups (run when the weights are on disk: see WORKSPACE.md):
 
 * ``--preset=lm --lm_setup=pythia``: Pythia-70m vs Pythia-160m with EleutherAI sparsify SAEs
@@ -107,6 +122,14 @@ flags.DEFINE_string("cache_a", None, "Activation cache of model A (experiments.h
                     "--cache_b, activations are read from the caches instead of running the "
                     "models (the models are still used for token strings and the floor).")
 flags.DEFINE_string("cache_b", None, "Activation cache of model B (see --cache_a).")
+flags.DEFINE_enum("lm_activations", "auto", ["auto", "memory", "stream"],
+                  "Where activations live: 'memory' (arrays, small runs), 'stream' (activation "
+                  "caches on disk: harvested into WORKDIR/activations/ unless --cache_a/b are "
+                  "given, read chunk by chunk by SAE training and the feature pass), 'auto': "
+                  "stream when --cache_a/--cache_b are given or when the activations would "
+                  "take more than a quarter of the memory budget (see the module docstring).")
+flags.DEFINE_bool("lm_exclude_special", False, "Leave special tokens (BOS/EOS/PAD/CLS/SEP) "
+                  "out of SAE training and of the paired rows of every comparison.")
 
 SETUPS = {
     "pythia": {"model_a": "pythia-70m", "model_b": "pythia-160m",
@@ -247,6 +270,17 @@ def _read_caches(flags_, setup) -> tuple[dict, dict, list[str], list[str], objec
     return sides[0], sides[1], hps[0], hps[1], contexts
 
 
+def _text_used(flags_, caches) -> object:
+    """The text the activations came from: the caches' recorded text when they were given
+    (not the --text default), else --text."""
+    if flags_.cache_a:
+        from models import activation_cache
+        found = caches or [activation_cache.ActivationCache(p) for p in (flags_.cache_a,
+                                                                         flags_.cache_b)]
+        return {"caches": [c.metadata.get("text") for c in found]}
+    return flags_.text
+
+
 def _load_side(root: str | None, hps: list[str], acts: dict, side: str) -> dict | None:
     """hookpoint -> (path, SAE) of published SAEs under ``root`` (width-checked)."""
     if not root:
@@ -258,6 +292,72 @@ def _load_side(root: str | None, hps: list[str], acts: dict, side: str) -> dict 
                               f"SAE of model {side.upper()} at {hp} ({root})")
         out[hp] = (root, sae)
     return out
+
+
+IN_MEMORY_FRACTION = 4   # auto mode streams above budget / IN_MEMORY_FRACTION of activations
+
+
+def activation_bytes(tokens: int, widths: list[int]) -> int:
+    """float32 bytes of ``tokens`` rows at hookpoints of the given widths, plus the floor's
+    copy of the widest side (the random-init model's activations at one side's hookpoints)."""
+    return 4 * int(tokens) * (sum(widths) + max(widths, default=0))
+
+
+def stream_mode(flags_, view, widths: list[int], memory_budget: int | None, mesh) -> bool:
+    """True when the run streams its activations from caches (the rule of the docstring)."""
+    from engine import mesh as mesh_lib
+    mode = flags_.lm_activations
+    if view is not None:
+        if mode == "stream":
+            raise compare.PipelineError(
+                "--lm_activations=stream: models with different tokenizers pair rows through "
+                "aligned units pooled in memory; use --lm_activations=memory or auto")
+        return False
+    if mode != "auto":
+        return mode == "stream"
+    if flags_.cache_a or flags_.cache_b:
+        return True
+    budget = memory_budget or mesh_lib.default_memory_budget(mesh)
+    tokens = flags_.max_contexts * flags_.context_length
+    return activation_bytes(tokens, widths) > budget // IN_MEMORY_FRACTION
+
+
+def _row_token_ids(cache, exclude_special: bool) -> np.ndarray:
+    """Token ids of a cache's rows (unmasked tokens, context after context), as its
+    `CacheSource` yields them."""
+    ids = cache.token_ids()
+    keep = cache.mask()
+    if exclude_special:
+        keep = keep & ~np.isin(ids, cache.special_ids)
+    return ids[keep].astype(np.int32)
+
+
+def _cached_side(cache, hps: list[str], exclude_special: bool) -> dict:
+    from models import activation_cache
+    side = {f"acts/{hp}": activation_cache.CachedActs(cache, hp,
+                                                      exclude_special=exclude_special)
+            for hp in hps}
+    side["token_ids"] = _row_token_ids(cache, exclude_special)
+    return side
+
+
+def _harvest_cache(run, name: str, lm_model, contexts, hps: list[str], flags_):
+    """Activations of ``hps`` harvested into ``WORKDIR/activations/<name>`` (resumable)."""
+    from models import activation_cache
+    return activation_cache.harvest(
+        lm_model, contexts, hps, run.path("activations", name),
+        batch_size=flags_.lm_batch_size, progress=flags_.progress,
+        text_info={"text": flags_.text, "context_length": flags_.context_length,
+                   "max_contexts": flags_.max_contexts})
+
+
+def _drop_special(side: dict, exclude: bool) -> dict:
+    """In-memory rows without special tokens (``--lm_exclude_special``)."""
+    if not exclude:
+        return side
+    keep = ~np.asarray(side["special"], bool)
+    return {k: (v[keep] if k.startswith("acts/") or k in ("token_ids", "special") else v)
+            for k, v in side.items()}
 
 
 def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
@@ -275,9 +375,44 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         (flags_.cache_a, flags_.cache_b) if flags_.cache_a and flags_.cache_b else None))
     if view is None:
         text_lib.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
-    if flags_.cache_a or flags_.cache_b:
+    exclude = bool(getattr(flags_, "lm_exclude_special", False))
+    streaming_run = stream_mode(flags_, view, [lm_a.d_model] * len(setup["hookpoints_a"]) +
+                                [lm_b.d_model] * len(setup["hookpoints_b"]),
+                                cfg.memory_budget, run.mesh)
+    caches_ab = None
+    if streaming_run and (flags_.cache_a or flags_.cache_b):
+        from models import activation_cache
+        if not (flags_.cache_a and flags_.cache_b):
+            raise compare.PipelineError("--cache_a and --cache_b must be given together")
+        caches_ab = [activation_cache.ActivationCache(p) for p in (flags_.cache_a,
+                                                                   flags_.cache_b)]
+        hps_a = caches_ab[0].check_hookpoints(setup["hookpoints_a"])
+        hps_b = caches_ab[1].check_hookpoints(setup["hookpoints_b"])
+        contexts = text_lib.Contexts(token_ids=caches_ab[0].token_ids(),
+                                     mask=caches_ab[0].mask(),
+                                     doc_index=np.zeros(caches_ab[0].num_contexts, np.int64))
+        contexts_b = contexts
+        acts_a = _cached_side(caches_ab[0], hps_a, exclude)
+        acts_b = _cached_side(caches_ab[1], hps_b, exclude)
+    elif flags_.cache_a or flags_.cache_b:
         acts_a, acts_b, hps_a, hps_b, contexts = _read_caches(flags_, setup)
         contexts_b = contexts if view is None else view.contexts_b
+    elif streaming_run:
+        hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
+        hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
+        docs = text_lib.read_documents(flags_.text)
+        contexts = text_lib.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
+                                          max_contexts=flags_.max_contexts)
+        contexts_b = contexts
+        if lm_b is lm_a:   # one forward pass for both sides' hookpoints
+            c = _harvest_cache(run, "a", lm_a, contexts, list(dict.fromkeys(hps_a + hps_b)),
+                               flags_)
+            caches_ab = [c, c]
+        else:
+            caches_ab = [_harvest_cache(run, "a", lm_a, contexts, hps_a, flags_),
+                         _harvest_cache(run, "b", lm_b, contexts, hps_b, flags_)]
+        acts_a = _cached_side(caches_ab[0], hps_a, exclude)
+        acts_b = _cached_side(caches_ab[1], hps_b, exclude)
     else:
         hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
         hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
@@ -295,6 +430,12 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
                 lm_a, contexts, hps_a, flags_.lm_batch_size))
             acts_b = cache.get("lm_acts_b." + "+".join(hps_b), lambda: _harvest(
                 lm_b, contexts_b, hps_b, flags_.lm_batch_size))
+    if not streaming_run:
+        if exclude and "special" not in acts_a:
+            raise compare.PipelineError("--lm_exclude_special with --lm_activations=memory "
+                                        "and caches: use --lm_activations=stream")
+        acts_a = _drop_special(acts_a, exclude)
+        acts_b = acts_a if acts_b is acts_a else _drop_special(acts_b, exclude)
     if view is None and not np.array_equal(acts_a["token_ids"], acts_b["token_ids"]):
         raise compare.PipelineError("models A and B saw different tokens; the tokenizers or "
                                     "contexts disagree")
@@ -342,6 +483,7 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     training = references.Training(
         recipe=recipe, steps=flags_.sae_steps, batch_size=flags_.sae_batch_size,
         root=run.path("saes"), mesh=run.mesh, user_seed=flags_.seed, progress=flags_.progress,
+        source_training=True,
         metadata=lambda side, hp: {"model": (f"random-init copy of {models[side[0]][1]}"
                                              if "random" in side else models[side[0]][1]),
                                    "hookpoint": hp})
@@ -361,13 +503,23 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         return lm.random_init_copy(models[side][0], seed=flags_.seed + (
             1000 if side == "b" else 2000))
 
+    floor_caches: dict = {}
+
     def floor_acts(side, hp):
+        if streaming_run:
+            if side not in floor_caches:
+                rnd = random_model(side)
+                floor_caches[side] = _harvest_cache(
+                    run, f"floor_{side}", rnd, contexts if side == "a" else contexts_b,
+                    floor_hps[side], flags_)
+            return _cached_side(floor_caches[side], [hp], exclude)[f"acts/{hp}"]
+
         def harvest():
             rnd = random_model(side)
             return _harvest(rnd, contexts if side == "a" else contexts_b, floor_hps[side],
                             flags_.lm_batch_size)
-        return cache.get(f"lm_acts_floor_{side}." + "+".join(floor_hps[side]),
-                         harvest)[f"acts/{hp}"]
+        return _drop_special(cache.get(f"lm_acts_floor_{side}." + "+".join(floor_hps[side]),
+                                       harvest), exclude)[f"acts/{hp}"]
 
     planner = references.Planner(refs, training, multi_cell=len(hps_a) * len(hps_b) > 1)
     for cond in conditions:
@@ -420,7 +572,14 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
             "activations": ("caches " + f"{flags_.cache_a}, {flags_.cache_b}"
                             if flags_.cache_a else "forward passes in this run"),
-            "contexts": len(contexts), "text": flags_.text, "trio": bool(flags_.trio),
+            "activation_mode": {
+                "mode": "stream" if streaming_run else "memory",
+                "setting": flags_.lm_activations, "exclude_special": exclude,
+                "caches": ([c.path for c in caches_ab] + [c.path for c in
+                                                          floor_caches.values()]
+                           if caches_ab else None)},
+            "contexts": len(contexts), "text": _text_used(flags_, caches_ab),
+            "trio": bool(flags_.trio),
             "references": dataclasses.asdict(refs), "saes": planner.sae_records(),
             "alignment": aligned.describe(view),
             "grid": {"layers_a": hps_a, "layers_b": hps_b,

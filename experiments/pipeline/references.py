@@ -172,6 +172,10 @@ class Training:
     user_seed: int
     progress: bool = False
     metadata: Callable[[str, str], dict] = lambda side, hp: {}
+    # Train every SAE through an activation source with a bounded shuffle buffer (what a
+    # cache-streamed run must do; in memory too, so that both modes train the same SAEs).
+    source_training: bool = False
+    shuffle_buffer: int = 1 << 16
 
 
 def cell_key(ha: str, hb: str) -> str:
@@ -199,7 +203,7 @@ class Planner:
                 loaded_sae=sae, steps=t.steps, batch_size=t.batch_size, root=t.root,
                 mesh=t.mesh, progress=t.progress,
                 metadata=t.metadata(role.side, role.hookpoint), subset=subset, fold=fold,
-                note=note)
+                note=note, as_source=t.source_training, shuffle_buffer=t.shuffle_buffer)
         return self.saes[role.key]
 
     def _recipe(self, side: str, hp: str, d_in: int, cond: Condition):
@@ -340,11 +344,17 @@ def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
     from engine import fingerprint as fp_lib
     from engine import streaming
     from experiments.pipeline import compare
+    from models.activation_cache import CachedActs
 
     comps = []
     digests: dict[int, tuple] = {}   # id -> (array kept alive, digest)
     for spec in specs:
         xa, xb = spec.acts_a, spec.acts_b
+        if isinstance(xa, CachedActs) or isinstance(xb, CachedActs):
+            # Activations left on disk: the pass reads both caches chunk by chunk.
+            comps.append(_run_cached(spec, xa, xb, run, flags_, cfg, cache, token_text,
+                                     pages_for, extra))
+            continue
         if pool_for is not None:
             xa = pool_for(spec.sae_a.role.side)(xa)
             xb = pool_for(spec.sae_b.role.side)(xb)
@@ -365,6 +375,36 @@ def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
                     "seeds": [spec.sae_a.seed, spec.sae_b.seed]},
             data_key=data_key, **({"pages": pages_for(spec)} if pages_for else {}), **extra))
     return comps
+
+
+def _labels(spec: Spec) -> dict:
+    return {"kind": spec.kind, "label": spec.label, **spec.labels,
+            "saes": [spec.sae_a.role.key, spec.sae_b.role.key],
+            "seeds": [spec.sae_a.seed, spec.sae_b.seed]}
+
+
+def _run_cached(spec: Spec, xa, xb, run, flags_, cfg, cache, token_text, pages_for,
+                extra: dict) -> dict:
+    """One comparison whose two sides are `CachedActs` (streaming mode of the LM preset)."""
+    from engine import fingerprint as fp_lib
+    from experiments.pipeline import compare, features
+    from models.activation_cache import CachedActs
+    if not (isinstance(xa, CachedActs) and isinstance(xb, CachedActs)):
+        raise checks.InputError(f"comparison {spec.name}: one side is in memory and the other "
+                                "on disk; stream both or neither")
+    if xa.exclude_special != xb.exclude_special:
+        raise checks.InputError(f"comparison {spec.name}: the two sides select different "
+                                "rows (special tokens excluded on one side only)")
+
+    def factory():
+        return features.cache_pair_stream(xa.cache, xa.hookpoint, xb.cache, xb.hookpoint,
+                                          flags_.chunk_size,
+                                          exclude_special=xa.exclude_special)
+    return compare.run_comparison(
+        spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg, cache,
+        ckpt_root=run.path("checkpoints"), truth=spec.truth, progress=flags_.progress,
+        labels=_labels(spec), data_key=fp_lib.digest(xa.key(), xb.key()),
+        **({"pages": pages_for(spec)} if pages_for else {}), **extra)
 
 
 # -- summaries -------------------------------------------------------------------------------

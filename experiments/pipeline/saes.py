@@ -29,6 +29,7 @@ from engine import checks
 from engine import mesh as mesh_lib
 from models import formats, sae_io_native, sae_train
 from models import sae as sae_lib
+from models.activation_cache import CachedActs
 
 KINDS = ("main", "ceiling", "floor")
 _SEED_MOD = 2**31 - 1  # seeds stay positive int32 (PRNGKey, numpy Generator)
@@ -160,7 +161,8 @@ def obtain(role: Role, acts: np.ndarray | None, *, user_seed: int,
            loaded_sae: sae_lib.SAE | None = None, steps: int = 0, batch_size: int = 256,
            root: str = "saes", mesh=None, progress: bool = False,
            metadata: dict | None = None, subset: float | None = None,
-           fold: tuple[int, int] | None = None, note: str = "") -> SideSAE:
+           fold: tuple[int, int] | None = None, note: str = "", as_source: bool = False,
+           shuffle_buffer: int = 1 << 16) -> SideSAE:
     """The one train-or-load helper: the SAE playing ``role``.
 
     With ``loaded_sae`` (already read from ``loaded``) that SAE is returned as is. Otherwise
@@ -168,6 +170,12 @@ def obtain(role: Role, acts: np.ndarray | None, *, user_seed: int,
     ``fold``) with ``recipe`` and the role's seeds (`role_seeds`), under
     ``root/<role.key>``; a finished SAE there whose recorded recipe and seeds match is
     loaded instead of retrained.
+
+    ``acts`` may be a `models.activation_cache.CachedActs` (activations left on disk): the
+    SAE is then trained from the cache source through the bounded shuffle buffer of
+    ``shuffle_buffer`` rows, subsets and folds read as `RowSubset`s, never loading the cache.
+    ``as_source`` trains an in-memory array through the same path (an `ArraySource`), so
+    that an in-memory run and a cache-streamed run over the same rows train the same SAEs.
     """
     if loaded_sae is not None:
         return SideSAE(role, loaded_sae, source=str(loaded), seed=None, data_seed=None,
@@ -178,16 +186,44 @@ def obtain(role: Role, acts: np.ndarray | None, *, user_seed: int,
     seed, data_seed = role_seeds(user_seed, role)
     cfg = dataclasses.replace(recipe, seed=seed)
     rows = _subset_rows(acts.shape[0], subset, fold, data_seed)
-    train_acts = acts if rows is None else acts[rows]
+    if isinstance(acts, CachedActs) or as_source:
+        train_acts = training_source(acts, rows)
+        n_rows = train_acts.num_rows
+    else:
+        train_acts = acts if rows is None else acts[rows]
+        n_rows = train_acts.shape[0]
     record = {"config": cfg.to_dict(), "steps": int(steps), "batch_size": int(batch_size),
-              "data_seed": int(data_seed), "rows": int(train_acts.shape[0]),
+              "data_seed": int(data_seed), "rows": int(n_rows),
               "subset": subset, "fold": list(fold) if fold else None}
+    if sae_train.is_source(train_acts):
+        record["data"] = {"source": _source_kind(train_acts), "shuffle_buffer": shuffle_buffer}
     sae = train_or_load(train_acts, cfg, steps=steps, batch_size=batch_size,
                         data_seed=data_seed, directory=os.path.join(root, role.key),
                         mesh=mesh, progress=progress,
-                        metadata={**(metadata or {}), "role": role.key}, recipe=record)
+                        metadata={**(metadata or {}), "role": role.key}, recipe=record,
+                        shuffle_buffer=shuffle_buffer)
     return SideSAE(role, sae, source="trained here", seed=seed, data_seed=data_seed,
                    recipe=record, note=note)
+
+
+def training_source(acts, rows: np.ndarray | None = None):
+    """The activation source an SAE of the pipeline trains from: the cache source of a
+    `CachedActs`, or an `ArraySource` over an in-memory ``[rows, d]`` array; restricted to
+    the sorted row ids ``rows`` (a subset / fold) when given."""
+    from models import activation_source as src_lib
+    if isinstance(acts, CachedActs):
+        base = acts.source
+    else:
+        x = np.asarray(acts)
+        base = src_lib.ArraySource(np.zeros(x.shape[0], np.int32), x)
+    return base if rows is None else src_lib.RowSubset(base, rows)
+
+
+def _source_kind(source) -> str:
+    """``cache`` / ``arrays`` (under any subset): what the SAE's rows were read from."""
+    while source.describe().get("kind") == "subset":
+        source = source.source
+    return str(source.describe().get("kind"))
 
 
 def train_or_load(acts, cfg: sae_train.TrainConfig, *, steps: int | None,
