@@ -127,8 +127,7 @@ class MetricResult:
                     "null_std": self.null_std, "p": self.p, "z": self.z,
                     "excess": self.excess,
                     "components": None if self.components is None else list(self.components)})
-        if not self.informative or "informative" in self.details:
-            out["informative"] = self.informative
+        out["informative"] = self.informative
         if self.n_over_d is not None:
             out["n_over_d"] = self.n_over_d
         if self.null is not None:
