@@ -152,6 +152,21 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 )}
 
 
+def register(metric: Metric) -> Metric:
+    """Adds ``metric`` to `METRICS` under its name (a name already taken is refused).
+
+    A new metric is one file (its computation, returning an object with ``.score`` and
+    ``.to_dict()``) plus one registration: ``register(Metric(name, description, prepare))``
+    with ``prepare(x, y, weights, mesh, **options) -> (result, make_kernel)``, where
+    ``make_kernel`` may return None (the null then runs as a loop over permutations). Every
+    entry point's ``--metrics`` choices and the pipeline's results read this registry.
+    """
+    if metric.name in METRICS:
+        raise checks.InputError(f"similarity metric {metric.name!r} is already registered")
+    METRICS[metric.name] = metric
+    return metric
+
+
 def get(name: str) -> Metric:
     """The registered metric called ``name`` (`InputError` listing the names otherwise)."""
     if name not in METRICS:

@@ -110,7 +110,8 @@ def synthetic_workdir(path: str, n_features: int, *, n_small: int = 64, n_contex
     comparisons ``n_small``. Returns the results dict written to ``results.json``.
     """
     from engine import metrics_io
-    from experiments.pipeline import feature_pages
+    from experiments.pipeline import compare, feature_pages
+    from experiments.pipeline import results as res
     rng = np.random.default_rng(seed)
     vocab = [f"\u0120tok{i}" for i in range(2000)] + [".", ",", "\u010a"]
     metrics = ("svcca", "cka", "rsa_spearman")
@@ -134,18 +135,24 @@ def synthetic_workdir(path: str, n_features: int, *, n_small: int = 64, n_contex
             null_mean, null_std = rng.uniform(0, 0.3), 0.01
             score = null_mean + (0.3 if kind in ("cross", "ceiling") else 0.005)
             p = 1 / 1001 if kind in ("cross", "ceiling") else 0.4
-            ms[m] = {"score": score, "null_mean": null_mean, "null_std": null_std,
-                     "excess": score - null_mean, "p": p, "z": (score - null_mean) / null_std,
-                     "n_over_d": 2.0, "n": n_pairs}
+            ms[m] = res.MetricResult(score=score, null_mean=null_mean, null_std=null_std,
+                                     p=p, z=(score - null_mean) / null_std,
+                                     excess=score - null_mean, n_over_d=2.0,
+                                     details={"n": n_pairs})
             if i is not None:
                 cells[m][i][j] = score - null_mean
         filt = {"candidates": int(1.6 * n), "after_dead_constant": int(1.5 * n),
                 "after_non_concept": int(1.3 * n), "after_one_to_one": int(0.9 * n),
                 "after_threshold": n_pairs}
-        comps.append({"name": name, "kind": kind, "label": name, "hookpoint_a": ha,
-                      "hookpoint_b": hb, "n_features": {"a": n, "b": n}, "tokens": 50_000,
-                      "pairing": {"method": "correlation", "mean_best_corr_ab": 0.5},
-                      "filters": filt, "n_pairs": n_pairs, "pairs": pairs, "metrics": ms})
+        comps.append(res.ComparisonResult(
+            name=name, labels=res.Labels(kind=kind, label=name, hookpoint_a=ha,
+                                         hookpoint_b=hb),
+            n_features=(n, n), tokens=50_000,
+            pairing=res.Pairing("correlation", 0.5, 0.5, (), 0, 0, 0, 0),
+            filters=res.FilterFunnel(tuple(filt.items())), n_pairs=n_pairs,
+            pairs=res.KeptPairs(tuple(pairs["a"]), tuple(pairs["b"]), tuple(pairs["value"]),
+                                tuple(pairs["decoder_cos"])),
+            top_pairs=(), metrics=ms, same_index=compare.same_index_report(a, b, n, n)))
         tables = {}
         for side in "ab":
             table, export = _features(rng, n, vocab, pairs, side, n_contexts, window,
@@ -154,9 +161,10 @@ def synthetic_workdir(path: str, n_features: int, *, n_small: int = 64, n_contex
             feature_pages.write_export(os.path.join(path, "features", name), name, side,
                                        export, {"kind": kind})
         metrics_io.write_json(os.path.join(path, "features", f"{name}.json"), tables)
-    results = {"preset": "synthetic", "comparisons": comps,
-               "grid": {"layers_a": hps, "layers_b": hps, "cells": cells},
-               "reference_points": {}, "summary": [f"{c['name']}: synthetic" for c in comps]}
+    results = res.RunResults(
+        comparisons=tuple(comps), summary=tuple(f"{c.name}: synthetic" for c in comps),
+        grid=res.LayerGrid(tuple(hps), tuple(hps), cells),
+        extra={"preset": "synthetic"}).to_json()
     metrics_io.write_json(os.path.join(path, "results.json"), results)
     return results
 

@@ -33,6 +33,7 @@ Rerunning with the same workdir reuses trained SAEs and finished steps.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -67,20 +68,20 @@ flags.DEFINE_integer("chunk_size", 512, "Rows per streamed chunk.")
 flags.DEFINE_integer("seed", 0, "Seed.")
 
 
-def _plot(comps: list[dict], path: str) -> None:
+def _plot(comps: list, path: str) -> None:
     from experiments.pipeline import report
     plt = report._plt()
-    names = [c["name"] for c in comps]
-    rec = [c.get("truth", {}).get("fraction_true_pairs_recovered", np.nan) for c in comps]
+    names = [c.name for c in comps]
+    rec = [np.nan if c.truth is None else c.truth.fraction_true_pairs_recovered for c in comps]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     axes[0].bar(range(len(names)), rec, color="tab:blue")
     axes[0].set_ylabel("fraction of true features recovered")
     axes[0].set_ylim(0, 1.05)
-    metrics = sorted({m for c in comps for m in c.get("metrics", {})})
+    metrics = sorted({m for c in comps for m in c.metrics})
     width = 0.8 / max(1, len(metrics))
     for i, m in enumerate(metrics):
-        vals = [c.get("metrics", {}).get(m, {}).get("excess", np.nan) for c in comps]
-        sig = [c.get("metrics", {}).get(m, {}).get("p", 1.0) < 0.01 for c in comps]
+        vals = [c.metrics[m].excess if m in c.metrics else np.nan for c in comps]
+        sig = [m in c.metrics and c.metrics[m].p < 0.01 for c in comps]
         xs = np.arange(len(names)) + (i - (len(metrics) - 1) / 2) * width
         bars = axes[1].bar(xs, vals, width, label=m)
         for b, s in zip(bars, sig):
@@ -102,6 +103,7 @@ def _plot(comps: list[dict], path: str) -> None:
 def run(run_) -> dict:
     from engine import streaming
     from experiments.pipeline import aligned, compare, filters, report
+    from experiments.pipeline import results as results_lib
     from experiments.pipeline import saes as saes_lib
     from experiments.pipeline.stepcache import StepCache
     from models import alignment as al
@@ -172,7 +174,8 @@ def run(run_) -> dict:
         comp = compare.run_comparison(
             name, stream(xa, xb), saes["a"], sae_b, text_fn, run_.mesh, cfg, cache,
             ckpt_root=run_.path("checkpoints"), truth=tr, progress=FLAGS.progress,
-            labels={"kind": kind, "label": name, **(extra or {})}, context_text=context_fn,
+            labels=results_lib.Labels(kind=kind, label=name, **(extra or {})),
+            context_text=context_fn,
             features_dir=run_.path("features"))
         return comp
 
@@ -198,9 +201,9 @@ def run(run_) -> dict:
                          view.pool("b", acts["b"]), saes["b"], view.token_text,
                          view.context_text, truth(feats_b), {"alignment": align.report}))
         # density / mean per own token next to the per-unit values of the feature pass
-        comps[-1]["feature_density"] = view.annotate_features(
-            os.path.join(run_.path("features"), f"{comps[-1]['name']}.json"), saes["a"],
-            saes["b"], acts["a"], acts["b"], run_.mesh, FLAGS.chunk_size)
+        comps[-1] = dataclasses.replace(comps[-1], feature_density=view.annotate_features(
+            os.path.join(run_.path("features"), f"{comps[-1].name}.json"), saes["a"],
+            saes["b"], acts["a"], acts["b"], run_.mesh, FLAGS.chunk_size))
     view = views[specs[0]]
     xa = view.pool("a", acts["a"])
     comps.append(one("control", "control", xa, view.pool("b", acts["control"]),
@@ -214,17 +217,16 @@ def run(run_) -> dict:
     base = comps[0]
     losses = {}
     for c in comps[1:1 + len(specs)]:
-        entry = {"recovered": c["truth"]["fraction_true_pairs_recovered"],
-                 "recovered_same_tokenizer": base["truth"]["fraction_true_pairs_recovered"],
-                 "rows": c["tokens"], "rows_same_tokenizer": base["tokens"],
-                 "fraction_text_covered": c["alignment"]["fraction_text_covered"],
-                 "fraction_positions_used": c["alignment"]["fraction_positions_used"]}
-        for m, r in c.get("metrics", {}).items():
-            b = base.get("metrics", {}).get(m)
-            if b:
-                entry[f"{m}_excess"] = r["excess"]
-                entry[f"{m}_excess_same_tokenizer"] = b["excess"]
-        losses[c["name"]] = entry
+        entry = {"recovered": c.truth.fraction_true_pairs_recovered,
+                 "recovered_same_tokenizer": base.truth.fraction_true_pairs_recovered,
+                 "rows": c.tokens, "rows_same_tokenizer": base.tokens,
+                 "fraction_text_covered": c.labels.alignment["fraction_text_covered"],
+                 "fraction_positions_used": c.labels.alignment["fraction_positions_used"]}
+        for m, r in c.metrics.items():
+            if m in base.metrics:
+                entry[f"{m}_excess"] = r.excess
+                entry[f"{m}_excess_same_tokenizer"] = base.metrics[m].excess
+        losses[c.name] = entry
     results = {"experiment": "tokenizers_toy",
                "tokenizers": {"a": FLAGS.tokenizer_a, "b": FLAGS.tokenizer_b,
                               "vocab_size": FLAGS.vocab_size},
@@ -233,11 +235,12 @@ def run(run_) -> dict:
                         "contexts": {s: len(ctx[s]) for s in "ab"},
                         "n_features": FLAGS.n_features, "d": FLAGS.d, "k_word": FLAGS.k_word,
                         "noise": FLAGS.noise, "causal": FLAGS.causal},
-               "comparisons": comps, "loss_vs_same_tokenizer": losses,
+               "comparisons": [c.to_json() for c in comps], "loss_vs_same_tokenizer": losses,
                "summary": [report.verdict(c) for c in comps]}
     for c in comps:
-        if c.get("metrics"):
-            report.plot_nulls(c, os.path.join(run_.plots_dir, f"null_{c['name']}.png"))
+        if c.metrics:
+            report.plot_nulls(c.name, c.metrics,
+                              os.path.join(run_.plots_dir, f"null_{c.name}.png"))
     report.plot_matched_correlations(comps, os.path.join(run_.plots_dir,
                                                          "matched_correlations.png"))
     _plot(comps, os.path.join(run_.plots_dir, "units.png"))
@@ -246,12 +249,12 @@ def run(run_) -> dict:
     print(f"{'comparison':<28} {'rows':>7} {'pairs':>5} {'recovered':>9}  "
           + "  ".join(f"{m:>12}" for m in FLAGS.metrics))
     for c in comps:
-        rec = c.get("truth", {}).get("fraction_true_pairs_recovered")
+        rec = None if c.truth is None else c.truth.fraction_true_pairs_recovered
         cells = []
         for m in FLAGS.metrics:
-            r = c.get("metrics", {}).get(m)
-            cells.append(f"{r['excess']:+.3f} p{r['p']:.3f}" if r else f"{'-':>12}")
-        print(f"{c['name']:<28} {c['tokens']:>7} {c['n_pairs']:>5} "
+            r = c.metrics[m] if m in c.metrics else None
+            cells.append(f"{r.excess:+.3f} p{r.p:.3f}" if r else f"{'-':>12}")
+        print(f"{c.name:<28} {c.tokens:>7} {c.n_pairs:>5} "
               f"{'' if rec is None else f'{rec:.2f}':>9}  " + "  ".join(cells))
     print(f"results: {run_.path('results.json')}\nplots:   {run_.plots_dir}")
     return results

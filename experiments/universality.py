@@ -56,6 +56,7 @@ import os
 from absl import flags
 
 from experiments import common
+from experiments.pipeline import pairing
 
 FLAGS = flags.FLAGS
 common.define_common_flags()
@@ -63,7 +64,8 @@ flags.adopt_module_key_flags(common)   # --help lists the common flags too
 flags.DEFINE_enum("preset", "toy", ["toy", "lm"], "toy: embedded default; lm: language models "
                   "from local paths (see --model_a/--model_b).")
 # Pairing, filters, metrics.
-flags.DEFINE_enum("pairing", "correlation", ["correlation", "decoder"], "Pairing method.")
+flags.DEFINE_enum("pairing", "correlation", pairing.names(),
+                  "Pairing rule (the registry in experiments/pipeline/pairing.py).")
 flags.DEFINE_integer("num_permutations", 1000, "Random-pairing null size per metric.")
 flags.DEFINE_list("metrics", ["svcca", "pwcca", "cka", "rsa_spearman", "procrustes",
                               "mutual_knn"], "Metrics on the paired decoder rows.")

@@ -1,6 +1,7 @@
 """Report and runner on comparisons whose metrics are uninformative (issue 12): the summary
 flags them, plots never crash, and results.json is written before any plot."""
 
+import dataclasses
 import json
 import os
 import types
@@ -10,15 +11,21 @@ import pytest
 import similarity_refs as ref
 
 from engine import similarity
-from experiments.pipeline import report, runner
+from experiments.pipeline import report, results, runner
 
 
 def _comparison(name, x, y, kind):
     ev = similarity.evaluate(x, y, ("svcca", "cka"), num_permutations=20)
-    return {"name": name, "kind": kind, "label": kind, "n_pairs": x.shape[0],
-            "cell": "A.toy~B.toy", "hookpoint_a": "toy", "hookpoint_b": "toy",
-            "filters": {"candidates": x.shape[0]}, "pairing": {"best_corr_ab": [0.1, 0.5]},
-            "metrics": ev["metrics"]}
+    n = x.shape[0]
+    return results.ComparisonResult(
+        name=name, labels=results.Labels(kind=kind, label=kind, cell="A.toy~B.toy",
+                                         hookpoint_a="toy", hookpoint_b="toy"),
+        n_features=(n, n), tokens=10 * n,
+        pairing=results.Pairing("correlation", 0.3, 0.3, (0.1, 0.5), 0, 0, 0, 0),
+        filters=results.FilterFunnel((("candidates", n),)), n_pairs=n,
+        pairs=results.KeptPairs(tuple(range(n)), tuple(range(n)), (0.5,) * n), top_pairs=(),
+        metrics=results.metrics_from_json(ev["metrics"], name),
+        same_index=results.SameIndex(0, n, 0.0, 1 / n, 1.0, False))
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +36,8 @@ def comps():
 
 
 def test_uninformative_metric_is_flagged_in_table_and_verdict(comps):
-    sv = comps[0]["metrics"]["svcca"]
-    assert sv["informative"] is False and sv["z"] is None
+    sv = comps[0].metrics["svcca"]
+    assert sv.informative is False and sv.z is None
     table = report.summary_table(comps)
     line = next(l for l in table.splitlines() if l.strip().startswith("svcca"))
     assert "UNINFORMATIVE" in line and "0.3" in line      # n/d = 12/40 shown
@@ -42,7 +49,7 @@ def test_uninformative_metric_is_flagged_in_table_and_verdict(comps):
 
 
 def test_plots_of_uninformative_metrics_do_not_crash(comps, tmp_path):
-    report.plot_nulls(comps[0], str(tmp_path / "null.png"))
+    report.plot_nulls(comps[0].name, comps[0].metrics, str(tmp_path / "null.png"))
     report.plot_reference_bars(comps, str(tmp_path / "bars.png"))
     assert os.path.getsize(tmp_path / "null.png") > 0
 
@@ -69,7 +76,7 @@ def test_results_written_before_plots(comps, tmp_path, monkeypatch):
 
     os.makedirs(tmp_path / "plots")
     monkeypatch.setattr(runner, "run_toy", lambda *a: {"preset": "toy",
-                                                       "comparisons": [dict(c) for c in comps]})
+                                                       "comparisons": list(comps)})
     monkeypatch.setattr(report, "plot_nulls", broken_plot)
     flags_ = types.SimpleNamespace(
         pairing="correlation", filter_dead=True, filter_non_concept=False, max_bad_fraction=0.5,
@@ -99,23 +106,24 @@ def test_same_index_fraction_and_chance_warning(caplog):
     b[same] = a[same]
     rep = compare.same_index_report(a, b, 512, 1024)
     k = int(np.sum(a == b))
-    assert rep["count"] == k and rep["fraction"] == pytest.approx(k / 200)
-    assert rep["chance_fraction"] == pytest.approx(1 / 512)
-    assert rep["p_value"] == pytest.approx(_binom_tail(k, 200, 1 / 512), rel=1e-6)
-    assert rep["above_chance"] is True
+    assert rep.count == k and rep.fraction == pytest.approx(k / 200)
+    assert rep.chance_fraction == pytest.approx(1 / 512)
+    assert rep.p_value == pytest.approx(_binom_tail(k, 200, 1 / 512), rel=1e-6)
+    assert rep.above_chance is True
     # Independent pairings: at chance, no warning.
     a2 = rng.integers(0, 512, 300)
     b2 = rng.integers(0, 512, 300)
     rep2 = compare.same_index_report(a2, b2, 512, 512)
     k2 = int(np.sum(a2 == b2))
-    assert rep2["p_value"] == pytest.approx(_binom_tail(k2, 300, 1 / 512), rel=1e-6)
-    assert rep2["above_chance"] is False
+    assert rep2.p_value == pytest.approx(_binom_tail(k2, 300, 1 / 512), rel=1e-6)
+    assert rep2.above_chance is False
     empty = compare.same_index_report(np.zeros(0, int), np.zeros(0, int), 8, 8)
-    assert empty["count"] == 0 and empty["above_chance"] is False
+    assert empty.count == 0 and empty.above_chance is False
 
 
 def test_summary_table_shows_same_index_warning(comps):
-    c = dict(comps[1], same_index={"count": 90, "fraction": 0.45, "chance_fraction": 0.002,
-                                   "p_value": 1e-90, "above_chance": True})
+    c = dataclasses.replace(comps[1], same_index=results.SameIndex(
+        count=90, pairs=200, fraction=0.45, chance_fraction=0.002, p_value=1e-90,
+        above_chance=True))
     table = report.summary_table([c])
     assert "same feature index" in table and "45%" in table

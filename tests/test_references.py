@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from engine import checks
-from experiments.pipeline import references, saes
+from experiments.pipeline import references, results, saes
 from models import sae as sae_lib
 from models import sae_train
 
@@ -211,13 +211,20 @@ def test_matching_config_copies_architecture_width_and_sparsity():
 
 
 def _metric(score, null_mean, null_std):
-    return {"score": score, "null_mean": null_mean, "null_std": null_std,
-            "excess": score - null_mean, "p": 0.5}
+    return results.MetricResult(score=score, null_mean=null_mean, null_std=null_std, p=0.5,
+                                z=(score - null_mean) / null_std, excess=score - null_mean)
 
 
 def _comp(kind, score, std=0.02, null=0.5, **labels):
-    return {"kind": kind, "name": f"{kind}{labels}", **labels,
-            "metrics": {"cka": _metric(score, null, std)}}
+    """A typed comparison result carrying one CKA score (the parts a summary reads)."""
+    return results.ComparisonResult(
+        name=f"{kind}{labels}", labels=results.Labels(kind=kind, **labels),
+        n_features=(8, 8), tokens=100,
+        pairing=results.Pairing("correlation", 0.5, 0.5, (), 0, 0, 0, 0),
+        filters=results.FilterFunnel((("candidates", 8),)), n_pairs=8,
+        pairs=results.KeptPairs(tuple(range(8)), tuple(range(8)), (1.0,) * 8), top_pairs=(),
+        metrics={"cka": _metric(score, null, std)},
+        same_index=results.SameIndex(0, 8, 0.0, 0.125, 1.0, False))
 
 
 def test_fraction_of_the_way_only_when_ceiling_and_floor_are_separated():
@@ -226,24 +233,23 @@ def test_fraction_of_the_way_only_when_ceiling_and_floor_are_separated():
     # Null data: floor, cross and ceiling all within the nulls' spread (0.02).
     null_like = [_comp("cross", 0.49, **cell), _comp("ceiling", 0.505, **ceil),
                  _comp("floor", 0.51, **cell)]
-    e = references.summarise(null_like)[0]["metrics"]["cka"]
-    assert e["fraction_floor_to_ceiling_excess"] is None
-    assert e["fraction_floor_to_ceiling"] is None
-    assert "not separated" in e["fraction_floor_to_ceiling_excess_note"]
+    e = references.summarise(null_like)[0].metrics["cka"]
+    assert e.fraction_excess.value is None
+    assert e.fraction.value is None
+    assert "not separated" in e.fraction_excess.note
     # Separated: ceiling 0.9, floor 0.5, cross 0.8 -> 75 % of the way.
     real = [_comp("cross", 0.8, **cell), _comp("ceiling", 0.9, **ceil),
             _comp("floor", 0.5, **cell)]
-    e = references.summarise(real)[0]["metrics"]["cka"]
-    assert e["fraction_floor_to_ceiling_excess"] == pytest.approx(0.75)
-    assert e["fraction_floor_to_ceiling"] == pytest.approx(0.75)
+    e = references.summarise(real)[0].metrics["cka"]
+    assert e.fraction_excess.value == pytest.approx(0.75)
+    assert e.fraction.value == pytest.approx(0.75)
     spread = math.sqrt(0.02**2 + 0.02**2)
-    assert e["separation_excess"]["spread"] == pytest.approx(spread)
+    assert e.fraction_excess.separation.spread == pytest.approx(spread)
     # Just inside 2 spreads: refused; just outside: given.
     for gap, given in ((1.9 * spread, False), (2.1 * spread, True)):
         comps = [_comp("cross", 0.5 + gap / 2, **cell), _comp("ceiling", 0.5 + gap, **ceil),
                  _comp("floor", 0.5, **cell)]
-        frac = references.summarise(comps)[0]["metrics"]["cka"][
-            "fraction_floor_to_ceiling_excess"]
+        frac = references.summarise(comps)[0].metrics["cka"].fraction_excess.value
         assert (frac is not None) == given
         if given:
             assert frac == pytest.approx(0.5)
@@ -259,15 +265,15 @@ def test_every_cell_gets_its_own_reference_points():
                             ("b", "g1", 0.85)):
         comps.append(_comp("ceiling", score, side=side, hookpoint=hp, condition=""))
     cells = references.summarise(comps)
-    assert [c["cell"] for c in cells] == ["A.h0~B.g0", "A.h0~B.g1", "A.h1~B.g0", "A.h1~B.g1"]
+    assert [c.cell for c in cells] == ["A.h0~B.g0", "A.h0~B.g1", "A.h1~B.g0", "A.h1~B.g1"]
     ceilings = {("h0", "g0"): (0.9, 0.95), ("h0", "g1"): (0.9, 0.85),
                 ("h1", "g0"): (0.8, 0.95), ("h1", "g1"): (0.8, 0.85)}
     for c in cells:
-        a, b = ceilings[(c["hookpoint_a"], c["hookpoint_b"])]
-        e = c["metrics"]["cka"]
-        assert e["ceiling_a"] == pytest.approx(a) and e["ceiling_b"] == pytest.approx(b)
-        assert e["ceiling"] == pytest.approx((a + b) / 2)
-        assert e["fraction_floor_to_ceiling"] == pytest.approx(0.2 / ((a + b) / 2 - 0.5))
+        a, b = ceilings[(c.hookpoint_a, c.hookpoint_b)]
+        e = c.metrics["cka"]
+        assert e.ceiling_a == pytest.approx(a) and e.ceiling_b == pytest.approx(b)
+        assert e.ceiling == pytest.approx((a + b) / 2)
+        assert e.fraction.value == pytest.approx(0.2 / ((a + b) / 2 - 0.5))
 
 
 def test_cross_below_within_tests_against_exact_values():

@@ -29,6 +29,7 @@ from absl import logging
 
 from engine import accumulators, feature_stats, metrics_io, streaming
 from experiments import common
+from experiments.pipeline import results
 from models import alignment as al
 from models import text as text_lib
 
@@ -207,15 +208,18 @@ def poolers(view: AlignedView | None):
     return (lambda x: view.pool("a", x)), (lambda x: view.pool("b", x))
 
 
-def after_comparison(view: AlignedView | None, comp: dict, run, sae_a, sae_b,
-                     acts_a: np.ndarray, acts_b: np.ndarray, flags_) -> None:
-    """Per-own-token statistics next to the per-unit ones (feature table and ``comp``)."""
+def after_comparison(view: AlignedView | None, comp: results.ComparisonResult, run, sae_a,
+                     sae_b, acts_a: np.ndarray, acts_b: np.ndarray,
+                     flags_) -> results.ComparisonResult:
+    """``comp`` with the per-own-token statistics next to the per-unit ones (also written
+    into its feature table); ``comp`` itself when rows are tokens."""
     if view is None:
-        return
-    path = os.path.join(run.path("features"), f"{comp['name']}.json")
-    comp["feature_density"] = view.annotate_features(path, sae_a, sae_b, acts_a, acts_b,
-                                                     run.mesh, flags_.chunk_size)
-    comp["rows_are"] = f"aligned units ({view.alignment.unit}, {view.alignment.pooling})"
+        return comp
+    path = os.path.join(run.path("features"), f"{comp.name}.json")
+    return dataclasses.replace(
+        comp, feature_density=view.annotate_features(path, sae_a, sae_b, acts_a, acts_b,
+                                                     run.mesh, flags_.chunk_size),
+        rows_are=f"aligned units ({view.alignment.unit}, {view.alignment.pooling})")
 
 
 def describe(view: AlignedView | None) -> dict:

@@ -4,10 +4,12 @@ Steps 1-4 of the universality pipeline for one (SAE A, SAE B) pair on the same t
 step saved in the run's `StepCache` so that a killed run resumes after its last finished step:
 
 1. `features.feature_pass`: feature statistics and activation correlations (streamed);
-2. pairing: activation correlation (each feature's best partner, both directions) or decoder
-   cosine (one-to-one matching, `engine.matching`);
+2. pairing: a rule of the pairing registry (`experiments.pipeline.pairing`: activation
+   correlation, each feature's best partner both directions; decoder cosine, one-to-one);
 3. `filters.apply_filters` (dead/constant, non-concept, best-pair one-to-one, threshold);
 4. metrics on the paired decoder rows with random-pairing nulls (`engine.similarity`).
+
+The result is a typed `results.ComparisonResult` (every number of the comparison).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import logging
 
-from engine import checks, matching, metrics_io, similarity
+from engine import checks, metrics_io, similarity
 from engine import fingerprint as fp_lib
 from engine import mesh as mesh_lib
-from experiments.pipeline import feature_pages, features, filters
+from experiments.pipeline import feature_pages, features, filters, pairing
+from experiments.pipeline import results as res
 from experiments.pipeline.stepcache import StepCache
 from models import sae as sae_lib
 
@@ -35,7 +38,7 @@ class PipelineError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CompareConfig:
-    pairing: str = "correlation"            # or "decoder"
+    pairing: str = "correlation"            # a name in `pairing.RULES`
     filters: filters.FilterConfig = filters.FilterConfig()
     metrics: tuple[str, ...] = DEFAULT_METRICS
     num_permutations: int = 1000
@@ -44,6 +47,9 @@ class CompareConfig:
     seed: int = 0
     metric_options: tuple = ()              # ((metric, {option: value}), ...)
     memory_budget: int | None = None        # bytes for the feature pass (None: half the RAM)
+
+    def __post_init__(self):
+        pairing.get(self.pairing)   # an unknown rule fails here, before any work
 
 
 def _pass_arrays(fp: features.FeaturePass) -> dict:
@@ -64,31 +70,6 @@ def _pass_arrays(fp: features.FeaturePass) -> dict:
     return out
 
 
-def candidate_pairs(step: dict, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, method: str,
-                    mesh) -> filters.Pairs:
-    """Candidate pairs before filtering."""
-    if method == "correlation":
-        a_ids = np.flatnonzero(step["m_a_match"] >= 0)
-        b_ids = np.flatnonzero(step["m_b_match"] >= 0)
-        a = np.concatenate([a_ids, step["m_b_match"][b_ids]]).astype(np.int64)
-        b = np.concatenate([step["m_a_match"][a_ids], b_ids]).astype(np.int64)
-        v = np.concatenate([step["m_a_value"][a_ids], step["m_b_value"][b_ids]])
-        # Each direction proposes its best partner; keep one copy of pairs found twice.
-        _, first = np.unique(np.stack([a, b]), axis=1, return_index=True)
-        first = np.sort(first)
-        return filters.Pairs(a[first], b[first], v[first].astype(np.float64))
-    if method == "decoder":
-        if sae_a.config.d_in != sae_b.config.d_in:
-            raise PipelineError(f"decoder-cosine pairing needs SAEs of the same width, got "
-                                f"d_in {sae_a.config.d_in} and {sae_b.config.d_in}; use "
-                                "--pairing=correlation")
-        m = matching.match(a=np.asarray(sae_a.W_dec), b=np.asarray(sae_b.W_dec), mesh=mesh)
-        return filters.Pairs(np.asarray(m.rows, np.int64), np.asarray(m.cols, np.int64),
-                             np.asarray(m.values, np.float64))
-    raise PipelineError(f"unknown pairing method {method!r}; expected 'correlation' or "
-                        "'decoder'")
-
-
 # A comparison warns when the kept pairs join feature i with feature i more often than a
 # random one-to-one pairing would: chance is taken as 1 / min(F_a, F_b) per pair (an upper
 # bound: a feature's random partner has the same index with probability <= 1 / F_b), and the
@@ -98,7 +79,7 @@ def candidate_pairs(step: dict, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, method: 
 SAME_INDEX_ALPHA = 1e-3
 
 
-def same_index_report(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> dict:
+def same_index_report(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> res.SameIndex:
     """Fraction of pairs ``(a_i, b_i)`` with ``a_i == b_i`` against chance (see above)."""
     from scipy import stats
     a = np.asarray(a)
@@ -107,9 +88,9 @@ def same_index_report(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> dict:
     count = int(np.sum(a == b))
     chance = 1.0 / max(1, min(int(n_a), int(n_b)))
     p = float(stats.binom.sf(count - 1, n, chance)) if n else 1.0
-    return {"count": count, "pairs": n, "fraction": count / n if n else 0.0,
-            "chance_fraction": chance, "p_value": p,
-            "above_chance": bool(n and count >= 2 and p < SAME_INDEX_ALPHA)}
+    return res.SameIndex(count=count, pairs=n, fraction=count / n if n else 0.0,
+                         chance_fraction=chance, p_value=p,
+                         above_chance=bool(n and count >= 2 and p < SAME_INDEX_ALPHA))
 
 
 def top_tokens(top_rows: np.ndarray, token_text: Callable[[np.ndarray], Sequence[str]],
@@ -125,7 +106,7 @@ def top_tokens(top_rows: np.ndarray, token_text: Callable[[np.ndarray], Sequence
 
 
 def truth_scores(pairs: filters.Pairs, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
-                 truth: dict) -> dict:
+                 truth: dict) -> res.TruthScores:
     """Toy ground truth: which kept pairs join the SAE features of the same true feature.
 
     An SAE feature is assigned the true feature whose direction has the largest cosine with
@@ -148,11 +129,11 @@ def truth_scores(pairs: filters.Pairs, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
     recoverable = np.asarray(truth["recoverable"], bool)
     found = set(pa[correct].tolist())
     n_true = int(recoverable.sum())
-    return {"n_true_pairs": n_true,
-            "n_kept_pairs_correct": int(correct.sum()),
-            "fraction_kept_pairs_correct": float(correct.mean()) if len(pairs) else 0.0,
-            "fraction_true_pairs_recovered": (len(found & set(np.flatnonzero(recoverable)))
-                                              / n_true) if n_true else 0.0}
+    return res.TruthScores(
+        n_true_pairs=n_true, n_kept_pairs_correct=int(correct.sum()),
+        fraction_kept_pairs_correct=float(correct.mean()) if len(pairs) else 0.0,
+        fraction_true_pairs_recovered=(len(found & set(np.flatnonzero(recoverable))) / n_true
+                                       if n_true else 0.0))
 
 
 def _write_feature_table(path: str, step: dict, tokens_a, tokens_b, context_text,
@@ -209,19 +190,20 @@ def _write_pages(features_dir: str, name: str, step: dict, stream_factory, sae_a
             {**meta, "layer": meta.get(f"hookpoint_{side}")})
 
 
-def _decoder_cosines(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, pairs: filters.Pairs) -> dict:
-    """``{"decoder_cos": [...]}`` of the kept pairs when both SAEs have the same width, else {}.
+def _decoder_cosines(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
+                     pairs: filters.Pairs) -> tuple[float, ...] | None:
+    """Decoder cosines of the kept pairs when both SAEs have the same width, else None.
 
     Only meaningful when both SAEs read the same activation space (ceiling, decoder pairing):
     across two models the residual bases are unrelated.
     """
     if sae_a.config.d_in != sae_b.config.d_in:
-        return {}
+        return None
     wa = np.asarray(sae_a.W_dec, np.float64)[pairs.a]
     wb = np.asarray(sae_b.W_dec, np.float64)[pairs.b]
     cos = np.sum(wa * wb, 1) / np.maximum(
         np.linalg.norm(wa, axis=1) * np.linalg.norm(wb, axis=1), 1e-12)
-    return {"decoder_cos": cos.tolist()}
+    return tuple(cos.tolist())
 
 
 def _fingerprint(*parts) -> str:
@@ -233,13 +215,13 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
                    sae_b: sae_lib.SAE, token_text: Callable[[np.ndarray], Sequence[str]],
                    mesh, cfg: CompareConfig, cache: StepCache, *, ckpt_root: str,
                    truth: dict | None = None, progress: bool = False,
-                   labels: dict | None = None,
+                   labels: res.Labels | None = None,
                    context_text: Callable[[int], str] | None = None,
                    features_dir: str | None = None,
                    stage: Callable[[str], None] | None = None,
                    pages: feature_pages.PageSource | None = None,
-                   data_key: str = "") -> dict:
-    """Runs steps 1-4 for one pair of SAEs and returns its JSON-ready result.
+                   data_key: str = "") -> res.ComparisonResult:
+    """Runs steps 1-4 for one pair of SAEs and returns its typed result.
 
     With ``features_dir``, every feature's statistics (density, mean, max, top-activating
     tokens, and the context of its top token when ``context_text`` is given) are written to
@@ -265,7 +247,7 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
         labelled_stream(), sae_a, sae_b, mesh, top_n=cfg.top_n,
         checkpoint_dir=features.checkpoint_path(ckpt_root, f"{name}.{key}"),
         progress=progress, memory_budget=cfg.memory_budget)))
-    cand = candidate_pairs(step, sae_a, sae_b, cfg.pairing, mesh)
+    cand = pairing.get(cfg.pairing).propose(step, sae_a, sae_b, mesh)
     invalid_a = step["a_dead"] | step["a_constant"] | step["m_a_dead"] | step["m_a_constant"]
     invalid_b = step["b_dead"] | step["b_constant"] | step["m_b_dead"] | step["m_b_constant"]
     tokens_a = top_tokens(step["a_top_rows"], token_text, cfg.filters.top_tokens)
@@ -273,47 +255,48 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
     pairs, counts, dropped_by = filters.trace_filters(
         cand, cfg.filters, invalid_a=invalid_a, invalid_b=invalid_b, top_tokens_a=tokens_a,
         top_tokens_b=tokens_b)
+    labels = labels or res.Labels(kind="comparison", label=name)
     if features_dir is not None:
         _write_pages(features_dir, name, step, stream_factory, sae_a, sae_b, cand, dropped_by,
                      {"a": invalid_a, "b": invalid_b}, cfg, {"a": tokens_a, "b": tokens_b},
                      context_text, pages or feature_pages.PageSource(token_text=token_text),
-                     cache, key, progress, {k: v for k, v in (labels or {}).items()
+                     cache, key, progress, {k: v for k, v in labels.to_json().items()
                                             if isinstance(v, str)})
-    result = {
-        "name": name, **(labels or {}),
-        "n_features": {"a": int(sae_a.config.d_sae), "b": int(sae_b.config.d_sae)},
-        "tokens": int(step["rows"]),
-        "pairing": {"method": cfg.pairing, "mean_best_corr_ab": float(step["mean_best_a"]),
-                    "mean_best_corr_ba": float(step["mean_best_b"]),
-                    "best_corr_ab": step["m_a_value"][step["m_a_match"] >= 0].tolist(),
-                    "dead_a": int(step["a_dead"].sum()), "dead_b": int(step["b_dead"].sum()),
-                    "invalid_a": int(invalid_a.sum()), "invalid_b": int(invalid_b.sum())},
-        "filters": counts,
-        "n_pairs": len(pairs),
-        "pairs": {"a": pairs.a.tolist(), "b": pairs.b.tolist(), "value": pairs.value.tolist(),
-                  **_decoder_cosines(sae_a, sae_b, pairs)},
-        "top_pairs": [{"a": int(a), "b": int(b), "value": float(v), "tokens_a": tokens_a[a],
-                       "tokens_b": tokens_b[b],
-                       "same_top_token": bool(tokens_a[a][:1] and tokens_a[a][:1] ==
-                                              tokens_b[b][:1])}
-                      for a, b, v in sorted(zip(pairs.a, pairs.b, pairs.value),
-                                            key=lambda t: -t[2])[:20]],
-        "metrics": {},
-    }
-    result["same_index"] = same_index_report(pairs.a, pairs.b, sae_a.config.d_sae,
-                                             sae_b.config.d_sae)
-    if result["same_index"]["above_chance"]:
-        r = result["same_index"]
+    same_index = same_index_report(pairs.a, pairs.b, sae_a.config.d_sae, sae_b.config.d_sae)
+    if same_index.above_chance:
+        r = same_index
         logging.warning("%s: %d of %d kept pairs (%.0f%%) join feature i with feature i, far "
                         "above chance (%.2g%%, p=%.2g): do the two SAEs share a seed or data "
-                        "order?", name, r["count"], r["pairs"], 100 * r["fraction"],
-                        100 * r["chance_fraction"], r["p_value"])
-    if len(pairs):
-        same = [bool(tokens_a[a][:1] and tokens_a[a][:1] == tokens_b[b][:1])
-                for a, b in zip(pairs.a, pairs.b)]
-        result["fraction_same_top_token"] = float(np.mean(same))
-    if truth is not None:
-        result["truth"] = truth_scores(pairs, sae_a, sae_b, truth)
+                        "order?", name, r.count, r.pairs, 100 * r.fraction,
+                        100 * r.chance_fraction, r.p_value)
+
+    def same_top(a: int, b: int) -> bool:
+        return bool(tokens_a[a][:1] and tokens_a[a][:1] == tokens_b[b][:1])
+
+    result = res.ComparisonResult(
+        name=name, labels=labels,
+        n_features=(int(sae_a.config.d_sae), int(sae_b.config.d_sae)),
+        tokens=int(step["rows"]),
+        pairing=res.Pairing(
+            method=cfg.pairing, mean_best_corr_ab=float(step["mean_best_a"]),
+            mean_best_corr_ba=float(step["mean_best_b"]),
+            best_corr_ab=tuple(step["m_a_value"][step["m_a_match"] >= 0].tolist()),
+            dead_a=int(step["a_dead"].sum()), dead_b=int(step["b_dead"].sum()),
+            invalid_a=int(invalid_a.sum()), invalid_b=int(invalid_b.sum())),
+        filters=res.FilterFunnel(tuple((k, int(v)) for k, v in counts.items())),
+        n_pairs=len(pairs),
+        pairs=res.KeptPairs(tuple(pairs.a.tolist()), tuple(pairs.b.tolist()),
+                            tuple(pairs.value.tolist()), _decoder_cosines(sae_a, sae_b, pairs)),
+        top_pairs=tuple(res.TopPair(int(a), int(b), float(v), tuple(tokens_a[a]),
+                                    tuple(tokens_b[b]), same_top(a, b))
+                        for a, b, v in sorted(zip(pairs.a, pairs.b, pairs.value),
+                                              key=lambda t: -t[2])[:20]),
+        metrics={}, same_index=same_index,
+        fraction_same_top_token=(float(np.mean([same_top(a, b) for a, b in
+                                                zip(pairs.a, pairs.b)]))
+                                 if len(pairs) else None),
+        truth=None if truth is None else truth_scores(pairs, sae_a, sae_b, truth))
+
     def score(kept: filters.Pairs, key: str) -> dict:
         x = np.asarray(sae_a.W_dec, np.float64)[kept.a]
         y = np.asarray(sae_b.W_dec, np.float64)[kept.b]
@@ -340,12 +323,12 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
     stage(f"{name}: metrics on {len(pairs)} pairs")
     if len(pairs) >= cfg.min_pairs:
         scored = score(pairs, f"{name}.metrics")
-        result["metrics"] = scored["metrics"]
-        result["metrics_skipped"] = scored["skipped"]
-        result["d"] = scored["d"]
-        return result
-    result["note"] = (f"{len(pairs)} pair(s) survived the filters, fewer than the "
-                      f"{cfg.min_pairs} needed for the metrics")
+        return dataclasses.replace(
+            result, metrics=res.metrics_from_json(scored["metrics"], f"{name}.metrics"),
+            metrics_skipped=dict(scored["skipped"]), d=tuple(int(v) for v in scored["d"]))
+    result = dataclasses.replace(
+        result, note=(f"{len(pairs)} pair(s) survived the filters, fewer than the "
+                      f"{cfg.min_pairs} needed for the metrics"))
     # Show the chance-level geometry anyway: the same pairs without the threshold step.
     no_threshold = dataclasses.replace(cfg.filters, threshold=None)
     loose, _ = filters.apply_filters(cand, no_threshold, invalid_a=invalid_a,
@@ -353,6 +336,8 @@ def run_comparison(name: str, stream_factory: Callable[[], object], sae_a: sae_l
                                      top_tokens_b=tokens_b)
     if len(loose) >= cfg.min_pairs:
         scored = score(loose, f"{name}.metrics_before_threshold")
-        result["metrics_before_threshold"] = scored["metrics"]
-        result["n_pairs_before_threshold"] = len(loose)
+        result = dataclasses.replace(
+            result, metrics_before_threshold=res.metrics_from_json(
+                scored["metrics"], f"{name}.metrics_before_threshold"),
+            n_pairs_before_threshold=len(loose))
     return result

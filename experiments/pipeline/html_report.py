@@ -42,6 +42,15 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping
+
+from experiments.pipeline.results import (
+    HEAD_KEYS,
+    ComparisonResult,
+    MetricResult,
+    ResultsError,
+    RunResults,
+)
 
 ALPHA = 0.01
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,44 +77,52 @@ def _clean(x):
     return x
 
 
-def _metric_summary(metrics: dict) -> dict:
-    keep = ("score", "null_mean", "null_std", "excess", "p", "z", "n_over_d", "components",
-            "n", "rows", "d")
-    return {m: {k: r.get(k) for k in keep if k in r} for m, r in (metrics or {}).items()}
+def _metric_summary(metrics: Mapping[str, MetricResult] | None) -> dict:
+    """What the page shows of each metric (no null values: the page stays small)."""
+    out = {}
+    for name, r in (metrics or {}).items():
+        row = {"score": r.score, "null_mean": r.null_mean, "null_std": r.null_std,
+               "excess": r.excess, "p": r.p, "z": r.z, "n_over_d": r.n_over_d,
+               "components": None if r.components is None else list(r.components)}
+        # Sizes come from the metric's own result (`engine.similarity.evaluate`).
+        row.update({k: r.details[k] for k in ("n", "rows", "d") if k in r.details})
+        out[name] = row
+    return out
 
 
-def _overview(results: dict, plots: list[str]) -> dict:
-    comps, summary = [], results.get("summary") or []
-    for i, c in enumerate(results.get("comparisons", [])):
+def _overview(results: RunResults, plots: list[str]) -> dict:
+    comps = []
+    for i, c in enumerate(results.comparisons):
+        pairing = c.pairing.to_json()
+        del pairing["best_corr_ab"]          # a per-feature list: the data files carry those
         comps.append({
-            "id": i, "name": c.get("name"), "kind": c.get("kind"), "label": c.get("label"),
-            "hookpoint_a": c.get("hookpoint_a"), "hookpoint_b": c.get("hookpoint_b"),
-            "n_features": c.get("n_features"), "tokens": c.get("tokens"),
-            "n_pairs": c.get("n_pairs"), "filters": c.get("filters", {}),
-            "pairing": {k: v for k, v in c.get("pairing", {}).items()
-                        if not isinstance(v, list)},
-            "metrics": _metric_summary(c.get("metrics")),
-            "metrics_before_threshold": _metric_summary(c.get("metrics_before_threshold")),
-            "n_pairs_before_threshold": c.get("n_pairs_before_threshold"),
-            "metrics_skipped": c.get("metrics_skipped", {}), "note": c.get("note"),
-            "truth": c.get("truth"), "fraction_same_top_token": c.get("fraction_same_top_token"),
-            "verdict": summary[i] if i < len(summary) else None})
-    head = {k: results.get(k) for k in ("preset", "models", "hookpoints", "tokens", "contexts",
-                                         "text", "data", "toy", "versions", "config")}
+            "id": i, "name": c.name, "kind": c.kind, "label": c.label,
+            "hookpoint_a": c.labels.hookpoint_a, "hookpoint_b": c.labels.hookpoint_b,
+            "n_features": {"a": c.n_features[0], "b": c.n_features[1]}, "tokens": c.tokens,
+            "n_pairs": c.n_pairs, "filters": c.filters.to_json(), "pairing": pairing,
+            "metrics": _metric_summary(c.metrics),
+            "metrics_before_threshold": _metric_summary(c.metrics_before_threshold),
+            "n_pairs_before_threshold": c.n_pairs_before_threshold,
+            "metrics_skipped": dict(c.metrics_skipped), "note": c.note,
+            "truth": None if c.truth is None else c.truth.to_json(),
+            "fraction_same_top_token": c.fraction_same_top_token,
+            "verdict": results.summary[i] if i < len(results.summary) else None})
+    head = {**dict.fromkeys(HEAD_KEYS), **results.head()}
     return _clean({"head": head, "comparisons": comps, "alpha": ALPHA,
-                   "reference_points": results.get("reference_points", {}),
-                   "grid": results.get("grid"), "plots": plots})
+                   "reference_points": {m: e.to_json()
+                                        for m, e in results.reference_points.items()},
+                   "grid": None if results.grid is None else results.grid.to_json(),
+                   "plots": plots})
 
 
 def _columns(rows: list[dict], keys: dict) -> dict:
     return {out: [r.get(k) for r in rows] for out, k in keys.items()}
 
 
-def _comparison_data(comp: dict, table: dict | None) -> dict:
-    pairs = comp.get("pairs", {})
-    data = {"pairs": {"a": pairs.get("a", []), "b": pairs.get("b", []),
-                      "value": pairs.get("value", []),
-                      "dcos": pairs.get("decoder_cos")},
+def _comparison_data(comp: ComparisonResult, table: dict | None) -> dict:
+    pairs = comp.pairs
+    data = {"pairs": {"a": list(pairs.a), "b": list(pairs.b), "value": list(pairs.value),
+                      "dcos": None if pairs.decoder_cos is None else list(pairs.decoder_cos)},
             "features": {}, "has_pages": {}}
     for side in "ab":
         rows = (table or {}).get(side) or []
@@ -136,9 +153,10 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
     if not os.path.exists(results_path):
         raise ReportError(f"--workdir={workdir}: no results.json (run the universality "
                           "pipeline there first)")
-    results = _load(results_path)
-    if not isinstance(results.get("comparisons"), list):
-        raise ReportError(f"{results_path}: no 'comparisons' list; not a universality run")
+    try:
+        results = RunResults.load(results_path)
+    except ResultsError as e:
+        raise ReportError(str(e)) from None
     out_dir = out_dir or os.path.join(workdir, "report")
     data_dir = os.path.join(out_dir, "data")
     if os.path.isdir(data_dir):
@@ -152,8 +170,8 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
         shutil.copyfile(p, os.path.join(out_dir, "plots", os.path.basename(p)))
         plots.append("plots/" + os.path.basename(p))
     overview = _overview(results, plots)
-    for i, comp in enumerate(results["comparisons"]):
-        name = comp.get("name", str(i))
+    for i, comp in enumerate(results.comparisons):
+        name = comp.name
         table_path = os.path.join(workdir, "features", f"{name}.json")
         table = _load(table_path) if os.path.exists(table_path) else None
         data = _comparison_data(comp, table)

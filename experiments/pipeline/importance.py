@@ -52,12 +52,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from absl import flags
 
 from engine import checks
+from experiments.pipeline import results
 
 flags.DEFINE_bool("splice_eval", True, "lm preset: CE loss recovered / KL / delta loss of every "
                   "SAE spliced into its model (models/splice.py).")
@@ -385,7 +387,8 @@ def sae_label(side: str, hookpoint: str, kind: str = "main", replicate: int = 0,
 
 
 def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: dict,
-              comps: list[dict], ceiling: tuple | None = None, floor: tuple | None = None,
+              comps: Sequence[results.ComparisonResult], ceiling: tuple | None = None,
+              floor: tuple | None = None,
               cache=None, contexts_b=None, every_sae: list | None = None,
               random_model=None) -> dict:
     """Spliced metrics of every SAE and (``--importance``) the importance comparisons.
@@ -395,7 +398,7 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
       contexts: the run's contexts of model A (the first ``--splice_contexts`` are used).
       contexts_b: model B's contexts when its tokenizer differs (default: ``contexts``).
       saes_a / saes_b: hookpoint -> SAE per side (the importance comparisons use these).
-      comps: the run's comparison results (their ``pairs``, ``kind``, ``hookpoint_a/b``).
+      comps: the run's comparison results (their ``pairs``, ``kind``, hookpoints).
       ceiling: ``(hookpoint, SAE)``, the ceiling's second SAE of model A.
       floor: ``(hookpoint, SAE)``, the floor's SAE (random-init B; decile curve).
       cache: the run's `StepCache` (spliced metrics and importances are saved as steps).
@@ -491,21 +494,21 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
                 mesh=run.mesh, progress=flags_.progress).save(path)
         imps[label] = imp_lib.FeatureImportance.load(path)
     cfg = ImportanceCompareConfig.from_flags(flags_)
-    by_kind = {c.get("kind"): c for c in comps}
-    cross = by_kind.get("cross")
+    by_kind = {c.kind: c for c in comps}
+    cross = by_kind.get("cross")   # the kinds this run has (a floorless run has no "floor")
     section: dict[str, Any] = {"score": "attribution", "features": {
         label: {"ablation_check": imp.ablation_agreement(), "n_positions": imp.n_positions,
                 "path": run.path("importance", f"{key(label, s)}.npz")}
         for (side, hp, s, label), imp in zip(saes, imps.values())}}
-    if not cross or not cross["pairs"]["a"]:
+    if not cross or not cross.pairs.a:
         section["note"] = "no kept pairs in the main comparison"
         out["importance"] = section
         return out
-    ha, hb = cross["hookpoint_a"], cross["hookpoint_b"]
+    ha, hb = cross.labels.hookpoint_a, cross.labels.hookpoint_b
     ia, ib = imps[f"A {ha}"], imps[f"B {hb}"]
-    annotate_feature_table(run.path("features", f"{cross['name']}.json"),
+    annotate_feature_table(run.path("features", f"{cross.name}.json"),
                            {"a": ia.attribution, "b": ib.attribution})
-    a, b = np.asarray(cross["pairs"]["a"]), np.asarray(cross["pairs"]["b"])
+    a, b = np.asarray(cross.pairs.a), np.asarray(cross.pairs.b)
 
     def score(side, sae, imp):
         if flags_.importance_score == "dle":
@@ -518,15 +521,15 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
         saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, score_a, score_b, cfg, run.mesh)
     curves = {"cross": decile_curve(saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, score_a,
                                     cfg, run.mesh)}
-    if "ceiling" in by_kind and ceiling is not None and by_kind["ceiling"]["pairs"]["a"]:
+    if "ceiling" in by_kind and ceiling is not None and by_kind["ceiling"].pairs.a:
         c = by_kind["ceiling"]
         curves["ceiling"] = decile_curve(saes_a[ha].W_dec, ceiling[1].W_dec,
-                                         c["pairs"]["a"], c["pairs"]["b"], score_a, cfg,
-                                         run.mesh)
-    if "floor" in by_kind and floor is not None and by_kind["floor"]["pairs"]["a"]:
+                                         np.asarray(c.pairs.a), np.asarray(c.pairs.b), score_a,
+                                         cfg, run.mesh)
+    if "floor" in by_kind and floor is not None and by_kind["floor"].pairs.a:
         f = by_kind["floor"]
-        curves["floor"] = decile_curve(saes_a[ha].W_dec, floor[1].W_dec, f["pairs"]["a"],
-                                       f["pairs"]["b"], score_a, cfg, run.mesh)
+        curves["floor"] = decile_curve(saes_a[ha].W_dec, floor[1].W_dec, np.asarray(f.pairs.a),
+                                       np.asarray(f.pairs.b), score_a, cfg, run.mesh)
     section["deciles"] = curves
     tok = lms["a"].tokenizer
     if np.array_equal(ia.class_ids, ib.class_ids):

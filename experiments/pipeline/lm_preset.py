@@ -534,20 +534,19 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     comps = references.run_specs(specs, run, flags_, cfg, cache, token_text,
                                  pages_for=pages_for,
                                  pool_for=lambda role_side: pool[role_side[0]], **extra)
-    for spec, comp in zip(specs, comps):
-        if spec.kind == "cross":   # per own token next to per aligned unit
-            aligned.after_comparison(view, comp, run, spec.sae_a.sae, spec.sae_b.sae,
-                                     spec.acts_a, spec.acts_b, flags_)
+    comps = [aligned.after_comparison(view, comp, run, spec.sae_a.sae, spec.sae_b.sae,
+                                      spec.acts_a, spec.acts_b, flags_)
+             if spec.kind == "cross" else comp   # per own token next to per aligned unit
+             for spec, comp in zip(specs, comps)]
     cells = {m: np.full((len(hps_a), len(hps_b)), np.nan) for m in cfg.metrics}
     base = conditions[0].label
     for i, ha in enumerate(hps_a):
         for j, hb in enumerate(hps_b):
             for metric in cfg.metrics:
-                vals = [c["metrics"][metric]["excess"] for c in comps
-                        if c.get("kind") == "cross" and c.get("hookpoint_a") == ha and
-                        c.get("hookpoint_b") == hb and c.get("condition", "") == base and
-                        metric in c.get("metrics", {}) and
-                        c["metrics"][metric].get("informative", True)]
+                vals = [c.metrics[metric].excess for c in comps
+                        if c.kind == "cross" and c.labels.hookpoint_a == ha and
+                        c.labels.hookpoint_b == hb and c.labels.condition == base and
+                        metric in c.metrics and c.metrics[metric].informative]
                 if vals:
                     cells[metric][i, j] = float(np.mean(vals))
     # The SAEs of the base condition by role, for the spliced metrics and importance.

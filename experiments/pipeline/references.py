@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from engine import checks
+from experiments.pipeline import results
 from experiments.pipeline import saes as saes_lib
 from models import sae_train
 
@@ -144,20 +145,31 @@ class SideSpec:
     description: str = ""
 
 
-@dataclasses.dataclass
-class Spec:
-    """One comparison to run (the presets turn it into `compare.run_comparison`)."""
+@dataclasses.dataclass(frozen=True)
+class ComparisonSpec:
+    """What to compare: two SAEs, the rows each reads, and the labels of the result.
+
+    The planner (and the toy preset's control) emit these; `run_specs` runs each once through
+    `compare.run_comparison`, which returns the matching `results.ComparisonResult`.
+    ``truth``: the toy's ground truth (`compare.truth_scores`), or None.
+    """
 
     name: str
-    kind: str                 # cross | ceiling | floor | control
     group: str                # cell key (+ condition)
     sae_a: saes_lib.SideSAE
     sae_b: saes_lib.SideSAE
     acts_a: np.ndarray
     acts_b: np.ndarray
-    label: str
-    labels: dict = dataclasses.field(default_factory=dict)
+    labels: results.Labels    # kind (cross | ceiling | floor | control), label, cell, ...
     truth: dict | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.labels.kind
+
+    @property
+    def label(self) -> str:
+        return self.labels.label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +202,7 @@ class Planner:
         self.training = training
         self.multi_cell = multi_cell
         self.saes: dict[str, saes_lib.SideSAE] = {}
-        self._specs: dict[str, Spec] = {}
+        self._specs: dict[str, ComparisonSpec] = {}
 
     # -- SAEs ---------------------------------------------------------------------------------
     def _obtain(self, role: saes_lib.Role, acts, recipe=None, loaded=None, subset=None,
@@ -278,7 +290,7 @@ class Planner:
             parts.append(cond.label)
         return ":".join(parts)
 
-    def _add(self, spec: Spec) -> None:
+    def _add(self, spec: ComparisonSpec) -> None:
         self._specs.setdefault(spec.name, spec)
 
     def cell(self, side_a: SideSpec, ha: str, side_b: SideSpec, hb: str,
@@ -288,27 +300,29 @@ class Planner:
         group = cell_key(ha, hb) + (f"@{cond.label}" if cond.label else "")
         a = self.replicates(side_a, ha, cond)
         b = self.replicates(side_b, hb, cond)
-        common = {"hookpoint_a": ha, "hookpoint_b": hb, "cell": cell_key(ha, hb),
-                  "condition": cond.label}
+        where_ab = {"hookpoint_a": ha, "hookpoint_b": hb, "cell": cell_key(ha, hb),
+                    "condition": cond.label}
         for i, sa in enumerate(a):
             for j, sb in enumerate(b):
-                self._add(Spec(self._name("cross", cell_key(ha, hb), (i, j), cond), "cross",
-                               group, sa, sb, side_a.acts[ha], side_b.acts[hb],
-                               f"A {ha} vs B {hb}" + (f", replicates {i},{j}"
-                                                       if len(a) * len(b) > 1 else ""),
-                               {**common, "replicates": [i, j]}))
+                self._add(ComparisonSpec(
+                    self._name("cross", cell_key(ha, hb), (i, j), cond), group, sa, sb,
+                    side_a.acts[ha], side_b.acts[hb], results.Labels(
+                        kind="cross", label=f"A {ha} vs B {hb}" + (
+                            f", replicates {i},{j}" if len(a) * len(b) > 1 else ""),
+                        replicates=(i, j), **where_ab)))
         for side, hp, mains in ((side_a, ha, a), (side_b, hb, b)):
             pool = list(mains) + self.ceiling_extra(side, hp, cond, mains)
             if side.name not in self.settings.ceiling_sides:
                 continue
+            s_up = side.name.upper()
             for i, j in itertools.combinations(range(len(pool)), 2):
-                self._add(Spec(
-                    self._name(f"ceiling_{side.name}", f"{side.name.upper()}.{hp}", (i, j),
-                               cond), "ceiling", f"{side.name}:{hp}@{cond.label}",
-                    pool[i], pool[j], side.acts[hp], side.acts[hp],
-                    f"{side.name.upper()} {hp} vs {side.name.upper()} {hp}, other SAE seed and "
-                    "data order", {"side": side.name, "hookpoint": hp,
-                                   "condition": cond.label, "replicates": [i, j]}))
+                self._add(ComparisonSpec(
+                    self._name(f"ceiling_{side.name}", f"{s_up}.{hp}", (i, j), cond),
+                    f"{side.name}:{hp}@{cond.label}", pool[i], pool[j], side.acts[hp],
+                    side.acts[hp], results.Labels(
+                        kind="ceiling", label=f"{s_up} {hp} vs {s_up} {hp}, other SAE seed "
+                        "and data order", side=side.name, hookpoint=hp, condition=cond.label,
+                        replicates=(i, j))))
         if self.settings.floor and floor_acts is not None:
             at_b = self.settings.floor_at == "b"
             hp, like = (hb, b[0]) if at_b else (ha, a[0])
@@ -316,14 +330,14 @@ class Planner:
             xr = floor_acts("b" if at_b else "a", hp)
             fl = self.floor(rside, hp, xr, like, cond)
             where = cell_key(ha, hb) if at_b else f"A.{ha}"
-            self._add(Spec(self._name("floor", where, None, cond), "floor",
-                           f"floor:{where}@{cond.label}", a[0], fl, side_a.acts[ha], xr,
-                           f"A {ha} vs random-init {'B' if at_b else 'A'} {hp}",
-                           {**common, "random_init": "b" if at_b else "a",
-                            "hookpoint_random": hp}))
+            self._add(ComparisonSpec(
+                self._name("floor", where, None, cond), f"floor:{where}@{cond.label}", a[0],
+                fl, side_a.acts[ha], xr, results.Labels(
+                    kind="floor", label=f"A {ha} vs random-init {'B' if at_b else 'A'} {hp}",
+                    random_init="b" if at_b else "a", hookpoint_random=hp, **where_ab)))
         return group
 
-    def specs(self) -> list[Spec]:
+    def specs(self) -> list[ComparisonSpec]:
         saes_lib.check_distinct_seeds(list(self.saes.values()))
         return list(self._specs.values())
 
@@ -331,11 +345,12 @@ class Planner:
         return [s.record() for s in self.saes.values()]
 
 
-def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
-              pages_for: Callable[[Spec], object] | None = None,
-              pool_for: Callable[[str], Callable] | None = None, **extra) -> list[dict]:
-    """Runs every planned comparison through `compare.run_comparison` (JSON-ready results,
-    each labelled with its kind, cell, condition, SAE roles and seeds).
+def run_specs(specs: Sequence[ComparisonSpec], run, flags_, cfg, cache, token_text, *,
+              pages_for: Callable[[ComparisonSpec], object] | None = None,
+              pool_for: Callable[[str], Callable] | None = None, **extra
+              ) -> list[results.ComparisonResult]:
+    """Runs every planned comparison once through `compare.run_comparison` (the one runner
+    loop); each result carries its spec's labels plus its SAE roles and seeds.
 
     ``pages_for(spec)``: the `feature_pages.PageSource` of that comparison (which unembedding
     each side's feature pages use); ``pool_for(role_side)``: maps a model's own-token rows to
@@ -366,25 +381,19 @@ def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
         data_key = fp_lib.digest(digests[id(xa)][1], digests[id(xb)][1])
         factory = (lambda xa=xa, xb=xb, r=rows: streaming.ChunkStream(
             (r, xa, xb), flags_.chunk_size, name="tokens"))
+        labels = dataclasses.replace(spec.labels,
+                                     saes=(spec.sae_a.role.key, spec.sae_b.role.key),
+                                     seeds=(spec.sae_a.seed, spec.sae_b.seed))
         comps.append(compare.run_comparison(
             spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg,
             cache, ckpt_root=run.path("checkpoints"), truth=spec.truth,
-            progress=flags_.progress,
-            labels={"kind": spec.kind, "label": spec.label, **spec.labels,
-                    "saes": [spec.sae_a.role.key, spec.sae_b.role.key],
-                    "seeds": [spec.sae_a.seed, spec.sae_b.seed]},
-            data_key=data_key, **({"pages": pages_for(spec)} if pages_for else {}), **extra))
+            progress=flags_.progress, labels=labels, data_key=data_key,
+            **({"pages": pages_for(spec)} if pages_for else {}), **extra))
     return comps
 
 
-def _labels(spec: Spec) -> dict:
-    return {"kind": spec.kind, "label": spec.label, **spec.labels,
-            "saes": [spec.sae_a.role.key, spec.sae_b.role.key],
-            "seeds": [spec.sae_a.seed, spec.sae_b.seed]}
-
-
-def _run_cached(spec: Spec, xa, xb, run, flags_, cfg, cache, token_text, pages_for,
-                extra: dict) -> dict:
+def _run_cached(spec: ComparisonSpec, xa, xb, run, flags_, cfg, cache, token_text, pages_for,
+                extra: dict):
     """One comparison whose two sides are `CachedActs` (streaming mode of the LM preset)."""
     from engine import fingerprint as fp_lib
     from experiments.pipeline import compare, features
@@ -403,22 +412,13 @@ def _run_cached(spec: Spec, xa, xb, run, flags_, cfg, cache, token_text, pages_f
     return compare.run_comparison(
         spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg, cache,
         ckpt_root=run.path("checkpoints"), truth=spec.truth, progress=flags_.progress,
-        labels=_labels(spec), data_key=fp_lib.digest(xa.key(), xb.key()),
+        labels=dataclasses.replace(spec.labels, saes=(spec.sae_a.role.key, spec.sae_b.role.key),
+                                   seeds=(spec.sae_a.seed, spec.sae_b.seed)),
+        data_key=fp_lib.digest(xa.key(), xb.key()),
         **({"pages": pages_for(spec)} if pages_for else {}), **extra)
 
 
 # -- summaries -------------------------------------------------------------------------------
-
-def _metric_values(comp: dict) -> dict:
-    return comp.get("metrics") or {}
-
-
-def _dist(values: Sequence[float]) -> dict:
-    v = np.asarray(values, np.float64)
-    return {"n": int(v.size), "mean": float(v.mean()) if v.size else None,
-            "std": float(v.std(ddof=1)) if v.size > 1 else 0.0 if v.size else None,
-            "values": v.tolist()}
-
 
 def mann_whitney_less(x: Sequence[float], y: Sequence[float]) -> float | None:
     """One-sided Mann-Whitney U p-value of ``x`` < ``y`` (exact for small samples)."""
@@ -453,139 +453,150 @@ def permutation_less(x: Sequence[float], y: Sequence[float], n_perm: int, seed: 
     return float((1 + np.sum(d <= obs + 1e-12)) / (1 + n_perm))
 
 
-def separation(floor: dict, ceiling: list[dict], key: str) -> tuple[float, float]:
-    """(ceiling - floor, combined spread) of ``key`` ("score" or "excess")."""
-    c = np.asarray([m[key] for m in ceiling], np.float64)
-    diff = float(c.mean() - floor[key])
-    var = floor["null_std"] ** 2 + np.mean([m["null_std"] ** 2 for m in ceiling])
+def separation(floor: results.MetricResult, ceiling: Sequence[results.MetricResult],
+               key: str) -> results.Separation:
+    """Ceiling minus floor of ``key`` ("score" or "excess") and their combined spread."""
+    c = np.asarray([getattr(m, key) for m in ceiling], np.float64)
+    diff = float(c.mean() - getattr(floor, key))
+    var = floor.null_std ** 2 + np.mean([m.null_std ** 2 for m in ceiling])
     if c.size > 1:
         var += c.var(ddof=1)
-    return diff, float(np.sqrt(var))
+    spread = float(np.sqrt(var))
+    return results.Separation(diff, spread, diff / spread if spread > 0 else None)
 
 
-def group_summary(cross: list[dict], ceil_a: list[dict], ceil_b: list[dict],
-                  floor: dict | None, *, permutations: int, seed: int) -> dict:
+def _fraction(cross: float, floor: float, sep: results.Separation) -> results.Fraction:
+    if sep.ceiling_minus_floor > SEPARATION_Z * sep.spread and sep.ceiling_minus_floor > 1e-12:
+        return results.Fraction((cross - floor) / sep.ceiling_minus_floor, None, sep)
+    return results.Fraction(None, f"ceiling and floor not separated: difference "
+                                  f"{sep.ceiling_minus_floor:.3g} <= {SEPARATION_Z:g} x spread "
+                                  f"{sep.spread:.3g}", sep)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values))
+
+
+def group_summary(cross: Sequence[results.ComparisonResult],
+                  ceil_a: Sequence[results.ComparisonResult],
+                  ceil_b: Sequence[results.ComparisonResult],
+                  floor: results.ComparisonResult | None, *, permutations: int,
+                  seed: int) -> dict[str, results.ReferencePoint]:
     """Per-metric reference points of one cell (see the module docstring)."""
-    metrics = []
+    metrics: list[str] = []
     for comp in cross:
-        metrics.extend(m for m in _metric_values(comp) if m not in metrics)
+        metrics.extend(m for m in comp.metrics if m not in metrics)
     out = {}
     for metric in metrics:
-        xs = [_metric_values(c)[metric] for c in cross if metric in _metric_values(c)]
-        ca = [_metric_values(c)[metric] for c in ceil_a if metric in _metric_values(c)]
-        cb = [_metric_values(c)[metric] for c in ceil_b if metric in _metric_values(c)]
-        fl = _metric_values(floor or {}).get(metric)
+        xs = [c.metrics[metric] for c in cross if metric in c.metrics]
+        ca = [c.metrics[metric] for c in ceil_a if metric in c.metrics]
+        cb = [c.metrics[metric] for c in ceil_b if metric in c.metrics]
+        fl = floor.metrics[metric] if floor is not None and metric in floor.metrics else None
         within = ca + cb
-        e = {"cross": float(np.mean([m["score"] for m in xs])),
-             "cross_excess": float(np.mean([m["excess"] for m in xs])),
-             "cross_distribution": _dist([m["excess"] for m in xs])}
-        if within:
-            e["ceiling"] = float(np.mean([m["score"] for m in within]))
-            e["ceiling_excess"] = float(np.mean([m["excess"] for m in within]))
-            e["within_distribution"] = _dist([m["excess"] for m in within])
-            for side, vals in (("a", ca), ("b", cb)):
-                if vals:
-                    e[f"ceiling_{side}"] = float(np.mean([m["score"] for m in vals]))
-                    e[f"ceiling_{side}_excess"] = float(np.mean([m["excess"] for m in vals]))
-        if fl:
-            e["floor"] = float(fl["score"])
-            e["floor_excess"] = float(fl["excess"])
         # A saturated comparison (too few pairs for the kept dimensions) says nothing: no
         # fraction of the way is computed from it (see `engine.cca`, "informative").
-        e["informative"] = all(m.get("informative", True) for m in xs + within + [fl or {}])
-        for key, suffix in (("score", ""), ("excess", "_excess")):
-            name = "fraction_floor_to_ceiling" + suffix
-            if not (within and fl):
-                continue
-            if not e["informative"]:
-                e[name] = None
-                e[f"{name}_note"] = "uninformative comparison (n/d too small): no fraction"
-                continue
-            diff, spread = separation(fl, within, key)
-            e[f"separation{suffix}"] = {"ceiling_minus_floor": diff, "spread": spread,
-                                        "z": diff / spread if spread > 0 else None}
-            if diff > SEPARATION_Z * spread and diff > 1e-12:
-                e[name] = (e["cross" + suffix] - e["floor" + suffix]) / diff
-            else:
-                e[name] = None
-                e[f"{name}_note"] = (f"ceiling and floor not separated: difference {diff:.3g} "
-                                     f"<= {SEPARATION_Z:g} x spread {spread:.3g}")
+        informative = all(m.informative for m in xs + within + ([fl] if fl else []))
+        e = dict(cross=_mean([m.score for m in xs]), cross_excess=_mean([m.excess for m in xs]),
+                 cross_distribution=results.Distribution.of([m.excess for m in xs]),
+                 informative=informative)
+        if within:
+            e.update(ceiling=_mean([m.score for m in within]),
+                     ceiling_excess=_mean([m.excess for m in within]),
+                     within_distribution=results.Distribution.of([m.excess for m in within]))
+            for side, vals in (("a", ca), ("b", cb)):
+                if vals:
+                    e[f"ceiling_{side}"] = _mean([m.score for m in vals])
+                    e[f"ceiling_{side}_excess"] = _mean([m.excess for m in vals])
+        if fl:
+            e.update(floor=float(fl.score), floor_excess=float(fl.excess))
+        if within and fl:
+            for key, field in (("score", "fraction"), ("excess", "fraction_excess")):
+                if not informative:
+                    e[field] = results.Fraction(None, "uninformative comparison (n/d too "
+                                                      "small): no fraction")
+                    continue
+                cross_v = e["cross" if key == "score" else "cross_excess"]
+                floor_v = e["floor" if key == "score" else "floor_excess"]
+                e[field] = _fraction(cross_v, floor_v, separation(fl, within, key))
         if len(xs) >= 2 and within:
-            x = [m["excess"] for m in xs]
-            w = [m["excess"] for m in within]
-            e["test_cross_below_within"] = {
-                "mann_whitney_p": mann_whitney_less(x, w),
-                "permutation_p": permutation_less(x, w, permutations, seed),
-                "note": TESTS_NOTE}
-        out[metric] = e
+            x = [m.excess for m in xs]
+            w = [m.excess for m in within]
+            e["test"] = results.CrossWithinTest(
+                mann_whitney_p=mann_whitney_less(x, w),
+                permutation_p=permutation_less(x, w, permutations, seed), note=TESTS_NOTE)
+        out[metric] = results.ReferencePoint(**e)
     return out
 
 
-def summarise(comps: Sequence[dict], *, permutations: int = 2000, seed: int = 0) -> list[dict]:
+def summarise(comps: Sequence[results.ComparisonResult], *, permutations: int = 2000,
+              seed: int = 0) -> list[results.CellResult]:
     """Reference points of every cell and condition, in the order cells first appear."""
-    cells: dict[tuple[str, str], dict] = {}
+    cells: dict[tuple[str, str], list[results.ComparisonResult]] = {}
     for c in comps:
-        if c.get("kind") == "cross":
-            key = (c["cell"], c.get("condition", ""))
-            cells.setdefault(key, {"cell": c["cell"], "condition": c.get("condition", ""),
-                                   "hookpoint_a": c.get("hookpoint_a"),
-                                   "hookpoint_b": c.get("hookpoint_b"), "cross": []})
-            cells[key]["cross"].append(c)
+        if c.kind == "cross":
+            if c.labels.cell is None:
+                raise results.ResultsError(f"comparison {c.name!r}: a cross comparison "
+                                           "without a cell label")
+            cells.setdefault((c.labels.cell, c.labels.condition), []).append(c)
     out = []
-    for (cell, cond), g in cells.items():
-        ha, hb = g["hookpoint_a"], g["hookpoint_b"]
-        ceil = {s: [c for c in comps if c.get("kind") == "ceiling" and c.get("side") == s
-                    and c.get("hookpoint") == h and c.get("condition", "") == cond]
+    for (cell, cond), cross in cells.items():
+        ha, hb = cross[0].labels.hookpoint_a, cross[0].labels.hookpoint_b
+        ceil = {s: [c for c in comps if c.kind == "ceiling" and c.labels.side == s
+                    and c.labels.hookpoint == h and c.labels.condition == cond]
                 for s, h in (("a", ha), ("b", hb))}
-        floors = [c for c in comps if c.get("kind") == "floor" and c.get("condition", "") ==
-                  cond and c.get("hookpoint_a") == ha and
-                  (c.get("hookpoint_b") == hb or c.get("random_init") == "a")]
-        out.append({"cell": cell, "condition": cond, "hookpoint_a": ha, "hookpoint_b": hb,
-                    "comparisons": {"cross": [c["name"] for c in g["cross"]],
-                                    "ceiling_a": [c["name"] for c in ceil["a"]],
-                                    "ceiling_b": [c["name"] for c in ceil["b"]],
-                                    "floor": [c["name"] for c in floors[:1]]},
-                    "metrics": group_summary(g["cross"], ceil["a"], ceil["b"],
-                                             floors[0] if floors else None,
-                                             permutations=permutations, seed=seed)})
+        floors = [c for c in comps if c.kind == "floor" and c.labels.condition == cond
+                  and c.labels.hookpoint_a == ha and
+                  (c.labels.hookpoint_b == hb or c.labels.random_init == "a")]
+        out.append(results.CellResult(
+            cell=cell, condition=cond, hookpoint_a=ha, hookpoint_b=hb,
+            comparisons=results.CellComparisons(
+                cross=tuple(c.name for c in cross),
+                ceiling_a=tuple(c.name for c in ceil["a"]),
+                ceiling_b=tuple(c.name for c in ceil["b"]),
+                floor=tuple(c.name for c in floors[:1])),
+            metrics=group_summary(cross, ceil["a"], ceil["b"], floors[0] if floors else None,
+                                  permutations=permutations, seed=seed)))
     return out
 
 
-def sweep_table(cells: Sequence[dict]) -> list[dict]:
-    """One row per (condition, cell, metric) of a conditions sweep."""
+def sweep_table(cells: Sequence[results.CellResult]) -> list[dict]:
+    """One row per (condition, cell, metric) of a conditions sweep (JSON-ready)."""
     rows = []
     for g in cells:
-        for metric, e in g["metrics"].items():
-            test = e.get("test_cross_below_within", {})
-            rows.append({"condition": g["condition"], "cell": g["cell"], "metric": metric,
-                         "cross_excess": e["cross_excess"],
-                         "cross_std": e["cross_distribution"]["std"],
-                         "ceiling_excess": e.get("ceiling_excess"),
-                         "floor_excess": e.get("floor_excess"),
-                         "fraction": e.get("fraction_floor_to_ceiling_excess"),
-                         "p_cross_below_within": test.get("mann_whitney_p")})
+        for metric, e in g.metrics.items():
+            rows.append({"condition": g.condition, "cell": g.cell, "metric": metric,
+                         "cross_excess": e.cross_excess,
+                         "cross_std": e.cross_distribution.std,
+                         "ceiling_excess": e.ceiling_excess,
+                         "floor_excess": e.floor_excess,
+                         "fraction": None if e.fraction_excess is None
+                         else e.fraction_excess.value,
+                         "p_cross_below_within": None if e.test is None
+                         else e.test.mann_whitney_p})
     return rows
 
 
-def format_table(cells: Sequence[dict]) -> str:
+def format_table(cells: Sequence[results.CellResult]) -> str:
     """Terminal table of the reference points of every cell (and condition)."""
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     lines = [f"   {'cell':<34}{'metric':<13}{'floor':>8}{'cross':>8}{'±':>7}{'ceiling':>9}"
              f"{'way':>7}{'p(c<w)':>9}"]
     for g in cells:
-        where = g["cell"] + (f" {g['condition']}" if g["condition"] else "")
-        for metric, e in g["metrics"].items():
-            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            frac = e.get("fraction_floor_to_ceiling_excess")
-            if not e.get("informative", True):
+        where = g.cell + (f" {g.condition}" if g.condition else "")
+        for metric, e in g.metrics.items():
+            frac = e.fraction_excess
+            if not e.informative:
                 way = "n/i"
-            elif frac is None and "fraction_floor_to_ceiling_excess_note" in e:
+            elif frac is not None and frac.not_separated:
                 way = "n/s"
             else:
-                way = "-" if frac is None else f"{frac:.0%}"
-            p = e.get("test_cross_below_within", {}).get("mann_whitney_p")
-            lines.append(f"   {where:<34}{metric:<13}{fmt(e.get('floor_excess')):>8}"
-                         f"{e['cross_excess']:>8.3f}{fmt(e['cross_distribution']['std']):>7}"
-                         f"{fmt(e.get('ceiling_excess')):>9}{way:>7}"
+                way = "-" if frac is None or frac.value is None else f"{frac.value:.0%}"
+            p = None if e.test is None else e.test.mann_whitney_p
+            lines.append(f"   {where:<34}{metric:<13}{fmt(e.floor_excess):>8}"
+                         f"{e.cross_excess:>8.3f}{fmt(e.cross_distribution.std):>7}"
+                         f"{fmt(e.ceiling_excess):>9}{way:>7}"
                          f"{('-' if p is None else f'{p:.3g}'):>9}")
     lines.append(f"   (excess over the null; 'way' = fraction floor -> ceiling, n/s = ceiling and "
                  f"floor not separated by {SEPARATION_Z:g}x their spread, n/i = uninformative: "

@@ -13,6 +13,7 @@ from absl import logging
 from engine import checks
 from engine import mesh as mesh_lib
 from experiments.pipeline import compare, filters, html_report, references, report, toy_preset
+from experiments.pipeline import results as results_lib
 from experiments.pipeline.stepcache import StepCache
 from models import text as text_lib
 
@@ -42,15 +43,6 @@ def ref_settings(flags_) -> references.RefSettings:
         floor=getattr(flags_, "random_init_floor", True),
         floor_at=getattr(flags_, "floor_at", "b"), permutations=flags_.replicate_permutations,
     ).validate()
-
-
-def reference_points(cells: list[dict]) -> dict:
-    """Each metric's cross score placed between floor and ceiling, for the first cell.
-
-    Every cell's own reference points are in ``results["cells"]`` (`references.summarise`);
-    this is the main cell's, kept at the top level of results.json for a quick look.
-    """
-    return cells[0]["metrics"] if cells else {}
 
 
 def _versions() -> dict:
@@ -126,28 +118,29 @@ def main(run, flags_) -> dict:
         _stage(run, "language models: load, activations, SAEs (train or load)")
         results = lm_preset.run_lm(run, flags_, cfg, cache)
     _stage(run, "results.json, summary and plots")
-    comps = results["comparisons"]
+    comps = results.pop("comparisons")
     cells = references.summarise(comps, permutations=flags_.replicate_permutations,
                                  seed=flags_.seed)
-    results["cells"] = cells
-    results["reference_points"] = reference_points(cells)
     if flags_.sweep:
         results["sweep"] = {"flag": flags_.sweep, "table": references.sweep_table(cells)}
-    by_kind = {}
-    for c in comps:
-        by_kind.setdefault(c.get("kind"), c)
-    results["summary"] = [report.verdict(c) for c in comps]
+    grid = results.pop("grid", None)
     results["config"] = {"compare": dataclasses.asdict(cfg)}
     results["versions"] = _versions()
-    no_pairs = "cross" in by_kind and by_kind["cross"]["n_pairs"] == 0
+    typed = results_lib.RunResults(
+        comparisons=tuple(comps), cells=tuple(cells),
+        summary=tuple(report.verdict(c) for c in comps),
+        grid=None if grid is None else results_lib.LayerGrid.from_json(grid), extra=results)
+    main_cross = next((c for c in comps if c.kind == "cross"), None)
+    no_pairs = main_cross is not None and main_cross.n_pairs == 0
     # results.json first: a plot can never lose a finished run.
-    run.write_results(results)
+    out = typed.to_json()
+    run.write_results(out)
     primary = mesh_lib.is_primary()     # several processes: process 0 alone writes
     if not no_pairs and primary:
-        plot_errors = _plots(run, results)
+        plot_errors = _plots(run, typed)
         if plot_errors:
-            results["plot_errors"] = plot_errors
-            run.write_results(results)
+            out["plot_errors"] = plot_errors
+            run.write_results(out)
     # The browser also shows a run whose main comparison kept no pair (why, per feature).
     report_path = html_report.write_report(run.workdir) if primary else "(process 0)"
     if no_pairs:
@@ -165,35 +158,36 @@ def main(run, flags_) -> dict:
         print(line)
     print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}\n"
           f"report:  {report_path}")
-    return results
+    return out
 
 
-def _plots(run, results: dict) -> list[str]:
+def _plots(run, results: results_lib.RunResults) -> list[str]:
     """Draws every plot; returns one line per plot that failed (logged, not fatal)."""
-    comps = results["comparisons"]
-    jobs = []
+    comps = results.comparisons
+    jobs: list[tuple] = []
     for c in comps:
-        if not c.get("metrics") and c.get("metrics_before_threshold"):
-            c = {**c, "name": f"{c['name']} (before threshold)",
-                 "metrics": c["metrics_before_threshold"]}
-        jobs.append((report.plot_nulls, c, os.path.join(
-            run.plots_dir, f"null_{c['name'].split()[0]}.png")))
-    jobs.append((report.plot_matched_correlations, comps,
+        if not c.metrics and c.metrics_before_threshold:
+            jobs.append((report.plot_nulls, (f"{c.name} (before threshold)",
+                                             c.metrics_before_threshold)))
+        else:
+            jobs.append((report.plot_nulls, (c.name, c.metrics)))
+        jobs[-1] += (os.path.join(run.plots_dir, f"null_{c.name.split()[0]}.png"),)
+    jobs.append((report.plot_matched_correlations, (comps,),
                  os.path.join(run.plots_dir, "matched_correlations.png")))
-    jobs.append((report.plot_reference_bars, comps,
+    jobs.append((report.plot_reference_bars, (comps,),
                  os.path.join(run.plots_dir, "reference_bars.png")))
-    if "grid" in results:
-        jobs.append((report.plot_layer_heatmaps, results["grid"], run.plots_dir))
-    for i, cell in enumerate(results.get("cells", [])):
-        jobs.append((report.plot_replicates, cell,
+    if results.grid is not None:
+        jobs.append((report.plot_layer_heatmaps, (results.grid,), run.plots_dir))
+    for i, cell in enumerate(results.cells):
+        jobs.append((report.plot_replicates, (cell,),
                      os.path.join(run.plots_dir, f"replicates_{i}.png")))
-    if "sweep" in results:
-        jobs.append((report.plot_sweep, results["cells"],
+    if "sweep" in results.extra:
+        jobs.append((report.plot_sweep, (results.cells,),
                      os.path.join(run.plots_dir, "sweep.png")))
     errors = []
-    for fn, data, path in jobs:
+    for fn, args, path in jobs:
         try:
-            fn(data, path)
+            fn(*args, path)
         except Exception as e:  # noqa: BLE001 -- a plot must not lose the run's results
             errors.append(f"{fn.__name__} -> {path}: {type(e).__name__}: {e}")
             logging.error("plot failed (results.json is written): %s", errors[-1])

@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from engine import streaming
-from experiments.pipeline import references
+from experiments.pipeline import references, results
 from experiments.pipeline import saes as saes_lib
 from models import dictionary_pair, sae_train
 
@@ -66,7 +66,7 @@ def build(settings: ToySettings, workdir: str, mesh, progress: bool = False,
           conditions: tuple = (references.Condition(),)) -> dict:
     """Generates the toy sides, trains their SAEs, returns the comparisons to run.
 
-    Returns ``{"pairs": {...}, "specs": [references.Spec], "saes": [records]}``.
+    Returns ``{"pairs": {...}, "specs": [references.ComparisonSpec], "saes": [records]}``.
     """
     s = settings
     common = dict(n_features=s.n_features, d_a=s.d_a, d_b=s.d_b, n_tokens=s.n_tokens,
@@ -89,21 +89,23 @@ def build(settings: ToySettings, workdir: str, mesh, progress: bool = False,
     for cond in conditions:
         planner.cell(side_a, HOOKPOINT, side_b, HOOKPOINT, cond,
                      floor_acts=lambda side, hp: floor.acts_b)
-    specs = planner.specs()
-    for spec in specs:
+    specs = []
+    for spec in planner.specs():
         if spec.kind == "cross":
-            spec.truth = _truth(shared)
-            spec.label = spec.label.replace(f"A {HOOKPOINT} vs B {HOOKPOINT}",
-                                            "A vs B (shared ground truth)")
+            spec = dataclasses.replace(spec, truth=_truth(shared), labels=dataclasses.replace(
+                spec.labels, label=spec.label.replace(f"A {HOOKPOINT} vs B {HOOKPOINT}",
+                                                      "A vs B (shared ground truth)")))
         elif spec.kind == "floor":
-            spec.label = "A vs random-init model"
+            spec = dataclasses.replace(spec, labels=dataclasses.replace(
+                spec.labels, label="A vs random-init model"))
+        specs.append(spec)
     for cond in conditions:
         a0 = planner.replicates(side_a, HOOKPOINT, cond)[0]
         ctl = planner.single(side_c, HOOKPOINT, cond)
-        specs.append(references.Spec(
-            "control" + (f":{cond.label}" if cond.label else ""), "control",
-            f"control@{cond.label}", a0, ctl, shared.acts_a, control.acts_b,
-            "A vs control (nothing shared)", {"condition": cond.label},
+        specs.append(references.ComparisonSpec(
+            "control" + (f":{cond.label}" if cond.label else ""), f"control@{cond.label}", a0,
+            ctl, shared.acts_a, control.acts_b, results.Labels(
+                kind="control", label="A vs control (nothing shared)", condition=cond.label),
             truth=_truth(control)))
     saes_lib.check_distinct_seeds(list(planner.saes.values()))
     return {"pairs": {"cross": shared, "control": control, "floor": floor}, "specs": specs,

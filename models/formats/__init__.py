@@ -1,7 +1,9 @@
 """SAE file formats people publish, loaded into the ONE SAE type (`models.sae.SAE`).
 
 ``load_sae(path)`` picks the format from the files present; the explicit loaders take the same
-path plus format-specific options. Every loader checks each tensor's shape against the
+path plus format-specific options. Formats are registered (`REGISTRY`, `register`): a new
+format is one file with its loader plus one ``register(Format(...))`` line at the end of this
+module, naming the files that identify it. Every loader checks each tensor's shape against the
 config (orientation is decided by shape against the config, never by the tensor's name; when
 ``d_in == d_sae`` the format's documented layout decides), refuses NaN/Inf weights, unknown
 architectures and files that need unpickling, and records provenance in
@@ -63,8 +65,10 @@ tensors, NaN/Inf weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
+from collections.abc import Callable
 
 from models import sae as sae_lib
 from models.formats import _common
@@ -73,11 +77,6 @@ from models.formats.dictionary_learning import load_dictionary_learning
 from models.formats.gemma_scope import load_gemma_scope, parse_release_path
 from models.formats.saelens import load_saelens, read_saelens_sparsity, save_saelens
 from models.formats.sparsify import load_sparsify, sparsify_hookpoints
-
-FORMATS = ("saelens", "sparsify", "gemma_scope", "dictionary_learning", "native")
-_EXPECTED = ("SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + "
-             "sae.safetensors, or hookpoint folders of them), Gemma Scope (params.npz), "
-             "dictionary_learning (ae.pt [+ config.json]), native (sae_config.json + params/)")
 
 
 def _load_native(path: _common.PathLike, **kwargs) -> sae_lib.SAE:
@@ -90,11 +89,55 @@ def _load_native(path: _common.PathLike, **kwargs) -> sae_lib.SAE:
     return sae_io_native.load_sae(str(p.parent if p.is_file() else p))
 
 
-_LOADERS = {"saelens": load_saelens, "sparsify": load_sparsify,
-            "gemma_scope": load_gemma_scope, "dictionary_learning": load_dictionary_learning,
-            "native": _load_native}
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A registered SAE file format.
 
-__all__ = ["FORMATS", "InputError", "canonical_hookpoint", "detect_format", "load_sae",
+    Attributes:
+      name: registry key (``load_sae(path, format=name)``).
+      load: ``load(path, **options) -> SAE``.
+      describe: what its files look like, for error messages.
+      files: file names that identify it in a folder (or when given as the path).
+      suffixes: a file path ending so is this format.
+      fallback: weaker evidence ``fallback(folder) -> bool``, tried only when no format's
+        ``files`` matched (e.g. a ``cfg.json`` whose weights file is missing).
+    """
+
+    name: str
+    load: Callable[..., sae_lib.SAE]
+    describe: str
+    files: tuple[str, ...] = ()
+    suffixes: tuple[str, ...] = ()
+    fallback: Callable[[pathlib.Path], bool] | None = None
+
+
+#: Registered formats, in detection order.
+REGISTRY: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    """Adds ``fmt`` (detected after those registered before it; a taken name is refused).
+
+    A new format is one file (its loader into `models.sae.SAE`, using `_common`'s checked
+    readers) plus one ``register(Format(...))`` line here.
+    """
+    if fmt.name in REGISTRY:
+        raise InputError(f"SAE format {fmt.name!r} is already registered")
+    REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+# Files that belong to a folder of several formats: a path to one of them is detected from
+# its folder.
+_FOLDER_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "config.json")
+
+
+def _expected() -> str:
+    return ", ".join(f.describe for f in REGISTRY.values())
+
+
+__all__ = ["FORMATS", "REGISTRY", "Format", "register", "InputError", "canonical_hookpoint",
+           "detect_format", "load_sae",
            "load_saelens", "save_saelens", "read_saelens_sparsity", "load_sparsify",
            "sparsify_hookpoints", "load_gemma_scope", "parse_release_path",
            "load_dictionary_learning"]
@@ -116,44 +159,28 @@ def _cfg_flavour(cfg_path: pathlib.Path) -> str | None:
 
 
 def detect_format(path: _common.PathLike) -> str:
-    """Names the format of an SAE file or folder (one of `FORMATS`) from the files present."""
+    """Names the format of an SAE file or folder (a `REGISTRY` key) from the files present."""
     p = pathlib.Path(path)
     if not p.exists():
         raise InputError(f"SAE path {p}: no such file or directory")
     if p.is_file():
         name = p.name
-        if name.endswith(".npz"):
-            return "gemma_scope"
-        if name.endswith((".pt", ".pth")):
-            return "dictionary_learning"
-        if name == "sae.safetensors":
-            return "sparsify"
-        if name == "sae_config.json":
-            return "native"
-        if name not in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
-                        "config.json"):
+        if name not in _FOLDER_FILES:
+            for fmt in REGISTRY.values():
+                if name in fmt.files or (fmt.suffixes and name.endswith(fmt.suffixes)):
+                    return fmt.name
             raise InputError(f"SAE path {p}: unknown SAE file {name!r}; expected one of "
-                             f"{_EXPECTED}")
+                             f"{_expected()}")
         p = p.parent
     files = {q.name for q in p.iterdir()}
-    if "sae_config.json" in files:
-        return "native"
-    if "sae_weights.safetensors" in files:
-        return "saelens"
-    if "sae.safetensors" in files:
-        return "sparsify"
-    if "params.npz" in files:
-        return "gemma_scope"
-    if "ae.pt" in files:
-        return "dictionary_learning"
-    if "cfg.json" in files:
-        flavour = _cfg_flavour(p / "cfg.json")
-        if flavour:
-            return flavour  # its loader then names the missing weights file
-    if sparsify_hookpoints(p):
-        return "sparsify"
-    raise InputError(f"SAE path {p}: cannot tell the SAE format; expected {_EXPECTED}; found "
-                     f"{sorted(files)[:12]}")
+    for fmt in REGISTRY.values():
+        if files & set(fmt.files):
+            return fmt.name
+    for fmt in REGISTRY.values():
+        if fmt.fallback is not None and fmt.fallback(p):
+            return fmt.name   # its loader then names the missing weights file
+    raise InputError(f"SAE path {p}: cannot tell the SAE format; expected {_expected()}; "
+                     f"found {sorted(files)[:12]}")
 
 
 def load_sae(path: _common.PathLike, format: str | None = None, **kwargs) -> sae_lib.SAE:
@@ -161,12 +188,34 @@ def load_sae(path: _common.PathLike, format: str | None = None, **kwargs) -> sae
 
     Args:
       path: file or folder (see the table in this module's docstring).
-      format: one of `FORMATS` to skip detection.
+      format: a `REGISTRY` key to skip detection.
       **kwargs: passed to the format's loader (e.g. ``hookpoint=`` for a sparsify run folder,
         ``norm_scaling_factor=`` for SAELens, ``dict_class=`` for dictionary_learning,
         ``record_provenance=False``).
     """
     fmt = format or detect_format(path)
-    if fmt not in _LOADERS:
-        raise InputError(f"load_sae format: unknown {fmt!r}; expected one of {FORMATS}")
-    return _LOADERS[fmt](path, **kwargs)
+    if fmt not in REGISTRY:
+        raise InputError(f"load_sae format: unknown {fmt!r}; expected one of "
+                         f"{tuple(REGISTRY)}")
+    return REGISTRY[fmt].load(path, **kwargs)
+
+
+# Detection order: the project's own format first, then by the most specific weights file.
+register(Format("native", _load_native, "native (sae_config.json + params/)",
+                files=("sae_config.json",)))
+register(Format("saelens", load_saelens,
+                "SAELens (cfg.json + sae_weights.safetensors)",
+                files=("sae_weights.safetensors",),
+                fallback=lambda p: _cfg_flavour(p / "cfg.json") == "saelens"))
+register(Format("sparsify", load_sparsify,
+                "sparsify (cfg.json + sae.safetensors, or hookpoint folders of them)",
+                files=("sae.safetensors",),
+                fallback=lambda p: (_cfg_flavour(p / "cfg.json") == "sparsify"
+                                    or bool(sparsify_hookpoints(p)))))
+register(Format("gemma_scope", load_gemma_scope, "Gemma Scope (params.npz)",
+                files=("params.npz",), suffixes=(".npz",)))
+register(Format("dictionary_learning", load_dictionary_learning,
+                "dictionary_learning (ae.pt [+ config.json])", files=("ae.pt",),
+                suffixes=(".pt", ".pth")))
+#: The built-in formats (`REGISTRY` also holds any registered later).
+FORMATS = tuple(REGISTRY)
