@@ -430,7 +430,7 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
     if every_sae is None:
         spliced = list(saes)
         if floor is not None:
-            side = next((c.get("random_init") for c in comps if c.get("kind") == "floor"), "b")
+            side = next((c.labels.random_init for c in comps if c.kind == "floor"), None) or "b"
             spliced.append((f"{side}~random", floor[0], floor[1],
                             sae_label(f"{side}~random", floor[0], "floor")))
     else:
