@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine import checks
-from experiments.pipeline import html_report
+from experiments.pipeline import html_report, results
 from experiments.pipeline import importance as importance_lib
 
 
@@ -27,11 +27,11 @@ def test_importance_written_into_table_and_read_by_report(tmp_path, rng):
     table = json.loads(path.read_text())
     np.testing.assert_allclose([r["importance"] for r in table["a"]], sa)
     np.testing.assert_allclose([r["importance"] for r in table["b"]], sb)
-    data = html_report._comparison_data({"pairs": {"a": [0], "b": [1], "value": [0.5]}}, table)
+    data = html_report._comparison_data(results.KeptPairs((0,), (1,), (0.5,)), table)
     np.testing.assert_allclose(data["features"]["a"]["importance"], sa)
     np.testing.assert_allclose(data["features"]["b"]["importance"], sb)
     # Without importance the column is absent (the report hides it).
-    plain = html_report._comparison_data({"pairs": {}}, _table(2, 2))
+    plain = html_report._comparison_data(results.KeptPairs((), (), ()), _table(2, 2))
     assert plain["features"]["a"]["importance"] is None
 
 

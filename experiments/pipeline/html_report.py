@@ -46,7 +46,7 @@ from collections.abc import Mapping
 
 from experiments.pipeline.results import (
     HEAD_KEYS,
-    ComparisonResult,
+    KeptPairs,
     MetricResult,
     ResultsError,
     RunResults,
@@ -119,8 +119,8 @@ def _columns(rows: list[dict], keys: dict) -> dict:
     return {out: [r.get(k) for r in rows] for out, k in keys.items()}
 
 
-def _comparison_data(comp: ComparisonResult, table: dict | None) -> dict:
-    pairs = comp.pairs
+def _comparison_data(pairs: KeptPairs, table: dict | None) -> dict:
+    """The pair and feature tables of one comparison (its kept pairs, its feature table)."""
     data = {"pairs": {"a": list(pairs.a), "b": list(pairs.b), "value": list(pairs.value),
                       "dcos": None if pairs.decoder_cos is None else list(pairs.decoder_cos)},
             "features": {}, "has_pages": {}}
@@ -174,7 +174,7 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
         name = comp.name
         table_path = os.path.join(workdir, "features", f"{name}.json")
         table = _load(table_path) if os.path.exists(table_path) else None
-        data = _comparison_data(comp, table)
+        data = _comparison_data(comp.pairs, table)
         for side in "ab":
             index_path = os.path.join(workdir, "features", name, side, "index.json")
             if not os.path.exists(index_path):
