@@ -6,6 +6,7 @@ process 0 writes."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -143,13 +144,20 @@ def test_universality_two_processes_equal_one(tmp_path):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     audit = tmp_path / "audit"
     audit.mkdir()
-    mp = subprocess.run(
+    # its own process group: a timeout takes the launcher and both processes down
+    mp = subprocess.Popen(
         [os.path.join(REPO, "launch", "cpu_multiprocess.sh"), "2", "2",
          "experiments.universality", f"--workdir={tmp_path / 'mp'}", *UNIVERSALITY],
         env={**env, "WRITE_AUDIT": str(audit),
              "PYTHON": f"{sys.executable} {os.path.join(REPO, 'tests', 'write_audit.py')}"},
-        capture_output=True, text=True, timeout=1800, cwd=REPO)
-    assert mp.returncode == 0, mp.stdout[-3000:] + mp.stderr[-3000:]
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        start_new_session=True)
+    try:
+        out, _ = mp.communicate(timeout=2400)
+    except subprocess.TimeoutExpired:
+        os.killpg(mp.pid, signal.SIGKILL)
+        raise
+    assert mp.returncode == 0, out[-4000:]
     one = subprocess.run(
         [sys.executable, "-m", "experiments.universality", f"--workdir={tmp_path / 'one'}",
          "--num_cpu_devices=4", *UNIVERSALITY],
