@@ -753,6 +753,11 @@ def entry(name: str, body: Callable[[Run, flags.FlagValues], Any], rules: Iterab
                         data=data(flags.FLAGS) if data else None, exclude=exclude)
             body(run, flags.FLAGS)
             run.finish()
+            # Several processes: the others wait here (a collective, no time limit) while
+            # process 0 writes plots and reports, instead of in jax.distributed's shutdown
+            # barrier, which gives up after a few minutes and aborts every process.
+            from engine import mesh as mesh_lib
+            mesh_lib.barrier("run finished")
         except NothingToDo as e:
             print(e, flush=True)
             return

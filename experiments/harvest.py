@@ -6,6 +6,12 @@ activations of every requested hookpoint to ``--cache_dir`` (default ``WORKDIR/c
 shards, with a tqdm bar in tokens (its rate is tokens/s). Killed runs resume: rerun the same
 command. Read the cache back with ``models.activation_cache.ActivationCache``.
 
+Several processes (each runs the model on its own shards of the text, process 0 writes the
+metadata, metrics, results and plots; see models/activation_cache.py)::
+
+    launch/cpu_multiprocess.sh 2 1 experiments.harvest --workdir=/tmp/harvest_mp \
+        --model=tiny:gpt_neox --hookpoints=resid_post.0 --shard_contexts=16
+
 Demo (no downloads; a tiny random GPT-NeoX and the shipped KJV sample)::
 
     python -m experiments.harvest --workdir=/tmp/harvest_demo --model=tiny:gpt_neox \
@@ -77,10 +83,12 @@ flags.DEFINE_bool("record_spans", True, "Also write token_spans.npy beside the c
 def _model_path(run) -> str:
     if not FLAGS.model.startswith("tiny:"):
         return FLAGS.model
+    from engine import mesh as mesh_lib
     from models import lm, lm_tiny
     arch = FLAGS.model.split(":", 1)[1]
     path = run.path("tiny_model")
-    if not os.path.exists(os.path.join(path, "config.json")):
+    # Several processes: process 0 builds and saves the model, the others load its copy.
+    if mesh_lib.is_primary() and not os.path.exists(os.path.join(path, "config.json")):
         from models import text
         tok = text.build_word_tokenizer(vocab_size=2000,
                                         special_tokens="cls_sep" if arch == "bert" else "bos")
@@ -89,6 +97,7 @@ def _model_path(run) -> str:
         with lm.quiet_transformers():
             model.save_pretrained(path)
         tok.save_pretrained(path)
+    mesh_lib.barrier(f"tiny model {path}")
     return path
 
 
@@ -198,7 +207,9 @@ def body(run, flags_):
         batch_size=FLAGS.batch_size, shard_contexts=FLAGS.shard_contexts or None,
         max_contexts=max_contexts, num_contexts=max_contexts, text_info=text_info,
         progress=FLAGS.progress, on_batch=on_batch)
-    if FLAGS.record_spans:
+    from engine import mesh as mesh_lib
+    primary = mesh_lib.is_primary()    # several processes: process 0 alone writes files
+    if FLAGS.record_spans and primary:
         from models import alignment
         docs = list(text.read_documents(sources, text_field=FLAGS.text_field,
                                         txt_split=FLAGS.txt_split))
@@ -214,7 +225,8 @@ def body(run, flags_):
     writer.write(cache.num_contexts, {"tokens": tokens, "seconds_this_run": seconds,
                                       "tokens_per_s": new_tokens / max(seconds, 1e-9)})
     logging.info("%s: %d tokens (%d this run) in %.1f s", cache, tokens, new_tokens, seconds)
-    _plot_norms(cache, os.path.join(run.plots_dir, "norm_by_position.png"))
+    if primary:
+        _plot_norms(cache, os.path.join(run.plots_dir, "norm_by_position.png"))
     run.write_results({"cache_dir": os.path.abspath(cache_dir), "model": cache.model,
                        "hookpoints": list(cache.hookpoints), "tokens": tokens,
                        "contexts": cache.num_contexts, "context_length": cache.context_length,

@@ -8,6 +8,14 @@ ndev="${2:?}"; module="${3:?}"; shift 3
 cd "$(dirname "$0")/.."
 port=$(python -c "import socket; s=socket.socket(); s.bind(('localhost', 0)); print(s.getsockname()[1])")
 pids=()
+# Killed (timeout, Ctrl-C): take the processes down too; JAX's preemption handler may hold
+# SIGTERM, hence the SIGKILL after a grace period.
+stop() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 3
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+}
+trap 'stop; exit 143' TERM INT
 for ((i = 0; i < nproc; i++)); do
   ${PYTHON:-python} -m "$module" --distributed --coordinator_address="localhost:$port" \
     --num_processes="$nproc" --process_id="$i" --num_cpu_devices="$ndev" "$@" &

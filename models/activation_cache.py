@@ -29,6 +29,15 @@ continues after them. Different settings into the same directory are refused.
 
 Rows of a source are tokens: the real (unmasked) tokens of each context, context after
 context, optionally without special tokens (``exclude_special``, BOS/EOS/PAD/CLS/SEP...).
+
+Several processes (`jax.distributed`, e.g. ``launch/cpu_multiprocess.sh``): every process
+reads the same deterministic text and runs the model on its own slice of it, shard ``i``
+going to process ``i % process_count``; each writes its own shards into the shared cache
+directory. Shard boundaries do not depend on the number of processes, so the cache is the
+one a single process writes. Process 0 alone writes ``metadata.json`` and ``progress.json``:
+after every round of ``process_count`` shards the per-shard counts are gathered
+(`jax.experimental.multihost_utils`) and the round is recorded, so a killed run resumes after
+the last finished round.
 """
 
 from __future__ import annotations
@@ -39,9 +48,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from engine import checks, fingerprint, metrics_io
+from engine import mesh as mesh_lib
 from models import activation_source as src_lib
 from models import lm as lm_lib
 from models import text
@@ -223,35 +234,25 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
         "hookpoints": names, "widths": {n: lm.d_model for n in names},
         "context_length": ctx_len, "dtype": dtype, "shard_contexts": shard_contexts,
         "max_contexts": max_contexts, "text": text_info})
-    os.makedirs(cache_dir, exist_ok=True)
     meta_path = os.path.join(cache_dir, "metadata.json")
     prog_path = os.path.join(cache_dir, "progress.json")
-    if os.path.exists(meta_path):
-        old = _read_json(meta_path)
-        diff = _settings_diff({k: old.get(k) for k in settings}, settings)
-        if diff:
-            raise checks.InputError(f"cache {cache_dir} was made with other settings ({diff}); "
-                                    "use another directory or the same settings")
-        if old.get("complete"):
-            return ActivationCache(cache_dir)
-    else:
-        meta = dict(settings)
-        meta.update({"complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     "hookpoint_aliases": {h.name: {"saelens": h.saelens_name,
-                                                    "sparsify": _sparsify_or_none(h)}
-                                           for h in hps},
-                     "special_ids": (tok or {}).get("special_ids", []),
-                     "layout": "tokens/NNNNN.npy [contexts, context_length] int32; "
-                               "mask/NNNNN.npy bool; <hookpoint>/NNNNN.npy "
-                               "[contexts, context_length, d] (bfloat16 stored as uint16 bits)"})
-        metrics_io.write_json(meta_path, meta)
+    # Process 0 reads and prepares the directory; the others follow its answers (they run
+    # the same collectives below only if they take the same branch).
+    primary = mesh_lib.is_primary()
+    refused: checks.InputError | None = None
+    complete = False
+    if primary:
+        try:
+            complete = _prepare_cache(cache_dir, settings, hps, tok, names)
+        except checks.InputError as e:
+            refused = e
+    if mesh_lib.agree(refused is not None):
+        raise refused or checks.InputError(f"cache {cache_dir}: process 0 refused it (its "
+                                           "error line says why)")
+    if mesh_lib.agree(complete):
+        return ActivationCache(cache_dir)
+    mesh_lib.barrier(f"harvest {cache_dir}: prepared")
     shards = _read_json(prog_path)["shards"] if os.path.exists(prog_path) else []
-    for kind in ["tokens", "mask"] + names:  # stale temporaries of a killed run
-        folder = os.path.join(cache_dir, kind)
-        os.makedirs(folder, exist_ok=True)
-        for f in os.listdir(folder):
-            if f.endswith(".tmp"):
-                os.remove(os.path.join(folder, f))
 
     puller = _Puller(open_at(0))
     for i, shard in enumerate(shards):  # same text must give the same tokens
@@ -272,58 +273,124 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
         bar = tqdm(total=total, initial=done_tok, unit="tok", unit_scale=True,
                    desc=f"harvest {os.path.basename(os.path.normpath(cache_dir))}")
     file_dtype = _FILE_DTYPE[dtype]
+    nproc, rank = jax.process_count(), jax.process_index()
     index = len(shards)
-    while True:
-        target = shard_contexts if max_contexts is None else min(shard_contexts,
-                                                                 max_contexts - done_ctx)
-        if target <= 0:
-            break
-        files: dict[str, tuple[str, np.memmap]] = {}
-        filled = tokens = non_special = 0
-        while filled < target:
-            part = puller.take(min(batch_size, target - filled))
-            if part is None:
+    finished = False
+    while not finished:
+        # One round: the next `nproc` shards, shard `index` run by process `index % nproc`
+        # (the others only read past its contexts). Every process sees the same text, so all
+        # agree on the round's shards and call the same gather.
+        done_round: list[dict] = []
+        for _ in range(nproc):
+            target = shard_contexts if max_contexts is None else min(shard_contexts,
+                                                                     max_contexts - done_ctx)
+            if target <= 0:
+                finished = True
                 break
-            out = lm.forward_batch(part.token_ids, names, attention_mask=part.mask,
-                                   out_dtype=dtype)
-            if not files:
-                files = _open_shard(cache_dir, index, names, target, ctx_len, lm.d_model,
-                                    file_dtype)
-            sl = slice(filled, filled + len(part))
-            files["tokens"][1][sl] = part.token_ids
-            files["mask"][1][sl] = part.mask
-            for n in names:
-                files[n][1][sl] = out.acts[n].view(file_dtype) if dtype == "bfloat16" else (
-                    out.acts[n])
-            filled += len(part)
-            tokens += part.num_tokens
-            non_special += int((part.mask & ~out.special).sum())
-            done_ctx += len(part)
-            done_tok += part.num_tokens
-            if bar is not None:
-                bar.update(part.num_tokens)
-            if on_batch is not None:
-                on_batch(done_ctx, done_tok)
-        if filled == 0:
-            break
-        _commit_shard(cache_dir, index, files, filled)
-        shards.append({"contexts": filled, "tokens": tokens, "tokens_non_special": non_special})
-        metrics_io.write_json(prog_path, {"shards": shards})
-        index += 1
-        if filled < target:
-            break
+            mine = index % nproc == rank
+            files: dict[str, tuple[str, np.memmap]] = {}
+            filled = tokens = non_special = 0
+            while filled < target:
+                part = puller.take(min(batch_size, target - filled))
+                if part is None:
+                    break
+                if mine:
+                    out = lm.forward_batch(part.token_ids, names, attention_mask=part.mask,
+                                           out_dtype=dtype)
+                    if not files:
+                        files = _open_shard(cache_dir, index, names, target, ctx_len,
+                                            lm.d_model, file_dtype)
+                    sl = slice(filled, filled + len(part))
+                    files["tokens"][1][sl] = part.token_ids
+                    files["mask"][1][sl] = part.mask
+                    for n in names:
+                        files[n][1][sl] = (out.acts[n].view(file_dtype) if dtype == "bfloat16"
+                                           else out.acts[n])
+                    non_special += int((part.mask & ~out.special).sum())
+                filled += len(part)
+                tokens += part.num_tokens
+                done_ctx += len(part)
+                done_tok += part.num_tokens
+                if bar is not None:
+                    bar.update(part.num_tokens)
+                if on_batch is not None:
+                    on_batch(done_ctx, done_tok)
+            if filled == 0:
+                finished = True
+                break
+            if mine:
+                _commit_shard(cache_dir, index, files, filled)
+            done_round.append({"contexts": filled, "tokens": tokens,
+                               "tokens_non_special": non_special})
+            index += 1
+            if filled < target:
+                finished = True
+                break
+        if nproc > 1:
+            # Each shard's non-special count is known to its process only: sum the gathered
+            # per-process vectors (zeros elsewhere). The shards are on disk before this.
+            from jax.experimental import multihost_utils
+            counts = np.zeros(nproc, np.int64)
+            first = index - len(done_round)
+            for j, rec in enumerate(done_round):
+                if (first + j) % nproc == rank:
+                    counts[j] = rec["tokens_non_special"]
+            summed = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+            for j, rec in enumerate(done_round):
+                rec["tokens_non_special"] = int(summed[j])
+        shards.extend(done_round)
+        if done_round:
+            metrics_io.write_json(prog_path, {"shards": shards})   # process 0 only
     if bar is not None:
         bar.close()
     if not shards:
         raise checks.InputError("harvest: no contexts to run (empty text?)")
-    meta = _read_json(meta_path)
-    meta.update({"complete": True, "shards": shards,
-                 "num_contexts": sum(s["contexts"] for s in shards),
-                 "token_count": sum(s["tokens"] for s in shards),
-                 "token_count_non_special": sum(s["tokens_non_special"] for s in shards),
-                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    metrics_io.write_json(meta_path, meta)
+    if primary:
+        meta = _read_json(meta_path)
+        meta.update({"complete": True, "shards": shards,
+                     "num_contexts": sum(s["contexts"] for s in shards),
+                     "token_count": sum(s["tokens"] for s in shards),
+                     "token_count_non_special": sum(s["tokens_non_special"] for s in shards),
+                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        metrics_io.write_json(meta_path, meta)
+    mesh_lib.barrier(f"harvest {cache_dir}: complete")
     return ActivationCache(cache_dir)
+
+
+def _prepare_cache(cache_dir: str, settings: dict, hps, tok, names: list[str]) -> bool:
+    """Creates (or checks) the cache directory and its metadata; clears stale temporaries.
+
+    Returns True when the cache is already complete. Raises InputError when the directory
+    holds a cache made with other settings.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    meta_path = os.path.join(cache_dir, "metadata.json")
+    if os.path.exists(meta_path):
+        old = _read_json(meta_path)
+        diff = _settings_diff({k: old.get(k) for k in settings}, settings)
+        if diff:
+            raise checks.InputError(f"cache {cache_dir} was made with other settings ({diff}); "
+                                    "use another directory or the same settings")
+        if old.get("complete"):
+            return True
+    else:
+        meta = dict(settings)
+        meta.update({"complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "hookpoint_aliases": {h.name: {"saelens": h.saelens_name,
+                                                    "sparsify": _sparsify_or_none(h)}
+                                           for h in hps},
+                     "special_ids": (tok or {}).get("special_ids", []),
+                     "layout": "tokens/NNNNN.npy [contexts, context_length] int32; "
+                               "mask/NNNNN.npy bool; <hookpoint>/NNNNN.npy "
+                               "[contexts, context_length, d] (bfloat16 stored as uint16 bits)"})
+        metrics_io.write_json(meta_path, meta)
+    for kind in ["tokens", "mask"] + names:  # stale temporaries of a killed run
+        folder = os.path.join(cache_dir, kind)
+        os.makedirs(folder, exist_ok=True)
+        for f in os.listdir(folder):
+            if f.endswith(".tmp"):
+                os.remove(os.path.join(folder, f))
+    return False
 
 
 def harvest_models(models: Sequence[lm_lib.LanguageModel], contexts, hookpoints,

@@ -2,7 +2,8 @@
 
 Run as ``python tests/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR``: it sets
 2 CPU devices and gloo collectives, calls `jax.distributed.initialize`, runs `workload` on a
-mesh over every process's devices, and process 0 writes ``OUT_DIR/result.npz``.
+mesh over every process's devices and `harvest_workload` (each process harvests its shards
+of the same contexts into one cache), and process 0 writes ``OUT_DIR/result.npz``.
 """
 
 import os
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 
 D, ROWS = 8, 384
+METRICS = ("svcca", "pwcca", "cka", "rsa_spearman", "procrustes", "mutual_knn")
 
 
 def data():
@@ -22,7 +24,8 @@ def data():
 
 
 def workload(mesh, workdir: str) -> dict:
-    """Streaming SAE training (bounded shuffle, checkpointed) and a tiled feature pass."""
+    """Streaming SAE training (bounded shuffle, checkpointed), a tiled feature pass and the
+    similarity metrics with their permutation nulls."""
     from engine import streaming
     from experiments.pipeline import features
     from models import activation_source as asrc
@@ -53,6 +56,48 @@ def workload(mesh, workdir: str) -> dict:
         out[f"value_{s}"] = getattr(fp.matches, f"{s}_value")
     out["density_a"] = fp.stats_a.density
     out["top_rows_a"] = fp.stats_a.top_rows
+    # every metric with its permutation null, permutations split over the 4 devices
+    from engine import similarity
+    res = similarity.evaluate(xa[:40].astype(np.float64), xb[:40].astype(np.float64), METRICS,
+                              num_permutations=16, seed=0, mesh=mesh)["metrics"]
+    for m in METRICS:
+        out[f"{m}_score"] = np.asarray(res[m]["score"])
+        out[f"{m}_null_mean"] = np.asarray(res[m]["null_mean"])
+    return out
+
+
+HOOKS = ["resid_post.0", "mlp_out.1"]
+
+
+def harvest_contexts(tokenizer):
+    """23 contexts of 16 tokens (padded tails): 5 shards of 5 contexts, the last one short,
+    so the 2 processes get 3 and 2 shards."""
+    from models import text
+    return text.make_contexts([d[:400] for d in text.sample_documents(8)], tokenizer, 16,
+                              pad_tail=True, max_contexts=23)
+
+
+def harvest_workload(out_dir: str) -> dict:
+    """Each process harvests its shards of the same contexts into one shared cache."""
+    from engine import mesh as mesh_lib
+    from models import activation_cache as ac
+    from models import lm, lm_tiny
+    root = os.path.join(out_dir, "models")
+    if mesh_lib.is_primary():           # one copy of the model on disk, loaded by all
+        lm_tiny.make_tiny_model_pair(root, arch="llama", vocab_size=300, n_layers=2,
+                                     d_model=16)
+    mesh_lib.barrier("tiny model written")
+    model = lm.LanguageModel.load(os.path.join(root, "model_a"))
+    cache = ac.harvest(model, harvest_contexts(model.tokenizer), HOOKS,
+                       os.path.join(out_dir, "cache"), batch_size=3, shard_contexts=5,
+                       progress=False, text_info={"source": "sample[:8]"})
+    out = {}
+    for h in HOOKS:
+        out[f"cache_rows_{h}"], out[f"cache_{h}"] = cache.read(h)
+    out["cache_shards"] = np.asarray([s["contexts"] for s in cache.shards])
+    out["cache_tokens"] = cache.token_ids()
+    out["cache_mask"] = cache.mask()
+    out["cache_non_special"] = np.asarray(cache.metadata["token_count_non_special"])
     return out
 
 
@@ -69,6 +114,7 @@ def main():
     assert jax.device_count() == 2 * nproc and jax.local_device_count() == 2
     mesh = mesh_lib.make_mesh()
     out = workload(mesh, os.path.join(out_dir, "work"))
+    out.update(harvest_workload(os.path.join(out_dir, "harvest")))
     if mesh_lib.is_primary():
         np.savez(os.path.join(out_dir, "result.npz"), **out)
     jax.distributed.shutdown()

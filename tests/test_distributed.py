@@ -1,8 +1,12 @@
 """Two processes on localhost (jax.distributed, gloo, 2 CPU devices each) give the same SAE
-training and feature pass as one process with 4 devices; only process 0 writes."""
+training, feature pass, null-tested metrics and activation harvest as one process with 4
+devices, and the whole `experiments.universality` run gives the same results.json; only
+process 0 writes."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -45,14 +49,30 @@ def test_two_processes_equal_one(tmp_path):
     lines = open(tmp_path / "work" / "sae1" / "g0_topk_F64" / "metrics.jsonl").read()
     # every 4 steps and at each checkpoint (5, 10), once each: no second process wrote
     assert [json.loads(line)["step"] for line in lines.splitlines()] == [4, 5, 8, 10, 12]
+    # harvest: each process ran the model on its own shards (5 shards: 3 + 2); the shared
+    # cache equals a plain in-memory forward pass of the same contexts
+    from models import lm, text
+    model = lm.LanguageModel.load(str(tmp_path / "harvest" / "models" / "model_a"))
+    contexts = distributed_worker.harvest_contexts(model.tokenizer)
+    want = model.run(contexts, distributed_worker.HOOKS, batch_size=23)
+    np.testing.assert_array_equal(got["cache_shards"], [5, 5, 5, 5, 3])
+    np.testing.assert_array_equal(got["cache_tokens"], contexts.token_ids)
+    np.testing.assert_array_equal(got["cache_mask"], contexts.mask)
+    for hook in distributed_worker.HOOKS:
+        np.testing.assert_array_equal(got[f"cache_rows_{hook}"],
+                                      contexts.token_ids[contexts.mask])
+        np.testing.assert_allclose(got[f"cache_{hook}"], want.acts[hook][contexts.mask],
+                                   rtol=1e-5, atol=1e-6, err_msg=hook)
+    special = np.isin(contexts.token_ids, text.special_token_ids(model.tokenizer))
+    assert int(got["cache_non_special"]) == int((contexts.mask & ~special).sum())
     ref = distributed_worker.workload(mesh_lib.make_mesh(devices=jax.devices()[:4]),
                                       str(tmp_path / "ref"))
     assert bool(got["tiled"]) and bool(ref["tiled"])
-    for key, want in ref.items():
-        if want.dtype.kind == "f":
-            np.testing.assert_allclose(got[key], want, rtol=2e-5, atol=2e-6, err_msg=key)
+    for key, ref_value in ref.items():
+        if ref_value.dtype.kind == "f":
+            np.testing.assert_allclose(got[key], ref_value, rtol=2e-5, atol=2e-6, err_msg=key)
         else:
-            np.testing.assert_array_equal(got[key], want, err_msg=key)
+            np.testing.assert_array_equal(got[key], ref_value, err_msg=key)
 
 
 def test_remote_workdir_is_passed_through_to_orbax(monkeypatch, tmp_path):
@@ -70,3 +90,87 @@ def test_remote_workdir_is_passed_through_to_orbax(monkeypatch, tmp_path):
     ck = checkpoint.Checkpointer("gs://bucket/run/checkpoints")
     assert seen["dir"] == "gs://bucket/run/checkpoints" == ck.directory
     assert not os.path.exists(tmp_path / "gs:")      # no local folder was made
+
+
+# The whole entry point, small: toy data, SAEs, feature passes, metrics with nulls, floor and
+# control comparisons (no ceiling: it would only add two more of the same steps).
+UNIVERSALITY = ("--toy_n_tokens=2048", "--toy_steps=40", "--num_permutations=20",
+                "--chunk_size=256", "--ceiling_sides=")
+_NUMBER = re.compile(r"-?\d+(\.\d+)?(e-?\d+)?")
+
+
+def _assert_same(got, want, path="results"):
+    """Equal JSON trees: numbers to float32-reduction tolerance (also inside strings such as
+    notes), everything else exactly."""
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), f"{path}: keys {sorted(got)} != {sorted(want)}"
+        for k in want:
+            _assert_same(got[k], want[k], f"{path}/{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), f"{path}: lengths differ"
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_same(g, w, f"{path}[{i}]")
+    elif isinstance(want, bool) or want is None:
+        assert got == want, f"{path}: {got!r} != {want!r}"
+    elif isinstance(want, (int, float)):
+        assert np.isclose(got, want, rtol=1e-4, atol=1e-5), f"{path}: {got!r} != {want!r}"
+    elif isinstance(want, str):
+        assert _NUMBER.sub("#", got) == _NUMBER.sub("#", want), f"{path}: {got!r} != {want!r}"
+        for g, w in zip(_NUMBER.finditer(got), _NUMBER.finditer(want)):
+            assert np.isclose(float(g.group()), float(w.group()), rtol=1e-3, atol=1e-3), \
+                f"{path}: {got!r} != {want!r}"
+    else:
+        assert got == want, f"{path}: {got!r} != {want!r}"
+
+
+def _files(root) -> set:
+    """Result files of a workdir (orbax checkpoint internals and the log file left out)."""
+    out = set()
+    for d, _, names in os.walk(root):
+        rel = os.path.relpath(d, root)
+        if rel.startswith("checkpoints") or "/checkpoints" in rel or "orbax" in rel:
+            continue
+        out |= {os.path.normpath(os.path.join(rel, n)) for n in names if not n.startswith("log")}
+    return out
+
+
+@pytest.mark.slow
+def test_universality_two_processes_equal_one(tmp_path):
+    """`launch/cpu_multiprocess.sh 2 2 experiments.universality` (2 processes x 2 CPU devices,
+    gloo) writes the results.json of a 1-process run on 4 devices, and process 1 writes no
+    file (only orbax's own per-process checkpoint metadata, inside orbax's folders)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = REPO
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    # its own process group: a timeout takes the launcher and both processes down
+    mp = subprocess.Popen(
+        [os.path.join(REPO, "launch", "cpu_multiprocess.sh"), "2", "2",
+         "experiments.universality", f"--workdir={tmp_path / 'mp'}", *UNIVERSALITY],
+        env={**env, "WRITE_AUDIT": str(audit),
+             "PYTHON": f"{sys.executable} {os.path.join(REPO, 'tests', 'write_audit.py')}"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        start_new_session=True)
+    try:
+        out, _ = mp.communicate(timeout=2400)
+    except subprocess.TimeoutExpired:
+        os.killpg(mp.pid, signal.SIGKILL)
+        raise
+    assert mp.returncode == 0, out[-4000:]
+    one = subprocess.run(
+        [sys.executable, "-m", "experiments.universality", f"--workdir={tmp_path / 'one'}",
+         "--num_cpu_devices=4", *UNIVERSALITY],
+        env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    got = json.load(open(tmp_path / "mp" / "results.json"))
+    want = json.load(open(tmp_path / "one" / "results.json"))
+    assert {c["kind"] for c in want["comparisons"]} >= {"cross", "floor"}
+    assert all(c["metrics"] for c in want["comparisons"] if c["kind"] == "cross")
+    _assert_same(got, want)
+    assert _files(tmp_path / "mp") == _files(tmp_path / "one")
+    # who wrote what: process 0 the results, process 1 nothing outside orbax's folders
+    wrote0 = {p for _, p in json.load(open(audit / "process-0.json"))}
+    wrote1 = [p for _, p in json.load(open(audit / "process-1.json"))]
+    assert str(tmp_path / "mp" / "results.json") in wrote0
+    assert [p for p in wrote1 if ".orbax-checkpoint-tmp" not in p] == []
