@@ -56,6 +56,11 @@ flags.DEFINE_string("hookpoint_b", None, "Hookpoint of cache B (and of the floor
 flags.DEFINE_integer("max_rows", 200_000, "Rows read from the caches (in memory).")
 flags.DEFINE_integer("n_tokens", 16_384, "Toy rows.")
 flags.DEFINE_integer("toy_seed", 0, "Toy pair seed.")
+flags.DEFINE_integer("n_models", 2, "Toy sides (models); > 2 uses "
+                     "models.dictionary_pair.make_partial_sides (features shared by all sides).")
+flags.DEFINE_integer("dead_tokens", 10_000_000, "Rows without firing before a latent of a "
+                     "TopK/BatchTopK joint design is dead (its AuxK target).")
+flags.DEFINE_float("aux_coeff", 1.0 / 32, "AuxK coefficient of the TopK joint designs (0: off).")
 flags.DEFINE_integer("steps", 1200, "Optimisation steps per run.")
 flags.DEFINE_integer("batch_size", 256, "Rows per step.")
 flags.DEFINE_integer("d_sae", 96, "Latents of the joint designs (crosscoder, universal).")
@@ -88,8 +93,18 @@ def _fail(msg: str) -> None:
 
 
 def load_pairs() -> tuple[Pair, Pair, dict]:
-    """The real pair and its floor pair (checked before any training)."""
+    """The real pair (or group of ``--n_models`` sides) and its floor (checked before any
+    training)."""
     from models import dictionary_pair
+    if FLAGS.source == "toy" and FLAGS.n_models > 2:
+        real = dictionary_pair.make_partial_sides(FLAGS.toy_seed, FLAGS.n_models,
+                                                  n_tokens=FLAGS.n_tokens)
+        d = real.description
+        floor = dictionary_pair.make_partial_sides(
+            FLAGS.toy_seed, FLAGS.n_models, n_shared=0,
+            n_exclusive=d["n_shared"] + d["n_exclusive"], n_tokens=FLAGS.n_tokens)
+        return (Pair("real", real.acts, real), Pair("floor", floor.acts, floor),
+                {"real": real.description, "floor": floor.description})
     if FLAGS.source == "toy":
         real = dictionary_pair.make_partial_pair(FLAGS.toy_seed, n_tokens=FLAGS.n_tokens)
         d = real.description
@@ -127,17 +142,20 @@ def joint_configs(seed: int) -> list:
     from models import joint_sae as js
     out = []
     F, k = FLAGS.d_sae, FLAGS.k
+    aux = dict(aux_coeff=FLAGS.aux_coeff, dead_tokens=FLAGS.dead_tokens)
     for d in FLAGS.designs:
         if d == "crosscoder_l1":
             out += [js.JointConfig("crosscoder", F, "relu", l1_coeff=float(c), lr=FLAGS.lr,
                                    seed=seed) for c in FLAGS.l1_coeffs]
         elif d == "crosscoder_topk":
-            out.append(js.JointConfig("crosscoder", F, "topk", k=k + 1, lr=FLAGS.lr, seed=seed))
+            out.append(js.JointConfig("crosscoder", F, "topk", k=k + 1, lr=FLAGS.lr, seed=seed,
+                                      **aux))
         elif d == "universal":
-            out.append(js.JointConfig("universal", F, "topk", k=k, lr=FLAGS.lr, seed=seed))
+            out.append(js.JointConfig("universal", F, "topk", k=k, lr=FLAGS.lr, seed=seed,
+                                      **aux))
         elif d == "aligned":
             out += [js.JointConfig("aligned", FLAGS.d_sae_single, "topk", k=k,
-                                   align_coeff=float(c), lr=FLAGS.lr, seed=seed)
+                                   align_coeff=float(c), lr=FLAGS.lr, seed=seed, **aux)
                     for c in FLAGS.align_coeffs]
         elif d != "independent":
             _fail(f"--designs: unknown {d!r}; expected crosscoder_l1, crosscoder_topk, "
@@ -147,43 +165,85 @@ def joint_configs(seed: int) -> list:
     return out
 
 
-def run_pair(run, pair: Pair, seed: int) -> list[dict]:
+def run_pair(run, pair: Pair, seeds: list[int]) -> list[dict]:
+    """Every design on one pair (group of models). All seeds and coefficients of a design
+    train as ONE stacked program (`models.joint_sae.train_joint_sweep`; the independent SAEs
+    of a model as one `models.sae_train.train_saes` program), each member on the same
+    batches: seeds vary the initialisation only."""
     from experiments.pipeline import joint_metrics as jm
     from models import joint_sae as js
     from models import sae_train
+    M = len(pair.xs)
+    names = tuple("abcdefghijklmnopqrstuvwxyz"[:M]) if M <= 26 else None
+    configs = [c for s in seeds for c in joint_configs(s)]
     results = []
-    for cfg in joint_configs(seed):
-        wd = run.path("runs", pair.name, cfg.label())
-        logging.info("training %s on %s", cfg.label(), pair.name)
-        joint = js.train_joint(list(pair.xs), cfg, steps=FLAGS.steps,
-                               batch_size=FLAGS.batch_size, mesh=run.mesh, workdir=wd,
-                               data_seed=1000 + seed, model_names=("a", "b"),
-                               progress=FLAGS.progress)
-        res = jm.analyze_joint(joint, pair.xs, run.mesh, truth=pair.truth,
-                               num_permutations=FLAGS.num_permutations, seed=seed,
-                               metrics=tuple(FLAGS.metrics))
-        res.update(pair=pair.name, seed=seed)
-        results.append(res)
+    if configs:
+        logging.info("training %d joint models on %s", len(configs), pair.name)
+        joints = js.train_joint_sweep(list(pair.xs), configs, steps=FLAGS.steps,
+                                      batch_size=FLAGS.batch_size, mesh=run.mesh,
+                                      workdir=run.path("runs", pair.name), data_seed=1000,
+                                      model_names=names, progress=FLAGS.progress)
+        for cfg, joint in zip(configs, joints):
+            res = jm.analyze_joint(joint, pair.xs, run.mesh, truth=pair.truth,
+                                   num_permutations=FLAGS.num_permutations, seed=cfg.seed,
+                                   metrics=tuple(FLAGS.metrics))
+            res.update(pair=pair.name, seed=cfg.seed)
+            results.append(res)
     if "independent" in FLAGS.designs:
-        saes = []
-        for side, x in enumerate(pair.xs):
-            tcfg = sae_train.TrainConfig(d_sae=FLAGS.d_sae_single, activation="topk",
-                                         k=FLAGS.k, lr=FLAGS.lr, seed=2 * seed + side + 1)
-            # Each SAE has its own seed and data order.
-            saes.append(sae_train.train_saes(
-                x, tcfg, steps=FLAGS.steps, batch_size=FLAGS.batch_size, mesh=run.mesh,
-                workdir=run.path("runs", pair.name, f"independent_{'ab'[side]}_s{seed}"),
-                data_seed=2000 + 2 * seed + side, progress=FLAGS.progress)[0])
-        res = jm.analyze_independent(saes[0], saes[1], pair.xs, run.mesh, truth=pair.truth,
-                                     num_permutations=FLAGS.num_permutations, seed=seed,
-                                     metrics=tuple(FLAGS.metrics))
-        res.update(pair=pair.name, seed=seed)
-        results.append(res)
+        per_model = []
+        for m, x in enumerate(pair.xs):
+            # Each model's SAEs get their own seeds and data order.
+            tcfgs = [sae_train.TrainConfig(d_sae=FLAGS.d_sae_single, activation="topk",
+                                           k=FLAGS.k, lr=FLAGS.lr, seed=M * s + m + 1,
+                                           aux_coeff=FLAGS.aux_coeff,
+                                           dead_tokens=FLAGS.dead_tokens) for s in seeds]
+            per_model.append(sae_train.train_saes(
+                x, tcfgs, steps=FLAGS.steps, batch_size=FLAGS.batch_size, mesh=run.mesh,
+                workdir=run.path("runs", pair.name, f"independent_{m}"),
+                data_seed=2000 + m, progress=FLAGS.progress))
+        for i, seed in enumerate(seeds):
+            res = jm.analyze_independent([saes[i] for saes in per_model], pair.xs, run.mesh,
+                                         truth=pair.truth,
+                                         num_permutations=FLAGS.num_permutations, seed=seed,
+                                         metrics=tuple(FLAGS.metrics))
+            res.update(pair=pair.name, seed=seed)
+            results.append(res)
     return results
 
 
 def _primary_geometry(res: dict) -> dict | None:
     return res["sharing"][res["primary_criterion"]].get("geometry")
+
+
+def _compact_geometry(g):
+    if g and "metrics" in g:
+        out = {m: {"score": v["score"], "p": v["p"], "excess": v["excess"]}
+               for m, v in g["metrics"].items()}
+        out["n"] = g["n"]
+        return out
+    return g
+
+
+def _pair_rows(r: dict, f: dict) -> list[dict]:
+    """Per model pair: shared fraction real vs floor, truth scores, geometry."""
+    rows = []
+    for pr, pf in zip(r["pairs"], f["pairs"]):
+        prim = pr["primary_criterion"]
+        row = {"models": pr["models"], "fraction_shared": pr["fraction_shared"],
+               "floor_fraction_shared": pf["fraction_shared"],
+               "excess_over_floor": pr["fraction_shared"] - pf["fraction_shared"],
+               "n_exclusive": [pr["sharing"][prim]["n_exclusive_a"],
+                               pr["sharing"][prim]["n_exclusive_b"]],
+               "fraction_exclusive": pr["sharing"][prim]["fraction_exclusive"],
+               "geometry": _compact_geometry(_primary_geometry(pr)),
+               "floor_geometry": _compact_geometry(_primary_geometry(pf))}
+        truth = pr["sharing"][prim].get("truth")
+        if truth:
+            row.update({k: truth.get(k) for k in ("shared_precision", "shared_recall",
+                                                  "exclusive_a_called_shared",
+                                                  "exclusive_b_called_shared")})
+        rows.append(row)
+    return rows
 
 
 def summarise(real: list[dict], floor: list[dict]) -> list[dict]:
@@ -199,7 +259,9 @@ def summarise(real: list[dict], floor: list[dict]) -> list[dict]:
                "mean_fvu": r["reconstruction"]["mean_fvu"],
                "floor_mean_fvu": f["reconstruction"]["mean_fvu"],
                "l0": [p["l0"] for p in r["reconstruction"]["per_model"]],
-               "dead": [p["dead_fraction"] for p in r["reconstruction"]["per_model"]]}
+               "dead": [p["dead_fraction"] for p in r["reconstruction"]["per_model"]],
+               "fvu": [p["fvu"] for p in r["reconstruction"]["per_model"]],
+               "n_models": r["n_models"], "pairs": _pair_rows(r, f)}
         truth = r["sharing"][prim].get("truth")
         if truth:
             row.update({k: truth.get(k) for k in (
@@ -207,13 +269,7 @@ def summarise(real: list[dict], floor: list[dict]) -> list[dict]:
                 "exclusive_a_recall", "exclusive_b_recall", "exclusive_a_called_shared",
                 "exclusive_b_called_shared")})
         for name, res in (("geometry", r), ("floor_geometry", f)):
-            g = _primary_geometry(res)
-            if g and "metrics" in g:
-                row[name] = {m: {"score": v["score"], "p": v["p"], "excess": v["excess"]}
-                             for m, v in g["metrics"].items()}
-                row[name]["n"] = g["n"]
-            else:
-                row[name] = g
+            row[name] = _compact_geometry(_primary_geometry(res))
         if "latent_scaling" in r:
             ls = r["latent_scaling"]
             row["latent_scaling_flagged"] = [ls["exclusive_a"]["n_flagged"],
@@ -253,6 +309,23 @@ def print_summary(rows: list[dict]) -> None:
               f"{_fmt(r.get('shared_recall')):>5s} {_fmt(ex_sh):>5s} "
               f"{_fmt(sv.get('score')):>6s} {_fmt(sv.get('p')):>5s} "
               f"{_fmt(fsv.get('score')):>8s}")
+    if any(r["n_models"] > 2 for r in rows):
+        print("per model (FVU / L0 / dead fraction):")
+        for r in rows:
+            per = "  ".join(f"m{m}: {fv:.3f}/{l0:.1f}/{dd:.2f}" for m, (fv, l0, dd) in
+                            enumerate(zip(r["fvu"], r["l0"], r["dead"])))
+            print(f"  {r['label']:42s} {per}")
+        print("per model pair (shared real / floor / excess, exclusive fraction, P_sh, R_sh, "
+              "svcca):")
+        for r in rows:
+            for p in r["pairs"]:
+                g = p.get("geometry") or {}
+                sv = g.get("svcca", {}) if isinstance(g, dict) else {}
+                print(f"  {r['label']:42s} {p['models'][0]}-{p['models'][1]} "
+                      f"{p['fraction_shared']:5.2f} {p['floor_fraction_shared']:5.2f} "
+                      f"{p['excess_over_floor']:+5.2f} {p['fraction_exclusive']:5.2f} "
+                      f"{_fmt(p.get('shared_precision')):>5s} "
+                      f"{_fmt(p.get('shared_recall')):>5s} {_fmt(sv.get('score')):>5s}")
     for r in rows:
         if "latent_scaling_flagged" in r:
             line = (f"latent scaling {r['label']}: flagged {r['latent_scaling_flagged']} of "
@@ -266,7 +339,9 @@ def print_summary(rows: list[dict]) -> None:
           "P_sh/R_sh: precision/recall of the shared call vs the known truth; exSh: fraction "
           "of latents carrying a truly exclusive feature that were called shared; P_fr: "
           "shared precision among latents firing on >= 1% of rows; svcca/p: "
-          "geometry of the shared latents' decoder rows vs the random-pairing null.")
+          "geometry of the shared latents' decoder rows vs the random-pairing null. With more "
+          "than two models the table's shared/floor/excess are means over model pairs and "
+          "P/R/svcca are for models 0-1; the per-pair table has every pair.")
 
 
 def plots(run, real: list[dict], floor: list[dict]) -> list[str]:
@@ -337,10 +412,8 @@ def body(run, flags_) -> None:
         _fail(f"--batch_size={FLAGS.batch_size} is not divisible by the mesh data axis "
               f"({run.mesh.shape['data']})")
     real_pair, floor_pair, data = load_pairs()
-    real, floor = [], []
-    for seed in seeds:
-        real += run_pair(run, real_pair, seed)
-        floor += run_pair(run, floor_pair, seed)
+    real = run_pair(run, real_pair, seeds)
+    floor = run_pair(run, floor_pair, seeds)
     rows = summarise(real, floor)
     paths = plots(run, real, floor)
     from experiments.pipeline import joint_metrics as jm
@@ -368,8 +441,12 @@ RULES = (
         v["cache_a"] and v["cache_b"] and v["floor_cache_b"]),
                  "--source=caches needs --cache_a, --cache_b and --floor_cache_b"),
     common.Num(("max_rows", "n_tokens", "steps", "batch_size", "d_sae", "d_sae_single", "k",
-                "num_permutations"), lo=1, integer=True),
+                "num_permutations", "dead_tokens"), lo=1, integer=True),
+    common.Num(("n_models",), lo=2, integer=True),
+    common.Check(("source", "n_models"), lambda v: v["source"] != "caches" or v["n_models"] == 2,
+                 "--n_models > 2 is for --source=toy (the caches option pairs two models)"),
     common.Num(("lr",), lo=0.0, lo_open=True),
+    common.Num(("aux_coeff",), lo=0.0),
     common.Num(("l1_coeffs", "align_coeffs"), lo=0.0),
     common.Num(("seeds", "toy_seed"), lo=0, integer=True),
 )

@@ -28,6 +28,8 @@ Tokens as in `models.toy_pair`: ``token_ids = 1 + dominant active feature`` (0 =
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from engine import checks
@@ -201,3 +203,88 @@ def make_partial_pair(seed: int, *, n_shared: int = 32, n_exclusive_a: int = 16,
         represented_a=np.ones(n_s + n_ea, bool), represented_b=np.ones(n_s + n_eb, bool),
         true_match=true_match, rotation_b=np.eye(d_b, dtype=np.float32),
         description=description)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialSides:
+    """``M >= 2`` row-aligned sides with a known set of features shared by ALL sides and
+    exclusive features per side (`make_partial_sides`).
+
+    Attributes:
+      acts: per side ``[N, d]`` float32 activations (``acts[m] == codes[m] @ features[m]``).
+      features: per side ``[n_shared + n_exclusive, d]`` unit directions; rows
+        ``0 .. n_shared-1`` are the shared features (same index on every side).
+      codes: per side ``[N, n_shared + n_exclusive]`` ground-truth activity.
+      n_shared: shared features.
+      description: JSON-ready summary.
+    """
+
+    acts: tuple
+    features: tuple
+    codes: tuple
+    n_shared: int
+    description: dict
+
+    def pair(self, a: int, b: int) -> toy_pair.ToyPair:
+        """Sides ``a`` and ``b`` as a `ToyPair` (its truth: the shared features)."""
+        M = len(self.acts)
+        if not (0 <= a < M and 0 <= b < M and a != b):
+            raise checks.InputError(f"PartialSides.pair: need two distinct sides in [0, {M}), "
+                                    f"got ({a}, {b})")
+        n_a, n_b = self.features[a].shape[0], self.features[b].shape[0]
+        active = (self.codes[a] > 0).any(1) | (self.codes[b] > 0).any(1)
+        return toy_pair.ToyPair(
+            acts_a=self.acts[a], acts_b=self.acts[b],
+            token_ids=active.astype(np.int32), vocab=(toy_pair.NONE_TOKEN, "active"),
+            features_a=self.features[a], features_b=self.features[b],
+            codes_a=self.codes[a], codes_b=self.codes[b],
+            represented_a=np.ones(n_a, bool), represented_b=np.ones(n_b, bool),
+            true_match=np.r_[np.arange(self.n_shared),
+                             np.full(n_a - self.n_shared, -1)].astype(np.int64),
+            rotation_b=np.eye(self.acts[b].shape[1], dtype=np.float32),
+            description={**self.description, "sides": [a, b]})
+
+
+def make_partial_sides(seed: int, n_models: int, *, n_shared: int = 32, n_exclusive: int = 16,
+                       d: int = 32, n_tokens: int = 20_000, k: float = 3.0,
+                       perturbation: float = 0.15) -> PartialSides:
+    """`make_partial_pair` for ``n_models`` sides: a world of ``n_shared + n_models *
+    n_exclusive`` independent sparse features; every side sees the shared ones (same codes,
+    direction ``normalise((D_0[i] + eps E_i^m) Q_m)`` with a random orthogonal ``Q_m``;
+    side 0 uses ``D_0`` itself) and its own ``n_exclusive`` (independent directions and
+    codes). ``n_shared=0`` is the nothing-shared control."""
+    M = checks.check_positive_int("make_partial_sides n_models", n_models, 2)
+    n_s = checks.check_positive_int("make_partial_sides n_shared", n_shared, 0)
+    n_e = checks.check_positive_int("make_partial_sides n_exclusive", n_exclusive, 0)
+    if n_s + n_e == 0:
+        raise checks.InputError("make_partial_sides: each side needs at least one feature")
+    d = checks.check_positive_int("make_partial_sides d", d)
+    n_tokens = checks.check_positive_int("make_partial_sides n_tokens", n_tokens)
+    n_world = n_s + M * n_e
+    if not 0 < k <= n_world:
+        raise checks.InputError(f"make_partial_sides k={k} must be in (0, {n_world}]")
+    words = np.random.SeedSequence([seed, 16, M]).generate_state(M + 2)
+    world = _codes(np.random.default_rng(words[0]), n_tokens, n_world, k)
+    base = _unit_rows(np.random.default_rng(words[1]).normal(size=(n_s, d))) if n_s else \
+        np.zeros((0, d))
+    acts, feats, codes = [], [], []
+    for m in range(M):
+        rng = np.random.default_rng(words[2 + m])
+        cols = np.r_[0:n_s, n_s + m * n_e:n_s + (m + 1) * n_e]
+        if m == 0:
+            shared = base
+        else:
+            q, r = np.linalg.qr(rng.normal(size=(d, d)))
+            shared = (base + perturbation * rng.normal(size=base.shape) / np.sqrt(d)) @ (
+                q * np.sign(np.diag(r)))
+        f = _unit_rows(np.concatenate([shared, rng.normal(size=(n_e, d))]))
+        c = world[:, cols]
+        feats.append(f.astype(np.float32))
+        codes.append(c)
+        acts.append((c.astype(np.float64) @ f).astype(np.float32))
+    description = {"kind": f"dictionary toy, {M} sides" + ("" if n_s else
+                                                            ", nothing-shared control"),
+                   "seed": seed, "n_models": M, "n_shared": n_s, "n_exclusive": n_e, "d": d,
+                   "n_tokens": n_tokens, "k": k, "perturbation": perturbation}
+    return PartialSides(acts=tuple(acts), features=tuple(feats), codes=tuple(codes),
+                        n_shared=n_s, description=description)

@@ -58,8 +58,20 @@ reconstruction without latent j ("do other latents already carry j in n?"), rela
 j's fitted contribution in its owner model; a latent that looks exclusive by decoder norms
 but has a large ratio is a sparsity artifact.
 
+AuxK (Gao et al. 2024, as `models.sae_train`; topk / batchtopk designs): dead-latent
+counters (rows since each latent last fired; one row of counters per code: the shared code of
+crosscoder / universal, each model's code for aligned) travel in the train state; a latent
+is dead after ``dead_tokens`` rows without firing, and the loss adds ``aux_coeff * AuxK``:
+the top ``k_aux`` pre-activations among dead latents reconstruct every decoded model's
+residual (`aux_k_loss`). Universal's residuals are those of the source's decoding.
+
 Training runs on `engine.train` (jitted step with donated state, data-parallel over the
-mesh's ``data`` axis, orbax checkpoints, exact resume, NaN guard): `train_joint`.
+mesh's ``data`` axis, orbax checkpoints, exact resume, NaN guard): `train_joint` for one
+model, `train_joint_sweep` for a sweep: configs that differ only in `TUNABLE` fields (seed,
+L1 / alignment / AuxK coefficients, lr) run as ONE program whose parameters are stacked on a
+leading member axis and whose step maps over it (``lax.map`` on CPU, ``vmap`` elsewhere;
+`JointConfig.sweep_axis`), every member on the same batches, as the SAE family's sweeps
+(`models.sae_train`). A member equals the same config trained alone (tested).
 
 Commands: ``python -m experiments.joint_sae --workdir=runs/joint_sae/toy`` (see that module).
 """
@@ -372,20 +384,38 @@ def _fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 
 
 def aux_k_loss(pre: jax.Array, dead: jax.Array, k_aux: int, resids: Sequence,
-               decs: Sequence) -> jax.Array:
+               decs: Sequence, unit_norm: bool = True) -> jax.Array:
     """Gao et al. (2024)'s AuxK on a joint code.
 
     Among the ``dead`` latents, each row's ``k_aux`` largest pre-activations (chosen without
     gradient) give ``a = relu(pre)`` on those latents; ``e_hat^m = a W_dec^m`` (no ``b_dec``)
     reconstructs each target's residual ``resids[m]`` (already stop-gradient), and the loss is
     ``min(n_dead / k_aux, 1) * sum_m mean_rows ||e_hat^m - resid^m||^2`` (SAELens' scale, as
-    `models.sae_train`). The sum over targets mirrors the joint reconstruction loss.
+    `models.sae_train`). The sum over targets mirrors the joint reconstruction loss. With
+    free decoder norms (``unit_norm=False``: crosscoder, universal) each latent's summed
+    decoder norm gets no AuxK gradient (`_scale_frozen`).
     """
     masked = jnp.where(dead, jax.lax.stop_gradient(pre), -jnp.inf)
     gate = dead & (masked >= kth_largest(masked, k_aux))
     a = jnp.where(gate, jax.nn.relu(pre), 0.0)
     scale = jnp.minimum(jnp.sum(dead).astype(pre.dtype) / k_aux, 1.0)
+    if not unit_norm:
+        decs = _scale_frozen(decs)
     return scale * sum(_recon(r, a @ w) for r, w in zip(resids, decs))
+
+
+def _scale_frozen(decs: Sequence) -> list:
+    """The decoders with each latent's summed norm ``n_i = sum_m ||W_dec,i^m||`` held
+    constant in the gradient (same forward value): ``W_dec^m / n * stop_gradient(n)``.
+
+    Why: with free decoder norms (crosscoder, universal) plain AuxK shrinks a dead latent's
+    decoder (k_aux latents share a small residual), and the crosscoder's TopK selects on
+    ``f_i * n_i``, so the latent stayed dead (measured on the toy: 4 % dead without AuxK,
+    12-15 % with). Holding ``n_i`` fixed lets AuxK move the directions, the per-model norm
+    split and the encoder, i.e. what makes the latent fire, as unit-norm SAEs do."""
+    n = sum(jnp.linalg.norm(w, axis=-1) for w in decs)
+    factor = (jax.lax.stop_gradient(n) / jnp.maximum(n, 1e-12))[:, None]
+    return [w * factor for w in decs]
 
 
 def _fired(z: jax.Array) -> jax.Array:
@@ -420,7 +450,8 @@ def joint_loss(params: dict, xns: Sequence, cfg: JointConfig, rng: jax.Array,
         if not k_aux:
             return jnp.zeros((), dtype)
         pred = jnp.any(dead) if any_dead is None else any_dead
-        return jax.lax.cond(pred, lambda: aux_k_loss(pre, dead_row, k_aux, resids, decs),
+        return jax.lax.cond(pred, lambda: aux_k_loss(pre, dead_row, k_aux, resids, decs,
+                                                     cfg.unit_norm),
                             lambda: jnp.zeros((), dtype))
 
     metrics = {}

@@ -85,3 +85,28 @@ def test_lm_caches_option(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _check_results(wd, {"crosscoder", "independent"})
     assert res["data"]["floor_cache_b"] == paths["floor"]
+
+
+@pytest.mark.slow
+def test_three_model_toy_reports_every_model_and_pair(tmp_path):
+    """--n_models=3: per-model reconstruction, shared / exclusive fractions and geometry for
+    each of the three model pairs, real vs floor, in results.json and the printed tables."""
+    wd = str(tmp_path / "three")
+    proc = _run([f"--workdir={wd}", *TINY, "--n_models=3",
+                 "--designs=crosscoder_topk,independent"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _check_results(wd, {"crosscoder", "independent"})
+    assert res["data"]["real"]["n_models"] == 3 and res["data"]["floor"]["n_shared"] == 0
+    for row in res["summary"]:
+        assert row["n_models"] == 3 and len(row["fvu"]) == 3 and len(row["l0"]) == 3
+        assert [p["models"] for p in row["pairs"]] == [[0, 1], [0, 2], [1, 2]]
+        for p in row["pairs"]:
+            assert 0 <= p["fraction_shared"] <= 1 and 0 <= p["floor_fraction_shared"] <= 1
+            assert p["excess_over_floor"] == pytest.approx(p["fraction_shared"]
+                                                           - p["floor_fraction_shared"])
+            assert "geometry" in p and "shared_recall" in p
+        assert row["fraction_shared"] == pytest.approx(
+            sum(p["fraction_shared"] for p in row["pairs"]) / 3)
+    cc = next(r for r in res["real"] if r["design"] == "crosscoder")
+    assert len(cc["pairs"]) == 3 and "latent_scaling" in cc["pairs"][2]
+    assert "per model pair" in proc.stdout and "per model (FVU" in proc.stdout

@@ -1,14 +1,17 @@
 """Measurements of a joint cross-model SAE (issue 15): reconstruction, sharing, truth, geometry.
 
-For a trained `models.joint_sae.JointSAE` (or two independent SAEs) on row-aligned activations
-of two models A and B:
+For a trained `models.joint_sae.JointSAE` (or M independent SAEs) on row-aligned activations
+of M >= 2 models: reconstruction per model, and everything below per model pair (A, B) =
+(a, b), a < b (``pairs``; for two models also at the top level):
 
 * reconstruction per model: FVU, L0 and dead fraction (latents that never fire on the
   evaluation rows), plus universal SAEs' cross-model FVU matrix (source s -> target t);
 * sharing by relative decoder norm (crosscoder, universal): ``r_i = ||d_i^B|| / (||d_i^A|| +
   ||d_i^B||)`` (Lindsey et al. 2024). Documented thresholds: shared when ``0.3 <= r <= 0.7``
   (`SHARED_R`), exclusive to A when ``r <= 0.1`` and to B when ``r >= 0.9`` (`EXCLUSIVE_R`),
-  "partial" otherwise; dead latents are excluded;
+  "partial" otherwise; dead latents are excluded. With M > 2 models every pair ``(a, b)``
+  gets this call with ``r = ||d^b|| / (||d^a|| + ||d^b||)``, counting only latents whose pair
+  holds more than `EXCLUSIVE_R` of their summed decoder norm over all models;
 * sharing by activation (universal, aligned, independent): the correlation over tokens of
   latent i's activation in A with (a) latent i in B (``same_index``: what an alignment loss
   buys) and (b) its best partner in B (``best_partner``: the universality pipeline's
@@ -36,12 +39,14 @@ of two models A and B:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
 
 from engine import checks, correlation, similarity
 from experiments.pipeline import compare
+from models import dictionary_pair
 from models import joint_sae as js
 from models import sae as sae_lib
 
@@ -222,15 +227,19 @@ def geometry(x: np.ndarray, y: np.ndarray, mesh, *, num_permutations: int = 200,
 
 
 def artifact_summary(scaling: js.LatentScaling, exclusive_a: np.ndarray,
-                     exclusive_b: np.ndarray, w_decs=None, truth=None) -> dict:
-    """Minder et al.'s check on the norm-exclusive latents of two models.
+                     exclusive_b: np.ndarray, w_decs=None, truth=None,
+                     models: tuple = (0, 1)) -> dict:
+    """Minder et al.'s check on the norm-exclusive latents of a model pair.
 
-    With ``w_decs`` (the two decoders) and a known-truth ``truth`` pair, also: how many
+    ``models``: the pair's model indices (rows of ``scaling``): ``exclusive_a`` are latents
+    exclusive to ``models[0]`` (checked in ``models[1]``) and ``exclusive_b`` the reverse.
+    With ``w_decs`` (the pair's two decoders) and a known-truth ``truth`` pair, also: how many
     norm-exclusive latents carry a truly SHARED feature in their owner model (decoder cosine
     >= `TRUTH_MIN_COS`), i.e. are real artifacts, and how many of those the check flags.
     """
     out = {"threshold_nu": ARTIFACT_NU}
-    for side, (name, ids, other) in enumerate((("a", exclusive_a, 1), ("b", exclusive_b, 0))):
+    ma, mb = models
+    for side, (name, ids, other) in enumerate((("a", exclusive_a, mb), ("b", exclusive_b, ma))):
         ne = scaling.nu_error[other, ids]
         nr = scaling.nu_recon[other, ids]
         flag = (np.nan_to_num(ne) >= ARTIFACT_NU) | (np.nan_to_num(nr) >= ARTIFACT_NU)
@@ -254,75 +263,114 @@ def r_histogram(r_b: np.ndarray, live: np.ndarray) -> list[int]:
     return np.histogram(np.asarray(r_b)[np.asarray(live, bool)], bins=R_BINS)[0].tolist()
 
 
+def _pair_truth(truth, a: int, b: int):
+    """The known truth of models ``a`` and ``b``: a `ToyPair` (two models) or
+    `models.dictionary_pair.PartialSides` (any number)."""
+    if truth is None:
+        return None
+    if isinstance(truth, dictionary_pair.PartialSides):
+        return truth.pair(a, b)
+    if (a, b) != (0, 1):
+        raise checks.InputError(f"joint_metrics truth: a two-model ToyPair has no truth for "
+                                f"models ({a}, {b}); give PartialSides")
+    return truth
+
+
+def _with_pairs(out: dict, pairs: list[dict]) -> dict:
+    """Per-pair results under ``pairs``; for two models the pair's numbers also at the top
+    level; for more, the top-level ``fraction_shared`` is the mean over pairs."""
+    out["pairs"] = pairs
+    out.update({k: v for k, v in pairs[0].items() if k != "models"})
+    if len(pairs) > 1:
+        out["fraction_shared"] = float(np.mean([p["fraction_shared"] for p in pairs]))
+        out["top_level_pair"] = pairs[0]["models"]
+    return out
+
+
 def analyze_joint(joint: js.JointSAE, xs: Sequence[np.ndarray], mesh, *, truth=None,
                   num_permutations: int = 200, seed: int = 0,
                   metrics: Sequence[str] = compare.DEFAULT_METRICS) -> dict:
-    """Every measurement of one joint model on two models' row-aligned activations.
+    """Every measurement of one joint model on M models' row-aligned activations.
 
-    ``truth``: a `models.toy_pair.ToyPair` from `make_partial_pair` (``features_a``,
-    ``features_b``, ``true_match``), or None.
+    Reconstruction per model; sharing, truth, geometry and latent scaling per model pair
+    ``(a, b)``, ``a < b`` (``pairs``; the pair's "B" side is model b: ``r = ||d^b|| /
+    (||d^a|| + ||d^b||)``). ``truth``: a `models.toy_pair.ToyPair` from `make_partial_pair`
+    (two models) or `models.dictionary_pair.PartialSides` (any number), or None.
     """
-    if joint.spec.n_models != 2:
-        raise checks.InputError(f"analyze_joint: the report is for two models, got "
-                                f"{joint.spec.n_models}")
     cfg = joint.spec.config
+    M = joint.spec.n_models
     codes = js.run_codes(joint, xs)
     out = {"label": cfg.label(), "design": cfg.design, "config": cfg.to_dict(),
-           "reconstruction": reconstruction(codes, cfg.shared_code)}
-    live_a = (codes.codes[0] > 0).any(0)
-    live_b = (codes.codes[1] > 0).any(0)
+           "n_models": M, "reconstruction": reconstruction(codes, cfg.shared_code)}
+    lives = [(c > 0).any(0) for c in codes.codes]
     w = [np.asarray(wd, np.float64) for wd in joint.params["W_dec"]]
-    calls = {}
-    if cfg.design in ("crosscoder", "universal"):
-        r_b = js.relative_norms(joint)[1]
-        live = live_a | live_b
-        calls["decoder_norm"] = sharing_by_norm(r_b, live)
-        out["r"] = r_b.tolist()
-        out["r_histogram"] = {"bins": R_BINS.tolist(), "counts": r_histogram(r_b, live)}
-        if cfg.shared_code:
-            # Minder et al.'s check needs one code for every model (crosscoders); a universal
-            # SAE's code differs per source model.
-            scaling = js.latent_scaling(codes.codes, codes.xns, codes.recons, w)
-            out["latent_scaling"] = artifact_summary(
-                scaling, calls["decoder_norm"].exclusive_a, calls["decoder_norm"].exclusive_b,
-                w, truth)
-    if cfg.design in ("universal", "aligned"):
-        for pairing in ("same_index", "best_partner"):
-            call, stats = sharing_by_activation(codes.codes[0], codes.codes[1], mesh,
-                                                pairing=pairing)
-            calls[call.criterion] = call
-            out[f"activation_{pairing}_stats"] = stats
+    norms = joint.decoder_norms()
+    # Minder et al.'s check needs one code for every model (crosscoders); a universal SAE's
+    # code differs per source model.
+    scaling = (js.latent_scaling(codes.codes, codes.xns, codes.recons, w)
+               if cfg.shared_code else None)
     primary = {"crosscoder": "decoder_norm", "universal": "decoder_norm",
                "aligned": "activation_same_index"}[cfg.design]
-    out.update(_report_calls(calls, primary, w[0], w[1], live_a, live_b, truth, mesh,
-                             num_permutations, seed, metrics,
-                             (codes.codes[0] > 0).mean(0)))
-    return out
+    pairs = []
+    for a, b in itertools.combinations(range(M), 2):
+        truth_ab = _pair_truth(truth, a, b)
+        entry: dict = {"models": [a, b]}
+        calls = {}
+        if cfg.design in ("crosscoder", "universal"):
+            r_b = norms[b] / np.maximum(norms[a] + norms[b], 1e-300)
+            # With > 2 models, a latent whose decoder lies in other models (the pair's share
+            # of its summed norm <= EXCLUSIVE_R) belongs to neither: not counted for the pair.
+            present = norms[a] + norms[b] > EXCLUSIVE_R * norms.sum(0)
+            live = (lives[a] | lives[b]) & present
+            calls["decoder_norm"] = sharing_by_norm(r_b, live)
+            entry["r"] = r_b.tolist()
+            entry["r_histogram"] = {"bins": R_BINS.tolist(), "counts": r_histogram(r_b, live)}
+            if scaling is not None:
+                entry["latent_scaling"] = artifact_summary(
+                    scaling, calls["decoder_norm"].exclusive_a,
+                    calls["decoder_norm"].exclusive_b, [w[a], w[b]], truth_ab, models=(a, b))
+        if cfg.design in ("universal", "aligned"):
+            for pairing in ("same_index", "best_partner"):
+                call, stats = sharing_by_activation(codes.codes[a], codes.codes[b], mesh,
+                                                    pairing=pairing)
+                calls[call.criterion] = call
+                entry[f"activation_{pairing}_stats"] = stats
+        entry.update(_report_calls(calls, primary, w[a], w[b], lives[a], lives[b], truth_ab,
+                                   mesh, num_permutations, seed, metrics,
+                                   (codes.codes[a] > 0).mean(0)))
+        pairs.append(entry)
+    return _with_pairs(out, pairs)
 
 
-def analyze_independent(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, xs: Sequence[np.ndarray],
-                        mesh, *, truth=None, num_permutations: int = 200, seed: int = 0,
+def analyze_independent(saes: Sequence[sae_lib.SAE], xs: Sequence[np.ndarray], mesh, *,
+                        truth=None, num_permutations: int = 200, seed: int = 0,
                         metrics: Sequence[str] = compare.DEFAULT_METRICS) -> dict:
-    """The same numbers for two independently trained SAEs (best-partner pairing)."""
-    z = [np.asarray(s.encode(np.asarray(x, np.float32)), np.float64)
-         for s, x in zip((sae_a, sae_b), xs)]
-    xns = [np.asarray(x, np.float64) * s.config.input_scale for s, x in zip((sae_a, sae_b), xs)]
+    """The same numbers for M independently trained SAEs (best-partner pairing per pair)."""
+    if len(saes) != len(xs) or len(saes) < 2:
+        raise checks.InputError(f"analyze_independent: {len(saes)} SAEs for {len(xs)} models' "
+                                "activations (need one per model, >= 2)")
+    z = [np.asarray(s.encode(np.asarray(x, np.float32)), np.float64) for s, x in zip(saes, xs)]
+    xns = [np.asarray(x, np.float64) * s.config.input_scale for s, x in zip(saes, xs)]
     recons = [np.asarray(s.decode(zz.astype(np.float32)), np.float64) * s.config.input_scale
-              for s, zz in zip((sae_a, sae_b), z)]
+              for s, zz in zip(saes, z)]
     codes = js.JointCodes(xns=xns, codes=z, recons=recons, cross_fvu=None)
-    out = {"label": "independent", "design": "independent",
+    out = {"label": "independent", "design": "independent", "n_models": len(saes),
            "reconstruction": reconstruction(codes, False)}
-    live_a, live_b = (z[0] > 0).any(0), (z[1] > 0).any(0)
-    calls = {}
-    for pairing in ("same_index", "best_partner"):
-        call, stats = sharing_by_activation(z[0], z[1], mesh, pairing=pairing)
-        calls[call.criterion] = call
-        out[f"activation_{pairing}_stats"] = stats
-    w = [np.asarray(s.W_dec, np.float64) for s in (sae_a, sae_b)]
-    out.update(_report_calls(calls, "activation_best_partner", w[0], w[1], live_a, live_b,
-                             truth, mesh, num_permutations, seed, metrics,
-                             (z[0] > 0).mean(0)))
-    return out
+    lives = [(zz > 0).any(0) for zz in z]
+    w = [np.asarray(s.W_dec, np.float64) for s in saes]
+    pairs = []
+    for a, b in itertools.combinations(range(len(saes)), 2):
+        entry: dict = {"models": [a, b]}
+        calls = {}
+        for pairing in ("same_index", "best_partner"):
+            call, stats = sharing_by_activation(z[a], z[b], mesh, pairing=pairing)
+            calls[call.criterion] = call
+            entry[f"activation_{pairing}_stats"] = stats
+        entry.update(_report_calls(calls, "activation_best_partner", w[a], w[b], lives[a],
+                                   lives[b], _pair_truth(truth, a, b), mesh, num_permutations,
+                                   seed, metrics, (z[a] > 0).mean(0)))
+        pairs.append(entry)
+    return _with_pairs(out, pairs)
 
 
 def _report_calls(calls: dict, primary: str, w_a, w_b, live_a, live_b, truth, mesh,
