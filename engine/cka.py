@@ -194,6 +194,15 @@ def cka_stat(consts: dict, perm: jax.Array) -> jax.Array:
     return jnp.sum(c * c) / consts["denominator"]
 
 
+def _pad_rows(consts: dict, static: tuple, size: int) -> tuple[dict, tuple]:
+    """Zero rows of the centred X and Y: ``X^T Y[perm]`` is unchanged when they stay put."""
+    out = dict(consts)
+    for k in ("a", "b"):
+        x = consts[k]
+        out[k] = jnp.concatenate([x, jnp.zeros((size - x.shape[0],) + x.shape[1:], x.dtype)])
+    return out, static
+
+
 def cka_debiased_stat(consts: dict, perm: jax.Array) -> jax.Array:
     """Debiased CKA of X against Y[perm]: only ``||X^T Y||^2`` and ``sum a b`` change."""
     a, b = consts["a"], consts["b"]
@@ -220,7 +229,7 @@ def null_kernel(x, y, stats, *, debiased: bool = False) -> nulls.NullKernel:
     row_bytes = 4 * n * (yc.shape[1] + 1)
     if not debiased:
         consts["denominator"] = jnp.float32(1.0)
-        return nulls.NullKernel(cka_stat, consts, n, row_bytes=row_bytes)
+        return nulls.NullKernel(cka_stat, consts, n, row_bytes=row_bytes, pad=_pad_rows)
     ra = np.einsum("ij,ij->i", a, a)
     rb = np.einsum("ij,ij->i", b, b)
     _, hxx, hyy = hsic_triple(paired_stats.stats_from_numpy(a, b))

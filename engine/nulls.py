@@ -65,6 +65,10 @@ class NullKernel:
         over the intra-op thread pool and block on it, which deadlocks when several CPU
         devices of the mesh run such calls at once (seen with JAX 0.10.2 on 4 simulated
         devices). Unbatched calls run inline.
+      pad: optional ``pad(consts, static, size) -> (consts, static)``: the same kernel on
+        ``size >= n`` rows, such that ``stat`` at a permutation that keeps rows ``n..size-1``
+        in place equals ``stat`` of the unpadded kernel at the permutation of the first ``n``
+        (zero rows that add nothing). Used by `padded_null` (one compile for many ``n``).
     """
 
     stat: Callable[..., Any]
@@ -73,6 +77,7 @@ class NullKernel:
     static: tuple = ()
     row_bytes: int = 0
     finish: Callable[..., Any] | None = None
+    pad: Callable[..., Any] | None = None
 
     def observed(self) -> float:
         """The statistic at the identity permutation (same code path as the null)."""
@@ -169,6 +174,87 @@ def permutation_null(kernel: NullKernel, num_permutations: int = 1000, *, seed: 
         # gather, not device_get: with several processes the rows live on other hosts too
         out.append(np.asarray(mesh_lib.gather(fn(consts, key, ids)), np.float64))
     return np.concatenate(out)[:num]
+
+
+def _perm_prefix(key, r, n, size: int):
+    """Permutation ``r`` of the first ``n`` of ``size`` rows (rows ``n..size-1`` stay put).
+
+    Row ``i`` gets the key ``bits(fold_in(fold_in(key, r), i))`` (rows ``>= n``: the maximum)
+    and rows are stably sorted by key, so the first ``n`` entries do not depend on ``size``:
+    padding never changes the permutation of the real rows. ``n`` may be traced.
+    """
+    k = jax.random.fold_in(key, r)
+    idx = jnp.arange(size, dtype=jnp.int32)
+    bits = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(k, i), (), jnp.uint32))(idx)
+    keys = jnp.where(idx < n, bits, jnp.uint32(0xFFFFFFFF))
+    _, perm = jax.lax.sort((keys, idx), num_keys=1, is_stable=True)
+    return perm
+
+
+def prefix_permutations(n: int, num: int, seed: int = 0, size: int | None = None
+                        ) -> np.ndarray:
+    """``[num, size]`` host copy of the permutations `padded_null` draws (default size n)."""
+    size = n if size is None else int(size)
+    key = jax.random.PRNGKey(seed)
+    fn = jax.jit(jax.vmap(lambda r: _perm_prefix(key, r, n, size)))
+    return np.asarray(fn(jnp.arange(num)))
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_null_fn(stat, finish, static, mesh, size: int, batch: int):
+    kwargs = dict(static)
+
+    def local(consts, key, n, ids):
+        def body(_, idb):
+            perms = jax.vmap(lambda r: _perm_prefix(key, r, n, size))(idb)
+            return None, _apply(stat, finish, consts, perms, kwargs)
+
+        _, out = jax.lax.scan(body, None, ids.reshape(-1, batch))
+        return out.reshape(-1)
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(mesh_lib.DATA)),
+                      out_specs=P(mesh_lib.DATA), check_vma=False)
+    return jax.jit(f)
+
+
+def padded_null(kernel: NullKernel, size: int, num_permutations: int = 1000, *,
+                seed: int = 0, mesh=None) -> tuple[float, np.ndarray]:
+    """``(observed, null)`` of ``kernel`` padded to ``size`` rows: one compile per ``size``.
+
+    Many null calls on different row counts (importance bins, top-k restrictions) otherwise
+    compile one kernel per count. Here the kernel is padded with rows that add nothing
+    (``kernel.pad``), ``n`` is a run-time argument, and permutation ``r`` is `_perm_prefix`
+    (a uniform random permutation of the real rows that does not depend on ``size``): the
+    values equal the unpadded kernel's under the same permutations (`prefix_permutations`),
+    whatever ``size``. These permutations differ from `permutation_null`'s
+    (``jax.random.permutation``), so the two nulls agree in distribution, not value by value.
+    """
+    num = checks.check_positive_int("num_permutations", num_permutations)
+    n = int(kernel.n)
+    size = int(size)
+    if kernel.pad is None:
+        raise checks.InputError("padded_null: this metric's null kernel cannot be padded")
+    if size < n:
+        raise checks.InputError(f"padded_null: size {size} < rows {n}")
+    if mesh is None:
+        mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
+    consts, static = kernel.pad(kernel.consts, kernel.static, size)
+    ndev = mesh.shape[mesh_lib.DATA]
+    row_bytes = -(-int(kernel.row_bytes) * size // max(n, 1))
+    batch = int(np.clip(BATCH_BYTES // max(row_bytes, 1), 1, 64))
+    per_dev = -(-num // ndev)
+    batch = max(1, min(batch, per_dev))
+    per_dev = -(-per_dev // batch) * batch
+    fn = _padded_null_fn(kernel.stat, kernel.finish, static, mesh, size, batch)
+    consts = mesh_lib.replicate(mesh, consts)
+    key = mesh_lib.replicate(mesh, jax.random.PRNGKey(seed))
+    n_arr = mesh_lib.replicate(mesh, jnp.int32(n))
+    ids = jax.device_put(np.arange(per_dev * ndev, dtype=np.int32),
+                         mesh_lib.data_sharding(mesh, 1))
+    null = np.asarray(jax.device_get(fn(consts, key, n_arr, ids)), np.float64)[:num]
+    observed = _observed_fn(kernel.stat, kernel.finish, static)(
+        consts, jnp.arange(size, dtype=jnp.int32))
+    return float(observed), null
 
 
 def loop_null(metric: Callable[..., float], x, y, weights=None, *, num_permutations: int = 1000,

@@ -357,7 +357,18 @@ def rsa_matrix_stat(consts: dict, perm: jax.Array, tile: int = 64) -> jax.Array:
         return acc + jnp.sum(bx * block), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_tiles))
-    return total / (n * (n - 1))   # the full matrix counts every pair twice
+    # the full matrix counts every pair twice; a padded kernel carries its real row count
+    pairs = consts["pairs"] if "pairs" in consts else n * (n - 1)
+    return total / pairs
+
+
+def _pad_matrices(consts: dict, static: tuple, size: int) -> tuple[dict, tuple]:
+    """Zero rows and columns of the standardised matrices (they add nothing to the sum while
+    they stay put), the real pair count, and a tile fixed by ``size``."""
+    n = consts["sx"].shape[0]
+    out = {k: jnp.pad(consts[k], ((0, size - n), (0, size - n))) for k in ("sx", "sy")}
+    out["pairs"] = jnp.float32(n * (n - 1))
+    return out, (("tile", max(1, min(64, size))),)
 
 
 def rsa_sampled_stat(consts: dict, perm: jax.Array, m: int, block: int = 1 << 16
@@ -408,7 +419,8 @@ def null_kernel(x, y, result: RSAResult, *, mesh=None, max_exact_n: int = DEFAUL
         sy = _standardize_matrix(_matrix_from_upper(ry, n))
         tile = max(1, min(int(tile), n))
         return nulls.NullKernel(rsa_matrix_stat, {"sx": jnp.asarray(sx), "sy": jnp.asarray(sy)},
-                                n, static=(("tile", tile),), row_bytes=8 * tile * n)
+                                n, static=(("tile", tile),), row_bytes=8 * tile * n,
+                                pad=_pad_matrices)
     assert result.num_samples is not None   # the sampled estimator recorded its sample size
     i, j = sample_pairs(n, result.num_samples, seed)
     rank_x = rankdata(_sampled_sims(zx, i, j), TIE_ATOL)

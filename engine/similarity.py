@@ -192,9 +192,13 @@ def null_for(name: str, x, y, weights=None, *, num_permutations: int = 1000, see
 
 
 def _null_entry(metric, result, make_kernel, x, y, weights, mesh, options, num_permutations,
-                seed, progress) -> dict:
+                seed, progress, null_size: int | None = None) -> dict:
     kernel = make_kernel()
-    if kernel is not None:
+    if kernel is not None and null_size and kernel.pad is not None:
+        observed, null = nulls.padded_null(kernel, max(int(null_size), kernel.n),
+                                           num_permutations, seed=seed, mesh=mesh)
+        how = "batched-padded"
+    elif kernel is not None:
         null = nulls.permutation_null(kernel, num_permutations, seed=seed, mesh=mesh,
                                       progress=progress)
         observed = kernel.observed()
@@ -214,7 +218,7 @@ def _null_entry(metric, result, make_kernel, x, y, weights, mesh, options, num_p
 def evaluate(x, y, metrics: Sequence[str] = DEFAULT_METRICS, *, weights=None,
              num_permutations: int = 1000, seed: int = 0, mesh=None, bootstrap: int = 0,
              confidence: float = 0.95, options: dict | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, null_size: int | None = None) -> dict:
     """Scores with nulls (and optional bootstrap CIs) for a set of metrics, JSON-ready.
 
     Args:
@@ -226,6 +230,9 @@ def evaluate(x, y, metrics: Sequence[str] = DEFAULT_METRICS, *, weights=None,
       mesh: device mesh (default one device).
       bootstrap: number of bootstrap resamples (0: none).
       options: per-metric keyword options, e.g. ``{"svcca": {"threshold": 0.95}}``.
+      null_size: pad the batched null kernels that support it to this many rows
+        (`engine.nulls.padded_null`: one compile for every row count up to it; its own
+        size-independent permutations, so values differ from the unpadded default null).
 
     Returns:
       ``{"n": rows, "d": [d1, d2], "num_permutations": R, "seed": seed, "metrics": {name: {
@@ -249,7 +256,7 @@ def evaluate(x, y, metrics: Sequence[str] = DEFAULT_METRICS, *, weights=None,
                                  "score": float(result.score)}
         if num_permutations:
             entry.update(_null_entry(metric, result, make_kernel, x, y, weights, mesh, opts,
-                                     num_permutations, seed, progress))
+                                     num_permutations, seed, progress, null_size))
         if bootstrap:
             fn = lambda a, b, w, m=metric, o=opts: m(a, b, w, mesh=mesh, **o)  # noqa: E731
             entry["bootstrap"] = nulls.bootstrap(

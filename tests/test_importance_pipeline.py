@@ -64,9 +64,12 @@ def test_restricted_null_permutes_within_the_restriction(mesh1):
     keep = pimp.top_k_mask(ia, ib, a, b, 60)
     assert 0 < keep.sum() < 60
     got = pimp.score_pairs(w_a[a[keep]], w_b[b[keep]], CFG, mesh1)["metrics"]["cka"]
+    # the same permutations of the restricted rows alone (unpadded: null_size = their count)
     want = similarity.evaluate(w_a[a][keep], w_b[b][keep], ("cka",), num_permutations=50,
-                               seed=0, mesh=mesh1)["metrics"]["cka"]
-    assert got["null_mean"] == pytest.approx(want["null_mean"])
+                               seed=0, mesh=mesh1, null_size=int(keep.sum()))["metrics"]["cka"]
+    assert got["null_method"] == "batched-padded"
+    assert got["null_mean"] == pytest.approx(want["null_mean"], rel=1e-5)
+    assert got["null_std"] == pytest.approx(want["null_std"], rel=1e-4)
     # by hand: the k most important on each side
     top_a = set(np.argsort(-ia[np.unique(a)])[:60].tolist())
     top_a = set(np.unique(a)[list(top_a)].tolist())
@@ -172,3 +175,34 @@ def test_importance_entry_point_offline(tmp_path, mesh1):
         assert os.path.getsize(tmp_path / "plots" / name) > 1000
     again = entry.run(s, str(tmp_path), mesh1)  # resumes from the finished checkpoints
     assert again["splice"] == res["splice"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["cka", "rsa_pearson"])
+def test_padded_null_equals_unpadded(metric, mesh1, mesh4):
+    """One compiled null for many row counts: padding the kernel (engine.nulls.padded_null)
+    gives the unpadded values under the same permutations, on 1 and 4 devices, and those
+    values are the metric recomputed on the permuted rows by hand."""
+    from engine import nulls, similarity
+    rng = np.random.default_rng(5)
+    n, r = 19, 12
+    x = rng.normal(size=(n, 5))
+    y = x @ rng.normal(size=(5, 4)) + 0.5 * rng.normal(size=(n, 4))
+    _, make_kernel = similarity.get(metric).prepare(x, y, None, mesh1)
+    kernel = make_kernel()
+    obs, exact = nulls.padded_null(kernel, n, r, seed=3, mesh=mesh1)
+    for size, mesh in ((n, mesh4), (64, mesh1), (64, mesh4)):
+        o, null = nulls.padded_null(kernel, size, r, seed=3, mesh=mesh)
+        np.testing.assert_allclose(null, exact, rtol=1e-5, atol=1e-6)
+        assert o == pytest.approx(obs, rel=1e-5)
+    perms = nulls.prefix_permutations(n, r, seed=3, size=64)
+    np.testing.assert_array_equal(perms[:, n:], np.broadcast_to(np.arange(n, 64), (r, 64 - n)))
+    assert all(sorted(p[:n]) == list(range(n)) for p in perms)
+    np.testing.assert_array_equal(perms[:, :n], nulls.prefix_permutations(n, r, seed=3))
+    by_hand = [similarity.score(metric, x, y[p[:n]]) for p in perms]
+    np.testing.assert_allclose(exact, by_hand, rtol=1e-4, atol=1e-5)
+    assert obs == pytest.approx(similarity.score(metric, x, y), rel=1e-4)
+    # through the pipeline: the restricted score uses the padded null
+    out = pimp.score_pairs(x, y, pimp.ImportanceCompareConfig(metrics=(metric,),
+                                                              num_permutations=r), mesh1)
+    assert out["metrics"][metric]["null_method"] == "batched-padded"

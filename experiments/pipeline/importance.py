@@ -97,6 +97,7 @@ class ImportanceCompareConfig:
     min_pairs: int = 4
     top_m: int = 10
     n_shuffles: int = 1000
+    pad_nulls: bool = True   # pad null kernels to `null_bucket` sizes (one compile per bucket)
 
     @classmethod
     def from_flags(cls, flags_) -> ImportanceCompareConfig:
@@ -134,6 +135,16 @@ def top_k_mask(imp_a, imp_b, a, b, k: int, *, lowest: bool = False) -> np.ndarra
     return side(imp_a, a) & side(imp_b, b)
 
 
+def null_bucket(n: int) -> int:
+    """Row count the null kernels are padded to: ``n`` rounded up to a multiple of
+    ``max(16, 2^(ceil(log2 n) - 3))`` (at most ~12 % padding above 128 rows), so the many
+    bin and top-k sizes of one run (and of its cross, ceiling and floor comparisons) share a
+    few compiled null kernels (`engine.nulls.padded_null`) instead of one per size."""
+    n = max(int(n), 1)
+    grain = max(16, 1 << max(0, int(np.ceil(np.log2(n))) - 3))
+    return -(-n // grain) * grain
+
+
 def score_pairs(x: np.ndarray, y: np.ndarray, cfg: ImportanceCompareConfig, mesh,
                 weights: np.ndarray | None = None) -> dict:
     """Metrics with random-pairing nulls on paired rows (one entry per metric, or a reason)."""
@@ -147,9 +158,10 @@ def score_pairs(x: np.ndarray, y: np.ndarray, cfg: ImportanceCompareConfig, mesh
             out["skipped"][metric] = "takes no row weights"
             continue
         try:
+            size = null_bucket(x.shape[0]) if cfg.pad_nulls else None
             r = similarity.evaluate(x, y, (metric,), weights=weights,
                                     num_permutations=cfg.num_permutations, seed=cfg.seed,
-                                    mesh=mesh)["metrics"][metric]
+                                    mesh=mesh, null_size=size)["metrics"][metric]
         except checks.InputError as e:
             out["skipped"][metric] = str(e)
             continue
