@@ -16,10 +16,14 @@ models, Countries/Nature/People not; the ground-truth dictionaries as SAEs, or
     python -m experiments.semantic_subspaces --workdir=runs/semantic_subspaces/toy
 
 Two local transformers models on the shipped text sample (tiny random models built under the
-workdir when --model_a/--model_b are not given; SAEs trained on the fly unless --sae_a/--sae_b)::
+workdir when --model_a/--model_b are not given; SAEs loaded with --sae_a/--sae_b, else trained
+here through the universality pipeline's train-or-load helper, `experiments.pipeline.saes.obtain`,
+each with its own role-derived seed; activations from forward passes, or from two activation
+caches of the same contexts with --cache_a/--cache_b)::
 
     python -m experiments.semantic_subspaces --workdir=runs/semantic_subspaces/lm --preset=lm \\
-        [--model_a=DIR --model_b=DIR --hookpoint_a=resid_post.1 --sae_a=PATH --sae_b=PATH]
+        [--model_a=DIR --model_b=DIR --hookpoint_a=resid_post.1 --sae_a=PATH --sae_b=PATH \\
+         --cache_a=CACHE_A --cache_b=CACHE_B]
 
 Outputs: config.json, metrics.jsonl, results.json (per group: feature counts, pairs, skip
 reason, scores with null mean / p / z / excess, random-subset and random-init baselines, topic
@@ -72,6 +76,9 @@ flags.DEFINE_string("hookpoint_a", "resid_post.1", "Hookpoint of model A.")
 flags.DEFINE_string("hookpoint_b", None, "Hookpoint of model B (default: hookpoint_a).")
 flags.DEFINE_string("sae_a", None, "SAE of model A (any supported format; default: train).")
 flags.DEFINE_string("sae_b", None, "SAE of model B (any supported format; default: train).")
+flags.DEFINE_string("cache_a", None, "Activation cache of model A (experiments.harvest); with "
+                    "--cache_b (same contexts) activations are read instead of computed.")
+flags.DEFINE_string("cache_b", None, "Activation cache of model B (see --cache_a).")
 flags.DEFINE_string("text", "sample", "Text source (models/text.py; default: shipped sample).")
 flags.DEFINE_integer("max_documents", 0, "Read at most this many documents (0: all).")
 flags.DEFINE_integer("max_contexts", 400, "Contexts used (0: all).")
@@ -115,7 +122,9 @@ RULES = (
                  "give both --model_a and --model_b (or neither for the tiny pair)"),
     common.Path(("concepts_file",), kind="file"),
     common.Path(("model_a", "model_b"), kind="dir", what="a local transformers directory"),
-    common.Path(("sae_a", "sae_b"), kind="any"),
+    common.Path(("sae_a", "sae_b", "cache_a", "cache_b"), kind="any"),
+    common.Check(("cache_a", "cache_b"), lambda v: bool(v["cache_a"]) == bool(v["cache_b"]),
+                 "give both --cache_a and --cache_b (or neither)"),
     common.Path(("text",), kind="any", special=("sample",), prefixes=("hf:",)),
     common.Hookpoints(("hookpoint_a", "hookpoint_b")),
     common.Probe(("concepts", "concepts_file", "topic"), _groups),
@@ -124,6 +133,7 @@ RULES = (
 
 def _data(flags_) -> dict:
     return {"concepts_file": flags_.concepts_file, "sae_a": flags_.sae_a, "sae_b": flags_.sae_b,
+            "cache_a": flags_.cache_a, "cache_b": flags_.cache_b,
             **({"model_a": flags_.model_a, "model_b": flags_.model_b,
                 "text": None if flags_.text == "sample" else flags_.text}
                if flags_.preset == "lm" else {})}

@@ -161,6 +161,14 @@ BAD = {
         ({"n_null": 0}, "--n_null"), ({"alpha": 0.0}, "--alpha"), ({"chunk_size": 0}, "--chunk"),
         ({"min_token_count": 0}, "--min_token_count"), ({"plot_tokens": -1}, "--plot_tokens"),
         ({"seed": -1}, "--seed"),
+        # --preset=lm settings (checked whatever the preset, before any model is loaded).
+        ({"family_tau": 0.0}, "--family_tau"), ({"family_tau": 1.5}, "--family_tau"),
+        ({"family_min_hits": 0}, "--family_min_hits"), ({"context_length": 2}, "--context"),
+        ({"families": ["Nope"]}, "'Nope'"), ({"families": []}, "--families"),
+        ({"group_concepts": ["Food", "Numbers"]}, "--group_concepts"),
+        ({"topic": "Nope"}, "'Nope'"), ({"model_a": "{file}"}, "--model_a"),
+        ({"text": "/nonexistent/corpus.jsonl"}, "--text"), ({"hookpoint_a": "foo"}, "foo"),
+        ({"spectral_max_features": 0}, "--spectral_max_features"),
     ],
     "demo": [
         ({"num_steps": 0}, "--num_steps"), ({"batch_size": 0}, "--batch_size"),

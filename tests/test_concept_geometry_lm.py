@@ -158,3 +158,33 @@ def test_unplanted_control_is_not_circular(tmp_path, mesh1):
         for key in ("reconstruction_circularity", "decoder_circularity"):
             if m[key] is not None:
                 assert m[key]["p"] > 0.01, (s, key, m[key])
+
+
+@pytest.mark.slow
+def test_activation_caches_give_the_live_results(tmp_path, mesh1):
+    """Caches harvested from the same contexts reproduce the live run (same SAEs, reused)."""
+    from models import activation_cache, lm, text
+    cfg = _cfg(families=["Days of week"], plots=False, n_null=100, max_contexts=60,
+               group_concepts=["Days of week", "Months", "Food", "Numbers"])
+    run = common.Run(workdir=str(tmp_path / "run"), mesh=mesh1)
+    live = geometry_lm.run_lm(run, cfg)
+    pair = planted_lm.make_planted_lm_pair(run.path("planted_models"))
+    docs = list(text.read_documents(pair.corpus))
+    caches = []
+    for side, path in (("a", pair.path_a), ("b", pair.path_b)):
+        model = lm.LanguageModel.load(path)
+        ctx = text.make_contexts(docs, model.tokenizer, 32, max_contexts=60)
+        activation_cache.harvest(model, ctx, ["resid_pre.0"], str(tmp_path / f"cache_{side}"),
+                                 progress=False)
+        caches.append(str(tmp_path / f"cache_{side}"))
+    cached = geometry_lm.run_lm(run, dict(cfg, cache_a=caches[0], cache_b=caches[1]))
+    assert "activation cache" in cached["sides"]["a"]["activations"]
+    assert cached["sides"]["a"]["sae"]["seed"] == live["sides"]["a"]["sae"]["seed"]
+    for s in "ab":
+        got = cached["full_corpus"]["families"]["Days of week"][f"model_{s}"]
+        want = live["full_corpus"]["families"]["Days of week"][f"model_{s}"]
+        assert got["family"]["members"] == want["family"]["members"]
+        assert got["corpus"]["item_rows"] == want["corpus"]["item_rows"] > 0
+        assert got["reconstruction_circularity"]["score"] == pytest.approx(
+            want["reconstruction_circularity"]["score"], abs=1e-6)
+    assert cached["full_corpus"]["group_features"] == live["full_corpus"]["group_features"]

@@ -58,20 +58,23 @@ def topic_rows(doc_ids: np.ndarray, tokens: Sequence[str], keywords: frozenset) 
 # -- SAEs ------------------------------------------------------------------------------------
 
 
-def train_sae(acts: np.ndarray, directory: str, *, d_sae: int, k: int, steps: int,
-              batch_size: int, lr: float, seed: int, mesh, progress: bool,
-              description: dict) -> sae_lib.SAE:
-    """A TopK SAE trained on ``acts`` (resumes; a finished one is loaded)."""
-    from models import sae_io_native, sae_train
-    done = os.path.join(directory, "final")
-    if os.path.exists(os.path.join(done, sae_io_native.CONFIG_FILE)):
-        return sae_io_native.load_sae(done)
-    cfg = sae_train.TrainConfig(d_sae=d_sae, activation="topk", k=k, lr=lr, seed=seed)
-    sae = sae_train.train_saes(acts, cfg, steps=steps, batch_size=batch_size, mesh=mesh,
-                               workdir=directory, data_seed=seed, progress=progress,
-                               metadata=description, save=False)[0]
-    sae_io_native.save_sae(done, sae)
-    return sae
+def obtain_sae(acts: np.ndarray, side: str, hookpoint: str, flags_, run, *, d_sae: int,
+               description: dict, loaded: tuple[str, sae_lib.SAE] | None = None):
+    """The SAE of one side through the pipeline's one train-or-load helper (`saes.obtain`).
+
+    Each side's SAE gets its own role-derived init seed and data order (`saes.role_seeds`;
+    one shared seed made unrelated SAEs look alike), trains resumably under
+    ``workdir/saes/<role>``, and a finished one whose recipe matches is loaded.
+    """
+    from experiments.pipeline import saes
+    from models import sae_train
+    recipe = sae_train.TrainConfig(d_sae=d_sae, activation="topk", k=min(flags_.sae_k, d_sae),
+                                   lr=flags_.sae_lr)
+    path, sae = loaded if loaded else (None, None)
+    return saes.obtain(saes.Role(side, hookpoint), acts, user_seed=flags_.seed, recipe=recipe,
+                       loaded=path, loaded_sae=sae, steps=flags_.sae_steps,
+                       batch_size=flags_.sae_batch, root=run.path("saes"), mesh=run.mesh,
+                       progress=flags_.progress, metadata=description)
 
 
 def toy_sides(run, flags_) -> Sides:
@@ -83,12 +86,10 @@ def toy_sides(run, flags_) -> Sides:
                 ((toy.atoms_a, "A"), (toy.atoms_b, "B"), (toy.atoms_r, "random init"))]
     else:
         d_sae = flags_.sae_width or toy.codes.shape[1]
-        saes = [train_sae(acts, run.path("saes", name), d_sae=d_sae, k=flags_.sae_k,
-                          steps=flags_.sae_steps, batch_size=flags_.sae_batch,
-                          lr=flags_.sae_lr, seed=flags_.seed, mesh=run.mesh,
-                          progress=flags_.progress, description={"source": f"toy {name}"})
+        saes = [obtain_sae(acts, name, "toy", flags_, run, d_sae=d_sae,
+                           description={"source": f"toy {name}"}).sae
                 for acts, name in ((toy.acts_a, "a"), (toy.acts_b, "b"),
-                                   (toy.acts_r, "random_init"))]
+                                   (toy.acts_r, "b~random"))]
     tokens = [toy.vocab[int(t)] for t in toy.token_ids]
     return Sides(toy.acts_a, toy.acts_b, toy.acts_r, *saes, tokens=tokens,
                  doc_ids=toy.doc_ids, description={
@@ -111,49 +112,77 @@ def lm_sides(run, flags_) -> Sides:
     lm_a, lm_b = lm_lib.LanguageModel.load(path_a), lm_lib.LanguageModel.load(path_b)
     if lm_a.tokenizer is None or lm_b.tokenizer is None:
         raise SubspaceError("both models need a tokenizer (token strings define the groups)")
-    docs = text.read_documents(flags_.text, max_documents=flags_.max_documents or None)
-    docs = list(docs)
-    text.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer, docs)
-    contexts = text.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
-                                  max_contexts=flags_.max_contexts or None)
+    hp_a = lm_a.parse(flags_.hookpoint_a)[0].name
+    hp_b = lm_b.parse(flags_.hookpoint_b or flags_.hookpoint_a)[0].name
+    caches = (getattr(flags_, "cache_a", None), getattr(flags_, "cache_b", None))
+    if any(caches):
+        contexts, acts_a, acts_b = _read_caches(caches, hp_a, hp_b, lm_a)
+        text.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
+        source = {"caches": list(caches)}
+    else:
+        docs = list(text.read_documents(flags_.text,
+                                        max_documents=flags_.max_documents or None))
+        text.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer, docs)
+        contexts = text.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
+                                      max_contexts=flags_.max_contexts or None)
+        source = text.describe_source(flags_.text)
     lm_r = lm_lib.random_init_copy(lm_b, seed=flags_.seed + 1000)
-    hp_a = flags_.hookpoint_a
-    hp_b = flags_.hookpoint_b or hp_a
     keep = contexts.mask & ~lm_a.special_mask(contexts.token_ids)
 
     def acts(lm, hp):
         out = lm.run(contexts, [hp], batch_size=16)
         return np.asarray(out.acts[lm.parse(hp)[0].name], np.float32)[keep]
 
-    acts_a, acts_b, acts_r = acts(lm_a, hp_a), acts(lm_b, hp_b), acts(lm_r, hp_b)
+    if not any(caches):
+        acts_a, acts_b = acts(lm_a, hp_a), acts(lm_b, hp_b)
+    acts_r = acts(lm_r, hp_b)       # the random-init copy runs live either way
     ids = contexts.token_ids[keep]
     tokens = lm_a.tokenizer.convert_ids_to_tokens(ids.tolist())
     doc_ids = np.broadcast_to(np.arange(len(contexts))[:, None], keep.shape)[keep]
 
     def sae_for(given, acts_x, name, hp):
+        loaded = None
         if given:
-            from models import formats
-            sae = formats.load_sae(given)
-            if sae.config.d_in != acts_x.shape[1]:
-                raise SubspaceError(f"SAE {given!r}: d_in={sae.config.d_in} does not match "
-                                    f"the width {acts_x.shape[1]} of {hp}")
-            return sae
-        return train_sae(acts_x, run.path("saes", name), d_sae=flags_.sae_width or
-                         4 * acts_x.shape[1], k=flags_.sae_k, steps=flags_.sae_steps,
-                         batch_size=flags_.sae_batch, lr=flags_.sae_lr, seed=flags_.seed,
-                         mesh=run.mesh, progress=flags_.progress,
-                         description={"source": name, "hookpoint": hp})
+            from experiments.pipeline import features, saes
+            sae = saes.load_for_hookpoint(given, hp, 1)
+            features.check_widths(sae, acts_x.shape[1], f"SAE {given!r} at {hp}")
+            loaded = (given, sae)
+        return obtain_sae(acts_x, name, hp, flags_, run, d_sae=flags_.sae_width or
+                          4 * acts_x.shape[1], loaded=loaded,
+                          description={"source": name, "hookpoint": hp}).sae
 
     saes = (sae_for(flags_.sae_a, acts_a, "a", hp_a), sae_for(flags_.sae_b, acts_b, "b", hp_b),
-            sae_for(None, acts_r, "random_init", hp_b))
+            sae_for(None, acts_r, "b~random", hp_b))
     return Sides(acts_a, acts_b, acts_r, *saes, tokens=list(tokens), doc_ids=doc_ids,
                  description={"preset": "lm", "model_a": lm_a.describe()["name"],
                               "model_b": lm_b.describe()["name"],
                               "random_init": lm_r.name, "hookpoint_a": hp_a,
-                              "hookpoint_b": hp_b, "text": text.describe_source(flags_.text),
+                              "hookpoint_b": hp_b, "text": source,
                               "contexts": len(contexts),
                               "context_length": contexts.context_length,
                               "tokens": int(keep.sum())})
+
+
+def _read_caches(caches, hp_a: str, hp_b: str, lm_a):
+    """Contexts and both sides' activations (real, non-special tokens) from two caches of the
+    same contexts (`experiments.harvest` of model A and of model B over one text)."""
+    from models import activation_cache, text
+    if not all(caches):
+        raise SubspaceError("--cache_a and --cache_b must be given together")
+    ca, cb = (activation_cache.ActivationCache(c) for c in caches)
+    ids = ca.token_ids()
+    if not np.array_equal(ids, cb.token_ids()) or not np.array_equal(ca.mask(), cb.mask()):
+        raise SubspaceError(f"caches {caches[0]} and {caches[1]} hold different tokens; "
+                            "harvest both models over the same contexts")
+    contexts = text.Contexts(np.asarray(ids), np.asarray(ca.mask()),
+                             np.arange(len(ids), dtype=np.int64))   # a context = a document
+    real = ~lm_a.special_mask(contexts.token_ids)[contexts.mask]
+    out = []
+    for cache, hp in ((ca, hp_a), (cb, hp_b)):
+        (name,) = cache.check_hookpoints([hp])
+        _, x = cache.read(name)
+        out.append(np.asarray(x, np.float32)[real])
+    return contexts, out[0], out[1]
 
 
 # -- analysis --------------------------------------------------------------------------------
