@@ -407,34 +407,73 @@ def _full_rows(q, q_norm, r, r_norm, rows, k, out_v, out_i, block_rows: int = 64
 # --------------------------------------------------------------------------------------------
 
 
-# Unit roundoff of the GEMM's INPUTS at each matmul precision (products are accumulated in
-# float32 in every case). HIGHEST: float32. HIGH: TF32 on NVIDIA GPUs (10-bit mantissa),
-# bf16_3x on TPUs (more accurate than TF32). DEFAULT: TF32 on NVIDIA, one bf16 pass on TPUs
-# (7-bit mantissa; the bound takes the worse). The aliases name the hardware formats
-# (`experiments/bench_precision.py` measures them against float64 on the CPU).
-INPUT_ROUNDOFF = {"HIGHEST": 0.0, "HIGH": 2.0 ** -11, "DEFAULT": 2.0 ** -8,
-                  "float32": 0.0, "tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
+# Unit roundoff of the GEMM's INPUTS per hardware format (products are accumulated in float32
+# in every case): float32; TF32 (10-bit mantissa: NVIDIA tensor cores at precision DEFAULT /
+# HIGH); bf16 (7-bit mantissa: TPUs at DEFAULT). TPUs' HIGH (bf16_3x, three bf16 passes) is
+# more accurate than TF32 and is bounded by it. `experiments/bench_precision.py` measures them
+# against float64 on the CPU (docs/precision.md).
+INPUT_ROUNDOFF = {"float32": 0.0, "tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
+PRECISIONS = ("HIGHEST", "HIGH", "DEFAULT")
 
 
-def cosine_tolerance(d: int, precision: str = "HIGHEST") -> float:
+def input_format(precision: str, platform: str = "cpu") -> str:
+    """The input rounding (`INPUT_ROUNDOFF` key) of matmul ``precision`` on ``platform``."""
+    if precision in INPUT_ROUNDOFF:
+        return precision
+    if precision not in PRECISIONS:
+        raise checks.InputError(f"matmul precision {precision!r}: expected one of "
+                                f"{PRECISIONS} or {tuple(INPUT_ROUNDOFF)}")
+    if precision == "HIGHEST" or platform == "cpu":
+        return "float32"       # XLA:CPU computes float32 products at every precision
+    if platform == "tpu" and precision == "DEFAULT":
+        return "bf16"
+    return "tf32"              # GPU DEFAULT / HIGH; TPU HIGH (bf16_3x, bounded by TF32)
+
+
+def default_precision(platform: str) -> str:
+    """The matmul precision `max_cosine` uses by default on ``platform`` (docs/precision.md).
+
+    The float64 refinement keeps the result exact at any precision; lower precision only
+    widens the error bound and so the rows recomputed on the host. Measured on decoder-like
+    dictionaries (d = 1024, margin 4): TF32 leaves 0.05 % of rows uncertified, bf16 12 %. So:
+    CPU HIGHEST (lower precision is not faster there), GPU DEFAULT (TF32), TPU HIGH (bf16_3x;
+    one bf16 pass would send an eighth of the rows to the host).
+    """
+    return {"gpu": "DEFAULT", "cuda": "DEFAULT", "rocm": "DEFAULT", "tpu": "HIGH"}.get(
+        platform, "HIGHEST")
+
+
+def cosine_tolerance(d: int, precision: str = "HIGHEST", platform: str = "cpu") -> float:
     """Rigorous bound on |computed cosine - exact cosine| for unit rows of dimension d.
 
     ``gamma_d = d u`` for the float32 dot product of unit vectors (Cauchy-Schwarz bounds the
     sum of |products| by 1) plus ``~3u`` for rounding the normalised inputs; a GEMM that
-    rounds its inputs to ``u_in`` (`INPUT_ROUNDOFF`) adds ``2 u_in + u_in^2`` (each product
-    ``a_i (1 + e) b_i (1 + e')``, summed under Cauchy-Schwarz).
+    rounds its inputs to ``u_in`` (`INPUT_ROUNDOFF`, from `input_format`) adds
+    ``2 u_in + u_in^2`` (each product ``a_i (1 + e) b_i (1 + e')``, under Cauchy-Schwarz).
     """
-    if precision not in INPUT_ROUNDOFF:
-        raise checks.InputError(f"matmul precision {precision!r}: expected one of "
-                                f"{sorted(INPUT_ROUNDOFF)}")
-    u_in = INPUT_ROUNDOFF[precision]
+    u_in = INPUT_ROUNDOFF[input_format(precision, platform)]
     return float(((d + 3) * U32 + 2 * u_in + u_in * u_in) * 1.01)
 
 
+def default_tiles(mesh, n_b: int, d: int) -> tuple[int, int]:
+    """Tile shape from the device's memory: 1024 x 2048 on CPU (measured best there: the
+    tile stays in cache); on accelerators the largest square-ish tile whose float32 scores
+    take at most 1/16 of one device's memory budget beside the replicated B, capped at 8192
+    (GEMMs of that size run near the device's peak)."""
+    dev = np.asarray(mesh.devices).flat[0]
+    if dev.platform == "cpu":
+        return 1024, 2048
+    budget = mesh_lib.default_memory_budget(mesh) - 4 * n_b * d
+    side = 8192
+    while side > ALIGN and 4 * side * side * 3 > budget // 16:
+        side //= 2
+    return side, side
+
+
 def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
-               tile_a: int = 1024, tile_b: int = 2048, exact: bool = True, margin: int = 4,
-               full: bool = False, max_full: int = DEFAULT_MAX_FULL,
-               precision: str = "HIGHEST") -> PairwiseResult:
+               tile_a: int | None = None, tile_b: int | None = None, exact: bool = True,
+               margin: int = 4, full: bool = False, max_full: int = DEFAULT_MAX_FULL,
+               precision: str | None = None) -> PairwiseResult:
     """Top-k cosine neighbours between the rows of A and B, both directions, in tiles.
 
     Args:
@@ -444,16 +483,17 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
       k: neighbours kept per row (1 <= k <= min(n_a, n_b)).
       thresholds: cosines in [-1, 1]; the number of partners >= each is counted.
       tile_a / tile_b: tile shape (rounded to multiples of 128); memory per device is about
-        ``4 * tile_a * tile_b`` bytes for the tile plus the inputs.
+        ``4 * tile_a * tile_b`` bytes for the tile plus the inputs (default: `default_tiles`,
+        from the device's memory).
       exact: refine in float64 on the host (exact argmax/top-k, see the module docstring).
       margin: extra float32 candidates kept per row for the refinement.
       full: also return the full ``[n_a, n_b]`` float32 matrix (needs n_a * n_b <= max_full).
       max_full: the largest full matrix allowed (entries).
       precision: matmul precision name (HIGHEST: float32; HIGH / DEFAULT: TF32 or bf16 inputs
-        on accelerators, faster). The refinement's error bound follows it
-        (`cosine_tolerance`), so ``exact=True`` stays exact at any precision; lower precision
-        only leaves more rows uncertified (recomputed on the host; raise ``margin``).
-        docs/precision.md has the measured cost and the default.
+        on accelerators, faster); default `default_precision` of the mesh's platform. The
+        refinement's error bound follows it (`cosine_tolerance`), so ``exact=True`` stays
+        exact at any precision; lower precision only leaves more rows uncertified
+        (recomputed on the host; raise ``margin``). docs/precision.md has the measured cost.
 
     Returns:
       A `PairwiseResult`.
@@ -468,15 +508,18 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
         if not -1.0 <= t <= 1.0:
             raise checks.InputError(f"max_cosine thresholds must lie in [-1, 1], got {t}")
     margin = checks.check_positive_int("max_cosine margin", margin, minimum=0)
-    if precision not in ("HIGHEST", "HIGH", "DEFAULT"):
-        raise checks.InputError(f"max_cosine precision {precision!r}: expected HIGHEST, HIGH "
-                                "or DEFAULT (jax.lax.Precision names)")
-    tile_a = checks.check_positive_int("max_cosine tile_a", tile_a)
-    tile_b = checks.check_positive_int("max_cosine tile_b", tile_b)
+    mesh = mesh_lib.make_mesh() if mesh is None else mesh
+    platform = np.asarray(mesh.devices).flat[0].platform
+    precision = default_precision(platform) if precision is None else precision
+    if precision not in PRECISIONS:
+        raise checks.InputError(f"max_cosine precision {precision!r}: expected one of "
+                                f"{PRECISIONS} (jax.lax.Precision names)")
+    auto_a, auto_b = default_tiles(mesh, n_b, d)
+    tile_a = checks.check_positive_int("max_cosine tile_a", auto_a if tile_a is None else tile_a)
+    tile_b = checks.check_positive_int("max_cosine tile_b", auto_b if tile_b is None else tile_b)
     if full and n_a * n_b > max_full:
         raise checks.InputError(f"max_cosine full=True needs n_a*n_b={n_a * n_b} <= "
                                 f"max_full={max_full}; use the streamed results instead")
-    mesh = mesh_lib.make_mesh() if mesh is None else mesh
     axes = _device_axes(mesh)
     ndev = int(np.prod([mesh.shape[x] for x in axes]))
 
@@ -506,7 +549,7 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
     ac = ac - nonpos[None, :] * (nb_pad - n_b)
     bc = bc - nonpos[None, :] * (na_pad - n_a)
 
-    tol = cosine_tolerance(d, precision)
+    tol = cosine_tolerance(d, precision, platform)
     a_vals, a_idx, n_fa = _refine(a, norm_a, b, norm_b, av, ai, k, tol, rescore=exact)
     b_vals, b_idx, n_fb = _refine(b, norm_b, a, norm_a, bv, bi, k, tol, rescore=exact)
     out = PairwiseResult(a_topk_values=a_vals, a_topk_indices=a_idx, b_topk_values=b_vals,

@@ -17,9 +17,9 @@ random-pairing shuffles each.
 once never compiles again), so every repetition is a subprocess, and the three kinds are
 interleaved (peer, pipeline cold, pipeline warm, peer, ...):
 
-* ``pipeline_cold``: empty persistent compilation cache, every kernel compiled;
-* ``pipeline_warm``: the persistent compilation cache (`engine.compile_cache`) filled by an
-  earlier run of the same shapes (other comparisons, grid cells, earlier runs);
+* ``pipeline_cold``: empty persistent compilation cache, every kernel compiled (and stored);
+* ``pipeline_warm``: the next process, which finds the cache (`engine.compile_cache`) filled
+  by the cold one, as a later comparison, grid cell or run of the same shapes does;
 * ``script``: the peer.
 
 Each subprocess builds the same synthetic data first (not timed) and reports the timed work,
@@ -309,20 +309,23 @@ def main(argv):
 
     from engine import bench
     budget = bench.set_thread_budget(FLAGS.threads)
-    cold_dir = tempfile.mkdtemp(prefix="speed_e2e_cold_")
-    warm_dir = tempfile.mkdtemp(prefix="speed_e2e_warm_")
+    cache = tempfile.mkdtemp(prefix="speed_e2e_cache_")
+    runs: dict[str, list[dict]] = {"script": [], "pipeline_cold": [], "pipeline_warm": []}
     try:
-        # Fill the warm cache once (an earlier comparison of the same shapes).
-        fill = _one("pipeline", warm_dir)
-        runs: dict[str, list[dict]] = {"script": [], "pipeline_cold": [], "pipeline_warm": []}
         for _ in range(FLAGS.repeats):
-            runs["script"].append(_one("script"))
-            shutil.rmtree(cold_dir, ignore_errors=True)
-            runs["pipeline_cold"].append(_one("pipeline", cold_dir))
-            runs["pipeline_warm"].append(_one("pipeline", warm_dir))
+            # cold: an empty cache (every program compiled and stored); warm: the next process
+            # with the same shapes (another comparison, grid cell or run) loads them.
+            shutil.rmtree(cache, ignore_errors=True)
+            for kind, role, where in (("script", "script", ""),
+                                      ("pipeline_cold", "pipeline", cache),
+                                      ("pipeline_warm", "pipeline", cache)):
+                runs[kind].append(_one(role, where))
+                r = runs[kind][-1]
+                print(f"{kind}: {r['seconds']:.1f} s (load {r['load_before']:.1f}->"
+                      f"{r['load_after']:.1f}) {json.dumps(r.get('parts', {}), default=float)}",
+                      flush=True)
     finally:
-        shutil.rmtree(cold_dir, ignore_errors=True)
-        shutil.rmtree(warm_dir, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
 
     def med(kind, key="seconds"):
         return statistics.median(r[key] for r in runs[kind])
@@ -349,8 +352,6 @@ def main(argv):
             "candidate_result": runs[kind][-1]["result"],
             "baseline_result": runs["script"][-1]["result"],
             "threads": budget})
-    results[-1]["cache_fill_run"] = {k: fill[k] for k in ("seconds", "compile_seconds",
-                                                          "compiles", "parts")}
     for r in results:
         print(f"{r['name']}\n   pipeline {r['candidate_s']} s (compile "
               f"{r['candidate_compile_s']}, parts {r['candidate_parts_s'][-1]})\n   script   "
