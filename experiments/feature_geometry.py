@@ -42,52 +42,10 @@ import dataclasses
 import os
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
 from experiments import common
-
-FLAGS = flags.FLAGS
-common.define_common_flags()
-flags.adopt_module_key_flags(common)   # --help lists the common flags too
-flags.DEFINE_list("variants", ["planted", "unplanted"],
-                  "Data variants: planted (circle, shared by rotation), unplanted (random "
-                  "concept directions, independent models), shared_random (random concept "
-                  "directions, shared by rotation: geometry agrees but is not circular).")
-flags.DEFINE_string("concept", "days", "Concept family: days (7 items) or months (12).")
-flags.DEFINE_integer("seed", 0, "Seed of the data (and SAE initialisation).")
-flags.DEFINE_integer("width", 64, "Width of the toy models' activations.")
-flags.DEFINE_integer("n_tokens", 8192, "Tokens (rows).")
-flags.DEFINE_integer("n_groups", 6, "Planted non-circular concept groups.")
-flags.DEFINE_integer("group_size", 4, "Features per planted group.")
-flags.DEFINE_integer("n_other", 64, "Independent random features.")
-flags.DEFINE_float("noise", 0.01, "Activation noise std.")
-flags.DEFINE_float("circle_offset", 0.8,
-                   "Lift of the planted circle off the origin (cosine of the items to their "
-                   "shared direction; 0.8 makes neighbouring days cos 0.86, opposite 0.32).")
-flags.DEFINE_enum("dictionary", "truth", ["truth", "sae"],
-                  "truth: ground-truth atoms and codes; sae: train a TopK SAE per model.")
-flags.DEFINE_integer("sae_width", 0, "SAE features (0: 2 x the planted feature count).")
-flags.DEFINE_integer("sae_k", 4, "TopK k of the SAEs.")
-flags.DEFINE_integer("sae_steps", 3000, "SAE training steps.")
-flags.DEFINE_integer("sae_batch", 256, "SAE batch size.")
-flags.DEFINE_float("sae_lr", 3e-3, "SAE learning rate.")
-flags.DEFINE_integer("sae_dead_tokens", 25600,
-                     "Tokens without firing before a latent counts as dead (AuxK revives it).")
-flags.DEFINE_integer("graph_k", 2, "Cosine graph: neighbours per feature (Engels et al.: 2).")
-flags.DEFINE_float("graph_threshold", 0.5, "Cosine graph: edge threshold (Engels: 0.5).")
-flags.DEFINE_integer("min_size", 2, "Smallest reported cluster.")
-flags.DEFINE_integer("max_size", 0, "Largest reported cluster (0: no limit).")
-flags.DEFINE_integer("spectral_clusters", 0,
-                     "Spectral clustering clusters (0: live features // 8).")
-flags.DEFINE_float("family_recall", 0.8,
-                   "The family is found when one cluster holds this fraction of the items.")
-flags.DEFINE_integer("n_null", 1000, "Random permutations when exact enumeration is too big.")
-flags.DEFINE_float("alpha", 0.01, "Significance level of the acceptance checks.")
-flags.DEFINE_integer("chunk_size", 1024, "Rows per streamed chunk.")
-flags.DEFINE_integer("min_token_count", 5,
-                     "A token names a feature only if it occurs at least this often.")
-flags.DEFINE_integer("plot_tokens", 1500, "Reconstructed tokens drawn in the circle plot.")
-flags.DEFINE_bool("plots", True, "Write the plots.")
+from experiments.configs import feature_geometry as CONFIG  # noqa: N812  (the config module)
 
 VARIANTS = {"planted": dict(planted=True, shared=True),
             "unplanted": dict(planted=False, shared=False),
@@ -526,36 +484,13 @@ CONFIG_KEYS = ("variants", "concept", "seed", "d", "n_tokens", "n_groups", "grou
                "progress")
 
 
-RULES = (
-    common.Choice(("variants",), tuple(VARIANTS), nonempty=True),
-    common.Choice(("concept",), ("days", "months")),
-    common.Num(("width", "n_tokens", "group_size", "sae_k", "sae_steps", "sae_batch",
-                "sae_dead_tokens", "graph_k", "n_null", "chunk_size", "min_token_count"), lo=1,
-               integer=True),
-    common.Num(("seed", "n_groups", "n_other", "sae_width", "max_size", "spectral_clusters",
-                "plot_tokens"), lo=0, integer=True),
-    common.Num(("min_size",), lo=1, integer=True),
-    common.Num(("noise",), lo=0.0),
-    common.Num(("circle_offset",), lo=0.0, hi=1.0, hi_open=True),
-    common.Num(("sae_lr",), lo=0.0, lo_open=True),
-    common.Num(("graph_threshold",), lo=-1.0, hi=1.0),
-    common.Num(("family_recall",), lo=0.0, hi=1.0, lo_open=True),
-    common.Num(("alpha",), lo=0.0, hi=1.0, lo_open=True, hi_open=True),
-    common.Check(("max_size", "min_size"), lambda v: not v["max_size"] or
-                 v["max_size"] >= v["min_size"],
-                 "--max_size={max_size}: expected 0 (no limit) or >= --min_size={min_size}"),
-    common.Check(("sae_k", "sae_width"), lambda v: not v["sae_width"] or
-                 v["sae_k"] <= v["sae_width"],
-                 "--sae_k={sae_k}: expected <= --sae_width={sae_width}"),
-)
-
-
-def body(run, flags_):
-    cfg = {k: flags_["width" if k == "d" else k].value for k in CONFIG_KEYS}
+def body(run, settings):
+    cfg = {k: getattr(settings, "width" if k == "d" else k) for k in CONFIG_KEYS}
+    cfg["variants"] = list(cfg["variants"])
     results = run_feature_geometry(run, **cfg)
     run.write_results(results)
     print(f"feature_geometry: all acceptance checks passed = {results['all_passed']}")
 
 
 if __name__ == "__main__":
-    common.entry("feature_geometry", body, RULES)
+    common.entry("feature_geometry", body, CONFIG)

@@ -327,8 +327,8 @@ class Planner:
         return [s.record() for s in self.saes.values()]
 
 
-def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
-              pages_for: Callable[[Spec], object] | None = None,
+def run_specs(specs: Sequence[Spec], run, cfg, cache, token_text, *, chunk_size: int,
+              progress: bool, pages_for: Callable[[Spec], object] | None = None,
               pool_for: Callable[[str], Callable] | None = None, **extra) -> list[dict]:
     """Runs every planned comparison through `compare.run_comparison` (JSON-ready results,
     each labelled with its kind, cell, condition, SAE roles and seeds).
@@ -336,7 +336,8 @@ def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
     ``pages_for(spec)``: the `feature_pages.PageSource` of that comparison (which unembedding
     each side's feature pages use); ``pool_for(role_side)``: maps a model's own-token rows to
     the comparison's rows (aligned units when the two tokenizers differ; SAEs are trained on
-    own tokens); ``extra``: further `run_comparison` keywords."""
+    own tokens); ``chunk_size``: rows per streamed chunk; ``progress``: progress bars;
+    ``extra``: further `run_comparison` keywords."""
     from engine import fingerprint as fp_lib
     from engine import streaming
     from experiments.pipeline import compare
@@ -355,11 +356,11 @@ def run_specs(specs: Sequence[Spec], run, flags_, cfg, cache, token_text, *,
                 digests[id(x)] = (x, fp_lib.digest(x))
         data_key = fp_lib.digest(digests[id(xa)][1], digests[id(xb)][1])
         factory = (lambda xa=xa, xb=xb, r=rows: streaming.ChunkStream(
-            (r, xa, xb), flags_.chunk_size, name="tokens"))
+            (r, xa, xb), chunk_size, name="tokens"))
         comps.append(compare.run_comparison(
             spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg,
             cache, ckpt_root=run.path("checkpoints"), truth=spec.truth,
-            progress=flags_.progress,
+            progress=progress,
             labels={"kind": spec.kind, "label": spec.label, **spec.labels,
                     "saes": [spec.sae_a.role.key, spec.sae_b.role.key],
                     "seeds": [spec.sae_a.seed, spec.sae_b.seed]},
