@@ -23,6 +23,7 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         "absl-py>=2.5.1",
+        "ml_collections>=1.1.0",   # experiment configs (experiments/configs/)
         "numpy>=2.4",
         "scipy>=1.17",
         "transformers>=5.24",

@@ -7,40 +7,38 @@ activation correlation, which dominates memory (``F_a x F_b`` float32 sums) and 
 script measures the last two over synthetic TopK codes (``k`` distinct features per token per
 side, B's features a fixed permutation of A's on half the entries, so true pairs exist),
 generated chunk by chunk (deterministic per chunk, so memory holds one chunk; like codes read
-from disk), with the tiling that `features.plan_pass` picks for ``--memory_budget_gb``.
+from disk), with the tiling that `features.plan_pass` picks for ``--bfp_memory_budget_gb``.
 
 Peak memory is this process's maximum resident set size (``resource.getrusage``; run under
 ``/usr/bin/time -v`` to cross-check). Example (the three sizes of issue 13)::
 
-    python -m experiments.bench_feature_pass --features=1536 --tokens=200000 --out=a.json
-    python -m experiments.bench_feature_pass --features=16384 --tokens=1000000 --out=b.json
-    python -m experiments.bench_feature_pass --features=32768 --tokens=1000000 --out=c.json
-    python -m experiments.bench_feature_pass --features=32768 --tokens=1000000 \\
-        --memory_budget_gb=3 --out=c_tiled.json
+    python -m experiments.bench_feature_pass --bfp_features=1536 --bfp_tokens=200000 --out=a.json
+    python -m experiments.bench_feature_pass --bfp_features=16384 --bfp_tokens=1000000 --out=b.json
+    python -m experiments.bench_feature_pass --bfp_features=32768 --bfp_tokens=1000000 --out=c.json
+    python -m experiments.bench_feature_pass --bfp_features=32768 --bfp_tokens=1000000 \\
+        --bfp_memory_budget_gb=3 --out=c_tiled.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
-import sys
 import time
 
+from absl import app, flags
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--features", type=int, default=1536)
-    p.add_argument("--tokens", type=int, default=200_000)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=4096)
-    p.add_argument("--memory_budget_gb", type=float, default=0.0,
-                   help="0: half the machine's memory (the pipeline's default)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip_stats", action="store_true")
-    p.add_argument("--out", default="runs/bench_feature_pass/bench.json")
-    return p.parse_args(argv)
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("bfp_features", 1536, "Features per side.")
+flags.DEFINE_integer("bfp_tokens", 200_000, "Tokens streamed.")
+flags.DEFINE_integer("bfp_k", 32, "Active features per token and side.")
+flags.DEFINE_integer("bfp_chunk", 4096, "Rows per streamed chunk.")
+flags.DEFINE_float("bfp_memory_budget_gb", 0.0, "GiB the pass may use (0: half the machine's "
+                   "memory, the pipeline's default).")
+flags.DEFINE_bool("bfp_skip_stats", False, "Time only the correlation pass.")
+common.define_bench_flags()
 
 
 def synthetic_codes(n_tokens: int, n_features: int, k: int, chunk: int, seed: int = 0):
@@ -72,9 +70,10 @@ def synthetic_codes(n_tokens: int, n_features: int, k: int, chunk: int, seed: in
     return open_at
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def main(argv) -> int:
+    del argv
+    args = FLAGS
+    out_path = common.bench_out("feature_pass")
     from engine import bench
     budget_info = bench.set_thread_budget(args.threads)
     import jax
@@ -86,16 +85,16 @@ def main(argv=None) -> int:
     from experiments.pipeline import features
 
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
-    f, n, k = args.features, args.tokens, args.k
-    budget = None if args.memory_budget_gb <= 0 else int(args.memory_budget_gb * (1 << 30))
+    f, n, k = args.bfp_features, args.bfp_tokens, args.bfp_k
+    budget = None if args.bfp_memory_budget_gb <= 0 else int(args.bfp_memory_budget_gb * (1 << 30))
     plan = features.plan_pass(f, f, n_data=1, memory_budget=budget, sparse=True,
-                              chunk_rows=args.chunk, rows=n, k_a=k, k_b=k, mesh=mesh)
-    open_at = synthetic_codes(n, f, k, args.chunk)
-    stream = streaming.ChunkStream(open_at, args.chunk, name="codes", check_finite=False)
-    out = {"features": f, "tokens": n, "k": k, "chunk": args.chunk, **budget_info,
+                              chunk_rows=args.bfp_chunk, rows=n, k_a=k, k_b=k, mesh=mesh)
+    open_at = synthetic_codes(n, f, k, args.bfp_chunk)
+    stream = streaming.ChunkStream(open_at, args.bfp_chunk, name="codes", check_finite=False)
+    out = {"features": f, "tokens": n, "k": k, "chunk": args.bfp_chunk, **budget_info,
            "plan": plan.__dict__, "rss_start_gb": _rss_gb()}
 
-    if not args.skip_stats:
+    if not args.bfp_skip_stats:
         # Per-feature statistics from the codes (densified per chunk on device).
         acc = accumulators.Combined({
             "a": (feature_stats.FeatureStatsAccumulator(f, 10), (1, 0)),
@@ -113,7 +112,7 @@ def main(argv=None) -> int:
             for b in open_at(start):
                 yield (np.arange(pos, pos + b[0].shape[0], dtype=np.int32),) + b
                 pos += b[0].shape[0]
-        s2 = streaming.ChunkStream(with_rows, args.chunk, name="stats", check_finite=False)
+        s2 = streaming.ChunkStream(with_rows, args.bfp_chunk, name="stats", check_finite=False)
         t0 = time.perf_counter()
         state = accumulators.accumulate(acc, s2, mesh, transform=dense)
         acc.finalize(state)
@@ -130,8 +129,8 @@ def main(argv=None) -> int:
     out["mean_best_a"] = float(m.mean_best_a)
     out["peak_rss_gb"] = _rss_gb()
     out["load_average"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as fh:
         json.dump(out, fh, indent=1)
     print(json.dumps(out, indent=1))
     return 0
@@ -142,4 +141,4 @@ def _rss_gb() -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

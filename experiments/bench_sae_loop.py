@@ -14,33 +14,35 @@ Interleaved in one process with one thread budget (engine.bench), each call trai
 
 Run::
 
-    python -m experiments.bench_sae_loop --threads=2 --out=runs/bench_sae_loop.json
+    python -m experiments.bench_sae_loop --threads=2 --out=runs/bench/sae_loop.json
+
+Flags: the shared ``--threads --repeats --out`` (`experiments.common.define_bench_flags`) and
+this bench's ``--bsl_*`` sizes.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
-import sys
+
+from absl import app, flags
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("bsl_d_in", 384, "Input width.")
+flags.DEFINE_integer("bsl_d_sae", 1536, "SAE latents.")
+flags.DEFINE_integer("bsl_k", 16, "TopK k.")
+flags.DEFINE_integer("bsl_batch", 1024, "Rows per step.")
+flags.DEFINE_integer("bsl_rows", 1 << 16, "Rows of the in-memory data.")
+flags.DEFINE_integer("bsl_steps", 100, "Training steps per timed call.")
+common.define_bench_flags()
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--d_in", type=int, default=384)
-    p.add_argument("--d_sae", type=int, default=1536)
-    p.add_argument("--k", type=int, default=16)
-    p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--rows", type=int, default=1 << 16)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="runs/bench_sae_loop/bench.json")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def main(argv) -> None:
+    del argv
+    args = FLAGS
+    out = common.bench_out("sae_loop")
     from engine import bench
     budget = bench.set_thread_budget(args.threads)
     import jax
@@ -53,29 +55,29 @@ def main(argv=None) -> dict:
     from models import activation_source as asrc
     from models import sae_train
 
-    d_in, k, batch, steps = args.d_in, args.k, args.batch, args.steps
+    d_in, k, batch, steps = args.bsl_d_in, args.bsl_k, args.bsl_batch, args.bsl_steps
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
-    data = (rng.normal(size=(args.rows, d_in)) + rng.normal(size=(args.rows, 8)) @
+    data = (rng.normal(size=(args.bsl_rows, d_in)) + rng.normal(size=(args.bsl_rows, 8)) @
             rng.normal(size=(8, d_in))).astype(np.float32)
     data *= np.sqrt(d_in) / np.mean(np.linalg.norm(data, axis=1))
-    cfg = sae_train.TrainConfig(d_sae=args.d_sae, activation="topk", k=k, lr=1e-4,
+    cfg = sae_train.TrainConfig(d_sae=args.bsl_d_sae, activation="topk", k=k, lr=1e-4,
                                 b_dec_init="mean")
-    source = asrc.ArraySource(np.arange(args.rows), data)
+    source = asrc.ArraySource(np.arange(args.bsl_rows), data)
 
     # -- baseline: plain PyTorch loop on in-memory data --------------------------------------
-    w0 = rng.normal(size=(args.d_sae, d_in)).astype(np.float32)
+    w0 = rng.normal(size=(args.bsl_d_sae, d_in)).astype(np.float32)
     w0 /= np.linalg.norm(w0, axis=1, keepdims=True)
     _, tstep = torch_topk_sae(torch, w0, data.mean(0), k, 1e-4, 6.25e-10)
     tdata = torch.from_numpy(data)
-    pos = {"i": 0, "perm": torch.randperm(args.rows)}
+    pos = {"i": 0, "perm": torch.randperm(args.bsl_rows)}
 
     def torch_loop():
         loss = None
         for _ in range(steps):
             i = pos["i"]
-            if i + batch > args.rows:
-                pos["i"], pos["perm"], i = 0, torch.randperm(args.rows), 0
+            if i + batch > args.bsl_rows:
+                pos["i"], pos["perm"], i = 0, torch.randperm(args.bsl_rows), 0
             loss = tstep(tdata[pos["perm"][i:i + batch]])
             pos["i"] = i + batch
         return float(loss)
@@ -112,15 +114,13 @@ def main(argv=None) -> dict:
         print(f"{name}: {r['candidate_steps_per_s']:.1f} steps/s, torch loop "
               f"{r['baseline_steps_per_s']:.1f} steps/s, ratio {r['speedup']:.2f}x",
               flush=True)
-    doc = bench.report(results, args.out)
-    doc["meta"] = {"d_in": d_in, "d_sae": args.d_sae, "k": k, "batch": batch,
+    doc = bench.report(results, out)
+    doc["meta"] = {"d_in": d_in, "d_sae": args.bsl_d_sae, "k": k, "batch": batch,
                    "steps_per_call": steps, "thread_budget": budget,
                    "load_average": os.getloadavg()}
-    import json
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         json.dump(doc, f, indent=1, default=float)
-    return doc
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

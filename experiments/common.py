@@ -7,15 +7,17 @@ Every experiment is ``python -m experiments.<name> --workdir=DIR [flags]`` and w
 What happens when an entry point starts (`entry`), in order, before any model is loaded or
 data generated:
 
-1. flags are parsed; a malformed or unknown flag is one line on stderr, exit 2;
-2. every setting is checked against the experiment's declarative `Rule`s (ranges, choices,
-   existing paths, cross-flag constraints such as k <= d_sae) and the workdir (not a file,
-   writable); all problems are reported in one line on stderr, exit 2;
-3. the run's fingerprint is computed: every flag value except `EXCLUDED` (settings that do
-   not change results), the identity of the data files the experiment names (full-content
-   hashes of text files, SAE and model directories, activation-cache metadata) and the code
-   version (package version and a hash of the ``engine/``, ``models/``, ``experiments/``
-   sources);
+1. the config is loaded (``--config=FILE``, default the experiment's config module), one flag
+   per field is defined with the config's value as default, and the command line is parsed;
+   a malformed or unknown flag is one line on stderr, exit 2;
+2. every resolved setting is checked against the experiment's declarative `Rule`s (ranges,
+   choices, existing paths, cross-flag constraints such as k <= d_sae) and the workdir (not a
+   file, writable); all problems are reported in one line on stderr, exit 2;
+3. the run's fingerprint is computed from the resolved config: every value except `EXCLUDED`
+   (settings that do not change results), the identity of the data files the experiment
+   names (full-content hashes of text files, SAE and model directories, activation-cache
+   metadata) and the code version (package version and a hash of the ``engine/``,
+   ``models/``, ``experiments/`` sources);
 4. against ``DIR/fingerprint.json``: a different fingerprint is refused in one line naming
    the differing keys (use a new workdir, or ``--overwrite`` to clear the old run); the same
    fingerprint with a finished run prints ``nothing to do: results from <time>`` and exits
@@ -24,19 +26,27 @@ data generated:
 User errors raised later (`USER_ERRORS` and the experiment's own) are one line on stderr,
 exit 2, no traceback.
 
-Usage in an experiment module::
+Usage: an experiment's settings are a config module ``experiments/configs/<name>.py``
+(``FIELDS``, ``RULES``, ``get_config()``; see `entry` and the "Configs as data" section)::
 
-    from experiments import common
-    FLAGS = flags.FLAGS
-    common.define_common_flags()
+    # experiments/configs/myexp.py
+    FIELDS = (common.Field("steps", 100, "Training steps."),
+              common.Field("metrics", ("cka",), "Metrics (list)."))
     RULES = (common.Num(("steps",), lo=1), common.Choice(("metrics",), METRICS))
 
-    def body(run, flags_):
+    def get_config():
+        '''python -m experiments.myexp --workdir=runs/myexp'''
+        return common.config_dict(FIELDS)
+
+    # experiments/myexp.py
+    from experiments.configs import myexp as CONFIG
+
+    def body(run, settings):      # settings: a frozen dataclass, never the flags
         ...
         run.write_results({...})
 
     if __name__ == "__main__":
-        common.entry("myexp", body, RULES, data=lambda f: {"text": f.text})
+        common.entry("myexp", body, CONFIG, data=lambda s: {"text": s.text})
 """
 
 from __future__ import annotations
@@ -72,6 +82,7 @@ EXCLUDED = {
     "mesh_data": "mesh shape (device-independent results)",
     "mesh_feature": "mesh shape (device-independent results)",
     "distributed": "multi-host start-up",
+    "config": "the config file's name (its resolved values are fingerprinted)",
 }
 
 
@@ -83,28 +94,71 @@ class NothingToDo(Exception):
     """The workdir already holds this run's finished results."""
 
 
-def define_common_flags() -> None:
-    """Flags every experiment shares (defined once per process)."""
-    if "workdir" in flags.FLAGS:
-        return
-    flags.DEFINE_string("workdir", None, "Run directory (created; rerun to resume).")
-    flags.DEFINE_bool("overwrite", False, "Clear a workdir holding a run with other settings "
-                      "(or an older run without a fingerprint) and start over.")
-    flags.DEFINE_integer("num_cpu_devices", 0,
-                         "Simulate this many CPU devices (0: leave JAX's default). Must be set "
-                         "before JAX starts, so it is applied in common.start().")
-    flags.DEFINE_integer("mesh_data", -1, "Size of the mesh data axis (-1: all devices).")
-    flags.DEFINE_integer("mesh_feature", 1, "Size of the mesh feature axis.")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
-    flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0 "
-                        "(default: auto-detected on SLURM / TPU pods / Open MPI).")
-    flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
-    flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
-    flags.DEFINE_string("cpu_collectives", "gloo", "--distributed on CPU hosts: collectives "
-                        "implementation across processes (gloo | mpi | none).")
-    flags.DEFINE_bool("progress", True, "Show progress bars.")
-    flags.DEFINE_bool("dry_run", False, "Check the settings and the workdir, say what a run "
-                      "would do (new / resume / refused / nothing to do), and exit.")
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One setting of an experiment's config (`experiments/configs/`): its name (also the
+    command-line flag ``--name``), its default (whose type is the flag's type: bool, int,
+    float, str, or a list of str), its ``--help`` text, ``type`` when the default is None,
+    ``choices`` for a string with a fixed set of values (checked like a `Choice` rule and
+    listed in ``--help``), and ``flag=False`` for a setting only a config file may set (what
+    a preset file selects, e.g. ``preset``)."""
+
+    name: str
+    default: Any
+    help: str
+    type: type | None = None
+    choices: tuple[str, ...] = ()
+    flag: bool = True
+
+
+# Settings every experiment shares (flags of every entry point, fields of its settings value).
+COMMON_FIELDS = (
+    Field("workdir", None, "Run directory (created; rerun to resume).", type=str),
+    Field("overwrite", False, "Clear a workdir holding a run with other settings (or an "
+          "older run without a fingerprint) and start over."),
+    Field("num_cpu_devices", 0, "Simulate this many CPU devices (0: leave JAX's default). "
+          "Must be set before JAX starts, so it is applied in common.start()."),
+    Field("mesh_data", -1, "Size of the mesh data axis (-1: all devices)."),
+    Field("mesh_feature", 1, "Size of the mesh feature axis."),
+    Field("distributed", False, "Call jax.distributed.initialize() (multi-host)."),
+    Field("coordinator_address", None, "--distributed: host:port of process 0 (default: "
+          "auto-detected on SLURM / TPU pods / Open MPI).", type=str),
+    Field("num_processes", None, "--distributed: number of processes.", type=int),
+    Field("process_id", None, "--distributed: this process's index.", type=int),
+    Field("cpu_collectives", "gloo", "--distributed on CPU hosts: collectives implementation "
+          "across processes.", choices=("gloo", "mpi", "none")),
+    Field("progress", True, "Show progress bars."),
+    Field("dry_run", False, "Check the settings and the workdir, say what a run would do (new "
+          "/ resume / refused / nothing to do), and exit."),
+)
+
+
+def define_fields(fields: Iterable[Field], values: Mapping[str, Any] | None = None,
+                  flag_values: flags.FlagValues = flags.FLAGS,
+                  module_name: str | None = None) -> None:
+    """Defines one absl flag per field (``flag=True``), with the default taken from
+    ``values`` (the chosen config) when given, else from the field. Fields already defined
+    in ``flag_values`` are left alone (the common ones are shared)."""
+    values = values or {}
+    for f in fields:
+        if not f.flag or f.name in flag_values:
+            continue
+        default = values.get(f.name, f.default)
+        kind = f.type or type(f.default)
+        help_ = f.help + (f" One of: {', '.join(f.choices)}." if f.choices else "")
+        kw = {"flag_values": flag_values, "module_name": module_name}
+        if isinstance(f.default, (list, tuple)):
+            flags.DEFINE_list(f.name, [str(v) for v in default], help_, **kw)
+        elif kind is bool:
+            flags.DEFINE_bool(f.name, default, help_, **kw)
+        elif kind is int:
+            flags.DEFINE_integer(f.name, default, help_, **kw)
+        elif kind is float:
+            flags.DEFINE_float(f.name, default, help_, **kw)
+        elif kind is str:
+            flags.DEFINE_string(f.name, default, help_, **kw)
+        else:
+            raise TypeError(f"field {f.name}: unsupported type {kind.__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +376,136 @@ COMMON_RULES = (
 
 
 # ---------------------------------------------------------------------------------------------
+# Configs as data. An experiment's settings are a config module ``experiments/configs/<name>.py``
+# holding ``FIELDS`` (one `Field` per setting: default, type, help), ``RULES`` (the checks
+# next to them) and ``get_config()`` (a ``ml_collections.ConfigDict``); presets are more
+# config files building on it (``--config=experiments/configs/<name>_<preset>.py``). The entry
+# point defines one flag per field from the CHOSEN config's values at start-up (no module
+# defines flags at import time, so all experiments import together), resolves config +
+# command-line overrides, validates, fingerprints the resolved values, and hands the body a
+# frozen settings value (`settings_value`), never the flags.
+# ---------------------------------------------------------------------------------------------
+
+
+def field_rules(fields: Iterable[Field]) -> tuple:
+    """The `Choice` rules of fields declared with ``choices``."""
+    return tuple(Choice((f.name,), f.choices) for f in fields if f.choices)
+
+
+def config_dict(fields: Iterable[Field]):
+    """A ``ml_collections.ConfigDict`` with every field at its default (None defaults are
+    typed placeholders, so a config file assigning them is type-checked)."""
+    import ml_collections
+    from ml_collections import config_dict as cd
+    c = ml_collections.ConfigDict()
+    for f in fields:
+        if f.default is None:
+            setattr(c, f.name, cd.placeholder(f.type or str))
+        else:
+            setattr(c, f.name, list(f.default) if isinstance(f.default, tuple) else f.default)
+    return c
+
+
+def rules_of(config_module) -> tuple:
+    """Every check of an experiment: common rules, field choices, the config module's RULES."""
+    return (tuple(COMMON_RULES) + field_rules(COMMON_FIELDS)
+            + field_rules(config_module.FIELDS) + tuple(getattr(config_module, "RULES", ())))
+
+
+def config_arg(argv: Sequence[str]) -> str | None:
+    """The ``--config`` value in a command line (read before the flags exist: the chosen
+    config file gives the flags their defaults)."""
+    for i, a in enumerate(argv[1:], 1):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def load_config(config_module, path: str | None = None):
+    """``config_module.get_config()``, or ``get_config()`` of the config file at ``path``
+    (relative to the working directory or the project root), checked to have exactly the
+    experiment's fields.
+
+    Raises:
+      ConfigError: no such file, no get_config, or other fields (a config of another
+        experiment).
+    """
+    if not path:
+        cfg = config_module.get_config()
+        where = config_module.__name__
+    else:
+        full = path if os.path.isfile(path) else os.path.join(ROOT, path)
+        if not os.path.isfile(full):
+            raise ConfigError(f"--config={path}: no such file (expected a config file such as "
+                              f"experiments/configs/<experiment>_<preset>.py)")
+        import importlib.util
+        stem = os.path.splitext(os.path.basename(full))[0]
+        spec = importlib.util.spec_from_file_location(f"_experiment_config_{stem}", full)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise ConfigError(f"--config={path}: not valid Python ({e.msg}, line {e.lineno})"
+                              ) from None
+        if not callable(getattr(module, "get_config", None)):
+            raise ConfigError(f"--config={path}: defines no get_config()")
+        try:
+            cfg = module.get_config()
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            # ConfigDict refuses a value of another type than the field's default.
+            raise ConfigError(f"--config={path}: get_config() failed: "
+                              f"{' '.join(str(e).split())}") from None
+        where = f"--config={path}"
+    names = [f.name for f in config_module.FIELDS]
+    keys = list(cfg.keys())
+    unknown = [k for k in keys if k not in names]
+    missing = [k for k in names if k not in keys]
+    if unknown or missing:
+        raise ConfigError(
+            f"{where}: not a config of this experiment ({config_module.__name__}): "
+            + "; ".join(filter(None, [unknown and f"unknown fields {unknown}",
+                                      missing and f"missing fields {missing}"])))
+    return cfg
+
+
+def default_values(config_module, cfg=None) -> dict:
+    """Common defaults and the config's values (``get_config()`` unless ``cfg`` is given),
+    as the dict the rules and the fingerprint see."""
+    cfg = load_config(config_module) if cfg is None else cfg
+    values = {f.name: f.default for f in COMMON_FIELDS}
+    values.update({f.name: _plain(cfg[f.name]) for f in config_module.FIELDS})
+    return values
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def resolve(config_module, cfg, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+    """The resolved settings: the config's values, overridden by the command line, plus the
+    common flags (``config`` names the file used; it is not fingerprinted, its values are)."""
+    values = {f.name: flag_values[f.name].value for f in COMMON_FIELDS}
+    for f in config_module.FIELDS:
+        values[f.name] = _plain(flag_values[f.name].value if f.flag else cfg[f.name])
+    values["config"] = flag_values["config"].value if "config" in flag_values else None
+    return values
+
+
+def settings_value(name: str, values: Mapping[str, Any], fields: Iterable[Field] = ()):
+    """A frozen dataclass instance with one attribute per setting (lists become tuples):
+    what library code receives. A misspelt or renamed setting is an AttributeError, and the
+    value cannot be changed under the run (its fingerprint was computed from it)."""
+    types = {f.name: (tuple if isinstance(f.default, (list, tuple)) else f.type or
+                      type(f.default)) for f in tuple(COMMON_FIELDS) + tuple(fields)}
+    cls = dataclasses.make_dataclass(
+        "".join(p.title() for p in name.split("_")) + "Settings",
+        [(k, types.get(k, Any)) for k in values], frozen=True)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# ---------------------------------------------------------------------------------------------
 # Run fingerprint.
 # ---------------------------------------------------------------------------------------------
 
@@ -528,19 +712,6 @@ def configure_jax(num_cpu_devices: int = 0) -> None:
     compile_cache.enable()
 
 
-def flag_values(flag_values: flags.FlagValues, module_names: tuple[str, ...] = ()) -> dict:
-    """The flags defined by the calling experiment module and the common ones, as a dict."""
-    out = {}
-    for module, fl in flag_values.flags_by_module_dict().items():
-        if module.startswith(("absl", "jax", "tensorflow")):
-            continue
-        if module_names and not any(module.endswith(m) for m in module_names):
-            continue
-        for f in fl:
-            out[f.name] = f.value
-    return out
-
-
 class _ProjectOnly(pylogging.Filter):
     """The log file keeps the project's own messages and every warning; INFO chatter of
     libraries (orbax, etils, jax) is dropped."""
@@ -598,13 +769,13 @@ def _follow_primary(outcome: BaseException | str) -> str:
     return outcome
 
 
-def start(flag_values_: flags.FlagValues, config: dict | None = None,
+def start(values: Mapping[str, Any], config: dict | None = None,
           data: Mapping[str, str | None] | None = None, exclude: Iterable[str] = ()) -> Run:
     """Checks the workdir against this run's fingerprint, creates it, configures JAX and
     logging, dumps config.json and fingerprint.json, builds the mesh.
 
     Args:
-      flag_values_: the parsed flags.
+      values: the resolved settings (common ones included: workdir, mesh, distributed...).
       config: extra values recorded in config.json and the fingerprint (what was used).
       data: name -> path of data the results depend on (see `make_fingerprint`).
       exclude: more flag names that do not change results.
@@ -612,39 +783,40 @@ def start(flag_values_: flags.FlagValues, config: dict | None = None,
     Raises:
       ConfigError / NothingToDo: see `check_workdir`.
     """
+    settings = values
     # JAX first: the device count and the multi-process runtime must be set before any JAX
     # call (writing a file asks `jax.process_index()`, which starts the backends).
-    configure_jax(flag_values_.num_cpu_devices)
+    configure_jax(settings["num_cpu_devices"])
     from engine import mesh as mesh_lib  # after configure_jax: it imports jax
-    if flag_values_.distributed and flag_values_.cpu_collectives != "none":
+    if settings["distributed"] and settings["cpu_collectives"] != "none":
         import jax
         # Cross-process collectives between CPU devices need an implementation (GPUs and
         # TPUs bring their own; the setting is ignored there).
-        jax.config.update("jax_cpu_collectives_implementation", flag_values_.cpu_collectives)
+        jax.config.update("jax_cpu_collectives_implementation", settings["cpu_collectives"])
     mesh_lib.maybe_initialize_distributed(
-        flag_values_.distributed, coordinator_address=flag_values_.coordinator_address,
-        num_processes=flag_values_.num_processes, process_id=flag_values_.process_id)
-    remote = metrics_io.is_remote(flag_values_.workdir)
-    values = dict(flag_values(flag_values_))
+        settings["distributed"], coordinator_address=settings["coordinator_address"],
+        num_processes=settings["num_processes"], process_id=settings["process_id"])
+    remote = metrics_io.is_remote(settings["workdir"])
+    values = dict(values)
     values.update(config or {})
     if remote:
         # gs:// and other remote workdirs pass through to orbax; the fingerprint files are
         # local-only (a remote rerun is not checked: say so).
-        workdir = metrics_io.resolve_dir(flag_values_.workdir)
+        workdir = metrics_io.resolve_dir(settings["workdir"])
         state = "remote (fingerprint not checked)"
         logging.warning("workdir %s is remote: the rerun fingerprint check is skipped", workdir)
     else:
-        problems = workdir_problems(flag_values_.workdir)
+        problems = workdir_problems(settings["workdir"])
         if problems:
             raise ConfigError(problems[0])
-        workdir = os.path.abspath(flag_values_.workdir)
+        workdir = os.path.abspath(settings["workdir"])
         # Process 0 alone reads, checks (and with --overwrite clears) the shared workdir; the
         # others follow its decision, so no two processes race on the same files.
         outcome: BaseException | str = "new"
         if mesh_lib.is_primary():
             try:
                 outcome = _claim_workdir(workdir, values, data, exclude,
-                                         bool(getattr(flag_values_, "overwrite", False)))
+                                         bool(settings.get("overwrite", False)))
             except (ConfigError, NothingToDo) as e:
                 outcome = e
         state = _follow_primary(outcome)
@@ -660,18 +832,18 @@ def start(flag_values_: flags.FlagValues, config: dict | None = None,
     cfg["argv"] = sys.argv
     cfg["workdir_state"] = state
     metrics_io.write_json(os.path.join(workdir, "config.json"), cfg)
-    mesh = mesh_lib.make_mesh(flag_values_.mesh_data, flag_values_.mesh_feature)
+    mesh = mesh_lib.make_mesh(settings["mesh_data"], settings["mesh_feature"])
     logging.info("workdir %s (%s), mesh %s", workdir, state, dict(mesh.shape))
     if state == "overwritten":
         print(f"--overwrite: cleared the old run in {workdir}", flush=True)
     return Run(workdir=workdir, mesh=mesh)
 
 
-def dry_run(flag_values_: flags.FlagValues, config: dict | None = None,
+def dry_run(settings: Mapping[str, Any], config: dict | None = None,
             data: Mapping[str, str | None] | None = None, exclude: Iterable[str] = ()) -> str:
     """What `start` would do with this workdir, without touching it (one line)."""
-    workdir = os.path.abspath(flag_values_.workdir)
-    values = dict(flag_values(flag_values_))
+    workdir = os.path.abspath(settings["workdir"])
+    values = dict(settings)
     values.update(config or {})
     fingerprint = make_fingerprint(values, data, exclude)
     if not os.path.isdir(workdir):
@@ -681,7 +853,7 @@ def dry_run(flag_values_: flags.FlagValues, config: dict | None = None,
     except NothingToDo as e:
         return f"dry run: settings OK; {e}"
     except ConfigError as e:
-        action = "would clear it (--overwrite)" if flag_values_.overwrite else "would refuse"
+        action = "would clear it (--overwrite)" if settings["overwrite"] else "would refuse"
         return f"dry run: settings OK; {action}: {e}"
     return f"dry run: settings OK; would {'start' if state == 'new' else state} in {workdir}"
 
@@ -719,23 +891,47 @@ def _parse_flags(name: str):
     return parse
 
 
-def entry(name: str, body: Callable[[Run, flags.FlagValues], Any], rules: Iterable = (), *,
-          data: Callable[[flags.FlagValues], Mapping[str, str | None]] | None = None,
-          config: Callable[[flags.FlagValues], dict] | None = None,
+def entry(name: str, body: Callable[[Run, Any], Any], config_module, *,
+          data: Callable[[Any], Mapping[str, str | None]] | None = None,
+          record: Callable[[Any], dict] | None = None,
           errors: Callable[[], tuple[type, ...]] | None = None,
           exclude: Iterable[str] = ()) -> None:
-    """Runs an experiment: parse -> validate -> fingerprint -> ``body(run, FLAGS)``.
+    """Runs an experiment: config -> flags -> resolve -> validate -> fingerprint ->
+    ``body(run, settings)``.
+
+    The config is ``config_module.get_config()`` or the file named by ``--config``; one flag
+    per field is defined with the config's value as default (``--name=value`` overrides it);
+    the resolved values are checked by `rules_of` before any work; ``body`` receives them as
+    a frozen `settings_value` (never the flags).
 
     Args:
       name: the experiment's name (prefix of error lines).
       body: the experiment's work; it writes results.json.
-      rules: declarative settings checks (`Num`, `Choice`, `Path`, `Check`).
-      data: flags -> {name: path} of data files whose identity enters the fingerprint.
-      config: flags -> extra values recorded in config.json and the fingerprint.
+      config_module: the experiment's config module (``FIELDS``, ``RULES``, ``get_config``).
+      data: settings -> {name: path} of data files whose identity enters the fingerprint.
+      record: settings -> extra values recorded in config.json and the fingerprint.
       errors: extra user-error exception types (imported lazily).
-      exclude: flags that do not change results (besides `EXCLUDED`).
+      exclude: settings that do not change results (besides `EXCLUDED`).
     """
-    rules = tuple(COMMON_RULES) + tuple(rules)
+    try:
+        cfg = load_config(config_module, config_arg(sys.argv))
+    except ConfigError as e:
+        fail(name, e)
+    for f in config_module.FIELDS:
+        if not f.flag and any(a.split("=", 1)[0] in (f"--{f.name}", f"--no{f.name}")
+                              for a in sys.argv[1:]):
+            fail(name, f"--{f.name} is set by a config file, not on the command line: "
+                       f"--config=experiments/configs/{name}_<preset>.py (see "
+                       "experiments/configs/)")
+    main_module = sys.argv[0]   # absl lists the main module's flags in --help
+    define_fields(COMMON_FIELDS, module_name=main_module)
+    if "config" not in flags.FLAGS:
+        flags.DEFINE_string("config", None, "Config file whose get_config() gives the defaults "
+                            "of every flag below (a preset, e.g. experiments/configs/"
+                            f"{name}_<preset>.py; default: experiments/configs/{name}.py).",
+                            module_name=main_module)
+    define_fields(config_module.FIELDS, cfg, module_name=main_module)
+    rules = rules_of(config_module)
 
     def main(argv):
         if len(argv) > 1:
@@ -743,15 +939,17 @@ def entry(name: str, body: Callable[[Run, flags.FlagValues], Any], rules: Iterab
                        "--name=value")
         kinds = (ConfigError,)
         try:
-            validate(flag_values(flags.FLAGS), rules)
+            values = resolve(config_module, cfg)
+            validate(values, rules)
+            settings = settings_value(name, values, config_module.FIELDS)
             kinds = user_errors() + (errors() if errors else ())
-            if flags.FLAGS.dry_run:
-                print(dry_run(flags.FLAGS, config=config(flags.FLAGS) if config else None,
-                              data=data(flags.FLAGS) if data else None, exclude=exclude))
+            extra = record(settings) if record else None
+            paths = data(settings) if data else None
+            if values["dry_run"]:
+                print(dry_run(values, config=extra, data=paths, exclude=exclude))
                 return
-            run = start(flags.FLAGS, config=config(flags.FLAGS) if config else None,
-                        data=data(flags.FLAGS) if data else None, exclude=exclude)
-            body(run, flags.FLAGS)
+            run = start(values, config=extra, data=paths, exclude=exclude)
+            body(run, settings)
             run.finish()
             # Several processes: the others wait here (a collective, no time limit) while
             # process 0 writes plots and reports, instead of in jax.distributed's shutdown

@@ -16,22 +16,8 @@ from __future__ import annotations
 
 import os
 
-from absl import flags
-
 from experiments import common
-
-FLAGS = flags.FLAGS
-common.define_common_flags()
-flags.adopt_module_key_flags(common)   # --help lists the common flags too
-flags.DEFINE_integer("num_steps", 400, "Training steps.")
-flags.DEFINE_integer("batch_size", 256, "Rows per step (divisible by the mesh data axis).")
-flags.DEFINE_integer("d", 16, "Input width.")
-flags.DEFINE_integer("latent", 4, "Autoencoder bottleneck (and true rank of the data).")
-flags.DEFINE_integer("n_rows", 8192, "Rows of synthetic data.")
-flags.DEFINE_float("lr", 1e-2, "Adam learning rate.")
-flags.DEFINE_integer("log_every", 50, "Steps between metrics.jsonl lines.")
-flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
-flags.DEFINE_integer("seed", 0, "Seed for data and initialisation.")
+from experiments.configs import demo as CONFIG  # noqa: N812  (the config module)
 
 
 def make_data(seed: int, n_rows: int, d: int, rank: int):
@@ -127,23 +113,12 @@ def _plot_loss(run: common.Run) -> None:
     plt.close(fig)
 
 
-RULES = (
-    common.Num(("num_steps", "batch_size", "d", "latent", "n_rows", "log_every",
-                "checkpoint_every"), lo=1, integer=True),
-    common.Num(("seed",), lo=0, integer=True),
-    common.Num(("lr",), lo=0.0, lo_open=True),
-    common.Check(("latent", "d"), lambda v: v["latent"] <= v["d"],
-                 "--latent={latent}: expected <= --d={d}"),
-    common.Check(("batch_size", "n_rows"), lambda v: v["batch_size"] <= v["n_rows"],
-                 "--batch_size={batch_size}: expected <= --n_rows={n_rows}"),
-)
-
-
-def body(run, flags_):
-    results = run_demo(run, num_steps=flags_.num_steps, batch_size=flags_.batch_size, d=flags_.d,
-                       latent=flags_.latent, n_rows=flags_.n_rows, lr=flags_.lr,
-                       log_every=flags_.log_every, checkpoint_every=flags_.checkpoint_every,
-                       seed=flags_.seed, progress=flags_.progress)
+def body(run, settings):
+    results = run_demo(run, num_steps=settings.num_steps, batch_size=settings.batch_size,
+                       d=settings.d,
+                       latent=settings.latent, n_rows=settings.n_rows, lr=settings.lr,
+                       log_every=settings.log_every, checkpoint_every=settings.checkpoint_every,
+                       seed=settings.seed, progress=settings.progress)
     run.write_results(results)
     print(f"demo: step {results['final_step']} on {results['devices']} device(s), variance "
           f"explained {results['fraction_variance_explained']:.4f}, moments vs float64 "
@@ -152,4 +127,4 @@ def body(run, flags_):
 
 
 if __name__ == "__main__":
-    common.entry("demo", body, RULES)
+    common.entry("demo", body, CONFIG)

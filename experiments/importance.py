@@ -33,16 +33,15 @@ import dataclasses
 import os
 
 import numpy as np
-from absl import flags
 
 from experiments import common
-
-FLAGS = flags.FLAGS
+from experiments.configs import importance as CONFIG  # noqa: N812  (the config module)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything one run needs (the flags, typed)."""
+    """Everything one run needs, typed (built from the resolved config; the defaults equal
+    experiments/configs/importance.py's, a test checks)."""
 
     model: str = "tiny"
     tiny_arch: str = "gpt_neox"
@@ -62,31 +61,6 @@ class Settings:
     top_n: int = 10
     seed: int = 0
     progress: bool = True
-
-
-def define_flags() -> None:
-    d = Settings()
-    flags.DEFINE_string("model", d.model, "Local model directory, or 'tiny' (built offline).")
-    flags.DEFINE_enum("tiny_arch", d.tiny_arch, ["gpt_neox", "gpt2", "llama", "bert",
-                                                  "gemma2"], "Architecture of the tiny model.")
-    flags.DEFINE_integer("tiny_train_steps", d.tiny_train_steps, "Training steps of the tiny "
-                         "model on the shipped sample.")
-    flags.DEFINE_string("hookpoint", d.hookpoint, "Hookpoint (resid_post.L, resid_pre.L, "
-                        "attn_out.L, mlp_out.L, or SAELens / sparsify names).")
-    flags.DEFINE_string("sae", d.sae, "SAE directory (any supported format), or 'train' (a "
-                        "TopK SAE trained here on the hookpoint's activations).")
-    flags.DEFINE_string("text", d.text, "A .txt/.jsonl file or folder, or 'sample'.")
-    flags.DEFINE_integer("context_length", d.context_length, "Tokens per context.")
-    flags.DEFINE_integer("max_contexts", d.max_contexts, "Contexts read from the text.")
-    flags.DEFINE_integer("batch_size", d.batch_size, "Contexts per forward pass.")
-    flags.DEFINE_integer("sae_expansion", d.sae_expansion, "Trained SAE: d_sae / d_model.")
-    flags.DEFINE_integer("sae_k", d.sae_k, "Trained SAE: TopK k.")
-    flags.DEFINE_integer("sae_steps", d.sae_steps, "Trained SAE: steps.")
-    flags.DEFINE_integer("n_classes", d.n_classes, "Predicted-token classes (most frequent).")
-    flags.DEFINE_integer("n_ablate", d.n_ablate, "Features in the exact-ablation sample.")
-    flags.DEFINE_integer("ablate_contexts", d.ablate_contexts, "Contexts of the ablation.")
-    flags.DEFINE_integer("top_n", d.top_n, "Tokens listed per feature.")
-    flags.DEFINE_integer("seed", d.seed, "Seed (tiny model, SAE, masking, ablation sample).")
 
 
 class UserError(ValueError):
@@ -246,9 +220,9 @@ def _plots(workdir: str, imp, dle) -> None:
         plt.close(fig)
 
 
-def body(run_, flags_) -> None:
+def body(run_, settings) -> None:
     """The experiment behind `common.entry` (settings checked, workdir fingerprinted)."""
-    s = Settings(**{f.name: getattr(flags_, f.name) for f in dataclasses.fields(Settings)})
+    s = Settings(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(Settings)})
     results = run(s, run_.workdir, run_.mesh)
     m = results["splice"]
     print(f"{results['model']} {results['hookpoint']} ({m['objective']}, {m['n_positions']} "
@@ -269,26 +243,12 @@ def body(run_, flags_) -> None:
     print(f"results: {os.path.join(run_.workdir, 'results.json')}")
 
 
-RULES = (
-    common.Path(("model",), kind="dir", special=("tiny",),
-                what="a local transformers directory, or 'tiny'"),
-    common.Path(("sae",), kind="any", special=("train",)),
-    common.Path(("text",), kind="any", special=("sample",)),
-    common.Num(("tiny_train_steps", "context_length", "max_contexts", "batch_size",
-                "sae_expansion", "sae_k", "sae_steps", "n_classes", "n_ablate",
-                "ablate_contexts", "top_n"), lo=1, integer=True),
-    common.Num(("seed",), lo=0, integer=True),
-)
-
-
-def _data(flags_) -> dict:
+def _data(settings) -> dict:
     """Data whose identity enters the run fingerprint."""
-    return {"model": None if flags_.model == "tiny" else flags_.model,
-            "sae": None if flags_.sae == "train" else flags_.sae,
-            "text": None if flags_.text == "sample" else flags_.text}
+    return {"model": None if settings.model == "tiny" else settings.model,
+            "sae": None if settings.sae == "train" else settings.sae,
+            "text": None if settings.text == "sample" else settings.text}
 
 
 if __name__ == "__main__":
-    common.define_common_flags()
-    define_flags()
-    common.entry("importance", body, RULES, data=_data, errors=lambda: (UserError,))
+    common.entry("importance", body, CONFIG, data=_data, errors=lambda: (UserError,))

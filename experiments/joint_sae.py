@@ -41,43 +41,10 @@ import os
 import sys
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
 from experiments import common
-
-FLAGS = flags.FLAGS
-common.define_common_flags()
-flags.DEFINE_enum("source", "toy", ["toy", "caches"], "Embedded toy pair or two LM caches.")
-flags.DEFINE_string("cache_a", None, "Activation cache of model A (--source=caches).")
-flags.DEFINE_string("cache_b", None, "Activation cache of model B (same tokens).")
-flags.DEFINE_string("floor_cache_b", None, "Cache of a random-init copy of B (the floor).")
-flags.DEFINE_string("hookpoint_a", None, "Hookpoint of cache A.")
-flags.DEFINE_string("hookpoint_b", None, "Hookpoint of cache B (and of the floor cache).")
-flags.DEFINE_integer("max_rows", 200_000, "Rows read from the caches (in memory).")
-flags.DEFINE_integer("n_tokens", 16_384, "Toy rows.")
-flags.DEFINE_integer("toy_seed", 0, "Toy pair seed.")
-flags.DEFINE_integer("n_models", 2, "Toy sides (models); > 2 uses "
-                     "models.dictionary_pair.make_partial_sides (features shared by all sides).")
-flags.DEFINE_integer("dead_tokens", 10_000_000, "Rows without firing before a latent of a "
-                     "TopK/BatchTopK joint design is dead (its AuxK target).")
-flags.DEFINE_float("aux_coeff", 1.0 / 32, "AuxK coefficient of the TopK joint designs (0: off).")
-flags.DEFINE_integer("steps", 1200, "Optimisation steps per run.")
-flags.DEFINE_integer("batch_size", 256, "Rows per step.")
-flags.DEFINE_integer("d_sae", 96, "Latents of the joint designs (crosscoder, universal).")
-flags.DEFINE_integer("d_sae_single", 64, "Latents per SAE of aligned / independent SAEs.")
-flags.DEFINE_integer("k", 3, "TopK k (crosscoder TopK uses k + 1: its one code serves both "
-                     "models' features).")
-flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
-flags.DEFINE_list("designs", ["crosscoder_l1", "crosscoder_topk", "universal", "aligned",
-                              "independent"], "Which designs to run.")
-flags.DEFINE_list("l1_coeffs", ["1", "3"], "Crosscoder L1 coefficients.")
-flags.DEFINE_list("align_coeffs", ["1", "3", "10"], "Alignment coefficients alpha.")
-flags.DEFINE_list("seeds", ["0"], "Initialisation seeds (each run also gets its data order).")
-flags.DEFINE_integer("num_permutations", 200, "Random-pairing null size of the geometry.")
-flags.DEFINE_list("metrics", ["svcca", "cka", "rsa_spearman"],
-                  "Geometry metrics (engine.similarity registry names; the pipeline's full set "
-                  "is svcca,pwcca,cka,rsa_spearman,procrustes,mutual_knn, each costs a compile "
-                  "per pair count on CPU).")
+from experiments.configs import joint_sae as CONFIG  # noqa: N812  (the config module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,71 +59,71 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def load_pairs() -> tuple[Pair, Pair, dict]:
+def load_pairs(settings) -> tuple[Pair, Pair, dict]:
     """The real pair (or group of ``--n_models`` sides) and its floor (checked before any
     training)."""
     from models import dictionary_pair
-    if FLAGS.source == "toy" and FLAGS.n_models > 2:
-        real = dictionary_pair.make_partial_sides(FLAGS.toy_seed, FLAGS.n_models,
-                                                  n_tokens=FLAGS.n_tokens)
+    if settings.source == "toy" and settings.n_models > 2:
+        real = dictionary_pair.make_partial_sides(settings.toy_seed, settings.n_models,
+                                                  n_tokens=settings.n_tokens)
         d = real.description
         floor = dictionary_pair.make_partial_sides(
-            FLAGS.toy_seed, FLAGS.n_models, n_shared=0,
-            n_exclusive=d["n_shared"] + d["n_exclusive"], n_tokens=FLAGS.n_tokens)
+            settings.toy_seed, settings.n_models, n_shared=0,
+            n_exclusive=d["n_shared"] + d["n_exclusive"], n_tokens=settings.n_tokens)
         return (Pair("real", real.acts, real), Pair("floor", floor.acts, floor),
                 {"real": real.description, "floor": floor.description})
-    if FLAGS.source == "toy":
-        real = dictionary_pair.make_partial_pair(FLAGS.toy_seed, n_tokens=FLAGS.n_tokens)
+    if settings.source == "toy":
+        real = dictionary_pair.make_partial_pair(settings.toy_seed, n_tokens=settings.n_tokens)
         d = real.description
         floor = dictionary_pair.make_partial_pair(
-            FLAGS.toy_seed, n_shared=0, n_exclusive_a=d["n_shared"] + d["n_exclusive_a"],
-            n_exclusive_b=d["n_shared"] + d["n_exclusive_b"], n_tokens=FLAGS.n_tokens)
+            settings.toy_seed, n_shared=0, n_exclusive_a=d["n_shared"] + d["n_exclusive_a"],
+            n_exclusive_b=d["n_shared"] + d["n_exclusive_b"], n_tokens=settings.n_tokens)
         return (Pair("real", (real.acts_a, real.acts_b), real),
                 Pair("floor", (floor.acts_a, floor.acts_b), floor),
                 {"real": real.description, "floor": floor.description})
     missing = [n for n in ("cache_a", "cache_b", "floor_cache_b", "hookpoint_a", "hookpoint_b")
-               if not getattr(FLAGS, n)]
+               if not getattr(settings, n)]
     if missing:
         _fail(f"--source=caches needs --{', --'.join(missing)}")
     for n in ("cache_a", "cache_b", "floor_cache_b"):
-        if not os.path.isdir(getattr(FLAGS, n)):
-            _fail(f"--{n}={getattr(FLAGS, n)} is not a directory")
+        if not os.path.isdir(getattr(settings, n)):
+            _fail(f"--{n}={getattr(settings, n)} is not a directory")
     from engine import checks
     from models import activation_cache as ac
     try:
-        a, b, fb = (ac.ActivationCache(p) for p in (FLAGS.cache_a, FLAGS.cache_b,
-                                                    FLAGS.floor_cache_b))
+        a, b, fb = (ac.ActivationCache(p) for p in (settings.cache_a, settings.cache_b,
+                                                    settings.floor_cache_b))
         pairs = []
         for name, other in (("real", b), ("floor", fb)):
-            src = ac.paired_source(a, FLAGS.hookpoint_a, other, FLAGS.hookpoint_b)
-            rows = min(int(src.num_rows), FLAGS.max_rows)
+            src = ac.paired_source(a, settings.hookpoint_a, other, settings.hookpoint_b)
+            rows = min(int(src.num_rows), settings.max_rows)
             _, xa, xb = src.read_rows(0, rows)
             pairs.append(Pair(name, (np.asarray(xa, np.float32), np.asarray(xb, np.float32))))
     except (checks.InputError, ValueError) as e:
         _fail(str(e).splitlines()[0])
-    return pairs[0], pairs[1], {"cache_a": FLAGS.cache_a, "cache_b": FLAGS.cache_b,
-                                "floor_cache_b": FLAGS.floor_cache_b}
+    return pairs[0], pairs[1], {"cache_a": settings.cache_a, "cache_b": settings.cache_b,
+                                "floor_cache_b": settings.floor_cache_b}
 
 
-def joint_configs(seed: int) -> list:
+def joint_configs(settings, seed: int) -> list:
     from models import joint_sae as js
     out = []
-    F, k = FLAGS.d_sae, FLAGS.k
-    aux = dict(aux_coeff=FLAGS.aux_coeff, dead_tokens=FLAGS.dead_tokens)
-    for d in FLAGS.designs:
+    F, k = settings.d_sae, settings.k
+    aux = dict(aux_coeff=settings.aux_coeff, dead_tokens=settings.dead_tokens)
+    for d in settings.designs:
         if d == "crosscoder_l1":
-            out += [js.JointConfig("crosscoder", F, "relu", l1_coeff=float(c), lr=FLAGS.lr,
-                                   seed=seed) for c in FLAGS.l1_coeffs]
+            out += [js.JointConfig("crosscoder", F, "relu", l1_coeff=float(c), lr=settings.lr,
+                                   seed=seed) for c in settings.l1_coeffs]
         elif d == "crosscoder_topk":
-            out.append(js.JointConfig("crosscoder", F, "topk", k=k + 1, lr=FLAGS.lr, seed=seed,
+            out.append(js.JointConfig("crosscoder", F, "topk", k=k + 1, lr=settings.lr, seed=seed,
                                       **aux))
         elif d == "universal":
-            out.append(js.JointConfig("universal", F, "topk", k=k, lr=FLAGS.lr, seed=seed,
+            out.append(js.JointConfig("universal", F, "topk", k=k, lr=settings.lr, seed=seed,
                                       **aux))
         elif d == "aligned":
-            out += [js.JointConfig("aligned", FLAGS.d_sae_single, "topk", k=k,
-                                   align_coeff=float(c), lr=FLAGS.lr, seed=seed, **aux)
-                    for c in FLAGS.align_coeffs]
+            out += [js.JointConfig("aligned", settings.d_sae_single, "topk", k=k,
+                                   align_coeff=float(c), lr=settings.lr, seed=seed, **aux)
+                    for c in settings.align_coeffs]
         elif d != "independent":
             _fail(f"--designs: unknown {d!r}; expected crosscoder_l1, crosscoder_topk, "
                   "universal, aligned, independent")
@@ -165,7 +132,7 @@ def joint_configs(seed: int) -> list:
     return out
 
 
-def run_pair(run, pair: Pair, seeds: list[int]) -> list[dict]:
+def run_pair(run, settings, pair: Pair, seeds: list[int]) -> list[dict]:
     """Every design on one pair (group of models). All seeds and coefficients of a design
     train as ONE stacked program (`models.joint_sae.train_joint_sweep`; the independent SAEs
     of a model as one `models.sae_train.train_saes` program), each member on the same
@@ -175,37 +142,37 @@ def run_pair(run, pair: Pair, seeds: list[int]) -> list[dict]:
     from models import sae_train
     M = len(pair.xs)
     names = tuple("abcdefghijklmnopqrstuvwxyz"[:M]) if M <= 26 else None
-    configs = [c for s in seeds for c in joint_configs(s)]
+    configs = [c for s in seeds for c in joint_configs(settings, s)]
     results = []
     if configs:
         logging.info("training %d joint models on %s", len(configs), pair.name)
-        joints = js.train_joint_sweep(list(pair.xs), configs, steps=FLAGS.steps,
-                                      batch_size=FLAGS.batch_size, mesh=run.mesh,
+        joints = js.train_joint_sweep(list(pair.xs), configs, steps=settings.steps,
+                                      batch_size=settings.batch_size, mesh=run.mesh,
                                       workdir=run.path("runs", pair.name), data_seed=1000,
-                                      model_names=names, progress=FLAGS.progress)
+                                      model_names=names, progress=settings.progress)
         for cfg, joint in zip(configs, joints):
             res = jm.analyze_joint(joint, pair.xs, run.mesh, truth=pair.truth,
-                                   num_permutations=FLAGS.num_permutations, seed=cfg.seed,
-                                   metrics=tuple(FLAGS.metrics))
+                                   num_permutations=settings.num_permutations, seed=cfg.seed,
+                                   metrics=tuple(settings.metrics))
             res.update(pair=pair.name, seed=cfg.seed)
             results.append(res)
-    if "independent" in FLAGS.designs:
+    if "independent" in settings.designs:
         per_model = []
         for m, x in enumerate(pair.xs):
             # Each model's SAEs get their own seeds and data order.
-            tcfgs = [sae_train.TrainConfig(d_sae=FLAGS.d_sae_single, activation="topk",
-                                           k=FLAGS.k, lr=FLAGS.lr, seed=M * s + m + 1,
-                                           aux_coeff=FLAGS.aux_coeff,
-                                           dead_tokens=FLAGS.dead_tokens) for s in seeds]
+            tcfgs = [sae_train.TrainConfig(d_sae=settings.d_sae_single, activation="topk",
+                                           k=settings.k, lr=settings.lr, seed=M * s + m + 1,
+                                           aux_coeff=settings.aux_coeff,
+                                           dead_tokens=settings.dead_tokens) for s in seeds]
             per_model.append(sae_train.train_saes(
-                x, tcfgs, steps=FLAGS.steps, batch_size=FLAGS.batch_size, mesh=run.mesh,
+                x, tcfgs, steps=settings.steps, batch_size=settings.batch_size, mesh=run.mesh,
                 workdir=run.path("runs", pair.name, f"independent_{m}"),
-                data_seed=2000 + m, progress=FLAGS.progress))
+                data_seed=2000 + m, progress=settings.progress))
         for i, seed in enumerate(seeds):
             res = jm.analyze_independent([saes[i] for saes in per_model], pair.xs, run.mesh,
                                          truth=pair.truth,
-                                         num_permutations=FLAGS.num_permutations, seed=seed,
-                                         metrics=tuple(FLAGS.metrics))
+                                         num_permutations=settings.num_permutations, seed=seed,
+                                         metrics=tuple(settings.metrics))
             res.update(pair=pair.name, seed=seed)
             results.append(res)
     return results
@@ -392,28 +359,27 @@ def plots(run, real: list[dict], floor: list[dict]) -> list[str]:
     return paths
 
 
-def body(run, flags_) -> None:
+def body(run, settings) -> None:
     """The experiment behind `common.entry` (settings checked, workdir fingerprinted)."""
-    del flags_   # the functions below read FLAGS
     try:
-        seeds = [int(s) for s in FLAGS.seeds]
-        [float(c) for c in FLAGS.l1_coeffs + FLAGS.align_coeffs]
+        seeds = [int(s) for s in settings.seeds]
+        [float(c) for c in settings.l1_coeffs + settings.align_coeffs]
     except ValueError as e:
         _fail(f"--seeds / --l1_coeffs / --align_coeffs: {e}")
     for s in seeds:
-        joint_configs(s)
+        joint_configs(settings, s)
     from engine import checks, similarity
-    for name in FLAGS.metrics:
+    for name in settings.metrics:
         try:
             similarity.get(name)
         except checks.InputError as e:
             _fail(f"--metrics: {e}")
-    if FLAGS.batch_size % run.mesh.shape["data"]:
-        _fail(f"--batch_size={FLAGS.batch_size} is not divisible by the mesh data axis "
+    if settings.batch_size % run.mesh.shape["data"]:
+        _fail(f"--batch_size={settings.batch_size} is not divisible by the mesh data axis "
               f"({run.mesh.shape['data']})")
-    real_pair, floor_pair, data = load_pairs()
-    real = run_pair(run, real_pair, seeds)
-    floor = run_pair(run, floor_pair, seeds)
+    real_pair, floor_pair, data = load_pairs(settings)
+    real = run_pair(run, settings, real_pair, seeds)
+    floor = run_pair(run, settings, floor_pair, seeds)
     rows = summarise(real, floor)
     paths = plots(run, real, floor)
     from experiments.pipeline import joint_metrics as jm
@@ -429,36 +395,13 @@ def body(run, flags_) -> None:
     logging.flush()
 
 
-def _metric_names():
-    from engine import similarity
-    return sorted(similarity.METRICS)
-
-
-RULES = (
-    common.Choice(("metrics",), _metric_names, nonempty=True),
-    common.Path(("cache_a", "cache_b", "floor_cache_b"), kind="dir", what="an activation cache"),
-    common.Check(("source", "cache_a", "cache_b"), lambda v: v["source"] != "caches" or bool(
-        v["cache_a"] and v["cache_b"] and v["floor_cache_b"]),
-                 "--source=caches needs --cache_a, --cache_b and --floor_cache_b"),
-    common.Num(("max_rows", "n_tokens", "steps", "batch_size", "d_sae", "d_sae_single", "k",
-                "num_permutations", "dead_tokens"), lo=1, integer=True),
-    common.Num(("n_models",), lo=2, integer=True),
-    common.Check(("source", "n_models"), lambda v: v["source"] != "caches" or v["n_models"] == 2,
-                 "--n_models > 2 is for --source=toy (the caches option pairs two models)"),
-    common.Num(("lr",), lo=0.0, lo_open=True),
-    common.Num(("aux_coeff",), lo=0.0),
-    common.Num(("l1_coeffs", "align_coeffs"), lo=0.0),
-    common.Num(("seeds", "toy_seed"), lo=0, integer=True),
-)
-
-
-def _data(flags_) -> dict:
+def _data(settings) -> dict:
     """Activation caches whose identity enters the run fingerprint."""
-    if flags_.source != "caches":
+    if settings.source != "caches":
         return {}
-    return {name: os.path.join(getattr(flags_, name), "metadata.json")
-            for name in ("cache_a", "cache_b", "floor_cache_b") if getattr(flags_, name)}
+    return {name: os.path.join(getattr(settings, name), "metadata.json")
+            for name in ("cache_a", "cache_b", "floor_cache_b") if getattr(settings, name)}
 
 
 if __name__ == "__main__":
-    common.entry("joint_sae", body, RULES, data=_data)
+    common.entry("joint_sae", body, CONFIG, data=_data)

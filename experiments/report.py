@@ -17,9 +17,14 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a finished universality run.")
-flags.DEFINE_string("out", None, "Report folder (default: WORKDIR/report).")
-flags.DEFINE_bool("dry_run", False, "Check the workdir and say where the report would go.")
+
+
+def define_flags() -> None:
+    """This tool's flags, defined when it runs (not at import: every experiments module
+    imports together; ``--workdir`` and ``--out`` are also names of other entry points)."""
+    flags.DEFINE_string("workdir", None, "Workdir of a finished universality run.")
+    flags.DEFINE_string("out", None, "Report folder (default: WORKDIR/report).")
+    flags.DEFINE_bool("dry_run", False, "Check the workdir and say where the report would go.")
 
 
 def main(argv):
@@ -49,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

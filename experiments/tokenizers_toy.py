@@ -37,38 +37,12 @@ import dataclasses
 import os
 
 import numpy as np
-from absl import flags
 
 from experiments import common
-
-FLAGS = flags.FLAGS
-common.define_common_flags()
-flags.DEFINE_enum("tokenizer_a", "bpe", ["bpe", "wordpiece", "unigram"], "Side A tokenizer.")
-flags.DEFINE_enum("tokenizer_b", "wordpiece", ["bpe", "wordpiece", "unigram"],
-                  "Side B tokenizer.")
-flags.DEFINE_integer("vocab_size", 500, "Vocabulary of both tokenizers.")
-flags.DEFINE_integer("max_documents", 12, "Documents (chapters) of the shipped sample.")
-flags.DEFINE_integer("context_length", 64, "Tokens per context.")
-flags.DEFINE_integer("n_features", 48, "Ground-truth features.")
-flags.DEFINE_integer("d", 24, "Activation width of each side.")
-flags.DEFINE_integer("k_word", 2, "Features active per word type.")
-flags.DEFINE_float("noise", 0.05, "Gaussian noise per dimension.")
-flags.DEFINE_float("jitter", 0.8, "Per-occurrence magnitude spread of a word's features "
-                   "(shared by both sides; 0: every occurrence carries the type's code).")
-flags.DEFINE_bool("causal", True, "Scale a word's code by the share of the word read so far.")
-flags.DEFINE_list("units", ["shared_boundaries:last", "words:last", "words:mean"],
-                  "Alignment units to test, unit:pooling.")
-flags.DEFINE_integer("sae_steps", 1200, "SAE training steps.")
-flags.DEFINE_integer("sae_k", 3, "TopK k of the SAEs.")
-flags.DEFINE_integer("sae_batch_size", 256, "Rows per SAE step.")
-flags.DEFINE_integer("num_permutations", 200, "Random-pairing null size per metric.")
-flags.DEFINE_list("metrics", ["svcca", "cka", "rsa_spearman", "mutual_knn"], "Metrics.")
-flags.DEFINE_float("threshold", 0.1, "Correlation threshold of kept pairs.")
-flags.DEFINE_integer("chunk_size", 512, "Rows per streamed chunk.")
-flags.DEFINE_integer("seed", 0, "Seed.")
+from experiments.configs import tokenizers_toy as CONFIG  # noqa: N812  (the config module)
 
 
-def _plot(comps: list, path: str) -> None:
+def _plot(comps: list, path: str, settings) -> None:
     from experiments.pipeline import report
     plt = report._plt()
     names = [c.name for c in comps]
@@ -94,13 +68,13 @@ def _plot(comps: list, path: str) -> None:
     for ax in axes:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-    fig.suptitle(f"word-level known truth, {FLAGS.tokenizer_a} vs {FLAGS.tokenizer_b}")
+    fig.suptitle(f"word-level known truth, {settings.tokenizer_a} vs {settings.tokenizer_b}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run(run_) -> dict:
+def run(run_, settings) -> dict:
     from engine import streaming
     from experiments.pipeline import aligned, compare, filters, report
     from experiments.pipeline import results as results_lib
@@ -109,71 +83,71 @@ def run(run_) -> dict:
     from models import alignment as al
     from models import sae_train, text, tiny_tokenizers, word_toy
 
-    if FLAGS.tokenizer_a == FLAGS.tokenizer_b:
+    if settings.tokenizer_a == settings.tokenizer_b:
         raise compare.PipelineError("--tokenizer_a and --tokenizer_b must differ (the "
                                     "same-tokenizer case is the built-in reference)")
     specs = []
-    for u in FLAGS.units:
+    for u in settings.units:
         unit, _, pooling = u.partition(":")
         if unit not in ("shared_boundaries", "words") or pooling not in al.POOLINGS:
             raise compare.PipelineError(f"--units: {u!r}; expected shared_boundaries|words "
                                         f":last|mean|max")
         specs.append((unit, pooling))
-    docs = text.sample_documents(FLAGS.max_documents)
-    toks = {s: tiny_tokenizers.build_tokenizer(k, FLAGS.vocab_size)
-            for s, k in (("a", FLAGS.tokenizer_a), ("b", FLAGS.tokenizer_b))}
-    ctx = {s: text.make_contexts(docs, t, FLAGS.context_length, pad_tail=True)
+    docs = text.sample_documents(settings.max_documents)
+    toks = {s: tiny_tokenizers.build_tokenizer(k, settings.vocab_size)
+            for s, k in (("a", settings.tokenizer_a), ("b", settings.tokenizer_b))}
+    ctx = {s: text.make_contexts(docs, t, settings.context_length, pad_tail=True)
            for s, t in toks.items()}
     corpus = {s: al.corpus_tokens(docs, toks[s], ctx[s]) for s in "ab"}
 
-    seed = FLAGS.seed
-    codes = word_toy.word_codes(docs, FLAGS.n_features, FLAGS.k_word, seed)
-    codes_ctrl = word_toy.word_codes(docs, FLAGS.n_features, FLAGS.k_word, seed + 100)
-    dictionary = word_toy.unit_rows(FLAGS.n_features, FLAGS.d, [seed, 1])
-    feats_a = dictionary @ word_toy.orthogonal(FLAGS.d, [seed, 2])
-    feats_b = dictionary @ word_toy.orthogonal(FLAGS.d, [seed, 3])
-    feats_ctrl = word_toy.unit_rows(FLAGS.n_features, FLAGS.d, [seed, 4])
+    seed = settings.seed
+    codes = word_toy.word_codes(docs, settings.n_features, settings.k_word, seed)
+    codes_ctrl = word_toy.word_codes(docs, settings.n_features, settings.k_word, seed + 100)
+    dictionary = word_toy.unit_rows(settings.n_features, settings.d, [seed, 1])
+    feats_a = dictionary @ word_toy.orthogonal(settings.d, [seed, 2])
+    feats_b = dictionary @ word_toy.orthogonal(settings.d, [seed, 3])
+    feats_ctrl = word_toy.unit_rows(settings.n_features, settings.d, [seed, 4])
     gen = lambda side, c, f, s: word_toy.side_activations(
-        docs, corpus[side], ctx[side], c, f, noise=FLAGS.noise, seed=[seed, s],
-        causal=FLAGS.causal, jitter_seed=None if FLAGS.jitter <= 0 else [seed, 20 + (
-            c is codes_ctrl)], jitter_spread=FLAGS.jitter)
+        docs, corpus[side], ctx[side], c, f, noise=settings.noise, seed=[seed, s],
+        causal=settings.causal, jitter_seed=None if settings.jitter <= 0 else [seed, 20 + (
+            c is codes_ctrl)], jitter_spread=settings.jitter)
     acts = {"a": gen("a", codes, feats_a, 10),
             "b_same": gen("a", codes, feats_b, 11),
             "b": gen("b", codes, feats_b, 11),
             "control": gen("b", codes_ctrl, feats_ctrl, 12)}
     scale = float(np.median(np.linalg.norm(acts["b"], axis=1)))
     acts["floor"] = word_toy.random_token_embeddings(
-        ctx["b"], len(toks["b"].get_vocab()), FLAGS.d, scale=scale, noise=FLAGS.noise,
+        ctx["b"], len(toks["b"].get_vocab()), settings.d, scale=scale, noise=settings.noise,
         seed=[seed, 13])
 
     def train(name, x, s):
-        cfg = sae_train.TrainConfig(d_sae=FLAGS.n_features, activation="topk", k=FLAGS.sae_k,
+        cfg = sae_train.TrainConfig(d_sae=settings.n_features, activation="topk", k=settings.sae_k,
                                     lr=3e-3, seed=s)
-        return saes_lib.train_or_load(x, cfg, steps=FLAGS.sae_steps,
-                                      batch_size=FLAGS.sae_batch_size, data_seed=s,
+        return saes_lib.train_or_load(x, cfg, steps=settings.sae_steps,
+                                      batch_size=settings.sae_batch_size, data_seed=s,
                                       directory=run_.path("saes", name), mesh=run_.mesh,
-                                      progress=FLAGS.progress, metadata={"side": name})
+                                      progress=settings.progress, metadata={"side": name})
 
     saes = {"a": train("a", acts["a"], seed), "a_ceiling": train("a_ceiling", acts["a"], seed + 1)}
     for name in ("b_same", "b", "control", "floor"):
         saes[name] = train(name, acts[name], seed)
 
-    cfg = compare.CompareConfig(filters=filters.FilterConfig(threshold=FLAGS.threshold),
-                                metrics=tuple(FLAGS.metrics),
-                                num_permutations=FLAGS.num_permutations, seed=seed)
+    cfg = compare.CompareConfig(filters=filters.FilterConfig(threshold=settings.threshold),
+                                metrics=tuple(settings.metrics),
+                                num_permutations=settings.num_permutations, seed=seed)
     cache = StepCache(run_.path("steps"))
-    ident = np.arange(FLAGS.n_features)
+    ident = np.arange(settings.n_features)
     truth = lambda fb: {"features_a": feats_a, "features_b": fb, "true_match": ident,
-                        "recoverable": np.ones(FLAGS.n_features, bool), "min_cos": 0.9}
+                        "recoverable": np.ones(settings.n_features, bool), "min_cos": 0.9}
 
     def stream(xa, xb):
         rows = np.arange(xa.shape[0], dtype=np.int32)
-        return lambda: streaming.ChunkStream((rows, xa, xb), FLAGS.chunk_size, name="rows")
+        return lambda: streaming.ChunkStream((rows, xa, xb), settings.chunk_size, name="rows")
 
     def one(name, kind, xa, xb, sae_b, text_fn, context_fn, tr, extra=None):
         comp = compare.run_comparison(
             name, stream(xa, xb), saes["a"], sae_b, text_fn, run_.mesh, cfg, cache,
-            ckpt_root=run_.path("checkpoints"), truth=tr, progress=FLAGS.progress,
+            ckpt_root=run_.path("checkpoints"), truth=tr, progress=settings.progress,
             labels=results_lib.Labels(kind=kind, label=name, **(extra or {})),
             context_text=context_fn,
             features_dir=run_.path("features"))
@@ -203,7 +177,7 @@ def run(run_) -> dict:
         # density / mean per own token next to the per-unit values of the feature pass
         comps[-1] = dataclasses.replace(comps[-1], feature_density=view.annotate_features(
             os.path.join(run_.path("features"), f"{comps[-1].name}.json"), saes["a"],
-            saes["b"], acts["a"], acts["b"], run_.mesh, FLAGS.chunk_size))
+            saes["b"], acts["a"], acts["b"], run_.mesh, settings.chunk_size))
     view = views[specs[0]]
     xa = view.pool("a", acts["a"])
     comps.append(one("control", "control", xa, view.pool("b", acts["control"]),
@@ -228,13 +202,14 @@ def run(run_) -> dict:
                 entry[f"{m}_excess_same_tokenizer"] = base.metrics[m].excess
         losses[c.name] = entry
     results = {"experiment": "tokenizers_toy",
-               "tokenizers": {"a": FLAGS.tokenizer_a, "b": FLAGS.tokenizer_b,
-                              "vocab_size": FLAGS.vocab_size},
+               "tokenizers": {"a": settings.tokenizer_a, "b": settings.tokenizer_b,
+                              "vocab_size": settings.vocab_size},
                "data": {"documents": len(docs), "word_types": len(codes.types),
                         "tokens": {s: int(ctx[s].mask.sum()) for s in "ab"},
                         "contexts": {s: len(ctx[s]) for s in "ab"},
-                        "n_features": FLAGS.n_features, "d": FLAGS.d, "k_word": FLAGS.k_word,
-                        "noise": FLAGS.noise, "causal": FLAGS.causal},
+                        "n_features": settings.n_features, "d": settings.d,
+                        "k_word": settings.k_word,
+                        "noise": settings.noise, "causal": settings.causal},
                "comparisons": [c.to_json() for c in comps], "loss_vs_same_tokenizer": losses,
                "summary": [report.verdict(c) for c in comps]}
     for c in comps:
@@ -243,15 +218,15 @@ def run(run_) -> dict:
                               os.path.join(run_.plots_dir, f"null_{c.name}.png"))
     report.plot_matched_correlations(comps, os.path.join(run_.plots_dir,
                                                          "matched_correlations.png"))
-    _plot(comps, os.path.join(run_.plots_dir, "units.png"))
+    _plot(comps, os.path.join(run_.plots_dir, "units.png"), settings)
     run_.write_results(results)
     print(report.summary_table(comps))
     print(f"{'comparison':<28} {'rows':>7} {'pairs':>5} {'recovered':>9}  "
-          + "  ".join(f"{m:>12}" for m in FLAGS.metrics))
+          + "  ".join(f"{m:>12}" for m in settings.metrics))
     for c in comps:
         rec = None if c.truth is None else c.truth.fraction_true_pairs_recovered
         cells = []
-        for m in FLAGS.metrics:
+        for m in settings.metrics:
             r = c.metrics[m] if m in c.metrics else None
             cells.append(f"{r.excess:+.3f} p{r.p:.3f}" if r else f"{'-':>12}")
         print(f"{c.name:<28} {c.tokens:>7} {c.n_pairs:>5} "
@@ -260,26 +235,9 @@ def run(run_) -> dict:
     return results
 
 
-def body(run_, flags_) -> None:
+def body(run_, settings) -> None:
     """The experiment behind `common.entry` (settings checked, workdir fingerprinted)."""
-    del flags_   # run() reads FLAGS
-    run(run_)
-
-
-def _metric_names():
-    from engine import similarity
-    return sorted(similarity.METRICS)
-
-
-RULES = (
-    common.Choice(("metrics",), _metric_names, nonempty=True),
-    common.Num(("threshold",), hi=1.0, what="a correlation"),
-    common.Num(("noise", "jitter"), lo=0.0),
-    common.Num(("vocab_size", "max_documents", "context_length", "n_features", "d", "k_word",
-                "sae_steps", "sae_k", "sae_batch_size", "num_permutations", "chunk_size"),
-               lo=1, integer=True),
-    common.Num(("seed",), lo=0, integer=True),
-)
+    run(run_, settings)
 
 
 def _errors():
@@ -288,4 +246,4 @@ def _errors():
 
 
 if __name__ == "__main__":
-    common.entry("tokenizers_toy", body, RULES, errors=_errors)
+    common.entry("tokenizers_toy", body, CONFIG, errors=_errors)

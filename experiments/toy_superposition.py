@@ -37,31 +37,10 @@ import os
 from typing import Any
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
 from experiments import common
-
-FLAGS = flags.FLAGS
-common.define_common_flags()
-flags.adopt_module_key_flags(common)   # --help lists the common flags too
-flags.DEFINE_integer("sweep_steps", 10_000, "AdamW steps per sweep (the paper: 10k).")
-flags.DEFINE_integer("sweep_batch_size", 1024, "Samples per instance per step (the paper: 1024).")
-flags.DEFINE_float("sweep_lr", 1e-3, "AdamW learning rate (the paper: 1e-3).")
-flags.DEFINE_integer("sweep_seeds", 3, "Seeds per phase-diagram point (figures show the "
-                     "lowest-loss one).")
-flags.DEFINE_integer("pentagon_seeds", 6, "Seeds per sparsity of the 5 -> 2 sweep (local minima "
-                     "such as a square are common; the lowest-loss seed is shown).")
-flags.DEFINE_integer("sweep_log_every", 500, "Steps per jitted scan call / metrics line.")
-flags.DEFINE_integer("sweep_checkpoint_every", 2500, "Checkpoint interval in steps.")
-flags.DEFINE_list("pentagon_sparsity", ["0", "0.5", "0.7", "0.8", "0.85", "0.9", "0.95",
-                                        "0.98"], "Sparsities of the 5 -> 2 sweep.")
-flags.DEFINE_integer("dim_features", 100, "n of the dimensionality sweep (paper: 400).")
-flags.DEFINE_integer("dim_hidden", 10, "m of the dimensionality sweep (paper: 30).")
-flags.DEFINE_integer("dim_points", 24, "Sparsity values of the dimensionality sweep.")
-flags.DEFINE_integer("dim_seeds", 1, "Seeds per sparsity of the dimensionality sweep.")
-flags.DEFINE_float("dim_max_inverse_density", 100.0, "Largest 1/(1-S) of that sweep.")
-flags.DEFINE_integer("phase_points", 10, "Grid points per axis of the phase diagram.")
-flags.DEFINE_string("sweeps", "pentagon,dimensionality,phase", "Which sweeps to run.")
+from experiments.configs import toy_superposition as CONFIG  # noqa: N812  (the config module)
 
 STICKY = {"1": 1.0, "3/4": 0.75, "2/3": 2 / 3, "1/2": 0.5, "2/5": 0.4, "3/8": 0.375,
           "1/3": 1 / 3}
@@ -334,38 +313,23 @@ def _summary(results: dict) -> dict:
     return out
 
 
-def settings_from_flags() -> dict:
-    return {"steps": FLAGS.sweep_steps, "batch_size": FLAGS.sweep_batch_size, "lr": FLAGS.sweep_lr,
-            "seeds": FLAGS.sweep_seeds, "pentagon_seeds": FLAGS.pentagon_seeds,
-            "log_every": FLAGS.sweep_log_every,
-            "checkpoint_every": FLAGS.sweep_checkpoint_every,
-            "pentagon_sparsity": [float(s) for s in FLAGS.pentagon_sparsity],
-            "dim_features": FLAGS.dim_features, "dim_hidden": FLAGS.dim_hidden,
-            "dim_points": FLAGS.dim_points, "dim_seeds": FLAGS.dim_seeds,
-            "dim_max_inverse_density": FLAGS.dim_max_inverse_density,
-            "phase_points": FLAGS.phase_points, "sweeps": FLAGS.sweeps,
-            "progress": FLAGS.progress}
+def sweep_settings(settings) -> dict:
+    """The dict `run_toy_superposition` takes, from the run's settings."""
+    return {"steps": settings.sweep_steps, "batch_size": settings.sweep_batch_size,
+            "lr": settings.sweep_lr,
+            "seeds": settings.sweep_seeds, "pentagon_seeds": settings.pentagon_seeds,
+            "log_every": settings.sweep_log_every,
+            "checkpoint_every": settings.sweep_checkpoint_every,
+            "pentagon_sparsity": [float(s) for s in settings.pentagon_sparsity],
+            "dim_features": settings.dim_features, "dim_hidden": settings.dim_hidden,
+            "dim_points": settings.dim_points, "dim_seeds": settings.dim_seeds,
+            "dim_max_inverse_density": settings.dim_max_inverse_density,
+            "phase_points": settings.phase_points, "sweeps": settings.sweeps,
+            "progress": settings.progress}
 
 
-RULES = (
-    common.Num(("sweep_steps", "sweep_batch_size", "sweep_seeds", "pentagon_seeds",
-                "sweep_log_every", "sweep_checkpoint_every", "dim_features", "dim_hidden",
-                "dim_seeds", "phase_points"), lo=1, integer=True),
-    common.Num(("dim_points",), lo=2, integer=True),
-    common.Num(("sweep_lr",), lo=0.0, lo_open=True),
-    common.Num(("pentagon_sparsity",), lo=0.0, hi=1.0, hi_open=True),
-    common.Num(("dim_max_inverse_density",), lo=1.0, lo_open=True),
-    common.Check(("dim_hidden", "dim_features"), lambda v: v["dim_hidden"] < v["dim_features"],
-                 "--dim_hidden={dim_hidden}: expected < --dim_features={dim_features} "
-                 "(superposition needs fewer dimensions than features)"),
-    common.Choice(("sweeps",), ("pentagon", "dimensionality", "phase"), split_commas=True,
-                  nonempty=True),
-)
-
-
-def body(run, flags_):
-    del flags_
-    results = run_toy_superposition(run, settings_from_flags())
+def body(run, settings):
+    results = run_toy_superposition(run, sweep_settings(settings))
     run.write_results(results)
     for key, value in results["summary"].items():
         print(f"{key}: {value}")
@@ -373,4 +337,4 @@ def body(run, flags_):
 
 
 if __name__ == "__main__":
-    common.entry("toy_superposition", body, RULES)
+    common.entry("toy_superposition", body, CONFIG)

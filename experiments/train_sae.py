@@ -49,74 +49,14 @@ import itertools
 import json
 import os
 
-from absl import flags, logging
+from absl import logging
 
 from experiments import common
+from experiments.configs import train_sae as CONFIG  # noqa: N812  (the config module)
 
-FLAGS = flags.FLAGS
 # Fewest held-out .npy rows for the evaluation metrics (fvu, l0, densities); with fewer the run
 # is refused unless --eval_on_train (metrics never silently fall back to training rows).
 MIN_EVAL_ROWS = 32
-common.define_common_flags()
-flags.adopt_module_key_flags(common)   # --help lists the common flags too
-flags.DEFINE_enum("source", "synthetic", ["synthetic", "npy", "cache", "lm"],
-                  "Training data: synthetic, an in-memory .npy, an activation cache "
-                  "(experiments.harvest; streamed, never loaded) or a live model (streamed).")
-flags.DEFINE_string("npy_path", None, "2-D float .npy array [rows, d_in] (--source=npy).")
-flags.DEFINE_string("cache_path", None, "Activation cache directory (--source=cache).")
-flags.DEFINE_string("hookpoint", None, "Hookpoint to train on (--source=cache: default the "
-                    "cache's first; --source=lm: required, e.g. resid_post.3).")
-flags.DEFINE_string("model_path", None, "Local transformers model directory (--source=lm).")
-flags.DEFINE_list("lm_text", ["sample"], "Text for --source=lm (models/text.py sources; with "
-                  "--lm_text_weights each entry is one corpus).")
-flags.DEFINE_list("lm_text_weights", [], "Interleave the --lm_text corpora in this ratio.")
-flags.DEFINE_enum("lm_txt_split", "line", ["file", "paragraph", "line"],
-                  "How .txt files split into documents (--source=lm).")
-flags.DEFINE_bool("lm_pack", True, "Pack short documents into shared contexts (--source=lm).")
-flags.DEFINE_integer("lm_context_length", 128, "Tokens per context (--source=lm).")
-flags.DEFINE_integer("lm_max_contexts", 1024, "Contexts read from --lm_text (--source=lm).")
-flags.DEFINE_integer("lm_forward_batch", 8, "Contexts per forward pass (--source=lm).")
-flags.DEFINE_bool("exclude_special", False, "Leave special tokens (BOS/EOS/PAD/CLS/SEP) out "
-                  "of training (--source=cache|lm).")
-flags.DEFINE_float("epochs", 0.0, "Passes over the data (overrides --steps when > 0; "
-                   "npy/cache/lm). A run covering less than one epoch logs a warning.")
-flags.DEFINE_integer("shuffle_buffer", 1 << 16, "Rows held in the shuffle buffer when "
-                     "streaming (--source=cache|lm).")
-flags.DEFINE_integer("shuffle_block", 1024, "Consecutive rows read together by the shuffle.")
-flags.DEFINE_float("eval_frac", 0.1, "Fraction of .npy rows held out for evaluation.")
-flags.DEFINE_integer("n_true", 512, "Synthetic: number of ground-truth features.")
-flags.DEFINE_integer("d", 128, "Synthetic: ambient dimension.")
-flags.DEFINE_float("k_true", 5.0, "Synthetic: mean number of active true features per row.")
-flags.DEFINE_float("correlation", 0.0, "Synthetic: latent correlation within blocks.")
-flags.DEFINE_integer("n_blocks", 1, "Synthetic: correlation blocks.")
-flags.DEFINE_integer("dict_seed", 1, "Synthetic: dictionary seed.")
-flags.DEFINE_list("activation", ["topk"], "relu | topk | batchtopk | jumprelu (list).")
-flags.DEFINE_list("d_sae", [], "SAE widths (list of ints).")
-flags.DEFINE_list("d_sae_mult", [], "Widths as multiples of n_true (synthetic) or d_in "
-                  "(with neither flag: one width, 1 x n_true or d_in).")
-flags.DEFINE_list("k", ["5"], "k for topk / batchtopk (list).")
-flags.DEFINE_list("l1_coeff", ["1.0"], "L1 coefficients for relu (list).")
-flags.DEFINE_list("l0_coeff", ["1.0"], "L0 coefficients for jumprelu (list).")
-flags.DEFINE_list("seeds", ["0"], "Initialisation seeds (list).")
-flags.DEFINE_integer("data_seed", 0, "Data order / synthetic sample stream.")
-flags.DEFINE_integer("steps", 1000, "Optimisation steps per program.")
-flags.DEFINE_integer("batch_size", 1024, "Rows per step.")
-flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
-flags.DEFINE_float("lr_decay_frac", 0.3, "Learning-rate decay to 0 over this final fraction.")
-flags.DEFINE_integer("lr_warmup_steps", 0, "Linear learning-rate warm-up steps.")
-flags.DEFINE_enum("lr_decay", "linear", ["linear", "cosine"], "Shape of the decay.")
-flags.DEFINE_integer("dead_tokens", 1_000_000, "Tokens without firing before a latent is dead.")
-flags.DEFINE_integer("k_aux", -1, "AuxK latents (-1: d_in // 2; 0: off).")
-flags.DEFINE_enum("decode", "auto", ["auto", "sparse", "dense"], "TopK decoder path.")
-flags.DEFINE_enum("b_dec_init", "geometric_median", ["geometric_median", "mean", "zeros"],
-                  "b_dec initialisation.")
-flags.DEFINE_integer("eval_rows", 16384, "Held-out rows for evaluation (synthetic: fresh).")
-flags.DEFINE_bool("eval_on_train", False,
-                  "npy: when fewer than MIN_EVAL_ROWS rows would be held out, measure the "
-                  "metrics on training rows instead of refusing (recorded in results.json).")
-flags.DEFINE_float("match_threshold", 0.7, "Decoder cosine for a seed-vs-seed match.")
-flags.DEFINE_integer("log_every", 100, "Steps between metrics lines.")
-flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
 
 
 def _floats(values) -> list[float]:
@@ -506,83 +446,9 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
     return results
 
 
-def _npy_width(path: str) -> int:
-    """d_in of a .npy file from its header (no data read; a garbage, pickled or non-.npy file
-    is one line naming it)."""
-    from models import activation_cache
-    shape, _, _ = activation_cache.npy_header(path, "--npy_path")
-    if len(shape) != 2:
-        raise common.ConfigError(f"--npy_path={path}: expected a 2-D array [rows, d_in], got "
-                                 f"shape {tuple(shape)}")
-    return int(shape[1])
-
-
-def widths_of(values) -> list[int]:
-    """The SAE widths the run will train (as `run_train_sae` computes them). With a cache or a
-    live model, d_in is known only once the source opens: widths from --d_sae_mult (and the
-    1 x d_in default) are left out here."""
-    if values["source"] == "synthetic":
-        unit = values["n_true"]
-    elif values["source"] == "npy":
-        unit = _npy_width(values["npy_path"])
-    else:
-        return [int(w) for w in values["d_sae"]]
-    widths = [int(w) for w in values["d_sae"]] + [int(round(float(m) * unit))
-                                                  for m in values["d_sae_mult"]]
-    return widths or [unit]
-
-
-def _k_fits(values) -> None:
-    widths = widths_of(values)
-    if not widths:          # a cache / live model without --d_sae: checked once d_in is known
-        return
-    if min(widths) < 1:
-        raise common.ConfigError(f"SAE width {min(widths)}: expected >= 1 (--d_sae_mult too "
-                                 "small)")
-    if not set(values["activation"]) & {"topk", "batchtopk"}:
-        return
-    k = max(int(x) for x in values["k"])
-    if k > min(widths):
-        raise common.ConfigError(f"--k={k}: expected <= the smallest SAE width "
-                                 f"(d_sae {min(widths)})")
-
-
-RULES = (
-    common.Choice(("activation",), ("relu", "topk", "batchtopk", "jumprelu"), nonempty=True),
-    common.Check(("npy_path",), lambda v: v["source"] != "npy" or bool(v["npy_path"]),
-                 "--npy_path is required with --source=npy"),
-    common.Path(("npy_path",), kind="file"),
-    common.Check(("cache_path",), lambda v: v["source"] != "cache" or bool(v["cache_path"]),
-                 "--cache_path is required with --source=cache"),
-    common.Check(("model_path", "hookpoint"), lambda v: v["source"] != "lm" or bool(
-        v["model_path"] and v["hookpoint"]),
-                 "--model_path and --hookpoint are required with --source=lm"),
-    common.Path(("cache_path", "model_path"), kind="dir"),
-    common.Path(("lm_text",), kind="any", special=("sample",)),
-    common.Num(("epochs",), lo=0.0),
-    common.Num(("lm_context_length", "lm_max_contexts", "lm_forward_batch", "shuffle_buffer",
-                "shuffle_block"), lo=1, integer=True),
-    common.Num(("lr_warmup_steps",), lo=0, integer=True),
-    common.Num(("eval_frac",), lo=0.0, hi=1.0, hi_open=True),
-    common.Num(("n_true", "d", "n_blocks", "steps", "batch_size", "dead_tokens", "eval_rows",
-                "log_every", "checkpoint_every", "d_sae", "k"), lo=1, integer=True),
-    common.Num(("dict_seed", "data_seed", "seeds"), lo=0, integer=True),
-    common.Num(("k_true",), lo=0.0, lo_open=True),
-    common.Num(("correlation",), lo=0.0, hi=1.0, hi_open=True),
-    common.Num(("d_sae_mult", "lr"), lo=0.0, lo_open=True),
-    common.Num(("l1_coeff", "l0_coeff"), lo=0.0),
-    common.Num(("lr_decay_frac",), lo=0.0, hi=1.0),
-    common.Num(("k_aux",), lo=-1, integer=True, what="-1: d_in // 2; 0: off"),
-    common.Num(("match_threshold",), lo=-1.0, hi=1.0),
-    common.Check(("k_true", "n_true"), lambda v: v["source"] != "synthetic" or
-                 v["k_true"] <= v["n_true"],
-                 "--k_true={k_true}: expected <= --n_true={n_true}"),
-    common.Probe(("k", "d_sae", "d_sae_mult"), _k_fits),
-)
-
-
-def body(run, flags_):
-    opts = {name: flags_[name].value for name in flags_}
+def body(run, settings):
+    opts = {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(settings).items()}
     results = run_train_sae(run, opts)
     for r in results["saes"]:
         extra = f" mmcs={r['mmcs']:.4f}" if "mmcs" in r else ""
@@ -595,7 +461,7 @@ def body(run, flags_):
 
 
 if __name__ == "__main__":
-    common.entry("train_sae", body, RULES, data=lambda f: {
+    common.entry("train_sae", body, CONFIG, data=lambda f: {
         "npy_path": f.npy_path if f.source == "npy" else None,
         # A cache's identity is its metadata (model, hookpoints, text hash, shards written).
         "cache": (os.path.join(f.cache_path, "metadata.json") if f.source == "cache" and
@@ -603,4 +469,4 @@ if __name__ == "__main__":
         "model_path": f.model_path if f.source == "lm" else None,
         **{f"text_{i}": t for i, t in enumerate(f.lm_text)
            if f.source == "lm" and t != "sample"}},
-        config=lambda f: {"widths_used": widths_of(common.flag_values(f))})
+        record=lambda f: {"widths_used": CONFIG.widths_of(dataclasses.asdict(f))})

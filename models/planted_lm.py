@@ -1,7 +1,8 @@
 """Tiny transformers models with planted concept geometry in their activations (offline).
 
 Known truth for the language-model path of the concept-geometry experiment
-(`experiments.feature_geometry --preset=lm`): a word-level tokenizer is trained (``tokenizers``,
+(`experiments.feature_geometry --config=experiments/configs/feature_geometry_lm.py`): a
+word-level tokenizer is trained (``tokenizers``,
 `models.text.build_word_tokenizer`) on a synthetic corpus (`planted_corpus`: sentences with
 weekday and month names, food, numbers, nature and people words, plus the shipped sample),
 and a tiny GPT-NeoX model is built from a config with its input embedding table SET so that:

@@ -1,10 +1,12 @@
 """Helper process for tests/test_cli.py: validates many settings of ONE experiment in-process.
 
-Experiments define clashing flag names (``--seed`` in several), so each experiment's flags
-live in their own process. Usage: ``python tests/rules_probe.py experiments.universality``
-with a JSON list of ``[flag, value]`` cases on stdin (``null`` flag: the defaults); prints a
-JSON list with, per case, the one-line message of `experiments.common.validate` (or null when
-the settings pass) and the seconds it took.
+An experiment's settings are its config module's defaults (``experiments/configs/<name>.py``,
+the module's ``CONFIG``) checked by `experiments.common.rules_of` (one process per experiment
+keeps the timing of each table independent). Usage:
+``python tests/rules_probe.py experiments.universality`` with a JSON list of cases on stdin
+(``{"set": {flag: value}, "workdir": ...}``; an empty ``set``: the defaults); prints a JSON
+list with, per case, the one-line message of `experiments.common.validate` (or null when the
+settings pass) and the seconds it took.
 """
 
 import importlib
@@ -15,16 +17,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import flags  # noqa: E402
-
 from experiments import common  # noqa: E402
 
 
 def main() -> None:
     module = importlib.import_module(sys.argv[1])
     cases = json.load(sys.stdin)
-    flags.FLAGS(["probe"])
-    defaults = common.flag_values(flags.FLAGS)
+    defaults = common.default_values(module.CONFIG)
+    rules = common.rules_of(module.CONFIG)
     out = []
     for case in cases:
         values = dict(defaults)
@@ -34,7 +34,7 @@ def main() -> None:
             values[name] = value
         t0 = time.perf_counter()
         try:
-            common.validate(values, tuple(common.COMMON_RULES) + tuple(module.RULES))
+            common.validate(values, rules)
             message = None
         except common.ConfigError as e:
             message = str(e)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.test_universality import by_name, one_line_error, universality
+from tests.test_universality import LM, by_name, one_line_error, universality
 
 FAST = ("--num_permutations=30", "--sae_steps=80", "--max_contexts=12", "--context_length=32",
         "--sae_expansion=2", "--sae_k=4", "--sae_batch_size=64", "--metrics=cka,svcca",
@@ -27,7 +27,7 @@ def models(tmp_path_factory):
 def test_different_tokenizers_run_on_aligned_units(models, tmp_path, alignment):
     from models import alignment as al
     from models import text
-    proc = universality(tmp_path, "--preset=lm", f"--model_a={models[0]}",
+    proc = universality(tmp_path, LM, f"--model_a={models[0]}",
                         f"--model_b={models[1]}", f"--alignment={alignment}",
                         "--alignment_pooling=" + ("mean" if alignment == "words" else "last"),
                         *FAST)
@@ -63,19 +63,16 @@ def test_different_tokenizers_run_on_aligned_units(models, tmp_path, alignment):
 
 
 def test_tokens_alignment_with_different_tokenizers_is_refused(models, tmp_path):
-    proc = universality(tmp_path, "--preset=lm", f"--model_a={models[0]}",
+    proc = universality(tmp_path, LM, f"--model_a={models[0]}",
                         f"--model_b={models[1]}", "--alignment=tokens", *FAST, check=False)
     assert "tokenizers differ" in one_line_error(proc)
 
 
 def test_alignment_pooling_flag_choices_match_the_library():
-    """The --alignment_pooling choices (defined where --help sees them, without JAX) are the
-    library's poolings. In a subprocess: experiment modules' flags are per entry point."""
-    import subprocess
-    import sys
-    code = ("from experiments.pipeline import lm_preset; from models import alignment; "
-            "assert tuple(lm_preset.ALIGNMENT_POOLINGS) == tuple(alignment.POOLINGS), "
-            "(lm_preset.ALIGNMENT_POOLINGS, alignment.POOLINGS)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    """The --alignment_pooling choices (in the config module, read by --help without JAX) are
+    the library's poolings (config modules define no flags: imported in-process)."""
+    from experiments.configs import universality as config
+    from models import alignment
+    field = {f.name: f for f in config.FIELDS}["alignment_pooling"]
+    assert tuple(field.choices) == tuple(alignment.POOLINGS)
+    assert field.default in alignment.POOLINGS

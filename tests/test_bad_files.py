@@ -62,7 +62,7 @@ def test_train_sae_npy_path_garbage_and_shape(npy_files, tmp_path, mesh1):
     run = common.Run(workdir=str(tmp_path / "run"), mesh=mesh1)
 
     def opts(**kw):
-        o = {name: train_sae.FLAGS[name].default for name in train_sae.FLAGS}
+        o = common.default_values(train_sae.CONFIG)
         o.update(progress=False, source="npy", d_sae=["8"], steps=2, batch_size=16, **kw)
         return o
 

@@ -294,7 +294,7 @@ def test_help_lists_documented_flags_fast_and_without_jax():
     assert proc.returncode in (0, 1) and "Try --helpfull" in proc.stdout   # absl exits 1
     options = proc.stdout[proc.stdout.index("flags:"):]
     flags = documented_flags("universality") | {"workdir", "overwrite", "dry_run",
-                                                "model_a", "saes_a", "cache_a", "lm_setup"}
+                                                "model_a", "saes_a", "cache_a", "config"}
     for flag in flags:
         assert re.search(rf"^  --(\[no\])?{flag}:", options, re.M), flag
     assert seconds < 3.0, seconds

@@ -4,7 +4,6 @@ flags them, plots never crash, and results.json is written before any plot."""
 import dataclasses
 import json
 import os
-import types
 
 import numpy as np
 import pytest
@@ -78,13 +77,13 @@ def test_results_written_before_plots(comps, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_toy", lambda *a: {"preset": "toy",
                                                        "comparisons": list(comps)})
     monkeypatch.setattr(report, "plot_nulls", broken_plot)
-    flags_ = types.SimpleNamespace(
-        pairing="correlation", filter_dead=True, filter_non_concept=False, max_bad_fraction=0.5,
-        require_shared_token=False, one_to_one=True, threshold=-1.0, metrics=["svcca", "cka"],
-        num_permutations=20, top_n=5, min_pairs=3, seed=0, preset="toy", replicates=1,
-        replicate_data="order", ceiling_sides=["a", "b"], random_init_floor=True, floor_at="b",
-        replicate_permutations=100, sweep=None)
-    results = runner.main(FakeRun(), flags_)
+    from experiments import common
+    from experiments.configs import universality as config
+    values = common.default_values(config)
+    values.update(filter_non_concept=False, threshold=-1.0, metrics=["svcca", "cka"],
+                  num_permutations=20, top_n=5, replicate_permutations=100)
+    results = runner.main(FakeRun(), common.settings_value("universality", values,
+                                                           config.FIELDS))
     assert os.path.exists(tmp_path / "results.json")
     assert written["results"]["comparisons"][0]["metrics"]["svcca"]["informative"] is False
     assert "plot failed" in results.get("plot_errors", [""])[0]

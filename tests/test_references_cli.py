@@ -13,9 +13,10 @@ from test_universality import by_name, one_line_error, universality
 from models import formats, lm_tiny
 from models import sae as sae_lib
 
+LM = "--config=experiments/configs/universality_lm.py"   # the language-model preset
 TINY_TOY = ("--toy_n_tokens=3000", "--toy_steps=150", "--num_permutations=30",
             "--metrics=cka,svcca", "--threshold=-1")
-TINY_LM = ("--preset=lm", "--num_permutations=30", "--sae_steps=100", "--max_contexts=16",
+TINY_LM = (LM, "--num_permutations=30", "--sae_steps=100", "--max_contexts=16",
            "--context_length=32", "--sae_batch_size=128", "--metrics=cka,svcca",
            "--threshold=-1")
 
@@ -121,9 +122,9 @@ def test_bad_reference_flags_are_refused_early(tmp_path):
         (("--sweep=width=3",), "--sweep"),
         (("--ceiling_sides=c",), "--ceiling_sides"),
         (("--replicate_data=subset",), "--replicate_data=subset"),
-        (("--preset=lm", f"--saes_a={pub}", "--replicates=2"), "cannot be replicated"),
-        (("--preset=lm", f"--saes_a_ceiling={pub}"), "needs --saes_a"),
-        (("--preset=lm", f"--saes_a={tmp_path / 'none'}"), "no such file"),
+        ((LM, f"--saes_a={pub}", "--replicates=2"), "cannot be replicated"),
+        ((LM, f"--saes_a_ceiling={pub}"), "needs --saes_a"),
+        ((LM, f"--saes_a={tmp_path / 'none'}"), "no such file"),
     ]
     for flags_, expected in cases:
         proc = universality(tmp_path / "run", *flags_, check=False)

@@ -248,7 +248,7 @@ def test_train_sae_experiment_from_cache_records_the_data(cache, tmp_path, mesh1
     import json
 
     from experiments import common, train_sae
-    opts = {name: train_sae.FLAGS[name].default for name in train_sae.FLAGS}
+    opts = common.default_values(train_sae.CONFIG)
     opts.update(progress=False, source="cache", cache_path=cache.path, d_sae=["32"],
                 k=["4"], epochs=1.5, batch_size=32, shuffle_buffer=128, shuffle_block=16,
                 eval_frac=0.2, eval_rows=100, exclude_special=True, log_every=5,
@@ -273,7 +273,7 @@ def test_train_sae_experiment_from_a_live_model(pair, tmp_path, mesh1):
     (tmp_path / "a.txt").write_text("\n".join(f"line {i} of the first corpus"
                                               for i in range(80)))
     (tmp_path / "b.txt").write_text("\n".join(f"record {i} here" for i in range(80)))
-    opts = {name: train_sae.FLAGS[name].default for name in train_sae.FLAGS}
+    opts = common.default_values(train_sae.CONFIG)
     opts.update(progress=False, source="lm", model_path=pair.path_a, hookpoint=HOOK,
                 lm_text=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
                 lm_text_weights=["3", "1"], lm_context_length=16, lm_max_contexts=40,

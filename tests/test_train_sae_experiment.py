@@ -10,7 +10,7 @@ from experiments import common, train_sae
 
 
 def _opts(**kw):
-    opts = {name: train_sae.FLAGS[name].default for name in train_sae.FLAGS}
+    opts = common.default_values(train_sae.CONFIG)
     opts.update(progress=False, **kw)
     return opts
 

@@ -13,6 +13,7 @@ from experiments.pipeline import references
 from experiments.pipeline import saes as saes_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LM = "--config=experiments/configs/universality_lm.py"   # the language-model preset
 ALPHA = 0.01
 
 
@@ -136,7 +137,7 @@ def test_outputs_and_resume(toy_run):
 
 @pytest.mark.slow
 def test_layer_grid_on_tiny_transformers_pair(tmp_path):
-    proc = universality(tmp_path, "--preset=lm", "--num_permutations=50", "--sae_steps=150",
+    proc = universality(tmp_path, LM, "--num_permutations=50", "--sae_steps=150",
                         "--max_contexts=24", "--context_length=32", "--sae_expansion=4",
                         "--sae_k=8", "--sae_batch_size=128",
                         "--metrics=svcca,cka,rsa_spearman")
@@ -238,7 +239,7 @@ def test_out_of_range_threshold_is_refused_before_any_work(tmp_path):
 
 
 def test_absent_preset_weights_are_a_clear_error(tmp_path):
-    proc = universality(tmp_path, "--preset=lm", "--lm_setup=pythia",
+    proc = universality(tmp_path, "--config=experiments/configs/universality_pythia.py",
                         f"--weights_dir={tmp_path}/nowhere", check=False)
     line = one_line_error(proc)
     assert "weights absent" in line and "pythia-70m" in line
@@ -250,7 +251,7 @@ def test_mismatched_tokenizers_are_refused(tmp_path):
     b = lm_tiny.make_tiny_model_pair(str(tmp_path / "p2"), vocab_size=300)
     # Different tokenizers are compared on aligned text (tests/test_alignment_pipeline.py);
     # asking for token-by-token rows is refused.
-    proc = universality(tmp_path / "run", "--preset=lm", f"--model_a={a.path_a}",
+    proc = universality(tmp_path / "run", LM, f"--model_a={a.path_a}",
                         f"--model_b={b.path_b}", "--alignment=tokens", check=False)
     assert "token" in one_line_error(proc).lower()
 
@@ -264,7 +265,7 @@ def test_sae_width_mismatch_is_refused(tmp_path):
     bad = sae_lib.init(jax.random.PRNGKey(0), sae_lib.SAEConfig(d_in=7, d_sae=16,
                                                                 activation="topk", k=2))
     formats.save_saelens(str(saes / "resid_post.0"), bad)
-    proc = universality(tmp_path / "run", "--preset=lm", f"--saes_a={saes}",
+    proc = universality(tmp_path / "run", LM, f"--saes_a={saes}",
                         "--hookpoints_a=resid_post.0", "--hookpoints_b=resid_post.0",
                         check=False)
     line = one_line_error(proc)
@@ -282,7 +283,7 @@ def test_activation_caches_as_sources(tmp_path):
                                       max_contexts=24)
     dirs = [str(tmp_path / "cache_a"), str(tmp_path / "cache_b")]
     activation_cache.harvest_models(models, contexts, ["resid_post.0"], dirs)
-    proc = universality(tmp_path / "run", "--preset=lm", f"--model_a={pair.path_a}",
+    proc = universality(tmp_path / "run", LM, f"--model_a={pair.path_a}",
                         f"--model_b={pair.path_b}", f"--cache_a={dirs[0]}",
                         f"--cache_b={dirs[1]}", "--hookpoints_a=resid_post.0",
                         "--hookpoints_b=resid_post.0", "--num_permutations=50",

@@ -126,17 +126,17 @@ def _check_same(contexts: text_lib.Contexts, cache, flag: str) -> None:
                                 "text, context length and special-token setting)")
 
 
-def prepare(run, flags_, lm_a, lm_b, *, cache_paths=None) -> AlignedView | None:
+def prepare(run, settings, lm_a, lm_b, *, cache_paths=None) -> AlignedView | None:
     """The aligned view, or None when both tokenizers are identical and ``tokens`` is used.
 
     With ``cache_paths`` (two activation caches), each side's contexts are rebuilt from ``--text``
     with the cache's recorded context length, special-token mode and context count, and must
     equal the cache's token ids.
     """
-    unit = choose_unit(flags_.alignment, lm_a.tokenizer, lm_b.tokenizer)
+    unit = choose_unit(settings.alignment, lm_a.tokenizer, lm_b.tokenizer)
     if unit == "tokens":
         return None
-    docs_all = text_lib.read_documents(flags_.text)
+    docs_all = text_lib.read_documents(settings.text)
     caches = None
     if cache_paths is not None:
         from models import activation_cache
@@ -144,11 +144,11 @@ def prepare(run, flags_, lm_a, lm_b, *, cache_paths=None) -> AlignedView | None:
     if caches is None:
         docs = list(docs_all)
         # Tails are padded (masked), not dropped: no text is lost at document ends.
-        ca = _contexts(docs, lm_a.tokenizer, flags_.context_length, flags_.max_contexts,
+        ca = _contexts(docs, lm_a.tokenizer, settings.context_length, settings.max_contexts,
                        pad_tail=True)
         used = int(ca.doc_index.max()) + 1
         docs = docs[:used]
-        if flags_.max_contexts and len(ca) >= flags_.max_contexts:
+        if settings.max_contexts and len(ca) >= settings.max_contexts:
             # A's last document was cut by --max_contexts: cut its text where A stopped, so
             # that B reads exactly the same text (not a longer stretch it cannot align).
             prefix, suffix = text_lib.special_template(lm_a.tokenizer)
@@ -157,9 +157,9 @@ def prepare(run, flags_, lm_a, lm_b, *, cache_paths=None) -> AlignedView | None:
                             for c in np.flatnonzero(ca.doc_index == last)))
             spans = al.token_spans(lm_a.tokenizer, docs[last])
             docs[last] = docs[last][:int(spans.ends[n_tok - 1])]
-            ca = _contexts(docs, lm_a.tokenizer, flags_.context_length, None, pad_tail=True)
+            ca = _contexts(docs, lm_a.tokenizer, settings.context_length, None, pad_tail=True)
         # B reads the same documents (its contexts may be more or fewer than A's).
-        cb = _contexts(docs, lm_b.tokenizer, flags_.context_length, None, pad_tail=True)
+        cb = _contexts(docs, lm_b.tokenizer, settings.context_length, None, pad_tail=True)
     else:
         docs = list(docs_all)
         ctxs = []
@@ -172,7 +172,7 @@ def prepare(run, flags_, lm_a, lm_b, *, cache_paths=None) -> AlignedView | None:
         ca, cb = ctxs
         used = int(max(ca.doc_index.max(), cb.doc_index.max())) + 1
         docs = docs[:used]
-    directory = flags_.alignment_dir or run.path("alignment", unit)
+    directory = settings.alignment_dir or run.path("alignment", unit)
     align = None
     if os.path.exists(os.path.join(directory, "alignment.json")):
         old = al.Alignment.load(directory)
@@ -182,15 +182,15 @@ def prepare(run, flags_, lm_a, lm_b, *, cache_paths=None) -> AlignedView | None:
                     "vocab_sha256") == text_lib.tokenizer_fingerprint(lm_a.tokenizer)[
                     "vocab_sha256"])
         if same:
-            align = old.with_pooling(flags_.alignment_pooling)
+            align = old.with_pooling(settings.alignment_pooling)
             logging.info("reusing the alignment in %s", directory)
     if align is None:
         cache_info = None if caches is None else [c.path for c in caches]
         side_a = al.corpus_tokens(docs, lm_a.tokenizer, ca)
         side_b = al.corpus_tokens(docs, lm_b.tokenizer, cb)
         align = al.align_corpus(docs, side_a, side_b, unit=unit,
-                                pooling=flags_.alignment_pooling,
-                                text_info={"text": flags_.text, "caches": cache_info})
+                                pooling=settings.alignment_pooling,
+                                text_info={"text": settings.text, "caches": cache_info})
         align.save(directory)
     rep = align.report
     print(f"alignment {unit} ({align.pooling}): {rep['units']} units, "
@@ -210,7 +210,7 @@ def poolers(view: AlignedView | None):
 
 def after_comparison(view: AlignedView | None, comp: results.ComparisonResult, run, sae_a,
                      sae_b, acts_a: np.ndarray, acts_b: np.ndarray,
-                     flags_) -> results.ComparisonResult:
+                     settings) -> results.ComparisonResult:
     """``comp`` with the per-own-token statistics next to the per-unit ones (also written
     into its feature table); ``comp`` itself when rows are tokens."""
     if view is None:
@@ -218,7 +218,7 @@ def after_comparison(view: AlignedView | None, comp: results.ComparisonResult, r
     path = os.path.join(run.path("features"), f"{comp.name}.json")
     return dataclasses.replace(
         comp, feature_density=view.annotate_features(path, sae_a, sae_b, acts_a, acts_b,
-                                                     run.mesh, flags_.chunk_size),
+                                                     run.mesh, settings.chunk_size),
         rows_are=f"aligned units ({view.alignment.unit}, {view.alignment.pooling})")
 
 

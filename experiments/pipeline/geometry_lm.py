@@ -1,7 +1,7 @@
 """Concept geometry on real (local-path) transformers models and their SAEs.
 
-The language-model path of `experiments.feature_geometry` (``--preset=lm``). Per side (model A,
-model B), through the universality pipeline's machinery:
+The language-model path of `experiments.feature_geometry` (``configs/feature_geometry_lm.py``).
+Per side (model A, model B), through the universality pipeline's machinery:
 
 * model: `models.lm.LanguageModel.load` from a local directory (or the planted / tiny pairs
   built offline in the workdir, `models.planted_lm`, `models.lm_tiny`);

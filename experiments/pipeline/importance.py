@@ -42,7 +42,8 @@ loss as SAELens / SAEBench define them, Karvonen et al. 2025, arXiv:2503.09532).
 Usage (adds ``splice``/``importance`` to results.json, an ``importance_deciles_<metric>.png``
 per metric and printed lines)::
 
-    python -m experiments.universality --workdir=runs/univ_lm --preset=lm --importance
+    python -m experiments.universality --config=experiments/configs/universality_lm.py \
+        --workdir=runs/univ_lm --importance
 
 Standalone importance of one SAE: ``python -m experiments.importance`` (experiments/importance.py).
 """
@@ -56,33 +57,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import flags
 
 from engine import checks
 from experiments.pipeline import results
-
-flags.DEFINE_bool("splice_eval", True, "lm preset: CE loss recovered / KL / delta loss of every "
-                  "SAE spliced into its model (models/splice.py).")
-flags.DEFINE_integer("splice_contexts", 64, "Contexts used for the spliced metrics and the "
-                     "importance pass.")
-flags.DEFINE_bool("importance", False, "lm preset: per-feature importance and the importance-"
-                  "restricted / weighted / decile comparisons (experiments/pipeline/"
-                  "importance.py).")
-flags.DEFINE_enum("importance_score", "attribution", ["attribution", "dle", "activation"],
-                  "Per-feature importance used by the comparisons: mean |attribution| per "
-                  "token, the direct-logit-effect norm (causal models), or the mean activation "
-                  "(a baseline that ignores the model's use of the feature).")
-flags.DEFINE_integer("importance_top_k", 0, "Top-k most important features per side for the "
-                     "restricted comparison (0: a quarter of the paired features).")
-flags.DEFINE_integer("importance_bins", 10, "Importance bins (deciles) for the headline plot.")
-flags.DEFINE_list("importance_metrics", ["cka", "rsa_pearson"], "Metrics of the importance "
-                  "comparisons (weighted runs skip those without row weights).")
-flags.DEFINE_integer("importance_permutations", 200, "Random-pairing null size of the "
-                     "importance comparisons.")
-flags.DEFINE_integer("importance_top_m", 10, "Both-fire table: features per predicted token.")
-flags.DEFINE_integer("importance_classes", 64, "Both-fire table: most frequent predicted "
-                     "tokens used as classes.")
-flags.DEFINE_integer("importance_shuffles", 1000, "Both-fire table: shuffled pairings.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +77,11 @@ class ImportanceCompareConfig:
     pad_nulls: bool = True   # pad null kernels to `null_bucket` sizes (one compile per bucket)
 
     @classmethod
-    def from_flags(cls, flags_) -> ImportanceCompareConfig:
-        return cls(top_k=flags_.importance_top_k, bins=flags_.importance_bins,
-                   metrics=tuple(flags_.importance_metrics),
-                   num_permutations=flags_.importance_permutations, seed=flags_.seed,
-                   top_m=flags_.importance_top_m, n_shuffles=flags_.importance_shuffles)
+    def from_settings(cls, settings) -> ImportanceCompareConfig:
+        return cls(top_k=settings.importance_top_k, bins=settings.importance_bins,
+                   metrics=tuple(settings.importance_metrics),
+                   num_permutations=settings.importance_permutations, seed=settings.seed,
+                   top_m=settings.importance_top_m, n_shuffles=settings.importance_shuffles)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +375,7 @@ def sae_label(side: str, hookpoint: str, kind: str = "main", replicate: int = 0,
     return f"{base.upper()} {hookpoint}" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: dict,
+def lm_extras(run, settings, *, paths: list[str], contexts, saes_a: dict, saes_b: dict,
               comps: Sequence[results.ComparisonResult], ceiling: tuple | None = None,
               floor: tuple | None = None,
               cache=None, contexts_b=None, every_sae: list | None = None,
@@ -425,11 +402,11 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
     from models import importance as imp_lib
     from models import splice
     out: dict[str, Any] = {}
-    if not (flags_.splice_eval or flags_.importance):
+    if not (settings.splice_eval or settings.importance):
         return out
-    ctx = contexts[:flags_.splice_contexts]
+    ctx = contexts[:settings.splice_contexts]
     ctx_of = {"a": ctx, "b": (contexts if contexts_b is None else contexts_b)[
-        :flags_.splice_contexts]}
+        :settings.splice_contexts]}
     try:
         lms = {"a": splice.load_with_head(paths[0]), "b": splice.load_with_head(paths[1])}
     except checks.InputError as e:  # e.g. a base-model checkpoint: no head, no losses
@@ -453,7 +430,7 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
             seen.add(id(s))
             spliced.append((role.side, role.hookpoint, s, sae_label(
                 role.side, role.hookpoint, role.kind, role.replicate, role.condition)))
-    scfg = splice.SpliceConfig(batch_size=flags_.lm_batch_size, seed=flags_.seed)
+    scfg = splice.SpliceConfig(batch_size=settings.lm_batch_size, seed=settings.seed)
 
     def key(label, sae):
         return "".join(ch if ch.isalnum() else "_" for ch in label) + "." + \
@@ -468,10 +445,10 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
         if random_model is None:
             raise checks.InputError(f"SAE side {side!r}: the random-init model is not "
                                     "available here")
-        lms[side] = splice.with_random_head(random_model(base), seed=flags_.seed)
+        lms[side] = splice.with_random_head(random_model(base), seed=settings.seed)
         return lms[side]
 
-    if flags_.splice_eval:
+    if settings.splice_eval:
         records = []
         for side, hp, s, label in spliced:
             k = key(label, s)
@@ -480,7 +457,7 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
                 m = splice.splice_metrics(model_of(side), s, hp, ctx_of[side.split("~")[0]],
                                           scfg,
                                           checkpoint_dir=run.path("checkpoints", "splice", k),
-                                          mesh=run.mesh, progress=flags_.progress)
+                                          mesh=run.mesh, progress=settings.progress)
                 return {kk: v for kk, v in m.to_dict().items()}
             try:
                 rec = cache.get(f"splice.{k}", compute) if cache is not None else compute()
@@ -490,11 +467,11 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
             records.append({"label": label, "side": side, **{
                 kk: (v.item() if hasattr(v, "item") else v) for kk, v in rec.items()}})
         out["splice"] = records
-    if not flags_.importance:
+    if not settings.importance:
         return out
-    icfg = imp_lib.ImportanceConfig(splice=scfg, n_classes=flags_.importance_classes,
+    icfg = imp_lib.ImportanceConfig(splice=scfg, n_classes=settings.importance_classes,
                                     n_ablate=16, ablate_contexts=min(32, len(ctx)),
-                                    seed=flags_.seed)
+                                    seed=settings.seed)
     imps = {}
     for side, hp, s, label in saes:
         k = key(label, s)
@@ -503,9 +480,9 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
             imp_lib.feature_importance(
                 lms[side], s, hp, ctx_of[side], icfg,
                 checkpoint_dir=run.path("checkpoints", "importance", k),
-                mesh=run.mesh, progress=flags_.progress).save(path)
+                mesh=run.mesh, progress=settings.progress).save(path)
         imps[label] = imp_lib.FeatureImportance.load(path)
-    cfg = ImportanceCompareConfig.from_flags(flags_)
+    cfg = ImportanceCompareConfig.from_settings(settings)
     by_kind = {c.kind: c for c in comps}
     cross = by_kind.get("cross")   # the kinds this run has (a floorless run has no "floor")
     section: dict[str, Any] = {"score": "attribution", "features": {
@@ -523,12 +500,12 @@ def lm_extras(run, flags_, *, paths: list[str], contexts, saes_a: dict, saes_b: 
     a, b = np.asarray(cross.pairs.a), np.asarray(cross.pairs.b)
 
     def score(side, sae, imp):
-        if flags_.importance_score == "dle":
+        if settings.importance_score == "dle":
             return imp_lib.direct_logit_effect(lms[side], sae, imp.norm_scale, top_n=1).norm
-        return imp.score(flags_.importance_score)
+        return imp.score(settings.importance_score)
 
     score_a, score_b = score("a", saes_a[ha], ia), score("b", saes_b[hb], ib)
-    section["score"] = flags_.importance_score
+    section["score"] = settings.importance_score
     section["restricted"] = restricted_comparisons(
         saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, score_a, score_b, cfg, run.mesh)
     curves = {"cross": decile_curve(saes_a[ha].W_dec, saes_b[hb].W_dec, a, b, score_a,

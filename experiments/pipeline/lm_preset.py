@@ -22,8 +22,8 @@ every condition with its own null, ceiling and floor.
 The classic trio in one command (``--trio``): seed ceiling, adjacent layer and random-init
 floor at the same layer, for model A at its first hookpoint L::
 
-    python -m experiments.universality --workdir=runs/trio --preset=lm --trio \
-        --model_a=/models/pythia-70m --hookpoints_a=resid_post.3
+    python -m experiments.universality --config=experiments/configs/universality_lm.py \
+        --workdir=runs/trio --trio --model_a=/models/pythia-70m --hookpoints_a=resid_post.3
 
 compares A.L with a second seed of A.L (ceiling), with A.(L+1) (L-1 at the last layer;
 the adjacent layer), and with a random-init copy of A at L (floor); the adjacent layer's SAE
@@ -46,12 +46,12 @@ Models with different tokenizers pool rows over aligned units in memory: memory 
 
 Published setups (run when the weights are on disk: see WORKSPACE.md):
 
-* ``--preset=lm --lm_setup=pythia``: Pythia-70m vs Pythia-160m with EleutherAI sparsify SAEs
-  (``WEIGHTS/pythia-70m``, ``WEIGHTS/pythia-160m``, ``WEIGHTS/sae-pythia-70m-32k``,
-  ``WEIGHTS/sae-pythia-160m-32k``).
-* ``--preset=lm --lm_setup=gemma``: Gemma-1-2B vs Gemma-2-2B with SAELens / Gemma Scope SAEs
-  (``WEIGHTS/gemma-2b``, ``WEIGHTS/gemma-2-2b``, ``WEIGHTS/saes-gemma-2b``,
-  ``WEIGHTS/gemma-scope-2b-pt-res``).
+* ``--config=experiments/configs/universality_pythia.py``: Pythia-70m vs Pythia-160m with
+  EleutherAI sparsify SAEs (``WEIGHTS/pythia-70m``, ``WEIGHTS/pythia-160m``,
+  ``WEIGHTS/sae-pythia-70m-32k``, ``WEIGHTS/sae-pythia-160m-32k``).
+* ``--config=experiments/configs/universality_gemma.py``: Gemma-1-2B vs Gemma-2-2B with
+  SAELens / Gemma Scope SAEs (``WEIGHTS/gemma-2b``, ``WEIGHTS/gemma-2-2b``,
+  ``WEIGHTS/saes-gemma-2b``, ``WEIGHTS/gemma-scope-2b-pt-res``).
 """
 
 from __future__ import annotations
@@ -60,13 +60,11 @@ import dataclasses
 import os
 
 import numpy as np
-from absl import flags
 
 from experiments import common
-from experiments.pipeline import importance as importance_lib  # defines its flags (light)
+from experiments.pipeline import importance as importance_lib
 
-# Imported on first use: the entry point imports this module for its flags, and --help and
-# the settings checks must not wait for JAX.
+# Imported on first use (importing this module stays light).
 streaming = common.lazy_module("engine.streaming")
 aligned = common.lazy_module("experiments.pipeline.aligned")
 compare = common.lazy_module("experiments.pipeline.compare")
@@ -74,62 +72,6 @@ feature_pages = common.lazy_module("experiments.pipeline.feature_pages")
 features = common.lazy_module("experiments.pipeline.features")
 references = common.lazy_module("experiments.pipeline.references")
 saes_lib = common.lazy_module("experiments.pipeline.saes")
-
-# Alignment of two models' rows (experiments/pipeline/aligned.py, models/alignment.py).
-ALIGNMENT_POOLINGS = ("last", "mean", "max")   # models.alignment.POOLINGS (a test checks)
-flags.DEFINE_enum("alignment", "auto", ["auto", "tokens", "shared_boundaries", "words"],
-                  "How rows of two models are paired: identical tokens (same tokenizer), "
-                  "shared token boundaries, or words (models/alignment.py). auto: tokens when "
-                  "the tokenizers are identical, else shared_boundaries.")
-flags.DEFINE_enum("alignment_pooling", "last", list(ALIGNMENT_POOLINGS),
-                  "Row of a unit on each side: its last (closing) token, or the mean / max "
-                  "over its tokens.")
-flags.DEFINE_string("alignment_dir", None, "Where the alignment is stored / reused (default "
-                    "WORKDIR/alignment/<unit>).")
-flags.DEFINE_string("model_a", "tiny", "Model A: local transformers directory, or 'tiny' (a "
-                    "tiny random model pair built in the workdir, offline).")
-flags.DEFINE_string("model_b", "tiny", "Model B (see --model_a).")
-flags.DEFINE_enum("lm_setup", "custom", ["custom", "pythia", "gemma"],
-                  "Published setup whose weights are looked up under --weights_dir.")
-flags.DEFINE_string("weights_dir", "weights", "Root of local weights for --lm_setup.")
-flags.DEFINE_list("hookpoints_a", ["resid_post.0", "resid_post.1"], "Hookpoints of model A.")
-flags.DEFINE_list("hookpoints_b", ["resid_post.0", "resid_post.1"], "Hookpoints of model B.")
-flags.DEFINE_string("saes_a", None, "SAEs of A (one sub-directory per hookpoint); default: "
-                    "train on the fly.")
-flags.DEFINE_string("saes_b", None, "SAEs of B (see --saes_a).")
-flags.DEFINE_string("text", "sample", "Text: a .txt/.jsonl file or folder, or 'sample' (the "
-                    "shipped public-domain English sample).")
-flags.DEFINE_integer("context_length", 64, "Tokens per context.")
-flags.DEFINE_integer("max_contexts", 256, "Contexts read from the text.")
-flags.DEFINE_integer("lm_batch_size", 16, "Contexts per forward pass.")
-flags.DEFINE_integer("sae_expansion", 4, "On-the-fly SAEs: d_sae = expansion * d_model.")
-flags.DEFINE_integer("sae_k", 16, "On-the-fly SAEs: TopK k.")
-flags.DEFINE_integer("sae_steps", 1000, "On-the-fly SAEs: training steps.")
-flags.DEFINE_integer("sae_batch_size", 512, "On-the-fly SAEs: rows per step.")
-flags.DEFINE_bool("random_init_floor", True, "Compute a floor per cell from a random-init "
-                  "copy of a model (see --floor_at).")
-flags.DEFINE_enum("floor_at", "b", ["a", "b"], "Floor of cell (A.ha, B.hb): A's SAE against "
-                  "an SAE of a random-init copy of B at hb ('b') or of A at ha ('a').")
-flags.DEFINE_string("saes_a_ceiling", None, "Second published seed of --saes_a (same layout): "
-                    "the ceiling of side A; default: an SAE of the same architecture, width and "
-                    "sparsity trained here.")
-flags.DEFINE_string("saes_b_ceiling", None, "Second published seed of --saes_b (see "
-                    "--saes_a_ceiling).")
-flags.DEFINE_bool("trio", False, "Classic trio at model A's first hookpoint L: seed ceiling, "
-                  "adjacent layer (L+1, or L-1 at the last layer) and random-init floor at L; "
-                  "sets model B = model A, --floor_at=a, --ceiling_sides=a.")
-flags.DEFINE_string("cache_a", None, "Activation cache of model A (experiments.harvest); with "
-                    "--cache_b, activations are read from the caches instead of running the "
-                    "models (the models are still used for token strings and the floor).")
-flags.DEFINE_string("cache_b", None, "Activation cache of model B (see --cache_a).")
-flags.DEFINE_enum("lm_activations", "auto", ["auto", "memory", "stream"],
-                  "Where activations live: 'memory' (arrays, small runs), 'stream' (activation "
-                  "caches on disk: harvested into WORKDIR/activations/ unless --cache_a/b are "
-                  "given, read chunk by chunk by SAE training and the feature pass), 'auto': "
-                  "stream when --cache_a/--cache_b are given or when the activations would "
-                  "take more than a quarter of the memory budget (see the module docstring).")
-flags.DEFINE_bool("lm_exclude_special", False, "Leave special tokens (BOS/EOS/PAD/CLS/SEP) "
-                  "out of SAE training and of the paired rows of every comparison.")
 
 SETUPS = {
     "pythia": {"model_a": "pythia-70m", "model_b": "pythia-160m",
@@ -141,29 +83,29 @@ SETUPS = {
 }
 
 
-def _resolve(flags_) -> dict:
+def _resolve(settings) -> dict:
     keys = ("model_a", "model_b", "saes_a", "saes_b", "hookpoints_a", "hookpoints_b")
-    if flags_.lm_setup == "custom":
-        setup = {k: getattr(flags_, k) for k in keys}
+    if settings.lm_setup == "custom":
+        setup = {k: getattr(settings, k) for k in keys}
     else:
-        setup = dict(SETUPS[flags_.lm_setup])
+        setup = dict(SETUPS[settings.lm_setup])
         missing = []
         for key in ("model_a", "model_b", "saes_a", "saes_b"):
-            setup[key] = os.path.join(flags_.weights_dir, setup[key])
+            setup[key] = os.path.join(settings.weights_dir, setup[key])
             if not os.path.isdir(setup[key]):
                 missing.append(setup[key])
         if missing:
             raise compare.PipelineError(
-                f"--lm_setup={flags_.lm_setup}: weights absent: {', '.join(missing)}; download "
-                f"them into --weights_dir={flags_.weights_dir} (see WORKSPACE.md, 'Published "
+                f"--lm_setup={settings.lm_setup}: weights absent: {', '.join(missing)}; download "
+                f"them into --weights_dir={settings.weights_dir} (see WORKSPACE.md, 'Published "
                 "setups')")
-    setup["saes_a_ceiling"] = flags_.saes_a_ceiling
-    setup["saes_b_ceiling"] = flags_.saes_b_ceiling
+    setup["saes_a_ceiling"] = settings.saes_a_ceiling
+    setup["saes_b_ceiling"] = settings.saes_b_ceiling
     for flag in ("saes_a", "saes_b", "saes_a_ceiling", "saes_b_ceiling"):
         if setup[flag] and not os.path.exists(setup[flag]):
             raise compare.PipelineError(f"--{flag}={setup[flag]}: no such file or directory")
-    if flags_.trio:
-        if flags_.cache_a or flags_.cache_b:
+    if settings.trio:
+        if settings.cache_a or settings.cache_b:
             raise compare.PipelineError("--trio runs model A itself; drop --cache_a/--cache_b")
         setup["model_b"] = setup["model_a"]
         setup["saes_b"] = setup["saes_a"]
@@ -173,18 +115,18 @@ def _resolve(flags_) -> dict:
         if setup[f"saes_{side}_ceiling"] and not setup[f"saes_{side}"]:
             raise compare.PipelineError(f"--saes_{side}_ceiling needs --saes_{side} (the "
                                         "published SAEs it is a second seed of)")
-        if setup[f"saes_{side}"] and (flags_.replicates > 1 or flags_.sweep):
+        if setup[f"saes_{side}"] and (settings.replicates > 1 or settings.sweep):
             raise compare.PipelineError(f"--saes_{side}: loaded SAEs cannot be replicated or "
                                         "swept; --replicates > 1 and --sweep need SAEs trained "
                                         "here")
     return setup
 
 
-def ref_settings(flags_):
+def ref_settings(settings):
     """`references.RefSettings` of the run (--trio forces the floor at A and A's ceiling)."""
     from experiments.pipeline import runner
-    refs = runner.ref_settings(flags_)
-    if flags_.trio:
+    refs = runner.ref_settings(settings)
+    if settings.trio:
         refs = dataclasses.replace(refs, floor_at="a", ceiling_sides=("a",))
     return refs
 
@@ -247,13 +189,13 @@ def _harvest(lm_model, contexts, hookpoints, batch_size) -> dict:
     return res
 
 
-def _read_caches(flags_, setup) -> tuple[dict, dict, list[str], list[str], object]:
+def _read_caches(settings, setup) -> tuple[dict, dict, list[str], list[str], object]:
     """Activations of both sides from two activation caches over the same contexts."""
     from models import activation_cache
     from models import text as text_lib
-    if not (flags_.cache_a and flags_.cache_b):
+    if not (settings.cache_a and settings.cache_b):
         raise compare.PipelineError("--cache_a and --cache_b must be given together")
-    caches = [activation_cache.ActivationCache(p) for p in (flags_.cache_a, flags_.cache_b)]
+    caches = [activation_cache.ActivationCache(p) for p in (settings.cache_a, settings.cache_b)]
     hps = [c.check_hookpoints(setup[k]) for c, k in zip(caches, ("hookpoints_a",
                                                                   "hookpoints_b"))]
     sides = []
@@ -270,15 +212,15 @@ def _read_caches(flags_, setup) -> tuple[dict, dict, list[str], list[str], objec
     return sides[0], sides[1], hps[0], hps[1], contexts
 
 
-def _text_used(flags_, caches) -> object:
+def _text_used(settings, caches) -> object:
     """The text the activations came from: the caches' recorded text when they were given
     (not the --text default), else --text."""
-    if flags_.cache_a:
+    if settings.cache_a:
         from models import activation_cache
-        found = caches or [activation_cache.ActivationCache(p) for p in (flags_.cache_a,
-                                                                         flags_.cache_b)]
+        found = caches or [activation_cache.ActivationCache(p) for p in (settings.cache_a,
+                                                                         settings.cache_b)]
         return {"caches": [c.metadata.get("text") for c in found]}
-    return flags_.text
+    return settings.text
 
 
 def _load_side(root: str | None, hps: list[str], acts: dict, side: str) -> dict | None:
@@ -303,10 +245,10 @@ def activation_bytes(tokens: int, widths: list[int]) -> int:
     return 4 * int(tokens) * (sum(widths) + max(widths, default=0))
 
 
-def stream_mode(flags_, view, widths: list[int], memory_budget: int | None, mesh) -> bool:
+def stream_mode(settings, view, widths: list[int], memory_budget: int | None, mesh) -> bool:
     """True when the run streams its activations from caches (the rule of the docstring)."""
     from engine import mesh as mesh_lib
-    mode = flags_.lm_activations
+    mode = settings.lm_activations
     if view is not None:
         if mode == "stream":
             raise compare.PipelineError(
@@ -315,10 +257,10 @@ def stream_mode(flags_, view, widths: list[int], memory_budget: int | None, mesh
         return False
     if mode != "auto":
         return mode == "stream"
-    if flags_.cache_a or flags_.cache_b:
+    if settings.cache_a or settings.cache_b:
         return True
     budget = memory_budget or mesh_lib.default_memory_budget(mesh)
-    tokens = flags_.max_contexts * flags_.context_length
+    tokens = settings.max_contexts * settings.context_length
     return activation_bytes(tokens, widths) > budget // IN_MEMORY_FRACTION
 
 
@@ -341,14 +283,14 @@ def _cached_side(cache, hps: list[str], exclude_special: bool) -> dict:
     return side
 
 
-def _harvest_cache(run, name: str, lm_model, contexts, hps: list[str], flags_):
+def _harvest_cache(run, name: str, lm_model, contexts, hps: list[str], settings):
     """Activations of ``hps`` harvested into ``WORKDIR/activations/<name>`` (resumable)."""
     from models import activation_cache
     return activation_cache.harvest(
         lm_model, contexts, hps, run.path("activations", name),
-        batch_size=flags_.lm_batch_size, progress=flags_.progress,
-        text_info={"text": flags_.text, "context_length": flags_.context_length,
-                   "max_contexts": flags_.max_contexts})
+        batch_size=settings.lm_batch_size, progress=settings.progress,
+        text_info={"text": settings.text, "context_length": settings.context_length,
+                   "max_contexts": settings.max_contexts})
 
 
 def _drop_special(side: dict, exclude: bool) -> dict:
@@ -360,32 +302,32 @@ def _drop_special(side: dict, exclude: bool) -> dict:
             for k, v in side.items()}
 
 
-def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
+def run_lm(run, settings, cfg: compare.CompareConfig, cache) -> dict:
     from models import lm, sae_train
     from models import text as text_lib
 
-    setup = _resolve(flags_)
-    refs = ref_settings(flags_)
-    conditions = references.parse_sweep(flags_.sweep)
-    (lm_a, lm_b), paths = _load_models(run, setup, flags_.seed)
-    if flags_.trio:
+    setup = _resolve(settings)
+    refs = ref_settings(settings)
+    conditions = references.parse_sweep(settings.sweep)
+    (lm_a, lm_b), paths = _load_models(run, setup, settings.seed)
+    if settings.trio:
         _trio_hookpoints(lm_a, setup)
     # Different tokenizers: each model reads its own contexts; rows pair through the text.
-    view = aligned.prepare(run, flags_, lm_a, lm_b, cache_paths=(
-        (flags_.cache_a, flags_.cache_b) if flags_.cache_a and flags_.cache_b else None))
+    view = aligned.prepare(run, settings, lm_a, lm_b, cache_paths=(
+        (settings.cache_a, settings.cache_b) if settings.cache_a and settings.cache_b else None))
     if view is None:
         text_lib.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
-    exclude = bool(getattr(flags_, "lm_exclude_special", False))
-    streaming_run = stream_mode(flags_, view, [lm_a.d_model] * len(setup["hookpoints_a"]) +
+    exclude = bool(settings.lm_exclude_special)
+    streaming_run = stream_mode(settings, view, [lm_a.d_model] * len(setup["hookpoints_a"]) +
                                 [lm_b.d_model] * len(setup["hookpoints_b"]),
                                 cfg.memory_budget, run.mesh)
     caches_ab = None
-    if streaming_run and (flags_.cache_a or flags_.cache_b):
+    if streaming_run and (settings.cache_a or settings.cache_b):
         from models import activation_cache
-        if not (flags_.cache_a and flags_.cache_b):
+        if not (settings.cache_a and settings.cache_b):
             raise compare.PipelineError("--cache_a and --cache_b must be given together")
-        caches_ab = [activation_cache.ActivationCache(p) for p in (flags_.cache_a,
-                                                                   flags_.cache_b)]
+        caches_ab = [activation_cache.ActivationCache(p) for p in (settings.cache_a,
+                                                                   settings.cache_b)]
         hps_a = caches_ab[0].check_hookpoints(setup["hookpoints_a"])
         hps_b = caches_ab[1].check_hookpoints(setup["hookpoints_b"])
         contexts = text_lib.Contexts(token_ids=caches_ab[0].token_ids(),
@@ -394,42 +336,42 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         contexts_b = contexts
         acts_a = _cached_side(caches_ab[0], hps_a, exclude)
         acts_b = _cached_side(caches_ab[1], hps_b, exclude)
-    elif flags_.cache_a or flags_.cache_b:
-        acts_a, acts_b, hps_a, hps_b, contexts = _read_caches(flags_, setup)
+    elif settings.cache_a or settings.cache_b:
+        acts_a, acts_b, hps_a, hps_b, contexts = _read_caches(settings, setup)
         contexts_b = contexts if view is None else view.contexts_b
     elif streaming_run:
         hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
         hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
-        docs = text_lib.read_documents(flags_.text)
-        contexts = text_lib.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
-                                          max_contexts=flags_.max_contexts)
+        docs = text_lib.read_documents(settings.text)
+        contexts = text_lib.make_contexts(docs, lm_a.tokenizer, settings.context_length,
+                                          max_contexts=settings.max_contexts)
         contexts_b = contexts
         if lm_b is lm_a:   # one forward pass for both sides' hookpoints
             c = _harvest_cache(run, "a", lm_a, contexts, list(dict.fromkeys(hps_a + hps_b)),
-                               flags_)
+                               settings)
             caches_ab = [c, c]
         else:
-            caches_ab = [_harvest_cache(run, "a", lm_a, contexts, hps_a, flags_),
-                         _harvest_cache(run, "b", lm_b, contexts, hps_b, flags_)]
+            caches_ab = [_harvest_cache(run, "a", lm_a, contexts, hps_a, settings),
+                         _harvest_cache(run, "b", lm_b, contexts, hps_b, settings)]
         acts_a = _cached_side(caches_ab[0], hps_a, exclude)
         acts_b = _cached_side(caches_ab[1], hps_b, exclude)
     else:
         hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
         hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
-        docs = text_lib.read_documents(flags_.text)
-        contexts = text_lib.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
-                                          max_contexts=flags_.max_contexts) if (
+        docs = text_lib.read_documents(settings.text)
+        contexts = text_lib.make_contexts(docs, lm_a.tokenizer, settings.context_length,
+                                          max_contexts=settings.max_contexts) if (
             view is None) else view.contexts_a
         contexts_b = contexts if view is None else view.contexts_b
         if lm_b is lm_a:   # one forward pass for both sides' hookpoints
             union = list(dict.fromkeys(hps_a + hps_b))
             acts_a = acts_b = cache.get("lm_acts_a." + "+".join(union), lambda: _harvest(
-                lm_a, contexts, union, flags_.lm_batch_size))
+                lm_a, contexts, union, settings.lm_batch_size))
         else:
             acts_a = cache.get("lm_acts_a." + "+".join(hps_a), lambda: _harvest(
-                lm_a, contexts, hps_a, flags_.lm_batch_size))
+                lm_a, contexts, hps_a, settings.lm_batch_size))
             acts_b = cache.get("lm_acts_b." + "+".join(hps_b), lambda: _harvest(
-                lm_b, contexts_b, hps_b, flags_.lm_batch_size))
+                lm_b, contexts_b, hps_b, settings.lm_batch_size))
     if not streaming_run:
         if exclude and "special" not in acts_a:
             raise compare.PipelineError("--lm_exclude_special with --lm_activations=memory "
@@ -475,14 +417,14 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
              "stage": getattr(run, "stage", None)}
 
     def recipe(side, hp, d_in):
-        d_sae = flags_.sae_expansion * d_in
+        d_sae = settings.sae_expansion * d_in
         return sae_train.TrainConfig(d_sae=d_sae, activation="topk",
-                                     k=min(flags_.sae_k, d_sae), lr=1e-3)
+                                     k=min(settings.sae_k, d_sae), lr=1e-3)
 
     models = {"a": (lm_a, paths[0]), "b": (lm_b, paths[1])}
     training = references.Training(
-        recipe=recipe, steps=flags_.sae_steps, batch_size=flags_.sae_batch_size,
-        root=run.path("saes"), mesh=run.mesh, user_seed=flags_.seed, progress=flags_.progress,
+        recipe=recipe, steps=settings.sae_steps, batch_size=settings.sae_batch_size,
+        root=run.path("saes"), mesh=run.mesh, user_seed=settings.seed, progress=settings.progress,
         source_training=True,
         metadata=lambda side, hp: {"model": (f"random-init copy of {models[side[0]][1]}"
                                              if "random" in side else models[side[0]][1]),
@@ -500,7 +442,7 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     floor_hps = {"a": hps_a, "b": hps_b}
 
     def random_model(side):   # the random-init copy behind side's floor (deterministic)
-        return lm.random_init_copy(models[side][0], seed=flags_.seed + (
+        return lm.random_init_copy(models[side][0], seed=settings.seed + (
             1000 if side == "b" else 2000))
 
     floor_caches: dict = {}
@@ -511,13 +453,13 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
                 rnd = random_model(side)
                 floor_caches[side] = _harvest_cache(
                     run, f"floor_{side}", rnd, contexts if side == "a" else contexts_b,
-                    floor_hps[side], flags_)
+                    floor_hps[side], settings)
             return _cached_side(floor_caches[side], [hp], exclude)[f"acts/{hp}"]
 
         def harvest():
             rnd = random_model(side)
             return _harvest(rnd, contexts if side == "a" else contexts_b, floor_hps[side],
-                            flags_.lm_batch_size)
+                            settings.lm_batch_size)
         return _drop_special(cache.get(f"lm_acts_floor_{side}." + "+".join(floor_hps[side]),
                                        harvest), exclude)[f"acts/{hp}"]
 
@@ -531,11 +473,12 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     if hasattr(run, "plan_stages"):   # two stages per comparison, then the results
         run.plan_stages(2 * len(specs) + 1)
     pool = {"a": pool_a, "b": pool_b}   # own-token rows -> the comparison's rows, per model
-    comps = references.run_specs(specs, run, flags_, cfg, cache, token_text,
+    comps = references.run_specs(specs, run, cfg, cache, token_text,
+                                 chunk_size=settings.chunk_size, progress=settings.progress,
                                  pages_for=pages_for,
                                  pool_for=lambda role_side: pool[role_side[0]], **extra)
     comps = [aligned.after_comparison(view, comp, run, spec.sae_a.sae, spec.sae_b.sae,
-                                      spec.acts_a, spec.acts_b, flags_)
+                                      spec.acts_a, spec.acts_b, settings)
              if spec.kind == "cross" else comp   # per own token next to per aligned unit
              for spec, comp in zip(specs, comps)]
     cells = {m: np.full((len(hps_a), len(hps_b)), np.nan) for m in cfg.metrics}
@@ -560,7 +503,7 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
     floor_b = [(hp, sae) for (side, kind, hp), sae in by_role.items()
                if side.endswith("random") and kind == "floor"]
     extras = importance_lib.lm_extras(
-        run, flags_, paths=paths, contexts=contexts,
+        run, settings, paths=paths, contexts=contexts,
         saes_a={hp: by_role[("a", "main", hp)] for hp in hps_a if ("a", "main", hp) in by_role},
         saes_b={hp: by_role[("b", "main", hp)] for hp in hps_b if ("b", "main", hp) in by_role},
         comps=comps, ceiling=ceil_a[0] if ceil_a else None,
@@ -569,16 +512,16 @@ def run_lm(run, flags_, cfg: compare.CompareConfig, cache) -> dict:
         random_model=random_model)
     return {**extras, "preset": "lm", "models": {"a": paths[0], "b": paths[1]},
             "hookpoints": {"a": hps_a, "b": hps_b}, "tokens": int(len(token_ids)),
-            "activations": ("caches " + f"{flags_.cache_a}, {flags_.cache_b}"
-                            if flags_.cache_a else "forward passes in this run"),
+            "activations": ("caches " + f"{settings.cache_a}, {settings.cache_b}"
+                            if settings.cache_a else "forward passes in this run"),
             "activation_mode": {
                 "mode": "stream" if streaming_run else "memory",
-                "setting": flags_.lm_activations, "exclude_special": exclude,
+                "setting": settings.lm_activations, "exclude_special": exclude,
                 "caches": ([c.path for c in caches_ab] + [c.path for c in
                                                           floor_caches.values()]
                            if caches_ab else None)},
-            "contexts": len(contexts), "text": _text_used(flags_, caches_ab),
-            "trio": bool(flags_.trio),
+            "contexts": len(contexts), "text": _text_used(settings, caches_ab),
+            "trio": bool(settings.trio),
             "references": dataclasses.asdict(refs), "saes": planner.sae_records(),
             "alignment": aligned.describe(view),
             "grid": {"layers_a": hps_a, "layers_b": hps_b,

@@ -345,7 +345,8 @@ class Planner:
         return [s.record() for s in self.saes.values()]
 
 
-def run_specs(specs: Sequence[ComparisonSpec], run, flags_, cfg, cache, token_text, *,
+def run_specs(specs: Sequence[ComparisonSpec], run, cfg, cache, token_text, *,
+              chunk_size: int, progress: bool,
               pages_for: Callable[[ComparisonSpec], object] | None = None,
               pool_for: Callable[[str], Callable] | None = None, **extra
               ) -> list[results.ComparisonResult]:
@@ -355,7 +356,8 @@ def run_specs(specs: Sequence[ComparisonSpec], run, flags_, cfg, cache, token_te
     ``pages_for(spec)``: the `feature_pages.PageSource` of that comparison (which unembedding
     each side's feature pages use); ``pool_for(role_side)``: maps a model's own-token rows to
     the comparison's rows (aligned units when the two tokenizers differ; SAEs are trained on
-    own tokens); ``extra``: further `run_comparison` keywords."""
+    own tokens); ``chunk_size``: rows per streamed chunk; ``progress``: progress bars;
+    ``extra``: further `run_comparison` keywords."""
     from engine import fingerprint as fp_lib
     from engine import streaming
     from experiments.pipeline import compare
@@ -367,8 +369,8 @@ def run_specs(specs: Sequence[ComparisonSpec], run, flags_, cfg, cache, token_te
         xa, xb = spec.acts_a, spec.acts_b
         if isinstance(xa, CachedActs) or isinstance(xb, CachedActs):
             # Activations left on disk: the pass reads both caches chunk by chunk.
-            comps.append(_run_cached(spec, xa, xb, run, flags_, cfg, cache, token_text,
-                                     pages_for, extra))
+            comps.append(_run_cached(spec, xa, xb, run, chunk_size, progress, cfg, cache,
+                                     token_text, pages_for, extra))
             continue
         if pool_for is not None:
             xa = pool_for(spec.sae_a.role.side)(xa)
@@ -380,19 +382,20 @@ def run_specs(specs: Sequence[ComparisonSpec], run, flags_, cfg, cache, token_te
                 digests[id(x)] = (x, fp_lib.digest(x))
         data_key = fp_lib.digest(digests[id(xa)][1], digests[id(xb)][1])
         factory = (lambda xa=xa, xb=xb, r=rows: streaming.ChunkStream(
-            (r, xa, xb), flags_.chunk_size, name="tokens"))
+            (r, xa, xb), chunk_size, name="tokens"))
         labels = dataclasses.replace(spec.labels,
                                      saes=(spec.sae_a.role.key, spec.sae_b.role.key),
                                      seeds=(spec.sae_a.seed, spec.sae_b.seed))
         comps.append(compare.run_comparison(
             spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg,
             cache, ckpt_root=run.path("checkpoints"), truth=spec.truth,
-            progress=flags_.progress, labels=labels, data_key=data_key,
+            progress=progress, labels=labels, data_key=data_key,
             **({"pages": pages_for(spec)} if pages_for else {}), **extra))
     return comps
 
 
-def _run_cached(spec: ComparisonSpec, xa, xb, run, flags_, cfg, cache, token_text, pages_for,
+def _run_cached(spec: ComparisonSpec, xa, xb, run, chunk_size: int, progress: bool, cfg, cache,
+                token_text, pages_for,
                 extra: dict):
     """One comparison whose two sides are `CachedActs` (streaming mode of the LM preset)."""
     from engine import fingerprint as fp_lib
@@ -407,11 +410,11 @@ def _run_cached(spec: ComparisonSpec, xa, xb, run, flags_, cfg, cache, token_tex
 
     def factory():
         return features.cache_pair_stream(xa.cache, xa.hookpoint, xb.cache, xb.hookpoint,
-                                          flags_.chunk_size,
+                                          chunk_size,
                                           exclude_special=xa.exclude_special)
     return compare.run_comparison(
         spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg, cache,
-        ckpt_root=run.path("checkpoints"), truth=spec.truth, progress=flags_.progress,
+        ckpt_root=run.path("checkpoints"), truth=spec.truth, progress=progress,
         labels=dataclasses.replace(spec.labels, saes=(spec.sae_a.role.key, spec.sae_b.role.key),
                                    seeds=(spec.sae_a.seed, spec.sae_b.seed)),
         data_key=fp_lib.digest(xa.key(), xb.key()),

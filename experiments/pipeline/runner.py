@@ -21,27 +21,27 @@ USER_ERRORS = (compare.PipelineError, checks.InputError, text_lib.TokenizerMisma
                FileNotFoundError)
 
 
-def compare_config(flags_) -> compare.CompareConfig:
+def compare_config(settings) -> compare.CompareConfig:
     return compare.CompareConfig(
-        pairing=flags_.pairing,
+        pairing=settings.pairing,
         filters=filters.FilterConfig(
-            drop_dead=flags_.filter_dead, non_concept=flags_.filter_non_concept,
-            max_bad_fraction=flags_.max_bad_fraction,
-            require_shared_token=flags_.require_shared_token, one_to_one=flags_.one_to_one,
-            threshold=None if flags_.threshold < 0 else flags_.threshold),
-        metrics=tuple(flags_.metrics), num_permutations=flags_.num_permutations,
-        top_n=flags_.top_n, min_pairs=flags_.min_pairs, seed=flags_.seed,
-        memory_budget=(int(flags_.memory_budget * (1 << 30))
-                       if getattr(flags_, "memory_budget", 0) > 0 else None))
+            drop_dead=settings.filter_dead, non_concept=settings.filter_non_concept,
+            max_bad_fraction=settings.max_bad_fraction,
+            require_shared_token=settings.require_shared_token, one_to_one=settings.one_to_one,
+            threshold=None if settings.threshold < 0 else settings.threshold),
+        metrics=tuple(settings.metrics), num_permutations=settings.num_permutations,
+        top_n=settings.top_n, min_pairs=settings.min_pairs, seed=settings.seed,
+        memory_budget=(int(settings.memory_budget * (1 << 30))
+                       if settings.memory_budget > 0 else None))
 
 
-def ref_settings(flags_) -> references.RefSettings:
+def ref_settings(settings) -> references.RefSettings:
     """Replicates, ceilings and floor of the run (validated before any work)."""
     return references.RefSettings(
-        replicates=flags_.replicates, replicate_data=flags_.replicate_data,
-        ceiling_sides=tuple(flags_.ceiling_sides),
-        floor=getattr(flags_, "random_init_floor", True),
-        floor_at=getattr(flags_, "floor_at", "b"), permutations=flags_.replicate_permutations,
+        replicates=settings.replicates, replicate_data=settings.replicate_data,
+        ceiling_sides=tuple(settings.ceiling_sides),
+        floor=settings.random_init_floor, floor_at=settings.floor_at,
+        permutations=settings.replicate_permutations,
     ).validate()
 
 
@@ -54,15 +54,16 @@ def _versions() -> dict:
             "numpy": np.__version__}
 
 
-def run_toy(run, flags_, cfg: compare.CompareConfig, cache: StepCache) -> dict:
-    settings = toy_preset.ToySettings(
-        seed=flags_.seed, n_features=flags_.toy_n_features, d_a=flags_.toy_d, d_b=flags_.toy_d,
-        n_tokens=flags_.toy_n_tokens, perturbation=flags_.toy_perturbation,
-        d_sae=flags_.toy_n_features, steps=flags_.toy_steps)
+def run_toy(run, settings, cfg: compare.CompareConfig, cache: StepCache) -> dict:
+    toy = toy_preset.ToySettings(
+        seed=settings.seed, n_features=settings.toy_n_features, d_a=settings.toy_d,
+        d_b=settings.toy_d, n_tokens=settings.toy_n_tokens,
+        perturbation=settings.toy_perturbation, d_sae=settings.toy_n_features,
+        steps=settings.toy_steps)
     _stage(run, "toy data and SAEs (train or load)")
-    refs = ref_settings(flags_)
-    conditions = tuple(references.parse_sweep(flags_.sweep))
-    built = toy_preset.build(settings, run.workdir, run.mesh, progress=flags_.progress,
+    refs = ref_settings(settings)
+    conditions = tuple(references.parse_sweep(settings.sweep))
+    built = toy_preset.build(toy, run.workdir, run.mesh, progress=settings.progress,
                              refs=refs, conditions=conditions)
     vocab = built["pairs"]["cross"].vocab
     token_ids = built["pairs"]["cross"].token_ids
@@ -72,10 +73,11 @@ def run_toy(run, flags_, cfg: compare.CompareConfig, cache: StepCache) -> dict:
 
     if hasattr(run, "plan_stages"):   # two stages per comparison, then the results
         run.plan_stages(2 * len(built["specs"]) + 1)
-    comps = references.run_specs(built["specs"], run, flags_, cfg, cache, token_text,
+    comps = references.run_specs(built["specs"], run, cfg, cache, token_text,
+                                 chunk_size=settings.chunk_size, progress=settings.progress,
                                  features_dir=run.path("features"),
                                  stage=getattr(run, "stage", None))
-    return {"preset": "toy", "toy": dataclasses.asdict(settings),
+    return {"preset": "toy", "toy": dataclasses.asdict(toy),
             "references": dataclasses.asdict(refs),
             "data": {k: p.description for k, p in built["pairs"].items()},
             "saes": built["saes"], "comparisons": comps}
@@ -86,43 +88,43 @@ def _stage(run, label: str) -> None:
         run.stage(label)
 
 
-def expected_stages(flags_) -> int:
+def expected_stages(settings) -> int:
     """Stage lines the run will print: set-up, two per comparison (feature pass, metrics),
     results. A later count that grows (e.g. more reference comparisons) just raises N."""
-    refs_per_cell = len(flags_.ceiling_sides) + bool(getattr(flags_, "random_init_floor", True))
-    if flags_.preset == "toy":       # cross, ceilings, floor, control (corrected once planned)
+    refs_per_cell = len(settings.ceiling_sides) + bool(settings.random_init_floor)
+    if settings.preset == "toy":       # cross, ceilings, floor, control (corrected once planned)
         return 1 + 2 * (2 + refs_per_cell) + 1
     from experiments.pipeline import lm_preset
-    if flags_.lm_setup == "custom":
-        hps = (flags_.hookpoints_a, flags_.hookpoints_b)
-        has_saes_a = bool(flags_.saes_a)
+    if settings.lm_setup == "custom":
+        hps = (settings.hookpoints_a, settings.hookpoints_b)
+        has_saes_a = bool(settings.saes_a)
     else:
-        setup = lm_preset.SETUPS[flags_.lm_setup]
+        setup = lm_preset.SETUPS[settings.lm_setup]
         hps = (setup["hookpoints_a"], setup["hookpoints_b"])
         has_saes_a = True
-    comps = len(hps[0]) * len(hps[1]) + (not has_saes_a) + bool(flags_.random_init_floor)
+    comps = len(hps[0]) * len(hps[1]) + (not has_saes_a) + bool(settings.random_init_floor)
     return 1 + 2 * comps + 1
 
 
-def main(run, flags_) -> dict:
-    cfg = compare_config(flags_)
-    ref_settings(flags_)                      # bad replicate / ceiling / sweep flags: fail now
-    references.parse_sweep(flags_.sweep)
+def main(run, settings) -> dict:
+    cfg = compare_config(settings)
+    ref_settings(settings)                      # bad replicate / ceiling / sweep flags: fail now
+    references.parse_sweep(settings.sweep)
     cache = StepCache(run.path("steps"))
     if hasattr(run, "stages_total"):
-        run.stages_total = expected_stages(flags_)
-    if flags_.preset == "toy":
-        results = run_toy(run, flags_, cfg, cache)
+        run.stages_total = expected_stages(settings)
+    if settings.preset == "toy":
+        results = run_toy(run, settings, cfg, cache)
     else:
         from experiments.pipeline import lm_preset
         _stage(run, "language models: load, activations, SAEs (train or load)")
-        results = lm_preset.run_lm(run, flags_, cfg, cache)
+        results = lm_preset.run_lm(run, settings, cfg, cache)
     _stage(run, "results.json, summary and plots")
     comps = results.pop("comparisons")
-    cells = references.summarise(comps, permutations=flags_.replicate_permutations,
-                                 seed=flags_.seed)
-    if flags_.sweep:
-        results["sweep"] = {"flag": flags_.sweep, "table": references.sweep_table(cells)}
+    cells = references.summarise(comps, permutations=settings.replicate_permutations,
+                                 seed=settings.seed)
+    if settings.sweep:
+        results["sweep"] = {"flag": settings.sweep, "table": references.sweep_table(cells)}
     grid = results.pop("grid", None)
     results["config"] = {"compare": dataclasses.asdict(cfg)}
     results["versions"] = _versions()

@@ -58,7 +58,7 @@ def topic_rows(doc_ids: np.ndarray, tokens: Sequence[str], keywords: frozenset) 
 # -- SAEs ------------------------------------------------------------------------------------
 
 
-def obtain_sae(acts: np.ndarray, side: str, hookpoint: str, flags_, run, *, d_sae: int,
+def obtain_sae(acts: np.ndarray, side: str, hookpoint: str, settings, run, *, d_sae: int,
                description: dict, loaded: tuple[str, sae_lib.SAE] | None = None):
     """The SAE of one side through the pipeline's one train-or-load helper (`saes.obtain`).
 
@@ -68,65 +68,65 @@ def obtain_sae(acts: np.ndarray, side: str, hookpoint: str, flags_, run, *, d_sa
     """
     from experiments.pipeline import saes
     from models import sae_train
-    recipe = sae_train.TrainConfig(d_sae=d_sae, activation="topk", k=min(flags_.sae_k, d_sae),
-                                   lr=flags_.sae_lr)
+    recipe = sae_train.TrainConfig(d_sae=d_sae, activation="topk", k=min(settings.sae_k, d_sae),
+                                   lr=settings.sae_lr)
     path, sae = loaded if loaded else (None, None)
-    return saes.obtain(saes.Role(side, hookpoint), acts, user_seed=flags_.seed, recipe=recipe,
-                       loaded=path, loaded_sae=sae, steps=flags_.sae_steps,
-                       batch_size=flags_.sae_batch, root=run.path("saes"), mesh=run.mesh,
-                       progress=flags_.progress, metadata=description)
+    return saes.obtain(saes.Role(side, hookpoint), acts, user_seed=settings.seed, recipe=recipe,
+                       loaded=path, loaded_sae=sae, steps=settings.sae_steps,
+                       batch_size=settings.sae_batch, root=run.path("saes"), mesh=run.mesh,
+                       progress=settings.progress, metadata=description)
 
 
-def toy_sides(run, flags_) -> Sides:
-    toy = subspaces_toy.make_concept_toy(flags_.seed, d=flags_.toy_d,
-                                         n_tokens=flags_.toy_n_tokens,
-                                         group_size=flags_.toy_group_size)
-    if flags_.toy_dictionary == "truth":
-        saes = [subspaces_toy.truth_sae(a, k=flags_.sae_k, name=n) for a, n in
+def toy_sides(run, settings) -> Sides:
+    toy = subspaces_toy.make_concept_toy(settings.seed, d=settings.toy_d,
+                                         n_tokens=settings.toy_n_tokens,
+                                         group_size=settings.toy_group_size)
+    if settings.toy_dictionary == "truth":
+        saes = [subspaces_toy.truth_sae(a, k=settings.sae_k, name=n) for a, n in
                 ((toy.atoms_a, "A"), (toy.atoms_b, "B"), (toy.atoms_r, "random init"))]
     else:
-        d_sae = flags_.sae_width or toy.codes.shape[1]
-        saes = [obtain_sae(acts, name, "toy", flags_, run, d_sae=d_sae,
+        d_sae = settings.sae_width or toy.codes.shape[1]
+        saes = [obtain_sae(acts, name, "toy", settings, run, d_sae=d_sae,
                            description={"source": f"toy {name}"}).sae
                 for acts, name in ((toy.acts_a, "a"), (toy.acts_b, "b"),
                                    (toy.acts_r, "b~random"))]
     tokens = [toy.vocab[int(t)] for t in toy.token_ids]
     return Sides(toy.acts_a, toy.acts_b, toy.acts_r, *saes, tokens=tokens,
                  doc_ids=toy.doc_ids, description={
-                     "preset": "toy", "dictionary": flags_.toy_dictionary,
+                     "preset": "toy", "dictionary": settings.toy_dictionary,
                      **toy.description,
                      "planted_groups": {g: v.tolist() for g, v in toy.groups.items()}})
 
 
-def lm_sides(run, flags_) -> Sides:
+def lm_sides(run, settings) -> Sides:
     from models import lm as lm_lib
     from models import lm_tiny, text
-    if bool(flags_.model_a) != bool(flags_.model_b):
+    if bool(settings.model_a) != bool(settings.model_b):
         raise SubspaceError("give both --model_a and --model_b (or neither for the tiny pair)")
-    if flags_.model_a:
-        path_a, path_b = flags_.model_a, flags_.model_b
+    if settings.model_a:
+        path_a, path_b = settings.model_a, settings.model_b
     else:
-        pair = lm_tiny.make_tiny_model_pair(run.path("models"), train_steps=flags_.lm_train_steps,
-                                            seeds=(flags_.seed, flags_.seed + 1))
+        pair = lm_tiny.make_tiny_model_pair(run.path("models"), train_steps=settings.lm_train_steps,
+                                            seeds=(settings.seed, settings.seed + 1))
         path_a, path_b = pair.path_a, pair.path_b
     lm_a, lm_b = lm_lib.LanguageModel.load(path_a), lm_lib.LanguageModel.load(path_b)
     if lm_a.tokenizer is None or lm_b.tokenizer is None:
         raise SubspaceError("both models need a tokenizer (token strings define the groups)")
-    hp_a = lm_a.parse(flags_.hookpoint_a)[0].name
-    hp_b = lm_b.parse(flags_.hookpoint_b or flags_.hookpoint_a)[0].name
-    caches = (getattr(flags_, "cache_a", None), getattr(flags_, "cache_b", None))
+    hp_a = lm_a.parse(settings.hookpoint_a)[0].name
+    hp_b = lm_b.parse(settings.hookpoint_b or settings.hookpoint_a)[0].name
+    caches = (settings.cache_a, settings.cache_b)
     if any(caches):
         contexts, acts_a, acts_b = _read_caches(caches, hp_a, hp_b, lm_a)
         text.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
         source = {"caches": list(caches)}
     else:
-        docs = list(text.read_documents(flags_.text,
-                                        max_documents=flags_.max_documents or None))
+        docs = list(text.read_documents(settings.text,
+                                        max_documents=settings.max_documents or None))
         text.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer, docs)
-        contexts = text.make_contexts(docs, lm_a.tokenizer, flags_.context_length,
-                                      max_contexts=flags_.max_contexts or None)
-        source = text.describe_source(flags_.text)
-    lm_r = lm_lib.random_init_copy(lm_b, seed=flags_.seed + 1000)
+        contexts = text.make_contexts(docs, lm_a.tokenizer, settings.context_length,
+                                      max_contexts=settings.max_contexts or None)
+        source = text.describe_source(settings.text)
+    lm_r = lm_lib.random_init_copy(lm_b, seed=settings.seed + 1000)
     keep = contexts.mask & ~lm_a.special_mask(contexts.token_ids)
 
     def acts(lm, hp):
@@ -147,11 +147,11 @@ def lm_sides(run, flags_) -> Sides:
             sae = saes.load_for_hookpoint(given, hp, 1)
             features.check_widths(sae, acts_x.shape[1], f"SAE {given!r} at {hp}")
             loaded = (given, sae)
-        return obtain_sae(acts_x, name, hp, flags_, run, d_sae=flags_.sae_width or
+        return obtain_sae(acts_x, name, hp, settings, run, d_sae=settings.sae_width or
                           4 * acts_x.shape[1], loaded=loaded,
                           description={"source": name, "hookpoint": hp}).sae
 
-    saes = (sae_for(flags_.sae_a, acts_a, "a", hp_a), sae_for(flags_.sae_b, acts_b, "b", hp_b),
+    saes = (sae_for(settings.sae_a, acts_a, "a", hp_a), sae_for(settings.sae_b, acts_b, "b", hp_b),
             sae_for(None, acts_r, "b~random", hp_b))
     return Sides(acts_a, acts_b, acts_r, *saes, tokens=list(tokens), doc_ids=doc_ids,
                  description={"preset": "lm", "model_a": lm_a.describe()["name"],
@@ -249,32 +249,32 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def main(run, flags_) -> dict:
-    groups = concepts.resolve_groups(flags_.concepts or None, flags_.concepts_file)
+def main(run, settings) -> dict:
+    groups = concepts.resolve_groups(settings.concepts or None, settings.concepts_file)
     topic_groups = dict(groups)
-    topic_name = flags_.topic
+    topic_name = settings.topic
     if topic_name not in topic_groups:
         try:
             topic_name = concepts.canonical_name(topic_name)
             topic_groups[topic_name] = concepts.make_group(topic_name,
                                                            concepts.BUILTIN[topic_name])
         except concepts.ConceptError:
-            raise concepts.ConceptError(f"--topic {flags_.topic!r}: not a built-in group nor "
+            raise concepts.ConceptError(f"--topic {settings.topic!r}: not a built-in group nor "
                                         "one of the selected groups") from None
     cfg = subspaces.SubspaceConfig(
-        metrics=tuple(flags_.metrics), num_permutations=flags_.num_permutations,
-        min_pairs=flags_.min_pairs, threshold=None if flags_.threshold < 0 else
-        flags_.threshold, member_top_n=flags_.member_top_n, random_draws=flags_.random_draws,
-        knn_k=flags_.knn_k, seed=flags_.seed)
+        metrics=tuple(settings.metrics), num_permutations=settings.num_permutations,
+        min_pairs=settings.min_pairs, threshold=None if settings.threshold < 0 else
+        settings.threshold, member_top_n=settings.member_top_n, random_draws=settings.random_draws,
+        knn_k=settings.knn_k, seed=settings.seed)
     checks.check_positive_int("min_pairs", cfg.min_pairs, minimum=3)
-    sides = toy_sides(run, flags_) if flags_.preset == "toy" else lm_sides(run, flags_)
+    sides = toy_sides(run, settings) if settings.preset == "toy" else lm_sides(run, settings)
     cache = StepCache(run.path("steps"))
     result = analyse(sides, groups, topic_name, topic_groups[topic_name], cfg, run.mesh,
-                     cache, ckpt_root=run.path("checkpoints"), chunk_size=flags_.chunk_size,
-                     progress=flags_.progress)
-    alpha = flags_.alpha
+                     cache, ckpt_root=run.path("checkpoints"), chunk_size=settings.chunk_size,
+                     progress=settings.progress)
+    alpha = settings.alpha
     result.update({
-        "preset": flags_.preset, "data": sides.description,
+        "preset": settings.preset, "data": sides.description,
         "config": dataclasses.asdict(cfg), "alpha": alpha,
         "keywords": {g: sorted(w) for g, w in groups.items()},
         "matching_rule": "case-insensitive; whitespace and sub-word markers (Ġ ▁ Ċ, leading "
