@@ -143,7 +143,8 @@ def _universality(workdir, *flags):
 def test_streamed_run_equals_the_in_memory_run(tmp_path):
     """One tiny layer cell (cross, both ceilings, random-init floor) in memory and streamed:
     the same SAEs and the same comparisons; the streamed run keeps no activation array."""
-    common = ("--preset=lm", "--hookpoints_a=resid_post.0", "--hookpoints_b=resid_post.1",
+    common = ("--config=experiments/configs/universality_lm.py",
+              "--hookpoints_a=resid_post.0", "--hookpoints_b=resid_post.1",
               "--max_contexts=12", "--context_length=32", "--sae_steps=30",
               "--sae_batch_size=64", "--num_permutations=20", "--metrics=svcca,cka",
               "--lm_exclude_special")
