@@ -26,6 +26,14 @@ see models/alignment.py and experiments/pipeline/aligned.py)::
         --workdir=runs/universality/gpt2_pythia \\
         --model_a=weights/gpt2 --model_b=weights/pythia-160m --alignment=shared_boundaries
 
+Settings are data (experiments/configs/universality.py: every field is a flag, e.g.
+``--metrics=svcca,cka``); presets are config files chosen with ``--config=``:
+``universality_lm.py`` (language models), ``universality_pythia.py`` and
+``universality_gemma.py`` (published setups; weights under ``--weights_dir``)::
+
+    python -m experiments.universality --config=experiments/configs/universality_pythia.py \
+        --workdir=runs/universality/pythia --weights_dir=weights
+
 Reference points for every cell (`experiments/pipeline/references.py`): a seed-vs-seed ceiling
 per side and hookpoint and a random-init floor per cell; the "fraction of the way" from floor
 to ceiling is printed only when the two are separated by more than twice their spread. Every

@@ -321,6 +321,14 @@ def documented_commands(with_docstrings: bool = False) -> list[tuple[str, list[s
         for name in ENTRY_POINTS:
             with open(os.path.join(ROOT, "experiments", f"{name}.py"), encoding="utf-8") as f:
                 texts.append(ast.get_docstring(ast.parse(f.read())))
+        # get_config()'s docstring of every config file holds the command that runs it.
+        configs = os.path.join(ROOT, "experiments", "configs")
+        for name in sorted(os.listdir(configs)):
+            if name.endswith(".py") and name != "__init__.py":
+                with open(os.path.join(configs, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                texts += [ast.get_docstring(n) or "" for n in tree.body
+                          if isinstance(n, ast.FunctionDef) and n.name == "get_config"]
     for text in texts:
         text = re.sub(r"\\\s*\n\s*", " ", text)
         for m in re.finditer(r"python -m experiments\.(\w+)([^`\n|&]*)", text):
@@ -332,7 +340,8 @@ def documented_commands(with_docstrings: bool = False) -> list[tuple[str, list[s
 
 
 ENTRY_POINTS = ("universality", "train_sae", "toy_superposition", "harvest",
-                "feature_geometry", "semantic_subspaces", "demo")
+                "feature_geometry", "semantic_subspaces", "demo", "tokenizers_toy",
+                "importance", "joint_sae")
 
 
 def documented_flags(module: str) -> set[str]:

@@ -96,7 +96,8 @@ def _resolve(settings) -> dict:
                 missing.append(setup[key])
         if missing:
             raise compare.PipelineError(
-                f"--lm_setup={settings.lm_setup}: weights absent: {', '.join(missing)}; download "
+                f"published setup {settings.lm_setup} (experiments/configs/universality_"
+                f"{settings.lm_setup}.py): weights absent: {', '.join(missing)}; download "
                 f"them into --weights_dir={settings.weights_dir} (see WORKSPACE.md, 'Published "
                 "setups')")
     setup["saes_a_ceiling"] = settings.saes_a_ceiling
