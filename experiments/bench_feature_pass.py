@@ -4,7 +4,9 @@ The pass of experiments/pipeline/features.py for two TopK SAEs has three parts: 
 (``tokens x d_in x F`` multiply-adds per side; not measured here: it is the SAE's forward and
 is the same in any implementation), per-feature statistics, and the feature-by-feature
 activation correlation, which dominates memory (``F_a x F_b`` float32 sums) and time. This
-script measures the last two over synthetic TopK codes (``k`` distinct features per token per
+script measures the last two (statistics both from the codes, as the pass computes them, and
+densified, as it did before: ``stats_sparse_seconds`` / ``stats_seconds``) over synthetic TopK
+codes (``k`` distinct features per token per
 side, B's features a fixed permutation of A's on half the entries, so true pairs exist),
 generated chunk by chunk (deterministic per chunk, so memory holds one chunk; like codes read
 from disk), with the tiling that `features.plan_pass` picks for ``--bfp_memory_budget_gb``.
@@ -94,8 +96,29 @@ def main(argv) -> int:
     out = {"features": f, "tokens": n, "k": k, "chunk": args.bfp_chunk, **budget_info,
            "plan": plan.__dict__, "rss_start_gb": _rss_gb()}
 
+    def with_rows(start):
+        pos = start
+        for b in open_at(start):
+            yield (np.arange(pos, pos + b[0].shape[0], dtype=np.int32),) + b
+            pos += b[0].shape[0]
+
+    # Per-feature statistics as the pipeline computes them for TopK pairs: from the codes
+    # (feature_stats.SparseFeatureStatsAccumulator, O(rows * k) per chunk).
+    acc_s = accumulators.Combined({
+        "a": (feature_stats.SparseFeatureStatsAccumulator(f, 10), (1, 2, 0)),
+        "b": (feature_stats.SparseFeatureStatsAccumulator(f, 10), (3, 4, 0))})
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    state = accumulators.accumulate(acc_s, streaming.ChunkStream(
+        with_rows, args.bfp_chunk, name="sparse stats", check_finite=False), mesh)
+    acc_s.finalize(state)
+    out["stats_sparse_seconds"] = time.perf_counter() - t0
+    out["stats_sparse_cpu_seconds"] = time.process_time() - cpu0
+    del state
+    out["rss_after_sparse_stats_gb"] = _rss_gb()
+
     if not args.bfp_skip_stats:
-        # Per-feature statistics from the codes (densified per chunk on device).
+        # Per-feature statistics from the codes densified per chunk on device (the dense
+        # accumulator: what the pass did before the sparse one, O(rows * F) per chunk).
         acc = accumulators.Combined({
             "a": (feature_stats.FeatureStatsAccumulator(f, 10), (1, 0)),
             "b": (feature_stats.FeatureStatsAccumulator(f, 10), (2, 0))})
@@ -107,16 +130,12 @@ def main(argv) -> int:
                 jnp.arange(vb.shape[0])[:, None], ib].set(vb)
             return rows, za, zb
 
-        def with_rows(start):
-            pos = start
-            for b in open_at(start):
-                yield (np.arange(pos, pos + b[0].shape[0], dtype=np.int32),) + b
-                pos += b[0].shape[0]
         s2 = streaming.ChunkStream(with_rows, args.bfp_chunk, name="stats", check_finite=False)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         state = accumulators.accumulate(acc, s2, mesh, transform=dense)
         acc.finalize(state)
         out["stats_seconds"] = time.perf_counter() - t0
+        out["stats_cpu_seconds"] = time.process_time() - cpu0
         del state
         out["rss_after_stats_gb"] = _rss_gb()
 
