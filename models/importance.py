@@ -151,6 +151,20 @@ class DirectLogitEffect:
     suppressed_values: np.ndarray
     norm_scale: float
 
+    def save(self, path: str) -> None:
+        """Every field in one ``.npz`` (no pickles)."""
+        import os
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        np.savez(path, **{f.name: np.asarray(getattr(self, f.name))
+                          for f in dataclasses.fields(self)})
+
+    @classmethod
+    def load(cls, path: str) -> DirectLogitEffect:
+        with np.load(path, allow_pickle=False) as z:
+            kw = {f.name: z[f.name] for f in dataclasses.fields(cls)}
+        kw["norm_scale"] = float(kw["norm_scale"])
+        return cls(**kw)
+
 
 def dle_rows(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, norm_scale: float,
              features: np.ndarray | None = None) -> np.ndarray:

@@ -355,7 +355,7 @@ def test_attribution_equals_finite_differences(arch, toks):
         np.testing.assert_allclose(attr[b, s, j], f[b, s, j] * grad, rtol=1e-5, atol=1e-9)
 
 
-def test_importance_sums_ablation_and_dle(toks):
+def test_importance_sums_ablation_and_dle(toks, tmp_path):
     lm = _model("gpt2", toks)
     ctx = _contexts(lm, n=6)
     sae = _sae(5)
@@ -419,6 +419,10 @@ def test_importance_sums_ablation_and_dle(toks):
     np.testing.assert_array_equal(dle.promoted[:, 0], want.argmax(1))
     np.testing.assert_array_equal(dle.suppressed[:, 0], want.argmin(1))
     np.testing.assert_allclose(dle.promoted_values[:, 0], want.max(1), rtol=1e-9)
+    dle.save(str(tmp_path / "dle.npz"))
+    back = importance.DirectLogitEffect.load(str(tmp_path / "dle.npz"))
+    np.testing.assert_array_equal(back.suppressed, dle.suppressed)
+    assert back.norm_scale == dle.norm_scale
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])

@@ -482,12 +482,21 @@ def lm_extras(run, settings, *, paths: list[str], contexts, saes_a: dict, saes_b
                 checkpoint_dir=run.path("checkpoints", "importance", k),
                 mesh=run.mesh, progress=settings.progress).save(path)
         imps[label] = imp_lib.FeatureImportance.load(path)
+        # the third score, per feature beside the other two (causal models: the DLE needs a
+        # final norm and a linear unembedding)
+        dle_path = run.path("importance", f"{k}.dle.npz")
+        if (not lms[side].is_encoder and np.isfinite(imps[label].norm_scale)
+                and not os.path.exists(dle_path)):
+            imp_lib.direct_logit_effect(lms[side], s, imps[label].norm_scale).save(dle_path)
     cfg = ImportanceCompareConfig.from_settings(settings)
     by_kind = {c.kind: c for c in comps}
     cross = by_kind.get("cross")   # the kinds this run has (a floorless run has no "floor")
     section: dict[str, Any] = {"score": "attribution", "features": {
         label: {"ablation_check": imp.ablation_agreement(), "n_positions": imp.n_positions,
-                "path": run.path("importance", f"{key(label, s)}.npz")}
+                "path": run.path("importance", f"{key(label, s)}.npz"),
+                "dle_path": (run.path("importance", f"{key(label, s)}.dle.npz")
+                             if os.path.exists(run.path("importance",
+                                                        f"{key(label, s)}.dle.npz")) else None)}
         for (side, hp, s, label), imp in zip(saes, imps.values())}}
     if not cross or not cross.pairs.a:
         section["note"] = "no kept pairs in the main comparison"
