@@ -112,9 +112,15 @@ def replicate(mesh: Mesh, tree: Any, copy: bool = False) -> Any:
     """
     if copy:
         # `may_alias=False` is not honoured when the source lives on one device of the mesh
-        # (JAX 0.10 reuses that buffer for the device-0 shard), so copy explicitly.
-        tree = jax.tree.map(lambda x: jax.numpy.array(x, copy=True), tree)
+        # (JAX 0.10 reuses that buffer for the device-0 shard), so copy explicitly: one
+        # compiled copy of the whole tree (a per-leaf eager copy compiles one per shape).
+        return _copy_tree(jax.device_put(tree, replicated(mesh)))
     return jax.device_put(tree, replicated(mesh))
+
+
+@jax.jit
+def _copy_tree(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.numpy.array(x, copy=True), tree)
 
 
 def is_primary() -> bool:
