@@ -65,10 +65,10 @@ def planted_corpus(n_documents: int = 300, seed: int = 0) -> list[str]:
     concept group; every third document is about food (its group sentences use Food words
     only), so a topic-restricted control has a subset to use. Items and group words are drawn
     in shuffled rounds (every item once per round), so every weekday (month, word of a group)
-    is equally frequent: two models trained on the same text share its token frequencies,
-    and unequal frequencies alone give SAEs of two unrelated models shared structure
-    (frequent items get their own features, rare ones share), which a balanced corpus keeps
-    out of the known-truth control.
+    is equally frequent: SAEs give frequent tokens their own features and let rare ones share,
+    and the two models see the same text, so unequal item frequencies could give the SAEs of
+    two unrelated models shared structure; a balanced corpus keeps that out of the known
+    truth.
     """
     rng = np.random.default_rng(seed)
     groups = list(GROUP_WORDS)

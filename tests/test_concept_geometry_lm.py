@@ -167,6 +167,8 @@ def test_activation_caches_give_the_live_results(tmp_path, mesh1):
     cfg = _cfg(families=["Days of week"], plots=False, n_null=100, max_contexts=60,
                group_concepts=["Days of week", "Months", "Food", "Numbers"])
     run = common.Run(workdir=str(tmp_path / "run"), mesh=mesh1)
+    geometry_lm.run_lm(run, cfg)          # trains the SAEs (kept in memory for this run)
+    # Both compared runs read the SAEs back from disk (`saes.obtain` finds them finished).
     live = geometry_lm.run_lm(run, cfg)
     pair = planted_lm.make_planted_lm_pair(run.path("planted_models"))
     docs = list(text.read_documents(pair.corpus))

@@ -112,7 +112,8 @@ def build_sides(run, cfg: dict) -> list[Side]:
         pair = planted_lm.make_planted_lm_pair(
             run.path("planted_models"), planted=cfg["lm_planted"], shared=cfg["lm_shared"],
             seed=cfg["seed"])
-        paths = [pair.path_a if p == "planted" else p for p in paths]
+        paths = [pair.path_a if paths[0] == "planted" else paths[0],
+                 pair.path_b if paths[1] == "planted" else paths[1]]
         if text == "planted":
             text = pair.corpus
     if text == "planted":
