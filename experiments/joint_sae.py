@@ -11,19 +11,29 @@ toy, precision / recall of the shared / exclusive calls against the known truth
 design's excess shared fraction over its floor.
 
 Data:
-* ``--source=toy`` (default, embedded, no downloads; a few minutes on 2 CPU cores): two sides
-  from `models.dictionary_pair.make_partial_pair` (32 shared + 16 exclusive features per side
-  in 32 dimensions); the floor is the same generator with nothing shared (the control).
+* ``--source=toy`` (default, embedded, no downloads): two sides from
+  `models.dictionary_pair.make_partial_pair` (32 shared + 16 exclusive features per side in 32
+  dimensions); the floor is the same generator with nothing shared (the control).
+  ``--n_models=3`` (or more): `models.dictionary_pair.make_partial_sides`, features shared by
+  all sides plus exclusive ones per side; the report adds per-model and per-model-pair tables.
 * ``--source=caches``: aligned rows of two activation caches over the same tokens
   (`models.activation_cache.paired_source`: same tokenizer and token ids), ``--cache_a``,
   ``--cache_b``, ``--hookpoint_a/b``; the floor pair is A against ``--floor_cache_b``, a cache
   of a randomly initialised copy of model B harvested on the same text (required).
 
-Commands::
+Sweeps: all seeds and coefficients of a design train as ONE stacked program
+(`models.joint_sae.train_joint_sweep`: ``lax.map`` over the members on CPU, ``vmap`` on
+accelerators); every member sees the same batches, seeds vary the initialisation. The TopK
+joint designs and the independent SAEs use AuxK (``--aux_coeff``, ``--dead_tokens``; at the
+default 10M dead tokens it never triggers on the toy).
+
+Commands (the default is the CI-sized toy: 600 steps, 8192 rows, 100 null permutations)::
 
     python -m experiments.joint_sae --workdir=runs/joint_sae/toy
+    python -m experiments.joint_sae --workdir=runs/joint_sae/toy3 --n_models=3
     python -m experiments.joint_sae --workdir=runs/joint_sae/toy_sweep \\
-        --seeds=0,1,2 --l1_coeffs=0.3,1,3 --align_coeffs=0.1,0.3,1,3,10 --steps=3000
+        --seeds=0,1,2 --l1_coeffs=0.3,1,3 --align_coeffs=0.1,0.3,1,3,10 --steps=3000 \\
+        --n_tokens=16384 --num_permutations=200 --metrics=svcca,pwcca,cka,rsa_spearman
     python -m experiments.joint_sae --workdir=runs/joint_sae/lm --source=caches \\
         --cache_a=runs/harvest/a --cache_b=runs/harvest/b --floor_cache_b=runs/harvest/b_rand \\
         --hookpoint_a=resid_post.3 --hookpoint_b=resid_post.3 --d_sae=4096 --k=32

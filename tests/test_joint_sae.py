@@ -336,8 +336,29 @@ def test_auxk_gradient_reaches_only_dead_latents(cfg):
 
 
 def test_batched_sweep_equals_separate_runs(mesh1):
-    """One stacked program over seeds, learning rates and coefficients (lax.map and vmap)
-    gives each member what the same config trained alone gives."""
+    """Two universal SAEs (seed, lr and AuxK coefficient differ; sampled source per step, so
+    each member's keys matter) as one lax.map program equal the two trained alone."""
+    pair = _tiny_pair(512, seed=6)
+    xs = [pair.acts_a, pair.acts_b]
+    uni = js.JointConfig("universal", 12, "topk", k=2, source="sample", dead_tokens=128,
+                         sweep_axis="map")
+    configs = [dataclasses.replace(uni, seed=0, lr=1e-3),
+               dataclasses.replace(uni, seed=1, lr=3e-3, aux_coeff=0.2)]
+    kw = dict(steps=8, batch_size=64, mesh=mesh1, log_every=4, data_seed=7)
+    alone = [js.train_joint(xs, c, **kw) for c in configs]
+    swept = js.train_joint_sweep(xs, configs, **kw)
+    for a, b in zip(alone, swept):
+        for field in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            for u, v in zip(a.params[field], b.params[field]):
+                np.testing.assert_allclose(np.asarray(v), np.asarray(u), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(alone[0].params["W_dec"][0]),
+                           np.asarray(alone[1].params["W_dec"][0]), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_batched_sweep_vmap_and_several_programs_equal_separate_runs(mesh1):
+    """One stacked program over seeds, learning rates and coefficients (lax.map and vmap),
+    two programs in one sweep, gives each member what the same config trained alone gives."""
     pair = _tiny_pair(1024, seed=6)
     xs = [pair.acts_a, pair.acts_b]
     uni = js.JointConfig("universal", 12, "topk", k=2, source="sample", dead_tokens=128)

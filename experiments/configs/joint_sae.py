@@ -18,14 +18,14 @@ FIELDS = (
     F("hookpoint_a", None, "Hookpoint of cache A.", type=str),
     F("hookpoint_b", None, "Hookpoint of cache B (and of the floor cache).", type=str),
     F("max_rows", 200000, "Rows read from the caches (in memory)."),
-    F("n_tokens", 16384, "Toy rows."),
+    F("n_tokens", 8192, "Toy rows."),
     F("toy_seed", 0, "Toy pair seed."),
     F("n_models", 2, "Toy sides (models); > 2 uses models.dictionary_pair.make_partial_sides "
       "(features shared by all sides)."),
     F("dead_tokens", 10_000_000, "Rows without firing before a latent of a TopK/BatchTopK "
       "joint design is dead (its AuxK target)."),
     F("aux_coeff", 1.0 / 32, "AuxK coefficient of the TopK joint designs (0: off)."),
-    F("steps", 1200, "Optimisation steps per run."),
+    F("steps", 600, "Optimisation steps per run."),
     F("batch_size", 256, "Rows per step."),
     F("d_sae", 96, "Latents of the joint designs (crosscoder, universal)."),
     F("d_sae_single", 64, "Latents per SAE of aligned / independent SAEs."),
@@ -36,7 +36,7 @@ FIELDS = (
     F("l1_coeffs", ("1", "3"), "Crosscoder L1 coefficients."),
     F("align_coeffs", ("1", "3", "10"), "Alignment coefficients alpha."),
     F("seeds", ("0",), "Initialisation seeds (each run also gets its data order)."),
-    F("num_permutations", 200, "Random-pairing null size of the geometry."),
+    F("num_permutations", 100, "Random-pairing null size of the geometry."),
     F("metrics", ("svcca", "cka", "rsa_spearman"), "Geometry metrics (engine.similarity registry "
       "names; the pipeline's full set is svcca,pwcca,cka,rsa_spearman,procrustes,mutual_knn, "
       "each costs a compile per pair count on CPU)."),

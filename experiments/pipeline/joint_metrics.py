@@ -71,14 +71,18 @@ class Sharing:
     shared_b: np.ndarray
     exclusive_a: np.ndarray
     exclusive_b: np.ndarray
+    n_live_b: int | None = None   # activation criteria: B's own live latents
 
     def summary(self) -> dict:
         n = max(self.n_live, 1)
+        # Exclusive latents over the latents they come from: one set (decoder norm) or A's
+        # plus B's (activation criteria, each SAE its own latents).
+        n_ex = max(self.n_live + (self.n_live_b or 0), 1)
         return {"criterion": self.criterion, "n_live": int(self.n_live),
                 "n_shared": int(self.shared_a.size), "n_exclusive_a": int(self.exclusive_a.size),
                 "n_exclusive_b": int(self.exclusive_b.size),
                 "fraction_shared": self.shared_a.size / n,
-                "fraction_exclusive": (self.exclusive_a.size + self.exclusive_b.size) / n}
+                "fraction_exclusive": (self.exclusive_a.size + self.exclusive_b.size) / n_ex}
 
 
 def reconstruction(codes: js.JointCodes, shared_code: bool) -> dict:
@@ -144,7 +148,7 @@ def sharing_by_activation(z_a: np.ndarray, z_b: np.ndarray, mesh, *, pairing: st
     shared_a = np.flatnonzero(ok)
     call = Sharing(f"activation_{pairing}", int(live_a.sum()), shared_a, partner[shared_a],
                    np.flatnonzero(live_a & (best_a < EXCLUSIVE_CORR)),
-                   np.flatnonzero(live_b & (best_b < EXCLUSIVE_CORR)))
+                   np.flatnonzero(live_b & (best_b < EXCLUSIVE_CORR)), int(live_b.sum()))
     stats = {"mean_same_index_corr": float(same[live_a].mean()) if live_a.any() else 0.0,
              "mean_best_partner_corr": float(best_a[live_a].mean()) if live_a.any() else 0.0,
              "fraction_same_index_ge_shared": float(np.mean(same[live_a] >= SHARED_CORR))
