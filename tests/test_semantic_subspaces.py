@@ -152,7 +152,7 @@ def _flags(**kw):
                 progress=False, concepts=[], concepts_file=None, topic="Food",
                 metrics=["svcca", "cka", "rsa_spearman", "mutual_knn"], num_permutations=200,
                 min_pairs=3, threshold=-1.0, member_top_n=5, random_draws=5, knn_k=5,
-                alpha=0.01, chunk_size=1024, preset="toy")
+                alpha=0.01, chunk_size=1024, preset="toy", cache_a=None, cache_b=None)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
