@@ -158,6 +158,13 @@ def test_unplanted_control_is_not_circular(tmp_path, mesh1):
         for key in ("reconstruction_circularity", "decoder_circularity"):
             if m[key] is not None:
                 assert m[key]["p"] > 0.01, (s, key, m[key])
+    # Independent geometries: the cross-model comparisons stay at chance.
+    cm = e["cross_model"]
+    if "rsa" in cm:
+        assert cm["rsa"]["p"] > 0.01 and cm["ordering_agreement"]["p"] > 0.01, cm
+    gd = res["full_corpus"]["group_distances"]
+    if gd is not None:
+        assert gd["rsa"]["p"] > 0.01, gd["rsa"]
 
 
 @pytest.mark.slow
