@@ -96,6 +96,7 @@ def test_remote_workdir_is_passed_through_to_orbax(monkeypatch, tmp_path):
 # control comparisons (no ceiling: it would only add two more of the same steps).
 UNIVERSALITY = ("--toy_n_tokens=2048", "--toy_steps=40", "--num_permutations=20",
                 "--chunk_size=256", "--ceiling_sides=")
+_DIGEST = re.compile(r"\b[0-9a-f]{16}\b")
 _NUMBER = re.compile(r"-?\d+(\.\d+)?(e-?\d+)?")
 
 
@@ -104,8 +105,14 @@ def _assert_same(got, want, path="results"):
     notes), everything else exactly."""
     if isinstance(want, dict):
         assert sorted(got) == sorted(want), f"{path}: keys {sorted(got)} != {sorted(want)}"
+        # A metric flagged uninformative (e.g. SVCCA on fewer rows than components: score and
+        # every null value are 1 up to float32 rounding, null_std ~1e-8) has z, p and the
+        # null rank made of rounding noise, which the reduction order changes; its score,
+        # null mean and spread are still compared.
+        noise = {"z", "p", "num_null_at_or_above"} if want.get("informative") is False else set()
         for k in want:
-            _assert_same(got[k], want[k], f"{path}/{k}")
+            if k not in noise:
+                _assert_same(got[k], want[k], f"{path}/{k}")
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), f"{path}: lengths differ"
         for i, (g, w) in enumerate(zip(got, want)):
@@ -124,13 +131,18 @@ def _assert_same(got, want, path="results"):
 
 
 def _files(root) -> set:
-    """Result files of a workdir (orbax checkpoint internals and the log file left out)."""
+    """Result files of a workdir; orbax's folders (checkpoints, saved SAE arrays: their file
+    names are content hashes and per-process) and the log file left out."""
     out = set()
     for d, _, names in os.walk(root):
         rel = os.path.relpath(d, root)
-        if rel.startswith("checkpoints") or "/checkpoints" in rel or "orbax" in rel:
+        parts = rel.split(os.sep)
+        if "checkpoints" in parts or "params" in parts or any("orbax" in p for p in parts):
             continue
-        out |= {os.path.normpath(os.path.join(rel, n)) for n in names if not n.startswith("log")}
+        # step-cache names carry a digest of the SAE weights, which float reduction order
+        # changes in the last bits: compare the names without it
+        out |= {_DIGEST.sub("#", os.path.normpath(os.path.join(rel, n))) for n in names
+                if not n.startswith("log")}
     return out
 
 

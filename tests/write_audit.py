@@ -16,9 +16,11 @@ import runpy
 import sys
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_PATH_EVENTS = {"os.mkdir": 0, "os.rename": 0, "os.replace": 0, "os.remove": 0,
-                "os.rmdir": 0, "shutil.rmtree": 0, "os.symlink": 1, "os.truncate": 0,
-                "os.link": 1, "shutil.copyfile": 1, "shutil.move": 0}
+# event -> positions of the paths it changes (a rename changes both: os.replace raises
+# "os.rename" too)
+_PATH_EVENTS = {"os.mkdir": (0,), "os.rename": (0, 1), "os.remove": (0,), "os.rmdir": (0,),
+                "shutil.rmtree": (0,), "os.symlink": (1,), "os.truncate": (0,),
+                "os.link": (1,), "shutil.copyfile": (1,), "shutil.move": (0, 1)}
 
 
 def _flag(argv: list[str], name: str) -> str | None:
@@ -54,8 +56,9 @@ def main() -> None:
             if writing and (p := inside(path)):
                 writes.append((event, p))
         elif event in _PATH_EVENTS:
-            if (p := inside(hook_args[_PATH_EVENTS[event]])):
-                writes.append((event, p))
+            for i in _PATH_EVENTS[event]:
+                if (p := inside(hook_args[i])):
+                    writes.append((event, p))
 
     def dump() -> None:
         with open(os.path.join(out_dir, f"process-{pid}.json"), "w") as f:
