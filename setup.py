@@ -12,10 +12,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["engine", "engine.*", "models", "models.*",
-                                    "experiments", "experiments.*"]),
-    package_data={"models": ["data/*.txt"],
-                  "experiments": ["configs/*.py", "pipeline/html_report_assets/*"]},
+    packages=find_packages(
+        include=["engine", "engine.*", "models", "models.*", "experiments", "experiments.*"]
+    ),
+    package_data={
+        "models": ["data/*.txt"],
+        "experiments": ["configs/*.py", "pipeline/html_report_assets/*"],
+    },
     # Lower bounds are the versions this was tested with (2026-11).
     install_requires=[
         "jax>=0.10.2",
@@ -23,7 +26,7 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         "absl-py>=2.5.1",
-        "ml_collections>=1.1.0",   # experiment configs (experiments/configs/)
+        "ml_collections>=1.1.0",  # experiment configs (experiments/configs/)
         "numpy>=2.4",
         "scipy>=1.17",
         "transformers>=5.24",

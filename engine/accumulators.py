@@ -63,8 +63,7 @@ def merge_across(acc: Accumulator, state: Any, axis_name: str) -> Any:
     return out
 
 
-def make_sharded_update(acc: Accumulator, mesh, num_arrays: int,
-                        transform: Callable | None = None):
+def make_sharded_update(acc: Accumulator, mesh, num_arrays: int, transform: Callable | None = None):
     """Returns ``step(state, arrays, weights, params=None) -> state`` jitted over the mesh.
 
     Each device folds its rows into a fresh local state, the local states are merged over
@@ -86,9 +85,12 @@ def make_sharded_update(acc: Accumulator, mesh, num_arrays: int,
         return acc.merge(state, part)
 
     sharded = jax.shard_map(
-        local, mesh=mesh,
+        local,
+        mesh=mesh,
         in_specs=(P(), tuple(data_spec for _ in range(num_arrays)), data_spec, P()),
-        out_specs=P(), check_vma=False)
+        out_specs=P(),
+        check_vma=False,
+    )
     jitted = jax.jit(sharded, donate_argnums=0)
 
     def step(state, arrays, weights, params=None):
@@ -97,10 +99,19 @@ def make_sharded_update(acc: Accumulator, mesh, num_arrays: int,
     return step
 
 
-def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
-               checkpointer=None, save_every: int = 0, progress: bool = False,
-               transform: Callable | None = None, params: Any = None,
-               step: Callable | None = None) -> Any:
+def accumulate(
+    acc: Accumulator,
+    stream,
+    mesh,
+    state: Any = None,
+    *,
+    checkpointer=None,
+    save_every: int = 0,
+    progress: bool = False,
+    transform: Callable | None = None,
+    params: Any = None,
+    step: Callable | None = None,
+) -> Any:
     """Folds every chunk of a `ChunkStream` into ``state`` on the mesh.
 
     Args:
@@ -120,11 +131,15 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
       The final (replicated) state; call ``acc.finalize`` on it.
     """
     from engine import streaming  # local import keeps this module light
+
     mesh_lib.check_divisible(mesh, stream.chunk_size, f"{stream.name} chunk_size")
     # A fresh state is built by ONE compiled program placed on the mesh (eager zeros and
     # per-leaf copies would each compile a small program: dozens per comparison).
-    state = (jax.jit(acc.init, out_shardings=mesh_lib.replicated(mesh))() if state is None
-             else mesh_lib.replicate(mesh, state, copy=True))
+    state = (
+        jax.jit(acc.init, out_shardings=mesh_lib.replicated(mesh))()
+        if state is None
+        else mesh_lib.replicate(mesh, state, copy=True)
+    )
     params = mesh_lib.replicate(mesh, params)
     step_count = 0
     if checkpointer is not None:
@@ -135,8 +150,8 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=stream.num_rows, initial=stream.position, unit="rows",
-                   desc=stream.name)
+
+        bar = tqdm(total=stream.num_rows, initial=stream.position, unit="rows", desc=stream.name)
     any_chunk = False
     for chunk in streaming.prefetch_to_device(stream, mesh):
         any_chunk = True
@@ -167,14 +182,14 @@ def accumulate(acc: Accumulator, stream, mesh, state: Any = None, *,
 class MomentsState:
     """Running weighted moments of X [*, d1] and Y [*, d2] (Y optional: d2 = 0)."""
 
-    count: jax.Array      # sum of row weights
-    shift_x: jax.Array    # [d1] fixed reference point
-    shift_y: jax.Array    # [d2]
-    mean_x: jax.Array     # [d1] mean of (x - shift_x)
-    mean_y: jax.Array     # [d2]
-    sxx: jax.Array        # [d1, d1] centred sum of weighted products
-    syy: jax.Array        # [d2, d2]
-    sxy: jax.Array        # [d1, d2]
+    count: jax.Array  # sum of row weights
+    shift_x: jax.Array  # [d1] fixed reference point
+    shift_y: jax.Array  # [d2]
+    mean_x: jax.Array  # [d1] mean of (x - shift_x)
+    mean_y: jax.Array  # [d2]
+    sxx: jax.Array  # [d1, d1] centred sum of weighted products
+    syy: jax.Array  # [d2, d2]
+    sxy: jax.Array  # [d1, d2]
 
 
 @flax.struct.dataclass
@@ -248,9 +263,16 @@ class CrossMoments:
 
     def init(self) -> MomentsState:
         z = lambda *s: jnp.zeros(s, self.dtype)
-        return MomentsState(count=z(), shift_x=z(self.d1), shift_y=z(self.d2),
-                            mean_x=z(self.d1), mean_y=z(self.d2), sxx=z(self.d1, self.d1),
-                            syy=z(self.d2, self.d2), sxy=z(self.d1, self.d2))
+        return MomentsState(
+            count=z(),
+            shift_x=z(self.d1),
+            shift_y=z(self.d2),
+            mean_x=z(self.d1),
+            mean_y=z(self.d2),
+            sxx=z(self.d1, self.d1),
+            syy=z(self.d2, self.d2),
+            sxy=z(self.d1, self.d2),
+        )
 
     def _split(self, arrays):
         x = jnp.asarray(arrays[0], self.dtype)
@@ -261,7 +283,8 @@ class CrossMoments:
         if x.shape[1:] != (self.d1,) or y.shape[1:] != (self.d2,):
             raise checks.InputError(
                 f"CrossMoments: expected chunks X [rows, {self.d1}] and Y [rows, {self.d2}], "
-                f"got {tuple(x.shape)} and {tuple(y.shape)}")
+                f"got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         return x, y
 
     def update(self, state: MomentsState, arrays, weights) -> MomentsState:
@@ -270,16 +293,33 @@ class CrossMoments:
         # The first rows ever seen fix the shift (their weighted mean).
         first = state.count == 0
         n0 = jnp.maximum(jnp.sum(w), 1e-30)
-        shift_x = jnp.where(first, jnp.einsum("r,rd->d", w, x, precision=HIGHEST) / n0,
-                            state.shift_x)
-        shift_y = jnp.where(first, jnp.einsum("r,rd->d", w, y, precision=HIGHEST) / n0,
-                            state.shift_y)
+        shift_x = jnp.where(
+            first, jnp.einsum("r,rd->d", w, x, precision=HIGHEST) / n0, state.shift_x
+        )
+        shift_y = jnp.where(
+            first, jnp.einsum("r,rd->d", w, y, precision=HIGHEST) / n0, state.shift_y
+        )
         nb, mbx, mby, *sb = _chunk_moments(x, y, w, shift_x, shift_y)
         n, mx, my, (sxx, syy, sxy) = _chan_merge(
-            state.count, state.mean_x, state.mean_y, (state.sxx, state.syy, state.sxy),
-            nb, mbx, mby, sb)
-        return MomentsState(count=n, shift_x=shift_x, shift_y=shift_y, mean_x=mx, mean_y=my,
-                            sxx=sxx, syy=syy, sxy=sxy)
+            state.count,
+            state.mean_x,
+            state.mean_y,
+            (state.sxx, state.syy, state.sxy),
+            nb,
+            mbx,
+            mby,
+            sb,
+        )
+        return MomentsState(
+            count=n,
+            shift_x=shift_x,
+            shift_y=shift_y,
+            mean_x=mx,
+            mean_y=my,
+            sxx=sxx,
+            syy=syy,
+            sxy=sxy,
+        )
 
     def merge(self, a: MomentsState, b: MomentsState) -> MomentsState:
         # Express b relative to a's shift (or take b's shift when a is empty).
@@ -289,10 +329,25 @@ class CrossMoments:
         mbx = b.mean_x + (b.shift_x - shift_x)
         mby = b.mean_y + (b.shift_y - shift_y)
         n, mx, my, (sxx, syy, sxy) = _chan_merge(
-            a.count, a.mean_x, a.mean_y, (a.sxx, a.syy, a.sxy),
-            b.count, mbx, mby, (b.sxx, b.syy, b.sxy))
-        return MomentsState(count=n, shift_x=shift_x, shift_y=shift_y, mean_x=mx, mean_y=my,
-                            sxx=sxx, syy=syy, sxy=sxy)
+            a.count,
+            a.mean_x,
+            a.mean_y,
+            (a.sxx, a.syy, a.sxy),
+            b.count,
+            mbx,
+            mby,
+            (b.sxx, b.syy, b.sxy),
+        )
+        return MomentsState(
+            count=n,
+            shift_x=shift_x,
+            shift_y=shift_y,
+            mean_x=mx,
+            mean_y=my,
+            sxx=sxx,
+            syy=syy,
+            sxy=sxy,
+        )
 
     def merge_across(self, state: MomentsState, axis_name: str) -> MomentsState:
         """Exact k-way merge by collectives: centre every part on the pooled mean."""
@@ -317,18 +372,33 @@ class CrossMoments:
         sxx = jax.lax.psum(state.sxx + c * jnp.outer(dx, dx), axis_name)
         syy = jax.lax.psum(state.syy + c * jnp.outer(dy, dy), axis_name)
         sxy = jax.lax.psum(state.sxy + c * jnp.outer(dx, dy), axis_name)
-        return MomentsState(count=n, shift_x=shift_x, shift_y=shift_y, mean_x=mx, mean_y=my,
-                            sxx=sxx, syy=syy, sxy=sxy)
+        return MomentsState(
+            count=n,
+            shift_x=shift_x,
+            shift_y=shift_y,
+            mean_x=mx,
+            mean_y=my,
+            sxx=sxx,
+            syy=syy,
+            sxy=sxy,
+        )
 
     def finalize(self, state: MomentsState) -> Moments:
         s = jax.tree.map(lambda v: np.asarray(jax.device_get(v), np.float64), state)
         n = float(s.count)
         if n <= 0:
-            raise checks.InputError("CrossMoments: no rows were accumulated (empty stream or "
-                                    "all rows masked)")
-        return Moments(count=n, mean_x=s.shift_x + s.mean_x, mean_y=s.shift_y + s.mean_y,
-                       cov_xx=s.sxx / n, cov_yy=s.syy / n, cov_xy=s.sxy / n,
-                       precision=float(np.finfo(state.sxx.dtype).eps))
+            raise checks.InputError(
+                "CrossMoments: no rows were accumulated (empty stream or all rows masked)"
+            )
+        return Moments(
+            count=n,
+            mean_x=s.shift_x + s.mean_x,
+            mean_y=s.shift_y + s.mean_y,
+            cov_xx=s.sxx / n,
+            cov_yy=s.syy / n,
+            cov_xy=s.sxy / n,
+            precision=float(np.finfo(state.sxx.dtype).eps),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,8 +422,10 @@ class Combined:
         return {k: acc.init() for k, (acc, _) in self.parts.items()}
 
     def update(self, state: dict, arrays, weights) -> dict:
-        return {k: acc.update(state[k], tuple(arrays[i] for i in idx), weights)
-                for k, (acc, idx) in self.parts.items()}
+        return {
+            k: acc.update(state[k], tuple(arrays[i] for i in idx), weights)
+            for k, (acc, idx) in self.parts.items()
+        }
 
     def merge(self, a: dict, b: dict) -> dict:
         return {k: acc.merge(a[k], b[k]) for k, (acc, _) in self.parts.items()}
@@ -406,15 +478,21 @@ class Sums:
       dtype: accumulation dtype (default: float64 under x64, else float32).
     """
 
-    def __init__(self, parts: dict[str, tuple[int, int | None, int]],
-                 shapes: dict[str, tuple[int, ...]], dtype=None):
+    def __init__(
+        self,
+        parts: dict[str, tuple[int, int | None, int]],
+        shapes: dict[str, tuple[int, ...]],
+        dtype=None,
+    ):
         if not parts:
             raise checks.InputError("Sums: no parts given")
         if set(parts) != set(shapes):
-            raise checks.InputError(f"Sums: parts {sorted(parts)} and shapes {sorted(shapes)} "
-                                    "name different arrays")
-        self.parts = {k: (int(i), None if s is None else int(s), int(n))
-                      for k, (i, s, n) in parts.items()}
+            raise checks.InputError(
+                f"Sums: parts {sorted(parts)} and shapes {sorted(shapes)} name different arrays"
+            )
+        self.parts = {
+            k: (int(i), None if s is None else int(s), int(n)) for k, (i, s, n) in parts.items()
+        }
         self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
         if dtype is None:
             dtype = jnp.float64 if jnp.asarray(0.0).dtype == jnp.float64 else jnp.float32
@@ -432,8 +510,10 @@ class Sums:
         index, seg, n = self.parts[name]
         x = jnp.asarray(arrays[index], self.dtype)
         if x.shape[1:] != self.shapes[name]:
-            raise checks.InputError(f"Sums {name!r}: expected rows of shape "
-                                    f"{self.shapes[name]}, got {tuple(x.shape[1:])}")
+            raise checks.InputError(
+                f"Sums {name!r}: expected rows of shape "
+                f"{self.shapes[name]}, got {tuple(x.shape[1:])}"
+            )
         wx = x * w.reshape((-1,) + (1,) * (x.ndim - 1))
         if seg is None:
             return jnp.sum(wx, axis=0)

@@ -27,8 +27,12 @@ def set_thread_budget(threads: int) -> dict:
     On 2-core machines each runtime starting its own pool can slow a run 50x.
     """
     threads = int(threads)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "NUMEXPR_NUM_THREADS"):
+    for var in (
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+    ):
         os.environ[var] = str(threads)
     flags = os.environ.get("XLA_FLAGS", "")
     if "intra_op_parallelism_threads" not in flags:
@@ -44,6 +48,7 @@ def block(result: Any) -> Any:
     """Waits for asynchronous JAX results (no-op for numpy / torch CPU values)."""
     if "jax" in sys.modules:
         import jax
+
         leaves = jax.tree.leaves(result)
         for leaf in leaves:
             if hasattr(leaf, "block_until_ready"):
@@ -57,9 +62,16 @@ def time_once(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def compare(candidate: Callable[[], Any], baseline: Callable[[], Any], *, repeats: int = 5,
-            warmup: int = 1, name: str = "", work: float | None = None,
-            work_unit: str = "items") -> dict:
+def compare(
+    candidate: Callable[[], Any],
+    baseline: Callable[[], Any],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    name: str = "",
+    work: float | None = None,
+    work_unit: str = "items",
+) -> dict:
     """Times ``candidate`` and ``baseline`` interleaved; reports medians and their ratio.
 
     Args:
@@ -79,8 +91,14 @@ def compare(candidate: Callable[[], Any], baseline: Callable[[], Any], *, repeat
         cand.append(time_once(candidate))
         base.append(time_once(baseline))
     c, b = statistics.median(cand), statistics.median(base)
-    out = {"name": name, "candidate_s": cand, "baseline_s": base, "candidate_median_s": c,
-           "baseline_median_s": b, "speedup": b / c if c > 0 else float("inf")}
+    out = {
+        "name": name,
+        "candidate_s": cand,
+        "baseline_s": base,
+        "candidate_median_s": c,
+        "baseline_median_s": b,
+        "speedup": b / c if c > 0 else float("inf"),
+    }
     if work is not None:
         out[f"candidate_{work_unit}_per_s"] = work / c
         out[f"baseline_{work_unit}_per_s"] = work / b
@@ -89,11 +107,16 @@ def compare(candidate: Callable[[], Any], baseline: Callable[[], Any], *, repeat
 
 def environment() -> dict:
     """Machine and library facts recorded with every benchmark."""
-    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
     if "jax" in sys.modules:
         import jax
+
         info["jax"] = jax.__version__
         info["devices"] = [str(d) for d in jax.devices()]
     if "torch" in sys.modules:
@@ -107,8 +130,10 @@ def report(results: list[dict] | dict, path: str | None = None) -> dict:
     """Prints a one-line summary per result and writes ``{"env": ..., "results": ...}``."""
     results = [results] if isinstance(results, dict) else list(results)
     for r in results:
-        print(f"{r.get('name', ''):40s} candidate {r['candidate_median_s'] * 1e3:10.2f} ms  "
-              f"baseline {r['baseline_median_s'] * 1e3:10.2f} ms  speedup {r['speedup']:.2f}x")
+        print(
+            f"{r.get('name', ''):40s} candidate {r['candidate_median_s'] * 1e3:10.2f} ms  "
+            f"baseline {r['baseline_median_s'] * 1e3:10.2f} ms  speedup {r['speedup']:.2f}x"
+        )
     doc = {"env": environment(), "results": results}
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

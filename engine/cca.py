@@ -120,21 +120,29 @@ class CCAResult:
         if self.informative:
             return None
         m = len(self.coefficients)
-        return (f"{self.rows} rows for {self.components_x}+{self.components_y} components "
-                f"(n/d = {self.rows / max(self.d1, self.d2):.2f}): {self.saturated} of {m} "
-                f"canonical correlations are 1 for any data (k_x + k_y > rows - 1), so the "
-                f"score is not evidence of shared structure")
+        return (
+            f"{self.rows} rows for {self.components_x}+{self.components_y} components "
+            f"(n/d = {self.rows / max(self.d1, self.d2):.2f}): {self.saturated} of {m} "
+            f"canonical correlations are 1 for any data (k_x + k_y > rows - 1), so the "
+            f"score is not evidence of shared structure"
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready summary (no directions)."""
-        out = {"method": self.method, "score": float(self.score),
-               "informative": bool(self.informative),
-               "components": [int(self.components_x), int(self.components_y)],
-               "n": float(self.n), "rows": int(self.rows), "d": [self.d1, self.d2],
-               "n_over_d": self.rows / max(self.d1, self.d2),
-               "n_over_components": self.rows / max(self.components_x, self.components_y, 1),
-               "saturated": int(self.saturated), "epsilon": float(self.epsilon),
-               "coefficients_head": [float(c) for c in self.coefficients[:10]]}
+        out = {
+            "method": self.method,
+            "score": float(self.score),
+            "informative": bool(self.informative),
+            "components": [int(self.components_x), int(self.components_y)],
+            "n": float(self.n),
+            "rows": int(self.rows),
+            "d": [self.d1, self.d2],
+            "n_over_d": self.rows / max(self.d1, self.d2),
+            "n_over_components": self.rows / max(self.components_x, self.components_y, 1),
+            "saturated": int(self.saturated),
+            "epsilon": float(self.epsilon),
+            "coefficients_head": [float(c) for c in self.coefficients[:10]],
+        }
         if not self.informative:
             out["uninformative_reason"] = self.uninformative_reason
         if self.threshold is not None:
@@ -159,19 +167,22 @@ class Whitener:
     tolerance: float = 0.0
 
 
-def column_scales(cov: np.ndarray, mean=None, precision: float = FLOAT32_PRECISION
-                  ) -> np.ndarray:
+def column_scales(cov: np.ndarray, mean=None, precision: float = FLOAT32_PRECISION) -> np.ndarray:
     """Per-column ``1 / std`` (0 for columns that are constant at the statistics' precision)."""
     var = np.clip(np.diag(cov), 0.0, None)
     std = np.sqrt(var)
-    floor = 0.0 if mean is None else COLUMN_NOISE_MULTIPLE * precision * np.abs(
-        np.asarray(mean, np.float64))
+    floor = (
+        0.0
+        if mean is None
+        else COLUMN_NOISE_MULTIPLE * precision * np.abs(np.asarray(mean, np.float64))
+    )
     live = (std > floor) & (var > np.finfo(np.float64).tiny)
     return np.where(live, 1.0 / np.where(live, std, 1.0), 0.0)
 
 
-def noise_rank(cov: np.ndarray, mean=None, precision: float = FLOAT32_PRECISION,
-               rank_tol: float | None = None):
+def noise_rank(
+    cov: np.ndarray, mean=None, precision: float = FLOAT32_PRECISION, rank_tol: float | None = None
+):
     """Eigen-decomposition of the correlation matrix with the noise-relative rank.
 
     Returns ``(scales, evals, evecs, keep, tol)`` with evals descending; the first ``keep``
@@ -181,16 +192,26 @@ def noise_rank(cov: np.ndarray, mean=None, precision: float = FLOAT32_PRECISION,
     corr = cov * scales[:, None] * scales[None, :]
     evals, evecs = np.linalg.eigh((corr + corr.T) / 2)
     evals, evecs = evals[::-1], evecs[:, ::-1]
-    tol = (RANK_NOISE_MULTIPLE * np.sqrt(cov.shape[0]) * precision if rank_tol is None
-           else float(rank_tol))
+    tol = (
+        RANK_NOISE_MULTIPLE * np.sqrt(cov.shape[0]) * precision
+        if rank_tol is None
+        else float(rank_tol)
+    )
     keep = int(np.count_nonzero(evals > tol))
     return scales, evals, evecs, keep, tol
 
 
-def whitener(cov: np.ndarray, *, name: str, epsilon: float = 0.0,
-             rank_tol: float | None = None, threshold: float | None = None,
-             num_components: int | None = None, mean=None,
-             precision: float = FLOAT32_PRECISION) -> Whitener:
+def whitener(
+    cov: np.ndarray,
+    *,
+    name: str,
+    epsilon: float = 0.0,
+    rank_tol: float | None = None,
+    threshold: float | None = None,
+    num_components: int | None = None,
+    mean=None,
+    precision: float = FLOAT32_PRECISION,
+) -> Whitener:
     """Rank-aware (optionally PCA-truncated) inverse square root of a covariance.
 
     Args:
@@ -211,8 +232,9 @@ def whitener(cov: np.ndarray, *, name: str, epsilon: float = 0.0,
     cov = np.asarray(cov, np.float64)
     cov = (cov + cov.T) / 2
     if not np.max(np.diag(cov), initial=0.0) > 0:
-        raise checks.InputError(f"{name}: every column is constant (zero variance); CCA is "
-                                "undefined")
+        raise checks.InputError(
+            f"{name}: every column is constant (zero variance); CCA is undefined"
+        )
     if threshold is not None and not 0 < threshold <= 1:
         raise checks.InputError(f"SVCCA threshold must be in (0, 1], got {threshold}")
     if num_components is not None:
@@ -221,8 +243,9 @@ def whitener(cov: np.ndarray, *, name: str, epsilon: float = 0.0,
         # Plain CCA: whiten per column, then the correlation matrix (scale-free).
         scales, evals, evecs, keep, tol = noise_rank(cov, mean, precision, rank_tol)
         if keep == 0:
-            raise checks.InputError(f"{name}: every column is constant at the statistics' "
-                                    "precision; CCA is undefined")
+            raise checks.InputError(
+                f"{name}: every column is constant at the statistics' precision; CCA is undefined"
+            )
         matrix = (evecs[:, :keep] / np.sqrt(evals[:keep])) * scales[:, None]
         return Whitener(matrix=matrix, components=keep, eigenvalues=evals, tolerance=tol)
     evals, evecs = np.linalg.eigh(cov)
@@ -239,17 +262,21 @@ def whitener(cov: np.ndarray, *, name: str, epsilon: float = 0.0,
     if num_components is not None:
         keep = min(keep, num_components)
     scale = 1.0 / np.sqrt(np.clip(evals[:keep], 0, None) + epsilon)
-    return Whitener(matrix=evecs[:, :keep] * scale, components=keep, eigenvalues=evals,
-                    tolerance=tol)
+    return Whitener(
+        matrix=evecs[:, :keep] * scale, components=keep, eigenvalues=evals, tolerance=tol
+    )
 
 
 def side_whiteners(stats, method: str, **options) -> tuple[Whitener, Whitener]:
     """The X and Y whiteners of ``stats`` (means and precision taken from the statistics)."""
     precision = float(getattr(stats, "precision", FLOAT32_PRECISION))
-    wx, wy = (whitener(cov, name=f"{method} {side}", mean=mean, precision=precision,
-                       **options)
-              for side, cov, mean in (("X", stats.cov_xx, stats.mean_x),
-                                      ("Y", stats.cov_yy, stats.mean_y)))
+    wx, wy = (
+        whitener(cov, name=f"{method} {side}", mean=mean, precision=precision, **options)
+        for side, cov, mean in (
+            ("X", stats.cov_xx, stats.mean_x),
+            ("Y", stats.cov_yy, stats.mean_y),
+        )
+    )
     return wx, wy
 
 
@@ -266,27 +293,36 @@ def _check_n(stats, name: str, epsilon: float) -> None:
     if epsilon == 0 and d >= rows:
         raise checks.InputError(
             f"{name}: d={d} columns >= n={rows} rows, so the canonical correlations are "
-            "trivially 1; pass epsilon > 0 (ridge-regularised CCA) or use svcca")
+            "trivially 1; pass epsilon > 0 (ridge-regularised CCA) or use svcca"
+        )
 
 
-def _cca_core(method: str, stats, wx: Whitener, wy: Whitener, epsilon: float, **extra
-              ) -> CCAResult:
+def _cca_core(method: str, stats, wx: Whitener, wy: Whitener, epsilon: float, **extra) -> CCAResult:
     t = wx.matrix.T @ np.asarray(stats.cov_xy, np.float64) @ wy.matrix
     u, s, vt = np.linalg.svd(t, full_matrices=False)
     m = min(wx.components, wy.components)
     coefs = np.clip(s[:m], 0.0, 1.0)
     rows = _rows(stats)
     saturated = 0 if epsilon > 0 else max(0, wx.components + wy.components - (rows - 1))
-    return CCAResult(method=method, score=float(coefs.mean()), coefficients=coefs,
-                     components_x=wx.components, components_y=wy.components,
-                     n=float(stats.count), rows=rows, d1=int(stats.cov_xx.shape[0]),
-                     d2=int(stats.cov_yy.shape[0]), saturated=int(min(saturated, m)),
-                     x_directions=wx.matrix @ u[:, :m], y_directions=wy.matrix @ vt[:m].T,
-                     epsilon=float(epsilon), **extra)
+    return CCAResult(
+        method=method,
+        score=float(coefs.mean()),
+        coefficients=coefs,
+        components_x=wx.components,
+        components_y=wy.components,
+        n=float(stats.count),
+        rows=rows,
+        d1=int(stats.cov_xx.shape[0]),
+        d2=int(stats.cov_yy.shape[0]),
+        saturated=int(min(saturated, m)),
+        x_directions=wx.matrix @ u[:, :m],
+        y_directions=wy.matrix @ vt[:m].T,
+        epsilon=float(epsilon),
+        **extra,
+    )
 
 
-def cca_from_stats(stats, *, epsilon: float = 0.0, rank_tol: float | None = None
-                   ) -> CCAResult:
+def cca_from_stats(stats, *, epsilon: float = 0.0, rank_tol: float | None = None) -> CCAResult:
     """CCA coefficients from moments (`PairStats` or `accumulators.Moments`).
 
     Raises `InputError` when ``epsilon == 0`` and ``max(d1, d2) >= rows``.
@@ -296,9 +332,14 @@ def cca_from_stats(stats, *, epsilon: float = 0.0, rank_tol: float | None = None
     return _cca_core("cca", stats, wx, wy, epsilon)
 
 
-def svcca_from_stats(stats, *, threshold: float = DEFAULT_THRESHOLD,
-                     num_components: int | None = None, epsilon: float = 0.0,
-                     rank_tol: float | None = None) -> CCAResult:
+def svcca_from_stats(
+    stats,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    num_components: int | None = None,
+    epsilon: float = 0.0,
+    rank_tol: float | None = None,
+) -> CCAResult:
     """SVCCA (Raghu et al. 2017) from moments: PCA to ``threshold`` variance, then mean CCA.
 
     Args:
@@ -307,15 +348,22 @@ def svcca_from_stats(stats, *, threshold: float = DEFAULT_THRESHOLD,
     """
     if _rows(stats) < 2:
         raise checks.InputError(f"svcca: needs at least 2 rows, got {_rows(stats)}")
-    wx, wy = side_whiteners(stats, "svcca", epsilon=epsilon, rank_tol=rank_tol,
-                            threshold=threshold, num_components=num_components)
+    wx, wy = side_whiteners(
+        stats,
+        "svcca",
+        epsilon=epsilon,
+        rank_tol=rank_tol,
+        threshold=threshold,
+        num_components=num_components,
+    )
     return _cca_core("svcca", stats, wx, wy, epsilon, threshold=float(threshold))
 
 
 def _pwcca_side(stats, weight_side: str) -> str:
     if weight_side not in WEIGHT_SIDES:
-        raise checks.InputError(f"pwcca weight_side must be one of {WEIGHT_SIDES}, got "
-                                f"{weight_side!r}")
+        raise checks.InputError(
+            f"pwcca weight_side must be one of {WEIGHT_SIDES}, got {weight_side!r}"
+        )
     if weight_side == "smaller":
         return "x" if stats.cov_xx.shape[0] <= stats.cov_yy.shape[0] else "y"
     return weight_side
@@ -326,13 +374,15 @@ def pwcca_weights(cov: np.ndarray, directions: np.ndarray) -> np.ndarray:
     alpha = np.abs(np.asarray(cov, np.float64) @ directions).sum(axis=0)
     total = alpha.sum()
     if not total > 0:
-        raise checks.InputError("pwcca: the canonical variates carry no variance of the "
-                                "weighting side")
+        raise checks.InputError(
+            "pwcca: the canonical variates carry no variance of the weighting side"
+        )
     return alpha / total
 
 
-def pwcca_from_stats(stats, *, weight_side: str = "x", epsilon: float = 0.0,
-                     rank_tol: float | None = None) -> CCAResult:
+def pwcca_from_stats(
+    stats, *, weight_side: str = "x", epsilon: float = 0.0, rank_tol: float | None = None
+) -> CCAResult:
     """PWCCA (Morcos et al. 2018) from moments.
 
     Args:
@@ -345,9 +395,13 @@ def pwcca_from_stats(stats, *, weight_side: str = "x", epsilon: float = 0.0,
         alpha = pwcca_weights(stats.cov_xx, base.x_directions)
     else:
         alpha = pwcca_weights(stats.cov_yy, base.y_directions)
-    return dataclasses.replace(base, method="pwcca",
-                               score=float(np.sum(alpha * base.coefficients)),
-                               pwcca_weights=alpha, weight_side=side)
+    return dataclasses.replace(
+        base,
+        method="pwcca",
+        score=float(np.sum(alpha * base.coefficients)),
+        pwcca_weights=alpha,
+        weight_side=side,
+    )
 
 
 METHODS = {"cca": cca_from_stats, "svcca": svcca_from_stats, "pwcca": pwcca_from_stats}
@@ -356,8 +410,7 @@ METHODS = {"cca": cca_from_stats, "svcca": svcca_from_stats, "pwcca": pwcca_from
 def from_stats(method: str, stats, **options) -> CCAResult:
     """Dispatches to `cca_from_stats` / `svcca_from_stats` / `pwcca_from_stats`."""
     if method not in METHODS:
-        raise checks.InputError(f"unknown CCA method {method!r}; expected one of "
-                                f"{sorted(METHODS)}")
+        raise checks.InputError(f"unknown CCA method {method!r}; expected one of {sorted(METHODS)}")
     return METHODS[method](stats, **options)
 
 
@@ -366,37 +419,47 @@ def from_stats(method: str, stats, **options) -> CCAResult:
 # --------------------------------------------------------------------------------------------
 
 
-def cca(x, y, weights=None, *, mesh=None, chunk_size: int | None = None, **options
-        ) -> CCAResult:
+def cca(x, y, weights=None, *, mesh=None, chunk_size: int | None = None, **options) -> CCAResult:
     """CCA of in-memory X [n, d1], Y [n, d2] (moments streamed over the mesh)."""
-    return cca_from_stats(paired_stats.pair_stats(x, y, weights, mesh=mesh,
-                                                  chunk_size=chunk_size, name="cca"), **options)
+    return cca_from_stats(
+        paired_stats.pair_stats(x, y, weights, mesh=mesh, chunk_size=chunk_size, name="cca"),
+        **options,
+    )
 
 
-def svcca(x, y, weights=None, *, mesh=None, chunk_size: int | None = None, **options
-          ) -> CCAResult:
+def svcca(x, y, weights=None, *, mesh=None, chunk_size: int | None = None, **options) -> CCAResult:
     """SVCCA of in-memory X, Y; options as `svcca_from_stats`."""
-    return svcca_from_stats(paired_stats.pair_stats(x, y, weights, mesh=mesh,
-                                                    chunk_size=chunk_size, name="svcca"),
-                            **options)
+    return svcca_from_stats(
+        paired_stats.pair_stats(x, y, weights, mesh=mesh, chunk_size=chunk_size, name="svcca"),
+        **options,
+    )
 
 
-def pwcca(x, y, weights=None, *, mesh=None, chunk_size: int | None = None, **options
-          ) -> CCAResult:
+def pwcca(x, y, weights=None, *, mesh=None, chunk_size: int | None = None, **options) -> CCAResult:
     """PWCCA of in-memory X, Y; options as `pwcca_from_stats`."""
-    return pwcca_from_stats(paired_stats.pair_stats(x, y, weights, mesh=mesh,
-                                                    chunk_size=chunk_size, name="pwcca"),
-                            **options)
+    return pwcca_from_stats(
+        paired_stats.pair_stats(x, y, weights, mesh=mesh, chunk_size=chunk_size, name="pwcca"),
+        **options,
+    )
 
 
-def from_stream(method: str, stream, mesh, *, checkpointer=None, save_every: int = 0,
-                progress: bool = False, **options) -> CCAResult:
+def from_stream(
+    method: str,
+    stream,
+    mesh,
+    *,
+    checkpointer=None,
+    save_every: int = 0,
+    progress: bool = False,
+    **options,
+) -> CCAResult:
     """One streamed pass over ``(x, y)`` / ``(x, y, w)`` chunks, then the CCA-family score.
 
     Memory is O(d1^2 + d2^2 + d1 d2) whatever the number of rows.
     """
-    stats = paired_stats.stream_stats(stream, mesh, checkpointer=checkpointer,
-                                      save_every=save_every, progress=progress)
+    stats = paired_stats.stream_stats(
+        stream, mesh, checkpointer=checkpointer, save_every=save_every, progress=progress
+    )
     return from_stats(method, stats, **options)
 
 
@@ -430,10 +493,19 @@ def pwcca_finish(consts: dict, t: jax.Array) -> jax.Array:
     return jnp.sum(alpha * jnp.clip(s, 0.0, 1.0)) / jnp.sum(alpha)
 
 
-def null_kernel(method: str, x, y, stats, result: CCAResult, *, epsilon: float = 0.0,
-                rank_tol: float | None = None, threshold: float = DEFAULT_THRESHOLD,
-                num_components: int | None = None, weight_side: str = "x"
-                ) -> nulls.NullKernel:
+def null_kernel(
+    method: str,
+    x,
+    y,
+    stats,
+    result: CCAResult,
+    *,
+    epsilon: float = 0.0,
+    rank_tol: float | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    num_components: int | None = None,
+    weight_side: str = "x",
+) -> nulls.NullKernel:
     """The `NullKernel` for the batched random-pairing null of unweighted rows.
 
     The whiteners (and SVCCA's principal directions) depend only on each side's own rows, so
@@ -447,8 +519,10 @@ def null_kernel(method: str, x, y, stats, result: CCAResult, *, epsilon: float =
     wx, wy = side_whiteners(stats, method, **kw)
     xc = np.asarray(x, np.float64) - stats.mean_x
     yc = np.asarray(y, np.float64) - stats.mean_y
-    consts = {"a": jnp.asarray(xc @ wx.matrix, jnp.float32),
-              "b": jnp.asarray(yc @ wy.matrix, jnp.float32)}
+    consts = {
+        "a": jnp.asarray(xc @ wx.matrix, jnp.float32),
+        "b": jnp.asarray(yc @ wy.matrix, jnp.float32),
+    }
     row_bytes = 4 * xc.shape[0] * (wy.components + 1)
     if method != "pwcca":
         stat, finish = cross_stat, cca_finish

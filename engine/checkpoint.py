@@ -32,6 +32,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 2):
         from engine import metrics_io
+
         # gs:// (and other remote) directories go to orbax as they are: orbax writes them
         # itself and coordinates the processes of a multi-process run.
         self.directory = metrics_io.resolve_dir(directory)
@@ -48,23 +49,26 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict | None = None, *,
-             wait: bool = True) -> None:
+    def save(self, step: int, state: Any, meta: dict | None = None, *, wait: bool = True) -> None:
         """Saves ``state`` (any pytree of arrays) and ``meta`` (JSON-serialisable) at ``step``."""
         # Orbax refuses zero-size arrays (e.g. an empty feature subset); they carry no data, so
         # a 1-element placeholder is written and `restore` rebuilds them from the template.
         # The placeholder is a host numpy array: a single-device jax array would not be
         # serialisable in a multi-process run.
-        state = jax.tree.map(lambda x: np.zeros((1,), x.dtype)
-                             if hasattr(x, "size") and x.size == 0 else x, state)
-        self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(dict(meta or {}))), force=True)
+        state = jax.tree.map(
+            lambda x: np.zeros((1,), x.dtype) if hasattr(x, "size") and x.size == 0 else x, state
+        )
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}))
+            ),
+            force=True,
+        )
         if wait:
             self._manager.wait_until_finished()
 
-    def restore(self, abstract_state: Any, step: int | None = None
-                ) -> tuple[int, Any, dict] | None:
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
         """Restores the latest intact (or the given) checkpoint, or returns None when there is
         none.
 
@@ -86,32 +90,48 @@ class Checkpointer:
                 older = steps[i + 1] if i + 1 < len(steps) else None
                 moved = self._set_aside(s)
                 logging.warning(
-                    "checkpoint %s/%d is damaged (%s); moved to %s; %s", self.directory, s,
-                    damage or " ".join(str(e).split())[:160], moved,
-                    f"falling back to step {older}" if older is not None
-                    else "no intact checkpoint left: starting from scratch")
+                    "checkpoint %s/%d is damaged (%s); moved to %s; %s",
+                    self.directory,
+                    s,
+                    damage or " ".join(str(e).split())[:160],
+                    moved,
+                    f"falling back to step {older}"
+                    if older is not None
+                    else "no intact checkpoint left: starting from scratch",
+                )
         return None
 
     def _restore_step(self, abstract_state: Any, step: int) -> tuple[int, Any, dict]:
         target = jax.tree.map(_abstract, abstract_state)
         empty = jax.tree.map(lambda x: hasattr(x, "size") and x.size == 0, abstract_state)
-        target = jax.tree.map(lambda t, e: np.zeros((1,), t.dtype) if e else t,
-                              target, empty)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        target = jax.tree.map(lambda t, e: np.zeros((1,), t.dtype) if e else t, target, empty)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
         meta = restored["meta"]
         if not isinstance(meta, dict):
             raise ValueError(f"checkpoint meta is {type(meta).__name__}, expected a dict")
-        state = jax.tree.map(lambda r, t, e: jax.numpy.zeros(t.shape, t.dtype) if e else r,
-                             restored["state"], abstract_state, empty)
+        state = jax.tree.map(
+            lambda r, t, e: jax.numpy.zeros(t.shape, t.dtype) if e else r,
+            restored["state"],
+            abstract_state,
+            empty,
+        )
         return int(step), state, dict(meta)
 
     def _damage(self, step: int) -> str | None:
         """Why checkpoint ``step`` cannot be read at all (None: it reads back fine without a
         target, so a failure to restore it is a mismatch with the requested structure)."""
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
         except Exception as e:  # noqa: BLE001  (any failure to read the files is damage)
             return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
         if not isinstance(restored["meta"], dict):

@@ -24,8 +24,10 @@ def check_finite(name: str, x) -> None:
     bad = ~np.isfinite(arr)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(f"{name}: {int(bad.sum())} non-finite value(s) (NaN/Inf), first at "
-                         f"index {first}; expected finite numbers")
+        raise InputError(
+            f"{name}: {int(bad.sum())} non-finite value(s) (NaN/Inf), first at "
+            f"index {first}; expected finite numbers"
+        )
 
 
 def check_rank(name: str, x, ndim: int) -> None:
@@ -38,8 +40,9 @@ def check_rank(name: str, x, ndim: int) -> None:
 def check_shape(name: str, x, expected: Sequence[int | None]) -> None:
     """Raises when ``x.shape`` does not match ``expected`` (None matches any size)."""
     shape = tuple(np.shape(x))
-    if len(shape) != len(expected) or any(e is not None and e != s
-                                           for s, e in zip(shape, expected)):
+    if len(shape) != len(expected) or any(
+        e is not None and e != s for s, e in zip(shape, expected)
+    ):
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise InputError(f"{name}: expected shape {want}, got {shape}")
 
@@ -48,8 +51,10 @@ def check_rows_match(name_a: str, a, name_b: str, b) -> None:
     """Raises when two row-aligned arrays have different row counts."""
     na, nb = np.shape(a)[0], np.shape(b)[0]
     if na != nb:
-        raise InputError(f"{name_a} has {na} rows but {name_b} has {nb}; the two must be "
-                         f"row-aligned (same tokens / same pairs)")
+        raise InputError(
+            f"{name_a} has {na} rows but {name_b} has {nb}; the two must be "
+            f"row-aligned (same tokens / same pairs)"
+        )
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:

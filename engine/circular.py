@@ -73,31 +73,47 @@ class CircularityResult:
         return self.test.p
 
     def to_json(self) -> dict:
-        return {"score": self.score, "p": self.p, "direction": self.direction,
-                "offset": self.offset, "ring_cv": self.ring_cv, "n_items": int(len(self.items)),
-                "n_points": int(len(self.points)), "period": self.period,
-                "plane_fraction": self.plane_fraction, "null": self.test.to_json()}
+        return {
+            "score": self.score,
+            "p": self.p,
+            "direction": self.direction,
+            "offset": self.offset,
+            "ring_cv": self.ring_cv,
+            "n_items": int(len(self.items)),
+            "n_points": int(len(self.points)),
+            "period": self.period,
+            "plane_fraction": self.plane_fraction,
+            "null": self.test.to_json(),
+        }
 
 
 def _check_order(order, n: int, period: int | None) -> tuple[np.ndarray, int]:
     order = np.asarray(order)
     if order.shape != (n,):
-        raise checks.InputError(f"order: expected one order value per point ({n}), got shape "
-                                f"{order.shape}")
+        raise checks.InputError(
+            f"order: expected one order value per point ({n}), got shape {order.shape}"
+        )
     if not np.issubdtype(order.dtype, np.integer):
         if not np.all(np.asarray(order, np.float64) == np.round(np.asarray(order, np.float64))):
             raise checks.InputError("order: expected integer positions in the cycle")
         order = order.astype(np.int64)
-    period = int(order.max()) + 1 if period is None else checks.check_positive_int(
-        "period", period)
+    period = int(order.max()) + 1 if period is None else checks.check_positive_int("period", period)
     if order.min() < 0 or order.max() >= period:
-        raise checks.InputError(f"order: values must lie in [0, period={period}), got "
-                                f"[{order.min()}, {order.max()}]")
+        raise checks.InputError(
+            f"order: values must lie in [0, period={period}), got [{order.min()}, {order.max()}]"
+        )
     return order.astype(np.int64), period
 
 
-def circularity(points, order, period: int | None = None, *, num_permutations: int = 1000,
-                seed: int = 0, exact_limit: int = EXACT_LIMIT) -> CircularityResult:
+def circularity(
+    points,
+    order,
+    period: int | None = None,
+    *,
+    num_permutations: int = 1000,
+    seed: int = 0,
+    exact_limit: int = EXACT_LIMIT,
+) -> CircularityResult:
     """Circular-circular alignment of points' angles with their items' cyclic order.
 
     The centre is the mean of the item centroids (so frequent items do not pull it); each
@@ -124,40 +140,61 @@ def circularity(points, order, period: int | None = None, *, num_permutations: i
     items, inverse = np.unique(order, return_inverse=True)
     m = len(items)
     if m < 3:
-        raise checks.InputError(f"circularity: {m} distinct item(s); need at least 3 items "
-                                f"to define an ordering on a circle")
+        raise checks.InputError(
+            f"circularity: {m} distinct item(s); need at least 3 items "
+            f"to define an ordering on a circle"
+        )
     centroids = np.stack([P2[inverse == j].mean(0) for j in range(m)])
     centre = centroids.mean(0)
     rel = P2 - centre
     theta = np.arctan2(rel[:, 1], rel[:, 0])
     # Per-item sums of unit phasors: the statistic for any reassignment needs only these.
     z = np.bincount(inverse, weights=np.cos(theta), minlength=m) + 1j * np.bincount(
-        inverse, weights=np.sin(theta), minlength=m)
+        inverse, weights=np.sin(theta), minlength=m
+    )
     phi_items = 2 * np.pi * items / period
     n = P2.shape[0]
 
     def stat(perms):
-        phi = phi_items[perms]                                     # [R, m]
+        phi = phi_items[perms]  # [R, m]
         plus = np.abs(np.sum(z * np.exp(-1j * phi), axis=1))
         minus = np.abs(np.sum(z * np.exp(1j * phi), axis=1))
         return np.maximum(plus, minus) / n
 
-    test = nulls.item_permutation_test(stat, m, num_permutations=num_permutations, seed=seed,
-                                       exact_limit=exact_limit)
+    test = nulls.item_permutation_test(
+        stat, m, num_permutations=num_permutations, seed=seed, exact_limit=exact_limit
+    )
     zp = np.sum(z * np.exp(-1j * phi_items))
     zm = np.sum(z * np.exp(1j * phi_items))
     direction = 1 if abs(zp) >= abs(zm) else -1
     offset = float(np.angle(zp if direction == 1 else zm))
     radii = np.linalg.norm(centroids - centre, axis=1)
     ring_cv = float(radii.std() / radii.mean()) if radii.mean() > 0 else float("inf")
-    return CircularityResult(test=test, direction=direction, offset=offset, ring_cv=ring_cv,
-                             items=items, centroids=centroids, centre=centre, points=P2,
-                             point_order=order, angles=theta, period=period)
+    return CircularityResult(
+        test=test,
+        direction=direction,
+        offset=offset,
+        ring_cv=ring_cv,
+        items=items,
+        centroids=centroids,
+        centre=centre,
+        points=P2,
+        point_order=order,
+        angles=theta,
+        period=period,
+    )
 
 
-def decoder_circularity(vectors, order, period: int | None = None, *, fit_rows=None,
-                        num_permutations: int = 1000, seed: int = 0, exact_limit: int = EXACT_LIMIT
-                        ) -> tuple[CircularityResult, PCAResult]:
+def decoder_circularity(
+    vectors,
+    order,
+    period: int | None = None,
+    *,
+    fit_rows=None,
+    num_permutations: int = 1000,
+    seed: int = 0,
+    exact_limit: int = EXACT_LIMIT,
+) -> tuple[CircularityResult, PCAResult]:
     """Circularity of concept features' decoder vectors in the top-2 PCs of a cluster.
 
     Args:
@@ -173,11 +210,18 @@ def decoder_circularity(vectors, order, period: int | None = None, *, fit_rows=N
     V = checks.as_float_matrix("vectors", vectors, min_rows=3)
     fit = V if fit_rows is None else checks.as_float_matrix("fit_rows", fit_rows, min_rows=3)
     if fit.shape[1] != V.shape[1]:
-        raise checks.InputError(f"fit_rows: width {fit.shape[1]} differs from vectors' "
-                                f"{V.shape[1]}")
+        raise checks.InputError(
+            f"fit_rows: width {fit.shape[1]} differs from vectors' {V.shape[1]}"
+        )
     p = pca(fit, 2, name="cluster decoder vectors")
-    res = circularity(p.project(V), order, period, num_permutations=num_permutations, seed=seed,
-                      exact_limit=exact_limit)
+    res = circularity(
+        p.project(V),
+        order,
+        period,
+        num_permutations=num_permutations,
+        seed=seed,
+        exact_limit=exact_limit,
+    )
     res.plane_fraction = float(p.explained_variance_ratio.sum())
     return res, p
 
@@ -205,10 +249,14 @@ class GeometryComparison:
     pca_b: PCAResult
 
     def to_json(self) -> dict:
-        return {"rsa": self.rsa.to_json(), "ordering_agreement": self.ordering.to_json(),
-                "direction": self.direction, "n_items": int(self.sim_a.shape[0]),
-                "plane_fraction_a": float(self.pca_a.explained_variance_ratio.sum()),
-                "plane_fraction_b": float(self.pca_b.explained_variance_ratio.sum())}
+        return {
+            "rsa": self.rsa.to_json(),
+            "ordering_agreement": self.ordering.to_json(),
+            "direction": self.direction,
+            "n_items": int(self.sim_a.shape[0]),
+            "plane_fraction_a": float(self.pca_a.explained_variance_ratio.sum()),
+            "plane_fraction_b": float(self.pca_b.explained_variance_ratio.sum()),
+        }
 
 
 def _angles_2d(X, name: str) -> tuple[np.ndarray, PCAResult]:
@@ -217,8 +265,9 @@ def _angles_2d(X, name: str) -> tuple[np.ndarray, PCAResult]:
     return np.arctan2(xy[:, 1], xy[:, 0]), p
 
 
-def compare_geometry(X_a, X_b, *, num_permutations: int = 1000, seed: int = 0,
-                     exact_limit: int = EXACT_LIMIT) -> GeometryComparison:
+def compare_geometry(
+    X_a, X_b, *, num_permutations: int = 1000, seed: int = 0, exact_limit: int = EXACT_LIMIT
+) -> GeometryComparison:
     """Compares the geometry of the same concept items in two models.
 
     Args:
@@ -238,22 +287,38 @@ def compare_geometry(X_a, X_b, *, num_permutations: int = 1000, seed: int = 0,
         raise checks.InputError(f"compare_geometry: {m} item(s); need at least 4 shared items")
     sim_a = pairwise.cosine_matrix(A, A, exact=True)
     sim_b = pairwise.cosine_matrix(B, B, exact=True)
-    rsa_res = rsa.mantel(sim_a, sim_b, num_permutations=num_permutations, seed=seed,
-                         exact_limit=exact_limit, names=("model A items", "model B items"))
+    rsa_res = rsa.mantel(
+        sim_a,
+        sim_b,
+        num_permutations=num_permutations,
+        seed=seed,
+        exact_limit=exact_limit,
+        names=("model A items", "model B items"),
+    )
     th_a, pca_a = _angles_2d(A, "X_a")
     th_b, pca_b = _angles_2d(B, "X_b")
     ua = np.exp(1j * th_a)
 
     def stat(perms):
-        tb = th_b[perms]                                           # [R, m]
+        tb = th_b[perms]  # [R, m]
         plus = np.abs(np.mean(ua * np.exp(-1j * tb), axis=1))
         minus = np.abs(np.mean(ua * np.exp(1j * tb), axis=1))
         return np.maximum(plus, minus)
 
-    ordering = nulls.item_permutation_test(stat, m, num_permutations=num_permutations,
-                                           seed=seed + 1, exact_limit=exact_limit)
-    direction = 1 if abs(np.mean(ua * np.exp(-1j * th_b))) >= abs(
-        np.mean(ua * np.exp(1j * th_b))) else -1
-    return GeometryComparison(rsa=rsa_res, ordering=ordering, direction=direction, sim_a=sim_a,
-                              sim_b=sim_b, angles_a=th_a, angles_b=th_b, pca_a=pca_a,
-                              pca_b=pca_b)
+    ordering = nulls.item_permutation_test(
+        stat, m, num_permutations=num_permutations, seed=seed + 1, exact_limit=exact_limit
+    )
+    direction = (
+        1 if abs(np.mean(ua * np.exp(-1j * th_b))) >= abs(np.mean(ua * np.exp(1j * th_b))) else -1
+    )
+    return GeometryComparison(
+        rsa=rsa_res,
+        ordering=ordering,
+        direction=direction,
+        sim_a=sim_a,
+        sim_b=sim_b,
+        angles_a=th_a,
+        angles_b=th_b,
+        pca_a=pca_a,
+        pca_b=pca_b,
+    )

@@ -47,9 +47,14 @@ class CKAResult:
     batches: int | None = None
 
     def to_dict(self) -> dict:
-        out = {"method": self.method, "score": float(self.score), "n": float(self.n),
-               "rows": int(self.rows), "d": [self.d1, self.d2],
-               "n_over_d": self.rows / max(self.d1, self.d2)}
+        out = {
+            "method": self.method,
+            "score": float(self.score),
+            "n": float(self.n),
+            "rows": int(self.rows),
+            "d": [self.d1, self.d2],
+            "n_over_d": self.rows / max(self.d1, self.d2),
+        }
         if self.batches is not None:
             out["batches"] = int(self.batches)
         return out
@@ -60,8 +65,9 @@ def _norms(stats) -> tuple[float, float]:
     ny = float(np.linalg.norm(stats.cov_yy))
     if not nx > 0 or not ny > 0:
         side = "X" if not nx > 0 else "Y"
-        raise checks.InputError(f"cka: every column of {side} is constant (zero variance); "
-                                "CKA is undefined")
+        raise checks.InputError(
+            f"cka: every column of {side} is constant (zero variance); CKA is undefined"
+        )
     return nx, ny
 
 
@@ -70,8 +76,9 @@ def linear_cka_from_stats(stats) -> CKAResult:
     nx, ny = _norms(stats)
     score = float(np.sum(np.square(stats.cov_xy)) / (nx * ny))
     rows = getattr(stats, "rows", int(round(stats.count)))
-    return CKAResult("cka", score, float(stats.count), int(rows), stats.cov_xx.shape[0],
-                     stats.cov_yy.shape[0])
+    return CKAResult(
+        "cka", score, float(stats.count), int(rows), stats.cov_xx.shape[0], stats.cov_yy.shape[0]
+    )
 
 
 def unbiased_hsic(cross_sq: float, q: float, tr_k: float, tr_l: float, n: float) -> float:
@@ -83,8 +90,7 @@ def unbiased_hsic(cross_sq: float, q: float, tr_k: float, tr_l: float, n: float)
       tr_k, tr_l: ``sum_i |x_i|^2`` and ``sum_i |y_i|^2``.
       n: number of rows (sum of frequency weights).
     """
-    return ((cross_sq - q + tr_k * tr_l / ((n - 1) * (n - 2)) - 2.0 * q / (n - 2))
-            / (n * (n - 3)))
+    return (cross_sq - q + tr_k * tr_l / ((n - 1) * (n - 2)) - 2.0 * q / (n - 2)) / (n * (n - 3))
 
 
 def hsic_triple(stats) -> tuple[float, float, float]:
@@ -94,16 +100,20 @@ def hsic_triple(stats) -> tuple[float, float, float]:
         raise checks.InputError(f"debiased CKA: needs n >= 4 rows, got n={n:g}")
     sxx, syy, sxy = stats.cov_xx * n, stats.cov_yy * n, stats.cov_xy * n
     tr_x, tr_y = float(np.trace(sxx)), float(np.trace(syy))
-    return (unbiased_hsic(float(np.sum(sxy ** 2)), stats.q_xy, tr_x, tr_y, n),
-            unbiased_hsic(float(np.sum(sxx ** 2)), stats.q_xx, tr_x, tr_x, n),
-            unbiased_hsic(float(np.sum(syy ** 2)), stats.q_yy, tr_y, tr_y, n))
+    return (
+        unbiased_hsic(float(np.sum(sxy**2)), stats.q_xy, tr_x, tr_y, n),
+        unbiased_hsic(float(np.sum(sxx**2)), stats.q_xx, tr_x, tr_x, n),
+        unbiased_hsic(float(np.sum(syy**2)), stats.q_yy, tr_y, tr_y, n),
+    )
 
 
 def _ratio(hxy: float, hxx: float, hyy: float, what: str) -> float:
     if not (hxx > 0 and hyy > 0):
-        raise checks.InputError(f"{what}: the unbiased HSIC of a side with itself is not "
-                                f"positive (HSIC(X,X)={hxx:.3g}, HSIC(Y,Y)={hyy:.3g}); too "
-                                "few rows or (nearly) constant columns")
+        raise checks.InputError(
+            f"{what}: the unbiased HSIC of a side with itself is not "
+            f"positive (HSIC(X,X)={hxx:.3g}, HSIC(Y,Y)={hyy:.3g}); too "
+            "few rows or (nearly) constant columns"
+        )
     return float(hxy / np.sqrt(hxx * hyy))
 
 
@@ -111,28 +121,45 @@ def debiased_cka_from_stats(stats) -> CKAResult:
     """Debiased linear CKA (unbiased HSIC) from `PairStats`."""
     _norms(stats)
     score = _ratio(*hsic_triple(stats), "debiased CKA")
-    return CKAResult("cka_debiased", score, float(stats.count), int(stats.rows),
-                     stats.cov_xx.shape[0], stats.cov_yy.shape[0])
+    return CKAResult(
+        "cka_debiased",
+        score,
+        float(stats.count),
+        int(stats.rows),
+        stats.cov_xx.shape[0],
+        stats.cov_yy.shape[0],
+    )
 
 
-def linear_cka(x, y, weights=None, *, debiased: bool = False, mesh=None,
-               chunk_size: int | None = None) -> CKAResult:
+def linear_cka(
+    x, y, weights=None, *, debiased: bool = False, mesh=None, chunk_size: int | None = None
+) -> CKAResult:
     """Linear CKA of in-memory X [n, d1], Y [n, d2] (moments streamed over the mesh)."""
-    stats = paired_stats.pair_stats(x, y, weights, mesh=mesh, chunk_size=chunk_size,
-                                    name="cka", min_rows=4 if debiased else 2)
+    stats = paired_stats.pair_stats(
+        x, y, weights, mesh=mesh, chunk_size=chunk_size, name="cka", min_rows=4 if debiased else 2
+    )
     return debiased_cka_from_stats(stats) if debiased else linear_cka_from_stats(stats)
 
 
-def from_stream(stream, mesh, *, debiased: bool = False, checkpointer=None,
-                save_every: int = 0, progress: bool = False) -> CKAResult:
+def from_stream(
+    stream,
+    mesh,
+    *,
+    debiased: bool = False,
+    checkpointer=None,
+    save_every: int = 0,
+    progress: bool = False,
+) -> CKAResult:
     """Linear CKA over a stream of ``(x, y)`` / ``(x, y, w)`` chunks (one exact pass)."""
-    stats = paired_stats.stream_stats(stream, mesh, checkpointer=checkpointer,
-                                      save_every=save_every, progress=progress)
+    stats = paired_stats.stream_stats(
+        stream, mesh, checkpointer=checkpointer, save_every=save_every, progress=progress
+    )
     return debiased_cka_from_stats(stats) if debiased else linear_cka_from_stats(stats)
 
 
-def minibatch_cka_stream(stream: streaming.ChunkStream, mesh, *, progress: bool = False
-                         ) -> CKAResult:
+def minibatch_cka_stream(
+    stream: streaming.ChunkStream, mesh, *, progress: bool = False
+) -> CKAResult:
     """Minibatch CKA (Nguyen et al. 2021): each chunk of the stream is one minibatch.
 
     Each chunk's unbiased HSICs come from a fresh `PairMoments` pass over that chunk on the
@@ -147,8 +174,10 @@ def minibatch_cka_stream(stream: streaming.ChunkStream, mesh, *, progress: bool 
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=stream.num_rows, unit="rows", desc="minibatch CKA")
     from engine import mesh as mesh_lib
+
     for chunk in streaming.prefetch_to_device(stream, mesh):
         if step is None:
             step = paired_stats._sharded_step(d1, d2, mesh, len(chunk.arrays))  # noqa: SLF001
@@ -176,10 +205,12 @@ def minibatch_cka(x, y, weights=None, *, batch_size: int = 256, mesh=None) -> CK
     x, y, weights = paired_stats.check_pair(x, y, weights, min_rows=4, name="minibatch CKA")
     mesh = paired_stats.default_mesh() if mesh is None else mesh
     from engine import mesh as mesh_lib
+
     mesh_lib.check_divisible(mesh, batch_size, "minibatch CKA batch_size")
     arrays = (x, y) if weights is None else (x, y, weights.astype(np.float32))
-    return minibatch_cka_stream(streaming.ChunkStream(arrays, batch_size, check_finite=False,
-                                                      name="minibatch CKA"), mesh)
+    return minibatch_cka_stream(
+        streaming.ChunkStream(arrays, batch_size, check_finite=False, name="minibatch CKA"), mesh
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,8 +240,12 @@ def cka_debiased_stat(consts: dict, perm: jax.Array) -> jax.Array:
     n = a.shape[0]
     c = jnp.dot(a.T, b[perm], precision=HIGHEST)
     q = jnp.dot(consts["ra"], consts["rb"][perm], precision=HIGHEST)
-    hxy = (jnp.sum(c * c) - q + consts["tr_x"] * consts["tr_y"] / ((n - 1) * (n - 2))
-           - 2.0 * q / (n - 2)) / (n * (n - 3))
+    hxy = (
+        jnp.sum(c * c)
+        - q
+        + consts["tr_x"] * consts["tr_y"] / ((n - 1) * (n - 2))
+        - 2.0 * q / (n - 2)
+    ) / (n * (n - 3))
     return hxy / consts["denominator"]
 
 
@@ -233,7 +268,11 @@ def null_kernel(x, y, stats, *, debiased: bool = False) -> nulls.NullKernel:
     ra = np.einsum("ij,ij->i", a, a)
     rb = np.einsum("ij,ij->i", b, b)
     _, hxx, hyy = hsic_triple(paired_stats.stats_from_numpy(a, b))
-    consts.update(ra=jnp.asarray(ra, jnp.float32), rb=jnp.asarray(rb, jnp.float32),
-                  tr_x=jnp.float32(ra.sum()), tr_y=jnp.float32(rb.sum()),
-                  denominator=jnp.float32(np.sqrt(hxx * hyy)))
+    consts.update(
+        ra=jnp.asarray(ra, jnp.float32),
+        rb=jnp.asarray(rb, jnp.float32),
+        tr_x=jnp.float32(ra.sum()),
+        tr_y=jnp.float32(rb.sum()),
+        denominator=jnp.float32(np.sqrt(hxx * hyy)),
+    )
     return nulls.NullKernel(cka_debiased_stat, consts, n, row_bytes=row_bytes)

@@ -68,14 +68,21 @@ class Clustering:
     def summary(self) -> dict:
         """JSON-ready counts (number of clusters, sizes, features clustered)."""
         sizes = self.sizes
-        return {"method": self.method, "params": self.params,
-                "n_features": int(self.labels.shape[0]), "n_clusters": int(len(sizes)),
-                "n_clustered": int(sizes.sum()) if len(sizes) else 0,
-                "largest": int(sizes.max()) if len(sizes) else 0,
-                "n_components": int(len(self.component_sizes)),
-                "n_components_outside_size_limits": int(np.sum(
-                    (self.component_sizes < self.params.get("min_size", 1)) |
-                    (self.component_sizes > (self.params.get("max_size") or np.inf))))}
+        return {
+            "method": self.method,
+            "params": self.params,
+            "n_features": int(self.labels.shape[0]),
+            "n_clusters": int(len(sizes)),
+            "n_clustered": int(sizes.sum()) if len(sizes) else 0,
+            "largest": int(sizes.max()) if len(sizes) else 0,
+            "n_components": int(len(self.component_sizes)),
+            "n_components_outside_size_limits": int(
+                np.sum(
+                    (self.component_sizes < self.params.get("min_size", 1))
+                    | (self.component_sizes > (self.params.get("max_size") or np.inf))
+                )
+            ),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,12 +102,14 @@ def check_dictionary(name: str, W, min_rows: int = 2) -> np.ndarray:
     if zero.size:
         raise checks.InputError(
             f"{name}: {zero.size} zero row(s) (no direction, cosine undefined), first at "
-            f"{zero[:5].tolist()}; drop dead features before clustering")
+            f"{zero[:5].tolist()}; drop dead features before clustering"
+        )
     return arr
 
 
-def topk_neighbours(W, k: int, *, mesh=None, tile: int = 1024,
-                    name: str = "W") -> tuple[np.ndarray, np.ndarray]:
+def topk_neighbours(
+    W, k: int, *, mesh=None, tile: int = 1024, name: str = "W"
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` cosine neighbours of every row of ``W`` among the other rows.
 
     Uses ``engine.pairwise.max_cosine(W, W, k=k+1)`` (the project's one streamed, exact
@@ -120,13 +129,13 @@ def topk_neighbours(W, k: int, *, mesh=None, tile: int = 1024,
     n = W.shape[0]
     k = checks.check_positive_int("topk_neighbours k", k)
     if k >= n:
-        raise checks.InputError(f"topk_neighbours: k={k} must be < the number of rows of "
-                                f"{name} ({n})")
+        raise checks.InputError(
+            f"topk_neighbours: k={k} must be < the number of rows of {name} ({n})"
+        )
     return _pairwise_self_topk(W, k, mesh=mesh, tile=tile)
 
 
-def _pairwise_self_topk(W: np.ndarray, k: int, *, mesh, tile: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def _pairwise_self_topk(W: np.ndarray, k: int, *, mesh, tile: int) -> tuple[np.ndarray, np.ndarray]:
     """Self-excluded top-k from ``pairwise.max_cosine(W, W, k + 1)``.
 
     Each row's own index is dropped from its ``k + 1`` list; when it is absent (more than k
@@ -154,8 +163,9 @@ def _check_size_limits(min_size: int, max_size: int | None) -> None:
         raise checks.InputError(f"max_size={max_size} is below min_size={min_size}")
 
 
-def _from_labels(raw: np.ndarray, min_size: int, max_size: int | None, method: str,
-                 params: dict) -> Clustering:
+def _from_labels(
+    raw: np.ndarray, min_size: int, max_size: int | None, method: str, params: dict
+) -> Clustering:
     """Keeps raw clusters inside the size limits, relabelled largest first (ties: lowest
     member index first, so the result is deterministic)."""
     n = raw.shape[0]
@@ -171,14 +181,22 @@ def _from_labels(raw: np.ndarray, min_size: int, max_size: int | None, method: s
         members = np.flatnonzero(raw == c)
         labels[members] = new
         clusters.append(members)
-    return Clustering(labels=labels, clusters=clusters, component_sizes=sizes,
-                      method=method, params=params)
+    return Clustering(
+        labels=labels, clusters=clusters, component_sizes=sizes, method=method, params=params
+    )
 
 
-def cosine_graph_clusters(W, *, k: int = 2, threshold: float = 0.5, min_size: int = 2,
-                          max_size: int | None = None, mesh=None, tile: int = 1024,
-                          neighbours: tuple[np.ndarray, np.ndarray] | None = None
-                          ) -> Clustering:
+def cosine_graph_clusters(
+    W,
+    *,
+    k: int = 2,
+    threshold: float = 0.5,
+    min_size: int = 2,
+    max_size: int | None = None,
+    mesh=None,
+    tile: int = 1024,
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Clustering:
     """Engels et al. 2024 cosine-graph clusters of the rows of ``W``.
 
     Each feature gets an (undirected) edge to each of its top-``k`` neighbours whose cosine is
@@ -208,21 +226,32 @@ def cosine_graph_clusters(W, *, k: int = 2, threshold: float = 0.5, min_size: in
         values, indices = topk_neighbours(W, min(k, n - 1), mesh=mesh, tile=tile)
     else:
         values, indices = (np.asarray(a) for a in neighbours)
-        if values.shape != indices.shape or values.ndim != 2 or values.shape[0] != n \
-                or values.shape[1] < min(k, n - 1):
-            raise checks.InputError(f"neighbours: expected (values, indices) of shape "
-                                    f"[{n}, >={min(k, n - 1)}], got {values.shape} and "
-                                    f"{indices.shape}")
+        if (
+            values.shape != indices.shape
+            or values.ndim != 2
+            or values.shape[0] != n
+            or values.shape[1] < min(k, n - 1)
+        ):
+            raise checks.InputError(
+                f"neighbours: expected (values, indices) of shape "
+                f"[{n}, >={min(k, n - 1)}], got {values.shape} and "
+                f"{indices.shape}"
+            )
         values, indices = values[:, :k], indices[:, :k]
     rows = np.repeat(np.arange(n), values.shape[1])
     cols = indices.reshape(-1)
     on = values.reshape(-1) > threshold
-    graph = scipy.sparse.coo_matrix((np.ones(int(on.sum())), (rows[on], cols[on])),
-                                    shape=(n, n)).tocsr()
-    _, raw = scipy.sparse.csgraph.connected_components(graph, directed=True,
-                                                       connection="weak")
-    params = {"k": k, "threshold": float(threshold), "min_size": min_size,
-              "max_size": max_size, "n_edges": int(on.sum())}
+    graph = scipy.sparse.coo_matrix(
+        (np.ones(int(on.sum())), (rows[on], cols[on])), shape=(n, n)
+    ).tocsr()
+    _, raw = scipy.sparse.csgraph.connected_components(graph, directed=True, connection="weak")
+    params = {
+        "k": k,
+        "threshold": float(threshold),
+        "min_size": min_size,
+        "max_size": max_size,
+        "n_edges": int(on.sum()),
+    }
     return _from_labels(np.asarray(raw, np.int64), min_size, max_size, "cosine_graph", params)
 
 
@@ -236,8 +265,9 @@ def angular_affinity(cos) -> np.ndarray:
     return 1.0 - np.arccos(np.clip(np.asarray(cos, np.float64), -1.0, 1.0)) / np.pi
 
 
-def kmeans(X, n_clusters: int, *, seed: int = 0, n_init: int = 10, max_iter: int = 300
-           ) -> tuple[np.ndarray, float]:
+def kmeans(
+    X, n_clusters: int, *, seed: int = 0, n_init: int = 10, max_iter: int = 300
+) -> tuple[np.ndarray, float]:
     """Lloyd's k-means with k-means++ seeding and restarts (float64 numpy).
 
     Returns:
@@ -275,10 +305,18 @@ def kmeans(X, n_clusters: int, *, seed: int = 0, n_init: int = 10, max_iter: int
     return best[0], best[1]
 
 
-def spectral_clusters(W, n_clusters: int, *, n_neighbors: int | None = None,
-                      min_size: int = 1, max_size: int | None = None, seed: int = 0,
-                      mesh=None, tile: int = 1024, dense_limit: int = DENSE_LIMIT
-                      ) -> Clustering:
+def spectral_clusters(
+    W,
+    n_clusters: int,
+    *,
+    n_neighbors: int | None = None,
+    min_size: int = 1,
+    max_size: int | None = None,
+    seed: int = 0,
+    mesh=None,
+    tile: int = 1024,
+    dense_limit: int = DENSE_LIMIT,
+) -> Clustering:
     """Spectral clustering of the rows of ``W`` on the angular affinity (Engels et al. 2024).
 
     Affinity ``A_ij = 1 - arccos(cos_ij) / pi``. Dense when ``n <= dense_limit`` and
@@ -303,23 +341,27 @@ def spectral_clusters(W, n_clusters: int, *, n_neighbors: int | None = None,
     n = W.shape[0]
     n_clusters = checks.check_positive_int("n_clusters", n_clusters, minimum=2)
     if n_clusters >= n:
-        raise checks.InputError(f"n_clusters={n_clusters} must be < the number of features "
-                                f"({n})")
+        raise checks.InputError(f"n_clusters={n_clusters} must be < the number of features ({n})")
     _check_size_limits(min_size, max_size)
     sparse = n_neighbors is not None or n > dense_limit
     if sparse:
         kn = checks.check_positive_int("n_neighbors", n_neighbors or 10)
         kn = min(kn, n - 1)
         values, indices = topk_neighbours(W, kn, mesh=mesh, tile=tile)
-        aff = scipy.sparse.coo_matrix((angular_affinity(values).reshape(-1),
-                                       (np.repeat(np.arange(n), kn), indices.reshape(-1))),
-                                      shape=(n, n)).tocsr()
+        aff = scipy.sparse.coo_matrix(
+            (
+                angular_affinity(values).reshape(-1),
+                (np.repeat(np.arange(n), kn), indices.reshape(-1)),
+            ),
+            shape=(n, n),
+        ).tocsr()
         aff = aff.maximum(aff.T) + scipy.sparse.identity(n, format="csr")
         deg = np.asarray(aff.sum(axis=1)).reshape(-1)
         dinv = scipy.sparse.diags(1.0 / np.sqrt(deg))
         M = dinv @ aff @ dinv
-        _, vecs = scipy.sparse.linalg.eigsh(M, k=n_clusters, which="LA",
-                                            v0=np.random.default_rng(seed).normal(size=n))
+        _, vecs = scipy.sparse.linalg.eigsh(
+            M, k=n_clusters, which="LA", v0=np.random.default_rng(seed).normal(size=n)
+        )
     else:
         Wn = np.asarray(W, np.float64)
         Wn = Wn / np.linalg.norm(Wn, axis=1, keepdims=True)
@@ -329,9 +371,15 @@ def spectral_clusters(W, n_clusters: int, *, n_neighbors: int | None = None,
         _, vecs = scipy.linalg.eigh(M, subset_by_index=[n - n_clusters, n - 1])
     emb = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     raw, _ = kmeans(emb, n_clusters, seed=seed)
-    params = {"n_clusters": n_clusters, "affinity": "angular", "sparse": bool(sparse),
-              "n_neighbors": (min(n_neighbors or 10, n - 1) if sparse else None),
-              "min_size": min_size, "max_size": max_size, "seed": seed}
+    params = {
+        "n_clusters": n_clusters,
+        "affinity": "angular",
+        "sparse": bool(sparse),
+        "n_neighbors": (min(n_neighbors or 10, n - 1) if sparse else None),
+        "min_size": min_size,
+        "max_size": max_size,
+        "seed": seed,
+    }
     # Relabel raw k-means labels to 0..m-1 (some may be empty).
     _, raw = np.unique(raw, return_inverse=True)
     return _from_labels(raw.astype(np.int64), min_size, max_size, "spectral", params)
@@ -345,7 +393,6 @@ def same_partition(labels_a, labels_b) -> bool:
         return False
     pairs = np.unique(np.stack([a, b], 1), axis=0)
     return len(pairs) == len(np.unique(a)) == len(np.unique(b))
-
 
 
 def best_cluster_for(clustering: Clustering, features) -> dict:
@@ -365,21 +412,35 @@ def best_cluster_for(clustering: Clustering, features) -> dict:
     """
     feats = np.unique(np.asarray(features, np.int64))
     if feats.size == 0:
-        raise checks.InputError("best_cluster_for: the concept has no features (empty list); "
-                                "expected at least one feature index")
+        raise checks.InputError(
+            "best_cluster_for: the concept has no features (empty list); "
+            "expected at least one feature index"
+        )
     n = clustering.labels.shape[0]
     if feats.min() < 0 or feats.max() >= n:
-        raise checks.InputError(f"best_cluster_for: feature indices must lie in [0, {n}), got "
-                                f"[{feats.min()}, {feats.max()}]")
+        raise checks.InputError(
+            f"best_cluster_for: feature indices must lie in [0, {n}), got "
+            f"[{feats.min()}, {feats.max()}]"
+        )
     labs = clustering.labels[feats]
     labs = labs[labs >= 0]
-    empty = {"cluster": None, "members": np.zeros(0, np.int64), "hits": 0, "recall": 0.0,
-             "precision": 0.0}
+    empty = {
+        "cluster": None,
+        "members": np.zeros(0, np.int64),
+        "hits": 0,
+        "recall": 0.0,
+        "precision": 0.0,
+    }
     if labs.size == 0:
         return empty
     counts = np.bincount(labs, minlength=len(clustering.clusters))
     sizes = clustering.sizes
     best = max(range(len(counts)), key=lambda c: (counts[c], counts[c] / sizes[c], -c))
     hits = int(counts[best])
-    return {"cluster": int(best), "members": clustering.clusters[best], "hits": hits,
-            "recall": hits / feats.size, "precision": hits / int(sizes[best])}
+    return {
+        "cluster": int(best),
+        "members": clustering.clusters[best],
+        "hits": hits,
+        "recall": hits / feats.size,
+        "precision": hits / int(sizes[best]),
+    }

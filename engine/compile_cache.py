@@ -29,8 +29,12 @@ _enabled: str | None = None
 
 def cache_dir(directory: str | None = None) -> str | None:
     """The directory `enable` would use, or None when the cache is switched off."""
-    d = directory or os.environ.get(ENV) or os.environ.get("JAX_COMPILATION_CACHE_DIR") or \
-        DEFAULT_DIR
+    d = (
+        directory
+        or os.environ.get(ENV)
+        or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        or DEFAULT_DIR
+    )
     if d.strip().lower() in OFF:
         return None
     return os.path.abspath(os.path.expanduser(d))
@@ -51,7 +55,7 @@ def enable(directory: str | None = None, *, min_compile_seconds: float = 0.0) ->
     try:
         os.makedirs(d, exist_ok=True)
     except OSError:
-        return None        # read-only home etc.: run without the cache rather than fail
+        return None  # read-only home etc.: run without the cache rather than fail
     jax.config.update("jax_compilation_cache_dir", d)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

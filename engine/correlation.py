@@ -75,9 +75,9 @@ from engine import checks
 from engine import mesh as mesh_lib
 
 HIGHEST = jax.lax.Precision.HIGHEST
-DEFAULT_MAX_BLOCK = 1 << 28        # 256M entries = 1 GiB of float32 cross sums per block
-DEFAULT_KEEP_MATRIX = 1 << 24      # finalize returns the matrix up to 16M entries by default
-DENSE_CONSTANT_TOL = 1e-17      # var / E[x^2]: a spread below ~1 float32 ulp
+DEFAULT_MAX_BLOCK = 1 << 28  # 256M entries = 1 GiB of float32 cross sums per block
+DEFAULT_KEEP_MATRIX = 1 << 24  # finalize returns the matrix up to 16M entries by default
+DENSE_CONSTANT_TOL = 1e-17  # var / E[x^2]: a spread below ~1 float32 ulp
 SPARSE_CONSTANT_TOL = 1e-5
 
 
@@ -85,23 +85,23 @@ SPARSE_CONSTANT_TOL = 1e-5
 class CorrState:
     """Running weighted sums of one block of features (see the module docstring)."""
 
-    count: jax.Array      # [] sum of weights (Neumaier pair: count + count_c)
+    count: jax.Array  # [] sum of weights (Neumaier pair: count + count_c)
     count_c: jax.Array
-    rows: jax.Array       # [] number of rows with positive weight
-    bad: jax.Array        # [] sparse indices out of range (real rows only)
-    shift_a: jax.Array    # [fa]
-    shift_b: jax.Array    # [fb]
-    sum_a: jax.Array      # [fa] sum w (x - shift)
+    rows: jax.Array  # [] number of rows with positive weight
+    bad: jax.Array  # [] sparse indices out of range (real rows only)
+    shift_a: jax.Array  # [fa]
+    shift_b: jax.Array  # [fb]
+    sum_a: jax.Array  # [fa] sum w (x - shift)
     sum_a_c: jax.Array
     sum_b: jax.Array
     sum_b_c: jax.Array
-    sq_a: jax.Array       # [fa] sum w (x - shift)^2
+    sq_a: jax.Array  # [fa] sum w (x - shift)^2
     sq_a_c: jax.Array
     sq_b: jax.Array
     sq_b_c: jax.Array
-    nnz_a: jax.Array      # [fa] sum w [x != 0]
+    nnz_a: jax.Array  # [fa] sum w [x != 0]
     nnz_b: jax.Array
-    cross: jax.Array      # [fa, fb] sum w (x - shift_a)(y - shift_b)
+    cross: jax.Array  # [fa, fb] sum w (x - shift_a)(y - shift_b)
     # The block's features as runtime data (so that every block of one shape shares one
     # compiled program): global ids [fa] / [fb] and global id -> block position (-1 outside)
     # [n_a] / [n_b]. Empty ([0]) when the block is all features.
@@ -110,7 +110,8 @@ class CorrState:
     lut_a: jax.Array
     lut_b: jax.Array
 
-    if TYPE_CHECKING:   # flax.struct adds `replace` at run time; declared for the type checker
+    if TYPE_CHECKING:  # flax.struct adds `replace` at run time; declared for the type checker
+
         def replace(self, **changes: Any) -> CorrState: ...
 
 
@@ -210,8 +211,9 @@ class CorrelationMatches:
         m = self.b_has_match
         return float(np.mean(self.b_value[m])) if m.any() else 0.0
 
-    def pairs(self, direction: str = "a", min_value: float | None = None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def pairs(
+        self, direction: str = "a", min_value: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Best-match pairs ``(ids in A, ids in B, correlations)`` of one direction."""
         if direction == "a":
             rows = np.flatnonzero(self.a_has_match)
@@ -227,12 +229,20 @@ class CorrelationMatches:
         return rows, cols, vals
 
     def summary(self) -> dict[str, Any]:
-        return {"n_a": self.n_a, "n_b": self.n_b, "count": self.count, "rows": self.rows,
-                "mean_best_a": self.mean_best_a, "mean_best_b": self.mean_best_b,
-                "matched_a": int(self.a_has_match.sum()),
-                "matched_b": int(self.b_has_match.sum()),
-                "dead_a": int(self.a_dead.sum()), "constant_a": int(self.a_constant.sum()),
-                "dead_b": int(self.b_dead.sum()), "constant_b": int(self.b_constant.sum())}
+        return {
+            "n_a": self.n_a,
+            "n_b": self.n_b,
+            "count": self.count,
+            "rows": self.rows,
+            "mean_best_a": self.mean_best_a,
+            "mean_best_b": self.mean_best_b,
+            "matched_a": int(self.a_has_match.sum()),
+            "matched_b": int(self.b_has_match.sum()),
+            "dead_a": int(self.a_dead.sum()),
+            "constant_a": int(self.a_constant.sum()),
+            "dead_b": int(self.b_dead.sum()),
+            "constant_b": int(self.b_constant.sum()),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,11 +262,14 @@ def _subset(name: str, features, n: int) -> np.ndarray | None:
         return None
     f = np.asarray(features)
     if f.ndim != 1 or not np.issubdtype(f.dtype, np.integer) or f.size == 0:
-        raise checks.InputError(f"{name}: expected a non-empty 1-D array of feature ids, got "
-                                f"shape {f.shape} dtype {f.dtype}")
+        raise checks.InputError(
+            f"{name}: expected a non-empty 1-D array of feature ids, got "
+            f"shape {f.shape} dtype {f.dtype}"
+        )
     if f.min() < 0 or f.max() >= n:
-        raise checks.InputError(f"{name}: feature ids must lie in [0, {n}), got "
-                                f"[{f.min()}, {f.max()}]")
+        raise checks.InputError(
+            f"{name}: feature ids must lie in [0, {n}), got [{f.min()}, {f.max()}]"
+        )
     if np.unique(f).size != f.size:
         raise checks.InputError(f"{name}: feature ids must be distinct")
     return f.astype(np.int64)
@@ -278,9 +291,17 @@ class CorrelationAccumulator:
         16M entries).
     """
 
-    def __init__(self, n_a: int, n_b: int, *, sparse: bool = False, a_features=None,
-                 b_features=None, constant_tol: float | None = None,
-                 keep_matrix: bool | None = None):
+    def __init__(
+        self,
+        n_a: int,
+        n_b: int,
+        *,
+        sparse: bool = False,
+        a_features=None,
+        b_features=None,
+        constant_tol: float | None = None,
+        keep_matrix: bool | None = None,
+    ):
         self.n_a = checks.check_positive_int("CorrelationAccumulator n_a", n_a)
         self.n_b = checks.check_positive_int("CorrelationAccumulator n_b", n_b)
         self.sparse = bool(sparse)
@@ -288,14 +309,19 @@ class CorrelationAccumulator:
         self.b_sel = _subset("b_features", b_features, self.n_b)
         self.fa = self.n_a if self.a_sel is None else int(self.a_sel.size)
         self.fb = self.n_b if self.b_sel is None else int(self.b_sel.size)
-        if self.sparse and self.fa * self.fb >= 2 ** 31 - 1:
+        if self.sparse and self.fa * self.fb >= 2**31 - 1:
             raise checks.InputError(
                 f"CorrelationAccumulator: a {self.fa} x {self.fb} block exceeds 2^31 entries "
-                "(int32 scatter indices); tile the features (correlate(max_block_elements=))")
-        self.constant_tol = float(constant_tol if constant_tol is not None else (
-            SPARSE_CONSTANT_TOL if self.sparse else DENSE_CONSTANT_TOL))
-        self.keep_matrix = (self.fa * self.fb <= DEFAULT_KEEP_MATRIX if keep_matrix is None
-                            else bool(keep_matrix))
+                "(int32 scatter indices); tile the features (correlate(max_block_elements=))"
+            )
+        self.constant_tol = float(
+            constant_tol
+            if constant_tol is not None
+            else (SPARSE_CONSTANT_TOL if self.sparse else DENSE_CONSTANT_TOL)
+        )
+        self.keep_matrix = (
+            self.fa * self.fb <= DEFAULT_KEEP_MATRIX if keep_matrix is None else bool(keep_matrix)
+        )
 
     @staticmethod
     def _lut(sel, n):
@@ -306,8 +332,17 @@ class CorrelationAccumulator:
         return lut
 
     def _key(self):
-        return (self.n_a, self.n_b, self.sparse, self.fa, self.fb, self.a_sel is None,
-                self.b_sel is None, self.constant_tol, self.keep_matrix)
+        return (
+            self.n_a,
+            self.n_b,
+            self.sparse,
+            self.fa,
+            self.fb,
+            self.a_sel is None,
+            self.b_sel is None,
+            self.constant_tol,
+            self.keep_matrix,
+        )
 
     def __hash__(self):
         # Accumulators of one block shape are interchangeable inside jit: the block's
@@ -323,18 +358,39 @@ class CorrelationAccumulator:
         fa, fb = self.fa, self.fb
         ids = lambda sel, n: jnp.zeros((0 if sel is None else sel.size,), jnp.int32)
         lut = lambda sel, n: jnp.zeros((0 if sel is None else n,), jnp.int32)
-        return CorrState(count=z(), count_c=z(), rows=z(), bad=jnp.zeros((), jnp.int32),
-                         shift_a=z(fa), shift_b=z(fb), sum_a=z(fa), sum_a_c=z(fa),
-                         sum_b=z(fb), sum_b_c=z(fb), sq_a=z(fa), sq_a_c=z(fa), sq_b=z(fb),
-                         sq_b_c=z(fb), nnz_a=z(fa), nnz_b=z(fb), cross=z(fa, fb),
-                         sel_a=ids(self.a_sel, self.n_a), sel_b=ids(self.b_sel, self.n_b),
-                         lut_a=lut(self.a_sel, self.n_a), lut_b=lut(self.b_sel, self.n_b))
+        return CorrState(
+            count=z(),
+            count_c=z(),
+            rows=z(),
+            bad=jnp.zeros((), jnp.int32),
+            shift_a=z(fa),
+            shift_b=z(fb),
+            sum_a=z(fa),
+            sum_a_c=z(fa),
+            sum_b=z(fb),
+            sum_b_c=z(fb),
+            sq_a=z(fa),
+            sq_a_c=z(fa),
+            sq_b=z(fb),
+            sq_b_c=z(fb),
+            nnz_a=z(fa),
+            nnz_b=z(fb),
+            cross=z(fa, fb),
+            sel_a=ids(self.a_sel, self.n_a),
+            sel_b=ids(self.b_sel, self.n_b),
+            lut_a=lut(self.a_sel, self.n_a),
+            lut_b=lut(self.b_sel, self.n_b),
+        )
 
     def selection(self) -> dict[str, np.ndarray]:
         """The block's feature-id fields of the state (host arrays)."""
-        ids = lambda sel: (np.zeros(0, np.int32) if sel is None else sel.astype(np.int32))
-        return dict(sel_a=ids(self.a_sel), sel_b=ids(self.b_sel),
-                    lut_a=self._lut(self.a_sel, self.n_a), lut_b=self._lut(self.b_sel, self.n_b))
+        ids = lambda sel: np.zeros(0, np.int32) if sel is None else sel.astype(np.int32)
+        return dict(
+            sel_a=ids(self.a_sel),
+            sel_b=ids(self.b_sel),
+            lut_a=self._lut(self.a_sel, self.n_a),
+            lut_b=self._lut(self.b_sel, self.n_b),
+        )
 
     @property
     def a_features(self) -> np.ndarray:
@@ -357,10 +413,14 @@ class CorrelationAccumulator:
     def _weights(self, arrays, weights):
         n_ok = self.num_arrays
         if len(arrays) not in n_ok:
-            what = ("(vals_a, idx_a, vals_b, idx_b[, row_weights])" if self.sparse
-                    else "(acts_a, acts_b[, row_weights])")
-            raise checks.InputError(f"CorrelationAccumulator: expected chunks {what}, got "
-                                    f"{len(arrays)} arrays")
+            what = (
+                "(vals_a, idx_a, vals_b, idx_b[, row_weights])"
+                if self.sparse
+                else "(acts_a, acts_b[, row_weights])"
+            )
+            raise checks.InputError(
+                f"CorrelationAccumulator: expected chunks {what}, got {len(arrays)} arrays"
+            )
         w = jnp.asarray(weights, jnp.float32)
         if len(arrays) == n_ok[1]:
             w = w * jnp.asarray(arrays[-1], jnp.float32)
@@ -378,10 +438,22 @@ class CorrelationAccumulator:
         sum_b, sum_b_c = _neumaier(state.sum_b, state.sum_b_c, cb)
         sq_a, sq_a_c = _neumaier(state.sq_a, state.sq_a_c, qa)
         sq_b, sq_b_c = _neumaier(state.sq_b, state.sq_b_c, qb)
-        return dict(count=count, count_c=count_c, rows=state.rows + jnp.sum(w > 0),
-                    bad=state.bad + bad, sum_a=sum_a, sum_a_c=sum_a_c, sum_b=sum_b,
-                    sum_b_c=sum_b_c, sq_a=sq_a, sq_a_c=sq_a_c, sq_b=sq_b, sq_b_c=sq_b_c,
-                    nnz_a=state.nnz_a + za, nnz_b=state.nnz_b + zb)
+        return dict(
+            count=count,
+            count_c=count_c,
+            rows=state.rows + jnp.sum(w > 0),
+            bad=state.bad + bad,
+            sum_a=sum_a,
+            sum_a_c=sum_a_c,
+            sum_b=sum_b,
+            sum_b_c=sum_b_c,
+            sq_a=sq_a,
+            sq_a_c=sq_a_c,
+            sq_b=sq_b,
+            sq_b_c=sq_b_c,
+            nnz_a=state.nnz_a + za,
+            nnz_b=state.nnz_b + zb,
+        )
 
     def _update_dense(self, state: CorrState, arrays, w) -> CorrState:
         x = jnp.asarray(arrays[0], jnp.float32)
@@ -389,7 +461,8 @@ class CorrelationAccumulator:
         if x.ndim != 2 or x.shape[1] != self.n_a or y.ndim != 2 or y.shape[1] != self.n_b:
             raise checks.InputError(
                 f"CorrelationAccumulator (dense): expected acts_a [rows, {self.n_a}] and acts_b "
-                f"[rows, {self.n_b}], got {tuple(x.shape)} and {tuple(y.shape)}")
+                f"[rows, {self.n_b}], got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         if self.a_sel is not None:
             x = jnp.take(x, state.sel_a, axis=1)
         if self.b_sel is not None:
@@ -418,9 +491,15 @@ class CorrelationAccumulator:
         wx = xs * w[:, None]
         wy = ys * w[:, None]
         vec = self._add_vectors(
-            state, w, jnp.sum(wx, 0), jnp.sum(wy, 0), jnp.sum(wx * xs, 0),
-            jnp.sum(wy * ys, 0), jnp.einsum("r,rf->f", w, (x != 0).astype(jnp.float32)),
-            jnp.einsum("r,rf->f", w, (y != 0).astype(jnp.float32)))
+            state,
+            w,
+            jnp.sum(wx, 0),
+            jnp.sum(wy, 0),
+            jnp.sum(wx * xs, 0),
+            jnp.sum(wy * ys, 0),
+            jnp.einsum("r,rf->f", w, (x != 0).astype(jnp.float32)),
+            jnp.einsum("r,rf->f", w, (y != 0).astype(jnp.float32)),
+        )
         cross = state.cross + jnp.dot(wx.T, ys, precision=HIGHEST)
         return state.replace(shift_a=shift_a, shift_b=shift_b, cross=cross, **vec)
 
@@ -428,8 +507,9 @@ class CorrelationAccumulator:
         """Block positions of global ids (f = dropped), and the count of bad real ids."""
         idx = jnp.asarray(idx)
         if not jnp.issubdtype(idx.dtype, jnp.integer):
-            raise checks.InputError(f"CorrelationAccumulator (sparse): indices must be "
-                                    f"integers, got {idx.dtype}")
+            raise checks.InputError(
+                f"CorrelationAccumulator (sparse): indices must be integers, got {idx.dtype}"
+            )
         idx = idx.astype(jnp.int32)
         in_range = (idx >= 0) & (idx < n)
         bad = jnp.sum((~in_range) & (w[:, None] > 0))
@@ -441,26 +521,39 @@ class CorrelationAccumulator:
     def _update_sparse(self, state: CorrState, arrays, w) -> CorrState:
         va = jnp.asarray(arrays[0], jnp.float32)
         vb = jnp.asarray(arrays[2], jnp.float32)
-        if (va.ndim != 2 or vb.ndim != 2 or np.shape(arrays[1]) != va.shape
-                or np.shape(arrays[3]) != vb.shape):
+        if (
+            va.ndim != 2
+            or vb.ndim != 2
+            or np.shape(arrays[1]) != va.shape
+            or np.shape(arrays[3]) != vb.shape
+        ):
             raise checks.InputError(
                 "CorrelationAccumulator (sparse): expected vals/idx pairs [rows, k] of equal "
                 f"shapes, got {va.shape}, {np.shape(arrays[1])}, {vb.shape}, "
-                f"{np.shape(arrays[3])}")
+                f"{np.shape(arrays[3])}"
+            )
         fa, fb = self.fa, self.fb
-        la, ok_a, bad_a = self._local_ids(arrays[1], self.n_a,
-                                          None if self.a_sel is None else state.lut_a, fa, w)
-        lb, ok_b, bad_b = self._local_ids(arrays[3], self.n_b,
-                                          None if self.b_sel is None else state.lut_b, fb, w)
+        la, ok_a, bad_a = self._local_ids(
+            arrays[1], self.n_a, None if self.a_sel is None else state.lut_a, fa, w
+        )
+        lb, ok_b, bad_b = self._local_ids(
+            arrays[3], self.n_b, None if self.b_sel is None else state.lut_b, fb, w
+        )
         wa = jnp.where(ok_a, va, 0.0) * w[:, None]
         vb_ok = jnp.where(ok_b, vb, 0.0)
         wb = vb_ok * w[:, None]
-        add = lambda n, i, v: jnp.zeros((n,), jnp.float32).at[i.ravel()].add(
-            v.ravel(), mode="drop")
+        add = lambda n, i, v: jnp.zeros((n,), jnp.float32).at[i.ravel()].add(v.ravel(), mode="drop")
         vec = self._add_vectors(
-            state, w, add(fa, la, wa), add(fb, lb, wb), add(fa, la, wa * va),
-            add(fb, lb, wb * vb), add(fa, la, w[:, None] * (va != 0)),
-            add(fb, lb, w[:, None] * (vb != 0)), bad=bad_a + bad_b)
+            state,
+            w,
+            add(fa, la, wa),
+            add(fb, lb, wb),
+            add(fa, la, wa * va),
+            add(fb, lb, wb * vb),
+            add(fa, la, w[:, None] * (va != 0)),
+            add(fb, lb, w[:, None] * (vb != 0)),
+            bad=bad_a + bad_b,
+        )
         # Sparse outer products: k_a * k_b products per row, scattered in place.
         lin = la[:, :, None] * fb + lb[:, None, :]
         lin = jnp.where((la < fa)[:, :, None] & (lb < fb)[:, None, :], lin, fa * fb)
@@ -473,20 +566,26 @@ class CorrelationAccumulator:
     def _reshift(self, s: CorrState, shift_a, shift_b) -> CorrState:
         """Re-expresses state ``s`` on other shifts (exact algebra, rank-1 corrections)."""
         if self.sparse:
-            return s   # the sparse shift is always 0
+            return s  # the sparse shift is always 0
         n = s.count + s.count_c
         da = s.shift_a - shift_a
         db = s.shift_b - shift_b
         ta = s.sum_a + s.sum_a_c
         tb = s.sum_b + s.sum_b_c
         cross = s.cross + jnp.outer(ta + n * da, db) + jnp.outer(da, tb)
-        return s.replace(shift_a=shift_a, shift_b=shift_b,
-                         sum_a=ta + n * da, sum_a_c=jnp.zeros_like(ta),
-                         sum_b=tb + n * db, sum_b_c=jnp.zeros_like(tb),
-                         sq_a=(s.sq_a + s.sq_a_c) + 2 * da * ta + n * da * da,
-                         sq_a_c=jnp.zeros_like(ta),
-                         sq_b=(s.sq_b + s.sq_b_c) + 2 * db * tb + n * db * db,
-                         sq_b_c=jnp.zeros_like(tb), cross=cross)
+        return s.replace(
+            shift_a=shift_a,
+            shift_b=shift_b,
+            sum_a=ta + n * da,
+            sum_a_c=jnp.zeros_like(ta),
+            sum_b=tb + n * db,
+            sum_b_c=jnp.zeros_like(tb),
+            sq_a=(s.sq_a + s.sq_a_c) + 2 * da * ta + n * da * da,
+            sq_a_c=jnp.zeros_like(ta),
+            sq_b=(s.sq_b + s.sq_b_c) + 2 * db * tb + n * db * db,
+            sq_b_c=jnp.zeros_like(tb),
+            cross=cross,
+        )
 
     @staticmethod
     def _add_states(a: CorrState, b: CorrState) -> CorrState:
@@ -495,11 +594,23 @@ class CorrelationAccumulator:
         sum_b, sum_b_c = _neumaier(a.sum_b, a.sum_b_c + b.sum_b_c, b.sum_b)
         sq_a, sq_a_c = _neumaier(a.sq_a, a.sq_a_c + b.sq_a_c, b.sq_a)
         sq_b, sq_b_c = _neumaier(a.sq_b, a.sq_b_c + b.sq_b_c, b.sq_b)
-        return a.replace(count=count, count_c=count_c, rows=a.rows + b.rows, bad=a.bad + b.bad,
-                         sum_a=sum_a, sum_a_c=sum_a_c, sum_b=sum_b, sum_b_c=sum_b_c,
-                         sq_a=sq_a, sq_a_c=sq_a_c, sq_b=sq_b, sq_b_c=sq_b_c,
-                         nnz_a=a.nnz_a + b.nnz_a, nnz_b=a.nnz_b + b.nnz_b,
-                         cross=a.cross + b.cross)
+        return a.replace(
+            count=count,
+            count_c=count_c,
+            rows=a.rows + b.rows,
+            bad=a.bad + b.bad,
+            sum_a=sum_a,
+            sum_a_c=sum_a_c,
+            sum_b=sum_b,
+            sum_b_c=sum_b_c,
+            sq_a=sq_a,
+            sq_a_c=sq_a_c,
+            sq_b=sq_b,
+            sq_b_c=sq_b_c,
+            nnz_a=a.nnz_a + b.nnz_a,
+            nnz_b=a.nnz_b + b.nnz_b,
+            cross=a.cross + b.cross,
+        )
 
     def merge(self, a: CorrState, b: CorrState) -> CorrState:
         if self.sparse:
@@ -523,24 +634,35 @@ class CorrelationAccumulator:
             shift_b = jax.lax.psum(state.shift_b * is_leader, axis_name)
             state = self._reshift(state, shift_a, shift_b)
         keep = ("shift_a", "shift_b", "sel_a", "sel_b", "lut_a", "lut_b")
-        summed = state.replace(**{f.name: jax.lax.psum(getattr(state, f.name), axis_name)
-                                  for f in dataclasses.fields(state) if f.name not in keep})
+        summed = state.replace(
+            **{
+                f.name: jax.lax.psum(getattr(state, f.name), axis_name)
+                for f in dataclasses.fields(state)
+                if f.name not in keep
+            }
+        )
         return summed
 
     # -- results -----------------------------------------------------------------------------
 
     def finalize(self, state: CorrState) -> CorrelationResult:
         """Correlations, dead/constant masks and the block's best matches (host numpy)."""
-        host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float64),
-                            state.replace(cross=jnp.zeros((0,), jnp.float32)))
+        host = jax.tree.map(
+            lambda x: np.asarray(jax.device_get(x), np.float64),
+            state.replace(cross=jnp.zeros((0,), jnp.float32)),
+        )
         if host.bad > 0:
-            raise checks.InputError(f"CorrelationAccumulator: {int(host.bad)} sparse feature "
-                                    f"index(es) out of range [0, n_a={self.n_a}) / "
-                                    f"[0, n_b={self.n_b}) in real rows")
+            raise checks.InputError(
+                f"CorrelationAccumulator: {int(host.bad)} sparse feature "
+                f"index(es) out of range [0, n_a={self.n_a}) / "
+                f"[0, n_b={self.n_b}) in real rows"
+            )
         n = host.count + host.count_c
         if host.rows < 2 or n <= 0:
-            raise checks.InputError(f"CorrelationAccumulator: correlation needs at least 2 rows "
-                                    f"with positive weight, got {int(host.rows)}")
+            raise checks.InputError(
+                f"CorrelationAccumulator: correlation needs at least 2 rows "
+                f"with positive weight, got {int(host.rows)}"
+            )
         stats = {}
         for side in ("a", "b"):
             m = (getattr(host, f"sum_{side}") + getattr(host, f"sum_{side}_c")) / n
@@ -551,36 +673,55 @@ class CorrelationAccumulator:
             nnz = getattr(host, f"nnz_{side}")
             dead = nnz <= 0
             const = ~dead & (var <= self.constant_tol * second)
-            stats[side] = dict(m=m, var=var, mean=mean, std=np.sqrt(var), density=nnz / n,
-                               dead=dead, const=const)
+            stats[side] = dict(
+                m=m, var=var, mean=mean, std=np.sqrt(var), density=nnz / n, dead=dead, const=const
+            )
         sa, sb = stats["a"], stats["b"]
         valid_a = ~(sa["dead"] | sa["const"])
         valid_b = ~(sb["dead"] | sb["const"])
         corr, a_pos, a_val, b_pos, b_val = _finalize_device(
-            self.keep_matrix, state.cross, jnp.asarray(n, jnp.float32),
-            jnp.asarray(sa["m"], jnp.float32), jnp.asarray(sb["m"], jnp.float32),
+            self.keep_matrix,
+            state.cross,
+            jnp.asarray(n, jnp.float32),
+            jnp.asarray(sa["m"], jnp.float32),
+            jnp.asarray(sb["m"], jnp.float32),
             jnp.asarray(np.where(valid_a, sa["std"], 1.0), jnp.float32),
             jnp.asarray(np.where(valid_b, sb["std"], 1.0), jnp.float32),
-            jnp.asarray(valid_a), jnp.asarray(valid_b))
-        a_pos, a_val, b_pos, b_val = (np.asarray(x) for x in jax.device_get(
-            (a_pos, a_val, b_pos, b_val)))
+            jnp.asarray(valid_a),
+            jnp.asarray(valid_b),
+        )
+        a_pos, a_val, b_pos, b_val = (
+            np.asarray(x) for x in jax.device_get((a_pos, a_val, b_pos, b_val))
+        )
         a_ok = valid_a & valid_b.any()
         b_ok = valid_b & valid_a.any()
         a_best = np.where(a_ok, self.b_features[np.clip(a_pos, 0, None)], -1)
         b_best = np.where(b_ok, self.a_features[np.clip(b_pos, 0, None)], -1)
         return CorrelationResult(
-            a_features=self.a_features, b_features=self.b_features, count=float(n),
-            rows=int(host.rows), mean_a=sa["mean"], std_a=np.where(valid_a, sa["std"], 0.0),
-            density_a=sa["density"], dead_a=sa["dead"], constant_a=sa["const"],
-            mean_b=sb["mean"], std_b=np.where(valid_b, sb["std"], 0.0),
-            density_b=sb["density"], dead_b=sb["dead"], constant_b=sb["const"],
-            a_best=a_best.astype(np.int64), a_best_value=np.where(a_ok, a_val, 0.0),
-            b_best=b_best.astype(np.int64), b_best_value=np.where(b_ok, b_val, 0.0),
-            corr=np.asarray(jax.device_get(corr)) if corr is not None else None)
+            a_features=self.a_features,
+            b_features=self.b_features,
+            count=float(n),
+            rows=int(host.rows),
+            mean_a=sa["mean"],
+            std_a=np.where(valid_a, sa["std"], 0.0),
+            density_a=sa["density"],
+            dead_a=sa["dead"],
+            constant_a=sa["const"],
+            mean_b=sb["mean"],
+            std_b=np.where(valid_b, sb["std"], 0.0),
+            density_b=sb["density"],
+            dead_b=sb["dead"],
+            constant_b=sb["const"],
+            a_best=a_best.astype(np.int64),
+            a_best_value=np.where(a_ok, a_val, 0.0),
+            b_best=b_best.astype(np.int64),
+            b_best_value=np.where(b_ok, b_val, 0.0),
+            corr=np.asarray(jax.device_get(corr)) if corr is not None else None,
+        )
 
 
-BLOCKED_FINALIZE_MIN = 1 << 22   # blocks of at least this many entries use the strip kernel
-FINALIZE_ROWS = 256               # rows per step of the blocked finalize (multiple of 32)
+BLOCKED_FINALIZE_MIN = 1 << 22  # blocks of at least this many entries use the strip kernel
+FINALIZE_ROWS = 256  # rows per step of the blocked finalize (multiple of 32)
 
 
 def _corr_rows(cross, n, ma, mb, sda, sdb, valid_a, valid_b):
@@ -605,9 +746,15 @@ def _finalize_device(keep: bool, cross, n, ma, mb, sda, sdb, valid_a, valid_b):
         corr, masked = _corr_rows(cross, n, ma, mb, sda, sdb, valid_a, valid_b)
         a_pos = jnp.argmax(masked, axis=1)
         b_pos = jnp.argmax(masked, axis=0)
-        return ((corr if keep else None), a_pos, jnp.max(masked, axis=1), b_pos,
-                jnp.max(masked, axis=0))
+        return (
+            (corr if keep else None),
+            a_pos,
+            jnp.max(masked, axis=1),
+            b_pos,
+            jnp.max(masked, axis=0),
+        )
     from engine import pairwise
+
     r = FINALIZE_ROWS
     fb_pad = -(-fb // pairwise.STRIP_ROWS) * pairwise.STRIP_ROWS
     n_blocks = -(-fa // r)
@@ -639,8 +786,9 @@ def _finalize_device(keep: bool, cross, n, ma, mb, sda, sdb, valid_a, valid_b):
 # --------------------------------------------------------------------------------------------
 
 
-def check_sparse_chunk(name: str, vals: np.ndarray, idx: np.ndarray, n: int,
-                       mask: np.ndarray | None = None) -> None:
+def check_sparse_chunk(
+    name: str, vals: np.ndarray, idx: np.ndarray, n: int, mask: np.ndarray | None = None
+) -> None:
     """Host check of one TopK-style chunk: integer ids in [0, n), distinct nonzero entries.
 
     Raises:
@@ -651,15 +799,15 @@ def check_sparse_chunk(name: str, vals: np.ndarray, idx: np.ndarray, n: int,
     if not np.issubdtype(idx.dtype, np.integer):
         raise checks.InputError(f"{name}: feature indices must be integers, got {idx.dtype}")
     if vals.shape != idx.shape or vals.ndim != 2:
-        raise checks.InputError(f"{name}: values {vals.shape} and indices {idx.shape} must be "
-                                "equal [rows, k] arrays")
+        raise checks.InputError(
+            f"{name}: values {vals.shape} and indices {idx.shape} must be equal [rows, k] arrays"
+        )
     real = np.ones(idx.shape[0], bool) if mask is None else np.asarray(mask, bool)
     live = (vals != 0) & real[:, None]
     bad = live & ((idx < 0) | (idx >= n))
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise checks.InputError(f"{name}: feature index {idx[r, c]} at row {r} is outside "
-                                f"[0, {n})")
+        raise checks.InputError(f"{name}: feature index {idx[r, c]} at row {r} is outside [0, {n})")
     # Distinct ids among the nonzero entries of each row (duplicates would be summed in the
     # means but squared separately in the variances).
     key = np.where(live, idx.astype(np.int64), -1 - np.arange(idx.shape[1])[None, :])
@@ -667,8 +815,10 @@ def check_sparse_chunk(name: str, vals: np.ndarray, idx: np.ndarray, n: int,
     dup = (np.diff(key, axis=1) == 0) & (key[:, 1:] >= 0)
     if dup.any():
         r = int(np.argwhere(dup)[0][0])
-        raise checks.InputError(f"{name}: row {r} lists a feature index twice among its "
-                                "nonzero entries; TopK indices must be distinct")
+        raise checks.InputError(
+            f"{name}: row {r} lists a feature index twice among its "
+            "nonzero entries; TopK indices must be distinct"
+        )
 
 
 @functools.lru_cache(maxsize=16)
@@ -683,39 +833,57 @@ def _inplace_fns(acc: CorrelationAccumulator, mesh):
         return jax.tree.map(lambda x: x[None], st)
 
     # ``spec`` is a pytree prefix: it applies to every array of the chunk tuple.
-    step = jax.jit(jax.shard_map(local_update, mesh=mesh, in_specs=(spec, spec, spec),
-                                 out_specs=spec, check_vma=False), donate_argnums=0)
+    step = jax.jit(
+        jax.shard_map(
+            local_update, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
+        ),
+        donate_argnums=0,
+    )
 
     def local_merge(state):
         from engine import accumulators
-        return accumulators.merge_across(acc, jax.tree.map(lambda x: x[0], state),
-                                         mesh_lib.DATA)
+
+        return accumulators.merge_across(acc, jax.tree.map(lambda x: x[0], state), mesh_lib.DATA)
 
     n_data = mesh.shape[mesh_lib.DATA]
     if n_data == 1:
         # Nothing to merge: drop the device axis in place (a 1 GiB psum copy otherwise).
-        merge = jax.jit(lambda st: jax.tree.map(lambda x: x.reshape(x.shape[1:]), st),
-                        out_shardings=NamedSharding(mesh, P()), donate_argnums=0)
+        merge = jax.jit(
+            lambda st: jax.tree.map(lambda x: x.reshape(x.shape[1:]), st),
+            out_shardings=NamedSharding(mesh, P()),
+            donate_argnums=0,
+        )
     else:
-        merge = jax.jit(jax.shard_map(local_merge, mesh=mesh, in_specs=(spec,),
-                                      out_specs=P(), check_vma=False))
-    zeros = jax.jit(lambda: jax.tree.map(lambda x: jnp.broadcast_to(x, (n_data,) + x.shape),
-                                         acc.zeros()),
-                    out_shardings=NamedSharding(mesh, spec))
+        merge = jax.jit(
+            jax.shard_map(local_merge, mesh=mesh, in_specs=(spec,), out_specs=P(), check_vma=False)
+        )
+    zeros = jax.jit(
+        lambda: jax.tree.map(lambda x: jnp.broadcast_to(x, (n_data,) + x.shape), acc.zeros()),
+        out_shardings=NamedSharding(mesh, spec),
+    )
 
     def init(block: CorrelationAccumulator) -> CorrState:
         # The block's ids are data: the same compiled program serves every block.
         sharding = NamedSharding(mesh, spec)
-        sel = {k: jax.device_put(np.broadcast_to(v, (n_data,) + v.shape), sharding)
-               for k, v in block.selection().items()}
+        sel = {
+            k: jax.device_put(np.broadcast_to(v, (n_data,) + v.shape), sharding)
+            for k, v in block.selection().items()
+        }
         return zeros().replace(**sel)
 
     return init, step, merge
 
 
-def accumulate_inplace(acc: CorrelationAccumulator, stream, mesh, *, checkpointer=None,
-                       save_every: int = 0, progress: bool = False,
-                       check_chunks: bool = True) -> CorrState:
+def accumulate_inplace(
+    acc: CorrelationAccumulator,
+    stream,
+    mesh,
+    *,
+    checkpointer=None,
+    save_every: int = 0,
+    progress: bool = False,
+    check_chunks: bool = True,
+) -> CorrState:
     """Like `engine.accumulators.accumulate`, but each device updates its running state in
     place (donated) instead of folding every chunk into a fresh state and merging it.
 
@@ -728,6 +896,7 @@ def accumulate_inplace(acc: CorrelationAccumulator, stream, mesh, *, checkpointe
     (``check_chunks``). Returns the merged, replicated state; call ``acc.finalize`` on it.
     """
     from engine import streaming
+
     mesh_lib.check_divisible(mesh, stream.chunk_size, f"{stream.name} chunk_size")
     init, step, merge = _inplace_fns(acc, mesh)
     state = init(acc)
@@ -739,12 +908,12 @@ def accumulate_inplace(acc: CorrelationAccumulator, stream, mesh, *, checkpointe
             count, sums, meta = restored
             state = state.replace(**sums)
             stream.seek(int(meta["position"]))
-            saved = count   # already on disk: a rerun of a finished block saves nothing
+            saved = count  # already on disk: a rerun of a finished block saves nothing
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=stream.num_rows, initial=stream.position, unit="rows",
-                   desc=stream.name)
+
+        bar = tqdm(total=stream.num_rows, initial=stream.position, unit="rows", desc=stream.name)
 
     # Stream position after each chunk. The prefetch runs ahead of the consumer, so
     # ``stream.position`` is already past chunks not yet folded in: checkpoints must record
@@ -755,8 +924,9 @@ def accumulate_inplace(acc: CorrelationAccumulator, stream, mesh, *, checkpointe
         for chunk in chunks:
             if check_chunks:
                 _check_chunk(acc, stream.name, chunk)
-            ends[chunk.start] = chunk.start + (stream.chunk_size if chunk.mask.all()
-                                               else chunk.num_valid)
+            ends[chunk.start] = chunk.start + (
+                stream.chunk_size if chunk.mask.all() else chunk.num_valid
+            )
             yield chunk
 
     for chunk in streaming.prefetch_to_device(host_checked(stream), mesh):
@@ -779,20 +949,20 @@ def _sums(state: CorrState) -> dict:
     """The checkpointed part of a state: everything but the block's ids (which the
     accumulator re-creates, and which may be empty arrays that orbax refuses)."""
     ids = ("sel_a", "sel_b", "lut_a", "lut_b")
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-            if f.name not in ids}
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in ids}
 
 
 def _check_chunk(acc: CorrelationAccumulator, name: str, chunk) -> None:
     arrays = chunk.arrays
     where = f"{name} rows {chunk.start}..{chunk.start + chunk.num_valid}"
     if len(arrays) not in acc.num_arrays:
-        acc._weights(arrays, chunk.mask)   # raises the one-line error
+        acc._weights(arrays, chunk.mask)  # raises the one-line error
     if len(arrays) == acc.num_arrays[1]:
         w = np.asarray(arrays[-1])
         if w.ndim != 1 or not np.all(w[chunk.mask] >= 0):
-            raise checks.InputError(f"{where}: row weights must be a 1-D array of finite "
-                                    "values >= 0")
+            raise checks.InputError(
+                f"{where}: row weights must be a 1-D array of finite values >= 0"
+            )
     if acc.sparse:
         check_sparse_chunk(f"{where} (A)", arrays[0], arrays[1], acc.n_a, chunk.mask)
         check_sparse_chunk(f"{where} (B)", arrays[2], arrays[3], acc.n_b, chunk.mask)
@@ -816,9 +986,16 @@ def state_copies(n_data: int, inplace: bool = True, shared_memory: bool = True) 
     return n_data + 3
 
 
-def tiles_for_budget(n_a: int, n_b: int, budget_bytes: int, *, n_data: int = 1,
-                     sparse: bool = False, reserved_bytes: int = 0,
-                     shared_memory: bool = True) -> tuple[int, int]:
+def tiles_for_budget(
+    n_a: int,
+    n_b: int,
+    budget_bytes: int,
+    *,
+    n_data: int = 1,
+    sparse: bool = False,
+    reserved_bytes: int = 0,
+    shared_memory: bool = True,
+) -> tuple[int, int]:
     """Block sizes ``(tile_a, tile_b)`` whose cross sums fit ``budget_bytes`` (see
     `state_copies`), near-square (fewest passes over the tokens), at most ``n_a x n_b``.
 
@@ -828,11 +1005,13 @@ def tiles_for_budget(n_a: int, n_b: int, budget_bytes: int, *, n_data: int = 1,
     free = int(budget_bytes) - int(reserved_bytes)
     elements = free // (4 * state_copies(n_data, shared_memory=shared_memory))
     if elements < 1:
-        raise checks.InputError(f"memory budget {budget_bytes} bytes leaves no room for a "
-                                f"correlation block (reserved {reserved_bytes} bytes for "
-                                "chunks and codes); raise the budget")
+        raise checks.InputError(
+            f"memory budget {budget_bytes} bytes leaves no room for a "
+            f"correlation block (reserved {reserved_bytes} bytes for "
+            "chunks and codes); raise the budget"
+        )
     if sparse:
-        elements = min(elements, 2 ** 31 - 2)
+        elements = min(elements, 2**31 - 2)
     if n_a * n_b <= elements:
         return n_a, n_b
     tile_b = min(n_b, max(math.isqrt(elements), elements // n_a))
@@ -841,15 +1020,26 @@ def tiles_for_budget(n_a: int, n_b: int, budget_bytes: int, *, n_data: int = 1,
 
 
 def _blocks(ids: np.ndarray, size: int) -> list[np.ndarray]:
-    return [ids[i:i + size] for i in range(0, ids.size, size)]
+    return [ids[i : i + size] for i in range(0, ids.size, size)]
 
 
-def correlate(source, n_a: int, n_b: int, mesh=None, *, sparse: bool = False,
-              chunk_size: int = 4096, a_features=None, b_features=None,
-              max_block_elements: int = DEFAULT_MAX_BLOCK, tile_a: int | None = None,
-              tile_b: int | None = None, constant_tol: float | None = None,
-              progress: bool = False, checkpoint_dir: str | None = None
-              ) -> CorrelationMatches:
+def correlate(
+    source,
+    n_a: int,
+    n_b: int,
+    mesh=None,
+    *,
+    sparse: bool = False,
+    chunk_size: int = 4096,
+    a_features=None,
+    b_features=None,
+    max_block_elements: int = DEFAULT_MAX_BLOCK,
+    tile_a: int | None = None,
+    tile_b: int | None = None,
+    constant_tol: float | None = None,
+    progress: bool = False,
+    checkpoint_dir: str | None = None,
+) -> CorrelationMatches:
     """Best activation-correlation matches between all features of A and B, tiled.
 
     Args:
@@ -874,6 +1064,7 @@ def correlate(source, n_a: int, n_b: int, mesh=None, *, sparse: bool = False,
       `CorrelationMatches` over all features (and the blocks' statistics).
     """
     from engine import streaming
+
     mesh = mesh_lib.make_mesh() if mesh is None else mesh
     if isinstance(source, streaming.ChunkStream):
         stream = source
@@ -887,7 +1078,7 @@ def correlate(source, n_a: int, n_b: int, mesh=None, *, sparse: bool = False,
     ids_b = np.arange(n_b) if ids_b is None else ids_b
     max_block_elements = checks.check_positive_int("max_block_elements", max_block_elements)
     if sparse:
-        max_block_elements = min(max_block_elements, 2 ** 31 - 2)
+        max_block_elements = min(max_block_elements, 2**31 - 2)
     fa, fb = ids_a.size, ids_b.size
     if tile_a is None and tile_b is None:
         if fa * fb <= max_block_elements:
@@ -899,36 +1090,48 @@ def correlate(source, n_a: int, n_b: int, mesh=None, *, sparse: bool = False,
     else:
         tile_a = checks.check_positive_int("correlate tile_a", tile_a or fa)
         tile_b = checks.check_positive_int("correlate tile_b", tile_b or fb)
-        if sparse and tile_a * tile_b >= 2 ** 31 - 1:
-            raise checks.InputError(f"correlate: a {tile_a} x {tile_b} block exceeds 2^31 "
-                                    "entries; use smaller tiles")
+        if sparse and tile_a * tile_b >= 2**31 - 1:
+            raise checks.InputError(
+                f"correlate: a {tile_a} x {tile_b} block exceeds 2^31 entries; use smaller tiles"
+            )
     results = []
     for ia, block_a in enumerate(_blocks(ids_a, tile_a)):
         for ib, block_b in enumerate(_blocks(ids_b, tile_b)):
             full_a = block_a.size == n_a
             full_b = block_b.size == n_b
-            acc = CorrelationAccumulator(n_a, n_b, sparse=sparse,
-                                         a_features=None if full_a else block_a,
-                                         b_features=None if full_b else block_b,
-                                         constant_tol=constant_tol, keep_matrix=False)
+            acc = CorrelationAccumulator(
+                n_a,
+                n_b,
+                sparse=sparse,
+                a_features=None if full_a else block_a,
+                b_features=None if full_b else block_b,
+                constant_tol=constant_tol,
+                keep_matrix=False,
+            )
             ckpt = None
             if checkpoint_dir is not None:
                 import os
 
                 from engine import checkpoint
-                ckpt = checkpoint.Checkpointer(os.path.join(checkpoint_dir,
-                                                            f"block_{ia}_{ib}"))
+
+                ckpt = checkpoint.Checkpointer(os.path.join(checkpoint_dir, f"block_{ia}_{ib}"))
             stream.seek(0)
-            state = accumulate_inplace(acc, stream, mesh, checkpointer=ckpt,
-                                       save_every=64 if ckpt is not None else 0,
-                                       progress=progress)
+            state = accumulate_inplace(
+                acc,
+                stream,
+                mesh,
+                checkpointer=ckpt,
+                save_every=64 if ckpt is not None else 0,
+                progress=progress,
+            )
             results.append(acc.finalize(state))
             del state
     return correlation_matches(*results, n_a=n_a, n_b=n_b)
 
 
-def correlation_matches(*results: CorrelationResult, n_a: int | None = None,
-                        n_b: int | None = None) -> CorrelationMatches:
+def correlation_matches(
+    *results: CorrelationResult, n_a: int | None = None, n_b: int | None = None
+) -> CorrelationMatches:
     """Combines blocks' results into each feature's best match in both directions.
 
     Args:
@@ -945,10 +1148,17 @@ def correlation_matches(*results: CorrelationResult, n_a: int | None = None,
     n_b = int(n_b if n_b is not None else 1 + max(int(r.b_features.max()) for r in results))
 
     def side(prefix):
-        return dict(included=np.zeros(n, bool), dead=np.zeros(n, bool),
-                    constant=np.zeros(n, bool), mean=np.zeros(n), std=np.zeros(n),
-                    density=np.zeros(n), match=np.full(n, -1, np.int64), value=np.zeros(n),
-                    best=np.full(n, -np.inf))
+        return dict(
+            included=np.zeros(n, bool),
+            dead=np.zeros(n, bool),
+            constant=np.zeros(n, bool),
+            mean=np.zeros(n),
+            std=np.zeros(n),
+            density=np.zeros(n),
+            match=np.full(n, -1, np.int64),
+            value=np.zeros(n),
+            best=np.full(n, -np.inf),
+        )
 
     n = n_a
     a = side("a")
@@ -956,10 +1166,29 @@ def correlation_matches(*results: CorrelationResult, n_a: int | None = None,
     b = side("b")
     for r in results:
         for s, ids, mean, std, dens, dead, const, best, val in (
-                (a, r.a_features, r.mean_a, r.std_a, r.density_a, r.dead_a, r.constant_a,
-                 r.a_best, r.a_best_value),
-                (b, r.b_features, r.mean_b, r.std_b, r.density_b, r.dead_b, r.constant_b,
-                 r.b_best, r.b_best_value)):
+            (
+                a,
+                r.a_features,
+                r.mean_a,
+                r.std_a,
+                r.density_a,
+                r.dead_a,
+                r.constant_a,
+                r.a_best,
+                r.a_best_value,
+            ),
+            (
+                b,
+                r.b_features,
+                r.mean_b,
+                r.std_b,
+                r.density_b,
+                r.dead_b,
+                r.constant_b,
+                r.b_best,
+                r.b_best_value,
+            ),
+        ):
             s["included"][ids] = True
             s["dead"][ids] = dead
             s["constant"][ids] = const
@@ -976,5 +1205,10 @@ def correlation_matches(*results: CorrelationResult, n_a: int | None = None,
         s["value"] = np.where(s["match"] >= 0, s["best"], 0.0)
         del s["best"]
     return CorrelationMatches(
-        n_a=n_a, n_b=n_b, count=results[0].count, rows=results[0].rows,
-        **{f"a_{k}": v for k, v in a.items()}, **{f"b_{k}": v for k, v in b.items()})
+        n_a=n_a,
+        n_b=n_b,
+        count=results[0].count,
+        rows=results[0].rows,
+        **{f"a_{k}": v for k, v in a.items()},
+        **{f"b_{k}": v for k, v in b.items()},
+    )

@@ -30,17 +30,18 @@ from engine import checks
 
 @flax.struct.dataclass
 class FeatureStatsState:
-    count: jax.Array        # sum of row weights
-    fired: jax.Array        # [F] weighted count of rows with act > 0
-    mean: jax.Array         # [F]
-    m2: jax.Array           # [F] centred sum of squares
-    max: jax.Array          # [F]
+    count: jax.Array  # sum of row weights
+    fired: jax.Array  # [F] weighted count of rows with act > 0
+    mean: jax.Array  # [F]
+    m2: jax.Array  # [F] centred sum of squares
+    max: jax.Array  # [F]
     # [F, N] descending / global row ids (-1 = empty slot); None only inside `update`, between
     # the moments of a chunk and its top-k.
     top_values: jax.Array | None
     top_rows: jax.Array | None
 
-    if TYPE_CHECKING:   # flax.struct adds `replace` at run time; declared for the type checker
+    if TYPE_CHECKING:  # flax.struct adds `replace` at run time; declared for the type checker
+
         def replace(self, **changes: Any) -> FeatureStatsState: ...
 
 
@@ -49,14 +50,14 @@ class FeatureStats:
     """Finalised statistics (host numpy)."""
 
     count: float
-    density: np.ndarray       # [F] fraction of (weighted) rows where the feature fires
-    mean: np.ndarray          # [F]
-    std: np.ndarray           # [F]
-    max: np.ndarray           # [F]
-    top_values: np.ndarray    # [F, N]
-    top_rows: np.ndarray      # [F, N] (-1 where fewer than N rows fired)
-    dead: np.ndarray          # [F] bool: never fired
-    constant: np.ndarray      # [F] bool: zero variance (dead features included)
+    density: np.ndarray  # [F] fraction of (weighted) rows where the feature fires
+    mean: np.ndarray  # [F]
+    std: np.ndarray  # [F]
+    max: np.ndarray  # [F]
+    top_values: np.ndarray  # [F, N]
+    top_rows: np.ndarray  # [F, N] (-1 where fewer than N rows fired)
+    dead: np.ndarray  # [F] bool: never fired
+    constant: np.ndarray  # [F] bool: zero variance (dead features included)
 
 
 def _merge_top(va, ra, vb, rb, n):
@@ -82,16 +83,22 @@ class FeatureStatsAccumulator:
     def init(self) -> FeatureStatsState:
         f, n = self.num_features, self.top_n
         return FeatureStatsState(
-            count=jnp.zeros(()), fired=jnp.zeros((f,)), mean=jnp.zeros((f,)),
-            m2=jnp.zeros((f,)), max=jnp.full((f,), -jnp.inf),
-            top_values=jnp.full((f, n), -jnp.inf), top_rows=jnp.full((f, n), -1, jnp.int32))
+            count=jnp.zeros(()),
+            fired=jnp.zeros((f,)),
+            mean=jnp.zeros((f,)),
+            m2=jnp.zeros((f,)),
+            max=jnp.full((f,), -jnp.inf),
+            top_values=jnp.full((f, n), -jnp.inf),
+            top_rows=jnp.full((f, n), -1, jnp.int32),
+        )
 
     def update(self, state: FeatureStatsState, arrays, weights) -> FeatureStatsState:
         acts, row_ids = arrays
         acts = jnp.asarray(acts, jnp.float32)
         if acts.ndim != 2 or acts.shape[1] != self.num_features:
-            raise checks.InputError(f"FeatureStats: expected acts [rows, {self.num_features}], "
-                                    f"got {tuple(acts.shape)}")
+            raise checks.InputError(
+                f"FeatureStats: expected acts [rows, {self.num_features}], got {tuple(acts.shape)}"
+            )
         w = jnp.asarray(weights, jnp.float32)
         n_b = jnp.sum(w)
         safe = jnp.where(n_b > 0, n_b, 1.0)
@@ -99,11 +106,16 @@ class FeatureStatsAccumulator:
         m2_b = w @ ((acts - mean_b) ** 2)
         real = (w > 0)[:, None]
         part = FeatureStatsState(
-            count=n_b, fired=w @ (acts > 0).astype(jnp.float32), mean=mean_b, m2=m2_b,
+            count=n_b,
+            fired=w @ (acts > 0).astype(jnp.float32),
+            mean=mean_b,
+            m2=m2_b,
             max=jnp.max(jnp.where(real, acts, -jnp.inf), axis=0),
-            top_values=None, top_rows=None)
+            top_values=None,
+            top_rows=None,
+        )
         k = min(self.top_n, acts.shape[0])
-        masked = jnp.where(real, acts, -jnp.inf).T                      # [F, rows]
+        masked = jnp.where(real, acts, -jnp.inf).T  # [F, rows]
         # top_k breaks ties by lower index; rows within a chunk are in stream order.
         tv, ti = jax.lax.top_k(masked, k)
         tr = jnp.where(jnp.isfinite(tv), jnp.asarray(row_ids, jnp.int32)[ti], -1)
@@ -119,10 +131,17 @@ class FeatureStatsAccumulator:
         safe = jnp.where(n > 0, n, 1.0)
         delta = b.mean - a.mean
         mean = a.mean + delta * b.count / safe
-        m2 = a.m2 + b.m2 + delta ** 2 * a.count * b.count / safe
+        m2 = a.m2 + b.m2 + delta**2 * a.count * b.count / safe
         tv, tr = _merge_top(a.top_values, a.top_rows, b.top_values, b.top_rows, self.top_n)
-        return FeatureStatsState(count=n, fired=a.fired + b.fired, mean=mean, m2=m2,
-                                 max=jnp.maximum(a.max, b.max), top_values=tv, top_rows=tr)
+        return FeatureStatsState(
+            count=n,
+            fired=a.fired + b.fired,
+            mean=mean,
+            m2=m2,
+            max=jnp.maximum(a.max, b.max),
+            top_values=tv,
+            top_rows=tr,
+        )
 
     def finalize(self, state: FeatureStatsState) -> FeatureStats:
         s = jax.device_get(state)
@@ -136,11 +155,17 @@ class FeatureStatsAccumulator:
         # Rows that never fired are not "top activating": keep only positive activations.
         top_r = np.where(top_v > 0, top_r, -1)
         top_v = np.where(top_v > 0, top_v, 0.0)
-        return FeatureStats(count=count, density=fired / count,
-                            mean=np.asarray(s.mean, np.float64), std=np.sqrt(var),
-                            max=np.asarray(s.max, np.float64), top_values=top_v,
-                            top_rows=top_r, dead=fired == 0,
-                            constant=var <= 1e-12 * np.maximum(1.0, np.abs(s.mean) ** 2))
+        return FeatureStats(
+            count=count,
+            density=fired / count,
+            mean=np.asarray(s.mean, np.float64),
+            std=np.sqrt(var),
+            max=np.asarray(s.max, np.float64),
+            top_values=top_v,
+            top_rows=top_r,
+            dead=fired == 0,
+            constant=var <= 1e-12 * np.maximum(1.0, np.abs(s.mean) ** 2),
+        )
 
 
 class SparseFeatureStatsAccumulator(FeatureStatsAccumulator):
@@ -162,9 +187,11 @@ class SparseFeatureStatsAccumulator(FeatureStatsAccumulator):
         v = jnp.asarray(vals, jnp.float32)
         i = jnp.asarray(idx, jnp.int32)
         if v.ndim != 2 or i.shape != v.shape:
-            raise checks.InputError(f"SparseFeatureStats: expected values and indices [rows, "
-                                    f"k] of one shape, got {tuple(v.shape)} and "
-                                    f"{tuple(i.shape)}")
+            raise checks.InputError(
+                f"SparseFeatureStats: expected values and indices [rows, "
+                f"k] of one shape, got {tuple(v.shape)} and "
+                f"{tuple(i.shape)}"
+            )
         rows, k = v.shape
         w = jnp.asarray(weights, jnp.float32)
         n_b = jnp.sum(w)
@@ -172,10 +199,12 @@ class SparseFeatureStatsAccumulator(FeatureStatsAccumulator):
         fi = i.reshape(-1)
         fv = v.reshape(-1)
         fw = jnp.broadcast_to(w[:, None], (rows, k)).reshape(-1)
-        cnt = jax.ops.segment_sum(fw, fi, f)                # weighted entries per feature
+        cnt = jax.ops.segment_sum(fw, fi, f)  # weighted entries per feature
         mean_b = jax.ops.segment_sum(fw * fv, fi, f) / safe
-        m2_b = (jax.ops.segment_sum(fw * (fv - mean_b[fi]) ** 2, fi, f)
-                + jnp.maximum(n_b - cnt, 0.0) * mean_b ** 2)
+        m2_b = (
+            jax.ops.segment_sum(fw * (fv - mean_b[fi]) ** 2, fi, f)
+            + jnp.maximum(n_b - cnt, 0.0) * mean_b**2
+        )
         fired = jax.ops.segment_sum(fw * (fv > 0), fi, f)
         real = fw > 0
         mx = jax.ops.segment_max(jnp.where(real, fv, -jnp.inf), fi, f)
@@ -193,6 +222,7 @@ class SparseFeatureStatsAccumulator(FeatureStatsAccumulator):
         slot = jnp.minimum(rank, n_top)
         tv = jnp.full((f + 1, n_top + 1), -jnp.inf).at[sf, slot].set(sv)[:f, :n_top]
         tr = jnp.full((f + 1, n_top + 1), -1, jnp.int32).at[sf, slot].set(sr)[:f, :n_top]
-        part = FeatureStatsState(count=n_b, fired=fired, mean=mean_b, m2=m2_b, max=mx,
-                                 top_values=tv, top_rows=tr)
+        part = FeatureStatsState(
+            count=n_b, fired=fired, mean=mean_b, m2=m2_b, max=mx, top_values=tv, top_rows=tr
+        )
         return self.merge(state, part)

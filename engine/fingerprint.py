@@ -24,8 +24,9 @@ from typing import Any
 _MISSING = "<absent>"
 
 
-def diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
-         ) -> list[tuple[str, Any, Any]]:
+def diff(
+    old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
     """The dotted keys whose values differ between two nested dicts, with both values.
 
     A key present on one side only is reported with ``"<absent>"`` on the other.
@@ -42,14 +43,17 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
 
 def _short(v: Any, n: int = 40) -> str:
     s = repr(v)
-    return s if len(s) <= n else s[:n - 3] + "..."
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def describe_diff(changes: list[tuple[str, Any, Any]], old_name: str = "recorded",
-                  new_name: str = "now", limit: int = 4) -> str:
+def describe_diff(
+    changes: list[tuple[str, Any, Any]],
+    old_name: str = "recorded",
+    new_name: str = "now",
+    limit: int = 4,
+) -> str:
     """One line: ``key (recorded X, now Y), ...`` for the first ``limit`` differences."""
-    parts = [f"{k} ({old_name} {_short(a)}, {new_name} {_short(b)})"
-             for k, a, b in changes[:limit]]
+    parts = [f"{k} ({old_name} {_short(a)}, {new_name} {_short(b)})" for k, a, b in changes[:limit]]
     if len(changes) > limit:
         parts.append(f"and {len(changes) - limit} more")
     return ", ".join(parts)
@@ -63,6 +67,7 @@ def digest(*parts: Any, size: int = 16) -> str:
     for part in parts:
         if hasattr(part, "__array__") and hasattr(part, "dtype"):
             import numpy as np  # only when arrays are hashed: keeps start-up standard-library
+
             a = np.ascontiguousarray(part)
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(a.data)

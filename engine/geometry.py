@@ -49,9 +49,14 @@ class GeometryResult:
     k: int | None = None
 
     def to_dict(self) -> dict:
-        out = {"method": self.method, "score": float(self.score), "n": float(self.n),
-               "rows": int(self.rows), "d": [self.d1, self.d2],
-               "n_over_d": self.rows / max(self.d1, self.d2)}
+        out = {
+            "method": self.method,
+            "score": float(self.score),
+            "n": float(self.n),
+            "rows": int(self.rows),
+            "d": [self.d1, self.d2],
+            "n_over_d": self.rows / max(self.d1, self.d2),
+        }
         if self.distance is not None:
             out["distance"] = float(self.distance)
         if self.k is not None:
@@ -70,17 +75,22 @@ def procrustes_from_stats(stats) -> GeometryResult:
     nuc = float(np.linalg.svd(np.asarray(stats.cov_xy, np.float64), compute_uv=False).sum())
     sim = min(1.0, nuc / np.sqrt(np.trace(stats.cov_xx) * np.trace(stats.cov_yy)))
     rows = getattr(stats, "rows", int(round(stats.count)))
-    return GeometryResult("procrustes", sim, float(stats.count), int(rows),
-                          stats.cov_xx.shape[0], stats.cov_yy.shape[0],
-                          distance=float(np.sqrt(max(0.0, 2.0 - 2.0 * sim))))
+    return GeometryResult(
+        "procrustes",
+        sim,
+        float(stats.count),
+        int(rows),
+        stats.cov_xx.shape[0],
+        stats.cov_yy.shape[0],
+        distance=float(np.sqrt(max(0.0, 2.0 - 2.0 * sim))),
+    )
 
 
-def procrustes(x, y, weights=None, *, mesh=None, chunk_size: int | None = None
-               ) -> GeometryResult:
+def procrustes(x, y, weights=None, *, mesh=None, chunk_size: int | None = None) -> GeometryResult:
     """Orthogonal Procrustes similarity (``score``) and ``distance`` of in-memory X, Y."""
-    return procrustes_from_stats(paired_stats.pair_stats(x, y, weights, mesh=mesh,
-                                                         chunk_size=chunk_size,
-                                                         name="procrustes"))
+    return procrustes_from_stats(
+        paired_stats.pair_stats(x, y, weights, mesh=mesh, chunk_size=chunk_size, name="procrustes")
+    )
 
 
 def from_stream(stream, mesh, **kwargs) -> GeometryResult:
@@ -113,9 +123,13 @@ def procrustes_null_kernel(x, y, stats):
     b = np.asarray(y, np.float64) - stats.mean_y
     a = _reduce_rows(a / np.linalg.norm(a))
     b = _reduce_rows(b / np.linalg.norm(b))
-    return nulls.NullKernel(procrustes_stat, {"a": jnp.asarray(a, jnp.float32),
-                                              "b": jnp.asarray(b, jnp.float32)},
-                            a.shape[0], row_bytes=4 * b.size, finish=procrustes_finish)
+    return nulls.NullKernel(
+        procrustes_stat,
+        {"a": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)},
+        a.shape[0],
+        row_bytes=4 * b.size,
+        finish=procrustes_finish,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,13 +168,14 @@ def _ranking_keys(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     e = e / scale
     a = (e @ c) / scale
     eps = float(np.finfo(np.float32).eps)
-    bound = eps * ((2 * np.sqrt(u.shape[1]) + 4) * float(np.max(np.sum(e * e, axis=1)))
-                   + 4 * float(np.max(np.abs(a))))
-    return e, a, bound * scale ** 2
+    bound = eps * (
+        (2 * np.sqrt(u.shape[1]) + 4) * float(np.max(np.sum(e * e, axis=1)))
+        + 4 * float(np.max(np.abs(a)))
+    )
+    return e, a, bound * scale**2
 
 
-def knn_indices(x, k: int, *, mesh=None, tile: int = 1024, normalize: bool = False
-                ) -> np.ndarray:
+def knn_indices(x, k: int, *, mesh=None, tile: int = 1024, normalize: bool = False) -> np.ndarray:
     """``[n, k]`` indices of each row's k largest inner products with other rows.
 
     Exact against float64: candidates (k plus a margin) are ranked on the mesh in float32
@@ -180,16 +195,18 @@ def knn_indices(x, k: int, *, mesh=None, tile: int = 1024, normalize: bool = Fal
     n = x.shape[0]
     k = checks.check_positive_int("mutual_knn k", k)
     if k >= n:
-        raise checks.InputError(f"mutual_knn: k={k} must be smaller than the number of rows "
-                                f"n={n} (self is excluded)")
+        raise checks.InputError(
+            f"mutual_knn: k={k} must be smaller than the number of rows n={n} (self is excluded)"
+        )
     if normalize:
         norms = np.linalg.norm(x, axis=1)
         if not np.all(norms > 0):
-            raise checks.InputError(f"mutual_knn: row {int(np.argmin(norms))} is zero and "
-                                    "cannot be normalised")
+            raise checks.InputError(
+                f"mutual_knn: row {int(np.argmin(norms))} is zero and cannot be normalised"
+            )
         x = x / norms[:, None]
     e, a, bound = _ranking_keys(x)
-    kk = min(n - 1, k + max(8, k))          # candidates: k plus a margin
+    kk = min(n - 1, k + max(8, k))  # candidates: k plus a margin
     mesh = paired_stats.default_mesh() if mesh is None else mesh
     ndev = mesh.shape[mesh_lib.DATA]
     tile = max(ndev, -(-min(int(tile), n) // ndev) * ndev)
@@ -199,12 +216,16 @@ def knn_indices(x, k: int, *, mesh=None, tile: int = 1024, normalize: bool = Fal
     out = []
     for start in range(0, n, tile):
         ids = np.arange(start, start + tile)
-        block = e[start:start + tile]
+        block = e[start : start + tile]
         if block.shape[0] < tile:
             block = np.concatenate([block, np.zeros((tile - block.shape[0], x.shape[1]))])
-        cand = np.asarray(mesh_lib.gather(fn(   # gather: several processes hold the rows
-            jnp.asarray(block, jnp.float32), jnp.asarray(ids, jnp.int32), full,
-            offset)))[: min(tile, n - start)]
+        cand = np.asarray(
+            mesh_lib.gather(
+                fn(  # gather: several processes hold the rows
+                    jnp.asarray(block, jnp.float32), jnp.asarray(ids, jnp.int32), full, offset
+                )
+            )
+        )[: min(tile, n - start)]
         q = np.arange(start, start + cand.shape[0])
         # Float64 inner products themselves (exact ties stay ties, as in the reference).
         sims = np.einsum("id,ikd->ik", x[q], x[cand])
@@ -212,9 +233,12 @@ def knn_indices(x, k: int, *, mesh=None, tile: int = 1024, normalize: bool = Fal
         sims = np.take_along_axis(sims, order, axis=1)
         cand = np.take_along_axis(cand, order, axis=1)
         slack = 2 * bound + 1e-12 * np.abs(sims[:, :1])
-        unsafe = ((sims[:, k - 1:k] - sims[:, -1:] <= slack)[:, 0] if kk < n - 1
-                  else np.zeros(len(q), bool))
-        for r in np.flatnonzero(unsafe):     # near-ties at the boundary: all rows, float64
+        unsafe = (
+            (sims[:, k - 1 : k] - sims[:, -1:] <= slack)[:, 0]
+            if kk < n - 1
+            else np.zeros(len(q), bool)
+        )
+        for r in np.flatnonzero(unsafe):  # near-ties at the boundary: all rows, float64
             row = x @ x[q[r]]
             row[q[r]] = -np.inf
             cand[r, :k] = np.argsort(-row, kind="stable")[:k]
@@ -227,16 +251,24 @@ def overlap_counts(knn_x: np.ndarray, knn_y: np.ndarray) -> np.ndarray:
     return (knn_x[:, :, None] == knn_y[:, None, :]).sum(axis=(1, 2))
 
 
-def mutual_knn(x, y, weights=None, *, k: int = 10, mesh=None, tile: int = 1024,
-               normalize: bool = False) -> GeometryResult:
+def mutual_knn(
+    x, y, weights=None, *, k: int = 10, mesh=None, tile: int = 1024, normalize: bool = False
+) -> GeometryResult:
     """Mutual kNN alignment (Huh et al. 2024) of paired X [n, d1], Y [n, d2]."""
     x, y, weights = paired_stats.check_pair(x, y, weights, min_rows=2, name="mutual_knn")
     kx = knn_indices(x, k, mesh=mesh, tile=tile, normalize=normalize)
     ky = knn_indices(y, k, mesh=mesh, tile=tile, normalize=normalize)
     frac = overlap_counts(kx, ky) / k
     w = np.ones(len(frac)) if weights is None else np.asarray(weights, np.float64)
-    return GeometryResult("mutual_knn", float(w @ frac / w.sum()), float(w.sum()),
-                          int(np.count_nonzero(w)), x.shape[1], y.shape[1], k=k)
+    return GeometryResult(
+        "mutual_knn",
+        float(w @ frac / w.sum()),
+        float(w.sum()),
+        int(np.count_nonzero(w)),
+        x.shape[1],
+        y.shape[1],
+        k=k,
+    )
 
 
 def mutual_knn_stat(consts: dict, perm: jax.Array) -> jax.Array:
@@ -252,13 +284,21 @@ def mutual_knn_stat(consts: dict, perm: jax.Array) -> jax.Array:
     return jnp.dot(w, hits, precision=HIGHEST) / (k * jnp.sum(w))
 
 
-def mutual_knn_null_kernel(x, y, weights=None, *, k: int = 10, mesh=None, tile: int = 1024,
-                           normalize: bool = False):
+def mutual_knn_null_kernel(
+    x, y, weights=None, *, k: int = 10, mesh=None, tile: int = 1024, normalize: bool = False
+):
     """The `NullKernel` for the batched null; exact with row weights too."""
     kx = knn_indices(x, k, mesh=mesh, tile=tile, normalize=normalize)
     ky = knn_indices(y, k, mesh=mesh, tile=tile, normalize=normalize)
     w = np.ones(kx.shape[0]) if weights is None else np.asarray(weights, np.float64)
     n, k = kx.shape
-    return nulls.NullKernel(mutual_knn_stat, {"knn_x": jnp.asarray(kx), "knn_y": jnp.asarray(ky),
-                                              "w": jnp.asarray(w / w.max(), jnp.float32)},
-                            n, row_bytes=4 * n * k * (k + 2))
+    return nulls.NullKernel(
+        mutual_knn_stat,
+        {
+            "knn_x": jnp.asarray(kx),
+            "knn_y": jnp.asarray(ky),
+            "w": jnp.asarray(w / w.max(), jnp.float32),
+        },
+        n,
+        row_bytes=4 * n * k * (k + 2),
+    )

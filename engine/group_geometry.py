@@ -29,13 +29,18 @@ class GroupDistanceResult:
     linkage: str
 
     def to_json(self) -> dict:
-        return {"groups": list(self.names), "linkage": self.linkage,
-                "rsa": self.rsa.to_json(), "dist_a": self.dist_a.tolist(),
-                "dist_b": self.dist_b.tolist()}
+        return {
+            "groups": list(self.names),
+            "linkage": self.linkage,
+            "rsa": self.rsa.to_json(),
+            "dist_a": self.dist_a.tolist(),
+            "dist_b": self.dist_b.tolist(),
+        }
 
 
-def group_distances(groups: Mapping[str, np.ndarray], *, linkage: str = "average",
-                    model: str = "model") -> tuple[list, np.ndarray]:
+def group_distances(
+    groups: Mapping[str, np.ndarray], *, linkage: str = "average", model: str = "model"
+) -> tuple[list, np.ndarray]:
     """``[G, G]`` cosine distances between feature groups of one model.
 
     ``linkage="average"``: ``1 - mean cos(u, v)`` over members ``u`` of one group and ``v``
@@ -47,25 +52,27 @@ def group_distances(groups: Mapping[str, np.ndarray], *, linkage: str = "average
       model: used in error messages.
     """
     if linkage not in ("average", "centroid"):
-        raise checks.InputError(f"linkage: unknown {linkage!r}; expected 'average' or "
-                                f"'centroid'")
+        raise checks.InputError(f"linkage: unknown {linkage!r}; expected 'average' or 'centroid'")
     names = list(groups)
     units = []
     width = None
     for name in names:
         V = np.asarray(groups[name], np.float64)
         if V.ndim != 2 or V.shape[0] == 0:
-            raise checks.InputError(f"group {name!r} in {model} has no features (expected "
-                                    f"[n_g >= 1, d] vectors, got shape {V.shape})")
+            raise checks.InputError(
+                f"group {name!r} in {model} has no features (expected "
+                f"[n_g >= 1, d] vectors, got shape {V.shape})"
+            )
         if width is not None and V.shape[1] != width:
-            raise checks.InputError(f"group {name!r} in {model}: width {V.shape[1]} differs "
-                                    f"from the other groups' {width}")
+            raise checks.InputError(
+                f"group {name!r} in {model}: width {V.shape[1]} differs "
+                f"from the other groups' {width}"
+            )
         width = V.shape[1]
         checks.check_finite(f"group {name!r} in {model}", V)
         norms = np.linalg.norm(V, axis=1)
         if np.any(norms <= 1e-12 * max(1.0, norms.max())):
-            raise checks.InputError(f"group {name!r} in {model}: zero vector(s) (cosine "
-                                    f"undefined)")
+            raise checks.InputError(f"group {name!r} in {model}: zero vector(s) (cosine undefined)")
         units.append(V / norms[:, None])
     G = len(names)
     D = np.zeros((G, G))
@@ -75,15 +82,24 @@ def group_distances(groups: Mapping[str, np.ndarray], *, linkage: str = "average
             if linkage == "average":
                 sim = float(np.mean(units[i] @ units[j].T))
             else:
-                sim = float(cents[i] @ cents[j] / max(
-                    np.linalg.norm(cents[i]) * np.linalg.norm(cents[j]), 1e-300))
+                sim = float(
+                    cents[i]
+                    @ cents[j]
+                    / max(np.linalg.norm(cents[i]) * np.linalg.norm(cents[j]), 1e-300)
+                )
             D[i, j] = D[j, i] = 1.0 - sim
     return names, D
 
 
-def group_distance_rsa(groups_a: Mapping[str, np.ndarray], groups_b: Mapping[str, np.ndarray],
-                       *, linkage: str = "average", num_permutations: int = 1000, seed: int = 0,
-                       exact_limit: int = EXACT_LIMIT) -> GroupDistanceResult:
+def group_distance_rsa(
+    groups_a: Mapping[str, np.ndarray],
+    groups_b: Mapping[str, np.ndarray],
+    *,
+    linkage: str = "average",
+    num_permutations: int = 1000,
+    seed: int = 0,
+    exact_limit: int = EXACT_LIMIT,
+) -> GroupDistanceResult:
     """Are the distances between concept groups alike in two models?
 
     RSA (Spearman) of the two models' group distance matrices (`group_distances`) with a
@@ -101,17 +117,24 @@ def group_distance_rsa(groups_a: Mapping[str, np.ndarray], groups_b: Mapping[str
     missing_b = [g for g in groups_a if g not in groups_b]
     missing_a = [g for g in groups_b if g not in groups_a]
     if missing_a or missing_b:
-        raise checks.InputError(f"group_distance_rsa: unknown group name(s): missing in model "
-                                f"B {missing_b}, missing in model A {missing_a}; both models "
-                                f"need the same groups")
+        raise checks.InputError(
+            f"group_distance_rsa: unknown group name(s): missing in model "
+            f"B {missing_b}, missing in model A {missing_a}; both models "
+            f"need the same groups"
+        )
     if len(groups_a) < 3:
-        raise checks.InputError(f"group_distance_rsa: {len(groups_a)} group(s); need at least "
-                                f"3 (3 distances) to compare distance matrices")
+        raise checks.InputError(
+            f"group_distance_rsa: {len(groups_a)} group(s); need at least "
+            f"3 (3 distances) to compare distance matrices"
+        )
     names, D_a = group_distances(groups_a, linkage=linkage, model="model A")
-    _, D_b = group_distances({g: groups_b[g] for g in names}, linkage=linkage,
-                             model="model B")
-    rsa_res = rsa.mantel(D_a, D_b, num_permutations=num_permutations, seed=seed,
-                         exact_limit=exact_limit,
-                         names=("model A group distances", "model B group distances"))
-    return GroupDistanceResult(names=names, dist_a=D_a, dist_b=D_b, rsa=rsa_res,
-                               linkage=linkage)
+    _, D_b = group_distances({g: groups_b[g] for g in names}, linkage=linkage, model="model B")
+    rsa_res = rsa.mantel(
+        D_a,
+        D_b,
+        num_permutations=num_permutations,
+        seed=seed,
+        exact_limit=exact_limit,
+        names=("model A group distances", "model B group distances"),
+    )
+    return GroupDistanceResult(names=names, dist_a=D_a, dist_b=D_b, rsa=rsa_res, linkage=linkage)

@@ -75,15 +75,18 @@ class Matching:
         return Matching(self.rows[keep], self.cols[keep], self.values[keep], self.method)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "size": self.size, "total": self.total,
-                "mean": self.mean}
+        return {"method": self.method, "size": self.size, "total": self.total, "mean": self.mean}
 
 
 def _sorted(rows, cols, values, method) -> Matching:
     rows = np.asarray(rows, np.int64)
     order = np.argsort(rows, kind="stable")
-    return Matching(rows[order], np.asarray(cols, np.int64)[order],
-                    np.asarray(values, np.float64)[order], method)
+    return Matching(
+        rows[order],
+        np.asarray(cols, np.int64)[order],
+        np.asarray(values, np.float64)[order],
+        method,
+    )
 
 
 def _check_scores(scores) -> np.ndarray:
@@ -93,8 +96,9 @@ def _check_scores(scores) -> np.ndarray:
     return np.asarray(s, np.float64)
 
 
-def hungarian(scores, *, maximize: bool = True,
-              max_elements: int = HUNGARIAN_MAX_ELEMENTS) -> Matching:
+def hungarian(
+    scores, *, maximize: bool = True, max_elements: int = HUNGARIAN_MAX_ELEMENTS
+) -> Matching:
     """Optimal one-to-one assignment of a dense ``[n_a, n_b]`` score matrix (scipy).
 
     Matches ``min(n_a, n_b)`` pairs maximising (or minimising) the total score.
@@ -107,7 +111,8 @@ def hungarian(scores, *, maximize: bool = True,
     if s.size > max_elements:
         raise checks.InputError(
             f"hungarian: {s.shape[0]} x {s.shape[1]} scores exceed max_elements={max_elements}"
-            " (O(n^3) time); use greedy/greedy_edges or raise max_elements")
+            " (O(n^3) time); use greedy/greedy_edges or raise max_elements"
+        )
     r, c = optimize.linear_sum_assignment(s, maximize=maximize)
     return _sorted(r, c, s[r, c], "hungarian")
 
@@ -132,8 +137,8 @@ def greedy(scores, *, maximize: bool = True) -> Matching:
         r_idx = np.flatnonzero(free_r)
         c_idx = np.flatnonzero(free_c)
         sub = work[np.ix_(r_idx, c_idx)]
-        best_c = np.argmax(sub, axis=1)                    # first max: lowest column
-        best_r = np.argmax(sub, axis=0)                    # first max: lowest row
+        best_c = np.argmax(sub, axis=1)  # first max: lowest column
+        best_r = np.argmax(sub, axis=0)  # first max: lowest row
         mutual = best_r[best_c] == np.arange(r_idx.size)
         got = np.flatnonzero(mutual)
         row_parts.append(r_idx[got])
@@ -155,8 +160,9 @@ def greedy(scores, *, maximize: bool = True) -> Matching:
     return _sorted(rows, cols, np.asarray(scores, np.float64)[rows, cols], "greedy")
 
 
-def _greedy_sorted(rows: np.ndarray, cols: np.ndarray, values: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _greedy_sorted(
+    rows: np.ndarray, cols: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Sequential greedy over edges in (value desc, row asc, col asc) order."""
     order = np.lexsort((cols, rows, -values))
     used_r: set[int] = set()
@@ -182,15 +188,19 @@ def greedy_edges(rows, cols, values, *, maximize: bool = True) -> Matching:
     cols = np.asarray(cols)
     values = np.asarray(values, np.float64)
     if rows.ndim != 1 or rows.shape != cols.shape or rows.shape != values.shape:
-        raise checks.InputError(f"greedy_edges: rows, cols, values must be 1-D of one length, "
-                                f"got {rows.shape}, {cols.shape}, {values.shape}")
+        raise checks.InputError(
+            f"greedy_edges: rows, cols, values must be 1-D of one length, "
+            f"got {rows.shape}, {cols.shape}, {values.shape}"
+        )
     if not (np.issubdtype(rows.dtype, np.integer) and np.issubdtype(cols.dtype, np.integer)):
         if rows.size:
             raise checks.InputError("greedy_edges: rows and cols must be integer indices")
     checks.check_finite("greedy_edges values", values)
     if rows.size and (rows.min() < 0 or cols.min() < 0):
-        raise checks.InputError("greedy_edges: negative row/col index (unmatched markers such "
-                                "as -1 must be dropped first)")
+        raise checks.InputError(
+            "greedy_edges: negative row/col index (unmatched markers such "
+            "as -1 must be dropped first)"
+        )
     v = values if maximize else -values
     r, c = _greedy_sorted(rows.astype(np.int64), cols.astype(np.int64), v)
     if r.size:
@@ -230,8 +240,9 @@ def candidate_edges(result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows, cols, np.asarray(vals, np.float64)
 
 
-def greedy_streamed(a, b, mesh=None, *, k: int = 8, max_dense: int = 1 << 22,
-                    max_rounds: int = 64) -> Matching:
+def greedy_streamed(
+    a, b, mesh=None, *, k: int = 8, max_dense: int = 1 << 22, max_rounds: int = 64
+) -> Matching:
     """Greedy one-to-one cosine matching of two large dictionaries without a dense matrix.
 
     Rounds: the top-k cosine candidates of every remaining row (both directions, streamed by
@@ -243,6 +254,7 @@ def greedy_streamed(a, b, mesh=None, *, k: int = 8, max_dense: int = 1 << 22,
     Pair scores are the float64 cosines.
     """
     from engine import pairwise
+
     a, b = pairwise._validate_pair(a, b)
     k = checks.check_positive_int("greedy_streamed k", k)
     left_a = np.arange(a.shape[0])
@@ -253,12 +265,14 @@ def greedy_streamed(a, b, mesh=None, *, k: int = 8, max_dense: int = 1 << 22,
         if not (left_a.size and left_b.size):
             break
         if left_a.size * left_b.size <= max_dense:
-            s = pairwise.cosine_matrix(a[left_a], b[left_b], mesh,
-                                       max_elements=left_a.size * left_b.size)
+            s = pairwise.cosine_matrix(
+                a[left_a], b[left_b], mesh, max_elements=left_a.size * left_b.size
+            )
             m = greedy(np.asarray(s, np.float64))
         else:
-            res = pairwise.max_cosine(a[left_a], b[left_b], mesh,
-                                      k=min(k, left_a.size, left_b.size))
+            res = pairwise.max_cosine(
+                a[left_a], b[left_b], mesh, k=min(k, left_a.size, left_b.size)
+            )
             m = greedy_edges(*candidate_edges(res))
         row_parts.append(left_a[m.rows])
         col_parts.append(left_b[m.cols])
@@ -268,14 +282,21 @@ def greedy_streamed(a, b, mesh=None, *, k: int = 8, max_dense: int = 1 << 22,
     cols = np.concatenate(col_parts) if col_parts else np.zeros(0, np.int64)
     an = np.asarray(a[rows], np.float64)
     bn = np.asarray(b[cols], np.float64)
-    vals = np.einsum("nd,nd->n", an, bn) / (np.linalg.norm(an, axis=1) *
-                                            np.linalg.norm(bn, axis=1))
+    vals = np.einsum("nd,nd->n", an, bn) / (np.linalg.norm(an, axis=1) * np.linalg.norm(bn, axis=1))
     return _sorted(rows, cols, vals, "greedy_streamed")
 
 
-def match(scores=None, *, a=None, b=None, mesh=None, method: str = "auto", k: int = 8,
-          min_value: float | None = None,
-          hungarian_max: int = HUNGARIAN_MAX_ELEMENTS) -> Matching:
+def match(
+    scores=None,
+    *,
+    a=None,
+    b=None,
+    mesh=None,
+    method: str = "auto",
+    k: int = 8,
+    min_value: float | None = None,
+    hungarian_max: int = HUNGARIAN_MAX_ELEMENTS,
+) -> Matching:
     """One-to-one matching from a score matrix or from two dictionaries (cosine).
 
     Args:
@@ -299,6 +320,7 @@ def match(scores=None, *, a=None, b=None, mesh=None, method: str = "auto", k: in
         raise checks.InputError("match: pass either scores or both a and b")
     if scores is None:
         from engine import pairwise  # local: pairwise pulls in the jitted kernels
+
         n_a, n_b = np.shape(a)[0], np.shape(b)[0]
         if method == "hungarian" or n_a * n_b <= hungarian_max:
             scores = pairwise.cosine_matrix(a, b, mesh, max_elements=max(n_a * n_b, 1))
@@ -324,7 +346,10 @@ def quality_gap(candidate: Matching, reference: Matching) -> dict[str, float]:
     """
     ref = set(zip(reference.rows.tolist(), reference.cols.tolist()))
     cand = set(zip(candidate.rows.tolist(), candidate.cols.tolist()))
-    return {"total_ratio": candidate.total / reference.total if reference.total else 1.0,
-            "mean_gap": reference.mean - candidate.mean,
-            "pair_agreement": len(ref & cand) / max(len(ref), 1),
-            "candidate_size": candidate.size, "reference_size": reference.size}
+    return {
+        "total_ratio": candidate.total / reference.total if reference.total else 1.0,
+        "mean_gap": reference.mean - candidate.mean,
+        "pair_agreement": len(ref & cand) / max(len(ref), 1),
+        "candidate_size": candidate.size,
+        "reference_size": reference.size,
+    }

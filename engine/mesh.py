@@ -29,8 +29,9 @@ FEATURE = "feature"
 _distributed_started = False
 
 
-def make_mesh(data: int = -1, feature: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = -1, feature: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """Builds a ``(data, feature)`` mesh.
 
     Args:
@@ -50,8 +51,10 @@ def make_mesh(data: int = -1, feature: int = 1,
             raise ValueError(f"mesh: {len(devices)} devices are not divisible by feature={feature}")
         data = len(devices) // feature
     if data < 1 or data * feature > len(devices):
-        raise ValueError(f"mesh data={data} x feature={feature} needs {data * feature} devices, "
-                         f"{len(devices)} available")
+        raise ValueError(
+            f"mesh data={data} x feature={feature} needs {data * feature} devices, "
+            f"{len(devices)} available"
+        )
     grid = np.asarray(devices[: data * feature], dtype=object).reshape(data, feature)
     auto = jax.sharding.AxisType.Auto
     return Mesh(grid, (DATA, FEATURE), axis_types=(auto, auto))
@@ -59,8 +62,9 @@ def make_mesh(data: int = -1, feature: int = 1,
 
 def mesh_from_config(cfg: Any) -> Mesh:
     """Builds a mesh from a config with optional ``mesh_data`` / ``mesh_feature`` fields."""
-    return make_mesh(data=int(getattr(cfg, "mesh_data", -1)),
-                     feature=int(getattr(cfg, "mesh_feature", 1)))
+    return make_mesh(
+        data=int(getattr(cfg, "mesh_data", -1)), feature=int(getattr(cfg, "mesh_feature", 1))
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -77,8 +81,10 @@ def check_divisible(mesh: Mesh, rows: int, what: str = "batch") -> None:
     """Raises a one-line error when ``rows`` cannot be split evenly over the data axis."""
     n = mesh.shape[DATA]
     if rows % n:
-        raise ValueError(f"{what} of {rows} rows is not divisible by the mesh data axis ({n} "
-                         f"devices); choose a multiple of {n}")
+        raise ValueError(
+            f"{what} of {rows} rows is not divisible by the mesh data axis ({n} "
+            f"devices); choose a multiple of {n}"
+        )
 
 
 def shard_batch(mesh: Mesh, tree: Any) -> Any:
@@ -89,6 +95,7 @@ def shard_batch(mesh: Mesh, tree: Any) -> Any:
     is assembled with `jax.make_array_from_process_local_data`. This costs redundant host
     reads but needs no per-process stream bookkeeping, so resume stays exact.
     """
+
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if x.ndim == 0:
@@ -100,7 +107,9 @@ def shard_batch(mesh: Mesh, tree: Any) -> Any:
         per = x.shape[0] // jax.process_count()
         lo = jax.process_index() * per
         return jax.make_array_from_process_local_data(
-            sharding, np.asarray(x[lo:lo + per]), global_shape=x.shape)
+            sharding, np.asarray(x[lo : lo + per]), global_shape=x.shape
+        )
+
     return jax.tree.map(put, tree)
 
 
@@ -140,6 +149,7 @@ def agree(value: bool) -> bool:
     if jax.process_count() == 1:
         return bool(value)
     from jax.experimental import multihost_utils
+
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(value))))
 
 
@@ -148,6 +158,7 @@ def barrier(name: str) -> None:
     after process 0 writes a file that the others then read."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -155,13 +166,17 @@ def gather(tree: Any) -> Any:
     """Brings a (possibly sharded, possibly multi-host) pytree back to host numpy arrays."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.device_get(tree)
 
 
-def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+def maybe_initialize_distributed(
+    enabled: bool,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
     """Calls `jax.distributed.initialize` once, only when asked.
 
     Single-host runs and tests never call it. With all arguments None, JAX auto-detects the
@@ -174,12 +189,19 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None 
     if not enabled:
         return False
     if not _distributed_started:
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
         _distributed_started = True
-        logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                     jax.process_index(), jax.process_count(), jax.local_device_count(),
-                     jax.device_count())
+        logging.info(
+            "jax.distributed: process %d of %d, %d local / %d global devices",
+            jax.process_index(),
+            jax.process_count(),
+            jax.local_device_count(),
+            jax.device_count(),
+        )
     return True
 
 
@@ -196,6 +218,7 @@ def machine_memory_bytes(mesh: Mesh | None = None) -> int:
         if limits:
             return min(limits)
     import os
+
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 

@@ -46,6 +46,7 @@ def resolve_dir(path: str) -> str:
 
 def _primary() -> bool:
     import sys
+
     jax = sys.modules.get("jax")
     return jax is None or jax.process_index() == 0
 
@@ -57,6 +58,7 @@ def write_json(path: str, obj: Any) -> None:
         return
     if is_remote(path):
         from etils import epath
+
         epath.Path(path).write_text(json.dumps(to_jsonable(obj), indent=2) + "\n")
         return
     tmp = f"{path}.tmp"
@@ -109,12 +111,12 @@ class MetricWriter:
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        if is_remote(self.path):   # object stores cannot append: rewrite the file
+        if is_remote(self.path):  # object stores cannot append: rewrite the file
             from etils import epath
+
             p = epath.Path(self.path)
             old = p.read_text() if p.exists() else ""
-            p.write_text(old + json.dumps({"step": int(step),
-                                           **to_jsonable(dict(metrics))}) + "\n")
+            p.write_text(old + json.dumps({"step": int(step), **to_jsonable(dict(metrics))}) + "\n")
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": int(step), **to_jsonable(dict(metrics))}) + "\n")

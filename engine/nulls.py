@@ -125,14 +125,26 @@ def _null_fn(stat, finish, static, mesh, n: int, batch: int):
         _, out = jax.lax.scan(body, None, ids.reshape(-1, batch))
         return out.reshape(-1)
 
-    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(mesh_lib.DATA)),
-                      out_specs=P(mesh_lib.DATA), check_vma=False)
+    f = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(mesh_lib.DATA)),
+        out_specs=P(mesh_lib.DATA),
+        check_vma=False,
+    )
     return jax.jit(f)
 
 
-def permutation_null(kernel: NullKernel, num_permutations: int = 1000, *, seed: int = 0,
-                     mesh=None, batch_size: int | None = None, rounds: int = 1,
-                     progress: bool = False) -> np.ndarray:
+def permutation_null(
+    kernel: NullKernel,
+    num_permutations: int = 1000,
+    *,
+    seed: int = 0,
+    mesh=None,
+    batch_size: int | None = None,
+    rounds: int = 1,
+    progress: bool = False,
+) -> np.ndarray:
     """The statistic on ``num_permutations`` random row permutations of Y, batched.
 
     Args:
@@ -166,11 +178,14 @@ def permutation_null(kernel: NullKernel, num_permutations: int = 1000, *, seed: 
     it = range(0, num, per_round)
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc=progress if isinstance(progress, str) else "null permutations",
-                  unit="round")
+
+        it = tqdm(
+            it, desc=progress if isinstance(progress, str) else "null permutations", unit="round"
+        )
     for start in it:
-        ids = jax.device_put(np.arange(start, start + per_round, dtype=np.int32),
-                             mesh_lib.data_sharding(mesh, 1))
+        ids = jax.device_put(
+            np.arange(start, start + per_round, dtype=np.int32), mesh_lib.data_sharding(mesh, 1)
+        )
         # gather, not device_get: with several processes the rows live on other hosts too
         out.append(np.asarray(mesh_lib.gather(fn(consts, key, ids)), np.float64))
     return np.concatenate(out)[:num]
@@ -191,8 +206,7 @@ def _perm_prefix(key, r, n, size: int):
     return perm
 
 
-def prefix_permutations(n: int, num: int, seed: int = 0, size: int | None = None
-                        ) -> np.ndarray:
+def prefix_permutations(n: int, num: int, seed: int = 0, size: int | None = None) -> np.ndarray:
     """``[num, size]`` host copy of the permutations `padded_null` draws (default size n)."""
     size = n if size is None else int(size)
     key = jax.random.PRNGKey(seed)
@@ -212,13 +226,19 @@ def _padded_null_fn(stat, finish, static, mesh, size: int, batch: int):
         _, out = jax.lax.scan(body, None, ids.reshape(-1, batch))
         return out.reshape(-1)
 
-    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(mesh_lib.DATA)),
-                      out_specs=P(mesh_lib.DATA), check_vma=False)
+    f = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(mesh_lib.DATA)),
+        out_specs=P(mesh_lib.DATA),
+        check_vma=False,
+    )
     return jax.jit(f)
 
 
-def padded_null(kernel: NullKernel, size: int, num_permutations: int = 1000, *,
-                seed: int = 0, mesh=None) -> tuple[float, np.ndarray]:
+def padded_null(
+    kernel: NullKernel, size: int, num_permutations: int = 1000, *, seed: int = 0, mesh=None
+) -> tuple[float, np.ndarray]:
     """``(observed, null)`` of ``kernel`` padded to ``size`` rows: one compile per ``size``.
 
     Many null calls on different row counts (importance bins, top-k restrictions) otherwise
@@ -249,16 +269,24 @@ def padded_null(kernel: NullKernel, size: int, num_permutations: int = 1000, *,
     consts = mesh_lib.replicate(mesh, consts)
     key = mesh_lib.replicate(mesh, jax.random.PRNGKey(seed))
     n_arr = mesh_lib.replicate(mesh, jnp.int32(n))
-    ids = jax.device_put(np.arange(per_dev * ndev, dtype=np.int32),
-                         mesh_lib.data_sharding(mesh, 1))
+    ids = jax.device_put(np.arange(per_dev * ndev, dtype=np.int32), mesh_lib.data_sharding(mesh, 1))
     null = np.asarray(jax.device_get(fn(consts, key, n_arr, ids)), np.float64)[:num]
     observed = _observed_fn(kernel.stat, kernel.finish, static)(
-        consts, jnp.arange(size, dtype=jnp.int32))
+        consts, jnp.arange(size, dtype=jnp.int32)
+    )
     return float(observed), null
 
 
-def loop_null(metric: Callable[..., float], x, y, weights=None, *, num_permutations: int = 1000,
-              seed: int = 0, progress: bool = False) -> np.ndarray:
+def loop_null(
+    metric: Callable[..., float],
+    x,
+    y,
+    weights=None,
+    *,
+    num_permutations: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
     """The same null by a Python loop over permutations (any metric; weighted fallback).
 
     Uses the same permutations as `permutation_null`; weights stay with the rows of X.
@@ -269,8 +297,10 @@ def loop_null(metric: Callable[..., float], x, y, weights=None, *, num_permutati
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=num, desc=progress if isinstance(progress, str)
-                   else "null permutations (loop)")
+
+        bar = tqdm(
+            total=num, desc=progress if isinstance(progress, str) else "null permutations (loop)"
+        )
     block = 256
     for start in range(0, num, block):
         perms = permutations(y.shape[0], min(block, num - start), seed, start)
@@ -329,16 +359,26 @@ class NullSummary:
         return 1.0 / r if self.exact else 1.0 / (1 + r)
 
     def to_json(self) -> dict:
-        return {"observed": self.observed, "null_mean": self.null_mean,
-                "null_std": self.null_std, "null_quantiles": dict(self.null_quantiles),
-                "null_min": self.null_min, "null_max": self.null_max, "z": self.z,
-                "excess": self.excess, "p": self.p, "num_permutations": self.num_permutations,
-                "num_null_at_or_above": self.num_null_at_or_above, "exact": self.exact,
-                "min_p": self.min_p}
+        return {
+            "observed": self.observed,
+            "null_mean": self.null_mean,
+            "null_std": self.null_std,
+            "null_quantiles": dict(self.null_quantiles),
+            "null_min": self.null_min,
+            "null_max": self.null_max,
+            "z": self.z,
+            "excess": self.excess,
+            "p": self.p,
+            "num_permutations": self.num_permutations,
+            "num_null_at_or_above": self.num_null_at_or_above,
+            "exact": self.exact,
+            "min_p": self.min_p,
+        }
 
 
-def summarize_null(observed: float, null, *, exact: bool = False, tie_tol: float = 0.0,
-                   quantiles=QUANTILES) -> NullSummary:
+def summarize_null(
+    observed: float, null, *, exact: bool = False, tie_tol: float = 0.0, quantiles=QUANTILES
+) -> NullSummary:
     """The one p-value / spread convention of the engine (docs/references.md, "Nulls").
 
     Args:
@@ -359,11 +399,18 @@ def summarize_null(observed: float, null, *, exact: bool = False, tie_tol: float
     r = len(null)
     exceed = int(np.sum(null >= float(observed) - tie_tol))
     return NullSummary(
-        observed=float(observed), null_mean=float(null.mean()), null_std=float(null.std(ddof=1)),
+        observed=float(observed),
+        null_mean=float(null.mean()),
+        null_std=float(null.std(ddof=1)),
         null_quantiles={f"{q:g}": float(np.quantile(null, q)) for q in quantiles},
-        null_min=float(null.min()), null_max=float(null.max()),
-        p=exceed / r if exact else (1.0 + exceed) / (1.0 + r), num_permutations=r,
-        num_null_at_or_above=exceed, exact=bool(exact), null=null)
+        null_min=float(null.min()),
+        null_max=float(null.max()),
+        p=exceed / r if exact else (1.0 + exceed) / (1.0 + r),
+        num_permutations=r,
+        num_null_at_or_above=exceed,
+        exact=bool(exact),
+        null=null,
+    )
 
 
 def summarize(observed: float, null: np.ndarray, quantiles=QUANTILES) -> dict:
@@ -381,8 +428,9 @@ EXACT_LIMIT = 40320
 TIE_TOL = 1e-9
 
 
-def item_permutations(m: int, num: int, seed: int = 0, exact_limit: int = EXACT_LIMIT
-                      ) -> tuple[np.ndarray, bool]:
+def item_permutations(
+    m: int, num: int, seed: int = 0, exact_limit: int = EXACT_LIMIT
+) -> tuple[np.ndarray, bool]:
     """All ``m!`` permutations of m items when that is <= ``exact_limit``, else ``num`` random.
 
     Returns:
@@ -396,9 +444,15 @@ def item_permutations(m: int, num: int, seed: int = 0, exact_limit: int = EXACT_
     return np.argsort(rng.random((num, m)), axis=1), False
 
 
-def item_permutation_test(statistic: Callable[[np.ndarray], np.ndarray], m: int, *,
-                          num_permutations: int = 1000, seed: int = 0,
-                          exact_limit: int = EXACT_LIMIT, batch: int = 4096) -> NullSummary:
+def item_permutation_test(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    m: int,
+    *,
+    num_permutations: int = 1000,
+    seed: int = 0,
+    exact_limit: int = EXACT_LIMIT,
+    batch: int = 4096,
+) -> NullSummary:
     """Tests ``statistic(identity)`` against ``statistic(perm)`` over permutations of m items.
 
     For statistics over a handful of items (a Mantel test, a circle's order) the permutation
@@ -415,14 +469,27 @@ def item_permutation_test(statistic: Callable[[np.ndarray], np.ndarray], m: int,
     """
     observed = float(np.asarray(statistic(np.arange(m)[None, :]))[0])
     perms, exact = item_permutations(m, num_permutations, seed, exact_limit)
-    null = np.concatenate([np.asarray(statistic(perms[i:i + batch]), np.float64)
-                           for i in range(0, len(perms), batch)])
+    null = np.concatenate(
+        [
+            np.asarray(statistic(perms[i : i + batch]), np.float64)
+            for i in range(0, len(perms), batch)
+        ]
+    )
     return summarize_null(observed, null, exact=exact, tie_tol=TIE_TOL)
 
 
-def bootstrap(metric: Callable[..., float], x, y, weights=None, *, num_samples: int = 200,
-              seed: int = 0, confidence: float = 0.95, by_weights: bool = False,
-              progress: bool = False) -> dict:
+def bootstrap(
+    metric: Callable[..., float],
+    x,
+    y,
+    weights=None,
+    *,
+    num_samples: int = 200,
+    seed: int = 0,
+    confidence: float = 0.95,
+    by_weights: bool = False,
+    progress: bool = False,
+) -> dict:
     """Percentile bootstrap over rows for any metric ``metric(X, Y, weights) -> float``.
 
     Args:
@@ -445,8 +512,8 @@ def bootstrap(metric: Callable[..., float], x, y, weights=None, *, num_samples: 
     it = range(num)
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"{progress} bootstrap" if isinstance(progress, str)
-                  else "bootstrap")
+
+        it = tqdm(it, desc=f"{progress} bootstrap" if isinstance(progress, str) else "bootstrap")
     for b in it:
         idx = rng.integers(0, n, n)
         if by_weights:
@@ -456,8 +523,12 @@ def bootstrap(metric: Callable[..., float], x, y, weights=None, *, num_samples: 
         else:
             values[b] = float(metric(x[idx], y[idx], None if base is None else base[idx]))
     alpha = (1.0 - confidence) / 2.0
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)),
-            "low": float(np.quantile(values, alpha)),
-            "high": float(np.quantile(values, 1.0 - alpha)),
-            "confidence": float(confidence), "num_samples": num,
-            "method": "weights" if by_weights else "resample"}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)),
+        "low": float(np.quantile(values, alpha)),
+        "high": float(np.quantile(values, 1.0 - alpha)),
+        "confidence": float(confidence),
+        "num_samples": num,
+        "method": "weights" if by_weights else "resample",
+    }

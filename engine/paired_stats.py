@@ -53,14 +53,14 @@ class PairState:
     """Running state of `PairMoments` (all sums centred on the running pooled mean)."""
 
     moments: accumulators.MomentsState
-    rows: jax.Array   # int32: rows with a non-zero weight
+    rows: jax.Array  # int32: rows with a non-zero weight
     q_xx: jax.Array
     q_yy: jax.Array
     q_xy: jax.Array
-    u: jax.Array      # [d2] sum w a (y - m_y)
-    v: jax.Array      # [d1] sum w b (x - m_x)
-    wx: jax.Array     # [d1] sum w a (x - m_x)
-    wy: jax.Array     # [d2] sum w b (y - m_y)
+    u: jax.Array  # [d2] sum w a (y - m_y)
+    v: jax.Array  # [d1] sum w b (x - m_x)
+    wx: jax.Array  # [d1] sum w a (x - m_x)
+    wy: jax.Array  # [d2] sum w b (y - m_y)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +103,17 @@ def _shift_pair(n, tr_pp, tr_qq, s_pq, q, u, v, dp, dq):
     """Re-centres (q, u, v) of one part by (dp, dq); see the module docstring."""
     dp2 = jnp.dot(dp, dp, precision=HIGHEST)
     dq2 = jnp.dot(dq, dq, precision=HIGHEST)
-    s_dq = jnp.dot(s_pq, dq, precision=HIGHEST)      # S_PQ dQ   [dP]
-    st_dp = jnp.dot(dp, s_pq, precision=HIGHEST)     # S_PQ^T dP [dQ]
-    q_new = (q - 2.0 * jnp.dot(u, dq, precision=HIGHEST) - 2.0 * jnp.dot(v, dp, precision=HIGHEST)
-             + dq2 * tr_pp + dp2 * tr_qq + 4.0 * jnp.dot(dp, s_dq, precision=HIGHEST)
-             + n * dp2 * dq2)
+    s_dq = jnp.dot(s_pq, dq, precision=HIGHEST)  # S_PQ dQ   [dP]
+    st_dp = jnp.dot(dp, s_pq, precision=HIGHEST)  # S_PQ^T dP [dQ]
+    q_new = (
+        q
+        - 2.0 * jnp.dot(u, dq, precision=HIGHEST)
+        - 2.0 * jnp.dot(v, dp, precision=HIGHEST)
+        + dq2 * tr_pp
+        + dp2 * tr_qq
+        + 4.0 * jnp.dot(dp, s_dq, precision=HIGHEST)
+        + n * dp2 * dq2
+    )
     u_new = u - tr_pp * dq - 2.0 * st_dp - n * dp2 * dq
     v_new = v - tr_qq * dp - 2.0 * s_dq - n * dq2 * dp
     return q_new, u_new, v_new
@@ -144,17 +150,26 @@ class PairMoments:
 
     def init(self) -> PairState:
         z = lambda *s: jnp.zeros(s, self.dtype)
-        return PairState(moments=self._cm.init(), rows=jnp.zeros((), jnp.int32), q_xx=z(),
-                         q_yy=z(), q_xy=z(), u=z(self.d2), v=z(self.d1), wx=z(self.d1),
-                         wy=z(self.d2))
+        return PairState(
+            moments=self._cm.init(),
+            rows=jnp.zeros((), jnp.int32),
+            q_xx=z(),
+            q_yy=z(),
+            q_xy=z(),
+            u=z(self.d2),
+            v=z(self.d1),
+            wx=z(self.d1),
+            wy=z(self.d2),
+        )
 
     def update(self, state: PairState, arrays, weights) -> PairState:
         w = jnp.asarray(weights, self.dtype)
         if len(arrays) == 3:
             w = w * jnp.asarray(arrays[2], self.dtype).reshape(-1)
         elif len(arrays) != 2:
-            raise checks.InputError(f"PairMoments: expected chunks (x, y) or (x, y, w), got "
-                                    f"{len(arrays)} arrays")
+            raise checks.InputError(
+                f"PairMoments: expected chunks (x, y) or (x, y, w), got {len(arrays)} arrays"
+            )
         x = jnp.asarray(arrays[0], self.dtype)
         y = jnp.asarray(arrays[1], self.dtype)
         part = self._cm.update(self._cm.init(), (x, y), w)
@@ -175,15 +190,18 @@ class PairMoments:
             u=jnp.dot(wa, yc, precision=HIGHEST),
             v=jnp.dot(wb, xc, precision=HIGHEST),
             wx=jnp.dot(wa, xc, precision=HIGHEST),
-            wy=jnp.dot(wb, yc, precision=HIGHEST))
+            wy=jnp.dot(wb, yc, precision=HIGHEST),
+        )
         return self.merge(state, chunk)
 
     def merge(self, a: PairState, b: PairState) -> PairState:
         pooled = self._cm.merge(a.moments, b.moments)
 
         def own_mean(m):  # a part's mean, on the pooled state's shift
-            return (m.mean_x + (m.shift_x - pooled.shift_x),
-                    m.mean_y + (m.shift_y - pooled.shift_y))
+            return (
+                m.mean_x + (m.shift_x - pooled.shift_x),
+                m.mean_y + (m.shift_y - pooled.shift_y),
+            )
 
         parts = []
         for s in (a, b):
@@ -191,8 +209,17 @@ class PairMoments:
             parts.append(_recentre(s, pooled.mean_x - mx, pooled.mean_y - my))
         summed = [pa + pb for pa, pb in zip(*parts)]
         q_xx, q_yy, q_xy, u, v, wx, wy = summed
-        return PairState(moments=pooled, rows=a.rows + b.rows, q_xx=q_xx, q_yy=q_yy, q_xy=q_xy,
-                         u=u, v=v, wx=wx, wy=wy)
+        return PairState(
+            moments=pooled,
+            rows=a.rows + b.rows,
+            q_xx=q_xx,
+            q_yy=q_yy,
+            q_xy=q_xy,
+            u=u,
+            v=v,
+            wx=wx,
+            wy=wy,
+        )
 
     def merge_across(self, state: PairState, axis_name: str) -> PairState:
         """Exact k-way merge by collectives (inside `shard_map`): every part is re-centred on
@@ -203,16 +230,34 @@ class PairMoments:
         my = m.mean_y + (m.shift_y - pooled.shift_y)
         parts = _recentre(state, pooled.mean_x - mx, pooled.mean_y - my)
         q_xx, q_yy, q_xy, u, v, wx, wy = (jax.lax.psum(p, axis_name) for p in parts)
-        return PairState(moments=pooled, rows=jax.lax.psum(state.rows, axis_name), q_xx=q_xx,
-                         q_yy=q_yy, q_xy=q_xy, u=u, v=v, wx=wx, wy=wy)
+        return PairState(
+            moments=pooled,
+            rows=jax.lax.psum(state.rows, axis_name),
+            q_xx=q_xx,
+            q_yy=q_yy,
+            q_xy=q_xy,
+            u=u,
+            v=v,
+            wx=wx,
+            wy=wy,
+        )
 
     def finalize(self, state: PairState) -> PairStats:
         m = self._cm.finalize(state.moments)
         s = jax.tree.map(lambda t: np.asarray(jax.device_get(t), np.float64), state)
-        return PairStats(count=float(m.count), rows=int(s.rows), mean_x=m.mean_x,
-                         mean_y=m.mean_y, cov_xx=m.cov_xx, cov_yy=m.cov_yy, cov_xy=m.cov_xy,
-                         q_xx=float(s.q_xx), q_yy=float(s.q_yy), q_xy=float(s.q_xy),
-                         precision=m.precision)
+        return PairStats(
+            count=float(m.count),
+            rows=int(s.rows),
+            mean_x=m.mean_x,
+            mean_y=m.mean_y,
+            cov_xx=m.cov_xx,
+            cov_yy=m.cov_yy,
+            cov_xy=m.cov_xy,
+            q_xx=float(s.q_xx),
+            q_yy=float(s.q_yy),
+            q_xy=float(s.q_xy),
+            precision=m.precision,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +265,9 @@ class PairMoments:
 # --------------------------------------------------------------------------------------------
 
 
-def check_pair(x, y, weights=None, *, min_rows: int = 2, name: str = "metric"
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def check_pair(
+    x, y, weights=None, *, min_rows: int = 2, name: str = "metric"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Validates paired matrices and optional row weights; returns numpy arrays.
 
     Raises `engine.checks.InputError` (one line, naming the input) on: non-2-D input, fewer
@@ -233,8 +279,10 @@ def check_pair(x, y, weights=None, *, min_rows: int = 2, name: str = "metric"
     y = checks.as_float_matrix(f"{name} Y", y, min_rows=min_rows)
     checks.check_rows_match(f"{name} X", x, f"{name} Y", y)
     if x.dtype != y.dtype:
-        raise checks.InputError(f"{name}: X has dtype {x.dtype} but Y has dtype {y.dtype}; "
-                                "convert both to the same float dtype")
+        raise checks.InputError(
+            f"{name}: X has dtype {x.dtype} but Y has dtype {y.dtype}; "
+            "convert both to the same float dtype"
+        )
     if not np.issubdtype(x.dtype, np.floating):
         raise checks.InputError(f"{name}: expected float arrays, got dtype {x.dtype}")
     if weights is not None:
@@ -243,8 +291,10 @@ def check_pair(x, y, weights=None, *, min_rows: int = 2, name: str = "metric"
         checks.check_finite(f"{name} weights", weights)
         checks.check_non_negative(f"{name} weights", weights)
         if int(np.count_nonzero(weights)) < min_rows:
-            raise checks.InputError(f"{name} weights: expected at least {min_rows} rows with a "
-                                    f"positive weight, got {int(np.count_nonzero(weights))}")
+            raise checks.InputError(
+                f"{name} weights: expected at least {min_rows} rows with a "
+                f"positive weight, got {int(np.count_nonzero(weights))}"
+            )
     return x, y, weights
 
 
@@ -276,18 +326,41 @@ def _sharded_step(d1: int, d2: int, mesh, num_arrays: int, dtype=jnp.float32):
     return accumulators.make_sharded_update(_accumulator(d1, d2, dtype), mesh, num_arrays)
 
 
-def _fold(acc: PairMoments, stream: streaming.ChunkStream, mesh, num_arrays: int, *,
-          checkpointer=None, save_every: int = 0, progress: bool = False) -> PairState:
+def _fold(
+    acc: PairMoments,
+    stream: streaming.ChunkStream,
+    mesh,
+    num_arrays: int,
+    *,
+    checkpointer=None,
+    save_every: int = 0,
+    progress: bool = False,
+) -> PairState:
     """`engine.accumulators.accumulate` with the cached compiled step (state and resume
     position saved every ``save_every`` chunks and at the end, resumed from the latest
     checkpoint)."""
     step = _sharded_step(acc.d1, acc.d2, mesh, num_arrays, acc.dtype)
-    return accumulators.accumulate(acc, stream, mesh, checkpointer=checkpointer,
-                                   save_every=save_every, progress=progress, step=step)
+    return accumulators.accumulate(
+        acc,
+        stream,
+        mesh,
+        checkpointer=checkpointer,
+        save_every=save_every,
+        progress=progress,
+        step=step,
+    )
 
 
-def pair_stats(x, y, weights=None, *, mesh=None, chunk_size: int | None = None,
-               name: str = "metric", min_rows: int = 2) -> PairStats:
+def pair_stats(
+    x,
+    y,
+    weights=None,
+    *,
+    mesh=None,
+    chunk_size: int | None = None,
+    name: str = "metric",
+    min_rows: int = 2,
+) -> PairStats:
     """Statistics of in-memory X, Y (validated, streamed in chunks over the mesh).
 
     Args:
@@ -301,8 +374,9 @@ def pair_stats(x, y, weights=None, *, mesh=None, chunk_size: int | None = None,
     x, y, weights = check_pair(x, y, weights, min_rows=min_rows, name=name)
     mesh = default_mesh() if mesh is None else mesh
     arrays = (x, y) if weights is None else (x, y, weights.astype(np.float32))
-    stream = streaming.ChunkStream(arrays, chunk_rows(mesh, x.shape[0], chunk_size),
-                                   check_finite=False, name=name)
+    stream = streaming.ChunkStream(
+        arrays, chunk_rows(mesh, x.shape[0], chunk_size), check_finite=False, name=name
+    )
     acc = _accumulator(x.shape[1], y.shape[1])
     return acc.finalize(_fold(acc, stream, mesh, len(arrays)))
 
@@ -313,17 +387,27 @@ def _peek_dims(stream: streaming.ChunkStream) -> tuple[int, int, int]:
     first = next(iter(stream))
     stream.seek(position)
     if len(first.arrays) not in (2, 3):
-        raise checks.InputError(f"{stream.name}: expected chunks (x, y) or (x, y, w), got "
-                                f"{len(first.arrays)} arrays")
+        raise checks.InputError(
+            f"{stream.name}: expected chunks (x, y) or (x, y, w), got {len(first.arrays)} arrays"
+        )
     x, y = first.arrays[:2]
     if np.ndim(x) != 2 or np.ndim(y) != 2:
-        raise checks.InputError(f"{stream.name}: expected 2-D chunks x [rows, d1], y [rows, "
-                                f"d2], got shapes {np.shape(x)} and {np.shape(y)}")
+        raise checks.InputError(
+            f"{stream.name}: expected 2-D chunks x [rows, d1], y [rows, "
+            f"d2], got shapes {np.shape(x)} and {np.shape(y)}"
+        )
     return int(np.shape(x)[1]), int(np.shape(y)[1]), len(first.arrays)
 
 
-def stream_stats(stream: streaming.ChunkStream, mesh, *, checkpointer=None,
-                 save_every: int = 0, progress: bool = False, dtype=jnp.float32) -> PairStats:
+def stream_stats(
+    stream: streaming.ChunkStream,
+    mesh,
+    *,
+    checkpointer=None,
+    save_every: int = 0,
+    progress: bool = False,
+    dtype=jnp.float32,
+) -> PairStats:
     """One pass of `PairMoments` over a stream of ``(x, y)`` or ``(x, y, w)`` chunks.
 
     Args:
@@ -336,8 +420,17 @@ def stream_stats(stream: streaming.ChunkStream, mesh, *, checkpointer=None,
     """
     d1, d2, num_arrays = _peek_dims(stream)
     acc = _accumulator(d1, d2, dtype)
-    return acc.finalize(_fold(acc, stream, mesh, num_arrays, checkpointer=checkpointer,
-                              save_every=save_every, progress=progress))
+    return acc.finalize(
+        _fold(
+            acc,
+            stream,
+            mesh,
+            num_arrays,
+            checkpointer=checkpointer,
+            save_every=save_every,
+            progress=progress,
+        )
+    )
 
 
 def stats_from_numpy(x, y, weights=None) -> PairStats:
@@ -352,16 +445,26 @@ def stats_from_numpy(x, y, weights=None) -> PairStats:
     yc = y - my
     a = np.einsum("ij,ij->i", xc, xc)
     b = np.einsum("ij,ij->i", yc, yc)
-    return PairStats(count=n, rows=int(np.count_nonzero(w)), mean_x=mx, mean_y=my,
-                     cov_xx=(xc * w[:, None]).T @ xc / n, cov_yy=(yc * w[:, None]).T @ yc / n,
-                     cov_xy=(xc * w[:, None]).T @ yc / n, q_xx=float(w @ (a * a)),
-                     q_yy=float(w @ (b * b)), q_xy=float(w @ (a * b)),
-                     precision=float(np.finfo(np.float64).eps))
+    return PairStats(
+        count=n,
+        rows=int(np.count_nonzero(w)),
+        mean_x=mx,
+        mean_y=my,
+        cov_xx=(xc * w[:, None]).T @ xc / n,
+        cov_yy=(yc * w[:, None]).T @ yc / n,
+        cov_xy=(xc * w[:, None]).T @ yc / n,
+        q_xx=float(w @ (a * a)),
+        q_yy=float(w @ (b * b)),
+        q_xy=float(w @ (a * b)),
+        precision=float(np.finfo(np.float64).eps),
+    )
 
 
 def require_variance(name: str, stats: PairStats) -> None:
     """Raises when either side has (numerically) zero total variance: every metric is 0/0."""
     for side, cov in (("X", stats.cov_xx), ("Y", stats.cov_yy)):
         if not np.trace(cov) > 0:
-            raise checks.InputError(f"{name}: every column of {side} is constant (zero "
-                                    f"variance over the rows); the similarity is undefined")
+            raise checks.InputError(
+                f"{name}: every column of {side} is constant (zero "
+                f"variance over the rows); the similarity is undefined"
+            )

@@ -55,11 +55,11 @@ from jax.sharding import PartitionSpec as P
 from engine import checks
 from engine import mesh as mesh_lib
 
-STRIP_ROWS = 16        # columns per strip of the row-wise hierarchical tile top-K
-STRIP_COLS = 32        # rows per strip of the column-wise one (both measured best on CPU)
-ALIGN = 128            # tiles are multiples of this (GEMM-friendly, divisible by the strips)
-U32 = 2.0 ** -24       # float32 unit roundoff
-DEFAULT_MAX_FULL = 1 << 26   # opt-in full matrix: at most 64M entries (256 MiB float32)
+STRIP_ROWS = 16  # columns per strip of the row-wise hierarchical tile top-K
+STRIP_COLS = 32  # rows per strip of the column-wise one (both measured best on CPU)
+ALIGN = 128  # tiles are multiples of this (GEMM-friendly, divisible by the strips)
+U32 = 2.0**-24  # float32 unit roundoff
+DEFAULT_MAX_FULL = 1 << 26  # opt-in full matrix: at most 64M entries (256 MiB float32)
 
 
 @dataclasses.dataclass
@@ -135,18 +135,18 @@ def _row_norms(name: str, x: np.ndarray, block: int = 8192) -> np.ndarray:
     """float64 row norms in blocks (bounded memory); raises on zero rows."""
     out = np.empty(x.shape[0], np.float64)
     for lo in range(0, x.shape[0], block):
-        blk = np.asarray(x[lo:lo + block], np.float64)
-        out[lo:lo + block] = np.sqrt(np.einsum("nd,nd->n", blk, blk))
+        blk = np.asarray(x[lo : lo + block], np.float64)
+        out[lo : lo + block] = np.sqrt(np.einsum("nd,nd->n", blk, blk))
     zero = np.flatnonzero(out == 0)
     if zero.size:
         raise checks.InputError(
             f"{name}: {zero.size} row(s) with zero norm (first: row {zero[0]}); cosine is "
-            "undefined for them: drop dead/empty rows first")
+            "undefined for them: drop dead/empty rows first"
+        )
     return out
 
 
-def _normalised_f32(x: np.ndarray, norms: np.ndarray, rows: int, block: int = 8192
-                    ) -> np.ndarray:
+def _normalised_f32(x: np.ndarray, norms: np.ndarray, rows: int, block: int = 8192) -> np.ndarray:
     """Unit rows in float32, zero-padded to ``rows`` rows.
 
     Computed in float32 from the float64 norms: rounding the input, the norm and the quotient
@@ -155,8 +155,8 @@ def _normalised_f32(x: np.ndarray, norms: np.ndarray, rows: int, block: int = 81
     out = np.zeros((rows, x.shape[1]), np.float32)
     inv = norms.astype(np.float32)
     for lo in range(0, x.shape[0], block):
-        blk = np.asarray(x[lo:lo + block], np.float32)
-        np.divide(blk, inv[lo:lo + blk.shape[0], None], out=out[lo:lo + blk.shape[0]])
+        blk = np.asarray(x[lo : lo + block], np.float32)
+        np.divide(blk, inv[lo : lo + blk.shape[0], None], out=out[lo : lo + blk.shape[0]])
     return out
 
 
@@ -164,8 +164,10 @@ def _validate_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     a = checks.as_float_matrix("A", a)
     b = checks.as_float_matrix("B", b)
     if a.shape[1] != b.shape[1]:
-        raise checks.InputError(f"A has {a.shape[1]} columns but B has {b.shape[1]}; the two "
-                                "dictionaries must live in the same space (same d)")
+        raise checks.InputError(
+            f"A has {a.shape[1]} columns but B has {b.shape[1]}; the two "
+            "dictionaries must live in the same space (same d)"
+        )
     return a, b
 
 
@@ -197,9 +199,9 @@ def _tile_topk_rows(s: jax.Array, k: int, strip: int = STRIP_ROWS):
     r, c = s.shape
     nstrips = c // strip
     s3 = s.reshape(r, nstrips, strip)
-    strip_max = jnp.max(s3, axis=2)                                   # [r, nstrips]
+    strip_max = jnp.max(s3, axis=2)  # [r, nstrips]
     ks = min(k, nstrips)
-    _, sid = jax.lax.top_k(strip_max, ks)                             # [r, ks]
+    _, sid = jax.lax.top_k(strip_max, ks)  # [r, ks]
     # Ascending strip order makes the candidate array ascending in column index, so that
     # top_k's lower-index-first rule gives the lowest column among float32 ties.
     sid = jnp.sort(sid, axis=1)
@@ -217,12 +219,12 @@ def _tile_topk_cols(s: jax.Array, k: int, strip: int = STRIP_COLS):
     r, c = s.shape
     nstrips = r // strip
     s3 = s.reshape(nstrips, strip, c)
-    strip_max = jnp.max(s3, axis=1)                                   # [nstrips, c]
+    strip_max = jnp.max(s3, axis=1)  # [nstrips, c]
     ks = min(k, nstrips)
-    _, sid = jax.lax.top_k(strip_max.T, ks)                           # [c, ks]
+    _, sid = jax.lax.top_k(strip_max.T, ks)  # [c, ks]
     sid = jnp.sort(sid, axis=1)
-    cand = jnp.take_along_axis(s3, sid.T[:, None, :], axis=0)        # [ks, STRIP, c]
-    cand = cand.reshape(ks * strip, c).T                              # [c, ks*strip]
+    cand = jnp.take_along_axis(s3, sid.T[:, None, :], axis=0)  # [ks, STRIP, c]
+    cand = cand.reshape(ks * strip, c).T  # [c, ks*strip]
     vals, pos = jax.lax.top_k(cand, k)
     rows = jnp.take_along_axis(sid, pos // strip, axis=1) * strip + pos % strip
     return vals, rows.astype(jnp.int32)
@@ -249,8 +251,9 @@ def _counts(s: jax.Array, thresholds: tuple[float, ...], axis: int) -> jax.Array
 
 
 @functools.lru_cache(maxsize=32)
-def _build_kernel(mesh, ta: int, tb: int, k: int, thresholds: tuple[float, ...],
-                  precision_name: str):
+def _build_kernel(
+    mesh, ta: int, tb: int, k: int, thresholds: tuple[float, ...], precision_name: str
+):
     """Jitted, sharded ``(a, b) -> (a_vals, a_idx, a_cnt, b_vals, b_idx, b_cnt)``.
 
     Padded rows of A and B are zero vectors, so every cosine involving them is exactly 0;
@@ -268,14 +271,16 @@ def _build_kernel(mesh, ta: int, tb: int, k: int, thresholds: tuple[float, ...],
 
         def a_step(carry_b, ia):
             at = jax.lax.dynamic_slice_in_dim(a_loc, ia * ta, ta)
-            init_a = (jnp.full((ta, k), -jnp.inf, jnp.float32), jnp.full((ta, k), -1, jnp.int32),
-                      jnp.zeros((ta, n_t), jnp.int32))
+            init_a = (
+                jnp.full((ta, k), -jnp.inf, jnp.float32),
+                jnp.full((ta, k), -1, jnp.int32),
+                jnp.zeros((ta, n_t), jnp.int32),
+            )
 
             def b_step(carry, ib):
                 (av, ai, ac), (bv, bi, bc) = carry
                 bt = jax.lax.dynamic_slice_in_dim(b, ib * tb, tb)
-                s = jnp.dot(at, bt.T, precision=precision,
-                            preferred_element_type=jnp.float32)
+                s = jnp.dot(at, bt.T, precision=precision, preferred_element_type=jnp.float32)
                 # A side: this tile's best columns, merged into the running lists.
                 tv, tc = _tile_topk_rows(s, k)
                 av, ai = _merge_topk(av, ai, tv, tc + ib * tb, k)
@@ -289,21 +294,24 @@ def _build_kernel(mesh, ta: int, tb: int, k: int, thresholds: tuple[float, ...],
                 bi = jax.lax.dynamic_update_slice_in_dim(bi, ni, ib * tb, 0)
                 oc = jax.lax.dynamic_slice_in_dim(bc, ib * tb, tb)
                 bc = jax.lax.dynamic_update_slice_in_dim(
-                    bc, oc + _counts(s, thresholds, axis=0), ib * tb, 0)
+                    bc, oc + _counts(s, thresholds, axis=0), ib * tb, 0
+                )
                 return ((av, ai, ac), (bv, bi, bc)), None
 
-            ((av, ai, ac), carry_b), _ = jax.lax.scan(b_step, (init_a, carry_b),
-                                                     jnp.arange(nt_b))
+            ((av, ai, ac), carry_b), _ = jax.lax.scan(b_step, (init_a, carry_b), jnp.arange(nt_b))
             return carry_b, (av, ai, ac)
 
-        init_b = (jnp.full((nb, k), -jnp.inf, jnp.float32), jnp.full((nb, k), -1, jnp.int32),
-                  jnp.zeros((nb, n_t), jnp.int32))
+        init_b = (
+            jnp.full((nb, k), -jnp.inf, jnp.float32),
+            jnp.full((nb, k), -1, jnp.int32),
+            jnp.zeros((nb, n_t), jnp.int32),
+        )
         (bv, bi, bc), (av, ai, ac) = jax.lax.scan(a_step, init_b, jnp.arange(nt_a))
         av = av.reshape(na_loc, k)
         ai = ai.reshape(na_loc, k)
         ac = ac.reshape(na_loc, n_t)
         # Merge the B-side lists of all devices, in device order (= ascending A rows).
-        gv = jax.lax.all_gather(bv, axes)                      # [D, nb, k]
+        gv = jax.lax.all_gather(bv, axes)  # [D, nb, k]
         gi = jax.lax.all_gather(bi, axes)
         ndev = gv.shape[0]
         gv = jnp.transpose(gv, (1, 0, 2)).reshape(nb, ndev * k)
@@ -314,8 +322,13 @@ def _build_kernel(mesh, ta: int, tb: int, k: int, thresholds: tuple[float, ...],
         return av, ai, ac, top, bi, bc
 
     row = P(axes)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(row, P()),
-                       out_specs=(row, row, row, P(), P(), P()), check_vma=False)
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(row, P()),
+        out_specs=(row, row, row, P(), P(), P()),
+        check_vma=False,
+    )
     return jax.jit(fn)
 
 
@@ -324,9 +337,19 @@ def _build_kernel(mesh, ta: int, tb: int, k: int, thresholds: tuple[float, ...],
 # --------------------------------------------------------------------------------------------
 
 
-def _refine(q: np.ndarray, q_norm: np.ndarray, r: np.ndarray, r_norm: np.ndarray,
-            cand_vals: np.ndarray, cand_idx: np.ndarray, k: int, tol: float, *,
-            rescore: bool = True, block: int = 1024) -> tuple[np.ndarray, np.ndarray, int]:
+def _refine(
+    q: np.ndarray,
+    q_norm: np.ndarray,
+    r: np.ndarray,
+    r_norm: np.ndarray,
+    cand_vals: np.ndarray,
+    cand_idx: np.ndarray,
+    k: int,
+    tol: float,
+    *,
+    rescore: bool = True,
+    block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-k of each row of q over the rows of r from the kernel's float32 candidates.
 
     Candidates with an index >= ``len(r)`` are padding (cosine exactly 0) and are dropped.
@@ -361,7 +384,7 @@ def _refine(q: np.ndarray, q_norm: np.ndarray, r: np.ndarray, r_norm: np.ndarray
         # is the exact order, so only the k kept values need float64 (most rows).
         clean = valid[:, :k].all(axis=1)
         if kk > k:
-            clean &= (-np.diff(cv[:, :k + 1], axis=1) > 2.0 * tol).all(axis=1)
+            clean &= (-np.diff(cv[:, : k + 1], axis=1) > 2.0 * tol).all(axis=1)
         if rescore:
             qb = np.asarray(q[lo:hi], np.float64) / q_norm[lo:hi, None]
             v = np.full(ci.shape, -np.inf)
@@ -370,14 +393,14 @@ def _refine(q: np.ndarray, q_norm: np.ndarray, r: np.ndarray, r_norm: np.ndarray
                 if rows_b.size:
                     c = ci[rows_b, cols]
                     safe = np.where(valid[rows_b, cols], c, 0)
-                    rb = np.asarray(r[safe.ravel()], np.float64).reshape(rows_b.size,
-                                                                        c.shape[1], -1)
-                    v[rows_b, cols] = np.einsum("nd,nkd->nk", qb[rows_b], rb) / (
-                        r_norm[safe])
+                    rb = np.asarray(r[safe.ravel()], np.float64).reshape(
+                        rows_b.size, c.shape[1], -1
+                    )
+                    v[rows_b, cols] = np.einsum("nd,nkd->nk", qb[rows_b], rb) / (r_norm[safe])
         else:
             v = cv.astype(np.float64)
         v[~valid] = -np.inf
-        order = np.lexsort((ci, -v), axis=-1)[:, :k]      # value desc, then lowest index
+        order = np.lexsort((ci, -v), axis=-1)[:, :k]  # value desc, then lowest index
         out_v[lo:hi] = np.take_along_axis(v, order, axis=1)
         out_i[lo:hi] = np.take_along_axis(ci, order, axis=1)
     rows = np.flatnonzero(uncertain)
@@ -386,18 +409,21 @@ def _refine(q: np.ndarray, q_norm: np.ndarray, r: np.ndarray, r_norm: np.ndarray
     return out_v, out_i, int(rows.size)
 
 
-def _full_rows(q, q_norm, r, r_norm, rows, k, out_v, out_i, block_rows: int = 64,
-               block_cols: int = 65536) -> None:
+def _full_rows(
+    q, q_norm, r, r_norm, rows, k, out_v, out_i, block_rows: int = 64, block_cols: int = 65536
+) -> None:
     """float64 top-k of the given rows of q against every row of r (bounded memory)."""
     for lo in range(0, rows.size, block_rows):
-        sel = rows[lo:lo + block_rows]
+        sel = rows[lo : lo + block_rows]
         qb = np.asarray(q[sel], np.float64) / q_norm[sel, None]
         parts = []
         for c0 in range(0, r.shape[0], block_cols):
-            rb = np.asarray(r[c0:c0 + block_cols], np.float64) / r_norm[c0:c0 + block_cols, None]
+            rb = (
+                np.asarray(r[c0 : c0 + block_cols], np.float64) / r_norm[c0 : c0 + block_cols, None]
+            )
             parts.append(qb @ rb.T)
         v = np.concatenate(parts, axis=1)
-        order = np.argsort(-v, axis=1, kind="stable")[:, :k]   # stable: lowest index on ties
+        order = np.argsort(-v, axis=1, kind="stable")[:, :k]  # stable: lowest index on ties
         out_v[sel] = np.take_along_axis(v, order, axis=1)
         out_i[sel] = order
 
@@ -412,7 +438,7 @@ def _full_rows(q, q_norm, r, r_norm, rows, k, out_v, out_i, block_rows: int = 64
 # HIGH); bf16 (7-bit mantissa: TPUs at DEFAULT). TPUs' HIGH (bf16_3x, three bf16 passes) is
 # more accurate than TF32 and is bounded by it. `experiments/bench_precision.py` measures them
 # against float64 on the CPU (docs/precision.md).
-INPUT_ROUNDOFF = {"float32": 0.0, "tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
+INPUT_ROUNDOFF = {"float32": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
 PRECISIONS = ("HIGHEST", "HIGH", "DEFAULT")
 
 
@@ -421,13 +447,15 @@ def input_format(precision: str, platform: str = "cpu") -> str:
     if precision in INPUT_ROUNDOFF:
         return precision
     if precision not in PRECISIONS:
-        raise checks.InputError(f"matmul precision {precision!r}: expected one of "
-                                f"{PRECISIONS} or {tuple(INPUT_ROUNDOFF)}")
+        raise checks.InputError(
+            f"matmul precision {precision!r}: expected one of "
+            f"{PRECISIONS} or {tuple(INPUT_ROUNDOFF)}"
+        )
     if precision == "HIGHEST" or platform == "cpu":
-        return "float32"       # XLA:CPU computes float32 products at every precision
+        return "float32"  # XLA:CPU computes float32 products at every precision
     if platform == "tpu" and precision == "DEFAULT":
         return "bf16"
-    return "tf32"              # GPU DEFAULT / HIGH; TPU HIGH (bf16_3x, bounded by TF32)
+    return "tf32"  # GPU DEFAULT / HIGH; TPU HIGH (bf16_3x, bounded by TF32)
 
 
 def default_precision(platform: str) -> str:
@@ -440,7 +468,8 @@ def default_precision(platform: str) -> str:
     one bf16 pass would send an eighth of the rows to the host).
     """
     return {"gpu": "DEFAULT", "cuda": "DEFAULT", "rocm": "DEFAULT", "tpu": "HIGH"}.get(
-        platform, "HIGHEST")
+        platform, "HIGHEST"
+    )
 
 
 def cosine_tolerance(d: int, precision: str = "HIGHEST", platform: str = "cpu") -> float:
@@ -470,10 +499,21 @@ def default_tiles(mesh, n_b: int, d: int) -> tuple[int, int]:
     return side, side
 
 
-def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
-               tile_a: int | None = None, tile_b: int | None = None, exact: bool = True,
-               margin: int = 4, full: bool = False, max_full: int = DEFAULT_MAX_FULL,
-               precision: str | None = None) -> PairwiseResult:
+def max_cosine(
+    a,
+    b,
+    mesh=None,
+    *,
+    k: int = 1,
+    thresholds: Sequence[float] = (),
+    tile_a: int | None = None,
+    tile_b: int | None = None,
+    exact: bool = True,
+    margin: int = 4,
+    full: bool = False,
+    max_full: int = DEFAULT_MAX_FULL,
+    precision: str | None = None,
+) -> PairwiseResult:
     """Top-k cosine neighbours between the rows of A and B, both directions, in tiles.
 
     Args:
@@ -512,14 +552,18 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
     platform = np.asarray(mesh.devices).flat[0].platform
     precision = default_precision(platform) if precision is None else precision
     if precision not in PRECISIONS:
-        raise checks.InputError(f"max_cosine precision {precision!r}: expected one of "
-                                f"{PRECISIONS} (jax.lax.Precision names)")
+        raise checks.InputError(
+            f"max_cosine precision {precision!r}: expected one of "
+            f"{PRECISIONS} (jax.lax.Precision names)"
+        )
     auto_a, auto_b = default_tiles(mesh, n_b, d)
     tile_a = checks.check_positive_int("max_cosine tile_a", auto_a if tile_a is None else tile_a)
     tile_b = checks.check_positive_int("max_cosine tile_b", auto_b if tile_b is None else tile_b)
     if full and n_a * n_b > max_full:
-        raise checks.InputError(f"max_cosine full=True needs n_a*n_b={n_a * n_b} <= "
-                                f"max_full={max_full}; use the streamed results instead")
+        raise checks.InputError(
+            f"max_cosine full=True needs n_a*n_b={n_a * n_b} <= "
+            f"max_full={max_full}; use the streamed results instead"
+        )
     axes = _device_axes(mesh)
     ndev = int(np.prod([mesh.shape[x] for x in axes]))
 
@@ -529,8 +573,7 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
     # float32-only path keeps it too, to drop padded candidates).
     kk = max(k, min(k + margin, n_a, n_b))
     # Tiles: multiples of ALIGN, no larger than needed, and wide enough for kk.
-    ta = max(min(_round_up(tile_a, ALIGN), _round_up(-(-n_a // ndev), ALIGN)),
-             _round_up(kk, ALIGN))
+    ta = max(min(_round_up(tile_a, ALIGN), _round_up(-(-n_a // ndev), ALIGN)), _round_up(kk, ALIGN))
     tb = max(min(_round_up(tile_b, ALIGN), _round_up(n_b, ALIGN)), _round_up(kk, ALIGN))
     na_pad = _round_up(n_a, ndev * ta)
     nb_pad = _round_up(n_b, tb)
@@ -538,8 +581,10 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
     a32 = _normalised_f32(a, norm_a, na_pad)
     b32 = _normalised_f32(b, norm_b, nb_pad)
     kernel = _build_kernel(mesh, ta, tb, kk, thresholds, precision)
-    outs = kernel(jax.device_put(a32, NamedSharding(mesh, P(axes))),
-                  jax.device_put(b32, NamedSharding(mesh, P())))
+    outs = kernel(
+        jax.device_put(a32, NamedSharding(mesh, P(axes))),
+        jax.device_put(b32, NamedSharding(mesh, P())),
+    )
     del a32, b32
     av, ai, ac, bv, bi, bc = (np.asarray(x) for x in mesh_lib.gather(outs))
     av, ai, ac = av[:n_a], ai[:n_a], ac[:n_a]
@@ -552,10 +597,19 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
     tol = cosine_tolerance(d, precision, platform)
     a_vals, a_idx, n_fa = _refine(a, norm_a, b, norm_b, av, ai, k, tol, rescore=exact)
     b_vals, b_idx, n_fb = _refine(b, norm_b, a, norm_a, bv, bi, k, tol, rescore=exact)
-    out = PairwiseResult(a_topk_values=a_vals, a_topk_indices=a_idx, b_topk_values=b_vals,
-                         b_topk_indices=b_idx, thresholds=thresholds, a_counts=ac,
-                         b_counts=bc, exact=exact, tol=tol, n_fallback_a=n_fa,
-                         n_fallback_b=n_fb)
+    out = PairwiseResult(
+        a_topk_values=a_vals,
+        a_topk_indices=a_idx,
+        b_topk_values=b_vals,
+        b_topk_indices=b_idx,
+        thresholds=thresholds,
+        a_counts=ac,
+        b_counts=bc,
+        exact=exact,
+        tol=tol,
+        n_fallback_a=n_fa,
+        n_fallback_b=n_fb,
+    )
     if full:
         out.full = cosine_matrix(a, b, mesh, max_elements=max_full)
     return out
@@ -565,13 +619,22 @@ def max_cosine(a, b, mesh=None, *, k: int = 1, thresholds: Sequence[float] = (),
 def _build_matrix(mesh, precision_name: str):
     axes = _device_axes(mesh)
     precision = getattr(jax.lax.Precision, precision_name)
-    return jax.jit(lambda x, y: jnp.dot(x, y.T, precision=precision),
-                   in_shardings=(NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())),
-                   out_shardings=NamedSharding(mesh, P(axes)))
+    return jax.jit(
+        lambda x, y: jnp.dot(x, y.T, precision=precision),
+        in_shardings=(NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())),
+        out_shardings=NamedSharding(mesh, P(axes)),
+    )
 
 
-def cosine_matrix(a, b, mesh=None, *, max_elements: int = DEFAULT_MAX_FULL,
-                  precision: str = "HIGHEST", exact: bool = False) -> np.ndarray:
+def cosine_matrix(
+    a,
+    b,
+    mesh=None,
+    *,
+    max_elements: int = DEFAULT_MAX_FULL,
+    precision: str = "HIGHEST",
+    exact: bool = False,
+) -> np.ndarray:
     """The full ``[n_a, n_b]`` cosine matrix (opt-in, small inputs only): the one helper.
 
     Args:
@@ -586,8 +649,10 @@ def cosine_matrix(a, b, mesh=None, *, max_elements: int = DEFAULT_MAX_FULL,
     a, b = _validate_pair(a, b)
     n_a, n_b = a.shape[0], b.shape[0]
     if n_a * n_b > max_elements:
-        raise checks.InputError(f"cosine_matrix: n_a*n_b={n_a * n_b} exceeds max_elements="
-                                f"{max_elements}; use max_cosine (streamed) instead")
+        raise checks.InputError(
+            f"cosine_matrix: n_a*n_b={n_a * n_b} exceeds max_elements="
+            f"{max_elements}; use max_cosine (streamed) instead"
+        )
     if exact:
         an = np.asarray(a, np.float64) / _row_norms("A", a)[:, None]
         bn = an if b is a else np.asarray(b, np.float64) / _row_norms("B", b)[:, None]

@@ -47,8 +47,9 @@ class PCAResult:
         """``[n, c]`` coordinates of rows ``X [n, d]`` on the components."""
         X = np.asarray(X, np.float64)
         if X.ndim != 2 or X.shape[1] != self.mean.shape[0]:
-            raise checks.InputError(f"PCA project: expected rows [n, {self.mean.shape[0]}], "
-                                    f"got {X.shape}")
+            raise checks.InputError(
+                f"PCA project: expected rows [n, {self.mean.shape[0]}], got {X.shape}"
+            )
         return (X - self.mean) @ self.components.T
 
 
@@ -71,8 +72,7 @@ def pca(X, n_components: int = 2, weights=None, name: str = "X") -> PCAResult:
     n, d = X.shape
     c = checks.check_positive_int("n_components", n_components)
     if c > min(n, d):
-        raise checks.InputError(f"{name}: n_components={c} exceeds min(rows, dims) = "
-                                f"{min(n, d)}")
+        raise checks.InputError(f"{name}: n_components={c} exceeds min(rows, dims) = {min(n, d)}")
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     checks.check_shape(f"{name} weights", w, (n,))
     checks.check_non_negative(f"{name} weights", w)
@@ -81,9 +81,13 @@ def pca(X, n_components: int = 2, weights=None, name: str = "X") -> PCAResult:
     mean = w @ X / w.sum()
     Xc = (X - mean) * np.sqrt(w / w.sum())[:, None]
     _, s, vt = np.linalg.svd(Xc, full_matrices=False)
-    var = s ** 2
-    return PCAResult(mean=mean, components=_fix_signs(vt[:c]), explained_variance=var[:c],
-                     total_variance=float(var.sum()))
+    var = s**2
+    return PCAResult(
+        mean=mean,
+        components=_fix_signs(vt[:c]),
+        explained_variance=var[:c],
+        total_variance=float(var.sum()),
+    )
 
 
 class ActiveRowMoments(accumulators.CrossMoments):
@@ -103,8 +107,9 @@ class ActiveRowMoments(accumulators.CrossMoments):
         return super().update(state, arrays, jnp.asarray(weights, self.dtype) * active)
 
 
-def reconstruction_pca(W_cluster, codes=None, *, moments: accumulators.Moments | None = None,
-                       n_components: int = 2) -> PCAResult:
+def reconstruction_pca(
+    W_cluster, codes=None, *, moments: accumulators.Moments | None = None, n_components: int = 2
+) -> PCAResult:
     """PCA of the cluster reconstructions ``codes_c @ W_cluster`` over rows where any fires.
 
     The decoder bias is a constant shift and does not change the components, so it is left
@@ -123,12 +128,14 @@ def reconstruction_pca(W_cluster, codes=None, *, moments: accumulators.Moments |
     if codes is not None:
         C = np.asarray(checks.as_float_matrix("codes", codes), np.float64)
         if C.shape[1] != m:
-            raise checks.InputError(f"codes: expected [n, {m}] (one column per cluster "
-                                    f"feature), got {C.shape}")
+            raise checks.InputError(
+                f"codes: expected [n, {m}] (one column per cluster feature), got {C.shape}"
+            )
         active = np.any(C > 0, axis=1)
         if active.sum() < 2:
-            raise checks.InputError(f"codes: {int(active.sum())} row(s) activate the cluster; "
-                                    f"need at least 2 for a PCA")
+            raise checks.InputError(
+                f"codes: {int(active.sum())} row(s) activate the cluster; need at least 2 for a PCA"
+            )
         mu = C[active].mean(0)
         cov = np.cov(C[active].T, bias=True).reshape(m, m)
     else:
@@ -136,17 +143,21 @@ def reconstruction_pca(W_cluster, codes=None, *, moments: accumulators.Moments |
         mu = np.asarray(moments.mean_x, np.float64)
         cov = np.asarray(moments.cov_xx, np.float64)
         if mu.shape != (m,):
-            raise checks.InputError(f"moments: expected codes of {m} features, got "
-                                    f"{mu.shape}")
-    q, r = np.linalg.qr(W.T)                      # W^T = Q R, Q [d, m]
-    small = r @ cov @ r.T                         # covariance in the span's coordinates
+            raise checks.InputError(f"moments: expected codes of {m} features, got {mu.shape}")
+    q, r = np.linalg.qr(W.T)  # W^T = Q R, Q [d, m]
+    small = r @ cov @ r.T  # covariance in the span's coordinates
     vals, vecs = np.linalg.eigh((small + small.T) / 2)
     order = np.argsort(vals)[::-1]
     vals = np.clip(vals[order], 0.0, None)
     c = checks.check_positive_int("n_components", n_components)
     if c > min(m, d):
-        raise checks.InputError(f"n_components={c} exceeds the cluster's rank bound "
-                                f"min(m, d) = {min(m, d)}")
+        raise checks.InputError(
+            f"n_components={c} exceeds the cluster's rank bound min(m, d) = {min(m, d)}"
+        )
     comps = (q @ vecs[:, order[:c]]).T
-    return PCAResult(mean=mu @ W, components=_fix_signs(comps), explained_variance=vals[:c],
-                     total_variance=float(vals.sum()))
+    return PCAResult(
+        mean=mu @ W,
+        components=_fix_signs(comps),
+        explained_variance=vals[:c],
+        total_variance=float(vals.sum()),
+    )

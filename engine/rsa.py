@@ -60,13 +60,21 @@ class RSAResult:
     standard_error: float | None = None
 
     def to_dict(self) -> dict:
-        out = {"method": f"rsa_{self.method}", "score": float(self.score), "n": self.n,
-               "rows": self.n, "pairs": self.pairs, "d": [self.d1, self.d2],
-               "n_over_d": self.n / max(self.d1, self.d2), "exact": self.exact}
+        out = {
+            "method": f"rsa_{self.method}",
+            "score": float(self.score),
+            "n": self.n,
+            "rows": self.n,
+            "pairs": self.pairs,
+            "d": [self.d1, self.d2],
+            "n_over_d": self.n / max(self.d1, self.d2),
+            "exact": self.exact,
+        }
         if self.num_samples is not None:
             out["num_samples"] = int(self.num_samples)
-            out["standard_error"] = (None if self.standard_error is None
-                                     else float(self.standard_error))
+            out["standard_error"] = (
+                None if self.standard_error is None else float(self.standard_error)
+            )
         return out
 
 
@@ -77,16 +85,19 @@ def standardize_rows(name: str, x) -> np.ndarray:
     """
     x = np.asarray(x, np.float64)
     if x.shape[1] < 2:
-        raise checks.InputError(f"{name}: row correlations need at least 2 columns, got "
-                                f"{x.shape[1]}")
+        raise checks.InputError(
+            f"{name}: row correlations need at least 2 columns, got {x.shape[1]}"
+        )
     xc = x - x.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(xc, axis=1)
     scale = np.abs(x).max(axis=1) + 1e-300
     bad = norms <= 1e-12 * scale * np.sqrt(x.shape[1])
     if bad.any():
-        raise checks.InputError(f"{name}: {int(bad.sum())} row(s) are constant over the "
-                                f"columns (first: row {int(np.argmax(bad))}); their "
-                                "correlation with other rows is undefined")
+        raise checks.InputError(
+            f"{name}: {int(bad.sum())} row(s) are constant over the "
+            f"columns (first: row {int(np.argmax(bad))}); their "
+            "correlation with other rows is undefined"
+        )
     return xc / norms[:, None]
 
 
@@ -125,8 +136,9 @@ def _pearson(a: np.ndarray, b: np.ndarray, what: str) -> float:
     b = b - b.mean()
     den = np.sqrt(np.dot(a, a) * np.dot(b, b))
     if not den > 0:
-        raise checks.InputError(f"{what}: one of the similarity vectors is constant; the "
-                                "correlation is undefined")
+        raise checks.InputError(
+            f"{what}: one of the similarity vectors is constant; the correlation is undefined"
+        )
     return float(np.dot(a, b) / den)
 
 
@@ -134,8 +146,11 @@ def _pearson(a: np.ndarray, b: np.ndarray, what: str) -> float:
 def _gram_fn(mesh):
     rows = mesh_lib.data_sharding(mesh, 2)
     rep = mesh_lib.replicated(mesh)
-    return jax.jit(lambda zl, zr: jnp.dot(zl, zr.T, precision=HIGHEST),
-                   in_shardings=(rows, rep), out_shardings=rows)
+    return jax.jit(
+        lambda zl, zr: jnp.dot(zl, zr.T, precision=HIGHEST),
+        in_shardings=(rows, rep),
+        out_shardings=rows,
+    )
 
 
 def row_similarity(z: np.ndarray, mesh) -> np.ndarray:
@@ -145,7 +160,7 @@ def row_similarity(z: np.ndarray, mesh) -> np.ndarray:
     pad = (-n) % ndev
     zl = np.concatenate([z, np.zeros((pad, z.shape[1]))]) if pad else z
     out = _gram_fn(mesh)(jnp.asarray(zl, jnp.float32), jnp.asarray(z, jnp.float32))
-    return np.asarray(mesh_lib.gather(out), np.float64)[:n]   # several processes: all rows
+    return np.asarray(mesh_lib.gather(out), np.float64)[:n]  # several processes: all rows
 
 
 def row_correlation(x, *, mesh=None) -> np.ndarray:
@@ -166,7 +181,7 @@ TIE_ATOL = 1e-12
 def row_similarity_float64(z: np.ndarray, block: int = 2048) -> np.ndarray:
     """``z z^T`` in float64 on the host (row blocks; the exact-ties path of Spearman)."""
     z = np.asarray(z, np.float64)
-    return np.concatenate([z[s:s + block] @ z.T for s in range(0, z.shape[0], block)])
+    return np.concatenate([z[s : s + block] @ z.T for s in range(0, z.shape[0], block)])
 
 
 def upper_triangle(r: np.ndarray) -> np.ndarray:
@@ -209,14 +224,16 @@ def _pearson_fn(mesh, tile: int, tiles_per_device: int):
         def pass2(carry, start):
             rx, ry, pw = _tile_sims(zx, zy, w, start, tile)
             cx, cy = rx - mx, ry - my
-            return carry + jnp.stack([jnp.sum(pw * cx * cx), jnp.sum(pw * cy * cy),
-                                      jnp.sum(pw * cx * cy)]), None
+            return carry + jnp.stack(
+                [jnp.sum(pw * cx * cx), jnp.sum(pw * cy * cy), jnp.sum(pw * cx * cy)]
+            ), None
 
         s2, _ = jax.lax.scan(pass2, jnp.zeros(3, jnp.float32), starts)
         return jax.lax.psum(s2, mesh_lib.DATA)
 
-    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(mesh_lib.DATA)),
-                      out_specs=P(), check_vma=False)
+    f = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), P(), P(mesh_lib.DATA)), out_specs=P(), check_vma=False
+    )
     return jax.jit(f)
 
 
@@ -235,14 +252,17 @@ def pearson_tiled(zx: np.ndarray, zy: np.ndarray, weights, mesh, tile: int = 256
     starts = np.arange(per_dev * ndev, dtype=np.int32) * tile
     # Note: padded rows have zero weight, so they add nothing to any sum; the `j > i` mask
     # also runs over them harmlessly.
-    s = _pearson_fn(mesh, tile, per_dev)(jnp.asarray(zxp, jnp.float32),
-                                         jnp.asarray(zyp, jnp.float32),
-                                         jnp.asarray(wp / wp.max(), jnp.float32),
-                                         jnp.asarray(starts))
+    s = _pearson_fn(mesh, tile, per_dev)(
+        jnp.asarray(zxp, jnp.float32),
+        jnp.asarray(zyp, jnp.float32),
+        jnp.asarray(wp / wp.max(), jnp.float32),
+        jnp.asarray(starts),
+    )
     sxx, syy, sxy = (float(v) for v in np.asarray(s, np.float64))
     if not (sxx > 0 and syy > 0):
-        raise checks.InputError("rsa pearson: one of the similarity vectors is constant; the "
-                                "correlation is undefined")
+        raise checks.InputError(
+            "rsa pearson: one of the similarity vectors is constant; the correlation is undefined"
+        )
     return sxy / np.sqrt(sxx * syy)
 
 
@@ -259,12 +279,15 @@ def sample_pairs(n: int, num_samples: int, seed: int) -> tuple[np.ndarray, np.nd
     return np.minimum(i, j), np.maximum(i, j)
 
 
-def _sampled_sims(z: np.ndarray, i: np.ndarray, j: np.ndarray, block: int = 1 << 16
-                  ) -> np.ndarray:
+def _sampled_sims(z: np.ndarray, i: np.ndarray, j: np.ndarray, block: int = 1 << 16) -> np.ndarray:
     """Similarities of the sampled pairs, float64 on the host (exact ties, see TIE_ATOL)."""
     z = np.asarray(z, np.float64)
-    return np.concatenate([np.einsum("ij,ij->i", z[i[s:s + block]], z[j[s:s + block]])
-                           for s in range(0, len(i), block)])
+    return np.concatenate(
+        [
+            np.einsum("ij,ij->i", z[i[s : s + block]], z[j[s : s + block]])
+            for s in range(0, len(i), block)
+        ]
+    )
 
 
 def spearman_standard_error(rho: float, num_samples: int) -> float:
@@ -277,9 +300,18 @@ def spearman_standard_error(rho: float, num_samples: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def rsa(x, y, weights=None, *, method: str = "spearman", mesh=None,
-        max_exact_n: int = DEFAULT_MAX_EXACT_N, num_samples: int = DEFAULT_NUM_SAMPLES,
-        seed: int = 0, tile: int = 256) -> RSAResult:
+def rsa(
+    x,
+    y,
+    weights=None,
+    *,
+    method: str = "spearman",
+    mesh=None,
+    max_exact_n: int = DEFAULT_MAX_EXACT_N,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seed: int = 0,
+    tile: int = 256,
+) -> RSAResult:
     """RSA score of paired X [n, d1], Y [n, d2] (see the module docstring).
 
     Args:
@@ -294,8 +326,10 @@ def rsa(x, y, weights=None, *, method: str = "spearman", mesh=None,
         raise checks.InputError(f"rsa method must be one of {METHODS}, got {method!r}")
     x, y, weights = paired_stats.check_pair(x, y, weights, min_rows=3, name=f"rsa_{method}")
     if method == "spearman" and weights is not None:
-        raise checks.InputError("rsa_spearman takes no row weights (weighted rank correlation "
-                                "is not defined here); use method='pearson' or select rows")
+        raise checks.InputError(
+            "rsa_spearman takes no row weights (weighted rank correlation "
+            "is not defined here); use method='pearson' or select rows"
+        )
     mesh = paired_stats.default_mesh() if mesh is None else mesh
     n = x.shape[0]
     pairs = n * (n - 1) // 2
@@ -311,10 +345,18 @@ def rsa(x, y, weights=None, *, method: str = "spearman", mesh=None,
         return RSAResult(score=score, exact=True, **base)
     m = checks.check_positive_int("rsa num_samples", num_samples, minimum=4)
     i, j = sample_pairs(n, m, seed)
-    score = _pearson(rankdata(_sampled_sims(zx, i, j), TIE_ATOL),
-                     rankdata(_sampled_sims(zy, i, j), TIE_ATOL), "rsa_spearman (sampled)")
-    return RSAResult(score=score, exact=False, num_samples=m,
-                     standard_error=spearman_standard_error(score, m), **base)
+    score = _pearson(
+        rankdata(_sampled_sims(zx, i, j), TIE_ATOL),
+        rankdata(_sampled_sims(zy, i, j), TIE_ATOL),
+        "rsa_spearman (sampled)",
+    )
+    return RSAResult(
+        score=score,
+        exact=False,
+        num_samples=m,
+        standard_error=spearman_standard_error(score, m),
+        **base,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,8 +413,7 @@ def _pad_matrices(consts: dict, static: tuple, size: int) -> tuple[dict, tuple]:
     return out, (("tile", max(1, min(64, size))),)
 
 
-def rsa_sampled_stat(consts: dict, perm: jax.Array, m: int, block: int = 1 << 16
-                     ) -> jax.Array:
+def rsa_sampled_stat(consts: dict, perm: jax.Array, m: int, block: int = 1 << 16) -> jax.Array:
     """Sampled Spearman of fixed pairs: X ranks fixed, Y similarities recomputed at perm.
 
     ``consts["i"]``, ``["j"]`` hold the M pairs padded to a multiple of ``block`` (padding
@@ -395,8 +436,17 @@ def rsa_sampled_stat(consts: dict, perm: jax.Array, m: int, block: int = 1 << 16
     return jnp.sum(rank_x * ranks) / m
 
 
-def null_kernel(x, y, result: RSAResult, *, mesh=None, max_exact_n: int = DEFAULT_MAX_EXACT_N,
-                num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0, tile: int = 64):
+def null_kernel(
+    x,
+    y,
+    result: RSAResult,
+    *,
+    mesh=None,
+    max_exact_n: int = DEFAULT_MAX_EXACT_N,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seed: int = 0,
+    tile: int = 64,
+):
     """The `NullKernel` for the batched random-pairing null of unweighted rows.
 
     Exact path: the (rank-transformed for Spearman) similarity matrices are standardised once;
@@ -418,22 +468,34 @@ def null_kernel(x, y, result: RSAResult, *, mesh=None, max_exact_n: int = DEFAUL
         sx = _standardize_matrix(_matrix_from_upper(rx, n))
         sy = _standardize_matrix(_matrix_from_upper(ry, n))
         tile = max(1, min(int(tile), n))
-        return nulls.NullKernel(rsa_matrix_stat, {"sx": jnp.asarray(sx), "sy": jnp.asarray(sy)},
-                                n, static=(("tile", tile),), row_bytes=8 * tile * n,
-                                pad=_pad_matrices)
-    assert result.num_samples is not None   # the sampled estimator recorded its sample size
+        return nulls.NullKernel(
+            rsa_matrix_stat,
+            {"sx": jnp.asarray(sx), "sy": jnp.asarray(sy)},
+            n,
+            static=(("tile", tile),),
+            row_bytes=8 * tile * n,
+            pad=_pad_matrices,
+        )
+    assert result.num_samples is not None  # the sampled estimator recorded its sample size
     i, j = sample_pairs(n, result.num_samples, seed)
     rank_x = rankdata(_sampled_sims(zx, i, j), TIE_ATOL)
     m = len(rank_x)
     rank_x = (rank_x - (m + 1) / 2.0) / np.sqrt((m * m - 1) / 12.0)
     block = int(min(1 << 16, m))
     pad = (-m) % block
-    consts = {"zy": jnp.asarray(zy, jnp.float32),
-              "i": jnp.asarray(np.concatenate([i, np.zeros(pad, i.dtype)]), jnp.int32),
-              "j": jnp.asarray(np.concatenate([j, np.zeros(pad, j.dtype)]), jnp.int32),
-              "rank_x": jnp.asarray(np.concatenate([rank_x, np.zeros(pad)]), jnp.float32)}
-    return nulls.NullKernel(rsa_sampled_stat, consts, n, static=(("m", m), ("block", block)),
-                            row_bytes=4 * (m + pad) * 8 + 8 * block * zy.shape[1])
+    consts = {
+        "zy": jnp.asarray(zy, jnp.float32),
+        "i": jnp.asarray(np.concatenate([i, np.zeros(pad, i.dtype)]), jnp.int32),
+        "j": jnp.asarray(np.concatenate([j, np.zeros(pad, j.dtype)]), jnp.int32),
+        "rank_x": jnp.asarray(np.concatenate([rank_x, np.zeros(pad)]), jnp.float32),
+    }
+    return nulls.NullKernel(
+        rsa_sampled_stat,
+        consts,
+        n,
+        static=(("m", m), ("block", block)),
+        row_bytes=4 * (m + pad) * 8 + 8 * block * zy.shape[1],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,15 +512,23 @@ def _upper_ranks(S: np.ndarray, name: str) -> np.ndarray:
     iu = np.triu_indices(m, 1)
     vals = S[iu]
     if np.ptp(vals) <= 1e-12 * max(1.0, np.abs(vals).max()):
-        raise checks.InputError(f"{name}: all off-diagonal entries are equal; the rank "
-                                f"correlation (RSA) is undefined")
+        raise checks.InputError(
+            f"{name}: all off-diagonal entries are equal; the rank correlation (RSA) is undefined"
+        )
     R = np.zeros((m, m))
     R[iu] = rankdata(vals, rel_tol=RANK_TIE_TOL)
     return R + R.T
 
 
-def mantel(S_a, S_b, *, num_permutations: int = 1000, seed: int = 0,
-           exact_limit: int = nulls.EXACT_LIMIT, names=("A", "B")) -> nulls.NullSummary:
+def mantel(
+    S_a,
+    S_b,
+    *,
+    num_permutations: int = 1000,
+    seed: int = 0,
+    exact_limit: int = nulls.EXACT_LIMIT,
+    names=("A", "B"),
+) -> nulls.NullSummary:
     """Spearman RSA of two ``[m, m]`` symmetric (dis)similarity matrices over the same items.
 
     The same score as `rsa` (Spearman of the strict upper triangles, average ranks for ties,
@@ -470,8 +540,10 @@ def mantel(S_a, S_b, *, num_permutations: int = 1000, seed: int = 0,
     S_a = np.asarray(S_a, np.float64)
     S_b = np.asarray(S_b, np.float64)
     if S_a.ndim != 2 or S_a.shape[0] != S_a.shape[1] or S_a.shape != S_b.shape:
-        raise checks.InputError(f"mantel RSA: expected two square matrices of the same size, "
-                                f"got {S_a.shape} and {S_b.shape}")
+        raise checks.InputError(
+            f"mantel RSA: expected two square matrices of the same size, "
+            f"got {S_a.shape} and {S_b.shape}"
+        )
     checks.check_finite(f"{names[0]} similarity matrix", S_a)
     checks.check_finite(f"{names[1]} similarity matrix", S_b)
     m = S_a.shape[0]
@@ -483,9 +555,10 @@ def mantel(S_a, S_b, *, num_permutations: int = 1000, seed: int = 0,
     RB = _upper_ranks(S_b, f"{names[1]} similarity matrix")
 
     def stat(perms):
-        rb = RB[perms[:, iu[0]], perms[:, iu[1]]]                  # [R, pairs]
+        rb = RB[perms[:, iu[0]], perms[:, iu[1]]]  # [R, pairs]
         rb = rb - rb.mean(1, keepdims=True)
         return rb @ ra / np.linalg.norm(rb, axis=1)
 
-    return nulls.item_permutation_test(stat, m, num_permutations=num_permutations, seed=seed,
-                                       exact_limit=exact_limit)
+    return nulls.item_permutation_test(
+        stat, m, num_permutations=num_permutations, seed=seed, exact_limit=exact_limit
+    )

@@ -37,8 +37,15 @@ from engine import cca as cca_lib
 from engine import checks, geometry, nulls, paired_stats, rsa
 from engine import cka as cka_lib
 
-DEFAULT_METRICS = ("svcca", "pwcca", "cka", "cka_debiased", "procrustes", "rsa_spearman",
-                   "mutual_knn")
+DEFAULT_METRICS = (
+    "svcca",
+    "pwcca",
+    "cka",
+    "cka_debiased",
+    "procrustes",
+    "rsa_spearman",
+    "mutual_knn",
+)
 
 Prepared = tuple[Any, Callable[[], "nulls.NullKernel | None"]]
 
@@ -88,18 +95,29 @@ def _moment_metric(method: str):
             if method == "pwcca":
                 kw["weight_side"] = result.weight_side
             return cca_lib.null_kernel(method, x, y, stats, result, **kw)
+
         return result, make_kernel
+
     return prepare
 
 
 def _cka_prepare(debiased: bool):
     def prepare(x, y, weights, mesh):
-        stats = paired_stats.pair_stats(x, y, weights, mesh=mesh, name="cka",
-                                        min_rows=4 if debiased else 2)
-        result = (cka_lib.debiased_cka_from_stats(stats) if debiased
-                  else cka_lib.linear_cka_from_stats(stats))
-        return result, lambda: (cka_lib.null_kernel(x, y, stats, debiased=debiased)
-                                if _uniform(weights) else None)
+        stats = paired_stats.pair_stats(
+            x, y, weights, mesh=mesh, name="cka", min_rows=4 if debiased else 2
+        )
+        result = (
+            cka_lib.debiased_cka_from_stats(stats)
+            if debiased
+            else cka_lib.linear_cka_from_stats(stats)
+        )
+        return (
+            result,
+            lambda: (
+                cka_lib.null_kernel(x, y, stats, debiased=debiased) if _uniform(weights) else None
+            ),
+        )
+
     return prepare
 
 
@@ -110,46 +128,83 @@ def _cka_minibatch_prepare(x, y, weights, mesh, batch_size: int = 256):
 def _procrustes_prepare(x, y, weights, mesh):
     stats = paired_stats.pair_stats(x, y, weights, mesh=mesh, name="procrustes")
     result = geometry.procrustes_from_stats(stats)
-    return result, lambda: (geometry.procrustes_null_kernel(x, y, stats)
-                            if _uniform(weights) else None)
+    return (
+        result,
+        lambda: geometry.procrustes_null_kernel(x, y, stats) if _uniform(weights) else None,
+    )
 
 
 def _rsa_prepare(method: str):
     def prepare(x, y, weights, mesh, **options):
         result = rsa.rsa(x, y, weights, method=method, mesh=mesh, **options)
-        kernel_opts = {k: v for k, v in options.items()
-                       if k in ("max_exact_n", "num_samples", "seed")}
-        return result, lambda: (rsa.null_kernel(x, y, result, mesh=mesh, **kernel_opts)
-                                if _uniform(weights) else None)
+        kernel_opts = {
+            k: v for k, v in options.items() if k in ("max_exact_n", "num_samples", "seed")
+        }
+        return (
+            result,
+            lambda: (
+                rsa.null_kernel(x, y, result, mesh=mesh, **kernel_opts)
+                if _uniform(weights)
+                else None
+            ),
+        )
+
     return prepare
 
 
-def _mutual_knn_prepare(x, y, weights, mesh, k: int = 10, normalize: bool = False,
-                        tile: int = 1024):
+def _mutual_knn_prepare(
+    x, y, weights, mesh, k: int = 10, normalize: bool = False, tile: int = 1024
+):
     result = geometry.mutual_knn(x, y, weights, k=k, mesh=mesh, normalize=normalize, tile=tile)
-    return result, lambda: geometry.mutual_knn_null_kernel(x, y, weights, k=k, mesh=mesh,
-                                                           normalize=normalize, tile=tile)
+    return result, lambda: geometry.mutual_knn_null_kernel(
+        x, y, weights, k=k, mesh=mesh, normalize=normalize, tile=tile
+    )
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("cca", "mean canonical correlation (rank-aware; epsilon = ridge)",
-           _moment_metric("cca")),
-    Metric("svcca", "SVCCA: PCA to `threshold` variance per side, then mean CCA",
-           _moment_metric("svcca")),
-    Metric("pwcca", "PWCCA (Morcos et al. 2018), weights from `weight_side`",
-           _moment_metric("pwcca")),
-    Metric("cka", "linear CKA (biased HSIC)", _cka_prepare(False)),
-    Metric("cka_debiased", "linear CKA with the unbiased HSIC", _cka_prepare(True)),
-    Metric("cka_minibatch", "minibatch CKA (Nguyen et al. 2021)", _cka_minibatch_prepare),
-    Metric("procrustes", "orthogonal Procrustes similarity ||X^T Y||_* (unit-norm, centred)",
-           _procrustes_prepare),
-    Metric("rsa_spearman", "Spearman of row-correlation upper triangles", _rsa_prepare(
-        "spearman"), weights="none"),
-    Metric("rsa_pearson", "Pearson of row-correlation upper triangles", _rsa_prepare(
-        "pearson"), weights="pair"),
-    Metric("mutual_knn", "mutual k-NN overlap (Huh et al. 2024)", _mutual_knn_prepare,
-           weights="query"),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric(
+            "cca", "mean canonical correlation (rank-aware; epsilon = ridge)", _moment_metric("cca")
+        ),
+        Metric(
+            "svcca",
+            "SVCCA: PCA to `threshold` variance per side, then mean CCA",
+            _moment_metric("svcca"),
+        ),
+        Metric(
+            "pwcca",
+            "PWCCA (Morcos et al. 2018), weights from `weight_side`",
+            _moment_metric("pwcca"),
+        ),
+        Metric("cka", "linear CKA (biased HSIC)", _cka_prepare(False)),
+        Metric("cka_debiased", "linear CKA with the unbiased HSIC", _cka_prepare(True)),
+        Metric("cka_minibatch", "minibatch CKA (Nguyen et al. 2021)", _cka_minibatch_prepare),
+        Metric(
+            "procrustes",
+            "orthogonal Procrustes similarity ||X^T Y||_* (unit-norm, centred)",
+            _procrustes_prepare,
+        ),
+        Metric(
+            "rsa_spearman",
+            "Spearman of row-correlation upper triangles",
+            _rsa_prepare("spearman"),
+            weights="none",
+        ),
+        Metric(
+            "rsa_pearson",
+            "Pearson of row-correlation upper triangles",
+            _rsa_prepare("pearson"),
+            weights="pair",
+        ),
+        Metric(
+            "mutual_knn",
+            "mutual k-NN overlap (Huh et al. 2024)",
+            _mutual_knn_prepare,
+            weights="query",
+        ),
+    )
+}
 
 
 def register(metric: Metric) -> Metric:
@@ -170,8 +225,9 @@ def register(metric: Metric) -> Metric:
 def get(name: str) -> Metric:
     """The registered metric called ``name`` (`InputError` listing the names otherwise)."""
     if name not in METRICS:
-        raise checks.InputError(f"unknown similarity metric {name!r}; expected one of "
-                                f"{sorted(METRICS)}")
+        raise checks.InputError(
+            f"unknown similarity metric {name!r}; expected one of {sorted(METRICS)}"
+        )
     return METRICS[name]
 
 
@@ -180,33 +236,71 @@ def score(name: str, x, y, weights=None, **options) -> float:
     return get(name)(x, y, weights, **options)
 
 
-def null_for(name: str, x, y, weights=None, *, num_permutations: int = 1000, seed: int = 0,
-             mesh=None, progress: bool = False, **options) -> dict:
+def null_for(
+    name: str,
+    x,
+    y,
+    weights=None,
+    *,
+    num_permutations: int = 1000,
+    seed: int = 0,
+    mesh=None,
+    progress: bool = False,
+    **options,
+) -> dict:
     """Score, random-pairing null and its summary for one metric (see `evaluate`)."""
     metric = get(name)
     result, make_kernel = metric.prepare(x, y, weights, mesh, **options)
     entry = {"metric": name, **result.to_dict(), "score": float(result.score)}
-    entry.update(_null_entry(metric, result, make_kernel, x, y, weights, mesh, options,
-                             num_permutations, seed, progress))
+    entry.update(
+        _null_entry(
+            metric,
+            result,
+            make_kernel,
+            x,
+            y,
+            weights,
+            mesh,
+            options,
+            num_permutations,
+            seed,
+            progress,
+        )
+    )
     return entry
 
 
-def _null_entry(metric, result, make_kernel, x, y, weights, mesh, options, num_permutations,
-                seed, progress, null_size: int | None = None) -> dict:
+def _null_entry(
+    metric,
+    result,
+    make_kernel,
+    x,
+    y,
+    weights,
+    mesh,
+    options,
+    num_permutations,
+    seed,
+    progress,
+    null_size: int | None = None,
+) -> dict:
     kernel = make_kernel()
     if kernel is not None and null_size and kernel.pad is not None:
-        observed, null = nulls.padded_null(kernel, max(int(null_size), kernel.n),
-                                           num_permutations, seed=seed, mesh=mesh)
+        observed, null = nulls.padded_null(
+            kernel, max(int(null_size), kernel.n), num_permutations, seed=seed, mesh=mesh
+        )
         how = "batched-padded"
     elif kernel is not None:
-        null = nulls.permutation_null(kernel, num_permutations, seed=seed, mesh=mesh,
-                                      progress=progress)
+        null = nulls.permutation_null(
+            kernel, num_permutations, seed=seed, mesh=mesh, progress=progress
+        )
         observed = kernel.observed()
         how = "batched"
     else:
         fn = lambda a, b, w: metric(a, b, w, mesh=mesh, **options)  # noqa: E731
-        null = nulls.loop_null(fn, x, y, weights, num_permutations=num_permutations, seed=seed,
-                               progress=progress)
+        null = nulls.loop_null(
+            fn, x, y, weights, num_permutations=num_permutations, seed=seed, progress=progress
+        )
         observed = float(result.score)
         how = "loop"
     summary = nulls.summarize(observed, null)
@@ -215,10 +309,21 @@ def _null_entry(metric, result, make_kernel, x, y, weights, mesh, options, num_p
     return summary
 
 
-def evaluate(x, y, metrics: Sequence[str] = DEFAULT_METRICS, *, weights=None,
-             num_permutations: int = 1000, seed: int = 0, mesh=None, bootstrap: int = 0,
-             confidence: float = 0.95, options: dict | None = None,
-             progress: bool = False, null_size: int | None = None) -> dict:
+def evaluate(
+    x,
+    y,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    *,
+    weights=None,
+    num_permutations: int = 1000,
+    seed: int = 0,
+    mesh=None,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
+    options: dict | None = None,
+    progress: bool = False,
+    null_size: int | None = None,
+) -> dict:
     """Scores with nulls (and optional bootstrap CIs) for a set of metrics, JSON-ready.
 
     Args:
@@ -245,22 +350,52 @@ def evaluate(x, y, metrics: Sequence[str] = DEFAULT_METRICS, *, weights=None,
     options = dict(options or {})
     for key in options:
         get(key)
-    out: dict[str, Any] = {"n": int(x.shape[0]), "d": [int(x.shape[1]), int(y.shape[1])],
-                           "num_permutations": int(num_permutations), "seed": int(seed),
-                           "metrics": {}}
+    out: dict[str, Any] = {
+        "n": int(x.shape[0]),
+        "d": [int(x.shape[1]), int(y.shape[1])],
+        "num_permutations": int(num_permutations),
+        "seed": int(seed),
+        "metrics": {},
+    }
     for name in metrics:
         metric = get(name)
         opts = dict(options.get(name, {}))
         result, make_kernel = metric.prepare(x, y, weights, mesh, **opts)
-        entry: dict[str, Any] = {"metric": name, "components": None, **result.to_dict(),
-                                 "score": float(result.score)}
+        entry: dict[str, Any] = {
+            "metric": name,
+            "components": None,
+            **result.to_dict(),
+            "score": float(result.score),
+        }
         if num_permutations:
-            entry.update(_null_entry(metric, result, make_kernel, x, y, weights, mesh, opts,
-                                     num_permutations, seed, progress, null_size))
+            entry.update(
+                _null_entry(
+                    metric,
+                    result,
+                    make_kernel,
+                    x,
+                    y,
+                    weights,
+                    mesh,
+                    opts,
+                    num_permutations,
+                    seed,
+                    progress,
+                    null_size,
+                )
+            )
         if bootstrap:
             fn = lambda a, b, w, m=metric, o=opts: m(a, b, w, mesh=mesh, **o)  # noqa: E731
             entry["bootstrap"] = nulls.bootstrap(
-                fn, x, y, weights, num_samples=bootstrap, seed=seed, confidence=confidence,
-                by_weights=metric.weights == "frequency", progress=progress)
+                fn,
+                x,
+                y,
+                weights,
+                num_samples=bootstrap,
+                seed=seed,
+                confidence=confidence,
+                by_weights=metric.weights == "frequency",
+                progress=progress,
+            )
         out["metrics"][name] = entry
     return out

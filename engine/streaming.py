@@ -69,9 +69,18 @@ class ChunkStream:
       name: used in error messages.
     """
 
-    def __init__(self, source: Any, chunk_size: int, *, repeat: bool = False,
-                 shuffle_seed: int | None = None, drop_remainder: bool = False,
-                 start: int = 0, check_finite: bool = True, name: str = "stream"):
+    def __init__(
+        self,
+        source: Any,
+        chunk_size: int,
+        *,
+        repeat: bool = False,
+        shuffle_seed: int | None = None,
+        drop_remainder: bool = False,
+        start: int = 0,
+        check_finite: bool = True,
+        name: str = "stream",
+    ):
         self.chunk_size = checks.check_positive_int(f"{name} chunk_size", chunk_size)
         self.name = name
         self.repeat = repeat
@@ -82,8 +91,9 @@ class ChunkStream:
         self._arrays: Arrays | None = None
         if callable(source):
             if repeat or shuffle_seed is not None:
-                raise checks.InputError(f"{name}: repeat/shuffle need an array source, not a "
-                                        "generator factory")
+                raise checks.InputError(
+                    f"{name}: repeat/shuffle need an array source, not a generator factory"
+                )
             self._open_at = source
         else:
             arrays = tuple(np.asarray(a) for a in _as_tuple(source))
@@ -91,8 +101,9 @@ class ChunkStream:
                 raise checks.InputError(f"{name}: no arrays given")
             for i, a in enumerate(arrays):
                 if a.ndim == 0:
-                    raise checks.InputError(f"{name}[{i}]: expected rows (>= 1-D array), got a "
-                                            "scalar")
+                    raise checks.InputError(
+                        f"{name}[{i}]: expected rows (>= 1-D array), got a scalar"
+                    )
                 checks.check_rows_match(f"{name}[0]", arrays[0], f"{name}[{i}]", a)
             if arrays[0].shape[0] == 0:
                 raise checks.InputError(f"{name}: the stream is empty (0 rows)")
@@ -126,8 +137,9 @@ class ChunkStream:
         if self._iter is None:
             self._iter = self._chunks_from(self._position)
         chunk = next(self._iter)
-        self._position = chunk.start + self.chunk_size if chunk.mask.all() else (
-            chunk.start + chunk.num_valid)
+        self._position = (
+            chunk.start + self.chunk_size if chunk.mask.all() else (chunk.start + chunk.num_valid)
+        )
         return chunk
 
     def _rows_from(self, start: int) -> Iterator[Arrays]:
@@ -146,8 +158,11 @@ class ChunkStream:
             if self.shuffle_seed is not None:
                 order = np.random.default_rng([self.shuffle_seed, epoch]).permutation(n)
             for lo in range(offset, n, self.chunk_size):
-                idx = slice(lo, min(lo + self.chunk_size, n)) if order is None else (
-                    order[lo:lo + self.chunk_size])
+                idx = (
+                    slice(lo, min(lo + self.chunk_size, n))
+                    if order is None
+                    else (order[lo : lo + self.chunk_size])
+                )
                 yield tuple(a[idx] for a in self._arrays)
             if not self.repeat:
                 return
@@ -164,7 +179,7 @@ class ChunkStream:
             while have >= self.chunk_size:
                 rows = tuple(np.concatenate([b[i] for b in pending]) for i in range(len(block)))
                 head = tuple(r[: self.chunk_size] for r in rows)
-                tail = tuple(r[self.chunk_size:] for r in rows)
+                tail = tuple(r[self.chunk_size :] for r in rows)
                 pending, have = ([tail] if tail[0].shape[0] else []), have - self.chunk_size
                 yield self._make_chunk(head, self.chunk_size, pos)
                 produced = True
@@ -184,8 +199,10 @@ class ChunkStream:
                 except checks.InputError as e:
                     raise checks.InputError(str(e)) from None
         if valid < self.chunk_size:
-            rows = tuple(np.concatenate([r, np.zeros((self.chunk_size - valid,) + r.shape[1:],
-                                                     r.dtype)]) for r in rows)
+            rows = tuple(
+                np.concatenate([r, np.zeros((self.chunk_size - valid,) + r.shape[1:], r.dtype)])
+                for r in rows
+            )
         mask = np.arange(self.chunk_size) < valid
         return Chunk(arrays=rows, mask=mask, start=start)
 

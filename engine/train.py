@@ -40,12 +40,14 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
 
-    if TYPE_CHECKING:   # flax.struct adds `replace` at run time; declared for the type checker
+    if TYPE_CHECKING:  # flax.struct adds `replace` at run time; declared for the type checker
+
         def replace(self, **changes: Any) -> TrainState: ...
 
 
-def create_train_state(params: Any, tx: optax.GradientTransformation,
-                       rng: jax.Array, stats: Any = None) -> TrainState:
+def create_train_state(
+    params: Any, tx: optax.GradientTransformation, rng: jax.Array, stats: Any = None
+) -> TrainState:
     """A fresh state at step 0. ``rng`` is a raw uint32 key (`jax.random.PRNGKey`).
 
     ``stats``: state carried from step to step that is not trained (e.g. dead-latent
@@ -53,18 +55,28 @@ def create_train_state(params: Any, tx: optax.GradientTransformation,
     optimiser covers ``params`` only (see `make_train_step`'s ``stats_update``).
     """
     if stats is not None:
-        return TrainState(step=jnp.zeros((), jnp.int32),
-                          params={"params": params, "stats": stats},
-                          opt_state=tx.init(params), rng=rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=rng)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params={"params": params, "stats": stats},
+            opt_state=tx.init(params),
+            rng=rng,
+        )
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+    )
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
-                    post_update: Callable[[Any], Any] | None = None,
-                    state_sharding: Any = None, batch_sharding: Any = None,
-                    grad_transform: Callable[[Any, Any], Any] | None = None,
-                    stats_update: Callable[[Any, dict], tuple[Any, dict]] | None = None):
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    mesh,
+    *,
+    post_update: Callable[[Any], Any] | None = None,
+    state_sharding: Any = None,
+    batch_sharding: Any = None,
+    grad_transform: Callable[[Any, Any], Any] | None = None,
+    stats_update: Callable[[Any, dict], tuple[Any, dict]] | None = None,
+):
     """Builds ``step(state, batch) -> (state, metrics)``, jitted with donated state.
 
     Args:
@@ -91,12 +103,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
         if stats_update is None:
             trainable, stats = state.params, None
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                trainable, batch, rng)
+                trainable, batch, rng
+            )
         else:
             trainable, stats = state.params["params"], state.params["stats"]
             (loss, metrics), grads = jax.value_and_grad(
-                lambda p: loss_fn({"params": p, "stats": stats}, batch, rng), has_aux=True)(
-                trainable)
+                lambda p: loss_fn({"params": p, "stats": stats}, batch, rng), has_aux=True
+            )(trainable)
         if grad_transform is not None:
             grads = grad_transform(grads, trainable)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -114,9 +127,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
         return new_state, metrics
 
     if batch_sharding is None:
+
         def batch_sharding_for(batch):
             return jax.tree.map(lambda x: mesh_lib.data_sharding(mesh, np.ndim(x)), batch)
     else:
+
         def batch_sharding_for(batch):
             return batch_sharding
 
@@ -125,8 +140,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
     def run(state, batch):
         key = jax.tree.structure(batch)
         if key not in compiled:
-            compiled[key] = jax.jit(step, in_shardings=(state_sharding, batch_sharding_for(batch)),
-                                    out_shardings=(state_sharding, repl), donate_argnums=0)
+            compiled[key] = jax.jit(
+                step,
+                in_shardings=(state_sharding, batch_sharding_for(batch)),
+                out_shardings=(state_sharding, repl),
+                donate_argnums=0,
+            )
         return compiled[key](state, batch)
 
     return run
@@ -170,15 +189,19 @@ class _BatchSource:
 
     def next(self, step: int):
         if self._fn is not None:
-            return self._fn(step)          # None: the step function makes its own data
+            return self._fn(step)  # None: the step function makes its own data
         try:
             chunk = next(self._stream)
         except StopIteration:
-            raise ValueError(f"training data stream ran out at step {step}; use a repeating "
-                             "stream (repeat=True) or fewer num_steps") from None
+            raise ValueError(
+                f"training data stream ran out at step {step}; use a repeating "
+                "stream (repeat=True) or fewer num_steps"
+            ) from None
         if not chunk.mask.all():
-            raise ValueError(f"training data stream ran out at step {step} (ragged final "
-                             "chunk); use repeat=True or drop_remainder=True")
+            raise ValueError(
+                f"training data stream ran out at step {step} (ragged final "
+                "chunk); use repeat=True or drop_remainder=True"
+            )
         return chunk.arrays
 
     @property
@@ -195,14 +218,26 @@ def _summaries(name: str, value: np.ndarray) -> dict[str, float]:
     (one entry per toy-model instance or sweep member)."""
     if value.ndim == 0:
         return {name: float(value)}
-    return {f"{name}_mean": float(value.mean()), f"{name}_min": float(value.min()),
-            f"{name}_max": float(value.max())}
+    return {
+        f"{name}_mean": float(value.mean()),
+        f"{name}_min": float(value.min()),
+        f"{name}_max": float(value.max()),
+    }
 
 
-def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str | None,
-          mesh, on_log: Callable[[int, dict], None] | None = None,
-          state_sharding: Any = None, meta_fn: Callable[[], dict] | None = None,
-          on_restore: Callable[[dict], None] | None = None) -> TrainState:
+def train(
+    state: TrainState,
+    step_fn,
+    data,
+    config: LoopConfig,
+    *,
+    workdir: str | None,
+    mesh,
+    on_log: Callable[[int, dict], None] | None = None,
+    state_sharding: Any = None,
+    meta_fn: Callable[[], dict] | None = None,
+    on_restore: Callable[[dict], None] | None = None,
+) -> TrainState:
     """Runs (or resumes) training to ``config.num_steps``.
 
     Args:
@@ -244,14 +279,15 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
     else:
         state = jax.device_put(state, state_sharding)
     if ckpt is not None:
-        restored = ckpt.restore(state)   # the newest intact checkpoint (damaged ones skipped)
+        restored = ckpt.restore(state)  # the newest intact checkpoint (damaged ones skipped)
         if restored is not None:
             _, state, meta = restored
             source.seek(int(meta.get("position", 0)))
             if on_restore is not None:
                 on_restore(meta)
-            logging.info("resumed from step %d (data position %d)", int(state.step),
-                         source.position)
+            logging.info(
+                "resumed from step %d (data position %d)", int(state.step), source.position
+            )
         # Lines logged after the restored step (or, starting from scratch, every line) belong
         # to a killed run whose state is lost: drop them so no step appears twice.
         assert writer is not None
@@ -261,8 +297,14 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.num_steps, initial=start, unit="step",
-                   desc=config.progress_desc, dynamic_ncols=True)
+
+        bar = tqdm(
+            total=config.num_steps,
+            initial=start,
+            unit="step",
+            desc=config.progress_desc,
+            dynamic_ncols=True,
+        )
     pending: list[tuple[int, int, dict]] = []
     t_last, step_last = time.perf_counter(), start
 
@@ -279,12 +321,17 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
                     where = "" if v.ndim == 0 else f" (instance {int(np.argmax(bad))})"
                     steps = f"step {s}" if n == 1 else f"steps {s}..{s + n}"
                     shown = v if v.ndim == 0 else v.reshape(-1)[bad][0]
-                    raise NonFiniteError(f"non-finite {name}={shown}{where} at {steps}; last "
-                                         f"checkpoint is before it (run stopped)")
+                    raise NonFiniteError(
+                        f"non-finite {name}={shown}{where} at {steps}; last "
+                        f"checkpoint is before it (run stopped)"
+                    )
         weights = np.asarray([n for _, n, _ in pending], np.float64)
-        avg = {k: np.tensordot(weights / weights.sum(),
-                               np.stack([np.asarray(m[k], np.float64) for m in host]), 1)
-               for k in host[-1]}
+        avg = {
+            k: np.tensordot(
+                weights / weights.sum(), np.stack([np.asarray(m[k], np.float64) for m in host]), 1
+            )
+            for k in host[-1]
+        }
         now = time.perf_counter()
         rate = (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
@@ -296,15 +343,26 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
         if writer is not None:
             writer.write(step, row)
         if on_log is not None:
-            on_log(step, {**{k: (float(v) if v.ndim == 0 else v) for k, v in avg.items()},
-                          "steps_per_sec": rate})
+            on_log(
+                step,
+                {
+                    **{k: (float(v) if v.ndim == 0 else v) for k, v in avg.items()},
+                    "steps_per_sec": rate,
+                },
+            )
         loss = float(np.mean(avg["loss"])) if "loss" in avg else float("nan")
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4g}")
         else:
             eta = (config.num_steps - step) / max(rate, 1e-9)
-            logging.info("step %d/%d loss %.5g (%.1f steps/s, ETA %.0fs)", step,
-                         config.num_steps, loss, rate, eta)
+            logging.info(
+                "step %d/%d loss %.5g (%.1f steps/s, ETA %.0fs)",
+                step,
+                config.num_steps,
+                loss,
+                rate,
+                eta,
+            )
 
     def save(step: int) -> None:
         assert ckpt is not None
@@ -331,8 +389,7 @@ def train(state: TrainState, step_fn, data, config: LoopConfig, *, workdir: str 
             bar.update(n)
         if step % config.log_every == 0 or step == config.num_steps:
             flush(step)
-        if ckpt is not None and (step % config.checkpoint_every == 0
-                                 or step == config.num_steps):
+        if ckpt is not None and (step % config.checkpoint_every == 0 or step == config.num_steps):
             flush(step)
             save(step)
     flush(config.num_steps)

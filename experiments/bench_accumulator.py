@@ -24,6 +24,7 @@ common.define_bench_flags()
 def main(argv):
     del argv
     from engine import bench
+
     bench.set_thread_budget(FLAGS.threads)
     import numpy as np
 
@@ -33,13 +34,14 @@ def main(argv):
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(FLAGS.acc_rows, FLAGS.acc_d1)) + 100.0).astype(np.float32)
     noise = rng.normal(size=(FLAGS.acc_rows, FLAGS.acc_d2))
-    y = (x[:, :FLAGS.acc_d2] * 0.5 + noise).astype(np.float32)
+    y = (x[:, : FLAGS.acc_d2] * 0.5 + noise).astype(np.float32)
     mesh = mesh_lib.make_mesh()
     acc = accumulators.CrossMoments(FLAGS.acc_d1, FLAGS.acc_d2)
 
     def candidate():
         state = accumulators.accumulate(
-            acc, streaming.ChunkStream((x, y), FLAGS.acc_chunk, check_finite=False), mesh)
+            acc, streaming.ChunkStream((x, y), FLAGS.acc_chunk, check_finite=False), mesh
+        )
         return state.sxy
 
     def baseline():
@@ -48,12 +50,20 @@ def main(argv):
         return xc.T @ yc / len(xd)
 
     shape = f"{FLAGS.acc_rows}x({FLAGS.acc_d1},{FLAGS.acc_d2})"
-    result = bench.compare(candidate, baseline, repeats=FLAGS.repeats,
-                           name=f"CrossMoments {shape} streamed f32 vs numpy f64",
-                           work=FLAGS.acc_rows, work_unit="rows")
+    result = bench.compare(
+        candidate,
+        baseline,
+        repeats=FLAGS.repeats,
+        name=f"CrossMoments {shape} streamed f32 vs numpy f64",
+        work=FLAGS.acc_rows,
+        work_unit="rows",
+    )
     ref = baseline()
-    got = acc.finalize(accumulators.accumulate(
-        acc, streaming.ChunkStream((x, y), FLAGS.acc_chunk, check_finite=False), mesh)).cov_xy
+    got = acc.finalize(
+        accumulators.accumulate(
+            acc, streaming.ChunkStream((x, y), FLAGS.acc_chunk, check_finite=False), mesh
+        )
+    ).cov_xy
     result["max_rel_err_vs_float64"] = float(np.abs(got - ref).max() / np.abs(ref).max())
     result["threads"] = FLAGS.threads
     result["peak_host_bytes_baseline_estimate"] = int(x.nbytes * 2 + y.nbytes * 2)

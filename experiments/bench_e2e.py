@@ -55,8 +55,12 @@ flags.DEFINE_integer("e2e_d_in", 384, "Activation width of both sides.")
 flags.DEFINE_integer("e2e_k", 32, "TopK k of both SAEs.")
 flags.DEFINE_integer("e2e_perms", 200, "Random-pairing shuffles per metric.")
 flags.DEFINE_integer("e2e_chunk", 8192, "Rows per chunk (both sides).")
-flags.DEFINE_enum("e2e_role", "", ["", "pipeline", "script"],
-                  "Internal: run one timed repetition of one side and print its JSON.")
+flags.DEFINE_enum(
+    "e2e_role",
+    "",
+    ["", "pipeline", "script"],
+    "Internal: run one timed repetition of one side and print its JSON.",
+)
 flags.DEFINE_string("e2e_cache_dir", "", "Internal: persistent compilation cache directory.")
 common.define_bench_flags()
 
@@ -67,6 +71,7 @@ def make_data(tokens: int, features: int, d_in: int, k: int, seed: int = 0):
     """Activations of two "models" (B a rotated, noisy copy of A) and a TopK SAE per side
     whose features correspond up to a permutation, so the comparison finds real pairs."""
     import numpy as np
+
     rng = np.random.default_rng(seed)
     w_a = rng.normal(size=(d_in, features)).astype(np.float32)
     w_a /= np.linalg.norm(w_a, axis=0, keepdims=True)
@@ -83,8 +88,12 @@ def make_data(tokens: int, features: int, d_in: int, k: int, seed: int = 0):
     noise = 0.2 * rng.normal(size=(d_in, features)).astype(np.float32) / np.sqrt(d_in)
     w_b = (rot.T @ w_a)[:, perm] + noise
     w_b /= np.linalg.norm(w_b, axis=0, keepdims=True)
-    return xa, xb, {"W_enc": w_a, "W_dec": np.ascontiguousarray(w_a.T)}, \
-        {"W_enc": w_b, "W_dec": np.ascontiguousarray(w_b.T)}
+    return (
+        xa,
+        xb,
+        {"W_enc": w_a, "W_dec": np.ascontiguousarray(w_a.T)},
+        {"W_enc": w_b, "W_dec": np.ascontiguousarray(w_b.T)},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,8 +101,17 @@ def make_data(tokens: int, features: int, d_in: int, k: int, seed: int = 0):
 # ---------------------------------------------------------------------------------------------
 
 
-def script_comparison(xa, xb, sae_a: dict, sae_b: dict, k: int, perms: int, chunk: int,
-                      threshold: float = 0.1, seed: int = 0) -> dict:
+def script_comparison(
+    xa,
+    xb,
+    sae_a: dict,
+    sae_b: dict,
+    k: int,
+    perms: int,
+    chunk: int,
+    threshold: float = 0.1,
+    seed: int = 0,
+) -> dict:
     """The whole comparison as a researcher's script would do it (see the module docstring)."""
     import numpy as np
     import scipy.linalg
@@ -106,7 +124,7 @@ def script_comparison(xa, xb, sae_a: dict, sae_b: dict, k: int, perms: int, chun
     def encode(x, w):
         vals, idx = [], []
         for s in range(0, len(x), chunk):
-            pre = torch.from_numpy(x[s:s + chunk] @ w)
+            pre = torch.from_numpy(x[s : s + chunk] @ w)
             v, i = torch.topk(pre, k, dim=1)
             vals.append(torch.relu(v).numpy())
             idx.append(i.numpy().astype(np.int32))
@@ -120,8 +138,12 @@ def script_comparison(xa, xb, sae_a: dict, sae_b: dict, k: int, perms: int, chun
         mean = np.asarray(z.mean(0)).ravel().astype(np.float64)
         sq = np.asarray(z.multiply(z).mean(0)).ravel().astype(np.float64)
         density = np.bincount(z.indices[z.data > 0], minlength=f) / n
-        stats[side] = {"mean": mean, "std": np.sqrt(np.maximum(sq - mean ** 2, 0)),
-                       "density": density, "max": np.asarray(z.max(0).todense()).ravel()}
+        stats[side] = {
+            "mean": mean,
+            "std": np.sqrt(np.maximum(sq - mean**2, 0)),
+            "density": density,
+            "max": np.asarray(z.max(0).todense()).ravel(),
+        }
     cross = (za.T @ zb).toarray().astype(np.float64) / n
     cov = cross - np.outer(stats["a"]["mean"], stats["b"]["mean"])
     sd = np.outer(stats["a"]["std"], stats["b"]["std"])
@@ -141,7 +163,7 @@ def script_comparison(xa, xb, sae_a: dict, sae_b: dict, k: int, perms: int, chun
     def reduce_whiten(a):
         a = a - a.mean(0)
         _, s, vt = np.linalg.svd(a, full_matrices=False)
-        r = a @ vt[:int(np.argmax(np.cumsum(s ** 2) / np.sum(s ** 2) >= 0.99)) + 1].T
+        r = a @ vt[: int(np.argmax(np.cumsum(s**2) / np.sum(s**2) >= 0.99)) + 1].T
         e, v = np.linalg.eigh(r.T @ r / len(r))
         return r @ ((v / np.sqrt(e)) @ v.T)
 
@@ -174,8 +196,11 @@ def script_comparison(xa, xb, sae_a: dict, sae_b: dict, k: int, perms: int, chun
     for name, fn in (("svcca", svcca), ("cka", cka), ("rsa_spearman", rsa)):
         obs = float(fn(ident))
         null = np.array([fn(p) for p in shuffles])
-        out[name] = {"score": obs, "null_mean": float(null.mean()),
-                     "p": float((1 + np.sum(null >= obs)) / (1 + perms))}
+        out[name] = {
+            "score": obs,
+            "null_mean": float(null.mean()),
+            "p": float((1 + np.sum(null >= obs)) / (1 + perms)),
+        }
     return out
 
 
@@ -186,21 +211,24 @@ def script_comparison(xa, xb, sae_a: dict, sae_b: dict, k: int, perms: int, chun
 
 def _role_main() -> None:
     from engine import bench
+
     budget = bench.set_thread_budget(FLAGS.threads)
     if FLAGS.e2e_role == "pipeline":
         from engine import compile_cache
+
         compile_cache.enable(FLAGS.e2e_cache_dir or None)
     # Libraries both sides use, imported before the clock starts (imports are not the work).
     import numpy as np
     import scipy.linalg  # noqa: F401
     import scipy.sparse  # noqa: F401
     import scipy.stats  # noqa: F401
+
     t_import = time.perf_counter()
-    xa, xb, sa, sb = make_data(FLAGS.e2e_tokens, FLAGS.e2e_features, FLAGS.e2e_d_in,
-                               FLAGS.e2e_k)
+    xa, xb, sa, sb = make_data(FLAGS.e2e_tokens, FLAGS.e2e_features, FLAGS.e2e_d_in, FLAGS.e2e_k)
     doc = {"role": FLAGS.e2e_role, "threads": budget, "load_before": os.getloadavg()[0]}
     if FLAGS.e2e_role == "script":
         import torch
+
         torch.set_num_threads(FLAGS.threads)
         t0 = time.perf_counter()
         res = script_comparison(xa, xb, sa, sb, FLAGS.e2e_k, FLAGS.e2e_perms, FLAGS.e2e_chunk)
@@ -241,22 +269,36 @@ def _pipeline_once(xa, xb, sa, sb, np) -> dict:
         mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
 
         def sae(p):
-            cfg = sae_lib.SAEConfig(d_in=FLAGS.e2e_d_in, d_sae=FLAGS.e2e_features,
-                                    activation="topk", k=FLAGS.e2e_k)
-            return sae_lib.from_arrays(cfg, jnp.asarray(p["W_enc"]),
-                                       jnp.zeros(FLAGS.e2e_features), jnp.asarray(p["W_dec"]),
-                                       jnp.zeros(FLAGS.e2e_d_in))
+            cfg = sae_lib.SAEConfig(
+                d_in=FLAGS.e2e_d_in, d_sae=FLAGS.e2e_features, activation="topk", k=FLAGS.e2e_k
+            )
+            return sae_lib.from_arrays(
+                cfg,
+                jnp.asarray(p["W_enc"]),
+                jnp.zeros(FLAGS.e2e_features),
+                jnp.asarray(p["W_dec"]),
+                jnp.zeros(FLAGS.e2e_d_in),
+            )
 
         a, b = sae(sa), sae(sb)
         rows = np.arange(len(xa), dtype=np.int32)
         cfg = compare.CompareConfig(
-            metrics=METRICS, num_permutations=FLAGS.e2e_perms,
-            filters=filters.FilterConfig(non_concept=False))
+            metrics=METRICS,
+            num_permutations=FLAGS.e2e_perms,
+            filters=filters.FilterConfig(non_concept=False),
+        )
         res = compare.run_comparison(
-            "e2e", lambda: streaming.ChunkStream((rows, xa, xb), FLAGS.e2e_chunk, name="e2e"),
-            a, b, lambda r: [str(int(i)) for i in r], mesh, cfg, StepCache(tmp),
+            "e2e",
+            lambda: streaming.ChunkStream((rows, xa, xb), FLAGS.e2e_chunk, name="e2e"),
+            a,
+            b,
+            lambda r: [str(int(i)) for i in r],
+            mesh,
+            cfg,
+            StepCache(tmp),
             ckpt_root=os.path.join(tmp, "ckpt"),
-            stage=lambda label: marks.append((label, time.perf_counter())))
+            stage=lambda label: marks.append((label, time.perf_counter())),
+        )
         seconds = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -265,16 +307,25 @@ def _pipeline_once(xa, xb, sa, sb, np) -> dict:
     for (label, t), (_, t_next) in zip(stamps[:-1], stamps[1:]):
         parts[label.replace("e2e: ", "")] = t_next - t
     compile_s = events.get("/jax/core/compile/backend_compile_duration", 0.0)
-    return {"seconds": seconds, "parts": parts, "compile_seconds": compile_s,
-            "compiles": events.get("/jax/core/compile/backend_compile_duration:count", 0),
-            "jaxpr_trace_seconds": events.get("/jax/core/compile/jaxpr_trace_duration", 0.0),
-            "cache_hits": events.get("/jax/compilation_cache/cache_hits:count", 0),
-            "cache_misses": events.get("/jax/compilation_cache/cache_misses:count", 0),
-            "cache_retrieval_seconds": events.get(
-                "/jax/compilation_cache/cache_retrieval_time_sec", 0.0),
-            "result": {"n_pairs": res["n_pairs"],
-                       **{m: {"score": v["score"], "null_mean": v["null_mean"], "p": v["p"]}
-                          for m, v in res["metrics"].items()}}}
+    return {
+        "seconds": seconds,
+        "parts": parts,
+        "compile_seconds": compile_s,
+        "compiles": events.get("/jax/core/compile/backend_compile_duration:count", 0),
+        "jaxpr_trace_seconds": events.get("/jax/core/compile/jaxpr_trace_duration", 0.0),
+        "cache_hits": events.get("/jax/compilation_cache/cache_hits:count", 0),
+        "cache_misses": events.get("/jax/compilation_cache/cache_misses:count", 0),
+        "cache_retrieval_seconds": events.get(
+            "/jax/compilation_cache/cache_retrieval_time_sec", 0.0
+        ),
+        "result": {
+            "n_pairs": res["n_pairs"],
+            **{
+                m: {"score": v["score"], "null_mean": v["null_mean"], "p": v["p"]}
+                for m, v in res["metrics"].items()
+            },
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,19 +334,30 @@ def _pipeline_once(xa, xb, sa, sb, np) -> dict:
 
 
 def _one(role: str, cache_dir: str = "") -> dict:
-    cmd = [sys.executable, "-m", "experiments.bench_e2e", f"--e2e_role={role}",
-           f"--threads={FLAGS.threads}", f"--e2e_tokens={FLAGS.e2e_tokens}",
-           f"--e2e_features={FLAGS.e2e_features}", f"--e2e_d_in={FLAGS.e2e_d_in}",
-           f"--e2e_k={FLAGS.e2e_k}", f"--e2e_perms={FLAGS.e2e_perms}",
-           f"--e2e_chunk={FLAGS.e2e_chunk}", f"--e2e_cache_dir={cache_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.bench_e2e",
+        f"--e2e_role={role}",
+        f"--threads={FLAGS.threads}",
+        f"--e2e_tokens={FLAGS.e2e_tokens}",
+        f"--e2e_features={FLAGS.e2e_features}",
+        f"--e2e_d_in={FLAGS.e2e_d_in}",
+        f"--e2e_k={FLAGS.e2e_k}",
+        f"--e2e_perms={FLAGS.e2e_perms}",
+        f"--e2e_chunk={FLAGS.e2e_chunk}",
+        f"--e2e_cache_dir={cache_dir}",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("E2E_JSON ")]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"bench_e2e: {role} repetition failed (rc {proc.returncode}):\n"
-                         + (proc.stdout + proc.stderr)[-3000:])
-    doc = json.loads(lines[-1][len("E2E_JSON "):])
+        raise SystemExit(
+            f"bench_e2e: {role} repetition failed (rc {proc.returncode}):\n"
+            + (proc.stdout + proc.stderr)[-3000:]
+        )
+    doc = json.loads(lines[-1][len("E2E_JSON ") :])
     doc["process_wall_s"] = wall
     return doc
 
@@ -308,6 +370,7 @@ def main(argv):
     import statistics
 
     from engine import bench
+
     budget = bench.set_thread_budget(FLAGS.threads)
     cache = tempfile.mkdtemp(prefix="speed_e2e_cache_")
     runs: dict[str, list[dict]] = {"script": [], "pipeline_cold": [], "pipeline_warm": []}
@@ -316,46 +379,59 @@ def main(argv):
             # cold: an empty cache (every program compiled and stored); warm: the next process
             # with the same shapes (another comparison, grid cell or run) loads them.
             shutil.rmtree(cache, ignore_errors=True)
-            for kind, role, where in (("script", "script", ""),
-                                      ("pipeline_cold", "pipeline", cache),
-                                      ("pipeline_warm", "pipeline", cache)):
+            for kind, role, where in (
+                ("script", "script", ""),
+                ("pipeline_cold", "pipeline", cache),
+                ("pipeline_warm", "pipeline", cache),
+            ):
                 runs[kind].append(_one(role, where))
                 r = runs[kind][-1]
-                print(f"{kind}: {r['seconds']:.1f} s (load {r['load_before']:.1f}->"
-                      f"{r['load_after']:.1f}) {json.dumps(r.get('parts', {}), default=float)}",
-                      flush=True)
+                print(
+                    f"{kind}: {r['seconds']:.1f} s (load {r['load_before']:.1f}->"
+                    f"{r['load_after']:.1f}) {json.dumps(r.get('parts', {}), default=float)}",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
     def med(kind, key="seconds"):
         return statistics.median(r[key] for r in runs[kind])
 
-    size = (f"{FLAGS.e2e_features}x{FLAGS.e2e_features} TopK k={FLAGS.e2e_k}, "
-            f"{FLAGS.e2e_tokens} tokens, 3 metrics x {FLAGS.e2e_perms} shuffles")
+    size = (
+        f"{FLAGS.e2e_features}x{FLAGS.e2e_features} TopK k={FLAGS.e2e_k}, "
+        f"{FLAGS.e2e_tokens} tokens, 3 metrics x {FLAGS.e2e_perms} shuffles"
+    )
     results = []
     for kind in ("pipeline_cold", "pipeline_warm"):
         c, b = med(kind), med("script")
-        results.append({
-            "name": f"comparison end to end ({kind.split('_')[1]} compile cache) vs script: "
-                    f"{size}",
-            "candidate_s": [r["seconds"] for r in runs[kind]],
-            "baseline_s": [r["seconds"] for r in runs["script"]],
-            "candidate_median_s": c, "baseline_median_s": b, "speedup": b / c,
-            "goal_speedup": 1.0,
-            "candidate_compile_s": [r["compile_seconds"] for r in runs[kind]],
-            "candidate_compiles": [r["compiles"] for r in runs[kind]],
-            "candidate_cache_hits": [r["cache_hits"] for r in runs[kind]],
-            "candidate_parts_s": [r["parts"] for r in runs[kind]],
-            "candidate_process_wall_s": [r["process_wall_s"] for r in runs[kind]],
-            "baseline_process_wall_s": [r["process_wall_s"] for r in runs["script"]],
-            "load": [(r["load_before"], r["load_after"]) for r in runs[kind] + runs["script"]],
-            "candidate_result": runs[kind][-1]["result"],
-            "baseline_result": runs["script"][-1]["result"],
-            "threads": budget})
+        results.append(
+            {
+                "name": f"comparison end to end ({kind.split('_')[1]} compile cache) vs script: "
+                f"{size}",
+                "candidate_s": [r["seconds"] for r in runs[kind]],
+                "baseline_s": [r["seconds"] for r in runs["script"]],
+                "candidate_median_s": c,
+                "baseline_median_s": b,
+                "speedup": b / c,
+                "goal_speedup": 1.0,
+                "candidate_compile_s": [r["compile_seconds"] for r in runs[kind]],
+                "candidate_compiles": [r["compiles"] for r in runs[kind]],
+                "candidate_cache_hits": [r["cache_hits"] for r in runs[kind]],
+                "candidate_parts_s": [r["parts"] for r in runs[kind]],
+                "candidate_process_wall_s": [r["process_wall_s"] for r in runs[kind]],
+                "baseline_process_wall_s": [r["process_wall_s"] for r in runs["script"]],
+                "load": [(r["load_before"], r["load_after"]) for r in runs[kind] + runs["script"]],
+                "candidate_result": runs[kind][-1]["result"],
+                "baseline_result": runs["script"][-1]["result"],
+                "threads": budget,
+            }
+        )
     for r in results:
-        print(f"{r['name']}\n   pipeline {r['candidate_s']} s (compile "
-              f"{r['candidate_compile_s']}, parts {r['candidate_parts_s'][-1]})\n   script   "
-              f"{r['baseline_s']} s  -> ratio {r['speedup']:.2f}x")
+        print(
+            f"{r['name']}\n   pipeline {r['candidate_s']} s (compile "
+            f"{r['candidate_compile_s']}, parts {r['candidate_parts_s'][-1]})\n   script   "
+            f"{r['baseline_s']} s  -> ratio {r['speedup']:.2f}x"
+        )
     bench.report(results, common.bench_out("e2e"))
 
 

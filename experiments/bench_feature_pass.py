@@ -37,8 +37,11 @@ flags.DEFINE_integer("bfp_features", 1536, "Features per side.")
 flags.DEFINE_integer("bfp_tokens", 200_000, "Tokens streamed.")
 flags.DEFINE_integer("bfp_k", 32, "Active features per token and side.")
 flags.DEFINE_integer("bfp_chunk", 4096, "Rows per streamed chunk.")
-flags.DEFINE_float("bfp_memory_budget_gb", 0.0, "GiB the pass may use (0: half the machine's "
-                   "memory, the pipeline's default).")
+flags.DEFINE_float(
+    "bfp_memory_budget_gb",
+    0.0,
+    "GiB the pass may use (0: half the machine's memory, the pipeline's default).",
+)
 flags.DEFINE_bool("bfp_skip_stats", False, "Time only the correlation pass.")
 common.define_bench_flags()
 
@@ -46,6 +49,7 @@ common.define_bench_flags()
 def synthetic_codes(n_tokens: int, n_features: int, k: int, chunk: int, seed: int = 0):
     """``open_at(start) -> blocks (vals_a, idx_a, vals_b, idx_b)``, one chunk at a time."""
     import numpy as np
+
     stride = n_features // k
     perm = np.random.default_rng([seed, 1]).permutation(n_features)
 
@@ -59,8 +63,7 @@ def synthetic_codes(n_tokens: int, n_features: int, k: int, chunk: int, seed: in
         # B's feature perm[i] is A's feature i, with value noise, absent on half the tokens
         keep = rng.random((rows, k)) < 0.5
         idx_b = perm[idx_a]
-        vals_b = np.where(keep, vals_a * rng.uniform(0.8, 1.2, (rows, k)), 0.0).astype(
-            np.float32)
+        vals_b = np.where(keep, vals_a * rng.uniform(0.8, 1.2, (rows, k)), 0.0).astype(np.float32)
         return vals_a, idx_a.astype(np.int32), vals_b, idx_b.astype(np.int32)
 
     def open_at(start: int):
@@ -69,6 +72,7 @@ def synthetic_codes(n_tokens: int, n_features: int, k: int, chunk: int, seed: in
             b = block(c)
             skip = start - c * chunk if c == c0 else 0
             yield tuple(x[skip:] for x in b)
+
     return open_at
 
 
@@ -77,6 +81,7 @@ def main(argv) -> int:
     args = FLAGS
     out_path = common.bench_out("feature_pass")
     from engine import bench
+
     budget_info = bench.set_thread_budget(args.threads)
     import jax
     import jax.numpy as jnp
@@ -89,12 +94,29 @@ def main(argv) -> int:
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     f, n, k = args.bfp_features, args.bfp_tokens, args.bfp_k
     budget = None if args.bfp_memory_budget_gb <= 0 else int(args.bfp_memory_budget_gb * (1 << 30))
-    plan = features.plan_pass(f, f, n_data=1, memory_budget=budget, sparse=True,
-                              chunk_rows=args.bfp_chunk, rows=n, k_a=k, k_b=k, mesh=mesh)
+    plan = features.plan_pass(
+        f,
+        f,
+        n_data=1,
+        memory_budget=budget,
+        sparse=True,
+        chunk_rows=args.bfp_chunk,
+        rows=n,
+        k_a=k,
+        k_b=k,
+        mesh=mesh,
+    )
     open_at = synthetic_codes(n, f, k, args.bfp_chunk)
     stream = streaming.ChunkStream(open_at, args.bfp_chunk, name="codes", check_finite=False)
-    out = {"features": f, "tokens": n, "k": k, "chunk": args.bfp_chunk, **budget_info,
-           "plan": plan.__dict__, "rss_start_gb": _rss_gb()}
+    out = {
+        "features": f,
+        "tokens": n,
+        "k": k,
+        "chunk": args.bfp_chunk,
+        **budget_info,
+        "plan": plan.__dict__,
+        "rss_start_gb": _rss_gb(),
+    }
 
     def with_rows(start):
         pos = start
@@ -104,12 +126,18 @@ def main(argv) -> int:
 
     # Per-feature statistics as the pipeline computes them for TopK pairs: from the codes
     # (feature_stats.SparseFeatureStatsAccumulator, O(rows * k) per chunk).
-    acc_s = accumulators.Combined({
-        "a": (feature_stats.SparseFeatureStatsAccumulator(f, 10), (1, 2, 0)),
-        "b": (feature_stats.SparseFeatureStatsAccumulator(f, 10), (3, 4, 0))})
+    acc_s = accumulators.Combined(
+        {
+            "a": (feature_stats.SparseFeatureStatsAccumulator(f, 10), (1, 2, 0)),
+            "b": (feature_stats.SparseFeatureStatsAccumulator(f, 10), (3, 4, 0)),
+        }
+    )
     t0, cpu0 = time.perf_counter(), time.process_time()
-    state = accumulators.accumulate(acc_s, streaming.ChunkStream(
-        with_rows, args.bfp_chunk, name="sparse stats", check_finite=False), mesh)
+    state = accumulators.accumulate(
+        acc_s,
+        streaming.ChunkStream(with_rows, args.bfp_chunk, name="sparse stats", check_finite=False),
+        mesh,
+    )
     acc_s.finalize(state)
     out["stats_sparse_seconds"] = time.perf_counter() - t0
     out["stats_sparse_cpu_seconds"] = time.process_time() - cpu0
@@ -119,15 +147,24 @@ def main(argv) -> int:
     if not args.bfp_skip_stats:
         # Per-feature statistics from the codes densified per chunk on device (the dense
         # accumulator: what the pass did before the sparse one, O(rows * F) per chunk).
-        acc = accumulators.Combined({
-            "a": (feature_stats.FeatureStatsAccumulator(f, 10), (1, 0)),
-            "b": (feature_stats.FeatureStatsAccumulator(f, 10), (2, 0))})
+        acc = accumulators.Combined(
+            {
+                "a": (feature_stats.FeatureStatsAccumulator(f, 10), (1, 0)),
+                "b": (feature_stats.FeatureStatsAccumulator(f, 10), (2, 0)),
+            }
+        )
 
         def dense(params, rows, va, ia, vb, ib):
-            za = jnp.zeros((va.shape[0], f), jnp.float32).at[
-                jnp.arange(va.shape[0])[:, None], ia].set(va)
-            zb = jnp.zeros((vb.shape[0], f), jnp.float32).at[
-                jnp.arange(vb.shape[0])[:, None], ib].set(vb)
+            za = (
+                jnp.zeros((va.shape[0], f), jnp.float32)
+                .at[jnp.arange(va.shape[0])[:, None], ia]
+                .set(va)
+            )
+            zb = (
+                jnp.zeros((vb.shape[0], f), jnp.float32)
+                .at[jnp.arange(vb.shape[0])[:, None], ib]
+                .set(vb)
+            )
             return rows, za, zb
 
         s2 = streaming.ChunkStream(with_rows, args.bfp_chunk, name="stats", check_finite=False)
@@ -141,8 +178,9 @@ def main(argv) -> int:
 
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    m = correlation.correlate(stream, f, f, mesh, sparse=True, tile_a=plan.tile_a,
-                              tile_b=plan.tile_b)
+    m = correlation.correlate(
+        stream, f, f, mesh, sparse=True, tile_a=plan.tile_a, tile_b=plan.tile_b
+    )
     out["correlation_seconds"] = time.perf_counter() - t0
     out["correlation_cpu_seconds"] = time.process_time() - cpu0
     out["mean_best_a"] = float(m.mean_best_a)

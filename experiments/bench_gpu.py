@@ -62,6 +62,7 @@ def _peak(kind: str, precision: str) -> float | None:
 def main(argv):
     del argv
     from engine import bench
+
     budget = bench.set_thread_budget(FLAGS.threads)
     import jax
     import jax.numpy as jnp
@@ -69,6 +70,7 @@ def main(argv):
 
     from engine import mesh as mesh_lib
     from engine import paired_stats, pairwise
+
     kind = jax.devices()[0].device_kind
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
@@ -77,31 +79,44 @@ def main(argv):
 
     def record(r, flops, precision):
         peak = _peak(kind, precision)
-        r.update(flops=flops, precision=precision, device_kind=kind, threads=budget,
-                 load=os.getloadavg()[0],
-                 candidate_tflops=flops / r["candidate_median_s"] / 1e12,
-                 baseline_tflops=flops / r["baseline_median_s"] / 1e12,
-                 peak_tflops=None if peak is None else peak / 1e12,
-                 fraction_of_peak=None if peak is None else flops / r["candidate_median_s"]
-                 / peak, goal_fraction_of_peak=0.5)
+        r.update(
+            flops=flops,
+            precision=precision,
+            device_kind=kind,
+            threads=budget,
+            load=os.getloadavg()[0],
+            candidate_tflops=flops / r["candidate_median_s"] / 1e12,
+            baseline_tflops=flops / r["baseline_median_s"] / 1e12,
+            peak_tflops=None if peak is None else peak / 1e12,
+            fraction_of_peak=None if peak is None else flops / r["candidate_median_s"] / peak,
+            goal_fraction_of_peak=0.5,
+        )
         results.append(r)
-        print(f"{r['name']}: {r['candidate_tflops']:.1f} TFLOP/s"
-              + ("" if peak is None else f" = {100 * r['fraction_of_peak']:.0f} % of peak"))
+        print(
+            f"{r['name']}: {r['candidate_tflops']:.1f} TFLOP/s"
+            + ("" if peak is None else f" = {100 * r['fraction_of_peak']:.0f} % of peak")
+        )
 
     # Raw GEMM per precision (the roof each kernel is measured against).
     a = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
     b = jnp.asarray(rng.standard_normal((min(n, 8192), d)), jnp.float32)
     gemms = {
-        "bf16": jax.jit(lambda x, y: jnp.dot(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16).T,
-                                             preferred_element_type=jnp.float32)),
+        "bf16": jax.jit(
+            lambda x, y: jnp.dot(
+                x.astype(jnp.bfloat16), y.astype(jnp.bfloat16).T, preferred_element_type=jnp.float32
+            )
+        ),
         "tf32": jax.jit(lambda x, y: jnp.dot(x, y.T, precision=jax.lax.Precision.DEFAULT)),
         "float32": jax.jit(lambda x, y: jnp.dot(x, y.T, precision=jax.lax.Precision.HIGHEST)),
     }
     gflops = 2.0 * n * b.shape[0] * d
     for p, g in gemms.items():
-        r = bench.compare(lambda g=g: g(a, b), lambda: gemms["bf16"](a, b),
-                          repeats=FLAGS.repeats, name=f"GEMM {n}x{d} @ {d}x{b.shape[0]} ({p}) "
-                          "vs bf16 GEMM")
+        r = bench.compare(
+            lambda g=g: g(a, b),
+            lambda: gemms["bf16"](a, b),
+            repeats=FLAGS.repeats,
+            name=f"GEMM {n}x{d} @ {d}x{b.shape[0]} ({p}) vs bf16 GEMM",
+        )
         record(r, gflops, p)
 
     # Pairwise max cosine, exact, both directions.
@@ -111,10 +126,13 @@ def main(argv):
     full_gemm = jax.jit(lambda x, y: jnp.max(jnp.dot(x, y.T, precision="DEFAULT"), axis=1))
     for prec, label in (("DEFAULT", "tf32"), ("HIGHEST", "float32")):
         r = bench.compare(
-            lambda prec=prec: pairwise.max_cosine(an, bn, mesh, precision=prec,
-                                                  margin=16 if prec != "HIGHEST" else 4),
-            lambda: full_gemm(jnp.asarray(an[: min(n, 8192)]), big), repeats=FLAGS.repeats,
-            name=f"max_cosine exact {n}x{d} (precision {prec}) vs one GEMM block")
+            lambda prec=prec: pairwise.max_cosine(
+                an, bn, mesh, precision=prec, margin=16 if prec != "HIGHEST" else 4
+            ),
+            lambda: full_gemm(jnp.asarray(an[: min(n, 8192)]), big),
+            repeats=FLAGS.repeats,
+            name=f"max_cosine exact {n}x{d} (precision {prec}) vs one GEMM block",
+        )
         r["baseline_note"] = "baseline is a GEMM of min(n, 8192) rows only (a roof, not a peer)"
         record(r, 2.0 * n * n * d, label)
 
@@ -123,16 +141,22 @@ def main(argv):
     za = jnp.asarray(rng.random((c, f)), jnp.float32)
     zb = jnp.asarray(rng.random((c, f)), jnp.float32)
     corr = jax.jit(lambda x, y: jnp.dot(x.T, y, precision=jax.lax.Precision.HIGHEST))
-    r = bench.compare(lambda: corr(za, zb), lambda: gemms["float32"](za.T, zb.T),
-                      repeats=FLAGS.repeats, name=f"correlation GEMM {f}x{c} @ {c}x{f} (f32)")
+    r = bench.compare(
+        lambda: corr(za, zb),
+        lambda: gemms["float32"](za.T, zb.T),
+        repeats=FLAGS.repeats,
+        name=f"correlation GEMM {f}x{c} @ {c}x{f} (f32)",
+    )
     record(r, 2.0 * f * f * c, "float32")
     rows, dim = FLAGS.gpu_cca_rows, FLAGS.gpu_cca_dim
     x = np.asarray(rng.standard_normal((rows, dim)), np.float32)
     y = np.asarray(rng.standard_normal((rows, dim)), np.float32)
-    r = bench.compare(lambda: paired_stats.pair_stats(x, y, mesh=mesh).cov_xy,
-                      lambda: gemms["float32"](jnp.asarray(x[:dim]).T, jnp.asarray(y[:dim]).T),
-                      repeats=FLAGS.repeats, name=f"CCA statistics {rows}x{dim} (f32, host "
-                      "arrays streamed)")
+    r = bench.compare(
+        lambda: paired_stats.pair_stats(x, y, mesh=mesh).cov_xy,
+        lambda: gemms["float32"](jnp.asarray(x[:dim]).T, jnp.asarray(y[:dim]).T),
+        repeats=FLAGS.repeats,
+        name=f"CCA statistics {rows}x{dim} (f32, host arrays streamed)",
+    )
     record(r, 2.0 * rows * (2 * dim) ** 2, "float32")
     bench.report(results, common.bench_out("gpu"))
 

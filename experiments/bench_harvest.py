@@ -48,13 +48,14 @@ common.define_bench_flags()
 
 SIZES = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_mlp=256),
-    "small": dict(d_model=128, n_layers=6, n_heads=4, d_mlp=512),      # pythia-14m shape
-    "medium": dict(d_model=512, n_layers=6, n_heads=8, d_mlp=2048),    # pythia-70m shape
+    "small": dict(d_model=128, n_layers=6, n_heads=4, d_mlp=512),  # pythia-14m shape
+    "medium": dict(d_model=512, n_layers=6, n_heads=8, d_mlp=2048),  # pythia-70m shape
 }
 
 
 def _model(size: str, tok, max_len: int):
     from models import lm, lm_tiny
+
     cfg = dict(SIZES[size])
     raw = lm_tiny.build_tiny_model("gpt_neox", tok, seed=0, max_len=max_len, **cfg)
     return lm.LanguageModel(raw.base_model, tok, name=f"gpt_neox-{size}", device=FLAGS.hv_device)
@@ -65,6 +66,7 @@ def _harvest_results(bench, tok, contexts) -> list[dict]:
     import torch
 
     from models import activation_cache
+
     results = []
     sizes = ["tiny", "small"] + ([] if FLAGS.hv_quick else ["medium"])
     n_ctx = FLAGS.hv_batch_size * FLAGS.hv_batches
@@ -79,20 +81,21 @@ def _harvest_results(bench, tok, contexts) -> list[dict]:
             def candidate(model=model, hp=hp):
                 out = None
                 for lo in range(0, n_ctx, FLAGS.hv_batch_size):
-                    part = ctxs[lo:lo + FLAGS.hv_batch_size]
+                    part = ctxs[lo : lo + FLAGS.hv_batch_size]
                     out = model.forward_batch(part.token_ids, [hp], attention_mask=part.mask)
                 return out.acts[hp]
 
             def baseline(model=model, layer=layer):
                 out = None
                 for lo in range(0, n_ctx, FLAGS.hv_batch_size):
-                    part = ctxs[lo:lo + FLAGS.hv_batch_size]
+                    part = ctxs[lo : lo + FLAGS.hv_batch_size]
                     with torch.inference_mode():
                         hs = model.model(
                             input_ids=torch.as_tensor(part.token_ids, device=model.device).long(),
-                            attention_mask=torch.as_tensor(part.mask,
-                                                           device=model.device).long(),
-                            output_hidden_states=True, use_cache=False).hidden_states
+                            attention_mask=torch.as_tensor(part.mask, device=model.device).long(),
+                            output_hidden_states=True,
+                            use_cache=False,
+                        ).hidden_states
                     out = hs[layer + 1].float().cpu().numpy()
                 return out
 
@@ -100,13 +103,28 @@ def _harvest_results(bench, tok, contexts) -> list[dict]:
                 diff = float(np.abs(candidate() - baseline()).max())
             else:
                 diff = None
-            r = bench.compare(candidate, baseline, repeats=FLAGS.repeats, warmup=1,
-                              name=f"harvest {size} {hp}: lm vs hf_hidden_states",
-                              work=tokens, work_unit="tokens")
-            r.update({"kind": "harvest", "size": size, "hookpoint": hp, **SIZES[size],
-                      "baseline": "hf_hidden_states", "tokens_per_repeat": tokens,
-                      "batch_size": FLAGS.hv_batch_size, "context_length": FLAGS.hv_context_length,
-                      "max_abs_diff_vs_baseline": diff})
+            r = bench.compare(
+                candidate,
+                baseline,
+                repeats=FLAGS.repeats,
+                warmup=1,
+                name=f"harvest {size} {hp}: lm vs hf_hidden_states",
+                work=tokens,
+                work_unit="tokens",
+            )
+            r.update(
+                {
+                    "kind": "harvest",
+                    "size": size,
+                    "hookpoint": hp,
+                    **SIZES[size],
+                    "baseline": "hf_hidden_states",
+                    "tokens_per_repeat": tokens,
+                    "batch_size": FLAGS.hv_batch_size,
+                    "context_length": FLAGS.hv_context_length,
+                    "max_abs_diff_vs_baseline": diff,
+                }
+            )
             results.append(r)
         tmp = tempfile.mkdtemp(prefix="bench_harvest_")
         hp = f"resid_post.{model.n_layers - 1}"
@@ -114,17 +132,32 @@ def _harvest_results(bench, tok, contexts) -> list[dict]:
         def to_disk(model=model, hp=hp, tmp=tmp):
             path = os.path.join(tmp, "cache")
             shutil.rmtree(path, ignore_errors=True)
-            return activation_cache.harvest(model, ctxs, [hp], path, batch_size=FLAGS.hv_batch_size,
-                                            progress=False).num_tokens
+            return activation_cache.harvest(
+                model, ctxs, [hp], path, batch_size=FLAGS.hv_batch_size, progress=False
+            ).num_tokens
 
         def in_memory(model=model, hp=hp):
             return model.run(ctxs, [hp], batch_size=FLAGS.hv_batch_size).acts[hp]
 
-        r = bench.compare(to_disk, in_memory, repeats=FLAGS.repeats, warmup=1,
-                          name=f"harvest {size} {hp}: to disk vs in memory", work=tokens,
-                          work_unit="tokens")
-        r.update({"kind": "harvest_to_disk", "size": size, "hookpoint": hp, **SIZES[size],
-                  "baseline": "in_memory", "tokens_per_repeat": tokens})
+        r = bench.compare(
+            to_disk,
+            in_memory,
+            repeats=FLAGS.repeats,
+            warmup=1,
+            name=f"harvest {size} {hp}: to disk vs in memory",
+            work=tokens,
+            work_unit="tokens",
+        )
+        r.update(
+            {
+                "kind": "harvest_to_disk",
+                "size": size,
+                "hookpoint": hp,
+                **SIZES[size],
+                "baseline": "in_memory",
+                "tokens_per_repeat": tokens,
+            }
+        )
         results.append(r)
         shutil.rmtree(tmp, ignore_errors=True)
     return results
@@ -134,11 +167,19 @@ def _read_results(bench, tok, contexts) -> list[dict]:
     import numpy as np
 
     from models import activation_cache, lm, lm_tiny
+
     d = 1024
-    raw = lm_tiny.build_tiny_model("gpt_neox", tok, seed=0, d_model=d, n_layers=1, n_heads=8,
-                                   d_mlp=64, max_len=FLAGS.hv_context_length)
-    model = lm.LanguageModel(raw.base_model, tok, name="gpt_neox-d1024-embeddings",
-                             device="cpu")
+    raw = lm_tiny.build_tiny_model(
+        "gpt_neox",
+        tok,
+        seed=0,
+        d_model=d,
+        n_layers=1,
+        n_heads=8,
+        d_mlp=64,
+        max_len=FLAGS.hv_context_length,
+    )
+    model = lm.LanguageModel(raw.base_model, tok, name="gpt_neox-d1024-embeddings", device="cpu")
     results = []
     tmp = tempfile.mkdtemp(prefix="bench_read_")
     try:
@@ -146,11 +187,19 @@ def _read_results(bench, tok, contexts) -> list[dict]:
             n_tokens = FLAGS.hv_read_mb * 2**20 // (d * itemsize)
             n_ctx = min(len(contexts), max(1, n_tokens // FLAGS.hv_context_length))
             path = os.path.join(tmp, dtype)
-            cache = activation_cache.harvest(model, contexts[:n_ctx], ["resid_pre.0"], path,
-                                             dtype=dtype, batch_size=64, progress=False,
-                                             shard_contexts=max(1, n_ctx // 4))
-            files = [os.path.join(path, "resid_pre.0", f"{i:05d}.npy")
-                     for i in range(len(cache.shards))]
+            cache = activation_cache.harvest(
+                model,
+                contexts[:n_ctx],
+                ["resid_pre.0"],
+                path,
+                dtype=dtype,
+                batch_size=64,
+                progress=False,
+                shard_contexts=max(1, n_ctx // 4),
+            )
+            files = [
+                os.path.join(path, "resid_pre.0", f"{i:05d}.npy") for i in range(len(cache.shards))
+            ]
             nbytes = sum(np.load(f, mmap_mode="r").nbytes for f in files)
 
             def baseline(files=files):
@@ -171,15 +220,30 @@ def _read_results(bench, tok, contexts) -> list[dict]:
                         total += float(block[1][0, 0])
                     return total
 
-                r = bench.compare(candidate, baseline, repeats=FLAGS.repeats, warmup=1,
-                                  name=f"cache read {dtype} -> {out_dtype} vs np.load raw",
-                                  work=nbytes / 1e9, work_unit="GB_file")
-                r.update({"kind": "cache_read", "dtype": dtype, "out_dtype": out_dtype,
-                          "file_bytes": nbytes, "rows": src.num_rows, "d": d,
-                          "baseline": "np.load raw files"})
+                r = bench.compare(
+                    candidate,
+                    baseline,
+                    repeats=FLAGS.repeats,
+                    warmup=1,
+                    name=f"cache read {dtype} -> {out_dtype} vs np.load raw",
+                    work=nbytes / 1e9,
+                    work_unit="GB_file",
+                )
+                r.update(
+                    {
+                        "kind": "cache_read",
+                        "dtype": dtype,
+                        "out_dtype": out_dtype,
+                        "file_bytes": nbytes,
+                        "rows": src.num_rows,
+                        "d": d,
+                        "baseline": "np.load raw files",
+                    }
+                )
                 results.append(r)
-            shuffled = cache.source("resid_pre.0", shuffle_seed=0, shuffle_buffer=1 << 16,
-                                    shuffle_block=1024)
+            shuffled = cache.source(
+                "resid_pre.0", shuffle_seed=0, shuffle_buffer=1 << 16, shuffle_block=1024
+            )
 
             def shuffled_read(shuffled=shuffled):
                 total = 0.0
@@ -187,12 +251,27 @@ def _read_results(bench, tok, contexts) -> list[dict]:
                     total += float(block[1][0, 0])
                 return total
 
-            r = bench.compare(shuffled_read, baseline, repeats=FLAGS.repeats, warmup=1,
-                              name=f"cache read {dtype} shuffled -> float32 vs np.load raw",
-                              work=nbytes / 1e9, work_unit="GB_file")
-            r.update({"kind": "cache_read_shuffled", "dtype": dtype, "file_bytes": nbytes,
-                      "rows": src.num_rows, "d": d, "baseline": "np.load raw files",
-                      "shuffle_buffer_rows": 1 << 16, "shuffle_block_rows": 1024})
+            r = bench.compare(
+                shuffled_read,
+                baseline,
+                repeats=FLAGS.repeats,
+                warmup=1,
+                name=f"cache read {dtype} shuffled -> float32 vs np.load raw",
+                work=nbytes / 1e9,
+                work_unit="GB_file",
+            )
+            r.update(
+                {
+                    "kind": "cache_read_shuffled",
+                    "dtype": dtype,
+                    "file_bytes": nbytes,
+                    "rows": src.num_rows,
+                    "d": d,
+                    "baseline": "np.load raw files",
+                    "shuffle_buffer_rows": 1 << 16,
+                    "shuffle_block_rows": 1024,
+                }
+            )
             results.append(r)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,8 +281,10 @@ def _read_results(bench, tok, contexts) -> list[dict]:
 def main(argv):
     del argv
     from engine import bench
+
     budget = bench.set_thread_budget(FLAGS.threads)
     import torch
+
     torch.set_num_threads(FLAGS.threads)
     from models import text
 
@@ -214,6 +295,7 @@ def main(argv):
     # the read benchmark needs more contexts than the sample has at long context lengths:
     # repeat the sample's contexts (content does not matter for read speed)
     import numpy as np
+
     reps = -(-(FLAGS.hv_read_mb * 2**20 // 2048) // max(1, contexts.num_tokens)) + 1
     many = text.Contexts.concat([contexts] * reps)
     many = text.Contexts(many.token_ids, many.mask, np.arange(len(many)))
@@ -221,11 +303,15 @@ def main(argv):
     for r in results:
         r["thread_budget"] = budget
         if r["kind"].startswith("harvest"):
-            print(f"{r['name']}: {r['candidate_tokens_per_s']:,.0f} vs "
-                  f"{r['baseline_tokens_per_s']:,.0f} tokens/s ({r['speedup']:.2f}x)")
+            print(
+                f"{r['name']}: {r['candidate_tokens_per_s']:,.0f} vs "
+                f"{r['baseline_tokens_per_s']:,.0f} tokens/s ({r['speedup']:.2f}x)"
+            )
         else:
-            print(f"{r['name']}: {r['candidate_GB_file_per_s']:.2f} vs "
-                  f"{r['baseline_GB_file_per_s']:.2f} GB/s ({r['speedup']:.2f}x)")
+            print(
+                f"{r['name']}: {r['candidate_GB_file_per_s']:.2f} vs "
+                f"{r['baseline_GB_file_per_s']:.2f} GB/s ({r['speedup']:.2f}x)"
+            )
     bench.report(results, common.bench_out("harvest"))
 
 

@@ -41,12 +41,13 @@ common.define_bench_flags()
 
 PRECISIONS = ("float32", "tf32", "bf16")
 # Unit roundoff of the rounded GEMM inputs (float32 accumulation adds d * 2**-24).
-INPUT_ROUNDOFF = {"float32": 2.0 ** -24, "tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
+INPUT_ROUNDOFF = {"float32": 2.0**-24, "tf32": 2.0**-11, "bf16": 2.0**-8}
 
 
 def round_mantissa(x, precision: str):
     """``x`` (float32) rounded to the precision's mantissa, round to nearest even, as float32."""
     import numpy as np
+
     x = np.ascontiguousarray(x, np.float32)
     if precision == "float32":
         return x
@@ -61,6 +62,7 @@ def round_mantissa(x, precision: str):
 def dot(a, b, precision: str):
     """float32 product of the rounded inputs (what the tensor cores compute)."""
     import numpy as np
+
     return np.asarray(round_mantissa(a, precision) @ round_mantissa(b, precision), np.float32)
 
 
@@ -68,6 +70,7 @@ def pairwise_section() -> list[dict]:
     import numpy as np
 
     from engine import pairwise
+
     rng = np.random.default_rng(0)
     n, d = FLAGS.prec_n, FLAGS.prec_d
     a = rng.standard_normal((n, d)).astype(np.float32)
@@ -82,15 +85,21 @@ def pairwise_section() -> list[dict]:
         s = dot(a, b.T, p)
         err = float(np.max(np.abs(s - ref)))
         tol = pairwise.cosine_tolerance(d, p)
-        row = {"name": f"pairwise cosine {n}x{n} d={d} ({p})", "precision": p,
-               "max_abs_err": err, "error_bound": tol, "bound_holds": err <= tol,
-               "argmax_agreement_unrefined": float(np.mean(s.argmax(1) == best))}
+        row = {
+            "name": f"pairwise cosine {n}x{n} d={d} ({p})",
+            "precision": p,
+            "max_abs_err": err,
+            "error_bound": tol,
+            "bound_holds": err <= tol,
+            "argmax_agreement_unrefined": float(np.mean(s.argmax(1) == best)),
+        }
         srt = -np.sort(-s, axis=1)
         for margin in (4, 16, 64):
             kk = 1 + margin
             # certified: the K-th candidate more than 2 tol below the best (k = 1)
-            row[f"uncertified_rows_margin{margin}"] = float(np.mean(
-                srt[:, kk - 1] >= srt[:, 0] - 2 * tol))
+            row[f"uncertified_rows_margin{margin}"] = float(
+                np.mean(srt[:, kk - 1] >= srt[:, 0] - 2 * tol)
+            )
         # The true argmax is among the top k + margin candidates of the rounded product
         # (refinement would find it) for every row?
         top16 = np.argsort(-s, axis=1)[:, :17]
@@ -101,6 +110,7 @@ def pairwise_section() -> list[dict]:
 
 def correlation_section() -> list[dict]:
     import numpy as np
+
     rng = np.random.default_rng(1)
     f, t, k = FLAGS.prec_features, FLAGS.prec_tokens, 32
     ia = np.stack([rng.choice(f, k, replace=False) for _ in range(t)])
@@ -117,8 +127,8 @@ def correlation_section() -> list[dict]:
         np.put_along_axis(zb, ib, vb_.astype(dtype), 1)
         c = (za.T @ zb).astype(np.float64) / t
         ma, mb = za.mean(0, dtype=np.float64), zb.mean(0, dtype=np.float64)
-        sa = np.sqrt(np.maximum((za.astype(np.float64) ** 2).mean(0) - ma ** 2, 0))
-        sb = np.sqrt(np.maximum((zb.astype(np.float64) ** 2).mean(0) - mb ** 2, 0))
+        sa = np.sqrt(np.maximum((za.astype(np.float64) ** 2).mean(0) - ma**2, 0))
+        sb = np.sqrt(np.maximum((zb.astype(np.float64) ** 2).mean(0) - mb**2, 0))
         return (c - np.outer(ma, mb)) / np.maximum(np.outer(sa, sb), 1e-30)
 
     ref = corr(va, vb, np.float64)
@@ -126,15 +136,21 @@ def correlation_section() -> list[dict]:
     out = []
     for p in PRECISIONS:
         got = corr(round_mantissa(va, p), round_mantissa(vb, p), np.float32)
-        out.append({"name": f"correlation TopK k={k} {f}x{f}, {t} tokens ({p})",
-                    "precision": p, "max_abs_err": float(np.max(np.abs(got - ref))),
-                    "best_partner_agreement": float(np.mean(got.argmax(1) == best)),
-                    "best_value_max_abs_err": float(np.max(np.abs(got.max(1) - ref.max(1))))})
+        out.append(
+            {
+                "name": f"correlation TopK k={k} {f}x{f}, {t} tokens ({p})",
+                "precision": p,
+                "max_abs_err": float(np.max(np.abs(got - ref))),
+                "best_partner_agreement": float(np.mean(got.argmax(1) == best)),
+                "best_value_max_abs_err": float(np.max(np.abs(got.max(1) - ref.max(1)))),
+            }
+        )
     return out
 
 
 def sae_section() -> list[dict]:
     import numpy as np
+
     rng = np.random.default_rng(2)
     n, d, f, k = min(FLAGS.prec_n, 4096), FLAGS.prec_d // 2, FLAGS.prec_features, 32
     w_enc = (rng.standard_normal((d, f)) / np.sqrt(d)).astype(np.float32)
@@ -155,12 +171,19 @@ def sae_section() -> list[dict]:
     out = []
     for p in PRECISIONS:
         idx, rec = forward(x, w_enc, w_dec, p)
-        jac = np.mean([len(sets_ref[i] & set(idx[i])) / len(sets_ref[i] | set(idx[i]))
-                       for i in range(n)])
-        out.append({"name": f"TopK SAE forward d={d} F={f} k={k} ({p})", "precision": p,
-                    "support_jaccard": float(jac),
-                    "reconstruction_rel_err": float(np.linalg.norm(rec - rec_ref)
-                                                    / np.linalg.norm(rec_ref))})
+        jac = np.mean(
+            [len(sets_ref[i] & set(idx[i])) / len(sets_ref[i] | set(idx[i])) for i in range(n)]
+        )
+        out.append(
+            {
+                "name": f"TopK SAE forward d={d} F={f} k={k} ({p})",
+                "precision": p,
+                "support_jaccard": float(jac),
+                "reconstruction_rel_err": float(
+                    np.linalg.norm(rec - rec_ref) / np.linalg.norm(rec_ref)
+                ),
+            }
+        )
     return out
 
 
@@ -168,11 +191,12 @@ def cca_section() -> list[dict]:
     import numpy as np
 
     from engine import cca
+
     rng = np.random.default_rng(3)
     n, d, latent = 20_000, 128, 32
     z = rng.standard_normal((n, latent))
-    x = (z @ rng.standard_normal((latent, d)) + 0.3 * rng.standard_normal((n, d)) + 2.0)
-    y = (z @ rng.standard_normal((latent, d)) + 0.3 * rng.standard_normal((n, d)) - 1.0)
+    x = z @ rng.standard_normal((latent, d)) + 0.3 * rng.standard_normal((n, d)) + 2.0
+    y = z @ rng.standard_normal((latent, d)) + 0.3 * rng.standard_normal((n, d)) - 1.0
     x, y = x.astype(np.float32), y.astype(np.float32)
     ref = cca.svcca(x.astype(np.float64), y.astype(np.float64)).score
     out = []
@@ -190,14 +214,25 @@ def cca_section() -> list[dict]:
         wx, wy = inv_sqrt(sxx), inv_sqrt(syy)
         s = np.linalg.svd(wx.T @ sxy.astype(np.float64) @ wy, compute_uv=False)
         score = float(np.mean(np.clip(s, 0, 1)))
-        out.append({"name": f"SVCCA from covariances n={n} d={d} ({p}, centred inputs)",
-                    "precision": p, "score": score, "score_float64": float(ref),
-                    "abs_err": abs(score - float(ref)), "goal_abs_err": 1e-5})
+        out.append(
+            {
+                "name": f"SVCCA from covariances n={n} d={d} ({p}, centred inputs)",
+                "precision": p,
+                "score": score,
+                "score_float64": float(ref),
+                "abs_err": abs(score - float(ref)),
+                "goal_abs_err": 1e-5,
+            }
+        )
     return out
 
 
-SECTIONS = {"pairwise": pairwise_section, "correlation": correlation_section,
-            "sae": sae_section, "cca": cca_section}
+SECTIONS = {
+    "pairwise": pairwise_section,
+    "correlation": correlation_section,
+    "sae": sae_section,
+    "cca": cca_section,
+}
 
 
 def main(argv):
@@ -206,6 +241,7 @@ def main(argv):
     import os
 
     from engine import bench
+
     budget = bench.set_thread_budget(FLAGS.threads)
     results = []
     for name in common.bench_sections(tuple(SECTIONS)):

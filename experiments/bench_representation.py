@@ -42,14 +42,19 @@ flags.DEFINE_integer("rep_pairs", 5000, "nulls: rows (paired features).")
 flags.DEFINE_integer("rep_null_dim", 128, "null_svcca / null_rsa: columns of X and Y.")
 flags.DEFINE_integer("rep_permutations", 1000, "nulls: R.")
 flags.DEFINE_integer("rep_loop_perms", 20, "nulls: permutations timed in the loops (scaled to R).")
-flags.DEFINE_bool("rep_hoisted_only", False, "nulls: time only the hoisted loop (the goal's "
-                  "peer), skipping the slow recompute-everything loops.")
+flags.DEFINE_bool(
+    "rep_hoisted_only",
+    False,
+    "nulls: time only the hoisted loop (the goal's "
+    "peer), skipping the slow recompute-everything loops.",
+)
 common.define_bench_flags()
 
 
 def _data(rows, dim, latent, seed, dtype="float32"):
     """X, Y sharing a ``latent``-dim subspace, with decaying spectra and noise."""
     import numpy as np
+
     rng = np.random.default_rng(seed)
     z = rng.normal(size=(rows, latent)).astype(dtype)
     scale = (1.0 / np.arange(1, latent + 1) ** 0.5).astype(dtype)
@@ -64,10 +69,11 @@ def _svd_reduce(a, threshold=0.99):
     """SVCCA's reduction (float64 SVD of the centred data, top directions holding 99 % of the
     variance), shared by the baseline and the hoisted null loop."""
     import numpy as np
+
     a = np.asarray(a, np.float64)
     a = a - a.mean(axis=0)
     _, s, vt = np.linalg.svd(a, full_matrices=False)
-    frac = np.cumsum(s ** 2) / np.sum(s ** 2)
+    frac = np.cumsum(s**2) / np.sum(s**2)
     k = int(np.argmax(frac >= threshold)) + 1
     return a @ vt[:k].T
 
@@ -129,20 +135,32 @@ def svcca_stream_section(bench) -> dict:
     def baseline():
         return numpy_svcca(x, y)
 
-    res = bench.compare(lambda: candidate().score, baseline, repeats=FLAGS.repeats,
-                        name=f"SVCCA {FLAGS.rep_rows}x{FLAGS.rep_dim} streamed f32 vs numpy "
-                             "SVD f64",
-                        work=FLAGS.rep_rows, work_unit="rows")
+    res = bench.compare(
+        lambda: candidate().score,
+        baseline,
+        repeats=FLAGS.repeats,
+        name=f"SVCCA {FLAGS.rep_rows}x{FLAGS.rep_dim} streamed f32 vs numpy SVD f64",
+        work=FLAGS.rep_rows,
+        work_unit="rows",
+    )
     got = candidate()
     want, kx, ky = baseline()
-    res.update(value=got.score, value_numpy=want, abs_diff=abs(got.score - want),
-               components=[got.components_x, got.components_y], components_numpy=[kx, ky],
-               goal_speedup=5.0, goal_abs_diff=1e-6, rows=FLAGS.rep_rows, dim=FLAGS.rep_dim,
-               chunk=chunk)
+    res.update(
+        value=got.score,
+        value_numpy=want,
+        abs_diff=abs(got.score - want),
+        components=[got.components_x, got.components_y],
+        components_numpy=[kx, ky],
+        goal_speedup=5.0,
+        goal_abs_diff=1e-6,
+        rows=FLAGS.rep_rows,
+        dim=FLAGS.rep_dim,
+        chunk=chunk,
+    )
     d = FLAGS.rep_dim
-    res["candidate_state_bytes"] = int(4 * (3 * d * d + 8 * d))          # O(d^2), any n
-    res["candidate_chunk_bytes"] = int(4 * chunk * 2 * d * 3)            # chunk + 2 prefetched
-    res["baseline_bytes_estimate"] = int(8 * FLAGS.rep_rows * d * 3)         # f64 copy, U, proj.
+    res["candidate_state_bytes"] = int(4 * (3 * d * d + 8 * d))  # O(d^2), any n
+    res["candidate_chunk_bytes"] = int(4 * chunk * 2 * d * 3)  # chunk + 2 prefetched
+    res["baseline_bytes_estimate"] = int(8 * FLAGS.rep_rows * d * 3)  # f64 copy, U, proj.
     if FLAGS.rep_x64:
         jax.config.update("jax_enable_x64", True)
         t0 = time.perf_counter()
@@ -162,10 +180,13 @@ def _null_compare(bench, name, batched, loop, loop_perms):
     """
     res = bench.compare(batched, loop, repeats=1, warmup=0, name=name)
     scale = FLAGS.rep_permutations / loop_perms
-    res.update(loop_perms=loop_perms, permutations=FLAGS.rep_permutations,
-               baseline_scaled_s=res["baseline_median_s"] * scale,
-               speedup_scaled=res["baseline_median_s"] * scale / res["candidate_median_s"],
-               goal_speedup=10.0)
+    res.update(
+        loop_perms=loop_perms,
+        permutations=FLAGS.rep_permutations,
+        baseline_scaled_s=res["baseline_median_s"] * scale,
+        speedup_scaled=res["baseline_median_s"] * scale / res["candidate_median_s"],
+        goal_speedup=10.0,
+    )
     return res
 
 
@@ -186,8 +207,13 @@ def null_svcca_section(bench) -> list[dict]:
         return nulls.permutation_null(kernel, r, seed=0, mesh=mesh)
 
     def loop_engine():
-        return nulls.loop_null(lambda a, b, w: metric(a, b, w, mesh=mesh), x, y,
-                               num_permutations=FLAGS.rep_loop_perms, seed=0)
+        return nulls.loop_null(
+            lambda a, b, w: metric(a, b, w, mesh=mesh),
+            x,
+            y,
+            num_permutations=FLAGS.rep_loop_perms,
+            seed=0,
+        )
 
     def loop_numpy():
         perms = nulls.permutations(FLAGS.rep_pairs, FLAGS.rep_loop_perms, seed=0)
@@ -198,19 +224,30 @@ def null_svcca_section(bench) -> list[dict]:
     def loop_hoisted():
         perms = nulls.permutations(FLAGS.rep_pairs, FLAGS.rep_loop_perms, seed=0)
         n = len(xw)
-        return np.array([np.mean(np.clip(np.linalg.svd(xw.T @ yw[p] / n, compute_uv=False),
-                                         0, 1)) for p in perms])
+        return np.array(
+            [
+                np.mean(np.clip(np.linalg.svd(xw.T @ yw[p] / n, compute_uv=False), 0, 1))
+                for p in perms
+            ]
+        )
 
     out = []
-    b = batched()[:FLAGS.rep_loop_perms]
-    loops = (("engine metric per permutation", loop_engine),
-             ("numpy SVD SVCCA per permutation", loop_numpy),
-             (HOISTED + ": whitened reductions once, one k x k SVD per permutation",
-              loop_hoisted))
+    b = batched()[: FLAGS.rep_loop_perms]
+    loops = (
+        ("engine metric per permutation", loop_engine),
+        ("numpy SVD SVCCA per permutation", loop_numpy),
+        (HOISTED + ": whitened reductions once, one k x k SVD per permutation", loop_hoisted),
+    )
     for label, loop in loops[-1:] if FLAGS.rep_hoisted_only else loops:
         diff = float(np.max(np.abs(b - loop())))
-        res = _null_compare(bench, f"SVCCA null R={r} n={FLAGS.rep_pairs} d={FLAGS.rep_null_dim}: "
-                            f"batched vs loop ({label})", batched, loop, FLAGS.rep_loop_perms)
+        res = _null_compare(
+            bench,
+            f"SVCCA null R={r} n={FLAGS.rep_pairs} d={FLAGS.rep_null_dim}: "
+            f"batched vs loop ({label})",
+            batched,
+            loop,
+            FLAGS.rep_loop_perms,
+        )
         res["max_abs_diff_vs_loop"] = diff
         res["components"] = [result.components_x, result.components_y]
         out.append(res)
@@ -230,22 +267,27 @@ def null_rsa_section(bench) -> list[dict]:
     _, make_kernel = metric.prepare(x, y, None, mesh)
     kernel = make_kernel()
     r = FLAGS.rep_permutations
-    loop_perms = max(1, FLAGS.rep_loop_perms // 10)   # each numpy RSA sorts 12.5M pairs twice
+    loop_perms = max(1, FLAGS.rep_loop_perms // 10)  # each numpy RSA sorts 12.5M pairs twice
 
     def batched():
         return nulls.permutation_null(kernel, r, seed=0, mesh=mesh)
 
     def loop_engine():
-        return nulls.loop_null(lambda a, b, w: metric(a, b, w, mesh=mesh), x, y,
-                               num_permutations=loop_perms, seed=0)
+        return nulls.loop_null(
+            lambda a, b, w: metric(a, b, w, mesh=mesh), x, y, num_permutations=loop_perms, seed=0
+        )
 
     iu = np.triu_indices(FLAGS.rep_pairs, 1)
     rx = np.corrcoef(x.astype(np.float64))[iu]
 
     def loop_numpy():
         perms = nulls.permutations(FLAGS.rep_pairs, loop_perms, seed=0)
-        return np.array([scipy.stats.spearmanr(rx, np.corrcoef(y[p].astype(np.float64))[iu])
-                         .statistic for p in perms])
+        return np.array(
+            [
+                scipy.stats.spearmanr(rx, np.corrcoef(y[p].astype(np.float64))[iu]).statistic
+                for p in perms
+            ]
+        )
 
     # Hoisted: both rank transforms once (a permutation only rearranges Y's similarities, so
     # their ranks are the permuted ranks); each permutation is one gather and one dot product.
@@ -266,16 +308,26 @@ def null_rsa_section(bench) -> list[dict]:
         return np.array(out)
 
     out = []
-    b = batched()[:FLAGS.rep_loop_perms]
-    loops = (("engine metric per permutation", loop_engine, loop_perms),
-             ("numpy corrcoef + scipy spearmanr per permutation", loop_numpy, loop_perms),
-             (HOISTED + ": ranks once, one gather + dot per permutation", loop_hoisted,
-              FLAGS.rep_loop_perms))
+    b = batched()[: FLAGS.rep_loop_perms]
+    loops = (
+        ("engine metric per permutation", loop_engine, loop_perms),
+        ("numpy corrcoef + scipy spearmanr per permutation", loop_numpy, loop_perms),
+        (
+            HOISTED + ": ranks once, one gather + dot per permutation",
+            loop_hoisted,
+            FLAGS.rep_loop_perms,
+        ),
+    )
     for label, loop, perms_timed in loops[-1:] if FLAGS.rep_hoisted_only else loops:
         vals = loop()
-        diff = float(np.max(np.abs(b[:len(vals)] - vals)))
-        res = _null_compare(bench, f"RSA null R={r} n={FLAGS.rep_pairs} d={FLAGS.rep_null_dim}: "
-                            f"batched vs loop ({label})", batched, loop, perms_timed)
+        diff = float(np.max(np.abs(b[: len(vals)] - vals)))
+        res = _null_compare(
+            bench,
+            f"RSA null R={r} n={FLAGS.rep_pairs} d={FLAGS.rep_null_dim}: batched vs loop ({label})",
+            batched,
+            loop,
+            perms_timed,
+        )
         res["max_abs_diff_vs_loop"] = diff
         out.append(res)
     return out
@@ -284,14 +336,17 @@ def null_rsa_section(bench) -> list[dict]:
 def main(argv):
     del argv
     from engine import bench
+
     budget = bench.set_thread_budget(FLAGS.threads)
     only = common.bench_sections(("svcca_stream", "null_svcca", "null_rsa"))
     results = []
     if "svcca_stream" in only:
         results.append(svcca_stream_section(bench))
         r = results[-1]
-        print(f"SVCCA value {r['value']:.9f} vs numpy {r['value_numpy']:.9f} "
-              f"(|diff| {r['abs_diff']:.1e}, goal 1e-6); speedup {r['speedup']:.2f}x (goal 5x)")
+        print(
+            f"SVCCA value {r['value']:.9f} vs numpy {r['value_numpy']:.9f} "
+            f"(|diff| {r['abs_diff']:.1e}, goal 1e-6); speedup {r['speedup']:.2f}x (goal 5x)"
+        )
     if "null_svcca" in only:
         results.extend(null_svcca_section(bench))
     if "null_rsa" in only:
@@ -299,8 +354,10 @@ def main(argv):
     for r in results:
         r["threads"] = budget
         if "speedup_scaled" in r:
-            print(f"{r['name']}: {r['speedup_scaled']:.1f}x scaled to R={r['permutations']} "
-                  f"(goal {r['goal_speedup']:.0f}x)")
+            print(
+                f"{r['name']}: {r['speedup_scaled']:.1f}x scaled to R={r['permutations']} "
+                f"(goal {r['goal_speedup']:.0f}x)"
+            )
     bench.report(results, common.bench_out("representation"))
 
 

@@ -43,10 +43,16 @@ flags.DEFINE_integer("bs_k", 32, "TopK k.")
 flags.DEFINE_integer("bs_batch", 4096, "Rows per step.")
 flags.DEFINE_float("bs_scale", 1.0, "Multiply batch and d_sae by this (quick runs).")
 flags.DEFINE_integer("bs_steps_per_call", 2, "Steps timed per call (both sides).")
-flags.DEFINE_string("bs_torch_device", "cpu", "Device of the PyTorch baseline (cuda on GPU "
-                    "machines: the plain PyTorch CUDA step, issue 18).")
-flags.DEFINE_list("bs_skip", [], "Comparisons to skip (train_step, dense_vs_torch, "
-                  "sparse_vs_dense_step, decode_fwd_bwd).")
+flags.DEFINE_string(
+    "bs_torch_device",
+    "cpu",
+    "Device of the PyTorch baseline (cuda on GPU machines: the plain PyTorch CUDA step, issue 18).",
+)
+flags.DEFINE_list(
+    "bs_skip",
+    [],
+    "Comparisons to skip (train_step, dense_vs_torch, sparse_vs_dense_step, decode_fwd_bwd).",
+)
 
 
 def torch_topk_sae(torch, w_dec, b_dec, k, lr, eps, device="cpu"):
@@ -79,6 +85,7 @@ def torch_topk_sae(torch, w_dec, b_dec, k, lr, eps, device="cpu"):
             fired[idx.reshape(-1)[vals.reshape(-1) > 0]] = True
             since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
         return loss.detach()
+
     return params, step
 
 
@@ -93,12 +100,14 @@ def run_bench() -> dict:
     args = FLAGS
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from engine import bench
+
     budget = bench.set_thread_budget(args.threads)
 
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
+
     torch.set_num_threads(args.threads)
 
     from engine import mesh as mesh_lib
@@ -111,14 +120,22 @@ def run_bench() -> dict:
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
     # Activation-like data: a few strong directions plus noise, already at norm ~sqrt(d_in).
-    x = (rng.normal(size=(batch, d_in)) + rng.normal(size=(batch, 8)) @
-         rng.normal(size=(8, d_in))).astype(np.float32)
+    x = (
+        rng.normal(size=(batch, d_in)) + rng.normal(size=(batch, 8)) @ rng.normal(size=(8, d_in))
+    ).astype(np.float32)
     x *= np.sqrt(d_in) / np.mean(np.linalg.norm(x, axis=1))
     skip = set(args.bs_skip)
 
     def jax_program(decode):
-        cfg = sae_train.TrainConfig(d_sae=d_sae, activation="topk", k=k, lr=1e-4,
-                                    decode=decode, normalize_input=False, b_dec_init="mean")
+        cfg = sae_train.TrainConfig(
+            d_sae=d_sae,
+            activation="topk",
+            k=k,
+            lr=1e-4,
+            decode=decode,
+            normalize_input=False,
+            b_dec_init="mean",
+        )
         program = sae_train.SweepProgram([cfg], d_in, 10**6, mesh)
         state = mesh_lib.replicate(mesh, program.init_state(x[:2048]), copy=True)
         return program, state
@@ -134,20 +151,29 @@ def run_bench() -> dict:
                 s, m = fn(s, xb)
             holder["state"] = s
             return m["loss"]
+
         return call, holder
 
     results = []
-    meta = {"d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "scale": args.bs_scale,
-            "steps_per_call": args.bs_steps_per_call, "thread_budget": budget,
-            "sparse_auto": sae_lib.prefer_sparse(d_sae, k)}
+    meta = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": k,
+        "batch": batch,
+        "scale": args.bs_scale,
+        "steps_per_call": args.bs_steps_per_call,
+        "thread_budget": budget,
+        "sparse_auto": sae_lib.prefer_sparse(d_sae, k),
+    }
     tokens = batch * args.bs_steps_per_call
 
     sparse_prog, sparse_state = jax_program("sparse")
     # -- same computation check: one step of JAX (sparse) vs torch from the same weights ----
     p0 = jax.device_get(jax.tree.map(lambda a: a[0], sparse_state.params["sae"]))
     tdev = args.bs_torch_device
-    tparams, tstep = torch_topk_sae(torch, np.asarray(p0["W_dec"]), np.asarray(p0["b_dec"]),
-                                    k, 1e-4, 6.25e-10, device=tdev)
+    tparams, tstep = torch_topk_sae(
+        torch, np.asarray(p0["W_dec"]), np.asarray(p0["b_dec"]), k, 1e-4, 6.25e-10, device=tdev
+    )
     xt = torch.from_numpy(x).to(tdev)
     meta["torch_device"] = tdev
     check_state = mesh_lib.replicate(mesh, sparse_state, copy=True)
@@ -162,9 +188,10 @@ def run_bench() -> dict:
         a = np.asarray(p1[name], np.float64)
         b = tparams[name].detach().cpu().numpy().astype(np.float64)
         start = np.asarray(p0[name], np.float64)
-        check[name] = {"max_abs_diff": float(np.max(np.abs(a - b))),
-                       "update_rel_diff": float(np.linalg.norm(a - b) /
-                                                max(np.linalg.norm(b - start), 1e-30))}
+        check[name] = {
+            "max_abs_diff": float(np.max(np.abs(a - b))),
+            "update_rel_diff": float(np.linalg.norm(a - b) / max(np.linalg.norm(b - start), 1e-30)),
+        }
     meta["one_step_check_jax_vs_torch"] = check
     print("one step, JAX vs torch:", check)
     del check_state
@@ -177,11 +204,18 @@ def run_bench() -> dict:
                 for _ in range(args.bs_steps_per_call):
                     loss = tstep(xt)
             if tdev != "cpu":
-                torch.cuda.synchronize()    # CUDA is asynchronous, like JAX's dispatch
+                torch.cuda.synchronize()  # CUDA is asynchronous, like JAX's dispatch
             return loss
-        r = bench.compare(jax_call, torch_call, repeats=args.repeats, warmup=1,
-                          name="train_step jax(sparse) vs torch", work=tokens,
-                          work_unit="tokens")
+
+        r = bench.compare(
+            jax_call,
+            torch_call,
+            repeats=args.repeats,
+            warmup=1,
+            name="train_step jax(sparse) vs torch",
+            work=tokens,
+            work_unit="tokens",
+        )
         r["goal"] = 1.5
         results.append(r)
 
@@ -189,9 +223,15 @@ def run_bench() -> dict:
         # The framework alone: the same dense algorithm in JAX against torch.
         dense_prog, dense_state = jax_program("dense")
         dense_call, _ = runner(dense_prog, dense_state)
-        r = bench.compare(dense_call, torch_call, repeats=args.repeats, warmup=1,
-                          name="train_step jax(dense) vs torch", work=tokens,
-                          work_unit="tokens")
+        r = bench.compare(
+            dense_call,
+            torch_call,
+            repeats=args.repeats,
+            warmup=1,
+            name="train_step jax(dense) vs torch",
+            work=tokens,
+            work_unit="tokens",
+        )
         r["goal"] = None
         results.append(r)
         del dense_state
@@ -202,17 +242,22 @@ def run_bench() -> dict:
         sp_prog2, sp_state2 = jax_program("sparse")
         sparse_call, _ = runner(sp_prog2, sp_state2)
         dense_call, _ = runner(dense_prog, dense_state)
-        r = bench.compare(sparse_call, dense_call, repeats=args.repeats, warmup=1,
-                          name="train_step jax sparse vs dense", work=tokens,
-                          work_unit="tokens")
+        r = bench.compare(
+            sparse_call,
+            dense_call,
+            repeats=args.repeats,
+            warmup=1,
+            name="train_step jax sparse vs dense",
+            work=tokens,
+            work_unit="tokens",
+        )
         r["goal"] = 2.0
         results.append(r)
         del dense_state, sp_state2
 
     if "decode_fwd_bwd" not in skip:
         w_dec = jnp.asarray(rng.normal(size=(d_sae, d_in)).astype(np.float32))
-        vals, idx = jax.lax.top_k(jnp.asarray(rng.normal(size=(batch, d_sae)),
-                                              jnp.float32), k)
+        vals, idx = jax.lax.top_k(jnp.asarray(rng.normal(size=(batch, d_sae)), jnp.float32), k)
         target = jnp.asarray(x)
 
         def sparse_loss(w, v):
@@ -220,12 +265,18 @@ def run_bench() -> dict:
 
         def dense_loss(w, v):
             return jnp.sum((sae_lib.scatter_rows(v, idx, d_sae) @ w - target) ** 2)
+
         gs = jax.jit(jax.grad(sparse_loss, argnums=(0, 1)))
         gd = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))
-        r = bench.compare(lambda: gs(w_dec, vals), lambda: gd(w_dec, vals),
-                          repeats=args.repeats + 2, warmup=1,
-                          name="decode fwd+bwd sparse vs dense", work=batch,
-                          work_unit="tokens")
+        r = bench.compare(
+            lambda: gs(w_dec, vals),
+            lambda: gd(w_dec, vals),
+            repeats=args.repeats + 2,
+            warmup=1,
+            name="decode fwd+bwd sparse vs dense",
+            work=batch,
+            work_unit="tokens",
+        )
         r["goal"] = 2.0
         results.append(r)
 
@@ -234,6 +285,7 @@ def run_bench() -> dict:
     out = common.bench_out("sae")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     from engine import metrics_io
+
     metrics_io.write_json(out, doc)
     print(f"wrote {out}")
     for r in results:

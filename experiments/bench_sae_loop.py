@@ -44,10 +44,12 @@ def main(argv) -> None:
     args = FLAGS
     out = common.bench_out("sae_loop")
     from engine import bench
+
     budget = bench.set_thread_budget(args.threads)
     import jax
     import numpy as np
     import torch
+
     torch.set_num_threads(args.threads)
 
     from engine import mesh as mesh_lib
@@ -58,11 +60,14 @@ def main(argv) -> None:
     d_in, k, batch, steps = args.bsl_d_in, args.bsl_k, args.bsl_batch, args.bsl_steps
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
-    data = (rng.normal(size=(args.bsl_rows, d_in)) + rng.normal(size=(args.bsl_rows, 8)) @
-            rng.normal(size=(8, d_in))).astype(np.float32)
+    data = (
+        rng.normal(size=(args.bsl_rows, d_in))
+        + rng.normal(size=(args.bsl_rows, 8)) @ rng.normal(size=(8, d_in))
+    ).astype(np.float32)
     data *= np.sqrt(d_in) / np.mean(np.linalg.norm(data, axis=1))
-    cfg = sae_train.TrainConfig(d_sae=args.bsl_d_sae, activation="topk", k=k, lr=1e-4,
-                                b_dec_init="mean")
+    cfg = sae_train.TrainConfig(
+        d_sae=args.bsl_d_sae, activation="topk", k=k, lr=1e-4, b_dec_init="mean"
+    )
     source = asrc.ArraySource(np.arange(args.bsl_rows), data)
 
     # -- baseline: plain PyTorch loop on in-memory data --------------------------------------
@@ -78,7 +83,7 @@ def main(argv) -> None:
             i = pos["i"]
             if i + batch > args.bsl_rows:
                 pos["i"], pos["perm"], i = 0, torch.randperm(args.bsl_rows), 0
-            loss = tstep(tdata[pos["perm"][i:i + batch]])
+            loss = tstep(tdata[pos["perm"][i : i + batch]])
             pos["i"] = i + batch
         return float(loss)
 
@@ -86,8 +91,15 @@ def main(argv) -> None:
         return sae_train.train_saes(data, cfg, steps=steps, batch_size=batch, mesh=mesh)
 
     def stream_run():
-        return sae_train.train_saes(source, cfg, steps=steps, batch_size=batch, mesh=mesh,
-                                    shuffle_buffer=1 << 15, shuffle_block=1024)
+        return sae_train.train_saes(
+            source,
+            cfg,
+            steps=steps,
+            batch_size=batch,
+            mesh=mesh,
+            shuffle_buffer=1 << 15,
+            shuffle_block=1024,
+        )
 
     program = sae_train.SweepProgram([cfg], d_in, 10**6, mesh)
     state0 = program.init_state(data[:4096])
@@ -104,20 +116,38 @@ def main(argv) -> None:
 
     tokens = steps * batch
     results = []
-    for name, cand in (("train_saes_memory", memory_run), ("train_saes_stream", stream_run),
-                       ("bare_step", bare)):
-        r = bench.compare(cand, torch_loop, repeats=args.repeats, warmup=1,
-                          name=f"{name} vs torch_loop", work=tokens, work_unit="tokens")
+    for name, cand in (
+        ("train_saes_memory", memory_run),
+        ("train_saes_stream", stream_run),
+        ("bare_step", bare),
+    ):
+        r = bench.compare(
+            cand,
+            torch_loop,
+            repeats=args.repeats,
+            warmup=1,
+            name=f"{name} vs torch_loop",
+            work=tokens,
+            work_unit="tokens",
+        )
         r["candidate_steps_per_s"] = steps / r["candidate_median_s"]
         r["baseline_steps_per_s"] = steps / r["baseline_median_s"]
         results.append(r)
-        print(f"{name}: {r['candidate_steps_per_s']:.1f} steps/s, torch loop "
-              f"{r['baseline_steps_per_s']:.1f} steps/s, ratio {r['speedup']:.2f}x",
-              flush=True)
+        print(
+            f"{name}: {r['candidate_steps_per_s']:.1f} steps/s, torch loop "
+            f"{r['baseline_steps_per_s']:.1f} steps/s, ratio {r['speedup']:.2f}x",
+            flush=True,
+        )
     doc = bench.report(results, out)
-    doc["meta"] = {"d_in": d_in, "d_sae": args.bsl_d_sae, "k": k, "batch": batch,
-                   "steps_per_call": steps, "thread_budget": budget,
-                   "load_average": os.getloadavg()}
+    doc["meta"] = {
+        "d_in": d_in,
+        "d_sae": args.bsl_d_sae,
+        "k": k,
+        "batch": batch,
+        "steps_per_call": steps,
+        "thread_budget": budget,
+        "load_average": os.getloadavg(),
+    }
     with open(out, "w") as f:
         json.dump(doc, f, indent=1, default=float)
 

@@ -64,8 +64,12 @@ flags.DEFINE_integer("corr_tokens", 1 << 20, "Tokens for the sparse path (issue:
 flags.DEFINE_integer("corr_dense_slice", 2048, "Tokens the dense path is timed on.")
 flags.DEFINE_integer("corr_chunk", 8192, "Tokens per sparse chunk.")
 flags.DEFINE_integer("corr_dense_chunk", 1024, "Tokens per dense chunk.")
-flags.DEFINE_bool("corr_scipy", True, "Also time the scipy CSR A.T @ B peer (interleaved; its "
-                  "F x F sparse product needs ~12 bytes per nonzero).")
+flags.DEFINE_bool(
+    "corr_scipy",
+    True,
+    "Also time the scipy CSR A.T @ B peer (interleaved; its "
+    "F x F sparse product needs ~12 bytes per nonzero).",
+)
 # matching
 flags.DEFINE_list("match_sizes", ["1024", "2048"], "Square problem sizes for matching.")
 
@@ -81,6 +85,7 @@ def _cpu_compare(candidate: Callable, baseline: Callable, repeats: int) -> dict:
     import statistics
 
     from engine import bench
+
     cand, base = [], []
     for _ in range(repeats):
         for fn, out in ((candidate, cand), (baseline, base)):
@@ -88,8 +93,13 @@ def _cpu_compare(candidate: Callable, baseline: Callable, repeats: int) -> dict:
             bench.block(fn())
             out.append(time.process_time() - c)
     c, b = statistics.median(cand), statistics.median(base)
-    return {"candidate_cpu_s": cand, "baseline_cpu_s": base, "candidate_cpu_median_s": c,
-            "baseline_cpu_median_s": b, "fraction_of_gemm_cpu_time": b / c}
+    return {
+        "candidate_cpu_s": cand,
+        "baseline_cpu_s": base,
+        "candidate_cpu_median_s": c,
+        "baseline_cpu_median_s": b,
+        "fraction_of_gemm_cpu_time": b / c,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +115,7 @@ def bench_pairwise(ctx: dict) -> list[dict]:
     from jax.sharding import PartitionSpec as P
 
     from engine import bench, pairwise
+
     mesh = ctx["mesh"]
     n, d, k = FLAGS.pw_n, FLAGS.pw_d, FLAGS.pw_k
     rng = np.random.default_rng(0)
@@ -117,8 +128,7 @@ def bench_pairwise(ctx: dict) -> list[dict]:
     flops = 2.0 * n * n * d
 
     def full_call():
-        return pairwise.max_cosine(a, b, mesh, k=k, tile_a=FLAGS.pw_tile_a,
-                                   tile_b=FLAGS.pw_tile_b)
+        return pairwise.max_cosine(a, b, mesh, k=k, tile_a=FLAGS.pw_tile_a, tile_b=FLAGS.pw_tile_b)
 
     # Peak memory of one call, measured first (ru_maxrss is a high-water mark: the baseline
     # must not run before it). Includes compilation.
@@ -151,15 +161,27 @@ def bench_pairwise(ctx: dict) -> list[dict]:
             out = gemm(at, bt).block_until_ready()
         return out
 
-    r_kernel = bench.compare(lambda: kernel(a32, b32), gemm_tiles, repeats=FLAGS.repeats,
-                             warmup=1, name=f"max_cosine kernel {n}x{d} vs {n}x{d}",
-                             work=flops / 1e9, work_unit="GFLOP")
+    r_kernel = bench.compare(
+        lambda: kernel(a32, b32),
+        gemm_tiles,
+        repeats=FLAGS.repeats,
+        warmup=1,
+        name=f"max_cosine kernel {n}x{d} vs {n}x{d}",
+        work=flops / 1e9,
+        work_unit="GFLOP",
+    )
     r_kernel["fraction_of_gemm"] = r_kernel["speedup"]
     r_kernel.update(_cpu_compare(lambda: kernel(a32, b32), gemm_tiles, FLAGS.repeats))
 
-    r_full = bench.compare(full_call, gemm_tiles, repeats=FLAGS.repeats, warmup=1,
-                           name=f"max_cosine end-to-end (exact) {n}x{d}",
-                           work=flops / 1e9, work_unit="GFLOP")
+    r_full = bench.compare(
+        full_call,
+        gemm_tiles,
+        repeats=FLAGS.repeats,
+        warmup=1,
+        name=f"max_cosine end-to-end (exact) {n}x{d}",
+        work=flops / 1e9,
+        work_unit="GFLOP",
+    )
     r_full["fraction_of_gemm"] = r_full["speedup"]
     r_full.update(_cpu_compare(full_call, gemm_tiles, FLAGS.repeats))
 
@@ -183,32 +205,50 @@ def bench_pairwise(ctx: dict) -> list[dict]:
         row_arg = np.empty(n, np.int64)
         row_max = np.empty(n, np.float32)
         for s in range(0, n, ta):
-            blk = a_unit[s:s + ta] @ b_unit.T
-            row_arg[s:s + ta] = blk.argmax(1)
-            row_max[s:s + ta] = blk[np.arange(len(blk)), row_arg[s:s + ta]]
+            blk = a_unit[s : s + ta] @ b_unit.T
+            row_arg[s : s + ta] = blk.argmax(1)
+            row_max[s : s + ta] = blk[np.arange(len(blk)), row_arg[s : s + ta]]
             arg = blk.argmax(0)
             val = blk[arg, np.arange(n)]
             better = val > col_max
             col_max[better], col_arg[better] = val[better], arg[better] + s
         return row_max, row_arg, col_max, col_arg
 
-    r_np = bench.compare(full_call, numpy_gemm_tiles, repeats=FLAGS.repeats, warmup=1,
-                         name=f"max_cosine end-to-end (exact, both directions) {n}x{d} vs "
-                              "NumPy GEMM of the same tiles",
-                         work=flops / 1e9, work_unit="GFLOP")
+    r_np = bench.compare(
+        full_call,
+        numpy_gemm_tiles,
+        repeats=FLAGS.repeats,
+        warmup=1,
+        name=f"max_cosine end-to-end (exact, both directions) {n}x{d} vs "
+        "NumPy GEMM of the same tiles",
+        work=flops / 1e9,
+        work_unit="GFLOP",
+    )
     r_np["fraction_of_gemm"] = r_np["speedup"]
     r_np["goal_fraction_of_gemm"] = 0.9
     r_np["goal_speedup"] = 0.9
     r_np.update(_cpu_compare(full_call, numpy_gemm_tiles, FLAGS.repeats))
-    r_kn = bench.compare(lambda: kernel(a32, b32), numpy_gemm_tiles, repeats=FLAGS.repeats,
-                         warmup=1, name=f"max_cosine kernel {n}x{d} vs NumPy GEMM of the same "
-                                        "tiles", work=flops / 1e9, work_unit="GFLOP")
+    r_kn = bench.compare(
+        lambda: kernel(a32, b32),
+        numpy_gemm_tiles,
+        repeats=FLAGS.repeats,
+        warmup=1,
+        name=f"max_cosine kernel {n}x{d} vs NumPy GEMM of the same tiles",
+        work=flops / 1e9,
+        work_unit="GFLOP",
+    )
     r_kn["fraction_of_gemm"] = r_kn["speedup"]
     r_kn["goal_speedup"] = 0.9
-    r_script = bench.compare(full_call, numpy_script, repeats=FLAGS.repeats, warmup=1,
-                             name=f"max_cosine end-to-end (exact) {n}x{d} vs NumPy script "
-                                  "(GEMM blocks + argmax both ways, float32, no refinement)",
-                             work=flops / 1e9, work_unit="GFLOP")
+    r_script = bench.compare(
+        full_call,
+        numpy_script,
+        repeats=FLAGS.repeats,
+        warmup=1,
+        name=f"max_cosine end-to-end (exact) {n}x{d} vs NumPy script "
+        "(GEMM blocks + argmax both ways, float32, no refinement)",
+        work=flops / 1e9,
+        work_unit="GFLOP",
+    )
 
     # Exactness on sampled rows against float64 numpy.
     rows = rng.choice(n, size=min(FLAGS.pw_check_rows, n), replace=False)
@@ -218,31 +258,50 @@ def bench_pairwise(ctx: dict) -> list[dict]:
     agree = float(np.mean(res.a_argmax[rows] == np.argmax(ref, axis=1)))
     max_err = float(np.max(np.abs(res.a_max[rows] - ref.max(axis=1))))
     cols = rows
-    refb = (bn[cols] @ (a.astype(np.float64) / na[:, None]).T)
+    refb = bn[cols] @ (a.astype(np.float64) / na[:, None]).T
     agree_b = float(np.mean(res.b_argmax[cols] == np.argmax(refb, axis=1)))
     # Device: float32 unit copies of A and B, one tile, the candidate lists; host: the
     # float64 refinement blocks (1024 rows x K candidates x d).
     working_set = 4 * (2 * n * d) + 4 * ta * tb + 8 * 2 * n * kk + 8 * 1024 * kk * d
     for r in (r_kernel, r_full, r_np, r_kn, r_script):
-        r.update({"n": n, "d": d, "k": k, "tile_a": ta, "tile_b": tb, "devices": ndev,
-                  "goal_fraction_of_gemm": r.get("goal_fraction_of_gemm", 0.8),
-                  "naive_full_matrix_gib": n * n * 4 / 2 ** 30,
-                  "analytic_working_set_mib": working_set / 2 ** 20,
-                  "inputs_mib": 2 * n * d * a.itemsize / 2 ** 20,
-                  "peak_rss_growth_mib_one_call": rss_full - rss0,
-                  "argmax_agreement_float64_a": agree, "argmax_agreement_float64_b": agree_b,
-                  "max_abs_err_a_max": max_err, "fallback_rows_a": res.n_fallback_a,
-                  "fallback_rows_b": res.n_fallback_b})
-    for name, r in (("kernel", r_kernel), ("end-to-end", r_full),
-                    ("end-to-end vs NumPy GEMM", r_np), ("kernel vs NumPy GEMM", r_kn),
-                    ("end-to-end vs NumPy script", r_script)):
-        print(f"pairwise {name}: {r['candidate_GFLOP_per_s']:.1f} GFLOP/s vs GEMM "
-              f"{r['baseline_GFLOP_per_s']:.1f} GFLOP/s = {100 * r['fraction_of_gemm']:.1f} % "
-              f"(goal 80 %); by CPU time {100 * r['fraction_of_gemm_cpu_time']:.1f} %")
-    print(f"pairwise exact argmax agreement vs float64: A {agree:.4f}, B {agree_b:.4f}; peak "
-          f"RSS growth of one call {rss_full - rss0:.0f} MiB incl. compilation, inputs "
-          f"{2 * n * d * a.itemsize / 2 ** 20:.0f} MiB, analytic working set "
-          f"{working_set / 2 ** 20:.0f} MiB (naive matrix {n * n * 4 / 2 ** 30:.1f} GiB)")
+        r.update(
+            {
+                "n": n,
+                "d": d,
+                "k": k,
+                "tile_a": ta,
+                "tile_b": tb,
+                "devices": ndev,
+                "goal_fraction_of_gemm": r.get("goal_fraction_of_gemm", 0.8),
+                "naive_full_matrix_gib": n * n * 4 / 2**30,
+                "analytic_working_set_mib": working_set / 2**20,
+                "inputs_mib": 2 * n * d * a.itemsize / 2**20,
+                "peak_rss_growth_mib_one_call": rss_full - rss0,
+                "argmax_agreement_float64_a": agree,
+                "argmax_agreement_float64_b": agree_b,
+                "max_abs_err_a_max": max_err,
+                "fallback_rows_a": res.n_fallback_a,
+                "fallback_rows_b": res.n_fallback_b,
+            }
+        )
+    for name, r in (
+        ("kernel", r_kernel),
+        ("end-to-end", r_full),
+        ("end-to-end vs NumPy GEMM", r_np),
+        ("kernel vs NumPy GEMM", r_kn),
+        ("end-to-end vs NumPy script", r_script),
+    ):
+        print(
+            f"pairwise {name}: {r['candidate_GFLOP_per_s']:.1f} GFLOP/s vs GEMM "
+            f"{r['baseline_GFLOP_per_s']:.1f} GFLOP/s = {100 * r['fraction_of_gemm']:.1f} % "
+            f"(goal 80 %); by CPU time {100 * r['fraction_of_gemm_cpu_time']:.1f} %"
+        )
+    print(
+        f"pairwise exact argmax agreement vs float64: A {agree:.4f}, B {agree_b:.4f}; peak "
+        f"RSS growth of one call {rss_full - rss0:.0f} MiB incl. compilation, inputs "
+        f"{2 * n * d * a.itemsize / 2**20:.0f} MiB, analytic working set "
+        f"{working_set / 2**20:.0f} MiB (naive matrix {n * n * 4 / 2**30:.1f} GiB)"
+    )
     return [r_kernel, r_full, r_np, r_kn, r_script]
 
 
@@ -254,6 +313,7 @@ def bench_pairwise(ctx: dict) -> list[dict]:
 def _distinct_ids(rng, tokens: int, lo: int, hi: int, m: int):
     """m distinct sorted ids in [lo, hi) per token (sorted draws + arange keeps them apart)."""
     import numpy as np
+
     idx = np.sort(rng.integers(0, hi - lo - m + 1, size=(tokens, m), dtype=np.int32), axis=1)
     return idx + np.arange(m, dtype=np.int32) + lo
 
@@ -266,9 +326,11 @@ def _topk_pair(rng, tokens: int, f: int, k: int):
     feature i < f/2 corresponds to B feature P[i]. Returns (va, ia, vb, ib, P).
     """
     import numpy as np
+
     h, m = f // 2, k // 2
-    ia = np.concatenate([_distinct_ids(rng, tokens, 0, h, m),
-                         _distinct_ids(rng, tokens, h, f, k - m)], axis=1)
+    ia = np.concatenate(
+        [_distinct_ids(rng, tokens, 0, h, m), _distinct_ids(rng, tokens, h, f, k - m)], axis=1
+    )
     perm = rng.permutation(h).astype(np.int32)
     ib = np.concatenate([perm[ia[:, :m]], _distinct_ids(rng, tokens, h, f, k - m)], axis=1)
     va = rng.random((tokens, k), dtype=np.float32) + 1e-3
@@ -281,6 +343,7 @@ def bench_correlation(ctx: dict) -> list[dict]:
     import numpy as np
 
     from engine import correlation, streaming
+
     mesh = ctx["mesh"]
     f, k, n_tok = FLAGS.corr_features, FLAGS.corr_k, FLAGS.corr_tokens
     rng = np.random.default_rng(0)
@@ -291,8 +354,11 @@ def bench_correlation(ctx: dict) -> list[dict]:
 
     def run_sparse(tokens: int):
         acc = correlation.CorrelationAccumulator(f, f, sparse=True, keep_matrix=False)
-        stream = streaming.ChunkStream((va[:tokens], ia[:tokens], vb[:tokens], ib[:tokens]),
-                                       min(FLAGS.corr_chunk, tokens), name="sparse")
+        stream = streaming.ChunkStream(
+            (va[:tokens], ia[:tokens], vb[:tokens], ib[:tokens]),
+            min(FLAGS.corr_chunk, tokens),
+            name="sparse",
+        )
         state = correlation.accumulate_inplace(acc, stream, mesh)
         res = acc.finalize(state)
         del state
@@ -308,12 +374,14 @@ def bench_correlation(ctx: dict) -> list[dict]:
                 np.put_along_axis(xa, ia[s:e], va[s:e], axis=1)
                 np.put_along_axis(xb, ib[s:e], vb[s:e], axis=1)
                 yield xa, xb
+
         return open_at
 
     def run_dense(tokens: int):
         acc = correlation.CorrelationAccumulator(f, f, sparse=False, keep_matrix=False)
-        stream = streaming.ChunkStream(dense_source(0, tokens), FLAGS.corr_dense_chunk,
-                                       name="dense")
+        stream = streaming.ChunkStream(
+            dense_source(0, tokens), FLAGS.corr_dense_chunk, name="dense"
+        )
         state = correlation.accumulate_inplace(acc, stream, mesh)
         res = acc.finalize(state)
         del state
@@ -351,47 +419,61 @@ def bench_correlation(ctx: dict) -> list[dict]:
     rss1 = _rss_mib()
     dense_scaled = t_dense * n_tok / slice_tok
     planted = float(np.mean(res_sparse.a_best[: f // 2] == perm))
-    out = {"name": f"activation correlation TopK k={k}, {f}x{f} features, {n_tok} tokens",
-           "candidate_median_s": t_sparse, "baseline_median_s": dense_scaled,
-           "speedup": dense_scaled / t_sparse, "goal_speedup": 1000.0,
-           "goal_sparse_seconds": 60.0, "sparse_seconds": t_sparse,
-           "sparse_tokens_per_s": n_tok / t_sparse,
-           "dense_slice_tokens": slice_tok, "dense_slice_seconds": t_dense,
-           "dense_scaled_seconds": dense_scaled,
-           "dense_method": "dense path timed end to end on the first dense_slice_tokens "
-                           "tokens (after a compiling warm-up), scaled linearly by "
-                           "tokens / dense_slice_tokens",
-           "same_tokens_ratio_on_slice": t_dense / t_sparse_slice,
-           "slice_sparse_seconds": t_sparse_slice,
-           "slice_best_match_agreement_dense_vs_sparse": agree,
-           "slice_best_match_agreement_up_to_ties": agree_ties,
-           "sparse_cpu_seconds": cpu[("run_sparse", (n_tok,))],
-           "dense_slice_cpu_seconds": cpu[("run_dense", (slice_tok,))],
-           "sparse_ns_per_product": 1e9 * t_sparse / (n_tok * k * k),
-           "speedup_cpu_time": (cpu[("run_dense", (slice_tok,))] * n_tok / slice_tok)
-                               / cpu[("run_sparse", (n_tok,))],
-           "slice_best_value_max_abs_diff": val_err,
-           "planted_partner_recovered_fraction": planted,
-           "mean_best_a": float(np.mean(res_sparse.a_best_value)),
-           "features": f, "k": k, "tokens": n_tok, "sparse_chunk": FLAGS.corr_chunk,
-           "dense_chunk": FLAGS.corr_dense_chunk,
-           "peak_rss_growth_mib_after_warmups": rss1 - rss0,
-           "state_mib": f * f * 4 / 2 ** 20, "devices": int(mesh.size)}
+    out = {
+        "name": f"activation correlation TopK k={k}, {f}x{f} features, {n_tok} tokens",
+        "candidate_median_s": t_sparse,
+        "baseline_median_s": dense_scaled,
+        "speedup": dense_scaled / t_sparse,
+        "goal_speedup": 1000.0,
+        "goal_sparse_seconds": 60.0,
+        "sparse_seconds": t_sparse,
+        "sparse_tokens_per_s": n_tok / t_sparse,
+        "dense_slice_tokens": slice_tok,
+        "dense_slice_seconds": t_dense,
+        "dense_scaled_seconds": dense_scaled,
+        "dense_method": "dense path timed end to end on the first dense_slice_tokens "
+        "tokens (after a compiling warm-up), scaled linearly by "
+        "tokens / dense_slice_tokens",
+        "same_tokens_ratio_on_slice": t_dense / t_sparse_slice,
+        "slice_sparse_seconds": t_sparse_slice,
+        "slice_best_match_agreement_dense_vs_sparse": agree,
+        "slice_best_match_agreement_up_to_ties": agree_ties,
+        "sparse_cpu_seconds": cpu[("run_sparse", (n_tok,))],
+        "dense_slice_cpu_seconds": cpu[("run_dense", (slice_tok,))],
+        "sparse_ns_per_product": 1e9 * t_sparse / (n_tok * k * k),
+        "speedup_cpu_time": (cpu[("run_dense", (slice_tok,))] * n_tok / slice_tok)
+        / cpu[("run_sparse", (n_tok,))],
+        "slice_best_value_max_abs_diff": val_err,
+        "planted_partner_recovered_fraction": planted,
+        "mean_best_a": float(np.mean(res_sparse.a_best_value)),
+        "features": f,
+        "k": k,
+        "tokens": n_tok,
+        "sparse_chunk": FLAGS.corr_chunk,
+        "dense_chunk": FLAGS.corr_dense_chunk,
+        "peak_rss_growth_mib_after_warmups": rss1 - rss0,
+        "state_mib": f * f * 4 / 2**20,
+        "devices": int(mesh.size),
+    }
     del res_sparse
     gc.collect()
-    out_scipy = (_scipy_peer(run_sparse, va, ia, vb, ib, f, n_tok, timed, cpu)
-                 if FLAGS.corr_scipy else None)
-    print(f"correlation: sparse {n_tok} tokens in {t_sparse:.1f} s (goal < 60 s); dense "
-          f"{t_dense:.1f} s on {slice_tok} tokens -> {dense_scaled:.0f} s scaled; ratio "
-          f"{out['speedup']:.0f}x (goal 1000x); same-slice ratio "
-          f"{out['same_tokens_ratio_on_slice']:.0f}x; dense/sparse best-match agreement "
-          f"{agree:.4f} ({agree_ties:.4f} up to ties); CPU s sparse "
-          f"{out['sparse_cpu_seconds']:.1f}, dense slice {out['dense_slice_cpu_seconds']:.1f}")
+    out_scipy = (
+        _scipy_peer(run_sparse, va, ia, vb, ib, f, n_tok, timed, cpu) if FLAGS.corr_scipy else None
+    )
+    print(
+        f"correlation: sparse {n_tok} tokens in {t_sparse:.1f} s (goal < 60 s); dense "
+        f"{t_dense:.1f} s on {slice_tok} tokens -> {dense_scaled:.0f} s scaled; ratio "
+        f"{out['speedup']:.0f}x (goal 1000x); same-slice ratio "
+        f"{out['same_tokens_ratio_on_slice']:.0f}x; dense/sparse best-match agreement "
+        f"{agree:.4f} ({agree_ties:.4f} up to ties); CPU s sparse "
+        f"{out['sparse_cpu_seconds']:.1f}, dense slice {out['dense_slice_cpu_seconds']:.1f}"
+    )
     return [out] + ([out_scipy] if out_scipy else [])
 
 
-def _scipy_peer(run_sparse: Callable, va, ia, vb, ib, f: int, n_tok: int, timed: Callable,
-                cpu: dict) -> dict:
+def _scipy_peer(
+    run_sparse: Callable, va, ia, vb, ib, f: int, n_tok: int, timed: Callable, cpu: dict
+) -> dict:
     """The strongest simple peer (issue 18): scipy.sparse CSR ``A.T @ B`` of the two TopK
     codes (plus the CSR construction; the per-feature sums and the normalisation to
     correlations are O(F^2) and left out, favouring the peer), interleaved with the sparse
@@ -405,10 +487,12 @@ def _scipy_peer(run_sparse: Callable, va, ia, vb, ib, f: int, n_tok: int, timed:
 
     def scipy_csr(tokens: int):
         ptr = np.arange(0, tokens * k + 1, k)
-        a = scipy.sparse.csr_matrix((va[:tokens].ravel(), ia[:tokens].ravel(), ptr),
-                                    shape=(tokens, f))
-        b = scipy.sparse.csr_matrix((vb[:tokens].ravel(), ib[:tokens].ravel(), ptr),
-                                    shape=(tokens, f))
+        a = scipy.sparse.csr_matrix(
+            (va[:tokens].ravel(), ia[:tokens].ravel(), ptr), shape=(tokens, f)
+        )
+        b = scipy.sparse.csr_matrix(
+            (vb[:tokens].ravel(), ib[:tokens].ravel(), ptr), shape=(tokens, f)
+        )
         return a.T @ b
 
     cand, base, cand_cpu, base_cpu = [], [], [], []
@@ -422,15 +506,21 @@ def _scipy_peer(run_sparse: Callable, va, ia, vb, ib, f: int, n_tok: int, timed:
         del prod
         gc.collect()
     c, b = statistics.median(cand), statistics.median(base)
-    out = {"name": f"activation correlation TopK k={k}, {f}x{f}, {n_tok} tokens vs scipy CSR "
-                   "A.T @ B", "candidate_s": cand, "baseline_s": base,
-           "candidate_median_s": c, "baseline_median_s": b, "speedup": b / c,
-           "candidate_cpu_s": cand_cpu, "baseline_cpu_s": base_cpu,
-           "speedup_cpu_time": statistics.median(base_cpu) / statistics.median(cand_cpu),
-           "goal_speedup": 3.0, "goal_seconds_1m_16k": 30.0,
-           "peer": "scipy.sparse CSR A.T @ B (+ CSR construction), same codes"}
-    print(f"correlation vs scipy CSR: project {c:.1f} s, scipy {b:.1f} s -> {b / c:.2f}x "
-          "(goal 3x)")
+    out = {
+        "name": f"activation correlation TopK k={k}, {f}x{f}, {n_tok} tokens vs scipy CSR A.T @ B",
+        "candidate_s": cand,
+        "baseline_s": base,
+        "candidate_median_s": c,
+        "baseline_median_s": b,
+        "speedup": b / c,
+        "candidate_cpu_s": cand_cpu,
+        "baseline_cpu_s": base_cpu,
+        "speedup_cpu_time": statistics.median(base_cpu) / statistics.median(cand_cpu),
+        "goal_speedup": 3.0,
+        "goal_seconds_1m_16k": 30.0,
+        "peer": "scipy.sparse CSR A.T @ B (+ CSR construction), same codes",
+    }
+    print(f"correlation vs scipy CSR: project {c:.1f} s, scipy {b:.1f} s -> {b / c:.2f}x (goal 3x)")
     return out
 
 
@@ -443,6 +533,7 @@ def bench_matching(ctx: dict) -> list[dict]:
     import numpy as np
 
     from engine import matching, pairwise
+
     mesh = ctx["mesh"]
     out = []
     for n in (int(s) for s in FLAGS.match_sizes):
@@ -456,7 +547,11 @@ def bench_matching(ctx: dict) -> list[dict]:
             b[: n // 2] = rng.standard_normal((n // 2, 64))
             planted = {(int(perm[j]), j) for j in range(n // 2, n)}
             cases[f"planted_noise{noise}"] = (
-                pairwise.cosine_matrix(a, b, mesh).astype(np.float64), a, b, planted)
+                pairwise.cosine_matrix(a, b, mesh).astype(np.float64),
+                a,
+                b,
+                planted,
+            )
         cases["iid_uniform"] = (np.random.default_rng(n).random((n, n)), None, None, None)
         for case, (s, a, b, planted) in cases.items():
             t = time.perf_counter()
@@ -465,25 +560,45 @@ def bench_matching(ctx: dict) -> list[dict]:
             t = time.perf_counter()
             gre = matching.greedy(s)
             t_g = time.perf_counter() - t
-            row = {"name": f"matching {case} n={n}", "n": n, "case": case,
-                   "hungarian_s": t_h, "greedy_s": t_g,
-                   "greedy_gap": matching.quality_gap(gre, hun)}
+            row = {
+                "name": f"matching {case} n={n}",
+                "n": n,
+                "case": case,
+                "hungarian_s": t_h,
+                "greedy_s": t_g,
+                "greedy_gap": matching.quality_gap(gre, hun),
+            }
             if planted is not None:
-                rec = lambda m: len(planted & set(zip(m.rows.tolist(), m.cols.tolist()))) / len(
-                    planted)
+                rec = lambda m: (
+                    len(planted & set(zip(m.rows.tolist(), m.cols.tolist()))) / len(planted)
+                )
                 t = time.perf_counter()
                 top = matching.greedy_streamed(a, b, mesh, k=8, max_dense=n * n // 64)
                 row["greedy_streamed_s"] = time.perf_counter() - t
                 row["greedy_streamed_gap"] = matching.quality_gap(top, hun)
-                row["planted_recovered"] = {"hungarian": rec(hun), "greedy": rec(gre),
-                                            "greedy_streamed": rec(top)}
+                row["planted_recovered"] = {
+                    "hungarian": rec(hun),
+                    "greedy": rec(gre),
+                    "greedy_streamed": rec(top),
+                }
             # engine.bench.report expects these keys (candidate = greedy).
-            row.update({"candidate_median_s": t_g, "baseline_median_s": t_h,
-                        "speedup": t_h / t_g if t_g else float("inf")})
-            print(f"matching {case} n={n}: hungarian {t_h:.2f} s, greedy {t_g:.2f} s, "
-                  f"greedy/hungarian total {row['greedy_gap']['total_ratio']:.4f}"
-                  + (f", streamed {row['greedy_streamed_gap']['total_ratio']:.4f}; planted "
-                     f"recovered {row['planted_recovered']}" if planted is not None else ""))
+            row.update(
+                {
+                    "candidate_median_s": t_g,
+                    "baseline_median_s": t_h,
+                    "speedup": t_h / t_g if t_g else float("inf"),
+                }
+            )
+            print(
+                f"matching {case} n={n}: hungarian {t_h:.2f} s, greedy {t_g:.2f} s, "
+                f"greedy/hungarian total {row['greedy_gap']['total_ratio']:.4f}"
+                + (
+                    f", streamed {row['greedy_streamed_gap']['total_ratio']:.4f}; planted "
+                    f"recovered {row['planted_recovered']}"
+                    if planted is not None
+                    else ""
+                )
+            )
             out.append(row)
     return out
 
@@ -498,9 +613,11 @@ SECTIONS: dict[str, Callable[[dict], list[dict]]] = {
 def main(argv):
     del argv
     from engine import bench
+
     budget = bench.set_thread_budget(FLAGS.threads)
     sections = common.bench_sections(SECTIONS)
     from engine import mesh as mesh_lib
+
     ctx = {"mesh": mesh_lib.make_mesh()}
     results = []
     for name in sections:

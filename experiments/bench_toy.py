@@ -38,16 +38,18 @@ flags.DEFINE_bool("bt_torch_one_uniform", True, "Also time the one-uniform PyTor
 common.define_bench_flags()
 
 
-def _torch_trainer(instances: int, n: int, m: int, batch: int, importance, sparsity,
-                   one_uniform: bool):
+def _torch_trainer(
+    instances: int, n: int, m: int, batch: int, importance, sparsity, one_uniform: bool
+):
     """ARENA-style batched-instance training in PyTorch; returns ``run(steps) -> loss``."""
     import torch
+
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.empty(instances, n, m))
     torch.nn.init.xavier_normal_(W)
     b = torch.nn.Parameter(torch.zeros(instances, n))
-    imp = torch.as_tensor(importance, dtype=torch.float32)          # [I, n]
-    s = torch.as_tensor(sparsity, dtype=torch.float32)              # [I, n]
+    imp = torch.as_tensor(importance, dtype=torch.float32)  # [I, n]
+    s = torch.as_tensor(sparsity, dtype=torch.float32)  # [I, n]
     opt = torch.optim.AdamW([W, b], lr=1e-3)
 
     def data():
@@ -81,14 +83,18 @@ def _same_model_check(importance, n: int, m: int) -> float:
     import torch
 
     from models import toy
+
     rng = np.random.default_rng(0)
     W = rng.normal(size=(m, n)).astype(np.float32)
     b = rng.normal(scale=0.1, size=n).astype(np.float32)
     x = (rng.uniform(size=(64, n)) * (rng.uniform(size=(64, n)) > 0.5)).astype(np.float32)
     imp = np.asarray(importance[0], np.float32)
-    ours = float(toy.instance_loss(toy.ToyParams(W=jnp.asarray(W), b=jnp.asarray(b)),
-                                   jnp.asarray(x), jnp.asarray(imp)))
-    Wt = torch.as_tensor(W.T.copy())[None]                          # [1, n, m]
+    ours = float(
+        toy.instance_loss(
+            toy.ToyParams(W=jnp.asarray(W), b=jnp.asarray(b)), jnp.asarray(x), jnp.asarray(imp)
+        )
+    )
+    Wt = torch.as_tensor(W.T.copy())[None]  # [1, n, m]
     xt = torch.as_tensor(x)[None]
     h = torch.einsum("ibn,inm->ibm", xt, Wt)
     out = torch.relu(torch.einsum("ibm,inm->ibn", h, Wt) + torch.as_tensor(b)[None, None])
@@ -99,16 +105,23 @@ def _same_model_check(importance, n: int, m: int) -> float:
 def main(argv):
     del argv
     from engine import bench
+
     budget = bench.set_thread_budget(FLAGS.threads)
     import numpy as np
     import torch
+
     torch.set_num_threads(FLAGS.threads)
 
     from engine import mesh as mesh_lib
     from models import toy
 
-    I, n, m, B, K = (FLAGS.bt_instances, FLAGS.bt_n_features, FLAGS.bt_n_hidden,
-                     FLAGS.bt_batch_size, FLAGS.bt_steps)
+    I, n, m, B, K = (
+        FLAGS.bt_instances,
+        FLAGS.bt_n_features,
+        FLAGS.bt_n_hidden,
+        FLAGS.bt_batch_size,
+        FLAGS.bt_steps,
+    )
     importance = np.broadcast_to(0.9 ** np.arange(n), (I, n)).astype(np.float32)
     sparsity = np.broadcast_to(np.linspace(0.0, 0.99, I)[:, None], (I, n)).astype(np.float32)
     config = toy.ToyConfig(n, m, batch_size=B, lr=1e-3)
@@ -121,23 +134,42 @@ def main(argv):
 
     diff = _same_model_check(importance, n, m)
     results = []
-    variants = [("torch_arena", False)] + ([("torch_one_uniform", True)]
-                                           if FLAGS.bt_torch_one_uniform else [])
+    variants = [("torch_arena", False)] + (
+        [("torch_one_uniform", True)] if FLAGS.bt_torch_one_uniform else []
+    )
     for name, one_uniform in variants:
         trainer = _torch_trainer(I, n, m, B, importance, sparsity, one_uniform)
-        r = bench.compare(candidate, lambda: trainer(K), repeats=FLAGS.repeats, warmup=1,
-                          name=f"toy {I}x{n}->{m} b{B}, {K} steps: jax vs {name}", work=K,
-                          work_unit="steps")
-        r.update({"baseline": name, "instances": I, "n_features": n, "n_hidden": m,
-                  "batch_size": B, "steps_per_repeat": K, "goal_speedup": 3.0,
-                  "projected_10k_steps_candidate_s": 1e4 * r["candidate_median_s"] / K,
-                  "projected_10k_steps_baseline_s": 1e4 * r["baseline_median_s"] / K,
-                  "same_model_max_abs_diff": diff, "thread_budget": budget,
-                  "devices": int(mesh.size)})
+        r = bench.compare(
+            candidate,
+            lambda: trainer(K),
+            repeats=FLAGS.repeats,
+            warmup=1,
+            name=f"toy {I}x{n}->{m} b{B}, {K} steps: jax vs {name}",
+            work=K,
+            work_unit="steps",
+        )
+        r.update(
+            {
+                "baseline": name,
+                "instances": I,
+                "n_features": n,
+                "n_hidden": m,
+                "batch_size": B,
+                "steps_per_repeat": K,
+                "goal_speedup": 3.0,
+                "projected_10k_steps_candidate_s": 1e4 * r["candidate_median_s"] / K,
+                "projected_10k_steps_baseline_s": 1e4 * r["baseline_median_s"] / K,
+                "same_model_max_abs_diff": diff,
+                "thread_budget": budget,
+                "devices": int(mesh.size),
+            }
+        )
         results.append(r)
-        print(f"{name}: jax {r['candidate_steps_per_s']:.2f} steps/s, torch "
-              f"{r['baseline_steps_per_s']:.2f} steps/s, speedup {r['speedup']:.2f}x "
-              f"(goal >= 3x)")
+        print(
+            f"{name}: jax {r['candidate_steps_per_s']:.2f} steps/s, torch "
+            f"{r['baseline_steps_per_s']:.2f} steps/s, speedup {r['speedup']:.2f}x "
+            f"(goal >= 3x)"
+        )
     bench.report(results, common.bench_out("toy"))
 
 

@@ -114,28 +114,52 @@ class Field:
 # Settings every experiment shares (flags of every entry point, fields of its settings value).
 COMMON_FIELDS = (
     Field("workdir", None, "Run directory (created; rerun to resume).", type=str),
-    Field("overwrite", False, "Clear a workdir holding a run with other settings (or an "
-          "older run without a fingerprint) and start over."),
-    Field("num_cpu_devices", 0, "Simulate this many CPU devices (0: leave JAX's default). "
-          "Must be set before JAX starts, so it is applied in common.start()."),
+    Field(
+        "overwrite",
+        False,
+        "Clear a workdir holding a run with other settings (or an "
+        "older run without a fingerprint) and start over.",
+    ),
+    Field(
+        "num_cpu_devices",
+        0,
+        "Simulate this many CPU devices (0: leave JAX's default). "
+        "Must be set before JAX starts, so it is applied in common.start().",
+    ),
     Field("mesh_data", -1, "Size of the mesh data axis (-1: all devices)."),
     Field("mesh_feature", 1, "Size of the mesh feature axis."),
     Field("distributed", False, "Call jax.distributed.initialize() (multi-host)."),
-    Field("coordinator_address", None, "--distributed: host:port of process 0 (default: "
-          "auto-detected on SLURM / TPU pods / Open MPI).", type=str),
+    Field(
+        "coordinator_address",
+        None,
+        "--distributed: host:port of process 0 (default: "
+        "auto-detected on SLURM / TPU pods / Open MPI).",
+        type=str,
+    ),
     Field("num_processes", None, "--distributed: number of processes.", type=int),
     Field("process_id", None, "--distributed: this process's index.", type=int),
-    Field("cpu_collectives", "gloo", "--distributed on CPU hosts: collectives implementation "
-          "across processes.", choices=("gloo", "mpi", "none")),
+    Field(
+        "cpu_collectives",
+        "gloo",
+        "--distributed on CPU hosts: collectives implementation across processes.",
+        choices=("gloo", "mpi", "none"),
+    ),
     Field("progress", True, "Show progress bars."),
-    Field("dry_run", False, "Check the settings and the workdir, say what a run would do (new "
-          "/ resume / refused / nothing to do), and exit."),
+    Field(
+        "dry_run",
+        False,
+        "Check the settings and the workdir, say what a run would do (new "
+        "/ resume / refused / nothing to do), and exit.",
+    ),
 )
 
 
-def define_fields(fields: Iterable[Field], values: Mapping[str, Any] | None = None,
-                  flag_values: flags.FlagValues = flags.FLAGS,
-                  module_name: str | None = None) -> None:
+def define_fields(
+    fields: Iterable[Field],
+    values: Mapping[str, Any] | None = None,
+    flag_values: flags.FlagValues = flags.FLAGS,
+    module_name: str | None = None,
+) -> None:
     """Defines one absl flag per field (``flag=True``), with the default taken from
     ``values`` (the chosen config) when given, else from the field. Fields already defined
     in ``flag_values`` are left alone (the common ones are shared)."""
@@ -212,9 +236,12 @@ class Num:
                     continue
                 if v in self.allow:
                     continue
-                bad = (math.isnan(v) or (self.integer and not float(v).is_integer())
-                       or (self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo))
-                       or (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi)))
+                bad = (
+                    math.isnan(v)
+                    or (self.integer and not float(v).is_integer())
+                    or (self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo))
+                    or (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+                )
                 if bad:
                     out.append(f"--{name}: expected {self.expected()}, got {raw!r}")
         return out
@@ -245,8 +272,10 @@ class Choice:
                 out.append(f"--{name}: expected at least one of {', '.join(map(str, choices))}")
             bad = [v for v in items if v not in choices]
             if bad:
-                out.append(f"--{name}: unknown {', '.join(map(repr, bad))}; expected one of "
-                           f"{', '.join(map(str, choices))}")
+                out.append(
+                    f"--{name}: unknown {', '.join(map(repr, bad))}; expected one of "
+                    f"{', '.join(map(str, choices))}"
+                )
         return out
 
 
@@ -269,15 +298,15 @@ class Path:
                 if not v or v in self.special or str(v).startswith(self.prefixes or ("\0",)):
                     continue
                 v = str(v)
-                ok = {"file": os.path.isfile, "dir": os.path.isdir,
-                      "any": os.path.exists}[self.kind](v)
+                ok = {"file": os.path.isfile, "dir": os.path.isdir, "any": os.path.exists}[
+                    self.kind
+                ](v)
                 if not ok:
                     kind = {"file": "file", "dir": "directory", "any": "file or directory"}
                     reason = "no such " + kind[self.kind]
                     if os.path.exists(v):
                         reason = f"not a {kind[self.kind]}"
-                    out.append(f"--{name}={v}: {reason}" + (f" ({self.what})" if self.what
-                                                              else ""))
+                    out.append(f"--{name}={v}: {reason}" + (f" ({self.what})" if self.what else ""))
         return out
 
 
@@ -294,7 +323,7 @@ class Check:
         try:
             fine = self.ok(values)
         except (TypeError, ValueError):
-            return []   # a malformed value is reported by its own Num / Choice rule
+            return []  # a malformed value is reported by its own Num / Choice rule
         return [] if fine else [self.message.format(**values)]
 
 
@@ -305,7 +334,7 @@ class Probe:
 
     names: tuple[str, ...]
     fn: Callable[[Mapping[str, Any]], Any]
-    after_others = True   # runs only when the simple rules found nothing (no duplicates)
+    after_others = True  # runs only when the simple rules found nothing (no duplicates)
 
     def problems(self, values: Mapping[str, Any]) -> list[str]:
         try:
@@ -325,13 +354,14 @@ class Hookpoints:
     def problems(self, values: Mapping[str, Any]) -> list[str]:
         from engine import checks
         from models import lm
+
         out = []
         for name in self.names:
             for hp in _items(values.get(name)):
                 if not hp:
                     continue
                 try:
-                    lm.parse_hookpoint(hp, n_layers=1 << 30)   # any depth for now
+                    lm.parse_hookpoint(hp, n_layers=1 << 30)  # any depth for now
                 except checks.InputError as e:
                     out.append(f"--{name}: {e}")
         return out
@@ -397,6 +427,7 @@ def config_dict(fields: Iterable[Field]):
     typed placeholders, so a config file assigning them is type-checked)."""
     import ml_collections
     from ml_collections import config_dict as cd
+
     c = ml_collections.ConfigDict()
     for f in fields:
         if f.default is None:
@@ -408,8 +439,12 @@ def config_dict(fields: Iterable[Field]):
 
 def rules_of(config_module) -> tuple:
     """Every check of an experiment: common rules, field choices, the config module's RULES."""
-    return (tuple(COMMON_RULES) + field_rules(COMMON_FIELDS)
-            + field_rules(config_module.FIELDS) + tuple(getattr(config_module, "RULES", ())))
+    return (
+        tuple(COMMON_RULES)
+        + field_rules(COMMON_FIELDS)
+        + field_rules(config_module.FIELDS)
+        + tuple(getattr(config_module, "RULES", ()))
+    )
 
 
 def config_arg(argv: Sequence[str]) -> str | None:
@@ -438,25 +473,30 @@ def load_config(config_module, path: str | None = None):
     else:
         full = path if os.path.isfile(path) else os.path.join(ROOT, path)
         if not os.path.isfile(full):
-            raise ConfigError(f"--config={path}: no such file (expected a config file such as "
-                              f"experiments/configs/<experiment>_<preset>.py)")
+            raise ConfigError(
+                f"--config={path}: no such file (expected a config file such as "
+                f"experiments/configs/<experiment>_<preset>.py)"
+            )
         import importlib.util
+
         stem = os.path.splitext(os.path.basename(full))[0]
         spec = importlib.util.spec_from_file_location(f"_experiment_config_{stem}", full)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
         except SyntaxError as e:
-            raise ConfigError(f"--config={path}: not valid Python ({e.msg}, line {e.lineno})"
-                              ) from None
+            raise ConfigError(
+                f"--config={path}: not valid Python ({e.msg}, line {e.lineno})"
+            ) from None
         if not callable(getattr(module, "get_config", None)):
             raise ConfigError(f"--config={path}: defines no get_config()")
         try:
             cfg = module.get_config()
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             # ConfigDict refuses a value of another type than the field's default.
-            raise ConfigError(f"--config={path}: get_config() failed: "
-                              f"{' '.join(str(e).split())}") from None
+            raise ConfigError(
+                f"--config={path}: get_config() failed: {' '.join(str(e).split())}"
+            ) from None
         where = f"--config={path}"
     names = [f.name for f in config_module.FIELDS]
     keys = list(cfg.keys())
@@ -465,8 +505,16 @@ def load_config(config_module, path: str | None = None):
     if unknown or missing:
         raise ConfigError(
             f"{where}: not a config of this experiment ({config_module.__name__}): "
-            + "; ".join(filter(None, [unknown and f"unknown fields {unknown}",
-                                      missing and f"missing fields {missing}"])))
+            + "; ".join(
+                filter(
+                    None,
+                    [
+                        unknown and f"unknown fields {unknown}",
+                        missing and f"missing fields {missing}",
+                    ],
+                )
+            )
+        )
     return cfg
 
 
@@ -497,11 +545,15 @@ def settings_value(name: str, values: Mapping[str, Any], fields: Iterable[Field]
     """A frozen dataclass instance with one attribute per setting (lists become tuples):
     what library code receives. A misspelt or renamed setting is an AttributeError, and the
     value cannot be changed under the run (its fingerprint was computed from it)."""
-    types = {f.name: (tuple if isinstance(f.default, (list, tuple)) else f.type or
-                      type(f.default)) for f in tuple(COMMON_FIELDS) + tuple(fields)}
+    types = {
+        f.name: (tuple if isinstance(f.default, (list, tuple)) else f.type or type(f.default))
+        for f in tuple(COMMON_FIELDS) + tuple(fields)
+    }
     cls = dataclasses.make_dataclass(
         "".join(p.title() for p in name.split("_")) + "Settings",
-        [(k, types.get(k, Any)) for k in values], frozen=True)
+        [(k, types.get(k, Any)) for k in values],
+        frozen=True,
+    )
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
@@ -514,17 +566,25 @@ def code_version() -> dict:
     """Package version and a hash of the project's sources (what computed the results)."""
     try:
         from importlib import metadata
+
         version = metadata.version("sae-universality")
-    except Exception:   # not installed (run from a checkout)
+    except Exception:  # not installed (run from a checkout)
         version = "checkout"
-    return {"version": version, "source": fp_lib.source_hash(
-        [os.path.join(ROOT, d) for d in ("engine", "models", "experiments")],
-        suffixes=(".py", ".txt"))}   # .txt: the shipped text sample
+    return {
+        "version": version,
+        "source": fp_lib.source_hash(
+            [os.path.join(ROOT, d) for d in ("engine", "models", "experiments")],
+            suffixes=(".py", ".txt"),
+        ),
+    }  # .txt: the shipped text sample
 
 
-def make_fingerprint(settings: Mapping[str, Any], data: Mapping[str, str | None] | None = None,
-                     exclude: Iterable[str] = (), previous: Mapping[str, Any] | None = None
-                     ) -> dict:
+def make_fingerprint(
+    settings: Mapping[str, Any],
+    data: Mapping[str, str | None] | None = None,
+    exclude: Iterable[str] = (),
+    previous: Mapping[str, Any] | None = None,
+) -> dict:
     """The fingerprint dict: ``{"settings", "data", "code"}``.
 
     Args:
@@ -540,15 +600,21 @@ def make_fingerprint(settings: Mapping[str, Any], data: Mapping[str, str | None]
     for name, path in (data or {}).items():
         if path:
             ident[name] = fp_lib.path_identity(
-                str(path), stat_cache=(prev_data.get(name) or {}).get("stat"))
-    return {"settings": metrics_io.to_jsonable({k: v for k, v in settings.items()
-                                                if k not in skip}),
-            "data": ident, "code": code_version()}
+                str(path), stat_cache=(prev_data.get(name) or {}).get("stat")
+            )
+    return {
+        "settings": metrics_io.to_jsonable({k: v for k, v in settings.items() if k not in skip}),
+        "data": ident,
+        "code": code_version(),
+    }
 
 
 def _comparable(fp: Mapping[str, Any]) -> dict:
-    return {"settings": fp.get("settings", {}), "code": fp.get("code", {}),
-            "data": {k: fp_lib.comparable(v) for k, v in fp.get("data", {}).items()}}
+    return {
+        "settings": fp.get("settings", {}),
+        "code": fp.get("code", {}),
+        "data": {k: fp_lib.comparable(v) for k, v in fp.get("data", {}).items()},
+    }
 
 
 FINGERPRINT = "fingerprint.json"
@@ -578,20 +644,26 @@ def check_workdir(workdir: str, fingerprint: dict, overwrite: bool) -> str:
     changes = fp_lib.diff(_comparable(old), _comparable(fingerprint))
     if changes:
         if not overwrite:
-            what = ("made by other code (the sources changed since)" if
-                    all(k.startswith("code.") for k, _, _ in changes) else "with other settings")
+            what = (
+                "made by other code (the sources changed since)"
+                if all(k.startswith("code.") for k, _, _ in changes)
+                else "with other settings"
+            )
             raise ConfigError(
                 f"--workdir={workdir} holds a run {what}: "
                 f"{fp_lib.describe_diff(changes, 'recorded', 'now')}; use a new --workdir, "
-                "or --overwrite to clear the old run")
+                "or --overwrite to clear the old run"
+            )
         clear_workdir(workdir)
         return "overwritten"
     if old.get("finished") and os.path.exists(os.path.join(workdir, "results.json")):
         if overwrite:
             clear_workdir(workdir)
             return "overwritten"
-        raise NothingToDo(f"nothing to do: results from {old['finished']} in "
-                          f"{os.path.join(workdir, 'results.json')}")
+        raise NothingToDo(
+            f"nothing to do: results from {old['finished']} in "
+            f"{os.path.join(workdir, 'results.json')}"
+        )
     return "resume"
 
 
@@ -620,8 +692,9 @@ def define_bench_flags() -> None:
     """
     if "threads" in flags.FLAGS:
         return
-    flags.DEFINE_integer("threads", 2, "Thread budget for XLA, BLAS and torch (both sides; "
-                         "recorded in the JSON).")
+    flags.DEFINE_integer(
+        "threads", 2, "Thread budget for XLA, BLAS and torch (both sides; recorded in the JSON)."
+    )
     flags.DEFINE_integer("repeats", 3, "Timed repetitions per side (interleaved).")
     flags.DEFINE_string("out", None, "JSON output path (default runs/bench/<bench>.json).")
     flags.DEFINE_list("only", [], "Sections to run (default: all of this benchmark's).")
@@ -653,7 +726,7 @@ class Run:
     @property
     def plots_dir(self) -> str:
         path = os.path.join(self.workdir, "plots")
-        if metrics_io._primary():          # several processes: process 0 alone writes
+        if metrics_io._primary():  # several processes: process 0 alone writes
             os.makedirs(path, exist_ok=True)
         return path
 
@@ -707,6 +780,7 @@ def configure_jax(num_cpu_devices: int = 0) -> None:
     import jax
 
     from engine import compile_cache
+
     if num_cpu_devices:
         jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
     compile_cache.enable()
@@ -726,8 +800,13 @@ class _ProjectOnly(pylogging.Filter):
 _PROJECT_DIRS = tuple(os.path.join(ROOT, d) + os.sep for d in ("engine", "models", "experiments"))
 
 
-def _claim_workdir(workdir: str, values: dict, data: Mapping[str, str | None] | None,
-                   exclude: Iterable[str], overwrite: bool) -> str:
+def _claim_workdir(
+    workdir: str,
+    values: dict,
+    data: Mapping[str, str | None] | None,
+    exclude: Iterable[str],
+    overwrite: bool,
+) -> str:
     """Process 0: checks the workdir against this run's fingerprint and records it."""
     previous = None
     try:
@@ -740,7 +819,8 @@ def _claim_workdir(workdir: str, values: dict, data: Mapping[str, str | None] | 
     state = check_workdir(workdir, fingerprint, overwrite)
     fingerprint["created"] = (previous or {}).get("created") if state == "resume" else None
     fingerprint["created"] = fingerprint["created"] or time.strftime(
-        "%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        "%Y-%m-%d %H:%M:%S UTC", time.gmtime()
+    )
     fingerprint["excluded"] = sorted(set(EXCLUDED) | set(exclude))
     metrics_io.write_json(os.path.join(workdir, FINGERPRINT), fingerprint)
     return state
@@ -754,23 +834,35 @@ def _follow_primary(outcome: BaseException | str) -> str:
     """The workdir state decided by process 0, on every process (one broadcast when there
     are several); process 0's refusal is raised everywhere so that every process stops."""
     import jax
+
     if jax.process_count() > 1:
         import numpy as np
         from jax.experimental import multihost_utils
-        code = next(i for i, o in enumerate(_OUTCOMES)
-                    if o == outcome or (isinstance(o, type) and isinstance(outcome, o)))
+
+        code = next(
+            i
+            for i, o in enumerate(_OUTCOMES)
+            if o == outcome or (isinstance(o, type) and isinstance(outcome, o))
+        )
         code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
         if jax.process_index() != 0:
             kind = _OUTCOMES[code]
-            outcome = (kind(f"process 0 stopped the run ({kind.__name__}; its output says "
-                            "why)") if isinstance(kind, type) else kind)
+            outcome = (
+                kind(f"process 0 stopped the run ({kind.__name__}; its output says why)")
+                if isinstance(kind, type)
+                else kind
+            )
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
 
 
-def start(values: Mapping[str, Any], config: dict | None = None,
-          data: Mapping[str, str | None] | None = None, exclude: Iterable[str] = ()) -> Run:
+def start(
+    values: Mapping[str, Any],
+    config: dict | None = None,
+    data: Mapping[str, str | None] | None = None,
+    exclude: Iterable[str] = (),
+) -> Run:
     """Checks the workdir against this run's fingerprint, creates it, configures JAX and
     logging, dumps config.json and fingerprint.json, builds the mesh.
 
@@ -788,14 +880,19 @@ def start(values: Mapping[str, Any], config: dict | None = None,
     # call (writing a file asks `jax.process_index()`, which starts the backends).
     configure_jax(settings["num_cpu_devices"])
     from engine import mesh as mesh_lib  # after configure_jax: it imports jax
+
     if settings["distributed"] and settings["cpu_collectives"] != "none":
         import jax
+
         # Cross-process collectives between CPU devices need an implementation (GPUs and
         # TPUs bring their own; the setting is ignored there).
         jax.config.update("jax_cpu_collectives_implementation", settings["cpu_collectives"])
     mesh_lib.maybe_initialize_distributed(
-        settings["distributed"], coordinator_address=settings["coordinator_address"],
-        num_processes=settings["num_processes"], process_id=settings["process_id"])
+        settings["distributed"],
+        coordinator_address=settings["coordinator_address"],
+        num_processes=settings["num_processes"],
+        process_id=settings["process_id"],
+    )
     remote = metrics_io.is_remote(settings["workdir"])
     values = dict(values)
     values.update(config or {})
@@ -815,8 +912,9 @@ def start(values: Mapping[str, Any], config: dict | None = None,
         outcome: BaseException | str = "new"
         if mesh_lib.is_primary():
             try:
-                outcome = _claim_workdir(workdir, values, data, exclude,
-                                         bool(settings.get("overwrite", False)))
+                outcome = _claim_workdir(
+                    workdir, values, data, exclude, bool(settings.get("overwrite", False))
+                )
             except (ConfigError, NothingToDo) as e:
                 outcome = e
         state = _follow_primary(outcome)
@@ -839,8 +937,12 @@ def start(values: Mapping[str, Any], config: dict | None = None,
     return Run(workdir=workdir, mesh=mesh)
 
 
-def dry_run(settings: Mapping[str, Any], config: dict | None = None,
-            data: Mapping[str, str | None] | None = None, exclude: Iterable[str] = ()) -> str:
+def dry_run(
+    settings: Mapping[str, Any],
+    config: dict | None = None,
+    data: Mapping[str, str | None] | None = None,
+    exclude: Iterable[str] = (),
+) -> str:
     """What `start` would do with this workdir, without touching it (one line)."""
     workdir = os.path.abspath(settings["workdir"])
     values = dict(settings)
@@ -871,8 +973,15 @@ def load_json(path: str) -> Any:
 def user_errors() -> tuple[type, ...]:
     """Exceptions that mean "the user asked for something wrong": one line, exit 2."""
     from engine import checks
-    return (ConfigError, checks.InputError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError)
+
+    return (
+        ConfigError,
+        checks.InputError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )
 
 
 def fail(name: str, message: Any) -> None:
@@ -888,14 +997,20 @@ def _parse_flags(name: str):
             return flags.FLAGS(argv)
         except flags.Error as e:
             fail(name, f"{e} (see --help)")
+
     return parse
 
 
-def entry(name: str, body: Callable[[Run, Any], Any], config_module, *,
-          data: Callable[[Any], Mapping[str, str | None]] | None = None,
-          record: Callable[[Any], dict] | None = None,
-          errors: Callable[[], tuple[type, ...]] | None = None,
-          exclude: Iterable[str] = ()) -> None:
+def entry(
+    name: str,
+    body: Callable[[Run, Any], Any],
+    config_module,
+    *,
+    data: Callable[[Any], Mapping[str, str | None]] | None = None,
+    record: Callable[[Any], dict] | None = None,
+    errors: Callable[[], tuple[type, ...]] | None = None,
+    exclude: Iterable[str] = (),
+) -> None:
     """Runs an experiment: config -> flags -> resolve -> validate -> fingerprint ->
     ``body(run, settings)``.
 
@@ -918,25 +1033,34 @@ def entry(name: str, body: Callable[[Run, Any], Any], config_module, *,
     except ConfigError as e:
         fail(name, e)
     for f in config_module.FIELDS:
-        if not f.flag and any(a.split("=", 1)[0] in (f"--{f.name}", f"--no{f.name}")
-                              for a in sys.argv[1:]):
-            fail(name, f"--{f.name} is set by a config file, not on the command line: "
-                       f"--config=experiments/configs/{name}_<preset>.py (see "
-                       "experiments/configs/)")
-    main_module = sys.argv[0]   # absl lists the main module's flags in --help
+        if not f.flag and any(
+            a.split("=", 1)[0] in (f"--{f.name}", f"--no{f.name}") for a in sys.argv[1:]
+        ):
+            fail(
+                name,
+                f"--{f.name} is set by a config file, not on the command line: "
+                f"--config=experiments/configs/{name}_<preset>.py (see "
+                "experiments/configs/)",
+            )
+    main_module = sys.argv[0]  # absl lists the main module's flags in --help
     define_fields(COMMON_FIELDS, module_name=main_module)
     if "config" not in flags.FLAGS:
-        flags.DEFINE_string("config", None, "Config file whose get_config() gives the defaults "
-                            "of every flag below (a preset, e.g. experiments/configs/"
-                            f"{name}_<preset>.py; default: experiments/configs/{name}.py).",
-                            module_name=main_module)
+        flags.DEFINE_string(
+            "config",
+            None,
+            "Config file whose get_config() gives the defaults "
+            "of every flag below (a preset, e.g. experiments/configs/"
+            f"{name}_<preset>.py; default: experiments/configs/{name}.py).",
+            module_name=main_module,
+        )
     define_fields(config_module.FIELDS, cfg, module_name=main_module)
     rules = rules_of(config_module)
 
     def main(argv):
         if len(argv) > 1:
-            fail(name, f"unexpected positional argument(s) {argv[1:]}; flags look like "
-                       "--name=value")
+            fail(
+                name, f"unexpected positional argument(s) {argv[1:]}; flags look like --name=value"
+            )
         kinds = (ConfigError,)
         try:
             values = resolve(config_module, cfg)
@@ -955,6 +1079,7 @@ def entry(name: str, body: Callable[[Run, Any], Any], config_module, *,
             # process 0 writes plots and reports, instead of in jax.distributed's shutdown
             # barrier, which gives up after a few minutes and aborts every process.
             from engine import mesh as mesh_lib
+
             mesh_lib.barrier("run finished")
         except NothingToDo as e:
             print(e, flush=True)
@@ -977,4 +1102,5 @@ class lazy_module:  # noqa: N801  (used like a module)
 
     def __getattr__(self, attr: str):
         import importlib
+
         return getattr(importlib.import_module(self._name), attr)

@@ -23,6 +23,7 @@ from experiments.configs import demo as CONFIG  # noqa: N812  (the config module
 def make_data(seed: int, n_rows: int, d: int, rank: int):
     """Low-rank data plus small noise, with a large offset (exercises the centred merges)."""
     import numpy as np
+
     rng = np.random.default_rng(seed)
     z = rng.normal(size=(n_rows, rank))
     mix = rng.normal(size=(rank, d))
@@ -30,9 +31,20 @@ def make_data(seed: int, n_rows: int, d: int, rank: int):
     return x.astype(np.float32)
 
 
-def run_demo(run: common.Run, *, num_steps: int, batch_size: int, d: int, latent: int,
-             n_rows: int, lr: float, log_every: int, checkpoint_every: int, seed: int,
-             progress: bool = True) -> dict:
+def run_demo(
+    run: common.Run,
+    *,
+    num_steps: int,
+    batch_size: int,
+    d: int,
+    latent: int,
+    n_rows: int,
+    lr: float,
+    log_every: int,
+    checkpoint_every: int,
+    seed: int,
+    progress: bool = True,
+) -> dict:
     """The demo's logic (importable for tests); returns the results dict."""
     import jax
     import jax.numpy as jnp
@@ -57,25 +69,40 @@ def run_demo(run: common.Run, *, num_steps: int, batch_size: int, d: int, latent
 
     key = jax.random.PRNGKey(seed)
     k_enc, k_dec, k_state = jax.random.split(key, 3)
-    params = {"enc": 0.1 * jax.random.normal(k_enc, (d, latent)),
-              "dec": 0.1 * jax.random.normal(k_dec, (latent, d))}
+    params = {
+        "enc": 0.1 * jax.random.normal(k_enc, (d, latent)),
+        "dec": 0.1 * jax.random.normal(k_dec, (latent, d)),
+    }
     tx = optax.adam(lr)
     state = train.create_train_state(params, tx, k_state)
 
     # -- train (resumes from run.workdir/checkpoints) ----------------------------------------
-    stream = streaming.ChunkStream((x,), batch_size, repeat=True, shuffle_seed=seed,
-                                   name="demo data")
+    stream = streaming.ChunkStream(
+        (x,), batch_size, repeat=True, shuffle_seed=seed, name="demo data"
+    )
     step_fn = train.make_train_step(loss_fn, tx, run.mesh)
-    state = train.train(state, step_fn, stream,
-                        train.LoopConfig(num_steps=num_steps, log_every=log_every,
-                                         checkpoint_every=checkpoint_every, progress=progress),
-                        workdir=run.workdir, mesh=run.mesh)
+    state = train.train(
+        state,
+        step_fn,
+        stream,
+        train.LoopConfig(
+            num_steps=num_steps,
+            log_every=log_every,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+        ),
+        workdir=run.workdir,
+        mesh=run.mesh,
+    )
 
     # -- stream moments of (inputs, codes) over all rows --------------------------------------
     codes = np.asarray(jax.jit(encode)(state.params, jnp.asarray(x)))
     acc = accumulators.CrossMoments(d, latent)
-    moments = acc.finalize(accumulators.accumulate(
-        acc, streaming.ChunkStream((x, codes), batch_size, name="demo moments"), run.mesh))
+    moments = acc.finalize(
+        accumulators.accumulate(
+            acc, streaming.ChunkStream((x, codes), batch_size, name="demo moments"), run.mesh
+        )
+    )
     xd, cd = x.astype(np.float64), codes.astype(np.float64)
     ref_xy = (xd - xd.mean(0)).T @ (cd - cd.mean(0)) / len(xd)
     rel_err = float(np.max(np.abs(moments.cov_xy - ref_xy)) / np.max(np.abs(ref_xy)))
@@ -86,8 +113,11 @@ def run_demo(run: common.Run, *, num_steps: int, batch_size: int, d: int, latent
         "final_step": int(state.step),
         "devices": int(run.mesh.size),
         "fraction_variance_explained": fve,
-        "moments": {"count": moments.count, "trace_cov_x": total_var,
-                    "max_rel_err_cov_xy_vs_float64": rel_err},
+        "moments": {
+            "count": moments.count,
+            "trace_cov_x": total_var,
+            "max_rel_err_cov_xy_vs_float64": rel_err,
+        },
     }
     np.savez(run.path("params.npz"), **jax.device_get(state.params))
     _plot_loss(run)
@@ -96,10 +126,12 @@ def run_demo(run: common.Run, *, num_steps: int, batch_size: int, d: int, latent
 
 def _plot_loss(run: common.Run) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from engine import metrics_io
+
     rows = metrics_io.read_jsonl(run.metrics_path)
     if not rows:
         return
@@ -114,15 +146,25 @@ def _plot_loss(run: common.Run) -> None:
 
 
 def body(run, settings):
-    results = run_demo(run, num_steps=settings.num_steps, batch_size=settings.batch_size,
-                       d=settings.d,
-                       latent=settings.latent, n_rows=settings.n_rows, lr=settings.lr,
-                       log_every=settings.log_every, checkpoint_every=settings.checkpoint_every,
-                       seed=settings.seed, progress=settings.progress)
+    results = run_demo(
+        run,
+        num_steps=settings.num_steps,
+        batch_size=settings.batch_size,
+        d=settings.d,
+        latent=settings.latent,
+        n_rows=settings.n_rows,
+        lr=settings.lr,
+        log_every=settings.log_every,
+        checkpoint_every=settings.checkpoint_every,
+        seed=settings.seed,
+        progress=settings.progress,
+    )
     run.write_results(results)
-    print(f"demo: step {results['final_step']} on {results['devices']} device(s), variance "
-          f"explained {results['fraction_variance_explained']:.4f}, moments vs float64 "
-          f"rel. err {results['moments']['max_rel_err_cov_xy_vs_float64']:.2e}")
+    print(
+        f"demo: step {results['final_step']} on {results['devices']} device(s), variance "
+        f"explained {results['fraction_variance_explained']:.4f}, moments vs float64 "
+        f"rel. err {results['moments']['max_rel_err_cov_xy_vs_float64']:.2e}"
+    )
     print(f"results: {run.path('results.json')}  plots: {run.plots_dir}")
 
 

@@ -56,41 +56,111 @@ from __future__ import annotations
 from experiments import common
 from experiments.configs import feature_geometry as CONFIG  # noqa: N812  (the config module)
 
-CONFIG_KEYS = ("variants", "concept", "seed", "d", "n_tokens", "n_groups", "group_size",
-               "n_other", "noise", "circle_offset", "dictionary", "sae_width", "sae_k",
-               "sae_steps", "sae_batch", "sae_lr", "sae_dead_tokens", "graph_k",
-               "graph_threshold", "min_size", "max_size", "spectral_clusters", "family_recall",
-               "n_null", "alpha", "chunk_size", "min_token_count", "plot_tokens", "plots",
-               "progress")
-LM_KEYS = ("seed", "sae_width", "sae_k", "sae_steps", "sae_batch", "sae_lr", "sae_dead_tokens",
-           "graph_k", "graph_threshold", "min_size", "max_size", "spectral_clusters", "n_null",
-           "alpha", "chunk_size", "plots", "progress", "model_a", "model_b", "lm_planted",
-           "lm_shared", "hookpoint_a", "hookpoint_b", "sae_a", "sae_b", "cache_a", "cache_b",
-           "text", "max_documents", "max_contexts", "context_length", "lm_batch_size",
-           "sae_expansion", "families", "group_concepts", "concepts_file", "topic", "templates",
-           "family_tau", "family_min_hits", "spectral_max_features")
+CONFIG_KEYS = (
+    "variants",
+    "concept",
+    "seed",
+    "d",
+    "n_tokens",
+    "n_groups",
+    "group_size",
+    "n_other",
+    "noise",
+    "circle_offset",
+    "dictionary",
+    "sae_width",
+    "sae_k",
+    "sae_steps",
+    "sae_batch",
+    "sae_lr",
+    "sae_dead_tokens",
+    "graph_k",
+    "graph_threshold",
+    "min_size",
+    "max_size",
+    "spectral_clusters",
+    "family_recall",
+    "n_null",
+    "alpha",
+    "chunk_size",
+    "min_token_count",
+    "plot_tokens",
+    "plots",
+    "progress",
+)
+LM_KEYS = (
+    "seed",
+    "sae_width",
+    "sae_k",
+    "sae_steps",
+    "sae_batch",
+    "sae_lr",
+    "sae_dead_tokens",
+    "graph_k",
+    "graph_threshold",
+    "min_size",
+    "max_size",
+    "spectral_clusters",
+    "n_null",
+    "alpha",
+    "chunk_size",
+    "plots",
+    "progress",
+    "model_a",
+    "model_b",
+    "lm_planted",
+    "lm_shared",
+    "hookpoint_a",
+    "hookpoint_b",
+    "sae_a",
+    "sae_b",
+    "cache_a",
+    "cache_b",
+    "text",
+    "max_documents",
+    "max_contexts",
+    "context_length",
+    "lm_batch_size",
+    "sae_expansion",
+    "families",
+    "group_concepts",
+    "concepts_file",
+    "topic",
+    "templates",
+    "family_tau",
+    "family_min_hits",
+    "spectral_max_features",
+)
 
 
 def _data(settings) -> dict:
     if settings.preset != "lm":
         return {}
-    return {k: getattr(settings, k) for k in ("sae_a", "sae_b", "cache_a", "cache_b",
-                                              "concepts_file")} | {
+    return {
+        k: getattr(settings, k) for k in ("sae_a", "sae_b", "cache_a", "cache_b", "concepts_file")
+    } | {
         "model_a": None if settings.model_a in ("planted", "tiny") else settings.model_a,
         "model_b": None if settings.model_b in ("planted", "tiny") else settings.model_b,
-        "text": None if settings.text in ("sample", "planted") else settings.text}
+        "text": None if settings.text in ("sample", "planted") else settings.text,
+    }
 
 
 def _errors():
     from experiments.pipeline import concepts, geometry_lm
     from models import text
-    return (geometry_lm.GeometryError, concepts.ConceptError, text.TokenizerMismatchError,
-            FileNotFoundError)
+
+    return (
+        geometry_lm.GeometryError,
+        concepts.ConceptError,
+        text.TokenizerMismatchError,
+        FileNotFoundError,
+    )
 
 
 def body(run, settings):
     if settings.preset == "lm":
         from experiments.pipeline import geometry_lm
+
         cfg = {k: getattr(settings, k) for k in LM_KEYS}
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
         results = geometry_lm.run_lm(run, cfg)
@@ -99,6 +169,7 @@ def body(run, settings):
         print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}")
         return
     from experiments.pipeline import geometry_toy
+
     cfg = {k: getattr(settings, "width" if k == "d" else k) for k in CONFIG_KEYS}
     cfg["variants"] = list(cfg["variants"])
     results = geometry_toy.run_feature_geometry(run, **cfg)

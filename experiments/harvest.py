@@ -47,15 +47,24 @@ def _model_path(run, settings) -> str:
         return settings.model
     from engine import mesh as mesh_lib
     from models import lm, lm_tiny
+
     arch = settings.model.split(":", 1)[1]
     path = run.path("tiny_model")
     # Several processes: process 0 builds and saves the model, the others load its copy.
     if mesh_lib.is_primary() and not os.path.exists(os.path.join(path, "config.json")):
         from models import text
-        tok = text.build_word_tokenizer(vocab_size=2000,
-                                        special_tokens="cls_sep" if arch == "bert" else "bos")
-        model = lm_tiny.build_tiny_model(arch, tok, settings.seed, d_model=64, n_layers=2,
-                                         max_len=max(128, settings.context_length))
+
+        tok = text.build_word_tokenizer(
+            vocab_size=2000, special_tokens="cls_sep" if arch == "bert" else "bos"
+        )
+        model = lm_tiny.build_tiny_model(
+            arch,
+            tok,
+            settings.seed,
+            d_model=64,
+            n_layers=2,
+            max_len=max(128, settings.context_length),
+        )
         with lm.quiet_transformers():
             model.save_pretrained(path)
         tok.save_pretrained(path)
@@ -65,9 +74,11 @@ def _model_path(run, settings) -> str:
 
 def _plot_norms(cache, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
     fig, ax = plt.subplots(figsize=(7, 4))
     n_ctx = min(cache.num_contexts, 256)
     mask = cache.mask()[:n_ctx]
@@ -76,7 +87,7 @@ def _plot_norms(cache, path: str) -> None:
         if cache.dtype == "bfloat16":
             acts = (acts.astype(np.uint32) << 16).view(np.float32)
         norms = np.linalg.norm(acts.astype(np.float32), axis=-1)
-        m = mask[:norms.shape[0]]
+        m = mask[: norms.shape[0]]
         mean = (norms * m).sum(0) / np.maximum(m.sum(0), 1)
         ax.plot(np.arange(mean.shape[0]), mean, label=hp)
     ax.set_xlabel("position in context")
@@ -94,8 +105,11 @@ def _is_local(name: str) -> bool:
 
 
 def _data(settings) -> dict:
-    out = {f"text.{i}": t for i, t in enumerate(settings.text)
-           if t != "sample" and not t.startswith("hf:")}
+    out = {
+        f"text.{i}": t
+        for i, t in enumerate(settings.text)
+        if t != "sample" and not t.startswith("hf:")
+    }
     if _is_local(settings.model):
         out["model"] = settings.model
     if settings.tokenizer and os.path.isdir(settings.tokenizer):
@@ -108,9 +122,13 @@ def body(run, settings):
     from models import activation_cache, lm, text
 
     model_path = _model_path(run, settings)
-    model = lm.LanguageModel.load(model_path, revision=settings.revision,
-                                  dtype=settings.model_dtype,
-                                  device=settings.device, tokenizer=settings.tokenizer)
+    model = lm.LanguageModel.load(
+        model_path,
+        revision=settings.revision,
+        dtype=settings.model_dtype,
+        device=settings.device,
+        tokenizer=settings.tokenizer,
+    )
     if model.tokenizer is None:
         raise common.ConfigError(f"--model {model_path} has no tokenizer; pass --tokenizer")
     ctx_len = settings.context_length
@@ -119,18 +137,30 @@ def body(run, settings):
     weights = [float(w) for w in settings.text_weights] or None
 
     def open_at(start: int):
-        docs = text.read_mixture(sources, weights, text_field=settings.text_field,
-                                 txt_split=settings.txt_split)
-        blocks = text.iter_contexts(docs, model.tokenizer, ctx_len,
-                                    special_tokens=settings.special_tokens,
-                                    pad_tail=settings.pad_tail, pack=settings.pack,
-                                    max_contexts=max_contexts)
+        docs = text.read_mixture(
+            sources, weights, text_field=settings.text_field, txt_split=settings.txt_split
+        )
+        blocks = text.iter_contexts(
+            docs,
+            model.tokenizer,
+            ctx_len,
+            special_tokens=settings.special_tokens,
+            pad_tail=settings.pad_tail,
+            pack=settings.pack,
+            max_contexts=max_contexts,
+        )
         return text.skip_contexts(blocks, start)
 
     cache_dir = settings.cache_dir or run.path("cache")
-    text_info = {"sources": text.describe_source(sources), "text_field": settings.text_field,
-                 "txt_split": settings.txt_split, "special_tokens": settings.special_tokens,
-                 "pad_tail": settings.pad_tail, "pack": settings.pack, "weights": weights}
+    text_info = {
+        "sources": text.describe_source(sources),
+        "text_field": settings.text_field,
+        "txt_split": settings.txt_split,
+        "special_tokens": settings.special_tokens,
+        "pad_tail": settings.pad_tail,
+        "pack": settings.pack,
+        "weights": weights,
+    }
     writer = metrics_io.MetricWriter(run.metrics_path)
     t0 = time.perf_counter()
     state = {"last": t0, "start_tokens": None}
@@ -141,40 +171,82 @@ def body(run, settings):
             state["start_tokens"] = tokens_done
         if now - state["last"] >= 5.0:  # one line every few seconds, step = contexts done
             state["last"] = now
-            writer.write(contexts_done, {"tokens": tokens_done, "tokens_per_s":
-                                         (tokens_done - state["start_tokens"]) / (now - t0)})
+            writer.write(
+                contexts_done,
+                {
+                    "tokens": tokens_done,
+                    "tokens_per_s": (tokens_done - state["start_tokens"]) / (now - t0),
+                },
+            )
 
     cache = activation_cache.harvest(
-        model, open_at, settings.hookpoints, cache_dir, dtype=settings.dtype,
-        batch_size=settings.batch_size, shard_contexts=settings.shard_contexts or None,
-        max_contexts=max_contexts, num_contexts=max_contexts, text_info=text_info,
-        progress=settings.progress, on_batch=on_batch)
+        model,
+        open_at,
+        settings.hookpoints,
+        cache_dir,
+        dtype=settings.dtype,
+        batch_size=settings.batch_size,
+        shard_contexts=settings.shard_contexts or None,
+        max_contexts=max_contexts,
+        num_contexts=max_contexts,
+        text_info=text_info,
+        progress=settings.progress,
+        on_batch=on_batch,
+    )
     from engine import mesh as mesh_lib
-    primary = mesh_lib.is_primary()    # several processes: process 0 alone writes files
+
+    primary = mesh_lib.is_primary()  # several processes: process 0 alone writes files
     if settings.record_spans and primary:
         from models import alignment
-        docs = list(text.read_documents(sources, text_field=settings.text_field,
-                                        txt_split=settings.txt_split))
-        ctxs = text.make_contexts(docs, model.tokenizer, ctx_len,
-                                  special_tokens=settings.special_tokens,
-                                  pad_tail=settings.pad_tail,
-                                  max_contexts=cache.num_contexts)
-        used = docs[:int(ctxs.doc_index.max()) + 1]
-        alignment.save_token_spans(cache_dir, alignment.corpus_tokens(
-            used, model.tokenizer, ctxs, special_tokens=settings.special_tokens), used)
+
+        docs = list(
+            text.read_documents(
+                sources, text_field=settings.text_field, txt_split=settings.txt_split
+            )
+        )
+        ctxs = text.make_contexts(
+            docs,
+            model.tokenizer,
+            ctx_len,
+            special_tokens=settings.special_tokens,
+            pad_tail=settings.pad_tail,
+            max_contexts=cache.num_contexts,
+        )
+        used = docs[: int(ctxs.doc_index.max()) + 1]
+        alignment.save_token_spans(
+            cache_dir,
+            alignment.corpus_tokens(
+                used, model.tokenizer, ctxs, special_tokens=settings.special_tokens
+            ),
+            used,
+        )
     seconds = time.perf_counter() - t0
     tokens = cache.num_tokens
     new_tokens = tokens - (state["start_tokens"] or tokens)
-    writer.write(cache.num_contexts, {"tokens": tokens, "seconds_this_run": seconds,
-                                      "tokens_per_s": new_tokens / max(seconds, 1e-9)})
+    writer.write(
+        cache.num_contexts,
+        {
+            "tokens": tokens,
+            "seconds_this_run": seconds,
+            "tokens_per_s": new_tokens / max(seconds, 1e-9),
+        },
+    )
     logging.info("%s: %d tokens (%d this run) in %.1f s", cache, tokens, new_tokens, seconds)
     if primary:
         _plot_norms(cache, os.path.join(run.plots_dir, "norm_by_position.png"))
-    run.write_results({"cache_dir": os.path.abspath(cache_dir), "model": cache.model,
-                       "hookpoints": list(cache.hookpoints), "tokens": tokens,
-                       "contexts": cache.num_contexts, "context_length": cache.context_length,
-                       "dtype": cache.dtype, "seconds_this_run": seconds,
-                       "shards": len(cache.shards)})
+    run.write_results(
+        {
+            "cache_dir": os.path.abspath(cache_dir),
+            "model": cache.model,
+            "hookpoints": list(cache.hookpoints),
+            "tokens": tokens,
+            "contexts": cache.num_contexts,
+            "context_length": cache.context_length,
+            "dtype": cache.dtype,
+            "seconds_this_run": seconds,
+            "shards": len(cache.shards),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -73,26 +73,44 @@ def load_pairs(settings) -> tuple[Pair, Pair, dict]:
     """The real pair (or group of ``--n_models`` sides) and its floor (checked before any
     training)."""
     from models import dictionary_pair
+
     if settings.source == "toy" and settings.n_models > 2:
-        real = dictionary_pair.make_partial_sides(settings.toy_seed, settings.n_models,
-                                                  n_tokens=settings.n_tokens)
+        real = dictionary_pair.make_partial_sides(
+            settings.toy_seed, settings.n_models, n_tokens=settings.n_tokens
+        )
         d = real.description
         floor = dictionary_pair.make_partial_sides(
-            settings.toy_seed, settings.n_models, n_shared=0,
-            n_exclusive=d["n_shared"] + d["n_exclusive"], n_tokens=settings.n_tokens)
-        return (Pair("real", real.acts, real), Pair("floor", floor.acts, floor),
-                {"real": real.description, "floor": floor.description})
+            settings.toy_seed,
+            settings.n_models,
+            n_shared=0,
+            n_exclusive=d["n_shared"] + d["n_exclusive"],
+            n_tokens=settings.n_tokens,
+        )
+        return (
+            Pair("real", real.acts, real),
+            Pair("floor", floor.acts, floor),
+            {"real": real.description, "floor": floor.description},
+        )
     if settings.source == "toy":
         real = dictionary_pair.make_partial_pair(settings.toy_seed, n_tokens=settings.n_tokens)
         d = real.description
         floor = dictionary_pair.make_partial_pair(
-            settings.toy_seed, n_shared=0, n_exclusive_a=d["n_shared"] + d["n_exclusive_a"],
-            n_exclusive_b=d["n_shared"] + d["n_exclusive_b"], n_tokens=settings.n_tokens)
-        return (Pair("real", (real.acts_a, real.acts_b), real),
-                Pair("floor", (floor.acts_a, floor.acts_b), floor),
-                {"real": real.description, "floor": floor.description})
-    missing = [n for n in ("cache_a", "cache_b", "floor_cache_b", "hookpoint_a", "hookpoint_b")
-               if not getattr(settings, n)]
+            settings.toy_seed,
+            n_shared=0,
+            n_exclusive_a=d["n_shared"] + d["n_exclusive_a"],
+            n_exclusive_b=d["n_shared"] + d["n_exclusive_b"],
+            n_tokens=settings.n_tokens,
+        )
+        return (
+            Pair("real", (real.acts_a, real.acts_b), real),
+            Pair("floor", (floor.acts_a, floor.acts_b), floor),
+            {"real": real.description, "floor": floor.description},
+        )
+    missing = [
+        n
+        for n in ("cache_a", "cache_b", "floor_cache_b", "hookpoint_a", "hookpoint_b")
+        if not getattr(settings, n)
+    ]
     if missing:
         _fail(f"--source=caches needs --{', --'.join(missing)}")
     for n in ("cache_a", "cache_b", "floor_cache_b"):
@@ -100,9 +118,12 @@ def load_pairs(settings) -> tuple[Pair, Pair, dict]:
             _fail(f"--{n}={getattr(settings, n)} is not a directory")
     from engine import checks
     from models import activation_cache as ac
+
     try:
-        a, b, fb = (ac.ActivationCache(p) for p in (settings.cache_a, settings.cache_b,
-                                                    settings.floor_cache_b))
+        a, b, fb = (
+            ac.ActivationCache(p)
+            for p in (settings.cache_a, settings.cache_b, settings.floor_cache_b)
+        )
         pairs = []
         for name, other in (("real", b), ("floor", fb)):
             src = ac.paired_source(a, settings.hookpoint_a, other, settings.hookpoint_b)
@@ -111,32 +132,58 @@ def load_pairs(settings) -> tuple[Pair, Pair, dict]:
             pairs.append(Pair(name, (np.asarray(xa, np.float32), np.asarray(xb, np.float32))))
     except (checks.InputError, ValueError) as e:
         _fail(str(e).splitlines()[0])
-    return pairs[0], pairs[1], {"cache_a": settings.cache_a, "cache_b": settings.cache_b,
-                                "floor_cache_b": settings.floor_cache_b}
+    return (
+        pairs[0],
+        pairs[1],
+        {
+            "cache_a": settings.cache_a,
+            "cache_b": settings.cache_b,
+            "floor_cache_b": settings.floor_cache_b,
+        },
+    )
 
 
 def joint_configs(settings, seed: int) -> list:
     from models import joint_sae as js
+
     out = []
     F, k = settings.d_sae, settings.k
     aux = dict(aux_coeff=settings.aux_coeff, dead_tokens=settings.dead_tokens)
     for d in settings.designs:
         if d == "crosscoder_l1":
-            out += [js.JointConfig("crosscoder", F, "relu", l1_coeff=float(c), lr=settings.lr,
-                                   seed=seed) for c in settings.l1_coeffs]
+            out += [
+                js.JointConfig(
+                    "crosscoder", F, "relu", l1_coeff=float(c), lr=settings.lr, seed=seed
+                )
+                for c in settings.l1_coeffs
+            ]
         elif d == "crosscoder_topk":
-            out.append(js.JointConfig("crosscoder", F, "topk", k=k + 1, lr=settings.lr, seed=seed,
-                                      **aux))
+            out.append(
+                js.JointConfig("crosscoder", F, "topk", k=k + 1, lr=settings.lr, seed=seed, **aux)
+            )
         elif d == "universal":
-            out.append(js.JointConfig("universal", F, "topk", k=k, lr=settings.lr, seed=seed,
-                                      **aux))
+            out.append(
+                js.JointConfig("universal", F, "topk", k=k, lr=settings.lr, seed=seed, **aux)
+            )
         elif d == "aligned":
-            out += [js.JointConfig("aligned", settings.d_sae_single, "topk", k=k,
-                                   align_coeff=float(c), lr=settings.lr, seed=seed, **aux)
-                    for c in settings.align_coeffs]
+            out += [
+                js.JointConfig(
+                    "aligned",
+                    settings.d_sae_single,
+                    "topk",
+                    k=k,
+                    align_coeff=float(c),
+                    lr=settings.lr,
+                    seed=seed,
+                    **aux,
+                )
+                for c in settings.align_coeffs
+            ]
         elif d != "independent":
-            _fail(f"--designs: unknown {d!r}; expected crosscoder_l1, crosscoder_topk, "
-                  "universal, aligned, independent")
+            _fail(
+                f"--designs: unknown {d!r}; expected crosscoder_l1, crosscoder_topk, "
+                "universal, aligned, independent"
+            )
     for cfg in out:
         cfg.validate()
     return out
@@ -150,39 +197,74 @@ def run_pair(run, settings, pair: Pair, seeds: list[int]) -> list[dict]:
     from experiments.pipeline import joint_metrics as jm
     from models import joint_sae as js
     from models import sae_train
+
     M = len(pair.xs)
     names = tuple("abcdefghijklmnopqrstuvwxyz"[:M]) if M <= 26 else None
     configs = [c for s in seeds for c in joint_configs(settings, s)]
     results = []
     if configs:
         logging.info("training %d joint models on %s", len(configs), pair.name)
-        joints = js.train_joint_sweep(list(pair.xs), configs, steps=settings.steps,
-                                      batch_size=settings.batch_size, mesh=run.mesh,
-                                      workdir=run.path("runs", pair.name), data_seed=1000,
-                                      model_names=names, progress=settings.progress)
+        joints = js.train_joint_sweep(
+            list(pair.xs),
+            configs,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            mesh=run.mesh,
+            workdir=run.path("runs", pair.name),
+            data_seed=1000,
+            model_names=names,
+            progress=settings.progress,
+        )
         for cfg, joint in zip(configs, joints):
-            res = jm.analyze_joint(joint, pair.xs, run.mesh, truth=pair.truth,
-                                   num_permutations=settings.num_permutations, seed=cfg.seed,
-                                   metrics=tuple(settings.metrics))
+            res = jm.analyze_joint(
+                joint,
+                pair.xs,
+                run.mesh,
+                truth=pair.truth,
+                num_permutations=settings.num_permutations,
+                seed=cfg.seed,
+                metrics=tuple(settings.metrics),
+            )
             res.update(pair=pair.name, seed=cfg.seed)
             results.append(res)
     if "independent" in settings.designs:
         per_model = []
         for m, x in enumerate(pair.xs):
             # Each model's SAEs get their own seeds and data order.
-            tcfgs = [sae_train.TrainConfig(d_sae=settings.d_sae_single, activation="topk",
-                                           k=settings.k, lr=settings.lr, seed=M * s + m + 1,
-                                           aux_coeff=settings.aux_coeff,
-                                           dead_tokens=settings.dead_tokens) for s in seeds]
-            per_model.append(sae_train.train_saes(
-                x, tcfgs, steps=settings.steps, batch_size=settings.batch_size, mesh=run.mesh,
-                workdir=run.path("runs", pair.name, f"independent_{m}"),
-                data_seed=2000 + m, progress=settings.progress))
+            tcfgs = [
+                sae_train.TrainConfig(
+                    d_sae=settings.d_sae_single,
+                    activation="topk",
+                    k=settings.k,
+                    lr=settings.lr,
+                    seed=M * s + m + 1,
+                    aux_coeff=settings.aux_coeff,
+                    dead_tokens=settings.dead_tokens,
+                )
+                for s in seeds
+            ]
+            per_model.append(
+                sae_train.train_saes(
+                    x,
+                    tcfgs,
+                    steps=settings.steps,
+                    batch_size=settings.batch_size,
+                    mesh=run.mesh,
+                    workdir=run.path("runs", pair.name, f"independent_{m}"),
+                    data_seed=2000 + m,
+                    progress=settings.progress,
+                )
+            )
         for i, seed in enumerate(seeds):
-            res = jm.analyze_independent([saes[i] for saes in per_model], pair.xs, run.mesh,
-                                         truth=pair.truth,
-                                         num_permutations=settings.num_permutations, seed=seed,
-                                         metrics=tuple(settings.metrics))
+            res = jm.analyze_independent(
+                [saes[i] for saes in per_model],
+                pair.xs,
+                run.mesh,
+                truth=pair.truth,
+                num_permutations=settings.num_permutations,
+                seed=seed,
+                metrics=tuple(settings.metrics),
+            )
             res.update(pair=pair.name, seed=seed)
             results.append(res)
     return results
@@ -194,8 +276,10 @@ def _primary_geometry(res: dict) -> dict | None:
 
 def _compact_geometry(g):
     if g and "metrics" in g:
-        out = {m: {"score": v["score"], "p": v["p"], "excess": v["excess"]}
-               for m, v in g["metrics"].items()}
+        out = {
+            m: {"score": v["score"], "p": v["p"], "excess": v["excess"]}
+            for m, v in g["metrics"].items()
+        }
         out["n"] = g["n"]
         return out
     return g
@@ -206,19 +290,32 @@ def _pair_rows(r: dict, f: dict) -> list[dict]:
     rows = []
     for pr, pf in zip(r["pairs"], f["pairs"]):
         prim = pr["primary_criterion"]
-        row = {"models": pr["models"], "fraction_shared": pr["fraction_shared"],
-               "floor_fraction_shared": pf["fraction_shared"],
-               "excess_over_floor": pr["fraction_shared"] - pf["fraction_shared"],
-               "n_exclusive": [pr["sharing"][prim]["n_exclusive_a"],
-                               pr["sharing"][prim]["n_exclusive_b"]],
-               "fraction_exclusive": pr["sharing"][prim]["fraction_exclusive"],
-               "geometry": _compact_geometry(_primary_geometry(pr)),
-               "floor_geometry": _compact_geometry(_primary_geometry(pf))}
+        row = {
+            "models": pr["models"],
+            "fraction_shared": pr["fraction_shared"],
+            "floor_fraction_shared": pf["fraction_shared"],
+            "excess_over_floor": pr["fraction_shared"] - pf["fraction_shared"],
+            "n_exclusive": [
+                pr["sharing"][prim]["n_exclusive_a"],
+                pr["sharing"][prim]["n_exclusive_b"],
+            ],
+            "fraction_exclusive": pr["sharing"][prim]["fraction_exclusive"],
+            "geometry": _compact_geometry(_primary_geometry(pr)),
+            "floor_geometry": _compact_geometry(_primary_geometry(pf)),
+        }
         truth = pr["sharing"][prim].get("truth")
         if truth:
-            row.update({k: truth.get(k) for k in ("shared_precision", "shared_recall",
-                                                  "exclusive_a_called_shared",
-                                                  "exclusive_b_called_shared")})
+            row.update(
+                {
+                    k: truth.get(k)
+                    for k in (
+                        "shared_precision",
+                        "shared_recall",
+                        "exclusive_a_called_shared",
+                        "exclusive_b_called_shared",
+                    )
+                }
+            )
         rows.append(row)
     return rows
 
@@ -229,36 +326,56 @@ def summarise(real: list[dict], floor: list[dict]) -> list[dict]:
     for r, f in zip(real, floor):
         assert r["label"] == f["label"]
         prim = r["primary_criterion"]
-        row = {"label": r["label"], "design": r["design"], "seed": r["seed"],
-               "criterion": prim, "fraction_shared": r["fraction_shared"],
-               "floor_fraction_shared": f["fraction_shared"],
-               "excess_over_floor": r["fraction_shared"] - f["fraction_shared"],
-               "mean_fvu": r["reconstruction"]["mean_fvu"],
-               "floor_mean_fvu": f["reconstruction"]["mean_fvu"],
-               "l0": [p["l0"] for p in r["reconstruction"]["per_model"]],
-               "dead": [p["dead_fraction"] for p in r["reconstruction"]["per_model"]],
-               "fvu": [p["fvu"] for p in r["reconstruction"]["per_model"]],
-               "n_models": r["n_models"], "pairs": _pair_rows(r, f)}
+        row = {
+            "label": r["label"],
+            "design": r["design"],
+            "seed": r["seed"],
+            "criterion": prim,
+            "fraction_shared": r["fraction_shared"],
+            "floor_fraction_shared": f["fraction_shared"],
+            "excess_over_floor": r["fraction_shared"] - f["fraction_shared"],
+            "mean_fvu": r["reconstruction"]["mean_fvu"],
+            "floor_mean_fvu": f["reconstruction"]["mean_fvu"],
+            "l0": [p["l0"] for p in r["reconstruction"]["per_model"]],
+            "dead": [p["dead_fraction"] for p in r["reconstruction"]["per_model"]],
+            "fvu": [p["fvu"] for p in r["reconstruction"]["per_model"]],
+            "n_models": r["n_models"],
+            "pairs": _pair_rows(r, f),
+        }
         truth = r["sharing"][prim].get("truth")
         if truth:
-            row.update({k: truth.get(k) for k in (
-                "shared_precision", "shared_recall", "shared_precision_frequent",
-                "exclusive_a_recall", "exclusive_b_recall", "exclusive_a_called_shared",
-                "exclusive_b_called_shared")})
+            row.update(
+                {
+                    k: truth.get(k)
+                    for k in (
+                        "shared_precision",
+                        "shared_recall",
+                        "shared_precision_frequent",
+                        "exclusive_a_recall",
+                        "exclusive_b_recall",
+                        "exclusive_a_called_shared",
+                        "exclusive_b_called_shared",
+                    )
+                }
+            )
         for name, res in (("geometry", r), ("floor_geometry", f)):
             row[name] = _compact_geometry(_primary_geometry(res))
         if "latent_scaling" in r:
             ls = r["latent_scaling"]
-            row["latent_scaling_flagged"] = [ls["exclusive_a"]["n_flagged"],
-                                             ls["exclusive_b"]["n_flagged"]]
+            row["latent_scaling_flagged"] = [
+                ls["exclusive_a"]["n_flagged"],
+                ls["exclusive_b"]["n_flagged"],
+            ]
             row["latent_scaling_exclusive"] = [ls["exclusive_a"]["n"], ls["exclusive_b"]["n"]]
             if "n_carrying_true_shared" in ls["exclusive_a"]:
                 # Known truth: norm-exclusive latents that carry a truly shared feature (real
                 # artifacts) and how many of them the check flags.
                 row["latent_scaling_true_artifacts"] = [
-                    ls[f"exclusive_{s}"].get("n_carrying_true_shared", 0) for s in "ab"]
+                    ls[f"exclusive_{s}"].get("n_carrying_true_shared", 0) for s in "ab"
+                ]
                 row["latent_scaling_flagged_true_artifacts"] = [
-                    ls[f"exclusive_{s}"].get("n_flagged_carrying_true_shared", 0) for s in "ab"]
+                    ls[f"exclusive_{s}"].get("n_flagged_carrying_true_shared", 0) for s in "ab"
+                ]
         rows.append(row)
     return rows
 
@@ -268,63 +385,88 @@ def _fmt(v) -> str:
 
 
 def print_summary(rows: list[dict]) -> None:
-    print(f"{'design / coefficient':44s} {'crit':22s} {'shared':>6s} {'floor':>6s} "
-          f"{'excess':>6s} {'FVU':>6s} {'P_sh':>5s} {'P_fr':>5s} {'R_sh':>5s} {'exSh':>5s} "
-          f"{'svcca':>6s} {'p':>5s} {'fl.svcca':>8s}")
+    print(
+        f"{'design / coefficient':44s} {'crit':22s} {'shared':>6s} {'floor':>6s} "
+        f"{'excess':>6s} {'FVU':>6s} {'P_sh':>5s} {'P_fr':>5s} {'R_sh':>5s} {'exSh':>5s} "
+        f"{'svcca':>6s} {'p':>5s} {'fl.svcca':>8s}"
+    )
     for r in rows:
         g, fg = r.get("geometry") or {}, r.get("floor_geometry") or {}
         sv = g.get("svcca", {}) if isinstance(g, dict) else {}
         fsv = fg.get("svcca", {}) if isinstance(fg, dict) else {}
         ex_sh = None
         if r.get("exclusive_a_called_shared") is not None:
-            ex_sh = np.mean([v for v in (r.get("exclusive_a_called_shared"),
-                                         r.get("exclusive_b_called_shared")) if v is not None])
-        print(f"{r['label']:44s} {r['criterion']:22s} {r['fraction_shared']:6.2f} "
-              f"{r['floor_fraction_shared']:6.2f} {r['excess_over_floor']:+6.2f} "
-              f"{r['mean_fvu']:6.3f} {_fmt(r.get('shared_precision')):>5s} "
-              f"{_fmt(r.get('shared_precision_frequent')):>5s} "
-              f"{_fmt(r.get('shared_recall')):>5s} {_fmt(ex_sh):>5s} "
-              f"{_fmt(sv.get('score')):>6s} {_fmt(sv.get('p')):>5s} "
-              f"{_fmt(fsv.get('score')):>8s}")
+            ex_sh = np.mean(
+                [
+                    v
+                    for v in (
+                        r.get("exclusive_a_called_shared"),
+                        r.get("exclusive_b_called_shared"),
+                    )
+                    if v is not None
+                ]
+            )
+        print(
+            f"{r['label']:44s} {r['criterion']:22s} {r['fraction_shared']:6.2f} "
+            f"{r['floor_fraction_shared']:6.2f} {r['excess_over_floor']:+6.2f} "
+            f"{r['mean_fvu']:6.3f} {_fmt(r.get('shared_precision')):>5s} "
+            f"{_fmt(r.get('shared_precision_frequent')):>5s} "
+            f"{_fmt(r.get('shared_recall')):>5s} {_fmt(ex_sh):>5s} "
+            f"{_fmt(sv.get('score')):>6s} {_fmt(sv.get('p')):>5s} "
+            f"{_fmt(fsv.get('score')):>8s}"
+        )
     if any(r["n_models"] > 2 for r in rows):
         print("per model (FVU / L0 / dead fraction):")
         for r in rows:
-            per = "  ".join(f"m{m}: {fv:.3f}/{l0:.1f}/{dd:.2f}" for m, (fv, l0, dd) in
-                            enumerate(zip(r["fvu"], r["l0"], r["dead"])))
+            per = "  ".join(
+                f"m{m}: {fv:.3f}/{l0:.1f}/{dd:.2f}"
+                for m, (fv, l0, dd) in enumerate(zip(r["fvu"], r["l0"], r["dead"]))
+            )
             print(f"  {r['label']:42s} {per}")
-        print("per model pair (shared real / floor / excess, exclusive fraction, P_sh, R_sh, "
-              "svcca):")
+        print(
+            "per model pair (shared real / floor / excess, exclusive fraction, P_sh, R_sh, svcca):"
+        )
         for r in rows:
             for p in r["pairs"]:
                 g = p.get("geometry") or {}
                 sv = g.get("svcca", {}) if isinstance(g, dict) else {}
-                print(f"  {r['label']:42s} {p['models'][0]}-{p['models'][1]} "
-                      f"{p['fraction_shared']:5.2f} {p['floor_fraction_shared']:5.2f} "
-                      f"{p['excess_over_floor']:+5.2f} {p['fraction_exclusive']:5.2f} "
-                      f"{_fmt(p.get('shared_precision')):>5s} "
-                      f"{_fmt(p.get('shared_recall')):>5s} {_fmt(sv.get('score')):>5s}")
+                print(
+                    f"  {r['label']:42s} {p['models'][0]}-{p['models'][1]} "
+                    f"{p['fraction_shared']:5.2f} {p['floor_fraction_shared']:5.2f} "
+                    f"{p['excess_over_floor']:+5.2f} {p['fraction_exclusive']:5.2f} "
+                    f"{_fmt(p.get('shared_precision')):>5s} "
+                    f"{_fmt(p.get('shared_recall')):>5s} {_fmt(sv.get('score')):>5s}"
+                )
     for r in rows:
         if "latent_scaling_flagged" in r:
-            line = (f"latent scaling {r['label']}: flagged {r['latent_scaling_flagged']} of "
-                    f"{r['latent_scaling_exclusive']} norm-exclusive latents (A, B)")
+            line = (
+                f"latent scaling {r['label']}: flagged {r['latent_scaling_flagged']} of "
+                f"{r['latent_scaling_exclusive']} norm-exclusive latents (A, B)"
+            )
             if "latent_scaling_true_artifacts" in r:
-                line += (f"; truly shared among them {r['latent_scaling_true_artifacts']}, "
-                         f"of which flagged {r['latent_scaling_flagged_true_artifacts']}")
+                line += (
+                    f"; truly shared among them {r['latent_scaling_true_artifacts']}, "
+                    f"of which flagged {r['latent_scaling_flagged_true_artifacts']}"
+                )
             print(line)
-    print("shared: fraction of live latents called shared (criterion per design; thresholds in "
-          "experiments/pipeline/joint_metrics.py); floor: the same on the nothing-shared pair; "
-          "P_sh/R_sh: precision/recall of the shared call vs the known truth; exSh: fraction "
-          "of latents carrying a truly exclusive feature that were called shared; P_fr: "
-          "shared precision among latents firing on >= 1% of rows; svcca/p: "
-          "geometry of the shared latents' decoder rows vs the random-pairing null. With more "
-          "than two models the table's shared/floor/excess are means over model pairs and "
-          "P/R/svcca are for models 0-1; the per-pair table has every pair.")
+    print(
+        "shared: fraction of live latents called shared (criterion per design; thresholds in "
+        "experiments/pipeline/joint_metrics.py); floor: the same on the nothing-shared pair; "
+        "P_sh/R_sh: precision/recall of the shared call vs the known truth; exSh: fraction "
+        "of latents carrying a truly exclusive feature that were called shared; P_fr: "
+        "shared precision among latents firing on >= 1% of rows; svcca/p: "
+        "geometry of the shared latents' decoder rows vs the random-pairing null. With more "
+        "than two models the table's shared/floor/excess are means over model pairs and "
+        "P/R/svcca are for models 0-1; the per-pair table has every pair."
+    )
 
 
 def plots(run, real: list[dict], floor: list[dict]) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     paths = []
     for r, f in zip(real, floor):
         if "r_histogram" not in r:
@@ -349,12 +491,19 @@ def plots(run, real: list[dict], floor: list[dict]) -> list[str]:
     for res_list, filled in ((real, True), (floor, False)):
         for res in res_list:
             c = colors[res["design"]]
-            ax.scatter(res["reconstruction"]["mean_fvu"], res["fraction_shared"],
-                       facecolors=c if filled else "none", edgecolors=c, s=36)
+            ax.scatter(
+                res["reconstruction"]["mean_fvu"],
+                res["fraction_shared"],
+                facecolors=c if filled else "none",
+                edgecolors=c,
+                s=36,
+            )
             if filled:
-                ax.annotate(res["label"].replace("_F", "\nF"), (res["reconstruction"]["mean_fvu"],
-                                                                res["fraction_shared"]),
-                            fontsize=5)
+                ax.annotate(
+                    res["label"].replace("_F", "\nF"),
+                    (res["reconstruction"]["mean_fvu"], res["fraction_shared"]),
+                    fontsize=5,
+                )
     for d, c in colors.items():
         ax.scatter([], [], color=c, label=d)
     ax.set_xlabel("mean FVU over the two models")
@@ -379,26 +528,39 @@ def body(run, settings) -> None:
     for s in seeds:
         joint_configs(settings, s)
     from engine import checks, similarity
+
     for name in settings.metrics:
         try:
             similarity.get(name)
         except checks.InputError as e:
             _fail(f"--metrics: {e}")
     if settings.batch_size % run.mesh.shape["data"]:
-        _fail(f"--batch_size={settings.batch_size} is not divisible by the mesh data axis "
-              f"({run.mesh.shape['data']})")
+        _fail(
+            f"--batch_size={settings.batch_size} is not divisible by the mesh data axis "
+            f"({run.mesh.shape['data']})"
+        )
     real_pair, floor_pair, data = load_pairs(settings)
     real = run_pair(run, settings, real_pair, seeds)
     floor = run_pair(run, settings, floor_pair, seeds)
     rows = summarise(real, floor)
     paths = plots(run, real, floor)
     from experiments.pipeline import joint_metrics as jm
-    results = {"data": data, "summary": rows, "real": real, "floor": floor,
-               "thresholds": {"shared_r": jm.SHARED_R, "exclusive_r": jm.EXCLUSIVE_R,
-                              "shared_corr": jm.SHARED_CORR,
-                              "exclusive_corr": jm.EXCLUSIVE_CORR,
-                              "truth_min_cos": jm.TRUTH_MIN_COS, "artifact_nu": jm.ARTIFACT_NU},
-               "plots": paths}
+
+    results = {
+        "data": data,
+        "summary": rows,
+        "real": real,
+        "floor": floor,
+        "thresholds": {
+            "shared_r": jm.SHARED_R,
+            "exclusive_r": jm.EXCLUSIVE_R,
+            "shared_corr": jm.SHARED_CORR,
+            "exclusive_corr": jm.EXCLUSIVE_CORR,
+            "truth_min_cos": jm.TRUTH_MIN_COS,
+            "artifact_nu": jm.ARTIFACT_NU,
+        },
+        "plots": paths,
+    }
     run.write_results(results)
     print_summary(rows)
     print(f"results: {run.path('results.json')}  plots: {run.plots_dir}")
@@ -409,8 +571,11 @@ def _data(settings) -> dict:
     """Activation caches whose identity enters the run fingerprint."""
     if settings.source != "caches":
         return {}
-    return {name: os.path.join(getattr(settings, name), "metadata.json")
-            for name in ("cache_a", "cache_b", "floor_cache_b") if getattr(settings, name)}
+    return {
+        name: os.path.join(getattr(settings, name), "metadata.json")
+        for name in ("cache_a", "cache_b", "floor_cache_b")
+        if getattr(settings, name)
+    }
 
 
 if __name__ == "__main__":

@@ -30,17 +30,21 @@ def define_flags() -> None:
 def main(argv):
     del argv
     from experiments.pipeline import html_report
+
     if not FLAGS.workdir:
         print("report: --workdir is required (a universality run directory)", file=sys.stderr)
         sys.exit(2)
     if FLAGS.dry_run:
         import os
+
         if not os.path.isdir(FLAGS.workdir):
             print(f"report: --workdir={FLAGS.workdir}: no such directory", file=sys.stderr)
             sys.exit(2)
         if not os.path.isfile(os.path.join(FLAGS.workdir, "results.json")):
-            print(f"report: {FLAGS.workdir}: no results.json (expected a finished universality "
-                  "run)", file=sys.stderr)
+            print(
+                f"report: {FLAGS.workdir}: no results.json (expected a finished universality run)",
+                file=sys.stderr,
+            )
             sys.exit(2)
         out = FLAGS.out or os.path.join(FLAGS.workdir, "report")
         print(f"dry run: settings OK; would write {os.path.join(out, 'index.html')}")

@@ -40,21 +40,34 @@ from experiments.configs import semantic_subspaces as CONFIG  # noqa: N812  (the
 
 
 def _data(settings) -> dict:
-    return {"concepts_file": settings.concepts_file, "sae_a": settings.sae_a,
-            "sae_b": settings.sae_b, "cache_a": settings.cache_a, "cache_b": settings.cache_b,
-            **({"model_a": settings.model_a, "model_b": settings.model_b,
-                "text": None if settings.text == "sample" else settings.text}
-               if settings.preset == "lm" else {})}
+    return {
+        "concepts_file": settings.concepts_file,
+        "sae_a": settings.sae_a,
+        "sae_b": settings.sae_b,
+        "cache_a": settings.cache_a,
+        "cache_b": settings.cache_b,
+        **(
+            {
+                "model_a": settings.model_a,
+                "model_b": settings.model_b,
+                "text": None if settings.text == "sample" else settings.text,
+            }
+            if settings.preset == "lm"
+            else {}
+        ),
+    }
 
 
 def _errors():
     from experiments.pipeline import subspace_runner
     from models import text
+
     return (subspace_runner.SubspaceError, text.TokenizerMismatchError)
 
 
 def body(run, settings):
     from experiments.pipeline import subspace_runner
+
     subspace_runner.main(run, settings)
 
 

@@ -44,6 +44,7 @@ from experiments.configs import tokenizers_toy as CONFIG  # noqa: N812  (the con
 
 def _plot(comps: list, path: str, settings) -> None:
     from experiments.pipeline import report
+
     plt = report._plt()
     names = [c.name for c in comps]
     rec = [np.nan if c.truth is None else c.truth.fraction_true_pairs_recovered for c in comps]
@@ -84,20 +85,27 @@ def run(run_, settings) -> dict:
     from models import sae_train, text, tiny_tokenizers, word_toy
 
     if settings.tokenizer_a == settings.tokenizer_b:
-        raise compare.PipelineError("--tokenizer_a and --tokenizer_b must differ (the "
-                                    "same-tokenizer case is the built-in reference)")
+        raise compare.PipelineError(
+            "--tokenizer_a and --tokenizer_b must differ (the "
+            "same-tokenizer case is the built-in reference)"
+        )
     specs = []
     for u in settings.units:
         unit, _, pooling = u.partition(":")
         if unit not in ("shared_boundaries", "words") or pooling not in al.POOLINGS:
-            raise compare.PipelineError(f"--units: {u!r}; expected shared_boundaries|words "
-                                        f":last|mean|max")
+            raise compare.PipelineError(
+                f"--units: {u!r}; expected shared_boundaries|words :last|mean|max"
+            )
         specs.append((unit, pooling))
     docs = text.sample_documents(settings.max_documents)
-    toks = {s: tiny_tokenizers.build_tokenizer(k, settings.vocab_size)
-            for s, k in (("a", settings.tokenizer_a), ("b", settings.tokenizer_b))}
-    ctx = {s: text.make_contexts(docs, t, settings.context_length, pad_tail=True)
-           for s, t in toks.items()}
+    toks = {
+        s: tiny_tokenizers.build_tokenizer(k, settings.vocab_size)
+        for s, k in (("a", settings.tokenizer_a), ("b", settings.tokenizer_b))
+    }
+    ctx = {
+        s: text.make_contexts(docs, t, settings.context_length, pad_tail=True)
+        for s, t in toks.items()
+    }
     corpus = {s: al.corpus_tokens(docs, toks[s], ctx[s]) for s in "ab"}
 
     seed = settings.seed
@@ -108,37 +116,68 @@ def run(run_, settings) -> dict:
     feats_b = dictionary @ word_toy.orthogonal(settings.d, [seed, 3])
     feats_ctrl = word_toy.unit_rows(settings.n_features, settings.d, [seed, 4])
     gen = lambda side, c, f, s: word_toy.side_activations(
-        docs, corpus[side], ctx[side], c, f, noise=settings.noise, seed=[seed, s],
-        causal=settings.causal, jitter_seed=None if settings.jitter <= 0 else [seed, 20 + (
-            c is codes_ctrl)], jitter_spread=settings.jitter)
-    acts = {"a": gen("a", codes, feats_a, 10),
-            "b_same": gen("a", codes, feats_b, 11),
-            "b": gen("b", codes, feats_b, 11),
-            "control": gen("b", codes_ctrl, feats_ctrl, 12)}
+        docs,
+        corpus[side],
+        ctx[side],
+        c,
+        f,
+        noise=settings.noise,
+        seed=[seed, s],
+        causal=settings.causal,
+        jitter_seed=None if settings.jitter <= 0 else [seed, 20 + (c is codes_ctrl)],
+        jitter_spread=settings.jitter,
+    )
+    acts = {
+        "a": gen("a", codes, feats_a, 10),
+        "b_same": gen("a", codes, feats_b, 11),
+        "b": gen("b", codes, feats_b, 11),
+        "control": gen("b", codes_ctrl, feats_ctrl, 12),
+    }
     scale = float(np.median(np.linalg.norm(acts["b"], axis=1)))
     acts["floor"] = word_toy.random_token_embeddings(
-        ctx["b"], len(toks["b"].get_vocab()), settings.d, scale=scale, noise=settings.noise,
-        seed=[seed, 13])
+        ctx["b"],
+        len(toks["b"].get_vocab()),
+        settings.d,
+        scale=scale,
+        noise=settings.noise,
+        seed=[seed, 13],
+    )
 
     def train(name, x, s):
-        cfg = sae_train.TrainConfig(d_sae=settings.n_features, activation="topk", k=settings.sae_k,
-                                    lr=3e-3, seed=s)
-        return saes_lib.train_or_load(x, cfg, steps=settings.sae_steps,
-                                      batch_size=settings.sae_batch_size, data_seed=s,
-                                      directory=run_.path("saes", name), mesh=run_.mesh,
-                                      progress=settings.progress, metadata={"side": name})
+        cfg = sae_train.TrainConfig(
+            d_sae=settings.n_features, activation="topk", k=settings.sae_k, lr=3e-3, seed=s
+        )
+        return saes_lib.train_or_load(
+            x,
+            cfg,
+            steps=settings.sae_steps,
+            batch_size=settings.sae_batch_size,
+            data_seed=s,
+            directory=run_.path("saes", name),
+            mesh=run_.mesh,
+            progress=settings.progress,
+            metadata={"side": name},
+        )
 
     saes = {"a": train("a", acts["a"], seed), "a_ceiling": train("a_ceiling", acts["a"], seed + 1)}
     for name in ("b_same", "b", "control", "floor"):
         saes[name] = train(name, acts[name], seed)
 
-    cfg = compare.CompareConfig(filters=filters.FilterConfig(threshold=settings.threshold),
-                                metrics=tuple(settings.metrics),
-                                num_permutations=settings.num_permutations, seed=seed)
+    cfg = compare.CompareConfig(
+        filters=filters.FilterConfig(threshold=settings.threshold),
+        metrics=tuple(settings.metrics),
+        num_permutations=settings.num_permutations,
+        seed=seed,
+    )
     cache = StepCache(run_.path("steps"))
     ident = np.arange(settings.n_features)
-    truth = lambda fb: {"features_a": feats_a, "features_b": fb, "true_match": ident,
-                        "recoverable": np.ones(settings.n_features, bool), "min_cos": 0.9}
+    truth = lambda fb: {
+        "features_a": feats_a,
+        "features_b": fb,
+        "true_match": ident,
+        "recoverable": np.ones(settings.n_features, bool),
+        "min_cos": 0.9,
+    }
 
     def stream(xa, xb):
         rows = np.arange(xa.shape[0], dtype=np.int32)
@@ -146,91 +185,182 @@ def run(run_, settings) -> dict:
 
     def one(name, kind, xa, xb, sae_b, text_fn, context_fn, tr, extra=None):
         comp = compare.run_comparison(
-            name, stream(xa, xb), saes["a"], sae_b, text_fn, run_.mesh, cfg, cache,
-            ckpt_root=run_.path("checkpoints"), truth=tr, progress=settings.progress,
+            name,
+            stream(xa, xb),
+            saes["a"],
+            sae_b,
+            text_fn,
+            run_.mesh,
+            cfg,
+            cache,
+            ckpt_root=run_.path("checkpoints"),
+            truth=tr,
+            progress=settings.progress,
             labels=results_lib.Labels(kind=kind, label=name, **(extra or {})),
             context_text=context_fn,
-            features_dir=run_.path("features"))
+            features_dir=run_.path("features"),
+        )
         return comp
 
     # identical tokens: the alignment is the identity over A's text tokens
     same = al.align_corpus(docs, corpus["a"], corpus["a"], unit="tokens")
     same_view = aligned.AlignedView(same, docs, ctx["a"], ctx["a"])
-    comps = [one("same_tokenizer", "same_tokenizer", same_view.pool("a", acts["a"]),
-                 same_view.pool("b", acts["b_same"]), saes["b_same"], same_view.token_text,
-                 same_view.context_text, truth(feats_b),
-                 {"alignment": same.report})]
+    comps = [
+        one(
+            "same_tokenizer",
+            "same_tokenizer",
+            same_view.pool("a", acts["a"]),
+            same_view.pool("b", acts["b_same"]),
+            saes["b_same"],
+            same_view.token_text,
+            same_view.context_text,
+            truth(feats_b),
+            {"alignment": same.report},
+        )
+    ]
     views = {}
     for unit, pooling in specs:
-        path = run_.path("alignment", f"{unit}.{pooling}")   # stored once, reused
+        path = run_.path("alignment", f"{unit}.{pooling}")  # stored once, reused
         if os.path.exists(os.path.join(path, "alignment.json")):
             align = al.Alignment.load(path)
         else:
-            align = al.align_corpus(docs, corpus["a"], corpus["b"], unit=unit,
-                                    pooling=pooling, text_info={"sample_documents": len(docs)})
+            align = al.align_corpus(
+                docs,
+                corpus["a"],
+                corpus["b"],
+                unit=unit,
+                pooling=pooling,
+                text_info={"sample_documents": len(docs)},
+            )
             align.save(path)
         view = aligned.AlignedView(align, docs, ctx["a"], ctx["b"])
         views[(unit, pooling)] = view
-        comps.append(one(f"cross.{unit}.{pooling}", "cross", view.pool("a", acts["a"]),
-                         view.pool("b", acts["b"]), saes["b"], view.token_text,
-                         view.context_text, truth(feats_b), {"alignment": align.report}))
+        comps.append(
+            one(
+                f"cross.{unit}.{pooling}",
+                "cross",
+                view.pool("a", acts["a"]),
+                view.pool("b", acts["b"]),
+                saes["b"],
+                view.token_text,
+                view.context_text,
+                truth(feats_b),
+                {"alignment": align.report},
+            )
+        )
         # density / mean per own token next to the per-unit values of the feature pass
-        comps[-1] = dataclasses.replace(comps[-1], feature_density=view.annotate_features(
-            os.path.join(run_.path("features"), f"{comps[-1].name}.json"), saes["a"],
-            saes["b"], acts["a"], acts["b"], run_.mesh, settings.chunk_size))
+        comps[-1] = dataclasses.replace(
+            comps[-1],
+            feature_density=view.annotate_features(
+                os.path.join(run_.path("features"), f"{comps[-1].name}.json"),
+                saes["a"],
+                saes["b"],
+                acts["a"],
+                acts["b"],
+                run_.mesh,
+                settings.chunk_size,
+            ),
+        )
     view = views[specs[0]]
     xa = view.pool("a", acts["a"])
-    comps.append(one("control", "control", xa, view.pool("b", acts["control"]),
-                     saes["control"], view.token_text, view.context_text, truth(feats_ctrl)))
-    comps.append(one("floor", "floor", xa, view.pool("b", acts["floor"]), saes["floor"],
-                     view.token_text, view.context_text, None))
-    comps.append(one("ceiling", "ceiling", same_view.pool("a", acts["a"]),
-                     same_view.pool("a", acts["a"]), saes["a_ceiling"], same_view.token_text,
-                     same_view.context_text, truth(feats_a)))
+    comps.append(
+        one(
+            "control",
+            "control",
+            xa,
+            view.pool("b", acts["control"]),
+            saes["control"],
+            view.token_text,
+            view.context_text,
+            truth(feats_ctrl),
+        )
+    )
+    comps.append(
+        one(
+            "floor",
+            "floor",
+            xa,
+            view.pool("b", acts["floor"]),
+            saes["floor"],
+            view.token_text,
+            view.context_text,
+            None,
+        )
+    )
+    comps.append(
+        one(
+            "ceiling",
+            "ceiling",
+            same_view.pool("a", acts["a"]),
+            same_view.pool("a", acts["a"]),
+            saes["a_ceiling"],
+            same_view.token_text,
+            same_view.context_text,
+            truth(feats_a),
+        )
+    )
 
     base = comps[0]
     losses = {}
-    for c in comps[1:1 + len(specs)]:
-        entry = {"recovered": c.truth.fraction_true_pairs_recovered,
-                 "recovered_same_tokenizer": base.truth.fraction_true_pairs_recovered,
-                 "rows": c.tokens, "rows_same_tokenizer": base.tokens,
-                 "fraction_text_covered": c.labels.alignment["fraction_text_covered"],
-                 "fraction_positions_used": c.labels.alignment["fraction_positions_used"]}
+    for c in comps[1 : 1 + len(specs)]:
+        entry = {
+            "recovered": c.truth.fraction_true_pairs_recovered,
+            "recovered_same_tokenizer": base.truth.fraction_true_pairs_recovered,
+            "rows": c.tokens,
+            "rows_same_tokenizer": base.tokens,
+            "fraction_text_covered": c.labels.alignment["fraction_text_covered"],
+            "fraction_positions_used": c.labels.alignment["fraction_positions_used"],
+        }
         for m, r in c.metrics.items():
             if m in base.metrics:
                 entry[f"{m}_excess"] = r.excess
                 entry[f"{m}_excess_same_tokenizer"] = base.metrics[m].excess
         losses[c.name] = entry
-    results = {"experiment": "tokenizers_toy",
-               "tokenizers": {"a": settings.tokenizer_a, "b": settings.tokenizer_b,
-                              "vocab_size": settings.vocab_size},
-               "data": {"documents": len(docs), "word_types": len(codes.types),
-                        "tokens": {s: int(ctx[s].mask.sum()) for s in "ab"},
-                        "contexts": {s: len(ctx[s]) for s in "ab"},
-                        "n_features": settings.n_features, "d": settings.d,
-                        "k_word": settings.k_word,
-                        "noise": settings.noise, "causal": settings.causal},
-               "comparisons": [c.to_json() for c in comps], "loss_vs_same_tokenizer": losses,
-               "summary": [report.verdict(c) for c in comps]}
+    results = {
+        "experiment": "tokenizers_toy",
+        "tokenizers": {
+            "a": settings.tokenizer_a,
+            "b": settings.tokenizer_b,
+            "vocab_size": settings.vocab_size,
+        },
+        "data": {
+            "documents": len(docs),
+            "word_types": len(codes.types),
+            "tokens": {s: int(ctx[s].mask.sum()) for s in "ab"},
+            "contexts": {s: len(ctx[s]) for s in "ab"},
+            "n_features": settings.n_features,
+            "d": settings.d,
+            "k_word": settings.k_word,
+            "noise": settings.noise,
+            "causal": settings.causal,
+        },
+        "comparisons": [c.to_json() for c in comps],
+        "loss_vs_same_tokenizer": losses,
+        "summary": [report.verdict(c) for c in comps],
+    }
     for c in comps:
         if c.metrics:
-            report.plot_nulls(c.name, c.metrics,
-                              os.path.join(run_.plots_dir, f"null_{c.name}.png"))
-    report.plot_matched_correlations(comps, os.path.join(run_.plots_dir,
-                                                         "matched_correlations.png"))
+            report.plot_nulls(c.name, c.metrics, os.path.join(run_.plots_dir, f"null_{c.name}.png"))
+    report.plot_matched_correlations(
+        comps, os.path.join(run_.plots_dir, "matched_correlations.png")
+    )
     _plot(comps, os.path.join(run_.plots_dir, "units.png"), settings)
     run_.write_results(results)
     print(report.summary_table(comps))
-    print(f"{'comparison':<28} {'rows':>7} {'pairs':>5} {'recovered':>9}  "
-          + "  ".join(f"{m:>12}" for m in settings.metrics))
+    print(
+        f"{'comparison':<28} {'rows':>7} {'pairs':>5} {'recovered':>9}  "
+        + "  ".join(f"{m:>12}" for m in settings.metrics)
+    )
     for c in comps:
         rec = None if c.truth is None else c.truth.fraction_true_pairs_recovered
         cells = []
         for m in settings.metrics:
             r = c.metrics[m] if m in c.metrics else None
             cells.append(f"{r.excess:+.3f} p{r.p:.3f}" if r else f"{'-':>12}")
-        print(f"{c.name:<28} {c.tokens:>7} {c.n_pairs:>5} "
-              f"{'' if rec is None else f'{rec:.2f}':>9}  " + "  ".join(cells))
+        print(
+            f"{c.name:<28} {c.tokens:>7} {c.n_pairs:>5} "
+            f"{'' if rec is None else f'{rec:.2f}':>9}  " + "  ".join(cells)
+        )
     print(f"results: {run_.path('results.json')}\nplots:   {run_.plots_dir}")
     return results
 
@@ -242,6 +372,7 @@ def body(run_, settings) -> None:
 
 def _errors():
     from experiments.pipeline import runner
+
     return runner.USER_ERRORS
 
 

@@ -42,26 +42,39 @@ from absl import logging
 from experiments import common
 from experiments.configs import toy_superposition as CONFIG  # noqa: N812  (the config module)
 
-STICKY = {"1": 1.0, "3/4": 0.75, "2/3": 2 / 3, "1/2": 0.5, "2/5": 0.4, "3/8": 0.375,
-          "1/3": 1 / 3}
+STICKY = {"1": 1.0, "3/4": 0.75, "2/3": 2 / 3, "1/2": 0.5, "2/5": 0.4, "3/8": 0.375, "1/3": 1 / 3}
 
 
 # ----------------------------------------------------------------------------------------------
 # Sweeps
 
 
-def _train_sweep(run: common.Run, name: str, config, sparsity, importance, seeds,
-                 settings: dict):
+def _train_sweep(run: common.Run, name: str, config, sparsity, importance, seeds, settings: dict):
     from models import toy
-    instances = toy.make_instances(config.n_features, sparsity=sparsity, importance=importance,
-                                   seeds=seeds)
-    logging.info("sweep %s: %d instances of %d -> %d (%s)", name, instances.n_instances,
-                 config.n_features, config.n_hidden, config.activation)
+
+    instances = toy.make_instances(
+        config.n_features, sparsity=sparsity, importance=importance, seeds=seeds
+    )
+    logging.info(
+        "sweep %s: %d instances of %d -> %d (%s)",
+        name,
+        instances.n_instances,
+        config.n_features,
+        config.n_hidden,
+        config.activation,
+    )
     log_every = min(settings["log_every"], settings["steps"])
     ckpt_every = max(log_every, settings["checkpoint_every"] // log_every * log_every)
-    return toy.train(config, instances, steps=settings["steps"], mesh=run.mesh,
-                     workdir=run.path("sweeps", name), log_every=log_every,
-                     checkpoint_every=ckpt_every, progress=settings["progress"])
+    return toy.train(
+        config,
+        instances,
+        steps=settings["steps"],
+        mesh=run.mesh,
+        workdir=run.path("sweeps", name),
+        log_every=log_every,
+        checkpoint_every=ckpt_every,
+        progress=settings["progress"],
+    )
 
 
 def _best_seed(loss: np.ndarray, n_settings: int, n_seeds: int) -> np.ndarray:
@@ -73,6 +86,7 @@ def _best_seed(loss: np.ndarray, n_settings: int, n_seeds: int) -> np.ndarray:
 def pentagon_sweep(run: common.Run, settings: dict) -> dict:
     """5 features in 2 dims across sparsity (Elhage et al. 2022, the introduction figure)."""
     from models import toy
+
     n, m, n_seeds = 5, 2, settings["pentagon_seeds"]
     sparsities = np.asarray(settings["pentagon_sparsity"], np.float64)
     importance = 0.9 ** np.arange(n)
@@ -84,16 +98,29 @@ def pentagon_sweep(run: common.Run, settings: dict) -> dict:
     best = _best_seed(result.loss, len(sparsities), n_seeds)
     instances = []
     for k in range(len(s)):
-        instances.append({
-            "sparsity": float(s[k, 0]), "seed": int(seeds[k]), "loss": float(result.loss[k]),
-            "W": result.params.W[k], "b": result.params.b[k], "wtw": geo["wtw"][k],
-            "norms": geo["norms"][k], "superposition": geo["superposition"][k],
-            "dimensionality": geo["dimensionality"][k],
-            "n_represented": int(geo["represented"][k].sum()),
-            "angle_gaps_deg": toy.feature_angles(result.params.W[k]),
-        })
-    out = {"n_features": n, "n_hidden": m, "importance": importance,
-           "sparsity": sparsities, "best_instance": best, "instances": instances}
+        instances.append(
+            {
+                "sparsity": float(s[k, 0]),
+                "seed": int(seeds[k]),
+                "loss": float(result.loss[k]),
+                "W": result.params.W[k],
+                "b": result.params.b[k],
+                "wtw": geo["wtw"][k],
+                "norms": geo["norms"][k],
+                "superposition": geo["superposition"][k],
+                "dimensionality": geo["dimensionality"][k],
+                "n_represented": int(geo["represented"][k].sum()),
+                "angle_gaps_deg": toy.feature_angles(result.params.W[k]),
+            }
+        )
+    out = {
+        "n_features": n,
+        "n_hidden": m,
+        "importance": importance,
+        "sparsity": sparsities,
+        "best_instance": best,
+        "instances": instances,
+    }
     _plot_pentagon(run, out)
     return out
 
@@ -101,13 +128,15 @@ def pentagon_sweep(run: common.Run, settings: dict) -> dict:
 def dimensionality_sweep(run: common.Run, settings: dict) -> dict:
     """Dimensions per feature vs 1/(1-S), uniform importance (the paper's n=400 -> m=30)."""
     from models import toy
+
     n, m, n_seeds = settings["dim_features"], settings["dim_hidden"], settings["dim_seeds"]
     inv_density = np.geomspace(1.0, settings["dim_max_inverse_density"], settings["dim_points"])
     sparsities = 1.0 - 1.0 / inv_density
     config = toy.ToyConfig(n, m, batch_size=settings["batch_size"], lr=settings["lr"])
     s = np.repeat(sparsities, n_seeds)[:, None] * np.ones(n)
-    result = _train_sweep(run, "dimensionality", config, s, 1.0, 10_000 + np.arange(len(s)),
-                          settings)
+    result = _train_sweep(
+        run, "dimensionality", config, s, 1.0, 10_000 + np.arange(len(s)), settings
+    )
     geo = toy.feature_geometry(result.params.W)
     best = _best_seed(result.loss, len(sparsities), n_seeds)
     d_i = geo["dimensionality"][best]
@@ -115,10 +144,18 @@ def dimensionality_sweep(run: common.Run, settings: dict) -> dict:
     near = {}
     for label, value in STICKY.items():  # share of represented features at each fraction
         near[label] = float(np.mean(np.abs(d_i[rep] - value) < 0.02)) if rep.any() else 0.0
-    out = {"n_features": n, "n_hidden": m, "inverse_density": inv_density,
-           "sparsity": sparsities, "loss": result.loss, "best_instance": best,
-           "dims_per_feature": geo["dims_per_feature"], "feature_dimensionality": d_i,
-           "represented": rep, "share_of_features_near_sticky_fraction": near}
+    out = {
+        "n_features": n,
+        "n_hidden": m,
+        "inverse_density": inv_density,
+        "sparsity": sparsities,
+        "loss": result.loss,
+        "best_instance": best,
+        "dims_per_feature": geo["dims_per_feature"],
+        "feature_dimensionality": d_i,
+        "represented": rep,
+        "share_of_features_near_sticky_fraction": near,
+    }
     _plot_dimensionality(run, out)
     return out
 
@@ -126,6 +163,7 @@ def dimensionality_sweep(run: common.Run, settings: dict) -> dict:
 def phase_sweep(run: common.Run, settings: dict) -> dict:
     """Phase diagram of one extra feature (n=2 -> m=1) for the linear and the ReLU model."""
     from models import toy
+
     k, n_seeds = settings["phase_points"], settings["seeds"]
     rel_importance = np.geomspace(0.1, 10.0, k)
     density = np.geomspace(0.01, 1.0, k)
@@ -134,13 +172,24 @@ def phase_sweep(run: common.Run, settings: dict) -> dict:
     s_flat = 1.0 - np.repeat(grid_d.ravel(), n_seeds)
     importance = np.stack([np.ones_like(r_flat), r_flat], axis=1)
     sparsity = np.stack([s_flat, s_flat], axis=1)
-    out: dict[str, Any] = {"relative_importance": rel_importance, "density": density,
-                           "states": list(toy.FEATURE_STATES)}
+    out: dict[str, Any] = {
+        "relative_importance": rel_importance,
+        "density": density,
+        "states": list(toy.FEATURE_STATES),
+    }
     for activation in ("linear", "relu"):
-        config = toy.ToyConfig(2, 1, activation=activation, batch_size=settings["batch_size"],
-                               lr=settings["lr"])
-        result = _train_sweep(run, f"phase_{activation}", config, sparsity, importance,
-                              20_000 + np.arange(len(r_flat)), settings)
+        config = toy.ToyConfig(
+            2, 1, activation=activation, batch_size=settings["batch_size"], lr=settings["lr"]
+        )
+        result = _train_sweep(
+            run,
+            f"phase_{activation}",
+            config,
+            sparsity,
+            importance,
+            20_000 + np.arange(len(r_flat)),
+            settings,
+        )
         best = _best_seed(result.loss, k * k, n_seeds)
         W = result.params.W[best]
         geo = toy.feature_geometry(W)
@@ -161,8 +210,10 @@ def phase_sweep(run: common.Run, settings: dict) -> dict:
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -223,8 +274,10 @@ def _plot_dimensionality(run: common.Run, res: dict) -> None:
     ax.set_ylim(0, 1.1)
     ax.set_xlabel("1 / (1 - S)")
     ax.set_ylabel("dimensions per feature")
-    ax.set_title(f"feature dimensionality, {res['n_features']} -> {res['n_hidden']} "
-                 "(dots: D_i of represented features)")
+    ax.set_title(
+        f"feature dimensionality, {res['n_features']} -> {res['n_hidden']} "
+        "(dots: D_i of represented features)"
+    )
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(run.plots_dir, "dimensionality.png"), dpi=120)
@@ -234,20 +287,27 @@ def _plot_dimensionality(run: common.Run, res: dict) -> None:
 def _plot_phase(run: common.Run, res: dict) -> None:
     plt = _plt()
     from matplotlib.colors import ListedColormap
+
     cmap = ListedColormap(["0.85", "tab:blue", "tab:red"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), squeeze=False)
     r, d = res["relative_importance"], res["density"]
     for ax, activation in zip(axes[0], ("linear", "relu")):
-        ax.pcolormesh(d, r, res[activation]["state"], cmap=cmap, vmin=-0.5, vmax=2.5,
-                      shading="nearest")
+        ax.pcolormesh(
+            d, r, res[activation]["state"], cmap=cmap, vmin=-0.5, vmax=2.5, shading="nearest"
+        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("feature density 1 - S")
         ax.set_ylabel("relative importance of the extra feature")
         ax.set_title(f"{activation}: 2 features -> 1 dim")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("0.85", "tab:blue", "tab:red")]
-    fig.legend(handles, ["not represented", "dedicated dimension", "superposition"],
-               loc="lower center", ncol=3, fontsize=8)
+    fig.legend(
+        handles,
+        ["not represented", "dedicated dimension", "superposition"],
+        loc="lower center",
+        ncol=3,
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(os.path.join(run.plots_dir, "phase_diagram.png"), dpi=120)
     plt.close(fig)
@@ -260,15 +320,20 @@ def _plot_phase(run: common.Run, res: dict) -> None:
 def run_toy_superposition(run: common.Run, settings: dict) -> dict:
     """Runs the selected sweeps (importable for tests); returns the results dict."""
     from engine import metrics_io
+
     sweeps = [s.strip() for s in settings["sweeps"].split(",") if s.strip()]
     unknown = set(sweeps) - {"pentagon", "dimensionality", "phase"}
     if unknown:
-        raise ValueError(f"--sweeps: unknown {sorted(unknown)}; expected pentagon, "
-                         "dimensionality, phase")
-    results: dict[str, Any] = {"devices": int(run.mesh.size),
-                               "training": {k: settings[k] for k in
-                                            ("steps", "batch_size", "lr", "seeds",
-                                             "pentagon_seeds", "dim_seeds")}}
+        raise ValueError(
+            f"--sweeps: unknown {sorted(unknown)}; expected pentagon, dimensionality, phase"
+        )
+    results: dict[str, Any] = {
+        "devices": int(run.mesh.size),
+        "training": {
+            k: settings[k]
+            for k in ("steps", "batch_size", "lr", "seeds", "pentagon_seeds", "dim_seeds")
+        },
+    }
     if "pentagon" in sweeps:
         results["pentagon"] = pentagon_sweep(run, settings)
     if "dimensionality" in sweeps:
@@ -283,6 +348,7 @@ def run_toy_superposition(run: common.Run, settings: dict) -> dict:
             rows.append({"sweep": name, **row})
     with open(run.metrics_path, "w", encoding="utf-8") as f:
         import json
+
         for row in rows:
             f.write(json.dumps(row) + "\n")
     results["summary"] = _summary(results)
@@ -297,10 +363,15 @@ def _summary(results: dict) -> dict:
         rows = []
         for k in p["best_instance"]:
             inst = p["instances"][k]
-            rows.append({"sparsity": inst["sparsity"], "n_represented": inst["n_represented"],
-                         "angle_gaps_deg": inst["angle_gaps_deg"],
-                         "norms": np.round(inst["norms"], 3),
-                         "dimensionality": np.round(inst["dimensionality"], 3)})
+            rows.append(
+                {
+                    "sparsity": inst["sparsity"],
+                    "n_represented": inst["n_represented"],
+                    "angle_gaps_deg": inst["angle_gaps_deg"],
+                    "norms": np.round(inst["norms"], 3),
+                    "dimensionality": np.round(inst["dimensionality"], 3),
+                }
+            )
         out["pentagon"] = rows
     if "dimensionality" in results:
         d = results["dimensionality"]
@@ -309,23 +380,31 @@ def _summary(results: dict) -> dict:
         ph = results["phase_diagram"]
         out["phase_state_counts"] = {
             a: {s: int(np.sum(ph[a]["state"] == i)) for i, s in enumerate(ph["states"])}
-            for a in ("linear", "relu")}
+            for a in ("linear", "relu")
+        }
     return out
 
 
 def sweep_settings(settings) -> dict:
     """The dict `run_toy_superposition` takes, from the run's settings."""
-    return {"steps": settings.sweep_steps, "batch_size": settings.sweep_batch_size,
-            "lr": settings.sweep_lr,
-            "seeds": settings.sweep_seeds, "pentagon_seeds": settings.pentagon_seeds,
-            "log_every": settings.sweep_log_every,
-            "checkpoint_every": settings.sweep_checkpoint_every,
-            "pentagon_sparsity": [float(s) for s in settings.pentagon_sparsity],
-            "dim_features": settings.dim_features, "dim_hidden": settings.dim_hidden,
-            "dim_points": settings.dim_points, "dim_seeds": settings.dim_seeds,
-            "dim_max_inverse_density": settings.dim_max_inverse_density,
-            "phase_points": settings.phase_points, "sweeps": settings.sweeps,
-            "progress": settings.progress}
+    return {
+        "steps": settings.sweep_steps,
+        "batch_size": settings.sweep_batch_size,
+        "lr": settings.sweep_lr,
+        "seeds": settings.sweep_seeds,
+        "pentagon_seeds": settings.pentagon_seeds,
+        "log_every": settings.sweep_log_every,
+        "checkpoint_every": settings.sweep_checkpoint_every,
+        "pentagon_sparsity": [float(s) for s in settings.pentagon_sparsity],
+        "dim_features": settings.dim_features,
+        "dim_hidden": settings.dim_hidden,
+        "dim_points": settings.dim_points,
+        "dim_seeds": settings.dim_seeds,
+        "dim_max_inverse_density": settings.dim_max_inverse_density,
+        "phase_points": settings.phase_points,
+        "sweeps": settings.sweeps,
+        "progress": settings.progress,
+    }
 
 
 def body(run, settings):

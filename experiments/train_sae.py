@@ -70,6 +70,7 @@ def _ints(values) -> list[int]:
 def build_configs(*, activations, widths, ks, l1s, l0s, seeds, base: dict) -> list:
     """The cartesian product of the sweep as `TrainConfig`s (seed varies fastest)."""
     from models import sae_train
+
     out = []
     for act, width in itertools.product(activations, widths):
         if act in ("topk", "batchtopk"):
@@ -80,8 +81,11 @@ def build_configs(*, activations, widths, ks, l1s, l0s, seeds, base: dict) -> li
             knobs = [{"l0_coeff": c} for c in l0s]
         for knob in knobs:
             for seed in seeds:
-                out.append(sae_train.TrainConfig(d_sae=int(width), activation=act, seed=seed,
-                                                 **knob, **base).validate())
+                out.append(
+                    sae_train.TrainConfig(
+                        d_sae=int(width), activation=act, seed=seed, **knob, **base
+                    ).validate()
+                )
     return out
 
 
@@ -99,33 +103,44 @@ def evaluate(sae, x, batch_size: int = 4096) -> dict:
         f = sae.encode(xb)
         xh = sae.decode(f)
         s = sae.config.input_scale
-        return (jnp.sum(((xb - xh) * s) ** 2), jnp.sum(f > 0, axis=0), jnp.sum(xb, 0),
-                jnp.sum(xb.astype(jnp.float32) ** 2, 0))
+        return (
+            jnp.sum(((xb - xh) * s) ** 2),
+            jnp.sum(f > 0, axis=0),
+            jnp.sum(xb, 0),
+            jnp.sum(xb.astype(jnp.float32) ** 2, 0),
+        )
 
     sq, counts, sums, sumsq = 0.0, np.zeros(sae.config.d_sae), 0.0, 0.0
     for lo in range(0, x.shape[0], batch_size):
-        a, c, s1, s2 = jax.device_get(chunk(jnp.asarray(x[lo:lo + batch_size])))
+        a, c, s1, s2 = jax.device_get(chunk(jnp.asarray(x[lo : lo + batch_size])))
         sq += float(a)
         counts = counts + c
         sums = sums + np.asarray(s1, np.float64)
         sumsq = sumsq + np.asarray(s2, np.float64)
     n = x.shape[0]
-    var = float(np.sum(sumsq - sums ** 2 / n)) * sae.config.input_scale ** 2
+    var = float(np.sum(sumsq - sums**2 / n)) * sae.config.input_scale**2
     density = counts / n
-    return {"mse": sq / (n * x.shape[1]), "fvu": sq / max(var, 1e-30),
-            "l0": float(np.sum(counts) / n), "dead_frac": float(np.mean(counts == 0)),
-            "density_mean": float(np.mean(density)), "density_max": float(np.max(density)),
-            "density": density}
+    return {
+        "mse": sq / (n * x.shape[1]),
+        "fvu": sq / max(var, 1e-30),
+        "l0": float(np.sum(counts) / n),
+        "dead_frac": float(np.mean(counts == 0)),
+        "density_mean": float(np.mean(density)),
+        "density_max": float(np.max(density)),
+        "density": density,
+    }
 
 
 def unit_rows(w):
     import numpy as np
+
     w = np.asarray(w, np.float64)
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
 
 
-def ground_truth_scores(true_atoms, w_dec, alive=None, split_cos: float = 0.5,
-                        recovered_cos: float = 0.9) -> dict:
+def ground_truth_scores(
+    true_atoms, w_dec, alive=None, split_cos: float = 0.5, recovered_cos: float = 0.9
+) -> dict:
     """MMCS (Sharkey et al. 2022) and splitting statistics of a learned dictionary.
 
     Returns:
@@ -137,17 +152,21 @@ def ground_truth_scores(true_atoms, w_dec, alive=None, split_cos: float = 0.5,
         splitting; > 1 = splitting or duplicates as d_sae grows past n_true).
     """
     import numpy as np
+
     t, l = unit_rows(true_atoms), unit_rows(w_dec)
-    cos = l @ t.T                                       # [learned, true]
+    cos = l @ t.T  # [learned, true]
     best_true = cos.max(axis=0)
     owner = cos.argmax(axis=1)
     alive = np.ones(l.shape[0], bool) if alive is None else np.asarray(alive, bool)
     close = (cos.max(axis=1) >= split_cos) & alive
     per_true = np.bincount(owner[close], minlength=t.shape[0])
     rec = best_true >= recovered_cos
-    return {"mmcs": float(best_true.mean()), "recovered_frac": float(rec.mean()),
-            "learned_match_mean": float(cos.max(axis=1).mean()),
-            "latents_per_true": float(per_true[rec].mean()) if rec.any() else 0.0}
+    return {
+        "mmcs": float(best_true.mean()),
+        "recovered_frac": float(rec.mean()),
+        "learned_match_mean": float(cos.max(axis=1).mean()),
+        "latents_per_true": float(per_true[rec].mean()) if rec.any() else 0.0,
+    }
 
 
 def seed_match_fraction(w_a, w_b, threshold: float) -> dict:
@@ -158,12 +177,16 @@ def seed_match_fraction(w_a, w_b, threshold: float) -> dict:
     """
     import numpy as np
     from scipy.optimize import linear_sum_assignment
+
     cos = unit_rows(w_a) @ unit_rows(w_b).T
     rows, cols = linear_sum_assignment(cos, maximize=True)
     matched = cos[rows, cols]
     n = min(cos.shape)
-    return {"matched_frac": float(np.sum(matched >= threshold) / n),
-            "mean_assigned_cos": float(matched.mean()), "threshold": threshold}
+    return {
+        "matched_frac": float(np.sum(matched >= threshold) / n),
+        "mean_assigned_cos": float(matched.mean()),
+        "threshold": threshold,
+    }
 
 
 # -- plots ------------------------------------------------------------------------------------
@@ -174,14 +197,17 @@ def plot_density_histograms(path: str, labels, densities) -> None:
     import math
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
     n = len(labels)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False, sharex=True
+    )
     bins = np.linspace(-10.25, 0.25, 43)
     for ax, label, d in zip(axes.flat, labels, densities):
         d = np.asarray(d)
@@ -202,21 +228,27 @@ def plot_sweep(path: str, rows: list[dict], n_true: int, pairs: list[dict] = ())
     """MMCS, recovered fraction, latents-per-true, L0, FVU and the seed-vs-seed matched
     fraction against width, one line per (activation, k / coefficient), mean over seeds."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
     series: dict = {}
     by_label = {r["label"]: r for r in rows}
     for r in rows:
         series.setdefault(r["knob"], {}).setdefault(r["d_sae"], []).append(dict(r))
-    for p in pairs:   # the pair's matched fraction, attached to its first SAE's point
+    for p in pairs:  # the pair's matched fraction, attached to its first SAE's point
         a = by_label[p["a"]]
         for r in series[a["knob"]][a["d_sae"]]:
             if r["label"] == p["a"]:
                 r["seed_matched"] = p["matched_frac"]
-    panels = [("mmcs", "MMCS"), ("recovered_frac", "true atoms recovered (cos >= 0.9)"),
-              ("latents_per_true", "live latents per recovered atom"), ("l0", "L0"),
-              ("fvu", "FVU (held out)")]
+    panels = [
+        ("mmcs", "MMCS"),
+        ("recovered_frac", "true atoms recovered (cos >= 0.9)"),
+        ("latents_per_true", "live latents per recovered atom"),
+        ("l0", "L0"),
+        ("fvu", "FVU (held out)"),
+    ]
     if pairs:
         panels.append(("seed_matched", "seed vs seed: matched 1-1 at cos >= 0.7"))
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
@@ -230,7 +262,7 @@ def plot_sweep(path: str, rows: list[dict], n_true: int, pairs: list[dict] = ())
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_sae / n_true")
         ax.set_title(title, fontsize=9)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.axis("off")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -259,8 +291,10 @@ def _streamed_source(o: dict):
     import numpy as np
 
     from models import activation_source as asrc
+
     if o["source"] == "cache":
         from models import activation_cache
+
         if not o.get("cache_path"):
             raise SystemExit("--cache_path is required with --source=cache")
         cache = activation_cache.ActivationCache(o["cache_path"])
@@ -268,41 +302,65 @@ def _streamed_source(o: dict):
         full = cache.source(hp, exclude_special=o.get("exclude_special", False))
         n = full.num_rows
         n_eval = min(o["eval_rows"], int(o["eval_frac"] * n))
-        eval_x = full.read_rows(0, max(n_eval, 1))[1] if n_eval else full.read_rows(
-            0, min(n, 4096))[1]
+        eval_x = (
+            full.read_rows(0, max(n_eval, 1))[1] if n_eval else full.read_rows(0, min(n, 4096))[1]
+        )
         train = asrc.RowRange(full, n_eval, n) if n_eval else full
-        meta = {"kind": "cache", "path": os.path.abspath(o["cache_path"]), "hookpoint": hp,
-                "model": cache.model, "text": cache.metadata.get("text"),
-                "exclude_special": bool(o.get("exclude_special", False)),
-                "special_ids": cache.metadata.get("special_ids"),
-                "train_rows": train.num_rows, "eval_rows": int(n_eval)}
+        meta = {
+            "kind": "cache",
+            "path": os.path.abspath(o["cache_path"]),
+            "hookpoint": hp,
+            "model": cache.model,
+            "text": cache.metadata.get("text"),
+            "exclude_special": bool(o.get("exclude_special", False)),
+            "special_ids": cache.metadata.get("special_ids"),
+            "train_rows": train.num_rows,
+            "eval_rows": int(n_eval),
+        }
         return train, np.asarray(eval_x, np.float32), full.widths[0], meta
     from models import lm as lm_lib
     from models import text as text_lib
+
     if not (o.get("model_path") and o.get("hookpoint")):
         raise SystemExit("--model_path and --hookpoint are required with --source=lm")
     with lm_lib.quiet_transformers():
         model = lm_lib.LanguageModel.load(o["model_path"])
     weights = [float(w) for w in o.get("lm_text_weights") or []] or None
-    docs = text_lib.read_mixture(list(o["lm_text"]), weights,
-                                 txt_split=o.get("lm_txt_split", "line"))
+    docs = text_lib.read_mixture(
+        list(o["lm_text"]), weights, txt_split=o.get("lm_txt_split", "line")
+    )
     pack = bool(o.get("lm_pack", True))
-    contexts = text_lib.make_contexts(docs, model.tokenizer, o["lm_context_length"],
-                                      max_contexts=o["lm_max_contexts"], pack=pack,
-                                      pad_tail=not pack)
+    contexts = text_lib.make_contexts(
+        docs,
+        model.tokenizer,
+        o["lm_context_length"],
+        max_contexts=o["lm_max_contexts"],
+        pack=pack,
+        pad_tail=not pack,
+    )
     n_ctx = len(contexts)
     n_eval_ctx = max(1, min(n_ctx // 10, -(-o["eval_rows"] // o["lm_context_length"])))
     kw = dict(batch_size=o["lm_forward_batch"], exclude_special=o.get("exclude_special", False))
     held = asrc.LMSource(model, contexts[:n_eval_ctx], o["hookpoint"], **kw)
     train = asrc.LMSource(model, contexts[n_eval_ctx:], o["hookpoint"], **kw)
     eval_x = np.concatenate([b[1] for b in held.open_at(0)]).astype(np.float32)
-    meta = {"kind": "lm", "model": model.describe(), "hookpoint": train.hookpoints[0],
-            "text": {"sources": text_lib.describe_source(list(o["lm_text"])),
-                     "weights": weights, "txt_split": o.get("lm_txt_split", "line"),
-                     "pack": pack}, "contexts": n_ctx,
-            "context_length": o["lm_context_length"], "eval_contexts": n_eval_ctx,
-            "exclude_special": bool(o.get("exclude_special", False)),
-            "train_rows": train.num_rows, "eval_rows": int(eval_x.shape[0])}
+    meta = {
+        "kind": "lm",
+        "model": model.describe(),
+        "hookpoint": train.hookpoints[0],
+        "text": {
+            "sources": text_lib.describe_source(list(o["lm_text"])),
+            "weights": weights,
+            "txt_split": o.get("lm_txt_split", "line"),
+            "pack": pack,
+        },
+        "contexts": n_ctx,
+        "context_length": o["lm_context_length"],
+        "eval_contexts": n_eval_ctx,
+        "exclude_special": bool(o.get("exclude_special", False)),
+        "train_rows": train.num_rows,
+        "eval_rows": int(eval_x.shape[0]),
+    }
     return train, eval_x, train.widths[0], meta
 
 
@@ -316,34 +374,46 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
 
     o = dict(opts)
     dictionary = None
-    held_out = True    # synthetic: fresh rows from the generator
+    held_out = True  # synthetic: fresh rows from the generator
     if o["source"] == "synthetic":
         dictionary = synthetic.make_dictionary(
-            jax.random.PRNGKey(o["dict_seed"]), o["n_true"], o["d"], k=o["k_true"],
-            correlation=o["correlation"], n_blocks=o["n_blocks"])
+            jax.random.PRNGKey(o["dict_seed"]),
+            o["n_true"],
+            o["d"],
+            k=o["k_true"],
+            correlation=o["correlation"],
+            n_blocks=o["n_blocks"],
+        )
         gen_key = jax.random.PRNGKey(o["data_seed"])
         batch = o["batch_size"]
-        draw = jax.jit(lambda s: synthetic.dictionary_data(
-            jax.random.fold_in(gen_key, s), dictionary, batch)[0])
+        draw = jax.jit(
+            lambda s: synthetic.dictionary_data(jax.random.fold_in(gen_key, s), dictionary, batch)[
+                0
+            ]
+        )
         acts = lambda step: np.asarray(draw(step))  # noqa: E731
         eval_key = jax.random.fold_in(jax.random.PRNGKey(o["data_seed"]), 2**30)
         eval_x = np.asarray(synthetic.dictionary_data(eval_key, dictionary, o["eval_rows"])[0])
         d_in, unit = o["d"], o["n_true"]
     elif o["source"] in ("cache", "lm"):
         acts, eval_x, d_in, source_meta = _streamed_source(o)
-        held_out = True    # evaluation rows are a held-out row range / contexts
+        held_out = True  # evaluation rows are a held-out row range / contexts
         unit = d_in
     else:
         if not o.get("npy_path"):
             raise common.ConfigError("--npy_path is required with --source=npy")
         from engine import checks
         from models import activation_cache
+
         # One-line errors for a missing, garbage, pickled or truncated file; never unpickles.
         data = activation_cache.load_npy(o["npy_path"], "--npy_path")
-        if data.ndim != 2 or not (np.issubdtype(data.dtype, np.floating)
-                                  or np.issubdtype(data.dtype, np.integer)):
-            raise checks.InputError(f"--npy_path {o['npy_path']}: expected a 2-D numeric "
-                                    f"array [rows, d_in], got shape {data.shape} {data.dtype}")
+        if data.ndim != 2 or not (
+            np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)
+        ):
+            raise checks.InputError(
+                f"--npy_path {o['npy_path']}: expected a 2-D numeric "
+                f"array [rows, d_in], got shape {data.shape} {data.dtype}"
+            )
         data = np.asarray(data, np.float32)
         n_eval = min(o["eval_rows"], int(o["eval_frac"] * data.shape[0]))
         perm = np.random.default_rng(o["data_seed"]).permutation(len(data))
@@ -353,8 +423,11 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
             acts = data[np.sort(perm[n_eval:])]
         elif o.get("eval_on_train"):
             # The explicit choice: metrics on training rows, reported as such.
-            logging.warning("--eval_on_train: %d held-out rows are too few; metrics are "
-                            "measured on training rows (optimistic)", n_eval)
+            logging.warning(
+                "--eval_on_train: %d held-out rows are too few; metrics are "
+                "measured on training rows (optimistic)",
+                n_eval,
+            )
             eval_x = data[: min(len(data), 4096)]
             acts = data
         else:
@@ -362,45 +435,66 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
                 f"--npy_path {o['npy_path']}: {data.shape[0]} rows leave {n_eval} held-out rows "
                 f"(--eval_frac={o['eval_frac']}, --eval_rows={o['eval_rows']}); held-out metrics "
                 f"need at least {MIN_EVAL_ROWS}: raise --eval_frac or give more rows, or pass "
-                "--eval_on_train to measure on training rows (reported as such)")
+                "--eval_on_train to measure on training rows (reported as such)"
+            )
         d_in = unit = int(data.shape[-1])
     widths = _ints(o["d_sae"]) + [int(round(float(m) * unit)) for m in o["d_sae_mult"]]
-    if not widths:   # neither --d_sae nor --d_sae_mult: one width, 1 x the unit
+    if not widths:  # neither --d_sae nor --d_sae_mult: one width, 1 x the unit
         widths = [unit]
-    base = dict(lr=o["lr"], lr_decay_frac=o["lr_decay_frac"], dead_tokens=o["dead_tokens"],
-                lr_warmup_steps=o.get("lr_warmup_steps", 0),
-                lr_decay=o.get("lr_decay", "linear"),
-                k_aux=None if o["k_aux"] < 0 else o["k_aux"], decode=o["decode"],
-                b_dec_init=o["b_dec_init"])
-    configs = build_configs(activations=o["activation"], widths=widths, ks=_ints(o["k"]),
-                            l1s=_floats(o["l1_coeff"]), l0s=_floats(o["l0_coeff"]),
-                            seeds=_ints(o["seeds"]), base=base)
-    logging.info("%d SAE(s) in %d program(s)", len(configs),
-                 len(sae_train.group_configs(configs)))
-    meta = {"source": o["source"], "data": o.get("npy_path") or
-            f"sharkey n_true={o['n_true']} d={o['d']} k={o['k_true']}"}
+    base = dict(
+        lr=o["lr"],
+        lr_decay_frac=o["lr_decay_frac"],
+        dead_tokens=o["dead_tokens"],
+        lr_warmup_steps=o.get("lr_warmup_steps", 0),
+        lr_decay=o.get("lr_decay", "linear"),
+        k_aux=None if o["k_aux"] < 0 else o["k_aux"],
+        decode=o["decode"],
+        b_dec_init=o["b_dec_init"],
+    )
+    configs = build_configs(
+        activations=o["activation"],
+        widths=widths,
+        ks=_ints(o["k"]),
+        l1s=_floats(o["l1_coeff"]),
+        l0s=_floats(o["l0_coeff"]),
+        seeds=_ints(o["seeds"]),
+        base=base,
+    )
+    logging.info("%d SAE(s) in %d program(s)", len(configs), len(sae_train.group_configs(configs)))
+    meta = {
+        "source": o["source"],
+        "data": o.get("npy_path") or f"sharkey n_true={o['n_true']} d={o['d']} k={o['k_true']}",
+    }
     epochs = o.get("epochs") or 0.0
     if o["source"] in ("cache", "lm"):
         meta["data"] = json.dumps(source_meta, sort_keys=True)
         # What was actually used, next to the flags in config.json.
         metrics_io.write_json(run.path("data.json"), source_meta)
-    saes = sae_train.train_saes(acts, configs, steps=None if epochs > 0 else o["steps"],
-                                epochs=epochs if epochs > 0 else None,
-                                shuffle_buffer=o.get("shuffle_buffer", 1 << 16),
-                                shuffle_block=o.get("shuffle_block", 1024),
-                                batch_size=o["batch_size"],
-                                mesh=run.mesh, workdir=run.workdir, data_seed=o["data_seed"],
-                                log_every=o["log_every"],
-                                checkpoint_every=o["checkpoint_every"],
-                                progress=o["progress"], metadata=meta)
+    saes = sae_train.train_saes(
+        acts,
+        configs,
+        steps=None if epochs > 0 else o["steps"],
+        epochs=epochs if epochs > 0 else None,
+        shuffle_buffer=o.get("shuffle_buffer", 1 << 16),
+        shuffle_block=o.get("shuffle_block", 1024),
+        batch_size=o["batch_size"],
+        mesh=run.mesh,
+        workdir=run.workdir,
+        data_seed=o["data_seed"],
+        log_every=o["log_every"],
+        checkpoint_every=o["checkpoint_every"],
+        progress=o["progress"],
+        metadata=meta,
+    )
     # One metrics.jsonl for the whole command: every program's lines, tagged with its group.
     lines = []
     for g, members in enumerate(sae_train.group_configs(configs)):
         name = sae_train.group_name(g, [configs[i] for i in members])
         for r in metrics_io.read_jsonl(run.path(name, "metrics.jsonl")):
             lines.append({"group": name, **r})
-    with open(run.metrics_path if jax.process_index() == 0 else os.devnull, "w",
-              encoding="utf-8") as f:
+    with open(
+        run.metrics_path if jax.process_index() == 0 else os.devnull, "w", encoding="utf-8"
+    ) as f:
         for r in lines:
             f.write(json.dumps(r) + "\n")
 
@@ -409,13 +503,24 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
     for label, cfg, sae in zip(labels, configs, saes):
         ev = evaluate(sae, eval_x)
         densities.append(ev.pop("density"))
-        row = {"label": label, "activation": cfg.activation, "d_sae": cfg.d_sae,
-               "k": cfg.k if cfg.uses_k else None, "l1_coeff": cfg.l1_coeff,
-               "l0_coeff": cfg.l0_coeff, "seed": cfg.seed, "knob": knob_label(cfg),
-               "input_scale": sae.config.input_scale, **ev}
+        row = {
+            "label": label,
+            "activation": cfg.activation,
+            "d_sae": cfg.d_sae,
+            "k": cfg.k if cfg.uses_k else None,
+            "l1_coeff": cfg.l1_coeff,
+            "l0_coeff": cfg.l0_coeff,
+            "seed": cfg.seed,
+            "knob": knob_label(cfg),
+            "input_scale": sae.config.input_scale,
+            **ev,
+        }
         if dictionary is not None:
-            row.update(ground_truth_scores(np.asarray(dictionary.atoms), np.asarray(sae.W_dec),
-                                           alive=densities[-1] > 0))
+            row.update(
+                ground_truth_scores(
+                    np.asarray(dictionary.atoms), np.asarray(sae.W_dec), alive=densities[-1] > 0
+                )
+            )
         rows.append(row)
     # Seed-vs-seed: same config but the seed.
     pairs = []
@@ -426,47 +531,71 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         for i, j in itertools.combinations(members, 2):
             m = seed_match_fraction(saes[i].W_dec, saes[j].W_dec, o["match_threshold"])
             pairs.append({"a": labels[i], "b": labels[j], **m})
-    results = {"saes": rows, "seed_pairs": pairs, "n_eval_rows": int(eval_x.shape[0]),
-               "eval_rows_held_out": bool(held_out), "d_in": d_in}
+    results = {
+        "saes": rows,
+        "seed_pairs": pairs,
+        "n_eval_rows": int(eval_x.shape[0]),
+        "eval_rows_held_out": bool(held_out),
+        "d_in": d_in,
+    }
     if pairs:
         results["seed_matched_frac_mean"] = float(np.mean([p["matched_frac"] for p in pairs]))
-    if jax.process_index() != 0:   # multi-process: only process 0 writes files and plots
+    if jax.process_index() != 0:  # multi-process: only process 0 writes files and plots
         return results
     # The SAELens copies get the held-out log10 densities (SAELens's sparsity.safetensors).
     from models.formats import saelens
+
     for label, sae, dens in zip(labels, saes, densities):
-        saelens.save_saelens(run.path("saes", label, sae_train.SAELENS_DIR), sae,
-                             sparsity=np.log10(dens + 1e-10))
-    plot_density_histograms(os.path.join(run.plots_dir, "feature_density.png"), labels,
-                            densities)
+        saelens.save_saelens(
+            run.path("saes", label, sae_train.SAELENS_DIR), sae, sparsity=np.log10(dens + 1e-10)
+        )
+    plot_density_histograms(os.path.join(run.plots_dir, "feature_density.png"), labels, densities)
     if dictionary is not None and len({r["d_sae"] for r in rows}) > 1:
-        plot_sweep(os.path.join(run.plots_dir, "ground_truth_sweep.png"), rows, o["n_true"],
-                   pairs)
+        plot_sweep(os.path.join(run.plots_dir, "ground_truth_sweep.png"), rows, o["n_true"], pairs)
     run.write_results(results)
     return results
 
 
 def body(run, settings):
-    opts = {k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(settings).items()}
+    opts = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()
+    }
     results = run_train_sae(run, opts)
     for r in results["saes"]:
         extra = f" mmcs={r['mmcs']:.4f}" if "mmcs" in r else ""
-        logging.info("%s: fvu=%.4f l0=%.2f dead=%.3f%s", r["label"], r["fvu"], r["l0"],
-                     r["dead_frac"], extra)
+        logging.info(
+            "%s: fvu=%.4f l0=%.2f dead=%.3f%s", r["label"], r["fvu"], r["l0"], r["dead_frac"], extra
+        )
     for p in results["seed_pairs"]:
-        logging.info("seeds %s vs %s: %.3f matched at cos >= %.2f", p["a"], p["b"],
-                     p["matched_frac"], p["threshold"])
+        logging.info(
+            "seeds %s vs %s: %.3f matched at cos >= %.2f",
+            p["a"],
+            p["b"],
+            p["matched_frac"],
+            p["threshold"],
+        )
     print(f"train_sae: {len(results['saes'])} SAE(s); results: {run.path('results.json')}")
 
 
 if __name__ == "__main__":
-    common.entry("train_sae", body, CONFIG, data=lambda f: {
-        "npy_path": f.npy_path if f.source == "npy" else None,
-        # A cache's identity is its metadata (model, hookpoints, text hash, shards written).
-        "cache": (os.path.join(f.cache_path, "metadata.json") if f.source == "cache" and
-                  f.cache_path else None),
-        "model_path": f.model_path if f.source == "lm" else None,
-        **{f"text_{i}": t for i, t in enumerate(f.lm_text)
-           if f.source == "lm" and t != "sample"}},
-        record=lambda f: {"widths_used": CONFIG.widths_of(dataclasses.asdict(f))})
+    common.entry(
+        "train_sae",
+        body,
+        CONFIG,
+        data=lambda f: {
+            "npy_path": f.npy_path if f.source == "npy" else None,
+            # A cache's identity is its metadata (model, hookpoints, text hash, shards written).
+            "cache": (
+                os.path.join(f.cache_path, "metadata.json")
+                if f.source == "cache" and f.cache_path
+                else None
+            ),
+            "model_path": f.model_path if f.source == "lm" else None,
+            **{
+                f"text_{i}": t
+                for i, t in enumerate(f.lm_text)
+                if f.source == "lm" and t != "sample"
+            },
+        },
+        record=lambda f: {"widths_used": CONFIG.widths_of(dataclasses.asdict(f))},
+    )

@@ -71,11 +71,16 @@ from experiments.configs import universality as CONFIG  # noqa: N812  (the confi
 def _data(settings) -> dict:
     """Data whose identity enters the run fingerprint (language-model preset)."""
     from experiments.pipeline import lm_preset
+
     if settings.preset != "lm":
         return {}
-    out = {"text": None if settings.text == "sample" else settings.text,
-           "saes_a": settings.saes_a, "saes_b": settings.saes_b,
-           "saes_a_ceiling": settings.saes_a_ceiling, "saes_b_ceiling": settings.saes_b_ceiling}
+    out = {
+        "text": None if settings.text == "sample" else settings.text,
+        "saes_a": settings.saes_a,
+        "saes_b": settings.saes_b,
+        "saes_a_ceiling": settings.saes_a_ceiling,
+        "saes_b_ceiling": settings.saes_b_ceiling,
+    }
     for side in ("a", "b"):
         cache = getattr(settings, f"cache_{side}")
         if cache:
@@ -95,6 +100,7 @@ def _data(settings) -> dict:
 def _record(settings) -> dict:
     """What a published setup resolves to (recorded in config.json: what was used)."""
     from experiments.pipeline import lm_preset
+
     if settings.preset != "lm" or settings.lm_setup == "custom":
         return {}
     setup = dict(lm_preset.SETUPS[settings.lm_setup])
@@ -105,11 +111,13 @@ def _record(settings) -> dict:
 
 def _errors():
     from experiments.pipeline import runner
+
     return runner.USER_ERRORS
 
 
 def body(run, settings):
     from experiments.pipeline import runner
+
     runner.main(run, settings)
 
 

@@ -61,7 +61,7 @@ FORMAT = "sae-universality-activation-cache"
 VERSION = 1
 STORAGE_DTYPES = lm_lib.STORAGE_DTYPES
 OUT_DTYPES = STORAGE_DTYPES + ("native",)
-DEFAULT_SHARD_BYTES = 128 << 20   # per hookpoint and shard
+DEFAULT_SHARD_BYTES = 128 << 20  # per hookpoint and shard
 _FILE_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -77,8 +77,9 @@ def _read_json(path: str) -> Any:
     except json.JSONDecodeError as e:
         raise checks.InputError(f"{path}: not valid JSON ({e.msg}); the file is damaged") from None
     except UnicodeDecodeError:
-        raise checks.InputError(f"{path}: not UTF-8 JSON text (a binary file?); the file is "
-                                "damaged") from None
+        raise checks.InputError(
+            f"{path}: not UTF-8 JSON text (a binary file?); the file is damaged"
+        ) from None
 
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -93,10 +94,16 @@ def npy_header(path: str, what: str) -> tuple[tuple, np.dtype, int]:
     with open(path, "rb") as f:
         head = f.read(len(NPY_MAGIC))
         if head != NPY_MAGIC:
-            kind = ("an .npz archive" if head[:2] == b"PK" else "empty" if not head
-                    else "not a .npy file (no NUMPY header: garbage, text or a pickle?)")
-            raise checks.InputError(f"{what} {path}: {kind}; expected a .npy array written by "
-                                    "numpy.save")
+            kind = (
+                "an .npz archive"
+                if head[:2] == b"PK"
+                else "empty"
+                if not head
+                else "not a .npy file (no NUMPY header: garbage, text or a pickle?)"
+            )
+            raise checks.InputError(
+                f"{what} {path}: {kind}; expected a .npy array written by numpy.save"
+            )
         f.seek(0)
         try:
             version = np.lib.format.read_magic(f)
@@ -105,12 +112,15 @@ def npy_header(path: str, what: str) -> tuple[tuple, np.dtype, int]:
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         except (ValueError, EOFError, SyntaxError) as e:
-            raise checks.InputError(f"{what} {path}: damaged .npy header "
-                                    f"({str(e).splitlines()[0][:80]})") from None
+            raise checks.InputError(
+                f"{what} {path}: damaged .npy header ({str(e).splitlines()[0][:80]})"
+            ) from None
         offset = f.tell()
     if np.dtype(dtype).hasobject:
-        raise checks.InputError(f"{what} {path}: holds object (pickled) arrays; refused (only "
-                                "plain numeric arrays are read, never pickles)")
+        raise checks.InputError(
+            f"{what} {path}: holds object (pickled) arrays; refused (only "
+            "plain numeric arrays are read, never pickles)"
+        )
     return tuple(shape), np.dtype(dtype), offset
 
 
@@ -121,8 +131,9 @@ def load_npy(path: str, what: str, *, mmap_mode: str | None = "r") -> np.ndarray
     need = offset + int(np.prod(shape)) * dtype.itemsize
     size = os.path.getsize(path)
     if size < need:
-        raise checks.InputError(f"{what} {path} is truncated ({size} bytes, expected {need} "
-                                f"for {shape} {dtype})")
+        raise checks.InputError(
+            f"{what} {path} is truncated ({size} bytes, expected {need} for {shape} {dtype})"
+        )
     return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
 
 
@@ -132,13 +143,16 @@ def _check_npy(path: str, shape: tuple, dtype) -> None:
         raise checks.InputError(f"activation cache file {path} is missing")
     got_shape, got_dtype, offset = npy_header(path, "activation cache file")
     if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != np.dtype(dtype):
-        raise checks.InputError(f"activation cache file {path}: expected shape {tuple(shape)} "
-                                f"{np.dtype(dtype)}, found {tuple(got_shape)} {got_dtype}")
+        raise checks.InputError(
+            f"activation cache file {path}: expected shape {tuple(shape)} "
+            f"{np.dtype(dtype)}, found {tuple(got_shape)} {got_dtype}"
+        )
     need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
     size = os.path.getsize(path)
     if size < need:
-        raise checks.InputError(f"activation cache file {path} is truncated ({size} bytes, "
-                                f"expected {need})")
+        raise checks.InputError(
+            f"activation cache file {path} is truncated ({size} bytes, expected {need})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,8 +175,8 @@ class _Puller:
                 if self._buf is None:
                     break
                 continue
-            part = self._buf[:k - have]
-            self._buf = self._buf[k - have:]
+            part = self._buf[: k - have]
+            self._buf = self._buf[k - have :]
             parts.append(part)
             have += len(part)
         return text.Contexts.concat(parts) if parts else None
@@ -172,16 +186,28 @@ def _settings_diff(a: dict, b: dict) -> str | None:
     """The differing settings in one phrase (`engine.fingerprint.diff`, the same mechanism
     that guards experiment workdirs), or None."""
     changes = fingerprint.diff(a, b)
-    return "; ".join(f"{k}: cache has {x!r}, this run has {y!r}"
-                     for k, x, y in changes[:3]) if changes else None
+    return (
+        "; ".join(f"{k}: cache has {x!r}, this run has {y!r}" for k, x, y in changes[:3])
+        if changes
+        else None
+    )
 
 
-def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Callable,
-            hookpoints: str | Sequence[str], cache_dir: str, *, dtype: str = "float32",
-            batch_size: int = 8, shard_contexts: int | None = None,
-            max_contexts: int | None = None, num_contexts: int | None = None,
-            text_info: Any = None, progress: bool = True,
-            on_batch: Callable[[int, int], None] | None = None) -> ActivationCache:
+def harvest(
+    lm: lm_lib.LanguageModel,
+    contexts: text.Contexts | np.ndarray | Callable,
+    hookpoints: str | Sequence[str],
+    cache_dir: str,
+    *,
+    dtype: str = "float32",
+    batch_size: int = 8,
+    shard_contexts: int | None = None,
+    max_contexts: int | None = None,
+    num_contexts: int | None = None,
+    text_info: Any = None,
+    progress: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> ActivationCache:
     """Runs ``lm`` over ``contexts`` and writes the hookpoints' activations to ``cache_dir``.
 
     Rerunning with the same arguments resumes a killed run, or returns the finished cache.
@@ -229,11 +255,21 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
 
     desc = lm.describe()
     tok = desc.pop("tokenizer")
-    settings = metrics_io.to_jsonable({
-        "format": FORMAT, "version": VERSION, "model": desc, "tokenizer": tok,
-        "hookpoints": names, "widths": {n: lm.d_model for n in names},
-        "context_length": ctx_len, "dtype": dtype, "shard_contexts": shard_contexts,
-        "max_contexts": max_contexts, "text": text_info})
+    settings = metrics_io.to_jsonable(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": desc,
+            "tokenizer": tok,
+            "hookpoints": names,
+            "widths": {n: lm.d_model for n in names},
+            "context_length": ctx_len,
+            "dtype": dtype,
+            "shard_contexts": shard_contexts,
+            "max_contexts": max_contexts,
+            "text": text_info,
+        }
+    )
     meta_path = os.path.join(cache_dir, "metadata.json")
     prog_path = os.path.join(cache_dir, "progress.json")
     # Process 0 reads and prepares the directory; the others follow its answers (they run
@@ -247,8 +283,9 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
         except checks.InputError as e:
             refused = e
     if mesh_lib.agree(refused is not None):
-        raise refused or checks.InputError(f"cache {cache_dir}: process 0 refused it (its "
-                                           "error line says why)")
+        raise refused or checks.InputError(
+            f"cache {cache_dir}: process 0 refused it (its error line says why)"
+        )
     if mesh_lib.agree(complete):
         return ActivationCache(cache_dir)
     mesh_lib.barrier(f"harvest {cache_dir}: prepared")
@@ -257,21 +294,30 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
     puller = _Puller(open_at(0))
     for i, shard in enumerate(shards):  # same text must give the same tokens
         part = puller.take(shard["contexts"])
-        stored = load_npy(_shard_file(cache_dir, "tokens", i), "activation cache file",
-                          mmap_mode=None)
+        stored = load_npy(
+            _shard_file(cache_dir, "tokens", i), "activation cache file", mmap_mode=None
+        )
         if part is None or not np.array_equal(part.token_ids, stored):
-            raise checks.InputError(f"cache {cache_dir}: the text now gives other tokens than "
-                                    f"the {len(shards)} shard(s) already written (shard {i} "
-                                    "differs); resume with the same text or use a new directory")
+            raise checks.InputError(
+                f"cache {cache_dir}: the text now gives other tokens than "
+                f"the {len(shards)} shard(s) already written (shard {i} "
+                "differs); resume with the same text or use a new directory"
+            )
     done_ctx = sum(s["contexts"] for s in shards)
     done_tok = sum(s["tokens"] for s in shards)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         total = None if num_contexts is None else num_contexts * ctx_len
-        bar = tqdm(total=total, initial=done_tok, unit="tok", unit_scale=True,
-                   desc=f"harvest {os.path.basename(os.path.normpath(cache_dir))}")
+        bar = tqdm(
+            total=total,
+            initial=done_tok,
+            unit="tok",
+            unit_scale=True,
+            desc=f"harvest {os.path.basename(os.path.normpath(cache_dir))}",
+        )
     file_dtype = _FILE_DTYPE[dtype]
     nproc, rank = jax.process_count(), jax.process_index()
     index = len(shards)
@@ -282,8 +328,11 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
         # agree on the round's shards and call the same gather.
         done_round: list[dict] = []
         for _ in range(nproc):
-            target = shard_contexts if max_contexts is None else min(shard_contexts,
-                                                                     max_contexts - done_ctx)
+            target = (
+                shard_contexts
+                if max_contexts is None
+                else min(shard_contexts, max_contexts - done_ctx)
+            )
             if target <= 0:
                 finished = True
                 break
@@ -295,17 +344,20 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
                 if part is None:
                     break
                 if mine:
-                    out = lm.forward_batch(part.token_ids, names, attention_mask=part.mask,
-                                           out_dtype=dtype)
+                    out = lm.forward_batch(
+                        part.token_ids, names, attention_mask=part.mask, out_dtype=dtype
+                    )
                     if not files:
-                        files = _open_shard(cache_dir, index, names, target, ctx_len,
-                                            lm.d_model, file_dtype)
+                        files = _open_shard(
+                            cache_dir, index, names, target, ctx_len, lm.d_model, file_dtype
+                        )
                     sl = slice(filled, filled + len(part))
                     files["tokens"][1][sl] = part.token_ids
                     files["mask"][1][sl] = part.mask
                     for n in names:
-                        files[n][1][sl] = (out.acts[n].view(file_dtype) if dtype == "bfloat16"
-                                           else out.acts[n])
+                        files[n][1][sl] = (
+                            out.acts[n].view(file_dtype) if dtype == "bfloat16" else out.acts[n]
+                        )
                     non_special += int((part.mask & ~out.special).sum())
                 filled += len(part)
                 tokens += part.num_tokens
@@ -320,8 +372,9 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
                 break
             if mine:
                 _commit_shard(cache_dir, index, files, filled)
-            done_round.append({"contexts": filled, "tokens": tokens,
-                               "tokens_non_special": non_special})
+            done_round.append(
+                {"contexts": filled, "tokens": tokens, "tokens_non_special": non_special}
+            )
             index += 1
             if filled < target:
                 finished = True
@@ -330,6 +383,7 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
             # Each shard's non-special count is known to its process only: sum the gathered
             # per-process vectors (zeros elsewhere). The shards are on disk before this.
             from jax.experimental import multihost_utils
+
             counts = np.zeros(nproc, np.int64)
             first = index - len(done_round)
             for j, rec in enumerate(done_round):
@@ -340,18 +394,23 @@ def harvest(lm: lm_lib.LanguageModel, contexts: text.Contexts | np.ndarray | Cal
                 rec["tokens_non_special"] = int(summed[j])
         shards.extend(done_round)
         if done_round:
-            metrics_io.write_json(prog_path, {"shards": shards})   # process 0 only
+            metrics_io.write_json(prog_path, {"shards": shards})  # process 0 only
     if bar is not None:
         bar.close()
     if not shards:
         raise checks.InputError("harvest: no contexts to run (empty text?)")
     if primary:
         meta = _read_json(meta_path)
-        meta.update({"complete": True, "shards": shards,
-                     "num_contexts": sum(s["contexts"] for s in shards),
-                     "token_count": sum(s["tokens"] for s in shards),
-                     "token_count_non_special": sum(s["tokens_non_special"] for s in shards),
-                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        meta.update(
+            {
+                "complete": True,
+                "shards": shards,
+                "num_contexts": sum(s["contexts"] for s in shards),
+                "token_count": sum(s["tokens"] for s in shards),
+                "token_count_non_special": sum(s["tokens_non_special"] for s in shards),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        )
         metrics_io.write_json(meta_path, meta)
     mesh_lib.barrier(f"harvest {cache_dir}: complete")
     return ActivationCache(cache_dir)
@@ -369,20 +428,28 @@ def _prepare_cache(cache_dir: str, settings: dict, hps, tok, names: list[str]) -
         old = _read_json(meta_path)
         diff = _settings_diff({k: old.get(k) for k in settings}, settings)
         if diff:
-            raise checks.InputError(f"cache {cache_dir} was made with other settings ({diff}); "
-                                    "use another directory or the same settings")
+            raise checks.InputError(
+                f"cache {cache_dir} was made with other settings ({diff}); "
+                "use another directory or the same settings"
+            )
         if old.get("complete"):
             return True
     else:
         meta = dict(settings)
-        meta.update({"complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     "hookpoint_aliases": {h.name: {"saelens": h.saelens_name,
-                                                    "sparsify": _sparsify_or_none(h)}
-                                           for h in hps},
-                     "special_ids": (tok or {}).get("special_ids", []),
-                     "layout": "tokens/NNNNN.npy [contexts, context_length] int32; "
-                               "mask/NNNNN.npy bool; <hookpoint>/NNNNN.npy "
-                               "[contexts, context_length, d] (bfloat16 stored as uint16 bits)"})
+        meta.update(
+            {
+                "complete": False,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "hookpoint_aliases": {
+                    h.name: {"saelens": h.saelens_name, "sparsify": _sparsify_or_none(h)}
+                    for h in hps
+                },
+                "special_ids": (tok or {}).get("special_ids", []),
+                "layout": "tokens/NNNNN.npy [contexts, context_length] int32; "
+                "mask/NNNNN.npy bool; <hookpoint>/NNNNN.npy "
+                "[contexts, context_length, d] (bfloat16 stored as uint16 bits)",
+            }
+        )
         metrics_io.write_json(meta_path, meta)
     for kind in ["tokens", "mask"] + names:  # stale temporaries of a killed run
         folder = os.path.join(cache_dir, kind)
@@ -393,8 +460,13 @@ def _prepare_cache(cache_dir: str, settings: dict, hps, tok, names: list[str]) -
     return False
 
 
-def harvest_models(models: Sequence[lm_lib.LanguageModel], contexts, hookpoints,
-                   cache_dirs: Sequence[str], **kwargs) -> list[ActivationCache]:
+def harvest_models(
+    models: Sequence[lm_lib.LanguageModel],
+    contexts,
+    hookpoints,
+    cache_dirs: Sequence[str],
+    **kwargs,
+) -> list[ActivationCache]:
     """Harvests several models over the SAME contexts, after checking their tokenizers agree.
 
     ``hookpoints`` is one list for all models or one list per model. The caches can then be
@@ -404,18 +476,23 @@ def harvest_models(models: Sequence[lm_lib.LanguageModel], contexts, hookpoints,
     """
     models = list(models)
     if len(cache_dirs) != len(models):
-        raise checks.InputError(f"cache_dirs: {len(cache_dirs)} directories for {len(models)} "
-                                "models")
+        raise checks.InputError(
+            f"cache_dirs: {len(cache_dirs)} directories for {len(models)} models"
+        )
     if any(m.tokenizer is None for m in models):
-        raise checks.InputError("harvest_models: every model needs its tokenizer loaded to "
-                                "check that they agree")
+        raise checks.InputError(
+            "harvest_models: every model needs its tokenizer loaded to check that they agree"
+        )
     for m in models[1:]:
-        text.check_same_tokenizer(models[0].tokenizer, m.tokenizer, names=(models[0].name,
-                                                                           m.name))
-    per_model = (hookpoints if hookpoints and not isinstance(hookpoints, str) and
-                 not isinstance(hookpoints[0], str) else [hookpoints] * len(models))
-    return [harvest(m, contexts, hps, d, **kwargs)
-            for m, hps, d in zip(models, per_model, cache_dirs)]
+        text.check_same_tokenizer(models[0].tokenizer, m.tokenizer, names=(models[0].name, m.name))
+    per_model = (
+        hookpoints
+        if hookpoints and not isinstance(hookpoints, str) and not isinstance(hookpoints[0], str)
+        else [hookpoints] * len(models)
+    )
+    return [
+        harvest(m, contexts, hps, d, **kwargs) for m, hps, d in zip(models, per_model, cache_dirs)
+    ]
 
 
 def _sparsify_or_none(h: lm_lib.Hookpoint) -> str | None:
@@ -425,8 +502,9 @@ def _sparsify_or_none(h: lm_lib.Hookpoint) -> str | None:
         return None
 
 
-def _open_shard(root: str, index: int, names: list[str], n: int, ctx: int, d: int,
-                file_dtype) -> dict[str, tuple[str, np.memmap]]:
+def _open_shard(
+    root: str, index: int, names: list[str], n: int, ctx: int, d: int, file_dtype
+) -> dict[str, tuple[str, np.memmap]]:
     out = {}
     specs = {"tokens": ((n, ctx), np.int32), "mask": ((n, ctx), np.bool_)}
     specs.update({name: ((n, ctx, d), file_dtype) for name in names})
@@ -436,19 +514,21 @@ def _open_shard(root: str, index: int, names: list[str], n: int, ctx: int, d: in
     return out
 
 
-def _commit_shard(root: str, index: int, files: dict[str, tuple[str, np.memmap]],
-                  filled: int) -> None:
+def _commit_shard(
+    root: str, index: int, files: dict[str, tuple[str, np.memmap]], filled: int
+) -> None:
     """Flushes, truncates a short last shard, and renames into place (tokens last)."""
     order = [k for k in files if k not in ("tokens",)] + ["tokens"]
     for kind in order:
         tmp, mm = files[kind]
         if mm.shape[0] != filled:  # short final shard: copy the filled rows to a right-sized file
             short = tmp + ".short"
-            dst = np.lib.format.open_memmap(short, mode="w+", dtype=mm.dtype,
-                                            shape=(filled,) + mm.shape[1:])
+            dst = np.lib.format.open_memmap(
+                short, mode="w+", dtype=mm.dtype, shape=(filled,) + mm.shape[1:]
+            )
             step = max(1, (64 << 20) // max(1, int(np.prod(mm.shape[1:])) * mm.dtype.itemsize))
             for lo in range(0, filled, step):
-                dst[lo:min(filled, lo + step)] = mm[lo:min(filled, lo + step)]
+                dst[lo : min(filled, lo + step)] = mm[lo : min(filled, lo + step)]
             dst.flush()
             del dst, mm
             os.replace(short, tmp)
@@ -470,12 +550,14 @@ def _to_out(raw: np.ndarray, storage: str, out_dtype: str) -> np.ndarray:
         # measured fastest of the numpy ways (shift, strided copy) on this machine. Consumers
         # that can take bfloat16 (JAX) should ask for "native" and skip it.
         import ml_dtypes
+
         bf = np.ascontiguousarray(raw).view(ml_dtypes.bfloat16)
         return bf if out_dtype in ("native", "bfloat16") else bf.astype(out_dtype)
     if out_dtype in ("native", storage):
         return raw
     if out_dtype == "bfloat16":
         import ml_dtypes
+
         return raw.astype(ml_dtypes.bfloat16)
     return raw.astype(out_dtype)
 
@@ -499,11 +581,14 @@ class ActivationCache:
             raise checks.InputError(f"{path} is not an activation cache (no metadata.json)")
         meta = _read_json(meta_path)
         if meta.get("format") != FORMAT:
-            raise checks.InputError(f"{meta_path}: format {meta.get('format')!r}, expected "
-                                    f"{FORMAT!r}")
+            raise checks.InputError(
+                f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}"
+            )
         if int(meta.get("version", 0)) > VERSION:
-            raise checks.InputError(f"{meta_path}: cache version {meta.get('version')} is newer "
-                                    f"than this code reads ({VERSION})")
+            raise checks.InputError(
+                f"{meta_path}: cache version {meta.get('version')} is newer "
+                f"than this code reads ({VERSION})"
+            )
         self.metadata = meta
         if meta.get("complete"):
             shards = meta["shards"]
@@ -511,7 +596,8 @@ class ActivationCache:
             if not allow_partial:
                 raise checks.InputError(
                     f"activation cache {path} is unfinished; rerun the harvest with the same "
-                    "settings to resume it, or open it with allow_partial=True")
+                    "settings to resume it, or open it with allow_partial=True"
+                )
             prog = os.path.join(path, "progress.json")
             shards = _read_json(prog)["shards"] if os.path.exists(prog) else []
         self.shards: list[dict] = list(shards)
@@ -525,8 +611,9 @@ class ActivationCache:
             _check_npy(_shard_file(path, "tokens", i), shape, np.int32)
             _check_npy(_shard_file(path, "mask", i), shape, np.bool_)
             for hp in self.hookpoints:
-                _check_npy(_shard_file(path, hp, i), shape + (self.widths[hp],),
-                           _FILE_DTYPE[self.dtype])
+                _check_npy(
+                    _shard_file(path, hp, i), shape + (self.widths[hp],), _FILE_DTYPE[self.dtype]
+                )
         self._maps: dict[tuple[str, int], np.ndarray] = {}
 
     # -- facts ------------------------------------------------------------------------------
@@ -549,9 +636,11 @@ class ActivationCache:
         return sum(int(s["tokens"]) for s in self.shards)
 
     def __repr__(self) -> str:
-        return (f"ActivationCache({self.path!r}, model={self.model.get('name')!r}, "
-                f"hookpoints={list(self.hookpoints)}, tokens={self.num_tokens}, "
-                f"dtype={self.dtype})")
+        return (
+            f"ActivationCache({self.path!r}, model={self.model.get('name')!r}, "
+            f"hookpoints={list(self.hookpoints)}, tokens={self.num_tokens}, "
+            f"dtype={self.dtype})"
+        )
 
     # -- raw access -------------------------------------------------------------------------
 
@@ -560,21 +649,22 @@ class ActivationCache:
         key = (kind, shard)
         if key not in self._maps:
             if kind not in ("tokens", "mask") and kind not in self.hookpoints:
-                raise checks.InputError(f"hookpoint {kind!r} is not in the cache at {self.path}"
-                                        f" (it has {list(self.hookpoints)})")
-            self._maps[key] = load_npy(_shard_file(self.path, kind, shard),
-                                       "activation cache file")
+                raise checks.InputError(
+                    f"hookpoint {kind!r} is not in the cache at {self.path}"
+                    f" (it has {list(self.hookpoints)})"
+                )
+            self._maps[key] = load_npy(_shard_file(self.path, kind, shard), "activation cache file")
         return self._maps[key]
 
     def token_ids(self) -> np.ndarray:
         """All token ids ``[contexts, context_length]`` int32."""
-        return np.concatenate([np.asarray(self.memmap("tokens", i))
-                               for i in range(len(self.shards))])
+        return np.concatenate(
+            [np.asarray(self.memmap("tokens", i)) for i in range(len(self.shards))]
+        )
 
     def mask(self) -> np.ndarray:
         """``[contexts, context_length]`` bool, False on padding."""
-        return np.concatenate([np.asarray(self.memmap("mask", i))
-                               for i in range(len(self.shards))])
+        return np.concatenate([np.asarray(self.memmap("mask", i)) for i in range(len(self.shards))])
 
     def check_hookpoints(self, hookpoints: str | Sequence[str] | None) -> list[str]:
         """Normalises names (aliases like ``blocks.3.hook_resid_post`` accepted)."""
@@ -586,17 +676,27 @@ class ActivationCache:
         for n in names:
             name = lm_lib.parse_hookpoint(n, n_layers).name if n not in self.hookpoints else n
             if name not in self.hookpoints:
-                raise checks.InputError(f"hookpoint {n!r} is not in the cache at {self.path} "
-                                        f"(it has {list(self.hookpoints)})")
+                raise checks.InputError(
+                    f"hookpoint {n!r} is not in the cache at {self.path} "
+                    f"(it has {list(self.hookpoints)})"
+                )
             out.append(name)
         return out
 
     # -- sources ----------------------------------------------------------------------------
 
-    def source(self, hookpoints: str | Sequence[str] | None = None, *,
-               exclude_special: bool = False, out_dtype: str = "float32",
-               block_rows: int = 8192, repeat: bool = False, shuffle_seed: int | None = None,
-               shuffle_buffer: int = 1 << 16, shuffle_block: int = 1024):
+    def source(
+        self,
+        hookpoints: str | Sequence[str] | None = None,
+        *,
+        exclude_special: bool = False,
+        out_dtype: str = "float32",
+        block_rows: int = 8192,
+        repeat: bool = False,
+        shuffle_seed: int | None = None,
+        shuffle_buffer: int = 1 << 16,
+        shuffle_block: int = 1024,
+    ):
         """An activation source over this cache (rows = tokens).
 
         Args:
@@ -609,16 +709,23 @@ class ActivationCache:
           shuffle_seed: shuffle with `activation_source.ShuffledSource` (bounded buffer of
             ``shuffle_buffer`` rows read in blocks of ``shuffle_block`` rows).
         """
-        base = CacheSource(self, hookpoints, exclude_special=exclude_special,
-                           out_dtype=out_dtype, block_rows=block_rows,
-                           repeat=repeat and shuffle_seed is None)
+        base = CacheSource(
+            self,
+            hookpoints,
+            exclude_special=exclude_special,
+            out_dtype=out_dtype,
+            block_rows=block_rows,
+            repeat=repeat and shuffle_seed is None,
+        )
         if shuffle_seed is None:
             return base
-        return src_lib.ShuffledSource(base, shuffle_seed, buffer_rows=shuffle_buffer,
-                                      block_rows=shuffle_block, repeat=repeat)
+        return src_lib.ShuffledSource(
+            base, shuffle_seed, buffer_rows=shuffle_buffer, block_rows=shuffle_block, repeat=repeat
+        )
 
-    def read(self, hookpoint: str, *, exclude_special: bool = False,
-             out_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    def read(
+        self, hookpoint: str, *, exclude_special: bool = False, out_dtype: str = "float32"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(token_ids [rows], acts [rows, d])`` of one hookpoint, all in memory."""
         s = CacheSource(self, hookpoint, exclude_special=exclude_special, out_dtype=out_dtype)
         return s.read_rows(0, s.num_rows)
@@ -627,11 +734,18 @@ class ActivationCache:
 class CacheSource(src_lib.RowSource):
     """Random-access activation source over an `ActivationCache` (see `ActivationCache.source`)."""
 
-    def __init__(self, cache: ActivationCache, hookpoints=None, *, exclude_special: bool = False,
-                 out_dtype: str = "float32", block_rows: int = 8192, repeat: bool = False):
+    def __init__(
+        self,
+        cache: ActivationCache,
+        hookpoints=None,
+        *,
+        exclude_special: bool = False,
+        out_dtype: str = "float32",
+        block_rows: int = 8192,
+        repeat: bool = False,
+    ):
         if out_dtype not in OUT_DTYPES:
-            raise checks.InputError(f"out_dtype: expected one of {OUT_DTYPES}, got "
-                                    f"{out_dtype!r}")
+            raise checks.InputError(f"out_dtype: expected one of {OUT_DTYPES}, got {out_dtype!r}")
         if not cache.shards:
             raise checks.InputError(f"activation cache {cache.path} holds no shards yet")
         self.cache = cache
@@ -644,8 +758,9 @@ class CacheSource(src_lib.RowSource):
         key = "tokens_non_special" if exclude_special else "tokens"
         self._counts = np.asarray([int(s[key]) for s in cache.shards], np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._counts)])
-        self._full = [int(s[key]) == int(s["contexts"]) * cache.context_length
-                      for s in cache.shards]
+        self._full = [
+            int(s[key]) == int(s["contexts"]) * cache.context_length for s in cache.shards
+        ]
         self._sel: dict[int, np.ndarray] = {}
         if self.num_rows == 0:
             raise checks.InputError(f"activation cache {cache.path}: no rows selected")
@@ -655,10 +770,15 @@ class CacheSource(src_lib.RowSource):
         return int(self._offsets[-1])
 
     def describe(self) -> dict:
-        return {"kind": "cache", "path": os.path.abspath(self.cache.path),
-                "model": self.cache.model, "hookpoints": list(self.hookpoints),
-                "exclude_special": self.exclude_special, "num_rows": self.num_rows,
-                "dtype": self.cache.dtype}
+        return {
+            "kind": "cache",
+            "path": os.path.abspath(self.cache.path),
+            "model": self.cache.model,
+            "hookpoints": list(self.hookpoints),
+            "exclude_special": self.exclude_special,
+            "num_rows": self.num_rows,
+            "dtype": self.cache.dtype,
+        }
 
     def _selection(self, shard: int) -> np.ndarray:
         if shard not in self._sel:
@@ -670,15 +790,16 @@ class CacheSource(src_lib.RowSource):
                 sel = sel & ~np.isin(tokens, self.cache.special_ids)
             idx = np.flatnonzero(sel)
             if idx.shape[0] != self._counts[shard]:
-                raise checks.InputError(f"activation cache {self.cache.path}: shard {shard} has "
-                                        f"{idx.shape[0]} selected tokens but the metadata says "
-                                        f"{self._counts[shard]}; the cache is damaged")
+                raise checks.InputError(
+                    f"activation cache {self.cache.path}: shard {shard} has "
+                    f"{idx.shape[0]} selected tokens but the metadata says "
+                    f"{self._counts[shard]}; the cache is damaged"
+                )
             self._sel[shard] = idx
         return self._sel[shard]
 
     def finish_rows(self, rows: src_lib.Rows) -> src_lib.Rows:
-        return (rows[0],) + tuple(_to_out(a, self.cache.dtype, self.out_dtype)
-                                  for a in rows[1:])
+        return (rows[0],) + tuple(_to_out(a, self.cache.dtype, self.out_dtype) for a in rows[1:])
 
     def read_rows_stored(self, lo: int, hi: int) -> src_lib.Rows:
         self._check_range(lo, hi)
@@ -696,14 +817,19 @@ class CacheSource(src_lib.RowSource):
                 part = [np.array(flat_tok[rows])]
                 for hp in self.hookpoints:
                     mm = self.cache.memmap(hp, s)
-                    part.append(_to_out(np.array(mm.reshape(-1, mm.shape[-1])[rows]),
-                                        self.cache.dtype, "native"))
+                    part.append(
+                        _to_out(
+                            np.array(mm.reshape(-1, mm.shape[-1])[rows]), self.cache.dtype, "native"
+                        )
+                    )
                 pieces.append(part)
                 pos += b - a
             s += 1
         if not pieces:
-            d = [_to_out(np.zeros((0, w), _FILE_DTYPE[self.cache.dtype]), self.cache.dtype,
-                         "native") for w in self.widths]
+            d = [
+                _to_out(np.zeros((0, w), _FILE_DTYPE[self.cache.dtype]), self.cache.dtype, "native")
+                for w in self.widths
+            ]
             return (np.zeros((0,), np.int32), *d)
         if len(pieces) == 1:
             return tuple(pieces[0])
@@ -721,8 +847,7 @@ class CachedActs:
     ``__array__``: ``np.asarray`` on it fails instead of loading the whole cache.
     """
 
-    def __init__(self, cache: ActivationCache, hookpoint: str, *,
-                 exclude_special: bool = False):
+    def __init__(self, cache: ActivationCache, hookpoint: str, *, exclude_special: bool = False):
         self.cache = cache
         self.hookpoint = cache.check_hookpoints(hookpoint)[0]
         self.exclude_special = bool(exclude_special)
@@ -734,36 +859,65 @@ class CachedActs:
         return self.shape[0]
 
     def __array__(self, *args, **kwargs):
-        raise checks.InputError(f"{self!r}: the activations stay on disk; read a slice "
-                                "x[lo:hi] or stream the cache source")
+        raise checks.InputError(
+            f"{self!r}: the activations stay on disk; read a slice "
+            "x[lo:hi] or stream the cache source"
+        )
 
     def __getitem__(self, key) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
-            raise checks.InputError("CachedActs: only contiguous row slices x[lo:hi] are read "
-                                    "(the activations stay on disk)")
+            raise checks.InputError(
+                "CachedActs: only contiguous row slices x[lo:hi] are read "
+                "(the activations stay on disk)"
+            )
         lo, hi, _ = key.indices(self.shape[0])
         return self.source.read_rows(lo, max(lo, hi))[1]
 
     def key(self) -> str:
         """Identity of the rows (cache metadata, hookpoint, special-token filter), for
         step-cache keys: a finished cache never changes."""
-        meta = {k: self.cache.metadata.get(k) for k in ("model", "tokenizer", "text",
-                                                        "context_length", "dtype", "shards",
-                                                        "finished", "created")}
-        return fingerprint.digest(os.path.abspath(self.cache.path), self.hookpoint,
-                                  self.exclude_special, json.dumps(meta, sort_keys=True,
-                                                                   default=str))
+        meta = {
+            k: self.cache.metadata.get(k)
+            for k in (
+                "model",
+                "tokenizer",
+                "text",
+                "context_length",
+                "dtype",
+                "shards",
+                "finished",
+                "created",
+            )
+        }
+        return fingerprint.digest(
+            os.path.abspath(self.cache.path),
+            self.hookpoint,
+            self.exclude_special,
+            json.dumps(meta, sort_keys=True, default=str),
+        )
 
     def __repr__(self) -> str:
-        return (f"CachedActs({self.cache.path!r}, {self.hookpoint!r}, rows={self.shape[0]}, "
-                f"d={self.shape[1]})")
+        return (
+            f"CachedActs({self.cache.path!r}, {self.hookpoint!r}, rows={self.shape[0]}, "
+            f"d={self.shape[1]})"
+        )
 
 
-def paired_source(cache_a: ActivationCache, hookpoint_a: str, cache_b: ActivationCache,
-                  hookpoint_b: str, *, exclude_special: bool = False,
-                  out_dtype: str = "float32", block_rows: int = 8192, repeat: bool = False,
-                  shuffle_seed: int | None = None, shuffle_buffer: int = 1 << 16,
-                  shuffle_block: int = 1024, names: tuple[str, str] = ("a", "b")):
+def paired_source(
+    cache_a: ActivationCache,
+    hookpoint_a: str,
+    cache_b: ActivationCache,
+    hookpoint_b: str,
+    *,
+    exclude_special: bool = False,
+    out_dtype: str = "float32",
+    block_rows: int = 8192,
+    repeat: bool = False,
+    shuffle_seed: int | None = None,
+    shuffle_buffer: int = 1 << 16,
+    shuffle_block: int = 1024,
+    names: tuple[str, str] = ("a", "b"),
+):
     """``(token_ids, acts_a, acts_b)`` rows of two caches over the same tokens (two models).
 
     Refuses (one-line `InputError` / `text.TokenizerMismatchError`) caches whose tokenizers,
@@ -771,26 +925,37 @@ def paired_source(cache_a: ActivationCache, hookpoint_a: str, cache_b: Activatio
     """
     ta, tb = cache_a.tokenizer or {}, cache_b.tokenizer or {}
     if ta.get("vocab_sha256") != tb.get("vocab_sha256") or (
-            ta.get("special_ids") != tb.get("special_ids")):
+        ta.get("special_ids") != tb.get("special_ids")
+    ):
         raise text.TokenizerMismatchError(
             f"caches {cache_a.path} and {cache_b.path} were made with different tokenizers "
             f"({ta.get('name_or_path')!r}, {tb.get('name_or_path')!r}); cross-tokenizer "
-            "rows pair through models.alignment (AlignedSource), not token by token")
+            "rows pair through models.alignment (AlignedSource), not token by token"
+        )
     if cache_a.context_length != cache_b.context_length or (
-            cache_a.num_contexts != cache_b.num_contexts):
+        cache_a.num_contexts != cache_b.num_contexts
+    ):
         raise checks.InputError(
             f"caches {cache_a.path} and {cache_b.path} hold different contexts "
             f"({cache_a.num_contexts}x{cache_a.context_length} vs "
-            f"{cache_b.num_contexts}x{cache_b.context_length}); harvest both from the same text")
-    if not (np.array_equal(cache_a.token_ids(), cache_b.token_ids())
-            and np.array_equal(cache_a.mask(), cache_b.mask())):
-        raise checks.InputError(f"caches {cache_a.path} and {cache_b.path} hold different token "
-                                "ids; harvest both from the same text and contexts")
+            f"{cache_b.num_contexts}x{cache_b.context_length}); harvest both from the same text"
+        )
+    if not (
+        np.array_equal(cache_a.token_ids(), cache_b.token_ids())
+        and np.array_equal(cache_a.mask(), cache_b.mask())
+    ):
+        raise checks.InputError(
+            f"caches {cache_a.path} and {cache_b.path} hold different token "
+            "ids; harvest both from the same text and contexts"
+        )
     kw = dict(exclude_special=exclude_special, out_dtype=out_dtype, block_rows=block_rows)
-    zipped = src_lib.ZipSource([CacheSource(cache_a, hookpoint_a, **kw),
-                                CacheSource(cache_b, hookpoint_b, **kw)], names=names,
-                               repeat=repeat and shuffle_seed is None)
+    zipped = src_lib.ZipSource(
+        [CacheSource(cache_a, hookpoint_a, **kw), CacheSource(cache_b, hookpoint_b, **kw)],
+        names=names,
+        repeat=repeat and shuffle_seed is None,
+    )
     if shuffle_seed is None:
         return zipped
-    return src_lib.ShuffledSource(zipped, shuffle_seed, buffer_rows=shuffle_buffer,
-                                  block_rows=shuffle_block, repeat=repeat)
+    return src_lib.ShuffledSource(
+        zipped, shuffle_seed, buffer_rows=shuffle_buffer, block_rows=shuffle_block, repeat=repeat
+    )

@@ -63,13 +63,24 @@ class ActivationSource(Protocol):
         ...
 
 
-def stream(source: ActivationSource, chunk_size: int, *, start: int = 0,
-           drop_remainder: bool = False, check_finite: bool = True,
-           name: str | None = None) -> streaming.ChunkStream:
+def stream(
+    source: ActivationSource,
+    chunk_size: int,
+    *,
+    start: int = 0,
+    drop_remainder: bool = False,
+    check_finite: bool = True,
+    name: str | None = None,
+) -> streaming.ChunkStream:
     """A `ChunkStream` of fixed-size chunks over ``source`` (resumable via its position)."""
-    return streaming.ChunkStream(source.open_at, chunk_size, start=start,
-                                 drop_remainder=drop_remainder, check_finite=check_finite,
-                                 name=name or "+".join(source.hookpoints))
+    return streaming.ChunkStream(
+        source.open_at,
+        chunk_size,
+        start=start,
+        drop_remainder=drop_remainder,
+        check_finite=check_finite,
+        name=name or "+".join(source.hookpoints),
+    )
 
 
 class RowSource:
@@ -124,15 +135,22 @@ class RowSource:
 
     def _check_range(self, lo: int, hi: int) -> None:
         if not 0 <= lo <= hi <= self.num_rows:
-            raise checks.InputError(f"rows [{lo}, {hi}) outside the source's "
-                                    f"{self.num_rows} rows")
+            raise checks.InputError(f"rows [{lo}, {hi}) outside the source's {self.num_rows} rows")
 
 
 class ArraySource(RowSource):
     """Row-aligned in-memory arrays: ``token_ids [n]`` and one or more ``acts [n, d]``."""
 
-    def __init__(self, token_ids, acts, hookpoints: Sequence[str] | None = None, *,
-                 block_rows: int = 8192, repeat: bool = False, metadata: dict | None = None):
+    def __init__(
+        self,
+        token_ids,
+        acts,
+        hookpoints: Sequence[str] | None = None,
+        *,
+        block_rows: int = 8192,
+        repeat: bool = False,
+        metadata: dict | None = None,
+    ):
         acts_list = list(acts) if isinstance(acts, (list, tuple)) else [acts]
         self.token_ids = np.asarray(token_ids).astype(np.int32).reshape(-1)
         self.acts = [checks.as_float_matrix(f"acts[{i}]", a) for i, a in enumerate(acts_list)]
@@ -140,11 +158,15 @@ class ArraySource(RowSource):
             checks.check_rows_match("token_ids", self.token_ids, f"acts[{i}]", a)
         if self.token_ids.shape[0] == 0:
             raise checks.InputError("ArraySource: no rows")
-        names = list(hookpoints) if hookpoints is not None else [
-            f"acts{i}" for i in range(len(self.acts))]
+        names = (
+            list(hookpoints)
+            if hookpoints is not None
+            else [f"acts{i}" for i in range(len(self.acts))]
+        )
         if len(names) != len(self.acts):
-            raise checks.InputError(f"hookpoints: {len(names)} names for {len(self.acts)} "
-                                    "activation arrays")
+            raise checks.InputError(
+                f"hookpoints: {len(names)} names for {len(self.acts)} activation arrays"
+            )
         self.hookpoints = tuple(names)
         self.widths = tuple(int(a.shape[1]) for a in self.acts)
         self.block_rows = checks.check_positive_int("block_rows", block_rows)
@@ -203,8 +225,9 @@ class RowSubset(RowSource):
         rows = np.asarray(rows, np.int64).reshape(-1)
         n = source.num_rows
         if rows.size == 0 or rows[0] < 0 or rows[-1] >= n or np.any(np.diff(rows) <= 0):
-            raise checks.InputError(f"RowSubset: expected sorted distinct row ids in [0, {n}), "
-                                    f"got {rows.size} ids")
+            raise checks.InputError(
+                f"RowSubset: expected sorted distinct row ids in [0, {n}), got {rows.size} ids"
+            )
         self.source, self.rows = source, rows
         self.hookpoints, self.widths = source.hookpoints, source.widths
         self.block_rows = source.block_rows
@@ -238,19 +261,28 @@ class ZipSource(RowSource):
     did not see the same text).
     """
 
-    def __init__(self, sources: Sequence[RowSource], *, block_rows: int | None = None,
-                 repeat: bool = False, names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        sources: Sequence[RowSource],
+        *,
+        block_rows: int | None = None,
+        repeat: bool = False,
+        names: Sequence[str] | None = None,
+    ):
         self.sources = list(sources)
         if len(self.sources) < 2:
             raise checks.InputError("ZipSource: give at least two sources")
         n = self.sources[0].num_rows
         for i, s in enumerate(self.sources[1:], 1):
             if s.num_rows != n:
-                raise checks.InputError(f"ZipSource: source 0 has {n} rows but source {i} has "
-                                        f"{s.num_rows}; they must cover the same tokens")
+                raise checks.InputError(
+                    f"ZipSource: source 0 has {n} rows but source {i} has "
+                    f"{s.num_rows}; they must cover the same tokens"
+                )
         self.names = list(names) if names else [f"source{i}" for i in range(len(self.sources))]
-        self.hookpoints = tuple(f"{nm}:{hp}" for nm, s in zip(self.names, self.sources)
-                                for hp in s.hookpoints)
+        self.hookpoints = tuple(
+            f"{nm}:{hp}" for nm, s in zip(self.names, self.sources) for hp in s.hookpoints
+        )
         self.widths = tuple(w for s in self.sources for w in s.widths)
         self.block_rows = block_rows or self.sources[0].block_rows
         self.repeat = repeat
@@ -268,20 +300,23 @@ class ZipSource(RowSource):
                 raise checks.InputError(
                     f"ZipSource: token ids differ at row {lo + bad} ({self.names[0]}: "
                     f"{int(tokens[bad])}, {self.names[i]}: {int(p[0][bad])}); the sources must "
-                    "be built from the same text and tokenizer")
+                    "be built from the same text and tokenizer"
+                )
         return (tokens,) + tuple(a for p in parts for a in p[1:])
 
     def finish_rows(self, rows: Rows) -> Rows:
         out, i = [rows[0]], 1
         for s in self.sources:
             k = len(s.hookpoints)
-            out.extend(s.finish_rows((rows[0],) + tuple(rows[i:i + k]))[1:])
+            out.extend(s.finish_rows((rows[0],) + tuple(rows[i : i + k]))[1:])
             i += k
         return tuple(out)
 
     def describe(self) -> dict:
-        return {"kind": "zip", "sources": {nm: s.describe()
-                                           for nm, s in zip(self.names, self.sources)}}
+        return {
+            "kind": "zip",
+            "sources": {nm: s.describe() for nm, s in zip(self.names, self.sources)},
+        }
 
 
 class ShuffledSource:
@@ -295,8 +330,15 @@ class ShuffledSource:
       repeat: go on with a new permutation each epoch (training); ``num_rows`` is then None.
     """
 
-    def __init__(self, source: RowSource, seed: int = 0, *, buffer_rows: int = 1 << 16,
-                 block_rows: int = 1024, repeat: bool = False):
+    def __init__(
+        self,
+        source: RowSource,
+        seed: int = 0,
+        *,
+        buffer_rows: int = 1 << 16,
+        block_rows: int = 1024,
+        repeat: bool = False,
+    ):
         self.source = source
         self.seed = int(seed)
         self.block_rows = checks.check_positive_int("block_rows", block_rows)
@@ -311,25 +353,37 @@ class ShuffledSource:
         return None if self.repeat else self.source.num_rows
 
     def describe(self) -> dict:
-        return {"kind": "shuffled", "seed": self.seed, "block_rows": self.block_rows,
-                "buffer_rows": self.blocks_per_window * self.block_rows,
-                "repeat": self.repeat, "source": self.source.describe()}
+        return {
+            "kind": "shuffled",
+            "seed": self.seed,
+            "block_rows": self.block_rows,
+            "buffer_rows": self.blocks_per_window * self.block_rows,
+            "repeat": self.repeat,
+            "source": self.source.describe(),
+        }
 
     def _windows(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
         n = self.source.num_rows
         nb = -(-n // self.block_rows)
         perm = np.random.default_rng([self.seed, epoch]).permutation(nb)
-        windows = [np.sort(perm[i:i + self.blocks_per_window])
-                   for i in range(0, nb, self.blocks_per_window)]
-        sizes = np.asarray([sum(min(self.block_rows, n - b * self.block_rows) for b in w)
-                            for w in windows], np.int64)
+        windows = [
+            np.sort(perm[i : i + self.blocks_per_window])
+            for i in range(0, nb, self.blocks_per_window)
+        ]
+        sizes = np.asarray(
+            [sum(min(self.block_rows, n - b * self.block_rows) for b in w) for w in windows],
+            np.int64,
+        )
         return windows, np.concatenate([[0], np.cumsum(sizes)])
 
     def _window_rows(self, epoch: int, w: int, blocks: np.ndarray) -> Rows:
         n = self.source.num_rows
-        parts = [self.source.read_rows_stored(int(b) * self.block_rows,
-                                              min((int(b) + 1) * self.block_rows, n))
-                 for b in blocks]
+        parts = [
+            self.source.read_rows_stored(
+                int(b) * self.block_rows, min((int(b) + 1) * self.block_rows, n)
+            )
+            for b in blocks
+        ]
         rows = tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
         order = np.random.default_rng([self.seed, epoch, w]).permutation(rows[0].shape[0])
         return tuple(r[order] for r in rows)
@@ -347,8 +401,7 @@ class ShuffledSource:
                 rows = self._window_rows(epoch, w, windows[w])
                 skip = r - int(offsets[w]) if w == w0 else 0
                 for lo in range(skip, rows[0].shape[0], self.block_rows):
-                    yield self.source.finish_rows(tuple(x[lo:lo + self.block_rows]
-                                                        for x in rows))
+                    yield self.source.finish_rows(tuple(x[lo : lo + self.block_rows] for x in rows))
             if not self.repeat:
                 return
             epoch, r = epoch + 1, 0
@@ -362,12 +415,24 @@ class LMSource:
     holds ``row``. Good for small jobs; big ones should go through an activation cache.
     """
 
-    def __init__(self, lm, contexts, hookpoints: str | Sequence[str], *, batch_size: int = 8,
-                 exclude_special: bool = False, out_dtype: str = "float32"):
+    def __init__(
+        self,
+        lm,
+        contexts,
+        hookpoints: str | Sequence[str],
+        *,
+        batch_size: int = 8,
+        exclude_special: bool = False,
+        out_dtype: str = "float32",
+    ):
         from models import text
+
         self.lm = lm
-        self.contexts = contexts if isinstance(contexts, text.Contexts) else (
-            text.Contexts.from_array(contexts))
+        self.contexts = (
+            contexts
+            if isinstance(contexts, text.Contexts)
+            else (text.Contexts.from_array(contexts))
+        )
         self.hps = lm.parse(hookpoints)
         self.hookpoints = tuple(h.name for h in self.hps)
         self.widths = tuple(lm.d_model for _ in self.hps)
@@ -385,9 +450,15 @@ class LMSource:
         return int(self._offsets[-1])
 
     def describe(self) -> dict:
-        return {"kind": "lm", "model": self.lm.describe(), "hookpoints": list(self.hookpoints),
-                "contexts": len(self.contexts), "context_length": self.contexts.context_length,
-                "exclude_special": self.exclude_special, "num_rows": self.num_rows}
+        return {
+            "kind": "lm",
+            "model": self.lm.describe(),
+            "hookpoints": list(self.hookpoints),
+            "contexts": len(self.contexts),
+            "context_length": self.contexts.context_length,
+            "exclude_special": self.exclude_special,
+            "num_rows": self.num_rows,
+        }
 
     def open_at(self, start_row: int) -> Iterator[Rows]:
         start = checks.check_positive_int("start_row", start_row, minimum=0)
@@ -396,10 +467,14 @@ class LMSource:
         c0 = int(np.searchsorted(self._offsets, start, side="right")) - 1
         skip = start - int(self._offsets[c0])
         for lo in range(c0, len(self.contexts), self.batch_size):
-            part = self.contexts[lo:lo + self.batch_size]
-            out = self.lm.forward_batch(part.token_ids, list(self.hookpoints),
-                                        attention_mask=part.mask, out_dtype=self.out_dtype)
-            sel = self._sel[lo:lo + self.batch_size]
+            part = self.contexts[lo : lo + self.batch_size]
+            out = self.lm.forward_batch(
+                part.token_ids,
+                list(self.hookpoints),
+                attention_mask=part.mask,
+                out_dtype=self.out_dtype,
+            )
+            sel = self._sel[lo : lo + self.batch_size]
             rows = (out.token_ids[sel],) + tuple(out.acts[h][sel] for h in self.hookpoints)
             if skip:
                 rows = tuple(r[skip:] for r in rows)
@@ -427,11 +502,19 @@ class WindowShuffledSource:
       repeat: go on over epochs (training); ``num_rows`` is then None.
     """
 
-    def __init__(self, source, seed: int = 0, *, buffer_rows: int = 1 << 16,
-                 block_rows: int = 1024, repeat: bool = False):
+    def __init__(
+        self,
+        source,
+        seed: int = 0,
+        *,
+        buffer_rows: int = 1 << 16,
+        block_rows: int = 1024,
+        repeat: bool = False,
+    ):
         if getattr(source, "num_rows", None) is None:
-            raise checks.InputError("WindowShuffledSource: the source must know its num_rows "
-                                    "(an epoch)")
+            raise checks.InputError(
+                "WindowShuffledSource: the source must know its num_rows (an epoch)"
+            )
         self.source = source
         self.seed = int(seed)
         self.buffer_rows = checks.check_positive_int("buffer_rows", buffer_rows)
@@ -445,8 +528,13 @@ class WindowShuffledSource:
         return None if self.repeat else int(self.source.num_rows)
 
     def describe(self) -> dict:
-        return {"kind": "window_shuffled", "seed": self.seed, "buffer_rows": self.buffer_rows,
-                "repeat": self.repeat, "source": self.source.describe()}
+        return {
+            "kind": "window_shuffled",
+            "seed": self.seed,
+            "buffer_rows": self.buffer_rows,
+            "repeat": self.repeat,
+            "source": self.source.describe(),
+        }
 
     def _window(self, epoch: int, w: int) -> Rows:
         n = int(self.source.num_rows)
@@ -455,7 +543,7 @@ class WindowShuffledSource:
         parts, have = [], 0
         for block in self.source.open_at(lo):
             block = tuple(np.asarray(a) for a in block)
-            parts.append(tuple(a[:want - have] for a in block))
+            parts.append(tuple(a[: want - have] for a in block))
             have += parts[-1][0].shape[0]
             if have >= want:
                 break
@@ -476,19 +564,22 @@ class WindowShuffledSource:
                 rows = self._window(epoch, w)
                 skip = r - w0 * self.buffer_rows if w == w0 else 0
                 for lo in range(skip, rows[0].shape[0], self.block_rows):
-                    yield tuple(x[lo:lo + self.block_rows] for x in rows)
+                    yield tuple(x[lo : lo + self.block_rows] for x in rows)
             if not self.repeat:
                 return
             epoch, r = epoch + 1, 0
 
 
-def shuffled(source, seed: int, *, buffer_rows: int = 1 << 16, block_rows: int = 1024,
-             repeat: bool = False):
+def shuffled(
+    source, seed: int, *, buffer_rows: int = 1 << 16, block_rows: int = 1024, repeat: bool = False
+):
     """The bounded-buffer shuffle that fits ``source``: `ShuffledSource` (block permutation
     across the whole epoch) for random-access `RowSource`s, `WindowShuffledSource` (windows of
     consecutive rows) for sequential ones such as `LMSource`."""
     if isinstance(source, RowSource):
-        return ShuffledSource(source, seed, buffer_rows=buffer_rows, block_rows=block_rows,
-                              repeat=repeat)
-    return WindowShuffledSource(source, seed, buffer_rows=buffer_rows, block_rows=block_rows,
-                                repeat=repeat)
+        return ShuffledSource(
+            source, seed, buffer_rows=buffer_rows, block_rows=block_rows, repeat=repeat
+        )
+    return WindowShuffledSource(
+        source, seed, buffer_rows=buffer_rows, block_rows=block_rows, repeat=repeat
+    )

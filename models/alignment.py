@@ -92,9 +92,9 @@ DROP_REASONS = ("not_harvested", "context_cut", "token_straddles_word", "chars_n
 class DocTokens:
     """One document's tokens (no special tokens) and their character spans ``[start, end)``."""
 
-    ids: np.ndarray      # [n] int64
-    starts: np.ndarray   # [n] int64
-    ends: np.ndarray     # [n] int64
+    ids: np.ndarray  # [n] int64
+    starts: np.ndarray  # [n] int64
+    ends: np.ndarray  # [n] int64
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -111,15 +111,17 @@ def token_spans(tokenizer, text: str, *, use_offsets: bool | None = None) -> Doc
         use_offsets = fast
     if use_offsets:
         if not fast:
-            raise checks.InputError(f"tokenizer {type(tokenizer).__name__}: no offset mapping "
-                                    "(not a fast tokenizer); use the decoding fallback")
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                        verbose=False)
+            raise checks.InputError(
+                f"tokenizer {type(tokenizer).__name__}: no offset mapping "
+                "(not a fast tokenizer); use the decoding fallback"
+            )
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = np.asarray(enc["input_ids"], np.int64)
         off = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
         return DocTokens(ids, off[:, 0].copy(), off[:, 1].copy())
-    ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
-                     np.int64)
+    ids = np.asarray(
+        tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], np.int64
+    )
     starts, ends = decode_spans(tokenizer, text, ids)
     return DocTokens(ids, starts, ends)
 
@@ -143,19 +145,20 @@ def decode_spans(tokenizer, text: str, ids: Sequence[int]) -> tuple[np.ndarray, 
     starts = np.zeros(n, np.int64)
     ends = np.zeros(n, np.int64)
     kw = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
-    pos = 0                 # characters consumed by the tokens so far
-    anchor = -1             # -1: decode from the first token
+    pos = 0  # characters consumed by the tokens so far
+    anchor = -1  # -1: decode from the first token
     anchor_text = ""
     pending: list[int] = []  # tokens of an unfinished character
 
     def lossy(detail: str) -> checks.InputError:
         return checks.InputError(
             f"tokenizer {type(tokenizer).__name__}: decoding is not lossless on this text "
-            f"({detail}); character spans need a fast tokenizer with offset mappings")
+            f"({detail}); character spans need a fast tokenizer with offset mappings"
+        )
 
     for i in range(n):
         lo = max(anchor, 0)
-        piece = tokenizer.decode(ids[lo:i + 1], **kw)
+        piece = tokenizer.decode(ids[lo : i + 1], **kw)
         if piece.endswith("\ufffd"):
             pending.append(i)
             continue
@@ -170,17 +173,18 @@ def decode_spans(tokenizer, text: str, ids: Sequence[int]) -> tuple[np.ndarray, 
         else:
             if not piece.startswith(anchor_text):
                 raise lossy(f"decoded {piece[:30]!r} does not extend {anchor_text!r}")
-            rest = piece[len(anchor_text):]
+            rest = piece[len(anchor_text) :]
             a_end = int(ends[anchor])
-            if text[a_end:a_end + len(rest)] != rest:
-                raise lossy(f"at char {a_end}: decoded {rest[:30]!r}, text "
-                            f"{text[a_end:a_end + 30]!r}")
+            if text[a_end : a_end + len(rest)] != rest:
+                raise lossy(
+                    f"at char {a_end}: decoded {rest[:30]!r}, text {text[a_end : a_end + 30]!r}"
+                )
             end = a_end + len(rest)
         for j in pending + [i]:
             starts[j], ends[j] = pos, end
         pending = []
         pos = end
-        single = tokenizer.decode(ids[i:i + 1], **kw)
+        single = tokenizer.decode(ids[i : i + 1], **kw)
         if i - lo >= 8 and "\ufffd" not in single:
             anchor, anchor_text = i, single
     for j in pending:
@@ -239,12 +243,12 @@ def _covered(n_chars: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 class DocUnits:
     """Units of one document: char spans and each side's token indices (CSR)."""
 
-    spans: np.ndarray        # [U, 2] int64
-    ptr_a: np.ndarray        # [U + 1]
-    tok_a: np.ndarray        # token indices into side A's DocTokens
+    spans: np.ndarray  # [U, 2] int64
+    ptr_a: np.ndarray  # [U + 1]
+    tok_a: np.ndarray  # token indices into side A's DocTokens
     ptr_b: np.ndarray
     tok_b: np.ndarray
-    dropped: dict            # reason -> count (alignment-level reasons)
+    dropped: dict  # reason -> count (alignment-level reasons)
 
 
 def align_document(text: str, a: DocTokens, b: DocTokens, unit: str) -> DocUnits:
@@ -258,11 +262,13 @@ def align_document(text: str, a: DocTokens, b: DocTokens, unit: str) -> DocUnits
         if not (np.array_equal(a.ids, b.ids) and np.array_equal(a.starts, b.starts)):
             raise text_lib.TokenizerMismatchError(
                 "alignment unit 'tokens' needs identical tokenizations; the two tokenizers "
-                "split this text differently (use 'shared_boundaries' or 'words')")
+                "split this text differently (use 'shared_boundaries' or 'words')"
+            )
         spans = np.stack([a.starts[real_a], a.ends[real_a]], 1)
         ptr = np.arange(len(real_a) + 1, dtype=np.int64)
-        return DocUnits(spans, ptr, real_a.astype(np.int64), ptr.copy(),
-                        real_a.astype(np.int64), dropped)
+        return DocUnits(
+            spans, ptr, real_a.astype(np.int64), ptr.copy(), real_a.astype(np.int64), dropped
+        )
     if unit == "shared_boundaries":
         sides = []
         for real in (real_a, real_b):
@@ -278,11 +284,17 @@ def align_document(text: str, a: DocTokens, b: DocTokens, unit: str) -> DocUnits
             last = close[np.searchsorted(e[close], shared)]
             first = np.concatenate([[0], last[:-1] + 1]).astype(np.int64)
             ptr = np.concatenate([[0], np.cumsum(last + 1 - first)]).astype(np.int64)
-            tok = (np.concatenate([real[f:l + 1] for f, l in zip(first, last)])
-                   if len(shared) else np.zeros(0, np.int64)).astype(np.int64)
+            tok = (
+                np.concatenate([real[f : l + 1] for f, l in zip(first, last)])
+                if len(shared)
+                else np.zeros(0, np.int64)
+            ).astype(np.int64)
             csr.append((ptr, tok))
-        spans = np.stack([np.concatenate([[0], shared[:-1]]), shared], 1).astype(
-            np.int64) if len(shared) else np.zeros((0, 2), np.int64)
+        spans = (
+            np.stack([np.concatenate([[0], shared[:-1]]), shared], 1).astype(np.int64)
+            if len(shared)
+            else np.zeros((0, 2), np.int64)
+        )
         return DocUnits(spans, csr[0][0], csr[0][1], csr[1][0], csr[1][1], dropped)
     # words
     words = [(m.start(), m.end()) for m in WORD_PATTERN.finditer(text)]
@@ -293,8 +305,16 @@ def align_document(text: str, a: DocTokens, b: DocTokens, unit: str) -> DocUnits
         cs, ce = _core_spans(text, d.starts[real], d.ends[real])
         keep = ce > cs
         real, cs, ce = real[keep], cs[keep], ce[keep]
-        per_side.append((real, cs, ce, set(cs[_opening(cs, ce)].tolist()),
-                         set(ce[_closing(cs, ce)].tolist()), _covered(n, cs, ce)))
+        per_side.append(
+            (
+                real,
+                cs,
+                ce,
+                set(cs[_opening(cs, ce)].tolist()),
+                set(ce[_closing(cs, ce)].tolist()),
+                _covered(n, cs, ce),
+            )
+        )
     spans, ranges_a, ranges_b = [], [], []
     for ws, we in words:
         ok = True
@@ -309,13 +329,12 @@ def align_document(text: str, a: DocTokens, b: DocTokens, unit: str) -> DocUnits
             lo = int(np.searchsorted(cs, ws, side="left"))
             hi = int(np.searchsorted(ce, we, side="right"))
             rngs.append((lo, hi))
-        if not all(per_side[k][5][ws:we].all() for k in (0, 1)) or any(
-                hi <= lo for lo, hi in rngs):
+        if not all(per_side[k][5][ws:we].all() for k in (0, 1)) or any(hi <= lo for lo, hi in rngs):
             dropped["chars_not_covered"] += 1
             continue
         spans.append((ws, we))
-        ranges_a.append(per_side[0][0][rngs[0][0]:rngs[0][1]])
-        ranges_b.append(per_side[1][0][rngs[1][0]:rngs[1][1]])
+        ranges_a.append(per_side[0][0][rngs[0][0] : rngs[0][1]])
+        ranges_b.append(per_side[1][0][rngs[1][0] : rngs[1][1]])
 
     def csr(parts):
         ptr = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
@@ -365,9 +384,14 @@ class CorpusTokens:
         return out.reshape(self.num_contexts, self.context_length, 3)
 
 
-def corpus_tokens(documents: Sequence[str], tokenizer, contexts: text_lib.Contexts, *,
-                  special_tokens: str = "auto", use_offsets: bool | None = None
-                  ) -> CorpusTokens:
+def corpus_tokens(
+    documents: Sequence[str],
+    tokenizer,
+    contexts: text_lib.Contexts,
+    *,
+    special_tokens: str = "auto",
+    use_offsets: bool | None = None,
+) -> CorpusTokens:
     """Spans of every document and the grid position of each token in ``contexts``.
 
     ``contexts`` must come from `text.iter_contexts` / `text.make_contexts` over exactly these
@@ -383,22 +407,31 @@ def corpus_tokens(documents: Sequence[str], tokenizer, contexts: text_lib.Contex
     for c in range(len(contexts)):
         d = int(contexts.doc_index[c])
         if not 0 <= d < len(docs):
-            raise checks.InputError(f"contexts: context {c} comes from document {d}, but only "
-                                    f"{len(docs)} documents were given")
+            raise checks.InputError(
+                f"contexts: context {c} comes from document {d}, but only "
+                f"{len(docs)} documents were given"
+            )
         k = piece.get(d, 0)
         piece[d] = k + 1
         lo = k * body
         n_real = int(contexts.mask[c].sum()) - len(prefix) - len(suffix)
         idx = np.arange(lo, lo + n_real)
-        if n_real < 0 or idx[-1:].max(initial=-1) >= len(docs[d]) or not np.array_equal(
-                contexts.token_ids[c, len(prefix):len(prefix) + n_real], docs[d].ids[idx]):
+        if (
+            n_real < 0
+            or idx[-1:].max(initial=-1) >= len(docs[d])
+            or not np.array_equal(
+                contexts.token_ids[c, len(prefix) : len(prefix) + n_real], docs[d].ids[idx]
+            )
+        ):
             raise checks.InputError(
                 f"contexts: context {c} does not hold document {d}'s tokens {lo}..{lo + n_real}"
                 f"; the contexts must be made by text.iter_contexts from these documents with "
-                f"this tokenizer and special_tokens={special_tokens!r}")
+                f"this tokenizer and special_tokens={special_tokens!r}"
+            )
         grid[d][idx] = c * ctx + len(prefix) + np.arange(n_real)
-    return CorpusTokens(docs, tuple(grid), ctx, len(contexts),
-                        text_lib.tokenizer_fingerprint(tokenizer))
+    return CorpusTokens(
+        docs, tuple(grid), ctx, len(contexts), text_lib.tokenizer_fingerprint(tokenizer)
+    )
 
 
 SPANS_FILE = "token_spans.npy"
@@ -410,13 +443,20 @@ def save_token_spans(cache_dir: str, corpus: CorpusTokens, documents: Sequence[s
     sha256) beside an activation cache, so its rows can be shown and aligned as text later.
     """
     from engine import metrics_io
+
     path = os.path.join(cache_dir, SPANS_FILE)
     np.save(path, corpus.span_grid(), allow_pickle=False)
-    metrics_io.write_json(os.path.join(cache_dir, "token_spans.json"), {
-        "format": FORMAT + "-token-spans", "version": VERSION, "documents": len(documents),
-        "documents_sha256": documents_sha256(documents),
-        "layout": "[contexts, context_length, 3] int64: document, char start, char end "
-                  "(-1: special token or padding)"})
+    metrics_io.write_json(
+        os.path.join(cache_dir, "token_spans.json"),
+        {
+            "format": FORMAT + "-token-spans",
+            "version": VERSION,
+            "documents": len(documents),
+            "documents_sha256": documents_sha256(documents),
+            "layout": "[contexts, context_length, 3] int64: document, char start, char end "
+            "(-1: special token or padding)",
+        },
+    )
     return path
 
 
@@ -433,7 +473,7 @@ class Alignment:
 
     unit: str
     pooling: str
-    units: np.ndarray       # [U, 3] int64 (document, char start, char end)
+    units: np.ndarray  # [U, 3] int64 (document, char start, char end)
     ptr_a: np.ndarray
     rows_a: np.ndarray
     ptr_b: np.ndarray
@@ -452,12 +492,25 @@ class Alignment:
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         for name in ("units", "ptr_a", "rows_a", "ptr_b", "rows_b"):
-            np.save(os.path.join(directory, f"{_FILES[name]}.npy"), getattr(self, name),
-                    allow_pickle=False)
+            np.save(
+                os.path.join(directory, f"{_FILES[name]}.npy"),
+                getattr(self, name),
+                allow_pickle=False,
+            )
         from engine import metrics_io
-        metrics_io.write_json(os.path.join(directory, "alignment.json"), {
-            "format": FORMAT, "version": VERSION, "unit": self.unit, "pooling": self.pooling,
-            "num_units": len(self), "report": self.report, **self.meta})
+
+        metrics_io.write_json(
+            os.path.join(directory, "alignment.json"),
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "unit": self.unit,
+                "pooling": self.pooling,
+                "num_units": len(self),
+                "report": self.report,
+                **self.meta,
+            },
+        )
 
     @staticmethod
     def load(directory: str) -> Alignment:
@@ -467,17 +520,21 @@ class Alignment:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
         if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-            raise checks.InputError(f"{path}: format {meta.get('format')!r} version "
-                                    f"{meta.get('version')}, expected {FORMAT!r} <= {VERSION}")
-        arrays = {name: np.load(os.path.join(directory, f"{_FILES[name]}.npy"),
-                                allow_pickle=False)
-                  for name in ("units", "ptr_a", "rows_a", "ptr_b", "rows_b")}
+            raise checks.InputError(
+                f"{path}: format {meta.get('format')!r} version "
+                f"{meta.get('version')}, expected {FORMAT!r} <= {VERSION}"
+            )
+        arrays = {
+            name: np.load(os.path.join(directory, f"{_FILES[name]}.npy"), allow_pickle=False)
+            for name in ("units", "ptr_a", "rows_a", "ptr_b", "rows_b")
+        }
         unit, pooling, report = meta.pop("unit"), meta.pop("pooling"), meta.pop("report")
         for k in ("format", "version", "num_units"):
             meta.pop(k, None)
         al = Alignment(unit=unit, pooling=pooling, report=report, meta=meta, **arrays)
         if al.units.shape != (meta_units := al.ptr_a.shape[0] - 1, 3) or (
-                al.ptr_b.shape[0] - 1 != meta_units):
+            al.ptr_b.shape[0] - 1 != meta_units
+        ):
             raise checks.InputError(f"{directory}: alignment arrays disagree in length")
         return al
 
@@ -486,8 +543,13 @@ class Alignment:
         return dataclasses.replace(self, pooling=pooling)
 
 
-_FILES = {"units": "units", "ptr_a": "a_ptr", "rows_a": "a_rows", "ptr_b": "b_ptr",
-          "rows_b": "b_rows"}
+_FILES = {
+    "units": "units",
+    "ptr_a": "a_ptr",
+    "rows_a": "a_rows",
+    "ptr_b": "b_ptr",
+    "rows_b": "b_rows",
+}
 
 
 def check_pooling(pooling: str) -> str:
@@ -496,8 +558,15 @@ def check_pooling(pooling: str) -> str:
     return pooling
 
 
-def align_corpus(documents: Sequence[str], side_a: CorpusTokens, side_b: CorpusTokens, *,
-                 unit: str, pooling: str = "last", text_info=None) -> Alignment:
+def align_corpus(
+    documents: Sequence[str],
+    side_a: CorpusTokens,
+    side_b: CorpusTokens,
+    *,
+    unit: str,
+    pooling: str = "last",
+    text_info=None,
+) -> Alignment:
     """Aligns two tokenizations of ``documents`` laid out in their contexts (module docstring).
 
     Units whose needed tokens are not in a context (``not_harvested``) or, for ``mean`` /
@@ -507,8 +576,10 @@ def align_corpus(documents: Sequence[str], side_a: CorpusTokens, side_b: CorpusT
         raise checks.InputError(f"alignment unit: expected one of {UNITS}, got {unit!r}")
     check_pooling(pooling)
     if len(side_a.docs) != len(documents) or len(side_b.docs) != len(documents):
-        raise checks.InputError(f"align_corpus: {len(documents)} documents but the sides hold "
-                                f"{len(side_a.docs)} and {len(side_b.docs)}")
+        raise checks.InputError(
+            f"align_corpus: {len(documents)} documents but the sides hold "
+            f"{len(side_a.docs)} and {len(side_b.docs)}"
+        )
     units, parts_a, parts_b, ptrs_a, ptrs_b = [], [], [], [0], [0]
     dropped = {r: 0 for r in DROP_REASONS}
     per_doc = np.zeros(len(documents), np.int64)
@@ -522,15 +593,17 @@ def align_corpus(documents: Sequence[str], side_a: CorpusTokens, side_b: CorpusT
         nonspace_total += int((~space).sum())
         cum_ns = np.concatenate([[0], np.cumsum(~space)])
         for u in range(du.spans.shape[0]):
-            ra = ga[du.tok_a[du.ptr_a[u]:du.ptr_a[u + 1]]]
-            rb = gb[du.tok_b[du.ptr_b[u]:du.ptr_b[u + 1]]]
+            ra = ga[du.tok_a[du.ptr_a[u] : du.ptr_a[u + 1]]]
+            rb = gb[du.tok_b[du.ptr_b[u] : du.ptr_b[u + 1]]]
             if pooling == "last":
                 ra, rb = ra[-1:], rb[-1:]
             if (ra < 0).any() or (rb < 0).any():
                 dropped["not_harvested"] += 1
                 continue
-            if (len(set((ra // side_a.context_length).tolist())) > 1
-                    or len(set((rb // side_b.context_length).tolist())) > 1):
+            if (
+                len(set((ra // side_a.context_length).tolist())) > 1
+                or len(set((rb // side_b.context_length).tolist())) > 1
+            ):
                 dropped["context_cut"] += 1
                 continue
             lo, hi = int(du.spans[u, 0]), int(du.spans[u, 1])
@@ -549,28 +622,46 @@ def align_corpus(documents: Sequence[str], side_a: CorpusTokens, side_b: CorpusT
 
     ta, tb = tokens_in_grid(side_a), tokens_in_grid(side_b)
     report = {
-        "unit": unit, "pooling": pooling, "documents": len(documents), "units": len(units),
-        "units_per_document": {"mean": float(per_doc.mean()) if len(per_doc) else 0.0,
-                               "min": int(per_doc.min()) if len(per_doc) else 0,
-                               "max": int(per_doc.max()) if len(per_doc) else 0},
-        "text_chars_non_space": int(nonspace_total), "covered_chars_non_space": int(covered),
+        "unit": unit,
+        "pooling": pooling,
+        "documents": len(documents),
+        "units": len(units),
+        "units_per_document": {
+            "mean": float(per_doc.mean()) if len(per_doc) else 0.0,
+            "min": int(per_doc.min()) if len(per_doc) else 0,
+            "max": int(per_doc.max()) if len(per_doc) else 0,
+        },
+        "text_chars_non_space": int(nonspace_total),
+        "covered_chars_non_space": int(covered),
         "fraction_text_covered": covered / nonspace_total if nonspace_total else 0.0,
         "dropped_units": dropped,
         "text_tokens_in_contexts": {"a": ta, "b": tb},
         "positions_used": {"a": int(np.unique(rows_a).size), "b": int(np.unique(rows_b).size)},
-        "fraction_positions_used": {"a": np.unique(rows_a).size / ta if ta else 0.0,
-                                    "b": np.unique(rows_b).size / tb if tb else 0.0},
+        "fraction_positions_used": {
+            "a": np.unique(rows_a).size / ta if ta else 0.0,
+            "b": np.unique(rows_b).size / tb if tb else 0.0,
+        },
         "special_positions": "never aligned (no character span)",
     }
-    meta = {"context_length": {"a": side_a.context_length, "b": side_b.context_length},
-            "num_contexts": {"a": side_a.num_contexts, "b": side_b.num_contexts},
-            "tokenizer_a": side_a.fingerprint, "tokenizer_b": side_b.fingerprint,
-            "documents_sha256": documents_sha256(documents), "text": text_info}
-    return Alignment(unit=unit, pooling=pooling,
-                     units=np.asarray(units, np.int64).reshape(-1, 3),
-                     ptr_a=np.asarray(ptrs_a, np.int64), rows_a=rows_a,
-                     ptr_b=np.asarray(ptrs_b, np.int64), rows_b=rows_b, report=report,
-                     meta=meta)
+    meta = {
+        "context_length": {"a": side_a.context_length, "b": side_b.context_length},
+        "num_contexts": {"a": side_a.num_contexts, "b": side_b.num_contexts},
+        "tokenizer_a": side_a.fingerprint,
+        "tokenizer_b": side_b.fingerprint,
+        "documents_sha256": documents_sha256(documents),
+        "text": text_info,
+    }
+    return Alignment(
+        unit=unit,
+        pooling=pooling,
+        units=np.asarray(units, np.int64).reshape(-1, 3),
+        ptr_a=np.asarray(ptrs_a, np.int64),
+        rows_a=rows_a,
+        ptr_b=np.asarray(ptrs_b, np.int64),
+        rows_b=rows_b,
+        report=report,
+        meta=meta,
+    )
 
 
 def default_unit(tokenizer_a, tokenizer_b) -> str:
@@ -587,18 +678,24 @@ def default_unit(tokenizer_a, tokenizer_b) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def pool(gather: Callable[[np.ndarray], np.ndarray], ptr: np.ndarray, rows: np.ndarray,
-         pooling: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+def pool(
+    gather: Callable[[np.ndarray], np.ndarray],
+    ptr: np.ndarray,
+    rows: np.ndarray,
+    pooling: str,
+    lo: int = 0,
+    hi: int | None = None,
+) -> np.ndarray:
     """``[hi - lo, d]`` float32: each unit's rows (read by ``gather(grid_positions)``) pooled.
 
     ``last`` takes each unit's closing row; ``mean`` / ``max`` reduce over the unit's rows.
     """
     check_pooling(pooling)
     hi = len(ptr) - 1 if hi is None else hi
-    p = ptr[lo:hi + 1]
+    p = ptr[lo : hi + 1]
     if pooling == "last":
         return np.asarray(gather(rows[p[1:] - 1]), np.float32)
-    x = np.asarray(gather(rows[p[0]:p[-1]]), np.float32)
+    x = np.asarray(gather(rows[p[0] : p[-1]]), np.float32)
     starts = (p[:-1] - p[0]).astype(np.int64)
     if x.shape[0] == 0:
         return np.zeros((hi - lo, x.shape[1]), np.float32)
@@ -626,6 +723,7 @@ def grid_gather(acts: np.ndarray, mask: np.ndarray) -> Callable[[np.ndarray], np
 def cache_gather(cache, hookpoint: str) -> Callable[[np.ndarray], np.ndarray]:
     """``gather(grid_positions)`` reading one hookpoint of an `ActivationCache` (memmaps)."""
     from models import activation_cache as ac
+
     hp = cache.check_hookpoints(hookpoint)[0]
     counts = np.asarray([int(s["contexts"]) for s in cache.shards], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -659,12 +757,21 @@ class AlignedSource(src_lib.RowSource):
       widths: ``(d_a, d_b)``.
     """
 
-    def __init__(self, alignment: Alignment, gather_a, gather_b, widths: tuple[int, int], *,
-                 names: tuple[str, str] = ("a", "b"), block_rows: int = 8192,
-                 repeat: bool = False):
+    def __init__(
+        self,
+        alignment: Alignment,
+        gather_a,
+        gather_b,
+        widths: tuple[int, int],
+        *,
+        names: tuple[str, str] = ("a", "b"),
+        block_rows: int = 8192,
+        repeat: bool = False,
+    ):
         if len(alignment) == 0:
-            raise checks.InputError("AlignedSource: the alignment holds no units (see its "
-                                    "report for what was dropped)")
+            raise checks.InputError(
+                "AlignedSource: the alignment holds no units (see its report for what was dropped)"
+            )
         self.alignment = alignment
         self.gathers = (gather_a, gather_b)
         self.hookpoints = tuple(names)
@@ -684,15 +791,21 @@ class AlignedSource(src_lib.RowSource):
         return np.arange(lo, hi, dtype=np.int32), xa, xb
 
     def describe(self) -> dict:
-        return {"kind": "aligned", "unit": self.alignment.unit,
-                "pooling": self.alignment.pooling, "num_rows": self.num_rows,
-                "report": self.alignment.report}
+        return {
+            "kind": "aligned",
+            "unit": self.alignment.unit,
+            "pooling": self.alignment.pooling,
+            "num_rows": self.num_rows,
+            "report": self.alignment.report,
+        }
 
 
-def unit_text(documents: Sequence[str], units: np.ndarray, *, strip: bool = True
-              ) -> Callable[[np.ndarray], list[str]]:
+def unit_text(
+    documents: Sequence[str], units: np.ndarray, *, strip: bool = True
+) -> Callable[[np.ndarray], list[str]]:
     """``text(unit_indices) -> [str]``: each unit's characters (the non-concept filter's and
     the feature tables' view of a unit when the tokenizers differ)."""
+
     def text_of(idx: np.ndarray) -> list[str]:
         out = []
         for u in np.asarray(idx).reshape(-1):
@@ -700,16 +813,20 @@ def unit_text(documents: Sequence[str], units: np.ndarray, *, strip: bool = True
             s = documents[d][lo:hi]
             out.append(s.strip() if strip else s)
         return out
+
     return text_of
 
 
-def unit_context(documents: Sequence[str], units: np.ndarray, before: int = 40
-                 ) -> Callable[[int], str]:
+def unit_context(
+    documents: Sequence[str], units: np.ndarray, before: int = 40
+) -> Callable[[int], str]:
     """``context(unit) -> str``: up to ``before`` characters of text, then the unit in [[ ]]."""
+
     def context(u: int) -> str:
         d, lo, hi = (int(v) for v in units[int(u)])
         doc = documents[d]
-        return doc[max(0, lo - before):lo] + "[[" + doc[lo:hi] + "]]"
+        return doc[max(0, lo - before) : lo] + "[[" + doc[lo:hi] + "]]"
+
     return context
 
 
@@ -717,5 +834,10 @@ def iter_units(alignment: Alignment) -> Iterator[tuple[int, int, int, np.ndarray
     """``(doc, start, end, rows_a, rows_b)`` per unit (tests, inspection)."""
     for u in range(len(alignment)):
         d, lo, hi = (int(v) for v in alignment.units[u])
-        yield (d, lo, hi, alignment.rows_a[alignment.ptr_a[u]:alignment.ptr_a[u + 1]],
-               alignment.rows_b[alignment.ptr_b[u]:alignment.ptr_b[u + 1]])
+        yield (
+            d,
+            lo,
+            hi,
+            alignment.rows_a[alignment.ptr_a[u] : alignment.ptr_a[u + 1]],
+            alignment.rows_b[alignment.ptr_b[u] : alignment.ptr_b[u + 1]],
+        )

@@ -45,10 +45,19 @@ def _codes(rng: np.random.Generator, n_tokens: int, n: int, k: float) -> np.ndar
     return np.where(on, rng.random((n_tokens, n)), 0.0).astype(np.float32)
 
 
-def make_dictionary_pair(seed: int, *, n_features: int = 96, d_a: int = 32, d_b: int = 32,
-                         n_tokens: int = 20_000, k: float = 3.0, perturbation: float = 0.15,
-                         shared: bool = True, random_init: bool = False,
-                         noise_std: float = 0.0) -> toy_pair.ToyPair:
+def make_dictionary_pair(
+    seed: int,
+    *,
+    n_features: int = 96,
+    d_a: int = 32,
+    d_b: int = 32,
+    n_tokens: int = 20_000,
+    k: float = 3.0,
+    perturbation: float = 0.15,
+    shared: bool = True,
+    random_init: bool = False,
+    noise_std: float = 0.0,
+) -> toy_pair.ToyPair:
     """Builds the shared-geometry pair, its control, or the random-init floor (see module).
 
     Args:
@@ -70,16 +79,16 @@ def make_dictionary_pair(seed: int, *, n_features: int = 96, d_a: int = 32, d_b:
     if not 0 < k <= n:
         raise checks.InputError(f"make_dictionary_pair k={k} must be in (0, n_features={n}]")
     if not (np.isfinite(perturbation) and perturbation >= 0):
-        raise checks.InputError(f"make_dictionary_pair perturbation must be >= 0, got "
-                                f"{perturbation}")
+        raise checks.InputError(
+            f"make_dictionary_pair perturbation must be >= 0, got {perturbation}"
+        )
     if random_init and not shared:
         raise checks.InputError("make_dictionary_pair: random_init=True needs shared=True")
     words = np.random.SeedSequence(seed).generate_state(6)
     rng_a = np.random.default_rng(words[0])
     codes_a = _codes(np.random.default_rng(words[1]), n_tokens, n, k)
     dict_a = _unit_rows(rng_a.normal(size=(n, d_a)))
-    rng_b = np.random.default_rng(words[2] + (1 if random_init else 0) + (2 if not shared
-                                                                           else 0))
+    rng_b = np.random.default_rng(words[2] + (1 if random_init else 0) + (2 if not shared else 0))
     if shared and not random_init:
         mixed = dict_a + perturbation * rng_b.normal(size=dict_a.shape) / np.sqrt(d_a)
         if d_a == d_b:
@@ -92,8 +101,9 @@ def make_dictionary_pair(seed: int, *, n_features: int = 96, d_a: int = 32, d_b:
         true_match = np.arange(n)
     else:
         dict_b = _unit_rows(rng_b.normal(size=(n, d_b)))
-        codes_b = codes_a if random_init else _codes(np.random.default_rng(words[3]),
-                                                      n_tokens, n, k)
+        codes_b = (
+            codes_a if random_init else _codes(np.random.default_rng(words[3]), n_tokens, n, k)
+        )
         true_match = np.arange(n) if random_init else np.full(n, -1)
     rng_noise = np.random.default_rng(words[4])
     acts_a = codes_a.astype(np.float64) @ dict_a
@@ -104,32 +114,60 @@ def make_dictionary_pair(seed: int, *, n_features: int = 96, d_a: int = 32, d_b:
     active = codes_a > 0
     token_ids = np.where(active.any(1), 1 + np.argmax(codes_a, 1), 0).astype(np.int32)
     vocab = (toy_pair.NONE_TOKEN,) + tuple(f"feat{i}" for i in range(n))
-    kind = ("random-init floor" if random_init else "shared-geometry pair") if shared else \
-        "control pair"
+    kind = (
+        ("random-init floor" if random_init else "shared-geometry pair")
+        if shared
+        else "control pair"
+    )
     description = {
-        "kind": f"dictionary toy {kind}", "seed": seed, "n_features": n, "d_a": d_a,
-        "d_b": d_b, "n_tokens": n_tokens, "k": k, "perturbation": perturbation,
+        "kind": f"dictionary toy {kind}",
+        "seed": seed,
+        "n_features": n,
+        "d_a": d_a,
+        "d_b": d_b,
+        "n_tokens": n_tokens,
+        "k": k,
+        "perturbation": perturbation,
         "noise_std": noise_std,
         "what_is_shared": {
             "shared-geometry pair": "per-token codes and the dictionary geometry up to a "
-                                    "random linear map and a perturbation",
+            "random linear map and a perturbation",
             "control pair": "nothing (independent codes and dictionary)",
-            "random-init floor": "per-token codes only (independent random dictionary)"}[kind],
+            "random-init floor": "per-token codes only (independent random dictionary)",
+        }[kind],
         "mean_active_features_per_token": float(active.sum(1).mean()),
     }
     everything = np.ones(n, bool)
     return toy_pair.ToyPair(
-        acts_a=acts_a.astype(np.float32), acts_b=acts_b.astype(np.float32),
-        token_ids=token_ids, vocab=vocab, features_a=dict_a.astype(np.float32),
-        features_b=dict_b.astype(np.float32), codes_a=codes_a, codes_b=codes_b,
-        represented_a=everything, represented_b=everything, true_match=true_match,
-        rotation_b=np.eye(d_b, dtype=np.float32), description=description)
+        acts_a=acts_a.astype(np.float32),
+        acts_b=acts_b.astype(np.float32),
+        token_ids=token_ids,
+        vocab=vocab,
+        features_a=dict_a.astype(np.float32),
+        features_b=dict_b.astype(np.float32),
+        codes_a=codes_a,
+        codes_b=codes_b,
+        represented_a=everything,
+        represented_b=everything,
+        true_match=true_match,
+        rotation_b=np.eye(d_b, dtype=np.float32),
+        description=description,
+    )
 
 
-def make_partial_pair(seed: int, *, n_shared: int = 32, n_exclusive_a: int = 16,
-                      n_exclusive_b: int = 16, d_a: int = 32, d_b: int = 32,
-                      n_tokens: int = 20_000, k: float = 3.0, perturbation: float = 0.15,
-                      noise_std: float = 0.0) -> toy_pair.ToyPair:
+def make_partial_pair(
+    seed: int,
+    *,
+    n_shared: int = 32,
+    n_exclusive_a: int = 16,
+    n_exclusive_b: int = 16,
+    d_a: int = 32,
+    d_b: int = 32,
+    n_tokens: int = 20_000,
+    k: float = 3.0,
+    perturbation: float = 0.15,
+    noise_std: float = 0.0,
+) -> toy_pair.ToyPair:
     """Two sides with a KNOWN set of shared and exclusive features (joint-SAE validation).
 
     A world of ``n_shared + n_exclusive_a + n_exclusive_b`` independent sparse features
@@ -148,8 +186,10 @@ def make_partial_pair(seed: int, *, n_shared: int = 32, n_exclusive_a: int = 16,
     n_ea = checks.check_positive_int("make_partial_pair n_exclusive_a", n_exclusive_a, 0)
     n_eb = checks.check_positive_int("make_partial_pair n_exclusive_b", n_exclusive_b, 0)
     if n_s + n_ea == 0 or n_s + n_eb == 0:
-        raise checks.InputError("make_partial_pair: each side needs at least one feature "
-                                f"(n_shared={n_s}, n_exclusive_a={n_ea}, n_exclusive_b={n_eb})")
+        raise checks.InputError(
+            "make_partial_pair: each side needs at least one feature "
+            f"(n_shared={n_s}, n_exclusive_a={n_ea}, n_exclusive_b={n_eb})"
+        )
     d_a = checks.check_positive_int("make_partial_pair d_a", d_a)
     d_b = checks.check_positive_int("make_partial_pair d_b", d_b)
     n_tokens = checks.check_positive_int("make_partial_pair n_tokens", n_tokens)
@@ -157,12 +197,11 @@ def make_partial_pair(seed: int, *, n_shared: int = 32, n_exclusive_a: int = 16,
     if not 0 < k <= n_world:
         raise checks.InputError(f"make_partial_pair k={k} must be in (0, {n_world}]")
     if not (np.isfinite(perturbation) and perturbation >= 0):
-        raise checks.InputError(f"make_partial_pair perturbation must be >= 0, got "
-                                f"{perturbation}")
+        raise checks.InputError(f"make_partial_pair perturbation must be >= 0, got {perturbation}")
     words = np.random.SeedSequence([seed, 15]).generate_state(6)
     world = _codes(np.random.default_rng(words[0]), n_tokens, n_world, k)
-    cols_a = np.r_[0:n_s, n_s:n_s + n_ea]
-    cols_b = np.r_[0:n_s, n_s + n_ea:n_world]
+    cols_a = np.r_[0:n_s, n_s : n_s + n_ea]
+    cols_b = np.r_[0:n_s, n_s + n_ea : n_world]
     codes_a, codes_b = world[:, cols_a], world[:, cols_b]
     rng_a, rng_b = np.random.default_rng(words[1]), np.random.default_rng(words[2])
     dict_a = _unit_rows(rng_a.normal(size=(n_s + n_ea, d_a)))
@@ -186,23 +225,43 @@ def make_partial_pair(seed: int, *, n_shared: int = 32, n_exclusive_a: int = 16,
     vocab = (toy_pair.NONE_TOKEN,) + tuple(f"feat{i}" for i in range(n_world))
     true_match = np.r_[np.arange(n_s), np.full(n_ea, -1)].astype(np.int64)
     description = {
-        "kind": "dictionary toy partial pair" if n_s else "dictionary toy nothing-shared "
-                                                          "control",
-        "seed": seed, "n_shared": n_s, "n_exclusive_a": n_ea, "n_exclusive_b": n_eb,
-        "d_a": d_a, "d_b": d_b, "n_tokens": n_tokens, "k": k, "perturbation": perturbation,
+        "kind": "dictionary toy partial pair" if n_s else "dictionary toy nothing-shared control",
+        "seed": seed,
+        "n_shared": n_s,
+        "n_exclusive_a": n_ea,
+        "n_exclusive_b": n_eb,
+        "d_a": d_a,
+        "d_b": d_b,
+        "n_tokens": n_tokens,
+        "k": k,
+        "perturbation": perturbation,
         "noise_std": noise_std,
-        "what_is_shared": (f"{n_s} features (codes on the same tokens and directions up to a "
-                           "random linear map and a perturbation)") if n_s else "nothing",
-        "mean_active_features_per_token": {"a": float((codes_a > 0).sum(1).mean()),
-                                           "b": float((codes_b > 0).sum(1).mean())},
+        "what_is_shared": (
+            f"{n_s} features (codes on the same tokens and directions up to a "
+            "random linear map and a perturbation)"
+        )
+        if n_s
+        else "nothing",
+        "mean_active_features_per_token": {
+            "a": float((codes_a > 0).sum(1).mean()),
+            "b": float((codes_b > 0).sum(1).mean()),
+        },
     }
     return toy_pair.ToyPair(
-        acts_a=acts_a.astype(np.float32), acts_b=acts_b.astype(np.float32),
-        token_ids=token_ids, vocab=vocab, features_a=dict_a.astype(np.float32),
-        features_b=dict_b.astype(np.float32), codes_a=codes_a, codes_b=codes_b,
-        represented_a=np.ones(n_s + n_ea, bool), represented_b=np.ones(n_s + n_eb, bool),
-        true_match=true_match, rotation_b=np.eye(d_b, dtype=np.float32),
-        description=description)
+        acts_a=acts_a.astype(np.float32),
+        acts_b=acts_b.astype(np.float32),
+        token_ids=token_ids,
+        vocab=vocab,
+        features_a=dict_a.astype(np.float32),
+        features_b=dict_b.astype(np.float32),
+        codes_a=codes_a,
+        codes_b=codes_b,
+        represented_a=np.ones(n_s + n_ea, bool),
+        represented_b=np.ones(n_s + n_eb, bool),
+        true_match=true_match,
+        rotation_b=np.eye(d_b, dtype=np.float32),
+        description=description,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,25 +288,41 @@ class PartialSides:
         """Sides ``a`` and ``b`` as a `ToyPair` (its truth: the shared features)."""
         M = len(self.acts)
         if not (0 <= a < M and 0 <= b < M and a != b):
-            raise checks.InputError(f"PartialSides.pair: need two distinct sides in [0, {M}), "
-                                    f"got ({a}, {b})")
+            raise checks.InputError(
+                f"PartialSides.pair: need two distinct sides in [0, {M}), got ({a}, {b})"
+            )
         n_a, n_b = self.features[a].shape[0], self.features[b].shape[0]
         active = (self.codes[a] > 0).any(1) | (self.codes[b] > 0).any(1)
         return toy_pair.ToyPair(
-            acts_a=self.acts[a], acts_b=self.acts[b],
-            token_ids=active.astype(np.int32), vocab=(toy_pair.NONE_TOKEN, "active"),
-            features_a=self.features[a], features_b=self.features[b],
-            codes_a=self.codes[a], codes_b=self.codes[b],
-            represented_a=np.ones(n_a, bool), represented_b=np.ones(n_b, bool),
-            true_match=np.r_[np.arange(self.n_shared),
-                             np.full(n_a - self.n_shared, -1)].astype(np.int64),
+            acts_a=self.acts[a],
+            acts_b=self.acts[b],
+            token_ids=active.astype(np.int32),
+            vocab=(toy_pair.NONE_TOKEN, "active"),
+            features_a=self.features[a],
+            features_b=self.features[b],
+            codes_a=self.codes[a],
+            codes_b=self.codes[b],
+            represented_a=np.ones(n_a, bool),
+            represented_b=np.ones(n_b, bool),
+            true_match=np.r_[np.arange(self.n_shared), np.full(n_a - self.n_shared, -1)].astype(
+                np.int64
+            ),
             rotation_b=np.eye(self.acts[b].shape[1], dtype=np.float32),
-            description={**self.description, "sides": [a, b]})
+            description={**self.description, "sides": [a, b]},
+        )
 
 
-def make_partial_sides(seed: int, n_models: int, *, n_shared: int = 32, n_exclusive: int = 16,
-                       d: int = 32, n_tokens: int = 20_000, k: float = 3.0,
-                       perturbation: float = 0.15) -> PartialSides:
+def make_partial_sides(
+    seed: int,
+    n_models: int,
+    *,
+    n_shared: int = 32,
+    n_exclusive: int = 16,
+    d: int = 32,
+    n_tokens: int = 20_000,
+    k: float = 3.0,
+    perturbation: float = 0.15,
+) -> PartialSides:
     """`make_partial_pair` for ``n_models`` sides: a world of ``n_shared + n_models *
     n_exclusive`` independent sparse features; every side sees the shared ones (same codes,
     direction ``normalise((D_0[i] + eps E_i^m) Q_m)`` with a random orthogonal ``Q_m``;
@@ -265,26 +340,42 @@ def make_partial_sides(seed: int, n_models: int, *, n_shared: int = 32, n_exclus
         raise checks.InputError(f"make_partial_sides k={k} must be in (0, {n_world}]")
     words = np.random.SeedSequence([seed, 16, M]).generate_state(M + 2)
     world = _codes(np.random.default_rng(words[0]), n_tokens, n_world, k)
-    base = _unit_rows(np.random.default_rng(words[1]).normal(size=(n_s, d))) if n_s else \
-        np.zeros((0, d))
+    base = (
+        _unit_rows(np.random.default_rng(words[1]).normal(size=(n_s, d)))
+        if n_s
+        else np.zeros((0, d))
+    )
     acts, feats, codes = [], [], []
     for m in range(M):
         rng = np.random.default_rng(words[2 + m])
-        cols = np.r_[0:n_s, n_s + m * n_e:n_s + (m + 1) * n_e]
+        cols = np.r_[0:n_s, n_s + m * n_e : n_s + (m + 1) * n_e]
         if m == 0:
             shared = base
         else:
             q, r = np.linalg.qr(rng.normal(size=(d, d)))
             shared = (base + perturbation * rng.normal(size=base.shape) / np.sqrt(d)) @ (
-                q * np.sign(np.diag(r)))
+                q * np.sign(np.diag(r))
+            )
         f = _unit_rows(np.concatenate([shared, rng.normal(size=(n_e, d))]))
         c = world[:, cols]
         feats.append(f.astype(np.float32))
         codes.append(c)
         acts.append((c.astype(np.float64) @ f).astype(np.float32))
-    description = {"kind": f"dictionary toy, {M} sides" + ("" if n_s else
-                                                            ", nothing-shared control"),
-                   "seed": seed, "n_models": M, "n_shared": n_s, "n_exclusive": n_e, "d": d,
-                   "n_tokens": n_tokens, "k": k, "perturbation": perturbation}
-    return PartialSides(acts=tuple(acts), features=tuple(feats), codes=tuple(codes),
-                        n_shared=n_s, description=description)
+    description = {
+        "kind": f"dictionary toy, {M} sides" + ("" if n_s else ", nothing-shared control"),
+        "seed": seed,
+        "n_models": M,
+        "n_shared": n_s,
+        "n_exclusive": n_e,
+        "d": d,
+        "n_tokens": n_tokens,
+        "k": k,
+        "perturbation": perturbation,
+    }
+    return PartialSides(
+        acts=tuple(acts),
+        features=tuple(feats),
+        codes=tuple(codes),
+        n_shared=n_s,
+        description=description,
+    )

@@ -89,16 +89,19 @@ class FinalNorm:
         h = h.double()
         if self.centred:
             return (h.var(-1, unbiased=False) + self.eps).sqrt()
-        return ((h ** 2).mean(-1) + self.eps).sqrt()
+        return ((h**2).mean(-1) + self.eps).sqrt()
 
 
 def final_norm(lm: lm_lib.LanguageModel) -> FinalNorm:
     """Finds the final norm of a causal LM (``ln_f``, ``final_layer_norm``, ``norm``)."""
     import torch
+
     if lm.is_encoder:
-        raise checks.InputError(f"model {lm.name}: direct logit effect needs a causal LM with a "
-                                "final norm and a linear unembedding; a masked-LM head "
-                                "(dense + GELU + LayerNorm) is not linear")
+        raise checks.InputError(
+            f"model {lm.name}: direct logit effect needs a causal LM with a "
+            "final norm and a linear unembedding; a masked-LM head "
+            "(dense + GELU + LayerNorm) is not linear"
+        )
     base = lm.model.base_model
     for name in _FINAL_NORM_NAMES:
         mod = getattr(base, name, None)
@@ -111,8 +114,10 @@ def final_norm(lm: lm_lib.LanguageModel) -> FinalNorm:
         # Gemma's RMSNorm scales by (1 + weight); Llama's by weight.
         gemma = type(mod).__name__.lower().startswith("gemma")
         return FinalNorm(mod, False, (1.0 + w) if gemma else w, eps)
-    raise checks.InputError(f"model {lm.name}: no final norm found (looked for "
-                            f"{_FINAL_NORM_NAMES} on {type(base).__name__})")
+    raise checks.InputError(
+        f"model {lm.name}: no final norm found (looked for "
+        f"{_FINAL_NORM_NAMES} on {type(base).__name__})"
+    )
 
 
 def unembedding(lm: lm_lib.LanguageModel) -> np.ndarray:
@@ -154,9 +159,11 @@ class DirectLogitEffect:
     def save(self, path: str) -> None:
         """Every field in one ``.npz`` (no pickles)."""
         import os
+
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        np.savez(path, **{f.name: np.asarray(getattr(self, f.name))
-                          for f in dataclasses.fields(self)})
+        np.savez(
+            path, **{f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
 
     @classmethod
     def load(cls, path: str) -> DirectLogitEffect:
@@ -166,28 +173,39 @@ class DirectLogitEffect:
         return cls(**kw)
 
 
-def dle_rows(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, norm_scale: float,
-             features: np.ndarray | None = None) -> np.ndarray:
+def dle_rows(
+    lm: lm_lib.LanguageModel,
+    sae: sae_lib.SAE,
+    norm_scale: float,
+    features: np.ndarray | None = None,
+) -> np.ndarray:
     """The full DLE rows ``[len(features), vocab]`` (float64) of some features."""
     w = np.asarray(sae.W_dec, np.float64) / float(sae.config.input_scale)
     w = w if features is None else w[np.asarray(features)]
     return w @ linear_readout(lm, norm_scale)
 
 
-def direct_logit_effect(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, norm_scale: float, *,
-                        top_n: int = 10, block: int = 1024) -> DirectLogitEffect:
+def direct_logit_effect(
+    lm: lm_lib.LanguageModel,
+    sae: sae_lib.SAE,
+    norm_scale: float,
+    *,
+    top_n: int = 10,
+    block: int = 1024,
+) -> DirectLogitEffect:
     """Norm and top promoted / suppressed tokens of every feature's DLE, in feature blocks."""
     checks.check_positive_int("top_n", top_n)
     if sae.config.d_in != lm.d_model:
-        raise checks.InputError(f"SAE d_in={sae.config.d_in} does not match the model's "
-                                f"width {lm.d_model}")
+        raise checks.InputError(
+            f"SAE d_in={sae.config.d_in} does not match the model's width {lm.d_model}"
+        )
     readout = linear_readout(lm, norm_scale)
     vocab = readout.shape[1]
     n = min(top_n, vocab)
     w = np.asarray(sae.W_dec, np.float64) / float(sae.config.input_scale)
     parts = {k: [] for k in ("norm", "p", "pv", "s", "sv")}
     for lo in range(0, w.shape[0], block):
-        rows = w[lo:lo + block] @ readout
+        rows = w[lo : lo + block] @ readout
         centred = rows - rows.mean(1, keepdims=True)
         parts["norm"].append(np.linalg.norm(centred, axis=1))
         top = np.argsort(-rows, axis=1)[:, :n]
@@ -197,8 +215,14 @@ def direct_logit_effect(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, norm_scale: 
         parts["s"].append(bot)
         parts["sv"].append(np.take_along_axis(rows, bot, 1))
     cat = {k: np.concatenate(v) for k, v in parts.items()}
-    return DirectLogitEffect(cat["norm"], cat["p"].astype(np.int64), cat["pv"],
-                             cat["s"].astype(np.int64), cat["sv"], float(norm_scale))
+    return DirectLogitEffect(
+        cat["norm"],
+        cat["p"].astype(np.int64),
+        cat["pv"],
+        cat["s"].astype(np.int64),
+        cat["sv"],
+        float(norm_scale),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,26 +303,33 @@ class FeatureImportance:
             return self.attribution_signed
         if kind == "activation":
             return self.act_sum / max(self.n_positions, 1)
-        raise checks.InputError(f"importance score {kind!r}: expected attribution, signed or "
-                                "activation")
+        raise checks.InputError(
+            f"importance score {kind!r}: expected attribution, signed or activation"
+        )
 
     def ablation_agreement(self) -> dict:
         """Pearson and Spearman of exact vs linear ablation effects on the sample."""
         from scipy import stats
+
         e, lin = self.ablate_exact, self.ablate_linear
         if len(e) < 3 or np.std(e) == 0 or np.std(lin) == 0:
             return {"n": int(len(e)), "pearson": float("nan"), "spearman": float("nan")}
-        return {"n": int(len(e)), "pearson": float(np.corrcoef(e, lin)[0, 1]),
-                "spearman": float(stats.spearmanr(e, lin).statistic),
-                "mean_abs_exact": float(np.mean(np.abs(e))),
-                "mean_abs_error": float(np.mean(np.abs(e - lin)))}
+        return {
+            "n": int(len(e)),
+            "pearson": float(np.corrcoef(e, lin)[0, 1]),
+            "spearman": float(stats.spearmanr(e, lin).statistic),
+            "mean_abs_exact": float(np.mean(np.abs(e))),
+            "mean_abs_error": float(np.mean(np.abs(e - lin))),
+        }
 
     def save(self, path: str) -> None:
         """Every field in one ``.npz`` (numpy arrays and scalars; no pickles)."""
         import os
+
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        np.savez(path, **{f.name: np.asarray(getattr(self, f.name))
-                          for f in dataclasses.fields(self)})
+        np.savez(
+            path, **{f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
 
     @classmethod
     def load(cls, path: str) -> FeatureImportance:
@@ -322,11 +353,17 @@ def token_classes(contexts, lm: lm_lib.LanguageModel, n: int) -> np.ndarray:
     return vals[order][:n].astype(np.int64)
 
 
-def attribution_batch(lm: lm_lib.LanguageModel, tsae: splice.TorchSAE, hookpoint: str,
-                      batch: splice.Batch, norm_hook=None):
+def attribution_batch(
+    lm: lm_lib.LanguageModel,
+    tsae: splice.TorchSAE,
+    hookpoint: str,
+    batch: splice.Batch,
+    norm_hook=None,
+):
     """``(f, attr, log_probs)`` for one batch: activations and attributions ``[b, s, d_sae]``
     (zero off the spliced positions) and the counted positions' log-probs (clean forward)."""
     import torch
+
     _, _, splice_mask, loss_pos, targets = splice._tensors(lm, batch)
     rec: dict[str, Any] = {}
 
@@ -352,18 +389,23 @@ def attribution_batch(lm: lm_lib.LanguageModel, tsae: splice.TorchSAE, hookpoint
 def _ablation_sample(lm, tsae, hookpoint, contexts, cfg: ImportanceConfig) -> np.ndarray:
     """Seeded sample of features that fire in the first batch (topped up at random)."""
     import torch
+
     d_sae = tsae.config.d_sae
     m = min(cfg.n_ablate, d_sae)
     if m == 0:
         return np.zeros((0,), np.int64)
-    part = contexts[:cfg.splice.batch_size]
+    part = contexts[: cfg.splice.batch_size]
     batch = splice.prepare_batch(lm, part.token_ids, part.mask, cfg=cfg.splice, start=0)
     hp = lm.parse(hookpoint)[0]
-    x = lm.forward_batch(batch.input_ids, [hp.name], attention_mask=batch.attention_mask
-                         ).acts[hp.name]
+    x = lm.forward_batch(batch.input_ids, [hp.name], attention_mask=batch.attention_mask).acts[
+        hp.name
+    ]
     with torch.inference_mode():
-        f = tsae.encode(torch.as_tensor(x[batch.splice], device=lm.device).to(
-            tsae.W_enc.dtype)).cpu().numpy()
+        f = (
+            tsae.encode(torch.as_tensor(x[batch.splice], device=lm.device).to(tsae.W_enc.dtype))
+            .cpu()
+            .numpy()
+        )
     rng = np.random.default_rng(cfg.seed)
     firing = np.flatnonzero((f > 0).any(0))
     pick = rng.choice(firing, size=min(m, len(firing)), replace=False)
@@ -373,14 +415,26 @@ def _ablation_sample(lm, tsae, hookpoint, contexts, cfg: ImportanceConfig) -> np
     return np.sort(pick).astype(np.int64)
 
 
-IMPORTANCE_COLUMNS = ("n_positions", "n_predictions", "norm_sum", "norm_count",
-                      "ablate_predictions")
+IMPORTANCE_COLUMNS = (
+    "n_positions",
+    "n_predictions",
+    "norm_sum",
+    "norm_count",
+    "ablate_predictions",
+)
 
 
-def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, contexts,
-                       cfg: ImportanceConfig = ImportanceConfig(), *,
-                       checkpoint_dir: str | None = None, mesh=None,
-                       progress: bool = False) -> FeatureImportance:
+def feature_importance(
+    lm: lm_lib.LanguageModel,
+    sae: sae_lib.SAE,
+    hookpoint: str,
+    contexts,
+    cfg: ImportanceConfig = ImportanceConfig(),
+    *,
+    checkpoint_dir: str | None = None,
+    mesh=None,
+    progress: bool = False,
+) -> FeatureImportance:
     """Attribution sums (overall and per predicted-token class), the final-norm scale and the
     exact ablation sample, streamed over ``contexts`` (resumable with ``checkpoint_dir``).
 
@@ -392,13 +446,16 @@ def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: st
     import torch
 
     from engine import accumulators
+
     contexts = splice.as_contexts(contexts)
     if len(contexts) == 0:
         raise checks.InputError("contexts: empty corpus")
     hp = lm.parse(hookpoint)[0]
     if sae.config.d_in != lm.d_model:
-        raise checks.InputError(f"SAE d_in={sae.config.d_in} does not match the width "
-                                f"{lm.d_model} of {hp.name} in {lm.name}")
+        raise checks.InputError(
+            f"SAE d_in={sae.config.d_in} does not match the width "
+            f"{lm.d_model} of {hp.name} in {lm.name}"
+        )
     d_sae = sae.config.d_sae
     tsae = splice.TorchSAE(sae, lm.device, splice.sae_dtype(lm))
     classes = token_classes(contexts, lm, cfg.n_classes)
@@ -413,21 +470,42 @@ def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: st
     # rows: (columns, attr, act, class, ablation) -> on device: (columns, |attr|, attr, act,
     # fires, class, ablation); the class column is -1 where no counted class is predicted.
     acc = accumulators.Sums(
-        {"columns": (0, None, 0), "attr_abs_sum": (1, None, 0), "attr_sum": (2, None, 0),
-         "act_sum": (3, None, 0), "fire_count": (4, None, 0),
-         "attr_abs_by_class": (1, 5, n_cls), "class_columns": (0, 5, n_cls),
-         "ablate": (6, None, 0)},
-        {"columns": (ncol,), "attr_abs_sum": (d_sae,), "attr_sum": (d_sae,),
-         "act_sum": (d_sae,), "fire_count": (d_sae,), "attr_abs_by_class": (d_sae,),
-         "class_columns": (ncol,), "ablate": (2 * m_cols,)})
+        {
+            "columns": (0, None, 0),
+            "attr_abs_sum": (1, None, 0),
+            "attr_sum": (2, None, 0),
+            "act_sum": (3, None, 0),
+            "fire_count": (4, None, 0),
+            "attr_abs_by_class": (1, 5, n_cls),
+            "class_columns": (0, 5, n_cls),
+            "ablate": (6, None, 0),
+        },
+        {
+            "columns": (ncol,),
+            "attr_abs_sum": (d_sae,),
+            "attr_sum": (d_sae,),
+            "act_sum": (d_sae,),
+            "fire_count": (d_sae,),
+            "attr_abs_by_class": (d_sae,),
+            "class_columns": (ncol,),
+            "ablate": (2 * m_cols,),
+        },
+    )
     dt = splice.host_dtype(acc)
 
     def on_device(params, columns, attr, act, cls, ablate):
         import jax.numpy as jnp
+
         return (columns, jnp.abs(attr), attr, act, (act > 0).astype(act.dtype), cls, ablate)
 
-    key = splice.fingerprint("importance", splice.sae_fingerprint(sae), hp.name,
-                             contexts.token_ids, contexts.mask, dataclasses.astuple(cfg))
+    key = splice.fingerprint(
+        "importance",
+        splice.sae_fingerprint(sae),
+        hp.name,
+        contexts.token_ids,
+        contexts.mask,
+        dataclasses.astuple(cfg),
+    )
 
     def rows(lo, part):
         batch = splice.prepare_batch(lm, part.token_ids, part.mask, cfg=cfg.splice, start=lo)
@@ -435,8 +513,10 @@ def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: st
         rec: dict[str, Any] = {}
         handle = None
         if norm is not None:
+
             def norm_hook(module, args):
                 rec["sigma"] = norm.denominator(args[0].detach())[loss_pos]
+
             handle = norm.module.register_forward_pre_hook(norm_hook)
         try:
             f, attr, lp_clean = attribution_batch(lm, tsae, hp.name, batch)
@@ -462,31 +542,56 @@ def feature_importance(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: st
 
                 def remove(x, j=int(j), direction=direction):
                     x = x.to(tsae.W_enc.dtype)
-                    return x - tsae.encode(x)[..., j:j + 1] * direction
+                    return x - tsae.encode(x)[..., j : j + 1] * direction
+
                 with torch.inference_mode():
-                    lp = splice.log_probs(lm, batch, hp.name,
-                                          splice.spliced_fn(splice_mask, remove))
+                    lp = splice.log_probs(
+                        lm, batch, hp.name, splice.spliced_fn(splice_mask, remove)
+                    )
                 exact[:, i] = (lp.gather(-1, tgt)[:, 0].double() - base).cpu().numpy()
             ablate[counted, :m] = exact
-            ablate[:, m_cols:m_cols + m] = -attr.double().reshape(n_rows, d_sae)[
-                :, torch.as_tensor(sample, device=lm.device)].cpu().numpy()
+            ablate[:, m_cols : m_cols + m] = (
+                -attr.double()
+                .reshape(n_rows, d_sae)[:, torch.as_tensor(sample, device=lm.device)]
+                .cpu()
+                .numpy()
+            )
             columns[:, col["ablate_predictions"]] = counted
-        return (columns.astype(dt), attr.double().reshape(n_rows, d_sae).cpu().numpy().astype(dt),
-                f.double().reshape(n_rows, d_sae).cpu().numpy().astype(dt), cls,
-                ablate.astype(dt))
+        return (
+            columns.astype(dt),
+            attr.double().reshape(n_rows, d_sae).cpu().numpy().astype(dt),
+            f.double().reshape(n_rows, d_sae).cpu().numpy().astype(dt),
+            cls,
+            ablate.astype(dt),
+        )
 
-    s = splice.streamed(acc, contexts, cfg.splice.batch_size, rows, mesh=mesh,
-                        checkpoint_dir=checkpoint_dir, save_every=cfg.splice.save_every,
-                        key=key, progress=progress, transform=on_device)
+    s = splice.streamed(
+        acc,
+        contexts,
+        cfg.splice.batch_size,
+        rows,
+        mesh=mesh,
+        checkpoint_dir=checkpoint_dir,
+        save_every=cfg.splice.save_every,
+        key=key,
+        progress=progress,
+        transform=on_device,
+    )
     c = {name: float(s["columns"][i]) for name, i in col.items()}
     return FeatureImportance(
-        hookpoint=hp.name, n_positions=int(round(c["n_positions"])),
-        n_predictions=int(round(c["n_predictions"])), attr_abs_sum=s["attr_abs_sum"],
-        attr_sum=s["attr_sum"], act_sum=s["act_sum"], fire_count=np.round(s["fire_count"]),
-        class_ids=classes, class_count=np.round(s["class_columns"][:, col["n_predictions"]]),
+        hookpoint=hp.name,
+        n_positions=int(round(c["n_positions"])),
+        n_predictions=int(round(c["n_predictions"])),
+        attr_abs_sum=s["attr_abs_sum"],
+        attr_sum=s["attr_sum"],
+        act_sum=s["act_sum"],
+        fire_count=np.round(s["fire_count"]),
+        class_ids=classes,
+        class_count=np.round(s["class_columns"][:, col["n_predictions"]]),
         attr_abs_by_class=np.ascontiguousarray(s["attr_abs_by_class"].T),
-        norm_scale=(c["norm_sum"] / c["norm_count"] if c["norm_count"] > 0
-                    else float("nan")),
-        ablate_features=sample, ablate_exact=s["ablate"][:m],
-        ablate_linear=s["ablate"][m_cols:m_cols + m],
-        ablate_predictions=int(round(c["ablate_predictions"])))
+        norm_scale=(c["norm_sum"] / c["norm_count"] if c["norm_count"] > 0 else float("nan")),
+        ablate_features=sample,
+        ablate_exact=s["ablate"][:m],
+        ablate_linear=s["ablate"][m_cols : m_cols + m],
+        ablate_predictions=int(round(c["ablate_predictions"])),
+    )

@@ -152,15 +152,20 @@ class JointConfig:
 
     def validate(self) -> JointConfig:
         if self.design not in DESIGNS:
-            raise checks.InputError(f"JointConfig.design: unknown {self.design!r}; expected "
-                                    f"one of {DESIGNS}")
+            raise checks.InputError(
+                f"JointConfig.design: unknown {self.design!r}; expected one of {DESIGNS}"
+            )
         checks.check_positive_int("JointConfig.d_sae", self.d_sae)
         if self.activation not in JOINT_ACTIVATIONS:
-            raise checks.InputError(f"JointConfig.activation: unknown {self.activation!r}; "
-                                    f"expected one of {JOINT_ACTIVATIONS}")
+            raise checks.InputError(
+                f"JointConfig.activation: unknown {self.activation!r}; "
+                f"expected one of {JOINT_ACTIVATIONS}"
+            )
         if self.design == "aligned" and self.activation == "relu":
-            raise checks.InputError("JointConfig: design 'aligned' needs activation 'topk' or "
-                                    "'batchtopk' (unit-norm decoders), got 'relu'")
+            raise checks.InputError(
+                "JointConfig: design 'aligned' needs activation 'topk' or "
+                "'batchtopk' (unit-norm decoders), got 'relu'"
+            )
         if self.activation != "relu":
             checks.check_positive_int(f"JointConfig.k ({self.activation})", self.k)
             if self.k > self.d_sae:
@@ -168,23 +173,28 @@ class JointConfig:
         for name in ("l1_coeff", "align_coeff", "aux_coeff"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
-                raise checks.InputError(f"JointConfig.{name} must be finite and >= 0, got "
-                                        f"{value!r}")
+                raise checks.InputError(
+                    f"JointConfig.{name} must be finite and >= 0, got {value!r}"
+                )
         if not (np.isfinite(self.lr) and self.lr > 0):
             raise checks.InputError(f"JointConfig.lr must be > 0, got {self.lr!r}")
         if not 0 <= self.l1_warmup_frac <= 1:
-            raise checks.InputError(f"JointConfig.l1_warmup_frac must be in [0, 1], got "
-                                    f"{self.l1_warmup_frac}")
+            raise checks.InputError(
+                f"JointConfig.l1_warmup_frac must be in [0, 1], got {self.l1_warmup_frac}"
+            )
         if self.source not in SOURCES:
-            raise checks.InputError(f"JointConfig.source: unknown {self.source!r}; expected "
-                                    f"one of {SOURCES}")
+            raise checks.InputError(
+                f"JointConfig.source: unknown {self.source!r}; expected one of {SOURCES}"
+            )
         checks.check_positive_int("JointConfig.seed", self.seed, 0)
         checks.check_positive_int("JointConfig.dead_tokens", self.dead_tokens)
         if self.k_aux is not None:
             checks.check_positive_int("JointConfig.k_aux", self.k_aux, 0)
         if self.sweep_axis not in sae_train.SWEEP_AXES:
-            raise checks.InputError(f"JointConfig.sweep_axis: unknown {self.sweep_axis!r}; "
-                                    f"expected one of {sae_train.SWEEP_AXES}")
+            raise checks.InputError(
+                f"JointConfig.sweep_axis: unknown {self.sweep_axis!r}; "
+                f"expected one of {sae_train.SWEEP_AXES}"
+            )
         return self
 
     def resolved_k_aux(self, d_ins: Sequence[int]) -> int:
@@ -196,8 +206,14 @@ class JointConfig:
 
     def group_key(self) -> JointConfig:
         """The config with `TUNABLE` fields blanked: equal keys train in one program."""
-        return dataclasses.replace(self, seed=0, l1_coeff=0.0, align_coeff=0.0,
-                                   aux_coeff=1.0 if self.aux_coeff > 0 else 0.0, lr=1.0)
+        return dataclasses.replace(
+            self,
+            seed=0,
+            l1_coeff=0.0,
+            align_coeff=0.0,
+            aux_coeff=1.0 if self.aux_coeff > 0 else 0.0,
+            lr=1.0,
+        )
 
     @property
     def unit_norm(self) -> bool:
@@ -272,8 +288,9 @@ class JointSAE:
 
     def decoder_norms(self) -> np.ndarray:
         """``[M, F]`` decoder row norms per model (normalised space)."""
-        return np.stack([np.linalg.norm(np.asarray(w, np.float64), axis=1)
-                         for w in self.params["W_dec"]])
+        return np.stack(
+            [np.linalg.norm(np.asarray(w, np.float64), axis=1) for w in self.params["W_dec"]]
+        )
 
     # -- per-model SAEs --------------------------------------------------------------------
 
@@ -282,27 +299,40 @@ class JointSAE:
         means per design)."""
         spec, cfg = self.spec, self.spec.config
         if not 0 <= m < spec.n_models:
-            raise checks.InputError(f"JointSAE.slice: model index {m} out of range "
-                                    f"[0, {spec.n_models})")
+            raise checks.InputError(
+                f"JointSAE.slice: model index {m} out of range [0, {spec.n_models})"
+            )
         b_enc = self.params["b_enc"][0 if cfg.shared_code else m]
         threshold = np.zeros((cfg.d_sae,), np.float32)
         if cfg.activation == "batchtopk":
             # Inference selects on score = pre * weight_i > thr, i.e. pre > thr / weight_i.
             weights = np.asarray(selection_weights(self.params, cfg), np.float64)
-            threshold = (float(self.threshold[0]) / np.maximum(weights, 1e-12)).astype(
-                np.float32)
-        meta = {"joint_format": FORMAT, "joint_design": cfg.design, "joint_model_index": m,
-                "joint_model_name": spec.model_names[m], "joint_n_models": spec.n_models,
-                "joint_training": json.dumps(cfg.to_dict(), sort_keys=True)}
+            threshold = (float(self.threshold[0]) / np.maximum(weights, 1e-12)).astype(np.float32)
+        meta = {
+            "joint_format": FORMAT,
+            "joint_design": cfg.design,
+            "joint_model_index": m,
+            "joint_model_name": spec.model_names[m],
+            "joint_n_models": spec.n_models,
+            "joint_training": json.dumps(cfg.to_dict(), sort_keys=True),
+        }
         config = sae_lib.SAEConfig(
-            d_in=spec.d_ins[m], d_sae=cfg.d_sae,
+            d_in=spec.d_ins[m],
+            d_sae=cfg.d_sae,
             activation="relu" if cfg.activation == "relu" else cfg.activation,
             k=0 if cfg.activation == "relu" else cfg.k,
             apply_b_dec_to_input=not cfg.shared_code,
-            input_scale=float(spec.input_scales[m])).with_metadata(**meta)
-        return sae_lib.from_arrays(config, self.params["W_enc"][m], b_enc,
-                                   self.params["W_dec"][m], self.params["b_dec"][m], threshold,
-                                   name=f"joint slice {m} ({spec.model_names[m]})")
+            input_scale=float(spec.input_scales[m]),
+        ).with_metadata(**meta)
+        return sae_lib.from_arrays(
+            config,
+            self.params["W_enc"][m],
+            b_enc,
+            self.params["W_dec"][m],
+            self.params["b_dec"][m],
+            threshold,
+            name=f"joint slice {m} ({spec.model_names[m]})",
+        )
 
 
 # -- forward pieces (pure functions of params, shared by training and inference) -------------
@@ -330,11 +360,17 @@ def kth_largest(score: jax.Array, k: int) -> jax.Array:
 
     def body(_, prev):
         return jnp.max(jnp.where(s < prev, s, -jnp.inf), axis=-1, keepdims=True)
+
     return jax.lax.fori_loop(0, k, body, jnp.full(s.shape[:-1] + (1,), jnp.inf, s.dtype))
 
 
-def activate(pre: jax.Array, cfg: JointConfig, weights: jax.Array, training: bool,
-             threshold: jax.Array | None = None) -> jax.Array:
+def activate(
+    pre: jax.Array,
+    cfg: JointConfig,
+    weights: jax.Array,
+    training: bool,
+    threshold: jax.Array | None = None,
+) -> jax.Array:
     """Sparse code from pre-activations: relu, TopK or BatchTopK on ``relu(pre) * weights``."""
     f = jax.nn.relu(pre)
     if cfg.activation == "relu":
@@ -359,19 +395,31 @@ def crosscoder_pre(params: dict, xns: Sequence) -> jax.Array:
     return params["b_enc"][0] + sum(x @ w for x, w in zip(xns, params["W_enc"]))
 
 
-def encode_from(params: dict, cfg: JointConfig, source: int, xn: jax.Array,
-                threshold: jax.Array | None = None, training: bool = False) -> jax.Array:
+def encode_from(
+    params: dict,
+    cfg: JointConfig,
+    source: int,
+    xn: jax.Array,
+    threshold: jax.Array | None = None,
+    training: bool = False,
+) -> jax.Array:
     """Code of universal / aligned model ``source`` from its normalised activations."""
-    return activate(source_pre(params, source, xn), cfg, selection_weights(params, cfg),
-                    training, threshold)
+    return activate(
+        source_pre(params, source, xn), cfg, selection_weights(params, cfg), training, threshold
+    )
 
 
-def crosscoder_encode(params: dict, cfg: JointConfig, xns: Sequence,
-                      threshold: jax.Array | None = None, training: bool = False
-                      ) -> jax.Array:
+def crosscoder_encode(
+    params: dict,
+    cfg: JointConfig,
+    xns: Sequence,
+    threshold: jax.Array | None = None,
+    training: bool = False,
+) -> jax.Array:
     """``act(sum_m x^m W_enc^m + b_enc)`` (Lindsey et al. 2024)."""
-    return activate(crosscoder_pre(params, xns), cfg, selection_weights(params, cfg),
-                    training, threshold)
+    return activate(
+        crosscoder_pre(params, xns), cfg, selection_weights(params, cfg), training, threshold
+    )
 
 
 def _recon(x: jax.Array, x_hat: jax.Array) -> jax.Array:
@@ -380,11 +428,17 @@ def _recon(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 
 def _fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     centred = x - jnp.mean(x, axis=0)
-    return jnp.sum((x - x_hat) ** 2) / jnp.maximum(jnp.sum(centred ** 2), 1e-30)
+    return jnp.sum((x - x_hat) ** 2) / jnp.maximum(jnp.sum(centred**2), 1e-30)
 
 
-def aux_k_loss(pre: jax.Array, dead: jax.Array, k_aux: int, resids: Sequence,
-               decs: Sequence, unit_norm: bool = True) -> jax.Array:
+def aux_k_loss(
+    pre: jax.Array,
+    dead: jax.Array,
+    k_aux: int,
+    resids: Sequence,
+    decs: Sequence,
+    unit_norm: bool = True,
+) -> jax.Array:
     """Gao et al. (2024)'s AuxK on a joint code.
 
     Among the ``dead`` latents, each row's ``k_aux`` largest pre-activations (chosen without
@@ -422,10 +476,17 @@ def _fired(z: jax.Array) -> jax.Array:
     return jnp.sum(z > 0, axis=0, dtype=jnp.int32)
 
 
-def joint_loss(params: dict, xns: Sequence, cfg: JointConfig, rng: jax.Array,
-               l1_scale: jax.Array | float = 1.0, *, hyper: dict | None = None,
-               dead: jax.Array | None = None, any_dead: jax.Array | None = None
-               ) -> tuple[jax.Array, dict]:
+def joint_loss(
+    params: dict,
+    xns: Sequence,
+    cfg: JointConfig,
+    rng: jax.Array,
+    l1_scale: jax.Array | float = 1.0,
+    *,
+    hyper: dict | None = None,
+    dead: jax.Array | None = None,
+    any_dead: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
     """The design's loss on normalised, row-aligned batches ``xns`` (one per model).
 
     Returns ``(loss, metrics)`` with per-model ``fvu/m``, ``recon/m``, the code's ``l0``,
@@ -440,8 +501,11 @@ def joint_loss(params: dict, xns: Sequence, cfg: JointConfig, rng: jax.Array,
     M = len(xns)
     dec = params["W_dec"]
     bd = params["b_dec"]
-    h = ({"l1": cfg.l1_coeff, "align": cfg.align_coeff, "aux": cfg.aux_coeff}
-         if hyper is None else hyper)
+    h = (
+        {"l1": cfg.l1_coeff, "align": cfg.align_coeff, "aux": cfg.aux_coeff}
+        if hyper is None
+        else hyper
+    )
     k_aux = cfg.resolved_k_aux([x.shape[-1] for x in xns]) if dead is not None else 0
     dtype = xns[0].dtype
     weights = selection_weights(params, cfg)
@@ -450,9 +514,11 @@ def joint_loss(params: dict, xns: Sequence, cfg: JointConfig, rng: jax.Array,
         if not k_aux:
             return jnp.zeros((), dtype)
         pred = jnp.any(dead) if any_dead is None else any_dead
-        return jax.lax.cond(pred, lambda: aux_k_loss(pre, dead_row, k_aux, resids, decs,
-                                                     cfg.unit_norm),
-                            lambda: jnp.zeros((), dtype))
+        return jax.lax.cond(
+            pred,
+            lambda: aux_k_loss(pre, dead_row, k_aux, resids, decs, cfg.unit_norm),
+            lambda: jnp.zeros((), dtype),
+        )
 
     metrics = {}
     if cfg.design == "crosscoder":
@@ -463,23 +529,39 @@ def joint_loss(params: dict, xns: Sequence, cfg: JointConfig, rng: jax.Array,
         loss = sum(recons)
         fvus = [_fvu(x, o) for x, o in zip(xns, outs)]
         l0 = jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32))
-        aux = aux_term(pre, None if dead is None else dead[0],
-                       [jax.lax.stop_gradient(x - o) for x, o in zip(xns, outs)], dec)
+        aux = aux_term(
+            pre,
+            None if dead is None else dead[0],
+            [jax.lax.stop_gradient(x - o) for x, o in zip(xns, outs)],
+            dec,
+        )
         fired = _fired(z)[None]
         codes = [z]
     elif cfg.design == "universal":
+
         def from_source(s):
             pre = source_pre(params, s, xns[s])
             z = activate(pre, cfg, weights, True)
             outs = [z @ dec[n] + bd[n] for n in range(M)]
-            aux_s = aux_term(pre, None if dead is None else dead[0],
-                             [jax.lax.stop_gradient(x - o) for x, o in zip(xns, outs)], dec)
-            return (sum(_recon(x, o) for x, o in zip(xns, outs)),
-                    jnp.stack([_fvu(x, o) for x, o in zip(xns, outs)]), z, aux_s, _fired(z))
+            aux_s = aux_term(
+                pre,
+                None if dead is None else dead[0],
+                [jax.lax.stop_gradient(x - o) for x, o in zip(xns, outs)],
+                dec,
+            )
+            return (
+                sum(_recon(x, o) for x, o in zip(xns, outs)),
+                jnp.stack([_fvu(x, o) for x, o in zip(xns, outs)]),
+                z,
+                aux_s,
+                _fired(z),
+            )
+
         if cfg.source == "sample":
             s = jax.random.randint(rng, (), 0, M)
             loss, fvu_vec, z, aux, fired1 = jax.lax.switch(
-                s, [lambda i=i: from_source(i) for i in range(M)])
+                s, [lambda i=i: from_source(i) for i in range(M)]
+            )
         else:
             per = [from_source(i) for i in range(M)]
             loss = sum(p[0] for p in per) / M
@@ -503,12 +585,19 @@ def joint_loss(params: dict, xns: Sequence, cfg: JointConfig, rng: jax.Array,
         align = sum(_recon(codes[a], codes[b]) for a, b in pairs) / len(pairs)
         loss = loss + h["align"] * align
         metrics["align"] = align
-        aux = sum(aux_term(pres[m], None if dead is None else dead[m],
-                           [jax.lax.stop_gradient(xns[m] - outs[m])], [dec[m]])
-                  for m in range(M))
+        aux = sum(
+            aux_term(
+                pres[m],
+                None if dead is None else dead[m],
+                [jax.lax.stop_gradient(xns[m] - outs[m])],
+                [dec[m]],
+            )
+            for m in range(M)
+        )
         fired = jnp.stack([_fired(c) for c in codes])
-        l0 = jnp.mean(jnp.stack([jnp.mean(jnp.sum(c > 0, axis=-1).astype(jnp.float32))
-                                 for c in codes]))
+        l0 = jnp.mean(
+            jnp.stack([jnp.mean(jnp.sum(c > 0, axis=-1).astype(jnp.float32)) for c in codes])
+        )
     if cfg.activation == "relu":
         norms = sum(jnp.linalg.norm(w, axis=-1) for w in dec)
         sparsity = h["l1"] * l1_scale * jnp.mean(jnp.sum(codes[0] * norms, axis=-1))
@@ -547,16 +636,22 @@ def init_params(cfg: JointConfig, d_ins: Sequence[int], b_decs: Sequence[np.ndar
         # not depend on the decoder's initial norm.
         W_enc.append(w.T / per_model)
     n_benc = 1 if cfg.shared_code else M
-    return {"W_enc": W_enc, "b_enc": [jnp.zeros((cfg.d_sae,), jnp.float32)] * n_benc,
-            "W_dec": W_dec, "b_dec": [jnp.asarray(b, jnp.float32) for b in b_decs]}
+    return {
+        "W_enc": W_enc,
+        "b_enc": [jnp.zeros((cfg.d_sae,), jnp.float32)] * n_benc,
+        "W_dec": W_dec,
+        "b_dec": [jnp.asarray(b, jnp.float32) for b in b_decs],
+    }
 
 
 def check_aligned(xs: Sequence, name: str = "joint activations", min_rows: int = 2) -> list:
     """Row-aligned float matrices for >= 2 models (one-line errors otherwise)."""
     if not isinstance(xs, (list, tuple)) or len(xs) < 2:
-        raise checks.InputError(f"{name}: expected a list of >= 2 models' activations, got "
-                                f"{type(xs).__name__} of length "
-                                f"{len(xs) if hasattr(xs, '__len__') else '?'}")
+        raise checks.InputError(
+            f"{name}: expected a list of >= 2 models' activations, got "
+            f"{type(xs).__name__} of length "
+            f"{len(xs) if hasattr(xs, '__len__') else '?'}"
+        )
     out = []
     for m, x in enumerate(xs):
         arr = checks.as_float_matrix(f"{name}[{m}]", x, min_rows=min_rows)
@@ -573,14 +668,16 @@ def _project_and_normalise(cfg: JointConfig):
 
     def grad_transform(grads, params):
         grads = dict(grads)
-        grads["W_dec"] = [sae_train.project_out_parallel(g, w)
-                          for g, w in zip(grads["W_dec"], params["W_dec"])]
+        grads["W_dec"] = [
+            sae_train.project_out_parallel(g, w) for g, w in zip(grads["W_dec"], params["W_dec"])
+        ]
         return grads
 
     def post_update(params):
         params = dict(params)
         params["W_dec"] = [sae_train.normalise_rows(w) for w in params["W_dec"]]
         return params
+
     return grad_transform, post_update
 
 
@@ -593,8 +690,10 @@ def calibrate_threshold(params: dict, cfg: JointConfig, xns_batches) -> np.ndarr
         if cfg.design == "crosscoder":
             pres = [params["b_enc"][0] + sum(x @ we for x, we in zip(xns, params["W_enc"]))]
         else:
-            pres = [(x - params["b_dec"][m]) @ params["W_enc"][m] + params["b_enc"][m]
-                    for m, x in enumerate(xns)]
+            pres = [
+                (x - params["b_dec"][m]) @ params["W_enc"][m] + params["b_enc"][m]
+                for m, x in enumerate(xns)
+            ]
         for pre in pres:
             score = jax.nn.relu(pre) * w
             sel = sae_lib.batch_topk(score, cfg.k)
@@ -607,14 +706,17 @@ def calibrate_threshold(params: dict, cfg: JointConfig, xns_batches) -> np.ndarr
 def _scale_by_member(factors: jax.Array) -> optax.GradientTransformation:
     """Multiplies each leaf's member ``i`` (leading axis) by ``factors[i]``: per-member
     learning rates of a stacked sweep (``scale_by_adam`` then this is ``optax.adam(lr_i)``)."""
+
     def init(params):
         del params
         return optax.EmptyState()
 
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(lambda u: u * factors.reshape((-1,) + (1,) * (u.ndim - 1)).astype(
-            u.dtype), updates), state
+        return jax.tree.map(
+            lambda u: u * factors.reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype), updates
+        ), state
+
     return optax.GradientTransformation(init, update)
 
 
@@ -655,8 +757,9 @@ class _WithRamp:
         return dataclasses.replace(chunk, arrays=tuple(chunk.arrays) + (ramp,))
 
 
-def _sweep_loss_and_stats(group: Sequence[JointConfig], scales: tuple, d_ins: tuple,
-                          batch_size: int, sweep_axis: str):
+def _sweep_loss_and_stats(
+    group: Sequence[JointConfig], scales: tuple, d_ins: tuple, batch_size: int, sweep_axis: str
+):
     """``loss_fn`` and ``stats_update`` of one stacked sweep program (`engine.train`).
 
     Every member sees the same batch; member ``i``'s randomness is
@@ -665,10 +768,12 @@ def _sweep_loss_and_stats(group: Sequence[JointConfig], scales: tuple, d_ins: tu
     """
     base = group[0]
     n, M = len(group), len(d_ins)
-    hyper = {"l1": jnp.asarray([c.l1_coeff for c in group], jnp.float32),
-             "align": jnp.asarray([c.align_coeff for c in group], jnp.float32),
-             "aux": jnp.asarray([c.aux_coeff for c in group], jnp.float32),
-             "seed": jnp.asarray([c.seed for c in group], jnp.uint32)}
+    hyper = {
+        "l1": jnp.asarray([c.l1_coeff for c in group], jnp.float32),
+        "align": jnp.asarray([c.align_coeff for c in group], jnp.float32),
+        "aux": jnp.asarray([c.aux_coeff for c in group], jnp.float32),
+        "seed": jnp.asarray([c.seed for c in group], jnp.uint32),
+    }
     use_aux = base.resolved_k_aux(d_ins) > 0
 
     def loss_fn(full, batch, key):
@@ -680,16 +785,25 @@ def _sweep_loss_and_stats(group: Sequence[JointConfig], scales: tuple, d_ins: tu
 
         def member(args):
             p, h, since_i = args
-            return joint_loss(p, xns, base, jax.random.fold_in(key, h["seed"]), ramp,
-                              hyper=h, dead=(since_i >= base.dead_tokens) if use_aux else None,
-                              any_dead=any_dead)
+            return joint_loss(
+                p,
+                xns,
+                base,
+                jax.random.fold_in(key, h["seed"]),
+                ramp,
+                hyper=h,
+                dead=(since_i >= base.dead_tokens) if use_aux else None,
+                any_dead=any_dead,
+            )
+
         args = (full["params"], hyper, since)
         if n == 1:
             loss, metrics = member(jax.tree.map(lambda a: a[0], args))
             metrics["_fired"] = metrics["_fired"][None]
             return loss, metrics
-        losses, metrics = (jax.vmap(member) if sweep_axis == "vmap"
-                           else lambda a: jax.lax.map(member, a))(args)
+        losses, metrics = (
+            jax.vmap(member) if sweep_axis == "vmap" else lambda a: jax.lax.map(member, a)
+        )(args)
         metrics["member_loss"] = losses
         return jnp.sum(losses), metrics
 
@@ -701,13 +815,26 @@ def _sweep_loss_and_stats(group: Sequence[JointConfig], scales: tuple, d_ins: tu
         frac = jnp.mean(dead.reshape(n, -1), axis=-1)
         metrics["dead_frac"] = frac[0] if n == 1 else frac
         return {"since_fired": since}, metrics
+
     return loss_fn, stats_update
 
 
-def _train_group(xs: list, group: Sequence[JointConfig], *, scales: tuple, b_decs: list,
-                 names: tuple, steps: int, batch_size: int, mesh, gdir: str | None,
-                 data_seed: int, log_every: int, checkpoint_every: int, progress: bool
-                 ) -> list[JointSAE]:
+def _train_group(
+    xs: list,
+    group: Sequence[JointConfig],
+    *,
+    scales: tuple,
+    b_decs: list,
+    names: tuple,
+    steps: int,
+    batch_size: int,
+    mesh,
+    gdir: str | None,
+    data_seed: int,
+    log_every: int,
+    checkpoint_every: int,
+    progress: bool,
+) -> list[JointSAE]:
     """One program: the group's members stacked on a leading axis, one jitted step."""
     base = group[0]
     d_ins = tuple(int(x.shape[1]) for x in xs)
@@ -720,30 +847,52 @@ def _train_group(xs: list, group: Sequence[JointConfig], *, scales: tuple, b_dec
     params = jax.tree.map(lambda *a: jnp.stack(a), *per)
     # optax.adam(lr) is scale_by_adam then scale(-lr): elementwise, so a stacked member's
     # moments are exactly those of a member trained alone.
-    tx = optax.chain(optax.scale_by_adam(),
-                     _scale_by_member(-jnp.asarray([c.lr for c in group], jnp.float32)))
+    tx = optax.chain(
+        optax.scale_by_adam(), _scale_by_member(-jnp.asarray([c.lr for c in group], jnp.float32))
+    )
     n_codes = len(d_ins) if base.design == "aligned" else 1
     stats = {"since_fired": jnp.zeros((n, n_codes, base.d_sae), jnp.int32)}
     loss_fn, stats_update = _sweep_loss_and_stats(group, scales, d_ins, batch_size, sweep_axis)
     grad_transform, post_update = _project_and_normalise(base)
-    step_fn = train_lib.make_train_step(loss_fn, tx, mesh, grad_transform=grad_transform,
-                                        post_update=post_update, stats_update=stats_update)
+    step_fn = train_lib.make_train_step(
+        loss_fn,
+        tx,
+        mesh,
+        grad_transform=grad_transform,
+        post_update=post_update,
+        stats_update=stats_update,
+    )
     state = train_lib.create_train_state(params, tx, jax.random.PRNGKey(0), stats=stats)
-    stream = streaming.ChunkStream(tuple(xs), batch_size, repeat=True, shuffle_seed=data_seed,
-                                   check_finite=False, name="train_joint xs")
+    stream = streaming.ChunkStream(
+        tuple(xs),
+        batch_size,
+        repeat=True,
+        shuffle_seed=data_seed,
+        check_finite=False,
+        name="train_joint xs",
+    )
     data = stream
     if base.activation == "relu":
         data = _WithRamp(stream, batch_size, max(1.0, base.l1_warmup_frac * steps))
     if gdir is not None:
         os.makedirs(gdir, exist_ok=True)
-        metrics_io.write_json(os.path.join(gdir, "joint_run.json"),
-                              {"configs": [c.to_dict() for c in group],
-                               "labels": [c.label() for c in group], "d_ins": list(d_ins),
-                               "input_scales": list(scales), "model_names": list(names),
-                               "steps": steps, "batch_size": batch_size,
-                               "data_seed": data_seed, "sweep_axis": sweep_axis})
-    loop = train_lib.LoopConfig(num_steps=steps, log_every=log_every,
-                                checkpoint_every=checkpoint_every, progress=progress)
+        metrics_io.write_json(
+            os.path.join(gdir, "joint_run.json"),
+            {
+                "configs": [c.to_dict() for c in group],
+                "labels": [c.label() for c in group],
+                "d_ins": list(d_ins),
+                "input_scales": list(scales),
+                "model_names": list(names),
+                "steps": steps,
+                "batch_size": batch_size,
+                "data_seed": data_seed,
+                "sweep_axis": sweep_axis,
+            },
+        )
+    loop = train_lib.LoopConfig(
+        num_steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, progress=progress
+    )
     state = train_lib.train(state, step_fn, data, loop, workdir=gdir, mesh=mesh)
     host = jax.device_get(state.params)
     out = []
@@ -752,14 +901,21 @@ def _train_group(xs: list, group: Sequence[JointConfig], *, scales: tuple, b_dec
         threshold = np.zeros((1,), np.float32)
         if cfg.activation == "batchtopk":
             idx = np.random.default_rng(data_seed + 1).permutation(xs[0].shape[0])
-            batches = [[jnp.asarray(x[idx[lo:lo + batch_size]], jnp.float32) * s
-                        for x, s in zip(xs, scales)]
-                       for lo in range(0, min(len(idx), 16 * batch_size) - batch_size + 1,
-                                       batch_size)]
+            batches = [
+                [
+                    jnp.asarray(x[idx[lo : lo + batch_size]], jnp.float32) * s
+                    for x, s in zip(xs, scales)
+                ]
+                for lo in range(0, min(len(idx), 16 * batch_size) - batch_size + 1, batch_size)
+            ]
             threshold = calibrate_threshold(p, cfg, batches)
-        out.append(JointSAE(params=p, threshold=jnp.asarray(threshold),
-                            spec=JointSpec(config=cfg, d_ins=d_ins, input_scales=scales,
-                                           model_names=names)))
+        out.append(
+            JointSAE(
+                params=p,
+                threshold=jnp.asarray(threshold),
+                spec=JointSpec(config=cfg, d_ins=d_ins, input_scales=scales, model_names=names),
+            )
+        )
     return out
 
 
@@ -775,8 +931,9 @@ def _prepare(xs, configs, steps: int, batch_size: int, mesh, model_names, data_s
     mesh_lib.check_divisible(mesh, batch_size, "train_joint batch_size")
     names = tuple(model_names or [f"model{m}" for m in range(len(xs))])
     if len(names) != len(xs) or len(set(names)) != len(names):
-        raise checks.InputError(f"train_joint model_names: need {len(xs)} distinct names, got "
-                                f"{list(names)}")
+        raise checks.InputError(
+            f"train_joint model_names: need {len(xs)} distinct names, got {list(names)}"
+        )
     rng = np.random.default_rng(data_seed)
     sample_rows = np.sort(rng.permutation(xs[0].shape[0])[:8192])
     scales = tuple(sae_lib.expected_norm_scale(x[sample_rows]) for x in xs)
@@ -784,11 +941,20 @@ def _prepare(xs, configs, steps: int, batch_size: int, mesh, model_names, data_s
     return xs, mesh, names, scales, b_decs
 
 
-def train_joint_sweep(xs: Sequence[np.ndarray], configs: Sequence[JointConfig], *, steps: int,
-                      batch_size: int, mesh=None, workdir: str | None = None,
-                      data_seed: int = 0, model_names: Sequence[str] | None = None,
-                      log_every: int = 100, checkpoint_every: int = 500,
-                      progress: bool = False) -> list[JointSAE]:
+def train_joint_sweep(
+    xs: Sequence[np.ndarray],
+    configs: Sequence[JointConfig],
+    *,
+    steps: int,
+    batch_size: int,
+    mesh=None,
+    workdir: str | None = None,
+    data_seed: int = 0,
+    model_names: Sequence[str] | None = None,
+    log_every: int = 100,
+    checkpoint_every: int = 500,
+    progress: bool = False,
+) -> list[JointSAE]:
     """Trains one joint model per config, batched: configs that differ only in `TUNABLE`
     fields (seeds, coefficients, lr) run as ONE program whose step maps over the stacked
     members (``JointConfig.sweep_axis``), every member seeing the same batches (order from
@@ -801,23 +967,42 @@ def train_joint_sweep(xs: Sequence[np.ndarray], configs: Sequence[JointConfig], 
     natively under ``workdir/<label>/joint`` (`save_joint`; labels made unique as
     `models.sae_train.unique_labels`). Returns the models aligned with ``configs``.
     """
-    if isinstance(configs, JointConfig) or not configs or not all(
-            isinstance(c, JointConfig) for c in configs):
-        raise checks.InputError("train_joint_sweep configs: expected a non-empty list of "
-                                "JointConfig")
-    xs, mesh, names, scales, b_decs = _prepare(xs, configs, steps, batch_size, mesh,
-                                               model_names, data_seed)
+    if (
+        isinstance(configs, JointConfig)
+        or not configs
+        or not all(isinstance(c, JointConfig) for c in configs)
+    ):
+        raise checks.InputError(
+            "train_joint_sweep configs: expected a non-empty list of JointConfig"
+        )
+    xs, mesh, names, scales, b_decs = _prepare(
+        xs, configs, steps, batch_size, mesh, model_names, data_seed
+    )
     result: list[JointSAE | None] = [None] * len(configs)
     groups = group_joint_configs(configs)
     labels = sae_train.unique_labels(configs)
     for g, members in enumerate(groups):
         group = [configs[i] for i in members]
-        gdir = None if workdir is None else os.path.join(os.path.abspath(workdir),
-                                                         group_dir_name(g, group))
-        trained = _train_group(xs, group, scales=scales, b_decs=b_decs, names=names,
-                               steps=steps, batch_size=batch_size, mesh=mesh, gdir=gdir,
-                               data_seed=data_seed, log_every=log_every,
-                               checkpoint_every=checkpoint_every, progress=progress)
+        gdir = (
+            None
+            if workdir is None
+            else os.path.join(os.path.abspath(workdir), group_dir_name(g, group))
+        )
+        trained = _train_group(
+            xs,
+            group,
+            scales=scales,
+            b_decs=b_decs,
+            names=names,
+            steps=steps,
+            batch_size=batch_size,
+            mesh=mesh,
+            gdir=gdir,
+            data_seed=data_seed,
+            log_every=log_every,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+        )
         for i, joint in zip(members, trained):
             result[i] = joint
             if workdir is not None:
@@ -825,10 +1010,20 @@ def train_joint_sweep(xs: Sequence[np.ndarray], configs: Sequence[JointConfig], 
     return result  # type: ignore[return-value]
 
 
-def train_joint(xs: Sequence[np.ndarray], cfg: JointConfig, *, steps: int, batch_size: int,
-                mesh=None, workdir: str | None = None, data_seed: int = 0,
-                model_names: Sequence[str] | None = None, log_every: int = 100,
-                checkpoint_every: int = 500, progress: bool = False) -> JointSAE:
+def train_joint(
+    xs: Sequence[np.ndarray],
+    cfg: JointConfig,
+    *,
+    steps: int,
+    batch_size: int,
+    mesh=None,
+    workdir: str | None = None,
+    data_seed: int = 0,
+    model_names: Sequence[str] | None = None,
+    log_every: int = 100,
+    checkpoint_every: int = 500,
+    progress: bool = False,
+) -> JointSAE:
     """Trains one joint model on row-aligned activations ``xs`` (one ``[rows, d_m]`` each):
     a sweep program of one member (`train_joint_sweep`).
 
@@ -837,15 +1032,28 @@ def train_joint(xs: Sequence[np.ndarray], cfg: JointConfig, *, steps: int, batch
     with ``workdir``, saves the result natively under ``workdir/joint`` (`save_joint`).
     """
     if not isinstance(cfg, JointConfig):
-        raise checks.InputError(f"train_joint cfg: expected a JointConfig, got "
-                                f"{type(cfg).__name__}")
-    xs, mesh, names, scales, b_decs = _prepare(xs, [cfg], steps, batch_size, mesh,
-                                               model_names, data_seed)
+        raise checks.InputError(
+            f"train_joint cfg: expected a JointConfig, got {type(cfg).__name__}"
+        )
+    xs, mesh, names, scales, b_decs = _prepare(
+        xs, [cfg], steps, batch_size, mesh, model_names, data_seed
+    )
     gdir = None if workdir is None else os.path.abspath(workdir)
-    joint = _train_group(xs, [cfg], scales=scales, b_decs=b_decs, names=names, steps=steps,
-                         batch_size=batch_size, mesh=mesh, gdir=gdir, data_seed=data_seed,
-                         log_every=log_every, checkpoint_every=checkpoint_every,
-                         progress=progress)[0]
+    joint = _train_group(
+        xs,
+        [cfg],
+        scales=scales,
+        b_decs=b_decs,
+        names=names,
+        steps=steps,
+        batch_size=batch_size,
+        mesh=mesh,
+        gdir=gdir,
+        data_seed=data_seed,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+    )[0]
     if gdir is not None:
         save_joint(os.path.join(gdir, "joint"), joint)
     return joint
@@ -870,28 +1078,47 @@ def save_joint(path: str, joint: JointSAE) -> str:
     for m in range(spec.n_models):
         sub = _slice_dir(m, spec.model_names[m])
         sae_io_native.save_sae(os.path.join(path, MODELS_DIR, sub), joint.slice(m))
-        models.append({"index": m, "name": spec.model_names[m], "d_in": spec.d_ins[m],
-                       "input_scale": float(spec.input_scales[m]),
-                       "directory": f"{MODELS_DIR}/{sub}",
-                       "parts": {"W_enc": f"encoder block of model {m}" if cfg.shared_code
-                                 else f"encoder of model {m}",
-                                 "b_enc": "shared crosscoder encoder bias (copied into every "
-                                          "slice)" if cfg.shared_code else
-                                          f"encoder bias of model {m}",
-                                 "W_dec": f"decoder of model {m}",
-                                 "b_dec": f"decoder bias of model {m}",
-                                 "threshold": "batchtopk inference threshold / selection "
-                                              "weight" if cfg.activation == "batchtopk"
-                                              else "unused (zeros)"}})
+        models.append(
+            {
+                "index": m,
+                "name": spec.model_names[m],
+                "d_in": spec.d_ins[m],
+                "input_scale": float(spec.input_scales[m]),
+                "directory": f"{MODELS_DIR}/{sub}",
+                "parts": {
+                    "W_enc": f"encoder block of model {m}"
+                    if cfg.shared_code
+                    else f"encoder of model {m}",
+                    "b_enc": "shared crosscoder encoder bias (copied into every slice)"
+                    if cfg.shared_code
+                    else f"encoder bias of model {m}",
+                    "W_dec": f"decoder of model {m}",
+                    "b_dec": f"decoder bias of model {m}",
+                    "threshold": "batchtopk inference threshold / selection weight"
+                    if cfg.activation == "batchtopk"
+                    else "unused (zeros)",
+                },
+            }
+        )
     # Written last: a directory without it is an interrupted save.
-    metrics_io.write_json(os.path.join(path, CONFIG_FILE), {
-        "format": FORMAT, "version": VERSION, "design": cfg.design,
-        "config": cfg.to_dict(), "threshold": float(np.asarray(joint.threshold)[0]),
-        "models": models,
-        "slice_semantics": ("crosscoder slice m: decoder m + encoder block m with the shared "
-                            "b_enc; decode is exact, encode is a single-model approximation "
-                            "(the crosscoder's code depends on all models)")
-        if cfg.shared_code else "slice m: encoder m + decoder m; encode and decode exact"})
+    metrics_io.write_json(
+        os.path.join(path, CONFIG_FILE),
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "design": cfg.design,
+            "config": cfg.to_dict(),
+            "threshold": float(np.asarray(joint.threshold)[0]),
+            "models": models,
+            "slice_semantics": (
+                "crosscoder slice m: decoder m + encoder block m with the shared "
+                "b_enc; decode is exact, encode is a single-model approximation "
+                "(the crosscoder's code depends on all models)"
+            )
+            if cfg.shared_code
+            else "slice m: encoder m + decoder m; encode and decode exact",
+        },
+    )
     return path
 
 
@@ -900,20 +1127,26 @@ def load_joint(path: str) -> JointSAE:
     path = os.path.abspath(path)
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
-        raise checks.InputError(f"load_joint: {path} has no {CONFIG_FILE} (not a joint SAE "
-                                "directory, or an interrupted save)")
+        raise checks.InputError(
+            f"load_joint: {path} has no {CONFIG_FILE} (not a joint SAE "
+            "directory, or an interrupted save)"
+        )
     try:
         with open(cfg_path, encoding="utf-8") as f:
             doc = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise checks.InputError(f"load_joint: {cfg_path} is not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise checks.InputError(f"load_joint: {cfg_path} has format "
-                                f"{doc.get('format') if isinstance(doc, dict) else None!r}; "
-                                f"expected {FORMAT!r}")
+        raise checks.InputError(
+            f"load_joint: {cfg_path} has format "
+            f"{doc.get('format') if isinstance(doc, dict) else None!r}; "
+            f"expected {FORMAT!r}"
+        )
     if int(doc.get("version", -1)) > VERSION:
-        raise checks.InputError(f"load_joint: {cfg_path} has version {doc.get('version')}; "
-                                f"this code reads up to {VERSION}")
+        raise checks.InputError(
+            f"load_joint: {cfg_path} has version {doc.get('version')}; "
+            f"this code reads up to {VERSION}"
+        )
     try:
         cfg = JointConfig(**doc["config"]).validate()
         models = sorted(doc["models"], key=lambda e: int(e["index"]))
@@ -922,22 +1155,35 @@ def load_joint(path: str) -> JointSAE:
     saes = [sae_io_native.load_sae(os.path.join(path, e["directory"])) for e in models]
     for e, sae in zip(models, saes):
         if sae.config.d_sae != cfg.d_sae or sae.config.d_in != int(e["d_in"]):
-            raise checks.InputError(f"load_joint: slice {e['directory']} has shape "
-                                    f"({sae.config.d_in}, {sae.config.d_sae}), config expects "
-                                    f"({e['d_in']}, {cfg.d_sae})")
+            raise checks.InputError(
+                f"load_joint: slice {e['directory']} has shape "
+                f"({sae.config.d_in}, {sae.config.d_sae}), config expects "
+                f"({e['d_in']}, {cfg.d_sae})"
+            )
     if cfg.shared_code:
         for e, sae in zip(models[1:], saes[1:]):
             if not np.array_equal(np.asarray(sae.b_enc), np.asarray(saes[0].b_enc)):
-                raise checks.InputError(f"load_joint: slice {e['directory']} has a different "
-                                        "shared b_enc than slice 0 (files from different runs)")
-    params = {"W_enc": [s.W_enc for s in saes],
-              "b_enc": [saes[0].b_enc] if cfg.shared_code else [s.b_enc for s in saes],
-              "W_dec": [s.W_dec for s in saes], "b_dec": [s.b_dec for s in saes]}
-    spec = JointSpec(config=cfg, d_ins=tuple(int(e["d_in"]) for e in models),
-                     input_scales=tuple(float(e["input_scale"]) for e in models),
-                     model_names=tuple(str(e["name"]) for e in models))
-    return JointSAE(params=params, threshold=jnp.asarray([float(doc.get("threshold", 0.0))],
-                                                         jnp.float32), spec=spec)
+                raise checks.InputError(
+                    f"load_joint: slice {e['directory']} has a different "
+                    "shared b_enc than slice 0 (files from different runs)"
+                )
+    params = {
+        "W_enc": [s.W_enc for s in saes],
+        "b_enc": [saes[0].b_enc] if cfg.shared_code else [s.b_enc for s in saes],
+        "W_dec": [s.W_dec for s in saes],
+        "b_dec": [s.b_dec for s in saes],
+    }
+    spec = JointSpec(
+        config=cfg,
+        d_ins=tuple(int(e["d_in"]) for e in models),
+        input_scales=tuple(float(e["input_scale"]) for e in models),
+        model_names=tuple(str(e["name"]) for e in models),
+    )
+    return JointSAE(
+        params=params,
+        threshold=jnp.asarray([float(doc.get("threshold", 0.0))], jnp.float32),
+        spec=spec,
+    )
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -965,17 +1211,19 @@ def run_codes(joint: JointSAE, xs: Sequence[np.ndarray], batch_size: int = 4096)
     spec, cfg = joint.spec, joint.spec.config
     M = spec.n_models
     if len(xs) != M:
-        raise checks.InputError(f"run_codes: {len(xs)} models' activations for a joint model "
-                                f"of {M}")
+        raise checks.InputError(
+            f"run_codes: {len(xs)} models' activations for a joint model of {M}"
+        )
     for m, x in enumerate(xs):
         if x.shape[1] != spec.d_ins[m]:
-            raise checks.InputError(f"run_codes xs[{m}]: width {x.shape[1]}, joint model "
-                                    f"expects {spec.d_ins[m]}")
+            raise checks.InputError(
+                f"run_codes xs[{m}]: width {x.shape[1]}, joint model expects {spec.d_ins[m]}"
+            )
     xns = [np.asarray(x, np.float64) * s for x, s in zip(xs, spec.input_scales)]
     codes = [[] for _ in range(M)]
     cross = [[[] for _ in range(M)] for _ in range(M)] if cfg.design == "universal" else None
     for lo in range(0, xs[0].shape[0], batch_size):
-        b = [jnp.asarray(x[lo:lo + batch_size], jnp.float32) for x in xns]
+        b = [jnp.asarray(x[lo : lo + batch_size], jnp.float32) for x in xns]
         if cfg.shared_code:
             z = np.asarray(joint.encode_joint(b))
             for m in range(M):
@@ -1004,7 +1252,7 @@ def fvu(x: np.ndarray, x_hat: np.ndarray) -> float:
     """Fraction of variance unexplained (float64)."""
     x = np.asarray(x, np.float64)
     centred = x - x.mean(axis=0)
-    return float(np.sum((x - x_hat) ** 2) / max(np.sum(centred ** 2), 1e-300))
+    return float(np.sum((x - x_hat) ** 2) / max(np.sum(centred**2), 1e-300))
 
 
 def relative_norms(joint: JointSAE) -> np.ndarray:
@@ -1037,8 +1285,12 @@ class LatentScaling:
     nu_recon: np.ndarray
 
 
-def latent_scaling(codes: Sequence[np.ndarray], xns: Sequence[np.ndarray],
-                   recons: Sequence[np.ndarray], W_decs: Sequence[np.ndarray]) -> LatentScaling:
+def latent_scaling(
+    codes: Sequence[np.ndarray],
+    xns: Sequence[np.ndarray],
+    recons: Sequence[np.ndarray],
+    W_decs: Sequence[np.ndarray],
+) -> LatentScaling:
     """Latent scaling (see `LatentScaling`) from host arrays, float64.
 
     Args:
@@ -1055,8 +1307,8 @@ def latent_scaling(codes: Sequence[np.ndarray], xns: Sequence[np.ndarray],
     def fit(f: np.ndarray, target: np.ndarray, own_dec: np.ndarray, sign: float) -> np.ndarray:
         # target_j = target + sign * f_j d_j (per latent j); centred least squares, all j.
         fc = f - f.mean(axis=0)
-        var = np.sum(fc ** 2, axis=0)
-        cov = fc.T @ (target - target.mean(axis=0))           # [F, d]
+        var = np.sum(fc**2, axis=0)
+        cov = fc.T @ (target - target.mean(axis=0))  # [F, d]
         # cov(f_j, f_j d_j) = var_j d_j.
         w = cov / np.maximum(var, 1e-300)[:, None] + sign * own_dec
         out = np.linalg.norm(w, axis=1)

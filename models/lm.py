@@ -53,9 +53,21 @@ from engine import checks
 
 KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # in execution order within a block
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "albert",
-                                 "electra", "camembert", "deberta", "deberta-v2", "mpnet",
-                                 "modernbert"})
+ENCODER_MODEL_TYPES = frozenset(
+    {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "albert",
+        "electra",
+        "camembert",
+        "deberta",
+        "deberta-v2",
+        "mpnet",
+        "modernbert",
+    }
+)
 
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
@@ -93,8 +105,9 @@ class Hookpoint:
             return f"layers.{self.layer}"
         if self.kind == "resid_pre":
             if self.layer == 0:
-                raise checks.InputError("resid_pre.0 (the embedding output) has no sparsify "
-                                        "layers.L name")
+                raise checks.InputError(
+                    "resid_pre.0 (the embedding output) has no sparsify layers.L name"
+                )
             return f"layers.{self.layer - 1}"
         return f"layers.{self.layer}.{'self_attn' if self.kind == 'attn_out' else 'mlp'}"
 
@@ -105,8 +118,10 @@ class Hookpoint:
 _PATTERNS = [
     (re.compile(r"^(resid_pre|resid_post|attn_out|mlp_out)\.(-?\d+)$"), None),
     (re.compile(r"^blocks\.(-?\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$"), "saelens"),
-    (re.compile(r"^(?:model\.)?(?:layers|h|gpt_neox\.layers|transformer\.h)\.(-?\d+)$"),
-     "resid_post"),
+    (
+        re.compile(r"^(?:model\.)?(?:layers|h|gpt_neox\.layers|transformer\.h)\.(-?\d+)$"),
+        "resid_post",
+    ),
     (re.compile(r"^(?:model\.)?layers\.(-?\d+)\.(self_attn|attention|attn)$"), "attn_out"),
     (re.compile(r"^(?:model\.)?layers\.(-?\d+)\.mlp$"), "mlp_out"),
 ]
@@ -136,12 +151,15 @@ def parse_hookpoint(name: str | Hookpoint, n_layers: int | None = None) -> Hookp
         if hp is None:
             raise checks.InputError(
                 f"hookpoint {name!r}: unknown name; expected resid_pre.L, resid_post.L, "
-                "attn_out.L, mlp_out.L (or SAELens blocks.L.hook_resid_post, sparsify layers.L)")
+                "attn_out.L, mlp_out.L (or SAELens blocks.L.hook_resid_post, sparsify layers.L)"
+            )
     if n_layers is not None:
         layer = hp.layer + n_layers if hp.layer < 0 else hp.layer
         if not 0 <= layer < n_layers:
-            raise checks.InputError(f"hookpoint {name!s}: layer {hp.layer} outside the model's "
-                                    f"{n_layers} blocks (0..{n_layers - 1})")
+            raise checks.InputError(
+                f"hookpoint {name!s}: layer {hp.layer} outside the model's "
+                f"{n_layers} blocks (0..{n_layers - 1})"
+            )
         hp = Hookpoint(layer, hp.kind)
     elif hp.layer < 0:
         raise checks.InputError(f"hookpoint {name!s}: a negative layer needs the model's depth")
@@ -165,11 +183,14 @@ def find_blocks(model, n_layers: int):
     length.
     """
     import torch
+
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return name, module
-    raise checks.InputError(f"model {type(model).__name__}: found no list of {n_layers} blocks; "
-                            "this architecture is not supported")
+    raise checks.InputError(
+        f"model {type(model).__name__}: found no list of {n_layers} blocks; "
+        "this architecture is not supported"
+    )
 
 
 def _child(module, names: Sequence[str]):
@@ -183,8 +204,11 @@ def _child(module, names: Sequence[str]):
 def sublayer_module(block, kind: str):
     """The module whose output is the attention / MLP contribution (module docstring)."""
     # Post-norm BERT family: attention.output = LayerNorm(dense(x) + input); take dense.
-    bert_like = (hasattr(block, "attention") and hasattr(block, "intermediate")
-                 and hasattr(getattr(block, "output", None), "dense"))
+    bert_like = (
+        hasattr(block, "attention")
+        and hasattr(block, "intermediate")
+        and hasattr(getattr(block, "output", None), "dense")
+    )
     if bert_like:
         path = "attention.output.dense" if kind == "attn_out" else "output.dense"
         return path, block.get_submodule(path)
@@ -193,8 +217,10 @@ def sublayer_module(block, kind: str):
         return name, getattr(block, name)
     name, sub = _child(block, _ATTN_NAMES if kind == "attn_out" else _MLP_NAMES)
     if sub is None:
-        raise checks.InputError(f"block {type(block).__name__}: no {kind} sub-module found "
-                                f"(looked for {_ATTN_NAMES if kind == 'attn_out' else _MLP_NAMES})")
+        raise checks.InputError(
+            f"block {type(block).__name__}: no {kind} sub-module found "
+            f"(looked for {_ATTN_NAMES if kind == 'attn_out' else _MLP_NAMES})"
+        )
     return name, sub
 
 
@@ -214,6 +240,7 @@ def quiet_transformers():
     "unexpected"; that is the intended use here, not a problem worth a screenful.
     """
     from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -254,6 +281,7 @@ class LMActivations:
 
 def _torch_dtype(name: str):
     import torch
+
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in table:
         raise checks.InputError(f"dtype: expected one of {STORAGE_DTYPES}, got {name!r}")
@@ -263,9 +291,11 @@ def _torch_dtype(name: str):
 def torch_to_numpy(t, dtype: str = "float32") -> np.ndarray:
     """A torch tensor as a numpy array of ``dtype`` (bfloat16 -> `ml_dtypes.bfloat16`)."""
     import torch
+
     t = t.detach().to(_torch_dtype(dtype))
     if dtype == "bfloat16":
         import ml_dtypes
+
         return t.contiguous().view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
     return t.cpu().numpy()
 
@@ -284,15 +314,22 @@ class LanguageModel:
       device: torch device (default: cuda when available, else cpu).
     """
 
-    def __init__(self, model, tokenizer=None, *, name: str | None = None,
-                 revision: str | None = None, device: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        name: str | None = None,
+        revision: str | None = None,
+        device: str | None = None,
+    ):
         import torch
+
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.config = _text_config(model.config)
-        self.name = name or str(getattr(model.config, "_name_or_path", "") or
-                                type(model).__name__)
+        self.name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
         self.revision = revision or getattr(model.config, "_commit_hash", None)
         self.n_layers = int(self.config.num_hidden_layers)
         self.d_model = int(self.config.hidden_size)
@@ -303,14 +340,22 @@ class LanguageModel:
         self._special_ids = None
         if tokenizer is not None:
             from models import text
+
             self._special_ids = np.asarray(text.special_token_ids(tokenizer), np.int64)
 
     # -- loading ----------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, name_or_path: str, *, revision: str | None = None, dtype: str = "float32",
-             device: str | None = None, tokenizer: Any = None,
-             trust_remote_code: bool = False) -> LanguageModel:
+    def load(
+        cls,
+        name_or_path: str,
+        *,
+        revision: str | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        tokenizer: Any = None,
+        trust_remote_code: bool = False,
+    ) -> LanguageModel:
         """Loads the base model and tokenizer from a local directory or a hub name.
 
         A local directory never touches the network. ``dtype`` is the compute dtype
@@ -318,6 +363,7 @@ class LanguageModel:
         (default: the model's own).
         """
         from transformers import AutoModel, AutoTokenizer
+
         local = os.path.isdir(name_or_path)
         if not local and (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))):
             raise checks.InputError(f"model {name_or_path!r}: no such local directory")
@@ -327,18 +373,23 @@ class LanguageModel:
                 model = AutoModel.from_pretrained(name_or_path, dtype=_torch_dtype(dtype), **kw)
         except OSError as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise checks.InputError(f"model {name_or_path!r}: could not load ({first}); give a "
-                                    "local model directory or a reachable hub name") from None
+            raise checks.InputError(
+                f"model {name_or_path!r}: could not load ({first}); give a "
+                "local model directory or a reachable hub name"
+            ) from None
         if tokenizer is None or isinstance(tokenizer, str):
             tok_src = tokenizer or name_or_path
             try:
                 tokenizer = AutoTokenizer.from_pretrained(
-                    tok_src, revision=None if tokenizer else revision,
-                    local_files_only=os.path.isdir(tok_src))
+                    tok_src,
+                    revision=None if tokenizer else revision,
+                    local_files_only=os.path.isdir(tok_src),
+                )
             except (OSError, ValueError) as e:
                 if tokenizer:
-                    raise checks.InputError(f"tokenizer {tok_src!r}: could not load "
-                                            f"({str(e).splitlines()[0]})") from None
+                    raise checks.InputError(
+                        f"tokenizer {tok_src!r}: could not load ({str(e).splitlines()[0]})"
+                    ) from None
                 tokenizer = None  # token ids only
         name = os.path.abspath(name_or_path) if local else name_or_path
         return cls(model, tokenizer, name=name, revision=revision, device=device)
@@ -347,8 +398,9 @@ class LanguageModel:
 
     def hookpoints(self, kinds: Sequence[str] = KINDS) -> list[str]:
         """Every hookpoint name of this model (for the given kinds), in depth order."""
-        return [Hookpoint(layer, k).name for layer in range(self.n_layers) for k in KINDS
-                if k in kinds]
+        return [
+            Hookpoint(layer, k).name for layer in range(self.n_layers) for k in KINDS if k in kinds
+        ]
 
     def parse(self, hookpoints: str | Sequence[str]) -> list[Hookpoint]:
         """Normalised, de-duplicated hookpoints (input order kept); raises on bad names."""
@@ -368,12 +420,21 @@ class LanguageModel:
     def describe(self) -> dict:
         """JSON-able facts recorded in cache metadata."""
         from models import text
-        return {"name": self.name, "revision": self.revision, "model_type": self.model_type,
-                "class": type(self.model).__name__, "n_layers": self.n_layers,
-                "d_model": self.d_model, "dtype": self.dtype, "is_encoder": self.is_encoder,
-                "blocks": self.blocks_path,
-                "tokenizer": (text.tokenizer_fingerprint(self.tokenizer)
-                              if self.tokenizer is not None else None)}
+
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "model_type": self.model_type,
+            "class": type(self.model).__name__,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "dtype": self.dtype,
+            "is_encoder": self.is_encoder,
+            "blocks": self.blocks_path,
+            "tokenizer": (
+                text.tokenizer_fingerprint(self.tokenizer) if self.tokenizer is not None else None
+            ),
+        }
 
     def special_mask(self, token_ids: np.ndarray) -> np.ndarray:
         """True where a token id is a special token of the tokenizer (False if none known)."""
@@ -394,6 +455,7 @@ class LanguageModel:
         def capture(name):
             def hook(module, args, out):
                 store[name] = _first_tensor(out)
+
             return hook
 
         def capture_pre(name, stop_here):
@@ -402,6 +464,7 @@ class LanguageModel:
                 store[name] = x
                 if stop_here:
                     raise _StopForward
+
             return hook
 
         def stop_after(module, args, out):
@@ -411,9 +474,12 @@ class LanguageModel:
             for h in hps:
                 block = self.blocks[h.layer]
                 if h.kind == "resid_pre":
-                    handles.append(block.register_forward_pre_hook(
-                        capture_pre(h.name, stop and stop_pre and h.layer == last_layer),
-                        with_kwargs=True))
+                    handles.append(
+                        block.register_forward_pre_hook(
+                            capture_pre(h.name, stop and stop_pre and h.layer == last_layer),
+                            with_kwargs=True,
+                        )
+                    )
                 elif h.kind == "resid_post":
                     handles.append(block.register_forward_hook(capture(h.name)))
                 else:
@@ -427,8 +493,15 @@ class LanguageModel:
             for handle in handles:
                 handle.remove()
 
-    def forward_batch(self, token_ids, hookpoints, *, attention_mask=None,
-                      out_dtype: str = "float32", stop_early: bool = True) -> LMActivations:
+    def forward_batch(
+        self,
+        token_ids,
+        hookpoints,
+        *,
+        attention_mask=None,
+        out_dtype: str = "float32",
+        stop_early: bool = True,
+    ) -> LMActivations:
         """Runs one batch and returns every requested hookpoint (numpy).
 
         Args:
@@ -440,25 +513,34 @@ class LanguageModel:
             whole model (same values; for tests and benchmarks).
         """
         import torch
+
         hps = self.parse(hookpoints)
         if out_dtype not in STORAGE_DTYPES:
-            raise checks.InputError(f"out_dtype: expected one of {STORAGE_DTYPES}, got "
-                                    f"{out_dtype!r}")
+            raise checks.InputError(
+                f"out_dtype: expected one of {STORAGE_DTYPES}, got {out_dtype!r}"
+            )
         ids = np.asarray(token_ids)
         checks.check_rank("token_ids", ids, 2)
         if not np.issubdtype(ids.dtype, np.integer):
             raise checks.InputError(f"token_ids: expected integer ids, got dtype {ids.dtype}")
         vocab = int(getattr(self.config, "vocab_size", 0) or 0)
         if vocab and ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            raise checks.InputError(f"token_ids: ids must lie in [0, {vocab}) (the model's "
-                                    f"vocabulary), got range [{ids.min()}, {ids.max()}]")
-        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(
-            attention_mask).astype(bool)
+            raise checks.InputError(
+                f"token_ids: ids must lie in [0, {vocab}) (the model's "
+                f"vocabulary), got range [{ids.min()}, {ids.max()}]"
+            )
+        mask = (
+            np.ones(ids.shape, bool)
+            if attention_mask is None
+            else np.asarray(attention_mask).astype(bool)
+        )
         checks.check_shape("attention_mask", mask, ids.shape)
         max_pos = getattr(self.config, "max_position_embeddings", None)
         if max_pos and ids.shape[1] > max_pos:
-            raise checks.InputError(f"token_ids: sequence length {ids.shape[1]} exceeds the "
-                                    f"model's max_position_embeddings={max_pos}")
+            raise checks.InputError(
+                f"token_ids: sequence length {ids.shape[1]} exceeds the "
+                f"model's max_position_embeddings={max_pos}"
+            )
         store: dict[str, Any] = {}
         t_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         t_mask = torch.as_tensor(mask, dtype=torch.long, device=self.device)
@@ -469,34 +551,46 @@ class LanguageModel:
                 pass
         missing = [h.name for h in hps if h.name not in store]
         if missing:
-            raise RuntimeError(f"hookpoints {missing} were not reached by the forward pass of "
-                               f"{type(self.model).__name__}")
+            raise RuntimeError(
+                f"hookpoints {missing} were not reached by the forward pass of "
+                f"{type(self.model).__name__}"
+            )
         acts = {h.name: torch_to_numpy(store[h.name], out_dtype) for h in hps}
-        return LMActivations(acts=acts, token_ids=ids.astype(np.int32), mask=mask,
-                             special=self.special_mask(ids))
+        return LMActivations(
+            acts=acts, token_ids=ids.astype(np.int32), mask=mask, special=self.special_mask(ids)
+        )
 
-    def iter_activations(self, contexts, hookpoints, *, batch_size: int = 8,
-                         out_dtype: str = "float32") -> Iterator[LMActivations]:
+    def iter_activations(
+        self, contexts, hookpoints, *, batch_size: int = 8, out_dtype: str = "float32"
+    ) -> Iterator[LMActivations]:
         """Batches over contexts (`models.text.Contexts` or an ``[n, seq]`` id array)."""
         from models import text
-        ctxs = contexts if isinstance(contexts, text.Contexts) else (
-            text.Contexts.from_array(contexts))
+
+        ctxs = (
+            contexts
+            if isinstance(contexts, text.Contexts)
+            else (text.Contexts.from_array(contexts))
+        )
         bs = checks.check_positive_int("batch_size", batch_size)
         for lo in range(0, len(ctxs), bs):
-            part = ctxs[lo:lo + bs]
-            yield self.forward_batch(part.token_ids, hookpoints, attention_mask=part.mask,
-                                     out_dtype=out_dtype)
+            part = ctxs[lo : lo + bs]
+            yield self.forward_batch(
+                part.token_ids, hookpoints, attention_mask=part.mask, out_dtype=out_dtype
+            )
 
-    def run(self, contexts, hookpoints, *, batch_size: int = 8,
-            out_dtype: str = "float32") -> LMActivations:
+    def run(
+        self, contexts, hookpoints, *, batch_size: int = 8, out_dtype: str = "float32"
+    ) -> LMActivations:
         """All activations of ``contexts`` in memory (small inputs; use a cache for large)."""
-        parts = list(self.iter_activations(contexts, hookpoints, batch_size=batch_size,
-                                           out_dtype=out_dtype))
+        parts = list(
+            self.iter_activations(contexts, hookpoints, batch_size=batch_size, out_dtype=out_dtype)
+        )
         return LMActivations(
             acts={k: np.concatenate([p.acts[k] for p in parts]) for k in parts[0].acts},
             token_ids=np.concatenate([p.token_ids for p in parts]),
             mask=np.concatenate([p.mask for p in parts]),
-            special=np.concatenate([p.special for p in parts]))
+            special=np.concatenate([p.special for p in parts]),
+        )
 
     def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokenises raw texts with the model's special tokens, right-padded to ``max_length``.
@@ -506,13 +600,15 @@ class LanguageModel:
         if self.tokenizer is None:
             raise checks.InputError(f"model {self.name}: no tokenizer loaded")
         from models import text
-        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
-                             max_length=max_length)["input_ids"]
+
+        enc = self.tokenizer(
+            list(texts), add_special_tokens=True, truncation=True, max_length=max_length
+        )["input_ids"]
         ids = np.full((len(enc), max_length), text.pad_id(self.tokenizer), np.int32)
         mask = np.zeros((len(enc), max_length), bool)
         for i, row in enumerate(enc):
-            ids[i, :len(row)] = row
-            mask[i, :len(row)] = True
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = True
         return ids, mask
 
 
@@ -521,8 +617,9 @@ class LanguageModel:
 # --------------------------------------------------------------------------------------------
 
 
-def random_init_copy(source: LanguageModel | str, seed: int, out_dir: str | None = None, *,
-                     device: str | None = None) -> LanguageModel:
+def random_init_copy(
+    source: LanguageModel | str, seed: int, out_dir: str | None = None, *, device: str | None = None
+) -> LanguageModel:
     """The same architecture with freshly initialised weights (the random-init floor).
 
     Uses the architecture's own initialiser (``AutoModel.from_config`` under
@@ -532,8 +629,8 @@ def random_init_copy(source: LanguageModel | str, seed: int, out_dir: str | None
     """
     import torch
     from transformers import AutoModel
-    src = source if isinstance(source, LanguageModel) else LanguageModel.load(source,
-                                                                             device="cpu")
+
+    src = source if isinstance(source, LanguageModel) else LanguageModel.load(source, device="cpu")
     torch.manual_seed(int(seed))
     dtype = next(src.model.parameters()).dtype
     model = AutoModel.from_config(src.model.config, dtype=dtype)
@@ -546,5 +643,6 @@ def random_init_copy(source: LanguageModel | str, seed: int, out_dir: str | None
             src.tokenizer.save_pretrained(out_dir)
         with open(os.path.join(out_dir, "random_init.json"), "w", encoding="utf-8") as f:
             import json
+
             json.dump({"source": src.name, "seed": int(seed)}, f)
     return LanguageModel(model, src.tokenizer, name=name, device=device)

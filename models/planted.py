@@ -43,12 +43,32 @@ import numpy as np
 from engine import checks
 
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 CONCEPTS = {"days": DAYS, "months": MONTHS}
 #: Names of the planted non-circular groups (the "relative distances" question).
-GROUP_NAMES = ("Arabic script", "Arabic food", "Food", "Numbers", "Emotions", "Countries",
-               "Nature", "People")
+GROUP_NAMES = (
+    "Arabic script",
+    "Arabic food",
+    "Food",
+    "Numbers",
+    "Emotions",
+    "Countries",
+    "Nature",
+    "People",
+)
 
 
 @dataclasses.dataclass
@@ -109,36 +129,56 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _random_orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
     q, r = np.linalg.qr(rng.normal(size=(d, d)))
-    return q * np.sign(np.diag(r))[None, :]       # Haar-distributed
+    return q * np.sign(np.diag(r))[None, :]  # Haar-distributed
 
 
-def _atoms(rng: np.random.Generator, *, d: int, m: int, planted: bool, circle_offset: float,
-           n_groups: int, group_size: int, group_spread: float, n_other: int
-           ) -> tuple[np.ndarray, np.ndarray | None]:
+def _atoms(
+    rng: np.random.Generator,
+    *,
+    d: int,
+    m: int,
+    planted: bool,
+    circle_offset: float,
+    n_groups: int,
+    group_size: int,
+    group_spread: float,
+    n_other: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Atoms in canonical layout: [circle items (m), groups (n_groups * size), others]."""
     if planted:
-        basis = np.linalg.qr(rng.normal(size=(d, 3)))[0].T        # u, v, c orthonormal
+        basis = np.linalg.qr(rng.normal(size=(d, 3)))[0].T  # u, v, c orthonormal
         phi = 2 * np.pi * np.arange(m) / m
         ring = np.cos(phi)[:, None] * basis[0] + np.sin(phi)[:, None] * basis[1]
-        circle = np.sqrt(1 - circle_offset ** 2) * ring + circle_offset * basis[2]
+        circle = np.sqrt(1 - circle_offset**2) * ring + circle_offset * basis[2]
     else:
         basis = None
         circle = _unit(rng.normal(size=(m, d)))
     parts = [circle]
     for _ in range(n_groups):
         centre = _unit(rng.normal(size=d))
-        parts.append(_unit(centre + group_spread * rng.normal(size=(group_size, d))
-                           / np.sqrt(d)))
+        parts.append(_unit(centre + group_spread * rng.normal(size=(group_size, d)) / np.sqrt(d)))
     parts.append(_unit(rng.normal(size=(n_other, d))))
     return np.concatenate(parts).astype(np.float64), basis
 
 
-def make_planted_pair(seed: int = 0, *, d: int = 64, concept: str | int = "days",
-                      n_groups: int = 6, group_size: int = 4, n_other: int = 64,
-                      n_tokens: int = 8192, k_active: float = 3.0, concept_rate: float = 0.3,
-                      planted: bool = True, shared: bool = True, circle_offset: float = 0.8,
-                      group_spread: float = 0.6, noise: float = 0.01, b_perturb: float = 0.05
-                      ) -> PlantedPair:
+def make_planted_pair(
+    seed: int = 0,
+    *,
+    d: int = 64,
+    concept: str | int = "days",
+    n_groups: int = 6,
+    group_size: int = 4,
+    n_other: int = 64,
+    n_tokens: int = 8192,
+    k_active: float = 3.0,
+    concept_rate: float = 0.3,
+    planted: bool = True,
+    shared: bool = True,
+    circle_offset: float = 0.8,
+    group_spread: float = 0.6,
+    noise: float = 0.01,
+    b_perturb: float = 0.05,
+) -> PlantedPair:
     """Builds the two models' data (see the module docstring).
 
     Args:
@@ -161,8 +201,10 @@ def make_planted_pair(seed: int = 0, *, d: int = 64, concept: str | int = "days"
     """
     if isinstance(concept, str):
         if concept not in CONCEPTS:
-            raise checks.InputError(f"concept: unknown name {concept!r}; expected one of "
-                                    f"{sorted(CONCEPTS)} or an item count")
+            raise checks.InputError(
+                f"concept: unknown name {concept!r}; expected one of "
+                f"{sorted(CONCEPTS)} or an item count"
+            )
         items = CONCEPTS[concept]
     else:
         m = checks.check_positive_int("concept (item count)", concept, minimum=3)
@@ -178,25 +220,38 @@ def make_planted_pair(seed: int = 0, *, d: int = 64, concept: str | int = "days"
         raise checks.InputError(f"circle_offset must be in [0, 1), got {circle_offset}")
     if not 0 < concept_rate <= 1:
         raise checks.InputError(f"concept_rate must be in (0, 1], got {concept_rate}")
-    for name, value in (("noise", noise), ("b_perturb", b_perturb),
-                        ("group_spread", group_spread), ("k_active", k_active)):
+    for name, value in (
+        ("noise", noise),
+        ("b_perturb", b_perturb),
+        ("group_spread", group_spread),
+        ("k_active", k_active),
+    ):
         checks.check_non_negative(name, value)
     rng = np.random.default_rng(seed)
-    kw = dict(d=d, m=m, planted=planted, circle_offset=circle_offset, n_groups=n_groups,
-              group_size=group_size, group_spread=group_spread, n_other=n_other)
+    kw = dict(
+        d=d,
+        m=m,
+        planted=planted,
+        circle_offset=circle_offset,
+        n_groups=n_groups,
+        group_size=group_size,
+        group_spread=group_spread,
+        n_other=n_other,
+    )
     atoms_a, plane = _atoms(rng, **kw)
     n_features = atoms_a.shape[0]
     if shared:
         rotation = _random_orthogonal(rng, d)
-        atoms_b = _unit(atoms_a @ rotation + b_perturb * rng.normal(size=atoms_a.shape)
-                        / np.sqrt(d))
+        atoms_b = _unit(
+            atoms_a @ rotation + b_perturb * rng.normal(size=atoms_a.shape) / np.sqrt(d)
+        )
     else:
         rotation = None
         atoms_b, _ = _atoms(rng, **kw)
 
     # One shuffle of feature indices, the same in both models.
-    perm = rng.permutation(n_features)          # canonical feature perm[j] -> index j
-    inv = np.argsort(perm)                      # canonical i sits at index inv[i]
+    perm = rng.permutation(n_features)  # canonical feature perm[j] -> index j
+    inv = np.argsort(perm)  # canonical i sits at index inv[i]
     atoms_a, atoms_b = atoms_a[perm], atoms_b[perm]
     canon_groups = {"concept": np.arange(m)}
     names = [GROUP_NAMES[g] if g < len(GROUP_NAMES) else f"group{g}" for g in range(n_groups)]
@@ -238,19 +293,37 @@ def make_planted_pair(seed: int = 0, *, d: int = 64, concept: str | int = "days"
     groups.update({name: np.sort(inv[canon_groups[name]]) for name in names})
     description = {
         "what": "two toy models on the same tokens (shared sparse codes)",
-        "concept": concept, "items": list(items), "planted_circle": bool(planted),
-        "shared_geometry": ("model B atoms = model A atoms @ random rotation (+ perturbation "
-                            f"{b_perturb})") if shared else "independent atoms in model B",
+        "concept": concept,
+        "items": list(items),
+        "planted_circle": bool(planted),
+        "shared_geometry": (
+            f"model B atoms = model A atoms @ random rotation (+ perturbation {b_perturb})"
+        )
+        if shared
+        else "independent atoms in model B",
         "groups": {k: len(v) for k, v in groups.items()},
-        "n_features": int(n_features), "d": int(d), "n_tokens": int(n_tokens),
+        "n_features": int(n_features),
+        "d": int(d),
+        "n_tokens": int(n_tokens),
         "token_rule": "a row's token is its concept item if one fires, else its strongest "
-                      "feature's word, else <none>",
+        "feature's word, else <none>",
     }
     return PlantedPair(
-        acts_a=acts_a.astype(np.float32), acts_b=acts_b.astype(np.float32),
-        atoms_a=atoms_a.astype(np.float32), atoms_b=atoms_b.astype(np.float32),
-        codes=codes.astype(np.float32), token_ids=token_ids.astype(np.int64), vocab=vocab,
-        feature_tokens=feature_tokens, concept=concept, concept_items=tuple(items),
-        concept_features=concept_features.astype(np.int64), groups=groups,
-        rotation=rotation, plane=plane, planted=bool(planted), shared=bool(shared),
-        description=description)
+        acts_a=acts_a.astype(np.float32),
+        acts_b=acts_b.astype(np.float32),
+        atoms_a=atoms_a.astype(np.float32),
+        atoms_b=atoms_b.astype(np.float32),
+        codes=codes.astype(np.float32),
+        token_ids=token_ids.astype(np.int64),
+        vocab=vocab,
+        feature_tokens=feature_tokens,
+        concept=concept,
+        concept_items=tuple(items),
+        concept_features=concept_features.astype(np.int64),
+        groups=groups,
+        rotation=rotation,
+        plane=plane,
+        planted=bool(planted),
+        shared=bool(shared),
+        description=description,
+    )

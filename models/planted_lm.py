@@ -36,26 +36,89 @@ import numpy as np
 from engine import checks
 
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",
-          "september", "october", "november", "december")
+MONTHS = (
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+)
 GROUP_WORDS = {
-    "Food": ("bread", "wine", "honey", "milk", "cheese", "soup", "rice", "apples", "meat",
-             "butter"),
-    "Numbers": ("two", "three", "four", "five", "six", "eight", "nine", "ten", "twenty",
-                "hundred"),
-    "Nature": ("river", "mountain", "forest", "rain", "snow", "garden", "stone", "sea",
-               "valley", "cloud"),
-    "People/Roles": ("farmer", "teacher", "doctor", "soldier", "captain", "stranger",
-                     "neighbour", "queen", "prince", "shepherd"),
-    "Emotions": ("joy", "sorrow", "anger", "fear", "hope", "despair", "delight", "grief",
-                 "laughter", "pity"),
+    "Food": (
+        "bread",
+        "wine",
+        "honey",
+        "milk",
+        "cheese",
+        "soup",
+        "rice",
+        "apples",
+        "meat",
+        "butter",
+    ),
+    "Numbers": ("two", "three", "four", "five", "six", "eight", "nine", "ten", "twenty", "hundred"),
+    "Nature": (
+        "river",
+        "mountain",
+        "forest",
+        "rain",
+        "snow",
+        "garden",
+        "stone",
+        "sea",
+        "valley",
+        "cloud",
+    ),
+    "People/Roles": (
+        "farmer",
+        "teacher",
+        "doctor",
+        "soldier",
+        "captain",
+        "stranger",
+        "neighbour",
+        "queen",
+        "prince",
+        "shepherd",
+    ),
+    "Emotions": (
+        "joy",
+        "sorrow",
+        "anger",
+        "fear",
+        "hope",
+        "despair",
+        "delight",
+        "grief",
+        "laughter",
+        "pity",
+    ),
 }
-_DAY_SENTENCES = ("it happened on a {} .", "see you on {} morning .", "the market opens on {} .",
-                  "we rested on {} and worked the next day .", "every {} the bells ring .")
-_MONTH_SENTENCES = ("it happened in {} .", "the harvest ends in {} .",
-                    "we travel every {} .", "in {} the days grow long .")
-_GROUP_SENTENCES = ("the {} was near the {} .", "a {} and a {} came along .",
-                    "they spoke of {} and {} all evening .")
+_DAY_SENTENCES = (
+    "it happened on a {} .",
+    "see you on {} morning .",
+    "the market opens on {} .",
+    "we rested on {} and worked the next day .",
+    "every {} the bells ring .",
+)
+_MONTH_SENTENCES = (
+    "it happened in {} .",
+    "the harvest ends in {} .",
+    "we travel every {} .",
+    "in {} the days grow long .",
+)
+_GROUP_SENTENCES = (
+    "the {} was near the {} .",
+    "a {} and a {} came along .",
+    "they spoke of {} and {} all evening .",
+)
 
 
 def planted_corpus(n_documents: int = 300, seed: int = 0) -> list[str]:
@@ -87,16 +150,19 @@ def planted_corpus(n_documents: int = 300, seed: int = 0) -> list[str]:
         for j in range(6):
             kind = j % 3
             if kind == 0:
-                sents.append(_DAY_SENTENCES[rng.integers(len(_DAY_SENTENCES))].format(
-                    draw("days", DAYS)))
+                sents.append(
+                    _DAY_SENTENCES[rng.integers(len(_DAY_SENTENCES))].format(draw("days", DAYS))
+                )
             elif kind == 1:
-                sents.append(_MONTH_SENTENCES[rng.integers(len(_MONTH_SENTENCES))].format(
-                    draw("months", MONTHS)))
+                sents.append(
+                    _MONTH_SENTENCES[rng.integers(len(_MONTH_SENTENCES))].format(
+                        draw("months", MONTHS)
+                    )
+                )
             else:
                 g = "Food" if food_doc else groups[1 + (d + j) % (len(groups) - 1)]
                 words = [draw(g, GROUP_WORDS[g]), draw(g, GROUP_WORDS[g])]
-                sents.append(_GROUP_SENTENCES[rng.integers(len(_GROUP_SENTENCES))].format(
-                    *words))
+                sents.append(_GROUP_SENTENCES[rng.integers(len(_GROUP_SENTENCES))].format(*words))
         order = rng.permutation(len(sents))
         docs.append(" ".join(sents[i] for i in order))
     return docs
@@ -104,16 +170,23 @@ def planted_corpus(n_documents: int = 300, seed: int = 0) -> list[str]:
 
 def _orthonormal(rng: np.random.Generator, d: int, k: int) -> np.ndarray:
     q, _ = np.linalg.qr(rng.standard_normal((d, k)))
-    return q.T                                                    # [k, d] orthonormal rows
+    return q.T  # [k, d] orthonormal rows
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def planted_embeddings(vocab: dict, d: int, *, planted: bool, seed: int,
-                       circle_offset: float = 0.5, group_weight: float = 0.6,
-                       scale: float = 1.0) -> np.ndarray:
+def planted_embeddings(
+    vocab: dict,
+    d: int,
+    *,
+    planted: bool,
+    seed: int,
+    circle_offset: float = 0.5,
+    group_weight: float = 0.6,
+    scale: float = 1.0,
+) -> np.ndarray:
     """``[V, d]`` embedding table (module docstring); ``vocab`` maps token string -> id."""
     if d < 8:
         raise checks.InputError(f"d_model={d}: planted circles need at least 8 dimensions")
@@ -132,8 +205,8 @@ def planted_embeddings(vocab: dict, d: int, *, planted: bool, seed: int,
         for w in words:
             if w in vocab:
                 t = vocab[w]
-                E[t] = _unit(group_weight * gdirs[gi] + np.sqrt(1 - group_weight ** 2) * E[t])
-    r = np.sqrt(1 - circle_offset ** 2)
+                E[t] = _unit(group_weight * gdirs[gi] + np.sqrt(1 - group_weight**2) * E[t])
+    r = np.sqrt(1 - circle_offset**2)
     for k, (items, (u, v)) in enumerate(((DAYS, basis[0:2]), (MONTHS, basis[2:4]))):
         c = gdirs[len(GROUP_WORDS) + k]
         m = len(items)
@@ -143,7 +216,7 @@ def planted_embeddings(vocab: dict, d: int, *, planted: bool, seed: int,
             if planted:
                 ang = 2 * np.pi * i / m
                 E[vocab[w]] = circle_offset * c + r * (np.cos(ang) * u + np.sin(ang) * v)
-            else:   # the control: the same group structure, no circle
+            else:  # the control: the same group structure, no circle
                 t = vocab[w]
                 E[t] = _unit(circle_offset * c + r * E[t])
     return (scale * E).astype(np.float32)
@@ -155,15 +228,23 @@ class PlantedLMPair:
 
     path_a: str
     path_b: str
-    corpus: str           # .jsonl of the planted corpus (``--text``)
+    corpus: str  # .jsonl of the planted corpus (``--text``)
     planted: bool
     shared: bool
 
 
-def make_planted_lm_pair(out_dir: str, *, planted: bool = True, shared: bool = True,
-                         seed: int = 0, d_model: int = 32, n_layers: int = 1,
-                         n_documents: int = 300, circle_offset: float = 0.5,
-                         group_weight: float = 0.6) -> PlantedLMPair:
+def make_planted_lm_pair(
+    out_dir: str,
+    *,
+    planted: bool = True,
+    shared: bool = True,
+    seed: int = 0,
+    d_model: int = 32,
+    n_layers: int = 1,
+    n_documents: int = 300,
+    circle_offset: float = 0.5,
+    group_weight: float = 0.6,
+) -> PlantedLMPair:
     """Two tiny GPT-NeoX models (one tokenizer) with planted (or control) embedding geometry.
 
     ``shared``: B's table is A's rotated (same geometry); otherwise B's geometry has its own
@@ -173,10 +254,18 @@ def make_planted_lm_pair(out_dir: str, *, planted: bool = True, shared: bool = T
 
     from models import lm as lm_lib
     from models import lm_tiny, text
-    recipe = {"planted": bool(planted), "shared": bool(shared), "seed": int(seed),
-              "d_model": int(d_model), "n_layers": int(n_layers),
-              "n_documents": int(n_documents), "circle_offset": float(circle_offset),
-              "group_weight": float(group_weight), "version": 3}
+
+    recipe = {
+        "planted": bool(planted),
+        "shared": bool(shared),
+        "seed": int(seed),
+        "d_model": int(d_model),
+        "n_layers": int(n_layers),
+        "n_documents": int(n_documents),
+        "circle_offset": float(circle_offset),
+        "group_weight": float(group_weight),
+        "version": 3,
+    }
     paths = [os.path.join(out_dir, "model_a"), os.path.join(out_dir, "model_b")]
     corpus = os.path.join(out_dir, "corpus.jsonl")
     recipe_path = os.path.join(out_dir, "planted_pair.json")
@@ -192,18 +281,30 @@ def make_planted_lm_pair(out_dir: str, *, planted: bool = True, shared: bool = T
             f.write(json.dumps({"text": doc}) + "\n")
     tok = text.build_word_tokenizer(docs + text.sample_documents(40), vocab_size=600)
     vocab = tok.get_vocab()
-    E_a = planted_embeddings(vocab, d_model, planted=planted, seed=seed,
-                             circle_offset=circle_offset, group_weight=group_weight)
+    E_a = planted_embeddings(
+        vocab,
+        d_model,
+        planted=planted,
+        seed=seed,
+        circle_offset=circle_offset,
+        group_weight=group_weight,
+    )
     if shared:
-        Q, _ = np.linalg.qr(np.random.default_rng(seed + 7919).standard_normal(
-            (d_model, d_model)))
+        Q, _ = np.linalg.qr(np.random.default_rng(seed + 7919).standard_normal((d_model, d_model)))
         E_b = (E_a @ Q).astype(np.float32)
     else:
-        E_b = planted_embeddings(vocab, d_model, planted=planted, seed=seed + 104729,
-                                 circle_offset=circle_offset, group_weight=group_weight)
+        E_b = planted_embeddings(
+            vocab,
+            d_model,
+            planted=planted,
+            seed=seed + 104729,
+            circle_offset=circle_offset,
+            group_weight=group_weight,
+        )
     for i, (E, path) in enumerate(zip((E_a, E_b), paths)):
-        model = lm_tiny.build_tiny_model("gpt_neox", tok, seed + i, d_model=d_model,
-                                         n_layers=n_layers)
+        model = lm_tiny.build_tiny_model(
+            "gpt_neox", tok, seed + i, d_model=d_model, n_layers=n_layers
+        )
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(torch.as_tensor(E))
         with lm_lib.quiet_transformers():

@@ -73,15 +73,17 @@ class SAEConfig:
         checks.check_positive_int("SAEConfig.d_in", self.d_in)
         checks.check_positive_int("SAEConfig.d_sae", self.d_sae)
         if self.activation not in ACTIVATIONS:
-            raise checks.InputError(f"SAEConfig.activation: unknown {self.activation!r}; "
-                                    f"expected one of {ACTIVATIONS}")
+            raise checks.InputError(
+                f"SAEConfig.activation: unknown {self.activation!r}; expected one of {ACTIVATIONS}"
+            )
         if self.activation in ("topk", "batchtopk"):
             checks.check_positive_int(f"SAEConfig.k ({self.activation})", self.k)
             if self.k > self.d_sae:
                 raise checks.InputError(f"SAEConfig.k={self.k} exceeds d_sae={self.d_sae}")
         if not (np.isfinite(self.input_scale) and self.input_scale > 0):
-            raise checks.InputError(f"SAEConfig.input_scale must be a positive finite number, "
-                                    f"got {self.input_scale}")
+            raise checks.InputError(
+                f"SAEConfig.input_scale must be a positive finite number, got {self.input_scale}"
+            )
 
     @property
     def meta(self) -> dict:
@@ -90,8 +92,9 @@ class SAEConfig:
     def with_metadata(self, **kw) -> SAEConfig:
         merged = dict(self.metadata)
         merged.update(kw)
-        return dataclasses.replace(self, metadata=tuple(sorted(
-            (k, _freeze(v)) for k, v in merged.items())))
+        return dataclasses.replace(
+            self, metadata=tuple(sorted((k, _freeze(v)) for k, v in merged.items()))
+        )
 
 
 def _freeze(v):
@@ -123,17 +126,24 @@ class SAE:
         """``SAE(d_in=.., d_sae=.., activation[, model, hookpoint, label])`` for messages."""
         c = self.config
         meta = c.meta
-        extra = [str(meta[key]) for key in ("model_name", "hookpoint", "label")
-                 if meta.get(key) not in (None, "")]
-        return (f"SAE(d_in={c.d_in}, d_sae={c.d_sae}, {c.activation}"
-                + "".join(f", {e}" for e in extra) + ")")
+        extra = [
+            str(meta[key])
+            for key in ("model_name", "hookpoint", "label")
+            if meta.get(key) not in (None, "")
+        ]
+        return (
+            f"SAE(d_in={c.d_in}, d_sae={c.d_sae}, {c.activation}"
+            + "".join(f", {e}" for e in extra)
+            + ")"
+        )
 
     def _check_width(self, what: str, x, width: int, axis: str) -> None:
         """One-line error (static shapes: also inside jit / vmap) on a wrong last dimension."""
         shape = tuple(np.shape(x))
         if not shape or shape[-1] != width:
-            raise checks.InputError(f"{self.describe()}.{what}: got shape {shape}, expected "
-                                    f"[..., {width}] ({axis})")
+            raise checks.InputError(
+                f"{self.describe()}.{what}: got shape {shape}, expected [..., {width}] ({axis})"
+            )
 
     def pre_activations(self, x: jax.Array) -> jax.Array:
         return self.centred_input(x) @ self.W_enc + self.b_enc
@@ -152,8 +162,7 @@ class SAE:
         """Dense feature activations ``[..., d_sae]``."""
         return self.activate(self.pre_activations(x))
 
-    def encode_sparse(self, x: jax.Array, k: int | None = None
-                      ) -> tuple[jax.Array, jax.Array]:
+    def encode_sparse(self, x: jax.Array, k: int | None = None) -> tuple[jax.Array, jax.Array]:
         """``(values, indices)``, each ``[..., k]``: the k largest activations per row.
 
         Exact for topk SAEs (k defaults to ``config.k``); for other activations it keeps the
@@ -175,8 +184,7 @@ class SAE:
 
     def decode(self, acts: jax.Array) -> jax.Array:
         """Reconstruction in the input's (un-normalised) space."""
-        self._check_width("decode", acts, self.config.d_sae, "one activation per feature, "
-                          "d_sae")
+        self._check_width("decode", acts, self.config.d_sae, "one activation per feature, d_sae")
         return (acts @ self.W_dec + self.b_dec) / self.config.input_scale
 
     def decode_sparse(self, values: jax.Array, indices: jax.Array) -> jax.Array:
@@ -185,10 +193,12 @@ class SAE:
         Forward and backward are O(rows * k * d_in) (`gather_combine`).
         """
         if np.shape(values) != np.shape(indices):
-            raise checks.InputError(f"{self.describe()}.decode_sparse: values "
-                                    f"{tuple(np.shape(values))} and indices "
-                                    f"{tuple(np.shape(indices))} must have the same shape "
-                                    "[..., k]")
+            raise checks.InputError(
+                f"{self.describe()}.decode_sparse: values "
+                f"{tuple(np.shape(values))} and indices "
+                f"{tuple(np.shape(indices))} must have the same shape "
+                "[..., k]"
+            )
         out = gather_combine(self.W_dec, values, indices) + self.b_dec
         return out / self.config.input_scale
 
@@ -200,8 +210,13 @@ class SAE:
     def validate(self, name: str = "SAE") -> SAE:
         """Checks every shape against the config and that weights are finite."""
         c = self.config
-        expected = {"W_enc": (c.d_in, c.d_sae), "b_enc": (c.d_sae,), "W_dec": (c.d_sae, c.d_in),
-                    "b_dec": (c.d_in,), "threshold": (c.d_sae,)}
+        expected = {
+            "W_enc": (c.d_in, c.d_sae),
+            "b_enc": (c.d_sae,),
+            "W_dec": (c.d_sae, c.d_in),
+            "b_dec": (c.d_in,),
+            "threshold": (c.d_sae,),
+        }
         for field, shape in expected.items():
             value = getattr(self, field)
             checks.check_shape(f"{name}.{field}", value, shape)
@@ -212,18 +227,23 @@ class SAE:
         """One-line error when activations do not fit this SAE (width, NaN)."""
         shape = np.shape(x)
         if not shape or shape[-1] != self.config.d_in:
-            raise checks.InputError(f"{name}: last dimension {shape[-1] if shape else None} "
-                                    f"does not match SAE d_in={self.config.d_in}")
+            raise checks.InputError(
+                f"{name}: last dimension {shape[-1] if shape else None} "
+                f"does not match SAE d_in={self.config.d_in}"
+            )
         checks.check_finite(name, x)
 
     def to_numpy(self) -> dict[str, np.ndarray]:
-        return {f: np.asarray(getattr(self, f)) for f in
-                ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+        return {
+            f: np.asarray(getattr(self, f))
+            for f in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+        }
 
     def fingerprint(self) -> str:
         """Hash of every weight and the config (`engine.fingerprint.digest`): the key under
         which results computed from this SAE are cached."""
         from engine import fingerprint as fp_lib
+
         p = self.to_numpy()
         return fp_lib.digest(*(p[k] for k in sorted(p)), self.config)
 
@@ -252,8 +272,16 @@ def scatter_rows(values: jax.Array, indices: jax.Array, width: int) -> jax.Array
     return out.reshape(values.shape[:-1] + (width,))
 
 
-def from_arrays(config: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None,
-                dtype=jnp.float32, name: str = "SAE") -> SAE:
+def from_arrays(
+    config: SAEConfig,
+    W_enc,
+    b_enc,
+    W_dec,
+    b_dec,
+    threshold=None,
+    dtype=jnp.float32,
+    name: str = "SAE",
+) -> SAE:
     """Builds and validates an SAE from host arrays (the loaders' single entry point)."""
     threshold = np.zeros((config.d_sae,), np.float32) if threshold is None else threshold
     arrays = dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold)
@@ -266,8 +294,13 @@ def from_arrays(config: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None,
     return sae.validate(name)
 
 
-def init(key: jax.Array, config: SAEConfig, data_sample: Any = None,
-         dtype=jnp.float32, b_dec_init: str = "mean") -> SAE:
+def init(
+    key: jax.Array,
+    config: SAEConfig,
+    data_sample: Any = None,
+    dtype=jnp.float32,
+    b_dec_init: str = "mean",
+) -> SAE:
     """A fresh SAE: unit-norm random decoder rows, ``W_enc = W_dec^T``, ``b_dec`` = mean
     (or ``b_dec_init="geometric_median"``) of ``data_sample`` (normalised space) when given,
     zero biases otherwise."""
@@ -282,10 +315,17 @@ def init(key: jax.Array, config: SAEConfig, data_sample: Any = None,
         elif b_dec_init == "mean":
             b_dec = jnp.mean(sample, axis=0)
         else:
-            raise checks.InputError(f"init b_dec_init: unknown {b_dec_init!r}; expected "
-                                    "'mean' or 'geometric_median'")
-    return SAE(W_enc=w_dec.T, b_enc=jnp.zeros((config.d_sae,), dtype), W_dec=w_dec,
-               b_dec=b_dec, threshold=jnp.zeros((config.d_sae,), dtype), config=config)
+            raise checks.InputError(
+                f"init b_dec_init: unknown {b_dec_init!r}; expected 'mean' or 'geometric_median'"
+            )
+    return SAE(
+        W_enc=w_dec.T,
+        b_enc=jnp.zeros((config.d_sae,), dtype),
+        W_dec=w_dec,
+        b_dec=b_dec,
+        threshold=jnp.zeros((config.d_sae,), dtype),
+        config=config,
+    )
 
 
 # -- sparse TopK primitives (custom VJPs) ------------------------------------------------------
@@ -301,25 +341,31 @@ def _flat2(x: jax.Array, width: int) -> jax.Array:
 
 def _combine(table: jax.Array, coef: jax.Array, idx: jax.Array) -> jax.Array:
     """``out[b] = sum_j coef[b, j] * table[idx[b, j]]`` for 2-D ``coef`` / ``idx``."""
+
     def body(out, slot):
         c, i = slot
         return out + c[:, None] * jnp.take(table, i, axis=0), None
+
     init = jnp.zeros((coef.shape[0], table.shape[1]), jnp.result_type(table, coef))
     return jax.lax.scan(body, init, (coef.T, idx.T))[0]
 
 
 def _dot(table: jax.Array, vecs: jax.Array, idx: jax.Array) -> jax.Array:
     """``out[b, j] = table[idx[b, j]] . vecs[b]`` for 2-D ``vecs`` / ``idx``."""
+
     def body(carry, i):
         return carry, jnp.sum(jnp.take(table, i, axis=0) * vecs, axis=-1)
+
     return jax.lax.scan(body, None, idx.T)[1].T
 
 
 def _scatter_outer(coef: jax.Array, vecs: jax.Array, idx: jax.Array, n_rows: int) -> jax.Array:
     """``out[f] = sum_{b, j: idx[b, j] = f} coef[b, j] * vecs[b]`` (``[n_rows, d]``)."""
+
     def body(out, slot):
         c, i = slot
         return out.at[i].add(c[:, None] * vecs), None
+
     init = jnp.zeros((n_rows, vecs.shape[1]), jnp.result_type(coef, vecs))
     return jax.lax.scan(body, init, (coef.T, idx.T))[0]
 
@@ -397,8 +443,9 @@ def _gather_dot_bwd(res, g):
 gather_dot.defvjp(_gather_dot_fwd, _gather_dot_bwd)
 
 
-def sparse_topk_encode(W_enc: jax.Array, b_enc: jax.Array, x_centred: jax.Array, k: int
-                       ) -> tuple[jax.Array, jax.Array]:
+def sparse_topk_encode(
+    W_enc: jax.Array, b_enc: jax.Array, x_centred: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:
     """TopK encoder whose gradient is sparse: ``(values, indices)``, each ``[..., k]``.
 
     The dense pre-activations are computed without gradient, only to choose the k features;
@@ -457,8 +504,10 @@ def expected_norm_scale(sample) -> float:
     x = checks.as_float_matrix("input-normalisation sample", sample).astype(np.float64)
     mean_norm = float(np.mean(np.linalg.norm(x, axis=1)))
     if not mean_norm > 0:
-        raise checks.InputError("input-normalisation sample: every row is zero; expected "
-                                "activations with a non-zero norm")
+        raise checks.InputError(
+            "input-normalisation sample: every row is zero; expected "
+            "activations with a non-zero norm"
+        )
     return math.sqrt(x.shape[1]) / mean_norm
 
 
@@ -473,6 +522,5 @@ def feature_density(sae: SAE, acts, batch_size: int = 4096) -> np.ndarray:
     sae.check_input(x, "feature_density acts")
     counts = np.zeros((sae.config.d_sae,), np.int64)
     for lo in range(0, x.shape[0], batch_size):
-        counts += np.asarray(_fired_counts(sae, jnp.asarray(x[lo:lo + batch_size],
-                                                            jnp.float32)))
+        counts += np.asarray(_fired_counts(sae, jnp.asarray(x[lo : lo + batch_size], jnp.float32)))
     return counts / x.shape[0]

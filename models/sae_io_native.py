@@ -52,10 +52,15 @@ def _freeze(v):
 
 def config_to_json(config: sae_lib.SAEConfig) -> dict:
     """The JSON form of an `SAEConfig` (metadata as a list of ``[key, value]`` pairs)."""
-    return {"d_in": config.d_in, "d_sae": config.d_sae, "activation": config.activation,
-            "k": config.k, "apply_b_dec_to_input": bool(config.apply_b_dec_to_input),
-            "input_scale": float(config.input_scale),
-            "metadata": [[str(k), _thaw(v)] for k, v in config.metadata]}
+    return {
+        "d_in": config.d_in,
+        "d_sae": config.d_sae,
+        "activation": config.activation,
+        "k": config.k,
+        "apply_b_dec_to_input": bool(config.apply_b_dec_to_input),
+        "input_scale": float(config.input_scale),
+        "metadata": [[str(k), _thaw(v)] for k, v in config.metadata],
+    }
 
 
 def config_from_json(doc: dict, name: str = "sae_config.json") -> sae_lib.SAEConfig:
@@ -63,9 +68,14 @@ def config_from_json(doc: dict, name: str = "sae_config.json") -> sae_lib.SAECon
     try:
         meta = tuple((str(k), _freeze(v)) for k, v in doc.get("metadata", []))
         return sae_lib.SAEConfig(
-            d_in=int(doc["d_in"]), d_sae=int(doc["d_sae"]), activation=str(doc["activation"]),
-            k=int(doc.get("k", 0)), apply_b_dec_to_input=bool(doc["apply_b_dec_to_input"]),
-            input_scale=float(doc.get("input_scale", 1.0)), metadata=meta)
+            d_in=int(doc["d_in"]),
+            d_sae=int(doc["d_sae"]),
+            activation=str(doc["activation"]),
+            k=int(doc.get("k", 0)),
+            apply_b_dec_to_input=bool(doc["apply_b_dec_to_input"]),
+            input_scale=float(doc.get("input_scale", 1.0)),
+            metadata=meta,
+        )
     except KeyError as e:
         raise checks.InputError(f"{name}: missing config field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
@@ -90,15 +100,17 @@ def save_sae(path: str, sae: sae_lib.SAE, overwrite: bool = True) -> str:
         os.makedirs(path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(f"save_sae {path}")
     arrays = {f: np.asarray(jax.device_get(getattr(sae, f))) for f in FIELDS}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, PARAMS_DIR), arrays)
         ckptr.wait_until_finished()
     # The config is written last: a directory without it is an interrupted save.
-    metrics_io.write_json(os.path.join(path, CONFIG_FILE),
-                          {"format": FORMAT, "version": VERSION,
-                           "config": config_to_json(sae.config)})
+    metrics_io.write_json(
+        os.path.join(path, CONFIG_FILE),
+        {"format": FORMAT, "version": VERSION, "config": config_to_json(sae.config)},
+    )
     return path
 
 
@@ -106,23 +118,31 @@ def read_config(path: str) -> sae_lib.SAEConfig:
     """Reads only the config of a saved SAE (cheap: no arrays)."""
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
-        raise checks.InputError(f"load_sae: {path} is not a native SAE directory (no "
-                                f"{CONFIG_FILE}; interrupted save or another format)")
+        raise checks.InputError(
+            f"load_sae: {path} is not a native SAE directory (no "
+            f"{CONFIG_FILE}; interrupted save or another format)"
+        )
     try:
         with open(cfg_path, encoding="utf-8") as f:
             doc = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise checks.InputError(f"load_sae: {cfg_path} is not valid JSON ({e})") from None
     except UnicodeDecodeError:
-        raise checks.InputError(f"load_sae: {cfg_path} is not UTF-8 JSON text (a binary "
-                                "file?); the SAE folder is damaged") from None
+        raise checks.InputError(
+            f"load_sae: {cfg_path} is not UTF-8 JSON text (a binary "
+            "file?); the SAE folder is damaged"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise checks.InputError(f"load_sae: {cfg_path} has format "
-                                f"{doc.get('format') if isinstance(doc, dict) else None!r}; "
-                                f"expected {FORMAT!r}")
+        raise checks.InputError(
+            f"load_sae: {cfg_path} has format "
+            f"{doc.get('format') if isinstance(doc, dict) else None!r}; "
+            f"expected {FORMAT!r}"
+        )
     if int(doc.get("version", -1)) > VERSION:
-        raise checks.InputError(f"load_sae: {cfg_path} has version {doc.get('version')}; this "
-                                f"code reads up to {VERSION}")
+        raise checks.InputError(
+            f"load_sae: {cfg_path} has version {doc.get('version')}; this "
+            f"code reads up to {VERSION}"
+        )
     return config_from_json(doc.get("config", {}), cfg_path)
 
 
@@ -133,9 +153,13 @@ def load_sae(path: str) -> sae_lib.SAE:
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise checks.InputError(f"load_sae: {params_dir} is missing (truncated save)")
-    shapes = {"W_enc": (config.d_in, config.d_sae), "b_enc": (config.d_sae,),
-              "W_dec": (config.d_sae, config.d_in), "b_dec": (config.d_in,),
-              "threshold": (config.d_sae,)}
+    shapes = {
+        "W_enc": (config.d_in, config.d_sae),
+        "b_enc": (config.d_sae,),
+        "W_dec": (config.d_sae, config.d_in),
+        "b_dec": (config.d_in,),
+        "threshold": (config.d_sae,),
+    }
     try:
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(params_dir)
@@ -148,21 +172,26 @@ def load_sae(path: str) -> sae_lib.SAE:
                     raise checks.InputError(f"load_sae: {params_dir} has no array {field!r}")
                 stored = tuple(getattr(entry, "shape", ()))
                 if stored != shape:
-                    raise checks.InputError(f"load_sae: {field} stored with shape {stored}, "
-                                            f"config expects {shape}")
+                    raise checks.InputError(
+                        f"load_sae: {field} stored with shape {stored}, config expects {shape}"
+                    )
             target = {f: jax.ShapeDtypeStruct(s, np.float32) for f, s in shapes.items()}
             restored = ckptr.restore(params_dir, target)
     except checks.InputError:
         raise
     except Exception as e:  # orbax / tensorstore errors on truncated or foreign files
-        raise checks.InputError(f"load_sae: could not read arrays in {params_dir} "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return sae_lib.from_arrays(config, *(np.asarray(restored[f]) for f in FIELDS),
-                               name=f"SAE at {path}")
+        raise checks.InputError(
+            f"load_sae: could not read arrays in {params_dir} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+    return sae_lib.from_arrays(
+        config, *(np.asarray(restored[f]) for f in FIELDS), name=f"SAE at {path}"
+    )
 
 
-def save_saes(directory: str, saes: Sequence[sae_lib.SAE], names: Sequence[str] | None = None
-              ) -> list[str]:
+def save_saes(
+    directory: str, saes: Sequence[sae_lib.SAE], names: Sequence[str] | None = None
+) -> list[str]:
     """Saves several SAEs under ``directory/<name>`` (default names ``sae_000``...)."""
     names = [f"sae_{i:03d}" for i in range(len(saes))] if names is None else list(names)
     if len(names) != len(saes) or len(set(names)) != len(names):

@@ -140,8 +140,11 @@ class TrainConfig:
 
     @property
     def unit_norm(self) -> bool:
-        return self.activation != "relu" if self.unit_norm_decoder is None else \
-            bool(self.unit_norm_decoder)
+        return (
+            self.activation != "relu"
+            if self.unit_norm_decoder is None
+            else bool(self.unit_norm_decoder)
+        )
 
     def resolved_k_aux(self, d_in: int) -> int:
         if not self.uses_k:
@@ -153,14 +156,23 @@ class TrainConfig:
         """Raises `InputError` on a bad recipe (names the field and what was expected)."""
         checks.check_positive_int("TrainConfig.d_sae", self.d_sae)
         if self.activation not in sae_lib.ACTIVATIONS:
-            raise checks.InputError(f"TrainConfig.activation: unknown {self.activation!r}; "
-                                    f"expected one of {sae_lib.ACTIVATIONS}")
+            raise checks.InputError(
+                f"TrainConfig.activation: unknown {self.activation!r}; "
+                f"expected one of {sae_lib.ACTIVATIONS}"
+            )
         if self.uses_k:
             checks.check_positive_int(f"TrainConfig.k ({self.activation})", self.k)
             if self.k > self.d_sae:
                 raise checks.InputError(f"TrainConfig.k={self.k} exceeds d_sae={self.d_sae}")
-        for name in ("l1_coeff", "l0_coeff", "aux_coeff", "grad_clip", "lr_decay_frac",
-                     "lr_warmup_steps", "dead_tokens"):
+        for name in (
+            "l1_coeff",
+            "l0_coeff",
+            "aux_coeff",
+            "grad_clip",
+            "lr_decay_frac",
+            "lr_warmup_steps",
+            "dead_tokens",
+        ):
             value = getattr(self, name)
             if not np.isfinite(value):
                 raise checks.InputError(f"TrainConfig.{name} must be finite, got {value!r}")
@@ -170,31 +182,40 @@ class TrainConfig:
             if not (np.isfinite(value) and value > 0):
                 raise checks.InputError(f"TrainConfig.{name} must be > 0, got {value!r}")
         if self.lr_decay not in LR_DECAYS:
-            raise checks.InputError(f"TrainConfig.lr_decay: unknown {self.lr_decay!r}; "
-                                    f"expected one of {LR_DECAYS}")
+            raise checks.InputError(
+                f"TrainConfig.lr_decay: unknown {self.lr_decay!r}; expected one of {LR_DECAYS}"
+            )
         if not 0 <= self.lr_decay_frac <= 1:
-            raise checks.InputError(f"TrainConfig.lr_decay_frac must be in [0, 1], got "
-                                    f"{self.lr_decay_frac}")
+            raise checks.InputError(
+                f"TrainConfig.lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}"
+            )
         if not 0 <= self.batchtopk_beta < 1:
-            raise checks.InputError(f"TrainConfig.batchtopk_beta must be in [0, 1), got "
-                                    f"{self.batchtopk_beta}")
+            raise checks.InputError(
+                f"TrainConfig.batchtopk_beta must be in [0, 1), got {self.batchtopk_beta}"
+            )
         if self.k_aux is not None and self.k_aux < 0:
             raise checks.InputError(f"TrainConfig.k_aux must be >= 0, got {self.k_aux}")
         if self.init_decoder_norm is not None and not self.init_decoder_norm > 0:
-            raise checks.InputError(f"TrainConfig.init_decoder_norm must be > 0, got "
-                                    f"{self.init_decoder_norm}")
+            raise checks.InputError(
+                f"TrainConfig.init_decoder_norm must be > 0, got {self.init_decoder_norm}"
+            )
         if self.b_dec_init not in B_DEC_INITS:
-            raise checks.InputError(f"TrainConfig.b_dec_init: unknown {self.b_dec_init!r}; "
-                                    f"expected one of {B_DEC_INITS}")
+            raise checks.InputError(
+                f"TrainConfig.b_dec_init: unknown {self.b_dec_init!r}; "
+                f"expected one of {B_DEC_INITS}"
+            )
         if self.sweep_axis not in SWEEP_AXES:
-            raise checks.InputError(f"TrainConfig.sweep_axis: unknown {self.sweep_axis!r}; "
-                                    f"expected one of {SWEEP_AXES}")
+            raise checks.InputError(
+                f"TrainConfig.sweep_axis: unknown {self.sweep_axis!r}; expected one of {SWEEP_AXES}"
+            )
         if self.decode not in DECODE_MODES:
-            raise checks.InputError(f"TrainConfig.decode: unknown {self.decode!r}; expected "
-                                    f"one of {DECODE_MODES}")
+            raise checks.InputError(
+                f"TrainConfig.decode: unknown {self.decode!r}; expected one of {DECODE_MODES}"
+            )
         if self.decode == "sparse" and self.activation != "topk":
-            raise checks.InputError(f"TrainConfig.decode='sparse' needs activation 'topk', "
-                                    f"got {self.activation!r}")
+            raise checks.InputError(
+                f"TrainConfig.decode='sparse' needs activation 'topk', got {self.activation!r}"
+            )
         if self.l1_warmup_steps is not None:
             checks.check_positive_int("TrainConfig.l1_warmup_steps", self.l1_warmup_steps, 0)
         checks.check_positive_int("TrainConfig.seed", self.seed, 0)
@@ -204,8 +225,9 @@ class TrainConfig:
 
     def group_key(self) -> TrainConfig:
         """The config with `TUNABLE` fields blanked: equal keys share one program."""
-        return dataclasses.replace(self, seed=0, k=0, l1_coeff=0.0, l0_coeff=0.0,
-                                   aux_coeff=0.0, lr=1.0)
+        return dataclasses.replace(
+            self, seed=0, k=0, l1_coeff=0.0, l0_coeff=0.0, aux_coeff=0.0, lr=1.0
+        )
 
     def label(self) -> str:
         """Short unique-ish name, e.g. ``topk_F512_k5_s0``."""
@@ -296,16 +318,24 @@ class SweepProgram:
       input_scale: the recorded input normalisation (1.0 = none).
     """
 
-    def __init__(self, configs: Sequence[TrainConfig], d_in: int, num_steps: int, mesh,
-                 input_scale: float = 1.0):
+    def __init__(
+        self,
+        configs: Sequence[TrainConfig],
+        d_in: int,
+        num_steps: int,
+        mesh,
+        input_scale: float = 1.0,
+    ):
         if not configs:
             raise checks.InputError("SweepProgram: no configs")
         for cfg in configs:
             cfg.validate(d_in)
         keys = {c.group_key() for c in configs}
         if len(keys) != 1:
-            raise checks.InputError("SweepProgram: configs differ in more than the tunable "
-                                    f"fields {TUNABLE}; use train_saes to run several programs")
+            raise checks.InputError(
+                "SweepProgram: configs differ in more than the tunable "
+                f"fields {TUNABLE}; use train_saes to run several programs"
+            )
         self.configs = list(configs)
         self.base = configs[0]
         self.d_in = checks.check_positive_int("d_in", d_in)
@@ -327,8 +357,11 @@ class SweepProgram:
             platform = np.asarray(mesh.devices).flat[0].platform
             sweep_axis = "map" if platform == "cpu" else "vmap"
         self.sweep_axis = sweep_axis
-        self.l1_warmup = (max(1, int(round(0.05 * num_steps))) if base.l1_warmup_steps is None
-                          else base.l1_warmup_steps)
+        self.l1_warmup = (
+            max(1, int(round(0.05 * num_steps)))
+            if base.l1_warmup_steps is None
+            else base.l1_warmup_steps
+        )
         self.hyper = {
             "k": jnp.asarray([c.k if base.uses_k else 0 for c in configs], jnp.int32),
             "l1": jnp.asarray([c.l1_coeff for c in configs], jnp.float32),
@@ -352,11 +385,16 @@ class SweepProgram:
         if norm is None:
             norm = 0.1 if cfg.activation == "relu" and not cfg.unit_norm else 1.0
         w_dec = w_dec * (norm / jnp.linalg.norm(w_dec, axis=1, keepdims=True))
-        params = {"W_enc": w_dec.T, "b_enc": jnp.zeros((cfg.d_sae,), jnp.float32),
-                  "W_dec": w_dec, "b_dec": jnp.asarray(b_dec, jnp.float32)}
+        params = {
+            "W_enc": w_dec.T,
+            "b_enc": jnp.zeros((cfg.d_sae,), jnp.float32),
+            "W_dec": w_dec,
+            "b_dec": jnp.asarray(b_dec, jnp.float32),
+        }
         if cfg.activation == "jumprelu":
-            params["log_threshold"] = jnp.full((cfg.d_sae,),
-                                               np.log(cfg.jumprelu_init_threshold), jnp.float32)
+            params["log_threshold"] = jnp.full(
+                (cfg.d_sae,), np.log(cfg.jumprelu_init_threshold), jnp.float32
+            )
         return params
 
     def b_dec_init(self, sample: np.ndarray) -> np.ndarray:
@@ -374,13 +412,18 @@ class SweepProgram:
         b_dec = self.b_dec_init(sample)
         per = [self.init_params_one(c, b_dec) for c in self.configs]
         sae_params = jax.tree.map(lambda *xs: jnp.stack(xs), *per)
-        stats = {"since_fired": jnp.zeros((self.n, self.base.d_sae), jnp.int32),
-                 "batch_threshold": jnp.full((self.n,), -1.0, jnp.float32)}
+        stats = {
+            "since_fired": jnp.zeros((self.n, self.base.d_sae), jnp.int32),
+            "batch_threshold": jnp.full((self.n,), -1.0, jnp.float32),
+        }
         opt_state = jax.vmap(self.tx.init)(sae_params)
         rng = jnp.stack([jax.random.PRNGKey(c.seed) for c in self.configs])
-        return train_lib.TrainState(step=jnp.zeros((), jnp.int32),
-                                    params={"sae": sae_params, "stats": stats},
-                                    opt_state=opt_state, rng=rng)
+        return train_lib.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params={"sae": sae_params, "stats": stats},
+            opt_state=opt_state,
+            rng=rng,
+        )
 
     # -- forward and loss of one SAE --------------------------------------------------------
 
@@ -396,8 +439,9 @@ class SweepProgram:
             # for AuxK: only the k chosen values carry gradient (sparse backward).
             pre_ng = jax.lax.stop_gradient(xc @ p["W_enc"] + p["b_enc"])
             _, idx = jax.lax.top_k(pre_ng, self.k_max)
-            vals = jax.nn.relu(sae_lib.gather_dot(p["W_enc"].T, xc, idx)
-                               + jnp.take(p["b_enc"], idx))
+            vals = jax.nn.relu(
+                sae_lib.gather_dot(p["W_enc"].T, xc, idx) + jnp.take(p["b_enc"], idx)
+            )
             vals = vals * (jnp.arange(self.k_max) < hyper["k"])
             recon = sae_lib.gather_combine(p["W_dec"], vals, idx)
             return recon, None, (vals, idx), pre_ng
@@ -421,8 +465,10 @@ class SweepProgram:
         _, aidx = jax.lax.top_k(masked, self.k_aux)
         gate = jnp.take(dead, aidx).astype(xc.dtype)
         if self.sparse:
-            avals = jax.nn.relu(sae_lib.gather_dot(p["W_enc"].T, xc, aidx)
-                                + jnp.take(p["b_enc"], aidx)) * gate
+            avals = (
+                jax.nn.relu(sae_lib.gather_dot(p["W_enc"].T, xc, aidx) + jnp.take(p["b_enc"], aidx))
+                * gate
+            )
             e_hat = sae_lib.gather_combine(p["W_dec"], avals, aidx)
         else:
             pre = xc @ p["W_enc"] + p["b_enc"]
@@ -432,15 +478,16 @@ class SweepProgram:
         scale = jnp.minimum(n_dead / self.k_aux, 1.0)
         return scale * jnp.mean(jnp.sum((e_hat - resid) ** 2, axis=-1))
 
-    def loss_one(self, p: dict, stats: dict, hyper: dict, x: jax.Array, step: jax.Array,
-                 any_dead: jax.Array):
+    def loss_one(
+        self, p: dict, stats: dict, hyper: dict, x: jax.Array, step: jax.Array, any_dead: jax.Array
+    ):
         """One SAE's loss on the normalised batch ``x`` and its metrics / statistics."""
         base = self.base
         xc = x - p["b_dec"]
         recon, f, sparse, pre_ng = self._features(p, hyper, xc)
         x_hat = recon + p["b_dec"]
         err = x - x_hat
-        sq = jnp.sum(err ** 2, axis=-1)
+        sq = jnp.sum(err**2, axis=-1)
         recon_loss = jnp.mean(sq)
         loss = recon_loss
         sparsity = jnp.zeros((), x.dtype)
@@ -450,16 +497,20 @@ class SweepProgram:
             sparsity = hyper["l1"] * warm * jnp.mean(jnp.sum(f * norms, axis=-1))
         elif self.act == "jumprelu":
             theta = jnp.exp(p["log_threshold"])
-            l0_ste = jnp.mean(jnp.sum(heaviside_ste(pre_ng, theta, base.jumprelu_bandwidth),
-                                      axis=-1))
+            l0_ste = jnp.mean(
+                jnp.sum(heaviside_ste(pre_ng, theta, base.jumprelu_bandwidth), axis=-1)
+            )
             sparsity = hyper["l0"] * l0_ste
         loss = loss + sparsity
         aux = jnp.zeros((), x.dtype)
         if self.use_aux:
             dead = stats["since_fired"] >= base.dead_tokens
             resid = jax.lax.stop_gradient(err)
-            aux = jax.lax.cond(any_dead, lambda: self._aux_loss(p, xc, pre_ng, resid, dead),
-                               lambda: jnp.zeros((), x.dtype))
+            aux = jax.lax.cond(
+                any_dead,
+                lambda: self._aux_loss(p, xc, pre_ng, resid, dead),
+                lambda: jnp.zeros((), x.dtype),
+            )
             loss = loss + hyper["aux"] * aux
         # Statistics (no gradient): which features fired, how often, batchtopk's threshold.
         if sparse is not None:
@@ -477,7 +528,7 @@ class SweepProgram:
         centred = x - jnp.mean(x, axis=0)
         metrics = {
             "mse": recon_loss / x.shape[-1],
-            "fvu": jnp.sum(sq) / jnp.maximum(jnp.sum(centred ** 2), 1e-30),
+            "fvu": jnp.sum(sq) / jnp.maximum(jnp.sum(centred**2), 1e-30),
             "l0": l0,
             "sparsity_loss": sparsity,
             "aux_loss": aux,
@@ -485,8 +536,7 @@ class SweepProgram:
             "density_max": jnp.max(counts).astype(x.dtype) / rows,
             "sae_loss": loss,
         }
-        out = {"counts": jax.lax.stop_gradient(counts),
-               "min_pos": jax.lax.stop_gradient(min_pos)}
+        out = {"counts": jax.lax.stop_gradient(counts), "min_pos": jax.lax.stop_gradient(min_pos)}
         return loss, (metrics, out)
 
     # -- the step ---------------------------------------------------------------------------
@@ -494,8 +544,9 @@ class SweepProgram:
     def _lr_factor(self, step: jax.Array) -> jax.Array:
         return lr_schedule(self.base, self.num_steps)(step)
 
-    def step(self, state: train_lib.TrainState, batch, hyper: dict | None = None
-             ) -> tuple[train_lib.TrainState, dict]:
+    def step(
+        self, state: train_lib.TrainState, batch, hyper: dict | None = None
+    ) -> tuple[train_lib.TrainState, dict]:
         """One optimisation step of every SAE of the group on one shared batch (un-jitted).
 
         ``hyper`` (default: this program's) holds the per-SAE `TUNABLE` values as ``[n]``
@@ -514,7 +565,7 @@ class SweepProgram:
 
         def total(sae_params):
             args = (sae_params, stats, hyper)
-            if self.n == 1:    # no SAE axis inside: XLA sees plain (fast) dots
+            if self.n == 1:  # no SAE axis inside: XLA sees plain (fast) dots
                 losses, aux = per_sae(jax.tree.map(lambda a: a[0], args))
                 losses, aux = jax.tree.map(lambda a: a[None], (losses, aux))
             elif self.sweep_axis == "vmap":
@@ -529,8 +580,7 @@ class SweepProgram:
             grads["W_dec"] = project_out_parallel(grads["W_dec"], params["W_dec"])
         updates, opt_state = jax.vmap(self.tx.update)(grads, state.opt_state, params)
         scale = -hyper["lr"] * self._lr_factor(state.step)
-        updates = jax.tree.map(lambda u: u * scale.reshape((-1,) + (1,) * (u.ndim - 1)),
-                               updates)
+        updates = jax.tree.map(lambda u: u * scale.reshape((-1,) + (1,) * (u.ndim - 1)), updates)
         params = optax.apply_updates(params, updates)
         if base.unit_norm:
             params = dict(params)
@@ -545,8 +595,7 @@ class SweepProgram:
             thr = jnp.where(jnp.isfinite(mp), jnp.where(thr < 0, mp, ema), thr)
         new_stats = {"since_fired": since, "batch_threshold": thr}
         metrics = dict(metrics)
-        metrics["dead_frac"] = jnp.mean((since >= base.dead_tokens).astype(jnp.float32),
-                                        axis=-1)
+        metrics["dead_frac"] = jnp.mean((since >= base.dead_tokens).astype(jnp.float32), axis=-1)
         flat = {"loss": jnp.sum(metrics["sae_loss"])}
         for name, value in metrics.items():
             if name == "sae_loss":
@@ -555,16 +604,25 @@ class SweepProgram:
             if self.n > 1:
                 for i in range(self.n):
                     flat[f"sae{i}/{name}"] = value[i]
-        new_state = state.replace(step=state.step + 1,
-                                  params={"sae": params, "stats": new_stats},
-                                  opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1, params={"sae": params, "stats": new_stats}, opt_state=opt_state
+        )
         return new_state, flat
 
     def _spec(self) -> tuple:
         """Everything the compiled step depends on besides the `TUNABLE` values."""
-        return (self.base.group_key(), self.n, self.d_in, self.num_steps, self.input_scale,
-                self.k_max, self.use_aux, self.sparse,
-                self.sweep_axis if self.n > 1 else None, self.mesh)
+        return (
+            self.base.group_key(),
+            self.n,
+            self.d_in,
+            self.num_steps,
+            self.input_scale,
+            self.k_max,
+            self.use_aux,
+            self.sparse,
+            self.sweep_axis if self.n > 1 else None,
+            self.mesh,
+        )
 
     def step_fn(self):
         """The jitted ``step(state, batch)`` for `engine.train.train` (state donated).
@@ -579,20 +637,25 @@ class SweepProgram:
             key = self._spec() + (jax.tree.structure(batch),)
             fn = _STEP_CACHE.get(key)
             if fn is None:
-                shard = jax.tree.map(lambda a: mesh_lib.data_sharding(self.mesh, np.ndim(a)),
-                                     batch)
-                fn = jax.jit(self.step, in_shardings=(repl, shard, repl),
-                             out_shardings=(repl, repl), donate_argnums=0)
+                shard = jax.tree.map(lambda a: mesh_lib.data_sharding(self.mesh, np.ndim(a)), batch)
+                fn = jax.jit(
+                    self.step,
+                    in_shardings=(repl, shard, repl),
+                    out_shardings=(repl, repl),
+                    donate_argnums=0,
+                )
                 if len(_STEP_CACHE) >= _STEP_CACHE_SIZE:
                     _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
                 _STEP_CACHE[key] = fn
             return fn(state, batch, hyper)
+
         return run
 
     # -- export -----------------------------------------------------------------------------
 
-    def to_saes(self, state: train_lib.TrainState, metadata: dict | None = None
-                ) -> list[sae_lib.SAE]:
+    def to_saes(
+        self, state: train_lib.TrainState, metadata: dict | None = None
+    ) -> list[sae_lib.SAE]:
         """One `SAE` per config, with its training recipe and step in the metadata."""
         host = jax.device_get(state.params)
         p, stats = host["sae"], host["stats"]
@@ -602,20 +665,36 @@ class SweepProgram:
             if cfg.activation == "jumprelu":
                 threshold = np.exp(p["log_threshold"][i])
             elif cfg.activation == "batchtopk":
-                threshold = np.full((cfg.d_sae,), max(float(stats["batch_threshold"][i]), 0.0),
-                                    np.float32)
+                threshold = np.full(
+                    (cfg.d_sae,), max(float(stats["batch_threshold"][i]), 0.0), np.float32
+                )
             else:
                 threshold = None
             meta = dict(metadata or {})
-            meta.update(training=json.dumps(cfg.to_dict(), sort_keys=True),
-                        trained_steps=step, architecture=cfg.activation)
+            meta.update(
+                training=json.dumps(cfg.to_dict(), sort_keys=True),
+                trained_steps=step,
+                architecture=cfg.activation,
+            )
             config = sae_lib.SAEConfig(
-                d_in=self.d_in, d_sae=cfg.d_sae, activation=cfg.activation,
-                k=cfg.k if cfg.uses_k else 0, apply_b_dec_to_input=True,
-                input_scale=self.input_scale).with_metadata(**meta)
-            out.append(sae_lib.from_arrays(config, p["W_enc"][i], p["b_enc"][i],
-                                           p["W_dec"][i], p["b_dec"][i], threshold,
-                                           name=f"trained SAE {cfg.label()}"))
+                d_in=self.d_in,
+                d_sae=cfg.d_sae,
+                activation=cfg.activation,
+                k=cfg.k if cfg.uses_k else 0,
+                apply_b_dec_to_input=True,
+                input_scale=self.input_scale,
+            ).with_metadata(**meta)
+            out.append(
+                sae_lib.from_arrays(
+                    config,
+                    p["W_enc"][i],
+                    p["b_enc"][i],
+                    p["W_dec"][i],
+                    p["b_dec"][i],
+                    threshold,
+                    name=f"trained SAE {cfg.label()}",
+                )
+            )
         return out
 
 
@@ -649,6 +728,7 @@ def lr_schedule(cfg: TrainConfig, num_steps: int) -> optax.Schedule:
         if decay is not None:
             out = jnp.minimum(out, decay(s))
         return out
+
     return factor
 
 
@@ -681,8 +761,9 @@ def _as_configs(configs) -> list[TrainConfig]:
         return [configs]
     configs = list(configs)
     if not configs or not all(isinstance(c, TrainConfig) for c in configs):
-        raise checks.InputError("train_saes configs: expected a TrainConfig or a non-empty "
-                                "list of TrainConfig")
+        raise checks.InputError(
+            "train_saes configs: expected a TrainConfig or a non-empty list of TrainConfig"
+        )
     return configs
 
 
@@ -724,9 +805,16 @@ def steps_for_epochs(epochs: float, num_rows: int, batch_size: int) -> int:
     return max(1, int(np.ceil(float(epochs) * num_rows / batch_size)))
 
 
-def source_stream(source, batch_size: int, *, column: int = 1, shuffle_seed: int | None = 0,
-                  buffer_rows: int = 1 << 16, block_rows: int = 1024,
-                  name: str = "train_saes source") -> streaming.ChunkStream:
+def source_stream(
+    source,
+    batch_size: int,
+    *,
+    column: int = 1,
+    shuffle_seed: int | None = 0,
+    buffer_rows: int = 1 << 16,
+    block_rows: int = 1024,
+    name: str = "train_saes source",
+) -> streaming.ChunkStream:
     """A repeating, resumable `ChunkStream` of ``[batch_size, d_in]`` training batches.
 
     ``source`` is an activation source (rows ``(token_ids, acts_1, ...)``; ``column`` picks the
@@ -738,24 +826,27 @@ def source_stream(source, batch_size: int, *, column: int = 1, shuffle_seed: int
     is what `engine.train.train` checkpoints, so a resumed run continues mid-epoch exactly.
     """
     from models import activation_source as src_lib
+
     checks.check_positive_int("train_saes column", column)
     widths = tuple(getattr(source, "widths", ()))
     if widths and column > len(widths):
-        raise checks.InputError(f"train_saes column={column}: the source has "
-                                f"{len(widths)} activation array(s) ({list(source.hookpoints)})")
+        raise checks.InputError(
+            f"train_saes column={column}: the source has "
+            f"{len(widths)} activation array(s) ({list(source.hookpoints)})"
+        )
     if shuffle_seed is None:
         inner = source
         if isinstance(source, src_lib.RowSource):
-            inner = copy.copy(source)   # a repeating view; the caller's source is unchanged
+            inner = copy.copy(source)  # a repeating view; the caller's source is unchanged
             inner.repeat = True
     else:
-        inner = src_lib.shuffled(source, shuffle_seed, buffer_rows=buffer_rows,
-                                 block_rows=block_rows, repeat=True)
+        inner = src_lib.shuffled(
+            source, shuffle_seed, buffer_rows=buffer_rows, block_rows=block_rows, repeat=True
+        )
 
     def open_at(start: int):
         n = rows_per_epoch(source)
-        if shuffle_seed is None and n is not None and not isinstance(source,
-                                                                     src_lib.RowSource):
+        if shuffle_seed is None and n is not None and not isinstance(source, src_lib.RowSource):
             # A sequential source without shuffling: loop over epochs by re-opening it.
             epoch, r = divmod(start, n)
             while True:
@@ -764,17 +855,31 @@ def source_stream(source, batch_size: int, *, column: int = 1, shuffle_seed: int
                 r = 0
         for block in inner.open_at(start):
             yield np.asarray(block[column])
+
     return streaming.ChunkStream(open_at, batch_size, check_finite=True, name=name)
 
 
-def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int | None = None,
-               batch_size: int, mesh=None, workdir: str | None = None, data_seed: int = 0,
-               init_sample: np.ndarray | None = None, log_every: int = 100,
-               checkpoint_every: int = 1000, progress: bool = False,
-               metadata: dict | None = None, on_log: Callable | None = None,
-               save: bool = True, epochs: float | None = None, column: int = 1,
-               shuffle_buffer: int = 1 << 16, shuffle_block: int = 1024
-               ) -> list[sae_lib.SAE]:
+def train_saes(
+    acts: np.ndarray | Callable[[int], Any],
+    configs,
+    *,
+    steps: int | None = None,
+    batch_size: int,
+    mesh=None,
+    workdir: str | None = None,
+    data_seed: int = 0,
+    init_sample: np.ndarray | None = None,
+    log_every: int = 100,
+    checkpoint_every: int = 1000,
+    progress: bool = False,
+    metadata: dict | None = None,
+    on_log: Callable | None = None,
+    save: bool = True,
+    epochs: float | None = None,
+    column: int = 1,
+    shuffle_buffer: int = 1 << 16,
+    shuffle_block: int = 1024,
+) -> list[sae_lib.SAE]:
     """Trains one SAE per config (grouped into vmapped programs) and returns them in order.
 
     Args:
@@ -815,16 +920,23 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int |
         if steps is not None:
             raise checks.InputError("train_saes: give steps or epochs, not both")
         if n_rows is None:
-            raise checks.InputError("train_saes epochs: the data has no known size (a batch_fn"
-                                    " or a source without num_rows); give steps")
+            raise checks.InputError(
+                "train_saes epochs: the data has no known size (a batch_fn"
+                " or a source without num_rows); give steps"
+            )
         steps = steps_for_epochs(epochs, n_rows, batch_size)
     if steps is None:
         raise checks.InputError("train_saes: give steps or epochs")
     checks.check_positive_int("train_saes steps", steps)
     if n_rows is not None and steps * batch_size < n_rows:
-        logging.warning("train_saes: %d steps x %d rows = %.3g of one epoch of %d rows; the "
-                        "SAEs see less than one epoch of the data", steps, batch_size,
-                        steps * batch_size / n_rows, n_rows)
+        logging.warning(
+            "train_saes: %d steps x %d rows = %.3g of one epoch of %d rows; the "
+            "SAEs see less than one epoch of the data",
+            steps,
+            batch_size,
+            steps * batch_size / n_rows,
+            n_rows,
+        )
     if mesh is None:
         mesh = mesh_lib.make_mesh()
     mesh_lib.check_divisible(mesh, batch_size, "train_saes batch_size")
@@ -833,9 +945,14 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int |
         source = acts
         if init_sample is None:
             blocks, have = [], 0
-            for block in source_stream(source, batch_size, column=column,
-                                       shuffle_seed=data_seed, buffer_rows=shuffle_buffer,
-                                       block_rows=shuffle_block).__iter__():
+            for block in source_stream(
+                source,
+                batch_size,
+                column=column,
+                shuffle_seed=data_seed,
+                buffer_rows=shuffle_buffer,
+                block_rows=shuffle_block,
+            ).__iter__():
                 blocks.append(np.asarray(block.arrays[0], np.float32))
                 have += blocks[-1].shape[0]
                 if have >= (min(8192, n_rows) if n_rows else min(8192, 4 * batch_size)):
@@ -863,8 +980,9 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int |
     for cfg in configs:
         cfg.validate(d_in)
     if arr is not None and arr.shape[1] != d_in:
-        raise checks.InputError(f"train_saes: acts width {arr.shape[1]} != init_sample width "
-                                f"{d_in}")
+        raise checks.InputError(
+            f"train_saes: acts width {arr.shape[1]} != init_sample width {d_in}"
+        )
     scale_normalised = sae_lib.expected_norm_scale(init_sample)
 
     result: list[sae_lib.SAE | None] = [None] * len(configs)
@@ -875,38 +993,69 @@ def train_saes(acts: np.ndarray | Callable[[int], Any], configs, *, steps: int |
         program = SweepProgram(group, d_in, steps, mesh, input_scale=scale)
         state = program.init_state(init_sample)
         if source is not None:
-            data = source_stream(source, batch_size, column=column, shuffle_seed=data_seed,
-                                 buffer_rows=shuffle_buffer, block_rows=shuffle_block)
+            data = source_stream(
+                source,
+                batch_size,
+                column=column,
+                shuffle_seed=data_seed,
+                buffer_rows=shuffle_buffer,
+                block_rows=shuffle_block,
+            )
         elif batch_fn is not None:
             data = _checked_batch_fn(batch_fn, batch_size, d_in)
         else:
-            data = streaming.ChunkStream(arr, batch_size, repeat=True, shuffle_seed=data_seed,
-                                         check_finite=False, name="train_saes acts")
+            data = streaming.ChunkStream(
+                arr,
+                batch_size,
+                repeat=True,
+                shuffle_seed=data_seed,
+                check_finite=False,
+                name="train_saes acts",
+            )
         gdir = None if workdir is None else os.path.join(workdir, group_name(g, group))
         if gdir is not None:
-            if mesh_lib.is_primary():                  # orbax makes its own folders
+            if mesh_lib.is_primary():  # orbax makes its own folders
                 os.makedirs(gdir, exist_ok=True)
-            metrics_io.write_json(os.path.join(gdir, "group.json"),
-                                  {"configs": [c.to_dict() for c in group],
-                                   "labels": [c.label() for c in group],
-                                   "input_scale": scale, "d_in": d_in, "steps": steps,
-                                   "batch_size": batch_size, "sparse_topk": program.sparse})
-        logging.info("SAE program %d/%d: %d SAE(s) %s, sparse=%s", g + 1, len(groups),
-                     len(group), group_name(g, group), program.sparse)
-        loop = train_lib.LoopConfig(num_steps=steps, log_every=log_every,
-                                    checkpoint_every=checkpoint_every, progress=progress)
+            metrics_io.write_json(
+                os.path.join(gdir, "group.json"),
+                {
+                    "configs": [c.to_dict() for c in group],
+                    "labels": [c.label() for c in group],
+                    "input_scale": scale,
+                    "d_in": d_in,
+                    "steps": steps,
+                    "batch_size": batch_size,
+                    "sparse_topk": program.sparse,
+                },
+            )
+        logging.info(
+            "SAE program %d/%d: %d SAE(s) %s, sparse=%s",
+            g + 1,
+            len(groups),
+            len(group),
+            group_name(g, group),
+            program.sparse,
+        )
+        loop = train_lib.LoopConfig(
+            num_steps=steps,
+            log_every=log_every,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+        )
         hook = None if on_log is None else (lambda s, m, g=g: on_log(g, s, m))
-        state = train_lib.train(state, program.step_fn(), data, loop, workdir=gdir, mesh=mesh,
-                                on_log=hook)
+        state = train_lib.train(
+            state, program.step_fn(), data, loop, workdir=gdir, mesh=mesh, on_log=hook
+        )
         for i, sae in zip(members, program.to_saes(state, metadata)):
             result[i] = sae
     if workdir is not None and save:
         from models import sae_io_native
         from models.formats import saelens
+
         for label, sae in zip(unique_labels(configs), result):
             folder = os.path.join(workdir, "saes", label)
-            sae_io_native.save_sae(folder, sae)        # all processes: orbax coordinates
-            if mesh_lib.is_primary():                  # plain files: process 0 only
+            sae_io_native.save_sae(folder, sae)  # all processes: orbax coordinates
+            if mesh_lib.is_primary():  # plain files: process 0 only
                 saelens.save_saelens(os.path.join(folder, SAELENS_DIR), sae)
     return result  # type: ignore[return-value]
 
@@ -940,4 +1089,5 @@ def _checked_batch_fn(batch_fn, batch_size: int, d_in: int):
             checks.check_finite("train_saes batch_fn(step)", np.asarray(batch))
             checked.append(True)
         return batch
+
     return fn

@@ -84,34 +84,45 @@ ILL_CONDITIONED_GAP = 0.05  # nats: CE_zero - CE_clean below this makes CE recov
 # --------------------------------------------------------------------------------------------
 
 
-def load_with_head(path: str, *, dtype: str = "float32", device: str | None = None
-                   ) -> lm_lib.LanguageModel:
+def load_with_head(
+    path: str, *, dtype: str = "float32", device: str | None = None
+) -> lm_lib.LanguageModel:
     """A local model directory loaded WITH its LM head (causal, or masked for encoders).
 
     `models.lm.LanguageModel.load` loads the base model only; the losses here need the head.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
     if not os.path.isdir(path):
-        raise checks.InputError(f"model {path!r}: no such local directory (spliced metrics "
-                                "never download weights)")
+        raise checks.InputError(
+            f"model {path!r}: no such local directory (spliced metrics never download weights)"
+        )
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     encoder = str(getattr(cfg, "model_type", "")) in lm_lib.ENCODER_MODEL_TYPES
     cls = AutoModelForMaskedLM if encoder else AutoModelForCausalLM
     try:
         with lm_lib.quiet_transformers():
-            model, info = cls.from_pretrained(path, dtype=lm_lib._torch_dtype(dtype),
-                                              local_files_only=True, output_loading_info=True)
+            model, info = cls.from_pretrained(
+                path,
+                dtype=lm_lib._torch_dtype(dtype),
+                local_files_only=True,
+                output_loading_info=True,
+            )
     except (OSError, ValueError) as e:
-        raise checks.InputError(f"model {path!r}: could not load it with an LM head "
-                                f"({str(e).splitlines()[0]})") from None
+        raise checks.InputError(
+            f"model {path!r}: could not load it with an LM head ({str(e).splitlines()[0]})"
+        ) from None
     # A base-model checkpoint would get a randomly initialised head: every loss meaningless.
     base = getattr(model, "base_model_prefix", "") + "."
     missing = [k for k in info.get("missing_keys", []) if not k.startswith(base)]
     if missing:
-        raise checks.InputError(f"model {path!r}: the checkpoint has no LM-head weights "
-                                f"({', '.join(sorted(missing)[:3])} missing); spliced losses "
-                                "need the model with its head")
+        raise checks.InputError(
+            f"model {path!r}: the checkpoint has no LM-head weights "
+            f"({', '.join(sorted(missing)[:3])} missing); spliced losses "
+            "need the model with its head"
+        )
     from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
@@ -119,12 +130,15 @@ def load_with_head(path: str, *, dtype: str = "float32", device: str | None = No
     return wrap(model, tok, name=os.path.abspath(path), device=device)
 
 
-def wrap(model, tokenizer, *, name: str | None = None, device: str | None = None
-         ) -> lm_lib.LanguageModel:
+def wrap(
+    model, tokenizer, *, name: str | None = None, device: str | None = None
+) -> lm_lib.LanguageModel:
     """A `LanguageModel` around a model with an LM head (checks that it has one)."""
     if getattr(model, "get_output_embeddings", lambda: None)() is None:
-        raise checks.InputError(f"model {type(model).__name__}: no LM head (load it with "
-                                "AutoModelForCausalLM / AutoModelForMaskedLM, or `load_with_head`)")
+        raise checks.InputError(
+            f"model {type(model).__name__}: no LM head (load it with "
+            "AutoModelForCausalLM / AutoModelForMaskedLM, or `load_with_head`)"
+        )
     lm = lm_lib.LanguageModel(model, tokenizer, name=name, device=device)
     lm.model.requires_grad_(False)  # attribution differentiates w.r.t. SAE features only
     return lm
@@ -144,6 +158,7 @@ def with_random_head(base: lm_lib.LanguageModel, seed: int) -> lm_lib.LanguageMo
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
     cls = AutoModelForMaskedLM if base.is_encoder else AutoModelForCausalLM
     dtype = next(base.model.parameters()).dtype
     torch.manual_seed(int(seed))
@@ -155,20 +170,24 @@ def with_random_head(base: lm_lib.LanguageModel, seed: int) -> lm_lib.LanguageMo
     # pooler) may be left over.
     extra = [k for k in result.unexpected_keys if not k.startswith("pooler.")]
     if result.missing_keys or extra:
-        raise checks.InputError(f"model {base.name}: its weights do not fit the "
-                                f"{cls.__name__} body (missing {result.missing_keys[:3]}, "
-                                f"unexpected {extra[:3]})")
+        raise checks.InputError(
+            f"model {base.name}: its weights do not fit the "
+            f"{cls.__name__} body (missing {result.missing_keys[:3]}, "
+            f"unexpected {extra[:3]})"
+        )
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
-    return wrap(model, base.tokenizer, name=f"{base.name} (with a random-init LM head)",
-                device=base.device)
+    return wrap(
+        model, base.tokenizer, name=f"{base.name} (with a random-init LM head)", device=base.device
+    )
 
 
 def sae_dtype(lm: lm_lib.LanguageModel):
     """The SAE's compute dtype: the model's, but float32 for half-precision models (the
     reconstruction is cast back to the model's dtype where it is substituted)."""
     import torch
+
     dtype = next(lm.model.parameters()).dtype
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -192,6 +211,7 @@ class TorchSAE:
 
     def __init__(self, sae: sae_lib.SAE, device, dtype):
         import torch
+
         self.config = sae.config
         p = sae.to_numpy()
         t = lambda a: torch.as_tensor(np.asarray(a, np.float64), device=device).to(dtype)  # noqa
@@ -202,6 +222,7 @@ class TorchSAE:
 
     def encode(self, x):
         import torch
+
         cfg = self.config
         xn = x * self.scale
         if cfg.apply_b_dec_to_input:
@@ -240,6 +261,7 @@ def patched(lm: lm_lib.LanguageModel, hookpoint: str, fn: Callable):
     ``attn_out.L`` / ``mlp_out.L`` the sub-layer's output before the residual add.
     """
     import torch
+
     hp = lm.parse(hookpoint)[0]
     block = lm.blocks[hp.layer]
 
@@ -248,16 +270,19 @@ def patched(lm: lm_lib.LanguageModel, hookpoint: str, fn: Callable):
             return fn(out)
         if isinstance(out, tuple):
             return (fn(out[0]),) + tuple(out[1:])
-        raise RuntimeError(f"hookpoint {hp.name}: cannot patch an output of type "
-                           f"{type(out).__name__}")
+        raise RuntimeError(
+            f"hookpoint {hp.name}: cannot patch an output of type {type(out).__name__}"
+        )
 
     if hp.kind == "resid_pre":
+
         def pre_hook(module, args, kwargs):
             if args:
                 return (fn(args[0]),) + tuple(args[1:]), kwargs
             kwargs = dict(kwargs)
             kwargs["hidden_states"] = fn(kwargs["hidden_states"])
             return args, kwargs
+
         handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     else:
         module = block if hp.kind == "resid_post" else lm_lib.sublayer_module(block, hp.kind)[1]
@@ -295,8 +320,9 @@ class SpliceConfig:
         checks.check_positive_int("SpliceConfig.batch_size", self.batch_size)
         checks.check_positive_int("SpliceConfig.save_every", self.save_every)
         if not 0.0 < self.mask_rate <= 1.0:
-            raise checks.InputError(f"SpliceConfig.mask_rate: expected (0, 1], got "
-                                    f"{self.mask_rate}")
+            raise checks.InputError(
+                f"SpliceConfig.mask_rate: expected (0, 1], got {self.mask_rate}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,12 +350,19 @@ def mask_token_id(lm: lm_lib.LanguageModel) -> int:
         value = getattr(tok, attr, None) if tok is not None else None
         if value is not None:
             return int(value)
-    raise checks.InputError(f"model {lm.name}: a masked LM needs a tokenizer with a mask (or "
-                            "UNK) token")
+    raise checks.InputError(
+        f"model {lm.name}: a masked LM needs a tokenizer with a mask (or UNK) token"
+    )
 
 
-def prepare_batch(lm: lm_lib.LanguageModel, token_ids: np.ndarray, mask: np.ndarray, *,
-                  cfg: SpliceConfig, start: int) -> Batch:
+def prepare_batch(
+    lm: lm_lib.LanguageModel,
+    token_ids: np.ndarray,
+    mask: np.ndarray,
+    *,
+    cfg: SpliceConfig,
+    start: int,
+) -> Batch:
     """The documented position rule for one batch; ``start`` = index of its first context."""
     ids = np.asarray(token_ids).astype(np.int64)
     mask = np.asarray(mask, bool)
@@ -359,8 +392,8 @@ def prepare_batch(lm: lm_lib.LanguageModel, token_ids: np.ndarray, mask: np.ndar
 
 def as_contexts(contexts):
     from models import text
-    return contexts if isinstance(contexts, text.Contexts) else text.Contexts.from_array(
-        contexts)
+
+    return contexts if isinstance(contexts, text.Contexts) else text.Contexts.from_array(contexts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +414,7 @@ def default_mesh():
     import jax
 
     from engine import mesh as mesh_lib
+
     return mesh_lib.make_mesh(devices=jax.devices()[:1])
 
 
@@ -401,6 +435,7 @@ def token_stream(contexts, batch_size: int, rows_fn: Callable, mesh, *, name: st
     """
     from engine import mesh as mesh_lib
     from engine import streaming
+
     seq = int(np.asarray(contexts.token_ids).shape[1])
     n_data = mesh.shape[mesh_lib.DATA]
     chunk = -(-batch_size * seq // n_data) * n_data
@@ -409,16 +444,27 @@ def token_stream(contexts, batch_size: int, rows_fn: Callable, mesh, *, name: st
         first = (start_row // seq) // batch_size * batch_size
         skip = start_row - first * seq
         for lo in range(first, len(contexts), batch_size):
-            arrays = tuple(rows_fn(lo, contexts[lo:lo + batch_size]))
+            arrays = tuple(rows_fn(lo, contexts[lo : lo + batch_size]))
             if skip:
                 arrays, skip = tuple(a[skip:] for a in arrays), 0
             yield arrays
+
     return streaming.ChunkStream(open_at, chunk, name=name)
 
 
-def streamed(acc, contexts, batch_size: int, rows_fn: Callable, *, mesh=None,
-             checkpoint_dir: str | None, save_every: int, key: str, progress: bool = False,
-             transform: Callable | None = None) -> dict:
+def streamed(
+    acc,
+    contexts,
+    batch_size: int,
+    rows_fn: Callable,
+    *,
+    mesh=None,
+    checkpoint_dir: str | None,
+    save_every: int,
+    key: str,
+    progress: bool = False,
+    transform: Callable | None = None,
+) -> dict:
     """``acc.finalize`` of `engine.accumulators.accumulate` over `token_stream` rows.
 
     The rows of each batch are split over the mesh's ``data`` axis, reduced on the devices
@@ -429,6 +475,7 @@ def streamed(acc, contexts, batch_size: int, rows_fn: Callable, *, mesh=None,
     different ``key`` is refused in one line: the directory belongs to another run).
     """
     from engine import accumulators, checkpoint
+
     mesh = default_mesh() if mesh is None else mesh
     ckpt = None
     if checkpoint_dir is not None:
@@ -438,26 +485,35 @@ def streamed(acc, contexts, batch_size: int, rows_fn: Callable, *, mesh=None,
             with open(key_path, encoding="utf-8") as f:
                 saved = f.read().strip()
             if saved != key:
-                raise checks.InputError(f"checkpoint {checkpoint_dir}: holds another run "
-                                        f"(key {saved!r}, expected {key!r}); use a fresh "
-                                        "directory")
+                raise checks.InputError(
+                    f"checkpoint {checkpoint_dir}: holds another run "
+                    f"(key {saved!r}, expected {key!r}); use a fresh "
+                    "directory"
+                )
         else:
             with open(key_path, "w", encoding="utf-8") as f:
                 f.write(key + "\n")
         ckpt = checkpoint.Checkpointer(os.path.join(checkpoint_dir, "state"))
     stream = token_stream(contexts, batch_size, rows_fn, mesh, name=f"{key} rows")
     try:
-        state = accumulators.accumulate(acc, stream, mesh, checkpointer=ckpt,
-                                        save_every=save_every, progress=progress,
-                                        transform=transform)
+        state = accumulators.accumulate(
+            acc,
+            stream,
+            mesh,
+            checkpointer=ckpt,
+            save_every=save_every,
+            progress=progress,
+            transform=transform,
+        )
     finally:
         if ckpt is not None:
             ckpt.close()
     return acc.finalize(state)
 
 
-def scatter_rows(mask: np.ndarray, values, width: int | None = None,
-                 dtype=np.float64) -> np.ndarray:
+def scatter_rows(
+    mask: np.ndarray, values, width: int | None = None, dtype=np.float64
+) -> np.ndarray:
     """``[mask.size(, width)]`` rows: ``values`` (given in ``mask``'s True order) at the True
     positions of the flattened ``mask``, zeros elsewhere."""
     flat = np.asarray(mask, bool).reshape(-1)
@@ -474,19 +530,24 @@ def scatter_rows(mask: np.ndarray, values, width: int | None = None,
 
 def _tensors(lm, batch: Batch):
     import torch
+
     dev = lm.device
-    return (torch.as_tensor(batch.input_ids, dtype=torch.long, device=dev),
-            torch.as_tensor(batch.attention_mask.astype(np.int64), device=dev),
-            torch.as_tensor(batch.splice, device=dev),
-            torch.as_tensor(batch.loss_pos, device=dev),
-            torch.as_tensor(batch.targets, dtype=torch.long, device=dev))
+    return (
+        torch.as_tensor(batch.input_ids, dtype=torch.long, device=dev),
+        torch.as_tensor(batch.attention_mask.astype(np.int64), device=dev),
+        torch.as_tensor(batch.splice, device=dev),
+        torch.as_tensor(batch.loss_pos, device=dev),
+        torch.as_tensor(batch.targets, dtype=torch.long, device=dev),
+    )
 
 
-def log_probs(lm: lm_lib.LanguageModel, batch: Batch, hookpoint: str | None = None,
-              fn: Callable | None = None):
+def log_probs(
+    lm: lm_lib.LanguageModel, batch: Batch, hookpoint: str | None = None, fn: Callable | None = None
+):
     """Log-softmax of the logits at the counted positions ``[n, vocab]`` (float64 when the
     model is float64, else float32), with ``fn`` patched in at ``hookpoint`` (or clean)."""
     import torch
+
     ids, am, _, loss_pos, _ = _tensors(lm, batch)
     ctx = patched(lm, hookpoint, fn) if fn is not None else contextlib.nullcontext()
     with ctx:
@@ -503,19 +564,29 @@ def spliced_fn(splice_mask, replacement: Callable):
 
     def fn(x):
         return torch.where(splice_mask[..., None], replacement(x).to(x.dtype), x)
+
     return fn
 
 
-def hookpoint_mean(lm: lm_lib.LanguageModel, hookpoint: str, contexts,
-                   cfg: SpliceConfig = SpliceConfig(), *, mesh=None,
-                   checkpoint_dir: str | None = None, progress: bool = False) -> np.ndarray:
+def hookpoint_mean(
+    lm: lm_lib.LanguageModel,
+    hookpoint: str,
+    contexts,
+    cfg: SpliceConfig = SpliceConfig(),
+    *,
+    mesh=None,
+    checkpoint_dir: str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """Mean activation at ``hookpoint`` over the spliced positions of the corpus (float64;
     summed on the mesh with `engine.accumulators.Sums`, resumable with ``checkpoint_dir``)."""
     from engine import accumulators
+
     contexts = as_contexts(contexts)
     hp = lm.parse(hookpoint)[0]
-    acc = accumulators.Sums({"sum": (0, None, 0), "count": (1, None, 0)},
-                            {"sum": (lm.d_model,), "count": ()})
+    acc = accumulators.Sums(
+        {"sum": (0, None, 0), "count": (1, None, 0)}, {"sum": (lm.d_model,), "count": ()}
+    )
     dt = host_dtype(acc)
 
     def rows(lo, part):
@@ -523,14 +594,31 @@ def hookpoint_mean(lm: lm_lib.LanguageModel, hookpoint: str, contexts,
         out = lm.forward_batch(batch.input_ids, [hp.name], attention_mask=batch.attention_mask)
         x = out.acts[hp.name].astype(np.float64)
         keep = batch.splice.reshape(-1)
-        return (scatter_rows(keep, x.reshape(-1, lm.d_model)[keep], lm.d_model, dt),
-                keep.astype(dt))
+        return (
+            scatter_rows(keep, x.reshape(-1, lm.d_model)[keep], lm.d_model, dt),
+            keep.astype(dt),
+        )
 
-    key = fingerprint("mean", hp.name, contexts.token_ids, contexts.mask, cfg.mask_rate,
-                      cfg.seed, cfg.splice_special)
-    sums = streamed(acc, contexts, cfg.batch_size, rows, mesh=mesh,
-                    checkpoint_dir=checkpoint_dir, save_every=cfg.save_every, key=key,
-                    progress=progress)
+    key = fingerprint(
+        "mean",
+        hp.name,
+        contexts.token_ids,
+        contexts.mask,
+        cfg.mask_rate,
+        cfg.seed,
+        cfg.splice_special,
+    )
+    sums = streamed(
+        acc,
+        contexts,
+        cfg.batch_size,
+        rows,
+        mesh=mesh,
+        checkpoint_dir=checkpoint_dir,
+        save_every=cfg.save_every,
+        key=key,
+        progress=progress,
+    )
     if sums["count"] <= 0:
         raise checks.InputError("contexts: no real, non-special token to average over")
     return sums["sum"] / float(sums["count"])
@@ -549,7 +637,7 @@ class SpliceMetrics:
     """
 
     hookpoint: str
-    objective: str                 # "next-token" | "masked-token"
+    objective: str  # "next-token" | "masked-token"
     n_positions: int
     n_spliced: int
     ce_clean: float
@@ -559,7 +647,7 @@ class SpliceMetrics:
     kl_sae: float
     kl_zero: float
     kl_mean: float
-    fvu: float                     # fraction of variance unexplained at the hookpoint
+    fvu: float  # fraction of variance unexplained at the hookpoint
 
     @property
     def delta_loss(self) -> float:
@@ -599,21 +687,30 @@ class SpliceMetrics:
         """
         gap = self.ce_zero - self.ce_clean
         if gap < ILL_CONDITIONED_GAP:
-            return (f"note: zeroing {self.hookpoint} changes the loss by only {gap:.4f} nats "
-                    "(an untrained or barely trained model?): CE loss recovered is "
-                    "ill-conditioned there, read delta loss and KL instead")
+            return (
+                f"note: zeroing {self.hookpoint} changes the loss by only {gap:.4f} nats "
+                "(an untrained or barely trained model?): CE loss recovered is "
+                "ill-conditioned there, read delta loss and KL instead"
+            )
         r = self.ce_loss_recovered
         if np.isfinite(r) and r >= threshold:
             return None
-        return (f"WARNING: SAE at {self.hookpoint} recovers {r:.2f} of the CE loss (< "
-                f"{threshold}); its features are a poor stand-in for the model, so "
-                "universality claims built on them are weak")
+        return (
+            f"WARNING: SAE at {self.hookpoint} recovers {r:.2f} of the CE loss (< "
+            f"{threshold}); its features are a poor stand-in for the model, so "
+            "universality claims built on them are weak"
+        )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(delta_loss=self.delta_loss, ce_loss_recovered=self.ce_loss_recovered,
-                 ce_loss_recovered_mean=self.ce_loss_recovered_mean, kl_div=self.kl_div,
-                 kl_div_score=self.kl_div_score, explained_variance=self.explained_variance)
+        d.update(
+            delta_loss=self.delta_loss,
+            ce_loss_recovered=self.ce_loss_recovered,
+            ce_loss_recovered_mean=self.ce_loss_recovered_mean,
+            kl_div=self.kl_div,
+            kl_div_score=self.kl_div_score,
+            explained_variance=self.explained_variance,
+        )
         return d
 
 
@@ -626,14 +723,33 @@ def _recovered(ablate: float, sae: float, clean: float) -> float:
 # to the clean CE (computed per token in float64 before the rows are cast to the
 # accumulation dtype), so delta loss and CE recovered are exact relative to their own size:
 # an identity SAE gives exactly 0 and 1, whatever the accumulation precision.
-SPLICE_COLUMNS = ("count", "ce_clean", "dce_sae", "dce_zero", "dce_mean", "kl_sae", "kl_zero",
-                  "kl_mean", "n_spliced", "sse", "sst")
+SPLICE_COLUMNS = (
+    "count",
+    "ce_clean",
+    "dce_sae",
+    "dce_zero",
+    "dce_mean",
+    "kl_sae",
+    "kl_zero",
+    "kl_mean",
+    "n_spliced",
+    "sse",
+    "sst",
+)
 
 
-def splice_metrics(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, contexts,
-                   cfg: SpliceConfig = SpliceConfig(), *, checkpoint_dir: str | None = None,
-                   mean: np.ndarray | None = None, mesh=None,
-                   progress: bool = False) -> SpliceMetrics:
+def splice_metrics(
+    lm: lm_lib.LanguageModel,
+    sae: sae_lib.SAE,
+    hookpoint: str,
+    contexts,
+    cfg: SpliceConfig = SpliceConfig(),
+    *,
+    checkpoint_dir: str | None = None,
+    mean: np.ndarray | None = None,
+    mesh=None,
+    progress: bool = False,
+) -> SpliceMetrics:
     """CE clean / SAE / zero / mean ablation, KLs and FVU, streamed over ``contexts``.
 
     Every token position is one row of per-token losses (`SPLICE_COLUMNS`), summed on the
@@ -653,20 +769,35 @@ def splice_metrics(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, c
     import torch
 
     from engine import accumulators
+
     contexts = as_contexts(contexts)
     if len(contexts) == 0:
         raise checks.InputError("contexts: empty corpus")
     hp = lm.parse(hookpoint)[0]
     if sae.config.d_in != lm.d_model:
-        raise checks.InputError(f"SAE d_in={sae.config.d_in} does not match the width "
-                                f"{lm.d_model} of {hp.name} in {lm.name}")
-    key = fingerprint("splice", sae_fingerprint(sae), hp.name, contexts.token_ids,
-                      contexts.mask, cfg.mask_rate, cfg.seed, cfg.splice_special)
-    sub = (lambda name: None) if checkpoint_dir is None else (
-        lambda name: os.path.join(checkpoint_dir, name))
+        raise checks.InputError(
+            f"SAE d_in={sae.config.d_in} does not match the width "
+            f"{lm.d_model} of {hp.name} in {lm.name}"
+        )
+    key = fingerprint(
+        "splice",
+        sae_fingerprint(sae),
+        hp.name,
+        contexts.token_ids,
+        contexts.mask,
+        cfg.mask_rate,
+        cfg.seed,
+        cfg.splice_special,
+    )
+    sub = (
+        (lambda name: None)
+        if checkpoint_dir is None
+        else (lambda name: os.path.join(checkpoint_dir, name))
+    )
     if mean is None:
-        mu = hookpoint_mean(lm, hp.name, contexts, cfg, mesh=mesh,
-                            checkpoint_dir=sub("mean"), progress=progress)
+        mu = hookpoint_mean(
+            lm, hp.name, contexts, cfg, mesh=mesh, checkpoint_dir=sub("mean"), progress=progress
+        )
     else:
         mu = np.asarray(mean, np.float64)
     checks.check_shape("mean", mu, (lm.d_model,))
@@ -692,9 +823,11 @@ def splice_metrics(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, c
 
         with torch.inference_mode():
             lp = {"clean": log_probs(lm, batch)}
-            for name, repl in (("sae", sae_replacement),
-                               ("zero", lambda x: torch.zeros_like(x)),
-                               ("mean", lambda x: mu_t.expand_as(x))):
+            for name, repl in (
+                ("sae", sae_replacement),
+                ("zero", lambda x: torch.zeros_like(x)),
+                ("mean", lambda x: mu_t.expand_as(x)),
+            ):
                 lp[name] = log_probs(lm, batch, hp.name, spliced_fn(splice, repl))
         ce = {name: -v.gather(-1, tgt[:, None])[:, 0].double() for name, v in lp.items()}
         p_clean = lp["clean"].exp()
@@ -703,28 +836,48 @@ def splice_metrics(lm: lm_lib.LanguageModel, sae: sae_lib.SAE, hookpoint: str, c
         counted[:, col["ce_clean"]] = ce["clean"].cpu().numpy()
         for name in ("sae", "zero", "mean"):
             counted[:, col[f"dce_{name}"]] = (ce[name] - ce["clean"]).cpu().numpy()
-            counted[:, col[f"kl_{name}"]] = (p_clean * (lp["clean"] - lp[name])).double(
-                ).sum(-1).cpu().numpy()
+            counted[:, col[f"kl_{name}"]] = (
+                (p_clean * (lp["clean"] - lp[name])).double().sum(-1).cpu().numpy()
+            )
         spliced = np.zeros((int(batch.splice.sum()), ncol))
         spliced[:, col["n_spliced"]] = 1.0
         spliced[:, col["sse"]] = rec["sse"].cpu().numpy()
         spliced[:, col["sst"]] = rec["sst"].cpu().numpy()
-        out = scatter_rows(batch.loss_pos, counted, ncol) + scatter_rows(batch.splice, spliced,
-                                                                         ncol)
+        out = scatter_rows(batch.loss_pos, counted, ncol) + scatter_rows(
+            batch.splice, spliced, ncol
+        )
         return (out.astype(dt),)
 
-    s = streamed(acc, contexts, cfg.batch_size, rows, mesh=mesh, checkpoint_dir=sub("sums"),
-                 save_every=cfg.save_every, key=key, progress=progress)["sums"]
+    s = streamed(
+        acc,
+        contexts,
+        cfg.batch_size,
+        rows,
+        mesh=mesh,
+        checkpoint_dir=sub("sums"),
+        save_every=cfg.save_every,
+        key=key,
+        progress=progress,
+    )["sums"]
     sums = {name: float(s[i]) for name, i in col.items()}
     n = sums["count"]
     if n <= 0:
-        raise checks.InputError("contexts: no position to predict (too short, or all "
-                                "special/padding, or no masked token drawn)")
+        raise checks.InputError(
+            "contexts: no position to predict (too short, or all "
+            "special/padding, or no masked token drawn)"
+        )
     ce_clean = sums["ce_clean"] / n
     return SpliceMetrics(
-        hookpoint=hp.name, objective="masked-token" if lm.is_encoder else "next-token",
-        n_positions=int(round(n)), n_spliced=int(round(sums["n_spliced"])),
-        ce_clean=ce_clean, ce_sae=ce_clean + sums["dce_sae"] / n,
-        ce_zero=ce_clean + sums["dce_zero"] / n, ce_mean=ce_clean + sums["dce_mean"] / n,
-        kl_sae=sums["kl_sae"] / n, kl_zero=sums["kl_zero"] / n, kl_mean=sums["kl_mean"] / n,
-        fvu=sums["sse"] / sums["sst"] if sums["sst"] > 0 else float("nan"))
+        hookpoint=hp.name,
+        objective="masked-token" if lm.is_encoder else "next-token",
+        n_positions=int(round(n)),
+        n_spliced=int(round(sums["n_spliced"])),
+        ce_clean=ce_clean,
+        ce_sae=ce_clean + sums["dce_sae"] / n,
+        ce_zero=ce_clean + sums["dce_zero"] / n,
+        ce_mean=ce_clean + sums["dce_mean"] / n,
+        kl_sae=sums["kl_sae"] / n,
+        kl_zero=sums["kl_zero"] / n,
+        kl_mean=sums["kl_mean"] / n,
+        fvu=sums["sse"] / sums["sst"] if sums["sst"] > 0 else float("nan"),
+    )

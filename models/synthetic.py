@@ -23,8 +23,9 @@ import numpy as np
 from engine import checks
 
 
-def sparse_features(key: jax.Array, batch: int, sparsity: jax.Array,
-                    n: int | None = None) -> jax.Array:
+def sparse_features(
+    key: jax.Array, batch: int, sparsity: jax.Array, n: int | None = None
+) -> jax.Array:
     """Elhage et al. features ``[..., batch, n]``.
 
     Args:
@@ -46,8 +47,9 @@ def sparse_features(key: jax.Array, batch: int, sparsity: jax.Array,
     return jnp.where(on, values, 0.0)
 
 
-def correlated_features(key: jax.Array, batch: int, n_groups: int, group_size: int,
-                        sparsity: float) -> jax.Array:
+def correlated_features(
+    key: jax.Array, batch: int, n_groups: int, group_size: int, sparsity: float
+) -> jax.Array:
     """Groups of ``group_size`` features that are all on or all off together.
 
     Each group is active with probability ``1 - sparsity``; active features get independent
@@ -59,8 +61,9 @@ def correlated_features(key: jax.Array, batch: int, n_groups: int, group_size: i
     return jnp.where(on, values, 0.0).reshape(batch, n_groups * group_size)
 
 
-def anticorrelated_features(key: jax.Array, batch: int, n_groups: int, group_size: int,
-                            sparsity: float) -> jax.Array:
+def anticorrelated_features(
+    key: jax.Array, batch: int, n_groups: int, group_size: int, sparsity: float
+) -> jax.Array:
     """Groups in which at most one feature is on (chosen uniformly) when the group is active."""
     k1, k2, k3 = jax.random.split(key, 3)
     on = jax.random.uniform(k1, (batch, n_groups)) >= sparsity
@@ -91,8 +94,9 @@ class Dictionary:
         return int(self.atoms.shape[1])
 
 
-def make_dictionary(key: jax.Array, n_true: int, d: int, k: float = 5.0,
-                    correlation: float = 0.0, n_blocks: int = 1) -> Dictionary:
+def make_dictionary(
+    key: jax.Array, n_true: int, d: int, k: float = 5.0, correlation: float = 0.0, n_blocks: int = 1
+) -> Dictionary:
     """A random unit dictionary; ``correlation`` > 0 correlates features within blocks.
 
     Args:
@@ -131,8 +135,9 @@ def dictionary_codes(key: jax.Array, dictionary: Dictionary, batch: int) -> jax.
     return jnp.where(z > threshold, values, 0.0)
 
 
-def dictionary_data(key: jax.Array, dictionary: Dictionary, batch: int
-                    ) -> tuple[jax.Array, jax.Array]:
+def dictionary_data(
+    key: jax.Array, dictionary: Dictionary, batch: int
+) -> tuple[jax.Array, jax.Array]:
     """``(x [batch, d], codes [batch, n_true])`` with ``x = codes @ atoms``."""
     codes = dictionary_codes(key, dictionary, batch)
     return codes @ dictionary.atoms, codes
@@ -146,8 +151,9 @@ def mmcs(true_atoms, learned_atoms) -> float:
     t = np.asarray(true_atoms, np.float64)
     l = np.asarray(learned_atoms, np.float64)
     if t.ndim != 2 or l.ndim != 2 or t.shape[1] != l.shape[1]:
-        raise checks.InputError(f"mmcs: expected [n, d] arrays with the same d, got "
-                                f"{t.shape} and {l.shape}")
+        raise checks.InputError(
+            f"mmcs: expected [n, d] arrays with the same d, got {t.shape} and {l.shape}"
+        )
     t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
     l = l / np.maximum(np.linalg.norm(l, axis=1, keepdims=True), 1e-12)
     return float(np.mean(np.max(t @ l.T, axis=1)))

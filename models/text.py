@@ -73,16 +73,21 @@ def _text_lines(path: str) -> Iterator[str]:
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if "\x00" in line:
-                    raise checks.InputError(f"text file {path!r}: NUL byte on line {lineno}: a "
-                                            "binary file, not text; expected UTF-8 "
-                                            ".txt/.jsonl")
+                    raise checks.InputError(
+                        f"text file {path!r}: NUL byte on line {lineno}: a "
+                        "binary file, not text; expected UTF-8 "
+                        ".txt/.jsonl"
+                    )
                 yield line
     except UnicodeDecodeError:
-        raise checks.InputError(f"text file {path!r}: not UTF-8 text (a binary file?); "
-                                "expected UTF-8 .txt/.jsonl") from None
+        raise checks.InputError(
+            f"text file {path!r}: not UTF-8 text (a binary file?); expected UTF-8 .txt/.jsonl"
+        ) from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise checks.InputError(f"text file {path!r}: not a valid gzip file "
-                                f"({type(e).__name__}); expected gzipped UTF-8 text") from None
+        raise checks.InputError(
+            f"text file {path!r}: not a valid gzip file "
+            f"({type(e).__name__}); expected gzipped UTF-8 text"
+        ) from None
 
 
 def _txt_documents(path: str, txt_split: str) -> Iterator[str]:
@@ -116,15 +121,19 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise checks.InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected "
-                                    "one JSON object per line") from None
+            raise checks.InputError(
+                f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line"
+            ) from None
         if not isinstance(obj, dict) or text_field not in obj:
-            raise checks.InputError(f"{path}:{lineno}: expected a JSON object with a "
-                                    f"{text_field!r} field (set text_field)")
+            raise checks.InputError(
+                f"{path}:{lineno}: expected a JSON object with a "
+                f"{text_field!r} field (set text_field)"
+            )
         text = obj[text_field]
         if not isinstance(text, str):
-            raise checks.InputError(f"{path}:{lineno}: field {text_field!r} is "
-                                    f"{type(text).__name__}, expected a string")
+            raise checks.InputError(
+                f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
+            )
         if text.strip():
             yield text
 
@@ -134,16 +143,19 @@ def _file_kind(path: str) -> str:
     for ext in (".txt", ".jsonl"):
         if base.endswith(ext):
             return ext
-    raise checks.InputError(f"text file {path!r}: unknown extension; expected .txt or .jsonl "
-                            "(optionally .gz)")
+    raise checks.InputError(
+        f"text file {path!r}: unknown extension; expected .txt or .jsonl (optionally .gz)"
+    )
 
 
 def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
     try:
         import datasets  # optional dependency
     except ImportError:
-        raise checks.InputError(f"text source {spec!r} needs the optional `datasets` package, "
-                                "which is not installed; use local .txt/.jsonl files") from None
+        raise checks.InputError(
+            f"text source {spec!r} needs the optional `datasets` package, "
+            "which is not installed; use local .txt/.jsonl files"
+        ) from None
     body = spec[3:]
     split = "train"
     if "@" in body:
@@ -158,8 +170,13 @@ def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
             yield text
 
 
-def read_documents(source: str | Sequence[str], *, text_field: str = "text",
-                   txt_split: str = "file", max_documents: int | None = None) -> Iterator[str]:
+def read_documents(
+    source: str | Sequence[str],
+    *,
+    text_field: str = "text",
+    txt_split: str = "file",
+    max_documents: int | None = None,
+) -> Iterator[str]:
     """Yields documents (non-empty strings) from files, directories, the sample or a dataset.
 
     Args:
@@ -188,8 +205,11 @@ def read_documents(source: str | Sequence[str], *, text_field: str = "text",
                 yield from _hf_documents(src, text_field)
                 continue
             if os.path.isdir(src):
-                files = sorted(os.path.join(src, f) for f in os.listdir(src)
-                               if f.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz")))
+                files = sorted(
+                    os.path.join(src, f)
+                    for f in os.listdir(src)
+                    if f.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz"))
+                )
                 if not files:
                     raise checks.InputError(f"text directory {src!r} holds no .txt/.jsonl files")
             elif os.path.exists(src):
@@ -210,8 +230,9 @@ def read_documents(source: str | Sequence[str], *, text_field: str = "text",
         yield doc
 
 
-def interleave_documents(sources: Sequence[Iterable[str]], weights: Sequence[float]
-                         ) -> Iterator[str]:
+def interleave_documents(
+    sources: Sequence[Iterable[str]], weights: Sequence[float]
+) -> Iterator[str]:
     """Documents of several corpora interleaved in the ratio ``weights`` (by documents).
 
     Deterministic smooth weighted round robin: every turn each corpus earns its weight and
@@ -227,13 +248,14 @@ def interleave_documents(sources: Sequence[Iterable[str]], weights: Sequence[flo
     its = [iter(src) for src in sources]
     w = np.asarray([float(x) for x in weights], np.float64)
     if len(its) < 1 or w.shape != (len(its),) or not np.all(np.isfinite(w)) or np.any(w <= 0):
-        raise checks.InputError(f"interleave weights: expected {len(its)} positive numbers, "
-                                f"got {list(weights)}")
+        raise checks.InputError(
+            f"interleave weights: expected {len(its)} positive numbers, got {list(weights)}"
+        )
     w = w / w.sum()
     credit = np.zeros_like(w)
     while True:
         credit += w
-        i = int(np.argmax(credit))   # ties: the first corpus
+        i = int(np.argmax(credit))  # ties: the first corpus
         credit[i] -= 1.0
         doc = next(its[i], None)
         if doc is None:
@@ -241,16 +263,17 @@ def interleave_documents(sources: Sequence[Iterable[str]], weights: Sequence[flo
         yield doc
 
 
-def read_mixture(sources: Sequence[str | Sequence[str]], weights: Sequence[float] | None,
-                 **kwargs) -> Iterator[str]:
+def read_mixture(
+    sources: Sequence[str | Sequence[str]], weights: Sequence[float] | None, **kwargs
+) -> Iterator[str]:
     """`read_documents` of each corpus (a path or a list of paths), interleaved by
     ``weights`` (`interleave_documents`); one corpus or no weights: read in sequence."""
     if not weights or len(sources) == 1:
-        return read_documents([p for s in sources for p in ([s] if isinstance(s, str)
-                                                             else list(s))], **kwargs)
+        return read_documents(
+            [p for s in sources for p in ([s] if isinstance(s, str) else list(s))], **kwargs
+        )
     if len(weights) != len(sources):
-        raise checks.InputError(f"text weights: {len(weights)} weights for {len(sources)} "
-                                "corpora")
+        raise checks.InputError(f"text weights: {len(weights)} weights for {len(sources)} corpora")
     return interleave_documents([read_documents(s, **kwargs) for s in sources], weights)
 
 
@@ -282,10 +305,12 @@ def special_template(tokenizer, mode: str = "auto") -> tuple[list[int], list[int
     plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
     full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return full[:start], full[start + len(plain):]
-    raise checks.InputError("special_tokens='auto': could not locate the text inside the "
-                            "tokenizer's output with special tokens; use 'bos' or 'none'")
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise checks.InputError(
+        "special_tokens='auto': could not locate the text inside the "
+        "tokenizer's output with special tokens; use 'bos' or 'none'"
+    )
 
 
 def special_token_ids(tokenizer) -> list[int]:
@@ -296,8 +321,14 @@ def special_token_ids(tokenizer) -> list[int]:
     """
     ids = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None)
     structural = set()
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "cls_token_id",
-                 "sep_token_id", "mask_token_id"):
+    for attr in (
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "cls_token_id",
+        "sep_token_id",
+        "mask_token_id",
+    ):
         value = getattr(tokenizer, attr, None)
         if value is not None:
             structural.add(int(value))
@@ -324,27 +355,39 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     tokenizers to agree.
     """
     vocab = tokenizer.get_vocab()
-    digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False)
-                            .encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8")
+    ).hexdigest()
     prefix, suffix = special_template(tokenizer, "auto")
-    return {"class": type(tokenizer).__name__,
-            "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-            "vocab_size": len(vocab), "vocab_sha256": digest,
-            "special_ids": special_token_ids(tokenizer),
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "template": {"prefix": prefix, "suffix": suffix}}
+    return {
+        "class": type(tokenizer).__name__,
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": len(vocab),
+        "vocab_sha256": digest,
+        "special_ids": special_token_ids(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "template": {"prefix": prefix, "suffix": suffix},
+    }
 
 
-_PROBES = ("The quick brown fox jumps over the lazy dog.",
-           "  Leading spaces, tabs\tand\nnewlines; numbers 1234567 and 3.14159!",
-           "Unicode: café naïve – “quotes” 東京 😀",
-           "def f(x):\n    return x ** 2  # code")
+_PROBES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "  Leading spaces, tabs\tand\nnewlines; numbers 1234567 and 3.14159!",
+    "Unicode: café naïve – “quotes” 東京 😀",
+    "def f(x):\n    return x ** 2  # code",
+)
 
 
-def check_same_tokenizer(tokenizer_a, tokenizer_b, texts: Iterable[str] | None = None, *,
-                         names: tuple[str, str] = ("model A", "model B"),
-                         max_texts: int = 64) -> None:
+def check_same_tokenizer(
+    tokenizer_a,
+    tokenizer_b,
+    texts: Iterable[str] | None = None,
+    *,
+    names: tuple[str, str] = ("model A", "model B"),
+    max_texts: int = 64,
+) -> None:
     """Raises `TokenizerMismatchError` unless both tokenizers give the same ids.
 
     Compares the special-token conventions, the vocabularies, then the ids of a few probe
@@ -357,17 +400,22 @@ def check_same_tokenizer(tokenizer_a, tokenizer_b, texts: Iterable[str] | None =
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
         va, vb = getattr(tokenizer_a, attr, None), getattr(tokenizer_b, attr, None)
         if va != vb:
-            raise TokenizerMismatchError(f"tokenizers differ: {attr} is {va} for {na} but {vb} "
-                                         f"for {nb}; both models must share one tokenizer")
+            raise TokenizerMismatchError(
+                f"tokenizers differ: {attr} is {va} for {na} but {vb} "
+                f"for {nb}; both models must share one tokenizer"
+            )
     va, vb = tokenizer_a.get_vocab(), tokenizer_b.get_vocab()
     if len(va) != len(vb):
-        raise TokenizerMismatchError(f"tokenizers differ: vocabulary of {len(va)} tokens for "
-                                     f"{na} but {len(vb)} for {nb}; both models must share one "
-                                     "tokenizer for token-by-token rows (use an alignment unit)")
+        raise TokenizerMismatchError(
+            f"tokenizers differ: vocabulary of {len(va)} tokens for "
+            f"{na} but {len(vb)} for {nb}; both models must share one "
+            "tokenizer for token-by-token rows (use an alignment unit)"
+        )
     if va != vb:
         tok = next(t for t in sorted(va) if vb.get(t) != va[t])
-        raise TokenizerMismatchError(f"tokenizers differ: token {tok!r} has id {va[tok]} for "
-                                     f"{na} but {vb.get(tok)} for {nb}")
+        raise TokenizerMismatchError(
+            f"tokenizers differ: token {tok!r} has id {va[tok]} for {na} but {vb.get(tok)} for {nb}"
+        )
     probes = list(_PROBES)
     probes += list(texts)[:max_texts] if texts is not None else sample_documents(max_texts)
     for text in probes:
@@ -375,13 +423,15 @@ def check_same_tokenizer(tokenizer_a, tokenizer_b, texts: Iterable[str] | None =
             ia = list(tokenizer_a(text, add_special_tokens=special)["input_ids"])
             ib = list(tokenizer_b(text, add_special_tokens=special)["input_ids"])
             if ia != ib:
-                i = next((j for j, (x, y) in enumerate(zip(ia, ib)) if x != y),
-                         min(len(ia), len(ib)))
+                i = next(
+                    (j for j, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib))
+                )
                 raise TokenizerMismatchError(
                     f"tokenizers differ on {text[:40]!r} (add_special_tokens={special}): "
-                    f"{na} gives {ia[max(0, i - 2):i + 3]} and {nb} gives "
-                    f"{ib[max(0, i - 2):i + 3]} at token {i}; both models must share one "
-                    "tokenizer")
+                    f"{na} gives {ia[max(0, i - 2) : i + 3]} and {nb} gives "
+                    f"{ib[max(0, i - 2) : i + 3]} at token {i}; both models must share one "
+                    "tokenizer"
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,21 +481,31 @@ class Contexts:
         checks.check_rank("token_ids", ids, 2)
         if not np.issubdtype(ids.dtype, np.integer):
             raise checks.InputError(f"token_ids: expected integer ids, got dtype {ids.dtype}")
-        return Contexts(ids.astype(np.int32), np.ones(ids.shape, bool),
-                        np.arange(ids.shape[0], dtype=np.int64))
+        return Contexts(
+            ids.astype(np.int32), np.ones(ids.shape, bool), np.arange(ids.shape[0], dtype=np.int64)
+        )
 
     @staticmethod
     def concat(parts: Sequence[Contexts]) -> Contexts:
-        return Contexts(np.concatenate([p.token_ids for p in parts]),
-                        np.concatenate([p.mask for p in parts]),
-                        np.concatenate([p.doc_index for p in parts]))
+        return Contexts(
+            np.concatenate([p.token_ids for p in parts]),
+            np.concatenate([p.mask for p in parts]),
+            np.concatenate([p.doc_index for p in parts]),
+        )
 
 
-def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
-                  special_tokens: str = "auto", pad_tail: bool = False,
-                  pack: bool = False, max_contexts: int | None = None,
-                  block_contexts: int = 1024, docs_per_batch: int = 256
-                  ) -> Iterator[Contexts]:
+def iter_contexts(
+    documents: Iterable[str],
+    tokenizer,
+    context_length: int,
+    *,
+    special_tokens: str = "auto",
+    pad_tail: bool = False,
+    pack: bool = False,
+    max_contexts: int | None = None,
+    block_contexts: int = 1024,
+    docs_per_batch: int = 256,
+) -> Iterator[Contexts]:
     """Tokenises documents into contexts, yielding blocks of up to ``block_contexts``.
 
     Memory is bounded by one block plus one batch of documents, so corpora larger than RAM
@@ -469,12 +529,13 @@ def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
     prefix, suffix = special_template(tokenizer, special_tokens)
     body = ctx - len(prefix) - len(suffix)
     if body < 1:
-        raise checks.InputError(f"context_length={ctx} leaves no room for text after the "
-                                f"{len(prefix) + len(suffix)} special token(s)")
+        raise checks.InputError(
+            f"context_length={ctx} leaves no room for text after the "
+            f"{len(prefix) + len(suffix)} special token(s)"
+        )
     pad = pad_id(tokenizer)
-    sep = [] if getattr(tokenizer, "eos_token_id", None) is None else [
-        int(tokenizer.eos_token_id)]
-    packed: list[int] = []       # tokens of short pieces waiting to fill a context
+    sep = [] if getattr(tokenizer, "eos_token_id", None) is None else [int(tokenizer.eos_token_id)]
+    packed: list[int] = []  # tokens of short pieces waiting to fill a context
     packed_doc = [-1]
     produced = 0
     rows: list[np.ndarray] = []
@@ -482,8 +543,9 @@ def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
     docs: list[int] = []
 
     def flush() -> Contexts:
-        block = Contexts(np.stack(rows).astype(np.int32), np.stack(masks),
-                         np.asarray(docs, np.int64))
+        block = Contexts(
+            np.stack(rows).astype(np.int32), np.stack(masks), np.asarray(docs, np.int64)
+        )
         rows.clear(), masks.clear(), docs.clear()
         return block
 
@@ -518,7 +580,7 @@ def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
         encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         for ids in encoded:
             for lo in range(0, len(ids), body):
-                piece = list(ids[lo:lo + body])
+                piece = list(ids[lo : lo + body])
                 if len(piece) < body and pack:
                     if packed_doc[0] < 0:
                         packed_doc[0] = doc_id
@@ -548,14 +610,15 @@ def iter_contexts(documents: Iterable[str], tokenizer, context_length: int, *,
         yield flush()
 
 
-def make_contexts(documents: Iterable[str], tokenizer, context_length: int, **kwargs
-                  ) -> Contexts:
+def make_contexts(documents: Iterable[str], tokenizer, context_length: int, **kwargs) -> Contexts:
     """All contexts of `iter_contexts` in memory (see there for the arguments)."""
     blocks = list(iter_contexts(documents, tokenizer, context_length, **kwargs))
     if not blocks:
-        raise checks.InputError(f"no context of {context_length} tokens could be made from the "
-                                "documents (too short? set pad_tail=True or a shorter "
-                                "context_length)")
+        raise checks.InputError(
+            f"no context of {context_length} tokens could be made from the "
+            "documents (too short? set pad_tail=True or a shorter "
+            "context_length)"
+        )
     return Contexts.concat(blocks)
 
 
@@ -570,7 +633,7 @@ def context_factory(contexts: Contexts | np.ndarray | ContextFactory) -> Context
 
     def open_at(start: int, block: int = 256) -> Iterator[Contexts]:
         for lo in range(start, len(ctxs), block):
-            yield ctxs[lo:lo + block]
+            yield ctxs[lo : lo + block]
 
     return open_at
 
@@ -583,12 +646,17 @@ def skip_contexts(blocks: Iterable[Contexts], start: int) -> Iterator[Contexts]:
         if seen + n <= start:
             seen += n
             continue
-        yield block[max(0, start - seen):]
+        yield block[max(0, start - seen) :]
         seen += n
 
 
-def build_word_tokenizer(documents: Iterable[str] | None = None, vocab_size: int = 1000, *,
-                         special_tokens: str = "bos", lowercase: bool = True):
+def build_word_tokenizer(
+    documents: Iterable[str] | None = None,
+    vocab_size: int = 1000,
+    *,
+    special_tokens: str = "bos",
+    lowercase: bool = True,
+):
     """A tiny word-level tokenizer trained locally (tests, demos, tiny model pairs; no network).
 
     Words and punctuation are tokens (``Whitespace`` pre-tokenizer), the ``vocab_size`` most
@@ -616,20 +684,32 @@ def build_word_tokenizer(documents: Iterable[str] | None = None, vocab_size: int
     if lowercase:
         tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(docs, trainers.WordLevelTrainer(
-        vocab_size=int(vocab_size), special_tokens=specials, show_progress=False))
+    tok.train_from_iterator(
+        docs,
+        trainers.WordLevelTrainer(
+            vocab_size=int(vocab_size), special_tokens=specials, show_progress=False
+        ),
+    )
     if special_tokens == "bos":
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A",
-                                                           special_tokens=[("<bos>", 2)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", 2)]
+        )
     elif special_tokens == "cls_sep":
         tok.post_processor = processors.TemplateProcessing(
-            single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
+            single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
+        )
     elif special_tokens != "none":
-        raise checks.InputError(f"special_tokens: expected bos | cls_sep | none, got "
-                                f"{special_tokens!r}")
+        raise checks.InputError(
+            f"special_tokens: expected bos | cls_sep | none, got {special_tokens!r}"
+        )
     tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def describe_source(source: Any) -> Any:

@@ -38,6 +38,7 @@ def build_tokenizer(kind: str, vocab_size: int = 500, documents: Iterable[str] |
     from transformers import PreTrainedTokenizerFast
 
     from models import text
+
     if kind not in KINDS:
         raise checks.InputError(f"tokenizer kind: expected one of {KINDS}, got {kind!r}")
     docs = text.sample_documents() if documents is None else list(documents)
@@ -48,40 +49,73 @@ def build_tokenizer(kind: str, vocab_size: int = 500, documents: Iterable[str] |
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(docs, trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                       eos_token="<|endoftext|>")
+        tok.train_from_iterator(
+            docs,
+            trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                special_tokens=["<|endoftext|>"],
+                show_progress=False,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+        )
     if kind == "wordpiece":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(docs, trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+        tok.train_from_iterator(
+            docs,
+            trainers.WordPieceTrainer(
+                vocab_size=vocab_size, special_tokens=specials, show_progress=False
+            ),
+        )
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]",
-                                       sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
-                                       mask_token="[MASK]")
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            mask_token="[MASK]",
+        )
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(docs, trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                       special_tokens=[("<s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    tok.train_from_iterator(
+        docs,
+        trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
-def make_tiny_model(out_dir: str, kind: str, *, arch: str = "gpt_neox", seed: int = 0,
-                    vocab_size: int = 500, train_steps: int = 0, context_length: int = 32,
-                    **config_kw) -> str:
+def make_tiny_model(
+    out_dir: str,
+    kind: str,
+    *,
+    arch: str = "gpt_neox",
+    seed: int = 0,
+    vocab_size: int = 500,
+    train_steps: int = 0,
+    context_length: int = 32,
+    **config_kw,
+) -> str:
     """A tiny model of ``arch`` on a ``kind`` tokenizer, saved to ``out_dir`` (returned).
 
     With ``train_steps`` it is trained briefly on the shipped sample in its own tokens
@@ -92,9 +126,16 @@ def make_tiny_model(out_dir: str, kind: str, *, arch: str = "gpt_neox", seed: in
 
     from models import lm as lm_lib
     from models import lm_tiny, text
-    recipe = {"kind": kind, "arch": arch, "seed": int(seed), "vocab_size": int(vocab_size),
-              "train_steps": int(train_steps), "context_length": int(context_length),
-              "config": {k: v for k, v in sorted(config_kw.items())}}
+
+    recipe = {
+        "kind": kind,
+        "arch": arch,
+        "seed": int(seed),
+        "vocab_size": int(vocab_size),
+        "train_steps": int(train_steps),
+        "context_length": int(context_length),
+        "config": {k: v for k, v in sorted(config_kw.items())},
+    }
     recipe_path = os.path.join(out_dir, "tiny_recipe.json")
     if os.path.exists(recipe_path):
         with open(recipe_path, encoding="utf-8") as f:
@@ -104,8 +145,14 @@ def make_tiny_model(out_dir: str, kind: str, *, arch: str = "gpt_neox", seed: in
     model = lm_tiny.build_tiny_model(arch, tok, seed, **config_kw)
     if train_steps:
         ids = text.make_contexts(text.sample_documents(), tok, context_length).token_ids
-        lm_tiny.train_tiny_model(model, ids, steps=train_steps, seed=seed,
-                                 masked=arch == "bert", mask_id=tok.unk_token_id or 0)
+        lm_tiny.train_tiny_model(
+            model,
+            ids,
+            steps=train_steps,
+            seed=seed,
+            masked=arch == "bert",
+            mask_id=tok.unk_token_id or 0,
+        )
     with lm_lib.quiet_transformers():
         model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)

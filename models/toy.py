@@ -97,25 +97,29 @@ class ToyConfig:
         checks.check_positive_int("ToyConfig.n_hidden", self.n_hidden)
         checks.check_positive_int("ToyConfig.batch_size", self.batch_size)
         if self.activation not in ACTIVATIONS:
-            raise checks.InputError(f"ToyConfig.activation: unknown {self.activation!r}; "
-                                    f"expected one of {ACTIVATIONS}")
-        if self.batch_size * self.n_features >= 2 ** 32:
-            raise checks.InputError(f"ToyConfig: batch_size * n_features = "
-                                    f"{self.batch_size * self.n_features} must be < 2**32 "
-                                    "(32-bit sample counter)")
+            raise checks.InputError(
+                f"ToyConfig.activation: unknown {self.activation!r}; expected one of {ACTIVATIONS}"
+            )
+        if self.batch_size * self.n_features >= 2**32:
+            raise checks.InputError(
+                f"ToyConfig: batch_size * n_features = "
+                f"{self.batch_size * self.n_features} must be < 2**32 "
+                "(32-bit sample counter)"
+            )
         for name in ("lr", "b1", "b2", "eps"):
             v = getattr(self, name)
             if not (np.isfinite(v) and v > 0):
-                raise checks.InputError(f"ToyConfig.{name} must be a positive finite number, "
-                                        f"got {v}")
+                raise checks.InputError(
+                    f"ToyConfig.{name} must be a positive finite number, got {v}"
+                )
         if not (np.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise checks.InputError(f"ToyConfig.weight_decay must be >= 0, got "
-                                    f"{self.weight_decay}")
+            raise checks.InputError(f"ToyConfig.weight_decay must be >= 0, got {self.weight_decay}")
 
     def optimizer(self) -> optax.GradientTransformation:
         """AdamW with the PyTorch conventions of the original notebook."""
-        return optax.adamw(self.lr, b1=self.b1, b2=self.b2, eps=self.eps,
-                           weight_decay=self.weight_decay)
+        return optax.adamw(
+            self.lr, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay
+        )
 
 
 @flax.struct.dataclass
@@ -157,22 +161,31 @@ def _per_instance(name: str, value, n_instances: int | None, n: int) -> np.ndarr
     """Broadcasts a scalar, ``[n]`` or ``[I, n]`` setting to ``[I, n]`` float64, with checks."""
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim > 2:
-        raise checks.InputError(f"{name}: expected a scalar, [n_features={n}] or "
-                                f"[n_instances, {n}] array, got shape {arr.shape}")
+        raise checks.InputError(
+            f"{name}: expected a scalar, [n_features={n}] or "
+            f"[n_instances, {n}] array, got shape {arr.shape}"
+        )
     if arr.ndim >= 1 and arr.shape[-1] != n:
-        raise checks.InputError(f"{name}: expected {n} values per instance (one per feature), "
-                                f"got shape {arr.shape}")
+        raise checks.InputError(
+            f"{name}: expected {n} values per instance (one per feature), got shape {arr.shape}"
+        )
     if arr.ndim == 2 and n_instances is not None and arr.shape[0] != n_instances:
-        raise checks.InputError(f"{name}: expected {n_instances} rows (one per instance), got "
-                                f"shape {arr.shape}")
+        raise checks.InputError(
+            f"{name}: expected {n_instances} rows (one per instance), got shape {arr.shape}"
+        )
     checks.check_finite(name, arr)
     rows = n_instances if n_instances is not None else (arr.shape[0] if arr.ndim == 2 else 1)
     return np.broadcast_to(arr, (rows, n)).copy()
 
 
-def make_instances(n_features: int, *, sparsity: Any = 0.0, importance: Any = 1.0,
-                   seeds: Sequence[int] | int | None = None,
-                   n_instances: int | None = None) -> ToyInstances:
+def make_instances(
+    n_features: int,
+    *,
+    sparsity: Any = 0.0,
+    importance: Any = 1.0,
+    seeds: Sequence[int] | int | None = None,
+    n_instances: int | None = None,
+) -> ToyInstances:
     """Validated per-instance settings for a sweep.
 
     Args:
@@ -194,17 +207,23 @@ def make_instances(n_features: int, *, sparsity: Any = 0.0, importance: Any = 1.
                 break
     if n_instances is None and seeds is not None and np.ndim(seeds) == 1:
         n_instances = len(seeds)
-    n_instances = 1 if n_instances is None else checks.check_positive_int(
-        "make_instances n_instances", n_instances)
+    n_instances = (
+        1
+        if n_instances is None
+        else checks.check_positive_int("make_instances n_instances", n_instances)
+    )
     s = _per_instance("sparsity", sparsity, n_instances, n)
     imp = _per_instance("importance", importance, n_instances, n)
     if not np.all((s >= 0) & (s < 1)):
         bad = s[~((s >= 0) & (s < 1))][0]
-        raise checks.InputError(f"sparsity must be in [0, 1) (probability a feature is zero; 1 "
-                                f"would give all-zero data), got {bad}")
+        raise checks.InputError(
+            f"sparsity must be in [0, 1) (probability a feature is zero; 1 "
+            f"would give all-zero data), got {bad}"
+        )
     if not np.all(imp > 0):
-        raise checks.InputError(f"importance must be > 0 for every feature, got "
-                                f"{imp[~(imp > 0)][0]}")
+        raise checks.InputError(
+            f"importance must be > 0 for every feature, got {imp[~(imp > 0)][0]}"
+        )
     if seeds is None:
         seed_arr = np.arange(n_instances)
     elif np.ndim(seeds) == 0:
@@ -212,15 +231,19 @@ def make_instances(n_features: int, *, sparsity: Any = 0.0, importance: Any = 1.
     else:
         seed_arr = np.asarray(seeds)
         if seed_arr.shape != (n_instances,):
-            raise checks.InputError(f"seeds: expected {n_instances} seeds (one per instance), "
-                                    f"got shape {seed_arr.shape}")
+            raise checks.InputError(
+                f"seeds: expected {n_instances} seeds (one per instance), "
+                f"got shape {seed_arr.shape}"
+            )
     if not np.issubdtype(seed_arr.dtype, np.integer):
         raise checks.InputError(f"seeds must be integers, got dtype {seed_arr.dtype}")
-    if np.any(seed_arr < 0) or np.any(seed_arr >= 2 ** 31):
+    if np.any(seed_arr < 0) or np.any(seed_arr >= 2**31):
         raise checks.InputError("seeds must be in [0, 2**31)")
-    return ToyInstances(importance=jnp.asarray(imp, jnp.float32),
-                        sparsity=jnp.asarray(s, jnp.float32),
-                        seed=jnp.asarray(seed_arr, jnp.int32))
+    return ToyInstances(
+        importance=jnp.asarray(imp, jnp.float32),
+        sparsity=jnp.asarray(s, jnp.float32),
+        seed=jnp.asarray(seed_arr, jnp.int32),
+    )
 
 
 def _take(tree: Any, index: np.ndarray) -> Any:
@@ -253,7 +276,7 @@ def hashed_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     size = int(np.prod(shape))
     ctr = jax.lax.iota(jnp.uint32, size).reshape(shape)
     bits = _mix32(_mix32(ctr ^ key[0]) ^ key[1])
-    return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+    return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
 def sample_features(key: jax.Array, batch: int, sparsity: jax.Array) -> jax.Array:
@@ -285,8 +308,10 @@ def instance_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def sample_batch(instances: ToyInstances, step: int, batch: int) -> jax.Array:
     """The exact batch ``[I, batch, n]`` the instances see at ``step`` (for checks and plots)."""
+
     def one(seed, s):
         return sample_features(batch_key(instance_keys(seed)[1], step), batch, s)
+
     return jax.vmap(one)(instances.seed, instances.sparsity)
 
 
@@ -294,8 +319,9 @@ def sample_batch(instances: ToyInstances, step: int, batch: int) -> jax.Array:
 # Model, loss, initialisation (single instance; vmapped over the instance axis)
 
 
-def forward(W: jax.Array, b: jax.Array, x: jax.Array, activation: str = "relu"
-            ) -> tuple[jax.Array, jax.Array]:
+def forward(
+    W: jax.Array, b: jax.Array, x: jax.Array, activation: str = "relu"
+) -> tuple[jax.Array, jax.Array]:
     """One instance: ``(h [B, m], x' [B, n])`` for ``x [B, n]``, ``W [m, n]``, ``b [n]``."""
     h = x @ W.T
     out = h @ W + b
@@ -304,8 +330,9 @@ def forward(W: jax.Array, b: jax.Array, x: jax.Array, activation: str = "relu"
     return h, out
 
 
-def instance_loss(params: ToyParams, x: jax.Array, importance: jax.Array,
-                  activation: str = "relu") -> jax.Array:
+def instance_loss(
+    params: ToyParams, x: jax.Array, importance: jax.Array, activation: str = "relu"
+) -> jax.Array:
     """One instance: ``mean_batch sum_i I_i (x_i - x'_i)^2`` (Elhage et al. eq. for L)."""
     _, out = forward(params.W, params.b, x, activation)
     return jnp.mean(jnp.sum(importance * jnp.square(x - out), axis=-1))
@@ -326,32 +353,39 @@ def init_instance(init_key: jax.Array, n_features: int, n_hidden: int) -> ToyPar
 def init_params(config: ToyConfig, instances: ToyInstances) -> ToyParams:
     """Initial parameters of every instance (each from its own seed)."""
     _check_instances(config, instances)
-    return jax.vmap(lambda seed: init_instance(instance_keys(seed)[0], config.n_features,
-                                               config.n_hidden))(instances.seed)
+    return jax.vmap(
+        lambda seed: init_instance(instance_keys(seed)[0], config.n_features, config.n_hidden)
+    )(instances.seed)
 
 
 def _check_instances(config: ToyConfig, instances: ToyInstances) -> None:
     if instances.n_features != config.n_features:
-        raise checks.InputError(f"instances have {instances.n_features} features but "
-                                f"ToyConfig.n_features={config.n_features}")
+        raise checks.InputError(
+            f"instances have {instances.n_features} features but "
+            f"ToyConfig.n_features={config.n_features}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
-def _step(config: ToyConfig, tx: optax.GradientTransformation, instances: ToyInstances,
-          state: train_lib.TrainState) -> tuple[train_lib.TrainState, jax.Array]:
+def _step(
+    config: ToyConfig,
+    tx: optax.GradientTransformation,
+    instances: ToyInstances,
+    state: train_lib.TrainState,
+) -> tuple[train_lib.TrainState, jax.Array]:
     """One AdamW step of every instance; returns the per-instance losses ``[I]``.
 
     ``state.rng`` holds the per-instance data keys ``[I, 2]``.
     """
+
     def one(params, data_key, importance, sparsity):
         x = sample_features(batch_key(data_key, state.step), config.batch_size, sparsity)
         return jax.value_and_grad(instance_loss)(params, x, importance, config.activation)
 
-    loss, grads = jax.vmap(one)(state.params, state.rng, instances.importance,
-                                instances.sparsity)
+    loss, grads = jax.vmap(one)(state.params, state.rng, instances.importance, instances.sparsity)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), loss
@@ -359,10 +393,12 @@ def _step(config: ToyConfig, tx: optax.GradientTransformation, instances: ToyIns
 
 def _shardings(mesh, tree: Any, n_instances: int) -> Any:
     """Instance-axis leaves split over ``data``; scalars (step, Adam count) replicated."""
+
     def spec(x):
         if np.ndim(x) >= 1 and np.shape(x)[0] == n_instances:
             return NamedSharding(mesh, P(mesh_lib.DATA, *([None] * (np.ndim(x) - 1))))
         return mesh_lib.replicated(mesh)
+
     return jax.tree.map(spec, tree)
 
 
@@ -374,16 +410,19 @@ def _chunk_fn(config: ToyConfig, mesh, n_steps: int, n_instances: int):
     def run(state, instances):
         def body(carry, _):
             return _step(config, tx, instances, carry)
+
         state, losses = jax.lax.scan(body, state, None, length=n_steps)
         return state, jnp.mean(losses, axis=0)
 
-    abstract_state = jax.eval_shape(lambda: _fresh_state(config, _dummy_instances(
-        config, n_instances)))
+    abstract_state = jax.eval_shape(
+        lambda: _fresh_state(config, _dummy_instances(config, n_instances))
+    )
     state_sh = _shardings(mesh, abstract_state, n_instances)
     inst_sh = _shardings(mesh, _dummy_instances(config, n_instances), n_instances)
     loss_sh = NamedSharding(mesh, P(mesh_lib.DATA))
-    return jax.jit(run, in_shardings=(state_sh, inst_sh),
-                   out_shardings=(state_sh, loss_sh), donate_argnums=0)
+    return jax.jit(
+        run, in_shardings=(state_sh, inst_sh), out_shardings=(state_sh, loss_sh), donate_argnums=0
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -396,14 +435,17 @@ def _init_fn(config: ToyConfig, mesh, n_instances: int):
 
 def _dummy_instances(config: ToyConfig, n_instances: int) -> ToyInstances:
     shape = (n_instances, config.n_features)
-    return ToyInstances(importance=jax.ShapeDtypeStruct(shape, jnp.float32),
-                        sparsity=jax.ShapeDtypeStruct(shape, jnp.float32),
-                        seed=jax.ShapeDtypeStruct((n_instances,), jnp.int32))
+    return ToyInstances(
+        importance=jax.ShapeDtypeStruct(shape, jnp.float32),
+        sparsity=jax.ShapeDtypeStruct(shape, jnp.float32),
+        seed=jax.ShapeDtypeStruct((n_instances,), jnp.int32),
+    )
 
 
 def _fresh_state(config: ToyConfig, instances: ToyInstances) -> train_lib.TrainState:
-    params = jax.vmap(lambda seed: init_instance(instance_keys(seed)[0], config.n_features,
-                                                 config.n_hidden))(instances.seed)
+    params = jax.vmap(
+        lambda seed: init_instance(instance_keys(seed)[0], config.n_features, config.n_hidden)
+    )(instances.seed)
     data_keys = jax.vmap(lambda seed: instance_keys(seed)[1])(instances.seed)
     return train_lib.create_train_state(params, config.optimizer(), data_keys)
 
@@ -438,8 +480,9 @@ class Sweep:
         padded, self.count = _pad_instances(instances, self.mesh.shape[mesh_lib.DATA])
         self.n_padded = padded.n_instances
         self.instances = jax.device_put(padded, _shardings(self.mesh, padded, self.n_padded))
-        self.state: train_lib.TrainState = _init_fn(config, self.mesh,
-                                                    self.n_padded)(self.instances)
+        self.state: train_lib.TrainState = _init_fn(config, self.mesh, self.n_padded)(
+            self.instances
+        )
 
     @property
     def step(self) -> int:
@@ -454,8 +497,9 @@ class Sweep:
 
     def params(self) -> ToyParams:
         """Current parameters of the real instances as host numpy arrays."""
-        return jax.tree.map(lambda x: np.asarray(x)[:self.count],
-                            mesh_lib.gather(self.state.params))
+        return jax.tree.map(
+            lambda x: np.asarray(x)[: self.count], mesh_lib.gather(self.state.params)
+        )
 
 
 @dataclasses.dataclass
@@ -477,9 +521,18 @@ class ToyResult:
     steps: int
 
 
-def train(config: ToyConfig, instances: ToyInstances, *, steps: int, mesh=None,
-          workdir: str | None = None, log_every: int = 500, checkpoint_every: int | None = None,
-          progress: bool = True, max_to_keep: int = 2) -> ToyResult:
+def train(
+    config: ToyConfig,
+    instances: ToyInstances,
+    *,
+    steps: int,
+    mesh=None,
+    workdir: str | None = None,
+    log_every: int = 500,
+    checkpoint_every: int | None = None,
+    progress: bool = True,
+    max_to_keep: int = 2,
+) -> ToyResult:
     """Trains every instance for ``steps`` AdamW steps in one sharded, jitted program.
 
     Args:
@@ -507,8 +560,9 @@ def train(config: ToyConfig, instances: ToyInstances, *, steps: int, mesh=None,
     if checkpoint_every is not None:
         checkpoint_every = checks.check_positive_int("train checkpoint_every", checkpoint_every)
         if checkpoint_every % log_every:
-            raise checks.InputError(f"checkpoint_every={checkpoint_every} must be a multiple "
-                                    f"of log_every={log_every}")
+            raise checks.InputError(
+                f"checkpoint_every={checkpoint_every} must be a multiple of log_every={log_every}"
+            )
     sweep = Sweep(config, instances, mesh)
     count = sweep.count
     hist_steps: list[int] = []
@@ -517,41 +571,63 @@ def train(config: ToyConfig, instances: ToyInstances, *, steps: int, mesh=None,
     # The one train loop (`engine.train.train`): log_every steps per jitted scan call, the
     # instance axis split over the mesh, the loss history saved with each checkpoint.
     def step_fn(state, batch, n):
-        del batch                      # every instance samples its own data on device
+        del batch  # every instance samples its own data on device
         fn = _chunk_fn(config, sweep.mesh, int(n), sweep.n_padded)
         state, mean_loss = fn(state, sweep.instances)
-        return state, {"loss": mean_loss[:count]}    # padded copies dropped
+        return state, {"loss": mean_loss[:count]}  # padded copies dropped
 
     def on_log(step, metrics):
         hist_steps.append(int(step))
         hist_loss.append(np.asarray(metrics["loss"], np.float64))
 
     def meta_fn():
-        return {"n_instances": count, "history_steps": hist_steps,
-                "history_loss": [r.tolist() for r in hist_loss]}
+        return {
+            "n_instances": count,
+            "history_steps": hist_steps,
+            "history_loss": [r.tolist() for r in hist_loss],
+        }
 
     def on_restore(meta):
         if int(meta.get("n_instances", count)) != count:
-            raise checks.InputError(f"{workdir}: checkpoint holds {meta.get('n_instances')} "
-                                    f"instances, this sweep has {count}")
+            raise checks.InputError(
+                f"{workdir}: checkpoint holds {meta.get('n_instances')} "
+                f"instances, this sweep has {count}"
+            )
         hist_steps[:] = [int(s) for s in meta.get("history_steps", [])]
         hist_loss[:] = [np.asarray(r, np.float64) for r in meta.get("history_loss", [])]
 
     if workdir is not None:
         os.makedirs(workdir, exist_ok=True)
-    loop = train_lib.LoopConfig(num_steps=steps, log_every=log_every,
-                                checkpoint_every=checkpoint_every or steps,
-                                max_to_keep=max_to_keep, progress=progress,
-                                progress_desc="toy", steps_per_call=log_every)
+    loop = train_lib.LoopConfig(
+        num_steps=steps,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every or steps,
+        max_to_keep=max_to_keep,
+        progress=progress,
+        progress_desc="toy",
+        steps_per_call=log_every,
+    )
     sweep.state = train_lib.train(
-        sweep.state, step_fn, lambda step: None, loop, workdir=workdir, mesh=sweep.mesh,
-        on_log=on_log, state_sharding=_shardings(sweep.mesh, sweep.state, sweep.n_padded),
-        meta_fn=meta_fn, on_restore=on_restore)
+        sweep.state,
+        step_fn,
+        lambda step: None,
+        loop,
+        workdir=workdir,
+        mesh=sweep.mesh,
+        on_log=on_log,
+        state_sharding=_shardings(sweep.mesh, sweep.state, sweep.n_padded),
+        meta_fn=meta_fn,
+        on_restore=on_restore,
+    )
     history = np.asarray(hist_loss, np.float64).reshape(len(hist_loss), count)
     last = history[-1] if len(history) else np.full(count, np.nan)
-    return ToyResult(params=sweep.params(), loss=last,
-                     history_steps=np.asarray(hist_steps, np.int64), history_loss=history,
-                     steps=sweep.step)
+    return ToyResult(
+        params=sweep.params(),
+        loss=last,
+        history_steps=np.asarray(hist_steps, np.int64),
+        history_loss=history,
+        steps=sweep.step,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,25 +651,28 @@ def feature_geometry(W: Any, represented_norm: float = 0.5) -> dict[str, np.ndar
     if single:
         W = W[None]
     if W.ndim != 3:
-        raise checks.InputError(f"feature_geometry: expected W [I, m, n] or [m, n], got "
-                                f"{W.shape}")
+        raise checks.InputError(f"feature_geometry: expected W [I, m, n] or [m, n], got {W.shape}")
     checks.check_finite("feature_geometry W", W)
     m = W.shape[1]
     wtw = np.einsum("kmi,kmj->kij", W, W)
     sq = np.einsum("kii->ki", wtw)
     norms = np.sqrt(sq)
     safe = np.where(norms > 0, norms, 1.0)
-    proj = wtw / safe[:, :, None]                      # (W_i_hat . W_j), row i
+    proj = wtw / safe[:, :, None]  # (W_i_hat . W_j), row i
     proj_sq = np.square(proj)
-    off = proj_sq * (1.0 - np.eye(W.shape[2]))          # j != i, summed without cancellation
+    off = proj_sq * (1.0 - np.eye(W.shape[2]))  # j != i, summed without cancellation
     superposition = np.where(norms > 0, off.sum(axis=2), 0.0)
-    total = superposition + sq                          # sum_j (W_i_hat . W_j)^2
+    total = superposition + sq  # sum_j (W_i_hat . W_j)^2
     dimensionality = np.where(norms > 0, sq / np.where(total > 0, total, 1.0), 0.0)
     frob = sq.sum(axis=1)
-    out = {"wtw": wtw, "norms": norms, "superposition": superposition,
-           "dimensionality": dimensionality,
-           "dims_per_feature": np.where(frob > 0, m / np.where(frob > 0, frob, 1.0), np.inf),
-           "represented": norms > represented_norm}
+    out = {
+        "wtw": wtw,
+        "norms": norms,
+        "superposition": superposition,
+        "dimensionality": dimensionality,
+        "dims_per_feature": np.where(frob > 0, m / np.where(frob > 0, frob, 1.0), np.inf),
+        "represented": norms > represented_norm,
+    }
     if single:
         out = {k: v[0] for k, v in out.items()}
     return out
@@ -622,8 +701,9 @@ def feature_angles(W: Any, min_norm: float = 0.5) -> np.ndarray:
 FEATURE_STATES = ("not_represented", "dedicated", "superposed")
 
 
-def feature_state(W: Any, feature: int, represented_norm: float = 0.5,
-                  superposed: float = 0.5) -> np.ndarray:
+def feature_state(
+    W: Any, feature: int, represented_norm: float = 0.5, superposed: float = 0.5
+) -> np.ndarray:
     """Classifies one feature of every instance for the phase diagram.
 
     ``not_represented`` (0): ``||W_i|| <= represented_norm``; ``superposed`` (2): represented

@@ -122,17 +122,28 @@ def _codes(rng: np.random.Generator, n_tokens: int, sparsity: np.ndarray) -> np.
     return np.where(u >= sparsity, (u - sparsity) / (1.0 - sparsity), 0.0).astype(np.float32)
 
 
-def _train_models(widths: tuple[int, int], seeds: tuple[int, int], *, n_features: int,
-                  sparsity: np.ndarray, importance: np.ndarray, steps: int, lr: float,
-                  batch_size: int, mesh, progress: bool) -> tuple[list[np.ndarray], list[float]]:
+def _train_models(
+    widths: tuple[int, int],
+    seeds: tuple[int, int],
+    *,
+    n_features: int,
+    sparsity: np.ndarray,
+    importance: np.ndarray,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    mesh,
+    progress: bool,
+) -> tuple[list[np.ndarray], list[float]]:
     """Trains the two sides' toy models; returns their ``W [m, n]`` and final losses."""
+
     def config(width):
-        return toy.ToyConfig(n_features, width, activation="relu", lr=lr,
-                             batch_size=batch_size)
+        return toy.ToyConfig(n_features, width, activation="relu", lr=lr, batch_size=batch_size)
 
     def instances(seed_list):
-        return toy.make_instances(n_features, sparsity=sparsity, importance=importance,
-                                  seeds=list(seed_list))
+        return toy.make_instances(
+            n_features, sparsity=sparsity, importance=importance, seeds=list(seed_list)
+        )
 
     if steps == 0:  # untrained (random-init) models: a floor for the pipeline
         out = []
@@ -142,24 +153,49 @@ def _train_models(widths: tuple[int, int], seeds: tuple[int, int], *, n_features
         return out, [float("nan"), float("nan")]
     log_every = min(500, steps)
     if widths[0] == widths[1]:  # one program, two instances
-        result = toy.train(config(widths[0]), instances(seeds), steps=steps,
-                           log_every=log_every, mesh=mesh, progress=progress)
+        result = toy.train(
+            config(widths[0]),
+            instances(seeds),
+            steps=steps,
+            log_every=log_every,
+            mesh=mesh,
+            progress=progress,
+        )
         return [result.params.W[0], result.params.W[1]], [float(x) for x in result.loss]
     weights, losses = [], []
     for width, seed in zip(widths, seeds):
-        result = toy.train(config(width), instances([seed]), steps=steps, log_every=log_every,
-                           mesh=mesh, progress=progress)
+        result = toy.train(
+            config(width),
+            instances([seed]),
+            steps=steps,
+            log_every=log_every,
+            mesh=mesh,
+            progress=progress,
+        )
         weights.append(result.params.W[0])
         losses.append(float(result.loss[0]))
     return weights, losses
 
 
-def make_toy_pair(seed: int, *, n_features: int = 32, d_a: int = 16, d_b: int = 16,
-                  n_tokens: int = 50_000, sparsity: Any = 0.95, importance: Any = 1.0,
-                  shared: bool = True, rotate: bool = True, steps: int = 2000,
-                  lr: float = 1e-2, batch_size: int = 256, noise_std: float = 0.0,
-                  represented_norm: float = 0.5, mesh=None,
-                  progress: bool = False) -> ToyPair:
+def make_toy_pair(
+    seed: int,
+    *,
+    n_features: int = 32,
+    d_a: int = 16,
+    d_b: int = 16,
+    n_tokens: int = 50_000,
+    sparsity: Any = 0.95,
+    importance: Any = 1.0,
+    shared: bool = True,
+    rotate: bool = True,
+    steps: int = 2000,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    noise_std: float = 0.0,
+    represented_norm: float = 0.5,
+    mesh=None,
+    progress: bool = False,
+) -> ToyPair:
     """Builds a toy model pair (shared ground truth) or its control (independent ground truth).
 
     Args:
@@ -200,8 +236,8 @@ def make_toy_pair(seed: int, *, n_features: int = 32, d_a: int = 16, d_b: int = 
     imp = np.asarray(settings.importance[0], np.float64)
 
     words = np.random.SeedSequence(seed).generate_state(6)
-    seed_a = int(words[0] % 2 ** 30)
-    seed_b = int(words[1] % 2 ** 30) + 2 ** 30        # disjoint ranges: never equal to seed_a
+    seed_a = int(words[0] % 2**30)
+    seed_b = int(words[1] % 2**30) + 2**30  # disjoint ranges: never equal to seed_a
     rng_codes = np.random.default_rng(words[2])
     rng_codes_b = np.random.default_rng(words[3])
     rng_rot = np.random.default_rng(words[4])
@@ -209,9 +245,18 @@ def make_toy_pair(seed: int, *, n_features: int = 32, d_a: int = 16, d_b: int = 
 
     codes_a = _codes(rng_codes, n_tokens, s)
     codes_b = codes_a if shared else _codes(rng_codes_b, n_tokens, s)
-    (W_a, W_b), losses = _train_models((d_a, d_b), (seed_a, seed_b), n_features=n, sparsity=s,
-                                       importance=imp, steps=steps, lr=lr,
-                                       batch_size=batch_size, mesh=mesh, progress=progress)
+    (W_a, W_b), losses = _train_models(
+        (d_a, d_b),
+        (seed_a, seed_b),
+        n_features=n,
+        sparsity=s,
+        importance=imp,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        mesh=mesh,
+        progress=progress,
+    )
     rotation = _haar_orthogonal(rng_rot, d_b) if rotate else np.eye(d_b)
     features_a = np.asarray(W_a, np.float64).T
     features_b = np.asarray(W_b, np.float64).T @ rotation
@@ -236,39 +281,63 @@ def make_toy_pair(seed: int, *, n_features: int = 32, d_a: int = 16, d_b: int = 
     if steps == 0:
         differs.append("nothing was trained: both toy models are random-init (steps=0)")
     if shared:
-        what_shared = ("the per-token ground-truth codes (codes_b is codes_a: the same features "
-                       "are active on every token with the same magnitudes) and the feature "
-                       "distribution both models were trained on; feature i of A is feature i "
-                       "of B")
+        what_shared = (
+            "the per-token ground-truth codes (codes_b is codes_a: the same features "
+            "are active on every token with the same magnitudes) and the feature "
+            "distribution both models were trained on; feature i of A is feature i "
+            "of B"
+        )
     else:
-        what_shared = ("nothing per token: codes_b is drawn independently of codes_a, with the "
-                       "same count and marginal statistics (sparsity, importance); no feature "
-                       "of B corresponds to a feature of A (true_match = -1)")
+        what_shared = (
+            "nothing per token: codes_b is drawn independently of codes_a, with the "
+            "same count and marginal statistics (sparsity, importance); no feature "
+            "of B corresponds to a feature of A (true_match = -1)"
+        )
     description = {
         "kind": "toy model pair" if shared else "toy model control pair",
         "shared": bool(shared),
         "what_is_shared": what_shared,
         "what_differs": differs,
         "seed": seed,
-        "n_features": n, "d_a": d_a, "d_b": d_b, "n_tokens": n_tokens,
-        "sparsity": s.tolist(), "importance": imp.tolist(),
+        "n_features": n,
+        "d_a": d_a,
+        "d_b": d_b,
+        "n_tokens": n_tokens,
+        "sparsity": s.tolist(),
+        "importance": imp.tolist(),
         "model": "ReLU toy model x' = ReLU(W^T W x + b) (Elhage et al. 2022); acts = W x",
-        "training": {"steps": steps, "lr": lr, "batch_size": batch_size,
-                     "optimizer": "AdamW (weight decay 0.01)", "final_loss_a": losses[0],
-                     "final_loss_b": losses[1]},
-        "rotation_b": bool(rotate), "noise_std": float(noise_std),
+        "training": {
+            "steps": steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "optimizer": "AdamW (weight decay 0.01)",
+            "final_loss_a": losses[0],
+            "final_loss_b": losses[1],
+        },
+        "rotation_b": bool(rotate),
+        "noise_std": float(noise_std),
         "tokens": "token_ids = 1 + argmax of codes_a per row (dominant active feature of A), "
-                  "0 = '<none>' when no feature is active",
-        "n_represented_a": int(rep_a.sum()), "n_represented_b": int(rep_b.sum()),
+        "0 = '<none>' when no feature is active",
+        "n_represented_a": int(rep_a.sum()),
+        "n_represented_b": int(rep_b.sum()),
         "n_true_pairs": int(np.sum(rep_a & rep_b)) if shared else 0,
         "mean_active_features_per_token": float(active.sum(axis=1).mean()),
     }
-    return ToyPair(acts_a=acts_a.astype(np.float32), acts_b=acts_b.astype(np.float32),
-                   token_ids=token_ids, vocab=vocab,
-                   features_a=features_a.astype(np.float32),
-                   features_b=features_b.astype(np.float32), codes_a=codes_a, codes_b=codes_b,
-                   represented_a=rep_a, represented_b=rep_b, true_match=true_match,
-                   rotation_b=rotation.astype(np.float32), description=description)
+    return ToyPair(
+        acts_a=acts_a.astype(np.float32),
+        acts_b=acts_b.astype(np.float32),
+        token_ids=token_ids,
+        vocab=vocab,
+        features_a=features_a.astype(np.float32),
+        features_b=features_b.astype(np.float32),
+        codes_a=codes_a,
+        codes_b=codes_b,
+        represented_a=rep_a,
+        represented_b=rep_b,
+        true_match=true_match,
+        rotation_b=rotation.astype(np.float32),
+        description=description,
+    )
 
 
 def pair_stream(pair: ToyPair, chunk_size: int, **kwargs) -> streaming.ChunkStream:
@@ -276,8 +345,12 @@ def pair_stream(pair: ToyPair, chunk_size: int, **kwargs) -> streaming.ChunkStre
 
     ``kwargs`` go to `ChunkStream` (``repeat``, ``shuffle_seed``, ``drop_remainder``...).
     """
-    return streaming.ChunkStream((pair.token_ids, pair.acts_a, pair.acts_b), chunk_size,
-                                 name=kwargs.pop("name", "toy_pair"), **kwargs)
+    return streaming.ChunkStream(
+        (pair.token_ids, pair.acts_a, pair.acts_b),
+        chunk_size,
+        name=kwargs.pop("name", "toy_pair"),
+        **kwargs,
+    )
 
 
 def side_stream(pair: ToyPair, side: str, chunk_size: int, **kwargs) -> streaming.ChunkStream:
@@ -285,5 +358,6 @@ def side_stream(pair: ToyPair, side: str, chunk_size: int, **kwargs) -> streamin
     if side not in ("a", "b"):
         raise checks.InputError(f"side_stream side must be 'a' or 'b', got {side!r}")
     acts = pair.acts_a if side == "a" else pair.acts_b
-    return streaming.ChunkStream((pair.token_ids, acts), chunk_size,
-                                 name=kwargs.pop("name", f"toy_pair.{side}"), **kwargs)
+    return streaming.ChunkStream(
+        (pair.token_ids, acts), chunk_size, name=kwargs.pop("name", f"toy_pair.{side}"), **kwargs
+    )

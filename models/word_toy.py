@@ -36,7 +36,7 @@ class WordCodes:
     """Sparse codes of word types: ``codes[i]`` is the code of ``types[i]``."""
 
     types: tuple[str, ...]
-    codes: np.ndarray        # [n_types, n_features] float64
+    codes: np.ndarray  # [n_types, n_features] float64
     index: dict
 
     def code(self, word: str) -> np.ndarray:
@@ -81,8 +81,14 @@ def occurrence_jitter(n_words: int, n_features: int, seed, spread: float) -> np.
     return np.random.default_rng(seed).uniform(1 - spread, 1 + spread, (n_words, n_features))
 
 
-def token_codes(document: str, doc_tokens: al.DocTokens, codes: WordCodes, *,
-                causal: bool = True, jitter: np.ndarray | None = None) -> np.ndarray:
+def token_codes(
+    document: str,
+    doc_tokens: al.DocTokens,
+    codes: WordCodes,
+    *,
+    causal: bool = True,
+    jitter: np.ndarray | None = None,
+) -> np.ndarray:
     """``[n_tokens, n_features]``: the code each token of one document carries.
 
     ``jitter``: optional ``[n_words, n_features]`` per-occurrence magnitudes (multiplied in).
@@ -105,10 +111,19 @@ def token_codes(document: str, doc_tokens: al.DocTokens, codes: WordCodes, *,
     return out
 
 
-def side_activations(documents: Sequence[str], corpus: al.CorpusTokens,
-                     contexts: text_lib.Contexts, codes: WordCodes, features: np.ndarray, *,
-                     noise: float, seed, causal: bool = True, jitter_seed=None,
-                     jitter_spread: float = 0.8) -> np.ndarray:
+def side_activations(
+    documents: Sequence[str],
+    corpus: al.CorpusTokens,
+    contexts: text_lib.Contexts,
+    codes: WordCodes,
+    features: np.ndarray,
+    *,
+    noise: float,
+    seed,
+    causal: bool = True,
+    jitter_seed=None,
+    jitter_spread: float = 0.8,
+) -> np.ndarray:
     """Activations of one side at its own unmasked context positions, in grid order.
 
     ``jitter_seed``: per-occurrence magnitudes (`occurrence_jitter`, seeded by
@@ -122,8 +137,9 @@ def side_activations(documents: Sequence[str], corpus: al.CorpusTokens,
         jit = None
         if jitter_seed is not None:
             n_words = sum(1 for _ in al.WORD_PATTERN.finditer(doc))
-            jit = occurrence_jitter(n_words, n_f, [*np.atleast_1d(jitter_seed).tolist(), i],
-                                    jitter_spread)
+            jit = occurrence_jitter(
+                n_words, n_f, [*np.atleast_1d(jitter_seed).tolist(), i], jitter_spread
+            )
         tc = token_codes(doc, dt, codes, causal=causal, jitter=jit)
         ok = g >= 0
         grid[g[ok]] = tc[ok] @ features
@@ -131,8 +147,9 @@ def side_activations(documents: Sequence[str], corpus: al.CorpusTokens,
     return grid[contexts.mask.reshape(-1)].astype(np.float32)
 
 
-def random_token_embeddings(contexts: text_lib.Contexts, vocab_size: int, d: int, *,
-                            scale: float, noise: float, seed) -> np.ndarray:
+def random_token_embeddings(
+    contexts: text_lib.Contexts, vocab_size: int, d: int, *, scale: float, noise: float, seed
+) -> np.ndarray:
     """Random-init floor: a random embedding of each token id (+ noise), masked rows."""
     rng = np.random.default_rng(seed)
     table = scale * unit_rows(vocab_size, d, rng.integers(1 << 31))

@@ -36,7 +36,7 @@ def mesh4():
 @pytest.fixture(params=[1, NUM_DEVICES], ids=["1dev", f"{NUM_DEVICES}dev"])
 def mesh(request):
     """Parametrised: runs a test once on 1 device and once on 4."""
-    return mesh_lib.make_mesh(devices=jax.devices()[:request.param])
+    return mesh_lib.make_mesh(devices=jax.devices()[: request.param])
 
 
 @pytest.fixture

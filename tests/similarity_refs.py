@@ -42,12 +42,14 @@ def cca_qr(x, y, w=None):
 def svcca_google(x, y, threshold=0.99):
     """SVCCA the way google/svcca's tutorial does it: SVD of the centred data, keep the top
     singular directions explaining ``threshold`` of the variance (sum of s^2), project, CCA."""
+
     def reduce(a):
         ac = centre(a)
         _, s, vt = np.linalg.svd(ac, full_matrices=False)
-        frac = np.cumsum(s ** 2) / np.sum(s ** 2)
+        frac = np.cumsum(s**2) / np.sum(s**2)
         k = int(np.argmax(frac >= threshold)) + 1
         return ac @ vt[:k].T, k
+
     xr, kx = reduce(x)
     yr, ky = reduce(y)
     coefs = cca_qr(xr, yr)[0]
@@ -58,7 +60,7 @@ def pwcca_morcos(x, y):
     """Morcos et al. 2018: alpha_i = sum_j |<h_i, x_j>| with h_i the (unit-norm) canonical
     variates of X and x_j the centred columns of X; PWCCA = sum alpha_i rho_i / sum alpha."""
     coefs, qx, u, xc = cca_qr(x, y)
-    h = qx @ u[:, :len(coefs)]
+    h = qx @ u[:, : len(coefs)]
     alpha = np.abs(h.T @ xc).sum(axis=1)
     return float(np.sum(alpha * coefs) / alpha.sum())
 
@@ -67,8 +69,9 @@ def linear_cka(x, y, w=None):
     sw = np.ones(len(x)) if w is None else np.sqrt(np.asarray(w, np.float64))
     xc = centre(x, w) * sw[:, None]
     yc = centre(y, w) * sw[:, None]
-    return float(np.linalg.norm(yc.T @ xc) ** 2
-                 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)))
+    return float(
+        np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    )
 
 
 def hsic_unbiased_gram(k, l):
@@ -77,8 +80,14 @@ def hsic_unbiased_gram(k, l):
     k = k - np.diag(np.diag(k))
     l = l - np.diag(np.diag(l))
     one = np.ones(n)
-    return float((np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-                  - 2.0 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3)))
+    return float(
+        (
+            np.trace(k @ l)
+            + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (one @ k @ l @ one)
+        )
+        / (n * (n - 3))
+    )
 
 
 def debiased_cka(x, y, centred=True):
@@ -91,8 +100,8 @@ def debiased_cka(x, y, centred=True):
 def minibatch_cka(x, y, batch):
     hs = np.zeros(3)
     for s in range(0, len(x), batch):
-        xb = np.asarray(x[s:s + batch], np.float64)
-        yb = np.asarray(y[s:s + batch], np.float64)
+        xb = np.asarray(x[s : s + batch], np.float64)
+        yb = np.asarray(y[s : s + batch], np.float64)
         if len(xb) < 4:
             continue
         k, l = xb @ xb.T, yb @ yb.T
@@ -115,8 +124,9 @@ def rsa_weighted_pearson(x, y, w):
     ry = np.corrcoef(np.asarray(y, np.float64))[iu]
     pw = (np.asarray(w, np.float64)[:, None] * np.asarray(w, np.float64)[None, :])[iu]
     mx, my = pw @ rx / pw.sum(), pw @ ry / pw.sum()
-    return float(pw @ ((rx - mx) * (ry - my))
-                 / np.sqrt(pw @ (rx - mx) ** 2 * (pw @ (ry - my) ** 2)))
+    return float(
+        pw @ ((rx - mx) * (ry - my)) / np.sqrt(pw @ (rx - mx) ** 2 * (pw @ (ry - my) ** 2))
+    )
 
 
 def procrustes_distance(x, y):
@@ -150,5 +160,7 @@ def mutual_knn(x, y, k, w=None, normalize=False):
 def random_pair(seed, n, d1, d2):
     """Independent Gaussian X [n, d1], Y [n, d2] (float32): the no-shared-structure input."""
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, d1)).astype(np.float32),
-            rng.normal(size=(n, d2)).astype(np.float32))
+    return (
+        rng.normal(size=(n, d1)).astype(np.float32),
+        rng.normal(size=(n, d2)).astype(np.float32),
+    )

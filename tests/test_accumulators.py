@@ -19,8 +19,14 @@ def reference(x, y, w=None):
     mx = (w[:, None] * x).sum(0) / n
     my = (w[:, None] * y).sum(0) / n
     xc, yc = x - mx, y - my
-    return dict(count=n, mean_x=mx, mean_y=my, cov_xx=(w[:, None] * xc).T @ xc / n,
-                cov_yy=(w[:, None] * yc).T @ yc / n, cov_xy=(w[:, None] * xc).T @ yc / n)
+    return dict(
+        count=n,
+        mean_x=mx,
+        mean_y=my,
+        cov_xx=(w[:, None] * xc).T @ xc / n,
+        cov_yy=(w[:, None] * yc).T @ yc / n,
+        cov_xy=(w[:, None] * xc).T @ yc / n,
+    )
 
 
 def assert_close(moments, ref, rtol=1e-5):
@@ -45,8 +51,10 @@ def fold(acc, x, y, chunk, w=None):
     state = acc.init()
     update = jax.jit(acc.update)
     for lo in range(0, len(x), chunk):
-        wc = np.ones(len(x[lo:lo + chunk])) if w is None else w[lo:lo + chunk]
-        state = update(state, (x[lo:lo + chunk], y[lo:lo + chunk]), jnp.asarray(wc, jnp.float32))
+        wc = np.ones(len(x[lo : lo + chunk])) if w is None else w[lo : lo + chunk]
+        state = update(
+            state, (x[lo : lo + chunk], y[lo : lo + chunk]), jnp.asarray(wc, jnp.float32)
+        )
     return state
 
 
@@ -63,8 +71,9 @@ def test_catastrophic_cancellation(rng):
     y = (y + 1e4).astype(np.float32)
     acc = accumulators.CrossMoments(5, 3)
     assert_close(acc.finalize(fold(acc, x, y, 128)), reference(x, y))
-    naive = np.float32(np.sum(x[:, 0].astype(np.float32) ** 2, dtype=np.float32)
-                       / len(x) - np.mean(x[:, 0]) ** 2)
+    naive = np.float32(
+        np.sum(x[:, 0].astype(np.float32) ** 2, dtype=np.float32) / len(x) - np.mean(x[:, 0]) ** 2
+    )
     assert abs(naive - np.var(x[:, 0].astype(np.float64))) > 0.01  # the trap is real
 
 
@@ -81,14 +90,15 @@ def test_single_stream(rng):
     acc = accumulators.CrossMoments(5)
     state = jax.jit(acc.update)(acc.init(), (x,), jnp.ones(200))
     m = acc.finalize(state)
-    np.testing.assert_allclose(m.cov_xx, np.cov(x.astype(np.float64).T, bias=True),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        m.cov_xx, np.cov(x.astype(np.float64).T, bias=True), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_merge_in_any_order(rng):
     x, y = data(rng, 900, offset=50.0)
     acc = accumulators.CrossMoments(5, 3)
-    parts = [fold(acc, x[i:i + 300], y[i:i + 300], 50) for i in (0, 300, 600)]
+    parts = [fold(acc, x[i : i + 300], y[i : i + 300], 50) for i in (0, 300, 600)]
     ref = reference(x, y)
     merge = jax.jit(acc.merge)
     for order in itertools.permutations(range(3)):
@@ -133,6 +143,7 @@ def test_generic_merge_across_matches_collective_form(rng, mesh4):
 
 def test_checkpointed_accumulation_resumes(rng, mesh4, tmp_path):
     from engine import checkpoint
+
     x, y = data(rng, 640)
     acc = accumulators.CrossMoments(5, 3)
     # First pass stops after 4 chunks (simulated kill), second pass resumes from the save.
@@ -149,6 +160,7 @@ def test_checkpointed_accumulation_resumes(rng, mesh4, tmp_path):
 def test_resume_after_a_crash_mid_stream(rng, mesh4, tmp_path):
     """A run that dies after some chunks (prefetch already read ahead) resumes exactly."""
     from engine import checkpoint
+
     x, y = data(rng, 640)
     acc = accumulators.CrossMoments(5, 3)
 
@@ -159,17 +171,19 @@ def test_resume_after_a_crash_mid_stream(rng, mesh4, tmp_path):
         for lo in range(start, 640, 64):
             if lo >= 384:
                 raise Crash()
-            yield x[lo:lo + 64], y[lo:lo + 64]
+            yield x[lo : lo + 64], y[lo : lo + 64]
 
     ck = checkpoint.Checkpointer(str(tmp_path / "acc"))
     with pytest.raises(Crash):
-        accumulators.accumulate(acc, streaming.ChunkStream(dying, 64), mesh4, checkpointer=ck,
-                                save_every=2)
+        accumulators.accumulate(
+            acc, streaming.ChunkStream(dying, 64), mesh4, checkpointer=ck, save_every=2
+        )
     ck.close()
     ck = checkpoint.Checkpointer(str(tmp_path / "acc"))
-    whole = lambda start: ((x[lo:lo + 64], y[lo:lo + 64]) for lo in range(start, 640, 64))
-    state = accumulators.accumulate(acc, streaming.ChunkStream(whole, 64), mesh4,
-                                    checkpointer=ck, save_every=2)
+    whole = lambda start: ((x[lo : lo + 64], y[lo : lo + 64]) for lo in range(start, 640, 64))
+    state = accumulators.accumulate(
+        acc, streaming.ChunkStream(whole, 64), mesh4, checkpointer=ck, save_every=2
+    )
     m = acc.finalize(state)
     assert m.count == 640
     assert_close(m, reference(x, y))
@@ -190,14 +204,21 @@ def test_transform_and_combined_accumulators(rng, mesh):
     """On-device featurisation (params as an argument) feeding two accumulators at once."""
     x, y = data(rng, 200)
     w = rng.normal(size=(5, 4)).astype(np.float32)
-    acc = accumulators.Combined({"xy": (accumulators.CrossMoments(5, 3), (0, 1)),
-                                 "hy": (accumulators.CrossMoments(4, 3), (2, 1))})
+    acc = accumulators.Combined(
+        {
+            "xy": (accumulators.CrossMoments(5, 3), (0, 1)),
+            "hy": (accumulators.CrossMoments(4, 3), (2, 1)),
+        }
+    )
 
     def transform(params, xb, yb):
         return xb, yb, jnp.tanh(xb @ params)
 
-    out = acc.finalize(accumulators.accumulate(acc, streaming.ChunkStream((x, y), 40), mesh,
-                                               transform=transform, params=w))
+    out = acc.finalize(
+        accumulators.accumulate(
+            acc, streaming.ChunkStream((x, y), 40), mesh, transform=transform, params=w
+        )
+    )
     assert_close(out["xy"], reference(x, y))
     h = np.tanh(x.astype(np.float64) @ w.astype(np.float64))
     assert_close(out["hy"], reference(h, y), rtol=1e-4)
@@ -205,6 +226,7 @@ def test_transform_and_combined_accumulators(rng, mesh):
 
 def test_checkpointer_round_trips_zero_size_leaves(tmp_path):
     from engine import checkpoint
+
     state = {"a": jnp.arange(3.0), "empty": jnp.zeros((0,), jnp.int32)}
     ck = checkpoint.Checkpointer(str(tmp_path / "c"))
     ck.save(1, state, {"position": 7})

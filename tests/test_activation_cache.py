@@ -22,15 +22,17 @@ HOOKS = ["resid_post.0", "mlp_out.1"]
 
 def make_contexts(tokenizer):
     """60 contexts of 16 tokens from 12 short documents: padded tails in most documents."""
-    return text.make_contexts([d[:400] for d in text.sample_documents(12)], tokenizer, 16,
-                              pad_tail=True, max_contexts=60)
+    return text.make_contexts(
+        [d[:400] for d in text.sample_documents(12)], tokenizer, 16, pad_tail=True, max_contexts=60
+    )
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
-    return lm_tiny.make_tiny_model_pair(str(root), arch="llama", vocab_size=300, n_layers=2,
-                                        d_model=16)
+    return lm_tiny.make_tiny_model_pair(
+        str(root), arch="llama", vocab_size=300, n_layers=2, d_model=16
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,16 @@ def reference(model_a, contexts):
 @pytest.fixture(scope="module")
 def cache32(model_a, contexts, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("c32") / "cache")
-    return ac.harvest(model_a, contexts, HOOKS, path, batch_size=7, shard_contexts=25,
-                      progress=False, text_info={"source": "sample[:4]"})
+    return ac.harvest(
+        model_a,
+        contexts,
+        HOOKS,
+        path,
+        batch_size=7,
+        shard_contexts=25,
+        progress=False,
+        text_info={"source": "sample[:4]"},
+    )
 
 
 def _rows(ref, contexts, hook, exclude_special=False, special_ids=()):
@@ -84,17 +94,27 @@ def test_roundtrip_float32_and_metadata(cache32, contexts, reference, model_a):
     assert meta["hookpoints"] == HOOKS and meta["context_length"] == 16
     assert meta["dtype"] == "float32" and meta["text"] == {"source": "sample[:4]"}
     assert meta["tokenizer"]["vocab_size"] == 300
-    assert meta["hookpoint_aliases"]["resid_post.0"] == {"saelens": "blocks.0.hook_resid_post",
-                                                         "sparsify": "layers.0"}
+    assert meta["hookpoint_aliases"]["resid_post.0"] == {
+        "saelens": "blocks.0.hook_resid_post",
+        "sparsify": "layers.0",
+    }
     assert meta["special_ids"] == text.special_token_ids(model_a.tokenizer)
-    assert sorted(os.listdir(cache32.path)) == sorted(["metadata.json", "progress.json",
-                                                       "tokens", "mask"] + HOOKS)
+    assert sorted(os.listdir(cache32.path)) == sorted(
+        ["metadata.json", "progress.json", "tokens", "mask"] + HOOKS
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_low_precision_storage_is_exact_rounding(dtype, model_a, contexts, reference, tmp_path):
-    cache = ac.harvest(model_a, contexts[:30], HOOKS, str(tmp_path / dtype), dtype=dtype,
-                       shard_contexts=16, progress=False)
+    cache = ac.harvest(
+        model_a,
+        contexts[:30],
+        HOOKS,
+        str(tmp_path / dtype),
+        dtype=dtype,
+        shard_contexts=16,
+        progress=False,
+    )
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     sel = contexts.mask[:30]
     want = reference.acts["mlp_out.1"][:30][sel].astype(np_dtype)
@@ -125,8 +145,14 @@ def test_kill_and_resume_gives_identical_cache(pair, cache32, tmp_path):
                    progress=False, text_info={{"source": "sample[:4]"}}, on_batch=on_batch)
     """)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     progress = json.load(open(os.path.join(path, "progress.json")))
     assert len(progress["shards"]) == 1  # shard 0 committed, shard 1 half written
@@ -138,16 +164,32 @@ def test_kill_and_resume_gives_identical_cache(pair, cache32, tmp_path):
     # Resume in this process (same settings) and compare every file with the reference.
     m = lm.LanguageModel.load(pair.path_a)
     ctx = make_contexts(m.tokenizer)
-    resumed = ac.harvest(m, ctx, HOOKS, path, batch_size=7, shard_contexts=25, progress=False,
-                         text_info={"source": "sample[:4]"})
+    resumed = ac.harvest(
+        m,
+        ctx,
+        HOOKS,
+        path,
+        batch_size=7,
+        shard_contexts=25,
+        progress=False,
+        text_info={"source": "sample[:4]"},
+    )
     assert resumed.shards == cache32.shards
     for kind in ["tokens", "mask"] + HOOKS:
         for i in range(3):
             np.testing.assert_array_equal(resumed.memmap(kind, i), cache32.memmap(kind, i))
         assert not any(f.endswith(".tmp") for f in os.listdir(os.path.join(path, kind)))
     # A finished cache is returned as is by another harvest call with the same settings.
-    again = ac.harvest(m, ctx, HOOKS, path, batch_size=7, shard_contexts=25, progress=False,
-                       text_info={"source": "sample[:4]"})
+    again = ac.harvest(
+        m,
+        ctx,
+        HOOKS,
+        path,
+        batch_size=7,
+        shard_contexts=25,
+        progress=False,
+        text_info={"source": "sample[:4]"},
+    )
     assert again.shards == cache32.shards
 
 
@@ -161,25 +203,51 @@ def test_resume_refuses_other_settings_or_other_text(model_a, contexts, tmp_path
             raise KeyboardInterrupt  # an interrupted run leaves a partial cache
 
     with pytest.raises(KeyboardInterrupt):
-        ac.harvest(model_a, contexts, ["resid_post.0"], path, batch_size=5, shard_contexts=5,
-                   progress=False, on_batch=stop_after_first_shard)
+        ac.harvest(
+            model_a,
+            contexts,
+            ["resid_post.0"],
+            path,
+            batch_size=5,
+            shard_contexts=5,
+            progress=False,
+            on_batch=stop_after_first_shard,
+        )
     with pytest.raises(checks.InputError, match="dtype: cache has 'float32'"):
-        ac.harvest(model_a, contexts, ["resid_post.0"], path, dtype="float16", batch_size=5,
-                   shard_contexts=5, progress=False)
+        ac.harvest(
+            model_a,
+            contexts,
+            ["resid_post.0"],
+            path,
+            dtype="float16",
+            batch_size=5,
+            shard_contexts=5,
+            progress=False,
+        )
     with pytest.raises(checks.InputError, match="hookpoints"):
-        ac.harvest(model_a, contexts, ["resid_post.1"], path, batch_size=5, shard_contexts=5,
-                   progress=False)
+        ac.harvest(
+            model_a,
+            contexts,
+            ["resid_post.1"],
+            path,
+            batch_size=5,
+            shard_contexts=5,
+            progress=False,
+        )
     other = text.make_contexts(text.sample_documents(6)[3:], model_a.tokenizer, 16)
     with pytest.raises(checks.InputError, match="other tokens"):
-        ac.harvest(model_a, other, ["resid_post.0"], path, batch_size=5, shard_contexts=5,
-                   progress=False)
-    done = ac.harvest(model_a, contexts, ["resid_post.0"], path, batch_size=5,
-                      shard_contexts=5, progress=False)
+        ac.harvest(
+            model_a, other, ["resid_post.0"], path, batch_size=5, shard_contexts=5, progress=False
+        )
+    done = ac.harvest(
+        model_a, contexts, ["resid_post.0"], path, batch_size=5, shard_contexts=5, progress=False
+    )
     assert done.num_contexts == len(contexts)
 
 
 def test_damaged_or_foreign_directories_refused(cache32, tmp_path):
     import shutil
+
     with pytest.raises(checks.InputError, match="no metadata.json"):
         ac.ActivationCache(str(tmp_path))
     copy = str(tmp_path / "copy")
@@ -261,9 +329,9 @@ def test_shuffle_is_a_resumable_bounded_permutation(n):
     # Bounded buffer: each window of 64 shuffled rows comes from 2 blocks of 32 rows (with
     # n = 1000 the window holding the short block is shorter, so only check n = 1024).
     for lo in range(0, n - 64 if n == 1024 else 0, 64):
-        assert np.unique(where[lo:lo + 64] // 32).shape[0] == 2
+        assert np.unique(where[lo : lo + 64] // 32).shape[0] == 2
     # ... yet rows travel far: blocks are drawn from the whole source.
-    assert np.abs(np.diff(where[:64 * 8:64])).max() > 200
+    assert np.abs(np.diff(where[: 64 * 8 : 64])).max() > 200
     again = [np.concatenate(x) for x in zip(*src.open_at(0))]
     np.testing.assert_array_equal(again[1], rows[1])  # deterministic
     for start in [1, 63, 64, 200, n - 1]:
@@ -288,26 +356,27 @@ def test_shuffled_cache_rows_are_the_cache_rows(cache32):
 
 def test_repeat_epochs_for_training(cache32):
     n = cache32.source("resid_post.0").num_rows
-    src = cache32.source("resid_post.0", shuffle_seed=0, repeat=True, shuffle_buffer=128,
-                         shuffle_block=64)
+    src = cache32.source(
+        "resid_post.0", shuffle_seed=0, repeat=True, shuffle_buffer=128, shuffle_block=64
+    )
     assert src.num_rows is None
     stream = asrc.stream(src, 50)
     got = np.concatenate([next(stream).arrays[1] for _ in range(-(-2 * n // 50) + 1)])
-    e0, e1 = got[:n], got[n:2 * n]
+    e0, e1 = got[:n], got[n : 2 * n]
     assert sorted(e0[:, 0].tolist()) == sorted(e1[:, 0].tolist())  # both full epochs
     assert not np.array_equal(e0, e1)  # a new order each epoch
     tail = next(iter(src.open_at(n + 10)))
     np.testing.assert_array_equal(tail[1][:5], e1[10:15])
     plain = cache32.source("resid_post.0", repeat=True, block_rows=100)
     first = [b[1] for _, b in zip(range(-(-n // 100) + 2), plain.open_at(0))]
-    np.testing.assert_array_equal(np.concatenate(first)[n:n + 5],
-                                  np.concatenate(first)[:5])
+    np.testing.assert_array_equal(np.concatenate(first)[n : n + 5], np.concatenate(first)[:5])
 
 
 def test_paired_caches_of_two_models(pair, contexts, reference, cache32, tmp_path):
     m_b = lm.LanguageModel.load(pair.path_b)
-    cache_b = ac.harvest(m_b, contexts, ["resid_post.1"], str(tmp_path / "b"),
-                         shard_contexts=40, progress=False)  # other shard size: still aligned
+    cache_b = ac.harvest(
+        m_b, contexts, ["resid_post.1"], str(tmp_path / "b"), shard_contexts=40, progress=False
+    )  # other shard size: still aligned
     zipped = ac.paired_source(cache32, "resid_post.0", cache_b, "resid_post.1", block_rows=90)
     tok, xa, xb = [np.concatenate(x) for x in zip(*zipped.open_at(0))]
     want_tok, want_a = _rows(reference, contexts, "resid_post.0")
@@ -315,15 +384,27 @@ def test_paired_caches_of_two_models(pair, contexts, reference, cache32, tmp_pat
     np.testing.assert_array_equal(tok, want_tok)
     np.testing.assert_allclose(xa, want_a, atol=1e-6)
     np.testing.assert_allclose(xb, ref_b.acts["resid_post.1"][contexts.mask], atol=1e-6)
-    sh = ac.paired_source(cache32, "resid_post.0", cache_b, "resid_post.1", shuffle_seed=1,
-                          shuffle_buffer=64, shuffle_block=32)
+    sh = ac.paired_source(
+        cache32,
+        "resid_post.0",
+        cache_b,
+        "resid_post.1",
+        shuffle_seed=1,
+        shuffle_buffer=64,
+        shuffle_block=32,
+    )
     s_tok, s_a, s_b = [np.concatenate(x) for x in zip(*sh.open_at(0))]
     order = {(float(r[0]), float(r[1])): i for i, r in enumerate(xa)}
     idx = np.asarray([order[(float(r[0]), float(r[1]))] for r in s_a])
     np.testing.assert_array_equal(s_b, xb[idx])  # pairs stay paired under shuffling
     # Different text: refused.
-    other = text.make_contexts([d[:400] for d in text.sample_documents(24)[12:]],
-                               m_b.tokenizer, 16, max_contexts=len(contexts), pad_tail=True)
+    other = text.make_contexts(
+        [d[:400] for d in text.sample_documents(24)[12:]],
+        m_b.tokenizer,
+        16,
+        max_contexts=len(contexts),
+        pad_tail=True,
+    )
     cache_c = ac.harvest(m_b, other, ["resid_post.1"], str(tmp_path / "c"), progress=False)
     with pytest.raises(checks.InputError, match="different"):
         ac.paired_source(cache32, "resid_post.0", cache_c, "resid_post.1")
@@ -400,10 +481,19 @@ def test_cache_stream_feeds_engine_accumulators(mesh, cache32):
 
 def test_harvest_experiment(tmp_path):
     workdir = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "experiments.harvest", f"--workdir={workdir}",
-           "--model=tiny:gpt2", "--hookpoints=resid_post.0,blocks.1.hook_resid_pre",
-           "--context_length=32", "--max_tokens=1000", "--shard_contexts=8", "--progress=false",
-           "--text=sample"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.harvest",
+        f"--workdir={workdir}",
+        "--model=tiny:gpt2",
+        "--hookpoints=resid_post.0,blocks.1.hook_resid_pre",
+        "--context_length=32",
+        "--max_tokens=1000",
+        "--shard_contexts=8",
+        "--progress=false",
+        "--text=sample",
+    ]
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -412,7 +502,7 @@ def test_harvest_experiment(tmp_path):
     cache = ac.ActivationCache(res["cache_dir"])
     assert cache.num_contexts == 32 and len(cache.shards) == 4
     spans = np.load(os.path.join(res["cache_dir"], "token_spans.npy"))  # --record_spans
-    assert spans.shape == (32, 32, 3) and (spans[:, 0] == -1).all()       # BOS: no text
+    assert spans.shape == (32, 32, 3) and (spans[:, 0] == -1).all()  # BOS: no text
     assert (spans[:, 1:, 2] > spans[:, 1:, 1]).all()
     assert os.path.getsize(os.path.join(workdir, "plots", "norm_by_position.png")) > 1000
     for name in ("config.json", "metrics.jsonl"):
@@ -424,15 +514,28 @@ def test_harvest_experiment(tmp_path):
 
 def test_harvest_models_checks_tokenizers_first(pair, model_a, contexts, tmp_path):
     m_b = lm.LanguageModel.load(pair.path_b)
-    caches = ac.harvest_models([model_a, m_b], contexts[:20], ["resid_post.1"],
-                               [str(tmp_path / "a"), str(tmp_path / "b")], progress=False)
+    caches = ac.harvest_models(
+        [model_a, m_b],
+        contexts[:20],
+        ["resid_post.1"],
+        [str(tmp_path / "a"), str(tmp_path / "b")],
+        progress=False,
+    )
     z = ac.paired_source(caches[0], "resid_post.1", caches[1], "resid_post.1")
     assert z.num_rows == contexts[:20].num_tokens and z.widths == (16, 16)
     assert model_a.revision is None  # local directories have no hub revision
     tok_d = text.build_word_tokenizer(vocab_size=250)
-    lm_d = lm.LanguageModel(lm_tiny.build_tiny_model("llama", tok_d, seed=0, n_layers=2,
-                                                      d_model=16), tok_d, name="other")
+    lm_d = lm.LanguageModel(
+        lm_tiny.build_tiny_model("llama", tok_d, seed=0, n_layers=2, d_model=16),
+        tok_d,
+        name="other",
+    )
     with pytest.raises(text.TokenizerMismatchError, match="other"):
-        ac.harvest_models([model_a, lm_d], contexts[:20], [["resid_post.1"], ["resid_post.0"]],
-                          [str(tmp_path / "c"), str(tmp_path / "d")], progress=False)
+        ac.harvest_models(
+            [model_a, lm_d],
+            contexts[:20],
+            [["resid_post.1"], ["resid_post.0"]],
+            [str(tmp_path / "c"), str(tmp_path / "d")],
+            progress=False,
+        )
     assert not os.path.exists(tmp_path / "c")  # refused before any work

@@ -28,9 +28,15 @@ def toks():
     return {k: tiny_tokenizers.build_tokenizer(k, 300, docs) for k in KINDS}
 
 
-TRICKY = ["Hello  world,\tcafé naïve 東京 😀 in\n\nthe beginning's end.",
-          "   leading spaces and trailing   ", "a", "", " \n\t ", "x.y,z!!! (quoted) “smart”",
-          "AND GOD SAID, Let there be light: and there was light.\n\n\n"]
+TRICKY = [
+    "Hello  world,\tcafé naïve 東京 😀 in\n\nthe beginning's end.",
+    "   leading spaces and trailing   ",
+    "a",
+    "",
+    " \n\t ",
+    "x.y,z!!! (quoted) “smart”",
+    "AND GOD SAID, Let there be light: and there was light.\n\n\n",
+]
 
 
 # ------------------------------------------------------------------ brute-force references
@@ -52,27 +58,28 @@ def real_tokens(d):
 def check_shared_boundaries(s, a, b):
     du = al.align_document(s, a, b, "shared_boundaries")
     ra, rb = real_tokens(a), real_tokens(b)
-    ref = sorted(ref_closing_offsets(a.starts[ra], a.ends[ra])
-                 & ref_closing_offsets(b.starts[rb], b.ends[rb]))
+    ref = sorted(
+        ref_closing_offsets(a.starts[ra], a.ends[ra])
+        & ref_closing_offsets(b.starts[rb], b.ends[rb])
+    )
     assert du.spans[:, 1].tolist() == ref
     prev = 0
     seen = {"a": [], "b": []}
     for u, (lo, hi) in enumerate(du.spans.tolist()):
-        assert lo == prev and hi > lo          # units tile the text up to the last one
+        assert lo == prev and hi > lo  # units tile the text up to the last one
         prev = hi
         for side, d, ptr, tok in (("a", a, du.ptr_a, du.tok_a), ("b", b, du.ptr_b, du.tok_b)):
-            t = tok[ptr[u]:ptr[u + 1]]
+            t = tok[ptr[u] : ptr[u + 1]]
             assert len(t) >= 1
             assert (d.starts[t] >= lo).all() and (d.ends[t] <= hi).all()
-            assert d.ends[t[-1]] == hi          # the closing token ends exactly there
+            assert d.ends[t[-1]] == hi  # the closing token ends exactly there
             seen[side].extend(t.tolist())
         # the same characters: both sides' tokens cover the same non-space characters of
         # the unit, except characters a tokenizer drops (normaliser), checked as a subset
         cov = []
         for d, ptr, tok in ((a, du.ptr_a, du.tok_a), (b, du.ptr_b, du.tok_b)):
-            t = tok[ptr[u]:ptr[u + 1]]
-            cov.append({c for i in t for c in range(d.starts[i], d.ends[i])
-                        if not s[c].isspace()})
+            t = tok[ptr[u] : ptr[u + 1]]
+            cov.append({c for i in t for c in range(d.starts[i], d.ends[i]) if not s[c].isspace()})
         assert cov[0] <= set(range(lo, hi)) and cov[1] <= set(range(lo, hi))
     # every real token is used at most once, in order, and all tokens up to the last unit
     for side, d, r in (("a", a, ra), ("b", b, rb)):
@@ -107,8 +114,8 @@ def check_words(s, a, b):
             toks_ref.append(per)
     assert [tuple(x) for x in du.spans.tolist()] == expect
     for u in range(len(expect)):
-        assert du.tok_a[du.ptr_a[u]:du.ptr_a[u + 1]].tolist() == toks_ref[u][0]
-        assert du.tok_b[du.ptr_b[u]:du.ptr_b[u + 1]].tolist() == toks_ref[u][1]
+        assert du.tok_a[du.ptr_a[u] : du.ptr_a[u + 1]].tolist() == toks_ref[u][0]
+        assert du.tok_b[du.ptr_b[u] : du.ptr_b[u + 1]].tolist() == toks_ref[u][1]
     n_words = len(re.findall(r"\w+|[^\w\s]+", s))
     assert len(expect) + sum(du.dropped.values()) == n_words
     return du
@@ -162,14 +169,22 @@ def test_worked_example(toks):
     assert "Hello" in words and "world" in words and "end" in words
     # BPE's "'s" crosses the boundary between the words "'" and "s" only if it was learned
     sb = al.align_document(s, a, b, "shared_boundaries")
-    assert sb.spans[-1, 1] == len(s)       # both end on the final "."
+    assert sb.spans[-1, 1] == len(s)  # both end on the final "."
     assert sb.spans[0, 0] == 0
 
 
-_ALPHABET = st.sampled_from(list("abcdefghij ABC") + [" ", "  ", "\t", "\n", "\n\n"]
-                            + ["   "] + list("é東京😀ß∑ﬁ") + list(".,'!?-–“”") + ["\u0301", "\x00"])
-_TEXT = st.one_of(st.lists(_ALPHABET, max_size=40).map("".join),
-                  st.text(st.characters(blacklist_categories=("Cs",)), max_size=40))
+_ALPHABET = st.sampled_from(
+    list("abcdefghij ABC")
+    + [" ", "  ", "\t", "\n", "\n\n"]
+    + ["   "]
+    + list("é東京😀ß∑ﬁ")
+    + list(".,'!?-–“”")
+    + ["\u0301", "\x00"]
+)
+_TEXT = st.one_of(
+    st.lists(_ALPHABET, max_size=40).map("".join),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
+)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,18 +204,21 @@ def test_same_tokenizer_every_token_is_a_unit(toks, s):
     assert du.tok_a.tolist() == real_tokens(a) == du.tok_b.tolist()
     # shared boundaries of a tokenization with itself: exactly its closing tokens
     sb = al.align_document(s, a, a, "shared_boundaries")
-    assert sb.spans[:, 1].tolist() == sorted(ref_closing_offsets(
-        a.starts[real_tokens(a)], a.ends[real_tokens(a)]))
+    assert sb.spans[:, 1].tolist() == sorted(
+        ref_closing_offsets(a.starts[real_tokens(a)], a.ends[real_tokens(a)])
+    )
 
 
 def test_tokens_unit_refuses_different_tokenizations(toks):
     s = TRICKY[0]
     with pytest.raises(text.TokenizerMismatchError):
-        al.align_document(s, al.token_spans(toks["bpe"], s),
-                          al.token_spans(toks["wordpiece"], s), "tokens")
+        al.align_document(
+            s, al.token_spans(toks["bpe"], s), al.token_spans(toks["wordpiece"], s), "tokens"
+        )
     with pytest.raises(checks.InputError, match="unit"):
-        al.align_document(s, al.token_spans(toks["bpe"], s),
-                          al.token_spans(toks["bpe"], s), "sentences")
+        al.align_document(
+            s, al.token_spans(toks["bpe"], s), al.token_spans(toks["bpe"], s), "sentences"
+        )
 
 
 # ------------------------------------------------------------------------------- corpus
@@ -215,25 +233,34 @@ def _corpus(toks, ka, kb, n_docs=4, ctx=24):
     return docs, sides
 
 
-@pytest.mark.parametrize("unit,pooling", [("shared_boundaries", "last"), ("words", "last"),
-                                          ("words", "mean"), ("shared_boundaries", "max")])
+@pytest.mark.parametrize(
+    "unit,pooling",
+    [
+        ("shared_boundaries", "last"),
+        ("words", "last"),
+        ("words", "mean"),
+        ("shared_boundaries", "max"),
+    ],
+)
 def test_corpus_rows_point_at_the_units_tokens(toks, unit, pooling):
     docs, ((ca, sa), (cb, sb)) = _corpus(toks, "wordpiece", "unigram")
     align = al.align_corpus(docs, sa, sb, unit=unit, pooling=pooling)
     assert len(align) > 100
     spans = {"a": sa.span_grid().reshape(-1, 3), "b": sb.span_grid().reshape(-1, 3)}
-    special = {"a": np.isin(ca.token_ids, text.special_token_ids(toks["wordpiece"])),
-               "b": np.isin(cb.token_ids, text.special_token_ids(toks["unigram"]))}
+    special = {
+        "a": np.isin(ca.token_ids, text.special_token_ids(toks["wordpiece"])),
+        "b": np.isin(cb.token_ids, text.special_token_ids(toks["unigram"])),
+    }
     for d, lo, hi, ra, rb in al.iter_units(align):
         assert docs[d][lo:hi].strip()
         for side, rows in (("a", ra), ("b", rb)):
             sp = spans[side][rows]
             assert (sp[:, 0] == d).all()
-            for _, s0, e0 in sp:   # a token's span lies in the unit, up to its whitespace
+            for _, s0, e0 in sp:  # a token's span lies in the unit, up to its whitespace
                 assert not docs[d][s0:lo].strip() and not docs[d][hi:e0].strip()
-                if unit == "words":   # (shared boundaries may hold whitespace tokens)
-                    assert docs[d][max(s0, lo):min(e0, hi)].strip()
-            assert not special[side].reshape(-1)[rows].any()     # specials never align
+                if unit == "words":  # (shared boundaries may hold whitespace tokens)
+                    assert docs[d][max(s0, lo) : min(e0, hi)].strip()
+            assert not special[side].reshape(-1)[rows].any()  # specials never align
         if unit == "shared_boundaries":
             assert spans["a"][ra[-1], 2] == hi == spans["b"][rb[-1], 2]
         if pooling != "last":
@@ -250,8 +277,9 @@ def test_tokens_unit_over_a_corpus_is_every_text_token(toks):
     docs, ((ca, sa), (_cb, sb)) = _corpus(toks, "bpe", "bpe")
     align = al.align_corpus(docs, sa, sb, unit="tokens")
     flat_ids = ca.token_ids.reshape(-1)
-    expect = np.flatnonzero(ca.mask.reshape(-1) & ~np.isin(
-        flat_ids, text.special_token_ids(toks["bpe"])))
+    expect = np.flatnonzero(
+        ca.mask.reshape(-1) & ~np.isin(flat_ids, text.special_token_ids(toks["bpe"]))
+    )
     np.testing.assert_array_equal(np.sort(align.rows_a), expect)
     np.testing.assert_array_equal(align.rows_a, align.rows_b)
     assert align.report["fraction_positions_used"]["a"] == 1.0
@@ -280,11 +308,13 @@ def test_save_load_roundtrip_and_pooling_reference(toks, tmp_path):
     rng = np.random.default_rng(0)
     grids = {s: rng.normal(size=(len(c), 24, 5)) for s, c in (("a", ca), ("b", cb))}
     masks = {"a": ca.mask, "b": cb.mask}
-    gathers = {s: al.grid_gather(grids[s].reshape(-1, 5)[masks[s].reshape(-1)], masks[s])
-               for s in "ab"}
+    gathers = {
+        s: al.grid_gather(grids[s].reshape(-1, 5)[masks[s].reshape(-1)], masks[s]) for s in "ab"
+    }
     for pooling in al.POOLINGS:
-        src = al.AlignedSource(back.with_pooling(pooling), gathers["a"], gathers["b"], (5, 5),
-                               block_rows=37)
+        src = al.AlignedSource(
+            back.with_pooling(pooling), gathers["a"], gathers["b"], (5, 5), block_rows=37
+        )
         blocks = list(src.open_at(0))
         ids = np.concatenate([b[0] for b in blocks])
         xa = np.concatenate([b[1] for b in blocks])

@@ -7,19 +7,34 @@ import pytest
 
 from tests.test_universality import LM, by_name, one_line_error, universality
 
-FAST = ("--num_permutations=30", "--sae_steps=80", "--max_contexts=12", "--context_length=32",
-        "--sae_expansion=2", "--sae_k=4", "--sae_batch_size=64", "--metrics=cka,svcca",
-        "--hookpoints_a=resid_post.1", "--hookpoints_b=resid_post.1", "--chunk_size=128")
+FAST = (
+    "--num_permutations=30",
+    "--sae_steps=80",
+    "--max_contexts=12",
+    "--context_length=32",
+    "--sae_expansion=2",
+    "--sae_k=4",
+    "--sae_batch_size=64",
+    "--metrics=cka,svcca",
+    "--hookpoints_a=resid_post.1",
+    "--hookpoints_b=resid_post.1",
+    "--chunk_size=128",
+)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from models import tiny_tokenizers
+
     root = tmp_path_factory.mktemp("models")
-    return (tiny_tokenizers.make_tiny_model(str(root / "bpe"), "bpe", arch="gpt_neox", seed=0,
-                                            vocab_size=300),
-            tiny_tokenizers.make_tiny_model(str(root / "uni"), "unigram", arch="llama", seed=1,
-                                            vocab_size=300))
+    return (
+        tiny_tokenizers.make_tiny_model(
+            str(root / "bpe"), "bpe", arch="gpt_neox", seed=0, vocab_size=300
+        ),
+        tiny_tokenizers.make_tiny_model(
+            str(root / "uni"), "unigram", arch="llama", seed=1, vocab_size=300
+        ),
+    )
 
 
 @pytest.mark.slow
@@ -27,23 +42,30 @@ def models(tmp_path_factory):
 def test_different_tokenizers_run_on_aligned_units(models, tmp_path, alignment):
     from models import alignment as al
     from models import text
-    proc = universality(tmp_path, LM, f"--model_a={models[0]}",
-                        f"--model_b={models[1]}", f"--alignment={alignment}",
-                        "--alignment_pooling=" + ("mean" if alignment == "words" else "last"),
-                        *FAST)
+
+    proc = universality(
+        tmp_path,
+        LM,
+        f"--model_a={models[0]}",
+        f"--model_b={models[1]}",
+        f"--alignment={alignment}",
+        "--alignment_pooling=" + ("mean" if alignment == "words" else "last"),
+        *FAST,
+    )
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
     unit = "shared_boundaries" if alignment == "auto" else "words"
     assert results["alignment"]["unit"] == unit
     rep = results["alignment"]["report"]
-    assert rep["units"] > 100 and rep["fraction_text_covered"] > (0.9 if unit ==
-                                                                  "shared_boundaries" else 0.5)
+    assert rep["units"] > 100 and rep["fraction_text_covered"] > (
+        0.9 if unit == "shared_boundaries" else 0.5
+    )
     assert f"alignment {unit}" in proc.stdout
     comps = by_name(results)
     # One cell: the planner names its comparisons by kind (experiments/pipeline/references.py).
     assert {"cross", "ceiling_a", "ceiling_b", "floor"} <= set(comps)
     cross = comps["cross"]
-    assert cross["tokens"] == rep["units"]           # the feature pass ran on aligned units
+    assert cross["tokens"] == rep["units"]  # the feature pass ran on aligned units
     assert cross["n_pairs"] > 0
     # top-activating "tokens" are text spans of the corpus (B read the same text as A)
     doc = text.sample_documents(1)[0]
@@ -63,8 +85,15 @@ def test_different_tokenizers_run_on_aligned_units(models, tmp_path, alignment):
 
 
 def test_tokens_alignment_with_different_tokenizers_is_refused(models, tmp_path):
-    proc = universality(tmp_path, LM, f"--model_a={models[0]}",
-                        f"--model_b={models[1]}", "--alignment=tokens", *FAST, check=False)
+    proc = universality(
+        tmp_path,
+        LM,
+        f"--model_a={models[0]}",
+        f"--model_b={models[1]}",
+        "--alignment=tokens",
+        *FAST,
+        check=False,
+    )
     assert "tokenizers differ" in one_line_error(proc)
 
 
@@ -73,6 +102,7 @@ def test_alignment_pooling_flag_choices_match_the_library():
     the library's poolings (config modules define no flags: imported in-process)."""
     from experiments.configs import universality as config
     from models import alignment
+
     field = {f.name: f for f in config.FIELDS}["alignment_pooling"]
     assert tuple(field.choices) == tuple(alignment.POOLINGS)
     assert field.default in alignment.POOLINGS

@@ -58,6 +58,7 @@ def test_load_npy_names_each_kind_of_bad_file(npy_files):
 
 def test_train_sae_npy_path_garbage_and_shape(npy_files, tmp_path, mesh1):
     from experiments import common, train_sae
+
     good, bad = npy_files
     run = common.Run(workdir=str(tmp_path / "run"), mesh=mesh1)
 
@@ -87,9 +88,11 @@ def test_train_sae_npy_path_garbage_and_shape(npy_files, tmp_path, mesh1):
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".txt.gz"])
 def test_binary_text_files_are_named(tmp_path, suffix):
-    blobs = {"random bytes": os.urandom(2000),
-             "npy": b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'}" + b"\x00" * 64,
-             "nul bytes": b"\x00\x00\x00\x00 start\nand more\n"}
+    blobs = {
+        "random bytes": os.urandom(2000),
+        "npy": b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'}" + b"\x00" * 64,
+        "nul bytes": b"\x00\x00\x00\x00 start\nand more\n",
+    }
     for name, blob in blobs.items():
         p = tmp_path / f"{name.replace(' ', '_')}{suffix}"
         p.write_bytes(gzip.compress(blob) if suffix.endswith(".gz") else blob)
@@ -123,6 +126,7 @@ def test_sae_format_loaders_name_garbage_files(tmp_path):
     import json
 
     from models import formats
+
     garbage = os.urandom(400)
     cases = []
     sl = tmp_path / "saelens"
@@ -132,8 +136,7 @@ def test_sae_format_loaders_name_garbage_files(tmp_path):
     cases.append((sl, {}, "cfg.json is not valid JSON"))
     sl2 = tmp_path / "saelens2"
     sl2.mkdir()
-    (sl2 / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 4,
-                                              "d_sae": 8}))
+    (sl2 / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 4, "d_sae": 8}))
     (sl2 / "sae_weights.safetensors").write_bytes(garbage)
     cases.append((sl2, {}, "not a safetensors file"))
     (tmp_path / "params.npz").write_bytes(garbage)

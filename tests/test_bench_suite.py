@@ -26,7 +26,7 @@ def test_suite_smoke_runs_every_benchmark(tmp_path):
     assert suite["scale"] == "smoke" and suite["threads"] == 2
     md = (tmp_path / "suite.md").read_text()
     n_rows = sum(len(d["results"]) for d in docs)
-    assert md.count("\n| ") - 1 == n_rows          # header + one row per timed workload
+    assert md.count("\n| ") - 1 == n_rows  # header + one row per timed workload
     for b in bench.BENCHMARKS:
         assert os.path.exists(tmp_path / f"{b.name}.json")
         assert b.peer in md

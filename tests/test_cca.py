@@ -49,10 +49,10 @@ def test_cca_svcca_pwcca_match_float64_references(kind, mesh):
     assert (got_sv.components_x, got_sv.components_y) == (kx, ky)
     np.testing.assert_allclose(got_sv.score, want_sv, rtol=1e-5)
 
-    np.testing.assert_allclose(cca.pwcca(x, y, mesh=mesh).score, ref.pwcca_morcos(x, y),
-                               rtol=1e-5)
-    np.testing.assert_allclose(cca.pwcca(x, y, mesh=mesh, weight_side="y").score,
-                               ref.pwcca_morcos(y, x), rtol=1e-5)
+    np.testing.assert_allclose(cca.pwcca(x, y, mesh=mesh).score, ref.pwcca_morcos(x, y), rtol=1e-5)
+    np.testing.assert_allclose(
+        cca.pwcca(x, y, mesh=mesh, weight_side="y").score, ref.pwcca_morcos(y, x), rtol=1e-5
+    )
 
 
 def test_svcca_threshold_keeps_the_right_number_of_components():
@@ -82,21 +82,21 @@ def test_svcca_threshold_keeps_the_right_number_of_components():
 def test_streamed_equals_all_at_once_and_generator_source(mesh):
     x, y = INPUTS["structured"]
     whole = cca.svcca(x, y, mesh=mesh, chunk_size=256)  # one chunk
-    chunked = cca.svcca(x, y, mesh=mesh, chunk_size=48)   # ragged last chunk
+    chunked = cca.svcca(x, y, mesh=mesh, chunk_size=48)  # ragged last chunk
 
     def open_at(start):
         for lo in range(start, N, 50):
-            yield x[lo:lo + 50], y[lo:lo + 50]
+            yield x[lo : lo + 50], y[lo : lo + 50]
 
     streamed = cca.from_stream("svcca", streaming.ChunkStream(open_at, 48), mesh)
     for other in (chunked, streamed):
-        np.testing.assert_allclose(other.coefficients, whole.coefficients, rtol=2e-6,
-                                   atol=2e-6)
+        np.testing.assert_allclose(other.coefficients, whole.coefficients, rtol=2e-6, atol=2e-6)
         assert other.components_x == whole.components_x
 
 
 def test_plain_crossmoments_accumulator_works_too(mesh):
     from engine import accumulators
+
     x, y = INPUTS["structured"]
     acc = accumulators.CrossMoments(D1, D2)
     moments = acc.finalize(accumulators.accumulate(acc, streaming.ChunkStream((x, y), 48), mesh))
@@ -134,8 +134,9 @@ def test_cca_and_full_rank_svcca_invariant_to_invertible_maps(seed):
     moved = cca.cca((x @ ax + 3.0).astype(np.float32), (y @ ay).astype(np.float32))
     np.testing.assert_allclose(moved.coefficients, base, rtol=2e-5, atol=5e-6)
     sv = cca.svcca(x, y, threshold=1.0).score
-    sv_moved = cca.svcca((x @ ax).astype(np.float32), (y @ ay - 7.0).astype(np.float32),
-                         threshold=1.0).score
+    sv_moved = cca.svcca(
+        (x @ ax).astype(np.float32), (y @ ay - 7.0).astype(np.float32), threshold=1.0
+    ).score
     np.testing.assert_allclose(sv_moved, sv, rtol=2e-5)
 
 
@@ -145,12 +146,14 @@ def test_identical_inputs_give_one_and_symmetry(seed):
     x, y = structured(seed)
     for fn in (cca.cca, cca.svcca, cca.pwcca):
         np.testing.assert_allclose(fn(x, x).score, 1.0, atol=2e-6)
-    np.testing.assert_allclose(cca.cca(x, y).coefficients, cca.cca(y, x).coefficients,
-                               rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(
+        cca.cca(x, y).coefficients, cca.cca(y, x).coefficients, rtol=1e-5, atol=2e-6
+    )
     np.testing.assert_allclose(cca.svcca(x, y).score, cca.svcca(y, x).score, rtol=1e-5)
     # PWCCA is not symmetric; swapping the inputs swaps the weighting side.
-    np.testing.assert_allclose(cca.pwcca(x, y).score, cca.pwcca(y, x, weight_side="y").score,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        cca.pwcca(x, y).score, cca.pwcca(y, x, weight_side="y").score, rtol=1e-5
+    )
 
 
 def test_zero_variance_column_is_dropped_not_inverted():
@@ -158,8 +161,7 @@ def test_zero_variance_column_is_dropped_not_inverted():
     x_const = np.concatenate([x, np.full((N, 1), 3.25, np.float32)], axis=1)
     got = cca.cca(x_const, y)
     assert got.components_x == D1
-    np.testing.assert_allclose(got.coefficients, cca.cca(x, y).coefficients, rtol=1e-5,
-                               atol=2e-6)
+    np.testing.assert_allclose(got.coefficients, cca.cca(x, y).coefficients, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(cca.pwcca(x_const, y).score, cca.pwcca(x, y).score, rtol=1e-5)
 
 
@@ -184,23 +186,26 @@ def test_d_at_least_n_raises_unless_regularised():
 
     def inv_sqrt(c):
         e, v = np.linalg.eigh(c)
-        return v @ np.diag(e ** -0.5) @ v.T
+        return v @ np.diag(e**-0.5) @ v.T
 
     want = np.linalg.svd(inv_sqrt(sx) @ sxy @ inv_sqrt(sy), compute_uv=False)
     np.testing.assert_allclose(got.coefficients, want, rtol=1e-4, atol=1e-5)
     assert got.coefficients.max() < 1.0
-    assert cca.svcca(x, y).components_x <= 9    # SVCCA reduces d first: no error
+    assert cca.svcca(x, y).components_x <= 9  # SVCCA reduces d first: no error
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda x, y: (x[:-1], y), "rows"),
-    (lambda x, y: (x[:1], y[:1]), "at least 2 rows"),
-    (lambda x, y: (np.where(np.arange(N)[:, None] == 3, np.nan, x), y), "non-finite"),
-    (lambda x, y: (x, np.where(np.arange(N)[:, None] == 5, np.inf, y)), "non-finite"),
-    (lambda x, y: (x.astype(np.float64), y), "dtype"),
-    (lambda x, y: (np.ones_like(x), y), "constant"),
-    (lambda x, y: (x[:, 0], y), "2-D"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda x, y: (x[:-1], y), "rows"),
+        (lambda x, y: (x[:1], y[:1]), "at least 2 rows"),
+        (lambda x, y: (np.where(np.arange(N)[:, None] == 3, np.nan, x), y), "non-finite"),
+        (lambda x, y: (x, np.where(np.arange(N)[:, None] == 5, np.inf, y)), "non-finite"),
+        (lambda x, y: (x.astype(np.float64), y), "dtype"),
+        (lambda x, y: (np.ones_like(x), y), "constant"),
+        (lambda x, y: (x[:, 0], y), "2-D"),
+    ],
+)
 def test_bad_inputs_raise_one_line_errors(bad, match):
     x, y = INPUTS["random"]
     with pytest.raises(checks.InputError, match=match):
@@ -242,8 +247,9 @@ def test_cca_invariant_to_scaling_one_column_from_exact_statistics(factor):
     assert got.components_x == D1
     np.testing.assert_allclose(got.coefficients, base.coefficients, atol=1e-6)
     np.testing.assert_allclose(got.coefficients, ref.cca_qr(xs, y)[0], atol=1e-6)
-    np.testing.assert_allclose(cca.pwcca_from_stats(_stats(xs, y)).score,
-                               ref.pwcca_morcos(xs, y), atol=1e-6)
+    np.testing.assert_allclose(
+        cca.pwcca_from_stats(_stats(xs, y)).score, ref.pwcca_morcos(xs, y), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("factor", [3e-4, 1e4])
@@ -282,8 +288,10 @@ def test_duplicated_and_constant_columns_are_still_dropped(mesh):
         return np.column_stack([a, a[:, 0] * 2.5, np.full(N, 0.1, a.dtype), a @ r.astype(a.dtype)])
 
     x64 = x.astype(np.float64)
-    for stats in (paired_stats.pair_stats(with_extra(x), y, mesh=mesh, chunk_size=48),
-                  _stats(with_extra(x64), y)):
+    for stats in (
+        paired_stats.pair_stats(with_extra(x), y, mesh=mesh, chunk_size=48),
+        _stats(with_extra(x64), y),
+    ):
         got = cca.cca_from_stats(stats)
         assert got.components_x == D1
         np.testing.assert_allclose(got.coefficients, ref.cca_qr(x, y)[0], atol=2e-5)
@@ -294,7 +302,7 @@ def test_svcca_with_fewer_rows_than_components_is_flagged_uninformative():
     # coefficient is 1 for ANY data (the centred column spaces must intersect in R^19).
     x, y = ref.random_pair(11, 20, 64, 64)
     got = cca.svcca(x, y)
-    assert got.score > 0.99          # the number itself is meaningless ...
+    assert got.score > 0.99  # the number itself is meaningless ...
     d = got.to_dict()
     assert d["informative"] is False  # ... and says so
     assert "n/d" in d["uninformative_reason"] and "20" in d["uninformative_reason"]

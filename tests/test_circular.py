@@ -15,8 +15,10 @@ from models import planted
 def _ring(m, radius=1.0, rotation=0.0, reflect=False, centre=(0.0, 0.0)):
     phi = 2 * np.pi * np.arange(m) / m
     phi = -phi if reflect else phi
-    return np.stack([radius * np.cos(phi + rotation) + centre[0],
-                     radius * np.sin(phi + rotation) + centre[1]], 1)
+    return np.stack(
+        [radius * np.cos(phi + rotation) + centre[0], radius * np.sin(phi + rotation) + centre[1]],
+        1,
+    )
 
 
 def _spearman_upper(A, B):
@@ -40,10 +42,9 @@ def test_pca_matches_covariance_eigendecomposition(rng):
     vals, vecs = vals[::-1], vecs[:, ::-1]
     np.testing.assert_allclose(res.explained_variance, vals[:3], rtol=1e-10)
     assert res.total_variance == pytest.approx(np.trace(cov), rel=1e-12)
-    for c in range(3):                                 # same directions up to sign
+    for c in range(3):  # same directions up to sign
         assert abs(res.components[c] @ vecs[:, c]) == pytest.approx(1.0, abs=1e-10)
-    np.testing.assert_allclose(res.project(X), (X - X.mean(0)) @ res.components.T,
-                               atol=1e-10)
+    np.testing.assert_allclose(res.project(X), (X - X.mean(0)) @ res.components.T, atol=1e-10)
 
 
 def test_pca_integer_weights_equal_repeated_rows(rng):
@@ -60,7 +61,7 @@ def _ref_recon_pca(W, codes):
     active = np.any(codes > 0, axis=1)
     R = codes[active].astype(np.float64) @ W.astype(np.float64)
     _, s, vt = np.linalg.svd(R - R.mean(0), full_matrices=False)
-    return (s ** 2) / active.sum(), vt, R
+    return (s**2) / active.sum(), vt, R
 
 
 def test_reconstruction_pca_streamed_equals_explicit(mesh, rng):
@@ -69,15 +70,16 @@ def test_reconstruction_pca_streamed_equals_explicit(mesh, rng):
     codes = np.where(rng.random((n, m)) < 0.15, rng.random((n, m)), 0.0).astype(np.float32)
     var, vt, R = _ref_recon_pca(W, codes)
     acc = pca.ActiveRowMoments(m)
-    stream = streaming.ChunkStream((codes,), 96, name="codes")     # ragged last chunk
+    stream = streaming.ChunkStream((codes,), 96, name="codes")  # ragged last chunk
     moments = acc.finalize(accumulators.accumulate(acc, stream, mesh))
     assert moments.count == np.any(codes > 0, axis=1).sum()
-    for res in (pca.reconstruction_pca(W, moments=moments, n_components=3),
-                pca.reconstruction_pca(W, codes, n_components=3)):
+    for res in (
+        pca.reconstruction_pca(W, moments=moments, n_components=3),
+        pca.reconstruction_pca(W, codes, n_components=3),
+    ):
         np.testing.assert_allclose(res.explained_variance, var[:3], rtol=1e-4)
         assert res.total_variance == pytest.approx(var.sum(), rel=1e-4)
-        np.testing.assert_allclose(np.abs(np.sum(res.components * vt[:3], 1)), 1.0,
-                                   atol=1e-4)
+        np.testing.assert_allclose(np.abs(np.sum(res.components * vt[:3], 1)), 1.0, atol=1e-4)
         np.testing.assert_allclose(res.mean, R.mean(0), rtol=1e-4, atol=1e-5)
 
 
@@ -128,8 +130,9 @@ def test_circularity_statistic_matches_bruteforce(rng):
 
     def score(perm):
         phi = 2 * np.pi * np.asarray(perm)[order] / m
-        return max(abs(np.mean(np.exp(1j * (theta - phi)))),
-                   abs(np.mean(np.exp(1j * (theta + phi)))))
+        return max(
+            abs(np.mean(np.exp(1j * (theta - phi)))), abs(np.mean(np.exp(1j * (theta + phi))))
+        )
 
     null = np.asarray([score(p) for p in itertools.permutations(range(m))])
     assert res.score == pytest.approx(score(range(m)), abs=1e-12)
@@ -139,8 +142,10 @@ def test_circularity_statistic_matches_bruteforce(rng):
 
 def test_null_calibration_random_points():
     # Under no ordering, exact permutation p-values are (super-)uniform.
-    ps = [circular.circularity(np.random.default_rng(s).normal(size=(6, 2)), np.arange(6),
-                               6).p for s in range(200)]
+    ps = [
+        circular.circularity(np.random.default_rng(s).normal(size=(6, 2)), np.arange(6), 6).p
+        for s in range(200)
+    ]
     ps = np.asarray(ps)
     assert np.mean(ps <= 0.05) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 200)
     assert np.mean(ps <= 0.5) == pytest.approx(0.5, abs=0.12)
@@ -148,14 +153,12 @@ def test_null_calibration_random_points():
 
 def test_decoder_circularity_planted_and_unplanted():
     pair = planted.make_planted_pair(0, n_tokens=64)
-    res, p = circular.decoder_circularity(pair.atoms_a[pair.concept_features],
-                                          np.arange(7), 7)
+    res, p = circular.decoder_circularity(pair.atoms_a[pair.concept_features], np.arange(7), 7)
     assert res.score > 0.999 and res.p < 0.01
     assert res.plane_fraction == pytest.approx(1.0, abs=1e-6)
     assert p.components.shape == (2, pair.atoms_a.shape[1])
     ctrl = planted.make_planted_pair(0, n_tokens=64, planted=False, shared=False)
-    res_c, _ = circular.decoder_circularity(ctrl.atoms_a[ctrl.concept_features],
-                                            np.arange(7), 7)
+    res_c, _ = circular.decoder_circularity(ctrl.atoms_a[ctrl.concept_features], np.arange(7), 7)
     assert res_c.p > 0.05 and res_c.score < 0.8
 
 
@@ -199,8 +202,9 @@ def test_compare_geometry_rotation_and_independent(rng):
     assert res2.ordering.observed == pytest.approx(1.0, abs=1e-6)
     assert res2.rsa.observed == pytest.approx(1.0, abs=1e-9)
     assert res.direction in (1, -1) and res2.direction in (1, -1)
-    indep = circular.compare_geometry(A, _ring(7) @ rng.normal(size=(2, 9))
-                                      + rng.normal(size=(7, 9)))
+    indep = circular.compare_geometry(
+        A, _ring(7) @ rng.normal(size=(2, 9)) + rng.normal(size=(7, 9))
+    )
     assert indep.rsa.p > 0.01 or indep.ordering.p > 0.01
 
 
@@ -210,19 +214,21 @@ def test_rsa_test_matches_scipy_and_bruteforce_mantel(rng):
     B = _cos(rng.normal(size=(m, 5)) + 0.8 * rng.normal(size=(m, 5)))
     res = rsa.mantel(A, B)
     assert res.observed == pytest.approx(_spearman_upper(A, B), abs=1e-12)
-    null = np.asarray([_spearman_upper(A, B[np.ix_(p, p)])
-                       for p in itertools.permutations(range(m))])
+    null = np.asarray(
+        [_spearman_upper(A, B[np.ix_(p, p)]) for p in itertools.permutations(range(m))]
+    )
     assert res.p == pytest.approx(np.mean(null >= res.observed - 1e-9))
     assert res.null_mean == pytest.approx(null.mean(), abs=1e-12)
 
 
 def test_rsa_with_ties_matches_scipy(rng):
-    C = _cos(np.concatenate([_ring(7), np.ones((7, 1))], 1))       # circulant: many ties
+    C = _cos(np.concatenate([_ring(7), np.ones((7, 1))], 1))  # circulant: many ties
     D = _cos(rng.normal(size=(7, 3)))
     # Float round-off makes the circulant's equal entries differ by ulps; rsa.mantel ranks them
     # as ties, as scipy does on the exactly tied (rounded) matrix.
     assert rsa.mantel(C, D).observed == pytest.approx(
-        _spearman_upper(np.round(C, 10), D), abs=1e-12)
+        _spearman_upper(np.round(C, 10), D), abs=1e-12
+    )
 
 
 def test_group_distance_rsa_reference_and_nulls(rng):
@@ -235,8 +241,9 @@ def test_group_distance_rsa_reference_and_nulls(rng):
     for i, a in enumerate(names):
         for j, b in enumerate(names):
             if i != j:
-                ref[i, j] = 1 - np.mean(_cos(np.concatenate([ga[a], ga[b]]))[
-                    :len(ga[a]), len(ga[a]):])
+                ref[i, j] = 1 - np.mean(
+                    _cos(np.concatenate([ga[a], ga[b]]))[: len(ga[a]), len(ga[a]) :]
+                )
     np.testing.assert_allclose(res.dist_a, ref, atol=1e-6)
     assert res.rsa.observed == pytest.approx(_spearman_upper(res.dist_a, res.dist_b))
     assert res.rsa.observed > 0.9 and res.rsa.p < 0.01
@@ -245,20 +252,25 @@ def test_group_distance_rsa_reference_and_nulls(rng):
     ctrl = planted.make_planted_pair(0, n_tokens=64, planted=False, shared=False)
     res_c = group_geometry.group_distance_rsa(
         {k: ctrl.atoms_a[v] for k, v in ctrl.groups.items()},
-        {k: ctrl.atoms_b[v] for k, v in ctrl.groups.items()})
+        {k: ctrl.atoms_b[v] for k, v in ctrl.groups.items()},
+    )
     assert res_c.rsa.p > 0.01
 
 
 def test_group_and_geometry_bad_inputs(rng):
-    g = {"Food": rng.normal(size=(3, 4)), "Numbers": rng.normal(size=(2, 4)),
-         "Days": rng.normal(size=(4, 4))}
+    g = {
+        "Food": rng.normal(size=(3, 4)),
+        "Numbers": rng.normal(size=(2, 4)),
+        "Days": rng.normal(size=(4, 4)),
+    }
     with pytest.raises(checks.InputError, match="unknown group name"):
         group_geometry.group_distance_rsa(g, {**g, "Emotions": rng.normal(size=(2, 4))})
     with pytest.raises(checks.InputError, match="has no features"):
         group_geometry.group_distance_rsa(g, {**g, "Food": np.zeros((0, 4))})
     with pytest.raises(checks.InputError, match="need at least 3"):
-        group_geometry.group_distance_rsa({"Food": g["Food"], "Days": g["Days"]},
-                                    {"Food": g["Food"], "Days": g["Days"]})
+        group_geometry.group_distance_rsa(
+            {"Food": g["Food"], "Days": g["Days"]}, {"Food": g["Food"], "Days": g["Days"]}
+        )
     with pytest.raises(checks.InputError, match="non-finite"):
         group_geometry.group_distance_rsa(g, {**g, "Food": np.full((2, 4), np.nan)})
     with pytest.raises(checks.InputError, match="linkage"):
@@ -268,8 +280,9 @@ def test_group_and_geometry_bad_inputs(rng):
     with pytest.raises(checks.InputError, match="at least 4"):
         circular.compare_geometry(rng.normal(size=(3, 4)), rng.normal(size=(3, 4)))
     with pytest.raises(checks.InputError, match="zero norm"):
-        circular.compare_geometry(np.vstack([np.zeros((1, 4)), rng.normal(size=(5, 4))]),
-                                  rng.normal(size=(6, 4)))
+        circular.compare_geometry(
+            np.vstack([np.zeros((1, 4)), rng.normal(size=(5, 4))]), rng.normal(size=(6, 4))
+        )
     with pytest.raises(checks.InputError, match="all off-diagonal entries are equal"):
         rsa.mantel(np.ones((4, 4)), _cos(rng.normal(size=(4, 3))))
 

@@ -33,7 +33,7 @@ def test_pair_moments_match_numpy_float64_streamed_and_merged(mesh):
 
     def open_at(start):
         for lo in range(start, N, 70):
-            yield x[lo:lo + 70], y[lo:lo + 70]
+            yield x[lo : lo + 70], y[lo : lo + 70]
 
     got = paired_stats.stream_stats(streaming.ChunkStream(open_at, 48), mesh)
     assert got.rows == N and got.count == N
@@ -46,19 +46,23 @@ def test_pair_moments_match_numpy_float64_streamed_and_merged(mesh):
 
 def test_stream_stats_resumes_from_a_checkpoint(mesh4, tmp_path):
     from engine import checkpoint
+
     x, y = INPUTS["structured"]
     # First pass stops after 96 rows (a simulated kill); the second resumes from its save.
     ck = checkpoint.Checkpointer(str(tmp_path / "pm"))
-    paired_stats.stream_stats(streaming.ChunkStream((x[:96], y[:96]), 48), mesh4,
-                              checkpointer=ck, save_every=1)
+    paired_stats.stream_stats(
+        streaming.ChunkStream((x[:96], y[:96]), 48), mesh4, checkpointer=ck, save_every=1
+    )
     ck.close()
     ck = checkpoint.Checkpointer(str(tmp_path / "pm"))
-    got = paired_stats.stream_stats(streaming.ChunkStream((x, y), 48), mesh4, checkpointer=ck,
-                                    save_every=1)
+    got = paired_stats.stream_stats(
+        streaming.ChunkStream((x, y), 48), mesh4, checkpointer=ck, save_every=1
+    )
     want = paired_stats.stats_from_numpy(x, y)
     assert got.rows == N
-    np.testing.assert_allclose(got.cov_xy, want.cov_xy, rtol=1e-5,
-                               atol=1e-5 * np.abs(want.cov_xy).max())
+    np.testing.assert_allclose(
+        got.cov_xy, want.cov_xy, rtol=1e-5, atol=1e-5 * np.abs(want.cov_xy).max()
+    )
     np.testing.assert_allclose(got.q_xy, want.q_xy, rtol=1e-5)
 
 
@@ -77,7 +81,7 @@ def test_cka_biased_and_debiased_match_references(kind, mesh):
 
 def test_minibatch_cka_matches_per_batch_gram_reference(mesh):
     x, y = INPUTS["structured"]
-    got = cka.minibatch_cka(x, y, batch_size=48, mesh=mesh)   # 4 full batches + 8 rows
+    got = cka.minibatch_cka(x, y, batch_size=48, mesh=mesh)  # 4 full batches + 8 rows
     np.testing.assert_allclose(got.score, ref.minibatch_cka(x, y, 48), rtol=1e-5)
     assert got.batches == 5
     # One batch holding every row is the debiased CKA.
@@ -90,10 +94,10 @@ def test_frequency_weights_equal_repeated_rows():
     w = np.random.default_rng(2).integers(0, 3, N)
     rep = np.repeat(np.arange(N), w)
     wf = w.astype(np.float32)
-    np.testing.assert_allclose(cka.linear_cka(x, y, wf).score, ref.linear_cka(x, y, w),
-                               rtol=1e-5)
-    np.testing.assert_allclose(cka.linear_cka(x, y, wf, debiased=True).score,
-                               ref.debiased_cka(x[rep], y[rep]), rtol=1e-5)
+    np.testing.assert_allclose(cka.linear_cka(x, y, wf).score, ref.linear_cka(x, y, w), rtol=1e-5)
+    np.testing.assert_allclose(
+        cka.linear_cka(x, y, wf, debiased=True).score, ref.debiased_cka(x[rep], y[rep]), rtol=1e-5
+    )
 
 
 def test_streamed_matches_in_memory(mesh):
@@ -122,10 +126,12 @@ def test_cka_invariant_to_orthogonal_maps_and_isotropic_scaling(seed, scale):
 def test_identical_inputs_give_one_and_symmetry(seed):
     x, y = structured(seed)
     for debiased in (False, True):
-        np.testing.assert_allclose(cka.linear_cka(x, x, debiased=debiased).score, 1.0,
-                                   atol=2e-6)
-        np.testing.assert_allclose(cka.linear_cka(x, y, debiased=debiased).score,
-                                   cka.linear_cka(y, x, debiased=debiased).score, rtol=1e-5)
+        np.testing.assert_allclose(cka.linear_cka(x, x, debiased=debiased).score, 1.0, atol=2e-6)
+        np.testing.assert_allclose(
+            cka.linear_cka(x, y, debiased=debiased).score,
+            cka.linear_cka(y, x, debiased=debiased).score,
+            rtol=1e-5,
+        )
 
 
 def test_bad_inputs():

@@ -27,23 +27,33 @@ BAD = {
         ({"metrics": ["bogus"]}, "--metrics: unknown 'bogus'"),
         ({"metrics": ["svcca", "nope"]}, "'nope'"),
         ({"metrics": []}, "--metrics: expected at least one"),
-        ({"threshold": 2.0}, "--threshold"), ({"threshold": 1.0001}, "--threshold"),
+        ({"threshold": 2.0}, "--threshold"),
+        ({"threshold": 1.0001}, "--threshold"),
         ({"threshold": NAN}, "--threshold"),
         ({"max_bad_fraction": -0.1}, "--max_bad_fraction"),
         ({"max_bad_fraction": 1.5}, "--max_bad_fraction"),
         ({"num_permutations": 0}, "--num_permutations"),
         ({"num_permutations": -3}, "--num_permutations"),
-        ({"top_n": 0}, "--top_n"), ({"chunk_size": 0}, "--chunk_size"),
-        ({"chunk_size": -1}, "--chunk_size"), ({"toy_n_tokens": 0}, "--toy_n_tokens"),
+        ({"top_n": 0}, "--top_n"),
+        ({"chunk_size": 0}, "--chunk_size"),
+        ({"chunk_size": -1}, "--chunk_size"),
+        ({"toy_n_tokens": 0}, "--toy_n_tokens"),
         ({"toy_n_tokens": 100}, "--toy_n_tokens=100"),
         ({"toy_n_features": 0}, "--toy_n_features"),
-        ({"toy_n_features": 2}, "--toy_n_features=2"), ({"toy_d": 0}, "--toy_d"),
-        ({"toy_steps": 0}, "--toy_steps"), ({"toy_steps": -5}, "--toy_steps"),
-        ({"context_length": 0}, "--context_length"), ({"max_contexts": 0}, "--max_contexts"),
-        ({"lm_batch_size": 0}, "--lm_batch_size"), ({"sae_expansion": 0}, "--sae_expansion"),
-        ({"sae_k": 0}, "--sae_k"), ({"sae_steps": -1}, "--sae_steps"),
-        ({"sae_batch_size": 0}, "--sae_batch_size"), ({"min_pairs": 2}, "--min_pairs"),
-        ({"min_pairs": 0}, "--min_pairs"), ({"seed": -1}, "--seed"),
+        ({"toy_n_features": 2}, "--toy_n_features=2"),
+        ({"toy_d": 0}, "--toy_d"),
+        ({"toy_steps": 0}, "--toy_steps"),
+        ({"toy_steps": -5}, "--toy_steps"),
+        ({"context_length": 0}, "--context_length"),
+        ({"max_contexts": 0}, "--max_contexts"),
+        ({"lm_batch_size": 0}, "--lm_batch_size"),
+        ({"sae_expansion": 0}, "--sae_expansion"),
+        ({"sae_k": 0}, "--sae_k"),
+        ({"sae_steps": -1}, "--sae_steps"),
+        ({"sae_batch_size": 0}, "--sae_batch_size"),
+        ({"min_pairs": 2}, "--min_pairs"),
+        ({"min_pairs": 0}, "--min_pairs"),
+        ({"seed": -1}, "--seed"),
         ({"toy_perturbation": -0.5}, "--toy_perturbation"),
         ({"cache_a": "{dir}"}, "--cache_a and --cache_b must be given together"),
         ({"cache_a": "/nonexistent/c", "cache_b": "/nonexistent/c"}, "--cache_a=/nonexistent"),
@@ -54,8 +64,10 @@ BAD = {
         ({"hookpoints_a": ["foo.1"]}, "--hookpoints_a: hookpoint 'foo.1'"),
         ({"hookpoints_a": ["resid_post.x"]}, "--hookpoints_a"),
         ({"hookpoints_b": ["blocks.x.hook_resid_post"]}, "--hookpoints_b"),
-        ({"mesh_data": 0}, "--mesh_data"), ({"mesh_data": -2}, "--mesh_data"),
-        ({"mesh_feature": 0}, "--mesh_feature"), ({"num_cpu_devices": -1}, "--num_cpu_devices"),
+        ({"mesh_data": 0}, "--mesh_data"),
+        ({"mesh_data": -2}, "--mesh_data"),
+        ({"mesh_feature": 0}, "--mesh_feature"),
+        ({"num_cpu_devices": -1}, "--num_cpu_devices"),
         ({"workdir": "{file}"}, "is a file, expected a directory"),
         ({"workdir": "{file}/sub"}, "is a file, expected a directory"),
     ],
@@ -65,33 +77,49 @@ BAD = {
         ({"topic": "Nope"}, "--topic 'Nope'"),
         ({"concepts_file": "/nonexistent/c.json"}, "--concepts_file=/nonexistent/c.json"),
         ({"concepts_file": "{empty}"}, "no group found"),
-        ({"num_permutations": 0}, "--num_permutations"), ({"min_pairs": 2}, "--min_pairs"),
-        ({"threshold": 1.5}, "--threshold"), ({"alpha": 0.0}, "--alpha"),
-        ({"alpha": 1.0}, "--alpha"), ({"sae_lr": 0.0}, "--sae_lr"),
+        ({"num_permutations": 0}, "--num_permutations"),
+        ({"min_pairs": 2}, "--min_pairs"),
+        ({"threshold": 1.5}, "--threshold"),
+        ({"alpha": 0.0}, "--alpha"),
+        ({"alpha": 1.0}, "--alpha"),
+        ({"sae_lr": 0.0}, "--sae_lr"),
         ({"sae_k": 9, "sae_width": 8}, "--sae_k=9: expected <= --sae_width=8"),
         ({"model_a": "{dir}"}, "give both --model_a and --model_b"),
         ({"model_a": "/nonexistent", "model_b": "/nonexistent"}, "--model_a=/nonexistent"),
-        ({"hookpoint_a": "bad"}, "--hookpoint_a"), ({"hookpoint_b": "mlp_in.1"}, "--hookpoint_b"),
+        ({"hookpoint_a": "bad"}, "--hookpoint_a"),
+        ({"hookpoint_b": "mlp_in.1"}, "--hookpoint_b"),
         ({"text": "/nonexistent.jsonl"}, "--text=/nonexistent.jsonl"),
-        ({"context_length": 1}, "--context_length"), ({"member_top_n": 0}, "--member_top_n"),
-        ({"random_draws": 0}, "--random_draws"), ({"knn_k": 0}, "--knn_k"),
-        ({"sae_width": -1}, "--sae_width"), ({"max_contexts": -1}, "--max_contexts"),
-        ({"max_documents": -1}, "--max_documents"), ({"sae_steps": 0}, "--sae_steps"),
-        ({"sae_batch": 0}, "--sae_batch"), ({"toy_d": 0}, "--toy_d"),
-        ({"toy_n_tokens": 0}, "--toy_n_tokens"), ({"toy_group_size": 0}, "--toy_group_size"),
-        ({"lm_train_steps": -1}, "--lm_train_steps"), ({"chunk_size": 0}, "--chunk_size"),
-        ({"seed": -2}, "--seed"), ({"workdir": "{file}"}, "is a file"),
+        ({"context_length": 1}, "--context_length"),
+        ({"member_top_n": 0}, "--member_top_n"),
+        ({"random_draws": 0}, "--random_draws"),
+        ({"knn_k": 0}, "--knn_k"),
+        ({"sae_width": -1}, "--sae_width"),
+        ({"max_contexts": -1}, "--max_contexts"),
+        ({"max_documents": -1}, "--max_documents"),
+        ({"sae_steps": 0}, "--sae_steps"),
+        ({"sae_batch": 0}, "--sae_batch"),
+        ({"toy_d": 0}, "--toy_d"),
+        ({"toy_n_tokens": 0}, "--toy_n_tokens"),
+        ({"toy_group_size": 0}, "--toy_group_size"),
+        ({"lm_train_steps": -1}, "--lm_train_steps"),
+        ({"chunk_size": 0}, "--chunk_size"),
+        ({"seed": -2}, "--seed"),
+        ({"workdir": "{file}"}, "is a file"),
     ],
     "harvest": [
         ({"hookpoints": ["bad"]}, "--hookpoints: hookpoint 'bad'"),
         ({"hookpoints": []}, "--hookpoints: expected at least one"),
-        ({"context_length": 1}, "--context_length"), ({"batch_size": 0}, "--batch_size"),
-        ({"max_tokens": -1}, "--max_tokens"), ({"shard_contexts": -1}, "--shard_contexts"),
-        ({"seed": -1}, "--seed"), ({"model": "tiny:foo"}, "--model=tiny:foo"),
+        ({"context_length": 1}, "--context_length"),
+        ({"batch_size": 0}, "--batch_size"),
+        ({"max_tokens": -1}, "--max_tokens"),
+        ({"shard_contexts": -1}, "--shard_contexts"),
+        ({"seed": -1}, "--seed"),
+        ({"model": "tiny:foo"}, "--model=tiny:foo"),
         ({"model": "/nonexistent/model"}, "--model=/nonexistent/model"),
         ({"text": ["/nonexistent.txt"]}, "--text=/nonexistent.txt"),
         ({"text": []}, "--text: expected at least one"),
-        ({"cache_dir": "{file}"}, "--cache_dir="), ({"workdir": "{file}"}, "is a file"),
+        ({"cache_dir": "{file}"}, "--cache_dir="),
+        ({"workdir": "{file}"}, "is a file"),
     ],
     "train_sae": [
         ({"activation": ["relu6"]}, "--activation: unknown 'relu6'"),
@@ -107,75 +135,124 @@ BAD = {
         ({"source": "lm", "model_path": "{dir}"}, "--hookpoint are required"),
         ({"epochs": -1.0}, "--epochs"),
         ({"shuffle_buffer": 0}, "--shuffle_buffer"),
-        ({"eval_frac": 1.0}, "--eval_frac"), ({"eval_frac": -0.1}, "--eval_frac"),
-        ({"n_true": 0}, "--n_true"), ({"d": 0}, "--d:"), ({"k_true": 0.0}, "--k_true"),
+        ({"eval_frac": 1.0}, "--eval_frac"),
+        ({"eval_frac": -0.1}, "--eval_frac"),
+        ({"n_true": 0}, "--n_true"),
+        ({"d": 0}, "--d:"),
+        ({"k_true": 0.0}, "--k_true"),
         ({"k_true": 600.0}, "--k_true=600.0: expected <= --n_true=512"),
-        ({"correlation": 1.0}, "--correlation"), ({"n_blocks": 0}, "--n_blocks"),
-        ({"d_sae": ["abc"]}, "--d_sae: expected an integer"), ({"d_sae": ["0"]}, "--d_sae"),
-        ({"d_sae": ["-4"]}, "--d_sae"), ({"d_sae": ["1.5"]}, "--d_sae"),
-        ({"d_sae_mult": ["0"]}, "--d_sae_mult"), ({"d_sae_mult": ["x"]}, "--d_sae_mult"),
+        ({"correlation": 1.0}, "--correlation"),
+        ({"n_blocks": 0}, "--n_blocks"),
+        ({"d_sae": ["abc"]}, "--d_sae: expected an integer"),
+        ({"d_sae": ["0"]}, "--d_sae"),
+        ({"d_sae": ["-4"]}, "--d_sae"),
+        ({"d_sae": ["1.5"]}, "--d_sae"),
+        ({"d_sae_mult": ["0"]}, "--d_sae_mult"),
+        ({"d_sae_mult": ["x"]}, "--d_sae_mult"),
         ({"d_sae_mult": ["0.0001"]}, "SAE width 0: expected >= 1"),
         ({"d_sae_mult": ["0.001"]}, "--k=5: expected <= the smallest SAE width (d_sae 1)"),
-        ({"k": ["0"]}, "--k:"), ({"k": ["600"]}, "--k=600: expected <= the smallest"),
-        ({"k": ["3.5"]}, "--k:"), ({"d_sae": ["4"], "k": ["5"]}, "--k=5"),
-        ({"l1_coeff": ["-1"]}, "--l1_coeff"), ({"l0_coeff": ["-0.1"]}, "--l0_coeff"),
-        ({"seeds": ["-1"]}, "--seeds"), ({"seeds": ["a"]}, "--seeds"),
-        ({"steps": 0}, "--steps"), ({"batch_size": 0}, "--batch_size"), ({"lr": 0.0}, "--lr"),
-        ({"lr": -1.0}, "--lr"), ({"lr_decay_frac": 1.5}, "--lr_decay_frac"),
-        ({"dead_tokens": 0}, "--dead_tokens"), ({"k_aux": -2}, "--k_aux"),
-        ({"eval_rows": 0}, "--eval_rows"), ({"match_threshold": 1.5}, "--match_threshold"),
-        ({"log_every": 0}, "--log_every"), ({"checkpoint_every": 0}, "--checkpoint_every"),
-        ({"data_seed": -1}, "--data_seed"), ({"dict_seed": -1}, "--dict_seed"),
+        ({"k": ["0"]}, "--k:"),
+        ({"k": ["600"]}, "--k=600: expected <= the smallest"),
+        ({"k": ["3.5"]}, "--k:"),
+        ({"d_sae": ["4"], "k": ["5"]}, "--k=5"),
+        ({"l1_coeff": ["-1"]}, "--l1_coeff"),
+        ({"l0_coeff": ["-0.1"]}, "--l0_coeff"),
+        ({"seeds": ["-1"]}, "--seeds"),
+        ({"seeds": ["a"]}, "--seeds"),
+        ({"steps": 0}, "--steps"),
+        ({"batch_size": 0}, "--batch_size"),
+        ({"lr": 0.0}, "--lr"),
+        ({"lr": -1.0}, "--lr"),
+        ({"lr_decay_frac": 1.5}, "--lr_decay_frac"),
+        ({"dead_tokens": 0}, "--dead_tokens"),
+        ({"k_aux": -2}, "--k_aux"),
+        ({"eval_rows": 0}, "--eval_rows"),
+        ({"match_threshold": 1.5}, "--match_threshold"),
+        ({"log_every": 0}, "--log_every"),
+        ({"checkpoint_every": 0}, "--checkpoint_every"),
+        ({"data_seed": -1}, "--data_seed"),
+        ({"dict_seed": -1}, "--dict_seed"),
     ],
     "toy_superposition": [
-        ({"sweep_steps": 0}, "--sweep_steps"), ({"sweep_batch_size": 0}, "--sweep_batch_size"),
-        ({"sweep_lr": 0.0}, "--sweep_lr"), ({"sweep_seeds": 0}, "--sweep_seeds"),
-        ({"pentagon_seeds": 0}, "--pentagon_seeds"), ({"sweep_log_every": 0}, "--sweep_log"),
+        ({"sweep_steps": 0}, "--sweep_steps"),
+        ({"sweep_batch_size": 0}, "--sweep_batch_size"),
+        ({"sweep_lr": 0.0}, "--sweep_lr"),
+        ({"sweep_seeds": 0}, "--sweep_seeds"),
+        ({"pentagon_seeds": 0}, "--pentagon_seeds"),
+        ({"sweep_log_every": 0}, "--sweep_log"),
         ({"sweep_checkpoint_every": 0}, "--sweep_checkpoint_every"),
         ({"pentagon_sparsity": ["1.0"]}, "--pentagon_sparsity"),
         ({"pentagon_sparsity": ["-0.1"]}, "--pentagon_sparsity"),
         ({"pentagon_sparsity": ["x"]}, "--pentagon_sparsity"),
-        ({"dim_features": 0}, "--dim_features"), ({"dim_hidden": 0}, "--dim_hidden"),
+        ({"dim_features": 0}, "--dim_features"),
+        ({"dim_hidden": 0}, "--dim_hidden"),
         ({"dim_hidden": 200}, "--dim_hidden=200: expected < --dim_features=100"),
-        ({"dim_points": 1}, "--dim_points"), ({"dim_seeds": 0}, "--dim_seeds"),
+        ({"dim_points": 1}, "--dim_points"),
+        ({"dim_seeds": 0}, "--dim_seeds"),
         ({"dim_max_inverse_density": 1.0}, "--dim_max_inverse_density"),
-        ({"phase_points": 0}, "--phase_points"), ({"sweeps": "zzz"}, "--sweeps: unknown 'zzz'"),
-        ({"sweeps": "pentagon,phaze"}, "'phaze'"), ({"sweeps": ""}, "--sweeps: expected"),
+        ({"phase_points": 0}, "--phase_points"),
+        ({"sweeps": "zzz"}, "--sweeps: unknown 'zzz'"),
+        ({"sweeps": "pentagon,phaze"}, "'phaze'"),
+        ({"sweeps": ""}, "--sweeps: expected"),
     ],
     "feature_geometry": [
         ({"variants": ["x"]}, "--variants: unknown 'x'"),
         ({"variants": []}, "--variants: expected at least one"),
-        ({"concept": "weeks"}, "--concept: unknown 'weeks'"), ({"width": 0}, "--width"),
-        ({"n_tokens": 0}, "--n_tokens"), ({"n_groups": -1}, "--n_groups"),
-        ({"group_size": 0}, "--group_size"), ({"n_other": -1}, "--n_other"),
-        ({"noise": -1.0}, "--noise"), ({"circle_offset": 1.0}, "--circle_offset"),
-        ({"circle_offset": -0.1}, "--circle_offset"), ({"sae_width": -1}, "--sae_width"),
-        ({"sae_k": 0}, "--sae_k"), ({"sae_k": 9, "sae_width": 8}, "--sae_k=9"),
-        ({"sae_steps": 0}, "--sae_steps"), ({"sae_batch": 0}, "--sae_batch"),
-        ({"sae_lr": 0.0}, "--sae_lr"), ({"sae_dead_tokens": 0}, "--sae_dead_tokens"),
-        ({"graph_k": 0}, "--graph_k"), ({"graph_threshold": 2.0}, "--graph_threshold"),
-        ({"min_size": 0}, "--min_size"), ({"max_size": -1}, "--max_size"),
+        ({"concept": "weeks"}, "--concept: unknown 'weeks'"),
+        ({"width": 0}, "--width"),
+        ({"n_tokens": 0}, "--n_tokens"),
+        ({"n_groups": -1}, "--n_groups"),
+        ({"group_size": 0}, "--group_size"),
+        ({"n_other": -1}, "--n_other"),
+        ({"noise": -1.0}, "--noise"),
+        ({"circle_offset": 1.0}, "--circle_offset"),
+        ({"circle_offset": -0.1}, "--circle_offset"),
+        ({"sae_width": -1}, "--sae_width"),
+        ({"sae_k": 0}, "--sae_k"),
+        ({"sae_k": 9, "sae_width": 8}, "--sae_k=9"),
+        ({"sae_steps": 0}, "--sae_steps"),
+        ({"sae_batch": 0}, "--sae_batch"),
+        ({"sae_lr": 0.0}, "--sae_lr"),
+        ({"sae_dead_tokens": 0}, "--sae_dead_tokens"),
+        ({"graph_k": 0}, "--graph_k"),
+        ({"graph_threshold": 2.0}, "--graph_threshold"),
+        ({"min_size": 0}, "--min_size"),
+        ({"max_size": -1}, "--max_size"),
         ({"max_size": 1, "min_size": 2}, "--max_size=1"),
         ({"spectral_clusters": -1}, "--spectral_clusters"),
-        ({"family_recall": 0.0}, "--family_recall"), ({"family_recall": 1.5}, "--family_rec"),
-        ({"n_null": 0}, "--n_null"), ({"alpha": 0.0}, "--alpha"), ({"chunk_size": 0}, "--chunk"),
-        ({"min_token_count": 0}, "--min_token_count"), ({"plot_tokens": -1}, "--plot_tokens"),
+        ({"family_recall": 0.0}, "--family_recall"),
+        ({"family_recall": 1.5}, "--family_rec"),
+        ({"n_null": 0}, "--n_null"),
+        ({"alpha": 0.0}, "--alpha"),
+        ({"chunk_size": 0}, "--chunk"),
+        ({"min_token_count": 0}, "--min_token_count"),
+        ({"plot_tokens": -1}, "--plot_tokens"),
         ({"seed": -1}, "--seed"),
         # --preset=lm settings (checked whatever the preset, before any model is loaded).
-        ({"family_tau": 0.0}, "--family_tau"), ({"family_tau": 1.5}, "--family_tau"),
-        ({"family_min_hits": 0}, "--family_min_hits"), ({"context_length": 2}, "--context"),
-        ({"families": ["Nope"]}, "'Nope'"), ({"families": []}, "--families"),
+        ({"family_tau": 0.0}, "--family_tau"),
+        ({"family_tau": 1.5}, "--family_tau"),
+        ({"family_min_hits": 0}, "--family_min_hits"),
+        ({"context_length": 2}, "--context"),
+        ({"families": ["Nope"]}, "'Nope'"),
+        ({"families": []}, "--families"),
         ({"group_concepts": ["Food", "Numbers"]}, "--group_concepts"),
-        ({"topic": "Nope"}, "'Nope'"), ({"model_a": "{file}"}, "--model_a"),
-        ({"text": "/nonexistent/corpus.jsonl"}, "--text"), ({"hookpoint_a": "foo"}, "foo"),
+        ({"topic": "Nope"}, "'Nope'"),
+        ({"model_a": "{file}"}, "--model_a"),
+        ({"text": "/nonexistent/corpus.jsonl"}, "--text"),
+        ({"hookpoint_a": "foo"}, "foo"),
         ({"spectral_max_features": 0}, "--spectral_max_features"),
     ],
     "demo": [
-        ({"num_steps": 0}, "--num_steps"), ({"batch_size": 0}, "--batch_size"),
-        ({"d": 0}, "--d:"), ({"latent": 0}, "--latent"),
-        ({"latent": 99}, "--latent=99: expected <= --d=16"), ({"n_rows": 0}, "--n_rows"),
-        ({"lr": 0.0}, "--lr"), ({"log_every": 0}, "--log_every"),
-        ({"checkpoint_every": 0}, "--checkpoint_every"), ({"seed": -1}, "--seed"),
+        ({"num_steps": 0}, "--num_steps"),
+        ({"batch_size": 0}, "--batch_size"),
+        ({"d": 0}, "--d:"),
+        ({"latent": 0}, "--latent"),
+        ({"latent": 99}, "--latent=99: expected <= --d=16"),
+        ({"n_rows": 0}, "--n_rows"),
+        ({"lr": 0.0}, "--lr"),
+        ({"log_every": 0}, "--log_every"),
+        ({"checkpoint_every": 0}, "--checkpoint_every"),
+        ({"seed": -1}, "--seed"),
         ({"batch_size": 9000}, "--batch_size=9000: expected <= --n_rows=8192"),
     ],
 }
@@ -191,9 +268,15 @@ def files(tmp_path_factory):
     (d / "garbage.npy").write_bytes(b"garbage, not an array")
     np.save(d / "pickle.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (d / "dir").mkdir()
-    return {"file": str(d / "a_file"), "empty": str(d / "empty.txt"), "dir": str(d / "dir"),
-            "npy1d": str(d / "one_d.npy"), "npy2d": str(d / "two_d.npy"),
-            "garbage_npy": str(d / "garbage.npy"), "pickle_npy": str(d / "pickle.npy")}
+    return {
+        "file": str(d / "a_file"),
+        "empty": str(d / "empty.txt"),
+        "dir": str(d / "dir"),
+        "npy1d": str(d / "one_d.npy"),
+        "npy2d": str(d / "two_d.npy"),
+        "garbage_npy": str(d / "garbage.npy"),
+        "pickle_npy": str(d / "pickle.npy"),
+    }
 
 
 def _fill(value, files):
@@ -212,12 +295,21 @@ def probed(files):
         payload = [{"set": {}}]
         for settings, _ in cases:
             s = {k: _fill(v, files) for k, v in settings.items()}
-            payload.append({"set": {k: v for k, v in s.items() if k != "workdir"},
-                            **({"workdir": s["workdir"]} if "workdir" in s else {})})
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "rules_probe.py"),
-                               f"experiments.{name}"], input=json.dumps(payload),
-                              capture_output=True, text=True, cwd=ROOT, timeout=300,
-                              env=_env())
+            payload.append(
+                {
+                    "set": {k: v for k, v in s.items() if k != "workdir"},
+                    **({"workdir": s["workdir"]} if "workdir" in s else {}),
+                }
+            )
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tests", "rules_probe.py"), f"experiments.{name}"],
+            input=json.dumps(payload),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+            env=_env(),
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[name] = json.loads(proc.stdout)
     return out
@@ -230,8 +322,11 @@ def _env():
     return env
 
 
-CASES = [(name, i, settings, expected) for name, cases in BAD.items()
-         for i, (settings, expected) in enumerate(cases)]
+CASES = [
+    (name, i, settings, expected)
+    for name, cases in BAD.items()
+    for i, (settings, expected) in enumerate(cases)
+]
 
 
 def test_defaults_pass_every_rule(probed):
@@ -239,8 +334,9 @@ def test_defaults_pass_every_rule(probed):
         assert results[0]["message"] is None, (name, results[0]["message"])
 
 
-@pytest.mark.parametrize("name,index,settings,expected", CASES,
-                         ids=[f"{c[0]}-{'-'.join(c[2])}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize(
+    "name,index,settings,expected", CASES, ids=[f"{c[0]}-{'-'.join(c[2])}-{c[1]}" for c in CASES]
+)
 def test_bad_setting_is_one_line_naming_it(probed, name, index, settings, expected):
     result = probed[name][index + 1]
     message = result["message"]
@@ -251,8 +347,14 @@ def test_bad_setting_is_one_line_naming_it(probed, name, index, settings, expect
 
 
 def cli(module, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_one_line_exit_2(proc, name):
@@ -263,20 +365,23 @@ def assert_one_line_exit_2(proc, name):
     return lines[0]
 
 
-@pytest.mark.parametrize("args,expected", [
-    (("--metrics=bogus",), "--metrics: unknown 'bogus'"),
-    (("--threshold=2.0",), "--threshold"),
-    (("--toy_d=abc",), "toy_d"),
-    (("--no_such_flag=1",), "no_such_flag"),
-    (("positional",), "positional"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (("--metrics=bogus",), "--metrics: unknown 'bogus'"),
+        (("--threshold=2.0",), "--threshold"),
+        (("--toy_d=abc",), "toy_d"),
+        (("--no_such_flag=1",), "no_such_flag"),
+        (("positional",), "positional"),
+    ],
+)
 def test_universality_cli_rejects_before_any_work(tmp_path, args, expected):
     t0 = time.perf_counter()
     proc = cli("universality", f"--workdir={tmp_path / 'run'}", *args)
     line = assert_one_line_exit_2(proc, "universality")
     assert expected in line
-    assert not (tmp_path / "run").exists()   # nothing created, nothing computed
-    assert time.perf_counter() - t0 < 60   # generous: CI machines are shared
+    assert not (tmp_path / "run").exists()  # nothing created, nothing computed
+    assert time.perf_counter() - t0 < 60  # generous: CI machines are shared
 
 
 def test_workdir_that_is_a_file_is_one_line(tmp_path):
@@ -291,27 +396,44 @@ def test_help_lists_documented_flags_fast_and_without_jax():
     t0 = time.perf_counter()
     proc = cli("universality", "--help")
     seconds = time.perf_counter() - t0
-    assert proc.returncode in (0, 1) and "Try --helpfull" in proc.stdout   # absl exits 1
-    options = proc.stdout[proc.stdout.index("flags:"):]
-    flags = documented_flags("universality") | {"workdir", "overwrite", "dry_run",
-                                                "model_a", "saes_a", "cache_a", "config"}
+    assert proc.returncode in (0, 1) and "Try --helpfull" in proc.stdout  # absl exits 1
+    options = proc.stdout[proc.stdout.index("flags:") :]
+    flags = documented_flags("universality") | {
+        "workdir",
+        "overwrite",
+        "dry_run",
+        "model_a",
+        "saes_a",
+        "cache_a",
+        "config",
+    }
     for flag in flags:
         assert re.search(rf"^  --(\[no\])?{flag}:", options, re.M), flag
     assert seconds < 3.0, seconds
     # The flag modules import no JAX / torch / transformers (what made --help slow).
-    code = ("import sys; sys.argv=['x']; import experiments.universality; "
-            "print(sorted(m for m in ('jax', 'torch', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys; sys.argv=['x']; import experiments.universality; "
+        "print(sorted(m for m in ('jax', 'torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # -- documented commands -----------------------------------------------------------------------
 
+
 def documented_commands(with_docstrings: bool = False) -> list[tuple[str, list[str]]]:
     """Every ``python -m experiments.X ...`` command in README.md and WORKSPACE.md (and the
     experiments' module docstrings), as (module, args)."""
     import ast
+
     out = []
     texts = []
     for doc in ("README.md", "WORKSPACE.md"):
@@ -327,21 +449,33 @@ def documented_commands(with_docstrings: bool = False) -> list[tuple[str, list[s
             if name.endswith(".py") and name != "__init__.py":
                 with open(os.path.join(configs, name), encoding="utf-8") as f:
                     tree = ast.parse(f.read())
-                texts += [ast.get_docstring(n) or "" for n in tree.body
-                          if isinstance(n, ast.FunctionDef) and n.name == "get_config"]
+                texts += [
+                    ast.get_docstring(n) or ""
+                    for n in tree.body
+                    if isinstance(n, ast.FunctionDef) and n.name == "get_config"
+                ]
     for text in texts:
         text = re.sub(r"\\\s*\n\s*", " ", text)
         for m in re.finditer(r"python -m experiments\.(\w+)([^`\n|&]*)", text):
             if m.group(1).startswith("bench"):
                 continue
-            args = [a.strip("[]") for a in shlex.split(m.group(2))]   # [optional flags]
+            args = [a.strip("[]") for a in shlex.split(m.group(2))]  # [optional flags]
             out.append((m.group(1), args))
     return out
 
 
-ENTRY_POINTS = ("universality", "train_sae", "toy_superposition", "harvest",
-                "feature_geometry", "semantic_subspaces", "demo", "tokenizers_toy",
-                "importance", "joint_sae")
+ENTRY_POINTS = (
+    "universality",
+    "train_sae",
+    "toy_superposition",
+    "harvest",
+    "feature_geometry",
+    "semantic_subspaces",
+    "demo",
+    "tokenizers_toy",
+    "importance",
+    "joint_sae",
+)
 
 
 def documented_flags(module: str) -> set[str]:
@@ -352,30 +486,44 @@ def documented_flags(module: str) -> set[str]:
     return flags
 
 
-@pytest.mark.slow   # one process per documented command (about 100 s on 2 shared cores)
+@pytest.mark.slow  # one process per documented command (about 100 s on 2 shared cores)
 def test_documented_commands_parse_and_validate(tmp_path):
     """Each documented command passes flag parsing and the settings checks (`--dry_run`);
     placeholders (DIR_A, SAES_A, corpus.jsonl, weights) may only fail as missing paths."""
     cmds = documented_commands(with_docstrings=True)
     assert len(cmds) >= 20
     for i, (module, args) in enumerate(cmds):
-        args = [f"--workdir={tmp_path / str(i)}" if a.startswith("--workdir=") else a
-                for a in args]
+        args = [f"--workdir={tmp_path / str(i)}" if a.startswith("--workdir=") else a for a in args]
         proc = cli(module, *args, "--dry_run")
         if proc.returncode == 0:
             assert proc.stdout.strip().startswith("dry run: settings OK"), proc.stdout
             continue
         line = assert_one_line_exit_2(proc, module)
         assert re.search(r"no such (local model |file or )?(file|director)", line), (
-            module, args, line)
+            module,
+            args,
+            line,
+        )
 
 
 def test_train_sae_documented_row_runs(tmp_path):
     """The WORKSPACE row ``train_sae --source=synthetic`` (no width flag) runs; tiny sizes."""
-    proc = cli("train_sae", f"--workdir={tmp_path}", "--source=synthetic", "--n_true=16",
-               "--d=8", "--k_true=2", "--k=2", "--steps=20", "--batch_size=64",
-               "--eval_rows=256", "--dead_tokens=1000", "--noprogress", timeout=600)
+    proc = cli(
+        "train_sae",
+        f"--workdir={tmp_path}",
+        "--source=synthetic",
+        "--n_true=16",
+        "--d=8",
+        "--k_true=2",
+        "--k=2",
+        "--steps=20",
+        "--batch_size=64",
+        "--eval_rows=256",
+        "--dead_tokens=1000",
+        "--noprogress",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "results.json") as f:
         saes = json.load(f)["saes"]
-    assert [s["d_sae"] for s in saes] == [16]   # default width: 1 x n_true
+    assert [s["d_sae"] for s in saes] == [16]  # default width: 1 x n_true

@@ -42,8 +42,9 @@ def _clustered_data(rng, n_groups=5, size=6, n_noise=40, d=48, spread=0.3):
     centres = _unit(rng.normal(size=(n_groups, d)))
     groups = [_unit(c + spread * rng.normal(size=(size, d)) / np.sqrt(d)) for c in centres]
     W = np.concatenate(groups + [_unit(rng.normal(size=(n_noise, d)))])
-    truth = np.concatenate([np.full(size, g) for g in range(n_groups)]
-                           + [n_groups + np.arange(n_noise)])
+    truth = np.concatenate(
+        [np.full(size, g) for g in range(n_groups)] + [n_groups + np.arange(n_noise)]
+    )
     return W.astype(np.float32), truth
 
 
@@ -53,7 +54,7 @@ def test_topk_neighbours_match_float64(mesh, rng):
     ref_v, ref_i = _ref_topk(W, 3)
     np.testing.assert_array_equal(idx, ref_i)
     np.testing.assert_allclose(vals, ref_v, atol=1e-6)
-    assert not np.any(idx == np.arange(len(W))[:, None])          # self excluded
+    assert not np.any(idx == np.arange(len(W))[:, None])  # self excluded
 
 
 def test_topk_neighbours_exact_duplicates(rng):
@@ -75,9 +76,10 @@ def test_cosine_graph_equals_union_find_reference(mesh, rng):
         res = clustering.cosine_graph_clusters(W, k=k, threshold=t, min_size=1, mesh=mesh)
         ref = _ref_graph_partition(W, k, t)
         assert clustering.same_partition(res.labels, ref)
-        assert res.labels.min() == 0                                # min_size=1 keeps all
-        assert sorted(res.component_sizes.tolist()) == sorted(np.unique(
-            ref, return_counts=True)[1].tolist())
+        assert res.labels.min() == 0  # min_size=1 keeps all
+        assert sorted(res.component_sizes.tolist()) == sorted(
+            np.unique(ref, return_counts=True)[1].tolist()
+        )
 
 
 def test_cosine_graph_finds_planted_groups(rng):
@@ -88,15 +90,15 @@ def test_cosine_graph_finds_planted_groups(rng):
         members = np.flatnonzero(truth == g)
         assert np.all(res.labels[members] == res.labels[members[0]])
         assert len(res.cluster_of(members[0])) == 6
-    assert np.all(res.labels[30:] == -1)                           # noise: singletons
+    assert np.all(res.labels[30:] == -1)  # noise: singletons
 
 
 def test_size_limits_and_ordering(rng):
     W, truth = _clustered_data(rng, n_groups=3, size=4, n_noise=10)
-    extra = _unit(W[:1] + 0.05 * rng.normal(size=(3, W.shape[1])))   # group 0 grows to 7
+    extra = _unit(W[:1] + 0.05 * rng.normal(size=(3, W.shape[1])))  # group 0 grows to 7
     W2 = np.concatenate([W, extra]).astype(np.float32)
     res = clustering.cosine_graph_clusters(W2, min_size=2, max_size=5)
-    assert [len(c) for c in res.clusters] == [4, 4]                 # the 7 dropped
+    assert [len(c) for c in res.clusters] == [4, 4]  # the 7 dropped
     assert np.all(res.labels[:4] == -1) and np.all(res.labels[-3:] == -1)
     big = clustering.cosine_graph_clusters(W2, min_size=5)
     assert big.sizes.tolist() == [7]
@@ -148,8 +150,9 @@ def test_spectral_finds_planted_family():
 
 
 def test_angular_affinity_values():
-    np.testing.assert_allclose(clustering.angular_affinity([1.0, 0.0, -1.0, 0.5]),
-                               [1.0, 0.5, 0.0, 1 - 1 / 3], atol=1e-12)
+    np.testing.assert_allclose(
+        clustering.angular_affinity([1.0, 0.0, -1.0, 0.5]), [1.0, 0.5, 0.0, 1 - 1 / 3], atol=1e-12
+    )
 
 
 def test_kmeans_separated_blobs(rng):
@@ -195,5 +198,7 @@ def test_bad_inputs(rng):
         clustering.best_cluster_for(res, [])
     with pytest.raises(checks.InputError, match="feature indices"):
         clustering.best_cluster_for(res, [0, 99])
-    assert clustering.best_cluster_for(
-        clustering.cosine_graph_clusters(np.eye(4)), [0, 1])["cluster"] is None
+    assert (
+        clustering.best_cluster_for(clustering.cosine_graph_clusters(np.eye(4)), [0, 1])["cluster"]
+        is None
+    )

@@ -28,8 +28,14 @@ print(json.dumps({"dir": d, "hits": len(hits), "y": y}))
 def _probe(directory: str) -> dict:
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", PROBE, directory], capture_output=True,
-                         text=True, env=env, check=True, cwd=ROOT).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, directory],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=ROOT,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -42,6 +48,7 @@ def test_second_process_loads_the_compiled_program(tmp_path):
     assert second["hits"] >= 1
     # sin(1) * 8 + 1 per entry, 64 entries: the cached program computes the same thing.
     import math
+
     assert abs(second["y"] - 64 * (8 * math.sin(1.0) + 1.0)) < 1e-3
     assert second["y"] == first["y"]
 

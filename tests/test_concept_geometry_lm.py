@@ -27,13 +27,13 @@ def test_selection_rule_matches_reference():
     codes = np.maximum(rng.standard_normal((200, 6)), 0)
     items = np.full(200, -1)
     items[:30] = rng.integers(0, 3, 30)
-    codes[items >= 0, 0] += 3.0          # feature 0 concentrates on the items
+    codes[items >= 0, 0] += 3.0  # feature 0 concentrates on the items
     codes[items < 0, 0] = 0.0
-    codes[:, 1] = 0.0                    # silent
+    codes[:, 1] = 0.0  # silent
     codes[items >= 0, 2] = 0.0
     codes[:2, 2] = 0.0
     codes[items >= 0, 3] = 0.0
-    codes[0, 3] = 50.0                   # one huge hit: concentrated but too few hits
+    codes[0, 3] = 50.0  # one huge hit: concentrated but too few hits
     items[0] = 1
     on = items >= 0
     sel = cf.select(codes.sum(0), codes[on], tau=0.5, min_hits=3)
@@ -75,8 +75,9 @@ def test_planted_embeddings_are_circles():
         C = E[[vocab[w] for w in items]].astype(np.float64)
         m = len(items)
         i, j = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
-        np.testing.assert_allclose(C @ C.T, a * a + (1 - a * a) * np.cos(2 * np.pi * (i - j) / m),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            C @ C.T, a * a + (1 - a * a) * np.cos(2 * np.pi * (i - j) / m), atol=1e-5
+        )
     D = E[[vocab[w] for w in planted_lm.DAYS]].astype(np.float64)
     M = E[[vocab[w] for w in planted_lm.MONTHS]].astype(np.float64)
     # The two circles' planes are orthogonal (only their centres may correlate).
@@ -85,28 +86,68 @@ def test_planted_embeddings_are_circles():
     ctrl = planted_lm.planted_embeddings(vocab, 32, planted=False, seed=3, circle_offset=a)
     C = ctrl[[vocab[w] for w in planted_lm.DAYS]].astype(np.float64)
     s = np.linalg.svd(C - C.mean(0), compute_uv=False) ** 2
-    assert s[:2].sum() / s.sum() < 0.7                      # not a plane
+    assert s[:2].sum() / s.sum() < 0.7  # not a plane
     docs = planted_lm.planted_corpus(30, seed=1)
     words = " ".join(docs).split()
     counts = [words.count(d) for d in planted_lm.DAYS]
-    assert max(counts) - min(counts) <= 1                   # balanced item frequencies
+    assert max(counts) - min(counts) <= 1  # balanced item frequencies
 
 
 # -- end to end ------------------------------------------------------------------------------
 
 
 def _cfg(**kw):
-    c = dict(seed=0, sae_width=0, sae_k=4, sae_steps=200, sae_batch=256, sae_lr=3e-3,
-             sae_dead_tokens=25600, graph_k=2, graph_threshold=0.5, min_size=2, max_size=0,
-             spectral_clusters=0, n_null=200, alpha=0.01, chunk_size=1024, plots=True,
-             progress=False, model_a="planted", model_b="planted", lm_planted=True,
-             lm_shared=True, hookpoint_a="resid_pre.0", hookpoint_b=None, sae_a=None,
-             sae_b=None, cache_a=None, cache_b=None, text="planted", max_documents=0,
-             max_contexts=120, context_length=32, lm_batch_size=16, sae_expansion=4,
-             families=["Days of week", "Months"],
-             group_concepts=["Days of week", "Months", "Food", "Numbers", "Nature",
-                             "People/Roles", "Emotions"], concepts_file=None, topic="Food",
-             templates=True, family_tau=0.5, family_min_hits=3, spectral_max_features=4096)
+    c = dict(
+        seed=0,
+        sae_width=0,
+        sae_k=4,
+        sae_steps=200,
+        sae_batch=256,
+        sae_lr=3e-3,
+        sae_dead_tokens=25600,
+        graph_k=2,
+        graph_threshold=0.5,
+        min_size=2,
+        max_size=0,
+        spectral_clusters=0,
+        n_null=200,
+        alpha=0.01,
+        chunk_size=1024,
+        plots=True,
+        progress=False,
+        model_a="planted",
+        model_b="planted",
+        lm_planted=True,
+        lm_shared=True,
+        hookpoint_a="resid_pre.0",
+        hookpoint_b=None,
+        sae_a=None,
+        sae_b=None,
+        cache_a=None,
+        cache_b=None,
+        text="planted",
+        max_documents=0,
+        max_contexts=120,
+        context_length=32,
+        lm_batch_size=16,
+        sae_expansion=4,
+        families=["Days of week", "Months"],
+        group_concepts=[
+            "Days of week",
+            "Months",
+            "Food",
+            "Numbers",
+            "Nature",
+            "People/Roles",
+            "Emotions",
+        ],
+        concepts_file=None,
+        topic="Food",
+        templates=True,
+        family_tau=0.5,
+        family_min_hits=3,
+        spectral_max_features=4096,
+    )
     c.update(kw)
     return c
 
@@ -149,12 +190,20 @@ def test_planted_pair_family_circular_and_shared(tmp_path, mesh1):
 @pytest.mark.slow
 def test_unplanted_control_is_not_circular(tmp_path, mesh1):
     run = common.Run(workdir=str(tmp_path), mesh=mesh1)
-    res = geometry_lm.run_lm(run, _cfg(lm_planted=False, lm_shared=False, plots=False,
-                                       families=["Days of week"], templates=False))
+    res = geometry_lm.run_lm(
+        run,
+        _cfg(
+            lm_planted=False,
+            lm_shared=False,
+            plots=False,
+            families=["Days of week"],
+            templates=False,
+        ),
+    )
     e = res["full_corpus"]["families"]["Days of week"]
     for s in "ab":
         m = e[f"model_{s}"]
-        assert m["found"]                     # the tokens are still distinct: a family exists
+        assert m["found"]  # the tokens are still distinct: a family exists
         for key in ("reconstruction_circularity", "decoder_circularity"):
             if m[key] is not None:
                 assert m[key]["p"] > 0.01, (s, key, m[key])
@@ -171,10 +220,16 @@ def test_unplanted_control_is_not_circular(tmp_path, mesh1):
 def test_activation_caches_give_the_live_results(tmp_path, mesh1):
     """Caches harvested from the same contexts reproduce the live run (same SAEs, reused)."""
     from models import activation_cache, lm, text
-    cfg = _cfg(families=["Days of week"], plots=False, n_null=100, max_contexts=60,
-               group_concepts=["Days of week", "Months", "Food", "Numbers"])
+
+    cfg = _cfg(
+        families=["Days of week"],
+        plots=False,
+        n_null=100,
+        max_contexts=60,
+        group_concepts=["Days of week", "Months", "Food", "Numbers"],
+    )
     run = common.Run(workdir=str(tmp_path / "run"), mesh=mesh1)
-    geometry_lm.run_lm(run, cfg)          # trains the SAEs (kept in memory for this run)
+    geometry_lm.run_lm(run, cfg)  # trains the SAEs (kept in memory for this run)
     # Both compared runs read the SAEs back from disk (`saes.obtain` finds them finished).
     live = geometry_lm.run_lm(run, cfg)
     pair = planted_lm.make_planted_lm_pair(run.path("planted_models"))
@@ -183,8 +238,9 @@ def test_activation_caches_give_the_live_results(tmp_path, mesh1):
     for side, path in (("a", pair.path_a), ("b", pair.path_b)):
         model = lm.LanguageModel.load(path)
         ctx = text.make_contexts(docs, model.tokenizer, 32, max_contexts=60)
-        activation_cache.harvest(model, ctx, ["resid_pre.0"], str(tmp_path / f"cache_{side}"),
-                                 progress=False)
+        activation_cache.harvest(
+            model, ctx, ["resid_pre.0"], str(tmp_path / f"cache_{side}"), progress=False
+        )
         caches.append(str(tmp_path / f"cache_{side}"))
     cached = geometry_lm.run_lm(run, dict(cfg, cache_a=caches[0], cache_b=caches[1]))
     assert "activation cache" in cached["sides"]["a"]["activations"]
@@ -195,5 +251,6 @@ def test_activation_caches_give_the_live_results(tmp_path, mesh1):
         assert got["family"]["members"] == want["family"]["members"]
         assert got["corpus"]["item_rows"] == want["corpus"]["item_rows"] > 0
         assert got["reconstruction_circularity"]["score"] == pytest.approx(
-            want["reconstruction_circularity"]["score"], abs=1e-6)
+            want["reconstruction_circularity"]["score"], abs=1e-6
+        )
     assert cached["full_corpus"]["group_features"] == live["full_corpus"]["group_features"]

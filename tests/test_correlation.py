@@ -8,7 +8,7 @@ from engine import accumulators, checkpoint, checks, streaming
 from engine import correlation as corr_lib
 
 N_A, N_B, K_A, K_B = 48, 40, 6, 5
-CHUNK = 128     # one chunk size everywhere: the compiled programs are shared between tests
+CHUNK = 128  # one chunk size everywhere: the compiled programs are shared between tests
 
 
 def _ref(x, y, w=None):
@@ -20,8 +20,8 @@ def _ref(x, y, w=None):
     xc = x - (w @ x) / tot
     yc = y - (w @ y) / tot
     cov = (xc * w[:, None]).T @ yc / tot
-    sx = np.sqrt((w @ xc ** 2) / tot)
-    sy = np.sqrt((w @ yc ** 2) / tot)
+    sx = np.sqrt((w @ xc**2) / tot)
+    sy = np.sqrt((w @ yc**2) / tot)
     with np.errstate(invalid="ignore", divide="ignore"):
         c = cov / np.outer(sx, sy)
     c[sx == 0, :] = np.nan
@@ -31,7 +31,7 @@ def _ref(x, y, w=None):
 
 def _distinct(rng, t, n, k):
     idx = np.sort(rng.integers(0, n - k + 1, size=(t, k)), axis=1) + np.arange(k)
-    return rng.permuted(idx, axis=1).astype(np.int32)     # TopK outputs come unsorted
+    return rng.permuted(idx, axis=1).astype(np.int32)  # TopK outputs come unsorted
 
 
 def _codes(rng, t=1000):
@@ -71,14 +71,15 @@ def test_dense_matches_float64_with_weights_and_offsets(mesh, rng):
     t = 1000
     x = rng.standard_normal((t, 12)).astype(np.float32)
     y = (0.6 * x[:, :9] + rng.standard_normal((t, 9))).astype(np.float32)
-    x[:, 0] = 100.0 + x[:, 0]                # large mean, unit spread (cancellation test)
+    x[:, 0] = 100.0 + x[:, 0]  # large mean, unit spread (cancellation test)
     y[:, 3] = -5e3 + 0.01 * y[:, 3]
     w = rng.uniform(0.0, 2.0, t).astype(np.float32)
     acc = corr_lib.CorrelationAccumulator(12, 9)
     ref = _ref(x, y, w)
-    for state in (accumulators.accumulate(acc, streaming.ChunkStream((x, y, w), CHUNK), mesh),
-                  corr_lib.accumulate_inplace(acc, streaming.ChunkStream((x, y, w), CHUNK),
-                                              mesh)):
+    for state in (
+        accumulators.accumulate(acc, streaming.ChunkStream((x, y, w), CHUNK), mesh),
+        corr_lib.accumulate_inplace(acc, streaming.ChunkStream((x, y, w), CHUNK), mesh),
+    ):
         res = acc.finalize(state)
         _check_result(res, ref)
         mean = (w @ x.astype(np.float64)) / w.sum()
@@ -96,12 +97,15 @@ def test_sparse_path_equals_dense_path_and_reference(mesh, rng):
     ref = _ref(xa, xb, w)
     dense = corr_lib.CorrelationAccumulator(N_A, N_B)
     sparse = corr_lib.CorrelationAccumulator(N_A, N_B, sparse=True)
-    rd = dense.finalize(corr_lib.accumulate_inplace(
-        dense, streaming.ChunkStream((xa, xb, w), CHUNK), mesh))
-    rs = sparse.finalize(corr_lib.accumulate_inplace(
-        sparse, streaming.ChunkStream((va, ia, vb, ib, w), CHUNK), mesh))
-    rg = sparse.finalize(accumulators.accumulate(
-        sparse, streaming.ChunkStream((va, ia, vb, ib, w), CHUNK), mesh))
+    rd = dense.finalize(
+        corr_lib.accumulate_inplace(dense, streaming.ChunkStream((xa, xb, w), CHUNK), mesh)
+    )
+    rs = sparse.finalize(
+        corr_lib.accumulate_inplace(sparse, streaming.ChunkStream((va, ia, vb, ib, w), CHUNK), mesh)
+    )
+    rg = sparse.finalize(
+        accumulators.accumulate(sparse, streaming.ChunkStream((va, ia, vb, ib, w), CHUNK), mesh)
+    )
     for res in (rd, rs, rg):
         _check_result(res, ref)
     np.testing.assert_allclose(rs.corr, rd.corr, atol=1e-5)
@@ -115,11 +119,13 @@ def test_chunking_and_merging_do_not_change_the_result(mesh1, rng):
     va, ia, vb, ib = _codes(rng, 2 * CHUNK)
     xa, xb = _dense(va, ia, N_A), _dense(vb, ib, N_B)
     acc = corr_lib.CorrelationAccumulator(N_A, N_B)
-    whole = acc.finalize(accumulators.accumulate(
-        acc, streaming.ChunkStream((xa, xb), 2 * CHUNK), mesh1))
-    small = acc.finalize(accumulators.accumulate(acc, streaming.ChunkStream((xa, xb), CHUNK),
-                                                 mesh1))
-    np.testing.assert_allclose(small.corr, whole.corr, atol=5e-6)   # float32 rounding
+    whole = acc.finalize(
+        accumulators.accumulate(acc, streaming.ChunkStream((xa, xb), 2 * CHUNK), mesh1)
+    )
+    small = acc.finalize(
+        accumulators.accumulate(acc, streaming.ChunkStream((xa, xb), CHUNK), mesh1)
+    )
+    np.testing.assert_allclose(small.corr, whole.corr, atol=5e-6)  # float32 rounding
     _check_result(whole, _ref(xa, xb))
     # Two halves on different shifts, merged (the halves have different means).
     xa2 = xa.copy()
@@ -143,8 +149,9 @@ def test_tiling_and_subsets(mesh, rng, sparse):
     src = (va, ia, vb, ib) if sparse else (xa, xb)
     untiled = corr_lib.correlate(src, N_A, N_B, mesh, sparse=sparse, chunk_size=CHUNK)
     # 2 x 2 blocks of one shape (one compiled program).
-    tiled = corr_lib.correlate(src, N_A, N_B, mesh, sparse=sparse, chunk_size=CHUNK,
-                               tile_a=N_A // 2, tile_b=N_B // 2)
+    tiled = corr_lib.correlate(
+        src, N_A, N_B, mesh, sparse=sparse, chunk_size=CHUNK, tile_a=N_A // 2, tile_b=N_B // 2
+    )
     ref = _ref(xa, xb)
     masked = np.where(_valid(ref), ref, -np.inf)
     for m in (untiled, tiled):
@@ -156,11 +163,22 @@ def test_tiling_and_subsets(mesh, rng, sparse):
     # Subsets: best partners are searched inside the subset only.
     sub_a = np.array([3, 7, 10, 11, 30, 47])
     sub_b = np.array([0, 2, 5, 9, 21, 39])
-    sub = corr_lib.correlate(src, N_A, N_B, mesh, sparse=sparse, chunk_size=CHUNK,
-                             a_features=sub_a, b_features=sub_b, tile_a=3, tile_b=6)
+    sub = corr_lib.correlate(
+        src,
+        N_A,
+        N_B,
+        mesh,
+        sparse=sparse,
+        chunk_size=CHUNK,
+        a_features=sub_a,
+        b_features=sub_b,
+        tile_a=3,
+        tile_b=6,
+    )
     assert sub.a_included.sum() == 6 and sub.b_included.sum() == 6
-    np.testing.assert_array_equal(sub.a_match[sub_a], sub_b[np.argmax(masked[np.ix_(sub_a,
-                                                                                   sub_b)], 1)])
+    np.testing.assert_array_equal(
+        sub.a_match[sub_a], sub_b[np.argmax(masked[np.ix_(sub_a, sub_b)], 1)]
+    )
     assert (sub.a_match[np.setdiff1d(np.arange(N_A), sub_a)] == -1).all()
     rows, cols, vals = sub.pairs("a")
     np.testing.assert_array_equal(rows, sub_a)
@@ -178,8 +196,9 @@ def test_dead_and_constant_features_are_reported_not_nan(mesh1, rng):
     ref = _ref(xa, xb)
     for sparse, src in ((False, (xa, xb)), (True, (va, ia, vb, ib))):
         acc = corr_lib.CorrelationAccumulator(N_A, N_B, sparse=sparse)
-        res = acc.finalize(corr_lib.accumulate_inplace(acc, streaming.ChunkStream(src, CHUNK),
-                                                       mesh1))
+        res = acc.finalize(
+            corr_lib.accumulate_inplace(acc, streaming.ChunkStream(src, CHUNK), mesh1)
+        )
         assert np.flatnonzero(res.dead_a).tolist() == [7]
         assert np.flatnonzero(res.constant_b).tolist() == [3]
         assert not res.dead_b.any() and not res.constant_a.any()
@@ -225,8 +244,9 @@ def test_blocked_finalize_equals_dense_argmax(mesh1, rng, monkeypatch):
 def test_planted_pairs_are_recovered(mesh1, rng):
     va, ia, vb, ib = _codes(rng, 3000)
     # Automatic near-square tiling (blocks of <= 480 entries).
-    m = corr_lib.correlate((va, ia, vb, ib), N_A, N_B, mesh1, sparse=True, chunk_size=CHUNK,
-                           max_block_elements=480)
+    m = corr_lib.correlate(
+        (va, ia, vb, ib), N_A, N_B, mesh1, sparse=True, chunk_size=CHUNK, max_block_elements=480
+    )
     # A feature 2 j was mirrored into B feature j.
     j = np.arange(N_A // 2)
     assert (m.a_match[2 * j] == j).mean() > 0.9
@@ -245,19 +265,20 @@ def test_checkpoint_resume_gives_the_same_state(mesh1, rng, tmp_path):
                     raise RuntimeError("simulated crash")
                 sl = slice(lo, lo + CHUNK)
                 yield va[sl], ia[sl], vb[sl], ib[sl]
+
         return open_at
 
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
     with pytest.raises(RuntimeError, match="simulated"):
-        corr_lib.accumulate_inplace(acc, streaming.ChunkStream(source(4), CHUNK), mesh1,
-                                    checkpointer=ckpt, save_every=1)
+        corr_lib.accumulate_inplace(
+            acc, streaming.ChunkStream(source(4), CHUNK), mesh1, checkpointer=ckpt, save_every=1
+        )
     assert ckpt.latest_step() is not None
-    resumed = corr_lib.accumulate_inplace(acc, streaming.ChunkStream(source(), CHUNK), mesh1,
-                                          checkpointer=ckpt, save_every=1)
-    straight = corr_lib.accumulate_inplace(acc, streaming.ChunkStream(source(), CHUNK),
-                                           mesh1)
-    np.testing.assert_allclose(acc.finalize(resumed).corr, acc.finalize(straight).corr,
-                               atol=1e-6)
+    resumed = corr_lib.accumulate_inplace(
+        acc, streaming.ChunkStream(source(), CHUNK), mesh1, checkpointer=ckpt, save_every=1
+    )
+    straight = corr_lib.accumulate_inplace(acc, streaming.ChunkStream(source(), CHUNK), mesh1)
+    np.testing.assert_allclose(acc.finalize(resumed).corr, acc.finalize(straight).corr, atol=1e-6)
     assert acc.finalize(resumed).rows == t
 
 
@@ -265,16 +286,19 @@ def _stream(*arrays, chunk=CHUNK):
     return streaming.ChunkStream(tuple(arrays), chunk)
 
 
-@pytest.mark.parametrize("case,match", [
-    ("index_out_of_range", "outside"),
-    ("duplicate_index", "twice"),
-    ("float_index", "integers"),
-    ("wrong_arrays", "expected chunks"),
-    ("dense_shape", "expected acts_a"),
-    ("negative_weight", "row weights"),
-    ("one_row", "at least 2 rows"),
-    ("nan", "non-finite"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("index_out_of_range", "outside"),
+        ("duplicate_index", "twice"),
+        ("float_index", "integers"),
+        ("wrong_arrays", "expected chunks"),
+        ("dense_shape", "expected acts_a"),
+        ("negative_weight", "row weights"),
+        ("one_row", "at least 2 rows"),
+        ("nan", "non-finite"),
+    ],
+)
 def test_bad_input(mesh1, rng, case, match):
     va, ia, vb, ib = _codes(rng, 100)
     sparse = corr_lib.CorrelationAccumulator(N_A, N_B, sparse=True)
@@ -288,8 +312,7 @@ def test_bad_input(mesh1, rng, case, match):
             ia[5, 1] = ia[5, 0]
             corr_lib.accumulate_inplace(sparse, _stream(va, ia, vb, ib), mesh1)
         elif case == "float_index":
-            corr_lib.accumulate_inplace(sparse, _stream(va, ia.astype(np.float32), vb, ib),
-                                        mesh1)
+            corr_lib.accumulate_inplace(sparse, _stream(va, ia.astype(np.float32), vb, ib), mesh1)
         elif case == "wrong_arrays":
             corr_lib.accumulate_inplace(sparse, _stream(va, ia, vb), mesh1)
         elif case == "dense_shape":
@@ -315,12 +338,15 @@ def test_out_of_range_index_caught_in_generic_driver(mesh1, rng):
         acc.finalize(state)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"a_features": [1, 1]}, "distinct"),
-    ({"a_features": [0, N_A]}, "lie in"),
-    ({"b_features": np.zeros((2, 2), int)}, "1-D"),
-    ({"n_a": 0}, ">= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"a_features": [1, 1]}, "distinct"),
+        ({"a_features": [0, N_A]}, "lie in"),
+        ({"b_features": np.zeros((2, 2), int)}, "1-D"),
+        ({"n_a": 0}, ">= 1"),
+    ],
+)
 def test_bad_configuration(kwargs, match):
     args = {"n_a": N_A, "n_b": N_B, **kwargs}
     with pytest.raises(checks.InputError, match=match):

@@ -34,11 +34,23 @@ def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = REPO
-    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests",
-                                                            "distributed_worker.py"),
-                               str(i), "2", str(port), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(REPO, "tests", "distributed_worker.py"),
+                str(i),
+                "2",
+                str(port),
+                str(tmp_path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        for i in range(2)
+    ]
     logs = []
     for p in procs:
         out, _ = p.communicate(timeout=900)
@@ -52,6 +64,7 @@ def test_two_processes_equal_one(tmp_path):
     # harvest: each process ran the model on its own shards (5 shards: 3 + 2); the shared
     # cache equals a plain in-memory forward pass of the same contexts
     from models import lm, text
+
     model = lm.LanguageModel.load(str(tmp_path / "harvest" / "models" / "model_a"))
     contexts = distributed_worker.harvest_contexts(model.tokenizer)
     want = model.run(contexts, distributed_worker.HOOKS, batch_size=23)
@@ -59,14 +72,15 @@ def test_two_processes_equal_one(tmp_path):
     np.testing.assert_array_equal(got["cache_tokens"], contexts.token_ids)
     np.testing.assert_array_equal(got["cache_mask"], contexts.mask)
     for hook in distributed_worker.HOOKS:
-        np.testing.assert_array_equal(got[f"cache_rows_{hook}"],
-                                      contexts.token_ids[contexts.mask])
-        np.testing.assert_allclose(got[f"cache_{hook}"], want.acts[hook][contexts.mask],
-                                   rtol=1e-5, atol=1e-6, err_msg=hook)
+        np.testing.assert_array_equal(got[f"cache_rows_{hook}"], contexts.token_ids[contexts.mask])
+        np.testing.assert_allclose(
+            got[f"cache_{hook}"], want.acts[hook][contexts.mask], rtol=1e-5, atol=1e-6, err_msg=hook
+        )
     special = np.isin(contexts.token_ids, text.special_token_ids(model.tokenizer))
     assert int(got["cache_non_special"]) == int((contexts.mask & ~special).sum())
-    ref = distributed_worker.workload(mesh_lib.make_mesh(devices=jax.devices()[:4]),
-                                      str(tmp_path / "ref"))
+    ref = distributed_worker.workload(
+        mesh_lib.make_mesh(devices=jax.devices()[:4]), str(tmp_path / "ref")
+    )
     assert bool(got["tiled"]) and bool(ref["tiled"])
     for key, ref_value in ref.items():
         if ref_value.dtype.kind == "f":
@@ -77,6 +91,7 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_remote_workdir_is_passed_through_to_orbax(monkeypatch, tmp_path):
     from engine import checkpoint, metrics_io
+
     assert metrics_io.resolve_dir("gs://bucket/run") == "gs://bucket/run"
     assert metrics_io.resolve_dir("runs/x") == os.path.abspath("runs/x")
     seen = {}
@@ -89,13 +104,18 @@ def test_remote_workdir_is_passed_through_to_orbax(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     ck = checkpoint.Checkpointer("gs://bucket/run/checkpoints")
     assert seen["dir"] == "gs://bucket/run/checkpoints" == ck.directory
-    assert not os.path.exists(tmp_path / "gs:")      # no local folder was made
+    assert not os.path.exists(tmp_path / "gs:")  # no local folder was made
 
 
 # The whole entry point, small: toy data, SAEs, feature passes, metrics with nulls, floor and
 # control comparisons (no ceiling: it would only add two more of the same steps).
-UNIVERSALITY = ("--toy_n_tokens=2048", "--toy_steps=40", "--num_permutations=20",
-                "--chunk_size=256", "--ceiling_sides=")
+UNIVERSALITY = (
+    "--toy_n_tokens=2048",
+    "--toy_steps=40",
+    "--num_permutations=20",
+    "--chunk_size=256",
+    "--ceiling_sides=",
+)
 _DIGEST = re.compile(r"\b[0-9a-f]{16}\b")
 _NUMBER = re.compile(r"-?\d+(\.\d+)?(e-?\d+)?")
 
@@ -124,8 +144,9 @@ def _assert_same(got, want, path="results"):
     elif isinstance(want, str):
         assert _NUMBER.sub("#", got) == _NUMBER.sub("#", want), f"{path}: {got!r} != {want!r}"
         for g, w in zip(_NUMBER.finditer(got), _NUMBER.finditer(want)):
-            assert np.isclose(float(g.group()), float(w.group()), rtol=1e-3, atol=1e-3), \
+            assert np.isclose(float(g.group()), float(w.group()), rtol=1e-3, atol=1e-3), (
                 f"{path}: {got!r} != {want!r}"
+            )
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"
 
@@ -141,8 +162,11 @@ def _files(root) -> set:
             continue
         # step-cache names carry a digest of the SAE weights, which float reduction order
         # changes in the last bits: compare the names without it
-        out |= {_DIGEST.sub("#", os.path.normpath(os.path.join(rel, n))) for n in names
-                if not n.startswith("log")}
+        out |= {
+            _DIGEST.sub("#", os.path.normpath(os.path.join(rel, n)))
+            for n in names
+            if not n.startswith("log")
+        }
     return out
 
 
@@ -158,12 +182,25 @@ def test_universality_two_processes_equal_one(tmp_path):
     audit.mkdir()
     # its own process group: a timeout takes the launcher and both processes down
     mp = subprocess.Popen(
-        [os.path.join(REPO, "launch", "cpu_multiprocess.sh"), "2", "2",
-         "experiments.universality", f"--workdir={tmp_path / 'mp'}", *UNIVERSALITY],
-        env={**env, "WRITE_AUDIT": str(audit),
-             "PYTHON": f"{sys.executable} {os.path.join(REPO, 'tests', 'write_audit.py')}"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        start_new_session=True)
+        [
+            os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
+            "2",
+            "2",
+            "experiments.universality",
+            f"--workdir={tmp_path / 'mp'}",
+            *UNIVERSALITY,
+        ],
+        env={
+            **env,
+            "WRITE_AUDIT": str(audit),
+            "PYTHON": f"{sys.executable} {os.path.join(REPO, 'tests', 'write_audit.py')}",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         out, _ = mp.communicate(timeout=2400)
     except subprocess.TimeoutExpired:
@@ -171,9 +208,20 @@ def test_universality_two_processes_equal_one(tmp_path):
         raise
     assert mp.returncode == 0, out[-4000:]
     one = subprocess.run(
-        [sys.executable, "-m", "experiments.universality", f"--workdir={tmp_path / 'one'}",
-         "--num_cpu_devices=4", *UNIVERSALITY],
-        env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "experiments.universality",
+            f"--workdir={tmp_path / 'one'}",
+            "--num_cpu_devices=4",
+            *UNIVERSALITY,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=REPO,
+    )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     got = json.load(open(tmp_path / "mp" / "results.json"))
     want = json.load(open(tmp_path / "one" / "results.json"))

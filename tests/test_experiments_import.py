@@ -25,8 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _modules(prefix: str = ""):
-    return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__)
-                  if not m.ispkg and m.name.startswith(prefix))
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(experiments.__path__)
+        if not m.ispkg and m.name.startswith(prefix)
+    )
 
 
 def _entry_points() -> list[str]:
@@ -40,8 +43,11 @@ def _entry_points() -> list[str]:
     return out
 
 
-CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))
-                      if f.endswith(".py") and f != "__init__.py")
+CONFIG_FILES = sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))
+    if f.endswith(".py") and f != "__init__.py"
+)
 
 
 def test_there_are_benchmarks_and_entry_points():
@@ -63,8 +69,12 @@ def test_all_modules_import_together():
         assert shared in flags.FLAGS, shared
     by_module = flags.FLAGS.flags_by_module_dict()
     for name in _entry_points():
-        mine = [f.name for m, fl in by_module.items() if m.endswith(f"experiments/{name}.py")
-                or m == f"experiments.{name}" for f in fl]
+        mine = [
+            f.name
+            for m, fl in by_module.items()
+            if m.endswith(f"experiments/{name}.py") or m == f"experiments.{name}"
+            for f in fl
+        ]
         assert not mine, (name, mine)
     new = set(flags.FLAGS) - before
     assert not new & {"seed", "workdir", "sae_k", "metrics", "preset"}, new
@@ -81,8 +91,11 @@ def _flagvalues(module, cfg):
 def _base_of(config_name: str):
     """The experiment config module a config file belongs to (its name, or the longest
     experiment name it starts with)."""
-    bases = [n for n in CONFIG_FILES
-             if hasattr(importlib.import_module(f"experiments.configs.{n}"), "FIELDS")]
+    bases = [
+        n
+        for n in CONFIG_FILES
+        if hasattr(importlib.import_module(f"experiments.configs.{n}"), "FIELDS")
+    ]
     names = [n for n in bases if config_name == n or config_name.startswith(n + "_")]
     return importlib.import_module(f"experiments.configs.{max(names, key=len)}")
 
@@ -107,7 +120,10 @@ def test_entry_point_config_is_complete(entry_point):
     fv = _flagvalues(config, common.load_config(config))
     fv(["prog"])
     assert common.resolve(config, common.load_config(config), fv) == {
-        **values, "workdir": None, "config": None}
+        **values,
+        "workdir": None,
+        "config": None,
+    }
     help_text = fv.module_help(fv.find_module_defining_flag("workdir"))
     for f in config.FIELDS:
         if f.flag:
@@ -134,6 +150,7 @@ def test_config_file_loads_and_its_docstring_runs_it(config_name):
 
 def test_overrides_are_typed_and_the_settings_value_is_frozen():
     from experiments.configs import universality as config
+
     cfg = common.load_config(config)
     fv = _flagvalues(config, cfg)
     fv(["prog", "--metrics=svcca,cka", "--sae_k=8", "--threshold=0.25", "--nofilter_dead"])
@@ -145,7 +162,7 @@ def test_overrides_are_typed_and_the_settings_value_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.sae_k = 4
     with pytest.raises(AttributeError):
-        s.sae_kk   # noqa: B018  (a renamed or misspelt setting fails loudly)
+        s.sae_kk  # noqa: B018  (a renamed or misspelt setting fails loudly)
     with pytest.raises(flags.IllegalFlagValueError):
         _flagvalues(config, cfg)(["prog", "--sae_k=abc"])
 
@@ -154,31 +171,44 @@ def test_preset_file_equals_base_plus_its_fields_and_fingerprints_alike():
     """A preset differs from the base config only where it says so, and the fingerprint
     depends on the resolved values, not on which file gave them."""
     from experiments.configs import universality as config
+
     base = common.default_values(config)
-    lm = common.default_values(config, common.load_config(
-        config, "experiments/configs/universality_lm.py"))
+    lm = common.default_values(
+        config, common.load_config(config, "experiments/configs/universality_lm.py")
+    )
     assert {k for k in base if base[k] != lm[k]} == {"preset"}
     assert lm["preset"] == "lm"
     same = dict(base, preset="lm", config=None)
-    assert (common.make_fingerprint(same)["settings"]
-            == common.make_fingerprint(dict(lm, config="x.py"))["settings"])
+    assert (
+        common.make_fingerprint(same)["settings"]
+        == common.make_fingerprint(dict(lm, config="x.py"))["settings"]
+    )
     assert common.make_fingerprint(base)["settings"] != common.make_fingerprint(lm)["settings"]
 
 
 def test_bad_config_files_are_one_line_errors(tmp_path):
     from experiments.configs import universality as config
+
     wrong_type = tmp_path / "wrong_type.py"
-    wrong_type.write_text("from experiments.configs import universality as base\n"
-                          "def get_config():\n    c = base.get_config()\n"
-                          "    c.sae_k = 'many'\n    return c\n")
+    wrong_type.write_text(
+        "from experiments.configs import universality as base\n"
+        "def get_config():\n    c = base.get_config()\n"
+        "    c.sae_k = 'many'\n    return c\n"
+    )
     extra = tmp_path / "extra.py"
-    extra.write_text("from experiments.configs import universality as base\n"
-                     "def get_config():\n    c = base.get_config()\n"
-                     "    c.sea_k = 3\n    return c\n")
+    extra.write_text(
+        "from experiments.configs import universality as base\n"
+        "def get_config():\n    c = base.get_config()\n"
+        "    c.sea_k = 3\n    return c\n"
+    )
     nothing = tmp_path / "nothing.py"
     nothing.write_text("X = 1\n")
-    cases = [(wrong_type, "sae_k"), (extra, "unknown fields ['sea_k']"),
-             (nothing, "defines no get_config()"), (tmp_path / "absent.py", "no such file")]
+    cases = [
+        (wrong_type, "sae_k"),
+        (extra, "unknown fields ['sea_k']"),
+        (nothing, "defines no get_config()"),
+        (tmp_path / "absent.py", "no such file"),
+    ]
     for path, expected in cases:
         with pytest.raises(common.ConfigError, match=None) as e:
             common.load_config(config, str(path))
@@ -201,6 +231,7 @@ def test_importance_settings_defaults_are_the_config_defaults():
     """experiments/importance.py keeps its typed `Settings` (what `run` takes); its defaults
     must be the config's, or a library caller and the command line would disagree."""
     from experiments import importance
+
     values = common.default_values(importance.CONFIG)
     s = importance.Settings()
     for f in dataclasses.fields(importance.Settings):

@@ -17,15 +17,14 @@ from models import planted
 
 def test_planted_circle_geometry_is_analytic():
     a = 0.8
-    pair = planted.make_planted_pair(0, n_tokens=256, circle_offset=a, b_perturb=0.0,
-                                     noise=0.0)
+    pair = planted.make_planted_pair(0, n_tokens=256, circle_offset=a, b_perturb=0.0, noise=0.0)
     m = pair.period
     assert pair.concept_items == planted.DAYS and m == 7
     C = pair.atoms_a[pair.concept_features].astype(np.float64)
     np.testing.assert_allclose(np.linalg.norm(pair.atoms_a, axis=1), 1.0, atol=1e-6)
     # cos(item i, item j) = (1 - a^2) cos(2 pi (i - j) / m) + a^2.
     i, j = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
-    expected = (1 - a ** 2) * np.cos(2 * np.pi * (i - j) / m) + a ** 2
+    expected = (1 - a**2) * np.cos(2 * np.pi * (i - j) / m) + a**2
     np.testing.assert_allclose(C @ C.T, expected, atol=1e-6)
     # The items lie in span(u, v, c) of the recorded plane.
     resid = C - (C @ pair.plane.T) @ pair.plane
@@ -43,7 +42,7 @@ def test_planted_codes_and_tokens():
     pair = planted.make_planted_pair(3, n_tokens=2000, concept="months")
     assert pair.period == 12
     items_on = pair.codes[:, pair.concept_features] > 0
-    assert items_on.sum(1).max() == 1                                # one month per token
+    assert items_on.sum(1).max() == 1  # one month per token
     rate = items_on.any(1).mean()
     assert rate == pytest.approx(0.3, abs=0.05)
     # Tokens: the concept word where an item fires, else the strongest feature, else <none>.
@@ -53,8 +52,9 @@ def test_planted_codes_and_tokens():
     none = pair.codes.max(1) == 0
     assert np.all(pair.token_ids[none] == 0) and pair.vocab[0] == "<none>"
     rest = ~none & ~items_on.any(1)
-    np.testing.assert_array_equal(pair.token_ids[rest],
-                                  pair.feature_tokens[np.argmax(pair.codes[rest], 1)])
+    np.testing.assert_array_equal(
+        pair.token_ids[rest], pair.feature_tokens[np.argmax(pair.codes[rest], 1)]
+    )
     assert [pair.vocab[t] for t in pair.concept_token_ids()] == list(planted.MONTHS)
     # Groups: named, disjoint, the concept among them.
     allf = np.concatenate(list(pair.groups.values()))
@@ -67,7 +67,7 @@ def test_controls_and_bad_inputs():
     assert ctrl.rotation is None and ctrl.plane is None
     C = ctrl.atoms_a[ctrl.concept_features].astype(np.float64)
     s = np.linalg.svd(C - C.mean(0), compute_uv=False) ** 2
-    assert s[:2].sum() / s.sum() < 0.7                              # not a plane
+    assert s[:2].sum() / s.sum() < 0.7  # not a plane
     # Independent models: B's items are not A's rotated (their cosine matrices differ).
     D = ctrl.atoms_b[ctrl.concept_features].astype(np.float64)
     assert np.abs(C @ C.T - D @ D.T).max() > 0.2
@@ -84,13 +84,38 @@ def test_controls_and_bad_inputs():
 
 
 def _cfg(**kw):
-    cfg = dict(variants=["planted", "unplanted"], concept="days", seed=0, d=48, n_tokens=2048,
-               n_groups=5, group_size=4, n_other=32, noise=0.01, circle_offset=0.8,
-               dictionary="truth", sae_width=0, sae_k=4, sae_steps=200, sae_batch=256,
-               sae_lr=3e-3, sae_dead_tokens=25600, graph_k=2, graph_threshold=0.5,
-               min_size=2, max_size=0, spectral_clusters=0, family_recall=0.8, n_null=200,
-               alpha=0.01, chunk_size=512, min_token_count=5, plot_tokens=300,
-               plots=True, progress=False)
+    cfg = dict(
+        variants=["planted", "unplanted"],
+        concept="days",
+        seed=0,
+        d=48,
+        n_tokens=2048,
+        n_groups=5,
+        group_size=4,
+        n_other=32,
+        noise=0.01,
+        circle_offset=0.8,
+        dictionary="truth",
+        sae_width=0,
+        sae_k=4,
+        sae_steps=200,
+        sae_batch=256,
+        sae_lr=3e-3,
+        sae_dead_tokens=25600,
+        graph_k=2,
+        graph_threshold=0.5,
+        min_size=2,
+        max_size=0,
+        spectral_clusters=0,
+        family_recall=0.8,
+        n_null=200,
+        alpha=0.01,
+        chunk_size=512,
+        min_token_count=5,
+        plot_tokens=300,
+        plots=True,
+        progress=False,
+    )
     cfg.update(kw)
     return cfg
 
@@ -151,4 +176,3 @@ def test_feature_names_by_mean_activation():
     top, stats = cg.feature_names(codes, tok, 5, 5, 8)
     assert top.tolist() == [2, 3, -1] and stats.dead.tolist() == [False, False, True]
     assert cg.concept_features(top, stats, np.array([3, 4])).tolist() == [1, -1]
-

@@ -8,9 +8,9 @@ from engine import accumulators, checks, feature_stats, streaming
 
 def sparse_acts(rng, rows=301, features=12):
     acts = np.maximum(rng.normal(size=(rows, features)) - 0.8, 0).astype(np.float32)
-    acts[:, 3] = 0.0          # dead feature
+    acts[:, 3] = 0.0  # dead feature
     acts[:, 5] = 0.0
-    acts[::2, 5] = 1.5       # fires at a constant value (not constant overall: 0 or 1.5)
+    acts[::2, 5] = 1.5  # fires at a constant value (not constant overall: 0 or 1.5)
     acts[:, 7] = np.round(acts[:, 7], 1)  # ties among top values
     return acts
 
@@ -51,12 +51,11 @@ def test_all_rows_masked_is_an_error():
 def topk_codes(rng, rows, features, k):
     """TopK codes (distinct indices per row, ties and some non-positive values) and their
     dense ``[rows, features]`` form."""
-    idx = np.stack([rng.choice(features, k, replace=False) for _ in range(rows)]).astype(
-        np.int32)
+    idx = np.stack([rng.choice(features, k, replace=False) for _ in range(rows)]).astype(np.int32)
     vals = np.round(rng.exponential(1.0, (rows, k)), 1).astype(np.float32)  # ties
     vals[rng.random((rows, k)) < 0.1] = 0.0
     idx[:, 0] = np.where(rng.random(rows) < 0.5, 2, idx[:, 0])  # feature 2 fires often
-    for r in range(rows):    # keep indices distinct after the overwrite
+    for r in range(rows):  # keep indices distinct after the overwrite
         row = idx[r]
         dup = [j for j in range(1, k) if row[j] == row[0]]
         for j in dup:
@@ -73,21 +72,29 @@ def test_sparse_codes_match_numpy_reference_and_dense(rng, mesh):
     vals, idx, dense = topk_codes(rng, rows, features, k)
     ids = np.arange(rows, dtype=np.int32)
     acc = feature_stats.SparseFeatureStatsAccumulator(features, top_n=5)
-    st = acc.finalize(accumulators.accumulate(
-        acc, streaming.ChunkStream((vals, idx, ids), 32), mesh))
+    st = acc.finalize(
+        accumulators.accumulate(acc, streaming.ChunkStream((vals, idx, ids), 32), mesh)
+    )
     a64 = dense.astype(np.float64)
     np.testing.assert_allclose(st.density, (a64 > 0).mean(0))
     np.testing.assert_allclose(st.mean, a64.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(st.std, a64.std(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(st.max, a64.max(0), rtol=1e-6)
     np.testing.assert_array_equal(st.top_rows, reference_top(dense, 5))
-    np.testing.assert_allclose(st.top_values, np.where(
-        reference_top(dense, 5) >= 0, np.take_along_axis(
-            a64, np.maximum(reference_top(dense, 5), 0).T, 0).T, 0.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        st.top_values,
+        np.where(
+            reference_top(dense, 5) >= 0,
+            np.take_along_axis(a64, np.maximum(reference_top(dense, 5), 0).T, 0).T,
+            0.0,
+        ),
+        rtol=1e-6,
+    )
     assert st.dead.tolist() == (a64.max(0) <= 0).tolist()
     dacc = feature_stats.FeatureStatsAccumulator(features, top_n=5)
-    ref = dacc.finalize(accumulators.accumulate(
-        dacc, streaming.ChunkStream((dense, ids), 32), mesh))
+    ref = dacc.finalize(
+        accumulators.accumulate(dacc, streaming.ChunkStream((dense, ids), 32), mesh)
+    )
     np.testing.assert_array_equal(st.top_rows, ref.top_rows)
     np.testing.assert_array_equal(st.dead, ref.dead)
     np.testing.assert_array_equal(st.constant, ref.constant)
@@ -95,7 +102,8 @@ def test_sparse_codes_match_numpy_reference_and_dense(rng, mesh):
     always = np.full((rows, 1), 7, np.int32)
     v = np.abs(rng.normal(size=(rows, 1))).astype(np.float32) + 0.5
     one = feature_stats.SparseFeatureStatsAccumulator(8, top_n=2)
-    s1 = one.finalize(accumulators.accumulate(
-        one, streaming.ChunkStream((v, always, ids), 32), mesh))
+    s1 = one.finalize(
+        accumulators.accumulate(one, streaming.ChunkStream((v, always, ids), 32), mesh)
+    )
     assert s1.max[7] == pytest.approx(float(v.max())) and s1.max[0] == 0.0
     assert s1.dead[:7].all() and not s1.dead[7]

@@ -39,12 +39,15 @@ def _check(sae, x, acts_ref, recon_ref, tol=2e-5):
 
 # -- Gemma Scope -------------------------------------------------------------------------------
 
+
 def _gemma_params(rng, d=D, n=N):
-    return {"W_enc": rng.normal(size=(d, n)).astype(np.float32),
-            "W_dec": rng.normal(size=(n, d)).astype(np.float32),
-            "b_enc": rng.normal(scale=0.3, size=n).astype(np.float32),
-            "b_dec": rng.normal(scale=0.5, size=d).astype(np.float32),
-            "threshold": rng.uniform(0.0, 1.5, size=n).astype(np.float32)}
+    return {
+        "W_enc": rng.normal(size=(d, n)).astype(np.float32),
+        "W_dec": rng.normal(size=(n, d)).astype(np.float32),
+        "b_enc": rng.normal(scale=0.3, size=n).astype(np.float32),
+        "b_dec": rng.normal(scale=0.5, size=d).astype(np.float32),
+        "threshold": rng.uniform(0.0, 1.5, size=n).astype(np.float32),
+    }
 
 
 def gemma_reference(x, p):
@@ -80,8 +83,14 @@ def test_gemma_scope_forward_and_provenance(tmp_path, rng):
 def test_gemma_scope_square_and_lowercase_names(tmp_path, rng):
     """d_model == d_sae: no config to consult; Gemma Scope's documented layout decides."""
     p = _gemma_params(rng, 8, 8)
-    np.savez(tmp_path / "params.npz", w_enc=p["W_enc"], w_dec=p["W_dec"], b_enc=p["b_enc"],
-             b_dec=p["b_dec"], threshold=p["threshold"])
+    np.savez(
+        tmp_path / "params.npz",
+        w_enc=p["W_enc"],
+        w_dec=p["W_dec"],
+        b_enc=p["b_enc"],
+        b_dec=p["b_dec"],
+        threshold=p["threshold"],
+    )
     sae = load_gemma_scope(tmp_path, d_in=8, d_sae=8)
     x = rng.normal(size=(5, 8)).astype(np.float32)
     acts, recon = gemma_reference(x, p)
@@ -120,6 +129,7 @@ def test_gemma_scope_bad_files(tmp_path, rng):
 
 # -- dictionary_learning -----------------------------------------------------------------------
 
+
 def _linear(rng, n_out, n_in, bias=True):
     w = torch.from_numpy(rng.normal(size=(n_out, n_in)).astype(np.float32))
     b = torch.from_numpy(rng.normal(scale=0.3, size=n_out).astype(np.float32)) if bias else None
@@ -129,7 +139,7 @@ def _linear(rng, n_out, n_in, bias=True):
 def _state_dict(rng, cls, d=D, n=N, k=3):
     """State dicts with the classes' own parameter and buffer names."""
     if cls in ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "AutoEncoderNew"):
-        enc_w, enc_b = _linear(rng, n, d)               # nn.Linear(activation_dim, dict_size)
+        enc_w, enc_b = _linear(rng, n, d)  # nn.Linear(activation_dim, dict_size)
         dec_w, dec_b = _linear(rng, d, n, bias=cls == "AutoEncoderNew")  # nn.Linear(dict, d)
         sd = {"encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w}
         bias = torch.from_numpy(rng.normal(scale=0.5, size=d).astype(np.float32))
@@ -138,19 +148,29 @@ def _state_dict(rng, cls, d=D, n=N, k=3):
         elif cls == "AutoEncoderNew":
             sd["decoder.bias"] = dec_b
         else:
-            sd.update(b_dec=bias, k=torch.tensor(k, dtype=torch.int),
-                      threshold=torch.tensor(0.4, dtype=torch.float32))
+            sd.update(
+                b_dec=bias,
+                k=torch.tensor(k, dtype=torch.int),
+                threshold=torch.tensor(0.4, dtype=torch.float32),
+            )
         return sd
-    sd = {"W_enc": torch.from_numpy(rng.normal(size=(d, n)).astype(np.float32)),
-          "b_enc": torch.from_numpy(rng.normal(scale=0.3, size=n).astype(np.float32)),
-          "W_dec": torch.from_numpy(rng.normal(size=(n, d)).astype(np.float32) *
-                                    rng.uniform(0.2, 3.0, size=(n, 1)).astype(np.float32)),
-          "b_dec": torch.from_numpy(rng.normal(scale=0.5, size=d).astype(np.float32))}
+    sd = {
+        "W_enc": torch.from_numpy(rng.normal(size=(d, n)).astype(np.float32)),
+        "b_enc": torch.from_numpy(rng.normal(scale=0.3, size=n).astype(np.float32)),
+        "W_dec": torch.from_numpy(
+            rng.normal(size=(n, d)).astype(np.float32)
+            * rng.uniform(0.2, 3.0, size=(n, 1)).astype(np.float32)
+        ),
+        "b_dec": torch.from_numpy(rng.normal(scale=0.5, size=d).astype(np.float32)),
+    }
     if cls == "JumpReluAutoEncoder":
         sd["threshold"] = torch.from_numpy(rng.uniform(-0.2, 2.0, size=n).astype(np.float32))
     else:  # MatryoshkaBatchTopKSAE
-        sd.update(k=torch.tensor(k, dtype=torch.int), threshold=torch.tensor(0.3),
-                  group_sizes=torch.tensor([2, 3, n - 5]))
+        sd.update(
+            k=torch.tensor(k, dtype=torch.int),
+            threshold=torch.tensor(0.3),
+            group_sizes=torch.tensor([2, 3, n - 5]),
+        )
     return sd
 
 
@@ -186,17 +206,30 @@ def _save_dl(folder: pathlib.Path, sd, cls=None, k=3, d=D, n=N, **trainer):
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(sd, folder / "ae.pt")
     if cls is not None:
-        t = {"trainer_class": "X", "dict_class": cls, "activation_dim": d, "dict_size": n,
-             "lm_name": "EleutherAI/pythia-70m-deduped", "layer": 3,
-             "submodule_name": "resid_post_layer_3", **trainer}
+        t = {
+            "trainer_class": "X",
+            "dict_class": cls,
+            "activation_dim": d,
+            "dict_size": n,
+            "lm_name": "EleutherAI/pythia-70m-deduped",
+            "layer": 3,
+            "submodule_name": "resid_post_layer_3",
+            **trainer,
+        }
         if "k" in sd:
             t["k"] = k
         (folder / "config.json").write_text(json.dumps({"trainer": t, "buffer": {"ctx_len": 128}}))
     return folder
 
 
-CLASSES = ["AutoEncoder", "AutoEncoderNew", "JumpReluAutoEncoder", "AutoEncoderTopK",
-           "BatchTopKSAE", "MatryoshkaBatchTopKSAE"]
+CLASSES = [
+    "AutoEncoder",
+    "AutoEncoderNew",
+    "JumpReluAutoEncoder",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE",
+]
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -229,8 +262,9 @@ def test_square_autoencoder_without_config(tmp_path, rng):
     sae = load_dictionary_learning(folder / "ae.pt")
     x = rng.normal(size=(5, 8)).astype(np.float32)
     acts, recon = dl_reference(x, sd, "AutoEncoder")
-    wrong, _ = dl_reference(x, dict(sd, **{"encoder.weight": sd["encoder.weight"].T}),
-                            "AutoEncoder")
+    wrong, _ = dl_reference(
+        x, dict(sd, **{"encoder.weight": sd["encoder.weight"].T}), "AutoEncoder"
+    )
     assert not np.allclose(acts, wrong, atol=1e-3)
     _check(sae, x, acts, recon)
 
@@ -283,9 +317,14 @@ def test_bad_dictionary_learning_files(tmp_path, rng):
         load_sae(folder)
     assert "\n" not in str(e.value)
 
-    gated = {"encoder.weight": torch.zeros(N, D), "decoder.weight": torch.zeros(D, N),
-             "decoder_bias": torch.zeros(D), "r_mag": torch.zeros(N),
-             "gate_bias": torch.zeros(N), "mag_bias": torch.zeros(N)}
+    gated = {
+        "encoder.weight": torch.zeros(N, D),
+        "decoder.weight": torch.zeros(D, N),
+        "decoder_bias": torch.zeros(D),
+        "r_mag": torch.zeros(N),
+        "gate_bias": torch.zeros(N),
+        "mag_bias": torch.zeros(N),
+    }
     with pytest.raises(InputError, match="GatedAutoEncoder is not supported"):
         load_sae(_save_dl(tmp_path / "g", gated))
     with pytest.raises(InputError, match="unknown dict_class 'Mystery'"):

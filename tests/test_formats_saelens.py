@@ -32,27 +32,43 @@ D_IN, D_SAE = 6, 10
 
 # -- helpers: writing SAELens folders and the float64 reference --------------------------------
 
+
 def _weights(rng, d_in=D_IN, d_sae=D_SAE):
-    return {"W_enc": rng.normal(size=(d_in, d_sae)).astype(np.float32),
-            "b_enc": rng.normal(scale=0.3, size=d_sae).astype(np.float32),
-            "W_dec": rng.normal(size=(d_sae, d_in)).astype(np.float32),
-            "b_dec": rng.normal(scale=0.5, size=d_in).astype(np.float32)}
+    return {
+        "W_enc": rng.normal(size=(d_in, d_sae)).astype(np.float32),
+        "b_enc": rng.normal(scale=0.3, size=d_sae).astype(np.float32),
+        "W_dec": rng.normal(size=(d_sae, d_in)).astype(np.float32),
+        "b_dec": rng.normal(scale=0.5, size=d_in).astype(np.float32),
+    }
 
 
 def _write(folder: pathlib.Path, cfg: dict, tensors: dict) -> pathlib.Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-              str(folder / "sae_weights.safetensors"))
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        str(folder / "sae_weights.safetensors"),
+    )
     return folder
 
 
 def _v6_cfg(arch, d_in=D_IN, d_sae=D_SAE, **kw):
-    cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
-           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "reshape_activations": "none",
-           "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post",
-                        "sae_lens_version": "6.5.1", "context_size": 128}}
+    cfg = {
+        "architecture": arch,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": "gpt2",
+            "hook_name": "blocks.3.hook_resid_post",
+            "sae_lens_version": "6.5.1",
+            "context_size": 128,
+        },
+    }
     cfg.update(kw)
     return cfg
 
@@ -86,8 +102,7 @@ def saelens_reference(x, w, arch, apply_b_dec=True, k=None, rescale=False, fsf=N
 def _check(sae, x, acts_ref, recon_ref, tol=2e-5):
     acts = np.asarray(sae.encode(x))
     np.testing.assert_allclose(acts, acts_ref, rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(sae.decode(sae.encode(x))), recon_ref, rtol=tol,
-                               atol=tol)
+    np.testing.assert_allclose(np.asarray(sae.decode(sae.encode(x))), recon_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(np.asarray(sae(x)), recon_ref, rtol=tol, atol=tol)
 
 
@@ -97,6 +112,7 @@ def x(rng):
 
 
 # -- forward passes ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 def test_v6_standard_matches_reference(tmp_path, rng, x, apply_b_dec):
@@ -124,8 +140,9 @@ def test_v6_topk_matches_reference(tmp_path, rng, x, rescale):
     dense = np.zeros_like(acts_ref)
     np.put_along_axis(dense, np.asarray(indices), np.asarray(values), axis=-1)
     np.testing.assert_allclose(dense, acts_ref, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(np.asarray(sae.decode_sparse(values, indices)), recon_ref,
-                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(sae.decode_sparse(values, indices)), recon_ref, rtol=2e-5, atol=2e-5
+    )
 
 
 def test_v6_jumprelu_matches_reference(tmp_path, rng, x):
@@ -164,11 +181,21 @@ def test_batchtopk_training_checkpoint_is_thresholded(tmp_path, rng, x):
 
 def test_pre6_topk_config(tmp_path, rng, x):
     w = _weights(rng)
-    cfg = {"model_name": "pythia-70m", "hook_point": "blocks.2.hook_resid_post",
-           "hook_point_layer": 2, "d_in": D_IN, "d_sae": D_SAE, "activation_fn_str": "topk",
-           "activation_fn_kwargs": {"k": 2}, "apply_b_dec_to_input": True,
-           "normalize_activations": False, "dtype": "float32", "device": "cpu",
-           "sae_lens_training_version": "3.13.0", "context_size": 128}
+    cfg = {
+        "model_name": "pythia-70m",
+        "hook_point": "blocks.2.hook_resid_post",
+        "hook_point_layer": 2,
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 2},
+        "apply_b_dec_to_input": True,
+        "normalize_activations": False,
+        "dtype": "float32",
+        "device": "cpu",
+        "sae_lens_training_version": "3.13.0",
+        "context_size": 128,
+    }
     sae = load_saelens(_write(tmp_path / "old", cfg, w))
     assert sae.config.activation == "topk" and sae.config.k == 2
     meta = sae.config.meta
@@ -191,13 +218,17 @@ def test_versionless_config_with_metadata_reads_as_v6(tmp_path, rng, x):
 def test_pre6_finetuning_scaling_factor_folded(tmp_path, rng, x):
     w = _weights(rng)
     w["scaling_factor"] = rng.uniform(0.5, 2.0, size=D_SAE).astype(np.float32)
-    cfg = {"d_in": D_IN, "d_sae": D_SAE, "hook_name": "blocks.0.hook_mlp_out",
-           "model_name": "gpt2", "finetuning_scaling_factor": True,
-           "normalize_activations": "none"}
+    cfg = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "hook_name": "blocks.0.hook_mlp_out",
+        "model_name": "gpt2",
+        "finetuning_scaling_factor": True,
+        "normalize_activations": "none",
+    }
     sae = load_saelens(_write(tmp_path / "ft", cfg, w))
     assert sae.config.meta["canonical_hookpoint"] == "mlp_out.0"
-    _check(sae, x, *saelens_reference(x, w, "standard",
-                                      fsf=w["scaling_factor"].astype(np.float64)))
+    _check(sae, x, *saelens_reference(x, w, "standard", fsf=w["scaling_factor"].astype(np.float64)))
 
 
 def test_square_sae_uses_saelens_orientation(tmp_path, rng):
@@ -243,14 +274,19 @@ def test_bfloat16_weights_widen_exactly(tmp_path, rng, x):
 
 def test_expected_average_only_in(tmp_path, rng, x):
     w = _weights(rng)
-    folder = _write(tmp_path / "n", _v6_cfg("standard",
-                                            normalize_activations="expected_average_only_in"), w)
+    folder = _write(
+        tmp_path / "n", _v6_cfg("standard", normalize_activations="expected_average_only_in"), w
+    )
     s = 2.5
     sae = load_saelens(folder, norm_scaling_factor=s)
     assert sae.config.input_scale == s
     # SAELens fold_activation_norm_scaling_factor: W_enc * s, W_dec / s, b_dec / s
-    folded = dict(w, W_enc=w["W_enc"] * np.float64(s), W_dec=w["W_dec"] / np.float64(s),
-                  b_dec=w["b_dec"] / np.float64(s))
+    folded = dict(
+        w,
+        W_enc=w["W_enc"] * np.float64(s),
+        W_dec=w["W_dec"] / np.float64(s),
+        b_dec=w["b_dec"] / np.float64(s),
+    )
     _check(sae, x, *saelens_reference(x, folded, "standard"))
     plain = load_saelens(folder)  # no factor known: no scaling, as SAELens's load_from_disk
     assert plain.config.input_scale == 1.0 and plain.config.meta["norm_scaling_factor_missing"]
@@ -258,8 +294,9 @@ def test_expected_average_only_in(tmp_path, rng, x):
 
 
 def test_runtime_norms_refused_unless_ignored(tmp_path, rng):
-    folder = _write(tmp_path / "ln", _v6_cfg("standard", normalize_activations="layer_norm"),
-                    _weights(rng))
+    folder = _write(
+        tmp_path / "ln", _v6_cfg("standard", normalize_activations="layer_norm"), _weights(rng)
+    )
     with pytest.raises(InputError, match="per-token normalisation"):
         load_saelens(folder)
     sae = load_saelens(folder, ignore_runtime_norm=True)
@@ -283,10 +320,12 @@ def test_provenance_and_sparsity(tmp_path, rng):
 
 # -- round trips -------------------------------------------------------------------------------
 
+
 def _random_sae(rng, activation, input_scale=1.0, apply_b_dec=True):
     k = 3 if activation in ("topk", "batchtopk") else 0
     cfg = sae_lib.SAEConfig(D_IN, D_SAE, activation, k, apply_b_dec, input_scale).with_metadata(
-        model_name="pythia-70m", hookpoint="layers.4", note={"runs": [1, 2]}, seed=7)
+        model_name="pythia-70m", hookpoint="layers.4", note={"runs": [1, 2]}, seed=7
+    )
     w = _weights(rng)
     thr = rng.uniform(0, 1, D_SAE) if activation in ("jumprelu", "batchtopk") else None
     return sae_lib.from_arrays(cfg, w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], thr)
@@ -299,7 +338,10 @@ def test_round_trip_is_exact(tmp_path, rng, activation, input_scale):
     sparsity = rng.uniform(-5, 0, D_SAE).astype(np.float32)
     folder = save_saelens(tmp_path / "rt", sae, sparsity=sparsity)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+        "cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    ]
     back = load_saelens(folder, record_provenance=False)
     np.testing.assert_array_equal(read_saelens_sparsity(folder), sparsity)
     with_prov = load_saelens(folder).config.meta
@@ -313,14 +355,18 @@ def test_round_trip_is_exact(tmp_path, rng, activation, input_scale):
     # An input scale is folded into the weights (SAELens ignores it at inference): the
     # folded SAE is the same function.
     import dataclasses
+
     assert back.config == dataclasses.replace(sae.config, input_scale=1.0).with_metadata(
-        folded_input_scale=input_scale)
+        folded_input_scale=input_scale
+    )
     assert with_prov == {**sae.config.meta, "folded_input_scale": input_scale}
     x = np.random.default_rng(1).normal(size=(9, D_IN)).astype(np.float32) / input_scale
-    np.testing.assert_allclose(np.asarray(back.encode(x)), np.asarray(sae.encode(x)),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(back(x)) * input_scale,
-                               np.asarray(sae(x)) * input_scale, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(back.encode(x)), np.asarray(sae.encode(x)), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(back(x)) * input_scale, np.asarray(sae(x)) * input_scale, rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_array_equal(np.asarray(back.threshold), np.asarray(sae.threshold))
 
 
@@ -331,14 +377,19 @@ def test_saved_files_are_plain_saelens(tmp_path, rng, x, activation, input_scale
     (by SAELens's rules, the float64 reference, which applies NO input normalisation at
     inference) is the original SAE's: an input scale must be folded into the weights."""
     sae = _random_sae(rng, activation, input_scale)
-    x = x * np.float32(4.0 / input_scale)   # inputs on the scale the SAE was trained for
+    x = x * np.float32(4.0 / input_scale)  # inputs on the scale the SAE was trained for
     folder = save_saelens(tmp_path / "plain", sae)
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["normalize_activations"] == "none"
-    expected_arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
-                     "batchtopk": "jumprelu"}[activation]
+    expected_arch = {
+        "relu": "standard",
+        "topk": "topk",
+        "jumprelu": "jumprelu",
+        "batchtopk": "jumprelu",
+    }[activation]
     assert cfg["architecture"] == expected_arch and cfg["metadata"]["hook_name"] == "layers.4"
     from models.formats._common import read_safetensors
+
     stored, _ = read_safetensors(folder / "sae_weights.safetensors", "test")
     want = {"W_enc", "b_enc", "W_dec", "b_dec"}
     want |= {"threshold"} if expected_arch == "jumprelu" else set()
@@ -360,11 +411,13 @@ def test_input_scale_is_always_folded(tmp_path, rng, x):
     back = load_saelens(folder)
     assert back.config.input_scale == 1.0 and back.config.meta["folded_input_scale"] == 3.0
     np.testing.assert_allclose(np.asarray(back(x)), np.asarray(sae(x)), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(back.encode(x)), np.asarray(sae.encode(x)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(back.encode(x)), np.asarray(sae.encode(x)), rtol=1e-5, atol=1e-5
+    )
 
 
 # -- bad input ---------------------------------------------------------------------------------
+
 
 def _one_line(excinfo):
     assert "\n" not in str(excinfo.value)
@@ -398,8 +451,9 @@ def test_truncated_safetensors(tmp_path, rng, cut):
 
 def test_garbage_weights_file(tmp_path, rng):
     folder = _write(tmp_path / "g", _v6_cfg("standard"), _weights(rng))
-    (folder / "sae_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" +
-                                                     b"not json at all!" + b"\x00" * 64)
+    (folder / "sae_weights.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"not json at all!" + b"\x00" * 64
+    )
     with pytest.raises(InputError, match="not a safetensors file"):
         load_saelens(folder)
     (folder / "cfg.json").write_text("{not json")
@@ -407,8 +461,13 @@ def test_garbage_weights_file(tmp_path, rng):
         load_saelens(folder)
 
 
-@pytest.mark.parametrize("arch, message", [("mystery", "unknown architecture 'mystery'"),
-                                           ("gated", "architecture 'gated' is not supported")])
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        ("mystery", "unknown architecture 'mystery'"),
+        ("gated", "architecture 'gated' is not supported"),
+    ],
+)
 def test_unknown_or_unsupported_architecture(tmp_path, rng, arch, message):
     folder = _write(tmp_path / "a", _v6_cfg(arch), _weights(rng))
     with pytest.raises(InputError, match=message) as e:
@@ -430,8 +489,11 @@ def test_wrong_shapes(tmp_path, rng):
     with pytest.raises(InputError, match="needs a 'threshold' tensor"):
         load_saelens(jump)
     with pytest.raises(InputError, match=r"unexpected tensor\(s\) \['W_skip'\]"):
-        load_saelens(_write(tmp_path / "e", _v6_cfg("standard"),
-                            dict(w, W_skip=np.eye(D_IN, dtype=np.float32))))
+        load_saelens(
+            _write(
+                tmp_path / "e", _v6_cfg("standard"), dict(w, W_skip=np.eye(D_IN, dtype=np.float32))
+            )
+        )
 
 
 def test_nan_weights_refused(tmp_path, rng):
@@ -442,10 +504,15 @@ def test_nan_weights_refused(tmp_path, rng):
     _one_line(e)
 
 
-@pytest.mark.parametrize("update, message", [
-    ({"k": 2.5}, "'k' must be an integer"), ({"k": D_SAE + 1}, "exceeds d_sae"),
-    ({"normalize_activations": "whiten"}, "unknown normalize_activations"),
-    ({"d_in": "six"}, "'d_in' must be an integer")])
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        ({"k": 2.5}, "'k' must be an integer"),
+        ({"k": D_SAE + 1}, "exceeds d_sae"),
+        ({"normalize_activations": "whiten"}, "unknown normalize_activations"),
+        ({"d_in": "six"}, "'d_in' must be an integer"),
+    ],
+)
 def test_bad_config_values(tmp_path, rng, update, message):
     cfg = _v6_cfg("topk", k=3)
     cfg.update(update)

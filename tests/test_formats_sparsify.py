@@ -26,17 +26,36 @@ from models.formats import (
 )
 
 
-def _write_coder(folder: pathlib.Path, rng, d_in, num_latents_cfg, k, expansion_factor=32,
-                 extra_cfg=None, extra_tensors=None, **cfg_overrides):
+def _write_coder(
+    folder: pathlib.Path,
+    rng,
+    d_in,
+    num_latents_cfg,
+    k,
+    expansion_factor=32,
+    extra_cfg=None,
+    extra_tensors=None,
+    **cfg_overrides,
+):
     n = num_latents_cfg or d_in * expansion_factor
-    tensors = {"encoder.weight": rng.normal(size=(n, d_in)).astype(np.float32),
-               "encoder.bias": rng.normal(scale=0.3, size=n).astype(np.float32),
-               "W_dec": rng.normal(size=(n, d_in)).astype(np.float32),
-               "b_dec": rng.normal(scale=0.5, size=d_in).astype(np.float32)}
+    tensors = {
+        "encoder.weight": rng.normal(size=(n, d_in)).astype(np.float32),
+        "encoder.bias": rng.normal(scale=0.3, size=n).astype(np.float32),
+        "W_dec": rng.normal(size=(n, d_in)).astype(np.float32),
+        "b_dec": rng.normal(scale=0.5, size=d_in).astype(np.float32),
+    }
     tensors.update(extra_tensors or {})
-    cfg = {"activation": "topk", "expansion_factor": expansion_factor,
-           "normalize_decoder": True, "num_latents": num_latents_cfg, "k": k,
-           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d_in}
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": expansion_factor,
+        "normalize_decoder": True,
+        "num_latents": num_latents_cfg,
+        "k": k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": d_in,
+    }
     cfg.update(extra_cfg or {})
     cfg.update(cfg_overrides)
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,7 +71,7 @@ def sparsify_reference(x, t, k, transcode=False):
     if not transcode:
         x = x - f["b_dec"]
     pre = np.maximum(x @ f["encoder.weight"].T + f["encoder.bias"], 0)
-    idx = np.argpartition(-pre, k - 1, axis=-1)[:, :k]       # unsorted, like sparsify
+    idx = np.argpartition(-pre, k - 1, axis=-1)[:, :k]  # unsorted, like sparsify
     vals = np.take_along_axis(pre, idx, axis=-1)
     recon = np.einsum("bk,bkd->bd", vals, f["W_dec"][idx]) + f["b_dec"]
     dense = np.zeros_like(pre)
@@ -70,8 +89,9 @@ def _check(sae, x, ref, tol=2e-5):
     np.put_along_axis(scattered, indices, values, axis=-1)
     np.testing.assert_allclose(scattered, dense, rtol=tol, atol=tol)
     assert values.shape == vals.shape and idx.shape == indices.shape
-    np.testing.assert_allclose(np.asarray(sae.decode_sparse(values, indices)), recon,
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.asarray(sae.decode_sparse(values, indices)), recon, rtol=tol, atol=tol
+    )
 
 
 @pytest.fixture
@@ -80,9 +100,17 @@ def run(tmp_path, rng):
     root = tmp_path / "pythia-sparsify"
     t2 = _write_coder(root / "layers.2", rng, d_in=6, num_latents_cfg=16, k=4)
     t3 = _write_coder(root / "layers.3.mlp", rng, d_in=6, num_latents_cfg=12, k=3)
-    (root / "config.json").write_text(json.dumps(
-        {"model": "EleutherAI/pythia-70m", "dataset": "EleutherAI/fineweb-edu-dedup-10b",
-         "sae": {"k": 4}, "hookpoints": ["layers.2", "layers.3.mlp"], "batch_size": 8}))
+    (root / "config.json").write_text(
+        json.dumps(
+            {
+                "model": "EleutherAI/pythia-70m",
+                "dataset": "EleutherAI/fineweb-edu-dedup-10b",
+                "sae": {"k": 4},
+                "hookpoints": ["layers.2", "layers.3.mlp"],
+                "batch_size": 8,
+            }
+        )
+    )
     return root, {"layers.2": t2, "layers.3.mlp": t3}
 
 
@@ -91,7 +119,11 @@ def test_hookpoint_forward_matches_reference(run, rng):
     x = rng.normal(size=(9, 6)).astype(np.float32)
     sae = load_sparsify(root, hookpoint="layers.2")
     assert (sae.config.d_in, sae.config.d_sae, sae.config.activation, sae.config.k) == (
-        6, 16, "topk", 4)
+        6,
+        16,
+        "topk",
+        4,
+    )
     assert sae.config.apply_b_dec_to_input
     _check(sae, x, sparsify_reference(x, tensors["layers.2"], 4))
     np.testing.assert_array_equal(np.asarray(sae.W_enc), tensors["layers.2"]["encoder.weight"].T)
@@ -108,8 +140,11 @@ def test_run_folder_needs_a_hookpoint(run):
     root, _ = run
     assert sparsify_hookpoints(root) == ["layers.2", "layers.3.mlp"]
     assert detect_format(root) == "sparsify"
-    with pytest.raises(InputError, match=r"holds 2 hookpoints; pass hookpoint= one of "
-                                         r"\['layers.2', 'layers.3.mlp'\]") as e:
+    with pytest.raises(
+        InputError,
+        match=r"holds 2 hookpoints; pass hookpoint= one of "
+        r"\['layers.2', 'layers.3.mlp'\]",
+    ) as e:
         load_sae(root)
     assert "\n" not in str(e.value)
     with pytest.raises(InputError, match="no hookpoint 'layers.9'"):
@@ -119,8 +154,7 @@ def test_run_folder_needs_a_hookpoint(run):
 def test_square_coder_uses_linear_orientation(tmp_path, rng):
     """num_latents = 0 -> d_in * expansion_factor; with expansion 1 the encoder is square, and
     only the nn.Linear convention (encoder.weight is [out, in]) gives the right answer."""
-    t = _write_coder(tmp_path / "layers.0", rng, d_in=8, num_latents_cfg=0, k=3,
-                     expansion_factor=1)
+    t = _write_coder(tmp_path / "layers.0", rng, d_in=8, num_latents_cfg=0, k=3, expansion_factor=1)
     sae = load_sparsify(tmp_path / "layers.0")
     assert sae.config.d_sae == 8
     x = rng.normal(size=(6, 8)).astype(np.float32)
@@ -138,8 +172,7 @@ def test_num_latents_from_expansion_factor(tmp_path, rng):
 def test_b_dec_subtracted_whatever_normalize_decoder_says(tmp_path, rng):
     """SAELens's converter sets apply_b_dec_to_input from normalize_decoder; sparsify always
     subtracts b_dec for autoencoders (docs/references.md pitfall)."""
-    t = _write_coder(tmp_path / "h", rng, d_in=6, num_latents_cfg=10, k=3,
-                     normalize_decoder=False)
+    t = _write_coder(tmp_path / "h", rng, d_in=6, num_latents_cfg=10, k=3, normalize_decoder=False)
     sae = load_sparsify(tmp_path / "h")
     assert sae.config.apply_b_dec_to_input
     x = rng.normal(size=(5, 6)).astype(np.float32)
@@ -147,8 +180,9 @@ def test_b_dec_subtracted_whatever_normalize_decoder_says(tmp_path, rng):
 
 
 def test_transcoder_does_not_subtract_b_dec(tmp_path, rng):
-    t = _write_coder(tmp_path / "layers.1.mlp", rng, d_in=6, num_latents_cfg=10, k=3,
-                     transcode=True)
+    t = _write_coder(
+        tmp_path / "layers.1.mlp", rng, d_in=6, num_latents_cfg=10, k=3, transcode=True
+    )
     sae = load_sparsify(tmp_path / "layers.1.mlp")
     assert not sae.config.apply_b_dec_to_input and sae.config.meta["transcoder"] is True
     x = rng.normal(size=(5, 6)).astype(np.float32)
@@ -156,12 +190,25 @@ def test_transcoder_does_not_subtract_b_dec(tmp_path, rng):
 
 
 def test_zero_skip_connection_accepted_nonzero_refused(tmp_path, rng):
-    t = _write_coder(tmp_path / "a", rng, d_in=4, num_latents_cfg=8, k=2,
-                     extra_tensors={"W_skip": np.zeros((4, 4), np.float32)})
+    t = _write_coder(
+        tmp_path / "a",
+        rng,
+        d_in=4,
+        num_latents_cfg=8,
+        k=2,
+        extra_tensors={"W_skip": np.zeros((4, 4), np.float32)},
+    )
     x = rng.normal(size=(3, 4)).astype(np.float32)
     _check(load_sparsify(tmp_path / "a"), x, sparsify_reference(x, t, 2))
-    _write_coder(tmp_path / "b", rng, d_in=4, num_latents_cfg=8, k=2, skip_connection=True,
-                 extra_tensors={"W_skip": np.eye(4, dtype=np.float32)})
+    _write_coder(
+        tmp_path / "b",
+        rng,
+        d_in=4,
+        num_latents_cfg=8,
+        k=2,
+        skip_connection=True,
+        extra_tensors={"W_skip": np.eye(4, dtype=np.float32)},
+    )
     with pytest.raises(InputError, match="non-zero skip connection"):
         load_sparsify(tmp_path / "b")
 
@@ -178,6 +225,7 @@ def test_round_trip_through_saelens(run, tmp_path, rng):
 
 
 # -- bad input ---------------------------------------------------------------------------------
+
 
 def test_groupmax_refused(tmp_path, rng):
     _write_coder(tmp_path / "g", rng, d_in=4, num_latents_cfg=8, k=2, activation="groupmax")
@@ -200,8 +248,11 @@ def test_missing_and_truncated_weights(tmp_path, rng):
 def test_wrong_shapes_and_nan(tmp_path, rng):
     bad = {"encoder.weight": np.zeros((9, 4), np.float32)}
     _write_coder(tmp_path / "a", rng, d_in=4, num_latents_cfg=8, k=2, extra_tensors=bad)
-    with pytest.raises(InputError, match=r"'encoder.weight' has shape \(9, 4\), expected "
-                                         r"\(8, 4\)"):
+    with pytest.raises(
+        InputError,
+        match=r"'encoder.weight' has shape \(9, 4\), expected "
+        r"\(8, 4\)",
+    ):
         load_sparsify(tmp_path / "a")
     t = _write_coder(tmp_path / "b", rng, d_in=4, num_latents_cfg=8, k=2)
     t["W_dec"][1, 1] = np.inf

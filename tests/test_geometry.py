@@ -30,25 +30,24 @@ INPUTS = {"random": random_pair(0), "structured": structured(1)}
 def test_procrustes_matches_scipy(kind, mesh):
     x, y = INPUTS[kind]
     got = geometry.procrustes(x, y, mesh=mesh, chunk_size=48)
-    want = ref.procrustes_distance(x, y)         # zero-padded to a common width
+    want = ref.procrustes_distance(x, y)  # zero-padded to a common width
     np.testing.assert_allclose(got.distance, want, rtol=1e-5)
-    np.testing.assert_allclose(got.score, 1.0 - want ** 2 / 2.0, rtol=1e-5)
+    np.testing.assert_allclose(got.score, 1.0 - want**2 / 2.0, rtol=1e-5)
     same_width = geometry.procrustes(x[:, :D2], y, mesh=mesh)
-    np.testing.assert_allclose(same_width.distance, ref.procrustes_distance(x[:, :D2], y),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        same_width.distance, ref.procrustes_distance(x[:, :D2], y), rtol=1e-5
+    )
 
 
 def test_procrustes_streamed_and_weighted():
     x, y = INPUTS["structured"]
     whole = geometry.procrustes(x, y)
-    streamed = geometry.from_stream(streaming.ChunkStream((x, y), 48),
-                                    paired_stats.default_mesh())
+    streamed = geometry.from_stream(streaming.ChunkStream((x, y), 48), paired_stats.default_mesh())
     np.testing.assert_allclose(streamed.score, whole.score, rtol=2e-6)
     w = np.random.default_rng(2).integers(0, 3, N)
     rep = np.repeat(np.arange(N), w)
     got = geometry.procrustes(x, y, w.astype(np.float32))
-    np.testing.assert_allclose(got.distance, ref.procrustes_distance(x[rep], y[rep]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(got.distance, ref.procrustes_distance(x[rep], y[rep]), rtol=1e-5)
 
 
 @settings(max_examples=10, deadline=None)
@@ -58,10 +57,12 @@ def test_procrustes_is_one_up_to_rotation_translation_and_scale(seed, scale):
     q = ortho_group.rvs(D1, random_state=seed)
     moved = (x @ q * scale - 3.0).astype(np.float32)
     np.testing.assert_allclose(geometry.procrustes(x, moved).score, 1.0, atol=2e-6)
-    np.testing.assert_allclose(geometry.procrustes(x, y).score,
-                               geometry.procrustes(moved, y).score, rtol=2e-5)
-    np.testing.assert_allclose(geometry.procrustes(x, y).score,
-                               geometry.procrustes(y, x).score, rtol=1e-5)
+    np.testing.assert_allclose(
+        geometry.procrustes(x, y).score, geometry.procrustes(moved, y).score, rtol=2e-5
+    )
+    np.testing.assert_allclose(
+        geometry.procrustes(x, y).score, geometry.procrustes(y, x).score, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(INPUTS))
@@ -69,10 +70,8 @@ def test_mutual_knn_matches_numpy(kind, mesh):
     x, y = INPUTS[kind]
     for k, tile, normalize in ((5, 32, False), (3, 1024, True)):
         got = geometry.mutual_knn(x, y, k=k, mesh=mesh, tile=tile, normalize=normalize)
-        assert got.score == pytest.approx(ref.mutual_knn(x, y, k, normalize=normalize),
-                                          abs=1e-12)
-    np.testing.assert_array_equal(geometry.knn_indices(x, 4, mesh=mesh, tile=16),
-                                  ref.knn(x, 4))
+        assert got.score == pytest.approx(ref.mutual_knn(x, y, k, normalize=normalize), abs=1e-12)
+    np.testing.assert_array_equal(geometry.knn_indices(x, 4, mesh=mesh, tile=16), ref.knn(x, 4))
 
 
 def test_mutual_knn_ties_go_to_the_lower_index():
@@ -81,8 +80,7 @@ def test_mutual_knn_ties_go_to_the_lower_index():
     x = rng.integers(-2, 3, size=(N, 3)).astype(np.float32)
     y = rng.integers(-2, 3, size=(N, 3)).astype(np.float32)
     np.testing.assert_array_equal(geometry.knn_indices(x, 6), ref.knn(x, 6))
-    assert geometry.mutual_knn(x, y, k=6).score == pytest.approx(ref.mutual_knn(x, y, 6),
-                                                                 abs=1e-12)
+    assert geometry.mutual_knn(x, y, k=6).score == pytest.approx(ref.mutual_knn(x, y, 6), abs=1e-12)
 
 
 def test_mutual_knn_weights_average_over_query_rows():
@@ -128,8 +126,10 @@ def test_mutual_knn_with_a_large_common_offset_matches_float64(normalize, mesh):
     assert want > 0.15 or not normalize  # plain inner products: the offset dominates
     got = geometry.mutual_knn(x, y, k=5, mesh=mesh, tile=64, normalize=normalize)
     assert got.score == pytest.approx(want, abs=1e-12)
-    np.testing.assert_array_equal(geometry.knn_indices(x, 5, mesh=mesh, normalize=normalize),
-                                  ref.knn(x, 5, normalize=normalize))
+    np.testing.assert_array_equal(
+        geometry.knn_indices(x, 5, mesh=mesh, normalize=normalize),
+        ref.knn(x, 5, normalize=normalize),
+    )
 
 
 def test_mutual_knn_normalized_ties_go_to_the_lower_index():
@@ -139,5 +139,6 @@ def test_mutual_knn_normalized_ties_go_to_the_lower_index():
     x[np.all(x == 0, axis=1)] = 1.0
     y = rng.integers(1, 3, size=(N, 2)).astype(np.float64)
     for a in (x, y):
-        np.testing.assert_array_equal(geometry.knn_indices(a, 7, normalize=True),
-                                      ref.knn(a, 7, normalize=True))
+        np.testing.assert_array_equal(
+            geometry.knn_indices(a, 7, normalize=True), ref.knn(a, 7, normalize=True)
+        )

@@ -16,16 +16,28 @@ import pytest
 from experiments import bench_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOY = ("--toy_n_tokens=2000", "--toy_steps=150", "--toy_n_features=48", "--toy_d=16",
-       "--num_permutations=30", "--metrics=svcca,cka,rsa_spearman")
+TOY = (
+    "--toy_n_tokens=2000",
+    "--toy_steps=150",
+    "--toy_n_features=48",
+    "--toy_d=16",
+    "--num_permutations=30",
+    "--metrics=svcca,cka,rsa_spearman",
+)
 
 
 def _run(module, *args):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +61,14 @@ def browser(tmp_path_factory):
 
 def _open(driver, index):
     from selenium.webdriver.support.ui import WebDriverWait
-    driver.get_log("browser")          # drop earlier pages' messages
+
+    driver.get_log("browser")  # drop earlier pages' messages
     driver.get("file://" + str(index))
-    WebDriverWait(driver, 30).until(lambda d: d.execute_script(
-        "return window.SAEU_TIMING && window.SAEU_TIMING.pairs !== undefined"))
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script(
+            "return window.SAEU_TIMING && window.SAEU_TIMING.pairs !== undefined"
+        )
+    )
 
 
 def _errors(driver):
@@ -61,28 +77,30 @@ def _errors(driver):
 
 def _cells(row):
     from selenium.webdriver.common.by import By
+
     return [td.text for td in row.find_elements(By.TAG_NAME, "td")]
 
 
 def _all_pair_rows(driver):
     """Every row of the pairs table, across pages (columns: #, A, B, ...)."""
     from selenium.webdriver.common.by import By
+
     while "page 1 /" not in driver.find_element(By.ID, "pairs-page").text:
         driver.find_element(By.ID, "pairs-prev").click()
     out = []
     while True:
-        out += [_cells(r) for r in driver.find_elements(By.CSS_SELECTOR,
-                                                        "#pairs-table tbody tr")]
+        out += [_cells(r) for r in driver.find_elements(By.CSS_SELECTOR, "#pairs-table tbody tr")]
         page = driver.find_element(By.ID, "pairs-page").text.split()
         if page[1] == page[3]:
             return out
         driver.find_element(By.ID, "pairs-next").click()
 
 
-@pytest.mark.slow   # the toy run behind it: about a minute on 2 free cores
+@pytest.mark.slow  # the toy run behind it: about a minute on 2 free cores
 def test_toy_report_in_browser(toy_run, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
     workdir, results = toy_run
     index = workdir / "report" / "index.html"
     _open(browser, index)
@@ -98,10 +116,12 @@ def test_toy_report_in_browser(toy_run, browser, tmp_path):
             m = metrics[r.get_attribute("data-metric")]
             cells = _cells(r)
             shown = [float(x) for x in cells[1:6]]
-            assert shown == pytest.approx([m["score"], m["null_mean"], m["null_std"],
-                                           m["excess"], m["z"]], abs=0.051)
-            assert shown[:4] == pytest.approx([m["score"], m["null_mean"], m["null_std"],
-                                               m["excess"]], abs=6e-4)
+            assert shown == pytest.approx(
+                [m["score"], m["null_mean"], m["null_std"], m["excess"], m["z"]], abs=0.051
+            )
+            assert shown[:4] == pytest.approx(
+                [m["score"], m["null_mean"], m["null_std"], m["excess"]], abs=6e-4
+            )
             assert float(cells[6].rstrip(" *")) == pytest.approx(m["p"], abs=6e-5)
             assert cells[6].endswith("*") == (m["p"] < 0.01 and m["excess"] > 0)
         funnel = browser.find_element(By.CSS_SELECTOR, f".funnel[data-name='{comp['name']}']")
@@ -117,7 +137,8 @@ def test_toy_report_in_browser(toy_run, browser, tmp_path):
     assert browser.find_element(By.ID, "pairs-count").text == f"{n} of {n} rows"
     rows = _all_pair_rows(browser)
     assert sorted((int(r[1]), int(r[2])) for r in rows) == sorted(
-        zip(cross["pairs"]["a"], cross["pairs"]["b"]))
+        zip(cross["pairs"]["a"], cross["pairs"]["b"])
+    )
     values = [float(r[3]) for r in rows]
     assert values == sorted(values, reverse=True)
     assert values[0] == pytest.approx(max(cross["pairs"]["value"]), abs=1e-3)
@@ -125,12 +146,14 @@ def test_toy_report_in_browser(toy_run, browser, tmp_path):
     # Sorting: click "A feature" (ascending), again (descending).
     header = browser.find_element(By.CSS_SELECTOR, "#pairs-table th[data-key='a']")
     header.click()
-    col = [int(_cells(r)[1]) for r in browser.find_elements(By.CSS_SELECTOR,
-                                                             "#pairs-table tbody tr")]
+    col = [
+        int(_cells(r)[1]) for r in browser.find_elements(By.CSS_SELECTOR, "#pairs-table tbody tr")
+    ]
     assert col == sorted(cross["pairs"]["a"])[:50]
     header.click()
-    col = [int(_cells(r)[1]) for r in browser.find_elements(By.CSS_SELECTOR,
-                                                             "#pairs-table tbody tr")]
+    col = [
+        int(_cells(r)[1]) for r in browser.find_elements(By.CSS_SELECTOR, "#pairs-table tbody tr")
+    ]
     assert col == sorted(cross["pairs"]["a"], reverse=True)[:50]
 
     # Search by feature id: exactly that pair.
@@ -142,8 +165,11 @@ def test_toy_report_in_browser(toy_run, browser, tmp_path):
 
     # Click it: both features side by side, with their top-activating contexts.
     rows[0].click()
-    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(
-        By.CSS_SELECTOR, "#pair-detail .feature[data-loaded='1']")) == 2)
+    WebDriverWait(browser, 30).until(
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, "#pair-detail .feature[data-loaded='1']")) == 2
+        )
+    )
     for side, f in (("a", a0), ("b", b0)):
         panel = browser.find_element(By.CSS_SELECTOR, f"#pair-detail .feature[data-side='{side}']")
         assert panel.get_attribute("data-feature") == str(f)
@@ -154,8 +180,10 @@ def test_toy_report_in_browser(toy_run, browser, tmp_path):
         top = page["activations"][0]
         qual = contexts[0].find_element(By.CSS_SELECTOR, ".tok.qual")
         assert qual.text == top["tokens"][top["qualifying_token_index"]]
-        assert contexts[0].find_element(By.CSS_SELECTOR, ".act").text == \
-            f"\u2190 {top['values'][top['qualifying_token_index']]:.3f}"
+        assert (
+            contexts[0].find_element(By.CSS_SELECTOR, ".act").text
+            == f"\u2190 {top['values'][top['qualifying_token_index']]:.3f}"
+        )
         assert panel.find_elements(By.CSS_SELECTOR, "svg.hist rect")
     browser.save_screenshot(str(tmp_path / "pair.png"))
     assert (tmp_path / "pair.png").stat().st_size > 10_000
@@ -165,11 +193,16 @@ def test_toy_report_in_browser(toy_run, browser, tmp_path):
     dropped = [r for r in table["a"] if r["status"] == "dropped"]
     browser.find_element(By.ID, "tab-features").click()
     from selenium.webdriver.support.ui import Select
+
     Select(browser.find_element(By.ID, "feat-status")).select_by_value("dropped")
-    assert browser.find_element(By.ID, "feat-count").text == \
-        f"{len(dropped)} of {len(table['a'])} rows"
-    shown = {int(_cells(r)[0]): _cells(r)[2]
-             for r in browser.find_elements(By.CSS_SELECTOR, "#feat-table tbody tr")}
+    assert (
+        browser.find_element(By.ID, "feat-count").text
+        == f"{len(dropped)} of {len(table['a'])} rows"
+    )
+    shown = {
+        int(_cells(r)[0]): _cells(r)[2]
+        for r in browser.find_elements(By.CSS_SELECTOR, "#feat-table tbody tr")
+    }
     assert shown == {r["feature"]: r["reason"] for r in dropped[:50]}
     browser.save_screenshot(str(tmp_path / "features.png"))
 
@@ -178,9 +211,14 @@ def test_toy_report_in_browser(toy_run, browser, tmp_path):
     browser.find_element(By.ID, "tab-pairs").click()
     browser.find_element(By.ID, "pairs-search").clear()
     Select(browser.find_element(By.ID, "pairs-comp")).select_by_value(
-        str(results["comparisons"].index(control)))
-    WebDriverWait(browser, 30).until(lambda d: d.find_element(
-        By.ID, "pairs-count").text == f"{control['n_pairs']} of {control['n_pairs']} rows")
+        str(results["comparisons"].index(control))
+    )
+    WebDriverWait(browser, 30).until(
+        lambda d: (
+            d.find_element(By.ID, "pairs-count").text
+            == f"{control['n_pairs']} of {control['n_pairs']} rows"
+        )
+    )
     if control["n_pairs"] == 0:
         assert "no kept pairs" in browser.find_element(By.ID, "pairs-note").text
     assert _errors(browser) == []
@@ -188,8 +226,8 @@ def test_toy_report_in_browser(toy_run, browser, tmp_path):
 
 def test_grid_importance_and_paging_in_browser(browser, tmp_path):
     from selenium.webdriver.common.by import By
-    results = bench_report.synthetic_workdir(str(tmp_path / "run"), 300, n_small=20,
-                                             n_contexts=3)
+
+    results = bench_report.synthetic_workdir(str(tmp_path / "run"), 300, n_small=20, n_contexts=3)
     # Labels and tokens are text, never markup (even one that closes the inline script).
     evil = "</script><b id='injected'>x</b>"
     path = tmp_path / "run" / "results.json"
@@ -197,20 +235,27 @@ def test_grid_importance_and_paging_in_browser(browser, tmp_path):
     raw["comparisons"][0]["label"] = evil
     path.write_text(json.dumps(raw))
     from experiments.pipeline import html_report
+
     index = html_report.write_report(str(tmp_path / "run"))
     _open(browser, index)
     assert _errors(browser) == []
     assert not browser.find_elements(By.ID, "injected")
     assert evil in browser.find_element(By.ID, "overview").text
     # Layer grid: one heatmap per metric; significant cells (p < alpha, excess > 0) marked.
-    by_cell = {(c["hookpoint_a"], c["hookpoint_b"]): c for c in results["comparisons"]
-               if "hookpoint_a" in c}    # ceiling and floor have no cell
+    by_cell = {
+        (c["hookpoint_a"], c["hookpoint_b"]): c
+        for c in results["comparisons"]
+        if "hookpoint_a" in c
+    }  # ceiling and floor have no cell
     grid = results["grid"]
     for metric in grid["cells"]:
         table = browser.find_element(By.CSS_SELECTOR, f"table.heat[data-metric='{metric}']")
         cells = table.find_elements(By.CSS_SELECTOR, "td")
-        expect = [by_cell[(a, b)]["metrics"][metric]["p"] < 0.01
-                  for a in grid["layers_a"] for b in grid["layers_b"]]
+        expect = [
+            by_cell[(a, b)]["metrics"][metric]["p"] < 0.01
+            for a in grid["layers_a"]
+            for b in grid["layers_b"]
+        ]
         assert [c.text.endswith("*") for c in cells] == expect
         assert any(expect) and not all(expect)
     browser.find_element(By.ID, "tab-pairs").click()
@@ -221,18 +266,29 @@ def test_grid_importance_and_paging_in_browser(browser, tmp_path):
     # Importance column: sorted descending on click, value = min over both sides.
     browser.find_element(By.CSS_SELECTOR, "#pairs-table th[data-key='imp']").click()
     table = json.loads((tmp_path / "run" / "features" / f"{cross['name']}.json").read_text())
-    imp = sorted((min(table["a"][a]["importance"], table["b"][b]["importance"])
-                  for a, b in zip(cross["pairs"]["a"], cross["pairs"]["b"])), reverse=True)
-    heads = [th.get_attribute("data-key") for th in
-             browser.find_elements(By.CSS_SELECTOR, "#pairs-table th")]
+    imp = sorted(
+        (
+            min(table["a"][a]["importance"], table["b"][b]["importance"])
+            for a, b in zip(cross["pairs"]["a"], cross["pairs"]["b"])
+        ),
+        reverse=True,
+    )
+    heads = [
+        th.get_attribute("data-key")
+        for th in browser.find_elements(By.CSS_SELECTOR, "#pairs-table th")
+    ]
     col = heads.index("imp")
-    shown = [float(_cells(r)[col]) for r in browser.find_elements(By.CSS_SELECTOR,
-                                                                   "#pairs-table tbody tr")]
+    shown = [
+        float(_cells(r)[col])
+        for r in browser.find_elements(By.CSS_SELECTOR, "#pairs-table tbody tr")
+    ]
     assert shown == pytest.approx(imp[:50], abs=1e-3)
     # Search by token text matches pairs whose top tokens contain it.
     query = table["a"][cross["pairs"]["a"][0]]["top_tokens"][0].replace("\u0120", "")
-    expect = sum(any(query in t for t in table["a"][a]["top_tokens"] + table["b"][b]["top_tokens"])
-                 for a, b in zip(cross["pairs"]["a"], cross["pairs"]["b"]))
+    expect = sum(
+        any(query in t for t in table["a"][a]["top_tokens"] + table["b"][b]["top_tokens"])
+        for a, b in zip(cross["pairs"]["a"], cross["pairs"]["b"])
+    )
     browser.find_element(By.ID, "pairs-search").send_keys(query)
     rows = browser.find_elements(By.CSS_SELECTOR, "#pairs-table tbody tr")
     assert browser.find_element(By.ID, "pairs-count").text == f"{expect} of {n} rows"
@@ -250,7 +306,8 @@ def test_rebuild_command(toy_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "r" / "index.html").read_text() == first
     assert sorted(os.listdir(tmp_path / "r" / "data")) == sorted(
-        os.listdir(workdir / "report" / "data"))
+        os.listdir(workdir / "report" / "data")
+    )
     bad = _run("experiments.report", f"--workdir={tmp_path / 'nothing'}")
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "results.json" in bad.stderr

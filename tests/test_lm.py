@@ -37,11 +37,15 @@ def batch(tok):
 def _reference_hidden_states(path, ids, mask=None):
     """A plain transformers forward of the checkpoint (its own head class), all states."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
     cls = AutoModelForMaskedLM if path.endswith("bert") else AutoModelForCausalLM
     model = cls.from_pretrained(path).eval()
     with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(ids).long(), output_hidden_states=True,
-                    attention_mask=None if mask is None else torch.as_tensor(mask).long())
+        out = model(
+            input_ids=torch.as_tensor(ids).long(),
+            output_hidden_states=True,
+            attention_mask=None if mask is None else torch.as_tensor(mask).long(),
+        )
     return [h.numpy().astype(np.float64) for h in out.hidden_states], model
 
 
@@ -58,8 +62,11 @@ def test_hookpoint_names_and_library_mapping():
     assert lm.parse_hookpoint("layers.1.mlp") == lm.Hookpoint(1, "mlp_out")
     assert lm.parse_hookpoint("layers.1.self_attn") == lm.Hookpoint(1, "attn_out")
     assert lm.parse_hookpoint("resid_pre.-1", n_layers=6) == lm.Hookpoint(5, "resid_pre")
-    for bad, match in [("resid_mid.1", "unknown name"), ("resid_post.6", "outside"),
-                       ("resid_post.-7", "outside")]:
+    for bad, match in [
+        ("resid_mid.1", "unknown name"),
+        ("resid_post.6", "outside"),
+        ("resid_post.-7", "outside"),
+    ]:
         with pytest.raises(checks.InputError, match=match):
             lm.parse_hookpoint(bad, n_layers=6)
     with pytest.raises(checks.InputError, match="needs the model's depth"):
@@ -82,12 +89,17 @@ def test_hookpoints_equal_plain_transformers_forward(arch, model_dirs, batch):
     for layer in range(N_LAYERS):
         np.testing.assert_allclose(acts[f"resid_pre.{layer}"], hs[layer], atol=1e-5, rtol=1e-5)
         if layer < N_LAYERS - 1:
-            np.testing.assert_allclose(acts[f"resid_post.{layer}"], hs[layer + 1], atol=1e-5,
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                acts[f"resid_post.{layer}"], hs[layer + 1], atol=1e-5, rtol=1e-5
+            )
     last = torch.as_tensor(out.acts[f"resid_post.{N_LAYERS - 1}"])
     base = ref_model.base_model
-    final_norm = {"gpt_neox": "final_layer_norm", "gpt2": "ln_f", "llama": "norm",
-                  "gemma2": "norm"}.get(arch)
+    final_norm = {
+        "gpt_neox": "final_layer_norm",
+        "gpt2": "ln_f",
+        "llama": "norm",
+        "gemma2": "norm",
+    }.get(arch)
     if final_norm is None:  # BERT: no final norm, hidden_states[-1] is the block output
         np.testing.assert_allclose(acts[f"resid_post.{N_LAYERS - 1}"], hs[-1], atol=1e-5)
     else:  # HF hidden_states[-1] is the FINAL-NORMED output (the off-by-one trap)
@@ -137,13 +149,15 @@ def test_padding_is_masked(arch, model_dirs, tok):
     assert out.special[1, 4:].all()  # padding is special too
     for i in range(2):
         n = int(mask[i].sum())
-        alone = m.forward_batch(ids[i:i + 1, :n], ["resid_post.1"])
-        np.testing.assert_allclose(out.acts["resid_post.1"][i, :n], alone.acts["resid_post.1"][0],
-                                   atol=1e-5)
+        alone = m.forward_batch(ids[i : i + 1, :n], ["resid_post.1"])
+        np.testing.assert_allclose(
+            out.acts["resid_post.1"][i, :n], alone.acts["resid_post.1"][0], atol=1e-5
+        )
 
 
 def test_dtypes(model_dirs, batch):
     import ml_dtypes
+
     path = model_dirs["llama"]
     m32 = lm.LanguageModel.load(path)
     ref = m32.forward_batch(batch.token_ids, ["resid_post.1"]).acts["resid_post.1"]
@@ -219,15 +233,17 @@ def test_random_init_copy(model_dirs, batch, tmp_path):
 
 
 def test_tiny_model_pair(tmp_path, batch):
-    pair = lm_tiny.make_tiny_model_pair(str(tmp_path / "pair"), arch="gpt_neox", vocab_size=300,
-                                        train_steps=30, n_layers=2)
+    pair = lm_tiny.make_tiny_model_pair(
+        str(tmp_path / "pair"), arch="gpt_neox", vocab_size=300, train_steps=30, n_layers=2
+    )
     a, b = lm.LanguageModel.load(pair.path_a), lm.LanguageModel.load(pair.path_b)
     text.check_same_tokenizer(a.tokenizer, b.tokenizer, names=("A", "B"))
     xa = a.forward_batch(batch.token_ids, ["resid_post.1"]).acts["resid_post.1"]
     xb = b.forward_batch(batch.token_ids, ["resid_post.1"]).acts["resid_post.1"]
     assert xa.shape == xb.shape and not np.allclose(xa, xb)
-    again = lm_tiny.make_tiny_model_pair(str(tmp_path / "pair"), arch="gpt_neox",
-                                         vocab_size=300, train_steps=30, n_layers=2)
+    again = lm_tiny.make_tiny_model_pair(
+        str(tmp_path / "pair"), arch="gpt_neox", vocab_size=300, train_steps=30, n_layers=2
+    )
     assert again == pair  # reused, not rebuilt
 
 
@@ -255,5 +271,6 @@ def test_loading_a_base_model_checkpoint(model_dirs, tmp_path, batch):
     ref = lm.LanguageModel.load(model_dirs["gpt2"])
     np.testing.assert_array_equal(
         m.forward_batch(batch.token_ids, ["mlp_out.2"]).acts["mlp_out.2"],
-        ref.forward_batch(batch.token_ids, ["mlp_out.2"]).acts["mlp_out.2"])
+        ref.forward_batch(batch.token_ids, ["mlp_out.2"]).acts["mlp_out.2"],
+    )
     assert m.tokenizer is not None

@@ -56,7 +56,7 @@ def test_greedy_equals_sequential_definition(rng, kind):
     if kind == "random":
         s = rng.standard_normal((40, 40))
     elif kind == "integer_ties":
-        s = rng.integers(0, 4, size=(30, 25)).astype(float)   # many exact ties
+        s = rng.integers(0, 4, size=(30, 25)).astype(float)  # many exact ties
     elif kind == "rectangular":
         s = rng.standard_normal((17, 50))
     else:
@@ -111,25 +111,27 @@ def test_greedy_quality_gap_against_hungarian(rng, mesh1):
     hun = matching.hungarian(s)
     gre = matching.greedy(s)
     gap = matching.quality_gap(gre, hun)
-    assert gre.total <= hun.total + 1e-9            # Hungarian is optimal
-    assert gap["total_ratio"] >= 0.96               # measured 0.97-0.99 (module docstring)
-    assert gre.total >= 0.5 * hun.total             # the worst-case guarantee
+    assert gre.total <= hun.total + 1e-9  # Hungarian is optimal
+    assert gap["total_ratio"] >= 0.96  # measured 0.97-0.99 (module docstring)
+    assert gre.total >= 0.5 * hun.total  # the worst-case guarantee
     streamed = matching.greedy_streamed(a, b, mesh1, k=4, max_dense=2000)
     assert streamed.size == 256
     assert matching.quality_gap(streamed, hun)["total_ratio"] >= 0.96
     # float64 cosines of the chosen pairs
-    np.testing.assert_allclose(streamed.values, pairwise.cosine_matrix(a, b, mesh1)[
-        streamed.rows, streamed.cols], atol=1e-6)
+    np.testing.assert_allclose(
+        streamed.values,
+        pairwise.cosine_matrix(a, b, mesh1)[streamed.rows, streamed.cols],
+        atol=1e-6,
+    )
     r = rng.random((128, 128))
-    assert matching.quality_gap(matching.greedy(r), matching.hungarian(r))[
-        "total_ratio"] >= 0.95
+    assert matching.quality_gap(matching.greedy(r), matching.hungarian(r))["total_ratio"] >= 0.95
 
 
 def test_greedy_streamed_small_rounds_equal_dense(rng, mesh1):
     # With max_dense large the first round is already dense greedy on the cosine matrix.
     a, b = _planted(rng, 60, 1.0)
     s = pairwise.cosine_matrix(a, b, mesh1).astype(np.float64)
-    m = matching.greedy_streamed(a, b, mesh1, max_dense=10 ** 6)
+    m = matching.greedy_streamed(a, b, mesh1, max_dense=10**6)
     assert _pairs(m) == _pairs(matching.greedy(s))
 
 
@@ -145,20 +147,23 @@ def test_match_dispatch(rng, mesh1):
     assert g.method == "greedy"
     thr = matching.match(s, min_value=0.5)
     assert (thr.values >= 0.5).all() and thr.size < 40
-    h = matching.match(s, method="auto", hungarian_max=10)   # too big for auto: greedy
+    h = matching.match(s, method="auto", hungarian_max=10)  # too big for auto: greedy
     assert h.method == "greedy"
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: matching.hungarian(np.array([[1.0, np.nan]])), "non-finite"),
-    (lambda: matching.hungarian(np.ones((10, 10)), max_elements=50), "exceed"),
-    (lambda: matching.greedy(np.ones(5)), "2-D"),
-    (lambda: matching.greedy_edges([0, 1], [0], [1.0, 2.0]), "one length"),
-    (lambda: matching.greedy_edges([0, -1], [0, 1], [1.0, 2.0]), "negative"),
-    (lambda: matching.greedy_edges([0.5], [0.0], [1.0]), "integer"),
-    (lambda: matching.match(np.ones((2, 2)), method="auction"), "method"),
-    (lambda: matching.match(), "either"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: matching.hungarian(np.array([[1.0, np.nan]])), "non-finite"),
+        (lambda: matching.hungarian(np.ones((10, 10)), max_elements=50), "exceed"),
+        (lambda: matching.greedy(np.ones(5)), "2-D"),
+        (lambda: matching.greedy_edges([0, 1], [0], [1.0, 2.0]), "one length"),
+        (lambda: matching.greedy_edges([0, -1], [0, 1], [1.0, 2.0]), "negative"),
+        (lambda: matching.greedy_edges([0.5], [0.0], [1.0]), "integer"),
+        (lambda: matching.match(np.ones((2, 2)), method="auction"), "method"),
+        (lambda: matching.match(), "either"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises(checks.InputError, match=match):
         call()

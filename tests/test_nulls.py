@@ -22,8 +22,10 @@ def structured(seed, n=N, d1=D1, d2=D2, noise=0.8):
 
 def independent(seed, n=N, d1=D1, d2=D2):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, d1)).astype(np.float32),
-            rng.normal(size=(n, d2)).astype(np.float32))
+    return (
+        rng.normal(size=(n, d1)).astype(np.float32),
+        rng.normal(size=(n, d2)).astype(np.float32),
+    )
 
 
 def dot_stat(consts, perm):
@@ -34,8 +36,9 @@ def dot_stat(consts, perm):
 def test_permutations_are_seeded_device_invariant_and_match_the_host_copy(mesh):
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=N), rng.normal(size=N)
-    kernel = nulls.NullKernel(dot_stat, {"a": jnp.asarray(a, jnp.float32),
-                                         "b": jnp.asarray(b, jnp.float32)}, N)
+    kernel = nulls.NullKernel(
+        dot_stat, {"a": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)}, N
+    )
     got = nulls.permutation_null(kernel, 37, seed=11, mesh=mesh, batch_size=4, rounds=2)
     perms = nulls.permutations(N, 37, seed=11)
     assert all(np.array_equal(np.sort(p), np.arange(N)) for p in perms)
@@ -45,8 +48,17 @@ def test_permutations_are_seeded_device_invariant_and_match_the_host_copy(mesh):
     assert kernel.observed() == pytest.approx(a @ b, rel=1e-5)
 
 
-BATCHED = ["cca", "svcca", "pwcca", "cka", "cka_debiased", "procrustes", "rsa_spearman",
-           "rsa_pearson", "mutual_knn"]
+BATCHED = [
+    "cca",
+    "svcca",
+    "pwcca",
+    "cka",
+    "cka_debiased",
+    "procrustes",
+    "rsa_spearman",
+    "rsa_pearson",
+    "mutual_knn",
+]
 
 
 @pytest.mark.parametrize("name", BATCHED)
@@ -58,8 +70,9 @@ def test_batched_null_is_the_metric_on_permuted_rows(name, mesh):
     kernel = make_kernel()
     assert kernel is not None
     batched = nulls.permutation_null(kernel, 12, seed=3, mesh=mesh)
-    loop = nulls.loop_null(lambda a, b, w: metric(a, b, w, mesh=mesh, **opts), x, y,
-                           num_permutations=12, seed=3)
+    loop = nulls.loop_null(
+        lambda a, b, w: metric(a, b, w, mesh=mesh, **opts), x, y, num_permutations=12, seed=3
+    )
     np.testing.assert_allclose(batched, loop, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(kernel.observed(), result.score, rtol=2e-4, atol=2e-5)
 
@@ -72,8 +85,9 @@ def test_sampled_rsa_null_is_the_sampled_metric_on_permuted_rows(mesh):
     assert not result.exact
     kernel = make_kernel()
     batched = nulls.permutation_null(kernel, 8, seed=1, mesh=mesh)
-    loop = nulls.loop_null(lambda a, b, w: metric(a, b, w, mesh=mesh, **opts), x, y,
-                           num_permutations=8, seed=1)
+    loop = nulls.loop_null(
+        lambda a, b, w: metric(a, b, w, mesh=mesh, **opts), x, y, num_permutations=8, seed=1
+    )
     np.testing.assert_allclose(batched, loop, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(kernel.observed(), result.score, rtol=1e-4, atol=1e-5)
 
@@ -84,11 +98,12 @@ def test_weighted_nulls_batched_for_knn_and_loop_otherwise():
     knn = similarity.get("mutual_knn")
     _, make_kernel = knn.prepare(x, y, w, None, k=4)
     batched = nulls.permutation_null(make_kernel(), 10, seed=5)
-    loop = nulls.loop_null(lambda a, b, ww: knn(a, b, ww, k=4), x, y, w, num_permutations=10,
-                           seed=5)
+    loop = nulls.loop_null(
+        lambda a, b, ww: knn(a, b, ww, k=4), x, y, w, num_permutations=10, seed=5
+    )
     np.testing.assert_allclose(batched, loop, rtol=1e-5)
     _, make_cca = similarity.get("cca").prepare(x, y, w, None)
-    assert make_cca() is None   # weighted CCA: the loop path
+    assert make_cca() is None  # weighted CCA: the loop path
     uniform = np.full(N, 0.5, np.float32)
     assert similarity.get("cca").prepare(x, y, uniform, None)[1]() is not None
 
@@ -96,13 +111,13 @@ def test_weighted_nulls_batched_for_knn_and_loop_otherwise():
 def test_summarize_formula():
     null = np.array([0.1, 0.2, 0.2, 0.3, 0.5])
     s = nulls.summarize(0.2, null)
-    assert s["p"] == pytest.approx((1 + 4) / 6)     # 0.2, 0.2, 0.3, 0.5 are >= 0.2
+    assert s["p"] == pytest.approx((1 + 4) / 6)  # 0.2, 0.2, 0.3, 0.5 are >= 0.2
     assert s["null_mean"] == pytest.approx(0.26)
     assert s["null_std"] == pytest.approx(np.std(null, ddof=1))
     assert s["z"] == pytest.approx((0.2 - 0.26) / np.std(null, ddof=1))
     assert s["excess"] == pytest.approx(-0.06)
     assert s["null_quantiles"]["0.5"] == pytest.approx(0.2)
-    assert nulls.summarize(0.9, null)["p"] == pytest.approx(1 / 6)   # never 0
+    assert nulls.summarize(0.9, null)["p"] == pytest.approx(1 / 6)  # never 0
     assert nulls.summarize(0.2, np.full(4, 0.2))["z"] is None
     with pytest.raises(checks.InputError):
         nulls.summarize(0.2, np.array([0.1]))
@@ -129,11 +144,11 @@ def test_bootstrap_standard_error_of_a_correlation():
     rng = np.random.default_rng(7)
     n, rho = 400, 0.6
     x = rng.normal(size=(n, 1))
-    y = rho * x + np.sqrt(1 - rho ** 2) * rng.normal(size=(n, 1))
+    y = rho * x + np.sqrt(1 - rho**2) * rng.normal(size=(n, 1))
     corr = lambda a, b, w: np.corrcoef(a[:, 0], b[:, 0])[0, 1]  # noqa: E731
     out = nulls.bootstrap(corr, x, y, num_samples=400, seed=1)
     r = corr(x, y, None)
-    assert out["std"] == pytest.approx((1 - r ** 2) / np.sqrt(n), rel=0.25)
+    assert out["std"] == pytest.approx((1 - r**2) / np.sqrt(n), rel=0.25)
     assert out["low"] < r < out["high"]
 
 
@@ -148,12 +163,19 @@ def test_bootstrap_by_weights_equals_resampling_rows():
 
 def test_evaluate_returns_json_ready_scores_with_nulls():
     x, y = structured(4)
-    out = similarity.evaluate(x, y, similarity.DEFAULT_METRICS, num_permutations=12, seed=0,
-                              bootstrap=2, options={"mutual_knn": {"k": 4}})
+    out = similarity.evaluate(
+        x,
+        y,
+        similarity.DEFAULT_METRICS,
+        num_permutations=12,
+        seed=0,
+        bootstrap=2,
+        options={"mutual_knn": {"k": 4}},
+    )
     json.dumps(out, allow_nan=False)
     assert out["n"] == N and out["d"] == [D1, D2]
     for name, entry in out["metrics"].items():
-        assert entry["p"] == pytest.approx(1 / 13), name     # strong shared structure
+        assert entry["p"] == pytest.approx(1 / 13), name  # strong shared structure
         assert entry["excess"] > 0 and entry["z"] > 3
         assert len(entry["null"]) == 12 and entry["null_method"] == "batched"
         assert entry["bootstrap"]["num_samples"] == 2
@@ -161,8 +183,14 @@ def test_evaluate_returns_json_ready_scores_with_nulls():
     assert out["metrics"]["svcca"]["components"][0] >= 1
     assert out["metrics"]["cka"]["components"] is None
     w = np.linspace(0.5, 1.5, N).astype(np.float32)
-    weighted = similarity.evaluate(x, y, ("cca", "mutual_knn"), weights=w, num_permutations=12,
-                                   options={"mutual_knn": {"k": 4}})
+    weighted = similarity.evaluate(
+        x,
+        y,
+        ("cca", "mutual_knn"),
+        weights=w,
+        num_permutations=12,
+        options={"mutual_knn": {"k": 4}},
+    )
     assert weighted["metrics"]["cca"]["null_method"] == "loop"
     assert weighted["metrics"]["mutual_knn"]["null_method"] == "batched"
 
@@ -175,5 +203,4 @@ def test_registry_errors():
         similarity.evaluate(x, y, ("cka",), options={"nope": {}})
     with pytest.raises(checks.InputError, match="rows"):
         similarity.evaluate(x, y[:-1], ("cka",))
-    assert similarity.score("cka", x, y) == pytest.approx(
-        similarity.get("cka").result(x, y).score)
+    assert similarity.score("cka", x, y) == pytest.approx(similarity.get("cka").result(x, y).score)

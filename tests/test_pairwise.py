@@ -29,8 +29,7 @@ def _data(rng, n_a=300, n_b=517, d=24):
     a = rng.standard_normal((n_a, d))
     # B: noisy copies of some rows of A (clear partners) and noise rows.
     b = rng.standard_normal((n_b, d))
-    b[: n_a // 2] = a[rng.permutation(n_a)[: n_a // 2]] + 0.5 * rng.standard_normal(
-        (n_a // 2, d))
+    b[: n_a // 2] = a[rng.permutation(n_a)[: n_a // 2]] + 0.5 * rng.standard_normal((n_a // 2, d))
     return a, b
 
 
@@ -67,12 +66,18 @@ def test_matches_float64_reference(mesh, rng):
 def test_device_layouts_agree(mesh1, rng, data, feature):
     a, b = _data(rng)
     m = mesh_lib.make_mesh(data=data, feature=feature, devices=jax.devices()[:4])
-    r1 = pairwise.max_cosine(a, b, mesh1, k=2, thresholds=THRESH, tile_a=128, tile_b=256,
-                             exact=False)
-    r4 = pairwise.max_cosine(a, b, m, k=2, thresholds=THRESH, tile_a=128, tile_b=256,
-                             exact=False)
-    for f in ("a_topk_indices", "a_topk_values", "b_topk_indices", "b_topk_values",
-              "a_counts", "b_counts"):
+    r1 = pairwise.max_cosine(
+        a, b, mesh1, k=2, thresholds=THRESH, tile_a=128, tile_b=256, exact=False
+    )
+    r4 = pairwise.max_cosine(a, b, m, k=2, thresholds=THRESH, tile_a=128, tile_b=256, exact=False)
+    for f in (
+        "a_topk_indices",
+        "a_topk_values",
+        "b_topk_indices",
+        "b_topk_values",
+        "a_counts",
+        "b_counts",
+    ):
         np.testing.assert_array_equal(getattr(r1, f), getattr(r4, f), err_msg=f)
 
 
@@ -85,13 +90,13 @@ def test_near_ties_resolved_in_float64(mesh, rng):
     v = rng.standard_normal((1, d))
     b = np.concatenate(reps + [v, rng.standard_normal((40, d)), v])
     a = base + 1e-3 * rng.standard_normal(base.shape)
-    a = np.concatenate([a, 3.0 * v])                 # parallel to the two copies of v
+    a = np.concatenate([a, 3.0 * v])  # parallel to the two copies of v
     s = _ref(a, b)
     res = pairwise.max_cosine(a, b, mesh, k=2)
     np.testing.assert_array_equal(res.a_argmax, s.argmax(axis=1))
     np.testing.assert_array_equal(res.a_topk_indices, _topk_ref(s, 2)[0])
-    assert res.a_argmax[-1] == 48                    # exact tie -> lowest index (numpy rule)
-    assert res.n_fallback_a > 0                      # the certification caught the near-ties
+    assert res.a_argmax[-1] == 48  # exact tie -> lowest index (numpy rule)
+    assert res.n_fallback_a > 0  # the certification caught the near-ties
     np.testing.assert_array_equal(res.b_argmax, s.argmax(axis=0))
 
 
@@ -157,12 +162,12 @@ def test_full_matrix_opt_in(mesh, rng):
 
 
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2 ** 16), scale_pow=st.integers(-3, 3))
+@given(seed=st.integers(0, 2**16), scale_pow=st.integers(-3, 3))
 def test_positive_row_scaling_invariance(mesh1, seed, scale_pow):
     rng = np.random.default_rng(seed)
     a, b = _data(rng, 60, 90, 10)
     r1 = pairwise.max_cosine(a, b, mesh1, k=2)
-    scale_a = (10.0 ** scale_pow) * rng.uniform(0.1, 10.0, (60, 1))
+    scale_a = (10.0**scale_pow) * rng.uniform(0.1, 10.0, (60, 1))
     scale_b = rng.uniform(0.1, 10.0, (90, 1))
     r2 = pairwise.max_cosine(a * scale_a, b * scale_b, mesh1, k=2)
     np.testing.assert_array_equal(r1.a_topk_indices, r2.a_topk_indices)
@@ -170,15 +175,18 @@ def test_positive_row_scaling_invariance(mesh1, seed, scale_pow):
     np.testing.assert_allclose(r1.a_topk_values, r2.a_topk_values, atol=1e-12)
 
 
-@pytest.mark.parametrize("a,b,kwargs,match", [
-    (np.ones((3, 4)), np.ones((5, 3)), {}, "same space"),
-    (np.ones(4), np.ones((5, 4)), {}, "2-D"),
-    (np.array([[1.0, np.nan]]), np.ones((2, 2)), {}, "non-finite"),
-    (np.array([[1.0, 1.0], [0.0, 0.0]]), np.ones((2, 2)), {}, "zero norm"),
-    (np.ones((3, 2)), np.ones((2, 2)), {"k": 3}, "exceeds"),
-    (np.ones((3, 2)), np.ones((2, 2)), {"thresholds": (1.5,)}, r"\[-1, 1\]"),
-    (np.array([["a", "b"]]), np.ones((2, 2)), {}, "float"),
-])
+@pytest.mark.parametrize(
+    "a,b,kwargs,match",
+    [
+        (np.ones((3, 4)), np.ones((5, 3)), {}, "same space"),
+        (np.ones(4), np.ones((5, 4)), {}, "2-D"),
+        (np.array([[1.0, np.nan]]), np.ones((2, 2)), {}, "non-finite"),
+        (np.array([[1.0, 1.0], [0.0, 0.0]]), np.ones((2, 2)), {}, "zero norm"),
+        (np.ones((3, 2)), np.ones((2, 2)), {"k": 3}, "exceeds"),
+        (np.ones((3, 2)), np.ones((2, 2)), {"thresholds": (1.5,)}, r"\[-1, 1\]"),
+        (np.array([["a", "b"]]), np.ones((2, 2)), {}, "float"),
+    ],
+)
 def test_bad_input(mesh1, a, b, kwargs, match):
     with pytest.raises(checks.InputError, match=match):
         pairwise.max_cosine(a, b, mesh1, **kwargs)

@@ -19,7 +19,7 @@ from experiments import bench_precision
 def _tf32(x: np.ndarray) -> np.ndarray:
     """Round to a 10-bit mantissa (11 significant bits), half to even, via frexp."""
     m, e = np.frexp(x.astype(np.float64))
-    return (np.round(m * 2.0 ** 11) / 2.0 ** 11 * 2.0 ** e).astype(np.float32)
+    return (np.round(m * 2.0**11) / 2.0**11 * 2.0**e).astype(np.float32)
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -45,7 +45,7 @@ def test_rounded_gemm_error_within_bound(fmt):
     rng = np.random.default_rng(1)
     d = 1024
     a, b = _unit(rng, 256, d), _unit(rng, 384, d)
-    b[:64] = a[:64] + 0.05 * b[:64]               # some large cosines too
+    b[:64] = a[:64] + 0.05 * b[:64]  # some large cosines too
     b /= np.linalg.norm(b, axis=1, keepdims=True)
     ref = a.astype(np.float64) @ b.astype(np.float64).T
     got = ROUND[fmt](a) @ ROUND[fmt](b).T
@@ -55,7 +55,7 @@ def test_rounded_gemm_error_within_bound(fmt):
     # the bound is not vacuous: below a cosine gap that decides argmaxes
     assert tol < 0.01
     err32 = np.max(np.abs(a @ b.T - ref))
-    assert err > 10 * err32                  # the rounding did matter
+    assert err > 10 * err32  # the rounding did matter
 
 
 @pytest.mark.parametrize("fmt", ["tf32", "bf16"])
@@ -65,8 +65,7 @@ def test_refinement_from_low_precision_candidates_is_exact(fmt):
     a = rng.standard_normal((n, d)).astype(np.float32)
     # B: near-duplicate partners (gaps of ~1e-3 between the top candidates: many rows are
     # within the bf16 bound and must be recomputed in full) plus noise rows.
-    b = np.repeat(a[: n // 4], 4, axis=0) + 0.02 * rng.standard_normal((n, d)).astype(
-        np.float32)
+    b = np.repeat(a[: n // 4], 4, axis=0) + 0.02 * rng.standard_normal((n, d)).astype(np.float32)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     s = ROUND[fmt](a / na[:, None]) @ ROUND[fmt](b / nb[:, None]).T
     kk = k + margin
@@ -78,7 +77,7 @@ def test_refinement_from_low_precision_candidates_is_exact(fmt):
     np.testing.assert_array_equal(out_i[:, 0], ref.argmax(1))
     np.testing.assert_allclose(out_v[:, 0], ref.max(1), rtol=0, atol=1e-12)
     if fmt == "bf16":
-        assert fallback > 0          # the wide bound did send near-tied rows to the host
+        assert fallback > 0  # the wide bound did send near-tied rows to the host
 
 
 def test_default_precision_and_input_formats():

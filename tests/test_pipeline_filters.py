@@ -1,6 +1,5 @@
 """Pair filters: best-pair one-to-one (not first met), non-concept tokens, counts."""
 
-
 import numpy as np
 
 from experiments.pipeline import filters
@@ -44,19 +43,36 @@ def test_non_concept_tokens():
 
 
 def test_apply_filters_counts_each_step():
-    pairs = filters.Pairs(np.array([0, 1, 2, 3, 3]), np.array([0, 1, 2, 3, 0]),
-                          np.array([0.9, 0.8, 0.05, 0.7, 0.95]))
+    pairs = filters.Pairs(
+        np.array([0, 1, 2, 3, 3]), np.array([0, 1, 2, 3, 0]), np.array([0.9, 0.8, 0.05, 0.7, 0.95])
+    )
     invalid_a = np.array([False, True, False, False])
     invalid_b = np.zeros(4, bool)
     tokens_a = [["cat", "dog"], ["x"], ["sun"], [",", ".", "!"]]
     tokens_b = [["cat"], ["y"], ["moon"], ["tree"]]
-    kept, counts = filters.apply_filters(pairs, filters.FilterConfig(), invalid_a=invalid_a,
-                                         invalid_b=invalid_b, top_tokens_a=tokens_a,
-                                         top_tokens_b=tokens_b)
-    assert counts == {"candidates": 5, "after_dead_constant": 4, "after_non_concept": 2,
-                      "after_one_to_one": 2, "after_threshold": 1}
+    kept, counts = filters.apply_filters(
+        pairs,
+        filters.FilterConfig(),
+        invalid_a=invalid_a,
+        invalid_b=invalid_b,
+        top_tokens_a=tokens_a,
+        top_tokens_b=tokens_b,
+    )
+    assert counts == {
+        "candidates": 5,
+        "after_dead_constant": 4,
+        "after_non_concept": 2,
+        "after_one_to_one": 2,
+        "after_threshold": 1,
+    }
     assert kept.a.tolist() == [0] and kept.b.tolist() == [0]
     shared_cfg = filters.FilterConfig(require_shared_token=True, threshold=None)
-    kept, _ = filters.apply_filters(pairs, shared_cfg, invalid_a=invalid_a, invalid_b=invalid_b,
-                                    top_tokens_a=tokens_a, top_tokens_b=tokens_b)
+    kept, _ = filters.apply_filters(
+        pairs,
+        shared_cfg,
+        invalid_a=invalid_a,
+        invalid_b=invalid_b,
+        top_tokens_a=tokens_a,
+        top_tokens_b=tokens_b,
+    )
     assert kept.a.tolist() == [0]  # (2, 2) has no shared top token

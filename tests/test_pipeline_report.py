@@ -17,19 +17,25 @@ def _comparison(name, x, y, kind):
     ev = similarity.evaluate(x, y, ("svcca", "cka"), num_permutations=20)
     n = x.shape[0]
     return results.ComparisonResult(
-        name=name, labels=results.Labels(kind=kind, label=kind, cell="A.toy~B.toy",
-                                         hookpoint_a="toy", hookpoint_b="toy"),
-        n_features=(n, n), tokens=10 * n,
+        name=name,
+        labels=results.Labels(
+            kind=kind, label=kind, cell="A.toy~B.toy", hookpoint_a="toy", hookpoint_b="toy"
+        ),
+        n_features=(n, n),
+        tokens=10 * n,
         pairing=results.Pairing("correlation", 0.3, 0.3, (0.1, 0.5), 0, 0, 0, 0),
-        filters=results.FilterFunnel((("candidates", n),)), n_pairs=n,
-        pairs=results.KeptPairs(tuple(range(n)), tuple(range(n)), (0.5,) * n), top_pairs=(),
+        filters=results.FilterFunnel((("candidates", n),)),
+        n_pairs=n,
+        pairs=results.KeptPairs(tuple(range(n)), tuple(range(n)), (0.5,) * n),
+        top_pairs=(),
         metrics=results.metrics_from_json(ev["metrics"], name),
-        same_index=results.SameIndex(0, n, 0.0, 1 / n, 1.0, False))
+        same_index=results.SameIndex(0, n, 0.0, 1 / n, 1.0, False),
+    )
 
 
 @pytest.fixture(scope="module")
 def comps():
-    few = ref.random_pair(0, 12, 40, 40)      # 12 pairs, 40 dims: SVCCA saturates
+    few = ref.random_pair(0, 12, 40, 40)  # 12 pairs, 40 dims: SVCCA saturates
     many = ref.random_pair(1, 200, 6, 5)
     return [_comparison("cross", *few, "cross"), _comparison("ceiling", *many, "ceiling")]
 
@@ -39,12 +45,17 @@ def test_uninformative_metric_is_flagged_in_table_and_verdict(comps):
     assert sv.informative is False and sv.z is None
     table = report.summary_table(comps)
     line = next(l for l in table.splitlines() if l.strip().startswith("svcca"))
-    assert "UNINFORMATIVE" in line and "0.3" in line      # n/d = 12/40 shown
+    assert "UNINFORMATIVE" in line and "0.3" in line  # n/d = 12/40 shown
     assert "uninformative" in report.verdict(comps[0])
     assert "UNINFORMATIVE" not in next(
-        l for l in table.splitlines()[table.splitlines().index(
-            next(l for l in table.splitlines() if l.startswith("== ceiling"))):]
-        if l.strip().startswith("svcca"))
+        l
+        for l in table.splitlines()[
+            table.splitlines().index(
+                next(l for l in table.splitlines() if l.startswith("== ceiling"))
+            ) :
+        ]
+        if l.strip().startswith("svcca")
+    )
 
 
 def test_plots_of_uninformative_metrics_do_not_crash(comps, tmp_path):
@@ -74,16 +85,21 @@ def test_results_written_before_plots(comps, tmp_path, monkeypatch):
         raise RuntimeError("plot failed")
 
     os.makedirs(tmp_path / "plots")
-    monkeypatch.setattr(runner, "run_toy", lambda *a: {"preset": "toy",
-                                                       "comparisons": list(comps)})
+    monkeypatch.setattr(runner, "run_toy", lambda *a: {"preset": "toy", "comparisons": list(comps)})
     monkeypatch.setattr(report, "plot_nulls", broken_plot)
     from experiments import common
     from experiments.configs import universality as config
+
     values = common.default_values(config)
-    values.update(filter_non_concept=False, threshold=-1.0, metrics=["svcca", "cka"],
-                  num_permutations=20, top_n=5, replicate_permutations=100)
-    results = runner.main(FakeRun(), common.settings_value("universality", values,
-                                                           config.FIELDS))
+    values.update(
+        filter_non_concept=False,
+        threshold=-1.0,
+        metrics=["svcca", "cka"],
+        num_permutations=20,
+        top_n=5,
+        replicate_permutations=100,
+    )
+    results = runner.main(FakeRun(), common.settings_value("universality", values, config.FIELDS))
     assert os.path.exists(tmp_path / "results.json")
     assert written["results"]["comparisons"][0]["metrics"]["svcca"]["informative"] is False
     assert "plot failed" in results.get("plot_errors", [""])[0]
@@ -92,11 +108,13 @@ def test_results_written_before_plots(comps, tmp_path, monkeypatch):
 def _binom_tail(k, n, p):
     """P(X >= k), X ~ Binomial(n, p), by summing the pmf exactly (independent of scipy)."""
     from math import comb
-    return float(sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+
+    return float(sum(comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1)))
 
 
 def test_same_index_fraction_and_chance_warning(caplog):
     from experiments.pipeline import compare
+
     rng = np.random.default_rng(0)
     # 45 % of 200 kept pairs are feature i with feature i (the shared-seed symptom).
     a = rng.choice(512, 200, replace=False)
@@ -121,8 +139,16 @@ def test_same_index_fraction_and_chance_warning(caplog):
 
 
 def test_summary_table_shows_same_index_warning(comps):
-    c = dataclasses.replace(comps[1], same_index=results.SameIndex(
-        count=90, pairs=200, fraction=0.45, chance_fraction=0.002, p_value=1e-90,
-        above_chance=True))
+    c = dataclasses.replace(
+        comps[1],
+        same_index=results.SameIndex(
+            count=90,
+            pairs=200,
+            fraction=0.45,
+            chance_fraction=0.002,
+            p_value=1e-90,
+            above_chance=True,
+        ),
+    )
     table = report.summary_table([c])
     assert "same feature index" in table and "45%" in table

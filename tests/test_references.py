@@ -54,27 +54,45 @@ def test_role_seeds_are_distinct_and_differ_between_streams():
 
 
 def test_role_seeds_do_not_depend_on_python_hash_randomisation():
-    code = ("from experiments.pipeline import saes; "
-            "print(saes.role_seeds(7, saes.Role('b', 'resid_post.3', 'ceiling', 2, 'k=8')))")
+    code = (
+        "from experiments.pipeline import saes; "
+        "print(saes.role_seeds(7, saes.Role('b', 'resid_post.3', 'ceiling', 2, 'k=8')))"
+    )
     outs = set()
     for hashseed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hashseed, "PYTHONPATH": ROOT}
-        outs.add(subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, text=True,
-                                capture_output=True, check=True).stdout)
+        outs.add(
+            subprocess.run(
+                [sys.executable, "-c", code],
+                env=env,
+                cwd=ROOT,
+                text=True,
+                capture_output=True,
+                check=True,
+            ).stdout
+        )
     assert len(outs) == 1
-    assert outs.pop().strip() == str(saes.role_seeds(7, saes.Role("b", "resid_post.3",
-                                                                  "ceiling", 2, "k=8")))
+    assert outs.pop().strip() == str(
+        saes.role_seeds(7, saes.Role("b", "resid_post.3", "ceiling", 2, "k=8"))
+    )
 
 
 def _side_sae(key_side, seed, data_seed):
-    sae = sae_lib.init(jax.random.PRNGKey(0), sae_lib.SAEConfig(d_in=4, d_sae=8,
-                                                                activation="topk", k=2))
+    sae = sae_lib.init(
+        jax.random.PRNGKey(0), sae_lib.SAEConfig(d_in=4, d_sae=8, activation="topk", k=2)
+    )
     return saes.SideSAE(saes.Role(key_side, "h"), sae, "trained here", seed, data_seed)
 
 
 def test_shared_seeds_are_refused():
-    saes.check_distinct_seeds([_side_sae("a", 1, 2), _side_sae("b", 3, 4),
-                               _side_sae("c", None, None), _side_sae("d", None, None)])
+    saes.check_distinct_seeds(
+        [
+            _side_sae("a", 1, 2),
+            _side_sae("b", 3, 4),
+            _side_sae("c", None, None),
+            _side_sae("d", None, None),
+        ]
+    )
     with pytest.raises(checks.InputError, match="share the init seed 1"):
         saes.check_distinct_seeds([_side_sae("a", 1, 2), _side_sae("b", 1, 4)])
     with pytest.raises(checks.InputError, match="share the data seed 2"):
@@ -90,9 +108,15 @@ def _toy_acts(n=1024, d=12, f=24, seed=0):
 
 def _training(tmp_path, mesh, steps=30, d_sae=24, k=3):
     return references.Training(
-        recipe=lambda side, hp, d_in: sae_train.TrainConfig(d_sae=d_sae, activation="topk",
-                                                            k=k, lr=3e-3),
-        steps=steps, batch_size=128, root=str(tmp_path / "saes"), mesh=mesh, user_seed=0)
+        recipe=lambda side, hp, d_in: sae_train.TrainConfig(
+            d_sae=d_sae, activation="topk", k=k, lr=3e-3
+        ),
+        steps=steps,
+        batch_size=128,
+        root=str(tmp_path / "saes"),
+        mesh=mesh,
+        user_seed=0,
+    )
 
 
 def _same_index_fraction(w_a, w_b):
@@ -109,8 +133,9 @@ def test_two_sides_on_identical_data_never_share_init_or_data_order(tmp_path, me
     acts = _toy_acts()
     side_a = references.SideSpec("a", {"h": acts})
     side_b = references.SideSpec("b", {"h": acts})
-    planner = references.Planner(references.RefSettings(floor=False),
-                                 _training(tmp_path, mesh1), multi_cell=False)
+    planner = references.Planner(
+        references.RefSettings(floor=False), _training(tmp_path, mesh1), multi_cell=False
+    )
     planner.cell(side_a, "h", side_b, "h")
     specs = planner.specs()
     assert [s.kind for s in specs] == ["cross", "ceiling", "ceiling"]
@@ -141,14 +166,17 @@ def test_replicates_plan_and_disjoint_folds(tmp_path, mesh1):
     side_b = references.SideSpec("b", {"h": acts * 2})
     planner = references.Planner(
         references.RefSettings(replicates=3, replicate_data="subset"),
-        _training(tmp_path, mesh1, steps=3), multi_cell=False)
+        _training(tmp_path, mesh1, steps=3),
+        multi_cell=False,
+    )
     planner.cell(side_a, "h", side_b, "h", floor_acts=lambda side, hp: acts[::-1].copy())
     specs = planner.specs()
     kinds = [s.kind for s in specs]
     assert kinds.count("cross") == 9 and kinds.count("ceiling") == 6
     assert kinds.count("floor") == 1
     assert sorted(s.name for s in specs if s.kind == "cross") == sorted(
-        f"cross:r{i}-r{j}" for i in range(3) for j in range(3))
+        f"cross:r{i}-r{j}" for i in range(3) for j in range(3)
+    )
     # Ceilings are the within-side replicate pairs: no extra SAE.
     assert not any(s.role.kind == "ceiling" for s in planner.saes.values())
     # Folds: disjoint, covering every row once per side.
@@ -160,8 +188,13 @@ def test_replicates_plan_and_disjoint_folds(tmp_path, mesh1):
 
 
 def _loaded(d_in, d_sae, k, seed=0, activation="topk"):
-    cfg = sae_lib.SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation, k=k,
-                            metadata=(("l1_coeff", 2.5),) if activation == "relu" else ())
+    cfg = sae_lib.SAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        activation=activation,
+        k=k,
+        metadata=(("l1_coeff", 2.5),) if activation == "relu" else (),
+    )
     return sae_lib.init(jax.random.PRNGKey(seed), cfg)
 
 
@@ -170,25 +203,35 @@ def test_loaded_saes_get_matched_ceiling_and_floor(tmp_path, mesh1):
     sae_a, sae_b = _loaded(12, 20, 2), _loaded(12, 28, 5, seed=1)
     second_b = _loaded(12, 28, 5, seed=2)
     side_a = references.SideSpec("a", {"h": acts}, loaded={"h": ("/pub/a", sae_a)})
-    side_b = references.SideSpec("b", {"h": acts}, loaded={"h": ("/pub/b", sae_b)},
-                                 loaded_ceiling={"h": ("/pub/b2", second_b)})
-    planner = references.Planner(references.RefSettings(), _training(tmp_path, mesh1, 5),
-                                 multi_cell=False)
+    side_b = references.SideSpec(
+        "b",
+        {"h": acts},
+        loaded={"h": ("/pub/b", sae_b)},
+        loaded_ceiling={"h": ("/pub/b2", second_b)},
+    )
+    planner = references.Planner(
+        references.RefSettings(), _training(tmp_path, mesh1, 5), multi_cell=False
+    )
     planner.cell(side_a, "h", side_b, "h", floor_acts=lambda side, hp: acts[::-1].copy())
     by_key = planner.saes
     ceil_a = by_key["a/h/ceiling0"]
     assert ceil_a.source == "trained here" and "lower bound" in ceil_a.note
-    assert (ceil_a.sae.config.d_sae, ceil_a.sae.config.k) == (20, 2)   # not the recipe's 24/3
+    assert (ceil_a.sae.config.d_sae, ceil_a.sae.config.k) == (20, 2)  # not the recipe's 24/3
     ceil_b = by_key["b/h/ceiling0"]
     assert ceil_b.source == "/pub/b2" and ceil_b.sae is second_b
     floor = by_key["b_random/h/floor0"]
-    assert (floor.sae.config.d_sae, floor.sae.config.k) == (28, 5)     # B's loaded SAE
+    assert (floor.sae.config.d_sae, floor.sae.config.k) == (28, 5)  # B's loaded SAE
     kinds = {s.name: s.kind for s in planner.specs()}
-    assert kinds == {"cross": "cross", "ceiling_a": "ceiling", "ceiling_b": "ceiling",
-                     "floor": "floor"}
+    assert kinds == {
+        "cross": "cross",
+        "ceiling_a": "ceiling",
+        "ceiling_b": "ceiling",
+        "floor": "floor",
+    }
     # A loaded side cannot be replicated.
-    bad = references.Planner(references.RefSettings(replicates=2),
-                             _training(tmp_path, mesh1, 5), multi_cell=False)
+    bad = references.Planner(
+        references.RefSettings(replicates=2), _training(tmp_path, mesh1, 5), multi_cell=False
+    )
     with pytest.raises(checks.InputError, match="loaded SAEs"):
         bad.cell(side_a, "h", side_b, "h")
 
@@ -211,35 +254,48 @@ def test_matching_config_copies_architecture_width_and_sparsity():
 
 
 def _metric(score, null_mean, null_std):
-    return results.MetricResult(score=score, null_mean=null_mean, null_std=null_std, p=0.5,
-                                z=(score - null_mean) / null_std, excess=score - null_mean)
+    return results.MetricResult(
+        score=score,
+        null_mean=null_mean,
+        null_std=null_std,
+        p=0.5,
+        z=(score - null_mean) / null_std,
+        excess=score - null_mean,
+    )
 
 
 def _comp(kind, score, std=0.02, null=0.5, **labels):
     """A typed comparison result carrying one CKA score (the parts a summary reads)."""
     return results.ComparisonResult(
-        name=f"{kind}{labels}", labels=results.Labels(kind=kind, **labels),
-        n_features=(8, 8), tokens=100,
+        name=f"{kind}{labels}",
+        labels=results.Labels(kind=kind, **labels),
+        n_features=(8, 8),
+        tokens=100,
         pairing=results.Pairing("correlation", 0.5, 0.5, (), 0, 0, 0, 0),
-        filters=results.FilterFunnel((("candidates", 8),)), n_pairs=8,
-        pairs=results.KeptPairs(tuple(range(8)), tuple(range(8)), (1.0,) * 8), top_pairs=(),
+        filters=results.FilterFunnel((("candidates", 8),)),
+        n_pairs=8,
+        pairs=results.KeptPairs(tuple(range(8)), tuple(range(8)), (1.0,) * 8),
+        top_pairs=(),
         metrics={"cka": _metric(score, null, std)},
-        same_index=results.SameIndex(0, 8, 0.0, 0.125, 1.0, False))
+        same_index=results.SameIndex(0, 8, 0.0, 0.125, 1.0, False),
+    )
 
 
 def test_fraction_of_the_way_only_when_ceiling_and_floor_are_separated():
     cell = {"cell": "A.h~B.h", "hookpoint_a": "h", "hookpoint_b": "h", "condition": ""}
     ceil = dict(side="a", hookpoint="h", condition="")
     # Null data: floor, cross and ceiling all within the nulls' spread (0.02).
-    null_like = [_comp("cross", 0.49, **cell), _comp("ceiling", 0.505, **ceil),
-                 _comp("floor", 0.51, **cell)]
+    null_like = [
+        _comp("cross", 0.49, **cell),
+        _comp("ceiling", 0.505, **ceil),
+        _comp("floor", 0.51, **cell),
+    ]
     e = references.summarise(null_like)[0].metrics["cka"]
     assert e.fraction_excess.value is None
     assert e.fraction.value is None
     assert "not separated" in e.fraction_excess.note
     # Separated: ceiling 0.9, floor 0.5, cross 0.8 -> 75 % of the way.
-    real = [_comp("cross", 0.8, **cell), _comp("ceiling", 0.9, **ceil),
-            _comp("floor", 0.5, **cell)]
+    real = [_comp("cross", 0.8, **cell), _comp("ceiling", 0.9, **ceil), _comp("floor", 0.5, **cell)]
     e = references.summarise(real)[0].metrics["cka"]
     assert e.fraction_excess.value == pytest.approx(0.75)
     assert e.fraction.value == pytest.approx(0.75)
@@ -247,8 +303,11 @@ def test_fraction_of_the_way_only_when_ceiling_and_floor_are_separated():
     assert e.fraction_excess.separation.spread == pytest.approx(spread)
     # Just inside 2 spreads: refused; just outside: given.
     for gap, given in ((1.9 * spread, False), (2.1 * spread, True)):
-        comps = [_comp("cross", 0.5 + gap / 2, **cell), _comp("ceiling", 0.5 + gap, **ceil),
-                 _comp("floor", 0.5, **cell)]
+        comps = [
+            _comp("cross", 0.5 + gap / 2, **cell),
+            _comp("ceiling", 0.5 + gap, **ceil),
+            _comp("floor", 0.5, **cell),
+        ]
         frac = references.summarise(comps)[0].metrics["cka"].fraction_excess.value
         assert (frac is not None) == given
         if given:
@@ -258,16 +317,23 @@ def test_fraction_of_the_way_only_when_ceiling_and_floor_are_separated():
 def test_every_cell_gets_its_own_reference_points():
     comps = []
     for ha, hb in itertools.product(("h0", "h1"), ("g0", "g1")):
-        cell = {"cell": f"A.{ha}~B.{hb}", "hookpoint_a": ha, "hookpoint_b": hb,
-                "condition": ""}
+        cell = {"cell": f"A.{ha}~B.{hb}", "hookpoint_a": ha, "hookpoint_b": hb, "condition": ""}
         comps += [_comp("cross", 0.7, **cell), _comp("floor", 0.5, **cell)]
-    for side, hp, score in (("a", "h0", 0.9), ("a", "h1", 0.8), ("b", "g0", 0.95),
-                            ("b", "g1", 0.85)):
+    for side, hp, score in (
+        ("a", "h0", 0.9),
+        ("a", "h1", 0.8),
+        ("b", "g0", 0.95),
+        ("b", "g1", 0.85),
+    ):
         comps.append(_comp("ceiling", score, side=side, hookpoint=hp, condition=""))
     cells = references.summarise(comps)
     assert [c.cell for c in cells] == ["A.h0~B.g0", "A.h0~B.g1", "A.h1~B.g0", "A.h1~B.g1"]
-    ceilings = {("h0", "g0"): (0.9, 0.95), ("h0", "g1"): (0.9, 0.85),
-                ("h1", "g0"): (0.8, 0.95), ("h1", "g1"): (0.8, 0.85)}
+    ceilings = {
+        ("h0", "g0"): (0.9, 0.95),
+        ("h0", "g1"): (0.9, 0.85),
+        ("h1", "g0"): (0.8, 0.95),
+        ("h1", "g1"): (0.8, 0.85),
+    }
     for c in cells:
         a, b = ceilings[(c.hookpoint_a, c.hookpoint_b)]
         e = c.metrics["cka"]

@@ -13,12 +13,24 @@ from test_universality import by_name, one_line_error, universality
 from models import formats, lm_tiny
 from models import sae as sae_lib
 
-LM = "--config=experiments/configs/universality_lm.py"   # the language-model preset
-TINY_TOY = ("--toy_n_tokens=3000", "--toy_steps=150", "--num_permutations=30",
-            "--metrics=cka,svcca", "--threshold=-1")
-TINY_LM = (LM, "--num_permutations=30", "--sae_steps=100", "--max_contexts=16",
-           "--context_length=32", "--sae_batch_size=128", "--metrics=cka,svcca",
-           "--threshold=-1")
+LM = "--config=experiments/configs/universality_lm.py"  # the language-model preset
+TINY_TOY = (
+    "--toy_n_tokens=3000",
+    "--toy_steps=150",
+    "--num_permutations=30",
+    "--metrics=cka,svcca",
+    "--threshold=-1",
+)
+TINY_LM = (
+    LM,
+    "--num_permutations=30",
+    "--sae_steps=100",
+    "--max_contexts=16",
+    "--context_length=32",
+    "--sae_batch_size=128",
+    "--metrics=cka,svcca",
+    "--threshold=-1",
+)
 
 
 def load(workdir):
@@ -69,17 +81,25 @@ def test_toy_replicates_and_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_lm_replicates_and_sweep(tmp_path):
-    universality(tmp_path, *TINY_LM, "--hookpoints_a=resid_post.0",
-                 "--hookpoints_b=resid_post.1", "--replicates=2", "--sweep=k=4,8",
-                 "--ceiling_sides=a")
+    universality(
+        tmp_path,
+        *TINY_LM,
+        "--hookpoints_a=resid_post.0",
+        "--hookpoints_b=resid_post.1",
+        "--replicates=2",
+        "--sweep=k=4,8",
+        "--ceiling_sides=a",
+    )
     results = load(tmp_path)
     check_replicates_and_sweep(results, tmp_path, ["k=4", "k=8"], 2, ("a",))
 
 
 def write_saes(root, widths, d_in=32, seed=0):
     for i, (hp, (d_sae, k)) in enumerate(widths.items()):
-        sae = sae_lib.init(jax.random.PRNGKey(seed + i), sae_lib.SAEConfig(
-            d_in=d_in, d_sae=d_sae, activation="topk", k=k))
+        sae = sae_lib.init(
+            jax.random.PRNGKey(seed + i),
+            sae_lib.SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk", k=k),
+        )
         formats.save_saelens(str(root / hp), sae)
 
 
@@ -90,11 +110,19 @@ def test_trio_with_loaded_saes(tmp_path):
     random-init copy of A at L."""
     pair = lm_tiny.make_tiny_model_pair(str(tmp_path / "models"))
     write_saes(tmp_path / "pub", {"resid_post.0": (40, 3), "resid_post.1": (48, 4)})
-    proc = universality(tmp_path / "run", *TINY_LM, "--trio", f"--model_a={pair.path_a}",
-                        "--hookpoints_a=resid_post.0", f"--saes_a={tmp_path / 'pub'}")
+    proc = universality(
+        tmp_path / "run",
+        *TINY_LM,
+        "--trio",
+        f"--model_a={pair.path_a}",
+        "--hookpoints_a=resid_post.0",
+        f"--saes_a={tmp_path / 'pub'}",
+    )
     results = load(tmp_path / "run")
-    assert results["trio"] and results["hookpoints"] == {"a": ["resid_post.0"],
-                                                         "b": ["resid_post.1"]}
+    assert results["trio"] and results["hookpoints"] == {
+        "a": ["resid_post.0"],
+        "b": ["resid_post.1"],
+    }
     assert results["models"]["a"] == results["models"]["b"] == pair.path_a
     comps = by_name(results)
     assert set(comps) == {"cross", "ceiling_a", "floor"}

@@ -14,8 +14,11 @@ from experiments.pipeline import importance as importance_lib
 
 def _table(n_a, n_b):
     def rows(n):
-        return [{"feature": f, "density": 0.1, "max": 1.0, "status": "kept", "top_tokens": []}
-                for f in range(n)]
+        return [
+            {"feature": f, "density": 0.1, "max": 1.0, "status": "kept", "top_tokens": []}
+            for f in range(n)
+        ]
+
     return {"a": rows(n_a), "b": rows(n_b)}
 
 
@@ -41,4 +44,3 @@ def test_importance_length_mismatch_is_one_line(tmp_path):
     with pytest.raises(checks.InputError, match="4 features on side a, importance has 3"):
         importance_lib.annotate_feature_table(str(path), {"a": np.ones(3)})
     assert not importance_lib.annotate_feature_table(str(tmp_path / "none.json"), {})
-

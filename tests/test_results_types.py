@@ -73,22 +73,36 @@ def registered(monkeypatch):
     """The toy rule and metric, registered for this test only (registries copied first)."""
     monkeypatch.setattr(pairing, "RULES", dict(pairing.RULES))
     monkeypatch.setattr(similarity, "METRICS", dict(similarity.METRICS))
-    pairing.register(pairing.PairingRule("same_index", "feature i with feature i",
-                                         _same_index))
-    similarity.register(similarity.Metric("mean_row_cos", "mean cosine of paired rows",
-                                          _mean_row_cos, weights="none"))
+    pairing.register(pairing.PairingRule("same_index", "feature i with feature i", _same_index))
+    similarity.register(
+        similarity.Metric(
+            "mean_row_cos", "mean cosine of paired rows", _mean_row_cos, weights="none"
+        )
+    )
 
 
 def _run(tmp_path, mesh, sae_a, sae_b, x, rule, metrics=("mean_row_cos", "cka"), **labels):
     cfg = compare.CompareConfig(
-        pairing=rule, filters=filters.FilterConfig(non_concept=False, threshold=None),
-        metrics=metrics, num_permutations=50, top_n=3)
+        pairing=rule,
+        filters=filters.FilterConfig(non_concept=False, threshold=None),
+        metrics=metrics,
+        num_permutations=50,
+        top_n=3,
+    )
     rows = np.arange(ROWS, dtype=np.int32)
     # One name for both rules: the feature pass (cached by name and inputs) runs once.
     return compare.run_comparison(
-        "planted", lambda: streaming.ChunkStream((rows, x, x), 128, name="rows"), sae_a, sae_b,
-        lambda r: [f"t{int(i)}" for i in r], mesh, cfg, StepCache(str(tmp_path / "steps")),
-        ckpt_root=str(tmp_path / "ckpt"), labels=res.Labels(**labels))
+        "planted",
+        lambda: streaming.ChunkStream((rows, x, x), 128, name="rows"),
+        sae_a,
+        sae_b,
+        lambda r: [f"t{int(i)}" for i in r],
+        mesh,
+        cfg,
+        StepCache(str(tmp_path / "steps")),
+        ckpt_root=str(tmp_path / "ckpt"),
+        labels=res.Labels(**labels),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +115,38 @@ def planted_runs(tmp_path_factory, mesh1):
     mp.setattr(pairing, "RULES", dict(pairing.RULES))
     mp.setattr(similarity, "METRICS", dict(similarity.METRICS))
     pairing.register(pairing.PairingRule("same_index", "i with i", _same_index))
-    similarity.register(similarity.Metric("mean_row_cos", "mean cosine", _mean_row_cos,
-                                          weights="none"))
+    similarity.register(
+        similarity.Metric("mean_row_cos", "mean cosine", _mean_row_cos, weights="none")
+    )
     try:
-        corr = _run(tmp, mesh1, sae_a, sae_b, x, "correlation", kind="cross", label="planted",
-                    cell="A.h~B.h", hookpoint_a="h", hookpoint_b="h")
-        toy = _run(tmp, mesh1, sae_a, sae_b, x, "same_index", kind="floor", label="toy rule",
-                   cell="A.h~B.h", hookpoint_a="h", hookpoint_b="h", random_init="b",
-                   hookpoint_random="h")
+        corr = _run(
+            tmp,
+            mesh1,
+            sae_a,
+            sae_b,
+            x,
+            "correlation",
+            kind="cross",
+            label="planted",
+            cell="A.h~B.h",
+            hookpoint_a="h",
+            hookpoint_b="h",
+        )
+        toy = _run(
+            tmp,
+            mesh1,
+            sae_a,
+            sae_b,
+            x,
+            "same_index",
+            kind="floor",
+            label="toy rule",
+            cell="A.h~B.h",
+            hookpoint_a="h",
+            hookpoint_b="h",
+            random_init="b",
+            hookpoint_random="h",
+        )
     finally:
         mp.undo()
     return {"x": x, "d": d, "perm": perm, "correlation": corr, "same_index": toy}
@@ -133,15 +171,13 @@ def test_toy_pairing_rule_runs_by_name(planted_runs):
     # The metric on pairs (i, i): decoder rows d[i] and d[perm[i]], float64 reference.
     expected = float(np.mean([d[i] @ d[perm[i]] for i in range(D_SAE)]))
     assert t.metrics["mean_row_cos"].score == pytest.approx(expected, abs=1e-5)
-    assert t.metrics["cka"].score == pytest.approx(
-        _linear_cka(d, d[perm]), abs=1e-4)
+    assert t.metrics["cka"].score == pytest.approx(_linear_cka(d, d[perm]), abs=1e-4)
 
 
 def _linear_cka(x, y):
     x = x - x.mean(0)
     y = y - y.mean(0)
-    return float(np.linalg.norm(x.T @ y) ** 2
-                 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+    return float(np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
 def test_unknown_pairing_rule_is_refused_with_the_registered_names():
@@ -153,19 +189,20 @@ def test_unknown_pairing_rule_is_refused_with_the_registered_names():
 
 def test_pairing_flag_choices_are_the_registry():
     """In a subprocess: experiment modules' flags are per entry point."""
-    code = ("from absl import flags; from experiments import universality; "
-            "from experiments.pipeline import pairing; "
-            "got = flags.FLAGS['pairing'].parser.enum_values; "
-            "assert got == pairing.names() == ['correlation', 'decoder'], got")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    code = (
+        "from absl import flags; from experiments import universality; "
+        "from experiments.pipeline import pairing; "
+        "got = flags.FLAGS['pairing'].parser.enum_values; "
+        "assert got == pairing.names() == ['correlation', 'decoder'], got"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def _saved(tmp_path, run: res.RunResults) -> str:
     os.makedirs(tmp_path, exist_ok=True)
     path = os.path.join(tmp_path, "results.json")
-    metrics_io.write_json(path, run.to_json())      # what run.write_results writes
+    metrics_io.write_json(path, run.to_json())  # what run.write_results writes
     return path
 
 
@@ -173,9 +210,12 @@ def _saved(tmp_path, run: res.RunResults) -> str:
 def test_round_trip_through_results_json(planted_runs, tmp_path):
     comps = (planted_runs["correlation"], planted_runs["same_index"])
     cells = references.summarise(comps)
-    run = res.RunResults(comparisons=comps, cells=tuple(cells),
-                         summary=tuple(report.verdict(c) for c in comps),
-                         extra={"preset": "planted"})
+    run = res.RunResults(
+        comparisons=comps,
+        cells=tuple(cells),
+        summary=tuple(report.verdict(c) for c in comps),
+        extra={"preset": "planted"},
+    )
     back = res.RunResults.load(_saved(tmp_path, run))
     assert back == run
     # The layout is the one the pipeline always wrote: flat labels, typed parts as objects.
@@ -187,21 +227,28 @@ def test_round_trip_through_results_json(planted_runs, tmp_path):
     assert raw["reference_points"] == raw["cells"][0]["metrics"]
 
 
-@pytest.mark.parametrize("where, old, new", [
-    ("metric", "excess", "excess_over_null"),
-    ("comparison", "n_pairs", "n_kept"),
-    ("pairing", "mean_best_corr_ab", "best_corr_mean"),
-    ("cell", "cross_excess", "cross_exc"),
-])
+@pytest.mark.parametrize(
+    "where, old, new",
+    [
+        ("metric", "excess", "excess_over_null"),
+        ("comparison", "n_pairs", "n_kept"),
+        ("pairing", "mean_best_corr_ab", "best_corr_mean"),
+        ("cell", "cross_excess", "cross_exc"),
+    ],
+)
 def test_renamed_key_fails_in_one_line_naming_it(tmp_path, where, old, new):
     comps = _cell_comps()
-    path = _saved(tmp_path / "run", res.RunResults(
-        comparisons=comps, cells=tuple(references.summarise(comps))))
+    path = _saved(
+        tmp_path / "run",
+        res.RunResults(comparisons=comps, cells=tuple(references.summarise(comps))),
+    )
     raw = json.loads(open(path).read())
-    target = {"metric": raw["comparisons"][3]["metrics"]["svcca"],
-              "comparison": raw["comparisons"][0],
-              "pairing": raw["comparisons"][0]["pairing"],
-              "cell": raw["cells"][0]["metrics"]["cka"]}[where]
+    target = {
+        "metric": raw["comparisons"][3]["metrics"]["svcca"],
+        "comparison": raw["comparisons"][0],
+        "pairing": raw["comparisons"][0]["pairing"],
+        "cell": raw["cells"][0]["metrics"]["cka"],
+    }[where]
     target[new] = target.pop(old)
     with open(path, "w") as fh:
         json.dump(raw, fh)
@@ -215,19 +262,31 @@ def test_renamed_key_fails_in_one_line_naming_it(tmp_path, where, old, new):
 
 
 def _metric(score, null_mean=0.5, null_std=0.02):
-    return res.MetricResult(score=score, null_mean=null_mean, null_std=null_std, p=0.01,
-                            z=(score - null_mean) / null_std, excess=score - null_mean)
+    return res.MetricResult(
+        score=score,
+        null_mean=null_mean,
+        null_std=null_std,
+        p=0.01,
+        z=(score - null_mean) / null_std,
+        excess=score - null_mean,
+    )
 
 
 def _comp(name, kind, score, **labels):
     n = 10
     return res.ComparisonResult(
-        name=name, labels=res.Labels(kind=kind, label=name, **labels), n_features=(n, n),
-        tokens=100, pairing=res.Pairing("correlation", 0.4, 0.4, (), 0, 0, 0, 0),
+        name=name,
+        labels=res.Labels(kind=kind, label=name, **labels),
+        n_features=(n, n),
+        tokens=100,
+        pairing=res.Pairing("correlation", 0.4, 0.4, (), 0, 0, 0, 0),
         filters=res.FilterFunnel((("candidates", 12), ("after_one_to_one", n))),
-        n_pairs=n, pairs=res.KeptPairs(tuple(range(n)), tuple(range(n)), (1.0,) * n),
-        top_pairs=(), metrics={"cka": _metric(score)},
-        same_index=res.SameIndex(0, n, 0.0, 0.1, 1.0, False))
+        n_pairs=n,
+        pairs=res.KeptPairs(tuple(range(n)), tuple(range(n)), (1.0,) * n),
+        top_pairs=(),
+        metrics={"cka": _metric(score)},
+        same_index=res.SameIndex(0, n, 0.0, 0.1, 1.0, False),
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -237,25 +296,30 @@ def _cell_comps():
     cell = dict(cell="A.h~B.h", hookpoint_a="h", hookpoint_b="h")
     rng = np.random.default_rng(3)
     x = rng.normal(size=(40, 4))
-    ev = similarity.evaluate(x, x + 0.3 * rng.normal(size=x.shape), ("svcca",),
-                             num_permutations=20)
+    ev = similarity.evaluate(x, x + 0.3 * rng.normal(size=x.shape), ("svcca",), num_permutations=20)
     real = dataclasses.replace(
         _comp("cross:x", "cross", 0.0, cell="A.x~B.x", hookpoint_a="x", hookpoint_b="x"),
-        metrics=res.metrics_from_json(ev["metrics"], "evaluate"))
-    return (_comp("cross", "cross", 0.8, **cell),
-            _comp("ceiling_a", "ceiling", 0.9, side="a", hookpoint="h"),
-            _comp("floor", "floor", 0.5, random_init="b", hookpoint_random="h", **cell), real)
+        metrics=res.metrics_from_json(ev["metrics"], "evaluate"),
+    )
+    return (
+        _comp("cross", "cross", 0.8, **cell),
+        _comp("ceiling_a", "ceiling", 0.9, side="a", hookpoint="h"),
+        _comp("floor", "floor", 0.5, random_init="b", hookpoint_random="h", **cell),
+        real,
+    )
 
 
 def test_tables_from_a_saved_run_match_the_live_run_and_plain_arithmetic(tmp_path):
     comps = _cell_comps()
     cells = tuple(references.summarise(comps))
-    back = res.RunResults.load(_saved(tmp_path, res.RunResults(comparisons=comps,
-                                                               cells=cells)))
+    back = res.RunResults.load(_saved(tmp_path, res.RunResults(comparisons=comps, cells=cells)))
     assert report.summary_table(back.comparisons) == report.summary_table(comps)
     assert references.format_table(back.cells) == references.format_table(cells)
-    line = next(ln for ln in references.format_table(back.cells).splitlines()
-                if "A.h~B.h" in ln and " cka " in ln)
+    line = next(
+        ln
+        for ln in references.format_table(back.cells).splitlines()
+        if "A.h~B.h" in ln and " cka " in ln
+    )
     # floor excess 0.5-0.5, cross 0.8-0.5, ceiling 0.9-0.5; way = 0.3 / 0.4 = 75 %.
     assert line.split()[2:7] == ["0.000", "0.300", "0.000", "0.400", "75%"]
     head = report.summary_table(back.comparisons).splitlines()[0]
@@ -282,23 +346,40 @@ def _load_json_sae(path, **kwargs):
         arrays = json.load(fh)
     w_dec = np.asarray(arrays["W_dec"], np.float32)
     cfg = sae_lib.SAEConfig(d_in=w_dec.shape[1], d_sae=w_dec.shape[0])
-    return sae_lib.from_arrays(cfg, np.asarray(arrays["W_enc"]), np.asarray(arrays["b_enc"]),
-                               w_dec, np.asarray(arrays["b_dec"]), name=p)
+    return sae_lib.from_arrays(
+        cfg,
+        np.asarray(arrays["W_enc"]),
+        np.asarray(arrays["b_enc"]),
+        w_dec,
+        np.asarray(arrays["b_dec"]),
+        name=p,
+    )
 
 
 def test_dummy_sae_format_is_one_registration(monkeypatch, tmp_path):
     monkeypatch.setattr(formats, "REGISTRY", dict(formats.REGISTRY))
-    formats.register(formats.Format("toy_json", _load_json_sae, "toy (toy_sae.json)",
-                                    files=("toy_sae.json",)))
+    formats.register(
+        formats.Format("toy_json", _load_json_sae, "toy (toy_sae.json)", files=("toy_sae.json",))
+    )
     rng = np.random.default_rng(2)
     w_dec = rng.normal(size=(6, 4))
     folder = tmp_path / "sae"
     folder.mkdir()
-    (folder / "toy_sae.json").write_text(json.dumps(
-        {"W_enc": w_dec.T.tolist(), "b_enc": [0.0] * 6, "W_dec": w_dec.tolist(),
-         "b_dec": [0.0] * 4}))
-    assert formats.detect_format(folder) == formats.detect_format(
-        folder / "toy_sae.json") == "toy_json"
+    (folder / "toy_sae.json").write_text(
+        json.dumps(
+            {
+                "W_enc": w_dec.T.tolist(),
+                "b_enc": [0.0] * 6,
+                "W_dec": w_dec.tolist(),
+                "b_dec": [0.0] * 4,
+            }
+        )
+    )
+    assert (
+        formats.detect_format(folder)
+        == formats.detect_format(folder / "toy_sae.json")
+        == "toy_json"
+    )
     sae = formats.load_sae(folder)
     np.testing.assert_allclose(np.asarray(sae.W_dec), w_dec, rtol=1e-6)
     # Unknown folders name every registered format, the new one included.

@@ -13,7 +13,7 @@ N, D1, D2 = 60, 6, 5
 
 def structured(seed, n=N, d1=D1, d2=D2):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d1)) + rng.normal(size=(n, 1)) * 3.0   # row offsets: centring
+    x = rng.normal(size=(n, d1)) + rng.normal(size=(n, 1)) * 3.0  # row offsets: centring
     y = x[:, :4] @ rng.normal(size=(4, d2)) + 0.8 * rng.normal(size=(n, d2))
     return x.astype(np.float32), y.astype(np.float32)
 
@@ -73,8 +73,9 @@ def test_identical_inputs_give_one_and_symmetry(seed):
     x, y = structured(seed)
     for method in ("spearman", "pearson"):
         np.testing.assert_allclose(rsa.rsa(x, x, method=method).score, 1.0, atol=1e-6)
-        np.testing.assert_allclose(rsa.rsa(x, y, method=method).score,
-                                   rsa.rsa(y, x, method=method).score, atol=1e-6)
+        np.testing.assert_allclose(
+            rsa.rsa(x, y, method=method).score, rsa.rsa(y, x, method=method).score, atol=1e-6
+        )
 
 
 def test_bad_inputs():
@@ -100,6 +101,7 @@ def _spearman_exact_ties(x, y):
     arithmetic (binary rows with the same counts) are exactly tied, then scipy's Spearman
     (average ranks for ties)."""
     import scipy.stats
+
     iu = np.triu_indices(len(x), 1)
     rx = np.round(np.corrcoef(np.asarray(x, np.float64))[iu], 12)
     ry = np.round(np.corrcoef(np.asarray(y, np.float64))[iu], 12)
@@ -123,6 +125,7 @@ def test_spearman_on_binary_data_gives_ties_average_ranks(n, d, mesh):
     r = np.corrcoef(x.astype(np.float64))
     s = np.corrcoef(y.astype(np.float64))
     import scipy.stats
+
     want_sampled = scipy.stats.spearmanr(np.round(r[i, j], 12), np.round(s[i, j], 12)).statistic
     got = rsa.rsa(x, y, mesh=mesh, max_exact_n=10, num_samples=4000, seed=0)
     np.testing.assert_allclose(got.score, want_sampled, rtol=0, atol=1e-9)

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -- damaged checkpoints ----------------------------------------------------------------------
 
+
 def _save_two(directory):
     ck = checkpoint.Checkpointer(directory, max_to_keep=5)
     for step in (1, 2):
@@ -39,8 +40,7 @@ def _corrupt(step_dir, kind):
             with open(f, "r+b") as fh:
                 fh.truncate(7)
     elif kind == "empty_manifest":
-        for f in glob.glob(os.path.join(step_dir, "state", "**", "manifest.ocdbt"),
-                           recursive=True):
+        for f in glob.glob(os.path.join(step_dir, "state", "**", "manifest.ocdbt"), recursive=True):
             open(f, "w").close()
     elif kind == "missing_meta_item":
         shutil.rmtree(os.path.join(step_dir, "meta"))
@@ -59,8 +59,15 @@ def _corrupt(step_dir, kind):
         raise AssertionError(kind)
 
 
-KINDS = ["truncated_data", "empty_manifest", "missing_meta_item", "missing_state_item",
-         "garbled_meta", "garbled_state_metadata", "meta_not_a_dict"]
+KINDS = [
+    "truncated_data",
+    "empty_manifest",
+    "missing_meta_item",
+    "missing_state_item",
+    "garbled_meta",
+    "garbled_state_metadata",
+    "meta_not_a_dict",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -98,7 +105,7 @@ def test_structure_mismatch_is_an_error_not_damage(tmp_path):
     _save_two(d)
     with pytest.raises(ValueError, match="shape"):
         checkpoint.Checkpointer(d).restore({"w": jnp.zeros(299)})
-    assert sorted(os.listdir(d)) == ["1", "2"]   # nothing moved
+    assert sorted(os.listdir(d)) == ["1", "2"]  # nothing moved
 
 
 def _tiny_train(mesh, workdir, steps):
@@ -109,36 +116,42 @@ def _tiny_train(mesh, workdir, steps):
     def loss_fn(params, batch, key):
         del key
         err = batch[0] @ params["w"] - batch[1]
-        return jnp.mean(err ** 2), {}
+        return jnp.mean(err**2), {}
 
     tx = optax.adam(0.05)
     state = train.create_train_state({"w": jnp.zeros((4, 1))}, tx, jax.random.PRNGKey(0))
     stream = streaming.ChunkStream((x, y), 32, repeat=True, shuffle_seed=0)
-    return train.train(state, train.make_train_step(loss_fn, tx, mesh), stream,
-                       train.LoopConfig(num_steps=steps, log_every=5, checkpoint_every=10,
-                                        max_to_keep=3, progress=False),
-                       workdir=workdir, mesh=mesh)
+    return train.train(
+        state,
+        train.make_train_step(loss_fn, tx, mesh),
+        stream,
+        train.LoopConfig(
+            num_steps=steps, log_every=5, checkpoint_every=10, max_to_keep=3, progress=False
+        ),
+        workdir=workdir,
+        mesh=mesh,
+    )
 
 
 def test_train_resumes_from_intact_checkpoint_when_latest_is_damaged(mesh4, tmp_path):
     killed = str(tmp_path / "killed")
-    _tiny_train(mesh4, killed, 30)                    # checkpoints 10, 20, 30
+    _tiny_train(mesh4, killed, 30)  # checkpoints 10, 20, 30
     _corrupt(os.path.join(killed, "checkpoints", "30"), "truncated_data")
-    final = _tiny_train(mesh4, killed, 40)          # falls back to 20, trains to 40
+    final = _tiny_train(mesh4, killed, 40)  # falls back to 20, trains to 40
     clean = _tiny_train(mesh4, str(tmp_path / "clean"), 40)
     np.testing.assert_array_equal(np.asarray(final.params["w"]), np.asarray(clean.params["w"]))
     steps = [r["step"] for r in metrics_io.read_jsonl(os.path.join(killed, "metrics.jsonl"))]
-    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]   # lines past 20 rewritten once
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # lines past 20 rewritten once
 
 
 def test_restart_from_scratch_drops_stale_metrics_lines(mesh1, tmp_path):
     d = str(tmp_path / "run")
     os.makedirs(d)
-    with open(os.path.join(d, "metrics.jsonl"), "w") as f:   # a killed run's lines, and a
-        for s in (5, 10, 15):                                  # half-written last line
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:  # a killed run's lines, and a
+        for s in (5, 10, 15):  # half-written last line
             f.write(json.dumps({"step": s, "loss": 99.0}) + "\n")
         f.write('{"step": 20, "lo')
-    _tiny_train(mesh1, d, 10)      # no checkpoint: starts from scratch
+    _tiny_train(mesh1, d, 10)  # no checkpoint: starts from scratch
     rows = metrics_io.read_jsonl(os.path.join(d, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [5, 10]
     assert all(r["loss"] != 99.0 for r in rows)
@@ -146,17 +159,19 @@ def test_restart_from_scratch_drops_stale_metrics_lines(mesh1, tmp_path):
 
 # -- correlation blocks rerun -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tiles", [None, (3, 4)], ids=["one_block", "multi_block"])
 def test_correlate_reruns_after_blocks_finished(mesh1, tmp_path, tiles):
     rng = np.random.default_rng(0)
     a = rng.normal(size=(200, 7)).astype(np.float32)
-    b = np.concatenate([a[:, :4] * 2 + 0.1 * rng.normal(size=(200, 4)),
-                        rng.normal(size=(200, 5))], 1).astype(np.float32)
+    b = np.concatenate(
+        [a[:, :4] * 2 + 0.1 * rng.normal(size=(200, 4)), rng.normal(size=(200, 5))], 1
+    ).astype(np.float32)
     kw = dict(chunk_size=40, checkpoint_dir=str(tmp_path / "ck"))
     if tiles:
         kw.update(tile_a=tiles[0], tile_b=tiles[1])
     first = corr_lib.correlate((a, b), 7, 9, mesh1, **kw)
-    again = corr_lib.correlate((a, b), 7, 9, mesh1, **kw)   # every block already finished
+    again = corr_lib.correlate((a, b), 7, 9, mesh1, **kw)  # every block already finished
     np.testing.assert_array_equal(first.a_match, again.a_match)
     np.testing.assert_allclose(first.a_value, again.a_value, rtol=0, atol=1e-7)
     assert again.rows == 200
@@ -164,14 +179,14 @@ def test_correlate_reruns_after_blocks_finished(mesh1, tmp_path, tiles):
     ref = np.corrcoef(a.T.astype(np.float64), b.T.astype(np.float64))[:7, 7:]
     np.testing.assert_array_equal(again.a_match, ref.argmax(1))
     if tiles:
-        assert len(os.listdir(tmp_path / "ck")) == 3 * 3   # ceil(7/3) x ceil(9/4) blocks
+        assert len(os.listdir(tmp_path / "ck")) == 3 * 3  # ceil(7/3) x ceil(9/4) blocks
 
 
 # -- run fingerprint ----------------------------------------------------------------------------
 
+
 def test_fingerprint_diff_names_keys():
-    changes = fingerprint.diff({"a": 1, "n": {"x": 1, "y": 2}}, {"a": 2, "n": {"x": 1},
-                                                                 "z": 0})
+    changes = fingerprint.diff({"a": 1, "n": {"x": 1, "y": 2}}, {"a": 2, "n": {"x": 1}, "z": 0})
     assert [k for k, _, _ in changes] == ["a", "n.y", "z"]
     line = fingerprint.describe_diff(changes)
     assert "a (recorded 1, now 2)" in line and "n.y (recorded 2, now '<absent>')" in line
@@ -184,14 +199,16 @@ def test_path_identity_hashes_full_contents_and_reuses_unchanged(tmp_path):
     (d / "w.bin").write_bytes(big.tobytes())
     (d / "cfg.json").write_text("{}")
     first = fingerprint.path_identity(str(d))
-    big[-1] = 1                      # one byte at the very end: not a sample of rows
+    big[-1] = 1  # one byte at the very end: not a sample of rows
     (d / "w.bin").write_bytes(big.tobytes())
     second = fingerprint.path_identity(str(d))
     assert first["hash"] != second["hash"] and first["files"] == 2
     # Unchanged size and mtime: the recorded hash is reused (no re-read).
     st = os.stat(d / "w.bin")
-    fake = {"w.bin": [st.st_size, st.st_mtime_ns, "recorded"], **{
-        k: v for k, v in second["stat"].items() if k != "w.bin"}}
+    fake = {
+        "w.bin": [st.st_size, st.st_mtime_ns, "recorded"],
+        **{k: v for k, v in second["stat"].items() if k != "w.bin"},
+    }
     reused = fingerprint.path_identity(str(d), stat_cache=fake)
     assert reused["stat"]["w.bin"][2] == "recorded"
 
@@ -207,8 +224,11 @@ def test_check_workdir_states(tmp_path):
     metrics_io.write_json(os.path.join(wd, common.FINGERPRINT), fp)
     # Excluded settings (progress bars, workdir) do not change the fingerprint.
     assert common.check_workdir(wd, _fp(progress=False, workdir="y"), False) == "resume"
-    with pytest.raises(common.ConfigError, match=r"settings.lr \(recorded 0.1, now 0.2\).*"
-                                                 r"--overwrite"):
+    with pytest.raises(
+        common.ConfigError,
+        match=r"settings.lr \(recorded 0.1, now 0.2\).*"
+        r"--overwrite",
+    ):
         common.check_workdir(wd, _fp(lr=0.2), False)
     metrics_io.write_json(os.path.join(wd, "results.json"), {})
     metrics_io.write_json(os.path.join(wd, common.FINGERPRINT), {**fp, "finished": "T0"})
@@ -242,10 +262,26 @@ def _demo(workdir, *flags):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "experiments.demo", f"--workdir={workdir}",
-                           "--num_steps=20", "--n_rows=512", "--batch_size=64",
-                           "--log_every=5", "--checkpoint_every=10", "--noprogress", *flags],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.demo",
+            f"--workdir={workdir}",
+            "--num_steps=20",
+            "--n_rows=512",
+            "--batch_size=64",
+            "--log_every=5",
+            "--checkpoint_every=10",
+            "--noprogress",
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_demo_rerun_refuse_nothing_to_do_and_overwrite(tmp_path):
@@ -266,7 +302,7 @@ def test_demo_rerun_refuse_nothing_to_do_and_overwrite(tmp_path):
     assert "\n" not in line and "settings.lr (recorded 0.01, now 0.02)" in line
     assert "settings.num_steps (recorded 20, now 30)" in line and "--overwrite" in line
     with open(wd / "results.json") as f:
-        assert json.load(f) == results            # untouched
+        assert json.load(f) == results  # untouched
     # --overwrite clears the old run and computes the new one.
     over = _demo(wd, "--lr=0.02", "--num_steps=30", "--overwrite")
     assert over.returncode == 0, over.stderr[-2000:]

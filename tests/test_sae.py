@@ -14,15 +14,21 @@ D_IN, D_SAE = 12, 40
 
 def _random_sae(activation, k=0, seed=0, input_scale=1.0, apply_b=True, threshold=None):
     rng = np.random.default_rng(seed)
-    cfg = sae_lib.SAEConfig(D_IN, D_SAE, activation, k=k, input_scale=input_scale,
-                            apply_b_dec_to_input=apply_b)
+    cfg = sae_lib.SAEConfig(
+        D_IN, D_SAE, activation, k=k, input_scale=input_scale, apply_b_dec_to_input=apply_b
+    )
     w_enc = rng.normal(size=(D_IN, D_SAE)) / 3
     w_dec = rng.normal(size=(D_SAE, D_IN)) / 3
     b_enc = rng.normal(size=D_SAE) / 5
     b_dec = rng.normal(size=D_IN) / 5
     thr = rng.uniform(0.0, 0.6, size=D_SAE) if threshold is None else threshold
-    return sae_lib.from_arrays(cfg, w_enc, b_enc, w_dec, b_dec, thr), (w_enc, b_enc, w_dec,
-                                                                       b_dec, thr)
+    return sae_lib.from_arrays(cfg, w_enc, b_enc, w_dec, b_dec, thr), (
+        w_enc,
+        b_enc,
+        w_dec,
+        b_dec,
+        thr,
+    )
 
 
 def _np_forward(arrs, x, activation, k, scale=1.0, apply_b=True):
@@ -43,8 +49,9 @@ def _np_forward(arrs, x, activation, k, scale=1.0, apply_b=True):
     return f, (f @ w_dec + b_dec) / scale
 
 
-@pytest.mark.parametrize("activation,k", [("relu", 0), ("topk", 5), ("jumprelu", 0),
-                                          ("batchtopk", 4)])
+@pytest.mark.parametrize(
+    "activation,k", [("relu", 0), ("topk", 5), ("jumprelu", 0), ("batchtopk", 4)]
+)
 @pytest.mark.parametrize("scale,apply_b", [(1.0, True), (2.5, False)])
 def test_forward_matches_float64_reference(activation, k, scale, apply_b):
     sae, arrs = _random_sae(activation, k, input_scale=scale, apply_b=apply_b)
@@ -52,8 +59,7 @@ def test_forward_matches_float64_reference(activation, k, scale, apply_b):
     f_ref, xhat_ref = _np_forward(arrs, x, activation, k, scale, apply_b)
     f = np.asarray(sae.encode(jnp.asarray(x, jnp.float32)))
     np.testing.assert_allclose(f, f_ref, atol=2e-5)
-    np.testing.assert_allclose(np.asarray(sae(jnp.asarray(x, jnp.float32))), xhat_ref,
-                               atol=5e-5)
+    np.testing.assert_allclose(np.asarray(sae(jnp.asarray(x, jnp.float32))), xhat_ref, atol=5e-5)
     if activation == "topk":
         assert np.all((f > 0).sum(axis=1) <= k)
 
@@ -67,8 +73,9 @@ def test_encode_sparse_and_decode_sparse_equal_dense():
     rebuilt = np.zeros(dense.shape)
     np.put_along_axis(rebuilt, np.asarray(idx), np.asarray(vals), axis=-1)
     np.testing.assert_allclose(rebuilt, np.asarray(dense), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(sae.decode_sparse(vals, idx)),
-                               np.asarray(sae.decode(dense)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(sae.decode_sparse(vals, idx)), np.asarray(sae.decode(dense)), atol=1e-5
+    )
 
 
 def test_batch_topk_keeps_k_times_rows_largest():
@@ -99,21 +106,27 @@ def test_gather_primitives_values_and_gradients_equal_dense():
         def dense_dot(t, v):
             return jnp.einsum("...kd,...d->...k", t[idx], v)
 
-        np.testing.assert_allclose(sae_lib.gather_combine(table, coef, idx),
-                                   dense_combine(table, coef), atol=1e-12)
-        np.testing.assert_allclose(sae_lib.gather_dot(table, vecs, idx),
-                                   dense_dot(table, vecs), atol=1e-12)
-        gs = jax.grad(lambda t, c: jnp.sum(w * jnp.sin(sae_lib.gather_combine(t, c, idx))),
-                      argnums=(0, 1))(table, coef)
-        gd = jax.grad(lambda t, c: jnp.sum(w * jnp.sin(dense_combine(t, c))),
-                      argnums=(0, 1))(table, coef)
+        np.testing.assert_allclose(
+            sae_lib.gather_combine(table, coef, idx), dense_combine(table, coef), atol=1e-12
+        )
+        np.testing.assert_allclose(
+            sae_lib.gather_dot(table, vecs, idx), dense_dot(table, vecs), atol=1e-12
+        )
+        gs = jax.grad(
+            lambda t, c: jnp.sum(w * jnp.sin(sae_lib.gather_combine(t, c, idx))), argnums=(0, 1)
+        )(table, coef)
+        gd = jax.grad(lambda t, c: jnp.sum(w * jnp.sin(dense_combine(t, c))), argnums=(0, 1))(
+            table, coef
+        )
         for a, b in zip(gs, gd):
             np.testing.assert_allclose(a, b, atol=1e-12)
         w2 = w[..., :4]
-        gs = jax.grad(lambda t, v: jnp.sum(w2 * jnp.cos(sae_lib.gather_dot(t, v, idx))),
-                      argnums=(0, 1))(table, vecs)
-        gd = jax.grad(lambda t, v: jnp.sum(w2 * jnp.cos(dense_dot(t, v))),
-                      argnums=(0, 1))(table, vecs)
+        gs = jax.grad(
+            lambda t, v: jnp.sum(w2 * jnp.cos(sae_lib.gather_dot(t, v, idx))), argnums=(0, 1)
+        )(table, vecs)
+        gd = jax.grad(lambda t, v: jnp.sum(w2 * jnp.cos(dense_dot(t, v))), argnums=(0, 1))(
+            table, vecs
+        )
         for a, b in zip(gs, gd):
             np.testing.assert_allclose(a, b, atol=1e-12)
         # vmap over a leading SAE axis (the sweep) gives the per-SAE result.
@@ -137,8 +150,9 @@ def test_sparse_topk_encode_gradient_equals_dense_topk():
         def dense_loss(we, be, xx):
             return jnp.sum(w * sae_lib.topk_dense(jax.nn.relu(xx @ we + be), 4) ** 2)
 
-        np.testing.assert_allclose(sparse_loss(w_enc, b_enc, x), dense_loss(w_enc, b_enc, x),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            sparse_loss(w_enc, b_enc, x), dense_loss(w_enc, b_enc, x), rtol=1e-12
+        )
         gs = jax.grad(sparse_loss, argnums=(0, 1, 2))(w_enc, b_enc, x)
         gd = jax.grad(dense_loss, argnums=(0, 1, 2))(w_enc, b_enc, x)
         for a, b in zip(gs, gd):
@@ -162,8 +176,13 @@ def test_geometric_median_known_values():
     rng = np.random.default_rng(6)
     p = rng.normal(size=(40, 2)) + np.array([3.0, -1.0])
     gm = sae_lib.geometric_median(p)
-    g = np.stack(np.meshgrid(np.linspace(gm[0] - .05, gm[0] + .05, 101),
-                             np.linspace(gm[1] - .05, gm[1] + .05, 101)), -1).reshape(-1, 2)
+    g = np.stack(
+        np.meshgrid(
+            np.linspace(gm[0] - 0.05, gm[0] + 0.05, 101),
+            np.linspace(gm[1] - 0.05, gm[1] + 0.05, 101),
+        ),
+        -1,
+    ).reshape(-1, 2)
     cost = np.linalg.norm(p[None] - g[:, None], axis=-1).sum(-1)
     np.testing.assert_allclose(g[np.argmin(cost)], gm, atol=1e-3)
 
@@ -195,20 +214,26 @@ def test_bad_input_errors():
     with pytest.raises(InputError, match="exceeds d_sae"):
         sae.encode_sparse(jnp.zeros((2, D_IN)), k=41)
     with pytest.raises(InputError, match="W_dec"):
-        sae_lib.from_arrays(sae.config, np.zeros((D_IN, D_SAE)), np.zeros(D_SAE),
-                            np.zeros((D_IN, D_SAE)), np.zeros(D_IN))
+        sae_lib.from_arrays(
+            sae.config,
+            np.zeros((D_IN, D_SAE)),
+            np.zeros(D_SAE),
+            np.zeros((D_IN, D_SAE)),
+            np.zeros(D_IN),
+        )
 
 
 @pytest.mark.parametrize("activation,k", [("relu", 0), ("topk", 3), ("jumprelu", 0)])
 def test_wrong_width_names_the_sae_and_both_shapes(activation, k):
     sae, _ = _random_sae(activation, k=k)
-    sae = sae.replace(config=sae.config.with_metadata(hookpoint="resid_post.3",
-                                                      model_name="tiny"))
-    cases = [(sae.encode, jnp.zeros((4, D_IN + 1)), r"\(4, 13\).*\[\.\.\., 12\]"),
-             (sae.pre_activations, jnp.zeros((D_IN - 1,)), r"\(11,\).*\[\.\.\., 12\]"),
-             (sae, jnp.zeros((2, 3, 7)), r"\(2, 3, 7\).*\[\.\.\., 12\]"),
-             (sae.decode, jnp.zeros((4, D_IN)), r"\(4, 12\).*\[\.\.\., 40\]"),
-             (lambda a: sae.encode_sparse(a, k=2), jnp.zeros((5, 3)), r"\(5, 3\)")]
+    sae = sae.replace(config=sae.config.with_metadata(hookpoint="resid_post.3", model_name="tiny"))
+    cases = [
+        (sae.encode, jnp.zeros((4, D_IN + 1)), r"\(4, 13\).*\[\.\.\., 12\]"),
+        (sae.pre_activations, jnp.zeros((D_IN - 1,)), r"\(11,\).*\[\.\.\., 12\]"),
+        (sae, jnp.zeros((2, 3, 7)), r"\(2, 3, 7\).*\[\.\.\., 12\]"),
+        (sae.decode, jnp.zeros((4, D_IN)), r"\(4, 12\).*\[\.\.\., 40\]"),
+        (lambda a: sae.encode_sparse(a, k=2), jnp.zeros((5, 3)), r"\(5, 3\)"),
+    ]
     for fn, arg, shapes in cases:
         with pytest.raises(InputError, match=shapes) as e:
             fn(arg)

@@ -13,13 +13,18 @@ from models import sae_io_native as io
 
 
 def _sae(activation="jumprelu", k=0, seed=0):
-    cfg = sae_lib.SAEConfig(6, 10, activation, k=k, input_scale=1.7,
-                            apply_b_dec_to_input=False).with_metadata(
-        source="toy", hookpoint="resid_post.3", training={"lr": 1e-3, "seeds": [0, 1]})
+    cfg = sae_lib.SAEConfig(
+        6, 10, activation, k=k, input_scale=1.7, apply_b_dec_to_input=False
+    ).with_metadata(source="toy", hookpoint="resid_post.3", training={"lr": 1e-3, "seeds": [0, 1]})
     rng = np.random.default_rng(seed)
-    return sae_lib.from_arrays(cfg, rng.normal(size=(6, 10)), rng.normal(size=10),
-                               rng.normal(size=(10, 6)), rng.normal(size=6),
-                               rng.uniform(size=10))
+    return sae_lib.from_arrays(
+        cfg,
+        rng.normal(size=(6, 10)),
+        rng.normal(size=10),
+        rng.normal(size=(10, 6)),
+        rng.normal(size=6),
+        rng.uniform(size=10),
+    )
 
 
 @pytest.mark.parametrize("activation,k", [("jumprelu", 0), ("topk", 3)])

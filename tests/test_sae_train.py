@@ -64,8 +64,10 @@ def np_loss(p, x, act, *, k=0, l1=0.0, warm=1.0, l0=0.0, dead=None, k_aux=0, aux
 
 
 def _program(act, mesh, n=1, **kw):
-    cfgs = [st.TrainConfig(d_sae=D_SAE, activation=act, k=kw.pop("k", 4), seed=s, **kw)
-            for s in range(n)]
+    cfgs = [
+        st.TrainConfig(d_sae=D_SAE, activation=act, k=kw.pop("k", 4), seed=s, **kw)
+        for s in range(n)
+    ]
     return st.SweepProgram(cfgs, D_IN, 100, mesh)
 
 
@@ -88,8 +90,10 @@ def _perturbed_params(program, x, seed=1, dtype=jnp.float64):
 
 def _stats(dead=None):
     since = np.zeros(D_SAE, np.int32) if dead is None else np.where(dead, 10**8, 0)
-    return {"since_fired": jnp.asarray(since, jnp.int32),
-            "batch_threshold": jnp.asarray(-1.0, jnp.float32)}
+    return {
+        "since_fired": jnp.asarray(since, jnp.int32),
+        "batch_threshold": jnp.asarray(-1.0, jnp.float32),
+    }
 
 
 def _hyper(program, i=0):
@@ -99,13 +103,16 @@ def _hyper(program, i=0):
 # -- losses -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("act,decode,extra", [
-    ("relu", "dense", {"l1_coeff": 0.7, "l1_warmup_steps": 10}),
-    ("topk", "dense", {"k": 4}),
-    ("topk", "sparse", {"k": 4}),
-    ("batchtopk", "dense", {"k": 3}),
-    ("jumprelu", "dense", {"l0_coeff": 0.05}),
-])
+@pytest.mark.parametrize(
+    "act,decode,extra",
+    [
+        ("relu", "dense", {"l1_coeff": 0.7, "l1_warmup_steps": 10}),
+        ("topk", "dense", {"k": 4}),
+        ("topk", "sparse", {"k": 4}),
+        ("batchtopk", "dense", {"k": 3}),
+        ("jumprelu", "dense", {"l0_coeff": 0.05}),
+    ],
+)
 def test_loss_matches_float64_reference(mesh1, act, decode, extra):
     program = _program(act, mesh1, decode=decode, k_aux=6, dead_tokens=5, **extra)
     x = _data()
@@ -116,12 +123,21 @@ def test_loss_matches_float64_reference(mesh1, act, decode, extra):
         xd = jnp.asarray(x, jnp.float64)
         step = jnp.asarray(3, jnp.int32)
         use_dead = program.use_aux
-        loss, (metrics, out) = program.loss_one(p, _stats(dead if use_dead else None),
-                                                _hyper(program), xd, step,
-                                                jnp.asarray(use_dead))
-        ref, f_ref = np_loss(p, x, act, k=extra.get("k", 0), l1=extra.get("l1_coeff", 0.0),
-                             warm=4 / 10, l0=extra.get("l0_coeff", 0.0),
-                             dead=dead if use_dead else None, k_aux=6, aux_coeff=1 / 32)
+        loss, (metrics, out) = program.loss_one(
+            p, _stats(dead if use_dead else None), _hyper(program), xd, step, jnp.asarray(use_dead)
+        )
+        ref, f_ref = np_loss(
+            p,
+            x,
+            act,
+            k=extra.get("k", 0),
+            l1=extra.get("l1_coeff", 0.0),
+            warm=4 / 10,
+            l0=extra.get("l0_coeff", 0.0),
+            dead=dead if use_dead else None,
+            k_aux=6,
+            aux_coeff=1 / 32,
+        )
     np.testing.assert_allclose(float(loss), ref, rtol=1e-9)
     np.testing.assert_allclose(float(metrics["l0"]), np.mean(np.sum(f_ref > 0, axis=1)))
     counts = np.sum(f_ref > 0, axis=0)
@@ -146,8 +162,10 @@ def _directional_fd(fn, p, keys, seed, h=1e-7):
     """
     fn = jax.jit(fn)
     rng = np.random.default_rng(seed)
-    v = {k: (jnp.asarray(rng.normal(size=p[k].shape)) if k in keys else jnp.zeros_like(p[k]))
-         for k in p}
+    v = {
+        k: (jnp.asarray(rng.normal(size=p[k].shape)) if k in keys else jnp.zeros_like(p[k]))
+        for k in p
+    }
     g = jax.grad(fn)(p)
     auto = sum(float(jnp.sum(g[k] * v[k])) for k in p)
     plus = {k: p[k] + h * v[k] for k in p}
@@ -164,8 +182,10 @@ def test_topk_gradient_finite_differences(mesh1, decode):
         xd = jnp.asarray(x, jnp.float64)
 
         def fn(pp):
-            return program.loss_one(pp, _stats(), _hyper(program), xd, jnp.asarray(0),
-                                    jnp.asarray(False))[0]
+            return program.loss_one(
+                pp, _stats(), _hyper(program), xd, jnp.asarray(0), jnp.asarray(False)
+            )[0]
+
         for seed in range(3):
             auto, fd = _directional_fd(fn, p, ("W_enc", "b_enc", "W_dec", "b_dec"), seed)
             np.testing.assert_allclose(auto, fd, rtol=1e-6)
@@ -187,12 +207,12 @@ def test_auxk_gradient_finite_differences(mesh1):
 
             def fn(pp):
                 return program._aux_loss(pp, xd - pp["b_dec"], pre, resid, jnp.asarray(dead))
+
             auto, fd = _directional_fd(fn, p, ("W_enc", "b_enc", "W_dec", "b_dec"), 7)
             np.testing.assert_allclose(auto, fd, rtol=1e-6)
             grads.append(jax.jit(jax.grad(fn))(p))
     for k in grads[0]:
-        np.testing.assert_allclose(np.asarray(grads[0][k]), np.asarray(grads[1][k]),
-                                   atol=1e-10)
+        np.testing.assert_allclose(np.asarray(grads[0][k]), np.asarray(grads[1][k]), atol=1e-10)
 
 
 def test_jumprelu_gradients(mesh1):
@@ -206,8 +226,10 @@ def test_jumprelu_gradients(mesh1):
         xd = jnp.asarray(x, jnp.float64)
 
         def fn(pp):
-            return program.loss_one(pp, _stats(), _hyper(program), xd, jnp.asarray(0),
-                                    jnp.asarray(False))[0]
+            return program.loss_one(
+                pp, _stats(), _hyper(program), xd, jnp.asarray(0), jnp.asarray(False)
+            )[0]
+
         for seed in range(2):
             auto, fd = _directional_fd(fn, p, ("W_enc", "b_enc", "W_dec", "b_dec"), seed)
             np.testing.assert_allclose(auto, fd, rtol=1e-6)
@@ -218,11 +240,12 @@ def test_jumprelu_gradients(mesh1):
     theta = np.exp(q["log_threshold"])
     f = np.where(pre > theta, pre, 0)
     resid = x64 - (f @ q["W_dec"] + q["b_dec"])
-    df = -2 * resid @ q["W_dec"].T / ROWS                  # dL/df
+    df = -2 * resid @ q["W_dec"].T / ROWS  # dL/df
     kern = (np.abs((pre - theta) / eps) < 0.5).astype(float)
     l0_32 = float(np.float32(l0))  # the program holds its coefficients in float32
     dtheta = np.sum(df * (-theta / eps) * kern, axis=0) + l0_32 / ROWS * np.sum(
-        -(1 / eps) * kern, axis=0)
+        -(1 / eps) * kern, axis=0
+    )
     assert np.count_nonzero(kern) > 10
     np.testing.assert_allclose(np.asarray(g), dtheta * theta, rtol=1e-9, atol=1e-12)
 
@@ -233,8 +256,7 @@ def test_projection_removes_parallel_component():
     g = jnp.asarray(rng.normal(size=(7, 5)))
     out = np.asarray(st.project_out_parallel(g, w))
     np.testing.assert_allclose(np.sum(out * np.asarray(w), axis=1), 0, atol=1e-6)
-    np.testing.assert_allclose(out + np.sum(np.asarray(g * w), 1, keepdims=True) * w, g,
-                               atol=1e-6)
+    np.testing.assert_allclose(out + np.sum(np.asarray(g * w), 1, keepdims=True) * w, g, atol=1e-6)
 
 
 # -- steps, statistics, sweeps ----------------------------------------------------------------
@@ -256,7 +278,7 @@ def test_decoder_rows_unit_norm_after_steps(mesh1, act):
     program = _program(act, mesh1, lr=1e-2)
     state, metrics = _run(program, [_data(s) for s in range(5)])
     norms = np.linalg.norm(np.asarray(state.params["sae"]["W_dec"][0]), axis=1)
-    if act == "relu":   # Anthropic's update: unconstrained, starts at 0.1 and moves
+    if act == "relu":  # Anthropic's update: unconstrained, starts at 0.1 and moves
         assert not np.allclose(norms, 0.1, atol=1e-4)
     else:
         np.testing.assert_allclose(norms, 1.0, atol=1e-5)
@@ -266,8 +288,7 @@ def test_decoder_rows_unit_norm_after_steps(mesh1, act):
 
 def test_dead_tracking_and_batchtopk_threshold(mesh1):
     """Tokens-since-fired counters and the threshold EMA against a numpy replay."""
-    program = _program("batchtopk", mesh1, k=2, lr=1e-3, batchtopk_beta=0.9,
-                       dead_tokens=3 * ROWS)
+    program = _program("batchtopk", mesh1, k=2, lr=1e-3, batchtopk_beta=0.9, dead_tokens=3 * ROWS)
     batches = [_data(s) for s in range(4)]
     state = mesh_lib.replicate(mesh1, program.init_state(batches[0]), copy=True)
     since = np.zeros(D_SAE)
@@ -282,10 +303,10 @@ def test_dead_tracking_and_batchtopk_threshold(mesh1):
         mp = f[f > 0].min()
         thr = mp if thr < 0 else 0.9 * thr + 0.1 * mp
         state, m = fn(state, b)
-        np.testing.assert_array_equal(np.asarray(state.params["stats"]["since_fired"][0]),
-                                      since)
-        np.testing.assert_allclose(float(state.params["stats"]["batch_threshold"][0]), thr,
-                                   rtol=1e-4)
+        np.testing.assert_array_equal(np.asarray(state.params["stats"]["since_fired"][0]), since)
+        np.testing.assert_allclose(
+            float(state.params["stats"]["batch_threshold"][0]), thr, rtol=1e-4
+        )
         np.testing.assert_allclose(float(m["dead_frac"]), np.mean(since >= 3 * ROWS))
     sae = program.to_saes(state)[0]
     np.testing.assert_allclose(np.asarray(sae.threshold), thr, rtol=1e-4)
@@ -294,29 +315,42 @@ def test_dead_tracking_and_batchtopk_threshold(mesh1):
 
 def _assert_states_close(a, b, atol):
     for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                   atol=atol, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol, rtol=0
+        )
 
 
 @pytest.mark.parametrize("sweep_axis", ["vmap", "map"])
 def test_sweep_of_four_seeds_equals_four_runs(mesh1, sweep_axis):
     batches = [_data(10 + s) for s in range(6)]
-    kw = dict(d_sae=D_SAE, activation="topk", k=3, lr=3e-3, adam_eps=1e-5, k_aux=4,
-              dead_tokens=2 * ROWS, sweep_axis=sweep_axis)
+    kw = dict(
+        d_sae=D_SAE,
+        activation="topk",
+        k=3,
+        lr=3e-3,
+        adam_eps=1e-5,
+        k_aux=4,
+        dead_tokens=2 * ROWS,
+        sweep_axis=sweep_axis,
+    )
     cfgs = [st.TrainConfig(seed=s, **kw) for s in range(4)]
     swept, _ = _run(st.SweepProgram(cfgs, D_IN, 6, mesh1), batches)
     for i, cfg in enumerate(cfgs):
         alone, _ = _run(st.SweepProgram([cfg], D_IN, 6, mesh1), batches)
-        one = jax.tree.map(lambda a: a[i:i + 1], swept.params)
+        one = jax.tree.map(lambda a: a[i : i + 1], swept.params)
         _assert_states_close(one, alone.params, atol=2e-5)
 
 
 def test_sweep_of_k_and_lr_equals_separate_runs(mesh1):
     batches = [_data(20 + s) for s in range(4)]
-    cfgs = [st.TrainConfig(d_sae=D_SAE, activation=a, k=k, lr=lr, seed=1, adam_eps=1e-5)
-            for a, k, lr in [("topk", 2, 1e-2), ("topk", 5, 3e-3)]]
-    cfgs += [st.TrainConfig(d_sae=D_SAE, activation="relu", l1_coeff=c, lr=1e-2,
-                            adam_eps=1e-5) for c in (0.1, 2.0)]
+    cfgs = [
+        st.TrainConfig(d_sae=D_SAE, activation=a, k=k, lr=lr, seed=1, adam_eps=1e-5)
+        for a, k, lr in [("topk", 2, 1e-2), ("topk", 5, 3e-3)]
+    ]
+    cfgs += [
+        st.TrainConfig(d_sae=D_SAE, activation="relu", l1_coeff=c, lr=1e-2, adam_eps=1e-5)
+        for c in (0.1, 2.0)
+    ]
     groups = st.group_configs(cfgs)
     assert groups == [[0, 1], [2, 3]]
     for members in groups:
@@ -324,18 +358,23 @@ def test_sweep_of_k_and_lr_equals_separate_runs(mesh1):
         swept, _ = _run(st.SweepProgram(group, D_IN, 4, mesh1), batches)
         for j, cfg in enumerate(group):
             alone, _ = _run(st.SweepProgram([cfg], D_IN, 4, mesh1), batches)
-            _assert_states_close(jax.tree.map(lambda a: a[j:j + 1], swept.params["sae"]),
-                                 alone.params["sae"], atol=2e-5)
+            _assert_states_close(
+                jax.tree.map(lambda a: a[j : j + 1], swept.params["sae"]),
+                alone.params["sae"],
+                atol=2e-5,
+            )
 
 
-@pytest.mark.parametrize("act,decode", [("topk", "sparse"), ("batchtopk", "dense"),
-                                        ("jumprelu", "dense")])
+@pytest.mark.parametrize(
+    "act,decode", [("topk", "sparse"), ("batchtopk", "dense"), ("jumprelu", "dense")]
+)
 def test_one_vs_four_devices_same_training(mesh1, mesh4, act, decode):
     batches = [_data(30 + s) for s in range(5)]
     out = []
     for mesh in (mesh1, mesh4):
-        program = _program(act, mesh, n=2, decode=decode, lr=3e-3, adam_eps=1e-5, k_aux=4,
-                           dead_tokens=ROWS)
+        program = _program(
+            act, mesh, n=2, decode=decode, lr=3e-3, adam_eps=1e-5, k_aux=4, dead_tokens=ROWS
+        )
         state, _ = _run(program, batches)
         out.append(state.params)
     _assert_states_close(out[0], out[1], atol=2e-5)
@@ -345,8 +384,17 @@ def test_sparse_and_dense_training_agree(mesh1):
     batches = [_data(40 + s) for s in range(5)]
     out = []
     for decode in ("dense", "sparse"):
-        program = _program("topk", mesh1, n=2, decode=decode, lr=3e-3, adam_eps=1e-5,
-                           k=1, k_aux=4, dead_tokens=ROWS)
+        program = _program(
+            "topk",
+            mesh1,
+            n=2,
+            decode=decode,
+            lr=3e-3,
+            adam_eps=1e-5,
+            k=1,
+            k_aux=4,
+            dead_tokens=ROWS,
+        )
         state, metrics = _run(program, batches)
         assert sum(m["aux_loss"] > 0 for m in metrics) >= 2  # AuxK ran on both paths
         out.append(state.params)
@@ -361,10 +409,12 @@ def test_sparse_and_dense_training_agree(mesh1):
 
 def test_train_saes_resume_is_exact_and_writes_outputs(tmp_path, mesh4):
     acts = _data(50, rows=200)
-    cfgs = st.with_seeds(st.TrainConfig(d_sae=D_SAE, activation="topk", k=3, lr=3e-3,
-                                        dead_tokens=64), [0, 1])
-    kw = dict(batch_size=32, mesh=mesh4, log_every=2, checkpoint_every=3,
-              metadata={"source": "test"})
+    cfgs = st.with_seeds(
+        st.TrainConfig(d_sae=D_SAE, activation="topk", k=3, lr=3e-3, dead_tokens=64), [0, 1]
+    )
+    kw = dict(
+        batch_size=32, mesh=mesh4, log_every=2, checkpoint_every=3, metadata={"source": "test"}
+    )
     full = st.train_saes(acts, cfgs, steps=8, workdir=str(tmp_path / "a"), **kw)
     st.train_saes(acts, cfgs, steps=5, workdir=str(tmp_path / "b"), **kw)
     resumed = st.train_saes(acts, cfgs, steps=8, workdir=str(tmp_path / "b"), **kw)
@@ -376,9 +426,9 @@ def test_train_saes_resume_is_exact_and_writes_outputs(tmp_path, mesh4):
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 8
     assert {k: v for k, v in rows[-1].items() if k != "steps_per_sec"} == {
-        k: v for k, v in ref[-1].items() if k != "steps_per_sec"}
-    for key in ("mse", "fvu", "l0", "dead_frac", "density_mean", "density_max",
-                "sae1/fvu", "loss"):
+        k: v for k, v in ref[-1].items() if k != "steps_per_sec"
+    }
+    for key in ("mse", "fvu", "l0", "dead_frac", "density_mean", "density_max", "sae1/fvu", "loss"):
         assert key in rows[-1]
     loaded = sae_io_native.load_saes(str(tmp_path / "b" / "saes"))
     assert sorted(loaded) == sorted(st.unique_labels(cfgs))
@@ -388,8 +438,9 @@ def test_train_saes_resume_is_exact_and_writes_outputs(tmp_path, mesh4):
     assert json.loads(sae.config.meta["training"])["seed"] == 1
     # The recorded input normalisation makes the SAE work on raw activations.
     scale = sae.config.input_scale
-    np.testing.assert_allclose(np.mean(np.linalg.norm(acts * scale, axis=1)), np.sqrt(D_IN),
-                               rtol=0.15)
+    np.testing.assert_allclose(
+        np.mean(np.linalg.norm(acts * scale, axis=1)), np.sqrt(D_IN), rtol=0.15
+    )
     assert float(np.mean((np.asarray(sae(jnp.asarray(acts))) - acts) ** 2)) < np.var(acts)
 
 
@@ -409,8 +460,14 @@ def test_bad_inputs(mesh1):
     with pytest.raises(InputError, match="non-finite"):
         st.train_saes(bad, ok, steps=1, batch_size=16, mesh=mesh1)
     with pytest.raises(InputError, match=r"expected shape \(16, 10\)"):
-        st.train_saes(lambda s: np.zeros((16, 9), np.float32), ok, steps=1, batch_size=16,
-                      mesh=mesh1, init_sample=acts)
+        st.train_saes(
+            lambda s: np.zeros((16, 9), np.float32),
+            ok,
+            steps=1,
+            batch_size=16,
+            mesh=mesh1,
+            init_sample=acts,
+        )
     with pytest.raises(InputError, match="expected a 2-D array"):
         st.train_saes(acts[0], ok, steps=1, batch_size=16, mesh=mesh1)
     with pytest.raises(InputError, match="decode='sparse' needs activation 'topk'"):
@@ -426,10 +483,14 @@ def test_topk_recovers_ground_truth_dictionary(mesh1):
     """Sharkey et al. data, n_true=512 in d=128, ~5 active: TopK d_sae=512, k=5 finds the
     dictionary (MMCS >= 0.99)."""
     dictionary = synthetic.make_dictionary(jax.random.PRNGKey(1), 512, 128, k=5)
-    gen = jax.jit(lambda s: synthetic.dictionary_data(
-        jax.random.fold_in(jax.random.PRNGKey(2), s), dictionary, 1024)[0])
-    cfg = st.TrainConfig(d_sae=512, activation="topk", k=5, lr=1e-2, lr_decay_frac=0.3,
-                         dead_tokens=20_000, seed=1)
+    gen = jax.jit(
+        lambda s: synthetic.dictionary_data(
+            jax.random.fold_in(jax.random.PRNGKey(2), s), dictionary, 1024
+        )[0]
+    )
+    cfg = st.TrainConfig(
+        d_sae=512, activation="topk", k=5, lr=1e-2, lr_decay_frac=0.3, dead_tokens=20_000, seed=1
+    )
     (sae,) = st.train_saes(gen, cfg, steps=400, batch_size=1024, mesh=mesh1, log_every=100)
     score = synthetic.mmcs(dictionary.atoms, sae.W_dec)
     assert score >= 0.99, score

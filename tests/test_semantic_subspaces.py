@@ -20,8 +20,7 @@ from experiments.pipeline import concepts, subspace_runner, subspaces
 
 def test_matching_rule_markers_case_whitespace_whole_token():
     food = concepts.resolve_groups(["food"])["Food"]
-    for tok in ("bread", "Bread", "BREAD", "Ġbread", "▁Bread", "##bread", "  bread\n",
-                "Ġ Bread "):
+    for tok in ("bread", "Bread", "BREAD", "Ġbread", "▁Bread", "##bread", "  bread\n", "Ġ Bread "):
         assert concepts.token_matches(tok, food), tok
     for tok in ("breads", "bread,", "Ġbre", "brea", "shortbread", "bread-crumb", "", "Ġ"):
         assert not concepts.token_matches(tok, food), tok
@@ -31,9 +30,19 @@ def test_matching_rule_markers_case_whitespace_whole_token():
 
 
 def test_group_names_aliases_and_builtins():
-    assert set(concepts.BUILTIN) == {"Time", "Calendar", "Months", "Days of week", "Emotions",
-                                     "Countries", "Nature", "People/Roles", "Biology", "Food",
-                                     "Numbers"}
+    assert set(concepts.BUILTIN) == {
+        "Time",
+        "Calendar",
+        "Months",
+        "Days of week",
+        "Emotions",
+        "Countries",
+        "Nature",
+        "People/Roles",
+        "Biology",
+        "Food",
+        "Numbers",
+    }
     assert concepts.canonical_name("days_of_week") == "Days of week"
     assert concepts.canonical_name("PEOPLE") == "People/Roles"
     assert concepts.canonical_name("people/roles") == "People/Roles"
@@ -52,14 +61,16 @@ def test_user_lists_json_and_text(tmp_path):
     pt.write_text("# my groups\nScripts: arabic, latin  cyrillic\n\nMetals: gold,iron\n")
     assert concepts.load_user_groups(str(pt)) == {
         "Scripts": frozenset({"arabic", "latin", "cyrillic"}),
-        "Metals": frozenset({"gold", "iron"})}
+        "Metals": frozenset({"gold", "iron"}),
+    }
 
 
 def test_assign_features_top_n_and_invalid():
-    groups = {"Food": concepts.make_group("Food", ["bread", "wine"]),
-              "Days": concepts.make_group("Days", ["monday"])}
-    top = [["Ġbread", "x", "y"], ["x", "y", "Monday"], ["x", "y", "z", "wine"], ["wine"],
-           []]
+    groups = {
+        "Food": concepts.make_group("Food", ["bread", "wine"]),
+        "Days": concepts.make_group("Days", ["monday"]),
+    }
+    top = [["Ġbread", "x", "y"], ["x", "y", "Monday"], ["x", "y", "z", "wine"], ["wine"], []]
     out = concepts.assign_features(top, groups, top_n=3)
     assert out["Food"].tolist() == [0, 3] and out["Days"].tolist() == [1]
     out = concepts.assign_features(top, groups, top_n=4, valid=np.array([1, 1, 1, 0, 1], bool))
@@ -133,7 +144,7 @@ def test_group_pairs_match_reference_and_ignore_outside_features():
     rng = np.random.default_rng(0)
     corr = rng.uniform(-0.2, 0.6, size=(30, 25))
     ma, mb = np.array([2, 5, 7, 11, 20]), np.array([1, 3, 4, 9])
-    corr[2, 0] = 0.99          # the best partner of 2 overall lies outside the group
+    corr[2, 0] = 0.99  # the best partner of 2 overall lies outside the group
     got = subspaces.group_pairs({"corr": corr}, ma, mb)
     assert sorted(zip(got.a.tolist(), got.b.tolist())) == _reference_group_pairs(corr, ma, mb)
     assert set(got.a) <= set(ma) and set(got.b) <= set(mb)
@@ -147,20 +158,45 @@ def test_group_pairs_match_reference_and_ignore_outside_features():
 
 
 def _flags(**kw):
-    base = dict(seed=0, toy_d=64, toy_n_tokens=4096, toy_group_size=12, toy_dictionary="truth",
-                sae_k=4, sae_width=0, sae_steps=100, sae_batch=128, sae_lr=3e-3,
-                progress=False, concepts=[], concepts_file=None, topic="Food",
-                metrics=["svcca", "cka", "rsa_spearman", "mutual_knn"], num_permutations=200,
-                min_pairs=3, threshold=-1.0, member_top_n=5, random_draws=5, knn_k=5,
-                alpha=0.01, chunk_size=1024, preset="toy", cache_a=None, cache_b=None)
+    base = dict(
+        seed=0,
+        toy_d=64,
+        toy_n_tokens=4096,
+        toy_group_size=12,
+        toy_dictionary="truth",
+        sae_k=4,
+        sae_width=0,
+        sae_steps=100,
+        sae_batch=128,
+        sae_lr=3e-3,
+        progress=False,
+        concepts=[],
+        concepts_file=None,
+        topic="Food",
+        metrics=["svcca", "cka", "rsa_spearman", "mutual_knn"],
+        num_permutations=200,
+        min_pairs=3,
+        threshold=-1.0,
+        member_top_n=5,
+        random_draws=5,
+        knn_k=5,
+        alpha=0.01,
+        chunk_size=1024,
+        preset="toy",
+        cache_a=None,
+        cache_b=None,
+    )
     base.update(kw)
     return types.SimpleNamespace(**base)
 
 
 def test_planted_toy_groups_found_significant_where_shared(tmp_path, mesh1):
     run = common.Run(workdir=str(tmp_path), mesh=mesh1)
-    fl = _flags(concepts=["Days of week", "Food", "Countries", "Months"],
-                metrics=["cka", "rsa_spearman"], random_draws=3)
+    fl = _flags(
+        concepts=["Days of week", "Food", "Countries", "Months"],
+        metrics=["cka", "rsa_spearman"],
+        random_draws=3,
+    )
     res = subspace_runner.main(run, fl)
     planted = res["data"]["planted_groups"]
     g = res["groups"]
@@ -178,11 +214,11 @@ def test_planted_toy_groups_found_significant_where_shared(tmp_path, mesh1):
         assert sorted(g[name]["pairs"]["a"]) == sorted(planted[name])
     assert g["Months"]["status"] == "skipped" and "no feature" in g["Months"]["skip_reason"]
     assert res["skipped"] == {"Months": g["Months"]["skip_reason"]}
-    for name in ("Days of week", "Food"):                     # shared geometry
+    for name in ("Days of week", "Food"):  # shared geometry
         for m in ("cka", "rsa_spearman"):
             assert g[name]["metrics"][m]["p"] < 0.01, (name, m)
         assert g[name]["metrics"]["rsa_spearman"]["score"] > 0.8
-    for name in ("Countries",):                               # not shared
+    for name in ("Countries",):  # not shared
         assert g[name]["metrics"]["rsa_spearman"]["p"] > 0.01, name
         assert abs(g[name]["metrics"]["rsa_spearman"]["score"]) < 0.3
     for name in ("Days of week", "Food", "Countries"):
@@ -214,26 +250,39 @@ def test_topic_rows_are_whole_documents():
 
 def test_tiny_lm_pair_end_to_end(tmp_path, mesh1):
     run = common.Run(workdir=str(tmp_path), mesh=mesh1)
-    fl = _flags(preset="lm", model_a=None, model_b=None, lm_train_steps=0,
-                hookpoint_a="resid_post.0", hookpoint_b=None, sae_a=None, sae_b=None,
-                text="sample", max_documents=20, max_contexts=64, context_length=32,
-                sae_steps=100, sae_width=96, random_draws=3,
-                metrics=["svcca", "mutual_knn"], concepts=["People/Roles", "Nature", "Months"])
+    fl = _flags(
+        preset="lm",
+        model_a=None,
+        model_b=None,
+        lm_train_steps=0,
+        hookpoint_a="resid_post.0",
+        hookpoint_b=None,
+        sae_a=None,
+        sae_b=None,
+        text="sample",
+        max_documents=20,
+        max_contexts=64,
+        context_length=32,
+        sae_steps=100,
+        sae_width=96,
+        random_draws=3,
+        metrics=["svcca", "mutual_knn"],
+        concepts=["People/Roles", "Nature", "Months"],
+    )
     res = subspace_runner.main(run, fl)
     g = res["groups"]
     assert set(g) == {"People/Roles", "Nature", "Months"}
-    assert res["data"]["tokens"] == 64 * 31            # BOS removed from each context
+    assert res["data"]["tokens"] == 64 * 31  # BOS removed from each context
     assert res["tokens"] == res["data"]["tokens"]
     ps = []
     for _name, e in g.items():
-        assert e["n_features_a"] <= 96 and e["n_pairs"] <= min(e["n_features_a"],
-                                                                e["n_features_b"])
+        assert e["n_features_a"] <= 96 and e["n_pairs"] <= min(e["n_features_a"], e["n_features_b"])
         if e["status"] == "scored":
             assert e["n_pairs"] >= 3 and set(e["metrics"]) == set(fl.metrics)
             ps += [r["p"] for r in e["metrics"].values()]
         else:
             assert e["skip_reason"]
-    assert g["Months"]["status"] == "skipped"     # no month name among 1000 KJV words used
+    assert g["Months"]["status"] == "skipped"  # no month name among 1000 KJV words used
     assert res["counts"]["scored"] >= 1
     # Two random models: null-like. With 200 permutations p >= 1/201; allow the expected
     # rate of p < 0.01 plus slack, never a wall of significance.

@@ -17,8 +17,10 @@ D = 16
 
 @pytest.fixture(scope="module")
 def toks():
-    return {"bos": text.build_word_tokenizer(vocab_size=200, special_tokens="bos"),
-            "cls_sep": text.build_word_tokenizer(vocab_size=200, special_tokens="cls_sep")}
+    return {
+        "bos": text.build_word_tokenizer(vocab_size=200, special_tokens="bos"),
+        "cls_sep": text.build_word_tokenizer(vocab_size=200, special_tokens="cls_sep"),
+    }
 
 
 def _model(arch, toks, dtype=torch.float64, seed=0):
@@ -30,8 +32,8 @@ def _model(arch, toks, dtype=torch.float64, seed=0):
 def _contexts(lm, n=6, length=12):
     ctx = text.make_contexts(text.sample_documents(), lm.tokenizer, length, max_contexts=n)
     ids, mask = ctx.token_ids.copy(), ctx.mask.copy()
-    mask[-1, length // 2:] = False  # a padded tail
-    ids[-1, length // 2:] = text.pad_id(lm.tokenizer)
+    mask[-1, length // 2 :] = False  # a padded tail
+    ids[-1, length // 2 :] = text.pad_id(lm.tokenizer)
     return text.Contexts(ids, mask, ctx.doc_index)
 
 
@@ -39,8 +41,13 @@ def _sae(seed=0, d_sae=32, k=6, scale=1.0):
     cfg = sae_lib.SAEConfig(d_in=D, d_sae=d_sae, activation="topk", k=k, input_scale=scale)
     s = sae_lib.init(jax.random.key(seed), cfg)
     rng = np.random.default_rng(seed)
-    return sae_lib.from_arrays(cfg, np.asarray(s.W_enc) * 2, rng.normal(0, 0.1, d_sae),
-                               np.asarray(s.W_dec) * 0.5, rng.normal(0, 0.1, D))
+    return sae_lib.from_arrays(
+        cfg,
+        np.asarray(s.W_enc) * 2,
+        rng.normal(0, 0.1, d_sae),
+        np.asarray(s.W_dec) * 0.5,
+        rng.normal(0, 0.1, D),
+    )
 
 
 def _numpy_sae(sae, x):
@@ -62,18 +69,26 @@ def _hand_loss(lm, batch_np, labels, hook_module=None, replace=None, pre=False):
     if hook_module is not None:
         if pre:
             handle = hook_module.register_forward_pre_hook(
-                lambda m, args, kwargs: ((replace(args[0]),) + args[1:], kwargs) if args
-                else (args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}),
-                with_kwargs=True)
+                lambda m, args, kwargs: (
+                    ((replace(args[0]),) + args[1:], kwargs)
+                    if args
+                    else (args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])})
+                ),
+                with_kwargs=True,
+            )
         else:
             handle = hook_module.register_forward_hook(
-                lambda m, a, out: (replace(out[0]),) + tuple(out[1:]) if isinstance(out, tuple)
-                else replace(out))
+                lambda m, a, out: (
+                    (replace(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else replace(out)
+                )
+            )
     try:
         with torch.no_grad():
-            out = lm.model(input_ids=torch.as_tensor(batch_np.input_ids),
-                           attention_mask=torch.as_tensor(batch_np.attention_mask.astype(int)),
-                           labels=torch.as_tensor(labels))
+            out = lm.model(
+                input_ids=torch.as_tensor(batch_np.input_ids),
+                attention_mask=torch.as_tensor(batch_np.attention_mask.astype(int)),
+                labels=torch.as_tensor(labels),
+            )
     finally:
         if handle is not None:
             handle.remove()
@@ -105,10 +120,15 @@ def _labels(lm, batch):
     return lab
 
 
-@pytest.mark.parametrize("arch,hookpoint", [("gpt_neox", "resid_post.0"),
-                                            ("gpt2", "resid_pre.1"),
-                                            ("llama", "mlp_out.1"),
-                                            ("bert", "resid_post.0")])
+@pytest.mark.parametrize(
+    "arch,hookpoint",
+    [
+        ("gpt_neox", "resid_post.0"),
+        ("gpt2", "resid_pre.1"),
+        ("llama", "mlp_out.1"),
+        ("bert", "resid_post.0"),
+    ],
+)
 def test_spliced_ce_equals_hand_written_forward(arch, hookpoint, toks):
     lm = _model(arch, toks)
     ctx = _contexts(lm)
@@ -128,10 +148,17 @@ def test_spliced_ce_equals_hand_written_forward(arch, hookpoint, toks):
 
     hf_clean, logits_clean = _hand_loss(lm, batch, labels)
     _, logits_sae = _hand_loss(lm, batch, labels, module, with_sae, pre=hp.kind == "resid_pre")
-    _, logits_zero = _hand_loss(lm, batch, labels, module,
-                                lambda x: torch.where(spl, 0.0 * x, x), pre=hp.kind == "resid_pre")
-    clean, with_rec, zero = (_ce64(lg, labels, lm.is_encoder)
-                             for lg in (logits_clean, logits_sae, logits_zero))
+    _, logits_zero = _hand_loss(
+        lm,
+        batch,
+        labels,
+        module,
+        lambda x: torch.where(spl, 0.0 * x, x),
+        pre=hp.kind == "resid_pre",
+    )
+    clean, with_rec, zero = (
+        _ce64(lg, labels, lm.is_encoder) for lg in (logits_clean, logits_sae, logits_zero)
+    )
     assert m.n_positions == int((labels != -100).sum())
     # HF's own loss casts logits to float32 (logits.float()), hence rtol 1e-6 against it
     np.testing.assert_allclose(m.ce_clean, hf_clean, rtol=1e-6)
@@ -141,8 +168,9 @@ def test_spliced_ce_equals_hand_written_forward(arch, hookpoint, toks):
     np.testing.assert_allclose(m.ce_sae, with_rec, rtol=1e-6)  # the numpy SAE is float32-fed
     np.testing.assert_allclose(m.ce_zero, zero, rtol=1e-6)
     np.testing.assert_allclose(m.delta_loss, with_rec - clean, atol=1e-6)
-    np.testing.assert_allclose(m.ce_loss_recovered, (zero - with_rec) / (zero - clean),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        m.ce_loss_recovered, (zero - with_rec) / (zero - clean), rtol=1e-6, atol=1e-6
+    )
     # KL(clean || sae) over the counted positions, by hand
     lab = torch.as_tensor(labels)
     if lm.is_encoder:
@@ -155,14 +183,21 @@ def test_spliced_ce_equals_hand_written_forward(arch, hookpoint, toks):
     kl = float((pc.exp() * (pc - torch.log_softmax(ls, -1))).sum(-1).mean())
     np.testing.assert_allclose(m.kl_sae, kl, rtol=1e-5)
     # mean ablation uses the streamed mean of the hookpoint over spliced positions
-    acts = lm.forward_batch(batch.input_ids, [hp.name],
-                            attention_mask=batch.attention_mask).acts[hp.name]
+    acts = lm.forward_batch(batch.input_ids, [hp.name], attention_mask=batch.attention_mask).acts[
+        hp.name
+    ]
     mu = acts[batch.splice].astype(np.float64).mean(0)
-    np.testing.assert_allclose(splice.hookpoint_mean(lm, hp.name, ctx, cfg), mu, rtol=1e-6,
-                               atol=1e-6 * np.abs(mu).max())
-    _, logits_mean = _hand_loss(lm, batch, labels, module,
-                                lambda x: torch.where(spl, torch.as_tensor(mu).expand_as(x), x),
-                                pre=hp.kind == "resid_pre")
+    np.testing.assert_allclose(
+        splice.hookpoint_mean(lm, hp.name, ctx, cfg), mu, rtol=1e-6, atol=1e-6 * np.abs(mu).max()
+    )
+    _, logits_mean = _hand_loss(
+        lm,
+        batch,
+        labels,
+        module,
+        lambda x: torch.where(spl, torch.as_tensor(mu).expand_as(x), x),
+        pre=hp.kind == "resid_pre",
+    )
     np.testing.assert_allclose(m.ce_mean, _ce64(logits_mean, labels, lm.is_encoder), rtol=1e-6)
     x = acts[batch.splice].astype(np.float64)
     fvu = ((x - _numpy_sae(sae, x)[1]) ** 2).sum() / ((x - mu) ** 2).sum()
@@ -198,8 +233,7 @@ def test_identity_sae_recovers_everything_and_zero_sae_nothing(arch, toks):
     assert abs(ident.kl_div) < 1e-10 and abs(ident.delta_loss) < 1e-10
     assert ident.fvu < 1e-20 and "WARNING" not in (ident.warning() or "")
     zcfg = sae_lib.SAEConfig(d_in=D, d_sae=8, activation="relu")
-    zero_sae = sae_lib.from_arrays(zcfg, np.ones((D, 8)), np.ones(8), np.zeros((8, D)),
-                                   np.zeros(D))
+    zero_sae = sae_lib.from_arrays(zcfg, np.ones((D, 8)), np.ones(8), np.zeros((8, D)), np.zeros(D))
     zero = splice.splice_metrics(lm, zero_sae, "resid_post.0", ctx, cfg)
     assert abs(zero.ce_loss_recovered) < 1e-9
     np.testing.assert_allclose(zero.kl_sae, zero.kl_zero, rtol=1e-9)
@@ -265,28 +299,31 @@ def test_resume_after_interruption(toks, tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(splice, "log_probs", counting)
-    resumed = splice.splice_metrics(lm, sae, "resid_post.0", ctx, cfg,
-                                    checkpoint_dir=str(tmp_path))
+    resumed = splice.splice_metrics(lm, sae, "resid_post.0", ctx, cfg, checkpoint_dir=str(tmp_path))
     # resumed, not restarted: the checkpoint holds at least the first batch (the stream
     # prefetches one batch ahead, so the batch after it may be recomputed)
     assert counted["n"] in (4 * 2, 4 * 3)
     for field in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "fvu", "n_positions"):
         np.testing.assert_allclose(getattr(resumed, field), getattr(fresh, field), rtol=1e-12)
     with pytest.raises(checks.InputError, match="another run"):
-        splice.splice_metrics(lm, _sae(3), "resid_post.0", ctx, cfg,
-                              checkpoint_dir=str(tmp_path))
+        splice.splice_metrics(lm, _sae(3), "resid_post.0", ctx, cfg, checkpoint_dir=str(tmp_path))
 
 
 def test_load_with_head(toks, tmp_path):
     from transformers import AutoModel
+
     lm = _model("gpt_neox", toks, dtype=torch.float32)
     lm.model.save_pretrained(tmp_path / "full")
     lm.tokenizer.save_pretrained(tmp_path / "full")
     back = splice.load_with_head(str(tmp_path / "full"))
     ids = torch.as_tensor(_contexts(lm).token_ids, dtype=torch.long)
     with torch.no_grad():
-        np.testing.assert_allclose(back.model(input_ids=ids).logits.numpy(),
-                                   lm.model(input_ids=ids).logits.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            back.model(input_ids=ids).logits.numpy(),
+            lm.model(input_ids=ids).logits.numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     base = AutoModel.from_config(lm.model.config)
     base.save_pretrained(tmp_path / "base")  # no head weights
     with pytest.raises(checks.InputError, match="no LM-head weights"):
@@ -315,13 +352,16 @@ def _metric_with(lm, batch, hookpoint, replace):
     hp = lm.parse(hookpoint)[0]
     block = lm.blocks[hp.layer]
     handle = block.register_forward_hook(
-        lambda m, a, out: (replace(out[0]),) + tuple(out[1:]) if isinstance(out, tuple)
-        else replace(out))
+        lambda m, a, out: (
+            (replace(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else replace(out)
+        )
+    )
     try:
         with torch.no_grad():
-            logits = lm.model(input_ids=torch.as_tensor(batch.input_ids),
-                              attention_mask=torch.as_tensor(batch.attention_mask.astype(int))
-                              ).logits
+            logits = lm.model(
+                input_ids=torch.as_tensor(batch.input_ids),
+                attention_mask=torch.as_tensor(batch.attention_mask.astype(int)),
+            ).logits
     finally:
         handle.remove()
     lp = torch.log_softmax(logits, -1)[torch.as_tensor(batch.loss_pos)]
@@ -344,14 +384,19 @@ def test_attribution_equals_finite_differences(arch, toks):
     active = np.argwhere(f > 0)
     eps = 1e-5
     for b, s, j in active[rng.choice(len(active), 6, replace=False)]:
+
         def shifted(delta, b=b, s=s, j=j):
             def rep(x):
                 x = x.clone()
                 x[b, s] += delta * torch.as_tensor(w_dec[j])
                 return x
+
             return rep
-        grad = (_metric_with(lm, batch, "resid_post.0", shifted(eps))
-                - _metric_with(lm, batch, "resid_post.0", shifted(-eps))) / (2 * eps)
+
+        grad = (
+            _metric_with(lm, batch, "resid_post.0", shifted(eps))
+            - _metric_with(lm, batch, "resid_post.0", shifted(-eps))
+        ) / (2 * eps)
         np.testing.assert_allclose(attr[b, s, j], f[b, s, j] * grad, rtol=1e-5, atol=1e-9)
 
 
@@ -359,15 +404,16 @@ def test_importance_sums_ablation_and_dle(toks, tmp_path):
     lm = _model("gpt2", toks)
     ctx = _contexts(lm, n=6)
     sae = _sae(5)
-    icfg = importance.ImportanceConfig(splice=splice.SpliceConfig(batch_size=3), n_classes=5,
-                                       n_ablate=6, ablate_contexts=3)
+    icfg = importance.ImportanceConfig(
+        splice=splice.SpliceConfig(batch_size=3), n_classes=5, n_ablate=6, ablate_contexts=3
+    )
     imp = importance.feature_importance(lm, sae, "resid_post.0", ctx, icfg)
     tsae = splice.TorchSAE(sae, "cpu", torch.float64)
     want_abs, want_sum, per_class = 0.0, 0.0, np.zeros((sae.config.d_sae, 5))
     exact = np.zeros(len(imp.ablate_features))
     sigmas = []
     for lo in (0, 3):
-        part = ctx[lo:lo + 3]
+        part = ctx[lo : lo + 3]
         batch = splice.prepare_batch(lm, part.token_ids, part.mask, cfg=icfg.splice, start=lo)
         _, attr, _ = importance.attribution_batch(lm, tsae, "resid_post.0", batch)
         attr = attr.numpy()
@@ -380,14 +426,18 @@ def test_importance_sums_ablation_and_dle(toks, tmp_path):
             base = _metric_with(lm, batch, "resid_post.0", lambda x: x)
             spl = torch.as_tensor(batch.splice)[..., None]
             for i, j in enumerate(imp.ablate_features):
+
                 def remove(x, j=int(j)):
-                    fx = torch.as_tensor(_numpy_sae(sae, x.numpy())[0][..., j:j + 1])
-                    return torch.where(spl, x - fx * torch.as_tensor(
-                        np.asarray(sae.W_dec, np.float64)[j]), x)
+                    fx = torch.as_tensor(_numpy_sae(sae, x.numpy())[0][..., j : j + 1])
+                    return torch.where(
+                        spl, x - fx * torch.as_tensor(np.asarray(sae.W_dec, np.float64)[j]), x
+                    )
+
                 exact[i] = _metric_with(lm, batch, "resid_post.0", remove) - base
         # final-norm denominator by hand: sqrt(var + eps) of the last block's output
-        h = lm.forward_batch(batch.input_ids, ["resid_post.1"],
-                             attention_mask=batch.attention_mask).acts["resid_post.1"]
+        h = lm.forward_batch(
+            batch.input_ids, ["resid_post.1"], attention_mask=batch.attention_mask
+        ).acts["resid_post.1"]
         h = h[batch.loss_pos].astype(np.float64)
         sigmas.append(np.sqrt(h.var(-1) + lm.model.transformer.ln_f.eps))
     # float64 reference vs the device's float32 sums (engine Sums): float32 rounding
@@ -395,8 +445,7 @@ def test_importance_sums_ablation_and_dle(toks, tmp_path):
     np.testing.assert_allclose(imp.attr_abs_sum, want_abs, **tol)
     np.testing.assert_allclose(imp.attr_sum, want_sum, **tol)
     np.testing.assert_allclose(imp.attr_abs_by_class, per_class, **tol)
-    np.testing.assert_allclose(imp.ablate_exact, exact, rtol=2e-6,
-                               atol=1e-6 * np.abs(exact).max())
+    np.testing.assert_allclose(imp.ablate_exact, exact, rtol=2e-6, atol=1e-6 * np.abs(exact).max())
     # forward_batch returns float32 activations, hence 1e-6
     np.testing.assert_allclose(imp.norm_scale, np.concatenate(sigmas).mean(), rtol=1e-6)
     # the linear estimate tracks the exact ablation (small single-feature effects)
@@ -414,8 +463,9 @@ def test_importance_sums_ablation_and_dle(toks, tmp_path):
     got = importance.dle_rows(lm, sae, imp.norm_scale)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
     dle = importance.direct_logit_effect(lm, sae, imp.norm_scale, top_n=4, block=7)
-    np.testing.assert_allclose(dle.norm, np.linalg.norm(want - want.mean(1, keepdims=True),
-                                                        axis=1), rtol=1e-9)
+    np.testing.assert_allclose(
+        dle.norm, np.linalg.norm(want - want.mean(1, keepdims=True), axis=1), rtol=1e-9
+    )
     np.testing.assert_array_equal(dle.promoted[:, 0], want.argmax(1))
     np.testing.assert_array_equal(dle.suppressed[:, 0], want.argmin(1))
     np.testing.assert_allclose(dle.promoted_values[:, 0], want.max(1), rtol=1e-9)
@@ -436,37 +486,45 @@ def test_dle_through_rms_norms(arch, toks):
     # check the gain convention on the module itself: norm(v) = g * v / rms(v)
     v = torch.randn(3, D, dtype=torch.float64)
     eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
-    np.testing.assert_allclose(norm(v).detach().numpy(),
-                               (g * v.numpy()) / np.sqrt((v.numpy() ** 2).mean(-1,
-                                                         keepdims=True) + eps), rtol=1e-6)
+    np.testing.assert_allclose(
+        norm(v).detach().numpy(),
+        (g * v.numpy()) / np.sqrt((v.numpy() ** 2).mean(-1, keepdims=True) + eps),
+        rtol=1e-6,
+    )
     w_u = lm.model.lm_head.weight.detach().numpy()
     want = (np.asarray(sae.W_dec, np.float64) / 2.0 * g) @ w_u.T / 0.37
-    np.testing.assert_allclose(importance.dle_rows(lm, sae, 0.37), want, rtol=1e-9,
-                               atol=1e-12)
+    np.testing.assert_allclose(importance.dle_rows(lm, sae, 0.37), want, rtol=1e-9, atol=1e-12)
 
 
 def test_importance_save_load(toks, tmp_path):
     lm = _model("gpt_neox", toks)
     ctx = _contexts(lm, n=4)
-    icfg = importance.ImportanceConfig(splice=splice.SpliceConfig(batch_size=2), n_classes=3,
-                                       n_ablate=2, ablate_contexts=2)
-    imp = importance.feature_importance(lm, _sae(7), "resid_post.1", ctx, icfg,
-                                        checkpoint_dir=str(tmp_path / "ck"))
+    icfg = importance.ImportanceConfig(
+        splice=splice.SpliceConfig(batch_size=2), n_classes=3, n_ablate=2, ablate_contexts=2
+    )
+    imp = importance.feature_importance(
+        lm, _sae(7), "resid_post.1", ctx, icfg, checkpoint_dir=str(tmp_path / "ck")
+    )
     imp.save(str(tmp_path / "imp.npz"))
     back = importance.FeatureImportance.load(str(tmp_path / "imp.npz"))
     assert back.hookpoint == "resid_post.1" and back.n_positions == imp.n_positions
     np.testing.assert_array_equal(back.attr_abs_by_class, imp.attr_abs_by_class)
     # a rerun on the finished checkpoint reads the sums back without recomputing
-    again = importance.feature_importance(lm, _sae(7), "resid_post.1", ctx, icfg,
-                                          checkpoint_dir=str(tmp_path / "ck"))
+    again = importance.feature_importance(
+        lm, _sae(7), "resid_post.1", ctx, icfg, checkpoint_dir=str(tmp_path / "ck")
+    )
     np.testing.assert_array_equal(again.attr_abs_sum, imp.attr_abs_sum)
 
 
 def test_half_precision_model_runs_the_sae_in_float32(toks):
     lm32 = _model("llama", toks, dtype=torch.float32)
-    lm16 = splice.wrap(lm_tiny.build_tiny_model("llama", toks["bos"], seed=0, n_layers=2,
-                                                d_model=D, n_heads=2).to(torch.bfloat16),
-                       toks["bos"], device="cpu")
+    lm16 = splice.wrap(
+        lm_tiny.build_tiny_model("llama", toks["bos"], seed=0, n_layers=2, d_model=D, n_heads=2).to(
+            torch.bfloat16
+        ),
+        toks["bos"],
+        device="cpu",
+    )
     assert splice.sae_dtype(lm16) == torch.float32
     ctx = _contexts(lm32)
     m32 = splice.splice_metrics(lm32, _sae(), "resid_post.0", ctx)
@@ -474,8 +532,12 @@ def test_half_precision_model_runs_the_sae_in_float32(toks):
     for field in ("ce_clean", "ce_sae", "ce_zero"):
         assert abs(getattr(m16, field) - getattr(m32, field)) < 0.05
     imp = importance.feature_importance(
-        lm16, _sae(), "resid_post.0", ctx,
-        importance.ImportanceConfig(n_classes=3, n_ablate=2, ablate_contexts=2))
+        lm16,
+        _sae(),
+        "resid_post.0",
+        ctx,
+        importance.ImportanceConfig(n_classes=3, n_ablate=2, ablate_contexts=2),
+    )
     assert imp.attr_abs_sum.dtype == np.float64 and np.isfinite(imp.attr_abs_sum).all()
 
 
@@ -484,14 +546,17 @@ def test_half_precision_model_runs_the_sae_in_float32(toks):
 
 def test_sums_accumulator_matches_float64_on_1_and_4_devices(mesh1, mesh4):
     from engine import accumulators, streaming
+
     rng = np.random.default_rng(0)
     n = 37
-    x = 1e3 + rng.normal(size=(n, 5))          # a large offset: float32 sums lose digits
+    x = 1e3 + rng.normal(size=(n, 5))  # a large offset: float32 sums lose digits
     seg = rng.integers(-1, 3, n).astype(np.int32)
     w = rng.random(n)
-    acc = accumulators.Sums({"s": (0, None, 0), "by": (0, 1, 3), "dup": (2, None, 0)},
-                            {"s": (5,), "by": (5,), "dup": (2,)})
-    twin = np.stack([x[:, 0], x[:, 0]], 1)      # two identical columns
+    acc = accumulators.Sums(
+        {"s": (0, None, 0), "by": (0, 1, 3), "dup": (2, None, 0)},
+        {"s": (5,), "by": (5,), "dup": (2,)},
+    )
+    twin = np.stack([x[:, 0], x[:, 0]], 1)  # two identical columns
     want_s = (w[:, None] * x).sum(0)
     want_by = np.stack([(w[seg == c, None] * x[seg == c]).sum(0) for c in range(3)])
     out = {}
@@ -517,9 +582,10 @@ def test_compensated_sum_does_not_drift_over_chunks():
     outgrows their low bits: a plain float32 running sum drifts, the compensated one is
     exact."""
     from engine import accumulators
+
     acc = accumulators.Sums({"s": (0, None, 0)}, {"s": ()})
     state = acc.init()
-    vals = 1.0 + (np.arange(4000) % 7).reshape(400, 10) * 2.0 ** -16
+    vals = 1.0 + (np.arange(4000) % 7).reshape(400, 10) * 2.0**-16
     plain = np.float32(0.0)
     update = jax.jit(acc.update)
     for chunk in vals:
@@ -535,7 +601,7 @@ def test_splice_and_importance_on_1_and_4_devices(toks, mesh1, mesh4):
     lm = _model("gpt2", toks)
     ctx = _contexts(lm, n=6)
     sae = _sae(8)
-    cfg = splice.SpliceConfig(batch_size=3)   # 3 x 12 = 36 rows per chunk: 9 per device
+    cfg = splice.SpliceConfig(batch_size=3)  # 3 x 12 = 36 rows per chunk: 9 per device
     one = splice.splice_metrics(lm, sae, "resid_post.0", ctx, cfg, mesh=mesh1)
     four = splice.splice_metrics(lm, sae, "resid_post.0", ctx, cfg, mesh=mesh4)
     for field in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "kl_zero", "fvu"):
@@ -545,10 +611,10 @@ def test_splice_and_importance_on_1_and_4_devices(toks, mesh1, mesh4):
     i1 = importance.feature_importance(lm, sae, "resid_post.0", ctx, icfg, mesh=mesh1)
     i4 = importance.feature_importance(lm, sae, "resid_post.0", ctx, icfg, mesh=mesh4)
     scale = np.abs(i1.attr_abs_sum).max()
-    for field in ("attr_abs_sum", "attr_sum", "attr_abs_by_class", "ablate_exact",
-                  "ablate_linear"):
-        np.testing.assert_allclose(getattr(i4, field), getattr(i1, field), rtol=1e-5,
-                                   atol=1e-6 * scale)
+    for field in ("attr_abs_sum", "attr_sum", "attr_abs_by_class", "ablate_exact", "ablate_linear"):
+        np.testing.assert_allclose(
+            getattr(i4, field), getattr(i1, field), rtol=1e-5, atol=1e-6 * scale
+        )
     np.testing.assert_array_equal(i4.fire_count, i1.fire_count)
     np.testing.assert_array_equal(i4.class_count, i1.class_count)
     assert i4.n_positions == i1.n_positions
@@ -559,10 +625,13 @@ def test_floor_model_gets_a_random_head_and_keeps_its_body(arch, toks):
     """The random-init floor copy (a base model, no head) inside its LM-head model: the body's
     activations are exactly the copy's, so the floor SAE is spliced where it was trained."""
     from models import lm as lm_lib
+
     tok = toks["cls_sep" if arch == "bert" else "bos"]
-    src = lm_lib.LanguageModel(lm_tiny.build_tiny_model(arch, tok, seed=0, n_layers=2,
-                                                         d_model=D, n_heads=2), tok,
-                               device="cpu")
+    src = lm_lib.LanguageModel(
+        lm_tiny.build_tiny_model(arch, tok, seed=0, n_layers=2, d_model=D, n_heads=2),
+        tok,
+        device="cpu",
+    )
     rnd = lm_lib.random_init_copy(src, seed=1000)
     assert getattr(rnd.model, "get_output_embeddings", lambda: None)() is None
     full = splice.with_random_head(rnd, seed=0)
@@ -580,8 +649,10 @@ def test_floor_model_gets_a_random_head_and_keeps_its_body(arch, toks):
 
 def test_sae_labels():
     from experiments.pipeline import importance as pimp
+
     assert pimp.sae_label("a", "resid_post.0") == "A resid_post.0"
     assert pimp.sae_label("a", "resid_post.0", "ceiling") == "A resid_post.0 (ceiling)"
-    assert pimp.sae_label("b~random", "resid_post.1", "floor") == \
-        "B resid_post.1 (floor, random init)"
+    assert (
+        pimp.sae_label("b~random", "resid_post.1", "floor") == "B resid_post.1 (floor, random init)"
+    )
     assert pimp.sae_label("a", "h", "main", 2, "k=8") == "A h (r2, k=8)"

@@ -31,7 +31,7 @@ def test_drop_remainder():
 def test_seek_resumes_identically():
     x = np.random.default_rng(0).normal(size=(50, 3))
     a = streaming.ChunkStream(x, 4, repeat=True, shuffle_seed=3)
-    seen = [next(a).arrays[0] for _ in range(30)]   # crosses two epochs
+    seen = [next(a).arrays[0] for _ in range(30)]  # crosses two epochs
     b = streaming.ChunkStream(x, 4, repeat=True, shuffle_seed=3)
     for _ in range(11):
         next(b)
@@ -66,8 +66,7 @@ def test_generator_source_rechunks_and_resumes():
     s = streaming.ChunkStream(open_at, 6)
     chunks = list(s)
     assert [c.start for c in chunks] == [0, 6, 12, 18, 24, 30, 36]
-    np.testing.assert_array_equal(np.concatenate([c.arrays[1][c.mask] for c in chunks]),
-                                  -data)
+    np.testing.assert_array_equal(np.concatenate([c.arrays[1][c.mask] for c in chunks]), -data)
     s2 = streaming.ChunkStream(open_at, 6)
     s2.seek(chunks[3].start)
     np.testing.assert_array_equal(next(s2).arrays[0], chunks[3].arrays[0])

@@ -18,8 +18,9 @@ HOOK = "resid_post.0"
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
-    return lm_tiny.make_tiny_model_pair(str(root), arch="llama", vocab_size=300, n_layers=1,
-                                        d_model=16)
+    return lm_tiny.make_tiny_model_pair(
+        str(root), arch="llama", vocab_size=300, n_layers=1, d_model=16
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +30,26 @@ def model(pair):
 
 @pytest.fixture(scope="module")
 def contexts(model):
-    return text.make_contexts([d[:400] for d in text.sample_documents(12)], model.tokenizer,
-                              16, pad_tail=True, max_contexts=48)
+    return text.make_contexts(
+        [d[:400] for d in text.sample_documents(12)],
+        model.tokenizer,
+        16,
+        pad_tail=True,
+        max_contexts=48,
+    )
 
 
 @pytest.fixture(scope="module")
 def cache(model, contexts, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cache") / "c")
-    return ac.harvest(model, contexts, [HOOK], path, batch_size=8, shard_contexts=20,
-                      progress=False)
+    return ac.harvest(
+        model, contexts, [HOOK], path, batch_size=8, shard_contexts=20, progress=False
+    )
 
 
-CFG = st.TrainConfig(d_sae=32, activation="topk", k=4, lr=3e-3, dead_tokens=200,
-                     lr_warmup_steps=3, lr_decay_frac=0.3)
+CFG = st.TrainConfig(
+    d_sae=32, activation="topk", k=4, lr=3e-3, dead_tokens=200, lr_warmup_steps=3, lr_decay_frac=0.3
+)
 
 
 def _ordered_rows(shuffled_source, n):
@@ -56,8 +64,9 @@ def _ordered_rows(shuffled_source, n):
 
 
 def _params(saes):
-    return [{f: np.asarray(getattr(s, f)) for f in ("W_enc", "b_enc", "W_dec", "b_dec")}
-            for s in saes]
+    return [
+        {f: np.asarray(getattr(s, f)) for f in ("W_enc", "b_enc", "W_dec", "b_dec")} for s in saes
+    ]
 
 
 def _assert_same(a, b):
@@ -71,7 +80,7 @@ def test_cache_streaming_equals_in_memory_on_the_same_order(cache, mesh):
     training fed the same rows in the same order: the batches are the same arrays."""
     source = cache.source(HOOK)
     batch, steps, buf, blk = 32, 40, 128, 16
-    assert steps * batch > source.num_rows          # crosses an epoch boundary
+    assert steps * batch > source.num_rows  # crosses an epoch boundary
     order = asrc.shuffled(source, 5, buffer_rows=buf, block_rows=blk, repeat=True)
     rows = _ordered_rows(order, steps * batch)
     # the order really is shuffled, and each epoch is a permutation of the cache's rows
@@ -80,14 +89,27 @@ def test_cache_streaming_equals_in_memory_on_the_same_order(cache, mesh):
     assert not np.array_equal(rows[:n], ref)
     np.testing.assert_array_equal(np.sort(rows[:n], axis=0), np.sort(ref, axis=0))
     init = rows[:256]
-    streamed = st.train_saes(source, [CFG, CFG.__class__(**{**CFG.to_dict(), "seed": 1})],
-                             steps=steps, batch_size=batch, mesh=mesh, data_seed=5,
-                             shuffle_buffer=buf, shuffle_block=blk, init_sample=init,
-                             log_every=10)
-    in_memory = st.train_saes(lambda s: rows[s * batch:(s + 1) * batch],
-                              [CFG, CFG.__class__(**{**CFG.to_dict(), "seed": 1})],
-                              steps=steps, batch_size=batch, mesh=mesh, init_sample=init,
-                              log_every=10)
+    streamed = st.train_saes(
+        source,
+        [CFG, CFG.__class__(**{**CFG.to_dict(), "seed": 1})],
+        steps=steps,
+        batch_size=batch,
+        mesh=mesh,
+        data_seed=5,
+        shuffle_buffer=buf,
+        shuffle_block=blk,
+        init_sample=init,
+        log_every=10,
+    )
+    in_memory = st.train_saes(
+        lambda s: rows[s * batch : (s + 1) * batch],
+        [CFG, CFG.__class__(**{**CFG.to_dict(), "seed": 1})],
+        steps=steps,
+        batch_size=batch,
+        mesh=mesh,
+        init_sample=init,
+        log_every=10,
+    )
     _assert_same(streamed, in_memory)
 
 
@@ -98,11 +120,25 @@ def test_live_model_stream_equals_in_memory_on_the_same_order(model, contexts, m
     order = asrc.shuffled(live, 2, buffer_rows=buf, block_rows=16, repeat=True)
     assert isinstance(order, asrc.WindowShuffledSource)
     rows = _ordered_rows(order, steps * batch)
-    streamed = st.train_saes(live, CFG, steps=steps, batch_size=batch, mesh=mesh1,
-                             data_seed=2, shuffle_buffer=buf, shuffle_block=16,
-                             init_sample=rows[:64])
-    in_memory = st.train_saes(lambda s: rows[s * batch:(s + 1) * batch], CFG, steps=steps,
-                              batch_size=batch, mesh=mesh1, init_sample=rows[:64])
+    streamed = st.train_saes(
+        live,
+        CFG,
+        steps=steps,
+        batch_size=batch,
+        mesh=mesh1,
+        data_seed=2,
+        shuffle_buffer=buf,
+        shuffle_block=16,
+        init_sample=rows[:64],
+    )
+    in_memory = st.train_saes(
+        lambda s: rows[s * batch : (s + 1) * batch],
+        CFG,
+        steps=steps,
+        batch_size=batch,
+        mesh=mesh1,
+        init_sample=rows[:64],
+    )
     _assert_same(streamed, in_memory)
 
 
@@ -111,7 +147,7 @@ def test_window_shuffle_is_a_resumable_permutation(start):
     n = 250
     base = asrc.ArraySource(np.arange(n), np.arange(n, dtype=np.float32)[:, None] * [1, -1])
 
-    class Sequential:      # hides random access: forces the window shuffle
+    class Sequential:  # hides random access: forces the window shuffle
         hookpoints, widths, num_rows = base.hookpoints, base.widths, n
 
         def open_at(self, s):
@@ -119,17 +155,18 @@ def test_window_shuffle_is_a_resumable_permutation(start):
 
         def describe(self):
             return {}
+
     src = asrc.shuffled(Sequential(), 3, buffer_rows=96, block_rows=7, repeat=True)
     full = np.concatenate([b[0] for _, b in zip(range(200), src.open_at(0))])
     for epoch in range(2):
-        ep = full[epoch * n:(epoch + 1) * n]
+        ep = full[epoch * n : (epoch + 1) * n]
         assert sorted(ep.tolist()) == list(range(n))
         # bounded: each window of 96 consecutive input rows stays a window
         for w in range(0, n, 96):
-            assert sorted(ep[w:w + 96].tolist()) == list(range(w, min(n, w + 96)))
-    assert not np.array_equal(full[:n], full[n:2 * n])       # new permutation each epoch
+            assert sorted(ep[w : w + 96].tolist()) == list(range(w, min(n, w + 96)))
+    assert not np.array_equal(full[:n], full[n : 2 * n])  # new permutation each epoch
     tail = np.concatenate([b[0] for _, b in zip(range(100), src.open_at(start))])
-    np.testing.assert_array_equal(tail[:300], full[start:start + 300])
+    np.testing.assert_array_equal(tail[:300], full[start : start + 300])
 
 
 class _Interrupt(Exception):
@@ -139,13 +176,22 @@ class _Interrupt(Exception):
 def test_kill_and_resume_mid_epoch_is_exact(cache, tmp_path, mesh4):
     source = cache.source(HOOK)
     batch, steps = 32, 24
-    kw = dict(steps=steps, batch_size=batch, mesh=mesh4, data_seed=1, shuffle_buffer=128,
-              shuffle_block=16, log_every=1, checkpoint_every=5)
+    kw = dict(
+        steps=steps,
+        batch_size=batch,
+        mesh=mesh4,
+        data_seed=1,
+        shuffle_buffer=128,
+        shuffle_block=16,
+        log_every=1,
+        checkpoint_every=5,
+    )
     full = st.train_saes(source, CFG, workdir=str(tmp_path / "full"), **kw)
 
     def die(group, step, metrics):
-        if step == 8:      # after the checkpoint at step 5: 160 of ~700 rows, mid-epoch
+        if step == 8:  # after the checkpoint at step 5: 160 of ~700 rows, mid-epoch
             raise _Interrupt
+
     with pytest.raises(_Interrupt):
         st.train_saes(source, CFG, workdir=str(tmp_path / "cut"), on_log=die, **kw)
     assert 5 * batch < source.num_rows
@@ -179,14 +225,21 @@ def test_buffer_bounds_memory(tmp_path, mesh1):
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, d))
     rng = np.random.default_rng(0)
     for lo in range(0, rows, 50_000):
-        mm[lo:lo + 50_000] = rng.standard_normal((50_000, d), np.float32)
+        mm[lo : lo + 50_000] = rng.standard_normal((50_000, d), np.float32)
     mm.flush()
     del mm
     cfg = st.TrainConfig(d_sae=64, activation="topk", k=4, lr=1e-3)
     init = rng.standard_normal((512, d)).astype(np.float32)
-    kw = dict(steps=40, batch_size=256, mesh=mesh1, shuffle_buffer=4096, shuffle_block=512,
-              init_sample=init, log_every=40)
-    st.train_saes(_MemmapSource(path, 512), cfg, **kw)       # compile outside the measurement
+    kw = dict(
+        steps=40,
+        batch_size=256,
+        mesh=mesh1,
+        shuffle_buffer=4096,
+        shuffle_block=512,
+        init_sample=init,
+        log_every=40,
+    )
+    st.train_saes(_MemmapSource(path, 512), cfg, **kw)  # compile outside the measurement
     src = _MemmapSource(path, 512)
     tracemalloc.start()
     st.train_saes(src, cfg, **kw)
@@ -219,9 +272,17 @@ def test_epochs_and_short_run_warning(cache, mesh1, caplog):
         st.train_saes(source, CFG, steps=3, batch_size=32, mesh=mesh1, column=2)
 
 
-@pytest.mark.parametrize("warm,frac,shape", [(0, 0.0, "linear"), (5, 0.0, "linear"),
-                                             (0, 0.3, "linear"), (4, 0.5, "linear"),
-                                             (3, 0.4, "cosine"), (60, 0.5, "linear")])
+@pytest.mark.parametrize(
+    "warm,frac,shape",
+    [
+        (0, 0.0, "linear"),
+        (5, 0.0, "linear"),
+        (0, 0.3, "linear"),
+        (4, 0.5, "linear"),
+        (3, 0.4, "cosine"),
+        (60, 0.5, "linear"),
+    ],
+)
 def test_lr_schedule_closed_form(warm, frac, shape):
     n = 50
     cfg = st.TrainConfig(d_sae=8, lr_warmup_steps=warm, lr_decay_frac=frac, lr_decay=shape)
@@ -248,11 +309,24 @@ def test_train_sae_experiment_from_cache_records_the_data(cache, tmp_path, mesh1
     import json
 
     from experiments import common, train_sae
+
     opts = common.default_values(train_sae.CONFIG)
-    opts.update(progress=False, source="cache", cache_path=cache.path, d_sae=["32"],
-                k=["4"], epochs=1.5, batch_size=32, shuffle_buffer=128, shuffle_block=16,
-                eval_frac=0.2, eval_rows=100, exclude_special=True, log_every=5,
-                lr_warmup_steps=2)
+    opts.update(
+        progress=False,
+        source="cache",
+        cache_path=cache.path,
+        d_sae=["32"],
+        k=["4"],
+        epochs=1.5,
+        batch_size=32,
+        shuffle_buffer=128,
+        shuffle_block=16,
+        eval_frac=0.2,
+        eval_rows=100,
+        exclude_special=True,
+        log_every=5,
+        lr_warmup_steps=2,
+    )
     run = common.Run(workdir=str(tmp_path), mesh=mesh1)
     res = train_sae.run_train_sae(run, opts)
     data = json.load(open(tmp_path / "data.json"))
@@ -260,8 +334,9 @@ def test_train_sae_experiment_from_cache_records_the_data(cache, tmp_path, mesh1
     assert data["exclude_special"] is True and data["eval_rows"] == 100
     assert data["train_rows"] == n - 100 and data["hookpoint"] == HOOK
     assert res["n_eval_rows"] == 100 and res["saes"][0]["fvu"] < 1.0
-    meta = json.loads(res and open(tmp_path / "saes" / res["saes"][0]["label"] /
-                                   "sae_config.json").read())
+    meta = json.loads(
+        res and open(tmp_path / "saes" / res["saes"][0]["label"] / "sae_config.json").read()
+    )
     assert meta  # saved natively
 
 
@@ -270,15 +345,29 @@ def test_train_sae_experiment_from_a_live_model(pair, tmp_path, mesh1):
     import json
 
     from experiments import common, train_sae
-    (tmp_path / "a.txt").write_text("\n".join(f"line {i} of the first corpus"
-                                              for i in range(80)))
+
+    (tmp_path / "a.txt").write_text("\n".join(f"line {i} of the first corpus" for i in range(80)))
     (tmp_path / "b.txt").write_text("\n".join(f"record {i} here" for i in range(80)))
     opts = common.default_values(train_sae.CONFIG)
-    opts.update(progress=False, source="lm", model_path=pair.path_a, hookpoint=HOOK,
-                lm_text=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
-                lm_text_weights=["3", "1"], lm_context_length=16, lm_max_contexts=40,
-                d_sae=["32"], k=["4"], steps=6, batch_size=32, shuffle_buffer=128,
-                shuffle_block=16, eval_rows=64, log_every=3, exclude_special=True)
+    opts.update(
+        progress=False,
+        source="lm",
+        model_path=pair.path_a,
+        hookpoint=HOOK,
+        lm_text=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+        lm_text_weights=["3", "1"],
+        lm_context_length=16,
+        lm_max_contexts=40,
+        d_sae=["32"],
+        k=["4"],
+        steps=6,
+        batch_size=32,
+        shuffle_buffer=128,
+        shuffle_block=16,
+        eval_rows=64,
+        log_every=3,
+        exclude_special=True,
+    )
     (tmp_path / "run").mkdir()
     run = common.Run(workdir=str(tmp_path / "run"), mesh=mesh1)
     res = train_sae.run_train_sae(run, opts)
@@ -294,20 +383,40 @@ def test_pipeline_streams_caches_without_loading_them(cache, tmp_path, mesh1):
     from engine import streaming
     from experiments.pipeline import features
     from experiments.pipeline import saes as saes_lib
+
     cfg = st.TrainConfig(d_sae=32, activation="topk", k=4, lr=3e-3)
-    sae = saes_lib.train_or_load(cache.source(HOOK), cfg, steps=5, batch_size=32,
-                                 data_seed=0, directory=str(tmp_path / "s"), mesh=mesh1,
-                                 shuffle_buffer=128)
-    again = saes_lib.train_or_load(cache.source(HOOK), cfg, steps=5, batch_size=32,
-                                   data_seed=0, directory=str(tmp_path / "s"), mesh=mesh1)
+    sae = saes_lib.train_or_load(
+        cache.source(HOOK),
+        cfg,
+        steps=5,
+        batch_size=32,
+        data_seed=0,
+        directory=str(tmp_path / "s"),
+        mesh=mesh1,
+        shuffle_buffer=128,
+    )
+    again = saes_lib.train_or_load(
+        cache.source(HOOK),
+        cfg,
+        steps=5,
+        batch_size=32,
+        data_seed=0,
+        directory=str(tmp_path / "s"),
+        mesh=mesh1,
+    )
     np.testing.assert_array_equal(np.asarray(sae.W_dec), np.asarray(again.W_dec))
     streamed = features.feature_pass(
-        features.cache_pair_stream(cache, HOOK, cache, HOOK, 64), sae, sae, mesh1,
-        memory_budget=1 << 30)
+        features.cache_pair_stream(cache, HOOK, cache, HOOK, 64),
+        sae,
+        sae,
+        mesh1,
+        memory_budget=1 << 30,
+    )
     _, x = cache.read(HOOK)
     rows = np.arange(x.shape[0], dtype=np.int32)
-    ref = features.feature_pass(streaming.ChunkStream((rows, x, x), 64), sae, sae, mesh1,
-                                memory_budget=1 << 30)
+    ref = features.feature_pass(
+        streaming.ChunkStream((rows, x, x), 64), sae, sae, mesh1, memory_budget=1 << 30
+    )
     np.testing.assert_array_equal(streamed.matches.a_match, ref.matches.a_match)
     np.testing.assert_allclose(streamed.matches.a_value, ref.matches.a_value, atol=1e-6)
     np.testing.assert_array_equal(streamed.stats_a.top_rows, ref.stats_a.top_rows)

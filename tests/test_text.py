@@ -36,9 +36,16 @@ def test_txt_splits(tmp_path):
     p.write_text("one two\nthree\n\n\nfour five\n\nsix\n", encoding="utf-8")
     assert list(text.read_documents(str(p))) == ["one two\nthree\n\n\nfour five\n\nsix\n"]
     assert list(text.read_documents(str(p), txt_split="paragraph")) == [
-        "one two\nthree", "four five", "six"]
+        "one two\nthree",
+        "four five",
+        "six",
+    ]
     assert list(text.read_documents(str(p), txt_split="line")) == [
-        "one two", "three", "four five", "six"]
+        "one two",
+        "three",
+        "four five",
+        "six",
+    ]
     with pytest.raises(checks.InputError, match="txt_split"):
         list(text.read_documents(str(p), txt_split="words"))
 
@@ -52,8 +59,10 @@ def test_jsonl_gz_directory_and_limits(tmp_path):
     assert list(text.read_documents(str(tmp_path / "b.jsonl"))) == ["alpha beta", "gamma"]
     assert list(text.read_documents(str(tmp_path))) == ["alpha beta", "gamma", "zeta eta"]
     assert list(text.read_documents(str(tmp_path), max_documents=2)) == ["alpha beta", "gamma"]
-    assert list(text.read_documents([str(tmp_path / "c.txt.gz"), "sample"],
-                                    max_documents=2))[0] == "zeta eta"
+    assert (
+        list(text.read_documents([str(tmp_path / "c.txt.gz"), "sample"], max_documents=2))[0]
+        == "zeta eta"
+    )
 
 
 def test_document_errors(tmp_path):
@@ -91,8 +100,7 @@ def test_hf_source_with_and_without_datasets(monkeypatch):
         return iter([{"text": "first doc"}, {"text": ""}, {"text": "second doc"}])
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    assert list(text.read_documents("hf:org/corpus:en@validation")) == ["first doc",
-                                                                        "second doc"]
+    assert list(text.read_documents("hf:org/corpus:en@validation")) == ["first doc", "second doc"]
     assert calls == [("org/corpus", "en", "validation", True)]
 
 
@@ -111,7 +119,7 @@ def test_contexts_stay_inside_documents(tok):
     for d, doc in enumerate(docs):
         ids = tok(doc, add_special_tokens=False)["input_ids"]
         for lo in range(0, len(ids) - (ctx_len - 1) + 1, ctx_len - 1):
-            expected.append([bos] + ids[lo:lo + ctx_len - 1])
+            expected.append([bos] + ids[lo : lo + ctx_len - 1])
             expected_doc.append(d)
     np.testing.assert_array_equal(c.token_ids, np.asarray(expected))
     np.testing.assert_array_equal(c.doc_index, expected_doc)
@@ -156,6 +164,7 @@ def test_iter_contexts_blocks_limits_and_skip(tok):
 def test_same_tokenizer_accepted_and_fingerprint_equal(tok, tmp_path):
     tok.save_pretrained(str(tmp_path / "t"))
     from transformers import AutoTokenizer
+
     again = AutoTokenizer.from_pretrained(str(tmp_path / "t"))
     text.check_same_tokenizer(tok, again)
     fa, fb = text.tokenizer_fingerprint(tok), text.tokenizer_fingerprint(again)

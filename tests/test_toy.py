@@ -32,7 +32,7 @@ def _numpy_loss_and_grads(W, b, x, imp, relu):
     Z = H @ W + b
     out = np.maximum(Z, 0) if relu else Z
     r = out - x
-    loss = np.mean(np.sum(imp * r ** 2, axis=1))
+    loss = np.mean(np.sum(imp * r**2, axis=1))
     d_out = 2.0 * imp * r / B
     dZ = d_out * (Z > 0) if relu else d_out
     dW = H.T @ dZ + W @ (dZ.T @ x)
@@ -183,15 +183,16 @@ SWEEP = toy.ToyConfig(5, 2, lr=1e-2, batch_size=128)
 def _sweep_instances(count):
     sparsity = np.linspace(0.0, 0.95, count)[:, None] * np.ones(5)
     importance = np.stack([0.5 + 0.5 * np.linspace(1, 0.2, 5) ** (k + 1) for k in range(count)])
-    return toy.make_instances(5, sparsity=sparsity, importance=importance,
-                              seeds=100 + 7 * np.arange(count))
+    return toy.make_instances(
+        5, sparsity=sparsity, importance=importance, seeds=100 + 7 * np.arange(count)
+    )
 
 
 def test_eight_instances_together_equal_each_alone(mesh1):
     inst = _sweep_instances(8)
     together = toy.train(SWEEP, inst, steps=300, log_every=100, mesh=mesh1, progress=False)
     for k in range(8):
-        one = jax.tree.map(lambda a: a[k:k + 1], inst)
+        one = jax.tree.map(lambda a: a[k : k + 1], inst)
         alone = toy.train(SWEEP, one, steps=300, log_every=100, mesh=mesh1, progress=False)
         np.testing.assert_allclose(alone.params.W[0], together.params.W[k], atol=1e-5)
         np.testing.assert_allclose(alone.params.b[0], together.params.b[k], atol=1e-5)
@@ -213,10 +214,19 @@ def test_resume_continues_exactly(tmp_path, mesh4):
     inst = _sweep_instances(4)
     full = toy.train(SWEEP, inst, steps=300, log_every=100, mesh=mesh4, progress=False)
     work = str(tmp_path / "run")
-    toy.train(SWEEP, inst, steps=200, log_every=100, checkpoint_every=100, mesh=mesh4,
-              workdir=work, progress=False)
-    resumed = toy.train(SWEEP, inst, steps=300, log_every=100, mesh=mesh4, workdir=work,
-                        progress=False)
+    toy.train(
+        SWEEP,
+        inst,
+        steps=200,
+        log_every=100,
+        checkpoint_every=100,
+        mesh=mesh4,
+        workdir=work,
+        progress=False,
+    )
+    resumed = toy.train(
+        SWEEP, inst, steps=300, log_every=100, mesh=mesh4, workdir=work, progress=False
+    )
     np.testing.assert_array_equal(resumed.params.W, full.params.W)
     np.testing.assert_array_equal(resumed.history_loss, full.history_loss)
     with open(os.path.join(work, "metrics.jsonl")) as f:
@@ -227,8 +237,7 @@ def test_resume_continues_exactly(tmp_path, mesh4):
 def test_non_finite_loss_stops_the_run(mesh1):
     cfg = toy.ToyConfig(5, 2, lr=1e30, batch_size=64)
     with pytest.raises(train_lib.NonFiniteError, match="instance"):
-        toy.train(cfg, _sweep_instances(2), steps=50, log_every=25, mesh=mesh1,
-                  progress=False)
+        toy.train(cfg, _sweep_instances(2), steps=50, log_every=25, mesh=mesh1, progress=False)
 
 
 def test_more_hidden_dims_than_features_is_allowed(mesh1):
@@ -244,18 +253,21 @@ def test_more_hidden_dims_than_features_is_allowed(mesh1):
 # Bad input
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(sparsity=-0.1), "sparsity must be in"),
-    (dict(sparsity=1.0), "sparsity must be in"),
-    (dict(sparsity=[0.5, 0.5]), "expected 4 values per instance"),
-    (dict(importance=[1.0, 1.0, 1.0]), "importance: expected 4 values"),
-    (dict(importance=[1.0, np.nan, 1.0, 1.0]), "non-finite"),
-    (dict(importance=0.0), "importance must be > 0"),
-    (dict(sparsity=np.zeros((3, 4)), importance=np.ones((2, 4))), "expected 3 rows"),
-    (dict(seeds=[1, 2], n_instances=3), "expected 3 seeds"),
-    (dict(seeds=[-1]), "seeds must be in"),
-    (dict(sparsity=np.zeros((2, 2, 4))), "expected a scalar"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=-0.1), "sparsity must be in"),
+        (dict(sparsity=1.0), "sparsity must be in"),
+        (dict(sparsity=[0.5, 0.5]), "expected 4 values per instance"),
+        (dict(importance=[1.0, 1.0, 1.0]), "importance: expected 4 values"),
+        (dict(importance=[1.0, np.nan, 1.0, 1.0]), "non-finite"),
+        (dict(importance=0.0), "importance must be > 0"),
+        (dict(sparsity=np.zeros((3, 4)), importance=np.ones((2, 4))), "expected 3 rows"),
+        (dict(seeds=[1, 2], n_instances=3), "expected 3 seeds"),
+        (dict(seeds=[-1]), "seeds must be in"),
+        (dict(sparsity=np.zeros((2, 2, 4))), "expected a scalar"),
+    ],
+)
 def test_bad_instance_settings_raise_one_line_errors(kwargs, match):
     with pytest.raises(checks.InputError, match=match) as info:
         toy.make_instances(4, **kwargs)
@@ -270,11 +282,17 @@ def test_bad_config_and_mismatches_raise(mesh1):
     with pytest.raises(checks.InputError, match="lr"):
         toy.ToyConfig(5, 2, lr=float("nan"))
     with pytest.raises(checks.InputError, match="n_features=5"):
-        toy.train(toy.ToyConfig(5, 2), toy.make_instances(4), steps=10, mesh=mesh1,
-                  progress=False)
+        toy.train(toy.ToyConfig(5, 2), toy.make_instances(4), steps=10, mesh=mesh1, progress=False)
     with pytest.raises(checks.InputError, match="multiple of log_every"):
-        toy.train(toy.ToyConfig(5, 2), toy.make_instances(5), steps=10, log_every=4,
-                  checkpoint_every=6, mesh=mesh1, progress=False)
+        toy.train(
+            toy.ToyConfig(5, 2),
+            toy.make_instances(5),
+            steps=10,
+            log_every=4,
+            checkpoint_every=6,
+            mesh=mesh1,
+            progress=False,
+        )
     with pytest.raises(checks.InputError, match="non-finite"):
         toy.feature_geometry(np.full((2, 3), np.nan))
     with pytest.raises(checks.InputError, match=r"expected W \[2, n\]"):

@@ -8,11 +8,24 @@ import numpy as np
 from experiments import common
 from experiments import toy_superposition as exp
 
-TINY = {"steps": 400, "batch_size": 128, "lr": 1e-2, "seeds": 1, "pentagon_seeds": 1,
-        "log_every": 200, "checkpoint_every": 200, "pentagon_sparsity": [0.0, 0.95],
-        "dim_features": 12, "dim_hidden": 3, "dim_points": 3, "dim_seeds": 1,
-        "dim_max_inverse_density": 20.0, "phase_points": 3,
-        "sweeps": "pentagon,dimensionality,phase", "progress": False}
+TINY = {
+    "steps": 400,
+    "batch_size": 128,
+    "lr": 1e-2,
+    "seeds": 1,
+    "pentagon_seeds": 1,
+    "log_every": 200,
+    "checkpoint_every": 200,
+    "pentagon_sparsity": [0.0, 0.95],
+    "dim_features": 12,
+    "dim_hidden": 3,
+    "dim_points": 3,
+    "dim_seeds": 1,
+    "dim_max_inverse_density": 20.0,
+    "phase_points": 3,
+    "sweeps": "pentagon,dimensionality,phase",
+    "progress": False,
+}
 
 
 def test_toy_superposition_writes_results_plots_and_resumes(tmp_path, mesh4):
@@ -41,8 +54,12 @@ def test_toy_superposition_writes_results_plots_and_resumes(tmp_path, mesh4):
     linear = np.asarray(phase["linear"]["state"])
     assert np.all(linear != 2) and np.all(linear[-1] == 1)
     rows = [json.loads(line) for line in open(run.metrics_path)]
-    assert {r["sweep"] for r in rows} == {"pentagon", "dimensionality", "phase_linear",
-                                           "phase_relu"}
+    assert {r["sweep"] for r in rows} == {
+        "pentagon",
+        "dimensionality",
+        "phase_linear",
+        "phase_relu",
+    }
     # Rerunning resumes from the finished checkpoints: same numbers, nothing retrained.
     again = exp.run_toy_superposition(run, TINY)
     np.testing.assert_array_equal(again["pentagon"]["instances"][1]["W"], W)

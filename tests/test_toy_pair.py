@@ -42,10 +42,8 @@ def test_shapes_alignment_and_defining_relation(shared_pair):
     assert p.features_a.shape == (n, 6) and p.features_b.shape == (n, 6)
     assert p.acts_a.dtype == np.float32 and p.token_ids.dtype == np.int32
     # acts = codes @ features (the toy model's hidden layer h = W x, row-wise), float64.
-    np.testing.assert_allclose(p.acts_a, p.codes_a.astype(np.float64) @ p.features_a,
-                               atol=1e-5)
-    np.testing.assert_allclose(p.acts_b, p.codes_b.astype(np.float64) @ p.features_b,
-                               atol=1e-5)
+    np.testing.assert_allclose(p.acts_a, p.codes_a.astype(np.float64) @ p.features_a, atol=1e-5)
+    np.testing.assert_allclose(p.acts_b, p.codes_b.astype(np.float64) @ p.features_b, atol=1e-5)
     # Tokens: 1 + dominant active feature of A, 0 ("<none>") when nothing is active.
     none = ~(p.codes_a > 0).any(axis=1)
     assert np.all(p.token_ids[none] == 0)
@@ -82,10 +80,10 @@ def test_control_pair_shares_nothing(shared_pair, control_pair):
     # Side A is the same as the shared pair's (same seed); B's codes are new and independent.
     np.testing.assert_array_equal(c.acts_a, p.acts_a)
     np.testing.assert_array_equal(c.token_ids, p.token_ids)
-    assert np.mean(c.codes_b == c.codes_a) < 0.9   # not a copy (zeros agree often at S=0.9)
+    assert np.mean(c.codes_b == c.codes_a) < 0.9  # not a copy (zeros agree often at S=0.9)
     corr = np.corrcoef(c.codes_a.T, c.codes_b.T)[:12, 12:]
     assert np.abs(corr).max() < 5 / np.sqrt(4000)
-    assert abs(np.mean(c.codes_b == 0) - 0.9) < 0.01      # same marginal statistics
+    assert abs(np.mean(c.codes_b == 0) - 0.9) < 0.01  # same marginal statistics
     rho = _canonical_correlations(c.acts_a, c.acts_b)
     assert rho[0] < 0.1, rho
 
@@ -124,15 +122,18 @@ def test_streams_are_row_aligned(shared_pair):
         toy_pair.side_stream(p, "c", 100)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(sparsity=1.0), "sparsity must be in"),
-    (dict(sparsity=[0.9, 0.9]), "expected 12 values"),
-    (dict(importance=float("nan")), "non-finite"),
-    (dict(n_tokens=0), "n_tokens"),
-    (dict(d_b=0), "d_b"),
-    (dict(steps=-1), "steps"),
-    (dict(noise_std=-1.0), "noise_std"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=1.0), "sparsity must be in"),
+        (dict(sparsity=[0.9, 0.9]), "expected 12 values"),
+        (dict(importance=float("nan")), "non-finite"),
+        (dict(n_tokens=0), "n_tokens"),
+        (dict(d_b=0), "d_b"),
+        (dict(steps=-1), "steps"),
+        (dict(noise_std=-1.0), "noise_std"),
+    ],
+)
 def test_bad_input(kwargs, match):
     args = dict(SIZES, **kwargs)
     with pytest.raises(checks.InputError, match=match):

@@ -18,9 +18,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def demo_cmd(workdir, num_steps):
-    return [sys.executable, "-m", "experiments.demo", f"--workdir={workdir}",
-            "--num_cpu_devices=4", f"--num_steps={num_steps}", "--log_every=1",
-            "--checkpoint_every=20", "--noprogress"]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.demo",
+        f"--workdir={workdir}",
+        "--num_cpu_devices=4",
+        f"--num_steps={num_steps}",
+        "--log_every=1",
+        "--checkpoint_every=20",
+        "--noprogress",
+    ]
 
 
 def run_env():
@@ -31,8 +39,11 @@ def run_env():
 
 
 def last_logged_step(workdir):
-    rows = metrics_io.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if os.path.exists(
-        os.path.join(workdir, "metrics.jsonl")) else []
+    rows = (
+        metrics_io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+        else []
+    )
     return rows[-1]["step"] if rows else 0
 
 
@@ -40,8 +51,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     num_steps = 1500
     target = int(np.random.default_rng(int(time.time())).integers(100, 900))
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(demo_cmd(killed, num_steps), cwd=ROOT, env=run_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        demo_cmd(killed, num_steps),
+        cwd=ROOT,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
         try:
@@ -53,15 +69,18 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, (
-        f"run ended before the kill at step {target}: {proc.stderr.read().decode()[-2000:]}")
+        f"run ended before the kill at step {target}: {proc.stderr.read().decode()[-2000:]}"
+    )
     saved = checkpoint.Checkpointer(os.path.join(killed, "checkpoints")).latest_step()
     assert saved is not None and saved < num_steps
 
-    subprocess.run(demo_cmd(killed, num_steps), cwd=ROOT, env=run_env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        demo_cmd(killed, num_steps), cwd=ROOT, env=run_env(), check=True, capture_output=True
+    )
     clean = str(tmp_path / "clean")
-    subprocess.run(demo_cmd(clean, num_steps), cwd=ROOT, env=run_env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        demo_cmd(clean, num_steps), cwd=ROOT, env=run_env(), check=True, capture_output=True
+    )
     a = np.load(os.path.join(killed, "params.npz"))
     b = np.load(os.path.join(clean, "params.npz"))
     for name in b.files:
@@ -80,8 +99,8 @@ def tiny_problem(seed=0):
         xb, yb = batch
         noise = 1e-3 * jax.random.normal(key, ())  # exercises the per-step rng
         err = xb @ params["w"] + params["b"] - yb
-        loss = jnp.mean(err ** 2) + noise ** 2
-        return loss, {"mse": jnp.mean(err ** 2)}
+        loss = jnp.mean(err**2) + noise**2
+        return loss, {"mse": jnp.mean(err**2)}
 
     params = {"w": jnp.zeros((6, 2)), "b": jnp.zeros((2,))}
     return (x, y), loss_fn, params
@@ -92,9 +111,14 @@ def run_tiny(mesh, steps=40, workdir=None, data_fn=None):
     tx = optax.adam(0.05)
     state = train.create_train_state(params, tx, jax.random.PRNGKey(1))
     stream = data_fn or streaming.ChunkStream(data, 64, repeat=True, shuffle_seed=0)
-    return train.train(state, train.make_train_step(loss_fn, tx, mesh), stream,
-                       train.LoopConfig(num_steps=steps, log_every=5, checkpoint_every=10,
-                                        progress=False), workdir=workdir, mesh=mesh)
+    return train.train(
+        state,
+        train.make_train_step(loss_fn, tx, mesh),
+        stream,
+        train.LoopConfig(num_steps=steps, log_every=5, checkpoint_every=10, progress=False),
+        workdir=workdir,
+        mesh=mesh,
+    )
 
 
 def test_same_seed_same_result(mesh4):
@@ -124,8 +148,11 @@ def test_nan_guard_names_step_and_metric(mesh4, tmp_path):
             xb[3, 2] = np.nan  # injected NaN
         return xb, yb
 
-    with pytest.raises(train.NonFiniteError, match=r"non-finite (loss|mse|grad_norm)=nan at "
-                                                   r"step 13"):
+    with pytest.raises(
+        train.NonFiniteError,
+        match=r"non-finite (loss|mse|grad_norm)=nan at "
+        r"step 13",
+    ):
         run_tiny(mesh4, workdir=str(tmp_path), data_fn=batch_fn)
     saved = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step()
     assert saved == 10  # nothing saved after the last finite checkpoint

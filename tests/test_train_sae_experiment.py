@@ -44,14 +44,36 @@ def test_seed_match_fraction_known_values():
 
 def test_experiment_synthetic_sweep(tmp_path, mesh4):
     run = common.Run(workdir=str(tmp_path), mesh=mesh4)
-    res = train_sae.run_train_sae(run, _opts(
-        source="synthetic", n_true=16, d=8, k_true=2.0, d_sae_mult=["1", "2"], k=["2"],
-        seeds=["0", "1"], steps=30, batch_size=64, lr=1e-2, eval_rows=512, log_every=10,
-        checkpoint_every=30, dead_tokens=500))
+    res = train_sae.run_train_sae(
+        run,
+        _opts(
+            source="synthetic",
+            n_true=16,
+            d=8,
+            k_true=2.0,
+            d_sae_mult=["1", "2"],
+            k=["2"],
+            seeds=["0", "1"],
+            steps=30,
+            batch_size=64,
+            lr=1e-2,
+            eval_rows=512,
+            log_every=10,
+            checkpoint_every=30,
+            dead_tokens=500,
+        ),
+    )
     assert len(res["saes"]) == 4 and len(res["seed_pairs"]) == 2
     for r in res["saes"]:
-        for key in ("mmcs", "fvu", "l0", "dead_frac", "density_mean", "density_max",
-                    "latents_per_true"):
+        for key in (
+            "mmcs",
+            "fvu",
+            "l0",
+            "dead_frac",
+            "density_mean",
+            "density_max",
+            "latents_per_true",
+        ):
             assert np.isfinite(r[key])
         assert 0 < r["l0"] <= 2 + 1e-6 and 0 < r["fvu"] < 1.5
     assert os.path.isfile(tmp_path / "plots" / "feature_density.png")
@@ -62,6 +84,7 @@ def test_experiment_synthetic_sweep(tmp_path, mesh4):
         assert key in lines[-1]
     assert len(os.listdir(tmp_path / "saes")) == 4
     from models import formats
+
     label = res["saes"][3]["label"]
     native = formats.load_sae(str(tmp_path / "saes" / label))
     copy = formats.load_sae(str(tmp_path / "saes" / label / "saelens"))
@@ -81,10 +104,21 @@ def test_experiment_npy_source(tmp_path, mesh1):
     path = str(tmp_path / "acts.npy")
     np.save(path, x)
     run = common.Run(workdir=str(tmp_path / "run"), mesh=mesh1)
-    res = train_sae.run_train_sae(run, _opts(
-        source="npy", npy_path=path, activation=["relu", "jumprelu"], d_sae=["12"],
-        l1_coeff=["0.1"], l0_coeff=["0.01"], steps=20, batch_size=50, lr=1e-2,
-        log_every=10))
+    res = train_sae.run_train_sae(
+        run,
+        _opts(
+            source="npy",
+            npy_path=path,
+            activation=["relu", "jumprelu"],
+            d_sae=["12"],
+            l1_coeff=["0.1"],
+            l0_coeff=["0.01"],
+            steps=20,
+            batch_size=50,
+            lr=1e-2,
+            log_every=10,
+        ),
+    )
     assert [r["activation"] for r in res["saes"]] == ["relu", "jumprelu"]
     assert res["n_eval_rows"] == 60 and "mmcs" not in res["saes"][0]
     assert res["saes"][0]["fvu"] < 1.0
@@ -95,6 +129,7 @@ def _check_saelens_copy(native, folder):
     exported files: sae_in = x - b_dec * apply_b_dec_to_input; pre = sae_in W_enc + b_enc;
     topk: the k largest of pre, ReLU'd; x_hat = acts W_dec + b_dec."""
     from models.formats._common import read_safetensors
+
     cfg = json.load(open(folder / "cfg.json"))
     assert cfg["normalize_activations"] == "none" and cfg["architecture"] == "topk"
     assert cfg.get("rescale_acts_by_decoder_norm") is False
@@ -103,7 +138,7 @@ def _check_saelens_copy(native, folder):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(16, native.config.d_in)) / native.config.input_scale
     pre = (x - w["b_dec"] * float(cfg["apply_b_dec_to_input"])) @ w["W_enc"] + w["b_enc"]
-    idx = np.argsort(-pre, axis=1)[:, :cfg["k"]]
+    idx = np.argsort(-pre, axis=1)[:, : cfg["k"]]
     acts = np.zeros_like(pre)
     rows = np.arange(len(x))[:, None]
     acts[rows, idx] = np.maximum(pre[rows, idx], 0)

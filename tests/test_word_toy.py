@@ -32,8 +32,9 @@ def test_noise_free_sides_agree_exactly_on_aligned_units(setup, kb, unit):
     acts = {}
     for s, k in (("a", "bpe"), ("b", kb)):
         _tok, ctx, corpus = sides[k]
-        acts[s] = word_toy.side_activations(docs, corpus, ctx, codes, dic @ maps[s],
-                                            noise=0.0, seed=0, jitter_seed=5)
+        acts[s] = word_toy.side_activations(
+            docs, corpus, ctx, codes, dic @ maps[s], noise=0.0, seed=0, jitter_seed=5
+        )
     align = al.align_corpus(docs, sides["bpe"][2], sides[kb][2], unit=unit, pooling="last")
     view_rows = {}
     for s, k in (("a", "bpe"), ("b", kb)):
@@ -51,8 +52,7 @@ def test_token_codes_scale_with_the_share_of_the_word_read(setup):
     dt = al.token_spans(tok, s)
     tc = word_toy.token_codes(s, dt, codes, causal=True)
     for i in range(len(dt)):
-        word = next(m for m in al.WORD_PATTERN.finditer(s) if m.start() <= dt.starts[i] <
-                    m.end())
+        word = next(m for m in al.WORD_PATTERN.finditer(s) if m.start() <= dt.starts[i] < m.end())
         share = (dt.ends[i] - word.start()) / (word.end() - word.start())
         np.testing.assert_allclose(tc[i], share * codes.code(word.group()))
     full = word_toy.token_codes(s, dt, codes, causal=False)
@@ -62,8 +62,7 @@ def test_token_codes_scale_with_the_share_of_the_word_read(setup):
 def test_random_token_embeddings_depend_only_on_the_token(setup):
     _docs, sides, _codes = setup
     tok, ctx, _ = sides["bpe"]
-    x = word_toy.random_token_embeddings(ctx, len(tok.get_vocab()), 8, scale=1.0, noise=0.0,
-                                         seed=0)
+    x = word_toy.random_token_embeddings(ctx, len(tok.get_vocab()), 8, scale=1.0, noise=0.0, seed=0)
     ids = ctx.token_ids.reshape(-1)[ctx.mask.reshape(-1)]
     first = {}
     for i, t in enumerate(ids):

@@ -18,9 +18,18 @@ import sys
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 # event -> positions of the paths it changes (a rename changes both: os.replace raises
 # "os.rename" too)
-_PATH_EVENTS = {"os.mkdir": (0,), "os.rename": (0, 1), "os.remove": (0,), "os.rmdir": (0,),
-                "shutil.rmtree": (0,), "os.symlink": (1,), "os.truncate": (0,),
-                "os.link": (1,), "shutil.copyfile": (1,), "shutil.move": (0, 1)}
+_PATH_EVENTS = {
+    "os.mkdir": (0,),
+    "os.rename": (0, 1),
+    "os.remove": (0,),
+    "os.rmdir": (0,),
+    "shutil.rmtree": (0,),
+    "os.symlink": (1,),
+    "os.truncate": (0,),
+    "os.link": (1,),
+    "shutil.copyfile": (1,),
+    "shutil.move": (0, 1),
+}
 
 
 def _flag(argv: list[str], name: str) -> str | None:
@@ -51,13 +60,16 @@ def main() -> None:
     def hook(event: str, hook_args: tuple) -> None:
         if event == "open":
             path, mode, flags = hook_args
-            writing = (any(c in mode for c in "wax+") if isinstance(mode, str)
-                       else bool((flags or 0) & _WRITE_FLAGS))
+            writing = (
+                any(c in mode for c in "wax+")
+                if isinstance(mode, str)
+                else bool((flags or 0) & _WRITE_FLAGS)
+            )
             if writing and (p := inside(path)):
                 writes.append((event, p))
         elif event in _PATH_EVENTS:
             for i in _PATH_EVENTS[event]:
-                if (p := inside(hook_args[i])):
+                if p := inside(hook_args[i]):
                     writes.append((event, p))
 
     def dump() -> None:

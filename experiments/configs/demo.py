@@ -20,27 +20,31 @@ FIELDS = (
     F("log_every", 50, "Steps between metrics.jsonl lines."),
     F("checkpoint_every", 100, "Steps between checkpoints."),
     F("seed", 0, "Seed for data and initialisation."),
-
 )
 
 
 RULES = (
-    common.Num(("num_steps", "batch_size", "d", "latent", "n_rows", "log_every",
-                "checkpoint_every"), lo=1, integer=True),
+    common.Num(
+        ("num_steps", "batch_size", "d", "latent", "n_rows", "log_every", "checkpoint_every"),
+        lo=1,
+        integer=True,
+    ),
     common.Num(("seed",), lo=0, integer=True),
     common.Num(("lr",), lo=0.0, lo_open=True),
-    common.Check(("latent", "d"), lambda v: v["latent"] <= v["d"],
-                 "--latent={latent}: expected <= --d={d}"),
-    common.Check(("batch_size", "n_rows"), lambda v: v["batch_size"] <= v["n_rows"],
-                 "--batch_size={batch_size}: expected <= --n_rows={n_rows}"),
+    common.Check(
+        ("latent", "d"), lambda v: v["latent"] <= v["d"], "--latent={latent}: expected <= --d={d}"
+    ),
+    common.Check(
+        ("batch_size", "n_rows"),
+        lambda v: v["batch_size"] <= v["n_rows"],
+        "--batch_size={batch_size}: expected <= --n_rows={n_rows}",
+    ),
 )
-
-
 
 
 def get_config():
     """The defaults::
 
-        python -m experiments.demo --workdir=runs/demo --num_cpu_devices=4
+    python -m experiments.demo --workdir=runs/demo --num_cpu_devices=4
     """
     return common.config_dict(FIELDS)

@@ -20,10 +20,18 @@ FIELDS = (
     F("max_rows", 200000, "Rows read from the caches (in memory)."),
     F("n_tokens", 8192, "Toy rows."),
     F("toy_seed", 0, "Toy pair seed."),
-    F("n_models", 2, "Toy sides (models); > 2 uses models.dictionary_pair.make_partial_sides "
-      "(features shared by all sides)."),
-    F("dead_tokens", 10_000_000, "Rows without firing before a latent of a TopK/BatchTopK "
-      "joint design is dead (its AuxK target)."),
+    F(
+        "n_models",
+        2,
+        "Toy sides (models); > 2 uses models.dictionary_pair.make_partial_sides "
+        "(features shared by all sides).",
+    ),
+    F(
+        "dead_tokens",
+        10_000_000,
+        "Rows without firing before a latent of a TopK/BatchTopK "
+        "joint design is dead (its AuxK target).",
+    ),
     F("aux_coeff", 1.0 / 32, "AuxK coefficient of the TopK joint designs (0: off)."),
     F("steps", 600, "Optimisation steps per run."),
     F("batch_size", 256, "Rows per step."),
@@ -31,34 +39,62 @@ FIELDS = (
     F("d_sae_single", 64, "Latents per SAE of aligned / independent SAEs."),
     F("k", 3, "TopK k (crosscoder TopK uses k + 1: its one code serves both models' features)."),
     F("lr", 0.001, "Adam learning rate."),
-    F("designs", ("crosscoder_l1", "crosscoder_topk", "universal", "aligned", "independent"),
-      "Which designs to run."),
+    F(
+        "designs",
+        ("crosscoder_l1", "crosscoder_topk", "universal", "aligned", "independent"),
+        "Which designs to run.",
+    ),
     F("l1_coeffs", ("1", "3"), "Crosscoder L1 coefficients."),
     F("align_coeffs", ("1", "3", "10"), "Alignment coefficients alpha."),
     F("seeds", ("0",), "Initialisation seeds (each run also gets its data order)."),
     F("num_permutations", 100, "Random-pairing null size of the geometry."),
-    F("metrics", ("svcca", "cka", "rsa_spearman"), "Geometry metrics (engine.similarity registry "
-      "names; the pipeline's full set is svcca,pwcca,cka,rsa_spearman,procrustes,mutual_knn, "
-      "each costs a compile per pair count on CPU)."),
+    F(
+        "metrics",
+        ("svcca", "cka", "rsa_spearman"),
+        "Geometry metrics (engine.similarity registry "
+        "names; the pipeline's full set is svcca,pwcca,cka,rsa_spearman,procrustes,mutual_knn, "
+        "each costs a compile per pair count on CPU).",
+    ),
 )
 
 
 def _metric_names():
     from engine import similarity
+
     return sorted(similarity.METRICS)
 
 
 RULES = (
     common.Choice(("metrics",), _metric_names, nonempty=True),
     common.Path(("cache_a", "cache_b", "floor_cache_b"), kind="dir", what="an activation cache"),
-    common.Check(("source", "cache_a", "cache_b"), lambda v: v["source"] != "caches" or bool(
-        v["cache_a"] and v["cache_b"] and v["floor_cache_b"]),
-                 "--source=caches needs --cache_a, --cache_b and --floor_cache_b"),
-    common.Num(("max_rows", "n_tokens", "steps", "batch_size", "d_sae", "d_sae_single", "k",
-                "num_permutations", "dead_tokens"), lo=1, integer=True),
+    common.Check(
+        ("source", "cache_a", "cache_b"),
+        lambda v: (
+            v["source"] != "caches" or bool(v["cache_a"] and v["cache_b"] and v["floor_cache_b"])
+        ),
+        "--source=caches needs --cache_a, --cache_b and --floor_cache_b",
+    ),
+    common.Num(
+        (
+            "max_rows",
+            "n_tokens",
+            "steps",
+            "batch_size",
+            "d_sae",
+            "d_sae_single",
+            "k",
+            "num_permutations",
+            "dead_tokens",
+        ),
+        lo=1,
+        integer=True,
+    ),
     common.Num(("n_models",), lo=2, integer=True),
-    common.Check(("source", "n_models"), lambda v: v["source"] != "caches" or v["n_models"] == 2,
-                 "--n_models > 2 is for --source=toy (the caches option pairs two models)"),
+    common.Check(
+        ("source", "n_models"),
+        lambda v: v["source"] != "caches" or v["n_models"] == 2,
+        "--n_models > 2 is for --source=toy (the caches option pairs two models)",
+    ),
     common.Num(("lr",), lo=0.0, lo_open=True),
     common.Num(("aux_coeff",), lo=0.0),
     common.Num(("l1_coeffs", "align_coeffs"), lo=0.0),
@@ -69,6 +105,6 @@ RULES = (
 def get_config():
     """The defaults::
 
-        python -m experiments.joint_sae --workdir=runs/joint_sae/toy
+    python -m experiments.joint_sae --workdir=runs/joint_sae/toy
     """
     return common.config_dict(FIELDS)

@@ -20,11 +20,18 @@ FIELDS = (
     F("d", 24, "Activation width of each side."),
     F("k_word", 2, "Features active per word type."),
     F("noise", 0.05, "Gaussian noise per dimension."),
-    F("jitter", 0.8, "Per-occurrence magnitude spread of a word's features (shared by both "
-      "sides; 0: every occurrence carries the type's code)."),
+    F(
+        "jitter",
+        0.8,
+        "Per-occurrence magnitude spread of a word's features (shared by both "
+        "sides; 0: every occurrence carries the type's code).",
+    ),
     F("causal", True, "Scale a word's code by the share of the word read so far."),
-    F("units", ("shared_boundaries:last", "words:last", "words:mean"), "Alignment units to test, "
-      "unit:pooling."),
+    F(
+        "units",
+        ("shared_boundaries:last", "words:last", "words:mean"),
+        "Alignment units to test, unit:pooling.",
+    ),
     F("sae_steps", 1200, "SAE training steps."),
     F("sae_k", 3, "TopK k of the SAEs."),
     F("sae_batch_size", 256, "Rows per SAE step."),
@@ -33,12 +40,12 @@ FIELDS = (
     F("threshold", 0.1, "Correlation threshold of kept pairs."),
     F("chunk_size", 512, "Rows per streamed chunk."),
     F("seed", 0, "Seed."),
-
 )
 
 
 def _metric_names():
     from engine import similarity
+
     return sorted(similarity.METRICS)
 
 
@@ -46,17 +53,30 @@ RULES = (
     common.Choice(("metrics",), _metric_names, nonempty=True),
     common.Num(("threshold",), hi=1.0, what="a correlation"),
     common.Num(("noise", "jitter"), lo=0.0),
-    common.Num(("vocab_size", "max_documents", "context_length", "n_features", "d", "k_word",
-                "sae_steps", "sae_k", "sae_batch_size", "num_permutations", "chunk_size"),
-               lo=1, integer=True),
+    common.Num(
+        (
+            "vocab_size",
+            "max_documents",
+            "context_length",
+            "n_features",
+            "d",
+            "k_word",
+            "sae_steps",
+            "sae_k",
+            "sae_batch_size",
+            "num_permutations",
+            "chunk_size",
+        ),
+        lo=1,
+        integer=True,
+    ),
     common.Num(("seed",), lo=0, integer=True),
 )
-
 
 
 def get_config():
     """The defaults::
 
-        python -m experiments.tokenizers_toy --workdir=runs/tokenizers_toy
+    python -m experiments.tokenizers_toy --workdir=runs/tokenizers_toy
     """
     return common.config_dict(FIELDS)

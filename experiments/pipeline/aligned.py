@@ -60,8 +60,11 @@ class AlignedView:
         """``[units, d]``: side ``a`` / ``b`` activations (own masked rows, in order) pooled."""
         ctx = self.contexts_a if side == "a" else self.contexts_b
         gather = al.grid_gather(acts, ctx.mask)
-        ptr, rows = ((self.alignment.ptr_a, self.alignment.rows_a) if side == "a" else
-                     (self.alignment.ptr_b, self.alignment.rows_b))
+        ptr, rows = (
+            (self.alignment.ptr_a, self.alignment.rows_a)
+            if side == "a"
+            else (self.alignment.ptr_b, self.alignment.rows_b)
+        )
         return al.pool(gather, ptr, rows, self.alignment.pooling)
 
     def token_text(self, rows: np.ndarray) -> list[str]:
@@ -71,15 +74,18 @@ class AlignedView:
     def context_text(self, row: int) -> str:
         return al.unit_context(self.documents, self.alignment.units)(row)
 
-    def annotate_features(self, path: str, sae_a, sae_b, acts_a: np.ndarray,
-                          acts_b: np.ndarray, mesh, chunk_size: int) -> dict:
+    def annotate_features(
+        self, path: str, sae_a, sae_b, acts_a: np.ndarray, acts_b: np.ndarray, mesh, chunk_size: int
+    ) -> dict:
         """Adds per-own-token density / mean to a feature table; returns a summary.
 
         The table's ``density`` / ``mean`` come from the feature pass over aligned units; the
         new ``density_own_token`` / ``mean_own_token`` are over each model's own tokens.
         """
-        own = {"a": own_token_stats(sae_a, acts_a, mesh, chunk_size),
-               "b": own_token_stats(sae_b, acts_b, mesh, chunk_size)}
+        own = {
+            "a": own_token_stats(sae_a, acts_a, mesh, chunk_size),
+            "b": own_token_stats(sae_b, acts_b, mesh, chunk_size),
+        }
         summary = {}
         table = common.load_json(path) if os.path.exists(path) else None
         for side, st in own.items():
@@ -89,13 +95,17 @@ class AlignedView:
                     row["density_per_unit"] = row["density"]
                     row["density_own_token"] = float(st.density[f])
                     row["mean_own_token"] = float(st.mean[f])
-            summary[side] = {"mean_density_own_token": float(st.density.mean()),
-                             "dead_own_token": int(st.dead.sum())}
+            summary[side] = {
+                "mean_density_own_token": float(st.density.mean()),
+                "dead_own_token": int(st.dead.sum()),
+            }
         if table is not None:
-            summary["a"]["mean_density_per_unit"] = float(np.mean(
-                [r["density"] for r in table["a"]]))
-            summary["b"]["mean_density_per_unit"] = float(np.mean(
-                [r["density"] for r in table["b"]]))
+            summary["a"]["mean_density_per_unit"] = float(
+                np.mean([r["density"] for r in table["a"]])
+            )
+            summary["b"]["mean_density_per_unit"] = float(
+                np.mean([r["density"] for r in table["b"]])
+            )
             metrics_io.write_json(path, table)
         return summary
 
@@ -104,26 +114,38 @@ def own_token_stats(sae, acts: np.ndarray, mesh, chunk_size: int) -> feature_sta
     """Per-feature statistics of one SAE over its own model's token rows (streamed)."""
     acc = feature_stats.FeatureStatsAccumulator(int(sae.config.d_sae), 1)
     rows = np.arange(acts.shape[0], dtype=np.int32)
-    stream = streaming.ChunkStream((np.asarray(acts, np.float32), rows), chunk_size,
-                                   name="own tokens")
-    state = accumulators.accumulate(acc, stream, mesh, params=sae,
-                                    transform=lambda p, x, r: (p.encode(x), r))
+    stream = streaming.ChunkStream(
+        (np.asarray(acts, np.float32), rows), chunk_size, name="own tokens"
+    )
+    state = accumulators.accumulate(
+        acc, stream, mesh, params=sae, transform=lambda p, x, r: (p.encode(x), r)
+    )
     return acc.finalize(state)
 
 
-def _contexts(docs, tokenizer, ctx_len, max_contexts, special_tokens="auto",
-              pad_tail=False) -> text_lib.Contexts:
-    return text_lib.make_contexts(docs, tokenizer, ctx_len, max_contexts=max_contexts,
-                                  special_tokens=special_tokens, pad_tail=pad_tail)
+def _contexts(
+    docs, tokenizer, ctx_len, max_contexts, special_tokens="auto", pad_tail=False
+) -> text_lib.Contexts:
+    return text_lib.make_contexts(
+        docs,
+        tokenizer,
+        ctx_len,
+        max_contexts=max_contexts,
+        special_tokens=special_tokens,
+        pad_tail=pad_tail,
+    )
 
 
 def _check_same(contexts: text_lib.Contexts, cache, flag: str) -> None:
     from engine import checks
+
     ids = cache.token_ids()
     if ids.shape != contexts.token_ids.shape or not np.array_equal(ids, contexts.token_ids):
-        raise checks.InputError(f"{flag}={cache.path}: its token ids are not the contexts of "
-                                "--text under this model's tokenizer (harvest it from the same "
-                                "text, context length and special-token setting)")
+        raise checks.InputError(
+            f"{flag}={cache.path}: its token ids are not the contexts of "
+            "--text under this model's tokenizer (harvest it from the same "
+            "text, context length and special-token setting)"
+        )
 
 
 def prepare(run, settings, lm_a, lm_b, *, cache_paths=None) -> AlignedView | None:
@@ -140,12 +162,14 @@ def prepare(run, settings, lm_a, lm_b, *, cache_paths=None) -> AlignedView | Non
     caches = None
     if cache_paths is not None:
         from models import activation_cache
+
         caches = [activation_cache.ActivationCache(p) for p in cache_paths]
     if caches is None:
         docs = list(docs_all)
         # Tails are padded (masked), not dropped: no text is lost at document ends.
-        ca = _contexts(docs, lm_a.tokenizer, settings.context_length, settings.max_contexts,
-                       pad_tail=True)
+        ca = _contexts(
+            docs, lm_a.tokenizer, settings.context_length, settings.max_contexts, pad_tail=True
+        )
         used = int(ca.doc_index.max()) + 1
         docs = docs[:used]
         if settings.max_contexts and len(ca) >= settings.max_contexts:
@@ -153,10 +177,14 @@ def prepare(run, settings, lm_a, lm_b, *, cache_paths=None) -> AlignedView | Non
             # that B reads exactly the same text (not a longer stretch it cannot align).
             prefix, suffix = text_lib.special_template(lm_a.tokenizer)
             last = used - 1
-            n_tok = int(sum(int(ca.mask[c].sum()) - len(prefix) - len(suffix)
-                            for c in np.flatnonzero(ca.doc_index == last)))
+            n_tok = int(
+                sum(
+                    int(ca.mask[c].sum()) - len(prefix) - len(suffix)
+                    for c in np.flatnonzero(ca.doc_index == last)
+                )
+            )
             spans = al.token_spans(lm_a.tokenizer, docs[last])
-            docs[last] = docs[last][:int(spans.ends[n_tok - 1])]
+            docs[last] = docs[last][: int(spans.ends[n_tok - 1])]
             ca = _contexts(docs, lm_a.tokenizer, settings.context_length, None, pad_tail=True)
         # B reads the same documents (its contexts may be more or fewer than A's).
         cb = _contexts(docs, lm_b.tokenizer, settings.context_length, None, pad_tail=True)
@@ -165,8 +193,14 @@ def prepare(run, settings, lm_a, lm_b, *, cache_paths=None) -> AlignedView | Non
         ctxs = []
         for cache, lm_, flag in zip(caches, (lm_a, lm_b), ("--cache_a", "--cache_b")):
             info = cache.metadata.get("text") or {}
-            c = _contexts(docs, lm_.tokenizer, cache.context_length, cache.num_contexts,
-                          info.get("special_tokens", "auto"), bool(info.get("pad_tail", False)))
+            c = _contexts(
+                docs,
+                lm_.tokenizer,
+                cache.context_length,
+                cache.num_contexts,
+                info.get("special_tokens", "auto"),
+                bool(info.get("pad_tail", False)),
+            )
             _check_same(c, cache, flag)
             ctxs.append(c)
         ca, cb = ctxs
@@ -176,11 +210,13 @@ def prepare(run, settings, lm_a, lm_b, *, cache_paths=None) -> AlignedView | Non
     align = None
     if os.path.exists(os.path.join(directory, "alignment.json")):
         old = al.Alignment.load(directory)
-        same = (old.unit == unit and old.meta.get("documents_sha256") ==
-                al.documents_sha256(docs) and old.meta.get("num_contexts") ==
-                {"a": len(ca), "b": len(cb)} and old.meta.get("tokenizer_a", {}).get(
-                    "vocab_sha256") == text_lib.tokenizer_fingerprint(lm_a.tokenizer)[
-                    "vocab_sha256"])
+        same = (
+            old.unit == unit
+            and old.meta.get("documents_sha256") == al.documents_sha256(docs)
+            and old.meta.get("num_contexts") == {"a": len(ca), "b": len(cb)}
+            and old.meta.get("tokenizer_a", {}).get("vocab_sha256")
+            == text_lib.tokenizer_fingerprint(lm_a.tokenizer)["vocab_sha256"]
+        )
         if same:
             align = old.with_pooling(settings.alignment_pooling)
             logging.info("reusing the alignment in %s", directory)
@@ -188,16 +224,23 @@ def prepare(run, settings, lm_a, lm_b, *, cache_paths=None) -> AlignedView | Non
         cache_info = None if caches is None else [c.path for c in caches]
         side_a = al.corpus_tokens(docs, lm_a.tokenizer, ca)
         side_b = al.corpus_tokens(docs, lm_b.tokenizer, cb)
-        align = al.align_corpus(docs, side_a, side_b, unit=unit,
-                                pooling=settings.alignment_pooling,
-                                text_info={"text": settings.text, "caches": cache_info})
+        align = al.align_corpus(
+            docs,
+            side_a,
+            side_b,
+            unit=unit,
+            pooling=settings.alignment_pooling,
+            text_info={"text": settings.text, "caches": cache_info},
+        )
         align.save(directory)
     rep = align.report
-    print(f"alignment {unit} ({align.pooling}): {rep['units']} units, "
-          f"{rep['fraction_text_covered']:.1%} of the text covered, positions used "
-          f"A {rep['fraction_positions_used']['a']:.1%} / B "
-          f"{rep['fraction_positions_used']['b']:.1%}, dropped {rep['dropped_units']} "
-          f"({directory})")
+    print(
+        f"alignment {unit} ({align.pooling}): {rep['units']} units, "
+        f"{rep['fraction_text_covered']:.1%} of the text covered, positions used "
+        f"A {rep['fraction_positions_used']['a']:.1%} / B "
+        f"{rep['fraction_positions_used']['b']:.1%}, dropped {rep['dropped_units']} "
+        f"({directory})"
+    )
     return AlignedView(alignment=align, documents=docs, contexts_a=ca, contexts_b=cb)
 
 
@@ -208,24 +251,37 @@ def poolers(view: AlignedView | None):
     return (lambda x: view.pool("a", x)), (lambda x: view.pool("b", x))
 
 
-def after_comparison(view: AlignedView | None, comp: results.ComparisonResult, run, sae_a,
-                     sae_b, acts_a: np.ndarray, acts_b: np.ndarray,
-                     settings) -> results.ComparisonResult:
+def after_comparison(
+    view: AlignedView | None,
+    comp: results.ComparisonResult,
+    run,
+    sae_a,
+    sae_b,
+    acts_a: np.ndarray,
+    acts_b: np.ndarray,
+    settings,
+) -> results.ComparisonResult:
     """``comp`` with the per-own-token statistics next to the per-unit ones (also written
     into its feature table); ``comp`` itself when rows are tokens."""
     if view is None:
         return comp
     path = os.path.join(run.path("features"), f"{comp.name}.json")
     return dataclasses.replace(
-        comp, feature_density=view.annotate_features(path, sae_a, sae_b, acts_a, acts_b,
-                                                     run.mesh, settings.chunk_size),
-        rows_are=f"aligned units ({view.alignment.unit}, {view.alignment.pooling})")
+        comp,
+        feature_density=view.annotate_features(
+            path, sae_a, sae_b, acts_a, acts_b, run.mesh, settings.chunk_size
+        ),
+        rows_are=f"aligned units ({view.alignment.unit}, {view.alignment.pooling})",
+    )
 
 
 def describe(view: AlignedView | None) -> dict:
     """The alignment part of results.json."""
     if view is None:
         return {"unit": "tokens", "note": "identical tokenizers: rows are the same tokens"}
-    return {"unit": view.alignment.unit, "pooling": view.alignment.pooling,
-            "report": view.alignment.report,
-            "contexts": {"a": len(view.contexts_a), "b": len(view.contexts_b)}}
+    return {
+        "unit": view.alignment.unit,
+        "pooling": view.alignment.pooling,
+        "report": view.alignment.report,
+        "contexts": {"a": len(view.contexts_a), "b": len(view.contexts_b)},
+    }

@@ -38,12 +38,22 @@ CYCLES: dict[str, tuple[str, ...]] = {"Days of week": concepts._DAYS, "Months": 
 
 #: Templated prompts per cyclic concept; ``{}`` is the item, capitalised.
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "Days of week": ("It happened on a {}.", "See you on {} morning.",
-                     "The shop is closed every {}.", "We met last {} at noon.",
-                     "On {} the market opens early.", "Her birthday falls on a {} this year."),
-    "Months": ("It happened in {}.", "The festival is held every {}.",
-               "We moved there last {}.", "In {} the weather turns.",
-               "The report is due at the end of {}.", "She was born in {} of that year."),
+    "Days of week": (
+        "It happened on a {}.",
+        "See you on {} morning.",
+        "The shop is closed every {}.",
+        "We met last {} at noon.",
+        "On {} the market opens early.",
+        "Her birthday falls on a {} this year.",
+    ),
+    "Months": (
+        "It happened in {}.",
+        "The festival is held every {}.",
+        "We moved there last {}.",
+        "In {} the weather turns.",
+        "The report is due at the end of {}.",
+        "She was born in {} of that year.",
+    ),
 }
 
 
@@ -53,7 +63,7 @@ class Concept:
 
     name: str
     items: tuple[str, ...]
-    period: int | None          # cyclic concepts: len(items); None otherwise
+    period: int | None  # cyclic concepts: len(items); None otherwise
 
     def item_of(self, token: str) -> int:
         """Index of the item ``token`` matches (`concepts.normalize_token`), else -1."""
@@ -89,39 +99,43 @@ def label_rows(tokens: Sequence[str], concept: Concept) -> np.ndarray:
 
 
 def selection_rule(tau: float, min_hits: int) -> dict:
-    return {"rule": "feature f joins the family when (activation mass of f on the concept's "
-                    "item tokens) / (activation mass of f on all tokens) >= tau and f fires "
-                    "on >= min_hits item tokens; measured on the corpus and on templated "
-                    "prompts separately; family = union",
-            "tau": float(tau), "min_hits": int(min_hits),
-            "item_match": "concepts.normalize_token whole-token equality; templates: the "
-                          "item word's last token"}
+    return {
+        "rule": "feature f joins the family when (activation mass of f on the concept's "
+        "item tokens) / (activation mass of f on all tokens) >= tau and f fires "
+        "on >= min_hits item tokens; measured on the corpus and on templated "
+        "prompts separately; family = union",
+        "tau": float(tau),
+        "min_hits": int(min_hits),
+        "item_match": "concepts.normalize_token whole-token equality; templates: the "
+        "item word's last token",
+    }
 
 
 @dataclasses.dataclass
 class Selection:
     """Which features concentrate on a concept's items over one set of rows."""
 
-    members: np.ndarray          # selected feature indices
-    concentration: np.ndarray    # [F] share of activation mass on item rows (0 when silent)
-    hits: np.ndarray             # [F] item rows where the feature fires
-    item_rows: int               # rows that hold an item
+    members: np.ndarray  # selected feature indices
+    concentration: np.ndarray  # [F] share of activation mass on item rows (0 when silent)
+    hits: np.ndarray  # [F] item rows where the feature fires
+    item_rows: int  # rows that hold an item
 
     def summary(self) -> dict:
-        return {"members": self.members.tolist(), "n": int(self.members.size),
-                "item_rows": int(self.item_rows),
-                "concentration": [float(self.concentration[f]) for f in self.members]}
+        return {
+            "members": self.members.tolist(),
+            "n": int(self.members.size),
+            "item_rows": int(self.item_rows),
+            "concentration": [float(self.concentration[f]) for f in self.members],
+        }
 
 
-def select(total_mass: np.ndarray, item_codes: np.ndarray, tau: float, min_hits: int
-           ) -> Selection:
+def select(total_mass: np.ndarray, item_codes: np.ndarray, tau: float, min_hits: int) -> Selection:
     """The selection rule (module docstring) from the per-feature activation mass over all
     rows (``total_mass [F]``) and the codes of the item rows (``item_codes [n_items, F]``)."""
     total = np.asarray(total_mass, np.float64)
     codes = np.asarray(item_codes, np.float64)
     if codes.ndim != 2 or codes.shape[1] != total.shape[0]:
-        raise checks.InputError(f"item_codes: expected [rows, {total.shape[0]}], got "
-                                f"{codes.shape}")
+        raise checks.InputError(f"item_codes: expected [rows, {total.shape[0]}], got {codes.shape}")
     on = codes.sum(0)
     conc = np.divide(on, total, out=np.zeros_like(on), where=total > 0)
     hits = (codes > 0).sum(0)
@@ -144,9 +158,11 @@ def features_per_item(profile: np.ndarray, family: np.ndarray, concept: Concept)
     """Per item: family features preferring it, and family features active on it."""
     if family.size == 0:
         return {}
-    P = profile[:, family]                                  # [m, n_family]
+    P = profile[:, family]  # [m, n_family]
     pref = np.argmax(P, axis=0)
     peak = P.max(axis=0)
     active = P >= 0.5 * np.maximum(peak, 1e-30)[None, :]
-    return {item: {"preferring": int(np.sum(pref == i)), "active": int(active[i].sum())}
-            for i, item in enumerate(concept.items)}
+    return {
+        item: {"preferring": int(np.sum(pref == i)), "active": int(active[i].sum())}
+        for i, item in enumerate(concept.items)
+    }

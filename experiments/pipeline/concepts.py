@@ -35,80 +35,497 @@ import numpy as np
 
 from engine import checks
 
-_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",
-           "september", "october", "november", "december")
+_MONTHS = (
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+)
 _DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 #: Built-in keyword lists (lower case; matching is case-insensitive anyway). They include the
 #: words an old English text (the shipped KJV sample) uses, so the language-model preset finds
 #: groups on the sample.
 BUILTIN: dict[str, tuple[str, ...]] = {
-    "Time": ("time", "day", "days", "night", "nights", "morning", "evening", "noon", "hour",
-             "hours", "minute", "minutes", "second", "seconds", "week", "weeks", "month",
-             "months", "year", "years", "today", "tomorrow", "yesterday", "now", "then",
-             "before", "after", "while", "ago", "soon", "early", "late", "season", "seasons",
-             "age", "ages", "generation", "generations", "ever", "always", "never", "hereafter",
-             "henceforth", "daily", "tonight"),
-    "Calendar": _MONTHS + _DAYS + ("sabbath", "holiday", "feast", "passover", "calendar",
-                                   "date", "week", "weekend", "month", "year", "spring",
-                                   "summer", "autumn", "winter", "harvest", "newmoon"),
-    "Months": _MONTHS + ("jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
-                         "nov", "dec", "nisan", "adar", "sivan", "tebeth"),
-    "Days of week": _DAYS + ("mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri",
-                             "sat", "sun", "weekday", "weekdays", "sabbath"),
-    "Emotions": ("joy", "joyful", "happy", "happiness", "glad", "gladness", "sad", "sadness",
-                 "sorrow", "sorrows", "grief", "anger", "angry", "wrath", "fear", "afraid",
-                 "feared", "love", "loved", "hate", "hated", "hatred", "envy", "jealous",
-                 "jealousy", "pride", "shame", "ashamed", "hope", "despair", "peace", "rejoice",
-                 "rejoiced", "mourn", "mourning", "weep", "wept", "laugh", "laughter", "delight",
-                 "pity", "compassion", "surprise", "disgust", "anxiety", "trouble", "troubled",
-                 "comfort", "lonely"),
-    "Countries": ("egypt", "israel", "assyria", "babylon", "persia", "media", "ethiopia",
-                  "canaan", "moab", "edom", "syria", "greece", "rome", "judah", "galilee",
-                  "samaria", "france", "germany", "italy", "spain", "china", "japan", "india",
-                  "russia", "england", "britain", "america", "canada", "mexico", "brazil",
-                  "australia", "iran", "iraq", "turkey", "poland", "portugal", "norway",
-                  "sweden", "kenya", "nigeria"),
-    "Nature": ("earth", "land", "ground", "dust", "water", "waters", "sea", "seas", "river",
-               "rivers", "rain", "cloud", "clouds", "wind", "fire", "heaven", "heavens", "sky",
-               "sun", "moon", "star", "stars", "light", "darkness", "tree", "trees", "grass",
-               "herb", "flower", "flowers", "field", "fields", "mountain", "mountains", "hill",
-               "hills", "valley", "wilderness", "forest", "stone", "stones", "rock", "sand",
-               "snow", "storm", "fountain", "well", "garden"),
-    "People/Roles": ("man", "men", "woman", "women", "child", "children", "father", "fathers",
-                     "mother", "son", "sons", "daughter", "daughters", "brother", "brethren",
-                     "brothers", "sister", "wife", "husband", "king", "kings", "queen",
-                     "prince", "princes", "servant", "servants", "maid", "priest", "priests",
-                     "prophet", "prophets", "people", "master", "lord", "shepherd", "elders",
-                     "judge", "judges", "disciples", "disciple", "teacher", "doctor", "soldier",
-                     "soldiers", "captain", "stranger", "friend", "friends", "neighbour",
-                     "worker", "farmer"),
-    "Biology": ("blood", "flesh", "bone", "bones", "body", "heart", "hand", "hands", "head",
-                "eye", "eyes", "face", "mouth", "ear", "ears", "foot", "feet", "skin", "hair",
-                "seed", "womb", "birth", "born", "life", "death", "breath", "cell", "cells",
-                "gene", "genes", "protein", "organ", "brain", "animal", "animals", "beast",
-                "beasts", "cattle", "sheep", "goat", "goats", "ox", "oxen", "camel", "camels",
-                "fish", "bird", "birds", "fowl", "serpent", "lion", "dog", "dogs", "horse",
-                "horses", "ass"),
-    "Food": ("bread", "wine", "meat", "fish", "honey", "milk", "butter", "oil", "corn",
-             "wheat", "barley", "flour", "figs", "grapes", "fruit", "fruits", "apple",
-             "apples", "olive", "olives", "salt", "water", "eat", "ate", "eaten", "eating",
-             "drink", "drank", "feast", "supper", "dinner", "meal", "food", "loaves", "cake",
-             "cakes", "rice", "cheese", "egg", "eggs", "soup", "pottage", "lentils", "beans",
-             "vinegar", "hunger", "hungry", "famine"),
-    "Numbers": ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "twenty", "thirty",
-                "forty", "fifty", "sixty", "seventy", "hundred", "thousand", "thousands",
-                "million", "first", "second", "third", "fourth", "fifth", "sixth", "seventh",
-                "tenth", "twice", "half", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9",
-                "10", "12", "100"),
+    "Time": (
+        "time",
+        "day",
+        "days",
+        "night",
+        "nights",
+        "morning",
+        "evening",
+        "noon",
+        "hour",
+        "hours",
+        "minute",
+        "minutes",
+        "second",
+        "seconds",
+        "week",
+        "weeks",
+        "month",
+        "months",
+        "year",
+        "years",
+        "today",
+        "tomorrow",
+        "yesterday",
+        "now",
+        "then",
+        "before",
+        "after",
+        "while",
+        "ago",
+        "soon",
+        "early",
+        "late",
+        "season",
+        "seasons",
+        "age",
+        "ages",
+        "generation",
+        "generations",
+        "ever",
+        "always",
+        "never",
+        "hereafter",
+        "henceforth",
+        "daily",
+        "tonight",
+    ),
+    "Calendar": _MONTHS
+    + _DAYS
+    + (
+        "sabbath",
+        "holiday",
+        "feast",
+        "passover",
+        "calendar",
+        "date",
+        "week",
+        "weekend",
+        "month",
+        "year",
+        "spring",
+        "summer",
+        "autumn",
+        "winter",
+        "harvest",
+        "newmoon",
+    ),
+    "Months": _MONTHS
+    + (
+        "jan",
+        "feb",
+        "mar",
+        "apr",
+        "jun",
+        "jul",
+        "aug",
+        "sep",
+        "sept",
+        "oct",
+        "nov",
+        "dec",
+        "nisan",
+        "adar",
+        "sivan",
+        "tebeth",
+    ),
+    "Days of week": _DAYS
+    + (
+        "mon",
+        "tue",
+        "tues",
+        "wed",
+        "thu",
+        "thur",
+        "thurs",
+        "fri",
+        "sat",
+        "sun",
+        "weekday",
+        "weekdays",
+        "sabbath",
+    ),
+    "Emotions": (
+        "joy",
+        "joyful",
+        "happy",
+        "happiness",
+        "glad",
+        "gladness",
+        "sad",
+        "sadness",
+        "sorrow",
+        "sorrows",
+        "grief",
+        "anger",
+        "angry",
+        "wrath",
+        "fear",
+        "afraid",
+        "feared",
+        "love",
+        "loved",
+        "hate",
+        "hated",
+        "hatred",
+        "envy",
+        "jealous",
+        "jealousy",
+        "pride",
+        "shame",
+        "ashamed",
+        "hope",
+        "despair",
+        "peace",
+        "rejoice",
+        "rejoiced",
+        "mourn",
+        "mourning",
+        "weep",
+        "wept",
+        "laugh",
+        "laughter",
+        "delight",
+        "pity",
+        "compassion",
+        "surprise",
+        "disgust",
+        "anxiety",
+        "trouble",
+        "troubled",
+        "comfort",
+        "lonely",
+    ),
+    "Countries": (
+        "egypt",
+        "israel",
+        "assyria",
+        "babylon",
+        "persia",
+        "media",
+        "ethiopia",
+        "canaan",
+        "moab",
+        "edom",
+        "syria",
+        "greece",
+        "rome",
+        "judah",
+        "galilee",
+        "samaria",
+        "france",
+        "germany",
+        "italy",
+        "spain",
+        "china",
+        "japan",
+        "india",
+        "russia",
+        "england",
+        "britain",
+        "america",
+        "canada",
+        "mexico",
+        "brazil",
+        "australia",
+        "iran",
+        "iraq",
+        "turkey",
+        "poland",
+        "portugal",
+        "norway",
+        "sweden",
+        "kenya",
+        "nigeria",
+    ),
+    "Nature": (
+        "earth",
+        "land",
+        "ground",
+        "dust",
+        "water",
+        "waters",
+        "sea",
+        "seas",
+        "river",
+        "rivers",
+        "rain",
+        "cloud",
+        "clouds",
+        "wind",
+        "fire",
+        "heaven",
+        "heavens",
+        "sky",
+        "sun",
+        "moon",
+        "star",
+        "stars",
+        "light",
+        "darkness",
+        "tree",
+        "trees",
+        "grass",
+        "herb",
+        "flower",
+        "flowers",
+        "field",
+        "fields",
+        "mountain",
+        "mountains",
+        "hill",
+        "hills",
+        "valley",
+        "wilderness",
+        "forest",
+        "stone",
+        "stones",
+        "rock",
+        "sand",
+        "snow",
+        "storm",
+        "fountain",
+        "well",
+        "garden",
+    ),
+    "People/Roles": (
+        "man",
+        "men",
+        "woman",
+        "women",
+        "child",
+        "children",
+        "father",
+        "fathers",
+        "mother",
+        "son",
+        "sons",
+        "daughter",
+        "daughters",
+        "brother",
+        "brethren",
+        "brothers",
+        "sister",
+        "wife",
+        "husband",
+        "king",
+        "kings",
+        "queen",
+        "prince",
+        "princes",
+        "servant",
+        "servants",
+        "maid",
+        "priest",
+        "priests",
+        "prophet",
+        "prophets",
+        "people",
+        "master",
+        "lord",
+        "shepherd",
+        "elders",
+        "judge",
+        "judges",
+        "disciples",
+        "disciple",
+        "teacher",
+        "doctor",
+        "soldier",
+        "soldiers",
+        "captain",
+        "stranger",
+        "friend",
+        "friends",
+        "neighbour",
+        "worker",
+        "farmer",
+    ),
+    "Biology": (
+        "blood",
+        "flesh",
+        "bone",
+        "bones",
+        "body",
+        "heart",
+        "hand",
+        "hands",
+        "head",
+        "eye",
+        "eyes",
+        "face",
+        "mouth",
+        "ear",
+        "ears",
+        "foot",
+        "feet",
+        "skin",
+        "hair",
+        "seed",
+        "womb",
+        "birth",
+        "born",
+        "life",
+        "death",
+        "breath",
+        "cell",
+        "cells",
+        "gene",
+        "genes",
+        "protein",
+        "organ",
+        "brain",
+        "animal",
+        "animals",
+        "beast",
+        "beasts",
+        "cattle",
+        "sheep",
+        "goat",
+        "goats",
+        "ox",
+        "oxen",
+        "camel",
+        "camels",
+        "fish",
+        "bird",
+        "birds",
+        "fowl",
+        "serpent",
+        "lion",
+        "dog",
+        "dogs",
+        "horse",
+        "horses",
+        "ass",
+    ),
+    "Food": (
+        "bread",
+        "wine",
+        "meat",
+        "fish",
+        "honey",
+        "milk",
+        "butter",
+        "oil",
+        "corn",
+        "wheat",
+        "barley",
+        "flour",
+        "figs",
+        "grapes",
+        "fruit",
+        "fruits",
+        "apple",
+        "apples",
+        "olive",
+        "olives",
+        "salt",
+        "water",
+        "eat",
+        "ate",
+        "eaten",
+        "eating",
+        "drink",
+        "drank",
+        "feast",
+        "supper",
+        "dinner",
+        "meal",
+        "food",
+        "loaves",
+        "cake",
+        "cakes",
+        "rice",
+        "cheese",
+        "egg",
+        "eggs",
+        "soup",
+        "pottage",
+        "lentils",
+        "beans",
+        "vinegar",
+        "hunger",
+        "hungry",
+        "famine",
+    ),
+    "Numbers": (
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "twenty",
+        "thirty",
+        "forty",
+        "fifty",
+        "sixty",
+        "seventy",
+        "hundred",
+        "thousand",
+        "thousands",
+        "million",
+        "first",
+        "second",
+        "third",
+        "fourth",
+        "fifth",
+        "sixth",
+        "seventh",
+        "tenth",
+        "twice",
+        "half",
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+        "7",
+        "8",
+        "9",
+        "10",
+        "12",
+        "100",
+    ),
 }
 
 #: Short names accepted for the built-in groups (after `_name_key`).
-ALIASES = {"days": "Days of week", "daysofweek": "Days of week", "weekdays": "Days of week",
-           "people": "People/Roles", "roles": "People/Roles", "peopleroles": "People/Roles",
-           "monthnames": "Months", "emotion": "Emotions", "country": "Countries",
-           "number": "Numbers"}
+ALIASES = {
+    "days": "Days of week",
+    "daysofweek": "Days of week",
+    "weekdays": "Days of week",
+    "people": "People/Roles",
+    "roles": "People/Roles",
+    "peopleroles": "People/Roles",
+    "monthnames": "Months",
+    "emotion": "Emotions",
+    "country": "Countries",
+    "number": "Numbers",
+}
 
 _MARKERS = ("Ġ", "▁", "Ċ")
 
@@ -142,8 +559,10 @@ def canonical_name(name: str) -> str:
         return _BUILTIN_KEYS[key]
     if key in ALIASES:
         return ALIASES[key]
-    raise ConceptError(f"unknown concept group {name!r}; expected one of {list(BUILTIN)} (or "
-                       "give user lists with --concepts_file)")
+    raise ConceptError(
+        f"unknown concept group {name!r}; expected one of {list(BUILTIN)} (or "
+        "give user lists with --concepts_file)"
+    )
 
 
 def make_group(name: str, keywords: Iterable[str]) -> frozenset[str]:
@@ -151,16 +570,19 @@ def make_group(name: str, keywords: Iterable[str]) -> frozenset[str]:
     if not str(name).strip():
         raise ConceptError("concept group: empty group name")
     if isinstance(keywords, str):
-        raise ConceptError(f"concept group {name!r}: keywords must be a list of words, got "
-                           "one string")
+        raise ConceptError(
+            f"concept group {name!r}: keywords must be a list of words, got one string"
+        )
     words = set()
     for kw in keywords:
         norm = normalize_token(kw)
         if not norm:
             continue
         if any(ch.isspace() for ch in norm):
-            raise ConceptError(f"concept group {name!r}: keyword {kw!r} has several words; "
-                               "matching is whole-token, give single words")
+            raise ConceptError(
+                f"concept group {name!r}: keyword {kw!r} has several words; "
+                "matching is whole-token, give single words"
+            )
         words.add(norm)
     if not words:
         raise ConceptError(f"concept group {name!r}: empty keyword list")
@@ -178,15 +600,19 @@ def load_user_groups(path: str) -> dict[str, frozenset[str]]:
         try:
             doc = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ConceptError(f"concepts file {path!r}: invalid JSON ({e.msg} at line "
-                               f"{e.lineno})") from None
+            raise ConceptError(
+                f"concepts file {path!r}: invalid JSON ({e.msg} at line {e.lineno})"
+            ) from None
         if not isinstance(doc, dict) or not doc:
-            raise ConceptError(f"concepts file {path!r}: expected a non-empty JSON object "
-                               "{group name: [keywords]}")
+            raise ConceptError(
+                f"concepts file {path!r}: expected a non-empty JSON object "
+                "{group name: [keywords]}"
+            )
         for name, words in doc.items():
             if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-                raise ConceptError(f"concepts file {path!r}: group {name!r} must map to a "
-                                   "list of strings")
+                raise ConceptError(
+                    f"concepts file {path!r}: group {name!r} must map to a list of strings"
+                )
             groups[name] = words
     else:
         for lineno, line in enumerate(raw.splitlines(), 1):
@@ -194,8 +620,9 @@ def load_user_groups(path: str) -> dict[str, frozenset[str]]:
             if not line:
                 continue
             if ":" not in line:
-                raise ConceptError(f"concepts file {path!r} line {lineno}: expected "
-                                   "'Group name: word, word, ...'")
+                raise ConceptError(
+                    f"concepts file {path!r} line {lineno}: expected 'Group name: word, word, ...'"
+                )
             name, words = line.split(":", 1)
             groups[name.strip()] = [w for w in re.split(r"[,\s]+", words) if w]
         if not groups:
@@ -203,8 +630,9 @@ def load_user_groups(path: str) -> dict[str, frozenset[str]]:
     return {name: make_group(name, words) for name, words in groups.items()}
 
 
-def resolve_groups(names: Sequence[str] | None = None, concepts_file: str | None = None
-                   ) -> dict[str, frozenset[str]]:
+def resolve_groups(
+    names: Sequence[str] | None = None, concepts_file: str | None = None
+) -> dict[str, frozenset[str]]:
     """The groups to analyse: built-in ``names`` (None: all, unless a file is given) + file.
 
     A user group with a built-in's name replaces it.
@@ -229,8 +657,12 @@ def token_matches(token: str, keywords: frozenset[str]) -> bool:
     return normalize_token(token) in keywords
 
 
-def assign_features(top_tokens: Sequence[Sequence[str]], groups: Mapping[str, frozenset[str]],
-                    top_n: int = 5, valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def assign_features(
+    top_tokens: Sequence[Sequence[str]],
+    groups: Mapping[str, frozenset[str]],
+    top_n: int = 5,
+    valid: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Group name -> sorted feature indices whose first ``top_n`` top tokens hit a keyword.
 
     Args:
@@ -243,8 +675,11 @@ def assign_features(top_tokens: Sequence[Sequence[str]], groups: Mapping[str, fr
     norm = [[normalize_token(t) for t in list(toks)[:top_n]] for toks in top_tokens]
     out = {}
     for name, words in groups.items():
-        hit = [f for f, toks in enumerate(norm) if any(t in words for t in toks)
-               and (valid is None or bool(valid[f]))]
+        hit = [
+            f
+            for f, toks in enumerate(norm)
+            if any(t in words for t in toks) and (valid is None or bool(valid[f]))
+        ]
         out[name] = np.asarray(hit, np.int64)
     return out
 

@@ -64,8 +64,9 @@ class PageSource:
     bins: int = 20
 
 
-def context_windows(top_rows: np.ndarray, n_rows: int, segments: np.ndarray | None,
-                    before: int, after: int) -> np.ndarray:
+def context_windows(
+    top_rows: np.ndarray, n_rows: int, segments: np.ndarray | None, before: int, after: int
+) -> np.ndarray:
     """``[F, N, before + 1 + after]`` row ids around each top row (-1: outside the context)."""
     if segments is None:
         before = after = 0
@@ -87,15 +88,23 @@ def _side_pass_state(windows: np.ndarray, bins: int, n_features: int):
     flat = windows.reshape(-1)
     where = np.flatnonzero(flat >= 0)
     order = where[np.argsort(flat[where], kind="stable")]
-    return {"order": order, "sorted_rows": flat[order],
-            "feature": (order // (windows.shape[1] * windows.shape[2])).astype(np.int64),
-            "values": np.zeros(flat.shape, np.float32),
-            "hist": np.zeros(n_features * bins, np.int64)}
+    return {
+        "order": order,
+        "sorted_rows": flat[order],
+        "feature": (order // (windows.shape[1] * windows.shape[2])).astype(np.int64),
+        "values": np.zeros(flat.shape, np.float32),
+        "hist": np.zeros(n_features * bins, np.int64),
+    }
 
 
-def page_pass(stream, saes: tuple[sae_lib.SAE, sae_lib.SAE], windows: tuple[np.ndarray, ...],
-              maxes: tuple[np.ndarray, ...], bins: int, progress: bool = False
-              ) -> list[dict]:
+def page_pass(
+    stream,
+    saes: tuple[sae_lib.SAE, sae_lib.SAE],
+    windows: tuple[np.ndarray, ...],
+    maxes: tuple[np.ndarray, ...],
+    bins: int,
+    progress: bool = False,
+) -> list[dict]:
     """One pass over ``(row_ids, acts_a, acts_b)`` chunks: window activations and histograms.
 
     Returns per side ``{"values": [F, N, L] activations at the window rows, "hist": [F,
@@ -105,6 +114,7 @@ def page_pass(stream, saes: tuple[sae_lib.SAE, sae_lib.SAE], windows: tuple[np.n
     it = stream
     if progress:
         from tqdm import tqdm
+
         it = tqdm(stream, desc="feature pages", unit="chunk")
     for chunk in it:
         n = chunk.num_valid
@@ -119,18 +129,22 @@ def page_pass(stream, saes: tuple[sae_lib.SAE, sae_lib.SAE], windows: tuple[np.n
             z = np.asarray(_encode(sae, np.asarray(chunk.arrays[side + 1])))[:n]
             i0, i1 = np.searchsorted(st["sorted_rows"], [lo, hi])
             if i1 > i0:
-                st["values"][st["order"][i0:i1]] = z[st["sorted_rows"][i0:i1] - lo,
-                                                     st["feature"][i0:i1]]
+                st["values"][st["order"][i0:i1]] = z[
+                    st["sorted_rows"][i0:i1] - lo, st["feature"][i0:i1]
+                ]
             r, f = np.nonzero(z > 0)
             scale = np.where(mx[f] > 0, mx[f], 1.0)
             b = np.minimum((z[r, f] / scale * bins).astype(np.int64), bins - 1)
             st["hist"] += np.bincount(f * bins + b, minlength=st["hist"].size)
-    return [{"values": st["values"].reshape(w.shape),
-             "hist": st["hist"].reshape(-1, bins)} for st, w in zip(states, windows)]
+    return [
+        {"values": st["values"].reshape(w.shape), "hist": st["hist"].reshape(-1, bins)}
+        for st, w in zip(states, windows)
+    ]
 
 
-def logit_effects(w_dec: np.ndarray, unembed: np.ndarray, n: int, bins: int,
-                  block: int = 1024) -> dict:
+def logit_effects(
+    w_dec: np.ndarray, unembed: np.ndarray, n: int, bins: int, block: int = 1024
+) -> dict:
     """Top promoted / suppressed vocabulary rows of ``w_dec @ unembed.T`` and a histogram.
 
     Computed in blocks of ``block`` features so that ``[F, vocab]`` is never held at once.
@@ -138,10 +152,12 @@ def logit_effects(w_dec: np.ndarray, unembed: np.ndarray, n: int, bins: int,
     w = np.asarray(w_dec, np.float32)
     u = np.asarray(unembed, np.float32)
     n = min(n, u.shape[0])
-    out = {k: [] for k in ("pos_ids", "pos_values", "neg_ids", "neg_values", "hist_heights",
-                           "hist_values")}
+    out = {
+        k: []
+        for k in ("pos_ids", "pos_values", "neg_ids", "neg_values", "hist_heights", "hist_values")
+    }
     for s in range(0, w.shape[0], block):
-        logits = w[s:s + block] @ u.T                                   # [block, vocab]
+        logits = w[s : s + block] @ u.T  # [block, vocab]
         pos = np.argpartition(-logits, n - 1, axis=1)[:, :n]
         pos = np.take_along_axis(pos, np.argsort(-np.take_along_axis(logits, pos, 1), 1), 1)
         neg = np.argpartition(logits, n - 1, axis=1)[:, :n]
@@ -154,39 +170,55 @@ def logit_effects(w_dec: np.ndarray, unembed: np.ndarray, n: int, bins: int,
         width = np.where(hi > lo, hi - lo, 1.0)
         idx = np.minimum(((logits - lo) / width * bins).astype(np.int64), bins - 1)
         heights = np.zeros((logits.shape[0], bins), np.int64)
-        np.add.at(heights, (np.repeat(np.arange(logits.shape[0]), logits.shape[1]),
-                            idx.reshape(-1)), 1)
+        np.add.at(
+            heights, (np.repeat(np.arange(logits.shape[0]), logits.shape[1]), idx.reshape(-1)), 1
+        )
         out["hist_heights"].append(heights)
         out["hist_values"].append(lo + width * (np.arange(bins) + 0.5) / bins)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def compute(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, step: dict, src: PageSource,
-            progress: bool = False) -> dict:
+def compute(
+    stream,
+    sae_a: sae_lib.SAE,
+    sae_b: sae_lib.SAE,
+    step: dict,
+    src: PageSource,
+    progress: bool = False,
+) -> dict:
     """Page arrays of both sides (flat dict of numpy arrays, for the step cache)."""
     n_rows = int(step["rows"])
     saes = (sae_a, sae_b)
-    windows = tuple(context_windows(step[f"{s}_top_rows"], n_rows, src.segments, src.before,
-                                    src.after) for s in "ab")
+    windows = tuple(
+        context_windows(step[f"{s}_top_rows"], n_rows, src.segments, src.before, src.after)
+        for s in "ab"
+    )
     maxes = tuple(np.asarray(step[f"{s}_max"], np.float32) for s in "ab")
     sides = page_pass(stream, saes, windows, maxes, src.bins, progress)
     out = {}
-    for s, w, side, sae, unembed in zip("ab", windows, sides, saes,
-                                        (src.unembed_a, src.unembed_b)):
+    for s, w, side, sae, unembed in zip("ab", windows, sides, saes, (src.unembed_a, src.unembed_b)):
         out[f"{s}_ctx_rows"] = w.astype(np.int64)
         out[f"{s}_ctx_values"] = side["values"]
         out[f"{s}_hist"] = side["hist"]
         if unembed is not None:
             # Decoder rows live in the SAE's normalised input space: divide by input_scale.
-            eff = logit_effects(np.asarray(sae.W_dec) / sae.config.input_scale, unembed,
-                                src.n_logits, src.bins)
+            eff = logit_effects(
+                np.asarray(sae.W_dec) / sae.config.input_scale, unembed, src.n_logits, src.bins
+            )
             out.update({f"{s}_logit_{k}": v for k, v in eff.items()})
     return out
 
 
-def drop_reasons(n_features: int, side: str, cand: filters_lib.Pairs, dropped_by: np.ndarray,
-                 invalid: np.ndarray, dead: np.ndarray, non_concept: np.ndarray | None,
-                 threshold: float | None) -> list[dict]:
+def drop_reasons(
+    n_features: int,
+    side: str,
+    cand: filters_lib.Pairs,
+    dropped_by: np.ndarray,
+    invalid: np.ndarray,
+    dead: np.ndarray,
+    non_concept: np.ndarray | None,
+    threshold: float | None,
+) -> list[dict]:
     """Per feature of one side: kept or not, its partner and, when dropped, why.
 
     Each entry: ``status`` ("kept" | "dropped"), ``partner``, ``partner_value``, ``drop`` (a
@@ -208,9 +240,11 @@ def drop_reasons(n_features: int, side: str, cand: filters_lib.Pairs, dropped_by
     out = []
     for f in range(n_features):
         i = int(best[f])
-        entry = {"status": "kept" if i >= 0 and dropped_by[i] == "" else "dropped",
-                 "partner": int(theirs[i]) if i >= 0 else None,
-                 "partner_value": float(cand.value[i]) if i >= 0 else None}
+        entry = {
+            "status": "kept" if i >= 0 and dropped_by[i] == "" else "dropped",
+            "partner": int(theirs[i]) if i >= 0 else None,
+            "partner_value": float(cand.value[i]) if i >= 0 else None,
+        }
         if entry["status"] == "kept":
             code, reason = "", ""
         elif dead[f]:
@@ -218,8 +252,10 @@ def drop_reasons(n_features: int, side: str, cand: filters_lib.Pairs, dropped_by
         elif invalid[f]:
             code, reason = "constant", "constant (zero variance)"
         elif non_concept is not None and non_concept[f]:
-            code, reason = ("non_concept",
-                            "non-concept: top tokens are punctuation/whitespace/special")
+            code, reason = (
+                "non_concept",
+                "non-concept: top tokens are punctuation/whitespace/special",
+            )
         elif i < 0:
             code, reason = "no_candidate", "no candidate pair"
         else:
@@ -227,14 +263,14 @@ def drop_reasons(n_features: int, side: str, cand: filters_lib.Pairs, dropped_by
             partner = f"{other.upper()}#{int(theirs[i])}"
             reason = {
                 "dead_constant": f"best partner {partner} is dead or constant",
-                "non_concept": (f"best partner {partner} is non-concept (or no shared top "
-                                "token)"),
+                "non_concept": (f"best partner {partner} is non-concept (or no shared top token)"),
                 "one_to_one": f"best partner {partner} kept a better pair (one-to-one)",
-                "threshold": (f"best value {cand.value[i]:.3f} below the threshold "
-                              f"{threshold}"),
+                "threshold": (f"best value {cand.value[i]:.3f} below the threshold {threshold}"),
             }.get(code, code)
-            code = {"dead_constant": "partner_dead_constant",
-                    "non_concept": "partner_non_concept"}.get(code, code)
+            code = {
+                "dead_constant": "partner_dead_constant",
+                "non_concept": "partner_non_concept",
+            }.get(code, code)
         entry["drop"], entry["reason"] = code, reason
         out.append(entry)
     return out
@@ -244,8 +280,9 @@ def _r(x, nd=4):
     return float(round(float(x), nd))
 
 
-def export_features(side: str, step: dict, pages: dict, src: PageSource,
-                    table: list[dict]) -> list[dict]:
+def export_features(
+    side: str, step: dict, pages: dict, src: PageSource, table: list[dict]
+) -> list[dict]:
     """Per-feature dicts in the SAEDashboard ``NeuronpediaRunner`` batch layout.
 
     Keys per feature (names and meaning as in that layout): ``feature_index``,
@@ -281,33 +318,53 @@ def export_features(side: str, step: dict, pages: dict, src: PageSource,
             keep = rows[f, c] >= 0
             r = rows[f, c][keep]
             q = int(np.flatnonzero(rows[f, c] == top_rows[f, c])[0]) - int(np.argmax(keep))
-            acts.append({"tokens": [strings[int(x)] for x in r],
-                         "values": [_r(v) for v in values[f, c][keep]],
-                         "qualifying_token_index": q})
+            acts.append(
+                {
+                    "tokens": [strings[int(x)] for x in r],
+                    "values": [_r(v) for v in values[f, c][keep]],
+                    "qualifying_token_index": q,
+                }
+            )
         width = mx / bins if mx > 0 else 1.0 / bins
-        feat = {"feature_index": f, "frac_nonzero": _r(step[f"{side}_density"][f], 6),
-                "maxActApprox": _r(mx),
-                "activations": acts,
-                "freq_hist_data_bar_heights": hist[f].tolist(),
-                "freq_hist_data_bar_values": [_r(width * (i + 0.5)) for i in range(bins)],
-                "pos_str": [], "pos_values": [], "neg_str": [], "neg_values": [],
-                "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": []}
+        feat = {
+            "feature_index": f,
+            "frac_nonzero": _r(step[f"{side}_density"][f], 6),
+            "maxActApprox": _r(mx),
+            "activations": acts,
+            "freq_hist_data_bar_heights": hist[f].tolist(),
+            "freq_hist_data_bar_values": [_r(width * (i + 0.5)) for i in range(bins)],
+            "pos_str": [],
+            "pos_values": [],
+            "neg_str": [],
+            "neg_values": [],
+            "logits_hist_data_bar_heights": [],
+            "logits_hist_data_bar_values": [],
+        }
         if has_logits:
             p = f"{side}_logit_"
-            feat.update({
-                "pos_str": [tok(int(i)) for i in pages[p + "pos_ids"][f]],
-                "pos_values": [_r(v) for v in pages[p + "pos_values"][f]],
-                "neg_str": [tok(int(i)) for i in pages[p + "neg_ids"][f]],
-                "neg_values": [_r(v) for v in pages[p + "neg_values"][f]],
-                "logits_hist_data_bar_heights": pages[p + "hist_heights"][f].tolist(),
-                "logits_hist_data_bar_values": [_r(v) for v in pages[p + "hist_values"][f]]})
+            feat.update(
+                {
+                    "pos_str": [tok(int(i)) for i in pages[p + "pos_ids"][f]],
+                    "pos_values": [_r(v) for v in pages[p + "pos_values"][f]],
+                    "neg_str": [tok(int(i)) for i in pages[p + "neg_ids"][f]],
+                    "neg_values": [_r(v) for v in pages[p + "neg_values"][f]],
+                    "logits_hist_data_bar_heights": pages[p + "hist_heights"][f].tolist(),
+                    "logits_hist_data_bar_values": [_r(v) for v in pages[p + "hist_values"][f]],
+                }
+            )
         feat["universality"] = table[f]
         out.append(feat)
     return out
 
 
-def write_export(directory: str, comparison: str, side: str, features: list[dict],
-                 meta: dict, per_batch: int = FEATURES_PER_BATCH) -> list[str]:
+def write_export(
+    directory: str,
+    comparison: str,
+    side: str,
+    features: list[dict],
+    meta: dict,
+    per_batch: int = FEATURES_PER_BATCH,
+) -> list[str]:
     """Writes ``directory/<side>/batch-<k>.json`` files of ``per_batch`` features each.
 
     Each file is ``{"layout", "comparison", "side", ...meta, "features": [...]}`` with the
@@ -316,23 +373,44 @@ def write_export(directory: str, comparison: str, side: str, features: list[dict
     feature range of each.
     """
     root = os.path.join(directory, side)
-    if not mesh_lib.is_primary():       # several processes: process 0 alone writes
-        return [os.path.join(root, f"batch-{k}.json")
-                for k in range(-(-len(features) // per_batch))]
+    if not mesh_lib.is_primary():  # several processes: process 0 alone writes
+        return [
+            os.path.join(root, f"batch-{k}.json") for k in range(-(-len(features) // per_batch))
+        ]
     os.makedirs(root, exist_ok=True)
     paths, index = [], []
     for k, s in enumerate(range(0, len(features), per_batch)):
         path = os.path.join(root, f"batch-{k}.json")
-        batch = features[s:s + per_batch]
+        batch = features[s : s + per_batch]
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump({"layout": EXPORT_LAYOUT, "comparison": comparison, "side": side,
-                       **meta, "features": batch}, fh, separators=(",", ":"))
+            json.dump(
+                {
+                    "layout": EXPORT_LAYOUT,
+                    "comparison": comparison,
+                    "side": side,
+                    **meta,
+                    "features": batch,
+                },
+                fh,
+                separators=(",", ":"),
+            )
         os.replace(path + ".tmp", path)
         paths.append(path)
-        index.append({"batch": k, "file": f"batch-{k}.json", "first": s,
-                      "last": s + len(batch) - 1})
+        index.append(
+            {"batch": k, "file": f"batch-{k}.json", "first": s, "last": s + len(batch) - 1}
+        )
     with open(os.path.join(root, "index.json"), "w", encoding="utf-8") as fh:
-        json.dump({"layout": EXPORT_LAYOUT, "comparison": comparison, "side": side,
-                   "n_features": len(features), "per_batch": per_batch, **meta,
-                   "batches": index}, fh, indent=1)
+        json.dump(
+            {
+                "layout": EXPORT_LAYOUT,
+                "comparison": comparison,
+                "side": side,
+                "n_features": len(features),
+                "per_batch": per_batch,
+                **meta,
+                "batches": index,
+            },
+            fh,
+            indent=1,
+        )
     return paths

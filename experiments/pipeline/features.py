@@ -44,7 +44,7 @@ class FeaturePass:
     stats_a: feature_stats.FeatureStats
     stats_b: feature_stats.FeatureStats
     matches: correlation.CorrelationMatches
-    corr: np.ndarray | None     # [F_a, F_b] when small enough to keep
+    corr: np.ndarray | None  # [F_a, F_b] when small enough to keep
 
 
 def _use_sparse(sae_a: sae_lib.SAE, sae_b: sae_lib.SAE) -> bool:
@@ -73,41 +73,78 @@ class PassPlan:
     codes_on_disk: bool = False
 
 
-def plan_pass(n_a: int, n_b: int, *, n_data: int, memory_budget: int | None = None,
-              sparse: bool = True, chunk_rows: int = 1024, rows: int | None = None,
-              k_a: int = 0, k_b: int = 0, keep_matrix: bool = False, mesh=None) -> PassPlan:
+def plan_pass(
+    n_a: int,
+    n_b: int,
+    *,
+    n_data: int,
+    memory_budget: int | None = None,
+    sparse: bool = True,
+    chunk_rows: int = 1024,
+    rows: int | None = None,
+    k_a: int = 0,
+    k_b: int = 0,
+    keep_matrix: bool = False,
+    mesh=None,
+) -> PassPlan:
     """The `PassPlan` for ``n_a x n_b`` features on a mesh with ``n_data`` data devices.
 
     ``rows`` (tokens, when known) and ``k_a`` / ``k_b`` size the TopK codes of the tiled path;
     ``chunk_rows`` sizes the per-chunk dense activations (``chunk_rows x (n_a + n_b)``).
     """
-    budget = mesh_lib.default_memory_budget(mesh) if memory_budget is None else int(
-        memory_budget)
+    budget = mesh_lib.default_memory_budget(mesh) if memory_budget is None else int(memory_budget)
     checks.check_positive_int("memory_budget", budget)
     # CPU devices share the host's RAM; accelerators each have their own memory (the budget
     # is then per device, as `default_memory_budget` reports it).
     shared = mesh is None or np.asarray(mesh.devices).flat[0].platform == "cpu"
     chunk_bytes = 4 * chunk_rows * (n_a + n_b) * 3
-    single = 4 * n_a * n_b * (correlation.state_copies(n_data, inplace=False,
-                                                       shared_memory=shared)
-                              + (2 if keep_matrix else 0))
+    single = (
+        4
+        * n_a
+        * n_b
+        * (
+            correlation.state_copies(n_data, inplace=False, shared_memory=shared)
+            + (2 if keep_matrix else 0)
+        )
+    )
     if single + chunk_bytes <= budget:
         return PassPlan(budget, False, n_a, n_b, 1, single)
     codes = 0 if rows is None else 8 * rows * (k_a + k_b)
     on_disk = sparse and (rows is None or codes > budget // 4)
     reserved = chunk_bytes + (0 if on_disk else codes)
-    ta, tb = correlation.tiles_for_budget(n_a, n_b, budget, n_data=n_data, sparse=sparse,
-                                          reserved_bytes=reserved, shared_memory=shared)
+    ta, tb = correlation.tiles_for_budget(
+        n_a,
+        n_b,
+        budget,
+        n_data=n_data,
+        sparse=sparse,
+        reserved_bytes=reserved,
+        shared_memory=shared,
+    )
     blocks = -(-n_a // ta) * -(-n_b // tb)
-    return PassPlan(budget, True, ta, tb, blocks,
-                    4 * ta * tb * correlation.state_copies(n_data, shared_memory=shared),
-                    on_disk)
+    return PassPlan(
+        budget,
+        True,
+        ta,
+        tb,
+        blocks,
+        4 * ta * tb * correlation.state_copies(n_data, shared_memory=shared),
+        on_disk,
+    )
 
 
-def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n: int = 10,
-                 checkpoint_dir: str | None = None, progress: bool = False,
-                 sparse: bool | None = None, memory_budget: int | None = None
-                 ) -> FeaturePass:
+def feature_pass(
+    stream,
+    sae_a: sae_lib.SAE,
+    sae_b: sae_lib.SAE,
+    mesh,
+    *,
+    top_n: int = 10,
+    checkpoint_dir: str | None = None,
+    progress: bool = False,
+    sparse: bool | None = None,
+    memory_budget: int | None = None,
+) -> FeaturePass:
     """Runs both SAEs over a paired stream and accumulates statistics and correlations.
 
     Args:
@@ -123,17 +160,41 @@ def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n:
     """
     fa, fb = sae_a.config.d_sae, sae_b.config.d_sae
     sparse = _use_sparse(sae_a, sae_b) if sparse is None else sparse
-    plan = plan_pass(fa, fb, n_data=mesh.shape[mesh_lib.DATA], memory_budget=memory_budget,
-                     sparse=sparse, chunk_rows=stream.chunk_size,
-                     rows=stream.num_rows or getattr(stream, "num_rows_hint", None),
-                     k_a=sae_a.config.k, k_b=sae_b.config.k, mesh=mesh,
-                     keep_matrix=fa * fb <= correlation.DEFAULT_KEEP_MATRIX)
+    plan = plan_pass(
+        fa,
+        fb,
+        n_data=mesh.shape[mesh_lib.DATA],
+        memory_budget=memory_budget,
+        sparse=sparse,
+        chunk_rows=stream.chunk_size,
+        rows=stream.num_rows or getattr(stream, "num_rows_hint", None),
+        k_a=sae_a.config.k,
+        k_b=sae_b.config.k,
+        mesh=mesh,
+        keep_matrix=fa * fb <= correlation.DEFAULT_KEEP_MATRIX,
+    )
     if plan.tiled:
-        logging.info("feature pass %d x %d: tiled %d x %d (%d blocks, %.2f GB of state, "
-                     "budget %.2f GB)", fa, fb, plan.tile_a, plan.tile_b, plan.blocks,
-                     plan.state_bytes / 1e9, plan.budget / 1e9)
-        return _tiled_pass(stream, sae_a, sae_b, mesh, plan, top_n=top_n, sparse=sparse,
-                           checkpoint_dir=checkpoint_dir, progress=progress)
+        logging.info(
+            "feature pass %d x %d: tiled %d x %d (%d blocks, %.2f GB of state, budget %.2f GB)",
+            fa,
+            fb,
+            plan.tile_a,
+            plan.tile_b,
+            plan.blocks,
+            plan.state_bytes / 1e9,
+            plan.budget / 1e9,
+        )
+        return _tiled_pass(
+            stream,
+            sae_a,
+            sae_b,
+            mesh,
+            plan,
+            top_n=top_n,
+            sparse=sparse,
+            checkpoint_dir=checkpoint_dir,
+            progress=progress,
+        )
     parts = _stats_parts(fa, fb, top_n, sparse)
     if sparse:
         corr_acc = correlation.CorrelationAccumulator(fa, fb, sparse=True)
@@ -143,16 +204,24 @@ def feature_pass(stream, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh, *, top_n:
         parts["corr"] = (corr_acc, (1, 2))
     acc = accumulators.Combined(parts)
     ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir)
-    state = accumulators.accumulate(acc, stream, mesh, checkpointer=ckpt, save_every=50,
-                                    progress=progress, transform=_transform(sparse),
-                                    params=(sae_a, sae_b))
+    state = accumulators.accumulate(
+        acc,
+        stream,
+        mesh,
+        checkpointer=ckpt,
+        save_every=50,
+        progress=progress,
+        transform=_transform(sparse),
+        params=(sae_a, sae_b),
+    )
     if ckpt is not None:
         ckpt.close()
     out = acc.finalize(state)
     result = out["corr"]
     matches = correlation.correlation_matches(result, n_a=fa, n_b=fb)
-    return FeaturePass(stats_a=out["stats_a"], stats_b=out["stats_b"], matches=matches,
-                       corr=result.corr)
+    return FeaturePass(
+        stats_a=out["stats_a"], stats_b=out["stats_b"], matches=matches, corr=result.corr
+    )
 
 
 def _stats_parts(fa: int, fb: int, top_n: int, sparse: bool) -> dict:
@@ -160,16 +229,21 @@ def _stats_parts(fa: int, fb: int, top_n: int, sparse: bool) -> dict:
     ``sparse`` (O(rows * k) per chunk, `feature_stats.SparseFeatureStatsAccumulator`), else
     from the dense activations (O(rows * F)). Indices refer to `_transform`'s outputs."""
     if sparse:
-        return {"stats_a": (feature_stats.SparseFeatureStatsAccumulator(fa, top_n), (1, 2, 0)),
-                "stats_b": (feature_stats.SparseFeatureStatsAccumulator(fb, top_n), (3, 4, 0))}
-    return {"stats_a": (feature_stats.FeatureStatsAccumulator(fa, top_n), (1, 0)),
-            "stats_b": (feature_stats.FeatureStatsAccumulator(fb, top_n), (2, 0))}
+        return {
+            "stats_a": (feature_stats.SparseFeatureStatsAccumulator(fa, top_n), (1, 2, 0)),
+            "stats_b": (feature_stats.SparseFeatureStatsAccumulator(fb, top_n), (3, 4, 0)),
+        }
+    return {
+        "stats_a": (feature_stats.FeatureStatsAccumulator(fa, top_n), (1, 0)),
+        "stats_b": (feature_stats.FeatureStatsAccumulator(fb, top_n), (2, 0)),
+    }
 
 
 def _transform(sparse: bool):
     """On-device featurisation of a chunk ``(row_ids, xa, xb)`` for `accumulate`: ``(row_ids,
     va, ia, vb, ib)`` TopK codes when ``sparse`` (the dense ``[rows, F]`` activations are
     never formed), else ``(row_ids, za, zb)``."""
+
     def transform(params, row_ids, xa, xb):
         a, b = params
         if sparse:
@@ -177,6 +251,7 @@ def _transform(sparse: bool):
             vb, ib = b.encode_sparse(xb)
             return row_ids, va, ia.astype(jnp.int32), vb, ib.astype(jnp.int32)
         return row_ids, a.encode(xa), b.encode(xb)
+
     return transform
 
 
@@ -184,32 +259,64 @@ def _sub(root: str | None, name: str) -> str | None:
     return None if root is None else os.path.join(root, name)
 
 
-def _tiled_pass(stream, sae_a, sae_b, mesh, plan: PassPlan, *, top_n: int, sparse: bool,
-                checkpoint_dir: str | None, progress: bool) -> FeaturePass:
+def _tiled_pass(
+    stream,
+    sae_a,
+    sae_b,
+    mesh,
+    plan: PassPlan,
+    *,
+    top_n: int,
+    sparse: bool,
+    checkpoint_dir: str | None,
+    progress: bool,
+) -> FeaturePass:
     fa, fb = sae_a.config.d_sae, sae_b.config.d_sae
     acc = accumulators.Combined(_stats_parts(fa, fb, top_n, sparse))
     ckpt_dir = _sub(checkpoint_dir, "stats")
     ckpt = None if ckpt_dir is None else checkpoint.Checkpointer(ckpt_dir)
     stream.seek(0)
-    state = accumulators.accumulate(acc, stream, mesh, checkpointer=ckpt, save_every=50,
-                                    progress=progress, transform=_transform(sparse),
-                                    params=(sae_a, sae_b))
+    state = accumulators.accumulate(
+        acc,
+        stream,
+        mesh,
+        checkpointer=ckpt,
+        save_every=50,
+        progress=progress,
+        transform=_transform(sparse),
+        params=(sae_a, sae_b),
+    )
     if ckpt is not None:
         ckpt.close()
     stats = acc.finalize(state)
     del state
     if sparse:
-        codes = encode_codes(stream, sae_a, sae_b, directory=_sub(checkpoint_dir, "codes")
-                             if plan.codes_on_disk else None, progress=progress)
-        corr_source = streaming.ChunkStream(codes, stream.chunk_size, name="codes",
-                                            check_finite=False)
+        codes = encode_codes(
+            stream,
+            sae_a,
+            sae_b,
+            directory=_sub(checkpoint_dir, "codes") if plan.codes_on_disk else None,
+            progress=progress,
+        )
+        corr_source = streaming.ChunkStream(
+            codes, stream.chunk_size, name="codes", check_finite=False
+        )
     else:
         corr_source = _encoded_stream(stream, sae_a, sae_b)
     matches = correlation.correlate(
-        corr_source, fa, fb, mesh, sparse=sparse, tile_a=plan.tile_a, tile_b=plan.tile_b,
-        progress=progress, checkpoint_dir=_sub(checkpoint_dir, "blocks"))
-    return FeaturePass(stats_a=stats["stats_a"], stats_b=stats["stats_b"], matches=matches,
-                       corr=None)
+        corr_source,
+        fa,
+        fb,
+        mesh,
+        sparse=sparse,
+        tile_a=plan.tile_a,
+        tile_b=plan.tile_b,
+        progress=progress,
+        checkpoint_dir=_sub(checkpoint_dir, "blocks"),
+    )
+    return FeaturePass(
+        stats_a=stats["stats_a"], stats_b=stats["stats_b"], matches=matches, corr=None
+    )
 
 
 @jax.jit
@@ -224,26 +331,33 @@ def _encode_dense_pair(sae_a, sae_b, xa, xb):
     return sae_a.encode(xa), sae_b.encode(xb)
 
 
-def encode_codes(stream, sae_a, sae_b, *, directory: str | None = None,
-                 progress: bool = False) -> tuple[np.ndarray, ...]:
+def encode_codes(
+    stream, sae_a, sae_b, *, directory: str | None = None, progress: bool = False
+) -> tuple[np.ndarray, ...]:
     """Both SAEs' TopK codes ``(vals_a, idx_a, vals_b, idx_b)`` over the whole stream.
 
     Kept in memory, or (``directory``) appended to raw files and returned memory-mapped, so
     that memory stays at one chunk; a finished directory (``done`` marker) is reused.
     """
     ka, kb = sae_a.config.k, sae_b.config.k
-    specs = (("vals_a", np.float32, ka), ("idx_a", np.int32, ka), ("vals_b", np.float32, kb),
-             ("idx_b", np.int32, kb))
+    specs = (
+        ("vals_a", np.float32, ka),
+        ("idx_a", np.int32, ka),
+        ("vals_b", np.float32, kb),
+        ("idx_b", np.int32, kb),
+    )
+
     def mapped():
         rows = int(open(os.path.join(directory, "done")).read())
-        return tuple(np.memmap(os.path.join(directory, f"{n}.bin"), dt, "r", shape=(rows, k))
-                     for n, dt, k in specs)
+        return tuple(
+            np.memmap(os.path.join(directory, f"{n}.bin"), dt, "r", shape=(rows, k))
+            for n, dt, k in specs
+        )
 
     # Several processes: whether the codes are on disk is process 0's answer (the encoding
     # below runs on the global mesh, so all processes must take the same branch); process 0
     # alone writes them, the others keep theirs in memory.
-    if directory is not None and mesh_lib.agree(os.path.exists(os.path.join(directory,
-                                                                             "done"))):
+    if directory is not None and mesh_lib.agree(os.path.exists(os.path.join(directory, "done"))):
         return mapped()
     parts: list[list[np.ndarray]] = [[] for _ in specs]
     files = None
@@ -255,11 +369,15 @@ def encode_codes(stream, sae_a, sae_b, *, directory: str | None = None,
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=stream.num_rows, unit="rows", desc="encode")
     for chunk in stream:
         n = chunk.num_valid
-        out = jax.device_get(_encode_pair(sae_a, sae_b, jnp.asarray(chunk.arrays[1][:n]),
-                                          jnp.asarray(chunk.arrays[2][:n])))
+        out = jax.device_get(
+            _encode_pair(
+                sae_a, sae_b, jnp.asarray(chunk.arrays[1][:n]), jnp.asarray(chunk.arrays[2][:n])
+            )
+        )
         for i, a in enumerate(out):
             a = np.ascontiguousarray(a, specs[i][1])
             if files is not None:
@@ -282,27 +400,42 @@ def encode_codes(stream, sae_a, sae_b, *, directory: str | None = None,
 
 def _encoded_stream(stream, sae_a, sae_b) -> streaming.ChunkStream:
     """Dense feature activations ``(za, zb)`` encoded on the fly (re-read per block)."""
+
     def open_at(start):
         stream.seek(start)
         for chunk in stream:
             n = chunk.num_valid
-            yield jax.device_get(_encode_dense_pair(sae_a, sae_b,
-                                                    jnp.asarray(chunk.arrays[1][:n]),
-                                                    jnp.asarray(chunk.arrays[2][:n])))
-    return streaming.ChunkStream(open_at, stream.chunk_size, name="encoded",
-                                 check_finite=False)
+            yield jax.device_get(
+                _encode_dense_pair(
+                    sae_a, sae_b, jnp.asarray(chunk.arrays[1][:n]), jnp.asarray(chunk.arrays[2][:n])
+                )
+            )
+
+    return streaming.ChunkStream(open_at, stream.chunk_size, name="encoded", check_finite=False)
 
 
-def cache_pair_stream(cache_a, hookpoint_a: str, cache_b, hookpoint_b: str,
-                      chunk_size: int, *, exclude_special: bool = False
-                      ) -> streaming.ChunkStream:
+def cache_pair_stream(
+    cache_a,
+    hookpoint_a: str,
+    cache_b,
+    hookpoint_b: str,
+    chunk_size: int,
+    *,
+    exclude_special: bool = False,
+) -> streaming.ChunkStream:
     """``(row_ids, acts_a, acts_b)`` chunks of two activation caches over the same tokens,
     read from disk chunk by chunk (the streaming input of `feature_pass`; row ids are token
     positions among the selected rows, as `top_rows` expects)."""
     from models import activation_cache
-    paired = activation_cache.paired_source(cache_a, hookpoint_a, cache_b, hookpoint_b,
-                                            exclude_special=exclude_special,
-                                            block_rows=chunk_size)
+
+    paired = activation_cache.paired_source(
+        cache_a,
+        hookpoint_a,
+        cache_b,
+        hookpoint_b,
+        exclude_special=exclude_special,
+        block_rows=chunk_size,
+    )
 
     def open_at(start: int):
         pos = start
@@ -310,6 +443,7 @@ def cache_pair_stream(cache_a, hookpoint_a: str, cache_b, hookpoint_b: str,
             n = tokens.shape[0]
             yield np.arange(pos, pos + n, dtype=np.int32), xa, xb
             pos += n
+
     stream = streaming.ChunkStream(open_at, chunk_size, name="cache pair")
     stream.num_rows_hint = paired.num_rows
     return stream
@@ -318,8 +452,10 @@ def cache_pair_stream(cache_a, hookpoint_a: str, cache_b, hookpoint_b: str,
 def check_widths(sae: sae_lib.SAE, width: int, what: str) -> None:
     """One-line error when an SAE does not fit the hookpoint it is applied to."""
     if sae.config.d_in != width:
-        raise checks.InputError(f"{what}: SAE d_in={sae.config.d_in} does not match the "
-                                f"activation width {width} of its hookpoint")
+        raise checks.InputError(
+            f"{what}: SAE d_in={sae.config.d_in} does not match the "
+            f"activation width {width} of its hookpoint"
+        )
 
 
 def checkpoint_path(root: str, name: str) -> str:

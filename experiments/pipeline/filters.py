@@ -20,9 +20,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_SPECIAL = ("<bos>", "<eos>", "<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]",
-                   "[PAD]", "[UNK]", "[MASK]", "<|endoftext|>", "<|begin_of_text|>",
-                   "<none>")
+DEFAULT_SPECIAL = (
+    "<bos>",
+    "<eos>",
+    "<pad>",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[CLS]",
+    "[SEP]",
+    "[PAD]",
+    "[UNK]",
+    "[MASK]",
+    "<|endoftext|>",
+    "<|begin_of_text|>",
+    "<none>",
+)
 
 
 @dataclasses.dataclass
@@ -44,7 +57,7 @@ class Pairs:
 class FilterConfig:
     drop_dead: bool = True
     non_concept: bool = True
-    max_bad_fraction: float = 0.5     # "dominated": more than this share of top tokens is bad
+    max_bad_fraction: float = 0.5  # "dominated": more than this share of top tokens is bad
     require_shared_token: bool = False
     top_tokens: int = 5
     one_to_one: bool = True
@@ -99,9 +112,15 @@ def one_to_one_best(pairs: Pairs) -> Pairs:
     return pairs.keep(one_to_one_mask(pairs))
 
 
-def apply_filters(pairs: Pairs, cfg: FilterConfig, *, invalid_a: np.ndarray,
-                  invalid_b: np.ndarray, top_tokens_a: Sequence[Sequence[str]] | None,
-                  top_tokens_b: Sequence[Sequence[str]] | None) -> tuple[Pairs, dict]:
+def apply_filters(
+    pairs: Pairs,
+    cfg: FilterConfig,
+    *,
+    invalid_a: np.ndarray,
+    invalid_b: np.ndarray,
+    top_tokens_a: Sequence[Sequence[str]] | None,
+    top_tokens_b: Sequence[Sequence[str]] | None,
+) -> tuple[Pairs, dict]:
     """Runs the filters in order; returns the kept pairs and the count after each step.
 
     Args:
@@ -109,15 +128,26 @@ def apply_filters(pairs: Pairs, cfg: FilterConfig, *, invalid_a: np.ndarray,
       top_tokens_a / top_tokens_b: per-feature top-activating token strings (None disables
         the non-concept filter, e.g. when no token strings exist).
     """
-    kept, counts, _ = trace_filters(pairs, cfg, invalid_a=invalid_a, invalid_b=invalid_b,
-                                    top_tokens_a=top_tokens_a, top_tokens_b=top_tokens_b)
+    kept, counts, _ = trace_filters(
+        pairs,
+        cfg,
+        invalid_a=invalid_a,
+        invalid_b=invalid_b,
+        top_tokens_a=top_tokens_a,
+        top_tokens_b=top_tokens_b,
+    )
     return kept, counts
 
 
-def trace_filters(pairs: Pairs, cfg: FilterConfig, *, invalid_a: np.ndarray,
-                  invalid_b: np.ndarray, top_tokens_a: Sequence[Sequence[str]] | None,
-                  top_tokens_b: Sequence[Sequence[str]] | None
-                  ) -> tuple[Pairs, dict, np.ndarray]:
+def trace_filters(
+    pairs: Pairs,
+    cfg: FilterConfig,
+    *,
+    invalid_a: np.ndarray,
+    invalid_b: np.ndarray,
+    top_tokens_a: Sequence[Sequence[str]] | None,
+    top_tokens_b: Sequence[Sequence[str]] | None,
+) -> tuple[Pairs, dict, np.ndarray]:
     """`apply_filters` that also says, per candidate pair, which filter dropped it.
 
     Returns ``(kept, counts, dropped_by)``: ``dropped_by[i]`` is the name of the step that
@@ -142,9 +172,16 @@ def trace_filters(pairs: Pairs, cfg: FilterConfig, *, invalid_a: np.ndarray,
         bad_b = non_concept_features(top_tokens_b, cfg)
         keep = ~bad_a[pairs.a] & ~bad_b[pairs.b]
         if cfg.require_shared_token:
-            shared = np.array([bool(set(top_tokens_a[a][: cfg.top_tokens])
-                                    & set(top_tokens_b[b][: cfg.top_tokens]))
-                               for a, b in zip(pairs.a, pairs.b)], bool)
+            shared = np.array(
+                [
+                    bool(
+                        set(top_tokens_a[a][: cfg.top_tokens])
+                        & set(top_tokens_b[b][: cfg.top_tokens])
+                    )
+                    for a, b in zip(pairs.a, pairs.b)
+                ],
+                bool,
+            )
             keep &= shared if len(shared) else keep
         step("non_concept", keep)
     if cfg.one_to_one:

@@ -81,9 +81,16 @@ def _metric_summary(metrics: Mapping[str, MetricResult] | None) -> dict:
     """What the page shows of each metric (no null values: the page stays small)."""
     out = {}
     for name, r in (metrics or {}).items():
-        row = {"score": r.score, "null_mean": r.null_mean, "null_std": r.null_std,
-               "excess": r.excess, "p": r.p, "z": r.z, "n_over_d": r.n_over_d,
-               "components": None if r.components is None else list(r.components)}
+        row = {
+            "score": r.score,
+            "null_mean": r.null_mean,
+            "null_std": r.null_std,
+            "excess": r.excess,
+            "p": r.p,
+            "z": r.z,
+            "n_over_d": r.n_over_d,
+            "components": None if r.components is None else list(r.components),
+        }
         # Sizes come from the metric's own result (`engine.similarity.evaluate`).
         row.update({k: r.details[k] for k in ("n", "rows", "d") if k in r.details})
         out[name] = row
@@ -94,25 +101,41 @@ def _overview(results: RunResults, plots: list[str]) -> dict:
     comps = []
     for i, c in enumerate(results.comparisons):
         pairing = c.pairing.to_json()
-        del pairing["best_corr_ab"]          # a per-feature list: the data files carry those
-        comps.append({
-            "id": i, "name": c.name, "kind": c.kind, "label": c.label,
-            "hookpoint_a": c.labels.hookpoint_a, "hookpoint_b": c.labels.hookpoint_b,
-            "n_features": {"a": c.n_features[0], "b": c.n_features[1]}, "tokens": c.tokens,
-            "n_pairs": c.n_pairs, "filters": c.filters.to_json(), "pairing": pairing,
-            "metrics": _metric_summary(c.metrics),
-            "metrics_before_threshold": _metric_summary(c.metrics_before_threshold),
-            "n_pairs_before_threshold": c.n_pairs_before_threshold,
-            "metrics_skipped": dict(c.metrics_skipped), "note": c.note,
-            "truth": None if c.truth is None else c.truth.to_json(),
-            "fraction_same_top_token": c.fraction_same_top_token,
-            "verdict": results.summary[i] if i < len(results.summary) else None})
+        del pairing["best_corr_ab"]  # a per-feature list: the data files carry those
+        comps.append(
+            {
+                "id": i,
+                "name": c.name,
+                "kind": c.kind,
+                "label": c.label,
+                "hookpoint_a": c.labels.hookpoint_a,
+                "hookpoint_b": c.labels.hookpoint_b,
+                "n_features": {"a": c.n_features[0], "b": c.n_features[1]},
+                "tokens": c.tokens,
+                "n_pairs": c.n_pairs,
+                "filters": c.filters.to_json(),
+                "pairing": pairing,
+                "metrics": _metric_summary(c.metrics),
+                "metrics_before_threshold": _metric_summary(c.metrics_before_threshold),
+                "n_pairs_before_threshold": c.n_pairs_before_threshold,
+                "metrics_skipped": dict(c.metrics_skipped),
+                "note": c.note,
+                "truth": None if c.truth is None else c.truth.to_json(),
+                "fraction_same_top_token": c.fraction_same_top_token,
+                "verdict": results.summary[i] if i < len(results.summary) else None,
+            }
+        )
     head = {**dict.fromkeys(HEAD_KEYS), **results.head()}
-    return _clean({"head": head, "comparisons": comps, "alpha": ALPHA,
-                   "reference_points": {m: e.to_json()
-                                        for m, e in results.reference_points.items()},
-                   "grid": None if results.grid is None else results.grid.to_json(),
-                   "plots": plots})
+    return _clean(
+        {
+            "head": head,
+            "comparisons": comps,
+            "alpha": ALPHA,
+            "reference_points": {m: e.to_json() for m, e in results.reference_points.items()},
+            "grid": None if results.grid is None else results.grid.to_json(),
+            "plots": plots,
+        }
+    )
 
 
 def _columns(rows: list[dict], keys: dict) -> dict:
@@ -121,14 +144,31 @@ def _columns(rows: list[dict], keys: dict) -> dict:
 
 def _comparison_data(pairs: KeptPairs, table: dict | None) -> dict:
     """The pair and feature tables of one comparison (its kept pairs, its feature table)."""
-    data = {"pairs": {"a": list(pairs.a), "b": list(pairs.b), "value": list(pairs.value),
-                      "dcos": None if pairs.decoder_cos is None else list(pairs.decoder_cos)},
-            "features": {}, "has_pages": {}}
+    data = {
+        "pairs": {
+            "a": list(pairs.a),
+            "b": list(pairs.b),
+            "value": list(pairs.value),
+            "dcos": None if pairs.decoder_cos is None else list(pairs.decoder_cos),
+        },
+        "features": {},
+        "has_pages": {},
+    }
     for side in "ab":
         rows = (table or {}).get(side) or []
-        cols = _columns(rows, {"density": "density", "max": "max", "status": "status",
-                               "drop": "drop", "reason": "reason", "partner": "partner",
-                               "partner_value": "partner_value", "importance": "importance"})
+        cols = _columns(
+            rows,
+            {
+                "density": "density",
+                "max": "max",
+                "status": "status",
+                "drop": "drop",
+                "reason": "reason",
+                "partner": "partner",
+                "partner_value": "partner_value",
+                "importance": "importance",
+            },
+        )
         cols["top"] = [r.get("top_tokens") or [] for r in rows]
         if not any(v is not None for v in cols["importance"]):
             cols["importance"] = None
@@ -151,8 +191,9 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
     """Writes ``out_dir`` (default ``workdir/report``) and returns the path of index.html."""
     results_path = os.path.join(workdir, "results.json")
     if not os.path.exists(results_path):
-        raise ReportError(f"--workdir={workdir}: no results.json (run the universality "
-                          "pipeline there first)")
+        raise ReportError(
+            f"--workdir={workdir}: no results.json (run the universality pipeline there first)"
+        )
     try:
         results = RunResults.load(results_path)
     except ResultsError as e:
@@ -181,14 +222,17 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
                 data["has_pages"][side] = None
                 continue
             index = _load(index_path)
-            data["has_pages"][side] = {"per_batch": index["per_batch"],
-                                       "n_batches": len(index["batches"])}
+            data["has_pages"][side] = {
+                "per_batch": index["per_batch"],
+                "n_batches": len(index["batches"]),
+            }
             for b in index["batches"]:
                 # The export file is JSON, hence a JS literal: wrap its text unparsed (fast
                 # for 32k-feature runs). Only "</" needs no escaping: this is no inline script.
                 key = f"comp-{i}-{side}-{b['batch']}"
-                with open(os.path.join(os.path.dirname(index_path), b["file"]),
-                          encoding="utf-8") as fh:
+                with open(
+                    os.path.join(os.path.dirname(index_path), b["file"]), encoding="utf-8"
+                ) as fh:
                     text = fh.read()
                 out = os.path.join(data_dir, f"{key}.js")
                 with open(out + ".tmp", "w", encoding="utf-8") as fh:
@@ -202,11 +246,13 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
     with open(os.path.join(HERE, "html_report_assets", "report.css"), encoding="utf-8") as fh:
         style = fh.read()
     title = "universality report: " + os.path.basename(os.path.abspath(workdir))
-    html = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_escape(title)}</title>\n<style>\n{style}\n</style></head>\n<body>\n"
-            f"{_BODY.replace('@TITLE@', _escape(title))}\n"
-            f"<script>\nvar SAEU_OVERVIEW = {_js_value(overview)};\n</script>\n"
-            f"<script>\n{script}\n</script>\n</body></html>\n")
+    html = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_escape(title)}</title>\n<style>\n{style}\n</style></head>\n<body>\n"
+        f"{_BODY.replace('@TITLE@', _escape(title))}\n"
+        f"<script>\nvar SAEU_OVERVIEW = {_js_value(overview)};\n</script>\n"
+        f"<script>\n{script}\n</script>\n</body></html>\n"
+    )
     path = os.path.join(out_dir, "index.html")
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         fh.write(html)
@@ -215,8 +261,7 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
 
 
 def _escape(s: str) -> str:
-    return (s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace('"', "&quot;"))
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
 _BODY = """<header><h1>@TITLE@</h1><div id="run-head"></div>

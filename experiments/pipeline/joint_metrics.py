@@ -51,12 +51,12 @@ from models import joint_sae as js
 from models import sae as sae_lib
 
 SHARED_R = (0.3, 0.7)
-EXCLUSIVE_R = 0.1           # r <= 0.1: only A; r >= 0.9: only B
+EXCLUSIVE_R = 0.1  # r <= 0.1: only A; r >= 0.9: only B
 SHARED_CORR = 0.5
 EXCLUSIVE_CORR = 0.2
 TRUTH_MIN_COS = 0.8
 ARTIFACT_NU = 0.5
-FREQUENT_DENSITY = 0.01     # diagnostic: shared-call precision among latents this frequent
+FREQUENT_DENSITY = 0.01  # diagnostic: shared-call precision among latents this frequent
 GEOMETRY_MIN_PAIRS = 5
 R_BINS = np.linspace(0.0, 1.0, 21)
 
@@ -71,27 +71,36 @@ class Sharing:
     shared_b: np.ndarray
     exclusive_a: np.ndarray
     exclusive_b: np.ndarray
-    n_live_b: int | None = None   # activation criteria: B's own live latents
+    n_live_b: int | None = None  # activation criteria: B's own live latents
 
     def summary(self) -> dict:
         n = max(self.n_live, 1)
         # Exclusive latents over the latents they come from: one set (decoder norm) or A's
         # plus B's (activation criteria, each SAE its own latents).
         n_ex = max(self.n_live + (self.n_live_b or 0), 1)
-        return {"criterion": self.criterion, "n_live": int(self.n_live),
-                "n_shared": int(self.shared_a.size), "n_exclusive_a": int(self.exclusive_a.size),
-                "n_exclusive_b": int(self.exclusive_b.size),
-                "fraction_shared": self.shared_a.size / n,
-                "fraction_exclusive": (self.exclusive_a.size + self.exclusive_b.size) / n_ex}
+        return {
+            "criterion": self.criterion,
+            "n_live": int(self.n_live),
+            "n_shared": int(self.shared_a.size),
+            "n_exclusive_a": int(self.exclusive_a.size),
+            "n_exclusive_b": int(self.exclusive_b.size),
+            "fraction_shared": self.shared_a.size / n,
+            "fraction_exclusive": (self.exclusive_a.size + self.exclusive_b.size) / n_ex,
+        }
 
 
 def reconstruction(codes: js.JointCodes, shared_code: bool) -> dict:
     """Per-model FVU, L0, dead fraction (normalised space; FVU is scale-free)."""
     out = {"per_model": []}
     for m, (x, xh, z) in enumerate(zip(codes.xns, codes.recons, codes.codes)):
-        out["per_model"].append({"model": m, "fvu": js.fvu(x, xh),
-                                 "l0": float((z > 0).sum(1).mean()),
-                                 "dead_fraction": float(np.mean(~(z > 0).any(0)))})
+        out["per_model"].append(
+            {
+                "model": m,
+                "fvu": js.fvu(x, xh),
+                "l0": float((z > 0).sum(1).mean()),
+                "dead_fraction": float(np.mean(~(z > 0).any(0))),
+            }
+        )
     out["mean_fvu"] = float(np.mean([p["fvu"] for p in out["per_model"]]))
     if codes.cross_fvu is not None:
         out["cross_fvu"] = codes.cross_fvu.tolist()
@@ -104,21 +113,27 @@ def sharing_by_norm(r_b: np.ndarray, live: np.ndarray) -> Sharing:
     r_b = np.asarray(r_b, np.float64)
     live = np.asarray(live, bool)
     shared = np.flatnonzero(live & (r_b >= SHARED_R[0]) & (r_b <= SHARED_R[1]))
-    return Sharing("decoder_norm", int(live.sum()), shared, shared,
-                   np.flatnonzero(live & (r_b <= EXCLUSIVE_R)),
-                   np.flatnonzero(live & (r_b >= 1 - EXCLUSIVE_R)))
+    return Sharing(
+        "decoder_norm",
+        int(live.sum()),
+        shared,
+        shared,
+        np.flatnonzero(live & (r_b <= EXCLUSIVE_R)),
+        np.flatnonzero(live & (r_b >= 1 - EXCLUSIVE_R)),
+    )
 
 
 def _corr_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-column Pearson correlation of two ``[N, F]`` matrices (0 where constant)."""
     a = a - a.mean(0)
     b = b - b.mean(0)
-    den = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
+    den = np.sqrt((a**2).sum(0) * (b**2).sum(0))
     return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1.0), 0.0)
 
 
-def sharing_by_activation(z_a: np.ndarray, z_b: np.ndarray, mesh, *, pairing: str
-                          ) -> tuple[Sharing, dict]:
+def sharing_by_activation(
+    z_a: np.ndarray, z_b: np.ndarray, mesh, *, pairing: str
+) -> tuple[Sharing, dict]:
     """Classify A's live latents by activation correlation with B's (see module docstring).
 
     ``pairing``: ``same_index`` (partner of latent i is latent i) or ``best_partner``
@@ -130,8 +145,9 @@ def sharing_by_activation(z_a: np.ndarray, z_b: np.ndarray, mesh, *, pairing: st
     live_a = (z_a > 0).any(0)
     live_b = (z_b > 0).any(0)
     same = _corr_columns(z_a, z_b)
-    matches = correlation.correlate((z_a.astype(np.float32), z_b.astype(np.float32)),
-                                    z_a.shape[1], z_b.shape[1], mesh)
+    matches = correlation.correlate(
+        (z_a.astype(np.float32), z_b.astype(np.float32)), z_a.shape[1], z_b.shape[1], mesh
+    )
     best_a = np.where(matches.a_has_match, matches.a_value, 0.0)
     best_b = np.where(matches.b_has_match, matches.b_value, 0.0)
     if pairing == "same_index":
@@ -141,20 +157,32 @@ def sharing_by_activation(z_a: np.ndarray, z_b: np.ndarray, mesh, *, pairing: st
         partner = matches.a_match
         value = best_a
     else:
-        raise checks.InputError(f"sharing_by_activation pairing: unknown {pairing!r}; "
-                                "expected 'same_index' or 'best_partner'")
+        raise checks.InputError(
+            f"sharing_by_activation pairing: unknown {pairing!r}; "
+            "expected 'same_index' or 'best_partner'"
+        )
     ok = live_a & (partner >= 0) & (value >= SHARED_CORR)
     ok &= live_b[np.maximum(partner, 0)]
     shared_a = np.flatnonzero(ok)
-    call = Sharing(f"activation_{pairing}", int(live_a.sum()), shared_a, partner[shared_a],
-                   np.flatnonzero(live_a & (best_a < EXCLUSIVE_CORR)),
-                   np.flatnonzero(live_b & (best_b < EXCLUSIVE_CORR)), int(live_b.sum()))
-    stats = {"mean_same_index_corr": float(same[live_a].mean()) if live_a.any() else 0.0,
-             "mean_best_partner_corr": float(best_a[live_a].mean()) if live_a.any() else 0.0,
-             "fraction_same_index_ge_shared": float(np.mean(same[live_a] >= SHARED_CORR))
-             if live_a.any() else 0.0,
-             "fraction_best_partner_ge_shared": float(np.mean(best_a[live_a] >= SHARED_CORR))
-             if live_a.any() else 0.0}
+    call = Sharing(
+        f"activation_{pairing}",
+        int(live_a.sum()),
+        shared_a,
+        partner[shared_a],
+        np.flatnonzero(live_a & (best_a < EXCLUSIVE_CORR)),
+        np.flatnonzero(live_b & (best_b < EXCLUSIVE_CORR)),
+        int(live_b.sum()),
+    )
+    stats = {
+        "mean_same_index_corr": float(same[live_a].mean()) if live_a.any() else 0.0,
+        "mean_best_partner_corr": float(best_a[live_a].mean()) if live_a.any() else 0.0,
+        "fraction_same_index_ge_shared": float(np.mean(same[live_a] >= SHARED_CORR))
+        if live_a.any()
+        else 0.0,
+        "fraction_best_partner_ge_shared": float(np.mean(best_a[live_a] >= SHARED_CORR))
+        if live_a.any()
+        else 0.0,
+    }
     return call, stats
 
 
@@ -168,10 +196,17 @@ def _match_truth(w_dec: np.ndarray, true_dirs: np.ndarray) -> tuple[np.ndarray, 
     return cos.argmax(1), cos.max(1)
 
 
-def truth_scores(call: Sharing, w_dec_a: np.ndarray, w_dec_b: np.ndarray,
-                 features_a: np.ndarray, features_b: np.ndarray, n_shared: int,
-                 live_a: np.ndarray, live_b: np.ndarray,
-                 density_a: np.ndarray | None = None) -> dict:
+def truth_scores(
+    call: Sharing,
+    w_dec_a: np.ndarray,
+    w_dec_b: np.ndarray,
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    n_shared: int,
+    live_a: np.ndarray,
+    live_b: np.ndarray,
+    density_a: np.ndarray | None = None,
+) -> dict:
     """Precision / recall of a sharing call against a partial pair's known truth.
 
     True features ``0 .. n_shared-1`` of each side are the shared ones (same index on both
@@ -182,36 +217,52 @@ def truth_scores(call: Sharing, w_dec_a: np.ndarray, w_dec_b: np.ndarray,
     ok_a, ok_b = ca >= TRUTH_MIN_COS, cb >= TRUTH_MIN_COS
     n_ea, n_eb = features_a.shape[0] - n_shared, features_b.shape[0] - n_shared
     # Predicted-shared pairs that join the same true shared feature in both sides.
-    good = (ok_a[call.shared_a] & ok_b[call.shared_b] & (fa[call.shared_a] < n_shared)
-            & (fa[call.shared_a] == fb[call.shared_b]))
+    good = (
+        ok_a[call.shared_a]
+        & ok_b[call.shared_b]
+        & (fa[call.shared_a] < n_shared)
+        & (fa[call.shared_a] == fb[call.shared_b])
+    )
     found = set(fa[call.shared_a][good].tolist())
-    out = {"n_true_shared": int(n_shared), "n_true_exclusive_a": int(n_ea),
-           "n_true_exclusive_b": int(n_eb),
-           "shared_precision": float(good.mean()) if call.shared_a.size else None,
-           "shared_recall": len(found) / n_shared if n_shared else None}
+    out = {
+        "n_true_shared": int(n_shared),
+        "n_true_exclusive_a": int(n_ea),
+        "n_true_exclusive_b": int(n_eb),
+        "shared_precision": float(good.mean()) if call.shared_a.size else None,
+        "shared_recall": len(found) / n_shared if n_shared else None,
+    }
     if density_a is not None:
         frequent = np.asarray(density_a)[call.shared_a] >= FREQUENT_DENSITY
-        out["shared_precision_frequent"] = (float(good[frequent].mean()) if frequent.any()
-                                            else None)
+        out["shared_precision_frequent"] = float(good[frequent].mean()) if frequent.any() else None
         out["n_shared_frequent"] = int(frequent.sum())
 
     def excl(side_ids, f, ok, live, n_excl, name):
         hit = ok[side_ids] & (f[side_ids] >= n_shared)
         out[f"exclusive_{name}_precision"] = float(hit.mean()) if side_ids.size else None
-        out[f"exclusive_{name}_recall"] = (len(set(f[side_ids][hit].tolist())) / n_excl
-                                           if n_excl else None)
+        out[f"exclusive_{name}_recall"] = (
+            len(set(f[side_ids][hit].tolist())) / n_excl if n_excl else None
+        )
         # Latents that carry an exclusive feature of this side: how many were called shared?
         carriers = np.flatnonzero(live & ok & (f >= n_shared))
         shared_ids = call.shared_a if name == "a" else call.shared_b
-        out[f"exclusive_{name}_called_shared"] = (float(np.isin(carriers, shared_ids).mean())
-                                                  if carriers.size else None)
+        out[f"exclusive_{name}_called_shared"] = (
+            float(np.isin(carriers, shared_ids).mean()) if carriers.size else None
+        )
+
     excl(call.exclusive_a, fa, ok_a, live_a, n_ea, "a")
     excl(call.exclusive_b, fb, ok_b, live_b, n_eb, "b")
     return out
 
 
-def geometry(x: np.ndarray, y: np.ndarray, mesh, *, num_permutations: int = 200,
-             seed: int = 0, metrics: Sequence[str] = compare.DEFAULT_METRICS) -> dict:
+def geometry(
+    x: np.ndarray,
+    y: np.ndarray,
+    mesh,
+    *,
+    num_permutations: int = 200,
+    seed: int = 0,
+    metrics: Sequence[str] = compare.DEFAULT_METRICS,
+) -> dict:
     """The pipeline's metrics with random-pairing nulls on paired rows (compact form)."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
@@ -220,19 +271,26 @@ def geometry(x: np.ndarray, y: np.ndarray, mesh, *, num_permutations: int = 200,
     out = {"n": int(x.shape[0]), "metrics": {}, "skipped": {}}
     for metric in metrics:
         try:
-            res = similarity.evaluate(x, y, (metric,), num_permutations=num_permutations,
-                                      seed=seed, mesh=mesh)["metrics"][metric]
+            res = similarity.evaluate(
+                x, y, (metric,), num_permutations=num_permutations, seed=seed, mesh=mesh
+            )["metrics"][metric]
         except checks.InputError as e:
             out["skipped"][metric] = str(e)
             continue
-        out["metrics"][metric] = {k: res.get(k) for k in ("score", "null_mean", "null_std",
-                                                           "p", "z", "excess")}
+        out["metrics"][metric] = {
+            k: res.get(k) for k in ("score", "null_mean", "null_std", "p", "z", "excess")
+        }
     return out
 
 
-def artifact_summary(scaling: js.LatentScaling, exclusive_a: np.ndarray,
-                     exclusive_b: np.ndarray, w_decs=None, truth=None,
-                     models: tuple = (0, 1)) -> dict:
+def artifact_summary(
+    scaling: js.LatentScaling,
+    exclusive_a: np.ndarray,
+    exclusive_b: np.ndarray,
+    w_decs=None,
+    truth=None,
+    models: tuple = (0, 1),
+) -> dict:
     """Minder et al.'s check on the norm-exclusive latents of a model pair.
 
     ``models``: the pair's model indices (rows of ``scaling``): ``exclusive_a`` are latents
@@ -248,10 +306,12 @@ def artifact_summary(scaling: js.LatentScaling, exclusive_a: np.ndarray,
         nr = scaling.nu_recon[other, ids]
         flag = (np.nan_to_num(ne) >= ARTIFACT_NU) | (np.nan_to_num(nr) >= ARTIFACT_NU)
         entry = {
-            "n": int(ids.size), "n_flagged": int(flag.sum()),
+            "n": int(ids.size),
+            "n_flagged": int(flag.sum()),
             "flagged": ids[flag].tolist(),
             "nu_error_median": float(np.nanmedian(ne)) if ids.size else None,
-            "nu_recon_median": float(np.nanmedian(nr)) if ids.size else None}
+            "nu_recon_median": float(np.nanmedian(nr)) if ids.size else None,
+        }
         if truth is not None and w_decs is not None and ids.size:
             feats = truth.features_a if side == 0 else truth.features_b
             n_shared = int(np.sum(np.asarray(truth.true_match) >= 0))
@@ -275,8 +335,10 @@ def _pair_truth(truth, a: int, b: int):
     if isinstance(truth, dictionary_pair.PartialSides):
         return truth.pair(a, b)
     if (a, b) != (0, 1):
-        raise checks.InputError(f"joint_metrics truth: a two-model ToyPair has no truth for "
-                                f"models ({a}, {b}); give PartialSides")
+        raise checks.InputError(
+            f"joint_metrics truth: a two-model ToyPair has no truth for "
+            f"models ({a}, {b}); give PartialSides"
+        )
     return truth
 
 
@@ -291,9 +353,16 @@ def _with_pairs(out: dict, pairs: list[dict]) -> dict:
     return out
 
 
-def analyze_joint(joint: js.JointSAE, xs: Sequence[np.ndarray], mesh, *, truth=None,
-                  num_permutations: int = 200, seed: int = 0,
-                  metrics: Sequence[str] = compare.DEFAULT_METRICS) -> dict:
+def analyze_joint(
+    joint: js.JointSAE,
+    xs: Sequence[np.ndarray],
+    mesh,
+    *,
+    truth=None,
+    num_permutations: int = 200,
+    seed: int = 0,
+    metrics: Sequence[str] = compare.DEFAULT_METRICS,
+) -> dict:
     """Every measurement of one joint model on M models' row-aligned activations.
 
     Reconstruction per model; sharing, truth, geometry and latent scaling per model pair
@@ -304,17 +373,26 @@ def analyze_joint(joint: js.JointSAE, xs: Sequence[np.ndarray], mesh, *, truth=N
     cfg = joint.spec.config
     M = joint.spec.n_models
     codes = js.run_codes(joint, xs)
-    out = {"label": cfg.label(), "design": cfg.design, "config": cfg.to_dict(),
-           "n_models": M, "reconstruction": reconstruction(codes, cfg.shared_code)}
+    out = {
+        "label": cfg.label(),
+        "design": cfg.design,
+        "config": cfg.to_dict(),
+        "n_models": M,
+        "reconstruction": reconstruction(codes, cfg.shared_code),
+    }
     lives = [(c > 0).any(0) for c in codes.codes]
     w = [np.asarray(wd, np.float64) for wd in joint.params["W_dec"]]
     norms = joint.decoder_norms()
     # Minder et al.'s check needs one code for every model (crosscoders); a universal SAE's
     # code differs per source model.
-    scaling = (js.latent_scaling(codes.codes, codes.xns, codes.recons, w)
-               if cfg.shared_code else None)
-    primary = {"crosscoder": "decoder_norm", "universal": "decoder_norm",
-               "aligned": "activation_same_index"}[cfg.design]
+    scaling = (
+        js.latent_scaling(codes.codes, codes.xns, codes.recons, w) if cfg.shared_code else None
+    )
+    primary = {
+        "crosscoder": "decoder_norm",
+        "universal": "decoder_norm",
+        "aligned": "activation_same_index",
+    }[cfg.design]
     pairs = []
     for a, b in itertools.combinations(range(M), 2):
         truth_ab = _pair_truth(truth, a, b)
@@ -331,35 +409,69 @@ def analyze_joint(joint: js.JointSAE, xs: Sequence[np.ndarray], mesh, *, truth=N
             entry["r_histogram"] = {"bins": R_BINS.tolist(), "counts": r_histogram(r_b, live)}
             if scaling is not None:
                 entry["latent_scaling"] = artifact_summary(
-                    scaling, calls["decoder_norm"].exclusive_a,
-                    calls["decoder_norm"].exclusive_b, [w[a], w[b]], truth_ab, models=(a, b))
+                    scaling,
+                    calls["decoder_norm"].exclusive_a,
+                    calls["decoder_norm"].exclusive_b,
+                    [w[a], w[b]],
+                    truth_ab,
+                    models=(a, b),
+                )
         if cfg.design in ("universal", "aligned"):
             for pairing in ("same_index", "best_partner"):
-                call, stats = sharing_by_activation(codes.codes[a], codes.codes[b], mesh,
-                                                    pairing=pairing)
+                call, stats = sharing_by_activation(
+                    codes.codes[a], codes.codes[b], mesh, pairing=pairing
+                )
                 calls[call.criterion] = call
                 entry[f"activation_{pairing}_stats"] = stats
-        entry.update(_report_calls(calls, primary, w[a], w[b], lives[a], lives[b], truth_ab,
-                                   mesh, num_permutations, seed, metrics,
-                                   (codes.codes[a] > 0).mean(0)))
+        entry.update(
+            _report_calls(
+                calls,
+                primary,
+                w[a],
+                w[b],
+                lives[a],
+                lives[b],
+                truth_ab,
+                mesh,
+                num_permutations,
+                seed,
+                metrics,
+                (codes.codes[a] > 0).mean(0),
+            )
+        )
         pairs.append(entry)
     return _with_pairs(out, pairs)
 
 
-def analyze_independent(saes: Sequence[sae_lib.SAE], xs: Sequence[np.ndarray], mesh, *,
-                        truth=None, num_permutations: int = 200, seed: int = 0,
-                        metrics: Sequence[str] = compare.DEFAULT_METRICS) -> dict:
+def analyze_independent(
+    saes: Sequence[sae_lib.SAE],
+    xs: Sequence[np.ndarray],
+    mesh,
+    *,
+    truth=None,
+    num_permutations: int = 200,
+    seed: int = 0,
+    metrics: Sequence[str] = compare.DEFAULT_METRICS,
+) -> dict:
     """The same numbers for M independently trained SAEs (best-partner pairing per pair)."""
     if len(saes) != len(xs) or len(saes) < 2:
-        raise checks.InputError(f"analyze_independent: {len(saes)} SAEs for {len(xs)} models' "
-                                "activations (need one per model, >= 2)")
+        raise checks.InputError(
+            f"analyze_independent: {len(saes)} SAEs for {len(xs)} models' "
+            "activations (need one per model, >= 2)"
+        )
     z = [np.asarray(s.encode(np.asarray(x, np.float32)), np.float64) for s, x in zip(saes, xs)]
     xns = [np.asarray(x, np.float64) * s.config.input_scale for s, x in zip(saes, xs)]
-    recons = [np.asarray(s.decode(zz.astype(np.float32)), np.float64) * s.config.input_scale
-              for s, zz in zip(saes, z)]
+    recons = [
+        np.asarray(s.decode(zz.astype(np.float32)), np.float64) * s.config.input_scale
+        for s, zz in zip(saes, z)
+    ]
     codes = js.JointCodes(xns=xns, codes=z, recons=recons, cross_fvu=None)
-    out = {"label": "independent", "design": "independent", "n_models": len(saes),
-           "reconstruction": reconstruction(codes, False)}
+    out = {
+        "label": "independent",
+        "design": "independent",
+        "n_models": len(saes),
+        "reconstruction": reconstruction(codes, False),
+    }
     lives = [(zz > 0).any(0) for zz in z]
     w = [np.asarray(s.W_dec, np.float64) for s in saes]
     pairs = []
@@ -370,27 +482,65 @@ def analyze_independent(saes: Sequence[sae_lib.SAE], xs: Sequence[np.ndarray], m
             call, stats = sharing_by_activation(z[a], z[b], mesh, pairing=pairing)
             calls[call.criterion] = call
             entry[f"activation_{pairing}_stats"] = stats
-        entry.update(_report_calls(calls, "activation_best_partner", w[a], w[b], lives[a],
-                                   lives[b], _pair_truth(truth, a, b), mesh, num_permutations,
-                                   seed, metrics, (z[a] > 0).mean(0)))
+        entry.update(
+            _report_calls(
+                calls,
+                "activation_best_partner",
+                w[a],
+                w[b],
+                lives[a],
+                lives[b],
+                _pair_truth(truth, a, b),
+                mesh,
+                num_permutations,
+                seed,
+                metrics,
+                (z[a] > 0).mean(0),
+            )
+        )
         pairs.append(entry)
     return _with_pairs(out, pairs)
 
 
-def _report_calls(calls: dict, primary: str, w_a, w_b, live_a, live_b, truth, mesh,
-                  num_permutations: int, seed: int, metrics: Sequence[str],
-                  density_a: np.ndarray) -> dict:
+def _report_calls(
+    calls: dict,
+    primary: str,
+    w_a,
+    w_b,
+    live_a,
+    live_b,
+    truth,
+    mesh,
+    num_permutations: int,
+    seed: int,
+    metrics: Sequence[str],
+    density_a: np.ndarray,
+) -> dict:
     out = {"primary_criterion": primary, "sharing": {}}
     for name, call in calls.items():
         entry = call.summary()
         if truth is not None:
             n_shared = int(np.sum(np.asarray(truth.true_match) >= 0))
-            entry["truth"] = truth_scores(call, w_a, w_b, truth.features_a, truth.features_b,
-                                          n_shared, live_a, live_b, density_a)
+            entry["truth"] = truth_scores(
+                call,
+                w_a,
+                w_b,
+                truth.features_a,
+                truth.features_b,
+                n_shared,
+                live_a,
+                live_b,
+                density_a,
+            )
         if name == primary:
-            entry["geometry"] = geometry(w_a[call.shared_a], w_b[call.shared_b], mesh,
-                                         num_permutations=num_permutations, seed=seed,
-                                         metrics=metrics)
+            entry["geometry"] = geometry(
+                w_a[call.shared_a],
+                w_b[call.shared_b],
+                mesh,
+                num_permutations=num_permutations,
+                seed=seed,
+                metrics=metrics,
+            )
         out["sharing"][name] = entry
     out["fraction_shared"] = out["sharing"][primary]["fraction_shared"]
     return out

@@ -29,11 +29,10 @@ import numpy as np
 from engine import checks
 from experiments.pipeline import filters
 
-if TYPE_CHECKING:   # the flag module imports this registry: keep it free of jax at import
+if TYPE_CHECKING:  # the flag module imports this registry: keep it free of jax at import
     from models import sae as sae_lib
 
-Propose = Callable[[Mapping[str, np.ndarray], "sae_lib.SAE", "sae_lib.SAE", object],
-                   filters.Pairs]
+Propose = Callable[[Mapping[str, np.ndarray], "sae_lib.SAE", "sae_lib.SAE", object], filters.Pairs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +62,15 @@ def names() -> list[str]:
 def get(name: str) -> PairingRule:
     """The rule called ``name`` (`InputError` listing the registered names otherwise)."""
     if name not in RULES:
-        raise checks.InputError(f"--pairing: unknown pairing rule {name!r}; expected one of "
-                                f"{names()}")
+        raise checks.InputError(
+            f"--pairing: unknown pairing rule {name!r}; expected one of {names()}"
+        )
     return RULES[name]
 
 
-def correlation(step: Mapping[str, np.ndarray], sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
-                mesh) -> filters.Pairs:
+def correlation(
+    step: Mapping[str, np.ndarray], sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh
+) -> filters.Pairs:
     """Each feature's best activation-correlation partner, proposed from both sides."""
     del sae_a, sae_b, mesh
     a_ids = np.flatnonzero(step["m_a_match"] >= 0)
@@ -83,20 +84,26 @@ def correlation(step: Mapping[str, np.ndarray], sae_a: sae_lib.SAE, sae_b: sae_l
     return filters.Pairs(a[first], b[first], v[first].astype(np.float64))
 
 
-def decoder(step: Mapping[str, np.ndarray], sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
-            mesh) -> filters.Pairs:
+def decoder(
+    step: Mapping[str, np.ndarray], sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, mesh
+) -> filters.Pairs:
     """One-to-one matching of the decoder rows by cosine (both SAEs read one space)."""
     from engine import matching
+
     del step
     if sae_a.config.d_in != sae_b.config.d_in:
-        raise checks.InputError(f"--pairing=decoder: decoder-cosine pairing needs SAEs of the "
-                                f"same width, got d_in {sae_a.config.d_in} and "
-                                f"{sae_b.config.d_in}; use --pairing=correlation")
+        raise checks.InputError(
+            f"--pairing=decoder: decoder-cosine pairing needs SAEs of the "
+            f"same width, got d_in {sae_a.config.d_in} and "
+            f"{sae_b.config.d_in}; use --pairing=correlation"
+        )
     m = matching.match(a=np.asarray(sae_a.W_dec), b=np.asarray(sae_b.W_dec), mesh=mesh)
-    return filters.Pairs(np.asarray(m.rows, np.int64), np.asarray(m.cols, np.int64),
-                         np.asarray(m.values, np.float64))
+    return filters.Pairs(
+        np.asarray(m.rows, np.int64), np.asarray(m.cols, np.int64), np.asarray(m.values, np.float64)
+    )
 
 
-register(PairingRule("correlation", "best activation-correlation partner, both directions",
-                     correlation))
+register(
+    PairingRule("correlation", "best activation-correlation partner, both directions", correlation)
+)
 register(PairingRule("decoder", "one-to-one decoder-cosine matching (same d_in)", decoder))

@@ -48,33 +48,39 @@ from models import sae_train
 SEPARATION_Z = 2.0
 REPLICATE_DATA = ("order", "subset")
 SWEEP_NAMES = ("d_sae", "expansion", "k", "l1_coeff", "subset")
-TESTS_NOTE = ("one-sided tests of cross < within on the excess over the null; the cross "
-              "pairs share SAEs, so they are not independent and p-values are descriptive")
+TESTS_NOTE = (
+    "one-sided tests of cross < within on the excess over the null; the cross "
+    "pairs share SAEs, so they are not independent and p-values are descriptive"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class RefSettings:
     replicates: int = 1
-    replicate_data: str = "order"          # "order": other seed + data order; "subset": folds
+    replicate_data: str = "order"  # "order": other seed + data order; "subset": folds
     ceiling_sides: tuple[str, ...] = ("a", "b")
     floor: bool = True
-    floor_at: str = "b"                    # random-init copy of B at hb, or of A at ha
-    permutations: int = 2000               # permutation test of cross < within
+    floor_at: str = "b"  # random-init copy of B at hb, or of A at ha
+    permutations: int = 2000  # permutation test of cross < within
 
     def validate(self) -> RefSettings:
         checks.check_positive_int("--replicates", self.replicates)
         if self.replicate_data not in REPLICATE_DATA:
-            raise checks.InputError(f"--replicate_data: unknown {self.replicate_data!r}; "
-                                    f"expected one of {REPLICATE_DATA}")
+            raise checks.InputError(
+                f"--replicate_data: unknown {self.replicate_data!r}; "
+                f"expected one of {REPLICATE_DATA}"
+            )
         bad = [s for s in self.ceiling_sides if s not in ("a", "b")]
         if bad:
-            raise checks.InputError(f"--ceiling_sides: unknown side(s) {bad}; expected a "
-                                    "subset of a,b")
+            raise checks.InputError(
+                f"--ceiling_sides: unknown side(s) {bad}; expected a subset of a,b"
+            )
         if self.floor_at not in ("a", "b"):
             raise checks.InputError(f"--floor_at: expected 'a' or 'b', got {self.floor_at!r}")
         if self.replicate_data == "subset" and self.replicates < 2:
-            raise checks.InputError("--replicate_data=subset needs --replicates >= 2 (one "
-                                    "fold per replicate)")
+            raise checks.InputError(
+                "--replicate_data=subset needs --replicates >= 2 (one fold per replicate)"
+            )
         return self
 
 
@@ -91,8 +97,9 @@ class Condition:
 
     def apply(self, recipe: sae_train.TrainConfig, d_in: int) -> sae_train.TrainConfig:
         if self.name == "d_sae":
-            return dataclasses.replace(recipe, d_sae=int(self.value),
-                                       k=min(recipe.k, int(self.value)))
+            return dataclasses.replace(
+                recipe, d_sae=int(self.value), k=min(recipe.k, int(self.value))
+            )
         if self.name == "expansion":
             d_sae = int(self.value * d_in)
             return dataclasses.replace(recipe, d_sae=d_sae, k=min(recipe.k, d_sae))
@@ -114,8 +121,9 @@ def parse_sweep(text: str | None) -> list[Condition]:
     name, sep, values = str(text).partition("=")
     name = name.strip()
     if not sep or name not in SWEEP_NAMES:
-        raise checks.InputError(f"--sweep={text!r}: expected NAME=v1,v2,... with NAME one of "
-                                f"{SWEEP_NAMES}")
+        raise checks.InputError(
+            f"--sweep={text!r}: expected NAME=v1,v2,... with NAME one of {SWEEP_NAMES}"
+        )
     out = []
     for v in values.split(","):
         try:
@@ -138,9 +146,9 @@ def parse_sweep(text: str | None) -> list[Condition]:
 class SideSpec:
     """One side of a comparison: activations per hookpoint and, optionally, loaded SAEs."""
 
-    name: str                                         # "a" or "b"
-    acts: Mapping[str, np.ndarray]                    # hookpoint -> [rows, d]
-    loaded: Mapping[str, tuple[str, object]] | None = None          # hp -> (path, SAE)
+    name: str  # "a" or "b"
+    acts: Mapping[str, np.ndarray]  # hookpoint -> [rows, d]
+    loaded: Mapping[str, tuple[str, object]] | None = None  # hp -> (path, SAE)
     loaded_ceiling: Mapping[str, tuple[str, object]] | None = None  # hp -> (path, SAE)
     description: str = ""
 
@@ -155,12 +163,12 @@ class ComparisonSpec:
     """
 
     name: str
-    group: str                # cell key (+ condition)
+    group: str  # cell key (+ condition)
     sae_a: saes_lib.SideSAE
     sae_b: saes_lib.SideSAE
     acts_a: np.ndarray
     acts_b: np.ndarray
-    labels: results.Labels    # kind (cross | ceiling | floor | control), label, cell, ...
+    labels: results.Labels  # kind (cross | ceiling | floor | control), label, cell, ...
     truth: dict | None = None
 
     @property
@@ -205,17 +213,31 @@ class Planner:
         self._specs: dict[str, ComparisonSpec] = {}
 
     # -- SAEs ---------------------------------------------------------------------------------
-    def _obtain(self, role: saes_lib.Role, acts, recipe=None, loaded=None, subset=None,
-                fold=None, note="") -> saes_lib.SideSAE:
+    def _obtain(
+        self, role: saes_lib.Role, acts, recipe=None, loaded=None, subset=None, fold=None, note=""
+    ) -> saes_lib.SideSAE:
         if role.key not in self.saes:
             t = self.training
             path, sae = loaded if loaded else (None, None)
             self.saes[role.key] = saes_lib.obtain(
-                role, acts, user_seed=t.user_seed, recipe=recipe, loaded=path,
-                loaded_sae=sae, steps=t.steps, batch_size=t.batch_size, root=t.root,
-                mesh=t.mesh, progress=t.progress,
-                metadata=t.metadata(role.side, role.hookpoint), subset=subset, fold=fold,
-                note=note, as_source=t.source_training, shuffle_buffer=t.shuffle_buffer)
+                role,
+                acts,
+                user_seed=t.user_seed,
+                recipe=recipe,
+                loaded=path,
+                loaded_sae=sae,
+                steps=t.steps,
+                batch_size=t.batch_size,
+                root=t.root,
+                mesh=t.mesh,
+                progress=t.progress,
+                metadata=t.metadata(role.side, role.hookpoint),
+                subset=subset,
+                fold=fold,
+                note=note,
+                as_source=t.source_training,
+                shuffle_buffer=t.shuffle_buffer,
+            )
         return self.saes[role.key]
 
     def _recipe(self, side: str, hp: str, d_in: int, cond: Condition):
@@ -227,57 +249,84 @@ class Planner:
         n = self.settings.replicates
         if side.loaded and hp in side.loaded:
             if n > 1 or cond.name:
-                raise checks.InputError(f"side {side.name.upper()} uses loaded SAEs: "
-                                        "--replicates > 1 and --sweep need SAEs trained here")
-            return [self._obtain(saes_lib.Role(side.name, hp, "main", 0, cond.label), acts,
-                                 loaded=side.loaded[hp])]
+                raise checks.InputError(
+                    f"side {side.name.upper()} uses loaded SAEs: "
+                    "--replicates > 1 and --sweep need SAEs trained here"
+                )
+            return [
+                self._obtain(
+                    saes_lib.Role(side.name, hp, "main", 0, cond.label),
+                    acts,
+                    loaded=side.loaded[hp],
+                )
+            ]
         recipe = self._recipe(side.name, hp, acts.shape[1], cond)
         out = []
         for r in range(n):
             fold = (r, n) if self.settings.replicate_data == "subset" else None
-            out.append(self._obtain(saes_lib.Role(side.name, hp, "main", r, cond.label), acts,
-                                    recipe, subset=cond.subset, fold=fold))
+            out.append(
+                self._obtain(
+                    saes_lib.Role(side.name, hp, "main", r, cond.label),
+                    acts,
+                    recipe,
+                    subset=cond.subset,
+                    fold=fold,
+                )
+            )
         return out
 
     def single(self, side: SideSpec, hp: str, cond: Condition) -> saes_lib.SideSAE:
         """One SAE of ``side`` at ``hp`` (e.g. the toy control), trained with the run's recipe."""
         acts = side.acts[hp]
-        return self._obtain(saes_lib.Role(side.name, hp, "main", 0, cond.label), acts,
-                            self._recipe(side.name, hp, acts.shape[1], cond),
-                            subset=cond.subset)
+        return self._obtain(
+            saes_lib.Role(side.name, hp, "main", 0, cond.label),
+            acts,
+            self._recipe(side.name, hp, acts.shape[1], cond),
+            subset=cond.subset,
+        )
 
-    def ceiling_extra(self, side: SideSpec, hp: str, cond: Condition,
-                      mains: Sequence[saes_lib.SideSAE]) -> list[saes_lib.SideSAE]:
+    def ceiling_extra(
+        self, side: SideSpec, hp: str, cond: Condition, mains: Sequence[saes_lib.SideSAE]
+    ) -> list[saes_lib.SideSAE]:
         """The second SAE of a seed-vs-seed ceiling when there is one replicate only."""
         if len(mains) >= 2 or side.name not in self.settings.ceiling_sides:
             return []
         role = saes_lib.Role(side.name, hp, "ceiling", 0, cond.label)
         acts = side.acts[hp]
         if side.loaded_ceiling and hp in side.loaded_ceiling:
-            return [self._obtain(role, acts, loaded=side.loaded_ceiling[hp],
-                                 note="second published seed")]
+            return [
+                self._obtain(
+                    role, acts, loaded=side.loaded_ceiling[hp], note="second published seed"
+                )
+            ]
         main = mains[0]
-        if main.recipe is None:      # loaded: the same architecture, width and sparsity
-            recipe = saes_lib.matching_config(main.sae, self.training.recipe(
-                side.name, hp, acts.shape[1]), acts[:4096])
-            note = ("trained here to match a loaded SAE (same architecture, width, sparsity); "
-                    "its training budget is this run's, so the ceiling is a lower bound on "
-                    "the published SAE's seed-to-seed agreement")
+        if main.recipe is None:  # loaded: the same architecture, width and sparsity
+            recipe = saes_lib.matching_config(
+                main.sae, self.training.recipe(side.name, hp, acts.shape[1]), acts[:4096]
+            )
+            note = (
+                "trained here to match a loaded SAE (same architecture, width, sparsity); "
+                "its training budget is this run's, so the ceiling is a lower bound on "
+                "the published SAE's seed-to-seed agreement"
+            )
         else:
             recipe = sae_train.TrainConfig(**main.recipe["config"])
             note = ""
         return [self._obtain(role, acts, recipe, subset=cond.subset, note=note)]
 
-    def floor(self, random_side: str, hp: str, acts: np.ndarray, like: saes_lib.SideSAE,
-              cond: Condition) -> saes_lib.SideSAE:
+    def floor(
+        self, random_side: str, hp: str, acts: np.ndarray, like: saes_lib.SideSAE, cond: Condition
+    ) -> saes_lib.SideSAE:
         """SAE of a random-init model, same architecture and width as the SAE ``like``."""
         if like.recipe is not None:
             recipe = sae_train.TrainConfig(**like.recipe["config"])
         else:
-            recipe = saes_lib.matching_config(like.sae, self.training.recipe(
-                random_side, hp, acts.shape[1]), acts[:4096])
-        return self._obtain(saes_lib.Role(random_side, hp, "floor", 0, cond.label), acts,
-                            recipe, subset=cond.subset)
+            recipe = saes_lib.matching_config(
+                like.sae, self.training.recipe(random_side, hp, acts.shape[1]), acts[:4096]
+            )
+        return self._obtain(
+            saes_lib.Role(random_side, hp, "floor", 0, cond.label), acts, recipe, subset=cond.subset
+        )
 
     # -- comparisons -------------------------------------------------------------------------
     def _name(self, kind: str, where: str, reps: tuple[int, int] | None, cond: Condition):
@@ -293,36 +342,68 @@ class Planner:
     def _add(self, spec: ComparisonSpec) -> None:
         self._specs.setdefault(spec.name, spec)
 
-    def cell(self, side_a: SideSpec, ha: str, side_b: SideSpec, hb: str,
-             cond: Condition = Condition(),
-             floor_acts: Callable[[str, str], np.ndarray] | None = None) -> str:
+    def cell(
+        self,
+        side_a: SideSpec,
+        ha: str,
+        side_b: SideSpec,
+        hb: str,
+        cond: Condition = Condition(),
+        floor_acts: Callable[[str, str], np.ndarray] | None = None,
+    ) -> str:
         """Adds the comparisons of cell (ha, hb) under ``cond``; returns the cell's group."""
         group = cell_key(ha, hb) + (f"@{cond.label}" if cond.label else "")
         a = self.replicates(side_a, ha, cond)
         b = self.replicates(side_b, hb, cond)
-        where_ab = {"hookpoint_a": ha, "hookpoint_b": hb, "cell": cell_key(ha, hb),
-                    "condition": cond.label}
+        where_ab = {
+            "hookpoint_a": ha,
+            "hookpoint_b": hb,
+            "cell": cell_key(ha, hb),
+            "condition": cond.label,
+        }
         for i, sa in enumerate(a):
             for j, sb in enumerate(b):
-                self._add(ComparisonSpec(
-                    self._name("cross", cell_key(ha, hb), (i, j), cond), group, sa, sb,
-                    side_a.acts[ha], side_b.acts[hb], results.Labels(
-                        kind="cross", label=f"A {ha} vs B {hb}" + (
-                            f", replicates {i},{j}" if len(a) * len(b) > 1 else ""),
-                        replicates=(i, j), **where_ab)))
+                self._add(
+                    ComparisonSpec(
+                        self._name("cross", cell_key(ha, hb), (i, j), cond),
+                        group,
+                        sa,
+                        sb,
+                        side_a.acts[ha],
+                        side_b.acts[hb],
+                        results.Labels(
+                            kind="cross",
+                            label=f"A {ha} vs B {hb}"
+                            + (f", replicates {i},{j}" if len(a) * len(b) > 1 else ""),
+                            replicates=(i, j),
+                            **where_ab,
+                        ),
+                    )
+                )
         for side, hp, mains in ((side_a, ha, a), (side_b, hb, b)):
             pool = list(mains) + self.ceiling_extra(side, hp, cond, mains)
             if side.name not in self.settings.ceiling_sides:
                 continue
             s_up = side.name.upper()
             for i, j in itertools.combinations(range(len(pool)), 2):
-                self._add(ComparisonSpec(
-                    self._name(f"ceiling_{side.name}", f"{s_up}.{hp}", (i, j), cond),
-                    f"{side.name}:{hp}@{cond.label}", pool[i], pool[j], side.acts[hp],
-                    side.acts[hp], results.Labels(
-                        kind="ceiling", label=f"{s_up} {hp} vs {s_up} {hp}, other SAE seed "
-                        "and data order", side=side.name, hookpoint=hp, condition=cond.label,
-                        replicates=(i, j))))
+                self._add(
+                    ComparisonSpec(
+                        self._name(f"ceiling_{side.name}", f"{s_up}.{hp}", (i, j), cond),
+                        f"{side.name}:{hp}@{cond.label}",
+                        pool[i],
+                        pool[j],
+                        side.acts[hp],
+                        side.acts[hp],
+                        results.Labels(
+                            kind="ceiling",
+                            label=f"{s_up} {hp} vs {s_up} {hp}, other SAE seed and data order",
+                            side=side.name,
+                            hookpoint=hp,
+                            condition=cond.label,
+                            replicates=(i, j),
+                        ),
+                    )
+                )
         if self.settings.floor and floor_acts is not None:
             at_b = self.settings.floor_at == "b"
             hp, like = (hb, b[0]) if at_b else (ha, a[0])
@@ -330,11 +411,23 @@ class Planner:
             xr = floor_acts("b" if at_b else "a", hp)
             fl = self.floor(rside, hp, xr, like, cond)
             where = cell_key(ha, hb) if at_b else f"A.{ha}"
-            self._add(ComparisonSpec(
-                self._name("floor", where, None, cond), f"floor:{where}@{cond.label}", a[0],
-                fl, side_a.acts[ha], xr, results.Labels(
-                    kind="floor", label=f"A {ha} vs random-init {'B' if at_b else 'A'} {hp}",
-                    random_init="b" if at_b else "a", hookpoint_random=hp, **where_ab)))
+            self._add(
+                ComparisonSpec(
+                    self._name("floor", where, None, cond),
+                    f"floor:{where}@{cond.label}",
+                    a[0],
+                    fl,
+                    side_a.acts[ha],
+                    xr,
+                    results.Labels(
+                        kind="floor",
+                        label=f"A {ha} vs random-init {'B' if at_b else 'A'} {hp}",
+                        random_init="b" if at_b else "a",
+                        hookpoint_random=hp,
+                        **where_ab,
+                    ),
+                )
+            )
         return group
 
     def specs(self) -> list[ComparisonSpec]:
@@ -345,11 +438,19 @@ class Planner:
         return [s.record() for s in self.saes.values()]
 
 
-def run_specs(specs: Sequence[ComparisonSpec], run, cfg, cache, token_text, *,
-              chunk_size: int, progress: bool,
-              pages_for: Callable[[ComparisonSpec], object] | None = None,
-              pool_for: Callable[[str], Callable] | None = None, **extra
-              ) -> list[results.ComparisonResult]:
+def run_specs(
+    specs: Sequence[ComparisonSpec],
+    run,
+    cfg,
+    cache,
+    token_text,
+    *,
+    chunk_size: int,
+    progress: bool,
+    pages_for: Callable[[ComparisonSpec], object] | None = None,
+    pool_for: Callable[[str], Callable] | None = None,
+    **extra,
+) -> list[results.ComparisonResult]:
     """Runs every planned comparison once through `compare.run_comparison` (the one runner
     loop); each result carries its spec's labels plus its SAE roles and seeds.
 
@@ -364,13 +465,26 @@ def run_specs(specs: Sequence[ComparisonSpec], run, cfg, cache, token_text, *,
     from models.activation_cache import CachedActs
 
     comps = []
-    digests: dict[int, tuple] = {}   # id -> (array kept alive, digest)
+    digests: dict[int, tuple] = {}  # id -> (array kept alive, digest)
     for spec in specs:
         xa, xb = spec.acts_a, spec.acts_b
         if isinstance(xa, CachedActs) or isinstance(xb, CachedActs):
             # Activations left on disk: the pass reads both caches chunk by chunk.
-            comps.append(_run_cached(spec, xa, xb, run, chunk_size, progress, cfg, cache,
-                                     token_text, pages_for, extra))
+            comps.append(
+                _run_cached(
+                    spec,
+                    xa,
+                    xb,
+                    run,
+                    chunk_size,
+                    progress,
+                    cfg,
+                    cache,
+                    token_text,
+                    pages_for,
+                    extra,
+                )
+            )
             continue
         if pool_for is not None:
             xa = pool_for(spec.sae_a.role.side)(xa)
@@ -381,58 +495,113 @@ def run_specs(specs: Sequence[ComparisonSpec], run, cfg, cache, token_text, *,
             if id(x) not in digests:
                 digests[id(x)] = (x, fp_lib.digest(x))
         data_key = fp_lib.digest(digests[id(xa)][1], digests[id(xb)][1])
-        factory = (lambda xa=xa, xb=xb, r=rows: streaming.ChunkStream(
-            (r, xa, xb), chunk_size, name="tokens"))
-        labels = dataclasses.replace(spec.labels,
-                                     saes=(spec.sae_a.role.key, spec.sae_b.role.key),
-                                     seeds=(spec.sae_a.seed, spec.sae_b.seed))
-        comps.append(compare.run_comparison(
-            spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg,
-            cache, ckpt_root=run.path("checkpoints"), truth=spec.truth,
-            progress=progress, labels=labels, data_key=data_key,
-            **({"pages": pages_for(spec)} if pages_for else {}), **extra))
+        factory = lambda xa=xa, xb=xb, r=rows: streaming.ChunkStream(
+            (r, xa, xb), chunk_size, name="tokens"
+        )
+        labels = dataclasses.replace(
+            spec.labels,
+            saes=(spec.sae_a.role.key, spec.sae_b.role.key),
+            seeds=(spec.sae_a.seed, spec.sae_b.seed),
+        )
+        comps.append(
+            compare.run_comparison(
+                spec.name,
+                factory,
+                spec.sae_a.sae,
+                spec.sae_b.sae,
+                token_text,
+                run.mesh,
+                cfg,
+                cache,
+                ckpt_root=run.path("checkpoints"),
+                truth=spec.truth,
+                progress=progress,
+                labels=labels,
+                data_key=data_key,
+                **({"pages": pages_for(spec)} if pages_for else {}),
+                **extra,
+            )
+        )
     return comps
 
 
-def _run_cached(spec: ComparisonSpec, xa, xb, run, chunk_size: int, progress: bool, cfg, cache,
-                token_text, pages_for,
-                extra: dict):
+def _run_cached(
+    spec: ComparisonSpec,
+    xa,
+    xb,
+    run,
+    chunk_size: int,
+    progress: bool,
+    cfg,
+    cache,
+    token_text,
+    pages_for,
+    extra: dict,
+):
     """One comparison whose two sides are `CachedActs` (streaming mode of the LM preset)."""
     from engine import fingerprint as fp_lib
     from experiments.pipeline import compare, features
     from models.activation_cache import CachedActs
+
     if not (isinstance(xa, CachedActs) and isinstance(xb, CachedActs)):
-        raise checks.InputError(f"comparison {spec.name}: one side is in memory and the other "
-                                "on disk; stream both or neither")
+        raise checks.InputError(
+            f"comparison {spec.name}: one side is in memory and the other "
+            "on disk; stream both or neither"
+        )
     if xa.exclude_special != xb.exclude_special:
-        raise checks.InputError(f"comparison {spec.name}: the two sides select different "
-                                "rows (special tokens excluded on one side only)")
+        raise checks.InputError(
+            f"comparison {spec.name}: the two sides select different "
+            "rows (special tokens excluded on one side only)"
+        )
 
     def factory():
-        return features.cache_pair_stream(xa.cache, xa.hookpoint, xb.cache, xb.hookpoint,
-                                          chunk_size,
-                                          exclude_special=xa.exclude_special)
+        return features.cache_pair_stream(
+            xa.cache,
+            xa.hookpoint,
+            xb.cache,
+            xb.hookpoint,
+            chunk_size,
+            exclude_special=xa.exclude_special,
+        )
+
     return compare.run_comparison(
-        spec.name, factory, spec.sae_a.sae, spec.sae_b.sae, token_text, run.mesh, cfg, cache,
-        ckpt_root=run.path("checkpoints"), truth=spec.truth, progress=progress,
-        labels=dataclasses.replace(spec.labels, saes=(spec.sae_a.role.key, spec.sae_b.role.key),
-                                   seeds=(spec.sae_a.seed, spec.sae_b.seed)),
+        spec.name,
+        factory,
+        spec.sae_a.sae,
+        spec.sae_b.sae,
+        token_text,
+        run.mesh,
+        cfg,
+        cache,
+        ckpt_root=run.path("checkpoints"),
+        truth=spec.truth,
+        progress=progress,
+        labels=dataclasses.replace(
+            spec.labels,
+            saes=(spec.sae_a.role.key, spec.sae_b.role.key),
+            seeds=(spec.sae_a.seed, spec.sae_b.seed),
+        ),
         data_key=fp_lib.digest(xa.key(), xb.key()),
-        **({"pages": pages_for(spec)} if pages_for else {}), **extra)
+        **({"pages": pages_for(spec)} if pages_for else {}),
+        **extra,
+    )
 
 
 # -- summaries -------------------------------------------------------------------------------
+
 
 def mann_whitney_less(x: Sequence[float], y: Sequence[float]) -> float | None:
     """One-sided Mann-Whitney U p-value of ``x`` < ``y`` (exact for small samples)."""
     if len(x) < 1 or len(y) < 1 or len(x) + len(y) < 3:
         return None
     from scipy import stats
+
     return float(stats.mannwhitneyu(x, y, alternative="less").pvalue)
 
 
-def permutation_less(x: Sequence[float], y: Sequence[float], n_perm: int, seed: int
-                     ) -> float | None:
+def permutation_less(
+    x: Sequence[float], y: Sequence[float], n_perm: int, seed: int
+) -> float | None:
     """One-sided permutation p-value of mean(x) < mean(y): (1 + #{perm diff <= obs}) / (1 +
     runs), all splits enumerated when there are at most ``n_perm`` of them."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -452,16 +621,17 @@ def permutation_less(x: Sequence[float], y: Sequence[float], n_perm: int, seed: 
         return float(np.mean(diffs <= obs + 1e-12))
     rng = np.random.default_rng(seed)
     perms = np.argsort(rng.random((n_perm, n)), axis=1)
-    d = pooled[perms[:, :x.size]].mean(1) - pooled[perms[:, x.size:]].mean(1)
+    d = pooled[perms[:, : x.size]].mean(1) - pooled[perms[:, x.size :]].mean(1)
     return float((1 + np.sum(d <= obs + 1e-12)) / (1 + n_perm))
 
 
-def separation(floor: results.MetricResult, ceiling: Sequence[results.MetricResult],
-               key: str) -> results.Separation:
+def separation(
+    floor: results.MetricResult, ceiling: Sequence[results.MetricResult], key: str
+) -> results.Separation:
     """Ceiling minus floor of ``key`` ("score" or "excess") and their combined spread."""
     c = np.asarray([getattr(m, key) for m in ceiling], np.float64)
     diff = float(c.mean() - getattr(floor, key))
-    var = floor.null_std ** 2 + np.mean([m.null_std ** 2 for m in ceiling])
+    var = floor.null_std**2 + np.mean([m.null_std**2 for m in ceiling])
     if c.size > 1:
         var += c.var(ddof=1)
     spread = float(np.sqrt(var))
@@ -471,20 +641,28 @@ def separation(floor: results.MetricResult, ceiling: Sequence[results.MetricResu
 def _fraction(cross: float, floor: float, sep: results.Separation) -> results.Fraction:
     if sep.ceiling_minus_floor > SEPARATION_Z * sep.spread and sep.ceiling_minus_floor > 1e-12:
         return results.Fraction((cross - floor) / sep.ceiling_minus_floor, None, sep)
-    return results.Fraction(None, f"ceiling and floor not separated: difference "
-                                  f"{sep.ceiling_minus_floor:.3g} <= {SEPARATION_Z:g} x spread "
-                                  f"{sep.spread:.3g}", sep)
+    return results.Fraction(
+        None,
+        f"ceiling and floor not separated: difference "
+        f"{sep.ceiling_minus_floor:.3g} <= {SEPARATION_Z:g} x spread "
+        f"{sep.spread:.3g}",
+        sep,
+    )
 
 
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values))
 
 
-def group_summary(cross: Sequence[results.ComparisonResult],
-                  ceil_a: Sequence[results.ComparisonResult],
-                  ceil_b: Sequence[results.ComparisonResult],
-                  floor: results.ComparisonResult | None, *, permutations: int,
-                  seed: int) -> dict[str, results.ReferencePoint]:
+def group_summary(
+    cross: Sequence[results.ComparisonResult],
+    ceil_a: Sequence[results.ComparisonResult],
+    ceil_b: Sequence[results.ComparisonResult],
+    floor: results.ComparisonResult | None,
+    *,
+    permutations: int,
+    seed: int,
+) -> dict[str, results.ReferencePoint]:
     """Per-metric reference points of one cell (see the module docstring)."""
     metrics: list[str] = []
     for comp in cross:
@@ -499,13 +677,18 @@ def group_summary(cross: Sequence[results.ComparisonResult],
         # A saturated comparison (too few pairs for the kept dimensions) says nothing: no
         # fraction of the way is computed from it (see `engine.cca`, "informative").
         informative = all(m.informative for m in xs + within + ([fl] if fl else []))
-        e = dict(cross=_mean([m.score for m in xs]), cross_excess=_mean([m.excess for m in xs]),
-                 cross_distribution=results.Distribution.of([m.excess for m in xs]),
-                 informative=informative)
+        e = dict(
+            cross=_mean([m.score for m in xs]),
+            cross_excess=_mean([m.excess for m in xs]),
+            cross_distribution=results.Distribution.of([m.excess for m in xs]),
+            informative=informative,
+        )
         if within:
-            e.update(ceiling=_mean([m.score for m in within]),
-                     ceiling_excess=_mean([m.excess for m in within]),
-                     within_distribution=results.Distribution.of([m.excess for m in within]))
+            e.update(
+                ceiling=_mean([m.score for m in within]),
+                ceiling_excess=_mean([m.excess for m in within]),
+                within_distribution=results.Distribution.of([m.excess for m in within]),
+            )
             for side, vals in (("a", ca), ("b", cb)):
                 if vals:
                     e[f"ceiling_{side}"] = _mean([m.score for m in vals])
@@ -515,8 +698,9 @@ def group_summary(cross: Sequence[results.ComparisonResult],
         if within and fl:
             for key, field in (("score", "fraction"), ("excess", "fraction_excess")):
                 if not informative:
-                    e[field] = results.Fraction(None, "uninformative comparison (n/d too "
-                                                      "small): no fraction")
+                    e[field] = results.Fraction(
+                        None, "uninformative comparison (n/d too small): no fraction"
+                    )
                     continue
                 cross_v = e["cross" if key == "score" else "cross_excess"]
                 floor_v = e["floor" if key == "score" else "floor_excess"]
@@ -526,39 +710,69 @@ def group_summary(cross: Sequence[results.ComparisonResult],
             w = [m.excess for m in within]
             e["test"] = results.CrossWithinTest(
                 mann_whitney_p=mann_whitney_less(x, w),
-                permutation_p=permutation_less(x, w, permutations, seed), note=TESTS_NOTE)
+                permutation_p=permutation_less(x, w, permutations, seed),
+                note=TESTS_NOTE,
+            )
         out[metric] = results.ReferencePoint(**e)
     return out
 
 
-def summarise(comps: Sequence[results.ComparisonResult], *, permutations: int = 2000,
-              seed: int = 0) -> list[results.CellResult]:
+def summarise(
+    comps: Sequence[results.ComparisonResult], *, permutations: int = 2000, seed: int = 0
+) -> list[results.CellResult]:
     """Reference points of every cell and condition, in the order cells first appear."""
     cells: dict[tuple[str, str], list[results.ComparisonResult]] = {}
     for c in comps:
         if c.kind == "cross":
             if c.labels.cell is None:
-                raise results.ResultsError(f"comparison {c.name!r}: a cross comparison "
-                                           "without a cell label")
+                raise results.ResultsError(
+                    f"comparison {c.name!r}: a cross comparison without a cell label"
+                )
             cells.setdefault((c.labels.cell, c.labels.condition), []).append(c)
     out = []
     for (cell, cond), cross in cells.items():
         ha, hb = cross[0].labels.hookpoint_a, cross[0].labels.hookpoint_b
-        ceil = {s: [c for c in comps if c.kind == "ceiling" and c.labels.side == s
-                    and c.labels.hookpoint == h and c.labels.condition == cond]
-                for s, h in (("a", ha), ("b", hb))}
-        floors = [c for c in comps if c.kind == "floor" and c.labels.condition == cond
-                  and c.labels.hookpoint_a == ha and
-                  (c.labels.hookpoint_b == hb or c.labels.random_init == "a")]
-        out.append(results.CellResult(
-            cell=cell, condition=cond, hookpoint_a=ha, hookpoint_b=hb,
-            comparisons=results.CellComparisons(
-                cross=tuple(c.name for c in cross),
-                ceiling_a=tuple(c.name for c in ceil["a"]),
-                ceiling_b=tuple(c.name for c in ceil["b"]),
-                floor=tuple(c.name for c in floors[:1])),
-            metrics=group_summary(cross, ceil["a"], ceil["b"], floors[0] if floors else None,
-                                  permutations=permutations, seed=seed)))
+        ceil = {
+            s: [
+                c
+                for c in comps
+                if c.kind == "ceiling"
+                and c.labels.side == s
+                and c.labels.hookpoint == h
+                and c.labels.condition == cond
+            ]
+            for s, h in (("a", ha), ("b", hb))
+        }
+        floors = [
+            c
+            for c in comps
+            if c.kind == "floor"
+            and c.labels.condition == cond
+            and c.labels.hookpoint_a == ha
+            and (c.labels.hookpoint_b == hb or c.labels.random_init == "a")
+        ]
+        out.append(
+            results.CellResult(
+                cell=cell,
+                condition=cond,
+                hookpoint_a=ha,
+                hookpoint_b=hb,
+                comparisons=results.CellComparisons(
+                    cross=tuple(c.name for c in cross),
+                    ceiling_a=tuple(c.name for c in ceil["a"]),
+                    ceiling_b=tuple(c.name for c in ceil["b"]),
+                    floor=tuple(c.name for c in floors[:1]),
+                ),
+                metrics=group_summary(
+                    cross,
+                    ceil["a"],
+                    ceil["b"],
+                    floors[0] if floors else None,
+                    permutations=permutations,
+                    seed=seed,
+                ),
+            )
+        )
     return out
 
 
@@ -567,25 +781,32 @@ def sweep_table(cells: Sequence[results.CellResult]) -> list[dict]:
     rows = []
     for g in cells:
         for metric, e in g.metrics.items():
-            rows.append({"condition": g.condition, "cell": g.cell, "metric": metric,
-                         "cross_excess": e.cross_excess,
-                         "cross_std": e.cross_distribution.std,
-                         "ceiling_excess": e.ceiling_excess,
-                         "floor_excess": e.floor_excess,
-                         "fraction": None if e.fraction_excess is None
-                         else e.fraction_excess.value,
-                         "p_cross_below_within": None if e.test is None
-                         else e.test.mann_whitney_p})
+            rows.append(
+                {
+                    "condition": g.condition,
+                    "cell": g.cell,
+                    "metric": metric,
+                    "cross_excess": e.cross_excess,
+                    "cross_std": e.cross_distribution.std,
+                    "ceiling_excess": e.ceiling_excess,
+                    "floor_excess": e.floor_excess,
+                    "fraction": None if e.fraction_excess is None else e.fraction_excess.value,
+                    "p_cross_below_within": None if e.test is None else e.test.mann_whitney_p,
+                }
+            )
     return rows
 
 
 def format_table(cells: Sequence[results.CellResult]) -> str:
     """Terminal table of the reference points of every cell (and condition)."""
+
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    lines = [f"   {'cell':<34}{'metric':<13}{'floor':>8}{'cross':>8}{'±':>7}{'ceiling':>9}"
-             f"{'way':>7}{'p(c<w)':>9}"]
+    lines = [
+        f"   {'cell':<34}{'metric':<13}{'floor':>8}{'cross':>8}{'±':>7}{'ceiling':>9}"
+        f"{'way':>7}{'p(c<w)':>9}"
+    ]
     for g in cells:
         where = g.cell + (f" {g.condition}" if g.condition else "")
         for metric, e in g.metrics.items():
@@ -597,12 +818,16 @@ def format_table(cells: Sequence[results.CellResult]) -> str:
             else:
                 way = "-" if frac is None or frac.value is None else f"{frac.value:.0%}"
             p = None if e.test is None else e.test.mann_whitney_p
-            lines.append(f"   {where:<34}{metric:<13}{fmt(e.floor_excess):>8}"
-                         f"{e.cross_excess:>8.3f}{fmt(e.cross_distribution.std):>7}"
-                         f"{fmt(e.ceiling_excess):>9}{way:>7}"
-                         f"{('-' if p is None else f'{p:.3g}'):>9}")
-    lines.append(f"   (excess over the null; 'way' = fraction floor -> ceiling, n/s = ceiling and "
-                 f"floor not separated by {SEPARATION_Z:g}x their spread, n/i = uninformative: "
-                 "too few pairs for the kept dimensions; p(c<w) = one-sided Mann-Whitney of "
-                 "cross < within-side replicates)")
+            lines.append(
+                f"   {where:<34}{metric:<13}{fmt(e.floor_excess):>8}"
+                f"{e.cross_excess:>8.3f}{fmt(e.cross_distribution.std):>7}"
+                f"{fmt(e.ceiling_excess):>9}{way:>7}"
+                f"{('-' if p is None else f'{p:.3g}'):>9}"
+            )
+    lines.append(
+        f"   (excess over the null; 'way' = fraction floor -> ceiling, n/s = ceiling and "
+        f"floor not separated by {SEPARATION_Z:g}x their spread, n/i = uninformative: "
+        "too few pairs for the kept dimensions; p(c<w) = one-sided Mann-Whitney of "
+        "cross < within-side replicates)"
+    )
     return "\n".join(lines)

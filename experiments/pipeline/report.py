@@ -19,8 +19,10 @@ ALPHA = 0.01
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -31,16 +33,23 @@ def verdict(comparison: ComparisonResult, alpha: float = ALPHA) -> str:
     if not metrics:
         before = comparison.metrics_before_threshold or {}
         sig = [m for m, r in before.items() if r.p < alpha and r.excess > 0]
-        what = (f"no pair passed the correlation threshold ({comparison.n_pairs} "
-                f"pairs): no shared features")
+        what = (
+            f"no pair passed the correlation threshold ({comparison.n_pairs} "
+            f"pairs): no shared features"
+        )
         if before:
-            what += (f"; before the threshold {len(sig)} of {len(before)} metrics are "
-                     f"significant at p < {alpha}")
+            what += (
+                f"; before the threshold {len(sig)} of {len(before)} metrics are "
+                f"significant at p < {alpha}"
+            )
         return f"{name}: {what}."
     flagged = [m for m, r in metrics.items() if not r.informative]
     metrics = {m: r for m, r in metrics.items() if m not in flagged}
-    tail = (f" ({', '.join(flagged)}: uninformative, too few pairs for the components kept)"
-            if flagged else "")
+    tail = (
+        f" ({', '.join(flagged)}: uninformative, too few pairs for the components kept)"
+        if flagged
+        else ""
+    )
     if not metrics:
         return f"{name}: every metric is uninformative{tail}."
     return _verdict_of(name, metrics, alpha)[:-1] + tail + "."
@@ -50,26 +59,36 @@ def _verdict_of(name: str, metrics: Mapping[str, MetricResult], alpha: float) ->
     sig = [m for m, r in metrics.items() if r.p < alpha and r.excess > 0]
     n = len(metrics)
     if len(sig) == n:
-        return (f"{name}: every metric ({n}) is above its random-pairing null at p < {alpha}: "
-                f"the paired features share geometry.")
+        return (
+            f"{name}: every metric ({n}) is above its random-pairing null at p < {alpha}: "
+            f"the paired features share geometry."
+        )
     if not sig:
-        return (f"{name}: no metric is significant at p < {alpha}: no evidence of shared "
-                f"feature geometry beyond chance.")
-    return (f"{name}: {len(sig)} of {n} metrics significant at p < {alpha} "
-            f"({', '.join(sig)}); mixed evidence.")
+        return (
+            f"{name}: no metric is significant at p < {alpha}: no evidence of shared "
+            f"feature geometry beyond chance."
+        )
+    return (
+        f"{name}: {len(sig)} of {n} metrics significant at p < {alpha} "
+        f"({', '.join(sig)}); mixed evidence."
+    )
 
 
 def _metric_rows(metrics: Mapping[str, MetricResult]) -> list[str]:
-    lines = [f"   {'metric':<13}{'score':>8}{'null':>8}{'± std':>8}{'excess':>8}{'z':>7}"
-             f"{'p':>8}  {'kept':<9}{'n/d':>5}"]
+    lines = [
+        f"   {'metric':<13}{'score':>8}{'null':>8}{'± std':>8}{'excess':>8}{'z':>7}"
+        f"{'p':>8}  {'kept':<9}{'n/d':>5}"
+    ]
     for name, r in metrics.items():
         kept = "" if r.components is None else "/".join(str(k) for k in r.components)
         nd = "" if r.n_over_d is None else f"{r.n_over_d:.1f}"
         z = "-" if r.z is None else f"{r.z:.1f}"
         flag = "" if r.informative else "  UNINFORMATIVE (too few pairs)"
-        lines.append(f"   {name:<13}{r.score:>8.3f}{r.null_mean:>8.3f}"
-                     f"{r.null_std:>8.3f}{r.excess:>8.3f}{z:>7}{r.p:>8.4f}  "
-                     f"{kept:<9}{nd:>5}{flag}")
+        lines.append(
+            f"   {name:<13}{r.score:>8.3f}{r.null_mean:>8.3f}"
+            f"{r.null_std:>8.3f}{r.excess:>8.3f}{z:>7}{r.p:>8.4f}  "
+            f"{kept:<9}{nd:>5}{flag}"
+        )
     return lines
 
 
@@ -77,8 +96,10 @@ def summary_table(comparisons: Sequence[ComparisonResult]) -> str:
     """A terminal table: one block per comparison, one row per metric."""
     lines = []
     for comp in comparisons:
-        head = (f"== {comp.name}: {comp.label}  ({comp.n_pairs} pairs"
-                f", mean best corr A->B {comp.pairing.mean_best_corr_ab:.3f}")
+        head = (
+            f"== {comp.name}: {comp.label}  ({comp.n_pairs} pairs"
+            f", mean best corr A->B {comp.pairing.mean_best_corr_ab:.3f}"
+        )
         truth = comp.truth
         if truth is not None and truth.n_true_pairs:
             head += f", true pairs recovered {truth.fraction_true_pairs_recovered:.0%}"
@@ -86,14 +107,18 @@ def summary_table(comparisons: Sequence[ComparisonResult]) -> str:
         lines.append("   filters: " + " -> ".join(f"{k} {v}" for k, v in comp.filters.steps))
         same = comp.same_index
         if same.above_chance:
-            lines.append(f"   WARNING: {same.fraction:.0%} of the kept pairs have the same "
-                         f"feature index on both sides (chance {same.chance_fraction:.2%}, "
-                         f"p={same.p_value:.2g}): shared seed or data order?")
+            lines.append(
+                f"   WARNING: {same.fraction:.0%} of the kept pairs have the same "
+                f"feature index on both sides (chance {same.chance_fraction:.2%}, "
+                f"p={same.p_value:.2g}): shared seed or data order?"
+            )
         if comp.metrics:
             lines.extend(_metric_rows(comp.metrics))
         elif comp.metrics_before_threshold:
-            lines.append(f"   {comp.note or ''}; metrics on the "
-                         f"{comp.n_pairs_before_threshold} pairs before the threshold:")
+            lines.append(
+                f"   {comp.note or ''}; metrics on the "
+                f"{comp.n_pairs_before_threshold} pairs before the threshold:"
+            )
             lines.extend(_metric_rows(comp.metrics_before_threshold))
         for metric, why in comp.metrics_skipped.items():
             lines.append(f"   {metric}: skipped ({why})")
@@ -117,7 +142,7 @@ def plot_nulls(name: str, metrics: Mapping[str, MetricResult], path: str) -> Non
         flag = "" if r.informative else " UNINFORMATIVE"
         ax.set_title(f"{metric}: p={r.p:.3g}, z={z}{flag}", fontsize=9)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.suptitle(f"{name}: score vs random-pairing null", fontsize=10)
     fig.tight_layout()
@@ -131,8 +156,14 @@ def plot_matched_correlations(comparisons: Sequence[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for comp in comparisons:
         if comp.pairing.best_corr_ab:
-            ax.hist(comp.pairing.best_corr_ab, bins=40, range=(-0.2, 1.0), histtype="step",
-                    lw=1.5, label=comp.name)
+            ax.hist(
+                comp.pairing.best_corr_ab,
+                bins=40,
+                range=(-0.2, 1.0),
+                histtype="step",
+                lw=1.5,
+                label=comp.name,
+            )
     ax.set_xlabel("best activation correlation (A feature -> any B feature)")
     ax.set_ylabel("features")
     ax.legend(fontsize=8)
@@ -176,8 +207,15 @@ def plot_layer_heatmaps(grid: LayerGrid, plots_dir: str) -> list[str]:
         im = ax.imshow(v, cmap="viridis", aspect="auto")
         for i in range(v.shape[0]):
             for j in range(v.shape[1]):
-                ax.text(j, i, "-" if np.isnan(v[i, j]) else f"{v[i, j]:.2f}", ha="center",
-                        va="center", color="w", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    "-" if np.isnan(v[i, j]) else f"{v[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="w",
+                    fontsize=8,
+                )
         ax.set_xticks(range(v.shape[1]))
         ax.set_xticklabels(grid.layers_b, rotation=45, fontsize=8)
         ax.set_yticks(range(v.shape[0]))
@@ -213,10 +251,8 @@ def plot_replicates(cell: CellResult, path: str) -> bool:
         for x, (_label, vals, color) in enumerate(groups):
             if not vals:
                 continue
-            ax.scatter(x + rng.uniform(-0.12, 0.12, len(vals)), vals, s=14, color=color,
-                       alpha=0.8)
-            ax.errorbar(x + 0.25, np.mean(vals), yerr=np.std(vals), fmt="o", color="k",
-                        capsize=3)
+            ax.scatter(x + rng.uniform(-0.12, 0.12, len(vals)), vals, s=14, color=color, alpha=0.8)
+            ax.errorbar(x + 0.25, np.mean(vals), yerr=np.std(vals), fmt="o", color="k", capsize=3)
         if e.floor_excess is not None:
             ax.axhline(e.floor_excess, color="C3", ls="--", lw=1, label="floor")
             ax.legend(fontsize=7)
@@ -224,10 +260,11 @@ def plot_replicates(cell: CellResult, path: str) -> bool:
         ax.set_xticks([0, 1])
         ax.set_xticklabels(["cross", "within (seed)"])
         p = None if e.test is None else e.test.mann_whitney_p
-        ax.set_title(f"{name}" + (f": p(cross<within)={p:.3g}" if p is not None else ""),
-                     fontsize=9)
+        ax.set_title(
+            f"{name}" + (f": p(cross<within)={p:.3g}" if p is not None else ""), fontsize=9
+        )
         ax.set_ylabel("excess over null", fontsize=8)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.suptitle(f"{cell.cell} {cell.condition}: replicates", fontsize=10)
     fig.tight_layout()
@@ -258,20 +295,37 @@ def plot_sweep(cells: Sequence[CellResult], path: str) -> bool:
         for c, (cell, gs) in enumerate(by_cell.items()):
             xs = [float(g.condition.split("=", 1)[1]) for g in gs]
             es = [g.metrics[metric] if metric in g.metrics else None for g in gs]  # skipped
-            ax.errorbar(xs, [nan(e and e.cross_excess) for e in es],
-                        yerr=[nan(e and e.cross_distribution.std) for e in es], fmt="o-",
-                        color=f"C{c}", capsize=3,
-                        label=f"cross {cell}" if len(by_cell) > 1 else "cross")
-            ax.plot(xs, [nan(e and e.ceiling_excess) for e in es], "^--", color=f"C{c}",
-                    alpha=0.6, label="ceiling (seed)")
-            ax.plot(xs, [nan(e and e.floor_excess) for e in es], "v:", color=f"C{c}",
-                    alpha=0.6, label="floor (random init)")
+            ax.errorbar(
+                xs,
+                [nan(e and e.cross_excess) for e in es],
+                yerr=[nan(e and e.cross_distribution.std) for e in es],
+                fmt="o-",
+                color=f"C{c}",
+                capsize=3,
+                label=f"cross {cell}" if len(by_cell) > 1 else "cross",
+            )
+            ax.plot(
+                xs,
+                [nan(e and e.ceiling_excess) for e in es],
+                "^--",
+                color=f"C{c}",
+                alpha=0.6,
+                label="ceiling (seed)",
+            )
+            ax.plot(
+                xs,
+                [nan(e and e.floor_excess) for e in es],
+                "v:",
+                color=f"C{c}",
+                alpha=0.6,
+                label="floor (random init)",
+            )
         ax.axhline(0, color="0.5", lw=0.6)
         ax.set_xlabel(cells[0].condition.split("=", 1)[0] if cells else "")
         ax.set_ylabel("excess over null", fontsize=8)
         ax.set_title(metric, fontsize=9)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

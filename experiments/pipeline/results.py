@@ -39,8 +39,10 @@ def _obj(d: Any, where: str) -> Mapping:
 
 def _req(d: Mapping, key: str, where: str) -> Any:
     if key not in d:
-        raise ResultsError(f"{where}: missing key {key!r} (renamed, or written by another "
-                           f"version?); found {sorted(d)[:12]}")
+        raise ResultsError(
+            f"{where}: missing key {key!r} (renamed, or written by another "
+            f"version?); found {sorted(d)[:12]}"
+        )
     return d[key]
 
 
@@ -48,8 +50,9 @@ def _known(d: Mapping, keys: Iterable[str], where: str) -> None:
     """Refuses keys no field knows (a renamed optional key would otherwise read as absent)."""
     unknown = sorted(set(d) - set(keys))
     if unknown:
-        raise ResultsError(f"{where}: unknown key {unknown[0]!r} (renamed?); expected keys "
-                           f"among {sorted(keys)}")
+        raise ResultsError(
+            f"{where}: unknown key {unknown[0]!r} (renamed?); expected keys among {sorted(keys)}"
+        )
 
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -104,29 +107,37 @@ class MetricResult:
     def from_json(cls, d: Any, where: str) -> MetricResult:
         d = _obj(d, where)
         comps = _req(d, "components", where)
-        null = d.get("null")   # optional by layout: absent when no null was drawn
+        null = d.get("null")  # optional by layout: absent when no null was drawn
         informative = d.get("informative", True)  # written by the CCA family only
         if not isinstance(informative, bool):
             raise ResultsError(f"{where}.informative: expected true/false, got {informative!r}")
-        return cls(score=_num(_req(d, "score", where), f"{where}.score"),
-                   null_mean=_num(_req(d, "null_mean", where), f"{where}.null_mean"),
-                   null_std=_num(_req(d, "null_std", where), f"{where}.null_std"),
-                   p=_num(_req(d, "p", where), f"{where}.p"),
-                   z=_opt_num(_req(d, "z", where), f"{where}.z"),
-                   excess=_num(_req(d, "excess", where), f"{where}.excess"),
-                   components=None if comps is None else tuple(int(c) for c in comps),
-                   informative=informative,
-                   n_over_d=_opt_num(d.get("n_over_d"), f"{where}.n_over_d"),
-                   null=None if null is None else tuple(float(v) for v in null),
-                   details={k: v for k, v in d.items()
-                            if k not in _METRIC_REQUIRED + _METRIC_OPTIONAL})
+        return cls(
+            score=_num(_req(d, "score", where), f"{where}.score"),
+            null_mean=_num(_req(d, "null_mean", where), f"{where}.null_mean"),
+            null_std=_num(_req(d, "null_std", where), f"{where}.null_std"),
+            p=_num(_req(d, "p", where), f"{where}.p"),
+            z=_opt_num(_req(d, "z", where), f"{where}.z"),
+            excess=_num(_req(d, "excess", where), f"{where}.excess"),
+            components=None if comps is None else tuple(int(c) for c in comps),
+            informative=informative,
+            n_over_d=_opt_num(d.get("n_over_d"), f"{where}.n_over_d"),
+            null=None if null is None else tuple(float(v) for v in null),
+            details={k: v for k, v in d.items() if k not in _METRIC_REQUIRED + _METRIC_OPTIONAL},
+        )
 
     def to_json(self) -> dict:
         out = dict(self.details)
-        out.update({"score": self.score, "null_mean": self.null_mean,
-                    "null_std": self.null_std, "p": self.p, "z": self.z,
-                    "excess": self.excess,
-                    "components": None if self.components is None else list(self.components)})
+        out.update(
+            {
+                "score": self.score,
+                "null_mean": self.null_mean,
+                "null_std": self.null_std,
+                "p": self.p,
+                "z": self.z,
+                "excess": self.excess,
+                "components": None if self.components is None else list(self.components),
+            }
+        )
         out["informative"] = self.informative
         if self.n_over_d is not None:
             out["n_over_d"] = self.n_over_d
@@ -136,8 +147,9 @@ class MetricResult:
 
 
 def metrics_from_json(d: Any, where: str) -> dict[str, MetricResult]:
-    return {name: MetricResult.from_json(m, f"{where}.{name}")
-            for name, m in _obj(d, where).items()}
+    return {
+        name: MetricResult.from_json(m, f"{where}.{name}") for name, m in _obj(d, where).items()
+    }
 
 
 def _metrics_json(metrics: Mapping[str, MetricResult]) -> dict:
@@ -145,6 +157,7 @@ def _metrics_json(metrics: Mapping[str, MetricResult]) -> dict:
 
 
 # -- parts of a comparison --------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Pairing:
@@ -159,22 +172,35 @@ class Pairing:
     invalid_a: int
     invalid_b: int
 
-    KEYS = ("method", "mean_best_corr_ab", "mean_best_corr_ba", "best_corr_ab", "dead_a",
-            "dead_b", "invalid_a", "invalid_b")
+    KEYS = (
+        "method",
+        "mean_best_corr_ab",
+        "mean_best_corr_ba",
+        "best_corr_ab",
+        "dead_a",
+        "dead_b",
+        "invalid_a",
+        "invalid_b",
+    )
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> Pairing:
         d = _obj(d, where)
         _known(d, cls.KEYS, where)
         v = {k: _req(d, k, where) for k in cls.KEYS}
-        return cls(str(v["method"]), _num(v["mean_best_corr_ab"], where),
-                   _num(v["mean_best_corr_ba"], where),
-                   tuple(float(x) for x in v["best_corr_ab"]), int(v["dead_a"]),
-                   int(v["dead_b"]), int(v["invalid_a"]), int(v["invalid_b"]))
+        return cls(
+            str(v["method"]),
+            _num(v["mean_best_corr_ab"], where),
+            _num(v["mean_best_corr_ba"], where),
+            tuple(float(x) for x in v["best_corr_ab"]),
+            int(v["dead_a"]),
+            int(v["dead_b"]),
+            int(v["invalid_a"]),
+            int(v["invalid_b"]),
+        )
 
     def to_json(self) -> dict:
-        return {**{k: getattr(self, k) for k in self.KEYS},
-                "best_corr_ab": list(self.best_corr_ab)}
+        return {**{k: getattr(self, k) for k in self.KEYS}, "best_corr_ab": list(self.best_corr_ab)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +215,10 @@ class FilterFunnel:
         _req(d, "candidates", where)
         bad = [k for k in d if k != "candidates" and not k.startswith("after_")]
         if bad:
-            raise ResultsError(f"{where}: unknown filter step {bad[0]!r}; expected "
-                               "'candidates' then 'after_<step>' keys")
+            raise ResultsError(
+                f"{where}: unknown filter step {bad[0]!r}; expected "
+                "'candidates' then 'after_<step>' keys"
+            )
         return cls(tuple((str(k), int(v)) for k, v in d.items()))
 
     @property
@@ -216,15 +244,22 @@ class KeptPairs:
         d = _obj(d, where)
         _known(d, ("a", "b", "value", "decoder_cos"), where)
         cos = d.get("decoder_cos")
-        return cls(tuple(int(x) for x in _req(d, "a", where)),
-                   tuple(int(x) for x in _req(d, "b", where)),
-                   tuple(float(x) for x in _req(d, "value", where)),
-                   None if cos is None else tuple(float(x) for x in cos))
+        return cls(
+            tuple(int(x) for x in _req(d, "a", where)),
+            tuple(int(x) for x in _req(d, "b", where)),
+            tuple(float(x) for x in _req(d, "value", where)),
+            None if cos is None else tuple(float(x) for x in cos),
+        )
 
     def to_json(self) -> dict:
-        return _drop_none({"a": list(self.a), "b": list(self.b), "value": list(self.value),
-                           "decoder_cos": None if self.decoder_cos is None
-                           else list(self.decoder_cos)})
+        return _drop_none(
+            {
+                "a": list(self.a),
+                "b": list(self.b),
+                "value": list(self.value),
+                "decoder_cos": None if self.decoder_cos is None else list(self.decoder_cos),
+            }
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,12 +278,21 @@ class TopPair:
         d = _obj(d, where)
         _known(d, cls.KEYS, where)
         v = {k: _req(d, k, where) for k in cls.KEYS}
-        return cls(int(v["a"]), int(v["b"]), _num(v["value"], where),
-                   tuple(v["tokens_a"]), tuple(v["tokens_b"]), bool(v["same_top_token"]))
+        return cls(
+            int(v["a"]),
+            int(v["b"]),
+            _num(v["value"], where),
+            tuple(v["tokens_a"]),
+            tuple(v["tokens_b"]),
+            bool(v["same_top_token"]),
+        )
 
     def to_json(self) -> dict:
-        return {**{k: getattr(self, k) for k in self.KEYS}, "tokens_a": list(self.tokens_a),
-                "tokens_b": list(self.tokens_b)}
+        return {
+            **{k: getattr(self, k) for k in self.KEYS},
+            "tokens_a": list(self.tokens_a),
+            "tokens_b": list(self.tokens_b),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,9 +313,14 @@ class SameIndex:
         d = _obj(d, where)
         _known(d, cls.KEYS, where)
         v = {k: _req(d, k, where) for k in cls.KEYS}
-        return cls(int(v["count"]), int(v["pairs"]), _num(v["fraction"], where),
-                   _num(v["chance_fraction"], where), _num(v["p_value"], where),
-                   bool(v["above_chance"]))
+        return cls(
+            int(v["count"]),
+            int(v["pairs"]),
+            _num(v["fraction"], where),
+            _num(v["chance_fraction"], where),
+            _num(v["p_value"], where),
+            bool(v["above_chance"]),
+        )
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.KEYS}
@@ -286,17 +335,24 @@ class TruthScores:
     fraction_kept_pairs_correct: float
     fraction_true_pairs_recovered: float
 
-    KEYS = ("n_true_pairs", "n_kept_pairs_correct", "fraction_kept_pairs_correct",
-            "fraction_true_pairs_recovered")
+    KEYS = (
+        "n_true_pairs",
+        "n_kept_pairs_correct",
+        "fraction_kept_pairs_correct",
+        "fraction_true_pairs_recovered",
+    )
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> TruthScores:
         d = _obj(d, where)
         _known(d, cls.KEYS, where)
         v = {k: _req(d, k, where) for k in cls.KEYS}
-        return cls(int(v["n_true_pairs"]), int(v["n_kept_pairs_correct"]),
-                   _num(v["fraction_kept_pairs_correct"], where),
-                   _num(v["fraction_true_pairs_recovered"], where))
+        return cls(
+            int(v["n_true_pairs"]),
+            int(v["n_kept_pairs_correct"]),
+            _num(v["fraction_kept_pairs_correct"], where),
+            _num(v["fraction_true_pairs_recovered"], where),
+        )
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.KEYS}
@@ -335,13 +391,23 @@ class Labels:
     def from_json(cls, d: Mapping, where: str) -> Labels:
         def tup(k):
             return None if d.get(k) is None else tuple(d[k])
-        return cls(kind=str(_req(d, "kind", where)), label=str(d.get("label", "")),
-                   cell=d.get("cell"), hookpoint_a=d.get("hookpoint_a"),
-                   hookpoint_b=d.get("hookpoint_b"), condition=str(d.get("condition", "")),
-                   replicates=tup("replicates"), side=d.get("side"),
-                   hookpoint=d.get("hookpoint"), random_init=d.get("random_init"),
-                   hookpoint_random=d.get("hookpoint_random"), saes=tup("saes"),
-                   seeds=tup("seeds"), alignment=d.get("alignment"))
+
+        return cls(
+            kind=str(_req(d, "kind", where)),
+            label=str(d.get("label", "")),
+            cell=d.get("cell"),
+            hookpoint_a=d.get("hookpoint_a"),
+            hookpoint_b=d.get("hookpoint_b"),
+            condition=str(d.get("condition", "")),
+            replicates=tup("replicates"),
+            side=d.get("side"),
+            hookpoint=d.get("hookpoint"),
+            random_init=d.get("random_init"),
+            hookpoint_random=d.get("hookpoint_random"),
+            saes=tup("saes"),
+            seeds=tup("seeds"),
+            alignment=d.get("alignment"),
+        )
 
     def to_json(self) -> dict:
         out = {}
@@ -355,10 +421,27 @@ class Labels:
 
 # -- one comparison ---------------------------------------------------------------------------
 
-_COMPARISON_KEYS = ("name", "n_features", "tokens", "pairing", "filters", "n_pairs", "pairs",
-                    "top_pairs", "metrics", "same_index", "fraction_same_top_token", "truth",
-                    "metrics_skipped", "d", "note", "metrics_before_threshold",
-                    "n_pairs_before_threshold", "feature_density", "rows_are")
+_COMPARISON_KEYS = (
+    "name",
+    "n_features",
+    "tokens",
+    "pairing",
+    "filters",
+    "n_pairs",
+    "pairs",
+    "top_pairs",
+    "metrics",
+    "same_index",
+    "fraction_same_top_token",
+    "truth",
+    "metrics_skipped",
+    "d",
+    "note",
+    "metrics_before_threshold",
+    "n_pairs_before_threshold",
+    "feature_density",
+    "rows_are",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,52 +494,76 @@ class ComparisonResult:
         mbt = d.get("metrics_before_threshold")
         dd = d.get("d")
         return cls(
-            name=name, labels=Labels.from_json(d, where),
-            n_features=(int(_req(nf, "a", f"{where}.n_features")),
-                        int(_req(nf, "b", f"{where}.n_features"))),
+            name=name,
+            labels=Labels.from_json(d, where),
+            n_features=(
+                int(_req(nf, "a", f"{where}.n_features")),
+                int(_req(nf, "b", f"{where}.n_features")),
+            ),
             tokens=int(_req(d, "tokens", where)),
             pairing=Pairing.from_json(_req(d, "pairing", where), f"{where}.pairing"),
             filters=FilterFunnel.from_json(_req(d, "filters", where), f"{where}.filters"),
             n_pairs=int(_req(d, "n_pairs", where)),
             pairs=KeptPairs.from_json(_req(d, "pairs", where), f"{where}.pairs"),
-            top_pairs=tuple(TopPair.from_json(t, f"{where}.top_pairs[{i}]")
-                            for i, t in enumerate(_req(d, "top_pairs", where))),
+            top_pairs=tuple(
+                TopPair.from_json(t, f"{where}.top_pairs[{i}]")
+                for i, t in enumerate(_req(d, "top_pairs", where))
+            ),
             metrics=metrics_from_json(_req(d, "metrics", where), f"{where}.metrics"),
-            same_index=SameIndex.from_json(_req(d, "same_index", where),
-                                           f"{where}.same_index"),
-            fraction_same_top_token=_opt_num(d.get("fraction_same_top_token"),
-                                             f"{where}.fraction_same_top_token"),
+            same_index=SameIndex.from_json(_req(d, "same_index", where), f"{where}.same_index"),
+            fraction_same_top_token=_opt_num(
+                d.get("fraction_same_top_token"), f"{where}.fraction_same_top_token"
+            ),
             truth=None if truth is None else TruthScores.from_json(truth, f"{where}.truth"),
             metrics_skipped=dict(d.get("metrics_skipped") or {}),
             d=None if dd is None else (int(dd[0]), int(dd[1])),
             note=d.get("note"),
-            metrics_before_threshold=(None if mbt is None else metrics_from_json(
-                mbt, f"{where}.metrics_before_threshold")),
+            metrics_before_threshold=(
+                None if mbt is None else metrics_from_json(mbt, f"{where}.metrics_before_threshold")
+            ),
             n_pairs_before_threshold=d.get("n_pairs_before_threshold"),
-            feature_density=d.get("feature_density"), rows_are=d.get("rows_are"))
+            feature_density=d.get("feature_density"),
+            rows_are=d.get("rows_are"),
+        )
 
     def to_json(self) -> dict:
-        out: dict[str, Any] = {"name": self.name, **self.labels.to_json(),
-                               "n_features": {"a": self.n_features[0], "b": self.n_features[1]},
-                               "tokens": self.tokens, "pairing": self.pairing.to_json(),
-                               "filters": self.filters.to_json(), "n_pairs": self.n_pairs,
-                               "pairs": self.pairs.to_json(),
-                               "top_pairs": [t.to_json() for t in self.top_pairs],
-                               "metrics": _metrics_json(self.metrics),
-                               "same_index": self.same_index.to_json()}
-        out.update(_drop_none({
-            "fraction_same_top_token": self.fraction_same_top_token,
-            "truth": None if self.truth is None else self.truth.to_json(),
-            "metrics_skipped": dict(self.metrics_skipped) if self.metrics else None,
-            "d": None if self.d is None else list(self.d), "note": self.note,
-            "metrics_before_threshold": (None if self.metrics_before_threshold is None else
-                                         _metrics_json(self.metrics_before_threshold)),
-            "n_pairs_before_threshold": self.n_pairs_before_threshold,
-            "feature_density": self.feature_density, "rows_are": self.rows_are}))
+        out: dict[str, Any] = {
+            "name": self.name,
+            **self.labels.to_json(),
+            "n_features": {"a": self.n_features[0], "b": self.n_features[1]},
+            "tokens": self.tokens,
+            "pairing": self.pairing.to_json(),
+            "filters": self.filters.to_json(),
+            "n_pairs": self.n_pairs,
+            "pairs": self.pairs.to_json(),
+            "top_pairs": [t.to_json() for t in self.top_pairs],
+            "metrics": _metrics_json(self.metrics),
+            "same_index": self.same_index.to_json(),
+        }
+        out.update(
+            _drop_none(
+                {
+                    "fraction_same_top_token": self.fraction_same_top_token,
+                    "truth": None if self.truth is None else self.truth.to_json(),
+                    "metrics_skipped": dict(self.metrics_skipped) if self.metrics else None,
+                    "d": None if self.d is None else list(self.d),
+                    "note": self.note,
+                    "metrics_before_threshold": (
+                        None
+                        if self.metrics_before_threshold is None
+                        else _metrics_json(self.metrics_before_threshold)
+                    ),
+                    "n_pairs_before_threshold": self.n_pairs_before_threshold,
+                    "feature_density": self.feature_density,
+                    "rows_are": self.rows_are,
+                }
+            )
+        )
         return out
 
 
 # -- reference points of one cell -------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Distribution:
@@ -470,17 +577,23 @@ class Distribution:
     @classmethod
     def of(cls, values: Sequence[float]) -> Distribution:
         v = np.asarray(values, np.float64)
-        return cls(int(v.size), float(v.mean()) if v.size else None,
-                   float(v.std(ddof=1)) if v.size > 1 else 0.0 if v.size else None,
-                   tuple(v.tolist()))
+        return cls(
+            int(v.size),
+            float(v.mean()) if v.size else None,
+            float(v.std(ddof=1)) if v.size > 1 else 0.0 if v.size else None,
+            tuple(v.tolist()),
+        )
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> Distribution:
         d = _obj(d, where)
         _known(d, ("n", "mean", "std", "values"), where)
-        return cls(int(_req(d, "n", where)), _opt_num(_req(d, "mean", where), where),
-                   _opt_num(_req(d, "std", where), where),
-                   tuple(float(x) for x in _req(d, "values", where)))
+        return cls(
+            int(_req(d, "n", where)),
+            _opt_num(_req(d, "mean", where), where),
+            _opt_num(_req(d, "std", where), where),
+            tuple(float(x) for x in _req(d, "values", where)),
+        )
 
     def to_json(self) -> dict:
         return {"n": self.n, "mean": self.mean, "std": self.std, "values": list(self.values)}
@@ -496,12 +609,14 @@ class Separation:
     def from_json(cls, d: Any, where: str) -> Separation:
         d = _obj(d, where)
         _known(d, ("ceiling_minus_floor", "spread", "z"), where)
-        return cls(_num(_req(d, "ceiling_minus_floor", where), where),
-                   _num(_req(d, "spread", where), where), _opt_num(_req(d, "z", where), where))
+        return cls(
+            _num(_req(d, "ceiling_minus_floor", where), where),
+            _num(_req(d, "spread", where), where),
+            _opt_num(_req(d, "z", where), where),
+        )
 
     def to_json(self) -> dict:
-        return {"ceiling_minus_floor": self.ceiling_minus_floor, "spread": self.spread,
-                "z": self.z}
+        return {"ceiling_minus_floor": self.ceiling_minus_floor, "spread": self.spread, "z": self.z}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -530,12 +645,18 @@ class CrossWithinTest:
     def from_json(cls, d: Any, where: str) -> CrossWithinTest:
         d = _obj(d, where)
         _known(d, ("mann_whitney_p", "permutation_p", "note"), where)
-        return cls(_opt_num(_req(d, "mann_whitney_p", where), where),
-                   _opt_num(_req(d, "permutation_p", where), where), str(_req(d, "note", where)))
+        return cls(
+            _opt_num(_req(d, "mann_whitney_p", where), where),
+            _opt_num(_req(d, "permutation_p", where), where),
+            str(_req(d, "note", where)),
+        )
 
     def to_json(self) -> dict:
-        return {"mann_whitney_p": self.mann_whitney_p, "permutation_p": self.permutation_p,
-                "note": self.note}
+        return {
+            "mann_whitney_p": self.mann_whitney_p,
+            "permutation_p": self.permutation_p,
+            "note": self.note,
+        }
 
 
 _FRACTION = "fraction_floor_to_ceiling"
@@ -564,44 +685,75 @@ class ReferencePoint:
     fraction_excess: Fraction | None = None
     test: CrossWithinTest | None = None
 
-    _NUMS = ("ceiling", "ceiling_excess", "ceiling_a", "ceiling_a_excess", "ceiling_b",
-             "ceiling_b_excess", "floor", "floor_excess")
-    _FRACTION_KEYS = tuple(f"{_FRACTION}{s}{t}" for s in ("", "_excess") for t in ("", "_note")
-                           ) + ("separation", "separation_excess")
+    _NUMS = (
+        "ceiling",
+        "ceiling_excess",
+        "ceiling_a",
+        "ceiling_a_excess",
+        "ceiling_b",
+        "ceiling_b_excess",
+        "floor",
+        "floor_excess",
+    )
+    _FRACTION_KEYS = tuple(f"{_FRACTION}{s}{t}" for s in ("", "_excess") for t in ("", "_note")) + (
+        "separation",
+        "separation_excess",
+    )
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> ReferencePoint:
         d = _obj(d, where)
-        _known(d, ("cross", "cross_excess", "cross_distribution", "informative",
-                   "within_distribution", "test_cross_below_within") + cls._NUMS
-               + cls._FRACTION_KEYS, where)
+        _known(
+            d,
+            (
+                "cross",
+                "cross_excess",
+                "cross_distribution",
+                "informative",
+                "within_distribution",
+                "test_cross_below_within",
+            )
+            + cls._NUMS
+            + cls._FRACTION_KEYS,
+            where,
+        )
 
         def fraction(suffix):
             if f"{_FRACTION}{suffix}" not in d:
                 return None
             sep = d.get(f"separation{suffix}")
-            return Fraction(_opt_num(d[f"{_FRACTION}{suffix}"], where),
-                            d.get(f"{_FRACTION}{suffix}_note"),
-                            None if sep is None else Separation.from_json(
-                                sep, f"{where}.separation{suffix}"))
+            return Fraction(
+                _opt_num(d[f"{_FRACTION}{suffix}"], where),
+                d.get(f"{_FRACTION}{suffix}_note"),
+                None if sep is None else Separation.from_json(sep, f"{where}.separation{suffix}"),
+            )
 
         within = d.get("within_distribution")
         test = d.get("test_cross_below_within")
-        return cls(cross=_num(_req(d, "cross", where), where),
-                   cross_excess=_num(_req(d, "cross_excess", where), where),
-                   cross_distribution=Distribution.from_json(
-                       _req(d, "cross_distribution", where), f"{where}.cross_distribution"),
-                   informative=bool(_req(d, "informative", where)),
-                   within_distribution=None if within is None else Distribution.from_json(
-                       within, f"{where}.within_distribution"),
-                   fraction=fraction(""), fraction_excess=fraction("_excess"),
-                   test=None if test is None else CrossWithinTest.from_json(
-                       test, f"{where}.test_cross_below_within"),
-                   **{k: _opt_num(d.get(k), f"{where}.{k}") for k in cls._NUMS})
+        return cls(
+            cross=_num(_req(d, "cross", where), where),
+            cross_excess=_num(_req(d, "cross_excess", where), where),
+            cross_distribution=Distribution.from_json(
+                _req(d, "cross_distribution", where), f"{where}.cross_distribution"
+            ),
+            informative=bool(_req(d, "informative", where)),
+            within_distribution=None
+            if within is None
+            else Distribution.from_json(within, f"{where}.within_distribution"),
+            fraction=fraction(""),
+            fraction_excess=fraction("_excess"),
+            test=None
+            if test is None
+            else CrossWithinTest.from_json(test, f"{where}.test_cross_below_within"),
+            **{k: _opt_num(d.get(k), f"{where}.{k}") for k in cls._NUMS},
+        )
 
     def to_json(self) -> dict:
-        out: dict[str, Any] = {"cross": self.cross, "cross_excess": self.cross_excess,
-                               "cross_distribution": self.cross_distribution.to_json()}
+        out: dict[str, Any] = {
+            "cross": self.cross,
+            "cross_excess": self.cross_excess,
+            "cross_distribution": self.cross_distribution.to_json(),
+        }
         if self.within_distribution is not None:
             out["ceiling"] = self.ceiling
             out["ceiling_excess"] = self.ceiling_excess
@@ -661,19 +813,31 @@ class CellResult:
         where = f"{where} {d.get('cell')!r}"
         _known(d, cls.KEYS, where)
         v = {k: _req(d, k, where) for k in cls.KEYS}
-        return cls(str(v["cell"]), str(v["condition"]), v["hookpoint_a"], v["hookpoint_b"],
-                   CellComparisons.from_json(v["comparisons"], f"{where}.comparisons"),
-                   {m: ReferencePoint.from_json(e, f"{where}.metrics.{m}")
-                    for m, e in _obj(v["metrics"], f"{where}.metrics").items()})
+        return cls(
+            str(v["cell"]),
+            str(v["condition"]),
+            v["hookpoint_a"],
+            v["hookpoint_b"],
+            CellComparisons.from_json(v["comparisons"], f"{where}.comparisons"),
+            {
+                m: ReferencePoint.from_json(e, f"{where}.metrics.{m}")
+                for m, e in _obj(v["metrics"], f"{where}.metrics").items()
+            },
+        )
 
     def to_json(self) -> dict:
-        return {"cell": self.cell, "condition": self.condition,
-                "hookpoint_a": self.hookpoint_a, "hookpoint_b": self.hookpoint_b,
-                "comparisons": self.comparisons.to_json(),
-                "metrics": {m: e.to_json() for m, e in self.metrics.items()}}
+        return {
+            "cell": self.cell,
+            "condition": self.condition,
+            "hookpoint_a": self.hookpoint_a,
+            "hookpoint_b": self.hookpoint_b,
+            "comparisons": self.comparisons.to_json(),
+            "metrics": {m: e.to_json() for m, e in self.metrics.items()},
+        }
 
 
 # -- a whole run ------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerGrid:
@@ -688,19 +852,39 @@ class LayerGrid:
     def from_json(cls, d: Any, where: str = "grid") -> LayerGrid:
         d = _obj(d, where)
         _known(d, ("layers_a", "layers_b", "cells"), where)
-        return cls(tuple(_req(d, "layers_a", where)), tuple(_req(d, "layers_b", where)),
-                   {m: [[math.nan if v is None else _num(v, f"{where}.cells.{m}") for v in row]
-                        for row in rows]
-                    for m, rows in _obj(_req(d, "cells", where), f"{where}.cells").items()})
+        return cls(
+            tuple(_req(d, "layers_a", where)),
+            tuple(_req(d, "layers_b", where)),
+            {
+                m: [
+                    [math.nan if v is None else _num(v, f"{where}.cells.{m}") for v in row]
+                    for row in rows
+                ]
+                for m, rows in _obj(_req(d, "cells", where), f"{where}.cells").items()
+            },
+        )
 
     def to_json(self) -> dict:
-        return {"layers_a": list(self.layers_a), "layers_b": list(self.layers_b),
-                "cells": {m: [list(r) for r in v] for m, v in self.cells.items()}}
+        return {
+            "layers_a": list(self.layers_a),
+            "layers_b": list(self.layers_b),
+            "cells": {m: [list(r) for r in v] for m, v in self.cells.items()},
+        }
 
 
 #: Descriptive parts of results.json a report shows as they are (preset-dependent).
-HEAD_KEYS = ("preset", "models", "hookpoints", "tokens", "contexts", "text", "data", "toy",
-             "versions", "config")
+HEAD_KEYS = (
+    "preset",
+    "models",
+    "hookpoints",
+    "tokens",
+    "contexts",
+    "text",
+    "data",
+    "toy",
+    "versions",
+    "config",
+)
 _RUN_TYPED = ("comparisons", "cells", "reference_points", "summary", "grid")
 
 
@@ -736,13 +920,18 @@ class RunResults:
             raise ResultsError(f"{where}: 'comparisons' is not a list; not a universality run")
         grid = d.get("grid")
         return cls(
-            comparisons=tuple(ComparisonResult.from_json(c, f"{where} comparisons[{i}]")
-                              for i, c in enumerate(comps)),
-            cells=tuple(CellResult.from_json(c, f"{where} cells[{i}]")
-                        for i, c in enumerate(d.get("cells") or [])),
+            comparisons=tuple(
+                ComparisonResult.from_json(c, f"{where} comparisons[{i}]")
+                for i, c in enumerate(comps)
+            ),
+            cells=tuple(
+                CellResult.from_json(c, f"{where} cells[{i}]")
+                for i, c in enumerate(d.get("cells") or [])
+            ),
             summary=tuple(d.get("summary") or ()),
             grid=None if grid is None else LayerGrid.from_json(grid, f"{where} grid"),
-            extra={k: v for k, v in d.items() if k not in _RUN_TYPED})
+            extra={k: v for k, v in d.items() if k not in _RUN_TYPED},
+        )
 
     @classmethod
     def load(cls, path: str) -> RunResults:
@@ -758,8 +947,7 @@ class RunResults:
         out["comparisons"] = [c.to_json() for c in self.comparisons]
         if self.cells:
             out["cells"] = [c.to_json() for c in self.cells]
-            out["reference_points"] = {m: e.to_json() for m, e in
-                                       self.reference_points.items()}
+            out["reference_points"] = {m: e.to_json() for m, e in self.reference_points.items()}
         if self.summary:
             out["summary"] = list(self.summary)
         if self.grid is not None:

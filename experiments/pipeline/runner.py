@@ -17,30 +17,44 @@ from experiments.pipeline import results as results_lib
 from experiments.pipeline.stepcache import StepCache
 from models import text as text_lib
 
-USER_ERRORS = (compare.PipelineError, checks.InputError, text_lib.TokenizerMismatchError,
-               FileNotFoundError)
+USER_ERRORS = (
+    compare.PipelineError,
+    checks.InputError,
+    text_lib.TokenizerMismatchError,
+    FileNotFoundError,
+)
 
 
 def compare_config(settings) -> compare.CompareConfig:
     return compare.CompareConfig(
         pairing=settings.pairing,
         filters=filters.FilterConfig(
-            drop_dead=settings.filter_dead, non_concept=settings.filter_non_concept,
+            drop_dead=settings.filter_dead,
+            non_concept=settings.filter_non_concept,
             max_bad_fraction=settings.max_bad_fraction,
-            require_shared_token=settings.require_shared_token, one_to_one=settings.one_to_one,
-            threshold=None if settings.threshold < 0 else settings.threshold),
-        metrics=tuple(settings.metrics), num_permutations=settings.num_permutations,
-        top_n=settings.top_n, min_pairs=settings.min_pairs, seed=settings.seed,
-        memory_budget=(int(settings.memory_budget * (1 << 30))
-                       if settings.memory_budget > 0 else None))
+            require_shared_token=settings.require_shared_token,
+            one_to_one=settings.one_to_one,
+            threshold=None if settings.threshold < 0 else settings.threshold,
+        ),
+        metrics=tuple(settings.metrics),
+        num_permutations=settings.num_permutations,
+        top_n=settings.top_n,
+        min_pairs=settings.min_pairs,
+        seed=settings.seed,
+        memory_budget=(
+            int(settings.memory_budget * (1 << 30)) if settings.memory_budget > 0 else None
+        ),
+    )
 
 
 def ref_settings(settings) -> references.RefSettings:
     """Replicates, ceilings and floor of the run (validated before any work)."""
     return references.RefSettings(
-        replicates=settings.replicates, replicate_data=settings.replicate_data,
+        replicates=settings.replicates,
+        replicate_data=settings.replicate_data,
         ceiling_sides=tuple(settings.ceiling_sides),
-        floor=settings.random_init_floor, floor_at=settings.floor_at,
+        floor=settings.random_init_floor,
+        floor_at=settings.floor_at,
         permutations=settings.replicate_permutations,
     ).validate()
 
@@ -49,38 +63,60 @@ def _versions() -> dict:
     import flax
     import jax
     import optax
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "flax": flax.__version__, "optax": optax.__version__,
-            "numpy": np.__version__}
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def run_toy(run, settings, cfg: compare.CompareConfig, cache: StepCache) -> dict:
     toy = toy_preset.ToySettings(
-        seed=settings.seed, n_features=settings.toy_n_features, d_a=settings.toy_d,
-        d_b=settings.toy_d, n_tokens=settings.toy_n_tokens,
-        perturbation=settings.toy_perturbation, d_sae=settings.toy_n_features,
-        steps=settings.toy_steps)
+        seed=settings.seed,
+        n_features=settings.toy_n_features,
+        d_a=settings.toy_d,
+        d_b=settings.toy_d,
+        n_tokens=settings.toy_n_tokens,
+        perturbation=settings.toy_perturbation,
+        d_sae=settings.toy_n_features,
+        steps=settings.toy_steps,
+    )
     _stage(run, "toy data and SAEs (train or load)")
     refs = ref_settings(settings)
     conditions = tuple(references.parse_sweep(settings.sweep))
-    built = toy_preset.build(toy, run.workdir, run.mesh, progress=settings.progress,
-                             refs=refs, conditions=conditions)
+    built = toy_preset.build(
+        toy, run.workdir, run.mesh, progress=settings.progress, refs=refs, conditions=conditions
+    )
     vocab = built["pairs"]["cross"].vocab
     token_ids = built["pairs"]["cross"].token_ids
 
     def token_text(rows):
         return [vocab[int(token_ids[r])] for r in rows]
 
-    if hasattr(run, "plan_stages"):   # two stages per comparison, then the results
+    if hasattr(run, "plan_stages"):  # two stages per comparison, then the results
         run.plan_stages(2 * len(built["specs"]) + 1)
-    comps = references.run_specs(built["specs"], run, cfg, cache, token_text,
-                                 chunk_size=settings.chunk_size, progress=settings.progress,
-                                 features_dir=run.path("features"),
-                                 stage=getattr(run, "stage", None))
-    return {"preset": "toy", "toy": dataclasses.asdict(toy),
-            "references": dataclasses.asdict(refs),
-            "data": {k: p.description for k, p in built["pairs"].items()},
-            "saes": built["saes"], "comparisons": comps}
+    comps = references.run_specs(
+        built["specs"],
+        run,
+        cfg,
+        cache,
+        token_text,
+        chunk_size=settings.chunk_size,
+        progress=settings.progress,
+        features_dir=run.path("features"),
+        stage=getattr(run, "stage", None),
+    )
+    return {
+        "preset": "toy",
+        "toy": dataclasses.asdict(toy),
+        "references": dataclasses.asdict(refs),
+        "data": {k: p.description for k, p in built["pairs"].items()},
+        "saes": built["saes"],
+        "comparisons": comps,
+    }
 
 
 def _stage(run, label: str) -> None:
@@ -92,9 +128,10 @@ def expected_stages(settings) -> int:
     """Stage lines the run will print: set-up, two per comparison (feature pass, metrics),
     results. A later count that grows (e.g. more reference comparisons) just raises N."""
     refs_per_cell = len(settings.ceiling_sides) + bool(settings.random_init_floor)
-    if settings.preset == "toy":       # cross, ceilings, floor, control (corrected once planned)
+    if settings.preset == "toy":  # cross, ceilings, floor, control (corrected once planned)
         return 1 + 2 * (2 + refs_per_cell) + 1
     from experiments.pipeline import lm_preset
+
     if settings.lm_setup == "custom":
         hps = (settings.hookpoints_a, settings.hookpoints_b)
         has_saes_a = bool(settings.saes_a)
@@ -108,7 +145,7 @@ def expected_stages(settings) -> int:
 
 def main(run, settings) -> dict:
     cfg = compare_config(settings)
-    ref_settings(settings)                      # bad replicate / ceiling / sweep flags: fail now
+    ref_settings(settings)  # bad replicate / ceiling / sweep flags: fail now
     references.parse_sweep(settings.sweep)
     cache = StepCache(run.path("steps"))
     if hasattr(run, "stages_total"):
@@ -117,27 +154,32 @@ def main(run, settings) -> dict:
         results = run_toy(run, settings, cfg, cache)
     else:
         from experiments.pipeline import lm_preset
+
         _stage(run, "language models: load, activations, SAEs (train or load)")
         results = lm_preset.run_lm(run, settings, cfg, cache)
     _stage(run, "results.json, summary and plots")
     comps = results.pop("comparisons")
-    cells = references.summarise(comps, permutations=settings.replicate_permutations,
-                                 seed=settings.seed)
+    cells = references.summarise(
+        comps, permutations=settings.replicate_permutations, seed=settings.seed
+    )
     if settings.sweep:
         results["sweep"] = {"flag": settings.sweep, "table": references.sweep_table(cells)}
     grid = results.pop("grid", None)
     results["config"] = {"compare": dataclasses.asdict(cfg)}
     results["versions"] = _versions()
     typed = results_lib.RunResults(
-        comparisons=tuple(comps), cells=tuple(cells),
+        comparisons=tuple(comps),
+        cells=tuple(cells),
         summary=tuple(report.verdict(c) for c in comps),
-        grid=None if grid is None else results_lib.LayerGrid.from_json(grid), extra=results)
+        grid=None if grid is None else results_lib.LayerGrid.from_json(grid),
+        extra=results,
+    )
     main_cross = next((c for c in comps if c.kind == "cross"), None)
     no_pairs = main_cross is not None and main_cross.n_pairs == 0
     # results.json first: a plot can never lose a finished run.
     out = typed.to_json()
     run.write_results(out)
-    primary = mesh_lib.is_primary()     # several processes: process 0 alone writes
+    primary = mesh_lib.is_primary()  # several processes: process 0 alone writes
     if not no_pairs and primary:
         plot_errors = _plots(run, typed)
         if plot_errors:
@@ -149,17 +191,19 @@ def main(run, settings) -> dict:
         raise compare.PipelineError(
             "no pair survived the filters for the main comparison (see results.json "
             "'filters' counts, or the report's Features tab); lower --threshold or relax "
-            "--filter_non_concept")
+            "--filter_non_concept"
+        )
     print(report.summary_table(comps))
     if cells:
         print("reference points per cell (excess over null: floor -> cross -> ceiling):")
         print(references.format_table(cells))
     from experiments.pipeline import importance as importance_lib
-    for line in (importance_lib.splice_lines(results.get("splice", []))
-                 + importance_lib.importance_lines(results.get("importance", {}))):
+
+    for line in importance_lib.splice_lines(
+        results.get("splice", [])
+    ) + importance_lib.importance_lines(results.get("importance", {})):
         print(line)
-    print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}\n"
-          f"report:  {report_path}")
+    print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}\nreport:  {report_path}")
     return out
 
 
@@ -169,23 +213,30 @@ def _plots(run, results: results_lib.RunResults) -> list[str]:
     jobs: list[tuple] = []
     for c in comps:
         if not c.metrics and c.metrics_before_threshold:
-            jobs.append((report.plot_nulls, (f"{c.name} (before threshold)",
-                                             c.metrics_before_threshold)))
+            jobs.append(
+                (report.plot_nulls, (f"{c.name} (before threshold)", c.metrics_before_threshold))
+            )
         else:
             jobs.append((report.plot_nulls, (c.name, c.metrics)))
         jobs[-1] += (os.path.join(run.plots_dir, f"null_{c.name.split()[0]}.png"),)
-    jobs.append((report.plot_matched_correlations, (comps,),
-                 os.path.join(run.plots_dir, "matched_correlations.png")))
-    jobs.append((report.plot_reference_bars, (comps,),
-                 os.path.join(run.plots_dir, "reference_bars.png")))
+    jobs.append(
+        (
+            report.plot_matched_correlations,
+            (comps,),
+            os.path.join(run.plots_dir, "matched_correlations.png"),
+        )
+    )
+    jobs.append(
+        (report.plot_reference_bars, (comps,), os.path.join(run.plots_dir, "reference_bars.png"))
+    )
     if results.grid is not None:
         jobs.append((report.plot_layer_heatmaps, (results.grid,), run.plots_dir))
     for i, cell in enumerate(results.cells):
-        jobs.append((report.plot_replicates, (cell,),
-                     os.path.join(run.plots_dir, f"replicates_{i}.png")))
+        jobs.append(
+            (report.plot_replicates, (cell,), os.path.join(run.plots_dir, f"replicates_{i}.png"))
+        )
     if "sweep" in results.extra:
-        jobs.append((report.plot_sweep, (results.cells,),
-                     os.path.join(run.plots_dir, "sweep.png")))
+        jobs.append((report.plot_sweep, (results.cells,), os.path.join(run.plots_dir, "sweep.png")))
     errors = []
     for fn, args, path in jobs:
         try:

@@ -39,16 +39,15 @@ _SEED_MOD = 2**31 - 1  # seeds stay positive int32 (PRNGKey, numpy Generator)
 class Role:
     """What one SAE is for in a run (hashed into its seeds; see `role_seeds`)."""
 
-    side: str                # "a", "b", "a~random", "b~random", "control", ...
-    hookpoint: str           # "resid_post.3"; "toy" for the toy preset
-    kind: str = "main"       # one of KINDS
+    side: str  # "a", "b", "a~random", "b~random", "control", ...
+    hookpoint: str  # "resid_post.3"; "toy" for the toy preset
+    kind: str = "main"  # one of KINDS
     replicate: int = 0
-    condition: str = ""      # sweep condition label ("k=8"); "" outside sweeps
+    condition: str = ""  # sweep condition label ("k=8"); "" outside sweeps
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise checks.InputError(f"Role.kind: unknown {self.kind!r}; expected one of "
-                                    f"{KINDS}")
+            raise checks.InputError(f"Role.kind: unknown {self.kind!r}; expected one of {KINDS}")
 
     @property
     def key(self) -> str:
@@ -69,8 +68,17 @@ def role_seeds(user_seed: int, role: Role) -> tuple[int, int]:
     """
     out = []
     for stream in ("init", "data"):
-        payload = json.dumps([stream, int(user_seed), role.side, role.hookpoint, role.kind,
-                              int(role.replicate), role.condition])
+        payload = json.dumps(
+            [
+                stream,
+                int(user_seed),
+                role.side,
+                role.hookpoint,
+                role.kind,
+                int(role.replicate),
+                role.condition,
+            ]
+        )
         digest = hashlib.sha256(payload.encode()).digest()
         out.append(int.from_bytes(digest[:8], "little") % _SEED_MOD)
     return out[0], out[1]
@@ -82,20 +90,27 @@ class SideSAE:
 
     role: Role
     sae: sae_lib.SAE
-    source: str               # "trained here" or the loaded path
-    seed: int | None          # None for a loaded SAE (its seed is the publisher's)
+    source: str  # "trained here" or the loaded path
+    seed: int | None  # None for a loaded SAE (its seed is the publisher's)
     data_seed: int | None
     recipe: dict | None = None  # training recipe when trained here
     note: str = ""
 
     def record(self) -> dict:
         """JSON-ready description for results.json."""
-        return {"role": dataclasses.asdict(self.role), "key": self.role.key,
-                "source": self.source, "seed": self.seed, "data_seed": self.data_seed,
-                "d_in": int(self.sae.config.d_in), "d_sae": int(self.sae.config.d_sae),
-                "activation": self.sae.config.activation, "k": int(self.sae.config.k),
-                **({"recipe": self.recipe} if self.recipe else {}),
-                **({"note": self.note} if self.note else {})}
+        return {
+            "role": dataclasses.asdict(self.role),
+            "key": self.role.key,
+            "source": self.source,
+            "seed": self.seed,
+            "data_seed": self.data_seed,
+            "d_in": int(self.sae.config.d_in),
+            "d_sae": int(self.sae.config.d_sae),
+            "activation": self.sae.config.activation,
+            "k": int(self.sae.config.k),
+            **({"recipe": self.recipe} if self.recipe else {}),
+            **({"note": self.note} if self.note else {}),
+        }
 
 
 def check_distinct_seeds(saes: Sequence[SideSAE]) -> None:
@@ -107,12 +122,15 @@ def check_distinct_seeds(saes: Sequence[SideSAE]) -> None:
                 continue
             other = seen.setdefault((stream, value), s.role.key)
             if other != s.role.key:
-                raise checks.InputError(f"SAEs {other} and {s.role.key} share the {stream} "
-                                        f"seed {value}; every SAE needs its own")
+                raise checks.InputError(
+                    f"SAEs {other} and {s.role.key} share the {stream} "
+                    f"seed {value}; every SAE needs its own"
+                )
 
 
-def matching_config(sae: sae_lib.SAE, template: sae_train.TrainConfig,
-                    acts_sample: np.ndarray | None = None) -> sae_train.TrainConfig:
+def matching_config(
+    sae: sae_lib.SAE, template: sae_train.TrainConfig, acts_sample: np.ndarray | None = None
+) -> sae_train.TrainConfig:
     """The recipe of an SAE of the same architecture, width and sparsity as ``sae``.
 
     Activation, ``d_sae`` and ``k`` (topk / batchtopk) come from the SAE; for relu the L1
@@ -135,15 +153,17 @@ def matching_config(sae: sae_lib.SAE, template: sae_train.TrainConfig,
         if acts_sample is not None and len(acts_sample):
             x = np.asarray(acts_sample, np.float64)
             train_scale = np.sqrt(x.shape[1]) / max(np.linalg.norm(x, axis=1).mean(), 1e-12)
-            med = float(np.median(np.asarray(sae.threshold, np.float64))
-                        * train_scale / c.input_scale)
+            med = float(
+                np.median(np.asarray(sae.threshold, np.float64)) * train_scale / c.input_scale
+            )
             if np.isfinite(med) and med > 0:
                 kw["jumprelu_init_threshold"] = med
     return dataclasses.replace(template, **kw)
 
 
-def _subset_rows(n: int, fraction: float | None, fold: tuple[int, int] | None,
-                 data_seed: int) -> np.ndarray | None:
+def _subset_rows(
+    n: int, fraction: float | None, fold: tuple[int, int] | None, data_seed: int
+) -> np.ndarray | None:
     """Training rows of one SAE: a random ``fraction`` of them, or fold i of n disjoint folds
     (the folds come from one permutation shared by the replicates, so they are disjoint)."""
     if fold is not None:
@@ -156,13 +176,26 @@ def _subset_rows(n: int, fraction: float | None, fold: tuple[int, int] | None,
     return None
 
 
-def obtain(role: Role, acts: np.ndarray | None, *, user_seed: int,
-           recipe: sae_train.TrainConfig | None = None, loaded: str | None = None,
-           loaded_sae: sae_lib.SAE | None = None, steps: int = 0, batch_size: int = 256,
-           root: str = "saes", mesh=None, progress: bool = False,
-           metadata: dict | None = None, subset: float | None = None,
-           fold: tuple[int, int] | None = None, note: str = "", as_source: bool = False,
-           shuffle_buffer: int = 1 << 16) -> SideSAE:
+def obtain(
+    role: Role,
+    acts: np.ndarray | None,
+    *,
+    user_seed: int,
+    recipe: sae_train.TrainConfig | None = None,
+    loaded: str | None = None,
+    loaded_sae: sae_lib.SAE | None = None,
+    steps: int = 0,
+    batch_size: int = 256,
+    root: str = "saes",
+    mesh=None,
+    progress: bool = False,
+    metadata: dict | None = None,
+    subset: float | None = None,
+    fold: tuple[int, int] | None = None,
+    note: str = "",
+    as_source: bool = False,
+    shuffle_buffer: int = 1 << 16,
+) -> SideSAE:
     """The one train-or-load helper: the SAE playing ``role``.
 
     With ``loaded_sae`` (already read from ``loaded``) that SAE is returned as is. Otherwise
@@ -178,11 +211,11 @@ def obtain(role: Role, acts: np.ndarray | None, *, user_seed: int,
     that an in-memory run and a cache-streamed run over the same rows train the same SAEs.
     """
     if loaded_sae is not None:
-        return SideSAE(role, loaded_sae, source=str(loaded), seed=None, data_seed=None,
-                       note=note)
+        return SideSAE(role, loaded_sae, source=str(loaded), seed=None, data_seed=None, note=note)
     if recipe is None or acts is None:
-        raise checks.InputError(f"SAE {role.key}: neither a loaded SAE nor a recipe and "
-                                "activations to train one")
+        raise checks.InputError(
+            f"SAE {role.key}: neither a loaded SAE nor a recipe and activations to train one"
+        )
     seed, data_seed = role_seeds(user_seed, role)
     cfg = dataclasses.replace(recipe, seed=seed)
     rows = _subset_rows(acts.shape[0], subset, fold, data_seed)
@@ -192,18 +225,33 @@ def obtain(role: Role, acts: np.ndarray | None, *, user_seed: int,
     else:
         train_acts = acts if rows is None else acts[rows]
         n_rows = train_acts.shape[0]
-    record = {"config": cfg.to_dict(), "steps": int(steps), "batch_size": int(batch_size),
-              "data_seed": int(data_seed), "rows": int(n_rows),
-              "subset": subset, "fold": list(fold) if fold else None}
+    record = {
+        "config": cfg.to_dict(),
+        "steps": int(steps),
+        "batch_size": int(batch_size),
+        "data_seed": int(data_seed),
+        "rows": int(n_rows),
+        "subset": subset,
+        "fold": list(fold) if fold else None,
+    }
     if sae_train.is_source(train_acts):
         record["data"] = {"source": _source_kind(train_acts), "shuffle_buffer": shuffle_buffer}
-    sae = train_or_load(train_acts, cfg, steps=steps, batch_size=batch_size,
-                        data_seed=data_seed, directory=os.path.join(root, role.key),
-                        mesh=mesh, progress=progress,
-                        metadata={**(metadata or {}), "role": role.key}, recipe=record,
-                        shuffle_buffer=shuffle_buffer)
-    return SideSAE(role, sae, source="trained here", seed=seed, data_seed=data_seed,
-                   recipe=record, note=note)
+    sae = train_or_load(
+        train_acts,
+        cfg,
+        steps=steps,
+        batch_size=batch_size,
+        data_seed=data_seed,
+        directory=os.path.join(root, role.key),
+        mesh=mesh,
+        progress=progress,
+        metadata={**(metadata or {}), "role": role.key},
+        recipe=record,
+        shuffle_buffer=shuffle_buffer,
+    )
+    return SideSAE(
+        role, sae, source="trained here", seed=seed, data_seed=data_seed, recipe=record, note=note
+    )
 
 
 def training_source(acts, rows: np.ndarray | None = None):
@@ -211,6 +259,7 @@ def training_source(acts, rows: np.ndarray | None = None):
     `CachedActs`, or an `ArraySource` over an in-memory ``[rows, d]`` array; restricted to
     the sorted row ids ``rows`` (a subset / fold) when given."""
     from models import activation_source as src_lib
+
     if isinstance(acts, CachedActs):
         base = acts.source
     else:
@@ -226,11 +275,22 @@ def _source_kind(source) -> str:
     return str(source.describe().get("kind"))
 
 
-def train_or_load(acts, cfg: sae_train.TrainConfig, *, steps: int | None,
-                  batch_size: int, data_seed: int, directory: str, mesh,
-                  progress: bool = False, metadata: dict | None = None,
-                  recipe: dict | None = None, epochs: float | None = None, column: int = 1,
-                  shuffle_buffer: int = 1 << 16):
+def train_or_load(
+    acts,
+    cfg: sae_train.TrainConfig,
+    *,
+    steps: int | None,
+    batch_size: int,
+    data_seed: int,
+    directory: str,
+    mesh,
+    progress: bool = False,
+    metadata: dict | None = None,
+    recipe: dict | None = None,
+    epochs: float | None = None,
+    column: int = 1,
+    shuffle_buffer: int = 1 << 16,
+):
     """Trains one SAE on ``acts`` under ``directory`` (resumes), or loads the finished one.
 
     ``acts`` is an in-memory ``[rows, d]`` array or an activation source (e.g.
@@ -247,16 +307,29 @@ def train_or_load(acts, cfg: sae_train.TrainConfig, *, steps: int | None,
     if mesh_lib.agree(os.path.exists(os.path.join(done, "sae_config.json"))):
         if recipe is None or _read_json(recipe_path) == json.loads(json.dumps(recipe)):
             return sae_io_native.load_sae(done)
-        raise checks.InputError(f"{directory}: holds an SAE trained with another recipe "
-                                "(seed, data order, width or sparsity); use a new --workdir")
+        raise checks.InputError(
+            f"{directory}: holds an SAE trained with another recipe "
+            "(seed, data order, width or sparsity); use a new --workdir"
+        )
     rows = sae_train.rows_per_epoch(acts)
     if rows is not None:
         batch_size = min(batch_size, rows - rows % mesh.shape["data"])
-    sae = sae_train.train_saes(acts, cfg, steps=steps, epochs=epochs, batch_size=batch_size,
-                               mesh=mesh, workdir=directory, data_seed=data_seed,
-                               progress=progress, metadata=metadata, save=False,
-                               column=column, shuffle_buffer=shuffle_buffer)[0]
-    sae_io_native.save_sae(done, sae)   # multi-process: orbax-coordinated
+    sae = sae_train.train_saes(
+        acts,
+        cfg,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        mesh=mesh,
+        workdir=directory,
+        data_seed=data_seed,
+        progress=progress,
+        metadata=metadata,
+        save=False,
+        column=column,
+        shuffle_buffer=shuffle_buffer,
+    )[0]
+    sae_io_native.save_sae(done, sae)  # multi-process: orbax-coordinated
     if recipe is not None and mesh_lib.is_primary():
         os.makedirs(directory, exist_ok=True)
         with open(recipe_path, "w", encoding="utf-8") as f:
@@ -280,6 +353,7 @@ def load_for_hookpoint(root: str, hookpoint: str, n_hookpoints: int):
     (``blocks.3.hook_resid_post``, ``layers.3``).
     """
     from models import lm
+
     hp = lm.parse_hookpoint(hookpoint)
     for name in (hp.name, hp.saelens_name, hp.sparsify_name):
         path = os.path.join(root, name)
@@ -287,6 +361,8 @@ def load_for_hookpoint(root: str, hookpoint: str, n_hookpoints: int):
             return formats.load_sae(path)
     if n_hookpoints == 1 and os.path.exists(root):
         return formats.load_sae(root)
-    raise FileNotFoundError(f"no SAE for hookpoint {hp.name} under {root}: expected a "
-                            f"sub-directory named {hp.name}, {hp.saelens_name} or "
-                            f"{hp.sparsify_name}")
+    raise FileNotFoundError(
+        f"no SAE for hookpoint {hp.name} under {root}: expected a "
+        f"sub-directory named {hp.name}, {hp.saelens_name} or "
+        f"{hp.sparsify_name}"
+    )

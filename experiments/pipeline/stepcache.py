@@ -68,5 +68,5 @@ class StepCache:
             return self.load(name)
         result = compute()
         self.save(name, result)
-        mesh_lib.barrier(f"step {name}")     # the others read what process 0 wrote
+        mesh_lib.barrier(f"step {name}")  # the others read what process 0 wrote
         return self.load(name)

@@ -68,14 +68,35 @@ class SubspaceConfig:
     seed: int = 0
 
 
-def feature_step(name: str, stream_factory: Callable[[], object], sae_a: sae_lib.SAE,
-                 sae_b: sae_lib.SAE, mesh, cfg: SubspaceConfig, cache: StepCache, *,
-                 ckpt_root: str, progress: bool = False) -> dict:
+def feature_step(
+    name: str,
+    stream_factory: Callable[[], object],
+    sae_a: sae_lib.SAE,
+    sae_b: sae_lib.SAE,
+    mesh,
+    cfg: SubspaceConfig,
+    cache: StepCache,
+    *,
+    ckpt_root: str,
+    progress: bool = False,
+) -> dict:
     """The feature pass of one SAE pair (cached as step ``<name>.features``)."""
     from experiments.pipeline import features
-    return cache.get(f"{name}.features", lambda: compare._pass_arrays(features.feature_pass(
-        stream_factory(), sae_a, sae_b, mesh, top_n=cfg.top_n,
-        checkpoint_dir=features.checkpoint_path(ckpt_root, name), progress=progress)))
+
+    return cache.get(
+        f"{name}.features",
+        lambda: compare._pass_arrays(
+            features.feature_pass(
+                stream_factory(),
+                sae_a,
+                sae_b,
+                mesh,
+                top_n=cfg.top_n,
+                checkpoint_dir=features.checkpoint_path(ckpt_root, name),
+                progress=progress,
+            )
+        ),
+    )
 
 
 def invalid_features(step: Mapping) -> tuple[np.ndarray, np.ndarray]:
@@ -85,8 +106,14 @@ def invalid_features(step: Mapping) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ia, bool), np.asarray(ib, bool)
 
 
-def group_pairs(step: Mapping, members_a: np.ndarray, members_b: np.ndarray, *,
-                group: str = "group", threshold: float | None = None) -> filters.Pairs:
+def group_pairs(
+    step: Mapping,
+    members_a: np.ndarray,
+    members_b: np.ndarray,
+    *,
+    group: str = "group",
+    threshold: float | None = None,
+) -> filters.Pairs:
     """One-to-one best pairs inside a group (module docstring, step 2).
 
     Raises:
@@ -96,8 +123,10 @@ def group_pairs(step: Mapping, members_a: np.ndarray, members_b: np.ndarray, *,
     mb = np.asarray(members_b, np.int64)
     for side, m in (("A", ma), ("B", mb)):
         if m.size == 0:
-            raise concepts.ConceptError(f"group {group!r}: no feature of SAE {side} joined it "
-                                        "(none has a keyword among its top tokens)")
+            raise concepts.ConceptError(
+                f"group {group!r}: no feature of SAE {side} joined it "
+                "(none has a keyword among its top tokens)"
+            )
     if "corr" in step:
         sub = np.asarray(step["corr"], np.float64)[np.ix_(ma, mb)]
         best_b = sub.argmax(1)
@@ -117,14 +146,16 @@ def group_pairs(step: Mapping, members_a: np.ndarray, members_b: np.ndarray, *,
     return pairs
 
 
-def whole_pairs(step: Mapping, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
-                threshold: float | None) -> filters.Pairs:
+def whole_pairs(
+    step: Mapping, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, threshold: float | None
+) -> filters.Pairs:
     """The whole SAE pair's one-to-one correlation pairing (random-subset baseline pool)."""
     cand = compare.candidate_pairs(step, sae_a, sae_b, "correlation", None)
     ia, ib = invalid_features(step)
     cfg = filters.FilterConfig(non_concept=False, threshold=threshold)
-    pairs, _ = filters.apply_filters(cand, cfg, invalid_a=ia, invalid_b=ib,
-                                     top_tokens_a=None, top_tokens_b=None)
+    pairs, _ = filters.apply_filters(
+        cand, cfg, invalid_a=ia, invalid_b=ib, top_tokens_a=None, top_tokens_b=None
+    )
     return pairs
 
 
@@ -139,8 +170,14 @@ def _rows(sae: sae_lib.SAE, idx: np.ndarray) -> np.ndarray:
     return np.asarray(sae.W_dec, np.float64)[np.asarray(idx, np.int64)]
 
 
-def random_subsets(pool: filters.Pairs, n: int, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
-                   cfg: SubspaceConfig, scores: Mapping[str, float] | None = None) -> dict:
+def random_subsets(
+    pool: filters.Pairs,
+    n: int,
+    sae_a: sae_lib.SAE,
+    sae_b: sae_lib.SAE,
+    cfg: SubspaceConfig,
+    scores: Mapping[str, float] | None = None,
+) -> dict:
     """Scores of ``cfg.random_draws`` random ``n``-pair subsets of ``pool`` (no nulls).
 
     ``fraction_at_or_above`` is the share of draws scoring >= the group's score (``scores``),
@@ -159,9 +196,13 @@ def random_subsets(pool: filters.Pairs, n: int, sae_a: sae_lib.SAE, sae_b: sae_l
     out = {"draws": int(cfg.random_draws), "pool": len(pool), "metrics": {}}
     for m, vals in per.items():
         v = np.asarray(vals, np.float64)
-        entry = {"scores": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1))
-                 if len(v) > 1 else 0.0, "q05": float(np.quantile(v, 0.05)),
-                 "q95": float(np.quantile(v, 0.95))}
+        entry = {
+            "scores": v.tolist(),
+            "mean": float(v.mean()),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "q05": float(np.quantile(v, 0.05)),
+            "q95": float(np.quantile(v, 0.95)),
+        }
         if scores is not None and m in scores:
             entry["fraction_at_or_above"] = float(np.mean(v >= scores[m] - 1e-12))
         out["metrics"][m] = entry
@@ -172,10 +213,19 @@ def _examples(tokens: Sequence[Sequence[str]], idx: np.ndarray, limit: int = 8) 
     return [{"feature": int(f), "top_tokens": list(tokens[f])[:5]} for f in idx[:limit]]
 
 
-def analyse_groups(name: str, step: Mapping, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE,
-                   token_text: Callable[[np.ndarray], Sequence[str]],
-                   groups: Mapping[str, frozenset[str]], cfg: SubspaceConfig, mesh,
-                   cache: StepCache | None = None, *, progress: bool = False) -> dict:
+def analyse_groups(
+    name: str,
+    step: Mapping,
+    sae_a: sae_lib.SAE,
+    sae_b: sae_lib.SAE,
+    token_text: Callable[[np.ndarray], Sequence[str]],
+    groups: Mapping[str, frozenset[str]],
+    cfg: SubspaceConfig,
+    mesh,
+    cache: StepCache | None = None,
+    *,
+    progress: bool = False,
+) -> dict:
     """Membership, pairing, metrics with nulls and random subsets for every group.
 
     Args:
@@ -195,13 +245,24 @@ def analyse_groups(name: str, step: Mapping, sae_a: sae_lib.SAE, sae_b: sae_lib.
     mem_a = concepts.assign_features(tokens_a, groups, cfg.member_top_n, valid=~invalid_a)
     mem_b = concepts.assign_features(tokens_b, groups, cfg.member_top_n, valid=~invalid_b)
     pool = None
-    out = {"name": name, "tokens": int(step["rows"]), "min_pairs": int(cfg.min_pairs),
-           "threshold": cfg.threshold, "groups": {}}
+    out = {
+        "name": name,
+        "tokens": int(step["rows"]),
+        "min_pairs": int(cfg.min_pairs),
+        "threshold": cfg.threshold,
+        "groups": {},
+    }
     for group in groups:
         ma, mb = mem_a[group], mem_b[group]
-        entry = {"n_features_a": int(ma.size), "n_features_b": int(mb.size), "n_pairs": 0,
-                 "status": "skipped", "metrics": {},
-                 "examples_a": _examples(tokens_a, ma), "examples_b": _examples(tokens_b, mb)}
+        entry = {
+            "n_features_a": int(ma.size),
+            "n_features_b": int(mb.size),
+            "n_pairs": 0,
+            "status": "skipped",
+            "metrics": {},
+            "examples_a": _examples(tokens_a, ma),
+            "examples_b": _examples(tokens_b, mb),
+        }
         out["groups"][group] = entry
         if ma.size == 0 or mb.size == 0:
             side = "A" if ma.size == 0 else "B"
@@ -209,33 +270,52 @@ def analyse_groups(name: str, step: Mapping, sae_a: sae_lib.SAE, sae_b: sae_lib.
             continue
         pairs = group_pairs(step, ma, mb, group=group, threshold=cfg.threshold)
         entry["n_pairs"] = len(pairs)
-        entry["pairs"] = {"a": pairs.a.tolist(), "b": pairs.b.tolist(),
-                          "value": pairs.value.tolist()}
+        entry["pairs"] = {
+            "a": pairs.a.tolist(),
+            "b": pairs.b.tolist(),
+            "value": pairs.value.tolist(),
+        }
         if len(pairs) < cfg.min_pairs:
-            entry["skip_reason"] = (f"{len(pairs)} pair(s) < min_pairs={cfg.min_pairs}")
+            entry["skip_reason"] = f"{len(pairs)} pair(s) < min_pairs={cfg.min_pairs}"
             continue
         x, y = _rows(sae_a, pairs.a), _rows(sae_b, pairs.b)
         opts = metric_options(cfg, len(pairs))
 
         def compute(x=x, y=y, opts=opts):
-            return similarity.evaluate(x, y, cfg.metrics, num_permutations=cfg.num_permutations,
-                                       seed=cfg.seed, mesh=mesh, options=opts,
-                                       progress=progress)
+            return similarity.evaluate(
+                x,
+                y,
+                cfg.metrics,
+                num_permutations=cfg.num_permutations,
+                seed=cfg.seed,
+                mesh=mesh,
+                options=opts,
+                progress=progress,
+            )
+
         key = f"{name}.group.{concepts._name_key(group)}"
         scored = cache.get(key, compute) if cache is not None else compute()
         entry["status"] = "scored"
         entry["skip_reason"] = None
-        entry["metrics"] = {m: {k: r[k] for k in ("score", "null_mean", "null_std", "p", "z",
-                                                  "excess") if k in r}
-                            for m, r in scored["metrics"].items()}
+        entry["metrics"] = {
+            m: {k: r[k] for k in ("score", "null_mean", "null_std", "p", "z", "excess") if k in r}
+            for m, r in scored["metrics"].items()
+        }
         if cfg.random_draws > 0:
             if pool is None:
                 pool = whole_pairs(step, sae_a, sae_b, cfg.threshold)
             entry["random_subsets"] = random_subsets(
-                pool, len(pairs), sae_a, sae_b, cfg,
-                {m: r["score"] for m, r in entry["metrics"].items()})
-    out["counts"] = {"scored": sum(g["status"] == "scored" for g in out["groups"].values()),
-                     "skipped": sum(g["status"] == "skipped" for g in out["groups"].values())}
+                pool,
+                len(pairs),
+                sae_a,
+                sae_b,
+                cfg,
+                {m: r["score"] for m, r in entry["metrics"].items()},
+            )
+    out["counts"] = {
+        "scored": sum(g["status"] == "scored" for g in out["groups"].values()),
+        "skipped": sum(g["status"] == "skipped" for g in out["groups"].values()),
+    }
     return out
 
 
@@ -245,8 +325,9 @@ def attach_baseline(main: dict, random_init: dict) -> dict:
         other = random_init["groups"].get(group)
         if other is None:
             continue
-        entry["random_init"] = {k: other.get(k) for k in ("n_features_b", "n_pairs",
-                                                           "status", "skip_reason", "metrics")}
+        entry["random_init"] = {
+            k: other.get(k) for k in ("n_features_b", "n_pairs", "status", "skip_reason", "metrics")
+        }
     return main
 
 
@@ -255,42 +336,61 @@ def attach_topic_control(main: dict, topic: dict, topic_name: str) -> dict:
     diff = {}
     for group, entry in main["groups"].items():
         other = topic["groups"].get(group)
-        row = {"full_status": entry["status"], "topic_status": other["status"] if other
-               else "missing", "full_n_pairs": entry["n_pairs"],
-               "topic_n_pairs": other["n_pairs"] if other else 0, "metrics": {}}
+        row = {
+            "full_status": entry["status"],
+            "topic_status": other["status"] if other else "missing",
+            "full_n_pairs": entry["n_pairs"],
+            "topic_n_pairs": other["n_pairs"] if other else 0,
+            "metrics": {},
+        }
         if other and entry["status"] == other["status"] == "scored":
             for m, r in entry["metrics"].items():
                 t = other["metrics"].get(m)
                 if t:
-                    row["metrics"][m] = {"full": r["score"], "topic": t["score"],
-                                         "difference": t["score"] - r["score"],
-                                         "excess_difference": t.get("excess", 0.0) -
-                                         r.get("excess", 0.0),
-                                         "p_full": r.get("p"), "p_topic": t.get("p")}
+                    row["metrics"][m] = {
+                        "full": r["score"],
+                        "topic": t["score"],
+                        "difference": t["score"] - r["score"],
+                        "excess_difference": t.get("excess", 0.0) - r.get("excess", 0.0),
+                        "p_full": r.get("p"),
+                        "p_topic": t.get("p"),
+                    }
         diff[group] = row
-    main["topic_control"] = {"topic": topic_name, "tokens_full": main["tokens"],
-                             "tokens_topic": topic["tokens"], "groups": diff}
+    main["topic_control"] = {
+        "topic": topic_name,
+        "tokens_full": main["tokens"],
+        "tokens_topic": topic["tokens"],
+        "groups": diff,
+    }
     return main
 
 
 def significant_groups(result: dict, metric: str, alpha: float) -> list[str]:
     """Scored groups whose ``metric`` p-value is below ``alpha``."""
-    return [g for g, e in result["groups"].items() if e["status"] == "scored"
-            and e["metrics"].get(metric, {}).get("p", 1.0) < alpha]
+    return [
+        g
+        for g, e in result["groups"].items()
+        if e["status"] == "scored" and e["metrics"].get(metric, {}).get("p", 1.0) < alpha
+    ]
 
 
 def plot_groups(result: dict, path: str, metrics: Sequence[str] | None = None) -> None:
     """Per-group score vs null bars, with the random-subset and random-init baselines."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     scored = [g for g, e in result["groups"].items() if e["status"] == "scored"]
     metrics = list(metrics or [])
     if not metrics and scored:
         metrics = list(result["groups"][scored[0]]["metrics"])
-    fig, axes = plt.subplots(len(metrics) or 1, 1, figsize=(max(6, 1.4 * len(scored) + 2),
-                                                          2.8 * max(1, len(metrics))),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(metrics) or 1,
+        1,
+        figsize=(max(6, 1.4 * len(scored) + 2), 2.8 * max(1, len(metrics))),
+        squeeze=False,
+    )
     for ax, m in zip(axes[:, 0], metrics or [None]):
         if not scored or m is None:
             ax.text(0.5, 0.5, "no group scored", ha="center", va="center")
@@ -298,17 +398,26 @@ def plot_groups(result: dict, path: str, metrics: Sequence[str] | None = None) -
             continue
         xs = np.arange(len(scored))
         w = 0.2
+
         def get(path_fn):
             return np.array([path_fn(result["groups"][g]) for g in scored], np.float64)
+
         score = get(lambda e: e["metrics"][m]["score"])
         null = get(lambda e: e["metrics"][m].get("null_mean", np.nan))
         null_sd = get(lambda e: e["metrics"][m].get("null_std", np.nan))
-        rs = get(lambda e: e.get("random_subsets", {}).get("metrics", {}).get(m, {}).get(
-            "mean", np.nan))
-        rs_sd = get(lambda e: e.get("random_subsets", {}).get("metrics", {}).get(m, {}).get(
-            "std", np.nan))
-        ri = get(lambda e: (e.get("random_init") or {}).get("metrics", {}).get(m, {}).get(
-            "score", np.nan) if e.get("random_init") else np.nan)
+        rs = get(
+            lambda e: e.get("random_subsets", {}).get("metrics", {}).get(m, {}).get("mean", np.nan)
+        )
+        rs_sd = get(
+            lambda e: e.get("random_subsets", {}).get("metrics", {}).get(m, {}).get("std", np.nan)
+        )
+        ri = get(
+            lambda e: (
+                (e.get("random_init") or {}).get("metrics", {}).get(m, {}).get("score", np.nan)
+                if e.get("random_init")
+                else np.nan
+            )
+        )
         ax.bar(xs - 1.5 * w, score, w, label="group score", color="tab:blue")
         ax.bar(xs - 0.5 * w, null, w, yerr=null_sd, label="shuffle null", color="tab:gray")
         ax.bar(xs + 0.5 * w, rs, w, yerr=rs_sd, label="random subsets", color="tab:orange")
@@ -316,11 +425,19 @@ def plot_groups(result: dict, path: str, metrics: Sequence[str] | None = None) -
         for x, g in zip(xs, scored):
             p = result["groups"][g]["metrics"][m].get("p")
             if p is not None:
-                ax.text(x - 1.5 * w, score[x], f"p={p:.3g}", ha="center", va="bottom",
-                        fontsize=7, rotation=90)
+                ax.text(
+                    x - 1.5 * w,
+                    score[x],
+                    f"p={p:.3g}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    rotation=90,
+                )
         ax.set_xticks(xs)
-        ax.set_xticklabels([f"{g}\n(n={result['groups'][g]['n_pairs']})" for g in scored],
-                           fontsize=8)
+        ax.set_xticklabels(
+            [f"{g}\n(n={result['groups'][g]['n_pairs']})" for g in scored], fontsize=8
+        )
         ax.set_ylabel(m)
     axes[0, 0].legend(fontsize=7, ncol=4, loc="lower right")
     axes[0, 0].set_title(f"semantic subspaces: {result['name']} ({result['tokens']} tokens)")

@@ -96,12 +96,23 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def make_concept_toy(seed: int = 0, *, d: int = 64, group_size: int = 12, n_other: int = 48,
-                     n_tokens: int = 16384, k_active: float = 3.0, concept_rate: float = 0.2,
-                     group_spread: float = 1.0, noise: float = 0.01,
-                     shared: tuple[str, ...] = DEFAULT_SHARED, doc_len: int = 64,
-                     token_boost: float = 2.0, topic: str = "Food",
-                     topic_fraction: float = 0.5) -> ConceptToy:
+def make_concept_toy(
+    seed: int = 0,
+    *,
+    d: int = 64,
+    group_size: int = 12,
+    n_other: int = 48,
+    n_tokens: int = 16384,
+    k_active: float = 3.0,
+    concept_rate: float = 0.2,
+    group_spread: float = 1.0,
+    noise: float = 0.01,
+    shared: tuple[str, ...] = DEFAULT_SHARED,
+    doc_len: int = 64,
+    token_boost: float = 2.0,
+    topic: str = "Food",
+    topic_fraction: float = 0.5,
+) -> ConceptToy:
     """Builds the toy (module docstring); everything is a function of ``seed``."""
     group_size = checks.check_positive_int("group_size", group_size, minimum=3)
     doc_len = checks.check_positive_int("doc_len", doc_len)
@@ -114,12 +125,21 @@ def make_concept_toy(seed: int = 0, *, d: int = 64, group_size: int = 12, n_othe
     words = {g: unique_words(g) for g in TOY_GROUPS}
     short = {g: len(w) for g, w in words.items() if len(w) < group_size}
     if short:
-        raise checks.InputError(f"group_size={group_size} exceeds the unique keywords of "
-                                f"{short}")
+        raise checks.InputError(f"group_size={group_size} exceeds the unique keywords of {short}")
     pair = planted.make_planted_pair(
-        seed, d=d, concept="days", n_groups=len(TOY_GROUPS), group_size=group_size,
-        n_other=n_other, n_tokens=n_tokens, k_active=k_active, concept_rate=concept_rate,
-        group_spread=group_spread, noise=0.0, shared=True)
+        seed,
+        d=d,
+        concept="days",
+        n_groups=len(TOY_GROUPS),
+        group_size=group_size,
+        n_other=n_other,
+        n_tokens=n_tokens,
+        k_active=k_active,
+        concept_rate=concept_rate,
+        group_spread=group_spread,
+        noise=0.0,
+        shared=True,
+    )
     rng = np.random.default_rng([seed, 8])
     groups = {"Days of week": np.asarray(pair.concept_features, np.int64)}
     for name, toy in zip(planted.GROUP_NAMES, TOY_GROUPS):
@@ -131,10 +151,11 @@ def make_concept_toy(seed: int = 0, *, d: int = 64, group_size: int = 12, n_othe
             continue
         if name == "Days of week":
             atoms_b[idx] = _unit(rng.normal(size=(len(idx), d)))
-        else:   # a new cluster of the same spread: a group, but with unrelated geometry
+        else:  # a new cluster of the same spread: a group, but with unrelated geometry
             centre = _unit(rng.normal(size=d))
-            atoms_b[idx] = _unit(centre + group_spread * rng.normal(size=(len(idx), d))
-                                 / np.sqrt(d))
+            atoms_b[idx] = _unit(
+                centre + group_spread * rng.normal(size=(len(idx), d)) / np.sqrt(d)
+            )
     atoms_r = _unit(rng.normal(size=atoms_a.shape))
 
     codes = pair.codes.astype(np.float64)
@@ -163,19 +184,35 @@ def make_concept_toy(seed: int = 0, *, d: int = 64, group_size: int = 12, n_othe
 
     description = {
         "what": "planted concept groups (models.planted, relabelled with keyword words)",
-        "groups": {g: len(v) for g, v in groups.items()}, "shared_geometry": list(shared),
+        "groups": {g: len(v) for g, v in groups.items()},
+        "shared_geometry": list(shared),
         "not_shared": [g for g in groups if g not in shared],
         "random_init": "same codes through independent random unit atoms",
-        "token_boost": token_boost, "topic": topic,
-        "topic_fraction_rows": float(topic_rows.mean()), "doc_len": doc_len,
-        "n_features": int(codes.shape[1]), "d": d, "n_tokens": n_tokens,
+        "token_boost": token_boost,
+        "topic": topic,
+        "topic_fraction_rows": float(topic_rows.mean()),
+        "doc_len": doc_len,
+        "n_features": int(codes.shape[1]),
+        "d": d,
+        "n_tokens": n_tokens,
     }
-    return ConceptToy(acts_a=acts(atoms_a, 0), acts_b=acts(atoms_b, 1), acts_r=acts(atoms_r, 2),
-                      atoms_a=atoms_a.astype(np.float32), atoms_b=atoms_b.astype(np.float32),
-                      atoms_r=atoms_r.astype(np.float32), codes=codes.astype(np.float32),
-                      token_ids=token_ids.astype(np.int64), vocab=vocab, doc_ids=doc_ids,
-                      groups=groups, shared=tuple(shared), topic=topic, topic_rows=topic_rows,
-                      description=description)
+    return ConceptToy(
+        acts_a=acts(atoms_a, 0),
+        acts_b=acts(atoms_b, 1),
+        acts_r=acts(atoms_r, 2),
+        atoms_a=atoms_a.astype(np.float32),
+        atoms_b=atoms_b.astype(np.float32),
+        atoms_r=atoms_r.astype(np.float32),
+        codes=codes.astype(np.float32),
+        token_ids=token_ids.astype(np.int64),
+        vocab=vocab,
+        doc_ids=doc_ids,
+        groups=groups,
+        shared=tuple(shared),
+        topic=topic,
+        topic_rows=topic_rows,
+        description=description,
+    )
 
 
 def truth_sae(atoms: np.ndarray, k: int = 4, name: str = "truth") -> sae_lib.SAE:
@@ -186,7 +223,7 @@ def truth_sae(atoms: np.ndarray, k: int = 4, name: str = "truth") -> sae_lib.SAE
     """
     atoms = np.asarray(atoms, np.float32)
     f, d = atoms.shape
-    cfg = sae_lib.SAEConfig(d_in=d, d_sae=f, activation="topk", k=k,
-                            metadata=(("source", name),))
-    return sae_lib.from_arrays(cfg, atoms.T, np.zeros(f, np.float32), atoms,
-                               np.zeros(d, np.float32), name=name)
+    cfg = sae_lib.SAEConfig(d_in=d, d_sae=f, activation="topk", k=k, metadata=(("source", name),))
+    return sae_lib.from_arrays(
+        cfg, atoms.T, np.zeros(f, np.float32), atoms, np.zeros(d, np.float32), name=name
+    )

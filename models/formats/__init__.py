@@ -136,11 +136,24 @@ def _expected() -> str:
     return ", ".join(f.describe for f in REGISTRY.values())
 
 
-__all__ = ["FORMATS", "REGISTRY", "Format", "register", "InputError", "canonical_hookpoint",
-           "detect_format", "load_sae",
-           "load_saelens", "save_saelens", "read_saelens_sparsity", "load_sparsify",
-           "sparsify_hookpoints", "load_gemma_scope", "parse_release_path",
-           "load_dictionary_learning"]
+__all__ = [
+    "FORMATS",
+    "REGISTRY",
+    "Format",
+    "register",
+    "InputError",
+    "canonical_hookpoint",
+    "detect_format",
+    "load_sae",
+    "load_saelens",
+    "save_saelens",
+    "read_saelens_sparsity",
+    "load_sparsify",
+    "sparsify_hookpoints",
+    "load_gemma_scope",
+    "parse_release_path",
+    "load_dictionary_learning",
+]
 
 
 def _cfg_flavour(cfg_path: pathlib.Path) -> str | None:
@@ -169,8 +182,9 @@ def detect_format(path: _common.PathLike) -> str:
             for fmt in REGISTRY.values():
                 if name in fmt.files or (fmt.suffixes and name.endswith(fmt.suffixes)):
                     return fmt.name
-            raise InputError(f"SAE path {p}: unknown SAE file {name!r}; expected one of "
-                             f"{_expected()}")
+            raise InputError(
+                f"SAE path {p}: unknown SAE file {name!r}; expected one of {_expected()}"
+            )
         p = p.parent
     files = {q.name for q in p.iterdir()}
     for fmt in REGISTRY.values():
@@ -178,9 +192,11 @@ def detect_format(path: _common.PathLike) -> str:
             return fmt.name
     for fmt in REGISTRY.values():
         if fmt.fallback is not None and fmt.fallback(p):
-            return fmt.name   # its loader then names the missing weights file
-    raise InputError(f"SAE path {p}: cannot tell the SAE format; expected {_expected()}; "
-                     f"found {sorted(files)[:12]}")
+            return fmt.name  # its loader then names the missing weights file
+    raise InputError(
+        f"SAE path {p}: cannot tell the SAE format; expected {_expected()}; "
+        f"found {sorted(files)[:12]}"
+    )
 
 
 def load_sae(path: _common.PathLike, format: str | None = None, **kwargs) -> sae_lib.SAE:
@@ -195,27 +211,51 @@ def load_sae(path: _common.PathLike, format: str | None = None, **kwargs) -> sae
     """
     fmt = format or detect_format(path)
     if fmt not in REGISTRY:
-        raise InputError(f"load_sae format: unknown {fmt!r}; expected one of "
-                         f"{tuple(REGISTRY)}")
+        raise InputError(f"load_sae format: unknown {fmt!r}; expected one of {tuple(REGISTRY)}")
     return REGISTRY[fmt].load(path, **kwargs)
 
 
 # Detection order: the project's own format first, then by the most specific weights file.
-register(Format("native", _load_native, "native (sae_config.json + params/)",
-                files=("sae_config.json",)))
-register(Format("saelens", load_saelens,
-                "SAELens (cfg.json + sae_weights.safetensors)",
-                files=("sae_weights.safetensors",),
-                fallback=lambda p: _cfg_flavour(p / "cfg.json") == "saelens"))
-register(Format("sparsify", load_sparsify,
-                "sparsify (cfg.json + sae.safetensors, or hookpoint folders of them)",
-                files=("sae.safetensors",),
-                fallback=lambda p: (_cfg_flavour(p / "cfg.json") == "sparsify"
-                                    or bool(sparsify_hookpoints(p)))))
-register(Format("gemma_scope", load_gemma_scope, "Gemma Scope (params.npz)",
-                files=("params.npz",), suffixes=(".npz",)))
-register(Format("dictionary_learning", load_dictionary_learning,
-                "dictionary_learning (ae.pt [+ config.json])", files=("ae.pt",),
-                suffixes=(".pt", ".pth")))
+register(
+    Format("native", _load_native, "native (sae_config.json + params/)", files=("sae_config.json",))
+)
+register(
+    Format(
+        "saelens",
+        load_saelens,
+        "SAELens (cfg.json + sae_weights.safetensors)",
+        files=("sae_weights.safetensors",),
+        fallback=lambda p: _cfg_flavour(p / "cfg.json") == "saelens",
+    )
+)
+register(
+    Format(
+        "sparsify",
+        load_sparsify,
+        "sparsify (cfg.json + sae.safetensors, or hookpoint folders of them)",
+        files=("sae.safetensors",),
+        fallback=lambda p: (
+            _cfg_flavour(p / "cfg.json") == "sparsify" or bool(sparsify_hookpoints(p))
+        ),
+    )
+)
+register(
+    Format(
+        "gemma_scope",
+        load_gemma_scope,
+        "Gemma Scope (params.npz)",
+        files=("params.npz",),
+        suffixes=(".npz",),
+    )
+)
+register(
+    Format(
+        "dictionary_learning",
+        load_dictionary_learning,
+        "dictionary_learning (ae.pt [+ config.json])",
+        files=("ae.pt",),
+        suffixes=(".pt", ".pth"),
+    )
+)
 #: The built-in formats (`REGISTRY` also holds any registered later).
 FORMATS = tuple(REGISTRY)

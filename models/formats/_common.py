@@ -31,6 +31,7 @@ PathLike = str | os.PathLike
 
 # -- files --------------------------------------------------------------------------------------
 
+
 def require_file(path: pathlib.Path, what: str) -> pathlib.Path:
     """Returns ``path`` or raises a one-line error naming the missing file and its role."""
     if not path.is_file():
@@ -46,8 +47,9 @@ def read_json(path: pathlib.Path, what: str) -> dict:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{what}: {path} is not valid JSON ({e.__class__.__name__}: "
-                         f"{str(e).splitlines()[0]})") from None
+        raise InputError(
+            f"{what}: {path} is not valid JSON ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(value, dict):
         raise InputError(f"{what}: {path} must hold a JSON object, got {type(value).__name__}")
     return value
@@ -60,9 +62,16 @@ def read_json(path: pathlib.Path, what: str) -> dict:
 # the raw little-endian tensor bytes. numpy has no bfloat16, so BF16 is widened to float32
 # exactly (its 16 bits are the top half of a float32).
 _ST_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
 }
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -77,19 +86,24 @@ def read_safetensors(path: PathLike, what: str) -> tuple[dict[str, np.ndarray], 
     require_file(path, what)
     size = path.stat().st_size
     if size < 8:
-        raise InputError(f"{what}: {path} is truncated ({size} bytes; a safetensors file "
-                         f"starts with an 8-byte header length)")
+        raise InputError(
+            f"{what}: {path} is truncated ({size} bytes; a safetensors file "
+            f"starts with an 8-byte header length)"
+        )
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > _MAX_HEADER or 8 + n > size:
-            raise InputError(f"{what}: {path} is truncated or not a safetensors file (header "
-                             f"length {n} but the file has {size} bytes)")
+            raise InputError(
+                f"{what}: {path} is truncated or not a safetensors file (header "
+                f"length {n} but the file has {size} bytes)"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InputError(f"{what}: {path} is not a safetensors file (unreadable JSON "
-                         f"header)") from None
+        raise InputError(
+            f"{what}: {path} is not a safetensors file (unreadable JSON header)"
+        ) from None
     if not isinstance(header, dict):
         raise InputError(f"{what}: {path} is not a safetensors file (header is not an object)")
     meta = header.pop("__metadata__", None) or {}
@@ -101,42 +115,54 @@ def read_safetensors(path: PathLike, what: str) -> tuple[dict[str, np.ndarray], 
             dtype_name, shape = info["dtype"], [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise InputError(f"{what}: {path}: malformed header entry for tensor "
-                             f"{name!r}") from None
+            raise InputError(
+                f"{what}: {path}: malformed header entry for tensor {name!r}"
+            ) from None
         if dtype_name not in _ST_DTYPES:
-            raise InputError(f"{what}: {path}: tensor {name!r} has unsupported dtype "
-                             f"{dtype_name!r}; expected one of {sorted(_ST_DTYPES)}")
+            raise InputError(
+                f"{what}: {path}: tensor {name!r} has unsupported dtype "
+                f"{dtype_name!r}; expected one of {sorted(_ST_DTYPES)}"
+            )
         dtype = _ST_DTYPES[dtype_name]
         count = math.prod(shape)
         if end - begin != count * dtype.itemsize or begin < 0 or end < begin:
-            raise InputError(f"{what}: {path}: tensor {name!r} byte range [{begin}, {end}) does "
-                             f"not fit shape {tuple(shape)} of {dtype_name}")
+            raise InputError(
+                f"{what}: {path}: tensor {name!r} byte range [{begin}, {end}) does "
+                f"not fit shape {tuple(shape)} of {dtype_name}"
+            )
         if end > data_size:
-            raise InputError(f"{what}: {path} is truncated: tensor {name!r} needs bytes up to "
-                             f"{data_start + end}, the file has {size}")
+            raise InputError(
+                f"{what}: {path} is truncated: tensor {name!r} needs bytes up to "
+                f"{data_start + end}, the file has {size}"
+            )
         # Read into memory (not a memmap): arrays handed to JAX must not alias a file that a
         # later save could rewrite in place.
-        arr = np.fromfile(path, dtype=dtype, count=count,
-                          offset=data_start + begin).reshape(shape)
+        arr = np.fromfile(path, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
         if dtype_name == "BF16":
             arr = (np.asarray(arr).astype(np.uint32) << 16).view(np.float32)
         out[name] = arr
     return out, dict(meta)
 
 
-def write_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+    path: PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
     """Writes float/int numpy arrays with the reference `safetensors` library."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
-              metadata=dict(metadata) if metadata else None)
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        str(path),
+        metadata=dict(metadata) if metadata else None,
+    )
 
 
 # -- shapes and orientation ---------------------------------------------------------------------
 
-def check_keys(tensors: Mapping[str, Any], required: Iterable[str], optional: Iterable[str],
-               what: str) -> None:
+
+def check_keys(
+    tensors: Mapping[str, Any], required: Iterable[str], optional: Iterable[str], what: str
+) -> None:
     """Missing required tensors or unknown extra tensors raise (an unknown tensor could change
     the forward pass, so it is never silently dropped)."""
     required, optional = list(required), set(optional)
@@ -145,22 +171,33 @@ def check_keys(tensors: Mapping[str, Any], required: Iterable[str], optional: It
         raise InputError(f"{what}: missing tensor(s) {missing}; found {sorted(tensors)}")
     extra = sorted(set(tensors) - set(required) - optional)
     if extra:
-        raise InputError(f"{what}: unexpected tensor(s) {extra}; this loader does not know how "
-                         f"they enter the forward pass (expected {required + sorted(optional)})")
+        raise InputError(
+            f"{what}: unexpected tensor(s) {extra}; this loader does not know how "
+            f"they enter the forward pass (expected {required + sorted(optional)})"
+        )
 
 
-def vector(tensors: Mapping[str, np.ndarray], key: str, length: int, what: str,
-           dims: str) -> np.ndarray:
+def vector(
+    tensors: Mapping[str, np.ndarray], key: str, length: int, what: str, dims: str
+) -> np.ndarray:
     """A 1-D tensor of ``length`` entries (``dims`` names where the length comes from)."""
     arr = np.asarray(tensors[key])
     if arr.shape != (length,):
-        raise InputError(f"{what}: tensor {key!r} has shape {arr.shape}, expected ({length},) "
-                         f"from {dims}")
+        raise InputError(
+            f"{what}: tensor {key!r} has shape {arr.shape}, expected ({length},) from {dims}"
+        )
     return arr
 
 
-def matrix(tensors: Mapping[str, np.ndarray], key: str, rows: int, cols: int, what: str,
-           dims: str, transposed: list[str] | None = None) -> np.ndarray:
+def matrix(
+    tensors: Mapping[str, np.ndarray],
+    key: str,
+    rows: int,
+    cols: int,
+    what: str,
+    dims: str,
+    transposed: list[str] | None = None,
+) -> np.ndarray:
     """A 2-D tensor oriented ``[rows, cols]`` as the config says.
 
     Orientation is decided by the shape against the config, not by the tensor's name: when the
@@ -174,12 +211,20 @@ def matrix(tensors: Mapping[str, np.ndarray], key: str, rows: int, cols: int, wh
     if shape == (rows, cols):
         return arr
     if shape == (cols, rows) and transposed is not None:
-        log.warning("%s: tensor %r stored as %s, transposed to [%d, %d] from %s", what, key,
-                    shape, rows, cols, dims)
+        log.warning(
+            "%s: tensor %r stored as %s, transposed to [%d, %d] from %s",
+            what,
+            key,
+            shape,
+            rows,
+            cols,
+            dims,
+        )
         transposed.append(key)
         return np.asarray(arr).T
-    raise InputError(f"{what}: tensor {key!r} has shape {shape}, expected ({rows}, {cols}) "
-                     f"from {dims}")
+    raise InputError(
+        f"{what}: tensor {key!r} has shape {shape}, expected ({rows}, {cols}) from {dims}"
+    )
 
 
 def config_int(cfg: Mapping, key: str, what: str, minimum: int = 1, default=None) -> int:
@@ -187,10 +232,13 @@ def config_int(cfg: Mapping, key: str, what: str, minimum: int = 1, default=None
     value = cfg.get(key, default)
     if value is None:
         raise InputError(f"{what}: config has no {key!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or int(value) < minimum:
-        raise InputError(f"{what}: config {key!r} must be an integer >= {minimum}, got "
-                         f"{value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value != int(value)
+        or int(value) < minimum
+    ):
+        raise InputError(f"{what}: config {key!r} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -253,8 +301,9 @@ def _jsonable(value):
     return value
 
 
-def provenance(fmt: str, path: pathlib.Path, hookpoint: str | None,
-               model_name: str | None, **extra) -> dict:
+def provenance(
+    fmt: str, path: pathlib.Path, hookpoint: str | None, model_name: str | None, **extra
+) -> dict:
     """The provenance keys every loader records (format, source path, hookpoint, model)."""
     meta = {"format": fmt, "source_path": str(pathlib.Path(path).resolve())}
     if hookpoint:
@@ -268,13 +317,25 @@ def provenance(fmt: str, path: pathlib.Path, hookpoint: str | None,
     return meta
 
 
-def build(cfg: sae_lib.SAEConfig, arrays: Mapping[str, np.ndarray], meta: Mapping,
-          what: str, record_provenance: bool = True) -> sae_lib.SAE:
+def build(
+    cfg: sae_lib.SAEConfig,
+    arrays: Mapping[str, np.ndarray],
+    meta: Mapping,
+    what: str,
+    record_provenance: bool = True,
+) -> sae_lib.SAE:
     """Checks finiteness/shapes and builds the SAE through `models.sae.from_arrays`."""
     if record_provenance and meta:
         cfg = cfg.with_metadata(**dict(meta))
-    return sae_lib.from_arrays(cfg, arrays["W_enc"], arrays["b_enc"], arrays["W_dec"],
-                               arrays["b_dec"], arrays.get("threshold"), name=what)
+    return sae_lib.from_arrays(
+        cfg,
+        arrays["W_enc"],
+        arrays["b_enc"],
+        arrays["W_dec"],
+        arrays["b_dec"],
+        arrays.get("threshold"),
+        name=what,
+    )
 
 
 def make_config(what: str, **fields) -> sae_lib.SAEConfig:

@@ -54,15 +54,20 @@ CONFIG_FILE = "config.json"
 
 _LAYOUTS = {
     "AutoEncoder": ({"encoder.weight", "encoder.bias", "decoder.weight", "bias"}, set()),
-    "AutoEncoderNew": ({"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"},
-                       set()),
+    "AutoEncoderNew": ({"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}, set()),
     "JumpReluAutoEncoder": ({"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}, set()),
-    "AutoEncoderTopK": ({"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"},
-                        {"threshold"}),
-    "BatchTopKSAE": ({"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k",
-                      "threshold"}, set()),
-    "MatryoshkaBatchTopKSAE": ({"W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold",
-                                "group_sizes"}, set()),
+    "AutoEncoderTopK": (
+        {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"},
+        {"threshold"},
+    ),
+    "BatchTopKSAE": (
+        {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"},
+        set(),
+    ),
+    "MatryoshkaBatchTopKSAE": (
+        {"W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"},
+        set(),
+    ),
 }
 _UNSUPPORTED = {
     "GatedAutoEncoder": "separate gate and magnitude paths (r_mag, gate_bias, mag_bias)",
@@ -81,21 +86,26 @@ def _torch_load(path: pathlib.Path, what: str) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if "weights_only" in str(e) or "Weights only load failed" in str(e):
-            raise InputError(f"{what}: {path} cannot be loaded with torch.load(weights_only="
-                             f"True): it needs arbitrary unpickling, which is refused "
-                             f"(re-save it as a plain state dict of tensors)") from None
+            raise InputError(
+                f"{what}: {path} cannot be loaded with torch.load(weights_only="
+                f"True): it needs arbitrary unpickling, which is refused "
+                f"(re-save it as a plain state dict of tensors)"
+            ) from None
         raise InputError(f"{what}: {path} is not a readable torch file ({first})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise InputError(f"{what}: {path} is truncated or not a torch file ({first})") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        kinds = sorted({type(v).__name__ for v in obj.values()}) if isinstance(obj, dict) \
+        kinds = (
+            sorted({type(v).__name__ for v in obj.values()})
+            if isinstance(obj, dict)
             else type(obj).__name__
+        )
         raise InputError(f"{what}: {path} must hold a state dict of tensors, got {kinds}")
     out = {}
     for key, value in obj.items():
         # torch.compile'd modules save their parameters under `_orig_mod.`
-        key = key[len("_orig_mod."):] if key.startswith("_orig_mod.") else key
+        key = key[len("_orig_mod.") :] if key.startswith("_orig_mod.") else key
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:
             value = value.float()
@@ -110,12 +120,16 @@ def _detect_class(keys: set[str], what: str) -> str:
         return "JumpAutoEncoder"
     matches = [name for name, (req, opt) in _LAYOUTS.items() if req <= keys <= req | opt]
     if matches == ["AutoEncoderTopK", "BatchTopKSAE"]:
-        raise InputError(f"{what}: the state dict fits both AutoEncoderTopK and BatchTopKSAE "
-                         f"(identical tensors, different forward); provide config.json or "
-                         f"pass dict_class=")
+        raise InputError(
+            f"{what}: the state dict fits both AutoEncoderTopK and BatchTopKSAE "
+            f"(identical tensors, different forward); provide config.json or "
+            f"pass dict_class="
+        )
     if len(matches) != 1:
-        raise InputError(f"{what}: tensors {sorted(keys)} match no known dictionary_learning "
-                         f"class ({sorted(_LAYOUTS)})")
+        raise InputError(
+            f"{what}: tensors {sorted(keys)} match no known dictionary_learning "
+            f"class ({sorted(_LAYOUTS)})"
+        )
     return matches[0]
 
 
@@ -126,10 +140,15 @@ def _scalar(tensors: dict, key: str, what: str) -> float:
     return arr.reshape(()).item()
 
 
-def load_dictionary_learning(path: C.PathLike, *, dict_class: str | None = None,
-                             hookpoint: str | None = None, model_name: str | None = None,
-                             allow_transposed: bool = True,
-                             record_provenance: bool = True) -> sae_lib.SAE:
+def load_dictionary_learning(
+    path: C.PathLike,
+    *,
+    dict_class: str | None = None,
+    hookpoint: str | None = None,
+    model_name: str | None = None,
+    allow_transposed: bool = True,
+    record_provenance: bool = True,
+) -> sae_lib.SAE:
     """Loads a dictionary_learning ``ae.pt`` (+ sibling ``config.json``) into the SAE type.
 
     Args:
@@ -178,8 +197,12 @@ def load_dictionary_learning(path: C.PathLike, *, dict_class: str | None = None,
     else:
         w_enc = C.matrix(tensors, "W_enc", d, n, what, dims, transposed)
         w_dec = C.matrix(tensors, "W_dec", n, d, what, dims, transposed)
-    arrays = {"W_enc": w_enc, "b_enc": C.vector(tensors, enc_bias_key, n, what, dims),
-              "W_dec": w_dec, "b_dec": C.vector(tensors, bias_key, d, what, dims)}
+    arrays = {
+        "W_enc": w_enc,
+        "b_enc": C.vector(tensors, enc_bias_key, n, what, dims),
+        "W_dec": w_dec,
+        "b_dec": C.vector(tensors, bias_key, d, what, dims),
+    }
     extra: dict = {"dict_class": name}
 
     k = 0
@@ -202,8 +225,9 @@ def load_dictionary_learning(path: C.PathLike, *, dict_class: str | None = None,
     else:
         k = C.config_int({"k": _scalar(tensors, "k", what)}, "k", what)
         if "k" in trainer and C.config_int(trainer, "k", what) != k:
-            raise InputError(f"{what}: config.json k={trainer['k']} disagrees with the "
-                             f"state dict's k={k}")
+            raise InputError(
+                f"{what}: config.json k={trainer['k']} disagrees with the state dict's k={k}"
+            )
         thr = _scalar(tensors, "threshold", what) if "threshold" in tensors else None
         if thr is not None and not np.isfinite(thr):
             raise InputError(f"{what}: threshold buffer is not finite ({thr})")
@@ -216,18 +240,23 @@ def load_dictionary_learning(path: C.PathLike, *, dict_class: str | None = None,
             if name == "MatryoshkaBatchTopKSAE":
                 sizes = np.asarray(tensors["group_sizes"]).astype(np.int64).reshape(-1)
                 if sizes.sum() != n or np.any(sizes <= 0):
-                    raise InputError(f"{what}: group_sizes {sizes.tolist()} must be positive "
-                                     f"and sum to dict_size={n}")
+                    raise InputError(
+                        f"{what}: group_sizes {sizes.tolist()} must be positive "
+                        f"and sum to dict_size={n}"
+                    )
                 extra["group_sizes"] = sizes.tolist()
 
-    sae_cfg = C.make_config(what, d_in=d, d_sae=n, activation=activation, k=k,
-                            apply_b_dec_to_input=apply_b_dec)
+    sae_cfg = C.make_config(
+        what, d_in=d, d_sae=n, activation=activation, k=k, apply_b_dec_to_input=apply_b_dec
+    )
     hook = hookpoint or trainer.get("submodule_name")
     if not hook and trainer.get("layer") is not None:
         hook = f"layer_{trainer['layer']}"
     model = model_name or trainer.get("lm_name")
-    extra.update(layer=trainer.get("layer"), trainer_class=trainer.get("trainer_class"),
-                 transposed_on_load=transposed or None)
+    extra.update(
+        layer=trainer.get("layer"),
+        trainer_class=trainer.get("trainer_class"),
+        transposed_on_load=transposed or None,
+    )
     prov = C.provenance("dictionary_learning", file, hook, model, **extra)
     return C.build(sae_cfg, arrays, prov, what, record_provenance)
-

@@ -33,35 +33,47 @@ from models.formats import _common as C
 from models.formats._common import InputError
 
 PARAMS_FILE = "params.npz"
-_KEYS = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec",
-         "threshold": "threshold"}
+_KEYS = {
+    "w_enc": "W_enc",
+    "w_dec": "W_dec",
+    "b_enc": "b_enc",
+    "b_dec": "b_dec",
+    "threshold": "threshold",
+}
 
 
 def _read_npz(path: pathlib.Path, what: str) -> dict[str, np.ndarray]:
     C.require_file(path, what)
     with open(path, "rb") as f:
         head = f.read(4)
-    if head[:2] != b"PK":   # every .npz is a zip archive; np.load would call garbage "pickled"
-        raise InputError(f"{what}: {path} is not an .npz archive ("
-                         + ("empty file" if not head else "no zip header: garbage, text or a "
-                            "single .npy?") + ")")
+    if head[:2] != b"PK":  # every .npz is a zip archive; np.load would call garbage "pickled"
+        raise InputError(
+            f"{what}: {path} is not an .npz archive ("
+            + ("empty file" if not head else "no zip header: garbage, text or a single .npy?")
+            + ")"
+        )
     try:
         with np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):
-                raise InputError(f"{what}: {path} holds a single array, expected an .npz "
-                                 f"archive of named arrays")
+                raise InputError(
+                    f"{what}: {path} holds a single array, expected an .npz archive of named arrays"
+                )
             return {name: np.asarray(data[name]) for name in data.files}
     except InputError:
         raise
     except ValueError as e:
         if "allow_pickle" in str(e) or "Object arrays" in str(e):
-            raise InputError(f"{what}: {path} holds object (pickled) arrays; refused (only "
-                             f"plain numeric arrays are read, never pickles)") from None
-        raise InputError(f"{what}: {path} is not a readable .npz archive "
-                         f"({str(e).splitlines()[0]})") from None
+            raise InputError(
+                f"{what}: {path} holds object (pickled) arrays; refused (only "
+                f"plain numeric arrays are read, never pickles)"
+            ) from None
+        raise InputError(
+            f"{what}: {path} is not a readable .npz archive ({str(e).splitlines()[0]})"
+        ) from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise InputError(f"{what}: {path} is truncated or not an .npz archive "
-                         f"({e.__class__.__name__})") from None
+        raise InputError(
+            f"{what}: {path} is truncated or not an .npz archive ({e.__class__.__name__})"
+        ) from None
 
 
 def parse_release_path(path: C.PathLike) -> dict:
@@ -83,15 +95,24 @@ def parse_release_path(path: C.PathLike) -> dict:
     if m:
         out["average_l0"] = int(m.group(1))
     if "layer" in out and out.get("site") in ("res", "mlp", "att"):
-        out["hookpoint"] = {"res": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out",
-                            "att": "blocks.{}.attn.hook_z"}[out["site"]].format(out["layer"])
+        out["hookpoint"] = {
+            "res": "blocks.{}.hook_resid_post",
+            "mlp": "blocks.{}.hook_mlp_out",
+            "att": "blocks.{}.attn.hook_z",
+        }[out["site"]].format(out["layer"])
     return out
 
 
-def load_gemma_scope(path: C.PathLike, *, d_in: int | None = None, d_sae: int | None = None,
-                     hookpoint: str | None = None, model_name: str | None = None,
-                     allow_transposed: bool = True,
-                     record_provenance: bool = True) -> sae_lib.SAE:
+def load_gemma_scope(
+    path: C.PathLike,
+    *,
+    d_in: int | None = None,
+    d_sae: int | None = None,
+    hookpoint: str | None = None,
+    model_name: str | None = None,
+    allow_transposed: bool = True,
+    record_provenance: bool = True,
+) -> sae_lib.SAE:
     """Loads a Gemma Scope ``params.npz`` (or the folder holding it) into the SAE type.
 
     Args:
@@ -131,11 +152,18 @@ def load_gemma_scope(path: C.PathLike, *, d_in: int | None = None, d_sae: int | 
         "b_dec": tensors["b_dec"],
         "threshold": C.vector(tensors, "threshold", n_sae, what, dims),
     }
-    sae_cfg = C.make_config(what, d_in=n_in, d_sae=n_sae, activation="jumprelu",
-                            apply_b_dec_to_input=False)
+    sae_cfg = C.make_config(
+        what, d_in=n_in, d_sae=n_sae, activation="jumprelu", apply_b_dec_to_input=False
+    )
     info = parse_release_path(file)
-    prov = C.provenance("gemma_scope", file, hookpoint or info.get("hookpoint"),
-                        model_name or info.get("model_name"), layer=info.get("layer"),
-                        width=info.get("width"), average_l0=info.get("average_l0"),
-                        transposed_on_load=transposed or None)
+    prov = C.provenance(
+        "gemma_scope",
+        file,
+        hookpoint or info.get("hookpoint"),
+        model_name or info.get("model_name"),
+        layer=info.get("layer"),
+        width=info.get("width"),
+        average_l0=info.get("average_l0"),
+        transposed_on_load=transposed or None,
+    )
     return C.build(sae_cfg, arrays, prov, what, record_provenance)

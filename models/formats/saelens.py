@@ -54,8 +54,13 @@ BLOCK_KEY = "sae_universality"
 BLOCK_VERSION = 1
 WRITTEN_SAELENS_VERSION = "6.0.0"
 
-ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu",
-                 "batchtopk": "batchtopk", "matryoshka_batchtopk": "batchtopk"}
+ARCHITECTURES = {
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "batchtopk": "batchtopk",
+    "matryoshka_batchtopk": "batchtopk",
+}
 # Known SAELens architectures whose forward the SAE type cannot express.
 UNSUPPORTED = {
     "gated": "separate gate and magnitude pre-activations (b_gate, b_mag, r_mag)",
@@ -68,10 +73,20 @@ UNSUPPORTED = {
     "phase_multiplexed": "a multiplexed encoder",
 }
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
-_PRE6_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
-                 "activation_fn_str": "activation_fn"}
-_META_KEYS = ("dataset_path", "context_size", "prepend_bos", "hook_head_index",
-              "sae_lens_version", "sae_lens_training_version", "neuronpedia_id")
+_PRE6_RENAMES = {
+    "hook_point": "hook_name",
+    "hook_point_head_index": "hook_head_index",
+    "activation_fn_str": "activation_fn",
+}
+_META_KEYS = (
+    "dataset_path",
+    "context_size",
+    "prepend_bos",
+    "hook_head_index",
+    "sae_lens_version",
+    "sae_lens_training_version",
+    "neuronpedia_id",
+)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -102,25 +117,35 @@ def _normalise_cfg(raw: dict, what: str) -> dict:
                 raise InputError(f"{what}: activation_fn 'topk' without activation_fn_kwargs.k")
             arch, k = "topk", kwargs["k"]
         elif act != "relu" and arch == "standard":
-            raise InputError(f"{what}: pre-6.0 activation_fn {act!r} is not supported; "
-                             f"expected 'relu' or 'topk'")
+            raise InputError(
+                f"{what}: pre-6.0 activation_fn {act!r} is not supported; expected 'relu' or 'topk'"
+            )
         norm = cfg.get("normalize_activations")
         if isinstance(norm, bool):
             norm = "expected_average_only_in" if norm else "none"
         cfg["normalize_activations"] = norm or "none"
-        meta = {key: cfg.get(key) for key in ("model_name", "hook_name", "hook_layer",
-                                              *_META_KEYS) if cfg.get(key) is not None}
+        meta = {
+            key: cfg.get(key)
+            for key in ("model_name", "hook_name", "hook_layer", *_META_KEYS)
+            if cfg.get(key) is not None
+        }
     else:
         meta = dict(meta_in)
     cfg["normalize_activations"] = cfg.get("normalize_activations") or "none"
-    return {"architecture": arch, "k": k, "meta": meta, "pre6": pre6, "raw": cfg,
-            "version": version}
+    return {
+        "architecture": arch,
+        "k": k,
+        "meta": meta,
+        "pre6": pre6,
+        "raw": cfg,
+        "version": version,
+    }
 
 
 def _fold_decoder_norm(arrays: dict, what: str) -> None:
     """Folds ``rescale_acts_by_decoder_norm``: same activations and reconstructions."""
     norms = C.decoder_row_norms(arrays["W_dec"], what)
-    arrays["W_enc"] = (np.asarray(arrays["W_enc"], np.float64) * norms[None, :])
+    arrays["W_enc"] = np.asarray(arrays["W_enc"], np.float64) * norms[None, :]
     arrays["b_enc"] = np.asarray(arrays["b_enc"], np.float64) * norms
     arrays["W_dec"] = np.asarray(arrays["W_dec"], np.float64) / norms[:, None]
 
@@ -135,8 +160,10 @@ def _thaw(value):
 def _block_config(block: dict, what: str) -> sae_lib.SAEConfig:
     """The exact SAEConfig written by `save_saelens`."""
     if block.get("format_version") != BLOCK_VERSION or not isinstance(block.get("config"), dict):
-        raise InputError(f"{what}: unknown {BLOCK_KEY!r} block version "
-                         f"{block.get('format_version')!r}; expected {BLOCK_VERSION}")
+        raise InputError(
+            f"{what}: unknown {BLOCK_KEY!r} block version "
+            f"{block.get('format_version')!r}; expected {BLOCK_VERSION}"
+        )
     names = {f.name for f in dataclasses.fields(sae_lib.SAEConfig)} - {"metadata"}
     fields = {k: v for k, v in block["config"].items() if k in names}
     cfg = C.make_config(what, **fields)
@@ -144,15 +171,22 @@ def _block_config(block: dict, what: str) -> sae_lib.SAEConfig:
     try:
         meta = {str(k): v for k, v in pairs}
     except (TypeError, ValueError):
-        raise InputError(f"{what}: {BLOCK_KEY}.metadata must be a list of [key, value] "
-                         f"pairs") from None
+        raise InputError(
+            f"{what}: {BLOCK_KEY}.metadata must be a list of [key, value] pairs"
+        ) from None
     return cfg.with_metadata(**meta) if meta else cfg
 
 
-def load_saelens(path: C.PathLike, *, norm_scaling_factor: float | None = None,
-                 ignore_runtime_norm: bool = False, allow_transposed: bool = True,
-                 hookpoint: str | None = None, model_name: str | None = None,
-                 record_provenance: bool = True) -> sae_lib.SAE:
+def load_saelens(
+    path: C.PathLike,
+    *,
+    norm_scaling_factor: float | None = None,
+    ignore_runtime_norm: bool = False,
+    allow_transposed: bool = True,
+    hookpoint: str | None = None,
+    model_name: str | None = None,
+    record_provenance: bool = True,
+) -> sae_lib.SAE:
     """Loads a SAELens SAE folder (or its cfg.json / weights file) into the SAE type.
 
     Args:
@@ -185,11 +219,14 @@ def load_saelens(path: C.PathLike, *, norm_scaling_factor: float | None = None,
     cfg = info["raw"]
     arch = info["architecture"]
     if arch in UNSUPPORTED:
-        raise InputError(f"{what}: architecture {arch!r} is not supported (it needs "
-                         f"{UNSUPPORTED[arch]}); supported: {sorted(ARCHITECTURES)}")
+        raise InputError(
+            f"{what}: architecture {arch!r} is not supported (it needs "
+            f"{UNSUPPORTED[arch]}); supported: {sorted(ARCHITECTURES)}"
+        )
     if arch not in ARCHITECTURES:
-        raise InputError(f"{what}: unknown architecture {arch!r}; supported: "
-                         f"{sorted(ARCHITECTURES)}")
+        raise InputError(
+            f"{what}: unknown architecture {arch!r}; supported: {sorted(ARCHITECTURES)}"
+        )
     activation = ARCHITECTURES[arch]
     d_in = C.config_int(cfg, "d_in", what)
     d_sae = C.config_int(cfg, "d_sae", what)
@@ -197,26 +234,34 @@ def load_saelens(path: C.PathLike, *, norm_scaling_factor: float | None = None,
 
     norm = cfg["normalize_activations"]
     if norm not in NORMALIZATIONS:
-        raise InputError(f"{what}: unknown normalize_activations {norm!r}; expected one of "
-                         f"{NORMALIZATIONS}")
+        raise InputError(
+            f"{what}: unknown normalize_activations {norm!r}; expected one of {NORMALIZATIONS}"
+        )
     extra_meta: dict[str, Any] = {"normalize_activations": norm}
     input_scale = 1.0
     if norm in ("constant_norm_rescale", "layer_norm"):
         if not ignore_runtime_norm:
-            raise InputError(f"{what}: normalize_activations={norm!r} is a per-token "
-                             f"normalisation the SAE type does not represent; pass "
-                             f"ignore_runtime_norm=True to load the weights anyway")
+            raise InputError(
+                f"{what}: normalize_activations={norm!r} is a per-token "
+                f"normalisation the SAE type does not represent; pass "
+                f"ignore_runtime_norm=True to load the weights anyway"
+            )
         extra_meta["ignored_normalization"] = norm
     elif norm == "expected_average_only_in":
         if norm_scaling_factor is not None:
             if not (np.isfinite(norm_scaling_factor) and norm_scaling_factor > 0):
-                raise InputError(f"{what}: norm_scaling_factor must be positive and finite, "
-                                 f"got {norm_scaling_factor!r}")
+                raise InputError(
+                    f"{what}: norm_scaling_factor must be positive and finite, "
+                    f"got {norm_scaling_factor!r}"
+                )
             input_scale = float(norm_scaling_factor)
         else:
-            C.log.warning("%s: normalize_activations='expected_average_only_in' without "
-                          "norm_scaling_factor: inputs are not rescaled (as SAELens's "
-                          "load_from_disk)", what)
+            C.log.warning(
+                "%s: normalize_activations='expected_average_only_in' without "
+                "norm_scaling_factor: inputs are not rescaled (as SAELens's "
+                "load_from_disk)",
+                what,
+            )
             extra_meta["norm_scaling_factor_missing"] = True
 
     k = 0
@@ -246,16 +291,19 @@ def load_saelens(path: C.PathLike, *, norm_scaling_factor: float | None = None,
     if "threshold" in tensors:
         arrays["threshold"] = C.vector(tensors, "threshold", d_sae, what, dims)
     elif "log_threshold" in tensors:
-        arrays["threshold"] = np.exp(np.asarray(
-            C.vector(tensors, "log_threshold", d_sae, what, dims), np.float64))
+        arrays["threshold"] = np.exp(
+            np.asarray(C.vector(tensors, "log_threshold", d_sae, what, dims), np.float64)
+        )
     elif "topk_threshold" in tensors:
         thr = np.asarray(tensors["topk_threshold"], np.float64)
         if thr.size != 1:
             raise InputError(f"{what}: topk_threshold must be a scalar, got shape {thr.shape}")
         arrays["threshold"] = np.full((d_sae,), float(thr.reshape(())))
     elif activation in ("jumprelu", "batchtopk"):
-        raise InputError(f"{what}: architecture {arch!r} needs a 'threshold' tensor "
-                         f"[{d_sae}]; found {sorted(tensors)}")
+        raise InputError(
+            f"{what}: architecture {arch!r} needs a 'threshold' tensor "
+            f"[{d_sae}]; found {sorted(tensors)}"
+        )
 
     for key in ("finetuning_scaling_factor", "scaling_factor"):
         if key in tensors:
@@ -267,8 +315,7 @@ def load_saelens(path: C.PathLike, *, norm_scaling_factor: float | None = None,
                 arrays["W_dec"] = scale[:, None] * np.asarray(arrays["W_dec"], np.float64)
                 extra_meta["folded_finetuning_scaling_factor"] = True
 
-    rescale = cfg.get("rescale_acts_by_decoder_norm", arch in ("batchtopk",
-                                                                 "matryoshka_batchtopk"))
+    rescale = cfg.get("rescale_acts_by_decoder_norm", arch in ("batchtopk", "matryoshka_batchtopk"))
     if activation in ("topk", "batchtopk") and rescale:
         C.checks.check_finite(f"{what}: W_dec", arrays["W_dec"])
         _fold_decoder_norm(arrays, what)
@@ -280,26 +327,41 @@ def load_saelens(path: C.PathLike, *, norm_scaling_factor: float | None = None,
         extra_meta["reshape_activations"] = cfg["reshape_activations"]
 
     meta = info["meta"]
-    sae_cfg = C.make_config(what, d_in=d_in, d_sae=d_sae, activation=activation, k=k,
-                            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-                            input_scale=input_scale)
+    sae_cfg = C.make_config(
+        what,
+        d_in=d_in,
+        d_sae=d_sae,
+        activation=activation,
+        k=k,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        input_scale=input_scale,
+    )
     source_meta = {key: meta.get(key) for key in _META_KEYS if meta.get(key) is not None}
-    prov = C.provenance("saelens", folder, hookpoint or meta.get("hook_name"),
-                        model_name or meta.get("model_name"), architecture=arch,
-                        saelens_config_version="pre-6.0" if info["pre6"] else "6",
-                        has_sparsity=(folder / SPARSITY_FILE).is_file() or None,
-                        **source_meta, **extra_meta)
+    prov = C.provenance(
+        "saelens",
+        folder,
+        hookpoint or meta.get("hook_name"),
+        model_name or meta.get("model_name"),
+        architecture=arch,
+        saelens_config_version="pre-6.0" if info["pre6"] else "6",
+        has_sparsity=(folder / SPARSITY_FILE).is_file() or None,
+        **source_meta,
+        **extra_meta,
+    )
     return C.build(sae_cfg, arrays, prov, what, record_provenance)
 
 
-def _load_own(folder: pathlib.Path, raw: dict, block: dict, tensors: dict, what: str,
-              record_provenance: bool) -> sae_lib.SAE:
+def _load_own(
+    folder: pathlib.Path, raw: dict, block: dict, tensors: dict, what: str, record_provenance: bool
+) -> sae_lib.SAE:
     """Files written by `save_saelens`: the exact config, weights as stored."""
     cfg = _block_config(block, what)
     for key in ("d_in", "d_sae", "apply_b_dec_to_input"):
         if key in raw and raw[key] != getattr(cfg, key):
-            raise InputError(f"{what}: cfg.json {key}={raw[key]!r} disagrees with its "
-                             f"{BLOCK_KEY} block ({getattr(cfg, key)!r}); the file was edited")
+            raise InputError(
+                f"{what}: cfg.json {key}={raw[key]!r} disagrees with its "
+                f"{BLOCK_KEY} block ({getattr(cfg, key)!r}); the file was edited"
+            )
     dims = f"cfg.json (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
     C.check_keys(tensors, ["W_enc", "b_enc", "W_dec", "b_dec"], {"threshold"}, what)
     arrays = {
@@ -327,19 +389,18 @@ def read_saelens_sparsity(path: C.PathLike) -> np.ndarray | None:
     d_sae = C.config_int(raw, "d_sae", what)
     tensors, _ = C.read_safetensors(file, what)
     C.check_keys(tensors, ["sparsity"], (), what)
-    values = np.array(C.vector(tensors, "sparsity", d_sae, what, f"cfg.json (d_sae={d_sae})"),
-                      np.float32)
+    values = np.array(
+        C.vector(tensors, "sparsity", d_sae, what, f"cfg.json (d_sae={d_sae})"), np.float32
+    )
     if np.isnan(values).any():
         raise InputError(f"{what}: {int(np.isnan(values).sum())} NaN value(s) in 'sparsity'")
     return values
 
 
-_WRITE_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
-               "batchtopk": "jumprelu"}
+_WRITE_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
 
 
-def save_saelens(path: C.PathLike, sae: sae_lib.SAE, *, sparsity: Any = None
-                 ) -> pathlib.Path:
+def save_saelens(path: C.PathLike, sae: sae_lib.SAE, *, sparsity: Any = None) -> pathlib.Path:
     """Writes ``sae`` as a SAELens v6 folder (cfg.json, sae_weights.safetensors, optional
     sparsity.safetensors) and returns the folder.
 
@@ -368,37 +429,46 @@ def save_saelens(path: C.PathLike, sae: sae_lib.SAE, *, sparsity: Any = None
         arrays["W_enc"] = (arrays["W_enc"].astype(np.float64) * scale).astype(np.float32)
         arrays["W_dec"] = (arrays["W_dec"].astype(np.float64) / scale).astype(np.float32)
         arrays["b_dec"] = (arrays["b_dec"].astype(np.float64) / scale).astype(np.float32)
-        cfg = dataclasses.replace(cfg, input_scale=1.0).with_metadata(
-            folded_input_scale=scale)
+        cfg = dataclasses.replace(cfg, input_scale=1.0).with_metadata(folded_input_scale=scale)
     weights = {k: arrays[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if cfg.activation in ("jumprelu", "batchtopk"):
         weights["threshold"] = arrays["threshold"]
     elif np.any(arrays["threshold"] != 0):
-        C.log.warning("save_saelens: %s SAE has a non-zero (unused) threshold; it is saved, "
-                      "and SAELens's strict loader will reject the extra tensor",
-                      cfg.activation)
+        C.log.warning(
+            "save_saelens: %s SAE has a non-zero (unused) threshold; it is saved, "
+            "and SAELens's strict loader will reject the extra tensor",
+            cfg.activation,
+        )
         weights["threshold"] = arrays["threshold"]
 
     meta = cfg.meta
-    saelens_meta = {"sae_lens_version": WRITTEN_SAELENS_VERSION,
-                    "sae_lens_training_version": WRITTEN_SAELENS_VERSION}
+    saelens_meta = {
+        "sae_lens_version": WRITTEN_SAELENS_VERSION,
+        "sae_lens_training_version": WRITTEN_SAELENS_VERSION,
+    }
     if meta.get("model_name") is not None:
         saelens_meta["model_name"] = meta["model_name"]
     if meta.get("hookpoint") is not None:
         saelens_meta["hook_name"] = meta["hookpoint"]
     out_cfg: dict[str, Any] = {
-        "architecture": _WRITE_ARCH[cfg.activation], "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-        "dtype": "float32", "device": "cpu",
+        "architecture": _WRITE_ARCH[cfg.activation],
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
         "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input),
         "normalize_activations": "none",
-        "reshape_activations": "none", "metadata": saelens_meta,
+        "reshape_activations": "none",
+        "metadata": saelens_meta,
     }
     if cfg.activation == "topk":
         out_cfg.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-              if f.name != "metadata"}
-    out_cfg[BLOCK_KEY] = {"format_version": BLOCK_VERSION, "config": C._jsonable(fields),
-                          "metadata": [[k, _thaw(v)] for k, v in cfg.metadata]}
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "metadata"}
+    out_cfg[BLOCK_KEY] = {
+        "format_version": BLOCK_VERSION,
+        "config": C._jsonable(fields),
+        "metadata": [[k, _thaw(v)] for k, v in cfg.metadata],
+    }
     if sparsity is not None:
         sp = np.asarray(sparsity, np.float32)
         C.checks.check_shape("save_saelens sparsity", sp, (cfg.d_sae,))

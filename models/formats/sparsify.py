@@ -42,9 +42,11 @@ def sparsify_hookpoints(path: C.PathLike) -> list[str]:
     root = pathlib.Path(path)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and (p / CFG_FILE).is_file()
-                  and not (p / "sae_weights.safetensors").exists())
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and (p / CFG_FILE).is_file() and not (p / "sae_weights.safetensors").exists()
+    )
 
 
 def _resolve(path: pathlib.Path, hookpoint: str | None) -> pathlib.Path:
@@ -59,20 +61,27 @@ def _resolve(path: pathlib.Path, hookpoint: str | None) -> pathlib.Path:
     if hookpoint is not None:
         if hookpoint in available:
             return path / hookpoint
-        raise InputError(f"sparsify run {path}: no hookpoint {hookpoint!r}; available: "
-                         f"{available}")
+        raise InputError(f"sparsify run {path}: no hookpoint {hookpoint!r}; available: {available}")
     if len(available) == 1:
         return path / available[0]
     if not available:
-        raise InputError(f"sparsify SAE {path}: missing file {path / CFG_FILE} and no "
-                         f"hookpoint folders (each needs {CFG_FILE} + {WEIGHTS_FILE})")
-    raise InputError(f"sparsify run {path} holds {len(available)} hookpoints; pass "
-                     f"hookpoint= one of {available}")
+        raise InputError(
+            f"sparsify SAE {path}: missing file {path / CFG_FILE} and no "
+            f"hookpoint folders (each needs {CFG_FILE} + {WEIGHTS_FILE})"
+        )
+    raise InputError(
+        f"sparsify run {path} holds {len(available)} hookpoints; pass hookpoint= one of {available}"
+    )
 
 
-def load_sparsify(path: C.PathLike, hookpoint: str | None = None, *,
-                  model_name: str | None = None, allow_transposed: bool = True,
-                  record_provenance: bool = True) -> sae_lib.SAE:
+def load_sparsify(
+    path: C.PathLike,
+    hookpoint: str | None = None,
+    *,
+    model_name: str | None = None,
+    allow_transposed: bool = True,
+    record_provenance: bool = True,
+) -> sae_lib.SAE:
     """Loads one sparsify sparse coder into the SAE type.
 
     Args:
@@ -91,12 +100,16 @@ def load_sparsify(path: C.PathLike, hookpoint: str | None = None, *,
 
     activation = cfg.get("activation", "topk")
     if activation != "topk":
-        raise InputError(f"{what}: activation {activation!r} is not supported (the SAE type "
-                         f"has topk, not per-group maxima); expected 'topk'")
+        raise InputError(
+            f"{what}: activation {activation!r} is not supported (the SAE type "
+            f"has topk, not per-group maxima); expected 'topk'"
+        )
     for flag in ("embed_skip", "gram_lookup", "signed"):
         if cfg.get(flag):
-            raise InputError(f"{what}: {flag}=True is not supported (its forward needs "
-                             f"inputs or signs the SAE type does not have)")
+            raise InputError(
+                f"{what}: {flag}=True is not supported (its forward needs "
+                f"inputs or signs the SAE type does not have)"
+            )
     if "b_dec" not in tensors:
         raise InputError(f"{what}: missing tensor 'b_dec'; found {sorted(tensors)}")
     if "d_in" in cfg:
@@ -109,13 +122,14 @@ def load_sparsify(path: C.PathLike, hookpoint: str | None = None, *,
     k = C.config_int(cfg, "k", what, default=32)
     dims = f"cfg.json (d_in={d_in}, num_latents={num_latents})"
 
-    C.check_keys(tensors, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], {"W_skip"},
-                 what)
+    C.check_keys(tensors, ["encoder.weight", "encoder.bias", "W_dec", "b_dec"], {"W_skip"}, what)
     if "W_skip" in tensors:
         w_skip = np.asarray(C.matrix(tensors, "W_skip", d_in, d_in, what, dims))
         if np.any(w_skip != 0):
-            raise InputError(f"{what}: non-zero skip connection W_skip is not supported (the "
-                             f"SAE type has no x @ W_skip term)")
+            raise InputError(
+                f"{what}: non-zero skip connection W_skip is not supported (the "
+                f"SAE type has no x @ W_skip term)"
+            )
     transposed: list[str] | None = [] if allow_transposed else None
     # encoder.weight is an nn.Linear weight [out=num_latents, in=d_in]: W_enc is its transpose.
     enc = C.matrix(tensors, "encoder.weight", num_latents, d_in, what, dims, transposed)
@@ -126,17 +140,27 @@ def load_sparsify(path: C.PathLike, hookpoint: str | None = None, *,
         "b_dec": C.vector(tensors, "b_dec", d_in, what, dims),
     }
     transcode = bool(cfg.get("transcode", False))
-    sae_cfg = C.make_config(what, d_in=d_in, d_sae=num_latents, activation="topk", k=k,
-                            apply_b_dec_to_input=not transcode)
+    sae_cfg = C.make_config(
+        what,
+        d_in=d_in,
+        d_sae=num_latents,
+        activation="topk",
+        k=k,
+        apply_b_dec_to_input=not transcode,
+    )
 
     run_cfg = {}
     if (folder.parent / RUN_CONFIG).is_file():
         run_cfg = C.read_json(folder.parent / RUN_CONFIG, f"sparsify run {folder.parent}")
     model = model_name or run_cfg.get("model")
-    prov = C.provenance("sparsify", folder, hookpoint or folder.name, model,
-                        transcoder=transcode or None,
-                        dataset=run_cfg.get("dataset") if isinstance(run_cfg.get("dataset"),
-                                                                      str) else None,
-                        expansion_factor=cfg.get("expansion_factor"),
-                        transposed_on_load=transposed or None)
+    prov = C.provenance(
+        "sparsify",
+        folder,
+        hookpoint or folder.name,
+        model,
+        transcoder=transcode or None,
+        dataset=run_cfg.get("dataset") if isinstance(run_cfg.get("dataset"), str) else None,
+        expansion_factor=cfg.get("expansion_factor"),
+        transposed_on_load=transposed or None,
+    )
     return C.build(sae_cfg, arrays, prov, what, record_provenance)
