@@ -69,7 +69,7 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def load_pairs(settings) -> tuple[Pair, Pair, dict]:
+def load_pairs(settings, run) -> tuple[Pair, Pair, dict]:
     """The real pair (or group of ``--n_models`` sides) and its floor (checked before any
     training)."""
     from models import dictionary_pair
@@ -124,6 +124,8 @@ def load_pairs(settings) -> tuple[Pair, Pair, dict]:
             ac.ActivationCache(p)
             for p in (settings.cache_a, settings.cache_b, settings.floor_cache_b)
         )
+        if _needs_alignment(settings, a, b):
+            return _aligned_pairs(settings, run, a, b, fb)
         pairs = []
         for name, other in (("real", b), ("floor", fb)):
             src = ac.paired_source(a, settings.hookpoint_a, other, settings.hookpoint_b)
@@ -139,7 +141,95 @@ def load_pairs(settings) -> tuple[Pair, Pair, dict]:
             "cache_a": settings.cache_a,
             "cache_b": settings.cache_b,
             "floor_cache_b": settings.floor_cache_b,
+            "alignment": {
+                "unit": "tokens",
+                "note": "identical tokenizers: rows are the same tokens",
+            },
         },
+    )
+
+
+def _same_tokenizer(cache_a, cache_b) -> bool:
+    """The caches' recorded tokenizers agree (the test `paired_source` applies)."""
+    ta, tb = cache_a.tokenizer or {}, cache_b.tokenizer or {}
+    return ta.get("vocab_sha256") == tb.get("vocab_sha256") and ta.get("special_ids") == tb.get(
+        "special_ids"
+    )
+
+
+def _needs_alignment(settings, cache_a, cache_b) -> bool:
+    """Rows pair through aligned units: different tokenizers, or a unit asked for explicitly."""
+    if settings.alignment == "tokens":
+        return False  # paired_source refuses different tokenizers with a one-line error
+    return settings.alignment != "auto" or not _same_tokenizer(cache_a, cache_b)
+
+
+def _tokenizer(path: str, cache, flag: str):
+    """The tokenizer of a local model directory, checked against the one ``cache`` recorded."""
+    from engine import checks
+    from models import lm, text
+
+    try:
+        from transformers import AutoTokenizer
+
+        with lm.quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise checks.InputError(
+            f"{flag}={path}: no tokenizer could be loaded ({str(e).splitlines()[0]})"
+        ) from None
+    want = (cache.tokenizer or {}).get("vocab_sha256")
+    if want and text.tokenizer_fingerprint(tok)["vocab_sha256"] != want:
+        raise checks.InputError(
+            f"{flag}={path}: its tokenizer is not the one {cache.path} was harvested with"
+        )
+    return tok
+
+
+def _aligned_pairs(settings, run, cache_a, cache_b, floor_b) -> tuple[Pair, Pair, dict]:
+    """Real and floor pairs on aligned units of two tokenizers (`experiments.pipeline.aligned`).
+
+    Each side's cache rows (own tokens) are pooled into the alignment's unit rows; the floor
+    cache of B (same tokenizer and text as B) is pooled with B's side of the same alignment.
+    """
+    import types
+
+    from engine import checks
+    from experiments.pipeline import aligned
+
+    missing = [n for n in ("text", "model_a", "model_b") if not getattr(settings, n)]
+    if missing:
+        raise checks.InputError(
+            "the caches were made with different tokenizers (rows pair through aligned units): "
+            f"--source=caches then needs --{', --'.join(missing)}"
+        )
+    lm_a = types.SimpleNamespace(tokenizer=_tokenizer(settings.model_a, cache_a, "--model_a"))
+    lm_b = types.SimpleNamespace(tokenizer=_tokenizer(settings.model_b, cache_b, "--model_b"))
+    if (floor_b.tokenizer or {}).get("vocab_sha256") != (cache_b.tokenizer or {}).get(
+        "vocab_sha256"
+    ) or not np.array_equal(floor_b.token_ids(), cache_b.token_ids()):
+        raise checks.InputError(
+            f"--floor_cache_b={floor_b.path}: not harvested on --cache_b's tokens (the floor "
+            "is a random-init copy of B run on the same text and contexts)"
+        )
+    view = aligned.prepare(run, settings, lm_a, lm_b, cache_paths=(cache_a.path, cache_b.path))
+    if view is None:  # --alignment=auto with identical tokenizers never reaches here
+        raise checks.InputError("--alignment=tokens: the caches' tokenizers differ")
+    n = min(len(view.alignment), settings.max_rows)
+    xa = view.pool("a", cache_a.read(settings.hookpoint_a)[1])[:n]
+    xb = view.pool("b", cache_b.read(settings.hookpoint_b)[1])[:n]
+    fb = view.pool("b", floor_b.read(settings.hookpoint_b)[1])[:n]
+    data = {
+        "cache_a": cache_a.path,
+        "cache_b": cache_b.path,
+        "floor_cache_b": floor_b.path,
+        "alignment": {**aligned.describe(view), "rows_used": int(n)},
+    }
+    f32 = np.float32
+    return (
+        Pair("real", (np.asarray(xa, f32), np.asarray(xb, f32))),
+        Pair("floor", (np.asarray(xa, f32), np.asarray(fb, f32))),
+        data,
     )
 
 
@@ -539,7 +629,7 @@ def body(run, settings) -> None:
             f"--batch_size={settings.batch_size} is not divisible by the mesh data axis "
             f"({run.mesh.shape['data']})"
         )
-    real_pair, floor_pair, data = load_pairs(settings)
+    real_pair, floor_pair, data = load_pairs(settings, run)
     real = run_pair(run, settings, real_pair, seeds)
     floor = run_pair(run, settings, floor_pair, seeds)
     rows = summarise(real, floor)

@@ -17,7 +17,44 @@ FIELDS = (
     F("floor_cache_b", None, "Cache of a random-init copy of B (the floor).", type=str),
     F("hookpoint_a", None, "Hookpoint of cache A.", type=str),
     F("hookpoint_b", None, "Hookpoint of cache B (and of the floor cache).", type=str),
-    F("max_rows", 200000, "Rows read from the caches (in memory)."),
+    # Caches of models with different tokenizers pair through aligned units
+    # (experiments/pipeline/aligned.py; names and meaning as in configs/universality.py).
+    F(
+        "alignment",
+        "auto",
+        "How rows of the two caches are paired: identical tokens (same tokenizer), shared token "
+        "boundaries, or words (models/alignment.py). auto: tokens when the caches' tokenizers "
+        "are identical, else shared_boundaries.",
+        choices=("auto", "tokens", "shared_boundaries", "words"),
+    ),
+    F(
+        "alignment_pooling",
+        "last",
+        "Row of a unit on each side: its last (closing) token, or the mean / max over its tokens.",
+        choices=("last", "mean", "max"),
+    ),
+    F(
+        "alignment_dir",
+        None,
+        "Where the alignment is stored / reused (default WORKDIR/alignment/<unit>).",
+        type=str,
+    ),
+    F(
+        "model_a",
+        None,
+        "Model A's local transformers directory (its tokenizer; needed when the caches' "
+        "tokenizers differ).",
+        type=str,
+    ),
+    F("model_b", None, "Model B's local transformers directory (see --model_a).", type=str),
+    F(
+        "text",
+        None,
+        "Text the caches were harvested on: a .txt/.jsonl file or folder, or 'sample' (the "
+        "shipped sample); needed when the caches' tokenizers differ.",
+        type=str,
+    ),
+    F("max_rows", 200000, "Rows (tokens or aligned units) used from the caches (in memory)."),
     F("n_tokens", 8192, "Toy rows."),
     F("toy_seed", 0, "Toy pair seed."),
     F(
@@ -67,6 +104,8 @@ def _metric_names():
 RULES = (
     common.Choice(("metrics",), _metric_names, nonempty=True),
     common.Path(("cache_a", "cache_b", "floor_cache_b"), kind="dir", what="an activation cache"),
+    common.Path(("model_a", "model_b"), kind="dir", what="a local transformers directory"),
+    common.Path(("text",), kind="any", special=("sample",)),
     common.Check(
         ("source", "cache_a", "cache_b"),
         lambda v: (
