@@ -16,10 +16,20 @@ Data:
   dimensions); the floor is the same generator with nothing shared (the control).
   ``--n_models=3`` (or more): `models.dictionary_pair.make_partial_sides`, features shared by
   all sides plus exclusive ones per side; the report adds per-model and per-model-pair tables.
-* ``--source=caches``: aligned rows of two activation caches over the same tokens
-  (`models.activation_cache.paired_source`: same tokenizer and token ids), ``--cache_a``,
-  ``--cache_b``, ``--hookpoint_a/b``; the floor pair is A against ``--floor_cache_b``, a cache
-  of a randomly initialised copy of model B harvested on the same text (required).
+* ``--source=caches``: aligned rows of two activation caches, ``--cache_a``, ``--cache_b``,
+  ``--hookpoint_a/b``; the floor pair is A against ``--floor_cache_b``, a cache of a randomly
+  initialised copy of model B (B's tokenizer) harvested on the same text and contexts
+  (required). Caches made with the same tokenizer pair token by token
+  (`models.activation_cache.paired_source`: same token ids). Caches made with different
+  tokenizers pair through aligned units of text (`experiments.pipeline.aligned`, as in the
+  universality pipeline): ``--model_a`` / ``--model_b`` (the models' local directories, for
+  their tokenizers) and ``--text`` (the text both caches were harvested on) are then required;
+  each side's contexts are rebuilt from the text and checked against its cache, the alignment
+  (``--alignment``: auto = shared_boundaries, or words; ``--alignment_pooling``: last / mean /
+  max) is stored under ``--alignment_dir`` (default ``WORKDIR/alignment/<unit>``), and A's,
+  B's and the floor's cache rows are pooled into the same unit rows (the floor with B's side
+  of the alignment). ``results.json`` records the alignment report (units, dropped units,
+  coverage) under ``data.alignment``; ``--max_rows`` then counts units.
 
 Sweeps: all seeds and coefficients of a design train as ONE stacked program
 (`models.joint_sae.train_joint_sweep`: ``lax.map`` over the members on CPU, ``vmap`` on
@@ -37,6 +47,10 @@ Commands (the default is the CI-sized toy: 600 steps, 8192 rows, 100 null permut
     python -m experiments.joint_sae --workdir=runs/joint_sae/lm --source=caches \\
         --cache_a=runs/harvest/a --cache_b=runs/harvest/b --floor_cache_b=runs/harvest/b_rand \\
         --hookpoint_a=resid_post.3 --hookpoint_b=resid_post.3 --d_sae=4096 --k=32
+    python -m experiments.joint_sae --workdir=runs/joint_sae/lm_xtok --source=caches \\
+        --cache_a=runs/harvest/a --cache_b=runs/harvest/c --floor_cache_b=runs/harvest/c_rand \\
+        --hookpoint_a=resid_post.3 --hookpoint_b=resid_post.3 --model_a=weights/a \\
+        --model_b=weights/c --text=data/text.jsonl --alignment_pooling=mean --d_sae=4096 --k=32
 
 Outputs: ``results.json``, a printed summary, ``plots/r_histogram_<design>.png`` (real vs floor)
 and ``plots/tradeoff.png`` (shared fraction vs mean FVU per design and coefficient), and per
@@ -199,9 +213,14 @@ def _aligned_pairs(settings, run, cache_a, cache_b, floor_b) -> tuple[Pair, Pair
 
     missing = [n for n in ("text", "model_a", "model_b") if not getattr(settings, n)]
     if missing:
+        why = (
+            f"--alignment={settings.alignment}"
+            if _same_tokenizer(cache_a, cache_b)
+            else "the caches were made with different tokenizers"
+        )
         raise checks.InputError(
-            "the caches were made with different tokenizers (rows pair through aligned units): "
-            f"--source=caches then needs --{', --'.join(missing)}"
+            f"{why} (rows pair through aligned units): --source=caches then needs "
+            f"--{', --'.join(missing)}"
         )
     lm_a = types.SimpleNamespace(tokenizer=_tokenizer(settings.model_a, cache_a, "--model_a"))
     lm_b = types.SimpleNamespace(tokenizer=_tokenizer(settings.model_b, cache_b, "--model_b"))

@@ -115,6 +115,7 @@ def test_lm_caches_option(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _check_results(wd, {"crosscoder", "independent"})
     assert res["data"]["floor_cache_b"] == paths["floor"]
+    assert res["data"]["alignment"]["unit"] == "tokens"  # same tokenizer: token pairing
 
 
 @pytest.mark.slow
