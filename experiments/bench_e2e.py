@@ -319,10 +319,10 @@ def _pipeline_once(xa, xb, sa, sb, np) -> dict:
             "/jax/compilation_cache/cache_retrieval_time_sec", 0.0
         ),
         "result": {
-            "n_pairs": res["n_pairs"],
+            "n_pairs": res.n_pairs,
             **{
-                m: {"score": v["score"], "null_mean": v["null_mean"], "p": v["p"]}
-                for m, v in res["metrics"].items()
+                m: {"score": v.score, "null_mean": v.null_mean, "p": v.p}
+                for m, v in res.metrics.items()
             },
         },
     }
