@@ -9,6 +9,17 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The experiments' persistent compilation cache (engine/compile_cache.py): one directory per
+# test session, so entry points run as subprocesses share compiled programs with each other
+# but never with other runs on the machine (~/.cache), and the session leaves nothing behind.
+if "SAE_JAX_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="sae_universality_jaxcache_")
+    os.environ["SAE_JAX_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402
 
