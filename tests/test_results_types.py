@@ -15,8 +15,6 @@ import dataclasses
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -187,16 +185,21 @@ def test_unknown_pairing_rule_is_refused_with_the_registered_names():
         pairing.register(pairing.PairingRule("correlation", "again", _same_index))
 
 
-def test_pairing_flag_choices_are_the_registry():
-    """In a subprocess: experiment modules' flags are per entry point."""
-    code = (
-        "from absl import flags; from experiments import universality; "
-        "from experiments.pipeline import pairing; "
-        "got = flags.FLAGS['pairing'].parser.enum_values; "
-        "assert got == pairing.names() == ['correlation', 'decoder'], got"
+def test_pairing_setting_choices_are_the_registry(monkeypatch, tmp_path):
+    """The universality config's ``pairing`` check reads the registry: a registered rule is
+    accepted by name, an unknown one is refused in one line listing the registered names."""
+    from experiments import common
+    from experiments.configs import universality as config
+
+    values = dict(common.default_values(config), workdir=str(tmp_path))
+    rules = common.rules_of(config)
+    common.validate(dict(values, pairing="decoder"), rules)
+    with pytest.raises(common.ConfigError, match=r"pairing.*'nope'.*correlation.*decoder"):
+        common.validate(dict(values, pairing="nope"), rules)
+    monkeypatch.setitem(
+        pairing.RULES, "toy_rule", pairing.PairingRule("toy_rule", "toy", _same_index)
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    common.validate(dict(values, pairing="toy_rule"), rules)
 
 
 def _saved(tmp_path, run: res.RunResults) -> str:
