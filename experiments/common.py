@@ -876,6 +876,10 @@ def start(
       ConfigError / NothingToDo: see `check_workdir`.
     """
     settings = values
+    # Library INFO lines (JAX's backend probing) must not reach stderr before a one-line
+    # refusal: the threshold is set before JAX starts.
+    logging.set_stderrthreshold("warning")
+    pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.WARNING)
     # JAX first: the device count and the multi-process runtime must be set before any JAX
     # call (writing a file asks `jax.process_index()`, which starts the backends).
     configure_jax(settings["num_cpu_devices"])
