@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from engine import similarity
-from experiments.pipeline import compare, concepts, filters
+from experiments.pipeline import compare, concepts, filters, pairing
 from experiments.pipeline.stepcache import StepCache
 from models import sae as sae_lib
 
@@ -150,7 +150,7 @@ def whole_pairs(
     step: Mapping, sae_a: sae_lib.SAE, sae_b: sae_lib.SAE, threshold: float | None
 ) -> filters.Pairs:
     """The whole SAE pair's one-to-one correlation pairing (random-subset baseline pool)."""
-    cand = compare.candidate_pairs(step, sae_a, sae_b, "correlation", None)
+    cand = pairing.get("correlation").propose(step, sae_a, sae_b, None)
     ia, ib = invalid_features(step)
     cfg = filters.FilterConfig(non_concept=False, threshold=threshold)
     pairs, _ = filters.apply_filters(
