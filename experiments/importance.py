@@ -68,11 +68,11 @@ class UserError(ValueError):
 
 
 def _model_path(s: Settings, workdir: str) -> str:
+    from experiments.pipeline import sides
     from models import lm_tiny
 
     if s.model != "tiny":
-        if not os.path.isdir(s.model):
-            raise UserError(f"--model={s.model}: no such local model directory")
+        sides.check_local("--model", s.model)
         return s.model
     pair = lm_tiny.make_tiny_model_pair(
         os.path.join(workdir, "tiny_models"),

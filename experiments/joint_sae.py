@@ -2,11 +2,11 @@
 
 For each design and coefficient (universal SAE, crosscoder L1 / TopK, alignment-penalised
 SAEs with alpha; `models.joint_sae`) and for two independently trained SAEs
-(`models.sae_train`), on the real pair AND on a floor pair, this reports reconstruction per
-model (FVU, L0, dead), the shared / exclusive fractions (relative decoder-norm histogram;
-activation correlations), the geometry of the shared latents with the universality
-pipeline's metrics and random-pairing nulls, Minder et al.'s latent scaling check, and, on the
-toy, precision / recall of the shared / exclusive calls against the known truth
+(`experiments.pipeline.saes.obtain`), on the real pair AND on a floor pair, this reports
+reconstruction per model (FVU, L0, dead), the shared / exclusive fractions (relative
+decoder-norm histogram; activation correlations), the geometry of the shared latents with the
+universality pipeline's metrics and random-pairing nulls, Minder et al.'s latent scaling check,
+and, on the toy, precision / recall of the shared / exclusive calls against the known truth
 (`experiments.pipeline.joint_metrics` documents every threshold). The summary states each
 design's excess shared fraction over its floor.
 
@@ -33,7 +33,9 @@ Data:
 
 Sweeps: all seeds and coefficients of a design train as ONE stacked program
 (`models.joint_sae.train_joint_sweep`: ``lax.map`` over the members on CPU, ``vmap`` on
-accelerators); every member sees the same batches, seeds vary the initialisation. The TopK
+accelerators); every member sees the same batches, seeds vary the initialisation. The
+independent SAEs train one by one through the pipeline's train-or-load helper, each with its
+own role-derived init seed and data order (`experiments.pipeline.saes.role_seeds`). The TopK
 joint designs and the independent SAEs use AuxK (``--aux_coeff``, ``--dead_tokens``; at the
 default 10M dead tokens it never triggers on the toy).
 
@@ -55,7 +57,8 @@ Commands (the default is the CI-sized toy: 600 steps, 8192 rows, 100 null permut
 Outputs: ``results.json``, a printed summary, ``plots/r_histogram_<design>.png`` (real vs floor)
 and ``plots/tradeoff.png`` (shared fraction vs mean FVU per design and coefficient), and per
 run ``runs/<pair>/<label>/`` (metrics.jsonl, orbax checkpoints, the joint model in the native
-format under ``joint/``). Rerunning the same workdir resumes every training run.
+format under ``joint/``), and per independent SAE ``saes/<pair>/<role>/``. Rerunning the
+same workdir resumes every training run.
 """
 
 from __future__ import annotations
@@ -181,17 +184,10 @@ def _needs_alignment(settings, cache_a, cache_b) -> bool:
 def _tokenizer(path: str, cache, flag: str):
     """The tokenizer of a local model directory, checked against the one ``cache`` recorded."""
     from engine import checks
-    from models import lm, text
+    from experiments.pipeline import sides
+    from models import text
 
-    try:
-        from transformers import AutoTokenizer
-
-        with lm.quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise checks.InputError(
-            f"{flag}={path}: no tokenizer could be loaded ({str(e).splitlines()[0]})"
-        ) from None
+    tok = sides.tokenizer(flag, path)
     want = (cache.tokenizer or {}).get("vocab_sha256")
     if want and text.tokenizer_fingerprint(tok)["vocab_sha256"] != want:
         raise checks.InputError(
@@ -300,12 +296,11 @@ def joint_configs(settings, seed: int) -> list:
 
 def run_pair(run, settings, pair: Pair, seeds: list[int]) -> list[dict]:
     """Every design on one pair (group of models). All seeds and coefficients of a design
-    train as ONE stacked program (`models.joint_sae.train_joint_sweep`; the independent SAEs
-    of a model as one `models.sae_train.train_saes` program), each member on the same
-    batches: seeds vary the initialisation only."""
+    train as ONE stacked program (`models.joint_sae.train_joint_sweep`), each member on the
+    same batches: seeds vary the initialisation only. The independent SAEs come from
+    `_independent_saes` (one per model and seed, each with its own seeds and data order)."""
     from experiments.pipeline import joint_metrics as jm
     from models import joint_sae as js
-    from models import sae_train
 
     M = len(pair.xs)
     names = tuple("abcdefghijklmnopqrstuvwxyz"[:M]) if M <= 26 else None
@@ -337,36 +332,10 @@ def run_pair(run, settings, pair: Pair, seeds: list[int]) -> list[dict]:
             res.update(pair=pair.name, seed=cfg.seed)
             results.append(res)
     if "independent" in settings.designs:
-        per_model = []
-        for m, x in enumerate(pair.xs):
-            # Each model's SAEs get their own seeds and data order.
-            tcfgs = [
-                sae_train.TrainConfig(
-                    d_sae=settings.d_sae_single,
-                    activation="topk",
-                    k=settings.k,
-                    lr=settings.lr,
-                    seed=M * s + m + 1,
-                    aux_coeff=settings.aux_coeff,
-                    dead_tokens=settings.dead_tokens,
-                )
-                for s in seeds
-            ]
-            per_model.append(
-                sae_train.train_saes(
-                    x,
-                    tcfgs,
-                    steps=settings.steps,
-                    batch_size=settings.batch_size,
-                    mesh=run.mesh,
-                    workdir=run.path("runs", pair.name, f"independent_{m}"),
-                    data_seed=2000 + m,
-                    progress=settings.progress,
-                )
-            )
+        per_model = _independent_saes(run, settings, pair, seeds)
         for i, seed in enumerate(seeds):
             res = jm.analyze_independent(
-                [saes[i] for saes in per_model],
+                [side_saes[i].sae for side_saes in per_model],
                 pair.xs,
                 run.mesh,
                 truth=pair.truth,
@@ -377,6 +346,48 @@ def run_pair(run, settings, pair: Pair, seeds: list[int]) -> list[dict]:
             res.update(pair=pair.name, seed=seed)
             results.append(res)
     return results
+
+
+def _independent_saes(run, settings, pair: Pair, seeds: list[int]) -> list[list]:
+    """Per model, one SAE per seed through the pipeline's train-or-load helper
+    (`saes.obtain`): each SAE has its own role-derived init seed and data order, trains
+    resumably under ``WORKDIR/saes/<pair>/<role>`` and is loaded when finished."""
+    from experiments.pipeline import saes
+    from models import sae_train
+
+    recipe = sae_train.TrainConfig(
+        d_sae=settings.d_sae_single,
+        activation="topk",
+        k=settings.k,
+        lr=settings.lr,
+        aux_coeff=settings.aux_coeff,
+        dead_tokens=settings.dead_tokens,
+    )
+    M = len(pair.xs)
+    hookpoints = [settings.hookpoint_a] + [settings.hookpoint_b] * (M - 1)
+    per_model = [
+        [
+            saes.obtain(
+                saes.Role(
+                    "abcdefghijklmnopqrstuvwxyz"[m] if M <= 26 else f"m{m}",
+                    (hookpoints[m] if settings.source == "caches" else None) or "toy",
+                    replicate=i,
+                ),
+                x,
+                user_seed=seed,
+                recipe=recipe,
+                steps=settings.steps,
+                batch_size=settings.batch_size,
+                root=run.path("saes", pair.name),
+                mesh=run.mesh,
+                progress=settings.progress,
+            )
+            for i, seed in enumerate(seeds)
+        ]
+        for m, x in enumerate(pair.xs)
+    ]
+    saes.check_distinct_seeds([s for side in per_model for s in side])
+    return per_model
 
 
 def _primary_geometry(res: dict) -> dict | None:

@@ -40,6 +40,7 @@ from absl import logging
 
 from experiments.pipeline import concept_family as cf
 from experiments.pipeline import concepts
+from experiments.pipeline.sides import ModelSide
 
 
 class GeometryError(Exception):
@@ -48,25 +49,39 @@ class GeometryError(Exception):
 
 @dataclasses.dataclass
 class Side:
-    """One model's rows and SAE."""
+    """One model side (`sides.ModelSide`) with its corpus rows and SAE."""
 
-    name: str
-    model: object  # models.lm.LanguageModel
-    path: str
-    hookpoint: str
+    model_side: ModelSide
     acts: np.ndarray  # [rows, d] corpus activations (special tokens left out)
     tokens: list  # token string per row
     doc_ids: np.ndarray  # [rows] document (context for caches) of each row
     sae: object = None  # saes.SideSAE
-    source: str = ""
+    note: str = ""  # where the activations came from, in words
+
+    @property
+    def name(self) -> str:
+        return self.model_side.name
+
+    @property
+    def model(self):
+        return self.model_side.model
+
+    @property
+    def path(self) -> str:
+        return self.model_side.path
+
+    @property
+    def hookpoint(self) -> str:
+        return self.model_side.hookpoint
 
 
 # -- sides -----------------------------------------------------------------------------------
 
 
-def _side_from_model(name: str, model, path: str, hp: str, docs, cfg: dict) -> Side:
+def _side_from_model(ms: ModelSide, docs, cfg: dict) -> Side:
     from models import text
 
+    model, hp = ms.model, ms.hookpoint
     contexts = text.make_contexts(
         docs, model.tokenizer, cfg["context_length"], max_contexts=cfg["max_contexts"] or None
     )
@@ -74,36 +89,30 @@ def _side_from_model(name: str, model, path: str, hp: str, docs, cfg: dict) -> S
     keep = out.mask & ~out.special  # real, non-special tokens
     doc_rows = np.broadcast_to(contexts.doc_index[:, None], keep.shape)[keep]
     return Side(
-        name,
-        model,
-        path,
-        hp,
+        ms,
         np.asarray(out.acts[hp][keep], np.float32),
         _strings(model, out.token_ids[keep]),
         doc_rows,
-        source=f"forward passes over {len(contexts)} contexts",
+        note=f"forward passes over {len(contexts)} contexts",
     )
 
 
-def _side_from_cache(name: str, model, path: str, hp: str, cache_path: str) -> Side:
+def _side_from_cache(ms: ModelSide, cache_path: str) -> Side:
     from models import activation_cache
 
     cache = activation_cache.ActivationCache(cache_path)
-    (hp_name,) = cache.check_hookpoints([hp])
+    (hp_name,) = cache.check_hookpoints([ms.hookpoint])
     ids, acts = cache.read(hp_name)
     ids = np.asarray(ids)
     mask = np.asarray(cache.mask())
     doc_rows = np.repeat(np.arange(mask.shape[0]), mask.sum(1))
-    keep = ~model.special_mask(ids)
+    keep = ~ms.model.special_mask(ids)
     return Side(
-        name,
-        model,
-        path,
-        hp_name,
+        dataclasses.replace(ms, hookpoints=(hp_name,), source="cache"),
         np.asarray(acts, np.float32)[keep],
-        _strings(model, ids[keep]),
+        _strings(ms.model, ids[keep]),
         doc_rows[keep],
-        source=f"activation cache {cache_path}",
+        note=f"activation cache {cache_path}",
     )
 
 
@@ -115,63 +124,44 @@ def _strings(model, ids: np.ndarray) -> list:
 
 def build_sides(run, cfg: dict) -> list[Side]:
     """Both sides with their SAEs (loaded or trained through the pipeline's planner)."""
-    from experiments.pipeline import features, references, saes
-    from models import lm, lm_tiny, planted_lm, sae_train
+    from experiments.pipeline import features, references, saes, sides
+    from models import sae_train
     from models import text as text_lib
 
-    paths = [cfg["model_a"], cfg["model_b"]]
-    text = cfg["text"]
-    if "tiny" in paths:
-        tiny = lm_tiny.make_tiny_model_pair(
-            run.path("tiny_models"), seeds=(cfg["seed"], cfg["seed"] + 1)
-        )
-        paths = [
-            tiny.path_a if paths[0] == "tiny" else paths[0],
-            tiny.path_b if paths[1] == "tiny" else paths[1],
-        ]
-    if "planted" in paths:
-        pair = planted_lm.make_planted_lm_pair(
-            run.path("planted_models"),
-            planted=cfg["lm_planted"],
-            shared=cfg["lm_shared"],
-            seed=cfg["seed"],
-        )
-        paths = [
-            pair.path_a if paths[0] == "planted" else paths[0],
-            pair.path_b if paths[1] == "planted" else paths[1],
-        ]
-        if text == "planted":
-            text = pair.corpus
-    if text == "planted":
-        raise GeometryError("--text=planted needs --model_a or --model_b = planted")
-    for flag, p in zip(("--model_a", "--model_b"), paths):
-        if not os.path.isdir(p):
-            raise GeometryError(
-                f"{flag}={p}: no such local model directory (nothing is downloaded at run time)"
-            )
-    with lm.quiet_transformers():
-        lm_a = lm.LanguageModel.load(paths[0])
-        lm_b = lm_a if paths[1] == paths[0] else lm.LanguageModel.load(paths[1])
-    for m, p in ((lm_a, paths[0]), (lm_b, paths[1])):
-        if m.tokenizer is None:
-            raise GeometryError(f"model {p}: no tokenizer (token strings define the concepts)")
-    hps = [cfg["hookpoint_a"], cfg["hookpoint_b"] or cfg["hookpoint_a"]]
     caches = [cfg["cache_a"], cfg["cache_b"]]
+    if cfg["text"] == "planted" and "planted" not in (cfg["model_a"], cfg["model_b"]):
+        raise GeometryError("--text=planted needs --model_a or --model_b = planted")
+    model_sides, paths = sides.open_pair(
+        run,
+        cfg["model_a"],
+        cfg["model_b"],
+        seed=cfg["seed"],
+        hookpoints=([cfg["hookpoint_a"]], [cfg["hookpoint_b"] or cfg["hookpoint_a"]]),
+        sources=tuple("cache" if c else "live" for c in caches),
+        tokenizer_for="the concepts",
+        planted=cfg["lm_planted"],
+        shared=cfg["lm_shared"],
+    )
+    text = paths.corpus if cfg["text"] == "planted" else cfg["text"]
     docs = None
-    sides = []
-    for name, model, path, hp, cache in zip("ab", (lm_a, lm_b), paths, hps, caches):
-        hp = model.parse(hp)[0].name
+    out = []
+    for ms, cache in zip(model_sides, caches):
         if cache:
-            side = _side_from_cache(name, model, path, hp, cache)
+            side = _side_from_cache(ms, cache)
         else:
             if docs is None:
                 docs = list(
                     text_lib.read_documents(text, max_documents=cfg["max_documents"] or None)
                 )
-            side = _side_from_model(name, model, path, hp, docs, cfg)
-        sides.append(side)
+            side = _side_from_model(ms, docs, cfg)
+        out.append(side)
         logging.info(
-            "side %s: %s at %s, %d rows (%s)", name, path, hp, len(side.tokens), side.source
+            "side %s: %s at %s, %d rows (%s)",
+            side.name,
+            side.path,
+            side.hookpoint,
+            len(side.tokens),
+            side.note,
         )
 
     def recipe(side, hp, d_in):
@@ -192,12 +182,12 @@ def build_sides(run, cfg: dict) -> list[Side]:
         mesh=run.mesh,
         user_seed=cfg["seed"],
         progress=cfg["progress"],
-        metadata=lambda side, hp: {"model": paths["ab".index(side[0])], "hookpoint": hp},
+        metadata=lambda side, hp: {"model": getattr(paths, side[0]), "hookpoint": hp},
     )
     planner = references.Planner(
         references.RefSettings(ceiling_sides=(), floor=False), training, multi_cell=False
     )
-    for side, given in zip(sides, (cfg["sae_a"], cfg["sae_b"])):
+    for side, given in zip(out, (cfg["sae_a"], cfg["sae_b"])):
         loaded = None
         if given:
             sae = saes.load_for_hookpoint(given, side.hookpoint, 1)
@@ -212,7 +202,7 @@ def build_sides(run, cfg: dict) -> list[Side]:
         )
         side.sae = planner.replicates(spec, side.hookpoint, references.Condition())[0]
     planner.specs()  # refuses SAEs of one run that share a seed
-    return sides
+    return out
 
 
 # -- codes -----------------------------------------------------------------------------------
@@ -630,7 +620,7 @@ def run_lm(run, cfg: dict) -> dict:
                 "model": s.path,
                 "hookpoint": s.hookpoint,
                 "rows": len(s.tokens),
-                "activations": s.source,
+                "activations": s.note,
                 "sae": s.sae.record(),
             }
             for s in sides

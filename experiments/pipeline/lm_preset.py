@@ -72,6 +72,7 @@ feature_pages = common.lazy_module("experiments.pipeline.feature_pages")
 features = common.lazy_module("experiments.pipeline.features")
 references = common.lazy_module("experiments.pipeline.references")
 saes_lib = common.lazy_module("experiments.pipeline.saes")
+sides_lib = common.lazy_module("experiments.pipeline.sides")
 
 SETUPS = {
     "pythia": {
@@ -157,29 +158,6 @@ def _trio_hookpoints(lm_model, setup: dict) -> None:
         raise compare.PipelineError("--trio needs a model with at least 2 layers")
     layer = hp.layer + 1 if hp.layer + 1 < lm_model.n_layers else hp.layer - 1
     setup["hookpoints_b"] = [lm.Hookpoint(layer, hp.kind).name]
-
-
-def _load_models(run, setup: dict, seed: int):
-    from models import lm, lm_tiny
-
-    paths = [setup["model_a"], setup["model_b"]]
-    if "tiny" in paths:
-        pair = lm_tiny.make_tiny_model_pair(run.path("tiny_models"), seeds=(seed, seed + 1))
-        paths = [
-            pair.path_a if paths[0] == "tiny" else paths[0],
-            pair.path_b if paths[1] == "tiny" else paths[1],
-        ]
-    for flag, path in zip(("--model_a", "--model_b"), paths):
-        if not os.path.isdir(path):
-            raise compare.PipelineError(
-                f"{flag}={path}: no such local model directory (this "
-                "pipeline never downloads weights at run time)"
-            )
-    with lm.quiet_transformers():
-        model_a = lm.LanguageModel.load(paths[0])
-        # The same directory on both sides (--trio, same-model grids) is loaded once.
-        model_b = model_a if paths[1] == paths[0] else lm.LanguageModel.load(paths[1])
-        return [model_a, model_b], paths
 
 
 def _unembedding(lm_model, path: str) -> np.ndarray | None:
@@ -354,7 +332,11 @@ def run_lm(run, settings, cfg: compare.CompareConfig, cache) -> dict:
     setup = _resolve(settings)
     refs = ref_settings(settings)
     conditions = references.parse_sweep(settings.sweep)
-    (lm_a, lm_b), paths = _load_models(run, setup, settings.seed)
+    (side_a, side_b), _ = sides_lib.open_pair(
+        run, setup["model_a"], setup["model_b"], seed=settings.seed
+    )
+    lm_a, lm_b = side_a.model, side_b.model
+    paths = [side_a.path, side_b.path]
     if settings.trio:
         _trio_hookpoints(lm_a, setup)
     # Different tokenizers: each model reads its own contexts; rows pair through the text.

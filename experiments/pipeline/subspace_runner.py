@@ -137,26 +137,25 @@ def toy_sides(run, settings) -> Sides:
 
 
 def lm_sides(run, settings) -> Sides:
+    from experiments.pipeline import sides
     from models import lm as lm_lib
-    from models import lm_tiny, text
+    from models import text
 
     if bool(settings.model_a) != bool(settings.model_b):
         raise SubspaceError("give both --model_a and --model_b (or neither for the tiny pair)")
-    if settings.model_a:
-        path_a, path_b = settings.model_a, settings.model_b
-    else:
-        pair = lm_tiny.make_tiny_model_pair(
-            run.path("models"),
-            train_steps=settings.lm_train_steps,
-            seeds=(settings.seed, settings.seed + 1),
-        )
-        path_a, path_b = pair.path_a, pair.path_b
-    lm_a, lm_b = lm_lib.LanguageModel.load(path_a), lm_lib.LanguageModel.load(path_b)
-    if lm_a.tokenizer is None or lm_b.tokenizer is None:
-        raise SubspaceError("both models need a tokenizer (token strings define the groups)")
-    hp_a = lm_a.parse(settings.hookpoint_a)[0].name
-    hp_b = lm_b.parse(settings.hookpoint_b or settings.hookpoint_a)[0].name
     caches = (settings.cache_a, settings.cache_b)
+    (side_a, side_b), _ = sides.open_pair(
+        run,
+        settings.model_a or "tiny",
+        settings.model_b or "tiny",
+        seed=settings.seed,
+        hookpoints=([settings.hookpoint_a], [settings.hookpoint_b or settings.hookpoint_a]),
+        sources=("cache", "cache") if any(caches) else ("live", "live"),
+        tokenizer_for="the groups",
+        tiny_train_steps=settings.lm_train_steps,
+    )
+    lm_a, lm_b = side_a.model, side_b.model
+    hp_a, hp_b = side_a.hookpoint, side_b.hookpoint
     if any(caches):
         contexts, acts_a, acts_b = _read_caches(caches, hp_a, hp_b, lm_a)
         text.check_same_tokenizer(lm_a.tokenizer, lm_b.tokenizer)
