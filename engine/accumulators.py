@@ -16,7 +16,7 @@ then of the order of the spread, so float32 agrees with a float64 reference to ~
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import flax.struct
@@ -228,20 +228,33 @@ def _chunk_moments(x, y, w, shift_x, shift_y):
     return n, mx, my, sxx, syy, sxy
 
 
-def _chan_merge(na, ma_x, ma_y, sa, nb, mb_x, mb_y, sb):
-    """Chan et al. merge of (count, means, centred sums) given on the same shift."""
-    n = na + nb
+def _chan_merge(
+    a: MomentsState,
+    shift_x: jax.Array,
+    shift_y: jax.Array,
+    nb: jax.Array,
+    mb_x: jax.Array,
+    mb_y: jax.Array,
+    sb: Sequence[jax.Array],
+) -> MomentsState:
+    """Chan et al. merge of ``a`` with a part's (count, means, centred sums); the means of
+    both are relative to (``shift_x``, ``shift_y``), which the merged state keeps."""
+    n = a.count + nb
     safe_n = jnp.where(n > 0, n, 1.0)
-    dx = mb_x - ma_x
-    dy = mb_y - ma_y
+    dx = mb_x - a.mean_x
+    dy = mb_y - a.mean_y
     frac = nb / safe_n
-    coef = na * nb / safe_n
-    mx = ma_x + dx * frac
-    my = ma_y + dy * frac
-    sxx = sa[0] + sb[0] + coef * jnp.outer(dx, dx)
-    syy = sa[1] + sb[1] + coef * jnp.outer(dy, dy)
-    sxy = sa[2] + sb[2] + coef * jnp.outer(dx, dy)
-    return n, mx, my, (sxx, syy, sxy)
+    coef = a.count * nb / safe_n
+    return MomentsState(
+        count=n,
+        shift_x=shift_x,
+        shift_y=shift_y,
+        mean_x=a.mean_x + dx * frac,
+        mean_y=a.mean_y + dy * frac,
+        sxx=a.sxx + sb[0] + coef * jnp.outer(dx, dx),
+        syy=a.syy + sb[1] + coef * jnp.outer(dy, dy),
+        sxy=a.sxy + sb[2] + coef * jnp.outer(dx, dy),
+    )
 
 
 class CrossMoments:
@@ -300,26 +313,8 @@ class CrossMoments:
             first, jnp.einsum("r,rd->d", w, y, precision=HIGHEST) / n0, state.shift_y
         )
         nb, mbx, mby, *sb = _chunk_moments(x, y, w, shift_x, shift_y)
-        n, mx, my, (sxx, syy, sxy) = _chan_merge(
-            state.count,
-            state.mean_x,
-            state.mean_y,
-            (state.sxx, state.syy, state.sxy),
-            nb,
-            mbx,
-            mby,
-            sb,
-        )
-        return MomentsState(
-            count=n,
-            shift_x=shift_x,
-            shift_y=shift_y,
-            mean_x=mx,
-            mean_y=my,
-            sxx=sxx,
-            syy=syy,
-            sxy=sxy,
-        )
+        # When ``first``, the state is empty and its means carry no weight in the merge.
+        return _chan_merge(state, shift_x, shift_y, nb, mbx, mby, sb)
 
     def merge(self, a: MomentsState, b: MomentsState) -> MomentsState:
         # Express b relative to a's shift (or take b's shift when a is empty).
@@ -328,26 +323,8 @@ class CrossMoments:
         shift_y = jnp.where(a_empty, b.shift_y, a.shift_y)
         mbx = b.mean_x + (b.shift_x - shift_x)
         mby = b.mean_y + (b.shift_y - shift_y)
-        n, mx, my, (sxx, syy, sxy) = _chan_merge(
-            a.count,
-            a.mean_x,
-            a.mean_y,
-            (a.sxx, a.syy, a.sxy),
-            b.count,
-            mbx,
-            mby,
-            (b.sxx, b.syy, b.sxy),
-        )
-        return MomentsState(
-            count=n,
-            shift_x=shift_x,
-            shift_y=shift_y,
-            mean_x=mx,
-            mean_y=my,
-            sxx=sxx,
-            syy=syy,
-            sxy=sxy,
-        )
+        sb = (b.sxx, b.syy, b.sxy)
+        return _chan_merge(a, shift_x, shift_y, b.count, mbx, mby, sb)
 
     def merge_across(self, state: MomentsState, axis_name: str) -> MomentsState:
         """Exact k-way merge by collectives: centre every part on the pooled mean."""

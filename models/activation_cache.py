@@ -462,10 +462,10 @@ def _prepare_cache(cache_dir: str, settings: dict, hps, tok, names: list[str]) -
 
 def harvest_models(
     models: Sequence[lm_lib.LanguageModel],
-    contexts,
-    hookpoints,
+    contexts: text.Contexts | np.ndarray,
+    hookpoints: str | Sequence[str] | Sequence[Sequence[str]],
     cache_dirs: Sequence[str],
-    **kwargs,
+    **kwargs: Any,
 ) -> list[ActivationCache]:
     """Harvests several models over the SAME contexts, after checking their tokenizers agree.
 
@@ -696,7 +696,7 @@ class ActivationCache:
         shuffle_seed: int | None = None,
         shuffle_buffer: int = 1 << 16,
         shuffle_block: int = 1024,
-    ):
+    ) -> CacheSource | src_lib.ShuffledSource:
         """An activation source over this cache (rows = tokens).
 
         Args:
@@ -917,7 +917,7 @@ def paired_source(
     shuffle_buffer: int = 1 << 16,
     shuffle_block: int = 1024,
     names: tuple[str, str] = ("a", "b"),
-):
+) -> src_lib.ZipSource | src_lib.ShuffledSource:
     """``(token_ids, acts_a, acts_b)`` rows of two caches over the same tokens (two models).
 
     Refuses (one-line `InputError` / `text.TokenizerMismatchError`) caches whose tokenizers,

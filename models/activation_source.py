@@ -571,8 +571,13 @@ class WindowShuffledSource:
 
 
 def shuffled(
-    source, seed: int, *, buffer_rows: int = 1 << 16, block_rows: int = 1024, repeat: bool = False
-):
+    source: ActivationSource,
+    seed: int,
+    *,
+    buffer_rows: int = 1 << 16,
+    block_rows: int = 1024,
+    repeat: bool = False,
+) -> ShuffledSource | WindowShuffledSource:
     """The bounded-buffer shuffle that fits ``source``: `ShuffledSource` (block permutation
     across the whole epoch) for random-access `RowSource`s, `WindowShuffledSource` (windows of
     consecutive rows) for sequential ones such as `LMSource`."""

@@ -68,12 +68,16 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine import checks
 from models import activation_source as src_lib
 from models import text as text_lib
+
+if TYPE_CHECKING:
+    from models.activation_cache import ActivationCache
 
 FORMAT = "sae-universality-alignment"
 VERSION = 1
@@ -100,7 +104,9 @@ class DocTokens:
         return int(self.ids.shape[0])
 
 
-def token_spans(tokenizer, text: str, *, use_offsets: bool | None = None) -> DocTokens:
+def token_spans(
+    tokenizer: text_lib.Tokenizer, text: str, *, use_offsets: bool | None = None
+) -> DocTokens:
     """Token ids of ``text`` (without special tokens) and each token's character span.
 
     Fast tokenizers' offset mappings are used when present (``use_offsets`` None or True);
@@ -126,7 +132,9 @@ def token_spans(tokenizer, text: str, *, use_offsets: bool | None = None) -> Doc
     return DocTokens(ids, starts, ends)
 
 
-def decode_spans(tokenizer, text: str, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def decode_spans(
+    tokenizer: text_lib.Tokenizer, text: str, ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Character spans by incremental decoding (the fallback for tokenizers without offsets).
 
     Token ``i`` ends where the decoded text up to it ends in ``text``. Decoding restarts from an
@@ -386,7 +394,7 @@ class CorpusTokens:
 
 def corpus_tokens(
     documents: Sequence[str],
-    tokenizer,
+    tokenizer: text_lib.Tokenizer,
     contexts: text_lib.Contexts,
     *,
     special_tokens: str = "auto",
@@ -565,7 +573,7 @@ def align_corpus(
     *,
     unit: str,
     pooling: str = "last",
-    text_info=None,
+    text_info: object = None,
 ) -> Alignment:
     """Aligns two tokenizations of ``documents`` laid out in their contexts (module docstring).
 
@@ -664,7 +672,7 @@ def align_corpus(
     )
 
 
-def default_unit(tokenizer_a, tokenizer_b) -> str:
+def default_unit(tokenizer_a: text_lib.Tokenizer, tokenizer_b: text_lib.Tokenizer) -> str:
     """``tokens`` when the two tokenizers are identical, else ``shared_boundaries``."""
     try:
         text_lib.check_same_tokenizer(tokenizer_a, tokenizer_b, max_texts=8)
@@ -720,7 +728,7 @@ def grid_gather(acts: np.ndarray, mask: np.ndarray) -> Callable[[np.ndarray], np
     return gather
 
 
-def cache_gather(cache, hookpoint: str) -> Callable[[np.ndarray], np.ndarray]:
+def cache_gather(cache: ActivationCache, hookpoint: str) -> Callable[[np.ndarray], np.ndarray]:
     """``gather(grid_positions)`` reading one hookpoint of an `ActivationCache` (memmaps)."""
     from models import activation_cache as ac
 

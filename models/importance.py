@@ -51,7 +51,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +60,12 @@ from engine import checks
 from models import lm as lm_lib
 from models import sae as sae_lib
 from models import splice
+
+if TYPE_CHECKING:
+    import torch
+    from jax.sharding import Mesh
+
+    from models import text
 
 _FINAL_NORM_NAMES = ("final_layer_norm", "ln_f", "norm", "final_layernorm", "final_norm")
 
@@ -84,7 +91,7 @@ class FinalNorm:
     weight: np.ndarray
     eps: float
 
-    def denominator(self, h):
+    def denominator(self, h: torch.Tensor) -> torch.Tensor:
         """Per-position ``sigma`` of inputs ``h [..., d]`` (torch)."""
         h = h.double()
         if self.centred:
@@ -342,7 +349,7 @@ class FeatureImportance:
             return cls(**kw)
 
 
-def token_classes(contexts, lm: lm_lib.LanguageModel, n: int) -> np.ndarray:
+def token_classes(contexts: text.Contexts, lm: lm_lib.LanguageModel, n: int) -> np.ndarray:
     """The ``n`` most frequent real, non-special token ids of the corpus (ties: lower id)."""
     ids = np.asarray(contexts.token_ids)[np.asarray(contexts.mask, bool)]
     ids = ids[~lm.special_mask(ids)]
@@ -358,8 +365,8 @@ def attribution_batch(
     tsae: splice.TorchSAE,
     hookpoint: str,
     batch: splice.Batch,
-    norm_hook=None,
-):
+    norm_hook: Callable[..., Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(f, attr, log_probs)`` for one batch: activations and attributions ``[b, s, d_sae]``
     (zero off the spliced positions) and the counted positions' log-probs (clean forward)."""
     import torch
@@ -428,11 +435,11 @@ def feature_importance(
     lm: lm_lib.LanguageModel,
     sae: sae_lib.SAE,
     hookpoint: str,
-    contexts,
+    contexts: text.Contexts,
     cfg: ImportanceConfig = ImportanceConfig(),
     *,
     checkpoint_dir: str | None = None,
-    mesh=None,
+    mesh: Mesh | None = None,
     progress: bool = False,
 ) -> FeatureImportance:
     """Attribution sums (overall and per predicted-token class), the final-norm scale and the

@@ -82,7 +82,8 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import flax.struct
 import jax
@@ -95,6 +96,9 @@ from engine import mesh as mesh_lib
 from engine import train as train_lib
 from models import sae as sae_lib
 from models import sae_io_native, sae_train
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 DESIGNS = ("universal", "crosscoder", "aligned")
 JOINT_ACTIVATIONS = ("topk", "batchtopk", "relu")
@@ -681,7 +685,9 @@ def _project_and_normalise(cfg: JointConfig):
     return grad_transform, post_update
 
 
-def calibrate_threshold(params: dict, cfg: JointConfig, xns_batches) -> np.ndarray:
+def calibrate_threshold(
+    params: dict, cfg: JointConfig, xns_batches: Iterable[Sequence[jax.Array]]
+) -> np.ndarray:
     """BatchTopK's inference threshold: the mean over batches of the smallest selected
     score (dictionary_learning's rule, computed after training). ``[1]`` float32."""
     mins = []
@@ -947,13 +953,14 @@ def train_joint_sweep(
     *,
     steps: int,
     batch_size: int,
-    mesh=None,
+    mesh: Mesh | None = None,
     workdir: str | None = None,
     data_seed: int = 0,
     model_names: Sequence[str] | None = None,
     log_every: int = 100,
     checkpoint_every: int = 500,
     progress: bool = False,
+    _single_dir: bool = False,
 ) -> list[JointSAE]:
     """Trains one joint model per config, batched: configs that differ only in `TUNABLE`
     fields (seeds, coefficients, lr) run as ONE program whose step maps over the stacked
@@ -966,6 +973,8 @@ def train_joint_sweep(
     (metrics.jsonl, orbax checkpoints; a rerun resumes exactly) and member ``i`` is saved
     natively under ``workdir/<label>/joint`` (`save_joint`; labels made unique as
     `models.sae_train.unique_labels`). Returns the models aligned with ``configs``.
+    ``_single_dir`` is `train_joint`'s layout: one program checkpointed under ``workdir``
+    itself and its one member saved under ``workdir/joint``.
     """
     if (
         isinstance(configs, JointConfig)
@@ -981,13 +990,10 @@ def train_joint_sweep(
     result: list[JointSAE | None] = [None] * len(configs)
     groups = group_joint_configs(configs)
     labels = sae_train.unique_labels(configs)
+    root = None if workdir is None else os.path.abspath(workdir)
     for g, members in enumerate(groups):
         group = [configs[i] for i in members]
-        gdir = (
-            None
-            if workdir is None
-            else os.path.join(os.path.abspath(workdir), group_dir_name(g, group))
-        )
+        gdir = root if root is None or _single_dir else os.path.join(root, group_dir_name(g, group))
         trained = _train_group(
             xs,
             group,
@@ -1005,8 +1011,8 @@ def train_joint_sweep(
         )
         for i, joint in zip(members, trained):
             result[i] = joint
-            if workdir is not None:
-                save_joint(os.path.join(os.path.abspath(workdir), labels[i], "joint"), joint)
+            if root is not None:
+                save_joint(os.path.join(root, "" if _single_dir else labels[i], "joint"), joint)
     return result  # type: ignore[return-value]
 
 
@@ -1016,7 +1022,7 @@ def train_joint(
     *,
     steps: int,
     batch_size: int,
-    mesh=None,
+    mesh: Mesh | None = None,
     workdir: str | None = None,
     data_seed: int = 0,
     model_names: Sequence[str] | None = None,
@@ -1035,28 +1041,20 @@ def train_joint(
         raise checks.InputError(
             f"train_joint cfg: expected a JointConfig, got {type(cfg).__name__}"
         )
-    xs, mesh, names, scales, b_decs = _prepare(
-        xs, [cfg], steps, batch_size, mesh, model_names, data_seed
-    )
-    gdir = None if workdir is None else os.path.abspath(workdir)
-    joint = _train_group(
+    return train_joint_sweep(
         xs,
         [cfg],
-        scales=scales,
-        b_decs=b_decs,
-        names=names,
         steps=steps,
         batch_size=batch_size,
         mesh=mesh,
-        gdir=gdir,
+        workdir=workdir,
         data_seed=data_seed,
+        model_names=model_names,
         log_every=log_every,
         checkpoint_every=checkpoint_every,
         progress=progress,
+        _single_dir=True,
     )[0]
-    if gdir is not None:
-        save_joint(os.path.join(gdir, "joint"), joint)
-    return joint
 
 
 # -- native format -------------------------------------------------------------------------------

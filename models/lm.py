@@ -45,11 +45,17 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from engine import checks
+
+if TYPE_CHECKING:
+    import torch
+
+    from models import text as text_lib
 
 KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # in execution order within a block
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -175,7 +181,7 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def find_blocks(model, n_layers: int):
+def find_blocks(model: torch.nn.Module, n_layers: int) -> tuple[str, torch.nn.ModuleList]:
     """The `torch.nn.ModuleList` of the model's ``n_layers`` blocks (first one in module order).
 
     Generic over architectures: ``transformer.h`` (GPT-2), ``gpt_neox.layers``, ``layers``
@@ -201,7 +207,7 @@ def _child(module, names: Sequence[str]):
     return None, None
 
 
-def sublayer_module(block, kind: str):
+def sublayer_module(block: torch.nn.Module, kind: str) -> tuple[str, torch.nn.Module]:
     """The module whose output is the attention / MLP contribution (module docstring)."""
     # Post-norm BERT family: attention.output = LayerNorm(dense(x) + input); take dense.
     bert_like = (
@@ -233,7 +239,7 @@ def _first_tensor(out):
 
 
 @contextlib.contextmanager
-def quiet_transformers():
+def quiet_transformers() -> Iterator[None]:
     """Silences transformers' load reports and progress bars for a moment (then restores).
 
     Loading a base model from a checkpoint with a head reports the head's weights as
@@ -288,7 +294,7 @@ def _torch_dtype(name: str):
     return table[name]
 
 
-def torch_to_numpy(t, dtype: str = "float32") -> np.ndarray:
+def torch_to_numpy(t: torch.Tensor, dtype: str = "float32") -> np.ndarray:
     """A torch tensor as a numpy array of ``dtype`` (bfloat16 -> `ml_dtypes.bfloat16`)."""
     import torch
 
@@ -495,10 +501,10 @@ class LanguageModel:
 
     def forward_batch(
         self,
-        token_ids,
-        hookpoints,
+        token_ids: ArrayLike,
+        hookpoints: str | Sequence[str],
         *,
-        attention_mask=None,
+        attention_mask: ArrayLike | None = None,
         out_dtype: str = "float32",
         stop_early: bool = True,
     ) -> LMActivations:
@@ -561,7 +567,12 @@ class LanguageModel:
         )
 
     def iter_activations(
-        self, contexts, hookpoints, *, batch_size: int = 8, out_dtype: str = "float32"
+        self,
+        contexts: text_lib.Contexts | ArrayLike,
+        hookpoints: str | Sequence[str],
+        *,
+        batch_size: int = 8,
+        out_dtype: str = "float32",
     ) -> Iterator[LMActivations]:
         """Batches over contexts (`models.text.Contexts` or an ``[n, seq]`` id array)."""
         from models import text
@@ -579,7 +590,12 @@ class LanguageModel:
             )
 
     def run(
-        self, contexts, hookpoints, *, batch_size: int = 8, out_dtype: str = "float32"
+        self,
+        contexts: text_lib.Contexts | ArrayLike,
+        hookpoints: str | Sequence[str],
+        *,
+        batch_size: int = 8,
+        out_dtype: str = "float32",
     ) -> LMActivations:
         """All activations of ``contexts`` in memory (small inputs; use a cache for large)."""
         parts = list(

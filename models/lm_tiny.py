@@ -15,11 +15,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine import checks
 from models import lm as lm_lib
+from models.text import Tokenizer
+
+if TYPE_CHECKING:
+    import transformers
 
 ARCHS = ("gpt_neox", "gpt2", "llama", "bert", "gemma2")
 
@@ -36,7 +41,7 @@ def tiny_config(
     bos_token_id: int = 2,
     eos_token_id: int = 3,
     pad_token_id: int = 0,
-):
+) -> transformers.PretrainedConfig:
     """A transformers config of ``arch`` (one of `ARCHS`) at toy size."""
     from transformers import BertConfig, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig
 
@@ -101,7 +106,9 @@ def tiny_config(
     raise checks.InputError(f"arch: expected one of {ARCHS}, got {arch!r}")
 
 
-def build_tiny_model(arch: str, tokenizer, seed: int, **config_kw):
+def build_tiny_model(
+    arch: str, tokenizer: Tokenizer, seed: int, **config_kw: Any
+) -> transformers.PreTrainedModel:
     """A randomly initialised model with an LM head (causal; masked LM for BERT)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
@@ -113,7 +120,7 @@ def build_tiny_model(arch: str, tokenizer, seed: int, **config_kw):
 
 
 def train_tiny_model(
-    model,
+    model: transformers.PreTrainedModel,
     token_ids: np.ndarray,
     *,
     steps: int,
@@ -152,7 +159,9 @@ def train_tiny_model(
     return losses
 
 
-def save_tiny_tokenizer(out_dir: str, vocab_size: int = 1000, special_tokens: str = "bos"):
+def save_tiny_tokenizer(
+    out_dir: str, vocab_size: int = 1000, special_tokens: str = "bos"
+) -> Tokenizer:
     """Builds the word-level tokenizer on the shipped sample and saves it; returns it."""
     from models import text
 
@@ -177,11 +186,11 @@ def make_tiny_model_pair(
     out_dir: str,
     *,
     arch: str = "gpt_neox",
-    seeds=(0, 1),
+    seeds: tuple[int, int] = (0, 1),
     vocab_size: int = 1000,
     train_steps: int = 0,
     context_length: int = 32,
-    **config_kw,
+    **config_kw: Any,
 ) -> TinyPair:
     """Two tiny models of one architecture and tokenizer, different seeds, saved locally.
 

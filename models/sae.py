@@ -38,6 +38,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from engine import checks
 
@@ -89,7 +90,7 @@ class SAEConfig:
     def meta(self) -> dict:
         return dict(self.metadata)
 
-    def with_metadata(self, **kw) -> SAEConfig:
+    def with_metadata(self, **kw: Any) -> SAEConfig:
         merged = dict(self.metadata)
         merged.update(kw)
         return dataclasses.replace(
@@ -223,7 +224,7 @@ class SAE:
             checks.check_finite(f"{name}.{field}", value)
         return self
 
-    def check_input(self, x, name: str = "activations") -> None:
+    def check_input(self, x: ArrayLike, name: str = "activations") -> None:
         """One-line error when activations do not fit this SAE (width, NaN)."""
         shape = np.shape(x)
         if not shape or shape[-1] != self.config.d_in:
@@ -274,12 +275,12 @@ def scatter_rows(values: jax.Array, indices: jax.Array, width: int) -> jax.Array
 
 def from_arrays(
     config: SAEConfig,
-    W_enc,
-    b_enc,
-    W_dec,
-    b_dec,
-    threshold=None,
-    dtype=jnp.float32,
+    W_enc: ArrayLike,
+    b_enc: ArrayLike,
+    W_dec: ArrayLike,
+    b_dec: ArrayLike,
+    threshold: ArrayLike | None = None,
+    dtype: DTypeLike = jnp.float32,
     name: str = "SAE",
 ) -> SAE:
     """Builds and validates an SAE from host arrays (the loaders' single entry point)."""
@@ -298,7 +299,7 @@ def init(
     key: jax.Array,
     config: SAEConfig,
     data_sample: Any = None,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     b_dec_init: str = "mean",
 ) -> SAE:
     """A fresh SAE: unit-norm random decoder rows, ``W_enc = W_dec^T``, ``b_dec`` = mean
@@ -473,7 +474,7 @@ def prefer_sparse(d_sae: int, k: int) -> bool:
 # -- initialisation helpers -------------------------------------------------------------------
 
 
-def geometric_median(points, max_iter: int = 200, tol: float = 1e-7) -> np.ndarray:
+def geometric_median(points: ArrayLike, max_iter: int = 200, tol: float = 1e-7) -> np.ndarray:
     """Geometric median of rows (Weiszfeld's algorithm, float64), the b_dec init of
     Gao et al. 2024 / openai/sparse_autoencoder.
 
@@ -498,7 +499,7 @@ def geometric_median(points, max_iter: int = 200, tol: float = 1e-7) -> np.ndarr
     return guess
 
 
-def expected_norm_scale(sample) -> float:
+def expected_norm_scale(sample: ArrayLike) -> float:
     """``sqrt(d_in) / mean ||x||``: the input scale that makes the mean row norm sqrt(d_in)
     (SAELens ``normalize_activations="expected_average_only_in"``). Undo by dividing."""
     x = checks.as_float_matrix("input-normalisation sample", sample).astype(np.float64)
@@ -516,7 +517,7 @@ def _fired_counts(sae: SAE, x: jax.Array) -> jax.Array:
     return jnp.sum(sae.encode(x) > 0, axis=0)
 
 
-def feature_density(sae: SAE, acts, batch_size: int = 4096) -> np.ndarray:
+def feature_density(sae: SAE, acts: ArrayLike, batch_size: int = 4096) -> np.ndarray:
     """Fraction of rows on which each feature fires (``[d_sae]``, float64), over ``acts``."""
     x = checks.as_float_matrix("feature_density acts", acts)
     sae.check_input(x, "feature_density acts")

@@ -44,7 +44,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,11 @@ from engine import checks, metrics_io, streaming
 from engine import mesh as mesh_lib
 from engine import train as train_lib
 from models import sae as sae_lib
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from models.activation_source import ActivationSource
 
 TUNABLE = ("seed", "k", "l1_coeff", "l0_coeff", "aux_coeff", "lr")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -480,7 +485,7 @@ class SweepProgram:
 
     def loss_one(
         self, p: dict, stats: dict, hyper: dict, x: jax.Array, step: jax.Array, any_dead: jax.Array
-    ):
+    ) -> tuple[jax.Array, tuple[dict, dict]]:
         """One SAE's loss on the normalised batch ``x`` and its metrics / statistics."""
         base = self.base
         xc = x - p["b_dec"]
@@ -545,7 +550,7 @@ class SweepProgram:
         return lr_schedule(self.base, self.num_steps)(step)
 
     def step(
-        self, state: train_lib.TrainState, batch, hyper: dict | None = None
+        self, state: train_lib.TrainState, batch: jax.Array, hyper: dict | None = None
     ) -> tuple[train_lib.TrainState, dict]:
         """One optimisation step of every SAE of the group on one shared batch (un-jitted).
 
@@ -624,7 +629,7 @@ class SweepProgram:
             self.mesh,
         )
 
-    def step_fn(self):
+    def step_fn(self) -> Callable[[train_lib.TrainState, jax.Array], Any]:
         """The jitted ``step(state, batch)`` for `engine.train.train` (state donated).
 
         Compiled steps are cached by `_spec` and batch structure, so separate programs of
@@ -767,7 +772,9 @@ def _as_configs(configs) -> list[TrainConfig]:
     return configs
 
 
-def with_seeds(configs, seeds: Sequence[int]) -> list[TrainConfig]:
+def with_seeds(
+    configs: TrainConfig | Sequence[TrainConfig], seeds: Sequence[int]
+) -> list[TrainConfig]:
     """Every config once per seed (seed varies fastest)."""
     return [dataclasses.replace(c, seed=int(s)) for c in _as_configs(configs) for s in seeds]
 
@@ -783,12 +790,12 @@ def _check_acts(acts) -> np.ndarray:
     return arr
 
 
-def is_source(acts) -> bool:
+def is_source(acts: object) -> bool:
     """True for an activation source (`models.activation_source`: has ``open_at``)."""
     return hasattr(acts, "open_at") and not isinstance(acts, np.ndarray)
 
 
-def rows_per_epoch(acts) -> int | None:
+def rows_per_epoch(acts: object) -> int | None:
     """Rows of one epoch of ``acts`` (array or source), None for a ``batch_fn``."""
     if is_source(acts):
         n = getattr(acts, "num_rows", None)
@@ -806,7 +813,7 @@ def steps_for_epochs(epochs: float, num_rows: int, batch_size: int) -> int:
 
 
 def source_stream(
-    source,
+    source: ActivationSource,
     batch_size: int,
     *,
     column: int = 1,
@@ -860,12 +867,12 @@ def source_stream(
 
 
 def train_saes(
-    acts: np.ndarray | Callable[[int], Any],
-    configs,
+    acts: np.ndarray | ActivationSource | Callable[[int], Any],
+    configs: TrainConfig | Sequence[TrainConfig],
     *,
     steps: int | None = None,
     batch_size: int,
-    mesh=None,
+    mesh: Mesh | None = None,
     workdir: str | None = None,
     data_seed: int = 0,
     init_sample: np.ndarray | None = None,

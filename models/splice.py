@@ -65,15 +65,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from engine import checks
 from engine import fingerprint as fp_lib
 from models import lm as lm_lib
 from models import sae as sae_lib
+
+if TYPE_CHECKING:
+    import torch
+    from jax.sharding import Mesh
+
+    from engine import streaming
+    from engine.accumulators import Accumulator
+    from models import text
 
 POOR_CE_RECOVERED = 0.5  # below this an SAE is a poor stand-in for the model (see `warning`)
 ILL_CONDITIONED_GAP = 0.05  # nats: CE_zero - CE_clean below this makes CE recovered noise/noise
@@ -131,7 +140,11 @@ def load_with_head(
 
 
 def wrap(
-    model, tokenizer, *, name: str | None = None, device: str | None = None
+    model: torch.nn.Module,
+    tokenizer: text.Tokenizer,
+    *,
+    name: str | None = None,
+    device: str | None = None,
 ) -> lm_lib.LanguageModel:
     """A `LanguageModel` around a model with an LM head (checks that it has one)."""
     if getattr(model, "get_output_embeddings", lambda: None)() is None:
@@ -183,7 +196,7 @@ def with_random_head(base: lm_lib.LanguageModel, seed: int) -> lm_lib.LanguageMo
     )
 
 
-def sae_dtype(lm: lm_lib.LanguageModel):
+def sae_dtype(lm: lm_lib.LanguageModel) -> torch.dtype:
     """The SAE's compute dtype: the model's, but float32 for half-precision models (the
     reconstruction is cast back to the model's dtype where it is substituted)."""
     import torch
@@ -220,7 +233,7 @@ class TorchSAE:
         self.threshold = t(p["threshold"])
         self.scale = float(sae.config.input_scale)
 
-    def encode(self, x):
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
         cfg = self.config
@@ -236,10 +249,10 @@ class TorchSAE:
             return torch.zeros_like(acts).scatter(-1, idx, vals)
         return torch.where((pre > self.threshold) & (pre > 0), pre, torch.zeros_like(pre))
 
-    def decode(self, f):
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
         return (f @ self.W_dec + self.b_dec) / self.scale
 
-    def feature_direction(self, j: int):
+    def feature_direction(self, j: int) -> torch.Tensor:
         """What one unit of feature ``j`` adds to the reconstruction (input space)."""
         return self.W_dec[j] / self.scale
 
@@ -253,7 +266,7 @@ class TorchSAE:
 
 
 @contextlib.contextmanager
-def patched(lm: lm_lib.LanguageModel, hookpoint: str, fn: Callable):
+def patched(lm: lm_lib.LanguageModel, hookpoint: str, fn: Callable) -> Iterator[str]:
     """Within the block, the activation ``x`` at ``hookpoint`` is replaced by ``fn(x)``.
 
     ``resid_pre.L`` patches the input of block L (a forward pre-hook); ``resid_post.L`` the
@@ -390,7 +403,7 @@ def prepare_batch(
     return Batch(inputs, mask, splice, pick, np.where(pick, ids, 0))
 
 
-def as_contexts(contexts):
+def as_contexts(contexts: text.Contexts | np.ndarray) -> text.Contexts:
     from models import text
 
     return contexts if isinstance(contexts, text.Contexts) else text.Contexts.from_array(contexts)
@@ -401,7 +414,7 @@ def as_contexts(contexts):
 # --------------------------------------------------------------------------------------------
 
 
-def fingerprint(*parts) -> str:
+def fingerprint(*parts: object) -> str:
     return fp_lib.digest(*parts, size=8)
 
 
@@ -409,7 +422,7 @@ def sae_fingerprint(sae: sae_lib.SAE) -> str:
     return sae.fingerprint()
 
 
-def default_mesh():
+def default_mesh() -> Mesh:
     """One device: the torch forward is the cost here, the sums are cheap."""
     import jax
 
@@ -418,12 +431,14 @@ def default_mesh():
     return mesh_lib.make_mesh(devices=jax.devices()[:1])
 
 
-def host_dtype(acc) -> Any:
+def host_dtype(acc: Accumulator) -> Any:
     """numpy dtype of the rows handed to ``acc`` (its accumulation dtype: no silent cast)."""
     return np.dtype(np.float64) if np.dtype(acc.dtype) == np.float64 else np.dtype(np.float32)
 
 
-def token_stream(contexts, batch_size: int, rows_fn: Callable, mesh, *, name: str):
+def token_stream(
+    contexts: text.Contexts, batch_size: int, rows_fn: Callable, mesh: Mesh, *, name: str
+) -> streaming.ChunkStream:
     """A `engine.streaming.ChunkStream` whose rows are the corpus's token positions.
 
     Row ``r`` is token ``r % seq`` of context ``r // seq`` (every context gives ``seq`` rows,
@@ -453,12 +468,12 @@ def token_stream(contexts, batch_size: int, rows_fn: Callable, mesh, *, name: st
 
 
 def streamed(
-    acc,
-    contexts,
+    acc: Accumulator,
+    contexts: text.Contexts,
     batch_size: int,
     rows_fn: Callable,
     *,
-    mesh=None,
+    mesh: Mesh | None = None,
     checkpoint_dir: str | None,
     save_every: int,
     key: str,
@@ -512,7 +527,7 @@ def streamed(
 
 
 def scatter_rows(
-    mask: np.ndarray, values, width: int | None = None, dtype=np.float64
+    mask: np.ndarray, values: ArrayLike, width: int | None = None, dtype: DTypeLike = np.float64
 ) -> np.ndarray:
     """``[mask.size(, width)]`` rows: ``values`` (given in ``mask``'s True order) at the True
     positions of the flattened ``mask``, zeros elsewhere."""
@@ -543,7 +558,7 @@ def _tensors(lm, batch: Batch):
 
 def log_probs(
     lm: lm_lib.LanguageModel, batch: Batch, hookpoint: str | None = None, fn: Callable | None = None
-):
+) -> torch.Tensor:
     """Log-softmax of the logits at the counted positions ``[n, vocab]`` (float64 when the
     model is float64, else float32), with ``fn`` patched in at ``hookpoint`` (or clean)."""
     import torch
@@ -558,7 +573,9 @@ def log_probs(
     return torch.log_softmax(logits, dim=-1)
 
 
-def spliced_fn(splice_mask, replacement: Callable):
+def spliced_fn(
+    splice_mask: torch.Tensor, replacement: Callable
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``fn(x)``: ``replacement(x)`` at the spliced positions, ``x`` elsewhere."""
     import torch
 
@@ -571,10 +588,10 @@ def spliced_fn(splice_mask, replacement: Callable):
 def hookpoint_mean(
     lm: lm_lib.LanguageModel,
     hookpoint: str,
-    contexts,
+    contexts: text.Contexts,
     cfg: SpliceConfig = SpliceConfig(),
     *,
-    mesh=None,
+    mesh: Mesh | None = None,
     checkpoint_dir: str | None = None,
     progress: bool = False,
 ) -> np.ndarray:
@@ -742,12 +759,12 @@ def splice_metrics(
     lm: lm_lib.LanguageModel,
     sae: sae_lib.SAE,
     hookpoint: str,
-    contexts,
+    contexts: text.Contexts,
     cfg: SpliceConfig = SpliceConfig(),
     *,
     checkpoint_dir: str | None = None,
     mean: np.ndarray | None = None,
-    mesh=None,
+    mesh: Mesh | None = None,
     progress: bool = False,
 ) -> SpliceMetrics:
     """CE clean / SAE / zero / mean ablation, KLs and FVU, streamed over ``contexts``.

@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
 from engine import checks
 
@@ -143,7 +144,7 @@ def dictionary_data(
     return codes @ dictionary.atoms, codes
 
 
-def mmcs(true_atoms, learned_atoms) -> float:
+def mmcs(true_atoms: ArrayLike, learned_atoms: ArrayLike) -> float:
     """Mean max cosine similarity (Sharkey et al. 2022).
 
     Mean over ground-truth atoms of the max cosine to any learned atom. Both ``[*, d]``.

@@ -39,15 +39,19 @@ import json
 import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from engine import checks
 
 SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "kjv_sample.txt")
 TXT_SPLITS = ("file", "paragraph", "line")
 SPECIAL_MODES = ("auto", "bos", "none")
+# A transformers tokenizer (`PreTrainedTokenizerBase`, or one built by `build_word_tokenizer`);
+# models/ imports transformers only where it is used, so the alias stays Any for the checker.
+Tokenizer: TypeAlias = Any
 
 
 class TokenizerMismatchError(checks.InputError):
@@ -264,7 +268,7 @@ def interleave_documents(
 
 
 def read_mixture(
-    sources: Sequence[str | Sequence[str]], weights: Sequence[float] | None, **kwargs
+    sources: Sequence[str | Sequence[str]], weights: Sequence[float] | None, **kwargs: Any
 ) -> Iterator[str]:
     """`read_documents` of each corpus (a path or a list of paths), interleaved by
     ``weights`` (`interleave_documents`); one corpus or no weights: read in sequence."""
@@ -287,7 +291,7 @@ def sample_documents(max_documents: int | None = None) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def special_template(tokenizer, mode: str = "auto") -> tuple[list[int], list[int]]:
+def special_template(tokenizer: Tokenizer, mode: str = "auto") -> tuple[list[int], list[int]]:
     """The special-token ids a tokenizer puts before and after one text (prefix, suffix).
 
     transformers 5 fast tokenizers no longer expose ``build_inputs_with_special_tokens``, so
@@ -313,7 +317,7 @@ def special_template(tokenizer, mode: str = "auto") -> tuple[list[int], list[int
     )
 
 
-def special_token_ids(tokenizer) -> list[int]:
+def special_token_ids(tokenizer: Tokenizer) -> list[int]:
     """Ids of the structural special tokens (BOS/EOS/PAD/CLS/SEP/MASK...), sorted.
 
     UNK is left out unless it doubles as one of the others (GPT-2's ``<|endoftext|>``): an
@@ -338,7 +342,7 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted(ids | structural)
 
 
-def pad_id(tokenizer) -> int:
+def pad_id(tokenizer: Tokenizer) -> int:
     """The id used to pad contexts: pad, else EOS, else 0 (padding is masked anyway)."""
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
@@ -347,7 +351,7 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def tokenizer_fingerprint(tokenizer) -> dict:
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict:
     """A JSON-able description that identifies how a tokenizer maps text to ids.
 
     Includes a SHA-256 of the sorted vocabulary, the special-token ids and the auto template;
@@ -381,8 +385,8 @@ _PROBES = (
 
 
 def check_same_tokenizer(
-    tokenizer_a,
-    tokenizer_b,
+    tokenizer_a: Tokenizer,
+    tokenizer_b: Tokenizer,
     texts: Iterable[str] | None = None,
     *,
     names: tuple[str, str] = ("model A", "model B"),
@@ -475,7 +479,7 @@ class Contexts:
         return Contexts(self.token_ids[idx], self.mask[idx], self.doc_index[idx])
 
     @staticmethod
-    def from_array(token_ids) -> Contexts:
+    def from_array(token_ids: ArrayLike) -> Contexts:
         """Wraps an ``[n, t]`` id array (no padding, one document per row)."""
         ids = np.asarray(token_ids)
         checks.check_rank("token_ids", ids, 2)
@@ -496,7 +500,7 @@ class Contexts:
 
 def iter_contexts(
     documents: Iterable[str],
-    tokenizer,
+    tokenizer: Tokenizer,
     context_length: int,
     *,
     special_tokens: str = "auto",
@@ -610,7 +614,9 @@ def iter_contexts(
         yield flush()
 
 
-def make_contexts(documents: Iterable[str], tokenizer, context_length: int, **kwargs) -> Contexts:
+def make_contexts(
+    documents: Iterable[str], tokenizer: Tokenizer, context_length: int, **kwargs: Any
+) -> Contexts:
     """All contexts of `iter_contexts` in memory (see there for the arguments)."""
     blocks = list(iter_contexts(documents, tokenizer, context_length, **kwargs))
     if not blocks:
@@ -656,7 +662,7 @@ def build_word_tokenizer(
     *,
     special_tokens: str = "bos",
     lowercase: bool = True,
-):
+) -> Tokenizer:
     """A tiny word-level tokenizer trained locally (tests, demos, tiny model pairs; no network).
 
     Words and punctuation are tokens (``Whitespace`` pre-tokenizer), the ``vocab_size`` most

@@ -18,13 +18,19 @@ vocabulary sizes.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from engine import checks
+
+if TYPE_CHECKING:
+    import transformers
 
 KINDS = ("bpe", "wordpiece", "unigram", "word")
 
 
-def build_tokenizer(kind: str, vocab_size: int = 500, documents: Iterable[str] | None = None):
+def build_tokenizer(
+    kind: str, vocab_size: int = 500, documents: Iterable[str] | None = None
+) -> transformers.PreTrainedTokenizerFast:
     """A `transformers.PreTrainedTokenizerFast` of ``kind`` (one of `KINDS`) trained locally."""
     from tokenizers import (
         Tokenizer,
@@ -114,7 +120,7 @@ def make_tiny_model(
     vocab_size: int = 500,
     train_steps: int = 0,
     context_length: int = 32,
-    **config_kw,
+    **config_kw: Any,
 ) -> str:
     """A tiny model of ``arch`` on a ``kind`` tokenizer, saved to ``out_dir`` (returned).
 

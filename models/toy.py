@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from engine import checks
@@ -526,7 +526,7 @@ def train(
     instances: ToyInstances,
     *,
     steps: int,
-    mesh=None,
+    mesh: Mesh | None = None,
     workdir: str | None = None,
     log_every: int = 500,
     checkpoint_every: int | None = None,

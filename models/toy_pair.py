@@ -44,12 +44,15 @@ the widths agree).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine import checks, streaming
 from models import toy
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 NONE_TOKEN = "<none>"
 
@@ -193,7 +196,7 @@ def make_toy_pair(
     batch_size: int = 256,
     noise_std: float = 0.0,
     represented_norm: float = 0.5,
-    mesh=None,
+    mesh: Mesh | None = None,
     progress: bool = False,
 ) -> ToyPair:
     """Builds a toy model pair (shared ground truth) or its control (independent ground truth).
@@ -340,7 +343,7 @@ def make_toy_pair(
     )
 
 
-def pair_stream(pair: ToyPair, chunk_size: int, **kwargs) -> streaming.ChunkStream:
+def pair_stream(pair: ToyPair, chunk_size: int, **kwargs: Any) -> streaming.ChunkStream:
     """A `ChunkStream` of ``(token_ids, acts_a, acts_b)`` chunks (row-aligned, resumable).
 
     ``kwargs`` go to `ChunkStream` (``repeat``, ``shuffle_seed``, ``drop_remainder``...).
@@ -353,7 +356,7 @@ def pair_stream(pair: ToyPair, chunk_size: int, **kwargs) -> streaming.ChunkStre
     )
 
 
-def side_stream(pair: ToyPair, side: str, chunk_size: int, **kwargs) -> streaming.ChunkStream:
+def side_stream(pair: ToyPair, side: str, chunk_size: int, **kwargs: Any) -> streaming.ChunkStream:
     """An activation source for ONE side: chunks of ``(token_ids, acts)`` (DESIGN.md)."""
     if side not in ("a", "b"):
         raise checks.InputError(f"side_stream side must be 'a' or 'b', got {side!r}")

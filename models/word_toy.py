@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TypeAlias
 
 import numpy as np
 
 from engine import checks
 from models import alignment as al
 from models import text as text_lib
+
+Seed: TypeAlias = int | np.integer | Sequence[int]  # what `numpy.random.default_rng` takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,19 +61,19 @@ def word_codes(documents: Sequence[str], n_features: int, k_word: int, seed: int
     return WordCodes(tuple(types), codes, {t: i for i, t in enumerate(types)})
 
 
-def unit_rows(n: int, d: int, seed) -> np.ndarray:
+def unit_rows(n: int, d: int, seed: Seed) -> np.ndarray:
     """``[n, d]`` random unit-norm rows."""
     x = np.random.default_rng(seed).normal(size=(n, d))
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def orthogonal(d: int, seed) -> np.ndarray:
+def orthogonal(d: int, seed: Seed) -> np.ndarray:
     """A random ``d x d`` orthogonal matrix (QR of a Gaussian, sign-fixed)."""
     q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
     return q * np.sign(np.diag(r))
 
 
-def occurrence_jitter(n_words: int, n_features: int, seed, spread: float) -> np.ndarray:
+def occurrence_jitter(n_words: int, n_features: int, seed: Seed, spread: float) -> np.ndarray:
     """``[n_words, n_features]`` magnitudes in ``[1 - spread, 1 + spread]`` per occurrence.
 
     Drawn from the word occurrence (document seed, position), so both sides see the same
@@ -119,9 +122,9 @@ def side_activations(
     features: np.ndarray,
     *,
     noise: float,
-    seed,
+    seed: Seed,
     causal: bool = True,
-    jitter_seed=None,
+    jitter_seed: Seed | None = None,
     jitter_spread: float = 0.8,
 ) -> np.ndarray:
     """Activations of one side at its own unmasked context positions, in grid order.
@@ -148,7 +151,7 @@ def side_activations(
 
 
 def random_token_embeddings(
-    contexts: text_lib.Contexts, vocab_size: int, d: int, *, scale: float, noise: float, seed
+    contexts: text_lib.Contexts, vocab_size: int, d: int, *, scale: float, noise: float, seed: Seed
 ) -> np.ndarray:
     """Random-init floor: a random embedding of each token id (+ noise), masked rows."""
     rng = np.random.default_rng(seed)

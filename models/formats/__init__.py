@@ -69,6 +69,7 @@ import dataclasses
 import json
 import pathlib
 from collections.abc import Callable
+from typing import Any
 
 from models import sae as sae_lib
 from models.formats import _common
@@ -199,7 +200,7 @@ def detect_format(path: _common.PathLike) -> str:
     )
 
 
-def load_sae(path: _common.PathLike, format: str | None = None, **kwargs) -> sae_lib.SAE:
+def load_sae(path: _common.PathLike, format: str | None = None, **kwargs: Any) -> sae_lib.SAE:
     """Loads any supported SAE file or folder into `models.sae.SAE`.
 
     Args:

@@ -227,7 +227,9 @@ def matrix(
     )
 
 
-def config_int(cfg: Mapping, key: str, what: str, minimum: int = 1, default=None) -> int:
+def config_int(
+    cfg: Mapping, key: str, what: str, minimum: int = 1, default: int | None = None
+) -> int:
     """An integer config entry (floats with integral values accepted, e.g. 32.0)."""
     value = cfg.get(key, default)
     if value is None:
@@ -302,7 +304,7 @@ def _jsonable(value):
 
 
 def provenance(
-    fmt: str, path: pathlib.Path, hookpoint: str | None, model_name: str | None, **extra
+    fmt: str, path: pathlib.Path, hookpoint: str | None, model_name: str | None, **extra: Any
 ) -> dict:
     """The provenance keys every loader records (format, source path, hookpoint, model)."""
     meta = {"format": fmt, "source_path": str(pathlib.Path(path).resolve())}
@@ -338,7 +340,7 @@ def build(
     )
 
 
-def make_config(what: str, **fields) -> sae_lib.SAEConfig:
+def make_config(what: str, **fields: Any) -> sae_lib.SAEConfig:
     """`SAEConfig(**fields)` with the config's own InputError prefixed by the file."""
     try:
         return sae_lib.SAEConfig(**fields)
