@@ -333,7 +333,11 @@ def run_lm(run, settings, cfg: compare.CompareConfig, cache) -> dict:
     refs = ref_settings(settings)
     conditions = references.parse_sweep(settings.sweep)
     (side_a, side_b), _ = sides_lib.open_pair(
-        run, setup["model_a"], setup["model_b"], seed=settings.seed
+        run,
+        setup["model_a"],
+        setup["model_b"],
+        seed=settings.seed,
+        sources=("cache", "cache") if settings.cache_a or settings.cache_b else ("live", "live"),
     )
     lm_a, lm_b = side_a.model, side_b.model
     paths = [side_a.path, side_b.path]
