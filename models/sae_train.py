@@ -44,7 +44,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -790,12 +790,16 @@ def _check_acts(acts) -> np.ndarray:
     return arr
 
 
-def is_source(acts: object) -> bool:
+# What `train_saes` trains on: rows in memory, an activation source, or ``batch_fn(step)``.
+TrainActs: TypeAlias = "np.ndarray | ActivationSource | Callable[[int], Any]"
+
+
+def is_source(acts: object) -> TypeGuard[ActivationSource]:
     """True for an activation source (`models.activation_source`: has ``open_at``)."""
     return hasattr(acts, "open_at") and not isinstance(acts, np.ndarray)
 
 
-def rows_per_epoch(acts: object) -> int | None:
+def rows_per_epoch(acts: TrainActs) -> int | None:
     """Rows of one epoch of ``acts`` (array or source), None for a ``batch_fn``."""
     if is_source(acts):
         n = getattr(acts, "num_rows", None)
@@ -867,7 +871,7 @@ def source_stream(
 
 
 def train_saes(
-    acts: np.ndarray | ActivationSource | Callable[[int], Any],
+    acts: TrainActs,
     configs: TrainConfig | Sequence[TrainConfig],
     *,
     steps: int | None = None,

@@ -266,7 +266,7 @@ class TorchSAE:
 
 
 @contextlib.contextmanager
-def patched(lm: lm_lib.LanguageModel, hookpoint: str, fn: Callable) -> Iterator[str]:
+def patched(lm: lm_lib.LanguageModel, hookpoint: str, fn: Callable) -> Iterator[lm_lib.Hookpoint]:
     """Within the block, the activation ``x`` at ``hookpoint`` is replaced by ``fn(x)``.
 
     ``resid_pre.L`` patches the input of block L (a forward pre-hook); ``resid_post.L`` the
@@ -431,8 +431,9 @@ def default_mesh() -> Mesh:
     return mesh_lib.make_mesh(devices=jax.devices()[:1])
 
 
-def host_dtype(acc: Accumulator) -> Any:
-    """numpy dtype of the rows handed to ``acc`` (its accumulation dtype: no silent cast)."""
+def host_dtype(acc: Any) -> np.dtype:
+    """numpy dtype of the rows handed to ``acc``, an engine accumulator with a ``dtype`` (its
+    accumulation dtype: no silent cast)."""
     return np.dtype(np.float64) if np.dtype(acc.dtype) == np.float64 else np.dtype(np.float32)
 
 
