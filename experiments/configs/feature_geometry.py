@@ -120,13 +120,16 @@ FIELDS = (
     F(
         "families",
         ("Days of week", "Months"),
-        "Concept families (cyclic: Days of week, Months; or any keyword group, then without "
-        "circularity).",
+        "Concept families (cyclic: Days of week, Months; or any built-in keyword or script "
+        "group, e.g. Numbers, Food, Arabic food, Arabic / Cyrillic / Greek script, or a "
+        "--concepts_file group, then without circularity).",
     ),
     F(
         "group_concepts",
         ("Days of week", "Months", "Food", "Numbers", "Nature", "People/Roles", "Emotions"),
-        "Concept groups of the group-distance comparison (>= 3).",
+        "Concept groups of the group-distance comparison (>= 3): built-in keyword lists "
+        "(experiments/pipeline/concepts.py BUILTIN, NAMED), scripts by Unicode block (Arabic, "
+        "Cyrillic, Greek, Hebrew, Devanagari, CJK script) or --concepts_file groups.",
     ),
     F(
         "concepts_file",
