@@ -42,10 +42,11 @@ FIELDS = (
     ),
     F(
         "circle_unique",
-        0.0,
-        "Weight of each planted item's own direction off the circle's 3-D span (0: the items "
-        "span 3 dims). SAEs need it: at 0 they merge neighbouring days (WORKSPACE.md); 0.5 "
-        "makes neighbouring days cos 0.65.",
+        0.5,
+        "Weight s of each planted item's own direction, orthogonal to the circle's 3-D span "
+        "(item = sqrt(1 - s^2) circle point + s own). At 0 the items span only 3 dims and SAEs "
+        "compose every day from 3-5 shared latents, so the SAE path's acceptance fails "
+        "(WORKSPACE.md); 0.5 gives neighbouring days cos 0.65 and one SAE latent per day.",
     ),
     F(
         "concept_magnitude",
