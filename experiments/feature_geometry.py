@@ -8,15 +8,16 @@ engine/pca.py, engine/group_geometry.py, engine/nulls.py); the library code live
 The toy preset (default, ``experiments/configs/feature_geometry.py``; models/planted.py, issue
 8): a planted circular family (days of the week on a circle) in two "models" related by a random
 rotation, an unplanted control and a shared-random control. Each model's dictionary is the
-ground truth (``--dictionary=truth``) or a TopK SAE trained through
-`experiments.pipeline.saes.obtain` (``--dictionary=sae``); features are named by their top
+ground truth (``--dictionary=truth``) or an SAE (``--sae_activation``, TopK by default) trained
+through `experiments.pipeline.saes.obtain` (``--dictionary=sae``; it needs the days to have
+directions of their own beside the circle, ``--circle_unique`` 0.5 by default: at 0 SAEs
+compose the days from a few shared latents, WORKSPACE.md); features are named by their top
 token, the decoder rows clustered (Engels et al. cosine graph, spectral), circularity of the
 family's decoder vectors and reconstructions scored with exact permutation nulls, and the two
 models compared (RSA, angular ordering, group distances)::
 
     python -m experiments.feature_geometry --workdir=runs/feature_geometry
-    python -m experiments.feature_geometry --workdir=runs/feature_geometry_sae \\
-        --dictionary=sae --sae_steps=3000
+    python -m experiments.feature_geometry --workdir=runs/feature_geometry_sae --dictionary=sae
 
 The language-model preset (``--config=experiments/configs/feature_geometry_lm.py``, issue 17):
 two local transformers models and their SAEs (loaded with ``--sae_a/--sae_b`` in any supported
@@ -67,9 +68,13 @@ CONFIG_KEYS = (
     "n_other",
     "noise",
     "circle_offset",
+    "circle_unique",
+    "concept_magnitude",
     "dictionary",
     "sae_width",
+    "sae_activation",
     "sae_k",
+    "sae_l1_coeff",
     "sae_steps",
     "sae_batch",
     "sae_lr",

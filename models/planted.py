@@ -8,16 +8,19 @@ in a 2-D plane, in cyclic order, lifted off the origin along a shared offset dir
     f_i = sqrt(1 - a^2) (cos(2 pi i / m) u + sin(2 pi i / m) v) + a c,   i = 0 .. m-1
 
 (``u, v, c`` orthonormal, ``a = circle_offset``; neighbouring items then have cosine
-``(1 - a^2) cos(2 pi / m) + a^2``, above Engels et al.'s 0.5 graph threshold). The other
+``(1 - a^2) cos(2 pi / m) + a^2``, above Engels et al.'s 0.5 graph threshold). With
+``circle_unique = s > 0`` each item also gets its own unit direction ``w_i`` orthogonal to
+``u, v, c``: ``f_i <- sqrt(1 - s^2) f_i + s w_i`` (still unit norm; the circle is then the
+items' top-2 PCs, not their whole span, as in real models' token representations). The other
 features are ``n_groups`` named groups of ``group_size`` features spread around random group
 centroids (clusters without circular order, the "concept groups" of the relative-distance
 question) and ``n_other`` independent random directions.
 
 Data ("tokens"): sparse non-negative codes shared by both models (the same tokens): a row
 holds at most one concept item (a token is one day), with probability ``concept_rate``, at a
-magnitude uniform on [0.5, 1]; every other feature fires independently with probability
-``k_active / n_features`` at a magnitude uniform on [0, 1]. Each model's activations are
-``codes @ atoms + noise``.
+magnitude uniform on [``concept_min_magnitude``, 1] (default 0.5); every other feature fires
+independently with probability ``k_active / n_features`` at a magnitude uniform on [0, 1].
+Each model's activations are ``codes @ atoms + noise``.
 
 Two models: model B's atoms are model A's rotated by a random orthogonal matrix ``Q``
 (``atoms_b = atoms_a @ Q``) plus a small perturbation ``b_perturb`` (renormalised), so every
@@ -139,6 +142,7 @@ def _atoms(
     m: int,
     planted: bool,
     circle_offset: float,
+    circle_unique: float,
     n_groups: int,
     group_size: int,
     group_spread: float,
@@ -150,6 +154,12 @@ def _atoms(
         phi = 2 * np.pi * np.arange(m) / m
         ring = np.cos(phi)[:, None] * basis[0] + np.sin(phi)[:, None] * basis[1]
         circle = np.sqrt(1 - circle_offset**2) * ring + circle_offset * basis[2]
+        if circle_unique > 0:
+            # Each item's own direction (orthogonal to the circle's span): the items no longer
+            # lie in one 3-D subspace, as token representations in real models do not.
+            own = rng.normal(size=(m, d))
+            own = _unit(own - (own @ basis.T) @ basis)
+            circle = np.sqrt(1 - circle_unique**2) * circle + circle_unique * own
     else:
         basis = None
         circle = _unit(rng.normal(size=(m, d)))
@@ -175,6 +185,8 @@ def make_planted_pair(
     planted: bool = True,
     shared: bool = True,
     circle_offset: float = 0.8,
+    concept_min_magnitude: float = 0.5,
+    circle_unique: float = 0.0,
     group_spread: float = 0.6,
     noise: float = 0.01,
     b_perturb: float = 0.05,
@@ -195,6 +207,13 @@ def make_planted_pair(
       planted: put the concept items on a circle (False: random directions).
       shared: model B is a rotation of model A (False: independent atoms).
       circle_offset: ``a``, the lift of the circle off the origin (0 <= a < 1).
+      circle_unique: ``s``, weight of each item's own random direction orthogonal to the
+        circle's span: ``f_i = sqrt(1 - s^2) f_i^circle + s w_i`` (0: the items span 3 dims,
+        where no encoder tells an item from its neighbours cheaply; see
+        experiments/configs/feature_geometry.py). Neighbouring cosines scale by ``1 - s^2``.
+      concept_min_magnitude: a concept item's magnitude is uniform on [this, 1] (0 < x <= 1).
+        Below the neighbouring items' cosine, a weak item and its strong neighbour give the same
+        projection on the item's direction (see experiments/configs/feature_geometry.py).
       group_spread: spread of a group's members around its centroid (0 = identical).
       noise: std of the Gaussian noise added to the activations.
       b_perturb: std of the perturbation of model B's atoms (relative; 0 = exact rotation).
@@ -218,6 +237,12 @@ def make_planted_pair(
     checks.check_positive_int("n_tokens", n_tokens, minimum=2)
     if not 0 <= circle_offset < 1:
         raise checks.InputError(f"circle_offset must be in [0, 1), got {circle_offset}")
+    if not 0 <= circle_unique < 1:
+        raise checks.InputError(f"circle_unique must be in [0, 1), got {circle_unique}")
+    if not 0 < concept_min_magnitude <= 1:
+        raise checks.InputError(
+            f"concept_min_magnitude must be in (0, 1], got {concept_min_magnitude}"
+        )
     if not 0 < concept_rate <= 1:
         raise checks.InputError(f"concept_rate must be in (0, 1], got {concept_rate}")
     for name, value in (
@@ -233,6 +258,7 @@ def make_planted_pair(
         m=m,
         planted=planted,
         circle_offset=circle_offset,
+        circle_unique=circle_unique,
         n_groups=n_groups,
         group_size=group_size,
         group_spread=group_spread,
@@ -282,7 +308,7 @@ def make_planted_pair(
     has_item = rng.random(n_tokens) < concept_rate
     which = rng.integers(0, m, n_tokens)
     rows = np.flatnonzero(has_item)
-    codes[rows, concept_features[which[rows]]] = rng.uniform(0.5, 1.0, len(rows))
+    codes[rows, concept_features[which[rows]]] = rng.uniform(concept_min_magnitude, 1.0, len(rows))
     strongest = np.argmax(codes, axis=1)
     token_ids = np.where(codes.max(axis=1) > 0, feature_tokens[strongest], 0)
     token_ids[rows] = feature_tokens[concept_features[which[rows]]]

@@ -67,6 +67,67 @@ def test_items_matched_by_token_strings():
         cf.make_concept("Nope")
 
 
+def test_builtin_scripts_and_named_groups_need_no_file(tmp_path):
+    """Scripts (Unicode blocks), topic lists and 'Arabic food' resolve by name alone."""
+    from experiments.configs import feature_geometry as fg_config
+    from experiments.pipeline import concepts
+
+    arabic = cf.make_concept("arabic")
+    assert arabic.name == "Arabic script" and arabic.items == ("Arabic script",)
+    assert arabic.period is None
+    toks = ["Ġمرحبا", "▁كتاب", "Привет", "Ωμέγα", "hello", "٣٣", ",", "abcكتاب", "ﻻ", "Arabic"]
+    # Reference: every letter's code point inside U+0600-06FF or the presentation forms.
+    expect = [
+        0
+        if (letters := [c for c in concepts.normalize_token(t) if c.isalpha()])
+        and all(0x0600 <= ord(c) <= 0x06FF or 0xFB50 <= ord(c) <= 0xFEFF for c in letters)
+        else -1
+        for t in toks
+    ]
+    assert expect == [0, 0, -1, -1, -1, -1, -1, -1, 0, -1]
+    assert cf.label_rows(toks, arabic).tolist() == expect
+    assert cf.label_rows(toks, cf.make_concept("Cyrillic")).tolist() == [-1, -1, 0] + [-1] * 7
+    greek = cf.make_concept("greek script")
+    assert cf.label_rows(toks, greek).tolist() == [-1] * 3 + [0] + [-1] * 6
+    food = cf.make_concept("Arabic food")
+    assert food.script is None and "falafel" in food.items
+    falafel = food.items.index("falafel")
+    assert cf.label_rows(["ĠFalafel", "falafels"], food).tolist() == [falafel, -1]
+    # A script group works where keyword sets do (feature membership, topic rows, row masks).
+    groups = concepts.resolve_groups(["Arabic script", "Arabic food", "Food", "cyrillic"])
+    assert list(groups) == ["Arabic script", "Arabic food", "Food", "Cyrillic script"]
+    got = concepts.assign_features([["x", "ĠКот"], ["Ġخبز"], ["bread"]], groups, top_n=2)
+    assert {g: v.tolist() for g, v in got.items()} == {
+        "Arabic script": [1],
+        "Arabic food": [],
+        "Food": [2],
+        "Cyrillic script": [0],
+    }
+    assert cf.matching_rows(["a", "خبز", "bread", "hummus"], list(groups.values())).tolist() == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    assert concepts.describe_group(groups["Arabic script"]).startswith("Arabic script: letters")
+    assert list(concepts.resolve_groups()) == list(concepts.BUILTIN)  # defaults unchanged
+    # The experiment's settings accept them with no --concepts_file ...
+    values = common.default_values(fg_config)
+    values.update(
+        workdir=str(tmp_path / "run"),
+        families=["Days of week", "Arabic script"],
+        group_concepts=["Arabic script", "Arabic food", "Food", "Cyrillic", "Greek"],
+        topic="Arabic script",
+    )
+    common.validate(values, common.rules_of(fg_config))
+    # ... and an unknown family is one line naming it and listing the built-ins.
+    values["families"] = ["Klingon script"]
+    with pytest.raises(common.ConfigError) as e:
+        common.validate(values, common.rules_of(fg_config))
+    msg = str(e.value)
+    assert "\n" not in msg and "'Klingon script'" in msg and "Arabic script" in msg
+
+
 def test_planted_embeddings_are_circles():
     vocab = {w: i for i, w in enumerate(planted_lm.DAYS + planted_lm.MONTHS + ("bread",))}
     a = 0.5

@@ -41,13 +41,35 @@ FIELDS = (
         "their shared direction; 0.8 makes neighbouring days cos 0.86, opposite 0.32).",
     ),
     F(
+        "circle_unique",
+        0.5,
+        "Weight s of each planted item's own direction, orthogonal to the circle's 3-D span "
+        "(item = sqrt(1 - s^2) circle point + s own). At 0 the items span only 3 dims and SAEs "
+        "compose every day from 3-5 shared latents, so the SAE path's acceptance fails "
+        "(WORKSPACE.md); 0.5 gives neighbouring days cos 0.65 and one SAE latent per day.",
+    ),
+    F(
+        "concept_magnitude",
+        0.5,
+        "Smallest magnitude of a planted concept item (uniform on [this, 1]); above the "
+        "neighbouring items' cosine an SAE encoder can tell a weak item from its strong "
+        "neighbour (the SAE path's acceptance needs it: WORKSPACE.md).",
+    ),
+    F(
         "dictionary",
         "truth",
-        "truth: ground-truth atoms and codes; sae: train a TopK SAE per model.",
+        "truth: ground-truth atoms and codes; sae: train an SAE per model (--sae_activation).",
         choices=("truth", "sae"),
     ),
     F("sae_width", 0, "SAE features (0: 2 x the planted feature count)."),
-    F("sae_k", 4, "TopK k of the SAEs."),
+    F(
+        "sae_activation",
+        "topk",
+        "SAE architecture (models/sae_train.py): topk, batchtopk, relu (L1 penalty) or jumprelu.",
+        choices=("topk", "batchtopk", "relu", "jumprelu"),
+    ),
+    F("sae_k", 4, "TopK k of the SAEs (topk, batchtopk)."),
+    F("sae_l1_coeff", 5.0, "L1 coefficient of relu SAEs."),
     F("sae_steps", 3000, "SAE training steps."),
     F("sae_batch", 256, "SAE batch size."),
     F("sae_lr", 0.003, "SAE learning rate."),
@@ -120,13 +142,16 @@ FIELDS = (
     F(
         "families",
         ("Days of week", "Months"),
-        "Concept families (cyclic: Days of week, Months; or any keyword group, then without "
-        "circularity).",
+        "Concept families (cyclic: Days of week, Months; or any built-in keyword or script "
+        "group, e.g. Numbers, Food, Arabic food, Arabic / Cyrillic / Greek script, or a "
+        "--concepts_file group, then without circularity).",
     ),
     F(
         "group_concepts",
         ("Days of week", "Months", "Food", "Numbers", "Nature", "People/Roles", "Emotions"),
-        "Concept groups of the group-distance comparison (>= 3).",
+        "Concept groups of the group-distance comparison (>= 3): built-in keyword lists "
+        "(experiments/pipeline/concepts.py BUILTIN, NAMED), scripts by Unicode block (Arabic, "
+        "Cyrillic, Greek, Hebrew, Devanagari, CJK script) or --concepts_file groups.",
     ),
     F(
         "concepts_file",
@@ -203,6 +228,9 @@ RULES = (
     common.Num(("min_size",), lo=1, integer=True),
     common.Num(("noise",), lo=0.0),
     common.Num(("circle_offset",), lo=0.0, hi=1.0, hi_open=True),
+    common.Num(("concept_magnitude",), lo=0.0, hi=1.0, lo_open=True),
+    common.Num(("circle_unique",), lo=0.0, hi=1.0, hi_open=True),
+    common.Num(("sae_l1_coeff",), lo=0.0),
     common.Num(("sae_lr",), lo=0.0, lo_open=True),
     common.Num(("graph_threshold",), lo=-1.0, hi=1.0),
     common.Num(("family_recall",), lo=0.0, hi=1.0, lo_open=True),

@@ -22,8 +22,9 @@ FIELDS = (
     F(
         "concepts",
         (),
-        "Built-in groups to analyse (default: all, or only the file's groups when "
-        "--concepts_file is given).",
+        "Built-in groups to analyse (default: all keyword lists of concepts.BUILTIN, or only "
+        "the file's groups when --concepts_file is given; by name also Arabic food and the "
+        "scripts Arabic / Cyrillic / Greek / Hebrew / Devanagari / CJK script).",
     ),
     F(
         "concepts_file",

@@ -59,20 +59,40 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Concept:
-    """A concept: its items (normalised words; ordered when cyclic) and cycle period."""
+    """A concept: its items (normalised words; ordered when cyclic) and cycle period.
+
+    A script concept (``script`` set, `concepts.SCRIPTS`) has one item, its name: every token
+    written in the script is a row of that item.
+    """
 
     name: str
     items: tuple[str, ...]
     period: int | None  # cyclic concepts: len(items); None otherwise
+    script: concepts.ScriptGroup | None = None
+
+    @property
+    def matcher(self) -> concepts.Group:
+        """What a normalised token is tested against: the item words, or the script."""
+        return self.script if self.script is not None else frozenset(self.items)
 
     def item_of(self, token: str) -> int:
         """Index of the item ``token`` matches (`concepts.normalize_token`), else -1."""
         norm = concepts.normalize_token(token)
+        if self.script is not None:
+            return 0 if norm in self.script else -1
         return self.items.index(norm) if norm in self.items else -1
 
 
+def group_concept(name: str, group: concepts.Group) -> Concept:
+    """The (unordered) concept of one resolved group: keywords, or a script."""
+    if isinstance(group, concepts.ScriptGroup):
+        return Concept(name, (name,), None, script=group)
+    return Concept(name, tuple(sorted(group)), None)
+
+
 def make_concept(name: str, groups: dict | None = None) -> Concept:
-    """A built-in cyclic concept (Days of week, Months) or a keyword group (unordered)."""
+    """A built-in cyclic concept (Days of week, Months), a selected or built-in keyword or
+    script group (unordered); an unknown name raises a one-line `concepts.ConceptError`."""
     try:
         canon = concepts.canonical_name(name)
     except concepts.ConceptError:
@@ -80,11 +100,14 @@ def make_concept(name: str, groups: dict | None = None) -> Concept:
     if canon in CYCLES:
         return Concept(canon, tuple(CYCLES[canon]), len(CYCLES[canon]))
     pool = dict(groups or {})
-    if canon not in pool and canon in concepts.BUILTIN:
-        pool[canon] = concepts.make_group(canon, concepts.BUILTIN[canon])
+    if canon not in pool and canon in concepts.builtin_names():
+        pool[canon] = concepts.builtin_group(canon)
     if canon not in pool:
-        raise concepts.ConceptError(f"concept {name!r}: not a built-in group nor a user group")
-    return Concept(canon, tuple(sorted(pool[canon])), None)
+        raise concepts.ConceptError(
+            f"concept {name!r}: not a built-in group nor a user group; built-in: "
+            f"{concepts.builtin_names()}"
+        )
+    return group_concept(canon, pool[canon])
 
 
 def label_rows(tokens: Sequence[str], concept: Concept) -> np.ndarray:
@@ -94,6 +117,18 @@ def label_rows(tokens: Sequence[str], concept: Concept) -> np.ndarray:
     for r, t in enumerate(tokens):
         if t not in cache:
             cache[t] = concept.item_of(t)
+        out[r] = cache[t]
+    return out
+
+
+def matching_rows(tokens: Sequence[str], matchers: Sequence[concepts.Group]) -> np.ndarray:
+    """``[rows]`` bool: the row's token matches any of the groups (keywords or scripts)."""
+    cache: dict[str, bool] = {}
+    out = np.empty(len(tokens), bool)
+    for r, t in enumerate(tokens):
+        if t not in cache:
+            norm = concepts.normalize_token(t)
+            cache[t] = any(norm in m for m in matchers)
         out[r] = cache[t]
     return out
 

@@ -3,9 +3,12 @@
 Lan et al.'s semantic subspaces (docs/references.md, "Concept features and geometry"): a
 concept group is a list of keywords; an SAE feature belongs to a group when one of its top
 activating tokens is a keyword. Built-in lists: `BUILTIN` (Time, Calendar, Months, Days of
-week, Emotions, Countries, Nature, People/Roles, Biology, Food, Numbers); user lists come from a
-JSON file ``{"Group": ["word", ...], ...}`` or a text file with one ``Group: word, word, ...``
-line per group (``#`` starts a comment).
+week, Emotions, Countries, Nature, People/Roles, Biology, Food, Numbers; the default set),
+`NAMED` (keyword lists used only when named: Arabic food) and `SCRIPTS` (Arabic, Cyrillic,
+Greek, Hebrew, Devanagari, CJK, by Unicode block: a `ScriptGroup` matches every token written
+in that script, so no word list is needed); user lists come from a JSON file ``{"Group":
+["word", ...], ...}`` or a text file with one ``Group: word, word, ...`` line per group (``#``
+starts a comment). `builtin_group` gives any built-in group by name.
 
 Matching rule (`normalize_token`, `token_matches`), applied the same way to keywords and to
 tokens:
@@ -16,7 +19,10 @@ tokens:
 * case is ignored (``str.casefold``);
 * the match is WHOLE-TOKEN: the normalised token must equal a normalised keyword (``"Ġmonday"``
   matches ``Monday``; ``"mon"``, ``"mondays"`` and ``"monday,"`` do not). A keyword made of
-  several words can therefore never match a single token and is refused when loaded.
+  several words can therefore never match a single token and is refused when loaded;
+* a script group matches a normalised token whose letters (``str.isalpha``) all lie in the
+  script's Unicode ranges, with at least one letter (digits and punctuation are ignored, so
+  ``"٣٣"`` or ``","`` never match; a token mixing scripts does not match).
 
 A feature joins a group when any of its first ``top_n`` top-activating tokens matches (features
 may join several groups). Group names are resolved case-insensitively, ignoring spaces, ``_``,
@@ -26,6 +32,7 @@ may join several groups). Group names are resolved case-insensitively, ignoring 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -513,6 +520,92 @@ BUILTIN: dict[str, tuple[str, ...]] = {
     ),
 }
 
+#: Keyword groups available by name (``--group_concepts``, ``--families``, ``--topic``) but not
+#: in the default set (`resolve_groups` with no names uses `BUILTIN` only): the notes' "Arabic
+#: food" beside the Arabic script.
+NAMED: dict[str, tuple[str, ...]] = {
+    "Arabic food": (
+        "hummus",
+        "falafel",
+        "shawarma",
+        "kebab",
+        "kebabs",
+        "tabbouleh",
+        "baklava",
+        "couscous",
+        "tahini",
+        "pita",
+        "halloumi",
+        "labneh",
+        "fattoush",
+        "kofta",
+        "tagine",
+        "harissa",
+        "sumac",
+        "zaatar",
+        "dates",
+        "baba",
+        "ghanoush",
+        "mezze",
+        "knafeh",
+        "kibbeh",
+        "mansaf",
+        "shakshuka",
+    ),
+}
+
+#: Script groups: Unicode code-point ranges (inclusive) of each script's blocks.
+SCRIPTS: dict[str, tuple[tuple[int, int], ...]] = {
+    "Arabic script": (
+        (0x0600, 0x06FF),  # Arabic
+        (0x0750, 0x077F),  # Arabic Supplement
+        (0x08A0, 0x08FF),  # Arabic Extended-A
+        (0xFB50, 0xFDFF),  # Arabic Presentation Forms-A
+        (0xFE70, 0xFEFF),  # Arabic Presentation Forms-B
+    ),
+    "Cyrillic script": ((0x0400, 0x04FF), (0x0500, 0x052F), (0x2DE0, 0x2DFF), (0xA640, 0xA69F)),
+    "Greek script": ((0x0370, 0x03FF), (0x1F00, 0x1FFF)),
+    "Hebrew script": ((0x0590, 0x05FF), (0xFB1D, 0xFB4F)),
+    "Devanagari script": ((0x0900, 0x097F), (0xA8E0, 0xA8FF)),
+    "CJK script": (
+        (0x3040, 0x30FF),  # Hiragana, Katakana
+        (0x3400, 0x4DBF),  # CJK Extension A
+        (0x4E00, 0x9FFF),  # CJK Unified Ideographs
+        (0xAC00, 0xD7AF),  # Hangul syllables
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptGroup:
+    """A concept group defined by a writing system instead of a word list.
+
+    ``normalised_token in group`` is the script rule of the module docstring, so a script group
+    works wherever a keyword set does (`token_matches`, `assign_features`, `mentions`, topic
+    rows). Iterating yields nothing: a script has no finite word list (`describe_group`).
+    """
+
+    name: str
+    ranges: tuple[tuple[int, int], ...]
+
+    def __contains__(self, token: object) -> bool:
+        letters = [ch for ch in str(token) if ch.isalpha()]
+        return bool(letters) and all(
+            any(lo <= ord(ch) <= hi for lo, hi in self.ranges) for ch in letters
+        )
+
+    def __iter__(self):
+        return iter(())
+
+    def describe(self) -> str:
+        return f"{self.name}: letters in " + ", ".join(
+            f"U+{lo:04X}-U+{hi:04X}" for lo, hi in self.ranges
+        )
+
+
+#: A concept group: normalised keywords, or a script.
+Group = frozenset | ScriptGroup
+
 #: Short names accepted for the built-in groups (after `_name_key`).
 ALIASES = {
     "days": "Days of week",
@@ -525,6 +618,13 @@ ALIASES = {
     "emotion": "Emotions",
     "country": "Countries",
     "number": "Numbers",
+    "arabic": "Arabic script",
+    "cyrillic": "Cyrillic script",
+    "greek": "Greek script",
+    "hebrew": "Hebrew script",
+    "devanagari": "Devanagari script",
+    "cjk": "CJK script",
+    "chinese": "CJK script",
 }
 
 _MARKERS = ("Ġ", "▁", "Ċ")
@@ -549,7 +649,12 @@ def _name_key(name: str) -> str:
     return re.sub(r"[\s_\-/]+", "", str(name)).casefold()
 
 
-_BUILTIN_KEYS = {_name_key(n): n for n in BUILTIN}
+_BUILTIN_KEYS = {_name_key(n): n for n in (*BUILTIN, *NAMED, *SCRIPTS)}
+
+
+def builtin_names() -> list[str]:
+    """Every built-in group name: `BUILTIN` (the default set), `NAMED`, `SCRIPTS`."""
+    return [*BUILTIN, *NAMED, *SCRIPTS]
 
 
 def canonical_name(name: str) -> str:
@@ -560,9 +665,22 @@ def canonical_name(name: str) -> str:
     if key in ALIASES:
         return ALIASES[key]
     raise ConceptError(
-        f"unknown concept group {name!r}; expected one of {list(BUILTIN)} (or "
+        f"unknown concept group {name!r}; expected one of {builtin_names()} (or "
         "give user lists with --concepts_file)"
     )
+
+
+def builtin_group(name: str) -> Group:
+    """The built-in group called ``name`` (any spelling `canonical_name` accepts)."""
+    canon = canonical_name(name)
+    if canon in SCRIPTS:
+        return ScriptGroup(canon, SCRIPTS[canon])
+    return make_group(canon, BUILTIN[canon] if canon in BUILTIN else NAMED[canon])
+
+
+def describe_group(group: Group) -> list[str] | str:
+    """results.json form of a group: its sorted keywords, or the script's ranges."""
+    return group.describe() if isinstance(group, ScriptGroup) else sorted(group)
 
 
 def make_group(name: str, keywords: Iterable[str]) -> frozenset[str]:
@@ -632,12 +750,13 @@ def load_user_groups(path: str) -> dict[str, frozenset[str]]:
 
 def resolve_groups(
     names: Sequence[str] | None = None, concepts_file: str | None = None
-) -> dict[str, frozenset[str]]:
-    """The groups to analyse: built-in ``names`` (None: all, unless a file is given) + file.
+) -> dict[str, Group]:
+    """The groups to analyse: built-in ``names`` (None: all of `BUILTIN`, unless a file is
+    given; `NAMED` and `SCRIPTS` groups only when named) + file.
 
     A user group with a built-in's name replaces it.
     """
-    out: dict[str, frozenset[str]] = {}
+    out: dict[str, Group] = {}
     user = load_user_groups(concepts_file) if concepts_file else {}
     if names is None:
         names = [] if user else list(BUILTIN)
@@ -645,21 +764,21 @@ def resolve_groups(
         if name in user:
             continue
         canon = canonical_name(name)
-        out[canon] = make_group(canon, BUILTIN[canon])
+        out[canon] = builtin_group(canon)
     out.update(user)
     if not out:
         raise ConceptError("no concept group selected")
     return out
 
 
-def token_matches(token: str, keywords: frozenset[str]) -> bool:
+def token_matches(token: str, keywords: Group) -> bool:
     """Whole-token match of one token string against a normalised keyword set."""
     return normalize_token(token) in keywords
 
 
 def assign_features(
     top_tokens: Sequence[Sequence[str]],
-    groups: Mapping[str, frozenset[str]],
+    groups: Mapping[str, Group],
     top_n: int = 5,
     valid: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
@@ -684,6 +803,6 @@ def assign_features(
     return out
 
 
-def mentions(tokens: Sequence[str], keywords: frozenset[str]) -> bool:
+def mentions(tokens: Sequence[str], keywords: Group) -> bool:
     """True when any token of a passage matches the keywords (topic-restricted subsets)."""
     return any(normalize_token(t) in keywords for t in tokens)

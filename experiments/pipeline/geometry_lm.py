@@ -453,8 +453,7 @@ def group_features(codes: Codes, tokens_of_rows, groups: dict, cfg: dict, total,
         if name in families:
             out[name] = families[name]
             continue
-        concept = cf.Concept(name, tuple(sorted(words)), None)
-        items = cf.label_rows(tokens_of_rows, concept)
+        items = cf.label_rows(tokens_of_rows, cf.group_concept(name, words))
         out[name] = cf.select(
             total, codes.codes[items >= 0], cfg["family_tau"], cfg["family_min_hits"]
         ).members
@@ -551,22 +550,17 @@ def run_lm(run, cfg: dict) -> dict:
     groups = concepts.resolve_groups(cfg["group_concepts"] or None, cfg["concepts_file"])
     families = [cf.make_concept(n, groups) for n in cfg["families"]]
     topic = cf.make_concept(cfg["topic"], groups)
-    topic_words = frozenset(topic.items)
+    topic_words = topic.matcher
     if hasattr(run, "plan_stages"):
         run.plan_stages(4 if cfg["plots"] else 3)
     run.stage("activations and SAEs")
     sides = build_sides(run, cfg)
-    all_words = set(topic_words)
-    for c in families:
-        all_words |= set(c.items)
-    for words in groups.values():
-        all_words |= set(words)
-    all_concepts = cf.Concept("all", tuple(sorted(all_words)), None)
+    # Rows kept for the analysis: any concept's, the topic's or a group's token.
+    matchers = [topic_words, *(c.matcher for c in families), *groups.values()]
     codes, row_tokens, restrict, templates = [], [], [], []
     run.stage("SAE codes, templated prompts")
     for side in sides:
-        labels = cf.label_rows(side.tokens, all_concepts)
-        keep_rows = np.flatnonzero(labels >= 0)
+        keep_rows = np.flatnonzero(cf.matching_rows(side.tokens, matchers))
         topic_mask = subspace_runner.topic_rows(side.doc_ids, side.tokens, topic_words)
         c = stream_codes(side.sae.sae, side.acts, keep_rows, topic_mask, cfg["chunk_size"])
         codes.append(c)
@@ -636,7 +630,7 @@ def run_lm(run, cfg: dict) -> dict:
             "graph_threshold": cfg["graph_threshold"],
             "spectral_max_features": cfg["spectral_max_features"],
         },
-        "groups": {g: sorted(w) for g, w in groups.items()},
+        "groups": {g: concepts.describe_group(w) for g, w in groups.items()},
         "full_corpus": full,
         "topic_control": topic_res,
         "alpha": cfg["alpha"],

@@ -22,7 +22,7 @@ VARIANTS = {
 
 
 def sae_dictionaries(run, pair, variant: str, cfg: dict) -> list:
-    """TopK SAEs on both models' activations: returns ``[(W_dec, codes), (W_dec, codes)]``.
+    """SAEs (``--sae_activation``) on both models' activations: ``[(W_dec, codes)] * 2``.
 
     Trained (or loaded when finished) by `experiments.pipeline.saes.obtain`, so each side's
     SAE has its own role-derived init seed and data order, like every pipeline's SAEs.
@@ -35,8 +35,9 @@ def sae_dictionaries(run, pair, variant: str, cfg: dict) -> list:
     width = cfg["sae_width"] or 2 * pair.n_features
     recipe = sae_train.TrainConfig(
         d_sae=width,
-        activation="topk",
+        activation=cfg["sae_activation"],
         k=cfg["sae_k"],
+        l1_coeff=cfg["sae_l1_coeff"],
         lr=cfg["sae_lr"],
         dead_tokens=cfg["sae_dead_tokens"],
     )
@@ -82,6 +83,8 @@ def run_variant(run, variant: str, cfg: dict) -> dict:
         n_tokens=cfg["n_tokens"],
         noise=cfg["noise"],
         circle_offset=cfg["circle_offset"],
+        concept_min_magnitude=cfg["concept_magnitude"],
+        circle_unique=cfg["circle_unique"],
         **VARIANTS[variant],
     )
     item_tokens = pair.concept_token_ids()

@@ -369,7 +369,7 @@ def main(run, settings) -> dict:
     if topic_name not in topic_groups:
         try:
             topic_name = concepts.canonical_name(topic_name)
-            topic_groups[topic_name] = concepts.make_group(topic_name, concepts.BUILTIN[topic_name])
+            topic_groups[topic_name] = concepts.builtin_group(topic_name)
         except concepts.ConceptError:
             raise concepts.ConceptError(
                 f"--topic {settings.topic!r}: not a built-in group nor one of the selected groups"
@@ -406,7 +406,7 @@ def main(run, settings) -> dict:
             "data": sides.description,
             "config": dataclasses.asdict(cfg),
             "alpha": alpha,
-            "keywords": {g: sorted(w) for g, w in groups.items()},
+            "keywords": {g: concepts.describe_group(w) for g, w in groups.items()},
             "matching_rule": "case-insensitive; whitespace and sub-word markers (Ġ ▁ Ċ, leading "
             "##) stripped; whole-token equality; a feature joins a group when "
             f"one of its top {cfg.member_top_n} activating tokens matches",
