@@ -141,8 +141,7 @@ def _plot_loss(run: common.Run) -> None:
     ax.set_ylabel("reconstruction MSE")
     ax.set_title("demo: linear autoencoder")
     fig.tight_layout()
-    fig.savefig(os.path.join(run.plots_dir, "loss.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, "loss.png"), dpi=120)
 
 
 def body(run, settings):

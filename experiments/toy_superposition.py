@@ -253,8 +253,7 @@ def _plot_pentagon(run: common.Run, res: dict) -> None:
     axes[2, 0].set_ylabel("||W_i|| (colour: superposition)")
     fig.suptitle("5 features in 2 dims (importance 0.9^i; colour = importance rank)")
     fig.tight_layout()
-    fig.savefig(os.path.join(run.plots_dir, "pentagon.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, "pentagon.png"), dpi=120)
 
 
 def _plot_dimensionality(run: common.Run, res: dict) -> None:
@@ -280,8 +279,7 @@ def _plot_dimensionality(run: common.Run, res: dict) -> None:
     )
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(run.plots_dir, "dimensionality.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, "dimensionality.png"), dpi=120)
 
 
 def _plot_phase(run: common.Run, res: dict) -> None:
@@ -309,8 +307,7 @@ def _plot_phase(run: common.Run, res: dict) -> None:
         fontsize=8,
     )
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(os.path.join(run.plots_dir, "phase_diagram.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, "phase_diagram.png"), dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -220,8 +220,7 @@ def plot_density_histograms(path: str, labels, densities) -> None:
         ax.set_xlabel("log10 density (-10 = dead)", fontsize=7)
     fig.suptitle("Feature density on held-out rows", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def plot_sweep(path: str, rows: list[dict], n_true: int, pairs: list[dict] = ()) -> None:
@@ -266,8 +265,7 @@ def plot_sweep(path: str, rows: list[dict], n_true: int, pairs: list[dict] = ())
         ax.axis("off")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 # -- the run ----------------------------------------------------------------------------------
