@@ -340,14 +340,13 @@ def run_toy_superposition(run: common.Run, settings: dict) -> dict:
     # One metrics.jsonl for the run: every sweep's lines, tagged with the sweep name.
     rows = []
     sweep_dir = run.path("sweeps")
-    for name in sorted(os.listdir(sweep_dir)) if os.path.isdir(sweep_dir) else []:
+    sweep = metrics_io.epath_of(sweep_dir)
+    for name in sorted(p.name for p in sweep.iterdir()) if sweep.is_dir() else []:
         for row in metrics_io.read_jsonl(os.path.join(sweep_dir, name, "metrics.jsonl")):
             rows.append({"sweep": name, **row})
-    with open(run.metrics_path, "w", encoding="utf-8") as f:
-        import json
+    import json
 
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    metrics_io.write_text(run.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
     results["summary"] = _summary(results)
     return results
 

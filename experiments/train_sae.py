@@ -490,11 +490,8 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         name = sae_train.group_name(g, [configs[i] for i in members])
         for r in metrics_io.read_jsonl(run.path(name, "metrics.jsonl")):
             lines.append({"group": name, **r})
-    with open(
-        run.metrics_path if jax.process_index() == 0 else os.devnull, "w", encoding="utf-8"
-    ) as f:
-        for r in lines:
-            f.write(json.dumps(r) + "\n")
+    if jax.process_index() == 0:
+        metrics_io.write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in lines))
 
     labels = sae_train.unique_labels(configs)
     rows, densities = [], []
