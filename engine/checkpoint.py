@@ -139,13 +139,15 @@ class Checkpointer:
         return None
 
     def _set_aside(self, step: int) -> str:
+        from engine import metrics_io
+
         root = os.path.join(self.directory, "damaged")
-        os.makedirs(root, exist_ok=True)
+        metrics_io.makedirs(root)
         n = 0
-        while os.path.exists(os.path.join(root, f"{step}-{n}")):
+        while metrics_io.exists(os.path.join(root, f"{step}-{n}")):
             n += 1
         dest = os.path.join(root, f"{step}-{n}")
-        os.replace(os.path.join(self.directory, str(step)), dest)
+        metrics_io.epath_of(os.path.join(self.directory, str(step))).rename(dest)
         self._manager.reload()
         return dest
 

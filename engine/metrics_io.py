@@ -51,36 +51,71 @@ def _primary() -> bool:
     return jax is None or jax.process_index() == 0
 
 
+# Files under a run directory go through `etils.epath` (one mechanism for local folders and
+# object stores such as ``gs://bucket/run``, the same one orbax uses for checkpoints): code
+# that writes run outputs calls these instead of open / os.makedirs / os.replace.
+
+
+def epath_of(path: str):
+    """``path`` as an `etils.epath.Path` (local or remote)."""
+    from etils import epath
+
+    return epath.Path(path)
+
+
+def exists(path: str) -> bool:
+    return epath_of(path).exists()
+
+
+def makedirs(path: str) -> None:
+    epath_of(path).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes a file whole: locally through a temporary file and a rename (a killed run never
+    leaves half a file); on an object store in one put (objects appear whole)."""
+    p = epath_of(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(path):
+        p.write_bytes(data)
+        return
+    tmp = epath_of(f"{path}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(p)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def read_text(path: str) -> str:
+    return epath_of(path).read_text(encoding="utf-8")
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON atomically (write then rename); only in process 0 of
-    a multi-process run, and through `etils.epath` for remote paths."""
+    """Writes ``obj`` as indented JSON atomically (`write_bytes`); only in process 0 of a
+    multi-process run."""
     if not _primary():
         return
-    if is_remote(path):
-        from etils import epath
-
-        epath.Path(path).write_text(json.dumps(to_jsonable(obj), indent=2) + "\n")
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(to_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 def read_jsonl(path: str) -> list[dict]:
     """The JSON objects of a metrics file; a half-written line (a killed run) is skipped."""
-    if not os.path.exists(path):
+    if not exists(path):
         return []
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict):
-                rows.append(r)
+    for line in read_text(path).splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict):
+            rows.append(r)
     return rows
 
 
@@ -95,28 +130,24 @@ class MetricWriter:
         self.path = path
         # Only process 0 of a multi-process run writes (the others hold the same metrics).
         self.enabled = _primary()
-        if self.enabled and not is_remote(path):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if self.enabled:
+            makedirs(str(epath_of(path).parent))
 
     def truncate_after(self, step: int) -> None:
         """Keeps only lines with ``step <= step`` (a half-written last line of a killed run
         is dropped too)."""
-        if not self.enabled or is_remote(self.path):
+        if not self.enabled or not exists(self.path):
             return
         rows = [r for r in read_jsonl(self.path) if int(r.get("step", -1)) <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
+        line = json.dumps({"step": int(step), **to_jsonable(dict(metrics))}) + "\n"
+        p = epath_of(self.path)
         if is_remote(self.path):  # object stores cannot append: rewrite the file
-            from etils import epath
-
-            p = epath.Path(self.path)
-            old = p.read_text() if p.exists() else ""
-            p.write_text(old + json.dumps({"step": int(step), **to_jsonable(dict(metrics))}) + "\n")
+            p.write_text((p.read_text() if p.exists() else "") + line)
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), **to_jsonable(dict(metrics))}) + "\n")
+        with p.open("a") as f:
+            f.write(line)

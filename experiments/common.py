@@ -52,11 +52,9 @@ Usage: an experiment's settings are a config module ``experiments/configs/<name>
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging as pylogging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -631,13 +629,12 @@ def check_workdir(workdir: str, fingerprint: dict, overwrite: bool) -> str:
     """
     path = os.path.join(workdir, FINGERPRINT)
     old = None
-    if os.path.exists(path):
+    if metrics_io.exists(path):
         try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
+            old = metrics_io.read_json(path)
         except (OSError, ValueError):
             old = {"settings": {"<unreadable fingerprint.json>": True}}
-    elif os.path.exists(os.path.join(workdir, "config.json")):
+    elif metrics_io.exists(os.path.join(workdir, "config.json")):
         old = {"settings": {"<no fingerprint: run made by an older version>": True}}
     if old is None:
         return "new"
@@ -656,7 +653,7 @@ def check_workdir(workdir: str, fingerprint: dict, overwrite: bool) -> str:
             )
         clear_workdir(workdir)
         return "overwritten"
-    if old.get("finished") and os.path.exists(os.path.join(workdir, "results.json")):
+    if old.get("finished") and metrics_io.exists(os.path.join(workdir, "results.json")):
         if overwrite:
             clear_workdir(workdir)
             return "overwritten"
@@ -669,12 +666,11 @@ def check_workdir(workdir: str, fingerprint: dict, overwrite: bool) -> str:
 
 def clear_workdir(workdir: str) -> None:
     """Removes everything in a run directory (outputs, checkpoints, caches under it)."""
-    for name in os.listdir(workdir):
-        p = os.path.join(workdir, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
+    for p in metrics_io.epath_of(workdir).iterdir():
+        if p.is_dir() and not os.path.islink(os.fspath(p)):  # a link is removed, not followed
+            p.rmtree()
         else:
-            os.remove(p)
+            p.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,7 +723,7 @@ class Run:
     def plots_dir(self) -> str:
         path = os.path.join(self.workdir, "plots")
         if metrics_io._primary():  # several processes: process 0 alone writes
-            os.makedirs(path, exist_ok=True)
+            metrics_io.makedirs(path)
         return path
 
     @property
@@ -762,10 +758,9 @@ class Run:
     def finish(self) -> None:
         """Marks the run finished in its fingerprint (a rerun then has nothing to do)."""
         path = self.path(FINGERPRINT)
-        if not os.path.exists(path):
+        if not metrics_io.exists(path):
             return
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
+        rec = metrics_io.read_json(path)
         rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         metrics_io.write_json(path, rec)
 
@@ -810,12 +805,11 @@ def _claim_workdir(
     """Process 0: checks the workdir against this run's fingerprint and records it."""
     previous = None
     try:
-        with open(os.path.join(workdir, FINGERPRINT), encoding="utf-8") as f:
-            previous = json.load(f)
+        previous = metrics_io.read_json(os.path.join(workdir, FINGERPRINT))
     except (OSError, ValueError):
         pass
     fingerprint = make_fingerprint(values, data, exclude, previous)
-    os.makedirs(workdir, exist_ok=True)
+    metrics_io.makedirs(workdir)
     state = check_workdir(workdir, fingerprint, overwrite)
     fingerprint["created"] = (previous or {}).get("created") if state == "resume" else None
     fingerprint["created"] = fingerprint["created"] or time.strftime(
@@ -897,33 +891,30 @@ def start(
         num_processes=settings["num_processes"],
         process_id=settings["process_id"],
     )
+    # gs:// and other remote workdirs pass through (every file goes through the run-directory
+    # file API, `engine.metrics_io`, and orbax), fingerprint check included.
     remote = metrics_io.is_remote(settings["workdir"])
     values = dict(values)
     values.update(config or {})
-    if remote:
-        # gs:// and other remote workdirs pass through to orbax; the fingerprint files are
-        # local-only (a remote rerun is not checked: say so).
-        workdir = metrics_io.resolve_dir(settings["workdir"])
-        state = "remote (fingerprint not checked)"
-        logging.warning("workdir %s is remote: the rerun fingerprint check is skipped", workdir)
-    else:
+    if not remote:
         problems = workdir_problems(settings["workdir"])
         if problems:
             raise ConfigError(problems[0])
-        workdir = os.path.abspath(settings["workdir"])
-        # Process 0 alone reads, checks (and with --overwrite clears) the shared workdir; the
-        # others follow its decision, so no two processes race on the same files.
-        outcome: BaseException | str = "new"
-        if mesh_lib.is_primary():
-            try:
-                outcome = _claim_workdir(
-                    workdir, values, data, exclude, bool(settings.get("overwrite", False))
-                )
-            except (ConfigError, NothingToDo) as e:
-                outcome = e
-        state = _follow_primary(outcome)
+    workdir = metrics_io.resolve_dir(settings["workdir"])
+    # Process 0 alone reads, checks (and with --overwrite clears) the shared workdir; the
+    # others follow its decision, so no two processes race on the same files.
+    outcome: BaseException | str = "new"
+    if mesh_lib.is_primary():
+        try:
+            outcome = _claim_workdir(
+                workdir, values, data, exclude, bool(settings.get("overwrite", False))
+            )
+        except (ConfigError, NothingToDo) as e:
+            outcome = e
+    state = _follow_primary(outcome)
     if mesh_lib.is_primary() and not remote:
-        # Only process 0 writes the log file; the others log to stderr.
+        # Only process 0 writes the log file (absl writes local files only: a remote run
+        # logs to stderr); the others log to stderr.
         handler = logging.get_absl_handler()
         handler.use_absl_log_file("log", workdir)
         if not any(isinstance(f, _ProjectOnly) for f in handler.filters):
@@ -948,11 +939,11 @@ def dry_run(
     exclude: Iterable[str] = (),
 ) -> str:
     """What `start` would do with this workdir, without touching it (one line)."""
-    workdir = os.path.abspath(settings["workdir"])
+    workdir = metrics_io.resolve_dir(settings["workdir"])
     values = dict(settings)
     values.update(config or {})
     fingerprint = make_fingerprint(values, data, exclude)
-    if not os.path.isdir(workdir):
+    if not metrics_io.epath_of(workdir).is_dir():
         return f"dry run: settings OK; would start a new run in {workdir}"
     try:
         state = check_workdir(workdir, fingerprint, overwrite=False)
@@ -965,8 +956,22 @@ def dry_run(
 
 
 def load_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return metrics_io.read_json(path)
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+    """Writes a matplotlib figure as PNG through the run-directory file API (local folders and
+    ``gs://`` alike) and closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    if metrics_io._primary():
+        metrics_io.write_bytes(path, buf.getvalue())
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

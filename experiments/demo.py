@@ -46,12 +46,14 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """The demo's logic (importable for tests); returns the results dict."""
+    import io
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from engine import accumulators, streaming, train
+    from engine import accumulators, metrics_io, streaming, train
 
     # -- data and model ---------------------------------------------------------------------
     x = make_data(seed, n_rows, d, latent)
@@ -119,7 +121,10 @@ def run_demo(
             "max_rel_err_cov_xy_vs_float64": rel_err,
         },
     }
-    np.savez(run.path("params.npz"), **jax.device_get(state.params))
+    buf = io.BytesIO()
+    np.savez(buf, **jax.device_get(state.params))
+    if jax.process_index() == 0:
+        metrics_io.write_bytes(run.path("params.npz"), buf.getvalue())
     _plot_loss(run)
     return results
 
@@ -141,8 +146,7 @@ def _plot_loss(run: common.Run) -> None:
     ax.set_ylabel("reconstruction MSE")
     ax.set_title("demo: linear autoencoder")
     fig.tight_layout()
-    fig.savefig(os.path.join(run.plots_dir, "loss.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, "loss.png"), dpi=120)
 
 
 def body(run, settings):

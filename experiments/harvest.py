@@ -96,8 +96,7 @@ def _plot_norms(cache, path: str) -> None:
     ax.set_title(f"{os.path.basename(str(cache.model.get('name')))}: activation norm by position")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def _is_local(name: str) -> bool:

@@ -257,8 +257,7 @@ def _plots(workdir: str, imp, dle) -> None:
         ax.set_ylabel("exact ablation effect  (nats)")
         ax.set_title("attribution vs exact feature ablation")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "ablation_vs_attribution.png"), dpi=110)
-        plt.close(fig)
+        common.save_figure(fig, os.path.join(out, "ablation_vs_attribution.png"), dpi=110)
     attr = imp.attribution[imp.attribution > 0]
     if attr.size:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -266,8 +265,7 @@ def _plots(workdir: str, imp, dle) -> None:
         ax.set_xlabel("log10 mean |attribution| per token")
         ax.set_ylabel("features")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "importance_hist.png"), dpi=110)
-        plt.close(fig)
+        common.save_figure(fig, os.path.join(out, "importance_hist.png"), dpi=110)
     if dle is not None:
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.scatter(dle.norm, imp.attribution, s=6, alpha=0.6)
@@ -275,8 +273,7 @@ def _plots(workdir: str, imp, dle) -> None:
         ax.set_ylabel("mean |attribution|")
         ax.set_yscale("symlog", linthresh=1e-6)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "attribution_vs_dle.png"), dpi=110)
-        plt.close(fig)
+        common.save_figure(fig, os.path.join(out, "attribution_vs_dle.png"), dpi=110)
 
 
 def body(run_, settings) -> None:

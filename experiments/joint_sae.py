@@ -603,8 +603,7 @@ def plots(run, real: list[dict], floor: list[dict]) -> list[str]:
         ax.legend(fontsize=7)
         path = os.path.join(run.plots_dir, f"r_histogram_{r['label']}.png")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        common.save_figure(fig, path, dpi=110)
         paths.append(path)
     fig, ax = plt.subplots(figsize=(6, 4))
     colors = {"crosscoder": "C0", "universal": "C1", "aligned": "C2", "independent": "C3"}
@@ -632,8 +631,7 @@ def plots(run, real: list[dict], floor: list[dict]) -> list[str]:
     ax.legend(fontsize=7)
     path = os.path.join(run.plots_dir, "tradeoff.png")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
     paths.append(path)
     return paths
 

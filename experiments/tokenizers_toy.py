@@ -71,8 +71,7 @@ def _plot(comps: list, path: str, settings) -> None:
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
     fig.suptitle(f"word-level known truth, {settings.tokenizer_a} vs {settings.tokenizer_b}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def run(run_, settings) -> dict:

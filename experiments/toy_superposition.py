@@ -253,8 +253,7 @@ def _plot_pentagon(run: common.Run, res: dict) -> None:
     axes[2, 0].set_ylabel("||W_i|| (colour: superposition)")
     fig.suptitle("5 features in 2 dims (importance 0.9^i; colour = importance rank)")
     fig.tight_layout()
-    fig.savefig(os.path.join(run.plots_dir, "pentagon.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, "pentagon.png"), dpi=120)
 
 
 def _plot_dimensionality(run: common.Run, res: dict) -> None:
@@ -280,8 +279,7 @@ def _plot_dimensionality(run: common.Run, res: dict) -> None:
     )
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(run.plots_dir, "dimensionality.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, "dimensionality.png"), dpi=120)
 
 
 def _plot_phase(run: common.Run, res: dict) -> None:
@@ -309,8 +307,7 @@ def _plot_phase(run: common.Run, res: dict) -> None:
         fontsize=8,
     )
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(os.path.join(run.plots_dir, "phase_diagram.png"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, "phase_diagram.png"), dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,14 +340,13 @@ def run_toy_superposition(run: common.Run, settings: dict) -> dict:
     # One metrics.jsonl for the run: every sweep's lines, tagged with the sweep name.
     rows = []
     sweep_dir = run.path("sweeps")
-    for name in sorted(os.listdir(sweep_dir)) if os.path.isdir(sweep_dir) else []:
+    sweep = metrics_io.epath_of(sweep_dir)
+    for name in sorted(p.name for p in sweep.iterdir()) if sweep.is_dir() else []:
         for row in metrics_io.read_jsonl(os.path.join(sweep_dir, name, "metrics.jsonl")):
             rows.append({"sweep": name, **row})
-    with open(run.metrics_path, "w", encoding="utf-8") as f:
-        import json
+    import json
 
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    metrics_io.write_text(run.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
     results["summary"] = _summary(results)
     return results
 

@@ -220,8 +220,7 @@ def plot_density_histograms(path: str, labels, densities) -> None:
         ax.set_xlabel("log10 density (-10 = dead)", fontsize=7)
     fig.suptitle("Feature density on held-out rows", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def plot_sweep(path: str, rows: list[dict], n_true: int, pairs: list[dict] = ()) -> None:
@@ -266,8 +265,7 @@ def plot_sweep(path: str, rows: list[dict], n_true: int, pairs: list[dict] = ())
         ax.axis("off")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -492,11 +490,8 @@ def run_train_sae(run: common.Run, opts: dict) -> dict:
         name = sae_train.group_name(g, [configs[i] for i in members])
         for r in metrics_io.read_jsonl(run.path(name, "metrics.jsonl")):
             lines.append({"group": name, **r})
-    with open(
-        run.metrics_path if jax.process_index() == 0 else os.devnull, "w", encoding="utf-8"
-    ) as f:
-        for r in lines:
-            f.write(json.dumps(r) + "\n")
+    if jax.process_index() == 0:
+        metrics_io.write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in lines))
 
     labels = sae_train.unique_labels(configs)
     rows, densities = [], []

@@ -75,7 +75,7 @@ def _data(settings) -> dict:
     if settings.preset != "lm":
         return {}
     out = {
-        "text": None if settings.text == "sample" else settings.text,
+        **{f"text.{i}": t for i, t in enumerate(settings.text) if t != "sample"},
         "saes_a": settings.saes_a,
         "saes_b": settings.saes_b,
         "saes_a_ceiling": settings.saes_a_ceiling,

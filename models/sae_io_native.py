@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 
 import jax
@@ -91,13 +90,13 @@ def save_sae(path: str, sae: sae_lib.SAE, overwrite: bool = True) -> str:
     process 0 alone clears the directory and writes the config.
     """
     sae.validate("save_sae")
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
+    path = metrics_io.resolve_dir(path)  # a gs:// path passes through (epath and orbax)
+    if metrics_io.exists(path) and not overwrite:
         raise checks.InputError(f"save_sae: {path} exists (pass overwrite=True)")
     if jax.process_index() == 0:
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.makedirs(path)
+        if metrics_io.exists(path):
+            metrics_io.epath_of(path).rmtree()
+        metrics_io.makedirs(path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -117,14 +116,13 @@ def save_sae(path: str, sae: sae_lib.SAE, overwrite: bool = True) -> str:
 def read_config(path: str) -> sae_lib.SAEConfig:
     """Reads only the config of a saved SAE (cheap: no arrays)."""
     cfg_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
+    if not metrics_io.epath_of(cfg_path).is_file():
         raise checks.InputError(
             f"load_sae: {path} is not a native SAE directory (no "
             f"{CONFIG_FILE}; interrupted save or another format)"
         )
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = json.loads(metrics_io.read_text(cfg_path))
     except (OSError, json.JSONDecodeError) as e:
         raise checks.InputError(f"load_sae: {cfg_path} is not valid JSON ({e})") from None
     except UnicodeDecodeError:
@@ -148,10 +146,10 @@ def read_config(path: str) -> sae_lib.SAEConfig:
 
 def load_sae(path: str) -> sae_lib.SAE:
     """Loads an SAE saved by `save_sae`; checks every shape against the config."""
-    path = os.path.abspath(path)
+    path = metrics_io.resolve_dir(path)
     config = read_config(path)
     params_dir = os.path.join(path, PARAMS_DIR)
-    if not os.path.isdir(params_dir):
+    if not metrics_io.epath_of(params_dir).is_dir():
         raise checks.InputError(f"load_sae: {params_dir} is missing (truncated save)")
     shapes = {
         "W_enc": (config.d_in, config.d_sae),

@@ -1025,9 +1025,7 @@ def train_saes(
             )
         gdir = None if workdir is None else os.path.join(workdir, group_name(g, group))
         if gdir is not None:
-            if mesh_lib.is_primary():  # orbax makes its own folders
-                os.makedirs(gdir, exist_ok=True)
-            metrics_io.write_json(
+            metrics_io.write_json(  # process 0; makes the folder (orbax makes its own)
                 os.path.join(gdir, "group.json"),
                 {
                     "configs": [c.to_dict() for c in group],

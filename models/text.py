@@ -152,6 +152,52 @@ def _file_kind(path: str) -> str:
     )
 
 
+TEXT_EXTENSIONS = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+
+
+def text_files(src: str) -> list[str]:
+    """The text files of one local source: the file itself, or a folder's .txt/.jsonl(.gz)
+    files (sorted, not recursive).
+
+    Raises:
+      InputError: no such path, a folder without text files.
+    """
+    if os.path.isdir(src):
+        files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.endswith(TEXT_EXTENSIONS))
+        if not files:
+            raise checks.InputError(f"text directory {src!r} holds no .txt/.jsonl files")
+        return files
+    if os.path.exists(src):
+        return [src]
+    raise checks.InputError(f"text file {src!r} does not exist")
+
+
+def _has_text(path: str) -> bool:
+    """Whether a text file holds a non-blank line (reads up to the first one)."""
+    return any(line.strip() for line in _text_lines(path))
+
+
+def check_sources(source: str | Sequence[str]) -> None:
+    """Cheap checks of text sources before any model work: every local path exists, has a
+    known extension (a folder: holds such files) and holds some text.
+
+    Raises:
+      InputError: naming the source and what was expected.
+    """
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise checks.InputError("text source: no paths given")
+    for src in sources:
+        if src == "sample" or src.startswith("hf:"):
+            continue
+        files = text_files(src)
+        for f in files:
+            _file_kind(f)
+        if not any(_has_text(f) for f in files):
+            what = "an empty file" if files == [src] else "a folder of empty text files"
+            raise checks.InputError(f"text source {src!r} is {what}; expected some text")
+
+
 def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
     try:
         import datasets  # optional dependency
@@ -208,19 +254,7 @@ def read_documents(
             if src.startswith("hf:"):
                 yield from _hf_documents(src, text_field)
                 continue
-            if os.path.isdir(src):
-                files = sorted(
-                    os.path.join(src, f)
-                    for f in os.listdir(src)
-                    if f.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz"))
-                )
-                if not files:
-                    raise checks.InputError(f"text directory {src!r} holds no .txt/.jsonl files")
-            elif os.path.exists(src):
-                files = [src]
-            else:
-                raise checks.InputError(f"text file {src!r} does not exist")
-            for path in files:
+            for path in text_files(src):
                 if _file_kind(path) == ".txt":
                     yield from _txt_documents(path, txt_split)
                 else:

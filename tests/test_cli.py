@@ -61,6 +61,8 @@ BAD = {
         ({"model_b": "{file}"}, "not a directory"),
         ({"saes_a": "/nonexistent/saes"}, "--saes_a=/nonexistent/saes"),
         ({"text": "/nonexistent/text.txt"}, "--text=/nonexistent/text.txt"),
+        ({"text": ["sample", "{empty}"]}, "is an empty file"),
+        ({"text": ["{dir}"]}, "holds no .txt/.jsonl files"),
         ({"hookpoints_a": ["foo.1"]}, "--hookpoints_a: hookpoint 'foo.1'"),
         ({"hookpoints_a": ["resid_post.x"]}, "--hookpoints_a"),
         ({"hookpoints_b": ["blocks.x.hook_resid_post"]}, "--hookpoints_b"),

@@ -234,3 +234,87 @@ def test_universality_two_processes_equal_one(tmp_path):
     wrote1 = [p for _, p in json.load(open(audit / "process-1.json"))]
     assert str(tmp_path / "mp" / "results.json") in wrote0
     assert [p for p in wrote1 if ".orbax-checkpoint-tmp" not in p] == []
+
+
+# The language-model preset streamed (--lm_activations=stream): each process harvests its
+# shards of the text into the shared caches, SAEs train from the caches, the feature pass
+# streams them. One tiny cell, no reference points (the in-memory path and the floor are
+# covered above and in tests/test_lm_stream.py).
+LM_STREAM = (
+    "--config=experiments/configs/universality_lm.py",
+    "--hookpoints_a=resid_post.0",
+    "--hookpoints_b=resid_post.1",
+    "--max_contexts=8",
+    "--context_length=32",
+    "--sae_steps=20",
+    "--sae_batch_size=64",
+    "--num_permutations=10",
+    "--metrics=svcca,cka",
+    "--ceiling_sides=",
+    "--norandom_init_floor",
+    "--lm_activations=stream",
+    "--noprogress",
+)
+
+
+@pytest.mark.slow
+def test_lm_stream_two_processes_equal_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = REPO
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    mp = subprocess.Popen(
+        [
+            os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
+            "2",
+            "2",
+            "experiments.universality",
+            f"--workdir={tmp_path / 'mp'}",
+            *LM_STREAM,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        out, _ = mp.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        os.killpg(mp.pid, signal.SIGKILL)
+        raise
+    assert mp.returncode == 0, out[-4000:]
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.universality",
+            f"--workdir={tmp_path / 'one'}",
+            "--num_cpu_devices=4",
+            *LM_STREAM,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    # the workdirs differ: paths inside them (the tiny models built there) are compared without
+    got, want = (
+        json.loads(open(tmp_path / w / "results.json").read().replace(str(tmp_path / w), "WD"))
+        for w in ("mp", "one")
+    )
+    assert got["activation_mode"]["mode"] == want["activation_mode"]["mode"] == "stream"
+    assert {s["recipe"]["data"]["source"] for s in got["saes"]} == {"cache"}
+    assert [c["kind"] for c in want["comparisons"]] == ["cross"]
+    assert want["comparisons"][0]["metrics"]
+    _assert_same(got, want)
+    # the shared caches hold the same tokens and activations as the one-process caches
+    from models import activation_cache
+
+    for side in ("a", "b"):
+        cm = activation_cache.ActivationCache(str(tmp_path / "mp" / "activations" / side))
+        c1 = activation_cache.ActivationCache(str(tmp_path / "one" / "activations" / side))
+        np.testing.assert_array_equal(cm.token_ids(), c1.token_ids())
+        assert cm.metadata["token_count"] == c1.metadata["token_count"]

@@ -193,9 +193,16 @@ FIELDS = (
     F("saes_b", None, "SAEs of B (see --saes_a).", type=str),
     F(
         "text",
-        "sample",
-        "Text: a .txt/.jsonl file or folder, or 'sample' (the shipped "
-        "public-domain English sample).",
+        ("sample",),
+        "Text: one or more .txt/.jsonl(.gz) files or folders of them (comma-separated, read in "
+        "order), or 'sample' (the shipped public-domain English sample).",
+    ),
+    F("text_field", "text", "JSON field of the text in .jsonl files."),
+    F(
+        "txt_split",
+        "file",
+        "How a .txt file splits into documents ('line': one record per line).",
+        choices=("file", "paragraph", "line"),
     ),
     F("context_length", 64, "Tokens per context."),
     F("max_contexts", 256, "Contexts read from the text."),
@@ -286,6 +293,18 @@ def _check_references(values) -> None:
     references.parse_sweep(values["sweep"])
 
 
+def _check_text(values) -> None:
+    """Every --text source holds text (an empty file or folder fails here, not after the
+    models are loaded)."""
+    from models import text
+
+    for src in values["text"] or ():
+        try:
+            text.check_sources([src])
+        except ValueError as e:
+            raise ValueError(f"--text={src}: {e}") from None
+
+
 def _pairing_names():
     from experiments.pipeline import pairing
 
@@ -346,7 +365,9 @@ RULES = (
     ),
     common.Path(("saes_a", "saes_b", "saes_a_ceiling", "saes_b_ceiling"), kind="any"),
     common.Path(("cache_a", "cache_b"), kind="dir", what="an activation cache"),
+    common.Check(("text",), lambda v: bool(v["text"]), "--text: expected at least one source"),
     common.Path(("text",), kind="any", special=("sample",)),
+    common.Probe(("text",), _check_text),
     common.Hookpoints(("hookpoints_a", "hookpoints_b")),
     common.Check(
         ("saes_a_ceiling", "saes_a"),

@@ -155,10 +155,12 @@ def prepare(run, settings, lm_a, lm_b, *, cache_paths=None) -> AlignedView | Non
     with the cache's recorded context length, special-token mode and context count, and must
     equal the cache's token ids.
     """
+    from experiments.pipeline import lm_preset
+
     unit = choose_unit(settings.alignment, lm_a.tokenizer, lm_b.tokenizer)
     if unit == "tokens":
         return None
-    docs_all = text_lib.read_documents(settings.text)
+    docs_all = lm_preset.read_text(settings)
     caches = None
     if cache_paths is not None:
         from models import activation_cache

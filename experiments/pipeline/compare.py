@@ -23,7 +23,6 @@ from absl import logging
 
 from engine import checks, metrics_io, similarity
 from engine import fingerprint as fp_lib
-from engine import mesh as mesh_lib
 from experiments.pipeline import feature_pages, features, filters, pairing
 from experiments.pipeline import results as res
 from experiments.pipeline.stepcache import StepCache
@@ -188,10 +187,8 @@ def _write_feature_table(
             )
         return rows
 
-    if mesh_lib.is_primary():  # several processes: process 0 alone writes
-        os.makedirs(os.path.dirname(path), exist_ok=True)
     table = {"a": side("a", tokens_a), "b": side("b", tokens_b)}
-    metrics_io.write_json(path, table)
+    metrics_io.write_json(path, table)  # process 0 alone writes; parents made there
     return table
 
 

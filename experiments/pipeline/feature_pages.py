@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from engine import mesh as mesh_lib
+from engine import metrics_io
 from experiments.pipeline import filters as filters_lib
 from models import sae as sae_lib
 
@@ -377,30 +378,19 @@ def write_export(
         return [
             os.path.join(root, f"batch-{k}.json") for k in range(-(-len(features) // per_batch))
         ]
-    os.makedirs(root, exist_ok=True)
     paths, index = [], []
     for k, s in enumerate(range(0, len(features), per_batch)):
         path = os.path.join(root, f"batch-{k}.json")
         batch = features[s : s + per_batch]
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump(
-                {
-                    "layout": EXPORT_LAYOUT,
-                    "comparison": comparison,
-                    "side": side,
-                    **meta,
-                    "features": batch,
-                },
-                fh,
-                separators=(",", ":"),
-            )
-        os.replace(path + ".tmp", path)
+        page = {"layout": EXPORT_LAYOUT, "comparison": comparison, "side": side, **meta}
+        metrics_io.write_text(path, json.dumps({**page, "features": batch}, separators=(",", ":")))
         paths.append(path)
         index.append(
             {"batch": k, "file": f"batch-{k}.json", "first": s, "last": s + len(batch) - 1}
         )
-    with open(os.path.join(root, "index.json"), "w", encoding="utf-8") as fh:
-        json.dump(
+    metrics_io.write_text(
+        os.path.join(root, "index.json"),
+        json.dumps(
             {
                 "layout": EXPORT_LAYOUT,
                 "comparison": comparison,
@@ -410,7 +400,7 @@ def write_export(
                 **meta,
                 "batches": index,
             },
-            fh,
             indent=1,
-        )
+        ),
+    )
     return paths

@@ -34,7 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine import accumulators, checkpoint, checks, correlation, feature_stats, streaming
+from engine import (
+    accumulators,
+    checkpoint,
+    checks,
+    correlation,
+    feature_stats,
+    metrics_io,
+    streaming,
+)
 from engine import mesh as mesh_lib
 from models import sae as sae_lib
 
@@ -339,6 +347,19 @@ def encode_codes(
     Kept in memory, or (``directory``) appended to raw files and returned memory-mapped, so
     that memory stays at one chunk; a finished directory (``done`` marker) is reused.
     """
+    if directory is not None and metrics_io.is_remote(directory):
+        # Memory-mapped codes need a local file system: a one-process gs:// run keeps them in a
+        # local scratch folder named after the remote one (a rerun on this machine reuses
+        # them); several processes share no local folder, so they keep the codes in memory.
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha256(directory.encode()).hexdigest()[:16]
+        directory = (
+            os.path.join(tempfile.gettempdir(), "sae-universality-codes", digest)
+            if jax.process_count() == 1
+            else None
+        )
     ka, kb = sae_a.config.k, sae_b.config.k
     specs = (
         ("vals_a", np.float32, ka),

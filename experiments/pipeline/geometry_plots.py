@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from experiments import common
+
 
 def _plt():
     import matplotlib
@@ -86,8 +88,7 @@ def plot_circles(run, variant: str, pair, details: dict, cfg: dict) -> None:
         f", {'shared' if pair.shared else 'independent'} geometry)"
     )
     fig.tight_layout()
-    fig.savefig(os.path.join(run.plots_dir, f"circle_{variant}.png"), dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, f"circle_{variant}.png"), dpi=90)
 
 
 def plot_cluster_sizes(run, variant: str, details: dict) -> None:
@@ -115,8 +116,7 @@ def plot_cluster_sizes(run, variant: str, details: dict) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"{variant}: cluster sizes")
     fig.tight_layout()
-    fig.savefig(os.path.join(run.plots_dir, f"cluster_sizes_{variant}.png"), dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, f"cluster_sizes_{variant}.png"), dpi=90)
 
 
 def plot_scores(run, variant: str, res: dict) -> None:
@@ -172,8 +172,7 @@ def plot_scores(run, variant: str, res: dict) -> None:
     ax.set_title(f"{variant}: scores vs permutation nulls", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(run.plots_dir, f"scores_vs_null_{variant}.png"), dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(run.plots_dir, f"scores_vs_null_{variant}.png"), dpi=90)
 
 
 # -- language-model path ---------------------------------------------------------------------
@@ -247,8 +246,7 @@ def plot_lm_circles(path: str, concept, details: list, entry: dict, names: list)
         )
     fig.suptitle(sup, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=90)
 
 
 def plot_group_distances(path: str, gd, names: list) -> None:
@@ -283,5 +281,4 @@ def plot_group_distances(path: str, gd, names: list) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=90)

@@ -37,13 +37,12 @@ Rebuild from an existing workdir::
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
 
+from engine import metrics_io
 from experiments.pipeline.results import (
     HEAD_KEYS,
     KeptPairs,
@@ -177,20 +176,17 @@ def _comparison_data(pairs: KeptPairs, table: dict | None) -> dict:
 
 
 def _load(path: str):
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return metrics_io.read_json(path)
 
 
 def _write_js(path: str, key: str, obj) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        fh.write(f"SAEU.put({json.dumps(key)},{_js_value(obj)});\n")
-    os.replace(path + ".tmp", path)
+    metrics_io.write_text(path, f"SAEU.put({json.dumps(key)},{_js_value(obj)});\n")
 
 
 def write_report(workdir: str, out_dir: str | None = None) -> str:
     """Writes ``out_dir`` (default ``workdir/report``) and returns the path of index.html."""
     results_path = os.path.join(workdir, "results.json")
-    if not os.path.exists(results_path):
+    if not metrics_io.exists(results_path):
         raise ReportError(
             f"--workdir={workdir}: no results.json (run the universality pipeline there first)"
         )
@@ -200,25 +196,25 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
         raise ReportError(str(e)) from None
     out_dir = out_dir or os.path.join(workdir, "report")
     data_dir = os.path.join(out_dir, "data")
-    if os.path.isdir(data_dir):
-        shutil.rmtree(data_dir)
-    os.makedirs(data_dir)
+    # Every file goes through the run-directory file API: a gs:// workdir is written in place.
+    data = metrics_io.epath_of(data_dir)
+    if data.is_dir():
+        data.rmtree()
+    metrics_io.makedirs(data_dir)
     plots = []
-    src_plots = sorted(glob.glob(os.path.join(workdir, "plots", "*.png")))
-    if src_plots:
-        os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    src_plots = sorted(metrics_io.epath_of(workdir).glob("plots/*.png"), key=lambda p: p.name)
     for p in src_plots:
-        shutil.copyfile(p, os.path.join(out_dir, "plots", os.path.basename(p)))
-        plots.append("plots/" + os.path.basename(p))
+        metrics_io.write_bytes(os.path.join(out_dir, "plots", p.name), p.read_bytes())
+        plots.append("plots/" + p.name)
     overview = _overview(results, plots)
     for i, comp in enumerate(results.comparisons):
         name = comp.name
         table_path = os.path.join(workdir, "features", f"{name}.json")
-        table = _load(table_path) if os.path.exists(table_path) else None
+        table = _load(table_path) if metrics_io.exists(table_path) else None
         data = _comparison_data(comp.pairs, table)
         for side in "ab":
             index_path = os.path.join(workdir, "features", name, side, "index.json")
-            if not os.path.exists(index_path):
+            if not metrics_io.exists(index_path):
                 data["has_pages"][side] = None
                 continue
             index = _load(index_path)
@@ -230,14 +226,10 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
                 # The export file is JSON, hence a JS literal: wrap its text unparsed (fast
                 # for 32k-feature runs). Only "</" needs no escaping: this is no inline script.
                 key = f"comp-{i}-{side}-{b['batch']}"
-                with open(
-                    os.path.join(os.path.dirname(index_path), b["file"]), encoding="utf-8"
-                ) as fh:
-                    text = fh.read()
-                out = os.path.join(data_dir, f"{key}.js")
-                with open(out + ".tmp", "w", encoding="utf-8") as fh:
-                    fh.write(f"SAEU.put({json.dumps(key)},{text});\n")
-                os.replace(out + ".tmp", out)
+                text = metrics_io.read_text(os.path.join(os.path.dirname(index_path), b["file"]))
+                metrics_io.write_text(
+                    os.path.join(data_dir, f"{key}.js"), f"SAEU.put({json.dumps(key)},{text});\n"
+                )
         _write_js(os.path.join(data_dir, f"comp-{i}.js"), f"comp-{i}", data)
         overview["comparisons"][i]["has_pages"] = data["has_pages"]
         overview["comparisons"][i]["has_table"] = table is not None
@@ -245,7 +237,7 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
         script = fh.read()
     with open(os.path.join(HERE, "html_report_assets", "report.css"), encoding="utf-8") as fh:
         style = fh.read()
-    title = "universality report: " + os.path.basename(os.path.abspath(workdir))
+    title = "universality report: " + metrics_io.epath_of(workdir).name
     html = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{_escape(title)}</title>\n<style>\n{style}\n</style></head>\n<body>\n"
@@ -254,9 +246,7 @@ def write_report(workdir: str, out_dir: str | None = None) -> str:
         f"<script>\n{script}\n</script>\n</body></html>\n"
     )
     path = os.path.join(out_dir, "index.html")
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        fh.write(html)
-    os.replace(path + ".tmp", path)
+    metrics_io.write_text(path, html)
     return path
 
 

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from engine import checks
+from experiments import common
 from experiments.pipeline import results
 
 
@@ -407,10 +408,8 @@ def plot_deciles(curves: dict[str, list], metric: str, path: str) -> None:
     ax.set_ylabel(f"{metric}: score - null mean")
     ax.set_title(f"{metric} excess over random pairing per importance bin")
     ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------

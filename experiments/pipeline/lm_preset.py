@@ -217,6 +217,20 @@ def _read_caches(settings, setup) -> tuple[dict, dict, list[str], list[str], obj
     return sides[0], sides[1], hps[0], hps[1], contexts
 
 
+def read_text(settings):
+    """The documents of --text: files, folders of .txt/.jsonl files, or the sample, read in
+    the order given (--txt_split, --text_field say how a file splits into documents)."""
+    from models import text as text_lib
+
+    # joint_sae's settings (which share the aligned-units path) have neither knob: the
+    # defaults of `read_documents` apply there
+    return text_lib.read_documents(
+        settings.text,
+        text_field=getattr(settings, "text_field", "text"),
+        txt_split=getattr(settings, "txt_split", "file"),
+    )
+
+
 def _text_used(settings, caches) -> object:
     """The text the activations came from: the caches' recorded text when they were given
     (not the --text default), else --text."""
@@ -388,7 +402,7 @@ def run_lm(run, settings, cfg: compare.CompareConfig, cache) -> dict:
     elif streaming_run:
         hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
         hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
-        docs = text_lib.read_documents(settings.text)
+        docs = read_text(settings)
         contexts = text_lib.make_contexts(
             docs, lm_a.tokenizer, settings.context_length, max_contexts=settings.max_contexts
         )
@@ -408,7 +422,7 @@ def run_lm(run, settings, cfg: compare.CompareConfig, cache) -> dict:
     else:
         hps_a = [h.name for h in lm_a.parse(setup["hookpoints_a"])]
         hps_b = [h.name for h in lm_b.parse(setup["hookpoints_b"])]
-        docs = text_lib.read_documents(settings.text)
+        docs = read_text(settings)
         contexts = (
             text_lib.make_contexts(
                 docs, lm_a.tokenizer, settings.context_length, max_contexts=settings.max_contexts

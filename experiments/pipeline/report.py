@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from experiments import common
 from experiments.pipeline.results import CellResult, ComparisonResult, LayerGrid, MetricResult
 
 ALPHA = 0.01
@@ -146,8 +147,7 @@ def plot_nulls(name: str, metrics: Mapping[str, MetricResult], path: str) -> Non
         ax.axis("off")
     fig.suptitle(f"{name}: score vs random-pairing null", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def plot_matched_correlations(comparisons: Sequence[dict], path: str) -> None:
@@ -168,8 +168,7 @@ def plot_matched_correlations(comparisons: Sequence[dict], path: str) -> None:
     ax.set_ylabel("features")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def plot_reference_bars(comparisons: Sequence[dict], path: str) -> None:
@@ -192,8 +191,7 @@ def plot_reference_bars(comparisons: Sequence[dict], path: str) -> None:
     ax.set_title("excess over the random-pairing null (floor, comparisons, ceiling)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def plot_layer_heatmaps(grid: LayerGrid, plots_dir: str) -> list[str]:
@@ -226,8 +224,7 @@ def plot_layer_heatmaps(grid: LayerGrid, plots_dir: str) -> list[str]:
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         path = os.path.join(plots_dir, f"layers_{metric}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        common.save_figure(fig, path, dpi=110)
         paths.append(path)
     return paths
 
@@ -268,8 +265,7 @@ def plot_replicates(cell: CellResult, path: str) -> bool:
         ax.axis("off")
     fig.suptitle(f"{cell.cell} {cell.condition}: replicates", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
     return True
 
 
@@ -328,6 +324,5 @@ def plot_sweep(cells: Sequence[CellResult], path: str) -> bool:
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
     return True

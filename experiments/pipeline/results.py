@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from engine import metrics_io
+
 
 class ResultsError(ValueError):
     """A results.json (or part of it) that does not have the expected keys (one line)."""
@@ -936,8 +938,7 @@ class RunResults:
     @classmethod
     def load(cls, path: str) -> RunResults:
         try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
+            data = json.loads(metrics_io.read_text(path))
         except json.JSONDecodeError as e:
             raise ResultsError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         return cls.from_json(data, path)

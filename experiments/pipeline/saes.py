@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine import checks
+from engine import checks, metrics_io
 from engine import mesh as mesh_lib
 from models import formats, sae_io_native, sae_train
 from models import sae as sae_lib
@@ -304,7 +304,7 @@ def train_or_load(
     recipe_path = os.path.join(directory, "recipe.json")
     # Process 0's answer on every process: training runs collectives, so all processes must
     # take the same branch.
-    if mesh_lib.agree(os.path.exists(os.path.join(done, "sae_config.json"))):
+    if mesh_lib.agree(metrics_io.exists(os.path.join(done, "sae_config.json"))):
         if recipe is None or _read_json(recipe_path) == json.loads(json.dumps(recipe)):
             return sae_io_native.load_sae(done)
         raise checks.InputError(
@@ -331,17 +331,12 @@ def train_or_load(
     )[0]
     sae_io_native.save_sae(done, sae)  # multi-process: orbax-coordinated
     if recipe is not None and mesh_lib.is_primary():
-        os.makedirs(directory, exist_ok=True)
-        with open(recipe_path, "w", encoding="utf-8") as f:
-            json.dump(recipe, f, indent=1, sort_keys=True)
+        metrics_io.write_text(recipe_path, json.dumps(recipe, indent=1, sort_keys=True))
     return sae
 
 
 def _read_json(path: str):
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return metrics_io.read_json(path) if metrics_io.exists(path) else None
 
 
 def load_for_hookpoint(root: str, hookpoint: str, n_hookpoints: int):

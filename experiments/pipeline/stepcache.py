@@ -13,7 +13,7 @@ is done is process 0's answer (`engine.mesh.agree`).
 
 from __future__ import annotations
 
-import json
+import io
 import os
 from collections.abc import Callable
 from typing import Any
@@ -31,21 +31,21 @@ class StepCache:
     def __init__(self, directory: str):
         self.directory = directory
         if mesh_lib.is_primary():
-            os.makedirs(directory, exist_ok=True)
+            metrics_io.makedirs(directory)
 
     def _path(self, name: str, ext: str) -> str:
         return os.path.join(self.directory, f"{name}.{ext}")
 
     def done(self, name: str) -> bool:
-        return mesh_lib.agree(os.path.exists(self._path(name, "done")))
+        return mesh_lib.agree(metrics_io.exists(self._path(name, "done")))
 
     def load(self, name: str) -> dict:
-        out: dict[str, Any] = {}
-        with open(self._path(name, "json"), encoding="utf-8") as f:
-            out.update(json.load(f))
-        if os.path.exists(self._path(name, "npz")):
-            with np.load(self._path(name, "npz"), allow_pickle=False) as z:
-                out.update({k: z[k] for k in z.files})
+        out: dict[str, Any] = dict(metrics_io.read_json(self._path(name, "json")))
+        npz = self._path(name, "npz")
+        if metrics_io.exists(npz):
+            with metrics_io.epath_of(npz).open("rb") as f:
+                with np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+                    out.update({k: z[k] for k in z.files})
         return out
 
     def save(self, name: str, result: dict) -> None:
@@ -54,12 +54,11 @@ class StepCache:
         arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
         rest = {k: v for k, v in result.items() if k not in arrays}
         if arrays:
-            tmp = self._path(name, "tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, self._path(name, "npz"))
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            metrics_io.write_bytes(self._path(name, "npz"), buf.getvalue())
         metrics_io.write_json(self._path(name, "json"), rest)
-        with open(self._path(name, "done"), "w", encoding="utf-8") as f:
-            f.write("ok\n")
+        metrics_io.write_text(self._path(name, "done"), "ok\n")
 
     def get(self, name: str, compute: Callable[[], dict]) -> dict:
         """Loads step ``name`` if it finished before, else computes and saves it."""

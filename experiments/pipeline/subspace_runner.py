@@ -418,23 +418,16 @@ def main(run, settings) -> dict:
     )
     subspaces.plot_groups(result, os.path.join(run.plots_dir, "groups_vs_null.png"))
     run.write_results(result)
-    import json
-
     from engine import metrics_io
 
-    with open(run.metrics_path, "a", encoding="utf-8") as f:
-        f.write(
-            json.dumps(
-                metrics_io.to_jsonable(
-                    {
-                        "scored": result["counts"]["scored"],
-                        "skipped": result["counts"]["skipped"],
-                        **{f"significant_{m}": len(v) for m, v in result["significant"].items()},
-                    }
-                )
-            )
-            + "\n"
-        )
+    metrics_io.MetricWriter(run.metrics_path).write(
+        0,
+        {
+            "scored": result["counts"]["scored"],
+            "skipped": result["counts"]["skipped"],
+            **{f"significant_{m}": len(v) for m, v in result["significant"].items()},
+        },
+    )
     print("\n".join(summary_lines(result, alpha)))
     print(f"results: {run.path('results.json')}\nplots:   {run.plots_dir}")
     if result["counts"]["scored"] == 0:

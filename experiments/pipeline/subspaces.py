@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from engine import similarity
+from experiments import common
 from experiments.pipeline import compare, concepts, filters, pairing
 from experiments.pipeline.stepcache import StepCache
 from models import sae as sae_lib
@@ -442,5 +443,4 @@ def plot_groups(result: dict, path: str, metrics: Sequence[str] | None = None) -
     axes[0, 0].legend(fontsize=7, ncol=4, loc="lower right")
     axes[0, 0].set_title(f"semantic subspaces: {result['name']} ({result['tokens']} tokens)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
