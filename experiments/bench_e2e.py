@@ -417,6 +417,8 @@ def main(argv):
                 "baseline_median_s": b,
                 "speedup": b / c,
                 "goal_speedup": 1.0,
+                "candidate_cpu_s": [r["cpu_seconds"] for r in runs[kind]],
+                "baseline_cpu_s": [r["cpu_seconds"] for r in runs["script"]],
                 "candidate_compile_s": [r["compile_seconds"] for r in runs[kind]],
                 "candidate_compiles": [r["compiles"] for r in runs[kind]],
                 "candidate_cache_hits": [r["cache_hits"] for r in runs[kind]],
