@@ -5,6 +5,11 @@ An example of the benchmark helper (engine/bench.py) that every bench_*.py uses.
     python -m experiments.bench_accumulator --out=runs/bench/accumulator.json
 
 Both sides get the same thread budget (--threads, recorded in the JSON).
+
+Peer: float64 NumPy in memory (centre both sides, one GEMM ``X^T Y``), the strongest simple
+way to get the same cross-moments: one BLAS call over data that already fits in memory, no
+chunking or device transfers. The candidate streams (bounded memory, resumable) and is float32,
+so it is compared for speed and for its distance to this exact reference.
 """
 
 from __future__ import annotations

@@ -11,6 +11,14 @@ side, B's features a fixed permutation of A's on half the entries, so true pairs
 generated chunk by chunk (deterministic per chunk, so memory holds one chunk; like codes read
 from disk), with the tiling that `features.plan_pass` picks for ``--bfp_memory_budget_gb``.
 
+Peer: none in this script (it measures time and peak memory of the pass at scales where a
+simple script runs out of memory). The peers of its parts are timed elsewhere, interleaved:
+the sparse correlation against scipy.sparse CSR ``A.T @ B`` (`experiments.bench_similarity`,
+section ``correlation``: the strongest simple peer, a compiled sparse-sparse product that
+touches only the ``tokens * k_a * k_b`` nonzero products, as the candidate does), and the
+whole feature pass inside one comparison against a NumPy/torch/scipy script
+(`experiments.bench_e2e`, its end-to-end twin).
+
 Peak memory is this process's maximum resident set size (``resource.getrusage``; run under
 ``/usr/bin/time -v`` to cross-check). Example (the three sizes of issue 13)::
 

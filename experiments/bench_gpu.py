@@ -5,6 +5,8 @@ warm-up, blocked on the result), divided by the device's dense peak at that prec
 (``PEAKS`` by ``jax.devices()[0].device_kind``, or ``--gpu_peak_tflops``). Peer: the raw
 ``jnp.dot`` of the same shape and precision in the same process (what the hardware gives a
 single GEMM; interleaved), so the ratio kernel / GEMM says what the kernel's extra work costs.
+It is the strongest simple peer because every GEMM-bound kernel here is at best one GEMM of
+that shape: nothing simple can beat it, and the vendor peak is the absolute roof.
 
 Kernels: the raw GEMM at bf16 / TF32 (precision DEFAULT) / float32 (HIGHEST);
 `engine.pairwise.max_cosine` (both directions, exact float64 refinement) at DEFAULT and

@@ -9,6 +9,11 @@ Harvest (per model size, per hookpoint depth):
 * ``to_disk``: the whole `models.activation_cache.harvest` (forward + shard files on disk)
   against the in-memory candidate loop over the same contexts: the cost of writing.
 
+Peer and why: ``hf_hidden_states`` is what a researcher writes with transformers (the one
+documented way to get every layer's residual stream); a forward hook that stops the forward
+is the candidate's own trick, so the peer is the strongest simple approach without it. For
+reads, raw ``np.load`` of the same files is the floor any reader pays.
+
 Models are built from configs with random weights (speed does not depend on the weights):
 ``tiny`` (GPT-NeoX, d 64, 2 blocks), ``small`` (GPT-NeoX with Pythia-14m's shape: d 128,
 6 blocks, 4 heads, MLP 512) and, without ``--hv_quick``, ``medium`` (Pythia-70m's shape: d 512,

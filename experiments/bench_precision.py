@@ -19,6 +19,9 @@ comparing with float64, for each GEMM-bound kernel of the project:
 * ``cca``: SVCCA from covariances of rounded inputs: |error| of the score (the design asks
   1e-5 against float64 for the streamed statistics).
 
+Peer: none (an accuracy benchmark, not a speed one): every number is a distance to the float64
+result of the same kernel, the exact reference.
+
 Run (CPU, about a minute)::
 
     python -m experiments.bench_precision --out=runs/bench/precision.json

@@ -10,6 +10,9 @@ feature panels of a clicked pair filled (lazily loaded page batches)::
 
     python -m experiments.bench_report --out=runs/bench/report.json --n_features=32768
 
+Peer: none (it measures what a reader waits for, against the budgets in the report's tests;
+there is no simple alternative report to time against).
+
 `synthetic_workdir` and `headless_chromium` are also what the report tests use.
 """
 

@@ -14,6 +14,10 @@ Four interleaved comparisons (engine.bench: same thread budget, warm-up excluded
 4. ``decode_fwd_bwd``: the decoder alone, forward + backward: `models.sae.gather_combine`
    against scatter-to-dense + matmul.
 
+Peer and why: the plain PyTorch step (dense autograd through ``torch.topk``, torch.optim.Adam)
+is the strongest simple one: it is how SAELens and Gao et al.'s reference code train TopK
+SAEs, runs on the same BLAS, and has no Python per-latent work.
+
 Before timing, one step of each implementation from the same initial weights is compared
 (max |difference| of the updated parameters is written to the JSON) so the baseline is the
 same computation. AuxK runs only when a latent is dead (10M tokens by default, as Gao et al.),

@@ -12,6 +12,10 @@ Interleaved in one process with one thread budget (engine.bench), each call trai
   buffer (`sae_train.source_stream`: what a cache-fed run does, minus the disk).
 * ``bare_step``: the jitted step alone on one device-resident batch (the ceiling).
 
+Peer and why: ``torch_loop`` is the strongest simple loop: data already in memory as one
+tensor (no reader, no shuffle buffer), one fancy-index gather per step, the same plain PyTorch
+step as `experiments.bench_sae`; anything simpler does more work per step.
+
 Run::
 
     python -m experiments.bench_sae_loop --threads=2 --out=runs/bench/sae_loop.json

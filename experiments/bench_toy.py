@@ -15,6 +15,10 @@ the ratio are what is compared, and the projected 10k-step times are reported).
   project's one-uniform data trick, to show how much of the speed-up is the data generator and
   how much is XLA's fused program.
 
+Peer and why: ``torch_arena`` is the strongest simple implementation we know: the instance
+axis inside the weights (one batched einsum for all instances instead of a Python loop over
+models, as ARENA's solution does), fused AdamW, the notebook's data generator.
+
 Both sides get the same thread budget (``--threads``, recorded) and alternate repetitions
 (engine.bench.compare). Before timing, the two implementations are checked to compute the same
 loss on the same W, b and batch (``same_model_max_abs_diff``). Run::

@@ -107,3 +107,31 @@ def test_sparse_codes_match_numpy_reference_and_dense(rng, mesh):
     )
     assert s1.max[7] == pytest.approx(float(v.max())) and s1.max[0] == 0.0
     assert s1.dead[:7].all() and not s1.dead[7]
+
+
+@pytest.mark.parametrize("capacity", [3, 1])
+def test_sparse_top_rows_prefilter_and_its_fallback(rng, mesh, monkeypatch, capacity):
+    """Chunks with many entries per kept slot pre-filter the entries before sorting them
+    (`feature_stats._sparse_top`); capacity 1 overflows it, so the full sort runs instead.
+    Either way the top rows (ties by row, a feature confined to one row group) equal the
+    float64 reference of the densified codes."""
+    monkeypatch.setattr(feature_stats, "PREFILTER_CAPACITY", capacity)
+    features, k, rows, top_n = 12, 4, 500, 2
+    vals, idx, dense = topk_codes(rng, rows, features, k)
+    # feature 5 only in rows r % 4 == 0 (one of the 2 * top_n row groups), with ties
+    in_group = np.arange(rows) % 4 == 0
+    for r in range(rows):
+        if in_group[r] and 5 not in idx[r]:
+            idx[r, 1] = 5
+        elif not in_group[r] and 5 in idx[r]:
+            idx[r, list(idx[r]).index(5)] = next(f for f in range(6, features) if f not in idx[r])
+    dense = np.zeros((rows, features), np.float32)
+    dense[np.arange(rows)[:, None], idx] = vals
+    ids = np.arange(rows, dtype=np.int32) + 7
+    acc = feature_stats.SparseFeatureStatsAccumulator(features, top_n=top_n)
+    st = acc.finalize(
+        accumulators.accumulate(acc, streaming.ChunkStream((vals, idx, ids), 256), mesh)
+    )
+    want = reference_top(dense, top_n)
+    np.testing.assert_array_equal(st.top_rows, np.where(want >= 0, want + 7, -1))
+    np.testing.assert_allclose(st.max, dense.astype(np.float64).max(0), rtol=1e-6)

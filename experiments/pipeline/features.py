@@ -27,6 +27,7 @@ The tiled result equals the single-pass one up to float32 summation order (tests
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -203,14 +204,7 @@ def feature_pass(
             checkpoint_dir=checkpoint_dir,
             progress=progress,
         )
-    parts = _stats_parts(fa, fb, top_n, sparse)
-    if sparse:
-        corr_acc = correlation.CorrelationAccumulator(fa, fb, sparse=True)
-        parts["corr"] = (corr_acc, (1, 2, 3, 4))
-    else:
-        corr_acc = correlation.CorrelationAccumulator(fa, fb)
-        parts["corr"] = (corr_acc, (1, 2))
-    acc = accumulators.Combined(parts)
+    acc, step = _single_pass_program(fa, fb, top_n, sparse, mesh)
     ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir)
     state = accumulators.accumulate(
         acc,
@@ -219,8 +213,8 @@ def feature_pass(
         checkpointer=ckpt,
         save_every=50,
         progress=progress,
-        transform=_transform(sparse),
         params=(sae_a, sae_b),
+        step=step,
     )
     if ckpt is not None:
         ckpt.close()
@@ -230,6 +224,22 @@ def feature_pass(
     return FeaturePass(
         stats_a=out["stats_a"], stats_b=out["stats_b"], matches=matches, corr=result.corr
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _single_pass_program(fa: int, fb: int, top_n: int, sparse: bool, mesh):
+    """The single pass's accumulator and its compiled step, built once per shape and mesh:
+    every comparison of a grid (and every rerun in one process) reuses the jitted step
+    instead of tracing it again and fetching it from the persistent compilation cache
+    (~0.3-0.6 s per comparison on 2 cores)."""
+    parts = _stats_parts(fa, fb, top_n, sparse)
+    if sparse:
+        parts["corr"] = (correlation.CorrelationAccumulator(fa, fb, sparse=True), (1, 2, 3, 4))
+    else:
+        parts["corr"] = (correlation.CorrelationAccumulator(fa, fb), (1, 2))
+    acc = accumulators.Combined(parts)
+    # Chunks are (row_ids, acts_a, acts_b): three arrays in, the transform encodes them.
+    return acc, accumulators.make_sharded_update(acc, mesh, 3, _transform(sparse))
 
 
 def _stats_parts(fa: int, fb: int, top_n: int, sparse: bool) -> dict:
