@@ -42,6 +42,9 @@ setup(
         "test": [
             "pytest>=9.2",
             "hypothesis>=6.170",
+            # `-n 2`: two test workers (the suite is mostly single-threaded compiles and
+            # entry-point start-ups, so two workers use both cores of the CI machine).
+            "pytest-xdist>=3.8",
             "torch==2.13.0",
             # Lint and type check run by .ci/run (configured in pyproject.toml; pinned so a
             # new release cannot turn CI red on unchanged code).
