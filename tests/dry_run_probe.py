@@ -22,8 +22,11 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Imported once, shared by every child (no JAX backend is started here: forking is safe).
+import flax  # noqa: E402, F401
 import jax  # noqa: E402, F401
+import ml_collections  # noqa: E402, F401
 import numpy  # noqa: E402, F401
+import optax  # noqa: E402, F401
 from absl import app, flags, logging  # noqa: E402, F401
 
 from experiments import common  # noqa: E402, F401

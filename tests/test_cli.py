@@ -494,6 +494,7 @@ def documented_flags(module: str) -> set[str]:
     return flags
 
 
+@pytest.mark.slow  # ~45 s on 2 shared cores (was ~200 s with one fresh Python per command)
 def test_documented_commands_parse_and_validate(tmp_path):
     """Each documented command passes flag parsing and the settings checks (`--dry_run`);
     placeholders (DIR_A, SAES_A, corpus.jsonl, weights) may only fail as missing paths.
