@@ -16,6 +16,7 @@ then of the order of the spread, so float32 agrees with a float64 reference to ~
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -99,6 +100,22 @@ def make_sharded_update(acc: Accumulator, mesh, num_arrays: int, transform: Call
     return step
 
 
+@functools.lru_cache(maxsize=64)
+def _init_program(acc: Accumulator, mesh):
+    # Cached per (accumulator, mesh): ``jax.jit(acc.init)`` on a fresh bound method misses
+    # jit's cache, so callers folding many small inputs (loop nulls, bootstrap, calibration
+    # tests) would otherwise compile the same zeros program once per call.
+    return jax.jit(acc.init, out_shardings=mesh_lib.replicated(mesh))
+
+
+def _fresh_state(acc: Accumulator, mesh) -> Any:
+    try:
+        program = _init_program(acc, mesh)  # type: ignore[arg-type]
+    except TypeError:  # an unhashable accumulator: compile for this call only
+        program = jax.jit(acc.init, out_shardings=mesh_lib.replicated(mesh))
+    return program()
+
+
 def accumulate(
     acc: Accumulator,
     stream,
@@ -135,11 +152,7 @@ def accumulate(
     mesh_lib.check_divisible(mesh, stream.chunk_size, f"{stream.name} chunk_size")
     # A fresh state is built by ONE compiled program placed on the mesh (eager zeros and
     # per-leaf copies would each compile a small program: dozens per comparison).
-    state = (
-        jax.jit(acc.init, out_shardings=mesh_lib.replicated(mesh))()
-        if state is None
-        else mesh_lib.replicate(mesh, state, copy=True)
-    )
+    state = _fresh_state(acc, mesh) if state is None else mesh_lib.replicate(mesh, state, copy=True)
     params = mesh_lib.replicate(mesh, params)
     step_count = 0
     if checkpointer is not None:
