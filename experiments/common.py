@@ -152,6 +152,21 @@ COMMON_FIELDS = (
 )
 
 
+def text_fields(text_help: str) -> tuple[Field, ...]:
+    """``--text`` and how its files split into documents (``models.text.read_documents``'s
+    options), one definition for every experiment that reads text itself."""
+    return (
+        Field("text", ("sample",), text_help),
+        Field("text_field", "text", "JSON field of the text in .jsonl files (and datasets)."),
+        Field(
+            "txt_split",
+            "file",
+            "How a .txt file splits into documents ('line': one record per line).",
+            choices=("file", "paragraph", "line"),
+        ),
+    )
+
+
 def define_fields(
     fields: Iterable[Field],
     values: Mapping[str, Any] | None = None,

@@ -53,3 +53,20 @@ def mesh(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def _measured_slow() -> frozenset[str]:
+    """Node ids listed in tests/slow_tests.txt (measured > ~3 s), without their comments."""
+    path = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
+    with open(path, encoding="utf-8") as f:
+        lines = (line.split("#", 1)[0].strip() for line in f)
+        return frozenset(line for line in lines if line)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Measured durations mark the fast subset's exclusions (one list, regenerated from a
+    # --durations=0 run) rather than hand-placed decorators that drift as tests change.
+    slow = _measured_slow()
+    for item in items:
+        if item.nodeid in slow:
+            item.add_marker(pytest.mark.slow)

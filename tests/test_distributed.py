@@ -170,16 +170,13 @@ def _files(root) -> set:
     return out
 
 
-@pytest.mark.slow
-def test_universality_two_processes_equal_one(tmp_path):
-    """`launch/cpu_multiprocess.sh 2 2 experiments.universality` (2 processes x 2 CPU devices,
-    gloo) writes the results.json of a 1-process run on 4 devices, and process 1 writes no
-    file (only orbax's own per-process checkpoint metadata, inside orbax's folders)."""
+def _run_two_and_one(tmp_path, args, *, mp_env=None, mp_timeout, one_timeout) -> None:
+    """``experiments.universality ARGS`` as 2 processes x 2 CPU devices (gloo, through
+    `launch/cpu_multiprocess.sh`) into tmp_path/mp and as 1 process x 4 devices into
+    tmp_path/one; both must exit 0."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = REPO
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    audit = tmp_path / "audit"
-    audit.mkdir()
     # its own process group: a timeout takes the launcher and both processes down
     mp = subprocess.Popen(
         [
@@ -188,13 +185,9 @@ def test_universality_two_processes_equal_one(tmp_path):
             "2",
             "experiments.universality",
             f"--workdir={tmp_path / 'mp'}",
-            *UNIVERSALITY,
+            *args,
         ],
-        env={
-            **env,
-            "WRITE_AUDIT": str(audit),
-            "PYTHON": f"{sys.executable} {os.path.join(REPO, 'tests', 'write_audit.py')}",
-        },
+        env={**env, **(mp_env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -202,7 +195,7 @@ def test_universality_two_processes_equal_one(tmp_path):
         start_new_session=True,
     )
     try:
-        out, _ = mp.communicate(timeout=2400)
+        out, _ = mp.communicate(timeout=mp_timeout)
     except subprocess.TimeoutExpired:
         os.killpg(mp.pid, signal.SIGKILL)
         raise
@@ -214,15 +207,34 @@ def test_universality_two_processes_equal_one(tmp_path):
             "experiments.universality",
             f"--workdir={tmp_path / 'one'}",
             "--num_cpu_devices=4",
-            *UNIVERSALITY,
+            *args,
         ],
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=one_timeout,
         cwd=REPO,
     )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_universality_two_processes_equal_one(tmp_path):
+    """`launch/cpu_multiprocess.sh 2 2 experiments.universality` (2 processes x 2 CPU devices,
+    gloo) writes the results.json of a 1-process run on 4 devices, and process 1 writes no
+    file (only orbax's own per-process checkpoint metadata, inside orbax's folders)."""
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    _run_two_and_one(
+        tmp_path,
+        UNIVERSALITY,
+        mp_env={
+            "WRITE_AUDIT": str(audit),
+            "PYTHON": f"{sys.executable} {os.path.join(REPO, 'tests', 'write_audit.py')}",
+        },
+        mp_timeout=2400,
+        one_timeout=1800,
+    )
     got = json.load(open(tmp_path / "mp" / "results.json"))
     want = json.load(open(tmp_path / "one" / "results.json"))
     assert {c["kind"] for c in want["comparisons"]} >= {"cross", "floor"}
@@ -259,47 +271,7 @@ LM_STREAM = (
 
 @pytest.mark.slow
 def test_lm_stream_two_processes_equal_one(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = REPO
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    mp = subprocess.Popen(
-        [
-            os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
-            "2",
-            "2",
-            "experiments.universality",
-            f"--workdir={tmp_path / 'mp'}",
-            *LM_STREAM,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        start_new_session=True,
-    )
-    try:
-        out, _ = mp.communicate(timeout=1200)
-    except subprocess.TimeoutExpired:
-        os.killpg(mp.pid, signal.SIGKILL)
-        raise
-    assert mp.returncode == 0, out[-4000:]
-    one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.universality",
-            f"--workdir={tmp_path / 'one'}",
-            "--num_cpu_devices=4",
-            *LM_STREAM,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    _run_two_and_one(tmp_path, LM_STREAM, mp_timeout=1200, one_timeout=900)
     # the workdirs differ: paths inside them (the tiny models built there) are compared without
     got, want = (
         json.loads(open(tmp_path / w / "results.json").read().replace(str(tmp_path / w), "WD"))

@@ -28,18 +28,9 @@ FIELDS = (
         "mlp_out.L (also SAELens blocks.L.hook_resid_post or sparsify layers.L; negative L from "
         "end).",
     ),
-    F(
-        "text",
-        ("sample",),
+    *common.text_fields(
         "Text: .txt/.jsonl files or folders, 'sample' (shipped KJV sample), "
-        "or hf:NAME[:CONFIG][@SPLIT] when `datasets` is installed.",
-    ),
-    F("text_field", "text", "JSON field of the text (.jsonl, datasets)."),
-    F(
-        "txt_split",
-        "file",
-        "How a .txt file splits into documents.",
-        choices=("file", "paragraph", "line"),
+        "or hf:NAME[:CONFIG][@SPLIT] when `datasets` is installed."
     ),
     F("context_length", 128, "Tokens per context (special tokens included)."),
     F(

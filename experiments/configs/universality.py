@@ -191,18 +191,9 @@ FIELDS = (
         type=str,
     ),
     F("saes_b", None, "SAEs of B (see --saes_a).", type=str),
-    F(
-        "text",
-        ("sample",),
+    *common.text_fields(
         "Text: one or more .txt/.jsonl(.gz) files or folders of them (comma-separated, read in "
-        "order), or 'sample' (the shipped public-domain English sample).",
-    ),
-    F("text_field", "text", "JSON field of the text in .jsonl files."),
-    F(
-        "txt_split",
-        "file",
-        "How a .txt file splits into documents ('line': one record per line).",
-        choices=("file", "paragraph", "line"),
+        "order), or 'sample' (the shipped public-domain English sample)."
     ),
     F("context_length", 64, "Tokens per context."),
     F("max_contexts", 256, "Contexts read from the text."),
