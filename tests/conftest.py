@@ -55,18 +55,27 @@ def rng():
     return np.random.default_rng(0)
 
 
-def _measured_slow() -> frozenset[str]:
-    """Node ids listed in tests/slow_tests.txt (measured > ~3 s), without their comments."""
+def _measured_slow() -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
+    """tests/slow_tests.txt without comments: node ids measured over ~3 s, and
+    ``fixture FILE::NAME`` lines (every test of FILE that uses that expensive fixture)."""
     path = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
     with open(path, encoding="utf-8") as f:
-        lines = (line.split("#", 1)[0].strip() for line in f)
-        return frozenset(line for line in lines if line)
+        lines = [line.split("#", 1)[0].strip() for line in f]
+    ids = frozenset(line for line in lines if line and not line.startswith("fixture "))
+    fixtures = frozenset(
+        tuple(line.removeprefix("fixture ").strip().split("::", 1))  # type: ignore[misc]
+        for line in lines
+        if line.startswith("fixture ")
+    )
+    return ids, fixtures
 
 
 def pytest_collection_modifyitems(config, items):
     # Measured durations mark the fast subset's exclusions (one list, regenerated from a
     # --durations=0 run) rather than hand-placed decorators that drift as tests change.
-    slow = _measured_slow()
+    slow, fixtures = _measured_slow()
     for item in items:
-        if item.nodeid in slow:
+        file = item.nodeid.split("::", 1)[0]
+        uses = getattr(item, "fixturenames", ())
+        if item.nodeid in slow or any(f == file and n in uses for f, n in fixtures):
             item.add_marker(pytest.mark.slow)
