@@ -47,6 +47,11 @@ def test_missing_directory_is_refused_naming_the_flag(built, tmp_path):
     )
     with pytest.raises(checks.InputError, match="^--model_a="):
         sides.resolve(run, missing, paths.b, seed=3)
+    # Refused before the other side's tiny pair is built (no expensive work first).
+    fresh = _Run(tmp_path / "fresh")
+    with pytest.raises(checks.InputError, match="^--model_b="):
+        sides.resolve(fresh, "tiny", missing, seed=3)
+    assert not os.path.exists(fresh.path("tiny_models"))
 
 
 def test_same_directory_is_loaded_once_and_hookpoints_are_canonical(built):

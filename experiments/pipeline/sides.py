@@ -79,6 +79,10 @@ def resolve(
     from models import lm_tiny, planted_lm
 
     paths = [model_a, model_b]
+    # A bad local path is refused before a tiny / planted pair is built for the other side.
+    for flag, spec in zip(("--model_a", "--model_b"), paths):
+        if spec not in SPECIAL:
+            check_local(flag, spec)
     corpus = None
     if "tiny" in paths:
         tiny = lm_tiny.make_tiny_model_pair(
@@ -91,8 +95,6 @@ def resolve(
         )
         paths = [{"planted": p}.get(s, s) for s, p in zip(paths, (pair.path_a, pair.path_b))]
         corpus = pair.corpus
-    for flag, path in zip(("--model_a", "--model_b"), paths):
-        check_local(flag, path)
     return Paths(paths[0], paths[1], corpus)
 
 
