@@ -266,6 +266,21 @@ BAD = {
 }
 
 
+def _json_probe(script_args: list[str], payload, *, timeout: int):
+    """Runs ``tests/<script> ARGS`` with ``payload`` as JSON on stdin; its stdout as JSON."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", script_args[0]), *script_args[1:]],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("files")
@@ -309,17 +324,7 @@ def probed(files):
                     **({"workdir": s["workdir"]} if "workdir" in s else {}),
                 }
             )
-        proc = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "tests", "rules_probe.py"), f"experiments.{name}"],
-            input=json.dumps(payload),
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=300,
-            env=_env(),
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        out[name] = json.loads(proc.stdout)
+        out[name] = _json_probe(["rules_probe.py", f"experiments.{name}"], payload, timeout=300)
     return out
 
 
@@ -511,17 +516,7 @@ def test_documented_commands_parse_and_validate(tmp_path):
         )
         for i, (module, args) in enumerate(cmds)
     ]
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "dry_run_probe.py")],
-        input=json.dumps(runs),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        env=_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout)
+    results = _json_probe(["dry_run_probe.py"], runs, timeout=600)
     assert len(results) == len(runs)
     for (module, args), result in zip(runs, results, strict=True):
         done = subprocess.CompletedProcess(
