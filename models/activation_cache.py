@@ -544,15 +544,50 @@ def _commit_shard(
 # --------------------------------------------------------------------------------------------
 
 
+# Elements per step of the bfloat16 widening: 256 KiB of float32 output, so the shift reads
+# back what the widening copy just wrote while it is still in the core's cache.
+_WIDEN_CHUNK = 1 << 16
+
+
+def bf16_bits_to_float32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 values (as uint16 bits or an ``ml_dtypes.bfloat16`` array) widened to float32.
+
+    bfloat16 is the top half of a float32, so the widening is exact: each value's bits are
+    moved 16 places up (NaN payloads and signed zeros kept). Done on uint32 in place, in
+    cache-sized steps: about twice as fast as ``ml_dtypes``' element-wise cast here
+    (`experiments.bench_harvest`, cache reads).
+
+    Args:
+      bits: any shape; 2-byte items.
+      out: float32 array of the same shape to write into (default: a new one).
+    """
+    if bits.dtype.itemsize != 2:
+        raise checks.InputError(f"bfloat16 bits: expected 2-byte items, got {bits.dtype}")
+    u16 = np.ascontiguousarray(bits).view(np.uint16).reshape(-1)
+    if out is None:
+        out = np.empty(bits.shape, np.float32)
+    elif out.shape != bits.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise checks.InputError(
+            f"out: expected a contiguous float32 array of shape {bits.shape}, "
+            f"got {out.dtype} {out.shape}"
+        )
+    o32 = out.reshape(-1).view(np.uint32)
+    for lo in range(0, u16.shape[0], _WIDEN_CHUNK):
+        o = o32[lo : lo + _WIDEN_CHUNK]
+        np.copyto(o, u16[lo : lo + _WIDEN_CHUNK], casting="safe")
+        np.left_shift(o, 16, out=o)
+    return out
+
+
 def _to_out(raw: np.ndarray, storage: str, out_dtype: str) -> np.ndarray:
     if storage == "bfloat16":
-        # bfloat16 is the top half of a float32, so the widening is exact; ml_dtypes' cast
-        # measured fastest of the numpy ways (shift, strided copy) on this machine. Consumers
-        # that can take bfloat16 (JAX) should ask for "native" and skip it.
-        import ml_dtypes
+        # Consumers that can take bfloat16 (JAX) should ask for "native" and skip the widening.
+        if out_dtype in ("native", "bfloat16"):
+            import ml_dtypes
 
-        bf = np.ascontiguousarray(raw).view(ml_dtypes.bfloat16)
-        return bf if out_dtype in ("native", "bfloat16") else bf.astype(out_dtype)
+            return np.ascontiguousarray(raw).view(ml_dtypes.bfloat16)
+        f32 = bf16_bits_to_float32(raw)
+        return f32 if out_dtype == "float32" else f32.astype(out_dtype)
     if out_dtype in ("native", storage):
         return raw
     if out_dtype == "bfloat16":

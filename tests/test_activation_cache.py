@@ -129,6 +129,38 @@ def test_low_precision_storage_is_exact_rounding(dtype, model_a, contexts, refer
     assert raw.nbytes == 16 * 16 * 16 * 2
 
 
+def test_bfloat16_widening_every_bit_pattern():
+    """The shift-based bfloat16 -> float32 widening equals ml_dtypes' cast on all 65,536 bit
+    patterns (bitwise, NaN payloads and -0 included), across chunk boundaries and into a
+    caller's buffer; float16 output and bad buffers too."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    want = bits.view(ml_dtypes.bfloat16).astype(np.float32)
+    nan = np.isnan(want)
+    assert nan.sum() == 2 * 127  # exponent all ones, mantissa nonzero, both signs
+    # tiled 3.5 times (not a multiple of the widening step) and shaped like a block of rows
+    tiled = np.concatenate([bits] * 3 + [bits[: 1 << 15]]).reshape(-1, 64)
+    got = ac.bf16_bits_to_float32(tiled).reshape(-1)
+    want_t = np.concatenate([want] * 3 + [want[: 1 << 15]])
+    assert np.isnan(got[np.isnan(want_t)]).all()
+    np.testing.assert_array_equal(got.view(np.uint32), want_t.view(np.uint32))
+    out = np.full((1 << 16,), 7.0, np.float32)
+    assert ac.bf16_bits_to_float32(bits.view(ml_dtypes.bfloat16), out=out) is out
+    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
+    # through the reader's conversion: float32 and float16 outputs
+    np.testing.assert_array_equal(
+        ac._to_out(bits, "bfloat16", "float32").view(np.uint32), want.view(np.uint32)
+    )
+    f16 = ac._to_out(bits, "bfloat16", "float16")
+    want16 = want.astype(np.float16)
+    assert f16.dtype == np.float16
+    np.testing.assert_array_equal(np.isnan(f16), np.isnan(want16))
+    np.testing.assert_array_equal(f16[~nan], want16[~nan])
+    with pytest.raises(checks.InputError, match="2-byte"):
+        ac.bf16_bits_to_float32(np.zeros(4, np.float32))
+    with pytest.raises(checks.InputError, match="out"):
+        ac.bf16_bits_to_float32(bits, out=np.zeros(4, np.float32))
+
+
 def test_kill_and_resume_gives_identical_cache(pair, cache32, tmp_path):
     """SIGKILL in the middle of shard 2, resume, compare with the uninterrupted cache."""
     path = str(tmp_path / "killed")
