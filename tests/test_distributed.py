@@ -76,6 +76,11 @@ def test_two_processes_equal_one(tmp_path):
         np.testing.assert_allclose(
             got[f"cache_{hook}"], want.acts[hook][contexts.mask], rtol=1e-5, atol=1e-6, err_msg=hook
         )
+    # ... and is bit for bit the cache one process harvests (same shards, same batches: the
+    # model's forward pass does not depend on which process runs a shard)
+    one = distributed_worker.harvest_workload(str(tmp_path / "harvest_one"))
+    for key, value in one.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
     special = np.isin(contexts.token_ids, text.special_token_ids(model.tokenizer))
     assert int(got["cache_non_special"]) == int((contexts.mask & ~special).sum())
     ref = distributed_worker.workload(
