@@ -544,18 +544,11 @@ def _commit_shard(
 # --------------------------------------------------------------------------------------------
 
 
-# Elements per step of the bfloat16 widening: 256 KiB of float32 output, so the shift reads
-# back what the widening copy just wrote while it is still in the core's cache.
-_WIDEN_CHUNK = 1 << 16
-
-
 def bf16_bits_to_float32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """bfloat16 values (as uint16 bits or an ``ml_dtypes.bfloat16`` array) widened to float32.
 
     bfloat16 is the top half of a float32, so the widening is exact: each value's bits are
-    moved 16 places up (NaN payloads and signed zeros kept). Done on uint32 in place, in
-    cache-sized steps: about twice as fast as ``ml_dtypes``' element-wise cast here
-    (`experiments.bench_harvest`, cache reads).
+    moved 16 places up (NaN payloads and signed zeros kept).
 
     Args:
       bits: any shape; 2-byte items.
@@ -571,11 +564,10 @@ def bf16_bits_to_float32(bits: np.ndarray, out: np.ndarray | None = None) -> np.
             f"out: expected a contiguous float32 array of shape {bits.shape}, "
             f"got {out.dtype} {out.shape}"
         )
-    o32 = out.reshape(-1).view(np.uint32)
-    for lo in range(0, u16.shape[0], _WIDEN_CHUNK):
-        o = o32[lo : lo + _WIDEN_CHUNK]
-        np.copyto(o, u16[lo : lo + _WIDEN_CHUNK], casting="safe")
-        np.left_shift(o, 16, out=o)
+    # one ufunc: numpy casts the uint16 input to uint32 in cache-sized buffers and shifts them
+    # straight into the output (measured faster than a chunked copy-then-shift and than
+    # ml_dtypes' cast)
+    np.left_shift(u16, 16, out=out.reshape(-1).view(np.uint32), dtype=np.uint32)
     return out
 
 
@@ -836,39 +828,55 @@ class CacheSource(src_lib.RowSource):
     def finish_rows(self, rows: src_lib.Rows) -> src_lib.Rows:
         return (rows[0],) + tuple(_to_out(a, self.cache.dtype, self.out_dtype) for a in rows[1:])
 
+    def read_rows(self, lo: int, hi: int) -> src_lib.Rows:
+        if self.cache.dtype == "bfloat16" and self.out_dtype == "float32":
+            # widen straight out of the memory map into the block: one pass over the file's
+            # bytes instead of a copy and then a widening
+            return self._read(lo, hi, widen=True)
+        return super().read_rows(lo, hi)
+
     def read_rows_stored(self, lo: int, hi: int) -> src_lib.Rows:
+        return self._read(lo, hi, widen=False)
+
+    def _read(self, lo: int, hi: int, *, widen: bool) -> src_lib.Rows:
+        """Rows ``[lo, hi)`` as stored, or widened from bfloat16 to float32 (``widen``).
+
+        Each hookpoint's block is allocated once and every shard's rows are written into it
+        (no concatenation of per-shard pieces: a block often spans two shards). Blocks own
+        their memory (never a view of the file)."""
         self._check_range(lo, hi)
-        pieces: list[list[np.ndarray]] = []
+        spans = []
         s = int(np.searchsorted(self._offsets, lo, side="right")) - 1
         pos = lo
         while pos < hi:
             a = pos - int(self._offsets[s])
             b = min(hi, int(self._offsets[s + 1])) - int(self._offsets[s])
             if b > a:
-                flat_tok = self.cache.memmap("tokens", s).reshape(-1)
-                rows = slice(a, b) if self._full[s] else self._selection(s)[a:b]
-                # np.array copies: blocks own their memory (a slice of a memmap would be a
-                # view of the file); fancy indexing copies anyway.
-                part = [np.array(flat_tok[rows])]
-                for hp in self.hookpoints:
-                    mm = self.cache.memmap(hp, s)
-                    part.append(
-                        _to_out(
-                            np.array(mm.reshape(-1, mm.shape[-1])[rows]), self.cache.dtype, "native"
-                        )
-                    )
-                pieces.append(part)
+                spans.append((s, slice(a, b) if self._full[s] else self._selection(s)[a:b]))
                 pos += b - a
             s += 1
-        if not pieces:
-            d = [
-                _to_out(np.zeros((0, w), _FILE_DTYPE[self.cache.dtype]), self.cache.dtype, "native")
-                for w in self.widths
-            ]
-            return (np.zeros((0,), np.int32), *d)
-        if len(pieces) == 1:
-            return tuple(pieces[0])
-        return tuple(np.concatenate([p[i] for p in pieces]) for i in range(len(pieces[0])))
+        n = hi - lo
+        tok = np.empty((n,), np.int32)
+        dtype = np.float32 if widen else _FILE_DTYPE[self.cache.dtype]
+        acts = [np.empty((n, w), dtype) for w in self.widths]
+        at = 0
+        for s, rows in spans:
+            flat_tok = self.cache.memmap("tokens", s).reshape(-1)
+            m = flat_tok[rows].shape[0]
+            tok[at : at + m] = flat_tok[rows]
+            for hp, out in zip(self.hookpoints, acts):
+                mm = self.cache.memmap(hp, s)
+                stored = mm.reshape(-1, mm.shape[-1])
+                if widen:  # a view of the file for a slice, a (narrow) copy for a selection
+                    bf16_bits_to_float32(stored[rows], out=out[at : at + m])
+                elif isinstance(rows, slice):
+                    out[at : at + m] = stored[rows]
+                else:
+                    np.take(stored, rows, axis=0, out=out[at : at + m])
+            at += m
+        if widen:
+            return (tok, *acts)
+        return (tok, *(_to_out(x, self.cache.dtype, "native") for x in acts))
 
 
 class CachedActs:

@@ -127,6 +127,25 @@ def test_low_precision_storage_is_exact_rounding(dtype, model_a, contexts, refer
     raw = np.load(os.path.join(cache.path, "mlp_out.1", "00000.npy"))
     assert raw.dtype == (np.float16 if dtype == "float16" else np.uint16)
     assert raw.nbytes == 16 * 16 * 16 * 2
+    # blocks that span shards, padded (selected) rows and special tokens left out: the
+    # float32 reader (bfloat16: widened straight from the file) equals the stored rows cast
+    for excl, contiguous in ((False, False), (True, False), (False, True)):
+        stored = cache.source(HOOKS, exclude_special=excl, out_dtype="native", block_rows=11)
+        as32 = cache.source(HOOKS, exclude_special=excl, block_rows=11)
+        if contiguous:  # the path of shards without padding: rows read as slices of the file
+            stored._full = as32._full = [True] * len(cache.shards)
+        assert as32.num_rows == stored.num_rows
+        for lo, hi in ((0, stored.num_rows), (5, 40), (stored.num_rows - 3, stored.num_rows)):
+            want_rows, got_rows = stored.read_rows(lo, hi), as32.read_rows(lo, hi)
+            np.testing.assert_array_equal(got_rows[0], want_rows[0])
+            for w, g in zip(want_rows[1:], got_rows[1:]):
+                assert w.dtype == np_dtype and g.dtype == np.float32 and g.flags.owndata
+                np.testing.assert_array_equal(g, w.astype(np.float32))
+        blocks = [b[1] for b in as32.open_at(0)]
+        assert [len(b) for b in blocks[:-1]] == [11] * (len(blocks) - 1)
+        np.testing.assert_array_equal(
+            np.concatenate(blocks), stored.read_rows(0, stored.num_rows)[1].astype(np.float32)
+        )
 
 
 def test_bfloat16_widening_every_bit_pattern():
