@@ -257,6 +257,29 @@ def _neumaier(s, c, x):
     return t, c
 
 
+def _native_cross(cross, la, wa, lb, vb):
+    """``cross[la[r, j], lb[r, l]] += wa[r, j] * vb[r, l]`` (ids >= fa / fb dropped) by the
+    native kernel, in place (the output aliases ``cross``)."""
+    from engine import kernels
+
+    name = kernels.target("sparse_cross")
+    if name is None:
+        raise checks.InputError("CorrelationAccumulator(native=True): native kernel unavailable")
+    call = jax.ffi.ffi_call(
+        name,
+        jax.ShapeDtypeStruct(cross.shape, jnp.float32),
+        input_output_aliases={0: 0},
+    )
+    return call(
+        cross,
+        la.astype(jnp.int32),
+        wa.astype(jnp.float32),
+        lb.astype(jnp.int32),
+        vb.astype(jnp.float32),
+        threads=np.int64(kernels.threads()),
+    )
+
+
 def _subset(name: str, features, n: int) -> np.ndarray | None:
     if features is None:
         return None
@@ -289,6 +312,10 @@ class CorrelationAccumulator:
         float32 sums cancel to ~1e-7 relative (see the module docstring).
       keep_matrix: finalize returns the correlation matrix (default: when it has at most
         16M entries).
+      native: sparse cross sums on CPU by the native kernel (`engine.kernels`, bit-identical
+        to the XLA scatter) instead of XLA's scatter-add. Default: when the kernel is
+        available (``SAE_NATIVE_KERNELS`` not 0, a C++ compiler, a successful build); GPUs and
+        TPUs always use the scatter.
     """
 
     def __init__(
@@ -301,6 +328,7 @@ class CorrelationAccumulator:
         b_features=None,
         constant_tol: float | None = None,
         keep_matrix: bool | None = None,
+        native: bool | None = None,
     ):
         self.n_a = checks.check_positive_int("CorrelationAccumulator n_a", n_a)
         self.n_b = checks.check_positive_int("CorrelationAccumulator n_b", n_b)
@@ -322,6 +350,14 @@ class CorrelationAccumulator:
         self.keep_matrix = (
             self.fa * self.fb <= DEFAULT_KEEP_MATRIX if keep_matrix is None else bool(keep_matrix)
         )
+        if not self.sparse:
+            self.native = False
+        elif native is None:
+            from engine import kernels
+
+            self.native = kernels.available("sparse_cross")
+        else:
+            self.native = bool(native)
 
     @staticmethod
     def _lut(sel, n):
@@ -342,6 +378,7 @@ class CorrelationAccumulator:
             self.b_sel is None,
             self.constant_tol,
             self.keep_matrix,
+            self.native,
         )
 
     def __hash__(self):
@@ -554,12 +591,25 @@ class CorrelationAccumulator:
             add(fb, lb, w[:, None] * (vb != 0)),
             bad=bad_a + bad_b,
         )
-        # Sparse outer products: k_a * k_b products per row, scattered in place.
-        lin = la[:, :, None] * fb + lb[:, None, :]
-        lin = jnp.where((la < fa)[:, :, None] & (lb < fb)[:, None, :], lin, fa * fb)
-        prod = wa[:, :, None] * vb_ok[:, None, :]
-        cross = state.cross.reshape(-1).at[lin.ravel()].add(prod.ravel(), mode="drop")
-        return state.replace(cross=cross.reshape(fa, fb), **vec)
+
+        # Sparse outer products: k_a * k_b products per row (ids fa / fb are dropped),
+        # added in place into the cross sums.
+        def xla_cross(cross, la, wa, lb, vb_ok):
+            lin = la[:, :, None] * fb + lb[:, None, :]
+            lin = jnp.where((la < fa)[:, :, None] & (lb < fb)[:, None, :], lin, fa * fb)
+            prod = wa[:, :, None] * vb_ok[:, None, :]
+            out = cross.reshape(-1).at[lin.ravel()].add(prod.ravel(), mode="drop")
+            return out.reshape(cross.shape)
+
+        if self.native:
+            # The native kernel (engine/kernels/sparse_cross.cc) on CPU, bit-identical to
+            # the scatter; other platforms keep the scatter.
+            cross = jax.lax.platform_dependent(
+                state.cross, la, wa, lb, vb_ok, cpu=_native_cross, default=xla_cross
+            )
+        else:
+            cross = xla_cross(state.cross, la, wa, lb, vb_ok)
+        return state.replace(cross=cross, **vec)
 
     # -- merging -----------------------------------------------------------------------------
 
@@ -828,6 +878,14 @@ def _inplace_fns(acc: CorrelationAccumulator, mesh):
     spec = P(mesh_lib.DATA)
 
     def local_update(state, arrays, weights):
+        if acc.native:
+            # The native kernel takes this device's cross sums with their device axis
+            # ([1, fa, fb]): an indexing or reshape between the donated parameter and the
+            # kernel's aliased operand made XLA copy the whole state twice per chunk.
+            st = jax.tree.map(lambda x: x[0], state.replace(cross=None))
+            st = acc.update(st.replace(cross=state.cross), arrays, weights)
+            out = jax.tree.map(lambda x: x[None], st.replace(cross=None))
+            return out.replace(cross=st.cross)
         st = jax.tree.map(lambda x: x[0], state)
         st = acc.update(st, arrays, weights)
         return jax.tree.map(lambda x: x[None], st)
