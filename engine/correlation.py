@@ -257,9 +257,11 @@ def _neumaier(s, c, x):
     return t, c
 
 
-def _native_cross(cross, la, wa, lb, vb):
-    """``cross[la[r, j], lb[r, l]] += wa[r, j] * vb[r, l]`` (ids >= fa / fb dropped) by the
-    native kernel, in place (the output aliases ``cross``)."""
+def _native_cross(cross, la, wa, lb, vb, threads: int | None = None):
+    """``cross[la[r, j], lb[r, l]] += wa[r, j] * vb[r, l]`` (ids outside the block dropped)
+    by the native kernel, in place (the output aliases ``cross``; leading axes of size 1
+    allowed). ``threads``: default `engine.kernels.threads` (the result does not depend on
+    it)."""
     from engine import kernels
 
     name = kernels.target("sparse_cross")
@@ -276,7 +278,7 @@ def _native_cross(cross, la, wa, lb, vb):
         wa.astype(jnp.float32),
         lb.astype(jnp.int32),
         vb.astype(jnp.float32),
-        threads=np.int64(kernels.threads()),
+        threads=np.int64(kernels.threads() if threads is None else threads),
     )
 
 
