@@ -79,6 +79,19 @@ DEFAULT_MAX_BLOCK = 1 << 28  # 256M entries = 1 GiB of float32 cross sums per bl
 DEFAULT_KEEP_MATRIX = 1 << 24  # finalize returns the matrix up to 16M entries by default
 DENSE_CONSTANT_TOL = 1e-17  # var / E[x^2]: a spread below ~1 float32 ulp
 SPARSE_CONSTANT_TOL = 1e-5
+# Rows per sparse (TopK codes) chunk by default: a chunk is rows * k values and ids (64 MiB at
+# k = 32 per side), and the native kernel's per-chunk sort by A id keeps each state row in
+# cache longer the more rows a chunk has (1.3-1.6x faster than 8192-row chunks at 16k^2).
+DEFAULT_SPARSE_CHUNK = 1 << 17
+DEFAULT_DENSE_CHUNK = 4096
+
+
+def sparse_chunk_rows(num_rows: int | None, n_data: int = 1) -> int:
+    """Default rows per sparse chunk: `DEFAULT_SPARSE_CHUNK`, or fewer when the stream is
+    shorter (no padding to a mostly empty chunk), a multiple of ``n_data``."""
+    rows = DEFAULT_SPARSE_CHUNK if not num_rows else min(DEFAULT_SPARSE_CHUNK, int(num_rows))
+    n_data = max(1, int(n_data))
+    return -(-max(rows, 1) // n_data) * n_data
 
 
 @flax.struct.dataclass
@@ -1090,7 +1103,7 @@ def correlate(
     mesh=None,
     *,
     sparse: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     a_features=None,
     b_features=None,
     max_block_elements: int = DEFAULT_MAX_BLOCK,
@@ -1110,7 +1123,8 @@ def correlate(
       mesh: device mesh (default: all devices on the data axis); chunk rows are split over
         ``data``.
       sparse: the chunks are TopK-style (values, indices).
-      chunk_size: rows per chunk when ``source`` is a tuple of arrays.
+      chunk_size: rows per chunk when ``source`` is a tuple of arrays (default: sparse
+        `sparse_chunk_rows` (up to 131072: codes are small), dense 4096).
       a_features / b_features: optional subsets of feature ids.
       max_block_elements: most entries of one block's cross-sum matrix (1 GiB of float32 by
         default); larger feature sets are tiled into near-square blocks, one pass over the
@@ -1129,7 +1143,14 @@ def correlate(
     if isinstance(source, streaming.ChunkStream):
         stream = source
     else:
-        stream = streaming.ChunkStream(tuple(source), chunk_size, name="correlation stream")
+        source = tuple(source)
+        if chunk_size is None:
+            chunk_size = (
+                sparse_chunk_rows(len(source[0]), mesh.shape[mesh_lib.DATA])
+                if sparse
+                else DEFAULT_DENSE_CHUNK
+            )
+        stream = streaming.ChunkStream(source, chunk_size, name="correlation stream")
     n_a = checks.check_positive_int("correlate n_a", n_a)
     n_b = checks.check_positive_int("correlate n_b", n_b)
     ids_a = _subset("a_features", a_features, n_a)
