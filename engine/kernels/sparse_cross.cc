@@ -27,33 +27,47 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPrefetchAhead = 4;  // entries ahead whose target cells are prefetched
+constexpr int64_t kRowAhead = 16;   // entries ahead whose B row (ids, values) is prefetched
+constexpr int64_t kCellAhead = 4;   // entries ahead whose target cells are prefetched
 
-void UpdateRange(float* cross, int64_t fb, const int32_t* order, int64_t begin, int64_t end,
-                 int64_t ka, int64_t kb, const int32_t* la, const float* wa, const int32_t* lb,
+// Entries [begin, end) of the sorted order: A ids a0.. with bucket bounds `start`.
+// srow / sw: row and weighted A value of each sorted entry.
+void UpdateRange(float* cross, int64_t fb, const int64_t* start, int64_t a0, int64_t a1,
+                 const int32_t* srow, const float* sw, int64_t kb, const int32_t* lb,
                  const float* vb) {
-  for (int64_t e = begin; e < end; ++e) {
-    if (e + kPrefetchAhead < end) {
-      const int64_t pe = order[e + kPrefetchAhead];
-      const int64_t pr = pe / ka;
-      float* prow = cross + static_cast<int64_t>(la[pe]) * fb;
-      const int32_t* pb = lb + pr * kb;
-      for (int64_t l = 0; l < kb; ++l) {
-        const uint32_t b = static_cast<uint32_t>(pb[l]);
-        if (b < static_cast<uint64_t>(fb)) __builtin_prefetch(prow + b, 1, 3);
+  const int64_t begin = start[a0], end = start[a1];
+  int64_t a = a0;
+  while (a < a1 && start[a + 1] <= begin) ++a;
+  for (int64_t p = begin; p < end; ++p) {
+    while (start[a + 1] <= p) ++a;  // the bucket (A id) of entry p
+    float* row = cross + a * fb;
+    if (p + kRowAhead < end) {
+      const int64_t r = srow[p + kRowAhead];
+      const char* ids = reinterpret_cast<const char*>(lb + r * kb);
+      const char* vals = reinterpret_cast<const char*>(vb + r * kb);
+      for (int64_t off = 0; off < kb * 4; off += 64) {
+        __builtin_prefetch(ids + off, 0, 3);
+        __builtin_prefetch(vals + off, 0, 3);
       }
     }
-    const int64_t entry = order[e];
-    const int64_t r = entry / ka;
-    const float w = wa[entry];
-    float* row = cross + static_cast<int64_t>(la[entry]) * fb;
+    if (p + kCellAhead < end) {
+      // Target cells of a later entry (in this row when it has the same A id; a wrong
+      // guess at a bucket boundary only wastes a prefetch).
+      const int32_t* pb = lb + static_cast<int64_t>(srow[p + kCellAhead]) * kb;
+      for (int64_t l = 0; l < kb; ++l) {
+        const uint32_t b = static_cast<uint32_t>(pb[l]);
+        if (b < static_cast<uint64_t>(fb)) __builtin_prefetch(row + b, 1, 3);
+      }
+    }
+    const int64_t r = srow[p];
+    const float w = sw[p];
     const int32_t* br = lb + r * kb;
     const float* vr = vb + r * kb;
     for (int64_t l = 0; l < kb; ++l) {
       const uint32_t b = static_cast<uint32_t>(br[l]);
       if (b < static_cast<uint64_t>(fb)) {
-        const float p = w * vr[l];
-        row[b] = row[b] + p;
+        const float prod = w * vr[l];
+        row[b] = row[b] + prod;
       }
     }
   }
@@ -102,38 +116,43 @@ ffi::Error SparseCrossImpl(ffi::Buffer<ffi::F32> cross_in, ffi::Buffer<ffi::S32>
   }
   for (int64_t a = 0; a < fa; ++a) start[a + 1] += start[a];
   const int64_t valid = start[fa];
-  std::vector<int32_t> order(std::max<int64_t>(valid, 1));
+  std::vector<int32_t> srow(std::max<int64_t>(valid, 1));
+  std::vector<float> sw(std::max<int64_t>(valid, 1));
   {
     std::vector<int64_t> pos(start.begin(), start.end() - 1);
     for (int64_t e = 0; e < n; ++e) {
       const uint32_t a = static_cast<uint32_t>(pla[e]);
-      if (a < static_cast<uint64_t>(fa)) order[pos[a]++] = static_cast<int32_t>(e);
+      if (a < static_cast<uint64_t>(fa)) {
+        const int64_t q = pos[a]++;
+        srow[q] = static_cast<int32_t>(e / ka);
+        sw[q] = pwa[e];
+      }
     }
   }
 
   // Split the A ids into `threads` contiguous ranges of about equal work.
   int64_t t = std::max<int64_t>(1, threads);
   if (valid * kb < (int64_t{1} << 18)) t = 1;  // too little work to pay for threads
-  std::vector<int64_t> cut(t + 1, valid);
+  std::vector<int64_t> cut(t + 1, fa);
   cut[0] = 0;
   for (int64_t i = 1; i < t; ++i) {
+    // First A id whose entries start at or after an equal share of the entries.
     const int64_t target = valid * i / t;
-    // First A id whose entries start at or after the target: cut on an A-id boundary.
-    const int64_t a = std::lower_bound(start.begin(), start.end(), target) - start.begin();
-    cut[i] = start[std::min<int64_t>(a, fa)];
+    cut[i] = std::lower_bound(start.begin(), start.end(), target) - start.begin();
+    cut[i] = std::max(std::min(cut[i], fa), cut[i - 1]);
   }
-  for (int64_t i = 1; i <= t; ++i) cut[i] = std::max(cut[i], cut[i - 1]);
+  const int64_t* st = start.data();
   if (t == 1) {
-    UpdateRange(cross, fb, order.data(), 0, valid, ka, kb, pla, pwa, plb, pvb);
+    UpdateRange(cross, fb, st, 0, fa, srow.data(), sw.data(), kb, plb, pvb);
     return ffi::Error::Success();
   }
   std::vector<std::thread> pool;
   pool.reserve(t - 1);
   for (int64_t i = 1; i < t; ++i) {
-    pool.emplace_back(UpdateRange, cross, fb, order.data(), cut[i], cut[i + 1], ka, kb, pla,
-                      pwa, plb, pvb);
+    pool.emplace_back(UpdateRange, cross, fb, st, cut[i], cut[i + 1], srow.data(), sw.data(),
+                      kb, plb, pvb);
   }
-  UpdateRange(cross, fb, order.data(), cut[0], cut[1], ka, kb, pla, pwa, plb, pvb);
+  UpdateRange(cross, fb, st, cut[0], cut[1], srow.data(), sw.data(), kb, plb, pvb);
   for (auto& th : pool) th.join();
   return ffi::Error::Success();
 }
