@@ -18,7 +18,8 @@ further sections, e.g. SVCCA and nulls, register themselves in the same dict):
   end-to-end twin: a NumPy script (GEMM per row block, argmax both ways, no refinement).
 * ``correlation``: activation correlation of two TopK SAEs (k = 32) with ``--corr_features``
   features each (issue: 16384) over ``--corr_tokens`` tokens (issue: 1M). Sparse path
-  (`engine.correlation`, in-place scatter of k^2 products per token) on all tokens; dense
+  (`engine.correlation`: k^2 products per token added in place, on CPU by the native kernel
+  of `engine.kernels`, in ``--corr_chunk``-row chunks) on all tokens; dense
   path (one GEMM per chunk of densified activations) on a ``--corr_dense_slice``-token slice,
   its time scaled linearly to all tokens (the dense cost is exactly linear in tokens:
   one ``chunk x F`` by ``chunk x F`` GEMM per chunk; per-chunk constant costs make the scaled
