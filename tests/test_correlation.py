@@ -509,6 +509,7 @@ def test_kernel_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path,
     from engine import kernels
 
     monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.delenv("SAE_NATIVE_KERNELS", raising=False)
     monkeypatch.setenv("SAE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with caplog.at_level("WARNING", logger="engine.kernels"):
@@ -517,6 +518,15 @@ def test_kernel_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path,
         acc = corr_lib.CorrelationAccumulator(N_A, N_B, sparse=True)
     assert not acc.native
     assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
+    assert list(tmp_path.iterdir()) == []
+    # Switched off: one warning too, and nothing is built.
+    caplog.clear()
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("SAE_NATIVE_KERNELS", "0")
+    with caplog.at_level("WARNING", logger="engine.kernels"):
+        assert not kernels.available("sparse_cross")
+        assert not corr_lib.CorrelationAccumulator(N_A, N_B, sparse=True).native
+    assert len([r for r in caplog.records if "SAE_NATIVE_KERNELS" in r.getMessage()]) == 1
     assert list(tmp_path.iterdir()) == []
 
 
