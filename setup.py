@@ -16,6 +16,7 @@ setup(
         include=["engine", "engine.*", "models", "models.*", "experiments", "experiments.*"]
     ),
     package_data={
+        "engine": ["kernels/*.cc"],  # native kernels, compiled on first use (engine/kernels)
         "models": ["data/*.txt"],
         "experiments": ["configs/*.py", "pipeline/html_report_assets/*"],
     },

@@ -22,7 +22,8 @@ from typing import Any
 
 
 def set_thread_budget(threads: int) -> dict:
-    """Caps BLAS, OpenMP, XLA and torch threads at ``threads`` (call before importing them).
+    """Caps BLAS, OpenMP, XLA, native-kernel and torch threads at ``threads`` (call before
+    importing them).
 
     On 2-core machines each runtime starting its own pool can slow a run 50x.
     """
@@ -32,6 +33,7 @@ def set_thread_budget(threads: int) -> dict:
         "OPENBLAS_NUM_THREADS",
         "MKL_NUM_THREADS",
         "NUMEXPR_NUM_THREADS",
+        "SAE_KERNEL_THREADS",  # the native kernels (engine/kernels)
     ):
         os.environ[var] = str(threads)
     flags = os.environ.get("XLA_FLAGS", "")

@@ -47,14 +47,24 @@ state per chunk, merged: fine for small blocks), and with `accumulate_inplace`, 
 one state per device in place (donated buffers) and merges once at the end: the generic
 path would allocate, zero and add a 1 GiB state per chunk at 16384^2.
 
-Performance (experiments/bench_similarity.py --only=correlation, TopK k = 32, 16384 x 16384
-features, 1M tokens, this project's shared 2-core CPU): the sparse path costs ~17 ns of CPU
-per product (XLA's scatter-add: a random read-modify-write into the 1 GiB state, single
-threaded), i.e. ~22 s of CPU for 1M tokens (35-59 s wall on the loaded machine); the dense
-path costs ~8-10 ms of CPU per token (a 16384^2 GEMM per token row), so the measured ratio is
-~370-410x by CPU time (240-420x by wall time), short of the issue's 1000x goal: the flop ratio
-F^2 / k^2 = 262144 is eaten by a ~1000x gap between a random scatter update and a GEMM
-multiply-add.
+Sparse kernel: on CPU the cross sums are added by a native kernel called through JAX's FFI
+(`engine.kernels`, ``engine/kernels/sparse_cross.cc``): each chunk's (row, A slot) entries
+are counting-sorted by A feature, so every row of the state is updated while it sits in
+cache, and the A features are split over threads (``SAE_KERNEL_THREADS``). Per cell the
+products are added in the same order as XLA's scatter (rows in increasing order, no FMA),
+so the result is bit-identical to the XLA path, which GPUs/TPUs and ``SAE_NATIVE_KERNELS=0``
+use. The per-device state is passed to the kernel with its device axis: a reshape between
+the donated parameter and the aliased kernel operand made XLA copy the 1 GiB state twice per
+chunk.
+
+Performance (experiments/bench_similarity.py --only=correlation --threads=2, TopK k = 32,
+16384 x 16384 features, 131072-row chunks, this project's shared 2-core CPU, load 5-8): the
+native kernel costs ~3.1 ns of CPU per product (XLA's scatter-add: ~17 ns, a random
+read-modify-write into the 1 GiB state), the whole update ~4.6 ns; 1M tokens end to end
+(init, 8 chunks, finalize) in 17-18.5 s wall, 8.3-9.1 s CPU; against scipy.sparse CSR
+``A.T @ B`` 3.5x by wall time, 4.0x by CPU time at 1M tokens and 3.2x at 262144 tokens
+(issue 18's goal: 3x). The dense path costs ~9 ms of CPU per token (a 16384^2 GEMM per token
+row), ~1100-1200x the sparse path at 1M tokens.
 """
 
 from __future__ import annotations
@@ -79,6 +89,19 @@ DEFAULT_MAX_BLOCK = 1 << 28  # 256M entries = 1 GiB of float32 cross sums per bl
 DEFAULT_KEEP_MATRIX = 1 << 24  # finalize returns the matrix up to 16M entries by default
 DENSE_CONSTANT_TOL = 1e-17  # var / E[x^2]: a spread below ~1 float32 ulp
 SPARSE_CONSTANT_TOL = 1e-5
+# Rows per sparse (TopK codes) chunk by default: a chunk is rows * k values and ids (64 MiB at
+# k = 32 per side), and the native kernel's per-chunk sort by A id keeps each state row in
+# cache longer the more rows a chunk has (1.3-1.6x faster than 8192-row chunks at 16k^2).
+DEFAULT_SPARSE_CHUNK = 1 << 17
+DEFAULT_DENSE_CHUNK = 4096
+
+
+def sparse_chunk_rows(num_rows: int | None, n_data: int = 1) -> int:
+    """Default rows per sparse chunk: `DEFAULT_SPARSE_CHUNK`, or fewer when the stream is
+    shorter (no padding to a mostly empty chunk), a multiple of ``n_data``."""
+    rows = DEFAULT_SPARSE_CHUNK if not num_rows else min(DEFAULT_SPARSE_CHUNK, int(num_rows))
+    n_data = max(1, int(n_data))
+    return -(-max(rows, 1) // n_data) * n_data
 
 
 @flax.struct.dataclass
@@ -257,6 +280,31 @@ def _neumaier(s, c, x):
     return t, c
 
 
+def _native_cross(cross, la, wa, lb, vb, threads: int | None = None):
+    """``cross[la[r, j], lb[r, l]] += wa[r, j] * vb[r, l]`` (ids outside the block dropped)
+    by the native kernel, in place (the output aliases ``cross``; leading axes of size 1
+    allowed). ``threads``: default `engine.kernels.threads` (the result does not depend on
+    it)."""
+    from engine import kernels
+
+    name = kernels.target("sparse_cross")
+    if name is None:
+        raise checks.InputError("CorrelationAccumulator(native=True): native kernel unavailable")
+    call = jax.ffi.ffi_call(
+        name,
+        jax.ShapeDtypeStruct(cross.shape, jnp.float32),
+        input_output_aliases={0: 0},
+    )
+    return call(
+        cross,
+        la.astype(jnp.int32),
+        wa.astype(jnp.float32),
+        lb.astype(jnp.int32),
+        vb.astype(jnp.float32),
+        threads=np.int64(kernels.threads() if threads is None else threads),
+    )
+
+
 def _subset(name: str, features, n: int) -> np.ndarray | None:
     if features is None:
         return None
@@ -289,6 +337,10 @@ class CorrelationAccumulator:
         float32 sums cancel to ~1e-7 relative (see the module docstring).
       keep_matrix: finalize returns the correlation matrix (default: when it has at most
         16M entries).
+      native: sparse cross sums on CPU by the native kernel (`engine.kernels`, bit-identical
+        to the XLA scatter) instead of XLA's scatter-add. Default: when the kernel is
+        available (``SAE_NATIVE_KERNELS`` not 0, a C++ compiler, a successful build); GPUs and
+        TPUs always use the scatter.
     """
 
     def __init__(
@@ -301,6 +353,7 @@ class CorrelationAccumulator:
         b_features=None,
         constant_tol: float | None = None,
         keep_matrix: bool | None = None,
+        native: bool | None = None,
     ):
         self.n_a = checks.check_positive_int("CorrelationAccumulator n_a", n_a)
         self.n_b = checks.check_positive_int("CorrelationAccumulator n_b", n_b)
@@ -322,6 +375,14 @@ class CorrelationAccumulator:
         self.keep_matrix = (
             self.fa * self.fb <= DEFAULT_KEEP_MATRIX if keep_matrix is None else bool(keep_matrix)
         )
+        if not self.sparse:
+            self.native = False
+        elif native is None:
+            from engine import kernels
+
+            self.native = kernels.available("sparse_cross")
+        else:
+            self.native = bool(native)
 
     @staticmethod
     def _lut(sel, n):
@@ -342,6 +403,7 @@ class CorrelationAccumulator:
             self.b_sel is None,
             self.constant_tol,
             self.keep_matrix,
+            self.native,
         )
 
     def __hash__(self):
@@ -554,12 +616,25 @@ class CorrelationAccumulator:
             add(fb, lb, w[:, None] * (vb != 0)),
             bad=bad_a + bad_b,
         )
-        # Sparse outer products: k_a * k_b products per row, scattered in place.
-        lin = la[:, :, None] * fb + lb[:, None, :]
-        lin = jnp.where((la < fa)[:, :, None] & (lb < fb)[:, None, :], lin, fa * fb)
-        prod = wa[:, :, None] * vb_ok[:, None, :]
-        cross = state.cross.reshape(-1).at[lin.ravel()].add(prod.ravel(), mode="drop")
-        return state.replace(cross=cross.reshape(fa, fb), **vec)
+
+        # Sparse outer products: k_a * k_b products per row (ids fa / fb are dropped),
+        # added in place into the cross sums.
+        def xla_cross(cross, la, wa, lb, vb_ok):
+            lin = la[:, :, None] * fb + lb[:, None, :]
+            lin = jnp.where((la < fa)[:, :, None] & (lb < fb)[:, None, :], lin, fa * fb)
+            prod = wa[:, :, None] * vb_ok[:, None, :]
+            out = cross.reshape(-1).at[lin.ravel()].add(prod.ravel(), mode="drop")
+            return out.reshape(cross.shape)
+
+        if self.native:
+            # The native kernel (engine/kernels/sparse_cross.cc) on CPU, bit-identical to
+            # the scatter; other platforms keep the scatter.
+            cross = jax.lax.platform_dependent(
+                state.cross, la, wa, lb, vb_ok, cpu=_native_cross, default=xla_cross
+            )
+        else:
+            cross = xla_cross(state.cross, la, wa, lb, vb_ok)
+        return state.replace(cross=cross, **vec)
 
     # -- merging -----------------------------------------------------------------------------
 
@@ -828,6 +903,14 @@ def _inplace_fns(acc: CorrelationAccumulator, mesh):
     spec = P(mesh_lib.DATA)
 
     def local_update(state, arrays, weights):
+        if acc.native:
+            # The native kernel takes this device's cross sums with their device axis
+            # ([1, fa, fb]): an indexing or reshape between the donated parameter and the
+            # kernel's aliased operand made XLA copy the whole state twice per chunk.
+            st = jax.tree.map(lambda x: x[0], state.replace(cross=None))
+            st = acc.update(st.replace(cross=state.cross), arrays, weights)
+            out = jax.tree.map(lambda x: x[None], st.replace(cross=None))
+            return out.replace(cross=st.cross)
         st = jax.tree.map(lambda x: x[0], state)
         st = acc.update(st, arrays, weights)
         return jax.tree.map(lambda x: x[None], st)
@@ -1030,7 +1113,7 @@ def correlate(
     mesh=None,
     *,
     sparse: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     a_features=None,
     b_features=None,
     max_block_elements: int = DEFAULT_MAX_BLOCK,
@@ -1050,7 +1133,8 @@ def correlate(
       mesh: device mesh (default: all devices on the data axis); chunk rows are split over
         ``data``.
       sparse: the chunks are TopK-style (values, indices).
-      chunk_size: rows per chunk when ``source`` is a tuple of arrays.
+      chunk_size: rows per chunk when ``source`` is a tuple of arrays (default: sparse
+        `sparse_chunk_rows` (up to 131072: codes are small), dense 4096).
       a_features / b_features: optional subsets of feature ids.
       max_block_elements: most entries of one block's cross-sum matrix (1 GiB of float32 by
         default); larger feature sets are tiled into near-square blocks, one pass over the
@@ -1069,7 +1153,14 @@ def correlate(
     if isinstance(source, streaming.ChunkStream):
         stream = source
     else:
-        stream = streaming.ChunkStream(tuple(source), chunk_size, name="correlation stream")
+        source = tuple(source)
+        if chunk_size is None:
+            chunk_size = (
+                sparse_chunk_rows(len(source[0]), mesh.shape[mesh_lib.DATA])
+                if sparse
+                else DEFAULT_DENSE_CHUNK
+            )
+        stream = streaming.ChunkStream(source, chunk_size, name="correlation stream")
     n_a = checks.check_positive_int("correlate n_a", n_a)
     n_b = checks.check_positive_int("correlate n_b", n_b)
     ids_a = _subset("a_features", a_features, n_a)

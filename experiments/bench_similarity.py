@@ -18,7 +18,8 @@ further sections, e.g. SVCCA and nulls, register themselves in the same dict):
   end-to-end twin: a NumPy script (GEMM per row block, argmax both ways, no refinement).
 * ``correlation``: activation correlation of two TopK SAEs (k = 32) with ``--corr_features``
   features each (issue: 16384) over ``--corr_tokens`` tokens (issue: 1M). Sparse path
-  (`engine.correlation`, in-place scatter of k^2 products per token) on all tokens; dense
+  (`engine.correlation`: k^2 products per token added in place, on CPU by the native kernel
+  of `engine.kernels`, in ``--corr_chunk``-row chunks) on all tokens; dense
   path (one GEMM per chunk of densified activations) on a ``--corr_dense_slice``-token slice,
   its time scaled linearly to all tokens (the dense cost is exactly linear in tokens:
   one ``chunk x F`` by ``chunk x F`` GEMM per chunk; per-chunk constant costs make the scaled
@@ -62,7 +63,11 @@ flags.DEFINE_integer("corr_features", 16384, "Features of each SAE (issue: 16384
 flags.DEFINE_integer("corr_k", 32, "Active features per token (TopK k).")
 flags.DEFINE_integer("corr_tokens", 1 << 20, "Tokens for the sparse path (issue: 1M).")
 flags.DEFINE_integer("corr_dense_slice", 2048, "Tokens the dense path is timed on.")
-flags.DEFINE_integer("corr_chunk", 8192, "Tokens per sparse chunk.")
+flags.DEFINE_integer(
+    "corr_chunk",
+    131072,
+    "Tokens per sparse chunk (codes are small; the native kernel sorts each chunk).",
+)
 flags.DEFINE_integer("corr_dense_chunk", 1024, "Tokens per dense chunk.")
 flags.DEFINE_bool(
     "corr_scipy",

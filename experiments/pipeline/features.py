@@ -316,9 +316,13 @@ def _tiled_pass(
             directory=_sub(checkpoint_dir, "codes") if plan.codes_on_disk else None,
             progress=progress,
         )
-        corr_source = streaming.ChunkStream(
-            codes, stream.chunk_size, name="codes", check_finite=False
+        # Codes are rows * k: the correlation streams them in larger chunks than the
+        # activations (the native kernel's per-chunk sort pays off with more rows).
+        corr_chunk = max(
+            stream.chunk_size,
+            correlation.sparse_chunk_rows(codes[0].shape[0], mesh.shape[mesh_lib.DATA]),
         )
+        corr_source = streaming.ChunkStream(codes, corr_chunk, name="codes", check_finite=False)
     else:
         corr_source = _encoded_stream(stream, sae_a, sae_b)
     matches = correlation.correlate(
