@@ -409,13 +409,13 @@ def _host_kernel(a32, b32, n_a: int, n_b: int, ta: int, tb: int, k: int, thresho
 
     b_state = [init(tb) for _ in range(nt_b)]
     a_out = []
-    a_state = None
+    a_state = init(ta)
     prev = None
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(gemm, 0)
         for t, (ia, ib) in enumerate(tiles):
             s = fut.result()
-            if ib == 0:
+            if ib == 0 and ia > 0:
                 a_state = init(ta)
             rows_valid = min(ta, n_a - ia * ta)
             cols_valid = min(tb, n_b - ib * tb)
