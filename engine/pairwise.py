@@ -144,16 +144,17 @@ def aligned_empty(shape: tuple[int, ...], dtype=np.float32, align: int = 64) -> 
     return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
-def _row_norms(name: str, x: np.ndarray, block: int = 8192) -> np.ndarray:
+def _row_norms(name: str, x: np.ndarray, block: int = 256) -> np.ndarray:
     """float64 row norms in blocks (bounded memory); raises on zero rows and on NaN/Inf.
 
     The NaN/Inf check rides on this pass (a row with NaN/Inf has a non-finite norm), so the
     caller skips `checks.as_float_matrix`'s separate scan.
     """
     out = np.empty(x.shape[0], np.float64)
-    for lo in range(0, x.shape[0], block):
-        blk = np.asarray(x[lo : lo + block], np.float64)
-        out[lo : lo + block] = np.sqrt(np.einsum("nd,nd->n", blk, blk))
+    for lo in range(0, x.shape[0], block):  # cache-sized blocks, float64 accumulation
+        blk = np.asarray(x[lo : lo + block])
+        out[lo : lo + block] = np.einsum("nd,nd->n", blk, blk, dtype=np.float64)
+    np.sqrt(out, out=out)
     checks.check_finite_rows(name, x, out)
     zero = np.flatnonzero(out == 0)
     if zero.size:
@@ -379,6 +380,23 @@ def _build_host_step(ta: int, tb: int, k: int, thresholds: tuple[float, ...], ma
     return jax.jit(step)
 
 
+HOST_OVERLAP = True  # run tile t+1's GEMM in a thread while tile t's top-K runs
+
+
+class _Serial:
+    """Stand-in for a thread pool that runs each job at once (no overlap)."""
+
+    class _Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    def submit(self, fn, *args):
+        return self._Done(fn(*args))
+
+
 def _host_kernel(a32, b32, n_a: int, n_b: int, ta: int, tb: int, k: int, thresholds):
     """Both-direction top-K and counts with NumPy (BLAS) tile GEMMs on the host.
 
@@ -412,6 +430,8 @@ def _host_kernel(a32, b32, n_a: int, n_b: int, ta: int, tb: int, k: int, thresho
     a_state = init(ta)
     prev = None
     with ThreadPoolExecutor(1) as pool:
+        if not HOST_OVERLAP:
+            pool = _Serial()  # type: ignore[assignment]
         fut = pool.submit(gemm, 0)
         for t, (ia, ib) in enumerate(tiles):
             s = fut.result()
@@ -440,11 +460,12 @@ def _host_kernel(a32, b32, n_a: int, n_b: int, ta: int, tb: int, k: int, thresho
 # --------------------------------------------------------------------------------------------
 
 
-def _rescore(q, q_norm, r, r_norm, rows, cols, max_elems: int = 1 << 23) -> np.ndarray:
+def _rescore(q, q_norm, r, r_norm, rows, cols, max_elems: int = 1 << 18) -> np.ndarray:
     """float64 cosines of ``q[rows[i]]`` with ``r[cols[i, j]]`` (batched einsum, in blocks).
 
-    Only the rows and candidate columns involved are converted to float64 (never a float64
-    copy of the whole inputs); ``max_elems`` bounds the gathered block (64 MiB).
+    Only the rows and candidate columns involved are gathered, in their own dtype, and the
+    einsum accumulates in float64 (products of float32 values are exact in float64): never a
+    float64 copy of the inputs. ``max_elems`` bounds the gathered block (cache-sized).
     """
     m = cols.shape[1]
     out = np.empty(cols.shape, np.float64)
@@ -452,9 +473,9 @@ def _rescore(q, q_norm, r, r_norm, rows, cols, max_elems: int = 1 << 23) -> np.n
     for lo in range(0, rows.size, step):
         sel = rows[lo : lo + step]
         c = cols[lo : lo + step]
-        qb = np.asarray(q[sel], np.float64) / q_norm[sel, None]
-        rb = np.asarray(r[c.ravel()], np.float64).reshape(c.shape[0], m, -1)
-        out[lo : lo + step] = np.einsum("nd,nmd->nm", qb, rb) / r_norm[c]
+        rb = np.asarray(r[c.ravel()]).reshape(c.shape[0], m, -1)
+        dots = np.einsum("nd,nmd->nm", np.asarray(q[sel]), rb, dtype=np.float64)
+        out[lo : lo + step] = dots / q_norm[sel, None].astype(np.float64) / r_norm[c]
     return out
 
 
