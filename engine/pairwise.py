@@ -23,13 +23,25 @@ Algorithm (per device):
   the candidate lists and from the counts, so the kernel needs no per-element masking.
 * The column (B-side) lists of all devices are gathered and merged in device order.
 
+Host GEMM (``gemm="host"``, the default on a single CPU device): NumPy's (OpenBLAS) float32
+GEMM is ~1.5x XLA:CPU's, so each ``4096 x 4096`` score tile is computed by NumPy in a worker
+thread into one of two 64-byte aligned buffers (JAX wraps them without a copy), while the
+jitted top-K above runs on the previous tile (NumPy releases the GIL). The last tile of each
+side masks its padded rows/columns to -inf, so padding is never a candidate nor counted.
+
 Exactness (``exact=True``, the default): the float32 GEMM is accurate to
 ``tol = (d + 3) * 2**-24`` (a rigorous bound for unit vectors), so the kernel keeps
-``K = k + margin`` float32 candidates per row, and the host rescores them in float64 and sorts
-them. When the K-th float32 candidate is more than ``2 * tol`` below the k-th, the true float64
-top-k is provably among the candidates; otherwise (many near-ties) that row is recomputed
-against all of the other side in float64. The result is then the same as ``argmax`` /
-``argsort`` of a dense float64 numpy cosine matrix.
+``K = k + margin`` float32 candidates per row. The host certifies first, from the float32
+values: every row outside a list has a float32 cosine <= the list's K-th value (whatever
+filled the list, padding included, bounds what it left out). When that value is more than
+``2 * tol`` below the k-th REAL candidate (or every real row is in the list), the true float64
+top-k is provably among the real candidates; otherwise (near-ties) that row is recomputed
+against all of the other side in float64. Padded candidates never count as real ones: with
+``K >= n`` the old "every row is a candidate" shortcut was wrong when padding had displaced
+a real row whose float32 cosine came out below 0. Certified rows are rescored in float64 by a
+batched einsum over their candidates only (only the k kept ones when the float32 gaps already
+fix the order); no float64 copy of the inputs is made. The result is then the same as
+``argmax`` / ``argsort`` of a dense float64 numpy cosine matrix.
 
 Ties: exact float64 ties go to the LOWEST index (numpy ``argmax`` convention). Bit-identical
 duplicate rows tie exactly; values that differ only in the last float64 bit (different
@@ -44,7 +56,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +192,12 @@ def _normalised_f32(x: np.ndarray, norms: np.ndarray, rows: int, block: int = 81
         blk = np.asarray(x[lo : lo + block], np.float32)
         np.divide(blk, inv[lo : lo + blk.shape[0], None], out=out[lo : lo + blk.shape[0]])
     return out
+
+
+def _prepare(name: str, x: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 row norms (checked) and the unit float32 rows padded to ``rows``."""
+    norms = _row_norms(name, x)
+    return norms, _normalised_f32(x, norms, rows)
 
 
 def _validate_pair(a, b, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -380,6 +400,25 @@ def _build_host_step(ta: int, tb: int, k: int, thresholds: tuple[float, ...], ma
     return jax.jit(step)
 
 
+_TILE_BUFFERS: dict[tuple[int, int], list[np.ndarray]] = {}
+_TILE_LOCK = threading.Lock()
+
+
+def _tile_buffers(ta: int, tb: int) -> list[np.ndarray]:
+    """Two aligned ``[ta, tb]`` float32 buffers, reused across calls of the same tile shape
+    (fresh 64 MiB buffers cost page faults on every call); a concurrent call, or another
+    shape, gets fresh ones. Only the most recent shape is kept."""
+    with _TILE_LOCK:
+        bufs = _TILE_BUFFERS.pop((ta, tb), None)
+        _TILE_BUFFERS.clear()
+    return bufs if bufs is not None else [aligned_empty((ta, tb), np.float32) for _ in range(2)]
+
+
+def _release_tile_buffers(bufs: list[np.ndarray]) -> None:
+    with _TILE_LOCK:
+        _TILE_BUFFERS[bufs[0].shape] = bufs  # type: ignore[index]
+
+
 HOST_OVERLAP = True  # run tile t+1's GEMM in a thread while tile t's top-K runs
 
 
@@ -404,12 +443,10 @@ def _host_kernel(a32, b32, n_a: int, n_b: int, ta: int, tb: int, k: int, thresho
     buffers: the GEMM of tile t+1 overlaps the jitted top-K of tile t, which reads its buffer
     without a copy. Returns host arrays like `_build_kernel`'s (padding never included).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     nt_a, nt_b = a32.shape[0] // ta, b32.shape[0] // tb
     n_t = len(thresholds)
     tiles = [(ia, ib) for ia in range(nt_a) for ib in range(nt_b)]
-    bufs = [aligned_empty((ta, tb), np.float32) for _ in range(2)]
+    bufs = _tile_buffers(ta, tb)
     steps = {m: _build_host_step(ta, tb, k, thresholds, m) for m in (False, True)}
 
     def gemm(t: int) -> np.ndarray:
@@ -450,6 +487,7 @@ def _host_kernel(a32, b32, n_a: int, n_b: int, ta: int, tb: int, k: int, thresho
             if ib == nt_b - 1:
                 a_out.append(a_state)
         jax.block_until_ready(prev)
+    _release_tile_buffers(bufs)
     av, ai, ac = (np.concatenate([np.asarray(x[j]) for x in a_out]) for j in range(3))
     bv, bi, bc = (np.concatenate([np.asarray(x[j]) for x in b_state]) for j in range(3))
     return av, ai, ac, bv, bi, bc
@@ -742,8 +780,6 @@ def max_cosine(
     axes = _device_axes(mesh)
     ndev = int(np.prod([mesh.shape[x] for x in axes])) if gemm == "xla" else 1
 
-    norm_a = _row_norms("A", a)
-    norm_b = _row_norms("B", b)
     # K candidates per row: k + margin (the refinement needs the margin to certify rows; the
     # float32-only path keeps it too, to drop padded candidates).
     kk = max(k, min(k + margin, n_a, n_b))
@@ -753,8 +789,11 @@ def max_cosine(
     na_pad = _round_up(n_a, ndev * ta)
     nb_pad = _round_up(n_b, tb)
 
-    a32 = _normalised_f32(a, norm_a, na_pad)
-    b32 = _normalised_f32(b, norm_b, nb_pad)
+    # Norms (+ the NaN/Inf check) and unit float32 copies, B in a thread (A's errors first).
+    with ThreadPoolExecutor(1) as pool:
+        fut_b = pool.submit(_prepare, "B", b, nb_pad)
+        norm_a, a32 = _prepare("A", a, na_pad)
+        norm_b, b32 = fut_b.result()
     if gemm == "host":
         av, ai, ac, bv, bi, bc = _host_kernel(a32, b32, n_a, n_b, ta, tb, kk, thresholds)
         del a32, b32
@@ -777,8 +816,11 @@ def max_cosine(
         bc = bc - nonpos[None, :] * (na_pad - n_a)
 
     tol = cosine_tolerance(d, precision, platform)
-    a_vals, a_idx, n_fa = _refine(a, norm_a, b, norm_b, av, ai, k, tol, rescore=exact)
-    b_vals, b_idx, n_fb = _refine(b, norm_b, a, norm_a, bv, bi, k, tol, rescore=exact)
+    # The two sides are independent (NumPy releases the GIL): refine them concurrently.
+    with ThreadPoolExecutor(1) as pool:
+        fut_b = pool.submit(lambda: _refine(b, norm_b, a, norm_a, bv, bi, k, tol, rescore=exact))
+        a_vals, a_idx, n_fa = _refine(a, norm_a, b, norm_b, av, ai, k, tol, rescore=exact)
+        b_vals, b_idx, n_fb = fut_b.result()
     out = PairwiseResult(
         a_topk_values=a_vals,
         a_topk_indices=a_idx,
