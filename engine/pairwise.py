@@ -818,9 +818,9 @@ def max_cosine(
     tol = cosine_tolerance(d, precision, platform)
     # The two sides are independent (NumPy releases the GIL): refine them concurrently.
     with ThreadPoolExecutor(1) as pool:
-        fut_b = pool.submit(lambda: _refine(b, norm_b, a, norm_a, bv, bi, k, tol, rescore=exact))
+        fut_ref = pool.submit(_refine, b, norm_b, a, norm_a, bv, bi, k, tol, rescore=exact)
         a_vals, a_idx, n_fa = _refine(a, norm_a, b, norm_b, av, ai, k, tol, rescore=exact)
-        b_vals, b_idx, n_fb = fut_b.result()
+        b_vals, b_idx, n_fb = fut_ref.result()
     out = PairwiseResult(
         a_topk_values=a_vals,
         a_topk_indices=a_idx,
