@@ -16,6 +16,9 @@ further sections, e.g. SVCCA and nulls, register themselves in the same dict):
   Strongest simple peer (issue 18): NumPy's float32 GEMM (OpenBLAS, faster than XLA's GEMM
   on this CPU) on the same tiles, goal >= 90 % of its rate for the exact both-direction call;
   end-to-end twin: a NumPy script (GEMM per row block, argmax both ways, no refinement).
+  The candidate follows the engine's GEMM choice (``--pw_gemm``; default: ``host``, NumPy
+  tile GEMMs overlapped with the jitted top-K, on a single CPU device; else the XLA kernel)
+  and its default tiles (``--pw_tile_a/b=0``).
 * ``correlation``: activation correlation of two TopK SAEs (k = 32) with ``--corr_features``
   features each (issue: 16384) over ``--corr_tokens`` tokens (issue: 1M). Sparse path
   (`engine.correlation`, in-place scatter of k^2 products per token) on all tokens; dense
