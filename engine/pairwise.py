@@ -71,6 +71,7 @@ from engine import mesh as mesh_lib
 
 STRIP_ROWS = 16  # columns per strip of the row-wise hierarchical tile top-K
 STRIP_COLS = 32  # rows per strip of the column-wise one (both measured best on CPU)
+HOST_STRIP_COLS = 16  # rows per strip of the host step's column top-K (4096-row tiles)
 ALIGN = 128  # tiles are multiples of this (GEMM-friendly, divisible by the strips)
 U32 = 2.0**-24  # float32 unit roundoff
 DEFAULT_MAX_FULL = 1 << 26  # opt-in full matrix: at most 64M entries (256 MiB float32)
@@ -392,7 +393,8 @@ def _build_host_step(ta: int, tb: int, k: int, thresholds: tuple[float, ...], ma
         tv, tc = _tile_topk_rows(s, k)
         av, ai = _merge_topk(av, ai, tv, tc + b_off, k)
         ac = ac + _counts(s, thresholds, axis=1)
-        cv, cr = _tile_topk_cols(s, k)
+        # 16-row strips: 34 vs 37 ms per 4096 x 4096 tile at K = 5 (9 interleaved rounds).
+        cv, cr = _tile_topk_cols(s, k, strip=HOST_STRIP_COLS)
         bv, bi = _merge_topk(bv, bi, cv, cr + a_off, k)
         bc = bc + _counts(s, thresholds, axis=0)
         return av, ai, ac, bv, bi, bc
