@@ -71,13 +71,42 @@ def check_non_negative(name: str, value) -> None:
         raise InputError(f"{name} must be >= 0, got {value!r}")
 
 
-def as_float_matrix(name: str, x, min_rows: int = 1) -> np.ndarray:
-    """Validates a 2-D finite float array with at least ``min_rows`` rows, returns numpy."""
+def as_float_matrix(name: str, x, min_rows: int = 1, *, finite: bool = True) -> np.ndarray:
+    """Validates a 2-D float array with at least ``min_rows`` rows, returns numpy.
+
+    ``finite=False`` skips the NaN/Inf scan, for callers that detect non-finite values in a
+    pass they make anyway (e.g. row norms, see `check_finite_rows`).
+    """
     arr = np.asarray(x)
     check_rank(name, arr, 2)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise InputError(f"{name}: expected a float array, got dtype {arr.dtype}")
     if arr.shape[0] < min_rows:
         raise InputError(f"{name}: expected at least {min_rows} rows, got {arr.shape[0]}")
-    check_finite(name, arr)
+    if finite:
+        check_finite(name, arr)
     return arr
+
+
+def check_finite_rows(name: str, x, row_values) -> None:
+    """Raises `InputError` for NaN/Inf in ``x`` given per-row reductions of it.
+
+    ``row_values`` is any per-row quantity that is non-finite whenever the row holds NaN or Inf
+    (a float64 norm or sum): only rows where it is non-finite are scanned, so a caller that
+    computes it anyway pays no separate full pass. A non-finite reduction of a finite row
+    (float64 overflow) is reported as such.
+    """
+    bad = np.flatnonzero(~np.isfinite(np.asarray(row_values)))
+    if not bad.size:
+        return
+    rows = np.asarray(x[bad])
+    nonfinite = ~np.isfinite(rows)
+    if nonfinite.any():
+        r, c = np.argwhere(nonfinite)[0]
+        raise InputError(
+            f"{name}: {int(nonfinite.sum())} non-finite value(s) (NaN/Inf), first at "
+            f"index {(int(bad[r]), int(c))}; expected finite numbers"
+        )
+    raise InputError(
+        f"{name}: row {int(bad[0])} overflows float64 (norm or sum is infinite); rescale the input"
+    )

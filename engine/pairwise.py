@@ -23,13 +23,25 @@ Algorithm (per device):
   the candidate lists and from the counts, so the kernel needs no per-element masking.
 * The column (B-side) lists of all devices are gathered and merged in device order.
 
+Host GEMM (``gemm="host"``, the default on a single CPU device): NumPy's (OpenBLAS) float32
+GEMM is ~1.5x XLA:CPU's, so each ``4096 x 4096`` score tile is computed by NumPy in a worker
+thread into one of two 64-byte aligned buffers (JAX wraps them without a copy), while the
+jitted top-K above runs on the previous tile (NumPy releases the GIL). The last tile of each
+side masks its padded rows/columns to -inf, so padding is never a candidate nor counted.
+
 Exactness (``exact=True``, the default): the float32 GEMM is accurate to
 ``tol = (d + 3) * 2**-24`` (a rigorous bound for unit vectors), so the kernel keeps
-``K = k + margin`` float32 candidates per row, and the host rescores them in float64 and sorts
-them. When the K-th float32 candidate is more than ``2 * tol`` below the k-th, the true float64
-top-k is provably among the candidates; otherwise (many near-ties) that row is recomputed
-against all of the other side in float64. The result is then the same as ``argmax`` /
-``argsort`` of a dense float64 numpy cosine matrix.
+``K = k + margin`` float32 candidates per row. The host certifies first, from the float32
+values: every row outside a list has a float32 cosine <= the list's K-th value (whatever
+filled the list, padding included, bounds what it left out). When that value is more than
+``2 * tol`` below the k-th REAL candidate (or every real row is in the list), the true float64
+top-k is provably among the real candidates; otherwise (near-ties) that row is recomputed
+against all of the other side in float64. Padded candidates never count as real ones: with
+``K >= n`` the old "every row is a candidate" shortcut was wrong when padding had displaced
+a real row whose float32 cosine came out below 0. Certified rows are rescored in float64 by a
+batched einsum over their candidates only (only the k kept ones when the float32 gaps already
+fix the order); no float64 copy of the inputs is made. The result is then the same as
+``argmax`` / ``argsort`` of a dense float64 numpy cosine matrix.
 
 Ties: exact float64 ties go to the LOWEST index (numpy ``argmax`` convention). Bit-identical
 duplicate rows tie exactly; values that differ only in the last float64 bit (different
@@ -44,7 +56,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +71,7 @@ from engine import mesh as mesh_lib
 
 STRIP_ROWS = 16  # columns per strip of the row-wise hierarchical tile top-K
 STRIP_COLS = 32  # rows per strip of the column-wise one (both measured best on CPU)
+HOST_STRIP_COLS = 16  # rows per strip of the host step's column top-K (4096-row tiles)
 ALIGN = 128  # tiles are multiples of this (GEMM-friendly, divisible by the strips)
 U32 = 2.0**-24  # float32 unit roundoff
 DEFAULT_MAX_FULL = 1 << 26  # opt-in full matrix: at most 64M entries (256 MiB float32)
@@ -131,12 +146,31 @@ class PairwiseResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _row_norms(name: str, x: np.ndarray, block: int = 8192) -> np.ndarray:
-    """float64 row norms in blocks (bounded memory); raises on zero rows."""
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary.
+
+    JAX's CPU client wraps such host buffers without copying (``device_put`` is zero-copy for
+    64-byte aligned arrays), and BLAS kernels prefer aligned rows.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off : off + nbytes].view(dtype).reshape(shape)
+
+
+def _row_norms(name: str, x: np.ndarray, block: int = 256) -> np.ndarray:
+    """float64 row norms in blocks (bounded memory); raises on zero rows and on NaN/Inf.
+
+    The NaN/Inf check rides on this pass (a row with NaN/Inf has a non-finite norm), so the
+    caller skips `checks.as_float_matrix`'s separate scan.
+    """
     out = np.empty(x.shape[0], np.float64)
-    for lo in range(0, x.shape[0], block):
-        blk = np.asarray(x[lo : lo + block], np.float64)
-        out[lo : lo + block] = np.sqrt(np.einsum("nd,nd->n", blk, blk))
+    for lo in range(0, x.shape[0], block):  # cache-sized blocks, float64 accumulation
+        blk = np.asarray(x[lo : lo + block])
+        out[lo : lo + block] = np.einsum("nd,nd->n", blk, blk, dtype=np.float64)
+    np.sqrt(out, out=out)
+    checks.check_finite_rows(name, x, out)
     zero = np.flatnonzero(out == 0)
     if zero.size:
         raise checks.InputError(
@@ -147,12 +181,13 @@ def _row_norms(name: str, x: np.ndarray, block: int = 8192) -> np.ndarray:
 
 
 def _normalised_f32(x: np.ndarray, norms: np.ndarray, rows: int, block: int = 8192) -> np.ndarray:
-    """Unit rows in float32, zero-padded to ``rows`` rows.
+    """Unit rows in float32, zero-padded to ``rows`` rows, in a 64-byte aligned buffer.
 
     Computed in float32 from the float64 norms: rounding the input, the norm and the quotient
     gives a relative error <= 3u per entry, the ``3u`` of `cosine_tolerance`.
     """
-    out = np.zeros((rows, x.shape[1]), np.float32)
+    out = aligned_empty((rows, x.shape[1]), np.float32)
+    out[x.shape[0] :] = 0.0
     inv = norms.astype(np.float32)
     for lo in range(0, x.shape[0], block):
         blk = np.asarray(x[lo : lo + block], np.float32)
@@ -160,9 +195,15 @@ def _normalised_f32(x: np.ndarray, norms: np.ndarray, rows: int, block: int = 81
     return out
 
 
-def _validate_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
-    a = checks.as_float_matrix("A", a)
-    b = checks.as_float_matrix("B", b)
+def _prepare(name: str, x: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 row norms (checked) and the unit float32 rows padded to ``rows``."""
+    norms = _row_norms(name, x)
+    return norms, _normalised_f32(x, norms, rows)
+
+
+def _validate_pair(a, b, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    a = checks.as_float_matrix("A", a, finite=finite)
+    b = checks.as_float_matrix("B", b, finite=finite)
     if a.shape[1] != b.shape[1]:
         raise checks.InputError(
             f"A has {a.shape[1]} columns but B has {b.shape[1]}; the two "
@@ -333,8 +374,149 @@ def _build_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# The host-GEMM kernel (single CPU device).
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _build_host_step(ta: int, tb: int, k: int, thresholds: tuple[float, ...], masked: bool):
+    """Jitted top-K/count update of one ``[ta, tb]`` score tile computed by NumPy.
+
+    ``masked``: the tile holds padded rows/columns (the last tile of a side); they are set to
+    -inf, so padding is never a candidate and never counted.
+    """
+
+    def step(s, av, ai, ac, bv, bi, bc, a_off, b_off, rows_valid, cols_valid):
+        if masked:
+            ok = (jnp.arange(ta) < rows_valid)[:, None] & (jnp.arange(tb) < cols_valid)[None, :]
+            s = jnp.where(ok, s, -jnp.inf)
+        tv, tc = _tile_topk_rows(s, k)
+        av, ai = _merge_topk(av, ai, tv, tc + b_off, k)
+        ac = ac + _counts(s, thresholds, axis=1)
+        # 16-row strips: 34 vs 37 ms per 4096 x 4096 tile at K = 5 (9 interleaved rounds).
+        cv, cr = _tile_topk_cols(s, k, strip=HOST_STRIP_COLS)
+        bv, bi = _merge_topk(bv, bi, cv, cr + a_off, k)
+        bc = bc + _counts(s, thresholds, axis=0)
+        return av, ai, ac, bv, bi, bc
+
+    return jax.jit(step)
+
+
+_TILE_BUFFERS: dict[tuple[int, int], list[np.ndarray]] = {}
+_TILE_LOCK = threading.Lock()
+
+
+def _tile_buffers(ta: int, tb: int) -> list[np.ndarray]:
+    """Two aligned ``[ta, tb]`` float32 buffers, reused across calls of the same tile shape
+    (fresh 64 MiB buffers cost page faults on every call); a concurrent call, or another
+    shape, gets fresh ones. Only the most recent shape is kept."""
+    with _TILE_LOCK:
+        bufs = _TILE_BUFFERS.pop((ta, tb), None)
+        _TILE_BUFFERS.clear()
+    return bufs if bufs is not None else [aligned_empty((ta, tb), np.float32) for _ in range(2)]
+
+
+def _release_tile_buffers(bufs: list[np.ndarray]) -> None:
+    with _TILE_LOCK:
+        _TILE_BUFFERS[bufs[0].shape] = bufs  # type: ignore[index]
+
+
+HOST_OVERLAP = True  # run tile t+1's GEMM in a thread while tile t's top-K runs
+
+
+class _Serial:
+    """Stand-in for a thread pool that runs each job at once (no overlap)."""
+
+    class _Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    def submit(self, fn, *args):
+        return self._Done(fn(*args))
+
+
+def _host_kernel(a32, b32, n_a: int, n_b: int, ta: int, tb: int, k: int, thresholds):
+    """Both-direction top-K and counts with NumPy (BLAS) tile GEMMs on the host.
+
+    Tile GEMMs run in a worker thread (NumPy releases the GIL) into two 64-byte aligned
+    buffers: the GEMM of tile t+1 overlaps the jitted top-K of tile t, which reads its buffer
+    without a copy. Returns host arrays like `_build_kernel`'s (padding never included).
+    """
+    nt_a, nt_b = a32.shape[0] // ta, b32.shape[0] // tb
+    n_t = len(thresholds)
+    tiles = [(ia, ib) for ia in range(nt_a) for ib in range(nt_b)]
+    bufs = _tile_buffers(ta, tb)
+    steps = {m: _build_host_step(ta, tb, k, thresholds, m) for m in (False, True)}
+
+    def gemm(t: int) -> np.ndarray:
+        ia, ib = tiles[t]
+        out = bufs[t % 2]
+        np.matmul(a32[ia * ta : (ia + 1) * ta], b32[ib * tb : (ib + 1) * tb].T, out=out)
+        return out
+
+    def init(n):
+        return (
+            jnp.full((n, k), -jnp.inf, jnp.float32),
+            jnp.full((n, k), -1, jnp.int32),
+            jnp.zeros((n, n_t), jnp.int32),
+        )
+
+    b_state = [init(tb) for _ in range(nt_b)]
+    a_out = []
+    a_state = init(ta)
+    prev = None
+    with ThreadPoolExecutor(1) as pool:
+        if not HOST_OVERLAP:
+            pool = _Serial()  # type: ignore[assignment]
+        fut = pool.submit(gemm, 0)
+        for t, (ia, ib) in enumerate(tiles):
+            s = fut.result()
+            if ib == 0 and ia > 0:
+                a_state = init(ta)
+            rows_valid = min(ta, n_a - ia * ta)
+            cols_valid = min(tb, n_b - ib * tb)
+            step = steps[rows_valid < ta or cols_valid < tb]
+            out = step(s, *a_state, *b_state[ib], ia * ta, ib * tb, rows_valid, cols_valid)
+            a_state, b_state[ib] = out[:3], out[3:]
+            if t + 1 < len(tiles):
+                if prev is not None:  # the buffer GEMM t+1 overwrites was read by step t-1
+                    jax.block_until_ready(prev)
+                fut = pool.submit(gemm, t + 1)
+            prev = out
+            if ib == nt_b - 1:
+                a_out.append(a_state)
+        jax.block_until_ready(prev)
+    _release_tile_buffers(bufs)
+    av, ai, ac = (np.concatenate([np.asarray(x[j]) for x in a_out]) for j in range(3))
+    bv, bi, bc = (np.concatenate([np.asarray(x[j]) for x in b_state]) for j in range(3))
+    return av, ai, ac, bv, bi, bc
+
+
+# --------------------------------------------------------------------------------------------
 # Host float64 refinement.
 # --------------------------------------------------------------------------------------------
+
+
+def _rescore(q, q_norm, r, r_norm, rows, cols, max_elems: int = 1 << 18) -> np.ndarray:
+    """float64 cosines of ``q[rows[i]]`` with ``r[cols[i, j]]`` (batched einsum, in blocks).
+
+    Only the rows and candidate columns involved are gathered, in their own dtype, and the
+    einsum accumulates in float64 (products of float32 values are exact in float64): never a
+    float64 copy of the inputs. ``max_elems`` bounds the gathered block (cache-sized).
+    """
+    m = cols.shape[1]
+    out = np.empty(cols.shape, np.float64)
+    step = max(1, max_elems // max(1, m * q.shape[1]))
+    for lo in range(0, rows.size, step):
+        sel = rows[lo : lo + step]
+        c = cols[lo : lo + step]
+        rb = np.asarray(r[c.ravel()]).reshape(c.shape[0], m, -1)
+        dots = np.einsum("nd,nmd->nm", np.asarray(q[sel]), rb, dtype=np.float64)
+        out[lo : lo + step] = dots / q_norm[sel, None].astype(np.float64) / r_norm[c]
+    return out
 
 
 def _refine(
@@ -348,14 +530,19 @@ def _refine(
     tol: float,
     *,
     rescore: bool = True,
-    block: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-k of each row of q over the rows of r from the kernel's float32 candidates.
 
-    Candidates with an index >= ``len(r)`` are padding (cosine exactly 0) and are dropped.
-    A row is certified when it has >= k real candidates and its last (K-th) candidate is more
-    than ``2 tol`` below its k-th real one: then no row outside the list can belong to the
-    true top-k (see the module docstring). Uncertified rows are recomputed fully in float64.
+    Candidates with an index outside ``[0, len(r))`` are padding and are dropped; they never
+    count as real candidates. Certification (first, on the float32 values): every row of r
+    outside a row's list has a float32 cosine <= the list's last (K-th) value ``c_K`` (padding
+    included: whatever filled the list bounds what it left out), so its exact cosine is
+    <= ``c_K + tol``. A row is certified when it has >= k real candidates and either all of
+    r is among them or ``c_K < v_k - 2 tol`` (``v_k``: its k-th real float32 value); else it
+    is recomputed against all of r in float64 (`_full_rows`). Certified rows whose first
+    ``k + 1`` real float32 values are more than ``2 tol`` apart have the exact order already:
+    only their k kept values are rescored in float64; the other certified rows rescore every
+    real candidate and re-sort.
 
     Args:
       rescore: rescore certified rows in float64 (exact); else keep their float32 values.
@@ -365,44 +552,38 @@ def _refine(
     """
     n, kk = cand_idx.shape
     n_r = r.shape[0]
+    ci = cand_idx.astype(np.int64)
+    valid = (ci >= 0) & (ci < n_r)
+    bound = np.min(cand_vals, axis=1)  # the K-th value of the kernel's list, padding included
+    cv = np.where(valid, cand_vals.astype(np.float32), -np.inf)
+    # Real candidates first, by float32 value descending, ties to the lowest index.
+    order = np.lexsort((np.where(valid, ci, n_r), -cv), axis=-1)
+    cv = np.take_along_axis(cv, order, axis=1)
+    ci = np.take_along_axis(ci, order, axis=1)
+    n_valid = valid.sum(axis=1)
+    kth = cv[:, k - 1]
+    uncertain = (n_valid < k) | ((n_valid < n_r) & (bound.astype(np.float64) >= kth - 2.0 * tol))
+    m = min(k + 1, kk)
+    with np.errstate(invalid="ignore"):
+        gaps = -np.diff(cv[:, :m].astype(np.float64), axis=1)
+    # A missing (k+1)-th real candidate is no competitor (+inf gap: -inf minus a value).
+    clean = ~uncertain & (np.where(np.isnan(gaps), np.inf, gaps) > 2.0 * tol).all(axis=1)
     out_v = np.empty((n, k), np.float64 if rescore else np.float32)
-    out_i = np.empty((n, k), np.int64)
-    uncertain = np.zeros(n, bool)
-    for lo in range(0, n, block):
-        hi = min(lo + block, n)
-        ci = cand_idx[lo:hi].astype(np.int64)
-        cv = cand_vals[lo:hi]
-        valid = (ci >= 0) & (ci < n_r)
-        n_valid = valid.sum(axis=1)
-        # float32 value of the k-th real candidate (lists are sorted descending).
-        kth = np.sort(np.where(valid, cv, -np.inf), axis=1)[:, ::-1][:, k - 1]
-        if kk < n_r:
-            uncertain[lo:hi] = (n_valid < k) | (cv[:, kk - 1] >= kth - 2.0 * tol)
-        else:
-            uncertain[lo:hi] = n_valid < k
-        # Rows whose first k+1 float32 values are more than 2 tol apart: their float32 order
-        # is the exact order, so only the k kept values need float64 (most rows).
-        clean = valid[:, :k].all(axis=1)
-        if kk > k:
-            clean &= (-np.diff(cv[:, : k + 1], axis=1) > 2.0 * tol).all(axis=1)
-        if rescore:
-            qb = np.asarray(q[lo:hi], np.float64) / q_norm[lo:hi, None]
-            v = np.full(ci.shape, -np.inf)
-            for sel, cols in ((clean, slice(0, k)), (~clean, slice(0, kk))):
-                rows_b = np.flatnonzero(sel)
-                if rows_b.size:
-                    c = ci[rows_b, cols]
-                    safe = np.where(valid[rows_b, cols], c, 0)
-                    rb = np.asarray(r[safe.ravel()], np.float64).reshape(
-                        rows_b.size, c.shape[1], -1
-                    )
-                    v[rows_b, cols] = np.einsum("nd,nkd->nk", qb[rows_b], rb) / (r_norm[safe])
-        else:
-            v = cv.astype(np.float64)
-        v[~valid] = -np.inf
-        order = np.lexsort((ci, -v), axis=-1)[:, :k]  # value desc, then lowest index
-        out_v[lo:hi] = np.take_along_axis(v, order, axis=1)
-        out_i[lo:hi] = np.take_along_axis(ci, order, axis=1)
+    out_i = ci[:, :k].copy()
+    if rescore:
+        rows = np.flatnonzero(clean)
+        out_v[rows] = _rescore(q, q_norm, r, r_norm, rows, ci[rows, :k])
+        rows = np.flatnonzero(~clean & ~uncertain)
+        if rows.size:
+            c = ci[rows]
+            ok = np.take_along_axis(valid, order, axis=1)[rows]
+            v = _rescore(q, q_norm, r, r_norm, rows, np.where(ok, c, 0))
+            v[~ok] = -np.inf
+            o = np.lexsort((np.where(ok, c, n_r), -v), axis=-1)[:, :k]
+            out_v[rows] = np.take_along_axis(v, o, axis=1)
+            out_i[rows] = np.take_along_axis(c, o, axis=1)
+    else:
+        out_v[:] = cv[:, :k]
     rows = np.flatnonzero(uncertain)
     if rows.size:
         _full_rows(q, q_norm, r, r_norm, rows, k, out_v, out_i)
@@ -410,22 +591,35 @@ def _refine(
 
 
 def _full_rows(
-    q, q_norm, r, r_norm, rows, k, out_v, out_i, block_rows: int = 64, block_cols: int = 65536
+    q, q_norm, r, r_norm, rows, k, out_v, out_i, block_cols: int = 16384, max_elems: int = 1 << 22
 ) -> None:
-    """float64 top-k of the given rows of q against every row of r (bounded memory)."""
-    for lo in range(0, rows.size, block_rows):
-        sel = rows[lo : lo + block_rows]
-        qb = np.asarray(q[sel], np.float64) / q_norm[sel, None]
-        parts = []
-        for c0 in range(0, r.shape[0], block_cols):
-            rb = (
-                np.asarray(r[c0 : c0 + block_cols], np.float64) / r_norm[c0 : c0 + block_cols, None]
-            )
-            parts.append(qb @ rb.T)
-        v = np.concatenate(parts, axis=1)
-        order = np.argsort(-v, axis=1, kind="stable")[:, :k]  # stable: lowest index on ties
-        out_v[sel] = np.take_along_axis(v, order, axis=1)
-        out_i[sel] = order
+    """float64 top-k of the given rows of q against every row of r (bounded memory).
+
+    Column blocks of r are converted to float64 once each (outer loop) and scored against all
+    the given rows; the running top-k keeps the lowest index on exact ties (earlier blocks
+    first, stable sorts).
+    """
+    qb = np.asarray(q[rows], np.float64) / q_norm[rows, None]
+    best_v = np.full((rows.size, 0), -np.inf)
+    best_i = np.zeros((rows.size, 0), np.int64)
+    row_step = max(1, max_elems // block_cols)
+    for c0 in range(0, r.shape[0], block_cols):
+        rb = np.asarray(r[c0 : c0 + block_cols], np.float64) / r_norm[c0 : c0 + block_cols, None]
+        kb = min(k, rb.shape[0])
+        bv = np.empty((rows.size, kb))
+        bi = np.empty((rows.size, kb), np.int64)
+        for lo in range(0, rows.size, row_step):
+            v = qb[lo : lo + row_step] @ rb.T
+            o = np.argsort(-v, axis=1, kind="stable")[:, :kb]
+            bv[lo : lo + row_step] = np.take_along_axis(v, o, axis=1)
+            bi[lo : lo + row_step] = o + c0
+        v = np.concatenate([best_v, bv], axis=1)
+        i = np.concatenate([best_i, bi], axis=1)
+        o = np.argsort(-v, axis=1, kind="stable")[:, :k]
+        best_v = np.take_along_axis(v, o, axis=1)
+        best_i = np.take_along_axis(i, o, axis=1)
+    out_v[rows] = best_v
+    out_i[rows] = best_i
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,6 +678,16 @@ def cosine_tolerance(d: int, precision: str = "HIGHEST", platform: str = "cpu") 
     return float(((d + 3) * U32 + 2 * u_in + u_in * u_in) * 1.01)
 
 
+GEMMS = ("host", "xla")
+HOST_TILE = 4096  # host-GEMM tile side: OpenBLAS runs near its peak, 64 MiB score tile
+
+
+def default_gemm(mesh) -> str:
+    """``"host"`` (NumPy tile GEMMs) on a single CPU device, else ``"xla"`` (see `max_cosine`)."""
+    dev = np.asarray(mesh.devices).flat[0]
+    return "host" if dev.platform == "cpu" and mesh.size == 1 else "xla"
+
+
 def default_tiles(mesh, n_b: int, d: int) -> tuple[int, int]:
     """Tile shape from the device's memory: 1024 x 2048 on CPU (measured best there: the
     tile stays in cache); on accelerators the largest square-ish tile whose float32 scores
@@ -513,6 +717,7 @@ def max_cosine(
     full: bool = False,
     max_full: int = DEFAULT_MAX_FULL,
     precision: str | None = None,
+    gemm: str | None = None,
 ) -> PairwiseResult:
     """Top-k cosine neighbours between the rows of A and B, both directions, in tiles.
 
@@ -534,11 +739,16 @@ def max_cosine(
         refinement's error bound follows it (`cosine_tolerance`), so ``exact=True`` stays
         exact at any precision; lower precision only leaves more rows uncertified
         (recomputed on the host; raise ``margin``). docs/precision.md has the measured cost.
+      gemm: ``"host"``: NumPy (BLAS) float32 tile GEMMs on the host (default tiles
+        `HOST_TILE`), overlapped with the jitted top-K of the previous tile; ``"xla"``: the
+        sharded jitted kernel over the mesh. Default (`default_gemm`): ``"host"`` on a
+        single CPU device (OpenBLAS's GEMM is ~1.5x XLA:CPU's), ``"xla"`` on multi-device
+        meshes and accelerators. Both give the same result (exact when ``exact=True``).
 
     Returns:
       A `PairwiseResult`.
     """
-    a, b = _validate_pair(a, b)
+    a, b = _validate_pair(a, b, finite=False)  # NaN/Inf: checked by the row norms
     n_a, n_b, d = a.shape[0], b.shape[0], a.shape[1]
     k = checks.check_positive_int("max_cosine k", k)
     if k > min(n_a, n_b):
@@ -556,7 +766,12 @@ def max_cosine(
             f"max_cosine precision {precision!r}: expected one of "
             f"{PRECISIONS} (jax.lax.Precision names)"
         )
-    auto_a, auto_b = default_tiles(mesh, n_b, d)
+    gemm = default_gemm(mesh) if gemm is None else gemm
+    if gemm not in GEMMS:
+        raise checks.InputError(f"max_cosine gemm {gemm!r}: expected one of {GEMMS}")
+    if gemm == "host" and precision != "HIGHEST":
+        precision = "HIGHEST"  # NumPy's float32 GEMM: float32 inputs whatever was asked
+    auto_a, auto_b = (HOST_TILE, HOST_TILE) if gemm == "host" else default_tiles(mesh, n_b, d)
     tile_a = checks.check_positive_int("max_cosine tile_a", auto_a if tile_a is None else tile_a)
     tile_b = checks.check_positive_int("max_cosine tile_b", auto_b if tile_b is None else tile_b)
     if full and n_a * n_b > max_full:
@@ -565,10 +780,8 @@ def max_cosine(
             f"max_full={max_full}; use the streamed results instead"
         )
     axes = _device_axes(mesh)
-    ndev = int(np.prod([mesh.shape[x] for x in axes]))
+    ndev = int(np.prod([mesh.shape[x] for x in axes])) if gemm == "xla" else 1
 
-    norm_a = _row_norms("A", a)
-    norm_b = _row_norms("B", b)
     # K candidates per row: k + margin (the refinement needs the margin to certify rows; the
     # float32-only path keeps it too, to drop padded candidates).
     kk = max(k, min(k + margin, n_a, n_b))
@@ -578,25 +791,38 @@ def max_cosine(
     na_pad = _round_up(n_a, ndev * ta)
     nb_pad = _round_up(n_b, tb)
 
-    a32 = _normalised_f32(a, norm_a, na_pad)
-    b32 = _normalised_f32(b, norm_b, nb_pad)
-    kernel = _build_kernel(mesh, ta, tb, kk, thresholds, precision)
-    outs = kernel(
-        jax.device_put(a32, NamedSharding(mesh, P(axes))),
-        jax.device_put(b32, NamedSharding(mesh, P())),
-    )
-    del a32, b32
-    av, ai, ac, bv, bi, bc = (np.asarray(x) for x in mesh_lib.gather(outs))
-    av, ai, ac = av[:n_a], ai[:n_a], ac[:n_a]
-    bv, bi, bc = bv[:n_b], bi[:n_b], bc[:n_b]
-    # Padded partners have cosine exactly 0: they were counted for every threshold <= 0.
-    nonpos = np.asarray([t <= 0.0 for t in thresholds], bool)
-    ac = ac - nonpos[None, :] * (nb_pad - n_b)
-    bc = bc - nonpos[None, :] * (na_pad - n_a)
+    # Norms (+ the NaN/Inf check) and unit float32 copies, B in a thread (A's errors first).
+    with ThreadPoolExecutor(1) as pool:
+        fut_b = pool.submit(_prepare, "B", b, nb_pad)
+        norm_a, a32 = _prepare("A", a, na_pad)
+        norm_b, b32 = fut_b.result()
+    if gemm == "host":
+        av, ai, ac, bv, bi, bc = _host_kernel(a32, b32, n_a, n_b, ta, tb, kk, thresholds)
+        del a32, b32
+        av, ai, ac = av[:n_a], ai[:n_a], ac[:n_a]
+        bv, bi, bc = bv[:n_b], bi[:n_b], bc[:n_b]
+        platform = "cpu"
+    else:
+        kernel = _build_kernel(mesh, ta, tb, kk, thresholds, precision)
+        outs = kernel(
+            jax.device_put(a32, NamedSharding(mesh, P(axes))),
+            jax.device_put(b32, NamedSharding(mesh, P())),
+        )
+        del a32, b32
+        av, ai, ac, bv, bi, bc = (np.asarray(x) for x in mesh_lib.gather(outs))
+        av, ai, ac = av[:n_a], ai[:n_a], ac[:n_a]
+        bv, bi, bc = bv[:n_b], bi[:n_b], bc[:n_b]
+        # Padded partners have cosine exactly 0: they were counted for every threshold <= 0.
+        nonpos = np.asarray([t <= 0.0 for t in thresholds], bool)
+        ac = ac - nonpos[None, :] * (nb_pad - n_b)
+        bc = bc - nonpos[None, :] * (na_pad - n_a)
 
     tol = cosine_tolerance(d, precision, platform)
-    a_vals, a_idx, n_fa = _refine(a, norm_a, b, norm_b, av, ai, k, tol, rescore=exact)
-    b_vals, b_idx, n_fb = _refine(b, norm_b, a, norm_a, bv, bi, k, tol, rescore=exact)
+    # The two sides are independent (NumPy releases the GIL): refine them concurrently.
+    with ThreadPoolExecutor(1) as pool:
+        fut_ref = pool.submit(_refine, b, norm_b, a, norm_a, bv, bi, k, tol, rescore=exact)
+        a_vals, a_idx, n_fa = _refine(a, norm_a, b, norm_b, av, ai, k, tol, rescore=exact)
+        b_vals, b_idx, n_fb = fut_ref.result()
     out = PairwiseResult(
         a_topk_values=a_vals,
         a_topk_indices=a_idx,

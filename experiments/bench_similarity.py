@@ -16,6 +16,9 @@ further sections, e.g. SVCCA and nulls, register themselves in the same dict):
   Strongest simple peer (issue 18): NumPy's float32 GEMM (OpenBLAS, faster than XLA's GEMM
   on this CPU) on the same tiles, goal >= 90 % of its rate for the exact both-direction call;
   end-to-end twin: a NumPy script (GEMM per row block, argmax both ways, no refinement).
+  The candidate follows the engine's GEMM choice (``--pw_gemm``; default: ``host``, NumPy
+  tile GEMMs overlapped with the jitted top-K, on a single CPU device; else the XLA kernel)
+  and its default tiles (``--pw_tile_a/b=0``).
 * ``correlation``: activation correlation of two TopK SAEs (k = 32) with ``--corr_features``
   features each (issue: 16384) over ``--corr_tokens`` tokens (issue: 1M). Sparse path
   (`engine.correlation`: k^2 products per token added in place, on CPU by the native kernel
@@ -54,8 +57,11 @@ common.define_bench_flags()
 # pairwise
 flags.DEFINE_integer("pw_n", 16384, "Rows of each dictionary (issue: 65536).")
 flags.DEFINE_integer("pw_d", 1024, "Dimension of the dictionaries.")
-flags.DEFINE_integer("pw_tile_a", 1024, "Tile rows of A.")
-flags.DEFINE_integer("pw_tile_b", 2048, "Tile rows of B.")
+flags.DEFINE_integer("pw_tile_a", 0, "Tile rows of A (0: the engine's default for the GEMM).")
+flags.DEFINE_integer("pw_tile_b", 0, "Tile rows of B (0: the engine's default for the GEMM).")
+flags.DEFINE_string(
+    "pw_gemm", "", "max_cosine gemm: host (NumPy tiles) or xla ('': engine default for the mesh)."
+)
 flags.DEFINE_integer("pw_k", 1, "Neighbours kept per row.")
 flags.DEFINE_integer("pw_check_rows", 256, "Rows checked against float64 numpy.")
 # correlation
@@ -132,8 +138,15 @@ def bench_pairwise(ctx: dict) -> list[dict]:
     b[: n // 4] = rng.standard_normal((n // 4, d), dtype=np.float32)
     flops = 2.0 * n * n * d
 
+    gemm_kind = FLAGS.pw_gemm or pairwise.default_gemm(mesh)
+    if gemm_kind == "host":
+        auto = (pairwise.HOST_TILE, pairwise.HOST_TILE)
+    else:
+        auto = pairwise.default_tiles(mesh, n, d)
+    tile_a, tile_b = FLAGS.pw_tile_a or auto[0], FLAGS.pw_tile_b or auto[1]
+
     def full_call():
-        return pairwise.max_cosine(a, b, mesh, k=k, tile_a=FLAGS.pw_tile_a, tile_b=FLAGS.pw_tile_b)
+        return pairwise.max_cosine(a, b, mesh, k=k, tile_a=tile_a, tile_b=tile_b, gemm=gemm_kind)
 
     # Peak memory of one call, measured first (ru_maxrss is a high-water mark: the baseline
     # must not run before it). Includes compilation.
@@ -143,15 +156,23 @@ def bench_pairwise(ctx: dict) -> list[dict]:
 
     # The streamed kernel alone (device part), on inputs already normalised and placed.
     axes = tuple(mesh.axis_names)
-    ndev = mesh.size
-    ta = min(pairwise._round_up(FLAGS.pw_tile_a, pairwise.ALIGN), n // ndev)
-    tb = min(pairwise._round_up(FLAGS.pw_tile_b, pairwise.ALIGN), n)
+    ndev = mesh.size if gemm_kind == "xla" else 1
+    ta = min(pairwise._round_up(tile_a, pairwise.ALIGN), n // ndev)
+    tb = min(pairwise._round_up(tile_b, pairwise.ALIGN), n)
     kk = k + 4
     na = pairwise._row_norms("A", a)
     nb = pairwise._row_norms("B", b)
-    a32 = jax.device_put(pairwise._normalised_f32(a, na, n), NamedSharding(mesh, P(axes)))
-    b32 = jax.device_put(pairwise._normalised_f32(b, nb, n), NamedSharding(mesh, P()))
-    kernel = pairwise._build_kernel(mesh, ta, tb, kk, (), "HIGHEST")
+    a32_host = pairwise._normalised_f32(a, na, n)
+    b32_host = pairwise._normalised_f32(b, nb, n)
+    a32 = jax.device_put(a32_host, NamedSharding(mesh, P(axes)))
+    b32 = jax.device_put(b32_host, NamedSharding(mesh, P()))
+    if gemm_kind == "host":
+
+        def kernel(_a, _b):
+            # The host path: NumPy tile GEMMs overlapped with the jitted top-K.
+            return pairwise._host_kernel(a32_host, b32_host, n, n, ta, tb, kk, ())
+    else:
+        kernel = pairwise._build_kernel(mesh, ta, tb, kk, (), "HIGHEST")
     gemm = jax.jit(lambda x, y: jnp.dot(x, y.T, precision=jax.lax.Precision.HIGHEST))
     at = jnp.asarray(np.asarray(a32)[:ta])
     bt = jnp.asarray(np.asarray(b32)[:tb])
@@ -277,7 +298,8 @@ def bench_pairwise(ctx: dict) -> list[dict]:
                 "k": k,
                 "tile_a": ta,
                 "tile_b": tb,
-                "devices": ndev,
+                "devices": mesh.size,
+                "gemm": gemm_kind,
                 "goal_fraction_of_gemm": r.get("goal_fraction_of_gemm", 0.8),
                 "naive_full_matrix_gib": n * n * 4 / 2**30,
                 "analytic_working_set_mib": working_set / 2**20,

@@ -190,3 +190,71 @@ def test_positive_row_scaling_invariance(mesh1, seed, scale_pow):
 def test_bad_input(mesh1, a, b, kwargs, match):
     with pytest.raises(checks.InputError, match=match):
         pairwise.max_cosine(a, b, mesh1, **kwargs)
+
+
+def _near_orthogonal(rng, n=400, n_b=3, d=1024, scale=3e-8):
+    """A whose cosines with B's n_b orthonormal rows are all ~1e-8: below the float32 error,
+    so float32 gets the sign and the order of the cosines wrong for many rows."""
+    q, _ = np.linalg.qr(rng.standard_normal((d, n_b)))
+    b = q.T.copy()
+    u = rng.standard_normal((n, d))
+    u -= (u @ q) @ q.T
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    return u + scale * rng.standard_normal((n, n_b)) @ b, b
+
+
+@pytest.mark.parametrize("gemm", ["host", "xla"])
+def test_padding_never_certifies_a_wrong_argmax(mesh, rng, gemm):
+    # n_b = 3 rows in a 128-column tile: 125 padded columns. With zero padding (cosine exactly
+    # 0) the padded columns displaced the real ones whose float32 cosine came out negative,
+    # and the old certification ("K >= n_b: every column is a candidate") accepted the list
+    # without the float64 check: 12 of these 400 argmaxes were wrong.
+    a, b = _near_orthogonal(rng)
+    s = _ref(a, b)
+    res = pairwise.max_cosine(a, b, mesh, k=1, gemm=gemm)
+    np.testing.assert_array_equal(res.a_argmax, s.argmax(axis=1))
+    np.testing.assert_allclose(res.a_max, s.max(axis=1), rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(res.b_topk_indices[:, 0], s.argmax(axis=0))
+    # k = 2 with the near-ties spread over two B tiles (the second one mostly padding).
+    b2 = np.concatenate([rng.standard_normal((126, b.shape[1])), b])
+    s2 = _ref(a, b2)
+    r2 = pairwise.max_cosine(a, b2, mesh, k=2, tile_a=128, tile_b=128, gemm=gemm)
+    np.testing.assert_array_equal(r2.a_topk_indices, _topk_ref(s2, 2)[0])
+
+
+def test_host_and_xla_gemm_agree(mesh, rng):
+    a, b = _data(rng)
+    s = _ref(a, b)
+    kw = dict(k=3, thresholds=THRESH, tile_a=128, tile_b=256)
+    rh = pairwise.max_cosine(a, b, mesh, gemm="host", **kw)
+    rx = pairwise.max_cosine(a, b, mesh, gemm="xla", **kw)
+    for r in (rh, rx):
+        np.testing.assert_array_equal(r.a_topk_indices, _topk_ref(s, 3)[0])
+        np.testing.assert_array_equal(r.b_topk_indices, _topk_ref(s.T, 3)[0])
+        for j, t in enumerate(THRESH):
+            np.testing.assert_array_equal(r.a_counts[:, j], (s >= t).sum(axis=1))
+            np.testing.assert_array_equal(r.b_counts[:, j], (s >= t).sum(axis=0))
+    np.testing.assert_allclose(rh.a_topk_values, rx.a_topk_values, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(rh.b_topk_values, rx.b_topk_values, rtol=0, atol=1e-15)
+    # float32 mode: same argmax wherever the float32 gap decides it.
+    fh = pairwise.max_cosine(a, b, mesh, gemm="host", exact=False, **kw)
+    assert np.max(np.abs(fh.a_max - s.max(axis=1))) <= fh.tol
+    assert pairwise.default_gemm(mesh) == ("host" if mesh.size == 1 else "xla")
+
+
+def test_non_finite_input_found_by_the_row_norms(mesh1):
+    a = np.ones((6, 4), np.float32)
+    b = np.ones((5, 4))
+    b[3, 2] = np.inf
+    with pytest.raises(checks.InputError, match=r"^B: 1 non-finite value\(s\).*\(3, 2\)"):
+        pairwise.max_cosine(a, b, mesh1)
+    a[4, 1] = np.nan
+    with pytest.raises(checks.InputError, match=r"^A: .*non-finite.*\(4, 1\)"):
+        pairwise.max_cosine(a, b, mesh1, gemm="xla")
+    # finite=False skips the scan; check_finite_rows finds NaN/Inf and float64 overflow.
+    assert checks.as_float_matrix("A", a, finite=False) is not None
+    big = np.full((2, 3), 1e200)
+    with np.errstate(over="ignore"), pytest.raises(checks.InputError, match="overflows float64"):
+        checks.check_finite_rows("X", big, np.linalg.norm(big, axis=1))
+    with pytest.raises(checks.InputError, match="gemm"):
+        pairwise.max_cosine(np.ones((2, 2)), np.ones((2, 2)), mesh1, gemm="torch")
