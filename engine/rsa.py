@@ -383,10 +383,13 @@ def _matrix_from_upper(vals: np.ndarray, n: int) -> np.ndarray:
 def rsa_matrix_stat(consts: dict, perm: jax.Array, tile: int = 64) -> jax.Array:
     """Pearson of standardised upper triangles ``sx`` and ``sy[perm][:, perm]``.
 
-    Row tiles keep the gathered ``sy`` rows at ``tile x n`` per permutation.
+    Row tiles keep the gathered ``sy`` rows at ``tile x n`` per permutation. The indices are
+    gathered as uint32 (no negative-index wrap-around to compute; the values are identical to
+    an int32 gather, tests/test_rsa.py).
     """
     sx, sy = consts["sx"], consts["sy"]
     n = sx.shape[0]
+    perm = perm.astype(jnp.uint32)
     num_tiles = -(-n // tile)
     pad = num_tiles * tile - n
     perm_p = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)])

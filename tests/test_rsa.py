@@ -129,3 +129,47 @@ def test_spearman_on_binary_data_gives_ties_average_ranks(n, d, mesh):
     want_sampled = scipy.stats.spearmanr(np.round(r[i, j], 12), np.round(s[i, j], 12)).statistic
     got = rsa.rsa(x, y, mesh=mesh, max_exact_n=10, num_samples=4000, seed=0)
     np.testing.assert_allclose(got.score, want_sampled, rtol=0, atol=1e-9)
+
+
+def _rsa_matrix_stat_int32(consts, perm, tile):
+    """The null statistic as it was before the uint32 gather (int32 indices), for comparison."""
+    import jax
+    import jax.numpy as jnp
+
+    sx, sy = consts["sx"], consts["sy"]
+    n = sx.shape[0]
+    num_tiles = -(-n // tile)
+    pad = num_tiles * tile - n
+    perm_p = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)])
+    sx_p = jnp.concatenate([sx, jnp.zeros((pad, n), sx.dtype)])
+
+    def body(acc, t):
+        rows = jax.lax.dynamic_slice_in_dim(perm_p, t * tile, tile)
+        bx = jax.lax.dynamic_slice_in_dim(sx_p, t * tile, tile)
+        return acc + jnp.sum(bx * sy[rows][:, perm]), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_tiles))
+    return total / (n * (n - 1))
+
+
+@pytest.mark.parametrize("n, tile", [(60, 64), (203, 16)])
+def test_null_stat_uint32_gather_equals_int32_gather_and_float64(n, tile):
+    import jax
+    import jax.numpy as jnp
+
+    from engine import nulls
+
+    x, y = structured(3, n=n)
+    result = rsa.rsa(x, y, method="spearman")
+    kernel = rsa.null_kernel(x, y, result, tile=tile)
+    perms = jnp.asarray(nulls.permutations(n, 8, seed=1))
+    kw = dict(kernel.static)
+    got = jax.jit(jax.vmap(lambda p: rsa.rsa_matrix_stat(kernel.consts, p, **kw)))(perms)
+    old = jax.jit(jax.vmap(lambda p: _rsa_matrix_stat_int32(kernel.consts, p, kw["tile"])))(perms)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(old))  # bit for bit
+    sx = np.asarray(kernel.consts["sx"], np.float64)
+    sy = np.asarray(kernel.consts["sy"], np.float64)
+    want = [np.sum(sx * sy[np.ix_(p, p)]) / (n * (n - 1)) for p in np.asarray(perms)]
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+    # the identity permutation is the observed Spearman RSA
+    assert abs(kernel.observed() - result.score) < 1e-5
