@@ -11,7 +11,8 @@ items (`item_permutation_test`) has ``p = #{null >= observed} / R``.
 Batching: a metric supplies a `NullKernel`: a module-level ``stat(consts, perm, **static)``
 that is pure JAX, plus the permutation-invariant work done once (whitened or standardised rows,
 rank matrices, neighbour lists) in ``consts``. `permutation_null` draws permutation r as
-``jax.random.permutation(fold_in(key(seed), r), n)`` ON the devices, ``vmap``s ``stat`` over a
+``jax.random.permutation(fold_in(key(seed), r), n)`` ON the devices (bit for bit, by the
+faster `permutation`), ``vmap``s ``stat`` over a
 batch of permutations, ``lax.scan``s over batches, and splits the permutations over the mesh
 ``data`` axis with `jax.shard_map`. Permutation r is the same whatever the number of devices,
 so the null values agree across meshes up to float rounding. `permutations` returns the same
@@ -99,18 +100,68 @@ def _observed_fn(stat, finish, static):
     return jax.jit(lambda consts, perm: _apply(stat, finish, consts, perm[None], dict(static))[0])
 
 
+#: Largest n for which `permutation` uses its packed-sort argsort (index and half of a sort
+#: key share one uint32 word: 2 * ceil(log2 n) <= 32); above it, ``jax.random.permutation``.
+FAST_PERMUTATION_MAX_N = 1 << 16
+
+
+def _stable_argsort_u32(bits: jax.Array) -> jax.Array:
+    """Stable argsort of ``[n]`` uint32 keys (n <= 2^16) by two single-operand uint32 sorts.
+
+    LSD radix with ``b = ceil(log2 n)`` index bits: sort the words ``low (32-b) key bits |
+    index`` (unique, so the order is by low bits, ties by index), then, stably, the words
+    ``high b key bits | position in that order``. The result orders by (key, index): exactly
+    the stable argsort, equal keys included. XLA's CPU sort of one uint32 operand is ~4.7x
+    faster than its two-operand key-value sort (0.17 vs 0.80 ms at n = 5000).
+    """
+    n = bits.shape[0]
+    b = max(1, (n - 1).bit_length())
+    idx = jnp.arange(n, dtype=jnp.uint32)
+    mask = jnp.uint32((1 << b) - 1)
+    first = jax.lax.sort((bits << b) | idx) & mask
+    second = jax.lax.sort(((bits[first] >> (32 - b)) << b) | idx) & mask
+    return first[second].astype(jnp.int32)
+
+
+def permutation(key: jax.Array, n: int) -> jax.Array:
+    """``jax.random.permutation(key, n)`` as int32, bit for bit, but ~2x faster on CPU.
+
+    JAX shuffles by ``ceil(3 ln n / ln(2^32 - 1))`` rounds of a stable key-value sort by fresh
+    32-bit keys (``key, sub = split(key)``; ``bits(sub, (n,), uint32)``). The same rounds
+    with the same keys are done here by `_stable_argsort_u32` (two one-operand sorts per
+    round), so every permutation, and every null value computed from one, is unchanged.
+    Above `FAST_PERMUTATION_MAX_N` rows it calls ``jax.random.permutation``. Checked against
+    it in tests/test_nulls.py (many keys and sizes, tied keys, the fallback).
+    """
+    n = int(n)
+    if n > FAST_PERMUTATION_MAX_N:
+        return jax.random.permutation(key, n).astype(jnp.int32)
+    rounds = int(np.ceil(3 * np.log(max(1, n)) / np.log(np.iinfo(np.uint32).max)))
+    perm = jnp.arange(n, dtype=jnp.int32)
+    for _ in range(rounds):
+        key, sub = jax.random.split(key)
+        perm = perm[_stable_argsort_u32(jax.random.bits(sub, (n,), jnp.uint32))]
+    return perm
+
+
 def _perm(key, r, n):
-    return jax.random.permutation(jax.random.fold_in(key, r), n).astype(jnp.int32)
+    return permutation(jax.random.fold_in(key, r), n)
+
+
+@functools.lru_cache(maxsize=16)
+def _permutations_fn(n: int):
+    return jax.jit(jax.vmap(lambda key, r: _perm(key, r, n), in_axes=(None, 0)))
 
 
 def permutations(n: int, num: int, seed: int = 0, start: int = 0) -> np.ndarray:
     """``[num, n]`` int32 host copy of permutations ``start .. start+num-1``.
 
-    They are exactly the permutations `permutation_null` draws on the devices.
+    They are exactly the permutations `permutation_null` draws on the devices. The jitted
+    draw is cached per ``n`` (a loop calling this per block compiles once).
     """
     key = jax.random.PRNGKey(seed)
     ids = jnp.arange(start, start + num)
-    return np.asarray(jax.jit(jax.vmap(lambda r: _perm(key, r, n)))(ids))
+    return np.asarray(_permutations_fn(int(n))(key, ids))
 
 
 @functools.lru_cache(maxsize=64)

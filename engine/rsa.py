@@ -380,37 +380,70 @@ def _matrix_from_upper(vals: np.ndarray, n: int) -> np.ndarray:
     return out + out.T
 
 
+def _circular_blocks(sx: np.ndarray, tile: int) -> np.ndarray:
+    """``[T, tile, L]`` row tiles of ``sx`` (zero-padded to ``T * tile``), tile ``t`` holding the
+    columns ``t * tile .. t * tile + L - 1`` (mod ``T * tile``), weighted so that the sum over
+    tiles of ``<block, sy block>`` is the sum over the whole symmetric matrix.
+
+    Block pairs ``(t, t + d mod T)``: ``d = 0`` weight 1, ``d = 1 .. (T - 1) // 2`` weight 2
+    (each stands for ``(t + d, t)`` too), and for even ``T`` the pair ``d = T / 2`` weight 1 (met
+    from both sides). Only about half of ``sy`` is gathered per permutation.
+    """
+    n = sx.shape[0]
+    t_num = -(-n // tile)
+    size = t_num * tile
+    half = (t_num - 1) // 2
+    extra = 1 if t_num % 2 == 0 else 0
+    width = (1 + half + extra) * tile
+    weights = np.concatenate(
+        [np.ones(tile), np.full(half * tile, 2.0), np.ones(extra * tile)]
+    ).astype(np.float32)
+    padded = np.zeros((size, size), np.float32)
+    padded[:n, :n] = sx
+    rows = np.arange(t_num)[:, None, None] * tile + np.arange(tile)[None, :, None]
+    cols = (np.arange(t_num)[:, None, None] * tile + np.arange(width)[None, None, :]) % size
+    return padded[rows, cols] * weights
+
+
 def rsa_matrix_stat(consts: dict, perm: jax.Array, tile: int = 64) -> jax.Array:
     """Pearson of standardised upper triangles ``sx`` and ``sy[perm][:, perm]``.
 
-    Row tiles keep the gathered ``sy`` rows at ``tile x n`` per permutation.
+    ``consts["sxc"]`` is ``sx`` in `_circular_blocks` layout: row tile ``t`` of ``sy[perm]``
+    is gathered at about half of the columns (``tile x L``, L ~ n / 2), using the symmetry of
+    both matrices (1.6x less CPU time than the full ``tile x n`` at n = 5000). The indices
+    are gathered as uint32 (no negative-index wrap-around to compute).
     """
-    sx, sy = consts["sx"], consts["sy"]
-    n = sx.shape[0]
-    num_tiles = -(-n // tile)
-    pad = num_tiles * tile - n
-    perm_p = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)])
-    sx_p = jnp.concatenate([sx, jnp.zeros((pad, n), sx.dtype)])
+    sxc, sy = consts["sxc"], consts["sy"]
+    n = sy.shape[0]
+    t_num, _, width = sxc.shape
+    size = t_num * tile
+    perm = perm.astype(jnp.uint32)
+    perm_p = jnp.concatenate([perm, jnp.zeros((size - n,), perm.dtype)])
+    perm_2 = jnp.concatenate([perm_p, perm_p])
 
     def body(acc, t):
         rows = jax.lax.dynamic_slice_in_dim(perm_p, t * tile, tile)
-        block = sy[rows][:, perm]
-        bx = jax.lax.dynamic_slice_in_dim(sx_p, t * tile, tile)
-        return acc + jnp.sum(bx * block), None
+        cols = jax.lax.dynamic_slice_in_dim(perm_2, t * tile, width)
+        return acc + jnp.sum(sxc[t] * sy[rows][:, cols]), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_tiles))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(t_num))
     # the full matrix counts every pair twice; a padded kernel carries its real row count
     pairs = consts["pairs"] if "pairs" in consts else n * (n - 1)
     return total / pairs
 
 
-def _pad_matrices(consts: dict, static: tuple, size: int) -> tuple[dict, tuple]:
+def _pad_matrices(sx: np.ndarray, consts: dict, static: tuple, size: int) -> tuple[dict, tuple]:
     """Zero rows and columns of the standardised matrices (they add nothing to the sum while
-    they stay put), the real pair count, and a tile fixed by ``size``."""
-    n = consts["sx"].shape[0]
-    out = {k: jnp.pad(consts[k], ((0, size - n), (0, size - n))) for k in ("sx", "sy")}
-    out["pairs"] = jnp.float32(n * (n - 1))
-    return out, (("tile", max(1, min(64, size))),)
+    they stay put), the real pair count, and a tile fixed by ``size``. ``sx`` (host) is bound
+    by `null_kernel` (the kernel keeps only its circular blocks)."""
+    n = sx.shape[0]
+    tile = max(1, min(64, size))
+    out = {
+        "sxc": jnp.asarray(_circular_blocks(np.pad(sx, ((0, size - n), (0, size - n))), tile)),
+        "sy": jnp.pad(consts["sy"], ((0, size - n), (0, size - n))),
+        "pairs": jnp.float32(n * (n - 1)),
+    }
+    return out, (("tile", tile),)
 
 
 def rsa_sampled_stat(consts: dict, perm: jax.Array, m: int, block: int = 1 << 16) -> jax.Array:
@@ -470,14 +503,14 @@ def null_kernel(
         tile = max(1, min(int(tile), n))
         return nulls.NullKernel(
             rsa_matrix_stat,
-            {"sx": jnp.asarray(sx), "sy": jnp.asarray(sy)},
+            {"sxc": jnp.asarray(_circular_blocks(sx, tile)), "sy": jnp.asarray(sy)},
             n,
             static=(("tile", tile),),
-            # A permutation gathers all of sy (n x n float32) tile by tile; vmapping many
+            # A permutation gathers half of sy (n x n float32) tile by tile; vmapping many
             # permutations multiplies the gathered working set past the caches (n = 5000:
             # batch 25 ran 2-3x slower per permutation than batch 1 on 2 CPU cores).
             row_bytes=4 * n * n,
-            pad=_pad_matrices,
+            pad=functools.partial(_pad_matrices, sx),
         )
     assert result.num_samples is not None  # the sampled estimator recorded its sample size
     i, j = sample_pairs(n, result.num_samples, seed)

@@ -204,3 +204,55 @@ def test_registry_errors():
     with pytest.raises(checks.InputError, match="rows"):
         similarity.evaluate(x, y[:-1], ("cka",))
     assert similarity.score("cka", x, y) == pytest.approx(similarity.get("cka").result(x, y).score)
+
+
+# Sizes around every branch: 0 or 1 shuffle rounds (n <= 1625), 2 rounds, powers of two (the
+# index-bit count b), the largest fast n, and the jax.random.permutation fallback above it.
+PERM_SIZES = (1, 3, 1625, 1626, 4096, 4097, 5000, 8193)
+
+
+@pytest.mark.parametrize("n", PERM_SIZES)
+def test_fast_permutation_is_bit_identical_to_jax(n):
+    import jax
+
+    seeds = jax.random.split(jax.random.PRNGKey(n), 64)  # 64 raw keys, vmapped
+    want = jax.jit(jax.vmap(lambda k: jax.random.permutation(k, n)))(seeds)
+    got = jax.jit(jax.vmap(lambda k: nulls.permutation(k, n)))(seeds)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    typed = jax.random.key(3)  # a typed key, unbatched
+    np.testing.assert_array_equal(
+        np.asarray(nulls.permutation(typed, n)), np.asarray(jax.random.permutation(typed, n))
+    )
+
+
+def test_fast_permutation_fallback_above_the_limit():
+    import jax
+
+    n = nulls.FAST_PERMUTATION_MAX_N + 1
+    key = jax.random.PRNGKey(11)
+    np.testing.assert_array_equal(
+        np.asarray(nulls.permutation(key, n)), np.asarray(jax.random.permutation(key, n))
+    )
+
+
+@pytest.mark.parametrize("n", (2, 5, 300, 5000, nulls.FAST_PERMUTATION_MAX_N))
+def test_packed_argsort_is_the_stable_argsort_with_tied_keys(n):
+    """Random 32-bit keys almost never tie, so ties (and keys sharing only their high or only
+    their low bits) are planted: the result must be numpy's stable argsort."""
+    import jax
+
+    rng = np.random.default_rng(n)
+    b = max(1, (n - 1).bit_length())
+    cases = [
+        rng.integers(0, 2**32, n, dtype=np.uint32),
+        rng.integers(0, 3, n, dtype=np.uint32),  # mostly tied
+        (rng.integers(0, 4, n, dtype=np.uint32) << np.uint32(32 - b)),  # high bits only
+        rng.integers(0, 4, n, dtype=np.uint32) | np.uint32(0xFFFF0000),  # low bits only
+        np.full(n, 0xFFFFFFFF, np.uint32),
+    ]
+    fn = jax.jit(nulls._stable_argsort_u32)
+    for bits in cases:
+        np.testing.assert_array_equal(
+            np.asarray(fn(bits)), np.argsort(bits, kind="stable").astype(np.int32)
+        )

@@ -129,3 +129,61 @@ def test_spearman_on_binary_data_gives_ties_average_ranks(n, d, mesh):
     want_sampled = scipy.stats.spearmanr(np.round(r[i, j], 12), np.round(s[i, j], 12)).statistic
     got = rsa.rsa(x, y, mesh=mesh, max_exact_n=10, num_samples=4000, seed=0)
     np.testing.assert_allclose(got.score, want_sampled, rtol=0, atol=1e-9)
+
+
+def _rsa_matrix_stat_int32(sx, sy, perm, tile):
+    """The null statistic as it was before (full row tiles, int32 indices), for comparison."""
+    import jax
+    import jax.numpy as jnp
+
+    n = sx.shape[0]
+    num_tiles = -(-n // tile)
+    pad = num_tiles * tile - n
+    perm_p = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)])
+    sx_p = jnp.concatenate([sx, jnp.zeros((pad, n), sx.dtype)])
+
+    def body(acc, t):
+        rows = jax.lax.dynamic_slice_in_dim(perm_p, t * tile, tile)
+        bx = jax.lax.dynamic_slice_in_dim(sx_p, t * tile, tile)
+        return acc + jnp.sum(bx * sy[rows][:, perm]), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_tiles))
+    return total / (n * (n - 1))
+
+
+# tiles per matrix: 1; 13 (odd); 8 and 2 (even: the block pair d = T / 2); 3
+@pytest.mark.parametrize("n, tile", [(60, 64), (203, 16), (200, 25), (100, 50), (130, 64)])
+def test_null_stat_half_gather_matches_float64_and_the_full_gather(n, tile):
+    """The null statistic gathers half of sy per permutation (symmetry, circular blocks) with
+    uint32 indices: it must equal the float64 Spearman of the permuted upper triangles and
+    the previous full int32 gather."""
+    import jax
+    import jax.numpy as jnp
+    import scipy.stats
+
+    from engine import nulls
+
+    x, y = structured(3, n=n)
+    result = rsa.rsa(x, y, method="spearman")
+    kernel = rsa.null_kernel(x, y, result, tile=tile)
+    perms = nulls.permutations(n, 6, seed=1)
+    kw = dict(kernel.static)
+    got = jax.jit(jax.vmap(lambda p: rsa.rsa_matrix_stat(kernel.consts, p, **kw)))(perms)
+    got = np.asarray(got, np.float64)
+    iu = np.triu_indices(n, 1)
+
+    def standard(a):
+        r = scipy.stats.rankdata(np.corrcoef(a.astype(np.float64))[iu])
+        m = np.zeros((n, n))
+        m[iu] = (r - r.mean()) / r.std()
+        return m + m.T
+
+    zx, zy = standard(x), standard(y)
+    want = [np.sum(zx[iu] * zy[np.ix_(p, p)][iu]) / len(iu[0]) for p in perms]
+    want_scipy = [scipy.stats.spearmanr(zx[iu], zy[np.ix_(p, p)][iu]).statistic for p in perms]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(got, want_scipy, atol=1e-6)
+    zx32, zy32 = jnp.asarray(zx, jnp.float32), jnp.asarray(zy, jnp.float32)
+    old = jax.jit(jax.vmap(lambda p: _rsa_matrix_stat_int32(zx32, zy32, p, kw["tile"])))
+    np.testing.assert_allclose(got, np.asarray(old(jnp.asarray(perms))), atol=1e-6)
+    assert abs(kernel.observed() - result.score) < 1e-5  # identity = the observed RSA
