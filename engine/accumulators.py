@@ -105,14 +105,22 @@ def _init_program(acc: Accumulator, mesh):
     # Cached per (accumulator, mesh): ``jax.jit(acc.init)`` on a fresh bound method misses
     # jit's cache, so callers folding many small inputs (loop nulls, bootstrap, calibration
     # tests) would otherwise compile the same zeros program once per call.
-    return jax.jit(acc.init, out_shardings=mesh_lib.replicated(mesh))
+    return jax.jit(lambda: _strong(acc.init()), out_shardings=mesh_lib.replicated(mesh))
+
+
+def _strong(state: Any) -> Any:
+    """``state`` with weakly typed leaves made strong (same dtype and values): the step's
+    output state is strongly typed, so a weakly typed first state (``jnp.full(n, 0.0)``)
+    would compile the step a second time for the second chunk (1.6 s of a comparison's
+    cold start, 1536 features on 2 cores)."""
+    return jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), state)
 
 
 def _fresh_state(acc: Accumulator, mesh) -> Any:
     try:
         program = _init_program(acc, mesh)  # type: ignore[arg-type]
     except TypeError:  # an unhashable accumulator: compile for this call only
-        program = jax.jit(acc.init, out_shardings=mesh_lib.replicated(mesh))
+        program = jax.jit(lambda: _strong(acc.init()), out_shardings=mesh_lib.replicated(mesh))
     return program()
 
 
