@@ -164,17 +164,27 @@ class SAE:
         """Dense feature activations ``[..., d_sae]``."""
         return self.activate(self.pre_activations(x))
 
-    def encode_sparse(self, x: jax.Array, k: int | None = None) -> tuple[jax.Array, jax.Array]:
+    def encode_sparse(
+        self, x: jax.Array, k: int | None = None, *, forward_only: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
         """``(values, indices)``, each ``[..., k]``: the k largest activations per row.
 
         Exact for topk SAEs (k defaults to ``config.k``); for other activations it keeps the
         k largest, which is exact whenever a row has at most k active features.
+        ``forward_only`` (topk): the values are ``relu`` of the top-k pre-activations
+        themselves, without `sparse_topk_encode`'s recomputation of each value by a k-column
+        gather-dot, which only serves the sparse gradient: same indices, values equal to
+        float32 rounding, ~20 % less encode on CPU (164 -> 130 ms per 8192 x 384 x 1536
+        chunk, 2 threads). For passes that take no gradient (the feature pass).
         """
         k = self.config.k if k is None else k
         checks.check_positive_int("encode_sparse k", k)
         if k > self.config.d_sae:
             raise checks.InputError(f"encode_sparse: k={k} exceeds d_sae={self.config.d_sae}")
         if self.config.activation == "topk":
+            if forward_only:
+                vals, idx = jax.lax.top_k(self.pre_activations(x), k)
+                return jax.nn.relu(vals), idx
             return sparse_topk_encode(self.W_enc, self.b_enc, self.centred_input(x), k)
         return jax.lax.top_k(self.encode(x), k)
 

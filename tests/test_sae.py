@@ -78,6 +78,24 @@ def test_encode_sparse_and_decode_sparse_equal_dense():
     )
 
 
+def test_forward_only_codes_equal_the_gradient_path():
+    """``forward_only`` skips the gather-dot recomputation: same indices, values to float32
+    rounding, and both equal to the float64 top-k of the dense pre-activations."""
+    sae, _ = _random_sae("topk", k=6)
+    x = np.random.default_rng(4).normal(size=(40, D_IN))
+    xj = jnp.asarray(x, jnp.float32)
+    vals, idx = sae.encode_sparse(xj)
+    fvals, fidx = sae.encode_sparse(xj, forward_only=True)
+    np.testing.assert_array_equal(np.asarray(fidx), np.asarray(idx))
+    np.testing.assert_allclose(np.asarray(fvals), np.asarray(vals), atol=1e-5)
+    c = sae.config
+    xc = x * c.input_scale - (np.asarray(sae.b_dec, np.float64) if c.apply_b_dec_to_input else 0)
+    pre = xc @ np.asarray(sae.W_enc, np.float64) + np.asarray(sae.b_enc, np.float64)
+    ref = np.maximum(np.take_along_axis(pre, np.asarray(fidx), axis=1), 0)
+    np.testing.assert_allclose(np.asarray(fvals), ref, atol=1e-5)
+    np.testing.assert_allclose(np.maximum(-np.sort(-pre, axis=1)[:, :6], 0), ref, atol=1e-5)
+
+
 def test_batch_topk_keeps_k_times_rows_largest():
     acts = np.abs(np.random.default_rng(3).normal(size=(6, 20))).astype(np.float32)
     out = np.asarray(sae_lib.batch_topk(jnp.asarray(acts), 3))
