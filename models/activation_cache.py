@@ -862,8 +862,9 @@ class CacheSource(src_lib.RowSource):
         at = 0
         for s, rows in spans:
             flat_tok = self.cache.memmap("tokens", s).reshape(-1)
-            m = flat_tok[rows].shape[0]
-            tok[at : at + m] = flat_tok[rows]
+            part = flat_tok[rows]
+            m = part.shape[0]
+            tok[at : at + m] = part
             for hp, out in zip(self.hookpoints, acts):
                 mm = self.cache.memmap(hp, s)
                 stored = mm.reshape(-1, mm.shape[-1])
