@@ -92,9 +92,13 @@ def _torch_load(path: pathlib.Path, what: str) -> dict:
                 f"(re-save it as a plain state dict of tensors)"
             ) from None
         raise InputError(f"{what}: {path} is not a readable torch file ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - garbage bytes make torch's weights-only
+        # unpickler raise anything (EOFError, RuntimeError, IndexError on random bytes, ...);
+        # it never runs code, so every failure is "not a torch file", said in one line.
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise InputError(f"{what}: {path} is truncated or not a torch file ({first})") from None
+        raise InputError(
+            f"{what}: {path} is truncated or not a torch file (torch.load failed: {first})"
+        ) from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         kinds = (
             sorted({type(v).__name__ for v in obj.values()})
