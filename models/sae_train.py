@@ -483,10 +483,11 @@ class SweepProgram:
         scale = jnp.minimum(n_dead / self.k_aux, 1.0)
         return scale * jnp.mean(jnp.sum((e_hat - resid) ** 2, axis=-1))
 
-    def loss_one(
-        self, p: dict, stats: dict, hyper: dict, x: jax.Array, step: jax.Array, any_dead: jax.Array
-    ) -> tuple[jax.Array, tuple[dict, dict]]:
-        """One SAE's loss on the normalised batch ``x`` and its metrics / statistics."""
+    def main_loss_one(
+        self, p: dict, hyper: dict, x: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, tuple[dict, dict, tuple]]:
+        """One SAE's loss without AuxK on the normalised batch ``x``, its metrics and
+        statistics, and what AuxK needs (``(pre_ng, resid)``, both gradient-free)."""
         base = self.base
         xc = x - p["b_dec"]
         recon, f, sparse, pre_ng = self._features(p, hyper, xc)
@@ -507,16 +508,6 @@ class SweepProgram:
             )
             sparsity = hyper["l0"] * l0_ste
         loss = loss + sparsity
-        aux = jnp.zeros((), x.dtype)
-        if self.use_aux:
-            dead = stats["since_fired"] >= base.dead_tokens
-            resid = jax.lax.stop_gradient(err)
-            aux = jax.lax.cond(
-                any_dead,
-                lambda: self._aux_loss(p, xc, pre_ng, resid, dead),
-                lambda: jnp.zeros((), x.dtype),
-            )
-            loss = loss + hyper["aux"] * aux
         # Statistics (no gradient): which features fired, how often, batchtopk's threshold.
         if sparse is not None:
             vals, idx = sparse
@@ -536,18 +527,93 @@ class SweepProgram:
             "fvu": jnp.sum(sq) / jnp.maximum(jnp.sum(centred**2), 1e-30),
             "l0": l0,
             "sparsity_loss": sparsity,
-            "aux_loss": aux,
+            "aux_loss": jnp.zeros((), x.dtype),
             "density_mean": jnp.mean(counts.astype(x.dtype)) / rows,
             "density_max": jnp.max(counts).astype(x.dtype) / rows,
             "sae_loss": loss,
         }
         out = {"counts": jax.lax.stop_gradient(counts), "min_pos": jax.lax.stop_gradient(min_pos)}
+        return loss, (metrics, out, (pre_ng, jax.lax.stop_gradient(err)))
+
+    def aux_term(
+        self, p: dict, stats: dict, hyper: dict, x: jax.Array, aux_in: tuple
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(aux_coeff * AuxK, AuxK)`` of one SAE from `main_loss_one`'s ``aux_in``."""
+        pre_ng, resid = aux_in
+        dead = stats["since_fired"] >= self.base.dead_tokens
+        aux = self._aux_loss(p, x - p["b_dec"], pre_ng, resid, dead)
+        return hyper["aux"] * aux, aux
+
+    def loss_one(
+        self, p: dict, stats: dict, hyper: dict, x: jax.Array, step: jax.Array, any_dead: jax.Array
+    ) -> tuple[jax.Array, tuple[dict, dict]]:
+        """One SAE's whole loss (`main_loss_one` + AuxK while ``any_dead``), metrics, stats.
+
+        The reference the tests check; `step` takes the same two terms' gradients separately
+        (AuxK's under a `jax.lax.cond` outside the differentiated function, which is the same
+        gradient because AuxK's inputs from the main pass carry no gradient).
+        """
+        loss, (metrics, out, aux_in) = self.main_loss_one(p, hyper, x, step)
+        if self.use_aux:
+            term, aux = jax.lax.cond(
+                any_dead,
+                lambda: self.aux_term(p, stats, hyper, x, aux_in),
+                lambda: (jnp.zeros((), x.dtype), jnp.zeros((), x.dtype)),
+            )
+            loss = loss + term
+            metrics = dict(metrics, aux_loss=aux, sae_loss=loss)
         return loss, (metrics, out)
 
     # -- the step ---------------------------------------------------------------------------
 
     def _lr_factor(self, step: jax.Array) -> jax.Array:
         return lr_schedule(self.base, self.num_steps)(step)
+
+    def _over_saes(self, fn: Callable, args: Any) -> Any:
+        """``fn`` of each SAE's slice of ``args`` (leading SAE axis in and out)."""
+        if self.n == 1:  # no SAE axis inside: XLA sees plain (fast) dots
+            one = fn(jax.tree.map(lambda a: a[0], args))
+            return jax.tree.map(lambda a: a[None], one)
+        if self.sweep_axis == "vmap":
+            return jax.vmap(fn)(args)
+        return jax.lax.map(fn, args)
+
+    def loss_and_grads(
+        self, params: dict, stats: dict, hyper: dict, x: jax.Array, step: jax.Array
+    ) -> tuple[dict, dict, dict]:
+        """``(grads, metrics, out)`` of every SAE's `loss_one` on the normalised batch ``x``
+        (leading SAE axis on params, stats, hyper, grads and metrics)."""
+        any_dead = jnp.any(stats["since_fired"] >= self.base.dead_tokens)
+
+        def total(sae_params):
+            losses, aux = self._over_saes(
+                lambda a: self.main_loss_one(a[0], a[1], x, step), (sae_params, hyper)
+            )
+            return jnp.sum(losses), aux
+
+        (_, (metrics, out, aux_in)), grads = jax.value_and_grad(total, has_aux=True)(params)
+        if self.use_aux:
+            # AuxK runs only while some latent is dead. Its gradient is taken inside the cond
+            # (a cond inside the differentiated loss made every step pay ~10 ms at d_sae
+            # 1536, batch 1024 on CPU for the residuals of the untaken branch). Same gradient
+            # as `loss_one`'s: AuxK's inputs from the main pass carry no gradient.
+            def aux_one(a):
+                p, s, h, ai = a
+                (term, aux), g = jax.value_and_grad(
+                    lambda pp: self.aux_term(pp, s, h, x, ai), has_aux=True
+                )(p)
+                return g, term, aux
+
+            def no_aux():
+                zero = jnp.zeros((self.n,), x.dtype)
+                return jax.tree.map(jnp.zeros_like, params), zero, zero
+
+            g, term, aux = jax.lax.cond(
+                any_dead, lambda: self._over_saes(aux_one, (params, stats, hyper, aux_in)), no_aux
+            )
+            grads = jax.tree.map(jnp.add, grads, g)
+            metrics = dict(metrics, aux_loss=aux, sae_loss=metrics["sae_loss"] + term)
+        return grads, metrics, out
 
     def step(
         self, state: train_lib.TrainState, batch: jax.Array, hyper: dict | None = None
@@ -562,24 +628,7 @@ class SweepProgram:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         x = x.astype(jnp.float32) * self.input_scale
         params, stats = state.params["sae"], state.params["stats"]
-        any_dead = jnp.any(stats["since_fired"] >= base.dead_tokens)
-
-        def per_sae(args):
-            p, s, h = args
-            return self.loss_one(p, s, h, x, state.step, any_dead)
-
-        def total(sae_params):
-            args = (sae_params, stats, hyper)
-            if self.n == 1:  # no SAE axis inside: XLA sees plain (fast) dots
-                losses, aux = per_sae(jax.tree.map(lambda a: a[0], args))
-                losses, aux = jax.tree.map(lambda a: a[None], (losses, aux))
-            elif self.sweep_axis == "vmap":
-                losses, aux = jax.vmap(per_sae)(args)
-            else:
-                losses, aux = jax.lax.map(per_sae, args)
-            return jnp.sum(losses), aux
-
-        (_, (metrics, out)), grads = jax.value_and_grad(total, has_aux=True)(params)
+        grads, metrics, out = self.loss_and_grads(params, stats, hyper, x, state.step)
         if base.unit_norm:
             grads = dict(grads)
             grads["W_dec"] = project_out_parallel(grads["W_dec"], params["W_dec"])

@@ -215,6 +215,55 @@ def test_auxk_gradient_finite_differences(mesh1):
         np.testing.assert_allclose(np.asarray(grads[0][k]), np.asarray(grads[1][k]), atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "act,decode,n,sweep_axis",
+    [
+        ("topk", "sparse", 1, "map"),
+        ("topk", "dense", 2, "map"),
+        ("topk", "sparse", 2, "vmap"),
+        ("batchtopk", "dense", 2, "vmap"),
+    ],
+)
+@pytest.mark.parametrize("with_dead", [True, False])
+def test_step_gradients_equal_the_whole_loss_gradient(mesh1, act, decode, n, sweep_axis, with_dead):
+    """`loss_and_grads` (AuxK's gradient under a cond outside the differentiated loss) equals
+    the gradient of the sum of every SAE's whole `loss_one`, with and without dead latents."""
+    program = _program(
+        act, mesh1, n=n, decode=decode, k=3, k_aux=5, dead_tokens=5, sweep_axis=sweep_axis
+    )
+    x = _data(11)
+    dead = np.zeros((n, D_SAE), bool)
+    if with_dead:
+        dead[:, ::4] = True
+        dead[-1, 1] = True
+    with jax.enable_x64(True):
+        per = [_perturbed_params(program, x, seed=20 + i) for i in range(n)]
+        params = jax.tree.map(lambda *a: jnp.stack(a), *per)
+        stats = {
+            "since_fired": jnp.asarray(np.where(dead, 10**6, 0), jnp.int32),
+            "batch_threshold": jnp.full((n,), -1.0, jnp.float32),
+        }
+        xd = jnp.asarray(x, jnp.float64)
+        step = jnp.asarray(2, jnp.int32)
+        grads, metrics, _ = jax.jit(program.loss_and_grads)(params, stats, program.hyper, xd, step)
+
+        def whole(ps):
+            total = 0.0
+            for i in range(n):
+                one = jax.tree.map(lambda a: a[i], (ps, stats, program.hyper))
+                total += program.loss_one(*one, xd, step, jnp.asarray(with_dead))[0]
+            return total
+
+        ref = jax.device_get(jax.jit(jax.grad(whole))(params))
+        ref_loss = float(jax.jit(whole)(params))
+        grads, metrics = jax.device_get((grads, metrics))
+    for key in ref:
+        scale = np.max(np.abs(ref[key]))
+        np.testing.assert_allclose(grads[key], ref[key], atol=1e-12 * scale)
+    np.testing.assert_allclose(np.sum(metrics["sae_loss"]), ref_loss, rtol=1e-12)
+    assert (np.min(metrics["aux_loss"]) > 0) == with_dead
+
+
 def test_jumprelu_gradients(mesh1):
     """Exact parameters by finite differences; log-threshold by the paper's STE formula."""
     l0 = 0.05
