@@ -1,0 +1,458 @@
+// Sparse TopK SAE primitives for engine.sparse_ops, XLA FFI CPU handlers. Built and
+// registered by engine/kernels/__init__.py (library "sparse_sae").
+//
+//   SaeTopK          x [.., R, n]                  -> values [.., R, k], indices s32 [.., R, k]
+//   SaeGatherDot     table [n, d], vecs [R, d], idx [R, k]  -> out [R, k]
+//                      out[r, j] = table[idx[r, j]] . vecs[r]
+//   SaeGatherCombine table [n, d], coef [R, k], idx [R, k]  -> out [R, d]
+//                      out[r] = sum_j coef[r, j] * table[idx[r, j]]
+//   SaeScatterOuter  coef [R, k], vecs [R, d], idx [R, k]   -> out [n, d]   (n: result shape)
+//                      out[f] = sum_{(r, j): idx[r, j] = f} coef[r, j] * vecs[r]
+//
+// All data f32, indices s32, attribute `threads` (threads of one call; small calls use one).
+//
+// Batching (vmap_method="expand_dims"): the three gather / scatter handlers accept leading
+// batch axes in front of the 2-D shapes above, the same number on every operand and the
+// result; an operand axis of size 1 is broadcast (an unbatched table under vmap is not
+// copied). TopK folds every leading axis into the rows.
+//
+// TopK is bit-identical to XLA's CPU TopK (and so to jax.lax.top_k): the order is XLA's
+// total order on the float bits (-0.0 < +0.0; a NaN with the sign bit clear above +inf, one
+// with it set below -inf; such NaNs are returned like any value, nothing crashes), ties
+// broken by the lower index first. Per row a sorted buffer of the k best keys is kept; once
+// it is full an element whose key is <= the k-th key is skipped (a later index loses a tie),
+// 16 elements at a time with one vectorisable comparison, otherwise it is inserted.
+//
+// GatherDot sums each dot product in 8 interleaved partial sums (not XLA's order: equal to
+// float32 rounding). GatherCombine adds the k slots in slot order, as the XLA scan does.
+// ScatterOuter counting-sorts the (r, j) entries stably by id in (slot, row) order -- the
+// order in which the XLA path (a scan over slots of row-ordered scatter-adds) applies them --
+// and splits the id range between threads with no overlap, so its result does not depend on
+// the number of threads. Compiled with -ffp-contract=off (no fused multiply-add).
+//
+// Indices outside [0, n): the gathers give NaN for that slot (as jnp.take's default "fill"),
+// the scatter drops the entry.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 17;  // multiply-adds (or elements)
+
+// Number of threads for `work` units of work: 1 below two threads' worth.
+int64_t UseThreads(int64_t threads, int64_t work, int64_t parts) {
+  int64_t t = std::max<int64_t>(1, threads);
+  t = std::min<int64_t>(t, std::max<int64_t>(1, work / kMinWorkPerThread));
+  return std::max<int64_t>(1, std::min<int64_t>(t, parts));
+}
+
+// Runs fn(begin, end) over [0, n) split into `t` contiguous ranges (the caller runs the first).
+template <typename Fn>
+void ParallelFor(int64_t t, int64_t n, Fn fn) {
+  if (t <= 1 || n <= 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(t - 1);
+  for (int64_t i = 1; i < t; ++i) {
+    pool.emplace_back([=] { fn(n * i / t, n * (i + 1) / t); });
+  }
+  fn(int64_t{0}, n / t);
+  for (auto& th : pool) th.join();
+}
+
+// -- batching --------------------------------------------------------------------------------
+
+// Leading (batch) axes of the result and the offset of each batch element in an operand of
+// inner size `inner` whose leading axes are `dims` (size-1 axes broadcast).
+struct Batching {
+  std::vector<int64_t> lead;  // the result's leading axes
+  int64_t count = 1;
+};
+
+bool LeadingOffsets(const Batching& b, ffi::Span<const int64_t> dims, size_t base_rank,
+                    int64_t inner, std::vector<int64_t>* offsets) {
+  if (dims.size() != b.lead.size() + base_rank) return false;
+  const size_t L = b.lead.size();
+  std::vector<int64_t> stride(L, 0);
+  int64_t s = inner;
+  for (size_t a = L; a-- > 0;) {
+    if (dims[a] == b.lead[a]) {
+      stride[a] = b.lead[a] == 1 ? 0 : s;
+    } else if (dims[a] == 1) {
+      stride[a] = 0;
+    } else {
+      return false;
+    }
+    s *= dims[a];
+  }
+  offsets->assign(b.count, 0);
+  for (int64_t i = 0; i < b.count; ++i) {
+    int64_t rem = i, off = 0;
+    for (size_t a = L; a-- > 0;) {
+      off += (rem % b.lead[a]) * stride[a];
+      rem /= b.lead[a];
+    }
+    (*offsets)[i] = off;
+  }
+  return true;
+}
+
+Batching ResultBatching(ffi::Span<const int64_t> dims, size_t base_rank) {
+  Batching b;
+  for (size_t a = 0; a + base_rank < dims.size(); ++a) {
+    b.lead.push_back(dims[a]);
+    b.count *= dims[a];
+  }
+  return b;
+}
+
+// -- TopK ------------------------------------------------------------------------------------
+
+// XLA's CPU TopK key: the float bits as a signed integer, negative floats reflected, so that
+// integer order is the total order of floats (-0.0 < +0.0).
+inline int32_t Key(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b ^ ((b >> 31) & 0x7fffffff);
+}
+
+// Inserts (key, i) into the sorted buffer of `cnt` entries (capacity k); equal keys keep the
+// earlier index first. Returns the new count.
+inline int64_t Insert(int32_t* keys, int32_t* ids, int64_t cnt, int64_t k, int32_t key,
+                      int32_t i) {
+  int64_t p = cnt < k ? cnt++ : k - 1;
+  while (p > 0 && keys[p - 1] < key) {
+    keys[p] = keys[p - 1];
+    ids[p] = ids[p - 1];
+    --p;
+  }
+  keys[p] = key;
+  ids[p] = i;
+  return cnt;
+}
+
+void TopKRows(const float* x, int64_t n, int64_t k, float* ov, int32_t* oi, int64_t r0,
+              int64_t r1) {
+  std::vector<int32_t> keys(k);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = x + r * n;
+    int32_t* ids = oi + r * k;
+    int64_t cnt = 0, i = 0;
+    for (; i < n && cnt < k; ++i) cnt = Insert(keys.data(), ids, cnt, k, Key(row[i]), i);
+    int32_t thr = keys[k - 1];
+    for (; i + 16 <= n; i += 16) {
+      int any = 0;
+      for (int u = 0; u < 16; ++u) any |= Key(row[i + u]) > thr;
+      if (!any) continue;
+      for (int u = 0; u < 16; ++u) {
+        const int32_t key = Key(row[i + u]);
+        if (key > thr) {
+          Insert(keys.data(), ids, k, k, key, static_cast<int32_t>(i + u));
+          thr = keys[k - 1];
+        }
+      }
+    }
+    for (; i < n; ++i) {
+      const int32_t key = Key(row[i]);
+      if (key > thr) {
+        Insert(keys.data(), ids, k, k, key, static_cast<int32_t>(i));
+        thr = keys[k - 1];
+      }
+    }
+    float* vals = ov + r * k;
+    for (int64_t j = 0; j < k; ++j) vals[j] = row[ids[j]];
+  }
+}
+
+ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
+                    ffi::ResultBuffer<ffi::S32> indices, int64_t threads) {
+  auto dims = x.dimensions();
+  auto vdims = values->dimensions();
+  if (dims.size() < 1 || vdims.size() != dims.size() ||
+      indices->dimensions().size() != dims.size()) {
+    return ffi::Error::InvalidArgument("sae_topk: operand and result ranks disagree");
+  }
+  const int64_t n = dims[dims.size() - 1], k = vdims[vdims.size() - 1];
+  int64_t rows = 1;
+  for (size_t a = 0; a + 1 < dims.size(); ++a) {
+    if (vdims[a] != dims[a] || indices->dimensions()[a] != dims[a]) {
+      return ffi::Error::InvalidArgument("sae_topk: leading axes disagree");
+    }
+    rows *= dims[a];
+  }
+  if (indices->dimensions()[dims.size() - 1] != k || k < 0 || k > n) {
+    return ffi::Error::InvalidArgument("sae_topk: need 0 <= k <= n");
+  }
+  if (n >= (int64_t{1} << 31)) return ffi::Error::InvalidArgument("sae_topk: row too long");
+  if (rows == 0 || k == 0) return ffi::Error::Success();
+  const float* px = x.typed_data();
+  float* pv = values->typed_data();
+  int32_t* pi = indices->typed_data();
+  const int64_t t = UseThreads(threads, rows * n, rows);
+  ParallelFor(t, rows, [&](int64_t r0, int64_t r1) { TopKRows(px, n, k, pv, pi, r0, r1); });
+  return ffi::Error::Success();
+}
+
+// -- gathers ---------------------------------------------------------------------------------
+
+inline float Dot(const float* a, const float* b, int64_t d) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    for (int u = 0; u < 8; ++u) acc[u] = acc[u] + a[i + u] * b[i + u];
+  }
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < d; ++i) s = s + a[i] * b[i];
+  return s;
+}
+
+// Shapes of a batched gather / scatter call: the table's n rows of width d, R rows of k slots.
+struct GatherShape {
+  Batching batch;
+  int64_t n = 0, d = 0, rows = 0, k = 0;
+  std::vector<int64_t> off_table, off_rows_d, off_rows_k, off_out;
+};
+
+ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> vecs,
+                         ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out,
+                         int64_t threads) {
+  auto odims = out->dimensions();
+  auto tdims = table.dimensions();
+  auto idims = idx.dimensions();
+  if (odims.size() < 2 || tdims.size() != odims.size()) {
+    return ffi::Error::InvalidArgument("sae_gather_dot: expected [.., n, d] table");
+  }
+  const size_t L = odims.size() - 2;
+  GatherShape s;
+  s.batch = ResultBatching(odims, 2);
+  s.n = tdims[L];
+  s.d = tdims[L + 1];
+  s.rows = odims[L];
+  s.k = odims[L + 1];
+  if (!LeadingOffsets(s.batch, tdims, 2, s.n * s.d, &s.off_table) ||
+      !LeadingOffsets(s.batch, vecs.dimensions(), 2, s.rows * s.d, &s.off_rows_d) ||
+      !LeadingOffsets(s.batch, idims, 2, s.rows * s.k, &s.off_rows_k) ||
+      vecs.dimensions()[L] != s.rows || vecs.dimensions()[L + 1] != s.d ||
+      idims[L] != s.rows || idims[L + 1] != s.k) {
+    return ffi::Error::InvalidArgument("sae_gather_dot: operand shapes disagree");
+  }
+  const int64_t n = s.n, d = s.d, k = s.k;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int64_t t = UseThreads(threads, s.rows * k * d, s.rows);
+  for (int64_t b = 0; b < s.batch.count; ++b) {
+    const float* pt = table.typed_data() + s.off_table[b];
+    const float* pv = vecs.typed_data() + s.off_rows_d[b];
+    const int32_t* pi = idx.typed_data() + s.off_rows_k[b];
+    float* po = out->typed_data() + b * s.rows * k;
+    ParallelFor(t, s.rows, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* v = pv + r * d;
+        for (int64_t j = 0; j < k; ++j) {
+          const uint32_t f = static_cast<uint32_t>(pi[r * k + j]);
+          po[r * k + j] = f < static_cast<uint64_t>(n) ? Dot(pt + f * d, v, d) : nan;
+        }
+      }
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GatherCombineImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> coef,
+                             ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out,
+                             int64_t threads) {
+  auto odims = out->dimensions();
+  auto tdims = table.dimensions();
+  auto cdims = coef.dimensions();
+  if (odims.size() < 2 || tdims.size() != odims.size() || cdims.size() != odims.size()) {
+    return ffi::Error::InvalidArgument("sae_gather_combine: expected [.., n, d] table");
+  }
+  const size_t L = odims.size() - 2;
+  GatherShape s;
+  s.batch = ResultBatching(odims, 2);
+  s.n = tdims[L];
+  s.d = tdims[L + 1];
+  s.rows = odims[L];
+  s.k = cdims[L + 1];
+  if (!LeadingOffsets(s.batch, tdims, 2, s.n * s.d, &s.off_table) ||
+      !LeadingOffsets(s.batch, cdims, 2, s.rows * s.k, &s.off_rows_k) ||
+      !LeadingOffsets(s.batch, idx.dimensions(), 2, s.rows * s.k, &s.off_out) ||
+      odims[L + 1] != s.d || cdims[L] != s.rows || idx.dimensions()[L] != s.rows ||
+      idx.dimensions()[L + 1] != s.k) {
+    return ffi::Error::InvalidArgument("sae_gather_combine: operand shapes disagree");
+  }
+  const int64_t n = s.n, d = s.d, k = s.k;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int64_t t = UseThreads(threads, s.rows * k * d, s.rows);
+  for (int64_t b = 0; b < s.batch.count; ++b) {
+    const float* pt = table.typed_data() + s.off_table[b];
+    const float* pc = coef.typed_data() + s.off_rows_k[b];
+    const int32_t* pi = idx.typed_data() + s.off_out[b];
+    float* po = out->typed_data() + b * s.rows * d;
+    ParallelFor(t, s.rows, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* o = po + r * d;
+        std::fill(o, o + d, 0.f);
+        for (int64_t j = 0; j < k; ++j) {
+          const uint32_t f = static_cast<uint32_t>(pi[r * k + j]);
+          const float c = pc[r * k + j];
+          if (f < static_cast<uint64_t>(n)) {
+            const float* row = pt + f * d;
+            for (int64_t i = 0; i < d; ++i) o[i] = o[i] + c * row[i];
+          } else {
+            std::fill(o, o + d, nan);
+          }
+        }
+      }
+    });
+  }
+  return ffi::Error::Success();
+}
+
+// -- scatter ---------------------------------------------------------------------------------
+
+ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> vecs,
+                            ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out,
+                            int64_t threads) {
+  auto odims = out->dimensions();
+  auto cdims = coef.dimensions();
+  auto vdims = vecs.dimensions();
+  if (odims.size() < 2 || cdims.size() != odims.size() || vdims.size() != odims.size()) {
+    return ffi::Error::InvalidArgument("sae_scatter_outer: expected [.., n, d] result");
+  }
+  const size_t L = odims.size() - 2;
+  GatherShape s;
+  s.batch = ResultBatching(odims, 2);
+  s.n = odims[L];
+  s.d = odims[L + 1];
+  s.rows = cdims[L];
+  s.k = cdims[L + 1];
+  if (!LeadingOffsets(s.batch, cdims, 2, s.rows * s.k, &s.off_rows_k) ||
+      !LeadingOffsets(s.batch, vdims, 2, s.rows * s.d, &s.off_rows_d) ||
+      !LeadingOffsets(s.batch, idx.dimensions(), 2, s.rows * s.k, &s.off_out) ||
+      vdims[L] != s.rows || vdims[L + 1] != s.d || idx.dimensions()[L] != s.rows ||
+      idx.dimensions()[L + 1] != s.k) {
+    return ffi::Error::InvalidArgument("sae_scatter_outer: operand shapes disagree");
+  }
+  const int64_t n = s.n, d = s.d, k = s.k, rows = s.rows;
+  if (rows * k >= (int64_t{1} << 31)) {
+    return ffi::Error::InvalidArgument("sae_scatter_outer: more than 2^31 (row, slot) entries");
+  }
+  std::vector<int64_t> start(n + 1);
+  std::vector<int32_t> srow;
+  std::vector<float> sc;
+  for (int64_t b = 0; b < s.batch.count; ++b) {
+    const float* pc = coef.typed_data() + s.off_rows_k[b];
+    const float* pv = vecs.typed_data() + s.off_rows_d[b];
+    const int32_t* pi = idx.typed_data() + s.off_out[b];
+    float* po = out->typed_data() + b * n * d;
+    // Stable counting sort of the valid entries by id, in (slot, row) order.
+    std::fill(start.begin(), start.end(), 0);
+    for (int64_t e = 0; e < rows * k; ++e) {
+      const uint32_t f = static_cast<uint32_t>(pi[e]);
+      if (f < static_cast<uint64_t>(n)) ++start[f + 1];
+    }
+    for (int64_t f = 0; f < n; ++f) start[f + 1] += start[f];
+    const int64_t valid = start[n];
+    srow.resize(std::max<int64_t>(valid, 1));
+    sc.resize(std::max<int64_t>(valid, 1));
+    {
+      std::vector<int64_t> pos(start.begin(), start.end() - 1);
+      for (int64_t j = 0; j < k; ++j) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const uint32_t f = static_cast<uint32_t>(pi[r * k + j]);
+          if (f < static_cast<uint64_t>(n)) {
+            const int64_t q = pos[f]++;
+            srow[q] = static_cast<int32_t>(r);
+            sc[q] = pc[r * k + j];
+          }
+        }
+      }
+    }
+    // Split the ids into ranges of about equal cost (entries + rows to write, both ~d).
+    const int64_t t = UseThreads(threads, (valid + n) * d, n);
+    std::vector<int64_t> cut(t + 1, n);
+    cut[0] = 0;
+    for (int64_t i = 1; i < t; ++i) {
+      const int64_t target = (valid + n) * i / t;
+      int64_t lo = cut[i - 1], hi = n;  // first f with start[f] + f >= target
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (start[mid] + mid >= target) {
+          hi = mid;
+        } else {
+          lo = mid + 1;
+        }
+      }
+      cut[i] = lo;
+    }
+    const int64_t* st = start.data();
+    const int32_t* sr = srow.data();
+    const float* sw = sc.data();
+    auto run = [&](int64_t part) {
+      for (int64_t f = cut[part]; f < cut[part + 1]; ++f) {
+        float* o = po + f * d;
+        std::fill(o, o + d, 0.f);
+        for (int64_t p = st[f]; p < st[f + 1]; ++p) {
+          const float c = sw[p];
+          const float* v = pv + static_cast<int64_t>(sr[p]) * d;
+          for (int64_t i = 0; i < d; ++i) o[i] = o[i] + c * v[i];
+        }
+      }
+    };
+    if (t == 1) {
+      run(0);
+    } else {
+      std::vector<std::thread> pool;
+      pool.reserve(t - 1);
+      for (int64_t i = 1; i < t; ++i) pool.emplace_back(run, i);
+      run(0);
+      for (auto& th : pool) th.join();
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopK, TopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [.., R, n]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // values [.., R, k]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // indices [.., R, k]
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherDot, GatherDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // table [.., n, d]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // vecs [.., R, d]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx [.., R, k]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [.., R, k]
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherCombine, GatherCombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // table [.., n, d]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // coef [.., R, k]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx [.., R, k]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [.., R, d]
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeScatterOuter, ScatterOuterImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // coef [.., R, k]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // vecs [.., R, d]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // idx [.., R, k]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [.., n, d]
+                                  .Attr<int64_t>("threads"));
