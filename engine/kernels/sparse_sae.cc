@@ -21,7 +21,10 @@
 // with it set below -inf; such NaNs are returned like any value, nothing crashes), ties
 // broken by the lower index first. Per row a sorted buffer of the k best keys is kept; once
 // it is full an element whose key is <= the k-th key is skipped (a later index loses a tie),
-// 16 elements at a time with one vectorisable comparison, otherwise it is inserted.
+// otherwise it is inserted. For rows of >= 32 k elements a first vectorisable pass takes the
+// maximum key of each block of 16 elements; a key reached by k block maxima bounds the k-th
+// largest key from below, so the buffer only sees the few elements of the blocks whose
+// maximum reaches it. The result does not depend on the bound chosen (nor on the threads).
 //
 // GatherDot sums each dot product in 8 interleaved partial sums (not XLA's order: equal to
 // float32 rounding). GatherCombine adds the k slots in slot order, as the XLA scan does.
@@ -37,9 +40,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <thread>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -143,33 +151,128 @@ inline int64_t Insert(int32_t* keys, int32_t* ids, int64_t cnt, int64_t k, int32
   return cnt;
 }
 
+// Plain scan: the sorted buffer over the whole row (rows too short for the block pass).
+void TopKScan(const float* row, int64_t n, int64_t k, int32_t* keys, int32_t* ids) {
+  int64_t cnt = 0, i = 0;
+  for (; i < n && cnt < k; ++i) cnt = Insert(keys, ids, cnt, k, Key(row[i]), i);
+  int32_t thr = keys[k - 1];
+  for (; i < n; ++i) {
+    const int32_t key = Key(row[i]);
+    if (key > thr) {
+      Insert(keys, ids, k, k, key, static_cast<int32_t>(i));
+      thr = keys[k - 1];
+    }
+  }
+}
+
+constexpr int64_t kBlock = 16;
+
+// Bit u set when Key(p[u]) >= lower, u < 16.
+inline uint32_t ReachMask(const float* p, int32_t lower) {
+#if defined(__SSE2__)
+  const __m128i lo = _mm_set1_epi32(lower);
+  const __m128i mag = _mm_set1_epi32(0x7fffffff);
+  uint32_t mask = 0;
+  for (int q = 0; q < 4; ++q) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 4 * q));
+    const __m128i key = _mm_xor_si128(b, _mm_and_si128(_mm_srai_epi32(b, 31), mag));
+    const __m128i below = _mm_cmpgt_epi32(lo, key);  // lower > key
+    mask |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(below))) << (4 * q);
+  }
+  return ~mask & 0xffffu;
+#else
+  uint32_t mask = 0;
+  for (int u = 0; u < 16; ++u) mask |= static_cast<uint32_t>(Key(p[u]) >= lower) << u;
+  return mask;
+#endif
+}
+
+// Block pass: the k-th largest of the blocks' maximum keys is a lower bound T of the row's
+// k-th largest key (the k largest block maxima are k distinct elements >= it), so only the
+// blocks whose maximum is >= T can hold one of the top k; the sorted buffer runs over their
+// elements with key >= T, in index order, with the same tie rule as the plain scan.
+void TopKBlocks(const float* row, int64_t n, int64_t k, int32_t* keys, int32_t* ids,
+                int32_t* bmax, int32_t* scratch, int32_t* guess) {
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  const int64_t full = n / kBlock;
+  for (int64_t b = 0; b < full; ++b) {
+    const float* p = row + b * kBlock;
+    int32_t m = std::numeric_limits<int32_t>::min();
+    for (int64_t u = 0; u < kBlock; ++u) m = std::max(m, Key(p[u]));
+    bmax[b] = m;
+  }
+  if (full < nb) {
+    int32_t m = std::numeric_limits<int32_t>::min();
+    for (int64_t i = full * kBlock; i < n; ++i) m = std::max(m, Key(row[i]));
+    bmax[full] = m;
+  }
+  // A lower bound: any key reached by >= k block maxima (k distinct elements reach it). The
+  // previous row's bound is tried first (rows of one batch look alike): kept while between
+  // k and 2k blocks reach it; otherwise the (5k/4)-th largest block maximum (a selection).
+  int32_t lower = *guess;
+  int64_t reach = 0;
+  for (int64_t b = 0; b < nb; ++b) reach += bmax[b] >= lower;
+  if (reach < k || reach > 2 * k) {
+    const int64_t q = std::min(nb, k + k / 4) - 1;
+    std::copy(bmax, bmax + nb, scratch);
+    std::nth_element(scratch, scratch + q, scratch + nb, std::greater<int32_t>());
+    lower = scratch[q];
+    *guess = lower;
+  }
+  // Blocks that reach it, then their elements that reach it (branch-free compaction).
+  int32_t* blocks = scratch;
+  int64_t nc = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    blocks[nc] = static_cast<int32_t>(b);
+    nc += bmax[b] >= lower;
+  }
+  int32_t* cand = scratch + nb;
+  int64_t m = 0;
+  for (int64_t q = 0; q < nc; ++q) {
+    const int64_t b = blocks[q];
+    const int64_t begin = b * kBlock;
+    if (begin + kBlock <= n) {
+      const uint32_t mask = ReachMask(row + begin, lower);
+      for (uint32_t bits = mask; bits != 0; bits &= bits - 1) {
+        cand[m++] = static_cast<int32_t>(begin + __builtin_ctz(bits));
+      }
+    } else {
+      for (int64_t i = begin; i < n; ++i) {
+        cand[m] = static_cast<int32_t>(i);
+        m += Key(row[i]) >= lower;
+      }
+    }
+  }
+  // The sorted buffer over the candidates (in index order; m >= k).
+  int64_t cnt = 0;
+  int32_t thr = std::numeric_limits<int32_t>::min();
+  for (int64_t q = 0; q < m; ++q) {
+    const int32_t i = cand[q];
+    const int32_t key = Key(row[i]);
+    if (cnt < k) {
+      cnt = Insert(keys, ids, cnt, k, key, i);
+      if (cnt == k) thr = keys[k - 1];
+    } else if (key > thr) {
+      Insert(keys, ids, k, k, key, i);
+      thr = keys[k - 1];
+    }
+  }
+}
+
 void TopKRows(const float* x, int64_t n, int64_t k, float* ov, int32_t* oi, int64_t r0,
               int64_t r1) {
-  std::vector<int32_t> keys(k);
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  const bool blocks = nb >= 2 * k;
+  // scratch: a copy of the block maxima / the candidate blocks, then the candidates.
+  std::vector<int32_t> keys(k), bmax(blocks ? nb : 0), scratch(blocks ? nb + n : 0);
+  int32_t guess = std::numeric_limits<int32_t>::max();
   for (int64_t r = r0; r < r1; ++r) {
     const float* row = x + r * n;
     int32_t* ids = oi + r * k;
-    int64_t cnt = 0, i = 0;
-    for (; i < n && cnt < k; ++i) cnt = Insert(keys.data(), ids, cnt, k, Key(row[i]), i);
-    int32_t thr = keys[k - 1];
-    for (; i + 16 <= n; i += 16) {
-      int any = 0;
-      for (int u = 0; u < 16; ++u) any |= Key(row[i + u]) > thr;
-      if (!any) continue;
-      for (int u = 0; u < 16; ++u) {
-        const int32_t key = Key(row[i + u]);
-        if (key > thr) {
-          Insert(keys.data(), ids, k, k, key, static_cast<int32_t>(i + u));
-          thr = keys[k - 1];
-        }
-      }
-    }
-    for (; i < n; ++i) {
-      const int32_t key = Key(row[i]);
-      if (key > thr) {
-        Insert(keys.data(), ids, k, k, key, static_cast<int32_t>(i));
-        thr = keys[k - 1];
-      }
+    if (blocks) {
+      TopKBlocks(row, n, k, keys.data(), ids, bmax.data(), scratch.data(), &guess);
+    } else {
+      TopKScan(row, n, k, keys.data(), ids);
     }
     float* vals = ov + r * k;
     for (int64_t j = 0; j < k; ++j) vals[j] = row[ids[j]];
