@@ -85,7 +85,9 @@ def run_bench() -> dict:
         idx = np.argsort(rng.random((rows, n)), axis=1)[:, :k].astype(np.int32)
         j = {name: jnp.asarray(a) for name, a in dict(pre=pre, t=table, v=vecs, c=coef).items()}
         j["i"] = jnp.asarray(idx)
-        t = {name: torch.from_numpy(a) for name, a in dict(pre=pre, t=table, v=vecs, c=coef).items()}
+        t = {
+            name: torch.from_numpy(a) for name, a in dict(pre=pre, t=table, v=vecs, c=coef).items()
+        }
         t["i"] = torch.from_numpy(idx.astype(np.int64))
 
         def jax_fn(op, native):
