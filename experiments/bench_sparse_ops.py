@@ -2,7 +2,10 @@
 
 For each op of `engine.sparse_ops` -- ``topk`` (of the ``[batch, d_sae]`` pre-activations),
 ``gather_dot`` (``[batch, k]`` dot products with gathered encoder rows), ``gather_combine``
-(sparse decode) and ``scatter_outer`` (the table gradient of both) -- two interleaved
+(sparse decode) and ``scatter_outer`` (the table gradient of both) -- and ``sae_grad`` (the
+loss and gradient of a TopK SAE on one batch through all of them: GEMM, top-k, gather-dot
+encode, gather-combine decode, their VJPs; torch: dense autograd with ``torch.topk``, as
+experiments/bench_sae.py's baseline) -- two interleaved
 comparisons (engine.bench: same thread budget, warm-up excluded, medians):
 
 1. ``<op>/<size>/native_vs_xla``: the native kernel (``native=True``) against the XLA path
@@ -39,7 +42,7 @@ SIZES = {
     "small": dict(d_in=384, d_sae=1536, k=16, batch=1024),
     "big": dict(d_in=384, d_sae=16384, k=32, batch=4096),
 }
-OPS = ("topk", "gather_dot", "gather_combine", "scatter_outer")
+OPS = ("topk", "gather_dot", "gather_combine", "scatter_outer", "sae_grad")
 
 
 def main(argv=None) -> None:
@@ -90,7 +93,20 @@ def run_bench() -> dict:
         }
         t["i"] = torch.from_numpy(idx.astype(np.int64))
 
+        w_enc = jnp.asarray(table.T.copy())
+        b_enc = jnp.zeros((n,), jnp.float32)
+
+        def sae_loss(we, be, wd, x, native):
+            pre = jax.lax.stop_gradient(x @ we + be)
+            _, i = sparse_ops.top_k(pre, k, native=native)
+            vals = sparse_ops.gather_dot(we.T, x, i, native=native) + jnp.take(be, i)
+            recon = sparse_ops.gather_combine(wd, jax.nn.relu(vals), i, native=native)
+            return jnp.mean(jnp.sum((x - recon) ** 2, axis=-1))
+
         def jax_fn(op, native):
+            if op == "sae_grad":
+                g = jax.jit(jax.value_and_grad(sae_loss, argnums=(0, 1, 2)), static_argnums=4)
+                return lambda: g(w_enc, b_enc, j["t"], j["v"], native)
             if op == "topk":
                 f = jax.jit(lambda x: sparse_ops.top_k(x, k, native=native))
                 return lambda: f(j["pre"])
@@ -103,7 +119,20 @@ def run_bench() -> dict:
             f = jax.jit(lambda a, b, c: sparse_ops.scatter_outer(a, b, c, n, native=native))
             return lambda: f(j["c"], j["v"], j["i"])
 
+        tw_enc = torch.tensor(table.T.copy(), requires_grad=True)
+        tb_enc = torch.zeros(n, requires_grad=True)
+        tw_dec = torch.tensor(table, requires_grad=True)
+
+        def torch_sae_grad():
+            pre = t["v"] @ tw_enc + tb_enc
+            vals, i = torch.topk(pre, k, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, i, torch.relu(vals))
+            loss = (t["v"] - f @ tw_dec).pow(2).sum(-1).mean()
+            return torch.autograd.grad(loss, (tw_enc, tb_enc, tw_dec))
+
         def torch_fn(op):
+            if op == "sae_grad":
+                return torch_sae_grad
             if op == "topk":
                 return lambda: torch.topk(t["pre"], k, dim=-1)
             if op == "gather_dot":
@@ -121,7 +150,14 @@ def run_bench() -> dict:
         for op in ops:
             nat, xla, tor = jax_fn(op, True), jax_fn(op, False), torch_fn(op)
             a, b = nat(), xla()
-            if op == "topk":
+            if op == "sae_grad":
+                check = {
+                    "max_abs_grad_diff_vs_xla": max(
+                        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                        for x, y in zip(a[1], b[1])
+                    )
+                }
+            elif op == "topk":
                 exact = bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]))
                 check = {"bit_identical_to_xla": exact}
             else:
