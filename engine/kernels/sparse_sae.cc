@@ -26,8 +26,9 @@
 // largest key from below, so the buffer only sees the few elements of the blocks whose
 // maximum reaches it. The result does not depend on the bound chosen (nor on the threads).
 //
-// GatherDot sums each dot product in 8 interleaved partial sums (not XLA's order: equal to
-// float32 rounding). GatherCombine adds the k slots in slot order, as the XLA scan does.
+// GatherDot sums each dot product in 32 interleaved partial sums (not XLA's order: equal to
+// float32 rounding). GatherCombine adds the k slots in slot order, as the XLA scan does,
+// 32 columns at a time held in registers (GCC vector extensions).
 // ScatterOuter counting-sorts the (r, j) entries stably by id in (slot, row) order -- the
 // order in which the XLA path (a scan over slots of row-ordered scatter-adds) applies them --
 // and splits the id range between threads with no overlap, so its result does not depend on
@@ -57,7 +58,7 @@ namespace {
 
 // The hot loops are compiled twice, for AVX2 and for the baseline, and chosen at load time
 // (GCC function multiversioning). Vector width does not change any result: the dot products
-// use a fixed 8-way split, the other loops are element-wise or integer.
+// use a fixed 32-way split, the other loops are element-wise or integer.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SAE_HOT __attribute__((target_clones("avx2", "default")))
 #else
@@ -319,13 +320,39 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
 
 // -- gathers ---------------------------------------------------------------------------------
 
+// 8 floats (GCC vector extension: one AVX register, or two SSE ones; the same lanes and
+// results either way).
+typedef float V8 __attribute__((vector_size(32)));
+
+#define SAE_LOAD8(v, p) std::memcpy(&(v), (p), sizeof(V8))
+
+// a . b in 32 interleaved partial sums (4 x 8 lanes), reduced in a fixed order.
 inline float Dot(const float* a, const float* b, int64_t d) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  V8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    for (int u = 0; u < 8; ++u) acc[u] = acc[u] + a[i + u] * b[i + u];
+  for (; i + 32 <= d; i += 32) {
+    V8 x0, x1, x2, x3, y0, y1, y2, y3;
+    SAE_LOAD8(x0, a + i);
+    SAE_LOAD8(x1, a + i + 8);
+    SAE_LOAD8(x2, a + i + 16);
+    SAE_LOAD8(x3, a + i + 24);
+    SAE_LOAD8(y0, b + i);
+    SAE_LOAD8(y1, b + i + 8);
+    SAE_LOAD8(y2, b + i + 16);
+    SAE_LOAD8(y3, b + i + 24);
+    s0 = s0 + x0 * y0;
+    s1 = s1 + x1 * y1;
+    s2 = s2 + x2 * y2;
+    s3 = s3 + x3 * y3;
   }
-  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i + 8 <= d; i += 8) {
+    V8 x, y;
+    SAE_LOAD8(x, a + i);
+    SAE_LOAD8(y, b + i);
+    s0 = s0 + x * y;
+  }
+  const V8 t = (s0 + s1) + (s2 + s3);
+  float s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
   for (; i < d; ++i) s = s + a[i] * b[i];
   return s;
 }
@@ -342,21 +369,60 @@ SAE_HOT void DotRows(const float* pt, const float* pv, const int32_t* pi, float*
   }
 }
 
+// o[0, d) = sum_q c[q] * rows[q][0, d), added in q order (each element ((0 + t0) + t1) ...,
+// as the XLA slot scan), 32 columns at a time so the partial sums stay in registers.
+inline void Accumulate(float* o, int64_t d, const float* c, const float* const* rows,
+                       int64_t m) {
+  int64_t i0 = 0;
+  for (; i0 + 32 <= d; i0 += 32) {
+    V8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t q = 0; q < m; ++q) {
+      const float cq = c[q];
+      const float* row = rows[q] + i0;
+      V8 x0;
+      SAE_LOAD8(x0, row);
+      a0 = a0 + cq * x0;
+      V8 x1;
+      SAE_LOAD8(x1, row + 8);
+      a1 = a1 + cq * x1;
+      V8 x2;
+      SAE_LOAD8(x2, row + 16);
+      a2 = a2 + cq * x2;
+      V8 x3;
+      SAE_LOAD8(x3, row + 24);
+      a3 = a3 + cq * x3;
+    }
+    std::memcpy(o + i0, &a0, sizeof(V8));
+    std::memcpy(o + i0 + 8, &a1, sizeof(V8));
+    std::memcpy(o + i0 + 16, &a2, sizeof(V8));
+    std::memcpy(o + i0 + 24, &a3, sizeof(V8));
+  }
+  if (i0 < d) {
+    std::fill(o + i0, o + d, 0.f);
+    for (int64_t q = 0; q < m; ++q) {
+      const float cq = c[q];
+      const float* row = rows[q];
+      for (int64_t i = i0; i < d; ++i) o[i] = o[i] + cq * row[i];
+    }
+  }
+}
+
 SAE_HOT void CombineRows(const float* pt, const float* pc, const int32_t* pi, float* po,
                          int64_t n, int64_t d, int64_t k, int64_t r0, int64_t r1) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<const float*> rows(k);
   for (int64_t r = r0; r < r1; ++r) {
     float* o = po + r * d;
-    std::fill(o, o + d, 0.f);
+    bool bad = false;
     for (int64_t j = 0; j < k; ++j) {
       const uint32_t f = static_cast<uint32_t>(pi[r * k + j]);
-      const float c = pc[r * k + j];
-      if (f < static_cast<uint64_t>(n)) {
-        const float* row = pt + f * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = o[i] + c * row[i];
-      } else {
-        std::fill(o, o + d, nan);
-      }
+      bad |= f >= static_cast<uint64_t>(n);
+      rows[j] = pt + (f < static_cast<uint64_t>(n) ? f : 0) * d;
+    }
+    if (bad) {
+      std::fill(o, o + d, nan);
+    } else {
+      Accumulate(o, d, pc + r * k, rows.data(), k);
     }
   }
 }
@@ -364,14 +430,12 @@ SAE_HOT void CombineRows(const float* pt, const float* pc, const int32_t* pi, fl
 // Rows [f0, f1) of the scatter: entries st[f]..st[f+1] (row sr, coefficient sw) of each id.
 SAE_HOT void ScatterIds(const int64_t* st, const int32_t* sr, const float* sw, const float* pv,
                         float* po, int64_t d, int64_t f0, int64_t f1) {
+  std::vector<const float*> rows;
   for (int64_t f = f0; f < f1; ++f) {
-    float* o = po + f * d;
-    std::fill(o, o + d, 0.f);
-    for (int64_t p = st[f]; p < st[f + 1]; ++p) {
-      const float c = sw[p];
-      const float* v = pv + static_cast<int64_t>(sr[p]) * d;
-      for (int64_t i = 0; i < d; ++i) o[i] = o[i] + c * v[i];
-    }
+    const int64_t m = st[f + 1] - st[f];
+    rows.resize(std::max<int64_t>(m, 1));
+    for (int64_t q = 0; q < m; ++q) rows[q] = pv + static_cast<int64_t>(sr[st[f] + q]) * d;
+    Accumulate(po + f * d, d, sw + st[f], rows.data(), m);
   }
 }
 
