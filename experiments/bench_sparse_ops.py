@@ -17,8 +17,8 @@ Peer and why: PyTorch's CPU ops are what SAELens / Gao et al.'s reference code c
 same step, on the same BLAS and threads.
 
 Sizes: ``small`` = d_in 384, d_sae 1536, k 16, batch 1024 (the sweep's SAEs); ``big`` =
-d_in 384, d_sae 16384, k 32, batch 4096. Before timing, the native result is checked
-against the XLA one (max |difference| recorded in the JSON).
+d_in 384, d_sae 16384, k 32, batch 4096; ``tiny`` = the suite's smoke scale. Before timing,
+the native result is checked against the XLA one (max |difference| recorded in the JSON).
 
 Run (writes JSON, prints ratios)::
 
@@ -36,9 +36,10 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_bench_flags()
-flags.DEFINE_list("so_sizes", ["small", "big"], "Sizes to run (small, big).")
+flags.DEFINE_list("so_sizes", ["small", "big"], "Sizes to run (tiny, small, big).")
 
 SIZES = {
+    "tiny": dict(d_in=32, d_sae=256, k=4, batch=64),  # the suite's smoke scale
     "small": dict(d_in=384, d_sae=1536, k=16, batch=1024),
     "big": dict(d_in=384, d_sae=16384, k=32, batch=4096),
 }
