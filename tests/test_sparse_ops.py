@@ -382,3 +382,28 @@ def test_encode_sparse_native_passthrough(native, rng):
         v0, i0 = sae.encode_sparse(x, forward_only=fwd)
         np.testing.assert_array_equal(i1, i0)
         np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-5)
+
+
+def test_failed_build_falls_back_to_xla_with_one_warning(rng, monkeypatch, tmp_path, caplog):
+    from engine import kernels
+
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.delenv("SAE_NATIVE_KERNELS", raising=False)
+    monkeypatch.setenv("SAE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    x = jnp.asarray(rng.normal(size=(3, 50)).astype(np.float32))
+    t = jnp.asarray(rng.normal(size=(50, 4)).astype(np.float32))
+    with caplog.at_level("WARNING", logger="engine.kernels"):
+        assert not so.native_default()
+        vals, idx = jax.jit(lambda a: so.top_k(a, 5, native=True))(x)
+        comb = so.gather_combine(t, vals, idx, native=True)
+        scat = so.scatter_outer(vals, x[:, :4], idx, 50, native=True)
+    ref_v, ref_i = jax.lax.top_k(x, 5)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_array_equal(vals, ref_v)
+    np.testing.assert_allclose(comb, ref_combine(np.asarray(t), np.asarray(vals), ref_i), rtol=1e-5)
+    np.testing.assert_allclose(
+        scat, ref_scatter(np.asarray(vals), np.asarray(x[:, :4]), np.asarray(ref_i), 50), rtol=1e-5
+    )
+    assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
+    assert list(tmp_path.iterdir()) == []
