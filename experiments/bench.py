@@ -174,6 +174,17 @@ BENCHMARKS = (
         },
     ),
     Benchmark(
+        "sparse_ops",
+        "PyTorch CPU ops doing the same (torch.topk; gather + einsum; index_add_ of the "
+        "outer products; dense autograd TopK SAE loss + gradient), and the project's own XLA "
+        "path",
+        {
+            "smoke": ["--so_sizes=tiny"],
+            "small": ["--so_sizes=small"],
+            "issue": ["--so_sizes=small,big"],
+        },
+    ),
+    Benchmark(
         "harvest",
         "transformers forward with output_hidden_states=True; raw np.load for reads",
         {

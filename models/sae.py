@@ -20,9 +20,11 @@ and ``pre > 0`` (Gemma Scope: ``(pre > threshold) * relu(pre)``).
 
 Sparse TopK path (Gao et al. 2024, openai/sparse_autoencoder; docs/references.md "SAE training"):
 `gather_combine` (decode: a weighted sum of k gathered decoder rows) and `gather_dot` (encode at
-k chosen features) have custom VJPs whose backward passes are a scatter-add of ``rows * k``
-outer products and a gather, O(rows * k * d_in) instead of O(rows * d_sae * d_in). Neither
-materialises a ``[rows, k, d_in]`` tensor: both loop over the k slots with `jax.lax.scan`.
+k chosen features; both in `engine.sparse_ops`, re-exported here) have custom VJPs whose
+backward passes are a scatter-add of ``rows * k`` outer products and a gather,
+O(rows * k * d_in) instead of O(rows * d_sae * d_in). Neither materialises a
+``[rows, k, d_in]`` tensor: both loop over the k slots with `jax.lax.scan` (or, with
+``native=True`` on CPU, run as native kernels, `engine.sparse_ops`).
 `prefer_sparse` picks the sparse or the dense path by size.
 
 Loaders convert INTO this type and check shapes; nothing downstream knows about formats.
@@ -41,7 +43,17 @@ import numpy as np
 from jax.typing import DTypeLike
 from numpy.typing import ArrayLike
 
-from engine import checks
+from engine import checks, sparse_ops
+
+# The generic sparse primitives live in engine.sparse_ops; re-exported here (older callers).
+from engine.sparse_ops import _combine as _combine
+from engine.sparse_ops import _dot as _dot
+from engine.sparse_ops import _flat2 as _flat2
+from engine.sparse_ops import _scatter_outer as _scatter_outer
+from engine.sparse_ops import gather_combine as gather_combine
+from engine.sparse_ops import gather_dot as gather_dot
+from engine.sparse_ops import scatter_outer as scatter_outer
+from engine.sparse_ops import scatter_rows as scatter_rows
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 
@@ -165,7 +177,12 @@ class SAE:
         return self.activate(self.pre_activations(x))
 
     def encode_sparse(
-        self, x: jax.Array, k: int | None = None, *, forward_only: bool = False
+        self,
+        x: jax.Array,
+        k: int | None = None,
+        *,
+        forward_only: bool = False,
+        native: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
         """``(values, indices)``, each ``[..., k]``: the k largest activations per row.
 
@@ -176,6 +193,8 @@ class SAE:
         gather-dot, which only serves the sparse gradient: same indices, values equal to
         float32 rounding, ~20 % less encode on CPU (164 -> 130 ms per 8192 x 384 x 1536
         chunk, 2 threads). For passes that take no gradient (the feature pass).
+        ``native`` (static): top-k and gather-dot by the native CPU kernels
+        (`engine.sparse_ops`, `engine.sparse_ops.native_default`).
         """
         k = self.config.k if k is None else k
         checks.check_positive_int("encode_sparse k", k)
@@ -183,10 +202,12 @@ class SAE:
             raise checks.InputError(f"encode_sparse: k={k} exceeds d_sae={self.config.d_sae}")
         if self.config.activation == "topk":
             if forward_only:
-                vals, idx = jax.lax.top_k(self.pre_activations(x), k)
+                vals, idx = sparse_ops.top_k(self.pre_activations(x), k, native=native)
                 return jax.nn.relu(vals), idx
-            return sparse_topk_encode(self.W_enc, self.b_enc, self.centred_input(x), k)
-        return jax.lax.top_k(self.encode(x), k)
+            return sparse_topk_encode(
+                self.W_enc, self.b_enc, self.centred_input(x), k, native=native
+            )
+        return sparse_ops.top_k(self.encode(x), k, native=native)
 
     def centred_input(self, x: jax.Array) -> jax.Array:
         """``x * input_scale - b_dec`` (or without ``b_dec``): what ``W_enc`` multiplies."""
@@ -274,16 +295,6 @@ def batch_topk(acts: jax.Array, k: int) -> jax.Array:
     return jnp.zeros_like(flat).at[indices].set(values).reshape(acts.shape)
 
 
-def scatter_rows(values: jax.Array, indices: jax.Array, width: int) -> jax.Array:
-    """Dense ``[..., width]`` rows holding ``values`` at ``indices`` (zeros elsewhere)."""
-    k = values.shape[-1]
-    v2 = values.reshape(-1, k)
-    i2 = indices.reshape(-1, k)
-    rows = jnp.arange(v2.shape[0])[:, None]
-    out = jnp.zeros((v2.shape[0], width), values.dtype).at[rows, i2].set(v2)
-    return out.reshape(values.shape[:-1] + (width,))
-
-
 def from_arrays(
     config: SAEConfig,
     W_enc: ArrayLike,
@@ -340,133 +351,19 @@ def init(
     )
 
 
-# -- sparse TopK primitives (custom VJPs) ------------------------------------------------------
-#
-# Both loop over the k slots with `lax.scan` so that XLA fuses gather, multiply and accumulate
-# per slot; the einsum over a gathered ``[rows, k, d]`` tensor is ~10x slower on CPU and
-# needs ``rows * k * d`` memory (268 MB at rows 4096, k 32, d 512).
-
-
-def _flat2(x: jax.Array, width: int) -> jax.Array:
-    return x.reshape(-1, width)
-
-
-def _combine(table: jax.Array, coef: jax.Array, idx: jax.Array) -> jax.Array:
-    """``out[b] = sum_j coef[b, j] * table[idx[b, j]]`` for 2-D ``coef`` / ``idx``."""
-
-    def body(out, slot):
-        c, i = slot
-        return out + c[:, None] * jnp.take(table, i, axis=0), None
-
-    init = jnp.zeros((coef.shape[0], table.shape[1]), jnp.result_type(table, coef))
-    return jax.lax.scan(body, init, (coef.T, idx.T))[0]
-
-
-def _dot(table: jax.Array, vecs: jax.Array, idx: jax.Array) -> jax.Array:
-    """``out[b, j] = table[idx[b, j]] . vecs[b]`` for 2-D ``vecs`` / ``idx``."""
-
-    def body(carry, i):
-        return carry, jnp.sum(jnp.take(table, i, axis=0) * vecs, axis=-1)
-
-    return jax.lax.scan(body, None, idx.T)[1].T
-
-
-def _scatter_outer(coef: jax.Array, vecs: jax.Array, idx: jax.Array, n_rows: int) -> jax.Array:
-    """``out[f] = sum_{b, j: idx[b, j] = f} coef[b, j] * vecs[b]`` (``[n_rows, d]``)."""
-
-    def body(out, slot):
-        c, i = slot
-        return out.at[i].add(c[:, None] * vecs), None
-
-    init = jnp.zeros((n_rows, vecs.shape[1]), jnp.result_type(coef, vecs))
-    return jax.lax.scan(body, init, (coef.T, idx.T))[0]
-
-
-@jax.custom_vjp
-def gather_combine(table: jax.Array, coef: jax.Array, idx: jax.Array) -> jax.Array:
-    """Sparse decode: ``out[..., :] = sum_j coef[..., j] * table[idx[..., j], :]``.
-
-    Equals ``dense(coef, idx) @ table`` where ``dense`` scatters each row's k values into a
-    ``[..., n]`` vector. The VJP is sparse: the table gradient is a scatter-add of
-    ``rows * k`` outer products, the coefficient gradient a gather-dot (Gao et al. 2024).
-
-    Args:
-      table: ``[n, d]`` (decoder rows).
-      coef: ``[..., k]`` values.
-      idx: ``[..., k]`` integer rows of ``table``.
-
-    Returns:
-      ``[..., d]``.
-    """
-    k, d = coef.shape[-1], table.shape[-1]
-    out = _combine(table, _flat2(coef, k), _flat2(idx, k))
-    return out.reshape(coef.shape[:-1] + (d,))
-
-
-def _gather_combine_fwd(table, coef, idx):
-    return gather_combine(table, coef, idx), (table, coef, idx)
-
-
-def _gather_combine_bwd(res, g):
-    table, coef, idx = res
-    k, d = coef.shape[-1], table.shape[-1]
-    c2, i2, g2 = _flat2(coef, k), _flat2(idx, k), _flat2(g, d)
-    d_table = _scatter_outer(c2, g2, i2, table.shape[0]).astype(table.dtype)
-    d_coef = _dot(table, g2, i2).reshape(coef.shape).astype(coef.dtype)
-    return d_table, d_coef, None
-
-
-gather_combine.defvjp(_gather_combine_fwd, _gather_combine_bwd)
-
-
-@jax.custom_vjp
-def gather_dot(table: jax.Array, vecs: jax.Array, idx: jax.Array) -> jax.Array:
-    """Sparse encode at chosen features: ``out[..., j] = table[idx[..., j]] . vecs[...]``.
-
-    The transpose of `gather_combine`; its VJP is a scatter-add into ``table`` and a
-    `gather_combine` for ``vecs``.
-
-    Args:
-      table: ``[n, d]`` (encoder columns as rows: ``W_enc.T``).
-      vecs: ``[..., d]`` inputs.
-      idx: ``[..., k]`` integer rows of ``table``.
-
-    Returns:
-      ``[..., k]``.
-    """
-    k, d = idx.shape[-1], table.shape[-1]
-    out = _dot(table, _flat2(vecs, d), _flat2(idx, k))
-    return out.reshape(idx.shape)
-
-
-def _gather_dot_fwd(table, vecs, idx):
-    return gather_dot(table, vecs, idx), (table, vecs, idx)
-
-
-def _gather_dot_bwd(res, g):
-    table, vecs, idx = res
-    k, d = idx.shape[-1], table.shape[-1]
-    g2, v2, i2 = _flat2(g, k), _flat2(vecs, d), _flat2(idx, k)
-    d_table = _scatter_outer(g2, v2, i2, table.shape[0]).astype(table.dtype)
-    d_vecs = _combine(table, g2, i2).reshape(vecs.shape).astype(vecs.dtype)
-    return d_table, d_vecs, None
-
-
-gather_dot.defvjp(_gather_dot_fwd, _gather_dot_bwd)
-
-
 def sparse_topk_encode(
-    W_enc: jax.Array, b_enc: jax.Array, x_centred: jax.Array, k: int
+    W_enc: jax.Array, b_enc: jax.Array, x_centred: jax.Array, k: int, native: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """TopK encoder whose gradient is sparse: ``(values, indices)``, each ``[..., k]``.
 
     The dense pre-activations are computed without gradient, only to choose the k features;
     the chosen values are recomputed with `gather_dot`, so the backward pass touches only
     k encoder columns per row. Values are ``relu`` of the k largest pre-activations.
+    ``native``: top-k and gather-dot by the native CPU kernels (`engine.sparse_ops`; static).
     """
     pre = jax.lax.stop_gradient(x_centred @ W_enc + b_enc)
-    _, idx = jax.lax.top_k(pre, k)
-    vals = gather_dot(W_enc.T, x_centred, idx) + jnp.take(b_enc, idx)
+    _, idx = sparse_ops.top_k(pre, k, native=native)
+    vals = gather_dot(W_enc.T, x_centred, idx, native=native) + jnp.take(b_enc, idx)
     return jax.nn.relu(vals), idx
 
 

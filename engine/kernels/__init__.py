@@ -5,6 +5,15 @@ accumulation of the ``k_a x k_b`` products of TopK codes into the ``n_a x n_b`` 
 bit-identical to XLA's scatter-add, counting-sorted by A feature so each row of the state
 stays in cache, split over threads by A-feature range).
 
+``sparse_sae.cc`` (the sparse TopK SAE primitives of `engine.sparse_ops`: TopK
+bit-identical to ``jax.lax.top_k``, gather-dot, gather-combine and the scatter-add of outer
+products, each an FFI handler of one library).
+
+One source file is one library and may export several handlers: `LIBRARIES` maps a library
+to its source and its kernels, `KERNELS` maps each kernel to ``(library, symbol, target)``.
+The first use of any kernel of a library builds and loads the library and registers all its
+handlers.
+
 Build: on first use the C++ source is compiled with ``$CXX`` (default ``g++``) against the
 XLA FFI headers of the installed jaxlib (``jax.ffi.include_dir()``), with ``-O3
 -ffp-contract=off`` (no fused multiply-add and no fast-math: the results stay bit-identical
@@ -40,11 +49,29 @@ log = logging.getLogger(__name__)
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off")
-# kernel name -> (source file, exported handler symbol, FFI target name)
-KERNELS = {"sparse_cross": ("sparse_cross.cc", "SaeSparseCross", "sae_sparse_cross")}
+# library name -> (source file, {kernel name: (exported handler symbol, FFI target name)})
+LIBRARIES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "sparse_cross": ("sparse_cross.cc", {"sparse_cross": ("SaeSparseCross", "sae_sparse_cross")}),
+    "sparse_sae": (
+        "sparse_sae.cc",
+        {
+            "topk": ("SaeTopK", "sae_topk"),
+            "gather_dot": ("SaeGatherDot", "sae_gather_dot"),
+            "gather_combine": ("SaeGatherCombine", "sae_gather_combine"),
+            "scatter_outer": ("SaeScatterOuter", "sae_scatter_outer"),
+        },
+    ),
+}
+# kernel name -> (library, exported handler symbol, FFI target name)
+KERNELS: dict[str, tuple[str, str, str]] = {
+    kernel: (lib, symbol, name)
+    for lib, (_src, handlers) in LIBRARIES.items()
+    for kernel, (symbol, name) in handlers.items()
+}
 
 _lock = threading.Lock()
-_state: dict[str, str | None] = {}  # kernel -> registered target name, or None (failed)
+# kernel -> registered target name, or None (failed); "lib:<library>" -> "1" once tried
+_state: dict[str, str | None] = {}
 
 
 def enabled() -> bool:
@@ -82,9 +109,11 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _build(kernel: str) -> str:
-    """Path of the compiled library of ``kernel`` (built now if not cached). Raises on failure."""
-    src_name = KERNELS[kernel][0]
+def _build(name: str) -> str:
+    """Path of the compiled library ``name`` (or of the library of kernel ``name``), built now
+    if not cached. Raises on failure."""
+    library = name if name in LIBRARIES else KERNELS[name][0]
+    src_name = LIBRARIES[library][0]
     src_path = os.path.join(_DIR, src_name)
     with open(src_path, "rb") as f:
         source = f.read()
@@ -108,10 +137,10 @@ def _build(kernel: str) -> str:
     ).hexdigest()[:16]
     out_dir = cache_dir()
     os.makedirs(out_dir, exist_ok=True)
-    lib = os.path.join(out_dir, f"{kernel}-{key}.so")
+    lib = os.path.join(out_dir, f"{library}-{key}.so")
     if os.path.exists(lib):
         return lib
-    fd, tmp = tempfile.mkstemp(prefix=f".{kernel}-{key}-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{library}-{key}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
         cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), src_path, "-o", tmp]
@@ -136,16 +165,20 @@ def target(kernel: str) -> str | None:
     with _lock:
         if kernel in _state:
             return _state[kernel]
-        _src, symbol, name = KERNELS[kernel]
+        library = KERNELS[kernel][0]
+        handlers = LIBRARIES[library][1]
         try:
-            lib = ctypes.CDLL(_build(kernel))
-            jax.ffi.register_ffi_target(
-                name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
-            )
-            _state[kernel] = name
+            lib = ctypes.CDLL(_build(library))
+            for symbol, name in handlers.values():
+                jax.ffi.register_ffi_target(
+                    name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+                )
+            for k, (_symbol, name) in handlers.items():
+                _state[k] = name
         except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
-            log.warning("native kernel %s unavailable (%s); using the XLA path", kernel, e)
-            _state[kernel] = None
+            log.warning("native kernels %s unavailable (%s); using the XLA path", library, e)
+            for k in handlers:
+                _state[k] = None
         return _state[kernel]
 
 
