@@ -38,6 +38,7 @@ import numpy as np
 __all__ = [
     "gather_combine",
     "gather_dot",
+    "gather_dot_values",
     "native_default",
     "scatter_outer",
     "scatter_rows",
@@ -328,6 +329,36 @@ def gather_dot(
       ``[..., k]``.
     """
     return _gather_dot(table, vecs, idx, bool(native))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gather_dot_values(values, table, vecs, idx, native):
+    del table, vecs, idx, native
+    return values
+
+
+def _gather_dot_values_fwd(values, table, vecs, idx, native):
+    return values, (values, table, vecs, idx)
+
+
+def _gather_dot_values_bwd(native, res, g):
+    values, table, vecs, idx = res
+    d_table, d_vecs, _ = _gather_dot_bwd(native, (table, vecs, idx), g)
+    return jnp.zeros_like(values), d_table, d_vecs, None
+
+
+_gather_dot_values.defvjp(_gather_dot_values_fwd, _gather_dot_values_bwd)
+
+
+def gather_dot_values(
+    values: jax.Array, table: jax.Array, vecs: jax.Array, idx: jax.Array, native: bool = False
+) -> jax.Array:
+    """`gather_dot` whose value is already known: returns ``values`` (which must equal
+    ``gather_dot(table, vecs, idx)``, e.g. the top-k entries of the dense product they were
+    chosen from) with `gather_dot`'s gradient for ``table`` and ``vecs`` (none for
+    ``values``). Saves recomputing the k dot products per row in the forward pass.
+    """
+    return _gather_dot_values(values, table, vecs, idx, bool(native))
 
 
 def scatter_rows(values: jax.Array, indices: jax.Array, width: int) -> jax.Array:

@@ -374,9 +374,17 @@ SPARSE_MIN_D_SAE = 2048
 SPARSE_MAX_K_FRACTION = 1 / 16
 
 
-def prefer_sparse(d_sae: int, k: int) -> bool:
-    """Automatic choice of the sparse TopK path by size."""
-    return d_sae >= SPARSE_MIN_D_SAE and k <= d_sae * SPARSE_MAX_K_FRACTION
+# With the native CPU kernels (engine.sparse_ops) the sparse path wins from much smaller
+# widths: whole training step at d_in 384, k 16, batch 1024, 2 threads, quiet machine: 1.4x
+# the dense path at 256 features, 2.1x at 512, 3.4x at 1024, 3.5x at 1536 (15.5 vs 54 ms).
+SPARSE_MIN_D_SAE_NATIVE = 256
+
+
+def prefer_sparse(d_sae: int, k: int, native: bool = False) -> bool:
+    """Automatic choice of the sparse TopK path by size (``native``: the native CPU kernels
+    will run it)."""
+    least = SPARSE_MIN_D_SAE_NATIVE if native else SPARSE_MIN_D_SAE
+    return d_sae >= least and k <= d_sae * SPARSE_MAX_K_FRACTION
 
 
 # -- initialisation helpers -------------------------------------------------------------------

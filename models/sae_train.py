@@ -24,7 +24,9 @@ Shared machinery: ``W_enc = W_dec^T`` init, ``b_dec`` = geometric median of a sa
 mean / zeros), inputs scaled to mean norm ``sqrt(d_in)`` (recorded in
 ``SAEConfig.input_scale``), unit-norm decoder rows by removing the gradient's component
 parallel to each row before Adam and renormalising after it, sparse TopK encode/decode
-(`models.sae.gather_combine`) when `models.sae.prefer_sparse` says so.
+(`engine.sparse_ops`) when `models.sae.prefer_sparse` says so, on the native CPU kernels
+in single-device CPU programs (`engine.sparse_ops.native_default`; `SAE_NATIVE_KERNELS=0`
+turns them off).
 
 Sweeps: configs that differ only in `TUNABLE` fields (seed, k, l1_coeff, l0_coeff,
 aux_coeff, lr) form one group; the group's parameters are stacked on a leading SAE axis and
@@ -51,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from engine import checks, metrics_io, streaming
+from engine import checks, metrics_io, sparse_ops, streaming
 from engine import mesh as mesh_lib
 from engine import train as train_lib
 from models import sae as sae_lib
@@ -353,8 +355,12 @@ class SweepProgram:
         self.k_max = max(c.k for c in configs) if base.uses_k else 0
         self.k_aux = base.resolved_k_aux(d_in)
         self.use_aux = self.k_aux > 0 and any(c.aux_coeff > 0 for c in configs)
+        # The native CPU kernels (engine.sparse_ops) on single-device CPU programs.
+        self.native = sparse_ops.native_default(mesh)
         if base.decode == "auto":
-            self.sparse = self.act == "topk" and sae_lib.prefer_sparse(base.d_sae, self.k_max)
+            self.sparse = self.act == "topk" and sae_lib.prefer_sparse(
+                base.d_sae, self.k_max, native=self.native
+            )
         else:
             self.sparse = base.decode == "sparse"
         sweep_axis = base.sweep_axis
@@ -442,19 +448,24 @@ class SweepProgram:
         if self.act == "topk" and self.sparse:
             # As `models.sae.sparse_topk_encode`, keeping the gradient-free pre-activations
             # for AuxK: only the k chosen values carry gradient (sparse backward).
+            # The values are the top-k pre-activations themselves; their gradient is the
+            # gather-dot's (sparse_ops.gather_dot_values), so the forward pass does not
+            # recompute the k dot products per row.
             pre_ng = jax.lax.stop_gradient(xc @ p["W_enc"] + p["b_enc"])
-            _, idx = jax.lax.top_k(pre_ng, self.k_max)
-            vals = jax.nn.relu(
-                sae_lib.gather_dot(p["W_enc"].T, xc, idx) + jnp.take(p["b_enc"], idx)
+            top, idx = sparse_ops.top_k(pre_ng, self.k_max, self.native)
+            b_sel = jnp.take(p["b_enc"], idx)
+            dots = sparse_ops.gather_dot_values(
+                top - jax.lax.stop_gradient(b_sel), p["W_enc"].T, xc, idx, self.native
             )
+            vals = jax.nn.relu(dots + b_sel)
             vals = vals * (jnp.arange(self.k_max) < hyper["k"])
-            recon = sae_lib.gather_combine(p["W_dec"], vals, idx)
+            recon = sparse_ops.gather_combine(p["W_dec"], vals, idx, self.native)
             return recon, None, (vals, idx), pre_ng
         pre = xc @ p["W_enc"] + p["b_enc"]
         if self.act == "relu":
             f = jax.nn.relu(pre)
         elif self.act == "topk":
-            vals, idx = jax.lax.top_k(jax.nn.relu(pre), self.k_max)
+            vals, idx = sparse_ops.top_k(jax.nn.relu(pre), self.k_max, self.native)
             vals = vals * (jnp.arange(self.k_max) < hyper["k"])
             f = sae_lib.scatter_rows(vals, idx, base.d_sae)
         elif self.act == "batchtopk":
@@ -467,14 +478,12 @@ class SweepProgram:
     def _aux_loss(self, p, xc, pre_ng, resid, dead):
         """Gao et al.'s AuxK: reconstruct the residual from the top-k_aux dead latents."""
         masked = jnp.where(dead, pre_ng, -jnp.inf)
-        _, aidx = jax.lax.top_k(masked, self.k_aux)
+        _, aidx = sparse_ops.top_k(masked, self.k_aux, self.native)
         gate = jnp.take(dead, aidx).astype(xc.dtype)
         if self.sparse:
-            avals = (
-                jax.nn.relu(sae_lib.gather_dot(p["W_enc"].T, xc, aidx) + jnp.take(p["b_enc"], aidx))
-                * gate
-            )
-            e_hat = sae_lib.gather_combine(p["W_dec"], avals, aidx)
+            dots = sparse_ops.gather_dot(p["W_enc"].T, xc, aidx, self.native)
+            avals = jax.nn.relu(dots + jnp.take(p["b_enc"], aidx)) * gate
+            e_hat = sparse_ops.gather_combine(p["W_dec"], avals, aidx, self.native)
         else:
             pre = xc @ p["W_enc"] + p["b_enc"]
             avals = jax.nn.relu(jnp.take_along_axis(pre, aidx, axis=-1)) * gate
@@ -674,6 +683,7 @@ class SweepProgram:
             self.k_max,
             self.use_aux,
             self.sparse,
+            self.native,
             self.sweep_axis if self.n > 1 else None,
             self.mesh,
         )

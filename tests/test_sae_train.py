@@ -429,6 +429,29 @@ def test_one_vs_four_devices_same_training(mesh1, mesh4, act, decode):
     _assert_states_close(out[0], out[1], atol=2e-5)
 
 
+def test_native_kernels_train_like_the_xla_path(mesh1, monkeypatch):
+    """A single-device CPU program runs the sparse path on the native kernels
+    (engine.sparse_ops); its training equals the XLA path's to float32 rounding, AuxK
+    included."""
+    from engine import kernels
+
+    if not kernels.available("topk"):
+        pytest.fail("native kernels unavailable: a C++ compiler is part of the test setup")
+    batches = [_data(50 + s) for s in range(5)]
+    kw = dict(n=2, decode="sparse", lr=3e-3, adam_eps=1e-5, k=2, k_aux=4, dead_tokens=ROWS)
+    native = _program("topk", mesh1, **kw)
+    assert native.native and native.sparse
+    state_n, metrics_n = _run(native, batches)
+    monkeypatch.setenv("SAE_NATIVE_KERNELS", "0")
+    xla = _program("topk", mesh1, **kw)
+    assert not xla.native
+    state_x, metrics_x = _run(xla, batches)
+    assert sum(m["aux_loss"] > 0 for m in metrics_n) >= 2  # AuxK ran
+    for a, b in zip(metrics_n, metrics_x):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    _assert_states_close(state_n.params, state_x.params, atol=2e-5)
+
+
 def test_sparse_and_dense_training_agree(mesh1):
     batches = [_data(40 + s) for s in range(5)]
     out = []

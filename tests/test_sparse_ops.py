@@ -250,6 +250,27 @@ def test_gradients_native_equal_xla_and_analytic(native, rng, distinct):
     np.testing.assert_allclose(gd[0][1], dense_w @ table, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("nat", [True, False])
+def test_gather_dot_values_returns_the_values_with_the_gather_dot_gradient(native, rng, nat):
+    rows, n, d, k = 9, 30, 7, 4
+    table, vecs, _, idx = _data(rng, rows, n, d, k)
+    values = np.asarray(so.gather_dot(table, vecs, idx)) + 0.5  # any values pass through
+    w_k = rng.normal(size=(rows, k)).astype(np.float32)
+
+    def loss(v, t, x):
+        return jnp.sum(w_k * so.gather_dot_values(v, t, x, idx, native=nat))
+
+    out = jax.jit(lambda v, t, x: so.gather_dot_values(v, t, x, idx, native=nat))(
+        values, table, vecs
+    )
+    np.testing.assert_array_equal(np.asarray(out), values)
+    g_v, g_t, g_x = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(values, table, vecs)
+    np.testing.assert_array_equal(np.asarray(g_v), 0.0)
+    dense_w = _dense(w_k.astype(np.float64), idx, n)  # d/dtable of sum w * (T[idx] . x)
+    np.testing.assert_allclose(g_t, dense_w.T @ vecs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_x, dense_w @ table, rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_topk_encode_native_equals_xla(native, rng):
     from models import sae as sae_lib
 
