@@ -42,6 +42,7 @@ from engine import (
     correlation,
     feature_stats,
     metrics_io,
+    sparse_ops,
     streaming,
 )
 from engine import mesh as mesh_lib
@@ -262,11 +263,15 @@ def _transform(sparse: bool):
     va, ia, vb, ib)`` TopK codes when ``sparse`` (the dense ``[rows, F]`` activations are
     never formed), else ``(row_ids, za, zb)``."""
 
+    # Each device encodes its own rows (inside shard_map), so the native top-k kernel runs
+    # locally on every CPU device (engine.sparse_ops; other platforms keep XLA's).
+    native = sparse_ops.native_default()
+
     def transform(params, row_ids, xa, xb):
         a, b = params
         if sparse:
-            va, ia = a.encode_sparse(xa, forward_only=True)
-            vb, ib = b.encode_sparse(xb, forward_only=True)
+            va, ia = a.encode_sparse(xa, forward_only=True, native=native)
+            vb, ib = b.encode_sparse(xb, forward_only=True, native=native)
             return row_ids, va, ia.astype(jnp.int32), vb, ib.astype(jnp.int32)
         return row_ids, a.encode(xa), b.encode(xb)
 
@@ -341,10 +346,10 @@ def _tiled_pass(
     )
 
 
-@jax.jit
-def _encode_pair(sae_a, sae_b, xa, xb):
-    va, ia = sae_a.encode_sparse(xa, forward_only=True)
-    vb, ib = sae_b.encode_sparse(xb, forward_only=True)
+@functools.partial(jax.jit, static_argnums=4)
+def _encode_pair(sae_a, sae_b, xa, xb, native: bool):
+    va, ia = sae_a.encode_sparse(xa, forward_only=True, native=native)
+    vb, ib = sae_b.encode_sparse(xb, forward_only=True, native=native)
     return va, ia.astype(jnp.int32), vb, ib.astype(jnp.int32)
 
 
@@ -406,13 +411,11 @@ def encode_codes(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=stream.num_rows, unit="rows", desc="encode")
+    native = sparse_ops.native_default()
     for chunk in stream:
         n = chunk.num_valid
-        out = jax.device_get(
-            _encode_pair(
-                sae_a, sae_b, jnp.asarray(chunk.arrays[1][:n]), jnp.asarray(chunk.arrays[2][:n])
-            )
-        )
+        xa, xb = jnp.asarray(chunk.arrays[1][:n]), jnp.asarray(chunk.arrays[2][:n])
+        out = jax.device_get(_encode_pair(sae_a, sae_b, xa, xb, native))
         for i, a in enumerate(out):
             a = np.ascontiguousarray(a, specs[i][1])
             if files is not None:
