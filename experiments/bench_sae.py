@@ -173,7 +173,8 @@ def run_bench() -> dict:
 
     sparse_prog, sparse_state = jax_program("sparse")
     # -- same computation check: one step of JAX (sparse) vs torch from the same weights ----
-    p0 = jax.device_get(jax.tree.map(lambda a: a[0], sparse_state.params["sae"]))
+    export = sae_train.SweepProgram.export_params
+    p0 = export(jax.device_get(jax.tree.map(lambda a: a[0], sparse_state.params["sae"])))
     tdev = args.bs_torch_device
     tparams, tstep = torch_topk_sae(
         torch, np.asarray(p0["W_dec"]), np.asarray(p0["b_dec"]), k, 1e-4, 6.25e-10, device=tdev
@@ -183,7 +184,7 @@ def run_bench() -> dict:
     check_state = mesh_lib.replicate(mesh, sparse_state, copy=True)
     check_state, m = sparse_prog.step_fn()(check_state, mesh_lib.shard_batch(mesh, x))
     t_loss = float(tstep(xt))
-    p1 = jax.device_get(jax.tree.map(lambda a: a[0], check_state.params["sae"]))
+    p1 = export(jax.device_get(jax.tree.map(lambda a: a[0], check_state.params["sae"])))
     # Adam's first step is lr * g / (|g| + eps): entries with near-zero gradients move by
     # +-lr whatever their size, so rounding can flip a few; the relative difference of the
     # whole update is the meaningful number.

@@ -28,7 +28,7 @@ def np_loss(p, x, act, *, k=0, l1=0.0, warm=1.0, l0=0.0, dead=None, k_aux=0, aux
     """Textbook loss of one SAE on normalised rows ``x`` (see models/sae_train.py)."""
     p = _np_params(p)
     x = np.asarray(x, np.float64)
-    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    pre = (x - p["b_dec"]) @ p["W_enc_T"].T + p["b_enc"]
     r = np.maximum(pre, 0)
     if act == "relu":
         f = r
@@ -82,7 +82,7 @@ def _perturbed_params(program, x, seed=1, dtype=jnp.float64):
     p = jax.tree.map(lambda a: np.asarray(a[0]), state.params["sae"])
     rng = np.random.default_rng(seed)
     p["b_enc"] = p["b_enc"] + rng.normal(size=p["b_enc"].shape) * 0.3
-    p["W_enc"] = p["W_enc"] + rng.normal(size=p["W_enc"].shape) * 0.2
+    p["W_enc_T"] = p["W_enc_T"] + rng.normal(size=p["W_enc_T"].shape) * 0.2
     if "log_threshold" in p:
         p["log_threshold"] = np.log(rng.uniform(0.1, 1.0, size=D_SAE))
     return {k: jnp.asarray(v, dtype) for k, v in p.items()}
@@ -187,7 +187,7 @@ def test_topk_gradient_finite_differences(mesh1, decode):
             )[0]
 
         for seed in range(3):
-            auto, fd = _directional_fd(fn, p, ("W_enc", "b_enc", "W_dec", "b_dec"), seed)
+            auto, fd = _directional_fd(fn, p, ("W_enc_T", "b_enc", "W_dec", "b_dec"), seed)
             np.testing.assert_allclose(auto, fd, rtol=1e-6)
 
 
@@ -203,12 +203,12 @@ def test_auxk_gradient_finite_differences(mesh1):
             p = _perturbed_params(program, x, seed=5)
             xd = jnp.asarray(x, jnp.float64)
             resid = jnp.asarray(np.random.default_rng(6).normal(size=x.shape))
-            pre = jax.lax.stop_gradient((xd - p["b_dec"]) @ p["W_enc"] + p["b_enc"])
+            pre = jax.lax.stop_gradient((xd - p["b_dec"]) @ p["W_enc_T"].T + p["b_enc"])
 
             def fn(pp):
                 return program._aux_loss(pp, xd - pp["b_dec"], pre, resid, jnp.asarray(dead))
 
-            auto, fd = _directional_fd(fn, p, ("W_enc", "b_enc", "W_dec", "b_dec"), 7)
+            auto, fd = _directional_fd(fn, p, ("W_enc_T", "b_enc", "W_dec", "b_dec"), 7)
             np.testing.assert_allclose(auto, fd, rtol=1e-6)
             grads.append(jax.jit(jax.grad(fn))(p))
     for k in grads[0]:
@@ -280,12 +280,12 @@ def test_jumprelu_gradients(mesh1):
             )[0]
 
         for seed in range(2):
-            auto, fd = _directional_fd(fn, p, ("W_enc", "b_enc", "W_dec", "b_dec"), seed)
+            auto, fd = _directional_fd(fn, p, ("W_enc_T", "b_enc", "W_dec", "b_dec"), seed)
             np.testing.assert_allclose(auto, fd, rtol=1e-6)
         g = jax.grad(fn)(p)["log_threshold"]
     q = _np_params(p)
     x64 = x.astype(np.float64)
-    pre = (x64 - q["b_dec"]) @ q["W_enc"] + q["b_enc"]
+    pre = (x64 - q["b_dec"]) @ q["W_enc_T"].T + q["b_enc"]
     theta = np.exp(q["log_threshold"])
     f = np.where(pre > theta, pre, 0)
     resid = x64 - (f @ q["W_dec"] + q["b_dec"])
