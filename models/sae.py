@@ -188,12 +188,11 @@ class SAE:
 
         Exact for topk SAEs (k defaults to ``config.k``); for other activations it keeps the
         k largest, which is exact whenever a row has at most k active features.
-        ``forward_only`` (topk): the values are ``relu`` of the top-k pre-activations
-        themselves, without `sparse_topk_encode`'s recomputation of each value by a k-column
-        gather-dot, which only serves the sparse gradient: same indices, values equal to
-        float32 rounding, ~20 % less encode on CPU (164 -> 130 ms per 8192 x 384 x 1536
-        chunk, 2 threads). For passes that take no gradient (the feature pass).
-        ``native`` (static): top-k and gather-dot by the native CPU kernels
+        ``forward_only`` (topk): ``relu`` of the top-k pre-activations without
+        `sparse_topk_encode`'s gradient machinery (its values subtract and re-add the chosen
+        biases for their sparse gradient): same indices, values equal to float32 rounding.
+        For passes that take no gradient (the feature pass).
+        ``native`` (static): top-k and the sparse gradient by the native CPU kernels
         (`engine.sparse_ops`, `engine.sparse_ops.native_default`).
         """
         k = self.config.k if k is None else k
@@ -351,20 +350,34 @@ def init(
     )
 
 
+def sparse_topk_select(
+    enc_rows: jax.Array, b_enc: jax.Array, x_centred: jax.Array, k: int, native: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """TopK encoder whose gradient is sparse, from encoder rows ``enc_rows = W_enc^T``
+    ``[d_sae, d_in]``: ``(values, indices, pre)``.
+
+    The dense pre-activations ``pre`` are computed without gradient, only to choose the k
+    features; the values are ``relu`` of the k largest of them, with the gradient of the k
+    dot products that made them (`engine.sparse_ops.gather_dot_values`: not recomputed), so
+    the backward pass touches only k encoder rows per row of ``x_centred``. ``native``:
+    top-k and the sparse gradient by the native CPU kernels (`engine.sparse_ops`; static).
+    """
+    pre = jax.lax.stop_gradient(x_centred @ enc_rows.T + b_enc)
+    top, idx = sparse_ops.top_k(pre, k, native=native)
+    b_sel = jnp.take(b_enc, idx)
+    dots = sparse_ops.gather_dot_values(
+        top - jax.lax.stop_gradient(b_sel), enc_rows, x_centred, idx, native=native
+    )
+    return jax.nn.relu(dots + b_sel), idx, pre
+
+
 def sparse_topk_encode(
     W_enc: jax.Array, b_enc: jax.Array, x_centred: jax.Array, k: int, native: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """TopK encoder whose gradient is sparse: ``(values, indices)``, each ``[..., k]``.
-
-    The dense pre-activations are computed without gradient, only to choose the k features;
-    the chosen values are recomputed with `gather_dot`, so the backward pass touches only
-    k encoder columns per row. Values are ``relu`` of the k largest pre-activations.
-    ``native``: top-k and gather-dot by the native CPU kernels (`engine.sparse_ops`; static).
-    """
-    pre = jax.lax.stop_gradient(x_centred @ W_enc + b_enc)
-    _, idx = sparse_ops.top_k(pre, k, native=native)
-    vals = gather_dot(W_enc.T, x_centred, idx, native=native) + jnp.take(b_enc, idx)
-    return jax.nn.relu(vals), idx
+    """`sparse_topk_select` for ``W_enc [d_in, d_sae]``: ``(values, indices)``, each
+    ``[..., k]``."""
+    vals, idx, _ = sparse_topk_select(W_enc.T, b_enc, x_centred, k, native)
+    return vals, idx
 
 
 # Above this many features with k at most 1/16 of them the sparse path wins on CPU (measured

@@ -452,18 +452,11 @@ class SweepProgram:
         """
         base = self.base
         if self.act == "topk" and self.sparse:
-            # As `models.sae.sparse_topk_encode`, keeping the gradient-free pre-activations
-            # for AuxK: only the k chosen values carry gradient (sparse backward).
-            # The values are the top-k pre-activations themselves; their gradient is the
-            # gather-dot's (sparse_ops.gather_dot_values), so the forward pass does not
-            # recompute the k dot products per row.
-            pre_ng = jax.lax.stop_gradient(xc @ p["W_enc_T"].T + p["b_enc"])
-            top, idx = sparse_ops.top_k(pre_ng, self.k_max, self.native)
-            b_sel = jnp.take(p["b_enc"], idx)
-            dots = sparse_ops.gather_dot_values(
-                top - jax.lax.stop_gradient(b_sel), p["W_enc_T"], xc, idx, self.native
+            # Only the k chosen values carry gradient (sparse backward); the gradient-free
+            # pre-activations are kept for AuxK's choice of dead latents.
+            vals, idx, pre_ng = sae_lib.sparse_topk_select(
+                p["W_enc_T"], p["b_enc"], xc, self.k_max, self.native
             )
-            vals = jax.nn.relu(dots + b_sel)
             vals = vals * (jnp.arange(self.k_max) < hyper["k"])
             recon = sparse_ops.gather_combine(p["W_dec"], vals, idx, self.native)
             return recon, None, (vals, idx), pre_ng
