@@ -70,7 +70,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
 }
 
 _lock = threading.Lock()
-# kernel -> registered target name, or None (failed); "lib:<library>" -> "1" once tried
+# kernel -> registered target name, or None (failed); "_off_warned" once the switch-off is logged
 _state: dict[str, str | None] = {}
 
 
