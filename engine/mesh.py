@@ -189,10 +189,16 @@ def maybe_initialize_distributed(
     if not enabled:
         return False
     if not _distributed_started:
+        # Longer than JAX's defaults (100 s heartbeat, 300 s shutdown barrier): on a loaded
+        # machine a process can go quiet, or reach the exit barrier minutes before process 0
+        # has written the plots and report, and the defaults then abort both processes (seen
+        # once in a full test suite on 2 shared cores).
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
+            heartbeat_timeout_seconds=300,
+            shutdown_timeout_seconds=900,
         )
         _distributed_started = True
         logging.info(
